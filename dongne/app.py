@@ -1,0 +1,131 @@
+"""Putting it together: one trio process, one root nursery.
+
+``run_server`` opens the store, loads the engine, starts the client server and
+hypercorn on the ops port, and shuts everything down gracefully when asked
+(SIGINT/SIGTERM, or ``stop()`` from a test).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from .auth import TokenVerifier, load_or_create_secret
+from .clock import EngineClock
+from .config import Settings
+from .core.engine import Engine
+from .core.regions import RegionSet, load_default_regions
+from .ops import OpsApp
+from .server import ClientServer
+from .store import Store
+
+__all__ = ["Running", "run_server"]
+
+log = logging.getLogger("dongne.app")
+
+
+@attrs.define
+class Running:
+    """A started server, as reported by ``run_server``'s ``task_status``."""
+
+    port: int
+    ops_port: int
+    clients: ClientServer
+    store: Store
+    engine: Engine
+    _shutdown: trio.Event
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown."""
+        self._shutdown.set()
+
+
+def _ops_port(binds: list[str]) -> int:
+    # hypercorn reports e.g. "http://127.0.0.1:41234".
+    return int(binds[0].rsplit(":", 1)[1])
+
+
+async def run_server(
+    settings: Settings,
+    *,
+    regions: RegionSet | None = None,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run dongne until shut down.
+
+    Args:
+        settings: validated settings.
+        regions: the service area; the bundled Jeju regions when omitted.
+        handle_signals: shut down gracefully on SIGINT/SIGTERM (the CLI sets it).
+    """
+    db_path = Path(settings.store.path).resolve()
+    secret = load_or_create_secret(settings.auth.jwt_secret, db_path)
+    verifier = TokenVerifier(secret)
+    region_set = regions if regions is not None else load_default_regions()
+    store = Store(db_path, synchronous=settings.store.synchronous)
+    await trio.to_thread.run_sync(store.open)
+    try:
+        clock = EngineClock()
+        engine = Engine(
+            settings.engine,
+            lambda token, now_s: verifier.verify(token, now_s=now_s),
+            region_of=region_set.region_of,
+        )
+        hot_since = clock.now_ms() - int(settings.engine.hot_question_days * 86400 * 1000)
+        started = time.perf_counter()
+        engine.load(await trio.to_thread.run_sync(functools.partial(store.load, hot_since=hot_since)))
+        log.info(
+            "loaded %d users, %d questions in %.0f ms from %s",
+            len(engine.users),
+            len(engine.questions),
+            (time.perf_counter() - started) * 1000,
+            db_path,
+        )
+        clients = ClientServer(settings.server, engine, store, clock)
+        shutdown = trio.Event()
+
+        def status() -> dict[str, Any]:
+            return {"connections": len(clients.conns), "users_online": len(engine.user_conns)}
+
+        ops = OpsApp(lambda: clients.accepting, status)
+        hconfig = hypercorn.config.Config()
+        hconfig.bind = [f"{settings.server.ops_host}:{settings.server.ops_port}"]
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("dongne.ops")
+        hconfig.backlog = 1024
+        hconfig.graceful_timeout = min(settings.server.shutdown_timeout_s, 2.0)
+        async with trio.open_nursery() as root:
+            port = await root.start(clients.run)
+            binds = await root.start(
+                functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
+            )
+            ops_port = _ops_port(binds)
+            log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
+            if handle_signals:
+                root.start_soon(_watch_signals, shutdown)
+            task_status.started(Running(port, ops_port, clients, store, engine, shutdown))
+            await shutdown.wait()
+            log.info("shutting down")
+            clients.stop_accepting()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)
+        log.info("database closed")
+
+
+async def _watch_signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            shutdown.set()
+            return

@@ -1,0 +1,138 @@
+"""Tokens: HS256 JWTs minted by the app's backend (or ``dongne token``).
+
+PyJWT does the cryptography and the checks that are easy to get wrong by hand
+(the algorithm is pinned to HS256, so ``alg: none`` and RS/HS confusion are
+refused; ``exp`` is required and checked).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import attrs
+import jwt
+
+from .core.errors import CloseConnection
+
+__all__ = ["Claims", "TokenVerifier", "mint_token", "load_or_create_secret", "SECRET_FILE_SUFFIX"]
+
+ALGORITHM = "HS256"
+SECRET_FILE_SUFFIX = ".jwt-secret"
+
+
+@attrs.frozen
+class Claims:
+    """What a valid token says about its holder."""
+
+    user_id: str
+    nick: str
+    local: bool
+    tags: tuple[str, ...]
+    role: str  # "user" | "admin"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def mint_token(
+    secret: str,
+    user_id: str,
+    *,
+    nick: str | None = None,
+    local: bool = False,
+    tags: tuple[str, ...] | list[str] = (),
+    admin: bool = False,
+    ttl_s: int = 30 * 24 * 3600,
+    now_s: float,
+) -> str:
+    """Sign a token for ``user_id`` valid for ``ttl_s`` seconds from ``now_s``."""
+    payload: dict[str, Any] = {
+        "sub": user_id,
+        "nick": nick if nick is not None else user_id,
+        "local": local,
+        "tags": list(tags),
+        "role": "admin" if admin else "user",
+        "iat": int(now_s),
+        "exp": int(now_s + ttl_s),
+    }
+    return jwt.encode(payload, secret, algorithm=ALGORITHM)
+
+
+@attrs.frozen
+class TokenVerifier:
+    """Checks tokens against one shared secret.
+
+    Raises ``CloseConnection(4001, reason)`` for every refusal, so the driver
+    closes the connection with the documented code.
+    """
+
+    secret: str = attrs.field(repr=False)
+
+    def verify(self, token: object, *, now_s: float) -> Claims:
+        if not isinstance(token, str) or not token:
+            raise CloseConnection(4001, "missing token")
+        try:
+            payload = jwt.decode(
+                token,
+                self.secret,
+                algorithms=[ALGORITHM],
+                # exp is required here but compared below with the engine's
+                # clock (injected, so tests on a mock clock see expiry too).
+                options={"require": ["exp", "sub"], "verify_exp": False, "verify_iat": False},
+            )
+        except jwt.InvalidTokenError as exc:
+            raise CloseConnection(4001, f"invalid token: {exc}"[:120]) from None
+        exp = payload.get("exp")
+        if not isinstance(exp, (int, float)) or exp <= now_s:
+            raise CloseConnection(4001, "token expired")
+        return _claims_from(payload)
+
+
+def _claims_from(payload: dict[str, Any]) -> Claims:
+    sub = payload.get("sub")
+    if not isinstance(sub, str) or not (1 <= len(sub) <= 64):
+        raise CloseConnection(4001, "invalid token: sub must be a string of 1..64 chars")
+    nick = payload.get("nick", sub)
+    if not isinstance(nick, str) or not (1 <= len(nick) <= 64):
+        raise CloseConnection(4001, "invalid token: nick must be a string of 1..64 chars")
+    local = payload.get("local", False)
+    if not isinstance(local, bool):
+        raise CloseConnection(4001, "invalid token: local must be a boolean")
+    tags = payload.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 40 for t in tags) or len(tags) > 20:
+        raise CloseConnection(4001, "invalid token: tags must be a list of up to 20 short strings")
+    role = payload.get("role", "user")
+    if role not in ("user", "admin"):
+        raise CloseConnection(4001, "invalid token: role must be 'user' or 'admin'")
+    return Claims(
+        user_id=sub,
+        nick=nick,
+        local=local,
+        tags=tuple(sorted({t.lower().lstrip("#") for t in tags})),
+        role=role,
+    )
+
+
+def load_or_create_secret(configured: str, db_path: Path) -> str:
+    """The JWT secret: the configured one, else one kept beside the database.
+
+    On first start a random secret is written to ``<db>.jwt-secret`` (mode 0600),
+    so ``dongne token`` and ``dongne serve`` agree with no set-up.
+    """
+    if configured:
+        return configured
+    secret_path = db_path.with_name(db_path.name + SECRET_FILE_SUFFIX)
+    try:
+        return secret_path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    secret_path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return secret

@@ -1,0 +1,227 @@
+"""Settings: ``config.toml`` read with tomllib into attrs classes.
+
+Precedence, lowest first: built-in defaults, the TOML file, environment
+variables ``DONGNE_<SECTION>_<KEY>`` (plus ``DONGNE_JWT_SECRET``), then
+command-line flags. Unknown sections or keys and values of the wrong type or
+range raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .core.errors import ConfigError
+
+__all__ = [
+    "Settings",
+    "ServerSettings",
+    "StoreSettings",
+    "AuthSettings",
+    "EngineSettings",
+    "LogSettings",
+    "load_settings",
+]
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{attribute.name} must be a port number 0..65535, got {value!r}")
+
+
+def _one_of(*choices: str) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise ConfigError(f"{attribute.name} must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8765, validator=_port)
+    ops_host: str = "127.0.0.1"
+    ops_port: int = attrs.field(default=8766, validator=_port)
+    max_frame_bytes: int = attrs.field(default=65536, validator=_positive)
+    outbound_buffer_bytes: int = attrs.field(default=1_048_576, validator=_positive)
+    hello_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    ping_interval_s: float = attrs.field(default=20.0, validator=_positive)
+    shutdown_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    backlog: int = attrs.field(default=4096, validator=_positive)
+
+
+@attrs.frozen
+class StoreSettings:
+    path: str = "dongne.sqlite3"
+    synchronous: str = attrs.field(default="FULL", validator=_one_of("FULL", "NORMAL", "EXTRA"))
+    max_batch: int = attrs.field(default=1000, validator=_positive)
+
+
+@attrs.frozen
+class AuthSettings:
+    jwt_secret: str = ""
+    token_ttl_s: int = attrs.field(default=30 * 24 * 3600, validator=_positive)
+
+
+@attrs.frozen
+class EngineSettings:
+    accept_points: int = attrs.field(default=10, validator=attrs.validators.ge(0))
+    typing_ttl_s: float = attrs.field(default=3.0, validator=_positive)
+    title_max: int = attrs.field(default=200, validator=_positive)
+    body_max: int = attrs.field(default=1000, validator=_positive)
+    answer_max: int = attrs.field(default=2000, validator=_positive)
+    hashtags_max: int = attrs.field(default=5, validator=_positive)
+    hot_question_days: float = attrs.field(default=7.0, validator=_positive)
+
+
+@attrs.frozen
+class LogSettings:
+    level: str = attrs.field(default="INFO", validator=_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@attrs.frozen
+class Settings:
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    auth: AuthSettings = AuthSettings()
+    engine: EngineSettings = EngineSettings()
+    log: LogSettings = LogSettings()
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in attrs.fields(Settings)}
+
+
+def _coerce(section: str, key: str, kind: Any, value: Any, *, from_text: bool) -> Any:
+    where = f"[{section}] {key}"
+    if kind is bool:
+        if from_text:
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+        elif isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if kind is int:
+        if from_text:
+            try:
+                return int(str(value).strip())
+            except ValueError:
+                raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if kind is float:
+        if from_text:
+            try:
+                return float(str(value).strip())
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any], *, from_text: bool) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in attrs.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting [{name}] {unknown[0]}; known keys: {', '.join(sorted(known))}")
+    kwargs = {key: _coerce(name, key, hints[key], value, from_text=from_text) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"[{name}] {exc}") from None
+
+
+def _env_overrides(environ: Mapping[str, str], sections: Mapping[str, type]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    if environ.get("DONGNE_JWT_SECRET"):
+        out.setdefault("auth", {})["jwt_secret"] = environ["DONGNE_JWT_SECRET"]
+    for var, value in environ.items():
+        if not var.startswith("DONGNE_") or var == "DONGNE_JWT_SECRET":
+            continue
+        rest = var[len("DONGNE_") :].lower()
+        section, _, key = rest.partition("_")
+        if section not in sections or not key:
+            raise ConfigError(f"environment variable {var}: unknown section {section!r}")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Build the settings from defaults, a TOML file, the environment and overrides.
+
+    Args:
+        path: a ``config.toml``; ``None`` means defaults only.
+        environ: the environment to read ``DONGNE_*`` variables from
+            (``os.environ`` when omitted).
+        overrides: ``{section: {key: value}}`` from command-line flags; wins over all.
+
+    Raises:
+        ConfigError: unknown section or key, a value of the wrong type or range,
+            an unreadable or malformed file.
+    """
+    sections = _section_classes()
+    merged: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for name, table in data.items():
+            if name not in sections:
+                raise ConfigError(f"{path}: unknown section [{name}]; known: {', '.join(sections)}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [{name}] must be a table")
+            for key, value in table.items():
+                _build_section(name, sections[name], {key: value}, from_text=False)
+            merged[name].update(table)
+    env = _env_overrides(os.environ if environ is None else environ, sections)
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        section_values = dict(merged[name])
+        hints = typing.get_type_hints(cls)
+        for key, text in env.get(name, {}).items():
+            if key not in hints:
+                raise ConfigError(f"environment variable DONGNE_{name.upper()}_{key.upper()}: unknown setting")
+            section_values[key] = _coerce(name, key, hints[key], text, from_text=True)
+        section_values.update((overrides or {}).get(name, {}))
+        built[name] = _build_section(name, cls, section_values, from_text=False)
+    return Settings(**built)
+
+
+def resolve_data_path(settings: Settings, relative_to: Path | None = None) -> Path:
+    """The database path, made absolute against ``relative_to`` (default: cwd)."""
+    p = Path(settings.store.path)
+    return p if p.is_absolute() else (relative_to or Path.cwd()) / p

@@ -1,0 +1,58 @@
+"""A question's lifecycle, as data.
+
+Theory of operation: every legal transition lives in ``TRANSITIONS`` below and
+nowhere else. ``advance`` is the only way to move a question; an illegal move
+raises ``IllegalTransition``, which the engine maps to a wire error before any
+state changes.
+
+    OPEN ──answer──▶ ANSWERED ──answer──▶ ANSWERED
+      │                 │
+      │                 └──accept──▶ RESOLVED
+      └──close──▶ CLOSED ◀──close──┘
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["QuestionStatus", "QuestionEvent", "TRANSITIONS", "advance", "IllegalTransition"]
+
+
+class QuestionStatus(enum.StrEnum):
+    OPEN = "open"
+    ANSWERED = "answered"
+    RESOLVED = "resolved"
+    CLOSED = "closed"
+
+
+class QuestionEvent(enum.StrEnum):
+    ANSWER = "answer"
+    ACCEPT = "accept"
+    CLOSE = "close"
+
+
+TRANSITIONS: dict[tuple[QuestionStatus, QuestionEvent], QuestionStatus] = {
+    (QuestionStatus.OPEN, QuestionEvent.ANSWER): QuestionStatus.ANSWERED,
+    (QuestionStatus.ANSWERED, QuestionEvent.ANSWER): QuestionStatus.ANSWERED,
+    (QuestionStatus.ANSWERED, QuestionEvent.ACCEPT): QuestionStatus.RESOLVED,
+    (QuestionStatus.OPEN, QuestionEvent.CLOSE): QuestionStatus.CLOSED,
+    (QuestionStatus.ANSWERED, QuestionEvent.CLOSE): QuestionStatus.CLOSED,
+}
+
+#: Statuses in which a question still wants answers (and escalates).
+ACTIVE = frozenset({QuestionStatus.OPEN, QuestionStatus.ANSWERED})
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, status: QuestionStatus, event: QuestionEvent) -> None:
+        super().__init__(f"cannot {event.value} a question that is {status.value}")
+        self.status = status
+        self.event = event
+
+
+def advance(status: QuestionStatus, event: QuestionEvent) -> QuestionStatus:
+    """The status after ``event``; raises ``IllegalTransition`` if not allowed."""
+    try:
+        return TRANSITIONS[(status, event)]
+    except KeyError:
+        raise IllegalTransition(status, event) from None

@@ -1,0 +1,109 @@
+"""Records: the durable facts of the system, as small values.
+
+The engine keeps these in memory and hands copies of them to the store in
+write effects; ``to_wire`` gives the snake_case map that clients see.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .lifecycle import QuestionStatus
+
+__all__ = ["User", "Question", "Answer", "ReceiptState"]
+
+
+class ReceiptState:
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    ORDER = {"sent": 0, "delivered": 1, "read": 2}
+
+
+@attrs.define
+class User:
+    user_id: str
+    nick: str
+    local: bool = False
+    tags: tuple[str, ...] = ()
+    role: str = "user"
+    points: int = 0
+    last_seq: int = 0
+    created_at: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "nick": self.nick,
+            "local": self.local,
+            "tags": list(self.tags),
+            "role": self.role,
+            "points": self.points,
+        }
+
+
+@attrs.define
+class Question:
+    question_id: str
+    asker_id: str
+    asker_nick: str
+    title: str
+    body: str
+    lat: float
+    lng: float
+    region: str | None
+    hashtags: tuple[str, ...]
+    urgency: str
+    created_at: int
+    status: QuestionStatus = QuestionStatus.OPEN
+    accepted_answer_id: str | None = None
+    answer_count: int = 0
+    first_answer_at: int | None = None
+    closed_at: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "question_id": self.question_id,
+            "asker_id": self.asker_id,
+            "asker_nick": self.asker_nick,
+            "title": self.title,
+            "body": self.body,
+            "location": {"lat": self.lat, "lng": self.lng},
+            "region": self.region,
+            "hashtags": list(self.hashtags),
+            "urgency": self.urgency,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "accepted_answer_id": self.accepted_answer_id,
+            "answer_count": self.answer_count,
+            "first_answer_at": self.first_answer_at,
+            "closed_at": self.closed_at,
+        }
+
+
+@attrs.define
+class Answer:
+    answer_id: str
+    question_id: str
+    author_id: str
+    author_nick: str
+    content: str
+    created_at: int
+    state: str = ReceiptState.SENT
+    delivered_at: int | None = None
+    read_at: int | None = None
+    accepted: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "answer_id": self.answer_id,
+            "question_id": self.question_id,
+            "author_id": self.author_id,
+            "author_nick": self.author_nick,
+            "content": self.content,
+            "created_at": self.created_at,
+            "state": self.state,
+            "accepted": self.accepted,
+        }

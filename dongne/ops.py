@@ -1,0 +1,60 @@
+"""The ops port's ASGI app: health, readiness (and later metrics and admin)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["OpsApp"]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+SendFn = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class OpsApp:
+    """A small ASGI 3 app served by hypercorn on the ops port.
+
+    Args:
+        is_ready: True while the engine is loaded and accepting clients.
+        status: a dict of live figures for ``/health``.
+    """
+
+    def __init__(self, is_ready: Callable[[], bool], status: Callable[[], dict[str, Any]]) -> None:
+        self._is_ready = is_ready
+        self._status = status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: SendFn) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if scope["method"] not in ("GET", "HEAD"):
+            await _json(send, 405, {"error": "method not allowed"})
+        elif path == "/health":
+            await _json(send, 200, {"status": "ok", **self._status()})
+        elif path == "/ready":
+            ready = self._is_ready()
+            await _json(send, 200 if ready else 503, {"ready": ready})
+        else:
+            await _json(send, 404, {"error": "not found"})
+
+
+async def _json(send: SendFn, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"cache-control", b"no-store")],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

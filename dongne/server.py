@@ -1,0 +1,292 @@
+"""The trio driver: sockets in, engine calls, effects out.
+
+Everything here is I/O and scheduling; every rule lives in ``core.Engine``.
+
+Task tree (one root nursery, see ``run_server`` in ``app.py``)::
+
+    root
+    ├── CommitPipeline.run          group commit, then act on outcomes in order
+    ├── ClientServer._timers        wakes the engine at its next deadline
+    ├── ClientServer._heartbeat     pings; closes peers that stopped answering
+    ├── ClientServer._accept_loop   the client listener
+    │     └── connections nursery: one handler per connection (+ a writer
+    │         task while its socket is backed up, + a replay task on resume)
+    └── hypercorn                   the ops port
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+import socket
+from typing import Any
+
+import msgpack
+import trio
+
+from .clock import EngineClock
+from .config import ServerSettings
+from .core.effects import Close, Outcome, Replay, Send
+from .core.engine import Engine
+from .core.errors import CloseConnection, ProtocolError
+from .core.protocol import decode_request, durable_event
+from .pipeline import CommitPipeline
+from .store import Store
+from .transport import FrameEncoder, WebSocketConnection, serve_handshake
+from .transport._connection import TextFrame
+
+__all__ = ["ClientServer", "ServerStats"]
+
+log = logging.getLogger("dongne.server")
+
+
+class ServerStats:
+    """Counters read by /metrics and the benches."""
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.deliveries = 0
+        self.slow_consumers = 0
+        self.errors: dict[str, int] = {}
+
+
+class ClientServer:
+    """Serves the client port and drives the engine.
+
+    Args:
+        settings: the ``[server]`` settings.
+        engine: the loaded engine.
+        store: the open store (reads for join and replay).
+        clock: the engine clock.
+    """
+
+    def __init__(self, settings: ServerSettings, engine: Engine, store: Store, clock: EngineClock) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.clock = clock
+        self.encoder = FrameEncoder()
+        self.pipeline = CommitPipeline(store, self._act, max_batch=1000)
+        self.conns: dict[int, WebSocketConnection] = {}
+        self.stats = ServerStats()
+        self.accepting = False
+        self.port: int | None = None
+        self._ids = itertools.count(1)
+        self._timer_wakeup = trio.Event()
+        self._timer_at = math.inf
+        self._conn_nursery: trio.Nursery | None = None
+        self._listener: socket.socket | None = None
+        self._accept_scope = trio.CancelScope()
+
+    # ---- running ---------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, serve, and report the bound port via ``task_status``."""
+        listener = self._open_listener()
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.pipeline.run)
+            nursery.start_soon(self._timers)
+            nursery.start_soon(self._heartbeat)
+            async with trio.open_nursery() as conn_nursery:
+                self._conn_nursery = conn_nursery
+                self.accepting = True
+                task_status.started(self.port)
+                await self._accept_loop(listener, conn_nursery)
+                # Stopped accepting: close every client with 1001, bounded.
+                for conn in list(self.conns.values()):
+                    conn.close(1001, "server shutting down")
+                conn_nursery.cancel_scope.deadline = trio.current_time() + self.settings.shutdown_timeout_s
+            with trio.move_on_after(self.settings.shutdown_timeout_s) as flush:
+                await self.pipeline.wait_idle()
+            if flush.cancelled_caught:  # pragma: no cover - a commit stuck for seconds
+                log.warning("shutdown: pipeline did not drain in time")
+            nursery.cancel_scope.cancel()
+
+    def stop_accepting(self) -> None:
+        """Begin a graceful shutdown: stop accepting and close clients with 1001."""
+        self.accepting = False
+        self._accept_scope.cancel()
+
+    def _open_listener(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.settings.host, self.settings.port))
+        sock.listen(self.settings.backlog)
+        sock.setblocking(False)
+        return sock
+
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        try:
+            with self._accept_scope:
+                while True:
+                    await trio.lowlevel.wait_readable(listener)
+                    try:
+                        sock, _addr = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.warning("accept: %s; pausing", exc)
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    nursery.start_soon(self._handle_connection, sock)
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+
+    # ---- one connection ----------------------------------------------------------
+
+    async def _handle_connection(self, sock: socket.socket) -> None:
+        conn: WebSocketConnection | None = None
+        conn_id = next(self._ids)
+        try:
+            with trio.move_on_after(self.settings.hello_timeout_s):
+                handshake = await serve_handshake(sock, is_ready=lambda: self.accepting)
+            if handshake is None or not self.accepting:
+                return
+            assert self._conn_nursery is not None
+            conn = WebSocketConnection(
+                sock,
+                self._conn_nursery,
+                self.encoder,
+                max_message_bytes=self.settings.max_frame_bytes,
+                max_buffer_bytes=self.settings.outbound_buffer_bytes,
+                trailing=handshake.trailing,
+            )
+            self.conns[conn_id] = conn
+            self.engine.open_connection(conn_id)
+            self.stats.connections_total += 1
+            conn.read_scope.deadline = trio.current_time() + self.settings.hello_timeout_s
+            with conn.read_scope:
+                async for message in conn.messages():
+                    await self._on_message(conn_id, conn, message)
+            if conn.read_scope.cancelled_caught and not conn.closing and not self.engine.is_authenticated(conn_id):
+                conn.close(4001, "no hello within the time limit")
+                await conn.aclose()
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("connection %d failed", conn_id)
+        finally:
+            if conn is not None:
+                self.conns.pop(conn_id, None)
+                if conn.overflowed:
+                    self.stats.slow_consumers += 1
+                self.stats.frames_out += conn.frames_out
+                self.pipeline.submit(self.engine.close_connection(conn_id, self.clock.now_ms()))
+                with trio.CancelScope(shield=True):
+                    await conn.aclose(timeout=0.5)
+            else:
+                try:
+                    trio.lowlevel.notify_closing(sock)
+                except Exception:
+                    pass
+                sock.close()
+
+    async def _on_message(self, conn_id: int, conn: WebSocketConnection, message: Any) -> None:
+        self.stats.frames_in += 1
+        if isinstance(message, TextFrame):
+            self._refuse(conn_id, None, ProtocolError("bad_frame", "text frames are not accepted; send binary msgpack"))
+            return
+        try:
+            request = decode_request(message.payload)
+        except ProtocolError as exc:
+            rid = exc.extra.get("id")
+            self._refuse(conn_id, rid if isinstance(rid, int) else None, exc)
+            return
+        missing = self.engine.missing_question(request) if self.engine.is_authenticated(conn_id) else None
+        if missing is not None:
+            found = await trio.to_thread.run_sync(self.store.find_question, missing)
+            if found is not None:
+                self.engine.adopt_question(*found)
+        try:
+            outcome = self.engine.receive(conn_id, request, self.clock.now_ms())
+        except CloseConnection as exc:
+            self.stats.errors[f"close_{exc.code}"] = self.stats.errors.get(f"close_{exc.code}", 0) + 1
+            conn.close(exc.code, exc.reason)
+            return
+        except Exception:
+            log.exception("request %r from connection %d failed", request.op, conn_id)
+            self._refuse(conn_id, request.id, ProtocolError("internal", "internal error; the request was not applied"))
+            return
+        self.pipeline.submit(outcome)
+        self._schedule_timer()
+        if conn.read_scope.deadline != math.inf and self.engine.is_authenticated(conn_id):
+            conn.read_scope.deadline = math.inf
+
+    def _refuse(self, conn_id: int, request_id: int | None, error: ProtocolError) -> None:
+        self.stats.errors[error.code] = self.stats.errors.get(error.code, 0) + 1
+        self.pipeline.submit(self.engine.refuse(conn_id, request_id, error))
+
+    # ---- acting on outcomes ------------------------------------------------------
+
+    def _act(self, outcome: Outcome) -> None:
+        for action in outcome.actions:
+            if isinstance(action, Send):
+                frame = self.encoder.binary(msgpack.packb(action.frame))
+                for conn_id in action.conn_ids:
+                    conn = self.conns.get(conn_id)
+                    if conn is not None:
+                        conn.send_nowait(frame)
+                        self.stats.deliveries += 1
+                if action.frame.get("type") == "reply" and not action.frame.get("ok"):
+                    code = action.frame["error"]["code"]
+                    self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+            elif isinstance(action, Close):
+                conn = self.conns.get(action.conn_id)
+                if conn is not None:
+                    conn.close(action.code, action.reason)
+            elif isinstance(action, Replay):
+                conn = self.conns.get(action.conn_id)
+                if conn is not None and self._conn_nursery is not None:
+                    conn.hold()
+                    self._conn_nursery.start_soon(self._replay, conn, action)
+
+    async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
+        """Send missed durable events in order, then the live frames held meanwhile."""
+        try:
+            rows = await trio.to_thread.run_sync(
+                self.store.read_events, action.user_id, action.after_seq, action.up_to_seq
+            )
+            for seq, kind, data in rows:
+                conn.send_direct(self.encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
+        finally:
+            conn.release()
+
+    # ---- time ------------------------------------------------------------------
+
+    def _schedule_timer(self) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline is not None and self.clock.trio_time_at(deadline) < self._timer_at:
+            self._timer_wakeup.set()
+
+    async def _timers(self) -> None:
+        while True:
+            deadline = self.engine.next_deadline()
+            self._timer_at = math.inf if deadline is None else self.clock.trio_time_at(deadline)
+            self._timer_wakeup = trio.Event()
+            with trio.move_on_at(self._timer_at):
+                await self._timer_wakeup.wait()
+            self.pipeline.submit(self.engine.tick(self.clock.now_ms()))
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.ping_interval_s
+        while True:
+            await trio.sleep(interval)
+            for conn in list(self.conns.values()):
+                if not conn.alive:
+                    log.info("closing a connection that stopped answering pings")
+                    conn.abort()
+                    continue
+                conn.alive = False
+                conn.ping()

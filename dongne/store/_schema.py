@@ -1,0 +1,76 @@
+"""The schema, as an ordered list of migrations.
+
+``PRAGMA user_version`` records how many have run; at start-up the store runs
+the rest, each in its own transaction. Never edit a released migration: add a
+new one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+MIGRATIONS: list[str] = [
+    # 1: users, questions, answers (with receipt state), hashtags, inboxes.
+    """
+    CREATE TABLE users (
+        user_id     TEXT PRIMARY KEY,
+        nick        TEXT NOT NULL,
+        local       INTEGER NOT NULL,
+        tags        TEXT NOT NULL,          -- JSON list
+        role        TEXT NOT NULL,
+        points      INTEGER NOT NULL,
+        last_seq    INTEGER NOT NULL,       -- newest durable event seq
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE questions (
+        question_id         TEXT PRIMARY KEY,
+        asker_id            TEXT NOT NULL REFERENCES users(user_id),
+        asker_nick          TEXT NOT NULL,
+        title               TEXT NOT NULL,
+        body                TEXT NOT NULL,
+        lat                 REAL NOT NULL,
+        lng                 REAL NOT NULL,
+        region              TEXT,
+        hashtags            TEXT NOT NULL,  -- JSON list, also in question_hashtags
+        urgency             TEXT NOT NULL,
+        status              TEXT NOT NULL,
+        created_at          INTEGER NOT NULL,
+        accepted_answer_id  TEXT,
+        answer_count        INTEGER NOT NULL,
+        first_answer_at     INTEGER,
+        closed_at           INTEGER
+    );
+    CREATE INDEX questions_by_status ON questions(status, created_at);
+    CREATE INDEX questions_by_time ON questions(created_at);
+    CREATE TABLE question_hashtags (
+        question_id TEXT NOT NULL REFERENCES questions(question_id),
+        tag         TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (question_id, tag)
+    ) WITHOUT ROWID;
+    CREATE INDEX hashtags_by_tag ON question_hashtags(tag, created_at);
+    CREATE TABLE answers (
+        answer_id     TEXT PRIMARY KEY,
+        question_id   TEXT NOT NULL REFERENCES questions(question_id),
+        author_id     TEXT NOT NULL REFERENCES users(user_id),
+        author_nick   TEXT NOT NULL,
+        content       TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        state         TEXT NOT NULL,        -- receipt: sent | delivered | read
+        delivered_at  INTEGER,
+        read_at       INTEGER,
+        accepted      INTEGER NOT NULL
+    );
+    CREATE INDEX answers_by_question ON answers(question_id, created_at);
+    CREATE TABLE events (
+        user_id     TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        type        TEXT NOT NULL,
+        data        BLOB NOT NULL,          -- msgpack map
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (user_id, seq)
+    ) WITHOUT ROWID;
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)

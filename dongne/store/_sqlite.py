@@ -1,0 +1,249 @@
+"""The SQLite store: blocking calls, meant to run in a worker thread.
+
+Resource handling: one writer connection (only the committer uses it, one
+call at a time) and one reader connection guarded by a lock. WAL mode lets
+readers run while a commit is in progress. ``close`` checkpoints the WAL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from ..core.effects import AppendEvent, SaveAnswer, SaveQuestion, SaveUser, Write
+from ..core.engine import LoadedState
+from ..core.lifecycle import QuestionStatus
+from ..core.records import Answer, Question, User
+from ._schema import MIGRATIONS
+
+__all__ = ["Store", "StoreError"]
+
+_USER_COLS = "user_id, nick, local, tags, role, points, last_seq, created_at"
+_QUESTION_COLS = (
+    "question_id, asker_id, asker_nick, title, body, lat, lng, region, hashtags, urgency, status,"
+    " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at"
+)
+_ANSWER_COLS = "answer_id, question_id, author_id, author_nick, content, created_at, state, delivered_at, read_at, accepted"
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (newer schema, unreadable file)."""
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Store:
+    """SQLite persistence for users, questions, answers and inboxes.
+
+    Args:
+        path: the database file (created if missing).
+        synchronous: ``FULL`` (default: a commit survives power loss),
+            ``NORMAL`` or ``EXTRA``.
+    """
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self.commits = 0
+        self.rows_committed = 0
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = _connect(self.path, self.synchronous)
+        self._migrate(self._writer)
+        self._reader = _connect(self.path, self.synchronous)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            try:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._writer.close()
+                self._writer = None
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this dongne ({len(MIGRATIONS)}); upgrade dongne"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._w.execute("PRAGMA user_version").fetchone()[0])
+
+    @property
+    def _w(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StoreError("store is not open")
+        return self._writer
+
+    # ---- writes ------------------------------------------------------------------
+
+    def apply(self, writes: Sequence[Write]) -> None:
+        """Commit ``writes`` in one transaction (group commit).
+
+        Saves of the same row collapse to the last one; inbox appends are all kept.
+        """
+        users: dict[str, User] = {}
+        questions: dict[str, Question] = {}
+        answers: dict[str, Answer] = {}
+        events: list[AppendEvent] = []
+        for item in writes:
+            if isinstance(item, SaveUser):
+                users[item.user.user_id] = item.user
+            elif isinstance(item, SaveQuestion):
+                questions[item.question.question_id] = item.question
+            elif isinstance(item, SaveAnswer):
+                answers[item.answer.answer_id] = item.answer
+            elif isinstance(item, AppendEvent):
+                events.append(item)
+            else:  # pragma: no cover - a new write type without a case here
+                raise TypeError(f"unknown write {item!r}")
+        conn = self._w
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if users:
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO users ({_USER_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+                    [_user_row(u) for u in users.values()],
+                )
+            if questions:
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO questions ({_QUESTION_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [_question_row(q) for q in questions.values()],
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO question_hashtags (question_id, tag, created_at) VALUES (?,?,?)",
+                    [(q.question_id, tag, q.created_at) for q in questions.values() for tag in q.hashtags],
+                )
+            if answers:
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO answers ({_ANSWER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    [_answer_row(a) for a in answers.values()],
+                )
+            if events:
+                conn.executemany(
+                    "INSERT INTO events (user_id, seq, type, data, created_at) VALUES (?,?,?,?,?)",
+                    [(e.user_id, e.seq, e.type, msgpack.packb(e.data), e.created_at) for e in events],
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.rows_committed += len(users) + len(questions) + len(answers) + len(events)
+
+    # ---- reads -------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        if self._reader is None:
+            raise StoreError("store is not open")
+        with self._read_lock:
+            return self._reader.execute(sql, tuple(params)).fetchall()
+
+    def load(self, *, hot_since: int) -> LoadedState:
+        """Everything the engine keeps in memory: all users, active questions
+        and questions created since ``hot_since`` (ms), with their answers."""
+        users = [_user(r) for r in self._read(f"SELECT {_USER_COLS} FROM users")]
+        questions = [
+            _question(r)
+            for r in self._read(
+                f"SELECT {_QUESTION_COLS} FROM questions WHERE status IN ('open', 'answered') OR created_at >= ?",
+                (hot_since,),
+            )
+        ]
+        answers = [
+            _answer(r)
+            for r in self._read(
+                f"SELECT {_ANSWER_COLS} FROM answers WHERE question_id IN"
+                " (SELECT question_id FROM questions WHERE status IN ('open', 'answered') OR created_at >= ?)",
+                (hot_since,),
+            )
+        ]
+        return LoadedState(users=users, questions=questions, answers=answers)
+
+    def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None:
+        rows = self._read(f"SELECT {_QUESTION_COLS} FROM questions WHERE question_id = ?", (question_id,))
+        if not rows:
+            return None
+        answers = self._read(f"SELECT {_ANSWER_COLS} FROM answers WHERE question_id = ?", (question_id,))
+        return _question(rows[0]), [_answer(r) for r in answers]
+
+    def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
+        """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
+        rows = self._read(
+            "SELECT seq, type, data FROM events WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+            (user_id, after_seq, up_to_seq),
+        )
+        return [(seq, kind, msgpack.unpackb(data, raw=False)) for seq, kind, data in rows]
+
+    def integrity_check(self) -> str:
+        return str(self._read("PRAGMA integrity_check")[0][0])
+
+
+def _user_row(u: User) -> tuple[Any, ...]:
+    return (u.user_id, u.nick, int(u.local), json.dumps(list(u.tags)), u.role, u.points, u.last_seq, u.created_at)
+
+
+def _user(r: Sequence[Any]) -> User:
+    return User(r[0], r[1], bool(r[2]), tuple(json.loads(r[3])), r[4], r[5], r[6], r[7])
+
+
+def _question_row(q: Question) -> tuple[Any, ...]:
+    return (
+        q.question_id, q.asker_id, q.asker_nick, q.title, q.body, q.lat, q.lng, q.region,
+        json.dumps(list(q.hashtags), ensure_ascii=False), q.urgency, q.status.value, q.created_at,
+        q.accepted_answer_id, q.answer_count, q.first_answer_at, q.closed_at,
+    )  # fmt: skip
+
+
+def _question(r: Sequence[Any]) -> Question:
+    return Question(
+        question_id=r[0], asker_id=r[1], asker_nick=r[2], title=r[3], body=r[4], lat=r[5], lng=r[6],
+        region=r[7], hashtags=tuple(json.loads(r[8])), urgency=r[9], status=QuestionStatus(r[10]),
+        created_at=r[11], accepted_answer_id=r[12], answer_count=r[13], first_answer_at=r[14], closed_at=r[15],
+    )  # fmt: skip
+
+
+def _answer_row(a: Answer) -> tuple[Any, ...]:
+    return (
+        a.answer_id, a.question_id, a.author_id, a.author_nick, a.content, a.created_at, a.state,
+        a.delivered_at, a.read_at, int(a.accepted),
+    )  # fmt: skip
+
+
+def _answer(r: Sequence[Any]) -> Answer:
+    return Answer(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]))

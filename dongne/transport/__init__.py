@@ -1,0 +1,7 @@
+"""The client transport: WebSocket on raw trio sockets, with wsproto and h11."""
+
+from ._connection import WebSocketConnection as WebSocketConnection
+from ._frames import FrameEncoder as FrameEncoder
+from ._handshake import HandshakeResult as HandshakeResult, serve_handshake as serve_handshake
+
+__all__ = ["WebSocketConnection", "FrameEncoder", "HandshakeResult", "serve_handshake"]

@@ -1,0 +1,304 @@
+"""One client's WebSocket connection on a raw non-blocking socket.
+
+Theory of operation: outbound frames arrive already encoded (a broadcast is
+encoded once for all its recipients). ``send_nowait`` writes them straight to
+the socket while the kernel accepts them; what does not fit goes to a bounded
+buffer drained by a writer task that exists only while there is a backlog.
+A client whose backlog exceeds the bound is a slow consumer: it is closed with
+4009 and recovers its durable events with ``resume`` when it reconnects, so
+one stalled client never delays anyone else.
+
+Inbound bytes go through wsproto's sans-I/O ``Connection``, which handles
+masking, fragmentation and control frames.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+from collections.abc import AsyncIterator
+
+import attrs
+import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from ._frames import FrameEncoder
+from ._handshake import recv_some
+
+__all__ = ["WebSocketConnection", "TextFrame", "BinaryFrame"]
+
+CLOSE_GRACE_S = 2.0
+
+
+@attrs.frozen
+class BinaryFrame:
+    payload: bytes
+
+
+@attrs.frozen
+class TextFrame:
+    length: int
+
+
+class WebSocketConnection:
+    """The server side of one WebSocket, after the handshake.
+
+    Args:
+        sock: the accepted socket, non-blocking; this object closes it.
+        nursery: where the writer task is started when a backlog appears.
+        encoder: the shared frame encoder.
+        max_message_bytes: a larger inbound message closes with 1009.
+        max_buffer_bytes: a larger outbound backlog closes with 4009.
+        trailing: bytes received after the handshake.
+
+    Resource handling: ``aclose`` (or ``abort``) must be called once the
+    reader is done; it closes the socket.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        nursery: trio.Nursery,
+        encoder: FrameEncoder,
+        *,
+        max_message_bytes: int,
+        max_buffer_bytes: int,
+        trailing: bytes = b"",
+    ) -> None:
+        self._sock = sock
+        self._nursery = nursery
+        self._encoder = encoder
+        self._ws = Connection(ConnectionType.SERVER, trailing_data=trailing)
+        self._max_message = max_message_bytes
+        self._max_buffer = max_buffer_bytes
+        self._buffer: collections.deque[memoryview] = collections.deque()
+        self.buffered_bytes = 0
+        self._held: list[bytes] | None = None
+        self._writer_running = False
+        self._writer_done = trio.Event()
+        self._writer_done.set()
+        self.closing = False
+        self.close_code: int | None = None
+        self.socket_closed = False
+        self.alive = True  # cleared by each heartbeat, set by any inbound bytes
+        self.read_scope = trio.CancelScope()
+        self.frames_out = 0
+        self.overflowed = False
+
+    # ---- sending ---------------------------------------------------------------
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue one encoded frame; never blocks. Closes with 4009 on overflow."""
+        if self.closing:
+            return
+        if self._held is not None:
+            self._held.append(frame)
+            self.buffered_bytes += len(frame)
+            if self.buffered_bytes > self._max_buffer:
+                self._overflow()
+            return
+        self._write(frame)
+        if self.buffered_bytes > self._max_buffer:
+            self._overflow()
+
+    def _write(self, frame: bytes) -> None:
+        self.frames_out += 1
+        if self._buffer or self.socket_closed:
+            if not self.socket_closed:
+                self._buffer.append(memoryview(frame))
+                self.buffered_bytes += len(frame)
+            return
+        try:
+            sent = self._sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # The peer is gone; the reader sees EOF and tears the connection down.
+            self.abort()
+            return
+        if sent < len(frame):
+            self._buffer.append(memoryview(frame)[sent:])
+            self.buffered_bytes += len(frame) - sent
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        if not self._writer_running:
+            self._writer_running = True
+            self._writer_done = trio.Event()
+            self._nursery.start_soon(self._writer)
+
+    async def _writer(self) -> None:
+        try:
+            while self._buffer and not self.socket_closed:
+                try:
+                    await trio.lowlevel.wait_writable(self._sock)
+                except (trio.ClosedResourceError, OSError):
+                    return
+                while self._buffer:
+                    head = self._buffer[0]
+                    try:
+                        sent = self._sock.send(head)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        self.abort()
+                        return
+                    self.buffered_bytes -= sent
+                    if sent == len(head):
+                        self._buffer.popleft()
+                    else:
+                        self._buffer[0] = head[sent:]
+                        break
+        finally:
+            self._writer_running = False
+            self._writer_done.set()
+
+    def hold(self) -> None:
+        """Keep live frames back (counted against the buffer) until ``release``."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is None or self.closing:
+            return
+        self.buffered_bytes -= sum(len(f) for f in held)
+        for frame in held:
+            self._write(frame)
+        if self.buffered_bytes > self._max_buffer:
+            self._overflow()
+
+    def send_direct(self, frame: bytes) -> None:
+        """Write past a hold (used for the replay itself)."""
+        if not self.closing:
+            self._write(frame)
+            if self.buffered_bytes > self._max_buffer:
+                self._overflow()
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._buffer.clear()
+        self.buffered_bytes = 0
+        self._held = None
+        # Best effort: the socket is probably full, and that is the point.
+        try:
+            self._sock.send(self._encoder.close(4009, "slow consumer"))
+        except OSError:
+            pass
+        self.closing = True
+        self.close_code = 4009
+        self.abort()
+
+    def ping(self) -> None:
+        if not self.closing:
+            self._write(self._encoder.ping(b"hb"))
+
+    # ---- closing ---------------------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake: flush what is queued, then send the close frame.
+
+        The reader gets ``CLOSE_GRACE_S`` to see the peer's reply before the
+        socket is closed.
+        """
+        if self.closing:
+            return
+        self._held = None
+        frame = self._encoder.close(code, reason)
+        self.closing = True
+        self.close_code = code
+        if self.socket_closed:
+            return
+        self.frames_out += 1
+        if self._buffer:
+            self._buffer.append(memoryview(frame))
+            self.buffered_bytes += len(frame)
+        else:
+            try:
+                sent = self._sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            if sent < len(frame):
+                self._buffer.append(memoryview(frame)[sent:])
+                self._start_writer()
+        self.read_scope.deadline = min(self.read_scope.deadline, trio.current_time() + CLOSE_GRACE_S)
+
+    def abort(self) -> None:
+        """Close the socket now; wakes any task waiting on it."""
+        if self.socket_closed:
+            return
+        self.socket_closed = True
+        self._buffer.clear()
+        self.buffered_bytes = 0
+        self.read_scope.cancel()
+        try:
+            trio.lowlevel.notify_closing(self._sock)
+        except Exception:  # pragma: no cover - notify_closing is best effort
+            pass
+        self._sock.close()
+
+    async def aclose(self, timeout: float = CLOSE_GRACE_S) -> None:
+        """Flush (bounded by ``timeout``) and close the socket."""
+        if not self.socket_closed and self._writer_running:
+            with trio.move_on_after(timeout):
+                await self._writer_done.wait()
+        if not self.socket_closed:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.abort()
+
+    # ---- receiving -------------------------------------------------------------
+
+    async def messages(self) -> AsyncIterator[BinaryFrame | TextFrame]:
+        """Yield each complete inbound message until the peer closes or goes away.
+
+        Control frames are answered here. An inbound message larger than the
+        limit closes the connection with 1009.
+        """
+        parts: list[bytes] = []
+        size = 0
+        text = False
+        while True:
+            for ev in self._ws.events():
+                if isinstance(ev, (BytesMessage, TextMessage)):
+                    chunk = ev.data if isinstance(ev, BytesMessage) else ev.data.encode()
+                    size += len(chunk)
+                    if size > self._max_message:
+                        self.close(1009, f"message larger than {self._max_message} bytes")
+                        return
+                    text = isinstance(ev, TextMessage)
+                    if not text:
+                        parts.append(chunk)
+                    if ev.message_finished:
+                        if text:
+                            yield TextFrame(size)
+                        else:
+                            yield BinaryFrame(parts[0] if len(parts) == 1 else b"".join(parts))
+                        parts, size, text = [], 0, False
+                        if self.closing:
+                            return
+                elif isinstance(ev, Ping):
+                    self._write(self._encoder.pong(bytes(ev.payload)))
+                elif isinstance(ev, Pong):
+                    self.alive = True
+                elif isinstance(ev, CloseConnection):
+                    if not self.closing:
+                        code = ev.code if ev.code not in (1005, 1006, 1015) else 1000
+                        self.close(code, "")
+                    return
+            if self.socket_closed:
+                return
+            try:
+                data = await recv_some(self._sock)
+            except (OSError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self.alive = True
+            self._ws.receive_data(data)
