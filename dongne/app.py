@@ -43,10 +43,16 @@ class Running:
     store: Store
     engine: Engine
     _shutdown: trio.Event
+    _stopped: trio.Event
 
     def stop(self) -> None:
         """Begin a graceful shutdown."""
         self._shutdown.set()
+
+    async def aclose(self) -> None:
+        """Shut down gracefully and wait until the database is closed."""
+        self._shutdown.set()
+        await self._stopped.wait()
 
 
 def _ops_port(binds: list[str]) -> int:
@@ -73,6 +79,7 @@ async def run_server(
     verifier = TokenVerifier(secret)
     region_set = regions if regions is not None else load_default_regions()
     store = Store(db_path, synchronous=settings.store.synchronous)
+    stopped = trio.Event()
     await trio.to_thread.run_sync(store.open)
     try:
         clock = EngineClock()
@@ -113,7 +120,7 @@ async def run_server(
             log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
             if handle_signals:
                 root.start_soon(_watch_signals, shutdown)
-            task_status.started(Running(port, ops_port, clients, store, engine, shutdown))
+            task_status.started(Running(port, ops_port, clients, store, engine, shutdown, stopped))
             await shutdown.wait()
             log.info("shutting down")
             clients.stop_accepting()
@@ -121,6 +128,7 @@ async def run_server(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
         log.info("database closed")
+        stopped.set()
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

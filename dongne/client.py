@@ -38,8 +38,9 @@ class RequestError(Exception):
 class DongneClient:
     """One authenticated connection. Create with ``open_client``."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, *, last_seq: int = 0) -> None:
+    def __init__(self, ws: trio_websocket.WebSocketConnection, *, last_seq: int = 0, timeout: float = 10.0) -> None:
         self.ws = ws
+        self.timeout = timeout  # default for request() and next_event()
         self.last_seq = last_seq
         self.hello: dict[str, Any] = {}
         self._ids = itertools.count(1)
@@ -51,12 +52,12 @@ class DongneClient:
         """Send a frame as is (for tests of bad input)."""
         await self.ws.send_message(payload)
 
-    async def request(self, op: str, data: dict[str, Any] | None = None, *, timeout: float = 10.0) -> dict[str, Any]:
+    async def request(self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
         """Send a request and return its reply's ``data``.
 
         Raises:
             RequestError: the reply was an error.
-            trio.TooSlowError: no reply within ``timeout``.
+            trio.TooSlowError: no reply within ``timeout`` (default ``self.timeout``).
         """
         reply = await self.request_raw({"type": op, "data": data or {}}, timeout=timeout)
         if not reply.get("ok"):
@@ -64,21 +65,21 @@ class DongneClient:
             raise RequestError(error.get("code", "?"), error.get("message", ""), error)
         return dict(reply.get("data", {}))
 
-    async def request_raw(self, frame: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
+    async def request_raw(self, frame: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Send a frame (``id`` added) and return the whole reply frame."""
         rid = next(self._ids)
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[rid] = send
         try:
             await self.ws.send_message(msgpack.packb({**frame, "id": rid}))
-            with trio.fail_after(timeout):
+            with trio.fail_after(self.timeout if timeout is None else timeout):
                 return await recv.receive()
         finally:
             self._waiting.pop(rid, None)
 
-    async def next_event(self, kind: str | None = None, *, timeout: float = 10.0) -> dict[str, Any]:
+    async def next_event(self, kind: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
         """The next event (of type ``kind`` if given; others before it are dropped)."""
-        with trio.fail_after(timeout):
+        with trio.fail_after(self.timeout if timeout is None else timeout):
             while True:
                 ev = await self._events_recv.receive()
                 if kind is None or ev.get("type") == kind:
@@ -136,14 +137,14 @@ async def open_client(
         trio_websocket.ConnectionClosed: the server closed (e.g. 4001).
     """
     async with trio_websocket.open_websocket_url(url, message_queue_size=0) as ws:
-        client = DongneClient(ws, last_seq=resume_from or 0)
+        client = DongneClient(ws, last_seq=resume_from or 0, timeout=timeout)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._read)
             if hello:
                 data: dict[str, Any] = {"token": token}
                 if resume_from is not None:
                     data["resume"] = {"last_seq": resume_from}
-                client.hello = await client.request("hello", data, timeout=timeout)
+                client.hello = await client.request("hello", data)
             try:
                 yield client
             finally:

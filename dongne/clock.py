@@ -18,7 +18,8 @@ class EngineClock:
     """Anchors trio's clock to the wall clock once, when created (inside ``trio.run``)."""
 
     def __init__(self, wall_ms: int | None = None) -> None:
-        self._wall0 = time.time() * 1000 if wall_ms is None else wall_ms
+        # An integer anchor: now_ms() and trio_time_at() are exact inverses.
+        self._wall0 = int(time.time() * 1000) if wall_ms is None else wall_ms
         self._trio0 = trio.current_time()
 
     def now_ms(self) -> int:
@@ -26,4 +27,6 @@ class EngineClock:
 
     def trio_time_at(self, epoch_ms: int) -> float:
         """The ``trio.current_time()`` value at which ``epoch_ms`` is reached."""
-        return self._trio0 + (epoch_ms - self._wall0) / 1000
+        # A microsecond late rather than early: at that moment now_ms() has
+        # surely reached epoch_ms despite float rounding.
+        return self._trio0 + (epoch_ms - self._wall0) / 1000 + 1e-6

@@ -36,6 +36,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
+def _positive_or_inf(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:  # also refuses NaN; inf turns the timer off
+        raise ConfigError(f"{attribute.name} must be a positive number (or inf for never), got {value!r}")
+
+
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ConfigError(f"{attribute.name} must be a port number 0..65535, got {value!r}")
@@ -57,8 +62,8 @@ class ServerSettings:
     ops_port: int = attrs.field(default=8766, validator=_port)
     max_frame_bytes: int = attrs.field(default=65536, validator=_positive)
     outbound_buffer_bytes: int = attrs.field(default=1_048_576, validator=_positive)
-    hello_timeout_s: float = attrs.field(default=10.0, validator=_positive)
-    ping_interval_s: float = attrs.field(default=20.0, validator=_positive)
+    hello_timeout_s: float = attrs.field(default=10.0, validator=_positive_or_inf)
+    ping_interval_s: float = attrs.field(default=20.0, validator=_positive_or_inf)
     shutdown_timeout_s: float = attrs.field(default=5.0, validator=_positive)
     backlog: int = attrs.field(default=4096, validator=_positive)
 

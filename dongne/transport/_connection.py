@@ -177,18 +177,20 @@ class WebSocketConnection:
                 self._overflow()
 
     def _overflow(self) -> None:
+        """Drop the backlog and close with 4009 ("slow consumer").
+
+        The head of the backlog may be a frame the kernel took only part of; it
+        is kept so the stream stays well-formed, and the close frame follows
+        it. If the peer never reads again, the close grace period ends it.
+        """
         self.overflowed = True
-        self._buffer.clear()
-        self.buffered_bytes = 0
         self._held = None
-        # Best effort: the socket is probably full, and that is the point.
-        try:
-            self._sock.send(self._encoder.close(4009, "slow consumer"))
-        except OSError:
-            pass
-        self.closing = True
-        self.close_code = 4009
-        self.abort()
+        if self._buffer:
+            head = self._buffer[0]
+            self._buffer.clear()
+            self._buffer.append(head)
+            self.buffered_bytes = len(head)
+        self.close(4009, "slow consumer")
 
     def ping(self) -> None:
         if not self.closing:

@@ -1,0 +1,97 @@
+"""Shared fixtures: a real server on 127.0.0.1 (port 0) with a real SQLite file."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from dongne.app import Running, run_server
+from dongne.auth import mint_token
+from dongne.client import DongneClient, open_client
+from dongne.config import Settings, load_settings
+
+SECRET = "test-secret-0123456789-0123456789-0123456789"
+
+
+def make_settings(db: Path, **sections: dict[str, Any]) -> Settings:
+    overrides: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": 0, "ops_host": "127.0.0.1", "ops_port": 0},
+        "store": {"path": str(db)},
+        "auth": {"jwt_secret": SECRET},
+    }
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_settings(None, environ={}, overrides=overrides)
+
+
+def token(user_id: str, **claims: Any) -> str:
+    """A valid token; ``now_s`` defaults to the wall clock."""
+    now_s = claims.pop("now_s", time.time())
+    return mint_token(SECRET, user_id, now_s=now_s, **claims)
+
+
+class Harness:
+    """A running server plus helpers to connect to it."""
+
+    def __init__(self, running: Running, db: Path) -> None:
+        self.running = running
+        self.db = db
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.running.port}"
+
+    def connect(
+        self, user_id: str, resume_from: int | None = None, *, timeout: float = 10.0, **claims: Any
+    ) -> AbstractAsyncContextManager[DongneClient]:
+        return open_client(self.url, token(user_id, **claims), resume_from=resume_from, timeout=timeout)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "dongne.sqlite3"
+
+
+@pytest.fixture
+def start_server(nursery: trio.Nursery, db_path: Path) -> Callable[..., Any]:
+    """``await start_server(**sections)`` starts a server; stop it with ``h.running.stop()``."""
+
+    async def start(**sections: dict[str, Any]) -> Harness:
+        running: Running = await nursery.start(run_server, make_settings(db_path, **sections))
+        return Harness(running, db_path)
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., Any]) -> AsyncIterator[Harness]:
+    harness: Harness = await start_server()
+    yield harness
+    harness.running.stop()
+
+
+#: Server settings for tests on an autojump MockClock: over real sockets the
+#: clock jumps to the nearest deadline whenever every task waits for I/O, so
+#: only the deadlines under test may be finite.
+NO_TIMERS = {"hello_timeout_s": math.inf, "ping_interval_s": math.inf}
+
+JEJU_CITY = {"lat": 33.4996, "lng": 126.5312}
+
+
+def question_data(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "title": "Where is the best black pork near the port?",
+        "body": "Arriving tonight, looking for somewhere open late.",
+        "location": dict(JEJU_CITY),
+        "hashtags": ["food", "#BlackPork"],
+        "urgency": "normal",
+    }
+    data.update(overrides)
+    return data

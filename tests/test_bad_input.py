@@ -1,0 +1,124 @@
+"""Bad input gets a documented error code; the connection and others carry on."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+import trio
+import trio_websocket
+
+from dongne.client import RequestError
+
+from .conftest import Harness, question_data, token
+
+
+async def _raw_reply(client, payload: bytes | str) -> dict:  # type: ignore[no-untyped-def]
+    await client.send_raw(payload)
+    return await client.next_event("reply")
+
+
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        (b"\xc1\xff\x00", "bad_frame"),  # not msgpack
+        (msgpack.packb([1, 2, 3]), "bad_frame"),  # not a map
+        (msgpack.packb({"type": "join_question"}), "bad_frame"),  # no id
+        (msgpack.packb({"id": "7", "type": "join_question"}), "bad_frame"),  # id not an int
+        (msgpack.packb({1: 2}), "bad_frame"),  # non-string keys
+        (msgpack.packb({"id": 2**64 - 1, "type": "x"}), "bad_frame"),  # id beyond int64
+        (msgpack.packb({"a": 1}) + b"\x00", "bad_frame"),  # trailing bytes
+        ("a text frame", "bad_frame"),
+    ],
+)
+async def test_unreadable_frames(server: Harness, payload: bytes | str, code: str) -> None:
+    async with server.connect("u") as client:
+        reply = await _raw_reply(client, payload)
+        assert reply["ok"] is False
+        assert reply["id"] is None
+        assert reply["error"]["code"] == code
+        # Still usable afterwards.
+        assert (await client.request("get_profile"))["user"]["user_id"] == "u"
+
+
+async def test_frame_with_id_gets_its_id_back(server: Harness) -> None:
+    async with server.connect("u") as client:
+        reply = await client.request_raw({"type": 5, "data": {}})
+        assert reply["error"]["code"] == "bad_frame"
+        assert reply["id"] is not None
+        reply = await client.request_raw({"type": "create_question", "data": [1]})
+        assert reply["error"]["code"] == "bad_frame"
+
+
+BAD_REQUESTS = [
+    ("launch_rocket", {}, "unknown_op"),
+    ("hello", {"token": "x"}, "already_authenticated"),
+    ("create_question", {**question_data(), "title": ""}, "invalid_field"),
+    ("create_question", {**question_data(), "title": 42}, "invalid_field"),
+    ("create_question", {**question_data(), "title": "x" * 201}, "too_long"),
+    ("create_question", {**question_data(), "body": "x" * 1001}, "too_long"),
+    ("create_question", {**question_data(), "urgency": "panic"}, "invalid_field"),
+    ("create_question", {**question_data(), "hashtags": ["a", "b", "c", "d", "e", "f"]}, "invalid_field"),
+    ("create_question", {**question_data(), "hashtags": ["no spaces"]}, "invalid_field"),
+    ("create_question", {**question_data(), "hashtags": "food"}, "invalid_field"),
+    ("create_question", {**question_data(), "location": {"lat": math.nan, "lng": 126.5}}, "invalid_location"),
+    ("create_question", {**question_data(), "location": {"lat": 33.5, "lng": math.inf}}, "invalid_location"),
+    ("create_question", {**question_data(), "location": {"lat": 91.0, "lng": 126.5}}, "invalid_location"),
+    ("create_question", {**question_data(), "location": {"lat": "33", "lng": 126.5}}, "invalid_location"),
+    ("create_question", {**question_data(), "location": [33.5, 126.5]}, "invalid_location"),
+    ("create_question", {**question_data(), "location": {"lat": 37.56, "lng": 126.97}}, "outside_service_area"),
+    ("join_question", {}, "invalid_field"),
+    ("join_question", {"question_id": 12}, "invalid_field"),
+    ("join_question", {"question_id": "q-nope"}, "not_found"),
+    ("create_answer", {"question_id": "q-nope", "content": "hi"}, "not_found"),
+    ("mark_read", {"question_id": "q-nope"}, "not_found"),
+    ("typing_start", {"question_id": "q-nope"}, "not_found"),
+]
+
+
+@pytest.mark.parametrize("op, data, code", BAD_REQUESTS, ids=[f"{op}-{code}-{i}" for i, (op, _, code) in enumerate(BAD_REQUESTS)])
+async def test_bad_requests_get_documented_codes(server: Harness, op: str, data: dict, code: str) -> None:  # type: ignore[type-arg]
+    async with server.connect("u") as client:
+        with pytest.raises(RequestError) as refused:
+            await client.request(op, data)
+        assert refused.value.code == code
+        assert refused.value.message
+        assert (await client.request("get_profile"))["user"]["user_id"] == "u"
+
+
+async def test_oversize_frame_closes_with_1009_and_others_carry_on(server: Harness) -> None:
+    async with server.connect("bystander") as bystander, server.connect("big") as big:
+        await big.send_raw(msgpack.packb({"type": "get_profile", "id": 1, "data": {"pad": "x" * 70_000}}))
+        with trio.fail_after(5):
+            while big.closed is None:
+                await trio.sleep(0.01)
+        assert big.closed.reason.code == 1009
+        assert (await bystander.request("get_profile"))["user"]["user_id"] == "bystander"
+
+
+@pytest.mark.parametrize(
+    "make_token, reason_part",
+    [
+        (lambda: None, "missing token"),
+        (lambda: "not.a.jwt", "invalid token"),
+        (lambda: token("u", now_s=0), "expired"),
+        (lambda: token("u")[:-4] + "AAAA", "invalid token"),
+    ],
+)
+async def test_bad_tokens_close_with_4001(server: Harness, make_token, reason_part: str) -> None:  # type: ignore[no-untyped-def]
+    async with trio_websocket.open_websocket_url(server.url) as ws:
+        data = {} if make_token() is None else {"token": make_token()}
+        await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": data}))
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 4001
+        assert reason_part in closed.value.reason.reason
+
+
+async def test_request_before_hello_closes_with_4001(server: Harness) -> None:
+    async with trio_websocket.open_websocket_url(server.url) as ws:
+        await ws.send_message(msgpack.packb({"type": "get_profile", "id": 1, "data": {}}))
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 4001

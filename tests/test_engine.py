@@ -1,0 +1,193 @@
+"""The sans-I/O engine: exact rules and timings, no sockets, explicit ``now``."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dongne.auth import Claims
+from dongne.config import EngineSettings
+from dongne.core.effects import AppendEvent, Outcome, Replay, SaveAnswer, SaveQuestion, SaveUser, Send
+from dongne.core.engine import Engine
+from dongne.core.errors import CloseConnection
+from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
+from dongne.core.protocol import Request
+
+T0 = 1_800_000_000_000
+
+
+def claims_for(token: object, now_s: float) -> Claims:
+    if not isinstance(token, str) or not token.startswith("ok:"):
+        raise CloseConnection(4001, "invalid token")
+    return Claims(user_id=token[3:], nick=token[3:].title(), local=False, tags=(), role="user")
+
+
+def make_engine(**settings: object) -> Engine:
+    counter = itertools.count(1)
+    return Engine(EngineSettings(**settings), claims_for, new_id=lambda prefix, now: f"{prefix}{next(counter)}")  # type: ignore[arg-type]
+
+
+class Sim:
+    """Drives an engine like the server does, collecting what each connection would receive."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.inbox: dict[int, list[dict]] = {}  # type: ignore[type-arg]
+        self.ids = itertools.count(1)
+
+    def connect(self, conn_id: int, user: str, now: int = T0) -> Outcome:
+        self.engine.open_connection(conn_id)
+        return self.call(conn_id, "hello", {"token": f"ok:{user}"}, now)
+
+    def call(self, conn_id: int, op: str, data: dict, now: int = T0) -> Outcome:  # type: ignore[type-arg]
+        outcome = self.engine.receive(conn_id, Request(op, next(self.ids), data), now)
+        self.deliver(outcome)
+        return outcome
+
+    def deliver(self, outcome: Outcome) -> None:
+        for action in outcome.actions:
+            if isinstance(action, Send):
+                for c in action.conn_ids:
+                    self.inbox.setdefault(c, []).append(action.frame)
+
+    def take(self, conn_id: int) -> list[dict]:  # type: ignore[type-arg]
+        return self.inbox.pop(conn_id, [])
+
+    def reply(self, outcome: Outcome) -> dict:  # type: ignore[type-arg]
+        first = outcome.actions[0]
+        assert isinstance(first, Send) and first.frame["type"] == "reply"
+        return first.frame
+
+
+def ask(sim: Sim, conn_id: int = 1, now: int = T0) -> str:
+    out = sim.call(conn_id, "create_question", {"title": "t", "location": {"lat": 33.5, "lng": 126.5}}, now)
+    return str(sim.reply(out)["data"]["question"]["question_id"])
+
+
+def test_transition_table_is_the_whole_lifecycle() -> None:
+    for status in QuestionStatus:
+        for event in QuestionEvent:
+            if (status, event) in TRANSITIONS:
+                assert advance(status, event) == TRANSITIONS[(status, event)]
+            else:
+                with pytest.raises(IllegalTransition):
+                    advance(status, event)
+    assert advance(QuestionStatus.ANSWERED, QuestionEvent.ACCEPT) == QuestionStatus.RESOLVED
+
+
+def test_first_frame_must_be_hello() -> None:
+    engine = make_engine()
+    engine.open_connection(1)
+    with pytest.raises(CloseConnection) as closed:
+        engine.receive(1, Request("get_profile", 1, {}), T0)
+    assert closed.value.code == 4001
+    with pytest.raises(CloseConnection):
+        engine.receive(1, Request("hello", 2, {"token": "forged"}), T0)
+
+
+def test_hello_creates_the_user_once_and_refreshes_claims() -> None:
+    sim = Sim(make_engine())
+    first = sim.connect(1, "mina")
+    assert [type(w) for w in first.writes] == [SaveUser]
+    again = sim.connect(2, "mina")
+    assert again.writes == ()  # same claims, nothing to write
+
+
+def test_durable_events_get_consecutive_seqs_and_a_row_each() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    outs = [sim.call(2, "create_answer", {"question_id": qid, "content": f"a{i}"}, T0 + i) for i in range(3)]
+    appended = [w for o in outs for w in o.writes if isinstance(w, AppendEvent)]
+    assert [(w.user_id, w.seq) for w in appended] == [("asker", 1), ("asker", 2), ("asker", 3)]
+    notes = [f for f in sim.take(1) if f["type"] == "answer_notification"]
+    assert [f["seq"] for f in notes] == [1, 2, 3]
+    # Each outcome persists the answer, the question and the user's new last_seq.
+    assert {type(w) for w in outs[0].writes} == {SaveAnswer, SaveQuestion, AppendEvent, SaveUser}
+
+
+def test_resume_asks_for_a_replay_of_exactly_the_gap() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    for i in range(5):
+        sim.call(2, "create_answer", {"question_id": qid, "content": f"a{i}"})
+    sim.engine.open_connection(3)
+    out = sim.call(3, "hello", {"token": "ok:asker", "resume": {"last_seq": 2}})
+    assert Replay(3, "asker", 2, 5) in out.actions
+    assert sim.reply(out)["data"]["last_seq"] == 5
+    sim.engine.open_connection(4)
+    up_to_date = sim.call(4, "hello", {"token": "ok:asker", "resume": {"last_seq": 5}})
+    assert not [a for a in up_to_date.actions if isinstance(a, Replay)]
+
+
+def test_typing_expires_exactly_at_its_ttl() -> None:
+    sim = Sim(make_engine(typing_ttl_s=3.0))
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    sim.take(1)
+    sim.call(2, "typing_start", {"question_id": qid}, T0 + 1000)
+    assert [f["type"] for f in sim.take(1)] == ["user_typing"]
+    assert sim.engine.next_deadline() == T0 + 4000
+    sim.deliver(sim.engine.tick(T0 + 3999))
+    assert sim.take(1) == []
+    # A refresh before expiry pushes the deadline and sends nothing new.
+    sim.call(2, "typing_start", {"question_id": qid}, T0 + 3500)
+    assert sim.take(1) == []
+    sim.deliver(sim.engine.tick(T0 + 4000))  # the stale deadline does nothing
+    assert sim.take(1) == []
+    sim.deliver(sim.engine.tick(T0 + 6499))
+    assert sim.take(1) == []
+    sim.deliver(sim.engine.tick(T0 + 6500))
+    assert [f["type"] for f in sim.take(1)] == ["user_stop_typing"]
+    assert sim.engine.rooms[qid].typing == {}
+
+
+def test_disconnect_stops_typing_and_announces_offline() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    sim.call(2, "typing_start", {"question_id": qid})
+    sim.take(1)
+    sim.deliver(sim.engine.close_connection(2, T0))
+    assert [f["type"] for f in sim.take(1)] == ["user_stop_typing", "user_offline"]
+    assert "local" not in sim.engine.user_conns
+
+
+def test_receipts_move_forward_only() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    qid = ask(sim)
+    sim.deliver(sim.engine.close_connection(1, T0))
+    sim.connect(2, "local")
+    aid = sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": "x"}))["data"]["answer"]["answer_id"]
+    assert sim.engine.answers[qid][aid].state == "sent"
+    sim.take(2)
+    sim.connect(3, "asker", now=T0 + 10)
+    receipts = [f for f in sim.take(2) if f["type"] == "receipt"]
+    assert [r["data"]["state"] for r in receipts] == ["delivered"]
+    assert receipts[0]["data"]["at"] == T0 + 10
+    sim.call(3, "mark_read", {"question_id": qid}, T0 + 20)
+    assert [f["data"]["state"] for f in sim.take(2) if f["type"] == "receipt"] == ["read"]
+    sim.connect(4, "asker", now=T0 + 30)  # a later hello does not demote 'read'
+    assert sim.engine.answers[qid][aid].state == "read"
+    assert [f for f in sim.take(2) if f["type"] == "receipt"] == []
+
+
+def test_accept_awards_configured_points() -> None:
+    sim = Sim(make_engine(accept_points=25))
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    aid = sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": "x"}))["data"]["answer"]["answer_id"]
+    out = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": aid})
+    saved = [w.user for w in out.writes if isinstance(w, SaveUser) and w.user.user_id == "local"]
+    assert saved[-1].points == 25
+    assert sim.engine.users["local"].points == 25

@@ -1,0 +1,149 @@
+"""The whole question flow over real sockets: ask, join, answer, accept."""
+
+from __future__ import annotations
+
+import pytest
+
+from dongne.client import RequestError
+
+from .conftest import Harness, question_data
+
+
+async def test_ask_join_answer_accept(server: Harness) -> None:
+    async with server.connect("traveller", nick="Mina") as asker, server.connect("local1", nick="Jun", local=True) as local:
+        assert asker.hello["user"]["nick"] == "Mina"
+        assert asker.hello["last_seq"] == 0
+
+        created = await asker.request("create_question", question_data())
+        q = created["question"]
+        assert q["status"] == "open"
+        assert q["hashtags"] == ["food", "blackpork"]
+        assert q["region"] == "Jeju-si"
+        qid = q["question_id"]
+
+        joined = await local.request("join_question", {"question_id": qid})
+        assert joined["question"]["question_id"] == qid
+        assert joined["answers"] == []
+        assert [u["user_id"] for u in joined["online"]] == ["local1", "traveller"]
+        assert joined["typing"] == []
+        online = await asker.next_event("user_online")
+        assert online["data"] == {"question_id": qid, "user_id": "local1", "nick": "Jun"}
+
+        answer = (await local.request("create_answer", {"question_id": qid, "content": "Try Dombedon, open till 2am."}))["answer"]
+        assert answer["author_id"] == "local1"
+        assert answer["state"] == "delivered"  # the asker is connected
+
+        new_answer = await asker.next_event("new_answer")
+        assert new_answer["data"]["question_id"] == qid
+        assert new_answer["data"]["answer"]["answer_id"] == answer["answer_id"]
+        note = await asker.next_event("answer_notification")
+        assert note["seq"] == 1
+        assert note["data"]["answer"]["content"] == "Try Dombedon, open till 2am."
+
+        accepted = await asker.request("accept_answer", {"question_id": qid, "answer_id": answer["answer_id"]})
+        assert accepted["question"]["status"] == "resolved"
+        assert accepted["question"]["accepted_answer_id"] == answer["answer_id"]
+
+        room_event = await local.next_event("answer_accepted")
+        assert room_event["data"] == {"question_id": qid, "answer_id": answer["answer_id"], "author_id": "local1", "points": 10}
+        durable = await local.next_event("answer_accepted_notification")
+        assert durable["seq"] == 1
+        assert durable["data"]["total_points"] == 10
+        profile = await local.request("get_profile")
+        assert profile["user"]["points"] == 10
+
+        with pytest.raises(RequestError) as again:
+            await asker.request("accept_answer", {"question_id": qid, "answer_id": answer["answer_id"]})
+        assert again.value.code == "already_accepted"
+        with pytest.raises(RequestError) as late:
+            await local.request("create_answer", {"question_id": qid, "content": "also good"})
+        assert late.value.code == "question_closed"
+
+
+async def test_only_the_asker_accepts_and_closes(server: Harness) -> None:
+    async with server.connect("asker") as asker, server.connect("a1") as a1, server.connect("a2") as a2:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        aid = (await a1.request("create_answer", {"question_id": qid, "content": "here"}))["answer"]["answer_id"]
+        for op, data in (("accept_answer", {"question_id": qid, "answer_id": aid}), ("close_question", {"question_id": qid})):
+            with pytest.raises(RequestError) as refused:
+                await a2.request(op, data)
+            assert refused.value.code == "forbidden"
+        with pytest.raises(RequestError) as own:
+            await asker.request("create_answer", {"question_id": qid, "content": "me"})
+        assert own.value.code == "forbidden"
+        closed = await asker.request("close_question", {"question_id": qid})
+        assert closed["question"]["status"] == "closed"
+        with pytest.raises(RequestError) as after:
+            await asker.request("accept_answer", {"question_id": qid, "answer_id": aid})
+        assert after.value.code == "question_closed"
+
+
+async def test_typing_and_presence_reach_only_the_room(server: Harness) -> None:
+    async with server.connect("asker") as asker, server.connect("helper") as helper, server.connect("bystander") as bystander:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        other = (await bystander.request("create_question", question_data(title="another")))["question"]["question_id"]
+        await helper.request("join_question", {"question_id": qid})
+        await asker.next_event("user_online")
+
+        with pytest.raises(RequestError) as not_joined:
+            await bystander.request("typing_start", {"question_id": qid})
+        assert not_joined.value.code == "not_joined"
+
+        await helper.request("typing_start", {"question_id": qid})
+        typing = await asker.next_event()
+        assert typing == {"type": "user_typing", "data": {"question_id": qid, "user_id": "helper", "nick": "helper"}}
+        state = await bystander.request("join_question", {"question_id": qid})
+        assert [u["user_id"] for u in state["typing"]] == ["helper"]
+        await asker.next_event("user_online")
+        await helper.request("typing_stop", {"question_id": qid})
+        assert (await asker.next_event())["type"] == "user_stop_typing"
+
+        await helper.request("leave_question", {"question_id": qid})
+        gone = await asker.next_event()
+        assert gone == {"type": "user_offline", "data": {"question_id": qid, "user_id": "helper", "nick": "helper"}}
+        # Nothing about the asker's room reached the room of the other question.
+        await bystander.request("leave_question", {"question_id": qid})
+        assert other != qid
+
+
+async def test_presence_counts_users_not_connections(server: Harness) -> None:
+    async with server.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        async with server.connect("multi") as first:
+            async with server.connect("multi") as second:
+                await first.request("join_question", {"question_id": qid})
+                await asker.next_event("user_online")
+                await second.request("join_question", {"question_id": qid})
+                await first.request("leave_question", {"question_id": qid})
+                # Still present through the second connection: no offline event yet.
+                state = await asker.request("join_question", {"question_id": qid})
+                assert [u["user_id"] for u in state["online"]] == ["asker", "multi"]
+            offline = await asker.next_event()
+            assert offline["type"] == "user_offline"
+            assert offline["data"]["user_id"] == "multi"
+
+
+async def test_read_receipts_flow_to_the_author(server: Harness) -> None:
+    async with server.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    async with server.connect("author") as author:
+        # The asker is offline: the answer is only sent.
+        answer = (await author.request("create_answer", {"question_id": qid, "content": "Gogi-guksu at Jamaeguksu"}))["answer"]
+        assert answer["state"] == "sent"
+        async with server.connect("asker", resume_from=0) as asker:
+            delivered = await author.next_event("receipt")
+            assert delivered["data"]["answer_id"] == answer["answer_id"]
+            assert delivered["data"]["state"] == "delivered"
+            replayed = await asker.next_event("answer_notification")
+            assert replayed["seq"] == 1
+            with pytest.raises(RequestError) as forbidden:
+                await author.request("mark_read", {"question_id": qid})
+            assert forbidden.value.code == "forbidden"
+            marked = await asker.request("mark_read", {"question_id": qid, "answer_ids": [answer["answer_id"]]})
+            assert marked["answer_ids"] == [answer["answer_id"]]
+            read = await author.next_event("receipt")
+            assert read["data"]["state"] == "read"
+            state = await asker.request("join_question", {"question_id": qid})
+            assert state["answers"][0]["state"] == "read"
+            again = await asker.request("mark_read", {"question_id": qid})
+            assert again["answer_ids"] == []

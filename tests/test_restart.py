@@ -1,0 +1,80 @@
+"""A restart loses nothing: questions, answers, points, inboxes; resume replays exactly what was missed."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from .conftest import question_data
+
+
+async def test_everything_survives_a_restart_and_resume_replays_the_gap(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server()
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        aid = (await local.request("create_answer", {"question_id": qid, "content": "first"}))["answer"]["answer_id"]
+        first = await asker.next_event("answer_notification")
+        assert first["seq"] == 1
+        seen = asker.last_seq
+    # The asker is offline now; two more answers arrive and one is accepted.
+    async with h.connect("local") as local, h.connect("other") as other:
+        await local.request("create_answer", {"question_id": qid, "content": "second"})
+        await other.request("create_answer", {"question_id": qid, "content": "third"})
+    async with h.connect("asker") as asker:
+        await asker.request("accept_answer", {"question_id": qid, "answer_id": aid})
+    await h.running.aclose()
+
+    h2 = await start_server()
+    async with h2.connect("asker", resume_from=seen) as asker:
+        assert asker.hello["last_seq"] == 3
+        replayed = [await asker.next_event("answer_notification") for _ in range(2)]
+        assert [e["seq"] for e in replayed] == [2, 3]
+        assert [e["data"]["answer"]["content"] for e in replayed] == ["second", "third"]
+        state = await asker.request("join_question", {"question_id": qid})
+        assert state["question"]["status"] == "resolved"
+        assert state["question"]["accepted_answer_id"] == aid
+        assert [a["content"] for a in state["answers"]] == ["first", "second", "third"]
+        assert [a["accepted"] for a in state["answers"]] == [True, False, False]
+        assert asker.pending_events() == []  # nothing replayed twice
+    async with h2.connect("local", resume_from=0) as local:
+        assert local.hello["user"]["points"] == 10
+        accepted = await local.next_event("answer_accepted_notification")
+        assert accepted["seq"] == 1
+        assert accepted["data"]["answer_id"] == aid
+    await h2.running.aclose()
+
+    with sqlite3.connect(h2.db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 4
+
+
+async def test_resume_delivers_missed_then_live_events_in_order(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server()
+    async with h.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("local") as local:
+        for i in range(30):
+            await local.request("create_answer", {"question_id": qid, "content": f"answer {i}"})
+        async with h.connect("asker", resume_from=10) as asker:
+            # Live answers while the replay of 11..30 is in flight.
+            for i in range(30, 40):
+                await local.request("create_answer", {"question_id": qid, "content": f"answer {i}"})
+            got = [await asker.next_event("answer_notification") for _ in range(29)]
+            assert [e["seq"] for e in got] == list(range(11, 40))
+            assert [e["data"]["answer"]["content"] for e in got] == [f"answer {i}" for i in range(10, 39)]
+    await h.running.aclose()
+
+
+async def test_old_question_is_loaded_on_demand(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server()
+    async with h.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await asker.request("close_question", {"question_id": qid})
+    await h.running.aclose()
+    # Keep only questions from the last millisecond-ish in memory: the closed one is not loaded.
+    h2 = await start_server(engine={"hot_question_days": 1e-9})
+    assert qid not in h2.running.engine.questions
+    async with h2.connect("reader") as reader:
+        state = await reader.request("join_question", {"question_id": qid})
+        assert state["question"]["status"] == "closed"
+    await h2.running.aclose()
