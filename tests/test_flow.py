@@ -25,6 +25,7 @@ async def test_ask_join_answer_accept(server: Harness) -> None:
         assert joined["question"]["question_id"] == qid
         assert joined["answers"] == []
         assert [u["user_id"] for u in joined["online"]] == ["local1", "traveller"]
+        assert joined["online_count"] == 2
         assert joined["typing"] == []
         online = await asker.next_event("user_online")
         assert online["data"] == {"question_id": qid, "user_id": "local1", "nick": "Jun"}

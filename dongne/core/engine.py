@@ -30,6 +30,9 @@ __all__ = ["Engine", "LoadedState", "ConnState"]
 
 log = logging.getLogger("dongne.engine")
 
+#: The most users listed in a join_question reply's ``online``.
+ONLINE_LIST_MAX = 100
+
 TokenCheck = Callable[[object, float], Claims]  # (token, now_s) -> Claims, raises CloseConnection
 RegionLookup = Callable[[float, float], "str | None"]
 
@@ -328,7 +331,9 @@ class Engine:
         return {
             "question": question.to_wire(),
             "answers": [a.to_wire() for a in answers],
-            "online": [self._who(uid) for uid in sorted(room.members)],
+            # At most ONLINE_LIST_MAX names; big rooms report the full count.
+            "online": [self._who(uid) for uid in sorted(room.members)[:ONLINE_LIST_MAX]],
+            "online_count": len(room.members),
             "typing": [self._who(uid) for uid in sorted(room.typing)],
         }
 

@@ -1,0 +1,134 @@
+"""The `dongne` command as an operator runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import trio_websocket
+
+from dongne.client import open_client
+
+from .conftest import question_data
+
+LISTENING = re.compile(rb"clients ws://[^:]+:(\d+)\s+ops http://[^:]+:(\d+)")
+
+
+async def _read_ports(proc: trio.Process) -> tuple[int, int, bytearray]:
+    assert proc.stderr is not None
+    seen = bytearray()
+    with trio.fail_after(30):
+        while True:
+            chunk = await proc.stderr.receive_some(4096)
+            if not chunk:
+                raise AssertionError(f"server exited early: {seen.decode(errors='replace')}")
+            seen += chunk
+            match = LISTENING.search(seen)
+            if match:
+                return int(match.group(1)), int(match.group(2)), seen
+
+
+async def _http_get(port: int, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _token(tmp_path: Path, user: str, *extra: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "dongne", "token", user, "--db", str(tmp_path / "d.sqlite3"), *extra],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+async def test_serve_token_health_and_graceful_sigterm(tmp_path: Path) -> None:
+    db = tmp_path / "d.sqlite3"
+    asker_token = _token(tmp_path, "asker", "--nick", "Mina")
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "dongne", "serve", "--db", str(db), "--port", "0", "--ops-port", "0"],
+        stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        port, ops_port, _ = await _read_ports(proc)
+        for p in (port, ops_port):
+            status, body = await _http_get(p, "/health")
+            assert (status, body["status"]) == (200, "ok")
+            status, body = await _http_get(p, "/ready")
+            assert (status, body["ready"]) == (200, True)
+        # The token printed before the server first ran is accepted: they share the secret file.
+        assert (db.parent / "d.sqlite3.jwt-secret").exists()
+        async with open_client(f"ws://127.0.0.1:{port}", asker_token) as asker:
+            assert asker.hello["user"]["nick"] == "Mina"
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+            started = trio.current_time()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with trio.fail_after(10):
+                    await asker.ws.get_message()
+            assert closed.value.reason.code == 1001
+        with trio.fail_after(10):
+            code = await proc.wait()
+        assert code == 0
+        assert trio.current_time() - started < 5.0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # Restarted, the question is still there.
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "dongne", "serve", "--db", str(db), "--port", "0", "--ops-port", "0"],
+        stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        port, _, _ = await _read_ports(proc)
+        async with open_client(f"ws://127.0.0.1:{port}", _token(tmp_path, "reader")) as reader:
+            state = await reader.request("join_question", {"question_id": qid})
+            assert state["question"]["asker_nick"] == "Mina"
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nport = "eighty"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "dongne", "serve", "--config", str(bad)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 2
+    assert "[server] port must be an integer" in out.stderr
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[server]\nprot = 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "dongne", "serve", "--config", str(unknown)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 2
+    assert "unknown setting [server] prot" in out.stderr
+
+
+def test_bad_region_file_is_refused(tmp_path: Path) -> None:
+    regions = tmp_path / "regions.geojson"
+    regions.write_text('{"type": "FeatureCollection", "features": []}')
+    out = subprocess.run(
+        [sys.executable, "-m", "dongne", "serve", "--db", str(tmp_path / "d.sqlite3"), "--regions", str(regions)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "regions.geojson" in out.stderr

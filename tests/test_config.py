@@ -1,0 +1,50 @@
+"""Settings: file, environment and flags, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dongne.config import Settings, load_settings
+from dongne.core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_toml_states_every_default() -> None:
+    assert load_settings(ROOT / "config.toml", environ={}) == Settings()
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nport = 9000\nops_port = 9001\n[store]\npath = "a.db"\n')
+    s = load_settings(cfg, environ={"DONGNE_SERVER_PORT": "9100", "DONGNE_JWT_SECRET": "s"}, overrides={"server": {"ops_port": 9200}})
+    assert (s.server.port, s.server.ops_port, s.store.path, s.auth.jwt_secret) == (9100, 9200, "a.db", "s")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[nope]\n", "unknown section [nope]"),
+        ("[server]\nportt = 1\n", "unknown setting [server] portt"),
+        ("[server]\nport = 70000\n", "port number"),
+        ("[server]\nport = true\n", "must be an integer"),
+        ("[store]\nsynchronous = \"OFF\"\n", "must be one of FULL, NORMAL, EXTRA"),
+        ("[engine]\ntyping_ttl_s = -1\n", "positive"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, environ={})
+    assert message in str(err.value)
+
+
+def test_bad_environment_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DONGNE_SERVER_PROT"):
+        load_settings(None, environ={"DONGNE_SERVER_PROT": "1"})
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_settings(None, environ={"DONGNE_ENGINE_TYPING_TTL_S": "soon"})
