@@ -26,6 +26,7 @@ __all__ = [
     "StoreSettings",
     "AuthSettings",
     "EngineSettings",
+    "SnapshotSettings",
     "LogSettings",
     "load_settings",
 ]
@@ -93,6 +94,15 @@ class EngineSettings:
 
 
 @attrs.frozen
+class SnapshotSettings:
+    # Relative to the database's folder.
+    dir: str = "snapshots"
+    # 0 turns periodic snapshots off (``dongne snapshot`` still works).
+    interval_s: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
+    keep: int = attrs.field(default=24, validator=_positive)
+
+
+@attrs.frozen
 class LogSettings:
     level: str = attrs.field(default="INFO", validator=_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -103,6 +113,7 @@ class Settings:
     store: StoreSettings = StoreSettings()
     auth: AuthSettings = AuthSettings()
     engine: EngineSettings = EngineSettings()
+    snapshots: SnapshotSettings = SnapshotSettings()
     log: LogSettings = LogSettings()
 
 
