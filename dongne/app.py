@@ -23,8 +23,10 @@ from .auth import TokenVerifier, load_or_create_secret
 from .clock import EngineClock
 from .config import Settings
 from .core.engine import Engine
-from .core.regions import RegionSet, load_default_regions
+from .core.escalation import stages_from_config
+from .core.regions import RegionSet, load_default_regions, load_hotspots
 from .ops import OpsApp
+from .push import PushDispatcher
 from .server import ClientServer
 from .store import Store
 
@@ -40,6 +42,7 @@ class Running:
     port: int
     ops_port: int
     clients: ClientServer
+    pushes: PushDispatcher
     store: Store
     engine: Engine
     _shutdown: trio.Event
@@ -64,6 +67,7 @@ async def run_server(
     settings: Settings,
     *,
     regions: RegionSet | None = None,
+    clock: EngineClock | None = None,
     handle_signals: bool = False,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -72,25 +76,36 @@ async def run_server(
     Args:
         settings: validated settings.
         regions: the service area; the bundled Jeju regions when omitted.
+        clock: the engine clock; a new one anchored on the wall clock when
+            omitted (tests share one across restarts on a mock clock).
         handle_signals: shut down gracefully on SIGINT/SIGTERM (the CLI sets it).
     """
     db_path = Path(settings.store.path).resolve()
     secret = load_or_create_secret(settings.auth.jwt_secret, db_path)
     verifier = TokenVerifier(secret)
-    region_set = regions if regions is not None else load_default_regions()
+    if regions is not None:
+        region_set = regions
+    elif settings.location.regions_file:
+        region_set = RegionSet.from_file(settings.location.regions_file)
+    else:
+        region_set = load_default_regions()
     store = Store(db_path, synchronous=settings.store.synchronous)
     stopped = trio.Event()
     await trio.to_thread.run_sync(store.open)
     try:
-        clock = EngineClock()
+        clock = clock if clock is not None else EngineClock()
         engine = Engine(
             settings.engine,
             lambda token, now_s: verifier.verify(token, now_s=now_s),
             region_of=region_set.region_of,
+            location=settings.location,
+            stages=stages_from_config(settings.escalation.stages),
+            hotspots=tuple(load_hotspots()),
         )
         hot_since = clock.now_ms() - int(settings.engine.hot_question_days * 86400 * 1000)
         started = time.perf_counter()
-        engine.load(await trio.to_thread.run_sync(functools.partial(store.load, hot_since=hot_since)))
+        loaded = await trio.to_thread.run_sync(functools.partial(store.load, hot_since=hot_since))
+        engine.load(loaded)
         log.info(
             "loaded %d users, %d questions in %.0f ms from %s",
             len(engine.users),
@@ -111,8 +126,12 @@ async def run_server(
         hconfig.errorlog = logging.getLogger("dongne.ops")
         hconfig.backlog = 1024
         hconfig.graceful_timeout = min(settings.server.shutdown_timeout_s, 2.0)
+        pushes = PushDispatcher(
+            settings.escalation, clients.push_receive, clients.pipeline.submit, clock, loaded.pending_pushes
+        )
         async with trio.open_nursery() as root:
             port = await root.start(clients.run)
+            root.start_soon(pushes.run)
             binds = await root.start(
                 functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
             )
@@ -120,7 +139,7 @@ async def run_server(
             log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
             if handle_signals:
                 root.start_soon(_watch_signals, shutdown)
-            task_status.started(Running(port, ops_port, clients, store, engine, shutdown, stopped))
+            task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
             await shutdown.wait()
             log.info("shutting down")
             clients.stop_accepting()

@@ -26,6 +26,8 @@ __all__ = [
     "StoreSettings",
     "AuthSettings",
     "EngineSettings",
+    "LocationSettings",
+    "EscalationSettings",
     "SnapshotSettings",
     "LogSettings",
     "load_settings",
@@ -93,6 +95,54 @@ class EngineSettings:
     hot_question_days: float = attrs.field(default=7.0, validator=_positive)
 
 
+def _stage_plan(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    from .core.escalation import stages_from_config
+
+    try:
+        stages_from_config(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+_DEFAULT_STAGES: tuple[dict[str, Any], ...] = (
+    {"name": "IMMEDIATE", "offset_s": 0.0, "radius_m": 2000.0, "limit": 10, "audience": "online_nearby",
+     "requires_immediate_alerts": True, "priority": "high"},
+    {"name": "QUICK", "offset_s": 3.0, "radius_m": 5000.0, "audience": "nearby"},
+    {"name": "EXTENDED", "offset_s": 30.0, "audience": "experts"},
+    {"name": "FINAL", "offset_s": 120.0, "audience": "everyone", "only_if_unanswered": True},
+)  # fmt: skip
+
+
+@attrs.frozen
+class LocationSettings:
+    # Per-user minimum interval between accepted update_location requests.
+    min_update_interval_s: float = attrs.field(default=2.0, validator=attrs.validators.ge(0))
+    # Live positions are kept to about this precision (metres).
+    precision_m: float = attrs.field(default=100.0, validator=_positive)
+    nearby_radius_m: float = attrs.field(default=3000.0, validator=_positive)
+    nearby_max: int = attrs.field(default=5, validator=_positive)
+    nearby_max_age_s: float = attrs.field(default=3600.0, validator=_positive)
+    # The service area's UTC offset, for quiet hours (Korea: +9 h).
+    utc_offset_minutes: int = attrs.field(default=540, validator=[attrs.validators.ge(-720), attrs.validators.le(840)])
+    hotspot_window_s: float = attrs.field(default=900.0, validator=_positive)
+    hotspot_cell_m: float = attrs.field(default=500.0, validator=_positive)
+    # A GeoJSON FeatureCollection of service regions; empty: the bundled Jeju set.
+    regions_file: str = ""
+
+
+@attrs.frozen
+class EscalationSettings:
+    stages: tuple[dict[str, Any], ...] = attrs.field(default=_DEFAULT_STAGES, converter=tuple, validator=_stage_plan)
+    # Push gateway: offline targets' jobs are POSTed here as JSON. Empty: jobs
+    # are only recorded in the outbox.
+    push_url: str = ""
+    push_attempts: int = attrs.field(default=3, validator=_positive)
+    push_backoff_s: float = attrs.field(default=1.0, validator=_positive)
+    push_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    # Jobs older than this are not sent any more (status "expired").
+    push_max_age_s: float = attrs.field(default=600.0, validator=_positive)
+
+
 @attrs.frozen
 class SnapshotSettings:
     # Relative to the database's folder.
@@ -113,6 +163,8 @@ class Settings:
     store: StoreSettings = StoreSettings()
     auth: AuthSettings = AuthSettings()
     engine: EngineSettings = EngineSettings()
+    location: LocationSettings = LocationSettings()
+    escalation: EscalationSettings = EscalationSettings()
     snapshots: SnapshotSettings = SnapshotSettings()
     log: LogSettings = LogSettings()
 
@@ -156,7 +208,11 @@ def _coerce(section: str, key: str, kind: Any, value: Any, *, from_text: bool) -
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where} must be a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported setting type {kind!r}")  # pragma: no cover
+    if not from_text and isinstance(value, (list, tuple)):
+        return value  # an array of tables (escalation stages), validated by its section
+    if from_text:
+        raise ConfigError(f"{where} can only be set in the config file")
+    raise ConfigError(f"{where} must be an array of tables, got {value!r}")
 
 
 def _build_section(name: str, cls: type, values: Mapping[str, Any], *, from_text: bool) -> Any:

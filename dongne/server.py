@@ -28,7 +28,7 @@ import trio
 
 from .clock import EngineClock
 from .config import ServerSettings
-from .core.effects import Close, Outcome, Replay, Send
+from .core.effects import CancelEscalation, Close, Outcome, Push, Replay, Send, StartEscalation
 from .core.engine import Engine
 from .core.errors import CloseConnection, ProtocolError
 from .core.protocol import decode_request, durable_event
@@ -79,6 +79,9 @@ class ClientServer:
         self._timer_wakeup = trio.Event()
         self._timer_at = math.inf
         self._conn_nursery: trio.Nursery | None = None
+        self._escalation_nursery: trio.Nursery | None = None
+        self.escalation_scopes: dict[str, trio.CancelScope] = {}
+        self.push_send, self.push_receive = trio.open_memory_channel[Any](math.inf)
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
 
@@ -93,6 +96,9 @@ class ClientServer:
             await nursery.start(self.pipeline.run)
             nursery.start_soon(self._timers)
             nursery.start_soon(self._heartbeat)
+            self._escalation_nursery = await nursery.start(_nursery_holder)
+            for question_id in self.engine.escalating():
+                self._start_escalation(question_id)
             async with trio.open_nursery() as conn_nursery:
                 self._conn_nursery = conn_nursery
                 self.accepting = True
@@ -106,6 +112,7 @@ class ClientServer:
                 await self.pipeline.wait_idle()
             if flush.cancelled_caught:  # pragma: no cover - a commit stuck for seconds
                 log.warning("shutdown: pipeline did not drain in time")
+            self.push_send.close()
             nursery.cancel_scope.cancel()
 
     def stop_accepting(self) -> None:
@@ -251,6 +258,14 @@ class ClientServer:
                 if conn is not None and self._conn_nursery is not None:
                     conn.hold()
                     self._conn_nursery.start_soon(self._replay, conn, action)
+            elif isinstance(action, StartEscalation):
+                self._start_escalation(action.question_id)
+            elif isinstance(action, CancelEscalation):
+                scope = self.escalation_scopes.pop(action.question_id, None)
+                if scope is not None:
+                    scope.cancel()
+            elif isinstance(action, Push):
+                self.push_send.send_nowait(action.job)
 
     async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
         """Send missed durable events in order, then the live frames held meanwhile."""
@@ -262,6 +277,35 @@ class ClientServer:
                 conn.send_direct(self.encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
         finally:
             conn.release()
+
+    # ---- escalation ----------------------------------------------------------------
+
+    def _start_escalation(self, question_id: str) -> None:
+        if question_id in self.escalation_scopes or self._escalation_nursery is None:
+            return
+        scope = trio.CancelScope()
+        self.escalation_scopes[question_id] = scope
+        self._escalation_nursery.start_soon(self._escalate, question_id, scope)
+
+    async def _escalate(self, question_id: str, scope: trio.CancelScope) -> None:
+        """One question's escalation: sleep until each stage is due, run it.
+
+        The task lives in a cancel scope that accepting or closing the question
+        cancels, and whose deadline is the last stage's due time (plus a
+        second), so it ends by itself. Stages already past due (after a
+        restart) run at once, in order.
+        """
+        try:
+            with scope:
+                last = self.engine.last_stage_due(question_id)
+                if last is not None:
+                    scope.deadline = self.clock.trio_time_at(last) + 1.0
+                while (due := self.engine.escalation_due(question_id)) is not None:
+                    await trio.sleep_until(self.clock.trio_time_at(due))
+                    self.pipeline.submit(self.engine.fire_escalation(question_id, self.clock.now_ms()))
+        finally:
+            if self.escalation_scopes.get(question_id) is scope:
+                del self.escalation_scopes[question_id]
 
     # ---- time ------------------------------------------------------------------
 
@@ -290,3 +334,10 @@ class ClientServer:
                     continue
                 conn.alive = False
                 conn.ping()
+
+
+async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+    """A nursery that lives as long as its parent: it holds the escalation tasks."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()

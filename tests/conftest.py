@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ import trio
 from dongne.app import Running, run_server
 from dongne.auth import mint_token
 from dongne.client import DongneClient, open_client
+from dongne.clock import EngineClock
 from dongne.config import Settings, load_settings
 
 SECRET = "test-secret-0123456789-0123456789-0123456789"
@@ -63,8 +65,9 @@ def db_path(tmp_path: Path) -> Path:
 def start_server(nursery: trio.Nursery, db_path: Path) -> Callable[..., Any]:
     """``await start_server(**sections)`` starts a server; stop it with ``h.running.stop()``."""
 
-    async def start(**sections: dict[str, Any]) -> Harness:
-        running: Running = await nursery.start(run_server, make_settings(db_path, **sections))
+    async def start(clock: EngineClock | None = None, **sections: dict[str, Any]) -> Harness:
+        settings = make_settings(db_path, **sections)
+        running: Running = await nursery.start(functools.partial(run_server, settings, clock=clock))
         return Harness(running, db_path)
 
     return start

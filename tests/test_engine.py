@@ -191,3 +191,48 @@ def test_accept_awards_configured_points() -> None:
     saved = [w.user for w in out.writes if isinstance(w, SaveUser) and w.user.user_id == "local"]
     assert saved[-1].points == 25
     assert sim.engine.users["local"].points == 25
+
+
+def test_escalation_stages_fire_at_their_offsets_exactly() -> None:
+    from dongne.core.effects import CancelEscalation, SaveEscalation, StartEscalation
+
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    for conn_id, (user, lng) in enumerate((("near", 126.5420), ("mid", 126.5740)), start=2):
+        sim.engine.open_connection(conn_id)
+        sim.engine.receive(conn_id, Request("hello", 0, {"token": f"ok:{user}"}), T0)
+        sim.engine.users[user].local = True
+        sim.engine.where.refresh_local(sim.engine.users[user])
+        sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
+    created = sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    assert StartEscalation(qid) in created.actions
+    assert [f["data"]["stage"] for f in sim.take(2) if f["type"] == "new_question_notification"] == ["IMMEDIATE"]
+    assert sim.engine.escalation_due(qid) == T0 + 3000
+    assert sim.engine.fire_escalation(qid, T0 + 2999).writes == ()
+    quick = sim.engine.fire_escalation(qid, T0 + 3000)
+    sim.deliver(quick)
+    assert SaveEscalation(qid, 2, T0 + 3000) in quick.writes
+    assert [f["data"]["stage"] for f in sim.take(3) if f["type"] == "new_question_notification"] == ["QUICK"]
+    assert sim.engine.escalation_due(qid) == T0 + 30_000
+    # An answer, then FINAL finds nobody; accepting cancels what is left.
+    aid = sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": "x"}))["data"]["answer"]["answer_id"]
+    sim.deliver(sim.engine.fire_escalation(qid, T0 + 120_000))
+    assert sim.engine.escalation_due(qid) is None
+    assert [f for c in (2, 3) for f in sim.take(c) if f["type"] == "new_question_notification"] == []
+    accepted = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": aid})
+    assert CancelEscalation(qid) not in accepted.actions  # nothing was left to cancel
+
+
+def test_accept_cancels_remaining_stages() -> None:
+    from dongne.core.effects import CancelEscalation
+
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "helper")
+    qid = ask(sim)
+    aid = sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": "x"}))["data"]["answer"]["answer_id"]
+    accepted = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": aid}, T0 + 1000)
+    assert CancelEscalation(qid) in accepted.actions
+    assert sim.engine.escalation_due(qid) is None
+    assert sim.engine.fire_escalation(qid, T0 + 200_000).writes == ()

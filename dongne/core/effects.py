@@ -11,7 +11,7 @@ from typing import Any, Union
 
 import attrs
 
-from .records import Answer, Question, User
+from .records import Answer, PushJob, Question, User
 
 __all__ = [
     "SaveUser",
@@ -19,8 +19,15 @@ __all__ = [
     "SaveAnswer",
     "AppendEvent",
     "Write",
+    "SaveEscalation",
+    "SaveNotified",
+    "EnqueuePush",
+    "SavePushStatus",
     "Send",
     "Close",
+    "StartEscalation",
+    "CancelEscalation",
+    "Push",
     "Replay",
     "Action",
     "Outcome",
@@ -61,7 +68,43 @@ class AppendEvent:
     created_at: int
 
 
-Write = Union[SaveUser, SaveQuestion, SaveAnswer, AppendEvent]
+@attrs.frozen
+class SaveEscalation:
+    """Record how far a question's escalation got (``next_stage`` stages done)."""
+
+    question_id: str
+    next_stage: int
+    updated_at: int
+
+
+@attrs.frozen
+class SaveNotified:
+    """Record users notified for a question: ``(user_id, stage, distance_m, online)``."""
+
+    question_id: str
+    targets: tuple[tuple[str, str, float | None, bool], ...]
+    at: int
+
+
+@attrs.frozen
+class EnqueuePush:
+    """Put a push job in the durable outbox."""
+
+    job: PushJob
+
+
+@attrs.frozen
+class SavePushStatus:
+    """Record a push job's delivery attempts and outcome."""
+
+    job_id: int
+    status: str
+    attempts: int
+    last_error: str | None
+    at: int
+
+
+Write = Union[SaveUser, SaveQuestion, SaveAnswer, AppendEvent, SaveEscalation, SaveNotified, EnqueuePush, SavePushStatus]
 
 # ---- actions -----------------------------------------------------------------
 
@@ -99,7 +142,28 @@ class Replay:
     up_to_seq: int
 
 
-Action = Union[Send, Close, Replay]
+@attrs.frozen
+class StartEscalation:
+    """Run the escalation task of a question (its stages from ``next_stage`` on)."""
+
+    question_id: str
+
+
+@attrs.frozen
+class CancelEscalation:
+    """Cancel a question's escalation task (accepted or closed)."""
+
+    question_id: str
+
+
+@attrs.frozen
+class Push:
+    """Hand a committed push job to the push dispatcher."""
+
+    job: PushJob
+
+
+Action = Union[Send, Close, Replay, StartEscalation, CancelEscalation, Push]
 
 
 @attrs.frozen

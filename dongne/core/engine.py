@@ -18,12 +18,30 @@ from typing import Any
 import attrs
 
 from ..auth import Claims
-from ..config import EngineSettings
-from .effects import AppendEvent, Outcome, OutcomeBuilder, Replay, SaveAnswer, SaveQuestion, SaveUser, Send
+from ..config import EngineSettings, LocationSettings
+from .effects import (
+    AppendEvent,
+    CancelEscalation,
+    EnqueuePush,
+    Outcome,
+    OutcomeBuilder,
+    Push,
+    Replay,
+    SaveAnswer,
+    SaveEscalation,
+    SaveNotified,
+    SaveQuestion,
+    SaveUser,
+    Send,
+    StartEscalation,
+)
+from .escalation import DEFAULT_STAGES, NotificationSettings, StagePlan
+from .neighbourhood import Neighbourhood
+from .regions import Hotspot
 from .errors import CloseConnection, ProtocolError
 from .lifecycle import ACTIVE, IllegalTransition, QuestionEvent, QuestionStatus, advance
 from .protocol import Fields, Request, durable_event, event, reply_error, reply_ok
-from .records import Answer, Question, ReceiptState, User
+from .records import Answer, PushJob, Question, ReceiptState, User
 from .rooms import Room, TypingClock
 
 __all__ = ["Engine", "LoadedState", "ConnState"]
@@ -51,6 +69,10 @@ class LoadedState:
     users: list[User]
     questions: list[Question]
     answers: list[Answer]
+    escalations: dict[str, int] = attrs.Factory(dict)  # question id -> stages already run
+    notified: list[tuple[str, str, int]] = attrs.Factory(list)  # (question id, user id, at)
+    pending_pushes: list[PushJob] = attrs.Factory(list)
+    last_push_job_id: int = 0
 
 
 def _default_new_id(prefix: str, now: int) -> str:
@@ -67,6 +89,9 @@ class Engine:
         region_of: names the service region of a point, ``None`` outside;
             when omitted every point is in service.
         new_id: makes ids, ``new_id(prefix, now)``; injectable for tests.
+        location: the ``[location]`` settings.
+        stages: the escalation plan.
+        hotspots: named places for hotspot statistics.
     """
 
     def __init__(
@@ -76,8 +101,13 @@ class Engine:
         *,
         region_of: RegionLookup | None = None,
         new_id: Callable[[str, int], str] = _default_new_id,
+        location: LocationSettings = LocationSettings(),
+        stages: tuple[StagePlan, ...] = DEFAULT_STAGES,
+        hotspots: tuple[Hotspot, ...] = (),
     ) -> None:
         self.settings = settings
+        self.where = Neighbourhood(location, stages, hotspots)
+        self._push_seq = 0
         self._check_token = check_token
         self._region_of = region_of
         self._new_id = new_id
@@ -100,6 +130,13 @@ class Engine:
             "typing_stop": self._op_typing_stop,
             "mark_read": self._op_mark_read,
             "get_profile": self._op_get_profile,
+            "update_location": self._op_update_location,
+            "nearby_questions": self._op_nearby_questions,
+            "nearby_locals": self._op_nearby_locals,
+            "update_settings": self._op_update_settings,
+            "get_settings": self._op_get_settings,
+            "trending": self._op_trending,
+            "hotspots": self._op_hotspots,
         }
 
     # ---- loading -------------------------------------------------------------
@@ -108,11 +145,39 @@ class Engine:
         """Adopt the durable state read from the store at start-up."""
         for user in state.users:
             self.users[user.user_id] = user
+            self.where.refresh_local(user)
+        notified: dict[str, list[str]] = {}
+        for question_id, user_id, at in state.notified:
+            notified.setdefault(question_id, []).append(user_id)
+            self.where.ledger.record_alert(user_id, at)
         for question in state.questions:
             self.questions[question.question_id] = question
             self.answers.setdefault(question.question_id, {})
+            if question.status in ACTIVE:
+                self.where.question_opened(question, question.created_at)
+                if question.question_id in state.escalations:
+                    self.where.restore_escalation(
+                        question.question_id, state.escalations[question.question_id], notified.get(question.question_id, ())
+                    )
         for answer in state.answers:
             self._adopt_answer(answer)
+        self._push_seq = state.last_push_job_id
+
+    def escalating(self) -> list[str]:
+        """Questions whose escalation has stages left (the driver starts their tasks)."""
+        return sorted(qid for qid in self.where.escalations if self.escalation_due(qid) is not None)
+
+    def last_stage_due(self, question_id: str) -> int | None:
+        """When the question's last escalation stage is due (ms)."""
+        question = self.questions.get(question_id)
+        if question is None or not self.where.stages:
+            return None
+        return question.created_at + int(self.where.stages[-1].offset_s * 1000)
+
+    def escalation_due(self, question_id: str) -> int | None:
+        """When the question's next escalation stage is due (ms), or None when done."""
+        question = self.questions.get(question_id)
+        return None if question is None else self.where.escalation_due(question)
 
     def adopt_question(self, question: Question, answers: Iterable[Answer]) -> None:
         """Bring a question (and its answers) read from the store into memory."""
@@ -158,6 +223,7 @@ class Engine:
             conns.discard(conn_id)
             if not conns:
                 del self.user_conns[conn.user_id]
+                self.where.went_offline(conn.user_id)
         return out.build()
 
     def user_of(self, conn_id: int) -> str | None:
@@ -234,6 +300,7 @@ class Engine:
         elif (user.nick, user.local, user.tags, user.role) != (claims.nick, claims.local, claims.tags, claims.role):
             user.nick, user.local, user.tags, user.role = claims.nick, claims.local, claims.tags, claims.role
             out.write(SaveUser(attrs.evolve(user)))
+        self.where.refresh_local(user)
         conn.user_id = user.user_id
         self.user_conns.setdefault(user.user_id, set()).add(conn.conn_id)
         out.send(
@@ -299,11 +366,7 @@ class Engine:
         lat, lng = f.location()
         hashtags = f.hashtags("hashtags", max_items=s.hashtags_max)
         urgency = f.choice("urgency", ("normal", "urgent"), default="normal")
-        region = None
-        if self._region_of is not None:
-            region = self._region_of(lat, lng)
-            if region is None:
-                raise ProtocolError("outside_service_area", "this location is outside the service area")
+        region = self._in_service(lat, lng)
         question = Question(
             question_id=self._new_id("q", now),
             asker_id=user.user_id,
@@ -321,6 +384,13 @@ class Engine:
         self.answers[question.question_id] = {}
         out.write(SaveQuestion(attrs.evolve(question)))
         self._join_room(conn, user, question.question_id, out)
+        self.where.question_opened(question, now)
+        if self.where.stages:
+            self.where.restore_escalation(question.question_id, 0, ())
+            # Stages due now (IMMEDIATE) go out with the reply, in the same commit.
+            self._run_due_stages(question, now, out)
+            if self.where.escalation_due(question) is not None:
+                out.act(StartEscalation(question.question_id))
         return {"question": question.to_wire()}
 
     def _op_join_question(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
@@ -398,6 +468,7 @@ class Engine:
         question.status = self._advance(question, QuestionEvent.ACCEPT)
         question.accepted_answer_id = answer.answer_id
         question.closed_at = now
+        self._end_question(question, out)
         answer.accepted = True
         points = self.settings.accept_points
         author = self.users[answer.author_id]
@@ -424,6 +495,7 @@ class Engine:
             raise ProtocolError("forbidden", "only the asker can close a question")
         question.status = self._advance(question, QuestionEvent.CLOSE)
         question.closed_at = now
+        self._end_question(question, out)
         out.write(SaveQuestion(attrs.evolve(question)))
         room = self.rooms.get(question.question_id)
         if room is not None:
@@ -471,6 +543,149 @@ class Engine:
                 self._set_receipt(answer, ReceiptState.READ, now, out)
                 changed.append(answer.answer_id)
         return {"question_id": question.question_id, "answer_ids": changed}
+
+    # ---- escalation ------------------------------------------------------------
+
+    def fire_escalation(self, question_id: str, now: int) -> Outcome:
+        """Run every stage of the question's escalation that is due at ``now``."""
+        out = OutcomeBuilder()
+        question = self.questions.get(question_id)
+        if question is not None:
+            self._run_due_stages(question, now, out)
+        return out.build()
+
+    def _run_due_stages(self, question: Question, now: int, out: OutcomeBuilder) -> None:
+        while (due := self.where.escalation_due(question)) is not None and due <= now:
+            stage, targets = self.where.run_stage(question, set(self.user_conns), now)
+            esc = self.where.escalations[question.question_id]
+            out.write(SaveEscalation(question.question_id, esc.next_stage, now))
+            if targets:
+                out.write(
+                    SaveNotified(
+                        question.question_id,
+                        tuple((t.user_id, t.stage, t.distance_m, t.online) for t in targets),
+                        now,
+                    )
+                )
+            brief = self.where.brief(question)
+            for target in targets:
+                data = {
+                    "question_id": question.question_id,
+                    "question": brief,
+                    **target.to_wire(),
+                }
+                data.pop("user_id", None)
+                data.pop("online", None)
+                self._push_durable(target.user_id, "new_question_notification", data, now, out)
+                if not target.online:
+                    self._push_seq += 1
+                    job = PushJob(
+                        job_id=self._push_seq,
+                        user_id=target.user_id,
+                        kind="new_question_notification",
+                        urgent=question.urgency == "urgent",
+                        payload={"title": question.title, "region": question.region, "data": data},
+                        created_at=now,
+                    )
+                    out.write(EnqueuePush(job))
+                    out.act(Push(job))
+        if self.where.escalation_due(question) is None:
+            self.where.escalations.pop(question.question_id, None)  # every stage has run
+
+    def _end_question(self, question: Question, out: OutcomeBuilder) -> None:
+        if question.question_id in self.where.escalations:
+            out.act(CancelEscalation(question.question_id))
+        self.where.question_ended(question.question_id)
+
+    # ---- location ----------------------------------------------------------------
+
+    def _in_service(self, lat: float, lng: float) -> str | None:
+        if self._region_of is None:
+            return None
+        region = self._region_of(lat, lng)
+        if region is None:
+            raise ProtocolError("outside_service_area", "this location is outside the service area")
+        return region
+
+    def _op_update_location(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        lat, lng = f.location()
+        if f.has("accuracy_m"):
+            f.number("accuracy_m", minimum=0.0, maximum=100_000.0)
+        region = self._in_service(lat, lng)
+        wait = self.where.retry_after_ms(user.user_id, now)
+        if wait > 0:
+            raise ProtocolError("rate_limited", "location updates are too frequent", retry_after_ms=wait)
+        slat, slng = self.where.move(user, lat, lng, region, now)
+        nearby = self.where.nearby_questions(slat, slng, self.questions, now, exclude_asker=user.user_id)
+        ids = tuple(q.question_id for q, _ in nearby)
+        if self.where.nearby_seen.get(user.user_id) != ids:
+            self.where.nearby_seen[user.user_id] = ids
+            out.send(self.user_conns.get(user.user_id, ()), event("nearby_questions", self._nearby_wire(nearby)))
+        return {"location": {"lat": slat, "lng": slng}, "region": region, "live": user.local}
+
+    def _nearby_wire(self, nearby: list[tuple[Question, float]]) -> dict[str, Any]:
+        return {
+            "questions": [
+                {**self.where.brief(q), "distance_m": round(d, 1), "status": q.status.value, "answer_count": q.answer_count}
+                for q, d in nearby
+            ]
+        }
+
+    def _position_or_given(self, user: User, f: Fields) -> tuple[float, float]:
+        if f.has("location"):
+            lat, lng = f.location()
+            self._in_service(lat, lng)
+            return lat, lng
+        known = self.where.positions.get(user.user_id)
+        if known is None:
+            raise ProtocolError("invalid_field", "'location' is required (no position was shared yet)")
+        return known[0], known[1]
+
+    def _op_nearby_questions(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        lat, lng = self._position_or_given(user, f)
+        return self._nearby_wire(self.where.nearby_questions(lat, lng, self.questions, now, exclude_asker=user.user_id))
+
+    def _op_nearby_locals(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        lat, lng = self._position_or_given(user, f)
+        live = self.where.live
+        return {"within_2km": live.count_within(lat, lng, 2000.0), "within_5km": live.count_within(lat, lng, 5000.0)}
+
+    def _op_get_settings(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        return {"settings": user.settings_wire()}
+
+    def _op_update_settings(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        current = NotificationSettings(user.immediate_alerts, user.quiet_hours, user.max_alerts_per_hour)
+        wire = {k: v for k, v in request.data.items() if k in ("immediate_alerts", "quiet_hours", "max_alerts_per_hour")}
+        try:
+            settings = NotificationSettings.from_wire(wire, base=current)
+        except ValueError as exc:
+            raise ProtocolError("invalid_field", str(exc)) from None
+        home = user.home
+        if "home" in request.data:
+            if request.data["home"] is None:
+                home = None
+            else:
+                lat, lng = f.location("home")
+                self._in_service(lat, lng)
+                home = (lat, lng)
+        user.immediate_alerts = settings.immediate_alerts
+        user.quiet_hours = settings.quiet_hours
+        user.max_alerts_per_hour = settings.max_alerts_per_hour
+        user.home = home
+        self.where.refresh_local(user)
+        out.write(SaveUser(attrs.evolve(user)))
+        return {"settings": user.settings_wire()}
+
+    def _op_trending(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        region = f.string("region", max_len=64) if f.has("region") else None
+        n = f.integer("limit", minimum=1, maximum=50, default=10)
+        return self.where.trending.snapshot(region, now, n)
+
+    def _op_hotspots(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        if user.role != "admin":
+            raise ProtocolError("forbidden", "hotspots is an admin operation")
+        n = f.integer("limit", minimum=1, maximum=100, default=10)
+        return self.where.hotspots.snapshot(now, self.where.online_locals_by_region(), n)
 
     # ---- helpers ---------------------------------------------------------------
 

@@ -170,6 +170,12 @@ class Fields:
             raise ProtocolError("invalid_field", f"'{name}' must be an integer {minimum}..{maximum}")
         return value
 
+    def number(self, name: str, *, minimum: float, maximum: float) -> float:
+        value = self._data.get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (minimum <= value <= maximum):
+            raise ProtocolError("invalid_field", f"'{name}' must be a number {minimum:g}..{maximum:g}")
+        return float(value)
+
     def location(self, name: str = "location") -> tuple[float, float]:
         value = self._data.get(name)
         if not isinstance(value, dict):

@@ -12,7 +12,7 @@ import attrs
 
 from .lifecycle import QuestionStatus
 
-__all__ = ["User", "Question", "Answer", "ReceiptState"]
+__all__ = ["User", "Question", "Answer", "ReceiptState", "PushJob"]
 
 
 class ReceiptState:
@@ -32,6 +32,12 @@ class User:
     points: int = 0
     last_seq: int = 0
     created_at: int = 0
+    # Notification settings (see core.escalation.NotificationSettings) and
+    # the home position used to reach a local who is offline.
+    immediate_alerts: bool = True
+    quiet_hours: tuple[int, int] | None = None
+    max_alerts_per_hour: int = 20
+    home: tuple[float, float] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -41,6 +47,14 @@ class User:
             "tags": list(self.tags),
             "role": self.role,
             "points": self.points,
+        }
+
+    def settings_wire(self) -> dict[str, Any]:
+        return {
+            "immediate_alerts": self.immediate_alerts,
+            "quiet_hours": list(self.quiet_hours) if self.quiet_hours else None,
+            "max_alerts_per_hour": self.max_alerts_per_hour,
+            "home": {"lat": self.home[0], "lng": self.home[1]} if self.home else None,
         }
 
 
@@ -107,3 +121,17 @@ class Answer:
             "state": self.state,
             "accepted": self.accepted,
         }
+
+
+@attrs.frozen
+class PushJob:
+    """A notification for a user who is offline, for the push gateway."""
+
+    job_id: int
+    user_id: str
+    kind: str
+    urgent: bool
+    payload: dict[str, Any]
+    created_at: int
+    attempts: int = 0
+    status: str = "pending"  # pending | sent | failed | expired

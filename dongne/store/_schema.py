@@ -71,6 +71,44 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 2: the location engine: notification settings and home positions,
+    # escalation progress, who was notified, and the push outbox.
+    """
+    ALTER TABLE users ADD COLUMN immediate_alerts INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE users ADD COLUMN quiet_start INTEGER;
+    ALTER TABLE users ADD COLUMN quiet_end INTEGER;
+    ALTER TABLE users ADD COLUMN max_alerts_per_hour INTEGER NOT NULL DEFAULT 20;
+    ALTER TABLE users ADD COLUMN home_lat REAL;
+    ALTER TABLE users ADD COLUMN home_lng REAL;
+    CREATE TABLE escalations (
+        question_id TEXT PRIMARY KEY REFERENCES questions(question_id),
+        next_stage  INTEGER NOT NULL,       -- stages already run
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE TABLE notified (
+        question_id TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        stage       TEXT NOT NULL,
+        distance_m  REAL,
+        online      INTEGER NOT NULL,
+        at          INTEGER NOT NULL,
+        PRIMARY KEY (question_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX notified_by_time ON notified(at);
+    CREATE TABLE push_outbox (
+        job_id      INTEGER PRIMARY KEY,
+        user_id     TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        urgent      INTEGER NOT NULL,
+        payload     BLOB NOT NULL,          -- msgpack map
+        status      TEXT NOT NULL,          -- pending | sent | failed | expired
+        attempts    INTEGER NOT NULL,
+        last_error  TEXT,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    CREATE INDEX push_by_status ON push_outbox(status, job_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -16,15 +16,28 @@ from typing import Any
 
 import msgpack
 
-from ..core.effects import AppendEvent, SaveAnswer, SaveQuestion, SaveUser, Write
+from ..core.effects import (
+    AppendEvent,
+    EnqueuePush,
+    SaveAnswer,
+    SaveEscalation,
+    SaveNotified,
+    SavePushStatus,
+    SaveQuestion,
+    SaveUser,
+    Write,
+)
 from ..core.engine import LoadedState
 from ..core.lifecycle import QuestionStatus
-from ..core.records import Answer, Question, User
+from ..core.records import Answer, PushJob, Question, User
 from ._schema import MIGRATIONS
 
 __all__ = ["Store", "StoreError"]
 
-_USER_COLS = "user_id, nick, local, tags, role, points, last_seq, created_at"
+_USER_COLS = (
+    "user_id, nick, local, tags, role, points, last_seq, created_at,"
+    " immediate_alerts, quiet_start, quiet_end, max_alerts_per_hour, home_lat, home_lng"
+)
 _QUESTION_COLS = (
     "question_id, asker_id, asker_nick, title, body, lat, lng, region, hashtags, urgency, status,"
     " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at"
@@ -121,6 +134,10 @@ class Store:
         questions: dict[str, Question] = {}
         answers: dict[str, Answer] = {}
         events: list[AppendEvent] = []
+        escalations: dict[str, SaveEscalation] = {}
+        notified: list[tuple[Any, ...]] = []
+        pushes: list[PushJob] = []
+        push_status: dict[int, SavePushStatus] = {}
         for item in writes:
             if isinstance(item, SaveUser):
                 users[item.user.user_id] = item.user
@@ -130,6 +147,16 @@ class Store:
                 answers[item.answer.answer_id] = item.answer
             elif isinstance(item, AppendEvent):
                 events.append(item)
+            elif isinstance(item, SaveEscalation):
+                escalations[item.question_id] = item
+            elif isinstance(item, SaveNotified):
+                notified.extend(
+                    (item.question_id, uid, stage, dist, int(online), item.at) for uid, stage, dist, online in item.targets
+                )
+            elif isinstance(item, EnqueuePush):
+                pushes.append(item.job)
+            elif isinstance(item, SavePushStatus):
+                push_status[item.job_id] = item
             else:  # pragma: no cover - a new write type without a case here
                 raise TypeError(f"unknown write {item!r}")
         conn = self._w
@@ -137,7 +164,7 @@ class Store:
         try:
             if users:
                 conn.executemany(
-                    f"INSERT OR REPLACE INTO users ({_USER_COLS}) VALUES (?,?,?,?,?,?,?,?)",
+                    f"INSERT OR REPLACE INTO users ({_USER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [_user_row(u) for u in users.values()],
                 )
             if questions:
@@ -159,12 +186,41 @@ class Store:
                     "INSERT INTO events (user_id, seq, type, data, created_at) VALUES (?,?,?,?,?)",
                     [(e.user_id, e.seq, e.type, msgpack.packb(e.data), e.created_at) for e in events],
                 )
+            if escalations:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO escalations (question_id, next_stage, updated_at) VALUES (?,?,?)",
+                    [(e.question_id, e.next_stage, e.updated_at) for e in escalations.values()],
+                )
+            if notified:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO notified (question_id, user_id, stage, distance_m, online, at)"
+                    " VALUES (?,?,?,?,?,?)",
+                    notified,
+                )
+            if pushes:
+                conn.executemany(
+                    "INSERT INTO push_outbox (job_id, user_id, kind, urgent, payload, status, attempts, last_error,"
+                    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    [
+                        (j.job_id, j.user_id, j.kind, int(j.urgent), msgpack.packb(j.payload), j.status, j.attempts,
+                         None, j.created_at, j.created_at)
+                        for j in pushes
+                    ],
+                )  # fmt: skip
+            if push_status:
+                conn.executemany(
+                    "UPDATE push_outbox SET status = ?, attempts = ?, last_error = ?, updated_at = ? WHERE job_id = ?",
+                    [(p.status, p.attempts, p.last_error, p.at, p.job_id) for p in push_status.values()],
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         self.commits += 1
-        self.rows_committed += len(users) + len(questions) + len(answers) + len(events)
+        self.rows_committed += (
+            len(users) + len(questions) + len(answers) + len(events) + len(escalations) + len(notified)
+            + len(pushes) + len(push_status)
+        )  # fmt: skip
 
     # ---- reads -------------------------------------------------------------------
 
@@ -193,7 +249,45 @@ class Store:
                 (hot_since,),
             )
         ]
-        return LoadedState(users=users, questions=questions, answers=answers)
+        escalations = {
+            qid: next_stage
+            for qid, next_stage in self._read(
+                "SELECT e.question_id, e.next_stage FROM escalations e JOIN questions q USING (question_id)"
+                " WHERE q.status IN ('open', 'answered')"
+            )
+        }
+        notified = [
+            (qid, uid, at)
+            for qid, uid, at in self._read(
+                "SELECT n.question_id, n.user_id, n.at FROM notified n JOIN questions q USING (question_id)"
+                " WHERE q.status IN ('open', 'answered') OR n.at >= ?",
+                (hot_since,),
+            )
+        ]
+        pending_pushes = [
+            _push(r)
+            for r in self._read(
+                "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status"
+                " FROM push_outbox WHERE status = 'pending' ORDER BY job_id"
+            )
+        ]
+        last_job = self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0]
+        return LoadedState(
+            users=users,
+            questions=questions,
+            answers=answers,
+            escalations=escalations,
+            notified=notified,
+            pending_pushes=pending_pushes,
+            last_push_job_id=int(last_job),
+        )
+
+    def push_job(self, job_id: int) -> PushJob | None:
+        rows = self._read(
+            "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status FROM push_outbox WHERE job_id = ?",
+            (job_id,),
+        )
+        return _push(rows[0]) if rows else None
 
     def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None:
         rows = self._read(f"SELECT {_QUESTION_COLS} FROM questions WHERE question_id = ?", (question_id,))
@@ -215,11 +309,29 @@ class Store:
 
 
 def _user_row(u: User) -> tuple[Any, ...]:
-    return (u.user_id, u.nick, int(u.local), json.dumps(list(u.tags)), u.role, u.points, u.last_seq, u.created_at)
+    quiet = u.quiet_hours or (None, None)
+    home = u.home or (None, None)
+    return (
+        u.user_id, u.nick, int(u.local), json.dumps(list(u.tags)), u.role, u.points, u.last_seq, u.created_at,
+        int(u.immediate_alerts), quiet[0], quiet[1], u.max_alerts_per_hour, home[0], home[1],
+    )  # fmt: skip
 
 
 def _user(r: Sequence[Any]) -> User:
-    return User(r[0], r[1], bool(r[2]), tuple(json.loads(r[3])), r[4], r[5], r[6], r[7])
+    return User(
+        r[0], r[1], bool(r[2]), tuple(json.loads(r[3])), r[4], r[5], r[6], r[7],
+        immediate_alerts=bool(r[8]),
+        quiet_hours=(r[9], r[10]) if r[9] is not None else None,
+        max_alerts_per_hour=r[11],
+        home=(r[12], r[13]) if r[12] is not None else None,
+    )  # fmt: skip
+
+
+def _push(r: Sequence[Any]) -> PushJob:
+    return PushJob(
+        job_id=r[0], user_id=r[1], kind=r[2], urgent=bool(r[3]), payload=msgpack.unpackb(r[4], raw=False),
+        created_at=r[5], attempts=r[6], status=r[7],
+    )  # fmt: skip
 
 
 def _question_row(q: Question) -> tuple[Any, ...]:

@@ -1,0 +1,189 @@
+"""The location side of the engine: who is where, and who gets told.
+
+Holds the live R-tree of online locals, locals' home positions, the open
+questions' positions, each open question's escalation progress, the hourly
+alert ledger, hotspots and trending hashtags. Pure state and rules: the
+engine calls it with ``now`` and turns its answers into writes and frames.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from ..config import LocationSettings
+from .escalation import AlertLedger, LocalInfo, NotificationSettings, QuestionBrief, StagePlan, Target, plan_stage
+from .geo import snap_position
+from .hotspots import HotspotTracker
+from .lifecycle import ACTIVE
+from .records import Question, User
+from .regions import Hotspot
+from .spatial import LocalsIndex
+from .trending import TrendingHashtags
+
+__all__ = ["Neighbourhood", "Escalation"]
+
+
+@attrs.define
+class Escalation:
+    """How far one question's escalation got."""
+
+    next_stage: int = 0
+    notified: set[str] = attrs.Factory(set)
+
+
+class Neighbourhood:
+    """Positions, escalation progress and live analytics.
+
+    Args:
+        settings: the ``[location]`` settings.
+        stages: the escalation plan.
+        hotspots: named places, for hotspot statistics.
+    """
+
+    def __init__(self, settings: LocationSettings, stages: tuple[StagePlan, ...], hotspots: Iterable[Hotspot] = ()) -> None:
+        self.settings = settings
+        self.stages = stages
+        self.live = LocalsIndex()  # online locals' live positions
+        self.homes = LocalsIndex()  # locals' home positions
+        self.open_questions = LocalsIndex()  # active questions' positions
+        self.locals: dict[str, LocalInfo] = {}
+        self.positions: dict[str, tuple[float, float, str | None]] = {}  # user -> snapped lat, lng, region
+        self.last_move: dict[str, int] = {}
+        self.nearby_seen: dict[str, tuple[str, ...]] = {}  # user -> question ids last sent
+        self.escalations: dict[str, Escalation] = {}
+        self.ledger = AlertLedger()
+        self.hotspots = HotspotTracker(
+            window_ms=int(settings.hotspot_window_s * 1000), cell_m=settings.hotspot_cell_m, hotspots=tuple(hotspots)
+        )
+        self.trending = TrendingHashtags()
+
+    # ---- people ------------------------------------------------------------------
+
+    def refresh_local(self, user: User) -> None:
+        """Keep a user's ``LocalInfo`` (and home position) in step with its profile."""
+        if not user.local:
+            self.locals.pop(user.user_id, None)
+            self.homes.remove(user.user_id)
+            self.live.remove(user.user_id)
+            return
+        self.locals[user.user_id] = LocalInfo(
+            user_id=user.user_id,
+            tags=frozenset(user.tags),
+            home=user.home,
+            settings=NotificationSettings(user.immediate_alerts, user.quiet_hours, user.max_alerts_per_hour),
+        )
+        if user.home is not None:
+            self.homes.upsert(user.user_id, *user.home)
+        else:
+            self.homes.remove(user.user_id)
+
+    def retry_after_ms(self, user_id: str, now: int) -> int:
+        """How long until this user's next location update is accepted (0: now)."""
+        last = self.last_move.get(user_id)
+        gap = int(self.settings.min_update_interval_s * 1000)
+        if last is None or now - last >= gap:
+            return 0
+        return last + gap - now
+
+    def move(self, user: User, lat: float, lng: float, region: str | None, now: int) -> tuple[float, float]:
+        """Record a user's position (snapped to ``precision_m``); locals enter the live index."""
+        slat, slng = snap_position(lat, lng, self.settings.precision_m)
+        self.positions[user.user_id] = (slat, slng, region)
+        self.last_move[user.user_id] = now
+        if user.local:
+            self.live.upsert(user.user_id, slat, slng)
+        return slat, slng
+
+    def went_offline(self, user_id: str) -> None:
+        """The user's last connection closed: it leaves the live index."""
+        self.live.remove(user_id)
+        self.positions.pop(user_id, None)
+        self.nearby_seen.pop(user_id, None)
+
+    def online_locals_by_region(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for user_id, (_lat, _lng, region) in self.positions.items():
+            if region is not None and user_id in self.live:
+                counts[region] += 1
+        return dict(counts)
+
+    # ---- questions -----------------------------------------------------------------
+
+    def question_opened(self, question: Question, now: int) -> None:
+        self.open_questions.upsert(question.question_id, question.lat, question.lng)
+        self.hotspots.record_question(question.question_id, question.asker_id, question.lat, question.lng, question.region, now)
+        self.trending.record(question.region, question.hashtags, now)
+
+    def question_ended(self, question_id: str) -> None:
+        self.open_questions.remove(question_id)
+        self.escalations.pop(question_id, None)
+        self.hotspots.question_resolved(question_id)
+
+    def nearby_questions(
+        self, lat: float, lng: float, questions: dict[str, Question], now: int, *, exclude_asker: str | None = None
+    ) -> list[tuple[Question, float]]:
+        """Open questions asked within ``nearby_max_age_s`` and ``nearby_radius_m``, nearest first."""
+        oldest = now - int(self.settings.nearby_max_age_s * 1000)
+        out: list[tuple[Question, float]] = []
+        for question_id, distance in self.open_questions.within(lat, lng, self.settings.nearby_radius_m):
+            question = questions.get(question_id)
+            if question is None or question.status not in ACTIVE or question.created_at < oldest:
+                continue
+            if question.asker_id == exclude_asker:
+                continue
+            out.append((question, distance))
+            if len(out) >= self.settings.nearby_max:
+                break
+        return out
+
+    # ---- escalation ------------------------------------------------------------------
+
+    def escalation_due(self, question: Question) -> int | None:
+        """When the question's next stage is due (ms), or None when none is left."""
+        esc = self.escalations.get(question.question_id)
+        if esc is None or esc.next_stage >= len(self.stages) or question.status not in ACTIVE:
+            return None
+        return question.created_at + int(self.stages[esc.next_stage].offset_s * 1000)
+
+    def run_stage(self, question: Question, online: set[str], now: int) -> tuple[StagePlan, list[Target]]:
+        """Plan the next stage, mark its targets notified and advance the question's escalation."""
+        esc = self.escalations[question.question_id]
+        stage = self.stages[esc.next_stage]
+        targets = plan_stage(
+            stage,
+            QuestionBrief.from_record(question),
+            live=self.live,
+            locals=self.locals,
+            online=online,
+            notified=esc.notified | {question.asker_id},
+            ledger=self.ledger,
+            now_ms=now,
+            utc_offset_minutes=self.settings.utc_offset_minutes,
+            homes=self.homes,
+        )
+        esc.notified.update(t.user_id for t in targets)
+        self.ledger.record(targets, now)
+        esc.next_stage += 1
+        return stage, targets
+
+    def restore_escalation(self, question_id: str, next_stage: int, notified: Iterable[str]) -> None:
+        self.escalations[question_id] = Escalation(next_stage, set(notified))
+
+    # ---- wire shapes ------------------------------------------------------------------
+
+    @staticmethod
+    def brief(question: Question) -> dict[str, Any]:
+        return {
+            "question_id": question.question_id,
+            "title": question.title,
+            "location": {"lat": question.lat, "lng": question.lng},
+            "region": question.region,
+            "hashtags": list(question.hashtags),
+            "urgency": question.urgency,
+            "created_at": question.created_at,
+            "asker_nick": question.asker_nick,
+        }

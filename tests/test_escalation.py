@@ -1,0 +1,167 @@
+"""Escalation over real sockets on an autojump mock clock.
+
+Locals around Jeju City Hall: the right ones are notified in the right stage.
+Every I/O wait lets the clock jump to the next stage, so the tests assert
+which stage reached whom and lower bounds on (mock) time, never upper ones.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+
+from dongne.client import DongneClient
+from dongne.clock import EngineClock
+
+from .conftest import NO_TIMERS, Harness, question_data
+
+HALL = (33.4996, 126.5312)
+M_PER_DEG_LNG = 111320 * math.cos(math.radians(HALL[0]))
+
+
+def east(metres: float) -> dict[str, float]:
+    return {"lat": HALL[0], "lng": HALL[1] + metres / M_PER_DEG_LNG}
+
+
+async def local_at(stack: AsyncExitStack, h: Harness, user_id: str, metres: float | None, **claims: Any) -> DongneClient:
+    client = await stack.enter_async_context(h.connect(user_id, timeout=math.inf, local=True, **claims))
+    if metres is not None:
+        await client.request("update_location", {"location": east(metres)})
+    return client
+
+
+async def notifications(client: DongneClient) -> list[dict[str, Any]]:
+    return [e for e in client.pending_events() if e["type"] == "new_question_notification"]
+
+
+async def test_stages_reach_the_right_locals_in_order(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(server=NO_TIMERS, location={"min_update_interval_s": 0.0})
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, h, "near_1km", 1000)
+        mid = await local_at(stack, h, "mid_4km", 4000)
+        far = await local_at(stack, h, "far_20km", 20000)
+        expert = await local_at(stack, h, "expert", 20000, tags=["food"])
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        started = trio.current_time()
+        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))["question"]
+
+        first = await near.next_event("new_question_notification")
+        assert first["seq"] == 1
+        assert first["data"]["stage"] == "IMMEDIATE"
+        assert first["data"]["priority"] == "high"
+        assert (first["data"]["sound"], first["data"]["vibration"]) == ("urgent", "strong")
+        assert 900 < first["data"]["distance_m"] < 1100
+        assert first["data"]["question"]["question_id"] == question["question_id"]
+        assert first["data"]["question"]["region"] == "Jeju-si"
+
+        quick = await mid.next_event("new_question_notification")
+        assert quick["data"]["stage"] == "QUICK"
+        assert (quick["data"]["priority"], quick["data"]["sound"], quick["data"]["vibration"]) == ("normal", "normal", "light")
+        assert trio.current_time() - started >= 3.0
+
+        extended = await expert.next_event("new_question_notification")
+        assert extended["data"]["stage"] == "EXTENDED"
+        assert trio.current_time() - started >= 30.0
+
+        final = await far.next_event("new_question_notification")
+        assert final["data"]["stage"] == "FINAL"
+        assert trio.current_time() - started >= 120.0
+
+        # Nobody twice, never the asker.
+        await asker.request("get_profile")
+        for client in (near, mid, far, expert):
+            assert await notifications(client) == []
+        assert [e for e in asker.pending_events() if e["type"] == "new_question_notification"] == []
+        assert h.running.clients.escalation_scopes == {}
+    await h.running.aclose()
+
+
+async def test_immediate_takes_the_ten_nearest_with_alerts_on(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(server=NO_TIMERS, location={"min_update_interval_s": 0.0})
+    async with AsyncExitStack() as stack:
+        locals_ = [await local_at(stack, h, f"l{i:02d}", 150 + 150 * i) for i in range(12)]  # 150 m .. 1.8 km
+        await locals_[0].request("update_settings", {"immediate_alerts": False})
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL))))
+        stages = {}
+        for i, client in enumerate(locals_):
+            stages[i] = (await client.next_event("new_question_notification"))["data"]["stage"]
+        # l00 turned immediate alerts off; the next nearest ten (l01..l10) get IMMEDIATE, l11 waits for QUICK.
+        assert stages == {0: "QUICK", **{i: "IMMEDIATE" for i in range(1, 11)}, 11: "QUICK"}
+    await h.running.aclose()
+
+
+async def test_accept_cancels_and_an_answer_skips_final(start_server, autojump_clock, db_path) -> None:  # type: ignore[no-untyped-def]
+    """However the clock jumped meanwhile: nothing is notified after the accept,
+    and FINAL never reaches anyone once the question has an answer."""
+    h = await start_server(server=NO_TIMERS, location={"min_update_interval_s": 0.0})
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, h, "near", 800)
+        await local_at(stack, h, "expert", 20000, tags=["food"])
+        await local_at(stack, h, "far", 20000)
+        await local_at(stack, h, "mid", 4000)
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        here = dict(zip(("lat", "lng"), HALL))
+
+        qa = (await asker.request("create_question", question_data(location=here)))["question"]["question_id"]
+        assert (await near.next_event("new_question_notification"))["data"]["stage"] == "IMMEDIATE"
+        answer = (await near.request("create_answer", {"question_id": qa, "content": "here"}))["answer"]
+        accepted = await asker.request("accept_answer", {"question_id": qa, "answer_id": answer["answer_id"]})
+        closed_at = accepted["question"]["closed_at"]
+        assert qa not in h.running.clients.escalation_scopes
+
+        qb = (await asker.request("create_question", question_data(title="B", location=here)))["question"]["question_id"]
+        await near.request("create_answer", {"question_id": qb, "content": "there"})
+        while qb in h.running.clients.escalation_scopes:
+            await trio.sleep(10)
+        state_b = (await asker.request("join_question", {"question_id": qb}))["question"]
+    await h.running.aclose()
+    with sqlite3.connect(db_path) as conn:
+        rows_a = conn.execute("SELECT stage, at FROM notified WHERE question_id = ?", (qa,)).fetchall()
+        rows_b = conn.execute("SELECT user_id, stage, at FROM notified WHERE question_id = ?", (qb,)).fetchall()
+    assert rows_a and all(at <= closed_at for _stage, at in rows_a)
+    # B was never accepted, so EXTENDED ran; FINAL only while B had no answer.
+    assert ("expert", "EXTENDED") in {(u, s) for u, s, _ in rows_b}
+    assert all(at < state_b["first_answer_at"] for _u, stage, at in rows_b if stage == "FINAL")
+
+
+async def test_escalation_resumes_after_restart(start_server, autojump_clock, db_path) -> None:  # type: ignore[no-untyped-def]
+    clock = EngineClock()  # one clock across both runs, as wall time would be
+    h = await start_server(clock=clock, server=NO_TIMERS, location={"min_update_interval_s": 0.0})
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, h, "near", 1000)
+        mid = await local_at(stack, h, "mid", 4000)
+        # Offline after the restart, mid is found by its home position.
+        await mid.request("update_settings", {"home": east(4000)})
+        await local_at(stack, h, "expert", 20000, tags=["food"])
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))["question"]
+        assert (await near.next_event("new_question_notification"))["data"]["stage"] == "IMMEDIATE"
+        await h.running.aclose()
+    # Down for a minute: QUICK (3 s) and EXTENDED (30 s) come due while it is
+    # down, unless the clock already jumped past them before the shutdown.
+    await trio.sleep(60)
+    h2 = await start_server(clock=clock, server=NO_TIMERS, location={"min_update_interval_s": 0.0})
+    async with AsyncExitStack() as stack:
+        mid = await stack.enter_async_context(h2.connect("mid", resume_from=0, timeout=math.inf, local=True))
+        expert = await stack.enter_async_context(h2.connect("expert", resume_from=0, timeout=math.inf, local=True, tags=["food"]))
+        near = await stack.enter_async_context(h2.connect("near", resume_from=0, timeout=math.inf, local=True))
+        got_mid = await mid.next_event("new_question_notification")
+        got_expert = await expert.next_event("new_question_notification")
+        assert (got_mid["seq"], got_mid["data"]["stage"]) == (1, "QUICK")
+        assert (got_expert["seq"], got_expert["data"]["stage"]) == (1, "EXTENDED")
+        # FINAL comes at its original deadline and finds nobody new: everyone was notified once.
+        while question["question_id"] in h2.running.clients.escalation_scopes:
+            await trio.sleep(10)
+        assert (await near.next_event("new_question_notification"))["seq"] == 1  # the replayed IMMEDIATE
+        for client in (mid, expert, near):
+            assert await notifications(client) == []
+    await h2.running.aclose()
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT user_id, stage FROM notified ORDER BY user_id").fetchall()
+        assert rows == [("expert", "EXTENDED"), ("mid", "QUICK"), ("near", "IMMEDIATE")]
+        assert conn.execute("SELECT next_stage FROM escalations").fetchone()[0] == 4

@@ -1,0 +1,120 @@
+"""Push jobs for offline targets reach a (fake) push gateway over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+import h11
+import trio
+
+from .conftest import Harness, question_data
+
+HALL = {"lat": 33.4996, "lng": 126.5312}
+ONE_STAGE = [{"name": "QUICK", "offset_s": 0.0, "radius_m": 5000.0, "audience": "nearby"}]
+
+
+class FakeGateway:
+    """A push gateway on 127.0.0.1 that records each POST and answers with ``status``."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                    continue
+                if isinstance(event, h11.Request):
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                    body = b""
+                    while not isinstance(ev := conn.next_event(), h11.EndOfMessage):
+                        if ev is h11.NEED_DATA:
+                            conn.receive_data(await stream.receive_some(65536))
+                        elif isinstance(ev, h11.Data):
+                            body += ev.data
+                    self.requests.append((headers, json.loads(body)))
+                    reply = conn.send(h11.Response(status_code=self.status, headers=[("content-length", "2")]))
+                    await stream.send_all(reply + conn.send(h11.Data(data=b"{}")) + conn.send(h11.EndOfMessage()))
+                    conn.start_next_cycle()
+                else:
+                    return
+
+
+async def _offline_local_with_home(h: Harness) -> None:
+    async with h.connect("sleeper", local=True) as sleeper:
+        await sleeper.request("update_settings", {"home": HALL})
+
+
+async def test_offline_target_is_pushed_with_the_urgent_flag(start_server, nursery, db_path) -> None:  # type: ignore[no-untyped-def]
+    gateway = FakeGateway(200)
+    await nursery.start(gateway.serve)
+    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": f"http://127.0.0.1:{gateway.port}/push"})
+    await _offline_local_with_home(h)
+    async with h.connect("traveller") as asker:
+        qid = (await asker.request("create_question", question_data(location=HALL, urgency="urgent")))["question"]["question_id"]
+    with trio.fail_after(10):
+        while h.running.pushes.sent < 1:
+            await trio.sleep(0.01)
+    headers, body = gateway.requests[0]
+    assert body["user_id"] == "sleeper"
+    assert body["urgent"] is True
+    assert body["type"] == "new_question_notification"
+    assert body["data"]["question_id"] == qid
+    assert body["data"]["priority"] == "critical"
+    assert headers["idempotency-key"] == f"dongne-push-{body['job_id']}"
+    await h.running.aclose()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT status, attempts FROM push_outbox").fetchall() == [("sent", 1)]
+    # The durable notification is in the inbox too, for when the app opens.
+    h2 = await start_server(escalation={"stages": ONE_STAGE})
+    async with h2.connect("sleeper", resume_from=0, local=True) as sleeper:
+        note = await sleeper.next_event("new_question_notification")
+        assert note["data"]["question_id"] == qid
+    await h2.running.aclose()
+
+
+async def test_failing_gateway_gets_three_attempts_then_failed(start_server, nursery, db_path) -> None:  # type: ignore[no-untyped-def]
+    gateway = FakeGateway(503)
+    await nursery.start(gateway.serve)
+    h = await start_server(
+        escalation={"stages": ONE_STAGE, "push_url": f"http://127.0.0.1:{gateway.port}/push", "push_backoff_s": 0.001}
+    )
+    await _offline_local_with_home(h)
+    async with h.connect("traveller") as asker:
+        await asker.request("create_question", question_data(location=HALL))
+    with trio.fail_after(10):
+        while h.running.pushes.failed < 1:
+            await trio.sleep(0.01)
+    assert len(gateway.requests) == 3
+    assert {r[1]["urgent"] for r in gateway.requests} == {False}
+    await h.running.aclose()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT status, attempts, last_error FROM push_outbox").fetchall() == [("failed", 3, "HTTP 503")]
+
+
+async def test_without_a_url_jobs_are_only_recorded(start_server, db_path) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(escalation={"stages": ONE_STAGE})
+    await _offline_local_with_home(h)
+    async with h.connect("traveller") as asker:
+        await asker.request("create_question", question_data(location=HALL))
+    await h.running.aclose()
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT user_id, status, attempts FROM push_outbox").fetchall()
+    assert rows == [("sleeper", "pending", 0)]
+    assert h.running.pushes.sent == 0
