@@ -101,6 +101,8 @@ async def run_server(
             location=settings.location,
             stages=stages_from_config(settings.escalation.stages),
             hotspots=tuple(load_hotspots()),
+            limits=settings.limits,
+            content=settings.content,
         )
         hot_since = clock.now_ms() - int(settings.engine.hot_question_days * 86400 * 1000)
         started = time.perf_counter()
@@ -113,7 +115,7 @@ async def run_server(
             (time.perf_counter() - started) * 1000,
             db_path,
         )
-        clients = ClientServer(settings.server, engine, store, clock)
+        clients = ClientServer(settings.server, engine, store, clock, settings.limits)
         shutdown = trio.Event()
 
         def status() -> dict[str, Any]:

@@ -28,6 +28,8 @@ __all__ = [
     "EngineSettings",
     "LocationSettings",
     "EscalationSettings",
+    "LimitSettings",
+    "ContentSettings",
     "SnapshotSettings",
     "LogSettings",
     "load_settings",
@@ -143,6 +145,61 @@ class EscalationSettings:
     push_max_age_s: float = attrs.field(default=600.0, validator=_positive)
 
 
+def _patterns(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    import re
+
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{attribute.name}: every pattern must be a string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{attribute.name}: bad regular expression {pattern!r}: {exc}") from None
+
+
+def _networks(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    import ipaddress
+
+    for entry in value:
+        try:
+            ipaddress.ip_network(str(entry), strict=False)
+        except ValueError:
+            raise ConfigError(f"{attribute.name}: {entry!r} is not an IP address or CIDR network") from None
+
+
+def _default_spam() -> tuple[str, ...]:
+    from .core.text import DEFAULT_SPAM_PATTERNS
+
+    return DEFAULT_SPAM_PATTERNS
+
+
+@attrs.frozen
+class LimitSettings:
+    # Every request of one connection (including malformed frames).
+    conn_per_s: float = attrs.field(default=20.0, validator=_positive)
+    conn_burst: float = attrs.field(default=40.0, validator=_positive)
+    # Per user, across connections: answers, accepts, closes, receipts, settings.
+    writes_per_minute: float = attrs.field(default=30.0, validator=_positive)
+    writes_burst: float = attrs.field(default=10.0, validator=_positive)
+    questions_per_hour: float = attrs.field(default=20.0, validator=_positive)
+    questions_burst: float = attrs.field(default=5.0, validator=_positive)
+    typing_per_s: float = attrs.field(default=2.0, validator=_positive)
+    typing_burst: float = attrs.field(default=5.0, validator=_positive)
+    # Refusals within a minute after which the connection is closed with 4008.
+    abuse_refusals_per_minute: int = attrs.field(default=30, validator=_positive)
+    # New connections per IP address per minute (beyond it: dropped at accept).
+    connections_per_ip_per_minute: float = attrs.field(default=100.0, validator=_positive)
+    ip_blocklist: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
+    rooms_per_connection: int = attrs.field(default=50, validator=_positive)
+    connections_per_user: int = attrs.field(default=10, validator=_positive)
+
+
+@attrs.frozen
+class ContentSettings:
+    # Regular expressions (case-insensitive); matching text is refused with "spam".
+    spam_patterns: tuple[str, ...] = attrs.field(factory=_default_spam, converter=tuple, validator=_patterns)
+
+
 @attrs.frozen
 class SnapshotSettings:
     # Relative to the database's folder.
@@ -165,6 +222,8 @@ class Settings:
     engine: EngineSettings = EngineSettings()
     location: LocationSettings = LocationSettings()
     escalation: EscalationSettings = EscalationSettings()
+    limits: LimitSettings = LimitSettings()
+    content: ContentSettings = ContentSettings()
     snapshots: SnapshotSettings = SnapshotSettings()
     log: LogSettings = LogSettings()
 
@@ -209,7 +268,7 @@ def _coerce(section: str, key: str, kind: Any, value: Any, *, from_text: bool) -
             return value
         raise ConfigError(f"{where} must be a string, got {value!r}")
     if not from_text and isinstance(value, (list, tuple)):
-        return value  # an array of tables (escalation stages), validated by its section
+        return value  # an array (of tables or strings), validated by its section
     if from_text:
         raise ConfigError(f"{where} can only be set in the config file")
     raise ConfigError(f"{where} must be an array of tables, got {value!r}")

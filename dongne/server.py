@@ -27,10 +27,11 @@ import msgpack
 import trio
 
 from .clock import EngineClock
-from .config import ServerSettings
+from .config import LimitSettings, ServerSettings
 from .core.effects import CancelEscalation, Close, Outcome, Push, Replay, Send, StartEscalation
 from .core.engine import Engine
 from .core.errors import CloseConnection, ProtocolError
+from .core.limits import BucketSpec, IpBlocklist, Limiter
 from .core.protocol import decode_request, durable_event
 from .pipeline import CommitPipeline
 from .store import Store
@@ -51,6 +52,7 @@ class ServerStats:
         self.frames_out = 0
         self.deliveries = 0
         self.slow_consumers = 0
+        self.refused_connections = 0
         self.errors: dict[str, int] = {}
 
 
@@ -64,8 +66,18 @@ class ClientServer:
         clock: the engine clock.
     """
 
-    def __init__(self, settings: ServerSettings, engine: Engine, store: Store, clock: EngineClock) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        engine: Engine,
+        store: Store,
+        clock: EngineClock,
+        limits: LimitSettings = LimitSettings(),
+    ) -> None:
         self.settings = settings
+        per_minute = limits.connections_per_ip_per_minute
+        self._ip_limiter = Limiter({"ip": BucketSpec(per_minute / 60, per_minute)}, abuse_limit=1)
+        self._blocklist = IpBlocklist(limits.ip_blocklist)
         self.engine = engine
         self.store = store
         self.clock = clock
@@ -135,7 +147,7 @@ class ClientServer:
                 while True:
                     await trio.lowlevel.wait_readable(listener)
                     try:
-                        sock, _addr = listener.accept()
+                        sock, addr = listener.accept()
                     except (BlockingIOError, InterruptedError):
                         continue
                     except OSError as exc:
@@ -144,6 +156,10 @@ class ClientServer:
                             await trio.sleep(0.1)
                             continue
                         raise
+                    if not self._admit(addr[0]):
+                        self.stats.refused_connections += 1
+                        sock.close()  # blocked or over its rate: no handshake, no reply
+                        continue
                     sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     nursery.start_soon(self._handle_connection, sock)
@@ -152,6 +168,15 @@ class ClientServer:
             listener.close()
 
     # ---- one connection ----------------------------------------------------------
+
+    def _admit(self, address: str) -> bool:
+        """False for a blocked address or one over its connection rate."""
+        if self._blocklist.blocks(address):
+            return False
+        now = self.clock.now_ms()
+        if len(self._ip_limiter) > 10_000:
+            self._ip_limiter.sweep(now)
+        return self._ip_limiter.take("ip", address, now) == 0
 
     async def _handle_connection(self, sock: socket.socket) -> None:
         conn: WebSocketConnection | None = None
@@ -232,8 +257,14 @@ class ClientServer:
             conn.read_scope.deadline = math.inf
 
     def _refuse(self, conn_id: int, request_id: int | None, error: ProtocolError) -> None:
-        self.stats.errors[error.code] = self.stats.errors.get(error.code, 0) + 1
-        self.pipeline.submit(self.engine.refuse(conn_id, request_id, error))
+        try:
+            outcome = self.engine.refuse_frame(conn_id, request_id, error, self.clock.now_ms())
+        except CloseConnection as exc:
+            conn = self.conns.get(conn_id)
+            if conn is not None:
+                conn.close(exc.code, exc.reason)
+            return
+        self.pipeline.submit(outcome)
 
     # ---- acting on outcomes ------------------------------------------------------
 

@@ -22,11 +22,21 @@ from dongne.config import Settings, load_settings
 SECRET = "test-secret-0123456789-0123456789-0123456789"
 
 
+UNLIMITED = {
+    "conn_per_s": 1e6, "conn_burst": 1e6, "writes_per_minute": 1e6, "writes_burst": 1e6,
+    "questions_per_hour": 1e6, "questions_burst": 1e6, "typing_per_s": 1e6, "typing_burst": 1e6,
+    "connections_per_ip_per_minute": 1e6,
+}  # fmt: skip
+
+
 def make_settings(db: Path, **sections: dict[str, Any]) -> Settings:
     overrides: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "ops_host": "127.0.0.1", "ops_port": 0},
         "store": {"path": str(db)},
         "auth": {"jwt_secret": SECRET},
+        # Tests drive many requests from one user and one address; the limits
+        # are exercised by tests that set them (test_limits.py).
+        "limits": dict(UNLIMITED),
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)

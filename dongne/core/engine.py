@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from ..auth import Claims
-from ..config import EngineSettings, LocationSettings
+from ..config import ContentSettings, EngineSettings, LimitSettings, LocationSettings
 from .effects import (
     AppendEvent,
     CancelEscalation,
@@ -36,6 +36,8 @@ from .effects import (
     StartEscalation,
 )
 from .escalation import DEFAULT_STAGES, NotificationSettings, StagePlan
+from .limits import OP_CLASSES, BucketSpec, Limiter
+from .text import SpamFilter, plain_text
 from .neighbourhood import Neighbourhood
 from .regions import Hotspot
 from .errors import CloseConnection, ProtocolError
@@ -104,8 +106,21 @@ class Engine:
         location: LocationSettings = LocationSettings(),
         stages: tuple[StagePlan, ...] = DEFAULT_STAGES,
         hotspots: tuple[Hotspot, ...] = (),
+        limits: LimitSettings = LimitSettings(),
+        content: ContentSettings = ContentSettings(),
     ) -> None:
         self.settings = settings
+        self.limit_settings = limits
+        self.limiter = Limiter(
+            {
+                "conn": BucketSpec(limits.conn_per_s, limits.conn_burst),
+                "write": BucketSpec(limits.writes_per_minute / 60, limits.writes_burst),
+                "question": BucketSpec(limits.questions_per_hour / 3600, limits.questions_burst),
+                "typing": BucketSpec(limits.typing_per_s, limits.typing_burst),
+            },
+            abuse_limit=limits.abuse_refusals_per_minute,
+        )
+        self.spam = SpamFilter(content.spam_patterns)
         self.where = Neighbourhood(location, stages, hotspots)
         self._push_seq = 0
         self._check_token = check_token
@@ -214,6 +229,9 @@ class Engine:
         """Forget a connection: leave its rooms (presence), drop its typing."""
         out = OutcomeBuilder()
         conn = self.conns.pop(conn_id, None)
+        self.limiter.forget(f"c{conn_id}")
+        if len(self.limiter) > 10_000:
+            self.limiter.sweep(now)
         if conn is None or conn.user_id is None:
             return out.build()
         for question_id in sorted(conn.rooms):
@@ -236,9 +254,15 @@ class Engine:
         """Handle one decoded request from a connection.
 
         Raises:
-            CloseConnection: the connection must be closed (auth failure).
+            CloseConnection: the connection must be closed (auth failure, 4001;
+                persistent abuse of the rate limits, 4008).
         """
         conn = self.conns[conn_id]
+        wait = self.limiter.take("conn", f"c{conn_id}", now)
+        if conn.user_id is not None and not wait and request.op in OP_CLASSES:
+            wait = self.limiter.take(OP_CLASSES[request.op], f"u{conn.user_id}", now)
+        if wait:
+            return self._rate_limited(conn_id, request.id, wait, now)
         if conn.user_id is None:
             if request.op != "hello":
                 raise CloseConnection(4001, "the first frame must be hello")
@@ -258,6 +282,22 @@ class Engine:
         # before the events it caused.
         out.actions.insert(0, _send_one(conn_id, reply_ok(request.id, data)))
         return out.build()
+
+    def _rate_limited(self, conn_id: int, request_id: int, wait_ms: int, now: int) -> Outcome:
+        if self.limiter.refused(f"c{conn_id}", now):
+            raise CloseConnection(4008, "rate limits exceeded again and again")
+        error = ProtocolError("rate_limited", "too many requests; slow down", retry_after_ms=wait_ms)
+        return self.refuse(conn_id, request_id, error)
+
+    def refuse_frame(self, conn_id: int, request_id: int | None, error: ProtocolError, now: int) -> Outcome:
+        """An error reply to a frame that could not be read; floods count as abuse.
+
+        Raises:
+            CloseConnection: 4008 when the connection keeps flooding.
+        """
+        if self.limiter.take("conn", f"c{conn_id}", now) and self.limiter.refused(f"c{conn_id}", now):
+            raise CloseConnection(4008, "too many bad frames")
+        return self.refuse(conn_id, request_id, error)
 
     def refuse(self, conn_id: int, request_id: int | None, error: ProtocolError) -> Outcome:
         """An error reply to one request (or to a frame that was not one)."""
@@ -291,6 +331,8 @@ class Engine:
                 # Refuse before authenticating: the client can fix and retry.
                 raise CloseConnection(4002, "resume.last_seq must be a non-negative integer")
             last_seen = seq
+        if len(self.user_conns.get(claims.user_id, ())) >= self.limit_settings.connections_per_user:
+            raise CloseConnection(4008, f"at most {self.limit_settings.connections_per_user} connections per user")
         out = OutcomeBuilder()
         user = self.users.get(claims.user_id)
         if user is None:
@@ -361,8 +403,9 @@ class Engine:
 
     def _op_create_question(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
         s = self.settings
-        title = f.string("title", max_len=s.title_max)
-        body = f.string("body", max_len=s.body_max, min_len=0, default="")
+        title = f.text("title", max_len=s.title_max)
+        body = f.text("body", max_len=s.body_max, min_len=0, default="")
+        self.spam.check(title, body)
         lat, lng = f.location()
         hashtags = f.hashtags("hashtags", max_items=s.hashtags_max)
         urgency = f.choice("urgency", ("normal", "urgent"), default="normal")
@@ -416,7 +459,8 @@ class Engine:
 
     def _op_create_answer(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
         question = self._question(f)
-        content = f.string("content", max_len=self.settings.answer_max)
+        content = f.text("content", max_len=self.settings.answer_max)
+        self.spam.check(content)
         if question.asker_id == user.user_id:
             raise ProtocolError("forbidden", "you cannot answer your own question")
         status = self._advance(question, QuestionEvent.ANSWER)
@@ -709,6 +753,10 @@ class Engine:
         return self.rooms[question.question_id]
 
     def _join_room(self, conn: ConnState, user: User, question_id: str, out: OutcomeBuilder) -> None:
+        if question_id not in conn.rooms and len(conn.rooms) >= self.limit_settings.rooms_per_connection:
+            raise ProtocolError(
+                "limit_exceeded", f"a connection can be in at most {self.limit_settings.rooms_per_connection} rooms"
+            )
         room = self.rooms.setdefault(question_id, Room())
         conn.rooms.add(question_id)
         if room.add(user.user_id, conn.conn_id):

@@ -133,6 +133,18 @@ class Fields:
             raise ProtocolError("invalid_field", f"'{name}' must not be empty")
         return value
 
+    def text(self, name: str, *, max_len: int, min_len: int = 1, default: str | None = None) -> str:
+        """A user-written string: HTML stripped (see ``core.text``), then length-checked."""
+        from .text import plain_text
+
+        raw = self.string(name, max_len=max_len * 4, min_len=0, default=default)
+        value = plain_text(raw)
+        if len(value) > max_len:
+            raise ProtocolError("too_long", f"'{name}' is longer than {max_len} characters", field=name, max=max_len)
+        if len(value) < min_len:
+            raise ProtocolError("invalid_field", f"'{name}' must not be empty")
+        return value
+
     def ident(self, name: str) -> str:
         value = self._data.get(name)
         if not isinstance(value, str) or not (0 < len(value) <= 64):
