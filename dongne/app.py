@@ -103,8 +103,10 @@ async def run_server(
             hotspots=tuple(load_hotspots()),
             limits=settings.limits,
             content=settings.content,
+            alerts=settings.alerts,
         )
-        hot_since = clock.now_ms() - int(settings.engine.hot_question_days * 86400 * 1000)
+        keep_days = max(settings.engine.hot_question_days, settings.alerts.slo_window_days)
+        hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)
         started = time.perf_counter()
         loaded = await trio.to_thread.run_sync(functools.partial(store.load, hot_since=hot_since))
         engine.load(loaded)
@@ -121,7 +123,7 @@ async def run_server(
         def status() -> dict[str, Any]:
             return {"connections": len(clients.conns), "users_online": len(engine.user_conns)}
 
-        ops = OpsApp(lambda: clients.accepting, status)
+        ops = OpsApp(lambda: clients.accepting, status, clients.metrics.render)
         hconfig = hypercorn.config.Config()
         hconfig.bind = [f"{settings.server.ops_host}:{settings.server.ops_port}"]
         hconfig.accesslog = None
@@ -129,7 +131,12 @@ async def run_server(
         hconfig.backlog = 1024
         hconfig.graceful_timeout = min(settings.server.shutdown_timeout_s, 2.0)
         pushes = PushDispatcher(
-            settings.escalation, clients.push_receive, clients.pipeline.submit, clock, loaded.pending_pushes
+            settings.escalation,
+            clients.push_receive,
+            clients.pipeline.submit,
+            clock,
+            loaded.pending_pushes,
+            alert_url=settings.alerts.webhook_url,
         )
         async with trio.open_nursery() as root:
             port = await root.start(clients.run)

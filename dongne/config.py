@@ -28,6 +28,7 @@ __all__ = [
     "EngineSettings",
     "LocationSettings",
     "EscalationSettings",
+    "AlertSettings",
     "LimitSettings",
     "ContentSettings",
     "SnapshotSettings",
@@ -174,6 +175,17 @@ def _default_spam() -> tuple[str, ...]:
 
 
 @attrs.frozen
+class AlertSettings:
+    # A question still unanswered this long after it was asked raises
+    # slow_response_alert (the promise: a first answer within 10 minutes).
+    slow_response_s: float = attrs.field(default=600.0, validator=_positive)
+    # Alerts are also POSTed here as JSON (empty: admins' inboxes only).
+    webhook_url: str = ""
+    # Answer-time SLOs cover the questions of the last this many days.
+    slo_window_days: float = attrs.field(default=7.0, validator=_positive)
+
+
+@attrs.frozen
 class LimitSettings:
     # Every request of one connection (including malformed frames).
     conn_per_s: float = attrs.field(default=20.0, validator=_positive)
@@ -222,6 +234,7 @@ class Settings:
     engine: EngineSettings = EngineSettings()
     location: LocationSettings = LocationSettings()
     escalation: EscalationSettings = EscalationSettings()
+    alerts: AlertSettings = AlertSettings()
     limits: LimitSettings = LimitSettings()
     content: ContentSettings = ContentSettings()
     snapshots: SnapshotSettings = SnapshotSettings()

@@ -21,9 +21,17 @@ class OpsApp:
         status: a dict of live figures for ``/health``.
     """
 
-    def __init__(self, is_ready: Callable[[], bool], status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        is_ready: Callable[[], bool],
+        status: Callable[[], dict[str, Any]],
+        metrics: Callable[[], bytes] | None = None,
+        admin: Any = None,
+    ) -> None:
         self._is_ready = is_ready
         self._status = status
+        self._metrics = metrics
+        self._admin = admin  # an ASGI app for /admin...
 
     async def __call__(self, scope: Scope, receive: Receive, send: SendFn) -> None:
         if scope["type"] == "lifespan":
@@ -37,13 +45,28 @@ class OpsApp:
         if scope["type"] != "http":
             return
         path = scope["path"]
-        if scope["method"] not in ("GET", "HEAD"):
+        if self._admin is not None and (path == "/admin" or path.startswith("/admin/")):
+            await self._admin(scope, receive, send)
+        elif scope["method"] not in ("GET", "HEAD"):
             await _json(send, 405, {"error": "method not allowed"})
         elif path == "/health":
             await _json(send, 200, {"status": "ok", **self._status()})
         elif path == "/ready":
             ready = self._is_ready()
             await _json(send, 200 if ready else 503, {"ready": ready})
+        elif path == "/metrics" and self._metrics is not None:
+            body = self._metrics()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
         else:
             await _json(send, 404, {"error": "not found"})
 

@@ -32,8 +32,16 @@ class CommitPipeline:
         max_batch: the most outcomes in one transaction.
     """
 
-    def __init__(self, store: Store, act: Callable[[Outcome], None], *, max_batch: int = 1000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        act: Callable[[Outcome], None],
+        *,
+        max_batch: int = 1000,
+        on_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_commit = on_commit
         self._act = act
         self._max_batch = max_batch
         self._queue: list[Outcome] = []
@@ -77,6 +85,8 @@ class CommitPipeline:
                     # Not abandoned on cancel: a commit in flight always finishes.
                     await trio.to_thread.run_sync(self._store.apply, writes)
                     self._record(time.perf_counter() - started)
+                    if self._on_commit is not None:
+                        self._on_commit(time.perf_counter() - started, len(batch))
             finally:
                 self._committing = False
             for outcome in batch:

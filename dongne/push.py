@@ -1,4 +1,5 @@
-"""The push outbox's dispatcher: offline targets' notifications to a push gateway.
+"""The push outbox's dispatcher: offline targets' notifications to a push gateway,
+slow-response alerts to the alert webhook.
 
 Jobs are committed to the ``push_outbox`` table in the same transaction as the
 notification they belong to, then handed here. Each job is POSTed as JSON to
@@ -64,8 +65,11 @@ class PushDispatcher:
         submit: Callable[[Outcome], None],
         clock: EngineClock,
         pending: Iterable[PushJob] = (),
+        *,
+        alert_url: str = "",
     ) -> None:
         self.settings = settings
+        self._urls = {"slow_response_alert": alert_url}
         self._jobs = jobs
         self._submit = submit
         self._clock = clock
@@ -74,7 +78,7 @@ class PushDispatcher:
         self.failed = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if not self.settings.push_url:
+        if not self.settings.push_url and not any(self._urls.values()):
             task_status.started()
             async for _job in self._jobs:  # recorded in the outbox only
                 pass
@@ -95,7 +99,14 @@ class PushDispatcher:
     def _record(self, job: PushJob, status: str, attempts: int, error: str | None) -> None:
         self._submit(Outcome(writes=(SavePushStatus(job.job_id, status, attempts, error, self._clock.now_ms()),)))
 
+    def url_for(self, job: PushJob) -> str:
+        """Alerts go to the alert webhook, notifications to the push gateway."""
+        return self._urls.get(job.kind, self.settings.push_url)
+
     async def _deliver(self, client: httpx.AsyncClient, limiter: trio.CapacityLimiter, job: PushJob) -> None:
+        url = self.url_for(job)
+        if not url:
+            return  # no destination configured for this kind: recorded only
         async with limiter:
             if self._clock.now_ms() - job.created_at > self.settings.push_max_age_s * 1000:
                 self._record(job, "expired", job.attempts, "too old to send")
@@ -108,7 +119,7 @@ class PushDispatcher:
                 attempts += 1
                 try:
                     response = await client.post(
-                        self.settings.push_url,
+                        url,
                         json=push_body(job),
                         headers={"Idempotency-Key": f"dongne-push-{job.job_id}"},
                     )

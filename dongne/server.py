@@ -28,11 +28,12 @@ import trio
 
 from .clock import EngineClock
 from .config import LimitSettings, ServerSettings
-from .core.effects import CancelEscalation, Close, Outcome, Push, Replay, Send, StartEscalation
+from .core.effects import CancelEscalation, Close, Observe, Outcome, Push, Replay, Send, StartEscalation
 from .core.engine import Engine
 from .core.errors import CloseConnection, ProtocolError
 from .core.limits import BucketSpec, IpBlocklist, Limiter
 from .core.protocol import decode_request, durable_event
+from .metrics import Metrics
 from .pipeline import CommitPipeline
 from .store import Store
 from .transport import FrameEncoder, WebSocketConnection, serve_handshake
@@ -82,7 +83,8 @@ class ClientServer:
         self.store = store
         self.clock = clock
         self.encoder = FrameEncoder()
-        self.pipeline = CommitPipeline(store, self._act, max_batch=1000)
+        self.metrics = Metrics(self._gauges)
+        self.pipeline = CommitPipeline(store, self._act, max_batch=1000, on_commit=self._on_commit)
         self.conns: dict[int, WebSocketConnection] = {}
         self.stats = ServerStats()
         self.accepting = False
@@ -127,6 +129,13 @@ class ClientServer:
             self.push_send.close()
             nursery.cancel_scope.cancel()
 
+    def _gauges(self) -> dict[str, Any]:
+        return {**self.engine.counts(), "escalations_running": len(self.escalation_scopes)}
+
+    def _on_commit(self, seconds: float, outcomes: int) -> None:
+        self.metrics.commit_seconds.observe(seconds)
+        self.metrics.commit_batch.observe(outcomes)
+
     def stop_accepting(self) -> None:
         """Begin a graceful shutdown: stop accepting and close clients with 1001."""
         self.accepting = False
@@ -158,6 +167,7 @@ class ClientServer:
                         raise
                     if not self._admit(addr[0]):
                         self.stats.refused_connections += 1
+                        self.metrics.rate_limit_hits.labels("connection").inc()
                         sock.close()  # blocked or over its rate: no handshake, no reply
                         continue
                     sock.setblocking(False)
@@ -214,6 +224,7 @@ class ClientServer:
                 self.conns.pop(conn_id, None)
                 if conn.overflowed:
                     self.stats.slow_consumers += 1
+                    self.metrics.overflows.inc()
                 self.stats.frames_out += conn.frames_out
                 self.pipeline.submit(self.engine.close_connection(conn_id, self.clock.now_ms()))
                 with trio.CancelScope(shield=True):
@@ -228,14 +239,17 @@ class ClientServer:
     async def _on_message(self, conn_id: int, conn: WebSocketConnection, message: Any) -> None:
         self.stats.frames_in += 1
         if isinstance(message, TextFrame):
+            self.metrics.frames_in.labels("invalid").inc()
             self._refuse(conn_id, None, ProtocolError("bad_frame", "text frames are not accepted; send binary msgpack"))
             return
         try:
             request = decode_request(message.payload)
         except ProtocolError as exc:
+            self.metrics.frames_in.labels("invalid").inc()
             rid = exc.extra.get("id")
             self._refuse(conn_id, rid if isinstance(rid, int) else None, exc)
             return
+        self.metrics.frames_in.labels(request.op if self.engine.knows_op(request.op) else "unknown").inc()
         missing = self.engine.missing_question(request) if self.engine.is_authenticated(conn_id) else None
         if missing is not None:
             found = await trio.to_thread.run_sync(self.store.find_question, missing)
@@ -245,6 +259,7 @@ class ClientServer:
             outcome = self.engine.receive(conn_id, request, self.clock.now_ms())
         except CloseConnection as exc:
             self.stats.errors[f"close_{exc.code}"] = self.stats.errors.get(f"close_{exc.code}", 0) + 1
+            self.metrics.errors.labels(f"close_{exc.code}").inc()
             conn.close(exc.code, exc.reason)
             return
         except Exception:
@@ -272,14 +287,21 @@ class ClientServer:
         for action in outcome.actions:
             if isinstance(action, Send):
                 frame = self.encoder.binary(msgpack.packb(action.frame))
+                sent = 0
                 for conn_id in action.conn_ids:
                     conn = self.conns.get(conn_id)
                     if conn is not None:
                         conn.send_nowait(frame)
-                        self.stats.deliveries += 1
-                if action.frame.get("type") == "reply" and not action.frame.get("ok"):
+                        sent += 1
+                self.stats.deliveries += sent
+                self.metrics.deliveries.inc(sent)
+                self.metrics.frames_out.labels(action.frame["type"]).inc(sent)
+                if action.frame["type"] == "reply" and not action.frame["ok"]:
                     code = action.frame["error"]["code"]
                     self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+                    self.metrics.errors.labels(code).inc()
+                    if code == "rate_limited":
+                        self.metrics.rate_limit_hits.labels("request").inc()
             elif isinstance(action, Close):
                 conn = self.conns.get(action.conn_id)
                 if conn is not None:
@@ -295,8 +317,13 @@ class ClientServer:
                 scope = self.escalation_scopes.pop(action.question_id, None)
                 if scope is not None:
                     scope.cancel()
+            elif isinstance(action, Observe):
+                self.metrics.observe(action.metric, (self.clock.now_ms() - action.since_ms) / 1000, action.label)
             elif isinstance(action, Push):
-                self.push_send.send_nowait(action.job)
+                try:
+                    self.push_send.send_nowait(action.job)
+                except trio.ClosedResourceError:
+                    pass  # shutting down: the job stays pending and is sent at the next start
 
     async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
         """Send missed durable events in order, then the live frames held meanwhile."""
@@ -330,7 +357,9 @@ class ClientServer:
             with scope:
                 last = self.engine.last_stage_due(question_id)
                 if last is not None:
-                    scope.deadline = self.clock.trio_time_at(last) + 1.0
+                    # Overdue stages (after a restart, or a late start) run at
+                    # once; the deadline only bounds the task's life.
+                    scope.deadline = max(self.clock.trio_time_at(last), trio.current_time()) + 1.0
                 while (due := self.engine.escalation_due(question_id)) is not None:
                     await trio.sleep_until(self.clock.trio_time_at(due))
                     self.pipeline.submit(self.engine.fire_escalation(question_id, self.clock.now_ms()))

@@ -72,7 +72,7 @@ async def test_old_question_is_loaded_on_demand(start_server) -> None:  # type: 
         await asker.request("close_question", {"question_id": qid})
     await h.running.aclose()
     # Keep only questions from the last millisecond-ish in memory: the closed one is not loaded.
-    h2 = await start_server(engine={"hot_question_days": 1e-9})
+    h2 = await start_server(engine={"hot_question_days": 1e-9}, alerts={"slo_window_days": 1e-9})
     assert qid not in h2.running.engine.questions
     async with h2.connect("reader") as reader:
         state = await reader.request("join_question", {"question_id": qid})

@@ -28,6 +28,7 @@ __all__ = [
     "StartEscalation",
     "CancelEscalation",
     "Push",
+    "Observe",
     "Replay",
     "Action",
     "Outcome",
@@ -163,7 +164,16 @@ class Push:
     job: PushJob
 
 
-Action = Union[Send, Close, Replay, StartEscalation, CancelEscalation, Push]
+@attrs.frozen
+class Observe:
+    """Record a duration metric once committed: (now - ``since_ms``) seconds."""
+
+    metric: str  # "escalation_stage_latency" | "time_to_first_answer"
+    since_ms: int
+    label: str
+
+
+Action = Union[Send, Close, Replay, StartEscalation, CancelEscalation, Push, Observe]
 
 
 @attrs.frozen

@@ -18,11 +18,15 @@ from typing import Any
 import attrs
 
 from ..auth import Claims
-from ..config import ContentSettings, EngineSettings, LimitSettings, LocationSettings
+import heapq
+from collections import deque
+
+from ..config import AlertSettings, ContentSettings, EngineSettings, LimitSettings, LocationSettings
 from .effects import (
     AppendEvent,
     CancelEscalation,
     EnqueuePush,
+    Observe,
     Outcome,
     OutcomeBuilder,
     Push,
@@ -37,7 +41,8 @@ from .effects import (
 )
 from .escalation import DEFAULT_STAGES, NotificationSettings, StagePlan
 from .limits import OP_CLASSES, BucketSpec, Limiter
-from .text import SpamFilter, plain_text
+from .slo import SloTracker
+from .text import SpamFilter
 from .neighbourhood import Neighbourhood
 from .regions import Hotspot
 from .errors import CloseConnection, ProtocolError
@@ -108,8 +113,14 @@ class Engine:
         hotspots: tuple[Hotspot, ...] = (),
         limits: LimitSettings = LimitSettings(),
         content: ContentSettings = ContentSettings(),
+        alerts: AlertSettings = AlertSettings(),
     ) -> None:
         self.settings = settings
+        self.alert_settings = alerts
+        self.slo = SloTracker(alerts.slo_window_days)
+        self._alert_heap: list[tuple[int, str]] = []  # (due ms, question id)
+        self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=50)
+        self.admins: set[str] = set()
         self.limit_settings = limits
         self.limiter = Limiter(
             {
@@ -152,6 +163,7 @@ class Engine:
             "get_settings": self._op_get_settings,
             "trending": self._op_trending,
             "hotspots": self._op_hotspots,
+            "metrics": self._op_metrics,
         }
 
     # ---- loading -------------------------------------------------------------
@@ -161,6 +173,8 @@ class Engine:
         for user in state.users:
             self.users[user.user_id] = user
             self.where.refresh_local(user)
+            if user.role == "admin":
+                self.admins.add(user.user_id)
         notified: dict[str, list[str]] = {}
         for question_id, user_id, at in state.notified:
             notified.setdefault(question_id, []).append(user_id)
@@ -168,6 +182,11 @@ class Engine:
         for question in state.questions:
             self.questions[question.question_id] = question
             self.answers.setdefault(question.question_id, {})
+            self.slo.asked(
+                question.question_id, question.created_at, question.region, question.urgency == "urgent",
+                question.first_answer_at,
+            )  # fmt: skip
+            self._watch_response(question)
             if question.status in ACTIVE:
                 self.where.question_opened(question, question.created_at)
                 if question.question_id in state.escalations:
@@ -299,6 +318,9 @@ class Engine:
             raise CloseConnection(4008, "too many bad frames")
         return self.refuse(conn_id, request_id, error)
 
+    def knows_op(self, op: str) -> bool:
+        return op == "hello" or op in self._ops
+
     def refuse(self, conn_id: int, request_id: int | None, error: ProtocolError) -> Outcome:
         """An error reply to one request (or to a frame that was not one)."""
         frame = reply_error(request_id, error.code, error.message, **_extra(error))
@@ -308,16 +330,61 @@ class Engine:
 
     def next_deadline(self) -> int | None:
         """When ``tick`` next has work to do (ms since the epoch), if ever."""
-        return self._typing.next_deadline()
+        deadlines = [d for d in (self._typing.next_deadline(), self._alert_heap[0][0] if self._alert_heap else None) if d is not None]
+        return min(deadlines) if deadlines else None
 
     def tick(self, now: int) -> Outcome:
-        """Expire what is due at ``now``: typing states older than their TTL."""
+        """Do what is due at ``now``: expire typing states, raise slow-response alerts."""
         out = OutcomeBuilder()
         for expires_at, question_id, user_id in self._typing.pop_due(now):
             room = self.rooms.get(question_id)
             if room is not None and room.typing.get(user_id) == expires_at:
                 self._stop_typing(question_id, room, user_id, out)
+        while self._alert_heap and self._alert_heap[0][0] <= now:
+            _due, question_id = heapq.heappop(self._alert_heap)
+            question = self.questions.get(question_id)
+            if question is not None and self._awaits_alert(question):
+                self._raise_slow_response_alert(question, now, out)
         return out.build()
+
+    # ---- slow-response alerts -------------------------------------------------
+
+    def _awaits_alert(self, question: Question) -> bool:
+        return question.status == QuestionStatus.OPEN and question.answer_count == 0 and question.alerted_at is None
+
+    def _watch_response(self, question: Question) -> None:
+        if self._awaits_alert(question):
+            due = question.created_at + int(self.alert_settings.slow_response_s * 1000)
+            heapq.heappush(self._alert_heap, (due, question.question_id))
+
+    def _raise_slow_response_alert(self, question: Question, now: int, out: OutcomeBuilder) -> None:
+        question.alerted_at = now
+        out.write(SaveQuestion(attrs.evolve(question)))
+        esc = self.where.escalations.get(question.question_id)
+        stages = self.where.stages
+        data = {
+            "question_id": question.question_id,
+            "question": self.where.brief(question),
+            "age_s": round((now - question.created_at) / 1000, 1),
+            "threshold_s": self.alert_settings.slow_response_s,
+            "stage": stages[esc.next_stage - 1].name if esc is not None and esc.next_stage > 0 else (stages[-1].name if stages else None),
+            "notified": len(esc.notified) if esc is not None else None,
+            "raised_at": now,
+        }
+        self.recent_alerts.appendleft(data)
+        for admin_id in sorted(self.admins):
+            self._push_durable(admin_id, "slow_response_alert", data, now, out)
+        self._push_seq += 1
+        job = PushJob(
+            job_id=self._push_seq,
+            user_id="",
+            kind="slow_response_alert",
+            urgent=question.urgency == "urgent",
+            payload={"title": question.title, "region": question.region, "data": data},
+            created_at=now,
+        )
+        out.write(EnqueuePush(job))
+        out.act(Push(job))
 
     # ---- hello -----------------------------------------------------------------
 
@@ -343,6 +410,10 @@ class Engine:
             user.nick, user.local, user.tags, user.role = claims.nick, claims.local, claims.tags, claims.role
             out.write(SaveUser(attrs.evolve(user)))
         self.where.refresh_local(user)
+        if user.role == "admin":
+            self.admins.add(user.user_id)
+        else:
+            self.admins.discard(user.user_id)
         conn.user_id = user.user_id
         self.user_conns.setdefault(user.user_id, set()).add(conn.conn_id)
         out.send(
@@ -428,6 +499,8 @@ class Engine:
         out.write(SaveQuestion(attrs.evolve(question)))
         self._join_room(conn, user, question.question_id, out)
         self.where.question_opened(question, now)
+        self.slo.asked(question.question_id, now, question.region, question.urgency == "urgent")
+        self._watch_response(question)
         if self.where.stages:
             self.where.restore_escalation(question.question_id, 0, ())
             # Stages due now (IMMEDIATE) go out with the reply, in the same commit.
@@ -476,6 +549,8 @@ class Engine:
         question.answer_count += 1
         if question.first_answer_at is None:
             question.first_answer_at = now
+            self.slo.answered(question.question_id, now)
+            out.act(Observe("time_to_first_answer", question.created_at, question.region or ""))
         self.answers[question.question_id][answer.answer_id] = answer
         asker_online = bool(self.user_conns.get(question.asker_id))
         if asker_online:
@@ -612,6 +687,8 @@ class Engine:
                     )
                 )
             brief = self.where.brief(question)
+            if targets:
+                out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
             for target in targets:
                 data = {
                     "question_id": question.question_id,
@@ -730,6 +807,51 @@ class Engine:
             raise ProtocolError("forbidden", "hotspots is an admin operation")
         n = f.integer("limit", minimum=1, maximum=100, default=10)
         return self.where.hotspots.snapshot(now, self.where.online_locals_by_region(), n)
+
+    def _op_metrics(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+        if user.role != "admin":
+            raise ProtocolError("forbidden", "metrics is an admin operation")
+        return {"slo": self.slo.snapshot(now), "recent_alerts": list(self.recent_alerts)[:10], **self.counts()}
+
+    # ---- overview (ops port, admin dashboard) -------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "connections": len(self.conns),
+            "users_online": len(self.user_conns),
+            "locals_online": len(self.where.live),
+            "open_questions": sum(1 for q in self.questions.values() if q.status in ACTIVE),
+        }
+
+    def overview(self, now: int) -> dict[str, Any]:
+        """What the admin dashboard shows: open questions, per-region SLO and locals, alerts."""
+        stages = self.where.stages
+        open_questions = []
+        for q in sorted((q for q in self.questions.values() if q.status in ACTIVE), key=lambda q: q.created_at):
+            esc = self.where.escalations.get(q.question_id)
+            if esc is None:
+                stage = stages[-1].name if stages else None
+            else:
+                stage = stages[esc.next_stage - 1].name if esc.next_stage > 0 else None
+            open_questions.append(
+                {
+                    **self.where.brief(q),
+                    "age_s": round((now - q.created_at) / 1000, 1),
+                    "stage": stage,
+                    "answer_count": q.answer_count,
+                    "status": q.status.value,
+                    "alerted": q.alerted_at is not None,
+                }
+            )
+        return {
+            "now": now,
+            **self.counts(),
+            "locals_by_region": self.where.online_locals_by_region(),
+            "slo": self.slo.snapshot(now),
+            "open": open_questions[-200:],
+            "alerts": list(self.recent_alerts)[:20],
+            "hotspots": self.where.hotspots.snapshot(now, self.where.online_locals_by_region(), 10),
+        }
 
     # ---- helpers ---------------------------------------------------------------
 

@@ -76,6 +76,7 @@ class Question:
     answer_count: int = 0
     first_answer_at: int | None = None
     closed_at: int | None = None
+    alerted_at: int | None = None  # when its slow-response alert fired
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -109,6 +109,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX push_by_status ON push_outbox(status, job_id);
     """,
+    # 3: slow-response alerts: when a question's alert fired.
+    """
+    ALTER TABLE questions ADD COLUMN alerted_at INTEGER;
+    CREATE INDEX questions_by_first_answer ON questions(created_at, first_answer_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

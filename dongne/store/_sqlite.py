@@ -40,7 +40,7 @@ _USER_COLS = (
 )
 _QUESTION_COLS = (
     "question_id, asker_id, asker_nick, title, body, lat, lng, region, hashtags, urgency, status,"
-    " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at"
+    " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at, alerted_at"
 )
 _ANSWER_COLS = "answer_id, question_id, author_id, author_nick, content, created_at, state, delivered_at, read_at, accepted"
 
@@ -169,7 +169,7 @@ class Store:
                 )
             if questions:
                 conn.executemany(
-                    f"INSERT OR REPLACE INTO questions ({_QUESTION_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT OR REPLACE INTO questions ({_QUESTION_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [_question_row(q) for q in questions.values()],
                 )
                 conn.executemany(
@@ -338,7 +338,7 @@ def _question_row(q: Question) -> tuple[Any, ...]:
     return (
         q.question_id, q.asker_id, q.asker_nick, q.title, q.body, q.lat, q.lng, q.region,
         json.dumps(list(q.hashtags), ensure_ascii=False), q.urgency, q.status.value, q.created_at,
-        q.accepted_answer_id, q.answer_count, q.first_answer_at, q.closed_at,
+        q.accepted_answer_id, q.answer_count, q.first_answer_at, q.closed_at, q.alerted_at,
     )  # fmt: skip
 
 
@@ -347,6 +347,7 @@ def _question(r: Sequence[Any]) -> Question:
         question_id=r[0], asker_id=r[1], asker_nick=r[2], title=r[3], body=r[4], lat=r[5], lng=r[6],
         region=r[7], hashtags=tuple(json.loads(r[8])), urgency=r[9], status=QuestionStatus(r[10]),
         created_at=r[11], accepted_answer_id=r[12], answer_count=r[13], first_answer_at=r[14], closed_at=r[15],
+        alerted_at=r[16],
     )  # fmt: skip
 
 

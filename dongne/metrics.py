@@ -1,0 +1,85 @@
+"""Prometheus metrics, served at ``GET /metrics`` on the ops port.
+
+prometheus_client does the exposition format, label handling and histogram
+arithmetic. Each server has its own ``CollectorRegistry`` (no process-global
+state), and live gauges are read from the engine at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ANSWER_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
+
+
+class _Gauges(Collector):
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._read()
+        for name, help_text in (
+            ("connections", "Open client connections"),
+            ("users_online", "Users with at least one connection"),
+            ("locals_online", "Verified locals in the live index"),
+            ("open_questions", "Questions open or answered but not resolved"),
+            ("escalations_running", "Escalation tasks running"),
+        ):
+            yield GaugeMetricFamily(f"dongne_{name}", help_text, value=values.get(name, 0))
+
+
+class Metrics:
+    """Every metric the server exports.
+
+    Args:
+        read_gauges: returns the live values of the gauges (called at scrape time).
+    """
+
+    def __init__(self, read_gauges: Callable[[], dict[str, Any]]) -> None:
+        r = self.registry = CollectorRegistry()
+        self.frames_in = Counter("dongne_frames_in", "Client frames received, by operation", ["type"], registry=r)
+        self.frames_out = Counter("dongne_frames_out", "Frames delivered to clients, by type", ["type"], registry=r)
+        self.deliveries = Counter("dongne_deliveries", "Frames written or queued to client connections", registry=r)
+        self.errors = Counter("dongne_errors", "Error replies and closes, by code", ["code"], registry=r)
+        self.overflows = Counter("dongne_outbound_overflows", "Connections closed as slow consumers (4009)", registry=r)
+        self.rate_limit_hits = Counter("dongne_rate_limit_hits", "Requests or connections refused by a limit", ["scope"], registry=r)
+        self.commit_seconds = Histogram(
+            "dongne_store_commit_seconds", "Time to commit one group of writes", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.commit_batch = Histogram(
+            "dongne_store_commit_batch_outcomes", "Requests committed together", buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000), registry=r
+        )
+        self.stage_latency = Histogram(
+            "dongne_escalation_stage_latency_seconds",
+            "From question created to its stage's notifications sent",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_answer = Histogram(
+            "dongne_time_to_first_answer_seconds",
+            "From question created to its first answer",
+            ["region"],
+            buckets=ANSWER_BUCKETS,
+            registry=r,
+        )
+        r.register(_Gauges(read_gauges))
+
+    def observe(self, metric: str, seconds: float, label: str) -> None:
+        if metric == "escalation_stage_latency":
+            self.stage_latency.labels(label).observe(seconds)
+        elif metric == "time_to_first_answer":
+            self.first_answer.labels(label or "none").observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

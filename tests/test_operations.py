@@ -1,0 +1,135 @@
+"""Operations: /metrics, answer-time SLOs, slow-response alerts."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+import trio
+
+from dongne.client import RequestError
+from dongne.clock import EngineClock
+from dongne.core.slo import SloTracker
+
+from .conftest import NO_TIMERS, Harness, question_data
+from .test_push import FakeGateway
+
+ONLY_IMMEDIATE = [{"name": "IMMEDIATE", "offset_s": 0.0, "radius_m": 2000.0, "audience": "online_nearby"}]
+
+
+def test_slo_counts_only_decided_questions() -> None:
+    slo = SloTracker(window_days=1)
+    t0 = 1_800_000_000_000
+    slo.asked("a", t0, "Jeju-si", urgent=False)
+    slo.asked("b", t0, "Jeju-si", urgent=True)
+    slo.asked("c", t0, "Udo", urgent=False)
+    slo.answered("a", t0 + 30_000)  # 30 s
+    slo.answered("b", t0 + 400_000)  # 6 min 40 s
+    snap = slo.snapshot(t0 + 120_000)  # 2 minutes in: c is undecided for 5 and 10 minutes
+    assert snap["overall"]["within_1m"] == round(1 / 3, 4)
+    assert snap["overall"]["decided_5m"] == 2 and snap["overall"]["within_5m"] == 0.5
+    later = slo.snapshot(t0 + 700_000)
+    assert later["overall"]["within_10m"] == round(2 / 3, 4)
+    assert later["regions"]["Udo"]["within_10m"] == 0.0
+    assert later["urgent"]["within_5m"] == 0.0 and later["urgent"]["within_10m"] == 1.0
+    assert later["regions"]["Jeju-si"]["avg_first_answer_s"] == 215.0
+    assert later["regions"]["Jeju-si"]["p90_first_answer_s"] == 400.0
+    assert slo.snapshot(t0 + 2 * 86_400_000)["overall"]["questions"] == 0  # out of the window
+
+
+async def test_metrics_endpoint_counts_real_traffic(server: Harness) -> None:
+    async with server.connect("asker") as asker, server.connect("local") as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await local.request("create_answer", {"question_id": qid, "content": "here"})
+        with pytest.raises(RequestError):
+            await local.request("join_question", {"question_id": "nope"})
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"http://127.0.0.1:{server.running.ops_port}/metrics")
+    assert response.status_code == 200
+    text = response.text
+    assert 'dongne_frames_in_total{type="create_question"} 1.0' in text
+    assert 'dongne_errors_total{code="not_found"} 1.0' in text
+    assert "dongne_connections 2.0" in text
+    assert "dongne_users_online 2.0" in text
+    assert 'dongne_time_to_first_answer_seconds_count{region="Jeju-si"} 1.0' in text
+    assert "dongne_store_commit_seconds_count" in text
+    assert 'dongne_frames_out_total{type="answer_notification"} 1.0' in text
+
+
+async def test_admin_metrics_op_reports_slos(server: Harness) -> None:
+    async with server.connect("asker") as asker, server.connect("local") as local, server.connect("boss", admin=True) as boss:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await local.request("create_answer", {"question_id": qid, "content": "here"})
+        with pytest.raises(RequestError) as forbidden:
+            await asker.request("metrics")
+        assert forbidden.value.code == "forbidden"
+        report = await boss.request("metrics")
+        assert report["slo"]["overall"]["within_1m"] == 1.0
+        assert report["slo"]["regions"]["Jeju-si"]["answered"] == 1
+        assert report["open_questions"] == 1
+
+
+async def test_slow_response_alert_fires_at_the_deadline(start_server, autojump_clock, nursery) -> None:  # type: ignore[no-untyped-def]
+    gateway = FakeGateway(200)
+    await nursery.start(gateway.serve)
+    h = await start_server(
+        server=NO_TIMERS,
+        escalation={"stages": ONLY_IMMEDIATE},
+        alerts={"slow_response_s": 600.0, "webhook_url": f"http://127.0.0.1:{gateway.port}/alerts"},
+    )
+    async with h.connect("boss", admin=True, timeout=math.inf) as boss, h.connect("asker", timeout=math.inf) as asker:
+        started = trio.current_time()
+        q = (await asker.request("create_question", question_data(urgency="urgent")))["question"]
+        alert = await boss.next_event("slow_response_alert")
+        assert trio.current_time() - started >= 600.0 - 0.001
+        assert alert["data"]["question_id"] == q["question_id"]
+        assert alert["data"]["age_s"] >= 600.0
+        assert alert["data"]["stage"] == "IMMEDIATE"
+        with trio.fail_after(1e6):
+            while not gateway.requests:
+                await trio.sleep(1)
+        assert gateway.requests[0][1]["type"] == "slow_response_alert"
+        assert gateway.requests[0][1]["urgent"] is True
+        # Answering afterwards does not raise it again; the question is marked.
+        state = await asker.request("join_question", {"question_id": q["question_id"]})
+        assert state["question"]["status"] == "open"
+        report = await boss.request("metrics")
+        assert report["recent_alerts"][0]["question_id"] == q["question_id"]
+    await h.running.aclose()
+
+
+async def test_an_answer_in_time_means_no_alert(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(server=NO_TIMERS, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 600.0})
+    async with h.connect("boss", admin=True, timeout=math.inf) as boss, h.connect("asker", timeout=math.inf) as asker:
+        async with h.connect("local", timeout=math.inf) as local:
+            q = (await asker.request("create_question", question_data()))["question"]
+            answer = (await local.request("create_answer", {"question_id": q["question_id"], "content": "quick"}))["answer"]
+        await trio.sleep(700)
+        await boss.request("get_profile")
+        alerts = [e for e in boss.pending_events() if e["type"] == "slow_response_alert"]
+        # However the clock jumped: an alert exists only if it came before the answer.
+        assert all(e["data"]["raised_at"] <= answer["created_at"] for e in alerts)
+    await h.running.aclose()
+
+
+async def test_alert_due_while_down_fires_at_start(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    clock = EngineClock()
+    h = await start_server(clock=clock, server=NO_TIMERS, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 600.0})
+    async with h.connect("boss", admin=True, timeout=math.inf) as boss:
+        seen = boss.last_seq
+    async with h.connect("asker", timeout=math.inf) as asker:
+        q = (await asker.request("create_question", question_data()))["question"]
+    alerted_before = h.running.engine.questions[q["question_id"]].alerted_at
+    await h.running.aclose()
+    await trio.sleep(900)
+    h2 = await start_server(clock=clock, server=NO_TIMERS, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 600.0})
+    async with h2.connect("boss", admin=True, resume_from=seen, timeout=math.inf) as boss:
+        alert = await boss.next_event("slow_response_alert")
+        assert alert["data"]["question_id"] == q["question_id"]
+        assert alert["seq"] == seen + 1
+        await boss.request("get_profile")
+        assert [e for e in boss.pending_events() if e["type"] == "slow_response_alert"] == []  # exactly once
+    assert h2.running.engine.questions[q["question_id"]].alerted_at is not None
+    assert alerted_before is None or alerted_before == h2.running.engine.questions[q["question_id"]].alerted_at
+    await h2.running.aclose()
