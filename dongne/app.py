@@ -27,6 +27,8 @@ from .core.escalation import stages_from_config
 from .core.regions import RegionSet, load_default_regions, load_hotspots
 from .ops import OpsApp
 from .push import PushDispatcher
+from .snapshots import run_periodic_snapshots
+from .store._backup import hold_database_lock
 from .server import ClientServer
 from .store import Store
 
@@ -91,6 +93,26 @@ async def run_server(
         region_set = load_default_regions()
     store = Store(db_path, synchronous=settings.store.synchronous)
     stopped = trio.Event()
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    # One server per database, and no restore under a running server.
+    try:
+        with hold_database_lock(db_path):
+            await _serve(settings, db_path, store, verifier, region_set, clock, handle_signals, stopped, task_status)
+    finally:
+        stopped.set()  # after the lock is released: a restart may follow at once
+
+
+async def _serve(
+    settings: Settings,
+    db_path: Path,
+    store: Store,
+    verifier: TokenVerifier,
+    region_set: RegionSet,
+    clock: EngineClock | None,
+    handle_signals: bool,
+    stopped: trio.Event,
+    task_status: trio.TaskStatus[Running],
+) -> None:
     await trio.to_thread.run_sync(store.open)
     try:
         clock = clock if clock is not None else EngineClock()
@@ -141,6 +163,8 @@ async def run_server(
         async with trio.open_nursery() as root:
             port = await root.start(clients.run)
             root.start_soon(pushes.run)
+            snapshots = trio.CancelScope()
+            root.start_soon(_in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots))
             binds = await root.start(
                 functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
             )
@@ -151,12 +175,17 @@ async def run_server(
             task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
             await shutdown.wait()
             log.info("shutting down")
+            snapshots.cancel()
             clients.stop_accepting()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
         log.info("database closed")
-        stopped.set()
+
+
+async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:
+    with scope:
+        await fn()
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

@@ -1,4 +1,4 @@
-"""The ``dongne`` command: ``serve`` and ``token``."""
+"""The ``dongne`` command: ``serve``, ``token``, ``snapshot`` and ``restore``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--tags", default="", help="expertise hashtags, comma-separated")
     token.add_argument("--admin", action="store_true")
     token.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default: [auth] token_ttl_s)")
+    snapshot = sub.add_parser("snapshot", help="take a consistent snapshot of the database (the server may be running)")
+    _common(snapshot)
+    snapshot.add_argument(
+        "--dir", metavar="DIR", help="where to write it (default: [snapshots] dir, relative to the database's folder)"
+    )
+    restore = sub.add_parser("restore", help="replace the database with a snapshot (stop the server first)")
+    restore.add_argument("snapshot", metavar="PATH", help="the snapshot file")
+    _common(restore)
+    restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
 
@@ -63,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dongne: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "snapshot":
+        return _snapshot(args, settings)
+    if args.command == "restore":
+        return _restore(args, settings)
     if args.command == "token":
         secret = load_or_create_secret(settings.auth.jwt_secret, Path(settings.store.path).resolve())
         tags = [t.strip() for t in args.tags.split(",") if t.strip()]
@@ -92,8 +105,71 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dongne: {exc}", file=sys.stderr)
             return 2
     from .app import run_server
+    from .store._backup import DatabaseInUseError
 
-    trio.run(lambda: run_server(settings, regions=regions, handle_signals=True))
+    try:
+        trio.run(lambda: run_server(settings, regions=regions, handle_signals=True))
+    except DatabaseInUseError as exc:
+        print(f"dongne: {exc}: is another server running on this database?", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    from .snapshots import resolve_snapshot_dir
+    from .store._backup import SnapshotError, take_snapshot
+
+    db = Path(settings.store.path).resolve()
+    if not db.is_file():
+        print(f"dongne: no database at {db}", file=sys.stderr)
+        return 2
+    # A --dir typed on the command line is relative to the working directory.
+    directory = Path(args.dir).resolve() if args.dir else resolve_snapshot_dir(db, settings.snapshots)
+    try:
+        print(take_snapshot(db, directory))
+    except (SnapshotError, OSError) as exc:
+        print(f"dongne: snapshot failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _restore(args: argparse.Namespace, settings: Settings) -> int:
+    from .store._backup import DatabaseInUseError, InvalidSnapshotError, restore_snapshot
+
+    db = Path(settings.store.path).resolve()
+    snapshot = Path(args.snapshot).resolve()
+    if not snapshot.is_file():
+        print(f"dongne: no snapshot at {snapshot}", file=sys.stderr)
+        return 2
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("dongne: restore replaces the database; pass --yes to confirm when not at a terminal", file=sys.stderr)
+            return 2
+        print(
+            f"Replace the database {db}\n   with the snapshot {snapshot}?\n"
+            f"The current database is kept as {db.name}.before-restore-<time>. The server must be stopped. [y/N] ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            answer = input()
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("dongne: not restored", file=sys.stderr)
+            return 1
+    try:
+        kept = restore_snapshot(snapshot, db)
+    except (InvalidSnapshotError, DatabaseInUseError) as exc:
+        print(f"dongne: not restored: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"dongne: restore failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored {snapshot} to {db}")
+    if kept is not None:
+        print(f"the previous database is kept as {kept}")
     return 0
 
 

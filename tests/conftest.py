@@ -37,6 +37,9 @@ def make_settings(db: Path, **sections: dict[str, Any]) -> Settings:
         # Tests drive many requests from one user and one address; the limits
         # are exercised by tests that set them (test_limits.py).
         "limits": dict(UNLIMITED),
+        # Periodic snapshots are tested in test_snapshots.py; elsewhere their
+        # timer would only make the autojump clock leap an hour.
+        "snapshots": {"interval_s": 0.0},
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)

@@ -132,3 +132,23 @@ def test_bad_region_file_is_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "regions.geojson" in out.stderr
+
+
+async def test_second_server_on_the_same_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "d.sqlite3"
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "dongne", "serve", "--db", str(db), "--port", "0", "--ops-port", "0"],
+        stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        await _read_ports(proc)
+        second = await trio.run_process(
+            [sys.executable, "-m", "dongne", "serve", "--db", str(db), "--port", "0", "--ops-port", "0"],
+            capture_stderr=True, check=False, cwd=tmp_path,
+        )  # fmt: skip
+        assert second.returncode == 2
+        assert b"another server" in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await proc.wait()

@@ -43,7 +43,9 @@ def test_blocklist_matches_networks() -> None:
 async def test_rate_limited_then_closed_for_abuse(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
     limits = {**UNLIMITED, "writes_per_minute": 6.0, "writes_burst": 2.0, "abuse_refusals_per_minute": 5}
     # No escalation timers either: on the autojump clock, time then moves only when the test sleeps.
-    h = await start_server(server=NO_TIMERS, limits=limits, escalation={"stages": ONLY_IMMEDIATE})
+    h = await start_server(
+        server=NO_TIMERS, limits=limits, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 1e12}
+    )
     async with h.connect("asker", timeout=math.inf) as asker, h.connect("spammer", timeout=math.inf) as spammer:
         qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
         for i in range(2):
