@@ -145,7 +145,18 @@ async def _serve(
         def status() -> dict[str, Any]:
             return {"connections": len(clients.conns), "users_online": len(engine.user_conns)}
 
-        ops = OpsApp(lambda: clients.accepting, status, clients.metrics.render)
+        def overview() -> dict[str, Any]:
+            """The admin dashboard's data: the engine's overview plus traffic counters."""
+            stats = clients.stats
+            return {
+                **engine.overview(clock.now_ms()),
+                "frames_in": stats.frames_in,
+                "deliveries": stats.deliveries,
+                "slow_consumers": stats.slow_consumers,
+            }
+
+        admin = None  # the admin dashboard's ASGI app, mounted at /admin (see dongne/admin)
+        ops = OpsApp(lambda: clients.accepting, status, clients.metrics.render, admin)
         hconfig = hypercorn.config.Config()
         hconfig.bind = [f"{settings.server.ops_host}:{settings.server.ops_port}"]
         hconfig.accesslog = None
