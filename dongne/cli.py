@@ -13,6 +13,7 @@ import trio
 
 from .auth import load_or_create_secret, mint_token
 from .config import Settings, load_settings
+from .logs import configure_logging
 from .core.errors import ConfigError
 from .core.regions import RegionFileError, RegionSet
 
@@ -92,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
-    logging.basicConfig(
-        level=settings.log.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log.level, settings.log.format)
     regions = None
     if args.regions:
         try:

@@ -224,6 +224,7 @@ class SnapshotSettings:
 @attrs.frozen
 class LogSettings:
     level: str = attrs.field(default="INFO", validator=_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    format: str = attrs.field(default="json", validator=_one_of("json", "text"))
 
 
 @attrs.frozen

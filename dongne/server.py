@@ -28,7 +28,7 @@ import trio
 
 from .clock import EngineClock
 from .config import LimitSettings, ServerSettings
-from .core.effects import CancelEscalation, Close, Observe, Outcome, Push, Replay, Send, StartEscalation
+from .core.effects import CancelEscalation, Close, Note, Observe, Outcome, Push, Replay, Send, StartEscalation
 from .core.engine import Engine
 from .core.errors import CloseConnection, ProtocolError
 from .core.limits import BucketSpec, IpBlocklist, Limiter
@@ -191,6 +191,7 @@ class ClientServer:
     async def _handle_connection(self, sock: socket.socket) -> None:
         conn: WebSocketConnection | None = None
         conn_id = next(self._ids)
+        opened = trio.current_time()
         try:
             with trio.move_on_after(self.settings.hello_timeout_s):
                 handshake = await serve_handshake(sock, is_ready=lambda: self.accepting)
@@ -218,9 +219,19 @@ class ClientServer:
         except trio.Cancelled:
             raise
         except Exception:
-            log.exception("connection %d failed", conn_id)
+            log.exception("connection_failed", extra={"conn": conn_id})
         finally:
             if conn is not None:
+                log.info(
+                    "connection_closed",
+                    extra={
+                        "conn": conn_id,
+                        "user": self.engine.user_of(conn_id),
+                        "close_code": conn.close_code,
+                        "slow_consumer": conn.overflowed,
+                        "duration_ms": round((trio.current_time() - opened) * 1000, 1),
+                    },
+                )
                 self.conns.pop(conn_id, None)
                 if conn.overflowed:
                     self.stats.slow_consumers += 1
@@ -258,12 +269,13 @@ class ClientServer:
         try:
             outcome = self.engine.receive(conn_id, request, self.clock.now_ms())
         except CloseConnection as exc:
+            log.info("connection_refused", extra={"conn": conn_id, "close_code": exc.code, "reason": exc.reason})
             self.stats.errors[f"close_{exc.code}"] = self.stats.errors.get(f"close_{exc.code}", 0) + 1
             self.metrics.errors.labels(f"close_{exc.code}").inc()
             conn.close(exc.code, exc.reason)
             return
         except Exception:
-            log.exception("request %r from connection %d failed", request.op, conn_id)
+            log.exception("request_failed", extra={"conn": conn_id, "op": request.op, "user": self.engine.user_of(conn_id)})
             self._refuse(conn_id, request.id, ProtocolError("internal", "internal error; the request was not applied"))
             return
         self.pipeline.submit(outcome)
@@ -317,6 +329,8 @@ class ClientServer:
                 scope = self.escalation_scopes.pop(action.question_id, None)
                 if scope is not None:
                     scope.cancel()
+            elif isinstance(action, Note):
+                log.info(action.event, extra=action.fields)
             elif isinstance(action, Observe):
                 self.metrics.observe(action.metric, (self.clock.now_ms() - action.since_ms) / 1000, action.label)
             elif isinstance(action, Push):
@@ -389,7 +403,7 @@ class ClientServer:
             await trio.sleep(interval)
             for conn in list(self.conns.values()):
                 if not conn.alive:
-                    log.info("closing a connection that stopped answering pings")
+                    log.info("connection_dead", extra={"reason": "no answer to ping"})
                     conn.abort()
                     continue
                 conn.alive = False

@@ -62,7 +62,7 @@ async def test_serve_token_health_and_graceful_sigterm(tmp_path: Path) -> None:
         stderr=subprocess.PIPE, cwd=tmp_path,
     )  # fmt: skip
     try:
-        port, ops_port, _ = await _read_ports(proc)
+        port, ops_port, seen = await _read_ports(proc)
         for p in (port, ops_port):
             status, body = await _http_get(p, "/health")
             assert (status, body["status"]) == (200, "ok")
@@ -81,8 +81,18 @@ async def test_serve_token_health_and_graceful_sigterm(tmp_path: Path) -> None:
             assert closed.value.reason.code == 1001
         with trio.fail_after(10):
             code = await proc.wait()
+            assert proc.stderr is not None
+            while chunk := await proc.stderr.receive_some(65536):
+                seen += chunk
         assert code == 0
         assert trio.current_time() - started < 5.0
+        # Structured logs: one JSON object per line, ids but never the question's text.
+        records = [json.loads(line) for line in seen.decode().splitlines() if line.strip()]
+        assert all({"time", "level", "logger", "event"} <= r.keys() for r in records)
+        created = [r for r in records if r["event"] == "question_created"]
+        assert created and created[0]["question_id"] == qid and created[0]["region"] == "Jeju-si"
+        assert any(r["event"] == "connection_closed" and r["close_code"] == 1001 for r in records)
+        assert question_data()["title"] not in seen.decode()
     finally:
         if proc.returncode is None:
             proc.kill()

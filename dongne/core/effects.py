@@ -29,6 +29,7 @@ __all__ = [
     "CancelEscalation",
     "Push",
     "Observe",
+    "Note",
     "Replay",
     "Action",
     "Outcome",
@@ -173,7 +174,15 @@ class Observe:
     label: str
 
 
-Action = Union[Send, Close, Replay, StartEscalation, CancelEscalation, Push, Observe]
+@attrs.frozen
+class Note:
+    """Something worth a log line once committed (ids and counts, never user text)."""
+
+    event: str
+    fields: dict[str, Any]
+
+
+Action = Union[Send, Close, Replay, StartEscalation, CancelEscalation, Push, Observe, Note]
 
 
 @attrs.frozen
@@ -201,6 +210,9 @@ class OutcomeBuilder:
 
     def act(self, action: Action) -> None:
         self.actions.append(action)
+
+    def note(self, event: str, **fields: Any) -> None:
+        self.actions.append(Note(event, fields))
 
     def build(self) -> Outcome:
         return Outcome(tuple(self.writes), tuple(self.actions))

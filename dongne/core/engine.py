@@ -372,6 +372,7 @@ class Engine:
             "raised_at": now,
         }
         self.recent_alerts.appendleft(data)
+        out.note("slow_response_alert", question_id=question.question_id, region=question.region, admins=len(self.admins))
         for admin_id in sorted(self.admins):
             self._push_durable(admin_id, "slow_response_alert", data, now, out)
         self._push_seq += 1
@@ -498,6 +499,10 @@ class Engine:
         self.answers[question.question_id] = {}
         out.write(SaveQuestion(attrs.evolve(question)))
         self._join_room(conn, user, question.question_id, out)
+        out.note(
+            "question_created",
+            question_id=question.question_id, user=user.user_id, region=region, urgency=urgency, hashtags=len(hashtags),
+        )  # fmt: skip
         self.where.question_opened(question, now)
         self.slo.asked(question.question_id, now, question.region, question.urgency == "urgent")
         self._watch_response(question)
@@ -560,6 +565,7 @@ class Engine:
             self._undelivered.setdefault(question.asker_id, set()).add((question.question_id, answer.answer_id))
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(SaveQuestion(attrs.evolve(question)))
+        out.note("answer_created", question_id=question.question_id, answer_id=answer.answer_id, user=user.user_id)
         wire = answer.to_wire()
         room = self.rooms.get(question.question_id)
         if room is not None:
@@ -595,6 +601,7 @@ class Engine:
         out.write(SaveQuestion(attrs.evolve(question)))
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(SaveUser(attrs.evolve(author)))
+        out.note("answer_accepted", question_id=question.question_id, answer_id=answer.answer_id, points=points)
         data = {"question_id": question.question_id, "answer_id": answer.answer_id, "author_id": author.user_id, "points": points}
         room = self.rooms.get(question.question_id)
         if room is not None:
@@ -687,6 +694,11 @@ class Engine:
                     )
                 )
             brief = self.where.brief(question)
+            out.note(
+                "escalation_stage",
+                question_id=question.question_id, stage=stage.name, targets=len(targets),
+                offline=sum(1 for t in targets if not t.online), late_ms=now - (question.created_at + int(stage.offset_s * 1000)),
+            )  # fmt: skip
             if targets:
                 out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
             for target in targets:
