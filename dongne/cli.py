@@ -103,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from .app import run_server
     from .store._backup import DatabaseInUseError
+    from .store._sqlite import StoreError
 
     try:
         trio.run(lambda: run_server(settings, regions=regions, handle_signals=True))
     except DatabaseInUseError as exc:
         print(f"dongne: {exc}: is another server running on this database?", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"dongne: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -162,3 +162,17 @@ async def test_second_server_on_the_same_database_is_refused(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             await proc.wait()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "d.sqlite3"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    out = subprocess.run(
+        [sys.executable, "-m", "dongne", "serve", "--db", str(db), "--port", "0", "--ops-port", "0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "newer than this dongne" in out.stderr
