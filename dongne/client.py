@@ -1,28 +1,70 @@
 """A Python client for dongne, on trio-websocket.
 
-    async with open_client("ws://127.0.0.1:8765", token) as client:
-        reply = await client.request("create_question", {...})
-        event = await client.next_event("answer_notification")
+``open_client`` is one connection; ``open_session`` one that comes back (it
+reconnects with backoff, resumes durable events and re-joins rooms)::
+
+    async with open_session("ws://127.0.0.1:8765", get_token) as session:
+        reply = await session.request("create_question", {...})
+        event = await session.next_event("answer_notification")
 
 Every request gets an integer id; ``request`` waits for the matching reply and
 raises ``RequestError`` (with the wire ``code``) when it is an error. Server
-events are queued for ``next_event`` / ``events()``. The client tracks
-``last_seq`` and drops a durable event it has already seen.
+events are queued for ``next_event`` / ``pending_events``. Both track
+``last_seq`` and drop a durable event they have already seen.
+
+Theory of operation (sessions): one driver task owns the connection. It
+connects, says ``hello`` (with ``resume.last_seq`` = the last durable seq the
+session queued), re-joins the rooms the session is in and re-sends its last
+location, and only then reports ``CONNECTED`` and lets requests through. Events
+of every connection go to one queue owned by the session, so nothing queued is
+lost with a connection; a durable event at or below ``last_seq`` is a replay
+overlap and dropped, one past a gap makes the session reconnect and resume
+(the replay fills the gap), so the queue holds each seq once, in order.
+Rooms and the location are tracked from replies as the reader dispatches them,
+before any later frame, so a reconnect never misses a join it has seen
+acknowledged. A request in flight when the connection drops fails with
+``ConnectionLost``: it may or may not have been applied, and only the caller
+knows whether it is safe to send again.
 """
 
 from __future__ import annotations
 
+import copy
+import enum
+import inspect
 import itertools
+import logging
 import math
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn, TypeVar, final
 
+import attrs
 import msgpack
 import trio
 import trio_websocket
 
-__all__ = ["DongneClient", "RequestError", "open_client"]
+__all__ = [
+    "AuthenticationFailed", "Backoff", "ConnectFailed", "ConnectionLost", "DongneClient", "RequestError", "Session",
+    "SessionClosed", "SessionError", "SessionState", "SessionStatistics", "TokenSource", "open_client", "open_session",
+]  # fmt: skip
+
+log = logging.getLogger("dongne.client")
+
+T = TypeVar("T")
+
+#: A token, or a callable (sync or async) returning a fresh one; it is called
+#: for every connection, so an expired token is replaced on reconnect.
+TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+#: Close codes after which reconnecting cannot help (PROTOCOL.md, "Close
+#: codes": "get a new token" / "fix the client"). Anything else (1001 shutting
+#: down, 4009 slow consumer, 1006 a dropped connection, ...) is reconnected.
+FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002})
+
+
+# ---- errors ----------------------------------------------------------------------
 
 
 class RequestError(Exception):
@@ -33,6 +75,53 @@ class RequestError(Exception):
         self.code = code
         self.message = message
         self.error = error
+
+
+class SessionError(Exception):
+    """The root of the errors a ``Session`` raises (besides ``RequestError``)."""
+
+
+class ConnectionLost(SessionError, ConnectionError):
+    """The connection dropped before the reply arrived.
+
+    The request may or may not have been applied; the session is reconnecting.
+    Send it again only if doing so twice is harmless (or check first).
+    """
+
+
+class SessionClosed(SessionError):
+    """The session is over and will not reconnect.
+
+    Attributes:
+        code: the server's close code that ended it, if any.
+        reason: the server's close reason, if any.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class AuthenticationFailed(SessionClosed):
+    """The server refused the token (close code 4001). Get a new token."""
+
+
+class ConnectFailed(SessionClosed):
+    """No connection could be made within the allowed attempts.
+
+    Attributes:
+        attempts: how many connection attempts failed in a row.
+        last_error: what the last attempt failed with.
+    """
+
+    def __init__(self, message: str, *, attempts: int = 0, last_error: BaseException | None = None, **close: Any) -> None:
+        super().__init__(message, **close)
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+# ---- one connection ---------------------------------------------------------------
 
 
 class DongneClient:
@@ -46,6 +135,7 @@ class DongneClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._events_send, self._events_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._done = trio.Event()
         self.closed: trio_websocket.ConnectionClosed | None = None
 
     async def send_raw(self, payload: bytes | str) -> None:
@@ -58,22 +148,31 @@ class DongneClient:
         Raises:
             RequestError: the reply was an error.
             trio.TooSlowError: no reply within ``timeout`` (default ``self.timeout``).
+            trio_websocket.ConnectionClosed: the connection closed before the reply.
         """
-        reply = await self.request_raw({"type": op, "data": data or {}}, timeout=timeout)
-        if not reply.get("ok"):
-            error = reply.get("error", {})
-            raise RequestError(error.get("code", "?"), error.get("message", ""), error)
-        return dict(reply.get("data", {}))
+        return _reply_data(await self.request_raw({"type": op, "data": data or {}}, timeout=timeout))
 
     async def request_raw(self, frame: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """Send a frame (``id`` added) and return the whole reply frame."""
+        """Send a frame (``id`` added) and return the whole reply frame.
+
+        Raises:
+            trio.TooSlowError: no reply within ``timeout`` (default ``self.timeout``).
+            trio_websocket.ConnectionClosed: the connection closed before the reply.
+        """
+        if self._done.is_set():  # nothing would read the reply
+            raise trio_websocket.ConnectionClosed(self.ws.closed)
         rid = next(self._ids)
+        frame = {**frame, "id": rid}
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[rid] = send
+        self._sending(frame)
         try:
-            await self.ws.send_message(msgpack.packb({**frame, "id": rid}))
             with trio.fail_after(self.timeout if timeout is None else timeout):
-                return await recv.receive()
+                await self.ws.send_message(msgpack.packb(frame))
+                try:
+                    return await recv.receive()
+                except trio.EndOfChannel:
+                    raise trio_websocket.ConnectionClosed(self.ws.closed) from None
         finally:
             self._waiting.pop(rid, None)
 
@@ -87,38 +186,65 @@ class DongneClient:
 
     def pending_events(self) -> list[dict[str, Any]]:
         """Events received and not yet taken, without waiting."""
-        out = []
-        while True:
-            try:
-                out.append(self._events_recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return out
+        return _drain(self._events_recv)
+
+    def _alive(self) -> bool:
+        return not self._done.is_set() and self.ws.closed is None
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has closed (either side) and reading has stopped."""
+        await self._done.wait()
 
     async def _read(self) -> None:
         try:
             while True:
                 message = await self.ws.get_message()
-                frame = msgpack.unpackb(message, raw=False)
-                self._dispatch(frame)
+                if not self._dispatch(msgpack.unpackb(message, raw=False)):
+                    return
         except trio_websocket.ConnectionClosed as exc:
             self.closed = exc
         finally:
             self._events_send.close()
+            # Requests still waiting will never get their reply on this connection.
+            for waiter in self._waiting.values():
+                waiter.close()
+            self._done.set()
 
-    def _dispatch(self, frame: dict[str, Any]) -> None:
+    def _sending(self, frame: dict[str, Any]) -> None:
+        """Called with each request frame (``id`` set) just before it is sent."""
+
+    def _dispatch(self, frame: dict[str, Any]) -> bool:
+        """Route one inbound frame; returning False stops reading this connection."""
         if frame.get("type") == "reply":
-            waiter = self._waiting.get(frame.get("id"))  # type: ignore[arg-type]
+            waiter = self._waiting.pop(frame.get("id"), None)  # type: ignore[arg-type]
             if waiter is not None:
                 waiter.send_nowait(frame)
             elif frame.get("id") is None:
                 self._events_send.send_nowait(frame)  # an error for a frame with no id
-            return
+            return True
         seq = frame.get("seq")
         if isinstance(seq, int):
             if seq <= self.last_seq:
-                return  # already seen: resume may overlap
+                return True  # already seen: resume may overlap
             self.last_seq = seq
         self._events_send.send_nowait(frame)
+        return True
+
+
+def _reply_data(reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply.get("ok"):
+        error = reply.get("error", {})
+        raise RequestError(error.get("code", "?"), error.get("message", ""), error)
+    return dict(reply.get("data", {}))
+
+
+def _drain(recv: trio.MemoryReceiveChannel[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    while True:
+        try:
+            out.append(recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
 
 
 @asynccontextmanager
@@ -137,15 +263,637 @@ async def open_client(
         trio_websocket.ConnectionClosed: the server closed (e.g. 4001).
     """
     async with trio_websocket.open_websocket_url(url, message_queue_size=0) as ws:
-        client = DongneClient(ws, last_seq=resume_from or 0, timeout=timeout)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._read)
-            if hello:
-                data: dict[str, Any] = {"token": token}
-                if resume_from is not None:
-                    data["resume"] = {"last_seq": resume_from}
-                client.hello = await client.request("hello", data)
+        try:
+            client = DongneClient(ws, last_seq=resume_from or 0, timeout=timeout)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._read)
+                if hello:
+                    data: dict[str, Any] = {"token": token}
+                    if resume_from is not None:
+                        data["resume"] = {"last_seq": resume_from}
+                    client.hello = await client.request("hello", data)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            await _close_transport(ws)
+
+
+async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
+    """Close the TCP stream under ``ws``.
+
+    trio-websocket closes it when this side closes first, but when the server
+    does (1001, 4009, a dropped connection) it only waits for the server's FIN
+    and leaves its own socket to the garbage collector (a ResourceWarning).
+    Closing twice is harmless.
+    """
+    stream = getattr(ws, "_stream", None)  # private in trio-websocket 0.12
+    if isinstance(stream, trio.abc.AsyncResource):
+        with trio.CancelScope(shield=True):
             try:
-                yield client
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+# ---- backoff ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Backoff:
+    """When to try connecting again: exponential backoff with full jitter.
+
+    Attempt ``n`` (1-based) waits ``min(cap, base * factor ** (n - 1)) * jitter()``
+    seconds, ``jitter()`` being uniform in [0, 1): spread out, so that clients
+    dropped together (a server restart closes everyone with 1001) do not come
+    back together. With the defaults: up to 1, 2, 4, 8, 16 s, then give up.
+
+    Args:
+        base: the ceiling of the first wait, in seconds.
+        factor: how much the ceiling grows per attempt.
+        cap: the largest ceiling.
+        max_attempts: attempts in a row before giving up; ``None``: never give up.
+    """
+
+    base: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    factor: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
+    cap: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    max_attempts: int | None = 5
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 0:
+            raise ValueError(f"max_attempts must be None or >= 0, not {self.max_attempts}")
+
+    def ceiling(self, attempt: int) -> float:
+        """The longest wait before attempt ``attempt`` (1-based)."""
+        if attempt < 1:
+            raise ValueError(f"attempts count from 1, not {attempt}")
+        try:
+            grown = self.base * self.factor ** (attempt - 1)
+        except OverflowError:  # unlimited attempts: factor ** n leaves the floats
+            grown = math.inf
+        return min(self.cap, grown)
+
+    def delay(self, attempt: int, jitter: Callable[[], float] | None = random.random) -> float:
+        """The wait before attempt ``attempt``; ``jitter=None`` gives the ceiling itself."""
+        ceiling = self.ceiling(attempt)
+        return ceiling if jitter is None else ceiling * jitter()
+
+    def delays(self, jitter: Callable[[], float] | None = random.random) -> Iterator[float]:
+        """The whole schedule: one wait per allowed attempt (endless if unlimited)."""
+        attempts = itertools.count(1) if self.max_attempts is None else range(1, self.max_attempts + 1)
+        for attempt in attempts:
+            yield self.delay(attempt, jitter)
+
+    def gives_up_after(self, failed: int) -> bool:
+        """Whether ``failed`` failed attempts in a row are too many."""
+        return self.max_attempts is not None and failed >= self.max_attempts
+
+
+# ---- sessions -------------------------------------------------------------------------
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "connecting"  # before the first hello
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class SessionStatistics:
+    state: SessionState
+    reconnects: int  # successful reconnections
+    failed_attempts: int  # connection attempts that failed, in all
+    last_seq: int
+    rooms: tuple[str, ...]
+    events_queued: int
+
+
+class _NoPublicConstructor(type):
+    """Only the factory creates these (as trio's ``NoPublicConstructor``)."""
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__} has no public constructor; use open_session()")
+
+    def _create(cls: type[T], *args: object, **kwargs: object) -> T:
+        return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
+
+
+@attrs.frozen
+class _Ended:
+    """How one connection (or attempt at one) ended."""
+
+    connected: bool  # hello and restore completed
+    code: int | None = None  # the close code, if the WebSocket was closed
+    reason: str | None = None
+    error: BaseException | None = None  # what failed, if something raised
+
+
+class _SessionClient(DongneClient):
+    """One connection of a session: replies are tracked and events go to the session."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, session: Session) -> None:
+        super().__init__(ws, last_seq=session.last_seq, timeout=session.timeout)
+        self._session = session
+        self._requests: dict[int, dict[str, Any]] = {}
+        self.restoring = False
+
+    def _sending(self, frame: dict[str, Any]) -> None:
+        self._requests[frame["id"]] = frame
+        self._session._sending(frame)
+
+    def _dispatch(self, frame: dict[str, Any]) -> bool:
+        if frame.get("type") != "reply" or frame.get("id") is None:
+            return self._session._event(frame)  # an event, or an error for a frame with no id
+        request = self._requests.pop(frame["id"], None)
+        if request is not None:
+            self._session._replied(request, frame, restoring=self.restoring)
+        return super()._dispatch(frame)
+
+
+@final
+class Session(metaclass=_NoPublicConstructor):
+    """A connection that comes back. Create with ``open_session``.
+
+    ``request``, ``request_raw``, ``next_event`` and ``pending_events`` work as
+    on ``DongneClient``, across reconnects. Attributes: ``state``,
+    ``reconnects``, ``last_seq`` (the last durable seq queued), ``hello`` (the
+    latest hello reply), ``rooms``, ``location``, ``client`` (the current
+    connection, ``None`` while there is none), ``closed`` (why the session
+    ended, once it has), ``timeout``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource,
+        *,
+        backoff: Backoff,
+        jitter: Callable[[], float] | None,
+        timeout: float,
+        on_state: Callable[[SessionState], object] | None,
+        resume_from: int | None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.last_seq = resume_from or 0
+        self.hello: dict[str, Any] = {}
+        self.reconnects = 0
+        self.failed_attempts = 0
+        self.closed: SessionClosed | None = None
+        self._token = token
+        self._backoff = backoff
+        self._jitter = jitter
+        self._on_state = on_state
+        self._resume_from = resume_from
+        self._state = SessionState.CONNECTING
+        self._changed = trio.Event()
+        self._client: _SessionClient | None = None
+        self._rooms: dict[str, None] = {}  # an ordered set: rejoined in join order
+        self._location: dict[str, Any] | None = None
+        self._events_send, self._events_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._driver = trio.CancelScope()
+
+    # ---- public ----------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def client(self) -> DongneClient | None:
+        return self._client
+
+    @property
+    def rooms(self) -> tuple[str, ...]:
+        """The questions this session is in (and re-joins after a reconnect)."""
+        return tuple(self._rooms)
+
+    @property
+    def location(self) -> dict[str, Any] | None:
+        """The last ``update_location`` data sent (re-sent after a reconnect)."""
+        return copy.deepcopy(self._location)
+
+    def statistics(self) -> SessionStatistics:
+        queued = self._events_recv.statistics().current_buffer_used
+        return SessionStatistics(self._state, self.reconnects, self.failed_attempts, self.last_seq, self.rooms, queued)
+
+    async def request(self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+        """Send a request and return its reply's ``data``; waits for a connection first.
+
+        Raises:
+            RequestError: the reply was an error.
+            ConnectionLost: the connection dropped before the reply (applied or not: unknown).
+            SessionClosed: the session is over (closed, refused, or out of attempts).
+            trio.TooSlowError: no reply within ``timeout`` (default ``self.timeout``),
+                waiting for a reconnection included.
+        """
+        return _reply_data(await self.request_raw({"type": op, "data": data or {}}, timeout=timeout))
+
+    async def request_raw(self, frame: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """Send a frame (``id`` added) and return the whole reply frame; raises as ``request``."""
+        with trio.fail_after(self.timeout if timeout is None else timeout):
+            client = await self._connected_client()
+            try:
+                return await client.request_raw(frame, timeout=math.inf)
+            except trio_websocket.ConnectionClosed:
+                self._raise_if_closed()
+                raise ConnectionLost(
+                    f"the connection was lost before the reply to {frame.get('type')!r}; "
+                    "it may or may not have been applied"
+                ) from None
+
+    async def next_event(self, kind: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+        """The next event (of type ``kind`` if given; others before it are dropped).
+
+        Events queued before the session ended are still returned; then
+        ``SessionClosed`` is raised.
+        """
+        with trio.fail_after(self.timeout if timeout is None else timeout):
+            while True:
+                try:
+                    ev = await self._events_recv.receive()
+                except trio.EndOfChannel:
+                    self._raise_if_closed()
+                    raise  # pragma: no cover - the channel is closed only with the session
+                if kind is None or ev.get("type") == kind:
+                    return ev
+
+    def pending_events(self) -> list[dict[str, Any]]:
+        """Events received and not yet taken, without waiting."""
+        return _drain(self._events_recv)
+
+    async def wait_connected(self) -> None:
+        """Return once the session is connected (at once if it is).
+
+        Raises:
+            SessionClosed: the session is over.
+        """
+        await self._connected_client()
+
+    async def aclose(self) -> None:
+        """End the session: close the connection politely (bounded by ``timeout``) and stop reconnecting.
+
+        Requests in flight or waiting, and ``next_event`` once the queue is
+        empty, raise ``SessionClosed``. Idempotent.
+        """
+        self._finish(SessionClosed("the session was closed"))
+        client, self._client = self._client, None
+        if client is not None and client.ws.closed is None:
+            with trio.move_on_after(self.timeout) as cleanup:
+                cleanup.shield = True
+                await client.ws.aclose()
+        self._driver.cancel()
+
+    # ---- state ----------------------------------------------------------------
+
+    def _set_state(self, state: SessionState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        self._changed.set()
+        self._changed = trio.Event()
+        if self._on_state is not None:
+            self._on_state(state)
+
+    def _finish(self, error: SessionClosed) -> None:
+        if self.closed is not None:
+            return
+        self.closed = error
+        self._events_send.close()
+        self._set_state(SessionState.CLOSED)
+
+    def _raise_if_closed(self) -> None:
+        if self.closed is not None:
+            # A copy per raise: several tasks may raise it at once.
+            raise copy.copy(self.closed) from self.closed.__cause__
+
+    async def _connected_client(self) -> _SessionClient:
+        while True:
+            self._raise_if_closed()
+            client = self._client
+            if self._state is SessionState.CONNECTED and client is not None and client._alive():
+                return client
+            # Not connected, or lost and the driver has not noticed yet: a
+            # request sent now could only fail, so wait for the next connection.
+            await self._changed.wait()
+
+    # ---- tracking (called by the reader, in wire order) -------------------------
+
+    def _sending(self, frame: dict[str, Any]) -> None:
+        data = frame.get("data")
+        # The same location again keeps the same object: a deferred re-send checks identity.
+        if frame.get("type") == "update_location" and isinstance(data, dict) and data != self._location:
+            self._location = copy.deepcopy(data)
+
+    def _replied(self, request: dict[str, Any], reply: dict[str, Any], *, restoring: bool) -> None:
+        op = request.get("type")
+        data = request.get("data") or {}
+        result = reply.get("data") or {}
+        ok = bool(reply.get("ok"))
+        if op == "hello" and ok:
+            self.hello = dict(result)
+            server_seq = result.get("last_seq")
+            if not isinstance(server_seq, int):
+                return
+            if "resume" not in data:
+                self.last_seq = server_seq  # a fresh start: only events from now on
+            elif server_seq < self.last_seq:
+                log.warning("the server's last_seq %d is behind ours (%d); following the server", server_seq, self.last_seq)
+                self.last_seq = server_seq
+        elif op in ("create_question", "join_question") and ok:
+            qid = (result.get("question") or {}).get("question_id")
+            if isinstance(qid, str):
+                self._rooms[qid] = None
+                if restoring:
+                    self._queue({"type": "rejoined", "data": result})
+        elif op == "leave_question":
+            code = (reply.get("error") or {}).get("code")
+            if ok or code == "not_joined":
+                self._rooms.pop(data.get("question_id"), None)  # type: ignore[arg-type]
+
+    def _event(self, frame: dict[str, Any]) -> bool:
+        seq = frame.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            if seq <= self.last_seq:
+                return True  # a replay overlap: already queued
+            if seq != self.last_seq + 1:
+                log.warning("durable event %d after %d: a gap; reconnecting to resume", seq, self.last_seq)
+                return False
+            self.last_seq = seq
+        self._queue(frame)
+        return True
+
+    def _queue(self, frame: dict[str, Any]) -> None:
+        try:
+            self._events_send.send_nowait(frame)
+        except trio.ClosedResourceError:
+            pass  # the session is over
+
+    # ---- the driver --------------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect; then, each time the connection is lost, reconnect until told to stop.
+
+        Error handling: a failure of the first connection is raised (through
+        ``task_status``); later, a fatal close or too many failed attempts end
+        the session with ``SessionClosed``, raised by its methods.
+        """
+        with self._driver:
+            ended = await self._connect_once(task_status)
+            if not ended.connected:
+                raise self._failure(ended, attempts=1)
+            failed = 0
+            while self.closed is None:
+                if ended.connected:
+                    failed = 0
+                else:
+                    failed += 1
+                    self.failed_attempts += 1
+                fatal = self._fatal(ended)
+                if fatal is None and self._backoff.gives_up_after(failed):
+                    fatal = self._failure(ended, attempts=failed)
+                if fatal is not None:
+                    self._finish(fatal)
+                    return
+                self._set_state(SessionState.RECONNECTING)
+                await trio.sleep(self._backoff.delay(failed + 1, self._jitter))
+                ended = await self._connect_once(None)
+
+    async def _connect_once(self, task_status: trio.TaskStatus[None] | None) -> _Ended:
+        """Connect, hello, restore, serve until the connection ends; never raises for I/O.
+
+        ``task_status`` is given for the first connection only.
+        """
+        first = task_status is not None
+        client: _SessionClient | None = None
+        connected = False
+        error: BaseException | None = None
+        try:
+            token = await self._fresh_token()
+            async with trio_websocket.open_websocket_url(
+                self.url, message_queue_size=0, connect_timeout=self.timeout, disconnect_timeout=self.timeout
+            ) as ws:
+                client = _SessionClient(ws, self)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client._read)
+                    try:
+                        # Errors are caught in here: out of the nursery they would come in groups.
+                        await self._handshake(client, token, resume=not first or self._resume_from is not None)
+                        resend_in = None if first else await self._restore(client)
+                        if resend_in is not None:
+                            nursery.start_soon(self._resend_location, client, self._location, resend_in)
+                        connected = True
+                        self._client = client
+                        if first:
+                            assert task_status is not None
+                            task_status.started()
+                        else:
+                            self.reconnects += 1
+                        self._set_state(SessionState.CONNECTED)
+                        await client.wait_closed()
+                        # Say so now: closing the socket below may take a moment.
+                        self._client = None
+                        closed = ws.closed
+                        if self.closed is None and self._fatal(_Ended(True, closed.code if closed else None)) is None:
+                            self._set_state(SessionState.RECONNECTING)
+                    except (RequestError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:
+                        error = exc
+                    finally:
+                        if self._client is client:
+                            self._client = None
+                        nursery.cancel_scope.cancel()
+        except (trio_websocket.HandshakeError, OSError, _TokenUnavailable) as exc:
+            error = exc.__cause__ if isinstance(exc, _TokenUnavailable) else exc
+        finally:
+            if client is not None:
+                await _close_transport(client.ws)
+        closed = client.ws.closed if client is not None else None
+        return _Ended(connected, closed.code if closed else None, closed.reason if closed else None, error)
+
+    async def _fresh_token(self) -> str:
+        if isinstance(self._token, str):
+            return self._token
+        try:
+            value = self._token()
+            if inspect.isawaitable(value):
+                value = await value
+            if not isinstance(value, str):
+                raise TypeError(f"the token callable returned {type(value).__name__}, not str")
+        except Exception as exc:
+            raise _TokenUnavailable from exc
+        return value
+
+    async def _handshake(self, client: _SessionClient, token: str, *, resume: bool) -> None:
+        data: dict[str, Any] = {"token": token}
+        if resume:
+            data["resume"] = {"last_seq": self.last_seq}
+        await client.request("hello", data)  # the reply is tracked by _replied
+
+    async def _restore(self, client: _SessionClient) -> float | None:
+        """Re-join the rooms, re-send the location; a refusal is logged, not fatal.
+
+        Returns:
+            In how many seconds to try the location again (the server
+            rate-limited it: it still counts the update sent before the
+            loss), or ``None``.
+        """
+        client.restoring = True
+        try:
+            for qid in list(self._rooms):
+                try:
+                    await client.request("join_question", {"question_id": qid})
+                except RequestError as exc:
+                    log.warning("could not re-join question %s: %s", qid, exc)
+                    self._rooms.pop(qid, None)
+            if self._location is not None:
+                try:
+                    await client.request("update_location", self._location)
+                except RequestError as exc:
+                    return self._location_refused(exc)
+            return None
+        finally:
+            client.restoring = False
+
+    async def _resend_location(self, client: _SessionClient, location: dict[str, Any] | None, wait: float) -> None:
+        """Re-send a rate-limited location later, unless a newer one was sent meanwhile.
+
+        Runs beside the connection (cancelled with it), at most a few times.
+        """
+        for _ in range(3):
+            await trio.sleep(wait)
+            if location is None or self._location is not location or self._client is not client:
+                return
+            try:
+                await client.request("update_location", location)
+                return
+            except RequestError as exc:
+                retry = self._location_refused(exc)
+                if retry is None:
+                    return
+                wait = retry
+            except (trio_websocket.ConnectionClosed, trio.TooSlowError):
+                return  # the connection is going: the next one restores it
+
+    def _location_refused(self, exc: RequestError) -> float | None:
+        """Act on a refused location re-send; returns seconds until a retry, if one is due."""
+        if exc.code == "rate_limited":
+            after = exc.error.get("retry_after_ms")
+            return max(0.0, after / 1000) if isinstance(after, (int, float)) else 1.0
+        if exc.code != "unknown_op":  # unknown_op: a server without locations, nothing to restore
+            log.warning("could not restore the location: %s", exc)
+            self._location = None
+        return None
+
+    def _fatal(self, ended: _Ended) -> SessionClosed | None:
+        """The error that ends the session after ``ended``, or ``None`` to reconnect."""
+        code, reason = ended.code, ended.reason
+        if code == 4001:
+            message = f"the server refused the token (4001: {reason}); get a new token"
+            return AuthenticationFailed(message, code=code, reason=reason)
+        if code in FATAL_CLOSE_CODES:
+            message = f"the server closed the connection with {code} ({reason}); not reconnecting"
+            return SessionClosed(message, code=code, reason=reason)
+        if isinstance(ended.error, RequestError):
+            error = SessionClosed(f"hello was refused: {ended.error}")
+            error.__cause__ = ended.error
+            return error
+        return None
+
+    def _failure(self, ended: _Ended, *, attempts: int) -> SessionClosed:
+        """Why connecting failed, ``attempts`` times in a row."""
+        fatal = self._fatal(ended)
+        if fatal is not None:
+            return fatal
+        err = ended.error
+        what = f"closed with {ended.code} ({ended.reason})" if err is None else repr(err)
+        if err is not None and err.__cause__ is not None:  # HandshakeError() says nothing by itself
+            what += f" from {err.__cause__!r}"
+        if attempts == 0:
+            message = f"the connection to {self.url} was lost ({what}) and max_attempts is 0"
+        else:
+            message = f"could not connect to {self.url} ({attempts} failed attempt{'s' if attempts > 1 else ''}): {what}"
+        error = ConnectFailed(message, attempts=attempts, last_error=ended.error, code=ended.code, reason=ended.reason)
+        error.__cause__ = ended.error
+        return error
+
+
+class _TokenUnavailable(Exception):
+    """The token callable raised (its error is the ``__cause__``): a failed attempt."""
+
+
+@asynccontextmanager
+async def open_session(
+    url: str,
+    token: TokenSource,
+    *,
+    resume_from: int | None = None,
+    backoff_base: float = 1.0,
+    backoff_factor: float = 2.0,
+    backoff_max: float = 30.0,
+    max_attempts: int | None = 5,
+    jitter: Callable[[], float] | None = random.random,
+    timeout: float = 10.0,
+    on_state: Callable[[SessionState], object] | None = None,
+) -> AsyncIterator[Session]:
+    """Connect and yield a ``Session`` that reconnects whenever the connection is lost.
+
+    Args:
+        url: the server's client port, ``ws://host:port``.
+        token: a token, or a callable (sync or async) returning a fresh one; it
+            is called for each connection.
+        resume_from: replay the durable events after this seq on the first
+            connection; ``None``: only events from now on.
+        backoff_base, backoff_factor, backoff_max: attempt ``n`` after a loss
+            waits up to ``min(backoff_max, backoff_base * backoff_factor ** (n - 1))`` s.
+        max_attempts: failed attempts in a row before giving up; ``None``: never.
+        jitter: a source of uniform floats in [0, 1) scaling each wait (full
+            jitter); ``None`` waits the full ceiling.
+        timeout: connect and hello timeout, and the default for ``request`` and
+            ``next_event``.
+        on_state: called with each new ``SessionState``.
+
+    Raises:
+        AuthenticationFailed: the first hello was refused (4001).
+        ConnectFailed: the first connection failed (it is not retried).
+        SessionClosed: the server closed the first connection with another fatal code.
+
+    Resource handling: on exit the connection is closed politely (bounded by
+    ``timeout``) and reconnecting stops.
+
+    Error handling: after the first connection nothing is raised here: a
+    connection lost with 1001, 4009, 1006 (a drop) or any code not in
+    ``FATAL_CLOSE_CODES`` is reconnected; a fatal close (4001: ``AuthenticationFailed``),
+    a refused hello or ``max_attempts`` failures in a row (``ConnectFailed``)
+    end the session, and its methods raise that error.
+    """
+    backoff = Backoff(base=backoff_base, factor=backoff_factor, cap=backoff_max, max_attempts=max_attempts)
+    session: Session = Session._create(
+        url, token, backoff=backoff, jitter=jitter, timeout=timeout, on_state=on_state, resume_from=resume_from
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session._run)
+            try:
+                yield session
             finally:
-                nursery.cancel_scope.cancel()
+                await session.aclose()
+    except BaseExceptionGroup as group:
+        # The driver raises only on bugs: what comes out is the caller's own
+        # exception (or the first connection's failure), which the nursery wrapped.
+        if len(group.exceptions) != 1:
+            raise
+        _reraise(group.exceptions[0])
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` unwrapped, keeping its own ``__context__`` (as trio-websocket does)."""
+    __tracebackhide__ = True
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context

@@ -103,6 +103,8 @@ class Neighbourhood:
         self.live.remove(user_id)
         self.positions.pop(user_id, None)
         self.nearby_seen.pop(user_id, None)
+        # A client that reconnects shares its position again at once.
+        self.last_move.pop(user_id, None)
 
     def online_locals_by_region(self) -> dict[str, int]:
         counts: Counter[str] = Counter()

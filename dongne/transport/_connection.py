@@ -29,6 +29,7 @@ from ._handshake import recv_some
 __all__ = ["WebSocketConnection", "TextFrame", "BinaryFrame"]
 
 CLOSE_GRACE_S = 2.0
+LINGER_MAX_BYTES = 4 * 1024 * 1024
 
 
 @attrs.frozen
@@ -244,15 +245,31 @@ class WebSocketConnection:
         self._sock.close()
 
     async def aclose(self, timeout: float = CLOSE_GRACE_S) -> None:
-        """Flush (bounded by ``timeout``) and close the socket."""
-        if not self.socket_closed and self._writer_running:
-            with trio.move_on_after(timeout):
+        """Flush, then close gracefully; each step bounded by ``timeout``.
+
+        A lingering close: after our last bytes we send FIN and read (and
+        discard) what the peer still sends until it closes too. Closing a
+        socket with unread input makes the kernel send RST, and the peer's
+        kernel may then drop our close frame (e.g. the 1009 for an oversize
+        message that is still arriving).
+        """
+        with trio.move_on_after(timeout):
+            if not self.socket_closed and self._writer_running:
                 await self._writer_done.wait()
-        if not self.socket_closed:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if not self.socket_closed:
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                drained = 0
+                while drained < LINGER_MAX_BYTES:
+                    try:
+                        data = await recv_some(self._sock)
+                    except (OSError, trio.ClosedResourceError):
+                        break
+                    if not data:
+                        break
+                    drained += len(data)
         self.abort()
 
     # ---- receiving -------------------------------------------------------------
@@ -286,7 +303,9 @@ class WebSocketConnection:
                         if self.closing:
                             return
                 elif isinstance(ev, Ping):
-                    self._write(self._encoder.pong(bytes(ev.payload)))
+                    # Pongs count against the backlog like any frame: a client
+                    # that pings without reading is a slow consumer too.
+                    self.send_nowait(self._encoder.pong(bytes(ev.payload)))
                 elif isinstance(ev, Pong):
                     self.alive = True
                 elif isinstance(ev, CloseConnection):

@@ -1,0 +1,336 @@
+"""The reconnecting session (``dongne.client.open_session``) against a real server."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from dongne.client import (
+    AuthenticationFailed,
+    Backoff,
+    ConnectFailed,
+    ConnectionLost,
+    Session,
+    SessionClosed,
+    SessionState,
+    open_session,
+)
+from dongne.transport import WebSocketConnection
+
+from .conftest import JEJU_CITY, Harness, question_data, token
+
+CONNECTED, RECONNECTING, CLOSED = SessionState.CONNECTED, SessionState.RECONNECTING, SessionState.CLOSED
+
+
+def fast(**overrides: Any) -> dict[str, Any]:
+    """Session options for tests: millisecond backoff, a seeded jitter."""
+    options: dict[str, Any] = {"backoff_base": 0.002, "jitter": random.Random(7).random, "timeout": 5.0}
+    options.update(overrides)
+    return options
+
+
+class States:
+    """An ``on_state`` callback that records each state and lets a test wait for a condition."""
+
+    def __init__(self) -> None:
+        self.seen: list[SessionState] = []
+        self._send, self._recv = trio.open_memory_channel[SessionState](math.inf)
+
+    def __call__(self, state: SessionState) -> None:
+        self.seen.append(state)
+        self._send.send_nowait(state)
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        """Wait until ``check()`` holds, looking again after each state change."""
+        with trio.fail_after(5):
+            while not check():
+                await self._recv.receive()
+
+
+def server_side(h: Harness, user_id: str) -> WebSocketConnection:
+    """The server's end of the user's newest connection."""
+    return h.running.clients.conns[max(h.running.engine.user_conns[user_id])]
+
+
+def drop_client_side(session: Session) -> None:
+    """Kill the session's TCP connection from its own side, as a network failure would (RST, no close frame)."""
+    assert session.client is not None
+    sock = session.client.ws._stream.socket  # trio-websocket keeps its stream private
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# ---- backoff (pure) ----------------------------------------------------------------
+
+
+def test_backoff_defaults_double_from_one_second_five_times_with_full_jitter() -> None:
+    """1, 2, 4, 8, 16 s ceilings; each wait is the ceiling times a draw from the injected source."""
+    backoff = Backoff()
+    draws = random.Random(42)
+    expected = [ceiling * draws.random() for ceiling in (1.0, 2.0, 4.0, 8.0, 16.0)]
+
+    assert list(backoff.delays(jitter=None)) == [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert list(backoff.delays(random.Random(42).random)) == expected
+    assert list(backoff.delays(lambda: 0.5)) == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert list(backoff.delays(lambda: 0.0)) == [0.0] * 5
+    assert [backoff.gives_up_after(n) for n in range(7)] == [False] * 5 + [True] * 2
+
+
+def test_backoff_is_configurable_capped_and_may_be_unlimited() -> None:
+    backoff = Backoff(base=0.5, factor=3.0, cap=10.0, max_attempts=None)
+
+    assert [backoff.ceiling(n) for n in range(1, 6)] == [0.5, 1.5, 4.5, 10.0, 10.0]
+    assert backoff.ceiling(10**6) == 10.0  # factor ** n overflows: still the cap
+    assert list(itertools.islice(backoff.delays(None), 1000))[-1] == 10.0
+    assert not backoff.gives_up_after(10**9)
+    assert Backoff(max_attempts=0).gives_up_after(0)
+    for bad in ({"factor": 0.5}, {"base": -1.0}, {"max_attempts": -1}):
+        with pytest.raises(ValueError):
+            Backoff(**bad)
+    with pytest.raises(ValueError):
+        backoff.ceiling(0)
+
+
+# ---- sessions over real sockets --------------------------------------------------------
+
+
+async def test_every_durable_event_arrives_once_in_order_across_20_cuts(server: Harness) -> None:
+    """Server closes (1001), server aborts and client-side resets, while answers keep coming."""
+    h = server
+    states = States()
+    cuts: list[Callable[[Session], None]] = [
+        lambda s: server_side(h, "asker").close(1001, "restarting"),
+        lambda s: server_side(h, "asker").abort(),
+        drop_client_side,
+    ]
+    produced: list[tuple[str, str]] = []  # (answer_id, content), in creation order
+    received: list[dict[str, Any]] = []
+    cutting_done = trio.Event()
+    with trio.fail_after(60):
+        async with open_session(h.url, lambda: token("asker"), on_state=states, **fast()) as session, h.connect("local") as local:
+            qid = (await session.request("create_question", question_data()))["question"]["question_id"]
+
+            async def produce() -> None:
+                # Until the cutting is over (at least 100 answers; bounded).
+                while (len(produced) < 100 or not cutting_done.is_set()) and len(produced) < 3000:
+                    n = len(produced)
+                    answer = (await local.request("create_answer", {"question_id": qid, "content": f"answer {n}"}))["answer"]
+                    produced.append((answer["answer_id"], answer["content"]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                for i in range(20):
+                    # Take a few events on this connection, then cut it while more are in flight.
+                    for _ in range(3):
+                        received.append(await session.next_event("answer_notification"))
+                    cuts[i % 3](session)
+                    await states.until(lambda: session.reconnects == i + 1 and session.state is CONNECTED)
+                cutting_done.set()
+            while len(received) < len(produced):
+                received.append(await session.next_event("answer_notification"))
+            leftovers = [e for e in session.pending_events() if e["type"] == "answer_notification"]
+
+            assert session.reconnects == 20
+            assert states.seen == [CONNECTED] + [RECONNECTING, CONNECTED] * 20
+    assert [e["seq"] for e in received] == list(range(1, len(produced) + 1))
+    assert [(e["data"]["answer"]["answer_id"], e["data"]["answer"]["content"]) for e in received] == produced
+    assert leftovers == []
+
+
+async def test_rooms_and_location_are_restored_after_a_reconnect(
+    start_server: Callable[..., Any], mock_clock: trio.testing.MockClock
+) -> None:
+    """Rooms are re-joined before requests go through; a rate-limited location is re-sent when allowed.
+
+    The clock stands still (``mock_clock``) until the test moves it: the
+    reconnect happens within the server's location rate limit for sure.
+    """
+    h = await start_server(location={"min_update_interval_s": 2.0})
+    states = States()
+    location = {"location": dict(JEJU_CITY), "accuracy_m": 12.5}
+    async with h.connect("asker") as asker, h.connect("local") as local, open_session(
+        h.url, token("reader"), on_state=states, **fast(jitter=lambda: 0.0)
+    ) as session:
+        q1, q2, q3 = [
+            (await asker.request("create_question", question_data(title=f"Question {i}")))["question"]["question_id"]
+            for i in (1, 2, 3)
+        ]
+        for qid in (q1, q2, q3):
+            await session.request("join_question", {"question_id": qid})
+        await session.request("leave_question", {"question_id": q2})
+        mine = (await session.request("create_question", question_data(title="Mine")))["question"]["question_id"]
+        snapped = (await session.request("update_location", location))["location"]
+        await session.next_event("nearby_questions")
+        assert session.rooms == (q1, q3, mine)
+        session.pending_events()
+
+        server_side(h, "reader").close(1001, "restarting")
+        await states.until(lambda: session.reconnects == 1)
+        for qid in (q1, q2, q3, mine):
+            await local.request("create_answer", {"question_id": qid, "content": f"live in {qid}"})
+        # 3 rejoined, 3 new_answer, and a nearby_questions: the location went
+        # with the last connection and the session re-sent it at once (a user
+        # who reconnects is not held to the move rate limit).
+        received = [await session.next_event() for _ in range(7)]
+        events = [e for e in received if e["type"] != "nearby_questions"]
+        assert [e["type"] for e in received].count("nearby_questions") == 1
+        assert "rate_limited" not in h.running.clients.stats.errors
+
+        assert h.running.engine.where.positions["reader"][:2] == (snapped["lat"], snapped["lng"])
+        assert session.location == location
+        assert session.rooms == (q1, q3, mine)
+        assert states.seen == [CONNECTED, RECONNECTING, CONNECTED]
+    await h.running.aclose()
+    # A snapshot per room re-joined, then only the rooms of the new connection got the answers (q2 is not one).
+    assert [e["type"] for e in events] == ["rejoined"] * 3 + ["new_answer"] * 3
+    assert [e["data"]["question"]["question_id"] for e in events[:3]] == [q1, q3, mine]
+    assert [e["data"]["question_id"] for e in events[3:]] == [q1, q3, mine]
+
+
+async def test_a_request_in_flight_fails_with_connection_lost_and_is_not_resent(server: Harness) -> None:
+    """The next request waits for the reconnection instead of failing."""
+    h = server
+    states = States()
+    with trio.fail_after(20):
+        async with h.connect("asker") as asker, open_session(h.url, token("local"), on_state=states, **fast()) as session:
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+            await session.request("join_question", {"question_id": qid})
+
+            server_side(h, "local").abort()
+            with pytest.raises(ConnectionLost):
+                await session.request("create_answer", {"question_id": qid, "content": "sent once, lost"})
+            state = await session.request("join_question", {"question_id": qid})
+
+            assert session.reconnects == 1
+            assert states.seen == [CONNECTED, RECONNECTING, CONNECTED]
+    assert state["answers"] == []
+
+
+async def test_an_expired_token_on_reconnect_ends_the_session_without_retrying(server: Harness) -> None:
+    h = server
+    states = States()
+    calls = 0
+
+    def fresh_token() -> str:
+        nonlocal calls
+        calls += 1
+        return token("asker") if calls == 1 else token("asker", now_s=time.time() - 31 * 86400)
+
+    with trio.fail_after(20):
+        async with open_session(h.url, fresh_token, on_state=states, **fast()) as session:
+            server_side(h, "asker").close(1001, "restarting")
+            await states.until(lambda: session.state is CLOSED)
+            with pytest.raises(AuthenticationFailed) as refused:
+                await session.request("get_profile")
+            with pytest.raises(AuthenticationFailed):
+                await session.next_event()
+
+            assert isinstance(session.closed, AuthenticationFailed)
+            assert calls == 2
+            assert session.reconnects == 0
+            assert states.seen == [CONNECTED, RECONNECTING, CLOSED]
+    assert refused.value.code == 4001
+    assert "expired" in (refused.value.reason or "")
+    assert "get a new token" in str(refused.value)
+
+
+async def test_a_refused_first_hello_raises_from_open_session(server: Harness) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(AuthenticationFailed) as refused:
+            async with open_session(server.url, token("asker", now_s=0), **fast()):
+                pytest.fail("should not connect")  # pragma: no cover
+    assert refused.value.code == 4001
+
+
+async def test_a_failing_token_source_is_retried_without_limit(server: Harness) -> None:
+    """A token callable that fails (say, the app's backend is down) costs attempts; None means no limit."""
+    h = server
+    states = States()
+    calls = 0
+
+    async def flaky_token() -> str:
+        nonlocal calls
+        calls += 1
+        if 2 <= calls <= 9:
+            raise OSError("token service unavailable")
+        return token("asker")
+
+    with trio.fail_after(20):
+        async with open_session(h.url, flaky_token, max_attempts=None, on_state=states, **fast()) as session:
+            server_side(h, "asker").abort()
+            await states.until(lambda: session.reconnects == 1)
+            assert (await session.request("get_profile"))["user"]["user_id"] == "asker"
+
+            assert session.statistics().failed_attempts == 8
+            assert session.reconnects == 1
+            assert states.seen == [CONNECTED, RECONNECTING, CONNECTED]
+
+
+async def test_giving_up_after_max_attempts(start_server: Callable[..., Any]) -> None:
+    h = await start_server()
+    states = States()
+    with trio.fail_after(20):
+        async with open_session(h.url, token("asker"), max_attempts=3, on_state=states, **fast()) as session:
+            await h.running.aclose()  # closes the session's connection with 1001, then refuses connections
+            await states.until(lambda: session.state is CLOSED)
+            with pytest.raises(ConnectFailed) as gave_up:
+                await session.request("get_profile")
+    assert gave_up.value.attempts == 3
+    assert gave_up.value.last_error is not None
+    assert session.statistics().failed_attempts == 3
+    assert states.seen == [CONNECTED, RECONNECTING, CLOSED]
+
+
+async def test_closing_the_session_stops_it_for_good(server: Harness) -> None:
+    """Events queued before the close are still handed out; then everything raises SessionClosed."""
+    states = States()
+    with trio.fail_after(10):
+        async with server.connect("local") as local, open_session(server.url, token("asker"), on_state=states, **fast()) as session:
+            qid = (await session.request("create_question", question_data()))["question"]["question_id"]
+            await local.request("create_answer", {"question_id": qid, "content": "before the close"})
+            await session.request("get_profile")  # its reply comes after the notification
+            await session.aclose()
+            queued = await session.next_event("answer_notification")
+            with pytest.raises(SessionClosed) as closed:
+                await session.request("get_profile")
+            with pytest.raises(SessionClosed):
+                await session.next_event()
+            with pytest.raises(SessionClosed):
+                await session.wait_connected()
+            await session.aclose()  # idempotent
+    assert queued["data"]["answer"]["content"] == "before the close"
+    assert type(closed.value) is SessionClosed
+    assert session.reconnects == 0
+    assert states.seen == [CONNECTED, CLOSED]
+
+
+async def test_a_fresh_session_starts_from_now_and_resume_from_replays(server: Harness) -> None:
+    """Without resume_from no old event is replayed, even after a reconnect; with it, exactly the missed ones."""
+    h = server
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        for n in range(3):
+            await local.request("create_answer", {"question_id": qid, "content": f"old {n}"})
+    states = States()
+    with trio.fail_after(20):
+        async with h.connect("local") as local, open_session(h.url, token("asker"), on_state=states, **fast()) as session:
+            assert session.last_seq == 3
+            drop_client_side(session)
+            await states.until(lambda: session.reconnects == 1)
+            await local.request("create_answer", {"question_id": qid, "content": "new"})
+            fresh = await session.next_event("answer_notification")
+            assert [e for e in session.pending_events() if e["type"] == "answer_notification"] == []
+        async with open_session(h.url, token("asker"), resume_from=1, **fast()) as session:
+            replayed = [await session.next_event("answer_notification") for _ in range(3)]
+    assert (fresh["seq"], fresh["data"]["answer"]["content"]) == (4, "new")
+    assert [(e["seq"], e["data"]["answer"]["content"]) for e in replayed] == [(2, "old 1"), (3, "old 2"), (4, "new")]
