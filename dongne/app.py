@@ -19,6 +19,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from .admin import AdminApp
 from .auth import TokenVerifier, load_or_create_secret
 from .clock import EngineClock
 from .config import Settings
@@ -155,7 +156,7 @@ async def _serve(
                 "slow_consumers": stats.slow_consumers,
             }
 
-        admin = None  # the admin dashboard's ASGI app, mounted at /admin (see dongne/admin)
+        admin = AdminApp(overview, region_set.to_geojson(), verifier, closing=shutdown.wait)  # mounted at /admin
         ops = OpsApp(lambda: clients.accepting, status, clients.metrics.render, admin)
         hconfig = hypercorn.config.Config()
         hconfig.bind = [f"{settings.server.ops_host}:{settings.server.ops_port}"]
