@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 import time
@@ -34,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="client WebSocket port (0 picks a free one)")
     serve.add_argument("--ops-port", type=int, help="ops HTTP port: /health, /ready (0 picks a free one)")
     serve.add_argument("--regions", metavar="GEOJSON", help="a region FeatureCollection (default: bundled Jeju)")
+    demo = sub.add_parser("demo", help="run the server on a temporary database with simulated locals and travellers")
+    demo.add_argument("--port", type=int, default=8765, help="client WebSocket port (0 picks a free one)")
+    demo.add_argument("--ops-port", type=int, default=8766, help="ops/dashboard port (0 picks a free one)")
+    demo.add_argument("--locals", type=int, default=40, help="simulated verified locals")
+    demo.add_argument("--travellers", type=int, default=12, help="simulated travellers asking questions")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--seed", type=int, help="random seed")
     token = sub.add_parser("token", help="print a signed token for a user")
     _common(token)
     token.add_argument("user_id")
@@ -68,6 +76,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        configure_logging("INFO" if os.environ.get("DONGNE_DEMO_DEBUG") else "WARNING", "json" if os.environ.get("DONGNE_DEMO_DEBUG") else "text")
+        trio.run(
+            lambda: run_demo(
+                port=args.port, ops_port=args.ops_port, locals_count=args.locals, travellers=args.travellers,
+                duration_s=args.duration, seed=args.seed,
+            )
+        )  # fmt: skip
+        return 0
     try:
         settings = _settings(args)
     except ConfigError as exc:
