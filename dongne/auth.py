@@ -7,6 +7,7 @@ refused; ``exp`` is required and checked).
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from pathlib import Path
@@ -87,7 +88,9 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             raise CloseConnection(4001, f"invalid token: {exc}"[:120]) from None
         exp = payload.get("exp")
-        if not isinstance(exp, (int, float)) or exp <= now_s:
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+            raise CloseConnection(4001, "invalid token: exp must be a number of seconds")
+        if exp <= now_s:
             raise CloseConnection(4001, "token expired")
         return _claims_from(payload)
 

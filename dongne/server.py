@@ -249,6 +249,11 @@ class ClientServer:
 
     async def _on_message(self, conn_id: int, conn: WebSocketConnection, message: Any) -> None:
         self.stats.frames_in += 1
+        if not self.engine.is_authenticated(conn_id) and (isinstance(message, TextFrame) or not _looks_like_request(message.payload)):
+            # PROTOCOL.md: the first frame must be hello; anything else closes with 4001.
+            self.metrics.frames_in.labels("invalid").inc()
+            conn.close(4001, "the first frame must be hello")
+            return
         if isinstance(message, TextFrame):
             self.metrics.frames_in.labels("invalid").inc()
             self._refuse(conn_id, None, ProtocolError("bad_frame", "text frames are not accepted; send binary msgpack"))
@@ -408,6 +413,15 @@ class ClientServer:
                     continue
                 conn.alive = False
                 conn.ping()
+
+
+def _looks_like_request(payload: bytes) -> bool:
+    """Whether a frame decodes as a request at all (the hello check comes later)."""
+    try:
+        decode_request(payload)
+    except ProtocolError:
+        return False
+    return True
 
 
 async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:

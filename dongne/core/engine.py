@@ -482,6 +482,7 @@ class Engine:
         hashtags = f.hashtags("hashtags", max_items=s.hashtags_max)
         urgency = f.choice("urgency", ("normal", "urgent"), default="normal")
         region = self._in_service(lat, lng)
+        self._check_room_capacity(conn)  # before anything changes: a refusal leaves no trace
         question = Question(
             question_id=self._new_id("q", now),
             asker_id=user.user_id,
@@ -886,11 +887,14 @@ class Engine:
             raise ProtocolError("not_joined", "join the question first")
         return self.rooms[question.question_id]
 
-    def _join_room(self, conn: ConnState, user: User, question_id: str, out: OutcomeBuilder) -> None:
+    def _check_room_capacity(self, conn: ConnState, question_id: str | None = None) -> None:
         if question_id not in conn.rooms and len(conn.rooms) >= self.limit_settings.rooms_per_connection:
             raise ProtocolError(
                 "limit_exceeded", f"a connection can be in at most {self.limit_settings.rooms_per_connection} rooms"
             )
+
+    def _join_room(self, conn: ConnState, user: User, question_id: str, out: OutcomeBuilder) -> None:
+        self._check_room_capacity(conn, question_id)
         room = self.rooms.setdefault(question_id, Room())
         conn.rooms.add(question_id)
         if room.add(user.user_id, conn.conn_id):
