@@ -55,6 +55,10 @@ class Running:
         """Begin a graceful shutdown."""
         self._shutdown.set()
 
+    async def wait_shutdown(self) -> None:
+        """Return once a shutdown was asked for (``stop()``, SIGINT or SIGTERM)."""
+        await self._shutdown.wait()
+
     async def aclose(self) -> None:
         """Shut down gracefully and wait until the database is closed."""
         self._shutdown.set()
@@ -182,12 +186,14 @@ async def _serve(
             )
             ops_port = _ops_port(binds)
             log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
+            signals = trio.CancelScope()
             if handle_signals:
-                root.start_soon(_watch_signals, shutdown)
+                root.start_soon(_in_scope, signals, functools.partial(_watch_signals, shutdown))
             task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
             await shutdown.wait()
             log.info("shutting down")
             snapshots.cancel()
+            signals.cancel()  # a stop() from code rather than a signal
             clients.stop_accepting()
     finally:
         with trio.CancelScope(shield=True):

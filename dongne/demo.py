@@ -187,9 +187,10 @@ async def run_demo(*, port: int = 8765, ops_port: int = 8766, locals_count: int 
                     people.start_soon(_keep_alive, demo.local, i)
                 for i in range(travellers):
                     people.start_soon(_keep_alive, demo.traveller, i)
-                if duration_s is not None:
-                    await trio.sleep(duration_s)
-                    if not quiet:
-                        print(f"demo: {demo.asked} questions asked, {demo.answered} answers", flush=True)
-                    people.cancel_scope.cancel()
-                    running.stop()
+                # Until Ctrl-C / SIGTERM (which start the server's shutdown) or the duration.
+                with trio.move_on_after(math.inf if duration_s is None else duration_s):
+                    await running.wait_shutdown()
+                if not quiet:
+                    print(f"demo: {demo.asked} questions asked, {demo.answered} answers", flush=True)
+                people.cancel_scope.cancel()
+                running.stop()
