@@ -1,54 +1,31 @@
-"""A Python client for dongne, on trio-websocket.
-
-``open_client`` is one connection; ``open_session`` one that comes back (it
-reconnects with backoff, resumes durable events and re-joins rooms)::
-
-    async with open_session("ws://127.0.0.1:8765", get_token) as session:
-        reply = await session.request("create_question", {...})
-        event = await session.next_event("answer_notification")
-
-Every request gets an integer id; ``request`` waits for the matching reply and
-raises ``RequestError`` (with the wire ``code``) when it is an error. Server
-events are queued for ``next_event`` / ``pending_events``. Both track
-``last_seq`` and drop a durable event they have already seen.
-
-Theory of operation (sessions): one driver task owns the connection. It
-connects, says ``hello`` (with ``resume.last_seq`` = the last durable seq the
-session queued), re-joins the rooms the session is in and re-sends its last
-location, and only then reports ``CONNECTED`` and lets requests through. Events
-of every connection go to one queue owned by the session, so nothing queued is
-lost with a connection; a durable event at or below ``last_seq`` is a replay
-overlap and dropped, one past a gap makes the session reconnect and resume
-(the replay fills the gap), so the queue holds each seq once, in order.
-Rooms and the location are tracked from replies as the reader dispatches them,
-before any later frame, so a reconnect never misses a join it has seen
-acknowledged. A request in flight when the connection drops fails with
-``ConnectionLost``: it may or may not have been applied, and only the caller
-knows whether it is safe to send again.
-"""
+"""A session: a connection that comes back (``open_session``)."""
 
 from __future__ import annotations
 
 import copy
 import enum
 import inspect
-import itertools
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar, final
 
 import attrs
-import msgpack
 import trio
 import trio_websocket
 
-__all__ = [
-    "AuthenticationFailed", "Backoff", "ConnectFailed", "ConnectionLost", "DongneClient", "RequestError", "Session",
-    "SessionClosed", "SessionError", "SessionState", "SessionStatistics", "TokenSource", "open_client", "open_session",
-]  # fmt: skip
+from ._backoff import Backoff
+from ._connection import DongneClient, _close_transport, _drain, _reply_data
+from ._errors import (
+    FATAL_CLOSE_CODES,
+    AuthenticationFailed,
+    ConnectFailed,
+    ConnectionLost,
+    RequestError,
+    SessionClosed,
+)
 
 log = logging.getLogger("dongne.client")
 
@@ -61,299 +38,6 @@ TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 #: Close codes after which reconnecting cannot help (PROTOCOL.md, "Close
 #: codes": "get a new token" / "fix the client"). Anything else (1001 shutting
 #: down, 4009 slow consumer, 1006 a dropped connection, ...) is reconnected.
-FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002})
-
-
-# ---- errors ----------------------------------------------------------------------
-
-
-class RequestError(Exception):
-    """The server refused a request; ``code`` is the documented error code."""
-
-    def __init__(self, code: str, message: str, error: dict[str, Any]) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.error = error
-
-
-class SessionError(Exception):
-    """The root of the errors a ``Session`` raises (besides ``RequestError``)."""
-
-
-class ConnectionLost(SessionError, ConnectionError):
-    """The connection dropped before the reply arrived.
-
-    The request may or may not have been applied; the session is reconnecting.
-    Send it again only if doing so twice is harmless (or check first).
-    """
-
-
-class SessionClosed(SessionError):
-    """The session is over and will not reconnect.
-
-    Attributes:
-        code: the server's close code that ended it, if any.
-        reason: the server's close reason, if any.
-    """
-
-    def __init__(self, message: str, *, code: int | None = None, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
-
-
-class AuthenticationFailed(SessionClosed):
-    """The server refused the token (close code 4001). Get a new token."""
-
-
-class ConnectFailed(SessionClosed):
-    """No connection could be made within the allowed attempts.
-
-    Attributes:
-        attempts: how many connection attempts failed in a row.
-        last_error: what the last attempt failed with.
-    """
-
-    def __init__(self, message: str, *, attempts: int = 0, last_error: BaseException | None = None, **close: Any) -> None:
-        super().__init__(message, **close)
-        self.attempts = attempts
-        self.last_error = last_error
-
-
-# ---- one connection ---------------------------------------------------------------
-
-
-class DongneClient:
-    """One authenticated connection. Create with ``open_client``."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection, *, last_seq: int = 0, timeout: float = 10.0) -> None:
-        self.ws = ws
-        self.timeout = timeout  # default for request() and next_event()
-        self.last_seq = last_seq
-        self.hello: dict[str, Any] = {}
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
-        self._events_send, self._events_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
-        self._done = trio.Event()
-        self.closed: trio_websocket.ConnectionClosed | None = None
-
-    async def send_raw(self, payload: bytes | str) -> None:
-        """Send a frame as is (for tests of bad input)."""
-        await self.ws.send_message(payload)
-
-    async def request(self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
-        """Send a request and return its reply's ``data``.
-
-        Raises:
-            RequestError: the reply was an error.
-            trio.TooSlowError: no reply within ``timeout`` (default ``self.timeout``).
-            trio_websocket.ConnectionClosed: the connection closed before the reply.
-        """
-        return _reply_data(await self.request_raw({"type": op, "data": data or {}}, timeout=timeout))
-
-    async def request_raw(self, frame: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """Send a frame (``id`` added) and return the whole reply frame.
-
-        Raises:
-            trio.TooSlowError: no reply within ``timeout`` (default ``self.timeout``).
-            trio_websocket.ConnectionClosed: the connection closed before the reply.
-        """
-        if self._done.is_set():  # nothing would read the reply
-            raise trio_websocket.ConnectionClosed(self.ws.closed)
-        rid = next(self._ids)
-        frame = {**frame, "id": rid}
-        send, recv = trio.open_memory_channel[dict[str, Any]](1)
-        self._waiting[rid] = send
-        self._sending(frame)
-        try:
-            with trio.fail_after(self.timeout if timeout is None else timeout):
-                await self.ws.send_message(msgpack.packb(frame))
-                try:
-                    return await recv.receive()
-                except trio.EndOfChannel:
-                    raise trio_websocket.ConnectionClosed(self.ws.closed) from None
-        finally:
-            self._waiting.pop(rid, None)
-
-    async def next_event(self, kind: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
-        """The next event (of type ``kind`` if given; others before it are dropped)."""
-        with trio.fail_after(self.timeout if timeout is None else timeout):
-            while True:
-                ev = await self._events_recv.receive()
-                if kind is None or ev.get("type") == kind:
-                    return ev
-
-    def pending_events(self) -> list[dict[str, Any]]:
-        """Events received and not yet taken, without waiting."""
-        return _drain(self._events_recv)
-
-    def _alive(self) -> bool:
-        return not self._done.is_set() and self.ws.closed is None
-
-    async def wait_closed(self) -> None:
-        """Wait until the connection has closed (either side) and reading has stopped."""
-        await self._done.wait()
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                message = await self.ws.get_message()
-                if not self._dispatch(msgpack.unpackb(message, raw=False)):
-                    return
-        except trio_websocket.ConnectionClosed as exc:
-            self.closed = exc
-        finally:
-            self._events_send.close()
-            # Requests still waiting will never get their reply on this connection.
-            for waiter in self._waiting.values():
-                waiter.close()
-            self._done.set()
-
-    def _sending(self, frame: dict[str, Any]) -> None:
-        """Called with each request frame (``id`` set) just before it is sent."""
-
-    def _dispatch(self, frame: dict[str, Any]) -> bool:
-        """Route one inbound frame; returning False stops reading this connection."""
-        if frame.get("type") == "reply":
-            waiter = self._waiting.pop(frame.get("id"), None)  # type: ignore[arg-type]
-            if waiter is not None:
-                waiter.send_nowait(frame)
-            elif frame.get("id") is None:
-                self._events_send.send_nowait(frame)  # an error for a frame with no id
-            return True
-        seq = frame.get("seq")
-        if isinstance(seq, int):
-            if seq <= self.last_seq:
-                return True  # already seen: resume may overlap
-            self.last_seq = seq
-        self._events_send.send_nowait(frame)
-        return True
-
-
-def _reply_data(reply: dict[str, Any]) -> dict[str, Any]:
-    if not reply.get("ok"):
-        error = reply.get("error", {})
-        raise RequestError(error.get("code", "?"), error.get("message", ""), error)
-    return dict(reply.get("data", {}))
-
-
-def _drain(recv: trio.MemoryReceiveChannel[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    while True:
-        try:
-            out.append(recv.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return out
-
-
-@asynccontextmanager
-async def open_client(
-    url: str,
-    token: str,
-    *,
-    resume_from: int | None = None,
-    hello: bool = True,
-    timeout: float = 10.0,
-) -> AsyncIterator[DongneClient]:
-    """Connect, say hello (with ``resume`` when ``resume_from`` is given) and yield the client.
-
-    Raises:
-        RequestError: the hello was refused.
-        trio_websocket.ConnectionClosed: the server closed (e.g. 4001).
-    """
-    async with trio_websocket.open_websocket_url(url, message_queue_size=0) as ws:
-        try:
-            client = DongneClient(ws, last_seq=resume_from or 0, timeout=timeout)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client._read)
-                if hello:
-                    data: dict[str, Any] = {"token": token}
-                    if resume_from is not None:
-                        data["resume"] = {"last_seq": resume_from}
-                    client.hello = await client.request("hello", data)
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            await _close_transport(ws)
-
-
-async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
-    """Close the TCP stream under ``ws``.
-
-    trio-websocket closes it when this side closes first, but when the server
-    does (1001, 4009, a dropped connection) it only waits for the server's FIN
-    and leaves its own socket to the garbage collector (a ResourceWarning).
-    Closing twice is harmless.
-    """
-    stream = getattr(ws, "_stream", None)  # private in trio-websocket 0.12
-    if isinstance(stream, trio.abc.AsyncResource):
-        with trio.CancelScope(shield=True):
-            try:
-                await stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-
-
-# ---- backoff ------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Backoff:
-    """When to try connecting again: exponential backoff with full jitter.
-
-    Attempt ``n`` (1-based) waits ``min(cap, base * factor ** (n - 1)) * jitter()``
-    seconds, ``jitter()`` being uniform in [0, 1): spread out, so that clients
-    dropped together (a server restart closes everyone with 1001) do not come
-    back together. With the defaults: up to 1, 2, 4, 8, 16 s, then give up.
-
-    Args:
-        base: the ceiling of the first wait, in seconds.
-        factor: how much the ceiling grows per attempt.
-        cap: the largest ceiling.
-        max_attempts: attempts in a row before giving up; ``None``: never give up.
-    """
-
-    base: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
-    factor: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
-    cap: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
-    max_attempts: int | None = 5
-
-    def __attrs_post_init__(self) -> None:
-        if self.max_attempts is not None and self.max_attempts < 0:
-            raise ValueError(f"max_attempts must be None or >= 0, not {self.max_attempts}")
-
-    def ceiling(self, attempt: int) -> float:
-        """The longest wait before attempt ``attempt`` (1-based)."""
-        if attempt < 1:
-            raise ValueError(f"attempts count from 1, not {attempt}")
-        try:
-            grown = self.base * self.factor ** (attempt - 1)
-        except OverflowError:  # unlimited attempts: factor ** n leaves the floats
-            grown = math.inf
-        return min(self.cap, grown)
-
-    def delay(self, attempt: int, jitter: Callable[[], float] | None = random.random) -> float:
-        """The wait before attempt ``attempt``; ``jitter=None`` gives the ceiling itself."""
-        ceiling = self.ceiling(attempt)
-        return ceiling if jitter is None else ceiling * jitter()
-
-    def delays(self, jitter: Callable[[], float] | None = random.random) -> Iterator[float]:
-        """The whole schedule: one wait per allowed attempt (endless if unlimited)."""
-        attempts = itertools.count(1) if self.max_attempts is None else range(1, self.max_attempts + 1)
-        for attempt in attempts:
-            yield self.delay(attempt, jitter)
-
-    def gives_up_after(self, failed: int) -> bool:
-        """Whether ``failed`` failed attempts in a row are too many."""
-        return self.max_attempts is not None and failed >= self.max_attempts
-
-
-# ---- sessions -------------------------------------------------------------------------
-
-
 class SessionState(enum.Enum):
     CONNECTING = "connecting"  # before the first hello
     CONNECTED = "connected"
@@ -897,3 +581,4 @@ def _reraise(exc: BaseException) -> NoReturn:
     finally:
         exc.__context__ = context
         del exc, context
+
