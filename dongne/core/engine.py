@@ -435,8 +435,9 @@ class Engine(PlaceOps):
     def _push_durable(self, user_id: str, kind: str, data: dict[str, Any], now: int, out: OutcomeBuilder) -> None:
         user = self.users[user_id]
         user.last_seq += 1
+        # The inbox row is the record of last_seq (the store takes the newest
+        # seq per user at start-up): no rewrite of the user's row per event.
         out.write(AppendEvent(user_id, user.last_seq, kind, data, now))
-        out.write(SaveUser(attrs.evolve(user)))
         out.send(self.user_conns.get(user_id, ()), durable_event(kind, user.last_seq, data))
 
     def _mark_delivered(self, asker_id: str, now: int, out: OutcomeBuilder) -> None:
@@ -684,7 +685,7 @@ class Engine(PlaceOps):
 
     def _run_due_stages(self, question: Question, now: int, out: OutcomeBuilder) -> None:
         while (due := self.where.escalation_due(question)) is not None and due <= now:
-            stage, targets = self.where.run_stage(question, set(self.user_conns), now)
+            stage, targets = self.where.run_stage(question, self.user_conns.keys(), now)
             esc = self.where.escalations[question.question_id]
             out.write(SaveEscalation(question.question_id, esc.next_stage, now))
             if targets:

@@ -509,9 +509,18 @@ class Target:
         """Return the snake_case wire map of this target.
 
         Returns:
-            A dict with every attribute.
+            A dict with every attribute (built literally: this runs once per
+            alert, and ``attrs.asdict`` costs several times more).
         """
-        return attrs.asdict(self)
+        return {
+            "user_id": self.user_id,
+            "distance_m": self.distance_m,
+            "online": self.online,
+            "stage": self.stage,
+            "priority": self.priority,
+            "sound": self.sound,
+            "vibration": self.vibration,
+        }
 
 
 # ---------------------------------------------------------------------------

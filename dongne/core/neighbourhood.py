@@ -9,7 +9,7 @@ engine calls it with ``now`` and turns its answers into writes and frames.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Set as AbstractSet
 from typing import Any
 
 import attrs
@@ -151,7 +151,7 @@ class Neighbourhood:
             return None
         return question.created_at + int(self.stages[esc.next_stage].offset_s * 1000)
 
-    def run_stage(self, question: Question, online: set[str], now: int) -> tuple[StagePlan, list[Target]]:
+    def run_stage(self, question: Question, online: AbstractSet[str], now: int) -> tuple[StagePlan, list[Target]]:
         """Plan the next stage, mark its targets notified and advance the question's escalation."""
         esc = self.escalations[question.question_id]
         stage = self.stages[esc.next_stage]

@@ -234,6 +234,11 @@ class Store:
         """Everything the engine keeps in memory: all users, active questions
         and questions created since ``hot_since`` (ms), with their answers."""
         users = [_user(r) for r in self._read(f"SELECT {_USER_COLS} FROM users")]
+        # users.last_seq is only rewritten with the rest of the row; the inbox
+        # holds the truth (AppendEvent does not touch the user's row).
+        newest = dict(self._read("SELECT user_id, max(seq) FROM events GROUP BY user_id"))
+        for user in users:
+            user.last_seq = max(user.last_seq, newest.get(user.user_id, 0))
         questions = [
             _question(r)
             for r in self._read(
