@@ -1,0 +1,1346 @@
+"""Fuzzing and abuse: every hostile frame gets one documented answer; nobody else notices.
+
+Theory of operation: Hypothesis strategies describe the frame space (random
+bytes; msgpack values of every type; hand-built msgpack bytes a packer would
+never write: huge ints, invalid ext and timestamp types, lone surrogates,
+10,000-level nesting; every operation of PROTOCOL.md with wrong types and
+hostile values). ``draw_frames`` draws a fixed, seeded list of frames up front
+(Hypothesis in generate-only mode), and one async test sends them over a real
+connection to a real server, checking each reply with ``check_reply``: exactly
+one reply, the right ``id``, ``ok`` only for an operation that exists, and
+otherwise a code PROTOCOL.md documents for that operation, never ``internal``.
+Meanwhile a second pair of clients does normal traffic and checks that every
+reply and event it expects arrives, and nothing else. A sans-I/O test runs the
+same strategies through ``decode_request`` and ``Engine.receive`` with full
+Hypothesis shrinking. First frames (hostile hellos and tokens) and WebSocket
+framing are fuzzed on fresh connections; explicit extremes and the bugs the
+fuzzing found are pinned by their own tests.
+
+``bench/fuzz.py`` imports the strategies and the oracle from here, so the
+bench and the suite fuzz the same frame space.
+
+``DONGNE_FUZZ_EXAMPLES`` (default 2000) sets how many frames the end-to-end
+tests send in total, ``DONGNE_FUZZ_SEED`` (default 0) which ones, and
+``DONGNE_FUZZ_CORE_EXAMPLES`` (default 300) the sans-I/O test's examples.
+Everything is seeded: a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import logging
+import math
+import os
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import jwt
+import msgpack
+import pytest
+import trio
+import trio_websocket
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request
+
+__all__ = [
+    "ERROR_CODES",
+    "CLOSE_CODES",
+    "OP_CODES",
+    "PLACEHOLDERS",
+    "FAMILIES",
+    "Expect",
+    "expectation",
+    "check_reply",
+    "bind_ids",
+    "draw_frames",
+    "fuzz_frames",
+]
+
+# ---- what PROTOCOL.md documents ------------------------------------------------------
+
+#: "Error codes" in PROTOCOL.md. ``internal`` is documented but is a server bug.
+ERROR_CODES = frozenset(
+    {
+        "bad_frame", "unknown_op", "already_authenticated", "invalid_field", "too_long", "invalid_location",
+        "outside_service_area", "not_found", "forbidden", "not_joined", "rate_limited", "spam", "limit_exceeded",
+        "already_accepted", "question_closed", "internal",
+    }
+)  # fmt: skip
+
+#: "Close codes" in PROTOCOL.md (1000 also stands for the echo of a client's close).
+CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1009, 4001, 4002, 4008, 4009})
+
+#: The events of PROTOCOL.md (a fuzz connection may get ``nearby_questions`` after ``update_location``).
+EVENT_TYPES = frozenset(
+    {
+        "answer_notification", "answer_accepted_notification", "new_answer", "answer_accepted", "question_closed",
+        "user_online", "user_offline", "user_typing", "user_stop_typing", "receipt", "new_question_notification",
+        "slow_response_alert", "nearby_questions",
+    }
+)  # fmt: skip
+
+_Q = frozenset({"invalid_field", "not_found"})  # every op that names a question
+_LOC = frozenset({"invalid_field", "invalid_location", "outside_service_area"})  # every op that takes a location
+
+#: The error codes each operation can answer with, from its section in PROTOCOL.md
+#: ("rate_limited" applies to every request: see "Limits and content rules").
+OP_CODES: Mapping[str, frozenset[str]] = {
+    op: codes | {"rate_limited"}
+    for op, codes in {
+        "hello": frozenset({"already_authenticated"}),
+        "create_question": _LOC | {"too_long", "spam", "limit_exceeded"},  # it joins the room
+        "join_question": _Q | {"limit_exceeded"},
+        "leave_question": _Q | {"not_joined"},
+        "create_answer": _Q | {"too_long", "spam", "forbidden", "question_closed"},
+        # Its section omits question_closed (accepting on a closed question); the error table has it.
+        "accept_answer": _Q | {"forbidden", "already_accepted", "question_closed"},
+        "close_question": _Q | {"forbidden", "question_closed"},
+        "typing_start": _Q | {"not_joined"},
+        "typing_stop": _Q | {"not_joined"},
+        "mark_read": _Q | {"forbidden"},
+        "get_profile": frozenset(),
+        "update_location": _LOC,
+        "nearby_questions": _LOC,
+        "nearby_locals": _LOC,
+        "get_settings": frozenset(),
+        "update_settings": _LOC,
+        "trending": frozenset({"invalid_field", "too_long"}),
+        "hotspots": frozenset({"invalid_field", "forbidden"}),  # admins only
+        "metrics": frozenset({"forbidden"}),  # admins only
+    }.items()
+}
+OPS = tuple(op for op in OP_CODES if op != "hello")
+
+MAX_FRAME_BYTES = 65536  # the default max_frame_bytes
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
+
+# ---- ids the fuzzer may name ------------------------------------------------------------
+#
+# Frames are drawn before the server makes any id, so they name real questions
+# and answers by placeholders as long as a real id (21 characters); ``bind_ids``
+# swaps them in the encoded bytes, which keeps every msgpack length valid.
+
+Q_MINE = "qFUZZ_PLACEHOLDER_QM_"  # asked by the fuzzer
+Q_THEIRS = "qFUZZ_PLACEHOLDER_QT_"  # asked by a helper user
+A_MINE = "aFUZZ_PLACEHOLDER_AM_"  # the helper's answer to Q_MINE
+A_THEIRS = "aFUZZ_PLACEHOLDER_AT_"  # the fuzzer's answer to Q_THEIRS
+PLACEHOLDERS = (Q_MINE, Q_THEIRS, A_MINE, A_THEIRS)
+ID_LEN = 21
+assert all(len(p) == ID_LEN for p in PLACEHOLDERS)
+
+
+def bind_ids(payload: bytes | str, ids: Mapping[str, str]) -> bytes | str:
+    """Replace each placeholder with its real id (same length) in an encoded frame."""
+    for placeholder, real in ids.items():
+        assert len(real) == len(placeholder), (placeholder, real)
+        if isinstance(payload, str):
+            payload = payload.replace(placeholder, real)
+        else:
+            payload = payload.replace(placeholder.encode(), real.encode())
+    return payload
+
+
+# ---- msgpack by hand ------------------------------------------------------------------------
+
+
+def packb(value: Any) -> bytes:
+    """msgpack, letting lone surrogates through as (invalid) UTF-8 bytes."""
+    return bytes(msgpack.packb(value, unicode_errors="surrogatepass"))
+
+
+def mp_map(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """A msgpack map from already encoded keys and values (any bytes at all)."""
+    items = list(pairs)
+    n = len(items)
+    head = bytes([0x80 | n]) if n < 16 else b"\xde" + struct.pack(">H", n)
+    return head + b"".join(k + v for k, v in items)
+
+
+def frame_bytes(*, type_: bytes = b"\xabget_profile", id_: bytes = b"\x01", data: bytes | None = b"\x80") -> bytes:
+    """A request map whose ``type``, ``id`` and ``data`` are raw msgpack bytes."""
+    pairs = [(b"\xa4type", type_), (b"\xa2id", id_)]
+    if data is not None:
+        pairs.append((b"\xa4data", data))
+    return mp_map(pairs)
+
+
+def deep_array(levels: int) -> bytes:
+    return b"\x91" * levels + b"\xc0"
+
+
+def deep_map(levels: int) -> bytes:
+    return b"\x81\xa1k" * levels + b"\xc0"
+
+
+def deep_mixed(levels: int) -> bytes:
+    return b"\x81\xa1k\x91" * (levels // 2) + b"\xc0"
+
+
+#: msgpack values no well-behaved packer writes, as raw bytes.
+CRAFTED_VALUES: tuple[bytes, ...] = (
+    b"\xc1",  # the one byte msgpack never uses
+    b"",  # nothing at all
+    b"\xcf" + b"\xff" * 8,  # uint64 max: beyond int64
+    b"\xcf\x80" + b"\x00" * 7,  # 2**63
+    b"\xd3\x80" + b"\x00" * 7,  # int64 min
+    b"\xd3\x7f" + b"\xff" * 7,  # int64 max
+    b"\xd4\xff\x00",  # timestamp ext of 1 byte: invalid length
+    b"\xd5\xff\x00\x00",  # timestamp ext of 2 bytes
+    b"\xd6\xff\xff\xff\xff\xff",  # a valid timestamp32
+    b"\xd7\xff" + b"\xff" * 8,  # timestamp64, nanoseconds > 999,999,999
+    b"\xc7\x0c\xff\xff\xff\xff\xff\x7f" + b"\xff" * 7,  # timestamp96, nanoseconds > 999,999,999
+    b"\xd8\xff" + b"\x00" * 16,  # timestamp ext of 16 bytes
+    b"\xd4\x80\x00",  # ext type -128 (reserved)
+    b"\xd4\x81\x00",  # ext type -127 (reserved)
+    b"\xc7\x00\x05",  # empty ext
+    b"\xc9\x00\x00\x00\x10\x01" + b"\xff" * 16,  # ext32: a 128-bit "bignum"
+    b"\xd8\x02" + b"\xff" * 16,  # fixext16: another "bignum"
+    b"\xa3\xed\xa0\x80",  # a lone surrogate (U+D800 as CESU-8)
+    b"\xa6\xed\xa0\xbd\xed\xb8\x80",  # a surrogate pair as CESU-8
+    b"\xa2\xc0\x80",  # an overlong NUL
+    b"\xa1\xff",  # not UTF-8
+    b"\xa4\xf4\x90\x80\x80",  # beyond U+10FFFF
+    b"\xdb\xff\xff\xff\xff",  # str32 of 4 GiB, truncated
+    b"\xc6\xff\xff\xff\xff",  # bin32 of 4 GiB, truncated
+    b"\xdd\xff\xff\xff\xff",  # array32 of 4G items, truncated
+    b"\xdf\xff\xff\xff\xff",  # map32 of 4G pairs, truncated
+    b"\xc9\xff\xff\xff\xff\x01",  # ext32 of 4 GiB, truncated
+    b"\xca\x7f\xc0\x00\x00",  # float32 NaN
+    b"\xca\xff\x80\x00\x00",  # float32 -inf
+    b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x01",  # float64 NaN with a payload
+    b"\xcb\x7f\xf0" + b"\x00" * 6,  # float64 inf
+    b"\xcb" + b"\x00" * 7 + b"\x01",  # the smallest subnormal
+    b"\x81\xc0\xc0",  # a map with a nil key
+    b"\x81\x01\x02",  # an int key
+    b"\x81\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00\x01",  # a NaN key
+    b"\x81\x92\x01\x02\x03",  # an array key
+    b"\x81\x81\xa1a\x01\x02",  # a map key
+    b"\x81\xc4\x02id\x01",  # a bin key
+    b"\x82\xa2id\x01\xa2id\x02",  # a repeated key
+    b"\x90",
+    b"\x80",
+    b"\xc0",
+    b"\xc2",
+    b"\xc3",
+    deep_array(33),
+    deep_map(33),
+    deep_array(1000),
+    deep_map(1000),
+    deep_array(10_000),
+    deep_map(10_000),
+    deep_mixed(10_000),
+    deep_array(60_000),
+)
+
+# ---- strategies: values ------------------------------------------------------------------
+
+
+def weighted(*choices: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    """``one_of`` with integer weights (Hypothesis shrinks toward the first choice)."""
+    bounds = list(itertools.accumulate(weight for weight, _ in choices))
+    strategies = [strategy for _, strategy in choices]
+    return st.integers(0, bounds[-1] - 1).flatmap(lambda n: strategies[bisect.bisect_right(bounds, n)])
+
+
+NAN, INF = math.nan, math.inf
+
+EDGE_STRINGS = (
+    "", " ", "\t\n\r", "\u3000", "\x00", "a\x00b", "\x00" * 64, "\u202e\u202d", "\u200f\u200e", "\u202ereversed",
+    "\ufeff", "\u200b" * 10, "\u00ad", "👍🏽", "👨‍👩‍👧‍👦", "🇰🇷", "e\u0301" * 300, "\U0010ffff", "\uffff", "\ufffd",
+    "\ud7a3", "ㄱ", "İ", "ǅ", "\u212a", "ß", "Ω", "﷽", "\\", "'\"", "%s%n%x", "${jndi:ldap://x/a}", "<script>",
+    "'; DROP TABLE questions; --", "../../etc/passwd", "q" * 64, "q" * 65, "x" * 200, "x" * 201, " " * 300 + "x",
+    "get_profile", "__proto__", "constructor", "None", "null", "NaN", "-0", "1e309",
+)  # fmt: skip
+
+SIZES = (1, 30, 31, 63, 64, 65, 199, 200, 201, 999, 1000, 1001, 1999, 2000, 2001, 10_000, 30_000, 64_000)
+
+#: Strings of a length near a limit, in 1- to 4-byte characters; some make the frame oversize.
+sized_strings = st.builds(lambda n, c: c * n, st.sampled_from(SIZES), st.sampled_from(("x", "é", "한", "👍", "\u200f", "\x00", " ")))
+
+#: Text with lone surrogates (sent as their invalid UTF-8 bytes by ``packb``).
+surrogate_strings = st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3).map(lambda s: "a" + s + "b")
+
+
+#: Hostile text the server can read (a lone surrogate makes the whole frame unreadable: rare).
+hostile_text = weighted(
+    (30, st.sampled_from(EDGE_STRINGS)),
+    (30, st.text(max_size=40)),
+    (35, sized_strings),
+    (5, surrogate_strings),
+)
+
+small_text = st.one_of(st.sampled_from(EDGE_STRINGS[:40]), st.text(max_size=20))
+
+ints = st.one_of(
+    st.integers(MIN_INT, 2**64 - 1),
+    st.sampled_from((0, -1, 1, MIN_INT, MAX_INT, MAX_INT + 1, 2**64 - 1, 2**53 + 1)),
+)
+
+floats = st.one_of(
+    st.floats(),
+    st.floats(width=32),
+    st.sampled_from((NAN, INF, -INF, -0.0, 5e-324, 1.7976931348623157e308, -1.7976931348623157e308)),
+)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    ints,
+    floats,
+    small_text,
+    st.binary(max_size=40),
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20)),
+    st.builds(msgpack.Timestamp, st.integers(-(2**63), 2**63 - 1), st.integers(0, 999_999_999)),
+)
+
+map_keys = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(("type", "id", "data", "question_id", "title", "location", "lat", "lng")),
+    st.binary(max_size=8),
+    st.integers(MIN_INT, MAX_INT),
+    st.none(),
+    st.booleans(),
+    st.floats(),
+    st.tuples(st.integers(0, 3), st.text(max_size=3)),
+)
+
+#: A msgpack value the server can read as part of a request: maps keyed by strings only.
+readable_value = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=5), st.dictionaries(st.text(max_size=12), children, max_size=5)),
+    max_leaves=12,
+)
+
+#: Any msgpack value: every type, nested, with maps keyed by anything.
+any_value = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.dictionaries(map_keys, children, max_size=5),
+    ),
+    max_leaves=12,
+)
+
+# ---- strategies: operations with wrong types and hostile values ---------------------------
+
+
+def field(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A field's value: valid, hostile text, or another type."""
+    return weighted((50, valid), (25, hostile_text), (25, readable_value))
+
+
+coordinate = st.one_of(floats, ints, st.booleans(), st.none(), small_text, st.sampled_from((90.0, -90.0, 180.0, -180.0, 90.000001, -180.000001)))
+jeju = st.fixed_dictionaries({"lat": st.floats(33.25, 33.55), "lng": st.floats(126.2, 126.9)})
+locations = st.one_of(
+    jeju,
+    st.fixed_dictionaries({"lat": coordinate, "lng": coordinate}),
+    st.fixed_dictionaries({"lat": st.floats(33.25, 33.55)}, optional={"lng": coordinate, "alt": readable_value}),
+    st.sampled_from(({"lat": 37.5665, "lng": 126.978}, {"lat": 0.0, "lng": 0.0}, {}, [33.5, 126.5], "33.5,126.5")),
+    readable_value,
+)
+
+hashtag_text = st.one_of(
+    st.sampled_from(("food", "#Food", "##food", "#", "", "제주", "흑돼지", "a" * 30, "a" * 31, "no spaces", "ÄÖ", "\u212a", "İ", "x\x00")),
+    st.text(max_size=32),
+)
+hashtag_lists = st.one_of(
+    st.lists(hashtag_text, max_size=7),
+    st.builds(lambda n, tag: [tag] * n, st.sampled_from((6, 500, 10_000)), st.sampled_from(("a", "#food", "x" * 5))),
+    readable_value,
+)
+
+ids = weighted(
+    (50, st.sampled_from(PLACEHOLDERS)),
+    (20, st.sampled_from(("", "q-nope", "q" * 64, "q" * 65, "q" * 10_000, "\x00" * 64, Q_MINE.lower(), Q_MINE + " ", " " + Q_MINE[:-1]))),
+    (10, small_text),
+    (10, ints),
+    (10, readable_value),
+)
+id_lists = st.one_of(
+    st.lists(ids, max_size=6),
+    st.builds(lambda n, x: [x] * n, st.sampled_from((500, 501, 10_000)), st.sampled_from((A_MINE, "a", "x" * 64))),
+    readable_value,
+)
+
+nested = st.builds(lambda levels: msgpack.unpackb(deep_map(levels), raw=False), st.sampled_from((5, 20, 31, 32, 33)))
+
+#: Each operation's fields: (required, optional), each value a ``field`` strategy.
+OP_FIELDS: Mapping[str, tuple[dict[str, st.SearchStrategy[Any]], dict[str, st.SearchStrategy[Any]]]] = {
+    "hello": ({"token": field(st.text(max_size=10))}, {"resume": readable_value}),
+    "create_question": (
+        {"title": field(st.sampled_from(("Black pork near the port?", "Open pharmacy?"))), "location": locations},
+        {
+            "body": field(st.just("Arriving tonight.")),
+            "hashtags": hashtag_lists,
+            "urgency": field(st.sampled_from(("normal", "urgent"))),
+        },
+    ),
+    "join_question": ({"question_id": ids}, {}),
+    "leave_question": ({"question_id": ids}, {}),
+    "create_answer": ({"question_id": ids, "content": field(st.just("Try Dombedon."))}, {}),
+    "accept_answer": ({"question_id": ids, "answer_id": ids}, {}),
+    "close_question": ({"question_id": ids}, {}),
+    "typing_start": ({"question_id": ids}, {}),
+    "typing_stop": ({"question_id": ids}, {}),
+    "mark_read": ({"question_id": ids}, {"answer_ids": id_lists}),
+    "get_profile": ({}, {}),
+    "update_location": ({"location": locations}, {"accuracy_m": field(st.floats(0, 100_000))}),
+    "nearby_questions": ({}, {"location": locations}),
+    "nearby_locals": ({}, {"location": locations}),
+    "get_settings": ({}, {}),
+    "update_settings": (
+        {},
+        {
+            "immediate_alerts": field(st.booleans()),
+            "quiet_hours": field(st.one_of(st.none(), st.lists(st.integers(-1, 25), min_size=2, max_size=2))),
+            "max_alerts_per_hour": field(st.integers(-1, 1001)),
+            "home": st.one_of(st.none(), locations),
+            "sound": readable_value,  # not a setting
+        },
+    ),
+    "trending": ({}, {"region": field(st.sampled_from(("Jeju-si", "Udo", "Seoul", "jeju-si"))), "limit": field(st.integers(0, 51))}),
+    "hotspots": ({}, {"limit": field(st.integers(0, 101))}),
+    "metrics": ({}, {}),
+}
+
+
+@st.composite
+def op_data(draw: st.DrawFn, op: str) -> Any:
+    """``data`` for ``op``: its fields (some missing or hostile), extra keys, sometimes not a map."""
+    required, optional = OP_FIELDS.get(op, ({}, {}))
+    kind = draw(st.integers(0, 99))
+    if kind < 5:
+        return draw(any_value)  # not a map, or a map of anything
+    data: dict[Any, Any] = {}
+    for name, strategy in required.items():
+        if draw(st.integers(0, 9)) > 0:  # now and then a required field is missing
+            data[name] = draw(strategy)
+    for name, strategy in optional.items():
+        if draw(st.booleans()):
+            data[name] = draw(strategy)
+    if kind < 15:
+        data.update(draw(st.dictionaries(st.text(max_size=12), readable_value, max_size=3)))
+    elif kind < 18:
+        data.update(draw(st.dictionaries(map_keys, any_value, min_size=1, max_size=3)))  # keys of any type
+    elif kind < 23:
+        data["nested"] = draw(nested)
+    return data
+
+
+unknown_ops = st.one_of(
+    st.text(max_size=24),
+    st.sampled_from((
+        "", "HELLO", "Create_Question", "get_profile\x00", "get_profile ", " get_profile", "_op_get_profile",
+        "__init__", "__class__", "receive", "refuse", "reply", "tick", "load", "constructor", "__proto__",
+        "get_profile" * 1000, "create_questions", "\u202eeliforp_teg",
+    )),
+)  # fmt: skip
+
+frame_ids = weighted(
+    (85, st.integers(MIN_INT, MAX_INT)),
+    (5, st.sampled_from((0, -1, MIN_INT, MAX_INT, MAX_INT + 1, 2**64 - 1, True, 1.0, "1"))),
+    (5, st.none()),
+    (5, any_value),
+)
+
+
+op_names = weighted((85, st.sampled_from(OPS + ("hello",))), (15, unknown_ops))  # hello last: the first is drawn most
+
+
+@st.composite
+def op_frames(draw: st.DrawFn) -> bytes:
+    """A request map for a real (or unknown) operation with hostile fields."""
+    op = draw(op_names)
+    frame: dict[Any, Any] = {}
+    layout = draw(st.integers(0, 99))  # rare layouts mid-range: Hypothesis favours the ends
+    frame["type"] = draw(any_value) if layout == 50 else op
+    if layout != 51:
+        frame["id"] = draw(frame_ids)
+    if layout != 52:
+        frame["data"] = draw(op_data(op))
+    if layout == 53:
+        frame[draw(map_keys)] = draw(any_value)  # a stray top-level key of any type
+    return packb(frame)
+
+
+# ---- strategies: bytes that are not msgpack, or not a request ---------------------------------
+
+
+@st.composite
+def crafted_frames(draw: st.DrawFn) -> bytes:
+    """Hand-built msgpack bytes, as the whole frame or in one position of a request."""
+    value = draw(st.sampled_from(CRAFTED_VALUES))
+    where = draw(st.sampled_from(("whole", "id", "type", "data", "field", "key", "location", "trailing", "truncated")))
+    op = draw(st.sampled_from(OPS))
+    if where == "whole":
+        return value
+    if where == "id":
+        return frame_bytes(id_=value)
+    if where == "type":
+        return frame_bytes(type_=value)
+    if where == "data":
+        return frame_bytes(type_=packb(op), data=value)
+    if where == "field":
+        name = draw(st.sampled_from(("question_id", "title", "content", "answer_ids", "hashtags", "urgency", "token")))
+        return frame_bytes(type_=packb(op), data=mp_map([(packb(name), value)]))
+    if where == "key":
+        return frame_bytes(type_=packb(op), data=mp_map([(value or b"\xc0", b"\x01")]))
+    if where == "location":
+        loc = mp_map([(b"\xa3lat", value), (b"\xa3lng", packb(126.53))])
+        return frame_bytes(type_=b"\xafcreate_question", data=mp_map([(b"\xa5title", b"\xa1t"), (b"\xa8location", loc)]))
+    if where == "trailing":
+        return frame_bytes() + (value or b"\x00")
+    whole = frame_bytes(data=packb({"question_id": Q_MINE, "pad": value.hex()[:40]}))
+    return whole[: draw(st.integers(0, len(whole) - 1))]
+
+
+@st.composite
+def mutated_frames(draw: st.DrawFn) -> bytes:
+    """A request frame with a few bytes flipped, inserted, deleted or duplicated."""
+    data = bytearray(draw(op_frames()))
+    for _ in range(draw(st.integers(1, 4))):
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        how = draw(st.integers(0, 3))
+        if how == 0:
+            data[at] = draw(st.integers(0, 255))
+        elif how == 1:
+            data[at:at] = draw(st.binary(min_size=1, max_size=4))
+        elif how == 2:
+            del data[at : at + draw(st.integers(1, 4))]
+        else:
+            data[at:at] = data[at : at + draw(st.integers(1, 8))]
+    return bytes(data)
+
+
+random_bytes = st.one_of(st.binary(max_size=64), st.binary(max_size=2000))
+random_values = st.one_of(
+    any_value.map(packb),
+    st.dictionaries(map_keys, any_value, max_size=6).map(packb),
+    st.fixed_dictionaries({"id": st.integers(MIN_INT, MAX_INT)}, optional={"type": any_value, "data": any_value}).map(packb),
+)
+text_frames = st.one_of(st.text(max_size=100), st.sampled_from(("", "get_profile", '{"type":"get_profile","id":1}', "x" * 70_000)))
+
+#: The frame families; the end-to-end test runs each against its own server.
+FAMILIES: Mapping[str, st.SearchStrategy[bytes | str]] = {
+    "bytes_and_values": st.one_of(random_bytes, random_values, text_frames),
+    "crafted": crafted_frames(),
+    "operations": op_frames(),
+    "mutated": mutated_frames(),
+}
+
+
+def fuzz_frames() -> st.SearchStrategy[bytes | str]:
+    """All families together (the bench's default); operations get the largest share."""
+    return weighted(
+        (40, FAMILIES["operations"]),
+        (20, FAMILIES["mutated"]),
+        (20, FAMILIES["crafted"]),
+        (20, FAMILIES["bytes_and_values"]),
+    )
+
+
+def draw_frames(strategy: st.SearchStrategy[Any], n: int, *, seed_value: int = 0, batch: int = 25) -> list[Any]:
+    """Draw ``n`` examples of ``strategy``, the same ones for the same seed.
+
+    Hypothesis runs in generate-only mode (no shrinking, no database). Each test
+    case draws a list of ``batch`` examples: per example that is about 4 times
+    cheaper than one example per case (much longer lists overrun Hypothesis'
+    buffer and get slower again).
+    """
+    out: list[Any] = []
+    for attempt in range(10):  # more rounds only if a round came up short
+        wanted = n - len(out)
+        if wanted <= 0:
+            break
+        size = min(batch, wanted)
+
+        @seed(seed_value * 1000 + attempt)
+        @settings(
+            max_examples=-(-wanted // size),
+            database=None,
+            phases=[Phase.generate],
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(st.lists(strategy, min_size=size, max_size=size))
+        def collect(values: list[Any]) -> None:
+            out.extend(values)
+
+        collect()
+    return out[:n]
+
+
+# ---- the oracle ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Expect:
+    """What a correct server answers to one frame (sent after ``hello``)."""
+
+    id: int | None  # the id the reply must echo
+    codes: frozenset[str]  # the error codes it may carry
+    may_succeed: bool  # whether ``ok: true`` is possible
+    close: int | None = None  # a close code instead of a reply (oversize frames)
+    op: str | None = None
+
+
+def _readable_id(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and MIN_INT <= value <= MAX_INT:
+        return value
+    return None
+
+
+def expectation(frame: bytes | str, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Expect:
+    """The documented answer to ``frame``, from PROTOCOL.md alone."""
+    size = len(frame.encode("utf-8", "surrogatepass")) if isinstance(frame, str) else len(frame)
+    if size > max_frame_bytes:
+        return Expect(None, frozenset(), False, close=1009)
+    bad = Expect(None, frozenset({"bad_frame"}), False)
+    if isinstance(frame, str):
+        return bad
+    try:
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception:
+        return bad
+    if not isinstance(obj, dict):
+        return bad
+    rid = _readable_id(obj.get("id"))
+    if rid is None:
+        return bad
+    op = obj.get("type")
+    if not isinstance(op, str):
+        return Expect(rid, frozenset({"bad_frame"}), False)
+    codes = OP_CODES.get(op, frozenset({"unknown_op"}))
+    # A known op may succeed unless it is hello (already sent); ``data`` that
+    # is not a map (or too deep) is a bad_frame for any op.
+    return Expect(rid, codes | {"bad_frame"}, op in OP_CODES and op != "hello", op=op)
+
+
+def check_reply(frame: bytes | str, reply: Any, expect: Expect | None = None) -> list[str]:
+    """Problems with ``reply`` (a decoded server frame) as the answer to ``frame``; [] if none."""
+    expect = expect or expectation(frame)
+    problems: list[str] = []
+    if not isinstance(reply, dict) or reply.get("type") != "reply":
+        return [f"expected a reply, got {short(reply)}"]
+    if reply.get("id") != expect.id or type(reply.get("id")) is not type(expect.id):
+        problems.append(f"reply id {reply.get('id')!r}, expected {expect.id!r}")
+    if reply.get("ok") is True:
+        if not expect.may_succeed:
+            problems.append(f"ok reply to a frame that must fail (op {expect.op!r}): {short(reply)}")
+        if not isinstance(reply.get("data"), dict):
+            problems.append(f"ok reply without a data map: {short(reply)}")
+        return problems
+    if reply.get("ok") is not False:
+        return problems + [f"reply with ok={reply.get('ok')!r}"]
+    error = reply.get("error")
+    if not isinstance(error, dict):
+        return problems + [f"error reply without an error map: {short(reply)}"]
+    code, message = error.get("code"), error.get("message")
+    if code == "internal":
+        problems.append(f"internal error: {message!r}")
+    elif code not in ERROR_CODES:
+        problems.append(f"undocumented error code {code!r}: {message!r}")
+    elif code not in expect.codes:
+        problems.append(f"code {code!r} not documented for op {expect.op!r} (allowed {sorted(expect.codes)}): {message!r}")
+    if not isinstance(message, str) or not message:
+        problems.append(f"error without a message: {short(reply)}")
+    return problems
+
+
+def short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+# ---- a client for fuzzing ---------------------------------------------------------------------
+
+REPLY_TIMEOUT_S = 10.0
+FUZZER = "fuzzer"
+HELPER = "fz_helper"
+
+
+@attrs.frozen
+class Answered:
+    """What the server did with one frame."""
+
+    reply: Any = None  # the decoded reply, or
+    close_code: int | None = None  # the close code, or
+    timed_out: bool = False  # neither in time
+    events: list[Any] = attrs.Factory(list)  # events that came first
+
+
+async def exchange(ws: trio_websocket.WebSocketConnection, frame: bytes | str) -> Answered:
+    """Send one frame; wait for a reply (events before it are collected) or the close."""
+    events: list[Any] = []
+    try:
+        await ws.send_message(frame)
+        with trio.move_on_after(REPLY_TIMEOUT_S):
+            while True:
+                message = await ws.get_message()
+                try:
+                    decoded = msgpack.unpackb(message, raw=False)
+                except Exception:
+                    return Answered(reply=("undecodable server frame", message[:100]), events=events)
+                if isinstance(decoded, dict) and decoded.get("type") in EVENT_TYPES:
+                    events.append(decoded)
+                    continue
+                return Answered(reply=decoded, events=events)
+        return Answered(timed_out=True, events=events)
+    except trio_websocket.ConnectionClosed as exc:
+        return Answered(close_code=exc.reason.code if exc.reason else None, events=events)
+
+
+@asynccontextmanager
+async def hello_connection(url: str, user_id: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A raw trio-websocket connection that has said hello as ``user_id``."""
+    from .conftest import token
+
+    async with trio_websocket.open_websocket_url(url, message_queue_size=4) as ws:
+        await ws.send_message(packb({"type": "hello", "id": 0, "data": {"token": token(user_id)}}))
+        with trio.fail_after(REPLY_TIMEOUT_S):
+            reply = msgpack.unpackb(await ws.get_message(), raw=False)
+        assert reply.get("ok") is True, reply
+        yield ws
+
+
+@attrs.define
+class FuzzRun:
+    frames: int = 0
+    replies: int = 0
+    ok: int = 0
+    closes: dict[int, int] = attrs.Factory(dict)
+    codes: dict[str, int] = attrs.Factory(dict)
+    problems: list[str] = attrs.Factory(list)
+
+    def problem(self, frame: bytes | str, what: str) -> None:
+        self.problems.append(f"{what}\n    frame ({len(frame)} {'chars' if isinstance(frame, str) else 'bytes'}): {short(frame)}")
+
+
+async def fuzz_over(url: str, frames: list[bytes | str], ids: Mapping[str, str]) -> FuzzRun:
+    """Send ``frames`` one at a time as the fuzzer, reconnecting after each close."""
+    run = FuzzRun()
+    pending = list(frames)
+    while pending:
+        async with hello_connection(url, FUZZER) as ws:
+            while pending:
+                frame = bind_ids(pending.pop(0), ids)
+                expect = expectation(frame)
+                answered = await exchange(ws, frame)
+                run.frames += 1
+                if answered.timed_out:
+                    run.problem(frame, f"no reply within {REPLY_TIMEOUT_S} s")
+                    break
+                if answered.close_code is not None:
+                    run.closes[answered.close_code] = run.closes.get(answered.close_code, 0) + 1
+                    if answered.close_code != expect.close:
+                        run.problem(frame, f"closed with {answered.close_code}, expected {expect.close or 'a reply'}")
+                    break
+                run.replies += 1
+                for ev in answered.events:  # the only event a lone fuzzer can cause itself
+                    if ev.get("type") != "nearby_questions":
+                        run.problem(frame, f"unexpected event before the reply: {short(ev)}")
+                if expect.close is not None:
+                    run.problem(frame, f"expected close {expect.close}, got a reply {short(answered.reply)}")
+                    continue
+                reply = answered.reply
+                if isinstance(reply, dict):
+                    if reply.get("ok") is True:
+                        run.ok += 1
+                    elif isinstance(reply.get("error"), dict):
+                        code = str(reply["error"].get("code"))
+                        run.codes[code] = run.codes.get(code, 0) + 1
+                for problem in check_reply(frame, reply, expect):
+                    run.problem(frame, problem)
+            else:
+                # The connection is still usable, and no stray frame is queued
+                # ahead of this reply (which would mean one frame got two).
+                answered = await exchange(ws, packb({"type": "get_profile", "id": 77, "data": {}}))
+                reply = answered.reply
+                if not (isinstance(reply, dict) and reply.get("id") == 77 and reply.get("ok") is True):
+                    run.problems.append(f"get_profile after the batch got {answered!r}")
+    return run
+
+
+# ---- normal traffic beside the fuzzer ---------------------------------------------------------
+
+
+@attrs.define
+class Bystanders:
+    rounds: int = 0
+    slowest_s: float = 0.0
+
+
+async def bystander_traffic(server: Any, stop: trio.Event, report: Bystanders, *, min_rounds: int = 3) -> None:
+    """An asker and a local do normal traffic on their own question until ``stop``.
+
+    Each round: typing, an answer, a read receipt, a profile read. Every reply
+    must come within the client timeout and every event must be exactly the
+    documented ones, in order, with durable seqs gapless.
+    """
+    from .conftest import question_data
+
+    # Not a verified local: escalation never picks it, so it gets no alerts for the fuzzer's questions.
+    async with server.connect("by_asker", nick="Asker") as asker, server.connect("by_local", nick="Local") as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await local.request("join_question", {"question_id": qid})
+        assert (await asker.next_event())["type"] == "user_online"
+        while not stop.is_set() or report.rounds < min_rounds:
+            started = time.monotonic()
+            await local.request("typing_start", {"question_id": qid})
+            assert (await asker.next_event())["type"] == "user_typing"
+            answer = (await local.request("create_answer", {"question_id": qid, "content": f"answer {report.rounds}"}))["answer"]
+            got = [await asker.next_event() for _ in range(3)]
+            assert [e["type"] for e in got] == ["new_answer", "answer_notification", "user_stop_typing"], got
+            assert got[1]["seq"] == report.rounds + 1, got[1]
+            assert got[0]["data"]["answer"]["answer_id"] == answer["answer_id"]
+            read = await asker.request("mark_read", {"question_id": qid, "answer_ids": [answer["answer_id"]]})
+            assert read["answer_ids"] == [answer["answer_id"]]
+            receipt = await local.next_event()
+            assert (receipt["type"], receipt["data"]["answer_id"], receipt["data"]["state"]) == ("receipt", answer["answer_id"], "read")
+            profile = await asker.request("get_profile")
+            assert profile["last_seq"] == report.rounds + 1
+            assert asker.pending_events() == [] and local.pending_events() == []
+            report.rounds += 1
+            report.slowest_s = max(report.slowest_s, time.monotonic() - started)
+        assert asker.closed is None and local.closed is None
+
+
+async def make_fuzz_targets(server: Any) -> dict[str, str]:
+    """Create the questions and answers the placeholders stand for; return the mapping."""
+    from .conftest import question_data
+
+    async with server.connect(HELPER, nick="Helper") as helper, server.connect(FUZZER) as fuzzer:
+        q_mine = (await fuzzer.request("create_question", question_data(title="fuzzer's question")))["question"]["question_id"]
+        q_theirs = (await helper.request("create_question", question_data(title="helper's question")))["question"]["question_id"]
+        a_mine = (await helper.request("create_answer", {"question_id": q_mine, "content": "helper's answer"}))["answer"]["answer_id"]
+        a_theirs = (await fuzzer.request("create_answer", {"question_id": q_theirs, "content": "fuzzer's answer"}))["answer"]["answer_id"]
+    return {Q_MINE: q_mine, Q_THEIRS: q_theirs, A_MINE: a_mine, A_THEIRS: a_theirs}
+
+
+def server_errors(records: Iterable[logging.LogRecord]) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in records if r.levelno >= logging.ERROR and r.name.startswith("dongne")]
+
+
+# ---- the end-to-end fuzz ------------------------------------------------------------------------
+
+EXAMPLES = int(os.environ.get("DONGNE_FUZZ_EXAMPLES", "2000"))
+SEED = int(os.environ.get("DONGNE_FUZZ_SEED", "0"))  # another seed explores other frames, as reproducibly
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_fuzz_frames_get_one_documented_reply(server: Any, family: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Each fuzz frame gets exactly one documented answer; a bystander pair sees nothing odd."""
+    caplog.set_level(logging.INFO)
+    frames = draw_frames(FAMILIES[family], EXAMPLES // len(FAMILIES), seed_value=SEED * 100 + sorted(FAMILIES).index(family))
+    ids = await make_fuzz_targets(server)
+    stop = trio.Event()
+    bystanders = Bystanders()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bystander_traffic, server, stop, bystanders)
+        try:
+            run = await fuzz_over(server.url, frames, ids)
+        finally:
+            stop.set()
+    # The server is still serving new connections.
+    async with server.connect("late_comer") as late:
+        assert (await late.request("get_profile"))["user"]["user_id"] == "late_comer"
+
+    assert run.frames == len(frames)
+    assert not run.problems, f"{len(run.problems)} problems in {run.frames} frames:\n" + "\n".join(run.problems[:15])
+    assert bystanders.rounds >= 3
+    assert [] == server_errors(caplog.records)
+
+
+def test_frame_families_cover_the_protocol() -> None:
+    """The drawn frames reach every op, every error code an op can give, and both big and deep frames."""
+    frames = [f for family in FAMILIES.values() for f in draw_frames(family, 150, seed_value=1)]
+    expects = [expectation(bind_ids(f, {})) for f in frames]
+    assert {e.op for e in expects} >= set(OP_CODES)
+    assert any(e.close == 1009 for e in expects)
+    assert any(isinstance(f, str) for f in frames)
+    assert any(isinstance(f, bytes) and b"\x91" * 1000 in f for f in frames)
+    assert any(isinstance(f, bytes) and b"\xed\xa0" in f for f in frames)  # a lone surrogate
+
+
+# ---- the same frames through the sans-I/O core, with shrinking -----------------------------------
+
+
+def _engine_with_targets() -> tuple[Any, int]:
+    """An engine holding the placeholder questions and answers; returns (engine, fuzzer's conn id)."""
+    from dongne.auth import TokenVerifier
+    from dongne.config import EngineSettings
+    from dongne.core.engine import Engine
+    from dongne.core.protocol import Request
+
+    from dongne.config import LimitSettings
+
+    from .conftest import JEJU_CITY, SECRET, UNLIMITED, token
+
+    made = iter(PLACEHOLDERS)
+    serial = itertools.count()
+
+    def new_id(prefix: str, now: int) -> str:  # the placeholders first, then fresh ids
+        return next(made, None) or f"{prefix}{next(serial):020d}"
+
+    verifier = TokenVerifier(SECRET)
+    engine = Engine(
+        EngineSettings(),
+        lambda tok, now_s: verifier.verify(tok, now_s=now_s),
+        region_of=_region_of(),
+        new_id=new_id,
+        limits=LimitSettings(**UNLIMITED),  # type: ignore[arg-type]
+    )
+    now = int(time.time() * 1000)
+    # The fuzzer is an admin here (the admin operations' own checks get fuzzed) and
+    # a plain user in the end-to-end tests (their "forbidden" path does).
+    for conn_id, user, admin in ((1, FUZZER, True), (2, HELPER, False)):
+        engine.open_connection(conn_id)
+        engine.receive(conn_id, Request("hello", 0, {"token": token(user, admin=admin)}), now)
+    question = {"title": "t", "location": dict(JEJU_CITY)}
+    engine.receive(1, Request("create_question", 1, question), now)  # Q_MINE
+    engine.receive(2, Request("create_question", 1, question), now)  # Q_THEIRS
+    engine.receive(2, Request("create_answer", 2, {"question_id": Q_MINE, "content": "c"}), now)  # A_MINE
+    engine.receive(1, Request("create_answer", 2, {"question_id": Q_THEIRS, "content": "c"}), now)  # A_THEIRS
+    assert set(engine.questions) == {Q_MINE, Q_THEIRS}
+    return engine, 1
+
+
+_regions: list[Any] = []
+
+
+def _region_of() -> Callable[[float, float], str | None]:
+    if not _regions:
+        from dongne.core.regions import load_default_regions
+
+        _regions.append(load_default_regions())
+    return _regions[0].region_of  # type: ignore[no-any-return]
+
+
+@settings(
+    max_examples=int(os.environ.get("DONGNE_FUZZ_CORE_EXAMPLES", "300")),
+    derandomize=True,  # deterministic in CI; raise DONGNE_FUZZ_CORE_EXAMPLES to explore further
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(frames=st.lists(fuzz_frames(), min_size=1, max_size=5))
+def test_core_answers_every_frame_with_one_documented_reply(frames: list[bytes | str]) -> None:
+    """decode_request and Engine.receive: one packable, documented reply per frame, whatever the bytes."""
+    from dongne.core.effects import Send
+    from dongne.core.errors import ProtocolError
+    from dongne.core.protocol import decode_request
+
+    engine, conn = _engine_with_targets()
+    now = int(time.time() * 1000)
+    for frame in frames:
+        expect = expectation(frame)
+        if expect.close is not None or isinstance(frame, str):
+            continue  # the transport's job (1009, text frames)
+        try:
+            request = decode_request(frame)
+        except ProtocolError as exc:
+            assert exc.code == "bad_frame"
+            rid = exc.extra.get("id")
+            outcome = engine.refuse_frame(conn, rid if isinstance(rid, int) else None, exc, now)
+        else:
+            outcome = engine.receive(conn, request, now)  # must not raise: the driver would answer "internal"
+        sends = [a for a in outcome.actions if isinstance(a, Send)]
+        for send in sends:
+            msgpack.packb(send.frame)  # the driver packs every frame; a failure would stop the commit pipeline
+        replies = [s.frame for s in sends if s.frame.get("type") == "reply"]
+        assert [(conn,)] == [s.conn_ids for s in sends if s.frame.get("type") == "reply"]
+        assert [] == check_reply(frame, replies[0], expect)
+
+
+# ---- hello and the first frame -------------------------------------------------------------------
+
+
+def _signed(claims: dict[str, Any], *, secret: str | None = None, headers: dict[str, Any] | None = None) -> str:
+    from .conftest import SECRET
+
+    return jwt.encode(claims, secret or SECRET, algorithm="HS256", headers=headers)
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@st.composite
+def hello_frames(draw: st.DrawFn) -> tuple[bytes | str, int | None]:
+    """A first frame and its documented outcome: None for an ok reply, else the close code."""
+    from .conftest import token
+
+    if draw(st.integers(0, 3)) == 2:  # not a request at all (text, garbage, other ops): 4001
+        frame = draw(st.one_of(FAMILIES["bytes_and_values"], FAMILIES["crafted"], FAMILIES["mutated"]))
+        return frame, 1009 if expectation(frame).close == 1009 else 4001
+
+    now = int(time.time())
+    good = token("fz_pre")
+    tokens = st.one_of(
+        st.just((good, True)),
+        st.sampled_from([
+            (None, False), ("", False), ("not.a.jwt", False), (good[:-4] + "AAAA", False), (good + ".x", False),
+            (good.encode(), False), (good * 50, False), ("\x00" * 100, False),
+            (_b64(b'{"alg":"none","typ":"JWT"}') + "." + _b64(b'{"sub":"x","exp":9999999999}') + ".", False),
+            (_b64(b"[" * 20_000) + "." + _b64(b"{}") + "." + _b64(b"x"), False),
+            (_b64(b'{"alg":"HS256","crit":["' + "é".encode() * 300 + b'"]}') + ".e30.x", False),
+            (_b64(b'{"alg":"HS256","kid":{"a":1}}') + ".e30.x", False),
+            (_signed({"sub": "fz", "exp": now + 60}, secret="another-secret-0123456789-0123456789"), False),
+            (_signed({"sub": "fz", "exp": now - 1}), False),
+            (_signed({"sub": "fz"}), False),
+            (_signed({"exp": now + 60}), False),
+            (_signed({"sub": "", "exp": now + 60}), False),
+            (_signed({"sub": "x" * 65, "exp": now + 60}), False),
+            (_signed({"sub": 42, "exp": now + 60}), False),
+            (_signed({"sub": "fz", "exp": "tomorrow"}), False),
+            (_signed({"sub": "fz", "exp": now + 60, "nick": ""}), False),
+            (_signed({"sub": "fz", "exp": now + 60, "local": "yes"}), False),
+            (_signed({"sub": "fz", "exp": now + 60, "tags": ["t"] * 21}), False),
+            (_signed({"sub": "fz", "exp": now + 60, "tags": "food"}), False),
+            (_signed({"sub": "fz", "exp": now + 60, "role": "root"}), False),
+            (_signed({"sub": "fz\u202e\x00👍", "exp": now + 60, "nick": "é" * 64, "tags": ["#Food", "제주"]}), True),
+            (_signed({"sub": "y" * 64, "exp": now + 60, "role": "admin", "extra": {"deep": [[[[1]]]]}}), True),
+        ]),  # fmt: skip
+        st.tuples(any_value, st.just(False)).filter(lambda t: not isinstance(t[0], str)),
+        st.tuples(st.text(max_size=60), st.just(False)),
+    )
+    tok, token_ok = draw(tokens)
+    resumes = st.one_of(
+        st.just(("absent", True)),
+        st.sampled_from([(None, True), ({"last_seq": 0}, True), ({"last_seq": MAX_INT}, True), ({}, False),
+                         ({"last_seq": -1}, False), ({"last_seq": 1.0}, False), ({"last_seq": True}, False),
+                         ({"last_seq": "3"}, False), ({"last_seq": None}, False), ([1], False), ("0", False)]),
+        st.tuples(st.integers(0, MAX_INT).map(lambda n: {"last_seq": n}), st.just(True)),
+    )  # fmt: skip
+    resume, resume_ok = draw(resumes)
+    data: dict[str, Any] = {} if tok is None else {"token": tok}
+    if resume != "absent":
+        data["resume"] = resume
+    op = draw(st.one_of(st.just("hello"), st.just("hello"), st.sampled_from(OPS), unknown_ops))
+    frame = packb({"type": op, "id": draw(st.integers(MIN_INT, MAX_INT)), "data": data})
+    if op != "hello" or not token_ok:
+        return frame, 4001
+    return frame, None if resume_ok else 4002
+
+
+async def test_fuzz_first_frames(server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A hostile hello, another op or garbage first: an ok reply or a close with 4001/4002 (1009 if oversize), never a wait."""
+    caplog.set_level(logging.INFO)
+    cases = draw_frames(hello_frames(), max(50, EXAMPLES // 10), seed_value=SEED * 100 + 5)
+    problems = []
+    async with server.connect("by_asker") as bystander:
+        for frame, close in cases:
+            async with trio_websocket.open_websocket_url(server.url) as ws:
+                answered = await exchange(ws, frame)
+                if close is None:
+                    reply = answered.reply
+                    if not (isinstance(reply, dict) and reply.get("ok") is True):
+                        problems.append(f"expected ok, got {answered!r} for {short(frame)}")
+                elif answered.close_code != close:
+                    problems.append(f"expected close {close}, got {short(answered)} for {short(frame)}")
+        assert (await bystander.request("get_profile"))["user"]["user_id"] == "by_asker"
+    assert not problems, f"{len(problems)} of {len(cases)}:\n" + "\n".join(problems[:15])
+    assert [] == server_errors(caplog.records)
+
+
+@pytest.mark.parametrize("frame", [b"\xc1", packb([1]), packb({"type": "hello"}), "hello"], ids=["not-msgpack", "not-a-map", "no-id", "text"])
+async def test_unreadable_first_frame_closes_with_4001(server: Any, frame: bytes | str) -> None:
+    """Found by fuzzing: it got a bad_frame reply and the socket waited for hello_timeout_s."""
+    async with trio_websocket.open_websocket_url(server.url) as ws:
+        answered = await exchange(ws, frame)
+
+        assert 4001 == answered.close_code, answered
+
+
+@pytest.mark.parametrize("exp", [math.nan, math.inf])
+async def test_token_with_non_finite_exp_is_refused(server: Any, exp: float) -> None:
+    """Found by fuzzing: ``exp <= now`` is false for NaN, so such a token never expired."""
+    async with trio_websocket.open_websocket_url(server.url) as ws:
+        answered = await exchange(ws, packb({"type": "hello", "id": 1, "data": {"token": _signed({"sub": "fz", "exp": exp})}}))
+
+        assert 4001 == answered.close_code, answered
+
+
+async def test_create_question_refused_for_too_many_rooms_leaves_nothing(start_server: Callable[..., Any]) -> None:
+    """Found by fuzzing: the question was put in memory before the room limit refused the request."""
+    from dongne.client import RequestError
+
+    from .conftest import question_data
+
+    h = await start_server(limits={"rooms_per_connection": 2})
+    async with h.connect("roomy") as client:
+        for _ in range(2):
+            await client.request("create_question", question_data())
+        before = set(h.running.engine.questions)
+        with pytest.raises(RequestError) as refused:
+            await client.request("create_question", question_data(title="one room too many"))
+        assert refused.value.code == "limit_exceeded"
+        after = set(h.running.engine.questions)
+    h.running.stop()
+
+    assert before == after
+
+
+# ---- explicit extremes ---------------------------------------------------------------------------
+
+EXTREMES = {
+    "array-10k-whole": deep_array(10_000),
+    "map-10k-whole": deep_map(10_000),
+    "array-10k-data": frame_bytes(type_=b"\xafcreate_question", data=deep_array(10_000)),
+    "map-10k-data": frame_bytes(type_=b"\xafcreate_question", data=deep_map(10_000)),
+    "map-10k-field": frame_bytes(type_=b"\xafcreate_question", data=mp_map([(b"\xa5title", deep_map(10_000))])),
+    "map-10k-id": frame_bytes(id_=deep_map(10_000)),
+    "map-10k-other-key": mp_map([(b"\xa4type", b"\xabget_profile"), (b"\xa2id", b"\x01"), (b"\xa5extra", deep_map(10_000))]),
+    "map-33-data": frame_bytes(data=deep_map(33)),
+    "map-31-data": frame_bytes(data=deep_map(31)),
+    "array-60k-data": frame_bytes(data=deep_array(60_000)),
+    "uint64-max-id": frame_bytes(id_=b"\xcf" + b"\xff" * 8),
+    "timestamp-id": frame_bytes(id_=b"\xd6\xff\x00\x00\x00\x01"),
+    "bad-timestamp-data": frame_bytes(data=mp_map([(b"\xa1t", b"\xd7\xff" + b"\xff" * 8)])),
+    "surrogate-title": frame_bytes(type_=b"\xafcreate_question", data=mp_map([(b"\xa5title", b"\xa3\xed\xa0\x80")])),
+    "id-10k-chars": packb({"type": "join_question", "id": 3, "data": {"question_id": "q" * 10_000}}),
+    "hashtags-10k": packb({"type": "create_question", "id": 4, "data": {"title": "t", "location": {"lat": 33.5, "lng": 126.5}, "hashtags": ["a"] * 10_000}}),
+    "answer-ids-10k": packb({"type": "mark_read", "id": 5, "data": {"question_id": Q_MINE, "answer_ids": [A_MINE] * 10_000}}),
+    "title-64k": packb({"type": "create_question", "id": 6, "data": {"title": "x" * 65_000, "location": {"lat": 33.5, "lng": 126.5}}}),
+    "emoji-title-ok": packb({"type": "create_question", "id": 7, "data": {"title": "👨‍👩‍👧‍👦\u202e\x00", "location": {"lat": 33.4996, "lng": 126.5312}}}),
+    "nan-location": packb({"type": "create_question", "id": 8, "data": {"title": "t", "location": {"lat": NAN, "lng": INF}}}),
+}
+
+
+@pytest.mark.parametrize("name", list(EXTREMES))
+async def test_extreme_frames(server: Any, name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Deep nesting, huge ints, bad timestamps, 10k-item lists: one documented answer each."""
+    caplog.set_level(logging.INFO)
+    ids = await make_fuzz_targets(server)
+    run = await fuzz_over(server.url, [EXTREMES[name]], ids)
+
+    assert [] == run.problems
+    assert [] == server_errors(caplog.records)
+
+
+async def test_frame_size_limit_is_exact(server: Any) -> None:
+    """A message of exactly max_frame_bytes is read; one byte more closes with 1009 (also when fragmented)."""
+
+    def padded(total: int) -> bytes:
+        base = packb({"type": "get_profile", "id": 1, "data": {"pad": ""}})
+        frame = packb({"type": "get_profile", "id": 1, "data": {"pad": "x" * (total - len(base) - 2)}})
+        return frame if len(frame) == total else packb({"type": "get_profile", "id": 1, "data": {"pad": "x" * (total - len(base))}})
+
+    exact, over = padded(MAX_FRAME_BYTES), padded(MAX_FRAME_BYTES + 1)
+    assert (len(exact), len(over)) == (MAX_FRAME_BYTES, MAX_FRAME_BYTES + 1)
+    async with hello_connection(server.url, "big") as ws:
+        assert (await exchange(ws, exact)).reply["ok"] is True
+        assert (await exchange(ws, over)).close_code == 1009
+    raw = await RawClient.connect(server.running.port, "big")
+    fragments = b"".join(
+        ws_frame(0x0 if start else 0x2, over[start : start + 1000], fin=start + 1000 >= len(over))
+        for start in range(0, len(over), 1000)
+    )  # 66 fragments
+    with contextlib.suppress(OSError):
+        await raw.send_bytes(fragments)
+    assert (await raw.read_until_reply_or_close()).close_code == 1009
+    raw.close()
+
+
+# ---- below msgpack: WebSocket frames ---------------------------------------------------------------
+
+
+def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, masked: bool = True, length_bytes: int | None = None) -> bytes:
+    """One client WebSocket frame, as hostile as asked (reserved bits, no mask, long length forms)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | (rsv & 0x7) << 4 | (opcode & 0xF)])
+    mask_bit = 0x80 if masked else 0
+    form = length_bytes if length_bytes is not None else (0 if n < 126 else 2 if n < 65536 else 8)
+    if form == 0:
+        head += bytes([mask_bit | n])
+    elif form == 2:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack(">Q", n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+SENTINEL_ID = 424242
+SENTINEL = packb({"type": "get_profile", "id": SENTINEL_ID, "data": {}})
+
+
+class RawClient:
+    """A WebSocket client on a bare socket that can write any bytes after the handshake."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.ws = WSConnection(ConnectionType.CLIENT)
+
+    @classmethod
+    async def connect(cls, port: int, user_id: str) -> RawClient:
+        from .conftest import token
+
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await sock.connect(("127.0.0.1", port))
+        self = cls(sock)
+        await self.send_bytes(self.ws.send(Request(host="127.0.0.1", target="/")))
+        with trio.fail_after(REPLY_TIMEOUT_S):
+            while not any(isinstance(ev, AcceptConnection) for ev in await self._events()):
+                pass
+        await self.send_bytes(self.ws.send(BytesMessage(data=packb({"type": "hello", "id": 0, "data": {"token": token(user_id)}}))))
+        hello = await self.read_until_reply_or_close()
+        assert hello.reply is not None and hello.reply[0]["ok"] is True, hello
+        return self
+
+    async def send_bytes(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def _events(self) -> list[Any]:
+        data = await self.sock.recv(65536)
+        self.ws.receive_data(data or None)
+        return list(self.ws.events())
+
+    async def read_until_reply_or_close(self, want_id: int | None = None) -> Answered:
+        """Read until a reply (with ``want_id`` if given) or a close; ``reply`` is the list of replies."""
+        replies: list[Any] = []
+        parts: list[bytes] = []
+        with trio.move_on_after(REPLY_TIMEOUT_S):
+            while True:
+                try:
+                    events = await self._events()
+                except OSError:
+                    return Answered(reply=replies or None, close_code=-1)
+                for ev in events:
+                    if isinstance(ev, BytesMessage):
+                        parts.append(bytes(ev.data))
+                        if ev.message_finished:
+                            replies.append(msgpack.unpackb(b"".join(parts), raw=False))
+                            parts = []
+                            if want_id is None or replies[-1].get("id") == want_id:
+                                return Answered(reply=replies)
+                    elif isinstance(ev, CloseConnection):
+                        return Answered(reply=replies or None, close_code=ev.code)
+                if not events and self.ws.state.name == "CLOSED":
+                    return Answered(reply=replies or None, close_code=-1)
+        return Answered(reply=replies or None, timed_out=True)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+#: Close codes a client may not send (RFC 6455 7.4): the server must answer 1002.
+BAD_CLOSE_CODES = (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)
+
+
+@st.composite
+def ws_garbage(draw: st.DrawFn) -> tuple[bytes, int | None]:
+    """Complete but hostile WebSocket frames; returns (bytes, the client's own close code if any)."""
+    out = b""
+    client_close: int | None = None
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.integers(0, 11))
+        payload = draw(st.binary(max_size=200))
+        if kind == 0:  # any opcode, any bits (random text is rarely UTF-8: 1007)
+            out += ws_frame(draw(st.integers(0, 15)), payload, fin=draw(st.booleans()), rsv=draw(st.integers(0, 7)))
+        elif kind == 1:  # unmasked
+            out += ws_frame(draw(st.sampled_from((0x1, 0x2, 0x9))), payload, masked=False)
+        elif kind == 2:  # control frame too long, or fragmented
+            out += ws_frame(draw(st.sampled_from((0x8, 0x9, 0xA))), payload.ljust(126, b"p"))
+        elif kind == 3:
+            out += ws_frame(0x9, payload[:125], fin=False)
+        elif kind == 4:  # a continuation with nothing to continue
+            out += ws_frame(0x0, payload, fin=draw(st.booleans()))
+        elif kind == 5:  # a fragmented message, possibly interrupted by another data frame
+            out += ws_frame(0x2, SENTINEL[:3], fin=False) + ws_frame(draw(st.sampled_from((0x0, 0x1, 0x2))), SENTINEL[3:])
+        elif kind == 6:  # a bad close code or a 1-byte close payload
+            code = draw(st.sampled_from(BAD_CLOSE_CODES))
+            out += ws_frame(0x8, struct.pack(">H", code) if draw(st.booleans()) else b"\x03")
+        elif kind == 7:  # a valid close: the server echoes it
+            client_close = draw(st.sampled_from((1000, 1001, 3000, 4000, 4999)))
+            out += ws_frame(0x8, struct.pack(">H", client_close) + draw(st.text(max_size=20)).encode()[:100])
+        elif kind == 8:  # non-minimal length forms
+            out += ws_frame(0x2, SENTINEL, length_bytes=draw(st.sampled_from((2, 8))))
+        elif kind == 9:  # pings and pongs with payloads
+            out += ws_frame(draw(st.sampled_from((0x9, 0xA))), payload[:125])
+        elif kind == 10:  # a text frame, UTF-8 or not
+            out += ws_frame(0x1, draw(st.one_of(st.text(max_size=50).map(str.encode), st.binary(max_size=50))))
+        else:  # a valid binary frame with fuzz bytes
+            out += ws_frame(0x2, draw(random_bytes))
+        if client_close is not None:
+            break
+    return out, client_close
+
+
+async def test_fuzz_websocket_frames(server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Hostile WebSocket framing: a documented close (1002, 1007, 1009, the client's own) or replies, then the sentinel's."""
+    caplog.set_level(logging.INFO)
+    cases = draw_frames(ws_garbage(), max(50, EXAMPLES // 10), seed_value=SEED * 100 + 7)
+    problems = []
+    async with server.connect("by_asker") as bystander:
+        for garbage, client_close in cases:
+            raw = await RawClient.connect(server.running.port, "fz_ws")
+            try:
+                await raw.send_bytes(garbage + ws_frame(0x2, SENTINEL))
+            except OSError:
+                pass  # the server may already have closed
+            answered = await raw.read_until_reply_or_close(want_id=SENTINEL_ID)
+            raw.close()
+            allowed = {1002, 1007, 1009} | ({client_close} if client_close else set())
+            if answered.timed_out:
+                problems.append(f"no close and no sentinel reply for {short(garbage)}")
+            elif answered.close_code is not None and answered.close_code not in allowed:
+                problems.append(f"close {answered.close_code} (allowed {sorted(allowed)}) for {short(garbage)}")
+            for reply in answered.reply or []:
+                # Replies to fuzz binary frames inside the garbage, then the sentinel's.
+                expect = Expect(reply.get("id"), ERROR_CODES - {"internal"}, True)
+                problems += [f"{p} for {short(garbage)}" for p in check_reply(b"", reply, expect)]
+        assert (await bystander.request("get_profile"))["user"]["user_id"] == "by_asker"
+    assert not problems, f"{len(problems)} of {len(cases)}:\n" + "\n".join(problems[:15])
+    assert [] == server_errors(caplog.records)
+
+
+@pytest.mark.parametrize("frame", [ws_frame(0x1, b"\xff\xfe"), ws_frame(0x8, b"\x03\xe8\xff")], ids=["text", "close-reason"])
+async def test_invalid_utf8_closes_with_1007(server: Any, frame: bytes) -> None:
+    """Found by fuzzing: 1007 was not in PROTOCOL.md's close codes (it is now)."""
+    raw = await RawClient.connect(server.running.port, "fz_ws")
+    await raw.send_bytes(frame)
+    answered = await raw.read_until_reply_or_close()
+    raw.close()
+
+    assert 1007 == answered.close_code, answered
+
+
+async def test_ping_flood_without_reading_is_a_slow_consumer(start_server: Callable[..., Any]) -> None:
+    """Found by fuzzing: pongs bypassed the outbound limit (21 MB buffered for a 1 MiB limit)."""
+    limit = 262_144
+    h = await start_server(server={"outbound_buffer_bytes": limit})
+    raw = await RawClient.connect(h.running.port, "pinger")
+    conn = next(iter(h.running.clients.conns.values()))
+    burst = ws_frame(0x9, b"p" * 125) * 1000  # 131 KB of pings, 127 KB of pongs
+    peak = 0
+    with trio.move_on_after(10):
+        for _ in range(400):  # at most 52 MB
+            await raw.send_bytes(burst)
+            await trio.sleep(0)
+            peak = max(peak, conn.buffered_bytes)
+            if conn.closing or peak > 4 * limit:
+                break
+    raw.close()
+    async with h.connect("other") as other:
+        assert (await other.request("get_profile"))["user"]["user_id"] == "other"
+    h.running.stop()
+
+    assert conn.close_code == 4009 and peak <= limit + 65536, (conn.close_code, peak)
