@@ -263,6 +263,15 @@ class ServerProcess:
 DONGNE_READY = r"dongne listening: clients ws://[^\s:]+:(\d+)\s+ops http://[^\s:]+:(\d+)"
 
 
+BENCH_LIMITS: dict[str, str] = {
+    f"DONGNE_LIMITS_{key.upper()}": "1000000"
+    for key in (
+        "conn_per_s", "conn_burst", "writes_per_minute", "writes_burst", "questions_per_hour", "questions_burst",
+        "typing_per_s", "typing_burst", "connections_per_ip_per_minute",
+    )
+}  # fmt: skip
+
+
 def start_dongne(
     db_path: Path,
     *,
@@ -279,6 +288,10 @@ def start_dongne(
     env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
     env["DONGNE_JWT_SECRET"] = jwt_secret
     env["DONGNE_STORE_SYNCHRONOUS"] = synchronous
+    # Benches load the server from one address with few users: the abuse
+    # limits would measure themselves. Each bench may set its own below.
+    env.update(BENCH_LIMITS)
+    env["DONGNE_SNAPSHOTS_INTERVAL_S"] = "0"
     env.update(extra_env or {})
     server = ServerProcess(
         "dongne",
@@ -317,6 +330,15 @@ def encode_client_frame(opcode: int, payload: bytes) -> bytes:
         stream = (key * (n // 4 + 1))[:n]
         payload = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
     return head + key + payload
+
+
+def _length_prefix(n: int) -> bytes:
+    """The (unmasked) payload length field of a frame header."""
+    if n < 126:
+        return bytes((n,))
+    if n < 65536:
+        return bytes((126,)) + n.to_bytes(2, "big")
+    return bytes((127,)) + n.to_bytes(8, "big")
 
 
 def split_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
@@ -409,6 +431,18 @@ class BlockingWebSocket:
                 raise WebSocketClosed(None)
             frames, self._buf = split_frames(self._buf + chunk)
             self._frames.extend(frames)
+
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """Hand over the socket and the bytes read past the last returned frame (for an event loop).
+
+        Frames already split off but not yet returned by ``recv`` are re-encoded into those bytes.
+        """
+        pending = b"".join(
+            bytes((0x80 | op,)) + _length_prefix(len(payload)) + payload for op, payload in self._frames
+        )
+        self._frames.clear()
+        rest, self._buf = pending + self._buf, b""
+        return self.sock, rest
 
     def close(self) -> None:
         try:
