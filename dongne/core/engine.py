@@ -376,17 +376,7 @@ class Engine(PlaceOps):
         out.note("slow_response_alert", question_id=question.question_id, region=question.region, admins=len(self.admins))
         for admin_id in sorted(self.admins):
             self._push_durable(admin_id, "slow_response_alert", data, now, out)
-        self._push_seq += 1
-        job = PushJob(
-            job_id=self._push_seq,
-            user_id="",
-            kind="slow_response_alert",
-            urgent=question.urgency == "urgent",
-            payload={"title": question.title, "region": question.region, "data": data},
-            created_at=now,
-        )
-        out.write(EnqueuePush(job))
-        out.act(Push(job))
+        self._enqueue_push("", "slow_response_alert", question, data, now, out)
 
     # ---- hello -----------------------------------------------------------------
 
@@ -714,19 +704,25 @@ class Engine(PlaceOps):
                 data.pop("online", None)
                 self._push_durable(target.user_id, "new_question_notification", data, now, out)
                 if not target.online:
-                    self._push_seq += 1
-                    job = PushJob(
-                        job_id=self._push_seq,
-                        user_id=target.user_id,
-                        kind="new_question_notification",
-                        urgent=question.urgency == "urgent",
-                        payload={"title": question.title, "region": question.region, "data": data},
-                        created_at=now,
-                    )
-                    out.write(EnqueuePush(job))
-                    out.act(Push(job))
+                    self._enqueue_push(target.user_id, "new_question_notification", question, data, now, out)
         if self.where.escalation_due(question) is None:
             self.where.escalations.pop(question.question_id, None)  # every stage has run
+
+    def _enqueue_push(
+        self, user_id: str, kind: str, question: Question, data: dict[str, Any], now: int, out: OutcomeBuilder
+    ) -> None:
+        """A job for the push outbox (committed with ``out``), then for the dispatcher."""
+        self._push_seq += 1
+        job = PushJob(
+            job_id=self._push_seq,
+            user_id=user_id,
+            kind=kind,
+            urgent=question.urgency == "urgent",
+            payload={"title": question.title, "region": question.region, "data": data},
+            created_at=now,
+        )
+        out.write(EnqueuePush(job))
+        out.act(Push(job))
 
     def _end_question(self, question: Question, out: OutcomeBuilder) -> None:
         if question.question_id in self.where.escalations:
