@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+import time
 
+import jwt
 import msgpack
 import pytest
 import trio
@@ -11,7 +15,15 @@ import trio_websocket
 
 from dongne.client import RequestError
 
-from .conftest import Harness, question_data, token
+from .conftest import SECRET, Harness, question_data, token
+
+
+def _unsigned_none_token() -> str:
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    claims = json.dumps({"sub": "admin", "role": "admin", "exp": int(time.time()) + 60}).encode()
+    return b64(b'{"alg":"none","typ":"JWT"}') + "." + b64(claims) + "."
 
 
 async def _raw_reply(client, payload: bytes | str) -> dict:  # type: ignore[no-untyped-def]
@@ -104,7 +116,11 @@ async def test_oversize_frame_closes_with_1009_and_others_carry_on(server: Harne
         (lambda: "not.a.jwt", "invalid token"),
         (lambda: token("u", now_s=0), "expired"),
         (lambda: token("u")[:-4] + "AAAA", "invalid token"),
+        (lambda: _unsigned_none_token(), "invalid token"),  # alg: none
+        (lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, SECRET, algorithm="HS512"), "invalid token"),
+        (lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, "another-secret-0123456789-0123456789"), "invalid token"),
     ],
+    ids=["missing", "garbage", "expired", "forged", "alg-none", "wrong-alg", "wrong-secret"],
 )
 async def test_bad_tokens_close_with_4001(server: Harness, make_token, reason_part: str) -> None:  # type: ignore[no-untyped-def]
     async with trio_websocket.open_websocket_url(server.url) as ws:
