@@ -10,18 +10,28 @@ to them over plain sockets, so the load side stays as cheap as it can be.
 * A minimal WebSocket client layer: ``handshake_request``, ``encode_client_frame``,
   ``split_frames`` (sans-I/O) and ``BlockingWebSocket`` (for the few control
   connections a bench needs).
-* ``format_table``, ``write_json``, ``median``.
+* Load-client processes: ``EpollClients`` (many connections, one epoll loop,
+  in a client process) and ``ClientPool`` (those processes, seen from the bench).
+* A bench's scaffolding: ``bench_parser``, ``add_json_option``, ``time_limit``,
+  ``report_head``, ``background_cores``.
+* ``format_table``, ``write_json``, ``write_report``, ``median``.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import base64
 import collections
+import contextlib
+import errno
 import json
+import multiprocessing.connection
 import os
+import platform
 import re
 import resource
+import select
 import signal
 import socket
 import statistics
@@ -29,9 +39,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = [
     "BENCH_DIR",
@@ -47,8 +57,23 @@ __all__ = [
     "split_frames",
     "BlockingWebSocket",
     "WebSocketClosed",
+    "LoadConn",
+    "EpollClients",
+    "ClientPool",
+    "CONNECTING",
+    "HANDSHAKE",
+    "AUTH",
+    "READY",
+    "DEAD",
+    "LINGER_RST",
+    "bench_parser",
+    "add_json_option",
+    "time_limit",
+    "report_head",
+    "background_cores",
     "format_table",
     "write_json",
+    "write_report",
     "median",
     "percentile",
     "OP_TEXT",
@@ -63,6 +88,7 @@ REPO_DIR = BENCH_DIR.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}: close with RST, no TIME_WAIT
 
 # ---- resource limits and /proc -------------------------------------------------
 
@@ -280,17 +306,21 @@ def start_dongne(
     nofile: int = 65536,
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
+    lift_limits: bool = True,
 ) -> ServerProcess:
     """Start ``python -m dongne serve`` on 127.0.0.1 with free ports and ``db_path``.
 
-    Returns a started ``ServerProcess``; ``match.group(2)`` is the ops port.
+    ``lift_limits`` raises the abuse limits out of the way (``BENCH_LIMITS``);
+    ``False`` keeps the shipped ones. Returns a started ``ServerProcess``;
+    ``match.group(2)`` is the ops port.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
     env["DONGNE_JWT_SECRET"] = jwt_secret
     env["DONGNE_STORE_SYNCHRONOUS"] = synchronous
     # Benches load the server from one address with few users: the abuse
     # limits would measure themselves. Each bench may set its own below.
-    env.update(BENCH_LIMITS)
+    if lift_limits:
+        env.update(BENCH_LIMITS)
     env["DONGNE_SNAPSHOTS_INTERVAL_S"] = "0"
     env.update(extra_env or {})
     server = ServerProcess(
@@ -446,11 +476,409 @@ class BlockingWebSocket:
 
     def close(self) -> None:
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+
+
+# ---- load-client processes ------------------------------------------------------------
+
+#: The states every load connection goes through; a bench's own set-up steps
+#: (hello, join, settings, ...) take the numbers between AUTH and READY.
+CONNECTING, HANDSHAKE, AUTH, READY, DEAD = 0, 1, 2, 8, 9
+
+
+class LoadConn:
+    """One connection of an ``EpollClients`` loop; a bench subclasses it, with ``__slots__``, for its own fields."""
+
+    __slots__ = ("sock", "fd", "user", "state", "buf")
+
+    def __init__(self, sock: socket.socket, user: str) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.user = user
+        self.state = CONNECTING
+        self.buf = b""
+
+
+C = TypeVar("C", bound=LoadConn)
+
+
+class EpollClients(Generic[C]):
+    """The connections of one load-client process, set up and read from one epoll loop.
+
+    No asyncio or trio per message: raw non-blocking sockets and the sans-I/O
+    WebSocket parts above, so a received frame costs the client a recv and a
+    split. The bench says what a connection does through the hooks it gives
+    ``run``; the loop keeps at most ``max_connecting`` connects in flight,
+    does the WebSocket handshake, reads and splits frames, and talks with the
+    parent process:
+
+    * to the parent, ``("ready", ok, failed, errors)`` once every connection
+      is set up (the bench calls ``ready``) or failed, or at ``setup_s``;
+    * from the parent, ``"close"``: every connection is reset, ``("closed",)``
+      is sent and ``run`` returns; any other message goes to ``on_command``.
+
+    Args:
+        pipe: the connection to the parent.
+        spec: ``jobs`` (one per connection), ``host``, ``port``, ``setup_s``,
+            ``life_s``, ``max_connecting``, and ``path`` (default ``/``).
+        what: what the connections are, for the set-up timeout message.
+
+    Resource handling: ``run`` returns after ``life_s`` seconds, on
+    ``"close"``, or when the parent is gone; every connection is then closed
+    with a reset (no TIME_WAIT).
+    """
+
+    def __init__(self, pipe: multiprocessing.connection.Connection, spec: Mapping[str, Any], *, what: str = "connections") -> None:
+        raise_nofile(len(spec["jobs"]) + 1024)
+        self.pipe = pipe
+        self.host: str = spec["host"]
+        self.port: int = spec["port"]
+        self.path: str = spec.get("path", "/")
+        self.what = what
+        self.life_end = time.monotonic() + spec["life_s"]
+        self.setup_end = time.monotonic() + spec["setup_s"]
+        self.max_connecting: int = spec["max_connecting"]
+        self.jobs = list(reversed(spec["jobs"]))
+        self.total = len(self.jobs)
+        self.ep = select.epoll()
+        self.conns: dict[int, C] = {}
+        self.connecting = 0
+        self.n_ready = 0
+        self.n_failed = 0
+        self.dead_after_ready = 0
+        self.ready_sent = False
+        self.bytes_in = 0
+        self.errors: list[str] = []
+        self.closes: collections.Counter[str] = collections.Counter()
+        #: How long one turn of the loop waits for events; a bench that paces its own sends lowers it.
+        self.poll_s = 0.2
+
+    def ready(self, c: C) -> None:
+        """``c`` is set up (authenticated, joined, ...)."""
+        c.state = READY
+        self.n_ready += 1
+
+    def fail(self, c: C, why: str, code: str) -> None:
+        """Close ``c`` and count it: failed during set-up, or dead after it was ready; ``code`` counts in ``closes``."""
+        if c.state == DEAD:
+            return
+        if c.state == READY:
+            self.dead_after_ready += 1
+        else:
+            self.n_failed += 1
+            if c.state <= HANDSHAKE:
+                self.connecting -= 1
+        self.closes[code] += 1
+        if len(self.errors) < 5:
+            self.errors.append(f"{c.user}: {why}")
+        c.state = DEAD
+        try:
+            self.ep.unregister(c.fd)
+        except OSError:
+            pass
+        c.sock.close()
+        self.conns.pop(c.fd, None)
+
+    def close_all(self) -> None:
+        for c in list(self.conns.values()):
+            try:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            except OSError:
+                pass
+            c.sock.close()
+        self.conns.clear()
+
+    def run(
+        self,
+        *,
+        new_conn: Callable[[socket.socket, Any], C],
+        on_upgraded: Callable[[C], None],
+        on_frame: Callable[[C, int, bytes, float], None],
+        tick: Callable[[], None] | None = None,
+        on_command: Callable[[Any], None] | None = None,
+        path_of: Callable[[C], str] | None = None,
+    ) -> None:
+        """Connect every job and serve the connections until told to close.
+
+        Args:
+            new_conn: ``(sock, job)``: the connection for a job (not yet connected).
+            on_upgraded: the WebSocket is open (state ``AUTH``): send the first request.
+            on_frame: ``(c, opcode, payload, now)`` for every frame, ``now`` being
+                ``time.time()`` when its bytes were received.
+            tick: called once every turn of the loop (every ``poll_s`` at most).
+            on_command: a message from the parent other than ``"close"``.
+            path_of: the request path for a connection (default ``spec["path"]``).
+        """
+        pipe, ep, conns = self.pipe, self.ep, self.conns
+        host, port = self.host, self.port
+        fail = self.fail
+        split = split_frames
+        now_fn = time.time
+
+        def start_connect(job: Any) -> None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c = new_conn(sock, job)
+            self.connecting += 1
+            conns[c.fd] = c
+            err = sock.connect_ex((host, port))
+            if err not in (0, errno.EINPROGRESS):
+                ep.register(c.fd, 0)
+                fail(c, f"connect: {os.strerror(err)}", "connect")
+                return
+            ep.register(c.fd, select.EPOLLOUT)
+
+        def on_connected(c: C) -> None:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                fail(c, f"connect: {os.strerror(err)}", "connect")
+                return
+            c.sock.send(handshake_request(host, port, path_of(c) if path_of is not None else self.path))
+            c.state = HANDSHAKE
+            ep.modify(c.fd, select.EPOLLIN)
+
+        def on_readable(c: C) -> None:
+            try:
+                data = c.sock.recv(262144)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                fail(c, f"recv: {exc}", "recv_error")
+                return
+            now = now_fn()
+            if not data:
+                fail(c, "EOF", "eof")
+                return
+            self.bytes_in += len(data)
+            if c.state == HANDSHAKE:
+                data = c.buf + data
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    c.buf = data
+                    return
+                if not data.startswith(b"HTTP/1.1 101"):
+                    fail(c, f"handshake: {data[:60]!r}", "handshake")
+                    return
+                c.buf = b""
+                data = data[end + 4 :]
+                self.connecting -= 1
+                c.state = AUTH
+                on_upgraded(c)
+                if not data:
+                    return
+            elif c.buf:
+                data = c.buf + data
+            frames, c.buf = split(data)
+            for opcode, payload in frames:
+                if c.state == DEAD:
+                    return
+                on_frame(c, opcode, payload, now)
+
+        pipe_fd = pipe.fileno()
+        ep.register(pipe_fd, select.EPOLLIN)
+        try:
+            while time.monotonic() < self.life_end:
+                while self.jobs and self.connecting < self.max_connecting and time.monotonic() < self.setup_end:
+                    start_connect(self.jobs.pop())
+                if not self.ready_sent:
+                    if self.n_ready + self.n_failed == self.total:
+                        pipe.send(("ready", self.n_ready, self.n_failed, self.errors))
+                        self.ready_sent = True
+                    elif time.monotonic() > self.setup_end:
+                        self.errors.append(f"setup timed out: {self.total - self.n_ready - self.n_failed} {self.what} not ready")
+                        pipe.send(("ready", self.n_ready, self.total - self.n_ready, self.errors))
+                        self.ready_sent = True
+                if tick is not None:
+                    tick()
+                for fd, mask in ep.poll(self.poll_s):
+                    if fd == pipe_fd:
+                        command = pipe.recv()
+                        if command == "close":
+                            self.close_all()
+                            pipe.send(("closed",))
+                            return
+                        if on_command is not None:
+                            on_command(command)
+                        continue
+                    c = conns.get(fd)
+                    if c is None:
+                        continue
+                    if c.state == CONNECTING:
+                        on_connected(c)
+                    elif mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                        on_readable(c)
+        except (BrokenPipeError, EOFError, KeyboardInterrupt):
+            pass
+        finally:
+            self.close_all()
+
+
+class ClientPool:
+    """Load-client processes, each running ``worker(pipe, spec)`` over its share of the jobs.
+
+    Args:
+        ctx: a multiprocessing context (the benches use spawn).
+        worker: a module-level function ``(pipe, spec)``, typically running ``EpollClients``.
+        procs: how many processes (at most one per job).
+        jobs: dealt round-robin: process *i* gets ``jobs[i::procs]`` as ``spec["jobs"]``.
+        spec: the rest of every process's spec.
+        name: the processes are named ``f"{name}-{i}"``.
+        per_process: extra spec entries for process *i*.
+
+    Resource handling: ``close`` asks every process to close, kills those
+    still running 10 s later, and closes the pipes.
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        worker: Callable[[multiprocessing.connection.Connection, dict[str, Any]], None],
+        procs: int,
+        jobs: Sequence[Any],
+        spec: Mapping[str, Any],
+        *,
+        name: str = "client",
+        per_process: Callable[[int], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.procs: list[Any] = []
+        self.pipes: list[multiprocessing.connection.Connection] = []
+        procs = max(1, min(procs, len(jobs)))
+        for i in range(procs):
+            parent, child = ctx.Pipe()
+            own = {**spec, "jobs": jobs[i::procs], **(per_process(i) if per_process is not None else {})}
+            p = ctx.Process(target=worker, args=(child, own), daemon=True, name=f"{name}-{i}")
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.pipes.append(parent)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of all the processes."""
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def broadcast(self, command: Any) -> None:
+        for pipe in self.pipes:
+            pipe.send(command)
+
+    def wait_all(self, kind: str, timeout: float) -> list[tuple[Any, ...] | None]:
+        """The next message of ``kind`` from every process (``None`` for those that timed out).
+
+        Raises:
+            RuntimeError: a process died.
+        """
+        deadline = time.monotonic() + timeout
+        out: list[tuple[Any, ...] | None] = [None] * len(self.pipes)
+        while any(m is None for m in out):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            waiting = [pp for pp, m in zip(self.pipes, out) if m is None]
+            for ready in multiprocessing.connection.wait(waiting, timeout=min(remaining, 1.0)):
+                i = self.pipes.index(ready)  # type: ignore[arg-type]
+                try:
+                    msg: tuple[Any, ...] = self.pipes[i].recv()
+                except EOFError:
+                    raise RuntimeError(f"client process {i} died") from None
+                if msg[0] == kind:
+                    out[i] = msg
+            for i, p in enumerate(self.procs):
+                if out[i] is None and not p.is_alive() and not self.pipes[i].poll():
+                    raise RuntimeError(f"client process {i} exited with {p.exitcode}")
+        return out
+
+    def wait_ready(self, wanted: int, what: str, timeout: float) -> int:
+        """Wait for every process's ``("ready", ok, failed, errors)``; return how many connections are ready.
+
+        Raises:
+            RuntimeError: fewer than ``wanted`` are ready, or a process did not report within ``timeout``.
+        """
+        msgs = self.wait_all("ready", timeout)
+        ok: int = sum(m[1] for m in msgs if m is not None)
+        errors = [e for m in msgs if m is not None for e in m[3]]
+        if ok < wanted or any(m is None for m in msgs):
+            raise RuntimeError(f"only {ok} of {wanted} {what} ready; errors: {errors[:5]}")
+        return ok
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send("close")
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+# ---- a bench's scaffolding -------------------------------------------------------------
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by the first paragraph of a bench's docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_json_option(parser: argparse.ArgumentParser, bench: str) -> None:
+    """``--json PATH``, by default ``bench/results/<bench>.json``."""
+    parser.add_argument("--json", default=str(BENCH_DIR / "results" / f"{bench}.json"), metavar="PATH", help="where to write the results")
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise TimeoutError("the bench exceeded --timeout")
+
+
+def _on_term(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Bound the block by ``seconds``: SIGALRM then raises ``TimeoutError`` in the main thread.
+
+    SIGTERM raises ``SystemExit(128 + 15)`` from here on, so that a killed bench
+    still unwinds its ``finally`` blocks and stops its subprocesses.
+    """
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.alarm(int(seconds))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+
+
+def report_head(bench: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The first keys of a bench's JSON report: name, time, machine, ``extra``, and the options (``--json`` aside)."""
+    return {
+        "bench": bench,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        **extra,
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+
+
+def background_cores(pids: Iterable[int], seconds: float = 1.0) -> float:
+    """CPU cores busy with other work (not ``pids``, not this process) over ``seconds``."""
+    ours = [*pids, os.getpid()]
+    busy0, own0 = machine_busy_seconds(), sum(cpu_seconds(p) for p in ours)
+    time.sleep(seconds)
+    busy1, own1 = machine_busy_seconds(), sum(cpu_seconds(p) for p in ours)
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
 
 
 # ---- results -------------------------------------------------------------------------
@@ -500,4 +928,11 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return target
+
+
+def write_report(path: str | os.PathLike[str], report: Any) -> Path:
+    """``write_json``, then ``wrote PATH`` on stdout: a bench's last word."""
+    target = write_json(path, report)
+    print(f"wrote {target}")
     return target

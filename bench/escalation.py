@@ -55,16 +55,13 @@ import argparse
 import array
 import atexit
 import collections
-import errno
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import random
 import secrets
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +80,6 @@ EARTH_R = 6_371_008.8
 IMMEDIATE_RADIUS_M = 2000.0
 SERVER_DEFAULT_MAX_ALERTS = 20
 HASHTAGS = ["food", "beach", "hiking", "cafe", "blackpork", "bus", "weather", "sunrise", "olle", "market"]
-_LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}: close with RST, no TIME_WAIT
 
 # Request ids used by the locals: 1 hello, 2 update_settings, 3 the first
 # update_location, MOVE_ID0 + n the moves.
@@ -134,60 +130,42 @@ def _haversine_many(lat: float, lng: float, lats: Any, lngs: Any) -> Any:
 
 # ---- the locals' client processes ----------------------------------------------------------
 
-CONNECTING, HANDSHAKE, AUTH, SETTINGS, LOCATING, READY, DEAD = range(7)
+SETTINGS, LOCATING = h.AUTH + 1, h.AUTH + 2  # waiting for update_settings', then update_location's reply
 
 
-class _Local:
-    __slots__ = ("sock", "fd", "idx", "user", "token", "state", "buf", "lat", "lng", "spot", "pending", "got", "seq")
+class _Local(h.LoadConn):
+    __slots__ = ("idx", "token", "lat", "lng", "spot", "pending", "got", "seq")
 
     def __init__(self, sock: socket.socket, job: tuple[Any, ...]) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.idx, self.user, self.token, self.lat, self.lng, self.spot = job
-        self.state = CONNECTING
-        self.buf = b""
+        idx, user, token, lat, lng, spot = job
+        super().__init__(sock, user)
+        self.idx, self.token, self.lat, self.lng, self.spot = idx, token, lat, lng, spot
         self.pending: tuple[float, float] | None = None  # a move in flight
         self.got = 0  # new_question_notification events received
         self.seq = 0  # the last durable seq seen
 
 
 def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, Any]) -> None:
-    """Drive ``spec["jobs"]`` locals from one process (one epoll loop).
+    """Drive ``spec["jobs"]`` locals from one process (one ``h.EpollClients`` loop).
 
     Messages to the parent: ``("ready", ok, failed, errors)`` once every local
     has said hello and shared its position (or failed); ``("report", result)``
     when asked. Commands from the parent: ``("moves", rate)``, ``"stop_moves"``,
     ``"report"``, ``"close"``. The process ends itself after ``spec["life_s"]``.
     """
-    h.raise_nofile(len(spec["jobs"]) + 1024)
-    host, port = spec["host"], spec["port"]
+    loop = h.EpollClients[_Local](pipe, spec, what="locals")
     pools: list[list[tuple[float, float]]] = spec["pools"]
     settings = spec["settings"]
-    life_end = time.monotonic() + spec["life_s"]
-    setup_end = time.monotonic() + spec["setup_s"]
-    max_connecting = spec["max_connecting"]
     rng = random.Random(spec["seed"])
 
     unpackb = msgpack.unpackb
     packb = msgpack.packb
     encode = h.encode_client_frame
-    split = h.split_frames
-    now_fn = time.time
+    fail = loop.fail
     OP_BINARY, OP_PING, OP_PONG, OP_CLOSE = h.OP_BINARY, h.OP_PING, h.OP_PONG, h.OP_CLOSE
 
-    ep = select.epoll()
-    pipe_fd = pipe.fileno()
-    ep.register(pipe_fd, select.EPOLLIN)
-    conns: dict[int, _Local] = {}
     by_idx: dict[int, _Local] = {}
-    pending_jobs = list(reversed(spec["jobs"]))
     movers: collections.deque[int] = collections.deque(j[0] for j in spec["jobs"] if j[0] in spec["movers"])
-    total = len(pending_jobs)
-    connecting = n_ready = n_failed = 0
-    errors: list[str] = []
-    ready_sent = False
-    closes: collections.Counter[str] = collections.Counter()
-    dead_after_ready = 0
     # Measurements.
     imm_qids: list[str] = []
     imm_times = array.array("d")
@@ -195,7 +173,6 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
     seq_gaps = 0
     nearby_events = 0
     other_frames = 0
-    bytes_in = 0
     moves_accepted = array.array("d")  # flattened (reply time, idx, lat, lng)
     moves_sent = 0
     move_refused: collections.Counter[str] = collections.Counter()
@@ -204,27 +181,6 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
     move_slots = 0
     move_skipped = 0
     next_move_id = MOVE_ID0
-
-    def fail(c: _Local, why: str, code: str) -> None:
-        nonlocal n_failed, connecting, dead_after_ready
-        if c.state == DEAD:
-            return
-        if c.state == READY:
-            dead_after_ready += 1
-        else:
-            n_failed += 1
-            if c.state <= HANDSHAKE:
-                connecting -= 1
-        closes[code] += 1
-        if len(errors) < 5:
-            errors.append(f"{c.user}: {why}")
-        c.state = DEAD
-        try:
-            ep.unregister(c.fd)
-        except OSError:
-            pass
-        c.sock.close()
-        conns.pop(c.fd, None)
 
     def send(c: _Local, op: str, rid: int, data: dict[str, Any]) -> None:
         try:
@@ -237,10 +193,9 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
         send(c, "update_location", LOCATE_ID, {"location": {"lat": c.lat, "lng": c.lng}})
 
     def on_reply(c: _Local, frame: dict[str, Any], now: float) -> None:
-        nonlocal n_ready
         rid = frame.get("id")
         ok = frame.get("ok")
-        if c.state == READY and isinstance(rid, int) and rid >= MOVE_ID0:
+        if c.state == h.READY and isinstance(rid, int) and rid >= MOVE_ID0:
             if ok and c.pending is not None:
                 c.lat, c.lng = c.pending
                 moves_accepted.extend((now, float(c.idx), c.lat, c.lng))
@@ -251,7 +206,7 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
         if not ok:
             fail(c, f"request {rid} refused: {frame.get('error')}", f"refused_{frame.get('error', {}).get('code')}")
             return
-        if rid == HELLO_ID and c.state == AUTH:
+        if rid == HELLO_ID and c.state == h.AUTH:
             if settings:
                 c.state = SETTINGS
                 send(c, "update_settings", SETTINGS_ID, settings)
@@ -260,8 +215,7 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
         elif rid == SETTINGS_ID and c.state == SETTINGS:
             locate(c)
         elif rid == LOCATE_ID and c.state == LOCATING:
-            c.state = READY
-            n_ready += 1
+            loop.ready(c)
 
     def on_frame(c: _Local, opcode: int, payload: bytes, now: float) -> None:
         nonlocal seq_gaps, nearby_events, other_frames
@@ -299,72 +253,13 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
         else:
             other_frames += 1
 
-    def on_readable(c: _Local) -> None:
-        nonlocal bytes_in
-        try:
-            data = c.sock.recv(262144)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            fail(c, f"recv: {exc}", "recv_error")
-            return
-        now = now_fn()
-        if not data:
-            fail(c, "EOF", "eof")
-            return
-        bytes_in += len(data)
-        if c.state == HANDSHAKE:
-            data = c.buf + data
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                c.buf = data
-                return
-            if not data.startswith(b"HTTP/1.1 101"):
-                fail(c, f"handshake: {data[:60]!r}", "handshake")
-                return
-            c.buf = b""
-            data = data[end + 4 :]
-            on_upgraded(c)
-            if not data:
-                return
-        elif c.buf:
-            data = c.buf + data
-        frames, c.buf = split(data)
-        for opcode, payload in frames:
-            if c.state == DEAD:
-                return
-            on_frame(c, opcode, payload, now)
+    def new_conn(sock: socket.socket, job: tuple[Any, ...]) -> _Local:
+        c = _Local(sock, job)
+        by_idx[c.idx] = c
+        return c
 
     def on_upgraded(c: _Local) -> None:
-        nonlocal connecting
-        connecting -= 1
-        c.state = AUTH
         send(c, "hello", HELLO_ID, {"token": c.token})
-
-    def start_connect(job: tuple[Any, ...]) -> None:
-        nonlocal connecting
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = _Local(sock, job)
-        connecting += 1
-        conns[c.fd] = c
-        by_idx[c.idx] = c
-        err = sock.connect_ex((host, port))
-        if err not in (0, errno.EINPROGRESS):
-            ep.register(c.fd, 0)
-            fail(c, f"connect: {os.strerror(err)}", "connect")
-            return
-        ep.register(c.fd, select.EPOLLOUT)
-
-    def on_connected(c: _Local) -> None:
-        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            fail(c, f"connect: {os.strerror(err)}", "connect")
-            return
-        c.sock.send(h.handshake_request(host, port, "/"))
-        c.state = HANDSHAKE
-        ep.modify(c.fd, select.EPOLLIN)
 
     def do_moves() -> None:
         nonlocal moves_sent, move_slots, move_skipped, next_move_id
@@ -376,7 +271,7 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
                 idx = movers[0]
                 movers.rotate(-1)
                 cand = by_idx.get(idx)
-                if cand is not None and cand.state == READY and cand.pending is None:
+                if cand is not None and cand.state == h.READY and cand.pending is None:
                     c = cand
                     break
             if c is None:
@@ -390,11 +285,11 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
 
     def result() -> dict[str, Any]:
         return {
-            "ready": n_ready,
-            "failed": n_failed,
-            "dead_after_ready": dead_after_ready,
-            "closes": dict(closes),
-            "errors": errors,
+            "ready": loop.n_ready,
+            "failed": loop.n_failed,
+            "dead_after_ready": loop.dead_after_ready,
+            "closes": dict(loop.closes),
+            "errors": loop.errors,
             "imm_qids": imm_qids,
             "imm_times": imm_times.tobytes(),
             "stage_counts": dict(stage_counts),
@@ -402,127 +297,34 @@ def _local_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, A
             "seq_gaps": seq_gaps,
             "nearby_events": nearby_events,
             "other_frames": other_frames,
-            "bytes_in": bytes_in,
+            "bytes_in": loop.bytes_in,
             "moves_sent": moves_sent,
             "moves_accepted": moves_accepted.tobytes(),
             "move_refused": dict(move_refused),
             "move_skipped": move_skipped,
         }
 
-    def close_all() -> None:
-        for c in list(conns.values()):
-            try:
-                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
-            c.sock.close()
-        conns.clear()
+    def tick() -> None:
+        if move_rate:
+            do_moves()
 
-    try:
-        while time.monotonic() < life_end:
-            while pending_jobs and connecting < max_connecting and time.monotonic() < setup_end:
-                start_connect(pending_jobs.pop())
-            if not ready_sent:
-                if n_ready + n_failed == total:
-                    pipe.send(("ready", n_ready, n_failed, errors))
-                    ready_sent = True
-                elif time.monotonic() > setup_end:
-                    errors.append(f"setup timed out: {total - n_ready - n_failed} locals not ready")
-                    pipe.send(("ready", n_ready, total - n_ready, errors))
-                    ready_sent = True
-            if move_rate:
-                do_moves()
-            for fd, mask in ep.poll(0.004 if move_rate else 0.2):
-                if fd == pipe_fd:
-                    command = pipe.recv()
-                    if command == "close":
-                        close_all()
-                        pipe.send(("closed",))
-                        return
-                    if command == "report":
-                        pipe.send(("report", result()))
-                    elif command == "stop_moves":
-                        move_rate = 0.0
-                    elif isinstance(command, tuple) and command[0] == "moves":
-                        move_rate, move_t0, move_slots = float(command[1]), time.monotonic(), 0
-                    continue
-                c = conns.get(fd)
-                if c is None:
-                    continue
-                if c.state == CONNECTING:
-                    on_connected(c)
-                elif mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                    on_readable(c)
-    except (BrokenPipeError, EOFError, KeyboardInterrupt):
-        pass
-    finally:
-        close_all()
+    def on_command(command: Any) -> None:
+        nonlocal move_rate, move_t0, move_slots
+        if command == "report":
+            pipe.send(("report", result()))
+        elif command == "stop_moves":
+            move_rate = 0.0
+        elif isinstance(command, tuple) and command[0] == "moves":
+            move_rate, move_t0, move_slots = float(command[1]), time.monotonic(), 0
+        loop.poll_s = 0.004 if move_rate else 0.2  # moves are paced by the loop's turns
 
-
-class _Workers:
-    """The locals' client processes of one run."""
-
-    def __init__(self, ctx: Any, procs: int, jobs: list[tuple[Any, ...]], spec: dict[str, Any]) -> None:
-        self.procs: list[Any] = []
-        self.pipes: list[multiprocessing.connection.Connection] = []
-        procs = max(1, min(procs, len(jobs)))
-        for i in range(procs):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_local_worker,
-                args=(child, {**spec, "jobs": jobs[i::procs], "seed": spec["seed"] * 1000 + i}),
-                daemon=True,
-                name=f"locals-{i}",
-            )
-            p.start()
-            child.close()
-            self.procs.append(p)
-            self.pipes.append(parent)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
-
-    def broadcast(self, command: Any) -> None:
-        for pipe in self.pipes:
-            pipe.send(command)
-
-    def wait_all(self, kind: str, timeout: float) -> list[tuple[Any, ...] | None]:
-        """The next message of ``kind`` from every process (``None`` for those that timed out)."""
-        deadline = time.monotonic() + timeout
-        out: list[tuple[Any, ...] | None] = [None] * len(self.pipes)
-        while any(m is None for m in out):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            waiting = [pp for pp, m in zip(self.pipes, out) if m is None]
-            for ready in multiprocessing.connection.wait(waiting, timeout=min(remaining, 1.0)):
-                i = self.pipes.index(ready)  # type: ignore[arg-type]
-                try:
-                    msg: tuple[Any, ...] = self.pipes[i].recv()
-                except EOFError:
-                    raise RuntimeError(f"client process {i} died") from None
-                if msg[0] == kind:
-                    out[i] = msg
-            for i, p in enumerate(self.procs):
-                if out[i] is None and not p.is_alive() and not self.pipes[i].poll():
-                    raise RuntimeError(f"client process {i} exited with {p.exitcode}")
-        return out
-
-    def close(self) -> None:
-        for pipe in self.pipes:
-            try:
-                pipe.send("close")
-            except OSError:
-                pass
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for pipe in self.pipes:
-            pipe.close()
+    loop.run(
+        new_conn=new_conn,
+        on_upgraded=on_upgraded,
+        on_frame=on_frame,
+        tick=tick,
+        on_command=on_command,
+    )
 
 
 # ---- the askers (in this process) -------------------------------------------------------------
@@ -664,15 +466,6 @@ def _ask(
 
 
 # ---- one run ------------------------------------------------------------------------------------
-
-
-def _background_cores(pids: list[int], seconds: float = 1.0) -> float:
-    """CPU cores busy with other work (not ``pids``, not this process) over ``seconds``."""
-    ours = [*pids, os.getpid()]
-    busy0, own0 = h.machine_busy_seconds(), sum(h.cpu_seconds(p) for p in ours)
-    time.sleep(seconds)
-    busy1, own1 = h.machine_busy_seconds(), sum(h.cpu_seconds(p) for p in ours)
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
 
 
 def _runqueue_wait_s(pid: int) -> float:
@@ -833,7 +626,7 @@ def _wait_for_quiet(limit_s: float, threshold: float = 0.3) -> float:
     """Wait (up to ``limit_s``) until other work on the machine uses under ``threshold`` cores; return the last reading."""
     deadline = time.monotonic() + limit_s
     while True:
-        busy = _background_cores([], 1.0)
+        busy = h.background_cores([], 1.0)
         if busy < threshold or time.monotonic() >= deadline:
             return busy
 
@@ -851,7 +644,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         nofile=args.locals + args.askers + 4096,
         extra_env=extra_env,
     )
-    workers: _Workers | None = None
+    workers: h.ClientPool | None = None
     askers: list[_Asker] = []
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -868,17 +661,15 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
             "seed": args.seed + rep,
         }
         t_setup = time.monotonic()
-        workers = _Workers(ctx, args.client_procs, scn.jobs, spec)
-        ready_msgs = workers.wait_all("ready", args.phase_timeout + 30)
-        ready = sum(m[1] for m in ready_msgs if m is not None)
-        setup_errors = [e for m in ready_msgs if m is not None for e in m[3]]
-        if ready < args.locals or any(m is None for m in ready_msgs):
-            raise RuntimeError(f"only {ready} of {args.locals} locals ready; errors: {setup_errors[:5]}")
+        workers = h.ClientPool(
+            ctx, _local_worker, args.client_procs, scn.jobs, spec, name="locals", per_process=lambda i: {"seed": spec["seed"] * 1000 + i}
+        )
+        workers.wait_ready(args.locals, "locals", args.phase_timeout + 30)
         assert server.port is not None
         askers = [_Asker(server.port, tok, 30.0) for tok in scn.asker_tokens]
         setup_s = time.monotonic() - t_setup
         time.sleep(1.0)
-        background = _background_cores([server.pid, *workers.pids])
+        background = h.background_cores([server.pid, *workers.pids])
         if background > 0.2:
             print(f"    warning: {background:.2f} CPU cores busy with other work; latency suffers", file=sys.stderr)
         rss_ready = server.rss_bytes()
@@ -895,7 +686,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
 
         cpu0 = server.cpu_seconds()
         runq0 = _runqueue_wait_s(server.pid)
-        client_cpu0 = sum(h.cpu_seconds(p) for p in workers.pids)
+        client_cpu0 = workers.cpu_seconds()
         me0 = sum(os.times()[:2])
         busy0 = h.machine_busy_seconds()
         w0 = time.time()
@@ -908,7 +699,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         w1 = time.time()
         cpu1 = server.cpu_seconds()
         runq = _runqueue_wait_s(server.pid) - runq0
-        client_cpu = sum(h.cpu_seconds(p) for p in workers.pids) - client_cpu0
+        client_cpu = workers.cpu_seconds() - client_cpu0
         me = sum(os.times()[:2]) - me0
         busy = h.machine_busy_seconds() - busy0
         rss_end = server.rss_bytes()
@@ -1067,13 +858,13 @@ _SUMMARY = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.bench_parser(__doc__)
     p.add_argument("--locals", type=int, default=10000, help="connected verified locals (default 10000)")
     p.add_argument("--rate", type=float, default=50.0, help="questions per second (default 50)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of asking (default 30)")
     p.add_argument("--client-procs", type=int, default=4, help="processes driving the locals (default 4)")
     p.add_argument("--repeat", type=int, default=3, help="runs, each on a fresh server; medians are reported (default 3)")
-    p.add_argument("--json", default=str(h.BENCH_DIR / "results" / "escalation.json"), metavar="PATH", help="where to write the results")
+    h.add_json_option(p, "escalation")
     p.add_argument("--askers", type=int, default=0, help="asker connections (distinct users), round-robin (default 0: enough that each stays within the per-user question burst)")
     p.add_argument("--move-rate", type=float, default=500.0, help="total update_location moves per second during asking (default 500; 0: none)")
     p.add_argument("--movers", type=float, default=0.3, help="fraction of locals that move (default 0.3)")
@@ -1092,14 +883,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise TimeoutError("the bench exceeded --timeout")
-
-
-def _on_term(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.locals < 1 or args.rate <= 0 or args.duration <= 0 or args.repeat < 1 or args.client_procs < 1 or args.askers < 0:
@@ -1109,9 +892,6 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.movers <= 1:
         raise SystemExit("--movers is a fraction, 0..1")
     nofile = h.raise_nofile(args.locals + args.askers + 4096)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.alarm(int(args.timeout))
     ctx = multiprocessing.get_context("spawn")
     secret = secrets.token_urlsafe(32)
 
@@ -1139,35 +919,25 @@ def main(argv: list[str] | None = None) -> int:
         "first alert = first IMMEDIATE new_question_notification received by any local - create_question sent (time.time(), same machine)",
         "server CPU: % of one core over the asking phase (/proc/PID/stat)",
     ]
-    report: dict[str, Any] = {
-        "bench": "escalation",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "notes": notes,
-        "runs": [],
-    }
+    report: dict[str, Any] = {**h.report_head("escalation", args), "notes": notes, "runs": []}
     for line in notes:
         print(f"# {line}", file=sys.stderr)
     print(f"# RLIMIT_NOFILE {nofile}; scenario drawn in {time.monotonic() - t:.1f} s", file=sys.stderr)
     runs: list[dict[str, Any]] = report["runs"]
-    try:
-        with tempfile.TemporaryDirectory(prefix="dongne-escalation-") as tmp:
-            _write_stage_config(Path(tmp), stage_limits)
-            for rep in range(args.repeat):
-                print(f"[{rep + 1}/{args.repeat}] {args.locals} locals, {len(scn.questions)} questions ...", file=sys.stderr, flush=True)
-                r = run_once(args, scn, secret, Path(tmp), rep, ctx)
-                runs.append(r)
-                print(
-                    f"    set-up {r['setup_s']:.1f} s; reply p50 {r['reply_p50_ms']:.1f} p99 {r['reply_p99_ms']:.1f} ms; "
-                    f"first alert p50 {r['alert_p50_ms']:.1f} p99 {r['alert_p99_ms']:.1f} max {r['alert_max_ms']:.1f} ms; "
-                    f"no IMMEDIATE {r['no_immediate']} ({r['no_immediate_no_local_within_2km']} nobody within 2 km); "
-                    f"server CPU {r['server_cpu_pct']:.0f}%; closes {r['local_closes']}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        signal.alarm(0)
+    with h.time_limit(args.timeout), tempfile.TemporaryDirectory(prefix="dongne-escalation-") as tmp:
+        _write_stage_config(Path(tmp), stage_limits)
+        for rep in range(args.repeat):
+            print(f"[{rep + 1}/{args.repeat}] {args.locals} locals, {len(scn.questions)} questions ...", file=sys.stderr, flush=True)
+            r = run_once(args, scn, secret, Path(tmp), rep, ctx)
+            runs.append(r)
+            print(
+                f"    set-up {r['setup_s']:.1f} s; reply p50 {r['reply_p50_ms']:.1f} p99 {r['reply_p99_ms']:.1f} ms; "
+                f"first alert p50 {r['alert_p50_ms']:.1f} p99 {r['alert_p99_ms']:.1f} max {r['alert_max_ms']:.1f} ms; "
+                f"no IMMEDIATE {r['no_immediate']} ({r['no_immediate_no_local_within_2km']} nobody within 2 km); "
+                f"server CPU {r['server_cpu_pct']:.0f}%; closes {r['local_closes']}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     summary = {key: h.median(r[key] for r in runs) for key in _SUMMARY}
     report["median"] = summary
@@ -1208,8 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlocal connection closes per run: {closes}; seq gaps: {[r['seq_gaps'] for r in runs]}; "
           f"alerts by stage: {[r['alerts_by_stage'] for r in runs]}")
     print(f"targets (p99 < 100 ms): {report['target']}")
-    path = h.write_json(args.json, report)
-    print(f"wrote {path}")
+    h.write_report(args.json, report)
     return 0
 
 

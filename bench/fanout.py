@@ -45,17 +45,12 @@ from __future__ import annotations
 
 import argparse
 import array
-import errno
 import http.client
 import json
 import multiprocessing
 import multiprocessing.connection
-import os
-import platform
 import secrets
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -77,8 +72,7 @@ WARMUP_CONNS = 100
 
 # ---- the load-generating client processes ---------------------------------------
 
-CONNECTING, HANDSHAKE, AUTH, JOINING, READY, DEAD = range(6)
-_LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}: close with RST, no TIME_WAIT
+JOINING = h.AUTH + 1  # between hello's reply and join_question's
 
 
 # The hot path of the load clients: find the send time in a broadcast without
@@ -112,21 +106,17 @@ def _sio_sent_at(payload: bytes) -> float:
     return float(content.partition("|")[0])
 
 
-class _Conn:
-    __slots__ = ("sock", "fd", "user", "token", "state", "buf", "got")
+class _Conn(h.LoadConn):
+    __slots__ = ("token", "got")
 
     def __init__(self, sock: socket.socket, user: str, token: str) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.user = user
+        super().__init__(sock, user)
         self.token = token
-        self.state = CONNECTING
-        self.buf = b""
         self.got = 0
 
 
 def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, Any]) -> None:
-    """Drive ``spec["jobs"]`` connections from one process (one epoll loop).
+    """Drive ``spec["jobs"]`` connections from one process (one ``h.EpollClients`` loop).
 
     Messages to the parent: ``("ready", ok, failed, errors)`` once every
     connection is authenticated (and joined) or failed; ``("done", result)``
@@ -134,36 +124,18 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
     with ``"report"``). Commands from the parent: ``"report"``, ``"close"``.
     The process ends itself after ``spec["life_s"]`` seconds in any case.
     """
-    h.raise_nofile(len(spec["jobs"]) + 1024)
+    loop = h.EpollClients[_Conn](pipe, spec)
     proto = spec["proto"]
-    host, port, path = spec["host"], spec["port"], spec["path"]
     room = spec["room"]
     join = spec["join"]
     expected = spec["broadcasts"]
-    life_end = time.monotonic() + spec["life_s"]
-    setup_end = time.monotonic() + spec["setup_s"]
-    max_connecting = spec["max_connecting"]
 
     unpackb = msgpack.unpackb
     packb = msgpack.packb
     encode = h.encode_client_frame
-    split = h.split_frames
-    now_fn = time.time
-
-    ep = select.epoll()
-    pipe_fd = pipe.fileno()
-    ep.register(pipe_fd, select.EPOLLIN)
-    conns: dict[int, _Conn] = {}
-    pending = list(reversed(spec["jobs"]))
-    total = len(pending)
-    connecting = 0
-    n_ready = 0
-    n_failed = 0
-    errors: list[str] = []
-    ready_sent = False
+    fail, become_ready = loop.fail, loop.ready
     done_sent = False
     n_done = 0
-    dead_after_ready = 0
     latencies = array.array("d")
     t_first = 0.0
     t_last = 0.0
@@ -172,35 +144,7 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
 
     sio_join = ('421["join",%s]' % json.dumps(room)).encode()
 
-    def fail(c: _Conn, why: str) -> None:
-        nonlocal n_failed, connecting, dead_after_ready
-        if c.state == DEAD:
-            return
-        if c.state == READY:
-            dead_after_ready += 1
-        else:
-            n_failed += 1
-            if c.state <= HANDSHAKE:
-                connecting -= 1
-        if len(errors) < 5:
-            errors.append(f"{c.user}: {why}")
-        c.state = DEAD
-        try:
-            ep.unregister(c.fd)
-        except OSError:
-            pass
-        c.sock.close()
-        conns.pop(c.fd, None)
-
-    def become_ready(c: _Conn) -> None:
-        nonlocal n_ready
-        c.state = READY
-        n_ready += 1
-
     def on_upgraded(c: _Conn) -> None:
-        nonlocal connecting
-        connecting -= 1
-        c.state = AUTH
         if proto == "dongne":
             hello = packb({"type": "hello", "id": 1, "data": {"token": c.token}})
             c.sock.send(encode(h.OP_BINARY, hello))
@@ -212,7 +156,7 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
             return
         if opcode == h.OP_CLOSE:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
-            fail(c, f"server closed with {code} {payload[2:60]!r}")
+            fail(c, f"server closed with {code} {payload[2:60]!r}", f"close_{code}")
             return
         if proto == "dongne":
             if payload.startswith(DONGNE_NEW_ANSWER):
@@ -223,8 +167,8 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
                 if kind == "reply":
                     rid = frame.get("id")
                     if not frame.get("ok"):
-                        fail(c, f"request {rid} refused: {frame.get('error')}")
-                    elif rid == 1 and c.state == AUTH:
+                        fail(c, f"request {rid} refused: {frame.get('error')}", "refused")
+                    elif rid == 1 and c.state == h.AUTH:
                         if join:
                             c.state = JOINING
                             req = packb({"type": "join_question", "id": 2, "data": {"question_id": room}})
@@ -242,9 +186,9 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
             else:
                 if payload == b"2":
                     c.sock.send(encode(h.OP_TEXT, b"3"))
-                elif payload.startswith(b"0") and c.state == AUTH:
+                elif payload.startswith(b"0") and c.state == h.AUTH:
                     c.sock.send(encode(h.OP_TEXT, b"40"))
-                elif payload.startswith(b"40") and c.state == AUTH:
+                elif payload.startswith(b"40") and c.state == h.AUTH:
                     if join:
                         c.state = JOINING
                         c.sock.send(encode(h.OP_TEXT, sio_join))
@@ -253,7 +197,7 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
                 elif payload.startswith(b"431") and c.state == JOINING:
                     become_ready(c)
                 elif payload.startswith(b"44") or payload.startswith(b"41"):
-                    fail(c, f"socket.io refused: {payload[:80]!r}")
+                    fail(c, f"socket.io refused: {payload[:80]!r}", "refused")
                 else:
                     other_frames += 1
                 return
@@ -267,188 +211,41 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
         if c.got == expected:
             n_done += 1
 
-    def on_readable(c: _Conn) -> None:
-        try:
-            data = c.sock.recv(262144)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            fail(c, f"recv: {exc}")
-            return
-        if not data:
-            fail(c, "EOF")
-            return
-        if c.state == HANDSHAKE:
-            data = c.buf + data
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                c.buf = data
-                return
-            if not data.startswith(b"HTTP/1.1 101"):
-                fail(c, f"handshake: {data[:60]!r}")
-                return
-            c.buf = b""
-            data = data[end + 4 :]
-            on_upgraded(c)
-            if not data:
-                return
-        elif c.buf:
-            data = c.buf + data
-        frames, c.buf = split(data)
-        now = now_fn()
-        for opcode, payload in frames:
-            if c.state == DEAD:
-                return
-            on_frame(c, opcode, payload, now)
-
-    def start_connect(user: str, token: str) -> None:
-        nonlocal connecting
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = _Conn(sock, user, token)
-        connecting += 1
-        conns[c.fd] = c
-        err = sock.connect_ex((host, port))
-        if err not in (0, errno.EINPROGRESS):
-            ep.register(c.fd, 0)
-            fail(c, f"connect: {os.strerror(err)}")
-            return
-        ep.register(c.fd, select.EPOLLOUT)
-
-    def on_connected(c: _Conn) -> None:
-        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            fail(c, f"connect: {os.strerror(err)}")
-            return
-        user_path = path + (f"&user={c.user}" if proto == "sio" else "")
-        c.sock.send(h.handshake_request(host, port, user_path))
-        c.state = HANDSHAKE
-        ep.modify(c.fd, select.EPOLLIN)
-
     def result(partial: bool) -> dict[str, Any]:
         return {
             "partial": partial,
             "received": len(latencies),
             "conns_done": n_done,
-            "ready": n_ready,
-            "dead_after_ready": dead_after_ready,
+            "ready": loop.n_ready,
+            "dead_after_ready": loop.dead_after_ready,
             "t_first": t_first,
             "t_last": t_last,
             "frame_bytes": frame_bytes,
             "other_frames": other_frames,
-            "errors": errors,
+            "errors": loop.errors,
             "latencies": latencies.tobytes(),
         }
 
-    def close_all() -> None:
-        for c in list(conns.values()):
-            try:
-                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
-            c.sock.close()
-        conns.clear()
+    def tick() -> None:
+        nonlocal done_sent
+        if loop.ready_sent and not done_sent and expected and loop.n_ready and n_done + loop.dead_after_ready >= loop.n_ready:
+            pipe.send(("done", result(False)))
+            done_sent = True
 
-    try:
-        while time.monotonic() < life_end:
-            while pending and connecting < max_connecting and time.monotonic() < setup_end:
-                start_connect(*pending.pop())
-            if not ready_sent:
-                if n_ready + n_failed == total:
-                    pipe.send(("ready", n_ready, n_failed, errors))
-                    ready_sent = True
-                elif time.monotonic() > setup_end:
-                    errors.append(f"setup timed out: {total - n_ready - n_failed} connections not ready")
-                    pipe.send(("ready", n_ready, total - n_ready, errors))
-                    ready_sent = True
-            if ready_sent and not done_sent and expected and n_ready and n_done + dead_after_ready >= n_ready:
-                pipe.send(("done", result(False)))
-                done_sent = True
-            for fd, mask in ep.poll(0.2):
-                if fd == pipe_fd:
-                    command = pipe.recv()
-                    if command == "close":
-                        close_all()
-                        pipe.send(("closed",))
-                        return
-                    if command == "report":
-                        pipe.send(("done", result(True)))
-                        done_sent = True
-                    continue
-                c = conns.get(fd)
-                if c is None:
-                    continue
-                if c.state == CONNECTING:
-                    on_connected(c)
-                elif mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                    on_readable(c)
-    except (BrokenPipeError, EOFError, KeyboardInterrupt):
-        pass
-    finally:
-        close_all()
+    def on_command(command: Any) -> None:
+        nonlocal done_sent
+        if command == "report":
+            pipe.send(("done", result(True)))
+            done_sent = True
 
-
-class _Workers:
-    """The client processes of one phase."""
-
-    def __init__(self, ctx: Any, procs: int, jobs: list[tuple[str, str]], spec: dict[str, Any]) -> None:
-        self.procs: list[Any] = []
-        self.pipes: list[multiprocessing.connection.Connection] = []
-        procs = max(1, min(procs, len(jobs)))
-        for i in range(procs):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_client_worker, args=(child, {**spec, "jobs": jobs[i::procs]}), daemon=True, name=f"client-{i}")
-            p.start()
-            child.close()
-            self.procs.append(p)
-            self.pipes.append(parent)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def wait_all(self, kind: str, timeout: float) -> list[tuple[Any, ...]]:
-        """The next message of ``kind`` from every process (``None`` for those that timed out)."""
-        deadline = time.monotonic() + timeout
-        out: list[tuple[Any, ...] | None] = [None] * len(self.pipes)
-        while any(m is None for m in out):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            waiting = [pp for pp, m in zip(self.pipes, out) if m is None]
-            for pipe in multiprocessing.connection.wait(waiting, timeout=min(remaining, 1.0)):
-                i = self.pipes.index(pipe)  # type: ignore[arg-type]
-                try:
-                    msg = pipe.recv()
-                except EOFError:
-                    raise RuntimeError(f"client process {i} died") from None
-                if msg[0] == kind:
-                    out[i] = msg
-            for i, p in enumerate(self.procs):
-                if out[i] is None and not p.is_alive() and not self.pipes[i].poll():
-                    raise RuntimeError(f"client process {i} exited with {p.exitcode}")
-        return out  # type: ignore[return-value]
-
-    def report(self, timeout: float) -> list[tuple[Any, ...]]:
-        for pipe in self.pipes:
-            pipe.send("report")
-        return self.wait_all("done", timeout)
-
-    def close(self) -> None:
-        for pipe in self.pipes:
-            try:
-                pipe.send("close")
-            except OSError:
-                pass
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for pipe in self.pipes:
-            pipe.close()
+    loop.run(
+        new_conn=lambda sock, job: _Conn(sock, *job),
+        on_upgraded=on_upgraded,
+        on_frame=on_frame,
+        tick=tick,
+        on_command=on_command,
+        path_of=(lambda c: f"{loop.path}&user={c.user}") if proto == "sio" else None,
+    )
 
 
 # ---- the servers ---------------------------------------------------------------------
@@ -652,15 +449,6 @@ def _wait_quiet(pids: list[int], *, step: float = 0.25, threshold: float = 0.03,
             return
 
 
-def _background_cores(pids: list[int], seconds: float = 1.0) -> float:
-    """CPU cores busy with other work (not ``pids``, not this process) over ``seconds``."""
-    ours = [*pids, os.getpid()]
-    busy0, own0 = h.machine_busy_seconds(), sum(h.cpu_seconds(p) for p in ours)
-    time.sleep(seconds)
-    busy1, own1 = h.machine_busy_seconds(), sum(h.cpu_seconds(p) for p in ours)
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
-
-
 def _spec(target: Any, port: int, room: str, *, join: bool, broadcasts: int, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "proto": target.proto,
@@ -676,18 +464,10 @@ def _spec(target: Any, port: int, room: str, *, join: bool, broadcasts: int, arg
     }
 
 
-def _check_ready(msgs: list[tuple[Any, ...] | None], wanted: int, what: str) -> int:
-    ok = sum(m[1] for m in msgs if m is not None)
-    errors = [e for m in msgs if m is not None for e in m[3]]
-    if ok < wanted or any(m is None for m in msgs):
-        raise RuntimeError(f"{what}: only {ok} of {wanted} connections ready; errors: {errors[:5]}")
-    return ok
-
-
 def run_fanout(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """One fan-out run against a fresh server."""
     server = target.start()
-    workers: _Workers | None = None
+    workers: h.ClientPool | None = None
     controls: list[Any] = []
     try:
         asker = target.control(server.port, "asker")
@@ -698,21 +478,21 @@ def run_fanout(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any
 
         t_setup = time.monotonic()
         jobs = target.tokens([f"c{i}" for i in range(args.clients)])
-        workers = _Workers(ctx, args.client_procs, jobs, _spec(target, server.port, room, join=True, broadcasts=args.broadcasts, args=args))
-        _check_ready(workers.wait_all("ready", args.phase_timeout), args.clients, "fan-out listeners")
+        workers = h.ClientPool(ctx, _client_worker, args.client_procs, jobs, _spec(target, server.port, room, join=True, broadcasts=args.broadcasts, args=args))
+        workers.wait_ready(args.clients, "fan-out listeners", args.phase_timeout)
         setup_s = time.monotonic() - t_setup
 
         answerer = target.control(server.port, "ans")
         controls.append(answerer)
         _wait_quiet([server.pid, *workers.pids])
-        background = _background_cores([server.pid, *workers.pids])
+        background = h.background_cores([server.pid, *workers.pids])
         if background > 0.2:
             print(f"    warning: {background:.2f} CPU cores busy with other work; throughput and latency suffer", file=sys.stderr)
         rss_joined = server.rss_bytes()
 
         m, window = args.broadcasts, max(1, args.window)
         cpu0 = server.cpu_seconds()
-        client_cpu0 = sum(h.cpu_seconds(pid) for pid in workers.pids)
+        client_cpu0 = workers.cpu_seconds()
         busy0 = h.machine_busy_seconds()
         t0 = time.time()
         sent = acked = refused = 0
@@ -729,9 +509,10 @@ def run_fanout(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any
         t_acked = time.time()
         results = workers.wait_all("done", args.phase_timeout)
         if any(r is None for r in results):
-            results = workers.report(30)
+            workers.broadcast("report")
+            results = workers.wait_all("done", 30)
         cpu1 = server.cpu_seconds()
-        client_cpu = sum(h.cpu_seconds(pid) for pid in workers.pids) - client_cpu0
+        client_cpu = workers.cpu_seconds() - client_cpu0
         busy = h.machine_busy_seconds() - busy0
 
         parts = [r[1] for r in results if r is not None]
@@ -778,11 +559,11 @@ def run_fanout(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any
 def run_idle(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     """Memory per idle connection against a fresh server."""
     server = target.start()
-    workers: _Workers | None = None
+    workers: h.ClientPool | None = None
     try:
-        warm = _Workers(ctx, min(args.client_procs, 2), target.tokens([f"w{i}" for i in range(WARMUP_CONNS)]), _spec(target, server.port, "", join=False, broadcasts=0, args=args))
+        warm = h.ClientPool(ctx, _client_worker, min(args.client_procs, 2), target.tokens([f"w{i}" for i in range(WARMUP_CONNS)]), _spec(target, server.port, "", join=False, broadcasts=0, args=args))
         try:
-            _check_ready(warm.wait_all("ready", args.phase_timeout), WARMUP_CONNS, "warm-up")
+            warm.wait_ready(WARMUP_CONNS, "warm-up connections", args.phase_timeout)
         finally:
             warm.close()
         _wait_quiet([server.pid])
@@ -792,8 +573,8 @@ def run_idle(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
 
         jobs = target.tokens([f"i{i}" for i in range(args.idle_clients)])
         t_setup = time.monotonic()
-        workers = _Workers(ctx, args.client_procs, jobs, _spec(target, server.port, "", join=False, broadcasts=0, args=args))
-        ready = _check_ready(workers.wait_all("ready", args.phase_timeout), args.idle_clients, "idle connections")
+        workers = h.ClientPool(ctx, _client_worker, args.client_procs, jobs, _spec(target, server.port, "", join=False, broadcasts=0, args=args))
+        ready = workers.wait_ready(args.idle_clients, "idle connections", args.phase_timeout)
         setup_s = time.monotonic() - t_setup
         _wait_quiet([server.pid, *workers.pids])
         time.sleep(0.5)
@@ -840,7 +621,7 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.bench_parser(__doc__)
     p.add_argument("--clients", type=int, default=1000, help="listeners in the room (default 1000)")
     p.add_argument("--broadcasts", type=int, default=200, help="answers broadcast to the room (default 200)")
     p.add_argument("--client-procs", type=int, default=4, help="client processes (default 4)")
@@ -849,18 +630,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", choices=["socketio"], help="also run the workload against a peer server")
     p.add_argument("--window", type=int, default=1, help="answers in flight: the answerer sends the next one when a reply comes back (default 1)")
     p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL", help="dongne's SQLite synchronous setting (default NORMAL)")
-    p.add_argument("--json", default=str(h.BENCH_DIR / "results" / "fanout.json"), metavar="PATH", help="where to write the results")
+    h.add_json_option(p, "fanout")
     p.add_argument("--phase-timeout", type=float, default=180.0, help="bound on each setup or broadcast phase, seconds")
     p.add_argument("--timeout", type=float, default=3600.0, help="bound on the whole bench, seconds")
     return p
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise TimeoutError("the bench exceeded --timeout")
-
-
-def _on_term(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -868,9 +641,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.broadcasts < 1 or args.repeat < 1 or args.client_procs < 1:
         raise SystemExit("--clients, --broadcasts, --repeat and --client-procs must be positive")
     nofile = h.raise_nofile(args.clients + args.idle_clients + 4096)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.alarm(int(args.timeout))
     ctx = multiprocessing.get_context("spawn")
 
     notes = [
@@ -881,15 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         "deliveries = listener receipts (N*M); dongne also sends the asker new_answer + a durable answer_notification per answer",
     ]
     targets: list[Any] = []
-    report: dict[str, Any] = {
-        "bench": "fanout",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "notes": notes,
-        "servers": {},
-    }
-    with tempfile.TemporaryDirectory(prefix="dongne-fanout-") as tmp:
+    report: dict[str, Any] = {**h.report_head("fanout", args), "notes": notes, "servers": {}}
+    with h.time_limit(args.timeout), tempfile.TemporaryDirectory(prefix="dongne-fanout-") as tmp:
         targets.append(DongneTarget(Path(tmp), args.synchronous))
         if args.peer == "socketio":
             sio = SocketIOTarget()
@@ -898,28 +661,25 @@ def main(argv: list[str] | None = None) -> int:
         for line in notes:
             print(f"# {line}", file=sys.stderr)
         print(f"# RLIMIT_NOFILE {nofile}", file=sys.stderr)
-        try:
-            for target in targets:
-                runs = []
-                for rep in range(args.repeat):
-                    run: dict[str, Any] = {}
-                    print(f"[{target.name} {rep + 1}/{args.repeat}] fan-out {args.clients} x {args.broadcasts} ...", file=sys.stderr, flush=True)
-                    run["fanout"] = run_fanout(target, args, ctx)
-                    f = run["fanout"]
-                    print(
-                        f"    {f['received']}/{f['expected']} in {f['elapsed_s']:.2f}s: {f['deliveries_per_s']:,.0f}/s "
-                        f"p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms, {f['cpu_us_per_delivery']:.2f} us CPU/delivery",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    if args.idle_clients > 0:
-                        print(f"[{target.name} {rep + 1}/{args.repeat}] idle {args.idle_clients} ...", file=sys.stderr, flush=True)
-                        run["idle"] = run_idle(target, args, ctx)
-                        print(f"    {run['idle']['kb_per_conn']:.2f} KB per idle connection", file=sys.stderr, flush=True)
-                    runs.append(run)
-                report["servers"][target.name] = {"runs": runs, "median": _summarise(runs)}
-        finally:
-            signal.alarm(0)
+        for target in targets:
+            runs = []
+            for rep in range(args.repeat):
+                run: dict[str, Any] = {}
+                print(f"[{target.name} {rep + 1}/{args.repeat}] fan-out {args.clients} x {args.broadcasts} ...", file=sys.stderr, flush=True)
+                run["fanout"] = run_fanout(target, args, ctx)
+                f = run["fanout"]
+                print(
+                    f"    {f['received']}/{f['expected']} in {f['elapsed_s']:.2f}s: {f['deliveries_per_s']:,.0f}/s "
+                    f"p50 {f['p50_ms']:.1f} ms p99 {f['p99_ms']:.1f} ms, {f['cpu_us_per_delivery']:.2f} us CPU/delivery",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if args.idle_clients > 0:
+                    print(f"[{target.name} {rep + 1}/{args.repeat}] idle {args.idle_clients} ...", file=sys.stderr, flush=True)
+                    run["idle"] = run_idle(target, args, ctx)
+                    print(f"    {run['idle']['kb_per_conn']:.2f} KB per idle connection", file=sys.stderr, flush=True)
+                runs.append(run)
+            report["servers"][target.name] = {"runs": runs, "median": _summarise(runs)}
 
     headers = ["server", "deliveries/s", "p50 ms", "p99 ms", "CPU us/delivery", "server CPU", "clients CPU", "machine CPU", "frame B", "KB/idle conn"]
     rows = []
@@ -951,8 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["targets_met"] = targets_met
     print(f"\ntargets: {targets_met}")
-    path = h.write_json(args.json, report)
-    print(f"wrote {path}")
+    h.write_report(args.json, report)
     return 0
 
 

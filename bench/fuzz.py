@@ -49,8 +49,6 @@ import collections
 import itertools
 import multiprocessing
 import multiprocessing.connection
-import os
-import platform
 import secrets
 import signal
 import subprocess
@@ -83,15 +81,6 @@ from tests.test_fuzz import (  # noqa: E402
     expectation,
     fuzz_frames,
 )
-
-#: ``--limits off``: what tests/conftest.py's UNLIMITED sets, as environment variables.
-LIMITS_OFF_ENV = {
-    f"DONGNE_LIMITS_{key.upper()}": "1000000"
-    for key in (
-        "conn_per_s", "conn_burst", "writes_per_minute", "writes_burst", "questions_per_hour", "questions_burst",
-        "typing_per_s", "typing_burst", "connections_per_ip_per_minute",
-    )
-}  # fmt: skip
 
 #: The outcome categories, in table order; the first two are the target.
 PROBLEMS = (
@@ -473,10 +462,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"restarts": [], "crashes": 0}
     with tempfile.TemporaryDirectory(prefix="dongne-fuzz-") as tmp:
         db = Path(tmp) / "fuzz.sqlite3"
-        env = dict(LIMITS_OFF_ENV) if args.limits == "off" else {}
+        env = dict(h.BENCH_LIMITS) if args.limits == "off" else {}  # tests/conftest.py's UNLIMITED
 
         def start() -> h.ServerProcess:
-            return h.start_dongne(db, jwt_secret=secret, synchronous=args.synchronous, extra_env=env)
+            return h.start_dongne(db, jwt_secret=secret, synchronous=args.synchronous, extra_env=env, lift_limits=args.limits == "off")
 
         server = start()
         bystanders: Bystanders | None = None
@@ -603,7 +592,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.bench_parser(__doc__)
     p.add_argument("--frames", type=int, default=100_000, help="fuzz frames in all (default 100000)")
     p.add_argument("--seed", type=int, default=0, help="the Hypothesis seed; worker i draws with seed*1000+i (default 0)")
     p.add_argument("--connections", type=int, default=4, help="fuzzing connections, one process each (default 4)")
@@ -613,31 +602,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bystander-interval", type=float, default=0.05, help="pause between bystander rounds, seconds (default 0.05)")
     p.add_argument("--max-restarts", type=int, default=3, help="crashes after which the run stops (default 3)")
     p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL", help="dongne's SQLite synchronous setting (default NORMAL)")
-    p.add_argument("--json", default=str(h.BENCH_DIR / "results" / "fuzz.json"), metavar="PATH", help="where to write the results")
+    h.add_json_option(p, "fuzz")
     p.add_argument("--timeout", type=float, default=1800.0, help="bound on the whole bench, seconds (default 1800)")
     return p
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise TimeoutError("the bench exceeded --timeout")
-
-
-def _on_term(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.frames < 1 or args.connections < 1 or args.reply_timeout <= 0:
         raise SystemExit("--frames and --connections must be positive, --reply-timeout too")
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.alarm(int(args.timeout) + 60)
     started = time.perf_counter()
-    try:
+    with h.time_limit(args.timeout + 60):
         report = run(args)
-    finally:
-        signal.alarm(0)
     summary = summarise(report)
     t = summary["total"]
     met = t["crashes"] == 0 and t["unanswered"] == 0
@@ -647,11 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     result = {
-        "bench": "fuzz",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "dongne_commit": commit,
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        **h.report_head("fuzz", args, dongne_commit=commit),
         "elapsed_s": time.perf_counter() - started,
         "generation": report["generation"],
         "send_s": report["send_s"],
@@ -697,8 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     for sample in summary["samples"][:10]:
         print(f"  {sample['kind']}: {sample['detail'][:160]}  frame[{sample['length']}]={sample.get('hex', sample.get('repr', ''))[:120]}")
     print(f"\ntarget (zero crashes, zero unanswered): {'met' if met else 'NOT MET'}; every check clean: {clean}")
-    path = h.write_json(args.json, result)
-    print(f"wrote {path}")
+    h.write_report(args.json, result)
     return 0 if met else 1
 
 
