@@ -117,7 +117,7 @@ async def test_oversize_frame_closes_with_1009_and_others_carry_on(server: Harne
         (lambda: token("u", now_s=0), "expired"),
         (lambda: token("u")[:-4] + "AAAA", "invalid token"),
         (lambda: _unsigned_none_token(), "invalid token"),  # alg: none
-        (lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, SECRET, algorithm="HS512"), "invalid token"),
+        (lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, SECRET * 2, algorithm="HS512"), "invalid token"),
         (lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, "another-secret-0123456789-0123456789"), "invalid token"),
     ],
     ids=["missing", "garbage", "expired", "forged", "alg-none", "wrong-alg", "wrong-secret"],
