@@ -98,22 +98,21 @@ class EngineSettings:
     hot_question_days: float = attrs.field(default=7.0, validator=_positive)
 
 
-def _stage_plan(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+def _stage_plan(value: Any) -> tuple[dict[str, Any], ...]:
+    """Validate an escalation plan and state every stage in full (defaults filled in)."""
     from .core.escalation import stages_from_config
 
     try:
-        stages_from_config(value)
+        return tuple(attrs.asdict(stage) for stage in stages_from_config(value))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
-_DEFAULT_STAGES: tuple[dict[str, Any], ...] = (
-    {"name": "IMMEDIATE", "offset_s": 0.0, "radius_m": 2000.0, "limit": 10, "audience": "online_nearby",
-     "requires_immediate_alerts": True, "priority": "high"},
-    {"name": "QUICK", "offset_s": 3.0, "radius_m": 5000.0, "audience": "nearby"},
-    {"name": "EXTENDED", "offset_s": 30.0, "audience": "experts"},
-    {"name": "FINAL", "offset_s": 120.0, "audience": "everyone", "only_if_unanswered": True},
-)  # fmt: skip
+def _default_stages() -> tuple[dict[str, Any], ...]:
+    # The plan itself is stated once, in core.escalation.DEFAULT_STAGES.
+    from .core.escalation import DEFAULT_STAGES
+
+    return tuple(attrs.asdict(stage) for stage in DEFAULT_STAGES)
 
 
 @attrs.frozen
@@ -135,7 +134,7 @@ class LocationSettings:
 
 @attrs.frozen
 class EscalationSettings:
-    stages: tuple[dict[str, Any], ...] = attrs.field(default=_DEFAULT_STAGES, converter=tuple, validator=_stage_plan)
+    stages: tuple[dict[str, Any], ...] = attrs.field(factory=_default_stages, converter=_stage_plan)
     # Push gateway: offline targets' jobs are POSTed here as JSON. Empty: jobs
     # are only recorded in the outbox.
     push_url: str = ""
