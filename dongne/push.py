@@ -79,6 +79,7 @@ class PushDispatcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self.settings.push_url and not any(self._urls.values()):
+            self._pending.clear()  # nowhere to send them: they stay recorded in the outbox only
             task_status.started()
             async for _job in self._jobs:  # recorded in the outbox only
                 pass

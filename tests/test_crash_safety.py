@@ -51,11 +51,15 @@ from typing import Any
 
 import attrs
 import msgpack
+import pytest
 import trio
 import trio_websocket
 
 from dongne.auth import mint_token
 from dongne.client import DongneClient, RequestError, open_client
+from dongne.core.effects import EnqueuePush
+from dongne.core.records import PushJob
+from dongne.store import Store
 
 SECRET = "crash-safety-secret-0123456789-0123456789"
 SEED = int(os.environ.get("DONGNE_CRASH_SEED", "20261127"))
@@ -211,8 +215,14 @@ async def connect(port: int, user: str, model: Model) -> AsyncIterator[Conn]:
             return dispatch(frame)
 
         client._dispatch = record  # type: ignore[method-assign]
-        client.hello = await client.request("hello", {"token": token(user), "resume": {"last_seq": 0}})
-        yield conn
+        try:
+            client.hello = await client.request("hello", {"token": token(user), "resume": {"last_seq": 0}})
+            yield conn
+        finally:
+            # Close the WebSocket while the client still reads.
+            with trio.move_on_after(10) as scope:
+                scope.shield = True
+                await client.ws.aclose()
 
 
 # ---- the server process -------------------------------------------------------------
@@ -572,3 +582,40 @@ async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
             assert await server.proc.wait() == 0
         assert_no_errors(server)
 
+
+async def _stream_typing_forever(request: trio_websocket.WebSocketRequest) -> None:
+    ws = await request.accept()
+    try:
+        while True:
+            await ws.send_message(msgpack.packb({"type": "user_typing", "data": {"question_id": "q1", "user_id": "u", "nick": "U"}}))
+            await trio.sleep(0)
+    except trio_websocket.ConnectionClosed:
+        pass
+
+
+async def test_leaving_open_client_while_frames_arrive_does_not_hang() -> None:
+    """A peer that keeps sending (room traffic, alerts) must not stop the client from closing."""
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, _stream_typing_forever, "127.0.0.1", 0, None)
+        with trio.move_on_after(3) as scope:
+            async with open_client(f"ws://127.0.0.1:{server.port}", "token", hello=False) as client:
+                await client.next_event("user_typing")
+                await trio.sleep(0.01)  # frames keep arriving
+        nursery.cancel_scope.cancel()
+
+    assert not scope.cancelled_caught
+
+
+async def test_a_restart_keeps_no_unsendable_push_jobs_in_memory(start_server: Any, db_path: Path) -> None:
+    """Jobs older than push_max_age_s can never be sent: a restart should not hold them."""
+    day_ago = int(time.time() * 1000) - 86_400_000
+    store = Store(db_path)
+    store.open()
+    payload = {"title": "Where is the best black pork near the port?", "region": "Jeju-si", "data": {"stage": "QUICK"}}
+    store.apply([EnqueuePush(PushJob(i, f"local{i}", "new_question_notification", False, payload, day_ago)) for i in range(1, 201)])
+    store.close()
+    h = await start_server()
+    held = list(h.running.pushes._pending)
+    await h.running.aclose()
+
+    assert held == []

@@ -168,9 +168,18 @@ async def open_client(
                 try:
                     yield client
                 finally:
+                    # Close while our reader still takes frames: trio-websocket's
+                    # reader blocks handing a frame to its zero-size queue, so a
+                    # close after cancelling ours could wait forever for a peer
+                    # that keeps sending.
+                    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                        await ws.aclose()
                     nursery.cancel_scope.cancel()
         finally:
             await _close_transport(ws)
+
+
+CLOSE_TIMEOUT_S = 5.0
 
 
 async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
