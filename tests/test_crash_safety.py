@@ -51,7 +51,6 @@ from typing import Any
 
 import attrs
 import msgpack
-import pytest
 import trio
 import trio_websocket
 

@@ -1,0 +1,852 @@
+"""Soak bench: a bounded mixed load for a long time; does the server's memory stay flat?
+
+    python bench/soak.py [--duration 600] [--clients 200] [--rate 40] [--question-rate 0.5]
+                         [--reconnect-rate 0.5] [--sample-interval 5] [--warmup S]
+                         [--json bench/results/soak.json] [--no-question-cost] [--tracemalloc FRAMES]
+
+What it does:
+
+* **Server.** ``python -m dongne serve`` as a subprocess on 127.0.0.1 (a temp
+  database, ``synchronous`` FULL as deployed unless ``--synchronous NORMAL``),
+  with the rate limits raised so that the bench measures memory, not refusals,
+  ``min_update_interval_s = 0`` and periodic snapshots off. Everything else is
+  the defaults: the escalation plan (0 / 3 / 30 / 120 s), alert caps, rooms.
+* **Clients.** ``--clients`` users in this process (trio, ``dongne.client``),
+  a quarter of them askers and the rest verified locals, each placed within
+  1.5 km of one of the 30 bundled Jeju hotspots (inside the service area).
+  Each client sends requests as a Poisson process, ``--rate`` requests per
+  second over all clients, drawn from a fixed mix: askers join, type, mark
+  read, accept, close, look around (``nearby_questions``, ``nearby_locals``,
+  ``trending``, ``get_profile``); locals move (``update_location``), answer,
+  join, type, leave and look around. Questions come separately, at
+  ``--question-rate`` per second round-robin over the askers. Rooms are left
+  before the 50-per-connection limit.
+* **Reconnects.** Each client's connection lives an exponential time with
+  mean ``clients / --reconnect-rate``; then it closes (half of them with a
+  close frame, half by dropping the TCP connection) and reconnects with
+  ``resume`` from its ``last_seq``. Every durable ``seq`` a user receives is
+  checked: exactly one more than the previous one (``seq_gap`` and
+  ``seq_duplicate`` count the exceptions).
+* **Sampling.** Every ``--sample-interval`` seconds: the server's VmRSS,
+  RssAnon, RssFile, threads and CPU time from ``/proc``, the database and WAL
+  sizes, and the gauges of ``GET /metrics`` on the ops port (connections,
+  users and locals online, open questions, escalations running).
+* **Report.** RSS growth after the warm-up (default: the first 10 % of the
+  duration, at least 60 s, at most half of it): the mean RSS of the samples in
+  the 30 s after the warm-up against the mean of the last 30 s, in % and MB,
+  plus the least-squares slope over the post-warm-up samples (MB per 10 min).
+  Server CPU (% of one core), requests by operation, error replies by code,
+  close codes seen, p50 / p99 request latency (send to reply, this process's
+  clock), durable events received and replayed. A table on stdout, JSON to
+  ``--json``.
+* **Per-question memory.** Questions asked within ``hot_question_days``
+  (7 days) stay in memory by design. Unless ``--no-question-cost``, after the
+  soak the bench builds the sans-I/O ``Engine`` in this process (the same
+  settings, regions, hotspots and plan as the server) and measures with
+  ``tracemalloc`` what 2,000 questions cost once their escalation is over:
+  unanswered, then with one answer each, then resolved. Growth in the soak
+  can then be split into "questions kept by design" and the rest.
+
+* **What grows (``--tracemalloc FRAMES``, a debug mode).** The server runs
+  under a small wrapper (``TRACE_WRAPPER``: ``tracemalloc.start`` then
+  ``dongne.cli.main``) that dumps a snapshot on SIGUSR1; the bench signals it
+  after the warm-up and near the end and prints the allocation sites whose
+  memory grew most. RSS growth minus the Python heap's growth is native
+  memory (SQLite's page caches, allocator fragmentation). Tracing slows the
+  server and adds its own memory: take the RSS figures from a normal run.
+
+Everything runs on 127.0.0.1; every loop is bounded by the duration (clients
+still busy 60 s after it are counted, not awaited); the server is killed at
+exit whatever happens. Exit status 0 when the server survived, no seq was
+lost or repeated, every client finished and RSS grew under 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import random
+import resource
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import urllib.request
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness as h  # noqa: E402
+
+#: Beside the harness's lifted abuse limits: every move is accepted.
+EXTRA_ENV = {"DONGNE_LOCATION_MIN_UPDATE_INTERVAL_S": "0"}
+
+ASKER_MIX = {
+    "join_question": 3.0, "typing_start": 2.0, "mark_read": 2.0, "accept_answer": 0.7, "close_question": 0.3,
+    "nearby_questions": 2.0, "nearby_locals": 1.0, "trending": 1.0, "get_profile": 1.0, "leave_question": 1.0,
+}  # fmt: skip
+LOCAL_MIX = {
+    "update_location": 4.0, "create_answer": 0.6, "join_question": 2.0, "typing_start": 2.0, "typing_stop": 1.0,
+    "nearby_questions": 2.0, "get_profile": 1.0, "get_settings": 0.5, "leave_question": 1.0,
+}  # fmt: skip
+ROOM_CAP = 40  # leave the oldest room before the server's 50 per connection
+TAGS = ("food", "beach", "hiking", "cafe", "bus", "rain", "market", "museum")
+WORDS = ("black pork", "the ferry", "a quiet beach", "the night market", "a bus to Hallasan", "a cafe with a view", "the olle trail", "a rainy-day museum")
+
+
+# ---- places -------------------------------------------------------------------------
+
+
+class Places:
+    """Random points near the bundled hotspots, inside the service area."""
+
+    def __init__(self, rng: random.Random) -> None:
+        from dongne.core.regions import load_default_regions, load_hotspots
+
+        self.rng = rng
+        self.hotspots = load_hotspots()
+        self.regions = load_default_regions()
+
+    def near(self, index: int | None = None, spread_m: float = 1500.0) -> dict[str, float]:
+        spot = self.hotspots[self.rng.randrange(len(self.hotspots)) if index is None else index % len(self.hotspots)]
+        for _ in range(100):
+            r = spread_m * math.sqrt(self.rng.random())
+            a = self.rng.uniform(0, 2 * math.pi)
+            lat = spot.lat + r * math.cos(a) / 111_320
+            lng = spot.lng + r * math.sin(a) / (111_320 * math.cos(math.radians(spot.lat)))
+            if self.regions.region_of(lat, lng) is not None:
+                return {"lat": round(lat, 6), "lng": round(lng, 6)}
+        return {"lat": spot.lat, "lng": spot.lng}
+
+
+# ---- the server --------------------------------------------------------------------------
+
+#: ``--tracemalloc``: the server runs under this wrapper, which traces Python
+#: allocations from the start and dumps a snapshot on each SIGUSR1 (the server
+#: code is unchanged; trio only claims SIGINT and SIGTERM).
+TRACE_WRAPPER = r"""
+import json, os, signal, sys, tracemalloc
+tracemalloc.start(int(os.environ["SOAK_TRACE_FRAMES"]))
+_count = [0]
+def _dump(signum, frame):
+    base = os.path.join(os.environ["SOAK_TRACE_DIR"], f"snap-{_count[0]}")
+    tracemalloc.take_snapshot().dump(base + ".tmp")
+    with open(base + ".json", "w") as fh:
+        json.dump({"traced": tracemalloc.get_traced_memory()[0], "overhead": tracemalloc.get_tracemalloc_memory()}, fh)
+    os.rename(base + ".tmp", base + ".pickle")
+    _count[0] += 1
+signal.signal(signal.SIGUSR1, _dump)
+from dongne.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_server(db: Path, secret: str, args: argparse.Namespace, trace_dir: Path | None) -> h.ServerProcess:
+    """``dongne serve`` as ``h.start_dongne`` starts it, under the tracing wrapper with ``--tracemalloc``."""
+    if trace_dir is None:
+        return h.start_dongne(db, jwt_secret=secret, synchronous=args.synchronous, extra_env=EXTRA_ENV)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
+    env.update(h.BENCH_LIMITS)
+    env.update(EXTRA_ENV)
+    env.update({
+        "DONGNE_JWT_SECRET": secret, "DONGNE_STORE_SYNCHRONOUS": args.synchronous, "DONGNE_SNAPSHOTS_INTERVAL_S": "0",
+        "SOAK_TRACE_FRAMES": str(args.tracemalloc), "SOAK_TRACE_DIR": str(trace_dir),
+    })  # fmt: skip
+    argv = [sys.executable, "-c", TRACE_WRAPPER, "serve", "--host", "127.0.0.1", "--port", "0", "--ops-port", "0", "--db", str(db)]
+    server = h.ServerProcess("dongne", argv, ready_pattern=h.DONGNE_READY, env=env, cwd=db.parent)
+    server.start()
+    return server
+
+
+def compare_snapshots(trace_dir: Path, frames: int, top: int = 15) -> dict[str, Any]:
+    """What the Python heap gained between the first and the last snapshot, by allocation site."""
+    snaps = sorted(trace_dir.glob("snap-*.pickle"), key=lambda p: int(p.stem.split("-")[1]))
+    if len(snaps) < 2:
+        return {"error": f"{len(snaps)} snapshot(s) taken"}
+    first, last = (tracemalloc.Snapshot.load(str(p)) for p in (snaps[0], snaps[-1]))
+    meta = [json.loads(p.with_suffix(".json").read_text()) for p in (snaps[0], snaps[-1])]
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
+    first, last = first.filter_traces(ignore), last.filter_traces(ignore)
+    by_line = last.compare_to(first, "lineno")
+    by_trace = last.compare_to(first, "traceback") if frames > 1 else []
+    return {
+        "traced_growth_mb": (meta[1]["traced"] - meta[0]["traced"]) / 2**20,
+        "tracemalloc_overhead_growth_mb": (meta[1]["overhead"] - meta[0]["overhead"]) / 2**20,
+        "top_by_line": [
+            {"where": str(d.traceback[0]), "size_diff_kb": round(d.size_diff / 1024, 1), "count_diff": d.count_diff, "size_kb": round(d.size / 1024, 1)}
+            for d in by_line[:top]
+        ],
+        "top_by_traceback": [
+            {"traceback": [str(f) for f in d.traceback], "size_diff_kb": round(d.size_diff / 1024, 1), "count_diff": d.count_diff}
+            for d in by_trace[:5]
+        ],
+    }
+
+
+# ---- sampling -------------------------------------------------------------------------
+
+
+def _status_fields(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status", "rb") as fh:
+        for line in fh:
+            key, _, rest = line.partition(b":")
+            if key in (b"VmRSS", b"RssAnon", b"RssFile", b"RssShmem", b"VmHWM"):
+                out[key.decode()] = int(rest.split()[0]) * 1024
+            elif key == b"Threads":
+                out["Threads"] = int(rest.split()[0])
+    return out
+
+
+def _smaps(pid: int) -> dict[str, int]:
+    """Resident anonymous memory by kind of mapping, from ``/proc/PID/smaps`` (bytes).
+
+    ``heap``: the brk heap (the main thread's malloc: Python objects over 512
+    bytes, msgpack and wsproto buffers); ``pymalloc``: 1 MiB anonymous
+    mappings (CPython's small-object arenas); ``thread_arena``: glibc arenas
+    of other threads, 64 MiB-aligned (the worker threads that run every SQLite
+    call: page caches, statements); ``other_anon``: the rest (large
+    allocations mmapped directly, thread stacks).
+    """
+    out = dict.fromkeys(("heap", "pymalloc", "thread_arena", "other_anon"), 0)
+    kind: str | None = None
+    with open(f"/proc/{pid}/smaps", "rb") as fh:
+        for line in fh:
+            head = line.split(None, 6)
+            if len(head) >= 5 and b"-" in head[0] and head[0][:1].isalnum() and len(head[1]) == 4:
+                start, end = (int(x, 16) for x in head[0].split(b"-"))
+                name = head[5].strip() if len(head) > 5 else b""
+                if head[4] != b"0" or name.startswith(b"/") or b"w" not in head[1]:
+                    kind = None
+                elif name == b"[heap]":
+                    kind = "heap"
+                elif name:
+                    kind = None  # [stack], [vvar], ...
+                elif start % (64 << 20) == 0:
+                    kind = "thread_arena"
+                elif end - start == 1 << 20:
+                    kind = "pymalloc"
+                else:
+                    kind = "other_anon"
+            elif kind is not None and line.startswith(b"Rss:"):
+                out[kind] += int(line.split()[1]) * 1024
+    return out
+
+
+def _gauges(ops_port: int) -> dict[str, float]:
+    wanted = ("connections", "users_online", "locals_online", "open_questions", "escalations_running")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        for name in wanted:
+            if line.startswith(f"dongne_{name} "):
+                out[name] = float(line.split()[1])
+    return out
+
+
+class Sampler(threading.Thread):
+    """Samples the server every ``interval`` seconds until stopped."""
+
+    def __init__(self, server: h.ServerProcess, ops_port: int, db: Path, interval: float, t0: float, snapshot_at: list[float]) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.server, self.ops_port, self.db, self.interval, self.t0 = server, ops_port, db, interval, t0
+        self.snapshot_at = sorted(snapshot_at)  # --tracemalloc: SIGUSR1 at these times
+        self.samples: list[dict[str, Any]] = []
+        self.done = threading.Event()
+
+    def sample(self) -> None:
+        pid = self.server.pid
+        row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 2), "cpu_s": h.cpu_seconds(pid), **_status_fields(pid), **_smaps(pid)}
+        for suffix, key in (("", "db_bytes"), ("-wal", "wal_bytes")):
+            try:
+                row[key] = os.path.getsize(f"{self.db}{suffix}")
+            except OSError:
+                row[key] = 0
+        row.update(_gauges(self.ops_port))
+        self.samples.append(row)
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if not self.server.alive():
+                return
+            self.sample()
+            if self.snapshot_at and time.monotonic() - self.t0 >= self.snapshot_at[0]:
+                self.snapshot_at.pop(0)
+                os.kill(self.server.pid, signal.SIGUSR1)
+                self.samples[-1]["snapshot"] = True
+            self.done.wait(self.interval)
+
+
+# ---- the load -------------------------------------------------------------------------
+
+
+class Load:
+    """The clients' shared state and counters."""
+
+    def __init__(self, args: argparse.Namespace, url: str, secret: str) -> None:
+        self.args = args
+        self.url = url
+        self.secret = secret
+        self.rng = random.Random(args.seed)
+        self.places = Places(self.rng)
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.close_codes: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        self.latency_ms: dict[str, list[float]] = {}
+        self.recent: deque[tuple[str, str]] = deque(maxlen=300)  # (question id, asker) of recent questions
+        self.reconnects = 0
+        self.connect_failures = 0
+        self.timeouts = 0
+        self.close_timeouts = 0
+        self.unfinished_clients = 0
+        self.replayed = 0
+        self.seq_gap = 0
+        self.seq_duplicate = 0
+        self.asked = 0
+
+    def token(self, user: str, local: bool, tags: tuple[str, ...]) -> str:
+        from dongne.auth import mint_token
+
+        return mint_token(self.secret, user, local=local, tags=tags, now_s=time.time())
+
+
+class User:
+    """One simulated user: its own Poisson process of requests, reconnecting now and then."""
+
+    def __init__(self, load: Load, index: int, asker: bool) -> None:
+        self.load = load
+        self.asker = asker
+        self.user_id = f"{'asker' if asker else 'local'}{index:04d}"
+        self.rng = random.Random(load.rng.random())
+        self.home = load.places.near(index)
+        self.tags = () if asker else tuple(self.rng.sample(TAGS, 2))
+        self.last_seq = 0
+        self.expect_seq = 1
+        self.connected_once = False
+        self.client: Any = None
+        self.rooms: deque[str] = deque()
+        self.mine: dict[str, list[str]] = {}  # own question -> answer ids (from answer_notification)
+
+    # -- one connection --
+
+    def _record(self, dispatch: Any) -> Any:
+        def record(frame: dict[str, Any]) -> bool:
+            seq = frame.get("seq")
+            if isinstance(seq, int):
+                if seq < self.expect_seq:
+                    self.load.seq_duplicate += 1
+                elif seq > self.expect_seq:
+                    self.load.seq_gap += 1
+                self.expect_seq = max(self.expect_seq, seq + 1)
+            kind = frame.get("type")
+            if kind != "reply":
+                self.load.events[str(kind)] += 1
+            if kind == "answer_notification":
+                data = frame.get("data", {})
+                answers = self.mine.get(data.get("question_id"))
+                if answers is not None:
+                    answers.append(data["answer"]["answer_id"])
+            return bool(dispatch(frame))
+
+        return record
+
+    async def run(self, end: float) -> None:
+        import trio
+        import trio_websocket
+
+        from dongne.client import open_client
+
+        load = self.load
+        mean_session = load.args.clients / load.args.reconnect_rate if load.args.reconnect_rate > 0 else math.inf
+        for _attempt in range(100_000):
+            if trio.current_time() >= end:
+                return
+            token = load.token(self.user_id, not self.asker, self.tags)
+            resume = self.last_seq if self.connected_once else None
+            session_end = min(end, trio.current_time() + self.rng.expovariate(1 / mean_session))
+            drop = False
+            try:
+                async with open_client(load.url, token, resume_from=resume, hello=False, timeout=30) as client:
+                    client._dispatch = self._record(client._dispatch)  # type: ignore[method-assign]
+                    try:
+                        drop = await self._session(client, token, resume, session_end, end)
+                    finally:
+                        await self._close(client, drop)
+                # Offline for a while: durable events queue up and come back with resume.
+                await trio.sleep(max(0.0, min(self.rng.uniform(1.0, 10.0), end - trio.current_time())))
+            except trio_websocket.ConnectionClosed as exc:
+                if not drop:
+                    load.close_codes[str(exc.reason.code if exc.reason else None)] += 1
+                await trio.sleep(self.rng.uniform(0.5, 2.0))
+            except (OSError, trio_websocket.HandshakeError):
+                load.connect_failures += 1
+                await trio.sleep(self.rng.uniform(0.5, 2.0))
+            except trio.TooSlowError:  # no reply within 30 s: counted, then a fresh connection
+                load.timeouts += 1
+            finally:
+                self.client = None
+                if self.connected_once:
+                    self.last_seq = max(self.last_seq, self.expect_seq - 1)
+
+    async def _session(self, client: Any, token: str, resume: int | None, session_end: float, end: float) -> bool:
+        """Hello (with resume), then requests until ``session_end``; returns whether to drop the TCP connection."""
+        import trio
+
+        load = self.load
+        data: dict[str, Any] = {"token": token}
+        if resume is not None:
+            data["resume"] = {"last_seq": resume}
+        hello = await self._timed(client, "hello", data)
+        if hello is None:
+            return False
+        if resume is not None:
+            load.reconnects += 1
+            load.replayed += max(0, hello["last_seq"] - resume)
+        self.connected_once = True
+        self.client = client
+        self.rooms.clear()
+        if not self.asker:
+            await self._timed(client, "update_location", {"location": self.home, "accuracy_m": 20.0})
+        while (now := trio.current_time()) < session_end:
+            await trio.sleep(min(session_end - now, self.rng.expovariate(load.args.rate / load.args.clients)))
+            if trio.current_time() >= session_end:
+                break
+            await self._one_request(client)
+        return trio.current_time() < end and self.rng.random() < 0.5
+
+    async def _close(self, client: Any, drop: bool) -> None:
+        """Close while the client still reads (or drop the TCP connection and wait until it notices).
+
+        Leaving ``open_client`` while frames still arrive can hang for ever
+        (its reader is cancelled before trio-websocket's close; see
+        tests/test_crash_safety.py), so the bench closes first, bounded.
+        """
+        import trio
+
+        with trio.move_on_after(10) as scope:
+            scope.shield = True
+            if drop:  # a lost network: no close frame, the server notices the dead socket
+                stream = getattr(client.ws, "_stream", None)
+                if stream is not None:
+                    await stream.aclose()
+                await client.wait_closed()
+            else:
+                await client.ws.aclose()
+        if scope.cancelled_caught:
+            self.load.close_timeouts += 1
+
+    async def _timed(self, client: Any, op: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        import trio
+
+        from dongne.client import RequestError
+
+        load = self.load
+        load.requests[op] += 1
+        started = trio.current_time()
+        try:
+            reply: dict[str, Any] | None = await client.request(op, data)
+        except RequestError as exc:
+            load.errors[exc.code] += 1
+            reply = None
+        load.latency_ms.setdefault(op, []).append((trio.current_time() - started) * 1000)
+        return reply
+
+    async def ask(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        rng = self.rng
+        topic = rng.choice(WORDS)
+        data = {
+            "title": f"Where can I find {topic} near here? ({self.user_id} #{self.load.asked})",
+            "body": rng.choice(("", "Arriving tonight.", "With two kids, no car.", "Any tips welcome, thanks!")),
+            "location": self.load.places.near(),
+            "hashtags": rng.sample(TAGS, rng.randint(0, 2)),
+            "urgency": "urgent" if rng.random() < 0.1 else "normal",
+        }
+        self.load.asked += 1
+        reply = await self._timed(client, "create_question", data)
+        if reply is not None:
+            qid = reply["question"]["question_id"]
+            self.mine[qid] = []
+            self._joined(qid)
+            self.load.recent.append((qid, self.user_id))
+            if len(self.mine) > 50:
+                self.mine.pop(next(iter(self.mine)))
+
+    def _joined(self, qid: str) -> None:
+        if qid in self.rooms:
+            return
+        self.rooms.append(qid)
+
+    async def _one_request(self, client: Any) -> None:
+        rng, load = self.rng, self.load
+        mix = ASKER_MIX if self.asker else LOCAL_MIX
+        op = rng.choices(list(mix), weights=list(mix.values()))[0]
+        recent = [qid for qid, asker in load.recent if asker != self.user_id]
+        if len(self.rooms) >= ROOM_CAP:
+            op = "leave_question"
+        if op == "leave_question":
+            if self.rooms:
+                qid = self.rooms.popleft()
+                await self._timed(client, op, {"question_id": qid})
+            return
+        if op in ("join_question", "create_answer") and not recent:
+            op = "nearby_questions"
+        if op in ("typing_start", "typing_stop") and not self.rooms:
+            op = "get_profile"
+        if op == "join_question":
+            qid = rng.choice(recent[-100:])
+            if await self._timed(client, op, {"question_id": qid}) is not None:
+                self._joined(qid)
+        elif op == "create_answer":
+            qid = rng.choice(recent[-50:])
+            content = f"Try {rng.choice(WORDS)}, about {rng.randint(2, 40)} minutes from there. ({self.user_id})"
+            await self._timed(client, op, {"question_id": qid, "content": content})
+        elif op in ("typing_start", "typing_stop"):
+            await self._timed(client, op, {"question_id": rng.choice(list(self.rooms))})
+        elif op in ("mark_read", "accept_answer", "close_question"):
+            answered = [q for q, a in self.mine.items() if a]
+            pool = answered if op != "close_question" else list(self.mine)
+            if not pool:
+                await self._timed(client, "get_profile", {})
+                return
+            qid = rng.choice(pool)
+            if op == "mark_read":
+                await self._timed(client, op, {"question_id": qid})
+            elif op == "accept_answer":
+                await self._timed(client, op, {"question_id": qid, "answer_id": rng.choice(self.mine[qid])})
+                self.mine.pop(qid, None)
+            else:
+                await self._timed(client, op, {"question_id": qid})
+                self.mine.pop(qid, None)
+        elif op == "update_location":
+            here = {"lat": self.home["lat"] + rng.uniform(-0.004, 0.004), "lng": self.home["lng"] + rng.uniform(-0.004, 0.004)}
+            if load.places.regions.region_of(here["lat"], here["lng"]) is None:
+                here = self.home  # a step into the sea: stay home
+            await self._timed(client, op, {"location": here, "accuracy_m": 30.0})
+        elif op in ("nearby_questions", "nearby_locals"):
+            await self._timed(client, op, {"location": self.home})
+        elif op == "trending":
+            await self._timed(client, op, {"limit": 10})
+        else:
+            await self._timed(client, op, {})
+
+
+async def drive(load: Load, duration: float) -> None:
+    """Every user's task plus the question clock, all ending by ``duration``."""
+    import trio
+    import trio_websocket
+
+    args = load.args
+    n_askers = max(1, args.clients // 4)
+    users = [User(load, i, asker=i < n_askers) for i in range(args.clients)]
+    askers = users[:n_askers]
+    end = trio.current_time() + duration
+
+    async def questions() -> None:
+        for k in itertools.count():
+            due = start + k / args.question_rate
+            if due >= end:
+                return
+            await trio.sleep_until(due)
+            asker = askers[k % len(askers)]
+            if asker.client is not None:
+                try:
+                    await asker.ask()
+                except (trio_websocket.ConnectionClosed, trio.TooSlowError):
+                    pass  # counted by the asker's own task when it notices
+
+    finished: set[str] = set()
+
+    async def guarded(user: User) -> None:
+        await user.run(end)
+        finished.add(user.user_id)
+
+    start = trio.current_time() + 5.0  # let everyone connect first
+    # A client still busy 60 s after the end is counted, not waited for.
+    with trio.move_on_at(end + 60):
+        async with trio.open_nursery() as nursery:
+            for user in users:
+                nursery.start_soon(guarded, user)
+                await trio.sleep(0.01)  # no connection storm at start
+            if args.question_rate > 0:
+                nursery.start_soon(questions)
+    load.unfinished_clients = len(users) - len(finished)
+
+
+# ---- per-question memory, in process ----------------------------------------------------
+
+
+def question_cost(n: int = 2000) -> dict[str, Any]:
+    """Bytes per question (and answer) kept in the engine, measured with tracemalloc."""
+    from dongne.auth import Claims
+    from dongne.config import load_settings
+    from dongne.core.effects import Outcome, Send
+    from dongne.core.engine import Engine
+    from dongne.core.escalation import stages_from_config
+    from dongne.core.protocol import Request
+    from dongne.core.regions import load_default_regions, load_hotspots
+
+    settings = load_settings(None, environ={}, overrides={"limits": {k: 1e9 for k in ("conn_per_s", "conn_burst", "writes_per_minute", "writes_burst", "questions_per_hour", "questions_burst")}})
+    regions = load_default_regions()
+
+    def claims(token: object, now_s: float) -> Claims:
+        user = str(token)
+        return Claims(user_id=user, nick=user, local=user.startswith("local"), tags=("food",) if user.startswith("local") else (), role="user")
+
+    engine = Engine(
+        settings.engine, claims, region_of=regions.region_of, location=settings.location,
+        stages=stages_from_config(settings.escalation.stages), hotspots=tuple(load_hotspots()),
+        limits=settings.limits, content=settings.content, alerts=settings.alerts,
+    )  # fmt: skip
+    rng = random.Random(7)
+    places = Places(rng)
+    ids = itertools.count(1)
+    now = int(time.time() * 1000)
+    for conn_id, user in ((1, "asker"), (2, "local1")):
+        engine.open_connection(conn_id)
+        engine.receive(conn_id, Request("hello", next(ids), {"token": user}), now)
+
+    def reply_data(out: Outcome) -> dict[str, Any]:
+        return next(a.frame["data"] for a in out.actions if isinstance(a, Send) and a.frame["type"] == "reply")
+
+    def measure() -> int:
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    base = measure()
+    qids = []
+    for i in range(n):
+        data = {
+            "title": f"Where can I find {WORDS[i % len(WORDS)]} near here? (asker #{i})", "body": "Arriving tonight.",
+            "location": places.near(i), "hashtags": [TAGS[i % len(TAGS)]], "urgency": "normal",
+        }  # fmt: skip
+        out = engine.receive(1, Request("create_question", next(ids), data), now + i)
+        qids.append(reply_data(out)["question"]["question_id"])
+        engine.receive(1, Request("leave_question", next(ids), {"question_id": qids[-1]}), now + i)
+    for qid in qids:
+        engine.fire_escalation(qid, now + 3_600_000)  # every stage has run
+    engine.tick(now + 3_600_000)  # and the slow-response alerts are raised
+    open_bytes = measure() - base
+    answer_ids = []
+    for i, qid in enumerate(qids):
+        content = f"Try {WORDS[i % len(WORDS)]}, about {i % 40 + 2} minutes from there."
+        out = engine.receive(2, Request("create_answer", next(ids), {"question_id": qid, "content": content}), now + 3_600_000 + i)
+        answer_ids.append(reply_data(out)["answer"]["answer_id"])
+    answered_bytes = measure() - base
+    for qid, aid in zip(qids, answer_ids):
+        engine.receive(1, Request("accept_answer", next(ids), {"question_id": qid, "answer_id": aid}), now + 3_700_000)
+    resolved_bytes = measure() - base
+    tracemalloc.stop()
+    return {
+        "questions": n,
+        "bytes_per_open_question": round(open_bytes / n),
+        "bytes_per_question_with_one_answer": round(answered_bytes / n),
+        "bytes_per_answer": round((answered_bytes - open_bytes) / n),
+        "bytes_per_resolved_question_with_answer": round(resolved_bytes / n),
+        "note": "tracemalloc, in-process Engine with the server's settings; escalation finished; title ~60 chars, answer ~60 chars",
+    }
+
+
+# ---- analysis -------------------------------------------------------------------------
+
+
+def _window_mean(samples: list[dict[str, Any]], lo: float, hi: float, key: str = "VmRSS") -> float:
+    values = [s[key] for s in samples if lo <= s["t"] <= hi and key in s]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _slope(samples: list[dict[str, Any]], key: str) -> float:
+    pts = [(s["t"], s[key]) for s in samples if key in s]
+    if len(pts) < 3:
+        return float("nan")
+    mt = statistics.fmean(t for t, _ in pts)
+    mv = statistics.fmean(v for _, v in pts)
+    den = sum((t - mt) ** 2 for t, _ in pts)
+    return sum((t - mt) * (v - mv) for t, v in pts) / den if den else float("nan")
+
+
+def analyse(args: argparse.Namespace, load: Load, samples: list[dict[str, Any]], warmup: float, wall: float) -> dict[str, Any]:
+    MB = 1024 * 1024
+    after = [s for s in samples if s["t"] >= warmup]
+    last_t = samples[-1]["t"] if samples else 0.0
+    growth: dict[str, Any] = {}
+    for key in ("VmRSS", "RssAnon", "RssFile", "heap", "pymalloc", "thread_arena", "other_anon"):
+        base = _window_mean(samples, warmup, warmup + 30, key)
+        final = _window_mean(samples, last_t - 30, last_t, key)
+        growth[key] = {
+            "after_warmup_mb": base / MB,
+            "final_mb": final / MB,
+            "growth_mb": (final - base) / MB,
+            "growth_pct": (final - base) / base * 100 if base == base and base else float("nan"),
+            "slope_mb_per_10min": _slope(after, key) * 600 / MB,
+        }
+    cpu = (samples[-1]["cpu_s"] - samples[0]["cpu_s"]) / (samples[-1]["t"] - samples[0]["t"]) * 100 if len(samples) > 1 else float("nan")
+    all_lat = sorted(v for vs in load.latency_ms.values() for v in vs)
+    per_op = {
+        op: {"n": len(vs), "p50_ms": h.percentile(sorted(vs), 50), "p99_ms": h.percentile(sorted(vs), 99)}
+        for op, vs in sorted(load.latency_ms.items())
+    }
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "warmup_s": warmup,
+        "rss": growth,
+        "peak_rss_mb": max(s.get("VmRSS", 0) for s in samples) / MB if samples else float("nan"),
+        "server_cpu_pct_of_one_core": cpu,
+        "bench_cpu_pct_of_one_core": (usage.ru_utime + usage.ru_stime) / wall * 100,
+        "requests": dict(load.requests),
+        "requests_total": sum(load.requests.values()),
+        "requests_per_s": sum(load.requests.values()) / wall,
+        "questions_asked": load.requests.get("create_question", 0),
+        "answers_sent": load.requests.get("create_answer", 0),
+        "errors_by_code": dict(load.errors),
+        "close_codes_seen": dict(load.close_codes),
+        "events_received": dict(load.events),
+        "reconnects": load.reconnects,
+        "replayed_events": load.replayed,
+        "connect_failures": load.connect_failures,
+        "request_timeouts": load.timeouts,
+        "close_timeouts": load.close_timeouts,
+        "unfinished_clients": load.unfinished_clients,
+        "seq_gap": load.seq_gap,
+        "seq_duplicate": load.seq_duplicate,
+        "latency_ms": {"p50": h.percentile(all_lat, 50), "p99": h.percentile(all_lat, 99), "max": all_lat[-1] if all_lat else float("nan")},
+        "latency_by_op": per_op,
+        "final_gauges": {k: samples[-1].get(k) for k in ("connections", "users_online", "locals_online", "open_questions", "escalations_running", "Threads")} if samples else {},
+        "db_bytes": samples[-1].get("db_bytes") if samples else None,
+        "wal_bytes": samples[-1].get("wal_bytes") if samples else None,
+    }
+
+
+def report(summary: dict[str, Any], cost: dict[str, Any] | None) -> None:
+    g = summary["rss"]
+    rows = [
+        (key, v["after_warmup_mb"], v["final_mb"], v["growth_mb"], v["growth_pct"], v["slope_mb_per_10min"])
+        for key, v in g.items()
+    ]
+    print(h.format_table(["memory (MB)", "after warm-up", "final", "growth MB", "growth %", "slope MB/10min"], rows))
+    print("(anonymous memory by mapping: heap = main-thread malloc, pymalloc = Python small objects,")
+    print(" thread_arena = worker threads, i.e. SQLite; other_anon = large mmaps and stacks)")
+    print()
+    lat = summary["latency_ms"]
+    print(h.format_table(
+        ["load", "value"],
+        [
+            ("requests", summary["requests_total"]), ("requests/s", summary["requests_per_s"]),
+            ("questions", summary["questions_asked"]), ("answers", summary["answers_sent"]),
+            ("reconnects (resume)", summary["reconnects"]), ("events replayed", summary["replayed_events"]),
+            ("server CPU % of a core", summary["server_cpu_pct_of_one_core"]), ("bench CPU % of a core", summary["bench_cpu_pct_of_one_core"]),
+            ("latency p50 ms", lat["p50"]), ("latency p99 ms", lat["p99"]), ("latency max ms", lat["max"]),
+            ("seq gaps / duplicates", f"{summary['seq_gap']} / {summary['seq_duplicate']}"),
+            ("connect failures / request timeouts", f"{summary['connect_failures']} / {summary['request_timeouts']}"),
+            ("close timeouts / clients unfinished", f"{summary['close_timeouts']} / {summary['unfinished_clients']}"),
+            ("peak RSS MB", summary["peak_rss_mb"]),
+        ],
+    ))  # fmt: skip
+    print(f"errors by code:   {json.dumps(summary['errors_by_code'], sort_keys=True)}")
+    print(f"close codes seen: {json.dumps(summary['close_codes_seen'], sort_keys=True)} (besides the bench's own closes)")
+    print(f"final gauges:     {json.dumps(summary['final_gauges'], sort_keys=True)}")
+    print()
+    print(h.format_table(["op", "n", "p50 ms", "p99 ms"], [(op, v["n"], v["p50_ms"], v["p99_ms"]) for op, v in summary["latency_by_op"].items()]))
+    if cost:
+        print()
+        print(h.format_table(["kept in memory (by design, 7 days)", "bytes"], [(k, v) for k, v in cost.items() if k.startswith("bytes")]))
+    trace = summary.get("tracemalloc")
+    if trace and "top_by_line" in trace:
+        print()
+        print(f"Python heap (tracemalloc) between the snapshots: {trace['traced_growth_mb']:+.2f} MB "
+              f"(tracemalloc's own memory {trace['tracemalloc_overhead_growth_mb']:+.2f} MB)")  # fmt: skip
+        print(h.format_table(["allocated at", "growth KB", "blocks", "now KB"], [(d["where"], d["size_diff_kb"], d["count_diff"], d["size_kb"]) for d in trace["top_by_line"]]))
+
+
+# ---- main -------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = h.bench_parser(__doc__)
+    p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
+    p.add_argument("--clients", type=int, default=200, help="users, one connection each; a quarter ask (default 200)")
+    p.add_argument("--rate", type=float, default=40.0, help="requests per second over all clients, questions aside (default 40)")
+    p.add_argument("--question-rate", type=float, default=0.5, help="questions per second (default 0.5)")
+    p.add_argument("--reconnect-rate", type=float, default=0.5, help="reconnects (with resume) per second over all clients (default 0.5)")
+    p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between server samples (default 5)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds excluded from growth (default: 10%% of the duration, at least 60 s, at most half)")
+    p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="FULL", help="SQLite synchronous (default FULL, as deployed)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-question-cost", action="store_true", help="skip the in-process per-question memory measurement")
+    p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="debug: trace the server's Python allocations (FRAMES deep) and compare snapshots taken after the warm-up and near the end; RSS figures then include tracemalloc's own cost")
+    p.add_argument("--timeout", type=float, default=None, help="bound on the whole bench, seconds (default: duration + 300)")
+    h.add_json_option(p, "soak")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import trio
+
+    args = _parser().parse_args(argv)
+    if args.clients < 2 or args.duration <= 0 or args.rate <= 0:
+        raise SystemExit("--clients >= 2, --duration > 0 and --rate > 0 please")
+    warmup = args.warmup if args.warmup is not None else min(max(0.1 * args.duration, 60.0), args.duration / 2)
+    h.raise_nofile(65536)
+    secret = secrets.token_hex(32)
+    timeout = args.timeout if args.timeout is not None else args.duration + 300
+    with h.time_limit(timeout), tempfile.TemporaryDirectory(prefix="dongne-soak-") as tmp:
+        db = Path(tmp) / "soak.sqlite3"
+        trace_dir = Path(tmp) / "trace" if args.tracemalloc else None
+        if trace_dir is not None:
+            trace_dir.mkdir()
+        server = start_server(db, secret, args, trace_dir)
+        try:
+            assert server.match is not None
+            ops_port = int(server.match.group(2))
+            load = Load(args, f"ws://127.0.0.1:{server.port}", secret)
+            t0 = time.monotonic()
+            snapshot_at = [warmup, args.duration - 2 * args.sample_interval] if trace_dir is not None else []
+            sampler = Sampler(server, ops_port, db, args.sample_interval, t0, snapshot_at)
+            sampler.start()
+            print(f"soak: {args.clients} clients, {args.rate}/s requests, {args.question_rate}/s questions, "
+                  f"{args.duration:.0f} s (warm-up {warmup:.0f} s), server pid {server.pid}", file=sys.stderr)  # fmt: skip
+            try:
+                trio.run(drive, load, args.duration)
+            finally:
+                wall = time.monotonic() - t0
+                sampler.done.set()
+                sampler.join(timeout=30)
+                alive = server.alive()
+                if alive:
+                    sampler.sample()
+        finally:
+            server.stop()
+        if not alive:
+            print("soak: the server died:\n" + "\n".join(server.tail), file=sys.stderr)
+        summary = analyse(args, load, sampler.samples, warmup, wall)
+        summary["server_alive_at_end"] = alive
+        if trace_dir is not None:
+            summary["tracemalloc"] = compare_snapshots(trace_dir, args.tracemalloc)
+        cost = None if args.no_question_cost else question_cost()
+    report(summary, cost)
+    h.write_report(args.json, {**h.report_head("soak", args), "summary": summary, "question_cost": cost, "samples": sampler.samples})
+    growth = summary["rss"]["VmRSS"]["growth_pct"]
+    ok = alive and summary["seq_gap"] == summary["seq_duplicate"] == summary["unfinished_clients"] == 0
+    return 0 if ok and growth < 5.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
