@@ -78,3 +78,46 @@ async def test_old_question_is_loaded_on_demand(start_server) -> None:  # type: 
         state = await reader.request("join_question", {"question_id": qid})
         assert state["question"]["status"] == "closed"
     await h2.running.aclose()
+
+
+async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server()
+    async with h.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("local") as local:
+        for i in range(3):
+            await local.request("create_answer", {"question_id": qid, "content": f"answer {i}"})
+    await h.running.aclose()
+    # Put the inbox back in schema 3's shape: one WITHOUT ROWID table keyed by (user_id, seq).
+    with sqlite3.connect(h.db) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE events_v3 (user_id TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL,
+                data BLOB NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
+            INSERT INTO events_v3 SELECT user_id, seq, type, data, created_at FROM events;
+            DROP TABLE events;
+            ALTER TABLE events_v3 RENAME TO events;
+            PRAGMA user_version = 3;
+            """
+        )
+
+    h2 = await start_server()
+    async with h2.connect("asker", resume_from=1) as asker, h2.connect("local") as local:
+        assert asker.hello["last_seq"] == 3
+        replayed = [await asker.next_event("answer_notification") for _ in range(2)]
+        assert [e["seq"] for e in replayed] == [2, 3]
+        assert [e["data"]["answer"]["content"] for e in replayed] == ["answer 1", "answer 2"]
+        await local.request("create_answer", {"question_id": qid, "content": "after the upgrade"})
+        live = await asker.next_event("answer_notification")
+        assert (live["seq"], live["data"]["answer"]["content"]) == (4, "after the upgrade")
+    await h2.running.aclose()
+    with sqlite3.connect(h2.db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM events WHERE user_id = 'asker'").fetchone()[0] == 4
+        # The log keeps the seq rule: a second row for (user, seq) is refused.
+        try:
+            conn.execute("INSERT INTO events (user_id, seq, type, data, created_at) VALUES ('asker', 4, 'x', x'80', 0)")
+        except sqlite3.IntegrityError:
+            pass
+        else:
+            raise AssertionError("a duplicate (user_id, seq) was stored")

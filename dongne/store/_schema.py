@@ -114,6 +114,27 @@ MIGRATIONS: list[str] = [
     ALTER TABLE questions ADD COLUMN alerted_at INTEGER;
     CREATE INDEX questions_by_first_answer ON questions(created_at, first_answer_at);
     """,
+    # 4: inboxes as an append-only log. Keyed by (user_id, seq) WITHOUT ROWID,
+    # every event (a few hundred bytes of msgpack) went into a random leaf of
+    # one wide B-tree: an escalation's fan-out touched a page per recipient
+    # and split pages constantly (measured 44 us of CPU per row at 11k rows/s,
+    # 14 us this way). Rows now append in rowid order; a narrow unique index
+    # on (user_id, seq) keeps per-user reads and the seq rule.
+    """
+    CREATE TABLE events_log (
+        id          INTEGER PRIMARY KEY,
+        user_id     TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        type        TEXT NOT NULL,
+        data        BLOB NOT NULL,          -- msgpack map
+        created_at  INTEGER NOT NULL
+    );
+    INSERT INTO events_log (user_id, seq, type, data, created_at)
+        SELECT user_id, seq, type, data, created_at FROM events ORDER BY created_at, user_id, seq;
+    DROP TABLE events;
+    ALTER TABLE events_log RENAME TO events;
+    CREATE UNIQUE INDEX events_by_user ON events(user_id, seq);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
