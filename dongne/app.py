@@ -96,7 +96,7 @@ async def run_server(
         region_set = RegionSet.from_file(settings.location.regions_file)
     else:
         region_set = load_default_regions()
-    store = Store(db_path, synchronous=settings.store.synchronous)
+    store = Store(db_path, synchronous=settings.store.synchronous, background_checkpoints=True)
     stopped = trio.Event()
     db_path.parent.mkdir(parents=True, exist_ok=True)
     # One server per database, and no restore under a running server.
@@ -181,6 +181,8 @@ async def _serve(
             root.start_soon(pushes.run)
             snapshots = trio.CancelScope()
             root.start_soon(_in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots))
+            checkpoints = trio.CancelScope()
+            root.start_soon(_in_scope, checkpoints, functools.partial(_checkpoint_wal, store))
             binds = await root.start(
                 functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
             )
@@ -193,12 +195,24 @@ async def _serve(
             await shutdown.wait()
             log.info("shutting down")
             snapshots.cancel()
+            checkpoints.cancel()
             signals.cancel()  # a stop() from code rather than a signal
             clients.stop_accepting()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
         log.info("database closed")
+
+
+#: How often the WAL is checkpointed beside the committer (see Store.checkpoint).
+WAL_CHECKPOINT_INTERVAL_S = 1.0
+
+
+async def _checkpoint_wal(store: Store) -> None:
+    """Keep the WAL short: a passive checkpoint every second, on a worker thread."""
+    while True:
+        await trio.sleep(WAL_CHECKPOINT_INTERVAL_S)
+        await trio.to_thread.run_sync(store.checkpoint)
 
 
 async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:
