@@ -41,7 +41,7 @@ intersection queries at that size.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import attrs
 from rtree import index as rtree_index
@@ -273,13 +273,19 @@ class LocalsIndex:
         self._uids[rid] = None
         self._free.append(rid)
 
-    def within(self, lat: float, lng: float, radius_m: float) -> list[tuple[str, float]]:
+    def within(
+        self, lat: float, lng: float, radius_m: float, keep: Callable[[str], bool] | None = None
+    ) -> list[tuple[str, float]]:
         """Return every user within a great-circle radius of a position.
 
         Args:
             lat: Latitude of the centre, in degrees.
             lng: Longitude of the centre, in degrees.
             radius_m: Radius in metres, inclusive; ``>= 0``, ``inf`` allowed.
+            keep: Optional filter on user ids, applied before any distance is
+                computed (an escalation stage passes its eligibility rule: in a
+                busy area most locals within 5 km are at their hourly cap, and
+                their distances are never needed).
 
         Returns:
             ``(user_id, distance_m)`` pairs, nearest first, ties by user id.
@@ -289,7 +295,7 @@ class LocalsIndex:
         """
         _check_position(lat, lng)
         _check_radius(radius_m)
-        hits = self._collect(lat, lng, radius_m)
+        hits = self._collect(lat, lng, radius_m, keep=keep)
         hits.sort(key=_sort_key)
         return hits
 
@@ -400,10 +406,12 @@ class LocalsIndex:
         radius_m: float,
         exclude: Collection[str] = (),
         known: dict[str, float] | None = None,
+        keep: Callable[[str], bool] | None = None,
     ) -> list[tuple[str, float]]:
         """Return the unsorted ``(user_id, distance_m)`` within ``radius_m``.
 
-        ``known`` holds distances already computed for some users.
+        ``known`` holds distances already computed for some users; ``keep``
+        filters ids before distances are computed.
         """
         scale = self._x_scale
         uids = self._uids
@@ -418,5 +426,7 @@ class LocalsIndex:
                     candidates.append(uid)
         # Antimeridian boxes are disjoint (their longitude ranges never
         # overlap while dlng < 180), so no user is collected twice.
+        if keep is not None:
+            candidates = [uid for uid in candidates if keep(uid)]
         dists = self._distances(lat, lng, candidates, known or {})
         return [(uid, dist) for uid, dist in dists.items() if dist <= radius_m]
