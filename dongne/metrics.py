@@ -74,6 +74,15 @@ class Metrics:
             registry=r,
         )
         r.register(_Gauges(read_gauges))
+        self._frames_out_children: dict[str, Any] = {}
+
+    def frames_sent(self, frame_type: str, count: int) -> None:
+        """Count frames of one type delivered (the hot path: label children are cached)."""
+        child = self._frames_out_children.get(frame_type)
+        if child is None:
+            child = self._frames_out_children[frame_type] = self.frames_out.labels(frame_type)
+        child.inc(count)
+        self.deliveries.inc(count)
 
     def observe(self, metric: str, seconds: float, label: str) -> None:
         if metric == "escalation_stage_latency":

@@ -311,8 +311,7 @@ class ClientServer:
                         conn.send_nowait(frame)
                         sent += 1
                 self.stats.deliveries += sent
-                self.metrics.deliveries.inc(sent)
-                self.metrics.frames_out.labels(action.frame["type"]).inc(sent)
+                self.metrics.frames_sent(action.frame["type"], sent)
                 if action.frame["type"] == "reply" and not action.frame["ok"]:
                     code = action.frame["error"]["code"]
                     self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
