@@ -350,7 +350,7 @@ class ClientServer:
                 self.store.read_events, action.user_id, action.after_seq, action.up_to_seq
             )
             for seq, kind, data in rows:
-                conn.send_direct(self.encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
+                await conn.send_paced(self.encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
         finally:
             conn.release()
 

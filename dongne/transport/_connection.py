@@ -170,12 +170,18 @@ class WebSocketConnection:
         if self.buffered_bytes > self._max_buffer:
             self._overflow()
 
-    def send_direct(self, frame: bytes) -> None:
-        """Write past a hold (used for the replay itself)."""
-        if not self.closing:
-            self._write(frame)
-            if self.buffered_bytes > self._max_buffer:
-                self._overflow()
+    async def send_paced(self, frame: bytes) -> None:
+        """Write past a hold (the replay itself), waiting while the backlog is over half the bound.
+
+        A replay is a burst the server chose to send, not a client falling
+        behind: it is paced by the socket instead of counted against the
+        slow-consumer bound (live frames held meanwhile still are).
+        """
+        if self.closing:
+            return
+        self._write(frame)
+        while self._buffer and self.buffered_bytes > self._max_buffer // 2 and not self.closing:
+            await self._writer_done.wait()
 
     def _overflow(self) -> None:
         """Drop the backlog and close with 4009 ("slow consumer").

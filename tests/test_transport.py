@@ -1,0 +1,65 @@
+"""The transport's outbound bound: live frames to a slow reader overflow it, a replay is paced instead."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from dongne.transport import FrameEncoder, WebSocketConnection
+
+FRAME_PAYLOAD = bytes(2000)
+FRAMES = 300  # ~600 KB: far more than the socket buffers and the bound below hold
+BOUND = 16384
+
+
+def _slow_pair(nursery: trio.Nursery) -> tuple[WebSocketConnection, socket.socket]:
+    server_side, client_side = socket.socketpair()
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server_side.setblocking(False)
+    client_side.setblocking(False)
+    conn = WebSocketConnection(server_side, nursery, FrameEncoder(), max_message_bytes=1 << 20, max_buffer_bytes=BOUND)
+    return conn, client_side
+
+
+async def _read_slowly(sock: socket.socket, want: int, got: list[int]) -> None:
+    """Read ``want`` bytes in 4 KB steps with a pause between steps."""
+    trio_sock = trio.socket.from_stdlib_socket(sock)
+    while got[0] < want:
+        data = await trio_sock.recv(4096)
+        if not data:
+            return
+        got[0] += len(data)
+        await trio.sleep(0.0005)
+
+
+async def test_a_paced_burst_waits_for_the_reader_and_arrives_whole(nursery: trio.Nursery) -> None:
+    conn, client_side = _slow_pair(nursery)
+    frame = FrameEncoder().binary(FRAME_PAYLOAD)
+    got = [0]
+    nursery.start_soon(_read_slowly, client_side, FRAMES * len(frame), got)
+    most = 0
+    with trio.fail_after(10):
+        for _ in range(FRAMES):
+            await conn.send_paced(frame)
+            most = max(most, conn.buffered_bytes)
+        while got[0] < FRAMES * len(frame):
+            await trio.sleep(0.01)
+    assert not conn.overflowed and not conn.closing
+    assert got[0] == FRAMES * len(frame)
+    assert most <= BOUND // 2 + len(frame)  # the backlog stayed near half the bound
+    conn.abort()
+    client_side.close()
+
+
+async def test_the_same_burst_sent_live_overflows_the_bound(nursery: trio.Nursery) -> None:
+    conn, client_side = _slow_pair(nursery)
+    frame = FrameEncoder().binary(FRAME_PAYLOAD)
+    for _ in range(FRAMES):
+        conn.send_nowait(frame)  # a slow consumer: no waiting for it
+        if conn.overflowed:
+            break
+    assert conn.overflowed and conn.close_code == 4009
+    conn.abort()
+    client_side.close()
