@@ -8,6 +8,15 @@ before the write is durable, a read never shows a write that could still be
 lost, and durable events reach each user in seq order. While one commit runs,
 new outcomes queue up and share the next one: throughput does not collapse to
 one fsync per request.
+
+Priority: an escalation stage can alert hundreds of locals at once. Such bulk
+outcomes go through :meth:`CommitPipeline.submit_bulk`, which computes them
+only while the next commit holds fewer than ``bulk_budget`` rows of bulk
+writes and they took less than ``bulk_time_budget`` to compute. A
+request's outcome never waits for that, so a reply waits for at most one
+commit's share of fan-out, however many stages fall due together: under
+overload the wider stages run late (and say so in their ``late_ms``), the
+replies and the IMMEDIATE alerts they carry do not.
 """
 
 from __future__ import annotations
@@ -17,19 +26,25 @@ from collections.abc import Callable
 
 import trio
 
-from .core.effects import Outcome, Write
+from .core.effects import Outcome, Write, rows_of
 from .store import Store
 
 __all__ = ["CommitPipeline"]
+
+#: Longest stretch of acting on committed outcomes without letting other tasks run.
+ACT_SLICE_S = 0.002
 
 
 class CommitPipeline:
     """Commits outcomes' writes in groups and hands each outcome to ``act`` afterwards.
 
     Args:
-        store: the open store; ``apply`` runs on a worker thread.
+        store: the open store; ``commit`` runs on a worker thread.
         act: performs an outcome's actions (must not block).
         max_batch: the most outcomes in one transaction.
+        bulk_budget: the most rows of bulk outcomes queued for one commit (a
+            commit of ~500 rows takes a few ms; of thousands, tens of ms).
+        bulk_time_budget: the most event-loop seconds spent computing them.
     """
 
     def __init__(
@@ -38,6 +53,8 @@ class CommitPipeline:
         act: Callable[[Outcome], None],
         *,
         max_batch: int = 1000,
+        bulk_budget: int = 500,
+        bulk_time_budget: float = 0.010,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         self._store = store
@@ -46,7 +63,13 @@ class CommitPipeline:
         self._max_batch = max_batch
         self._queue: list[Outcome] = []
         self._wakeup = trio.Event()
-        self._committing = False
+        self._busy = False  # a batch is being committed or acted on
+        self._bulk_budget = bulk_budget
+        self._bulk_time_budget = bulk_time_budget
+        self._bulk_queued = 0  # rows of bulk outcomes waiting for the next commit
+        self._bulk_seconds = 0.0  # event-loop time spent computing them
+        self._bulk_room = trio.Event()
+        self._bulk_room.set()
         self._idle = trio.Event()
         self._idle.set()
         self.commit_seconds: list[float] = []  # recent commit durations, for metrics
@@ -57,16 +80,39 @@ class CommitPipeline:
         """Queue an outcome; one with no writes and nothing ahead of it is acted on at once."""
         if not outcome.writes and not outcome.actions:
             return
-        if not outcome.writes and not self._queue and not self._committing:
+        if not outcome.writes and not self._queue and not self._busy:
             self._act(outcome)
             return
         self._queue.append(outcome)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wakeup.set()
 
+    async def submit_bulk(self, compute: Callable[[], Outcome]) -> None:
+        """Compute a low-priority outcome once the next commit has room for it, and queue it.
+
+        ``compute`` runs only then (so it sees the state and time of that
+        moment, and a cancelled caller computes nothing). Room is counted in
+        rows and in event-loop time: a stage that alerts no one (everyone at
+        their hourly cap) writes one row but may scan thousands of locals.
+        """
+        while not self._bulk_has_room():
+            await self._bulk_room.wait()
+        started = time.perf_counter()
+        outcome = compute()
+        self._bulk_seconds += time.perf_counter() - started
+        self._bulk_queued += rows_of(outcome.writes)
+        if not self._bulk_has_room():
+            self._bulk_room = trio.Event()
+        self.submit(outcome)
+
+    def _bulk_has_room(self) -> bool:
+        if not self._queue and not self._busy:
+            self._bulk_queued, self._bulk_seconds = 0, 0.0  # no request can be waiting behind bulk work
+        return self._bulk_queued < self._bulk_budget and self._bulk_seconds < self._bulk_time_budget
+
     async def wait_idle(self) -> None:
         """Return once everything submitted so far is committed and acted on."""
-        while self._queue or self._committing:
+        while self._queue or self._busy:
             await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -77,24 +123,46 @@ class CommitPipeline:
                 await self._wakeup.wait()
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            if not self._queue:
+                # What comes next goes into the next commit: bulk work may fill it.
+                self._bulk_queued, self._bulk_seconds = 0, 0.0
+                self._bulk_room.set()
             writes: list[Write] = [w for outcome in batch for w in outcome.writes]
-            self._committing = True
+            self._busy = True
             try:
                 if writes:
                     started = time.perf_counter()
-                    # Not abandoned on cancel: a commit in flight always finishes.
-                    await trio.to_thread.run_sync(self._store.apply, writes)
+                    # Statements are built here (GIL-bound work either way); the
+                    # worker thread only runs SQLite. Not abandoned on cancel: a
+                    # commit in flight always finishes.
+                    prepared = self._store.prepare(writes)
+                    await trio.to_thread.run_sync(self._store.commit, prepared)
                     self._record(time.perf_counter() - started)
                     if self._on_commit is not None:
                         self._on_commit(time.perf_counter() - started, len(batch))
+                with trio.CancelScope(shield=True):  # what is committed is acted on
+                    await self._act_in_slices(batch)
             finally:
-                self._committing = False
-            for outcome in batch:
-                self._act(outcome)
+                self._busy = False
             self.batches += 1
             self.outcomes += len(batch)
             if not self._queue:
                 self._idle.set()
+                self._bulk_room.set()
+
+    async def _act_in_slices(self, batch: list[Outcome]) -> None:
+        """Act on a batch in order, letting other tasks run every ``ACT_SLICE_S``.
+
+        A batch of fan-out can mean a thousand frames to write; requests read
+        meanwhile are handled (their outcomes queue for the next commit), so
+        the event loop never stalls for the whole batch.
+        """
+        slice_end = time.perf_counter() + ACT_SLICE_S
+        for outcome in batch:
+            self._act(outcome)
+            if time.perf_counter() > slice_end:
+                await trio.sleep(0)
+                slice_end = time.perf_counter() + ACT_SLICE_S
 
     def _record(self, seconds: float) -> None:
         self.commit_seconds.append(seconds)

@@ -380,7 +380,9 @@ class ClientServer:
                     scope.deadline = max(self.clock.trio_time_at(last), trio.current_time()) + 1.0
                 while (due := self.engine.escalation_due(question_id)) is not None:
                     await trio.sleep_until(self.clock.trio_time_at(due))
-                    self.pipeline.submit(self.engine.fire_escalation(question_id, self.clock.now_ms()))
+                    await self.pipeline.submit_bulk(
+                        lambda: self.engine.fire_escalation(question_id, self.clock.now_ms())
+                    )
         finally:
             if self.escalation_scopes.get(question_id) is scope:
                 del self.escalation_scopes[question_id]
@@ -428,3 +430,4 @@ async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.T
     async with trio.open_nursery() as nursery:
         task_status.started(nursery)
         await trio.sleep_forever()
+

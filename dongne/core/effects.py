@@ -33,6 +33,7 @@ __all__ = [
     "Replay",
     "Action",
     "Outcome",
+    "rows_of",
 ]
 
 # ---- writes -----------------------------------------------------------------
@@ -107,6 +108,11 @@ class SavePushStatus:
 
 
 Write = Union[SaveUser, SaveQuestion, SaveAnswer, AppendEvent, SaveEscalation, SaveNotified, EnqueuePush, SavePushStatus]
+
+def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
+    """How many table rows ``writes`` insert or replace (a SaveNotified is one per target)."""
+    return sum(len(w.targets) if isinstance(w, SaveNotified) else 1 for w in writes)
+
 
 # ---- actions -----------------------------------------------------------------
 
