@@ -101,9 +101,9 @@ class CommitPipeline:
         outcome = compute()
         self._bulk_seconds += time.perf_counter() - started
         self._bulk_queued += rows_of(outcome.writes)
+        self.submit(outcome)
         if not self._bulk_has_room():
             self._bulk_room = trio.Event()
-        self.submit(outcome)
 
     def _bulk_has_room(self) -> bool:
         if not self._queue and not self._busy:

@@ -1,0 +1,80 @@
+"""The commit pipeline over a real SQLite file: order, durability before acting, and fan-out yielding to requests."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import trio
+
+from dongne.core.effects import AppendEvent, Note, Outcome
+from dongne.pipeline import CommitPipeline
+from dongne.store import Store
+
+ROWS_PER_STAGE = 50
+BUDGET = 100
+
+
+def _outcome(name: str, rows: int, seqs: itertools.count[int]) -> Outcome:
+    writes = tuple(AppendEvent(f"user-{name}", next(seqs), "x", {"n": i}, 0) for i in range(rows))
+    return Outcome(writes, (Note(name, {}),))
+
+
+async def test_requests_do_not_wait_behind_queued_fan_out(tmp_path: Path) -> None:
+    store = Store(tmp_path / "p.sqlite3", synchronous="NORMAL")
+    store.open()
+    acted: list[str] = []
+    committed_before_acting: list[int] = []
+
+    def act(outcome: Outcome) -> None:
+        acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
+        committed_before_acting.append(store.rows_committed)
+
+    pipeline = CommitPipeline(store, act, bulk_budget=BUDGET, bulk_time_budget=10.0)
+    seqs = itertools.count(1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for stage in range(20):  # 20 stages of 50 rows fall due together
+            nursery.start_soon(pipeline.submit_bulk, lambda stage=stage: _outcome(f"stage{stage}", ROWS_PER_STAGE, seqs))
+        await trio.testing.wait_all_tasks_blocked()
+        pipeline.submit(_outcome("request", 1, seqs))
+        await trio.testing.wait_all_tasks_blocked()
+        while len(acted) < 21:
+            await pipeline.wait_idle()
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    # Every stage ran, and each outcome was acted on only after its rows were committed.
+    assert sorted(acted) == sorted([f"stage{i}" for i in range(20)] + ["request"])
+    assert committed_before_acting == sorted(committed_before_acting)
+    assert store.rows_committed == 20 * ROWS_PER_STAGE + 1
+    # The request went out with the next commit: behind at most two commits' share of fan-out.
+    ahead = acted.index("request")
+    assert ahead <= 2 * BUDGET // ROWS_PER_STAGE, acted
+    store.close()
+
+
+async def test_fan_out_is_computed_when_there_is_room(tmp_path: Path) -> None:
+    """A stage computes at its turn (seeing the state of that moment), not when it is queued."""
+    store = Store(tmp_path / "p.sqlite3", synchronous="NORMAL")
+    store.open()
+    pipeline = CommitPipeline(store, lambda outcome: None, bulk_budget=BUDGET, bulk_time_budget=10.0)
+    seqs = itertools.count(1)
+    computed: list[int] = []
+
+    def compute(stage: int) -> Outcome:
+        computed.append(stage)
+        return _outcome(f"s{stage}", ROWS_PER_STAGE, seqs)
+
+    async with trio.open_nursery() as nursery:
+        for stage in range(6):
+            nursery.start_soon(pipeline.submit_bulk, lambda stage=stage: compute(stage))
+        await trio.testing.wait_all_tasks_blocked()
+        # The committer is not running: only the first commit's share was computed.
+        assert len(computed) == BUDGET // ROWS_PER_STAGE
+        await nursery.start(pipeline.run)
+        while len(computed) < 6:
+            await trio.testing.wait_all_tasks_blocked()
+        await pipeline.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert store.rows_committed == 6 * ROWS_PER_STAGE
+    store.close()
