@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from .app import run_server
     from .store._backup import DatabaseInUseError
+    from .runtime import tune_interpreter
     from .store._sqlite import StoreError
 
+    tune_interpreter()
     try:
         trio.run(lambda: run_server(settings, regions=regions, handle_signals=True))
     except DatabaseInUseError as exc:
