@@ -404,16 +404,37 @@ class ClientServer:
             self.pipeline.submit(self.engine.tick(self.clock.now_ms()))
 
     async def _heartbeat(self) -> None:
+        """Ping every connection once per ``ping_interval_s``; drop one that sent nothing since its last ping.
+
+        The round is spread over the interval in slices ``HEARTBEAT_SLICE_S``
+        apart: 10,000 pings written in one go (and their 10,000 pongs coming
+        back together) stalled everything else for a few hundred ms.
+        """
         interval = self.settings.ping_interval_s
+        if math.isinf(interval):
+            await trio.sleep_forever()
+        slices = max(1, int(interval / HEARTBEAT_SLICE_S))
+        next_round = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
-            for conn in list(self.conns.values()):
-                if not conn.alive:
-                    log.info("connection_dead", extra={"reason": "no answer to ping"})
-                    conn.abort()
-                    continue
-                conn.alive = False
-                conn.ping()
+            await trio.sleep_until(next_round)
+            round_start, next_round = next_round, next_round + interval
+            conns = list(self.conns.items())
+            per_slice = -(-len(conns) // slices)
+            for i in range(0, len(conns), per_slice):
+                await trio.sleep_until(round_start + interval * (i // per_slice) / slices)
+                for conn_id, conn in conns[i : i + per_slice]:
+                    if self.conns.get(conn_id) is not conn:
+                        continue  # gone meanwhile
+                    if not conn.alive:
+                        log.info("connection_dead", extra={"reason": "no answer to ping"})
+                        conn.abort()
+                        continue
+                    conn.alive = False
+                    conn.ping()
+
+
+#: The heartbeat pings a share of the connections this often (see ``_heartbeat``).
+HEARTBEAT_SLICE_S = 0.1
 
 
 def _looks_like_request(payload: bytes) -> bool:
