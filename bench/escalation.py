@@ -616,7 +616,7 @@ def _write_stage_config(workdir: Path, stage_limits: dict[str, int]) -> Path | N
         if st["name"] in stage_limits:
             st["limit"] = stage_limits[st["name"]]
         lines.append("[[escalation.stages]]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in st.items())
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in st.items() if v is not None)  # TOML has no null: omitted = none
     path = workdir / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
