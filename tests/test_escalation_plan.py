@@ -404,6 +404,27 @@ def test_cap_counts_alerts_across_questions_and_stages() -> None:
     assert [] == w.plan(FINAL, brief(question_id="q2"), now_ms=NOON_KST_MS + 1)
 
 
+def test_wider_stages_keep_a_quarter_of_the_cap_for_immediate() -> None:
+    """At 15 of 20 alerts a local is skipped by QUICK, EXTENDED and FINAL but still gets IMMEDIATE."""
+    w = World()
+    w.add("near", live=north(10.0), tags={"food"})  # default cap 20
+    w.add("small", live=north(20.0), tags={"food"}, max_alerts_per_hour=1)
+    for minute in range(15):
+        w.ledger.record_alert("near", NOON_KST_MS - minute * MIN_MS)
+    food = brief(hashtags=("food",))
+
+    assert ["small"] == ids(w.plan(QUICK, food))
+    assert ["small"] == ids(w.plan(EXTENDED, food))
+    assert ["small"] == ids(w.plan(FINAL, food))
+    assert ["near", "small"] == ids(w.plan(IMMEDIATE, food))
+    # One alert fewer and QUICK may use it; a cap of 1 is never rounded down to none.
+    w.ledger = AlertLedger()
+    for minute in range(14):
+        w.ledger.record_alert("near", NOON_KST_MS - minute * MIN_MS)
+    assert ["near", "small"] == ids(w.plan(QUICK, food))
+    assert [QUICK.cap_for(c) for c in (0, 1, 2, 4, 20, 100)] == [0, 1, 1, 3, 15, 75]
+
+
 def test_cap_applies_to_urgent_questions() -> None:
     """The cap is a hard limit, urgency notwithstanding."""
     w = World()
@@ -514,12 +535,13 @@ def test_stages_from_config_round_trip() -> None:
     config = [
         {"name": "IMMEDIATE", "offset_s": 0, "radius_m": 2000, "limit": 10, "audience": "online_nearby",
          "requires_immediate_alerts": True, "priority": "high"},
-        {"name": "QUICK", "offset_s": 3, "radius_m": 5000, "audience": "nearby"},
-        {"name": "EXTENDED", "offset_s": 30, "audience": "experts"},
-        {"name": "FINAL", "offset_s": 120, "audience": "everyone", "only_if_unanswered": True},
+        {"name": "QUICK", "offset_s": 3, "radius_m": 5000, "audience": "nearby", "cap_share": 0.75},
+        {"name": "EXTENDED", "offset_s": 30, "audience": "experts", "cap_share": 0.75},
+        {"name": "FINAL", "offset_s": 120, "audience": "everyone", "only_if_unanswered": True, "cap_share": 0.75},
     ]
 
     assert DEFAULT_STAGES == stages_from_config(config)
+    assert stages_from_config([{"name": "A", "offset_s": 0, "audience": "everyone"}])[0].cap_share == 1.0
 
 
 @pytest.mark.parametrize(
@@ -534,6 +556,9 @@ def test_stages_from_config_round_trip() -> None:
         ([{"name": "a", "offset_s": -1, "audience": "everyone"}], "offset_s must be a finite number"),
         ([{"name": "a", "offset_s": math.nan, "audience": "everyone"}], "offset_s must be a finite number"),
         ([{"name": "a", "offset_s": 0, "audience": "martians"}], "audience must be one of"),
+        ([{"name": "a", "offset_s": 0, "audience": "everyone", "cap_share": 0}], "cap_share must be a number > 0"),
+        ([{"name": "a", "offset_s": 0, "audience": "everyone", "cap_share": 1.5}], "cap_share must be a number > 0"),
+        ([{"name": "a", "offset_s": 0, "audience": "everyone", "cap_share": "most"}], "cap_share must be a number > 0"),
         ([{"name": "a", "offset_s": 0, "audience": "nearby"}], "'nearby' needs radius_m"),
         ([{"name": "a", "offset_s": 0, "audience": "nearby", "radius_m": 0}], "radius_m must be"),
         ([{"name": "a", "offset_s": 0, "audience": "experts", "radius_m": 5}], "takes no radius_m"),
@@ -642,6 +667,7 @@ def eligible_reference(
     now_ms: int,
     *,
     immediate: bool,
+    cap_share: float = 1.0,
 ) -> bool:
     """The rules, written out longhand with no shared code."""
     if uid == question.asker_id or uid in notified:
@@ -656,7 +682,8 @@ def eligible_reference(
         if quiet:
             return False
     recent = [t for t in alerts.get(uid, []) if now_ms - HOUR_MS < t <= now_ms]
-    return len(recent) < s.max_alerts_per_hour
+    allowed = 0 if s.max_alerts_per_hour == 0 else max(1, int(s.max_alerts_per_hour * cap_share))
+    return len(recent) < allowed
 
 
 @st.composite
@@ -681,7 +708,7 @@ def worlds(draw: st.DrawFn) -> tuple[World, QuestionBrief, set[str], dict[str, l
             home=pos if draw(st.booleans()) else None,
             immediate_alerts=draw(st.booleans()),
             quiet_hours=quiet,
-            max_alerts_per_hour=draw(st.integers(0, 3)),
+            max_alerts_per_hour=draw(st.integers(0, 5)),
         )
         times = sorted(now - draw(st.integers(0, 2 * HOUR_MS)) for _ in range(draw(st.integers(0, 4))))
         for t in times:
@@ -734,7 +761,7 @@ def test_quick_matches_brute_force(
         pos = w.live.position(uid) if is_online else info.home
         if pos is None:
             continue
-        if not eligible_reference(uid, info, question, notified, alerts, now, immediate=False):
+        if not eligible_reference(uid, info, question, notified, alerts, now, immediate=False, cap_share=QUICK.cap_share):
             continue
         dist = haversine_m(question.lat, question.lng, *pos)
         if dist <= 5_000.0:

@@ -39,6 +39,11 @@ is under their hourly cap. Then, per user setting:
   sliding 60-minute window across all questions (:class:`AlertLedger`). A
   capped user is skipped and the next candidate in order takes the place,
   so a limited stage still fills up to its limit when enough people exist.
+  A stage may use only a share of each cap (``cap_share``): in the default
+  plan the wider stages stop at 75% of it (15 of the default 20), keeping
+  the rest for IMMEDIATE alerts. Without that, a busy hour of QUICK alerts
+  about questions 5 km away used up the caps of exactly the locals a
+  question asked next to them needs most.
 
 Priorities, sounds and vibrations (exactly):
 
@@ -164,6 +169,8 @@ def _check_stage(stage: StagePlan) -> None:
             raise ConfigError(f"{where}: {flag} must be true or false, got {getattr(stage, flag)!r}")
     if stage.priority not in _STAGE_PRIORITIES:
         raise ConfigError(f"{where}: priority must be 'high' or 'normal', got {stage.priority!r}")
+    if not _is_number(stage.cap_share) or not (0 < stage.cap_share <= 1):
+        raise ConfigError(f"{where}: cap_share must be a number > 0 and <= 1, got {stage.cap_share!r}")
 
 
 @attrs.frozen
@@ -186,6 +193,10 @@ class StagePlan:
         priority: ``high`` makes the stage loud (priority ``high``, sound
             ``urgent``, vibration ``strong``) for normal questions; urgent
             questions are ``critical`` in every stage regardless.
+        cap_share: The share of each user's hourly cap this stage may fill
+            (``0 < cap_share <= 1``): a user is eligible while their alerts of
+            the last hour are under ``max(1, floor(cap * cap_share))`` (none
+            for a cap of 0).
 
     Raises:
         ConfigError: (a ``ValueError``) if the fields are inconsistent.
@@ -199,17 +210,24 @@ class StagePlan:
     requires_immediate_alerts: bool = False
     only_if_unanswered: bool = False
     priority: StagePriority = "normal"
+    cap_share: float = 1.0
 
     def __attrs_post_init__(self) -> None:
         _check_stage(self)
+
+    def cap_for(self, max_alerts_per_hour: int) -> int:
+        """How many alerts of the last hour a user with this cap may have had and still be alerted here."""
+        if max_alerts_per_hour <= 0:
+            return 0  # the user wants no alerts
+        return max(1, math.floor(max_alerts_per_hour * self.cap_share))
 
 
 #: The product's default plan; see the module docstring.
 DEFAULT_STAGES: Final[tuple[StagePlan, ...]] = (
     StagePlan("IMMEDIATE", 0.0, 2_000.0, 10, "online_nearby", requires_immediate_alerts=True, priority="high"),
-    StagePlan("QUICK", 3.0, 5_000.0, None, "nearby"),
-    StagePlan("EXTENDED", 30.0, None, None, "experts"),
-    StagePlan("FINAL", 120.0, None, None, "everyone", only_if_unanswered=True),
+    StagePlan("QUICK", 3.0, 5_000.0, None, "nearby", cap_share=0.75),
+    StagePlan("EXTENDED", 30.0, None, None, "experts", cap_share=0.75),
+    StagePlan("FINAL", 120.0, None, None, "everyone", only_if_unanswered=True, cap_share=0.75),
 )
 
 _STAGE_KEYS: Final = (
@@ -221,6 +239,7 @@ _STAGE_KEYS: Final = (
     "requires_immediate_alerts",
     "only_if_unanswered",
     "priority",
+    "cap_share",
 )
 
 
@@ -230,7 +249,8 @@ def stages_from_config(config: Sequence[Mapping[str, Any]]) -> tuple[StagePlan, 
     Each item is a mapping with keys ``name``, ``offset_s``, ``audience``
     (required) and ``radius_m``, ``limit`` (default ``None``),
     ``requires_immediate_alerts``, ``only_if_unanswered`` (default
-    ``False``) and ``priority`` (default ``"normal"``); the meaning of each
+    ``False``), ``priority`` (default ``"normal"``) and ``cap_share``
+    (default 1.0); the meaning of each
     is in :class:`StagePlan`.
 
     Args:
@@ -269,6 +289,7 @@ def stages_from_config(config: Sequence[Mapping[str, Any]]) -> tuple[StagePlan, 
                 requires_immediate_alerts=item.get("requires_immediate_alerts", False),
                 only_if_unanswered=item.get("only_if_unanswered", False),
                 priority=item.get("priority", "normal"),
+                cap_share=item.get("cap_share", 1.0),
             )
         except ConfigError as exc:
             raise ConfigError(f"escalation stage {i}: {exc}") from None
@@ -724,7 +745,7 @@ class _Planner:
         quiet = settings.quiet_hours
         if quiet is not None and not self.urgent and _hour_in_window(quiet, self.local_hour):
             return False
-        return self.ledger.count_last_hour(user_id, self.now_ms) < settings.max_alerts_per_hour
+        return self.ledger.count_last_hour(user_id, self.now_ms) < self.stage.cap_for(settings.max_alerts_per_hour)
 
     def target(self, user_id: str, distance_m: float | None, online: bool) -> Target:
         return Target(
