@@ -419,7 +419,7 @@ class ClientServer:
             await trio.sleep_until(next_round)
             round_start, next_round = next_round, next_round + interval
             conns = list(self.conns.items())
-            per_slice = -(-len(conns) // slices)
+            per_slice = max(1, -(-len(conns) // slices))
             for i in range(0, len(conns), per_slice):
                 await trio.sleep_until(round_start + interval * (i // per_slice) / slices)
                 for conn_id, conn in conns[i : i + per_slice]:
