@@ -72,6 +72,7 @@ class CommitPipeline:
         self._bulk_room.set()
         self._idle = trio.Event()
         self._idle.set()
+        self._committed = trio.Event()
         self.commit_seconds: list[float] = []  # recent commit durations, for metrics
         self.batches = 0
         self.outcomes = 0
@@ -110,6 +111,10 @@ class CommitPipeline:
             self._bulk_queued, self._bulk_seconds = 0, 0.0  # no request can be waiting behind bulk work
         return self._bulk_queued < self._bulk_budget and self._bulk_seconds < self._bulk_time_budget
 
+    async def wait_for_commit(self) -> None:
+        """Return after the next commit."""
+        await self._committed.wait()
+
     async def wait_idle(self) -> None:
         """Return once everything submitted so far is committed and acted on."""
         while self._queue or self._busy:
@@ -137,6 +142,8 @@ class CommitPipeline:
                     # commit in flight always finishes.
                     prepared = self._store.prepare(writes)
                     await trio.to_thread.run_sync(self._store.commit, prepared)
+                    self._committed.set()
+                    self._committed = trio.Event()
                     self._record(time.perf_counter() - started)
                     if self._on_commit is not None:
                         self._on_commit(time.perf_counter() - started, len(batch))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import trio
+
 from .conftest import question_data
 
 
@@ -121,3 +123,22 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             pass
         else:
             raise AssertionError("a duplicate (user_id, seq) was stored")
+
+
+async def test_the_wal_is_checkpointed_beside_the_committer(start_server) -> None:  # type: ignore[no-untyped-def]
+    from dongne.app import WAL_CHECKPOINT_COMMITS
+
+    h = await start_server(store={"synchronous": "NORMAL"})
+    store = h.running.store
+    async with h.connect("local", local=True) as local:
+        for i in range(WAL_CHECKPOINT_COMMITS + 10):  # one commit each
+            await local.request("update_settings", {"max_alerts_per_hour": 1 + i % 50})
+        with trio.fail_after(10):
+            while store.checkpoints == 0:
+                await trio.sleep(0.01)
+        assert store.commits > WAL_CHECKPOINT_COMMITS
+    await h.running.aclose()
+    # The writer never checkpointed on its own (that is what stalled commits).
+    with sqlite3.connect(h.db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT max_alerts_per_hour FROM users WHERE user_id = 'local'").fetchone()[0] == 1 + (WAL_CHECKPOINT_COMMITS + 9) % 50

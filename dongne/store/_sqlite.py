@@ -108,6 +108,7 @@ class Store:
         self._read_lock = threading.Lock()
         self.commits = 0
         self.rows_committed = 0
+        self.checkpoints = 0  # background checkpoints run
         self._max_variables = 999  # SQLite's oldest default; the real limit is read at open()
 
     # ---- lifecycle -------------------------------------------------------------
@@ -140,6 +141,7 @@ class Store:
         if self._checkpointer is None:
             raise StoreError("store is not open with background checkpoints")
         _busy, wal_pages, done = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.checkpoints += 1
         return int(wal_pages), int(done)
 
     def close(self) -> None:
