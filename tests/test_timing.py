@@ -70,3 +70,11 @@ async def test_no_hello_in_time_closes_with_4001(start_server, autojump_clock) -
         assert "hello" in closed.value.reason.reason
         assert trio.current_time() - started >= 10.0
     await h.running.aclose()
+
+
+async def test_heartbeat_rounds_with_nobody_connected(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(server={"hello_timeout_s": math.inf, "ping_interval_s": 5.0})
+    await trio.sleep(3 * 5.0)  # three rounds with no connection at all
+    async with h.connect("late", timeout=math.inf) as late:
+        assert (await late.request("get_profile"))["user"]["user_id"] == "late"
+    await h.running.aclose()
