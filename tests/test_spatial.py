@@ -7,6 +7,7 @@ inserts, moves and removals.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Collection
 
@@ -278,6 +279,33 @@ def test_id_reuse() -> None:
     index.remove("u9")
 
     assert LocalsIndexStatistics(users=9, allocated_ids=10, free_ids=1) == index.statistics()
+
+
+def test_queries_leave_no_cyclic_garbage() -> None:
+    """Queries create no reference cycles (rtree's own wrappers leave one per query).
+
+    The server raises the collector's thresholds, so any per-query garbage
+    would pile up between collections (the soak bench saw ~4 MB).
+    """
+    index = LocalsIndex()
+    for i in range(200):
+        index.upsert(f"u{i}", 33.3 + (i % 20) * 1e-3, 126.5 + (i // 20) * 1e-3)
+    index.within(33.3, 126.5, 500.0)  # one-time ctypes types
+    index.nearest_within(33.3, 126.5, 500.0, 5)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(50):
+            index.within(33.305, 126.505, 800.0)
+            index.nearest_within(33.305, 126.505, 800.0, 5)
+            index.count_within(33.305, 126.505, 0.0)
+        gc.collect()
+        garbage = list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+    assert [] == garbage
 
 
 def test_invalid_input_rejected() -> None:

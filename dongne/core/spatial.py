@@ -40,10 +40,12 @@ intersection queries at that size.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable, Collection, Iterable
 
 import attrs
+from rtree import core as rtree_core
 from rtree import index as rtree_index
 
 from .geo import EARTH_RADIUS_M, valid_lat_lng
@@ -130,6 +132,34 @@ def _degree_boxes(lat: float, lng: float, radius_m: float) -> list[_DegreeBox]:
     if hi > 180.0:
         return [(lat_min, lat_max, lo, 180.0), (lat_min, lat_max, -180.0, hi - 360.0)]
     return [(lat_min, lat_max, lo, hi)]
+
+
+_INT64_P = ctypes.POINTER(ctypes.c_int64)
+_VOID_P_P = ctypes.POINTER(ctypes.c_void_p)
+# rtree makes each query's box from ``c_double * 2``; ctypes caches that type
+# only weakly, so without this reference it is rebuilt (a cycle of 6 objects)
+# after every collection.
+_BOX_TYPE = ctypes.c_double * 2
+
+
+def _tree_ids(query: Callable[..., int], tree: rtree_index.Index, box: tuple[float, ...], count: int = 0) -> list[int]:
+    """The ids an R-tree query returns: ``Index.intersection(box)`` or ``Index.nearest(box, count)``.
+
+    Calls libspatialindex as those methods do, but reads the ids without
+    ``ctypes.cast``: rtree's wrappers cast the result pointer, and each cast
+    leaves a reference cycle behind (4 objects, ~0.5 KB per query), garbage
+    that only the cyclic collector frees. With the server's raised gc
+    thresholds (dongne/runtime.py) that garbage piled up to ~4 MB between
+    collections in the soak bench. Same ids, same order; no garbage.
+    """
+    p_mins, p_maxs = tree.get_coordinate_pointers(box)
+    ids = _INT64_P()
+    n = ctypes.c_uint64(count)
+    query(tree.handle, p_mins, p_maxs, tree.properties.dimension, ctypes.byref(ids), ctypes.byref(n))
+    try:
+        return ids[: n.value]
+    finally:
+        rtree_core.rt.Index_Free(_VOID_P_P.from_buffer(ids))
 
 
 def _check_position(lat: float, lng: float) -> None:
@@ -360,7 +390,7 @@ class LocalsIndex:
             uids = self._uids
             known_ids = [
                 uid
-                for uid in map(uids.__getitem__, self._tree.nearest((x, lat, x, lat), want))
+                for uid in map(uids.__getitem__, _tree_ids(rtree_core.rt.Index_NearestNeighbors_id, self._tree, (x, lat, x, lat), want))
                 if uid is not None and uid not in exclude
             ]
             known = self._distances(lat, lng, known_ids, {})
@@ -420,7 +450,7 @@ class LocalsIndex:
             # x = lng * scale is monotonic in lng, also after rounding, so the
             # scaled box keeps every point of the degree box.
             coords = (lng_min * scale, lat_min, lng_max * scale, lat_max)
-            for rid in self._tree.intersection(coords):
+            for rid in _tree_ids(rtree_core.rt.Index_Intersects_id, self._tree, coords):
                 uid = uids[rid]
                 if uid is not None and uid not in exclude:
                     candidates.append(uid)
