@@ -63,3 +63,22 @@ async def test_the_same_burst_sent_live_overflows_the_bound(nursery: trio.Nurser
     assert conn.overflowed and conn.close_code == 4009
     conn.abort()
     client_side.close()
+
+
+async def test_recv_some_returns_what_arrived_as_its_own_bytes() -> None:
+    """recv_some reads into a buffer it reuses: each result is a copy, of exactly what came."""
+    from dongne.transport._handshake import recv_some
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        peer.send(b"first")
+        first = await recv_some(ours)
+        peer.send(b"second!")
+        second = await recv_some(ours, 4)
+        peer.close()
+        assert (first, second) == (b"first", b"seco")
+        assert await recv_some(ours) == b"nd!"
+        assert await recv_some(ours) == b""  # EOF
+    finally:
+        ours.close()

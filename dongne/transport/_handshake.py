@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from collections.abc import Callable
 
 import attrs
@@ -28,14 +29,30 @@ class HandshakeResult:
     trailing: bytes  # bytes the client sent after the request head (early frames)
 
 
+_recv = threading.local()  # .view: recv_some's buffer in this thread
+
+
 async def recv_some(sock: socket.socket, max_bytes: int = 65536) -> bytes:
-    """Wait until ``sock`` is readable and read what is there (b"" at EOF)."""
+    """Wait until ``sock`` is readable and read what is there (b"" at EOF).
+
+    Reads into one reusable buffer per thread and returns a copy of what
+    arrived. ``sock.recv(65536)`` mallocs 64 KiB for every read and then
+    shrinks it to the size of what came (a request is a few hundred bytes):
+    the small block left where the 64 KiB was splits that free space, so the
+    next read's 64 KiB comes from elsewhere, and under a steady load the main
+    heap fills with free memory it cannot reuse (the soak bench measured
+    +2.5 MB of it per 10 minutes at 40 requests/s).
+    """
     while True:
         await trio.lowlevel.wait_readable(sock)
+        view = getattr(_recv, "view", None)
+        if view is None or len(view) < max_bytes:
+            view = _recv.view = memoryview(bytearray(max_bytes))
         try:
-            return sock.recv(max_bytes)
+            n = sock.recv_into(view, max_bytes)
         except (BlockingIOError, InterruptedError):
             continue
+        return view[:n].tobytes()
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
