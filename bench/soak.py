@@ -2,7 +2,8 @@
 
     python bench/soak.py [--duration 600] [--clients 200] [--rate 40] [--question-rate 0.5]
                          [--reconnect-rate 0.5] [--sample-interval 5] [--warmup S]
-                         [--json bench/results/soak.json] [--no-question-cost] [--tracemalloc FRAMES]
+                         [--json bench/results/soak.json] [--no-question-cost]
+                         [--malloc-stats] [--tracemalloc FRAMES]
 
 What it does:
 
@@ -46,14 +47,30 @@ What it does:
   ``tracemalloc`` what 2,000 questions cost once their escalation is over:
   unanswered, then with one answer each, then resolved. Growth in the soak
   can then be split into "questions kept by design" and the rest.
-
-* **What grows (``--tracemalloc FRAMES``, a debug mode).** The server runs
-  under a small wrapper (``TRACE_WRAPPER``: ``tracemalloc.start`` then
-  ``dongne.cli.main``) that dumps a snapshot on SIGUSR1; the bench signals it
-  after the warm-up and near the end and prints the allocation sites whose
-  memory grew most. RSS growth minus the Python heap's growth is native
-  memory (SQLite's page caches, allocator fragmentation). Tracing slows the
-  server and adds its own memory: take the RSS figures from a normal run.
+* **What grows.** Every sample also splits the anonymous RSS by mapping
+  (``/proc/PID/smaps``): ``heap`` (glibc's main arena: the event loop's
+  malloc), ``thread_arena`` (glibc's arenas of the worker threads, where
+  every SQLite call runs: its page caches) and ``other_anon`` (CPython's
+  pymalloc arenas, large mmapped blocks, stacks).
+* **Allocator accounts (``--malloc-stats``).** The server runs under a small
+  wrapper (``TRACE_WRAPPER``; the server code is unchanged) that answers the
+  sampler on SIGUSR1 with the allocators' own figures, every sample: glibc's
+  ``malloc_info`` (bytes in use and bytes held free, main arena apart from
+  the threads' arenas), pymalloc's (arenas held, bytes in blocks), SQLite's
+  ``sqlite3_memory_used`` and the count of full gc collections. After the
+  warm-up and near the end it also counts live objects by type. After the
+  load's last sample it runs a full collection (how much was cyclic garbage
+  not collected yet: the server raises gc's thresholds) and ``malloc_trim(0)``
+  (how much RSS was free memory malloc kept). Cheap: the RSS figures stay
+  valid. Growth of ``*_free`` with flat ``*_in_use`` is fragmentation; of
+  ``sqlite_memory_used``, page caches and compiled statements; of
+  ``pymalloc_in_use``, Python objects, live or cyclic garbage.
+* **Python allocation sites (``--tracemalloc FRAMES``).** Also traces the
+  server's Python allocations from the start and prints the sites that grew
+  most between the two snapshots, and the cyclic garbage a full collection
+  finds at each snapshot (by type and by the dongne line that allocated it;
+  then collected). It slows the server, adds its own memory and collects:
+  take RSS figures from another run.
 
 Everything runs on 127.0.0.1; every loop is bounded by the duration (clients
 still busy 60 s after it are counted, not awaited); the server is killed at
@@ -131,28 +148,182 @@ class Places:
 
 # ---- the server --------------------------------------------------------------------------
 
-#: ``--tracemalloc``: the server runs under this wrapper, which traces Python
-#: allocations from the start and dumps a snapshot on each SIGUSR1 (the server
-#: code is unchanged; trio only claims SIGINT and SIGTERM).
+#: ``--malloc-stats`` / ``--tracemalloc``: the server runs under this wrapper
+#: (the server code is unchanged; trio only claims SIGINT and SIGTERM). On
+#: SIGUSR1 it reads ``SOAK_TRACE_DIR/request`` (``N ACTION``), acts in the
+#: main thread between two bytecodes and writes ``reply-N.json``; it never
+#: raises into the server. ``stats`` (every sample): glibc's ``malloc_info``
+#: (in use and held free, the main arena apart from the worker threads'),
+#: pymalloc's ``sys._debugmallocstats``, SQLite's ``sqlite3_memory_used``,
+#: the count of full gc collections. ``snapshot`` (after the warm-up and near
+#: the end): the same plus live objects by type; with tracemalloc, also the
+#: cyclic garbage a full collection finds (by type and allocation site) and a
+#: tracemalloc snapshot. After the load and its last sample: ``garbage`` (that
+#: collection, by type) and ``trim`` (``malloc_trim(0)``).
 TRACE_WRAPPER = r"""
-import json, os, signal, sys, tracemalloc
-tracemalloc.start(int(os.environ["SOAK_TRACE_FRAMES"]))
-_count = [0]
-def _dump(signum, frame):
-    base = os.path.join(os.environ["SOAK_TRACE_DIR"], f"snap-{_count[0]}")
-    tracemalloc.take_snapshot().dump(base + ".tmp")
-    with open(base + ".json", "w") as fh:
-        json.dump({"traced": tracemalloc.get_traced_memory()[0], "overhead": tracemalloc.get_tracemalloc_memory()}, fh)
-    os.rename(base + ".tmp", base + ".pickle")
-    _count[0] += 1
-signal.signal(signal.SIGUSR1, _dump)
+import ctypes, gc, json, os, re, signal, sys, tempfile, tracemalloc
+from collections import Counter
+frames = int(os.environ["SOAK_TRACE_FRAMES"])
+out_dir = os.environ["SOAK_TRACE_DIR"]
+if frames:
+    tracemalloc.start(frames)
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.malloc_trim.argtypes = [ctypes.c_size_t]
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Mallinfo2
+try:  # the SQLite library the sqlite3 module is linked with (the same instance)
+    libsqlite = ctypes.CDLL("libsqlite3.so.0")
+    libsqlite.sqlite3_memory_used.restype = ctypes.c_int64
+except OSError:
+    libsqlite = None
+
+def _int(text, pattern):
+    m = re.search(pattern, text)
+    return int(m.group(1).replace(",", "")) if m else 0
+
+def glibc_arenas():
+    path = os.path.join(out_dir, "malloc_info.xml")
+    fp = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    with open(path) as fh:
+        text = fh.read()
+    out = dict.fromkeys(("main_in_use", "main_free", "threads_in_use", "threads_free", "mmapped", "arenas"), 0)
+    for nr, body in re.findall(r'<heap nr="(\d+)">(.*?)</heap>', text, re.S):
+        free = sum(int(x) for x in re.findall(r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"/>', body))
+        held = _int(body, r'<system type="current" size="(\d+)"/>')
+        kind = "main" if nr == "0" else "threads"
+        out[kind + "_in_use"] += held - free
+        out[kind + "_free"] += free
+        out["arenas"] += 1
+    out["mmapped"] = _int(text.rsplit("</heap>", 1)[-1], r'<total type="mmap" count="\d+" size="(\d+)"/>')
+    out["main_top"] = libc.mallinfo2().keepcost  # of main_free: the top chunk, which free() trims past M_TRIM_THRESHOLD
+    return {"glibc_" + k: v for k, v in out.items()}
+
+def pymalloc_arenas():
+    # sys._debugmallocstats writes to the C stderr: lend it a file for a moment.
+    with tempfile.TemporaryFile("w+", dir=out_dir) as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read()
+    arenas = _int(text, r"# arenas allocated current\s*=\s*([\d,]+)")
+    return {
+        "pymalloc_arenas_bytes": arenas * _int(text, r"arenas \* ([\d,]+) bytes/arena"),
+        "pymalloc_in_use": _int(text, r"# bytes in allocated blocks\s*=\s*([\d,]+)"),
+    }
+
+def _reply(n, data):
+    path = os.path.join(out_dir, f"reply-{n}.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(data, fh)
+    os.rename(path + ".tmp", path)
+
+def _type_name(t):
+    module = t.__dict__.get("__module__")
+    return f"{module}.{t.__qualname__}" if isinstance(module, str) else t.__qualname__
+
+def _garbage():
+    # What a full collection finds unreachable (cyclic garbage the collector
+    # has not reached yet), by type and by where tracemalloc saw it allocated.
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+    finally:
+        gc.set_debug(0)
+    found, gc.garbage[:] = list(gc.garbage), []
+    by_type, by_site = Counter(), Counter()
+    for o in found:
+        by_type[_type_name(type(o))] += 1
+        tb = tracemalloc.get_object_traceback(o)
+        if tb is not None:  # with --tracemalloc
+            mine = [f for f in tb if "/dongne/" in f.filename] or list(tb)
+            by_site[f"{mine[-1].filename}:{mine[-1].lineno}"] += sys.getsizeof(o)
+    out = {
+        "garbage_objects": len(found), "garbage_bytes": sum(sys.getsizeof(o) for o in found),
+        "garbage_by_type": dict(by_type.most_common(20)), "garbage_bytes_by_site": dict(by_site.most_common(20)),
+    }
+    del found
+    return out
+
+def _act(n, action):
+    if action == "trim":
+        libc.malloc_trim(0)
+        return {}
+    if action == "garbage":
+        return _garbage()
+    data = {**glibc_arenas(), **pymalloc_arenas()}
+    if libsqlite is not None:
+        data["sqlite_memory_used"] = libsqlite.sqlite3_memory_used()
+    data["gc_full_collections"] = gc.get_stats()[2]["collections"]
+    if action == "snapshot":
+        if frames:  # not in the cheap mode: a collection would change what is measured
+            data.update(_garbage())
+        data["objects_by_type"] = dict(Counter(_type_name(type(o)) for o in gc.get_objects()))
+        if frames:
+            tracemalloc.take_snapshot().dump(os.path.join(out_dir, f"snap-{n}.pickle"))
+            data.update(traced=tracemalloc.get_traced_memory()[0], overhead=tracemalloc.get_tracemalloc_memory())
+    return data
+
+def _on_request(signum, frame):
+    # Whatever happens, nothing is raised into the server.
+    try:
+        with open(os.path.join(out_dir, "request")) as fh:
+            n, action = fh.read().split()
+        try:
+            data = _act(n, action)
+        except Exception as exc:
+            data = {"error": repr(exc)}
+        _reply(n, data)
+    except Exception:
+        pass
+
+signal.signal(signal.SIGUSR1, _on_request)
 from dongne.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
+class Probe:
+    """Asks the server under ``TRACE_WRAPPER`` for a report (one at a time)."""
+
+    def __init__(self, server: h.ServerProcess, trace_dir: Path) -> None:
+        self.server, self.dir = server, trace_dir
+        self.n = 0
+        self.lock = threading.Lock()
+
+    def ask(self, action: str, timeout: float = 30.0) -> dict[str, Any] | None:
+        """``stats``, ``snapshot`` or ``trim``: the reply (None if the server did not answer in time)."""
+        with self.lock:
+            self.n += 1
+            (self.dir / "request.tmp").write_text(f"{self.n} {action}")
+            (self.dir / "request.tmp").rename(self.dir / "request")
+            os.kill(self.server.pid, signal.SIGUSR1)
+            reply = self.dir / f"reply-{self.n}.json"
+            deadline = time.monotonic() + timeout
+            while not reply.exists():
+                if time.monotonic() > deadline or not self.server.alive():
+                    return None
+                time.sleep(0.01)
+            data: dict[str, Any] = json.loads(reply.read_text())
+            data["n"] = self.n
+            return data
+
+
 def start_server(db: Path, secret: str, args: argparse.Namespace, trace_dir: Path | None) -> h.ServerProcess:
-    """``dongne serve`` as ``h.start_dongne`` starts it, under the tracing wrapper with ``--tracemalloc``."""
+    """``dongne serve`` as ``h.start_dongne`` starts it; under ``TRACE_WRAPPER`` when ``trace_dir`` is given."""
     if trace_dir is None:
         return h.start_dongne(db, jwt_secret=secret, synchronous=args.synchronous, extra_env=EXTRA_ENV)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
@@ -168,20 +339,25 @@ def start_server(db: Path, secret: str, args: argparse.Namespace, trace_dir: Pat
     return server
 
 
-def compare_snapshots(trace_dir: Path, frames: int, top: int = 15) -> dict[str, Any]:
-    """What the Python heap gained between the first and the last snapshot, by allocation site."""
-    snaps = sorted(trace_dir.glob("snap-*.pickle"), key=lambda p: int(p.stem.split("-")[1]))
+def compare_snapshots(trace_dir: Path, snaps: list[dict[str, Any]], frames: int, top: int = 15) -> dict[str, Any]:
+    """What grew between the first and the last ``snapshot`` reply: objects by type, Python allocation sites."""
     if len(snaps) < 2:
         return {"error": f"{len(snaps)} snapshot(s) taken"}
-    first, last = (tracemalloc.Snapshot.load(str(p)) for p in (snaps[0], snaps[-1]))
-    meta = [json.loads(p.with_suffix(".json").read_text()) for p in (snaps[0], snaps[-1])]
+    s0, s1 = snaps[0], snaps[-1]
+    types = Counter(s1["objects_by_type"])
+    types.subtract(s0["objects_by_type"])
+    out: dict[str, Any] = {"objects_by_type_growth": dict(types.most_common(top))}
+    if not frames:
+        return out
+    out.update((k, s1[k]) for k in ("garbage_objects", "garbage_bytes", "garbage_by_type", "garbage_bytes_by_site"))
+    first, last = (tracemalloc.Snapshot.load(str(trace_dir / f"snap-{s['n']}.pickle")) for s in (s0, s1))
     ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
     first, last = first.filter_traces(ignore), last.filter_traces(ignore)
     by_line = last.compare_to(first, "lineno")
     by_trace = last.compare_to(first, "traceback") if frames > 1 else []
-    return {
-        "traced_growth_mb": (meta[1]["traced"] - meta[0]["traced"]) / 2**20,
-        "tracemalloc_overhead_growth_mb": (meta[1]["overhead"] - meta[0]["overhead"]) / 2**20,
+    out.update({
+        "traced_growth_mb": (s1["traced"] - s0["traced"]) / 2**20,
+        "tracemalloc_overhead_growth_mb": (s1["overhead"] - s0["overhead"]) / 2**20,
         "top_by_line": [
             {"where": str(d.traceback[0]), "size_diff_kb": round(d.size_diff / 1024, 1), "count_diff": d.count_diff, "size_kb": round(d.size / 1024, 1)}
             for d in by_line[:top]
@@ -190,7 +366,8 @@ def compare_snapshots(trace_dir: Path, frames: int, top: int = 15) -> dict[str, 
             {"traceback": [str(f) for f in d.traceback], "size_diff_kb": round(d.size_diff / 1024, 1), "count_diff": d.count_diff}
             for d in by_trace[:5]
         ],
-    }
+    })  # fmt: skip
+    return out
 
 
 # ---- sampling -------------------------------------------------------------------------
@@ -211,20 +388,22 @@ def _status_fields(pid: int) -> dict[str, int]:
 def _smaps(pid: int) -> dict[str, int]:
     """Resident anonymous memory by kind of mapping, from ``/proc/PID/smaps`` (bytes).
 
-    ``heap``: the brk heap (the main thread's malloc: Python objects over 512
-    bytes, msgpack and wsproto buffers); ``pymalloc``: 1 MiB anonymous
-    mappings (CPython's small-object arenas); ``thread_arena``: glibc arenas
-    of other threads, 64 MiB-aligned (the worker threads that run every SQLite
-    call: page caches, statements); ``other_anon``: the rest (large
-    allocations mmapped directly, thread stacks).
+    ``heap``: the brk heap, i.e. glibc's main arena (the main thread's
+    malloc: Python objects over 512 bytes, msgpack and wsproto buffers);
+    ``thread_arena``: glibc's arenas of other threads, 64 MiB-aligned (the
+    worker threads that run every SQLite call: page caches, statements);
+    ``other_anon``: the other anonymous mappings: CPython's 1 MiB pymalloc
+    arenas (the kernel merges neighbouring ones, so they cannot be told
+    apart from the rest here; ``--malloc-stats`` counts them), large blocks
+    malloc mmaps directly, thread stacks.
     """
-    out = dict.fromkeys(("heap", "pymalloc", "thread_arena", "other_anon"), 0)
+    out = dict.fromkeys(("heap", "thread_arena", "other_anon"), 0)
     kind: str | None = None
     with open(f"/proc/{pid}/smaps", "rb") as fh:
         for line in fh:
             head = line.split(None, 6)
             if len(head) >= 5 and b"-" in head[0] and head[0][:1].isalnum() and len(head[1]) == 4:
-                start, end = (int(x, 16) for x in head[0].split(b"-"))
+                start = int(head[0].split(b"-")[0], 16)
                 name = head[5].strip() if len(head) > 5 else b""
                 if head[4] != b"0" or name.startswith(b"/") or b"w" not in head[1]:
                     kind = None
@@ -234,8 +413,6 @@ def _smaps(pid: int) -> dict[str, int]:
                     kind = None  # [stack], [vvar], ...
                 elif start % (64 << 20) == 0:
                     kind = "thread_arena"
-                elif end - start == 1 << 20:
-                    kind = "pymalloc"
                 else:
                     kind = "other_anon"
             elif kind is not None and line.startswith(b"Rss:"):
@@ -261,10 +438,15 @@ def _gauges(ops_port: int) -> dict[str, float]:
 class Sampler(threading.Thread):
     """Samples the server every ``interval`` seconds until stopped."""
 
-    def __init__(self, server: h.ServerProcess, ops_port: int, db: Path, interval: float, t0: float, snapshot_at: list[float]) -> None:
+    def __init__(
+        self, server: h.ServerProcess, ops_port: int, db: Path, interval: float, t0: float,
+        probe: Probe | None = None, snapshot_at: tuple[float, ...] = (),
+    ) -> None:  # fmt: skip
         super().__init__(name="sampler", daemon=True)
         self.server, self.ops_port, self.db, self.interval, self.t0 = server, ops_port, db, interval, t0
-        self.snapshot_at = sorted(snapshot_at)  # --tracemalloc: SIGUSR1 at these times
+        self.probe = probe  # --malloc-stats / --tracemalloc: allocator figures with every sample
+        self.snapshot_at = sorted(snapshot_at)  # ... and a snapshot at these times
+        self.snapshots: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
         self.done = threading.Event()
 
@@ -277,6 +459,15 @@ class Sampler(threading.Thread):
             except OSError:
                 row[key] = 0
         row.update(_gauges(self.ops_port))
+        if self.probe is not None:
+            snapshot = bool(self.snapshot_at) and row["t"] >= self.snapshot_at[0]
+            reply = self.probe.ask("snapshot" if snapshot else "stats")
+            if reply is not None:
+                if snapshot:
+                    self.snapshot_at.pop(0)
+                    self.snapshots.append({**reply, "t": row["t"]})
+                    row["snapshot"] = True
+                row.update((k, v) for k, v in reply.items() if k.startswith(("glibc_", "pymalloc_", "sqlite_", "gc_")))
         self.samples.append(row)
 
     def run(self) -> None:
@@ -284,10 +475,6 @@ class Sampler(threading.Thread):
             if not self.server.alive():
                 return
             self.sample()
-            if self.snapshot_at and time.monotonic() - self.t0 >= self.snapshot_at[0]:
-                self.snapshot_at.pop(0)
-                os.kill(self.server.pid, signal.SIGUSR1)
-                self.samples[-1]["snapshot"] = True
             self.done.wait(self.interval)
 
 
@@ -313,11 +500,14 @@ class Load:
         self.connect_failures = 0
         self.timeouts = 0
         self.close_timeouts = 0
+        self.close_races = 0  # pings answered after our close frame (see User.run)
         self.unfinished_clients = 0
         self.replayed = 0
         self.seq_gap = 0
         self.seq_duplicate = 0
         self.asked = 0
+        self.warm_at = math.inf  # time.monotonic() when the warm-up ends
+        self.kept_after_warmup: Counter[str] = Counter()  # questions and answers created since
 
     def token(self, user: str, local: bool, tags: tuple[str, ...]) -> str:
         from dongne.auth import mint_token
@@ -368,6 +558,7 @@ class User:
     async def run(self, end: float) -> None:
         import trio
         import trio_websocket
+        import wsproto.utilities
 
         from dongne.client import open_client
 
@@ -398,6 +589,11 @@ class User:
                 await trio.sleep(self.rng.uniform(0.5, 2.0))
             except trio.TooSlowError:  # no reply within 30 s: counted, then a fresh connection
                 load.timeouts += 1
+            except wsproto.utilities.LocalProtocolError:
+                # A ping that arrives after our close frame: trio-websocket
+                # answers it and wsproto refuses a pong in LOCAL_CLOSING, which
+                # open_client raises. The connection was closing anyway.
+                load.close_races += 1
             finally:
                 self.client = None
                 if self.connected_once:
@@ -432,9 +628,10 @@ class User:
     async def _close(self, client: Any, drop: bool) -> None:
         """Close while the client still reads (or drop the TCP connection and wait until it notices).
 
-        Leaving ``open_client`` while frames still arrive can hang for ever
-        (its reader is cancelled before trio-websocket's close; see
-        tests/test_crash_safety.py), so the bench closes first, bounded.
+        Bounded, so that one stuck close is counted (``close_timeouts``)
+        instead of stalling the soak: the first 10-minute run found leaving
+        ``open_client`` while frames arrived could hang for ever (fixed, with
+        a regression test in tests/test_crash_safety.py).
         """
         import trio
 
@@ -463,6 +660,8 @@ class User:
         except RequestError as exc:
             load.errors[exc.code] += 1
             reply = None
+        if reply is not None and op in ("create_question", "create_answer") and time.monotonic() >= load.warm_at:
+            load.kept_after_warmup[op] += 1
         load.latency_ms.setdefault(op, []).append((trio.current_time() - started) * 1000)
         return reply
 
@@ -683,12 +882,23 @@ def _slope(samples: list[dict[str, Any]], key: str) -> float:
     return sum((t - mt) * (v - mv) for t, v in pts) / den if den else float("nan")
 
 
+#: Memory figures sampled, by source: ``/proc/PID/status``, ``/proc/PID/smaps``
+#: and (``--malloc-stats``) the allocators' own accounts.
+MEMORY_KEYS = (
+    "VmRSS", "RssAnon", "RssFile", "heap", "thread_arena", "other_anon",
+    "glibc_main_in_use", "glibc_main_free", "glibc_main_top", "glibc_threads_in_use", "glibc_threads_free", "glibc_mmapped",
+    "pymalloc_arenas_bytes", "pymalloc_in_use", "sqlite_memory_used",
+)  # fmt: skip
+
+
 def analyse(args: argparse.Namespace, load: Load, samples: list[dict[str, Any]], warmup: float, wall: float) -> dict[str, Any]:
     MB = 1024 * 1024
     after = [s for s in samples if s["t"] >= warmup]
     last_t = samples[-1]["t"] if samples else 0.0
     growth: dict[str, Any] = {}
-    for key in ("VmRSS", "RssAnon", "RssFile", "heap", "pymalloc", "thread_arena", "other_anon"):
+    for key in MEMORY_KEYS:
+        if not any(key in s for s in samples):
+            continue
         base = _window_mean(samples, warmup, warmup + 30, key)
         final = _window_mean(samples, last_t - 30, last_t, key)
         growth[key] = {
@@ -724,6 +934,7 @@ def analyse(args: argparse.Namespace, load: Load, samples: list[dict[str, Any]],
         "connect_failures": load.connect_failures,
         "request_timeouts": load.timeouts,
         "close_timeouts": load.close_timeouts,
+        "close_races": load.close_races,
         "unfinished_clients": load.unfinished_clients,
         "seq_gap": load.seq_gap,
         "seq_duplicate": load.seq_duplicate,
@@ -735,15 +946,33 @@ def analyse(args: argparse.Namespace, load: Load, samples: list[dict[str, Any]],
     }
 
 
-def report(summary: dict[str, Any], cost: dict[str, Any] | None) -> None:
+def by_design(summary: dict[str, Any], load: Load, cost: dict[str, Any]) -> dict[str, Any]:
+    """What the questions and answers created after the warm-up cost, kept by design (an estimate)."""
+    questions, answers = load.kept_after_warmup["create_question"], load.kept_after_warmup["create_answer"]
+    mb = (questions * cost["bytes_per_open_question"] + answers * cost["bytes_per_answer"]) / 2**20
+    rss = summary["rss"]["VmRSS"]
+    rest = rss["growth_mb"] - mb
+    return {
+        "questions": questions, "answers": answers, "mb": mb,
+        "rest_of_growth_mb": rest, "rest_of_growth_pct": rest / rss["after_warmup_mb"] * 100,
+    }  # fmt: skip
+
+
+def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int = 15) -> None:
     g = summary["rss"]
     rows = [
         (key, v["after_warmup_mb"], v["final_mb"], v["growth_mb"], v["growth_pct"], v["slope_mb_per_10min"])
         for key, v in g.items()
     ]
     print(h.format_table(["memory (MB)", "after warm-up", "final", "growth MB", "growth %", "slope MB/10min"], rows))
-    print("(anonymous memory by mapping: heap = main-thread malloc, pymalloc = Python small objects,")
-    print(" thread_arena = worker threads, i.e. SQLite; other_anon = large mmaps and stacks)")
+    print("(anonymous memory by mapping: heap = glibc's main arena (main-thread malloc), thread_arena = worker")
+    print(" threads' arenas (SQLite), other_anon = pymalloc arenas, large mmaps, stacks")
+    if "glibc_main_in_use" in g:
+        print(" glibc_* (malloc_info): in use / held free in the main arena and the threads' arenas, mmapped blocks;")
+        print(" pymalloc_* (sys._debugmallocstats): arenas held and bytes in allocated blocks;")
+        print(" sqlite_memory_used: what SQLite has malloc'd, page caches included)")
+    else:
+        print(" --malloc-stats splits them further)")
     print()
     lat = summary["latency_ms"]
     print(h.format_table(
@@ -757,6 +986,7 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None) -> None:
             ("seq gaps / duplicates", f"{summary['seq_gap']} / {summary['seq_duplicate']}"),
             ("connect failures / request timeouts", f"{summary['connect_failures']} / {summary['request_timeouts']}"),
             ("close timeouts / clients unfinished", f"{summary['close_timeouts']} / {summary['unfinished_clients']}"),
+            ("pings answered after our close (trio-websocket)", summary["close_races"]),
             ("peak RSS MB", summary["peak_rss_mb"]),
         ],
     ))  # fmt: skip
@@ -768,7 +998,27 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None) -> None:
     if cost:
         print()
         print(h.format_table(["kept in memory (by design, 7 days)", "bytes"], [(k, v) for k, v in cost.items() if k.startswith("bytes")]))
-    trace = summary.get("tracemalloc")
+        kept = summary["kept_by_design"]
+        print(f"created after the warm-up: {kept['questions']} questions, {kept['answers']} answers, about {kept['mb']:.2f} MB kept by design;")
+        print(f"the rest of the VmRSS growth: {kept['rest_of_growth_mb']:+.2f} MB ({kept['rest_of_growth_pct']:+.2f} %)")
+    garbage = summary.get("garbage_at_end")
+    if garbage and "garbage_objects" in garbage:
+        print()
+        print(f"cyclic garbage not yet collected after the load: {garbage['garbage_objects']} objects, "
+              f"{garbage['garbage_bytes'] / 2**20:.2f} MB (sys.getsizeof); by type: "
+              + ", ".join(f"{k} {v}" for k, v in list(garbage["garbage_by_type"].items())[:8]))  # fmt: skip
+    trim = summary.get("malloc_trim_at_end")
+    if trim:
+        print(f"malloc_trim(0) after the load (clients gone): RssAnon {trim['rss_anon_before_mb']:.1f} -> {trim['rss_anon_after_mb']:.1f} MB")
+    trace = summary.get("snapshots")
+    if trace and "objects_by_type_growth" in trace:
+        print()
+        print(h.format_table(["live objects (gc) between the snapshots", "growth"], list(trace["objects_by_type_growth"].items())))
+    if trace and "garbage_by_type" in trace:
+        print()
+        print(f"cyclic garbage a full collection found near the end: {trace['garbage_objects']} objects, {trace['garbage_bytes'] / 2**20:.2f} MB (sys.getsizeof)")
+        print(h.format_table(["garbage by type", "objects"], list(trace["garbage_by_type"].items())[:top_rows]))
+        print(h.format_table(["garbage allocated at (innermost dongne frame)", "bytes"], list(trace["garbage_bytes_by_site"].items())[:top_rows]))
     if trace and "top_by_line" in trace:
         print()
         print(f"Python heap (tracemalloc) between the snapshots: {trace['traced_growth_mb']:+.2f} MB "
@@ -792,6 +1042,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-question-cost", action="store_true", help="skip the in-process per-question memory measurement")
     p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="debug: trace the server's Python allocations (FRAMES deep) and compare snapshots taken after the warm-up and near the end; RSS figures then include tracemalloc's own cost")
+    p.add_argument("--malloc-stats", action="store_true", help="with every sample, glibc's, pymalloc's and SQLite's own accounts (in use, held free); live objects by type after the warm-up and near the end; malloc_trim at the end (implied by --tracemalloc); cheap, RSS figures stay valid")
     p.add_argument("--timeout", type=float, default=None, help="bound on the whole bench, seconds (default: duration + 300)")
     h.add_json_option(p, "soak")
     return p
@@ -809,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout if args.timeout is not None else args.duration + 300
     with h.time_limit(timeout), tempfile.TemporaryDirectory(prefix="dongne-soak-") as tmp:
         db = Path(tmp) / "soak.sqlite3"
-        trace_dir = Path(tmp) / "trace" if args.tracemalloc else None
+        trace_dir = Path(tmp) / "trace" if args.tracemalloc or args.malloc_stats else None
         if trace_dir is not None:
             trace_dir.mkdir()
         server = start_server(db, secret, args, trace_dir)
@@ -818,8 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
             ops_port = int(server.match.group(2))
             load = Load(args, f"ws://127.0.0.1:{server.port}", secret)
             t0 = time.monotonic()
-            snapshot_at = [warmup, args.duration - 2 * args.sample_interval] if trace_dir is not None else []
-            sampler = Sampler(server, ops_port, db, args.sample_interval, t0, snapshot_at)
+            load.warm_at = t0 + warmup
+            probe = Probe(server, trace_dir) if trace_dir is not None else None
+            snapshot_at = (warmup, args.duration - 2 * args.sample_interval)
+            sampler = Sampler(server, ops_port, db, args.sample_interval, t0, probe, snapshot_at)
             sampler.start()
             print(f"soak: {args.clients} clients, {args.rate}/s requests, {args.question_rate}/s questions, "
                   f"{args.duration:.0f} s (warm-up {warmup:.0f} s), server pid {server.pid}", file=sys.stderr)  # fmt: skip
@@ -832,6 +1085,17 @@ def main(argv: list[str] | None = None) -> int:
                 alive = server.alive()
                 if alive:
                     sampler.sample()
+            trimmed = garbage = None
+            if alive and probe is not None:
+                # The samples are taken; now, how much was cyclic garbage the
+                # collector had not reached, and how much free memory malloc kept?
+                try:
+                    garbage = probe.ask("garbage")
+                    before = _status_fields(server.pid)["RssAnon"]
+                    if probe.ask("trim") is not None:
+                        trimmed = {"rss_anon_before_mb": before / 2**20, "rss_anon_after_mb": _status_fields(server.pid)["RssAnon"] / 2**20}
+                except OSError:  # it died meanwhile
+                    alive = False
         finally:
             server.stop()
         if not alive:
@@ -839,8 +1103,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = analyse(args, load, sampler.samples, warmup, wall)
         summary["server_alive_at_end"] = alive
         if trace_dir is not None:
-            summary["tracemalloc"] = compare_snapshots(trace_dir, args.tracemalloc)
+            summary["snapshots"] = compare_snapshots(trace_dir, sampler.snapshots, args.tracemalloc)
+            summary["malloc_trim_at_end"] = trimmed
+            summary["garbage_at_end"] = garbage
         cost = None if args.no_question_cost else question_cost()
+        if cost:
+            summary["kept_by_design"] = by_design(summary, load, cost)
     report(summary, cost)
     h.write_report(args.json, {**h.report_head("soak", args), "summary": summary, "question_cost": cost, "samples": sampler.samples})
     growth = summary["rss"]["VmRSS"]["growth_pct"]
