@@ -82,3 +82,29 @@ async def test_recv_some_returns_what_arrived_as_its_own_bytes() -> None:
         assert await recv_some(ours) == b""  # EOF
     finally:
         ours.close()
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(nursery: trio.Nursery) -> None:
+    """Once aborted, a connection's protocol state goes by reference counting: the server collects rarely."""
+    import gc
+    import weakref
+
+    def open_read_abort() -> tuple[list[str], weakref.ref[object]]:
+        server_side, client_side = socket.socketpair()
+        server_side.setblocking(False)
+        conn = WebSocketConnection(server_side, nursery, FrameEncoder(), max_message_bytes=1 << 20, max_buffer_bytes=BOUND)
+        conn._ws.receive_data(b"\x82\x80abcd")  # an empty masked binary frame: the parser has run
+        kinds = [type(e).__name__ for e in conn._ws.events()]
+        conn.abort()
+        client_side.close()
+        return kinds, weakref.ref(conn._ws._proto)
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        kinds, protocol = open_read_abort()
+        assert kinds == ["BytesMessage"]
+        assert protocol() is None
+    finally:
+        if enabled:
+            gc.enable()

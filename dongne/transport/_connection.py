@@ -249,6 +249,13 @@ class WebSocketConnection:
         except Exception:  # pragma: no cover - notify_closing is best effort
             pass
         self._sock.close()
+        # wsproto's frame parser is a generator kept on the object it parses
+        # for: a reference cycle, so without this a closed connection's
+        # protocol state waits for the cyclic collector (which the server
+        # runs rarely, dongne/runtime.py). Nothing is parsed after this.
+        parser = getattr(getattr(self._ws, "_proto", None), "_parse_more", None)
+        if parser is not None:
+            parser.close()
 
     async def aclose(self, timeout: float = CLOSE_GRACE_S) -> None:
         """Flush, then close gracefully; each step bounded by ``timeout``.
