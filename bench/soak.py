@@ -1,7 +1,7 @@
 """Soak bench: a bounded mixed load for a long time; does the server's memory stay flat?
 
-    python bench/soak.py [--duration 600] [--clients 200] [--rate 40] [--question-rate 0.5]
-                         [--reconnect-rate 0.5] [--sample-interval 5] [--warmup S]
+    python bench/soak.py [--duration 600] [--warmup 360] [--clients 200] [--rate 40] [--question-rate 0.5]
+                         [--reconnect-rate 0.5] [--sample-interval 5]
                          [--json bench/results/soak.json] [--no-question-cost]
                          [--malloc-stats] [--tracemalloc FRAMES]
 
@@ -30,12 +30,25 @@ What it does:
   ``seq_duplicate`` count the exceptions).
 * **Sampling.** Every ``--sample-interval`` seconds: the server's VmRSS,
   RssAnon, RssFile, threads and CPU time from ``/proc``, the database and WAL
-  sizes, and the gauges of ``GET /metrics`` on the ops port (connections,
-  users and locals online, open questions, escalations running).
-* **Report.** RSS growth after the warm-up (default: the first 10 % of the
-  duration, at least 60 s, at most half of it): the mean RSS of the samples in
-  the 30 s after the warm-up against the mean of the last 30 s, in % and MB,
-  plus the least-squares slope over the post-warm-up samples (MB per 10 min).
+  sizes; every 30 s, the gauges of ``GET /metrics`` on the ops port
+  (connections, users and locals online, open questions, escalations
+  running). Not more often: each scrape is a new HTTP connection, and
+  hypercorn leaves ~9 KB of cyclic garbage per connection for the collector
+  (which the server runs rarely), so scraping every 5 s added ~1 MB per 10
+  minutes of the bench's own making.
+* **Warm-up.** The load runs ``--warmup`` seconds (default 360), then
+  ``--duration`` seconds (default 600) that are measured. The warm-up covers
+  SQLite's page cache filling: the writer's cache is bounded (2,000 KiB,
+  ``dongne/store/_sqlite.py``), but the soak starts on an empty database and
+  the cache only fills as the database grows past 2 MB, which at this load
+  takes ~330 s (measured with ``--malloc-stats``: ``sqlite_memory_used``
+  1.3 -> 2.83 MB, then flat to the end, in three runs). A production
+  database is far past that size. With another load, pick a warm-up after
+  which ``thread_arena`` is flat: the report warns when it is not.
+* **Report.** RSS growth over the measured period: the mean RSS of the
+  samples in the 30 s after the warm-up against the mean of the last 30 s, in
+  % and MB, plus the least-squares slope over the measured samples (MB per 10
+  min).
   Server CPU (% of one core), requests by operation, error replies by code,
   close codes seen, p50 / p99 request latency (send to reply, this process's
   clock), durable events received and replayed. A table on stdout, JSON to
@@ -236,27 +249,32 @@ def _type_name(t):
     return f"{module}.{t.__qualname__}" if isinstance(module, str) else t.__qualname__
 
 def _garbage():
-    # What a full collection finds unreachable (cyclic garbage the collector
-    # has not reached yet), by type and by where tracemalloc saw it allocated.
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        gc.collect()
-    finally:
-        gc.set_debug(0)
-    found, gc.garbage[:] = list(gc.garbage), []
+    # What a full collection frees: cyclic garbage the collector had not
+    # reached yet. Counted by comparing the tracked objects before and after
+    # (gc.garbage would miss cycles through suspended generators: their
+    # finalizer breaks the cycle and reference counting frees the rest).
+    before = {}
+    for o in gc.get_objects():
+        tb = tracemalloc.get_object_traceback(o) if frames else None
+        before[id(o)] = (_type_name(type(o)), sys.getsizeof(o), tb)
+    o = tb = None
+    used = pymalloc_arenas()["pymalloc_in_use"] + glibc_arenas()["glibc_main_in_use"]
+    gc.collect()
+    freed_bytes = used - pymalloc_arenas()["pymalloc_in_use"] - glibc_arenas()["glibc_main_in_use"]
+    after = {id(o) for o in gc.get_objects()}
+    o = None
     by_type, by_site = Counter(), Counter()
-    for o in found:
-        by_type[_type_name(type(o))] += 1
-        tb = tracemalloc.get_object_traceback(o)
+    for key, (name, size, tb) in before.items():
+        if key in after:
+            continue
+        by_type[name] += 1
         if tb is not None:  # with --tracemalloc
             mine = [f for f in tb if "/dongne/" in f.filename] or list(tb)
-            by_site[f"{mine[-1].filename}:{mine[-1].lineno}"] += sys.getsizeof(o)
-    out = {
-        "garbage_objects": len(found), "garbage_bytes": sum(sys.getsizeof(o) for o in found),
+            by_site[f"{mine[-1].filename}:{mine[-1].lineno}"] += size
+    return {
+        "garbage_objects": sum(by_type.values()), "garbage_freed_bytes": freed_bytes,
         "garbage_by_type": dict(by_type.most_common(20)), "garbage_bytes_by_site": dict(by_site.most_common(20)),
     }
-    del found
-    return out
 
 def _act(n, action):
     if action == "trim":
@@ -349,7 +367,7 @@ def compare_snapshots(trace_dir: Path, snaps: list[dict[str, Any]], frames: int,
     out: dict[str, Any] = {"objects_by_type_growth": dict(types.most_common(top))}
     if not frames:
         return out
-    out.update((k, s1[k]) for k in ("garbage_objects", "garbage_bytes", "garbage_by_type", "garbage_bytes_by_site"))
+    out.update((k, s1[k]) for k in ("garbage_objects", "garbage_freed_bytes", "garbage_by_type", "garbage_bytes_by_site"))
     first, last = (tracemalloc.Snapshot.load(str(trace_dir / f"snap-{s['n']}.pickle")) for s in (s0, s1))
     ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
     first, last = first.filter_traces(ignore), last.filter_traces(ignore)
@@ -435,6 +453,10 @@ def _gauges(ops_port: int) -> dict[str, float]:
     return out
 
 
+#: How often the sampler reads ``/metrics`` (see "Sampling" in the docstring).
+GAUGE_INTERVAL_S = 30.0
+
+
 class Sampler(threading.Thread):
     """Samples the server every ``interval`` seconds until stopped."""
 
@@ -448,9 +470,10 @@ class Sampler(threading.Thread):
         self.snapshot_at = sorted(snapshot_at)  # ... and a snapshot at these times
         self.snapshots: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
+        self._next_gauges = 0.0
         self.done = threading.Event()
 
-    def sample(self) -> None:
+    def sample(self, force_gauges: bool = False) -> None:
         pid = self.server.pid
         row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 2), "cpu_s": h.cpu_seconds(pid), **_status_fields(pid), **_smaps(pid)}
         for suffix, key in (("", "db_bytes"), ("-wal", "wal_bytes")):
@@ -458,7 +481,9 @@ class Sampler(threading.Thread):
                 row[key] = os.path.getsize(f"{self.db}{suffix}")
             except OSError:
                 row[key] = 0
-        row.update(_gauges(self.ops_port))
+        if force_gauges or row["t"] >= self._next_gauges:
+            row.update(_gauges(self.ops_port))
+            self._next_gauges = row["t"] + GAUGE_INTERVAL_S
         if self.probe is not None:
             snapshot = bool(self.snapshot_at) and row["t"] >= self.snapshot_at[0]
             reply = self.probe.ask("snapshot" if snapshot else "stats")
@@ -965,6 +990,9 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
         for key, v in g.items()
     ]
     print(h.format_table(["memory (MB)", "after warm-up", "final", "growth MB", "growth %", "slope MB/10min"], rows))
+    if g["thread_arena"]["growth_mb"] > 0.25:
+        print(f"WARNING: the worker threads' arenas (SQLite) grew {g['thread_arena']['growth_mb']:.2f} MB while measured: "
+              "a page cache still filling? A longer --warmup would tell.")  # fmt: skip
     print("(anonymous memory by mapping: heap = glibc's main arena (main-thread malloc), thread_arena = worker")
     print(" threads' arenas (SQLite), other_anon = pymalloc arenas, large mmaps, stacks")
     if "glibc_main_in_use" in g:
@@ -1005,7 +1033,7 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
     if garbage and "garbage_objects" in garbage:
         print()
         print(f"cyclic garbage not yet collected after the load: {garbage['garbage_objects']} objects, "
-              f"{garbage['garbage_bytes'] / 2**20:.2f} MB (sys.getsizeof); by type: "
+              f"{garbage['garbage_freed_bytes'] / 2**20:.2f} MB freed by a full collection; by type: "
               + ", ".join(f"{k} {v}" for k, v in list(garbage["garbage_by_type"].items())[:8]))  # fmt: skip
     trim = summary.get("malloc_trim_at_end")
     if trim:
@@ -1016,9 +1044,9 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
         print(h.format_table(["live objects (gc) between the snapshots", "growth"], list(trace["objects_by_type_growth"].items())))
     if trace and "garbage_by_type" in trace:
         print()
-        print(f"cyclic garbage a full collection found near the end: {trace['garbage_objects']} objects, {trace['garbage_bytes'] / 2**20:.2f} MB (sys.getsizeof)")
+        print(f"a full collection near the end freed {trace['garbage_objects']} objects, {trace['garbage_freed_bytes'] / 2**20:.2f} MB")
         print(h.format_table(["garbage by type", "objects"], list(trace["garbage_by_type"].items())[:top_rows]))
-        print(h.format_table(["garbage allocated at (innermost dongne frame)", "bytes"], list(trace["garbage_bytes_by_site"].items())[:top_rows]))
+        print(h.format_table(["garbage allocated at (innermost dongne frame)", "bytes (sys.getsizeof)"], list(trace["garbage_bytes_by_site"].items())[:top_rows]))
     if trace and "top_by_line" in trace:
         print()
         print(f"Python heap (tracemalloc) between the snapshots: {trace['traced_growth_mb']:+.2f} MB "
@@ -1031,19 +1059,19 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
 
 def _parser() -> argparse.ArgumentParser:
     p = h.bench_parser(__doc__)
-    p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
+    p.add_argument("--duration", type=float, default=600.0, help="seconds of load measured after the warm-up (default 600)")
     p.add_argument("--clients", type=int, default=200, help="users, one connection each; a quarter ask (default 200)")
     p.add_argument("--rate", type=float, default=40.0, help="requests per second over all clients, questions aside (default 40)")
     p.add_argument("--question-rate", type=float, default=0.5, help="questions per second (default 0.5)")
     p.add_argument("--reconnect-rate", type=float, default=0.5, help="reconnects (with resume) per second over all clients (default 0.5)")
     p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between server samples (default 5)")
-    p.add_argument("--warmup", type=float, default=None, help="seconds excluded from growth (default: 10%% of the duration, at least 60 s, at most half)")
+    p.add_argument("--warmup", type=float, default=360.0, help="seconds of load before the measured --duration (default 360: SQLite's page caches fill; see the docstring)")
     p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="FULL", help="SQLite synchronous (default FULL, as deployed)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-question-cost", action="store_true", help="skip the in-process per-question memory measurement")
     p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="debug: trace the server's Python allocations (FRAMES deep) and compare snapshots taken after the warm-up and near the end; RSS figures then include tracemalloc's own cost")
     p.add_argument("--malloc-stats", action="store_true", help="with every sample, glibc's, pymalloc's and SQLite's own accounts (in use, held free); live objects by type after the warm-up and near the end; malloc_trim at the end (implied by --tracemalloc); cheap, RSS figures stay valid")
-    p.add_argument("--timeout", type=float, default=None, help="bound on the whole bench, seconds (default: duration + 300)")
+    p.add_argument("--timeout", type=float, default=None, help="bound on the whole bench, seconds (default: warm-up + duration + 300)")
     h.add_json_option(p, "soak")
     return p
 
@@ -1054,10 +1082,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.clients < 2 or args.duration <= 0 or args.rate <= 0:
         raise SystemExit("--clients >= 2, --duration > 0 and --rate > 0 please")
-    warmup = args.warmup if args.warmup is not None else min(max(0.1 * args.duration, 60.0), args.duration / 2)
+    warmup = max(0.0, args.warmup)
+    total = warmup + args.duration
     h.raise_nofile(65536)
     secret = secrets.token_hex(32)
-    timeout = args.timeout if args.timeout is not None else args.duration + 300
+    timeout = args.timeout if args.timeout is not None else total + 300
     with h.time_limit(timeout), tempfile.TemporaryDirectory(prefix="dongne-soak-") as tmp:
         db = Path(tmp) / "soak.sqlite3"
         trace_dir = Path(tmp) / "trace" if args.tracemalloc or args.malloc_stats else None
@@ -1071,20 +1100,20 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             load.warm_at = t0 + warmup
             probe = Probe(server, trace_dir) if trace_dir is not None else None
-            snapshot_at = (warmup, args.duration - 2 * args.sample_interval)
+            snapshot_at = (warmup, total - 2 * args.sample_interval)
             sampler = Sampler(server, ops_port, db, args.sample_interval, t0, probe, snapshot_at)
             sampler.start()
             print(f"soak: {args.clients} clients, {args.rate}/s requests, {args.question_rate}/s questions, "
-                  f"{args.duration:.0f} s (warm-up {warmup:.0f} s), server pid {server.pid}", file=sys.stderr)  # fmt: skip
+                  f"{warmup:.0f} s warm-up + {args.duration:.0f} s measured, server pid {server.pid}", file=sys.stderr)  # fmt: skip
             try:
-                trio.run(drive, load, args.duration)
+                trio.run(drive, load, total)
             finally:
                 wall = time.monotonic() - t0
                 sampler.done.set()
                 sampler.join(timeout=30)
                 alive = server.alive()
                 if alive:
-                    sampler.sample()
+                    sampler.sample(force_gauges=True)
             trimmed = garbage = None
             if alive and probe is not None:
                 # The samples are taken; now, how much was cyclic garbage the
