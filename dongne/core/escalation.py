@@ -765,26 +765,28 @@ def _plan_online_nearby(
     q = p.question
     exclude = set(p.notified)
     exclude.add(q.asker_id)
-    if limit is None:
-        eligible = p.eligible
-        hits = live.within(q.lat, q.lng, radius_m, keep=lambda uid: uid not in exclude and uid in online and eligible(uid))
-        return [p.target(uid, d, True) for uid, d in hits]
-    # The common case: the nearest few are eligible. Ask for twice the limit.
-    k = 2 * limit
-    hits = live.nearest_within(q.lat, q.lng, radius_m, k, exclude)
-    chosen: list[Target] = []
-    for uid, dist in hits:
-        if uid in online and p.eligible(uid):
-            chosen.append(p.target(uid, dist, True))
-            if len(chosen) == limit:
-                return chosen
-    if len(hits) < k:
-        return chosen  # Everyone within the radius has been seen.
-    # Many are skipped (alerts off, quiet hours, at their hourly cap): one pass
-    # over everyone within the radius, nearest first, costs less than growing
-    # k query after query (measured: 7.7 ms a stage with most locals capped).
     eligible = p.eligible
-    hits = live.within(q.lat, q.lng, radius_m, keep=lambda uid: uid not in exclude and uid in online and eligible(uid))
+
+    def keep(uid: str) -> bool:
+        return uid not in exclude and uid in online and eligible(uid)
+
+    if limit is not None:
+        # The common case: the nearest few are eligible. Ask for twice the limit.
+        k = 2 * limit
+        hits = live.nearest_within(q.lat, q.lng, radius_m, k, exclude)
+        chosen: list[Target] = []
+        for uid, dist in hits:
+            if uid in online and eligible(uid):
+                chosen.append(p.target(uid, dist, True))
+                if len(chosen) == limit:
+                    return chosen
+        if len(hits) < k:
+            return chosen  # Everyone within the radius has been seen.
+        # Many are skipped (alerts off, quiet hours, at their hourly cap): one
+        # pass over everyone within the radius, nearest first, costs less than
+        # growing k query after query (measured: 7.7 ms a stage with most
+        # locals capped).
+    hits = live.within(q.lat, q.lng, radius_m, keep=keep)
     return [p.target(uid, dist, True) for uid, dist in hits[:limit]]
 
 
