@@ -29,6 +29,7 @@ from .core.regions import RegionSet, load_default_regions, load_hotspots
 from .ops import OpsApp
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
+from .runtime import watch_gc_pauses
 from .snapshots import run_periodic_snapshots
 from .store._backup import hold_database_lock
 from .server import ClientServer
@@ -177,28 +178,29 @@ async def _serve(
             loaded.pending_pushes,
             alert_url=settings.alerts.webhook_url,
         )
-        async with trio.open_nursery() as root:
-            port = await root.start(clients.run)
-            root.start_soon(pushes.run)
-            snapshots = trio.CancelScope()
-            root.start_soon(_in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots))
-            checkpoints = trio.CancelScope()
-            root.start_soon(_in_scope, checkpoints, functools.partial(_checkpoint_wal, store, clients.pipeline))
-            binds = await root.start(
-                functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
-            )
-            ops_port = _ops_port(binds)
-            log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
-            signals = trio.CancelScope()
-            if handle_signals:
-                root.start_soon(_in_scope, signals, functools.partial(_watch_signals, shutdown))
-            task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
-            await shutdown.wait()
-            log.info("shutting down")
-            snapshots.cancel()
-            checkpoints.cancel()
-            signals.cancel()  # a stop() from code rather than a signal
-            clients.stop_accepting()
+        with watch_gc_pauses(clients.metrics.gc_pause):
+            async with trio.open_nursery() as root:
+                port = await root.start(clients.run)
+                root.start_soon(pushes.run)
+                snapshots = trio.CancelScope()
+                root.start_soon(_in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots))
+                checkpoints = trio.CancelScope()
+                root.start_soon(_in_scope, checkpoints, functools.partial(_checkpoint_wal, store, clients.pipeline))
+                binds = await root.start(
+                    functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
+                )
+                ops_port = _ops_port(binds)
+                log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
+                signals = trio.CancelScope()
+                if handle_signals:
+                    root.start_soon(_in_scope, signals, functools.partial(_watch_signals, shutdown))
+                task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
+                await shutdown.wait()
+                log.info("shutting down")
+                snapshots.cancel()
+                checkpoints.cancel()
+                signals.cancel()  # a stop() from code rather than a signal
+                clients.stop_accepting()
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)

@@ -19,6 +19,7 @@ __all__ = ["Metrics", "CONTENT_TYPE"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+GC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 ANSWER_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
 
 
@@ -73,6 +74,14 @@ class Metrics:
             buckets=ANSWER_BUCKETS,
             registry=r,
         )
+        self.gc_pauses = Histogram(
+            "dongne_gc_pause_seconds",
+            "Garbage collections (every task waits), by generation collected",
+            ["generation"],
+            buckets=GC_BUCKETS,
+            registry=r,
+        )
+        self._gc_children = [self.gc_pauses.labels(str(g)) for g in range(3)]
         r.register(_Gauges(read_gauges))
         self._frames_out_children: dict[str, Any] = {}
 
@@ -83,6 +92,10 @@ class Metrics:
             child = self._frames_out_children[frame_type] = self.frames_out.labels(frame_type)
         child.inc(count)
         self.deliveries.inc(count)
+
+    def gc_pause(self, generation: int, seconds: float) -> None:
+        """One collection of ``generation`` stopped the process for ``seconds``."""
+        self._gc_children[generation].observe(seconds)
 
     def observe(self, metric: str, seconds: float, label: str) -> None:
         if metric == "escalation_stage_latency":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import re
 
 import httpx
 import pytest
@@ -55,6 +57,21 @@ async def test_metrics_endpoint_counts_real_traffic(server: Harness) -> None:
     assert 'dongne_time_to_first_answer_seconds_count{region="Jeju-si"} 1.0' in text
     assert "dongne_store_commit_seconds_count" in text
     assert 'dongne_frames_out_total{type="answer_notification"} 1.0' in text
+
+
+async def test_metrics_report_garbage_collection_pauses(start_server) -> None:  # type: ignore[no-untyped-def]
+    callbacks = list(gc.callbacks)
+    server: Harness = await start_server()
+    gc.collect()  # the server shares this process: its full collection is the server's pause
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{server.running.ops_port}/metrics")).text
+    full = re.search(r'^dongne_gc_pause_seconds_count\{generation="2"\} (\S+)$', text, re.M)
+    assert full is not None and float(full.group(1)) >= 1
+    total = re.search(r'^dongne_gc_pause_seconds_sum\{generation="2"\} (\S+)$', text, re.M)
+    assert total is not None and float(total.group(1)) > 0
+    await server.running.aclose()
+    assert gc.callbacks == callbacks  # the watcher left with its server
 
 
 async def test_admin_metrics_op_reports_slos(server: Harness) -> None:
