@@ -93,7 +93,8 @@ class Scenario:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=15)
+        if self._thread.ident is not None:  # started: a failure before start() must not be masked here
+            self._thread.join(timeout=15)
 
     def _run(self) -> None:
         try:
@@ -152,7 +153,10 @@ def test_dashboard_in_a_browser(served: tuple[str, str]) -> None:
             page.fill("#token", mint("boss", nick="Ops on call", admin=True))
             page.click("#login-form button[type=submit]")
             page.wait_for_url(f"{ops_url}/admin")
-            page.wait_for_function("document.querySelectorAll('#map [data-region]').length > 0", timeout=5000)
+            # Predicates are functions, not expressions: Playwright evals an
+            # expression again on every animation frame, which the page's CSP
+            # (no 'unsafe-eval') refuses; a function is evaluated once, by DevTools.
+            page.wait_for_function("() => document.querySelectorAll('#map [data-region]').length > 0", timeout=5000)
             assert 15 == page.locator("[data-region]").count()
             assert "" == page.evaluate("document.cookie")  # HttpOnly: invisible to scripts
             page.wait_for_selector("#live-status[data-state=live]", timeout=5000)
@@ -172,8 +176,8 @@ def test_dashboard_in_a_browser(served: tuple[str, str]) -> None:
             assert page.evaluate("window.__pwned") is None
             # The answered region turns green; locals are counted; rates come from two samples.
             page.wait_for_selector('[data-region="Jeju-si"][data-slo="good"]', timeout=3000)
-            page.wait_for_function("document.querySelector('[data-region-row=\"Jeju-si\"]').cells[1].textContent === '1'", timeout=3000)
-            page.wait_for_function("document.getElementById('stat-frames-rate').textContent !== '—'", timeout=3000)
+            page.wait_for_function("() => document.querySelector('[data-region-row=\"Jeju-si\"]').cells[1].textContent === '1'", timeout=3000)
+            page.wait_for_function("() => document.getElementById('stat-frames-rate').textContent !== '—'", timeout=3000)
             page.wait_for_timeout(1200)  # one more event, so the screenshot shows settled rates
             assert [] == errors  # no script errors, no CSP violations, nothing failed to load
         finally:
