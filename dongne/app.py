@@ -29,7 +29,7 @@ from .core.regions import RegionSet, load_default_regions, load_hotspots
 from .ops import OpsApp
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .runtime import watch_gc_pauses
+from .runtime import collect_fully_every, watch_gc_pauses
 from .snapshots import run_periodic_snapshots
 from .store._backup import hold_database_lock
 from .server import ClientServer
@@ -186,6 +186,8 @@ async def _serve(
                 root.start_soon(_in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots))
                 checkpoints = trio.CancelScope()
                 root.start_soon(_in_scope, checkpoints, functools.partial(_checkpoint_wal, store, clients.pipeline))
+                full_gc = trio.CancelScope()
+                root.start_soon(_in_scope, full_gc, functools.partial(collect_fully_every, settings.server.full_gc_interval_s))
                 binds = await root.start(
                     functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
                 )
@@ -199,6 +201,7 @@ async def _serve(
                 log.info("shutting down")
                 snapshots.cancel()
                 checkpoints.cancel()
+                full_gc.cancel()
                 signals.cancel()  # a stop() from code rather than a signal
                 clients.stop_accepting()
     finally:

@@ -72,6 +72,7 @@ class ServerSettings:
     ping_interval_s: float = attrs.field(default=20.0, validator=_positive_or_inf)
     shutdown_timeout_s: float = attrs.field(default=5.0, validator=_positive)
     backlog: int = attrs.field(default=4096, validator=_positive)
+    full_gc_interval_s: float = attrs.field(default=600.0, validator=_positive_or_inf)
 
 
 @attrs.frozen

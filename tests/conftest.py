@@ -96,7 +96,7 @@ async def server(start_server: Callable[..., Any]) -> AsyncIterator[Harness]:
 #: Server settings for tests on an autojump MockClock: over real sockets the
 #: clock jumps to the nearest deadline whenever every task waits for I/O, so
 #: only the deadlines under test may be finite.
-NO_TIMERS = {"hello_timeout_s": math.inf, "ping_interval_s": math.inf}
+NO_TIMERS = {"hello_timeout_s": math.inf, "ping_interval_s": math.inf, "full_gc_interval_s": math.inf}
 
 JEJU_CITY = {"lat": 33.4996, "lng": 126.5312}
 
