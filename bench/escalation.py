@@ -60,6 +60,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import re
 import secrets
 import select
 import socket
@@ -67,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -484,6 +486,34 @@ def _runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+def _gc_pauses(ops_port: int) -> dict[str, dict[str, float]]:
+    """The server's ``dongne_gc_pause_seconds`` histogram per generation: count, sum, and pauses over 50 ms."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for m in re.finditer(r'^dongne_gc_pause_seconds_(count|sum|bucket)\{(?:le="([^"]+)",)?generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$', text, re.M):
+        kind, le1, gen, le2, value = m.groups()
+        g = out.setdefault(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
+        if kind == "count":
+            g["count"] = float(value)
+        elif kind == "sum":
+            g["sum_s"] = float(value)
+        elif (le1 or le2) == "0.05":
+            g["le_50ms"] = float(value)
+    return out
+
+
+def _gc_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float]:
+    d: dict[str, float] = {}
+    for gen, a in after.items():
+        b = before.get(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
+        count = a["count"] - b["count"]
+        d[f"gc{gen}_collections"] = count
+        d[f"gc{gen}_pause_ms"] = 1000 * (a["sum_s"] - b["sum_s"])
+        d[f"gc{gen}_over_50ms"] = count - (a["le_50ms"] - b["le_50ms"])
+    return d
+
+
 def _pcts(values: list[float]) -> dict[str, float]:
     s = sorted(values)
     return {
@@ -684,6 +714,8 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
             )
             _spies.add(spy)
 
+        ops_port = int(server.match.group(2))
+        gc0 = _gc_pauses(ops_port)
         cpu0 = server.cpu_seconds()
         runq0 = _runqueue_wait_s(server.pid)
         client_cpu0 = workers.cpu_seconds()
@@ -703,6 +735,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         me = sum(os.times()[:2]) - me0
         busy = h.machine_busy_seconds() - busy0
         rss_end = server.rss_bytes()
+        gc_pauses = _gc_delta(gc0, _gc_pauses(ops_port))
         workers.broadcast("report")
         reports = workers.wait_all("report", 60)
         if spy is not None:
@@ -716,7 +749,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         parts = [r[1] for r in reports if r is not None]
         return _analyse(args, scn, asked, parts, server_cpu=cpu1 - cpu0, runq=runq, wall=w1 - w0, client_cpu=client_cpu,
                         bench_cpu=me, machine_busy=busy, background=background, rss_ready=rss_ready,
-                        rss_end=rss_end, setup_s=setup_s, missing_reports=sum(r is None for r in reports))
+                        rss_end=rss_end, setup_s=setup_s, missing_reports=sum(r is None for r in reports), gc_pauses=gc_pauses)
     except BaseException:
         alive = "running" if server.alive() else f"exited with {server.proc.returncode if server.proc else '?'}"
         print(f"    server ({alive}) stderr tail:\n      " + "\n      ".join(list(server.tail)[-15:]), file=sys.stderr)
@@ -833,6 +866,7 @@ def _analyse(args: argparse.Namespace, scn: _Scenario, asked: dict[str, Any], pa
         "server_rss_peak_mb": max(asked["rss_peak"], m["rss_end"]) / 2**20,
         "setup_s": m["setup_s"],
         "client_bytes_in_mb": sum(p["bytes_in"] for p in parts) / 2**20,
+        **m["gc_pauses"],
     }
 
 
@@ -854,6 +888,7 @@ _SUMMARY = [
     "questions_ok", "no_immediate", "no_immediate_no_local_within_2km", "no_immediate_missed",
     "immediate_per_question", "alerts_per_question", "locals_at_hourly_cap", "moves_per_s",
     "server_cpu_pct", "server_cpu_s", "server_cpu_ms_per_question", "server_runqueue_wait_pct", "background_cores_before", "clients_cpu_pct", "machine_cpu_pct", "server_rss_ready_mb", "server_rss_peak_mb", "setup_s",
+    "gc0_collections", "gc0_pause_ms", "gc1_collections", "gc1_pause_ms", "gc1_over_50ms", "gc2_collections", "gc2_pause_ms", "gc2_over_50ms",
 ]
 
 
@@ -934,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"    set-up {r['setup_s']:.1f} s; reply p50 {r['reply_p50_ms']:.1f} p99 {r['reply_p99_ms']:.1f} ms; "
                 f"first alert p50 {r['alert_p50_ms']:.1f} p99 {r['alert_p99_ms']:.1f} max {r['alert_max_ms']:.1f} ms; "
                 f"no IMMEDIATE {r['no_immediate']} ({r['no_immediate_no_local_within_2km']} nobody within 2 km); "
-                f"server CPU {r['server_cpu_pct']:.0f}%; closes {r['local_closes']}",
+                f"server CPU {r['server_cpu_pct']:.0f}%; gc pauses ms (gen 0/1/2) {r['gc0_pause_ms']:.0f}/{r['gc1_pause_ms']:.0f}/{r['gc2_pause_ms']:.0f}; closes {r['local_closes']}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -972,6 +1007,9 @@ def main(argv: list[str] | None = None) -> int:
         ["server RSS after set-up, MB", summary["server_rss_ready_mb"]],
         ["server RSS peak, MB", summary["server_rss_peak_mb"]],
         ["set-up s (connect, hello, location)", summary["setup_s"]],
+        ["young / middle / full collections while loaded", f'{summary["gc0_collections"]:g} / {summary["gc1_collections"]:g} / {summary["gc2_collections"]:g}'],
+        ["  their pauses, ms in total", f'{summary["gc0_pause_ms"]:.0f} / {summary["gc1_pause_ms"]:.0f} / {summary["gc2_pause_ms"]:.0f}'],
+        ["  middle / full collections over 50 ms", f'{summary["gc1_over_50ms"]:g} / {summary["gc2_over_50ms"]:g}'],
     ]
     print(h.format_table(["figure", "median"], rows2))
     closes = [r["local_closes"] for r in runs]
