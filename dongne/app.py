@@ -133,6 +133,7 @@ async def _serve(
             limits=settings.limits,
             content=settings.content,
             alerts=settings.alerts,
+            alerts_per_batch=settings.escalation.alerts_per_batch,
         )
         keep_days = max(settings.engine.hot_question_days, settings.alerts.slo_window_days)
         hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)

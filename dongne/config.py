@@ -144,6 +144,9 @@ class EscalationSettings:
     push_timeout_s: float = attrs.field(default=5.0, validator=_positive)
     # Jobs older than this are not sent any more (status "expired").
     push_max_age_s: float = attrs.field(default=600.0, validator=_positive)
+    # A stage is planned at once; its alerts are written and sent this many
+    # at a time, each batch in a commit of its own.
+    alerts_per_batch: int = attrs.field(default=100, validator=_positive)
 
 
 def _patterns(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -236,3 +236,88 @@ def test_accept_cancels_remaining_stages() -> None:
     assert CancelEscalation(qid) in accepted.actions
     assert sim.engine.escalation_due(qid) is None
     assert sim.engine.fire_escalation(qid, T0 + 200_000).writes == ()
+
+
+def _crowd_claims(token: object, now_s: float) -> Claims:
+    user = str(token)[3:]
+    return Claims(user_id=user, nick=user, local=user.startswith("local"), tags=(), role="user")
+
+
+def _crowd_engine(alerts_per_batch: int) -> tuple[Sim, list[Outcome], str]:
+    """An asker and 250 online locals 10-2500 m east of the question (all in QUICK's 5 km)."""
+    engine = Engine(EngineSettings(), _crowd_claims, alerts_per_batch=alerts_per_batch)
+    sim = Sim(engine)
+    log = [sim.connect(1, "asker")]
+    for n in range(250):
+        log.append(sim.connect(100 + n, f"local{n:03}"))
+        lng = 126.5312 + (10 + 10 * n) / 92_800  # ~10 m apart, nearest is local000
+        log.append(sim.call(100 + n, "update_location", {"location": {"lat": 33.4996, "lng": lng}}))
+    created = sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
+    log.append(created)
+    return sim, log, sim.reply(created)["data"]["question"]["question_id"]
+
+
+def _alerted(outcome: Outcome) -> list[tuple[str, str, float]]:
+    """(user, stage, distance_m) of each alert written, in order."""
+    from dongne.core.effects import AppendEvent
+
+    return [
+        (w.user_id, w.data["stage"], w.data["distance_m"])
+        for w in outcome.writes
+        if isinstance(w, AppendEvent) and w.type == "new_question_notification"
+    ]
+
+
+def test_a_wide_stage_is_delivered_in_batches_nearest_first() -> None:
+    from dongne.core.effects import SaveEscalation
+
+    sim, _, qid = _crowd_engine(alerts_per_batch=100)
+    at = T0 + 3000
+    batches = []
+    while sim.engine.escalation_due(qid) == T0 + 3000:
+        out = sim.engine.fire_escalation(qid, at)
+        batches.append(out)
+        at += 7  # later calls deliver the same stage, wherever the clock is
+    sizes = [len(_alerted(b)) for b in batches]
+    assert sizes == [100, 100, 40]  # 250 locals, 10 had IMMEDIATE
+    # The stage's progress is saved with its last batch only.
+    assert [any(isinstance(w, SaveEscalation) for w in b.writes) for b in batches] == [False, False, True]
+    alerts = [a for b in batches for a in _alerted(b)]
+    assert {stage for _, stage, _ in alerts} == {"QUICK"}
+    assert len({user for user, _, _ in alerts}) == 240
+    assert [d for _, _, d in alerts] == sorted(d for _, _, d in alerts)
+    assert [user for user, _, _ in alerts][:2] == ["local010", "local011"]
+    assert sim.engine.escalation_due(qid) == T0 + 30_000
+
+
+def test_a_restart_in_the_middle_of_a_stage_alerts_only_the_rest(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dongne.store import Store
+
+    sim, log, qid = _crowd_engine(alerts_per_batch=100)
+    first = sim.engine.fire_escalation(qid, T0 + 3000)
+    store = Store(tmp_path / "mid.sqlite3", synchronous="NORMAL")
+    store.open()
+    store.commit(store.prepare([w for outcome in (*log, first) for w in outcome.writes]))
+    store.close()  # the process dies before the second batch is committed
+
+    store = Store(tmp_path / "mid.sqlite3", synchronous="NORMAL")
+    store.open()
+    state = store.load(hot_since=0)
+    store.close()
+    engine = Engine(EngineSettings(), _crowd_claims, alerts_per_batch=100)
+    engine.load(state)
+    # Positions are live, not stored: the locals come back online where they were.
+    resumed = Sim(engine)
+    for n in range(250):
+        resumed.connect(100 + n, f"local{n:03}", T0 + 4000)
+        lng = 126.5312 + (10 + 10 * n) / 92_800
+        resumed.call(100 + n, "update_location", {"location": {"lat": 33.4996, "lng": lng}}, T0 + 4000)
+    assert engine.escalation_due(qid) == T0 + 3000  # the stage is still due: it was not finished
+    rest = []
+    while engine.escalation_due(qid) == T0 + 3000:
+        rest.extend(_alerted(engine.fire_escalation(qid, T0 + 4000)))
+    before = {user for user, _, _ in _alerted(first)}
+    after = {user for user, _, _ in rest}
+    assert len(before) == 100 and len(after) == 140
+    assert not before & after  # nobody twice
+    assert engine.escalation_due(qid) == T0 + 30_000

@@ -115,8 +115,10 @@ class Engine(PlaceOps):
         limits: LimitSettings = LimitSettings(),
         content: ContentSettings = ContentSettings(),
         alerts: AlertSettings = AlertSettings(),
+        alerts_per_batch: int = 100,
     ) -> None:
         self.settings = settings
+        self.alerts_per_batch = alerts_per_batch
         self.alert_settings = alerts
         self.slo = SloTracker(alerts.slo_window_days)
         self._alert_heap: list[tuple[int, str]] = []  # (due ms, question id)
@@ -674,39 +676,55 @@ class Engine(PlaceOps):
         return out.build()
 
     def _run_due_stages(self, question: Question, now: int, out: OutcomeBuilder) -> None:
-        while (due := self.where.escalation_due(question)) is not None and due <= now:
-            stage, targets = self.where.run_stage(question, self.user_conns.keys(), now)
-            esc = self.where.escalations[question.question_id]
-            out.write(SaveEscalation(question.question_id, esc.next_stage, now))
-            if targets:
+        """Plan each stage due at ``now`` and deliver up to ``alerts_per_batch`` of their alerts.
+
+        A stage is planned at once (nearest first, caps and "never twice"
+        settled for all its targets), but its alerts leave in batches: the
+        rest stay pending and ``escalation_due`` keeps answering the stage's
+        due time until they are out. So one call's work, and the commit it
+        joins, stay small however many locals a stage reaches: a reply
+        committed next to it waits for a hundred alerts, not a thousand. The
+        stage's progress is saved with its last batch; after a restart in
+        the middle, the stage is planned again without those already alerted.
+        """
+        question_id = question.question_id
+        room = self.alerts_per_batch
+        brief: dict[str, Any] | None = None
+        while room > 0 and (esc := self.where.escalations.get(question_id)) is not None:
+            if esc.delivering is None:
+                due = self.where.escalation_due(question)
+                if due is None or due > now:
+                    break
+                stage, targets = self.where.run_stage(question, self.user_conns.keys(), now)
+                out.note(
+                    "escalation_stage",
+                    question_id=question_id, stage=stage.name, targets=len(targets),
+                    offline=sum(1 for t in targets if not t.online), late_ms=now - (question.created_at + int(stage.offset_s * 1000)),
+                )  # fmt: skip
+                if targets:
+                    out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
+                esc.delivering, esc.pending = stage, targets
+            batch = esc.pending[:room]
+            del esc.pending[:room]
+            room -= len(batch)
+            if batch:
                 out.write(
-                    SaveNotified(
-                        question.question_id,
-                        tuple((t.user_id, t.stage, t.distance_m, t.online) for t in targets),
-                        now,
-                    )
+                    SaveNotified(question_id, tuple((t.user_id, t.stage, t.distance_m, t.online) for t in batch), now)
                 )
-            brief = self.where.brief(question)
-            out.note(
-                "escalation_stage",
-                question_id=question.question_id, stage=stage.name, targets=len(targets),
-                offline=sum(1 for t in targets if not t.online), late_ms=now - (question.created_at + int(stage.offset_s * 1000)),
-            )  # fmt: skip
-            if targets:
-                out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
-            for target in targets:
-                data = {
-                    "question_id": question.question_id,
-                    "question": brief,
-                    **target.to_wire(),
-                }
+            if not esc.pending:
+                esc.delivering = None
+                out.write(SaveEscalation(question_id, esc.next_stage, now))
+            if brief is None:
+                brief = self.where.brief(question)
+            for target in batch:
+                data = {"question_id": question_id, "question": brief, **target.to_wire()}
                 data.pop("user_id", None)
                 data.pop("online", None)
                 self._push_durable(target.user_id, "new_question_notification", data, now, out)
                 if not target.online:
                     self._enqueue_push(target.user_id, "new_question_notification", question, data, now, out)
         if self.where.escalation_due(question) is None:
-            self.where.escalations.pop(question.question_id, None)  # every stage has run
+            self.where.escalations.pop(question_id, None)  # every stage has run
 
     def _enqueue_push(
         self, user_id: str, kind: str, question: Question, data: dict[str, Any], now: int, out: OutcomeBuilder

@@ -33,6 +33,10 @@ class Escalation:
 
     next_stage: int = 0
     notified: set[str] = attrs.Factory(set)
+    # A stage is planned at once and delivered in batches: the stage being
+    # delivered and its targets not alerted yet (nearest first).
+    delivering: StagePlan | None = None
+    pending: list[Target] = attrs.Factory(list)
 
 
 class Neighbourhood:
@@ -147,7 +151,11 @@ class Neighbourhood:
     def escalation_due(self, question: Question) -> int | None:
         """When the question's next stage is due (ms), or None when none is left."""
         esc = self.escalations.get(question.question_id)
-        if esc is None or esc.next_stage >= len(self.stages) or question.status not in ACTIVE:
+        if esc is None or question.status not in ACTIVE:
+            return None
+        if esc.delivering is not None:
+            return question.created_at + int(esc.delivering.offset_s * 1000)
+        if esc.next_stage >= len(self.stages):
             return None
         return question.created_at + int(self.stages[esc.next_stage].offset_s * 1000)
 
