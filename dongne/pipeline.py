@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -73,6 +74,7 @@ class CommitPipeline:
         self._idle = trio.Event()
         self._idle.set()
         self._committed = trio.Event()
+        self._between: list[tuple[Callable[[], Any], trio.Event, list[Any]]] = []
         self.commit_seconds: list[float] = []  # recent commit durations, for metrics
         self.batches = 0
         self.outcomes = 0
@@ -111,6 +113,20 @@ class CommitPipeline:
             self._bulk_queued, self._bulk_seconds = 0, 0.0  # no request can be waiting behind bulk work
         return self._bulk_queued < self._bulk_budget and self._bulk_seconds < self._bulk_time_budget
 
+    async def run_between_commits(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on a worker thread while no commit runs, and return its result.
+
+        The committer runs it before its next commit (which waits meanwhile):
+        for store maintenance that needs the writer to hold still.
+        """
+        done, result = trio.Event(), []
+        self._between.append((fn, done, result))
+        self._wakeup.set()
+        await done.wait()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
     async def wait_for_commit(self) -> None:
         """Return after the next commit."""
         await self._committed.wait()
@@ -123,9 +139,13 @@ class CommitPipeline:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
+            if self._between:
+                await self._run_between()
             if not self._queue:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
+                if not self._queue:
+                    continue  # woken for work between commits
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
             if not self._queue:
@@ -156,6 +176,16 @@ class CommitPipeline:
             if not self._queue:
                 self._idle.set()
                 self._bulk_room.set()
+
+    async def _run_between(self) -> None:
+        jobs, self._between = self._between, []
+        with trio.CancelScope(shield=True):  # whoever waits gets an answer
+            for fn, done, result in jobs:
+                try:
+                    result.append(await trio.to_thread.run_sync(fn))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    result.append(exc)
+                done.set()
 
     async def _act_in_slices(self, batch: list[Outcome]) -> None:
         """Act on a batch in order, letting other tasks run every ``ACT_SLICE_S``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -81,3 +82,44 @@ async def test_fan_out_is_computed_when_there_is_room(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     assert store.rows_committed == 6 * ROWS_PER_STAGE
     store.close()
+
+
+async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
+    """Checkpoints beside a committer that never stops still let the WAL start over.
+
+    The WAL file only grows when SQLite cannot start it over; its size is its
+    high-water mark. A checkpoint that only ran beside commits never caught
+    up, and the file grew with every cycle.
+    """
+    from dongne.app import _checkpoint_wal
+
+    store = Store(tmp_path / "w.sqlite3", synchronous="NORMAL", background_checkpoints=True)
+    store.open()
+    pipeline = CommitPipeline(store, lambda outcome: None)
+    seqs = itertools.count(1)
+    wal = tmp_path / "w.sqlite3-wal"
+    sizes: list[int] = []
+
+    async def write_forever() -> None:
+        # While one commit runs, the next one's writes are queued: the
+        # committer never pauses (and the queue does not grow).
+        while True:
+            pipeline.submit(_outcome("w", 20, seqs))
+            pipeline.submit(_outcome("w", 20, seqs))
+            await pipeline.wait_for_commit()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            nursery.start_soon(functools.partial(_checkpoint_wal, store, pipeline, commits=40, rows=10**9))
+            nursery.start_soon(write_forever)
+            for cycles in (2, 8):  # two checkpoints a cycle
+                with trio.fail_after(60):
+                    while store.checkpoints < 2 * cycles:
+                        await trio.sleep(0.01)
+                sizes.append(wal.stat().st_size)
+            nursery.cancel_scope.cancel()
+        assert store.commits > 8 * 40
+        assert sizes[1] < 1.5 * sizes[0], sizes  # four times the commits, not four times the WAL
+    finally:
+        store.close()
