@@ -13,6 +13,7 @@ import trio
 from dongne.client import RequestError
 from dongne.clock import EngineClock
 from dongne.core.slo import SloTracker
+from dongne.runtime import GC_THRESHOLDS
 
 from .conftest import NO_TIMERS, Harness, question_data
 from .test_push import FakeGateway
@@ -72,6 +73,23 @@ async def test_metrics_report_garbage_collection_pauses(start_server) -> None:  
     assert total is not None and float(total.group(1)) > 0
     await server.running.aclose()
     assert gc.callbacks == callbacks  # the watcher left with its server
+
+
+async def test_full_collections_run_on_the_configured_interval(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)  # as `dongne serve` runs: no automatic full collections
+    try:
+        server: Harness = await start_server(server={**NO_TIMERS, "full_gc_interval_s": 600.0})
+        full = gc.get_stats()[2]["collections"]
+        await trio.sleep(599)
+        assert gc.get_stats()[2]["collections"] == full  # not before the interval
+        await trio.sleep(2)
+        assert gc.get_stats()[2]["collections"] == full + 1
+        await trio.sleep(600)
+        assert gc.get_stats()[2]["collections"] == full + 2
+        await server.running.aclose()
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 async def test_admin_metrics_op_reports_slos(server: Harness) -> None:
