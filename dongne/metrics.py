@@ -19,6 +19,7 @@ __all__ = ["Metrics", "CONTENT_TYPE"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 GC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 ANSWER_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
 
@@ -74,6 +75,14 @@ class Metrics:
             buckets=ANSWER_BUCKETS,
             registry=r,
         )
+        self.request_seconds = Histogram(
+            "dongne_request_seconds",
+            "From a request read off its socket to its reply written (incl. waiting for its commit), by operation",
+            ["op"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._request_children: dict[str, Any] = {}
         self.gc_pauses = Histogram(
             "dongne_gc_pause_seconds",
             "Garbage collections (every task waits), by generation collected",
@@ -92,6 +101,13 @@ class Metrics:
             child = self._frames_out_children[frame_type] = self.frames_out.labels(frame_type)
         child.inc(count)
         self.deliveries.inc(count)
+
+    def request_done(self, op: str, seconds: float) -> None:
+        """A request of ``op`` was answered ``seconds`` after it was read (the hot path: children cached)."""
+        child = self._request_children.get(op)
+        if child is None:
+            child = self._request_children[op] = self.request_seconds.labels(op)
+        child.observe(seconds)
 
     def gc_pause(self, generation: int, seconds: float) -> None:
         """One collection of ``generation`` stopped the process for ``seconds``."""

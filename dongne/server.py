@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import socket
+import time
 from typing import Any
 
 import msgpack
@@ -90,6 +91,8 @@ class ClientServer:
         self.accepting = False
         self.port: int | None = None
         self._ids = itertools.count(1)
+        # id(outcome) -> (operation, when its request was read): for dongne_request_seconds.
+        self._request_started: dict[int, tuple[str, float]] = {}
         self._timer_wakeup = trio.Event()
         self._timer_at = math.inf
         self._conn_nursery: trio.Nursery | None = None
@@ -258,6 +261,7 @@ class ClientServer:
             self.metrics.frames_in.labels("invalid").inc()
             self._refuse(conn_id, None, ProtocolError("bad_frame", "text frames are not accepted; send binary msgpack"))
             return
+        started = time.perf_counter()
         try:
             request = decode_request(message.payload)
         except ProtocolError as exc:
@@ -283,6 +287,8 @@ class ClientServer:
             log.exception("request_failed", extra={"conn": conn_id, "op": request.op, "user": self.engine.user_of(conn_id)})
             self._refuse(conn_id, request.id, ProtocolError("internal", "internal error; the request was not applied"))
             return
+        if outcome.actions and self.engine.knows_op(request.op):
+            self._request_started[id(outcome)] = (request.op, started)
         self.pipeline.submit(outcome)
         self._schedule_timer()
         if conn.read_scope.deadline != math.inf and self.engine.is_authenticated(conn_id):
@@ -301,6 +307,12 @@ class ClientServer:
     # ---- acting on outcomes ------------------------------------------------------
 
     def _act(self, outcome: Outcome) -> None:
+        self._perform(outcome)
+        started = self._request_started.pop(id(outcome), None)
+        if started is not None:
+            self.metrics.request_done(started[0], time.perf_counter() - started[1])
+
+    def _perform(self, outcome: Outcome) -> None:
         for action in outcome.actions:
             if isinstance(action, Send):
                 frame = self.encoder.binary(msgpack.packb(action.frame))

@@ -58,6 +58,11 @@ async def test_metrics_endpoint_counts_real_traffic(server: Harness) -> None:
     assert 'dongne_time_to_first_answer_seconds_count{region="Jeju-si"} 1.0' in text
     assert "dongne_store_commit_seconds_count" in text
     assert 'dongne_frames_out_total{type="answer_notification"} 1.0' in text
+    # Every answered request is timed, by operation (hello, two writes, a refused join).
+    for op, count in (("hello", 2), ("create_question", 1), ("create_answer", 1), ("join_question", 1)):
+        assert f'dongne_request_seconds_count{{op="{op}"}} {count:.1f}' in text
+    timed = re.search(r'^dongne_request_seconds_sum\{op="create_question"\} (\S+)$', text, re.M)
+    assert timed is not None and 0 < float(timed.group(1)) < 10
 
 
 async def test_metrics_report_garbage_collection_pauses(start_server) -> None:  # type: ignore[no-untyped-def]
