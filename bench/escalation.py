@@ -486,31 +486,46 @@ def _runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
-def _gc_pauses(ops_port: int) -> dict[str, dict[str, float]]:
-    """The server's ``dongne_gc_pause_seconds`` histogram per generation: count, sum, and pauses over 50 ms."""
+def _scrape(ops_port: int) -> dict[str, Any]:
+    """From the server's /metrics: ``dongne_gc_pause_seconds`` per generation (count, sum, pauses
+    up to 50 ms) and the ``dongne_request_seconds`` buckets of create_question."""
     with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/metrics", timeout=30) as response:
         text = response.read().decode()
-    out: dict[str, dict[str, float]] = {}
+    gc_pauses: dict[str, dict[str, float]] = {}
     for m in re.finditer(r'^dongne_gc_pause_seconds_(count|sum|bucket)\{(?:le="([^"]+)",)?generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$', text, re.M):
         kind, le1, gen, le2, value = m.groups()
-        g = out.setdefault(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
+        g = gc_pauses.setdefault(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
         if kind == "count":
             g["count"] = float(value)
         elif kind == "sum":
             g["sum_s"] = float(value)
         elif (le1 or le2) == "0.05":
             g["le_50ms"] = float(value)
-    return out
+    asks = {
+        float(m.group(1)): float(m.group(2))
+        for m in re.finditer(r'^dongne_request_seconds_bucket\{le="([^"]+)",op="create_question"\} (\S+)$', text, re.M)
+    }
+    asks.update({
+        float(m.group(1)): float(m.group(2))
+        for m in re.finditer(r'^dongne_request_seconds_bucket\{op="create_question",le="([^"]+)"\} (\S+)$', text, re.M)
+    })
+    return {"gc": gc_pauses, "asks": asks}
 
 
-def _gc_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float]:
+def _server_side(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Collector pauses and create_question latency (as the server measured it) over the load phase."""
     d: dict[str, float] = {}
-    for gen, a in after.items():
-        b = before.get(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
+    for gen, a in after["gc"].items():
+        b = before["gc"].get(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
         count = a["count"] - b["count"]
         d[f"gc{gen}_collections"] = count
         d[f"gc{gen}_pause_ms"] = 1000 * (a["sum_s"] - b["sum_s"])
         d[f"gc{gen}_over_50ms"] = count - (a["le_50ms"] - b["le_50ms"])
+    buckets = {le: n - before["asks"].get(le, 0.0) for le, n in after["asks"].items()}
+    total = buckets.get(math.inf, 0.0)
+    for ms in (25, 50, 100):
+        d[f"server_asks_over_{ms}ms"] = total - buckets.get(ms / 1000, total)
+    d["server_asks"] = total
     return d
 
 
@@ -715,7 +730,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
             _spies.add(spy)
 
         ops_port = int(server.match.group(2))
-        gc0 = _gc_pauses(ops_port)
+        scrape0 = _scrape(ops_port)
         cpu0 = server.cpu_seconds()
         runq0 = _runqueue_wait_s(server.pid)
         client_cpu0 = workers.cpu_seconds()
@@ -735,7 +750,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         me = sum(os.times()[:2]) - me0
         busy = h.machine_busy_seconds() - busy0
         rss_end = server.rss_bytes()
-        gc_pauses = _gc_delta(gc0, _gc_pauses(ops_port))
+        server_side = _server_side(scrape0, _scrape(ops_port))
         workers.broadcast("report")
         reports = workers.wait_all("report", 60)
         if spy is not None:
@@ -749,7 +764,7 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         parts = [r[1] for r in reports if r is not None]
         return _analyse(args, scn, asked, parts, server_cpu=cpu1 - cpu0, runq=runq, wall=w1 - w0, client_cpu=client_cpu,
                         bench_cpu=me, machine_busy=busy, background=background, rss_ready=rss_ready,
-                        rss_end=rss_end, setup_s=setup_s, missing_reports=sum(r is None for r in reports), gc_pauses=gc_pauses)
+                        rss_end=rss_end, setup_s=setup_s, missing_reports=sum(r is None for r in reports), server_side=server_side)
     except BaseException:
         alive = "running" if server.alive() else f"exited with {server.proc.returncode if server.proc else '?'}"
         print(f"    server ({alive}) stderr tail:\n      " + "\n      ".join(list(server.tail)[-15:]), file=sys.stderr)
@@ -866,7 +881,7 @@ def _analyse(args: argparse.Namespace, scn: _Scenario, asked: dict[str, Any], pa
         "server_rss_peak_mb": max(asked["rss_peak"], m["rss_end"]) / 2**20,
         "setup_s": m["setup_s"],
         "client_bytes_in_mb": sum(p["bytes_in"] for p in parts) / 2**20,
-        **m["gc_pauses"],
+        **m["server_side"],
     }
 
 
@@ -889,6 +904,7 @@ _SUMMARY = [
     "immediate_per_question", "alerts_per_question", "locals_at_hourly_cap", "moves_per_s",
     "server_cpu_pct", "server_cpu_s", "server_cpu_ms_per_question", "server_runqueue_wait_pct", "background_cores_before", "clients_cpu_pct", "machine_cpu_pct", "server_rss_ready_mb", "server_rss_peak_mb", "setup_s",
     "gc0_collections", "gc0_pause_ms", "gc1_collections", "gc1_pause_ms", "gc1_over_50ms", "gc2_collections", "gc2_pause_ms", "gc2_over_50ms",
+    "server_asks", "server_asks_over_25ms", "server_asks_over_50ms", "server_asks_over_100ms",
 ]
 
 
@@ -1010,6 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
         ["young / middle / full collections while loaded", f'{summary["gc0_collections"]:g} / {summary["gc1_collections"]:g} / {summary["gc2_collections"]:g}'],
         ["  their pauses, ms in total", f'{summary["gc0_pause_ms"]:.0f} / {summary["gc1_pause_ms"]:.0f} / {summary["gc2_pause_ms"]:.0f}'],
         ["  middle / full collections over 50 ms", f'{summary["gc1_over_50ms"]:g} / {summary["gc2_over_50ms"]:g}'],
+        ["create_question answered in the server over 25 / 50 / 100 ms (dongne_request_seconds)",
+         f'{summary["server_asks_over_25ms"]:g} / {summary["server_asks_over_50ms"]:g} / {summary["server_asks_over_100ms"]:g} of {summary["server_asks"]:g}'],
     ]
     print(h.format_table(["figure", "median"], rows2))
     closes = [r["local_closes"] for r in runs]
