@@ -2,8 +2,10 @@
 
 Theory of operation: every outcome the engine returns is submitted here. The
 committer task takes everything queued, commits all its writes in one SQLite
-transaction on a worker thread, and only then performs the actions of each
-outcome in submission order. So a reply that acknowledges a write never leaves
+transaction on a worker thread, and only then are the actions of each
+outcome performed, in submission order, by the actor task. The two overlap:
+while one batch is acted on (sending frames, on the event loop), the next
+one commits (SQLite, on the worker thread); a third waits for both. So a reply that acknowledges a write never leaves
 before the write is durable, a read never shows a write that could still be
 lost, and durable events reach each user in seq order. While one commit runs,
 new outcomes queue up and share the next one: throughput does not collapse to
@@ -22,6 +24,7 @@ replies and the IMMEDIATE alerts they carry do not.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +67,10 @@ class CommitPipeline:
         self._max_batch = max_batch
         self._queue: list[Outcome] = []
         self._wakeup = trio.Event()
-        self._busy = False  # a batch is being committed or acted on
+        self._in_flight = 0  # batches taken from the queue and not yet acted on
+        self._committed_batches: deque[list[Outcome]] = deque()  # committed, for the actor
+        self._batch_committed = trio.Event()
+        self._batch_taken = trio.Event()
         self._bulk_budget = bulk_budget
         self._bulk_time_budget = bulk_time_budget
         self._bulk_queued = 0  # rows of bulk outcomes waiting for the next commit
@@ -83,7 +89,7 @@ class CommitPipeline:
         """Queue an outcome; one with no writes and nothing ahead of it is acted on at once."""
         if not outcome.writes and not outcome.actions:
             return
-        if not outcome.writes and not self._queue and not self._busy:
+        if not outcome.writes and not self._queue and not self._in_flight:
             self._act(outcome)
             return
         self._queue.append(outcome)
@@ -109,7 +115,7 @@ class CommitPipeline:
             self._bulk_room = trio.Event()
 
     def _bulk_has_room(self) -> bool:
-        if not self._queue and not self._busy:
+        if not self._queue and not self._in_flight:
             self._bulk_queued, self._bulk_seconds = 0, 0.0  # no request can be waiting behind bulk work
         return self._bulk_queued < self._bulk_budget and self._bulk_seconds < self._bulk_time_budget
 
@@ -133,11 +139,16 @@ class CommitPipeline:
 
     async def wait_idle(self) -> None:
         """Return once everything submitted so far is committed and acted on."""
-        while self._queue or self._busy:
+        while self._queue or self._in_flight:
             await self._idle.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._act_committed)
+            task_status.started()
+            await self._commit_forever()
+
+    async def _commit_forever(self) -> None:
         while True:
             if self._between:
                 await self._run_between()
@@ -146,34 +157,49 @@ class CommitPipeline:
                 await self._wakeup.wait()
                 if not self._queue:
                     continue  # woken for work between commits
+            while self._committed_batches:
+                # The actor is still on the batch before: at most one waits.
+                self._batch_taken = trio.Event()
+                await self._batch_taken.wait()
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            self._in_flight += 1
             if not self._queue:
                 # What comes next goes into the next commit: bulk work may fill it.
                 self._bulk_queued, self._bulk_seconds = 0, 0.0
                 self._bulk_room.set()
             writes: list[Write] = [w for outcome in batch for w in outcome.writes]
-            self._busy = True
+            if writes:
+                started = time.perf_counter()
+                # Statements are built here (GIL-bound work either way); the
+                # worker thread only runs SQLite. Not abandoned on cancel: a
+                # commit in flight always finishes.
+                prepared = self._store.prepare(writes)
+                await trio.to_thread.run_sync(self._store.commit, prepared)
+                self._committed.set()
+                self._committed = trio.Event()
+                self._record(time.perf_counter() - started)
+                if self._on_commit is not None:
+                    self._on_commit(time.perf_counter() - started, len(batch))
+            self._committed_batches.append(batch)
+            self._batch_committed.set()
+
+    async def _act_committed(self) -> None:
+        while True:
+            if not self._committed_batches:
+                self._batch_committed = trio.Event()
+                await self._batch_committed.wait()
+                continue
+            batch = self._committed_batches.popleft()
+            self._batch_taken.set()
             try:
-                if writes:
-                    started = time.perf_counter()
-                    # Statements are built here (GIL-bound work either way); the
-                    # worker thread only runs SQLite. Not abandoned on cancel: a
-                    # commit in flight always finishes.
-                    prepared = self._store.prepare(writes)
-                    await trio.to_thread.run_sync(self._store.commit, prepared)
-                    self._committed.set()
-                    self._committed = trio.Event()
-                    self._record(time.perf_counter() - started)
-                    if self._on_commit is not None:
-                        self._on_commit(time.perf_counter() - started, len(batch))
                 with trio.CancelScope(shield=True):  # what is committed is acted on
                     await self._act_in_slices(batch)
             finally:
-                self._busy = False
+                self._in_flight -= 1
             self.batches += 1
             self.outcomes += len(batch)
-            if not self._queue:
+            if not self._queue and not self._in_flight:
                 self._idle.set()
                 self._bulk_room.set()
 

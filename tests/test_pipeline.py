@@ -123,3 +123,33 @@ async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
         assert sizes[1] < 1.5 * sizes[0], sizes  # four times the commits, not four times the WAL
     finally:
         store.close()
+
+
+async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path) -> None:
+    import time
+
+    store = Store(tmp_path / "o.sqlite3", synchronous="NORMAL")
+    store.open()
+    seqs = itertools.count(1)
+    acted: list[tuple[str, int]] = []
+
+    def act(outcome: Outcome) -> None:
+        acted.append((outcome.actions[0].event, store.commits))  # type: ignore[union-attr]
+        time.sleep(0.002)  # writing to a socket; the GIL is free meanwhile
+
+    pipeline = CommitPipeline(store, act)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            for i in range(50):
+                pipeline.submit(_outcome(f"a{i}", 1, seqs))
+            await pipeline.wait_for_commit()  # the 50 are committed together, and being acted on
+            pipeline.submit(_outcome("b", 1, seqs))
+            with trio.fail_after(10):
+                await pipeline.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert [name for name, _ in acted] == [f"a{i}" for i in range(50)] + ["b"]  # in order
+        assert acted[0][1] == 1
+        assert acted[49][1] == 2  # "b" was committed before the first batch was all acted on
+    finally:
+        store.close()
