@@ -321,3 +321,24 @@ def test_a_restart_in_the_middle_of_a_stage_alerts_only_the_rest(tmp_path) -> No
     assert len(before) == 100 and len(after) == 140
     assert not before & after  # nobody twice
     assert engine.escalation_due(qid) == T0 + 30_000
+
+
+def test_nearby_questions_looks_past_a_crowd_of_ones_own() -> None:
+    from dongne.config import LimitSettings
+
+    engine = Engine(EngineSettings(), claims_for, limits=LimitSettings(questions_burst=50, writes_burst=50))
+    sim = Sim(engine)
+    for conn_id, user in ((1, "busy"), (2, "other"), (3, "walker")):
+        sim.connect(conn_id, user)
+    # "busy" asks 12 questions 10-120 m from the hall; "other" one 2 km away.
+    for n in range(12):
+        sim.call(1, "create_question", {"title": f"q{n}", "location": {"lat": 33.4996, "lng": 126.5312 + (10 + 10 * n) / 92_800}})
+    far = sim.call(2, "create_question", {"title": "far", "location": {"lat": 33.4996, "lng": 126.5312 + 2000 / 92_800}})
+    far_id = sim.reply(far)["data"]["question"]["question_id"]
+    hall = {"location": {"lat": 33.4996, "lng": 126.5312}}
+
+    own_excluded = sim.reply(sim.call(1, "nearby_questions", hall))["data"]["questions"]
+    assert [q["question_id"] for q in own_excluded] == [far_id]  # past the 12 nearest, all its own
+    seen = sim.reply(sim.call(3, "nearby_questions", hall))["data"]["questions"]
+    assert [q["title"] for q in seen] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [q["distance_m"] for q in seen] == sorted(q["distance_m"] for q in seen)

@@ -134,17 +134,32 @@ class Neighbourhood:
     ) -> list[tuple[Question, float]]:
         """Open questions asked within ``nearby_max_age_s`` and ``nearby_radius_m``, nearest first."""
         oldest = now - int(self.settings.nearby_max_age_s * 1000)
-        out: list[tuple[Question, float]] = []
-        for question_id, distance in self.open_questions.within(lat, lng, self.settings.nearby_radius_m):
-            question = questions.get(question_id)
-            if question is None or question.status not in ACTIVE or question.created_at < oldest:
-                continue
-            if question.asker_id == exclude_asker:
-                continue
-            out.append((question, distance))
-            if len(out) >= self.settings.nearby_max:
-                break
-        return out
+        wanted = self.settings.nearby_max
+        radius = self.settings.nearby_radius_m
+
+        def pick(hits: list[tuple[str, float]]) -> list[tuple[Question, float]]:
+            out: list[tuple[Question, float]] = []
+            for question_id, distance in hits:
+                question = questions.get(question_id)
+                if question is None or question.status not in ACTIVE or question.created_at < oldest:
+                    continue
+                if question.asker_id == exclude_asker:
+                    continue
+                out.append((question, distance))
+                if len(out) >= wanted:
+                    break
+            return out
+
+        # Every move asks this; in a busy area hundreds of open questions are
+        # within reach. The nearest few usually qualify (open, recent, not
+        # one's own): look at twice as many as wanted, nearest first, and
+        # scan everything in reach only when too many of those did not.
+        k = 2 * wanted + 2
+        hits = self.open_questions.nearest_within(lat, lng, radius, k)
+        found = pick(hits)
+        if len(found) < wanted and len(hits) == k:
+            found = pick(self.open_questions.within(lat, lng, radius))
+        return found
 
     # ---- escalation ------------------------------------------------------------------
 
