@@ -509,7 +509,10 @@ def _scrape(ops_port: int) -> dict[str, Any]:
         float(m.group(1)): float(m.group(2))
         for m in re.finditer(r'^dongne_request_seconds_bucket\{op="create_question",le="([^"]+)"\} (\S+)$', text, re.M)
     })
-    return {"gc": gc_pauses, "asks": asks}
+    quick: dict[float, float] = {}
+    for m in re.finditer(r'^dongne_escalation_stage_latency_seconds_bucket\{(?:le="([^"]+)",)?stage="QUICK"(?:,le="([^"]+)")?\} (\S+)$', text, re.M):
+        quick[float(m.group(1) or m.group(2))] = float(m.group(3))
+    return {"gc": gc_pauses, "asks": asks, "quick": quick}
 
 
 def _server_side(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -526,6 +529,11 @@ def _server_side(before: dict[str, Any], after: dict[str, Any]) -> dict[str, flo
     for ms in (25, 50, 100):
         d[f"server_asks_over_{ms}ms"] = total - buckets.get(ms / 1000, total)
     d["server_asks"] = total
+    # QUICK is due 3 s after the question; under load it runs late, by design.
+    quick = {le: n - before["quick"].get(le, 0.0) for le, n in after["quick"].items()}
+    d["quick_stages"] = quick.get(math.inf, 0.0)
+    for s in (5, 10, 30):
+        d[f"quick_within_{s}s"] = quick.get(float(s), 0.0)
     return d
 
 
@@ -905,6 +913,7 @@ _SUMMARY = [
     "server_cpu_pct", "server_cpu_s", "server_cpu_ms_per_question", "server_runqueue_wait_pct", "background_cores_before", "clients_cpu_pct", "machine_cpu_pct", "server_rss_ready_mb", "server_rss_peak_mb", "setup_s",
     "gc0_collections", "gc0_pause_ms", "gc1_collections", "gc1_pause_ms", "gc1_over_50ms", "gc2_collections", "gc2_pause_ms", "gc2_over_50ms",
     "server_asks", "server_asks_over_25ms", "server_asks_over_50ms", "server_asks_over_100ms",
+    "quick_stages", "quick_within_5s", "quick_within_10s", "quick_within_30s",
 ]
 
 
@@ -1028,6 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
         ["  middle / full collections over 50 ms", f'{summary["gc1_over_50ms"]:g} / {summary["gc2_over_50ms"]:g}'],
         ["create_question answered in the server over 25 / 50 / 100 ms (dongne_request_seconds)",
          f'{summary["server_asks_over_25ms"]:g} / {summary["server_asks_over_50ms"]:g} / {summary["server_asks_over_100ms"]:g} of {summary["server_asks"]:g}'],
+        ["QUICK stages (due at 3 s) running by 5 / 10 / 30 s after their question",
+         f'{summary["quick_within_5s"]:g} / {summary["quick_within_10s"]:g} / {summary["quick_within_30s"]:g} of {summary["quick_stages"]:g}'],
     ]
     print(h.format_table(["figure", "median"], rows2))
     closes = [r["local_closes"] for r in runs]
