@@ -18,7 +18,15 @@ connected locals, 50 questions/s, pauses from ``dongne_gc_pause_seconds``):
 
 Reference cycles that survive a middle collection are reclaimed by the full
 collection :func:`collect_fully_every` runs on a fixed interval
-(``[server] full_gc_interval_s``): one known pause, at a known rate.
+(``[server] full_gc_interval_s``): a known pause, at a known rate. A full
+collection walks every live object: ~440 ms at 10,000 connections (measured
+with the bench's interval shortened). Most of them (connections, users,
+questions) outlive many intervals, so after each collection the survivors
+are frozen (``gc.freeze``) and the next one walks only what is newer (about
+100 ms in the same bench, 12 s after the first); every
+:data:`FULL_SWEEP_EVERY` rounds the frozen objects are thawed and walked
+too, for the cycles they formed meanwhile (kept until then: at most an hour
+with the defaults).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["GC_THRESHOLDS", "tune_interpreter", "collect_fully_every", "watch_gc_pauses"]
+__all__ = ["GC_THRESHOLDS", "FULL_SWEEP_EVERY", "tune_interpreter", "collect_fully_every", "watch_gc_pauses"]
 
 #: ``gc.set_threshold`` for the server: CPython's young (700 objects) and
 #: middle (every 10 young) collections; the third threshold at its maximum
@@ -45,13 +53,31 @@ def tune_interpreter() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: Every this many rounds of :func:`collect_fully_every`, frozen objects are walked too.
+FULL_SWEEP_EVERY = 6
+
+
 async def collect_fully_every(interval_s: float) -> None:
-    """Run a full collection every ``interval_s`` seconds (never if it is infinite)."""
+    """Every ``interval_s`` seconds, collect what is new since the last round (never if infinite).
+
+    Each round is a full collection over the objects not frozen, after which
+    the survivors are frozen; every :data:`FULL_SWEEP_EVERY` rounds all are
+    thawed first. Everything is thawed when the task ends (a server stopping
+    in a process that goes on, like the tests).
+    """
     if math.isinf(interval_s):
         return
-    while True:
-        await trio.sleep(interval_s)
-        gc.collect()
+    rounds = 0
+    try:
+        while True:
+            await trio.sleep(interval_s)
+            rounds += 1
+            if rounds % FULL_SWEEP_EVERY == 0:
+                gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager

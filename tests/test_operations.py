@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import re
+import weakref
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ import trio
 from dongne.client import RequestError
 from dongne.clock import EngineClock
 from dongne.core.slo import SloTracker
-from dongne.runtime import GC_THRESHOLDS
+from dongne.runtime import FULL_SWEEP_EVERY, GC_THRESHOLDS
 
 from .conftest import NO_TIMERS, Harness, question_data
 from .test_push import FakeGateway
@@ -94,6 +95,39 @@ async def test_full_collections_run_on_the_configured_interval(start_server, aut
         assert gc.get_stats()[2]["collections"] == full + 2
         await server.running.aclose()
     finally:
+        gc.set_threshold(*thresholds)
+
+
+class _Node:
+    other: object = None
+
+
+async def test_a_cycle_that_outlived_a_round_is_reclaimed_at_the_next_full_sweep(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        server: Harness = await start_server(server={**NO_TIMERS, "full_gc_interval_s": 600.0})
+        old = _Node()
+        old.other = old  # a reference cycle, alive at the first round
+        old_ref = weakref.ref(old)
+        await trio.sleep(601)  # round 1: it survives and is frozen
+        assert gc.get_freeze_count() > 0
+        del old
+        young = _Node()
+        young.other = young  # garbage made after the round: not frozen
+        young_ref = weakref.ref(young)
+        del young
+        await trio.sleep(600)  # round 2 walks only what is not frozen
+        assert young_ref() is None
+        assert old_ref() is not None
+        await trio.sleep(600 * (FULL_SWEEP_EVERY - 3))  # rounds 3 .. FULL_SWEEP_EVERY - 1
+        assert old_ref() is not None
+        await trio.sleep(600)  # round FULL_SWEEP_EVERY walks the frozen objects too
+        assert old_ref() is None
+        await server.running.aclose()
+        assert gc.get_freeze_count() == 0  # thawed when the server stopped
+    finally:
+        gc.unfreeze()
         gc.set_threshold(*thresholds)
 
 
