@@ -7,10 +7,12 @@ hypercorn on the ops port, and shuts everything down gracefully when asked
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +105,11 @@ async def run_server(
     db_path.parent.mkdir(parents=True, exist_ok=True)
     # One server per database, and no restore under a running server.
     try:
-        with hold_database_lock(db_path):
-            await _serve(settings, db_path, store, verifier, region_set, clock, handle_signals, stopped, task_status)
+        # The signal handlers stay ours until the database is closed: a second
+        # Ctrl+C during the graceful shutdown is queued and ignored, not a
+        # KeyboardInterrupt raised into it.
+        with hold_database_lock(db_path), _signals(handle_signals) as signals:
+            await _serve(settings, db_path, store, verifier, region_set, clock, signals, stopped, task_status)
     finally:
         stopped.set()  # after the lock is released: a restart may follow at once
 
@@ -116,7 +121,7 @@ async def _serve(
     verifier: TokenVerifier,
     region_set: RegionSet,
     clock: EngineClock | None,
-    handle_signals: bool,
+    signals: AsyncIterator[int] | None,
     stopped: trio.Event,
     task_status: trio.TaskStatus[Running],
 ) -> None:
@@ -194,16 +199,16 @@ async def _serve(
                 )
                 ops_port = _ops_port(binds)
                 log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
-                signals = trio.CancelScope()
-                if handle_signals:
-                    root.start_soon(_in_scope, signals, functools.partial(_watch_signals, shutdown))
+                watcher = trio.CancelScope()
+                if signals is not None:
+                    root.start_soon(_in_scope, watcher, functools.partial(_watch_signals, signals, shutdown))
                 task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
                 await shutdown.wait()
                 log.info("shutting down")
                 snapshots.cancel()
                 checkpoints.cancel()
                 full_gc.cancel()
-                signals.cancel()  # a stop() from code rather than a signal
+                watcher.cancel()  # a stop() from code rather than a signal
                 clients.stop_accepting()
     finally:
         with trio.CancelScope(shield=True):
@@ -248,9 +253,13 @@ async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:
         await fn()
 
 
-async def _watch_signals(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            shutdown.set()
-            return
+def _signals(handle: bool) -> contextlib.AbstractContextManager[AsyncIterator[int] | None]:
+    """SIGINT and SIGTERM as a stream while the block runs (``None`` when not handled)."""
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) if handle else contextlib.nullcontext()
+
+
+async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> None:
+    async for signum in signals:
+        log.info("received %s", signal.Signals(signum).name)
+        shutdown.set()
+        return

@@ -176,3 +176,26 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "newer than this dongne" in out.stderr
+
+
+async def test_a_second_sigint_during_shutdown_is_ignored(tmp_path: Path) -> None:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "dongne", "serve", "--db", str(tmp_path / "d.sqlite3"), "--port", "0", "--ops-port", "0"],
+        stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        _, _, seen = await _read_ports(proc)
+        proc.send_signal(signal.SIGINT)  # Ctrl+C, and again while it shuts down
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            code = await proc.wait()
+            assert proc.stderr is not None
+            while chunk := await proc.stderr.receive_some(65536):
+                seen += chunk
+        assert code == 0
+        assert b"Traceback" not in seen and b"KeyboardInterrupt" not in seen
+        assert b'"database closed"' in seen
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
