@@ -803,21 +803,18 @@ def _plan_online_nearby(
     p: _Planner, live: LocalsIndex, online: Set[str], radius_m: float, limit: int | None
 ) -> list[Target]:
     q = p.question
-    exclude = set(p.notified)
-    exclude.add(q.asker_id)
-    eligible = p.eligible
-    eligible_online = p.rule(online)
-
-    def keep(uid: str) -> bool:
-        return uid not in exclude and eligible_online(uid)
-
+    # The rule already refuses the asker and those notified; the index is
+    # told too, so that they do not take places among the k nearest.
+    keep = p.rule(online)
     if limit is not None:
         # The common case: the nearest few are eligible. Ask for twice the limit.
         k = 2 * limit
+        exclude = set(p.notified)
+        exclude.add(q.asker_id)
         hits = live.nearest_within(q.lat, q.lng, radius_m, k, exclude)
         chosen: list[Target] = []
         for uid, dist in hits:
-            if uid in online and eligible(uid):
+            if keep(uid):
                 chosen.append(p.target(uid, dist, True))
                 if len(chosen) == limit:
                     return chosen
