@@ -269,7 +269,8 @@ class ClientServer:
             rid = exc.extra.get("id")
             self._refuse(conn_id, rid if isinstance(rid, int) else None, exc)
             return
-        self.metrics.frames_in.labels(request.op if self.engine.knows_op(request.op) else "unknown").inc()
+        known_op = self.engine.knows_op(request.op)
+        self.metrics.frames_in.labels(request.op if known_op else "unknown").inc()
         missing = self.engine.missing_question(request) if self.engine.is_authenticated(conn_id) else None
         if missing is not None:
             found = await trio.to_thread.run_sync(self.store.find_question, missing)
@@ -287,7 +288,7 @@ class ClientServer:
             log.exception("request_failed", extra={"conn": conn_id, "op": request.op, "user": self.engine.user_of(conn_id)})
             self._refuse(conn_id, request.id, ProtocolError("internal", "internal error; the request was not applied"))
             return
-        if outcome.actions and self.engine.knows_op(request.op):
+        if outcome.actions and known_op:
             self._request_started[id(outcome)] = (request.op, started)
         self.pipeline.submit(outcome)
         self._schedule_timer()
