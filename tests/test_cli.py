@@ -54,6 +54,16 @@ def _token(tmp_path: Path, user: str, *extra: str) -> str:
     return out.stdout.strip()
 
 
+async def _exit_and_stderr(proc: trio.Process, seen: bytes) -> tuple[int, bytes]:
+    """Wait (10 s at most) for the server to exit; its exit code and all it wrote to stderr."""
+    with trio.fail_after(10):
+        code = await proc.wait()
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.receive_some(65536):
+            seen += chunk
+    return code, seen
+
+
 async def test_serve_token_health_and_graceful_sigterm(tmp_path: Path) -> None:
     db = tmp_path / "d.sqlite3"
     asker_token = _token(tmp_path, "asker", "--nick", "Mina")
@@ -79,11 +89,7 @@ async def test_serve_token_health_and_graceful_sigterm(tmp_path: Path) -> None:
                 with trio.fail_after(10):
                     await asker.ws.get_message()
             assert closed.value.reason.code == 1001
-        with trio.fail_after(10):
-            code = await proc.wait()
-            assert proc.stderr is not None
-            while chunk := await proc.stderr.receive_some(65536):
-                seen += chunk
+        code, seen = await _exit_and_stderr(proc, seen)
         assert code == 0
         assert trio.current_time() - started < 5.0
         # Structured logs: one JSON object per line, ids but never the question's text.
@@ -187,11 +193,7 @@ async def test_a_second_sigint_during_shutdown_is_ignored(tmp_path: Path) -> Non
         _, _, seen = await _read_ports(proc)
         proc.send_signal(signal.SIGINT)  # Ctrl+C, and again while it shuts down
         proc.send_signal(signal.SIGINT)
-        with trio.fail_after(10):
-            code = await proc.wait()
-            assert proc.stderr is not None
-            while chunk := await proc.stderr.receive_some(65536):
-                seen += chunk
+        code, seen = await _exit_and_stderr(proc, seen)
         assert code == 0
         assert b"Traceback" not in seen and b"KeyboardInterrupt" not in seen
         assert b'"database closed"' in seen
