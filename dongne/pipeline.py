@@ -5,9 +5,10 @@ committer task takes everything queued, commits all its writes in one SQLite
 transaction on a worker thread, and only then are the actions of each
 outcome performed, in submission order, by the actor task. The two overlap:
 while one batch is acted on (sending frames, on the event loop), the next
-one commits (SQLite, on the worker thread); a third waits for both. So a reply that acknowledges a write never leaves
-before the write is durable, a read never shows a write that could still be
-lost, and durable events reach each user in seq order. While one commit runs,
+one commits (SQLite, on the worker thread); a third waits for both. So a
+reply that acknowledges a write never leaves before the write is durable, a
+read never shows a write that could still be lost, and durable events reach
+each user in seq order. While one commit runs,
 new outcomes queue up and share the next one: throughput does not collapse to
 one fsync per request.
 

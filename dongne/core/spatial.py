@@ -148,9 +148,9 @@ def _tree_ids(query: Callable[..., int], tree: rtree_index.Index, box: tuple[flo
     Calls libspatialindex as those methods do, but reads the ids without
     ``ctypes.cast``: rtree's wrappers cast the result pointer, and each cast
     leaves a reference cycle behind (4 objects, ~0.5 KB per query), garbage
-    that only the cyclic collector frees. With the server's raised gc
-    thresholds (dongne/runtime.py) that garbage piled up to ~4 MB between
-    collections in the soak bench. Same ids, same order; no garbage.
+    that only the cyclic collector frees (in the soak bench it piled up to
+    ~4 MB between collections, and each cycle is work for the collector).
+    Same ids, same order; no garbage.
     """
     p_mins, p_maxs = tree.get_coordinate_pointers(box)
     ids = _INT64_P()
