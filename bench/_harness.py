@@ -44,43 +44,43 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 __all__ = [
-    "BENCH_DIR",
-    "REPO_DIR",
-    "ServerProcess",
-    "start_dongne",
-    "raise_nofile",
-    "cpu_seconds",
-    "rss_bytes",
-    "machine_busy_seconds",
-    "handshake_request",
-    "encode_client_frame",
-    "split_frames",
-    "BlockingWebSocket",
-    "WebSocketClosed",
-    "LoadConn",
-    "EpollClients",
-    "ClientPool",
-    "CONNECTING",
-    "HANDSHAKE",
     "AUTH",
-    "READY",
+    "BENCH_DIR",
+    "CONNECTING",
     "DEAD",
+    "HANDSHAKE",
     "LINGER_RST",
-    "bench_parser",
-    "add_json_option",
-    "time_limit",
-    "report_head",
-    "background_cores",
-    "format_table",
-    "write_json",
-    "write_report",
-    "median",
-    "percentile",
-    "OP_TEXT",
     "OP_BINARY",
     "OP_CLOSE",
     "OP_PING",
     "OP_PONG",
+    "OP_TEXT",
+    "READY",
+    "REPO_DIR",
+    "BlockingWebSocket",
+    "ClientPool",
+    "EpollClients",
+    "LoadConn",
+    "ServerProcess",
+    "WebSocketClosed",
+    "add_json_option",
+    "background_cores",
+    "bench_parser",
+    "cpu_seconds",
+    "encode_client_frame",
+    "format_table",
+    "handshake_request",
+    "machine_busy_seconds",
+    "median",
+    "percentile",
+    "raise_nofile",
+    "report_head",
+    "rss_bytes",
+    "split_frames",
+    "start_dongne",
+    "time_limit",
+    "write_json",
+    "write_report",
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -325,7 +325,20 @@ def start_dongne(
     env.update(extra_env or {})
     server = ServerProcess(
         "dongne",
-        [sys.executable, "-m", "dongne", "serve", "--host", "127.0.0.1", "--port", "0", "--ops-port", "0", "--db", str(db_path)],
+        [
+            sys.executable,
+            "-m",
+            "dongne",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--ops-port",
+            "0",
+            "--db",
+            str(db_path),
+        ],
         ready_pattern=DONGNE_READY,
         env=env,
         cwd=db_path.parent,  # no stray ./config.toml is picked up
@@ -467,9 +480,7 @@ class BlockingWebSocket:
 
         Frames already split off but not yet returned by ``recv`` are re-encoded into those bytes.
         """
-        pending = b"".join(
-            bytes((0x80 | op,)) + _length_prefix(len(payload)) + payload for op, payload in self._frames
-        )
+        pending = b"".join(bytes((0x80 | op,)) + _length_prefix(len(payload)) + payload for op, payload in self._frames)
         self._frames.clear()
         rest, self._buf = pending + self._buf, b""
         return self.sock, rest
@@ -493,7 +504,7 @@ CONNECTING, HANDSHAKE, AUTH, READY, DEAD = 0, 1, 2, 8, 9
 class LoadConn:
     """One connection of an ``EpollClients`` loop; a bench subclasses it, with ``__slots__``, for its own fields."""
 
-    __slots__ = ("sock", "fd", "user", "state", "buf")
+    __slots__ = ("buf", "fd", "sock", "state", "user")
 
     def __init__(self, sock: socket.socket, user: str) -> None:
         self.sock = sock
@@ -532,7 +543,9 @@ class EpollClients(Generic[C]):
     with a reset (no TIME_WAIT).
     """
 
-    def __init__(self, pipe: multiprocessing.connection.Connection, spec: Mapping[str, Any], *, what: str = "connections") -> None:
+    def __init__(
+        self, pipe: multiprocessing.connection.Connection, spec: Mapping[str, Any], *, what: str = "connections"
+    ) -> None:
         raise_nofile(len(spec["jobs"]) + 1024)
         self.pipe = pipe
         self.host: str = spec["host"]
@@ -690,7 +703,9 @@ class EpollClients(Generic[C]):
                         pipe.send(("ready", self.n_ready, self.n_failed, self.errors))
                         self.ready_sent = True
                     elif time.monotonic() > self.setup_end:
-                        self.errors.append(f"setup timed out: {self.total - self.n_ready - self.n_failed} {self.what} not ready")
+                        self.errors.append(
+                            f"setup timed out: {self.total - self.n_ready - self.n_failed} {self.what} not ready"
+                        )
                         pipe.send(("ready", self.n_ready, self.total - self.n_ready, self.errors))
                         self.ready_sent = True
                 if tick is not None:
@@ -829,12 +844,19 @@ class ClientPool:
 
 def bench_parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser described by the first paragraph of a bench's docstring."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def add_json_option(parser: argparse.ArgumentParser, bench: str) -> None:
     """``--json PATH``, by default ``bench/results/<bench>.json``."""
-    parser.add_argument("--json", default=str(BENCH_DIR / "results" / f"{bench}.json"), metavar="PATH", help="where to write the results")
+    parser.add_argument(
+        "--json",
+        default=str(BENCH_DIR / "results" / f"{bench}.json"),
+        metavar="PATH",
+        help="where to write the results",
+    )
 
 
 def _on_alarm(signum: int, frame: Any) -> None:

@@ -76,7 +76,7 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 EARTH_R = 6_371_008.8
 IMMEDIATE_RADIUS_M = 2000.0
@@ -136,7 +136,7 @@ SETTINGS, LOCATING = h.AUTH + 1, h.AUTH + 2  # waiting for update_settings', the
 
 
 class _Local(h.LoadConn):
-    __slots__ = ("idx", "token", "lat", "lng", "spot", "pending", "got", "seq")
+    __slots__ = ("got", "idx", "lat", "lng", "pending", "seq", "spot", "token")
 
     def __init__(self, sock: socket.socket, job: tuple[Any, ...]) -> None:
         idx, user, token, lat, lng, spot = job
@@ -348,7 +348,7 @@ class _Asker:
         self.sock, self.buf = self.ws.detach()
         self.sock.setblocking(False)
         self.fd = self.sock.fileno()
-        self.closed: int | None | str = "open"
+        self.closed: int | str | None = "open"
 
     def send(self, payload: bytes) -> None:
         self.sock.setblocking(True)  # a few hundred bytes: never blocks in practice
@@ -492,7 +492,11 @@ def _scrape(ops_port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/metrics", timeout=30) as response:
         text = response.read().decode()
     gc_pauses: dict[str, dict[str, float]] = {}
-    for m in re.finditer(r'^dongne_gc_pause_seconds_(count|sum|bucket)\{(?:le="([^"]+)",)?generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$', text, re.M):
+    for m in re.finditer(
+        r'^dongne_gc_pause_seconds_(count|sum|bucket)\{(?:le="([^"]+)",)?generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$',
+        text,
+        re.M,
+    ):
         kind, le1, gen, le2, value = m.groups()
         g = gc_pauses.setdefault(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
         if kind == "count":
@@ -505,12 +509,20 @@ def _scrape(ops_port: int) -> dict[str, Any]:
         float(m.group(1)): float(m.group(2))
         for m in re.finditer(r'^dongne_request_seconds_bucket\{le="([^"]+)",op="create_question"\} (\S+)$', text, re.M)
     }
-    asks.update({
-        float(m.group(1)): float(m.group(2))
-        for m in re.finditer(r'^dongne_request_seconds_bucket\{op="create_question",le="([^"]+)"\} (\S+)$', text, re.M)
-    })
+    asks.update(
+        {
+            float(m.group(1)): float(m.group(2))
+            for m in re.finditer(
+                r'^dongne_request_seconds_bucket\{op="create_question",le="([^"]+)"\} (\S+)$', text, re.M
+            )
+        }
+    )
     quick: dict[float, float] = {}
-    for m in re.finditer(r'^dongne_escalation_stage_latency_seconds_bucket\{(?:le="([^"]+)",)?stage="QUICK"(?:,le="([^"]+)")?\} (\S+)$', text, re.M):
+    for m in re.finditer(
+        r'^dongne_escalation_stage_latency_seconds_bucket\{(?:le="([^"]+)",)?stage="QUICK"(?:,le="([^"]+)")?\} (\S+)$',
+        text,
+        re.M,
+    ):
         quick[float(m.group(1) or m.group(2))] = float(m.group(3))
     return {"gc": gc_pauses, "asks": asks, "quick": quick}
 
@@ -588,7 +600,9 @@ class _Scenario:
             )
 
 
-def _nearest_local_m(scn: _Scenario, sent_at: list[float], moves: list[tuple[float, int, float, float]], dead: set[int]) -> list[float]:
+def _nearest_local_m(
+    scn: _Scenario, sent_at: list[float], moves: list[tuple[float, int, float, float]], dead: set[int]
+) -> list[float]:
     """For each question, the distance to the nearest local at its send time (positions the bench set)."""
     import numpy as np
 
@@ -630,7 +644,9 @@ def _load_env(args: argparse.Namespace) -> dict[str, str]:
     env = {"DONGNE_LOCATION_MIN_UPDATE_INTERVAL_S": str(args.min_update_interval)}
     if "connections_per_ip_per_minute" in _limit_defaults():
         # Every simulated user connects from 127.0.0.1; in production they come from many addresses.
-        env["DONGNE_LIMITS_CONNECTIONS_PER_IP_PER_MINUTE"] = str(float(max(1_000_000, 10 * (args.locals + args.askers))))
+        env["DONGNE_LIMITS_CONNECTIONS_PER_IP_PER_MINUTE"] = str(
+            float(max(1_000_000, 10 * (args.locals + args.askers)))
+        )
     return env
 
 
@@ -669,7 +685,9 @@ def _write_stage_config(workdir: Path, stage_limits: dict[str, int]) -> Path | N
         if st["name"] in stage_limits:
             st["limit"] = stage_limits[st["name"]]
         lines.append("[[escalation.stages]]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in st.items() if v is not None)  # TOML has no null: omitted = none
+        lines.extend(
+            f"{k} = {_toml_value(v)}" for k, v in st.items() if v is not None
+        )  # TOML has no null: omitted = none
     path = workdir / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -684,11 +702,16 @@ def _wait_for_quiet(limit_s: float, threshold: float = 0.3) -> float:
             return busy
 
 
-def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Path, rep: int, ctx: Any) -> dict[str, Any]:
+def run_once(
+    args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Path, rep: int, ctx: Any
+) -> dict[str, Any]:
     if args.quiet_wait > 0:
         busy = _wait_for_quiet(args.quiet_wait)
         if busy >= 0.3:
-            print(f"    still {busy:.2f} cores busy with other work after waiting {args.quiet_wait:g} s; running anyway", file=sys.stderr)
+            print(
+                f"    still {busy:.2f} cores busy with other work after waiting {args.quiet_wait:g} s; running anyway",
+                file=sys.stderr,
+            )
     extra_env = _load_env(args)
     server = h.start_dongne(
         workdir / f"escalation-{rep}.sqlite3",
@@ -715,7 +738,13 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         }
         t_setup = time.monotonic()
         workers = h.ClientPool(
-            ctx, _local_worker, args.client_procs, scn.jobs, spec, name="locals", per_process=lambda i: {"seed": spec["seed"] * 1000 + i}
+            ctx,
+            _local_worker,
+            args.client_procs,
+            scn.jobs,
+            spec,
+            name="locals",
+            per_process=lambda i: {"seed": spec["seed"] * 1000 + i},
         )
         workers.wait_ready(args.locals, "locals", args.phase_timeout + 30)
         assert server.port is not None
@@ -731,9 +760,25 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
             path = Path(args.py_spy)
             fmt = {"svg": "flamegraph", "txt": "raw", "json": "speedscope"}.get(path.suffix.lstrip("."), "flamegraph")
             spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(server.pid), "--duration", str(int(args.duration)), "--rate", "100",
-                 "--nonblocking", "--format", fmt, "-o", str(path), *(["--idle"] if fmt == "speedscope" else [])],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--duration",
+                    str(int(args.duration)),
+                    "--rate",
+                    "100",
+                    "--nonblocking",
+                    "--format",
+                    fmt,
+                    "-o",
+                    str(path),
+                    *(["--idle"] if fmt == "speedscope" else []),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )
             _spies.add(spy)
 
@@ -770,9 +815,24 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
                 spy.kill()
             _spies.discard(spy)
         parts = [r[1] for r in reports if r is not None]
-        return _analyse(args, scn, asked, parts, server_cpu=cpu1 - cpu0, runq=runq, wall=w1 - w0, client_cpu=client_cpu,
-                        bench_cpu=me, machine_busy=busy, background=background, rss_ready=rss_ready,
-                        rss_end=rss_end, setup_s=setup_s, missing_reports=sum(r is None for r in reports), server_side=server_side)
+        return _analyse(
+            args,
+            scn,
+            asked,
+            parts,
+            server_cpu=cpu1 - cpu0,
+            runq=runq,
+            wall=w1 - w0,
+            client_cpu=client_cpu,
+            bench_cpu=me,
+            machine_busy=busy,
+            background=background,
+            rss_ready=rss_ready,
+            rss_end=rss_end,
+            setup_s=setup_s,
+            missing_reports=sum(r is None for r in reports),
+            server_side=server_side,
+        )
     except BaseException:
         alive = "running" if server.alive() else f"exited with {server.proc.returncode if server.proc else '?'}"
         print(f"    server ({alive}) stderr tail:\n      " + "\n      ".join(list(server.tail)[-15:]), file=sys.stderr)
@@ -787,7 +847,9 @@ def run_once(args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Pat
         server.stop()
 
 
-def _analyse(args: argparse.Namespace, scn: _Scenario, asked: dict[str, Any], parts: list[dict[str, Any]], **m: Any) -> dict[str, Any]:
+def _analyse(
+    args: argparse.Namespace, scn: _Scenario, asked: dict[str, Any], parts: list[dict[str, Any]], **m: Any
+) -> dict[str, Any]:
     n = len(scn.questions)
     sent_at, reply_at, qids = asked["sent_at"], asked["reply_at"], asked["qids"]
     index = {qid: i for i, qid in enumerate(qids) if qid is not None}
@@ -849,14 +911,23 @@ def _analyse(args: argparse.Namespace, scn: _Scenario, asked: dict[str, Any], pa
         "asking_s": phase,
         "reply_ms": rp,
         "first_alert_ms": ap,
-        "reply_p50_ms": rp["p50"], "reply_p95_ms": rp["p95"], "reply_p99_ms": rp["p99"], "reply_max_ms": rp["max"],
-        "alert_p50_ms": ap["p50"], "alert_p95_ms": ap["p95"], "alert_p99_ms": ap["p99"], "alert_max_ms": ap["max"],
+        "reply_p50_ms": rp["p50"],
+        "reply_p95_ms": rp["p95"],
+        "reply_p99_ms": rp["p99"],
+        "reply_max_ms": rp["max"],
+        "alert_p50_ms": ap["p50"],
+        "alert_p95_ms": ap["p95"],
+        "alert_p99_ms": ap["p99"],
+        "alert_max_ms": ap["max"],
         "reply_max_ms_by_second": timeline,
         "questions_alerted": len(alerted),
         "no_immediate": len(silent),
         "no_immediate_no_local_within_2km": len(no_local),
         "no_immediate_missed": len(missed),
-        "missed_examples": [{"q": i, "nearest_local_m": round(nearest[i], 1), "at_s": round(sent_at[i] - asked["t0"], 2)} for i in missed[:5]],
+        "missed_examples": [
+            {"q": i, "nearest_local_m": round(nearest[i], 1), "at_s": round(sent_at[i] - asked["t0"], 2)}
+            for i in missed[:5]
+        ],
         "immediate_per_question": sum(imm_count) / len(ok) if ok else math.nan,
         "immediate_per_alerted_question": sum(imm_count) / len(alerted) if alerted else math.nan,
         "alerts_per_question": total_alerts / len(ok) if ok else math.nan,
@@ -906,14 +977,48 @@ def _kill_spies() -> None:
 
 
 _SUMMARY = [
-    "reply_p50_ms", "reply_p95_ms", "reply_p99_ms", "reply_max_ms",
-    "alert_p50_ms", "alert_p95_ms", "alert_p99_ms", "alert_max_ms",
-    "questions_ok", "no_immediate", "no_immediate_no_local_within_2km", "no_immediate_missed",
-    "immediate_per_question", "alerts_per_question", "locals_at_hourly_cap", "moves_per_s",
-    "server_cpu_pct", "server_cpu_s", "server_cpu_ms_per_question", "server_runqueue_wait_pct", "background_cores_before", "clients_cpu_pct", "machine_cpu_pct", "server_rss_ready_mb", "server_rss_peak_mb", "setup_s",
-    "gc0_collections", "gc0_pause_ms", "gc1_collections", "gc1_pause_ms", "gc1_over_50ms", "gc2_collections", "gc2_pause_ms", "gc2_over_50ms",
-    "server_asks", "server_asks_over_25ms", "server_asks_over_50ms", "server_asks_over_100ms",
-    "quick_stages", "quick_within_5s", "quick_within_10s", "quick_within_30s",
+    "reply_p50_ms",
+    "reply_p95_ms",
+    "reply_p99_ms",
+    "reply_max_ms",
+    "alert_p50_ms",
+    "alert_p95_ms",
+    "alert_p99_ms",
+    "alert_max_ms",
+    "questions_ok",
+    "no_immediate",
+    "no_immediate_no_local_within_2km",
+    "no_immediate_missed",
+    "immediate_per_question",
+    "alerts_per_question",
+    "locals_at_hourly_cap",
+    "moves_per_s",
+    "server_cpu_pct",
+    "server_cpu_s",
+    "server_cpu_ms_per_question",
+    "server_runqueue_wait_pct",
+    "background_cores_before",
+    "clients_cpu_pct",
+    "machine_cpu_pct",
+    "server_rss_ready_mb",
+    "server_rss_peak_mb",
+    "setup_s",
+    "gc0_collections",
+    "gc0_pause_ms",
+    "gc1_collections",
+    "gc1_pause_ms",
+    "gc1_over_50ms",
+    "gc2_collections",
+    "gc2_pause_ms",
+    "gc2_over_50ms",
+    "server_asks",
+    "server_asks_over_25ms",
+    "server_asks_over_50ms",
+    "server_asks_over_100ms",
+    "quick_stages",
+    "quick_within_5s",
+    "quick_within_10s",
+    "quick_within_30s",
 ]
 
 
@@ -923,29 +1028,81 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=50.0, help="questions per second (default 50)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of asking (default 30)")
     p.add_argument("--client-procs", type=int, default=4, help="processes driving the locals (default 4)")
-    p.add_argument("--repeat", type=int, default=3, help="runs, each on a fresh server; medians are reported (default 3)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="runs, each on a fresh server; medians are reported (default 3)"
+    )
     h.add_json_option(p, "escalation")
-    p.add_argument("--askers", type=int, default=0, help="asker connections (distinct users), round-robin (default 0: enough that each stays within the per-user question burst)")
-    p.add_argument("--move-rate", type=float, default=500.0, help="total update_location moves per second during asking (default 500; 0: none)")
+    p.add_argument(
+        "--askers",
+        type=int,
+        default=0,
+        help="asker connections (distinct users), round-robin (default 0: enough that each stays within the per-user question burst)",
+    )
+    p.add_argument(
+        "--move-rate",
+        type=float,
+        default=500.0,
+        help="total update_location moves per second during asking (default 500; 0: none)",
+    )
     p.add_argument("--movers", type=float, default=0.3, help="fraction of locals that move (default 0.3)")
-    p.add_argument("--spread-m", type=float, default=2000.0, help="locals stand within this of their hotspot (default 2000)")
-    p.add_argument("--question-spread-m", type=float, default=1000.0, help="questions are asked within this of a hotspot (default 1000)")
-    p.add_argument("--max-alerts-per-hour", type=int, default=None, help="locals set this with update_settings (default: leave the server's 20)")
-    p.add_argument("--stage-limit", action="append", default=[], metavar="STAGE=N", help="an experiment: cap a stage of the default plan at N locals (e.g. QUICK=20), via a config.toml beside the db")
-    p.add_argument("--min-update-interval", type=float, default=1.0, help="DONGNE_LOCATION_MIN_UPDATE_INTERVAL_S (default 1.0)")
-    p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL", help="SQLite synchronous (default NORMAL)")
+    p.add_argument(
+        "--spread-m", type=float, default=2000.0, help="locals stand within this of their hotspot (default 2000)"
+    )
+    p.add_argument(
+        "--question-spread-m",
+        type=float,
+        default=1000.0,
+        help="questions are asked within this of a hotspot (default 1000)",
+    )
+    p.add_argument(
+        "--max-alerts-per-hour",
+        type=int,
+        default=None,
+        help="locals set this with update_settings (default: leave the server's 20)",
+    )
+    p.add_argument(
+        "--stage-limit",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="an experiment: cap a stage of the default plan at N locals (e.g. QUICK=20), via a config.toml beside the db",
+    )
+    p.add_argument(
+        "--min-update-interval", type=float, default=1.0, help="DONGNE_LOCATION_MIN_UPDATE_INTERVAL_S (default 1.0)"
+    )
+    p.add_argument(
+        "--synchronous", choices=["NORMAL", "FULL"], default="NORMAL", help="SQLite synchronous (default NORMAL)"
+    )
     p.add_argument("--drain", type=float, default=2.0, help="seconds to keep reading after the last reply (default 2)")
     p.add_argument("--seed", type=int, default=1, help="random seed for positions and questions (default 1)")
-    p.add_argument("--py-spy", metavar="PATH", help="record the server with py-spy during run 1's asking (.svg flamegraph, .txt collapsed stacks, .json speedscope with idle samples: time-ordered)")
-    p.add_argument("--quiet-wait", type=float, default=120.0, help="before each run, wait up to this long for other work on the machine to settle (default 120)")
-    p.add_argument("--phase-timeout", type=float, default=300.0, help="bound on set-up and on waiting for replies, seconds")
+    p.add_argument(
+        "--py-spy",
+        metavar="PATH",
+        help="record the server with py-spy during run 1's asking (.svg flamegraph, .txt collapsed stacks, .json speedscope with idle samples: time-ordered)",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="before each run, wait up to this long for other work on the machine to settle (default 120)",
+    )
+    p.add_argument(
+        "--phase-timeout", type=float, default=300.0, help="bound on set-up and on waiting for replies, seconds"
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="bound on the whole bench, seconds")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.locals < 1 or args.rate <= 0 or args.duration <= 0 or args.repeat < 1 or args.client_procs < 1 or args.askers < 0:
+    if (
+        args.locals < 1
+        or args.rate <= 0
+        or args.duration <= 0
+        or args.repeat < 1
+        or args.client_procs < 1
+        or args.askers < 0
+    ):
         raise SystemExit("--locals, --rate, --duration, --repeat and --client-procs must be positive")
     if args.askers == 0:
         args.askers = _auto_askers(int(round(args.rate * args.duration)))
@@ -968,14 +1125,21 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         f"dongne runs with DONGNE_STORE_SYNCHRONOUS={args.synchronous}"
         + (" (WAL, commits not fsynced; allowed for this bench)" if args.synchronous == "NORMAL" else "")
-        + "; also " + ", ".join(f"{k}={v}" for k, v in _load_env(args).items()) + "; other settings default",
+        + "; also "
+        + ", ".join(f"{k}={v}" for k, v in _load_env(args).items())
+        + "; other settings default",
         f"locals: {args.locals} over {len(scn.hotspots)} hotspots (within {args.spread_m:g} m), {args.client_procs} client procs (epoll, raw sockets); "
         f"{n_movers} movers, {args.move_rate:g} moves/s in total"
         + (f" (each every {n_movers / args.move_rate:.1f} s)" if args.move_rate and n_movers else ""),
         f"askers: {args.askers} connections, open loop, {args.rate:g} questions/s for {args.duration:g} s, within {args.question_spread_m:g} m of a random hotspot",
         "hourly alert cap per local: "
-        + (f"{args.max_alerts_per_hour} (set by update_settings)" if args.max_alerts_per_hour is not None else f"server default {SERVER_DEFAULT_MAX_ALERTS}"),
-        "escalation plan: server default" + (f" except limits {stage_limits} (config.toml beside the db)" if stage_limits else ""),
+        + (
+            f"{args.max_alerts_per_hour} (set by update_settings)"
+            if args.max_alerts_per_hour is not None
+            else f"server default {SERVER_DEFAULT_MAX_ALERTS}"
+        ),
+        "escalation plan: server default"
+        + (f" except limits {stage_limits} (config.toml beside the db)" if stage_limits else ""),
         "first alert = first IMMEDIATE new_question_notification received by any local - create_question sent (time.time(), same machine)",
         "server CPU: % of one core over the asking phase (/proc/PID/stat)",
     ]
@@ -987,7 +1151,11 @@ def main(argv: list[str] | None = None) -> int:
     with h.time_limit(args.timeout), tempfile.TemporaryDirectory(prefix="dongne-escalation-") as tmp:
         _write_stage_config(Path(tmp), stage_limits)
         for rep in range(args.repeat):
-            print(f"[{rep + 1}/{args.repeat}] {args.locals} locals, {len(scn.questions)} questions ...", file=sys.stderr, flush=True)
+            print(
+                f"[{rep + 1}/{args.repeat}] {args.locals} locals, {len(scn.questions)} questions ...",
+                file=sys.stderr,
+                flush=True,
+            )
             r = run_once(args, scn, secret, Path(tmp), rep, ctx)
             runs.append(r)
             print(
@@ -1001,15 +1169,30 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {key: h.median(r[key] for r in runs) for key in _SUMMARY}
     report["median"] = summary
-    report["target"] = {"first_alert_p99_under_100ms": summary["alert_p99_ms"] < 100.0, "reply_p99_under_100ms": summary["reply_p99_ms"] < 100.0}
+    report["target"] = {
+        "first_alert_p99_under_100ms": summary["alert_p99_ms"] < 100.0,
+        "reply_p99_under_100ms": summary["reply_p99_ms"] < 100.0,
+    }
 
     print(f"\nescalation: {args.locals} locals, {args.rate:g} q/s for {args.duration:g} s; medians of {len(runs)}")
     for line in notes:
         print(f"  {line}")
     print()
     rows = [
-        ["create_question -> reply", summary["reply_p50_ms"], summary["reply_p95_ms"], summary["reply_p99_ms"], summary["reply_max_ms"]],
-        ["create_question -> first IMMEDIATE alert", summary["alert_p50_ms"], summary["alert_p95_ms"], summary["alert_p99_ms"], summary["alert_max_ms"]],
+        [
+            "create_question -> reply",
+            summary["reply_p50_ms"],
+            summary["reply_p95_ms"],
+            summary["reply_p99_ms"],
+            summary["reply_max_ms"],
+        ],
+        [
+            "create_question -> first IMMEDIATE alert",
+            summary["alert_p50_ms"],
+            summary["alert_p95_ms"],
+            summary["alert_p99_ms"],
+            summary["alert_max_ms"],
+        ],
     ]
     print(h.format_table(["latency (ms)", "p50", "p95", "p99", "max"], rows))
     print()
@@ -1032,18 +1215,30 @@ def main(argv: list[str] | None = None) -> int:
         ["server RSS after set-up, MB", summary["server_rss_ready_mb"]],
         ["server RSS peak, MB", summary["server_rss_peak_mb"]],
         ["set-up s (connect, hello, location)", summary["setup_s"]],
-        ["young / middle / full collections while loaded", f'{summary["gc0_collections"]:g} / {summary["gc1_collections"]:g} / {summary["gc2_collections"]:g}'],
-        ["  their pauses, ms in total", f'{summary["gc0_pause_ms"]:.0f} / {summary["gc1_pause_ms"]:.0f} / {summary["gc2_pause_ms"]:.0f}'],
-        ["  middle / full collections over 50 ms", f'{summary["gc1_over_50ms"]:g} / {summary["gc2_over_50ms"]:g}'],
-        ["create_question answered in the server over 25 / 50 / 100 ms (dongne_request_seconds)",
-         f'{summary["server_asks_over_25ms"]:g} / {summary["server_asks_over_50ms"]:g} / {summary["server_asks_over_100ms"]:g} of {summary["server_asks"]:g}'],
-        ["QUICK stages (due at 3 s) running by 5 / 10 / 30 s after their question",
-         f'{summary["quick_within_5s"]:g} / {summary["quick_within_10s"]:g} / {summary["quick_within_30s"]:g} of {summary["quick_stages"]:g}'],
+        [
+            "young / middle / full collections while loaded",
+            f"{summary['gc0_collections']:g} / {summary['gc1_collections']:g} / {summary['gc2_collections']:g}",
+        ],
+        [
+            "  their pauses, ms in total",
+            f"{summary['gc0_pause_ms']:.0f} / {summary['gc1_pause_ms']:.0f} / {summary['gc2_pause_ms']:.0f}",
+        ],
+        ["  middle / full collections over 50 ms", f"{summary['gc1_over_50ms']:g} / {summary['gc2_over_50ms']:g}"],
+        [
+            "create_question answered in the server over 25 / 50 / 100 ms (dongne_request_seconds)",
+            f"{summary['server_asks_over_25ms']:g} / {summary['server_asks_over_50ms']:g} / {summary['server_asks_over_100ms']:g} of {summary['server_asks']:g}",
+        ],
+        [
+            "QUICK stages (due at 3 s) running by 5 / 10 / 30 s after their question",
+            f"{summary['quick_within_5s']:g} / {summary['quick_within_10s']:g} / {summary['quick_within_30s']:g} of {summary['quick_stages']:g}",
+        ],
     ]
     print(h.format_table(["figure", "median"], rows2))
     closes = [r["local_closes"] for r in runs]
-    print(f"\nlocal connection closes per run: {closes}; seq gaps: {[r['seq_gaps'] for r in runs]}; "
-          f"alerts by stage: {[r['alerts_by_stage'] for r in runs]}")
+    print(
+        f"\nlocal connection closes per run: {closes}; seq gaps: {[r['seq_gaps'] for r in runs]}; "
+        f"alerts by stage: {[r['alerts_by_stage'] for r in runs]}"
+    )
     print(f"targets (p99 < 100 ms): {report['target']}")
     h.write_report(args.json, report)
     return 0

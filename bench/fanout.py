@@ -64,7 +64,7 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 PEER_DIR = h.BENCH_DIR / "socketio_peer"
 SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
@@ -107,7 +107,7 @@ def _sio_sent_at(payload: bytes) -> float:
 
 
 class _Conn(h.LoadConn):
-    __slots__ = ("token", "got")
+    __slots__ = ("got", "token")
 
     def __init__(self, sock: socket.socket, user: str, token: str) -> None:
         super().__init__(sock, user)
@@ -228,7 +228,13 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
 
     def tick() -> None:
         nonlocal done_sent
-        if loop.ready_sent and not done_sent and expected and loop.n_ready and n_done + loop.dead_after_ready >= loop.n_ready:
+        if (
+            loop.ready_sent
+            and not done_sent
+            and expected
+            and loop.n_ready
+            and n_done + loop.dead_after_ready >= loop.n_ready
+        ):
             pipe.send(("done", result(False)))
             done_sent = True
 
@@ -267,7 +273,9 @@ class DongneTarget:
 
     def start(self) -> h.ServerProcess:
         self._runs += 1
-        return h.start_dongne(self.workdir / f"dongne-{self._runs}.sqlite3", jwt_secret=self.secret, synchronous=self.synchronous)
+        return h.start_dongne(
+            self.workdir / f"dongne-{self._runs}.sqlite3", jwt_secret=self.secret, synchronous=self.synchronous
+        )
 
     def tokens(self, users: list[str]) -> list[tuple[str, str]]:
         now = time.time()
@@ -435,7 +443,9 @@ def _drain(ws: h.BlockingWebSocket, counter: list[int]) -> None:
         pass
 
 
-def _wait_quiet(pids: list[int], *, step: float = 0.25, threshold: float = 0.03, settle: int = 2, timeout: float = 60.0) -> None:
+def _wait_quiet(
+    pids: list[int], *, step: float = 0.25, threshold: float = 0.03, settle: int = 2, timeout: float = 60.0
+) -> None:
     """Wait until the given processes together use under ``threshold`` CPU seconds per ``step``."""
     deadline = time.monotonic() + timeout
     calm = 0
@@ -449,7 +459,9 @@ def _wait_quiet(pids: list[int], *, step: float = 0.25, threshold: float = 0.03,
             return
 
 
-def _spec(target: Any, port: int, room: str, *, join: bool, broadcasts: int, args: argparse.Namespace) -> dict[str, Any]:
+def _spec(
+    target: Any, port: int, room: str, *, join: bool, broadcasts: int, args: argparse.Namespace
+) -> dict[str, Any]:
     return {
         "proto": target.proto,
         "host": "127.0.0.1",
@@ -478,7 +490,13 @@ def run_fanout(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any
 
         t_setup = time.monotonic()
         jobs = target.tokens([f"c{i}" for i in range(args.clients)])
-        workers = h.ClientPool(ctx, _client_worker, args.client_procs, jobs, _spec(target, server.port, room, join=True, broadcasts=args.broadcasts, args=args))
+        workers = h.ClientPool(
+            ctx,
+            _client_worker,
+            args.client_procs,
+            jobs,
+            _spec(target, server.port, room, join=True, broadcasts=args.broadcasts, args=args),
+        )
         workers.wait_ready(args.clients, "fan-out listeners", args.phase_timeout)
         setup_s = time.monotonic() - t_setup
 
@@ -487,7 +505,10 @@ def run_fanout(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any
         _wait_quiet([server.pid, *workers.pids])
         background = h.background_cores([server.pid, *workers.pids])
         if background > 0.2:
-            print(f"    warning: {background:.2f} CPU cores busy with other work; throughput and latency suffer", file=sys.stderr)
+            print(
+                f"    warning: {background:.2f} CPU cores busy with other work; throughput and latency suffer",
+                file=sys.stderr,
+            )
         rss_joined = server.rss_bytes()
 
         m, window = args.broadcasts, max(1, args.window)
@@ -561,7 +582,13 @@ def run_idle(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
     server = target.start()
     workers: h.ClientPool | None = None
     try:
-        warm = h.ClientPool(ctx, _client_worker, min(args.client_procs, 2), target.tokens([f"w{i}" for i in range(WARMUP_CONNS)]), _spec(target, server.port, "", join=False, broadcasts=0, args=args))
+        warm = h.ClientPool(
+            ctx,
+            _client_worker,
+            min(args.client_procs, 2),
+            target.tokens([f"w{i}" for i in range(WARMUP_CONNS)]),
+            _spec(target, server.port, "", join=False, broadcasts=0, args=args),
+        )
         try:
             warm.wait_ready(WARMUP_CONNS, "warm-up connections", args.phase_timeout)
         finally:
@@ -573,7 +600,13 @@ def run_idle(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
 
         jobs = target.tokens([f"i{i}" for i in range(args.idle_clients)])
         t_setup = time.monotonic()
-        workers = h.ClientPool(ctx, _client_worker, args.client_procs, jobs, _spec(target, server.port, "", join=False, broadcasts=0, args=args))
+        workers = h.ClientPool(
+            ctx,
+            _client_worker,
+            args.client_procs,
+            jobs,
+            _spec(target, server.port, "", join=False, broadcasts=0, args=args),
+        )
         ready = workers.wait_ready(args.idle_clients, "idle connections", args.phase_timeout)
         setup_s = time.monotonic() - t_setup
         _wait_quiet([server.pid, *workers.pids])
@@ -625,11 +658,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=1000, help="listeners in the room (default 1000)")
     p.add_argument("--broadcasts", type=int, default=200, help="answers broadcast to the room (default 200)")
     p.add_argument("--client-procs", type=int, default=4, help="client processes (default 4)")
-    p.add_argument("--idle-clients", type=int, default=5000, help="idle connections for the memory figure (default 5000; 0 skips)")
+    p.add_argument(
+        "--idle-clients", type=int, default=5000, help="idle connections for the memory figure (default 5000; 0 skips)"
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs per server; medians are reported (default 3)")
     p.add_argument("--peer", choices=["socketio"], help="also run the workload against a peer server")
-    p.add_argument("--window", type=int, default=1, help="answers in flight: the answerer sends the next one when a reply comes back (default 1)")
-    p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL", help="dongne's SQLite synchronous setting (default NORMAL)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="answers in flight: the answerer sends the next one when a reply comes back (default 1)",
+    )
+    p.add_argument(
+        "--synchronous",
+        choices=["NORMAL", "FULL"],
+        default="NORMAL",
+        help="dongne's SQLite synchronous setting (default NORMAL)",
+    )
     h.add_json_option(p, "fanout")
     p.add_argument("--phase-timeout", type=float, default=180.0, help="bound on each setup or broadcast phase, seconds")
     p.add_argument("--timeout", type=float, default=3600.0, help="bound on the whole bench, seconds")
@@ -657,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.peer == "socketio":
             sio = SocketIOTarget()
             targets.append(sio)
-            notes.append(f"peer: Socket.IO {sio.version} on Node {subprocess.run([sio.node, '--version'], capture_output=True, text=True).stdout.strip()}, websocket transport only, no compression; /gc before RSS readings")
+            notes.append(
+                f"peer: Socket.IO {sio.version} on Node {subprocess.run([sio.node, '--version'], capture_output=True, text=True).stdout.strip()}, websocket transport only, no compression; /gc before RSS readings"
+            )
         for line in notes:
             print(f"# {line}", file=sys.stderr)
         print(f"# RLIMIT_NOFILE {nofile}", file=sys.stderr)
@@ -665,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for rep in range(args.repeat):
                 run: dict[str, Any] = {}
-                print(f"[{target.name} {rep + 1}/{args.repeat}] fan-out {args.clients} x {args.broadcasts} ...", file=sys.stderr, flush=True)
+                print(
+                    f"[{target.name} {rep + 1}/{args.repeat}] fan-out {args.clients} x {args.broadcasts} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 run["fanout"] = run_fanout(target, args, ctx)
                 f = run["fanout"]
                 print(
@@ -675,18 +726,48 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 if args.idle_clients > 0:
-                    print(f"[{target.name} {rep + 1}/{args.repeat}] idle {args.idle_clients} ...", file=sys.stderr, flush=True)
+                    print(
+                        f"[{target.name} {rep + 1}/{args.repeat}] idle {args.idle_clients} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     run["idle"] = run_idle(target, args, ctx)
                     print(f"    {run['idle']['kb_per_conn']:.2f} KB per idle connection", file=sys.stderr, flush=True)
                 runs.append(run)
             report["servers"][target.name] = {"runs": runs, "median": _summarise(runs)}
 
-    headers = ["server", "deliveries/s", "p50 ms", "p99 ms", "CPU us/delivery", "server CPU", "clients CPU", "machine CPU", "frame B", "KB/idle conn"]
+    headers = [
+        "server",
+        "deliveries/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU us/delivery",
+        "server CPU",
+        "clients CPU",
+        "machine CPU",
+        "frame B",
+        "KB/idle conn",
+    ]
     rows = []
     for name, data in report["servers"].items():
         s = data["median"]
-        rows.append([name, s["deliveries_per_s"], s["p50_ms"], s["p99_ms"], s["cpu_us_per_delivery"], s["server_cpu_util"], s["client_cpu_util"], s["machine_cpu_util"], int(s["frame_payload_bytes"]), s["kb_per_conn"]])
-    print(f"\nfan-out: {args.clients} listeners x {args.broadcasts} broadcasts, {args.client_procs} client procs, window {args.window}; medians of {args.repeat}")
+        rows.append(
+            [
+                name,
+                s["deliveries_per_s"],
+                s["p50_ms"],
+                s["p99_ms"],
+                s["cpu_us_per_delivery"],
+                s["server_cpu_util"],
+                s["client_cpu_util"],
+                s["machine_cpu_util"],
+                int(s["frame_payload_bytes"]),
+                s["kb_per_conn"],
+            ]
+        )
+    print(
+        f"\nfan-out: {args.clients} listeners x {args.broadcasts} broadcasts, {args.client_procs} client procs, window {args.window}; medians of {args.repeat}"
+    )
     for line in notes:
         print(f"  {line}")
     print()
@@ -703,11 +784,14 @@ def main(argv: list[str] | None = None) -> int:
         print(h.format_table(["dongne / socketio", "ratio"], [[k, v] for k, v in ratios.items()]))
     targets_met = {
         "cpu_per_delivery_le_socketio": (
-            report["servers"]["dongne"]["median"]["cpu_us_per_delivery"] <= report["servers"]["socketio"]["median"]["cpu_us_per_delivery"]
+            report["servers"]["dongne"]["median"]["cpu_us_per_delivery"]
+            <= report["servers"]["socketio"]["median"]["cpu_us_per_delivery"]
             if "socketio" in report["servers"]
             else None
         ),
-        "kb_per_idle_conn_le_12": report["servers"]["dongne"]["median"]["kb_per_conn"] <= 12.0 if args.idle_clients else None,
+        "kb_per_idle_conn_le_12": report["servers"]["dongne"]["median"]["kb_per_conn"] <= 12.0
+        if args.idle_clients
+        else None,
     }
     report["targets_met"] = targets_met
     print(f"\ntargets: {targets_met}")

@@ -63,12 +63,12 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 sys.path.insert(0, str(h.REPO_DIR))
 
-from dongne.auth import mint_token  # noqa: E402
-from tests.test_fuzz import (  # noqa: E402
+from dongne.auth import mint_token
+from tests.test_fuzz import (
     A_MINE,
     A_THEIRS,
     CLOSE_CODES,
@@ -168,8 +168,12 @@ def _targets(port: int, index: int, secret: str, timeout: float) -> dict[str, st
     try:
         q_mine = fuzzer.request("create_question", asker)["question"]["question_id"]
         q_theirs = helper.request("create_question", {**asker, "title": "helper's question"})["question"]["question_id"]
-        a_mine = helper.request("create_answer", {"question_id": q_mine, "content": "helper's answer"})["answer"]["answer_id"]
-        a_theirs = fuzzer.request("create_answer", {"question_id": q_theirs, "content": "fuzzer's answer"})["answer"]["answer_id"]
+        a_mine = helper.request("create_answer", {"question_id": q_mine, "content": "helper's answer"})["answer"][
+            "answer_id"
+        ]
+        a_theirs = fuzzer.request("create_answer", {"question_id": q_theirs, "content": "fuzzer's answer"})["answer"][
+            "answer_id"
+        ]
     finally:
         fuzzer.close()
         helper.close()
@@ -303,7 +307,9 @@ def _fuzz_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, An
                 tally.counts["closed_as_documented"] += 1
             else:
                 detail = f"closed with {code}, expected {expect.close or 'a reply'}"
-                tally.problem("unexpected_close", frame, detail + ("" if code in CLOSE_CODES else " (undocumented close code)"))
+                tally.problem(
+                    "unexpected_close", frame, detail + ("" if code in CLOSE_CODES else " (undocumented close code)")
+                )
             continue
         except (OSError, Anomaly, ValueError) as exc:  # reset, or a server frame that is not msgpack
             tally.problem("dropped" if isinstance(exc, OSError) else "bad_reply", frame, repr(exc))
@@ -384,7 +390,9 @@ class Bystanders(threading.Thread):
         local = SyncClient(self.port, "by_local", self.secret, timeout=self.timeout, nick="Local")
         try:
             seq = asker.hello["last_seq"]
-            qid = asker.request("create_question", {"title": "Bystander question", "location": {"lat": 33.4996, "lng": 126.5312}})["question"]["question_id"]
+            qid = asker.request(
+                "create_question", {"title": "Bystander question", "location": {"lat": 33.4996, "lng": 126.5312}}
+            )["question"]["question_id"]
             local.request("join_question", {"question_id": qid})
             self._expect(asker, "user_online")
             n = 0
@@ -445,7 +453,10 @@ def _alive_and_serving(port: int, secret: str, timeout: float) -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     secret = secrets.token_urlsafe(32)
     ctx = multiprocessing.get_context("spawn")
-    shares = [args.frames // args.connections + (1 if i < args.frames % args.connections else 0) for i in range(args.connections)]
+    shares = [
+        args.frames // args.connections + (1 if i < args.frames % args.connections else 0)
+        for i in range(args.connections)
+    ]
     pipes: list[multiprocessing.connection.Connection] = []
     procs: list[Any] = []
     for index, share in enumerate(shares):
@@ -465,7 +476,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env = dict(h.BENCH_LIMITS) if args.limits == "off" else {}  # tests/conftest.py's UNLIMITED
 
         def start() -> h.ServerProcess:
-            return h.start_dongne(db, jwt_secret=secret, synchronous=args.synchronous, extra_env=env, lift_limits=args.limits == "off")
+            return h.start_dongne(
+                db, jwt_secret=secret, synchronous=args.synchronous, extra_env=env, lift_limits=args.limits == "off"
+            )
 
         server = start()
         bystanders: Bystanders | None = None
@@ -477,8 +490,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not pipe.poll(args.timeout):
                     raise TimeoutError(f"worker {i} did not finish drawing frames")
                 _, generated[i], gen_seconds[i] = pipe.recv()
-            report["generation"] = {"wall_s": time.perf_counter() - t0, "worker_s": gen_seconds, "frames": sum(generated)}
-            print(f"# drew {sum(generated):,} frames in {report['generation']['wall_s']:.1f} s ({args.connections} processes)", file=sys.stderr, flush=True)
+            report["generation"] = {
+                "wall_s": time.perf_counter() - t0,
+                "worker_s": gen_seconds,
+                "frames": sum(generated),
+            }
+            print(
+                f"# drew {sum(generated):,} frames in {report['generation']['wall_s']:.1f} s ({args.connections} processes)",
+                file=sys.stderr,
+                flush=True,
+            )
             rss_before = server.rss_bytes()
             cpu_before = server.cpu_seconds()
             bystanders = Bystanders(secret, args.reply_timeout, args.bystander_interval)
@@ -498,14 +519,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             last_progress = time.monotonic()
                 for i, proc in enumerate(procs):
                     if i not in results and not proc.is_alive():
-                        results[i] = {"index": i, "counts": {"worker_died": 1}, "codes": {}, "closes": {}, "rtt_ms": [], "samples": [], "send_s": 0.0}
+                        results[i] = {
+                            "index": i,
+                            "counts": {"worker_died": 1},
+                            "codes": {},
+                            "closes": {},
+                            "rtt_ms": [],
+                            "samples": [],
+                            "send_s": 0.0,
+                        }
                 with bystanders.lock:
                     stale = time.monotonic() - bystanders.last_ok
-                hung = stale > args.reply_timeout * 2 and not _alive_and_serving(server.port or 0, secret, args.reply_timeout)
+                hung = stale > args.reply_timeout * 2 and not _alive_and_serving(
+                    server.port or 0, secret, args.reply_timeout
+                )
                 if not server.alive() or hung:
                     report["crashes"] += 1
                     what = "exited" if not server.alive() else "stopped answering"
-                    report["restarts"].append({"at_s": round(time.perf_counter() - send_started, 1), "what": what, "stderr_tail": list(server.tail)[-40:]})
+                    report["restarts"].append(
+                        {
+                            "at_s": round(time.perf_counter() - send_started, 1),
+                            "what": what,
+                            "stderr_tail": list(server.tail)[-40:],
+                        }
+                    )
                     print(f"# CRASH: the server {what}; restarting", file=sys.stderr, flush=True)
                     server.stop(timeout=2)
                     if report["crashes"] > args.max_restarts:
@@ -534,7 +571,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_after_mb": server.rss_bytes() / 2**20 if server.alive() else None,
                 "cpu_s": server.cpu_seconds() - cpu_before if server.alive() and not report["restarts"] else None,
                 "serving_at_end": serving,
-                "errors_in_log_tail": [line for line in server.tail if '"level": "ERROR"' in line or " ERROR " in line or "Traceback" in line][:20],
+                "errors_in_log_tail": [
+                    line
+                    for line in server.tail
+                    if '"level": "ERROR"' in line or " ERROR " in line or "Traceback" in line
+                ][:20],
             }
         finally:
             if bystanders is not None:
@@ -546,7 +587,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.join(5)
     report["send_s"] = send_s
     report["workers"] = [results[i] for i in sorted(results)]
-    report["bystanders"] = {"rounds": bystanders.rounds, "anomalies": bystanders.anomalies[:20], "anomaly_count": len(bystanders.anomalies), "slowest_round_s": bystanders.slowest_s}
+    report["bystanders"] = {
+        "rounds": bystanders.rounds,
+        "anomalies": bystanders.anomalies[:20],
+        "anomaly_count": len(bystanders.anomalies),
+        "slowest_round_s": bystanders.slowest_s,
+    }
     return report
 
 
@@ -594,14 +640,35 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     p = h.bench_parser(__doc__)
     p.add_argument("--frames", type=int, default=100_000, help="fuzz frames in all (default 100000)")
-    p.add_argument("--seed", type=int, default=0, help="the Hypothesis seed; worker i draws with seed*1000+i (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the Hypothesis seed; worker i draws with seed*1000+i (default 0)"
+    )
     p.add_argument("--connections", type=int, default=4, help="fuzzing connections, one process each (default 4)")
-    p.add_argument("--family", choices=["all", *FAMILIES], default="all", help="which frame family to draw (default all)")
-    p.add_argument("--limits", choices=["off", "default"], default="off", help="rate limits raised out of the way, or the shipped ones (default off)")
-    p.add_argument("--reply-timeout", type=float, default=10.0, help="a frame without an answer within this is unanswered, seconds (default 10)")
-    p.add_argument("--bystander-interval", type=float, default=0.05, help="pause between bystander rounds, seconds (default 0.05)")
+    p.add_argument(
+        "--family", choices=["all", *FAMILIES], default="all", help="which frame family to draw (default all)"
+    )
+    p.add_argument(
+        "--limits",
+        choices=["off", "default"],
+        default="off",
+        help="rate limits raised out of the way, or the shipped ones (default off)",
+    )
+    p.add_argument(
+        "--reply-timeout",
+        type=float,
+        default=10.0,
+        help="a frame without an answer within this is unanswered, seconds (default 10)",
+    )
+    p.add_argument(
+        "--bystander-interval", type=float, default=0.05, help="pause between bystander rounds, seconds (default 0.05)"
+    )
     p.add_argument("--max-restarts", type=int, default=3, help="crashes after which the run stops (default 3)")
-    p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL", help="dongne's SQLite synchronous setting (default NORMAL)")
+    p.add_argument(
+        "--synchronous",
+        choices=["NORMAL", "FULL"],
+        default="NORMAL",
+        help="dongne's SQLite synchronous setting (default NORMAL)",
+    )
     h.add_json_option(p, "fuzz")
     p.add_argument("--timeout", type=float, default=1800.0, help="bound on the whole bench, seconds (default 1800)")
     return p
@@ -617,9 +684,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(report)
     t = summary["total"]
     met = t["crashes"] == 0 and t["unanswered"] == 0
-    clean = met and all(t[k] == 0 for k in PROBLEMS) and t["workers_died"] == 0 and report["bystanders"]["anomaly_count"] == 0
+    clean = (
+        met
+        and all(t[k] == 0 for k in PROBLEMS)
+        and t["workers_died"] == 0
+        and report["bystanders"]["anomaly_count"] == 0
+    )
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=h.REPO_DIR, capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=h.REPO_DIR, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     result = {
@@ -638,7 +712,10 @@ def main(argv: list[str] | None = None) -> int:
         ["frames sent", t["frames_sent"]],
         ["  answered as documented", t["answered_as_documented"]],
         ["    of which ok: true", t["ok_replies"]],
-        ["  closed as documented (1009 oversize" + (", 4008" if args.limits == "default" else "") + ")", t["closed_as_documented"]],
+        [
+            "  closed as documented (1009 oversize" + (", 4008" if args.limits == "default" else "") + ")",
+            t["closed_as_documented"],
+        ],
         ["crashes (server died or hung)", t["crashes"]],
         ["unanswered (no reply in %g s)" % args.reply_timeout, t["unanswered"]],
         ["dropped without a close frame", t["dropped"]],
@@ -652,13 +729,21 @@ def main(argv: list[str] | None = None) -> int:
         ["bystander rounds / anomalies", f"{report['bystanders']['rounds']} / {report['bystanders']['anomaly_count']}"],
     ]
     family = "all families" if args.family == "all" else f"family {args.family}"
-    print(f"\nfuzz: {t['frames_sent']:,} frames ({family}), {args.connections} connections, seed {args.seed}, limits {args.limits}")
-    print(f"  drew frames in {report['generation']['wall_s']:.1f} s; sent in {report['send_s']:.1f} s ({summary['frames_per_s']:,.0f} frames/s)")
+    print(
+        f"\nfuzz: {t['frames_sent']:,} frames ({family}), {args.connections} connections, seed {args.seed}, limits {args.limits}"
+    )
+    print(
+        f"  drew frames in {report['generation']['wall_s']:.1f} s; sent in {report['send_s']:.1f} s ({summary['frames_per_s']:,.0f} frames/s)"
+    )
     rtt = summary["rtt_ms"]
-    print(f"  round trip per frame: p50 {rtt['p50']:.2f} ms, p99 {rtt['p99']:.2f} ms, p99.9 {rtt['p999']:.1f} ms, max {rtt['max']:.1f} ms")
+    print(
+        f"  round trip per frame: p50 {rtt['p50']:.2f} ms, p99 {rtt['p99']:.2f} ms, p99.9 {rtt['p999']:.1f} ms, max {rtt['max']:.1f} ms"
+    )
     server = report.get("server", {})
     if server.get("cpu_s") is not None:
-        print(f"  server RSS {server['rss_before_mb']:.0f} -> {server['rss_after_mb']:.0f} MB, CPU {server['cpu_s']:.1f} s; bystander slowest round {report['bystanders']['slowest_round_s'] * 1000:.0f} ms")
+        print(
+            f"  server RSS {server['rss_before_mb']:.0f} -> {server['rss_after_mb']:.0f} MB, CPU {server['cpu_s']:.1f} s; bystander slowest round {report['bystanders']['slowest_round_s'] * 1000:.0f} ms"
+        )
     print()
     print(h.format_table(["outcome", "count"], rows))
     print()
@@ -667,7 +752,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(h.format_table(["close code", "connections"], list(summary["close_codes"].items())))
     for sample in summary["samples"][:10]:
-        print(f"  {sample['kind']}: {sample['detail'][:160]}  frame[{sample['length']}]={sample.get('hex', sample.get('repr', ''))[:120]}")
+        print(
+            f"  {sample['kind']}: {sample['detail'][:160]}  frame[{sample['length']}]={sample.get('hex', sample.get('repr', ''))[:120]}"
+        )
     print(f"\ntarget (zero crashes, zero unanswered): {'met' if met else 'NOT MET'}; every check clean: {clean}")
     h.write_report(args.json, result)
     return 0 if met else 1

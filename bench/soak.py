@@ -116,7 +116,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 #: Beside the harness's lifted abuse limits: every move is accepted.
 EXTRA_ENV = {"DONGNE_LOCATION_MIN_UPDATE_INTERVAL_S": "0"}
@@ -131,7 +131,16 @@ LOCAL_MIX = {
 }  # fmt: skip
 ROOM_CAP = 40  # leave the oldest room before the server's 50 per connection
 TAGS = ("food", "beach", "hiking", "cafe", "bus", "rain", "market", "museum")
-WORDS = ("black pork", "the ferry", "a quiet beach", "the night market", "a bus to Hallasan", "a cafe with a view", "the olle trail", "a rainy-day museum")
+WORDS = (
+    "black pork",
+    "the ferry",
+    "a quiet beach",
+    "the night market",
+    "a bus to Hallasan",
+    "a cafe with a view",
+    "the olle trail",
+    "a rainy-day museum",
+)
 
 
 # ---- places -------------------------------------------------------------------------
@@ -351,7 +360,20 @@ def start_server(db: Path, secret: str, args: argparse.Namespace, trace_dir: Pat
         "DONGNE_JWT_SECRET": secret, "DONGNE_STORE_SYNCHRONOUS": args.synchronous, "DONGNE_SNAPSHOTS_INTERVAL_S": "0",
         "SOAK_TRACE_FRAMES": str(args.tracemalloc), "SOAK_TRACE_DIR": str(trace_dir),
     })  # fmt: skip
-    argv = [sys.executable, "-c", TRACE_WRAPPER, "serve", "--host", "127.0.0.1", "--port", "0", "--ops-port", "0", "--db", str(db)]
+    argv = [
+        sys.executable,
+        "-c",
+        TRACE_WRAPPER,
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--ops-port",
+        "0",
+        "--db",
+        str(db),
+    ]
     server = h.ServerProcess("dongne", argv, ready_pattern=h.DONGNE_READY, env=env, cwd=db.parent)
     server.start()
     return server
@@ -367,9 +389,14 @@ def compare_snapshots(trace_dir: Path, snaps: list[dict[str, Any]], frames: int,
     out: dict[str, Any] = {"objects_by_type_growth": dict(types.most_common(top))}
     if not frames:
         return out
-    out.update((k, s1[k]) for k in ("garbage_objects", "garbage_freed_bytes", "garbage_by_type", "garbage_bytes_by_site"))
+    out.update(
+        (k, s1[k]) for k in ("garbage_objects", "garbage_freed_bytes", "garbage_by_type", "garbage_bytes_by_site")
+    )
     first, last = (tracemalloc.Snapshot.load(str(trace_dir / f"snap-{s['n']}.pickle")) for s in (s0, s1))
-    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
+    ignore = [
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+    ]
     first, last = first.filter_traces(ignore), last.filter_traces(ignore)
     by_line = last.compare_to(first, "lineno")
     by_trace = last.compare_to(first, "traceback") if frames > 1 else []
@@ -475,7 +502,12 @@ class Sampler(threading.Thread):
 
     def sample(self, force_gauges: bool = False) -> None:
         pid = self.server.pid
-        row: dict[str, Any] = {"t": round(time.monotonic() - self.t0, 2), "cpu_s": h.cpu_seconds(pid), **_status_fields(pid), **_smaps(pid)}
+        row: dict[str, Any] = {
+            "t": round(time.monotonic() - self.t0, 2),
+            "cpu_s": h.cpu_seconds(pid),
+            **_status_fields(pid),
+            **_smaps(pid),
+        }
         for suffix, key in (("", "db_bytes"), ("-wal", "wal_bytes")):
             try:
                 row[key] = os.path.getsize(f"{self.db}{suffix}")
@@ -760,7 +792,10 @@ class User:
                 await self._timed(client, op, {"question_id": qid})
                 self.mine.pop(qid, None)
         elif op == "update_location":
-            here = {"lat": self.home["lat"] + rng.uniform(-0.004, 0.004), "lng": self.home["lng"] + rng.uniform(-0.004, 0.004)}
+            here = {
+                "lat": self.home["lat"] + rng.uniform(-0.004, 0.004),
+                "lng": self.home["lng"] + rng.uniform(-0.004, 0.004),
+            }
             if load.places.regions.region_of(here["lat"], here["lng"]) is None:
                 here = self.home  # a step into the sea: stay home
             await self._timed(client, op, {"location": here, "accuracy_m": 30.0})
@@ -827,12 +862,34 @@ def question_cost(n: int = 2000) -> dict[str, Any]:
     from dongne.core.protocol import Request
     from dongne.core.regions import load_default_regions, load_hotspots
 
-    settings = load_settings(None, environ={}, overrides={"limits": {k: 1e9 for k in ("conn_per_s", "conn_burst", "writes_per_minute", "writes_burst", "questions_per_hour", "questions_burst")}})
+    settings = load_settings(
+        None,
+        environ={},
+        overrides={
+            "limits": {
+                k: 1e9
+                for k in (
+                    "conn_per_s",
+                    "conn_burst",
+                    "writes_per_minute",
+                    "writes_burst",
+                    "questions_per_hour",
+                    "questions_burst",
+                )
+            }
+        },
+    )
     regions = load_default_regions()
 
     def claims(token: object, now_s: float) -> Claims:
         user = str(token)
-        return Claims(user_id=user, nick=user, local=user.startswith("local"), tags=("food",) if user.startswith("local") else (), role="user")
+        return Claims(
+            user_id=user,
+            nick=user,
+            local=user.startswith("local"),
+            tags=("food",) if user.startswith("local") else (),
+            role="user",
+        )
 
     engine = Engine(
         settings.engine, claims, region_of=regions.region_of, location=settings.location,
@@ -872,7 +929,9 @@ def question_cost(n: int = 2000) -> dict[str, Any]:
     answer_ids = []
     for i, qid in enumerate(qids):
         content = f"Try {WORDS[i % len(WORDS)]}, about {i % 40 + 2} minutes from there."
-        out = engine.receive(2, Request("create_answer", next(ids), {"question_id": qid, "content": content}), now + 3_600_000 + i)
+        out = engine.receive(
+            2, Request("create_answer", next(ids), {"question_id": qid, "content": content}), now + 3_600_000 + i
+        )
         answer_ids.append(reply_data(out)["answer"]["answer_id"])
     answered_bytes = measure() - base
     for qid, aid in zip(qids, answer_ids):
@@ -916,7 +975,9 @@ MEMORY_KEYS = (
 )  # fmt: skip
 
 
-def analyse(args: argparse.Namespace, load: Load, samples: list[dict[str, Any]], warmup: float, wall: float) -> dict[str, Any]:
+def analyse(
+    args: argparse.Namespace, load: Load, samples: list[dict[str, Any]], warmup: float, wall: float
+) -> dict[str, Any]:
     MB = 1024 * 1024
     after = [s for s in samples if s["t"] >= warmup]
     last_t = samples[-1]["t"] if samples else 0.0
@@ -933,7 +994,11 @@ def analyse(args: argparse.Namespace, load: Load, samples: list[dict[str, Any]],
             "growth_pct": (final - base) / base * 100 if base == base and base else float("nan"),
             "slope_mb_per_10min": _slope(after, key) * 600 / MB,
         }
-    cpu = (samples[-1]["cpu_s"] - samples[0]["cpu_s"]) / (samples[-1]["t"] - samples[0]["t"]) * 100 if len(samples) > 1 else float("nan")
+    cpu = (
+        (samples[-1]["cpu_s"] - samples[0]["cpu_s"]) / (samples[-1]["t"] - samples[0]["t"]) * 100
+        if len(samples) > 1
+        else float("nan")
+    )
     all_lat = sorted(v for vs in load.latency_ms.values() for v in vs)
     per_op = {
         op: {"n": len(vs), "p50_ms": h.percentile(sorted(vs), 50), "p99_ms": h.percentile(sorted(vs), 99)}
@@ -963,9 +1028,25 @@ def analyse(args: argparse.Namespace, load: Load, samples: list[dict[str, Any]],
         "unfinished_clients": load.unfinished_clients,
         "seq_gap": load.seq_gap,
         "seq_duplicate": load.seq_duplicate,
-        "latency_ms": {"p50": h.percentile(all_lat, 50), "p99": h.percentile(all_lat, 99), "max": all_lat[-1] if all_lat else float("nan")},
+        "latency_ms": {
+            "p50": h.percentile(all_lat, 50),
+            "p99": h.percentile(all_lat, 99),
+            "max": all_lat[-1] if all_lat else float("nan"),
+        },
         "latency_by_op": per_op,
-        "final_gauges": {k: samples[-1].get(k) for k in ("connections", "users_online", "locals_online", "open_questions", "escalations_running", "Threads")} if samples else {},
+        "final_gauges": {
+            k: samples[-1].get(k)
+            for k in (
+                "connections",
+                "users_online",
+                "locals_online",
+                "open_questions",
+                "escalations_running",
+                "Threads",
+            )
+        }
+        if samples
+        else {},
         "db_bytes": samples[-1].get("db_bytes") if samples else None,
         "wal_bytes": samples[-1].get("wal_bytes") if samples else None,
     }
@@ -1019,16 +1100,32 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
         ],
     ))  # fmt: skip
     print(f"errors by code:   {json.dumps(summary['errors_by_code'], sort_keys=True)}")
-    print(f"close codes seen: {json.dumps(summary['close_codes_seen'], sort_keys=True)} (besides the bench's own closes)")
+    print(
+        f"close codes seen: {json.dumps(summary['close_codes_seen'], sort_keys=True)} (besides the bench's own closes)"
+    )
     print(f"final gauges:     {json.dumps(summary['final_gauges'], sort_keys=True)}")
     print()
-    print(h.format_table(["op", "n", "p50 ms", "p99 ms"], [(op, v["n"], v["p50_ms"], v["p99_ms"]) for op, v in summary["latency_by_op"].items()]))
+    print(
+        h.format_table(
+            ["op", "n", "p50 ms", "p99 ms"],
+            [(op, v["n"], v["p50_ms"], v["p99_ms"]) for op, v in summary["latency_by_op"].items()],
+        )
+    )
     if cost:
         print()
-        print(h.format_table(["kept in memory (by design, 7 days)", "bytes"], [(k, v) for k, v in cost.items() if k.startswith("bytes")]))
+        print(
+            h.format_table(
+                ["kept in memory (by design, 7 days)", "bytes"],
+                [(k, v) for k, v in cost.items() if k.startswith("bytes")],
+            )
+        )
         kept = summary["kept_by_design"]
-        print(f"created after the warm-up: {kept['questions']} questions, {kept['answers']} answers, about {kept['mb']:.2f} MB kept by design;")
-        print(f"the rest of the VmRSS growth: {kept['rest_of_growth_mb']:+.2f} MB ({kept['rest_of_growth_pct']:+.2f} %)")
+        print(
+            f"created after the warm-up: {kept['questions']} questions, {kept['answers']} answers, about {kept['mb']:.2f} MB kept by design;"
+        )
+        print(
+            f"the rest of the VmRSS growth: {kept['rest_of_growth_mb']:+.2f} MB ({kept['rest_of_growth_pct']:+.2f} %)"
+        )
     garbage = summary.get("garbage_at_end")
     if garbage and "garbage_objects" in garbage:
         print()
@@ -1037,21 +1134,39 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
               + ", ".join(f"{k} {v}" for k, v in list(garbage["garbage_by_type"].items())[:8]))  # fmt: skip
     trim = summary.get("malloc_trim_at_end")
     if trim:
-        print(f"malloc_trim(0) after the load (clients gone): RssAnon {trim['rss_anon_before_mb']:.1f} -> {trim['rss_anon_after_mb']:.1f} MB")
+        print(
+            f"malloc_trim(0) after the load (clients gone): RssAnon {trim['rss_anon_before_mb']:.1f} -> {trim['rss_anon_after_mb']:.1f} MB"
+        )
     trace = summary.get("snapshots")
     if trace and "objects_by_type_growth" in trace:
         print()
-        print(h.format_table(["live objects (gc) between the snapshots", "growth"], list(trace["objects_by_type_growth"].items())))
+        print(
+            h.format_table(
+                ["live objects (gc) between the snapshots", "growth"], list(trace["objects_by_type_growth"].items())
+            )
+        )
     if trace and "garbage_by_type" in trace:
         print()
-        print(f"a full collection near the end freed {trace['garbage_objects']} objects, {trace['garbage_freed_bytes'] / 2**20:.2f} MB")
+        print(
+            f"a full collection near the end freed {trace['garbage_objects']} objects, {trace['garbage_freed_bytes'] / 2**20:.2f} MB"
+        )
         print(h.format_table(["garbage by type", "objects"], list(trace["garbage_by_type"].items())[:top_rows]))
-        print(h.format_table(["garbage allocated at (innermost dongne frame)", "bytes (sys.getsizeof)"], list(trace["garbage_bytes_by_site"].items())[:top_rows]))
+        print(
+            h.format_table(
+                ["garbage allocated at (innermost dongne frame)", "bytes (sys.getsizeof)"],
+                list(trace["garbage_bytes_by_site"].items())[:top_rows],
+            )
+        )
     if trace and "top_by_line" in trace:
         print()
         print(f"Python heap (tracemalloc) between the snapshots: {trace['traced_growth_mb']:+.2f} MB "
               f"(tracemalloc's own memory {trace['tracemalloc_overhead_growth_mb']:+.2f} MB)")  # fmt: skip
-        print(h.format_table(["allocated at", "growth KB", "blocks", "now KB"], [(d["where"], d["size_diff_kb"], d["count_diff"], d["size_kb"]) for d in trace["top_by_line"]]))
+        print(
+            h.format_table(
+                ["allocated at", "growth KB", "blocks", "now KB"],
+                [(d["where"], d["size_diff_kb"], d["count_diff"], d["size_kb"]) for d in trace["top_by_line"]],
+            )
+        )
 
 
 # ---- main -------------------------------------------------------------------------------
@@ -1059,19 +1174,55 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
 
 def _parser() -> argparse.ArgumentParser:
     p = h.bench_parser(__doc__)
-    p.add_argument("--duration", type=float, default=600.0, help="seconds of load measured after the warm-up (default 600)")
+    p.add_argument(
+        "--duration", type=float, default=600.0, help="seconds of load measured after the warm-up (default 600)"
+    )
     p.add_argument("--clients", type=int, default=200, help="users, one connection each; a quarter ask (default 200)")
-    p.add_argument("--rate", type=float, default=40.0, help="requests per second over all clients, questions aside (default 40)")
+    p.add_argument(
+        "--rate", type=float, default=40.0, help="requests per second over all clients, questions aside (default 40)"
+    )
     p.add_argument("--question-rate", type=float, default=0.5, help="questions per second (default 0.5)")
-    p.add_argument("--reconnect-rate", type=float, default=0.5, help="reconnects (with resume) per second over all clients (default 0.5)")
+    p.add_argument(
+        "--reconnect-rate",
+        type=float,
+        default=0.5,
+        help="reconnects (with resume) per second over all clients (default 0.5)",
+    )
     p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between server samples (default 5)")
-    p.add_argument("--warmup", type=float, default=360.0, help="seconds of load before the measured --duration (default 360: SQLite's page caches fill; see the docstring)")
-    p.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="FULL", help="SQLite synchronous (default FULL, as deployed)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=360.0,
+        help="seconds of load before the measured --duration (default 360: SQLite's page caches fill; see the docstring)",
+    )
+    p.add_argument(
+        "--synchronous",
+        choices=["NORMAL", "FULL"],
+        default="FULL",
+        help="SQLite synchronous (default FULL, as deployed)",
+    )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--no-question-cost", action="store_true", help="skip the in-process per-question memory measurement")
-    p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="debug: trace the server's Python allocations (FRAMES deep) and compare snapshots taken after the warm-up and near the end; RSS figures then include tracemalloc's own cost")
-    p.add_argument("--malloc-stats", action="store_true", help="with every sample, glibc's, pymalloc's and SQLite's own accounts (in use, held free); live objects by type after the warm-up and near the end; malloc_trim at the end (implied by --tracemalloc); cheap, RSS figures stay valid")
-    p.add_argument("--timeout", type=float, default=None, help="bound on the whole bench, seconds (default: warm-up + duration + 300)")
+    p.add_argument(
+        "--no-question-cost", action="store_true", help="skip the in-process per-question memory measurement"
+    )
+    p.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="debug: trace the server's Python allocations (FRAMES deep) and compare snapshots taken after the warm-up and near the end; RSS figures then include tracemalloc's own cost",
+    )
+    p.add_argument(
+        "--malloc-stats",
+        action="store_true",
+        help="with every sample, glibc's, pymalloc's and SQLite's own accounts (in use, held free); live objects by type after the warm-up and near the end; malloc_trim at the end (implied by --tracemalloc); cheap, RSS figures stay valid",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="bound on the whole bench, seconds (default: warm-up + duration + 300)",
+    )
     h.add_json_option(p, "soak")
     return p
 
@@ -1122,7 +1273,10 @@ def main(argv: list[str] | None = None) -> int:
                     garbage = probe.ask("garbage")
                     before = _status_fields(server.pid)["RssAnon"]
                     if probe.ask("trim") is not None:
-                        trimmed = {"rss_anon_before_mb": before / 2**20, "rss_anon_after_mb": _status_fields(server.pid)["RssAnon"] / 2**20}
+                        trimmed = {
+                            "rss_anon_before_mb": before / 2**20,
+                            "rss_anon_after_mb": _status_fields(server.pid)["RssAnon"] / 2**20,
+                        }
                 except OSError:  # it died meanwhile
                     alive = False
         finally:
@@ -1139,7 +1293,10 @@ def main(argv: list[str] | None = None) -> int:
         if cost:
             summary["kept_by_design"] = by_design(summary, load, cost)
     report(summary, cost)
-    h.write_report(args.json, {**h.report_head("soak", args), "summary": summary, "question_cost": cost, "samples": sampler.samples})
+    h.write_report(
+        args.json,
+        {**h.report_head("soak", args), "summary": summary, "question_cost": cost, "samples": sampler.samples},
+    )
     growth = summary["rss"]["VmRSS"]["growth_pct"]
     ok = alive and summary["seq_gap"] == summary["seq_duplicate"] == summary["unfinished_clients"] == 0
     return 0 if ok and growth < 5.0 else 1

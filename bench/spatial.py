@@ -105,9 +105,7 @@ def run_once(size: int, queries: int, seed: int) -> dict[str, float]:
 
     # After the moves, the index must still agree with the scan.
     lat, lng = query_points[0]
-    moved_exact = index.nearest_within(lat, lng, RADIUS_M, K) == brute_nearest(
-        points, lat, lng, RADIUS_M, K
-    )
+    moved_exact = index.nearest_within(lat, lng, RADIUS_M, K) == brute_nearest(points, lat, lng, RADIUS_M, K)
     # Per-query medians: robust to the odd preemption on a busy machine.
     index_s = statistics.median(index_times)
     brute_s = statistics.median(brute_times)

@@ -32,10 +32,10 @@ from .ops import OpsApp
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
-from .snapshots import run_periodic_snapshots
-from .store._backup import hold_database_lock
 from .server import ClientServer
+from .snapshots import run_periodic_snapshots
 from .store import Store
+from .store._backup import hold_database_lock
 
 __all__ = ["Running", "run_server"]
 
@@ -189,16 +189,26 @@ async def _serve(
                 port = await root.start(clients.run)
                 root.start_soon(pushes.run)
                 snapshots = trio.CancelScope()
-                root.start_soon(_in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots))
+                root.start_soon(
+                    _in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots)
+                )
                 checkpoints = trio.CancelScope()
                 root.start_soon(_in_scope, checkpoints, functools.partial(_checkpoint_wal, store, clients.pipeline))
                 full_gc = trio.CancelScope()
-                root.start_soon(_in_scope, full_gc, functools.partial(collect_fully_every, settings.server.full_gc_interval_s))
+                root.start_soon(
+                    _in_scope, full_gc, functools.partial(collect_fully_every, settings.server.full_gc_interval_s)
+                )
                 binds = await root.start(
                     functools.partial(hypercorn.trio.serve, ops, hconfig, shutdown_trigger=shutdown.wait)
                 )
                 ops_port = _ops_port(binds)
-                log.info("dongne listening: clients ws://%s:%d  ops http://%s:%d", settings.server.host, port, settings.server.ops_host, ops_port)
+                log.info(
+                    "dongne listening: clients ws://%s:%d  ops http://%s:%d",
+                    settings.server.host,
+                    port,
+                    settings.server.ops_host,
+                    ops_port,
+                )
                 watcher = trio.CancelScope()
                 if signals is not None:
                     root.start_soon(_in_scope, watcher, functools.partial(_watch_signals, signals, shutdown))

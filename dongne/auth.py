@@ -18,7 +18,7 @@ import jwt
 
 from .core.errors import CloseConnection
 
-__all__ = ["Claims", "TokenVerifier", "mint_token", "load_or_create_secret", "SECRET_FILE_SUFFIX"]
+__all__ = ["SECRET_FILE_SUFFIX", "Claims", "TokenVerifier", "load_or_create_secret", "mint_token"]
 
 ALGORITHM = "HS256"
 SECRET_FILE_SUFFIX = ".jwt-secret"

@@ -13,9 +13,9 @@ import trio
 
 from .auth import load_or_create_secret, mint_token
 from .config import Settings, load_settings
-from .logs import configure_logging
 from .core.errors import ConfigError
 from .core.regions import RegionFileError, RegionSet
+from .logs import configure_logging
 
 __all__ = ["main"]
 
@@ -63,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, dict[str, Any]] = {"server": {}, "store": {}}
-    for flag, section, key in (("host", "server", "host"), ("port", "server", "port"), ("ops_port", "server", "ops_port"), ("db", "store", "path")):
+    for flag, section, key in (
+        ("host", "server", "host"),
+        ("port", "server", "port"),
+        ("ops_port", "server", "ops_port"),
+        ("db", "store", "path"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[section][key] = value
@@ -78,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        configure_logging("INFO" if os.environ.get("DONGNE_DEMO_DEBUG") else "WARNING", "json" if os.environ.get("DONGNE_DEMO_DEBUG") else "text")
+        configure_logging(
+            "INFO" if os.environ.get("DONGNE_DEMO_DEBUG") else "WARNING",
+            "json" if os.environ.get("DONGNE_DEMO_DEBUG") else "text",
+        )
         trio.run(
             lambda: run_demo(
                 port=args.port, ops_port=args.ops_port, locals_count=args.locals, travellers=args.travellers,
@@ -120,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dongne: {exc}", file=sys.stderr)
             return 2
     from .app import run_server
-    from .store._backup import DatabaseInUseError
     from .runtime import tune_interpreter
+    from .store._backup import DatabaseInUseError
     from .store._sqlite import StoreError
 
     tune_interpreter()
@@ -164,7 +172,9 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if not args.yes:
         if not sys.stdin.isatty():
-            print("dongne: restore replaces the database; pass --yes to confirm when not at a terminal", file=sys.stderr)
+            print(
+                "dongne: restore replaces the database; pass --yes to confirm when not at a terminal", file=sys.stderr
+            )
             return 2
         print(
             f"Replace the database {db}\n   with the snapshot {snapshot}?\n"

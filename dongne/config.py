@@ -21,18 +21,18 @@ import attrs
 from .core.errors import ConfigError
 
 __all__ = [
-    "Settings",
-    "ServerSettings",
-    "StoreSettings",
-    "AuthSettings",
-    "EngineSettings",
-    "LocationSettings",
-    "EscalationSettings",
     "AlertSettings",
-    "LimitSettings",
+    "AuthSettings",
     "ContentSettings",
-    "SnapshotSettings",
+    "EngineSettings",
+    "EscalationSettings",
+    "LimitSettings",
+    "LocationSettings",
     "LogSettings",
+    "ServerSettings",
+    "Settings",
+    "SnapshotSettings",
+    "StoreSettings",
     "load_settings",
 ]
 

@@ -29,11 +29,23 @@ from .core.regions import Hotspot, load_hotspots
 __all__ = ["run_demo"]
 
 QUESTIONS: dict[str, list[str]] = {
-    "food": ["Where can I get black pork (heukdwaeji) near here?", "Any good gogi-guksu open now?", "Best place for abalone porridge nearby?"],
+    "food": [
+        "Where can I get black pork (heukdwaeji) near here?",
+        "Any good gogi-guksu open now?",
+        "Best place for abalone porridge nearby?",
+    ],
     "cafe": ["A quiet cafe with an ocean view around here?", "Where do locals get hallabong juice?"],
-    "bus": ["Which bus goes to the airport from here?", "Is there a late bus back to Jeju City?", "How often does the 201 run?"],
+    "bus": [
+        "Which bus goes to the airport from here?",
+        "Is there a late bus back to Jeju City?",
+        "How often does the 201 run?",
+    ],
     "beach": ["Is the water OK for swimming today?", "Where can I rent a snorkel nearby?"],
-    "hiking": ["Is the trail open this afternoon?", "How long to the crater from the parking lot?", "Is it too windy to climb today?"],
+    "hiking": [
+        "Is the trail open this afternoon?",
+        "How long to the crater from the parking lot?",
+        "Is it too windy to climb today?",
+    ],
     "weather": ["Is it going to rain in the next hour?", "Is the ferry running in this wind?"],
 }
 ANSWERS = [
@@ -75,7 +87,9 @@ class Demo:
         self.running = running
         self.secret = secret
         self.rng = rng
-        self.spots = [s for s in load_hotspots() if running.engine._region_of is None or running.engine._region_of(s.lat, s.lng)]
+        self.spots = [
+            s for s in load_hotspots() if running.engine._region_of is None or running.engine._region_of(s.lat, s.lng)
+        ]
         self.url = f"ws://127.0.0.1:{running.port}"
         self.asked = 0
         self.answered = 0
@@ -147,7 +161,8 @@ class Demo:
                         await trio.sleep(rng.uniform(1, 10))
                         try:
                             await me.request(
-                                "accept_answer", {"question_id": q["question_id"], "answer_id": note["data"]["answer"]["answer_id"]}
+                                "accept_answer",
+                                {"question_id": q["question_id"], "answer_id": note["data"]["answer"]["answer_id"]},
                             )
                         except RequestError:
                             pass
@@ -160,7 +175,13 @@ async def _keep_alive(person: Any, i: int) -> None:
     while True:
         try:
             await person(i)
-        except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError, RequestError, trio.TooSlowError):
+        except (
+            trio_websocket.ConnectionClosed,
+            trio_websocket.HandshakeError,
+            OSError,
+            RequestError,
+            trio.TooSlowError,
+        ):
             await trio.sleep(2)
 
 
@@ -172,7 +193,9 @@ async def run_demo(*, port: int = 8765, ops_port: int = 8766, locals_count: int 
     with tempfile.TemporaryDirectory(prefix="dongne-demo-") as tmp:
         settings = demo_settings(Path(tmp) / "demo.sqlite3", port, ops_port, secret)
         async with trio.open_nursery() as nursery:
-            running: Running = await nursery.start(lambda task_status: run_server(settings, handle_signals=True, task_status=task_status))
+            running: Running = await nursery.start(
+                lambda task_status: run_server(settings, handle_signals=True, task_status=task_status)
+            )
             demo = Demo(running, secret, rng)
             admin = demo.token("demo-admin", nick="Operator", admin=True)
             print(

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "CONTENT_TYPE"]
+__all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -54,12 +54,17 @@ class Metrics:
         self.deliveries = Counter("dongne_deliveries", "Frames written or queued to client connections", registry=r)
         self.errors = Counter("dongne_errors", "Error replies and closes, by code", ["code"], registry=r)
         self.overflows = Counter("dongne_outbound_overflows", "Connections closed as slow consumers (4009)", registry=r)
-        self.rate_limit_hits = Counter("dongne_rate_limit_hits", "Requests or connections refused by a limit", ["scope"], registry=r)
+        self.rate_limit_hits = Counter(
+            "dongne_rate_limit_hits", "Requests or connections refused by a limit", ["scope"], registry=r
+        )
         self.commit_seconds = Histogram(
             "dongne_store_commit_seconds", "Time to commit one group of writes", buckets=LATENCY_BUCKETS, registry=r
         )
         self.commit_batch = Histogram(
-            "dongne_store_commit_batch_outcomes", "Requests committed together", buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000), registry=r
+            "dongne_store_commit_batch_outcomes",
+            "Requests committed together",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000),
+            registry=r,
         )
         self.stage_latency = Histogram(
             "dongne_escalation_stage_latency_seconds",

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from .core.effects import Outcome, Write, rows_of
 from .store import Store
@@ -229,7 +230,7 @@ class CommitPipeline:
         for outcome in batch:
             self._act(outcome)
             if time.perf_counter() > slice_end:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 slice_end = time.perf_counter() + ACT_SLICE_S
 
     def _record(self, seconds: float) -> None:

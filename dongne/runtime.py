@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["GC_THRESHOLDS", "FULL_SWEEP_EVERY", "tune_interpreter", "collect_fully_every", "watch_gc_pauses"]
+__all__ = ["FULL_SWEEP_EVERY", "GC_THRESHOLDS", "collect_fully_every", "tune_interpreter", "watch_gc_pauses"]
 
 #: ``gc.set_threshold`` for the server: CPython's young (700 objects) and
 #: middle (every 10 young) collections; the third threshold at its maximum

@@ -252,7 +252,9 @@ class ClientServer:
 
     async def _on_message(self, conn_id: int, conn: WebSocketConnection, message: Any) -> None:
         self.stats.frames_in += 1
-        if not self.engine.is_authenticated(conn_id) and (isinstance(message, TextFrame) or not _looks_like_request(message.payload)):
+        if not self.engine.is_authenticated(conn_id) and (
+            isinstance(message, TextFrame) or not _looks_like_request(message.payload)
+        ):
             # PROTOCOL.md: the first frame must be hello; anything else closes with 4001.
             self.metrics.frames_in.labels("invalid").inc()
             conn.close(4001, "the first frame must be hello")
@@ -285,7 +287,9 @@ class ClientServer:
             conn.close(exc.code, exc.reason)
             return
         except Exception:
-            log.exception("request_failed", extra={"conn": conn_id, "op": request.op, "user": self.engine.user_of(conn_id)})
+            log.exception(
+                "request_failed", extra={"conn": conn_id, "op": request.op, "user": self.engine.user_of(conn_id)}
+            )
             self._refuse(conn_id, request.id, ProtocolError("internal", "internal error; the request was not applied"))
             return
         if outcome.actions and known_op:
@@ -464,4 +468,3 @@ async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.T
     async with trio.open_nursery() as nursery:
         task_status.started(nursery)
         await trio.sleep_forever()
-

@@ -26,7 +26,7 @@ async def test_no_cookie_shows_the_login_form(server: Harness) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.get(f"{ops(server)}/admin")
 
-    assert 200 == response.status_code
+    assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert 'action="/admin/login"' in response.text
     assert 'name="token"' in response.text
@@ -41,7 +41,7 @@ async def test_login_refuses_invalid_and_non_admin_tokens(server: Harness) -> No
         user = await http.post(f"{ops(server)}/admin/login", data={"token": token("traveller")})
         by_url = await http.get(f"{ops(server)}/admin/login", params={"token": token("traveller")})
 
-    assert (401, 403, 403) == (forged.status_code, user.status_code, by_url.status_code)
+    assert (forged.status_code, user.status_code, by_url.status_code) == (401, 403, 403)
     assert "The token was refused" in forged.text
     assert "has no admin role" in user.text
     assert all("set-cookie" not in r.headers for r in (forged, user, by_url))
@@ -52,7 +52,7 @@ async def test_refusal_page_escapes_the_user_id(server: Harness) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.post(f"{ops(server)}/admin/login", data={"token": token("<script>x</script>")})
 
-    assert 403 == response.status_code
+    assert response.status_code == 403
     assert "&lt;script&gt;x&lt;/script&gt;" in response.text
     assert "<script>x" not in response.text
 
@@ -65,15 +65,15 @@ async def test_admin_login_sets_a_strict_http_only_cookie(server: Harness) -> No
         page = await http.get(f"{ops(server)}/admin", headers=admin_cookie(tok))
         script = await http.get(f"{ops(server)}/admin/static/dashboard.js")
 
-    assert 303 == login.status_code
-    assert "/admin" == login.headers["location"]
+    assert login.status_code == 303
+    assert login.headers["location"] == "/admin"
     cookie = login.headers["set-cookie"]
     assert cookie.startswith(f"{COOKIE_NAME}={tok};")
     assert {"HttpOnly", "SameSite=Strict", "Path=/admin"} <= {part.strip() for part in cookie.split(";")}
-    assert 200 == page.status_code
+    assert page.status_code == 200
     assert 'id="map"' in page.text and 'src="/admin/static/dashboard.js"' in page.text
     assert ">Boss<" in page.text
-    assert 200 == script.status_code
+    assert script.status_code == 200
     assert script.headers["content-type"].startswith("text/javascript")
 
 
@@ -83,7 +83,7 @@ async def test_login_by_url_for_a_printed_demo_link(server: Harness) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.get(f"{ops(server)}/admin/login", params={"token": tok})
 
-    assert 303 == response.status_code
+    assert response.status_code == 303
     assert response.headers["set-cookie"].startswith(f"{COOKIE_NAME}={tok};")
 
 
@@ -104,11 +104,11 @@ async def test_state_reflects_a_question_from_a_client(server: Harness) -> None:
         async with httpx.AsyncClient() as http:
             response = await http.get(f"{ops(server)}/admin/api/state", headers=admin_cookie(tok))
 
-    assert 200 == response.status_code
+    assert response.status_code == 200
     state = response.json()
     [row] = [q for q in state["open"] if q["question_id"] == question["question_id"]]
-    assert "Ferry to Udo today?" == row["title"]
-    assert "Jeju-si" == row["region"]
+    assert row["title"] == "Ferry to Udo today?"
+    assert row["region"] == "Jeju-si"
     assert row["stage"] is not None and row["age_s"] >= 0
     assert state["open_questions"] >= 1 and state["connections"] >= 1
     assert {"frames_in", "deliveries", "slo", "hotspots", "alerts", "locals_by_region"} <= state.keys()
@@ -120,8 +120,8 @@ async def test_regions_are_the_servers_geojson(server: Harness) -> None:
         response = await http.get(f"{ops(server)}/admin/api/regions", headers=admin_cookie(token("boss", admin=True)))
 
     regions = response.json()
-    assert "FeatureCollection" == regions["type"]
-    assert 15 == len(regions["features"])
+    assert regions["type"] == "FeatureCollection"
+    assert len(regions["features"]) == 15
     assert "Jeju-si" in {f["properties"]["name"] for f in regions["features"]}
 
 
@@ -130,8 +130,10 @@ async def test_stream_sends_an_overview_every_second(server: Harness) -> None:
     events: list[dict[str, object]] = []
     async with httpx.AsyncClient() as http:
         with trio.fail_after(10):
-            async with http.stream("GET", f"{ops(server)}/admin/stream", headers=admin_cookie(token("boss", admin=True))) as response:
-                assert 200 == response.status_code
+            async with http.stream(
+                "GET", f"{ops(server)}/admin/stream", headers=admin_cookie(token("boss", admin=True))
+            ) as response:
+                assert response.status_code == 200
                 assert response.headers["content-type"].startswith("text/event-stream")
                 async for line in response.aiter_lines():
                     if line.startswith("data: "):
@@ -139,7 +141,7 @@ async def test_stream_sends_an_overview_every_second(server: Harness) -> None:
                     if len(events) == 2:
                         break
 
-    assert 2 == len(events)
+    assert len(events) == 2
     assert all({"now", "open", "connections", "frames_in"} <= e.keys() for e in events)
 
 
@@ -147,7 +149,9 @@ async def test_stream_ends_cleanly_when_the_server_stops(server: Harness) -> Non
     """A shutdown ends open streams with a complete response rather than a cut connection."""
     async with httpx.AsyncClient() as http:
         with trio.fail_after(10):
-            async with http.stream("GET", f"{ops(server)}/admin/stream", headers=admin_cookie(token("boss", admin=True))) as response:
+            async with http.stream(
+                "GET", f"{ops(server)}/admin/stream", headers=admin_cookie(token("boss", admin=True))
+            ) as response:
                 lines = response.aiter_lines()
                 async for line in lines:
                     if line.startswith("data: "):
@@ -165,13 +169,13 @@ async def test_expired_cookie_is_refused(server: Harness) -> None:
         state = await http.get(f"{ops(server)}/admin/api/state", headers=admin_cookie(expired))
         login = await http.get(f"{ops(server)}/admin/login", params={"token": expired})
 
-    assert 401 == page.status_code
+    assert page.status_code == 401
     assert "token expired" in page.text and 'name="token"' in page.text
     assert page.headers["set-cookie"].startswith(f"{COOKIE_NAME}=;")  # cleared
     assert "Max-Age=0" in page.headers["set-cookie"]
-    assert 401 == state.status_code
+    assert state.status_code == 401
     assert "token expired" in state.json()["error"]
-    assert 401 == login.status_code
+    assert login.status_code == 401
 
 
 async def test_logout_clears_the_cookie(server: Harness) -> None:
@@ -179,8 +183,8 @@ async def test_logout_clears_the_cookie(server: Harness) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.post(f"{ops(server)}/admin/logout", headers=admin_cookie(token("boss", admin=True)))
 
-    assert 303 == response.status_code
-    assert "/admin" == response.headers["location"]
+    assert response.status_code == 303
+    assert response.headers["location"] == "/admin"
     assert response.headers["set-cookie"].startswith(f"{COOKIE_NAME}=;")
     assert "Max-Age=0" in response.headers["set-cookie"]
 
@@ -193,4 +197,9 @@ async def test_unknown_paths_and_methods(server: Harness) -> None:
         get_logout = await http.get(f"{ops(server)}/admin/logout")
         health = await http.get(f"{ops(server)}/health")
 
-    assert (404, 404, 405, 200) == (missing.status_code, traversal.status_code, get_logout.status_code, health.status_code)
+    assert (
+        missing.status_code,
+        traversal.status_code,
+        get_logout.status_code,
+        health.status_code,
+    ) == (404, 404, 405, 200)

@@ -46,7 +46,18 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     env = {**os.environ, "DONGNE_JWT_SECRET": SECRET, "DONGNE_SNAPSHOTS_INTERVAL_S": "0"}
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dongne", "serve", "--port", "0", "--ops-port", "0", "--db", str(tmp_path / "db.sqlite3")],
+            [
+                sys.executable,
+                "-m",
+                "dongne",
+                "serve",
+                "--port",
+                "0",
+                "--ops-port",
+                "0",
+                "--db",
+                str(tmp_path / "db.sqlite3"),
+            ],
             cwd=tmp_path,  # no ./config.toml
             env=env,
             stdin=subprocess.DEVNULL,
@@ -99,7 +110,7 @@ class Scenario:
     def _run(self) -> None:
         try:
             trio.run(self._main)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             self.ids.put(exc)
 
     async def _main(self) -> None:
@@ -125,7 +136,9 @@ class Scenario:
                 question = (await asker.request("create_question", data))["question"]
                 if i == 0:
                     await local1.request("join_question", {"question_id": question["question_id"]})
-                    await local1.request("create_answer", {"question_id": question["question_id"], "content": "Dombedon, till 2am"})
+                    await local1.request(
+                        "create_answer", {"question_id": question["question_id"], "content": "Dombedon, till 2am"}
+                    )
                 self.ids.put(question["question_id"])
             await trio.to_thread.run_sync(self._stop.wait)
 
@@ -157,8 +170,8 @@ def test_dashboard_in_a_browser(served: tuple[str, str]) -> None:
             # expression again on every animation frame, which the page's CSP
             # (no 'unsafe-eval') refuses; a function is evaluated once, by DevTools.
             page.wait_for_function("() => document.querySelectorAll('#map [data-region]').length > 0", timeout=5000)
-            assert 15 == page.locator("[data-region]").count()
-            assert "" == page.evaluate("document.cookie")  # HttpOnly: invisible to scripts
+            assert page.locator("[data-region]").count() == 15
+            assert page.evaluate("document.cookie") == ""  # HttpOnly: invisible to scripts
             page.wait_for_selector("#live-status[data-state=live]", timeout=5000)
 
             scenario.start()
@@ -168,18 +181,23 @@ def test_dashboard_in_a_browser(served: tuple[str, str]) -> None:
                 page.wait_for_selector(f'#questions-table tr[data-question-id="{qid}"]', timeout=2000)
                 ids.append(qid)
             for qid in ids:
-                assert 1 == page.locator(f'#map [data-map-question-id="{qid}"]').count()
+                assert page.locator(f'#map [data-map-question-id="{qid}"]').count() == 1
             # User text is shown as text, never parsed as HTML.
             title = page.locator(f'tr[data-question-id="{ids[2]}"] .title').text_content()
             assert title is not None and title.startswith("<img src=x onerror=")
-            assert 0 == page.locator("#questions-table img").count()
+            assert page.locator("#questions-table img").count() == 0
             assert page.evaluate("window.__pwned") is None
             # The answered region turns green; locals are counted; rates come from two samples.
             page.wait_for_selector('[data-region="Jeju-si"][data-slo="good"]', timeout=3000)
-            page.wait_for_function("() => document.querySelector('[data-region-row=\"Jeju-si\"]').cells[1].textContent === '1'", timeout=3000)
-            page.wait_for_function("() => document.getElementById('stat-frames-rate').textContent !== '—'", timeout=3000)
+            page.wait_for_function(
+                "() => document.querySelector('[data-region-row=\"Jeju-si\"]').cells[1].textContent === '1'",
+                timeout=3000,
+            )
+            page.wait_for_function(
+                "() => document.getElementById('stat-frames-rate').textContent !== '—'", timeout=3000
+            )
             page.wait_for_timeout(1200)  # one more event, so the screenshot shows settled rates
-            assert [] == errors  # no script errors, no CSP violations, nothing failed to load
+            assert errors == []  # no script errors, no CSP violations, nothing failed to load
         finally:
             try:
                 page.screenshot(path=str(ARTIFACTS / "admin-dashboard.png"), full_page=True)

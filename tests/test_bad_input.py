@@ -89,7 +89,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("op, data, code", BAD_REQUESTS, ids=[f"{op}-{code}-{i}" for i, (op, _, code) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "op, data, code", BAD_REQUESTS, ids=[f"{op}-{code}-{i}" for i, (op, _, code) in enumerate(BAD_REQUESTS)]
+)
 async def test_bad_requests_get_documented_codes(server: Harness, op: str, data: dict, code: str) -> None:  # type: ignore[type-arg]
     async with server.connect("u") as client:
         with pytest.raises(RequestError) as refused:
@@ -118,7 +120,10 @@ async def test_oversize_frame_closes_with_1009_and_others_carry_on(server: Harne
         (lambda: token("u")[:-4] + "AAAA", "invalid token"),
         (lambda: _unsigned_none_token(), "invalid token"),  # alg: none
         (lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, SECRET, algorithm="HS512"), "invalid token"),
-        (lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, "another-secret-0123456789-0123456789"), "invalid token"),
+        (
+            lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, "another-secret-0123456789-0123456789"),
+            "invalid token",
+        ),
     ],
     ids=["missing", "garbage", "expired", "forged", "alg-none", "wrong-alg", "wrong-secret"],
 )

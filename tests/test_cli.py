@@ -133,7 +133,10 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[server]\nprot = 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "dongne", "serve", "--config", str(unknown)], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-m", "dongne", "serve", "--config", str(unknown)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 2
     assert "unknown setting [server] prot" in out.stderr

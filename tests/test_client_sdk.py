@@ -117,14 +117,19 @@ async def test_every_durable_event_arrives_once_in_order_across_20_cuts(server: 
     received: list[dict[str, Any]] = []
     cutting_done = trio.Event()
     with trio.fail_after(60):
-        async with open_session(h.url, lambda: token("asker"), on_state=states, **fast()) as session, h.connect("local") as local:
+        async with (
+            open_session(h.url, lambda: token("asker"), on_state=states, **fast()) as session,
+            h.connect("local") as local,
+        ):
             qid = (await session.request("create_question", question_data()))["question"]["question_id"]
 
             async def produce() -> None:
                 # Until the cutting is over (at least 100 answers; bounded).
                 while (len(produced) < 100 or not cutting_done.is_set()) and len(produced) < 3000:
                     n = len(produced)
-                    answer = (await local.request("create_answer", {"question_id": qid, "content": f"answer {n}"}))["answer"]
+                    answer = (await local.request("create_answer", {"question_id": qid, "content": f"answer {n}"}))[
+                        "answer"
+                    ]
                     produced.append((answer["answer_id"], answer["content"]))
 
             async with trio.open_nursery() as nursery:
@@ -158,9 +163,11 @@ async def test_rooms_and_location_are_restored_after_a_reconnect(
     h = await start_server(location={"min_update_interval_s": 2.0})
     states = States()
     location = {"location": dict(JEJU_CITY), "accuracy_m": 12.5}
-    async with h.connect("asker") as asker, h.connect("local") as local, open_session(
-        h.url, token("reader"), on_state=states, **fast(jitter=lambda: 0.0)
-    ) as session:
+    async with (
+        h.connect("asker") as asker,
+        h.connect("local") as local,
+        open_session(h.url, token("reader"), on_state=states, **fast(jitter=lambda: 0.0)) as session,
+    ):
         q1, q2, q3 = [
             (await asker.request("create_question", question_data(title=f"Question {i}")))["question"]["question_id"]
             for i in (1, 2, 3)
@@ -202,7 +209,10 @@ async def test_a_request_in_flight_fails_with_connection_lost_and_is_not_resent(
     h = server
     states = States()
     with trio.fail_after(20):
-        async with h.connect("asker") as asker, open_session(h.url, token("local"), on_state=states, **fast()) as session:
+        async with (
+            h.connect("asker") as asker,
+            open_session(h.url, token("local"), on_state=states, **fast()) as session,
+        ):
             qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
             await session.request("join_question", {"question_id": qid})
 
@@ -295,7 +305,10 @@ async def test_closing_the_session_stops_it_for_good(server: Harness) -> None:
     """Events queued before the close are still handed out; then everything raises SessionClosed."""
     states = States()
     with trio.fail_after(10):
-        async with server.connect("local") as local, open_session(server.url, token("asker"), on_state=states, **fast()) as session:
+        async with (
+            server.connect("local") as local,
+            open_session(server.url, token("asker"), on_state=states, **fast()) as session,
+        ):
             qid = (await session.request("create_question", question_data()))["question"]["question_id"]
             await local.request("create_answer", {"question_id": qid, "content": "before the close"})
             await session.request("get_profile")  # its reply comes after the notification
@@ -323,7 +336,10 @@ async def test_a_fresh_session_starts_from_now_and_resume_from_replays(server: H
             await local.request("create_answer", {"question_id": qid, "content": f"old {n}"})
     states = States()
     with trio.fail_after(20):
-        async with h.connect("local") as local, open_session(h.url, token("asker"), on_state=states, **fast()) as session:
+        async with (
+            h.connect("local") as local,
+            open_session(h.url, token("asker"), on_state=states, **fast()) as session,
+        ):
             assert session.last_seq == 3
             drop_client_side(session)
             await states.until(lambda: session.reconnects == 1)

@@ -19,7 +19,9 @@ def test_shipped_config_toml_states_every_default() -> None:
 def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[server]\nport = 9000\nops_port = 9001\n[store]\npath = "a.db"\n')
-    s = load_settings(cfg, environ={"DONGNE_SERVER_PORT": "9100", "DONGNE_JWT_SECRET": "s"}, overrides={"server": {"ops_port": 9200}})
+    s = load_settings(
+        cfg, environ={"DONGNE_SERVER_PORT": "9100", "DONGNE_JWT_SECRET": "s"}, overrides={"server": {"ops_port": 9200}}
+    )
     assert (s.server.port, s.server.ops_port, s.store.path, s.auth.jwt_secret) == (9100, 9200, "a.db", "s")
 
 
@@ -30,7 +32,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("[server]\nportt = 1\n", "unknown setting [server] portt"),
         ("[server]\nport = 70000\n", "port number"),
         ("[server]\nport = true\n", "must be an integer"),
-        ("[store]\nsynchronous = \"OFF\"\n", "must be one of FULL, NORMAL, EXTRA"),
+        ('[store]\nsynchronous = "OFF"\n', "must be one of FULL, NORMAL, EXTRA"),
         ("[engine]\ntyping_ttl_s = -1\n", "positive"),
         ("[server\n", "not valid TOML"),
     ],

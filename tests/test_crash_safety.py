@@ -52,6 +52,7 @@ from typing import Any
 import attrs
 import msgpack
 import trio
+import trio.lowlevel
 import trio_websocket
 
 from dongne.auth import mint_token
@@ -248,7 +249,9 @@ async def serve(tmp_path: Path, run: int) -> AsyncIterator[Server]:
         "--db", str(tmp_path / "dongne.sqlite3"), "--host", "127.0.0.1", "--port", "0", "--ops-port", "0",
     ]  # fmt: skip
     with open(log, "wb") as sink:
-        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink, cwd=tmp_path, env=env)
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink, cwd=tmp_path, env=env
+        )
     try:
         with trio.fail_after(30):
             while not (match := LISTENING.search(log.read_bytes())):
@@ -297,10 +300,15 @@ async def call(conn: Conn, model: Model, op: str, data: dict[str, Any]) -> dict[
 
 def near_hall(rng: random.Random) -> dict[str, float]:
     """A spot up to ~1.3 km south, east or west of the hall: on land, in Jeju-si."""
-    return {"lat": HALL[0] - rng.uniform(0, 1300) / M_PER_DEG_LAT, "lng": HALL[1] + rng.uniform(-1300, 1300) / M_PER_DEG_LNG}
+    return {
+        "lat": HALL[0] - rng.uniform(0, 1300) / M_PER_DEG_LAT,
+        "lng": HALL[1] + rng.uniform(-1300, 1300) / M_PER_DEG_LNG,
+    }
 
 
-async def asker_load(conn: Conn, model: Model, rng: random.Random, tag: str, first_ack: trio.Event, max_questions: int) -> None:
+async def asker_load(
+    conn: Conn, model: Model, rng: random.Random, tag: str, first_ack: trio.Event, max_questions: int
+) -> None:
     asked = 0
     for step in range(100_000):  # ends when the server goes away
         mine = [q for q in model.questions_of(conn.user) if q not in model.accepted and model.answers_to(q)]
@@ -340,7 +348,10 @@ async def local_load(conn: Conn, model: Model, rng: random.Random, tag: str) -> 
             if reply is not None:
                 model.answers[reply["answer"]["answer_id"]] = reply["answer"]
         elif roll < 0.6:
-            jitter = {"lat": home["lat"] + rng.uniform(-300, 300) / M_PER_DEG_LAT, "lng": home["lng"] + rng.uniform(-300, 300) / M_PER_DEG_LNG}
+            jitter = {
+                "lat": home["lat"] + rng.uniform(-300, 300) / M_PER_DEG_LAT,
+                "lng": home["lng"] + rng.uniform(-300, 300) / M_PER_DEG_LNG,
+            }
             await call(conn, model, "update_location", {"location": jitter, "accuracy_m": 20.0})
         elif open_ and roll < 0.8:
             qid = rng.choice(open_)
@@ -421,7 +432,12 @@ async def check_state(conns: dict[str, Conn], model: Model, db: Path) -> None:
     for qid, q in model.questions.items():
         state = await conns[q["asker_id"]].client.request("join_question", {"question_id": qid})
         got = state["question"]
-        assert (got["asker_id"], got["title"], got["body"], got["hashtags"]) == (q["asker_id"], q["title"], q["body"], q["hashtags"])
+        assert (got["asker_id"], got["title"], got["body"], got["hashtags"]) == (
+            q["asker_id"],
+            q["title"],
+            q["body"],
+            q["hashtags"],
+        )
         answers = {a["answer_id"]: a for a in state["answers"]}
         for aid in model.answers_to(qid):
             acked = model.answers[aid]
@@ -430,7 +446,9 @@ async def check_state(conns: dict[str, Conn], model: Model, db: Path) -> None:
         if qid in model.accepted:
             assert (got["status"], got["accepted_answer_id"]) == ("resolved", model.accepted[qid])
         flagged = [a for a in answers.values() if a["accepted"]]
-        assert len(flagged) <= 1 and [a["answer_id"] for a in flagged] == ([got["accepted_answer_id"]] if got["accepted_answer_id"] else [])
+        assert len(flagged) <= 1 and [a["answer_id"] for a in flagged] == (
+            [got["accepted_answer_id"]] if got["accepted_answer_id"] else []
+        )
         assert got["answer_count"] == len(answers)
         for a in flagged:
             accepted_by[a["author_id"]] += 1
@@ -449,7 +467,9 @@ def check_database(db: Path, model: Model) -> dict[str, Any]:
         conn.execute("BEGIN")
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         for user, last_seq in conn.execute("SELECT user_id, last_seq FROM users").fetchall():
-            count, top = conn.execute("SELECT count(*), coalesce(max(seq), 0) FROM events WHERE user_id = ?", (user,)).fetchone()
+            count, top = conn.execute(
+                "SELECT count(*), coalesce(max(seq), 0) FROM events WHERE user_id = ?", (user,)
+            ).fetchone()
             assert count == top >= last_seq, f"{user}: row last_seq {last_seq}, {count} events, max seq {top}"
         notified = sorted(conn.execute("SELECT question_id, user_id FROM notified"))
         alerted = sorted(
@@ -459,7 +479,9 @@ def check_database(db: Path, model: Model) -> dict[str, Any]:
         assert alerted == notified, "notified rows and new_question_notification events differ"
         present = {row[0] for row in conn.execute("SELECT question_id FROM questions")}
         assert set(model.questions) <= present
-        rows = conn.execute("SELECT q.question_id, q.status, q.answer_count, e.next_stage FROM questions q LEFT JOIN escalations e USING (question_id)").fetchall()
+        rows = conn.execute(
+            "SELECT q.question_id, q.status, q.answer_count, e.next_stage FROM questions q LEFT JOIN escalations e USING (question_id)"
+        ).fetchall()
         conn.execute("COMMIT")
     return {qid: (status, answers, stage) for qid, status, answers, stage in rows}
 
@@ -564,7 +586,10 @@ async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
                 server.proc.send_signal(signal.SIGTERM)
 
             await run_load_until(conns, model, rng, "sigterm", terminate_soon)
-            codes = {u: c.client.closed.reason.code if c.client.closed and c.client.closed.reason else None for u, c in conns.items()}
+            codes = {
+                u: c.client.closed.reason.code if c.client.closed and c.client.closed.reason else None
+                for u, c in conns.items()
+            }
             assert set(codes.values()) == {1001}, codes
             check_contiguous(conns)
         with trio.fail_after(10):
@@ -586,8 +611,10 @@ async def _stream_typing_forever(request: trio_websocket.WebSocketRequest) -> No
     ws = await request.accept()
     try:
         while True:
-            await ws.send_message(msgpack.packb({"type": "user_typing", "data": {"question_id": "q1", "user_id": "u", "nick": "U"}}))
-            await trio.sleep(0)
+            await ws.send_message(
+                msgpack.packb({"type": "user_typing", "data": {"question_id": "q1", "user_id": "u", "nick": "U"}})
+            )
+            await trio.lowlevel.checkpoint()
     except trio_websocket.ConnectionClosed:
         pass
 
@@ -611,7 +638,12 @@ async def test_a_restart_keeps_no_unsendable_push_jobs_in_memory(start_server: A
     store = Store(db_path)
     store.open()
     payload = {"title": "Where is the best black pork near the port?", "region": "Jeju-si", "data": {"stage": "QUICK"}}
-    store.apply([EnqueuePush(PushJob(i, f"local{i}", "new_question_notification", False, payload, day_ago)) for i in range(1, 201)])
+    store.apply(
+        [
+            EnqueuePush(PushJob(i, f"local{i}", "new_question_notification", False, payload, day_ago))
+            for i in range(1, 201)
+        ]
+    )
     store.close()
     h = await start_server()
     held = list(h.running.pushes._pending)

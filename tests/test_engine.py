@@ -332,8 +332,14 @@ def test_nearby_questions_looks_past_a_crowd_of_ones_own() -> None:
         sim.connect(conn_id, user)
     # "busy" asks 12 questions 10-120 m from the hall; "other" one 2 km away.
     for n in range(12):
-        sim.call(1, "create_question", {"title": f"q{n}", "location": {"lat": 33.4996, "lng": 126.5312 + (10 + 10 * n) / 92_800}})
-    far = sim.call(2, "create_question", {"title": "far", "location": {"lat": 33.4996, "lng": 126.5312 + 2000 / 92_800}})
+        sim.call(
+            1,
+            "create_question",
+            {"title": f"q{n}", "location": {"lat": 33.4996, "lng": 126.5312 + (10 + 10 * n) / 92_800}},
+        )
+    far = sim.call(
+        2, "create_question", {"title": "far", "location": {"lat": 33.4996, "lng": 126.5312 + 2000 / 92_800}}
+    )
     far_id = sim.reply(far)["data"]["question"]["question_id"]
     hall = {"location": {"lat": 33.4996, "lng": 126.5312}}
 

@@ -27,7 +27,9 @@ def east(metres: float) -> dict[str, float]:
     return {"lat": HALL[0], "lng": HALL[1] + metres / M_PER_DEG_LNG}
 
 
-async def local_at(stack: AsyncExitStack, h: Harness, user_id: str, metres: float | None, **claims: Any) -> DongneClient:
+async def local_at(
+    stack: AsyncExitStack, h: Harness, user_id: str, metres: float | None, **claims: Any
+) -> DongneClient:
     client = await stack.enter_async_context(h.connect(user_id, timeout=math.inf, local=True, **claims))
     if metres is not None:
         await client.request("update_location", {"location": east(metres)})
@@ -47,7 +49,9 @@ async def test_stages_reach_the_right_locals_in_order(start_server, autojump_clo
         expert = await local_at(stack, h, "expert", 20000, tags=["food"])
         asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
         started = trio.current_time()
-        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))["question"]
+        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))[
+            "question"
+        ]
 
         first = await near.next_event("new_question_notification")
         assert first["seq"] == 1
@@ -60,7 +64,11 @@ async def test_stages_reach_the_right_locals_in_order(start_server, autojump_clo
 
         quick = await mid.next_event("new_question_notification")
         assert quick["data"]["stage"] == "QUICK"
-        assert (quick["data"]["priority"], quick["data"]["sound"], quick["data"]["vibration"]) == ("normal", "normal", "light")
+        assert (quick["data"]["priority"], quick["data"]["sound"], quick["data"]["vibration"]) == (
+            "normal",
+            "normal",
+            "light",
+        )
         assert trio.current_time() - started >= 3.0
 
         extended = await expert.next_event("new_question_notification")
@@ -114,7 +122,9 @@ async def test_accept_cancels_and_an_answer_skips_final(start_server, autojump_c
         closed_at = accepted["question"]["closed_at"]
         assert qa not in h.running.clients.escalation_scopes
 
-        qb = (await asker.request("create_question", question_data(title="B", location=here)))["question"]["question_id"]
+        qb = (await asker.request("create_question", question_data(title="B", location=here)))["question"][
+            "question_id"
+        ]
         await near.request("create_answer", {"question_id": qb, "content": "there"})
         while qb in h.running.clients.escalation_scopes:
             await trio.sleep(10)
@@ -139,7 +149,9 @@ async def test_escalation_resumes_after_restart(start_server, autojump_clock, db
         await mid.request("update_settings", {"home": east(4000)})
         await local_at(stack, h, "expert", 20000, tags=["food"])
         asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
-        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))["question"]
+        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))[
+            "question"
+        ]
         assert (await near.next_event("new_question_notification"))["data"]["stage"] == "IMMEDIATE"
         await h.running.aclose()
     # Down for a minute: QUICK (3 s) and EXTENDED (30 s) come due while it is
@@ -148,7 +160,9 @@ async def test_escalation_resumes_after_restart(start_server, autojump_clock, db
     h2 = await start_server(clock=clock, server=NO_TIMERS, location={"min_update_interval_s": 0.0})
     async with AsyncExitStack() as stack:
         mid = await stack.enter_async_context(h2.connect("mid", resume_from=0, timeout=math.inf, local=True))
-        expert = await stack.enter_async_context(h2.connect("expert", resume_from=0, timeout=math.inf, local=True, tags=["food"]))
+        expert = await stack.enter_async_context(
+            h2.connect("expert", resume_from=0, timeout=math.inf, local=True, tags=["food"])
+        )
         near = await stack.enter_async_context(h2.connect("near", resume_from=0, timeout=math.inf, local=True))
         got_mid = await mid.next_event("new_question_notification")
         got_expert = await expert.next_event("new_question_notification")

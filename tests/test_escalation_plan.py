@@ -73,7 +73,10 @@ class World:
     ) -> None:
         """Add a local; online (with a live position) when ``live`` is given."""
         self.locals[user_id] = LocalInfo(
-            user_id, frozenset(tags), home, NotificationSettings(**settings_kw)  # type: ignore[arg-type]
+            user_id,
+            frozenset(tags),
+            home,
+            NotificationSettings(**settings_kw),  # type: ignore[arg-type]
         )
         if online is None:
             online = live is not None
@@ -140,7 +143,7 @@ def test_immediate_ties_by_user_id() -> None:
     for uid in ("c", "a", "b"):
         w.add(uid, live=north(500.0))
 
-    assert ["a", "b", "c"] == ids(w.plan(IMMEDIATE))
+    assert ids(w.plan(IMMEDIATE)) == ["a", "b", "c"]
 
 
 def test_immediate_skips_asker_and_already_notified() -> None:
@@ -150,7 +153,7 @@ def test_immediate_skips_asker_and_already_notified() -> None:
     w.add("seen", live=north(20.0))
     w.add("fresh", live=north(30.0))
 
-    assert ["fresh"] == ids(w.plan(IMMEDIATE, notified={"seen"}))
+    assert ids(w.plan(IMMEDIATE, notified={"seen"})) == ["fresh"]
 
 
 def test_immediate_alerts_off_skipped_in_immediate_but_eligible_in_quick() -> None:
@@ -159,9 +162,9 @@ def test_immediate_alerts_off_skipped_in_immediate_but_eligible_in_quick() -> No
     w.add("quiet", live=north(10.0), immediate_alerts=False)
     w.add("loud", live=north(20.0))
 
-    assert ["loud"] == ids(w.plan(IMMEDIATE))
-    assert ["quiet", "loud"] == ids(w.plan(QUICK))
-    assert ["quiet"] == ids(w.plan(QUICK, notified={"loud"}))
+    assert ids(w.plan(IMMEDIATE)) == ["loud"]
+    assert ids(w.plan(QUICK)) == ["quiet", "loud"]
+    assert ids(w.plan(QUICK, notified={"loud"})) == ["quiet"]
 
 
 def test_immediate_alerts_off_applies_even_to_urgent_questions() -> None:
@@ -169,7 +172,7 @@ def test_immediate_alerts_off_applies_even_to_urgent_questions() -> None:
     w = World()
     w.add("quiet", live=north(10.0), immediate_alerts=False)
 
-    assert [] == w.plan(IMMEDIATE, brief(urgency="urgent"))
+    assert w.plan(IMMEDIATE, brief(urgency="urgent")) == []
 
 
 def test_immediate_fills_ten_past_many_skipped_users() -> None:
@@ -189,7 +192,7 @@ def test_immediate_returns_fewer_when_exhausted() -> None:
     w.add("b", live=north(200.0), max_alerts_per_hour=0)
     w.add("c", live=north(300.0))
 
-    assert ["a", "c"] == ids(w.plan(IMMEDIATE))
+    assert ids(w.plan(IMMEDIATE)) == ["a", "c"]
 
 
 def test_immediate_ignores_live_users_who_are_not_locals_or_not_online() -> None:
@@ -200,7 +203,7 @@ def test_immediate_ignores_live_users_who_are_not_locals_or_not_online() -> None
     w.add("stale", live=north(20.0), online=False)
     w.add("local", live=north(30.0))
 
-    assert ["local"] == ids(w.plan(IMMEDIATE))
+    assert ids(w.plan(IMMEDIATE)) == ["local"]
 
 
 # ---------------------------------------------------------------------------
@@ -219,11 +222,11 @@ def test_quick_uses_live_for_online_and_home_for_offline() -> None:
 
     quick = w.plan(QUICK)
 
-    assert ["off_home", "on_near"] == ids(quick)
-    assert [False, True] == [t.online for t in quick]
+    assert ids(quick) == ["off_home", "on_near"]
+    assert [t.online for t in quick] == [False, True]
     assert quick[0].distance_m == pytest.approx(300.0, rel=1e-3)
     assert quick[1].distance_m == pytest.approx(1_000.0, rel=1e-3)
-    assert ["on_near"] == ids(w.plan(IMMEDIATE))
+    assert ids(w.plan(IMMEDIATE)) == ["on_near"]
 
 
 def test_quick_online_without_live_position_is_not_nearby() -> None:
@@ -231,7 +234,7 @@ def test_quick_online_without_live_position_is_not_nearby() -> None:
     w = World()
     w.add("ghost", home=north(100.0), online=True)
 
-    assert [] == w.plan(QUICK)
+    assert w.plan(QUICK) == []
 
 
 def test_quick_radius_is_inclusive_and_homes_index_gives_same_answer() -> None:
@@ -268,10 +271,10 @@ def test_extended_picks_experts_by_tag_intersection_anywhere() -> None:
 
     targets = w.plan(EXTENDED, brief(hashtags=("#Hallasan", "diving")))
 
-    assert ["hiker", "diver", "nowhere"] == ids(targets)
-    assert [True, False, False] == [t.online for t in targets]
+    assert ids(targets) == ["hiker", "diver", "nowhere"]
+    assert [t.online for t in targets] == [True, False, False]
     assert targets[2].distance_m is None
-    assert [] == w.plan(EXTENDED, brief(hashtags=()))
+    assert w.plan(EXTENDED, brief(hashtags=())) == []
 
 
 def test_final_notifies_everyone_left_only_when_unanswered() -> None:
@@ -283,8 +286,8 @@ def test_final_notifies_everyone_left_only_when_unanswered() -> None:
     w.add("y_nopos")
     w.add("done", live=north(5.0))
 
-    assert ["a_near", "b_far", "y_nopos", "z_nopos"] == ids(w.plan(FINAL, notified={"done"}))
-    assert [] == w.plan(FINAL, brief(answered=True))
+    assert ids(w.plan(FINAL, notified={"done"})) == ["a_near", "b_far", "y_nopos", "z_nopos"]
+    assert w.plan(FINAL, brief(answered=True)) == []
 
 
 def test_only_if_unanswered_does_not_apply_to_other_stages() -> None:
@@ -292,7 +295,7 @@ def test_only_if_unanswered_does_not_apply_to_other_stages() -> None:
     w = World()
     w.add("a", live=north(10.0))
 
-    assert ["a"] == ids(w.plan(QUICK, brief(answered=True)))
+    assert ids(w.plan(QUICK, brief(answered=True))) == ["a"]
 
 
 def test_limit_applies_to_directory_stages() -> None:
@@ -303,7 +306,7 @@ def test_limit_applies_to_directory_stages() -> None:
     w.add("nopos")
     stage = StagePlan("sample", 0.0, None, 2, "everyone")
 
-    assert ["near", "far"] == ids(w.plan(stage))
+    assert ids(w.plan(stage)) == ["near", "far"]
 
 
 # ---------------------------------------------------------------------------
@@ -327,9 +330,7 @@ def test_limit_applies_to_directory_stages() -> None:
         (None, 3, 0, False),
     ],
 )
-def test_in_quiet_hours_window_and_wrap(
-    quiet: tuple[int, int] | None, hour: int, minute: int, expected: bool
-) -> None:
+def test_in_quiet_hours_window_and_wrap(quiet: tuple[int, int] | None, hour: int, minute: int, expected: bool) -> None:
     """``[start, end)`` in Korea time, wrapping midnight when start > end."""
     assert expected == in_quiet_hours(quiet, kst_ms(hour, minute))
 
@@ -349,10 +350,10 @@ def test_quiet_hours_skip_normal_questions_but_not_urgent_ones() -> None:
     w.add("owl", live=north(20.0))
     night = kst_ms(23, 30)
 
-    assert ["owl"] == ids(w.plan(IMMEDIATE, now_ms=night))
-    assert ["sleeper", "owl"] == ids(w.plan(IMMEDIATE, now_ms=kst_ms(7)))
+    assert ids(w.plan(IMMEDIATE, now_ms=night)) == ["owl"]
+    assert ids(w.plan(IMMEDIATE, now_ms=kst_ms(7))) == ["sleeper", "owl"]
     urgent = w.plan(IMMEDIATE, brief(urgency="urgent"), now_ms=night)
-    assert ["sleeper", "owl"] == ids(urgent)
+    assert ids(urgent) == ["sleeper", "owl"]
     assert {"critical"} == {t.priority for t in urgent}
 
 
@@ -361,8 +362,8 @@ def test_quiet_hours_offset_changes_the_plan() -> None:
     w = World()
     w.add("sleeper", live=north(10.0), quiet_hours=(1, 5))
 
-    assert ["sleeper"] == ids(w.plan(QUICK))
-    assert [] == w.plan(QUICK, utc_offset_minutes=0)
+    assert ids(w.plan(QUICK)) == ["sleeper"]
+    assert w.plan(QUICK, utc_offset_minutes=0) == []
 
 
 # ---------------------------------------------------------------------------
@@ -383,13 +384,13 @@ def test_cap_skips_to_next_nearest_and_window_slides() -> None:
     at_t0 = ids(w.plan(IMMEDIATE, now_ms=t0))
     assert [f"n{i}" for i in range(10)] == at_t0
     # At t0 + 50 min the first alert has slid out: 1 < 2.
-    assert "capped" == ids(w.plan(IMMEDIATE, now_ms=t0 + 50 * MIN_MS))[0]
+    assert ids(w.plan(IMMEDIATE, now_ms=t0 + 50 * MIN_MS))[0] == "capped"
     # A user with both alerts at t0 stays capped until exactly t0 + 60 min.
     w.add("burst", live=north(5.0), max_alerts_per_hour=2)
     w.ledger.record_alert("burst", t0)
     w.ledger.record_alert("burst", t0)
     assert "burst" not in ids(w.plan(IMMEDIATE, now_ms=t0 + HOUR_MS - 1))
-    assert "burst" == ids(w.plan(IMMEDIATE, now_ms=t0 + HOUR_MS))[0]
+    assert ids(w.plan(IMMEDIATE, now_ms=t0 + HOUR_MS))[0] == "burst"
 
 
 def test_cap_counts_alerts_across_questions_and_stages() -> None:
@@ -400,8 +401,8 @@ def test_cap_counts_alerts_across_questions_and_stages() -> None:
     first = w.plan(IMMEDIATE, brief(question_id="q1"))
     w.ledger.record(first, NOON_KST_MS)
 
-    assert [] == w.plan(QUICK, brief(question_id="q2"), now_ms=NOON_KST_MS + 1)
-    assert [] == w.plan(FINAL, brief(question_id="q2"), now_ms=NOON_KST_MS + 1)
+    assert w.plan(QUICK, brief(question_id="q2"), now_ms=NOON_KST_MS + 1) == []
+    assert w.plan(FINAL, brief(question_id="q2"), now_ms=NOON_KST_MS + 1) == []
 
 
 def test_wider_stages_keep_a_quarter_of_the_cap_for_immediate() -> None:
@@ -413,15 +414,15 @@ def test_wider_stages_keep_a_quarter_of_the_cap_for_immediate() -> None:
         w.ledger.record_alert("near", NOON_KST_MS - minute * MIN_MS)
     food = brief(hashtags=("food",))
 
-    assert ["small"] == ids(w.plan(QUICK, food))
-    assert ["small"] == ids(w.plan(EXTENDED, food))
-    assert ["small"] == ids(w.plan(FINAL, food))
-    assert ["near", "small"] == ids(w.plan(IMMEDIATE, food))
+    assert ids(w.plan(QUICK, food)) == ["small"]
+    assert ids(w.plan(EXTENDED, food)) == ["small"]
+    assert ids(w.plan(FINAL, food)) == ["small"]
+    assert ids(w.plan(IMMEDIATE, food)) == ["near", "small"]
     # One alert fewer and QUICK may use it; a cap of 1 is never rounded down to none.
     w.ledger = AlertLedger()
     for minute in range(14):
         w.ledger.record_alert("near", NOON_KST_MS - minute * MIN_MS)
-    assert ["near", "small"] == ids(w.plan(QUICK, food))
+    assert ids(w.plan(QUICK, food)) == ["near", "small"]
     assert [QUICK.cap_for(c) for c in (0, 1, 2, 4, 20, 100)] == [0, 1, 1, 3, 15, 75]
 
 
@@ -431,7 +432,7 @@ def test_cap_applies_to_urgent_questions() -> None:
     w.add("a", live=north(10.0), max_alerts_per_hour=1)
     w.ledger.record_alert("a", NOON_KST_MS)
 
-    assert [] == w.plan(IMMEDIATE, brief(urgency="urgent"), now_ms=NOON_KST_MS + 1)
+    assert w.plan(IMMEDIATE, brief(urgency="urgent"), now_ms=NOON_KST_MS + 1) == []
 
 
 def test_plan_does_not_mutate_its_inputs() -> None:
@@ -451,15 +452,15 @@ def test_ledger_prunes_and_stays_bounded() -> None:
     ledger = AlertLedger()
     for i in range(100):
         ledger.record_alert(f"u{i}", i * MIN_MS)
-    assert 60 == ledger.statistics().users  # u40..u99 within the last hour
+    assert ledger.statistics().users == 60  # u40..u99 within the last hour
     ledger.record_alert("late", 100 * MIN_MS + 2 * HOUR_MS)
     assert AlertLedgerStatistics(users=1, alerts=1) == ledger.statistics()
 
     for _ in range(MAX_ALERTS_PER_HOUR_LIMIT + 50):
         ledger.record_alert("spam", 10 * HOUR_MS)
-    assert MAX_ALERTS_PER_HOUR_LIMIT == ledger.count_last_hour("spam", 10 * HOUR_MS)
-    assert 0 == ledger.count_last_hour("spam", 11 * HOUR_MS)
-    assert 0 == ledger.count_last_hour("nobody", 0)
+    assert ledger.count_last_hour("spam", 10 * HOUR_MS) == MAX_ALERTS_PER_HOUR_LIMIT
+    assert ledger.count_last_hour("spam", 11 * HOUR_MS) == 0
+    assert ledger.count_last_hour("nobody", 0) == 0
 
 
 def test_ledger_tolerates_out_of_order_times() -> None:
@@ -468,8 +469,8 @@ def test_ledger_tolerates_out_of_order_times() -> None:
     ledger.record_alert("a", 10 * MIN_MS)
     ledger.record_alert("a", 5 * MIN_MS)
 
-    assert 2 == ledger.count_last_hour("a", 10 * MIN_MS)
-    assert 1 == ledger.count_last_hour("a", 5 * MIN_MS + HOUR_MS)
+    assert ledger.count_last_hour("a", 10 * MIN_MS) == 2
+    assert ledger.count_last_hour("a", 5 * MIN_MS + HOUR_MS) == 1
 
 
 def test_ledger_rejects_bad_window() -> None:
@@ -522,25 +523,32 @@ def test_priority_sound_vibration(stage: StagePlan, urgency: str, expected: tupl
 
 def test_default_stages() -> None:
     """The product's plan: 0 s / 3 s / 30 s / 120 s."""
-    assert [("IMMEDIATE", 0.0), ("QUICK", 3.0), ("EXTENDED", 30.0), ("FINAL", 120.0)] == [
+    assert [
         (s.name, s.offset_s) for s in DEFAULT_STAGES
-    ]
-    assert (2_000.0, 10, True) == (IMMEDIATE.radius_m, IMMEDIATE.limit, IMMEDIATE.requires_immediate_alerts)
-    assert (5_000.0, None, "nearby") == (QUICK.radius_m, QUICK.limit, QUICK.audience)
+    ] == [("IMMEDIATE", 0.0), ("QUICK", 3.0), ("EXTENDED", 30.0), ("FINAL", 120.0)]
+    assert (IMMEDIATE.radius_m, IMMEDIATE.limit, IMMEDIATE.requires_immediate_alerts) == (2_000.0, 10, True)
+    assert (QUICK.radius_m, QUICK.limit, QUICK.audience) == (5_000.0, None, "nearby")
     assert FINAL.only_if_unanswered and not QUICK.only_if_unanswered
 
 
 def test_stages_from_config_round_trip() -> None:
     """Defaults fill in omitted keys."""
     config = [
-        {"name": "IMMEDIATE", "offset_s": 0, "radius_m": 2000, "limit": 10, "audience": "online_nearby",
-         "requires_immediate_alerts": True, "priority": "high"},
+        {
+            "name": "IMMEDIATE",
+            "offset_s": 0,
+            "radius_m": 2000,
+            "limit": 10,
+            "audience": "online_nearby",
+            "requires_immediate_alerts": True,
+            "priority": "high",
+        },
         {"name": "QUICK", "offset_s": 3, "radius_m": 5000, "audience": "nearby", "cap_share": 0.75},
         {"name": "EXTENDED", "offset_s": 30, "audience": "experts", "cap_share": 0.75},
         {"name": "FINAL", "offset_s": 120, "audience": "everyone", "only_if_unanswered": True, "cap_share": 0.75},
     ]
 
-    assert DEFAULT_STAGES == stages_from_config(config)
+    assert stages_from_config(config) == DEFAULT_STAGES
     assert stages_from_config([{"name": "A", "offset_s": 0, "audience": "everyone"}])[0].cap_share == 1.0
 
 
@@ -564,13 +572,25 @@ def test_stages_from_config_round_trip() -> None:
         ([{"name": "a", "offset_s": 0, "audience": "experts", "radius_m": 5}], "takes no radius_m"),
         ([{"name": "a", "offset_s": 0, "audience": "everyone", "limit": 0}], "limit must be"),
         ([{"name": "a", "offset_s": 0, "audience": "everyone", "limit": True}], "limit must be"),
-        ([{"name": "a", "offset_s": 0, "audience": "everyone", "only_if_unanswered": "yes"}],
-         "only_if_unanswered must be true or false"),
+        (
+            [{"name": "a", "offset_s": 0, "audience": "everyone", "only_if_unanswered": "yes"}],
+            "only_if_unanswered must be true or false",
+        ),
         ([{"name": "a", "offset_s": 0, "audience": "everyone", "priority": "critical"}], "priority must be"),
-        ([{"name": "a", "offset_s": 0, "audience": "everyone"},
-          {"name": "a", "offset_s": 1, "audience": "everyone"}], "stage 2: duplicate stage name 'a'"),
-        ([{"name": "a", "offset_s": 5, "audience": "everyone"},
-          {"name": "b", "offset_s": 4, "audience": "everyone"}], "stage 2 .*offsets must not decrease"),
+        (
+            [
+                {"name": "a", "offset_s": 0, "audience": "everyone"},
+                {"name": "a", "offset_s": 1, "audience": "everyone"},
+            ],
+            "stage 2: duplicate stage name 'a'",
+        ),
+        (
+            [
+                {"name": "a", "offset_s": 5, "audience": "everyone"},
+                {"name": "b", "offset_s": 4, "audience": "everyone"},
+            ],
+            "stage 2 .*offsets must not decrease",
+        ),
     ],
 )
 def test_stages_from_config_rejects(config: object, message: str) -> None:
@@ -581,17 +601,19 @@ def test_stages_from_config_rejects(config: object, message: str) -> None:
 
 
 def test_equal_offsets_are_allowed() -> None:
-    stages = stages_from_config([
-        {"name": "a", "offset_s": 0, "audience": "everyone"},
-        {"name": "b", "offset_s": 0, "audience": "everyone"},
-    ])
-    assert ("a", "b") == tuple(s.name for s in stages)
+    stages = stages_from_config(
+        [
+            {"name": "a", "offset_s": 0, "audience": "everyone"},
+            {"name": "b", "offset_s": 0, "audience": "everyone"},
+        ]
+    )
+    assert tuple(s.name for s in stages) == ("a", "b")
 
 
 def test_notification_settings_wire_round_trip() -> None:
     s = NotificationSettings(immediate_alerts=False, quiet_hours=(22, 7), max_alerts_per_hour=5)
 
-    assert {"immediate_alerts": False, "quiet_hours": [22, 7], "max_alerts_per_hour": 5} == s.to_wire()
+    assert s.to_wire() == {"immediate_alerts": False, "quiet_hours": [22, 7], "max_alerts_per_hour": 5}
     assert s == NotificationSettings.from_wire(s.to_wire())
     assert NotificationSettings() == NotificationSettings.from_wire({})
 
@@ -633,9 +655,19 @@ def test_question_brief_validation_and_from_record() -> None:
     with pytest.raises(ValueError, match="invalid question position"):
         brief(lat=91.0)
     record = Question(
-        question_id="q9", asker_id="me", asker_nick="me", title="t", body="b", lat=Q_LAT, lng=Q_LNG,
-        region=None, hashtags=("food",), urgency="urgent", created_at=0,
-        status=QuestionStatus.ANSWERED, answer_count=1,
+        question_id="q9",
+        asker_id="me",
+        asker_nick="me",
+        title="t",
+        body="b",
+        lat=Q_LAT,
+        lng=Q_LNG,
+        region=None,
+        hashtags=("food",),
+        urgency="urgent",
+        created_at=0,
+        status=QuestionStatus.ANSWERED,
+        answer_count=1,
     )
 
     assert QuestionBrief("q9", "me", Q_LAT, Q_LNG, ("food",), "urgent", True) == QuestionBrief.from_record(record)
@@ -761,7 +793,9 @@ def test_quick_matches_brute_force(
         pos = w.live.position(uid) if is_online else info.home
         if pos is None:
             continue
-        if not eligible_reference(uid, info, question, notified, alerts, now, immediate=False, cap_share=QUICK.cap_share):
+        if not eligible_reference(
+            uid, info, question, notified, alerts, now, immediate=False, cap_share=QUICK.cap_share
+        ):
             continue
         dist = haversine_m(question.lat, question.lng, *pos)
         if dist <= 5_000.0:

@@ -10,7 +10,10 @@ from .conftest import Harness, question_data
 
 
 async def test_ask_join_answer_accept(server: Harness) -> None:
-    async with server.connect("traveller", nick="Mina") as asker, server.connect("local1", nick="Jun", local=True) as local:
+    async with (
+        server.connect("traveller", nick="Mina") as asker,
+        server.connect("local1", nick="Jun", local=True) as local,
+    ):
         assert asker.hello["user"]["nick"] == "Mina"
         assert asker.hello["last_seq"] == 0
 
@@ -30,7 +33,9 @@ async def test_ask_join_answer_accept(server: Harness) -> None:
         online = await asker.next_event("user_online")
         assert online["data"] == {"question_id": qid, "user_id": "local1", "nick": "Jun"}
 
-        answer = (await local.request("create_answer", {"question_id": qid, "content": "Try Dombedon, open till 2am."}))["answer"]
+        answer = (
+            await local.request("create_answer", {"question_id": qid, "content": "Try Dombedon, open till 2am."})
+        )["answer"]
         assert answer["author_id"] == "local1"
         assert answer["state"] == "delivered"  # the asker is connected
 
@@ -46,7 +51,12 @@ async def test_ask_join_answer_accept(server: Harness) -> None:
         assert accepted["question"]["accepted_answer_id"] == answer["answer_id"]
 
         room_event = await local.next_event("answer_accepted")
-        assert room_event["data"] == {"question_id": qid, "answer_id": answer["answer_id"], "author_id": "local1", "points": 10}
+        assert room_event["data"] == {
+            "question_id": qid,
+            "answer_id": answer["answer_id"],
+            "author_id": "local1",
+            "points": 10,
+        }
         durable = await local.next_event("answer_accepted_notification")
         assert durable["seq"] == 1
         assert durable["data"]["total_points"] == 10
@@ -65,7 +75,10 @@ async def test_only_the_asker_accepts_and_closes(server: Harness) -> None:
     async with server.connect("asker") as asker, server.connect("a1") as a1, server.connect("a2") as a2:
         qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
         aid = (await a1.request("create_answer", {"question_id": qid, "content": "here"}))["answer"]["answer_id"]
-        for op, data in (("accept_answer", {"question_id": qid, "answer_id": aid}), ("close_question", {"question_id": qid})):
+        for op, data in (
+            ("accept_answer", {"question_id": qid, "answer_id": aid}),
+            ("close_question", {"question_id": qid}),
+        ):
             with pytest.raises(RequestError) as refused:
                 await a2.request(op, data)
             assert refused.value.code == "forbidden"
@@ -80,7 +93,11 @@ async def test_only_the_asker_accepts_and_closes(server: Harness) -> None:
 
 
 async def test_typing_and_presence_reach_only_the_room(server: Harness) -> None:
-    async with server.connect("asker") as asker, server.connect("helper") as helper, server.connect("bystander") as bystander:
+    async with (
+        server.connect("asker") as asker,
+        server.connect("helper") as helper,
+        server.connect("bystander") as bystander,
+    ):
         qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
         other = (await bystander.request("create_question", question_data(title="another")))["question"]["question_id"]
         await helper.request("join_question", {"question_id": qid})
@@ -129,7 +146,9 @@ async def test_read_receipts_flow_to_the_author(server: Harness) -> None:
         qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
     async with server.connect("author") as author:
         # The asker is offline: the answer is only sent.
-        answer = (await author.request("create_answer", {"question_id": qid, "content": "Gogi-guksu at Jamaeguksu"}))["answer"]
+        answer = (await author.request("create_answer", {"question_id": qid, "content": "Gogi-guksu at Jamaeguksu"}))[
+            "answer"
+        ]
         assert answer["state"] == "sent"
         async with server.connect("asker", resume_from=0) as asker:
             delivered = await author.next_event("receipt")

@@ -43,9 +43,9 @@ def test_window_edges() -> None:
     assert [c.questions for c in t.top_cells(T0 + WINDOW - 1)] == [1]
     assert [h.questions for h in t.top_hotspots(T0 + WINDOW - 1)] == [1]
     assert t.region_pressure(T0 + WINDOW - 1, {})[0].open_questions == 1
-    assert [] == t.top_cells(T0 + WINDOW)
-    assert [] == t.top_hotspots(T0 + WINDOW)
-    assert [] == t.region_pressure(T0 + WINDOW, {})
+    assert t.top_cells(T0 + WINDOW) == []
+    assert t.top_hotspots(T0 + WINDOW) == []
+    assert t.region_pressure(T0 + WINDOW, {}) == []
 
 
 def test_time_never_goes_back() -> None:
@@ -54,7 +54,7 @@ def test_time_never_goes_back() -> None:
     t.record_question("q1", "a1", SEONGSAN.lat, SEONGSAN.lng, "Seongsan", T0)
     t.top_cells(T0 + WINDOW)
 
-    assert [] == t.top_cells(T0)
+    assert t.top_cells(T0) == []
 
 
 def test_expiry_frees_memory() -> None:
@@ -65,9 +65,7 @@ def test_expiry_frees_memory() -> None:
     t.question_resolved("q3")
     t.top_cells(T0 + 99 + 1_000)
 
-    assert (0, 0, 0, 0, 0) == (
-        len(t._queue), len(t._by_id), len(t._cells), len(t._spots), len(t._regions)
-    )
+    assert (len(t._queue), len(t._by_id), len(t._cells), len(t._spots), len(t._regions)) == (0, 0, 0, 0, 0)
 
 
 def test_grid_cells_are_cell_m_wide() -> None:
@@ -119,7 +117,7 @@ def test_distinct_askers() -> None:
     spot = t.top_hotspots(T0 + 30)[0]
     assert (4, 2) == (cell.questions, cell.askers) == (spot.questions, spot.askers)
     cell = t.top_cells(T0 + WINDOW + 20)[0]  # q1..q3 gone, q4 left
-    assert (1, 1) == (cell.questions, cell.askers)
+    assert (cell.questions, cell.askers) == (1, 1)
 
 
 def test_duplicate_record_is_ignored() -> None:
@@ -128,8 +126,8 @@ def test_duplicate_record_is_ignored() -> None:
     t.record_question("q1", "a1", SEONGSAN.lat, SEONGSAN.lng, "Seongsan", T0)
     t.record_question("q1", "a1", SEONGSAN.lat, SEONGSAN.lng, "Seongsan", T0 + 5)
 
-    assert 1 == t.top_cells(T0 + 5)[0].questions
-    assert [] == t.top_cells(T0 + WINDOW)
+    assert t.top_cells(T0 + 5)[0].questions == 1
+    assert t.top_cells(T0 + WINDOW) == []
 
 
 def test_resolved_questions_leave_the_open_count() -> None:
@@ -146,7 +144,7 @@ def test_resolved_questions_leave_the_open_count() -> None:
     assert [RegionPressure("Seongsan", 1, 2, 0.5)] == t.region_pressure(T0, {"Seongsan": 2})
     t.question_resolved("q2")
     assert [RegionPressure("Seongsan", 0, 2, 0.0)] == t.region_pressure(T0, {"Seongsan": 2})
-    assert [] == t.region_pressure(T0 + WINDOW, {})  # expiry after resolve stays consistent
+    assert t.region_pressure(T0 + WINDOW, {}) == []  # expiry after resolve stays consistent
 
 
 def test_hotspot_200_m_from_seongsan_ilchulbong() -> None:
@@ -159,7 +157,11 @@ def test_hotspot_200_m_from_seongsan_ilchulbong() -> None:
     [spot] = t.top_hotspots(T0)
 
     assert (SEONGSAN.name, "Seongsan", "성산일출봉", 1, 1) == (
-        spot.name, spot.region, spot.name_ko, spot.questions, spot.askers
+        spot.name,
+        spot.region,
+        spot.name_ko,
+        spot.questions,
+        spot.askers,
     )
 
 
@@ -186,7 +188,7 @@ def test_hotspot_radius_is_inclusive() -> None:
     inside = HotspotTracker(hotspots=[SEONGSAN], hotspot_radius_m=d)
     outside = HotspotTracker(hotspots=[SEONGSAN], hotspot_radius_m=d - 1e-3)
 
-    assert SEONGSAN == inside.nearest_hotspot(lat, lng)
+    assert inside.nearest_hotspot(lat, lng) == SEONGSAN
     assert None is outside.nearest_hotspot(lat, lng)
 
 
@@ -206,7 +208,7 @@ def test_far_from_every_hotspot() -> None:
     assert min(haversine_m(lat, lng, h.lat, h.lng) for h in HOTSPOTS) > 1000.0
     t.record_question("q1", "a1", lat, lng, "Seogwipo", T0)
 
-    assert ([], 1) == (t.top_hotspots(T0), len(t.top_cells(T0)))
+    assert (t.top_hotspots(T0), len(t.top_cells(T0))) == ([], 1)
 
 
 def test_region_pressure_with_no_locals() -> None:
@@ -238,10 +240,10 @@ def test_snapshot_is_plain_data() -> None:
 
     assert snap == json.loads(json.dumps(snap, allow_nan=False))
     assert snap == msgpack.unpackb(msgpack.packb(snap))
-    assert (T0 + 1, WINDOW) == (snap["now_ms"], snap["window_ms"])
+    assert (snap["now_ms"], snap["window_ms"]) == (T0 + 1, WINDOW)
     assert SEONGSAN.name == snap["hotspots"][0]["name"]
     assert {"min_lat", "min_lng", "max_lat", "max_lng"} == set(snap["cells"][0]["bounds"])
-    assert [None, 0.0] == [r["ratio"] for r in snap["regions"]]
+    assert [r["ratio"] for r in snap["regions"]] == [None, 0.0]
 
 
 def test_bad_input() -> None:
@@ -281,8 +283,7 @@ def brute_rows(live: dict[str, tuple[str, object]], resolved: set[str]) -> list[
         if key is not None:
             groups.setdefault(key, []).append(qid)
     rows = [
-        (key, len(qs), sum(q not in resolved for q in qs), len({live[q][0] for q in qs}))
-        for key, qs in groups.items()
+        (key, len(qs), sum(q not in resolved for q in qs), len({live[q][0] for q in qs})) for key, qs in groups.items()
     ]
     return sorted(rows, key=lambda r: (-r[1], -r[3], r[0]))
 
@@ -303,9 +304,7 @@ def test_tracker_matches_brute_force(ops: list[Op]) -> None:
         if kind == 0:
             near = [h for h in hot if haversine_m(lat, lng, h.lat, h.lng) <= 400.0]
             best = min(near, key=lambda h: haversine_m(lat, lng, h.lat, h.lng), default=None)
-            seen[f"q{len(seen)}"] = (
-                now, asker, t.grid.cell_of(lat, lng), None if best is None else best.name, region
-            )
+            seen[f"q{len(seen)}"] = (now, asker, t.grid.cell_of(lat, lng), None if best is None else best.name, region)
             t.record_question(f"q{len(seen) - 1}", asker, lat, lng, region, now)
         elif kind == 1:
             t.question_resolved(f"q{index}")

@@ -129,24 +129,31 @@ async def test_blocked_address_is_refused(start_server) -> None:  # type: ignore
 async def test_state_limits(start_server) -> None:  # type: ignore[no-untyped-def]
     h = await start_server(limits={**UNLIMITED, "rooms_per_connection": 2, "connections_per_user": 2})
     async with h.connect("asker") as asker:
-        qids = [(await asker.request("create_question", question_data(title=f"q{i}")))["question"]["question_id"] for i in range(2)]
+        qids = [
+            (await asker.request("create_question", question_data(title=f"q{i}")))["question"]["question_id"]
+            for i in range(2)
+        ]
         with pytest.raises(RequestError) as too_many:
             await asker.request("create_question", question_data(title="third"))
         assert too_many.value.code == "limit_exceeded"
         await asker.request("leave_question", {"question_id": qids[0]})
         await asker.request("create_question", question_data(title="third"))
-        async with h.connect("asker"):
-            async with trio_websocket.open_websocket_url(h.url) as ws:
-                await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("asker")}}))
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                    await ws.get_message()
-                assert closed.value.reason.code == 4008
+        async with h.connect("asker"), trio_websocket.open_websocket_url(h.url) as ws:
+            await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("asker")}}))
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason.code == 4008
     await h.running.aclose()
 
 
 async def test_html_is_stripped_and_spam_refused(server) -> None:  # type: ignore[no-untyped-def]
     async with server.connect("asker") as asker, server.connect("local") as local:
-        q = (await asker.request("create_question", question_data(title="<b>Best</b> noodles? <script>alert(1)</script>", body="<i>near</i> &amp; cheap")))["question"]
+        q = (
+            await asker.request(
+                "create_question",
+                question_data(title="<b>Best</b> noodles? <script>alert(1)</script>", body="<i>near</i> &amp; cheap"),
+            )
+        )["question"]
         assert (q["title"], q["body"]) == ("Best noodles?", "near & cheap")
         with pytest.raises(RequestError) as empty:
             await asker.request("create_question", question_data(title="<img src=x onerror=alert(1)>"))
@@ -155,5 +162,7 @@ async def test_html_is_stripped_and_spam_refused(server) -> None:  # type: ignor
             with pytest.raises(RequestError) as spam:
                 await local.request("create_answer", {"question_id": q["question_id"], "content": text})
             assert spam.value.code == "spam"
-        answer = await local.request("create_answer", {"question_id": q["question_id"], "content": "Try <u>Jamae</u> guksu"})
+        answer = await local.request(
+            "create_answer", {"question_id": q["question_id"], "content": "Try <u>Jamae</u> guksu"}
+        )
         assert answer["answer"]["content"] == "Try Jamae guksu"

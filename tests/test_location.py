@@ -60,7 +60,11 @@ async def test_rate_limit_window_reopens(start_server, autojump_clock) -> None: 
 
 
 async def test_nearby_questions_and_locals(server: Harness) -> None:
-    async with server.connect("asker") as asker, server.connect("walker", local=True) as walker, server.connect("other", local=True) as other:
+    async with (
+        server.connect("asker") as asker,
+        server.connect("walker", local=True) as walker,
+        server.connect("other", local=True) as other,
+    ):
         await other.request("update_location", {"location": east(1500)})
         counts = await asker.request("nearby_locals", {"location": HALL})
         assert counts == {"within_2km": 1, "within_5km": 1}
@@ -90,9 +94,15 @@ async def test_settings_round_trip_and_validation(server: Harness) -> None:
         defaults = (await local.request("get_settings"))["settings"]
         assert defaults == {"immediate_alerts": True, "quiet_hours": None, "max_alerts_per_hour": 20, "home": None}
         updated = await local.request(
-            "update_settings", {"immediate_alerts": False, "quiet_hours": [22, 7], "max_alerts_per_hour": 5, "home": HALL}
+            "update_settings",
+            {"immediate_alerts": False, "quiet_hours": [22, 7], "max_alerts_per_hour": 5, "home": HALL},
         )
-        assert updated["settings"] == {"immediate_alerts": False, "quiet_hours": [22, 7], "max_alerts_per_hour": 5, "home": HALL}
+        assert updated["settings"] == {
+            "immediate_alerts": False,
+            "quiet_hours": [22, 7],
+            "max_alerts_per_hour": 5,
+            "home": HALL,
+        }
         for bad in ({"quiet_hours": [25, 7]}, {"max_alerts_per_hour": -1}, {"immediate_alerts": "yes"}):
             with pytest.raises(RequestError) as refused:
                 await local.request("update_settings", bad)
@@ -105,8 +115,12 @@ async def test_settings_round_trip_and_validation(server: Harness) -> None:
 
 async def test_trending_and_admin_hotspots(server: Harness) -> None:
     async with server.connect("asker") as asker, server.connect("boss", admin=True) as boss:
-        await asker.request("create_question", question_data(location=east(200, SEONGSAN), hashtags=["sunrise", "hiking"]))
-        await asker.request("create_question", question_data(title="again", location=east(300, SEONGSAN), hashtags=["sunrise"]))
+        await asker.request(
+            "create_question", question_data(location=east(200, SEONGSAN), hashtags=["sunrise", "hiking"])
+        )
+        await asker.request(
+            "create_question", question_data(title="again", location=east(300, SEONGSAN), hashtags=["sunrise"])
+        )
         trending = await asker.request("trending", {"region": "Seongsan"})
         assert trending["region"] == "Seongsan"
         assert (await asker.request("trending", {"region": "Udo"}))["windows"]["1d"] == []

@@ -132,7 +132,11 @@ async def test_a_cycle_that_outlived_a_round_is_reclaimed_at_the_next_full_sweep
 
 
 async def test_admin_metrics_op_reports_slos(server: Harness) -> None:
-    async with server.connect("asker") as asker, server.connect("local") as local, server.connect("boss", admin=True) as boss:
+    async with (
+        server.connect("asker") as asker,
+        server.connect("local") as local,
+        server.connect("boss", admin=True) as boss,
+    ):
         qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
         await local.request("create_answer", {"question_id": qid, "content": "here"})
         with pytest.raises(RequestError) as forbidden:
@@ -178,7 +182,9 @@ async def test_an_answer_in_time_means_no_alert(start_server, autojump_clock) ->
     async with h.connect("boss", admin=True, timeout=math.inf) as boss, h.connect("asker", timeout=math.inf) as asker:
         async with h.connect("local", timeout=math.inf) as local:
             q = (await asker.request("create_question", question_data()))["question"]
-            answer = (await local.request("create_answer", {"question_id": q["question_id"], "content": "quick"}))["answer"]
+            answer = (await local.request("create_answer", {"question_id": q["question_id"], "content": "quick"}))[
+                "answer"
+            ]
         await trio.sleep(700)
         await boss.request("get_profile")
         alerts = [e for e in boss.pending_events() if e["type"] == "slow_response_alert"]
@@ -189,7 +195,9 @@ async def test_an_answer_in_time_means_no_alert(start_server, autojump_clock) ->
 
 async def test_alert_due_while_down_fires_at_start(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
     clock = EngineClock()
-    h = await start_server(clock=clock, server=NO_TIMERS, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 600.0})
+    h = await start_server(
+        clock=clock, server=NO_TIMERS, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 600.0}
+    )
     async with h.connect("boss", admin=True, timeout=math.inf) as boss:
         seen = boss.last_seq
     async with h.connect("asker", timeout=math.inf) as asker:
@@ -197,7 +205,9 @@ async def test_alert_due_while_down_fires_at_start(start_server, autojump_clock)
     alerted_before = h.running.engine.questions[q["question_id"]].alerted_at
     await h.running.aclose()
     await trio.sleep(900)
-    h2 = await start_server(clock=clock, server=NO_TIMERS, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 600.0})
+    h2 = await start_server(
+        clock=clock, server=NO_TIMERS, escalation={"stages": ONLY_IMMEDIATE}, alerts={"slow_response_s": 600.0}
+    )
     async with h2.connect("boss", admin=True, resume_from=seen, timeout=math.inf) as boss:
         alert = await boss.next_event("slow_response_alert")
         assert alert["data"]["question_id"] == q["question_id"]

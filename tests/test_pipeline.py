@@ -36,7 +36,9 @@ async def test_requests_do_not_wait_behind_queued_fan_out(tmp_path: Path) -> Non
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         for stage in range(20):  # 20 stages of 50 rows fall due together
-            nursery.start_soon(pipeline.submit_bulk, lambda stage=stage: _outcome(f"stage{stage}", ROWS_PER_STAGE, seqs))
+            nursery.start_soon(
+                pipeline.submit_bulk, lambda stage=stage: _outcome(f"stage{stage}", ROWS_PER_STAGE, seqs)
+            )
         await trio.testing.wait_all_tasks_blocked()
         acted_before = len(acted)
         pipeline.submit(_outcome("request", 1, seqs))

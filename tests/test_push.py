@@ -67,7 +67,9 @@ async def test_offline_target_is_pushed_with_the_urgent_flag(start_server, nurse
     h = await start_server(escalation={"stages": ONE_STAGE, "push_url": f"http://127.0.0.1:{gateway.port}/push"})
     await _offline_local_with_home(h)
     async with h.connect("traveller") as asker:
-        qid = (await asker.request("create_question", question_data(location=HALL, urgency="urgent")))["question"]["question_id"]
+        qid = (await asker.request("create_question", question_data(location=HALL, urgency="urgent")))["question"][
+            "question_id"
+        ]
     with trio.fail_after(10):
         while h.running.pushes.sent < 1:
             await trio.sleep(0.01)
@@ -105,7 +107,9 @@ async def test_failing_gateway_gets_three_attempts_then_failed(start_server, nur
     assert {r[1]["urgent"] for r in gateway.requests} == {False}
     await h.running.aclose()
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT status, attempts, last_error FROM push_outbox").fetchall() == [("failed", 3, "HTTP 503")]
+        assert conn.execute("SELECT status, attempts, last_error FROM push_outbox").fetchall() == [
+            ("failed", 3, "HTTP 503")
+        ]
 
 
 async def test_without_a_url_jobs_are_only_recorded(start_server, db_path) -> None:  # type: ignore[no-untyped-def]

@@ -59,15 +59,11 @@ def regions() -> RegionSet:
 
 def name_by_ko(regions: RegionSet) -> dict[str, str]:
     """Map each bundled feature's ``name_ko`` to its short ``name``."""
-    return {
-        f["properties"]["name_ko"]: f["properties"]["name"]
-        for f in regions.to_geojson()["features"]
-    }
+    return {f["properties"]["name_ko"]: f["properties"]["name"] for f in regions.to_geojson()["features"]}
 
 
 def square(name: str, west: float, south: float, size: float = 1.0) -> dict[str, Any]:
-    ring = [[west, south], [west + size, south], [west + size, south + size],
-            [west, south + size], [west, south]]
+    ring = [[west, south], [west + size, south], [west + size, south + size], [west, south + size], [west, south]]
     return {
         "type": "Feature",
         "properties": {"name": name},
@@ -85,22 +81,33 @@ def collection(*features: Any) -> dict[str, Any]:
 def test_default_regions_are_the_15_divisions(regions: RegionSet) -> None:
     """One region per division, with the documented short ids."""
     expected = {
-        "Jeju-si", "Aewol", "Hallim", "Hangyeong", "Jocheon", "Gujwa", "Udo", "Chuja",
-        "Seogwipo", "Jungmun", "Namwon", "Pyoseon", "Seongsan", "Andeok", "Daejeong",
+        "Jeju-si",
+        "Aewol",
+        "Hallim",
+        "Hangyeong",
+        "Jocheon",
+        "Gujwa",
+        "Udo",
+        "Chuja",
+        "Seogwipo",
+        "Jungmun",
+        "Namwon",
+        "Pyoseon",
+        "Seongsan",
+        "Andeok",
+        "Daejeong",
     }
 
     assert expected == set(regions.names)
-    assert 15 == len(regions)
+    assert len(regions) == 15
 
 
 def test_every_facts_hotspot_is_in_a_region(regions: RegionSet, facts: dict[str, Any]) -> None:
     """All 30 hotspots of the facts file land in some region."""
-    outside = [
-        h["name_en"] for h in facts["hotspots"] if regions.region_of(h["lat"], h["lng"]) is None
-    ]
+    outside = [h["name_en"] for h in facts["hotspots"] if regions.region_of(h["lat"], h["lng"]) is None]
 
-    assert 30 == len(facts["hotspots"])
-    assert [] == outside
+    assert len(facts["hotspots"]) == 30
+    assert outside == []
 
 
 def test_hotspots_match_facts_kostat_units(regions: RegionSet, facts: dict[str, Any]) -> None:
@@ -122,8 +129,8 @@ def test_hotspots_match_facts_kostat_units(regions: RegionSet, facts: dict[str, 
         if got not in allowed:
             mismatches[h["name_ko"]] = (unit, got)
 
-    assert 30 == len(unit_of)
-    assert KNOWN_VORONOI_MISMATCHES == mismatches
+    assert len(unit_of) == 30
+    assert mismatches == KNOWN_VORONOI_MISMATCHES
 
 
 def test_bundled_hotspots_agree_with_lookup(regions: RegionSet, facts: dict[str, Any]) -> None:
@@ -135,8 +142,8 @@ def test_bundled_hotspots_agree_with_lookup(regions: RegionSet, facts: dict[str,
     for h in hotspots:
         assert isinstance(h, Hotspot)
         assert regions.region_of(h.lat, h.lng) == h.region, h.name
-    assert "Udo" == next(h.region for h in hotspots if h.name == "Udo Island")
-    assert "Seongsan" == next(h.region for h in hotspots if h.name == "Seopjikoji")
+    assert next(h.region for h in hotspots if h.name == "Udo Island") == "Udo"
+    assert next(h.region for h in hotspots if h.name == "Seopjikoji") == "Seongsan"
 
 
 def test_each_office_is_in_its_own_region(regions: RegionSet, facts: dict[str, Any]) -> None:
@@ -144,7 +151,7 @@ def test_each_office_is_in_its_own_region(regions: RegionSet, facts: dict[str, A
     by_ko = name_by_ko(regions)
     got = {d["name_ko"]: regions.region_of(d["lat"], d["lng"]) for d in facts["divisions"]}
 
-    assert 15 == len(got)
+    assert len(got) == 15
     assert by_ko == got
 
 
@@ -183,9 +190,7 @@ def test_regions_cover_all_land(regions: RegionSet, facts: dict[str, Any]) -> No
 
 
 @pytest.mark.parametrize(("name", "ring"), [("Udo", "udo"), ("Chuja", "chuja")])
-def test_islet_regions_contain_their_rings(
-    regions: RegionSet, facts: dict[str, Any], name: str, ring: str
-) -> None:
+def test_islet_regions_contain_their_rings(regions: RegionSet, facts: dict[str, Any], name: str, ring: str) -> None:
     """Udo and Chuja each cover their whole island, with margin to spare."""
     island = Polygon(facts["coastline"][ring])
 
@@ -214,7 +219,7 @@ def test_default_geojson_is_rfc7946_shaped(regions: RegionSet) -> None:
     """Served GeoJSON keeps credits, [lng, lat] order, 5 decimals and CCW shells."""
     doc = regions.to_geojson()
 
-    assert "tools/derive_regions.py" == doc["generated_by"]
+    assert doc["generated_by"] == "tools/derive_regions.py"
     assert doc["sources"] and all(isinstance(s, str) for s in doc["sources"])
     for feature in doc["features"]:
         assert {"name", "name_ko", "name_en"} == set(feature["properties"])
@@ -230,8 +235,14 @@ def test_default_geojson_is_rfc7946_shaped(regions: RegionSet) -> None:
 def test_derivation_reproduces_bundled_files(tmp_path: Path, facts: dict[str, Any]) -> None:
     """Rerunning tools/derive_regions.py gives the committed files byte for byte."""
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "derive_regions.py"),
-         "--facts", str(FACTS_PATH), "--out-dir", str(tmp_path)],
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "derive_regions.py"),
+            "--facts",
+            str(FACTS_PATH),
+            "--out-dir",
+            str(tmp_path),
+        ],
         check=True,
         capture_output=True,
     )
@@ -250,13 +261,13 @@ def test_two_squares_from_file(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc), encoding="utf-8")
     rs = RegionSet.from_file(path)
 
-    assert ("west", "east") == rs.names
-    assert "west" == rs.region_of(50.5, 10.5)
-    assert "east" == rs.region_of(50.5, 11.5)
+    assert rs.names == ("west", "east")
+    assert rs.region_of(50.5, 10.5) == "west"
+    assert rs.region_of(50.5, 11.5) == "east"
     assert rs.region_of(10.5, 50.5) is None  # swapped order is far away
     assert rs.region_of(52.0, 10.5) is None
-    assert "west" == rs.region_of(50.5, 11.0)  # shared border: first in file
-    assert "west" == rs.region_of(50.0, 10.0)  # outer corner counts as inside
+    assert rs.region_of(50.5, 11.0) == "west"  # shared border: first in file
+    assert rs.region_of(50.0, 10.0) == "west"  # outer corner counts as inside
     assert Bounds(min_lat=50.0, min_lng=10.0, max_lat=51.0, max_lng=12.0) == rs.bounds
     assert doc == rs.to_geojson()
 
@@ -265,8 +276,8 @@ def test_border_goes_to_first_feature_in_file() -> None:
     """Reversing the file order flips who owns the shared border, nothing else."""
     rs = RegionSet.from_geojson(collection(square("east", 11.0, 50.0), square("west", 10.0, 50.0)))
 
-    assert "east" == rs.region_of(50.5, 11.0)
-    assert "west" == rs.region_of(50.5, 10.999)
+    assert rs.region_of(50.5, 11.0) == "east"
+    assert rs.region_of(50.5, 10.999) == "west"
 
 
 def test_multipolygon_and_geometry_lookup() -> None:
@@ -280,10 +291,10 @@ def test_multipolygon_and_geometry_lookup() -> None:
     }
     rs = RegionSet.from_geojson(collection(feature))
 
-    assert "two-part" == rs.region_of(0.5, 0.5)
-    assert "two-part" == rs.region_of(5.5, 5.5)
+    assert rs.region_of(0.5, 0.5) == "two-part"
+    assert rs.region_of(5.5, 5.5) == "two-part"
     assert rs.region_of(3.0, 3.0) is None
-    assert 2.0 == rs.geometry("two-part").area
+    assert rs.geometry("two-part").area == 2.0
     with pytest.raises(KeyError):
         rs.geometry("nope")
 
@@ -295,7 +306,7 @@ def test_to_geojson_returns_an_independent_copy() -> None:
     doc["features"][0]["properties"]["name"] = "changed"
     rs.to_geojson()["features"].clear()
 
-    assert "a" == rs.to_geojson()["features"][0]["properties"]["name"]
+    assert rs.to_geojson()["features"][0]["properties"]["name"] == "a"
 
 
 @given(
@@ -304,12 +315,8 @@ def test_to_geojson_returns_an_independent_copy() -> None:
 )
 def test_region_of_matches_brute_force(lat: float, lng: float) -> None:
     """The indexed lookup equals 'first region in file order covering the point'."""
-    rs = RegionSet.from_geojson(
-        collection(square("a", 10.0, 50.0), square("b", 11.0, 50.0), square("c", 10.5, 50.5))
-    )
-    expected = next(
-        (n for n in rs.names if rs.geometry(n).covers(shapely.Point(lng, lat))), None
-    )
+    rs = RegionSet.from_geojson(collection(square("a", 10.0, 50.0), square("b", 11.0, 50.0), square("c", 10.5, 50.5)))
+    expected = next((n for n in rs.names if rs.geometry(n).covers(shapely.Point(lng, lat))), None)
 
     assert expected == rs.region_of(lat, lng)
 
@@ -332,35 +339,57 @@ MALFORMED: list[tuple[str, bytes | Any, str]] = [
     ("no-features-key", {"type": "FeatureCollection"}, "has no features"),
     ("empty-features", collection(), "has no features"),
     ("feature-not-object", collection(square("a", 0, 0), 7), "feature 1: not a GeoJSON Feature"),
-    ("missing-name", collection(square("a", 0, 0), {**square("b", 1, 0), "properties": {}}),
-     "feature 1: missing a non-empty string 'name' property"),
-    ("null-properties", collection({**square("b", 1, 0), "properties": None}),
-     "feature 0: missing a non-empty string 'name'"),
-    ("numeric-name", collection({**square("b", 1, 0), "properties": {"name": 3}}),
-     "feature 0: missing a non-empty string 'name'"),
-    ("point-geometry", collection(with_geometry(POINT)),
-     "feature 0: geometry must be a Polygon or MultiPolygon, got 'Point'"),
-    ("null-geometry", collection(with_geometry(None)),
-     "feature 0: geometry must be a Polygon or MultiPolygon, got None"),
-    ("ragged-coordinates",
-     collection(with_geometry({"type": "Polygon", "coordinates": [[[0, 0], [1]]]})),
-     "feature 0: bad Polygon coordinates"),
-    ("string-coordinates", collection(with_geometry({"type": "Polygon", "coordinates": "x"})),
-     "feature 0: bad Polygon coordinates"),
-    ("empty-polygon", collection(with_geometry({"type": "Polygon", "coordinates": []})),
-     "feature 0: empty Polygon"),
-    ("out-of-range", collection(with_geometry(square("a", 100, 170)["geometry"])),
-     "feature 0: coordinates outside"),
-    ("self-intersecting", collection(square("a", 5, 5), with_geometry(BOWTIE, "b")),
-     "feature 1: invalid Polygon: Self-intersection"),
-    ("duplicate-name", collection(square("a", 0, 0), square("b", 1, 0), square("a", 2, 0)),
-     "feature 2: duplicate name 'a' (first used by feature 0)"),
+    (
+        "missing-name",
+        collection(square("a", 0, 0), {**square("b", 1, 0), "properties": {}}),
+        "feature 1: missing a non-empty string 'name' property",
+    ),
+    (
+        "null-properties",
+        collection({**square("b", 1, 0), "properties": None}),
+        "feature 0: missing a non-empty string 'name'",
+    ),
+    (
+        "numeric-name",
+        collection({**square("b", 1, 0), "properties": {"name": 3}}),
+        "feature 0: missing a non-empty string 'name'",
+    ),
+    (
+        "point-geometry",
+        collection(with_geometry(POINT)),
+        "feature 0: geometry must be a Polygon or MultiPolygon, got 'Point'",
+    ),
+    (
+        "null-geometry",
+        collection(with_geometry(None)),
+        "feature 0: geometry must be a Polygon or MultiPolygon, got None",
+    ),
+    (
+        "ragged-coordinates",
+        collection(with_geometry({"type": "Polygon", "coordinates": [[[0, 0], [1]]]})),
+        "feature 0: bad Polygon coordinates",
+    ),
+    (
+        "string-coordinates",
+        collection(with_geometry({"type": "Polygon", "coordinates": "x"})),
+        "feature 0: bad Polygon coordinates",
+    ),
+    ("empty-polygon", collection(with_geometry({"type": "Polygon", "coordinates": []})), "feature 0: empty Polygon"),
+    ("out-of-range", collection(with_geometry(square("a", 100, 170)["geometry"])), "feature 0: coordinates outside"),
+    (
+        "self-intersecting",
+        collection(square("a", 5, 5), with_geometry(BOWTIE, "b")),
+        "feature 1: invalid Polygon: Self-intersection",
+    ),
+    (
+        "duplicate-name",
+        collection(square("a", 0, 0), square("b", 1, 0), square("a", 2, 0)),
+        "feature 2: duplicate name 'a' (first used by feature 0)",
+    ),
 ]
 
 
-@pytest.mark.parametrize(
-    ("content", "message"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
-)
+@pytest.mark.parametrize(("content", "message"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
 def test_malformed_file_is_rejected(tmp_path: Path, content: Any, message: str) -> None:
     """Each problem raises RegionFileError naming the file and what is wrong."""
     path = tmp_path / "bad.geojson"
@@ -383,10 +412,11 @@ def test_in_memory_errors_name_a_placeholder_source() -> None:
     ("doc", "message"),
     [
         ([], "missing a 'hotspots' list"),
-        ({"hotspots": [{"name": "x", "region": "r", "lat": "33", "lng": 126}]},
-         "hotspot 0 needs finite numeric 'lat' and 'lng'"),
-        ({"hotspots": [{"name": "x", "lat": 33, "lng": 126}]},
-         "hotspot 0 needs string 'name' and 'region'"),
+        (
+            {"hotspots": [{"name": "x", "region": "r", "lat": "33", "lng": 126}]},
+            "hotspot 0 needs finite numeric 'lat' and 'lng'",
+        ),
+        ({"hotspots": [{"name": "x", "lat": 33, "lng": 126}]}, "hotspot 0 needs string 'name' and 'region'"),
     ],
 )
 def test_malformed_hotspots_are_rejected(doc: Any, message: str) -> None:

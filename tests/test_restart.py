@@ -141,4 +141,7 @@ async def test_the_wal_is_checkpointed_beside_the_committer(start_server) -> Non
     # The writer never checkpointed on its own (that is what stalled commits).
     with sqlite3.connect(h.db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("SELECT max_alerts_per_hour FROM users WHERE user_id = 'local'").fetchone()[0] == 1 + (WAL_CHECKPOINT_COMMITS + 9) % 50
+        assert (
+            conn.execute("SELECT max_alerts_per_hour FROM users WHERE user_id = 'local'").fetchone()[0]
+            == 1 + (WAL_CHECKPOINT_COMMITS + 9) % 50
+        )

@@ -25,7 +25,11 @@ async def test_stalled_client_is_closed_and_recovers_by_resume(start_server) -> 
         content = " ".join(f"w{i}" for i in range(400))[:1900]  # no long repeats: that is spam
         sent = 0
         with trio.fail_after(60):
-            while 4009 not in h.running.clients.stats.errors and h.running.clients.stats.slow_consumers == 0 and sent < 4000:
+            while (
+                4009 not in h.running.clients.stats.errors
+                and h.running.clients.stats.slow_consumers == 0
+                and sent < 4000
+            ):
                 await writer.request("create_answer", {"question_id": qid, "content": f"{sent} {content}"})
                 sent += 1
                 # Everyone else keeps up: the reader sees each broadcast at once.

@@ -9,7 +9,7 @@ import pty
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from dongne.store._backup import (
 
 from .conftest import SECRET, question_data
 
-NOON = datetime(2025, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOON = datetime(2025, 5, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def _make_db(path: Path) -> Path:
@@ -68,7 +68,9 @@ def _question_ids(db: Path) -> set[str]:
     return {r[0] for r in _rows(db, "SELECT question_id FROM questions")}
 
 
-async def test_a_snapshot_taken_while_the_server_writes_has_every_acknowledged_write(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_snapshot_taken_while_the_server_writes_has_every_acknowledged_write(
+    start_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     h = await start_server()
     acked: list[str] = []
     taken: list[tuple[Path, list[str]]] = []
@@ -152,7 +154,9 @@ async def test_cli_snapshot_then_restore_brings_the_data_back(start_server, tmp_
         assert made.returncode == 0, made.stderr
         snapshot = Path(made.stdout.decode().strip())
         assert snapshot.parent == h.db.parent / "snapshots"
-        q2 = (await asker.request("create_question", question_data(title="After the snapshot")))["question"]["question_id"]
+        q2 = (await asker.request("create_question", question_data(title="After the snapshot")))["question"][
+            "question_id"
+        ]
 
         # Not while the server has the database open.
         refused = await _adongne("restore", str(snapshot), "--db", str(h.db), "--yes", cwd=tmp_path)
@@ -301,7 +305,9 @@ def test_restore_onto_a_new_path_and_cli_errors(tmp_path: Path) -> None:
     assert _rows(fresh, "PRAGMA integrity_check") == [("ok",)]
 
 
-async def test_periodic_snapshots_prune_to_keep(autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_periodic_snapshots_prune_to_keep(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="dongne.snapshots")
     db = await trio.to_thread.run_sync(_make_db, tmp_path / "d.sqlite3")
     settings = SnapshotSettings(dir="snaps", interval_s=60.0, keep=3)
@@ -323,7 +329,9 @@ async def test_periodic_snapshots_prune_to_keep(autojump_clock: trio.testing.Moc
     assert all(_rows(p, "PRAGMA integrity_check") == [("ok",)] for p in kept)
 
 
-async def test_periodic_snapshots_survive_errors_and_retry(autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_periodic_snapshots_survive_errors_and_retry(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="dongne.snapshots")
     db = await trio.to_thread.run_sync(_make_db, tmp_path / "d.sqlite3")
     (tmp_path / "snaps").write_text("a file where the folder should be")

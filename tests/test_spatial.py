@@ -144,9 +144,7 @@ def test_within_and_count_match_brute_force(
 
 @PROPERTY_SETTINGS
 @given(ops=operations(), lat=LATS, lng=LNGS, k=st.integers(1, 15))
-def test_radius_exactly_at_a_user(
-    ops: list[tuple[str, str, float, float]], lat: float, lng: float, k: int
-) -> None:
+def test_radius_exactly_at_a_user(ops: list[tuple[str, str, float, float]], lat: float, lng: float, k: int) -> None:
     """A user exactly at the radius, in any direction, is inside it."""
     index, model = apply(ops)
     for plat, plng in model.values():
@@ -159,9 +157,7 @@ def test_radius_exactly_at_a_user(
 
 @PROPERTY_SETTINGS
 @given(
-    points=st.lists(
-        st.tuples(st.floats(-90, 90), st.floats(-180, 180)), min_size=0, max_size=40
-    ),
+    points=st.lists(st.tuples(st.floats(-90, 90), st.floats(-180, 180)), min_size=0, max_size=40),
     lat=st.floats(-90, 90),
     lng=st.floats(-180, 180),
     radius=st.one_of(st.floats(0, 3e7), st.floats(0, 5e5), st.just(math.inf)),
@@ -189,21 +185,21 @@ def test_antimeridian() -> None:
     index.upsert("west", 0.0, -179.9998)
     index.upsert("far", 0.0, 170.0)
 
-    assert ["east", "west"] == [uid for uid, _ in index.within(0.0, 180.0, 100.0)]
-    assert ["west", "east"] == [uid for uid, _ in index.nearest_within(0.0, -179.9998, 50.0, 5)]
+    assert [uid for uid, _ in index.within(0.0, 180.0, 100.0)] == ["east", "west"]
+    assert [uid for uid, _ in index.nearest_within(0.0, -179.9998, 50.0, 5)] == ["west", "east"]
 
 
 def test_empty_index_and_k_zero() -> None:
     """An empty index and k=0 return nothing."""
     index = LocalsIndex()
 
-    assert [] == index.nearest_within(33.5, 126.5, 5_000.0, 10)
-    assert [] == index.within(33.5, 126.5, 5_000.0)
-    assert 0 == index.count_within(33.5, 126.5, 5_000.0)
+    assert index.nearest_within(33.5, 126.5, 5_000.0, 10) == []
+    assert index.within(33.5, 126.5, 5_000.0) == []
+    assert index.count_within(33.5, 126.5, 5_000.0) == 0
 
     index.upsert("a", 33.5, 126.5)
 
-    assert [] == index.nearest_within(33.5, 126.5, 5_000.0, 0)
+    assert index.nearest_within(33.5, 126.5, 5_000.0, 0) == []
 
 
 def test_radius_zero_and_ties() -> None:
@@ -213,11 +209,9 @@ def test_radius_zero_and_ties() -> None:
         index.upsert(uid, 33.5, 126.5)
     index.upsert("d", 33.5, 126.50001)
 
-    assert [("a", 0.0), ("b", 0.0), ("c", 0.0)] == index.within(33.5, 126.5, 0.0)
-    assert [("a", 0.0), ("b", 0.0)] == index.nearest_within(33.5, 126.5, 0.0, 2)
-    assert [("b", 0.0), ("c", 0.0)] == index.nearest_within(
-        33.5, 126.5, 0.0, 5, exclude={"a"}
-    )
+    assert index.within(33.5, 126.5, 0.0) == [("a", 0.0), ("b", 0.0), ("c", 0.0)]
+    assert index.nearest_within(33.5, 126.5, 0.0, 2) == [("a", 0.0), ("b", 0.0)]
+    assert index.nearest_within(33.5, 126.5, 0.0, 5, exclude={"a"}) == [("b", 0.0), ("c", 0.0)]
 
 
 def test_exclude_everyone() -> None:
@@ -226,7 +220,7 @@ def test_exclude_everyone() -> None:
     index.upsert("a", 33.5, 126.5)
     index.upsert("b", 33.51, 126.5)
 
-    assert [] == index.nearest_within(33.5, 126.5, math.inf, 3, exclude={"a", "b"})
+    assert index.nearest_within(33.5, 126.5, math.inf, 3, exclude={"a", "b"}) == []
     assert [("b", haversine_m(33.5, 126.5, 33.51, 126.5))] == index.nearest_within(
         33.5, 126.5, math.inf, 3, exclude=["a", "nobody"]
     )
@@ -238,19 +232,19 @@ def test_upsert_moves_and_remove() -> None:
     index.upsert("a", 33.5, 126.5)
     index.upsert("a", 33.2, 126.9)
 
-    assert 1 == len(index)
-    assert (33.2, 126.9) == index.position("a")
-    assert [] == index.within(33.5, 126.5, 1_000.0)
-    assert ["a"] == [uid for uid, _ in index.within(33.2, 126.9, 1.0)]
+    assert len(index) == 1
+    assert index.position("a") == (33.2, 126.9)
+    assert index.within(33.5, 126.5, 1_000.0) == []
+    assert [uid for uid, _ in index.within(33.2, 126.9, 1.0)] == ["a"]
 
     index.remove("a")
     index.remove("a")
     index.remove("never-there")
 
-    assert 0 == len(index)
+    assert len(index) == 0
     assert "a" not in index
     assert index.position("a") is None
-    assert [] == index.within(33.2, 126.9, 1_000.0)
+    assert index.within(33.2, 126.9, 1_000.0) == []
 
 
 def test_upsert_same_position_is_noop() -> None:
@@ -259,7 +253,7 @@ def test_upsert_same_position_is_noop() -> None:
     index.upsert("a", 33.5, 126.5)
     index.upsert("a", 33.5, 126.5)
 
-    assert [("a", 0.0)] == index.within(33.5, 126.5, 10.0)
+    assert index.within(33.5, 126.5, 10.0) == [("a", 0.0)]
 
 
 def test_id_reuse() -> None:
@@ -274,7 +268,7 @@ def test_id_reuse() -> None:
             index.upsert(f"r{round_}-{i}", 33.4, 126.6 + i * 1e-3)
 
     assert LocalsIndexStatistics(users=10, allocated_ids=10, free_ids=0) == index.statistics()
-    assert 5 == index.count_within(33.4, 126.6, 1_000.0)
+    assert index.count_within(33.4, 126.6, 1_000.0) == 5
 
     index.remove("u9")
 
@@ -305,7 +299,7 @@ def test_queries_leave_no_cyclic_garbage() -> None:
         gc.set_debug(0)
         gc.garbage.clear()
 
-    assert [] == garbage
+    assert garbage == []
 
 
 def test_invalid_input_rejected() -> None:
@@ -328,7 +322,7 @@ def test_invalid_input_rejected() -> None:
         with pytest.raises(ValueError):
             LocalsIndex(lat0=lat0)
 
-    assert (33.5, 126.5) == index.position("a")
+    assert index.position("a") == (33.5, 126.5)
 
 
 # geo
@@ -338,7 +332,7 @@ def test_haversine_known_values() -> None:
     """One degree of meridian, a quarter meridian, and symmetry."""
     one_degree = EARTH_RADIUS_M * math.pi / 180
 
-    assert 0.0 == haversine_m(33.5, 126.5, 33.5, 126.5)
+    assert haversine_m(33.5, 126.5, 33.5, 126.5) == 0.0
     assert one_degree == pytest.approx(haversine_m(33.0, 126.5, 34.0, 126.5), rel=1e-12)
     assert 90 * one_degree == pytest.approx(haversine_m(0.0, 10.0, 90.0, -70.0), rel=1e-12)
     assert 180 * one_degree == pytest.approx(haversine_m(0.0, 0.0, 0.0, 180.0), rel=1e-12)
@@ -399,12 +393,12 @@ def test_snap_position_is_a_grid() -> None:
     north = snap_position(33.50001 + 0.0009, 126.50001)
 
     assert a == b
-    assert 100.0 == pytest.approx(haversine_m(a[0], 0.0, north[0], 0.0), rel=1e-9)
+    assert pytest.approx(haversine_m(a[0], 0.0, north[0], 0.0), rel=1e-9) == 100.0
 
 
 def test_snap_position_edges() -> None:
     """Poles and the antimeridian still give valid positions."""
-    assert (90.0, 0.0) == snap_position(90.0, 123.0)
+    assert snap_position(90.0, 123.0) == (90.0, 0.0)
     assert valid_lat_lng(*snap_position(0.0, 180.0))
     assert valid_lat_lng(*snap_position(0.0, -180.0))
     assert haversine_m(0.0, 179.9999, *snap_position(0.0, 179.9999)) <= 71.0

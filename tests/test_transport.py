@@ -92,7 +92,9 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(nursery
     def open_read_abort() -> tuple[list[str], weakref.ref[object]]:
         server_side, client_side = socket.socketpair()
         server_side.setblocking(False)
-        conn = WebSocketConnection(server_side, nursery, FrameEncoder(), max_message_bytes=1 << 20, max_buffer_bytes=BOUND)
+        conn = WebSocketConnection(
+            server_side, nursery, FrameEncoder(), max_message_bytes=1 << 20, max_buffer_bytes=BOUND
+        )
         conn._ws.receive_data(b"\x82\x80abcd")  # an empty masked binary frame: the parser has run
         kinds = [type(e).__name__ for e in conn._ws.events()]
         conn.abort()

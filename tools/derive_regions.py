@@ -123,9 +123,7 @@ def buffered_ring(ring: Sequence[Sequence[float]]) -> BaseGeometry:
     return poly.buffer(COAST_BUFFER_M, quad_segs=BUFFER_QUAD_SEGS)
 
 
-def voronoi_cells(
-    points: Sequence[tuple[float, float]], clip: BaseGeometry
-) -> list[BaseGeometry]:
+def voronoi_cells(points: Sequence[tuple[float, float]], clip: BaseGeometry) -> list[BaseGeometry]:
     """Voronoi cells of ``points`` clipped to ``clip``, in input order.
 
     Args:
@@ -212,12 +210,8 @@ def derive_regions(facts: dict[str, Any]) -> list[tuple[dict[str, str], BaseGeom
     # keeps the overlap. The cut adds vertices where the two outlines cross;
     # snapping puts them into the islet's outline too, so that after rounding
     # both regions share the exact same border instead of a thin sliver.
-    main_area = buffered_ring(coast[MAIN_RING]).difference(
-        shapely.union_all(list(islands.values()))
-    )
-    islands = {
-        name: shapely.snap(geom, main_area, NODING_TOLERANCE_M) for name, geom in islands.items()
-    }
+    main_area = buffered_ring(coast[MAIN_RING]).difference(shapely.union_all(list(islands.values())))
+    islands = {name: shapely.snap(geom, main_area, NODING_TOLERANCE_M) for name, geom in islands.items()}
 
     props: list[dict[str, str]] = []
     for div in divisions:
@@ -232,12 +226,8 @@ def derive_regions(facts: dict[str, Any]) -> list[tuple[dict[str, str], BaseGeom
         )
 
     main_idx = [i for i, p in enumerate(props) if p["name"] not in ISLAND_RINGS]
-    office_xy = [
-        (float(d["lng"]) * M_PER_DEG_LNG, float(d["lat"]) * M_PER_DEG_LAT) for d in divisions
-    ]
-    geoms: dict[int, BaseGeometry] = dict(
-        zip(main_idx, voronoi_cells([office_xy[i] for i in main_idx], main_area))
-    )
+    office_xy = [(float(d["lng"]) * M_PER_DEG_LNG, float(d["lat"]) * M_PER_DEG_LAT) for d in divisions]
+    geoms: dict[int, BaseGeometry] = dict(zip(main_idx, voronoi_cells([office_xy[i] for i in main_idx], main_area)))
     for i, p in enumerate(props):
         if p["name"] in ISLAND_RINGS:
             geoms[i] = islands[p["name"]]

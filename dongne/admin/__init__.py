@@ -9,4 +9,4 @@ overview.
 from ._app import COOKIE_NAME as COOKIE_NAME
 from ._app import AdminApp as AdminApp
 
-__all__ = ["AdminApp", "COOKIE_NAME"]
+__all__ = ["COOKIE_NAME", "AdminApp"]

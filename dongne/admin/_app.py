@@ -29,7 +29,7 @@ from ..core.errors import CloseConnection
 from ..core.regions import load_hotspots
 from ._http import BodyTooLarge, Receive, Scope, Send, cookies, query, read_form, respond, respond_json
 
-__all__ = ["AdminApp", "COOKIE_NAME"]
+__all__ = ["COOKIE_NAME", "AdminApp"]
 
 COOKIE_NAME: Final = "dongne_admin"
 _FORM_LIMIT = 16 * 1024
@@ -126,7 +126,9 @@ class AdminApp:
             return
         if method not in routes[path]:
             allow = ", ".join(routes[path]).encode()
-            await respond(send, 405, b'{"error": "method not allowed"}', b"application/json", headers=[(b"allow", allow)])
+            await respond(
+                send, 405, b'{"error": "method not allowed"}', b"application/json", headers=[(b"allow", allow)]
+            )
             return
         if path == "/login":
             await self._login(scope, receive, send, root)
@@ -284,9 +286,17 @@ class AdminApp:
                     self._check(token)
                 except _Refused as refused:
                     data = json.dumps({"status": refused.status, "error": refused.message}).encode()
-                    await send({"type": "http.response.body", "body": b"event: signed-out\ndata: " + data + b"\n\n", "more_body": True})
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"event: signed-out\ndata: " + data + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
                     break
-                await send({"type": "http.response.body", "body": b"data: " + self._snapshot() + b"\n\n", "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": b"data: " + self._snapshot() + b"\n\n", "more_body": True}
+                )
                 await trio.sleep(self._interval_s)
             nursery.cancel_scope.cancel()
         if not gone:

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-__all__ = ["Scope", "Receive", "Send", "respond", "respond_json", "cookies", "read_form", "query", "BodyTooLarge"]
+__all__ = ["BodyTooLarge", "Receive", "Scope", "Send", "cookies", "query", "read_form", "respond", "respond_json"]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

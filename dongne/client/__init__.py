@@ -28,20 +28,39 @@ knows whether it is safe to send again.
 """
 
 from ._backoff import Backoff as Backoff
-from ._connection import DongneClient as DongneClient, open_client as open_client
+from ._connection import DongneClient as DongneClient
+from ._connection import open_client as open_client
 from ._errors import (
     AuthenticationFailed as AuthenticationFailed,
+)
+from ._errors import (
     ConnectFailed as ConnectFailed,
+)
+from ._errors import (
     ConnectionLost as ConnectionLost,
+)
+from ._errors import (
     RequestError as RequestError,
+)
+from ._errors import (
     SessionClosed as SessionClosed,
+)
+from ._errors import (
     SessionError as SessionError,
 )
 from ._session import (
     Session as Session,
+)
+from ._session import (
     SessionState as SessionState,
+)
+from ._session import (
     SessionStatistics as SessionStatistics,
+)
+from ._session import (
     TokenSource as TokenSource,
+)
+from ._session import (
     open_session as open_session,
 )
 

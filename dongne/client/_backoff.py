@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
+
 @attrs.frozen
 class Backoff:
     """When to try connecting again: exponential backoff with full jitter.

@@ -17,6 +17,7 @@ from ._errors import RequestError
 
 log = logging.getLogger("dongne.client")
 
+
 class DongneClient:
     """One authenticated connection. Create with ``open_client``."""
 
@@ -35,7 +36,9 @@ class DongneClient:
         """Send a frame as is (for tests of bad input)."""
         await self.ws.send_message(payload)
 
-    async def request(self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+    async def request(
+        self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Send a request and return its reply's ``data``.
 
         Raises:

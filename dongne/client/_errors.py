@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002})
 
 
@@ -59,7 +58,9 @@ class ConnectFailed(SessionClosed):
         last_error: what the last attempt failed with.
     """
 
-    def __init__(self, message: str, *, attempts: int = 0, last_error: BaseException | None = None, **close: Any) -> None:
+    def __init__(
+        self, message: str, *, attempts: int = 0, last_error: BaseException | None = None, **close: Any
+    ) -> None:
         super().__init__(message, **close)
         self.attempts = attempts
         self.last_error = last_error

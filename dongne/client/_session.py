@@ -35,6 +35,7 @@ T = TypeVar("T")
 #: for every connection, so an expired token is replaced on reconnect.
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
+
 #: Close codes after which reconnecting cannot help (PROTOCOL.md, "Close
 #: codes": "get a new token" / "fix the client"). Anything else (1001 shutting
 #: down, 4009 slow consumer, 1006 a dropped connection, ...) is reconnected.
@@ -164,7 +165,9 @@ class Session(metaclass=_NoPublicConstructor):
         queued = self._events_recv.statistics().current_buffer_used
         return SessionStatistics(self._state, self.reconnects, self.failed_attempts, self.last_seq, self.rooms, queued)
 
-    async def request(self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+    async def request(
+        self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Send a request and return its reply's ``data``; waits for a connection first.
 
         Raises:
@@ -285,7 +288,9 @@ class Session(metaclass=_NoPublicConstructor):
             if "resume" not in data:
                 self.last_seq = server_seq  # a fresh start: only events from now on
             elif server_seq < self.last_seq:
-                log.warning("the server's last_seq %d is behind ours (%d); following the server", server_seq, self.last_seq)
+                log.warning(
+                    "the server's last_seq %d is behind ours (%d); following the server", server_seq, self.last_seq
+                )
                 self.last_seq = server_seq
         elif op in ("create_question", "join_question") and ok:
             qid = (result.get("question") or {}).get("question_id")
@@ -498,7 +503,9 @@ class Session(metaclass=_NoPublicConstructor):
         if attempts == 0:
             message = f"the connection to {self.url} was lost ({what}) and max_attempts is 0"
         else:
-            message = f"could not connect to {self.url} ({attempts} failed attempt{'s' if attempts > 1 else ''}): {what}"
+            message = (
+                f"could not connect to {self.url} ({attempts} failed attempt{'s' if attempts > 1 else ''}): {what}"
+            )
         error = ConnectFailed(message, attempts=attempts, last_error=ended.error, code=ended.code, reason=ended.reason)
         error.__cause__ = ended.error
         return error
@@ -581,4 +588,3 @@ def _reraise(exc: BaseException) -> NoReturn:
     finally:
         exc.__context__ = context
         del exc, context
-

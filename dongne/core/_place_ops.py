@@ -50,7 +50,9 @@ class PlaceOps:
             raise ProtocolError("outside_service_area", "this location is outside the service area")
         return region
 
-    def _op_update_location(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_update_location(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         lat, lng = f.location()
         if f.has("accuracy_m"):
             f.number("accuracy_m", minimum=0.0, maximum=100_000.0)
@@ -69,7 +71,12 @@ class PlaceOps:
     def _nearby_wire(self, nearby: list[tuple[Question, float]]) -> dict[str, Any]:
         return {
             "questions": [
-                {**self.where.brief(q), "distance_m": round(d, 1), "status": q.status.value, "answer_count": q.answer_count}
+                {
+                    **self.where.brief(q),
+                    "distance_m": round(d, 1),
+                    "status": q.status.value,
+                    "answer_count": q.answer_count,
+                }
                 for q, d in nearby
             ]
         }
@@ -84,21 +91,31 @@ class PlaceOps:
             raise ProtocolError("invalid_field", "'location' is required (no position was shared yet)")
         return known[0], known[1]
 
-    def _op_nearby_questions(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_nearby_questions(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         lat, lng = self._position_or_given(user, f)
         return self._nearby_wire(self.where.nearby_questions(lat, lng, self.questions, now, exclude_asker=user.user_id))
 
-    def _op_nearby_locals(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_nearby_locals(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         lat, lng = self._position_or_given(user, f)
         live = self.where.live
         return {"within_2km": live.count_within(lat, lng, 2000.0), "within_5km": live.count_within(lat, lng, 5000.0)}
 
-    def _op_get_settings(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_get_settings(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         return {"settings": user.settings_wire()}
 
-    def _op_update_settings(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_update_settings(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         current = NotificationSettings(user.immediate_alerts, user.quiet_hours, user.max_alerts_per_hour)
-        wire = {k: v for k, v in request.data.items() if k in ("immediate_alerts", "quiet_hours", "max_alerts_per_hour")}
+        wire = {
+            k: v for k, v in request.data.items() if k in ("immediate_alerts", "quiet_hours", "max_alerts_per_hour")
+        }
         try:
             settings = NotificationSettings.from_wire(wire, base=current)
         except ValueError as exc:
@@ -119,18 +136,24 @@ class PlaceOps:
         out.write(SaveUser(attrs.evolve(user)))
         return {"settings": user.settings_wire()}
 
-    def _op_trending(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_trending(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         region = f.string("region", max_len=64) if f.has("region") else None
         n = f.integer("limit", minimum=1, maximum=50, default=10)
         return self.where.trending.snapshot(region, now, n)
 
-    def _op_hotspots(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_hotspots(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         if user.role != "admin":
             raise ProtocolError("forbidden", "hotspots is an admin operation")
         n = f.integer("limit", minimum=1, maximum=100, default=10)
         return self.where.hotspots.snapshot(now, self.where.online_locals_by_region(), n)
 
-    def _op_metrics(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_metrics(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         if user.role != "admin":
             raise ProtocolError("forbidden", "metrics is an admin operation")
         return {"slo": self.slo.snapshot(now), "recent_alerts": list(self.recent_alerts)[:10], **self.counts()}

@@ -14,25 +14,25 @@ import attrs
 from .records import Answer, PushJob, Question, User
 
 __all__ = [
-    "SaveUser",
-    "SaveQuestion",
-    "SaveAnswer",
+    "Action",
     "AppendEvent",
-    "Write",
+    "CancelEscalation",
+    "Close",
+    "EnqueuePush",
+    "Note",
+    "Observe",
+    "Outcome",
+    "Push",
+    "Replay",
+    "SaveAnswer",
     "SaveEscalation",
     "SaveNotified",
-    "EnqueuePush",
     "SavePushStatus",
+    "SaveQuestion",
+    "SaveUser",
     "Send",
-    "Close",
     "StartEscalation",
-    "CancelEscalation",
-    "Push",
-    "Observe",
-    "Note",
-    "Replay",
-    "Action",
-    "Outcome",
+    "Write",
     "rows_of",
 ]
 
@@ -107,7 +107,10 @@ class SavePushStatus:
     at: int
 
 
-Write = Union[SaveUser, SaveQuestion, SaveAnswer, AppendEvent, SaveEscalation, SaveNotified, EnqueuePush, SavePushStatus]
+Write = Union[
+    SaveUser, SaveQuestion, SaveAnswer, AppendEvent, SaveEscalation, SaveNotified, EnqueuePush, SavePushStatus
+]
+
 
 def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
     """How many table rows ``writes`` insert or replace (a SaveNotified is one per target)."""
@@ -200,7 +203,7 @@ class Outcome:
 class OutcomeBuilder:
     """Accumulates writes and actions while one engine call runs."""
 
-    __slots__ = ("writes", "actions")
+    __slots__ = ("actions", "writes")
 
     def __init__(self) -> None:
         self.writes: list[Write] = []

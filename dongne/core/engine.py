@@ -10,18 +10,18 @@ a clock, so every rule here is tested with plain calls.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 
 from ..auth import Claims
-import heapq
-from collections import deque
-
 from ..config import AlertSettings, ContentSettings, EngineSettings, LimitSettings, LocationSettings
+from ._place_ops import PlaceOps
 from .effects import (
     AppendEvent,
     CancelEscalation,
@@ -39,20 +39,19 @@ from .effects import (
     Send,
     StartEscalation,
 )
-from .escalation import DEFAULT_STAGES, StagePlan
-from .limits import OP_CLASSES, BucketSpec, Limiter
-from .slo import SloTracker
-from .text import SpamFilter
-from ._place_ops import PlaceOps
-from .neighbourhood import Neighbourhood
-from .regions import Hotspot
 from .errors import CloseConnection, ProtocolError
+from .escalation import DEFAULT_STAGES, StagePlan
 from .lifecycle import ACTIVE, IllegalTransition, QuestionEvent, QuestionStatus, advance
+from .limits import OP_CLASSES, BucketSpec, Limiter
+from .neighbourhood import Neighbourhood
 from .protocol import Fields, Request, durable_event, event, reply_error, reply_ok
 from .records import Answer, PushJob, Question, ReceiptState, User
+from .regions import Hotspot
 from .rooms import Room, TypingClock
+from .slo import SloTracker
+from .text import SpamFilter
 
-__all__ = ["Engine", "LoadedState", "ConnState"]
+__all__ = ["ConnState", "Engine", "LoadedState"]
 
 log = logging.getLogger("dongne.engine")
 
@@ -194,7 +193,9 @@ class Engine(PlaceOps):
                 self.where.question_opened(question, question.created_at)
                 if question.question_id in state.escalations:
                     self.where.restore_escalation(
-                        question.question_id, state.escalations[question.question_id], notified.get(question.question_id, ())
+                        question.question_id,
+                        state.escalations[question.question_id],
+                        notified.get(question.question_id, ()),
                     )
         for answer in state.answers:
             self._adopt_answer(answer)
@@ -293,7 +294,9 @@ class Engine(PlaceOps):
             return self.refuse(conn_id, request.id, ProtocolError("already_authenticated", "hello was already sent"))
         handler = self._ops.get(request.op)
         if handler is None:
-            return self.refuse(conn_id, request.id, ProtocolError("unknown_op", f"unknown operation {request.op[:40]!r}"))
+            return self.refuse(
+                conn_id, request.id, ProtocolError("unknown_op", f"unknown operation {request.op[:40]!r}")
+            )
         out = OutcomeBuilder()
         user = self.users[conn.user_id]
         try:
@@ -333,7 +336,11 @@ class Engine(PlaceOps):
 
     def next_deadline(self) -> int | None:
         """When ``tick`` next has work to do (ms since the epoch), if ever."""
-        deadlines = [d for d in (self._typing.next_deadline(), self._alert_heap[0][0] if self._alert_heap else None) if d is not None]
+        deadlines = [
+            d
+            for d in (self._typing.next_deadline(), self._alert_heap[0][0] if self._alert_heap else None)
+            if d is not None
+        ]
         return min(deadlines) if deadlines else None
 
     def tick(self, now: int) -> Outcome:
@@ -370,12 +377,16 @@ class Engine(PlaceOps):
             "question": self.where.brief(question),
             "age_s": round((now - question.created_at) / 1000, 1),
             "threshold_s": self.alert_settings.slow_response_s,
-            "stage": stages[esc.next_stage - 1].name if esc is not None and esc.next_stage > 0 else (stages[-1].name if stages else None),
+            "stage": stages[esc.next_stage - 1].name
+            if esc is not None and esc.next_stage > 0
+            else (stages[-1].name if stages else None),
             "notified": len(esc.notified) if esc is not None else None,
             "raised_at": now,
         }
         self.recent_alerts.appendleft(data)
-        out.note("slow_response_alert", question_id=question.question_id, region=question.region, admins=len(self.admins))
+        out.note(
+            "slow_response_alert", question_id=question.question_id, region=question.region, admins=len(self.admins)
+        )
         for admin_id in sorted(self.admins):
             self._push_durable(admin_id, "slow_response_alert", data, now, out)
         self._enqueue_push("", "slow_response_alert", question, data, now, out)
@@ -464,10 +475,14 @@ class Engine(PlaceOps):
             raise ProtocolError("not_found", "no such question")
         return question
 
-    def _op_get_profile(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_get_profile(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         return {"user": user.to_wire(), "last_seq": user.last_seq}
 
-    def _op_create_question(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_create_question(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         s = self.settings
         title = f.text("title", max_len=s.title_max)
         body = f.text("body", max_len=s.body_max, min_len=0, default="")
@@ -509,7 +524,9 @@ class Engine(PlaceOps):
                 out.act(StartEscalation(question.question_id))
         return {"question": question.to_wire()}
 
-    def _op_join_question(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_join_question(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         self._join_room(conn, user, question.question_id, out)
         room = self.rooms[question.question_id]
@@ -523,14 +540,18 @@ class Engine(PlaceOps):
             "typing": [self._who(uid) for uid in sorted(room.typing)],
         }
 
-    def _op_leave_question(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_leave_question(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         if question.question_id not in conn.rooms:
             raise ProtocolError("not_joined", "this connection has not joined that question")
         self._leave_room(conn, question.question_id, out)
         return {"question_id": question.question_id}
 
-    def _op_create_answer(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_create_answer(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         content = f.text("content", max_len=self.settings.answer_max)
         self.spam.check(content)
@@ -564,7 +585,10 @@ class Engine(PlaceOps):
         wire = answer.to_wire()
         room = self.rooms.get(question.question_id)
         if room is not None:
-            out.send(room.conn_ids(except_conn=conn.conn_id), event("new_answer", {"question_id": question.question_id, "answer": wire}))
+            out.send(
+                room.conn_ids(except_conn=conn.conn_id),
+                event("new_answer", {"question_id": question.question_id, "answer": wire}),
+            )
         self._push_durable(
             question.asker_id,
             "answer_notification",
@@ -577,7 +601,9 @@ class Engine(PlaceOps):
             self._stop_typing(question.question_id, room, user.user_id, out)
         return {"answer": wire}
 
-    def _op_accept_answer(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_accept_answer(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         answer_id = f.ident("answer_id")
         answer = self.answers.get(question.question_id, {}).get(answer_id)
@@ -597,7 +623,12 @@ class Engine(PlaceOps):
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(SaveUser(attrs.evolve(author)))
         out.note("answer_accepted", question_id=question.question_id, answer_id=answer.answer_id, points=points)
-        data = {"question_id": question.question_id, "answer_id": answer.answer_id, "author_id": author.user_id, "points": points}
+        data = {
+            "question_id": question.question_id,
+            "answer_id": answer.answer_id,
+            "author_id": author.user_id,
+            "points": points,
+        }
         room = self.rooms.get(question.question_id)
         if room is not None:
             out.send(room.conn_ids(except_conn=conn.conn_id), event("answer_accepted", data))
@@ -610,7 +641,9 @@ class Engine(PlaceOps):
         )
         return {"question": question.to_wire(), "answer": answer.to_wire()}
 
-    def _op_close_question(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_close_question(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         if question.asker_id != user.user_id:
             raise ProtocolError("forbidden", "only the asker can close a question")
@@ -620,10 +653,14 @@ class Engine(PlaceOps):
         out.write(SaveQuestion(attrs.evolve(question)))
         room = self.rooms.get(question.question_id)
         if room is not None:
-            out.send(room.conn_ids(except_conn=conn.conn_id), event("question_closed", {"question_id": question.question_id}))
+            out.send(
+                room.conn_ids(except_conn=conn.conn_id), event("question_closed", {"question_id": question.question_id})
+            )
         return {"question": question.to_wire()}
 
-    def _op_typing_start(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_typing_start(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         room = self._joined_room(conn, question)
         expires_at = now + int(self.settings.typing_ttl_s * 1000)
@@ -637,14 +674,18 @@ class Engine(PlaceOps):
             )
         return {"question_id": question.question_id, "expires_at": expires_at}
 
-    def _op_typing_stop(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_typing_stop(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         room = self._joined_room(conn, question)
         if user.user_id in room.typing:
             self._stop_typing(question.question_id, room, user.user_id, out)
         return {"question_id": question.question_id}
 
-    def _op_mark_read(self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder) -> dict[str, Any]:
+    def _op_mark_read(
+        self, conn: ConnState, user: User, request: Request, f: Fields, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
         question = self._question(f)
         if question.asker_id != user.user_id:
             raise ProtocolError("forbidden", "only the asker marks answers read")

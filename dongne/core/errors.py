@@ -8,7 +8,7 @@ with a WebSocket close code.
 
 from __future__ import annotations
 
-__all__ = ["DongneError", "ProtocolError", "CloseConnection", "ConfigError"]
+__all__ = ["CloseConnection", "ConfigError", "DongneError", "ProtocolError"]
 
 
 class DongneError(Exception):

@@ -323,14 +323,8 @@ def _check_quiet_hours(value: object) -> None:
 
 
 def _check_max_alerts(value: object) -> None:
-    if (
-        not isinstance(value, int)
-        or isinstance(value, bool)
-        or not 0 <= value <= MAX_ALERTS_PER_HOUR_LIMIT
-    ):
-        raise ValueError(
-            f"'max_alerts_per_hour' must be an integer 0-{MAX_ALERTS_PER_HOUR_LIMIT}, got {value!r}"
-        )
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ALERTS_PER_HOUR_LIMIT:
+        raise ValueError(f"'max_alerts_per_hour' must be an integer 0-{MAX_ALERTS_PER_HOUR_LIMIT}, got {value!r}")
 
 
 @attrs.frozen
@@ -677,9 +671,7 @@ class AlertLedger:
         Returns:
             An :class:`AlertLedgerStatistics`.
         """
-        return AlertLedgerStatistics(
-            users=len(self._times), alerts=sum(len(t) for t in self._times.values())
-        )
+        return AlertLedgerStatistics(users=len(self._times), alerts=sum(len(t) for t in self._times.values()))
 
 
 # ---------------------------------------------------------------------------
@@ -841,8 +833,7 @@ def _plan_nearby(
     # area most locals within reach are at their hourly cap.
     eligible = p.eligible
     candidates: list[tuple[float, str, bool]] = [
-        (dist, uid, True)
-        for uid, dist in live.within(q.lat, q.lng, radius_m, keep=p.rule(online))
+        (dist, uid, True) for uid, dist in live.within(q.lat, q.lng, radius_m, keep=p.rule(online))
     ]
     if homes is not None:
         candidates.extend(

@@ -75,17 +75,10 @@ def valid_lat_lng(lat: float, lng: float) -> bool:
             return False
     # NaN fails every comparison, so the range checks reject it too; the
     # explicit isfinite keeps the intent readable.
-    return (
-        math.isfinite(lat)
-        and math.isfinite(lng)
-        and -90.0 <= lat <= 90.0
-        and -180.0 <= lng <= 180.0
-    )
+    return math.isfinite(lat) and math.isfinite(lng) and -90.0 <= lat <= 90.0 and -180.0 <= lng <= 180.0
 
 
-def snap_position(
-    lat: float, lng: float, precision_m: float = 100.0
-) -> tuple[float, float]:
+def snap_position(lat: float, lng: float, precision_m: float = 100.0) -> tuple[float, float]:
     """Round a position onto a grid of cells about ``precision_m`` metres wide.
 
     The grid is defined in metres, not degrees, so the precision is the same

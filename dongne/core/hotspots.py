@@ -272,14 +272,9 @@ class HotspotTracker:
         self._advance(now_ms)
         ranked = heapq.nsmallest(n, self._spots.items(), key=lambda kv: (_rank(kv[1]), kv[0]))
         spots = self._hotspots
-        return [
-            HotspotStats(name, spots[name].name_ko, spots[name].region, *_counts(t))
-            for name, t in ranked
-        ]
+        return [HotspotStats(name, spots[name].name_ko, spots[name].region, *_counts(t)) for name, t in ranked]
 
-    def region_pressure(
-        self, now_ms: int, online_locals_by_region: Mapping[str, int]
-    ) -> list[RegionPressure]:
+    def region_pressure(self, now_ms: int, online_locals_by_region: Mapping[str, int]) -> list[RegionPressure]:
         """Return open questions per online local for every region that has either.
 
         Sorted by pressure: unbounded (``ratio is None``) first, then ratio
@@ -302,9 +297,7 @@ class HotspotTracker:
         out.sort(key=lambda p: (p.ratio is not None, -(p.ratio or 0), -p.open_questions, p.region))
         return out
 
-    def snapshot(
-        self, now_ms: int, online_locals_by_region: Mapping[str, int], n: int = 10
-    ) -> dict[str, Any]:
+    def snapshot(self, now_ms: int, online_locals_by_region: Mapping[str, int], n: int = 10) -> dict[str, Any]:
         """Return plain lists/dicts/numbers (JSON and msgpack ready) for an admin op."""
         pressure = self.region_pressure(now_ms, online_locals_by_region)
         return {

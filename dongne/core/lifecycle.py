@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["QuestionStatus", "QuestionEvent", "TRANSITIONS", "advance", "IllegalTransition"]
+__all__ = ["TRANSITIONS", "IllegalTransition", "QuestionEvent", "QuestionStatus", "advance"]
 
 
 class QuestionStatus(enum.StrEnum):

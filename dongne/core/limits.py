@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["TokenBucket", "BucketSpec", "Limiter", "IpBlocklist", "OP_CLASSES"]
+__all__ = ["OP_CLASSES", "BucketSpec", "IpBlocklist", "Limiter", "TokenBucket"]
 
 #: Which bucket each operation draws from (besides the connection's own).
 OP_CLASSES: dict[str, str] = {

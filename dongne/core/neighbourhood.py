@@ -9,7 +9,8 @@ engine calls it with ``now`` and turns its answers into writes and frames.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Set as AbstractSet
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import attrs
@@ -24,7 +25,7 @@ from .regions import Hotspot
 from .spatial import LocalsIndex
 from .trending import TrendingHashtags
 
-__all__ = ["Neighbourhood", "Escalation"]
+__all__ = ["Escalation", "Neighbourhood"]
 
 
 @attrs.define
@@ -48,7 +49,9 @@ class Neighbourhood:
         hotspots: named places, for hotspot statistics.
     """
 
-    def __init__(self, settings: LocationSettings, stages: tuple[StagePlan, ...], hotspots: Iterable[Hotspot] = ()) -> None:
+    def __init__(
+        self, settings: LocationSettings, stages: tuple[StagePlan, ...], hotspots: Iterable[Hotspot] = ()
+    ) -> None:
         self.settings = settings
         self.stages = stages
         self.live = LocalsIndex()  # online locals' live positions
@@ -121,7 +124,9 @@ class Neighbourhood:
 
     def question_opened(self, question: Question, now: int) -> None:
         self.open_questions.upsert(question.question_id, question.lat, question.lng)
-        self.hotspots.record_question(question.question_id, question.asker_id, question.lat, question.lng, question.region, now)
+        self.hotspots.record_question(
+            question.question_id, question.asker_id, question.lat, question.lng, question.region, now
+        )
         self.trending.record(question.region, question.hashtags, now)
 
     def question_ended(self, question_id: str) -> None:

@@ -16,15 +16,15 @@ import msgpack
 from .errors import ProtocolError
 
 __all__ = [
-    "Request",
-    "decode_request",
-    "reply_ok",
-    "reply_error",
-    "event",
-    "durable_event",
-    "Fields",
     "MAX_INT",
     "MIN_INT",
+    "Fields",
+    "Request",
+    "decode_request",
+    "durable_event",
+    "event",
+    "reply_error",
+    "reply_ok",
 ]
 
 # msgpack integers are limited to this range; anything we echo back must fit.

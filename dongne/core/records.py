@@ -12,7 +12,7 @@ import attrs
 
 from .lifecycle import QuestionStatus
 
-__all__ = ["User", "Question", "Answer", "ReceiptState", "PushJob"]
+__all__ = ["Answer", "PushJob", "Question", "ReceiptState", "User"]
 
 
 class ReceiptState:

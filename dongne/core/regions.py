@@ -89,9 +89,7 @@ def _parse_json(data: bytes | str, source: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _fail(
-            source, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+        raise _fail(source, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
 
 
 def _feature_name(feature: Any, index: int, source: str) -> str:
@@ -231,9 +229,7 @@ class RegionSet:
     def bounds(self) -> Bounds:
         """The box enclosing every region."""
         west, south, east, north = shapely.total_bounds(self._geometries)
-        return Bounds(
-            min_lat=float(south), min_lng=float(west), max_lat=float(north), max_lng=float(east)
-        )
+        return Bounds(min_lat=float(south), min_lng=float(west), max_lat=float(north), max_lng=float(east))
 
     def __len__(self) -> int:
         return len(self._names)

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["SloTracker", "THRESHOLDS_S"]
+__all__ = ["THRESHOLDS_S", "SloTracker"]
 
 THRESHOLDS_S: tuple[tuple[str, int], ...] = (("1m", 60), ("5m", 300), ("10m", 600))
 
@@ -51,7 +51,9 @@ class SloTracker:
         self.window_ms = int(window_days * 86_400_000)
         self._entries: dict[str, _Entry] = {}
 
-    def asked(self, question_id: str, created_at: int, region: str | None, urgent: bool, first_answer_at: int | None = None) -> None:
+    def asked(
+        self, question_id: str, created_at: int, region: str | None, urgent: bool, first_answer_at: int | None = None
+    ) -> None:
         self._entries[question_id] = _Entry(created_at, region, urgent, first_answer_at)
 
     def answered(self, question_id: str, at: int) -> None:

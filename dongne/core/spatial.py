@@ -390,7 +390,10 @@ class LocalsIndex:
             uids = self._uids
             known_ids = [
                 uid
-                for uid in map(uids.__getitem__, _tree_ids(rtree_core.rt.Index_NearestNeighbors_id, self._tree, (x, lat, x, lat), want))
+                for uid in map(
+                    uids.__getitem__,
+                    _tree_ids(rtree_core.rt.Index_NearestNeighbors_id, self._tree, (x, lat, x, lat), want),
+                )
                 if uid is not None and uid not in exclude
             ]
             known = self._distances(lat, lng, known_ids, {})
@@ -401,9 +404,7 @@ class LocalsIndex:
         del hits[k:]
         return hits
 
-    def _distances(
-        self, lat: float, lng: float, uids: Iterable[str], known: dict[str, float]
-    ) -> dict[str, float]:
+    def _distances(self, lat: float, lng: float, uids: Iterable[str], known: dict[str, float]) -> dict[str, float]:
         """Return ``{user_id: distance_m}`` from a position, reusing ``known``.
 
         The formula is :func:`~dongne.core.geo.haversine_m`'s, operation for

@@ -15,7 +15,7 @@ import nh3
 
 from .errors import ProtocolError
 
-__all__ = ["plain_text", "SpamFilter", "DEFAULT_SPAM_PATTERNS"]
+__all__ = ["DEFAULT_SPAM_PATTERNS", "SpamFilter", "plain_text"]
 
 #: Default patterns: the spam seen on Korean community Q&A boards (gambling,
 #: private loans, adult content), link shorteners, "contact me on Telegram/

@@ -87,9 +87,7 @@ class TrendingHashtags:
         ValueError: No windows, or a bad window or bucket length.
     """
 
-    def __init__(
-        self, windows_ms: Mapping[str, int] = DEFAULT_WINDOWS_MS, bucket_ms: int = 60_000
-    ) -> None:
+    def __init__(self, windows_ms: Mapping[str, int] = DEFAULT_WINDOWS_MS, bucket_ms: int = 60_000) -> None:
         if bucket_ms <= 0:
             raise ValueError(f"bucket_ms must be positive, got {bucket_ms!r}")
         if not windows_ms:
@@ -133,9 +131,7 @@ class TrendingHashtags:
         for window in self._windows.values():
             window.add(region, tags)
 
-    def top(
-        self, region: str | None, window: str, now_ms: int, n: int = 10
-    ) -> list[tuple[str, int]]:
+    def top(self, region: str | None, window: str, now_ms: int, n: int = 10) -> list[tuple[str, int]]:
         """Return the ``n`` most used tags: count descending, then tag ascending.
 
         Args:

@@ -45,23 +45,23 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..core.errors import DongneError
 from ._schema import SCHEMA_VERSION
 
 __all__ = [
-    "SnapshotError",
-    "InvalidSnapshotError",
     "DatabaseInUseError",
+    "InvalidSnapshotError",
     "SnapshotCancelled",
-    "take_snapshot",
+    "SnapshotError",
+    "check_not_in_use",
+    "hold_database_lock",
     "list_snapshots",
     "prune_snapshots",
     "restore_snapshot",
-    "check_not_in_use",
-    "hold_database_lock",
+    "take_snapshot",
 ]
 
 #: ``dongne-20250101T120000Z.sqlite3``, or ``dongne-20250101T120000Z-2.sqlite3``
@@ -89,10 +89,10 @@ class SnapshotCancelled(SnapshotError):
 
 def _stamp(now: datetime | None) -> str:
     if now is None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
     elif now.tzinfo is None:
         raise ValueError("now must be an aware datetime")
-    return now.astimezone(timezone.utc).strftime(_STAMP)
+    return now.astimezone(UTC).strftime(_STAMP)
 
 
 def _fsync_file(path: Path) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from itertools import chain
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,9 @@ _QUESTION_COLS = (
     "question_id, asker_id, asker_nick, title, body, lat, lng, region, hashtags, urgency, status,"
     " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at, alerted_at"
 )
-_ANSWER_COLS = "answer_id, question_id, author_id, author_nick, content, created_at, state, delivered_at, read_at, accepted"
+_ANSWER_COLS = (
+    "answer_id, question_id, author_id, author_nick, content, created_at, state, delivered_at, read_at, accepted"
+)
 
 
 #: The most rows in one multi-row INSERT (a power of two); see PreparedCommit.insert.
@@ -247,7 +249,8 @@ class Store:
                 events.append(item)
             elif isinstance(item, SaveNotified):
                 notified.extend(
-                    (item.question_id, uid, stage, dist, int(online), item.at) for uid, stage, dist, online in item.targets
+                    (item.question_id, uid, stage, dist, int(online), item.at)
+                    for uid, stage, dist, online in item.targets
                 )
             elif isinstance(item, SaveUser):
                 users[item.user.user_id] = item.user
@@ -265,7 +268,9 @@ class Store:
                 raise TypeError(f"unknown write {item!r}")
         batch = PreparedCommit(self._max_variables)
         batch.insert(f"INSERT OR REPLACE INTO users ({_USER_COLS})", [_user_row(u) for u in users.values()])
-        batch.insert(f"INSERT OR REPLACE INTO questions ({_QUESTION_COLS})", [_question_row(q) for q in questions.values()])
+        batch.insert(
+            f"INSERT OR REPLACE INTO questions ({_QUESTION_COLS})", [_question_row(q) for q in questions.values()]
+        )
         batch.insert(
             "INSERT OR IGNORE INTO question_hashtags (question_id, tag, created_at)",
             [(q.question_id, tag, q.created_at) for q in questions.values() for tag in q.hashtags],

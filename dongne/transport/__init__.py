@@ -2,6 +2,7 @@
 
 from ._connection import WebSocketConnection as WebSocketConnection
 from ._frames import FrameEncoder as FrameEncoder
-from ._handshake import HandshakeResult as HandshakeResult, serve_handshake as serve_handshake
+from ._handshake import HandshakeResult as HandshakeResult
+from ._handshake import serve_handshake as serve_handshake
 
-__all__ = ["WebSocketConnection", "FrameEncoder", "HandshakeResult", "serve_handshake"]
+__all__ = ["FrameEncoder", "HandshakeResult", "WebSocketConnection", "serve_handshake"]

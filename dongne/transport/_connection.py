@@ -26,7 +26,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from ._frames import FrameEncoder
 from ._handshake import recv_some
 
-__all__ = ["WebSocketConnection", "TextFrame", "BinaryFrame"]
+__all__ = ["BinaryFrame", "TextFrame", "WebSocketConnection"]
 
 CLOSE_GRACE_S = 2.0
 LINGER_MAX_BYTES = 4 * 1024 * 1024

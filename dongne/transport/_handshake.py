@@ -18,7 +18,7 @@ import h11
 import trio
 from wsproto.utilities import generate_accept_token
 
-__all__ = ["HandshakeResult", "serve_handshake", "recv_some", "send_all"]
+__all__ = ["HandshakeResult", "recv_some", "send_all", "serve_handshake"]
 
 MAX_REQUEST_BYTES = 16384
 
