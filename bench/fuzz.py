@@ -10,7 +10,7 @@ What it does:
   ``dongne listening: clients ws://HOST:PORT  ops http://HOST:PORT``) and mints
   tokens with ``dongne.auth.mint_token``.
 * ``--connections`` worker processes each draw their share of ``--frames``
-  frames from the Hypothesis strategies in ``tests/test_fuzz.py`` (the same
+  frames from the Hypothesis strategies in ``tests/fuzzing.py`` (the same
   frame space as the test suite: random bytes, msgpack values of every type,
   hand-built invalid msgpack, 10,000-level nesting, every operation with wrong
   types and hostile values, mutated frames), seeded from ``--seed`` and the
@@ -68,7 +68,7 @@ import _harness as h
 sys.path.insert(0, str(h.REPO_DIR))
 
 from dongne.auth import mint_token
-from tests.test_fuzz import (
+from tests.fuzzing import (
     A_MINE,
     A_THEIRS,
     CLOSE_CODES,
