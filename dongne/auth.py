@@ -17,26 +17,12 @@ import attrs
 import jwt
 
 from .core.errors import CloseConnection
+from .core.records import Claims
 
 __all__ = ["SECRET_FILE_SUFFIX", "Claims", "TokenVerifier", "load_or_create_secret", "mint_token"]
 
 ALGORITHM = "HS256"
 SECRET_FILE_SUFFIX = ".jwt-secret"
-
-
-@attrs.frozen
-class Claims:
-    """What a valid token says about its holder."""
-
-    user_id: str
-    nick: str
-    local: bool
-    tags: tuple[str, ...]
-    role: str  # "user" | "admin"
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
 
 
 def mint_token(

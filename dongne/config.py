@@ -8,17 +8,26 @@ range raise ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
 
 from .core.errors import ConfigError
+from .core.escalation import DEFAULT_STAGES, StagePlan, stages_from_config
+from .core.settings import (
+    AlertSettings,
+    ContentSettings,
+    CoreSettings,
+    EngineSettings,
+    LimitSettings,
+    LocationSettings,
+    positive,
+    positive_or_inf,
+)
 
 __all__ = [
     "AlertSettings",
@@ -35,16 +44,6 @@ __all__ = [
     "StoreSettings",
     "load_settings",
 ]
-
-
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
-
-
-def _positive_or_inf(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:  # also refuses NaN; inf turns the timer off
-        raise ConfigError(f"{attribute.name} must be a positive number (or inf for never), got {value!r}")
 
 
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -66,153 +65,42 @@ class ServerSettings:
     port: int = attrs.field(default=8765, validator=_port)
     ops_host: str = "127.0.0.1"
     ops_port: int = attrs.field(default=8766, validator=_port)
-    max_frame_bytes: int = attrs.field(default=65536, validator=_positive)
-    outbound_buffer_bytes: int = attrs.field(default=1_048_576, validator=_positive)
-    hello_timeout_s: float = attrs.field(default=10.0, validator=_positive_or_inf)
-    ping_interval_s: float = attrs.field(default=20.0, validator=_positive_or_inf)
-    shutdown_timeout_s: float = attrs.field(default=5.0, validator=_positive)
-    backlog: int = attrs.field(default=4096, validator=_positive)
-    full_gc_interval_s: float = attrs.field(default=600.0, validator=_positive_or_inf)
+    max_frame_bytes: int = attrs.field(default=65536, validator=positive)
+    outbound_buffer_bytes: int = attrs.field(default=1_048_576, validator=positive)
+    hello_timeout_s: float = attrs.field(default=10.0, validator=positive_or_inf)
+    ping_interval_s: float = attrs.field(default=20.0, validator=positive_or_inf)
+    shutdown_timeout_s: float = attrs.field(default=5.0, validator=positive)
+    backlog: int = attrs.field(default=4096, validator=positive)
+    full_gc_interval_s: float = attrs.field(default=600.0, validator=positive_or_inf)
 
 
 @attrs.frozen
 class StoreSettings:
     path: str = "dongne.sqlite3"
     synchronous: str = attrs.field(default="FULL", validator=_one_of("FULL", "NORMAL", "EXTRA"))
-    max_batch: int = attrs.field(default=1000, validator=_positive)
+    max_batch: int = attrs.field(default=1000, validator=positive)
 
 
 @attrs.frozen
 class AuthSettings:
     jwt_secret: str = ""
-    token_ttl_s: int = attrs.field(default=30 * 24 * 3600, validator=_positive)
-
-
-@attrs.frozen
-class EngineSettings:
-    accept_points: int = attrs.field(default=10, validator=attrs.validators.ge(0))
-    typing_ttl_s: float = attrs.field(default=3.0, validator=_positive)
-    title_max: int = attrs.field(default=200, validator=_positive)
-    body_max: int = attrs.field(default=1000, validator=_positive)
-    answer_max: int = attrs.field(default=2000, validator=_positive)
-    hashtags_max: int = attrs.field(default=5, validator=_positive)
-    hot_question_days: float = attrs.field(default=7.0, validator=_positive)
-
-
-def _stage_plan(value: Any) -> tuple[dict[str, Any], ...]:
-    """Validate an escalation plan and state every stage in full (defaults filled in)."""
-    from .core.escalation import stages_from_config
-
-    try:
-        return tuple(attrs.asdict(stage) for stage in stages_from_config(value))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _default_stages() -> tuple[dict[str, Any], ...]:
-    # The plan itself is stated once, in core.escalation.DEFAULT_STAGES.
-    from .core.escalation import DEFAULT_STAGES
-
-    return tuple(attrs.asdict(stage) for stage in DEFAULT_STAGES)
-
-
-@attrs.frozen
-class LocationSettings:
-    # Per-user minimum interval between accepted update_location requests.
-    min_update_interval_s: float = attrs.field(default=2.0, validator=attrs.validators.ge(0))
-    # Live positions are kept to about this precision (metres).
-    precision_m: float = attrs.field(default=100.0, validator=_positive)
-    nearby_radius_m: float = attrs.field(default=3000.0, validator=_positive)
-    nearby_max: int = attrs.field(default=5, validator=_positive)
-    nearby_max_age_s: float = attrs.field(default=3600.0, validator=_positive)
-    # The service area's UTC offset, for quiet hours (Korea: +9 h).
-    utc_offset_minutes: int = attrs.field(default=540, validator=[attrs.validators.ge(-720), attrs.validators.le(840)])
-    hotspot_window_s: float = attrs.field(default=900.0, validator=_positive)
-    hotspot_cell_m: float = attrs.field(default=500.0, validator=_positive)
-    # A GeoJSON FeatureCollection of service regions; empty: the bundled Jeju set.
-    regions_file: str = ""
+    token_ttl_s: int = attrs.field(default=30 * 24 * 3600, validator=positive)
 
 
 @attrs.frozen
 class EscalationSettings:
-    stages: tuple[dict[str, Any], ...] = attrs.field(factory=_default_stages, converter=_stage_plan)
+    stages: tuple[StagePlan, ...] = attrs.field(default=DEFAULT_STAGES, converter=stages_from_config)
     # Push gateway: offline targets' jobs are POSTed here as JSON. Empty: jobs
     # are only recorded in the outbox.
     push_url: str = ""
-    push_attempts: int = attrs.field(default=3, validator=_positive)
-    push_backoff_s: float = attrs.field(default=1.0, validator=_positive)
-    push_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    push_attempts: int = attrs.field(default=3, validator=positive)
+    push_backoff_s: float = attrs.field(default=1.0, validator=positive)
+    push_timeout_s: float = attrs.field(default=5.0, validator=positive)
     # Jobs older than this are not sent any more (status "expired").
-    push_max_age_s: float = attrs.field(default=600.0, validator=_positive)
+    push_max_age_s: float = attrs.field(default=600.0, validator=positive)
     # A stage is planned at once; its alerts are written and sent this many
     # at a time, each batch in a commit of its own.
-    alerts_per_batch: int = attrs.field(default=100, validator=_positive)
-
-
-def _patterns(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    import re
-
-    for pattern in value:
-        if not isinstance(pattern, str):
-            raise ConfigError(f"{attribute.name}: every pattern must be a string, got {pattern!r}")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"{attribute.name}: bad regular expression {pattern!r}: {exc}") from None
-
-
-def _networks(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    import ipaddress
-
-    for entry in value:
-        try:
-            ipaddress.ip_network(str(entry), strict=False)
-        except ValueError:
-            raise ConfigError(f"{attribute.name}: {entry!r} is not an IP address or CIDR network") from None
-
-
-def _default_spam() -> tuple[str, ...]:
-    from .core.text import DEFAULT_SPAM_PATTERNS
-
-    return DEFAULT_SPAM_PATTERNS
-
-
-@attrs.frozen
-class AlertSettings:
-    # A question still unanswered this long after it was asked raises
-    # slow_response_alert (the promise: a first answer within 10 minutes).
-    slow_response_s: float = attrs.field(default=600.0, validator=_positive)
-    # Alerts are also POSTed here as JSON (empty: admins' inboxes only).
-    webhook_url: str = ""
-    # Answer-time SLOs cover the questions of the last this many days.
-    slo_window_days: float = attrs.field(default=7.0, validator=_positive)
-
-
-@attrs.frozen
-class LimitSettings:
-    # Every request of one connection (including malformed frames).
-    conn_per_s: float = attrs.field(default=20.0, validator=_positive)
-    conn_burst: float = attrs.field(default=40.0, validator=_positive)
-    # Per user, across connections: answers, accepts, closes, receipts, settings.
-    writes_per_minute: float = attrs.field(default=30.0, validator=_positive)
-    writes_burst: float = attrs.field(default=10.0, validator=_positive)
-    questions_per_hour: float = attrs.field(default=20.0, validator=_positive)
-    questions_burst: float = attrs.field(default=5.0, validator=_positive)
-    typing_per_s: float = attrs.field(default=2.0, validator=_positive)
-    typing_burst: float = attrs.field(default=5.0, validator=_positive)
-    # Refusals within a minute after which the connection is closed with 4008.
-    abuse_refusals_per_minute: int = attrs.field(default=30, validator=_positive)
-    # New connections per IP address per minute (beyond it: dropped at accept).
-    connections_per_ip_per_minute: float = attrs.field(default=100.0, validator=_positive)
-    ip_blocklist: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
-    rooms_per_connection: int = attrs.field(default=50, validator=_positive)
-    connections_per_user: int = attrs.field(default=10, validator=_positive)
-
-
-@attrs.frozen
-class ContentSettings:
-    # Regular expressions (case-insensitive); matching text is refused with "spam".
-    spam_patterns: tuple[str, ...] = attrs.field(factory=_default_spam, converter=tuple, validator=_patterns)
+    alerts_per_batch: int = attrs.field(default=100, validator=positive)
 
 
 @attrs.frozen
@@ -221,7 +109,7 @@ class SnapshotSettings:
     dir: str = "snapshots"
     # 0 turns periodic snapshots off (``dongne snapshot`` still works).
     interval_s: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
-    keep: int = attrs.field(default=24, validator=_positive)
+    keep: int = attrs.field(default=24, validator=positive)
 
 
 @attrs.frozen
@@ -243,6 +131,19 @@ class Settings:
     content: ContentSettings = ContentSettings()
     snapshots: SnapshotSettings = SnapshotSettings()
     log: LogSettings = LogSettings()
+
+    def core(self) -> CoreSettings:
+        """The settings the engine is configured with."""
+        return CoreSettings(
+            engine=self.engine,
+            location=self.location,
+            limits=self.limits,
+            content=self.content,
+            alerts=self.alerts,
+            stages=self.escalation.stages,
+            alerts_per_batch=self.escalation.alerts_per_batch,
+            hello_timeout_s=self.server.hello_timeout_s,
+        )
 
 
 def _section_classes() -> dict[str, type]:
@@ -367,9 +268,3 @@ def load_settings(
         section_values.update((overrides or {}).get(name, {}))
         built[name] = _build_section(name, cls, section_values, from_text=False)
     return Settings(**built)
-
-
-def resolve_data_path(settings: Settings, relative_to: Path | None = None) -> Path:
-    """The database path, made absolute against ``relative_to`` (default: cwd)."""
-    p = Path(settings.store.path)
-    return p if p.is_absolute() else (relative_to or Path.cwd()) / p

@@ -12,14 +12,35 @@ import attrs
 
 from .lifecycle import QuestionStatus
 
-__all__ = ["Answer", "PushJob", "Question", "ReceiptState", "User"]
+__all__ = [
+    "Answer",
+    "Claims",
+    "PushJob",
+    "Question",
+    "ReceiptState",
+    "User",
+]
 
 
 class ReceiptState:
     SENT = "sent"
     DELIVERED = "delivered"
     READ = "read"
-    ORDER = {"sent": 0, "delivered": 1, "read": 2}
+
+
+@attrs.frozen
+class Claims:
+    """What a valid token says about its holder."""
+
+    user_id: str
+    nick: str
+    local: bool
+    tags: tuple[str, ...]
+    role: str  # "user" | "admin"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
 
 
 @attrs.define

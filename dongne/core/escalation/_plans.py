@@ -145,7 +145,7 @@ _STAGE_KEYS: Final = (
 )
 
 
-def stages_from_config(config: Sequence[Mapping[str, Any]]) -> tuple[StagePlan, ...]:
+def stages_from_config(config: Sequence[Mapping[str, Any] | StagePlan]) -> tuple[StagePlan, ...]:
     """Build and validate an escalation plan from configuration.
 
     Each item is a mapping with keys ``name``, ``offset_s``, ``audience``
@@ -173,6 +173,9 @@ def stages_from_config(config: Sequence[Mapping[str, Any]]) -> tuple[StagePlan, 
         raise ConfigError("escalation stages must not be empty")
     stages: list[StagePlan] = []
     for i, item in enumerate(config, start=1):
+        if isinstance(item, StagePlan):
+            stages.append(_in_order(i, item, stages))  # its fields were checked when it was made
+            continue
         if not isinstance(item, Mapping):
             raise ConfigError(f"escalation stage {i} must be an object, got {type(item).__name__}")
         unknown = sorted(str(key) for key in item if key not in _STAGE_KEYS)
@@ -195,12 +198,17 @@ def stages_from_config(config: Sequence[Mapping[str, Any]]) -> tuple[StagePlan, 
             )
         except ConfigError as exc:
             raise ConfigError(f"escalation stage {i}: {exc}") from None
-        if any(s.name == stage.name for s in stages):
-            raise ConfigError(f"escalation stage {i}: duplicate stage name {stage.name!r}")
-        if stages and stage.offset_s < stages[-1].offset_s:
-            raise ConfigError(
-                f"escalation stage {i} ({stage.name!r}): offset_s {stage.offset_s!r} is before the"
-                f" previous stage's {stages[-1].offset_s!r}; offsets must not decrease"
-            )
-        stages.append(stage)
+        stages.append(_in_order(i, stage, stages))
     return tuple(stages)
+
+
+def _in_order(i: int, stage: StagePlan, before: list[StagePlan]) -> StagePlan:
+    """``stage``, if its name is new and its offset not before the previous stage's."""
+    if any(s.name == stage.name for s in before):
+        raise ConfigError(f"escalation stage {i}: duplicate stage name {stage.name!r}")
+    if before and stage.offset_s < before[-1].offset_s:
+        raise ConfigError(
+            f"escalation stage {i} ({stage.name!r}): offset_s {stage.offset_s!r} is before the"
+            f" previous stage's {before[-1].offset_s!r}; offsets must not decrease"
+        )
+    return stage
