@@ -74,11 +74,12 @@ from typing import Any
 
 import msgpack
 
+from dongne.core.geo import EARTH_RADIUS_M, offset_position
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
 
-EARTH_R = 6_371_008.8
 IMMEDIATE_RADIUS_M = 2000.0
 SERVER_DEFAULT_MAX_ALERTS = 20
 HASHTAGS = ["food", "beach", "hiking", "cafe", "blackpork", "bus", "weather", "sunrise", "olle", "market"]
@@ -96,9 +97,7 @@ def _offset(lat: float, lng: float, rng: random.Random, radius_m: float) -> tupl
     """A uniformly random point within ``radius_m`` of (lat, lng) (flat-earth offset, fine at 2 km)."""
     r = radius_m * math.sqrt(rng.random())
     theta = rng.random() * 2 * math.pi
-    dlat = r * math.cos(theta) / EARTH_R
-    dlng = r * math.sin(theta) / (EARTH_R * math.cos(math.radians(lat)))
-    return lat + math.degrees(dlat), lng + math.degrees(dlng)
+    return offset_position(lat, lng, r * math.cos(theta), r * math.sin(theta))
 
 
 class _Places:
@@ -127,7 +126,7 @@ def _haversine_many(lat: float, lng: float, lats: Any, lngs: Any) -> Any:
     dphi = p2 - p1
     dl = np.radians(lngs) - math.radians(lng)
     a = np.sin(dphi / 2) ** 2 + math.cos(p1) * np.cos(p2) * np.sin(dl / 2) ** 2
-    return 2 * EARTH_R * np.arcsin(np.sqrt(np.minimum(1.0, a)))
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.minimum(1.0, a)))
 
 
 # ---- the locals' client processes ----------------------------------------------------------

@@ -114,6 +114,8 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+from dongne.core.geo import offset_position
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
@@ -161,8 +163,7 @@ class Places:
         for _ in range(100):
             r = spread_m * math.sqrt(self.rng.random())
             a = self.rng.uniform(0, 2 * math.pi)
-            lat = spot.lat + r * math.cos(a) / 111_320
-            lng = spot.lng + r * math.sin(a) / (111_320 * math.cos(math.radians(spot.lat)))
+            lat, lng = offset_position(spot.lat, spot.lng, r * math.cos(a), r * math.sin(a))
             if self.regions.region_of(lat, lng) is not None:
                 return {"lat": round(lat, 6), "lng": round(lng, 6)}
         return {"lat": spot.lat, "lng": spot.lng}

@@ -24,6 +24,7 @@ from .app import Running, run_server
 from .auth import mint_token
 from .client import DongneClient, RequestError, open_client
 from .config import Settings, load_settings
+from .core.geo import offset_position
 from .core.regions import Hotspot, load_hotspots
 
 __all__ = ["run_demo"]
@@ -60,11 +61,11 @@ ANSWERS = [
 
 
 def _near(spot: Hotspot, rng: random.Random, radius_m: float) -> dict[str, float]:
+    """A uniformly random point within ``radius_m`` of ``spot``, as a location map."""
     r = radius_m * math.sqrt(rng.random())
     theta = rng.random() * 2 * math.pi
-    dlat = r * math.cos(theta) / 110_540
-    dlng = r * math.sin(theta) / (111_320 * math.cos(math.radians(spot.lat)))
-    return {"lat": spot.lat + dlat, "lng": spot.lng + dlng}
+    lat, lng = offset_position(spot.lat, spot.lng, r * math.cos(theta), r * math.sin(theta))
+    return {"lat": lat, "lng": lng}
 
 
 def demo_settings(db: Path, port: int, ops_port: int, secret: str) -> Settings:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dongne.core.geo import EARTH_RADIUS_M, haversine_m, snap_position, valid_lat_lng
+from dongne.core.geo import EARTH_RADIUS_M, haversine_m, offset_position, snap_position, valid_lat_lng
 from dongne.core.spatial import LocalsIndex, LocalsIndexStatistics
 
 PROPERTY_SETTINGS = settings(
@@ -337,6 +337,19 @@ def test_haversine_known_values() -> None:
     assert 90 * one_degree == pytest.approx(haversine_m(0.0, 10.0, 90.0, -70.0), rel=1e-12)
     assert 180 * one_degree == pytest.approx(haversine_m(0.0, 0.0, 0.0, 180.0), rel=1e-12)
     assert haversine_m(33.2, 126.3, 33.5, 126.9) == haversine_m(33.5, 126.9, 33.2, 126.3)
+
+
+@pytest.mark.parametrize(("north_m", "east_m"), [(1500.0, 0.0), (0.0, -1500.0), (-2000.0, 1500.0), (0.0, 0.0)])
+def test_offset_position_moves_that_far(north_m: float, east_m: float) -> None:
+    """A step of a few km lands its length away (to centimetres), on the side asked."""
+    lat, lng = offset_position(33.5, 126.5, north_m, east_m)
+
+    assert haversine_m(33.5, 126.5, lat, lng) == pytest.approx(math.hypot(north_m, east_m), abs=0.1)
+    assert (math.copysign(1, lat - 33.5), math.copysign(1, lng - 126.5)) == (
+        math.copysign(1, north_m),
+        math.copysign(1, east_m),
+    )
+    assert haversine_m(33.5, 126.5, lat, 126.5) == pytest.approx(abs(north_m), rel=1e-12)
 
 
 @pytest.mark.parametrize(

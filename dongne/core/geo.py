@@ -21,6 +21,7 @@ import math
 __all__ = [
     "EARTH_RADIUS_M",
     "haversine_m",
+    "offset_position",
     "snap_position",
     "valid_lat_lng",
 ]
@@ -56,6 +57,34 @@ def haversine_m(lat1: float, lng1: float, lat2: float, lng2: float) -> float:
     a = sin_dphi * sin_dphi + math.cos(phi1) * math.cos(phi2) * sin_dlam * sin_dlam
     # Rounding can push ``a`` a hair past 1 for antipodal points.
     return 2.0 * EARTH_RADIUS_M * math.asin(math.sqrt(min(1.0, a)))
+
+
+def offset_position(lat: float, lng: float, north_m: float, east_m: float) -> tuple[float, float]:
+    """Move a position ``north_m`` metres north and ``east_m`` metres east.
+
+    A local flat-earth step on the sphere of :data:`EARTH_RADIUS_M`: the
+    northward metres become degrees along the meridian, the eastward ones
+    degrees along the parallel of ``lat``. Along a meridian the step is exact;
+    otherwise the new position is ``hypot(north_m, east_m)`` from the old one
+    to within centimetres for steps of a few kilometres at mid latitudes
+    (9 cm for 2.5 km diagonally at Jeju), which suits what it is for:
+    simulated people scattered around a spot, fixtures near a place.
+
+    Args:
+        lat: Latitude in degrees; not within a few kilometres of a pole,
+            where a parallel is too short for the step.
+        lng: Longitude in degrees.
+        north_m: Metres to move north (negative: south).
+        east_m: Metres to move east (negative: west).
+
+    Returns:
+        The moved ``(lat, lng)`` in degrees, not clamped or wrapped: check it
+        with :func:`valid_lat_lng` if the step may leave the globe's ranges.
+    """
+    return (
+        lat + north_m / _M_PER_DEG,
+        lng + east_m / (_M_PER_DEG * math.cos(math.radians(lat))),
+    )
 
 
 def valid_lat_lng(lat: float, lng: float) -> bool:
