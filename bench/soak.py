@@ -66,7 +66,7 @@ What it does:
   every SQLite call runs: its page caches) and ``other_anon`` (CPython's
   pymalloc arenas, large mmapped blocks, stacks).
 * **Allocator accounts (``--malloc-stats``).** The server runs under a small
-  wrapper (``TRACE_WRAPPER``; the server code is unchanged) that answers the
+  wrapper (``bench/_soak_probe.py``; the server code is unchanged) that answers the
   sampler on SIGUSR1 with the allocators' own figures, every sample: glibc's
   ``malloc_info`` (bytes in use and bytes held free, main arena apart from
   the threads' arenas), pymalloc's (arenas held, bytes in blocks), SQLite's
@@ -171,161 +171,13 @@ class Places:
 
 # ---- the server --------------------------------------------------------------------------
 
-#: ``--malloc-stats`` / ``--tracemalloc``: the server runs under this wrapper
-#: (the server code is unchanged; trio only claims SIGINT and SIGTERM). On
-#: SIGUSR1 it reads ``SOAK_TRACE_DIR/request`` (``N ACTION``), acts in the
-#: main thread between two bytecodes and writes ``reply-N.json``; it never
-#: raises into the server. ``stats`` (every sample): glibc's ``malloc_info``
-#: (in use and held free, the main arena apart from the worker threads'),
-#: pymalloc's ``sys._debugmallocstats``, SQLite's ``sqlite3_memory_used``,
-#: the count of full gc collections. ``snapshot`` (after the warm-up and near
-#: the end): the same plus live objects by type; with tracemalloc, also the
-#: cyclic garbage a full collection finds (by type and allocation site) and a
-#: tracemalloc snapshot. After the load and its last sample: ``garbage`` (that
-#: collection, by type) and ``trim`` (``malloc_trim(0)``).
-TRACE_WRAPPER = r"""
-import ctypes, gc, json, os, re, signal, sys, tempfile, tracemalloc
-from collections import Counter
-frames = int(os.environ["SOAK_TRACE_FRAMES"])
-out_dir = os.environ["SOAK_TRACE_DIR"]
-if frames:
-    tracemalloc.start(frames)
-libc = ctypes.CDLL("libc.so.6")
-libc.fopen.restype = ctypes.c_void_p
-libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-libc.fclose.argtypes = [ctypes.c_void_p]
-libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-libc.malloc_trim.argtypes = [ctypes.c_size_t]
-class Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc.mallinfo2.restype = Mallinfo2
-try:  # the SQLite library the sqlite3 module is linked with (the same instance)
-    libsqlite = ctypes.CDLL("libsqlite3.so.0")
-    libsqlite.sqlite3_memory_used.restype = ctypes.c_int64
-except OSError:
-    libsqlite = None
-
-def _int(text, pattern):
-    m = re.search(pattern, text)
-    return int(m.group(1).replace(",", "")) if m else 0
-
-def glibc_arenas():
-    path = os.path.join(out_dir, "malloc_info.xml")
-    fp = libc.fopen(path.encode(), b"w")
-    libc.malloc_info(0, fp)
-    libc.fclose(fp)
-    with open(path) as fh:
-        text = fh.read()
-    out = dict.fromkeys(("main_in_use", "main_free", "threads_in_use", "threads_free", "mmapped", "arenas"), 0)
-    for nr, body in re.findall(r'<heap nr="(\d+)">(.*?)</heap>', text, re.S):
-        free = sum(int(x) for x in re.findall(r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"/>', body))
-        held = _int(body, r'<system type="current" size="(\d+)"/>')
-        kind = "main" if nr == "0" else "threads"
-        out[kind + "_in_use"] += held - free
-        out[kind + "_free"] += free
-        out["arenas"] += 1
-    out["mmapped"] = _int(text.rsplit("</heap>", 1)[-1], r'<total type="mmap" count="\d+" size="(\d+)"/>')
-    out["main_top"] = libc.mallinfo2().keepcost  # of main_free: the top chunk, which free() trims past M_TRIM_THRESHOLD
-    return {"glibc_" + k: v for k, v in out.items()}
-
-def pymalloc_arenas():
-    # sys._debugmallocstats writes to the C stderr: lend it a file for a moment.
-    with tempfile.TemporaryFile("w+", dir=out_dir) as tmp:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            os.dup2(tmp.fileno(), 2)
-            sys._debugmallocstats()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        tmp.seek(0)
-        text = tmp.read()
-    arenas = _int(text, r"# arenas allocated current\s*=\s*([\d,]+)")
-    return {
-        "pymalloc_arenas_bytes": arenas * _int(text, r"arenas \* ([\d,]+) bytes/arena"),
-        "pymalloc_in_use": _int(text, r"# bytes in allocated blocks\s*=\s*([\d,]+)"),
-    }
-
-def _reply(n, data):
-    path = os.path.join(out_dir, f"reply-{n}.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(data, fh)
-    os.rename(path + ".tmp", path)
-
-def _type_name(t):
-    module = t.__dict__.get("__module__")
-    return f"{module}.{t.__qualname__}" if isinstance(module, str) else t.__qualname__
-
-def _garbage():
-    # What a full collection frees: cyclic garbage the collector had not
-    # reached yet. Counted by comparing the tracked objects before and after
-    # (gc.garbage would miss cycles through suspended generators: their
-    # finalizer breaks the cycle and reference counting frees the rest).
-    before = {}
-    for o in gc.get_objects():
-        tb = tracemalloc.get_object_traceback(o) if frames else None
-        before[id(o)] = (_type_name(type(o)), sys.getsizeof(o), tb)
-    o = tb = None
-    used = pymalloc_arenas()["pymalloc_in_use"] + glibc_arenas()["glibc_main_in_use"]
-    gc.collect()
-    freed_bytes = used - pymalloc_arenas()["pymalloc_in_use"] - glibc_arenas()["glibc_main_in_use"]
-    after = {id(o) for o in gc.get_objects()}
-    o = None
-    by_type, by_site = Counter(), Counter()
-    for key, (name, size, tb) in before.items():
-        if key in after:
-            continue
-        by_type[name] += 1
-        if tb is not None:  # with --tracemalloc
-            mine = [f for f in tb if "/dongne/" in f.filename] or list(tb)
-            by_site[f"{mine[-1].filename}:{mine[-1].lineno}"] += size
-    return {
-        "garbage_objects": sum(by_type.values()), "garbage_freed_bytes": freed_bytes,
-        "garbage_by_type": dict(by_type.most_common(20)), "garbage_bytes_by_site": dict(by_site.most_common(20)),
-    }
-
-def _act(n, action):
-    if action == "trim":
-        libc.malloc_trim(0)
-        return {}
-    if action == "garbage":
-        return _garbage()
-    data = {**glibc_arenas(), **pymalloc_arenas()}
-    if libsqlite is not None:
-        data["sqlite_memory_used"] = libsqlite.sqlite3_memory_used()
-    data["gc_full_collections"] = gc.get_stats()[2]["collections"]
-    if action == "snapshot":
-        if frames:  # not in the cheap mode: a collection would change what is measured
-            data.update(_garbage())
-        data["objects_by_type"] = dict(Counter(_type_name(type(o)) for o in gc.get_objects()))
-        if frames:
-            tracemalloc.take_snapshot().dump(os.path.join(out_dir, f"snap-{n}.pickle"))
-            data.update(traced=tracemalloc.get_traced_memory()[0], overhead=tracemalloc.get_tracemalloc_memory())
-    return data
-
-def _on_request(signum, frame):
-    # Whatever happens, nothing is raised into the server.
-    try:
-        with open(os.path.join(out_dir, "request")) as fh:
-            n, action = fh.read().split()
-        try:
-            data = _act(n, action)
-        except Exception as exc:
-            data = {"error": repr(exc)}
-        _reply(n, data)
-    except Exception:
-        pass
-
-signal.signal(signal.SIGUSR1, _on_request)
-from dongne.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+#: ``--malloc-stats`` / ``--tracemalloc``: the server runs under this wrapper,
+#: which answers ``Probe`` on SIGUSR1 (its docstring says with what).
+PROBE_WRAPPER = Path(__file__).resolve().parent / "_soak_probe.py"
 
 
 class Probe:
-    """Asks the server under ``TRACE_WRAPPER`` for a report (one at a time)."""
+    """Asks the server under ``PROBE_WRAPPER`` for a report (one at a time)."""
 
     def __init__(self, server: h.ServerProcess, trace_dir: Path) -> None:
         self.server, self.dir = server, trace_dir
@@ -351,7 +203,7 @@ class Probe:
 
 
 def start_server(db: Path, secret: str, args: argparse.Namespace, trace_dir: Path | None) -> h.ServerProcess:
-    """``dongne serve`` as ``h.start_dongne`` starts it; under ``TRACE_WRAPPER`` when ``trace_dir`` is given."""
+    """``dongne serve`` as ``h.start_dongne`` starts it; under ``PROBE_WRAPPER`` when ``trace_dir`` is given."""
     if trace_dir is None:
         return h.start_dongne(db, jwt_secret=secret, synchronous=args.synchronous, extra_env=EXTRA_ENV)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
@@ -363,8 +215,7 @@ def start_server(db: Path, secret: str, args: argparse.Namespace, trace_dir: Pat
     })  # fmt: skip
     argv = [
         sys.executable,
-        "-c",
-        TRACE_WRAPPER,
+        str(PROBE_WRAPPER),
         "serve",
         "--host",
         "127.0.0.1",
