@@ -65,6 +65,72 @@ async def test_the_same_burst_sent_live_overflows_the_bound(nursery: trio.Nurser
     client_side.close()
 
 
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on 127.0.0.1: (server side, non-blocking with a small send buffer; peer)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server_side.setblocking(False)
+    peer.setblocking(False)
+    return server_side, peer
+
+
+def _fill_kernel_buffer(sock: socket.socket) -> int:
+    """Send until the kernel refuses more; returns how many bytes it took.
+
+    Leaves the state a connection is in when its writer has just emptied the
+    backlog into a kernel buffer that is full again.
+    """
+    filled = 0
+    while True:
+        try:
+            filled += sock.send(bytes(1024))
+        except BlockingIOError:
+            return filled
+
+
+async def test_a_close_frame_the_kernel_refuses_counts_as_pending_until_sent(nursery: trio.Nursery) -> None:
+    """close() on a full socket: buffered_bytes is what is pending, never negative, 0 once the peer has it all."""
+    server_side, peer_side = _tcp_pair()
+    conn = WebSocketConnection(server_side, nursery, FrameEncoder(), max_message_bytes=1 << 20, max_buffer_bytes=BOUND)
+    filled = _fill_kernel_buffer(server_side)  # a peer that does not read
+    close_frame = FrameEncoder().close(1000, "bye")
+    conn.close(1000, "bye")
+    assert conn.buffered_bytes == len(close_frame)
+
+    peer = trio.socket.from_stdlib_socket(peer_side)
+    received = bytearray()
+    lowest = conn.buffered_bytes
+    with trio.fail_after(10):
+        while len(received) < filled + len(close_frame):
+            data = await peer.recv(65536)
+            assert data, "EOF before the close frame arrived"
+            received += data
+            lowest = min(lowest, conn.buffered_bytes)
+    pending = conn.buffered_bytes
+    conn.abort()
+    peer.close()
+
+    assert (len(received), bytes(received[filled:])) == (filled + len(close_frame), close_frame)
+    assert (lowest, pending) == (0, 0)
+
+
+async def test_closing_drops_held_frames_from_the_count(nursery: trio.Nursery) -> None:
+    """Frames held for a replay that close() cuts short are not pending any more."""
+    server_side, peer_side = _tcp_pair()
+    conn = WebSocketConnection(server_side, nursery, FrameEncoder(), max_message_bytes=1 << 20, max_buffer_bytes=BOUND)
+    conn.hold()
+    for _ in range(3):
+        conn.send_nowait(FrameEncoder().binary(b"live"))
+    conn.close(1000, "bye")  # the kernel has room: the close frame goes straight out
+
+    assert conn.buffered_bytes == 0
+    conn.abort()
+    peer_side.close()
+
+
 async def test_recv_some_returns_what_arrived_as_its_own_bytes() -> None:
     """recv_some reads into a buffer it reuses: each result is a copy, of exactly what came."""
     from dongne.transport._handshake import recv_some

@@ -104,11 +104,18 @@ class WebSocketConnection:
             self._overflow()
 
     def _write(self, frame: bytes) -> None:
+        """Write one frame: to the socket while the kernel takes it, the rest to the backlog.
+
+        The only path by which bytes reach the socket outside the writer task,
+        so ``buffered_bytes`` counts exactly what the backlog holds (plus held
+        frames): every byte added here is subtracted once by the writer.
+        """
+        if self.socket_closed:
+            return
         self.frames_out += 1
-        if self._buffer or self.socket_closed:
-            if not self.socket_closed:
-                self._buffer.append(memoryview(frame))
-                self.buffered_bytes += len(frame)
+        if self._buffer:
+            # Behind a backlog: the frame must wait its turn to keep the stream in order.
+            self._enqueue(memoryview(frame))
             return
         try:
             sent = self._sock.send(frame)
@@ -119,9 +126,12 @@ class WebSocketConnection:
             self.abort()
             return
         if sent < len(frame):
-            self._buffer.append(memoryview(frame)[sent:])
-            self.buffered_bytes += len(frame) - sent
-            self._start_writer()
+            self._enqueue(memoryview(frame)[sent:])
+
+    def _enqueue(self, rest: memoryview) -> None:
+        self._buffer.append(rest)
+        self.buffered_bytes += len(rest)
+        self._start_writer()
 
     def _start_writer(self) -> None:
         if not self._writer_running:
@@ -161,14 +171,19 @@ class WebSocketConnection:
             self._held = []
 
     def release(self) -> None:
-        held, self._held = self._held, None
-        if held is None or self.closing:
+        held = self._drop_held()
+        if self.closing:
             return
-        self.buffered_bytes -= sum(len(f) for f in held)
         for frame in held:
             self._write(frame)
         if self.buffered_bytes > self._max_buffer:
             self._overflow()
+
+    def _drop_held(self) -> list[bytes]:
+        """Stop holding; return the held frames, no longer counted in ``buffered_bytes``."""
+        held, self._held = self._held or [], None
+        self.buffered_bytes -= sum(len(f) for f in held)
+        return held
 
     async def send_paced(self, frame: bytes) -> None:
         """Write past a hold (the replay itself), waiting while the backlog is over half the bound.
@@ -191,7 +206,7 @@ class WebSocketConnection:
         it. If the peer never reads again, the close grace period ends it.
         """
         self.overflowed = True
-        self._held = None
+        self._drop_held()
         if self._buffer:
             head = self._buffer[0]
             self._buffer.clear()
@@ -213,27 +228,12 @@ class WebSocketConnection:
         """
         if self.closing:
             return
-        self._held = None
-        frame = self._encoder.close(code, reason)
+        self._drop_held()  # live frames held for a replay that will not finish
         self.closing = True
         self.close_code = code
         if self.socket_closed:
             return
-        self.frames_out += 1
-        if self._buffer:
-            self._buffer.append(memoryview(frame))
-            self.buffered_bytes += len(frame)
-        else:
-            try:
-                sent = self._sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.abort()
-                return
-            if sent < len(frame):
-                self._buffer.append(memoryview(frame)[sent:])
-                self._start_writer()
+        self._write(self._encoder.close(code, reason))
         self.read_scope.deadline = min(self.read_scope.deadline, trio.current_time() + CLOSE_GRACE_S)
 
     def abort(self) -> None:
@@ -299,7 +299,8 @@ class WebSocketConnection:
         while True:
             for ev in self._ws.events():
                 if isinstance(ev, (BytesMessage, TextMessage)):
-                    chunk = ev.data if isinstance(ev, BytesMessage) else ev.data.encode()
+                    # bytes() is free on the bytes wsproto yields; its type says it may be a bytearray.
+                    chunk = bytes(ev.data) if isinstance(ev, BytesMessage) else ev.data.encode()
                     size += len(chunk)
                     if size > self._max_message:
                         self.close(1009, f"message larger than {self._max_message} bytes")
