@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["OpsApp"]
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-SendFn = Callable[[dict[str, Any]], Awaitable[None]]
+__all__ = ["OpsApp"]
 
 
 class OpsApp:
@@ -33,7 +31,7 @@ class OpsApp:
         self._metrics = metrics
         self._admin = admin  # an ASGI app for /admin...
 
-    async def __call__(self, scope: Scope, receive: Receive, send: SendFn) -> None:
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -66,12 +64,12 @@ class OpsApp:
                     ],
                 }
             )
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
         else:
             await _json(send, 404, {"error": "not found"})
 
 
-async def _json(send: SendFn, status: int, body: dict[str, Any]) -> None:
+async def _json(send: ASGISendCallable, status: int, body: dict[str, Any]) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
@@ -84,4 +82,4 @@ async def _json(send: SendFn, status: int, body: dict[str, Any]) -> None:
             ],
         }
     )
-    await send({"type": "http.response.body", "body": payload})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})

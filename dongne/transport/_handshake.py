@@ -134,9 +134,9 @@ async def serve_handshake(sock: socket.socket, *, is_ready: Callable[[], bool]) 
         h11.InformationalResponse(
             status_code=101,
             headers=[
-                ("upgrade", "websocket"),
-                ("connection", "Upgrade"),
-                ("sec-websocket-accept", generate_accept_token(key)),
+                (b"upgrade", b"websocket"),
+                (b"connection", b"Upgrade"),
+                (b"sec-websocket-accept", generate_accept_token(key)),
             ],
         )
     )
