@@ -578,12 +578,12 @@ class _Scenario:
             self.jobs.append((i, f"L{i}", token, lat, lng, spot))
         pool_n = max(50, min(2000, args.locals // spots))
         self.pools = [[places.around(s, args.spread_m) for _ in range(pool_n)] for s in range(spots)]
-        n_movers = int(round(args.locals * args.movers))
+        n_movers = round(args.locals * args.movers)
         self.movers = set(places.rng.sample(range(args.locals), n_movers)) if args.move_rate > 0 else set()
         self.asker_tokens = [
             mint_token(secret, f"A{i}", nick=f"asker{i}", now_s=now, ttl_s=ttl) for i in range(args.askers)
         ]
-        n_q = int(round(args.rate * args.duration))
+        n_q = round(args.rate * args.duration)
         self.questions: list[dict[str, Any]] = []
         for k in range(n_q):
             spot = places.rng.randrange(spots)
@@ -861,7 +861,7 @@ def _analyse(
     for p in parts:
         times = array.array("d")
         times.frombytes(p["imm_times"])
-        for qid, t in zip(p["imm_qids"], times):
+        for qid, t in zip(p["imm_qids"], times, strict=True):
             i = index.get(qid)
             if i is None:
                 continue
@@ -896,7 +896,7 @@ def _analyse(
     rp, ap = _pcts(reply_ms), _pcts(alert_ms)
     # Reply latency per second of the asking phase: shows stalls (and when) versus a steady backlog.
     by_second: dict[int, float] = {}
-    for i, ms in zip(ok, reply_ms):
+    for i, ms in zip(ok, reply_ms, strict=True):
         sec = int(sent_at[i] - asked["t0"])
         by_second[sec] = max(by_second.get(sec, 0.0), ms)
     timeline = [round(by_second.get(sec, math.nan), 1) for sec in range(max(by_second, default=-1) + 1)]
@@ -1104,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         raise SystemExit("--locals, --rate, --duration, --repeat and --client-procs must be positive")
     if args.askers == 0:
-        args.askers = _auto_askers(int(round(args.rate * args.duration)))
+        args.askers = _auto_askers(round(args.rate * args.duration))
     if not 0 <= args.movers <= 1:
         raise SystemExit("--movers is a fraction, 0..1")
     nofile = h.raise_nofile(args.locals + args.askers + 4096)
@@ -1196,7 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
     print(h.format_table(["latency (ms)", "p50", "p95", "p99", "max"], rows))
     print()
     rows2 = [
-        ["questions answered by the server (of %d)" % len(scn.questions), summary["questions_ok"]],
+        [f"questions answered by the server (of {len(scn.questions)})", summary["questions_ok"]],
         ["questions without an IMMEDIATE alert", summary["no_immediate"]],
         ["  of which nobody within 2 km", summary["no_immediate_no_local_within_2km"]],
         ["  of which locals within 2 km (missed)", summary["no_immediate_missed"]],

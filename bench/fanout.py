@@ -142,7 +142,7 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
     frame_bytes = 0
     other_frames = 0
 
-    sio_join = ('421["join",%s]' % json.dumps(room)).encode()
+    sio_join = f'421["join",{json.dumps(room)}]'.encode()
 
     def on_upgraded(c: _Conn) -> None:
         if proto == "dongne":
@@ -196,7 +196,7 @@ def _client_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, 
                         become_ready(c)
                 elif payload.startswith(b"431") and c.state == JOINING:
                     become_ready(c)
-                elif payload.startswith(b"44") or payload.startswith(b"41"):
+                elif payload.startswith((b"44", b"41")):
                     fail(c, f"socket.io refused: {payload[:80]!r}", "refused")
                 else:
                     other_frames += 1
@@ -408,7 +408,7 @@ class _SioControl:
                 raise RuntimeError(f"socket.io refused: {payload!r}")
 
     def join(self, room: str) -> None:
-        self.ws.send(h.OP_TEXT, ('4290["join",%s]' % json.dumps(room)).encode())
+        self.ws.send(h.OP_TEXT, f'4290["join",{json.dumps(room)}]'.encode())
         self._expect(b"4390")
 
     def send_answer(self, rid: int, room: str, content: str) -> None:

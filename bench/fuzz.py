@@ -717,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             t["closed_as_documented"],
         ],
         ["crashes (server died or hung)", t["crashes"]],
-        ["unanswered (no reply in %g s)" % args.reply_timeout, t["unanswered"]],
+        [f"unanswered (no reply in {args.reply_timeout:g} s)", t["unanswered"]],
         ["dropped without a close frame", t["dropped"]],
         ["internal errors", t["internal"]],
         ["undocumented error codes", t["undocumented_code"]],

@@ -9,6 +9,7 @@ Everything talks to the server over real WebSockets through ``dongne.client``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import secrets
@@ -25,7 +26,7 @@ from .auth import mint_token
 from .client import DongneClient, RequestError, open_client
 from .config import Settings, load_settings
 from .core.geo import offset_position
-from .core.regions import Hotspot, load_hotspots
+from .core.regions import Hotspot, load_default_regions, load_hotspots
 
 __all__ = ["run_demo"]
 
@@ -88,9 +89,9 @@ class Demo:
         self.running = running
         self.secret = secret
         self.rng = rng
-        self.spots = [
-            s for s in load_hotspots() if running.engine._region_of is None or running.engine._region_of(s.lat, s.lng)
-        ]
+        # demo_settings names no regions file, so the server serves the bundled ones.
+        regions = load_default_regions()
+        self.spots = [s for s in load_hotspots() if regions.region_of(s.lat, s.lng) is not None]
         self.url = f"ws://127.0.0.1:{running.port}"
         self.asked = 0
         self.answered = 0
@@ -104,10 +105,8 @@ class Demo:
         spot = rng.choice(self.spots)
         nick = rng.choice(["Jun", "Mira", "Seo", "Hana", "Tae", "Yuna", "Min", "Ara"]) + str(i)
         async with open_client(self.url, self.token(f"local{i}", nick=nick, local=True, tags=tags), timeout=30) as me:
-            try:
+            with contextlib.suppress(RequestError):  # the random point fell in the sea: no home then
                 await me.request("update_settings", {"home": _near(spot, rng, 1500)})
-            except RequestError:
-                pass  # the random point fell in the sea: no home then
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._wander, me, spot, rng)
                 while True:
@@ -119,10 +118,8 @@ class Demo:
         while True:
             if rng.random() < 0.1:
                 spot = rng.choice(self.spots)
-            try:
+            with contextlib.suppress(RequestError):  # a point in the sea is refused: the next move is another
                 await me.request("update_location", {"location": _near(spot, rng, 2000)})
-            except RequestError:
-                pass
             await trio.sleep(rng.uniform(5, 15))
 
     async def _answer_later(self, me: DongneClient, question_id: str, rng: random.Random) -> None:
@@ -160,13 +157,11 @@ class Demo:
                     note = await me.next_event("answer_notification", timeout=math.inf)
                     if rng.random() < 0.7:
                         await trio.sleep(rng.uniform(1, 10))
-                        try:
+                        with contextlib.suppress(RequestError):  # closed meanwhile
                             await me.request(
                                 "accept_answer",
                                 {"question_id": q["question_id"], "answer_id": note["data"]["answer"]["answer_id"]},
                             )
-                        except RequestError:
-                            pass
                 await me.request("leave_question", {"question_id": q["question_id"]})
                 await trio.sleep(rng.uniform(10, 40))
 

@@ -498,7 +498,7 @@ frame_ids = weighted(
 )
 
 
-op_names = weighted((85, st.sampled_from(OPS + ("hello",))), (15, unknown_ops))  # hello last: the first is drawn most
+op_names = weighted((85, st.sampled_from((*OPS, "hello"))), (15, unknown_ops))  # hello last: the first is drawn most
 
 
 @st.composite
@@ -693,10 +693,10 @@ def check_reply(frame: bytes | str, reply: Any, expect: Expect | None = None) ->
             problems.append(f"ok reply without a data map: {short(reply)}")
         return problems
     if reply.get("ok") is not False:
-        return problems + [f"reply with ok={reply.get('ok')!r}"]
+        return [*problems, f"reply with ok={reply.get('ok')!r}"]
     error = reply.get("error")
     if not isinstance(error, dict):
-        return problems + [f"error reply without an error map: {short(reply)}"]
+        return [*problems, f"error reply without an error map: {short(reply)}"]
     code, message = error.get("code"), error.get("message")
     if code == "internal":
         problems.append(f"internal error: {message!r}")

@@ -7,6 +7,7 @@ WebSocket parts of ``_websocket``, so the load side stays as cheap as it can be.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import multiprocessing.connection
 import os
@@ -114,19 +115,15 @@ class EpollClients(Generic[C]):
         if len(self.errors) < 5:
             self.errors.append(f"{c.user}: {why}")
         c.state = DEAD
-        try:
+        with contextlib.suppress(OSError):
             self.ep.unregister(c.fd)
-        except OSError:
-            pass
         c.sock.close()
         self.conns.pop(c.fd, None)
 
     def close_all(self) -> None:
         for c in list(self.conns.values()):
-            try:
+            with contextlib.suppress(OSError):
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-            except OSError:
-                pass
             c.sock.close()
         self.conns.clear()
 
@@ -321,7 +318,7 @@ class ClientPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            waiting = [pp for pp, m in zip(self.pipes, out) if m is None]
+            waiting = [pp for pp, m in zip(self.pipes, out, strict=True) if m is None]
             for ready in multiprocessing.connection.wait(waiting, timeout=min(remaining, 1.0)):
                 i = self.pipes.index(ready)  # type: ignore[arg-type]
                 try:
@@ -350,10 +347,8 @@ class ClientPool:
 
     def close(self) -> None:
         for pipe in self.pipes:
-            try:
+            with contextlib.suppress(OSError):
                 pipe.send("close")
-            except OSError:
-                pass
         deadline = time.monotonic() + 10
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))

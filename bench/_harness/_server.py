@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -32,10 +33,8 @@ def _kill_all() -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                pass
 
 
 atexit.register(_kill_all)
