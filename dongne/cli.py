@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from .app import run_server
     from .runtime import tune_interpreter
-    from .store._backup import DatabaseInUseError
-    from .store._sqlite import StoreError
+    from .store import DatabaseInUseError, StoreError
 
     tune_interpreter()
     try:
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _snapshot(args: argparse.Namespace, settings: Settings) -> int:
     from .snapshots import resolve_snapshot_dir
-    from .store._backup import SnapshotError, take_snapshot
+    from .store import SnapshotError, take_snapshot
 
     db = Path(settings.store.path).resolve()
     if not db.is_file():
@@ -163,7 +162,7 @@ def _snapshot(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _restore(args: argparse.Namespace, settings: Settings) -> int:
-    from .store._backup import DatabaseInUseError, InvalidSnapshotError, restore_snapshot
+    from .store import DatabaseInUseError, InvalidSnapshotError, restore_snapshot
 
     db = Path(settings.store.path).resolve()
     snapshot = Path(args.snapshot).resolve()

@@ -1,8 +1,8 @@
 """Periodic snapshots of the database: a trio task for the root nursery.
 
-The copying itself is blocking (``dongne.store._backup``) and runs in a worker
-thread; see that module for why a snapshot is consistent while the server
-writes.
+The copying itself is blocking (``dongne.store.take_snapshot``) and runs in a
+worker thread; the theory of operation in ``dongne/store/_backup.py`` says why
+a snapshot is consistent while the server writes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from .config import SnapshotSettings
-from .store._backup import SnapshotError, prune_snapshots, take_snapshot
+from .store import SnapshotError, prune_snapshots, take_snapshot
 
 __all__ = ["resolve_snapshot_dir", "run_periodic_snapshots"]
 

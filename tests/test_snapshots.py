@@ -20,10 +20,11 @@ import trio.testing
 from dongne.client import RequestError
 from dongne.config import SnapshotSettings
 from dongne.snapshots import run_periodic_snapshots
-from dongne.store import SCHEMA_VERSION, Store
-from dongne.store._backup import (
+from dongne.store import (
+    SCHEMA_VERSION,
     DatabaseInUseError,
     SnapshotCancelled,
+    Store,
     list_snapshots,
     prune_snapshots,
     restore_snapshot,

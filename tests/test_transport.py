@@ -133,7 +133,7 @@ async def test_closing_drops_held_frames_from_the_count(nursery: trio.Nursery) -
 
 async def test_recv_some_returns_what_arrived_as_its_own_bytes() -> None:
     """recv_some reads into a buffer it reuses: each result is a copy, of exactly what came."""
-    from dongne.transport._handshake import recv_some
+    from dongne.transport import recv_some
 
     ours, peer = socket.socketpair()
     ours.setblocking(False)
