@@ -208,10 +208,6 @@ class Store:
                 raise
 
     @property
-    def schema_version(self) -> int:
-        return int(self._w.execute("PRAGMA user_version").fetchone()[0])
-
-    @property
     def _w(self) -> sqlite3.Connection:
         if self._writer is None:
             raise StoreError("store is not open")
@@ -384,12 +380,14 @@ class Store:
             last_push_job_id=int(last_job),
         )
 
-    def push_job(self, job_id: int) -> PushJob | None:
+    def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
+        """At most ``limit`` pending jobs of the push outbox with ids above ``after_job_id``, oldest first."""
         rows = self._read(
-            "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status FROM push_outbox WHERE job_id = ?",
-            (job_id,),
+            "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status"
+            " FROM push_outbox WHERE status = 'pending' AND job_id > ? ORDER BY job_id LIMIT ?",
+            (after_job_id, limit),
         )
-        return _push(rows[0]) if rows else None
+        return [_push(r) for r in rows]
 
     def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None:
         rows = self._read(f"SELECT {_QUESTION_COLS} FROM questions WHERE question_id = ?", (question_id,))
