@@ -147,18 +147,25 @@ async def test_stream_sends_an_overview_every_second(server: Harness) -> None:
 
 async def test_stream_ends_cleanly_when_the_server_stops(server: Harness) -> None:
     """A shutdown ends open streams with a complete response rather than a cut connection."""
+    first_event = None
     async with httpx.AsyncClient() as http:
-        with trio.fail_after(10):
+        with trio.fail_after(10):  # the stream ends: it does not hang open after the stop
             async with http.stream(
                 "GET", f"{ops(server)}/admin/stream", headers=admin_cookie(token("boss", admin=True))
             ) as response:
                 lines = response.aiter_lines()
                 async for line in lines:
                     if line.startswith("data: "):
+                        first_event = json.loads(line.removeprefix("data: "))
                         break
+                assert first_event is not None, "the stream ended before its first event"
                 server.running.stop()
-                async for line in lines:
-                    pass  # raises httpx.RemoteProtocolError if the body is cut off
+                # Raises httpx.RemoteProtocolError if the body is cut off.
+                rest = [line async for line in lines]
+
+    assert {"now", "open", "connections", "frames_in"} <= first_event.keys()
+    assert all(line == "" or line.startswith("data: ") for line in rest)
+    assert response.is_stream_consumed
 
 
 async def test_expired_cookie_is_refused(server: Harness) -> None:
