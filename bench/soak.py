@@ -207,29 +207,10 @@ def start_server(db: Path, secret: str, args: argparse.Namespace, trace_dir: Pat
     """``dongne serve`` as ``h.start_dongne`` starts it; under ``PROBE_WRAPPER`` when ``trace_dir`` is given."""
     if trace_dir is None:
         return h.start_dongne(db, jwt_secret=secret, synchronous=args.synchronous, extra_env=EXTRA_ENV)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
-    env.update(h.BENCH_LIMITS)
-    env.update(EXTRA_ENV)
-    env.update({
-        "DONGNE_JWT_SECRET": secret, "DONGNE_STORE_SYNCHRONOUS": args.synchronous, "DONGNE_SNAPSHOTS_INTERVAL_S": "0",
-        "SOAK_TRACE_FRAMES": str(args.tracemalloc), "SOAK_TRACE_DIR": str(trace_dir),
-    })  # fmt: skip
-    argv = [
-        sys.executable,
-        str(PROBE_WRAPPER),
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ops-port",
-        "0",
-        "--db",
-        str(db),
-    ]
-    server = h.ServerProcess("dongne", argv, ready_pattern=h.DONGNE_READY, env=env, cwd=db.parent)
-    server.start()
-    return server
+    env = {**EXTRA_ENV, "SOAK_TRACE_FRAMES": str(args.tracemalloc), "SOAK_TRACE_DIR": str(trace_dir)}
+    return h.start_dongne(
+        db, jwt_secret=secret, synchronous=args.synchronous, extra_env=env, entry=(str(PROBE_WRAPPER),)
+    )
 
 
 def compare_snapshots(trace_dir: Path, snaps: list[dict[str, Any]], frames: int, top: int = 15) -> dict[str, Any]:

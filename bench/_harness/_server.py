@@ -187,12 +187,14 @@ def start_dongne(
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 30.0,
     lift_limits: bool = True,
+    entry: Sequence[str] = ("-m", "dongne"),
 ) -> ServerProcess:
     """Start ``python -m dongne serve`` on 127.0.0.1 with free ports and ``db_path``.
 
     ``lift_limits`` raises the abuse limits out of the way (``BENCH_LIMITS``);
-    ``False`` keeps the shipped ones. Returns a started ``ServerProcess``;
-    ``match.group(2)`` is the ops port.
+    ``False`` keeps the shipped ones. ``entry`` is what the interpreter runs
+    (a wrapper script taking dongne's arguments, say). Returns a started
+    ``ServerProcess``; ``match.group(2)`` is the ops port.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
     env["DONGNE_JWT_SECRET"] = jwt_secret
@@ -207,8 +209,7 @@ def start_dongne(
         "dongne",
         [
             sys.executable,
-            "-m",
-            "dongne",
+            *entry,
             "serve",
             "--host",
             "127.0.0.1",
