@@ -19,7 +19,7 @@ import trio.testing
 
 from dongne.client import RequestError
 from dongne.config import SnapshotSettings
-from dongne.snapshots import run_periodic_snapshots
+from dongne.snapshots import SnapshotStatistics, run_periodic_snapshots
 from dongne.store import (
     SCHEMA_VERSION,
     DatabaseInUseError,
@@ -77,19 +77,21 @@ async def test_a_snapshot_taken_while_the_server_writes_has_every_acknowledged_w
     taken: list[tuple[Path, list[str]]] = []
     written_during = 0
     done = False
+    reached = {5 * n: trio.Event() for n in range(1, 6)}  # set as the acknowledged answers reach each count
 
     async def answer(local: Any, qid: str) -> None:
         while not done:
             reply = await local.request("create_answer", {"question_id": qid, "content": f"answer number {len(acked)}"})
             acked.append(reply["answer"]["answer_id"])
+            if len(acked) in reached:
+                reached[len(acked)].set()
 
     async with h.connect("asker") as asker, h.connect("local1", local=True) as local:
         qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(answer, local, qid)
             for n in range(1, 6):
-                while len(acked) < 5 * n:
-                    await trio.sleep(0.005)
+                await reached[5 * n].wait()
                 before = list(acked)
                 # One page per step: the copy spans many of the server's commits.
                 path = await trio.to_thread.run_sync(
@@ -317,14 +319,13 @@ async def test_periodic_snapshots_prune_to_keep(
         return [r.getMessage() for r in caplog.records if r.name == "dongne.snapshots" and "written" in r.getMessage()]
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_periodic_snapshots, db, settings)
-        while len(written()) < 5:
-            await trio.sleep(1)
+        progress = await nursery.start(run_periodic_snapshots, db, settings)
+        stats = await progress.wait_attempts(5)
+        # The task then sleeps 60 s: the cancel comes before a sixth snapshot starts.
         nursery.cancel_scope.cancel()
 
-    # However far the clock jumped, the task logs each snapshot after pruning
-    # and then sleeps 60 s, so the test's 1 s sleep ends first and the cancel
-    # comes before a sixth snapshot starts.
+    assert stats == SnapshotStatistics(written=5, failed=0)
+    assert len(written()) == 5
     kept = list_snapshots(tmp_path / "snaps")
     assert [Path(m.split()[1]) for m in written()][-3:] == kept
     assert all(_rows(p, "PRAGMA integrity_check") == [("ok",)] for p in kept)
@@ -342,15 +343,15 @@ async def test_periodic_snapshots_survive_errors_and_retry(
         return [r.getMessage() for r in caplog.records if r.name == "dongne.snapshots" and r.levelno == level]
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_periodic_snapshots, db, settings)
-        while len(messages(logging.ERROR)) < 2:
-            await trio.sleep(1)
-        (tmp_path / "snaps").unlink()
-        while not any("written" in m for m in messages(logging.INFO)):
-            await trio.sleep(1)
+        progress = await nursery.start(run_periodic_snapshots, db, settings)
+        failing = await progress.wait_attempts(2)
+        (tmp_path / "snaps").unlink()  # before the next attempt: the task sleeps 60 s after each
+        retried = await progress.wait_attempts(3)
         nursery.cancel_scope.cancel()
 
+    assert (failing, retried) == (SnapshotStatistics(written=0, failed=2), SnapshotStatistics(written=1, failed=2))
     assert "snapshot failed" in messages(logging.ERROR)[0]
+    assert any("written" in m for m in messages(logging.INFO))
     assert list_snapshots(tmp_path / "snaps")
 
 
