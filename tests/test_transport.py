@@ -38,14 +38,13 @@ async def test_a_paced_burst_waits_for_the_reader_and_arrives_whole(nursery: tri
     conn, client_side = _slow_pair(nursery)
     frame = FrameEncoder().binary(FRAME_PAYLOAD)
     got = [0]
-    nursery.start_soon(_read_slowly, client_side, FRAMES * len(frame), got)
     most = 0
     with trio.fail_after(10):
-        for _ in range(FRAMES):
-            await conn.send_paced(frame)
-            most = max(most, conn.buffered_bytes)
-        while got[0] < FRAMES * len(frame):
-            await trio.sleep(0.01)
+        async with trio.open_nursery() as reader:  # exits once the reader has read everything
+            reader.start_soon(_read_slowly, client_side, FRAMES * len(frame), got)
+            for _ in range(FRAMES):
+                await conn.send_paced(frame)
+                most = max(most, conn.buffered_bytes)
     assert not conn.overflowed and not conn.closing
     assert got[0] == FRAMES * len(frame)
     assert most <= BOUND // 2 + len(frame)  # the backlog stayed near half the bound
