@@ -15,6 +15,7 @@ masking, fragmentation and control frames.
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 
@@ -244,10 +245,10 @@ class WebSocketConnection:
         self._buffer.clear()
         self.buffered_bytes = 0
         self.read_scope.cancel()
-        try:
+        # Wakes the reader and the writer. It raises only outside a trio run,
+        # where nothing can be waiting on the socket.
+        with contextlib.suppress(RuntimeError):
             trio.lowlevel.notify_closing(self._sock)
-        except Exception:  # pragma: no cover - notify_closing is best effort
-            pass
         self._sock.close()
         # wsproto's frame parser is a generator kept on the object it parses
         # for: a reference cycle, so without this a closed connection's
@@ -257,33 +258,38 @@ class WebSocketConnection:
         if parser is not None:
             parser.close()
 
-    async def aclose(self, timeout: float = CLOSE_GRACE_S) -> None:
-        """Flush, then close gracefully; each step bounded by ``timeout``.
+    # The timeout is a grace period, not a deadline for the caller: when it
+    # ends the socket is closed anyway, so aclose never fails for lack of time.
+    async def aclose(self, timeout: float = CLOSE_GRACE_S) -> None:  # noqa: ASYNC109
+        """Flush, then close gracefully, for at most ``timeout`` seconds; then close the socket.
 
         A lingering close: after our last bytes we send FIN and read (and
         discard) what the peer still sends until it closes too. Closing a
         socket with unread input makes the kernel send RST, and the peer's
         kernel may then drop our close frame (e.g. the 1009 for an oversize
         message that is still arriving).
+
+        Resource handling: the socket is closed on return, and also if the
+        caller is cancelled meanwhile.
         """
-        with trio.move_on_after(timeout):
-            if not self.socket_closed and self._writer_running:
-                await self._writer_done.wait()
-            if not self.socket_closed:
-                try:
-                    self._sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                drained = 0
-                while drained < LINGER_MAX_BYTES:
-                    try:
-                        data = await recv_some(self._sock)
-                    except (OSError, trio.ClosedResourceError):
-                        break
-                    if not data:
-                        break
-                    drained += len(data)
-        self.abort()
+        try:
+            with trio.move_on_after(timeout):
+                if not self.socket_closed and self._writer_running:
+                    await self._writer_done.wait()
+                if not self.socket_closed:
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_WR)
+                    drained = 0
+                    while drained < LINGER_MAX_BYTES:
+                        try:
+                            data = await recv_some(self._sock)
+                        except (OSError, trio.ClosedResourceError):
+                            break
+                        if not data:
+                            break
+                        drained += len(data)
+        finally:
+            self.abort()
 
     # ---- receiving -------------------------------------------------------------
 
