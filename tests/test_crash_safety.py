@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager, closing
+from contextlib import AsyncExitStack, asynccontextmanager, closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -248,9 +248,9 @@ async def serve(tmp_path: Path, run: int) -> AsyncIterator[Server]:
         sys.executable, "-m", "dongne", "serve", "--config", str(tmp_path / "config.toml"),
         "--db", str(tmp_path / "dongne.sqlite3"), "--host", "127.0.0.1", "--port", "0", "--ops-port", "0",
     ]  # fmt: skip
-    with open(log, "wb") as sink:
+    async with await trio.open_file(log, "wb") as sink:
         proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink, cwd=tmp_path, env=env
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink.wrapped, cwd=tmp_path, env=env
         )
     try:
         with trio.fail_after(30):
@@ -367,10 +367,9 @@ async def run_load_until(conns: dict[str, Conn], model: Model, rng: random.Rando
     first_ack = trio.Event()
 
     async def guarded(fn: Any, *args: Any) -> None:
-        try:
+        # ConnectionClosed: the server went away, and this connection's load is over.
+        with suppress(trio_websocket.ConnectionClosed):
             await fn(*args)
-        except trio_websocket.ConnectionClosed:
-            pass  # the server went away: this connection's load is over
 
     # Every task ends once its connection does; the deadline only bounds a hang.
     with trio.fail_after(45):
