@@ -165,14 +165,14 @@ async def test_cli_snapshot_then_restore_brings_the_data_back(start_server, tmp_
         refused = await _adongne("restore", str(snapshot), "--db", str(h.db), "--yes", cwd=tmp_path)
         assert refused.returncode == 2
         assert b"locked by a running server" in refused.stderr  # the server holds <db>.lock
-        assert not list(tmp_path.glob("*.before-restore-*"))
+        assert not list(await trio.Path(tmp_path).glob("*.before-restore-*"))
     await h.running.aclose()
 
     restored = await _adongne("restore", str(snapshot), "--db", str(h.db), "--yes", cwd=tmp_path)
     assert restored.returncode == 0, restored.stderr
-    [kept] = tmp_path.glob("dongne.sqlite3.before-restore-*")
-    assert {q1, q2} <= _question_ids(kept)
-    assert not h.db.with_name(h.db.name + "-wal").exists()
+    [kept] = await trio.Path(tmp_path).glob("dongne.sqlite3.before-restore-*")
+    assert {q1, q2} <= _question_ids(Path(kept))
+    assert not await trio.Path(h.db.with_name(h.db.name + "-wal")).exists()
 
     h2 = await start_server()
     async with h2.connect("reader") as reader:
@@ -192,7 +192,7 @@ async def test_restore_refuses_while_this_process_has_the_database_open(start_se
         await trio.to_thread.run_sync(restore_snapshot, snapshot, h.db)
     await h.running.aclose()
 
-    assert not list(tmp_path.glob("*.before-restore-*"))
+    assert not list(await trio.Path(tmp_path).glob("*.before-restore-*"))
 
 
 def test_restore_refuses_corrupt_foreign_and_newer_snapshots(tmp_path: Path) -> None:
