@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -34,7 +35,7 @@ async def _read_ports(proc: trio.Process) -> tuple[int, int, bytearray]:
                 return int(match.group(1)), int(match.group(2)), seen
 
 
-async def _http_get(port: int, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+async def _http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())

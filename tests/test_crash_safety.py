@@ -214,6 +214,7 @@ async def connect(port: int, user: str, model: Model) -> AsyncIterator[Conn]:
                 seen.setdefault(seq, entry)
             return dispatch(frame)
 
+        # A test hook: every frame the client receives is recorded before its own dispatch.
         client._dispatch = record  # type: ignore[method-assign]
         try:
             client.hello = await client.request("hello", {"token": token(user), "resume": {"last_seq": 0}})

@@ -70,8 +70,8 @@ def _question_ids(db: Path) -> set[str]:
 
 
 async def test_a_snapshot_taken_while_the_server_writes_has_every_acknowledged_write(
-    start_server, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    start_server: Any, tmp_path: Path
+) -> None:
     h = await start_server()
     acked: list[str] = []
     taken: list[tuple[Path, list[str]]] = []
@@ -148,7 +148,7 @@ def test_a_cancelled_snapshot_leaves_nothing_behind(tmp_path: Path) -> None:
     assert list((tmp_path / "snaps").iterdir()) == []
 
 
-async def test_cli_snapshot_then_restore_brings_the_data_back(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_snapshot_then_restore_brings_the_data_back(start_server: Any, tmp_path: Path) -> None:
     h = await start_server()
     async with h.connect("asker", nick="Mina") as asker, h.connect("local1", local=True) as local:
         q1 = (await asker.request("create_question", question_data()))["question"]["question_id"]
@@ -185,7 +185,7 @@ async def test_cli_snapshot_then_restore_brings_the_data_back(start_server, tmp_
     await h2.running.aclose()
 
 
-async def test_restore_refuses_while_this_process_has_the_database_open(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_restore_refuses_while_this_process_has_the_database_open(start_server: Any, tmp_path: Path) -> None:
     h = await start_server()
     snapshot = await trio.to_thread.run_sync(take_snapshot, h.db, tmp_path / "snaps")
     with pytest.raises(DatabaseInUseError):

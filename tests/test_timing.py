@@ -9,14 +9,16 @@ pinned in test_engine.py.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import trio
+import trio.testing
 
 from .conftest import NO_TIMERS, question_data, token
 from .rawws import RawWebSocket
 
 
-async def test_typing_expires_by_itself(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+async def test_typing_expires_by_itself(start_server: Any, autojump_clock: trio.testing.MockClock) -> None:
     h = await start_server(server=NO_TIMERS, engine={"typing_ttl_s": 3.0})
     async with h.connect("asker", timeout=math.inf) as asker, h.connect("local", timeout=math.inf) as local:
         qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
@@ -35,7 +37,7 @@ async def test_typing_expires_by_itself(start_server, autojump_clock) -> None:  
     await h.running.aclose()
 
 
-async def test_silent_peer_is_dropped_by_heartbeat(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+async def test_silent_peer_is_dropped_by_heartbeat(start_server: Any, autojump_clock: trio.testing.MockClock) -> None:
     h = await start_server(server={"hello_timeout_s": math.inf, "ping_interval_s": 5.0})
     silent = await RawWebSocket.connect(h.running.port)
     await silent.send({"type": "hello", "id": 1, "data": {"token": token("silent")}})
@@ -57,7 +59,7 @@ async def test_silent_peer_is_dropped_by_heartbeat(start_server, autojump_clock)
     await h.running.aclose()
 
 
-async def test_no_hello_in_time_closes_with_4001(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+async def test_no_hello_in_time_closes_with_4001(start_server: Any, autojump_clock: trio.testing.MockClock) -> None:
     import pytest
     import trio_websocket
 
@@ -72,7 +74,9 @@ async def test_no_hello_in_time_closes_with_4001(start_server, autojump_clock) -
     await h.running.aclose()
 
 
-async def test_heartbeat_rounds_with_nobody_connected(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+async def test_heartbeat_rounds_with_nobody_connected(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
     h = await start_server(server={"hello_timeout_s": math.inf, "ping_interval_s": 5.0})
     await trio.sleep(3 * 5.0)  # three rounds with no connection at all
     async with h.connect("late", timeout=math.inf) as late:
