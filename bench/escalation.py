@@ -672,9 +672,11 @@ def _write_stage_config(workdir: Path, stage_limits: dict[str, int]) -> Path | N
     """A ``config.toml`` in the server's working directory: the default plan with ``stage_limits`` applied."""
     if not stage_limits:
         return None
+    import attrs
+
     from dongne.config import Settings
 
-    stages = [dict(st) for st in Settings().escalation.stages]
+    stages = [attrs.asdict(st) for st in Settings().escalation.stages]
     names = {st["name"] for st in stages}
     unknown = set(stage_limits) - names
     if unknown:

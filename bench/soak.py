@@ -687,12 +687,11 @@ async def drive(load: Load, duration: float) -> None:
 
 def question_cost(n: int = 2000) -> dict[str, Any]:
     """Bytes per question (and answer) kept in the engine, measured with tracemalloc."""
+    import msgpack
+
     from dongne.auth import Claims
     from dongne.config import load_settings
-    from dongne.core.effects import Outcome, Send
-    from dongne.core.engine import Engine
-    from dongne.core.escalation import stages_from_config
-    from dongne.core.protocol import Request
+    from dongne.core import Connected, Engine, EscalationDue, FrameReceived, Outcome, Send, Tick
     from dongne.core.regions import load_default_regions, load_hotspots
 
     settings = load_settings(
@@ -724,18 +723,18 @@ def question_cost(n: int = 2000) -> dict[str, Any]:
             role="user",
         )
 
-    engine = Engine(
-        settings.engine, claims, region_of=regions.region_of, location=settings.location,
-        stages=stages_from_config(settings.escalation.stages), hotspots=tuple(load_hotspots()),
-        limits=settings.limits, content=settings.content, alerts=settings.alerts,
-    )  # fmt: skip
+    engine = Engine(settings.core(), claims, region_of=regions.region_of, hotspots=load_hotspots())
+
+    def request(conn_id: int, op: str, data: dict[str, Any], at: int) -> Outcome:
+        return engine.handle(FrameReceived(conn_id, msgpack.packb({"type": op, "id": next(ids), "data": data})), at)
+
     rng = random.Random(7)
     places = Places(rng)
     ids = itertools.count(1)
     now = int(time.time() * 1000)
     for conn_id, user in ((1, "asker"), (2, "local1")):
-        engine.open_connection(conn_id)
-        engine.receive(conn_id, Request("hello", next(ids), {"token": user}), now)
+        engine.handle(Connected(conn_id), now)
+        request(conn_id, "hello", {"token": user}, now)
 
     def reply_data(out: Outcome) -> dict[str, Any]:
         return next(a.frame["data"] for a in out.actions if isinstance(a, Send) and a.frame["type"] == "reply")
@@ -752,23 +751,21 @@ def question_cost(n: int = 2000) -> dict[str, Any]:
             "title": f"Where can I find {WORDS[i % len(WORDS)]} near here? (asker #{i})", "body": "Arriving tonight.",
             "location": places.near(i), "hashtags": [TAGS[i % len(TAGS)]], "urgency": "normal",
         }  # fmt: skip
-        out = engine.receive(1, Request("create_question", next(ids), data), now + i)
+        out = request(1, "create_question", data, now + i)
         qids.append(reply_data(out)["question"]["question_id"])
-        engine.receive(1, Request("leave_question", next(ids), {"question_id": qids[-1]}), now + i)
+        request(1, "leave_question", {"question_id": qids[-1]}, now + i)
     for qid in qids:
-        engine.fire_escalation(qid, now + 3_600_000)  # every stage has run
-    engine.tick(now + 3_600_000)  # and the slow-response alerts are raised
+        engine.handle(EscalationDue(qid), now + 3_600_000)  # every stage has run
+    engine.handle(Tick(), now + 3_600_000)  # and the slow-response alerts are raised
     open_bytes = measure() - base
     answer_ids = []
     for i, qid in enumerate(qids):
         content = f"Try {WORDS[i % len(WORDS)]}, about {i % 40 + 2} minutes from there."
-        out = engine.receive(
-            2, Request("create_answer", next(ids), {"question_id": qid, "content": content}), now + 3_600_000 + i
-        )
+        out = request(2, "create_answer", {"question_id": qid, "content": content}, now + 3_600_000 + i)
         answer_ids.append(reply_data(out)["answer"]["answer_id"])
     answered_bytes = measure() - base
     for qid, aid in zip(qids, answer_ids, strict=True):
-        engine.receive(1, Request("accept_answer", next(ids), {"question_id": qid, "answer_id": aid}), now + 3_700_000)
+        request(1, "accept_answer", {"question_id": qid, "answer_id": aid}, now + 3_700_000)
     resolved_bytes = measure() - base
     tracemalloc.stop()
     return {

@@ -25,11 +25,9 @@ from .admin import AdminApp
 from .auth import TokenVerifier, load_or_create_secret
 from .clock import EngineClock
 from .config import Settings
-from .core.engine import Engine
-from .core.escalation import stages_from_config
-from .core.regions import RegionSet, load_default_regions, load_hotspots
+from .core import Engine, RegionSet, load_default_regions, load_hotspots
 from .ops import OpsApp
-from .pipeline import CommitPipeline
+from .pipeline import keep_wal_short
 from .push import PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
@@ -129,22 +127,16 @@ async def _serve(
     try:
         clock = clock if clock is not None else EngineClock()
         engine = Engine(
-            settings.engine,
+            settings.core(),
             lambda token, now_s: verifier.verify(token, now_s=now_s),
             region_of=region_set.region_of,
-            location=settings.location,
-            stages=stages_from_config(settings.escalation.stages),
-            hotspots=tuple(load_hotspots()),
-            limits=settings.limits,
-            content=settings.content,
-            alerts=settings.alerts,
-            alerts_per_batch=settings.escalation.alerts_per_batch,
+            hotspots=load_hotspots(),
         )
         keep_days = max(settings.engine.hot_question_days, settings.alerts.slo_window_days)
         hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)
         started = time.perf_counter()
         loaded = await trio.to_thread.run_sync(functools.partial(store.load, hot_since=hot_since))
-        engine.load(loaded)
+        startup = engine.load(loaded)
         log.info(
             "loaded %d users, %d questions in %.0f ms from %s",
             len(engine.users),
@@ -152,7 +144,18 @@ async def _serve(
             (time.perf_counter() - started) * 1000,
             db_path,
         )
-        clients = ClientServer(settings.server, engine, store, clock, settings.limits)
+        clients = ClientServer(
+            settings.server,
+            engine,
+            store,
+            clock,
+            startup=startup,
+            limits=settings.limits,
+            escalation=settings.escalation,
+            alert_url=settings.alerts.webhook_url,
+            pending_pushes=loaded.pending_pushes,
+            max_batch=settings.store.max_batch,
+        )
         shutdown = trio.Event()
 
         def status() -> dict[str, Any]:
@@ -160,7 +163,7 @@ async def _serve(
 
         def overview() -> dict[str, Any]:
             """The admin dashboard's data: the engine's overview plus traffic counters."""
-            stats = clients.stats
+            stats = clients.statistics()
             return {
                 **engine.overview(clock.now_ms()),
                 "frames_in": stats.frames_in,
@@ -176,24 +179,16 @@ async def _serve(
         hconfig.errorlog = logging.getLogger("dongne.ops")
         hconfig.backlog = 1024
         hconfig.graceful_timeout = min(settings.server.shutdown_timeout_s, 2.0)
-        pushes = PushDispatcher(
-            settings.escalation,
-            clients.push_receive,
-            clients.pipeline.submit,
-            clock,
-            loaded.pending_pushes,
-            alert_url=settings.alerts.webhook_url,
-        )
+        pushes = clients.pushes
         with watch_gc_pauses(clients.metrics.gc_pause):
             async with trio.open_nursery() as root:
                 port = await root.start(clients.run)
-                root.start_soon(pushes.run)
                 snapshots = trio.CancelScope()
                 root.start_soon(
                     _in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots)
                 )
                 checkpoints = trio.CancelScope()
-                root.start_soon(_in_scope, checkpoints, functools.partial(_checkpoint_wal, store, clients.pipeline))
+                root.start_soon(_in_scope, checkpoints, functools.partial(keep_wal_short, store, clients.pipeline))
                 full_gc = trio.CancelScope()
                 root.start_soon(
                     _in_scope, full_gc, functools.partial(collect_fully_every, settings.server.full_gc_interval_s)
@@ -224,38 +219,6 @@ async def _serve(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
         log.info("database closed")
-
-
-#: The WAL is checkpointed beside the committer after this many commits or
-#: rows, whichever comes first (SQLite's own default is every 1000 pages).
-WAL_CHECKPOINT_COMMITS = 1000
-WAL_CHECKPOINT_ROWS = 20_000
-
-
-async def _checkpoint_wal(
-    store: Store, pipeline: CommitPipeline, *, commits: int = WAL_CHECKPOINT_COMMITS, rows: int = WAL_CHECKPOINT_ROWS
-) -> None:
-    """Keep the WAL short: checkpoint it once enough was committed.
-
-    In two steps. A passive checkpoint on a worker thread, beside the
-    committer, copies what the WAL holds into the database file; commits go
-    on meanwhile. Under steady load they always add frames while it runs, so
-    it never catches up, and SQLite starts the WAL over only once every frame
-    was copied: the WAL grew without end (to 650 MB in the escalation
-    bench's 30 s, each checkpoint slower than the last). So a second passive
-    checkpoint runs between two commits, copying only what came meanwhile;
-    the next commit then starts the WAL from its beginning.
-
-    Driven by commits, not a timer: an idle server does no work, and tests on
-    trio's autojump clock see no extra deadline.
-    """
-    seen_commits, seen_rows = store.commits, store.rows_committed
-    while True:
-        await pipeline.wait_for_commit()
-        if store.commits - seen_commits >= commits or store.rows_committed - seen_rows >= rows:
-            seen_commits, seen_rows = store.commits, store.rows_committed
-            await trio.to_thread.run_sync(store.checkpoint)
-            await pipeline.run_between_commits(store.checkpoint)
 
 
 async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:

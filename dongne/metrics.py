@@ -49,6 +49,7 @@ class Metrics:
 
     def __init__(self, read_gauges: Callable[[], dict[str, Any]]) -> None:
         r = self.registry = CollectorRegistry()
+        self.connections_total = Counter("dongne_connections", "Client connections opened (handshake done)", registry=r)
         self.frames_in = Counter("dongne_frames_in", "Client frames received, by operation", ["type"], registry=r)
         self.frames_out = Counter("dongne_frames_out", "Frames delivered to clients, by type", ["type"], registry=r)
         self.deliveries = Counter("dongne_deliveries", "Frames written or queued to client connections", registry=r)

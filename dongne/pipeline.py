@@ -35,7 +35,7 @@ import trio.lowlevel
 from .core.effects import Outcome, Write, rows_of
 from .store import Store
 
-__all__ = ["CommitPipeline"]
+__all__ = ["CommitPipeline", "keep_wal_short"]
 
 #: Longest stretch of acting on committed outcomes without letting other tasks run.
 ACT_SLICE_S = 0.002
@@ -44,25 +44,34 @@ ACT_SLICE_S = 0.002
 class CommitPipeline:
     """Commits outcomes' writes in groups and hands each outcome to ``act`` afterwards.
 
+    Each outcome may carry a token (the driver passes when its request was
+    read), handed back to ``act`` with it.
+
+    The queue is bounded by ``max_queued`` outcomes, by backpressure: past
+    it, ``submit`` still queues (what is decided is never dropped), but
+    ``full`` turns true and ``wait_room`` blocks until the queue is back
+    under the bound; the driver stops reading the sockets of connections
+    whose requests would add to it, so TCP pushes back on their clients.
+
     Args:
         store: the open store; ``commit`` runs on a worker thread.
-        act: performs an outcome's actions (must not block).
+        act: performs an outcome's actions (must not block), given its token.
         max_batch: the most outcomes in one transaction.
+        max_queued: the queue length past which ``full`` is true.
         bulk_budget: the most rows of bulk outcomes queued for one commit.
             Every request committed beside them waits for them to commit
-            and to be acted on (~25 us of the event loop per alert): 200
-            rows (about one batch of 100 alerts) kept the escalation bench's
-            p99 reply at 42-55 ms where 500 gave 75-100 ms, with every alert
-            still sent, the wider stages a little later.
+            and to be acted on, so this bounds what bulk work adds to a
+            reply's latency (README's benchmark section has the figures).
         bulk_time_budget: the most event-loop seconds spent computing them.
     """
 
     def __init__(
         self,
         store: Store,
-        act: Callable[[Outcome], None],
+        act: Callable[[Outcome, Any], None],
         *,
         max_batch: int = 1000,
+        max_queued: int = 10_000,
         bulk_budget: int = 200,
         bulk_time_budget: float = 0.010,
         on_commit: Callable[[float, int], None] | None = None,
@@ -71,10 +80,13 @@ class CommitPipeline:
         self._on_commit = on_commit
         self._act = act
         self._max_batch = max_batch
-        self._queue: list[Outcome] = []
+        self._queue: list[tuple[Outcome, Any]] = []
+        self._max_queued = max_queued
+        self._room = trio.Event()
+        self._room.set()
         self._wakeup = trio.Event()
         self._in_flight = 0  # batches taken from the queue and not yet acted on
-        self._committed_batches: deque[list[Outcome]] = deque()  # committed, for the actor
+        self._committed_batches: deque[list[tuple[Outcome, Any]]] = deque()  # committed, for the actor
         self._batch_committed = trio.Event()
         self._batch_taken = trio.Event()
         self._bulk_budget = bulk_budget
@@ -91,16 +103,27 @@ class CommitPipeline:
         self.batches = 0
         self.outcomes = 0
 
-    def submit(self, outcome: Outcome) -> None:
+    def submit(self, outcome: Outcome, token: Any = None) -> None:
         """Queue an outcome; one with no writes and nothing ahead of it is acted on at once."""
         if not outcome.writes and not outcome.actions:
             return
         if not outcome.writes and not self._queue and not self._in_flight:
-            self._act(outcome)
+            self._act(outcome, token)
             return
-        self._queue.append(outcome)
+        self._queue.append((outcome, token))
+        if len(self._queue) >= self._max_queued and self._room.is_set():
+            self._room = trio.Event()
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._wakeup.set()
+
+    @property
+    def full(self) -> bool:
+        """Whether the queue is at its bound (see the class docstring)."""
+        return not self._room.is_set()
+
+    async def wait_room(self) -> None:
+        """Return once the queue is under its bound."""
+        await self._room.wait()
 
     async def submit_bulk(self, compute: Callable[[], Outcome]) -> None:
         """Compute a low-priority outcome once the next commit has room for it, and queue it.
@@ -131,7 +154,7 @@ class CommitPipeline:
         The committer runs it before its next commit (which waits meanwhile):
         for store maintenance that needs the writer to hold still.
         """
-        done, result = trio.Event(), []
+        done, result = trio.Event(), list[Any]()
         self._between.append((fn, done, result))
         self._wakeup.set()
         await done.wait()
@@ -169,12 +192,14 @@ class CommitPipeline:
                 await self._batch_taken.wait()
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            if len(self._queue) < self._max_queued:
+                self._room.set()
             self._in_flight += 1
             if not self._queue:
                 # What comes next goes into the next commit: bulk work may fill it.
                 self._bulk_queued, self._bulk_seconds = 0, 0.0
                 self._bulk_room.set()
-            writes: list[Write] = [w for outcome in batch for w in outcome.writes]
+            writes: list[Write] = [w for outcome, _token in batch for w in outcome.writes]
             if writes:
                 started = time.perf_counter()
                 # Statements are built here (GIL-bound work either way); the
@@ -219,7 +244,7 @@ class CommitPipeline:
                     result.append(exc)
                 done.set()
 
-    async def _act_in_slices(self, batch: list[Outcome]) -> None:
+    async def _act_in_slices(self, batch: list[tuple[Outcome, Any]]) -> None:
         """Act on a batch in order, letting other tasks run every ``ACT_SLICE_S``.
 
         A batch of fan-out can mean a thousand frames to write; requests read
@@ -227,8 +252,8 @@ class CommitPipeline:
         the event loop never stalls for the whole batch.
         """
         slice_end = time.perf_counter() + ACT_SLICE_S
-        for outcome in batch:
-            self._act(outcome)
+        for outcome, token in batch:
+            self._act(outcome, token)
             if time.perf_counter() > slice_end:
                 await trio.lowlevel.checkpoint()
                 slice_end = time.perf_counter() + ACT_SLICE_S
@@ -237,3 +262,35 @@ class CommitPipeline:
         self.commit_seconds.append(seconds)
         if len(self.commit_seconds) > 1024:
             del self.commit_seconds[:512]
+
+
+#: The WAL is checkpointed beside the committer after this many commits or
+#: rows, whichever comes first (SQLite's own default is every 1000 pages).
+WAL_CHECKPOINT_COMMITS = 1000
+WAL_CHECKPOINT_ROWS = 20_000
+
+
+async def keep_wal_short(
+    store: Store, pipeline: CommitPipeline, *, commits: int = WAL_CHECKPOINT_COMMITS, rows: int = WAL_CHECKPOINT_ROWS
+) -> None:
+    """Keep the WAL short: checkpoint it once enough was committed.
+
+    In two steps. A passive checkpoint on a worker thread, beside the
+    committer, copies what the WAL holds into the database file; commits go
+    on meanwhile. Under steady load they always add frames while it runs, so
+    it never catches up, and SQLite starts the WAL over only once every frame
+    was copied: the WAL grew without end (to 650 MB in the escalation
+    bench's 30 s, each checkpoint slower than the last). So a second passive
+    checkpoint runs between two commits, copying only what came meanwhile;
+    the next commit then starts the WAL from its beginning.
+
+    Driven by commits, not a timer: an idle server does no work, and tests on
+    trio's autojump clock see no extra deadline.
+    """
+    seen_commits, seen_rows = store.commits, store.rows_committed
+    while True:
+        await pipeline.wait_for_commit()
+        if store.commits - seen_commits >= commits or store.rows_committed - seen_rows >= rows:
+            seen_commits, seen_rows = store.commits, store.rows_committed
+            await trio.to_thread.run_sync(store.checkpoint)
+            await pipeline.run_between_commits(store.checkpoint)

@@ -17,9 +17,11 @@ pooling, timeouts and TLS, which a push gateway on the internet needs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+import attrs
 import httpx
 import trio
 
@@ -28,7 +30,7 @@ from .config import EscalationSettings
 from .core.effects import Outcome, SavePushStatus
 from .core.records import PushJob
 
-__all__ = ["PushDispatcher", "push_body"]
+__all__ = ["PushDispatcher", "PushStatistics", "push_body"]
 
 log = logging.getLogger("dongne.push")
 
@@ -47,51 +49,113 @@ def push_body(job: PushJob) -> dict[str, Any]:
     }
 
 
+@attrs.frozen
+class PushStatistics:
+    """The dispatcher's state: jobs queued in memory, sent, failed, and times the queue was full."""
+
+    queued: int
+    sent: int
+    failed: int
+    overflows: int
+
+
 class PushDispatcher:
     """Sends push jobs; records each outcome through ``submit``.
 
+    Jobs come through ``offer`` once committed to the outbox, into a queue of
+    at most ``max_queued``. At the bound a job is not queued but stays
+    ``pending`` in the outbox (nothing is lost), and ``read_pending`` is asked
+    for the outbox's pending jobs once the queue has drained: a gateway that
+    falls behind costs memory only up to the bound.
+
     Args:
         settings: the ``[escalation]`` settings (URL, attempts, backoff, timeout, max age).
-        jobs: newly committed jobs.
         submit: the commit pipeline's ``submit``.
         clock: the engine clock.
         pending: jobs left pending by an earlier run.
+        read_pending: ``read_pending(after_id, limit)`` reads at most
+            ``limit`` of the outbox's pending jobs with ids above
+            ``after_id``, oldest first (blocking: run on a worker thread).
+        alert_url: where slow-response alerts go.
+        max_queued: the most jobs queued in memory.
     """
 
     def __init__(
         self,
         settings: EscalationSettings,
-        jobs: trio.MemoryReceiveChannel[PushJob],
         submit: Callable[[Outcome], None],
         clock: EngineClock,
         pending: Iterable[PushJob] = (),
         *,
+        read_pending: Callable[[int, int], list[PushJob]] | None = None,
         alert_url: str = "",
+        max_queued: int = 10_000,
     ) -> None:
         self.settings = settings
         self._urls = {"slow_response_alert": alert_url}
-        self._jobs = jobs
+        self._queue: deque[PushJob] = deque(pending)
+        self._max_queued = max_queued
+        self._queued = trio.Event()
+        self._read_pending = read_pending
+        self._skipped_after: int | None = None  # jobs after this id were left in the outbox
+        self._read_up_to = 0  # the newest job read back from the outbox
         self._submit = submit
         self._clock = clock
-        self._pending = list(pending)
+        self._closed = False
         self.sent = 0
         self.failed = 0
+        self.overflows = 0
+
+    def statistics(self) -> PushStatistics:
+        return PushStatistics(queued=len(self._queue), sent=self.sent, failed=self.failed, overflows=self.overflows)
+
+    def offer(self, job: PushJob) -> None:
+        """Queue a committed job for sending (never blocks; see the class docstring for the bound)."""
+        if self._closed or job.job_id <= self._read_up_to:
+            return  # shutting down (the job stays pending, sent at the next start), or read back already
+        if len(self._queue) >= self._max_queued or self._skipped_after is not None:
+            if self._skipped_after is None:
+                self._skipped_after = job.job_id - 1
+                self.overflows += 1
+                log.warning("push queue full (%d jobs): later jobs wait in the outbox", len(self._queue))
+            return
+        self._queue.append(job)
+        self._queued.set()
+
+    def close(self) -> None:
+        """Stop taking jobs; ``run`` returns once the queue is handed out."""
+        self._closed = True
+        self._queued.set()
+
+    async def _jobs(self) -> AsyncIterator[PushJob]:
+        while True:
+            while self._queue:
+                yield self._queue.popleft()
+            if self._closed:
+                return
+            if self._skipped_after is not None and self._read_pending is not None:
+                after, self._skipped_after = self._skipped_after, None
+                jobs = await trio.to_thread.run_sync(self._read_pending, after, self._max_queued)
+                if jobs:
+                    self._read_up_to = max(self._read_up_to, jobs[-1].job_id)
+                    if len(jobs) >= self._max_queued:
+                        self._skipped_after = jobs[-1].job_id  # more wait: read on after this page
+                self._queue.extend(jobs)
+                continue
+            self._queued = trio.Event()
+            await self._queued.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not self.settings.push_url and not any(self._urls.values()):
-            self._pending.clear()  # nowhere to send them: they stay recorded in the outbox only
+            self._queue.clear()  # nowhere to send them: they stay recorded in the outbox only
+            self._closed = True
             task_status.started()
-            async for _job in self._jobs:  # recorded in the outbox only
-                pass
             return
         limiter = trio.CapacityLimiter(CONCURRENCY)
         async with httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client:
             async with trio.open_nursery() as nursery:
                 task_status.started()
-                for job in self._pending:
-                    nursery.start_soon(self._deliver, client, limiter, job)
-                self._pending.clear()
-                async for job in self._jobs:
+                async for job in self._jobs():
                     nursery.start_soon(self._deliver, client, limiter, job)
                 # The server is shutting down: jobs still in flight stay
                 # pending in the outbox and are sent again at the next start.

@@ -16,46 +16,66 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import math
 import socket
 import time
+from collections.abc import Iterable
 from typing import Any
 
+import attrs
 import msgpack
 import trio
 
 from .clock import EngineClock
-from .config import LimitSettings, ServerSettings
-from .core.effects import CancelEscalation, Close, Note, Observe, Outcome, Push, Replay, Send, StartEscalation
-from .core.engine import Engine
-from .core.errors import CloseConnection, ProtocolError
+from .config import EscalationSettings, LimitSettings, ServerSettings
+from .core import (
+    CancelEscalation,
+    Close,
+    Connected,
+    Disconnected,
+    Engine,
+    EscalationDue,
+    Event,
+    FrameReceived,
+    Note,
+    Observe,
+    Outcome,
+    Push,
+    PushJob,
+    QuestionLoaded,
+    Replay,
+    Send,
+    StartEscalation,
+    Tick,
+)
 from .core.limits import BucketSpec, IpBlocklist, Limiter
-from .core.protocol import decode_request, durable_event
+from .core.protocol import durable_event
 from .metrics import Metrics
 from .pipeline import CommitPipeline
+from .push import PushDispatcher
 from .store import Store
 from .transport import FrameEncoder, WebSocketConnection, serve_handshake
-from .transport._connection import TextFrame
+from .transport._connection import BinaryFrame, TextFrame
 
-__all__ = ["ClientServer", "ServerStats"]
+__all__ = ["ClientServer", "ServerStatistics"]
 
 log = logging.getLogger("dongne.server")
 
 
-class ServerStats:
-    """Counters read by /metrics and the benches."""
+@attrs.frozen
+class ServerStatistics:
+    """Traffic so far, read from the metrics (counted once, there)."""
 
-    def __init__(self) -> None:
-        self.connections_total = 0
-        self.frames_in = 0
-        self.frames_out = 0
-        self.deliveries = 0
-        self.slow_consumers = 0
-        self.refused_connections = 0
-        self.errors: dict[str, int] = {}
+    connections_total: int
+    frames_in: int
+    deliveries: int
+    slow_consumers: int
+    refused_connections: int
+    errors: dict[str, int]
 
 
 class ClientServer:
@@ -64,8 +84,14 @@ class ClientServer:
     Args:
         settings: the ``[server]`` settings.
         engine: the loaded engine.
-        store: the open store (reads for join and replay).
+        store: the open store (commits, reads for loading questions and replay).
         clock: the engine clock.
+        startup: what ``Engine.load`` returned (escalations to resume).
+        limits: the ``[limits]`` settings (per-address connections).
+        escalation: the ``[escalation]`` settings (the push gateway).
+        alert_url: where slow-response alerts are POSTed.
+        pending_pushes: push jobs an earlier run left pending.
+        max_batch: the most outcomes committed together.
     """
 
     def __init__(
@@ -74,9 +100,16 @@ class ClientServer:
         engine: Engine,
         store: Store,
         clock: EngineClock,
+        *,
+        startup: Outcome = Outcome(),
         limits: LimitSettings = LimitSettings(),
+        escalation: EscalationSettings = EscalationSettings(),
+        alert_url: str = "",
+        pending_pushes: Iterable[PushJob] = (),
+        max_batch: int = 1000,
     ) -> None:
         self.settings = settings
+        self._startup = startup
         per_minute = limits.connections_per_ip_per_minute
         self._ip_limiter = Limiter({"ip": BucketSpec(per_minute / 60, per_minute)}, abuse_limit=1)
         self._blocklist = IpBlocklist(limits.ip_blocklist)
@@ -85,20 +118,25 @@ class ClientServer:
         self.clock = clock
         self.encoder = FrameEncoder()
         self.metrics = Metrics(self._gauges)
-        self.pipeline = CommitPipeline(store, self._act, max_batch=1000, on_commit=self._on_commit)
+        self._connections_total = self.metrics.connections_total
+        self.pipeline = CommitPipeline(store, self._act, max_batch=max_batch, on_commit=self._on_commit)
+        self.pushes = PushDispatcher(
+            escalation,
+            self.pipeline.submit,
+            clock,
+            pending_pushes,
+            read_pending=store.pending_push_jobs,
+            alert_url=alert_url,
+        )
         self.conns: dict[int, WebSocketConnection] = {}
-        self.stats = ServerStats()
         self.accepting = False
         self.port: int | None = None
         self._ids = itertools.count(1)
-        # id(outcome) -> (operation, when its request was read): for dongne_request_seconds.
-        self._request_started: dict[int, tuple[str, float]] = {}
         self._timer_wakeup = trio.Event()
         self._timer_at = math.inf
         self._conn_nursery: trio.Nursery | None = None
         self._escalation_nursery: trio.Nursery | None = None
         self.escalation_scopes: dict[str, trio.CancelScope] = {}
-        self.push_send, self.push_receive = trio.open_memory_channel[Any](math.inf)
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
 
@@ -111,11 +149,11 @@ class ClientServer:
         self.port = listener.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(self.pipeline.run)
+            await nursery.start(self.pushes.run)
             nursery.start_soon(self._timers)
             nursery.start_soon(self._heartbeat)
             self._escalation_nursery = await nursery.start(_nursery_holder)
-            for question_id in self.engine.escalating():
-                self._start_escalation(question_id)
+            self._perform(self._startup)
             async with trio.open_nursery() as conn_nursery:
                 self._conn_nursery = conn_nursery
                 self.accepting = True
@@ -129,7 +167,7 @@ class ClientServer:
                 await self.pipeline.wait_idle()
             if flush.cancelled_caught:  # pragma: no cover - a commit stuck for seconds
                 log.warning("shutdown: pipeline did not drain in time")
-            self.push_send.close()
+            self.pushes.close()
             nursery.cancel_scope.cancel()
 
     def _gauges(self) -> dict[str, Any]:
@@ -138,6 +176,25 @@ class ClientServer:
     def _on_commit(self, seconds: float, outcomes: int) -> None:
         self.metrics.commit_seconds.observe(seconds)
         self.metrics.commit_batch.observe(outcomes)
+
+    def statistics(self) -> ServerStatistics:
+        """Traffic so far (from the metrics registry, where it is counted)."""
+        value = self.metrics.registry.get_sample_value
+        errors: dict[str, int] = {}
+        for family in self.metrics.errors.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    errors[sample.labels["code"]] = int(sample.value)
+        return ServerStatistics(
+            connections_total=int(value("dongne_connections_total") or 0),
+            frames_in=int(
+                sum(s.value for f in self.metrics.frames_in.collect() for s in f.samples if s.name.endswith("_total"))
+            ),
+            deliveries=int(value("dongne_deliveries_total") or 0),
+            slow_consumers=int(value("dongne_outbound_overflows_total") or 0),
+            refused_connections=int(value("dongne_rate_limit_hits_total", {"scope": "connection"}) or 0),
+            errors=errors,
+        )
 
     def stop_accepting(self) -> None:
         """Begin a graceful shutdown: stop accepting and close clients with 1001."""
@@ -169,7 +226,6 @@ class ClientServer:
                             continue
                         raise
                     if not self._admit(addr[0]):
-                        self.stats.refused_connections += 1
                         self.metrics.rate_limit_hits.labels("connection").inc()
                         sock.close()  # blocked or over its rate: no handshake, no reply
                         continue
@@ -210,15 +266,11 @@ class ClientServer:
                 trailing=handshake.trailing,
             )
             self.conns[conn_id] = conn
-            self.engine.open_connection(conn_id)
-            self.stats.connections_total += 1
-            conn.read_scope.deadline = trio.current_time() + self.settings.hello_timeout_s
-            with conn.read_scope:
+            self._connections_total.inc()
+            self._feed(Connected(conn_id))
+            with conn.read_scope:  # close() bounds it: the peer gets a grace period to answer
                 async for message in conn.messages():
-                    await self._on_message(conn_id, conn, message)
-            if conn.read_scope.cancelled_caught and not conn.closing and not self.engine.is_authenticated(conn_id):
-                conn.close(4001, "no hello within the time limit")
-                await conn.aclose()
+                    await self._on_message(conn_id, message)
         except trio.Cancelled:
             raise
         except Exception:
@@ -237,85 +289,56 @@ class ClientServer:
                 )
                 self.conns.pop(conn_id, None)
                 if conn.overflowed:
-                    self.stats.slow_consumers += 1
                     self.metrics.overflows.inc()
-                self.stats.frames_out += conn.frames_out
-                self.pipeline.submit(self.engine.close_connection(conn_id, self.clock.now_ms()))
+                    self.metrics.errors.labels("close_4009").inc()
+                self._feed(Disconnected(conn_id))
                 with trio.CancelScope(shield=True):
                     await conn.aclose(timeout=0.5)
             else:
-                try:
+                with contextlib.suppress(OSError):
                     trio.lowlevel.notify_closing(sock)
-                except Exception:
-                    pass
                 sock.close()
 
-    async def _on_message(self, conn_id: int, conn: WebSocketConnection, message: Any) -> None:
-        self.stats.frames_in += 1
-        if not self.engine.is_authenticated(conn_id) and (
-            isinstance(message, TextFrame) or not _looks_like_request(message.payload)
-        ):
-            # PROTOCOL.md: the first frame must be hello; anything else closes with 4001.
-            self.metrics.frames_in.labels("invalid").inc()
-            conn.close(4001, "the first frame must be hello")
-            return
-        if isinstance(message, TextFrame):
-            self.metrics.frames_in.labels("invalid").inc()
-            self._refuse(conn_id, None, ProtocolError("bad_frame", "text frames are not accepted; send binary msgpack"))
-            return
+    async def _on_message(self, conn_id: int, message: BinaryFrame | TextFrame) -> None:
         started = time.perf_counter()
-        try:
-            request = decode_request(message.payload)
-        except ProtocolError as exc:
-            self.metrics.frames_in.labels("invalid").inc()
-            rid = exc.extra.get("id")
-            self._refuse(conn_id, rid if isinstance(rid, int) else None, exc)
-            return
-        known_op = self.engine.knows_op(request.op)
-        self.metrics.frames_in.labels(request.op if known_op else "unknown").inc()
-        missing = self.engine.missing_question(request) if self.engine.is_authenticated(conn_id) else None
-        if missing is not None:
-            found = await trio.to_thread.run_sync(self.store.find_question, missing)
-            if found is not None:
-                self.engine.adopt_question(*found)
-        try:
-            outcome = self.engine.receive(conn_id, request, self.clock.now_ms())
-        except CloseConnection as exc:
-            log.info("connection_refused", extra={"conn": conn_id, "close_code": exc.code, "reason": exc.reason})
-            self.stats.errors[f"close_{exc.code}"] = self.stats.errors.get(f"close_{exc.code}", 0) + 1
-            self.metrics.errors.labels(f"close_{exc.code}").inc()
-            conn.close(exc.code, exc.reason)
-            return
-        except Exception:
-            log.exception(
-                "request_failed", extra={"conn": conn_id, "op": request.op, "user": self.engine.user_of(conn_id)}
-            )
-            self._refuse(conn_id, request.id, ProtocolError("internal", "internal error; the request was not applied"))
-            return
-        if outcome.actions and known_op:
-            self._request_started[id(outcome)] = (request.op, started)
-        self.pipeline.submit(outcome)
+        text = isinstance(message, TextFrame)
+        payload = b"" if isinstance(message, TextFrame) else message.payload
+        outcome = self._handle(FrameReceived(conn_id, payload, text))
+        while outcome.load_question is not None:
+            # The request names a question that is not in memory: read it,
+            # then hand it back. Frames of this connection wait meanwhile.
+            found = await trio.to_thread.run_sync(self.store.find_question, outcome.load_question)
+            question, answers = found if found is not None else (None, ())
+            outcome = self._handle(QuestionLoaded(conn_id, question, tuple(answers)))
+        self._count(outcome)
+        self.pipeline.submit(outcome, started if outcome.op not in ("", "invalid", "unknown") else None)
         self._schedule_timer()
-        if conn.read_scope.deadline != math.inf and self.engine.is_authenticated(conn_id):
-            conn.read_scope.deadline = math.inf
+        if self.pipeline.full:
+            await self.pipeline.wait_room()  # stop reading this socket until the commits catch up
 
-    def _refuse(self, conn_id: int, request_id: int | None, error: ProtocolError) -> None:
-        try:
-            outcome = self.engine.refuse_frame(conn_id, request_id, error, self.clock.now_ms())
-        except CloseConnection as exc:
-            conn = self.conns.get(conn_id)
-            if conn is not None:
-                conn.close(exc.code, exc.reason)
-            return
-        self.pipeline.submit(outcome)
+    def _handle(self, event: Event) -> Outcome:
+        return self.engine.handle(event, self.clock.now_ms())
+
+    def _feed(self, event: Event) -> None:
+        """Hand the engine an event and its outcome to the pipeline."""
+        self.pipeline.submit(self._handle(event))
+        self._schedule_timer()
+
+    def _count(self, outcome: Outcome) -> None:
+        metrics = self.metrics
+        if outcome.op:
+            metrics.frames_in.labels(outcome.op).inc()
+        if outcome.error is not None:
+            metrics.errors.labels(outcome.error).inc()
+            if outcome.error == "rate_limited":
+                metrics.rate_limit_hits.labels("request").inc()
 
     # ---- acting on outcomes ------------------------------------------------------
 
-    def _act(self, outcome: Outcome) -> None:
+    def _act(self, outcome: Outcome, started: float | None) -> None:
         self._perform(outcome)
-        started = self._request_started.pop(id(outcome), None)
         if started is not None:
-            self.metrics.request_done(started[0], time.perf_counter() - started[1])
+            self.metrics.request_done(outcome.op, time.perf_counter() - started)
 
     def _perform(self, outcome: Outcome) -> None:
         for action in outcome.actions:
@@ -327,17 +350,14 @@ class ClientServer:
                     if conn is not None:
                         conn.send_nowait(frame)
                         sent += 1
-                self.stats.deliveries += sent
                 self.metrics.frames_sent(action.frame["type"], sent)
-                if action.frame["type"] == "reply" and not action.frame["ok"]:
-                    code = action.frame["error"]["code"]
-                    self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
-                    self.metrics.errors.labels(code).inc()
-                    if code == "rate_limited":
-                        self.metrics.rate_limit_hits.labels("request").inc()
             elif isinstance(action, Close):
                 conn = self.conns.get(action.conn_id)
                 if conn is not None:
+                    log.info(
+                        "connection_refused",
+                        extra={"conn": action.conn_id, "close_code": action.code, "reason": action.reason},
+                    )
                     conn.close(action.code, action.reason)
             elif isinstance(action, Replay):
                 conn = self.conns.get(action.conn_id)
@@ -345,7 +365,7 @@ class ClientServer:
                     conn.hold()
                     self._conn_nursery.start_soon(self._replay, conn, action)
             elif isinstance(action, StartEscalation):
-                self._start_escalation(action.question_id)
+                self._start_escalation(action)
             elif isinstance(action, CancelEscalation):
                 scope = self.escalation_scopes.pop(action.question_id, None)
                 if scope is not None:
@@ -355,10 +375,7 @@ class ClientServer:
             elif isinstance(action, Observe):
                 self.metrics.observe(action.metric, (self.clock.now_ms() - action.since_ms) / 1000, action.label)
             elif isinstance(action, Push):
-                try:
-                    self.push_send.send_nowait(action.job)
-                except trio.ClosedResourceError:
-                    pass  # shutting down: the job stays pending and is sent at the next start
+                self.pushes.offer(action.job)
 
     async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
         """Send missed durable events in order, then the live frames held meanwhile."""
@@ -373,33 +390,27 @@ class ClientServer:
 
     # ---- escalation ----------------------------------------------------------------
 
-    def _start_escalation(self, question_id: str) -> None:
-        if question_id in self.escalation_scopes or self._escalation_nursery is None:
+    def _start_escalation(self, start: StartEscalation) -> None:
+        if start.question_id in self.escalation_scopes or self._escalation_nursery is None:
             return
-        scope = trio.CancelScope()
-        self.escalation_scopes[question_id] = scope
-        self._escalation_nursery.start_soon(self._escalate, question_id, scope)
+        # The task ends by itself a second after its last stage is due;
+        # overdue stages (after a restart, or a late start) run at once.
+        scope = trio.CancelScope(deadline=max(self.clock.trio_time_at(start.until), trio.current_time()) + 1.0)
+        self.escalation_scopes[start.question_id] = scope
+        self._escalation_nursery.start_soon(self._escalate, start.question_id, scope)
 
     async def _escalate(self, question_id: str, scope: trio.CancelScope) -> None:
         """One question's escalation: sleep until each stage is due, run it.
 
         The task lives in a cancel scope that accepting or closing the question
         cancels, and whose deadline is the last stage's due time (plus a
-        second), so it ends by itself. Stages already past due (after a
-        restart) run at once, in order.
+        second). Stages already past due (after a restart) run at once, in order.
         """
         try:
             with scope:
-                last = self.engine.last_stage_due(question_id)
-                if last is not None:
-                    # Overdue stages (after a restart, or a late start) run at
-                    # once; the deadline only bounds the task's life.
-                    scope.deadline = max(self.clock.trio_time_at(last), trio.current_time()) + 1.0
                 while (due := self.engine.escalation_due(question_id)) is not None:
                     await trio.sleep_until(self.clock.trio_time_at(due))
-                    await self.pipeline.submit_bulk(
-                        lambda: self.engine.fire_escalation(question_id, self.clock.now_ms())
-                    )
+                    await self.pipeline.submit_bulk(lambda: self._handle(EscalationDue(question_id)))
         finally:
             if self.escalation_scopes.get(question_id) is scope:
                 del self.escalation_scopes[question_id]
@@ -418,7 +429,7 @@ class ClientServer:
             self._timer_wakeup = trio.Event()
             with trio.move_on_at(self._timer_at):
                 await self._timer_wakeup.wait()
-            self.pipeline.submit(self.engine.tick(self.clock.now_ms()))
+            self.pipeline.submit(self._handle(Tick()))
 
     async def _heartbeat(self) -> None:
         """Ping every connection once per ``ping_interval_s``; drop one that sent nothing since its last ping.
@@ -452,15 +463,6 @@ class ClientServer:
 
 #: The heartbeat pings a share of the connections this often (see ``_heartbeat``).
 HEARTBEAT_SLICE_S = 0.1
-
-
-def _looks_like_request(payload: bytes) -> bool:
-    """Whether a frame decodes as a request at all (the hello check comes later)."""
-    try:
-        decode_request(payload)
-    except ProtocolError:
-        return False
-    return True
 
 
 async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:

@@ -191,7 +191,7 @@ async def test_rooms_and_location_are_restored_after_a_reconnect(
         received = [await session.next_event() for _ in range(7)]
         events = [e for e in received if e["type"] != "nearby_questions"]
         assert [e["type"] for e in received].count("nearby_questions") == 1
-        assert "rate_limited" not in h.running.clients.stats.errors
+        assert "rate_limited" not in h.running.clients.statistics().errors
 
         assert h.running.engine.where.positions["reader"][:2] == (snapped["lat"], snapped["lng"])
         assert session.location == location

@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import itertools
 
+import msgpack
 import pytest
 
-from dongne.auth import Claims
-from dongne.config import EngineSettings
-from dongne.core.effects import AppendEvent, Outcome, Replay, SaveAnswer, SaveQuestion, SaveUser, Send
-from dongne.core.engine import Engine
-from dongne.core.errors import CloseConnection
+from dongne.core import (
+    AppendEvent,
+    Claims,
+    Close,
+    CloseConnection,
+    Connected,
+    CoreSettings,
+    Disconnected,
+    Engine,
+    EngineSettings,
+    EscalationDue,
+    FrameReceived,
+    LimitSettings,
+    Outcome,
+    QuestionLoaded,
+    Replay,
+    SaveAnswer,
+    SaveQuestion,
+    SaveUser,
+    Send,
+    Tick,
+)
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
-from dongne.core.protocol import Request
 
 T0 = 1_800_000_000_000
 
@@ -25,7 +42,31 @@ def claims_for(token: object, now_s: float) -> Claims:
 
 def make_engine(**settings: object) -> Engine:
     counter = itertools.count(1)
-    return Engine(EngineSettings(**settings), claims_for, new_id=lambda prefix, now: f"{prefix}{next(counter)}")  # type: ignore[arg-type]
+    return Engine(
+        CoreSettings(engine=EngineSettings(**settings)),  # type: ignore[arg-type]
+        claims_for,
+        new_id=lambda prefix, now: f"{prefix}{next(counter)}",
+    )
+
+
+def frame(op: str, rid: int, data: dict) -> bytes:  # type: ignore[type-arg]
+    return msgpack.packb({"type": op, "id": rid, "data": data})
+
+
+def send(engine: Engine, conn_id: int, op: str, data: dict, now: int = T0, rid: int = 1) -> Outcome:  # type: ignore[type-arg]
+    """One request as the driver feeds it (a question it asks for is not in the store)."""
+    outcome = engine.handle(FrameReceived(conn_id, frame(op, rid, data)), now)
+    if outcome.load_question is not None:
+        outcome = engine.handle(QuestionLoaded(conn_id, None), now)
+    return outcome
+
+
+def fire(engine: Engine, question_id: str, now: int) -> Outcome:
+    return engine.handle(EscalationDue(question_id), now)
+
+
+def tick(engine: Engine, now: int) -> Outcome:
+    return engine.handle(Tick(), now)
 
 
 class Sim:
@@ -37,11 +78,11 @@ class Sim:
         self.ids = itertools.count(1)
 
     def connect(self, conn_id: int, user: str, now: int = T0) -> Outcome:
-        self.engine.open_connection(conn_id)
+        self.engine.handle(Connected(conn_id), now)
         return self.call(conn_id, "hello", {"token": f"ok:{user}"}, now)
 
     def call(self, conn_id: int, op: str, data: dict, now: int = T0) -> Outcome:  # type: ignore[type-arg]
-        outcome = self.engine.receive(conn_id, Request(op, next(self.ids), data), now)
+        outcome = send(self.engine, conn_id, op, data, now, next(self.ids))
         self.deliver(outcome)
         return outcome
 
@@ -78,12 +119,15 @@ def test_transition_table_is_the_whole_lifecycle() -> None:
 
 def test_first_frame_must_be_hello() -> None:
     engine = make_engine()
-    engine.open_connection(1)
-    with pytest.raises(CloseConnection) as closed:
-        engine.receive(1, Request("get_profile", 1, {}), T0)
-    assert closed.value.code == 4001
-    with pytest.raises(CloseConnection):
-        engine.receive(1, Request("hello", 2, {"token": "forged"}), T0)
+    engine.handle(Connected(1), T0)
+    closed = send(engine, 1, "get_profile", {})
+    assert closed.actions == (Close(1, 4001, "the first frame must be hello"),)
+    assert closed.error == "close_4001"
+    # The connection is closing: what it sends next is ignored, even a valid hello.
+    assert send(engine, 1, "hello", {"token": "ok:mina"}) == Outcome()
+    engine.handle(Connected(2), T0)
+    forged = send(engine, 2, "hello", {"token": "forged"})
+    assert forged.actions == (Close(2, 4001, "invalid token"),)
 
 
 def test_hello_creates_the_user_once_and_refreshes_claims() -> None:
@@ -115,11 +159,11 @@ def test_resume_asks_for_a_replay_of_exactly_the_gap() -> None:
     qid = ask(sim)
     for i in range(5):
         sim.call(2, "create_answer", {"question_id": qid, "content": f"a{i}"})
-    sim.engine.open_connection(3)
+    sim.engine.handle(Connected(3), T0)
     out = sim.call(3, "hello", {"token": "ok:asker", "resume": {"last_seq": 2}})
     assert Replay(3, "asker", 2, 5) in out.actions
     assert sim.reply(out)["data"]["last_seq"] == 5
-    sim.engine.open_connection(4)
+    sim.engine.handle(Connected(4), T0)
     up_to_date = sim.call(4, "hello", {"token": "ok:asker", "resume": {"last_seq": 5}})
     assert not [a for a in up_to_date.actions if isinstance(a, Replay)]
 
@@ -134,18 +178,18 @@ def test_typing_expires_exactly_at_its_ttl() -> None:
     sim.call(2, "typing_start", {"question_id": qid}, T0 + 1000)
     assert [f["type"] for f in sim.take(1)] == ["user_typing"]
     assert sim.engine.next_deadline() == T0 + 4000
-    sim.deliver(sim.engine.tick(T0 + 3999))
+    sim.deliver(tick(sim.engine, T0 + 3999))
     assert sim.take(1) == []
     # A refresh before expiry pushes the deadline and sends nothing new.
     sim.call(2, "typing_start", {"question_id": qid}, T0 + 3500)
     assert sim.take(1) == []
-    sim.deliver(sim.engine.tick(T0 + 4000))  # the stale deadline does nothing
+    sim.deliver(tick(sim.engine, T0 + 4000))  # the stale deadline does nothing
     assert sim.take(1) == []
-    sim.deliver(sim.engine.tick(T0 + 6499))
+    sim.deliver(tick(sim.engine, T0 + 6499))
     assert sim.take(1) == []
-    sim.deliver(sim.engine.tick(T0 + 6500))
+    sim.deliver(tick(sim.engine, T0 + 6500))
     assert [f["type"] for f in sim.take(1)] == ["user_stop_typing"]
-    assert sim.engine.rooms[qid].typing == {}
+    assert sim.engine.presence.rooms[qid].typing == {}
 
 
 def test_disconnect_stops_typing_and_announces_offline() -> None:
@@ -156,7 +200,7 @@ def test_disconnect_stops_typing_and_announces_offline() -> None:
     sim.call(2, "join_question", {"question_id": qid})
     sim.call(2, "typing_start", {"question_id": qid})
     sim.take(1)
-    sim.deliver(sim.engine.close_connection(2, T0))
+    sim.deliver(sim.engine.handle(Disconnected(2), T0))
     assert [f["type"] for f in sim.take(1)] == ["user_stop_typing", "user_offline"]
     assert "local" not in sim.engine.user_conns
 
@@ -165,7 +209,7 @@ def test_receipts_move_forward_only() -> None:
     sim = Sim(make_engine())
     sim.connect(1, "asker")
     qid = ask(sim)
-    sim.deliver(sim.engine.close_connection(1, T0))
+    sim.deliver(sim.engine.handle(Disconnected(1), T0))
     sim.connect(2, "local")
     aid = sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": "x"}))["data"]["answer"]["answer_id"]
     assert sim.engine.answers[qid][aid].state == "sent"
@@ -199,25 +243,25 @@ def test_escalation_stages_fire_at_their_offsets_exactly() -> None:
     sim = Sim(make_engine())
     sim.connect(1, "asker")
     for conn_id, (user, lng) in enumerate((("near", 126.5420), ("mid", 126.5740)), start=2):
-        sim.engine.open_connection(conn_id)
-        sim.engine.receive(conn_id, Request("hello", 0, {"token": f"ok:{user}"}), T0)
+        sim.engine.handle(Connected(conn_id), T0)
+        send(sim.engine, conn_id, "hello", {"token": f"ok:{user}"})
         sim.engine.users[user].local = True
         sim.engine.where.refresh_local(sim.engine.users[user])
         sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
     created = sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
     qid = sim.reply(created)["data"]["question"]["question_id"]
-    assert StartEscalation(qid) in created.actions
+    assert StartEscalation(qid, T0 + 120_000) in created.actions  # the default plan's last stage is at 120 s
     assert [f["data"]["stage"] for f in sim.take(2) if f["type"] == "new_question_notification"] == ["IMMEDIATE"]
     assert sim.engine.escalation_due(qid) == T0 + 3000
-    assert sim.engine.fire_escalation(qid, T0 + 2999).writes == ()
-    quick = sim.engine.fire_escalation(qid, T0 + 3000)
+    assert fire(sim.engine, qid, T0 + 2999).writes == ()
+    quick = fire(sim.engine, qid, T0 + 3000)
     sim.deliver(quick)
     assert SaveEscalation(qid, 2, T0 + 3000) in quick.writes
     assert [f["data"]["stage"] for f in sim.take(3) if f["type"] == "new_question_notification"] == ["QUICK"]
     assert sim.engine.escalation_due(qid) == T0 + 30_000
     # An answer, then FINAL finds nobody; accepting cancels what is left.
     aid = sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": "x"}))["data"]["answer"]["answer_id"]
-    sim.deliver(sim.engine.fire_escalation(qid, T0 + 120_000))
+    sim.deliver(fire(sim.engine, qid, T0 + 120_000))
     assert sim.engine.escalation_due(qid) is None
     assert [f for c in (2, 3) for f in sim.take(c) if f["type"] == "new_question_notification"] == []
     accepted = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": aid})
@@ -235,7 +279,7 @@ def test_accept_cancels_remaining_stages() -> None:
     accepted = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": aid}, T0 + 1000)
     assert CancelEscalation(qid) in accepted.actions
     assert sim.engine.escalation_due(qid) is None
-    assert sim.engine.fire_escalation(qid, T0 + 200_000).writes == ()
+    assert fire(sim.engine, qid, T0 + 200_000).writes == ()
 
 
 def _crowd_claims(token: object, now_s: float) -> Claims:
@@ -245,7 +289,7 @@ def _crowd_claims(token: object, now_s: float) -> Claims:
 
 def _crowd_engine(alerts_per_batch: int) -> tuple[Sim, list[Outcome], str]:
     """An asker and 250 online locals 10-2500 m east of the question (all in QUICK's 5 km)."""
-    engine = Engine(EngineSettings(), _crowd_claims, alerts_per_batch=alerts_per_batch)
+    engine = Engine(CoreSettings(alerts_per_batch=alerts_per_batch), _crowd_claims)
     sim = Sim(engine)
     log = [sim.connect(1, "asker")]
     for n in range(250):
@@ -275,7 +319,7 @@ def test_a_wide_stage_is_delivered_in_batches_nearest_first() -> None:
     at = T0 + 3000
     batches = []
     while sim.engine.escalation_due(qid) == T0 + 3000:
-        out = sim.engine.fire_escalation(qid, at)
+        out = fire(sim.engine, qid, at)
         batches.append(out)
         at += 7  # later calls deliver the same stage, wherever the clock is
     sizes = [len(_alerted(b)) for b in batches]
@@ -294,7 +338,7 @@ def test_a_restart_in_the_middle_of_a_stage_alerts_only_the_rest(tmp_path) -> No
     from dongne.store import Store
 
     sim, log, qid = _crowd_engine(alerts_per_batch=100)
-    first = sim.engine.fire_escalation(qid, T0 + 3000)
+    first = fire(sim.engine, qid, T0 + 3000)
     store = Store(tmp_path / "mid.sqlite3", synchronous="NORMAL")
     store.open()
     store.commit(store.prepare([w for outcome in (*log, first) for w in outcome.writes]))
@@ -304,7 +348,7 @@ def test_a_restart_in_the_middle_of_a_stage_alerts_only_the_rest(tmp_path) -> No
     store.open()
     state = store.load(hot_since=0)
     store.close()
-    engine = Engine(EngineSettings(), _crowd_claims, alerts_per_batch=100)
+    engine = Engine(CoreSettings(alerts_per_batch=100), _crowd_claims)
     engine.load(state)
     # Positions are live, not stored: the locals come back online where they were.
     resumed = Sim(engine)
@@ -315,7 +359,7 @@ def test_a_restart_in_the_middle_of_a_stage_alerts_only_the_rest(tmp_path) -> No
     assert engine.escalation_due(qid) == T0 + 3000  # the stage is still due: it was not finished
     rest = []
     while engine.escalation_due(qid) == T0 + 3000:
-        rest.extend(_alerted(engine.fire_escalation(qid, T0 + 4000)))
+        rest.extend(_alerted(fire(engine, qid, T0 + 4000)))
     before = {user for user, _, _ in _alerted(first)}
     after = {user for user, _, _ in rest}
     assert len(before) == 100 and len(after) == 140
@@ -324,9 +368,7 @@ def test_a_restart_in_the_middle_of_a_stage_alerts_only_the_rest(tmp_path) -> No
 
 
 def test_nearby_questions_looks_past_a_crowd_of_ones_own() -> None:
-    from dongne.config import LimitSettings
-
-    engine = Engine(EngineSettings(), claims_for, limits=LimitSettings(questions_burst=50, writes_burst=50))
+    engine = Engine(CoreSettings(limits=LimitSettings(questions_burst=50, writes_burst=50)), claims_for)
     sim = Sim(engine)
     for conn_id, user in ((1, "busy"), (2, "other"), (3, "walker")):
         sim.connect(conn_id, user)
@@ -348,3 +390,53 @@ def test_nearby_questions_looks_past_a_crowd_of_ones_own() -> None:
     seen = sim.reply(sim.call(3, "nearby_questions", hall))["data"]["questions"]
     assert [q["title"] for q in seen] == ["q0", "q1", "q2", "q3", "q4"]
     assert [q["distance_m"] for q in seen] == sorted(q["distance_m"] for q in seen)
+
+
+def test_a_slow_response_alert_and_the_dashboard_agree_on_the_stage_reached() -> None:
+    """Before its first stage runs, a question has reached no stage: the alert and the dashboard both say None."""
+    from dongne.core import AlertSettings, StagePlan
+
+    late = StagePlan("LATE", 600.0, None, None, "everyone")
+    engine = Engine(CoreSettings(stages=(late,), alerts=AlertSettings(slow_response_s=5.0)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "admin")
+    engine.users["admin"].role = "admin"
+    engine.oversight.role_is(engine.users["admin"])
+    sim.connect(2, "asker")
+    qid = ask(sim, 2)
+    alert = tick(engine, T0 + 5000)
+    raised = [w for w in alert.writes if isinstance(w, AppendEvent) and w.type == "slow_response_alert"]
+
+    assert [w.data["stage"] for w in raised] == [None]
+    assert [q["stage"] for q in engine.overview(T0 + 5000)["open"] if q["question_id"] == qid] == [None]
+    fire(engine, qid, T0 + 600_000)
+    assert engine.overview(T0 + 600_000)["open"][0]["stage"] == "LATE"
+
+
+def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:
+    engine = Engine(CoreSettings(hello_timeout_s=10.0), claims_for)
+    engine.handle(Connected(1), T0)
+    engine.handle(Connected(2), T0)
+    send(engine, 2, "hello", {"token": "ok:mina"})
+
+    assert engine.next_deadline() == T0 + 10_000
+    assert tick(engine, T0 + 9999) == Outcome()
+    assert tick(engine, T0 + 10_000).actions == (Close(1, 4001, "no hello within the time limit"),)
+    assert engine.user_of(2) == "mina"  # the one that said hello stays
+
+
+def test_a_question_not_in_memory_is_asked_for_after_the_rate_limit() -> None:
+    from dongne.core import Question
+
+    engine = Engine(CoreSettings(limits=LimitSettings(conn_per_s=1.0, conn_burst=2.0)), claims_for)
+    engine.handle(Connected(1), T0)
+    send(engine, 1, "hello", {"token": "ok:mina"})
+    asked = engine.handle(FrameReceived(1, frame("join_question", 2, {"question_id": "q-old"})), T0)
+    assert asked.load_question == "q-old" and asked.actions == ()
+    old = Question("q-old", "jun", "Jun", "old", "", 33.5, 126.5, None, (), "normal", T0 - 10**9)
+    joined = engine.handle(QuestionLoaded(1, old, ()), T0)
+    reply = joined.actions[0]
+    assert isinstance(reply, Send) and reply.frame["ok"] and reply.frame["data"]["question"]["question_id"] == "q-old"
+    # Over the connection's rate, a request is refused before anything is read for it.
+    limited = engine.handle(FrameReceived(1, frame("join_question", 3, {"question_id": "q-other"})), T0)
+    assert limited.load_question is None and limited.error == "rate_limited"

@@ -523,9 +523,12 @@ def test_priority_sound_vibration(stage: StagePlan, urgency: str, expected: tupl
 
 def test_default_stages() -> None:
     """The product's plan: 0 s / 3 s / 30 s / 120 s."""
-    assert [
-        (s.name, s.offset_s) for s in DEFAULT_STAGES
-    ] == [("IMMEDIATE", 0.0), ("QUICK", 3.0), ("EXTENDED", 30.0), ("FINAL", 120.0)]
+    assert [(s.name, s.offset_s) for s in DEFAULT_STAGES] == [
+        ("IMMEDIATE", 0.0),
+        ("QUICK", 3.0),
+        ("EXTENDED", 30.0),
+        ("FINAL", 120.0),
+    ]
     assert (IMMEDIATE.radius_m, IMMEDIATE.limit, IMMEDIATE.requires_immediate_alerts) == (2_000.0, 10, True)
     assert (QUICK.radius_m, QUICK.limit, QUICK.audience) == (5_000.0, None, "nearby")
     assert FINAL.only_if_unanswered and not QUICK.only_if_unanswered

@@ -316,12 +316,14 @@ def test_frame_families_cover_the_protocol() -> None:
 # ---- the same frames through the sans-I/O core, with shrinking -----------------------------------
 
 
+def _request(op: str, rid: int, data: dict[str, Any]) -> bytes:
+    return msgpack.packb({"type": op, "id": rid, "data": data})
+
+
 def _engine_with_targets() -> tuple[Any, int]:
     """An engine holding the placeholder questions and answers; returns (engine, fuzzer's conn id)."""
     from dongne.auth import TokenVerifier
-    from dongne.config import EngineSettings, LimitSettings
-    from dongne.core.engine import Engine
-    from dongne.core.protocol import Request
+    from dongne.core import Connected, CoreSettings, Engine, FrameReceived, LimitSettings
 
     from .conftest import JEJU_CITY, SECRET, UNLIMITED, token
 
@@ -333,23 +335,26 @@ def _engine_with_targets() -> tuple[Any, int]:
 
     verifier = TokenVerifier(SECRET)
     engine = Engine(
-        EngineSettings(),
+        CoreSettings(limits=LimitSettings(**UNLIMITED)),  # type: ignore[arg-type]
         lambda tok, now_s: verifier.verify(tok, now_s=now_s),
         region_of=_region_of(),
         new_id=new_id,
-        limits=LimitSettings(**UNLIMITED),  # type: ignore[arg-type]
     )
     now = int(time.time() * 1000)
     # The fuzzer is an admin here (the admin operations' own checks get fuzzed) and
     # a plain user in the end-to-end tests (their "forbidden" path does).
     for conn_id, user, admin in ((1, FUZZER, True), (2, HELPER, False)):
-        engine.open_connection(conn_id)
-        engine.receive(conn_id, Request("hello", 0, {"token": token(user, admin=admin)}), now)
+        engine.handle(Connected(conn_id), now)
+        engine.handle(FrameReceived(conn_id, _request("hello", 0, {"token": token(user, admin=admin)})), now)
     question = {"title": "t", "location": dict(JEJU_CITY)}
-    engine.receive(1, Request("create_question", 1, question), now)  # Q_MINE
-    engine.receive(2, Request("create_question", 1, question), now)  # Q_THEIRS
-    engine.receive(2, Request("create_answer", 2, {"question_id": Q_MINE, "content": "c"}), now)  # A_MINE
-    engine.receive(1, Request("create_answer", 2, {"question_id": Q_THEIRS, "content": "c"}), now)  # A_THEIRS
+    engine.handle(FrameReceived(1, _request("create_question", 1, question)), now)  # Q_MINE
+    engine.handle(FrameReceived(2, _request("create_question", 1, question)), now)  # Q_THEIRS
+    engine.handle(
+        FrameReceived(2, _request("create_answer", 2, {"question_id": Q_MINE, "content": "c"})), now
+    )  # A_MINE
+    engine.handle(
+        FrameReceived(1, _request("create_answer", 2, {"question_id": Q_THEIRS, "content": "c"})), now
+    )  # A_THEIRS
     assert set(engine.questions) == {Q_MINE, Q_THEIRS}
     return engine, 1
 
@@ -373,10 +378,8 @@ def _region_of() -> Callable[[float, float], str | None]:
 )
 @given(frames=st.lists(fuzz_frames(), min_size=1, max_size=5))
 def test_core_answers_every_frame_with_one_documented_reply(frames: list[bytes | str]) -> None:
-    """decode_request and Engine.receive: one packable, documented reply per frame, whatever the bytes."""
-    from dongne.core.effects import Send
-    from dongne.core.errors import ProtocolError
-    from dongne.core.protocol import decode_request
+    """Engine.handle: one packable, documented reply per frame, whatever the bytes."""
+    from dongne.core import FrameReceived, QuestionLoaded, Send
 
     engine, conn = _engine_with_targets()
     now = int(time.time() * 1000)
@@ -384,14 +387,9 @@ def test_core_answers_every_frame_with_one_documented_reply(frames: list[bytes |
         expect = expectation(frame)
         if expect.close is not None or isinstance(frame, str):
             continue  # the transport's job (1009, text frames)
-        try:
-            request = decode_request(frame)
-        except ProtocolError as exc:
-            assert exc.code == "bad_frame"
-            rid = exc.extra.get("id")
-            outcome = engine.refuse_frame(conn, rid if isinstance(rid, int) else None, exc, now)
-        else:
-            outcome = engine.receive(conn, request, now)  # must not raise: the driver would answer "internal"
+        outcome = engine.handle(FrameReceived(conn, frame), now)  # must not raise: the driver would answer "internal"
+        if outcome.load_question is not None:
+            outcome = engine.handle(QuestionLoaded(conn, None), now)  # the store has no such question either
         sends = [a for a in outcome.actions if isinstance(a, Send)]
         for send in sends:
             msgpack.packb(send.frame)  # the driver packs every frame; a failure would stop the commit pipeline

@@ -115,14 +115,14 @@ async def test_connections_per_ip_are_rate_limited(start_server) -> None:  # typ
             pass
     assert (await _probe(h.running.port)).startswith(b"HTTP/1.1 200")
     assert await _probe(h.running.port) == b""
-    assert h.running.clients.stats.refused_connections == 1
+    assert h.running.clients.statistics().refused_connections == 1
     await h.running.aclose()
 
 
 async def test_blocked_address_is_refused(start_server) -> None:  # type: ignore[no-untyped-def]
     h = await start_server(limits={**UNLIMITED, "ip_blocklist": ["127.0.0.0/8"]})
     assert await _probe(h.running.port) == b""
-    assert h.running.clients.stats.refused_connections == 1
+    assert h.running.clients.statistics().refused_connections == 1
     await h.running.aclose()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from dongne.core.effects import AppendEvent, Note, Outcome
-from dongne.pipeline import CommitPipeline
+from dongne.pipeline import CommitPipeline, keep_wal_short
 from dongne.store import Store
 
 ROWS_PER_STAGE = 50
@@ -27,7 +27,7 @@ async def test_requests_do_not_wait_behind_queued_fan_out(tmp_path: Path) -> Non
     acted: list[str] = []
     committed_before_acting: list[int] = []
 
-    def act(outcome: Outcome) -> None:
+    def act(outcome: Outcome, _token: object) -> None:
         acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
         committed_before_acting.append(store.rows_committed)
 
@@ -63,7 +63,7 @@ async def test_fan_out_is_computed_when_there_is_room(tmp_path: Path) -> None:
     """A stage computes at its turn (seeing the state of that moment), not when it is queued."""
     store = Store(tmp_path / "p.sqlite3", synchronous="NORMAL")
     store.open()
-    pipeline = CommitPipeline(store, lambda outcome: None, bulk_budget=BUDGET, bulk_time_budget=10.0)
+    pipeline = CommitPipeline(store, lambda outcome, token: None, bulk_budget=BUDGET, bulk_time_budget=10.0)
     seqs = itertools.count(1)
     computed: list[int] = []
 
@@ -93,11 +93,9 @@ async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
     high-water mark. A checkpoint that only ran beside commits never caught
     up, and the file grew with every cycle.
     """
-    from dongne.app import _checkpoint_wal
-
     store = Store(tmp_path / "w.sqlite3", synchronous="NORMAL", background_checkpoints=True)
     store.open()
-    pipeline = CommitPipeline(store, lambda outcome: None)
+    pipeline = CommitPipeline(store, lambda outcome, token: None)
     seqs = itertools.count(1)
     wal = tmp_path / "w.sqlite3-wal"
     sizes: list[int] = []
@@ -113,12 +111,12 @@ async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(pipeline.run)
-            nursery.start_soon(functools.partial(_checkpoint_wal, store, pipeline, commits=40, rows=10**9))
+            nursery.start_soon(functools.partial(keep_wal_short, store, pipeline, commits=40, rows=10**9))
             nursery.start_soon(write_forever)
             for cycles in (2, 8):  # two checkpoints a cycle
                 with trio.fail_after(60):
                     while store.checkpoints < 2 * cycles:
-                        await trio.sleep(0.01)
+                        await pipeline.wait_for_commit()
                 sizes.append(wal.stat().st_size)
             nursery.cancel_scope.cancel()
         assert store.commits > 8 * 40
@@ -135,7 +133,7 @@ async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path)
     seqs = itertools.count(1)
     acted: list[tuple[str, int]] = []
 
-    def act(outcome: Outcome) -> None:
+    def act(outcome: Outcome, _token: object) -> None:
         acted.append((outcome.actions[0].event, store.commits))  # type: ignore[union-attr]
         time.sleep(0.002)  # writing to a socket; the GIL is free meanwhile
 

@@ -26,8 +26,8 @@ async def test_stalled_client_is_closed_and_recovers_by_resume(start_server) -> 
         sent = 0
         with trio.fail_after(60):
             while (
-                4009 not in h.running.clients.stats.errors
-                and h.running.clients.stats.slow_consumers == 0
+                4009 not in h.running.clients.statistics().errors
+                and h.running.clients.statistics().slow_consumers == 0
                 and sent < 4000
             ):
                 await writer.request("create_answer", {"question_id": qid, "content": f"{sent} {content}"})
@@ -35,7 +35,7 @@ async def test_stalled_client_is_closed_and_recovers_by_resume(start_server) -> 
                 # Everyone else keeps up: the reader sees each broadcast at once.
                 got = await reader.next_event("new_answer", timeout=5)
                 assert got["data"]["answer"]["content"].startswith(f"{sent - 1} ")
-        assert h.running.clients.stats.slow_consumers == 1
+        assert h.running.clients.statistics().slow_consumers == 1
         frames = await stalled.read_until_closed()
         assert stalled.close_code == 4009
         assert len(frames) < 2 * sent

@@ -7,7 +7,7 @@ then performs ``actions`` in order, so nothing acknowledged is ever lost.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import attrs
 
@@ -107,9 +107,9 @@ class SavePushStatus:
     at: int
 
 
-Write = Union[
-    SaveUser, SaveQuestion, SaveAnswer, AppendEvent, SaveEscalation, SaveNotified, EnqueuePush, SavePushStatus
-]
+Write = (
+    SaveUser | SaveQuestion | SaveAnswer | AppendEvent | SaveEscalation | SaveNotified | EnqueuePush | SavePushStatus
+)
 
 
 def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
@@ -155,9 +155,10 @@ class Replay:
 
 @attrs.frozen
 class StartEscalation:
-    """Run the escalation task of a question (its stages from ``next_stage`` on)."""
+    """Run the escalation task of a question: its stages are due until ``until`` (ms)."""
 
     question_id: str
+    until: int
 
 
 @attrs.frozen
@@ -191,13 +192,30 @@ class Note:
     fields: dict[str, Any]
 
 
-Action = Union[Send, Close, Replay, StartEscalation, CancelEscalation, Push, Observe, Note]
+Action = Send | Close | Replay | StartEscalation | CancelEscalation | Push | Observe | Note
 
 
 @attrs.frozen
 class Outcome:
+    """What one engine call decided.
+
+    Attributes:
+        writes: rows to commit, in one transaction.
+        actions: what to do once they are committed, in order.
+        op: for a frame, what it was (an operation's name, ``"unknown"`` or
+            ``"invalid"``), for the driver's metrics; empty otherwise.
+        error: the error code of the reply, if the request was refused.
+        load_question: a question the request names that is not in memory:
+            the driver reads it from the store and hands it back in a
+            ``QuestionLoaded`` event, before anything else from that
+            connection. ``writes`` and ``actions`` are empty then.
+    """
+
     writes: tuple[Write, ...] = ()
     actions: tuple[Action, ...] = ()
+    op: str = ""
+    error: str | None = None
+    load_question: str | None = None
 
 
 class OutcomeBuilder:
@@ -223,5 +241,5 @@ class OutcomeBuilder:
     def note(self, event: str, **fields: Any) -> None:
         self.actions.append(Note(event, fields))
 
-    def build(self) -> Outcome:
-        return Outcome(tuple(self.writes), tuple(self.actions))
+    def build(self, op: str = "", error: str | None = None) -> Outcome:
+        return Outcome(tuple(self.writes), tuple(self.actions), op, error)

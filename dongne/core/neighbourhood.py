@@ -15,13 +15,13 @@ from typing import Any
 
 import attrs
 
-from ..config import LocationSettings
 from .escalation import AlertLedger, LocalInfo, NotificationSettings, QuestionBrief, StagePlan, Target, plan_stage
 from .geo import snap_position
 from .hotspots import HotspotTracker
 from .lifecycle import ACTIVE
 from .records import Question, User
 from .regions import Hotspot
+from .settings import LocationSettings
 from .spatial import LocalsIndex
 from .trending import TrendingHashtags
 
@@ -199,6 +199,13 @@ class Neighbourhood:
         self.ledger.record(targets, now)
         esc.next_stage += 1
         return stage, targets
+
+    def stage_reached(self, question_id: str) -> str | None:
+        """The last stage planned for a question: ``None`` before its first, the plan's last once all ran."""
+        esc = self.escalations.get(question_id)
+        if esc is None:
+            return self.stages[-1].name if self.stages else None
+        return self.stages[esc.next_stage - 1].name if esc.next_stage > 0 else None
 
     def restore_escalation(self, question_id: str, next_stage: int, notified: Iterable[str]) -> None:
         self.escalations[question_id] = Escalation(next_stage, set(notified))

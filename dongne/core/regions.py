@@ -109,7 +109,7 @@ def _feature_geometry(feature: Mapping[str, Any], index: int, source: str) -> Ba
         raise _fail(source, f"geometry must be a Polygon or MultiPolygon, got {kind!r}", index)
     try:
         geom = shape(dict(gj))
-    except Exception as exc:  # shapely raises a zoo of types for bad arrays
+    except Exception as exc:  # noqa: BLE001 - shapely raises a zoo of types for bad arrays
         raise _fail(source, f"bad {kind} coordinates ({exc})", index) from None
     if geom.is_empty:
         raise _fail(source, f"empty {kind}", index)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Set
 
-from ..geo import haversine_m
-from ..spatial import LocalsIndex
-from ._directory import LocalInfo, QuestionBrief, Target
-from ._ledger import AlertLedger
-from ._plans import _HOUR_MS, KST_UTC_OFFSET_MINUTES, PRIORITY_CRITICAL, PRIORITY_HIGH, PRIORITY_NORMAL, StagePlan
+from .directory import LocalInfo, QuestionBrief, Target
+from .geo import haversine_m
+from .ledger import AlertLedger
+from .spatial import LocalsIndex
+from .stages import _HOUR_MS, KST_UTC_OFFSET_MINUTES, PRIORITY_CRITICAL, PRIORITY_HIGH, PRIORITY_NORMAL, StagePlan
 
 # ---------------------------------------------------------------------------
 # Planning

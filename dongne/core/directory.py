@@ -7,9 +7,9 @@ from typing import Any, Final
 
 import attrs
 
-from ..geo import valid_lat_lng
-from ..records import Question
-from ._plans import (
+from .geo import valid_lat_lng
+from .records import Question
+from .stages import (
     _URGENCIES,
     MAX_ALERTS_PER_HOUR_LIMIT,
     _normalize_tag,

@@ -73,10 +73,10 @@ tens of thousands). ``experts`` and ``everyone`` scan the directory:
 
 from __future__ import annotations
 
-from ._directory import LocalInfo, NotificationSettings, QuestionBrief, Target
-from ._ledger import AlertLedger, AlertLedgerStatistics
-from ._planner import in_quiet_hours, plan_stage
-from ._plans import (
+from .directory import LocalInfo, NotificationSettings, QuestionBrief, Target
+from .ledger import AlertLedger, AlertLedgerStatistics
+from .planner import in_quiet_hours, plan_stage
+from .stages import (
     AUDIENCES,
     DEFAULT_STAGES,
     KST_UTC_OFFSET_MINUTES,

@@ -8,7 +8,7 @@ from typing import Any, Final, Literal, get_args
 
 import attrs
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 Audience = Literal["online_nearby", "nearby", "experts", "everyone"]
 #: Every audience a stage may name.

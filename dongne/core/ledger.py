@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from ._directory import Target
-from ._plans import _HOUR_MS, MAX_ALERTS_PER_HOUR_LIMIT
+from .directory import Target
+from .stages import _HOUR_MS, MAX_ALERTS_PER_HOUR_LIMIT
 
 # ---------------------------------------------------------------------------
 # Alert ledger

@@ -1,0 +1,64 @@
+"""What the driver tells the engine: small frozen input events.
+
+The driver feeds each one to ``Engine.handle`` together with ``now`` (ms since
+the epoch) and acts on the ``Outcome`` it gets back. Nothing else changes the
+engine's state once it is loaded.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .records import Answer, Question
+
+__all__ = ["Connected", "Disconnected", "EscalationDue", "Event", "FrameReceived", "QuestionLoaded", "Tick"]
+
+
+@attrs.frozen
+class Connected:
+    """A client finished its WebSocket handshake; it must send ``hello`` next."""
+
+    conn_id: int
+
+
+@attrs.frozen
+class FrameReceived:
+    """A whole message arrived. ``text`` is True for a text frame (the protocol wants binary)."""
+
+    conn_id: int
+    payload: bytes
+    text: bool = False
+
+
+@attrs.frozen
+class QuestionLoaded:
+    """The store's answer to an ``Outcome.load_question``: the question (``None``: not found) and its answers.
+
+    The engine then handles the request that asked for it.
+    """
+
+    conn_id: int
+    question: Question | None
+    answers: tuple[Answer, ...] = ()
+
+
+@attrs.frozen
+class Disconnected:
+    """The connection is gone (closed by either side, or broken)."""
+
+    conn_id: int
+
+
+@attrs.frozen
+class Tick:
+    """Time passed: do what is due at ``now`` (see ``Engine.next_deadline``)."""
+
+
+@attrs.frozen
+class EscalationDue:
+    """A question's next escalation stage is due (see ``Engine.escalation_due``)."""
+
+    question_id: str
+
+
+Event = Connected | FrameReceived | QuestionLoaded | Disconnected | Tick | EscalationDue

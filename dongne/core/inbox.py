@@ -1,0 +1,113 @@
+"""Each user's inbox: durable events with gap-free seqs, answer receipts, and push jobs.
+
+A durable event is written to the user's inbox (``AppendEvent``) in the same
+commit as what caused it and sent to the user's open connections after it;
+a client that was away gets it by ``resume``. Receipts follow an answer from
+``sent`` to ``delivered`` (its asker had a connection open) to ``read``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .effects import AppendEvent, EnqueuePush, OutcomeBuilder, Push, SaveAnswer
+from .protocol import durable_event, event
+from .records import Answer, PushJob, Question, ReceiptState, User
+
+__all__ = ["Inbox"]
+
+
+class Inbox:
+    """Durable events, receipts and the push outbox.
+
+    Args:
+        users: every known user, by id (shared with the engine).
+        user_conns: each online user's connection ids (shared with the engine).
+        answers: each question's answers by id (shared with the engine).
+    """
+
+    def __init__(
+        self, users: dict[str, User], user_conns: dict[str, set[int]], answers: dict[str, dict[str, Answer]]
+    ) -> None:
+        self._users = users
+        self._user_conns = user_conns
+        self._answers = answers
+        self._undelivered: dict[str, set[tuple[str, str]]] = {}  # asker -> {(question, answer)}
+        self._push_seq = 0
+
+    def restore(self, last_push_job_id: int) -> None:
+        self._push_seq = last_push_job_id
+
+    def track(self, question: Question, answer: Answer) -> None:
+        """Remember an answer its asker has not received yet (state ``sent``)."""
+        if answer.state == ReceiptState.SENT:
+            self._undelivered.setdefault(question.asker_id, set()).add((question.question_id, answer.answer_id))
+
+    def append(self, user_id: str, kind: str, data: dict[str, Any], now: int, out: OutcomeBuilder) -> None:
+        """A durable event for ``user_id``: the next seq, written, then sent to the user's connections."""
+        user = self._users[user_id]
+        user.last_seq += 1
+        # The inbox row is the record of last_seq (the store takes the newest
+        # seq per user at start-up): no rewrite of the user's row per event.
+        out.write(AppendEvent(user_id, user.last_seq, kind, data, now))
+        out.send(self._user_conns.get(user_id, ()), durable_event(kind, user.last_seq, data))
+
+    def answer_posted(self, question: Question, answer: Answer, now: int) -> None:
+        """A new answer is ``delivered`` at once if its asker is online, else tracked."""
+        if self._user_conns.get(question.asker_id):
+            answer.state = ReceiptState.DELIVERED
+            answer.delivered_at = now
+        else:
+            self.track(question, answer)
+
+    def deliver_pending(self, asker_id: str, now: int, out: OutcomeBuilder) -> None:
+        """The asker came online: every answer still ``sent`` to them is ``delivered``."""
+        pending = self._undelivered.pop(asker_id, None)
+        for question_id, answer_id in sorted(pending or ()):
+            answer = self._answers.get(question_id, {}).get(answer_id)
+            if answer is not None and answer.state == ReceiptState.SENT:
+                self._set_receipt(answer, ReceiptState.DELIVERED, now, out)
+
+    def mark_read(self, asker_id: str, answers: list[Answer], now: int, out: OutcomeBuilder) -> list[str]:
+        """Mark answers ``read`` (oldest first); returns the ids that changed."""
+        changed = []
+        for answer in sorted(answers, key=lambda a: (a.created_at, a.answer_id)):
+            if answer.state != ReceiptState.READ:
+                self._undelivered.get(asker_id, set()).discard((answer.question_id, answer.answer_id))
+                self._set_receipt(answer, ReceiptState.READ, now, out)
+                changed.append(answer.answer_id)
+        return changed
+
+    def _set_receipt(self, answer: Answer, state: str, now: int, out: OutcomeBuilder) -> None:
+        answer.state = state
+        if state == ReceiptState.DELIVERED:
+            answer.delivered_at = now
+        else:
+            answer.read_at = now
+            answer.delivered_at = answer.delivered_at or now
+        out.write(SaveAnswer(attrs.evolve(answer)))
+        out.send(
+            self._user_conns.get(answer.author_id, ()),
+            event(
+                "receipt",
+                {"question_id": answer.question_id, "answer_id": answer.answer_id, "state": state, "at": now},
+            ),
+        )
+
+    def enqueue_push(
+        self, user_id: str, kind: str, question: Question, data: dict[str, Any], now: int, out: OutcomeBuilder
+    ) -> None:
+        """A job for the push outbox (committed with ``out``), then for the dispatcher."""
+        self._push_seq += 1
+        job = PushJob(
+            job_id=self._push_seq,
+            user_id=user_id,
+            kind=kind,
+            urgent=question.urgency == "urgent",
+            payload={"title": question.title, "region": question.region, "data": data},
+            created_at=now,
+        )
+        out.write(EnqueuePush(job))
+        out.act(Push(job))

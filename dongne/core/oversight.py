@@ -1,0 +1,142 @@
+"""Oversight: answer-time SLOs, slow-response alerts to admins, and what the dashboard shows.
+
+A question still unanswered ``slow_response_s`` after it was asked raises one
+``slow_response_alert``: a durable event to every admin, a job for the alert
+webhook, and a line in the dashboard's recent alerts.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from .deadlines import Deadlines
+from .effects import Observe, OutcomeBuilder, SaveQuestion
+from .inbox import Inbox
+from .lifecycle import ACTIVE, QuestionStatus
+from .neighbourhood import Neighbourhood
+from .records import Question, User
+from .settings import AlertSettings
+from .slo import SloTracker
+
+__all__ = ["Oversight"]
+
+
+class Oversight:
+    """SLOs, slow-response alerts and the admin views.
+
+    Args:
+        settings: the ``[alerts]`` settings.
+        deadlines: the engine's deadline heap (alerts fall due there).
+        inbox: where admins' alerts go.
+        where: positions and escalation progress (for the views).
+        questions: every question in memory (shared with the engine).
+        counts: the engine's live counts (connections, users online, ...).
+    """
+
+    def __init__(
+        self,
+        settings: AlertSettings,
+        deadlines: Deadlines,
+        inbox: Inbox,
+        where: Neighbourhood,
+        questions: dict[str, Question],
+        counts: Callable[[], dict[str, int]],
+    ) -> None:
+        self._settings = settings
+        self._deadlines = deadlines
+        self._inbox = inbox
+        self._where = where
+        self._questions = questions
+        self._counts = counts
+        self.slo = SloTracker(settings.slo_window_days)
+        self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=50)
+        self.admins: set[str] = set()
+
+    # ---- who is an admin -----------------------------------------------------------
+
+    def role_is(self, user: User) -> None:
+        """Keep the admin list in step with a user's role."""
+        if user.role == "admin":
+            self.admins.add(user.user_id)
+        else:
+            self.admins.discard(user.user_id)
+
+    # ---- questions -------------------------------------------------------------------
+
+    def asked(self, question: Question) -> None:
+        """Track a question's answer time, and owe it an alert if it goes unanswered."""
+        self.slo.asked(
+            question.question_id,
+            question.created_at,
+            question.region,
+            question.urgency == "urgent",
+            question.first_answer_at,
+        )
+        if self._awaits_alert(question):
+            due = question.created_at + int(self._settings.slow_response_s * 1000)
+            self._deadlines.add(due, "slow_response", question.question_id)
+
+    def first_answer(self, question: Question, now: int, out: OutcomeBuilder) -> None:
+        self.slo.answered(question.question_id, now)
+        out.act(Observe("time_to_first_answer", question.created_at, question.region or ""))
+
+    def _awaits_alert(self, question: Question) -> bool:
+        return question.status == QuestionStatus.OPEN and question.answer_count == 0 and question.alerted_at is None
+
+    def alert_due(self, question_id: str, now: int, out: OutcomeBuilder) -> None:
+        """A slow-response deadline fell due: raise the alert if the question still has no answer."""
+        question = self._questions.get(question_id)
+        if question is None or not self._awaits_alert(question):
+            return
+        question.alerted_at = now
+        out.write(SaveQuestion(attrs.evolve(question)))
+        esc = self._where.escalations.get(question_id)
+        data = {
+            "question_id": question_id,
+            "question": self._where.brief(question),
+            "age_s": round((now - question.created_at) / 1000, 1),
+            "threshold_s": self._settings.slow_response_s,
+            "stage": self._where.stage_reached(question_id),
+            "notified": len(esc.notified) if esc is not None else None,
+            "raised_at": now,
+        }
+        self.recent_alerts.appendleft(data)
+        out.note("slow_response_alert", question_id=question_id, region=question.region, admins=len(self.admins))
+        for admin_id in sorted(self.admins):
+            self._inbox.append(admin_id, "slow_response_alert", data, now, out)
+        self._inbox.enqueue_push("", "slow_response_alert", question, data, now, out)
+
+    # ---- views -------------------------------------------------------------------------
+
+    def metrics(self, now: int) -> dict[str, Any]:
+        """The ``metrics`` operation's reply."""
+        return {"slo": self.slo.snapshot(now), "recent_alerts": list(self.recent_alerts)[:10], **self._counts()}
+
+    def overview(self, now: int) -> dict[str, Any]:
+        """What the admin dashboard shows: open questions, per-region SLO and locals, alerts."""
+        where = self._where
+        open_questions = [
+            {
+                **where.brief(q),
+                "age_s": round((now - q.created_at) / 1000, 1),
+                "stage": where.stage_reached(q.question_id),
+                "answer_count": q.answer_count,
+                "status": q.status.value,
+                "alerted": q.alerted_at is not None,
+            }
+            for q in sorted((q for q in self._questions.values() if q.status in ACTIVE), key=lambda q: q.created_at)
+        ]
+        by_region = where.online_locals_by_region()
+        return {
+            "now": now,
+            **self._counts(),
+            "locals_by_region": by_region,
+            "slo": self.slo.snapshot(now),
+            "open": open_questions[-200:],
+            "alerts": list(self.recent_alerts)[:20],
+            "hotspots": where.hotspots.snapshot(now, by_region, 10),
+        }

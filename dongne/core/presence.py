@@ -1,0 +1,155 @@
+"""Question rooms: who is in each room (by connection), who is typing, and the events both cause."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from .connections import ConnState
+from .deadlines import Deadlines
+from .effects import OutcomeBuilder
+from .errors import ProtocolError
+from .protocol import event
+
+__all__ = ["Presence", "Room"]
+
+
+@attrs.define
+class Room:
+    """The live audience of one question.
+
+    ``members`` maps a user id to the ids of that user's connections in the
+    room; a user is *present* while that set is non-empty.
+    """
+
+    members: dict[str, set[int]] = attrs.Factory(dict)
+    typing: dict[str, int] = attrs.Factory(dict)  # user id -> expires_at (ms)
+
+    def conn_ids(self, *, except_conn: int | None = None, except_user: str | None = None) -> list[int]:
+        out: list[int] = []
+        for user_id, conns in self.members.items():
+            if user_id == except_user:
+                continue
+            out.extend(c for c in conns if c != except_conn)
+        return out
+
+    def add(self, user_id: str, conn_id: int) -> bool:
+        """Add a connection; True when this makes the user newly present."""
+        conns = self.members.setdefault(user_id, set())
+        newly = not conns
+        conns.add(conn_id)
+        return newly
+
+    def remove(self, user_id: str, conn_id: int) -> bool:
+        """Remove a connection; True when the user is no longer present."""
+        conns = self.members.get(user_id)
+        if not conns or conn_id not in conns:
+            return False
+        conns.discard(conn_id)
+        if conns:
+            return False
+        del self.members[user_id]
+        return True
+
+    @property
+    def empty(self) -> bool:
+        return not self.members
+
+
+class Presence:
+    """The rooms of every question someone has joined.
+
+    Args:
+        who: a user's public name card, ``{"user_id", "nick"}``.
+        deadlines: the engine's deadline heap (typing states expire there).
+        rooms_per_connection: the most rooms one connection may be in.
+        typing_ttl_ms: how long a typing state lasts without a renewal.
+    """
+
+    def __init__(
+        self,
+        who: Callable[[str], dict[str, Any]],
+        deadlines: Deadlines,
+        *,
+        rooms_per_connection: int,
+        typing_ttl_ms: int,
+    ) -> None:
+        self.rooms: dict[str, Room] = {}
+        self._who = who
+        self._deadlines = deadlines
+        self._rooms_per_connection = rooms_per_connection
+        self._typing_ttl_ms = typing_ttl_ms
+
+    def room_of(self, question_id: str) -> Room | None:
+        return self.rooms.get(question_id)
+
+    def others(self, question_id: str, *, except_conn: int | None = None) -> list[int]:
+        """The connections in a question's room, but ``except_conn``."""
+        room = self.rooms.get(question_id)
+        return room.conn_ids(except_conn=except_conn) if room is not None else []
+
+    def check_capacity(self, conn: ConnState, question_id: str | None = None) -> None:
+        """Raise ``limit_exceeded`` if ``conn`` may not join one more room."""
+        if question_id not in conn.rooms and len(conn.rooms) >= self._rooms_per_connection:
+            raise ProtocolError("limit_exceeded", f"a connection can be in at most {self._rooms_per_connection} rooms")
+
+    def joined(self, conn: ConnState, question_id: str) -> Room:
+        """The room ``conn`` is in, or ``not_joined``."""
+        if question_id not in conn.rooms:
+            raise ProtocolError("not_joined", "join the question first")
+        return self.rooms[question_id]
+
+    def join(self, conn: ConnState, user_id: str, question_id: str, out: OutcomeBuilder) -> Room:
+        self.check_capacity(conn, question_id)
+        room = self.rooms.setdefault(question_id, Room())
+        conn.rooms.add(question_id)
+        if room.add(user_id, conn.conn_id):
+            out.send(
+                room.conn_ids(except_user=user_id),
+                event("user_online", {"question_id": question_id, **self._who(user_id)}),
+            )
+        return room
+
+    def leave(self, conn: ConnState, question_id: str, out: OutcomeBuilder) -> None:
+        conn.rooms.discard(question_id)
+        room = self.rooms.get(question_id)
+        if room is None or conn.user_id is None:
+            return
+        if room.remove(conn.user_id, conn.conn_id):
+            if conn.user_id in room.typing:
+                self.stop_typing(question_id, conn.user_id, out)
+            out.send(room.conn_ids(), event("user_offline", {"question_id": question_id, **self._who(conn.user_id)}))
+        if room.empty:
+            del self.rooms[question_id]
+
+    def start_typing(self, conn: ConnState, user_id: str, question_id: str, now: int, out: OutcomeBuilder) -> int:
+        """Mark ``user_id`` typing until the returned time (ms); tell the room when it starts."""
+        room = self.joined(conn, question_id)
+        expires_at = now + self._typing_ttl_ms
+        already = user_id in room.typing
+        room.typing[user_id] = expires_at
+        self._deadlines.add(expires_at, "typing", question_id, user_id)
+        if not already:
+            out.send(
+                room.conn_ids(except_user=user_id),
+                event("user_typing", {"question_id": question_id, **self._who(user_id)}),
+            )
+        return expires_at
+
+    def stop_typing(self, question_id: str, user_id: str, out: OutcomeBuilder) -> None:
+        room = self.rooms.get(question_id)
+        if room is None or user_id not in room.typing:
+            return
+        del room.typing[user_id]
+        out.send(
+            room.conn_ids(except_user=user_id),
+            event("user_stop_typing", {"question_id": question_id, **self._who(user_id)}),
+        )
+
+    def typing_expired(self, question_id: str, user_id: str, expires_at: int, out: OutcomeBuilder) -> None:
+        """A typing deadline fell due: end the state unless it was renewed since."""
+        room = self.rooms.get(question_id)
+        if room is not None and room.typing.get(user_id) == expires_at:
+            self.stop_typing(question_id, user_id, out)

@@ -1,0 +1,399 @@
+"""Questions and answers: asking, joining, answering, accepting, closing, typing, receipts; and escalation.
+
+Every operation checks everything before it changes anything: a refused
+request leaves no trace. A question moves only through ``lifecycle.advance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from .connections import Call
+from .effects import (
+    CancelEscalation,
+    Observe,
+    OutcomeBuilder,
+    SaveAnswer,
+    SaveEscalation,
+    SaveNotified,
+    SaveQuestion,
+    SaveUser,
+    StartEscalation,
+)
+from .errors import ProtocolError
+from .inbox import Inbox
+from .lifecycle import IllegalTransition, QuestionEvent, QuestionStatus, advance
+from .neighbourhood import Neighbourhood
+from .oversight import Oversight
+from .places import ServiceArea
+from .presence import Presence
+from .protocol import Fields, event
+from .records import Answer, Question, User
+from .settings import EngineSettings
+from .text import SpamFilter
+
+__all__ = ["ONLINE_LIST_MAX", "Questions"]
+
+#: The most users listed in a join_question reply's ``online``.
+ONLINE_LIST_MAX = 100
+
+
+class Questions:
+    """The question and answer operations, and each question's escalation.
+
+    Args:
+        settings: the ``[engine]`` settings.
+        new_id: makes ids, ``new_id(prefix, now)``.
+        spam: refuses spam in titles, bodies and answers.
+        area: the service area.
+        presence: the rooms.
+        inbox: durable events, receipts and push jobs.
+        oversight: SLOs and slow-response alerts.
+        where: positions and escalation progress.
+        users, questions, answers, user_conns: the engine's records (shared).
+        alerts_per_batch: the most alerts one escalation call delivers.
+    """
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        new_id: Callable[[str, int], str],
+        spam: SpamFilter,
+        area: ServiceArea,
+        presence: Presence,
+        inbox: Inbox,
+        oversight: Oversight,
+        where: Neighbourhood,
+        *,
+        users: dict[str, User],
+        questions: dict[str, Question],
+        answers: dict[str, dict[str, Answer]],
+        user_conns: dict[str, set[int]],
+        alerts_per_batch: int,
+    ) -> None:
+        self._settings = settings
+        self._new_id = new_id
+        self._spam = spam
+        self._area = area
+        self._presence = presence
+        self._inbox = inbox
+        self._oversight = oversight
+        self._where = where
+        self._users = users
+        self._questions = questions
+        self._answers = answers
+        self._user_conns = user_conns
+        self._alerts_per_batch = alerts_per_batch
+
+    def operations(self) -> dict[str, Callable[[Call], dict[str, Any]]]:
+        return {
+            "create_question": self.create_question,
+            "join_question": self.join_question,
+            "leave_question": self.leave_question,
+            "create_answer": self.create_answer,
+            "accept_answer": self.accept_answer,
+            "close_question": self.close_question,
+            "typing_start": self.typing_start,
+            "typing_stop": self.typing_stop,
+            "mark_read": self.mark_read,
+        }
+
+    # ---- memory --------------------------------------------------------------------
+
+    def adopt(self, question: Question, answers: tuple[Answer, ...] | list[Answer]) -> None:
+        """Bring a question and its answers (read from the store) into memory."""
+        if question.question_id in self._questions:
+            return  # memory is newer than the store
+        self._questions[question.question_id] = question
+        self._answers.setdefault(question.question_id, {})
+        for answer in answers:
+            self.adopt_answer(answer)
+
+    def adopt_answer(self, answer: Answer) -> None:
+        self._answers.setdefault(answer.question_id, {})[answer.answer_id] = answer
+        question = self._questions.get(answer.question_id)
+        if question is not None:
+            self._inbox.track(question, answer)
+
+    def escalation_until(self, question: Question) -> int:
+        """When the question's last stage is due (ms)."""
+        stages = self._where.stages
+        return question.created_at + int(stages[-1].offset_s * 1000) if stages else question.created_at
+
+    # ---- operations ----------------------------------------------------------------
+
+    def _question(self, f: Fields) -> Question:
+        question = self._questions.get(f.ident("question_id"))
+        if question is None:
+            raise ProtocolError("not_found", "no such question")
+        return question
+
+    def create_question(self, call: Call) -> dict[str, Any]:
+        s, f, user, now, out = self._settings, call.f, call.user, call.now, call.out
+        title = f.text("title", max_len=s.title_max)
+        body = f.text("body", max_len=s.body_max, min_len=0, default="")
+        self._spam.check(title, body)
+        lat, lng = f.location()
+        hashtags = f.hashtags("hashtags", max_items=s.hashtags_max)
+        urgency = f.choice("urgency", ("normal", "urgent"), default="normal")
+        region = self._area.region(lat, lng)
+        self._presence.check_capacity(call.conn)  # before anything changes: a refusal leaves no trace
+        question = Question(
+            question_id=self._new_id("q", now),
+            asker_id=user.user_id,
+            asker_nick=user.nick,
+            title=title,
+            body=body,
+            lat=lat,
+            lng=lng,
+            region=region,
+            hashtags=hashtags,
+            urgency=urgency,
+            created_at=now,
+        )
+        self._questions[question.question_id] = question
+        self._answers[question.question_id] = {}
+        out.write(SaveQuestion(attrs.evolve(question)))
+        self._presence.join(call.conn, user.user_id, question.question_id, out)
+        out.note(
+            "question_created",
+            question_id=question.question_id,
+            user=user.user_id,
+            region=region,
+            urgency=urgency,
+            hashtags=len(hashtags),
+        )
+        self._where.question_opened(question, now)
+        self._oversight.asked(question)
+        if self._where.stages:
+            self._where.restore_escalation(question.question_id, 0, ())
+            # Stages due now (IMMEDIATE) go out with the reply, in the same commit.
+            self.run_due_stages(question, now, out)
+            if self._where.escalation_due(question) is not None:
+                out.act(StartEscalation(question.question_id, self.escalation_until(question)))
+        return {"question": question.to_wire()}
+
+    def join_question(self, call: Call) -> dict[str, Any]:
+        question = self._question(call.f)
+        room = self._presence.join(call.conn, call.user.user_id, question.question_id, call.out)
+        answers = sorted(
+            self._answers.get(question.question_id, {}).values(), key=lambda a: (a.created_at, a.answer_id)
+        )
+        who = self._who
+        return {
+            "question": question.to_wire(),
+            "answers": [a.to_wire() for a in answers],
+            # At most ONLINE_LIST_MAX names; big rooms report the full count.
+            "online": [who(uid) for uid in sorted(room.members)[:ONLINE_LIST_MAX]],
+            "online_count": len(room.members),
+            "typing": [who(uid) for uid in sorted(room.typing)],
+        }
+
+    def leave_question(self, call: Call) -> dict[str, Any]:
+        question = self._question(call.f)
+        if question.question_id not in call.conn.rooms:
+            raise ProtocolError("not_joined", "this connection has not joined that question")
+        self._presence.leave(call.conn, question.question_id, call.out)
+        return {"question_id": question.question_id}
+
+    def create_answer(self, call: Call) -> dict[str, Any]:
+        f, user, now, out = call.f, call.user, call.now, call.out
+        question = self._question(f)
+        content = f.text("content", max_len=self._settings.answer_max)
+        self._spam.check(content)
+        if question.asker_id == user.user_id:
+            raise ProtocolError("forbidden", "you cannot answer your own question")
+        status = self._advance(question, QuestionEvent.ANSWER)
+        answer = Answer(
+            answer_id=self._new_id("a", now),
+            question_id=question.question_id,
+            author_id=user.user_id,
+            author_nick=user.nick,
+            content=content,
+            created_at=now,
+        )
+        question.status = status
+        question.answer_count += 1
+        if question.first_answer_at is None:
+            question.first_answer_at = now
+            self._oversight.first_answer(question, now, out)
+        self._answers[question.question_id][answer.answer_id] = answer
+        self._inbox.answer_posted(question, answer, now)
+        out.write(SaveAnswer(attrs.evolve(answer)))
+        out.write(SaveQuestion(attrs.evolve(question)))
+        out.note("answer_created", question_id=question.question_id, answer_id=answer.answer_id, user=user.user_id)
+        wire = answer.to_wire()
+        out.send(
+            self._presence.others(question.question_id, except_conn=call.conn.conn_id),
+            event("new_answer", {"question_id": question.question_id, "answer": wire}),
+        )
+        self._inbox.append(
+            question.asker_id,
+            "answer_notification",
+            {"question_id": question.question_id, "question_title": question.title, "answer": wire},
+            now,
+            out,
+        )
+        # Clear the author's typing state in that room: the answer is in.
+        self._presence.stop_typing(question.question_id, user.user_id, out)
+        return {"answer": wire}
+
+    def accept_answer(self, call: Call) -> dict[str, Any]:
+        f, user, now, out = call.f, call.user, call.now, call.out
+        question = self._question(f)
+        answer = self._answers.get(question.question_id, {}).get(f.ident("answer_id"))
+        if answer is None:
+            raise ProtocolError("not_found", "no such answer to that question")
+        if question.asker_id != user.user_id:
+            raise ProtocolError("forbidden", "only the asker can accept an answer")
+        question.status = self._advance(question, QuestionEvent.ACCEPT)
+        question.accepted_answer_id = answer.answer_id
+        question.closed_at = now
+        self._end(question, out)
+        answer.accepted = True
+        points = self._settings.accept_points
+        author = self._users[answer.author_id]
+        author.points += points
+        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(SaveAnswer(attrs.evolve(answer)))
+        out.write(SaveUser(attrs.evolve(author)))
+        out.note("answer_accepted", question_id=question.question_id, answer_id=answer.answer_id, points=points)
+        data = {
+            "question_id": question.question_id,
+            "answer_id": answer.answer_id,
+            "author_id": author.user_id,
+            "points": points,
+        }
+        out.send(
+            self._presence.others(question.question_id, except_conn=call.conn.conn_id), event("answer_accepted", data)
+        )
+        self._inbox.append(
+            author.user_id,
+            "answer_accepted_notification",
+            {**data, "question_title": question.title, "total_points": author.points},
+            now,
+            out,
+        )
+        return {"question": question.to_wire(), "answer": answer.to_wire()}
+
+    def close_question(self, call: Call) -> dict[str, Any]:
+        question = self._question(call.f)
+        if question.asker_id != call.user.user_id:
+            raise ProtocolError("forbidden", "only the asker can close a question")
+        question.status = self._advance(question, QuestionEvent.CLOSE)
+        question.closed_at = call.now
+        self._end(question, call.out)
+        call.out.write(SaveQuestion(attrs.evolve(question)))
+        call.out.send(
+            self._presence.others(question.question_id, except_conn=call.conn.conn_id),
+            event("question_closed", {"question_id": question.question_id}),
+        )
+        return {"question": question.to_wire()}
+
+    def typing_start(self, call: Call) -> dict[str, Any]:
+        question = self._question(call.f)
+        expires_at = self._presence.start_typing(call.conn, call.user.user_id, question.question_id, call.now, call.out)
+        return {"question_id": question.question_id, "expires_at": expires_at}
+
+    def typing_stop(self, call: Call) -> dict[str, Any]:
+        question = self._question(call.f)
+        self._presence.joined(call.conn, question.question_id)
+        self._presence.stop_typing(question.question_id, call.user.user_id, call.out)
+        return {"question_id": question.question_id}
+
+    def mark_read(self, call: Call) -> dict[str, Any]:
+        question = self._question(call.f)
+        if question.asker_id != call.user.user_id:
+            raise ProtocolError("forbidden", "only the asker marks answers read")
+        wanted = call.f.ident_list("answer_ids", max_items=500)
+        answers = self._answers.get(question.question_id, {})
+        if wanted is None:
+            chosen = list(answers.values())
+        else:
+            missing = [aid for aid in wanted if aid not in answers]
+            if missing:
+                raise ProtocolError("not_found", f"no such answer: {missing[0]}")
+            chosen = [answers[aid] for aid in wanted]
+        changed = self._inbox.mark_read(call.user.user_id, chosen, call.now, call.out)
+        return {"question_id": question.question_id, "answer_ids": changed}
+
+    # ---- escalation ------------------------------------------------------------------
+
+    def run_due_stages(self, question: Question, now: int, out: OutcomeBuilder) -> None:
+        """Plan each stage due at ``now`` and deliver up to ``alerts_per_batch`` of their alerts.
+
+        A stage is planned at once (nearest first, caps and "never twice"
+        settled for all its targets), but its alerts leave in batches: the
+        rest stay pending and ``escalation_due`` keeps answering the stage's
+        due time until they are out. So one call's work, and the commit it
+        joins, stay small however many locals a stage reaches: a reply
+        committed next to it waits for a hundred alerts, not a thousand. The
+        stage's progress is saved with its last batch; after a restart in
+        the middle, the stage is planned again without those already alerted.
+        """
+        where = self._where
+        question_id = question.question_id
+        room = self._alerts_per_batch
+        brief: dict[str, Any] | None = None
+        while room > 0 and (esc := where.escalations.get(question_id)) is not None:
+            if esc.delivering is None:
+                due = where.escalation_due(question)
+                if due is None or due > now:
+                    break
+                stage, targets = where.run_stage(question, self._user_conns.keys(), now)
+                out.note(
+                    "escalation_stage",
+                    question_id=question_id,
+                    stage=stage.name,
+                    targets=len(targets),
+                    offline=sum(1 for t in targets if not t.online),
+                    late_ms=now - (question.created_at + int(stage.offset_s * 1000)),
+                )
+                if targets:
+                    out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
+                esc.delivering, esc.pending = stage, targets
+            batch = esc.pending[:room]
+            del esc.pending[:room]
+            room -= len(batch)
+            if batch:
+                out.write(
+                    SaveNotified(question_id, tuple((t.user_id, t.stage, t.distance_m, t.online) for t in batch), now)
+                )
+            if not esc.pending:
+                esc.delivering = None
+                out.write(SaveEscalation(question_id, esc.next_stage, now))
+            if brief is None:
+                brief = where.brief(question)
+            for target in batch:
+                data = {"question_id": question_id, "question": brief, **target.to_wire()}
+                data.pop("user_id", None)
+                data.pop("online", None)
+                self._inbox.append(target.user_id, "new_question_notification", data, now, out)
+                if not target.online:
+                    self._inbox.enqueue_push(target.user_id, "new_question_notification", question, data, now, out)
+        if where.escalation_due(question) is None:
+            where.escalations.pop(question_id, None)  # every stage has run
+
+    def _end(self, question: Question, out: OutcomeBuilder) -> None:
+        if question.question_id in self._where.escalations:
+            out.act(CancelEscalation(question.question_id))
+        self._where.question_ended(question.question_id)
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _advance(self, question: Question, what: QuestionEvent) -> QuestionStatus:
+        try:
+            return advance(question.status, what)
+        except IllegalTransition as exc:
+            if exc.status == QuestionStatus.RESOLVED and what == QuestionEvent.ACCEPT:
+                raise ProtocolError("already_accepted", "an answer was already accepted") from None
+            if what == QuestionEvent.ACCEPT and exc.status == QuestionStatus.OPEN:
+                raise ProtocolError("not_found", "the question has no answers yet") from None
+            raise ProtocolError("question_closed", str(exc)) from None
+
+    def _who(self, user_id: str) -> dict[str, Any]:
+        user = self._users.get(user_id)
+        return {"user_id": user_id, "nick": user.nick if user else user_id}
