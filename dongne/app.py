@@ -89,7 +89,7 @@ async def run_server(
             omitted (tests share one across restarts on a mock clock).
         handle_signals: shut down gracefully on SIGINT/SIGTERM (the CLI sets it).
     """
-    db_path = Path(settings.store.path).resolve()
+    db_path = Path(await trio.Path(settings.store.path).resolve())
     secret = load_or_create_secret(settings.auth.jwt_secret, db_path)
     verifier = TokenVerifier(secret)
     if regions is not None:

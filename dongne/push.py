@@ -152,14 +152,13 @@ class PushDispatcher:
             task_status.started()
             return
         limiter = trio.CapacityLimiter(CONCURRENCY)
-        async with httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                async for job in self._jobs():
-                    nursery.start_soon(self._deliver, client, limiter, job)
-                # The server is shutting down: jobs still in flight stay
-                # pending in the outbox and are sent again at the next start.
-                nursery.cancel_scope.cancel()
+        async with httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client, trio.open_nursery() as nursery:
+            task_status.started()
+            async for job in self._jobs():
+                nursery.start_soon(self._deliver, client, limiter, job)
+            # The server is shutting down: jobs still in flight stay
+            # pending in the outbox and are sent again at the next start.
+            nursery.cancel_scope.cancel()
 
     def _record(self, job: PushJob, status: str, attempts: int, error: str | None) -> None:
         self._submit(Outcome(writes=(SavePushStatus(job.job_id, status, attempts, error, self._clock.now_ms()),)))

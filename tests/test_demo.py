@@ -45,4 +45,4 @@ async def test_demo_prints_a_dashboard_url_and_comes_alive(tmp_path: Path) -> No
             proc.kill()
             await proc.wait()
     # The temporary database went with it.
-    assert not list(tmp_path.iterdir())
+    assert not list(await trio.Path(tmp_path).iterdir())

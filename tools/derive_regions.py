@@ -227,7 +227,9 @@ def derive_regions(facts: dict[str, Any]) -> list[tuple[dict[str, str], BaseGeom
 
     main_idx = [i for i, p in enumerate(props) if p["name"] not in ISLAND_RINGS]
     office_xy = [(float(d["lng"]) * M_PER_DEG_LNG, float(d["lat"]) * M_PER_DEG_LAT) for d in divisions]
-    geoms: dict[int, BaseGeometry] = dict(zip(main_idx, voronoi_cells([office_xy[i] for i in main_idx], main_area)))
+    geoms: dict[int, BaseGeometry] = dict(
+        zip(main_idx, voronoi_cells([office_xy[i] for i in main_idx], main_area), strict=True)
+    )
     for i, p in enumerate(props):
         if p["name"] in ISLAND_RINGS:
             geoms[i] = islands[p["name"]]

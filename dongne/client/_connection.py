@@ -6,7 +6,7 @@ import itertools
 import logging
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import msgpack
@@ -195,8 +195,5 @@ async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
     """
     stream = getattr(ws, "_stream", None)  # private in trio-websocket 0.12
     if isinstance(stream, trio.abc.AsyncResource):
-        with trio.CancelScope(shield=True):
-            try:
-                await stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        with trio.CancelScope(shield=True), suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import inspect
@@ -316,10 +317,8 @@ class Session(metaclass=_NoPublicConstructor):
         return True
 
     def _queue(self, frame: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(trio.ClosedResourceError):  # the session is over
             self._events_send.send_nowait(frame)
-        except trio.ClosedResourceError:
-            pass  # the session is over
 
     # ---- the driver --------------------------------------------------------------
 

@@ -260,7 +260,7 @@ class WebSocketConnection:
 
     # The timeout is a grace period, not a deadline for the caller: when it
     # ends the socket is closed anyway, so aclose never fails for lack of time.
-    async def aclose(self, timeout: float = CLOSE_GRACE_S) -> None:  # noqa: ASYNC109
+    async def aclose(self, timeout: float = CLOSE_GRACE_S) -> None:
         """Flush, then close gracefully, for at most ``timeout`` seconds; then close the socket.
 
         A lingering close: after our last bytes we send FIN and read (and
