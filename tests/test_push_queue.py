@@ -1,0 +1,54 @@
+"""The push dispatcher's bounded queue: jobs past the bound wait in the durable outbox, and all go out once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from dongne.clock import EngineClock
+from dongne.config import EscalationSettings
+from dongne.core import EnqueuePush, Outcome, PushJob
+from dongne.push import PushDispatcher
+from dongne.store import Store
+
+from .test_push import FakeGateway
+
+
+async def test_jobs_past_the_queue_bound_wait_in_the_outbox_and_are_each_sent_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / "outbox.sqlite3", synchronous="NORMAL")
+    store.open()
+    clock = EngineClock()
+    payload = {"title": "t", "region": "Jeju-si", "data": {}}
+    jobs = [PushJob(i, f"local{i}", "new_question_notification", False, payload, clock.now_ms()) for i in range(1, 13)]
+    store.apply([EnqueuePush(job) for job in jobs])  # committed, as the engine's jobs are before they are offered
+    gateway = FakeGateway(200)
+    all_recorded = trio.Event()
+    recorded: list[Outcome] = []
+
+    def submit(outcome: Outcome) -> None:
+        store.apply(outcome.writes)  # the delivery status, as the pipeline would commit it
+        recorded.append(outcome)
+        if len(recorded) == len(jobs):
+            all_recorded.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            settings = EscalationSettings(push_url=f"http://127.0.0.1:{gateway.port}/push")
+            dispatcher = PushDispatcher(settings, submit, clock, read_pending=store.pending_push_jobs, max_queued=3)
+            for job in jobs:
+                dispatcher.offer(job)
+            held = dispatcher.statistics()
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(20):
+                await all_recorded.wait()
+            dispatcher.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+    assert (held.queued, held.overflows) == (3, 1)  # memory holds the bound, not the backlog
+    keys = sorted(int(headers["idempotency-key"].rsplit("-", 1)[1]) for headers, _ in gateway.requests)
+    assert keys == list(range(1, 13))  # every job once, none lost, none twice
+    assert dispatcher.statistics() == type(held)(queued=0, sent=12, failed=0, overflows=1)
