@@ -1,32 +1,24 @@
 """Interpreter settings for the long-running ``dongne serve`` process.
 
 Garbage-collection pauses stop every task and socket, so the server chooses
-when the big ones happen. Measured with ``bench/escalation.py`` (10,000
-connected locals, 50 questions/s, pauses from ``dongne_gc_pause_seconds``):
-
-* CPython's default thresholds (700, 10, 10): young and middle collections
-  are cheap (0.3 ms and 3 ms on average), but a full collection follows every
-  ten middle ones once the survivors grow by a quarter, which under that load
-  is every 2-3 s, and each walks the ~650,000 objects the connections keep
-  alive: 400-570 ms.
-* Larger young generations (50,000, 20, 10) make full collections rare, but
-  young and middle collections then walk everything a connection burst left
-  behind: 158 ms and 382 ms pauses in the measured 30 s (p99 reply 339 ms);
-  (10,000, 10, ...) still paused 18 ms per young and 111 ms per middle one.
-* (700, 10) with automatic full collections off: no pause over 50 ms while
-  loaded, p99 reply 98 ms, and less CPU (small generations stay in cache).
+when the big ones happen. With CPython's default thresholds a full collection
+follows every ten middle ones once the survivors grow by a quarter, which
+under load is every few seconds, and each walks every object the connections
+keep alive. Larger young generations make full collections rare but make the
+young and middle ones walk whatever a burst of connections left behind. So
+the server keeps the small default generations, turns automatic full
+collections off, and runs them itself.
 
 Reference cycles that survive a middle collection are reclaimed by the full
 collection :func:`collect_fully_every` runs on a fixed interval
-(``[server] full_gc_interval_s``): a known pause, at a known rate. A full
-collection walks every live object: ~440 ms at 10,000 connections (measured
-with the bench's interval shortened). Most of them (connections, users,
-questions) outlive many intervals, so after each collection the survivors
-are frozen (``gc.freeze``) and the next one walks only what is newer (about
-100 ms in the same bench, 12 s after the first); every
-:data:`FULL_SWEEP_EVERY` rounds the frozen objects are thawed and walked
-too, for the cycles they formed meanwhile (kept until then: at most an hour
-with the defaults).
+(``[server] full_gc_interval_s``): a known pause, at a known rate. Most live
+objects (connections, users, questions) outlive many intervals, so after each
+collection the survivors are frozen (``gc.freeze``) and the next one walks
+only what is newer; every :data:`FULL_SWEEP_EVERY` rounds the frozen objects
+are thawed and walked too, for the cycles they formed meanwhile (kept until
+then: at most an hour with the defaults). The pauses each choice measured are
+in README's benchmark section and the commits that made them
+(``dongne_gc_pause_seconds`` shows them live).
 """
 
 from __future__ import annotations

@@ -101,8 +101,8 @@ class StoreError(RuntimeError):
 
 #: Page caches (``PRAGMA cache_size``), KiB. The writer keeps SQLite's
 #: default, 2,000 KiB: its cache is reused from commit to commit, and the
-#: inbox index's pages are what a fan-out commit touches (with 512 KiB the
-#: escalation bench's p50 reply went from ~10-17 ms to 60 ms). The reader's
+#: inbox index's pages are what a fan-out commit touches (a smaller one
+#: made the escalation bench's replies several times slower). The reader's
 #: cache is dropped whenever the writer has committed, i.e. all the time, and
 #: the checkpointer reads each page once: 512 KiB is plenty, and the soak
 #: bench saw their caches fill up over its first minutes and stay.
@@ -228,8 +228,7 @@ class Store:
         matters because the commit runs on a worker thread: the sqlite3 module
         releases the GIL around every step, and ``executemany`` steps once per
         row, so while the event loop is busy each row waited for the GIL
-        (measured: 2,000 rows took 5 ms alone, 220-670 ms beside a busy
-        event loop; as one statement, 35 ms). The committer runs this part on
+        (an order of magnitude slower than one statement). The committer runs this part on
         the event loop, where it would hold the GIL anyway.
         """
         users: dict[str, User] = {}
