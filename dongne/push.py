@@ -105,9 +105,24 @@ class PushDispatcher:
         self.sent = 0
         self.failed = 0
         self.overflows = 0
+        self._settled = trio.Event()  # set, then replaced, each time a job is sent or fails
 
     def statistics(self) -> PushStatistics:
         return PushStatistics(queued=len(self._queue), sent=self.sent, failed=self.failed, overflows=self.overflows)
+
+    async def wait_sent(self, count: int) -> None:
+        """Return once ``count`` jobs have been sent since start-up."""
+        while self.sent < count:
+            await self._settled.wait()
+
+    async def wait_failed(self, count: int) -> None:
+        """Return once ``count`` jobs have failed (out of attempts) since start-up."""
+        while self.failed < count:
+            await self._settled.wait()
+
+    def _settle(self) -> None:
+        self._settled.set()
+        self._settled = trio.Event()
 
     def offer(self, job: PushJob) -> None:
         """Queue a committed job for sending (never blocks; see the class docstring for the bound)."""
@@ -193,8 +208,10 @@ class PushDispatcher:
                 if 200 <= response.status_code < 300:
                     self.sent += 1
                     self._record(job, "sent", attempts, None)
+                    self._settle()
                     return
                 error = f"HTTP {response.status_code}"
             self.failed += 1
             log.warning("push job %d to %s failed after %d attempts: %s", job.job_id, job.user_id, attempts, error)
             self._record(job, "failed", attempts, error)
+            self._settle()

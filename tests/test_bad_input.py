@@ -105,8 +105,8 @@ async def test_oversize_frame_closes_with_1009_and_others_carry_on(server: Harne
     async with server.connect("bystander") as bystander, server.connect("big") as big:
         await big.send_raw(msgpack.packb({"type": "get_profile", "id": 1, "data": {"pad": "x" * 70_000}}))
         with trio.fail_after(5):
-            while big.closed is None:
-                await trio.sleep(0.01)
+            await big.wait_closed()
+        assert big.closed is not None
         assert big.closed.reason.code == 1009
         assert (await bystander.request("get_profile"))["user"]["user_id"] == "bystander"
 

@@ -72,8 +72,8 @@ async def test_rate_limited_then_closed_for_abuse(start_server, autojump_clock) 
                 break
         assert codes and set(codes) == {"rate_limited"}
         with trio.fail_after(100):
-            while spammer.closed is None:
-                await trio.sleep(1)
+            await spammer.wait_closed()
+        assert spammer.closed is not None
         assert spammer.closed.reason.code == 4008
         # Everyone else carries on.
         assert (await asker.request("get_profile"))["user"]["user_id"] == "asker"
@@ -89,8 +89,8 @@ async def test_flood_of_bad_frames_is_closed_with_4008(start_server) -> None:  #
             except trio_websocket.ConnectionClosed:
                 break
         with trio.fail_after(10):
-            while flooder.closed is None:
-                await trio.sleep(0.01)
+            await flooder.wait_closed()
+        assert flooder.closed is not None
         assert flooder.closed.reason.code == 4008
         assert (await bystander.request("get_profile"))["user"]["user_id"] == "bystander"
     await h.running.aclose()

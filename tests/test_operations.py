@@ -165,8 +165,7 @@ async def test_slow_response_alert_fires_at_the_deadline(start_server, autojump_
         assert alert["data"]["age_s"] >= 600.0
         assert alert["data"]["stage"] == "IMMEDIATE"
         with trio.fail_after(1e6):
-            while not gateway.requests:
-                await trio.sleep(1)
+            await h.running.pushes.wait_sent(1)
         assert gateway.requests[0][1]["type"] == "slow_response_alert"
         assert gateway.requests[0][1]["urgent"] is True
         # Answering afterwards does not raise it again; the question is marked.

@@ -71,8 +71,7 @@ async def test_offline_target_is_pushed_with_the_urgent_flag(start_server, nurse
             "question_id"
         ]
     with trio.fail_after(10):
-        while h.running.pushes.sent < 1:
-            await trio.sleep(0.01)
+        await h.running.pushes.wait_sent(1)
     headers, body = gateway.requests[0]
     assert body["user_id"] == "sleeper"
     assert body["urgent"] is True
@@ -101,8 +100,7 @@ async def test_failing_gateway_gets_three_attempts_then_failed(start_server, nur
     async with h.connect("traveller") as asker:
         await asker.request("create_question", question_data(location=HALL))
     with trio.fail_after(10):
-        while h.running.pushes.failed < 1:
-            await trio.sleep(0.01)
+        await h.running.pushes.wait_failed(1)
     assert len(gateway.requests) == 3
     assert {r[1]["urgent"] for r in gateway.requests} == {False}
     await h.running.aclose()
