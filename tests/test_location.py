@@ -21,29 +21,32 @@ def east(metres: float, origin: dict[str, float] = HALL) -> dict[str, float]:
 
 
 async def test_update_location_snaps_names_the_region_and_is_rate_limited(server: Harness) -> None:
-    async with server.connect("local", local=True) as local:
-        exact = {"lat": 33.499612345, "lng": 126.531298765}
-        reply = await local.request("update_location", {"location": exact, "accuracy_m": 12.5})
-        snapped = reply["location"]
-        assert snapped != exact
-        assert haversine_m(exact["lat"], exact["lng"], snapped["lat"], snapped["lng"]) <= 71
-        assert (reply["region"], reply["live"]) == ("Jeju-si", True)
-        assert "local" in server.running.engine.where.live
+    async with server.connect("asker") as asker:
+        # The local joins the asker's question, so its leaving is announced (user_offline).
+        qid = (await asker.request("create_question", question_data(location=SEONGSAN)))["question"]["question_id"]
+        async with server.connect("local", local=True) as local:
+            await local.request("join_question", {"question_id": qid})
+            exact = {"lat": 33.499612345, "lng": 126.531298765}
+            reply = await local.request("update_location", {"location": exact, "accuracy_m": 12.5})
+            snapped = reply["location"]
+            assert snapped != exact
+            assert haversine_m(exact["lat"], exact["lng"], snapped["lat"], snapped["lng"]) <= 71
+            assert (reply["region"], reply["live"]) == ("Jeju-si", True)
+            assert await asker.request("nearby_locals", {"location": HALL}) == {"within_2km": 1, "within_5km": 1}
 
-        with pytest.raises(RequestError) as limited:
-            await local.request("update_location", {"location": SEONGSAN})
-        assert limited.value.code == "rate_limited"
-        assert 0 < limited.value.error["retry_after_ms"] <= 2000
-        with pytest.raises(RequestError) as outside:
-            await local.request("update_location", {"location": {"lat": 35.1796, "lng": 129.0756}})  # Busan
-        assert outside.value.code == "outside_service_area"
-        with pytest.raises(RequestError) as bad:
-            await local.request("update_location", {"location": HALL, "accuracy_m": -1})
-        assert bad.value.code == "invalid_field"
-    # The last connection closed: the local left the live index.
-    with trio.fail_after(5):
-        while "local" in server.running.engine.where.live:
-            await trio.sleep(0.01)
+            with pytest.raises(RequestError) as limited:
+                await local.request("update_location", {"location": SEONGSAN})
+            assert limited.value.code == "rate_limited"
+            assert 0 < limited.value.error["retry_after_ms"] <= 2000
+            with pytest.raises(RequestError) as outside:
+                await local.request("update_location", {"location": {"lat": 35.1796, "lng": 129.0756}})  # Busan
+            assert outside.value.code == "outside_service_area"
+            with pytest.raises(RequestError) as bad:
+                await local.request("update_location", {"location": HALL, "accuracy_m": -1})
+            assert bad.value.code == "invalid_field"
+        # The last connection closed: the local left the live index.
+        assert (await asker.next_event("user_offline"))["data"]["user_id"] == "local"
+        assert await asker.request("nearby_locals", {"location": HALL}) == {"within_2km": 0, "within_5km": 0}
 
 
 async def test_rate_limit_window_reopens(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
