@@ -59,7 +59,8 @@ class States:
 
 def server_side(h: Harness, user_id: str) -> WebSocketConnection:
     """The server's end of the user's newest connection."""
-    return h.running.clients.conns[max(h.running.engine.user_conns[user_id])]
+    clients = h.running.clients
+    return clients.conns[max(conn_id for conn_id in clients.conns if clients.engine.user_of(conn_id) == user_id)]
 
 
 def drop_client_side(session: Session) -> None:
@@ -139,7 +140,7 @@ async def test_every_durable_event_arrives_once_in_order_across_20_cuts(server: 
                     for _ in range(3):
                         received.append(await session.next_event("answer_notification"))
                     cuts[i % 3](session)
-                    await states.until(lambda: session.reconnects == i + 1 and session.state is CONNECTED)
+                    await states.until(lambda n=i + 1: session.reconnects == n and session.state is CONNECTED)
                 cutting_done.set()
             while len(received) < len(produced):
                 received.append(await session.next_event("answer_notification"))
@@ -193,7 +194,10 @@ async def test_rooms_and_location_are_restored_after_a_reconnect(
         assert [e["type"] for e in received].count("nearby_questions") == 1
         assert "rate_limited" not in h.running.clients.statistics().errors
 
-        assert h.running.engine.where.positions["reader"][:2] == (snapped["lat"], snapped["lng"])
+        # The server knows the re-sent position: asking without a location answers as asking at it.
+        here = await session.request("nearby_questions")
+        assert here == await session.request("nearby_questions", {"location": snapped})
+        assert sorted(q["question_id"] for q in here["questions"]) == sorted([q1, q2, q3])
         assert session.location == location
         assert session.rooms == (q1, q3, mine)
         assert states.seen == [CONNECTED, RECONNECTING, CONNECTED]
