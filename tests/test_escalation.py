@@ -16,10 +16,12 @@ import trio
 
 from dongne.client import DongneClient
 from dongne.clock import EngineClock
+from dongne.core.escalation import DEFAULT_STAGES
 
 from .conftest import NO_TIMERS, Harness, question_data
 
 HALL = (33.4996, 126.5312)
+HERE = {"lat": HALL[0], "lng": HALL[1]}
 M_PER_DEG_LNG = 111320 * math.cos(math.radians(HALL[0]))
 
 
@@ -36,6 +38,16 @@ async def local_at(
     return client
 
 
+async def past_the_last_stage(h: Harness) -> None:
+    """Wait (mock time) until every question asked so far is past its last stage, and what it sent is sent.
+
+    An escalation task ends a second after its last stage is due; the stage's
+    outcome is committed and acted on through the pipeline.
+    """
+    await trio.sleep(DEFAULT_STAGES[-1].offset_s + 2.0)
+    await h.running.clients.pipeline.wait_idle()
+
+
 async def notifications(client: DongneClient) -> list[dict[str, Any]]:
     return [e for e in client.pending_events() if e["type"] == "new_question_notification"]
 
@@ -49,9 +61,7 @@ async def test_stages_reach_the_right_locals_in_order(start_server, autojump_clo
         expert = await local_at(stack, h, "expert", 20000, tags=["food"])
         asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
         started = trio.current_time()
-        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))[
-            "question"
-        ]
+        question = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]
 
         first = await near.next_event("new_question_notification")
         assert first["seq"] == 1
@@ -94,7 +104,7 @@ async def test_immediate_takes_the_ten_nearest_with_alerts_on(start_server, auto
         locals_ = [await local_at(stack, h, f"l{i:02d}", 150 + 150 * i) for i in range(12)]  # 150 m .. 1.8 km
         await locals_[0].request("update_settings", {"immediate_alerts": False})
         asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
-        await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL))))
+        await asker.request("create_question", question_data(location=dict(HERE)))
         stages = {}
         for i, client in enumerate(locals_):
             stages[i] = (await client.next_event("new_question_notification"))["data"]["stage"]
@@ -113,7 +123,7 @@ async def test_accept_cancels_and_an_answer_skips_final(start_server, autojump_c
         await local_at(stack, h, "far", 20000)
         await local_at(stack, h, "mid", 4000)
         asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
-        here = dict(zip(("lat", "lng"), HALL))
+        here = dict(HERE)
 
         qa = (await asker.request("create_question", question_data(location=here)))["question"]["question_id"]
         assert (await near.next_event("new_question_notification"))["data"]["stage"] == "IMMEDIATE"
@@ -126,8 +136,8 @@ async def test_accept_cancels_and_an_answer_skips_final(start_server, autojump_c
             "question_id"
         ]
         await near.request("create_answer", {"question_id": qb, "content": "there"})
-        while qb in h.running.clients.escalation_scopes:
-            await trio.sleep(10)
+        await past_the_last_stage(h)
+        assert qb not in h.running.clients.escalation_scopes
         state_b = (await asker.request("join_question", {"question_id": qb}))["question"]
     await h.running.aclose()
     with sqlite3.connect(db_path) as conn:
@@ -149,9 +159,7 @@ async def test_escalation_resumes_after_restart(start_server, autojump_clock, db
         await mid.request("update_settings", {"home": east(4000)})
         await local_at(stack, h, "expert", 20000, tags=["food"])
         asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
-        question = (await asker.request("create_question", question_data(location=dict(zip(("lat", "lng"), HALL)))))[
-            "question"
-        ]
+        question = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]
         assert (await near.next_event("new_question_notification"))["data"]["stage"] == "IMMEDIATE"
         await h.running.aclose()
     # Down for a minute: QUICK (3 s) and EXTENDED (30 s) come due while it is
@@ -169,10 +177,11 @@ async def test_escalation_resumes_after_restart(start_server, autojump_clock, db
         assert (got_mid["seq"], got_mid["data"]["stage"]) == (1, "QUICK")
         assert (got_expert["seq"], got_expert["data"]["stage"]) == (1, "EXTENDED")
         # FINAL comes at its original deadline and finds nobody new: everyone was notified once.
-        while question["question_id"] in h2.running.clients.escalation_scopes:
-            await trio.sleep(10)
+        await past_the_last_stage(h2)
+        assert question["question_id"] not in h2.running.clients.escalation_scopes
         assert (await near.next_event("new_question_notification"))["seq"] == 1  # the replayed IMMEDIATE
         for client in (mid, expert, near):
+            await client.request("get_profile")  # anything sent before the reply has arrived
             assert await notifications(client) == []
     await h2.running.aclose()
     with sqlite3.connect(db_path) as conn:
