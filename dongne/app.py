@@ -32,8 +32,7 @@ from .push import PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
 from .snapshots import run_periodic_snapshots
-from .store import Store
-from .store._backup import hold_database_lock
+from .store import Store, hold_database_lock
 
 __all__ = ["Running", "run_server"]
 

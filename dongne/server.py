@@ -58,8 +58,7 @@ from .metrics import Metrics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
 from .store import Store
-from .transport import FrameEncoder, WebSocketConnection, serve_handshake
-from .transport._connection import BinaryFrame, TextFrame
+from .transport import BinaryFrame, FrameEncoder, TextFrame, WebSocketConnection, serve_handshake
 
 __all__ = ["ClientServer", "ServerStatistics"]
 

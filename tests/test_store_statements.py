@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from dongne.store._sqlite import MAX_ROWS_PER_STATEMENT, PreparedCommit
+from dongne.store import MAX_ROWS_PER_STATEMENT, PreparedCommit
 
 
 def test_inserts_come_in_powers_of_two_up_to_the_cap() -> None:
