@@ -97,7 +97,12 @@ async def run_server(
         region_set = RegionSet.from_file(settings.location.regions_file)
     else:
         region_set = load_default_regions()
-    store = Store(db_path, synchronous=settings.store.synchronous, background_checkpoints=True)
+    store = Store(
+        db_path,
+        synchronous=settings.store.synchronous,
+        background_checkpoints=True,
+        busy_timeout_s=settings.store.busy_timeout_s,
+    )
     stopped = trio.Event()
     db_path.parent.mkdir(parents=True, exist_ok=True)
     # One server per database, and no restore under a running server.
@@ -154,6 +159,7 @@ async def _serve(
             alert_url=settings.alerts.webhook_url,
             pending_pushes=loaded.pending_pushes,
             max_batch=settings.store.max_batch,
+            hot_days=keep_days,
         )
         shutdown = trio.Event()
 
@@ -171,7 +177,7 @@ async def _serve(
             }
 
         admin = AdminApp(overview, region_set.to_geojson(), verifier, closing=shutdown.wait)  # mounted at /admin
-        ops = OpsApp(lambda: clients.accepting, status, clients.metrics.render, admin)
+        ops = OpsApp(lambda: clients.accepting and clients.writable, status, clients.metrics.render, admin)
         hconfig = hypercorn.config.Config()
         hconfig.bind = [f"{settings.server.ops_host}:{settings.server.ops_port}"]
         hconfig.accesslog = None

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         print(f"dongne: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. no space left for the lock or secret file
+        print(f"dongne: cannot start: {exc.strerror or exc}: {exc.filename or settings.store.path}", file=sys.stderr)
+        return 2
     return 0
 
 

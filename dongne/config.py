@@ -79,6 +79,9 @@ class StoreSettings:
     path: str = "dongne.sqlite3"
     synchronous: str = attrs.field(default="FULL", validator=_one_of("FULL", "NORMAL", "EXTRA"))
     max_batch: int = attrs.field(default=1000, validator=positive)
+    # How long a commit waits for a lock another program holds on the
+    # database before it fails (and writes are refused until one succeeds).
+    busy_timeout_s: float = attrs.field(default=30.0, validator=positive)
 
 
 @attrs.frozen

@@ -36,6 +36,7 @@ class _Gauges(Collector):
             ("locals_online", "Verified locals in the live index"),
             ("open_questions", "Questions open or answered but not resolved"),
             ("escalations_running", "Escalation tasks running"),
+            ("store_writes_failing", "1 while commits to the database fail (writes are refused), else 0"),
         ):
             yield GaugeMetricFamily(f"dongne_{name}", help_text, value=values.get(name, 0))
 
@@ -54,6 +55,9 @@ class Metrics:
         self.frames_out = Counter("dongne_frames_out", "Frames delivered to clients, by type", ["type"], registry=r)
         self.deliveries = Counter("dongne_deliveries", "Frames written or queued to client connections", registry=r)
         self.errors = Counter("dongne_errors", "Error replies and closes, by code", ["code"], registry=r)
+        self.store_write_failures = Counter(
+            "dongne_store_write_failures", "Commits and probe writes the database refused", registry=r
+        )
         self.overflows = Counter("dongne_outbound_overflows", "Connections closed as slow consumers (4009)", registry=r)
         self.rate_limit_hits = Counter(
             "dongne_rate_limit_hits", "Requests or connections refused by a limit", ["scope"], registry=r

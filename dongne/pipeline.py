@@ -33,7 +33,7 @@ import trio
 import trio.lowlevel
 
 from .core.effects import Outcome, Write, rows_of
-from .store import Store
+from .store import Store, WriteFailed
 
 __all__ = ["CommitPipeline", "keep_wal_short"]
 
@@ -58,6 +58,11 @@ class CommitPipeline:
         act: performs an outcome's actions (must not block), given its token.
         max_batch: the most outcomes in one transaction.
         max_queued: the queue length past which ``full`` is true.
+        on_write_failed: called when a commit fails, with the error and every
+            outcome that will not be committed: the failed batch and all
+            queued behind it (their writes were decided on top of it). The
+            pipeline is then ``failing``: it refuses outcomes with writes
+            the same way, at once, until ``writes_work()`` is called.
         bulk_budget: the most rows of bulk outcomes queued for one commit.
             Every request committed beside them waits for them to commit
             and to be acted on, so this bounds what bulk work adds to a
@@ -75,7 +80,11 @@ class CommitPipeline:
         bulk_budget: int = 200,
         bulk_time_budget: float = 0.010,
         on_commit: Callable[[float, int], None] | None = None,
+        on_write_failed: Callable[[WriteFailed, list[tuple[Outcome, Any]]], None] | None = None,
     ) -> None:
+        self._on_write_failed = on_write_failed
+        self.failing = False  # a commit failed and writes_work() was not called since
+        self._failure: WriteFailed | None = None
         self._store = store
         self._on_commit = on_commit
         self._act = act
@@ -106,6 +115,9 @@ class CommitPipeline:
     def submit(self, outcome: Outcome, token: Any = None) -> None:
         """Queue an outcome; one with no writes and nothing ahead of it is acted on at once."""
         if not outcome.writes and not outcome.actions:
+            return
+        if outcome.writes and self.failing:
+            self._refuse(self._failure or WriteFailed("writes are failing"), [(outcome, token)])
             return
         if not outcome.writes and not self._queue and not self._in_flight:
             self._act(outcome, token)
@@ -206,7 +218,11 @@ class CommitPipeline:
                 # worker thread only runs SQLite. Not abandoned on cancel: a
                 # commit in flight always finishes.
                 prepared = self._store.prepare(writes)
-                await trio.to_thread.run_sync(self._store.commit, prepared)
+                try:
+                    await trio.to_thread.run_sync(self._store.commit, prepared)
+                except WriteFailed as exc:
+                    self._failed(exc, batch)
+                    continue
                 self._committed.set()
                 self._committed = trio.Event()
                 self._record(time.perf_counter() - started)
@@ -214,6 +230,29 @@ class CommitPipeline:
                     self._on_commit(time.perf_counter() - started, len(batch))
             self._committed_batches.append(batch)
             self._batch_committed.set()
+
+    def writes_work(self) -> None:
+        """Writes succeed again (the driver's probe committed): commit as before."""
+        self.failing = False
+        self._failure = None
+
+    def _failed(self, exc: WriteFailed, batch: list[tuple[Outcome, Any]]) -> None:
+        """A commit failed: nothing of ``batch`` or of what is queued behind it will be committed."""
+        refused = batch + self._queue
+        self._queue = []
+        self._in_flight -= 1
+        self.failing = True
+        self._failure = exc
+        self._room.set()
+        if not self._in_flight:
+            self._idle.set()
+            self._bulk_room.set()
+        self._refuse(exc, refused)
+
+    def _refuse(self, exc: WriteFailed, refused: list[tuple[Outcome, Any]]) -> None:
+        if self._on_write_failed is None:
+            raise exc
+        self._on_write_failed(exc, refused)
 
     async def _act_committed(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import math
@@ -47,17 +48,21 @@ from .core import (
     Push,
     PushJob,
     QuestionLoaded,
+    Reloaded,
     Replay,
     Send,
     StartEscalation,
     Tick,
+    WritesFailing,
+    WritesWork,
 )
+from .core.engine import UNAVAILABLE_RETRY_MS
 from .core.limits import BucketSpec, IpBlocklist, Limiter
-from .core.protocol import durable_event
+from .core.protocol import durable_event, reply_error
 from .metrics import Metrics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .store import Store
+from .store import Store, WriteFailed
 from .transport import BinaryFrame, FrameEncoder, TextFrame, WebSocketConnection, serve_handshake
 
 __all__ = ["ClientServer", "ServerStatistics"]
@@ -91,6 +96,8 @@ class ClientServer:
         alert_url: where slow-response alerts are POSTed.
         pending_pushes: push jobs an earlier run left pending.
         max_batch: the most outcomes committed together.
+        hot_days: how far back the engine keeps questions in memory (for
+            the reload after a failed commit).
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class ClientServer:
         alert_url: str = "",
         pending_pushes: Iterable[PushJob] = (),
         max_batch: int = 1000,
+        hot_days: float = 7.0,
     ) -> None:
         self.settings = settings
         self._startup = startup
@@ -118,7 +126,13 @@ class ClientServer:
         self.encoder = FrameEncoder()
         self.metrics = Metrics(self._gauges)
         self._connections_total = self.metrics.connections_total
-        self.pipeline = CommitPipeline(store, self._act, max_batch=max_batch, on_commit=self._on_commit)
+        self.pipeline = CommitPipeline(
+            store, self._act, max_batch=max_batch, on_commit=self._on_commit, on_write_failed=self._write_failed
+        )
+        self._hot_ms = int(hot_days * 86_400_000)
+        self._writes_ok = trio.Event()  # set while commits work
+        self._writes_ok.set()
+        self._writes_failed = trio.Event()  # wakes the storage supervisor
         self.pushes = PushDispatcher(
             escalation,
             self.pipeline.submit,
@@ -151,6 +165,7 @@ class ClientServer:
             await nursery.start(self.pushes.run)
             nursery.start_soon(self._timers)
             nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._storage_supervisor)
             self._escalation_nursery = await nursery.start(_nursery_holder)
             self._perform(self._startup)
             async with trio.open_nursery() as conn_nursery:
@@ -170,7 +185,11 @@ class ClientServer:
             nursery.cancel_scope.cancel()
 
     def _gauges(self) -> dict[str, Any]:
-        return {**self.engine.counts(), "escalations_running": len(self.escalation_scopes)}
+        return {
+            **self.engine.counts(),
+            "escalations_running": len(self.escalation_scopes),
+            "store_writes_failing": 0 if self.writable else 1,
+        }
 
     def _on_commit(self, seconds: float, outcomes: int) -> None:
         self.metrics.commit_seconds.observe(seconds)
@@ -409,10 +428,73 @@ class ClientServer:
             with scope:
                 while (due := self.engine.escalation_due(question_id)) is not None:
                     await trio.sleep_until(self.clock.trio_time_at(due))
+                    await self._writes_ok.wait()  # a stage that cannot be committed runs late, not never
                     await self.pipeline.submit_bulk(lambda: self._handle(EscalationDue(question_id)))
         finally:
             if self.escalation_scopes.get(question_id) is scope:
                 del self.escalation_scopes[question_id]
+
+    # ---- storage faults ------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """False while commits fail (``/ready`` answers 503 then)."""
+        return self._writes_ok.is_set()
+
+    def _write_failed(self, exc: WriteFailed, refused: list[tuple[Outcome, Any]]) -> None:
+        """A commit failed (or writes came while failing): refuse what will not be committed.
+
+        Called synchronously by the pipeline, before any other task runs: the
+        engine stops taking writes at once.
+        """
+        self.metrics.store_write_failures.inc()
+        if self._writes_ok.is_set():
+            log.error("storage_failing", extra={"error": str(exc)})
+            self._writes_ok = trio.Event()
+            self._writes_failed.set()
+            self._perform(self._handle(WritesFailing(str(exc))))
+        for outcome, token in refused:
+            if not outcome.writes:
+                self._act(outcome, token)  # a read or live event: valid without the failed writes
+                continue
+            if outcome.request is None:
+                continue  # an escalation batch or an alert: the reload makes it due again
+            conn_id, request_id = outcome.request
+            conn = self.conns.get(conn_id)
+            if conn is None:
+                continue
+            if outcome.op == "hello":
+                conn.close(1013, "the server cannot store your session now; reconnect later")
+                continue
+            frame = reply_error(
+                request_id,
+                "unavailable",
+                "the server could not store this; nothing was changed",
+                retry_after_ms=UNAVAILABLE_RETRY_MS,
+            )
+            conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
+            self.metrics.errors.labels("unavailable").inc()
+
+    async def _storage_supervisor(self) -> None:
+        """After a failed commit: rebuild memory from the database, then probe until writes work again."""
+        while True:
+            await self._writes_failed.wait()
+            self._writes_failed = trio.Event()
+            hot_since = self.clock.now_ms() - self._hot_ms
+            state = await trio.to_thread.run_sync(functools.partial(self.store.load, hot_since=hot_since))
+            self._perform(self._handle(Reloaded(state)))
+            while True:
+                await trio.sleep(PROBE_INTERVAL_S)
+                try:
+                    await self.pipeline.run_between_commits(self.store.probe)
+                except WriteFailed:
+                    self.metrics.store_write_failures.inc()
+                    continue
+                break
+            self.pipeline.writes_work()
+            self._writes_ok.set()
+            log.warning("storage_recovered")
+            self._perform(self._handle(WritesWork()))
 
     # ---- time ------------------------------------------------------------------
 
@@ -459,6 +541,9 @@ class ClientServer:
                     conn.alive = False
                     conn.ping()
 
+
+#: How often the store is probed while commits fail.
+PROBE_INTERVAL_S = 1.0
 
 #: The heartbeat pings a share of the connections this often (see ``_heartbeat``).
 HEARTBEAT_SLICE_S = 0.1

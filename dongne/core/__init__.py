@@ -31,7 +31,18 @@ from .effects import (
 from .engine import Engine, LoadedState, TokenCheck
 from .errors import CloseConnection, ConfigError, DongneError, ProtocolError
 from .escalation import DEFAULT_STAGES, StagePlan, stages_from_config
-from .events import Connected, Disconnected, EscalationDue, Event, FrameReceived, QuestionLoaded, Tick
+from .events import (
+    Connected,
+    Disconnected,
+    EscalationDue,
+    Event,
+    FrameReceived,
+    QuestionLoaded,
+    Reloaded,
+    Tick,
+    WritesFailing,
+    WritesWork,
+)
 from .records import Answer, Claims, PushJob, Question, User
 from .regions import Hotspot, RegionSet, load_default_regions, load_hotspots
 from .settings import (
@@ -78,6 +89,7 @@ __all__ = [
     "Question",
     "QuestionLoaded",
     "RegionSet",
+    "Reloaded",
     "Replay",
     "SaveAnswer",
     "SaveEscalation",
@@ -92,6 +104,8 @@ __all__ = [
     "TokenCheck",
     "User",
     "Write",
+    "WritesFailing",
+    "WritesWork",
     "load_default_regions",
     "load_hotspots",
     "rows_of",

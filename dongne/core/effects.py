@@ -209,6 +209,9 @@ class Outcome:
             the driver reads it from the store and hands it back in a
             ``QuestionLoaded`` event, before anything else from that
             connection. ``writes`` and ``actions`` are empty then.
+        request: ``(conn_id, request id)`` of the request this outcome
+            answers, so that the driver can refuse it if its writes cannot
+            be committed.
     """
 
     writes: tuple[Write, ...] = ()
@@ -216,6 +219,7 @@ class Outcome:
     op: str = ""
     error: str | None = None
     load_question: str | None = None
+    request: tuple[int, int | None] | None = None
 
 
 class OutcomeBuilder:
@@ -241,5 +245,5 @@ class OutcomeBuilder:
     def note(self, event: str, **fields: Any) -> None:
         self.actions.append(Note(event, fields))
 
-    def build(self, op: str = "", error: str | None = None) -> Outcome:
-        return Outcome(tuple(self.writes), tuple(self.actions), op, error)
+    def build(self, op: str = "", error: str | None = None, request: tuple[int, int | None] | None = None) -> Outcome:
+        return Outcome(tuple(self.writes), tuple(self.actions), op, error, request=request)

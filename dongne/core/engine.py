@@ -33,7 +33,18 @@ from .connections import Call, ConnPhase, ConnState
 from .deadlines import Deadlines
 from .effects import Close, Outcome, OutcomeBuilder, Replay, SaveUser, Send, StartEscalation
 from .errors import CloseConnection, ProtocolError
-from .events import Connected, Disconnected, EscalationDue, Event, FrameReceived, QuestionLoaded, Tick
+from .events import (
+    Connected,
+    Disconnected,
+    EscalationDue,
+    Event,
+    FrameReceived,
+    QuestionLoaded,
+    Reloaded,
+    Tick,
+    WritesFailing,
+    WritesWork,
+)
 from .inbox import Inbox
 from .lifecycle import ACTIVE
 from .limits import OP_CLASSES, BucketSpec, Limiter
@@ -41,9 +52,9 @@ from .neighbourhood import Neighbourhood
 from .oversight import Oversight
 from .places import Places, RegionLookup, ServiceArea
 from .presence import Presence
-from .protocol import Fields, Request, decode_request, reply_error, reply_ok
+from .protocol import Fields, Request, decode_request, event, reply_error, reply_ok
 from .questions import Questions
-from .records import Answer, Claims, PushJob, Question, User
+from .records import Answer, Claims, LoadedState, Question, User
 from .regions import Hotspot
 from .settings import CoreSettings
 from .text import SpamFilter
@@ -56,18 +67,12 @@ TokenCheck = Callable[[object, float], Claims]
 
 _NOTHING = Outcome()
 
-
-@attrs.frozen
-class LoadedState:
-    """What the store hands the engine at start-up."""
-
-    users: list[User]
-    questions: list[Question]
-    answers: list[Answer]
-    escalations: dict[str, int] = attrs.Factory(dict)  # question id -> stages already run
-    notified: list[tuple[str, str, int]] = attrs.Factory(list)  # (question id, user id, at)
-    pending_pushes: list[PushJob] = attrs.Factory(list)
-    last_push_job_id: int = 0
+#: The operations that write; refused with ``unavailable`` while commits fail.
+WRITING_OPS = frozenset(
+    {"create_question", "create_answer", "accept_answer", "close_question", "mark_read", "update_settings"}
+)
+#: What ``unavailable`` replies suggest as ``retry_after_ms``: about when the store is probed next.
+UNAVAILABLE_RETRY_MS = 1000
 
 
 def _default_new_id(prefix: str, now: int) -> str:
@@ -114,6 +119,8 @@ class Engine:
         self.conns: dict[int, ConnState] = {}
         self.user_conns: dict[str, set[int]] = {}
         self._deadlines = Deadlines()
+        self.writable = True  # False while commits fail (WritesFailing .. WritesWork)
+        self._write_error: str | None = None
         self._hello_timeout_ms = None if math.isinf(settings.hello_timeout_s) else int(settings.hello_timeout_s * 1000)
         self.where = Neighbourhood(settings.location, settings.stages, hotspots)
         area = ServiceArea(region_of)
@@ -182,10 +189,14 @@ class Engine:
         for answer in state.answers:
             self._qa.adopt_answer(answer)
         self.inbox.restore(state.last_push_job_id)
+        return self._start_escalations()
+
+    def _start_escalations(self) -> Outcome:
+        """A ``StartEscalation`` for every question with stages left (the driver skips running ones)."""
         out = OutcomeBuilder()
-        for question_id in sorted(where.escalations):
+        for question_id in sorted(self.where.escalations):
             question = self.questions[question_id]
-            if where.escalation_due(question) is not None:
+            if self.where.escalation_due(question) is not None:
                 out.act(StartEscalation(question_id, self._qa.escalation_until(question)))
         return out.build()
 
@@ -208,6 +219,12 @@ class Engine:
             return self._question_loaded(event, now)
         if isinstance(event, Disconnected):
             return self._disconnected(event.conn_id, now)
+        if isinstance(event, WritesFailing):
+            return self._writes_failing(event.error, now)
+        if isinstance(event, Reloaded):
+            return self._reloaded(event, now)
+        if isinstance(event, WritesWork):
+            return self._writes_work(now)
         raise TypeError(f"not an engine event: {event!r}")
 
     # ---- queries ---------------------------------------------------------------------
@@ -278,6 +295,13 @@ class Engine:
             return self._refuse(
                 conn.conn_id, request.id, ProtocolError("unknown_op", f"unknown operation {op[:40]!r}"), label
             )
+        if not self.writable and op in WRITING_OPS:
+            error = ProtocolError(
+                "unavailable",
+                "writes are failing on the server; nothing was changed",
+                retry_after_ms=UNAVAILABLE_RETRY_MS,
+            )
+            return self._refuse(conn.conn_id, request.id, error, label)
         question_id = request.data.get("question_id")
         if isinstance(question_id, str) and 0 < len(question_id) <= 64 and question_id not in self.questions:
             # Not in memory (older than the hot set, or no such question): ask the driver.
@@ -306,7 +330,7 @@ class Engine:
         # The reply goes first: a client sees its own request acknowledged
         # before the events it caused.
         out.actions.insert(0, Send((conn.conn_id,), reply_ok(request.id, data)))
-        return out.build(label)
+        return out.build(label, request=(conn.conn_id, request.id))
 
     def _refuse(self, conn_id: int, request_id: int | None, error: ProtocolError, label: str = "") -> Outcome:
         """An error reply to one request (or to a frame that was not one)."""
@@ -344,6 +368,9 @@ class Engine:
             return self._close(conn, 4008, f"at most {per_user} connections per user", op="hello")
         out = OutcomeBuilder()
         user = self.users.get(claims.user_id)
+        claimed = (claims.nick, claims.local, claims.tags, claims.role)
+        if not self.writable and (user is None or (user.nick, user.local, user.tags, user.role) != claimed):
+            return self._close(conn, 1013, "the server cannot store your profile now; reconnect later", op="hello")
         if user is None:
             user = User(claims.user_id, claims.nick, claims.local, claims.tags, claims.role, created_at=now)
             self.users[user.user_id] = user
@@ -360,8 +387,9 @@ class Engine:
         out.send((conn.conn_id,), reply_ok(request.id, hello))
         if last_seen is not None and last_seen < user.last_seq:
             out.act(Replay(conn.conn_id, user.user_id, last_seen, user.last_seq))
-        self.inbox.deliver_pending(user.user_id, now, out)
-        return out.build("hello")
+        if self.writable:  # receipts wait for the next hello otherwise
+            self.inbox.deliver_pending(user.user_id, now, out)
+        return out.build("hello", request=(conn.conn_id, request.id))
 
     # ---- leaving ---------------------------------------------------------------------
 
@@ -393,7 +421,10 @@ class Engine:
             if kind == "typing":
                 self.presence.typing_expired(key, subkey, due, out)
             elif kind == "slow_response":
-                self.oversight.alert_due(key, now, out)
+                if self.writable:
+                    self.oversight.alert_due(key, now, out)
+                else:  # the alert is a write: it waits, it is not lost
+                    self._deadlines.add(now + UNAVAILABLE_RETRY_MS, "slow_response", key)
             else:
                 conn = self.conns.get(int(key))
                 if conn is not None and conn.phase is ConnPhase.AWAITING_HELLO:
@@ -405,8 +436,59 @@ class Engine:
         """Run every stage of the question's escalation that is due at ``now``."""
         out = OutcomeBuilder()
         question = self.questions.get(question_id)
-        if question is not None:
+        if question is not None and self.writable:  # otherwise the stage runs late, once writes work
             self._qa.run_due_stages(question, now, out)
+        return out.build()
+
+    # ---- storage faults ----------------------------------------------------------------
+
+    def _writes_failing(self, error: str, now: int) -> Outcome:
+        """Commits fail: refuse writes from now on and tell the admins (live: nothing can be stored)."""
+        if not self.writable:
+            return _NOTHING
+        self.writable = False
+        self._write_error = error
+        return self._storage_alert("failing", error, now)
+
+    def _writes_work(self, now: int) -> Outcome:
+        if self.writable:
+            return _NOTHING
+        self.writable = True
+        error, self._write_error = self._write_error, None
+        alert = self._storage_alert("recovered", error, now)
+        # Escalations whose tasks ended while writes failed run their overdue stages now.
+        return Outcome(actions=alert.actions + self._start_escalations().actions)
+
+    def _storage_alert(self, state: str, error: str | None, now: int) -> Outcome:
+        out = OutcomeBuilder()
+        data = {"state": state, "error": error, "at": now}
+        out.send(self.oversight.admin_conns(self.user_conns), event("storage_alert", data))
+        return out.build()
+
+    def _reloaded(self, event: Reloaded, now: int) -> Outcome:
+        """Rebuild the durable state from the database after a failed commit.
+
+        The failed commit's requests (and those queued behind it) changed
+        memory before their writes failed; the database holds what really
+        happened. Live state stays: connections, rooms, positions, typing.
+        A connection whose user the database does not know (its first hello
+        was in the failed commit) is closed with 1013, to come back later.
+        """
+        self.users.clear()
+        self.questions.clear()
+        self.answers.clear()
+        self.where.forget_durable()
+        self.oversight.forget_durable()
+        started = self.load(event.state)
+        out = OutcomeBuilder()
+        out.actions.extend(started.actions)
+        for question_id in [q for q in self.presence.rooms if q not in self.questions]:
+            self.presence.drop_room(question_id, self.conns)
+        for conn in self.conns.values():
+            if conn.user_id is not None and conn.user_id not in self.users and conn.phase is ConnPhase.READY:
+                conn.phase = ConnPhase.CLOSING
+                out.act(Close(conn.conn_id, 1013, "the server lost your profile to a storage failure; reconnect"))
+        out.note("state_reloaded", users=len(self.users), questions=len(self.questions))
         return out.build()
 
     # ---- the engine's own operations ----------------------------------------------------

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import attrs
 
-from .records import Answer, Question
+from .records import Answer, LoadedState, Question
 
-__all__ = ["Connected", "Disconnected", "EscalationDue", "Event", "FrameReceived", "QuestionLoaded", "Tick"]
+__all__ = [
+    "Connected",
+    "Disconnected",
+    "EscalationDue",
+    "Event",
+    "FrameReceived",
+    "QuestionLoaded",
+    "Reloaded",
+    "Tick",
+    "WritesFailing",
+    "WritesWork",
+]
 
 
 @attrs.frozen
@@ -61,4 +72,37 @@ class EscalationDue:
     question_id: str
 
 
-Event = Connected | FrameReceived | QuestionLoaded | Disconnected | Tick | EscalationDue
+@attrs.frozen
+class WritesFailing:
+    """Commits fail (disk full, I/O error, locked): refuse writes until ``WritesWork``.
+
+    What the failed commit and those queued behind it changed in memory is
+    rebuilt by ``Reloaded`` from what the database holds.
+    """
+
+    error: str
+
+
+@attrs.frozen
+class Reloaded:
+    """The durable state as the database holds it, read after a failed commit."""
+
+    state: LoadedState
+
+
+@attrs.frozen
+class WritesWork:
+    """A write succeeded again: accept writes."""
+
+
+Event = (
+    Connected
+    | FrameReceived
+    | QuestionLoaded
+    | Disconnected
+    | Tick
+    | EscalationDue
+    | WritesFailing
+    | Reloaded
+    | WritesWork
+)

@@ -38,6 +38,8 @@ class Inbox:
         self._push_seq = 0
 
     def restore(self, last_push_job_id: int) -> None:
+        """Start from the stored state (at start-up, or again after a failed commit)."""
+        self._undelivered.clear()
         self._push_seq = last_push_job_id
 
     def track(self, question: Question, answer: Answer) -> None:

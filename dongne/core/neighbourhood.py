@@ -54,17 +54,25 @@ class Neighbourhood:
     ) -> None:
         self.settings = settings
         self.stages = stages
+        self._named_places = tuple(hotspots)
+        # Live: who is where now (rebuilt by the clients, never stored).
         self.live = LocalsIndex()  # online locals' live positions
-        self.homes = LocalsIndex()  # locals' home positions
-        self.open_questions = LocalsIndex()  # active questions' positions
-        self.locals: dict[str, LocalInfo] = {}
         self.positions: dict[str, tuple[float, float, str | None]] = {}  # user -> snapped lat, lng, region
         self.last_move: dict[str, int] = {}
         self.nearby_seen: dict[str, tuple[str, ...]] = {}  # user -> question ids last sent
+        self.forget_durable()
+
+    def forget_durable(self) -> None:
+        """Drop everything derived from stored records (to be loaded again); live positions stay."""
+        self.homes = LocalsIndex()  # locals' home positions
+        self.open_questions = LocalsIndex()  # active questions' positions
+        self.locals: dict[str, LocalInfo] = {}
         self.escalations: dict[str, Escalation] = {}
         self.ledger = AlertLedger()
         self.hotspots = HotspotTracker(
-            window_ms=int(settings.hotspot_window_s * 1000), cell_m=settings.hotspot_cell_m, hotspots=tuple(hotspots)
+            window_ms=int(self.settings.hotspot_window_s * 1000),
+            cell_m=self.settings.hotspot_cell_m,
+            hotspots=self._named_places,
         )
         self.trending = TrendingHashtags()
 

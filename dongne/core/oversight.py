@@ -56,6 +56,14 @@ class Oversight:
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=50)
         self.admins: set[str] = set()
 
+    def forget_durable(self) -> None:
+        """Drop what is rebuilt from stored records (after a failed commit); recent alerts stay."""
+        self.slo = SloTracker(self._settings.slo_window_days)
+        self.admins.clear()
+
+    def admin_conns(self, user_conns: dict[str, set[int]]) -> list[int]:
+        return [c for admin in sorted(self.admins) for c in sorted(user_conns.get(admin, ()))]
+
     # ---- who is an admin -----------------------------------------------------------
 
     def role_is(self, user: User) -> None:

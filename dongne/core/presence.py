@@ -82,6 +82,15 @@ class Presence:
         self._rooms_per_connection = rooms_per_connection
         self._typing_ttl_ms = typing_ttl_ms
 
+    def drop_room(self, question_id: str, conns: dict[int, ConnState]) -> None:
+        """Forget a room whose question is gone (its creation was never committed)."""
+        room = self.rooms.pop(question_id, None)
+        for conn_ids in room.members.values() if room is not None else ():
+            for conn_id in conn_ids:
+                conn = conns.get(conn_id)
+                if conn is not None:
+                    conn.rooms.discard(question_id)
+
     def room_of(self, question_id: str) -> Room | None:
         return self.rooms.get(question_id)
 

@@ -15,6 +15,7 @@ from .lifecycle import QuestionStatus
 __all__ = [
     "Answer",
     "Claims",
+    "LoadedState",
     "PushJob",
     "Question",
     "ReceiptState",
@@ -157,3 +158,16 @@ class PushJob:
     created_at: int
     attempts: int = 0
     status: str = "pending"  # pending | sent | failed | expired
+
+
+@attrs.frozen
+class LoadedState:
+    """What the store hands the engine at start-up."""
+
+    users: list[User]
+    questions: list[Question]
+    answers: list[Answer]
+    escalations: dict[str, int] = attrs.Factory(dict)  # question id -> stages already run
+    notified: list[tuple[str, str, int]] = attrs.Factory(list)  # (question id, user id, at)
+    pending_pushes: list[PushJob] = attrs.Factory(list)
+    last_push_job_id: int = 0

@@ -16,6 +16,7 @@ from ._sqlite import MAX_ROWS_PER_STATEMENT as MAX_ROWS_PER_STATEMENT
 from ._sqlite import PreparedCommit as PreparedCommit
 from ._sqlite import Store as Store
 from ._sqlite import StoreError as StoreError
+from ._sqlite import WriteFailed as WriteFailed
 
 __all__ = [
     "MAX_ROWS_PER_STATEMENT",
@@ -28,6 +29,7 @@ __all__ = [
     "SnapshotError",
     "Store",
     "StoreError",
+    "WriteFailed",
     "check_not_in_use",
     "hold_database_lock",
     "list_snapshots",

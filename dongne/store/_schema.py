@@ -135,6 +135,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE events_log RENAME TO events;
     CREATE UNIQUE INDEX events_by_user ON events(user_id, seq);
     """,
+    # 5: one row the store rewrites to learn whether writes work again after
+    # a failed commit (a full disk, an I/O error, a lock held elsewhere).
+    """
+    CREATE TABLE IF NOT EXISTS store_probe (
+        id  INTEGER PRIMARY KEY,
+        at  REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

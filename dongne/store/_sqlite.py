@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -28,12 +29,11 @@ from ..core.effects import (
     SaveUser,
     Write,
 )
-from ..core.engine import LoadedState
 from ..core.lifecycle import QuestionStatus
-from ..core.records import Answer, PushJob, Question, User
+from ..core.records import Answer, LoadedState, PushJob, Question, User
 from ._schema import MIGRATIONS
 
-__all__ = ["PreparedCommit", "Store", "StoreError"]
+__all__ = ["PreparedCommit", "Store", "StoreError", "WriteFailed"]
 
 _USER_COLS = (
     "user_id, nick, local, tags, role, points, last_seq, created_at,"
@@ -99,6 +99,13 @@ class StoreError(RuntimeError):
     """The database cannot be used (newer schema, unreadable file)."""
 
 
+class WriteFailed(StoreError):
+    """A transaction could not be committed (disk full, I/O error, the database locked by another program).
+
+    Nothing of it is in the database: SQLite rolled it back. Reads still work.
+    """
+
+
 #: Page caches (``PRAGMA cache_size``), KiB. The writer keeps SQLite's
 #: default, 2,000 KiB: its cache is reused from commit to commit, and the
 #: inbox index's pages are what a fan-out commit touches (a smaller one
@@ -110,12 +117,14 @@ WRITER_CACHE_KIB = 2000
 CACHE_KIB = 512
 
 
-def _connect(path: Path, synchronous: str, cache_kib: int = CACHE_KIB) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+def _connect(
+    path: Path, synchronous: str, cache_kib: int = CACHE_KIB, busy_timeout_s: float = 30.0
+) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     conn.execute(f"PRAGMA cache_size=-{cache_kib}")
     return conn
 
@@ -127,11 +136,23 @@ class Store:
         path: the database file (created if missing).
         synchronous: ``FULL`` (default: a commit survives power loss),
             ``NORMAL`` or ``EXTRA``.
+        background_checkpoints: the writer never checkpoints; ``checkpoint``
+            does, on a connection of its own.
+        busy_timeout_s: how long a write waits for a lock another program
+            holds before it fails with ``WriteFailed``.
     """
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL", background_checkpoints: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "FULL",
+        background_checkpoints: bool = False,
+        busy_timeout_s: float = 30.0,
+    ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
+        self.busy_timeout_s = busy_timeout_s
         self.background_checkpoints = background_checkpoints
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -145,8 +166,21 @@ class Store:
     # ---- lifecycle -------------------------------------------------------------
 
     def open(self) -> None:
+        """Open (creating or migrating) the database.
+
+        Raises:
+            StoreError: it cannot be opened or migrated (a full disk, a newer
+                schema, not a database); the message says which.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _connect(self.path, self.synchronous, WRITER_CACHE_KIB)
+        try:
+            self._open()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open the database {self.path}: {exc}") from None
+
+    def _open(self) -> None:
+        self._writer = _connect(self.path, self.synchronous, WRITER_CACHE_KIB, self.busy_timeout_s)
         self._max_variables = self._writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self._migrate(self._writer)
         self._reader = _connect(self.path, self.synchronous)
@@ -185,6 +219,8 @@ class Store:
         if self._writer is not None:
             try:
                 self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # a full disk: the WAL stays, and SQLite replays it at the next open
             finally:
                 self._writer.close()
                 self._writer = None
@@ -298,21 +334,49 @@ class Store:
         return batch
 
     def commit(self, batch: PreparedCommit) -> None:
-        """Run a prepared transaction (blocking: on a worker thread)."""
+        """Run a prepared transaction (blocking: on a worker thread).
+
+        Raises:
+            WriteFailed: SQLite could not write it (disk full, I/O error,
+                locked); nothing of it was committed.
+        """
         conn = self._w
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params, many in batch.statements:
-                if many:
-                    conn.executemany(sql, params)
-                else:
-                    conn.execute(sql, params)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params, many in batch.statements:
+                    if many:
+                        conn.executemany(sql, params)
+                    else:
+                        conn.execute(sql, params)
+                conn.execute("COMMIT")
+            finally:
+                # A failed COMMIT may have rolled back already (SQLite does on
+                # SQLITE_FULL and I/O errors): a second ROLLBACK would raise.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            raise WriteFailed(f"commit failed: {exc}") from exc
         self.commits += 1
         self.rows_committed += batch.rows
+
+    def probe(self) -> None:
+        """Commit a write that changes nothing but needs the disk, to learn whether writes work again.
+
+        Raises:
+            WriteFailed: they do not.
+        """
+        conn = self._w
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?)", (time.time(),))
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            raise WriteFailed(f"probe failed: {exc}") from exc
 
     # ---- reads -------------------------------------------------------------------
 
