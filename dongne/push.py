@@ -37,6 +37,12 @@ log = logging.getLogger("dongne.push")
 CONCURRENCY = 16
 
 
+def _idempotency_key(job: PushJob) -> str:
+    if job.job_id == 0:  # an alert_now(): unique per alert, not per outbox row
+        return f"dongne-{job.kind}-{job.created_at}"
+    return f"dongne-push-{job.job_id}"
+
+
 def push_body(job: PushJob) -> dict[str, Any]:
     """The JSON a push gateway receives for one job."""
     return {
@@ -92,7 +98,7 @@ class PushDispatcher:
         max_queued: int = 10_000,
     ) -> None:
         self.settings = settings
-        self._urls = {"slow_response_alert": alert_url}
+        self._urls = {"slow_response_alert": alert_url, "storage_alert": alert_url}
         self._queue: deque[PushJob] = deque(pending)
         self._max_queued = max_queued
         self._queued = trio.Event()
@@ -137,6 +143,18 @@ class PushDispatcher:
         self._queue.append(job)
         self._queued.set()
 
+    def alert_now(self, kind: str, data: dict[str, Any]) -> None:
+        """POST an operators' alert to the alert webhook now, outside the outbox.
+
+        For alerts about the outbox's own storage (``storage_alert``): they
+        cannot wait for a commit. Best effort: not recorded, not resent
+        after a restart; its job id is 0.
+        """
+        if self._closed or not self._urls.get(kind):
+            return
+        self._queue.appendleft(PushJob(0, "", kind, True, {"data": data}, self._clock.now_ms()))
+        self._queued.set()
+
     def close(self) -> None:
         """Stop taking jobs; ``run`` returns once the queue is handed out."""
         self._closed = True
@@ -176,6 +194,8 @@ class PushDispatcher:
             nursery.cancel_scope.cancel()
 
     def _record(self, job: PushJob, status: str, attempts: int, error: str | None) -> None:
+        if job.job_id == 0:
+            return  # an alert_now(): not in the outbox
         self._submit(Outcome(writes=(SavePushStatus(job.job_id, status, attempts, error, self._clock.now_ms()),)))
 
     def url_for(self, job: PushJob) -> str:
@@ -200,7 +220,7 @@ class PushDispatcher:
                     response = await client.post(
                         url,
                         json=push_body(job),
-                        headers={"Idempotency-Key": f"dongne-push-{job.job_id}"},
+                        headers={"Idempotency-Key": _idempotency_key(job)},
                     )
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"[:200]

@@ -34,6 +34,7 @@ import trio
 from .clock import EngineClock
 from .config import EscalationSettings, LimitSettings, ServerSettings
 from .core import (
+    Alert,
     CancelEscalation,
     Close,
     Connected,
@@ -394,6 +395,8 @@ class ClientServer:
                 self.metrics.observe(action.metric, (self.clock.now_ms() - action.since_ms) / 1000, action.label)
             elif isinstance(action, Push):
                 self.pushes.offer(action.job)
+            elif isinstance(action, Alert):
+                self.pushes.alert_now(action.kind, action.data)
 
     async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
         """Send missed durable events in order, then the live frames held meanwhile."""

@@ -440,3 +440,87 @@ def test_a_question_not_in_memory_is_asked_for_after_the_rate_limit() -> None:
     # Over the connection's rate, a request is refused before anything is read for it.
     limited = engine.handle(FrameReceived(1, frame("join_question", 3, {"question_id": "q-other"})), T0)
     assert limited.load_question is None and limited.error == "rate_limited"
+
+
+def test_while_writes_fail_writing_operations_are_refused_before_anything_changes() -> None:
+    from dongne.core import WritesFailing, WritesWork
+
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    sim.take(1)
+    sim.engine.handle(WritesFailing("database or disk is full"), T0)
+    refused = sim.call(2, "create_answer", {"question_id": qid, "content": "hi"})
+    assert refused.writes == ()
+    assert refused.error == "unavailable"
+    assert sim.reply(refused)["error"]["retry_after_ms"] == 1000
+    assert sim.engine.questions[qid].answer_count == 0 and sim.take(1) == []
+    # Reads and live operations go on.
+    assert sim.reply(sim.call(2, "join_question", {"question_id": qid}))["ok"]
+    assert sim.reply(sim.call(2, "typing_start", {"question_id": qid}))["ok"]
+    # A profile that would have to be stored cannot say hello; a known one can, without writing receipts.
+    sim.engine.handle(Connected(3), T0)
+    assert sim.call(3, "hello", {"token": "ok:newcomer"}).actions[0] == Close(
+        3, 1013, "the server cannot store your profile now; reconnect later"
+    )
+    known = sim.connect(4, "asker")
+    assert known.writes == () and sim.reply(known)["ok"]
+    sim.engine.handle(WritesWork(), T0 + 5000)
+    assert sim.call(2, "create_answer", {"question_id": qid, "content": "hi"}, T0 + 5000).writes != ()
+
+
+def test_stages_and_alerts_due_while_writes_fail_run_late_not_never() -> None:
+    from dongne.core import AlertSettings, StagePlan, WritesFailing, WritesWork
+
+    stages = (StagePlan("EVERYONE", 60.0, None, None, "everyone"),)
+    engine = Engine(CoreSettings(stages=stages, alerts=AlertSettings(slow_response_s=30.0)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "admin")
+    engine.users["admin"].role = "admin"
+    engine.oversight.role_is(engine.users["admin"])
+    sim.connect(2, "asker")
+    qid = ask(sim, 2)
+    failing = engine.handle(WritesFailing("disk I/O error"), T0 + 1000)
+    alerts = [a.frame for a in failing.actions if isinstance(a, Send)]
+    assert [(f["type"], f["data"]["state"]) for f in alerts] == [("storage_alert", "failing")]
+    assert tick(engine, T0 + 30_000).writes == ()  # the alert is held
+    assert fire(engine, qid, T0 + 60_000) == Outcome()  # so is the stage
+    assert engine.escalation_due(qid) == T0 + 60_000
+    assert engine.next_deadline() == T0 + 31_000  # the held alert is due again a second later
+    recovered = engine.handle(WritesWork(), T0 + 90_000)
+    from dongne.core import StartEscalation
+
+    assert StartEscalation(qid, T0 + 60_000) in recovered.actions
+    late = tick(engine, T0 + 90_000)
+    assert [w.type for w in late.writes if isinstance(w, AppendEvent)] == ["slow_response_alert"]
+    assert fire(engine, qid, T0 + 90_000).writes != ()
+    assert engine.escalation_due(qid) is None
+
+
+def test_a_reload_keeps_live_state_and_forgets_what_was_never_committed() -> None:
+    from dongne.core import LoadedState, Reloaded, WritesFailing
+
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    kept = ask(sim)
+    stored_users = [attrs_copy(sim.engine.users[u]) for u in ("asker", "local")]
+    stored_question = attrs_copy(sim.engine.questions[kept])
+    sim.connect(3, "newcomer")  # this hello's SaveUser is in the commit that fails
+    lost = ask(sim, 1)  # and so is this question
+    sim.call(2, "join_question", {"question_id": lost})
+    sim.engine.handle(WritesFailing("database or disk is full"), T0)
+    reloaded = sim.engine.handle(Reloaded(LoadedState(stored_users, [stored_question], [])), T0)
+
+    assert Close(3, 1013, "the server lost your profile to a storage failure; reconnect") in reloaded.actions
+    assert set(sim.engine.questions) == {kept}
+    assert lost not in sim.engine.presence.rooms and kept in sim.engine.presence.rooms
+    assert sim.engine.user_of(2) == "local"  # connections stay
+    assert sim.reply(sim.call(2, "join_question", {"question_id": kept}))["ok"]
+
+
+def attrs_copy(record: object) -> object:
+    import attrs
+
+    return attrs.evolve(record)  # type: ignore[misc]

@@ -8,6 +8,7 @@ anything of dongne's outside it.
 
 from .effects import (
     Action,
+    Alert,
     AppendEvent,
     CancelEscalation,
     Close,
@@ -57,6 +58,7 @@ from .settings import (
 __all__ = [
     "DEFAULT_STAGES",
     "Action",
+    "Alert",
     "AlertSettings",
     "Answer",
     "AppendEvent",

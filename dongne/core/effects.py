@@ -15,6 +15,7 @@ from .records import Answer, PushJob, Question, User
 
 __all__ = [
     "Action",
+    "Alert",
     "AppendEvent",
     "CancelEscalation",
     "Close",
@@ -176,6 +177,14 @@ class Push:
 
 
 @attrs.frozen
+class Alert:
+    """POST an operators' alert to the alert webhook now, outside the outbox (it may be the outbox that fails)."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+@attrs.frozen
 class Observe:
     """Record a duration metric once committed: (now - ``since_ms``) seconds."""
 
@@ -192,7 +201,7 @@ class Note:
     fields: dict[str, Any]
 
 
-Action = Send | Close | Replay | StartEscalation | CancelEscalation | Push | Observe | Note
+Action = Send | Close | Replay | StartEscalation | CancelEscalation | Push | Alert | Observe | Note
 
 
 @attrs.frozen

@@ -31,7 +31,7 @@ import attrs
 
 from .connections import Call, ConnPhase, ConnState
 from .deadlines import Deadlines
-from .effects import Close, Outcome, OutcomeBuilder, Replay, SaveUser, Send, StartEscalation
+from .effects import Alert, Close, Outcome, OutcomeBuilder, Replay, SaveUser, Send, StartEscalation
 from .errors import CloseConnection, ProtocolError
 from .events import (
     Connected,
@@ -463,6 +463,7 @@ class Engine:
         out = OutcomeBuilder()
         data = {"state": state, "error": error, "at": now}
         out.send(self.oversight.admin_conns(self.user_conns), event("storage_alert", data))
+        out.act(Alert("storage_alert", data))
         return out.build()
 
     def _reloaded(self, event: Reloaded, now: int) -> Outcome:

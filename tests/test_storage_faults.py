@@ -1,0 +1,245 @@
+"""Storage faults over real sockets: a full disk and a lock held by another program.
+
+Writes that cannot be committed get ``unavailable`` and are never
+acknowledged; reads and live operations go on; /ready turns 503 and back;
+the server recovers by itself once a write succeeds; after a SIGKILL every
+acknowledged write is in the database and nothing refused is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from dongne.auth import mint_token
+from dongne.client import RequestError, open_client
+
+from .conftest import Harness, question_data
+from .test_push import FakeGateway
+
+SECRET = "storage-faults-secret-0123456789-0123456789"
+LISTENING = re.compile(rb"clients ws://[^:\s]+:(\d+)\s+ops http://[^:\s]+:(\d+)")
+HALL = {"lat": 33.4996, "lng": 126.5312}
+FILLER = " ".join(f"word{j}" for j in range(250))  # ~1.7 KB of answer text
+
+
+@contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` for the test (root only: skipped, with the reason, elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+class Server:
+    def __init__(self, proc: trio.Process, port: int, ops_port: int, log: Path) -> None:
+        self.proc, self.port, self.ops_port, self.log = proc, port, ops_port, log
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def ops(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.ops_port}{path}"
+
+
+@asynccontextmanager
+async def serve(tmp_path: Path, db: Path) -> AsyncIterator[Server]:
+    """``dongne serve`` on ``db`` (snapshots off); SIGKILLed on the way out if still running."""
+    (tmp_path / "config.toml").write_text(
+        "[snapshots]\ninterval_s = 0\n"
+        "[limits]\nwrites_per_minute = 1e9\nwrites_burst = 1e9\nconn_per_s = 1e9\nconn_burst = 1e9\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
+    env["DONGNE_JWT_SECRET"] = SECRET
+    log = tmp_path / "server.log"
+    argv = [
+        sys.executable, "-m", "dongne", "serve", "--config", str(tmp_path / "config.toml"),
+        "--db", str(db), "--host", "127.0.0.1", "--port", "0", "--ops-port", "0",
+    ]  # fmt: skip
+    async with await trio.open_file(log, "wb") as sink:
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink.wrapped, cwd=tmp_path, env=env
+        )
+    try:
+        with trio.fail_after(30):
+            while not (match := LISTENING.search(await trio.Path(log).read_bytes())):
+                if proc.poll() is not None:
+                    raise AssertionError(f"server exited with {proc.returncode}: {log.read_text(errors='replace')}")
+                await trio.sleep(0.02)  # a subprocess's log line: there is no event to wait on
+        yield Server(proc, int(match.group(1)), int(match.group(2)), log)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await proc.wait()
+
+
+def signed(user: str, **claims: Any) -> str:
+    return mint_token(SECRET, user, now_s=time.time(), **claims)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the disk but for about ``leave`` bytes; returns the ballast file."""
+    ballast = disk / "ballast"
+    free = shutil.disk_usage(disk).free
+    with ballast.open("wb") as out:
+        out.write(b"\0" * max(0, free - leave))
+    return ballast
+
+
+async def test_a_full_disk_refuses_writes_keeps_serving_and_recovers(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "8m") as disk:
+        db = disk / "dongne.sqlite3"
+        acked: list[str] = []  # answers the server acknowledged
+        refused: list[str] = []  # answers it refused with "unavailable"
+        async with (
+            serve(tmp_path, db) as server,
+            httpx.AsyncClient() as http,
+            open_client(server.url, signed("asker")) as asker,
+            open_client(server.url, signed("local", local=True)) as local,
+            open_client(server.url, signed("bystander")) as bystander,
+        ):
+            question = (await asker.request("create_question", question_data(location=HALL)))["question"]
+            qid = question["question_id"]
+            ballast = fill(disk, leave=256 * 1024)
+            for i in range(5000):
+                marker = f"answer-{i:05d}"
+                try:
+                    await local.request("create_answer", {"question_id": qid, "content": f"{marker} {FILLER}"})
+                except RequestError as exc:
+                    assert exc.code == "unavailable", exc
+                    assert exc.error["retry_after_ms"] > 0
+                    refused.append(marker)
+                    break
+                acked.append(marker)
+            assert refused, "the disk never filled up"
+            assert acked, "not one answer fitted"
+
+            # The server is up; reads and live operations work; writes are refused, never acknowledged.
+            assert (await http.get(server.ops("/health"))).status_code == 200
+            ready = await http.get(server.ops("/ready"))
+            assert (ready.status_code, ready.json()) == (503, {"ready": False})
+            assert "dongne_store_writes_failing 1.0" in (await http.get(server.ops("/metrics"))).text
+            joined = await bystander.request("join_question", {"question_id": qid})
+            assert joined["question"]["question_id"] == qid
+            assert await bystander.request("typing_start", {"question_id": qid})
+            nearby = await bystander.request("nearby_questions", {"location": HALL})
+            assert qid in [q["question_id"] for q in nearby["questions"]]
+            with pytest.raises(RequestError) as during:
+                await bystander.request("create_question", question_data(location=HALL, title="during the outage"))
+            assert during.value.code == "unavailable"
+
+            # Space comes back: the next write goes through, with no restart.
+            await trio.Path(ballast).unlink()
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        await local.request("create_answer", {"question_id": qid, "content": "after-recovery"})
+                        break
+                    except RequestError as exc:
+                        assert exc.code == "unavailable"
+                        await trio.sleep(exc.error["retry_after_ms"] / 1000)  # as a client is told to
+            assert (await http.get(server.ops("/ready"))).status_code == 200
+            assert "dongne_store_writes_failing 0.0" in (await http.get(server.ops("/metrics"))).text
+            server.proc.kill()  # SIGKILL: no graceful shutdown
+            await server.proc.wait()
+        log = server.log.read_text(errors="replace")
+        assert log.count('"storage_failing"') == 1 and log.count('"storage_recovered"') == 1, log[-3000:]
+        assert "Traceback" not in log
+
+        with sqlite3.connect(db) as conn:
+            stored = [row[0].split(" ", 1)[0] for row in conn.execute("SELECT content FROM answers")]
+            titles = [row[0] for row in conn.execute("SELECT title FROM questions")]
+    assert sorted(stored) == sorted([*acked, "after-recovery"])  # every acknowledged one; no refused one
+    assert "during the outage" not in titles
+
+
+async def test_a_lock_held_by_another_program_refuses_writes_until_it_is_released(
+    start_server: Any, db_path: Path, nursery: trio.Nursery
+) -> None:
+    webhook = FakeGateway(200)
+    await nursery.start(webhook.serve)
+    h: Harness = await start_server(
+        store={"busy_timeout_s": 0.2}, alerts={"webhook_url": f"http://127.0.0.1:{webhook.port}/alerts"}
+    )
+    async with h.connect("asker") as asker, h.connect("reader") as reader, h.connect("ops", admin=True) as admin:
+        question = (await asker.request("create_question", question_data()))["question"]
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another program takes the write lock and keeps it
+        try:
+            with pytest.raises(RequestError) as refused:
+                await asker.request("close_question", {"question_id": question["question_id"]})
+            assert refused.value.code == "unavailable"
+            assert not h.running.clients.writable
+            failing = await admin.next_event("storage_alert")
+            assert failing["data"]["state"] == "failing" and "locked" in failing["data"]["error"]
+            # The engine refuses writes at once now, without waiting on the lock.
+            with pytest.raises(RequestError) as again:
+                await asker.request("create_question", question_data(title="while locked"))
+            assert again.value.code == "unavailable"
+            got = await reader.request("join_question", {"question_id": question["question_id"]})
+            assert got["question"]["status"] == "open"  # memory was rebuilt from what the database holds
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        with trio.fail_after(20):
+            while True:
+                try:
+                    closed = await asker.request("close_question", {"question_id": question["question_id"]})
+                    break
+                except RequestError as exc:
+                    assert exc.code == "unavailable"
+                    await trio.sleep(exc.error["retry_after_ms"] / 1000)
+        assert closed["question"]["status"] == "closed"
+        assert h.running.clients.writable
+        assert (await admin.next_event("storage_alert"))["data"]["state"] == "recovered"
+        with trio.fail_after(10):
+            await h.running.pushes.wait_sent(2)
+    await h.running.aclose()
+    posted = [(body["type"], body["data"]["state"]) for _headers, body in webhook.requests]
+    assert posted == [("storage_alert", "failing"), ("storage_alert", "recovered")]
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT title, status FROM questions ORDER BY created_at").fetchall()
+    assert rows == [(question["title"], "closed")]
+
+
+def test_starting_on_a_full_disk_is_one_clear_line_and_exit_code_2(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        fill(disk, leave=0)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
+        env["DONGNE_JWT_SECRET"] = SECRET
+        started = subprocess.run(
+            [sys.executable, "-m", "dongne", "serve", "--db", str(disk / "dongne.sqlite3"), "--port", "0"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+    assert started.returncode == 2, started.stderr
+    assert "Traceback" not in started.stderr
+    lines = [line for line in started.stderr.splitlines() if line.startswith("dongne:")]
+    assert len(lines) == 1 and ("full" in lines[0] or "No space left" in lines[0]), started.stderr
