@@ -71,19 +71,19 @@ ERROR_CODES = frozenset(
     {
         "bad_frame", "unknown_op", "already_authenticated", "invalid_field", "too_long", "invalid_location",
         "outside_service_area", "not_found", "forbidden", "not_joined", "rate_limited", "spam", "limit_exceeded",
-        "already_accepted", "question_closed", "internal",
+        "already_accepted", "question_closed", "internal", "unavailable",
     }
 )  # fmt: skip
 
 #: "Close codes" in PROTOCOL.md (1000 also stands for the echo of a client's close).
-CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1009, 4001, 4002, 4008, 4009})
+CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1009, 1013, 4001, 4002, 4008, 4009})
 
 #: The events of PROTOCOL.md (a fuzz connection may get ``nearby_questions`` after ``update_location``).
 EVENT_TYPES = frozenset(
     {
         "answer_notification", "answer_accepted_notification", "new_answer", "answer_accepted", "question_closed",
         "user_online", "user_offline", "user_typing", "user_stop_typing", "receipt", "new_question_notification",
-        "slow_response_alert", "nearby_questions",
+        "slow_response_alert", "nearby_questions", "storage_alert",
     }
 )  # fmt: skip
 
