@@ -22,6 +22,7 @@ in the driver, which asks ``escalation_due()`` and feeds ``EscalationDue``.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from collections.abc import Callable, Iterable
@@ -60,6 +61,8 @@ from .settings import CoreSettings
 from .text import SpamFilter
 
 __all__ = ["Engine", "LoadedState", "TokenCheck"]
+
+log = logging.getLogger("dongne.engine")
 
 
 #: Verifies a hello token at ``now_s``; raises ``CloseConnection(4001)``.
@@ -327,6 +330,10 @@ class Engine:
             data = self._ops[request.op](Call(conn, self.users[conn.user_id], request, Fields(request.data), now, out))
         except ProtocolError as exc:
             return self._refuse(conn.conn_id, request.id, exc, label)
+        except Exception:  # a bug: the client gets "internal", the connection and the server stay up
+            log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
+            error = ProtocolError("internal", "internal error; the request was not applied")
+            return self._refuse(conn.conn_id, request.id, error, label)
         # The reply goes first: a client sees its own request acknowledged
         # before the events it caused.
         out.actions.insert(0, Send((conn.conn_id,), reply_ok(request.id, data)))
