@@ -99,6 +99,16 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             INSERT INTO events_v3 SELECT user_id, seq, type, data, created_at FROM events;
             DROP TABLE events;
             ALTER TABLE events_v3 RENAME TO events;
+            -- and undo what the later migrations added elsewhere
+            DROP TABLE store_probe;
+            DROP INDEX questions_by_asker;
+            DROP INDEX questions_by_region;
+            DROP INDEX questions_listed;
+            DROP INDEX questions_open;
+            DROP INDEX answers_by_author;
+            ALTER TABLE questions DROP COLUMN deleted_at;
+            ALTER TABLE answers DROP COLUMN deleted_at;
+            ALTER TABLE users DROP COLUMN read_seq;
             PRAGMA user_version = 3;
             """
         )

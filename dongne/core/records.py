@@ -60,6 +60,7 @@ class User:
     quiet_hours: tuple[int, int] | None = None
     max_alerts_per_hour: int = 20
     home: tuple[float, float] | None = None
+    read_seq: int = 0  # durable events up to this seq are marked read
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -99,6 +100,7 @@ class Question:
     first_answer_at: int | None = None
     closed_at: int | None = None
     alerted_at: int | None = None  # when its slow-response alert fired
+    deleted_at: int | None = None  # soft-deleted by its asker (or hidden)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -132,6 +134,7 @@ class Answer:
     delivered_at: int | None = None
     read_at: int | None = None
     accepted: bool = False
+    deleted_at: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -171,3 +174,4 @@ class LoadedState:
     notified: list[tuple[str, str, int]] = attrs.Factory(list)  # (question id, user id, at)
     pending_pushes: list[PushJob] = attrs.Factory(list)
     last_push_job_id: int = 0
+    oldest_seqs: dict[str, int] = attrs.Factory(dict)  # user id -> oldest durable event kept

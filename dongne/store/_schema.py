@@ -143,6 +143,21 @@ MIGRATIONS: list[str] = [
         at  REAL NOT NULL
     );
     """,
+    # 6: the read paths. Soft deletes; each user's notification read marker;
+    # an index for every list an app screen shows (my questions, my
+    # answers, a region's questions, one type of notification).
+    """
+    ALTER TABLE questions ADD COLUMN deleted_at INTEGER;
+    ALTER TABLE answers ADD COLUMN deleted_at INTEGER;
+    ALTER TABLE users ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX questions_by_asker ON questions(asker_id, created_at, question_id);
+    CREATE INDEX questions_by_region ON questions(region, created_at, question_id) WHERE deleted_at IS NULL;
+    CREATE INDEX questions_listed ON questions(created_at, question_id) WHERE deleted_at IS NULL;
+    CREATE INDEX questions_open ON questions(created_at, question_id)
+        WHERE status IN ('open', 'answered') AND deleted_at IS NULL;
+    CREATE INDEX answers_by_author ON answers(author_id, created_at, answer_id);
+    CREATE INDEX events_by_user_type ON events(user_id, type, seq);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -7,7 +7,6 @@ readers run while a commit is in progress. ``close`` checkpoints the WAL.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -29,23 +28,33 @@ from ..core.effects import (
     SaveUser,
     Write,
 )
-from ..core.lifecycle import QuestionStatus
+from ..core.reads import (
+    AnswerHome,
+    AnswersOfAuthor,
+    AuthorStats,
+    Browse,
+    Notifications,
+    QuestionPage,
+    QuestionsOfAsker,
+    Read,
+)
 from ..core.records import Answer, LoadedState, PushJob, Question, User
+from . import _queries
+from ._rows import (
+    ANSWER_COLS,
+    QUESTION_COLS,
+    USER_COLS,
+    answer_from,
+    answer_row,
+    push_from,
+    question_from,
+    question_row,
+    user_from,
+    user_row,
+)
 from ._schema import MIGRATIONS
 
 __all__ = ["PreparedCommit", "Store", "StoreError", "WriteFailed"]
-
-_USER_COLS = (
-    "user_id, nick, local, tags, role, points, last_seq, created_at,"
-    " immediate_alerts, quiet_start, quiet_end, max_alerts_per_hour, home_lat, home_lng"
-)
-_QUESTION_COLS = (
-    "question_id, asker_id, asker_nick, title, body, lat, lng, region, hashtags, urgency, status,"
-    " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at, alerted_at"
-)
-_ANSWER_COLS = (
-    "answer_id, question_id, author_id, author_nick, content, created_at, state, delivered_at, read_at, accepted"
-)
 
 
 #: The most rows in one multi-row INSERT (a power of two); see PreparedCommit.insert.
@@ -298,15 +307,15 @@ class Store:
             else:  # pragma: no cover - a new write type without a case here
                 raise TypeError(f"unknown write {item!r}")
         batch = PreparedCommit(self._max_variables)
-        batch.insert(f"INSERT OR REPLACE INTO users ({_USER_COLS})", [_user_row(u) for u in users.values()])
+        batch.insert(f"INSERT OR REPLACE INTO users ({USER_COLS})", [user_row(u) for u in users.values()])
         batch.insert(
-            f"INSERT OR REPLACE INTO questions ({_QUESTION_COLS})", [_question_row(q) for q in questions.values()]
+            f"INSERT OR REPLACE INTO questions ({QUESTION_COLS})", [question_row(q) for q in questions.values()]
         )
         batch.insert(
             "INSERT OR IGNORE INTO question_hashtags (question_id, tag, created_at)",
             [(q.question_id, tag, q.created_at) for q in questions.values() for tag in q.hashtags],
         )
-        batch.insert(f"INSERT OR REPLACE INTO answers ({_ANSWER_COLS})", [_answer_row(a) for a in answers.values()])
+        batch.insert(f"INSERT OR REPLACE INTO answers ({ANSWER_COLS})", [answer_row(a) for a in answers.values()])
         packb = msgpack.packb
         batch.insert(
             "INSERT INTO events (user_id, seq, type, data, created_at)",
@@ -389,24 +398,29 @@ class Store:
     def load(self, *, hot_since: int) -> LoadedState:
         """Everything the engine keeps in memory: all users, active questions
         and questions created since ``hot_since`` (ms), with their answers."""
-        users = [_user(r) for r in self._read(f"SELECT {_USER_COLS} FROM users")]
+        users = [user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users")]
         # users.last_seq is only rewritten with the rest of the row; the inbox
         # holds the truth (AppendEvent does not touch the user's row).
-        newest = dict(self._read("SELECT user_id, max(seq) FROM events GROUP BY user_id"))
+        seqs = {
+            user: (low, high)
+            for user, low, high in self._read("SELECT user_id, min(seq), max(seq) FROM events GROUP BY user_id")
+        }
         for user in users:
-            user.last_seq = max(user.last_seq, newest.get(user.user_id, 0))
+            user.last_seq = max(user.last_seq, seqs.get(user.user_id, (0, 0))[1])
         questions = [
-            _question(r)
+            question_from(r)
             for r in self._read(
-                f"SELECT {_QUESTION_COLS} FROM questions WHERE status IN ('open', 'answered') OR created_at >= ?",
+                f"SELECT {QUESTION_COLS} FROM questions WHERE deleted_at IS NULL"
+                " AND (status IN ('open', 'answered') OR (created_at >= ? AND status != 'expired'))",
                 (hot_since,),
             )
         ]
         answers = [
-            _answer(r)
+            answer_from(r)
             for r in self._read(
-                f"SELECT {_ANSWER_COLS} FROM answers WHERE question_id IN"
-                " (SELECT question_id FROM questions WHERE status IN ('open', 'answered') OR created_at >= ?)",
+                f"SELECT {ANSWER_COLS} FROM answers WHERE deleted_at IS NULL AND question_id IN"
+                " (SELECT question_id FROM questions WHERE deleted_at IS NULL"
+                " AND (status IN ('open', 'answered') OR (created_at >= ? AND status != 'expired')))",
                 (hot_since,),
             )
         ]
@@ -426,7 +440,7 @@ class Store:
             )
         ]
         pending_pushes = [
-            _push(r)
+            push_from(r)
             for r in self._read(
                 "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status"
                 " FROM push_outbox WHERE status = 'pending' ORDER BY job_id"
@@ -441,6 +455,7 @@ class Store:
             notified=notified,
             pending_pushes=pending_pushes,
             last_push_job_id=int(last_job),
+            oldest_seqs={user: low for user, (low, _high) in seqs.items()},
         )
 
     def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
@@ -450,14 +465,71 @@ class Store:
             " FROM push_outbox WHERE status = 'pending' AND job_id > ? ORDER BY job_id LIMIT ?",
             (after_job_id, limit),
         )
-        return [_push(r) for r in rows]
+        return [push_from(r) for r in rows]
+
+    def read(self, query: Read) -> Any:
+        """Answer a read path's query (``core.reads``) with records (blocking: on a worker thread)."""
+        rows = _queries.run(query, self._read, QUESTION_COLS, ANSWER_COLS)
+        if isinstance(query, QuestionPage):
+            question = question_from(rows[0][0]) if rows[0] else None
+            return question, [answer_from(r) for r in rows[1]] if question is not None else []
+        if isinstance(query, QuestionsOfAsker):
+            return [(question_from(r[:-1]), int(r[-1])) for r in rows[0]]
+        if isinstance(query, AnswersOfAuthor):
+            return [(answer_from(r[:-2]), r[-2], r[-1]) for r in rows[0]]
+        if isinstance(query, Browse):
+            return [question_from(r) for r in rows[0]]
+        if isinstance(query, AuthorStats):
+            given, accepted = rows[0][0]
+            return int(given), int(accepted)
+        if isinstance(query, Notifications):
+            return rows[0][: query.limit + 1]
+        if isinstance(query, AnswerHome):
+            return self.find_question(rows[0][0][0]) if rows[0] else None
+        raise TypeError(f"not a read: {query!r}")
+
+    def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
+        """Delete at most ``limit`` durable events older than ``before_ms`` (blocking: on a worker thread).
+
+        Each user's newest event is kept whatever its age: it records the
+        user's ``last_seq``, and seqs must never go back.
+
+        Returns:
+            The new oldest seq of each user who lost events.
+        """
+        conn = self._w
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                doomed = conn.execute(
+                    "SELECT id, user_id FROM events e WHERE created_at < ?"
+                    " AND seq < (SELECT max(seq) FROM events n WHERE n.user_id = e.user_id) ORDER BY id LIMIT ?",
+                    (before_ms, limit),
+                ).fetchall()
+                conn.executemany("DELETE FROM events WHERE id = ?", [(row[0],) for row in doomed])
+                users = sorted({row[1] for row in doomed})
+                oldest = {
+                    user: int(conn.execute("SELECT min(seq) FROM events WHERE user_id = ?", (user,)).fetchone()[0])
+                    for user in users
+                }
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            raise WriteFailed(f"pruning failed: {exc}") from exc
+        return oldest
 
     def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None:
-        rows = self._read(f"SELECT {_QUESTION_COLS} FROM questions WHERE question_id = ?", (question_id,))
+        rows = self._read(
+            f"SELECT {QUESTION_COLS} FROM questions WHERE question_id = ? AND deleted_at IS NULL", (question_id,)
+        )
         if not rows:
             return None
-        answers = self._read(f"SELECT {_ANSWER_COLS} FROM answers WHERE question_id = ?", (question_id,))
-        return _question(rows[0]), [_answer(r) for r in answers]
+        answers = self._read(
+            f"SELECT {ANSWER_COLS} FROM answers WHERE question_id = ? AND deleted_at IS NULL", (question_id,)
+        )
+        return question_from(rows[0]), [answer_from(r) for r in answers]
 
     def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
         """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
@@ -469,57 +541,3 @@ class Store:
 
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0][0])
-
-
-def _user_row(u: User) -> tuple[Any, ...]:
-    quiet = u.quiet_hours or (None, None)
-    home = u.home or (None, None)
-    return (
-        u.user_id, u.nick, int(u.local), json.dumps(list(u.tags)), u.role, u.points, u.last_seq, u.created_at,
-        int(u.immediate_alerts), quiet[0], quiet[1], u.max_alerts_per_hour, home[0], home[1],
-    )  # fmt: skip
-
-
-def _user(r: Sequence[Any]) -> User:
-    return User(
-        r[0], r[1], bool(r[2]), tuple(json.loads(r[3])), r[4], r[5], r[6], r[7],
-        immediate_alerts=bool(r[8]),
-        quiet_hours=(r[9], r[10]) if r[9] is not None else None,
-        max_alerts_per_hour=r[11],
-        home=(r[12], r[13]) if r[12] is not None else None,
-    )  # fmt: skip
-
-
-def _push(r: Sequence[Any]) -> PushJob:
-    return PushJob(
-        job_id=r[0], user_id=r[1], kind=r[2], urgent=bool(r[3]), payload=msgpack.unpackb(r[4], raw=False),
-        created_at=r[5], attempts=r[6], status=r[7],
-    )  # fmt: skip
-
-
-def _question_row(q: Question) -> tuple[Any, ...]:
-    return (
-        q.question_id, q.asker_id, q.asker_nick, q.title, q.body, q.lat, q.lng, q.region,
-        json.dumps(list(q.hashtags), ensure_ascii=False), q.urgency, q.status.value, q.created_at,
-        q.accepted_answer_id, q.answer_count, q.first_answer_at, q.closed_at, q.alerted_at,
-    )  # fmt: skip
-
-
-def _question(r: Sequence[Any]) -> Question:
-    return Question(
-        question_id=r[0], asker_id=r[1], asker_nick=r[2], title=r[3], body=r[4], lat=r[5], lng=r[6],
-        region=r[7], hashtags=tuple(json.loads(r[8])), urgency=r[9], status=QuestionStatus(r[10]),
-        created_at=r[11], accepted_answer_id=r[12], answer_count=r[13], first_answer_at=r[14], closed_at=r[15],
-        alerted_at=r[16],
-    )  # fmt: skip
-
-
-def _answer_row(a: Answer) -> tuple[Any, ...]:
-    return (
-        a.answer_id, a.question_id, a.author_id, a.author_nick, a.content, a.created_at, a.state,
-        a.delivered_at, a.read_at, int(a.accepted),
-    )  # fmt: skip
-
-
-def _answer(r: Sequence[Any]) -> Answer:
-    return Answer(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]))

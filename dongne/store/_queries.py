@@ -1,0 +1,155 @@
+"""The read paths' queries: one indexed query a list (``core.reads``), run on the reader connection.
+
+Each list is ordered by ``(created_at, id)`` (or ``seq``) and paged by a
+position strictly before or after the last one seen, so a page costs an index
+range scan of ``limit + 1`` rows whatever the history's size.
+``tests/test_read_paths.py`` asserts each plan with ``EXPLAIN QUERY PLAN``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from ..core.reads import (
+    AnswerHome,
+    AnswersOfAuthor,
+    AuthorStats,
+    Browse,
+    Notifications,
+    QuestionPage,
+    QuestionsOfAsker,
+    Read,
+)
+
+__all__ = ["plan", "run"]
+
+ReadRows = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+
+
+def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, tuple[Any, ...]]]:
+    """The SQL statements (with parameters) that answer ``query``, in order."""
+    q_cols = ", ".join(f"q.{c.strip()}" for c in question_cols.split(","))
+    a_cols = ", ".join(f"a.{c.strip()}" for c in answer_cols.split(","))
+    if isinstance(query, QuestionPage):
+        after = query.after or (-1, "")
+        return [
+            (
+                f"SELECT {q_cols} FROM questions q WHERE q.question_id = ? AND q.deleted_at IS NULL",
+                (query.question_id,),
+            ),
+            (
+                f"SELECT {a_cols} FROM answers a WHERE a.question_id = ? AND a.deleted_at IS NULL"
+                " AND (a.created_at, a.answer_id) > (?, ?) ORDER BY a.created_at, a.answer_id LIMIT ?",
+                (query.question_id, after[0], after[1], query.limit + 1),
+            ),
+        ]
+    if isinstance(query, QuestionsOfAsker):
+        where = ["q.asker_id = ?", "q.deleted_at IS NULL"]
+        params: list[Any] = [query.user_id]
+        if query.statuses is not None:
+            where.append(f"q.status IN ({', '.join('?' * len(query.statuses))})")
+            params.extend(query.statuses)
+        if query.answered:
+            where.append("q.answer_count > 0")
+        if query.before is not None:
+            where.append("(q.created_at, q.question_id) < (?, ?)")
+            params.extend(query.before)
+        unread = (
+            "(SELECT count(*) FROM answers a WHERE a.question_id = q.question_id"
+            " AND a.deleted_at IS NULL AND a.state != 'read')"
+        )
+        return [
+            (
+                f"SELECT {q_cols}, {unread} FROM questions q INDEXED BY questions_by_asker WHERE {' AND '.join(where)}"
+                " ORDER BY q.created_at DESC, q.question_id DESC LIMIT ?",
+                (*params, query.limit + 1),
+            )
+        ]
+    if isinstance(query, AnswersOfAuthor):
+        where = ["a.author_id = ?", "a.deleted_at IS NULL"]
+        params = [query.user_id]
+        if query.before is not None:
+            where.append("(a.created_at, a.answer_id) < (?, ?)")
+            params.extend(query.before)
+        return [
+            (
+                f"SELECT {a_cols}, q.title, q.status FROM answers a INDEXED BY answers_by_author"
+                f" JOIN questions q ON q.question_id = a.question_id WHERE {' AND '.join(where)}"
+                " ORDER BY a.created_at DESC, a.answer_id DESC LIMIT ?",
+                (*params, query.limit + 1),
+            )
+        ]
+    if isinstance(query, Browse):
+        where = ["q.deleted_at IS NULL"]
+        params = []
+        if query.hashtag is not None:
+            source = "question_hashtags h INDEXED BY hashtags_by_tag JOIN questions q ON q.question_id = h.question_id"
+            where.insert(0, "h.tag = ?")
+            params.append(query.hashtag)
+            order = "h.created_at DESC, h.question_id DESC"
+            position = "(h.created_at, h.question_id) < (?, ?)"
+        else:
+            index = (
+                "questions_by_region"
+                if query.region is not None
+                else ("questions_open" if query.open_only else "questions_listed")
+            )
+            source = f"questions q INDEXED BY {index}"
+            order = "q.created_at DESC, q.question_id DESC"
+            position = "(q.created_at, q.question_id) < (?, ?)"
+        if query.region is not None:
+            where.append("q.region = ?")
+            params.append(query.region)
+        if query.open_only:
+            where.append("q.status IN ('open', 'answered')")
+        if query.before is not None:
+            where.append(position)
+            params.extend(query.before)
+        return [
+            (
+                f"SELECT {q_cols} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
+                (*params, query.limit + 1),
+            )
+        ]
+    if isinstance(query, AuthorStats):
+        return [
+            (
+                "SELECT count(*), coalesce(sum(accepted), 0) FROM answers INDEXED BY answers_by_author"
+                " WHERE author_id = ? AND deleted_at IS NULL",
+                (query.user_id,),
+            )
+        ]
+    if isinstance(query, Notifications):
+        before = query.before_seq if query.before_seq is not None else 2**62
+        if query.types is None:
+            return [
+                (
+                    "SELECT seq, type, data, created_at FROM events INDEXED BY events_by_user"
+                    " WHERE user_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                    (query.user_id, before, query.limit + 1),
+                )
+            ]
+        # One index range per type, merged: each is already in seq order.
+        return [
+            (
+                "SELECT seq, type, data, created_at FROM events INDEXED BY events_by_user_type"
+                " WHERE user_id = ? AND type = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                (query.user_id, kind, before, query.limit + 1),
+            )
+            for kind in query.types
+        ]
+    if isinstance(query, AnswerHome):
+        return [("SELECT question_id FROM answers WHERE answer_id = ? AND deleted_at IS NULL", (query.answer_id,))]
+    raise TypeError(f"not a read: {query!r}")
+
+
+def run(query: Read, read: ReadRows, question_cols: str, answer_cols: str) -> list[list[tuple[Any, ...]]]:
+    """Run ``query``'s statements; returns their rows (event data decoded)."""
+    results = [read(sql, params) for sql, params in plan(query, question_cols, answer_cols)]
+    if isinstance(query, Notifications):
+        merged = sorted((row for rows in results for row in rows), key=lambda row: row[0], reverse=True)
+        results = [[(seq, kind, msgpack.unpackb(data, raw=False), at) for seq, kind, data, at in merged]]
+    return results
