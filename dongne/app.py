@@ -135,6 +135,8 @@ async def _serve(
             lambda token, now_s: verifier.verify(token, now_s=now_s),
             region_of=region_set.region_of,
             hotspots=load_hotspots(),
+            region_names=region_set.names,
+            cursor_key=verifier.derive_key(b"dongne page cursors"),
         )
         keep_days = max(settings.engine.hot_question_days, settings.alerts.slo_window_days)
         hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)
@@ -160,6 +162,7 @@ async def _serve(
             pending_pushes=loaded.pending_pushes,
             max_batch=settings.store.max_batch,
             hot_days=keep_days,
+            inbox=settings.inbox,
         )
         shutdown = trio.Event()
 

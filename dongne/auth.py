@@ -7,6 +7,8 @@ refused; ``exp`` is required and checked).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import os
 import secrets
@@ -58,6 +60,10 @@ class TokenVerifier:
     """
 
     secret: str = attrs.field(repr=False)
+
+    def derive_key(self, purpose: bytes) -> bytes:
+        """A key for another use of the server's secret (HMAC-SHA256 of ``purpose``): e.g. signing page cursors."""
+        return hmac.new(self.secret.encode(), purpose, hashlib.sha256).digest()
 
     def verify(self, token: object, *, now_s: float) -> Claims:
         if not isinstance(token, str) or not token:

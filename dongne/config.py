@@ -25,6 +25,7 @@ from .core.settings import (
     EngineSettings,
     LimitSettings,
     LocationSettings,
+    QuestionSettings,
     positive,
     positive_or_inf,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ContentSettings",
     "EngineSettings",
     "EscalationSettings",
+    "InboxSettings",
     "LimitSettings",
     "LocationSettings",
     "LogSettings",
@@ -107,6 +109,16 @@ class EscalationSettings:
 
 
 @attrs.frozen
+class InboxSettings:
+    # Durable events older than this are pruned in the background (each
+    # user's newest one is kept); a resume from before them says so.
+    retention_days: float = attrs.field(default=30.0, validator=positive)
+    # How often the pruner runs, and how many events one of its commits deletes.
+    prune_interval_s: float = attrs.field(default=3600.0, validator=positive_or_inf)
+    prune_batch: int = attrs.field(default=1000, validator=positive)
+
+
+@attrs.frozen
 class SnapshotSettings:
     # Relative to the database's folder.
     dir: str = "snapshots"
@@ -130,6 +142,8 @@ class Settings:
     location: LocationSettings = LocationSettings()
     escalation: EscalationSettings = EscalationSettings()
     alerts: AlertSettings = AlertSettings()
+    questions: QuestionSettings = QuestionSettings()
+    inbox: InboxSettings = InboxSettings()
     limits: LimitSettings = LimitSettings()
     content: ContentSettings = ContentSettings()
     snapshots: SnapshotSettings = SnapshotSettings()
@@ -143,6 +157,7 @@ class Settings:
             limits=self.limits,
             content=self.content,
             alerts=self.alerts,
+            questions=self.questions,
             stages=self.escalation.stages,
             alerts_per_batch=self.escalation.alerts_per_batch,
             hello_timeout_s=self.server.hello_timeout_s,

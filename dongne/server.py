@@ -32,7 +32,7 @@ import msgpack
 import trio
 
 from .clock import EngineClock
-from .config import EscalationSettings, LimitSettings, ServerSettings
+from .config import EscalationSettings, InboxSettings, LimitSettings, ServerSettings
 from .core import (
     Alert,
     CancelEscalation,
@@ -43,12 +43,14 @@ from .core import (
     EscalationDue,
     Event,
     FrameReceived,
+    InboxPruned,
     Note,
     Observe,
     Outcome,
     Push,
     PushJob,
     QuestionLoaded,
+    ReadDone,
     Reloaded,
     Replay,
     Send,
@@ -99,6 +101,7 @@ class ClientServer:
         max_batch: the most outcomes committed together.
         hot_days: how far back the engine keeps questions in memory (for
             the reload after a failed commit).
+        inbox: the ``[inbox]`` settings (retention of durable events).
     """
 
     def __init__(
@@ -115,7 +118,9 @@ class ClientServer:
         pending_pushes: Iterable[PushJob] = (),
         max_batch: int = 1000,
         hot_days: float = 7.0,
+        inbox: InboxSettings = InboxSettings(),
     ) -> None:
+        self._inbox = inbox
         self.settings = settings
         self._startup = startup
         per_minute = limits.connections_per_ip_per_minute
@@ -167,6 +172,7 @@ class ClientServer:
             nursery.start_soon(self._timers)
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._storage_supervisor)
+            nursery.start_soon(self._prune_periodically)
             self._escalation_nursery = await nursery.start(_nursery_holder)
             self._perform(self._startup)
             async with trio.open_nursery() as conn_nursery:
@@ -323,10 +329,15 @@ class ClientServer:
         text = isinstance(message, TextFrame)
         payload = b"" if isinstance(message, TextFrame) else message.payload
         outcome = self._handle(FrameReceived(conn_id, payload, text))
-        while outcome.load_question is not None:
-            # The request names a question that is not in memory: read it,
-            # then hand it back. Frames of this connection wait meanwhile.
-            found = await trio.to_thread.run_sync(self.store.find_question, outcome.load_question)
+        while outcome.load_question is not None or outcome.read is not None:
+            # The request needs the database (a question not in memory, a
+            # list): read it on a worker thread, then hand it back. Frames of
+            # this connection wait meanwhile.
+            if outcome.read is not None:
+                rows = await trio.to_thread.run_sync(self.store.read, outcome.read)
+                outcome = self._handle(ReadDone(conn_id, rows))
+                continue
+            found = await trio.to_thread.run_sync(self.store.find_question, str(outcome.load_question))
             question, answers = found if found is not None else (None, ())
             outcome = self._handle(QuestionLoaded(conn_id, question, tuple(answers)))
         self._count(outcome)
@@ -436,6 +447,33 @@ class ClientServer:
         finally:
             if self.escalation_scopes.get(question_id) is scope:
                 del self.escalation_scopes[question_id]
+
+    # ---- the inbox's retention ----------------------------------------------------
+
+    async def prune_inbox(self) -> int:
+        """Delete durable events older than ``[inbox] retention_days``, in bounded commits; returns how many users lost some."""
+        cutoff = self.clock.now_ms() - int(self._inbox.retention_days * 86_400_000)
+        users = 0
+        while True:
+            try:
+                oldest = await self.pipeline.run_between_commits(
+                    functools.partial(self.store.prune_events, cutoff, self._inbox.prune_batch)
+                )
+            except WriteFailed:
+                return users  # the storage supervisor deals with it; next round
+            if not oldest:
+                return users
+            users += len(oldest)
+            self._feed(InboxPruned(oldest))
+
+    async def _prune_periodically(self) -> None:
+        if math.isinf(self._inbox.prune_interval_s):
+            return
+        while True:
+            await trio.sleep(self._inbox.prune_interval_s)
+            pruned = await self.prune_inbox()
+            if pruned:
+                log.info("inbox_pruned", extra={"users": pruned})
 
     # ---- storage faults ------------------------------------------------------------
 

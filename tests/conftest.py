@@ -40,6 +40,11 @@ def make_settings(db: Path, **sections: dict[str, Any]) -> Settings:
         # Periodic snapshots are tested in test_snapshots.py; elsewhere their
         # timer would only make the autojump clock leap an hour.
         "snapshots": {"interval_s": 0.0},
+        # The inbox pruner likewise (tests/test_read_paths.py runs it by hand).
+        "inbox": {"prune_interval_s": float("inf")},
+        # Questions expire after a day; on the autojump clock that deadline
+        # would be the next one while any commit runs (test_read_paths.py sets it).
+        "questions": {"ttl_s": float("inf")},
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)

@@ -9,6 +9,8 @@ after which its frames are ignored until the driver reports it
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -33,6 +35,8 @@ class ConnState:
     rooms: set[str] = attrs.Factory(set)
     # A request waiting for its question to be read from the store.
     waiting: Request | None = None
+    # A read operation waiting for its rows: the request and what makes its reply.
+    reading: tuple[Request, Callable[[Any], Any]] | None = None
 
 
 @attrs.define
@@ -54,3 +58,4 @@ class Call:
     f: Fields
     now: int
     out: OutcomeBuilder
+    retried: bool = False  # the operation runs again after its Pending read (see core.lists.Pending)

@@ -13,8 +13,9 @@ __all__ = ["DeadlineKind", "Deadlines"]
 
 #: What falls due: a typing state ends (key: question id, user id), a
 #: question is owed its slow-response alert (key: question id, ""), or a
-#: connection has not sent hello in time (key: conn id as text, "").
-DeadlineKind = Literal["typing", "slow_response", "hello"]
+#: connection has not sent hello in time (key: conn id as text, ""), or a
+#: question reaches its time to live (key: question id, "").
+DeadlineKind = Literal["typing", "slow_response", "hello", "expire"]
 
 
 class Deadlines:

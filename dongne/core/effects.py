@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from .reads import Read
 from .records import Answer, PushJob, Question, User
 
 __all__ = [
@@ -221,6 +222,9 @@ class Outcome:
         request: ``(conn_id, request id)`` of the request this outcome
             answers, so that the driver can refuse it if its writes cannot
             be committed.
+        read: a query for the store (``core.reads``): the driver runs it and
+            hands its rows back in a ``ReadDone`` event, before anything else
+            from that connection. ``writes`` and ``actions`` are empty then.
     """
 
     writes: tuple[Write, ...] = ()
@@ -229,6 +233,7 @@ class Outcome:
     error: str | None = None
     load_question: str | None = None
     request: tuple[int, int | None] | None = None
+    read: Read | None = None
 
 
 class OutcomeBuilder:

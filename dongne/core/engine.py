@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 
 from .connections import Call, ConnPhase, ConnState
+from .cursors import CursorCodec
 from .deadlines import Deadlines
 from .effects import Alert, Close, Outcome, OutcomeBuilder, Replay, SaveUser, Send, StartEscalation
 from .errors import CloseConnection, ProtocolError
@@ -40,7 +41,9 @@ from .events import (
     EscalationDue,
     Event,
     FrameReceived,
+    InboxPruned,
     QuestionLoaded,
+    ReadDone,
     Reloaded,
     Tick,
     WritesFailing,
@@ -49,6 +52,7 @@ from .events import (
 from .inbox import Inbox
 from .lifecycle import ACTIVE
 from .limits import OP_CLASSES, BucketSpec, Limiter
+from .lists import READ_OPS, RETRY, Lists, Pending, unread_of
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
 from .places import Places, RegionLookup, ServiceArea
@@ -72,7 +76,17 @@ _NOTHING = Outcome()
 
 #: The operations that write; refused with ``unavailable`` while commits fail.
 WRITING_OPS = frozenset(
-    {"create_question", "create_answer", "accept_answer", "close_question", "mark_read", "update_settings"}
+    {
+        "create_question",
+        "create_answer",
+        "accept_answer",
+        "close_question",
+        "mark_read",
+        "update_settings",
+        "mark_notifications_read",
+        "delete_question",
+        "delete_answer",
+    }
 )
 #: What ``unavailable`` replies suggest as ``retry_after_ms``: about when the store is probed next.
 UNAVAILABLE_RETRY_MS = 1000
@@ -93,6 +107,9 @@ class Engine:
             when omitted every point is in service.
         new_id: makes ids, ``new_id(prefix, now)``; injectable for tests.
         hotspots: named places for hotspot statistics.
+        region_names: the service regions (``browse_questions`` accepts no other).
+        cursor_key: signs page cursors; derive it from the server's secret so
+            that cursors survive restarts (random when omitted).
     """
 
     def __init__(
@@ -103,6 +120,8 @@ class Engine:
         region_of: RegionLookup | None = None,
         new_id: Callable[[str, int], str] = _default_new_id,
         hotspots: Iterable[Hotspot] = (),
+        region_names: Iterable[str] | None = None,
+        cursor_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self._check_token = check_token
@@ -113,6 +132,7 @@ class Engine:
                 "write": BucketSpec(limits.writes_per_minute / 60, limits.writes_burst),
                 "question": BucketSpec(limits.questions_per_hour / 3600, limits.questions_burst),
                 "typing": BucketSpec(limits.typing_per_s, limits.typing_burst),
+                "read": BucketSpec(limits.reads_per_s, limits.reads_burst),
             },
             abuse_limit=limits.abuse_refusals_per_minute,
         )
@@ -150,11 +170,24 @@ class Engine:
             questions=self.questions,
             answers=self.answers,
             user_conns=self.user_conns,
+            conns=self.conns,
             alerts_per_batch=settings.alerts_per_batch,
+            deadlines=self._deadlines,
+            ttl_ms=None if math.isinf(settings.questions.ttl_s) else int(settings.questions.ttl_s * 1000),
         )
-        self._ops: dict[str, Callable[[Call], dict[str, Any]]] = {
+        lists = Lists(
+            CursorCodec(cursor_key or secrets.token_bytes(32)),
+            users=self.users,
+            questions=self.questions,
+            answers=self.answers,
+            answer_wire=self._qa.answer_wire,
+            region_names=frozenset(region_names) if region_names is not None else None,
+        )
+        self._ops: dict[str, Callable[[Call], dict[str, Any] | Pending]] = {
             **self._qa.operations(),
             **Places(self.where, area, self.questions, self.user_conns).operations(),
+            **lists.operations(),
+            "mark_notifications_read": self.inbox.mark_read,
             "get_profile": self._get_profile,
             "metrics": self._metrics,
         }
@@ -191,7 +224,9 @@ class Engine:
                     )
         for answer in state.answers:
             self._qa.adopt_answer(answer)
-        self.inbox.restore(state.last_push_job_id)
+        for question in state.questions:
+            self._qa.schedule_expiry(question)
+        self.inbox.restore(state.last_push_job_id, state.oldest_seqs)
         return self._start_escalations()
 
     def _start_escalations(self) -> Outcome:
@@ -218,8 +253,13 @@ class Engine:
             if self._hello_timeout_ms is not None:
                 self._deadlines.add(now + self._hello_timeout_ms, "hello", str(event.conn_id))
             return _NOTHING
+        if isinstance(event, ReadDone):
+            return self._read_done(event, now)
         if isinstance(event, QuestionLoaded):
             return self._question_loaded(event, now)
+        if isinstance(event, InboxPruned):
+            self.inbox.oldest.update(event.oldest)
+            return _NOTHING
         if isinstance(event, Disconnected):
             return self._disconnected(event.conn_id, now)
         if isinstance(event, WritesFailing):
@@ -306,7 +346,12 @@ class Engine:
             )
             return self._refuse(conn.conn_id, request.id, error, label)
         question_id = request.data.get("question_id")
-        if isinstance(question_id, str) and 0 < len(question_id) <= 64 and question_id not in self.questions:
+        if (
+            op not in READ_OPS
+            and isinstance(question_id, str)
+            and 0 < len(question_id) <= 64
+            and question_id not in self.questions
+        ):
             # Not in memory (older than the hot set, or no such question): ask the driver.
             conn.waiting = request
             return Outcome(op=label, load_question=question_id)
@@ -323,21 +368,44 @@ class Engine:
             self._qa.adopt(event.question, event.answers)
         return self._run(conn, request, now, request.op)
 
-    def _run(self, conn: ConnState, request: Request, now: int, label: str) -> Outcome:
+    def _run(self, conn: ConnState, request: Request, now: int, label: str, *, retried: bool = False) -> Outcome:
         assert conn.user_id is not None
         out = OutcomeBuilder()
+        call = Call(conn, self.users[conn.user_id], request, Fields(request.data), now, out, retried)
         try:
-            data = self._ops[request.op](Call(conn, self.users[conn.user_id], request, Fields(request.data), now, out))
+            data = self._ops[request.op](call)
         except ProtocolError as exc:
             return self._refuse(conn.conn_id, request.id, exc, label)
         except Exception:  # a bug: the client gets "internal", the connection and the server stay up
             log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
             error = ProtocolError("internal", "internal error; the request was not applied")
             return self._refuse(conn.conn_id, request.id, error, label)
+        if isinstance(data, Pending):
+            conn.reading = (request, data.finish)
+            return Outcome(op=label, read=data.read, request=(conn.conn_id, request.id))
         # The reply goes first: a client sees its own request acknowledged
         # before the events it caused.
         out.actions.insert(0, Send((conn.conn_id,), reply_ok(request.id, data)))
         return out.build(label, request=(conn.conn_id, request.id))
+
+    def _read_done(self, event: ReadDone, now: int) -> Outcome:
+        conn = self.conns.get(event.conn_id)
+        if conn is None or conn.reading is None:
+            return _NOTHING
+        (request, finish), conn.reading = conn.reading, None
+        if conn.phase is not ConnPhase.READY:
+            return _NOTHING
+        try:
+            data = finish(event.rows)
+        except ProtocolError as exc:
+            return self._refuse(conn.conn_id, request.id, exc, request.op)
+        if data is RETRY:
+            return self._run(conn, request, now, request.op, retried=True)
+        return Outcome(
+            actions=(Send((conn.conn_id,), reply_ok(request.id, data)),),
+            op=request.op,
+            request=(conn.conn_id, request.id),
+        )
 
     def _refuse(self, conn_id: int, request_id: int | None, error: ProtocolError, label: str = "") -> Outcome:
         """An error reply to one request (or to a frame that was not one)."""
@@ -390,7 +458,17 @@ class Engine:
         conn.phase = ConnPhase.READY
         conn.user_id = user.user_id
         self.user_conns.setdefault(user.user_id, set()).add(conn.conn_id)
-        hello = {"user": user.to_wire(), "last_seq": user.last_seq, "server_time": now, "protocol": 1}
+        hello: dict[str, Any] = {
+            "user": user.to_wire(),
+            "last_seq": user.last_seq,
+            "unread": unread_of(user),
+            "server_time": now,
+            "protocol": 1,
+        }
+        if last_seen is not None:
+            oldest = self.inbox.missed(user.user_id, last_seen) if last_seen < user.last_seq else None
+            # Events after last_seen were pruned: the client learns it did not get everything.
+            hello.update({"resumed": False, "oldest_seq": oldest} if oldest is not None else {"resumed": True})
         out.send((conn.conn_id,), reply_ok(request.id, hello))
         if last_seen is not None and last_seen < user.last_seq:
             out.act(Replay(conn.conn_id, user.user_id, last_seen, user.last_seq))
@@ -427,6 +505,11 @@ class Engine:
         for due, kind, key, subkey in self._deadlines.pop_due(now):
             if kind == "typing":
                 self.presence.typing_expired(key, subkey, due, out)
+            elif kind == "expire":
+                if self.writable:
+                    self._qa.expire(key, now, out)
+                else:  # expiring is a write: it waits, it is not lost
+                    self._deadlines.add(now + UNAVAILABLE_RETRY_MS, "expire", key)
             elif kind == "slow_response":
                 if self.writable:
                     self.oversight.alert_due(key, now, out)
@@ -487,6 +570,7 @@ class Engine:
         self.answers.clear()
         self.where.forget_durable()
         self.oversight.forget_durable()
+        self._qa.forget_durable()
         started = self.load(event.state)
         out = OutcomeBuilder()
         out.actions.extend(started.actions)

@@ -7,6 +7,8 @@ engine's state once it is loaded.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from .records import Answer, LoadedState, Question
@@ -17,7 +19,9 @@ __all__ = [
     "EscalationDue",
     "Event",
     "FrameReceived",
+    "InboxPruned",
     "QuestionLoaded",
+    "ReadDone",
     "Reloaded",
     "Tick",
     "WritesFailing",
@@ -51,6 +55,21 @@ class QuestionLoaded:
     conn_id: int
     question: Question | None
     answers: tuple[Answer, ...] = ()
+
+
+@attrs.frozen
+class ReadDone:
+    """The store's rows for an ``Outcome.read``; the engine then replies to the request that asked."""
+
+    conn_id: int
+    rows: Any
+
+
+@attrs.frozen
+class InboxPruned:
+    """Old durable events were deleted: each affected user's oldest kept seq."""
+
+    oldest: dict[str, int]
 
 
 @attrs.frozen
@@ -99,9 +118,11 @@ Event = (
     Connected
     | FrameReceived
     | QuestionLoaded
+    | ReadDone
     | Disconnected
     | Tick
     | EscalationDue
+    | InboxPruned
     | WritesFailing
     | Reloaded
     | WritesWork

@@ -12,11 +12,17 @@ from typing import Any
 
 import attrs
 
-from .effects import AppendEvent, EnqueuePush, OutcomeBuilder, Push, SaveAnswer
+from .connections import Call
+from .effects import AppendEvent, EnqueuePush, OutcomeBuilder, Push, SaveAnswer, SaveUser
 from .protocol import durable_event, event
 from .records import Answer, PushJob, Question, ReceiptState, User
 
-__all__ = ["Inbox"]
+__all__ = ["DURABLE_EVENTS", "Inbox"]
+
+#: Every kind of durable event (the ones in a user's inbox, with a seq).
+DURABLE_EVENTS = frozenset(
+    {"answer_notification", "answer_accepted_notification", "new_question_notification", "slow_response_alert"}
+)
 
 
 class Inbox:
@@ -36,11 +42,30 @@ class Inbox:
         self._answers = answers
         self._undelivered: dict[str, set[tuple[str, str]]] = {}  # asker -> {(question, answer)}
         self._push_seq = 0
+        self.oldest: dict[str, int] = {}  # user -> oldest durable event kept (older ones were pruned)
 
-    def restore(self, last_push_job_id: int) -> None:
+    def restore(self, last_push_job_id: int, oldest: dict[str, int]) -> None:
         """Start from the stored state (at start-up, or again after a failed commit)."""
         self._undelivered.clear()
         self._push_seq = last_push_job_id
+        self.oldest = dict(oldest)
+
+    def missed(self, user_id: str, last_seen: int) -> int | None:
+        """The oldest kept seq if events after ``last_seen`` were pruned (the resume cannot be whole), else None."""
+        oldest = self.oldest.get(user_id)
+        return oldest if oldest is not None and oldest > last_seen + 1 else None
+
+    def mark_read(self, call: Call) -> dict[str, Any]:
+        """``mark_notifications_read``: everything up to ``up_to_seq`` is read; every device's badge learns it."""
+        user = call.user
+        up_to = call.f.integer("up_to_seq", minimum=0, maximum=2**53)
+        read_seq = max(user.read_seq, min(up_to, user.last_seq))
+        if read_seq != user.read_seq:
+            user.read_seq = read_seq
+            call.out.write(SaveUser(attrs.evolve(user)))
+        unread = max(0, user.last_seq - user.read_seq)
+        call.out.send(self._user_conns.get(user.user_id, ()), event("unread_count", {"unread": unread}))
+        return {"unread": unread}
 
     def track(self, question: Question, answer: Answer) -> None:
         """Remember an answer its asker has not received yet (state ``sent``)."""
@@ -72,7 +97,7 @@ class Inbox:
             if answer is not None and answer.state == ReceiptState.SENT:
                 self._set_receipt(answer, ReceiptState.DELIVERED, now, out)
 
-    def mark_read(self, asker_id: str, answers: list[Answer], now: int, out: OutcomeBuilder) -> list[str]:
+    def mark_answers_read(self, asker_id: str, answers: list[Answer], now: int, out: OutcomeBuilder) -> list[str]:
         """Mark answers ``read`` (oldest first); returns the ids that changed."""
         changed = []
         for answer in sorted(answers, key=lambda a: (a.created_at, a.answer_id)):

@@ -9,6 +9,10 @@ state changes.
       │                 │
       │                 └──accept──▶ RESOLVED
       └──close──▶ CLOSED ◀──close──┘
+      └──expire─▶ EXPIRED ◀─expire─┘   ([questions] ttl_s after it was asked)
+
+Deletion is not a status: a deleted question keeps the status it had and
+carries ``deleted_at``; it leaves every list, room and memory.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ class QuestionStatus(enum.StrEnum):
     ANSWERED = "answered"
     RESOLVED = "resolved"
     CLOSED = "closed"
+    EXPIRED = "expired"
 
 
 class QuestionEvent(enum.StrEnum):
     ANSWER = "answer"
     ACCEPT = "accept"
     CLOSE = "close"
+    EXPIRE = "expire"
 
 
 TRANSITIONS: dict[tuple[QuestionStatus, QuestionEvent], QuestionStatus] = {
@@ -37,6 +43,8 @@ TRANSITIONS: dict[tuple[QuestionStatus, QuestionEvent], QuestionStatus] = {
     (QuestionStatus.ANSWERED, QuestionEvent.ACCEPT): QuestionStatus.RESOLVED,
     (QuestionStatus.OPEN, QuestionEvent.CLOSE): QuestionStatus.CLOSED,
     (QuestionStatus.ANSWERED, QuestionEvent.CLOSE): QuestionStatus.CLOSED,
+    (QuestionStatus.OPEN, QuestionEvent.EXPIRE): QuestionStatus.EXPIRED,
+    (QuestionStatus.ANSWERED, QuestionEvent.EXPIRE): QuestionStatus.EXPIRED,
 }
 
 #: Statuses in which a question still wants answers (and escalates).

@@ -27,6 +27,15 @@ OP_CLASSES: dict[str, str] = {
     "update_settings": "write",
     "typing_start": "typing",
     "typing_stop": "typing",
+    "mark_notifications_read": "write",
+    "delete_question": "write",
+    "delete_answer": "write",
+    "get_question": "read",
+    "my_questions": "read",
+    "my_answers": "read",
+    "browse_questions": "read",
+    "get_user": "read",
+    "list_notifications": "read",
 }
 
 

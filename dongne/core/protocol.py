@@ -118,6 +118,10 @@ class Fields:
     def has(self, name: str) -> bool:
         return self._data.get(name) is not None
 
+    def raw(self, name: str) -> object:
+        """The value as sent, unchecked (for values another module checks, such as cursors)."""
+        return self._data.get(name)
+
     def string(self, name: str, *, max_len: int, min_len: int = 1, default: str | None = None) -> str:
         value = self._data.get(name)
         if value is None:

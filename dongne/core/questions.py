@@ -11,7 +11,8 @@ from typing import Any
 
 import attrs
 
-from .connections import Call
+from .connections import Call, ConnState
+from .deadlines import Deadlines
 from .effects import (
     CancelEscalation,
     Observe,
@@ -25,12 +26,14 @@ from .effects import (
 )
 from .errors import ProtocolError
 from .inbox import Inbox
-from .lifecycle import IllegalTransition, QuestionEvent, QuestionStatus, advance
+from .lifecycle import ACTIVE, IllegalTransition, QuestionEvent, QuestionStatus, advance
+from .lists import RETRY, Pending, Retry
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
 from .places import ServiceArea
 from .presence import Presence
 from .protocol import Fields, event
+from .reads import AnswerHome
 from .records import Answer, Question, User
 from .settings import EngineSettings
 from .text import SpamFilter
@@ -55,6 +58,8 @@ class Questions:
         where: positions and escalation progress.
         users, questions, answers, user_conns: the engine's records (shared).
         alerts_per_batch: the most alerts one escalation call delivers.
+        deadlines: the engine's deadline heap (questions expire there).
+        ttl_ms: how long after it was asked an unresolved question expires (``None``: never).
     """
 
     def __init__(
@@ -72,8 +77,13 @@ class Questions:
         questions: dict[str, Question],
         answers: dict[str, dict[str, Answer]],
         user_conns: dict[str, set[int]],
+        conns: dict[int, ConnState],
         alerts_per_batch: int,
+        deadlines: Deadlines,
+        ttl_ms: int | None,
     ) -> None:
+        self._deadlines = deadlines
+        self._ttl_ms = ttl_ms
         self._settings = settings
         self._new_id = new_id
         self._spam = spam
@@ -87,8 +97,10 @@ class Questions:
         self._answers = answers
         self._user_conns = user_conns
         self._alerts_per_batch = alerts_per_batch
+        self._conns = conns
+        self._answer_homes: dict[str, str] = {}  # answer id -> its question's id, for answers in memory
 
-    def operations(self) -> dict[str, Callable[[Call], dict[str, Any]]]:
+    def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
         return {
             "create_question": self.create_question,
             "join_question": self.join_question,
@@ -99,6 +111,8 @@ class Questions:
             "typing_start": self.typing_start,
             "typing_stop": self.typing_stop,
             "mark_read": self.mark_read,
+            "delete_question": self.delete_question,
+            "delete_answer": self.delete_answer,
         }
 
     # ---- memory --------------------------------------------------------------------
@@ -114,9 +128,23 @@ class Questions:
 
     def adopt_answer(self, answer: Answer) -> None:
         self._answers.setdefault(answer.question_id, {})[answer.answer_id] = answer
+        self._answer_homes[answer.answer_id] = answer.question_id
         question = self._questions.get(answer.question_id)
         if question is not None:
             self._inbox.track(question, answer)
+
+    def schedule_expiry(self, question: Question) -> None:
+        if question.status in ACTIVE and self._ttl_ms is not None:
+            self._deadlines.add(question.created_at + self._ttl_ms, "expire", question.question_id)
+
+    def answer_wire(self, answer: Answer) -> dict[str, Any]:
+        """An answer as replies and events show it: with its author's standing."""
+        author = self._users.get(answer.author_id)
+        return {
+            **answer.to_wire(),
+            "author_local": author.local if author is not None else False,
+            "author_points": author.points if author is not None else 0,
+        }
 
     def escalation_until(self, question: Question) -> int:
         """When the question's last stage is due (ms)."""
@@ -168,6 +196,7 @@ class Questions:
         )
         self._where.question_opened(question, now)
         self._oversight.asked(question)
+        self.schedule_expiry(question)
         if self._where.stages:
             self._where.restore_escalation(question.question_id, 0, ())
             # Stages due now (IMMEDIATE) go out with the reply, in the same commit.
@@ -185,7 +214,7 @@ class Questions:
         who = self._who
         return {
             "question": question.to_wire(),
-            "answers": [a.to_wire() for a in answers],
+            "answers": [self.answer_wire(a) for a in answers],
             # At most ONLINE_LIST_MAX names; big rooms report the full count.
             "online": [who(uid) for uid in sorted(room.members)[:ONLINE_LIST_MAX]],
             "online_count": len(room.members),
@@ -221,22 +250,20 @@ class Questions:
             question.first_answer_at = now
             self._oversight.first_answer(question, now, out)
         self._answers[question.question_id][answer.answer_id] = answer
+        self._answer_homes[answer.answer_id] = question.question_id
         self._inbox.answer_posted(question, answer, now)
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(SaveQuestion(attrs.evolve(question)))
         out.note("answer_created", question_id=question.question_id, answer_id=answer.answer_id, user=user.user_id)
-        wire = answer.to_wire()
+        wire = self.answer_wire(answer)
         out.send(
             self._presence.others(question.question_id, except_conn=call.conn.conn_id),
             event("new_answer", {"question_id": question.question_id, "answer": wire}),
         )
-        self._inbox.append(
-            question.asker_id,
-            "answer_notification",
-            {"question_id": question.question_id, "question_title": question.title, "answer": wire},
-            now,
-            out,
-        )
+        notice = {"question_id": question.question_id, "question_title": question.title, "answer": wire}
+        self._inbox.append(question.asker_id, "answer_notification", notice, now, out)
+        if not self._user_conns.get(question.asker_id):  # the asker's app is in the background: push
+            self._inbox.enqueue_push(question.asker_id, "answer_notification", question, notice, now, out)
         # Clear the author's typing state in that room: the answer is in.
         self._presence.stop_typing(question.question_id, user.user_id, out)
         return {"answer": wire}
@@ -267,17 +294,14 @@ class Questions:
             "author_id": author.user_id,
             "points": points,
         }
-        out.send(
-            self._presence.others(question.question_id, except_conn=call.conn.conn_id), event("answer_accepted", data)
-        )
-        self._inbox.append(
-            author.user_id,
-            "answer_accepted_notification",
-            {**data, "question_title": question.title, "total_points": author.points},
-            now,
-            out,
-        )
-        return {"question": question.to_wire(), "answer": answer.to_wire()}
+        others = self._presence.others(question.question_id, except_conn=call.conn.conn_id)
+        out.send(others, event("answer_accepted", data))
+        out.send(others, event("question_closed", {"question_id": question.question_id, "reason": "accepted"}))
+        notice = {**data, "question_title": question.title, "total_points": author.points}
+        self._inbox.append(author.user_id, "answer_accepted_notification", notice, now, out)
+        if not self._user_conns.get(author.user_id):
+            self._inbox.enqueue_push(author.user_id, "answer_accepted_notification", question, notice, now, out)
+        return {"question": question.to_wire(), "answer": self.answer_wire(answer)}
 
     def close_question(self, call: Call) -> dict[str, Any]:
         question = self._question(call.f)
@@ -289,9 +313,87 @@ class Questions:
         call.out.write(SaveQuestion(attrs.evolve(question)))
         call.out.send(
             self._presence.others(question.question_id, except_conn=call.conn.conn_id),
-            event("question_closed", {"question_id": question.question_id}),
+            event("question_closed", {"question_id": question.question_id, "reason": "closed"}),
         )
         return {"question": question.to_wire()}
+
+    def delete_question(self, call: Call) -> dict[str, Any]:
+        """The asker takes a question down (soft delete): it leaves lists, rooms and memory."""
+        question = self._question(call.f)
+        if question.asker_id != call.user.user_id:
+            raise ProtocolError("forbidden", "only the asker can delete a question")
+        question.deleted_at = call.now
+        self._end(question, call.out)
+        call.out.write(SaveQuestion(attrs.evolve(question)))
+        call.out.note("question_deleted", question_id=question.question_id, user=call.user.user_id)
+        self._leave_memory(question, event("question_deleted", {"question_id": question.question_id}), call)
+        return {"question_id": question.question_id}
+
+    def delete_answer(self, call: Call) -> dict[str, Any] | Pending:
+        """An answer's author takes it down (soft delete); an accepted answer stays."""
+        answer_id = call.f.ident("answer_id")
+        question_id = self._answer_homes.get(answer_id)
+        if question_id is None and not call.retried:
+            return Pending(AnswerHome(answer_id), self._adopt_found)
+        answers = self._answers.get(question_id or "", {})
+        answer = answers.get(answer_id)
+        if answer is None:
+            raise ProtocolError("not_found", "no such answer")
+        if answer.author_id != call.user.user_id:
+            raise ProtocolError("forbidden", "only its author can delete an answer")
+        if answer.accepted:
+            raise ProtocolError("forbidden", "an accepted answer cannot be deleted")
+        question = self._questions[answer.question_id]
+        answer.deleted_at = call.now
+        del answers[answer_id]
+        del self._answer_homes[answer_id]
+        question.answer_count = max(0, question.answer_count - 1)
+        call.out.write(SaveAnswer(attrs.evolve(answer)))
+        call.out.write(SaveQuestion(attrs.evolve(question)))
+        call.out.send(
+            self._presence.others(question.question_id, except_conn=call.conn.conn_id),
+            event("answer_deleted", {"question_id": question.question_id, "answer_id": answer_id}),
+        )
+        return {"question_id": question.question_id, "answer_id": answer_id}
+
+    def expire(self, question_id: str, now: int, out: OutcomeBuilder) -> None:
+        """A question's time to live is up: unless it is resolved or closed, it expires and leaves memory."""
+        question = self._questions.get(question_id)
+        if question is None or question.status not in ACTIVE or self._ttl_ms is None:
+            return
+        if now < question.created_at + self._ttl_ms:
+            return
+        question.status = advance(question.status, QuestionEvent.EXPIRE)
+        question.closed_at = now
+        self._end(question, out)
+        out.write(SaveQuestion(attrs.evolve(question)))
+        out.note("question_expired", question_id=question_id)
+        closing = event("question_closed", {"question_id": question_id, "reason": "expired"})
+        room = self._presence.room_of(question_id)
+        if room is not None:
+            out.send(room.conn_ids(), closing)
+        self._forget(question)
+
+    def _adopt_found(self, found: tuple[Question, list[Answer]] | None) -> Retry:
+        if found is None:
+            raise ProtocolError("not_found", "no such answer")
+        self.adopt(*found)
+        return RETRY
+
+    def forget_durable(self) -> None:
+        """Forget the answers' homes (the engine reloads its records after a failed commit)."""
+        self._answer_homes.clear()
+
+    def _leave_memory(self, question: Question, announce: dict[str, Any], call: Call) -> None:
+        call.out.send(self._presence.others(question.question_id, except_conn=call.conn.conn_id), announce)
+        self._forget(question)
+
+    def _forget(self, question: Question) -> None:
+        """Drop a question from memory (it stays in the database); its room is gone."""
+        self._presence.drop_room(question.question_id, self._conns)
+        for answer_id in self._answers.pop(question.question_id, {}):
+            self._answer_homes.pop(answer_id, None)
+        self._questions.pop(question.question_id, None)
 
     def typing_start(self, call: Call) -> dict[str, Any]:
         question = self._question(call.f)
@@ -317,7 +419,7 @@ class Questions:
             if missing:
                 raise ProtocolError("not_found", f"no such answer: {missing[0]}")
             chosen = [answers[aid] for aid in wanted]
-        changed = self._inbox.mark_read(call.user.user_id, chosen, call.now, call.out)
+        changed = self._inbox.mark_answers_read(call.user.user_id, chosen, call.now, call.out)
         return {"question_id": question.question_id, "answer_ids": changed}
 
     # ---- escalation ------------------------------------------------------------------

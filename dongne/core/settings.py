@@ -25,6 +25,7 @@ __all__ = [
     "EngineSettings",
     "LimitSettings",
     "LocationSettings",
+    "QuestionSettings",
     "positive",
     "positive_or_inf",
 ]
@@ -109,6 +110,9 @@ class LimitSettings:
     questions_burst: float = attrs.field(default=5.0, validator=positive)
     typing_per_s: float = attrs.field(default=2.0, validator=positive)
     typing_burst: float = attrs.field(default=5.0, validator=positive)
+    # Per user: the read operations (get_question, my_questions, browse, ...).
+    reads_per_s: float = attrs.field(default=5.0, validator=positive)
+    reads_burst: float = attrs.field(default=30.0, validator=positive)
     # Refusals within a minute after which the connection is closed with 4008.
     abuse_refusals_per_minute: int = attrs.field(default=30, validator=positive)
     # New connections per IP address per minute (beyond it: dropped at accept).
@@ -134,6 +138,13 @@ def _stage_plans(value: Any) -> tuple[StagePlan, ...]:
 
 
 @attrs.frozen
+class QuestionSettings:
+    # An open question without an accepted answer expires this long after it
+    # was asked: its escalation stops and it leaves memory (still readable).
+    ttl_s: float = attrs.field(default=86_400.0, validator=positive_or_inf)
+
+
+@attrs.frozen
 class CoreSettings:
     """Everything the engine is configured with, in one value.
 
@@ -150,6 +161,7 @@ class CoreSettings:
     limits: LimitSettings = LimitSettings()
     content: ContentSettings = ContentSettings()
     alerts: AlertSettings = AlertSettings()
+    questions: QuestionSettings = QuestionSettings()
     stages: tuple[StagePlan, ...] = attrs.field(default=DEFAULT_STAGES, converter=_stage_plans)
     alerts_per_batch: int = attrs.field(default=100, validator=positive)
     hello_timeout_s: float = attrs.field(default=10.0, validator=positive_or_inf)

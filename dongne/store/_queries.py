@@ -83,28 +83,35 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
             )
         ]
     if isinstance(query, Browse):
+        # Open questions are few whatever the history: a browse of open ones
+        # walks the open-only index (by region if given) and checks the
+        # hashtag per question. Otherwise the hashtag's, the region's or the
+        # whole list's index.
         where = ["q.deleted_at IS NULL"]
         params = []
-        if query.hashtag is not None:
+        if query.open_only or query.hashtag is None:
+            if query.open_only:
+                index = "questions_open_by_region" if query.region is not None else "questions_open"
+                where.append("q.status IN ('open', 'answered')")
+            else:
+                index = "questions_by_region" if query.region is not None else "questions_listed"
+            source = f"questions q INDEXED BY {index}"
+            order = "q.created_at DESC, q.question_id DESC"
+            position = "(q.created_at, q.question_id) < (?, ?)"
+            if query.hashtag is not None:
+                where.append(
+                    "EXISTS (SELECT 1 FROM question_hashtags h WHERE h.question_id = q.question_id AND h.tag = ?)"
+                )
+                params.append(query.hashtag)
+        else:
             source = "question_hashtags h INDEXED BY hashtags_by_tag JOIN questions q ON q.question_id = h.question_id"
             where.insert(0, "h.tag = ?")
             params.append(query.hashtag)
             order = "h.created_at DESC, h.question_id DESC"
             position = "(h.created_at, h.question_id) < (?, ?)"
-        else:
-            index = (
-                "questions_by_region"
-                if query.region is not None
-                else ("questions_open" if query.open_only else "questions_listed")
-            )
-            source = f"questions q INDEXED BY {index}"
-            order = "q.created_at DESC, q.question_id DESC"
-            position = "(q.created_at, q.question_id) < (?, ?)"
         if query.region is not None:
             where.append("q.region = ?")
             params.append(query.region)
-        if query.open_only:
-            where.append("q.status IN ('open', 'answered')")
         if query.before is not None:
             where.append(position)
             params.extend(query.before)

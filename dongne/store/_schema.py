@@ -155,6 +155,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX questions_listed ON questions(created_at, question_id) WHERE deleted_at IS NULL;
     CREATE INDEX questions_open ON questions(created_at, question_id)
         WHERE status IN ('open', 'answered') AND deleted_at IS NULL;
+    CREATE INDEX questions_open_by_region ON questions(region, created_at, question_id)
+        WHERE status IN ('open', 'answered') AND deleted_at IS NULL;
     CREATE INDEX answers_by_author ON answers(author_id, created_at, answer_id);
     CREATE INDEX events_by_user_type ON events(user_id, type, seq);
     """,

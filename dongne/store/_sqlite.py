@@ -7,8 +7,8 @@ readers run while a commit is in progress. ``close`` checkpoints the WAL.
 
 from __future__ import annotations
 
+import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from itertools import chain
@@ -123,6 +123,8 @@ class WriteFailed(StoreError):
 #: the checkpointer reads each page once: 512 KiB is plenty, and the soak
 #: bench saw their caches fill up over its first minutes and stay.
 WRITER_CACHE_KIB = 2000
+#: Reader connections: as many reads run at once (each on a worker thread).
+READERS = 4
 CACHE_KIB = 512
 
 
@@ -164,9 +166,12 @@ class Store:
         self.busy_timeout_s = busy_timeout_s
         self.background_checkpoints = background_checkpoints
         self._writer: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
+        # Reads run on worker threads, each on a connection of its own from
+        # this pool (SQLite releases the GIL while it reads, and WAL readers
+        # do not block each other or the writer).
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._reader_count = 0
         self._checkpointer: sqlite3.Connection | None = None
-        self._read_lock = threading.Lock()
         self.commits = 0
         self.rows_committed = 0
         self.checkpoints = 0  # background checkpoints run
@@ -192,7 +197,9 @@ class Store:
         self._writer = _connect(self.path, self.synchronous, WRITER_CACHE_KIB, self.busy_timeout_s)
         self._max_variables = self._writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self._migrate(self._writer)
-        self._reader = _connect(self.path, self.synchronous)
+        for _ in range(READERS):
+            self._readers.put(_connect(self.path, self.synchronous))
+        self._reader_count = READERS
         if self.background_checkpoints:
             # By default the commit that takes the WAL past 1000 pages copies
             # them into the database file (and syncs it) before it returns:
@@ -222,9 +229,9 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        while self._reader_count:
+            self._readers.get().close()
+            self._reader_count -= 1
         if self._writer is not None:
             try:
                 self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -390,10 +397,13 @@ class Store:
     # ---- reads -------------------------------------------------------------------
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        if self._reader is None:
+        if not self._reader_count:
             raise StoreError("store is not open")
-        with self._read_lock:
-            return self._reader.execute(sql, tuple(params)).fetchall()
+        reader = self._readers.get()
+        try:
+            return reader.execute(sql, tuple(params)).fetchall()
+        finally:
+            self._readers.put(reader)
 
     def load(self, *, hot_since: int) -> LoadedState:
         """Everything the engine keeps in memory: all users, active questions
