@@ -69,10 +69,12 @@ sys.path.insert(0, str(h.REPO_DIR))
 
 from dongne.auth import mint_token
 from tests.fuzzing import (
+    A_DEL,
     A_MINE,
     A_THEIRS,
     CLOSE_CODES,
     FAMILIES,
+    Q_DEL,
     Q_MINE,
     Q_THEIRS,
     bind_ids,
@@ -174,10 +176,17 @@ def _targets(port: int, index: int, secret: str, timeout: float) -> dict[str, st
         a_theirs = fuzzer.request("create_answer", {"question_id": q_theirs, "content": "fuzzer's answer"})["answer"][
             "answer_id"
         ]
+        # What the delete operations mostly aim at (see tests/fuzzing.py).
+        q_del = fuzzer.request("create_question", {**asker, "title": "fuzzer's deletable question"})["question"][
+            "question_id"
+        ]
+        a_del = fuzzer.request("create_answer", {"question_id": q_theirs, "content": "fuzzer's other answer"})[
+            "answer"
+        ]["answer_id"]
     finally:
         fuzzer.close()
         helper.close()
-    return {Q_MINE: q_mine, Q_THEIRS: q_theirs, A_MINE: a_mine, A_THEIRS: a_theirs}
+    return {Q_MINE: q_mine, Q_THEIRS: q_theirs, A_MINE: a_mine, A_THEIRS: a_theirs, Q_DEL: q_del, A_DEL: a_del}
 
 
 def _classify(problem: str) -> str:
@@ -229,8 +238,9 @@ def _fuzz_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, An
     tally = _Tally()
     deadline = time.monotonic() + spec["send_budget_s"]
     allowed_closes = {4008} if spec["limits"] == "default" else set()
-    # Events a lone fuzzer can cause itself; an admin also gets slow-response alerts.
-    own_events = {"nearby_questions"} | ({"slow_response_alert"} if index % 2 == 1 else set())
+    # Events a lone fuzzer can cause itself (nearby questions after a move, its
+    # badge after mark_notifications_read); an admin also gets slow-response alerts.
+    own_events = {"nearby_questions", "unread_count"} | ({"slow_response_alert"} if index % 2 == 1 else set())
 
     def new_port(wait_s: float) -> bool:
         """Take a port the parent announced (after a restart), waiting up to ``wait_s``."""
@@ -474,6 +484,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dongne-fuzz-") as tmp:
         db = Path(tmp) / "fuzz.sqlite3"
         env = dict(h.BENCH_LIMITS) if args.limits == "off" else {}  # tests/conftest.py's UNLIMITED
+        if args.limits == "off":  # the read bucket too (BENCH_LIMITS predates it), as tests/test_fuzz.py does
+            env.update({"DONGNE_LIMITS_READS_PER_S": "1000000", "DONGNE_LIMITS_READS_BURST": "1000000"})
 
         def start() -> h.ServerProcess:
             return h.start_dongne(

@@ -20,6 +20,7 @@ repository on ``sys.path``, so both fuzz the same frame space.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import itertools
 import math
@@ -33,6 +34,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 __all__ = [
+    "A_DEL",
     "A_MINE",
     "A_THEIRS",
     "CLOSE_CODES",
@@ -45,12 +47,14 @@ __all__ = [
     "OPS",
     "OP_CODES",
     "PLACEHOLDERS",
+    "Q_DEL",
     "Q_MINE",
     "Q_THEIRS",
     "Expect",
     "any_value",
     "bind_ids",
     "check_reply",
+    "cursors",
     "deep_array",
     "deep_map",
     "draw_frames",
@@ -83,8 +87,14 @@ EVENT_TYPES = frozenset(
     {
         "answer_notification", "answer_accepted_notification", "new_answer", "answer_accepted", "question_closed",
         "user_online", "user_offline", "user_typing", "user_stop_typing", "receipt", "new_question_notification",
-        "slow_response_alert", "nearby_questions", "storage_alert",
+        "slow_response_alert", "nearby_questions", "storage_alert", "unread_count", "question_deleted",
+        "answer_deleted",
     }
+)  # fmt: skip
+
+#: The durable events (``list_notifications``' ``types`` names only these).
+DURABLE_EVENT_TYPES = (
+    "answer_notification", "answer_accepted_notification", "new_question_notification", "slow_response_alert",
 )  # fmt: skip
 
 _Q = frozenset({"invalid_field", "not_found"})  # every op that names a question
@@ -115,6 +125,16 @@ OP_CODES: Mapping[str, frozenset[str]] = {
         "trending": frozenset({"invalid_field", "too_long"}),
         "hotspots": frozenset({"invalid_field", "forbidden"}),  # admins only
         "metrics": frozenset({"forbidden"}),  # admins only
+        # The read paths: a forged or foreign cursor is invalid_field.
+        "get_question": _Q,
+        "my_questions": frozenset({"invalid_field"}),
+        "my_answers": frozenset({"invalid_field"}),
+        "browse_questions": frozenset({"invalid_field", "too_long"}),
+        "get_user": frozenset({"invalid_field", "not_found"}),
+        "list_notifications": frozenset({"invalid_field"}),
+        "mark_notifications_read": frozenset({"invalid_field"}),
+        "delete_question": _Q | {"forbidden"},
+        "delete_answer": frozenset({"invalid_field", "not_found", "forbidden"}),
     }.items()
 }
 OPS = tuple(op for op in OP_CODES if op != "hello")
@@ -132,7 +152,12 @@ Q_MINE = "qFUZZ_PLACEHOLDER_QM_"  # asked by the fuzzer
 Q_THEIRS = "qFUZZ_PLACEHOLDER_QT_"  # asked by a helper user
 A_MINE = "aFUZZ_PLACEHOLDER_AM_"  # the helper's answer to Q_MINE
 A_THEIRS = "aFUZZ_PLACEHOLDER_AT_"  # the fuzzer's answer to Q_THEIRS
-PLACEHOLDERS = (Q_MINE, Q_THEIRS, A_MINE, A_THEIRS)
+# What the delete operations aim at mostly, so that the questions and answers
+# above live through most of a run: another question of the fuzzer's and
+# another answer of the fuzzer's to Q_THEIRS.
+Q_DEL = "qFUZZ_PLACEHOLDER_QD_"
+A_DEL = "aFUZZ_PLACEHOLDER_AD_"
+PLACEHOLDERS = (Q_MINE, Q_THEIRS, A_MINE, A_THEIRS, Q_DEL, A_DEL)
 ID_LEN = 21
 assert all(len(p) == ID_LEN for p in PLACEHOLDERS)
 
@@ -413,6 +438,59 @@ id_lists = st.one_of(
     readable_value,
 )
 
+#: Ids for delete_question / delete_answer: mostly the deletable placeholders,
+#: now and then another's (forbidden) or the fuzzer's own main ones.
+delete_ids = weighted(
+    (50, st.sampled_from((Q_DEL, A_DEL))),
+    (15, st.sampled_from((Q_THEIRS, A_MINE))),
+    (2, st.sampled_from((Q_MINE, A_THEIRS))),
+    (33, ids),
+)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+#: A forged cursor's body: what a real one holds (kind, scope, position), unsigned or signed with garbage.
+_cursor_bodies = st.builds(
+    lambda kind, scope, position: packb([kind, scope, position]),
+    st.sampled_from(("my_questions", "my_answers", "browse", "answers", "notifications", "")),
+    st.sampled_from(("fuzzer", "fuzzer0:all", "fuzzer:open", "#food:open", "Jeju-si#:all", Q_MINE, "")),
+    st.one_of(
+        st.tuples(st.integers(0, 2**63 - 1), st.sampled_from((Q_MINE, A_MINE, "q"))).map(list),
+        st.lists(readable_value, max_size=3),
+        readable_value,
+    ),
+)
+
+#: Page cursors: forged (a plausible body with a wrong or missing MAC), broken
+#: base64, sizes around the 512-character limit, and values of other types.
+cursors = weighted(
+    (25, st.tuples(_cursor_bodies, st.binary(min_size=12, max_size=12)).map(lambda t: _b64(t[0] + t[1]))),
+    (10, _cursor_bodies.map(_b64)),
+    (15, st.binary(max_size=80).map(_b64)),
+    (
+        10,
+        st.sampled_from(
+            ("", "=", "==", "a", "ab", "abc", "!!!!", "a" * 16, "A" * 511, "A" * 512, "A" * 513, "%00", "a=b", " abc")
+        ),
+    ),
+    (20, hostile_text),
+    (20, readable_value),
+)
+
+durable_types = st.sampled_from(DURABLE_EVENT_TYPES)
+event_type_lists = st.one_of(
+    st.lists(durable_types, max_size=4),
+    st.lists(
+        st.one_of(durable_types, st.sampled_from(("new_answer", "unread_count", "", "ANSWER_NOTIFICATION"))), max_size=6
+    ),
+    st.builds(lambda n: ["answer_notification"] * n, st.sampled_from((5, 100, 10_000))),
+    readable_value,
+)
+limits_1_100 = field(st.integers(-1, 101))
+
 nested = st.builds(lambda levels: msgpack.unpackb(deep_map(levels), raw=False), st.sampled_from((5, 20, 31, 32, 33)))
 
 #: Each operation's fields: (required, optional), each value a ``field`` strategy.
@@ -455,6 +533,41 @@ OP_FIELDS: Mapping[str, tuple[dict[str, st.SearchStrategy[Any]], dict[str, st.Se
     ),
     "hotspots": ({}, {"limit": field(st.integers(0, 101))}),
     "metrics": ({}, {}),
+    "get_question": ({"question_id": ids}, {"answers_after": cursors, "limit": limits_1_100}),
+    "my_questions": (
+        {},
+        {
+            "status": field(st.sampled_from(("open", "answered", "closed", "all", "expired", "resolved", "OPEN"))),
+            "before": cursors,
+            "limit": limits_1_100,
+        },
+    ),
+    "my_answers": ({}, {"before": cursors, "limit": limits_1_100}),
+    "browse_questions": (
+        {},
+        {
+            "region": field(st.sampled_from(("Jeju-si", "Udo", "Seongsan", "Seoul", "jeju-si", "Jeju-si "))),
+            "hashtag": field(hashtag_text),
+            "status": field(st.sampled_from(("open", "all", "closed", "answered"))),
+            "before": cursors,
+            "limit": limits_1_100,
+        },
+    ),
+    "get_user": ({"user_id": field(st.sampled_from(("fuzzer", "fz_helper", "fuzzer0", "fz_helper1", "nobody")))}, {}),
+    "list_notifications": (
+        {},
+        {
+            "before_seq": field(st.sampled_from((0, 1, 2, 3, 1000, 2**53, 2**53 + 1, -1, MAX_INT))),
+            "limit": limits_1_100,
+            "types": event_type_lists,
+        },
+    ),
+    "mark_notifications_read": (
+        {"up_to_seq": field(st.sampled_from((0, 1, 2, 1000, 2**53, 2**53 + 1, -1, MAX_INT, MIN_INT)))},
+        {},
+    ),
+    "delete_question": ({"question_id": delete_ids}, {}),
+    "delete_answer": ({"answer_id": delete_ids}, {}),
 }
 
 
