@@ -354,3 +354,71 @@ async def test_a_fresh_session_starts_from_now_and_resume_from_replays(server: H
             replayed = [await session.next_event("answer_notification") for _ in range(3)]
     assert (fresh["seq"], fresh["data"]["answer"]["content"]) == (4, "new")
     assert [(e["seq"], e["data"]["answer"]["content"]) for e in replayed] == [(2, "old 1"), (3, "old 2"), (4, "new")]
+
+
+# ---- rooms that end, resumes that cannot be whole ------------------------------------------
+
+
+async def test_a_deleted_or_expired_question_is_not_rejoined(start_server: Callable[..., Any]) -> None:
+    """question_deleted and question_closed {reason: expired} drop the room; the reconnect skips it."""
+    h = await start_server(questions={"ttl_s": 1.0})
+    states = States()
+    async with (
+        h.connect("asker") as asker,
+        open_session(h.url, token("reader"), on_state=states, **fast()) as session,
+    ):
+        deleted, expiring = [
+            (await asker.request("create_question", question_data(title=t)))["question"]["question_id"]
+            for t in ("to delete", "to expire")
+        ]
+        mine = (await session.request("create_question", question_data(title="mine, deleted")))["question"]
+        for qid in (deleted, expiring):
+            await session.request("join_question", {"question_id": qid})
+        assert session.rooms == (mine["question_id"], deleted, expiring)
+
+        await session.request("delete_question", {"question_id": mine["question_id"]})  # no event for its own
+        await asker.request("delete_question", {"question_id": deleted})
+        gone = await session.next_event("question_deleted")
+        assert session.rooms == (expiring,)
+        closed = await session.next_event("question_closed")  # about a second later
+        assert session.rooms == ()
+
+        server_side(h, "reader").close(1001, "restarting")
+        await states.until(lambda: session.reconnects == 1)
+        assert await session.request("get_profile")
+        leftover = session.pending_events()
+    h.running.stop()
+
+    assert gone["data"] == {"question_id": deleted}
+    assert closed["data"] == {"question_id": expiring, "reason": "expired"}
+    assert [e["type"] for e in leftover if e["type"] == "rejoined"] == []
+
+
+async def test_a_resume_past_pruned_events_takes_the_gap_and_says_so(start_server: Callable[..., Any]) -> None:
+    """hello says resumed: false, oldest_seq; the session continues from there instead of resuming forever."""
+    h = await start_server(inbox={"retention_days": 1e-9})
+    async with h.connect("asker") as asker, h.connect("local", local=True) as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        for i in range(3):
+            await local.request("create_answer", {"question_id": qid, "content": f"answer {i}"})
+        await asker.next_event("answer_notification")
+    await trio.sleep(0.01)
+    assert await h.running.clients.prune_inbox() >= 1  # the asker keeps only seq 3, its newest
+    states = States()
+    async with open_session(h.url, token("asker"), resume_from=1, on_state=states, **fast()) as session:
+        replayed = await session.next_event("answer_notification")
+        stats = session.statistics()
+        await session.request("get_profile")
+        assert session.pending_events() == []
+    async with open_session(h.url, token("asker"), resume_from=3, **fast()) as whole:
+        whole_stats = whole.statistics()
+    async with open_session(h.url, token("asker"), **fast()) as fresh:
+        fresh_stats = fresh.statistics()
+    h.running.stop()
+
+    assert replayed["seq"] == 3
+    assert (stats.resumed, stats.oldest_seq, stats.incomplete_resumes) == (False, 3, 1)
+    assert (session.resumed, session.oldest_seq) == (False, 3)
+    assert stats.last_seq == 3 and stats.reconnects == 0 and states.seen == [CONNECTED, CLOSED]
+    assert (whole_stats.resumed, whole_stats.oldest_seq, whole_stats.incomplete_resumes) == (True, None, 0)
+    assert (fresh_stats.resumed, fresh_stats.oldest_seq) == (None, None)

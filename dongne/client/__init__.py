@@ -12,6 +12,12 @@ raises ``RequestError`` (with the wire ``code``) when it is an error. Server
 events are queued for ``next_event`` / ``pending_events``. Both track
 ``last_seq`` and drop a durable event they have already seen.
 
+``pages`` walks a paged list (``my_questions``, ``browse_questions``,
+``list_notifications``, ...) page by page::
+
+    async for page in pages(session, "my_questions", {"status": "open"}):
+        ...
+
 Theory of operation (sessions): one driver task owns the connection. It
 connects, says ``hello`` (with ``resume.last_seq`` = the last durable seq the
 session queued), re-joins the rooms the session is in and re-sends its last
@@ -48,6 +54,9 @@ from ._errors import (
 from ._errors import (
     SessionError as SessionError,
 )
+from ._pages import PAGING as PAGING
+from ._pages import Requester as Requester
+from ._pages import pages as pages
 from ._session import (
     Session as Session,
 )
@@ -65,6 +74,7 @@ from ._session import (
 )
 
 __all__ = [
-    "AuthenticationFailed", "Backoff", "ConnectFailed", "ConnectionLost", "DongneClient", "RequestError", "Session",
-    "SessionClosed", "SessionError", "SessionState", "SessionStatistics", "TokenSource", "open_client", "open_session",
+    "PAGING", "AuthenticationFailed", "Backoff", "ConnectFailed", "ConnectionLost", "DongneClient", "RequestError",
+    "Requester", "Session", "SessionClosed", "SessionError", "SessionState", "SessionStatistics", "TokenSource",
+    "open_client", "open_session", "pages",
 ]  # fmt: skip

@@ -55,6 +55,12 @@ class SessionStatistics:
     last_seq: int
     rooms: tuple[str, ...]
     events_queued: int
+    # From the last hello: whether its resume replayed everything (None: it
+    # did not resume), and if not, the oldest seq the server still had.
+    resumed: bool | None = None
+    oldest_seq: int | None = None
+    # Hellos whose resume could not be whole (durable events were lost to the server's retention).
+    incomplete_resumes: int = 0
 
 
 class _NoPublicConstructor(type):
@@ -108,7 +114,16 @@ class Session(metaclass=_NoPublicConstructor):
     ``reconnects``, ``last_seq`` (the last durable seq queued), ``hello`` (the
     latest hello reply), ``rooms``, ``location``, ``client`` (the current
     connection, ``None`` while there is none), ``closed`` (why the session
-    ended, once it has), ``timeout``.
+    ended, once it has), ``timeout``, ``resumed`` and ``oldest_seq`` (what the
+    latest hello said of its resume).
+
+    Rooms whose question is gone (``question_deleted``, or ``question_closed``
+    with reason ``expired``) are forgotten, so a reconnect does not re-join
+    them. When a resume cannot be whole (the server no longer keeps some
+    events after ``last_seq``: ``resumed`` is ``False``), the session accepts
+    the gap, continues from ``oldest_seq`` and counts it in
+    ``statistics().incomplete_resumes``: tell the user that some
+    notifications were missed (``list_notifications`` has what is kept).
     """
 
     def __init__(
@@ -129,6 +144,7 @@ class Session(metaclass=_NoPublicConstructor):
         self.reconnects = 0
         self.failed_attempts = 0
         self.closed: SessionClosed | None = None
+        self.incomplete_resumes = 0
         self._token = token
         self._backoff = backoff
         self._jitter = jitter
@@ -162,9 +178,32 @@ class Session(metaclass=_NoPublicConstructor):
         """The last ``update_location`` data sent (re-sent after a reconnect)."""
         return copy.deepcopy(self._location)
 
+    @property
+    def resumed(self) -> bool | None:
+        """The latest hello's ``resumed``: ``True`` if its replay was whole, ``False`` if events were missed,
+        ``None`` if it did not resume (a fresh start)."""
+        value = self.hello.get("resumed")
+        return value if isinstance(value, bool) else None
+
+    @property
+    def oldest_seq(self) -> int | None:
+        """The latest hello's ``oldest_seq``: the oldest durable event the server still had (when ``resumed`` is False)."""
+        value = self.hello.get("oldest_seq")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     def statistics(self) -> SessionStatistics:
         queued = self._events_recv.statistics().current_buffer_used
-        return SessionStatistics(self._state, self.reconnects, self.failed_attempts, self.last_seq, self.rooms, queued)
+        return SessionStatistics(
+            self._state,
+            self.reconnects,
+            self.failed_attempts,
+            self.last_seq,
+            self.rooms,
+            queued,
+            self.resumed,
+            self.oldest_seq,
+            self.incomplete_resumes,
+        )
 
     async def request(
         self, op: str, data: dict[str, Any] | None = None, *, timeout: float | None = None
@@ -286,8 +325,18 @@ class Session(metaclass=_NoPublicConstructor):
             server_seq = result.get("last_seq")
             if not isinstance(server_seq, int):
                 return
+            oldest = self.oldest_seq
             if "resume" not in data:
                 self.last_seq = server_seq  # a fresh start: only events from now on
+            elif result.get("resumed") is False and oldest is not None and oldest - 1 > self.last_seq:
+                # The server pruned events after ours: the replay starts at
+                # oldest_seq. Take the gap (waiting cannot fill it; resuming
+                # again would only meet it again) and let the app know.
+                log.warning(
+                    "durable events %d..%d are no longer kept; resuming from %d", self.last_seq + 1, oldest - 1, oldest
+                )
+                self.incomplete_resumes += 1
+                self.last_seq = min(oldest - 1, server_seq)
             elif server_seq < self.last_seq:
                 log.warning(
                     "the server's last_seq %d is behind ours (%d); following the server", server_seq, self.last_seq
@@ -299,12 +348,19 @@ class Session(metaclass=_NoPublicConstructor):
                 self._rooms[qid] = None
                 if restoring:
                     self._queue({"type": "rejoined", "data": result})
-        elif op == "leave_question":
+        elif op in ("leave_question", "delete_question"):
+            # Left, not in it, or deleted (by this session: the room's event goes to the others).
             code = (reply.get("error") or {}).get("code")
-            if ok or code == "not_joined":
+            if ok or (op == "leave_question" and code in ("not_joined", "not_found")):
                 self._rooms.pop(data.get("question_id"), None)  # type: ignore[arg-type]
 
     def _event(self, frame: dict[str, Any]) -> bool:
+        kind, data = frame.get("type"), frame.get("data")
+        # The question is gone, or expired (the server dropped its room): do not re-join it.
+        if isinstance(data, dict) and (
+            kind == "question_deleted" or (kind == "question_closed" and data.get("reason") == "expired")
+        ):
+            self._rooms.pop(data.get("question_id"), None)  # type: ignore[arg-type]
         seq = frame.get("seq")
         if isinstance(seq, int) and not isinstance(seq, bool):
             if seq <= self.last_seq:
