@@ -105,6 +105,7 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             DROP INDEX questions_by_region;
             DROP INDEX questions_listed;
             DROP INDEX questions_open;
+            DROP INDEX questions_open_by_region;
             DROP INDEX answers_by_author;
             ALTER TABLE questions DROP COLUMN deleted_at;
             ALTER TABLE answers DROP COLUMN deleted_at;

@@ -1,0 +1,322 @@
+"""The read paths over real sockets: pages and lists without joining rooms, the notification inbox,
+retention, expiry, author deletes, push for people who are not connected, and the query plans."""
+
+from __future__ import annotations
+
+import base64
+import math
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from dongne.client import RequestError
+from dongne.clock import EngineClock
+from dongne.core.reads import (
+    AnswerHome,
+    AnswersOfAuthor,
+    AuthorStats,
+    Browse,
+    Notifications,
+    QuestionPage,
+    QuestionsOfAsker,
+)
+from dongne.store import Store
+from dongne.store._queries import plan
+from dongne.store._rows import ANSWER_COLS, QUESTION_COLS
+
+from .conftest import NO_TIMERS, Harness, question_data
+from .test_push import FakeGateway
+
+AEWOL = {"lat": 33.4620, "lng": 126.3300}  # Aewol-eup, west of Jeju City
+
+
+async def refused(client: Any, op: str, data: dict[str, Any]) -> str:
+    with pytest.raises(RequestError) as caught:
+        await client.request(op, data)
+    return caught.value.code
+
+
+async def test_get_question_reads_without_joining_and_pages_answers_oldest_first(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("local", local=True) as local, h.connect("reader") as reader:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        answers = [
+            (await local.request("create_answer", {"question_id": qid, "content": f"answer {i}"}))["answer"]
+            for i in range(5)
+        ]
+        await asker.next_event("answer_notification")
+        page = await reader.request("get_question", {"question_id": qid, "limit": 2})
+        seen = [a["answer_id"] for a in page["answers"]]
+        while page["next"] is not None:
+            page = await reader.request("get_question", {"question_id": qid, "limit": 2, "answers_after": page["next"]})
+            seen += [a["answer_id"] for a in page["answers"]]
+        assert seen == [a["answer_id"] for a in answers]
+        assert page["answers"][-1]["author_local"] is True and page["answers"][-1]["author_points"] == 0
+        # Read-only: the asker, in the room, heard of nobody new; the reader is in no room.
+        await asker.request("close_question", {"question_id": qid})
+        assert [e for e in asker.pending_events() if e["type"] == "user_online"] == []
+        assert (await reader.request("get_question", {"question_id": qid}))["question"]["status"] == "closed"
+        assert await refused(reader, "typing_start", {"question_id": qid}) == "not_joined"
+        assert await refused(reader, "get_question", {"question_id": "q-none"}) == "not_found"
+
+
+async def test_my_questions_are_newest_first_with_unread_answers_and_paged_by_own_cursors(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("local") as local, h.connect("other") as other:
+        qids = [
+            (await asker.request("create_question", question_data(title=f"question {i}")))["question"]["question_id"]
+            for i in range(5)
+        ]
+        await other.request("create_question", question_data(title="not mine"))
+        for _ in range(2):
+            await local.request("create_answer", {"question_id": qids[1], "content": "try the market"})
+        await asker.request("close_question", {"question_id": qids[0]})
+
+        first = await asker.request("my_questions", {"limit": 3})
+        second = await asker.request("my_questions", {"limit": 3, "before": first["next"]})
+        listed = [q["question_id"] for q in first["questions"] + second["questions"]]
+        assert listed == qids[::-1] and second["next"] is None
+        unread = {q["question_id"]: q["unread_answers"] for q in first["questions"] + second["questions"]}
+        assert unread[qids[1]] == 2 and unread[qids[4]] == 0
+        answered = await asker.request("my_questions", {"status": "answered"})
+        assert [q["question_id"] for q in answered["questions"]] == [qids[1]]
+        closed = await asker.request("my_questions", {"status": "closed"})
+        assert [q["question_id"] for q in closed["questions"]] == [qids[0]]
+        open_ = await asker.request("my_questions", {"status": "open"})
+        assert [q["question_id"] for q in open_["questions"]] == qids[1:][::-1]
+
+        # Someone else's cursor, a cursor of another list, a forged one: refused, never their data.
+        assert await refused(other, "my_questions", {"before": first["next"]}) == "invalid_field"
+        assert await refused(asker, "my_questions", {"status": "open", "before": first["next"]}) == "invalid_field"
+        raw = bytearray(base64.urlsafe_b64decode(first["next"] + "=" * (-len(first["next"]) % 4)))
+        raw[3] ^= 1
+        forged = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+        assert await refused(asker, "my_questions", {"before": forged}) == "invalid_field"
+        assert await refused(asker, "my_questions", {"before": "not-a-cursor!"}) == "invalid_field"
+
+
+async def test_my_answers_browse_and_public_profiles(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("jun", local=True, tags=["food"]) as jun:
+        city = (await asker.request("create_question", question_data(hashtags=["food"])))["question"]
+        aewol = (await asker.request("create_question", question_data(location=AEWOL, hashtags=["beach"])))["question"]
+        done = (await asker.request("create_question", question_data(hashtags=["food"])))["question"]
+        a1 = (await jun.request("create_answer", {"question_id": city["question_id"], "content": "Dombedon"}))["answer"]
+        a2 = (await jun.request("create_answer", {"question_id": done["question_id"], "content": "Ojo"}))["answer"]
+        await asker.request("accept_answer", {"question_id": done["question_id"], "answer_id": a2["answer_id"]})
+
+        mine = (await jun.request("my_answers", {}))["answers"]
+        assert [(a["answer_id"], a["question_status"], a["accepted"]) for a in mine] == [
+            (a2["answer_id"], "resolved", True),
+            (a1["answer_id"], "answered", False),
+        ]
+        assert mine[1]["question_title"] == city["title"]
+
+        food = await asker.request("browse_questions", {"hashtag": "#Food"})
+        assert [q["question_id"] for q in food["questions"]] == [city["question_id"]]  # open ones by default
+        everything = await asker.request("browse_questions", {"hashtag": "food", "status": "all"})
+        assert [q["question_id"] for q in everything["questions"]] == [done["question_id"], city["question_id"]]
+        west = await asker.request("browse_questions", {"region": aewol["region"]})
+        assert [q["question_id"] for q in west["questions"]] == [aewol["question_id"]]
+        assert await refused(asker, "browse_questions", {"region": "Atlantis"}) == "invalid_field"
+
+        profile = (await asker.request("get_user", {"user_id": "jun"}))["user"]
+        assert (profile["local"], profile["tags"], profile["points"]) == (True, ["food"], 10)
+        assert (profile["answers_given"], profile["answers_accepted"]) == (2, 1)
+        assert profile["member_since"] > 0
+        assert await refused(asker, "get_user", {"user_id": "nobody"}) == "not_found"
+
+
+async def test_the_notification_inbox_and_badges_that_agree_across_devices(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("asker") as phone, h.connect("asker") as laptop, h.connect("local") as local:
+        qid = (await phone.request("create_question", question_data()))["question"]["question_id"]
+        for i in range(4):
+            await local.request("create_answer", {"question_id": qid, "content": f"answer {i}"})
+        inbox = await phone.request("list_notifications", {"limit": 3})
+        assert [n["seq"] for n in inbox["notifications"]] == [4, 3, 2]
+        assert inbox["unread"] == 4 and not any(n["read"] for n in inbox["notifications"])
+        rest = await phone.request("list_notifications", {"limit": 3, "before_seq": inbox["next_before_seq"]})
+        assert [n["seq"] for n in rest["notifications"]] == [1] and rest["next_before_seq"] is None
+        only = await phone.request("list_notifications", {"types": ["answer_accepted_notification"]})
+        assert only["notifications"] == []
+        assert await refused(phone, "list_notifications", {"types": ["user_typing"]}) == "invalid_field"
+
+        assert await phone.request("mark_notifications_read", {"up_to_seq": 3}) == {"unread": 1}
+        assert (await laptop.next_event("unread_count"))["data"] == {"unread": 1}
+        assert (await phone.next_event("unread_count"))["data"] == {"unread": 1}
+        after = await phone.request("list_notifications", {})
+        assert [n["read"] for n in after["notifications"]] == [False, True, True, True]
+    async with h.connect("asker") as tablet:
+        assert tablet.hello["unread"] == 1
+
+
+async def test_a_resume_from_before_the_kept_events_says_so(start_server: Any, db_path: Path) -> None:
+    forty_days_ago = int(time.time() * 1000) - 40 * 86_400_000
+    old: Harness = await start_server(clock=EngineClock(forty_days_ago))
+    async with old.connect("asker") as asker, old.connect("local") as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        for i in range(3):
+            await local.request("create_answer", {"question_id": qid, "content": f"old answer {i}"})
+    await old.running.aclose()
+    h: Harness = await start_server()
+    async with h.connect("local") as local:
+        await local.request("create_answer", {"question_id": qid, "content": "new answer"})
+    assert await h.running.clients.prune_inbox() == 1  # the asker's three old events, not the newest one
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT seq FROM events WHERE user_id = 'asker'").fetchall() == [(4,)]
+    async with h.connect("asker", resume_from=1) as behind, h.connect("asker", resume_from=3) as current:
+        assert (behind.hello["resumed"], behind.hello["oldest_seq"]) == (False, 4)
+        assert current.hello["resumed"] is True and "oldest_seq" not in current.hello
+        assert (await behind.next_event("answer_notification"))["seq"] == 4
+
+
+async def test_questions_expire_stop_escalating_leave_memory_and_stay_readable(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    h: Harness = await start_server(server=NO_TIMERS, questions={"ttl_s": 600.0})
+    async with (
+        h.connect("asker", timeout=math.inf) as asker,
+        h.connect("local", local=True, timeout=math.inf) as local,
+    ):
+        started = trio.current_time()
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        # The asker is in the room from the start. (The autojump clock may reach the
+        # deadline while any commit runs, so nothing else is assumed about when.)
+        closed = await asker.next_event("question_closed")
+        assert closed["data"] == {"question_id": qid, "reason": "expired"}
+        assert trio.current_time() - started >= 600.0 - 0.001
+        assert qid not in h.running.clients.escalation_scopes
+        assert h.running.engine.counts()["open_questions"] == 0
+        assert (await local.request("get_question", {"question_id": qid}))["question"]["status"] == "expired"
+        assert await refused(local, "create_answer", {"question_id": qid, "content": "too late"}) == "question_closed"
+        mine = await asker.request("my_questions", {"status": "closed"})
+        assert [q["question_id"] for q in mine["questions"]] == [qid]
+
+
+async def test_an_expiry_that_came_due_while_down_happens_at_start(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    clock = EngineClock()
+    h: Harness = await start_server(clock=clock, server=NO_TIMERS, questions={"ttl_s": 600.0})
+    async with h.connect("asker", timeout=math.inf) as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    await h.running.aclose()
+    await trio.sleep(3600)  # down for an hour
+    h2: Harness = await start_server(clock=clock, server=NO_TIMERS, questions={"ttl_s": 600.0})
+    # The overdue deadline is the first thing the restarted engine does.
+    await trio.testing.wait_all_tasks_blocked()
+    await h2.running.clients.pipeline.wait_idle()
+    assert h2.running.engine.counts()["open_questions"] == 0
+    async with h2.connect("asker", timeout=math.inf) as asker:
+        assert (await asker.request("get_question", {"question_id": qid}))["question"]["status"] == "expired"
+    await h2.running.aclose()
+
+
+async def test_authors_delete_their_own_questions_and_answers(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("jun") as jun, h.connect("mina") as mina:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await jun.request("join_question", {"question_id": qid})
+        kept = (await jun.request("create_answer", {"question_id": qid, "content": "Dombedon"}))["answer"]
+        gone = (await mina.request("create_answer", {"question_id": qid, "content": "spam-ish"}))["answer"]
+        assert await refused(jun, "delete_answer", {"answer_id": gone["answer_id"]}) == "forbidden"
+        assert await mina.request("delete_answer", {"answer_id": gone["answer_id"]}) == {
+            "question_id": qid,
+            "answer_id": gone["answer_id"],
+        }
+        assert (await jun.next_event("answer_deleted"))["data"]["answer_id"] == gone["answer_id"]
+        page = await asker.request("get_question", {"question_id": qid})
+        assert [a["answer_id"] for a in page["answers"]] == [kept["answer_id"]]
+        assert page["question"]["answer_count"] == 1
+        await asker.request("accept_answer", {"question_id": qid, "answer_id": kept["answer_id"]})
+        assert await refused(jun, "delete_answer", {"answer_id": kept["answer_id"]}) == "forbidden"
+        assert await refused(jun, "delete_question", {"question_id": qid}) == "forbidden"
+        assert await asker.request("delete_question", {"question_id": qid}) == {"question_id": qid}
+        assert (await jun.next_event("question_deleted"))["data"] == {"question_id": qid}
+        assert await refused(asker, "get_question", {"question_id": qid}) == "not_found"
+        assert (await asker.request("my_questions", {}))["questions"] == []
+        assert (await asker.request("browse_questions", {"status": "all"}))["questions"] == []
+        assert (await jun.request("get_user", {"user_id": "jun"}))["user"]["points"] == 10  # kept
+        assert await refused(jun, "delete_answer", {"answer_id": "a-none"}) == "not_found"
+
+
+async def test_an_asker_and_an_answerer_who_are_not_connected_are_pushed(
+    start_server: Any, nursery: trio.Nursery
+) -> None:
+    gateway = FakeGateway(200)
+    await nursery.start(gateway.serve)
+    h: Harness = await start_server(escalation={"push_url": f"http://127.0.0.1:{gateway.port}/push"})
+    async with h.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("local") as local:
+        answer = (await local.request("create_answer", {"question_id": qid, "content": "Dombedon"}))["answer"]
+    async with h.connect("asker") as asker:
+        await asker.request("accept_answer", {"question_id": qid, "answer_id": answer["answer_id"]})
+    with trio.fail_after(10):
+        await h.running.pushes.wait_sent(2)
+    kinds = [(body["type"], body["user_id"]) for _headers, body in gateway.requests]
+    assert kinds == [("answer_notification", "asker"), ("answer_accepted_notification", "local")]
+
+
+async def test_browsing_thirty_questions_a_minute_is_never_closed(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    from .conftest import UNLIMITED
+
+    limits = {**UNLIMITED, "reads_per_s": 5.0, "reads_burst": 30.0, "conn_per_s": 20.0, "conn_burst": 40.0}
+    h: Harness = await start_server(server=NO_TIMERS, limits=limits)
+    async with h.connect("asker", timeout=math.inf) as asker, h.connect("reader", timeout=math.inf) as reader:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        for _ in range(10):  # ten minutes of browsing, 30 a minute
+            for _ in range(30):
+                await reader.request("get_question", {"question_id": qid})
+                await trio.sleep(2.0)
+        # A burst beyond the bucket is refused politely, not closed.
+        results = []
+        for _ in range(40):
+            try:
+                await reader.request("browse_questions", {})
+                results.append("ok")
+            except RequestError as exc:
+                results.append(exc.code)
+        assert "rate_limited" in results and set(results) <= {"ok", "rate_limited"}
+        await trio.sleep(10.0)  # the buckets refill
+        assert (await reader.request("get_profile"))["user"]["user_id"] == "reader"  # still connected
+
+
+def test_every_list_is_served_by_an_index(tmp_path: Path) -> None:
+    store = Store(tmp_path / "plans.sqlite3")
+    store.open()
+    store.close()
+    queries = [
+        QuestionPage("q1", None, 20),
+        QuestionPage("q1", (1, "a1"), 20),
+        QuestionsOfAsker("u1", None, False, None, 20),
+        QuestionsOfAsker("u1", ("open", "answered"), True, (1, "q1"), 20),
+        AnswersOfAuthor("u1", (1, "a1"), 20),
+        Browse(None, None, True, None, 20),
+        Browse("Jeju-si", None, True, (1, "q1"), 20),
+        Browse(None, "food", True, None, 20),
+        Browse("Jeju-si", "food", False, None, 20),
+        Browse(None, "food", False, (1, "q1"), 20),
+        Browse(None, None, False, None, 20),
+        Browse("Aewol-eup", None, False, None, 20),
+        AuthorStats("u1"),
+        Notifications("u1", None, None, 30),
+        Notifications("u1", 5, ("answer_notification", "slow_response_alert"), 30),
+        AnswerHome("a1"),
+    ]
+    with sqlite3.connect(tmp_path / "plans.sqlite3") as conn:
+        for query in queries:
+            for sql, params in plan(query, QUESTION_COLS, ANSWER_COLS):
+                steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+                # Every table is reached through an index (a SEARCH, or an ordered SCAN of an index).
+                tables = [s for s in steps if s.startswith(("SCAN", "SEARCH"))]
+                indexed = all("USING" in s and ("INDEX" in s or "PRIMARY KEY" in s) for s in tables)
+                assert tables and indexed, (query, steps)
