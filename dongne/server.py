@@ -51,6 +51,7 @@ from .core import (
     PushJob,
     QuestionLoaded,
     ReadDone,
+    ReadFailed,
     Reloaded,
     Replay,
     Send,
@@ -333,11 +334,16 @@ class ClientServer:
             # The request needs the database (a question not in memory, a
             # list): read it on a worker thread, then hand it back. Frames of
             # this connection wait meanwhile.
-            if outcome.read is not None:
-                rows = await trio.to_thread.run_sync(self.store.read, outcome.read)
-                outcome = self._handle(ReadDone(conn_id, rows))
-                continue
-            found = await trio.to_thread.run_sync(self.store.find_question, str(outcome.load_question))
+            try:
+                if outcome.read is not None:
+                    rows = await trio.to_thread.run_sync(self.store.read, outcome.read)
+                    outcome = self._handle(ReadDone(conn_id, rows))
+                    continue
+                found = await trio.to_thread.run_sync(self.store.find_question, str(outcome.load_question))
+            except Exception:  # a read the database refused: this request fails, not the connection
+                log.exception("read_failed", extra={"conn": conn_id, "op": outcome.op})
+                outcome = self._handle(ReadFailed(conn_id))
+                break
             question, answers = found if found is not None else (None, ())
             outcome = self._handle(QuestionLoaded(conn_id, question, tuple(answers)))
         self._count(outcome)

@@ -524,3 +524,17 @@ def attrs_copy(record: object) -> object:
     import attrs
 
     return attrs.evolve(record)  # type: ignore[misc]
+
+
+def test_a_read_the_store_cannot_answer_fails_the_request_not_the_connection() -> None:
+    from dongne.core import ReadFailed
+    from dongne.core.reads import QuestionsOfAsker
+
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    asked = sim.engine.handle(FrameReceived(1, frame("my_questions", 7, {"limit": 5})), T0)
+    assert asked.read == QuestionsOfAsker("asker", None, False, None, 5) and asked.actions == ()
+    failed = sim.engine.handle(ReadFailed(1), T0)
+    reply = sim.reply(failed)
+    assert (reply["id"], reply["error"]["code"]) == (7, "internal")
+    assert sim.reply(sim.call(1, "get_profile", {}))["ok"]

@@ -44,6 +44,7 @@ from .events import (
     InboxPruned,
     QuestionLoaded,
     ReadDone,
+    ReadFailed,
     Reloaded,
     Tick,
     WritesFailing,
@@ -255,6 +256,8 @@ class Engine:
             return _NOTHING
         if isinstance(event, ReadDone):
             return self._read_done(event, now)
+        if isinstance(event, ReadFailed):
+            return self._read_failed(event.conn_id)
         if isinstance(event, QuestionLoaded):
             return self._question_loaded(event, now)
         if isinstance(event, InboxPruned):
@@ -387,6 +390,17 @@ class Engine:
         # before the events it caused.
         out.actions.insert(0, Send((conn.conn_id,), reply_ok(request.id, data)))
         return out.build(label, request=(conn.conn_id, request.id))
+
+    def _read_failed(self, conn_id: int) -> Outcome:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return _NOTHING
+        waited = conn.reading[0] if conn.reading is not None else conn.waiting
+        conn.reading = conn.waiting = None
+        if waited is None:
+            return _NOTHING
+        error = ProtocolError("internal", "internal error; the request was not applied")
+        return self._refuse(conn_id, waited.id, error, waited.op)
 
     def _read_done(self, event: ReadDone, now: int) -> Outcome:
         conn = self.conns.get(event.conn_id)

@@ -22,6 +22,7 @@ __all__ = [
     "InboxPruned",
     "QuestionLoaded",
     "ReadDone",
+    "ReadFailed",
     "Reloaded",
     "Tick",
     "WritesFailing",
@@ -63,6 +64,13 @@ class ReadDone:
 
     conn_id: int
     rows: Any
+
+
+@attrs.frozen
+class ReadFailed:
+    """The store could not answer an ``Outcome.read`` or ``load_question``: the request gets ``internal``."""
+
+    conn_id: int
 
 
 @attrs.frozen
@@ -119,6 +127,7 @@ Event = (
     | FrameReceived
     | QuestionLoaded
     | ReadDone
+    | ReadFailed
     | Disconnected
     | Tick
     | EscalationDue
