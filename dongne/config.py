@@ -25,6 +25,7 @@ from .core.settings import (
     EngineSettings,
     LimitSettings,
     LocationSettings,
+    ModerationSettings,
     QuestionSettings,
     positive,
     positive_or_inf,
@@ -144,6 +145,7 @@ class Settings:
     alerts: AlertSettings = AlertSettings()
     questions: QuestionSettings = QuestionSettings()
     inbox: InboxSettings = InboxSettings()
+    moderation: ModerationSettings = ModerationSettings()
     limits: LimitSettings = LimitSettings()
     content: ContentSettings = ContentSettings()
     snapshots: SnapshotSettings = SnapshotSettings()
@@ -158,6 +160,7 @@ class Settings:
             content=self.content,
             alerts=self.alerts,
             questions=self.questions,
+            moderation=self.moderation,
             stages=self.escalation.stages,
             alerts_per_batch=self.escalation.alerts_per_batch,
             hello_timeout_s=self.server.hello_timeout_s,

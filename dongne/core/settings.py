@@ -25,6 +25,7 @@ __all__ = [
     "EngineSettings",
     "LimitSettings",
     "LocationSettings",
+    "ModerationSettings",
     "QuestionSettings",
     "positive",
     "positive_or_inf",
@@ -145,6 +146,15 @@ class QuestionSettings:
 
 
 @attrs.frozen
+class ModerationSettings:
+    # This many distinct users reporting one item hide it at once, pending review.
+    auto_hide_reports: int = attrs.field(default=3, validator=positive)
+    # Per user: report_content requests.
+    reports_per_hour: float = attrs.field(default=20.0, validator=positive)
+    reports_burst: float = attrs.field(default=5.0, validator=positive)
+
+
+@attrs.frozen
 class CoreSettings:
     """Everything the engine is configured with, in one value.
 
@@ -162,6 +172,7 @@ class CoreSettings:
     content: ContentSettings = ContentSettings()
     alerts: AlertSettings = AlertSettings()
     questions: QuestionSettings = QuestionSettings()
+    moderation: ModerationSettings = ModerationSettings()
     stages: tuple[StagePlan, ...] = attrs.field(default=DEFAULT_STAGES, converter=_stage_plans)
     alerts_per_batch: int = attrs.field(default=100, validator=positive)
     hello_timeout_s: float = attrs.field(default=10.0, validator=positive_or_inf)
