@@ -17,6 +17,7 @@ from .records import Answer, PushJob, Question, User
 __all__ = [
     "Action",
     "Alert",
+    "AppendAudit",
     "AppendEvent",
     "CancelEscalation",
     "Close",
@@ -74,6 +75,17 @@ class AppendEvent:
 
 
 @attrs.frozen
+class AppendAudit:
+    """Record an admin's action in the audit log."""
+
+    at: int
+    admin_id: str
+    action: str  # the operation's name, e.g. "ban_user"
+    target: str
+    reason: str
+
+
+@attrs.frozen
 class SaveEscalation:
     """Record how far a question's escalation got (``next_stage`` stages done)."""
 
@@ -110,7 +122,15 @@ class SavePushStatus:
 
 
 Write = (
-    SaveUser | SaveQuestion | SaveAnswer | AppendEvent | SaveEscalation | SaveNotified | EnqueuePush | SavePushStatus
+    SaveUser
+    | SaveQuestion
+    | SaveAnswer
+    | AppendEvent
+    | SaveEscalation
+    | SaveNotified
+    | EnqueuePush
+    | SavePushStatus
+    | AppendAudit
 )
 
 

@@ -54,6 +54,7 @@ from .inbox import Inbox
 from .lifecycle import ACTIVE
 from .limits import OP_CLASSES, BucketSpec, Limiter
 from .lists import READ_OPS, RETRY, Lists, Pending, unread_of
+from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
 from .places import Places, RegionLookup, ServiceArea
@@ -87,6 +88,8 @@ WRITING_OPS = frozenset(
         "mark_notifications_read",
         "delete_question",
         "delete_answer",
+        "ban_user",
+        "unban_user",
     }
 )
 #: What ``unavailable`` replies suggest as ``retry_after_ms``: about when the store is probed next.
@@ -176,6 +179,9 @@ class Engine:
             deadlines=self._deadlines,
             ttl_ms=None if math.isinf(settings.questions.ttl_s) else int(settings.questions.ttl_s * 1000),
         )
+        self.moderation = Moderation(
+            users=self.users, questions=self.questions, conns=self.conns, user_conns=self.user_conns, where=self.where
+        )
         lists = Lists(
             CursorCodec(cursor_key or secrets.token_bytes(32)),
             users=self.users,
@@ -188,6 +194,7 @@ class Engine:
             **self._qa.operations(),
             **Places(self.where, area, self.questions, self.user_conns).operations(),
             **lists.operations(),
+            **self.moderation.operations(),
             "mark_notifications_read": self.inbox.mark_read,
             "get_profile": self._get_profile,
             "metrics": self._metrics,
@@ -457,6 +464,12 @@ class Engine:
             return self._close(conn, 4008, f"at most {per_user} connections per user", op="hello")
         out = OutcomeBuilder()
         user = self.users.get(claims.user_id)
+        banned = self.moderation.refuse_banned(user, now) if user is not None else None
+        if banned is not None:
+            return self._close(conn, banned[0], banned[1], op="hello")
+        if user is not None and user.banned_until is not None and self.writable:
+            user.banned_until = user.ban_reason = None  # the ban ran out
+            out.write(SaveUser(attrs.evolve(user)))
         claimed = (claims.nick, claims.local, claims.tags, claims.role)
         if not self.writable and (user is None or (user.nick, user.local, user.tags, user.role) != claimed):
             return self._close(conn, 1013, "the server cannot store your profile now; reconnect later", op="hello")

@@ -36,6 +36,7 @@ OP_CLASSES: dict[str, str] = {
     "browse_questions": "read",
     "get_user": "read",
     "list_notifications": "read",
+    "list_audit": "read",
 }
 
 

@@ -79,8 +79,8 @@ class Neighbourhood:
     # ---- people ------------------------------------------------------------------
 
     def refresh_local(self, user: User) -> None:
-        """Keep a user's ``LocalInfo`` (and home position) in step with its profile."""
-        if not user.local:
+        """Keep a user's ``LocalInfo`` (and home position) in step with its profile (a banned local is none)."""
+        if not user.local or user.banned_until is not None:
             self.locals.pop(user.user_id, None)
             self.homes.remove(user.user_id)
             self.live.remove(user.user_id)

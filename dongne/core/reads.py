@@ -15,6 +15,7 @@ import attrs
 __all__ = [
     "AnswerHome",
     "AnswersOfAuthor",
+    "AuditPage",
     "AuthorStats",
     "Browse",
     "Notifications",
@@ -93,4 +94,12 @@ class AnswerHome:
     answer_id: str
 
 
-Read = QuestionPage | QuestionsOfAsker | AnswersOfAuthor | Browse | AuthorStats | Notifications | AnswerHome
+@attrs.frozen
+class AuditPage:
+    """Admin actions with ids below ``before_id``, newest first."""
+
+    before_id: int | None
+    limit: int
+
+
+Read = QuestionPage | QuestionsOfAsker | AnswersOfAuthor | Browse | AuthorStats | Notifications | AnswerHome | AuditPage

@@ -61,6 +61,11 @@ class User:
     max_alerts_per_hour: int = 20
     home: tuple[float, float] | None = None
     read_seq: int = 0  # durable events up to this seq are marked read
+    banned_until: int | None = None  # ms; None: not banned
+    ban_reason: str | None = None
+
+    def banned_at(self, now: int) -> bool:
+        return self.banned_until is not None and now < self.banned_until
 
     def to_wire(self) -> dict[str, Any]:
         return {

@@ -16,6 +16,7 @@ import msgpack
 from ..core.reads import (
     AnswerHome,
     AnswersOfAuthor,
+    AuditPage,
     AuthorStats,
     Browse,
     Notifications,
@@ -147,6 +148,13 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
                 (query.user_id, kind, before, query.limit + 1),
             )
             for kind in query.types
+        ]
+    if isinstance(query, AuditPage):
+        return [
+            (
+                "SELECT id, at, admin_id, action, target, reason FROM audit_log WHERE id < ? ORDER BY id DESC LIMIT ?",
+                (query.before_id if query.before_id is not None else 2**62, query.limit + 1),
+            )
         ]
     if isinstance(query, AnswerHome):
         return [("SELECT question_id FROM answers WHERE answer_id = ? AND deleted_at IS NULL", (query.answer_id,))]

@@ -26,7 +26,8 @@ __all__ = [
 
 USER_COLS = (
     "user_id, nick, local, tags, role, points, last_seq, created_at,"
-    " immediate_alerts, quiet_start, quiet_end, max_alerts_per_hour, home_lat, home_lng, read_seq"
+    " immediate_alerts, quiet_start, quiet_end, max_alerts_per_hour, home_lat, home_lng, read_seq,"
+    " banned_until, ban_reason"
 )
 QUESTION_COLS = (
     "question_id, asker_id, asker_nick, title, body, lat, lng, region, hashtags, urgency, status,"
@@ -44,6 +45,7 @@ def user_row(u: User) -> tuple[Any, ...]:
     return (
         u.user_id, u.nick, int(u.local), json.dumps(list(u.tags)), u.role, u.points, u.last_seq, u.created_at,
         int(u.immediate_alerts), quiet[0], quiet[1], u.max_alerts_per_hour, home[0], home[1], u.read_seq,
+        u.banned_until, u.ban_reason,
     )  # fmt: skip
 
 
@@ -54,7 +56,7 @@ def user_from(r: Sequence[Any]) -> User:
         quiet_hours=(r[9], r[10]) if r[9] is not None else None,
         max_alerts_per_hour=r[11],
         home=(r[12], r[13]) if r[12] is not None else None,
-        read_seq=r[14],
+        read_seq=r[14], banned_until=r[15], ban_reason=r[16],
     )  # fmt: skip
 
 

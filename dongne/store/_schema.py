@@ -160,6 +160,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX answers_by_author ON answers(author_id, created_at, answer_id);
     CREATE INDEX events_by_user_type ON events(user_id, type, seq);
     """,
+    # 7: moderation. Bans on users (until a time, or for good) and the admin
+    # actions' audit log, newest first by id.
+    """
+    ALTER TABLE users ADD COLUMN banned_until INTEGER;
+    ALTER TABLE users ADD COLUMN ban_reason TEXT;
+    CREATE TABLE audit_log (
+        id        INTEGER PRIMARY KEY,
+        at        INTEGER NOT NULL,
+        admin_id  TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        target    TEXT NOT NULL,
+        reason    TEXT NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

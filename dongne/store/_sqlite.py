@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from ..core.effects import (
+    AppendAudit,
     AppendEvent,
     EnqueuePush,
     SaveAnswer,
@@ -31,6 +32,7 @@ from ..core.effects import (
 from ..core.reads import (
     AnswerHome,
     AnswersOfAuthor,
+    AuditPage,
     AuthorStats,
     Browse,
     Notifications,
@@ -291,6 +293,7 @@ class Store:
         notified: list[tuple[Any, ...]] = []
         pushes: list[PushJob] = []
         push_status: dict[int, SavePushStatus] = {}
+        audit: list[AppendAudit] = []
         for item in writes:
             if isinstance(item, AppendEvent):
                 events.append(item)
@@ -311,6 +314,8 @@ class Store:
                 pushes.append(item.job)
             elif isinstance(item, SavePushStatus):
                 push_status[item.job_id] = item
+            elif isinstance(item, AppendAudit):
+                audit.append(item)
             else:  # pragma: no cover - a new write type without a case here
                 raise TypeError(f"unknown write {item!r}")
         batch = PreparedCommit(self._max_variables)
@@ -342,6 +347,10 @@ class Store:
                 for j in pushes
             ],
         )  # fmt: skip
+        batch.insert(
+            "INSERT INTO audit_log (at, admin_id, action, target, reason)",
+            [(a.at, a.admin_id, a.action, a.target, a.reason) for a in audit],
+        )
         if push_status:
             batch.many(
                 "UPDATE push_outbox SET status = ?, attempts = ?, last_error = ?, updated_at = ? WHERE job_id = ?",
@@ -496,6 +505,8 @@ class Store:
             return rows[0][: query.limit + 1]
         if isinstance(query, AnswerHome):
             return self.find_question(rows[0][0][0]) if rows[0] else None
+        if isinstance(query, AuditPage):
+            return rows[0]
         raise TypeError(f"not a read: {query!r}")
 
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
