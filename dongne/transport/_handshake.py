@@ -1,7 +1,9 @@
 """The HTTP side of the client port: the WebSocket upgrade and plain probes.
 
-h11 parses the request. A WebSocket upgrade is answered with 101 and the
-connection carries on as WebSocket; ``GET /health`` and ``GET /ready`` get a
+h11 parses the request (after a PROXY protocol header, when configured). A
+WebSocket upgrade is handed to the driver (``read_request``), which admits it
+(``accept_upgrade``: 101, and the connection carries on as WebSocket) or
+refuses it (``refuse_upgrade``: 400, 403 or 429); ``GET /health`` and ``GET /ready`` get a
 small JSON answer (load balancers probe the port they route to); anything
 else gets 404 or 426.
 """
@@ -12,13 +14,27 @@ import json
 import socket
 import threading
 from collections.abc import Callable
+from http import HTTPStatus
 
 import attrs
 import h11
 import trio
 from wsproto.utilities import generate_accept_token
 
-__all__ = ["HandshakeResult", "recv_some", "send_all", "serve_handshake"]
+from ._addresses import TrustedProxies
+from ._proxy_protocol import ProxyHeader, ProxyProtocolError, parse_proxy_header
+
+__all__ = [
+    "HandshakeResult",
+    "Refusal",
+    "UpgradeRequest",
+    "accept_upgrade",
+    "read_request",
+    "recv_some",
+    "refuse_upgrade",
+    "send_all",
+    "serve_handshake",
+]
 
 MAX_REQUEST_BYTES = 16384
 
@@ -74,30 +90,109 @@ def _header(request: h11.Request, name: bytes) -> bytes:
     return b""
 
 
-def _json_response(conn: h11.Connection, status: int, body: dict[str, object]) -> bytes:
+def _json_response(
+    conn: h11.Connection, status: int, body: dict[str, object], extra: list[tuple[str, str]] | None = None
+) -> bytes:
     payload = json.dumps(body).encode()
     head = conn.send(
         h11.Response(
             status_code=status,
+            reason=HTTPStatus(status).phrase,
             headers=[
                 ("content-type", "application/json"),
                 ("content-length", str(len(payload))),
                 ("connection", "close"),
                 ("cache-control", "no-store"),
+                *(extra or []),
             ],
         )
     )
     return (head or b"") + (conn.send(h11.Data(data=payload)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
 
 
-async def serve_handshake(sock: socket.socket, *, is_ready: Callable[[], bool]) -> HandshakeResult | None:
-    """Read one HTTP request; upgrade it or answer it.
+@attrs.define
+class UpgradeRequest:
+    """A WebSocket upgrade request, read and not yet answered.
+
+    Attributes:
+        path: the request's path, without the query.
+        peer: the socket's peer (or, with the PROXY protocol, the source a
+            trusted balancer named).
+        address: the client's address: ``peer``, or what trusted proxies say
+            (``TrustedProxies.client_address``).
+        origin: the ``Origin`` header (browsers send it), if any.
+        user_agent: the ``User-Agent`` header ("" without one).
+        error: why the upgrade is malformed (answer it with 400), or ``None``.
+    """
+
+    path: str
+    peer: str
+    address: str
+    origin: str | None
+    user_agent: str
+    error: str | None
+    _conn: h11.Connection = attrs.field(repr=False, alias="conn")
+    _key: bytes = attrs.field(repr=False, alias="key")
+    _trailing: bytes = attrs.field(repr=False, alias="trailing")
+
+
+@attrs.frozen
+class Refusal:
+    """An HTTP answer refusing an upgrade: ``status`` with a JSON ``{"error": message}``."""
+
+    status: int
+    message: str
+    retry_after_ms: int = 0
+
+
+async def _read_proxy_header(sock: socket.socket) -> tuple[ProxyHeader, bytes] | None:
+    data = b""
+    while True:
+        try:
+            header = parse_proxy_header(data)
+        except ProxyProtocolError:
+            return None
+        if header is not None:
+            return header, data[header.length :]
+        chunk = await recv_some(sock, 4096)
+        if not chunk:
+            return None
+        data += chunk
+
+
+async def read_request(
+    sock: socket.socket,
+    *,
+    peer: str,
+    is_ready: Callable[[], bool],
+    proxies: TrustedProxies | None = None,
+    proxy_protocol: bool = False,
+) -> UpgradeRequest | None:
+    """Read one HTTP request; answer it unless it asks for a WebSocket.
+
+    Args:
+        sock: the accepted socket.
+        peer: its peer's address.
+        is_ready: what ``GET /ready`` reports.
+        proxies: the trusted proxies (none: the peer is the client).
+        proxy_protocol: the connection starts with a PROXY header (v1 or v2),
+            believed only from a trusted proxy; without one it is closed.
 
     Returns:
-        a ``HandshakeResult`` once the 101 response is written, or ``None``
-        when the request was a plain HTTP one (answered) or malformed.
+        the upgrade request, to be answered with ``accept_upgrade`` or
+        ``refuse_upgrade``; ``None`` when the request was plain HTTP (and is
+        answered), not HTTP, or the connection ended.
     """
+    proxies = proxies if proxies is not None else TrustedProxies()
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    if proxy_protocol:
+        found = await _read_proxy_header(sock)
+        if found is None:
+            return None
+        header, rest = found
+        if header.source is not None and proxies.trusts(peer):
+            peer = header.source
+        conn.receive_data(rest)
     while True:
         try:
             event = conn.next_event()
@@ -127,22 +222,64 @@ async def serve_handshake(sock: socket.socket, *, is_ready: Callable[[], bool]) 
             await _try_send(sock, _json_response(conn, 404, {"error": "not found"}))
         return None
     key = _header(event, b"sec-websocket-key")
+    error = None
     if event.method != b"GET" or _header(event, b"sec-websocket-version") != b"13" or not key:
-        await _try_send(sock, _json_response(conn, 400, {"error": "bad WebSocket upgrade request"}))
-        return None
-    response = conn.send(
+        error = "bad WebSocket upgrade request"
+    origin = _header(event, b"origin")
+    trailing, _closed = conn.trailing_data
+    return UpgradeRequest(
+        path=path,
+        peer=peer,
+        address=proxies.client_address(peer, event.headers),
+        origin=origin.decode("latin-1") if origin else None,
+        user_agent=_header(event, b"user-agent").decode("latin-1")[:256],
+        error=error,
+        conn=conn,
+        key=key,
+        trailing=bytes(trailing),
+    )
+
+
+async def accept_upgrade(sock: socket.socket, request: UpgradeRequest) -> HandshakeResult:
+    """Answer the upgrade with 101; the connection speaks WebSocket from here."""
+    response = request._conn.send(
         h11.InformationalResponse(
             status_code=101,
             headers=[
                 (b"upgrade", b"websocket"),
                 (b"connection", b"Upgrade"),
-                (b"sec-websocket-accept", generate_accept_token(key)),
+                (b"sec-websocket-accept", generate_accept_token(request._key)),
             ],
         )
     )
     await send_all(sock, response or b"")
-    trailing, _closed = conn.trailing_data
-    return HandshakeResult(path=path, trailing=bytes(trailing))
+    return HandshakeResult(path=request.path, trailing=request._trailing)
+
+
+async def refuse_upgrade(sock: socket.socket, request: UpgradeRequest, refusal: Refusal) -> None:
+    """Answer the upgrade with ``refusal`` (429 carries ``Retry-After``) and leave the socket to be closed."""
+    extra: list[tuple[str, str]] = []
+    if refusal.retry_after_ms:
+        extra.append(("retry-after", str(max(1, -(-refusal.retry_after_ms // 1000)))))
+    await _try_send(sock, _json_response(request._conn, refusal.status, {"error": refusal.message}, extra))
+
+
+async def serve_handshake(
+    sock: socket.socket, *, is_ready: Callable[[], bool], peer: str = ""
+) -> HandshakeResult | None:
+    """Read one HTTP request; upgrade it (any well-formed one) or answer it.
+
+    Returns:
+        a ``HandshakeResult`` once the 101 response is written, or ``None``
+        when the request was a plain HTTP one (answered) or malformed.
+    """
+    request = await read_request(sock, peer=peer, is_ready=is_ready)
+    if request is None:
+        return None
+    if request.error is not None:
+        await refuse_upgrade(sock, request, Refusal(400, request.error))
+        return None
+    return await accept_upgrade(sock, request)
 
 
 def _json_response_raw(status: int, body: dict[str, object]) -> bytes:
