@@ -8,6 +8,7 @@ range raise ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 import typing
@@ -62,6 +63,20 @@ def _one_of(*choices: str) -> Any:
     return check
 
 
+def _networks(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for entry in value:
+        try:
+            ipaddress.ip_network(str(entry), strict=False)
+        except ValueError:
+            raise ConfigError(f"{attribute.name}: {entry!r} is not an IP address or CIDR network") from None
+
+
+def _origins(instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for entry in value:
+        if not isinstance(entry, str) or not (entry == "*" or entry == "null" or "://" in entry):
+            raise ConfigError(f"{attribute.name}: {entry!r} is not an origin (scheme://host[:port]), 'null' or '*'")
+
+
 @attrs.frozen
 class ServerSettings:
     host: str = "127.0.0.1"
@@ -75,6 +90,15 @@ class ServerSettings:
     shutdown_timeout_s: float = attrs.field(default=5.0, validator=positive)
     backlog: int = attrs.field(default=4096, validator=positive)
     full_gc_interval_s: float = attrs.field(default=600.0, validator=positive_or_inf)
+    # Reverse proxies (addresses or CIDR networks) whose forwarding header
+    # names the client; from any other peer the header is ignored.
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
+    # Which header trusted proxies set: "x-forwarded-for" or "forwarded" (RFC 7239 for=).
+    forwarded_header: str = attrs.field(default="x-forwarded-for", validator=_one_of("x-forwarded-for", "forwarded"))
+    # Every connection starts with a PROXY protocol v1/v2 header (TCP load balancers).
+    proxy_protocol: bool = False
+    # Origins a browser handshake may come from ("*": any); others get 403.
+    allowed_origins: tuple[str, ...] = attrs.field(default=("*",), converter=tuple, validator=_origins)
 
 
 @attrs.frozen

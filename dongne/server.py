@@ -60,14 +60,28 @@ from .core import (
     WritesFailing,
     WritesWork,
 )
+from .core.admission import AddressLimits, AddressPolicy
 from .core.engine import UNAVAILABLE_RETRY_MS
-from .core.limits import BucketSpec, IpBlocklist, Limiter
+from .core.limits import IpBlocklist
 from .core.protocol import durable_event, reply_error
 from .metrics import Metrics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
 from .store import Store, WriteFailed
-from .transport import BinaryFrame, FrameEncoder, TextFrame, WebSocketConnection, serve_handshake
+from .transport import (
+    BinaryFrame,
+    FrameEncoder,
+    OriginPolicy,
+    Refusal,
+    TextFrame,
+    TrustedProxies,
+    UpgradeRequest,
+    WebSocketConnection,
+    accept_upgrade,
+    normalize_address,
+    read_request,
+    refuse_upgrade,
+)
 
 __all__ = ["ClientServer", "ServerStatistics"]
 
@@ -124,9 +138,19 @@ class ClientServer:
         self._inbox = inbox
         self.settings = settings
         self._startup = startup
-        per_minute = limits.connections_per_ip_per_minute
-        self._ip_limiter = Limiter({"ip": BucketSpec(per_minute / 60, per_minute)}, abuse_limit=1)
+        # Admission by the client's real address (behind trusted proxies):
+        # see dongne.core.admission.
+        self._addresses = AddressPolicy(
+            AddressLimits(
+                connections_per_minute=limits.connections_per_ip_per_minute,
+                failures_per_minute=limits.failed_handshakes_per_ip_per_minute,
+                max_unauthenticated=limits.unauthenticated_per_ip,
+            )
+        )
         self._blocklist = IpBlocklist(limits.ip_blocklist)
+        self._proxies = TrustedProxies(settings.trusted_proxies, header=settings.forwarded_header)
+        self._origins = OriginPolicy(settings.allowed_origins)
+        self._address_of: dict[int, str] = {}  # conn_id -> the client's address
         self.engine = engine
         self.store = store
         self.clock = clock
@@ -251,36 +275,71 @@ class ClientServer:
                             await trio.sleep(0.1)
                             continue
                         raise
-                    if not self._admit(addr[0]):
+                    peer = normalize_address(addr[0])
+                    if self._blocklist.blocks(peer) and not self._proxies.trusts(peer):
                         self.metrics.rate_limit_hits.labels("connection").inc()
-                        sock.close()  # blocked or over its rate: no handshake, no reply
+                        sock.close()  # a blocked client, not behind a proxy: no handshake, no reply
                         continue
                     sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    nursery.start_soon(self._handle_connection, sock)
+                    nursery.start_soon(self._handle_connection, sock, peer)
         finally:
             trio.lowlevel.notify_closing(listener)
             listener.close()
 
     # ---- one connection ----------------------------------------------------------
 
-    def _admit(self, address: str) -> bool:
-        """False for a blocked address or one over its connection rate."""
-        if self._blocklist.blocks(address):
-            return False
-        now = self.clock.now_ms()
-        if len(self._ip_limiter) > 10_000:
-            self._ip_limiter.sweep(now)
-        return self._ip_limiter.take("ip", address, now) == 0
+    def address_of(self, conn_id: int) -> str | None:
+        """The client address of an open connection (behind trusted proxies, the real one)."""
+        return self._address_of.get(conn_id)
 
-    async def _handle_connection(self, sock: socket.socket) -> None:
+    def _admit(self, request: UpgradeRequest) -> Refusal | None:
+        """Admit an upgrade request from its client's address, or say how to refuse it."""
+        address = request.address
+        now = self.clock.now_ms()
+        if self._blocklist.blocks(address):
+            self.metrics.rate_limit_hits.labels("connection").inc()
+            return Refusal(403, "this address is blocked")
+        if request.error is not None:
+            self._addresses.offence(address, now)
+            return Refusal(400, request.error)
+        if not self._origins.allows(request.origin):
+            self._addresses.offence(address, now)
+            log.info(
+                "origin_refused", extra={"address": address, "origin": request.origin[:200] if request.origin else ""}
+            )
+            return Refusal(403, "origin not allowed")
+        admission = self._addresses.admit(address, now)
+        if not admission.admitted:
+            self.metrics.rate_limit_hits.labels("connection").inc()
+            log.debug("handshake_throttled", extra={"address": address, "reason": admission.reason})
+            return Refusal(429, "too many connections from this address", admission.retry_after_ms)
+        return None
+
+    async def _handle_connection(self, sock: socket.socket, peer: str = "") -> None:
         conn: WebSocketConnection | None = None
         conn_id = next(self._ids)
         opened = trio.current_time()
+        admitted: str | None = None  # the address whose unauthenticated handshake this is
+        authenticated = False
         try:
+            handshake = None
             with trio.move_on_after(self.settings.hello_timeout_s):
-                handshake = await serve_handshake(sock, is_ready=lambda: self.accepting)
-            if handshake is None or not self.accepting:
+                request = await read_request(
+                    sock,
+                    peer=peer,
+                    is_ready=lambda: self.accepting,
+                    proxies=self._proxies,
+                    proxy_protocol=self.settings.proxy_protocol,
+                )
+                if request is not None:
+                    refusal = self._admit(request)
+                    if refusal is not None:
+                        await refuse_upgrade(sock, request, refusal)
+                    else:
+                        admitted = request.address
+                        handshake = await accept_upgrade(sock, request)
+            if handshake is None or admitted is None or not self.accepting:
                 return
             assert self._conn_nursery is not None
             conn = WebSocketConnection(
@@ -292,16 +351,30 @@ class ClientServer:
                 trailing=handshake.trailing,
             )
             self.conns[conn_id] = conn
+            self._address_of[conn_id] = admitted
+            log.info(
+                "connection_opened",
+                extra={"conn": conn_id, "address": admitted, "user_agent": request.user_agent if request else ""},
+            )
             self._connections_total.inc()
             self._feed(Connected(conn_id))
             with conn.read_scope:  # close() bounds it: the peer gets a grace period to answer
                 async for message in conn.messages():
                     await self._on_message(conn_id, message)
+                    if not authenticated and self.engine.user_of(conn_id) is not None:
+                        authenticated = True  # a valid hello: the address's handshake is settled
+                        self._addresses.authenticated(admitted, self.clock.now_ms())
         except trio.Cancelled:
             raise
         except Exception:
             log.exception("connection_failed", extra={"conn": conn_id})
         finally:
+            self._address_of.pop(conn_id, None)
+            if admitted is not None:
+                if not authenticated:  # bad token, no hello in time, a bad first frame, dropped
+                    self._addresses.failed(admitted, self.clock.now_ms())
+                elif conn is not None and conn.close_code == 4008:  # a flood, after authenticating
+                    self._addresses.offence(admitted, self.clock.now_ms())
             if conn is not None:
                 log.info(
                     "connection_closed",

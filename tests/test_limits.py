@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import msgpack
@@ -11,7 +12,9 @@ import trio_websocket
 
 from dongne.client import RequestError
 from dongne.core.limits import BucketSpec, IpBlocklist, Limiter, TokenBucket
+from dongne.core.settings import LimitSettings
 
+from .addressed import Attempt, attempt
 from .conftest import NO_TIMERS, UNLIMITED, question_data, token
 
 ONLY_IMMEDIATE = [{"name": "IMMEDIATE", "offset_s": 0.0, "radius_m": 2000.0, "audience": "online_nearby"}]
@@ -110,11 +113,14 @@ async def _probe(port: int) -> bytes:
 
 async def test_connections_per_ip_are_rate_limited(start_server) -> None:  # type: ignore[no-untyped-def]
     h = await start_server(limits={**UNLIMITED, "connections_per_ip_per_minute": 3.0})
-    for _ in range(2):
-        async with h.connect("u"):
-            pass
+    for i in range(3):
+        async with attempt(h.running.port, token(f"u{i}")) as ok:
+            assert ok.ok
+    async with attempt(h.running.port, token("u3")) as over:
+        assert over.status == 429
+        assert 1 <= int(over.headers["retry-after"]) <= 20  # 3 a minute: one back within 20 s
+    # Plain HTTP probes are not WebSocket handshakes: load balancers keep probing.
     assert (await _probe(h.running.port)).startswith(b"HTTP/1.1 200")
-    assert await _probe(h.running.port) == b""
     assert h.running.clients.statistics().refused_connections == 1
     await h.running.aclose()
 
@@ -166,3 +172,134 @@ async def test_html_is_stripped_and_spam_refused(server) -> None:  # type: ignor
             "create_answer", {"question_id": q["question_id"], "content": "Try <u>Jamae</u> guksu"}
         )
         assert answer["answer"]["content"] == "Try Jamae guksu"
+
+
+# ---- admission by address: many users behind one NAT, few failures ------------------------
+
+#: The per-address settings at their defaults (the other limits stay off).
+ADDRESS_DEFAULTS = {
+    key: getattr(LimitSettings(), key)
+    for key in ("connections_per_ip_per_minute", "failed_handshakes_per_ip_per_minute", "unauthenticated_per_ip")
+}
+
+
+async def _attempts(
+    port: int, tokens: list[str | None], *, bind: str = "127.0.0.1", parallel: int = 25
+) -> list[Attempt]:
+    """One handshake and hello per token, ``parallel`` at a time; each closed once its hello is answered."""
+    results: list[Attempt] = []
+    limiter = trio.CapacityLimiter(parallel)
+
+    async def one(tok: str | None) -> None:
+        async with limiter, attempt(port, tok, bind=bind) as result:
+            results.append(result)
+
+    async with trio.open_nursery() as nursery:
+        for tok in tokens:
+            nursery.start_soon(one, tok)
+    return results
+
+
+async def test_five_hundred_users_behind_one_address_all_get_in(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(limits={**UNLIMITED, **ADDRESS_DEFAULTS})
+
+    with trio.fail_after(60):  # "within a minute", by the wall clock
+        results = await _attempts(h.running.port, [token(f"traveller{i}") for i in range(500)])
+
+    assert [r.ok for r in results] == [True] * 500
+    assert h.running.clients.statistics().refused_connections == 0
+    await h.running.aclose()
+
+
+async def test_bad_tokens_get_their_address_throttled(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(limits={**UNLIMITED, **ADDRESS_DEFAULTS})
+    failures = ADDRESS_DEFAULTS["failed_handshakes_per_ip_per_minute"]
+
+    with trio.fail_after(60):
+        results = await _attempts(h.running.port, ["not-a-token"] * 500)
+
+    refused = [r for r in results if r.status == 429]
+    closed = [r for r in results if r.close_code == 4001]
+    assert len(refused) + len(closed) == 500
+    # The bucket's burst, its refill while the test ran (1 a second), and
+    # what was in flight before the failures came back: far fewer than 500.
+    assert failures <= len(closed) < failures + 60
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    # The address is throttled: a valid token from it now waits too ...
+    async with attempt(h.running.port, token("honest")) as same:
+        assert same.status == 429
+    # ... and its neighbour is not.
+    async with attempt(h.running.port, token("neighbour"), bind="127.0.0.2") as other:
+        assert other.ok
+    await h.running.aclose()
+
+
+async def test_unauthenticated_handshakes_per_address_are_capped(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(limits={**UNLIMITED, "unauthenticated_per_ip": 3}, server={"hello_timeout_s": 60.0})
+    async with (
+        attempt(h.running.port, None) as a,
+        attempt(h.running.port, None) as b,
+        attempt(h.running.port, None) as c,
+    ):
+        assert (a.status, b.status, c.status) == (101, 101, 101)  # none said hello yet
+        async with attempt(h.running.port, token("late")) as d:
+            assert d.status == 429
+        async with attempt(h.running.port, token("elsewhere"), bind="127.0.0.2") as e:
+            assert e.ok
+    await h.running.aclose()
+
+
+async def test_a_foreign_origin_gets_403(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(server={"allowed_origins": ["https://dongne.example"]})
+    port = h.running.port
+    async with attempt(port, token("a"), headers=[(b"Origin", b"https://evil.example")]) as evil:
+        assert evil.status == 403
+    async with attempt(port, token("b"), headers=[(b"Origin", b"https://dongne.example")]) as ours:
+        assert ours.ok
+    async with attempt(port, token("c")) as app:  # a native app sends no Origin
+        assert app.ok
+    await h.running.aclose()
+
+
+async def test_a_direct_client_forging_forwarded_for_is_not_believed(start_server) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(
+        server={"trusted_proxies": ["127.0.0.1"]},
+        limits={**UNLIMITED, "connections_per_ip_per_minute": 2.0},
+    )
+    clients = h.running.clients
+    port = h.running.port
+    for i in range(2):
+        forged = [(b"X-Forwarded-For", f"198.51.100.{i}".encode())]
+        async with attempt(port, token(f"f{i}"), bind="127.0.0.2", headers=forged) as ok:
+            assert ok.ok
+            assert {clients.address_of(c) for c in clients.conns} == {"127.0.0.2"}
+    forged = [(b"X-Forwarded-For", b"198.51.100.9")]
+    async with attempt(port, token("f9"), bind="127.0.0.2", headers=forged) as over:
+        assert over.status == 429  # counted against 127.0.0.2 whatever it claims
+    # From the trusted peer the header is believed.
+    async with attempt(port, token("p"), headers=forged) as proxied:
+        assert proxied.ok
+        assert {clients.address_of(c) for c in clients.conns} == {"198.51.100.9"}
+    await h.running.aclose()
+
+
+async def test_proxy_protocol_names_the_client_from_a_trusted_balancer(start_server, caplog) -> None:  # type: ignore[no-untyped-def]
+    h = await start_server(server={"trusted_proxies": ["127.0.0.1"], "proxy_protocol": True})
+    clients = h.running.clients
+    port = h.running.port
+    header = f"PROXY TCP4 203.0.113.9 127.0.0.1 51000 {port}\r\n".encode()
+    agent = [(b"User-Agent", b"dongne-test/1.0")]
+    with caplog.at_level(logging.INFO, logger="dongne.server"):
+        async with attempt(port, token("a"), prefix=header, headers=agent) as balanced:
+            assert balanced.ok
+            assert {clients.address_of(c) for c in clients.conns} == {"203.0.113.9"}
+    opened = [r for r in caplog.records if r.getMessage() == "connection_opened"]
+    assert [(r.address, r.user_agent) for r in opened] == [("203.0.113.9", "dongne-test/1.0")]  # type: ignore[attr-defined]
+    # From a peer that is not trusted the header is read but not believed.
+    async with attempt(port, token("b"), prefix=header, bind="127.0.0.2") as untrusted:
+        assert untrusted.ok
+        assert {clients.address_of(c) for c in clients.conns} == {"127.0.0.2"}
+    # Without a header the connection is closed unanswered.
+    async with attempt(port, token("c")) as bare:
+        assert bare.status == 0
+    await h.running.aclose()

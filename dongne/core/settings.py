@@ -116,8 +116,16 @@ class LimitSettings:
     reads_burst: float = attrs.field(default=30.0, validator=positive)
     # Refusals within a minute after which the connection is closed with 4008.
     abuse_refusals_per_minute: int = attrs.field(default=30, validator=positive)
-    # New connections per IP address per minute (beyond it: dropped at accept).
-    connections_per_ip_per_minute: float = attrs.field(default=100.0, validator=positive)
+    # Per client address (the real one behind trusted proxies; see
+    # dongne.core.admission): WebSocket handshakes per minute, loose, since
+    # thousands of users may share one address behind a carrier's NAT ...
+    connections_per_ip_per_minute: float = attrs.field(default=3000.0, validator=positive)
+    # ... and strictly, handshakes that fail (bad token, no hello, a bad
+    # first frame, a malformed upgrade, a flood of bad frames) per minute,
+    # beyond which the address gets HTTP 429 until it has waited ...
+    failed_handshakes_per_ip_per_minute: float = attrs.field(default=60.0, validator=positive)
+    # ... and handshakes of one address in flight that have not authenticated yet.
+    unauthenticated_per_ip: int = attrs.field(default=256, validator=positive)
     ip_blocklist: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
     rooms_per_connection: int = attrs.field(default=50, validator=positive)
     connections_per_user: int = attrs.field(default=10, validator=positive)
