@@ -87,3 +87,96 @@ async def test_a_ban_with_an_end_lets_the_user_back_after_it(
             await admin.request("ban_user", {"user_id": "mallory", "reason": "x", "until": until})
         assert past.value.code == "invalid_field"  # an end in the past
     await h.running.aclose()
+
+
+async def test_hidden_content_leaves_rooms_and_lists_its_author_is_told_and_it_can_come_back(
+    start_server: Any,
+) -> None:
+    h: Harness = await start_server()
+    async with (
+        h.connect("ops", admin=True) as admin,
+        h.connect("asker") as asker,
+        h.connect("jun", local=True) as jun,
+        h.connect("viewer") as viewer,
+    ):
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await viewer.request("join_question", {"question_id": qid})
+        aid = (await jun.request("create_answer", {"question_id": qid, "content": "buy it at my online store"}))[
+            "answer"
+        ]["answer_id"]
+        with pytest.raises(RequestError) as refused:
+            await viewer.request("hide_answer", {"id": aid, "reason": "spam"})
+        assert refused.value.code == "forbidden"
+
+        hidden = await admin.request("hide_answer", {"id": aid, "reason": "link spam"})
+        assert hidden == {"id": aid, "hidden": True, "changed": True}
+        assert (await viewer.next_event("answer_deleted"))["data"] == {"question_id": qid, "answer_id": aid}
+        told = await jun.next_event("content_hidden")
+        assert told["data"] == {"question_id": qid, "answer_id": aid, "reason": "link spam"} and told["seq"] > 0
+        page = await viewer.request("get_question", {"question_id": qid})
+        assert (page["answers"], page["question"]["answer_count"]) == ([], 0)
+        assert (await jun.request("my_answers", {}))["answers"] == []
+
+        assert (await admin.request("unhide_answer", {"id": aid}))["changed"] is True
+        page = await viewer.request("get_question", {"question_id": qid})
+        assert [a["answer_id"] for a in page["answers"]] == [aid] and page["question"]["answer_count"] == 1
+
+        await admin.request("hide_question", {"id": qid, "reason": "off topic"})
+        assert (await viewer.next_event("question_deleted"))["data"] == {"question_id": qid}
+        assert (await asker.next_event("content_hidden"))["data"] == {"question_id": qid, "reason": "off topic"}
+        with pytest.raises(RequestError) as gone:
+            await viewer.request("get_question", {"question_id": qid})
+        assert gone.value.code == "not_found"
+        assert (await viewer.request("browse_questions", {"status": "all"}))["questions"] == []
+        await admin.request("unhide_question", {"id": qid})
+        assert (await viewer.request("get_question", {"question_id": qid}))["question"]["question_id"] == qid
+
+        actions = [e["action"] for e in (await admin.request("list_audit", {}))["entries"]]
+        assert actions == ["unhide_question", "hide_question", "unhide_answer", "hide_answer"]
+
+
+async def test_reports_hide_at_the_threshold_and_an_admin_resolves_them(start_server: Any) -> None:
+    h: Harness = await start_server(moderation={"auto_hide_reports": 3})
+    async with (
+        h.connect("ops", admin=True) as admin,
+        h.connect("asker") as asker,
+        h.connect("spammer") as spammer,
+        h.connect("r1") as r1,
+        h.connect("r2") as r2,
+        h.connect("r3") as r3,
+    ):
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        aid = (await spammer.request("create_answer", {"question_id": qid, "content": "visit my shop"}))["answer"][
+            "answer_id"
+        ]
+        with pytest.raises(RequestError) as own:
+            await spammer.request("report_content", {"answer_id": aid, "reason": "spam"})
+        assert own.value.code == "forbidden"
+        first = await r1.request("report_content", {"answer_id": aid, "reason": "spam", "note": "a shop link"})
+        assert await r1.request("report_content", {"answer_id": aid, "reason": "spam"}) == first  # once per user
+        await r2.request("report_content", {"answer_id": aid, "reason": "abuse"})
+        assert (await asker.request("get_question", {"question_id": qid}))["question"]["answer_count"] == 1
+        await r3.request("report_content", {"answer_id": aid, "reason": "spam"})  # the third: hidden at once
+        assert (await asker.next_event("answer_deleted"))["data"]["answer_id"] == aid
+        assert (await spammer.next_event("content_hidden"))["data"]["answer_id"] == aid
+
+        queue = await admin.request("list_reports", {})
+        assert len(queue["reports"]) == 3 and queue["next"] is None
+        item = queue["reports"][0]["item"]
+        assert (item["kind"], item["id"], item["author_id"], item["hidden"]) == ("answer", aid, "spammer", True)
+        assert item["text"] == "visit my shop"
+        dismissed = await admin.request(
+            "resolve_report", {"report_id": queue["reports"][0]["report_id"], "action": "dismiss"}
+        )
+        assert dismissed["resolved"] == 3
+        assert (await asker.request("get_question", {"question_id": qid}))["question"]["answer_count"] == 1
+        assert (await admin.request("list_reports", {}))["reports"] == []
+        done = await admin.request("list_reports", {"status": "resolved"})
+        assert {r["action"] for r in done["reports"]} == {"dismiss"}
+
+        # Reported again, and this time the author is banned.
+        again = await r2.request("report_content", {"answer_id": aid, "reason": "spam", "note": "still at it"})
+        assert again["report_id"] != first["report_id"]
+        await admin.request("resolve_report", {"report_id": again["report_id"], "action": "ban"})
+        with trio.fail_after(1):
+            assert await closed_code(spammer) == 4003

@@ -111,6 +111,9 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             ALTER TABLE answers DROP COLUMN deleted_at;
             ALTER TABLE users DROP COLUMN read_seq;
             DROP TABLE audit_log;
+            DROP TABLE reports;
+            ALTER TABLE questions DROP COLUMN hidden;
+            ALTER TABLE answers DROP COLUMN hidden;
             ALTER TABLE users DROP COLUMN banned_until;
             ALTER TABLE users DROP COLUMN ban_reason;
             PRAGMA user_version = 3;

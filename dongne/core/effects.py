@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from .reads import Read
-from .records import Answer, PushJob, Question, User
+from .records import Answer, PushJob, Question, Report, User
 
 __all__ = [
     "Action",
@@ -32,6 +32,7 @@ __all__ = [
     "SaveNotified",
     "SavePushStatus",
     "SaveQuestion",
+    "SaveReport",
     "SaveUser",
     "Send",
     "StartEscalation",
@@ -72,6 +73,13 @@ class AppendEvent:
     type: str
     data: dict[str, Any]
     created_at: int
+
+
+@attrs.frozen
+class SaveReport:
+    """Insert a report, or record how it was resolved (a second report of one item by one user is ignored)."""
+
+    report: Report
 
 
 @attrs.frozen
@@ -131,6 +139,7 @@ Write = (
     | EnqueuePush
     | SavePushStatus
     | AppendAudit
+    | SaveReport
 )
 
 

@@ -90,6 +90,12 @@ WRITING_OPS = frozenset(
         "delete_answer",
         "ban_user",
         "unban_user",
+        "hide_question",
+        "hide_answer",
+        "unhide_question",
+        "unhide_answer",
+        "report_content",
+        "resolve_report",
     }
 )
 #: What ``unavailable`` replies suggest as ``retry_after_ms``: about when the store is probed next.
@@ -137,6 +143,7 @@ class Engine:
                 "question": BucketSpec(limits.questions_per_hour / 3600, limits.questions_burst),
                 "typing": BucketSpec(limits.typing_per_s, limits.typing_burst),
                 "read": BucketSpec(limits.reads_per_s, limits.reads_burst),
+                "report": BucketSpec(settings.moderation.reports_per_hour / 3600, settings.moderation.reports_burst),
             },
             abuse_limit=limits.abuse_refusals_per_minute,
         )
@@ -179,11 +186,21 @@ class Engine:
             deadlines=self._deadlines,
             ttl_ms=None if math.isinf(settings.questions.ttl_s) else int(settings.questions.ttl_s * 1000),
         )
+        cursors = CursorCodec(cursor_key or secrets.token_bytes(32))
         self.moderation = Moderation(
-            users=self.users, questions=self.questions, conns=self.conns, user_conns=self.user_conns, where=self.where
+            settings.moderation,
+            self._qa,
+            self.inbox,
+            new_id,
+            cursors,
+            users=self.users,
+            questions=self.questions,
+            conns=self.conns,
+            user_conns=self.user_conns,
+            where=self.where,
         )
         lists = Lists(
-            CursorCodec(cursor_key or secrets.token_bytes(32)),
+            cursors,
             users=self.users,
             questions=self.questions,
             answers=self.answers,
@@ -234,6 +251,7 @@ class Engine:
             self._qa.adopt_answer(answer)
         for question in state.questions:
             self._qa.schedule_expiry(question)
+        self.moderation.load(state.open_reports)
         self.inbox.restore(state.last_push_job_id, state.oldest_seqs)
         return self._start_escalations()
 

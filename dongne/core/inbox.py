@@ -21,7 +21,13 @@ __all__ = ["DURABLE_EVENTS", "Inbox"]
 
 #: Every kind of durable event (the ones in a user's inbox, with a seq).
 DURABLE_EVENTS = frozenset(
-    {"answer_notification", "answer_accepted_notification", "new_question_notification", "slow_response_alert"}
+    {
+        "answer_notification",
+        "answer_accepted_notification",
+        "new_question_notification",
+        "slow_response_alert",
+        "content_hidden",
+    }
 )
 
 

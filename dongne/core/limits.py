@@ -37,6 +37,8 @@ OP_CLASSES: dict[str, str] = {
     "get_user": "read",
     "list_notifications": "read",
     "list_audit": "read",
+    "list_reports": "read",
+    "report_content": "report",
 }
 
 

@@ -1,10 +1,14 @@
-"""Moderation: bans, and the audit log of every admin action.
+"""Moderation: bans, hidden content, users' reports, and the audit log of every admin action.
 
-Every operation here is for admins only (``forbidden`` for anyone else) and
-writes an ``audit_log`` row in the same commit as what it does. A banned
-user's connections are closed with 4003 at once, a ``hello`` with any token
-for that user is closed with 4003 until the ban ends, their open questions
-stop escalating, and a banned local is alerted for nothing.
+Every operation but ``report_content`` is for admins only (``forbidden`` for
+anyone else) and writes an ``audit_log`` row in the same commit as what it
+does. A banned user's connections are closed with 4003 at once, a ``hello``
+with any token for that user is closed with 4003 until the ban ends, their
+open questions stop escalating, and a banned local is alerted for nothing.
+Hidden content goes the way an author's delete does (one code path,
+``Questions.take_down_*``) and its author is told with a durable
+``content_hidden``. ``[moderation] auto_hide_reports`` distinct users
+reporting one item hide it at once, pending an admin's review.
 """
 
 from __future__ import annotations
@@ -15,15 +19,33 @@ from typing import Any
 import attrs
 
 from .connections import Call, ConnPhase, ConnState
-from .effects import AppendAudit, CancelEscalation, Close, OutcomeBuilder, SaveUser
+from .cursors import CursorCodec
+from .effects import (
+    AppendAudit,
+    CancelEscalation,
+    Close,
+    OutcomeBuilder,
+    SaveAnswer,
+    SaveQuestion,
+    SaveReport,
+    SaveUser,
+)
 from .errors import ProtocolError
+from .inbox import Inbox
 from .lifecycle import ACTIVE
-from .lists import Pending
+from .lists import RETRY, Pending, Retry
 from .neighbourhood import Neighbourhood
-from .reads import AuditPage
-from .records import Question, User
+from .questions import Questions
+from .reads import AuditPage, ModerationItem, ReportsPage
+from .records import Answer, Question, Report, User
+from .settings import ModerationSettings
 
-__all__ = ["BANNED", "FOREVER", "Moderation"]
+__all__ = ["AUTOMATIC", "BANNED", "FOREVER", "REPORT_REASONS", "Moderation"]
+
+#: The reasons a report may give.
+REPORT_REASONS = ("spam", "abuse", "wrong", "other")
+#: The ``admin_id`` of the audit entries of what reports did by themselves.
+AUTOMATIC = "auto_moderation"
 
 #: ``banned_until`` of a ban without an end.
 FOREVER = 2**62
@@ -41,6 +63,11 @@ class Moderation:
 
     def __init__(
         self,
+        settings: ModerationSettings,
+        qa: Questions,
+        inbox: Inbox,
+        new_id: Callable[[str, int], str],
+        cursors: CursorCodec,
         *,
         users: dict[str, User],
         questions: dict[str, Question],
@@ -48,14 +75,35 @@ class Moderation:
         user_conns: dict[str, set[int]],
         where: Neighbourhood,
     ) -> None:
+        self._settings = settings
+        self._qa = qa
+        self._inbox = inbox
+        self._new_id = new_id
+        self._cursors = cursors
         self._users = users
         self._questions = questions
         self._conns = conns
         self._user_conns = user_conns
         self._where = where
+        self.open_reports: dict[str, Report] = {}  # report id -> report not resolved yet
+        self._fetched: dict[tuple[str, str], tuple[Question, list[Answer]]] = {}  # read for a retried operation
 
     def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
-        return {"ban_user": self.ban_user, "unban_user": self.unban_user, "list_audit": self.list_audit}
+        return {
+            "ban_user": self.ban_user,
+            "unban_user": self.unban_user,
+            "list_audit": self.list_audit,
+            "hide_question": self.hide_question,
+            "hide_answer": self.hide_answer,
+            "unhide_question": self.unhide_question,
+            "unhide_answer": self.unhide_answer,
+            "report_content": self.report_content,
+            "list_reports": self.list_reports,
+            "resolve_report": self.resolve_report,
+        }
+
+    def load(self, reports: list[Report]) -> None:
+        self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
 
     def refuse_banned(self, user: User, now: int) -> tuple[int, str] | None:
         """The close code and reason for a ``hello`` of a banned user, or None."""
@@ -78,12 +126,17 @@ class Moderation:
 
     def ban_user(self, call: Call) -> dict[str, Any]:
         self._admin(call)
-        f, now, out = call.f, call.now, call.out
+        f, now = call.f, call.now
         target = self._target(call)
         reason = f.text("reason", max_len=500)
         until = f.integer("until", minimum=now + 1, maximum=FOREVER - 1) if f.has("until") else FOREVER
         if target.user_id == call.user.user_id:
             raise ProtocolError("forbidden", "you cannot ban yourself")
+        self._ban(target, reason, until, call)
+        return {"user_id": target.user_id, "banned_until": until}
+
+    def _ban(self, target: User, reason: str, until: int, call: Call) -> None:
+        now, out = call.now, call.out
         target.banned_until, target.ban_reason = until, reason
         out.write(SaveUser(attrs.evolve(target)))
         out.write(AppendAudit(now, call.user.user_id, "ban_user", target.user_id, reason))
@@ -96,7 +149,6 @@ class Moderation:
                 conn.phase = ConnPhase.CLOSING
                 out.act(Close(conn_id, code, why))
         self._stop_escalating(target.user_id, out)
-        return {"user_id": target.user_id, "banned_until": until}
 
     def unban_user(self, call: Call) -> dict[str, Any]:
         self._admin(call)
@@ -123,6 +175,206 @@ class Moderation:
 
         return Pending(AuditPage(before, limit), reply)
 
+    # ---- items: in memory, or read from the store -------------------------------------
+
+    def _item(self, call: Call, kind: str, item_id: str) -> tuple[Question, Answer | None] | Pending:
+        """The question (and answer) an operation is about, hidden ones included; ``not_found`` if none."""
+        if kind == "question" and item_id in self._questions:
+            return self._questions[item_id], None
+        if kind == "answer" and (answer := self._qa.answer_in_memory(item_id)) is not None:
+            return self._questions[answer.question_id], answer
+        fetched = self._fetched.pop((kind, item_id), None)
+        if fetched is None:
+            if call.retried:
+                raise ProtocolError("not_found", f"no such {kind}")
+            return Pending(ModerationItem(kind, item_id), lambda found: self._keep(kind, item_id, found))
+        question, answers = fetched
+        question = self._questions.get(question.question_id, question)  # memory is newer than the store
+        if kind == "question":
+            return question, None
+        answer = next((a for a in answers if a.answer_id == item_id), None)
+        if answer is None:
+            raise ProtocolError("not_found", "no such answer")
+        return question, answer
+
+    def _keep(self, kind: str, item_id: str, found: tuple[Question, list[Answer]] | None) -> Retry:
+        if found is None:
+            raise ProtocolError("not_found", f"no such {kind}")
+        self._fetched[(kind, item_id)] = found
+        return RETRY
+
+    def _hide(
+        self, kind: str, question: Question, answer: Answer | None, reason: str, now: int, out: OutcomeBuilder
+    ) -> bool:
+        """Hide an item that is shown; False if it is hidden or deleted already."""
+        if kind == "question":
+            if question.deleted_at is not None or question.question_id not in self._questions:
+                return False
+            self._qa.take_down_question(question, now, out, hidden=True)
+            author, data = question.asker_id, {"question_id": question.question_id}
+        else:
+            assert answer is not None
+            if answer.deleted_at is not None or question.question_id not in self._questions:
+                return False
+            self._qa.take_down_answer(answer, now, out, hidden=True)
+            author, data = answer.author_id, {"question_id": question.question_id, "answer_id": answer.answer_id}
+        if author in self._users:
+            self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)
+        return True
+
+    def _unhide(self, kind: str, question: Question, answer: Answer | None, out: OutcomeBuilder) -> bool:
+        """Show a hidden item again (it comes back into memory when next asked for); False if it is not hidden."""
+        if kind == "question":
+            if not question.hidden:
+                return False
+            question.hidden, question.deleted_at = False, None
+            out.write(SaveQuestion(attrs.evolve(question)))
+            return True
+        assert answer is not None
+        if not answer.hidden:
+            return False
+        answer.hidden, answer.deleted_at = False, None
+        question.answer_count += 1
+        out.write(SaveAnswer(attrs.evolve(answer)))
+        out.write(SaveQuestion(attrs.evolve(question)))
+        if question.question_id in self._questions:
+            self._qa.adopt_answer(answer)
+        return True
+
+    # ---- hiding ------------------------------------------------------------------------
+
+    def _hide_op(self, call: Call, kind: str, show: bool) -> dict[str, Any] | Pending:
+        self._admin(call)
+        item_id = call.f.ident("id")
+        reason = call.f.text("reason", max_len=500, min_len=0 if show else 1, default="" if show else None)
+        item = self._item(call, kind, item_id)
+        if isinstance(item, Pending):
+            return item
+        question, answer = item
+        if show:
+            changed = self._unhide(kind, question, answer, call.out)
+        else:
+            changed = self._hide(kind, question, answer, reason, call.now, call.out)
+        if changed:
+            action = f"{'unhide' if show else 'hide'}_{kind}"
+            call.out.write(AppendAudit(call.now, call.user.user_id, action, item_id, reason))
+        return {"id": item_id, "hidden": not show, "changed": changed}
+
+    def hide_question(self, call: Call) -> dict[str, Any] | Pending:
+        return self._hide_op(call, "question", show=False)
+
+    def hide_answer(self, call: Call) -> dict[str, Any] | Pending:
+        return self._hide_op(call, "answer", show=False)
+
+    def unhide_question(self, call: Call) -> dict[str, Any] | Pending:
+        return self._hide_op(call, "question", show=True)
+
+    def unhide_answer(self, call: Call) -> dict[str, Any] | Pending:
+        return self._hide_op(call, "answer", show=True)
+
+    # ---- reports -----------------------------------------------------------------------
+
+    def report_content(self, call: Call) -> dict[str, Any] | Pending:
+        """Any user reports a question or an answer, once; enough distinct reporters hide it at once."""
+        f = call.f
+        if f.has("question_id") == f.has("answer_id"):
+            raise ProtocolError("invalid_field", "give exactly one of 'question_id' and 'answer_id'")
+        kind = "question" if f.has("question_id") else "answer"
+        item_id = f.ident(f"{kind}_id")
+        reason = f.choice("reason", REPORT_REASONS, default="")
+        note = f.text("note", max_len=500, min_len=0, default="")
+        item = self._item(call, kind, item_id)
+        if isinstance(item, Pending):
+            return item
+        question, answer = item
+        if (kind == "question" and question.deleted_at is not None) or (
+            answer is not None and answer.deleted_at is not None
+        ):
+            raise ProtocolError("not_found", f"no such {kind}")
+        author = question.asker_id if answer is None else answer.author_id
+        if author == call.user.user_id:
+            raise ProtocolError("forbidden", "you cannot report your own content")
+        mine = [
+            r for r in self.open_reports.values()
+            if (r.item_kind, r.item_id, r.reporter_id) == (kind, item_id, call.user.user_id)
+        ]  # fmt: skip
+        if mine:
+            return {"report_id": mine[0].report_id, "status": "open"}
+        report = Report(
+            self._new_id("r", call.now), kind, item_id, question.question_id, call.user.user_id, reason, note, call.now
+        )
+        self.open_reports[report.report_id] = report
+        call.out.write(SaveReport(attrs.evolve(report)))
+        reporters = {r.reporter_id for r in self.open_reports.values() if (r.item_kind, r.item_id) == (kind, item_id)}
+        if len(reporters) >= self._settings.auto_hide_reports:
+            why = f"hidden after {len(reporters)} reports, pending review"
+            if self._hide(kind, question, answer, why, call.now, call.out):
+                call.out.write(AppendAudit(call.now, AUTOMATIC, f"hide_{kind}", item_id, why))
+                call.out.note("content_auto_hidden", kind=kind, item=item_id, reports=len(reporters))
+        return {"report_id": report.report_id, "status": "open"}
+
+    def list_reports(self, call: Call) -> Pending:
+        self._admin(call)
+        f = call.f
+        status = f.choice("status", ("open", "resolved", "all"), default="open")
+        limit = f.integer("limit", minimum=1, maximum=100, default=50)
+        before = None
+        if f.has("before"):
+            at, report_id = self._cursors.decode("reports", status, f.raw("before"), "before")
+            before = (int(at), str(report_id))
+
+        def reply(rows: list[tuple[Report, str | None, str | None, bool]]) -> dict[str, Any]:
+            items = [
+                {
+                    **_report_wire(r),
+                    "item": {
+                        "kind": r.item_kind,
+                        "id": r.item_id,
+                        "question_id": r.question_id,
+                        "text": text,
+                        "author_id": author,
+                        "hidden": hidden,
+                    },
+                }
+                for r, text, author, hidden in rows[:limit]
+            ]
+            last = rows[limit - 1][0] if len(rows) > limit else None
+            return {
+                "reports": items,
+                "next": self._cursors.encode("reports", status, (last.created_at, last.report_id)) if last else None,
+            }
+
+        return Pending(ReportsPage(None if status == "all" else status, before, limit), reply)
+
+    def resolve_report(self, call: Call) -> dict[str, Any] | Pending:
+        """Close every open report of an item: ``dismiss`` (and show it again), ``hide`` it, or ``ban`` its author."""
+        self._admin(call)
+        f = call.f
+        report = self.open_reports.get(f.ident("report_id"))
+        if report is None:
+            raise ProtocolError("not_found", "no such open report")
+        action = f.choice("action", ("dismiss", "hide", "ban"), default="")
+        item = self._item(call, report.item_kind, report.item_id)
+        if isinstance(item, Pending):
+            return item
+        question, answer = item
+        kind, now, out = report.item_kind, call.now, call.out
+        if action == "dismiss":
+            self._unhide(kind, question, answer, out)
+        elif action == "hide":
+            self._hide(kind, question, answer, f"hidden after review: {report.reason}", now, out)
+        else:
+            author = self._users.get(question.asker_id if answer is None else answer.author_id)
+            if author is not None and author.user_id != call.user.user_id:
+                self._ban(author, f"reported for {report.reason}", FOREVER, call)
+        resolved = [r for r in self.open_reports.values() if (r.item_kind, r.item_id) == (kind, report.item_id)]
+        for r in resolved:
+            r.status, r.resolved_by, r.resolved_at, r.action = "resolved", call.user.user_id, now, action
+            out.write(SaveReport(attrs.evolve(r)))
+            del self.open_reports[r.report_id]
+        out.write(AppendAudit(now, call.user.user_id, "resolve_report", report.report_id, action))
+        return {"report_id": report.report_id, "action": action, "resolved": len(resolved)}
+
     def _stop_escalating(self, user_id: str, out: OutcomeBuilder) -> None:
         for question in self._questions.values():
             if (
@@ -132,3 +384,17 @@ class Moderation:
             ):
                 self._where.escalations.pop(question.question_id, None)
                 out.act(CancelEscalation(question.question_id))
+
+
+def _report_wire(report: Report) -> dict[str, Any]:
+    return {
+        "report_id": report.report_id,
+        "reason": report.reason,
+        "note": report.note,
+        "reporter_id": report.reporter_id,
+        "created_at": report.created_at,
+        "status": report.status,
+        "action": report.action,
+        "resolved_by": report.resolved_by,
+        "resolved_at": report.resolved_at,
+    }

@@ -322,19 +322,51 @@ class Questions:
         question = self._question(call.f)
         if question.asker_id != call.user.user_id:
             raise ProtocolError("forbidden", "only the asker can delete a question")
-        question.deleted_at = call.now
-        self._end(question, call.out)
-        call.out.write(SaveQuestion(attrs.evolve(question)))
+        self.take_down_question(question, call.now, call.out, except_conn=call.conn.conn_id)
         call.out.note("question_deleted", question_id=question.question_id, user=call.user.user_id)
-        self._leave_memory(question, event("question_deleted", {"question_id": question.question_id}), call)
         return {"question_id": question.question_id}
+
+    def take_down_question(
+        self, question: Question, now: int, out: OutcomeBuilder, *, hidden: bool = False, except_conn: int | None = None
+    ) -> None:
+        """Delete (or hide) a question: it leaves lists, nearby, its room (``question_deleted``) and memory."""
+        question.deleted_at = now
+        question.hidden = hidden
+        self._end(question, out)
+        out.write(SaveQuestion(attrs.evolve(question)))
+        out.send(
+            self._presence.others(question.question_id, except_conn=except_conn),
+            event("question_deleted", {"question_id": question.question_id}),
+        )
+        self._forget(question)
+
+    def take_down_answer(
+        self, answer: Answer, now: int, out: OutcomeBuilder, *, hidden: bool = False, except_conn: int | None = None
+    ) -> None:
+        """Delete (or hide) an answer: it leaves lists, its question's count and room (``answer_deleted``), memory."""
+        question = self._questions[answer.question_id]
+        answer.deleted_at = now
+        answer.hidden = hidden
+        self._answers.get(question.question_id, {}).pop(answer.answer_id, None)
+        self._answer_homes.pop(answer.answer_id, None)
+        question.answer_count = max(0, question.answer_count - 1)
+        out.write(SaveAnswer(attrs.evolve(answer)))
+        out.write(SaveQuestion(attrs.evolve(question)))
+        out.send(
+            self._presence.others(question.question_id, except_conn=except_conn),
+            event("answer_deleted", {"question_id": question.question_id, "answer_id": answer.answer_id}),
+        )
+
+    def answer_in_memory(self, answer_id: str) -> Answer | None:
+        question_id = self._answer_homes.get(answer_id)
+        return self._answers.get(question_id or "", {}).get(answer_id)
 
     def delete_answer(self, call: Call) -> dict[str, Any] | Pending:
         """An answer's author takes it down (soft delete); an accepted answer stays."""
         answer_id = call.f.ident("answer_id")
         question_id = self._answer_homes.get(answer_id)
         if question_id is None and not call.retried:
-            return Pending(AnswerHome(answer_id), self._adopt_found)
+            return Pending(AnswerHome(answer_id), self.adopt_found)
         answers = self._answers.get(question_id or "", {})
         answer = answers.get(answer_id)
         if answer is None:
@@ -343,18 +375,8 @@ class Questions:
             raise ProtocolError("forbidden", "only its author can delete an answer")
         if answer.accepted:
             raise ProtocolError("forbidden", "an accepted answer cannot be deleted")
-        question = self._questions[answer.question_id]
-        answer.deleted_at = call.now
-        del answers[answer_id]
-        del self._answer_homes[answer_id]
-        question.answer_count = max(0, question.answer_count - 1)
-        call.out.write(SaveAnswer(attrs.evolve(answer)))
-        call.out.write(SaveQuestion(attrs.evolve(question)))
-        call.out.send(
-            self._presence.others(question.question_id, except_conn=call.conn.conn_id),
-            event("answer_deleted", {"question_id": question.question_id, "answer_id": answer_id}),
-        )
-        return {"question_id": question.question_id, "answer_id": answer_id}
+        self.take_down_answer(answer, call.now, call.out, except_conn=call.conn.conn_id)
+        return {"question_id": answer.question_id, "answer_id": answer_id}
 
     def expire(self, question_id: str, now: int, out: OutcomeBuilder) -> None:
         """A question's time to live is up: unless it is resolved or closed, it expires and leaves memory."""
@@ -374,7 +396,7 @@ class Questions:
             out.send(room.conn_ids(), closing)
         self._forget(question)
 
-    def _adopt_found(self, found: tuple[Question, list[Answer]] | None) -> Retry:
+    def adopt_found(self, found: tuple[Question, list[Answer]] | None) -> Retry:
         if found is None:
             raise ProtocolError("not_found", "no such answer")
         self.adopt(*found)
@@ -383,10 +405,6 @@ class Questions:
     def forget_durable(self) -> None:
         """Forget the answers' homes (the engine reloads its records after a failed commit)."""
         self._answer_homes.clear()
-
-    def _leave_memory(self, question: Question, announce: dict[str, Any], call: Call) -> None:
-        call.out.send(self._presence.others(question.question_id, except_conn=call.conn.conn_id), announce)
-        self._forget(question)
 
     def _forget(self, question: Question) -> None:
         """Drop a question from memory (it stays in the database); its room is gone."""

@@ -18,10 +18,12 @@ __all__ = [
     "AuditPage",
     "AuthorStats",
     "Browse",
+    "ModerationItem",
     "Notifications",
     "QuestionPage",
     "QuestionsOfAsker",
     "Read",
+    "ReportsPage",
 ]
 
 Position = tuple[int, str]
@@ -102,4 +104,32 @@ class AuditPage:
     limit: int
 
 
-Read = QuestionPage | QuestionsOfAsker | AnswersOfAuthor | Browse | AuthorStats | Notifications | AnswerHome | AuditPage
+@attrs.frozen
+class ReportsPage:
+    """Reports (``status``: open, resolved or ``None`` for all) before ``before``, newest first, with the reported text."""
+
+    status: str | None
+    before: Position | None
+    limit: int
+
+
+@attrs.frozen
+class ModerationItem:
+    """A question (``kind`` question) or an answer's question (``kind`` answer) with all its answers, hidden ones too."""
+
+    kind: str
+    item_id: str
+
+
+Read = (
+    QuestionPage
+    | QuestionsOfAsker
+    | AnswersOfAuthor
+    | Browse
+    | AuthorStats
+    | Notifications
+    | AnswerHome
+    | AuditPage
+    | ReportsPage
+    | ModerationItem
+)

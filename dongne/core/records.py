@@ -19,6 +19,7 @@ __all__ = [
     "PushJob",
     "Question",
     "ReceiptState",
+    "Report",
     "User",
 ]
 
@@ -106,6 +107,7 @@ class Question:
     closed_at: int | None = None
     alerted_at: int | None = None  # when its slow-response alert fired
     deleted_at: int | None = None  # soft-deleted by its asker (or hidden)
+    hidden: bool = False  # hidden by moderation (deleted_at set too)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -140,6 +142,7 @@ class Answer:
     read_at: int | None = None
     accepted: bool = False
     deleted_at: int | None = None
+    hidden: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -152,6 +155,24 @@ class Answer:
             "state": self.state,
             "accepted": self.accepted,
         }
+
+
+@attrs.define
+class Report:
+    """A user's report of a question or an answer, and how an admin resolved it."""
+
+    report_id: str
+    item_kind: str  # "question" | "answer"
+    item_id: str
+    question_id: str
+    reporter_id: str
+    reason: str  # spam | abuse | wrong | other
+    note: str
+    created_at: int
+    status: str = "open"  # open | resolved
+    resolved_by: str | None = None
+    resolved_at: int | None = None
+    action: str | None = None  # dismiss | hide | ban
 
 
 @attrs.frozen
@@ -180,3 +201,4 @@ class LoadedState:
     pending_pushes: list[PushJob] = attrs.Factory(list)
     last_push_job_id: int = 0
     oldest_seqs: dict[str, int] = attrs.Factory(dict)  # user id -> oldest durable event kept
+    open_reports: list[Report] = attrs.Factory(list)

@@ -19,13 +19,17 @@ from ..core.reads import (
     AuditPage,
     AuthorStats,
     Browse,
+    ModerationItem,
     Notifications,
     QuestionPage,
     QuestionsOfAsker,
     Read,
+    ReportsPage,
 )
+from ._rows import REPORT_COLS
 
 __all__ = ["plan", "run"]
+
 
 ReadRows = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
@@ -148,6 +152,46 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
                 (query.user_id, kind, before, query.limit + 1),
             )
             for kind in query.types
+        ]
+    if isinstance(query, ReportsPage):
+        where, params = [], []
+        if query.status is not None:
+            where.append("r.status = ?")
+            params.append(query.status)
+        if query.before is not None:
+            where.append("(r.created_at, r.report_id) < (?, ?)")
+            params.extend(query.before)
+        index = "reports_by_status" if query.status is not None else "reports_listed"
+        text = (
+            "CASE r.item_kind WHEN 'question' THEN (SELECT q.title || char(10) || q.body FROM questions q"
+            " WHERE q.question_id = r.item_id) ELSE (SELECT a.content FROM answers a WHERE a.answer_id = r.item_id) END"
+        )
+        author = (
+            "CASE r.item_kind WHEN 'question' THEN (SELECT q.asker_id FROM questions q WHERE q.question_id = r.item_id)"
+            " ELSE (SELECT a.author_id FROM answers a WHERE a.answer_id = r.item_id) END"
+        )
+        hidden = (
+            "CASE r.item_kind WHEN 'question' THEN (SELECT q.hidden FROM questions q WHERE q.question_id = r.item_id)"
+            " ELSE (SELECT a.hidden FROM answers a WHERE a.answer_id = r.item_id) END"
+        )
+        return [
+            (
+                f"SELECT {', '.join('r.' + c.strip() for c in REPORT_COLS.split(','))}, {text}, {author}, {hidden}"
+                f" FROM reports r INDEXED BY {index}"
+                f"{' WHERE ' + ' AND '.join(where) if where else ''}"
+                " ORDER BY r.created_at DESC, r.report_id DESC LIMIT ?",
+                (*params, query.limit + 1),
+            )
+        ]
+    if isinstance(query, ModerationItem):
+        if query.kind == "question":
+            home = ("SELECT ?", (query.item_id,))
+        else:
+            home = ("SELECT question_id FROM answers WHERE answer_id = ?", (query.item_id,))
+        return [
+            home,
+            (f"SELECT {q_cols} FROM questions q WHERE q.question_id = ({home[0]})", home[1]),
+            (f"SELECT {a_cols} FROM answers a WHERE a.question_id = ({home[0]})", home[1]),
         ]
     if isinstance(query, AuditPage):
         return [

@@ -9,17 +9,20 @@ from typing import Any
 import msgpack
 
 from ..core.lifecycle import QuestionStatus
-from ..core.records import Answer, PushJob, Question, User
+from ..core.records import Answer, PushJob, Question, Report, User
 
 __all__ = [
     "ANSWER_COLS",
     "QUESTION_COLS",
+    "REPORT_COLS",
     "USER_COLS",
     "answer_from",
     "answer_row",
     "push_from",
     "question_from",
     "question_row",
+    "report_from",
+    "report_row",
     "user_from",
     "user_row",
 ]
@@ -31,11 +34,11 @@ USER_COLS = (
 )
 QUESTION_COLS = (
     "question_id, asker_id, asker_nick, title, body, lat, lng, region, hashtags, urgency, status,"
-    " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at, alerted_at, deleted_at"
+    " created_at, accepted_answer_id, answer_count, first_answer_at, closed_at, alerted_at, deleted_at, hidden"
 )
 ANSWER_COLS = (
     "answer_id, question_id, author_id, author_nick, content, created_at, state, delivered_at, read_at, accepted,"
-    " deleted_at"
+    " deleted_at, hidden"
 )
 
 
@@ -72,6 +75,7 @@ def question_row(q: Question) -> tuple[Any, ...]:
         q.question_id, q.asker_id, q.asker_nick, q.title, q.body, q.lat, q.lng, q.region,
         json.dumps(list(q.hashtags), ensure_ascii=False), q.urgency, q.status.value, q.created_at,
         q.accepted_answer_id, q.answer_count, q.first_answer_at, q.closed_at, q.alerted_at, q.deleted_at,
+        int(q.hidden),
     )  # fmt: skip
 
 
@@ -80,16 +84,35 @@ def question_from(r: Sequence[Any]) -> Question:
         question_id=r[0], asker_id=r[1], asker_nick=r[2], title=r[3], body=r[4], lat=r[5], lng=r[6],
         region=r[7], hashtags=tuple(json.loads(r[8])), urgency=r[9], status=QuestionStatus(r[10]),
         created_at=r[11], accepted_answer_id=r[12], answer_count=r[13], first_answer_at=r[14], closed_at=r[15],
-        alerted_at=r[16], deleted_at=r[17],
+        alerted_at=r[16], deleted_at=r[17], hidden=bool(r[18]),
     )  # fmt: skip
 
 
 def answer_row(a: Answer) -> tuple[Any, ...]:
     return (
         a.answer_id, a.question_id, a.author_id, a.author_nick, a.content, a.created_at, a.state,
-        a.delivered_at, a.read_at, int(a.accepted), a.deleted_at,
+        a.delivered_at, a.read_at, int(a.accepted), a.deleted_at, int(a.hidden),
     )  # fmt: skip
 
 
 def answer_from(r: Sequence[Any]) -> Answer:
-    return Answer(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), deleted_at=r[10])
+    return Answer(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), deleted_at=r[10], hidden=bool(r[11])
+    )
+
+
+REPORT_COLS = (
+    "report_id, item_kind, item_id, question_id, reporter_id, reason, note, created_at, status, resolved_by,"
+    " resolved_at, action"
+)
+
+
+def report_row(r: Report) -> tuple[Any, ...]:
+    return (
+        r.report_id, r.item_kind, r.item_id, r.question_id, r.reporter_id, r.reason, r.note, r.created_at,
+        r.status, r.resolved_by, r.resolved_at, r.action,
+    )  # fmt: skip
+
+
+def report_from(r: Sequence[Any]) -> Report:
+    return Report(*r)

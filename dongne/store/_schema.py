@@ -160,11 +160,31 @@ MIGRATIONS: list[str] = [
     CREATE INDEX answers_by_author ON answers(author_id, created_at, answer_id);
     CREATE INDEX events_by_user_type ON events(user_id, type, seq);
     """,
-    # 7: moderation. Bans on users (until a time, or for good) and the admin
-    # actions' audit log, newest first by id.
+    # 7: moderation. Bans on users (until a time, or for good), hidden
+    # questions and answers (hidden ones also carry deleted_at, so every list
+    # skips them), users' reports, and the admin actions' audit log.
     """
     ALTER TABLE users ADD COLUMN banned_until INTEGER;
     ALTER TABLE users ADD COLUMN ban_reason TEXT;
+    ALTER TABLE questions ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE answers ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE reports (
+        report_id    TEXT PRIMARY KEY,
+        item_kind    TEXT NOT NULL,         -- question | answer
+        item_id      TEXT NOT NULL,
+        question_id  TEXT NOT NULL,
+        reporter_id  TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        note         TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        status       TEXT NOT NULL,         -- open | resolved
+        resolved_by  TEXT,
+        resolved_at  INTEGER,
+        action       TEXT,                  -- dismiss | hide | ban
+        UNIQUE (item_kind, item_id, reporter_id)
+    );
+    CREATE INDEX reports_by_status ON reports(status, created_at, report_id);
+    CREATE INDEX reports_listed ON reports(created_at, report_id);
     CREATE TABLE audit_log (
         id        INTEGER PRIMARY KEY,
         at        INTEGER NOT NULL,

@@ -26,6 +26,7 @@ from ..core.effects import (
     SaveNotified,
     SavePushStatus,
     SaveQuestion,
+    SaveReport,
     SaveUser,
     Write,
 )
@@ -35,22 +36,27 @@ from ..core.reads import (
     AuditPage,
     AuthorStats,
     Browse,
+    ModerationItem,
     Notifications,
     QuestionPage,
     QuestionsOfAsker,
     Read,
+    ReportsPage,
 )
-from ..core.records import Answer, LoadedState, PushJob, Question, User
+from ..core.records import Answer, LoadedState, PushJob, Question, Report, User
 from . import _queries
 from ._rows import (
     ANSWER_COLS,
     QUESTION_COLS,
+    REPORT_COLS,
     USER_COLS,
     answer_from,
     answer_row,
     push_from,
     question_from,
     question_row,
+    report_from,
+    report_row,
     user_from,
     user_row,
 )
@@ -294,6 +300,7 @@ class Store:
         pushes: list[PushJob] = []
         push_status: dict[int, SavePushStatus] = {}
         audit: list[AppendAudit] = []
+        reports: dict[str, Report] = {}
         for item in writes:
             if isinstance(item, AppendEvent):
                 events.append(item)
@@ -316,6 +323,8 @@ class Store:
                 push_status[item.job_id] = item
             elif isinstance(item, AppendAudit):
                 audit.append(item)
+            elif isinstance(item, SaveReport):
+                reports[item.report.report_id] = item.report
             else:  # pragma: no cover - a new write type without a case here
                 raise TypeError(f"unknown write {item!r}")
         batch = PreparedCommit(self._max_variables)
@@ -347,6 +356,16 @@ class Store:
                 for j in pushes
             ],
         )  # fmt: skip
+        # A new report is ignored if this user reported this item before; a
+        # resolution updates the row (report ids are never reused).
+        if reports:
+            batch.many(
+                f"INSERT INTO reports ({REPORT_COLS}) VALUES ({', '.join('?' * 12)})"
+                " ON CONFLICT (report_id) DO UPDATE SET status = excluded.status, resolved_by = excluded.resolved_by,"
+                " resolved_at = excluded.resolved_at, action = excluded.action"
+                " ON CONFLICT (item_kind, item_id, reporter_id) DO NOTHING",
+                [report_row(r) for r in reports.values()],
+            )
         batch.insert(
             "INSERT INTO audit_log (at, admin_id, action, target, reason)",
             [(a.at, a.admin_id, a.action, a.target, a.reason) for a in audit],
@@ -475,6 +494,10 @@ class Store:
             pending_pushes=pending_pushes,
             last_push_job_id=int(last_job),
             oldest_seqs={user: low for user, (low, _high) in seqs.items()},
+            open_reports=[
+                report_from(r)
+                for r in self._read(f"SELECT {REPORT_COLS} FROM reports WHERE status = 'open' ORDER BY created_at")
+            ],
         )
 
     def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
@@ -507,6 +530,12 @@ class Store:
             return self.find_question(rows[0][0][0]) if rows[0] else None
         if isinstance(query, AuditPage):
             return rows[0]
+        if isinstance(query, ReportsPage):
+            return [(report_from(r[:12]), r[12], r[13], bool(r[14])) for r in rows[0]]
+        if isinstance(query, ModerationItem):
+            if not rows[1]:
+                return None
+            return question_from(rows[1][0]), [answer_from(r) for r in rows[2]]
         raise TypeError(f"not a read: {query!r}")
 
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
