@@ -26,6 +26,7 @@ UNLIMITED = {
     "conn_per_s": 1e6, "conn_burst": 1e6, "writes_per_minute": 1e6, "writes_burst": 1e6,
     "questions_per_hour": 1e6, "questions_burst": 1e6, "typing_per_s": 1e6, "typing_burst": 1e6,
     "reads_per_s": 1e6, "reads_burst": 1e6, "connections_per_ip_per_minute": 1e6,
+    "failed_handshakes_per_ip_per_minute": 1e6, "unauthenticated_per_ip": 1_000_000,
 }  # fmt: skip
 
 

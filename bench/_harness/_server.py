@@ -173,7 +173,7 @@ BENCH_LIMITS: dict[str, str] = {
     f"DONGNE_LIMITS_{key.upper()}": "1000000"
     for key in (
         "conn_per_s", "conn_burst", "writes_per_minute", "writes_burst", "questions_per_hour", "questions_burst",
-        "reads_per_s", "reads_burst",
+        "reads_per_s", "reads_burst", "failed_handshakes_per_ip_per_minute", "unauthenticated_per_ip",
         "typing_per_s", "typing_burst", "connections_per_ip_per_minute",
     )
 }  # fmt: skip

@@ -28,13 +28,11 @@ import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import attrs
-
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
 from .deadlines import Deadlines
-from .effects import Alert, Close, Outcome, OutcomeBuilder, Replay, SaveUser, Send, StartEscalation
-from .errors import CloseConnection, ProtocolError
+from .effects import Alert, Close, Outcome, OutcomeBuilder, Send, StartEscalation
+from .errors import ProtocolError
 from .events import (
     Connected,
     Disconnected,
@@ -53,7 +51,7 @@ from .events import (
 from .inbox import Inbox
 from .lifecycle import ACTIVE
 from .limits import OP_CLASSES, BucketSpec, Limiter
-from .lists import READ_OPS, RETRY, Lists, Pending, unread_of
+from .lists import READ_OPS, RETRY, Lists, Pending
 from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
@@ -63,6 +61,7 @@ from .protocol import Fields, Request, decode_request, event, reply_error, reply
 from .questions import Questions
 from .records import Answer, Claims, LoadedState, Question, User
 from .regions import Hotspot
+from .sessions import Sessions
 from .settings import CoreSettings
 from .text import SpamFilter
 
@@ -198,6 +197,17 @@ class Engine:
             conns=self.conns,
             user_conns=self.user_conns,
             where=self.where,
+        )
+        self.sessions = Sessions(
+            check_token,
+            limits.connections_per_user,
+            users=self.users,
+            user_conns=self.user_conns,
+            where=self.where,
+            oversight=self.oversight,
+            moderation=self.moderation,
+            inbox=self.inbox,
+            presence=self.presence,
         )
         lists = Lists(
             cursors,
@@ -465,61 +475,10 @@ class Engine:
     # ---- hello ---------------------------------------------------------------------
 
     def _hello(self, conn: ConnState, request: Request, now: int) -> Outcome:
-        try:
-            claims = self._check_token(request.data.get("token"), now / 1000)
-        except CloseConnection as exc:
-            return self._close(conn, exc.code, exc.reason, op="hello")
-        resume = request.data.get("resume")
-        last_seen: int | None = None
-        if resume is not None:
-            seq = resume.get("last_seq") if isinstance(resume, dict) else None
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                # Refused before authenticating: the client can fix and retry.
-                return self._close(conn, 4002, "resume.last_seq must be a non-negative integer", op="hello")
-            last_seen = seq
-        per_user = self.settings.limits.connections_per_user
-        if len(self.user_conns.get(claims.user_id, ())) >= per_user:
-            return self._close(conn, 4008, f"at most {per_user} connections per user", op="hello")
-        out = OutcomeBuilder()
-        user = self.users.get(claims.user_id)
-        banned = self.moderation.refuse_banned(user, now) if user is not None else None
-        if banned is not None:
-            return self._close(conn, banned[0], banned[1], op="hello")
-        if user is not None and user.banned_until is not None and self.writable:
-            user.banned_until = user.ban_reason = None  # the ban ran out
-            out.write(SaveUser(attrs.evolve(user)))
-        claimed = (claims.nick, claims.local, claims.tags, claims.role)
-        if not self.writable and (user is None or (user.nick, user.local, user.tags, user.role) != claimed):
-            return self._close(conn, 1013, "the server cannot store your profile now; reconnect later", op="hello")
-        if user is None:
-            user = User(claims.user_id, claims.nick, claims.local, claims.tags, claims.role, created_at=now)
-            self.users[user.user_id] = user
-            out.write(SaveUser(attrs.evolve(user)))
-        elif (user.nick, user.local, user.tags, user.role) != (claims.nick, claims.local, claims.tags, claims.role):
-            user.nick, user.local, user.tags, user.role = claims.nick, claims.local, claims.tags, claims.role
-            out.write(SaveUser(attrs.evolve(user)))
-        self.where.refresh_local(user)
-        self.oversight.role_is(user)
-        conn.phase = ConnPhase.READY
-        conn.user_id = user.user_id
-        self.user_conns.setdefault(user.user_id, set()).add(conn.conn_id)
-        hello: dict[str, Any] = {
-            "user": user.to_wire(),
-            "last_seq": user.last_seq,
-            "unread": unread_of(user),
-            "server_time": now,
-            "protocol": 1,
-        }
-        if last_seen is not None:
-            oldest = self.inbox.missed(user.user_id, last_seen) if last_seen < user.last_seq else None
-            # Events after last_seen were pruned: the client learns it did not get everything.
-            hello.update({"resumed": False, "oldest_seq": oldest} if oldest is not None else {"resumed": True})
-        out.send((conn.conn_id,), reply_ok(request.id, hello))
-        if last_seen is not None and last_seen < user.last_seq:
-            out.act(Replay(conn.conn_id, user.user_id, last_seen, user.last_seq))
-        if self.writable:  # receipts wait for the next hello otherwise
-            self.inbox.deliver_pending(user.user_id, now, out)
-        return out.build("hello", request=(conn.conn_id, request.id))
+        refused = self.sessions.hello(conn, request, now, writable=self.writable)
+        if isinstance(refused, tuple):
+            return self._close(conn, *refused, op="hello")
+        return refused
 
     # ---- leaving ---------------------------------------------------------------------
 
@@ -531,16 +490,7 @@ class Engine:
             self.limiter.sweep(now)
         if conn is None or conn.user_id is None:
             return _NOTHING
-        out = OutcomeBuilder()
-        for question_id in sorted(conn.rooms):
-            self.presence.leave(conn, question_id, out)
-        conns = self.user_conns.get(conn.user_id)
-        if conns is not None:
-            conns.discard(conn_id)
-            if not conns:
-                del self.user_conns[conn.user_id]
-                self.where.went_offline(conn.user_id)
-        return out.build()
+        return self.sessions.left(conn)
 
     # ---- time ------------------------------------------------------------------------
 
