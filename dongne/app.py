@@ -142,7 +142,7 @@ async def _serve(
         hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)
         started = time.perf_counter()
         loaded = await trio.to_thread.run_sync(functools.partial(store.load, hot_since=hot_since))
-        startup = engine.load(loaded)
+        startup = engine.load(loaded, clock.now_ms())
         log.info(
             "loaded %d users, %d questions in %.0f ms from %s",
             len(engine.users),

@@ -35,6 +35,7 @@ from .clock import EngineClock
 from .config import EscalationSettings, InboxSettings, LimitSettings, ServerSettings
 from .core import (
     Alert,
+    BlockAddresses,
     CancelEscalation,
     Close,
     Connected,
@@ -148,6 +149,7 @@ class ClientServer:
             )
         )
         self._blocklist = IpBlocklist(limits.ip_blocklist)
+        self._runtime_blocks = IpBlocklist(())  # block_ip, from the engine (BlockAddresses)
         self._proxies = TrustedProxies(settings.trusted_proxies, header=settings.forwarded_header)
         self._origins = OriginPolicy(settings.allowed_origins)
         self._address_of: dict[int, str] = {}  # conn_id -> the client's address
@@ -276,7 +278,7 @@ class ClientServer:
                             continue
                         raise
                     peer = normalize_address(addr[0])
-                    if self._blocklist.blocks(peer) and not self._proxies.trusts(peer):
+                    if self._blocked(peer) and not self._proxies.trusts(peer):
                         self.metrics.rate_limit_hits.labels("connection").inc()
                         sock.close()  # a blocked client, not behind a proxy: no handshake, no reply
                         continue
@@ -289,6 +291,18 @@ class ClientServer:
 
     # ---- one connection ----------------------------------------------------------
 
+    def _blocked(self, address: str) -> bool:
+        return self._blocklist.blocks(address) or self._runtime_blocks.blocks(address)
+
+    def _block_addresses(self, cidrs: tuple[str, ...]) -> None:
+        """Run-time blocks changed: new connections from them are refused, open ones closed with 4003."""
+        self._runtime_blocks = IpBlocklist(cidrs)
+        for conn_id, conn in list(self.conns.items()):
+            address = self._address_of.get(conn_id)
+            if address is not None and self._runtime_blocks.blocks(address):
+                log.info("connection_blocked", extra={"conn": conn_id, "address": address})
+                conn.close(4003, "this address is blocked")
+
     def address_of(self, conn_id: int) -> str | None:
         """The client address of an open connection (behind trusted proxies, the real one)."""
         return self._address_of.get(conn_id)
@@ -297,7 +311,7 @@ class ClientServer:
         """Admit an upgrade request from its client's address, or say how to refuse it."""
         address = request.address
         now = self.clock.now_ms()
-        if self._blocklist.blocks(address):
+        if self._blocked(address):
             self.metrics.rate_limit_hits.labels("connection").inc()
             return Refusal(403, "this address is blocked")
         if request.error is not None:
@@ -487,6 +501,8 @@ class ClientServer:
                 self.pushes.offer(action.job)
             elif isinstance(action, Alert):
                 self.pushes.alert_now(action.kind, action.data)
+            elif isinstance(action, BlockAddresses):
+                self._block_addresses(action.cidrs)
 
     async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
         """Send missed durable events in order, then the live frames held meanwhile."""

@@ -349,7 +349,7 @@ def test_a_restart_in_the_middle_of_a_stage_alerts_only_the_rest(tmp_path) -> No
     state = store.load(hot_since=0)
     store.close()
     engine = Engine(CoreSettings(alerts_per_batch=100), _crowd_claims)
-    engine.load(state)
+    engine.load(state, T0 + 4000)
     # Positions are live, not stored: the locals come back online where they were.
     resumed = Sim(engine)
     for n in range(250):

@@ -180,3 +180,40 @@ async def test_reports_hide_at_the_threshold_and_an_admin_resolves_them(start_se
         await admin.request("resolve_report", {"report_id": again["report_id"], "action": "ban"})
         with trio.fail_after(1):
             assert await closed_code(spammer) == 4003
+
+
+async def test_an_ip_block_at_run_time_closes_that_address_and_refuses_it_until_lifted(
+    start_server: Any,
+) -> None:
+    from .addressed import attempt
+
+    h: Harness = await start_server()
+    async with h.connect("ops", admin=True) as admin:
+        async with attempt(h.running.port, token("abuser"), bind="127.0.0.2") as before:
+            assert before.ok and before.stream is not None
+            with pytest.raises(RequestError) as bad:
+                await admin.request("block_ip", {"cidr": "not-an-address", "reason": "x"})
+            assert bad.value.code == "invalid_field"
+            block = await admin.request("block_ip", {"cidr": "127.0.0.2", "reason": "credential stuffing"})
+            assert block["block"]["cidr"] == "127.0.0.2/32"
+            with trio.fail_after(1):
+                frame = await before.stream.receive_some(1024)
+            assert frame[0] == 0x88 and int.from_bytes(frame[2:4], "big") == 4003  # a close frame, 4003
+        async with attempt(h.running.port, token("abuser"), bind="127.0.0.2") as refused:
+            assert refused.status == 0 and not refused.ok  # dropped at accept, before any handshake
+        async with attempt(h.running.port, token("neighbour"), bind="127.0.0.3") as other:
+            assert other.ok  # another address is not affected
+        listed = await admin.request("list_ip_blocks", {})
+        assert [b["cidr"] for b in listed["blocks"]] == ["127.0.0.2/32"] and listed["static"] == []
+    await h.running.aclose()
+
+    h2: Harness = await start_server()  # durable: still blocked after a restart
+    async with attempt(h2.running.port, token("abuser"), bind="127.0.0.2") as still:
+        assert still.status == 0 and not still.ok
+    async with h2.connect("ops", admin=True) as admin:
+        await admin.request("unblock_ip", {"cidr": "127.0.0.2/32"})
+        async with attempt(h2.running.port, token("abuser"), bind="127.0.0.2") as back:
+            assert back.ok
+        actions = [e["action"] for e in (await admin.request("list_audit", {}))["entries"]]
+        assert actions[:2] == ["unblock_ip", "block_ip"]
+    await h2.running.aclose()

@@ -112,6 +112,7 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             ALTER TABLE users DROP COLUMN read_seq;
             DROP TABLE audit_log;
             DROP TABLE reports;
+            DROP TABLE ip_blocks;
             ALTER TABLE questions DROP COLUMN hidden;
             ALTER TABLE answers DROP COLUMN hidden;
             ALTER TABLE users DROP COLUMN banned_until;

@@ -15,7 +15,7 @@ __all__ = ["DeadlineKind", "Deadlines"]
 #: question is owed its slow-response alert (key: question id, ""), or a
 #: connection has not sent hello in time (key: conn id as text, ""), or a
 #: question reaches its time to live (key: question id, "").
-DeadlineKind = Literal["typing", "slow_response", "hello", "expire"]
+DeadlineKind = Literal["typing", "slow_response", "hello", "expire", "ip_block"]
 
 
 class Deadlines:

@@ -12,15 +12,17 @@ from typing import Any
 import attrs
 
 from .reads import Read
-from .records import Answer, PushJob, Question, Report, User
+from .records import Answer, IpBlock, PushJob, Question, Report, User
 
 __all__ = [
     "Action",
     "Alert",
     "AppendAudit",
     "AppendEvent",
+    "BlockAddresses",
     "CancelEscalation",
     "Close",
+    "DeleteIpBlock",
     "EnqueuePush",
     "Note",
     "Observe",
@@ -29,6 +31,7 @@ __all__ = [
     "Replay",
     "SaveAnswer",
     "SaveEscalation",
+    "SaveIpBlock",
     "SaveNotified",
     "SavePushStatus",
     "SaveQuestion",
@@ -80,6 +83,20 @@ class SaveReport:
     """Insert a report, or record how it was resolved (a second report of one item by one user is ignored)."""
 
     report: Report
+
+
+@attrs.frozen
+class SaveIpBlock:
+    """Insert or replace a run-time IP block."""
+
+    block: IpBlock
+
+
+@attrs.frozen
+class DeleteIpBlock:
+    """Remove a run-time IP block."""
+
+    cidr: str
 
 
 @attrs.frozen
@@ -140,6 +157,8 @@ Write = (
     | SavePushStatus
     | AppendAudit
     | SaveReport
+    | SaveIpBlock
+    | DeleteIpBlock
 )
 
 
@@ -215,6 +234,13 @@ class Alert:
 
 
 @attrs.frozen
+class BlockAddresses:
+    """The run-time IP blocks now in force (all of them): refuse new connections from them, close existing ones."""
+
+    cidrs: tuple[str, ...]
+
+
+@attrs.frozen
 class Observe:
     """Record a duration metric once committed: (now - ``since_ms``) seconds."""
 
@@ -231,7 +257,7 @@ class Note:
     fields: dict[str, Any]
 
 
-Action = Send | Close | Replay | StartEscalation | CancelEscalation | Push | Alert | Observe | Note
+Action = Send | Close | Replay | StartEscalation | CancelEscalation | Push | Alert | BlockAddresses | Observe | Note
 
 
 @attrs.frozen

@@ -95,6 +95,8 @@ WRITING_OPS = frozenset(
         "unhide_answer",
         "report_content",
         "resolve_report",
+        "block_ip",
+        "unblock_ip",
     }
 )
 #: What ``unavailable`` replies suggest as ``retry_after_ms``: about when the store is probed next.
@@ -192,6 +194,8 @@ class Engine:
             self.inbox,
             new_id,
             cursors,
+            self._deadlines,
+            tuple(limits.ip_blocklist),
             users=self.users,
             questions=self.questions,
             conns=self.conns,
@@ -229,12 +233,12 @@ class Engine:
 
     # ---- start-up --------------------------------------------------------------------
 
-    def load(self, state: LoadedState) -> Outcome:
+    def load(self, state: LoadedState, now: int) -> Outcome:
         """Adopt the durable state read from the store at start-up.
 
         Returns:
             A ``StartEscalation`` for every question with stages left
-            (overdue ones run at once).
+            (overdue ones run at once), and the run-time IP blocks in force.
         """
         where = self.where
         for user in state.users:
@@ -261,9 +265,12 @@ class Engine:
             self._qa.adopt_answer(answer)
         for question in state.questions:
             self._qa.schedule_expiry(question)
-        self.moderation.load(state.open_reports)
+        blocks = self.moderation.load(state.open_reports, state.ip_blocks, now)
+        for block in state.ip_blocks:
+            if block.until is not None:
+                self._deadlines.add(block.until, "ip_block", block.cidr)
         self.inbox.restore(state.last_push_job_id, state.oldest_seqs)
-        return self._start_escalations()
+        return Outcome(actions=self._start_escalations().actions + blocks.actions)
 
     def _start_escalations(self) -> Outcome:
         """A ``StartEscalation`` for every question with stages left (the driver skips running ones)."""
@@ -505,6 +512,8 @@ class Engine:
                     self._qa.expire(key, now, out)
                 else:  # expiring is a write: it waits, it is not lost
                     self._deadlines.add(now + UNAVAILABLE_RETRY_MS, "expire", key)
+            elif kind == "ip_block":
+                out.actions.extend(self.moderation.blocks_in_force(now).actions)
             elif kind == "slow_response":
                 if self.writable:
                     self.oversight.alert_due(key, now, out)
@@ -566,7 +575,7 @@ class Engine:
         self.where.forget_durable()
         self.oversight.forget_durable()
         self._qa.forget_durable()
-        started = self.load(event.state)
+        started = self.load(event.state, now)
         out = OutcomeBuilder()
         out.actions.extend(started.actions)
         for question_id in [q for q in self.presence.rooms if q not in self.questions]:

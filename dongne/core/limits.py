@@ -38,6 +38,7 @@ OP_CLASSES: dict[str, str] = {
     "list_notifications": "read",
     "list_audit": "read",
     "list_reports": "read",
+    "list_ip_blocks": "read",
     "report_content": "report",
 }
 

@@ -13,6 +13,7 @@ reporting one item hide it at once, pending an admin's review.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -20,12 +21,17 @@ import attrs
 
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
+from .deadlines import Deadlines
 from .effects import (
     AppendAudit,
+    BlockAddresses,
     CancelEscalation,
     Close,
+    DeleteIpBlock,
+    Outcome,
     OutcomeBuilder,
     SaveAnswer,
+    SaveIpBlock,
     SaveQuestion,
     SaveReport,
     SaveUser,
@@ -37,7 +43,7 @@ from .lists import RETRY, Pending, Retry
 from .neighbourhood import Neighbourhood
 from .questions import Questions
 from .reads import AuditPage, ModerationItem, ReportsPage
-from .records import Answer, Question, Report, User
+from .records import Answer, IpBlock, Question, Report, User
 from .settings import ModerationSettings
 
 __all__ = ["AUTOMATIC", "BANNED", "FOREVER", "REPORT_REASONS", "Moderation"]
@@ -68,6 +74,8 @@ class Moderation:
         inbox: Inbox,
         new_id: Callable[[str, int], str],
         cursors: CursorCodec,
+        deadlines: Deadlines,
+        static_blocks: tuple[str, ...],
         *,
         users: dict[str, User],
         questions: dict[str, Question],
@@ -76,6 +84,8 @@ class Moderation:
         where: Neighbourhood,
     ) -> None:
         self._settings = settings
+        self._deadlines = deadlines
+        self._static_blocks = static_blocks
         self._qa = qa
         self._inbox = inbox
         self._new_id = new_id
@@ -87,6 +97,7 @@ class Moderation:
         self._where = where
         self.open_reports: dict[str, Report] = {}  # report id -> report not resolved yet
         self._fetched: dict[tuple[str, str], tuple[Question, list[Answer]]] = {}  # read for a retried operation
+        self.ip_blocks: dict[str, IpBlock] = {}  # run-time blocks by normalised CIDR
 
     def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
         return {
@@ -100,10 +111,58 @@ class Moderation:
             "report_content": self.report_content,
             "list_reports": self.list_reports,
             "resolve_report": self.resolve_report,
+            "block_ip": self.block_ip,
+            "unblock_ip": self.unblock_ip,
+            "list_ip_blocks": self.list_ip_blocks,
         }
 
-    def load(self, reports: list[Report]) -> None:
+    def load(self, reports: list[Report], ip_blocks: list[IpBlock], now: int) -> Outcome:
+        """Adopt stored reports and IP blocks; returns the blocks for the driver."""
         self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
+        self.ip_blocks = {b.cidr: b for b in ip_blocks if b.active(now)}
+        return self.blocks_in_force(now)
+
+    # ---- IP blocks -----------------------------------------------------------------------
+
+    def blocks_in_force(self, now: int) -> Outcome:
+        """Forget run-time blocks that ran out; a ``BlockAddresses`` with those in force."""
+        for cidr in [c for c, b in self.ip_blocks.items() if not b.active(now)]:
+            del self.ip_blocks[cidr]
+        return Outcome(actions=(BlockAddresses(tuple(sorted(self.ip_blocks))),))
+
+    def block_ip(self, call: Call) -> dict[str, Any]:
+        self._admin(call)
+        f, now = call.f, call.now
+        cidr = _network(f.string("cidr", max_len=64))
+        reason = f.text("reason", max_len=500)
+        until = f.integer("until", minimum=now + 1, maximum=FOREVER - 1) if f.has("until") else None
+        block = IpBlock(cidr, until, reason, call.user.user_id, now)
+        self.ip_blocks[cidr] = block
+        call.out.write(SaveIpBlock(block))
+        call.out.write(AppendAudit(now, call.user.user_id, "block_ip", cidr, reason))
+        if until is not None:
+            self._deadlines.add(until, "ip_block", cidr)
+        call.out.actions.extend(self.blocks_in_force(now).actions)
+        return {"block": _block_wire(block)}
+
+    def unblock_ip(self, call: Call) -> dict[str, Any]:
+        self._admin(call)
+        cidr = _network(call.f.string("cidr", max_len=64))
+        if self.ip_blocks.pop(cidr, None) is None:
+            raise ProtocolError("not_found", "no such run-time block (blocks in config.toml stay)")
+        call.out.write(DeleteIpBlock(cidr))
+        reason = call.f.text("reason", max_len=500, min_len=0, default="")
+        call.out.write(AppendAudit(call.now, call.user.user_id, "unblock_ip", cidr, reason))
+        call.out.actions.extend(self.blocks_in_force(call.now).actions)
+        return {"cidr": cidr}
+
+    def list_ip_blocks(self, call: Call) -> dict[str, Any]:
+        self._admin(call)
+        self.blocks_in_force(call.now)
+        return {
+            "blocks": [_block_wire(b) for b in sorted(self.ip_blocks.values(), key=lambda b: b.created_at)],
+            "static": list(self._static_blocks),
+        }
 
     def refuse_banned(self, user: User, now: int) -> tuple[int, str] | None:
         """The close code and reason for a ``hello`` of a banned user, or None."""
@@ -397,4 +456,22 @@ def _report_wire(report: Report) -> dict[str, Any]:
         "action": report.action,
         "resolved_by": report.resolved_by,
         "resolved_at": report.resolved_at,
+    }
+
+
+def _network(text: str) -> str:
+    """An address or CIDR network, normalised (``invalid_field`` otherwise)."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ProtocolError("invalid_field", "'cidr' must be an IP address or a CIDR network") from None
+
+
+def _block_wire(block: IpBlock) -> dict[str, Any]:
+    return {
+        "cidr": block.cidr,
+        "until": block.until,
+        "reason": block.reason,
+        "admin_id": block.admin_id,
+        "created_at": block.created_at,
     }

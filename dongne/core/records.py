@@ -15,6 +15,7 @@ from .lifecycle import QuestionStatus
 __all__ = [
     "Answer",
     "Claims",
+    "IpBlock",
     "LoadedState",
     "PushJob",
     "Question",
@@ -176,6 +177,20 @@ class Report:
 
 
 @attrs.frozen
+class IpBlock:
+    """An address or network an admin blocked at run time (besides ``[limits] ip_blocklist``)."""
+
+    cidr: str
+    until: int | None
+    reason: str
+    admin_id: str
+    created_at: int
+
+    def active(self, now: int) -> bool:
+        return self.until is None or now < self.until
+
+
+@attrs.frozen
 class PushJob:
     """A notification for a user who is offline, for the push gateway."""
 
@@ -202,3 +217,4 @@ class LoadedState:
     last_push_job_id: int = 0
     oldest_seqs: dict[str, int] = attrs.Factory(dict)  # user id -> oldest durable event kept
     open_reports: list[Report] = attrs.Factory(list)
+    ip_blocks: list[IpBlock] = attrs.Factory(list)

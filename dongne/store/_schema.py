@@ -185,6 +185,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX reports_by_status ON reports(status, created_at, report_id);
     CREATE INDEX reports_listed ON reports(created_at, report_id);
+    CREATE TABLE ip_blocks (
+        cidr        TEXT PRIMARY KEY,       -- an address or a network, normalised
+        until       INTEGER,                -- ms, NULL: until unblocked
+        reason      TEXT NOT NULL,
+        admin_id    TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
     CREATE TABLE audit_log (
         id        INTEGER PRIMARY KEY,
         at        INTEGER NOT NULL,

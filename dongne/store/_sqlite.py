@@ -20,9 +20,11 @@ import msgpack
 from ..core.effects import (
     AppendAudit,
     AppendEvent,
+    DeleteIpBlock,
     EnqueuePush,
     SaveAnswer,
     SaveEscalation,
+    SaveIpBlock,
     SaveNotified,
     SavePushStatus,
     SaveQuestion,
@@ -43,7 +45,7 @@ from ..core.reads import (
     Read,
     ReportsPage,
 )
-from ..core.records import Answer, LoadedState, PushJob, Question, Report, User
+from ..core.records import Answer, IpBlock, LoadedState, PushJob, Question, Report, User
 from . import _queries
 from ._rows import (
     ANSWER_COLS,
@@ -301,6 +303,7 @@ class Store:
         push_status: dict[int, SavePushStatus] = {}
         audit: list[AppendAudit] = []
         reports: dict[str, Report] = {}
+        ip_blocks: dict[str, IpBlock | None] = {}  # None: deleted
         for item in writes:
             if isinstance(item, AppendEvent):
                 events.append(item)
@@ -325,6 +328,10 @@ class Store:
                 audit.append(item)
             elif isinstance(item, SaveReport):
                 reports[item.report.report_id] = item.report
+            elif isinstance(item, SaveIpBlock):
+                ip_blocks[item.block.cidr] = item.block
+            elif isinstance(item, DeleteIpBlock):
+                ip_blocks[item.cidr] = None
             else:  # pragma: no cover - a new write type without a case here
                 raise TypeError(f"unknown write {item!r}")
         batch = PreparedCommit(self._max_variables)
@@ -366,6 +373,14 @@ class Store:
                 " ON CONFLICT (item_kind, item_id, reporter_id) DO NOTHING",
                 [report_row(r) for r in reports.values()],
             )
+        for cidr, block in ip_blocks.items():
+            if block is None:
+                batch.many("DELETE FROM ip_blocks WHERE cidr = ?", [(cidr,)])
+            else:
+                batch.many(
+                    "INSERT OR REPLACE INTO ip_blocks (cidr, until, reason, admin_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                    [(block.cidr, block.until, block.reason, block.admin_id, block.created_at)],
+                )
         batch.insert(
             "INSERT INTO audit_log (at, admin_id, action, target, reason)",
             [(a.at, a.admin_id, a.action, a.target, a.reason) for a in audit],
@@ -494,6 +509,9 @@ class Store:
             pending_pushes=pending_pushes,
             last_push_job_id=int(last_job),
             oldest_seqs={user: low for user, (low, _high) in seqs.items()},
+            ip_blocks=[
+                IpBlock(*r) for r in self._read("SELECT cidr, until, reason, admin_id, created_at FROM ip_blocks")
+            ],
             open_reports=[
                 report_from(r)
                 for r in self._read(f"SELECT {REPORT_COLS} FROM reports WHERE status = 'open' ORDER BY created_at")
