@@ -146,3 +146,21 @@ async def test_request_before_hello_closes_with_4001(server: Harness) -> None:
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await ws.get_message()
         assert closed.value.reason.code == 4001
+
+
+async def test_user_text_arrives_in_one_unicode_form(server: Harness) -> None:
+    """Decomposed Hangul (NFD), zero-width and control characters: stored and matched as NFC, counted after."""
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "맛집")
+    assert nfd != "맛집" and len(nfd) == 6
+    async with server.connect("asker") as asker, server.connect("jun", nick=unicodedata.normalize("NFD", "준")) as jun:
+        letters = ("제주맛집추천부탁해요" * 20)[:197]
+        title = unicodedata.normalize("NFD", letters) + "\u200b\x07"  # 197 letters, ~490 code points
+        question = (await asker.request("create_question", question_data(title=title, hashtags=[f"#{nfd}"])))[
+            "question"
+        ]
+        assert question["title"] == letters and question["hashtags"] == ["맛집"]
+        found = await jun.request("browse_questions", {"hashtag": nfd})
+        assert [q["question_id"] for q in found["questions"]] == [question["question_id"]]
+        assert jun.hello["user"]["nick"] == "준"

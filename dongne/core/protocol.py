@@ -14,6 +14,7 @@ import attrs
 import msgpack
 
 from .errors import ProtocolError
+from .text import normalize_text, plain_text
 
 __all__ = [
     "MAX_INT",
@@ -122,7 +123,9 @@ class Fields:
         """The value as sent, unchecked (for values another module checks, such as cursors)."""
         return self._data.get(name)
 
-    def string(self, name: str, *, max_len: int, min_len: int = 1, default: str | None = None) -> str:
+    def string(
+        self, name: str, *, max_len: int, min_len: int = 1, default: str | None = None, multiline: bool = False
+    ) -> str:
         value = self._data.get(name)
         if value is None:
             if default is not None:
@@ -130,7 +133,7 @@ class Fields:
             raise ProtocolError("invalid_field", f"'{name}' is required")
         if not isinstance(value, str):
             raise ProtocolError("invalid_field", f"'{name}' must be a string")
-        value = value.strip()
+        value = normalize_text(value, multiline=multiline).strip()  # lengths count what the user wrote
         if len(value) > max_len:
             raise ProtocolError("too_long", f"'{name}' is longer than {max_len} characters", field=name, max=max_len)
         if len(value) < min_len:
@@ -139,9 +142,7 @@ class Fields:
 
     def text(self, name: str, *, max_len: int, min_len: int = 1, default: str | None = None) -> str:
         """A user-written string: HTML stripped (see ``core.text``), then length-checked."""
-        from .text import plain_text
-
-        raw = self.string(name, max_len=max_len * 4, min_len=0, default=default)
+        raw = self.string(name, max_len=max_len * 4, min_len=0, default=default, multiline=True)
         value = plain_text(raw)
         if len(value) > max_len:
             raise ProtocolError("too_long", f"'{name}' is longer than {max_len} characters", field=name, max=max_len)
@@ -223,7 +224,7 @@ class Fields:
         for item in value:
             if not isinstance(item, str):
                 raise ProtocolError("invalid_field", f"'{name}' must be a list of strings")
-            tag = item.strip().lstrip("#").lower()
+            tag = normalize_text(item).strip().lstrip("#").lower()
             if not HASHTAG.fullmatch(tag):
                 raise ProtocolError(
                     "invalid_field", f"hashtag {item[:40]!r} must be 1-30 letters a-z, digits, '_' or Hangul"

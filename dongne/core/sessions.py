@@ -17,6 +17,7 @@ from .oversight import Oversight
 from .presence import Presence
 from .protocol import Request, reply_ok
 from .records import User
+from .text import normalize_text
 
 __all__ = ["Sessions"]
 
@@ -60,6 +61,10 @@ class Sessions:
             claims = self._check_token(request.data.get("token"), now / 1000)
         except CloseConnection as exc:
             return exc.code, exc.reason
+        # Token claims are user text too: one Unicode form (an NFD tag must match NFC hashtags).
+        claims = attrs.evolve(
+            claims, nick=normalize_text(claims.nick), tags=tuple(normalize_text(tag) for tag in claims.tags)
+        )
         resume = request.data.get("resume")
         last_seen: int | None = None
         if resume is not None:
