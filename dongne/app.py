@@ -179,7 +179,25 @@ async def _serve(
                 "slow_consumers": stats.slow_consumers,
             }
 
-        admin = AdminApp(overview, region_set.to_geojson(), verifier, closing=shutdown.wait)  # mounted at /admin
+        client_port: list[int] = []  # known once the client server listens
+
+        def active_bans() -> list[dict[str, Any]]:
+            """The admin page's list of bans in force (no protocol operation lists them)."""
+            now = clock.now_ms()
+            return [
+                {"user_id": u.user_id, "nick": u.nick, "banned_until": u.banned_until, "reason": u.ban_reason}
+                for u in sorted(engine.users.values(), key=lambda u: u.user_id)
+                if u.banned_at(now)
+            ]
+
+        admin = AdminApp(
+            overview,
+            region_set.to_geojson(),
+            verifier,
+            closing=shutdown.wait,
+            client_url=lambda: f"ws://{settings.server.host}:{client_port[0]}" if client_port else None,
+            bans=active_bans,
+        )  # mounted at /admin
         ops = OpsApp(lambda: clients.accepting and clients.writable, status, clients.metrics.render, admin)
         hconfig = hypercorn.config.Config()
         hconfig.bind = [f"{settings.server.ops_host}:{settings.server.ops_port}"]
@@ -191,6 +209,7 @@ async def _serve(
         with watch_gc_pauses(clients.metrics.gc_pause):
             async with trio.open_nursery() as root:
                 port = await root.start(clients.run)
+                client_port.append(port)
                 snapshots = trio.CancelScope()
                 root.start_soon(
                     _in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots)

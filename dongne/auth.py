@@ -7,8 +7,10 @@ refused; ``exp`` is required and checked).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
 import math
 import os
 import secrets
@@ -21,7 +23,18 @@ import jwt
 from .core.errors import CloseConnection
 from .core.records import Claims
 
-__all__ = ["SECRET_FILE_SUFFIX", "Claims", "TokenVerifier", "load_or_create_secret", "mint_token"]
+__all__ = [
+    "SECRET_FILE_SUFFIX",
+    "SIGNIN_CODE_TTL_S",
+    "Claims",
+    "SigninCode",
+    "SigninCodeError",
+    "TokenVerifier",
+    "load_or_create_secret",
+    "mint_signin_code",
+    "mint_token",
+    "read_signin_code",
+]
 
 ALGORITHM = "HS256"
 SECRET_FILE_SUFFIX = ".jwt-secret"
@@ -131,3 +144,93 @@ def load_or_create_secret(configured: str, db_path: Path) -> str:
     with os.fdopen(fd, "w") as fh:
         fh.write(secret + "\n")
     return secret
+
+
+# ---- one-time admin sign-in codes ---------------------------------------------------------
+
+#: How long a sign-in code printed by ``dongne admin-link`` stays valid.
+SIGNIN_CODE_TTL_S = 300
+_SIGNIN_PURPOSE = b"dongne admin sign-in codes v1"
+
+
+class SigninCodeError(ValueError):
+    """A sign-in code that is malformed, forged or expired (the message says which)."""
+
+
+@attrs.frozen
+class SigninCode:
+    """What a valid sign-in code grants: an admin session for ``user_id``.
+
+    ``nonce`` identifies the code: the server remembers used nonces until
+    ``expires_s`` so that each code signs in once.
+    """
+
+    user_id: str
+    nick: str
+    expires_s: int
+    nonce: str
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def mint_signin_code(
+    secret: str, user_id: str, *, nick: str | None = None, now_s: float, ttl_s: int = SIGNIN_CODE_TTL_S
+) -> str:
+    """A code for ``/admin/login?code=...``: HMAC-signed with a key derived from ``secret``.
+
+    It needs no storage, so ``dongne admin-link`` (another process) can mint it;
+    the server makes it single-use by remembering its nonce until it expires.
+    """
+    payload = {
+        "sub": user_id,
+        "nick": nick if nick is not None else user_id,
+        "exp": int(now_s + ttl_s),
+        "n": secrets.token_urlsafe(12),
+    }
+    body = _b64(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+    key = TokenVerifier(secret).derive_key(_SIGNIN_PURPOSE)
+    mac = hmac.new(key, body.encode(), hashlib.sha256).digest()
+    return f"{body}.{_b64(mac)}"
+
+
+def read_signin_code(secret: str, code: str, *, now_s: float) -> SigninCode:
+    """Check a sign-in code's signature and expiry (not whether it was used: the caller's job).
+
+    Raises:
+        SigninCodeError: malformed, forged or expired.
+    """
+    body, sep, mac_text = code.strip().partition(".")
+    if not sep or not body or not mac_text or len(code) > 1000:
+        raise SigninCodeError("malformed sign-in code")
+    key = TokenVerifier(secret).derive_key(_SIGNIN_PURPOSE)
+    expected = hmac.new(key, body.encode(), hashlib.sha256).digest()
+    try:
+        mac = _unb64(mac_text)
+        payload = json.loads(_unb64(body))
+    except (ValueError, UnicodeDecodeError):
+        raise SigninCodeError("malformed sign-in code") from None
+    if not hmac.compare_digest(mac, expected):
+        raise SigninCodeError("this sign-in code was not made with this server's secret")
+    if not isinstance(payload, dict):
+        raise SigninCodeError("malformed sign-in code")
+    sub, nick, exp, nonce = payload.get("sub"), payload.get("nick"), payload.get("exp"), payload.get("n")
+    if not (
+        isinstance(sub, str)
+        and 1 <= len(sub) <= 64
+        and isinstance(nick, str)
+        and 1 <= len(nick) <= 64
+        and isinstance(exp, int)
+        and not isinstance(exp, bool)
+        and isinstance(nonce, str)
+        and nonce
+    ):
+        raise SigninCodeError("malformed sign-in code")
+    if exp <= now_s:
+        raise SigninCodeError("this sign-in link has expired (links last 5 minutes): run dongne admin-link again")
+    return SigninCode(sub, nick, exp, nonce)

@@ -1,4 +1,4 @@
-"""The ``dongne`` command: ``serve``, ``token``, ``snapshot`` and ``restore``."""
+"""The ``dongne`` command: ``serve``, ``token``, ``admin-link``, ``snapshot`` and ``restore``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from typing import Any
 
 import trio
 
-from .auth import load_or_create_secret, mint_token
+from .auth import SIGNIN_CODE_TTL_S, load_or_create_secret, mint_signin_code, mint_token
 from .config import Settings, load_settings
 from .core.errors import ConfigError
 from .core.regions import RegionFileError, RegionSet
 from .logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["ADMIN_TOKEN_TTL_S", "main"]
+
+#: Default lifetime of ``dongne token --admin`` (a user token's is ``[auth] token_ttl_s``).
+ADMIN_TOKEN_TTL_S = 12 * 3600
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--local", action="store_true", help="a verified local")
     token.add_argument("--tags", default="", help="expertise hashtags, comma-separated")
     token.add_argument("--admin", action="store_true")
-    token.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default: [auth] token_ttl_s)")
+    token.add_argument(
+        "--ttl", type=int, metavar="SECONDS", help="lifetime (default: [auth] token_ttl_s; 12 h with --admin)"
+    )
+    link = sub.add_parser(
+        "admin-link", help="print a one-time sign-in link for the admin dashboard (valid for 5 minutes, once)"
+    )
+    _common(link)
+    link.add_argument("user_id", nargs="?", default="admin", help="the admin's user id (default: admin)")
+    link.add_argument("--nick", help="the admin's display name (default: the user id)")
+    link.add_argument(
+        "--ops-url",
+        metavar="URL",
+        help="the dashboard's base URL as your browser reaches it (default: http://[server] ops_host:ops_port)",
+    )
     snapshot = sub.add_parser("snapshot", help="take a consistent snapshot of the database (the server may be running)")
     _common(snapshot)
     snapshot.add_argument(
@@ -114,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                 local=args.local,
                 tags=tags,
                 admin=args.admin,
-                ttl_s=args.ttl if args.ttl is not None else settings.auth.token_ttl_s,
+                ttl_s=args.ttl if args.ttl is not None else _default_ttl(args.admin, settings),
                 now_s=time.time(),
             )
         )
         return 0
+    if args.command == "admin-link":
+        return _admin_link(args, settings)
     configure_logging(settings.log.level, settings.log.format)
     regions = None
     if args.regions:
@@ -143,6 +161,33 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. no space left for the lock or secret file
         print(f"dongne: cannot start: {exc.strerror or exc}: {exc.filename or settings.store.path}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _default_ttl(admin: bool, settings: Settings) -> int:
+    """An admin token is a key to everything: it lasts 12 h unless ``--ttl`` says otherwise."""
+    ttl = settings.auth.token_ttl_s
+    return min(ttl, ADMIN_TOKEN_TTL_S) if admin else ttl
+
+
+def _admin_link(args: argparse.Namespace, settings: Settings) -> int:
+    if args.ops_url:
+        base = args.ops_url.rstrip("/")
+    else:
+        host, port = settings.server.ops_host, settings.server.ops_port
+        if port == 0:
+            print("dongne: [server] ops_port is 0 (a free port): pass --ops-url http://HOST:PORT", file=sys.stderr)
+            return 2
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    if base.endswith("/admin"):
+        base = base.removesuffix("/admin")
+    secret = load_or_create_secret(settings.auth.jwt_secret, Path(settings.store.path).resolve())
+    code = mint_signin_code(secret, args.user_id, nick=args.nick, now_s=time.time())
+    print(f"{base}/admin/login?code={code}")
+    minutes = SIGNIN_CODE_TTL_S // 60
+    print(f"(signs {args.user_id} in as an admin once, within {minutes} minutes)", file=sys.stderr)
     return 0
 
 

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 
 import httpx
+import jwt
+import pytest
 import trio
 
-from dongne.admin import COOKIE_NAME
+from dongne.admin import COOKIE_NAME, CSRF_HEADER
+from dongne.auth import SIGNIN_CODE_TTL_S, SigninCodeError, TokenVerifier, mint_signin_code, read_signin_code
+from dongne.cli import main
+from dongne.client import open_client
 
-from .conftest import Harness, question_data, token
+from .conftest import SECRET, Harness, question_data, token
 
 
 def ops(server: Harness) -> str:
@@ -39,12 +46,11 @@ async def test_login_refuses_invalid_and_non_admin_tokens(server: Harness) -> No
     async with httpx.AsyncClient() as http:
         forged = await http.post(f"{ops(server)}/admin/login", data={"token": "not.a.jwt"})
         user = await http.post(f"{ops(server)}/admin/login", data={"token": token("traveller")})
-        by_url = await http.get(f"{ops(server)}/admin/login", params={"token": token("traveller")})
 
-    assert (forged.status_code, user.status_code, by_url.status_code) == (401, 403, 403)
+    assert (forged.status_code, user.status_code) == (401, 403)
     assert "The token was refused" in forged.text
     assert "has no admin role" in user.text
-    assert all("set-cookie" not in r.headers for r in (forged, user, by_url))
+    assert all("set-cookie" not in r.headers for r in (forged, user))
 
 
 async def test_refusal_page_escapes_the_user_id(server: Harness) -> None:
@@ -77,14 +83,14 @@ async def test_admin_login_sets_a_strict_http_only_cookie(server: Harness) -> No
     assert script.headers["content-type"].startswith("text/javascript")
 
 
-async def test_login_by_url_for_a_printed_demo_link(server: Harness) -> None:
-    """GET /admin/login?token=... works like the form."""
-    tok = token("boss", admin=True)
+async def test_a_token_in_the_url_is_refused(server: Harness) -> None:
+    """GET /admin/login?token=... no longer signs in: history and proxy logs would keep the token."""
     async with httpx.AsyncClient() as http:
-        response = await http.get(f"{ops(server)}/admin/login", params={"token": tok})
+        response = await http.get(f"{ops(server)}/admin/login", params={"token": token("boss", admin=True)})
 
-    assert response.status_code == 303
-    assert response.headers["set-cookie"].startswith(f"{COOKIE_NAME}={tok};")
+    assert response.status_code == 400
+    assert "set-cookie" not in response.headers
+    assert "dongne admin-link" in response.text and 'name="token"' in response.text
 
 
 async def test_feeds_need_an_admin_cookie(server: Harness) -> None:
@@ -174,7 +180,7 @@ async def test_expired_cookie_is_refused(server: Harness) -> None:
     async with httpx.AsyncClient() as http:
         page = await http.get(f"{ops(server)}/admin", headers=admin_cookie(expired))
         state = await http.get(f"{ops(server)}/admin/api/state", headers=admin_cookie(expired))
-        login = await http.get(f"{ops(server)}/admin/login", params={"token": expired})
+        login = await http.post(f"{ops(server)}/admin/login", data={"token": expired})
 
     assert page.status_code == 401
     assert "token expired" in page.text and 'name="token"' in page.text
@@ -210,3 +216,153 @@ async def test_unknown_paths_and_methods(server: Harness) -> None:
         get_logout.status_code,
         health.status_code,
     ) == (404, 404, 405, 200)
+
+
+# ---- one-time sign-in links ----------------------------------------------------------
+
+
+def code_of(link: str) -> str:
+    return link.split("?code=", 1)[1]
+
+
+async def test_a_sign_in_link_opens_a_session_once(server: Harness) -> None:
+    """GET shows a page that posts the code back; the POST sets a 12 h session cookie; a second POST is refused."""
+    code = mint_signin_code(SECRET, "boss", nick="Boss", now_s=time.time())
+    async with httpx.AsyncClient() as http:
+        shown = await http.get(f"{ops(server)}/admin/login", params={"code": code})
+        first = await http.post(f"{ops(server)}/admin/login", data={"code": code})
+        again = await http.post(f"{ops(server)}/admin/login", data={"code": code})
+
+    # A GET (a link preview, a prefetch) does not use the code up.
+    assert shown.status_code == 200 and "set-cookie" not in shown.headers
+    assert 'id="code-form"' in shown.text and 'src="/admin/static/login.js"' in shown.text
+    assert first.status_code == 303 and first.headers["location"] == "/admin"
+    cookie = first.headers["set-cookie"]
+    session = cookie.split(";", 1)[0].removeprefix(f"{COOKIE_NAME}=")
+    claims = TokenVerifier(SECRET).verify(session, now_s=time.time())
+    assert (claims.user_id, claims.nick, claims.is_admin) == ("boss", "Boss", True)
+    exp = jwt.decode(session, options={"verify_signature": False})["exp"]
+    assert exp <= time.time() + 12 * 3600 + 5
+    assert {"HttpOnly", "SameSite=Strict", "Path=/admin", "Max-Age=43200"} <= {p.strip() for p in cookie.split(";")}
+    assert again.status_code == 401 and "set-cookie" not in again.headers
+    assert "used already" in again.text
+
+
+async def test_an_expired_or_forged_sign_in_link_is_refused(server: Harness) -> None:
+    """A code older than 5 minutes, or signed with another secret, opens nothing."""
+    old = mint_signin_code(SECRET, "boss", now_s=time.time() - SIGNIN_CODE_TTL_S - 1)
+    forged = mint_signin_code("another-secret-0123456789-0123456789", "boss", now_s=time.time())
+    async with httpx.AsyncClient() as http:
+        expired = await http.post(f"{ops(server)}/admin/login", data={"code": old})
+        foreign = await http.post(f"{ops(server)}/admin/login", data={"code": forged})
+        garbage = await http.post(f"{ops(server)}/admin/login", data={"code": "x.y"})
+
+    assert (expired.status_code, foreign.status_code, garbage.status_code) == (401, 401, 401)
+    assert "expired" in expired.text
+    assert "secret" in foreign.text
+    assert all("set-cookie" not in r.headers for r in (expired, foreign, garbage))
+
+
+def test_sign_in_codes_expire_after_five_minutes_exactly() -> None:
+    """Explicit times: valid up to the last second before now + 300 s, not at it; tampering is detected."""
+    t0 = 1_800_000_000.0
+    code = mint_signin_code(SECRET, "boss", now_s=t0)
+    assert read_signin_code(SECRET, code, now_s=t0 + 299).user_id == "boss"
+    with pytest.raises(SigninCodeError, match="expired"):
+        read_signin_code(SECRET, code, now_s=t0 + 300)
+    body, mac = code.split(".")
+    with pytest.raises(SigninCodeError):
+        read_signin_code(SECRET, body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + mac, now_s=t0)
+    # Two links for the same admin are two different codes (each used once).
+    assert mint_signin_code(SECRET, "boss", now_s=t0) != code
+
+
+def test_admin_link_and_short_admin_tokens_from_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dongne admin-link` prints a working link; `dongne token --admin` lasts 12 h by default."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DONGNE_JWT_SECRET", SECRET)
+    db = str(tmp_path / "db.sqlite3")
+    assert main(["admin-link", "boss", "--nick", "Boss", "--ops-url", "http://127.0.0.1:9999/", "--db", db]) == 0
+    link = capsys.readouterr().out.strip()
+    assert link.startswith("http://127.0.0.1:9999/admin/login?code=")
+    signin = read_signin_code(SECRET, code_of(link), now_s=time.time())
+    assert (signin.user_id, signin.nick) == ("boss", "Boss")
+    assert signin.expires_s <= time.time() + SIGNIN_CODE_TTL_S
+
+    assert main(["token", "boss", "--admin", "--db", db]) == 0
+    admin = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert admin["exp"] - admin["iat"] == 12 * 3600
+    assert main(["token", "mina", "--db", db]) == 0
+    user = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert user["exp"] - user["iat"] == 30 * 24 * 3600
+
+
+# ---- CSRF: the session token for the moderation panel ------------------------------------
+
+
+async def csrf_of(http: httpx.AsyncClient, server: Harness, tok: str) -> str:
+    page = await http.get(f"{ops(server)}/admin", headers=admin_cookie(tok))
+    match = re.search(r'<meta name="dongne-csrf" content="([^"]+)">', page.text)
+    assert match is not None, page.text[:500]
+    return match.group(1)
+
+
+async def test_the_session_token_needs_the_csrf_header_and_a_same_origin_request(server: Harness) -> None:
+    """POST /admin/api/session-token: refused without the header, with a wrong one, or from another site."""
+    tok = token("boss", admin=True, nick="Boss")
+    url = f"{ops(server)}/admin/api/session-token"
+    async with httpx.AsyncClient() as http:
+        csrf = await csrf_of(http, server, tok)
+        other = await csrf_of(http, server, token("boss2", admin=True))
+        missing = await http.post(url, headers=admin_cookie(tok))
+        wrong = await http.post(url, headers={**admin_cookie(tok), CSRF_HEADER: other})
+        no_cookie = await http.post(url, headers={CSRF_HEADER: csrf})
+        foreign = await http.post(url, headers={**admin_cookie(tok), CSRF_HEADER: csrf, "origin": "http://evil.test"})
+        same_site = await http.post(
+            url, headers={**admin_cookie(tok), CSRF_HEADER: csrf, "sec-fetch-site": "same-site"}
+        )
+        granted = await http.post(
+            url,
+            headers={
+                **admin_cookie(tok),
+                CSRF_HEADER: csrf,
+                "origin": ops(server),
+                "sec-fetch-site": "same-origin",
+            },
+        )
+        page = await http.get(f"{ops(server)}/admin", headers=admin_cookie(tok))
+
+    assert (missing.status_code, wrong.status_code, no_cookie.status_code) == (403, 403, 401)
+    assert (foreign.status_code, same_site.status_code) == (403, 403)
+    assert all("token" not in r.json() for r in (missing, wrong, no_cookie, foreign, same_site))
+    assert granted.status_code == 200
+    grant = granted.json()
+    assert grant["url"] == server.url
+    # The page may connect to the client port, and nowhere else.
+    assert f"connect-src 'self' {server.url};" in page.headers["content-security-policy"]
+    claims = jwt.decode(grant["token"], options={"verify_signature": False})
+    assert claims["sub"] == "boss" and claims["role"] == "admin"
+    assert claims["exp"] - claims["iat"] == 300
+    # It is a working admin token on the client port.
+    async with open_client(grant["url"], grant["token"]) as admin:
+        assert (await admin.request("list_reports", {}))["reports"] == []
+
+
+async def test_bans_are_listed_for_the_panel(server: Harness) -> None:
+    """/admin/api/bans lists the bans in force (no protocol operation does)."""
+    tok = token("boss", admin=True)
+    async with server.connect("mallory", nick="Mal"), server.connect("boss", admin=True) as admin:
+        await admin.request("ban_user", {"user_id": "mallory", "reason": "casino links"})
+        async with httpx.AsyncClient() as http:
+            listed = (await http.get(f"{ops(server)}/admin/api/bans", headers=admin_cookie(tok))).json()
+            anonymous = await http.get(f"{ops(server)}/admin/api/bans")
+        await admin.request("unban_user", {"user_id": "mallory"})
+        async with httpx.AsyncClient() as http:
+            after = (await http.get(f"{ops(server)}/admin/api/bans", headers=admin_cookie(tok))).json()
+
+    [ban] = listed["bans"]
+    assert (ban["user_id"], ban["nick"], ban["reason"]) == ("mallory", "Mal", "casino links")
+    assert anonymous.status_code == 401
+    assert after["bans"] == []

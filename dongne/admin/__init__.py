@@ -7,6 +7,7 @@ overview.
 """
 
 from ._app import COOKIE_NAME as COOKIE_NAME
+from ._app import CSRF_HEADER as CSRF_HEADER
 from ._app import AdminApp as AdminApp
 
-__all__ = ["COOKIE_NAME", "AdminApp"]
+__all__ = ["COOKIE_NAME", "CSRF_HEADER", "AdminApp"]

@@ -5,33 +5,56 @@ from two JSON feeds, ``/admin/api/state`` (one snapshot) and ``/admin/stream``
 (server-sent events, one snapshot a second). The region map is drawn in the
 browser from ``/admin/api/regions``, the server's own GeoJSON.
 
-Auth: an admin JWT, pasted once into the login form (or passed as
-``/admin/login?token=...``), is verified and kept in an HttpOnly,
-SameSite=Strict cookie scoped to ``/admin``. Every request verifies the
-cookie's token again (so an expired token stops working at once), and an open
-event stream checks it before each event and ends when it expires.
+Auth: an admin signs in with a one-time link (``dongne admin-link`` prints
+``/admin/login?code=...``; the code is HMAC-signed with a key derived from the
+server's secret, lasts 5 minutes and is accepted once) or by pasting an admin
+JWT into the login form. A link gets a fresh admin JWT of ``session_ttl_s``
+(12 h); either is kept in an HttpOnly, SameSite=Strict cookie scoped to
+``/admin``. Every request verifies the cookie's token again (so an expired
+token stops working at once), and an open event stream checks it before each
+event and ends when it expires. Tokens in URLs (``?token=``) are refused:
+browser history and proxy logs keep them.
+
+Used codes are remembered in memory until they expire: after a restart of the
+server a code minted before it could be used once more within its 5 minutes.
+
+Moderation: the page is a protocol client. ``POST /admin/api/session-token``
+mints a short-lived admin JWT for the signed-in admin, and the page's script
+opens a WebSocket to the client port with it and sends the moderation
+operations as msgpack (``static/msgpack.js``). That POST is CSRF-checked: the
+cookie is SameSite=Strict, the request must carry ``X-Dongne-CSRF`` equal to
+a token derived from the session cookie (it is in the dashboard page), and a
+POST whose ``Origin`` is another host or whose ``Sec-Fetch-Site`` is not
+``same-origin`` is refused whatever it carries.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import html
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import jwt
 import trio
 
-from ..auth import Claims, TokenVerifier
+from ..auth import Claims, SigninCodeError, TokenVerifier, mint_token, read_signin_code
 from ..core.errors import CloseConnection
 from ..core.regions import load_hotspots
-from ._http import BodyTooLarge, Receive, Scope, Send, cookies, query, read_form, respond, respond_json
+from ._http import BodyTooLarge, Receive, Scope, Send, cookies, header, query, read_form, respond, respond_json
 
-__all__ = ["COOKIE_NAME", "AdminApp"]
+__all__ = ["COOKIE_NAME", "CSRF_HEADER", "AdminApp"]
 
 COOKIE_NAME: Final = "dongne_admin"
+#: The header the page sends with its CSRF token on state-changing requests.
+CSRF_HEADER: Final = "x-dongne-csrf"
+_CSRF_PURPOSE = b"dongne admin csrf v1"
 _FORM_LIMIT = 16 * 1024
 _CONTENT_TYPES = {
     ".html": b"text/html; charset=utf-8",
@@ -73,10 +96,20 @@ class AdminApp:
         places: named hotspot coordinates, ``name -> (lat, lng)``, to put the
             overview's hotspots on the map (default: the bundled Jeju hotspots,
             the ones the engine counts).
+        client_url: the client port's WebSocket URL (``ws://host:port``), or a
+            function returning it once the port is known; the moderation
+            panel connects there. A wildcard host (``0.0.0.0``, ``::``) is
+            replaced by the host the browser used for the ops port. Without
+            it the panel says moderation is unavailable.
+        bans: returns the active bans, ``[{user_id, nick, banned_until,
+            reason}]`` (there is no protocol operation that lists them).
+        session_ttl_s: lifetime of the session a sign-in link opens.
+        ws_token_ttl_s: lifetime of the tokens the page gets for the WebSocket.
 
     Routes (all under ``/admin``): ``GET /admin`` (the dashboard, or the login
     form), ``GET|POST /admin/login``, ``POST /admin/logout``,
     ``GET /admin/api/state``, ``GET /admin/api/regions``,
+    ``GET /admin/api/bans``, ``POST /admin/api/session-token``,
     ``GET /admin/stream``, ``GET /admin/static/NAME``.
     """
 
@@ -90,6 +123,10 @@ class AdminApp:
         closing: Callable[[], Awaitable[object]] | None = None,
         interval_s: float = 1.0,
         places: Mapping[str, tuple[float, float]] | None = None,
+        client_url: str | Callable[[], str | None] | None = None,
+        bans: Callable[[], list[dict[str, Any]]] | None = None,
+        session_ttl_s: int = 12 * 3600,
+        ws_token_ttl_s: int = 300,
     ) -> None:
         self._overview = overview
         self._regions_json = json.dumps(regions, ensure_ascii=False).encode()
@@ -100,6 +137,12 @@ class AdminApp:
         self._places = dict(places) if places is not None else {h.name: (h.lat, h.lng) for h in load_hotspots()}
         self._static = _load_static()
         self._cached: tuple[float, bytes] | None = None
+        self._client_url = client_url
+        self._bans = bans
+        self._session_ttl_s = session_ttl_s
+        self._ws_token_ttl_s = ws_token_ttl_s
+        self._csrf_key = verifier.derive_key(_CSRF_PURPOSE)
+        self._used_codes: dict[str, float] = {}  # nonce -> expiry (epoch s): single use
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,6 +162,8 @@ class AdminApp:
             "/logout": ("POST",),
             "/api/state": ("GET",),
             "/api/regions": ("GET",),
+            "/api/bans": ("GET",),
+            "/api/session-token": ("POST",),
             "/stream": ("GET",),
         }
         if path not in routes:
@@ -129,6 +174,9 @@ class AdminApp:
             await respond(
                 send, 405, b'{"error": "method not allowed"}', b"application/json", headers=[(b"allow", allow)]
             )
+            return
+        if method == "POST" and (refusal := _cross_site(scope)) is not None:
+            await respond_json(send, 403, {"error": refusal})
             return
         if path == "/login":
             await self._login(scope, receive, send, root)
@@ -145,6 +193,10 @@ class AdminApp:
                 return
             if path == "/api/state":
                 await respond(send, 200, self._snapshot(), b"application/json", head=head)
+            elif path == "/api/session-token":
+                await self._session_token(scope, send, token)
+            elif path == "/api/bans":
+                await respond_json(send, 200, {"bans": self._bans() if self._bans is not None else []}, head=head)
             elif path == "/api/regions":
                 await respond(send, 200, self._regions_json, b"application/geo+json", head=head)
             elif head:
@@ -176,6 +228,11 @@ class AdminApp:
         value = f"{COOKIE_NAME}={token}; Path=/admin; Max-Age={max(0, max_age)}; HttpOnly; SameSite=Strict{secure}"
         return (b"set-cookie", value.encode())
 
+    def _csrf(self, token: str) -> str:
+        """The CSRF token bound to the session cookie's ``token``."""
+        mac = hmac.new(self._csrf_key, token.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:24]).decode()
+
     async def _login(self, scope: Scope, receive: Receive, send: Send, root: str) -> None:
         if scope["method"] == "POST":
             try:
@@ -183,13 +240,28 @@ class AdminApp:
             except BodyTooLarge:
                 await self._login_page(send, 413, "That is too long to be a token.")
                 return
+            code = form.get("code", [""])[0].strip()
+            if code:
+                await self._redeem(scope, send, root, code)
+                return
             token = form.get("token", [""])[0].strip()
         else:
-            values = query(scope).get("token")
-            if values is None:
-                await self._login_page(send, 200, "")
+            params = query(scope)
+            if "code" in params:
+                # The page posts the code back (its script does it at once):
+                # a GET, e.g. a chat app's link preview, does not use it up.
+                await self._code_page(send, params["code"][0].strip())
                 return
-            token = values[0].strip()
+            if "token" in params:
+                await self._login_page(
+                    send,
+                    400,
+                    "Tokens in links are not accepted (browser history and proxy logs keep them): "
+                    "run dongne admin-link for a one-time sign-in link, or paste the token below.",
+                )
+                return
+            await self._login_page(send, 200, "")
+            return
         try:
             self._check(token)
         except _Refused as refused:
@@ -199,6 +271,75 @@ class AdminApp:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp", 0)
         cookie = self._cookie(scope, token, int(exp - self._now_s()))
         await respond(send, 303, b"", _HTML, headers=[(b"location", root.encode()), cookie])
+
+    async def _redeem(self, scope: Scope, send: Send, root: str, code: str) -> None:
+        """Exchange a one-time sign-in code for a session cookie (a fresh admin JWT)."""
+        now = self._now_s()
+        try:
+            signin = read_signin_code(self._verifier.secret, code, now_s=now)
+        except SigninCodeError as exc:
+            await self._login_page(send, 401, str(exc).capitalize() + ".")
+            return
+        for nonce in [n for n, exp in self._used_codes.items() if exp <= now]:
+            del self._used_codes[nonce]
+        if signin.nonce in self._used_codes:
+            await self._login_page(
+                send, 401, "This sign-in link was used already: run dongne admin-link for a new one."
+            )
+            return
+        self._used_codes[signin.nonce] = signin.expires_s
+        ttl = self._session_ttl_s
+        token = mint_token(self._verifier.secret, signin.user_id, nick=signin.nick, admin=True, ttl_s=ttl, now_s=now)
+        cookie = self._cookie(scope, token, ttl)
+        await respond(send, 303, b"", _HTML, headers=[(b"location", root.encode()), cookie])
+
+    async def _code_page(self, send: Send, code: str) -> None:
+        page = self._static["login.html"].decode()
+        form = (
+            '<form id="code-form" method="post" action="/admin/login">'
+            f'<input type="hidden" name="code" value="{html.escape(code)}">'
+            '<button type="submit">Sign in with this link</button></form>'
+        )
+        page = page.replace("<!--message-->", '<p class="notice">Signing in with a one-time link…</p>' + form)
+        await respond(send, 200, page.encode(), _HTML)
+
+    async def _session_token(self, scope: Scope, send: Send, cookie_token: str) -> None:
+        """A short-lived admin JWT for the page's WebSocket: CSRF-checked."""
+        sent = header(scope, CSRF_HEADER.encode()) or ""
+        if not hmac.compare_digest(sent.encode(), self._csrf(cookie_token).encode()):
+            await respond_json(send, 403, {"error": f"missing or wrong {CSRF_HEADER} header"})
+            return
+        url = self._ws_url(scope)
+        if url is None:
+            await respond_json(send, 503, {"error": "the client port is not known"})
+            return
+        claims = self._check(cookie_token)
+        now = self._now_s()
+        token = mint_token(
+            self._verifier.secret,
+            claims.user_id,
+            nick=claims.nick,
+            admin=True,
+            ttl_s=self._ws_token_ttl_s,
+            now_s=now,
+        )
+        await respond_json(
+            send, 200, {"token": token, "url": url, "expires_at": int((now + self._ws_token_ttl_s) * 1000)}
+        )
+
+    def _ws_url(self, scope: Scope) -> str | None:
+        """The client port's URL as this browser can reach it."""
+        url = self._client_url() if callable(self._client_url) else self._client_url
+        if not url:
+            return None
+        parts = urlsplit(url)
+        if parts.hostname in (None, "", "0.0.0.0", "::"):
+            host = urlsplit("//" + (header(scope, b"host") or "127.0.0.1")).hostname or "127.0.0.1"
+            netloc = f"[{host}]" if ":" in host else host
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+            parts = parts._replace(netloc=netloc)
+        return urlunsplit(parts)
 
     async def _login_page(self, send: Send, status: int, message: str, *headers: tuple[bytes, bytes]) -> None:
         page = self._static["login.html"].decode()
@@ -218,7 +359,14 @@ class AdminApp:
             await self._login_page(send, refused.status, f"Signed out. {refused.message}", self._cookie(scope, "", 0))
             return
         page = self._static["dashboard.html"].decode().replace("<!--nick-->", html.escape(claims.nick))
-        await respond(send, 200, page.encode(), _HTML, head=head)
+        url = self._ws_url(scope)
+        meta = f'<meta name="dongne-csrf" content="{self._csrf(token)}">'
+        page = page.replace("<!--csrf-->", meta)
+        connect = ""
+        if url is not None:
+            parts = urlsplit(url)
+            connect = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        await respond(send, 200, page.encode(), _HTML, head=head, connect=connect)
 
     # ---- data ------------------------------------------------------------------------
 
@@ -301,3 +449,23 @@ class AdminApp:
             nursery.cancel_scope.cancel()
         if not gone:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _cross_site(scope: Scope) -> str | None:
+    """Why a POST is refused as cross-site, or None.
+
+    ``Sec-Fetch-Site`` (sent by every current browser) must be ``same-origin``
+    (or ``none``: typed by the user); a page on another port of the same host
+    is "same-site" and would get the SameSite=Strict cookie, so it is refused
+    too. Without that header, an ``Origin`` must name this host. Clients that
+    send neither (curl, tests) are judged by the cookie and CSRF token alone.
+    """
+    site = header(scope, b"sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return f"cross-site request refused (Sec-Fetch-Site: {site})"
+    origin = header(scope, b"origin")
+    if origin is not None:
+        host = header(scope, b"host") or ""
+        if origin == "null" or urlsplit(origin).netloc.lower() != host.lower():
+            return "cross-site request refused (Origin is not this host)"
+    return None

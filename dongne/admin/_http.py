@@ -7,21 +7,36 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-__all__ = ["BodyTooLarge", "Receive", "Scope", "Send", "cookies", "query", "read_form", "respond", "respond_json"]
+__all__ = [
+    "CSP",
+    "BodyTooLarge",
+    "Receive",
+    "Scope",
+    "Send",
+    "cookies",
+    "header",
+    "query",
+    "read_form",
+    "respond",
+    "respond_json",
+]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
-#: Sent with every admin response. The page loads nothing from elsewhere, so
-#: the policy can be strict: no inline script or style, no frames, no base.
+#: The content security policy of every admin response. The page loads nothing
+#: from elsewhere, so it can be strict: no inline script or style, no frames,
+#: no base. ``{connect}`` is where scripts may connect besides the ops port
+#: itself: the dashboard page adds the client port's WebSocket URL.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'{connect}; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+#: Sent with every admin response (besides the CSP).
 SECURITY_HEADERS: Headers = [
-    (
-        b"content-security-policy",
-        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
@@ -41,8 +56,9 @@ async def respond(
     headers: Iterable[tuple[bytes, bytes]] = (),
     head: bool = False,
     cache: bytes = b"no-store",
+    connect: str = "",
 ) -> None:
-    """Send a whole response (headers only for HEAD)."""
+    """Send a whole response (headers only for HEAD); ``connect``: more ``connect-src`` sources."""
     await send(
         {
             "type": "http.response.start",
@@ -51,6 +67,7 @@ async def respond(
                 (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", cache),
+                (b"content-security-policy", CSP.format(connect=f" {connect}" if connect else "").encode()),
                 *SECURITY_HEADERS,
                 *headers,
             ],
@@ -74,6 +91,14 @@ def cookies(scope: Scope) -> dict[str, str]:
             if sep and key and key not in out:
                 out[key] = val.strip().strip('"')
     return out
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of the request header ``name`` (lower case), or None."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def query(scope: Scope) -> dict[str, list[str]]:
