@@ -12,11 +12,11 @@ from ._backup import restore_snapshot as restore_snapshot
 from ._backup import take_snapshot as take_snapshot
 from ._schema import MIGRATIONS as MIGRATIONS
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
-from ._sqlite import MAX_ROWS_PER_STATEMENT as MAX_ROWS_PER_STATEMENT
-from ._sqlite import PreparedCommit as PreparedCommit
 from ._sqlite import Store as Store
 from ._sqlite import StoreError as StoreError
 from ._sqlite import WriteFailed as WriteFailed
+from ._writes import MAX_ROWS_PER_STATEMENT as MAX_ROWS_PER_STATEMENT
+from ._writes import PreparedCommit as PreparedCommit
 
 __all__ = [
     "MAX_ROWS_PER_STATEMENT",
