@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import ipaddress
 import itertools
 import math
 import struct
@@ -35,6 +36,7 @@ from hypothesis import strategies as st
 
 __all__ = [
     "A_DEL",
+    "A_HIDE",
     "A_MINE",
     "A_THEIRS",
     "CLOSE_CODES",
@@ -44,16 +46,22 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_INT",
     "MIN_INT",
+    "MODERATION_OPS",
+    "MOD_PLACEHOLDERS",
     "OPS",
     "OP_CODES",
     "PLACEHOLDERS",
     "Q_DEL",
+    "Q_HIDE",
     "Q_MINE",
     "Q_THEIRS",
+    "R_OPEN",
+    "U_VICTIM",
     "Expect",
     "any_value",
     "bind_ids",
     "check_reply",
+    "cidrs",
     "cursors",
     "deep_array",
     "deep_map",
@@ -65,6 +73,7 @@ __all__ = [
     "packb",
     "random_bytes",
     "short",
+    "spares_loopback",
     "unknown_ops",
 ]
 
@@ -80,7 +89,7 @@ ERROR_CODES = frozenset(
 )  # fmt: skip
 
 #: "Close codes" in PROTOCOL.md (1000 also stands for the echo of a client's close).
-CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1009, 1013, 4001, 4002, 4008, 4009})
+CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1009, 1013, 4001, 4002, 4003, 4008, 4009})
 
 #: The events of PROTOCOL.md (a fuzz connection may get ``nearby_questions`` after ``update_location``).
 EVENT_TYPES = frozenset(
@@ -88,17 +97,19 @@ EVENT_TYPES = frozenset(
         "answer_notification", "answer_accepted_notification", "new_answer", "answer_accepted", "question_closed",
         "user_online", "user_offline", "user_typing", "user_stop_typing", "receipt", "new_question_notification",
         "slow_response_alert", "nearby_questions", "storage_alert", "unread_count", "question_deleted",
-        "answer_deleted",
+        "answer_deleted", "content_hidden",
     }
 )  # fmt: skip
 
 #: The durable events (``list_notifications``' ``types`` names only these).
 DURABLE_EVENT_TYPES = (
     "answer_notification", "answer_accepted_notification", "new_question_notification", "slow_response_alert",
+    "content_hidden",
 )  # fmt: skip
 
 _Q = frozenset({"invalid_field", "not_found"})  # every op that names a question
 _LOC = frozenset({"invalid_field", "invalid_location", "outside_service_area"})  # every op that takes a location
+_ADMIN = frozenset({"forbidden", "invalid_field"})  # every admin operation
 
 #: The error codes each operation can answer with, from its section in PROTOCOL.md
 #: ("rate_limited" applies to every request: see "Limits and content rules").
@@ -135,9 +146,30 @@ OP_CODES: Mapping[str, frozenset[str]] = {
         "mark_notifications_read": frozenset({"invalid_field"}),
         "delete_question": _Q | {"forbidden"},
         "delete_answer": frozenset({"invalid_field", "not_found", "forbidden"}),
+        # "Moderation (admins only)": forbidden for anyone but an admin; a reason,
+        # a note or a cidr over its limit is too_long (see "Error codes").
+        "ban_user": _ADMIN | {"not_found", "too_long"},  # also forbidden: banning yourself
+        "unban_user": _ADMIN | {"not_found", "too_long"},
+        "list_audit": _ADMIN,
+        "hide_question": _ADMIN | {"not_found", "too_long"},
+        "hide_answer": _ADMIN | {"not_found", "too_long"},
+        "unhide_question": _ADMIN | {"not_found", "too_long"},
+        "unhide_answer": _ADMIN | {"not_found", "too_long"},
+        # Any user; your own content is forbidden.
+        "report_content": frozenset({"invalid_field", "not_found", "forbidden", "too_long"}),
+        "list_reports": _ADMIN,  # a forged cursor is invalid_field
+        "resolve_report": _ADMIN | {"not_found"},
+        "block_ip": _ADMIN | {"too_long"},
+        "unblock_ip": _ADMIN | {"not_found", "too_long"},
+        "list_ip_blocks": _ADMIN,
     }.items()
 }
 OPS = tuple(op for op in OP_CODES if op != "hello")
+#: The operations of "Moderation (admins only)" (report_content is any user's).
+MODERATION_OPS = (
+    "ban_user", "unban_user", "list_audit", "hide_question", "hide_answer", "unhide_question", "unhide_answer",
+    "report_content", "list_reports", "resolve_report", "block_ip", "unblock_ip", "list_ip_blocks",
+)  # fmt: skip
 
 MAX_FRAME_BYTES = 65536  # the default max_frame_bytes
 MIN_INT, MAX_INT = -(2**63), 2**63 - 1
@@ -158,8 +190,19 @@ A_THEIRS = "aFUZZ_PLACEHOLDER_AT_"  # the fuzzer's answer to Q_THEIRS
 Q_DEL = "qFUZZ_PLACEHOLDER_QD_"
 A_DEL = "aFUZZ_PLACEHOLDER_AD_"
 PLACEHOLDERS = (Q_MINE, Q_THEIRS, A_MINE, A_THEIRS, Q_DEL, A_DEL)
+# What the moderation operations aim at, so that a fuzz run never ends itself
+# (a ban of its own user or of another worker's, a block of 127.0.0.1) and the
+# questions and answers above stay shown: a victim user with no connection (a
+# ban closes nothing), the victim's question and the victim's answer to
+# Q_THEIRS (hide, unhide and report targets: their content_hidden events go to
+# the victim, not to the fuzzer), and a helper's open report of Q_HIDE.
+U_VICTIM = "uFUZZ_PLACEHOLDER_UV_"
+Q_HIDE = "qFUZZ_PLACEHOLDER_QH_"
+A_HIDE = "aFUZZ_PLACEHOLDER_AH_"
+R_OPEN = "rFUZZ_PLACEHOLDER_RO_"
+MOD_PLACEHOLDERS = (U_VICTIM, Q_HIDE, A_HIDE, R_OPEN)
 ID_LEN = 21
-assert all(len(p) == ID_LEN for p in PLACEHOLDERS)
+assert all(len(p) == ID_LEN for p in (*PLACEHOLDERS, *MOD_PLACEHOLDERS))
 
 
 def bind_ids(payload: bytes | str, ids: Mapping[str, str]) -> bytes | str:
@@ -410,10 +453,10 @@ hashtag_lists = st.one_of(
     readable_value,
 )
 
-ids = weighted(
-    (50, st.sampled_from(PLACEHOLDERS)),
+#: Ids that name nothing: empty, too long, near misses, other types.
+bogus_ids = weighted(
     (
-        20,
+        40,
         st.sampled_from(
             (
                 "",
@@ -425,13 +468,16 @@ ids = weighted(
                 Q_MINE.lower(),
                 Q_MINE + " ",
                 " " + Q_MINE[:-1],
+                R_OPEN.lower(),
+                "r" + "0" * 20,
             )
         ),
     ),
-    (10, small_text),
-    (10, ints),
-    (10, readable_value),
+    (20, small_text),
+    (20, ints),
+    (20, readable_value),
 )
+ids = weighted((50, st.sampled_from(PLACEHOLDERS)), (50, bogus_ids))
 id_lists = st.one_of(
     st.lists(ids, max_size=6),
     st.builds(lambda n, x: [x] * n, st.sampled_from((500, 501, 10_000)), st.sampled_from((A_MINE, "a", "x" * 64))),
@@ -455,10 +501,12 @@ def _b64(raw: bytes) -> str:
 #: A forged cursor's body: what a real one holds (kind, scope, position), unsigned or signed with garbage.
 _cursor_bodies = st.builds(
     lambda kind, scope, position: packb([kind, scope, position]),
-    st.sampled_from(("my_questions", "my_answers", "browse", "answers", "notifications", "")),
-    st.sampled_from(("fuzzer", "fuzzer0:all", "fuzzer:open", "#food:open", "Jeju-si#:all", Q_MINE, "")),
+    st.sampled_from(("my_questions", "my_answers", "browse", "answers", "notifications", "reports", "")),
+    st.sampled_from(
+        ("fuzzer", "fuzzer0:all", "fuzzer:open", "#food:open", "Jeju-si#:all", Q_MINE, "open", "all", "resolved", "")
+    ),
     st.one_of(
-        st.tuples(st.integers(0, 2**63 - 1), st.sampled_from((Q_MINE, A_MINE, "q"))).map(list),
+        st.tuples(st.integers(0, 2**63 - 1), st.sampled_from((Q_MINE, A_MINE, R_OPEN, "q"))).map(list),
         st.lists(readable_value, max_size=3),
         readable_value,
     ),
@@ -492,6 +540,70 @@ event_type_lists = st.one_of(
 limits_1_100 = field(st.integers(-1, 101))
 
 nested = st.builds(lambda levels: msgpack.unpackb(deep_map(levels), raw=False), st.sampled_from((5, 20, 31, 32, 33)))
+
+# ---- moderation: targets that never end the run --------------------------------------------
+
+_LOOPBACK = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+    ipaddress.ip_network("::ffff:127.0.0.0/104"),
+)
+
+
+def spares_loopback(value: Any) -> bool:
+    """False for a ``cidr`` the server would read as a network holding the fuzzer's own address."""
+    if not isinstance(value, str):
+        return True
+    for text in {value, value.strip()}:
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            continue
+        if any(net.version == lo.version and net.overlaps(lo) for lo in _LOOPBACK):
+            return False
+    return True
+
+
+#: ``cidr`` for block_ip / unblock_ip: documentation ranges (RFC 5737, RFC 3849),
+#: never 127.0.0.0/8 or ::1 (the fuzzer's own address), and malformed ones.
+cidrs = weighted(
+    (
+        45,
+        st.sampled_from(
+            ("203.0.113.0/24", "198.51.100.7", "192.0.2.0/28", "203.0.113.9/32", "2001:db8::/32", "2001:db8::7")
+        ),
+    ),
+    (
+        25,
+        st.sampled_from((
+            "", " ", "not-an-ip", "256.0.0.1", "203.0.113.0/33", "203.0.113.0/-1", "2001:db8::/129", "1.2.3",
+            "203.0.113.0/24/8", "198.51.100.7 ", "０.０.０.０", "203.0.113.0\x00/24", "x" * 64, "x" * 65, "1" * 200,
+        )),
+    ),
+    (30, field(st.just("192.0.2.1")).filter(spares_loopback)),
+)  # fmt: skip
+
+#: ``until`` (ms since the epoch): far future (valid), past, the edges of the allowed range, other types.
+untils = field(st.sampled_from((4_102_444_800_000, 2**62 - 1, 2**62, 1_600_000_000_000, 0, -1, MAX_INT, 2**53 + 1)))
+
+reasons = field(st.sampled_from(("selling casino links", "credential stuffing", "x" * 500, "x" * 501)))
+
+#: Users to ban: mostly the victim; otherwise names the fuzzer can ban without
+#: ending any run ("fuzzer" is the suite's fuzzer: banning yourself is forbidden;
+#: the bench has no such user). Never a bench worker's ``fuzzerN``, a helper that
+#: another worker may still be creating, or a bystander.
+ban_targets = weighted(
+    (60, st.just(U_VICTIM)),
+    (15, st.sampled_from(("fuzzer", "fz_helper", "nobody", U_VICTIM.lower()))),
+    (25, bogus_ids),
+)
+#: Hide and report targets: the victim's question and answer mostly.
+hide_ids = weighted((60, st.sampled_from((Q_HIDE, A_HIDE))), (40, bogus_ids))
+#: Reports: the victim's and the helper's content, now and then the fuzzer's own (forbidden).
+report_question_ids = weighted((50, st.just(Q_HIDE)), (15, st.just(Q_THEIRS)), (10, st.just(Q_MINE)), (25, bogus_ids))
+report_answer_ids = weighted((50, st.just(A_HIDE)), (15, st.just(A_MINE)), (10, st.just(A_THEIRS)), (25, bogus_ids))
+report_ids = weighted((60, st.just(R_OPEN)), (40, bogus_ids))
+audit_before = field(st.sampled_from((0, 1, 2, 1000, 2**53, 2**53 + 1, -1, MAX_INT)))
 
 #: Each operation's fields: (required, optional), each value a ``field`` strategy.
 OP_FIELDS: Mapping[str, tuple[dict[str, st.SearchStrategy[Any]], dict[str, st.SearchStrategy[Any]]]] = {
@@ -568,6 +680,37 @@ OP_FIELDS: Mapping[str, tuple[dict[str, st.SearchStrategy[Any]], dict[str, st.Se
     ),
     "delete_question": ({"question_id": delete_ids}, {}),
     "delete_answer": ({"answer_id": delete_ids}, {}),
+    "ban_user": ({"user_id": field(ban_targets), "reason": reasons}, {"until": untils}),
+    "unban_user": ({"user_id": field(ban_targets)}, {"reason": reasons}),
+    "list_audit": ({}, {"before": audit_before, "limit": limits_1_100}),
+    "hide_question": ({"id": field(hide_ids), "reason": reasons}, {}),
+    "hide_answer": ({"id": field(hide_ids), "reason": reasons}, {}),
+    "unhide_question": ({"id": field(hide_ids)}, {"reason": reasons}),
+    "unhide_answer": ({"id": field(hide_ids)}, {"reason": reasons}),
+    "report_content": (
+        {"reason": field(st.sampled_from(("spam", "abuse", "wrong", "other", "SPAM", "ban", "")))},
+        # Exactly one of the ids is valid: op_data draws each optional field half the time.
+        {
+            "question_id": field(report_question_ids),
+            "answer_id": field(report_answer_ids),
+            "note": field(st.sampled_from(("a shop link", "", "x" * 500, "x" * 501))),
+        },
+    ),
+    "list_reports": (
+        {},
+        {
+            "status": field(st.sampled_from(("open", "resolved", "all", "closed", "OPEN", ""))),
+            "before": cursors,
+            "limit": limits_1_100,
+        },
+    ),
+    "resolve_report": (
+        {"report_id": field(report_ids), "action": field(st.sampled_from(("dismiss", "hide", "ban", "delete", "")))},
+        {},
+    ),
+    "block_ip": ({"cidr": cidrs, "reason": reasons}, {"until": untils}),
+    "unblock_ip": ({"cidr": cidrs}, {"reason": reasons}),
+    "list_ip_blocks": ({}, {}),
 }
 
 

@@ -54,6 +54,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Requ
 
 from .fuzzing import (
     A_DEL,
+    A_HIDE,
     A_MINE,
     A_THEIRS,
     ERROR_CODES,
@@ -62,12 +63,16 @@ from .fuzzing import (
     MAX_FRAME_BYTES,
     MAX_INT,
     MIN_INT,
+    MODERATION_OPS,
     OP_CODES,
     OPS,
     PLACEHOLDERS,
     Q_DEL,
+    Q_HIDE,
     Q_MINE,
     Q_THEIRS,
+    R_OPEN,
+    U_VICTIM,
     Expect,
     any_value,
     bind_ids,
@@ -82,6 +87,7 @@ from .fuzzing import (
     packb,
     random_bytes,
     short,
+    spares_loopback,
     unknown_ops,
 )
 
@@ -93,15 +99,19 @@ HELPER = "fz_helper"
 #: Events a lone fuzzer causes itself: nearby questions after update_location,
 #: its own badge after mark_notifications_read.
 OWN_EVENTS = frozenset({"nearby_questions", "unread_count"})
+#: What an admin fuzzer may get besides (its own ops never hide its own content).
+ADMIN_EVENTS = OWN_EVENTS | {"slow_response_alert"}
 #: The read bucket lifted too (conftest's UNLIMITED predates it): the fuzzer
 #: sends reads far faster than 5 a second, and 30 refusals close with 4008.
 READS_UNLIMITED = {"reads_per_s": 1e6, "reads_burst": 1e6}
+#: The report bucket too (20 an hour, bursts of 5): the fuzzer reports far more often.
+REPORTS_UNLIMITED = {"reports_per_hour": 1e6, "reports_burst": 1e6}
 
 
 @pytest.fixture
 async def server(start_server: Callable[..., Any]) -> AsyncIterator[Any]:
     """The conftest server, with the read operations' rate limit out of the way."""
-    harness = await start_server(limits=READS_UNLIMITED)
+    harness = await start_server(limits=READS_UNLIMITED, moderation=REPORTS_UNLIMITED)
     yield harness
     harness.running.stop()
 
@@ -138,12 +148,15 @@ async def exchange(ws: trio_websocket.WebSocketConnection, frame: bytes | str) -
 
 
 @asynccontextmanager
-async def hello_connection(url: str, user_id: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A raw trio-websocket connection that has said hello as ``user_id``."""
+async def hello_connection(
+    url: str, user_id: str, *, admin: bool = False
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A raw trio-websocket connection that has said hello as ``user_id`` (an admin if ``admin``)."""
     from .conftest import token
 
+    claims = {"admin": True} if admin else {}
     async with trio_websocket.open_websocket_url(url, message_queue_size=4) as ws:
-        await ws.send_message(packb({"type": "hello", "id": 0, "data": {"token": token(user_id)}}))
+        await ws.send_message(packb({"type": "hello", "id": 0, "data": {"token": token(user_id, **claims)}}))
         with trio.fail_after(REPLY_TIMEOUT_S):
             reply = msgpack.unpackb(await ws.get_message(), raw=False)
         assert reply.get("ok") is True, reply
@@ -165,12 +178,13 @@ class FuzzRun:
         )
 
 
-async def fuzz_over(url: str, frames: list[bytes | str], ids: Mapping[str, str]) -> FuzzRun:
-    """Send ``frames`` one at a time as the fuzzer, reconnecting after each close."""
+async def fuzz_over(url: str, frames: list[bytes | str], ids: Mapping[str, str], *, admin: bool = False) -> FuzzRun:
+    """Send ``frames`` one at a time as the fuzzer (an admin if ``admin``), reconnecting after each close."""
     run = FuzzRun()
     pending = list(frames)
+    own_events = ADMIN_EVENTS if admin else OWN_EVENTS
     while pending:
-        async with hello_connection(url, FUZZER) as ws:
+        async with hello_connection(url, FUZZER, admin=admin) as ws:
             while pending:
                 frame = bind_ids(pending.pop(0), ids)
                 expect = expectation(frame)
@@ -186,7 +200,7 @@ async def fuzz_over(url: str, frames: list[bytes | str], ids: Mapping[str, str])
                     break
                 run.replies += 1
                 for ev in answered.events:  # the only events a lone fuzzer can cause itself
-                    if ev.get("type") not in OWN_EVENTS:
+                    if ev.get("type") not in own_events:
                         run.problem(frame, f"unexpected event before the reply: {short(ev)}")
                 if expect.close is not None:
                     run.problem(frame, f"expected close {expect.close}, got a reply {short(answered.reply)}")
@@ -283,7 +297,20 @@ async def make_fuzz_targets(server: Any) -> dict[str, str]:
         a_del = (await fuzzer.request("create_answer", {"question_id": q_theirs, "content": "fuzzer's other answer"}))[
             "answer"
         ]["answer_id"]
-    return {Q_MINE: q_mine, Q_THEIRS: q_theirs, A_MINE: a_mine, A_THEIRS: a_theirs, Q_DEL: q_del, A_DEL: a_del}
+        # The moderation targets: a victim (with no connection once this is done)
+        # who asked Q_HIDE and answered Q_THEIRS, and the helper's report of Q_HIDE.
+        async with server.connect(U_VICTIM, nick="Victim") as victim:
+            q_hide = (await victim.request("create_question", question_data(title="victim's question")))["question"][
+                "question_id"
+            ]
+            a_hide = (await victim.request("create_answer", {"question_id": q_theirs, "content": "victim's answer"}))[
+                "answer"
+            ]["answer_id"]
+        r_open = (await helper.request("report_content", {"question_id": q_hide, "reason": "spam"}))["report_id"]
+    return {
+        Q_MINE: q_mine, Q_THEIRS: q_theirs, A_MINE: a_mine, A_THEIRS: a_theirs, Q_DEL: q_del, A_DEL: a_del,
+        U_VICTIM: U_VICTIM, Q_HIDE: q_hide, A_HIDE: a_hide, R_OPEN: r_open,
+    }  # fmt: skip
 
 
 def server_errors(records: Iterable[logging.LogRecord]) -> list[str]:
@@ -300,7 +327,12 @@ SEED = int(os.environ.get("DONGNE_FUZZ_SEED", "0"))  # another seed explores oth
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 async def test_fuzz_frames_get_one_documented_reply(server: Any, family: str, caplog: pytest.LogCaptureFixture) -> None:
-    """Each fuzz frame gets exactly one documented answer; a bystander pair sees nothing odd."""
+    """Each fuzz frame gets exactly one documented answer; a bystander pair sees nothing odd.
+
+    The fuzzer is an admin for the operations family (the admin operations' own
+    checks get fuzzed end to end) and a plain user for the others (their
+    ``forbidden`` path does).
+    """
     caplog.set_level(logging.INFO)
     frames = draw_frames(
         FAMILIES[family], EXAMPLES // len(FAMILIES), seed_value=SEED * 100 + sorted(FAMILIES).index(family)
@@ -311,7 +343,7 @@ async def test_fuzz_frames_get_one_documented_reply(server: Any, family: str, ca
     async with trio.open_nursery() as nursery:
         nursery.start_soon(bystander_traffic, server, stop, bystanders)
         try:
-            run = await fuzz_over(server.url, frames, ids)
+            run = await fuzz_over(server.url, frames, ids, admin=family == "operations")
         finally:
             stop.set()
     # The server is still serving new connections.
@@ -333,6 +365,30 @@ def test_frame_families_cover_the_protocol() -> None:
     assert any(isinstance(f, str) for f in frames)
     assert any(isinstance(f, bytes) and b"\x91" * 1000 in f for f in frames)
     assert any(isinstance(f, bytes) and b"\xed\xa0" in f for f in frames)  # a lone surrogate
+    assert any(e.op in MODERATION_OPS and e.may_succeed for e in expects)
+
+
+def test_moderation_frames_never_end_the_run() -> None:
+    """No drawn frame bans a fuzzing or bystander user, or blocks the fuzzer's own 127.0.0.1."""
+    frames = draw_frames(FAMILIES["operations"], 3000, seed_value=2)
+    seen: dict[str, int] = {}
+    for frame in frames:
+        try:
+            obj = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        except Exception:
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("data"), dict) or obj.get("type") not in MODERATION_OPS:
+            continue
+        op, data = obj["type"], obj["data"]
+        seen[op] = seen.get(op, 0) + 1
+        if op in ("block_ip", "unblock_ip"):
+            assert spares_loopback(data.get("cidr")), frame
+        if op == "ban_user":
+            user = data.get("user_id")
+            assert not (isinstance(user, str) and user.startswith(("fuzzer0", "fuzzer1", "fz_helper1", "by_"))), frame
+    assert set(seen) == set(MODERATION_OPS), seen
+    assert not spares_loopback("127.0.0.1") and not spares_loopback("0.0.0.0/0") and not spares_loopback(" ::1 ")
+    assert spares_loopback("203.0.113.0/24") and spares_loopback("198.51.100.7") and spares_loopback("::/128")
 
 
 # ---- the same frames through the sans-I/O core, with shrinking -----------------------------------
@@ -346,10 +402,11 @@ def _engine_with_targets() -> tuple[Any, int]:
     """An engine holding the placeholder questions and answers; returns (engine, fuzzer's conn id)."""
     from dongne.auth import TokenVerifier
     from dongne.core import Connected, CoreSettings, Engine, FrameReceived, LimitSettings
+    from dongne.core.settings import ModerationSettings
 
     from .conftest import JEJU_CITY, SECRET, UNLIMITED, token
 
-    made = iter(PLACEHOLDERS)
+    made = iter((*PLACEHOLDERS, Q_HIDE, A_HIDE, R_OPEN))
     serial = itertools.count()
 
     def new_id(prefix: str, now: int) -> str:  # the placeholders first, then fresh ids
@@ -357,7 +414,10 @@ def _engine_with_targets() -> tuple[Any, int]:
 
     verifier = TokenVerifier(SECRET)
     engine = Engine(
-        CoreSettings(limits=LimitSettings(**UNLIMITED)),  # type: ignore[arg-type]
+        CoreSettings(
+            limits=LimitSettings(**UNLIMITED),  # type: ignore[arg-type]
+            moderation=ModerationSettings(**REPORTS_UNLIMITED),  # type: ignore[arg-type]
+        ),
         lambda tok, now_s: verifier.verify(tok, now_s=now_s),
         region_of=_region_of(),
         new_id=new_id,
@@ -365,7 +425,7 @@ def _engine_with_targets() -> tuple[Any, int]:
     now = int(time.time() * 1000)
     # The fuzzer is an admin here (the admin operations' own checks get fuzzed) and
     # a plain user in the end-to-end tests (their "forbidden" path does).
-    for conn_id, user, admin in ((1, FUZZER, True), (2, HELPER, False)):
+    for conn_id, user, admin in ((1, FUZZER, True), (2, HELPER, False), (3, U_VICTIM, False)):
         engine.handle(Connected(conn_id), now)
         engine.handle(FrameReceived(conn_id, _request("hello", 0, {"token": token(user, admin=admin)})), now)
     question = {"title": "t", "location": dict(JEJU_CITY)}
@@ -381,7 +441,15 @@ def _engine_with_targets() -> tuple[Any, int]:
     engine.handle(
         FrameReceived(1, _request("create_answer", 4, {"question_id": Q_THEIRS, "content": "c2"})), now
     )  # A_DEL
-    assert set(engine.questions) == {Q_MINE, Q_THEIRS, Q_DEL}
+    engine.handle(FrameReceived(3, _request("create_question", 1, question)), now)  # Q_HIDE
+    engine.handle(
+        FrameReceived(3, _request("create_answer", 2, {"question_id": Q_THEIRS, "content": "c3"})), now
+    )  # A_HIDE
+    engine.handle(
+        FrameReceived(2, _request("report_content", 3, {"question_id": Q_HIDE, "reason": "spam"})), now
+    )  # R_OPEN
+    assert set(engine.questions) == {Q_MINE, Q_THEIRS, Q_DEL, Q_HIDE}
+    assert engine.moderation.open_reports.keys() == {R_OPEN}
     return engine, 1
 
 
@@ -404,7 +472,7 @@ def _empty_rows(read: Any) -> Any:
         return (None, [])
     if isinstance(read, reads.AuthorStats):
         return (0, 0)
-    if isinstance(read, reads.AnswerHome):
+    if isinstance(read, reads.AnswerHome | reads.ModerationItem):
         return None
     return []
 
