@@ -454,18 +454,23 @@ class AdminApp:
 def _cross_site(scope: Scope) -> str | None:
     """Why a POST is refused as cross-site, or None.
 
-    ``Sec-Fetch-Site`` (sent by every current browser) must be ``same-origin``
-    (or ``none``: typed by the user); a page on another port of the same host
-    is "same-site" and would get the SameSite=Strict cookie, so it is refused
-    too. Without that header, an ``Origin`` must name this host. Clients that
-    send neither (curl, tests) are judged by the cookie and CSRF token alone.
+    ``Sec-Fetch-Site`` (sent by every current browser, not settable by
+    scripts) must be ``same-origin`` (or ``none``: typed by the user); a page
+    on another port of the same host is "same-site" and would get the
+    SameSite=Strict cookie, so it is refused too. Without that header, an
+    ``Origin`` naming another host is refused (``null`` is let through: the
+    pages' no-referrer policy makes a browser send it for their own forms).
+    Clients that send neither (curl, tests) are judged by the cookie and the
+    CSRF token alone.
     """
     site = header(scope, b"sec-fetch-site")
-    if site is not None and site not in ("same-origin", "none"):
-        return f"cross-site request refused (Sec-Fetch-Site: {site})"
+    if site is not None:
+        if site not in ("same-origin", "none"):
+            return f"cross-site request refused (Sec-Fetch-Site: {site})"
+        return None
     origin = header(scope, b"origin")
-    if origin is not None:
+    if origin is not None and origin != "null":
         host = header(scope, b"host") or ""
-        if origin == "null" or urlsplit(origin).netloc.lower() != host.lower():
+        if urlsplit(origin).netloc.lower() != host.lower():
             return "cross-site request refused (Origin is not this host)"
     return None

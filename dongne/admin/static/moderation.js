@@ -289,7 +289,7 @@
     for (const r of reports) {
       const li = el("li");
       li.append(el("span", { class: `badge reason reason-${REASONS[r.reason] || "other"}` }, r.reason));
-      li.append(el("span", { class: "reporter" }, ` ${r.reporter_id}`));
+      li.append(el("span", { class: "reporter" }, ` from ${r.reporter_id}`));
       if (r.note) li.append(el("span", { class: "note" }, ` “${r.note}”`));
       why.append(li);
     }
