@@ -16,7 +16,10 @@ What it does:
   types and hostile values, mutated frames), seeded from ``--seed`` and the
   worker's index, so a run is reproducible. Each worker then says hello as
   its own user (every other one an admin, so that the admin operations'
-  checks are fuzzed as well as their refusal) and sends its frames one at a time, waiting for the answer to
+  checks are fuzzed as well as their refusal; bans, hides and reports aim at
+  the worker's own victim user and the victim's question and answer, IP blocks
+  at documentation ranges, never at 127.0.0.1, so no frame ends the run)
+  and sends its frames one at a time, waiting for the answer to
   each, and checks it with the suite's oracle (``check_reply``): exactly one
   reply with the right id, ``ok`` only for an operation that exists, otherwise
   a code PROTOCOL.md documents for that operation, never ``internal``; a
@@ -70,13 +73,18 @@ sys.path.insert(0, str(h.REPO_DIR))
 from dongne.auth import mint_token
 from tests.fuzzing import (
     A_DEL,
+    A_HIDE,
     A_MINE,
     A_THEIRS,
     CLOSE_CODES,
     FAMILIES,
+    MODERATION_OPS,
     Q_DEL,
+    Q_HIDE,
     Q_MINE,
     Q_THEIRS,
+    R_OPEN,
+    U_VICTIM,
     bind_ids,
     check_reply,
     draw_frames,
@@ -183,10 +191,35 @@ def _targets(port: int, index: int, secret: str, timeout: float) -> dict[str, st
         a_del = fuzzer.request("create_answer", {"question_id": q_theirs, "content": "fuzzer's other answer"})[
             "answer"
         ]["answer_id"]
+        # The moderation targets (see tests/fuzzing.py): this worker's victim, a
+        # user with no connection once this is done, who asked Q_HIDE and
+        # answered Q_THEIRS; the helper's open report of Q_HIDE.
+        victim_id = victim_of(index)
+        victim = SyncClient(port, victim_id, secret, timeout=timeout, nick="Victim")
+        try:
+            q_hide = victim.request("create_question", {**asker, "title": "victim's question"})["question"][
+                "question_id"
+            ]
+            a_hide = victim.request("create_answer", {"question_id": q_theirs, "content": "victim's answer"})["answer"][
+                "answer_id"
+            ]
+        finally:
+            victim.close()
+        r_open = helper.request("report_content", {"question_id": q_hide, "reason": "spam"})["report_id"]
     finally:
         fuzzer.close()
         helper.close()
-    return {Q_MINE: q_mine, Q_THEIRS: q_theirs, A_MINE: a_mine, A_THEIRS: a_theirs, Q_DEL: q_del, A_DEL: a_del}
+    return {
+        Q_MINE: q_mine, Q_THEIRS: q_theirs, A_MINE: a_mine, A_THEIRS: a_theirs, Q_DEL: q_del, A_DEL: a_del,
+        U_VICTIM: victim_id, Q_HIDE: q_hide, A_HIDE: a_hide, R_OPEN: r_open,
+    }  # fmt: skip
+
+
+def victim_of(index: int) -> str:
+    """Worker ``index``'s victim: as long as the U_VICTIM placeholder, which ``bind_ids`` needs."""
+    victim = f"fz_victim{index:0{len(U_VICTIM) - 9}d}"
+    assert len(victim) == len(U_VICTIM)
+    return victim
 
 
 def _classify(problem: str) -> str:
@@ -212,6 +245,7 @@ class _Tally:
         self.closes: collections.Counter[str] = collections.Counter()
         self.rtt_ms: list[float] = []
         self.samples: list[dict[str, Any]] = []
+        self.moderation: collections.Counter[str] = collections.Counter()  # "op ok" / "op code" / "op closed"
 
     def problem(self, kind: str, frame: bytes | str, detail: str) -> None:
         self.counts[kind] += 1
@@ -335,6 +369,10 @@ def _fuzz_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, An
             tally.counts["ok"] += 1
         elif isinstance(reply.get("error"), dict):
             tally.codes[str(reply["error"].get("code"))] += 1
+        if expect.op in MODERATION_OPS and reply.get("id") == expect.id:
+            error = reply.get("error")
+            outcome = "ok" if reply.get("ok") is True else str(error.get("code")) if isinstance(error, dict) else "?"
+            tally.moderation[f"{expect.op} {outcome}"] += 1
         problems = check_reply(frame, reply, expect)
         for problem in problems:
             tally.problem(_classify(problem), frame, problem)
@@ -358,6 +396,7 @@ def _fuzz_worker(pipe: multiprocessing.connection.Connection, spec: dict[str, An
                 "closes": dict(tally.closes),
                 "rtt_ms": tally.rtt_ms,
                 "samples": tally.samples,
+                "moderation": dict(tally.moderation),
                 "send_s": time.perf_counter() - sent_started,
             },
         )
@@ -484,8 +523,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dongne-fuzz-") as tmp:
         db = Path(tmp) / "fuzz.sqlite3"
         env = dict(h.BENCH_LIMITS) if args.limits == "off" else {}  # tests/conftest.py's UNLIMITED
-        if args.limits == "off":  # the read bucket too (BENCH_LIMITS predates it), as tests/test_fuzz.py does
+        if args.limits == "off":  # the read and report buckets too, as tests/test_fuzz.py does
             env.update({"DONGNE_LIMITS_READS_PER_S": "1000000", "DONGNE_LIMITS_READS_BURST": "1000000"})
+            env.update({"DONGNE_MODERATION_REPORTS_PER_HOUR": "1000000", "DONGNE_MODERATION_REPORTS_BURST": "1000000"})
 
         def start() -> h.ServerProcess:
             return h.start_dongne(
@@ -614,8 +654,10 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     closes: collections.Counter[str] = collections.Counter()
     rtts: list[float] = []
     samples: list[dict[str, Any]] = []
+    moderation: collections.Counter[str] = collections.Counter()
     for worker in report["workers"]:
         counts.update(worker["counts"])
+        moderation.update(worker.get("moderation", {}))
         codes.update(worker["codes"])
         closes.update(worker["closes"])
         rtts.extend(worker["rtt_ms"])
@@ -645,6 +687,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
             "max": rtts[-1] if rtts else float("nan"),
         },
         "frames_per_s": counts["sent"] / report["send_s"] if report["send_s"] else float("nan"),
+        "moderation_outcomes": dict(sorted(moderation.items())),
         "samples": samples[:50],
     }
 
@@ -763,6 +806,26 @@ def main(argv: list[str] | None = None) -> int:
     if summary["close_codes"]:
         print()
         print(h.format_table(["close code", "connections"], list(summary["close_codes"].items())))
+    by_op: dict[str, dict[str, int]] = {}
+    for key, n in summary["moderation_outcomes"].items():
+        op, outcome = key.split(" ", 1)
+        by_op.setdefault(op, {})[outcome] = n
+    if by_op:
+        print()
+        print(
+            h.format_table(
+                ["moderation op", "ok", "errors by code"],
+                [
+                    [
+                        op,
+                        by_op[op].get("ok", 0),
+                        ", ".join(f"{c} {n}" for c, n in sorted(by_op[op].items()) if c != "ok"),
+                    ]
+                    for op in MODERATION_OPS
+                    if op in by_op
+                ],
+            )
+        )
     for sample in summary["samples"][:10]:
         print(
             f"  {sample['kind']}: {sample['detail'][:160]}  frame[{sample['length']}]={sample.get('hex', sample.get('repr', ''))[:120]}"
