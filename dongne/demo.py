@@ -22,7 +22,7 @@ import trio
 import trio_websocket
 
 from .app import Running, run_server
-from .auth import mint_token
+from .auth import mint_signin_code, mint_token
 from .client import DongneClient, RequestError, open_client
 from .config import Settings, load_settings
 from .core.geo import offset_position
@@ -193,10 +193,12 @@ async def run_demo(*, port: int = 8765, ops_port: int = 8766, locals_count: int 
                 lambda task_status: run_server(settings, handle_signals=True, task_status=task_status)
             )
             demo = Demo(running, secret, rng)
-            admin = demo.token("demo-admin", nick="Operator", admin=True)
+            # A one-time sign-in link (works once, within 5 minutes): no admin token in browser history.
+            code = mint_signin_code(secret, "demo-admin", nick="Operator", now_s=time.time())
             print(
                 "\ndongne demo is running with simulated locals and travellers around Jeju.\n"
-                f"  Dashboard: http://127.0.0.1:{running.ops_port}/admin/login?token={admin}\n"
+                f"  Dashboard: http://127.0.0.1:{running.ops_port}/admin/login?code={code}"
+                "  (works once, within 5 minutes)\n"
                 f"  Clients:   ws://127.0.0.1:{running.port}  (see PROTOCOL.md)\n"
                 "  Stop with Ctrl-C.\n",
                 flush=True,

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "ServerStatistics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -39,6 +40,18 @@ class _Gauges(Collector):
             ("store_writes_failing", "1 while commits to the database fail (writes are refused), else 0"),
         ):
             yield GaugeMetricFamily(f"dongne_{name}", help_text, value=values.get(name, 0))
+
+
+@attrs.frozen
+class ServerStatistics:
+    """Traffic so far, read from the metrics (counted once, there)."""
+
+    connections_total: int
+    frames_in: int
+    deliveries: int
+    slow_consumers: int
+    refused_connections: int
+    errors: dict[str, int]
 
 
 class Metrics:
@@ -131,3 +144,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def statistics(self) -> ServerStatistics:
+        """Traffic so far, read back from this registry."""
+        value = self.registry.get_sample_value
+
+        def total(counter: Counter) -> dict[str, float]:
+            return {
+                ",".join(sample.labels.values()): sample.value
+                for family in counter.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            }
+
+        return ServerStatistics(
+            connections_total=int(value("dongne_connections_total") or 0),
+            frames_in=int(sum(total(self.frames_in).values())),
+            deliveries=int(value("dongne_deliveries_total") or 0),
+            slow_consumers=int(value("dongne_outbound_overflows_total") or 0),
+            refused_connections=int(value("dongne_rate_limit_hits_total", {"scope": "connection"}) or 0),
+            errors={code: int(n) for code, n in total(self.errors).items()},
+        )

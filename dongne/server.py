@@ -6,9 +6,12 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
 
     root
     ├── CommitPipeline.run          group commit, then act on outcomes in order
+    ├── PushDispatcher.run          the push outbox's deliveries
     ├── ClientServer._timers        wakes the engine at its next deadline
-    ├── ClientServer._heartbeat     pings; closes peers that stopped answering
-    ├── ClientServer._accept_loop   the client listener
+    ├── heartbeat.keep_alive        pings; closes peers that stopped answering
+    ├── ClientServer._storage_supervisor   after a failed commit: reload, probe, resume
+    ├── ClientServer._prune_periodically   the inbox's retention
+    ├── ClientServer._accept_loop   the client listener (admission: doorman.Doorman)
     │     └── connections nursery: one handler per connection (+ a writer
     │         task while its socket is backed up, + a replay task on resume)
     └── hypercorn                   the ops port
@@ -27,7 +30,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import attrs
 import msgpack
 import trio
 
@@ -61,22 +63,18 @@ from .core import (
     WritesFailing,
     WritesWork,
 )
-from .core.admission import AddressLimits, AddressPolicy
 from .core.engine import UNAVAILABLE_RETRY_MS
-from .core.limits import IpBlocklist
 from .core.protocol import durable_event, reply_error
-from .metrics import Metrics
+from .doorman import Doorman
+from .heartbeat import keep_alive
+from .metrics import Metrics, ServerStatistics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
 from .store import Store, WriteFailed
 from .transport import (
     BinaryFrame,
     FrameEncoder,
-    OriginPolicy,
-    Refusal,
     TextFrame,
-    TrustedProxies,
-    UpgradeRequest,
     WebSocketConnection,
     accept_upgrade,
     normalize_address,
@@ -87,18 +85,6 @@ from .transport import (
 __all__ = ["ClientServer", "ServerStatistics"]
 
 log = logging.getLogger("dongne.server")
-
-
-@attrs.frozen
-class ServerStatistics:
-    """Traffic so far, read from the metrics (counted once, there)."""
-
-    connections_total: int
-    frames_in: int
-    deliveries: int
-    slow_consumers: int
-    refused_connections: int
-    errors: dict[str, int]
 
 
 class ClientServer:
@@ -139,25 +125,12 @@ class ClientServer:
         self._inbox = inbox
         self.settings = settings
         self._startup = startup
-        # Admission by the client's real address (behind trusted proxies):
-        # see dongne.core.admission.
-        self._addresses = AddressPolicy(
-            AddressLimits(
-                connections_per_minute=limits.connections_per_ip_per_minute,
-                failures_per_minute=limits.failed_handshakes_per_ip_per_minute,
-                max_unauthenticated=limits.unauthenticated_per_ip,
-            )
-        )
-        self._blocklist = IpBlocklist(limits.ip_blocklist)
-        self._runtime_blocks = IpBlocklist(())  # block_ip, from the engine (BlockAddresses)
-        self._proxies = TrustedProxies(settings.trusted_proxies, header=settings.forwarded_header)
-        self._origins = OriginPolicy(settings.allowed_origins)
-        self._address_of: dict[int, str] = {}  # conn_id -> the client's address
         self.engine = engine
         self.store = store
         self.clock = clock
         self.encoder = FrameEncoder()
         self.metrics = Metrics(self._gauges)
+        self.door = Doorman(settings, limits, on_refused=self.metrics.rate_limit_hits.labels("connection").inc)
         self._connections_total = self.metrics.connections_total
         self.pipeline = CommitPipeline(
             store, self._act, max_batch=max_batch, on_commit=self._on_commit, on_write_failed=self._write_failed
@@ -197,7 +170,7 @@ class ClientServer:
             await nursery.start(self.pipeline.run)
             await nursery.start(self.pushes.run)
             nursery.start_soon(self._timers)
-            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(keep_alive, self.conns, self.settings.ping_interval_s)
             nursery.start_soon(self._storage_supervisor)
             nursery.start_soon(self._prune_periodically)
             self._escalation_nursery = await nursery.start(_nursery_holder)
@@ -231,22 +204,7 @@ class ClientServer:
 
     def statistics(self) -> ServerStatistics:
         """Traffic so far (from the metrics registry, where it is counted)."""
-        value = self.metrics.registry.get_sample_value
-        errors: dict[str, int] = {}
-        for family in self.metrics.errors.collect():
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    errors[sample.labels["code"]] = int(sample.value)
-        return ServerStatistics(
-            connections_total=int(value("dongne_connections_total") or 0),
-            frames_in=int(
-                sum(s.value for f in self.metrics.frames_in.collect() for s in f.samples if s.name.endswith("_total"))
-            ),
-            deliveries=int(value("dongne_deliveries_total") or 0),
-            slow_consumers=int(value("dongne_outbound_overflows_total") or 0),
-            refused_connections=int(value("dongne_rate_limit_hits_total", {"scope": "connection"}) or 0),
-            errors=errors,
-        )
+        return self.metrics.statistics()
 
     def stop_accepting(self) -> None:
         """Begin a graceful shutdown: stop accepting and close clients with 1001."""
@@ -278,7 +236,7 @@ class ClientServer:
                             continue
                         raise
                     peer = normalize_address(addr[0])
-                    if self._blocked(peer) and not self._proxies.trusts(peer):
+                    if self.door.blocked(peer) and not self.door.proxies.trusts(peer):
                         self.metrics.rate_limit_hits.labels("connection").inc()
                         sock.close()  # a blocked client, not behind a proxy: no handshake, no reply
                         continue
@@ -291,44 +249,17 @@ class ClientServer:
 
     # ---- one connection ----------------------------------------------------------
 
-    def _blocked(self, address: str) -> bool:
-        return self._blocklist.blocks(address) or self._runtime_blocks.blocks(address)
+    def address_of(self, conn_id: int) -> str | None:
+        """The client address of an open connection (behind trusted proxies, the real one)."""
+        return self.door.address_of(conn_id)
 
     def _block_addresses(self, cidrs: tuple[str, ...]) -> None:
         """Run-time blocks changed: new connections from them are refused, open ones closed with 4003."""
-        self._runtime_blocks = IpBlocklist(cidrs)
-        for conn_id, conn in list(self.conns.items()):
-            address = self._address_of.get(conn_id)
-            if address is not None and self._runtime_blocks.blocks(address):
-                log.info("connection_blocked", extra={"conn": conn_id, "address": address})
+        for conn_id in self.door.block(cidrs):
+            conn = self.conns.get(conn_id)
+            if conn is not None:
+                log.info("connection_blocked", extra={"conn": conn_id, "address": self.door.address_of(conn_id)})
                 conn.close(4003, "this address is blocked")
-
-    def address_of(self, conn_id: int) -> str | None:
-        """The client address of an open connection (behind trusted proxies, the real one)."""
-        return self._address_of.get(conn_id)
-
-    def _admit(self, request: UpgradeRequest) -> Refusal | None:
-        """Admit an upgrade request from its client's address, or say how to refuse it."""
-        address = request.address
-        now = self.clock.now_ms()
-        if self._blocked(address):
-            self.metrics.rate_limit_hits.labels("connection").inc()
-            return Refusal(403, "this address is blocked")
-        if request.error is not None:
-            self._addresses.offence(address, now)
-            return Refusal(400, request.error)
-        if not self._origins.allows(request.origin):
-            self._addresses.offence(address, now)
-            log.info(
-                "origin_refused", extra={"address": address, "origin": request.origin[:200] if request.origin else ""}
-            )
-            return Refusal(403, "origin not allowed")
-        admission = self._addresses.admit(address, now)
-        if not admission.admitted:
-            self.metrics.rate_limit_hits.labels("connection").inc()
-            log.debug("handshake_throttled", extra={"address": address, "reason": admission.reason})
-            return Refusal(429, "too many connections from this address", admission.retry_after_ms)
-        return None
 
     async def _handle_connection(self, sock: socket.socket, peer: str = "") -> None:
         conn: WebSocketConnection | None = None
@@ -343,11 +274,11 @@ class ClientServer:
                     sock,
                     peer=peer,
                     is_ready=lambda: self.accepting,
-                    proxies=self._proxies,
+                    proxies=self.door.proxies,
                     proxy_protocol=self.settings.proxy_protocol,
                 )
                 if request is not None:
-                    refusal = self._admit(request)
+                    refusal = self.door.admit(request, self.clock.now_ms())
                     if refusal is not None:
                         await refuse_upgrade(sock, request, refusal)
                     else:
@@ -365,7 +296,7 @@ class ClientServer:
                 trailing=handshake.trailing,
             )
             self.conns[conn_id] = conn
-            self._address_of[conn_id] = admitted
+            self.door.remember(conn_id, admitted)
             log.info(
                 "connection_opened",
                 extra={"conn": conn_id, "address": admitted, "user_agent": request.user_agent if request else ""},
@@ -377,18 +308,18 @@ class ClientServer:
                     await self._on_message(conn_id, message)
                     if not authenticated and self.engine.user_of(conn_id) is not None:
                         authenticated = True  # a valid hello: the address's handshake is settled
-                        self._addresses.authenticated(admitted, self.clock.now_ms())
+                        self.door.addresses.authenticated(admitted, self.clock.now_ms())
         except trio.Cancelled:
             raise
         except Exception:
             log.exception("connection_failed", extra={"conn": conn_id})
         finally:
-            self._address_of.pop(conn_id, None)
+            self.door.forget(conn_id)
             if admitted is not None:
                 if not authenticated:  # bad token, no hello in time, a bad first frame, dropped
-                    self._addresses.failed(admitted, self.clock.now_ms())
+                    self.door.addresses.failed(admitted, self.clock.now_ms())
                 elif conn is not None and conn.close_code == 4008:  # a flood, after authenticating
-                    self._addresses.offence(admitted, self.clock.now_ms())
+                    self.door.addresses.offence(admitted, self.clock.now_ms())
             if conn is not None:
                 log.info(
                     "connection_closed",
@@ -648,41 +579,9 @@ class ClientServer:
                 await self._timer_wakeup.wait()
             self.pipeline.submit(self._handle(Tick()))
 
-    async def _heartbeat(self) -> None:
-        """Ping every connection once per ``ping_interval_s``; drop one that sent nothing since its last ping.
-
-        The round is spread over the interval in slices ``HEARTBEAT_SLICE_S``
-        apart: 10,000 pings written in one go (and their 10,000 pongs coming
-        back together) stalled everything else for a few hundred ms.
-        """
-        interval = self.settings.ping_interval_s
-        if math.isinf(interval):
-            await trio.sleep_forever()
-        slices = max(1, int(interval / HEARTBEAT_SLICE_S))
-        next_round = trio.current_time() + interval
-        while True:
-            await trio.sleep_until(next_round)
-            round_start, next_round = next_round, next_round + interval
-            conns = list(self.conns.items())
-            per_slice = max(1, -(-len(conns) // slices))
-            for i in range(0, len(conns), per_slice):
-                await trio.sleep_until(round_start + interval * (i // per_slice) / slices)
-                for conn_id, conn in conns[i : i + per_slice]:
-                    if self.conns.get(conn_id) is not conn:
-                        continue  # gone meanwhile
-                    if not conn.alive:
-                        log.info("connection_dead", extra={"reason": "no answer to ping"})
-                        conn.abort()
-                        continue
-                    conn.alive = False
-                    conn.ping()
-
 
 #: How often the store is probed while commits fail.
 PROBE_INTERVAL_S = 1.0
-
-#: The heartbeat pings a share of the connections this often (see ``_heartbeat``).
-HEARTBEAT_SLICE_S = 0.1
 
 
 async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
