@@ -31,7 +31,7 @@ from typing import Any
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
 from .deadlines import Deadlines
-from .effects import Alert, Close, Outcome, OutcomeBuilder, Send, StartEscalation
+from .effects import Close, Outcome, OutcomeBuilder, Send, StartEscalation
 from .errors import ProtocolError
 from .events import (
     Connected,
@@ -50,14 +50,14 @@ from .events import (
 )
 from .inbox import Inbox
 from .lifecycle import ACTIVE
-from .limits import OP_CLASSES, BucketSpec, Limiter
+from .limits import OP_CLASSES, request_limiter
 from .lists import READ_OPS, RETRY, Lists, Pending
 from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
 from .places import Places, RegionLookup, ServiceArea
 from .presence import Presence
-from .protocol import Fields, Request, decode_request, event, reply_error, reply_ok
+from .protocol import Fields, Request, decode_request, reply_error, reply_ok
 from .questions import Questions
 from .records import Answer, Claims, LoadedState, Question, User
 from .regions import Hotspot
@@ -137,17 +137,7 @@ class Engine:
         self.settings = settings
         self._check_token = check_token
         limits = settings.limits
-        self.limiter = Limiter(
-            {
-                "conn": BucketSpec(limits.conn_per_s, limits.conn_burst),
-                "write": BucketSpec(limits.writes_per_minute / 60, limits.writes_burst),
-                "question": BucketSpec(limits.questions_per_hour / 3600, limits.questions_burst),
-                "typing": BucketSpec(limits.typing_per_s, limits.typing_burst),
-                "read": BucketSpec(limits.reads_per_s, limits.reads_burst),
-                "report": BucketSpec(settings.moderation.reports_per_hour / 3600, settings.moderation.reports_burst),
-            },
-            abuse_limit=limits.abuse_refusals_per_minute,
-        )
+        self.limiter = request_limiter(limits, settings.moderation)
         self.users: dict[str, User] = {}
         self.questions: dict[str, Question] = {}
         self.answers: dict[str, dict[str, Answer]] = {}  # question id -> answer id -> answer
@@ -227,8 +217,8 @@ class Engine:
             **lists.operations(),
             **self.moderation.operations(),
             "mark_notifications_read": self.inbox.mark_read,
-            "get_profile": self._get_profile,
-            "metrics": self._metrics,
+            "get_profile": self.sessions.get_profile,
+            "metrics": self.oversight.metrics_op,
         }
 
     # ---- start-up --------------------------------------------------------------------
@@ -542,23 +532,16 @@ class Engine:
             return _NOTHING
         self.writable = False
         self._write_error = error
-        return self._storage_alert("failing", error, now)
+        return self.oversight.storage_alert("failing", error, now, self.user_conns)
 
     def _writes_work(self, now: int) -> Outcome:
         if self.writable:
             return _NOTHING
         self.writable = True
         error, self._write_error = self._write_error, None
-        alert = self._storage_alert("recovered", error, now)
+        alert = self.oversight.storage_alert("recovered", error, now, self.user_conns)
         # Escalations whose tasks ended while writes failed run their overdue stages now.
         return Outcome(actions=alert.actions + self._start_escalations().actions)
-
-    def _storage_alert(self, state: str, error: str | None, now: int) -> Outcome:
-        out = OutcomeBuilder()
-        data = {"state": state, "error": error, "at": now}
-        out.send(self.oversight.admin_conns(self.user_conns), event("storage_alert", data))
-        out.act(Alert("storage_alert", data))
-        return out.build()
 
     def _reloaded(self, event: Reloaded, now: int) -> Outcome:
         """Rebuild the durable state from the database after a failed commit.
@@ -587,15 +570,7 @@ class Engine:
         out.note("state_reloaded", users=len(self.users), questions=len(self.questions))
         return out.build()
 
-    # ---- the engine's own operations ----------------------------------------------------
-
-    def _get_profile(self, call: Call) -> dict[str, Any]:
-        return {"user": call.user.to_wire(), "last_seq": call.user.last_seq}
-
-    def _metrics(self, call: Call) -> dict[str, Any]:
-        if call.user.role != "admin":
-            raise ProtocolError("forbidden", "metrics is an admin operation")
-        return self.oversight.metrics(call.now)
+    # ---- helpers ---------------------------------------------------------------------------
 
     def _who(self, user_id: str) -> dict[str, Any]:
         user = self.users.get(user_id)

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 import attrs
 
+from .settings import LimitSettings, ModerationSettings
+
 __all__ = ["OP_CLASSES", "BucketSpec", "IpBlocklist", "Limiter", "TokenBucket"]
 
 #: Which bucket each operation draws from (besides the connection's own).
@@ -121,6 +123,21 @@ class Limiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def request_limiter(limits: LimitSettings, moderation: ModerationSettings) -> Limiter:
+    """The engine's buckets: every frame of a connection, and each class of ``OP_CLASSES`` per user."""
+    return Limiter(
+        {
+            "conn": BucketSpec(limits.conn_per_s, limits.conn_burst),
+            "write": BucketSpec(limits.writes_per_minute / 60, limits.writes_burst),
+            "question": BucketSpec(limits.questions_per_hour / 3600, limits.questions_burst),
+            "typing": BucketSpec(limits.typing_per_s, limits.typing_burst),
+            "read": BucketSpec(limits.reads_per_s, limits.reads_burst),
+            "report": BucketSpec(moderation.reports_per_hour / 3600, moderation.reports_burst),
+        },
+        abuse_limit=limits.abuse_refusals_per_minute,
+    )
 
 
 class IpBlocklist:

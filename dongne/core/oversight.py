@@ -13,11 +13,14 @@ from typing import Any
 
 import attrs
 
+from .connections import Call
 from .deadlines import Deadlines
-from .effects import Observe, OutcomeBuilder, SaveQuestion
+from .effects import Alert, Observe, Outcome, OutcomeBuilder, SaveQuestion
+from .errors import ProtocolError
 from .inbox import Inbox
 from .lifecycle import ACTIVE, QuestionStatus
 from .neighbourhood import Neighbourhood
+from .protocol import event
 from .records import Question, User
 from .settings import AlertSettings
 from .slo import SloTracker
@@ -119,6 +122,20 @@ class Oversight:
         self._inbox.enqueue_push("", "slow_response_alert", question, data, now, out)
 
     # ---- views -------------------------------------------------------------------------
+
+    def metrics_op(self, call: Call) -> dict[str, Any]:
+        """The ``metrics`` operation (admins only)."""
+        if call.user.role != "admin":
+            raise ProtocolError("forbidden", "metrics is an admin operation")
+        return self.metrics(call.now)
+
+    def storage_alert(self, state: str, error: str | None, now: int, user_conns: dict[str, set[int]]) -> Outcome:
+        """Writes to the database started failing, or work again: every admin's connections, and the webhook."""
+        out = OutcomeBuilder()
+        data = {"state": state, "error": error, "at": now}
+        out.send(self.admin_conns(user_conns), event("storage_alert", data))
+        out.act(Alert("storage_alert", data))
+        return out.build()
 
     def metrics(self, now: int) -> dict[str, Any]:
         """The ``metrics`` operation's reply."""

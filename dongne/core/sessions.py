@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from .connections import ConnPhase, ConnState
+from .connections import Call, ConnPhase, ConnState
 from .effects import Outcome, OutcomeBuilder, Replay, SaveUser
 from .errors import CloseConnection
 from .inbox import Inbox
@@ -116,6 +116,10 @@ class Sessions:
         if writable:  # receipts wait for the next hello otherwise
             self._inbox.deliver_pending(user.user_id, now, out)
         return out.build("hello", request=(conn.conn_id, request.id))
+
+    def get_profile(self, call: Call) -> dict[str, Any]:
+        """The ``get_profile`` operation: the caller's own user and newest seq."""
+        return {"user": call.user.to_wire(), "last_seq": call.user.last_seq}
 
     def left(self, conn: ConnState) -> Outcome:
         """A connection went away: it leaves its rooms (presence), and its user is offline if it was the last."""
