@@ -7,10 +7,11 @@ readers run while a commit is in progress. ``close`` checkpoints the WAL.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,23 +230,12 @@ class Store:
             WriteFailed: SQLite could not write it (disk full, I/O error,
                 locked); nothing of it was committed.
         """
-        conn = self._w
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params, many in batch.statements:
-                    if many:
-                        conn.executemany(sql, params)
-                    else:
-                        conn.execute(sql, params)
-                conn.execute("COMMIT")
-            finally:
-                # A failed COMMIT may have rolled back already (SQLite does on
-                # SQLITE_FULL and I/O errors): a second ROLLBACK would raise.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-            raise WriteFailed(f"commit failed: {exc}") from exc
+        with self._transaction("commit") as conn:
+            for sql, params, many in batch.statements:
+                if many:
+                    conn.executemany(sql, params)
+                else:
+                    conn.execute(sql, params)
         self.commits += 1
         self.rows_committed += batch.rows
 
@@ -255,17 +245,25 @@ class Store:
         Raises:
             WriteFailed: they do not.
         """
+        with self._transaction("probe") as conn:
+            conn.execute("INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?)", (time.time(),))
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the writer; any SQLite error becomes ``WriteFailed`` with nothing committed."""
         conn = self._w
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?)", (time.time(),))
+                yield conn
                 conn.execute("COMMIT")
             finally:
+                # A failed COMMIT may have rolled back already (SQLite does on
+                # SQLITE_FULL and I/O errors): a second ROLLBACK would raise.
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
         except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-            raise WriteFailed(f"probe failed: {exc}") from exc
+            raise WriteFailed(f"{what} failed: {exc}") from exc
 
     # ---- reads -------------------------------------------------------------------
 
@@ -395,27 +393,18 @@ class Store:
         Returns:
             The new oldest seq of each user who lost events.
         """
-        conn = self._w
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                doomed = conn.execute(
-                    "SELECT id, user_id FROM events e WHERE created_at < ?"
-                    " AND seq < (SELECT max(seq) FROM events n WHERE n.user_id = e.user_id) ORDER BY id LIMIT ?",
-                    (before_ms, limit),
-                ).fetchall()
-                conn.executemany("DELETE FROM events WHERE id = ?", [(row[0],) for row in doomed])
-                users = sorted({row[1] for row in doomed})
-                oldest = {
-                    user: int(conn.execute("SELECT min(seq) FROM events WHERE user_id = ?", (user,)).fetchone()[0])
-                    for user in users
-                }
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
-            raise WriteFailed(f"pruning failed: {exc}") from exc
+        with self._transaction("pruning") as conn:
+            doomed = conn.execute(
+                "SELECT id, user_id FROM events e WHERE created_at < ?"
+                " AND seq < (SELECT max(seq) FROM events n WHERE n.user_id = e.user_id) ORDER BY id LIMIT ?",
+                (before_ms, limit),
+            ).fetchall()
+            conn.executemany("DELETE FROM events WHERE id = ?", [(row[0],) for row in doomed])
+            users = sorted({row[1] for row in doomed})
+            oldest = {
+                user: int(conn.execute("SELECT min(seq) FROM events WHERE user_id = ?", (user,)).fetchone()[0])
+                for user in users
+            }
         return oldest
 
     def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None:
