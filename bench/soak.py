@@ -3,7 +3,7 @@
     python bench/soak.py [--duration 600] [--warmup 360] [--clients 200] [--rate 40] [--question-rate 0.5]
                          [--reconnect-rate 0.5] [--sample-interval 5]
                          [--json bench/results/soak.json] [--no-question-cost]
-                         [--malloc-stats] [--tracemalloc FRAMES]
+                         [--malloc-stats] [--tracemalloc FRAMES] [--ban-at SECONDS [--ban-window 30]]
 
 What it does:
 
@@ -84,6 +84,18 @@ What it does:
   finds at each snapshot (by type and by the dongne line that allocated it;
   then collected). It slows the server, adds its own memory and collects:
   take RSS figures from another run.
+
+* **A ban under load (``--ban-at SECONDS``).** That many seconds into the
+  measured period, an admin connection sends ``ban_user`` for one extra user
+  who has ``BAN_CONNECTIONS`` (10, the per-user maximum) connections open
+  (opened 5 s before, each in a room of a recent question). Reported: how long
+  from sending ``ban_user`` until each of them has seen its close (4003
+  expected; the slowest is "all closed"), the ``ban_user`` reply's latency,
+  whether a new ``hello`` of the banned user is closed with 4003 too, and the
+  p50 / p99 of the other clients' requests (by when they were sent) in the
+  ``--ban-window`` seconds before the ban, in the first 2 s after it and in
+  the ``--ban-window`` seconds after it. The issue's target: all closed
+  within 1 s, and no measurable cost to the others.
 
 Everything runs on 127.0.0.1; every loop is bounded by the duration (clients
 still busy 60 s after it are counted, not awaited); the server is killed at
@@ -386,6 +398,8 @@ class Load:
         self.close_codes: Counter[str] = Counter()
         self.events: Counter[str] = Counter()
         self.latency_ms: dict[str, list[float]] = {}
+        self.sent_at: list[tuple[float, float]] = []  # (trio time sent, latency ms) of every request
+        self.ban: dict[str, Any] | None = None  # --ban-at: what the ban did (see ban_under_load)
         self.recent: deque[tuple[str, str]] = deque(maxlen=300)  # (question id, asker) of recent questions
         self.reconnects = 0
         self.connect_failures = 0
@@ -553,7 +567,9 @@ class User:
             reply = None
         if reply is not None and op in ("create_question", "create_answer") and time.monotonic() >= load.warm_at:
             load.kept_after_warmup[op] += 1
-        load.latency_ms.setdefault(op, []).append((trio.current_time() - started) * 1000)
+        latency = (trio.current_time() - started) * 1000
+        load.latency_ms.setdefault(op, []).append(latency)
+        load.sent_at.append((started, latency))
         return reply
 
     async def ask(self) -> None:
@@ -641,6 +657,105 @@ class User:
             await self._timed(client, op, {})
 
 
+#: ``--ban-at``: connections of the banned user (the per-user maximum), opened this long before the ban.
+BAN_CONNECTIONS = 10
+BAN_LEAD_S = 5.0
+BANNED_USER = "banned0000"
+BAN_ADMIN = "soak_admin"
+
+
+async def ban_under_load(load: Load, at: float) -> None:
+    """At trio time ``at``: an admin bans a user with ``BAN_CONNECTIONS`` open; when did each see its close?"""
+    import trio
+    import trio_websocket
+
+    from dongne.auth import mint_token
+    from dongne.client import open_client
+
+    url, secret = load.url, load.secret
+    result: dict[str, Any] = {"connections": BAN_CONNECTIONS, "user_id": BANNED_USER}
+    load.ban = result
+    closed_at: list[float] = []
+    codes: Counter[str] = Counter()
+    ready = 0
+    all_ready, all_closed = trio.Event(), trio.Event()
+
+    def token(user: str, **claims: Any) -> str:
+        return mint_token(secret, user, now_s=time.time(), **claims)
+
+    async def victim(i: int) -> None:
+        nonlocal ready
+        try:
+            async with open_client(url, token(BANNED_USER, nick="Banned"), timeout=30) as client:
+                recent = [qid for qid, _ in list(load.recent)[-20:]]
+                if recent:  # in a room: the ban also tells that room the user left
+                    with contextlib.suppress(Exception):
+                        await client.request("join_question", {"question_id": recent[i % len(recent)]})
+                ready += 1
+                if ready == BAN_CONNECTIONS:
+                    all_ready.set()
+                await client.wait_closed()
+                closed_at.append(trio.current_time())
+                codes[str(client.closed.reason.code if client.closed and client.closed.reason else None)] += 1
+        except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError) as exc:
+            codes[f"failed: {type(exc).__name__}"] += 1
+        finally:
+            if len(closed_at) + sum(n for c, n in codes.items() if c.startswith("failed")) >= BAN_CONNECTIONS:
+                all_closed.set()
+
+    await trio.sleep_until(at - BAN_LEAD_S)
+    with trio.move_on_after(BAN_LEAD_S + 60):
+        async with trio.open_nursery() as nursery:
+            for i in range(BAN_CONNECTIONS):
+                nursery.start_soon(victim, i)
+            with trio.move_on_after(BAN_LEAD_S + 10):
+                await all_ready.wait()
+            result["opened"] = ready
+            async with open_client(url, token(BAN_ADMIN, admin=True), timeout=30) as admin:
+                await trio.sleep_until(max(at, trio.current_time()))
+                sent = trio.current_time()
+                result["sent_at"] = sent
+                try:
+                    reply = await admin.request(
+                        "ban_user", {"user_id": BANNED_USER, "reason": "soak: a ban under load"}
+                    )
+                    result["reply"] = reply
+                except Exception as exc:  # a refusal is a result too
+                    result["reply_error"] = repr(exc)
+                result["reply_ms"] = (trio.current_time() - sent) * 1000
+                with trio.move_on_after(30):
+                    await all_closed.wait()
+                # A new hello of the banned user: closed with 4003 while the ban lasts.
+                result["rehello"] = await _rehello(url, token(BANNED_USER))
+                nursery.cancel_scope.cancel()  # victims still open after 30 s are counted, not awaited
+    sent = result.get("sent_at")
+    delays = sorted((t - sent) * 1000 for t in closed_at) if sent is not None else []
+    result.update({
+        "closed": len(closed_at),
+        "close_codes": dict(codes),
+        "close_ms": delays,
+        "all_closed_ms": delays[-1] if len(delays) == BAN_CONNECTIONS else None,
+    })  # fmt: skip
+
+
+async def _rehello(url: str, token: str) -> int | str | None:
+    """Say hello on a new connection: the close code it gets, or ``"accepted"``."""
+    import msgpack
+    import trio
+    import trio_websocket
+
+    try:
+        with trio.fail_after(10):
+            async with trio_websocket.open_websocket_url(url) as ws:
+                await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token}}))
+                reply = msgpack.unpackb(await ws.get_message(), raw=False)
+                return "accepted" if reply.get("ok") else f"refused: {reply.get('error')}"
+    except trio_websocket.ConnectionClosed as exc:
+        return exc.reason.code if exc.reason else None
+    except (trio.TooSlowError, OSError, trio_websocket.HandshakeError) as exc:
+        return repr(exc)
+
+
 async def drive(load: Load, duration: float) -> None:
     """Every user's task plus the question clock, all ending by ``duration``."""
     import trio
@@ -679,6 +794,8 @@ async def drive(load: Load, duration: float) -> None:
                 await trio.sleep(0.01)  # no connection storm at start
             if args.question_rate > 0:
                 nursery.start_soon(questions)
+            if args.ban_at is not None:
+                nursery.start_soon(ban_under_load, load, end - duration + max(0.0, args.warmup) + args.ban_at)
     load.unfinished_clients = len(users) - len(finished)
 
 
@@ -882,6 +999,31 @@ def analyse(
     }
 
 
+def ban_summary(load: Load, window: float) -> dict[str, Any] | None:
+    """``--ban-at``: the ban's figures, and the other clients' latency before, just after and after it."""
+    ban = load.ban
+    if ban is None:
+        return None
+    out = {k: v for k, v in ban.items() if k != "sent_at"}
+    sent = ban.get("sent_at")
+    if sent is None:
+        return out
+    windows = {"before": (sent - window, sent), "first_2s_after": (sent, sent + 2.0), "after": (sent, sent + window)}
+    for name, (lo, hi) in windows.items():
+        lat = sorted(ms for t, ms in load.sent_at if lo <= t < hi)
+        out[f"others_{name}"] = {
+            "window_s": hi - lo, "n": len(lat), "p50_ms": h.percentile(lat, 50), "p99_ms": h.percentile(lat, 99),
+            "max_ms": lat[-1] if lat else float("nan"),
+        }  # fmt: skip
+    out["target_met"] = (
+        out.get("all_closed_ms") is not None
+        and out["all_closed_ms"] <= 1000.0
+        and out.get("close_codes") == {"4003": BAN_CONNECTIONS}
+        and out.get("rehello") == 4003
+    )
+    return out
+
+
 def by_design(summary: dict[str, Any], load: Load, cost: dict[str, Any]) -> dict[str, Any]:
     """What the questions and answers created after the warm-up cost, kept by design (an estimate)."""
     questions, answers = load.kept_after_warmup["create_question"], load.kept_after_warmup["create_answer"]
@@ -955,6 +1097,28 @@ def report(summary: dict[str, Any], cost: dict[str, Any] | None, top_rows: int =
         )
         print(
             f"the rest of the VmRSS growth: {kept['rest_of_growth_mb']:+.2f} MB ({kept['rest_of_growth_pct']:+.2f} %)"
+        )
+    ban = summary.get("ban")
+    if ban:
+        print()
+        closes = ban.get("close_ms") or []
+        print(
+            f"ban under load: {ban.get('opened', 0)}/{ban['connections']} connections of {ban['user_id']} open; "
+            f"ban_user reply {ban.get('reply_ms', float('nan')):.1f} ms {ban.get('reply_error', '')}"
+        )
+        print(
+            f"  closed {ban.get('closed', 0)}/{ban['connections']} (codes {json.dumps(ban.get('close_codes', {}))}); "
+            f"first {closes[0] if closes else float('nan'):.1f} ms, all {ban.get('all_closed_ms') or float('nan'):.1f} ms "
+            f"after sending ban_user; a new hello: {ban.get('rehello')}"
+        )
+        rows = [
+            (name, w["window_s"], w["n"], w["p50_ms"], w["p99_ms"], w["max_ms"])
+            for name, w in ((k[len("others_") :], v) for k, v in ban.items() if k.startswith("others_"))
+        ]
+        if rows:
+            print(h.format_table(["other clients' requests", "window s", "n", "p50 ms", "p99 ms", "max ms"], rows))
+        print(
+            f"  target (all 10 closed with 4003 within 1 s, re-hello refused): {'met' if ban.get('target_met') else 'NOT MET'}"
         )
     garbage = summary.get("garbage_at_end")
     if garbage and "garbage_objects" in garbage:
@@ -1048,6 +1212,19 @@ def _parser() -> argparse.ArgumentParser:
         help="with every sample, glibc's, pymalloc's and SQLite's own accounts (in use, held free); live objects by type after the warm-up and near the end; malloc_trim at the end (implied by --tracemalloc); cheap, RSS figures stay valid",
     )
     p.add_argument(
+        "--ban-at",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="this far into the measured period, an admin bans a user with 10 connections open; reports how fast they close and the others' latency around it",
+    )
+    p.add_argument(
+        "--ban-window",
+        type=float,
+        default=30.0,
+        help="--ban-at: seconds of the others' requests compared before and after the ban (default 30)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -1063,6 +1240,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.clients < 2 or args.duration <= 0 or args.rate <= 0:
         raise SystemExit("--clients >= 2, --duration > 0 and --rate > 0 please")
+    if args.ban_at is not None and not (0 <= args.ban_at < args.duration and args.ban_window > 0):
+        raise SystemExit("--ban-at must fall within --duration, --ban-window > 0")
+    if args.ban_at is not None and args.ban_at + args.ban_window > args.duration:
+        print("soak: --ban-at + --ban-window runs past --duration: the 'after' window is cut short", file=sys.stderr)
+    if args.ban_at is not None and max(0.0, args.warmup) + args.ban_at < args.ban_window + BAN_LEAD_S:
+        print(
+            "soak: fewer than --ban-window seconds of load before the ban: the 'before' window is cut short",
+            file=sys.stderr,
+        )
     warmup = max(0.0, args.warmup)
     total = warmup + args.duration
     h.raise_nofile(65536)
@@ -1115,6 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
             print("soak: the server died:\n" + "\n".join(server.tail), file=sys.stderr)
         summary = analyse(args, load, sampler.samples, warmup, wall)
         summary["server_alive_at_end"] = alive
+        summary["ban"] = ban_summary(load, args.ban_window)
         if trace_dir is not None:
             summary["snapshots"] = compare_snapshots(trace_dir, sampler.snapshots, args.tracemalloc)
             summary["malloc_trim_at_end"] = trimmed
@@ -1129,6 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     growth = summary["rss"]["VmRSS"]["growth_pct"]
     ok = alive and summary["seq_gap"] == summary["seq_duplicate"] == summary["unfinished_clients"] == 0
+    ok = ok and (summary["ban"] is None or bool(summary["ban"].get("target_met")))
     return 0 if ok and growth < 5.0 else 1
 
 
