@@ -262,20 +262,22 @@ class Moderation:
         self._fetched[(kind, item_id)] = found
         return RETRY
 
-    def _hide(
-        self, kind: str, question: Question, answer: Answer | None, reason: str, now: int, out: OutcomeBuilder
-    ) -> bool:
-        """Hide an item that is shown; False if it is hidden or deleted already."""
+    def _hide(self, kind: str, question: Question, answer: Answer | None, reason: str, call: Call) -> bool:
+        """Hide an item that is shown; False if it is hidden or deleted already.
+
+        The room hears of it, but for the connection whose request hid it (as with an author's delete).
+        """
+        now, out, me = call.now, call.out, call.conn.conn_id
         if kind == "question":
             if question.deleted_at is not None or question.question_id not in self._questions:
                 return False
-            self._qa.take_down_question(question, now, out, hidden=True)
+            self._qa.take_down_question(question, now, out, hidden=True, except_conn=me)
             author, data = question.asker_id, {"question_id": question.question_id}
         else:
             assert answer is not None
             if answer.deleted_at is not None or question.question_id not in self._questions:
                 return False
-            self._qa.take_down_answer(answer, now, out, hidden=True)
+            self._qa.take_down_answer(answer, now, out, hidden=True, except_conn=me)
             author, data = answer.author_id, {"question_id": question.question_id, "answer_id": answer.answer_id}
         if author in self._users:
             self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)
@@ -313,7 +315,7 @@ class Moderation:
         if show:
             changed = self._unhide(kind, question, answer, call.out)
         else:
-            changed = self._hide(kind, question, answer, reason, call.now, call.out)
+            changed = self._hide(kind, question, answer, reason, call)
         if changed:
             action = f"{'unhide' if show else 'hide'}_{kind}"
             call.out.write(AppendAudit(call.now, call.user.user_id, action, item_id, reason))
@@ -367,7 +369,7 @@ class Moderation:
         reporters = {r.reporter_id for r in self.open_reports.values() if (r.item_kind, r.item_id) == (kind, item_id)}
         if len(reporters) >= self._settings.auto_hide_reports:
             why = f"hidden after {len(reporters)} reports, pending review"
-            if self._hide(kind, question, answer, why, call.now, call.out):
+            if self._hide(kind, question, answer, why, call):
                 call.out.write(AppendAudit(call.now, AUTOMATIC, f"hide_{kind}", item_id, why))
                 call.out.note("content_auto_hidden", kind=kind, item=item_id, reports=len(reporters))
         return {"report_id": report.report_id, "status": "open"}
@@ -421,7 +423,7 @@ class Moderation:
         if action == "dismiss":
             self._unhide(kind, question, answer, out)
         elif action == "hide":
-            self._hide(kind, question, answer, f"hidden after review: {report.reason}", now, out)
+            self._hide(kind, question, answer, f"hidden after review: {report.reason}", call)
         else:
             author = self._users.get(question.asker_id if answer is None else answer.author_id)
             if author is not None and author.user_id != call.user.user_id:
