@@ -184,10 +184,13 @@ class PushDispatcher:
             self._closed = True
             task_status.started()
             return
-        limiter = trio.CapacityLimiter(CONCURRENCY)
+        limiter = trio.Semaphore(CONCURRENCY)  # acquired by the loop, released by the delivery task
         async with httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client, trio.open_nursery() as nursery:
             task_status.started()
             async for job in self._jobs():
+                # A delivery slot first: jobs wait in the bounded queue (and
+                # the outbox past it), not in tasks, while the gateway is slow.
+                await limiter.acquire()
                 nursery.start_soon(self._deliver, client, limiter, job)
             # The server is shutting down: jobs still in flight stay
             # pending in the outbox and are sent again at the next start.
@@ -202,36 +205,41 @@ class PushDispatcher:
         """Alerts go to the alert webhook, notifications to the push gateway."""
         return self._urls.get(job.kind, self.settings.push_url)
 
-    async def _deliver(self, client: httpx.AsyncClient, limiter: trio.CapacityLimiter, job: PushJob) -> None:
+    async def _deliver(self, client: httpx.AsyncClient, limiter: trio.Semaphore, job: PushJob) -> None:
+        try:
+            await self._deliver_held(client, job)
+        finally:
+            limiter.release()
+
+    async def _deliver_held(self, client: httpx.AsyncClient, job: PushJob) -> None:
         url = self.url_for(job)
         if not url:
             return  # no destination configured for this kind: recorded only
-        async with limiter:
-            if self._clock.now_ms() - job.created_at > self.settings.push_max_age_s * 1000:
-                self._record(job, "expired", job.attempts, "too old to send")
+        if self._clock.now_ms() - job.created_at > self.settings.push_max_age_s * 1000:
+            self._record(job, "expired", job.attempts, "too old to send")
+            return
+        attempts = job.attempts
+        error: str | None = None
+        while attempts < self.settings.push_attempts:
+            if attempts > job.attempts:
+                await trio.sleep(self.settings.push_backoff_s * 2 ** (attempts - job.attempts - 1))
+            attempts += 1
+            try:
+                response = await client.post(
+                    url,
+                    json=push_body(job),
+                    headers={"Idempotency-Key": _idempotency_key(job)},
+                )
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            if 200 <= response.status_code < 300:
+                self.sent += 1
+                self._record(job, "sent", attempts, None)
+                self._settle()
                 return
-            attempts = job.attempts
-            error: str | None = None
-            while attempts < self.settings.push_attempts:
-                if attempts > job.attempts:
-                    await trio.sleep(self.settings.push_backoff_s * 2 ** (attempts - job.attempts - 1))
-                attempts += 1
-                try:
-                    response = await client.post(
-                        url,
-                        json=push_body(job),
-                        headers={"Idempotency-Key": _idempotency_key(job)},
-                    )
-                except httpx.HTTPError as exc:
-                    error = f"{type(exc).__name__}: {exc}"[:200]
-                    continue
-                if 200 <= response.status_code < 300:
-                    self.sent += 1
-                    self._record(job, "sent", attempts, None)
-                    self._settle()
-                    return
-                error = f"HTTP {response.status_code}"
-            self.failed += 1
-            log.warning("push job %d to %s failed after %d attempts: %s", job.job_id, job.user_id, attempts, error)
-            self._record(job, "failed", attempts, error)
-            self._settle()
+            error = f"HTTP {response.status_code}"
+        self.failed += 1
+        log.warning("push job %d to %s failed after %d attempts: %s", job.job_id, job.user_id, attempts, error)
+        self._record(job, "failed", attempts, error)
+        self._settle()

@@ -139,6 +139,8 @@ class ClientServer:
         self._writes_ok = trio.Event()  # set while commits work
         self._writes_ok.set()
         self._writes_failed = trio.Event()  # wakes the storage supervisor
+        self._reloaded = trio.Event()  # set once memory is rebuilt after the latest failed commit (or none failed)
+        self._reloaded.set()
         self.pushes = PushDispatcher(
             escalation,
             self.pipeline.submit,
@@ -518,6 +520,7 @@ class ClientServer:
         if self._writes_ok.is_set():
             log.error("storage_failing", extra={"error": str(exc)})
             self._writes_ok = trio.Event()
+            self._reloaded = trio.Event()
             self._writes_failed.set()
             self._perform(self._handle(WritesFailing(str(exc))))
         for outcome, token in refused:
@@ -542,6 +545,10 @@ class ClientServer:
             conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
             self.metrics.errors.labels("unavailable").inc()
 
+    async def wait_reloaded(self) -> None:
+        """Return once memory has been rebuilt from the database after the latest failed commit."""
+        await self._reloaded.wait()
+
     async def _storage_supervisor(self) -> None:
         """After a failed commit: rebuild memory from the database, then probe until writes work again."""
         while True:
@@ -550,6 +557,7 @@ class ClientServer:
             hot_since = self.clock.now_ms() - self._hot_ms
             state = await trio.to_thread.run_sync(functools.partial(self.store.load, hot_since=hot_since))
             self._perform(self._handle(Reloaded(state)))
+            self._reloaded.set()
             while True:
                 await trio.sleep(PROBE_INTERVAL_S)
                 try:

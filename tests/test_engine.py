@@ -22,6 +22,7 @@ from dongne.core import (
     LimitSettings,
     Outcome,
     QuestionLoaded,
+    ReadDone,
     Replay,
     SaveAnswer,
     SaveQuestion,
@@ -538,3 +539,29 @@ def test_a_read_the_store_cannot_answer_fails_the_request_not_the_connection() -
     reply = sim.reply(failed)
     assert (reply["id"], reply["error"]["code"]) == (7, "internal")
     assert sim.reply(sim.call(1, "get_profile", {}))["ok"]
+
+
+def test_a_write_whose_question_was_being_read_when_writes_failed_is_refused() -> None:
+    from dongne.core import Question, WritesFailing
+
+    sim = Sim(make_engine())
+    sim.connect(1, "local")
+    asked = sim.engine.handle(
+        FrameReceived(1, frame("create_answer", 5, {"question_id": "q-old", "content": "hi"})), T0
+    )
+    assert asked.load_question == "q-old"
+    sim.engine.handle(WritesFailing("disk full"), T0)  # while the store was being read
+    old = Question("q-old", "jun", "Jun", "old", "", 33.5, 126.5, None, (), "normal", T0 - 10**6)
+    answered = sim.engine.handle(QuestionLoaded(1, old, ()), T0)
+    assert answered.writes == () and answered.error == "unavailable"
+    assert old.answer_count == 0
+
+
+def test_a_bug_in_a_read_reply_answers_internal() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    asked = sim.engine.handle(FrameReceived(1, frame("my_questions", 9, {})), T0)
+    assert asked.read is not None
+    broken = sim.engine.handle(ReadDone(1, [("not", "a", "row")]), T0)
+    reply = sim.reply(broken)
+    assert (reply["id"], reply["error"]["code"]) == (9, "internal")

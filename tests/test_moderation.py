@@ -221,3 +221,62 @@ async def test_an_ip_block_at_run_time_closes_that_address_and_refuses_it_until_
         actions = [e["action"] for e in (await admin.request("list_audit", {}))["entries"]]
         assert actions[:2] == ["unblock_ip", "block_ip"]
     await h2.running.aclose()
+
+
+async def test_review_findings_hide_out_of_memory_reporters_told_repeat_reports_and_a_failed_unblock(
+    start_server: Any, db_path: Any
+) -> None:
+    import sqlite3
+    import time
+
+    from dongne.clock import EngineClock
+
+    h: Harness = await start_server(moderation={"auto_hide_reports": 2}, questions={"ttl_s": 3600.0})
+    async with (
+        h.connect("ops", admin=True) as admin,
+        h.connect("asker") as asker,
+        h.connect("spammer") as spammer,
+        h.connect("r1") as r1,
+        h.connect("r2") as r2,
+    ):
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        aid = (await spammer.request("create_answer", {"question_id": qid, "content": "visit my shop"}))["answer"][
+            "answer_id"
+        ]
+        # The last reporter is in the room: the auto-hide is news to them too.
+        await r2.request("join_question", {"question_id": qid})
+        await r1.request("report_content", {"answer_id": aid, "reason": "spam"})
+        await r2.request("report_content", {"answer_id": aid, "reason": "spam"})
+        assert (await r2.next_event("answer_deleted"))["data"]["answer_id"] == aid
+        # Dismissed, then reported again by the same user: a new report, stored and listed.
+        first = (await admin.request("list_reports", {}))["reports"][0]["report_id"]
+        await admin.request("resolve_report", {"report_id": first, "action": "dismiss"})
+        again = await r1.request("report_content", {"answer_id": aid, "reason": "abuse"})
+        listed = [r["report_id"] for r in (await admin.request("list_reports", {}))["reports"]]
+        assert listed == [again["report_id"]]
+
+        old = (await asker.request("create_question", question_data(title="old one")))["question"]["question_id"]
+        await asker.request("close_question", {"question_id": old})
+
+        # A refused unblock leaves the block in force.
+        await admin.request("block_ip", {"cidr": "198.51.100.7", "reason": "scraper"})
+        with pytest.raises(RequestError) as long_reason:
+            await admin.request("unblock_ip", {"cidr": "198.51.100.7", "reason": "x" * 600})
+        assert long_reason.value.code == "too_long"
+        assert [b["cidr"] for b in (await admin.request("list_ip_blocks", {}))["blocks"]] == ["198.51.100.7/32"]
+    await h.running.aclose()
+    with sqlite3.connect(db_path) as conn:
+        reports = conn.execute("SELECT reporter_id, status FROM reports ORDER BY created_at, report_id").fetchall()
+    assert sorted(reports) == [("r1", "open"), ("r1", "resolved"), ("r2", "resolved")]
+
+    # Eight days on, the closed question is no longer in memory; it can still be hidden (in the store).
+    later = EngineClock(int(time.time() * 1000) + 8 * 86_400_000)
+    h2: Harness = await start_server(clock=later)
+    assert old not in h2.running.engine.questions  # closed, and older than the hot window
+    async with h2.connect("ops", admin=True) as admin, h2.connect("asker") as asker:
+        assert (await admin.request("hide_question", {"id": old, "reason": "off topic"}))["changed"] is True
+        with pytest.raises(RequestError) as gone:
+            await asker.request("get_question", {"question_id": old})
+        assert gone.value.code == "not_found"
+        assert (await asker.next_event("content_hidden"))["data"]["question_id"] == old
+    await h2.running.aclose()

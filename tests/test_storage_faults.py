@@ -200,6 +200,7 @@ async def test_a_lock_held_by_another_program_refuses_writes_until_it_is_release
             with pytest.raises(RequestError) as again:
                 await asker.request("create_question", question_data(title="while locked"))
             assert again.value.code == "unavailable"
+            await h.running.clients.wait_reloaded()
             got = await reader.request("join_question", {"question_id": question["question_id"]})
             assert got["question"]["status"] == "open"  # memory was rebuilt from what the database holds
         finally:

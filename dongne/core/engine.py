@@ -245,7 +245,9 @@ class Engine:
             self.oversight.asked(question)
             if question.status in ACTIVE:
                 where.question_opened(question, question.created_at)
-                if question.question_id in state.escalations:
+                asker = self.users.get(question.asker_id)
+                banned = asker is not None and asker.banned_at(now)
+                if question.question_id in state.escalations and not banned:  # a ban stops escalating for good
                     where.restore_escalation(
                         question.question_id,
                         state.escalations[question.question_id],
@@ -373,13 +375,6 @@ class Engine:
             return self._refuse(
                 conn.conn_id, request.id, ProtocolError("unknown_op", f"unknown operation {op[:40]!r}"), label
             )
-        if not self.writable and op in WRITING_OPS:
-            error = ProtocolError(
-                "unavailable",
-                "writes are failing on the server; nothing was changed",
-                retry_after_ms=UNAVAILABLE_RETRY_MS,
-            )
-            return self._refuse(conn.conn_id, request.id, error, label)
         question_id = request.data.get("question_id")
         if (
             op not in READ_OPS
@@ -405,6 +400,14 @@ class Engine:
 
     def _run(self, conn: ConnState, request: Request, now: int, label: str, *, retried: bool = False) -> Outcome:
         assert conn.user_id is not None
+        if not self.writable and request.op in WRITING_OPS:
+            # Checked here, not on arrival only: a store read may have been in flight when writes began to fail.
+            error = ProtocolError(
+                "unavailable",
+                "writes are failing on the server; nothing was changed",
+                retry_after_ms=UNAVAILABLE_RETRY_MS,
+            )
+            return self._refuse(conn.conn_id, request.id, error, label)
         out = OutcomeBuilder()
         call = Call(conn, self.users[conn.user_id], request, Fields(request.data), now, out, retried)
         try:
@@ -445,6 +448,9 @@ class Engine:
             data = finish(event.rows)
         except ProtocolError as exc:
             return self._refuse(conn.conn_id, request.id, exc, request.op)
+        except Exception:  # a bug: the client gets "internal", as in _run
+            log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
+            return self._refuse(conn.conn_id, request.id, ProtocolError("internal", "internal error"), request.op)
         if data is RETRY:
             return self._run(conn, request, now, request.op, retried=True)
         return Outcome(
@@ -564,9 +570,16 @@ class Engine:
         for question_id in [q for q in self.presence.rooms if q not in self.questions]:
             self.presence.drop_room(question_id, self.conns)
         for conn in self.conns.values():
-            if conn.user_id is not None and conn.user_id not in self.users and conn.phase is ConnPhase.READY:
+            if conn.user_id is None:
+                continue
+            user = self.users.get(conn.user_id)
+            if user is None and conn.phase is ConnPhase.READY:
                 conn.phase = ConnPhase.CLOSING
                 out.act(Close(conn.conn_id, 1013, "the server lost your profile to a storage failure; reconnect"))
+            elif user is not None and conn.phase is ConnPhase.CLOSING and not user.banned_at(now):
+                # Its close may have been decided with a write that was refused
+                # (a ban): it is a connection like the others again.
+                conn.phase = ConnPhase.READY
         out.note("state_reloaded", users=len(self.users), questions=len(self.questions))
         return out.build()
 

@@ -148,10 +148,10 @@ class Moderation:
     def unblock_ip(self, call: Call) -> dict[str, Any]:
         self._admin(call)
         cidr = _network(call.f.string("cidr", max_len=64))
+        reason = call.f.text("reason", max_len=500, min_len=0, default="")  # checked before anything changes
         if self.ip_blocks.pop(cidr, None) is None:
             raise ProtocolError("not_found", "no such run-time block (blocks in config.toml stay)")
         call.out.write(DeleteIpBlock(cidr))
-        reason = call.f.text("reason", max_len=500, min_len=0, default="")
         call.out.write(AppendAudit(call.now, call.user.user_id, "unblock_ip", cidr, reason))
         call.out.actions.extend(self.blocks_in_force(call.now).actions)
         return {"cidr": cidr}
@@ -262,22 +262,45 @@ class Moderation:
         self._fetched[(kind, item_id)] = found
         return RETRY
 
-    def _hide(self, kind: str, question: Question, answer: Answer | None, reason: str, call: Call) -> bool:
+    def _hide(
+        self,
+        kind: str,
+        question: Question,
+        answer: Answer | None,
+        reason: str,
+        call: Call,
+        *,
+        tell_caller: bool = False,
+    ) -> bool:
         """Hide an item that is shown; False if it is hidden or deleted already.
 
-        The room hears of it, but for the connection whose request hid it (as with an author's delete).
+        The room hears of it, but for the connection whose request hid it (as
+        with an author's delete) unless ``tell_caller``. An item not in
+        memory (an old question, an expired one) is marked in the store only.
         """
-        now, out, me = call.now, call.out, call.conn.conn_id
+        now, out = call.now, call.out
+        me = None if tell_caller else call.conn.conn_id
+        in_memory = question.question_id in self._questions
         if kind == "question":
-            if question.deleted_at is not None or question.question_id not in self._questions:
+            if question.deleted_at is not None:
                 return False
-            self._qa.take_down_question(question, now, out, hidden=True, except_conn=me)
+            if in_memory:
+                self._qa.take_down_question(question, now, out, hidden=True, except_conn=me)
+            else:
+                question.deleted_at, question.hidden = now, True
+                out.write(SaveQuestion(attrs.evolve(question)))
             author, data = question.asker_id, {"question_id": question.question_id}
         else:
             assert answer is not None
-            if answer.deleted_at is not None or question.question_id not in self._questions:
+            if answer.deleted_at is not None:
                 return False
-            self._qa.take_down_answer(answer, now, out, hidden=True, except_conn=me)
+            if in_memory:
+                self._qa.take_down_answer(answer, now, out, hidden=True, except_conn=me)
+            else:
+                answer.deleted_at, answer.hidden = now, True
+                question.answer_count = max(0, question.answer_count - 1)
+                out.write(SaveAnswer(attrs.evolve(answer)))
+                out.write(SaveQuestion(attrs.evolve(question)))
             author, data = answer.author_id, {"question_id": question.question_id, "answer_id": answer.answer_id}
         if author in self._users:
             self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)
@@ -369,7 +392,7 @@ class Moderation:
         reporters = {r.reporter_id for r in self.open_reports.values() if (r.item_kind, r.item_id) == (kind, item_id)}
         if len(reporters) >= self._settings.auto_hide_reports:
             why = f"hidden after {len(reporters)} reports, pending review"
-            if self._hide(kind, question, answer, why, call):
+            if self._hide(kind, question, answer, why, call, tell_caller=True):  # the reporter is in no way its cause
                 call.out.write(AppendAudit(call.now, AUTOMATIC, f"hide_{kind}", item_id, why))
                 call.out.note("content_auto_hidden", kind=kind, item=item_id, reports=len(reporters))
         return {"report_id": report.report_id, "status": "open"}

@@ -180,9 +180,11 @@ MIGRATIONS: list[str] = [
         status       TEXT NOT NULL,         -- open | resolved
         resolved_by  TEXT,
         resolved_at  INTEGER,
-        action       TEXT,                  -- dismiss | hide | ban
-        UNIQUE (item_kind, item_id, reporter_id)
+        action       TEXT                   -- dismiss | hide | ban
     );
+    -- A user has at most one open report of an item (a new one after a
+    -- resolution is a new report).
+    CREATE UNIQUE INDEX reports_open_once ON reports(item_kind, item_id, reporter_id) WHERE status = 'open';
     CREATE INDEX reports_by_status ON reports(status, created_at, report_id);
     CREATE INDEX reports_listed ON reports(created_at, report_id);
     CREATE TABLE ip_blocks (

@@ -155,14 +155,13 @@ def prepare_writes(writes: Sequence[Write], max_variables: int) -> PreparedCommi
             for j in pushes
         ],
     )  # fmt: skip
-    # A new report is ignored if this user reported this item before; a
-    # resolution updates the row (report ids are never reused).
+    # A resolution updates the report's row (report ids are never reused);
+    # the engine keeps one open report per user and item (reports_open_once).
     if reports:
         batch.many(
             f"INSERT INTO reports ({REPORT_COLS}) VALUES ({', '.join('?' * 12)})"
             " ON CONFLICT (report_id) DO UPDATE SET status = excluded.status, resolved_by = excluded.resolved_by,"
-            " resolved_at = excluded.resolved_at, action = excluded.action"
-            " ON CONFLICT (item_kind, item_id, reporter_id) DO NOTHING",
+            " resolved_at = excluded.resolved_at, action = excluded.action",
             [report_row(r) for r in reports.values()],
         )
     for cidr, block in ip_blocks.items():
