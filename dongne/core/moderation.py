@@ -118,6 +118,7 @@ class Moderation:
 
     def load(self, reports: list[Report], ip_blocks: list[IpBlock], now: int) -> Outcome:
         """Adopt stored reports and IP blocks; returns the blocks for the driver."""
+        self._fetched.clear()
         self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
         self.ip_blocks = {b.cidr: b for b in ip_blocks if b.active(now)}
         return self.blocks_in_force(now)
@@ -238,11 +239,11 @@ class Moderation:
 
     def _item(self, call: Call, kind: str, item_id: str) -> tuple[Question, Answer | None] | Pending:
         """The question (and answer) an operation is about, hidden ones included; ``not_found`` if none."""
+        fetched = self._fetched.pop((kind, item_id), None)  # taken either way: nothing stays behind
         if kind == "question" and item_id in self._questions:
             return self._questions[item_id], None
         if kind == "answer" and (answer := self._qa.answer_in_memory(item_id)) is not None:
             return self._questions[answer.question_id], answer
-        fetched = self._fetched.pop((kind, item_id), None)
         if fetched is None:
             if call.retried:
                 raise ProtocolError("not_found", f"no such {kind}")
