@@ -17,7 +17,13 @@ from .effects import AppendEvent, EnqueuePush, OutcomeBuilder, Push, SaveAnswer,
 from .protocol import durable_event, event
 from .records import Answer, PushJob, Question, ReceiptState, User
 
-__all__ = ["DURABLE_EVENTS", "Inbox"]
+__all__ = ["DURABLE_EVENTS", "Inbox", "unread_of"]
+
+
+def unread_of(user: User) -> int:
+    """How many of a user's durable events are not marked read."""
+    return max(0, user.last_seq - user.read_seq)
+
 
 #: Every kind of durable event (the ones in a user's inbox, with a seq).
 DURABLE_EVENTS = frozenset(
@@ -69,7 +75,7 @@ class Inbox:
         if read_seq != user.read_seq:
             user.read_seq = read_seq
             call.out.write(SaveUser(attrs.evolve(user)))
-        unread = max(0, user.last_seq - user.read_seq)
+        unread = unread_of(user)
         call.out.send(self._user_conns.get(user.user_id, ()), event("unread_count", {"unread": unread}))
         return {"unread": unread}
 

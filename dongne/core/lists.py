@@ -20,7 +20,7 @@ import attrs
 from .connections import Call
 from .cursors import CursorCodec
 from .errors import ProtocolError
-from .inbox import DURABLE_EVENTS
+from .inbox import DURABLE_EVENTS, unread_of
 from .protocol import HASHTAG, Fields
 from .reads import (
     AnswersOfAuthor,
@@ -192,7 +192,7 @@ class Lists:
 
         def reply(rows: list[Question]) -> dict[str, Any]:
             return {
-                "questions": [_listed(q) for q in rows[:limit]],
+                "questions": [q.to_wire() for q in rows[:limit]],
                 "next": self._next("browse", scope, rows, limit, _question_position),
             }
 
@@ -247,19 +247,9 @@ class Lists:
         )
 
 
-def unread_of(user: User) -> int:
-    """How many of a user's durable events are not marked read."""
-    return max(0, user.last_seq - user.read_seq)
-
-
 def _answer_position(answer: Answer) -> tuple[int, str]:
     return answer.created_at, answer.answer_id
 
 
 def _question_position(question: Question) -> tuple[int, str]:
     return question.created_at, question.question_id
-
-
-def _listed(question: Question) -> dict[str, Any]:
-    wire = question.to_wire()
-    return {**wire, "answer_count": question.answer_count, "status": question.status.value}

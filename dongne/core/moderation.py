@@ -281,27 +281,16 @@ class Moderation:
         """
         now, out = call.now, call.out
         me = None if tell_caller else call.conn.conn_id
-        in_memory = question.question_id in self._questions
         if kind == "question":
             if question.deleted_at is not None:
                 return False
-            if in_memory:
-                self._qa.take_down_question(question, now, out, hidden=True, except_conn=me)
-            else:
-                question.deleted_at, question.hidden = now, True
-                out.write(SaveQuestion(attrs.evolve(question)))
+            self._qa.take_down_question(question, now, out, hidden=True, except_conn=me)
             author, data = question.asker_id, {"question_id": question.question_id}
         else:
             assert answer is not None
             if answer.deleted_at is not None:
                 return False
-            if in_memory:
-                self._qa.take_down_answer(answer, now, out, hidden=True, except_conn=me)
-            else:
-                answer.deleted_at, answer.hidden = now, True
-                question.answer_count = max(0, question.answer_count - 1)
-                out.write(SaveAnswer(attrs.evolve(answer)))
-                out.write(SaveQuestion(attrs.evolve(question)))
+            self._qa.take_down_answer(question, answer, now, out, hidden=True, except_conn=me)
             author, data = answer.author_id, {"question_id": question.question_id, "answer_id": answer.answer_id}
         if author in self._users:
             self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)

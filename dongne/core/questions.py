@@ -329,7 +329,10 @@ class Questions:
     def take_down_question(
         self, question: Question, now: int, out: OutcomeBuilder, *, hidden: bool = False, except_conn: int | None = None
     ) -> None:
-        """Delete (or hide) a question: it leaves lists, nearby, its room (``question_deleted``) and memory."""
+        """Delete (or hide) a question: it leaves lists, nearby, its room (``question_deleted``) and memory.
+
+        Works as well for a question that is not in memory (read from the store): then only its row changes.
+        """
         question.deleted_at = now
         question.hidden = hidden
         self._end(question, out)
@@ -341,10 +344,19 @@ class Questions:
         self._forget(question)
 
     def take_down_answer(
-        self, answer: Answer, now: int, out: OutcomeBuilder, *, hidden: bool = False, except_conn: int | None = None
+        self,
+        question: Question,
+        answer: Answer,
+        now: int,
+        out: OutcomeBuilder,
+        *,
+        hidden: bool = False,
+        except_conn: int | None = None,
     ) -> None:
-        """Delete (or hide) an answer: it leaves lists, its question's count and room (``answer_deleted``), memory."""
-        question = self._questions[answer.question_id]
+        """Delete (or hide) an answer: it leaves lists, its question's count and room (``answer_deleted``), memory.
+
+        Works as well for a question that is not in memory (read from the store): then only the rows change.
+        """
         answer.deleted_at = now
         answer.hidden = hidden
         self._answers.get(question.question_id, {}).pop(answer.answer_id, None)
@@ -375,7 +387,8 @@ class Questions:
             raise ProtocolError("forbidden", "only its author can delete an answer")
         if answer.accepted:
             raise ProtocolError("forbidden", "an accepted answer cannot be deleted")
-        self.take_down_answer(answer, call.now, call.out, except_conn=call.conn.conn_id)
+        question = self._questions[answer.question_id]
+        self.take_down_answer(question, answer, call.now, call.out, except_conn=call.conn.conn_id)
         return {"question_id": answer.question_id, "answer_id": answer_id}
 
     def expire(self, question_id: str, now: int, out: OutcomeBuilder) -> None:

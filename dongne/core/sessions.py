@@ -9,8 +9,7 @@ import attrs
 from .connections import Call, ConnPhase, ConnState
 from .effects import Outcome, OutcomeBuilder, Replay, SaveUser
 from .errors import CloseConnection
-from .inbox import Inbox
-from .lists import unread_of
+from .inbox import Inbox, unread_of
 from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight

@@ -137,15 +137,6 @@ class ContentSettings:
     spam_patterns: tuple[str, ...] = attrs.field(default=DEFAULT_SPAM_PATTERNS, converter=tuple, validator=_patterns)
 
 
-def _stage_plans(value: Any) -> tuple[StagePlan, ...]:
-    try:
-        return stages_from_config(value)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 @attrs.frozen
 class QuestionSettings:
     # An open question without an accepted answer expires this long after it
@@ -181,6 +172,6 @@ class CoreSettings:
     alerts: AlertSettings = AlertSettings()
     questions: QuestionSettings = QuestionSettings()
     moderation: ModerationSettings = ModerationSettings()
-    stages: tuple[StagePlan, ...] = attrs.field(default=DEFAULT_STAGES, converter=_stage_plans)
+    stages: tuple[StagePlan, ...] = attrs.field(default=DEFAULT_STAGES, converter=stages_from_config)
     alerts_per_batch: int = attrs.field(default=100, validator=positive)
     hello_timeout_s: float = attrs.field(default=10.0, validator=positive_or_inf)

@@ -320,13 +320,7 @@ class Store:
                 (hot_since,),
             )
         ]
-        pending_pushes = [
-            push_from(r)
-            for r in self._read(
-                "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status"
-                " FROM push_outbox WHERE status = 'pending' ORDER BY job_id"
-            )
-        ]
+        pending_pushes = self.pending_push_jobs(0, -1)  # all of them (SQLite: LIMIT -1 is none)
         last_job = self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0]
         return LoadedState(
             users=users,
