@@ -49,6 +49,7 @@ def push_body(job: PushJob) -> dict[str, Any]:
         "job_id": job.job_id,
         "user_id": job.user_id,
         "type": job.kind,
+        "kind": job.kind,  # the name for it; "type" stays for gateways written before
         "urgent": job.urgent,
         "created_at": job.created_at,
         **job.payload,

@@ -260,7 +260,8 @@ async def test_an_asker_and_an_answerer_who_are_not_connected_are_pushed(
         await asker.request("accept_answer", {"question_id": qid, "answer_id": answer["answer_id"]})
     with trio.fail_after(10):
         await h.running.pushes.wait_sent(2)
-    kinds = [(body["type"], body["user_id"]) for _headers, body in gateway.requests]
+    kinds = [(body["kind"], body["user_id"]) for _headers, body in gateway.requests]
+    assert all(body["type"] == body["kind"] for _headers, body in gateway.requests)
     assert kinds == [("answer_notification", "asker"), ("answer_accepted_notification", "local")]
 
 
