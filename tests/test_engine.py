@@ -139,6 +139,14 @@ def test_hello_creates_the_user_once_and_refreshes_claims() -> None:
     assert again.writes == ()  # same claims, nothing to write
 
 
+def test_ping_answers_with_the_server_time_and_writes_nothing() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "mina")
+    pinged = sim.call(1, "ping", {}, T0 + 1234)
+    assert pinged.writes == ()
+    assert sim.reply(pinged) == {"type": "reply", "id": pinged.request[1], "ok": True, "data": {"server_time": T0 + 1234}}
+
+
 def test_durable_events_get_consecutive_seqs_and_a_row_each() -> None:
     sim = Sim(make_engine())
     sim.connect(1, "asker")

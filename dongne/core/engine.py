@@ -218,6 +218,7 @@ class Engine:
             **self.moderation.operations(),
             "mark_notifications_read": self.inbox.mark_read,
             "get_profile": self.sessions.get_profile,
+            "ping": self.sessions.ping,
             "metrics": self.oversight.metrics_op,
         }
 

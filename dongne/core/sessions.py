@@ -120,6 +120,10 @@ class Sessions:
         """The ``get_profile`` operation: the caller's own user and newest seq."""
         return {"user": call.user.to_wire(), "last_seq": call.user.last_seq}
 
+    def ping(self, call: Call) -> dict[str, Any]:
+        """The ``ping`` operation: a liveness check that browsers can see (they cannot see WebSocket pings)."""
+        return {"server_time": call.now}
+
     def left(self, conn: ConnState) -> Outcome:
         """A connection went away: it leaves its rooms (presence), and its user is offline if it was the last."""
         assert conn.user_id is not None
