@@ -144,7 +144,12 @@ def test_ping_answers_with_the_server_time_and_writes_nothing() -> None:
     sim.connect(1, "mina")
     pinged = sim.call(1, "ping", {}, T0 + 1234)
     assert pinged.writes == ()
-    assert sim.reply(pinged) == {"type": "reply", "id": pinged.request[1], "ok": True, "data": {"server_time": T0 + 1234}}
+    assert sim.reply(pinged) == {
+        "type": "reply",
+        "id": pinged.request[1],
+        "ok": True,
+        "data": {"server_time": T0 + 1234},
+    }
 
 
 def test_durable_events_get_consecutive_seqs_and_a_row_each() -> None:
