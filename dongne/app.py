@@ -33,6 +33,7 @@ from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
 from .snapshots import run_periodic_snapshots
 from .store import Store, hold_database_lock
+from .web import WebApp
 
 __all__ = ["Running", "run_server"]
 
@@ -116,6 +117,21 @@ async def run_server(
         stopped.set()  # after the lock is released: a restart may follow at once
 
 
+def web_app(settings: Settings, regions: RegionSet) -> WebApp:
+    """The web app on the client port, with what its page needs to know about this server."""
+    radii = sorted({s.radius_m for s in settings.escalation.stages if s.radius_m is not None})
+    config = {
+        "protocol": 1,
+        "ws_path": "/ws",
+        "tile_url": settings.web.tile_url,
+        "tile_attribution": settings.web.tile_attribution,
+        "token_url": settings.web.token_url,
+        "min_update_interval_s": settings.location.min_update_interval_s,
+        "nearby_radii_m": radii[:2],
+    }
+    return WebApp(config, regions.to_geojson(), tile_url=settings.web.tile_url, token_url=settings.web.token_url)
+
+
 async def _serve(
     settings: Settings,
     db_path: Path,
@@ -163,6 +179,7 @@ async def _serve(
             max_batch=settings.store.max_batch,
             hot_days=keep_days,
             inbox=settings.inbox,
+            site=web_app(settings, region_set).answer if settings.web.enabled else None,
         )
         shutdown = trio.Event()
 

@@ -46,6 +46,7 @@ __all__ = [
     "Settings",
     "SnapshotSettings",
     "StoreSettings",
+    "WebSettings",
     "load_settings",
 ]
 
@@ -152,6 +153,35 @@ class SnapshotSettings:
     keep: int = attrs.field(default=24, validator=positive)
 
 
+def _url(*schemes: str, template: bool = False) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if not value:
+            return
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in schemes or not rest or rest.startswith("/"):
+            raise ConfigError(f"{attribute.name}: {value!r} is not an absolute {' or '.join(schemes)} URL")
+        if template and not all(part in value for part in ("{z}", "{x}", "{y}")):
+            raise ConfigError(f"{attribute.name}: {value!r} needs {{z}}, {{x}} and {{y}} (an XYZ tile template)")
+
+    return check
+
+
+@attrs.frozen
+class WebSettings:
+    # The web app on the client port (GET /); off: the port only speaks
+    # WebSocket and answers /health and /ready.
+    enabled: bool = True
+    # An XYZ raster tile template (https://tiles.example/{z}/{x}/{y}.png) drawn
+    # under the regions, from a tile server you may use; empty: no street map,
+    # and the app loads nothing from other hosts.
+    tile_url: str = attrs.field(default="", validator=_url("https", "http", template=True))
+    # Shown on the map, as the tile server's terms require.
+    tile_attribution: str = ""
+    # Where the app fetches a token (GET, with cookies; JSON {"token": "..."})
+    # when the page was not opened with #token=...; empty: no sign-in but the link.
+    token_url: str = attrs.field(default="", validator=_url("https", "http"))
+
+
 @attrs.frozen
 class LogSettings:
     level: str = attrs.field(default="INFO", validator=_one_of("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -173,6 +203,7 @@ class Settings:
     limits: LimitSettings = LimitSettings()
     content: ContentSettings = ContentSettings()
     snapshots: SnapshotSettings = SnapshotSettings()
+    web: WebSettings = WebSettings()
     log: LogSettings = LogSettings()
 
     def core(self) -> CoreSettings:

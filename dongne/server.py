@@ -74,6 +74,7 @@ from .store import Store, WriteFailed
 from .transport import (
     BinaryFrame,
     FrameEncoder,
+    Site,
     TextFrame,
     WebSocketConnection,
     accept_upgrade,
@@ -121,8 +122,10 @@ class ClientServer:
         max_batch: int = 1000,
         hot_days: float = 7.0,
         inbox: InboxSettings = InboxSettings(),
+        site: Site | None = None,
     ) -> None:
         self._inbox = inbox
+        self._site = site
         self.settings = settings
         self._startup = startup
         self.engine = engine
@@ -278,6 +281,7 @@ class ClientServer:
                     is_ready=lambda: self.accepting,
                     proxies=self.door.proxies,
                     proxy_protocol=self.settings.proxy_protocol,
+                    site=self._site,
                 )
                 if request is not None:
                     refusal = self.door.admit(request, self.clock.now_ms())

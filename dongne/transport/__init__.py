@@ -8,7 +8,9 @@ from ._connection import TextFrame as TextFrame
 from ._connection import WebSocketConnection as WebSocketConnection
 from ._frames import FrameEncoder as FrameEncoder
 from ._handshake import HandshakeResult as HandshakeResult
+from ._handshake import HttpAnswer as HttpAnswer
 from ._handshake import Refusal as Refusal
+from ._handshake import Site as Site
 from ._handshake import UpgradeRequest as UpgradeRequest
 from ._handshake import accept_upgrade as accept_upgrade
 from ._handshake import read_request as read_request
@@ -23,10 +25,12 @@ __all__ = [
     "BinaryFrame",
     "FrameEncoder",
     "HandshakeResult",
+    "HttpAnswer",
     "OriginPolicy",
     "ProxyHeader",
     "ProxyProtocolError",
     "Refusal",
+    "Site",
     "TextFrame",
     "TrustedProxies",
     "UpgradeRequest",

@@ -4,8 +4,8 @@ h11 parses the request (after a PROXY protocol header, when configured). A
 WebSocket upgrade is handed to the driver (``read_request``), which admits it
 (``accept_upgrade``: 101, and the connection carries on as WebSocket) or
 refuses it (``refuse_upgrade``: 400, 403 or 429); ``GET /health`` and ``GET /ready`` get a
-small JSON answer (load balancers probe the port they route to); anything
-else gets 404 or 426.
+small JSON answer (load balancers probe the port they route to); a ``site``
+(the web app) may answer other plain requests; anything else gets 404 or 426.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from ._proxy_protocol import ProxyHeader, ProxyProtocolError, parse_proxy_header
 
 __all__ = [
     "HandshakeResult",
+    "HttpAnswer",
     "Refusal",
+    "Site",
     "UpgradeRequest",
     "accept_upgrade",
     "read_request",
@@ -37,6 +39,19 @@ __all__ = [
 ]
 
 MAX_REQUEST_BYTES = 16384
+
+
+@attrs.frozen
+class HttpAnswer:
+    """A complete answer to a plain HTTP request: status, headers, body (empty for HEAD and 304)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+
+
+#: Answers plain (non-upgrade) requests: ``(method, path, headers)`` -> an answer, or ``None`` (not its path).
+Site = Callable[[str, str, list[tuple[bytes, bytes]]], HttpAnswer | None]
 
 
 @attrs.frozen
@@ -110,6 +125,14 @@ def _json_response(
     return (head or b"") + (conn.send(h11.Data(data=payload)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
 
 
+def _plain_response(conn: h11.Connection, answer: HttpAnswer) -> bytes:
+    head = conn.send(
+        h11.Response(status_code=answer.status, reason=HTTPStatus(answer.status).phrase, headers=list(answer.headers))
+    )
+    body = conn.send(h11.Data(data=answer.body)) if answer.body else b""
+    return (head or b"") + (body or b"") + (conn.send(h11.EndOfMessage()) or b"")
+
+
 @attrs.define
 class UpgradeRequest:
     """A WebSocket upgrade request, read and not yet answered.
@@ -167,6 +190,7 @@ async def read_request(
     is_ready: Callable[[], bool],
     proxies: TrustedProxies | None = None,
     proxy_protocol: bool = False,
+    site: Site | None = None,
 ) -> UpgradeRequest | None:
     """Read one HTTP request; answer it unless it asks for a WebSocket.
 
@@ -177,6 +201,7 @@ async def read_request(
         proxies: the trusted proxies (none: the peer is the client).
         proxy_protocol: the connection starts with a PROXY header (v1 or v2),
             believed only from a trusted proxy; without one it is closed.
+        site: answers the plain requests it knows (the web app's files).
 
     Returns:
         the upgrade request, to be answered with ``accept_upgrade`` or
@@ -216,6 +241,11 @@ async def read_request(
         elif event.method == b"GET" and path == "/ready":
             ready = is_ready()
             await _try_send(sock, _json_response(conn, 200 if ready else 503, {"ready": ready}))
+        elif (
+            site is not None
+            and (answer := site(event.method.decode("ascii", "replace"), path, list(event.headers))) is not None
+        ):
+            await _try_send(sock, _plain_response(conn, answer))
         elif event.method == b"GET" and path == "/":
             await _try_send(sock, _json_response(conn, 426, {"error": "this port speaks WebSocket (see PROTOCOL.md)"}))
         else:
