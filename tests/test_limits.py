@@ -258,6 +258,11 @@ async def test_a_foreign_origin_gets_403(start_server) -> None:  # type: ignore[
         assert ours.ok
     async with attempt(port, token("c")) as app:  # a native app sends no Origin
         assert app.ok
+    # The web app this server served connects from its own host (the Host it asks for).
+    async with attempt(port, token("d"), headers=[(b"Origin", b"http://127.0.0.1")]) as page:
+        assert page.ok
+    async with attempt(port, token("e"), headers=[(b"Origin", b"http://127.0.0.1:1")]) as other_port:
+        assert other_port.status == 403
     await h.running.aclose()
 
 

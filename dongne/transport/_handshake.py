@@ -144,6 +144,7 @@ class UpgradeRequest:
         address: the client's address: ``peer``, or what trusted proxies say
             (``TrustedProxies.client_address``).
         origin: the ``Origin`` header (browsers send it), if any.
+        host: the ``Host`` header ("" without one).
         user_agent: the ``User-Agent`` header ("" without one).
         error: why the upgrade is malformed (answer it with 400), or ``None``.
     """
@@ -152,6 +153,7 @@ class UpgradeRequest:
     peer: str
     address: str
     origin: str | None
+    host: str
     user_agent: str
     error: str | None
     _conn: h11.Connection = attrs.field(repr=False, alias="conn")
@@ -262,6 +264,7 @@ async def read_request(
         peer=peer,
         address=proxies.client_address(peer, event.headers),
         origin=origin.decode("latin-1") if origin else None,
+        host=_header(event, b"host").decode("latin-1")[:256],
         user_agent=_header(event, b"user-agent").decode("latin-1")[:256],
         error=error,
         conn=conn,
