@@ -3,7 +3,8 @@
 Locals walk around Jeju's hotspots sharing their position; travellers ask
 questions where they stand; locals answer the alerts they receive after a
 human-like pause; askers accept some answers. A newcomer opening the printed
-dashboard URL sees escalation, answers, SLOs and alerts move within seconds.
+dashboard URL sees escalation, answers, SLOs and alerts move within seconds;
+the two printed app links let them ask and answer among the simulated people.
 Everything talks to the server over real WebSockets through ``dongne.client``.
 """
 
@@ -195,8 +196,15 @@ async def run_demo(*, port: int = 8765, ops_port: int = 8766, locals_count: int 
             demo = Demo(running, secret, rng)
             # A one-time sign-in link (works once, within 5 minutes): no admin token in browser history.
             code = mint_signin_code(secret, "demo-admin", nick="Operator", now_s=time.time())
+            app = f"http://127.0.0.1:{running.port}/#token="
+            # Play both sides among the simulated people: open each link in its own tab
+            # (or browser profile: a tab keeps the token it was opened with).
+            traveller = demo.token("you-traveller", nick="You (traveller)")
+            local = demo.token("you-local", nick="You (local)", local=True, tags=["food", "bus"])
             print(
                 "\ndongne demo is running with simulated locals and travellers around Jeju.\n"
+                f"  Traveller: {app}{traveller}\n"
+                f"  Local:     {app}{local}\n"
                 f"  Dashboard: http://127.0.0.1:{running.ops_port}/admin/login?code={code}"
                 "  (works once, within 5 minutes)\n"
                 f"  Clients:   ws://127.0.0.1:{running.port}  (see PROTOCOL.md)\n"

@@ -10,7 +10,10 @@ from pathlib import Path
 import httpx
 import trio
 
+from dongne.client import open_client
+
 URL = re.compile(rb"Dashboard: (http://127\.0\.0\.1:(\d+)/admin/login\?code=(\S+))")
+APP = re.compile(rb"(Traveller|Local): +http://127\.0\.0\.1:(\d+)/#token=(\S+)")
 
 
 async def test_demo_prints_a_dashboard_url_and_comes_alive(tmp_path: Path) -> None:
@@ -28,6 +31,14 @@ async def test_demo_prints_a_dashboard_url_and_comes_alive(tmp_path: Path) -> No
                 assert chunk, out
                 out += chunk
         login, ops_port = match.group(1).decode(), int(match.group(2))
+        links = {m.group(1): (int(m.group(2)), m.group(3).decode()) for m in APP.finditer(out)}
+        assert links.keys() == {b"Traveller", b"Local"}
+        for role, (port, token) in links.items():
+            # The link opens the web app; its token signs in the right kind of user.
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(f"http://127.0.0.1:{port}/config.json")).status_code == 200
+            async with open_client(f"ws://127.0.0.1:{port}", token) as me:
+                assert me.hello["user"]["local"] is (role == b"Local")
         async with httpx.AsyncClient(follow_redirects=True) as http:
             # The page posts the code back (a link preview that only GETs does not use it up).
             page = await http.post(f"http://127.0.0.1:{ops_port}/admin/login", data={"code": match.group(3).decode()})
