@@ -242,11 +242,12 @@ async def _serve(
                 )
                 ops_port = _ops_port(binds)
                 log.info(
-                    "dongne listening: clients ws://%s:%d  ops http://%s:%d",
+                    "dongne listening: clients ws://%s:%d  ops http://%s:%d%s",
                     settings.server.host,
                     port,
                     settings.server.ops_host,
                     ops_port,
+                    f"  app http://{settings.server.host}:{port}/" if settings.web.enabled else "",
                 )
                 watcher = trio.CancelScope()
                 if signals is not None:
