@@ -175,3 +175,15 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(nursery
     finally:
         if enabled:
             gc.enable()
+
+
+def test_binary_frames_are_the_bytes_wsproto_makes_at_every_length_boundary() -> None:
+    """The encoder's own header (7-bit, 16-bit and 64-bit lengths) matches wsproto's, byte for byte."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    reference = FrameProtocol(client=False, extensions=[])
+    encoder = FrameEncoder()
+    for n in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+        payload = bytes(i % 251 for i in range(n))
+
+        assert bytes(reference.send_data(payload, fin=True)) == encoder.binary(payload)
