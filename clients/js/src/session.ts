@@ -1,0 +1,720 @@
+/**
+ * A session: one WebSocket to dongne that comes back.
+ *
+ * Theory of operation. At most one socket exists at a time (`#ws`); every
+ * callback of a socket first checks that it is still the current one, so a
+ * stale socket (dropped, timed out, replaced) can never touch the session.
+ * Each socket says `hello` (with `resume: {last_seq}` once the session has a
+ * seq to resume from), then the session re-joins its rooms and re-sends its
+ * last location, and only then is it "open" and sends the requests that were
+ * waiting. When a socket ends, the requests sent on it reject with
+ * `ConnectionLost` (never re-sent), and the session reconnects after a
+ * backoff, or ends with `SessionClosed` when the close code says that
+ * reconnecting cannot help. Durable events (those with `seq`) are delivered
+ * once each, in order: anything at or below the last delivered seq is dropped,
+ * and a gap makes the session reconnect to let the resume fill it.
+ */
+
+import { backoffDelay, type BackoffOptions } from "./backoff.js";
+import { decodeFrame, encodeRequest, isMap, type Event as WireEvent, type Json, type Reply } from "./codec.js";
+import { Emitter } from "./emitter.js";
+import { ConnectionLost, RequestError, RequestTimeout, SessionClosed } from "./errors.js";
+import type { EventType, HelloReply, Location, Operation, ReplyData, RequestData, ServerEvent, User } from "./protocol.js";
+
+export type SessionState = "connecting" | "open" | "reconnecting" | "closed";
+
+/** The parts of the WebSocket interface the session uses (browsers', React Native's, Node's `ws`). */
+export interface WebSocketLike {
+  binaryType: string;
+  send(data: Uint8Array): void;
+  close(code?: number, reason?: string): void;
+  // A method, not a property: the DOM's listener types then fit.
+  addEventListener(type: "open" | "message" | "close" | "error", listener: (event: any) => void): void;
+}
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+/** Timers, injectable for tests. */
+export interface Clock {
+  now(): number;
+  setTimeout(fn: () => void, ms: number): unknown;
+  clearTimeout(handle: unknown): void;
+}
+
+/** Where the last delivered seq is kept across page reloads (localStorage fits, as does AsyncStorage). */
+export interface SeqStorage {
+  get(key: string): string | null | undefined | Promise<string | null | undefined>;
+  set(key: string, value: string): void | Promise<void>;
+}
+
+/** Something that fires `online` and `offline` (in browsers, `window`). */
+export interface NetworkEvents {
+  addEventListener(type: "online" | "offline", listener: () => void): void;
+  removeEventListener(type: "online" | "offline", listener: () => void): void;
+}
+
+export interface ConnectOptions {
+  /** A token (a JWT from the app's backend); called for each connection, and again after a 4001. */
+  getToken: () => string | Promise<string>;
+  /** The WebSocket constructor (default: the global one; in Node, pass `ws`'s). */
+  WebSocket?: WebSocketConstructor;
+  /** Keeps the last delivered seq per user and server, so a reload resumes where it stopped. */
+  storage?: SeqStorage | null;
+  backoff?: BackoffOptions;
+  /** Failed connection attempts in a row before the session gives up; `null` (default): never. */
+  maxAttempts?: number | null;
+  /** Connecting (socket open + hello) and requests (waiting for a connection + the reply), ms. Default 10000. */
+  timeout?: number;
+  /** Send a `ping` after this long without a frame from the server, ms. Default 20000. */
+  pingAfter?: number;
+  /** Reconnect when nothing comes this long after a `ping`, ms. Default 10000. */
+  pingTimeout?: number;
+  clock?: Clock;
+  /** Uniform in [0, 1): the backoff's jitter. Default `Math.random`. */
+  random?: () => number;
+  /** Source of `online`/`offline` (default: `globalThis` when it has `addEventListener`; `null`: none). */
+  network?: NetworkEvents | null;
+}
+
+export interface RequestOptions {
+  /** Overrides the session's `timeout` for this request, ms. */
+  timeout?: number;
+}
+
+/** Why a connection (or an attempt at one) ended. */
+export interface Disconnected {
+  /** The close code; 1006 for a drop, including the session's own (no ping reply, a seq gap, a connect timeout). */
+  code: number;
+  reason: string;
+  /** Whether that connection had completed its `hello`. */
+  wasOpen: boolean;
+}
+
+/** The session's own events, beside the server's. */
+export interface SessionEvents {
+  state: SessionState;
+  /** Each successful hello (the first connection and every reconnection). */
+  hello: HelloReply;
+  /** A room re-joined after a reconnect: refresh what you show of it (live events were missed). */
+  rejoined: ReplyData<"join_question">;
+  /** The server no longer kept durable events `from`..`to` (a resume with `resumed: false`): they are lost. */
+  missed: { from: number; to: number };
+  disconnected: Disconnected;
+  /** The session ended (also `state` "closed"). */
+  closed: SessionClosed;
+  /** Every server event, whatever its type (also types this version does not know). */
+  event: ServerEvent;
+}
+
+export type SessionEventMap = { [K in EventType]: ServerEvent<K> } & SessionEvents;
+
+type RequestArgs<K extends Operation> = {} extends RequestData<K>
+  ? [data?: RequestData<K>, options?: RequestOptions]
+  : [data: RequestData<K>, options?: RequestOptions];
+
+interface Call {
+  op: string;
+  data: Json;
+  resolve: (data: Json) => void;
+  reject: (error: Error) => void;
+  timer: unknown;
+}
+
+/** Close codes after which reconnecting cannot help (PROTOCOL.md: "fix the client", "do not retry", "back off; fix the client"). */
+const FATAL = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4002, 4003, 4008]);
+const MAX_ID = Number.MAX_SAFE_INTEGER;
+
+const defaultClock: Clock = {
+  now: () => Date.now(),
+  setTimeout: (fn, ms) => setTimeout(fn, ms),
+  clearTimeout: (handle) => clearTimeout(handle as ReturnType<typeof setTimeout>),
+};
+
+function noop(): void {}
+
+/**
+ * Open a session: connect at once, and keep reconnecting until `close()` or a
+ * fatal close. Requests made while it is not open wait for the connection (at
+ * most `timeout`) and are then sent once; they are never replayed.
+ */
+export function connect(url: string, options: ConnectOptions): Session {
+  return new Session(url, options);
+}
+
+export class Session {
+  /** Resolves with the first hello's reply; rejects with `SessionClosed` if the session ends before. */
+  readonly opened: Promise<HelloReply>;
+  /** The latest hello reply (`null` before the first). */
+  hello: HelloReply | null = null;
+  /** Why the session ended (`null` while it is alive). */
+  closed: SessionClosed | null = null;
+  /** Successful reconnections so far. */
+  reconnects = 0;
+
+  readonly #url: string;
+  readonly #options: ConnectOptions;
+  readonly #WebSocket: WebSocketConstructor;
+  readonly #clock: Clock;
+  readonly #emitter = new Emitter<SessionEventMap>();
+  #state: SessionState = "connecting";
+  #resolveOpened!: (hello: HelloReply) => void;
+  #rejectOpened!: (error: SessionClosed) => void;
+
+  #ws: WebSocketLike | null = null;
+  #helloDone = false; // on #ws
+  #isOpen = false; // #ws said hello and restored rooms and location
+  #socketClosed: Promise<void> = Promise.resolve();
+  #nextId = 1;
+  #sent = new Map<number, Call>(); // on #ws, awaiting their reply
+  #waiting = new Set<Call>(); // not sent yet: waiting for the session to open
+
+  #userId: string | null = null;
+  #lastSeq = 0;
+  #resume = false; // whether the next hello resumes from #lastSeq
+  #rooms = new Set<string>();
+  #location: Json | null = null;
+
+  #lastFrameAt = 0;
+  #failed = 0; // failed attempts in a row
+  #authRetried = false; // the last connection ended with 4001 and a new token is being tried
+  #timers = new Map<"retry" | "connect" | "silence" | "ping" | "location", unknown>();
+  #unsubscribe: (() => void)[] = [];
+  #storageWrite: Promise<void> | null = null;
+  #storageDirty = false;
+
+  constructor(url: string, options: ConnectOptions) {
+    const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (WebSocketImpl === undefined) throw new TypeError("no WebSocket here: pass options.WebSocket (in Node, ws's)");
+    this.#url = url;
+    this.#options = options;
+    this.#WebSocket = WebSocketImpl;
+    this.#clock = options.clock ?? defaultClock;
+    this.opened = new Promise<HelloReply>((resolve, reject) => {
+      this.#resolveOpened = resolve;
+      this.#rejectOpened = reject;
+    });
+    this.opened.catch(noop); // an app that never awaits it gets no unhandled rejection
+    const network =
+      options.network !== undefined
+        ? options.network
+        : typeof (globalThis as Partial<NetworkEvents>).addEventListener === "function"
+          ? (globalThis as unknown as NetworkEvents)
+          : null;
+    if (network !== null) {
+      const online = (): void => this.#online();
+      const offline = (): void => this.#checkLiveness();
+      network.addEventListener("online", online);
+      network.addEventListener("offline", offline);
+      this.#unsubscribe.push(() => {
+        network.removeEventListener("online", online);
+        network.removeEventListener("offline", offline);
+      });
+    }
+    void this.#attempt();
+  }
+
+  // ---- public ----------------------------------------------------------------
+
+  get state(): SessionState {
+    return this.#state;
+  }
+
+  /** The last durable seq delivered to handlers. */
+  get lastSeq(): number {
+    return this.#lastSeq;
+  }
+
+  /** The user of the latest hello. */
+  get user(): User | null {
+    return this.hello?.user ?? null;
+  }
+
+  /** The questions whose rooms this session is in (re-joined after a reconnect). */
+  get rooms(): readonly string[] {
+    return [...this.#rooms];
+  }
+
+  /** The last `update_location` data sent (re-sent after a reconnect). */
+  get location(): { location: Location; accuracy_m?: number } | null {
+    return this.#location as { location: Location; accuracy_m?: number } | null;
+  }
+
+  /**
+   * Send a request and resolve with its reply's data. Waits for the session to
+   * be open (at most `timeout`), then sends it once.
+   *
+   * Rejects with `RequestError` (the server refused it), `ConnectionLost` (the
+   * connection dropped before the reply: applied or not, unknown; or no
+   * connection within `timeout`: not sent), `RequestTimeout` (sent, no reply
+   * within `timeout`), `SessionClosed` (the session is over).
+   */
+  request<K extends Operation>(op: K, ...[data, options]: RequestArgs<K>): Promise<ReplyData<K>> {
+    // A copy: the location is re-sent after a reconnect, as it was when sent.
+    const copy = op === "update_location" ? (JSON.parse(JSON.stringify(data)) as Json) : ((data ?? {}) as Json);
+    const call = this.#call(op, copy, options?.timeout ?? this.#options.timeout ?? 10000);
+    if (this.#isOpen && this.#ws !== null) this.#send(this.#ws, call);
+    else if (this.closed === null) this.#waiting.add(call);
+    return call.promise as Promise<ReplyData<K>>;
+  }
+
+  /**
+   * Subscribe to a server event (`ev` = `{type, seq?, data}`) or one of the
+   * session's own (`state`, `hello`, `rejoined`, `missed`, `disconnected`,
+   * `closed`, `event`). Returns the unsubscribe.
+   */
+  on<K extends keyof SessionEventMap>(type: K, handler: (value: SessionEventMap[K]) => void): () => void {
+    return this.#emitter.on(type, handler);
+  }
+
+  /** End the session: close the socket politely and stop reconnecting. Idempotent. */
+  async close(): Promise<void> {
+    const closing = this.#socketClosed;
+    this.#finish(new SessionClosed("the session was closed"));
+    let timer: unknown;
+    await Promise.race([
+      closing,
+      new Promise<void>((resolve) => (timer = this.#clock.setTimeout(resolve, this.#options.timeout ?? 10000))),
+    ]);
+    this.#clock.clearTimeout(timer);
+    while (this.#storageWrite !== null) await this.#storageWrite;
+  }
+
+  // ---- connecting -------------------------------------------------------------
+
+  async #attempt(): Promise<void> {
+    this.#timers.delete("retry");
+    let token: string;
+    try {
+      token = await this.#options.getToken();
+      if (typeof token !== "string") throw new TypeError(`getToken() returned ${typeof token}, not a string`);
+      const subject = subjectOf(token) ?? this.#userId;
+      if (subject !== this.#userId) {
+        // Another user (or the first connection): only that user's own seq may be resumed.
+        this.#userId = subject;
+        const stored = await this.#loadSeq();
+        this.#resume = stored !== null;
+        this.#lastSeq = stored ?? 0;
+      }
+    } catch (error) {
+      if (this.closed === null) this.#ended(null, 1006, `getToken() failed: ${String(error)}`, false);
+      return;
+    }
+    if (this.closed !== null) return;
+    let ws: WebSocketLike;
+    try {
+      ws = new this.#WebSocket(this.#url);
+      ws.binaryType = "arraybuffer";
+    } catch (error) {
+      this.#ended(null, 1006, String(error), false);
+      return;
+    }
+    this.#ws = ws;
+    this.#helloDone = false;
+    this.#socketClosed = new Promise((resolve) => ws.addEventListener("close", () => resolve()));
+    this.#setTimer("connect", this.#options.timeout ?? 10000, () => this.#drop(ws, "timed out connecting"));
+    ws.addEventListener("open", () => {
+      if (ws === this.#ws) this.#hello(ws, token);
+    });
+    ws.addEventListener("message", (event: { data: unknown }) => {
+      if (ws === this.#ws) this.#receive(ws, event.data);
+    });
+    ws.addEventListener("close", (event: { code?: number; reason?: string }) => {
+      if (ws === this.#ws) this.#ended(ws, event.code ?? 1006, event.reason ?? "", this.#helloDone);
+    });
+    ws.addEventListener("error", noop); // a close event follows
+  }
+
+  #hello(ws: WebSocketLike, token: string): void {
+    const data: Json = { token };
+    if (this.#resume) data.resume = { last_seq: this.#lastSeq };
+    const call = this.#call("hello", data, null);
+    this.#send(ws, call);
+    call.promise.then(
+      (reply) => this.#helloed(ws, reply as unknown as HelloReply, "resume" in data),
+      (error: unknown) => {
+        if (error instanceof RequestError && ws === this.#ws) {
+          this.#finish(new SessionClosed(`hello was refused: ${error.message}`));
+        }
+      },
+    );
+  }
+
+  #helloed(ws: WebSocketLike, hello: HelloReply, resumed: boolean): void {
+    if (ws !== this.#ws) return;
+    this.#clearTimer("connect");
+    this.#helloDone = true;
+    this.#failed = 0;
+    this.#authRetried = false;
+    this.hello = hello;
+    if (typeof hello.user?.user_id === "string" && hello.user.user_id !== this.#userId) {
+      this.#userId = hello.user.user_id; // the token did not say (not a JWT we could read)
+    }
+    const serverSeq = hello.last_seq;
+    if (Number.isSafeInteger(serverSeq)) {
+      const oldest = hello.oldest_seq;
+      if (!resumed) {
+        this.#lastSeq = serverSeq; // a fresh start: events from now on
+      } else if (hello.resumed === false && typeof oldest === "number" && oldest - 1 > this.#lastSeq) {
+        // The server pruned events after ours: take the gap (waiting cannot fill it) and say so.
+        const from = this.#lastSeq + 1;
+        this.#lastSeq = Math.min(oldest - 1, serverSeq);
+        this.#emitter.emit("missed", { from, to: oldest - 1 });
+      } else if (serverSeq < this.#lastSeq) {
+        this.#lastSeq = serverSeq; // the server's store went back (restored): follow it
+      }
+      this.#resume = true;
+      this.#saveSeq();
+    }
+    this.#lastFrameAt = this.#clock.now();
+    this.#armSilence(ws);
+    this.#emitter.emit("hello", hello);
+    void this.#restore(ws);
+  }
+
+  /** Re-join the rooms and re-send the location, then open. */
+  async #restore(ws: WebSocketLike): Promise<void> {
+    const joins = [...this.#rooms].map(async (qid) => {
+      const call = this.#call("join_question", { question_id: qid }, null);
+      this.#send(ws, call);
+      try {
+        this.#emitter.emit("rejoined", (await call.promise) as unknown as ReplyData<"join_question">);
+      } catch (error) {
+        if (error instanceof RequestError) this.#rooms.delete(qid); // gone meanwhile
+      }
+    });
+    const location = this.#location;
+    if (location !== null) this.#resendLocation(ws, location, 0);
+    await Promise.all(joins);
+    if (ws !== this.#ws) return;
+    this.#isOpen = true;
+    if (this.hello !== null && this.#state !== "connecting") this.reconnects++;
+    this.#setState("open");
+    this.#resolveOpened(this.hello!);
+    for (const call of this.#waiting) {
+      this.#waiting.delete(call);
+      this.#send(ws, call);
+    }
+  }
+
+  /** Re-send a location; a rate-limited one is tried again later, unless a newer one was sent. */
+  #resendLocation(ws: WebSocketLike, location: Json, tries: number): void {
+    if (ws !== this.#ws || this.#location !== location) return;
+    const call = this.#call("update_location", location, null);
+    this.#send(ws, call);
+    call.promise.catch((error: unknown) => {
+      if (!(error instanceof RequestError) || ws !== this.#ws || this.#location !== location) return;
+      if (error.code === "rate_limited" && tries < 3) {
+        // The server still counts the update sent before the loss.
+        this.#setTimer("location", error.retryAfterMs ?? 1000, () => this.#resendLocation(ws, location, tries + 1));
+      } else if (error.code !== "rate_limited" && error.code !== "unknown_op") {
+        this.#location = null;
+      }
+    });
+  }
+
+  // ---- frames -----------------------------------------------------------------
+
+  #call(op: string, data: Json, timeout: number | null): Call & { promise: Promise<Json> } {
+    let resolve!: (data: Json) => void;
+    let reject!: (error: Error) => void;
+    const promise = new Promise<Json>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    const call = { op, data, resolve, reject, timer: undefined as unknown, promise };
+    if (this.closed !== null) {
+      reject(this.#closedError());
+      return call;
+    }
+    if (timeout !== null) {
+      call.timer = this.#clock.setTimeout(() => {
+        if (this.#waiting.delete(call)) {
+          reject(new ConnectionLost(`no connection within ${timeout} ms; '${op}' was not sent`));
+        } else {
+          for (const [id, sent] of this.#sent) if (sent === call) this.#sent.delete(id);
+          reject(new RequestTimeout(`no reply to '${op}' within ${timeout} ms`));
+        }
+      }, timeout);
+    }
+    return call;
+  }
+
+  #send(ws: WebSocketLike, call: Call): void {
+    const id = this.#nextId;
+    this.#nextId = id >= MAX_ID ? 1 : id + 1;
+    this.#sent.set(id, call);
+    if (call.op === "update_location" && this.#location !== call.data) this.#location = call.data;
+    try {
+      ws.send(encodeRequest(call.op, id, call.data));
+    } catch (error) {
+      // The socket is closing: its close event rejects the call with ConnectionLost.
+    }
+  }
+
+  #receive(ws: WebSocketLike, payload: unknown): void {
+    this.#clearTimer("ping"); // anything at all proves the connection alive
+    this.#lastFrameAt = this.#clock.now();
+    if (!(payload instanceof ArrayBuffer) && !ArrayBuffer.isView(payload)) return; // text: not ours
+    const frame = decodeFrame(payload);
+    if (frame === null) return;
+    if (frame.kind === "reply") this.#reply(frame);
+    else this.#event(ws, frame);
+  }
+
+  #reply(reply: Reply): void {
+    const call = reply.id === null ? undefined : this.#sent.get(reply.id);
+    if (call === undefined) return; // timed out, or an error about an unreadable frame
+    this.#sent.delete(reply.id!);
+    this.#clock.clearTimeout(call.timer);
+    this.#track(call, reply);
+    if (reply.ok) call.resolve(reply.data);
+    else call.reject(new RequestError(reply.error));
+  }
+
+  /** Keep the rooms in step with the replies (re-joined after a reconnect). */
+  #track(call: Call, reply: Reply): void {
+    const op = call.op;
+    if ((op === "create_question" || op === "join_question") && reply.ok) {
+      const question = reply.data.question;
+      if (isMap(question) && typeof question.question_id === "string") this.#rooms.add(question.question_id);
+    } else if (op === "leave_question" || op === "delete_question") {
+      const code = reply.error.code;
+      if (reply.ok || (op === "leave_question" && (code === "not_joined" || code === "not_found"))) {
+        this.#rooms.delete(String(call.data.question_id));
+      }
+    }
+  }
+
+  #event(ws: WebSocketLike, frame: WireEvent): void {
+    const { type, seq, data } = frame;
+    if (type === "question_deleted" || (type === "question_closed" && data.reason === "expired")) {
+      this.#rooms.delete(String(data.question_id)); // its room is gone: nothing to re-join
+    }
+    if (seq !== undefined) {
+      if (seq <= this.#lastSeq) return; // a replay overlapping what was delivered
+      if (seq !== this.#lastSeq + 1) {
+        this.#drop(ws, `durable event ${seq} after ${this.#lastSeq}: resuming to fill the gap`);
+        return;
+      }
+      this.#lastSeq = seq;
+    }
+    const event = (seq === undefined ? { type, data } : { type, seq, data }) as ServerEvent;
+    this.#emitter.emit(type as EventType, event as never);
+    this.#emitter.emit("event", event);
+    if (seq !== undefined) this.#saveSeq();
+  }
+
+  // ---- liveness ---------------------------------------------------------------
+
+  /** Ping after `pingAfter` without a frame (the timer is not re-armed per frame: it looks at the last one when due). */
+  #armSilence(ws: WebSocketLike, after = this.#options.pingAfter ?? 20000): void {
+    this.#setTimer("silence", after, () => {
+      const idle = this.#clock.now() - this.#lastFrameAt;
+      const pingAfter = this.#options.pingAfter ?? 20000;
+      if (idle < pingAfter) this.#armSilence(ws, pingAfter - idle);
+      else this.#ping(ws);
+    });
+  }
+
+  #ping(ws: WebSocketLike): void {
+    if (ws !== this.#ws) return;
+    this.#armSilence(ws);
+    if (this.#timers.has("ping")) return;
+    const call = this.#call("ping", {}, null);
+    call.promise.catch(noop);
+    this.#send(ws, call);
+    this.#setTimer("ping", this.#options.pingTimeout ?? 10000, () => this.#drop(ws, "no reply to ping"));
+  }
+
+  #checkLiveness(): void {
+    if (this.#ws !== null && this.#helloDone) this.#ping(this.#ws);
+  }
+
+  #online(): void {
+    if (this.#timers.has("retry")) {
+      this.#clearTimer("retry");
+      void this.#attempt(); // the network is back: do not sit out the backoff
+    } else {
+      this.#checkLiveness(); // the old socket may have died with the old network
+    }
+  }
+
+  // ---- endings ----------------------------------------------------------------
+
+  /** Give up on `ws` without waiting for its close handshake. */
+  #drop(ws: WebSocketLike, reason: string): void {
+    if (ws !== this.#ws) return;
+    const helloDone = this.#helloDone;
+    this.#detach(ws, 4000, reason);
+    this.#ended(null, 1006, reason, helloDone);
+  }
+
+  #detach(ws: WebSocketLike, code: number, reason: string): void {
+    this.#ws = null;
+    this.#isOpen = false;
+    this.#helloDone = false;
+    try {
+      // ws (Node) waits up to 30 s for a dead peer's close frame; terminate() does not.
+      const terminate = (ws as { terminate?: () => void }).terminate;
+      if (code !== 1000 && typeof terminate === "function") terminate.call(ws);
+      else ws.close(code, reason);
+    } catch {
+      // closing a socket that never opened: nothing to do
+    }
+  }
+
+  /** A connection (or an attempt) ended with `code`: decide between reconnecting and giving up. */
+  #ended(ws: WebSocketLike | null, code: number, reason: string, wasOpen: boolean): void {
+    if (ws !== null) {
+      if (ws !== this.#ws) return;
+      this.#ws = null;
+      this.#isOpen = false;
+      this.#helloDone = false;
+    }
+    for (const name of ["connect", "silence", "ping", "location"] as const) this.#clearTimer(name);
+    const fatal = this.closed ?? this.#verdict(code, reason, wasOpen);
+    const lost = [...this.#sent.values()];
+    this.#sent.clear();
+    for (const call of lost) {
+      this.#clock.clearTimeout(call.timer);
+      call.reject(
+        fatal !== null
+          ? new SessionClosed(fatal.message, fatal.code, fatal.reason)
+          : new ConnectionLost(`the connection was lost before the reply to '${call.op}'; it may or may not have been applied`),
+      );
+    }
+    this.#emitter.emit("disconnected", { code, reason, wasOpen });
+    if (this.closed !== null) return;
+    if (fatal !== null) {
+      this.#finish(fatal);
+      return;
+    }
+    this.#setState(this.hello === null ? "connecting" : "reconnecting");
+    // After a 4001, a fresh token at once; otherwise a backoff.
+    const delay = code === 4001 ? 0 : backoffDelay(this.#failed + 1, this.#options.backoff, this.#options.random);
+    this.#setTimer("retry", delay, () => void this.#attempt());
+  }
+
+  /** Whether a connection that ended with `code` ends the session (and why), counting failed attempts. */
+  #verdict(code: number, reason: string, wasOpen: boolean): SessionClosed | null {
+    if (FATAL.has(code)) {
+      return new SessionClosed(`the server closed the connection with ${code} (${reason}); not reconnecting`, code, reason);
+    }
+    if (code === 4001) {
+      if (this.#authRetried) return new SessionClosed(`the server refused the token again (4001: ${reason})`, code, reason);
+      this.#authRetried = true; // once: getToken() again
+      return null;
+    }
+    this.#failed = wasOpen ? 0 : this.#failed + 1;
+    const max = this.#options.maxAttempts ?? null;
+    if (max === null || this.#failed < max) return null;
+    const what = this.#failed === 0 ? "the connection was lost and maxAttempts is 0" : `${this.#failed} failed attempts in a row`;
+    return new SessionClosed(`could not connect to ${this.#url}: ${what} (last: ${code} ${reason})`, code, reason);
+  }
+
+  #finish(error: SessionClosed): void {
+    if (this.closed !== null) return;
+    this.closed = error;
+    for (const name of [...this.#timers.keys()]) this.#clearTimer(name);
+    for (const off of this.#unsubscribe.splice(0)) off();
+    const ws = this.#ws;
+    if (ws !== null) {
+      this.#ended(ws, 1000, "", this.#helloDone); // rejects what was sent with SessionClosed
+      this.#detach(ws, 1000, "");
+    }
+    for (const call of this.#waiting) {
+      this.#clock.clearTimeout(call.timer);
+      call.reject(this.#closedError());
+    }
+    this.#waiting.clear();
+    this.#rejectOpened(error);
+    this.#setState("closed");
+    this.#emitter.emit("closed", error);
+  }
+
+  #closedError(): SessionClosed {
+    const closed = this.closed!;
+    return new SessionClosed(closed.message, closed.code, closed.reason);
+  }
+
+  // ---- little helpers ----------------------------------------------------------
+
+  #setState(state: SessionState): void {
+    if (state === this.#state) return;
+    this.#state = state;
+    this.#emitter.emit("state", state);
+  }
+
+  #setTimer(name: "retry" | "connect" | "silence" | "ping" | "location", ms: number, fn: () => void): void {
+    this.#clearTimer(name);
+    const handle = this.#clock.setTimeout(() => {
+      if (this.#timers.get(name) === handle) this.#timers.delete(name);
+      fn();
+    }, ms);
+    this.#timers.set(name, handle);
+  }
+
+  #clearTimer(name: "retry" | "connect" | "silence" | "ping" | "location"): void {
+    if (!this.#timers.has(name)) return;
+    this.#clock.clearTimeout(this.#timers.get(name));
+    this.#timers.delete(name);
+  }
+
+  #storageKey(): string | null {
+    return this.#userId === null ? null : `dongne-client:${this.#url}:${this.#userId}:last_seq`;
+  }
+
+  async #loadSeq(): Promise<number | null> {
+    const key = this.#storageKey();
+    const storage = this.#options.storage;
+    if (key === null || storage == null) return null;
+    const value = Number(await storage.get(key));
+    return Number.isSafeInteger(value) && value >= 0 ? value : null;
+  }
+
+  /** Write the last seq; writes do not overlap, and only the newest value is written. */
+  #saveSeq(): void {
+    const key = this.#storageKey();
+    const storage = this.#options.storage;
+    if (key === null || storage == null) return;
+    this.#storageDirty = true;
+    if (this.#storageWrite !== null) return;
+    this.#storageWrite = (async () => {
+      try {
+        while (this.#storageDirty) {
+          this.#storageDirty = false;
+          await storage.set(key, String(this.#lastSeq));
+        }
+      } catch {
+        // a full or refusing storage: the next reload starts fresh instead
+      } finally {
+        this.#storageWrite = null;
+      }
+    })();
+  }
+}
+
+/** The `sub` claim of a JWT, without verifying it (the server does), or `null`. */
+export function subjectOf(token: string): string | null {
+  const part = token.split(".")[1];
+  if (part === undefined) return null;
+  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  let bits = 0;
+  let value = 0;
+  let escaped = "";
+  for (const char of part.replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "")) {
+    const index = alphabet.indexOf(char);
+    if (index < 0) return null;
+    value = ((value << 6) | index) & 0xffffff;
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      escaped += "%" + ((value >> bits) & 0xff).toString(16).padStart(2, "0");
+    }
+  }
+  try {
+    const claims: unknown = JSON.parse(decodeURIComponent(escaped));
+    return isMap(claims) && typeof claims.sub === "string" ? claims.sub : null;
+  } catch {
+    return null;
+  }
+}
