@@ -401,16 +401,22 @@ class ClientServer:
             self.metrics.request_done(outcome.op, time.perf_counter() - started)
 
     def _perform(self, outcome: Outcome) -> None:
+        # Frames are counted per outcome and type, not per frame: a batch of
+        # a stage's alerts is a hundred sends and one count.
+        counts: dict[str, int] = {}
+        conns = self.conns
+        binary = self.encoder.binary
         for action in outcome.actions:
             if isinstance(action, Send):
-                frame = self.encoder.binary(msgpack.packb(action.frame))
+                frame = binary(action.packed or msgpack.packb(action.frame))
                 sent = 0
                 for conn_id in action.conn_ids:
-                    conn = self.conns.get(conn_id)
+                    conn = conns.get(conn_id)
                     if conn is not None:
                         conn.send_nowait(frame)
                         sent += 1
-                self.metrics.frames_sent(action.frame["type"], sent)
+                kind = action.frame["type"]
+                counts[kind] = counts.get(kind, 0) + sent
             elif isinstance(action, Close):
                 conn = self.conns.get(action.conn_id)
                 if conn is not None:
@@ -440,6 +446,8 @@ class ClientServer:
                 self.pushes.alert_now(action.kind, action.data)
             elif isinstance(action, BlockAddresses):
                 self._block_addresses(action.cidrs)
+        for kind, sent in counts.items():
+            self.metrics.frames_sent(kind, sent)
 
     async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
         """Send missed durable events in order, then the live frames held meanwhile."""

@@ -69,13 +69,19 @@ class SaveAnswer:
 
 @attrs.frozen
 class AppendEvent:
-    """Append a durable event to a user's inbox at ``seq``."""
+    """Append a durable event to a user's inbox at ``seq``.
+
+    ``packed``, when not empty, is the msgpack of ``data``, already made for
+    the frame (an escalation stage's alerts, ``core.fanout``): the store
+    writes it as it is.
+    """
 
     user_id: str
     seq: int
     type: str
     data: dict[str, Any]
     created_at: int
+    packed: bytes = b""
 
 
 @attrs.frozen
@@ -174,11 +180,14 @@ def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
 class Send:
     """Send one server frame (a msgpack map) to each of ``conn_ids``.
 
-    The driver encodes the frame once, whatever the number of recipients.
+    The driver encodes the frame once, whatever the number of recipients;
+    ``packed``, when not empty, is that encoding already (``frame`` packed
+    by ``msgpack.packb``, byte for byte), made once per stage for alerts.
     """
 
     conn_ids: tuple[int, ...]
     frame: dict[str, Any]
+    packed: bytes = b""
 
 
 @attrs.frozen
@@ -303,10 +312,12 @@ class OutcomeBuilder:
     def write(self, item: Write) -> None:
         self.writes.append(item)
 
-    def send(self, conn_ids: tuple[int, ...] | list[int] | set[int], frame: dict[str, Any]) -> None:
+    def send(
+        self, conn_ids: tuple[int, ...] | list[int] | set[int], frame: dict[str, Any], packed: bytes = b""
+    ) -> None:
         targets = tuple(sorted(conn_ids))
         if targets:
-            self.actions.append(Send(targets, frame))
+            self.actions.append(Send(targets, frame, packed))
 
     def act(self, action: Action) -> None:
         self.actions.append(action)

@@ -14,6 +14,7 @@ import attrs
 
 from .connections import Call
 from .effects import AppendEvent, EnqueuePush, OutcomeBuilder, Push, SaveAnswer, SaveUser
+from .fanout import StageAlerts
 from .protocol import durable_event, event
 from .records import Answer, PushJob, Question, ReceiptState, User
 
@@ -92,6 +93,19 @@ class Inbox:
         # seq per user at start-up): no rewrite of the user's row per event.
         out.write(AppendEvent(user_id, user.last_seq, kind, data, now))
         out.send(self._user_conns.get(user_id, ()), durable_event(kind, user.last_seq, data))
+
+    def append_alert(
+        self, user_id: str, alerts: StageAlerts, distance_m: float | None, now: int, out: OutcomeBuilder
+    ) -> dict[str, Any]:
+        """:meth:`append` for one alert of a stage, spliced from what the stage packed once; returns its ``data``."""
+        data, packed = alerts.data(distance_m)
+        user = self._users[user_id]
+        seq = user.last_seq = user.last_seq + 1
+        out.write(AppendEvent(user_id, seq, alerts.kind, data, now, packed))
+        conns = self._user_conns.get(user_id)
+        if conns:
+            out.send(conns, durable_event(alerts.kind, seq, data), alerts.frame(seq, packed))
+        return data
 
     def answer_posted(self, question: Question, answer: Answer, now: int) -> None:
         """A new answer is ``delivered`` at once if its asker is online, else tracked."""

@@ -76,6 +76,15 @@ class AlertLedger:
             return 0
         return len(times) - bisect.bisect_right(times, now_ms - self._window_ms)
 
+    def window(self, now_ms: int) -> tuple[Callable[[str], list[int] | None], int]:
+        """``(times_of, cutoff)``: a user's kept alert times (sorted; may include expired ones) and the window's start.
+
+        A user has room under ``cap`` when fewer than ``cap`` of their times
+        are after ``cutoff`` (:meth:`room_checker`'s rule); the planner
+        inlines that check in its per-candidate rule.
+        """
+        return self._times.get, now_ms - self._window_ms
+
     def room_checker(self, now_ms: int) -> Callable[[str, int], bool]:
         """``has_room(user_id, cap)``: ``count_last_hour(user_id, now_ms) < cap``, for many users at one moment."""
         times_of = self._times.get
@@ -99,6 +108,30 @@ class AlertLedger:
             user_id: The user.
             now_ms: When it was sent, in milliseconds.
         """
+        self._add(user_id, now_ms)
+        self.prune(now_ms)
+
+    def record(self, targets: Iterable[Target], now_ms: int) -> None:
+        """Record an alert for every target, as sent at ``now_ms``.
+
+        Args:
+            targets: What :func:`plan_stage` returned (and was sent).
+            now_ms: When they were sent, in milliseconds.
+        """
+        self.record_users((target.user_id for target in targets), now_ms)
+
+    def record_users(self, user_ids: Iterable[str], now_ms: int) -> None:
+        """Record an alert for every user, as sent at ``now_ms`` (:meth:`record` by user id).
+
+        Args:
+            user_ids: The users alerted.
+            now_ms: When they were sent, in milliseconds.
+        """
+        for user_id in user_ids:
+            self._add(user_id, now_ms)
+        self.prune(now_ms)
+
+    def _add(self, user_id: str, now_ms: int) -> None:
         times = self._times.get(user_id)
         if times is None:
             times = self._times[user_id] = []
@@ -112,17 +145,6 @@ class AlertLedger:
             del times[:expired]
         if len(times) > MAX_ALERTS_PER_HOUR_LIMIT:
             del times[: len(times) - MAX_ALERTS_PER_HOUR_LIMIT]
-        self.prune(now_ms)
-
-    def record(self, targets: Iterable[Target], now_ms: int) -> None:
-        """Record an alert for every target, as sent at ``now_ms``.
-
-        Args:
-            targets: What :func:`plan_stage` returned (and was sent).
-            now_ms: When they were sent, in milliseconds.
-        """
-        for target in targets:
-            self.record_alert(target.user_id, now_ms)
 
     def prune(self, now_ms: int) -> None:
         """Forget users whose newest alert is outside the window.

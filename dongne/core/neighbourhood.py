@@ -15,10 +15,11 @@ from typing import Any
 
 import attrs
 
-from .escalation import AlertLedger, LocalInfo, NotificationSettings, QuestionBrief, StagePlan, Target, plan_stage
+from .escalation import AlertLedger, LocalInfo, NotificationSettings, QuestionBrief, StagePlan
 from .geo import snap_position
 from .hotspots import HotspotTracker
 from .lifecycle import ACTIVE
+from .planner import Hit, alert_style, plan_hits
 from .records import Question, User
 from .regions import Hotspot
 from .settings import LocationSettings
@@ -35,9 +36,11 @@ class Escalation:
     next_stage: int = 0
     notified: set[str] = attrs.Factory(set)
     # A stage is planned at once and delivered in batches: the stage being
-    # delivered and its targets not alerted yet (nearest first).
+    # delivered, its alerts' (priority, sound, vibration) and its targets
+    # not alerted yet, ``(user_id, distance_m, online)``, nearest first.
     delivering: StagePlan | None = None
-    pending: list[Target] = attrs.Factory(list)
+    style: tuple[str, str, str] = ("", "", "")
+    pending: list[Hit] = attrs.Factory(list)
 
 
 class Neighbourhood:
@@ -187,13 +190,19 @@ class Neighbourhood:
             return None
         return question.created_at + int(self.stages[esc.next_stage].offset_s * 1000)
 
-    def run_stage(self, question: Question, online: AbstractSet[str], now: int) -> tuple[StagePlan, list[Target]]:
-        """Plan the next stage, mark its targets notified and advance the question's escalation."""
+    def run_stage(self, question: Question, online: AbstractSet[str], now: int) -> tuple[StagePlan, list[Hit]]:
+        """Plan the next stage, mark its targets notified and advance the question's escalation.
+
+        Returns the stage and its targets, ``(user_id, distance_m, online)``
+        nearest first (``planner.plan_hits``); their alerts' priority, sound
+        and vibration are ``planner.alert_style``'s.
+        """
         esc = self.escalations[question.question_id]
         stage = self.stages[esc.next_stage]
-        targets = plan_stage(
+        brief = QuestionBrief.from_record(question)
+        hits = plan_hits(
             stage,
-            QuestionBrief.from_record(question),
+            brief,
             live=self.live,
             locals=self.locals,
             online=online,
@@ -203,10 +212,12 @@ class Neighbourhood:
             utc_offset_minutes=self.settings.utc_offset_minutes,
             homes=self.homes,
         )
-        esc.notified.update(t.user_id for t in targets)
-        self.ledger.record(targets, now)
+        alerted = [hit[0] for hit in hits]
+        esc.notified.update(alerted)
+        self.ledger.record_users(alerted, now)
         esc.next_stage += 1
-        return stage, targets
+        esc.style = alert_style(stage, brief)
+        return stage, hits
 
     def stage_reached(self, question_id: str) -> str | None:
         """The last stage planned for a question: ``None`` before its first, the plan's last once all ran."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Mapping, Set
 
@@ -10,6 +11,9 @@ from .geo import haversine_m
 from .ledger import AlertLedger
 from .spatial import LocalsIndex
 from .stages import _HOUR_MS, KST_UTC_OFFSET_MINUTES, PRIORITY_CRITICAL, PRIORITY_HIGH, PRIORITY_NORMAL, StagePlan
+
+#: One user a stage alerts: ``(user_id, distance_m, online)``, as in :class:`Target`.
+Hit = tuple[str, float | None, bool]
 
 # ---------------------------------------------------------------------------
 # Planning
@@ -70,12 +74,6 @@ class _Planner:
         self.urgent = question.urgency == "urgent"
         # Computed once: the directory stages call eligible() per local.
         self.local_hour = _local_hour(now_ms, utc_offset_minutes)
-        if self.urgent:
-            self.priority, self.sound, self.vibration = PRIORITY_CRITICAL, "urgent", "strong"
-        elif stage.priority == "high":
-            self.priority, self.sound, self.vibration = PRIORITY_HIGH, "urgent", "strong"
-        else:
-            self.priority, self.sound, self.vibration = PRIORITY_NORMAL, "normal", "light"
 
         self.eligible = self.rule()
 
@@ -84,7 +82,8 @@ class _Planner:
 
         A closure over what is fixed for the call: a stage checks it for every
         local in reach (a million times in the escalation bench's 30 s), so
-        it is one function call with its lookups bound, not four.
+        it is one function call with its lookups bound, the ledger's check
+        (``AlertLedger.room_checker``) included, not five.
         """
         asker = self.question.asker_id
         notified = self.notified
@@ -94,7 +93,8 @@ class _Planner:
         hour = self.local_hour
         cap_for = self.stage.cap_for
         caps: dict[int, int] = {}  # a user's max_alerts_per_hour -> this stage's cap
-        has_room = self.ledger.room_checker(self.now_ms)
+        times_of, cutoff = self.ledger.window(self.now_ms)
+        bisect_right = bisect.bisect_right
 
         def eligible(user_id: str) -> bool:
             if (online is not None and user_id not in online) or user_id == asker or user_id in notified:
@@ -112,25 +112,20 @@ class _Planner:
             cap = caps.get(limit)
             if cap is None:
                 cap = caps[limit] = cap_for(limit)
-            return has_room(user_id, cap)
+            if cap <= 0:
+                return False
+            # AlertLedger.room_checker's rule: fewer alerts in the window than the cap.
+            times = times_of(user_id)
+            if not times or len(times) < cap:
+                return True
+            return len(times) - bisect_right(times, cutoff) < cap
 
         return eligible
-
-    def target(self, user_id: str, distance_m: float | None, online: bool) -> Target:
-        return Target(
-            user_id=user_id,
-            distance_m=distance_m,
-            online=online,
-            stage=self.stage.name,
-            priority=self.priority,
-            sound=self.sound,
-            vibration=self.vibration,
-        )
 
 
 def _plan_online_nearby(
     p: _Planner, live: LocalsIndex, online: Set[str], radius_m: float, limit: int | None
-) -> list[Target]:
+) -> list[Hit]:
     q = p.question
     # The rule already refuses the asker and those notified; the index is
     # told too, so that they do not take places among the k nearest.
@@ -141,10 +136,10 @@ def _plan_online_nearby(
         exclude = set(p.notified)
         exclude.add(q.asker_id)
         hits = live.nearest_within(q.lat, q.lng, radius_m, k, exclude)
-        chosen: list[Target] = []
+        chosen: list[Hit] = []
         for uid, dist in hits:
             if keep(uid):
-                chosen.append(p.target(uid, dist, True))
+                chosen.append((uid, dist, True))
                 if len(chosen) == limit:
                     return chosen
         if len(hits) < k:
@@ -153,8 +148,8 @@ def _plan_online_nearby(
         # pass over everyone within the radius, nearest first, costs less than
         # growing k query after query (measured: 7.7 ms a stage with most
         # locals capped).
-    hits = live.within(q.lat, q.lng, radius_m, keep=keep)
-    return [p.target(uid, dist, True) for uid, dist in hits[:limit]]
+    found = live.within_by_distance(q.lat, q.lng, radius_m, keep=keep)
+    return [(uid, dist, True) for dist, uid in found[:limit]]
 
 
 def _plan_nearby(
@@ -164,35 +159,38 @@ def _plan_nearby(
     homes: LocalsIndex | None,
     radius_m: float,
     limit: int | None,
-) -> list[Target]:
+) -> list[Hit]:
     q = p.question
     # Eligibility first: it does not depend on the distance, and in a busy
     # area most locals within reach are at their hourly cap.
     eligible = p.eligible
-    candidates: list[tuple[float, str, bool]] = [
-        (dist, uid, True) for uid, dist in live.within(q.lat, q.lng, radius_m, keep=p.rule(online))
-    ]
+    live_hits = live.within_by_distance(q.lat, q.lng, radius_m, keep=p.rule(online))
+    offline: list[tuple[float, str]]
     if homes is not None:
-        candidates.extend(
-            (dist, uid, False)
-            for uid, dist in homes.within(q.lat, q.lng, radius_m, keep=lambda uid: uid not in online and eligible(uid))
-        )
+        offline = homes.within_by_distance(q.lat, q.lng, radius_m, keep=lambda uid: uid not in online and eligible(uid))
     else:
+        offline = []
         for uid, info in p.locals.items():
             if info.home is None or uid in online or not eligible(uid):
                 continue
             dist = haversine_m(q.lat, q.lng, info.home[0], info.home[1])
             if dist <= radius_m:
-                candidates.append((dist, uid, False))
+                offline.append((dist, uid))
+        offline.sort()
+    if not offline:  # Everyone in reach is online (the escalation bench): already in order.
+        chosen = live_hits if limit is None else live_hits[:limit]
+        return [(uid, dist, True) for dist, uid in chosen]
+    candidates = [(dist, uid, True) for dist, uid in live_hits]
+    candidates.extend((dist, uid, False) for dist, uid in offline)
     candidates.sort()  # By distance, then id (ids are unique).
     if limit is not None:
         del candidates[limit:]
-    return [p.target(uid, dist, is_online) for dist, uid, is_online in candidates]
+    return [(uid, dist, is_online) for dist, uid, is_online in candidates]
 
 
 def _plan_directory(
     p: _Planner, live: LocalsIndex, online: Set[str], tags: frozenset[str] | None, limit: int | None
-) -> list[Target]:
+) -> list[Hit]:
     q = p.question
     located: list[tuple[float, str, bool]] = []
     unlocated: list[tuple[str, bool]] = []
@@ -209,11 +207,20 @@ def _plan_directory(
             located.append((haversine_m(q.lat, q.lng, pos[0], pos[1]), uid, is_online))
     located.sort()
     unlocated.sort()
-    out = [p.target(uid, dist, is_online) for dist, uid, is_online in located]
-    out.extend(p.target(uid, None, is_online) for uid, is_online in unlocated)
+    out: list[Hit] = [(uid, dist, is_online) for dist, uid, is_online in located]
+    out.extend((uid, None, is_online) for uid, is_online in unlocated)
     if limit is not None:
         del out[limit:]
     return out
+
+
+def alert_style(stage: StagePlan, question: QuestionBrief) -> tuple[str, str, str]:
+    """``(priority, sound, vibration)`` of every alert of a stage about a question (the table in ``escalation``)."""
+    if question.urgency == "urgent":
+        return PRIORITY_CRITICAL, "urgent", "strong"
+    if stage.priority == "high":
+        return PRIORITY_HIGH, "urgent", "strong"
+    return PRIORITY_NORMAL, "normal", "light"
 
 
 def plan_stage(
@@ -258,6 +265,51 @@ def plan_stage(
         nearest first, then those without one by user id. At most
         ``stage.limit`` of them; empty if ``stage.only_if_unanswered`` and
         the question is answered.
+    """
+    priority, sound, vibration = alert_style(stage, question)
+    return [
+        Target(
+            user_id=uid,
+            distance_m=dist,
+            online=is_online,
+            stage=stage.name,
+            priority=priority,
+            sound=sound,
+            vibration=vibration,
+        )
+        for uid, dist, is_online in plan_hits(
+            stage,
+            question,
+            live=live,
+            locals=locals,
+            online=online,
+            notified=notified,
+            ledger=ledger,
+            now_ms=now_ms,
+            utc_offset_minutes=utc_offset_minutes,
+            homes=homes,
+        )
+    ]
+
+
+def plan_hits(
+    stage: StagePlan,
+    question: QuestionBrief,
+    *,
+    live: LocalsIndex,
+    locals: Mapping[str, LocalInfo],
+    online: Set[str],
+    notified: Set[str],
+    ledger: AlertLedger,
+    now_ms: int,
+    utc_offset_minutes: int = KST_UTC_OFFSET_MINUTES,
+    homes: LocalsIndex | None = None,
+) -> list[Hit]:
+    """:func:`plan_stage` without a :class:`Target` per user: ``(user_id, distance_m, online)``, same order.
+
+    What the engine runs: a stage's targets share their stage, priority,
+    sound and vibration (:func:`alert_style`), and a QUICK stage in a busy
+    area has hundreds of them.
     """
     if stage.only_if_unanswered and question.answered:
         return []

@@ -25,6 +25,7 @@ from .effects import (
     StartEscalation,
 )
 from .errors import ProtocolError
+from .fanout import StageAlerts
 from .inbox import Inbox
 from .lifecycle import ACTIVE, IllegalTransition, QuestionEvent, QuestionStatus, advance
 from .lists import RETRY, Pending, Retry
@@ -476,37 +477,37 @@ class Questions:
                 due = where.escalation_due(question)
                 if due is None or due > now:
                     break
-                stage, targets = where.run_stage(question, self._user_conns.keys(), now)
+                stage, hits = where.run_stage(question, self._user_conns.keys(), now)
                 out.note(
                     "escalation_stage",
                     question_id=question_id,
                     stage=stage.name,
-                    targets=len(targets),
-                    offline=sum(1 for t in targets if not t.online),
+                    targets=len(hits),
+                    offline=sum(1 for hit in hits if not hit[2]),
                     late_ms=now - (question.created_at + int(stage.offset_s * 1000)),
                 )
-                if targets:
+                if hits:
                     out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
-                esc.delivering, esc.pending = stage, targets
+                esc.delivering, esc.pending = stage, hits
+            stage = esc.delivering
             batch = esc.pending[:room]
             del esc.pending[:room]
             room -= len(batch)
             if batch:
-                out.write(
-                    SaveNotified(question_id, tuple((t.user_id, t.stage, t.distance_m, t.online) for t in batch), now)
-                )
+                out.write(SaveNotified(question_id, tuple((uid, stage.name, dist, on) for uid, dist, on in batch), now))
             if not esc.pending:
                 esc.delivering = None
                 out.write(SaveEscalation(question_id, esc.next_stage, now))
+            if not batch:
+                continue
             if brief is None:
                 brief = where.brief(question)
-            for target in batch:
-                data = {"question_id": question_id, "question": brief, **target.to_wire()}
-                data.pop("user_id", None)
-                data.pop("online", None)
-                self._inbox.append(target.user_id, "new_question_notification", data, now, out)
-                if not target.online:
-                    self._inbox.enqueue_push(target.user_id, "new_question_notification", question, data, now, out)
+            # The question, stage and style are packed once for the batch.
+            alerts = StageAlerts("new_question_notification", question_id, brief, stage.name, esc.style)
+            for uid, dist, online in batch:
+                data = self._inbox.append_alert(uid, alerts, dist, now, out)
+                if not online:
+                    self._inbox.enqueue_push(uid, "new_question_notification", question, data, now, out)
         if where.escalation_due(question) is None:
             where.escalations.pop(question_id, None)  # every stage has run
 

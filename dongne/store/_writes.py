@@ -139,7 +139,7 @@ def prepare_writes(writes: Sequence[Write], max_variables: int) -> PreparedCommi
     packb = msgpack.packb
     batch.insert(
         "INSERT INTO events (user_id, seq, type, data, created_at)",
-        [(e.user_id, e.seq, e.type, packb(e.data), e.created_at) for e in events],
+        [(e.user_id, e.seq, e.type, e.packed or packb(e.data), e.created_at) for e in events],
     )
     batch.insert(
         "INSERT OR REPLACE INTO escalations (question_id, next_stage, updated_at)",
