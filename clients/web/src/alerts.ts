@@ -1,0 +1,108 @@
+// A local's alerts: each `new_question_notification` rings (sound, vibration, a system
+// notification when the page is hidden) and shows as a card the local can answer from.
+import { call, onEvent } from "./api";
+import { go, store, toast, type Alert } from "./app";
+import { Cleanup, h } from "./dom";
+import { errorText, report } from "./errors";
+import { regionName } from "./geo";
+import { ago, distance, t } from "./i18n";
+import { chime, notifySystem, vibrate } from "./signal";
+
+/** Alerts for questions older than this only go to the inbox. */
+const STALE_MS = 60 * 60 * 1000;
+
+export function listenForAlerts(): () => void {
+  return onEvent("new_question_notification", (data, seq) => {
+    const { alerts } = store.get();
+    if (alerts.some((a) => a.data.question_id === data.question_id)) return;
+    if (Date.now() - data.question.created_at > STALE_MS) return;
+    store.set({ alerts: [...alerts, { seq, data, at: Date.now() }] });
+    chime(data.sound);
+    vibrate(data.vibration);
+    notifySystem(t("alert_system_title"), data.question.title, data.question_id, () => go({ name: "q", id: data.question_id }));
+  });
+}
+
+export function dismissAlert(questionId: string): void {
+  store.set({ alerts: store.get().alerts.filter((a) => a.data.question_id !== questionId) });
+}
+
+/** The card for the oldest waiting alert, above every screen. */
+export function mountAlertLayer(root: HTMLElement): () => void {
+  const cleanup = new Cleanup();
+  let shown: string | null = null;
+  let more: HTMLElement | null = null;
+
+  const render = () => {
+    const { alerts } = store.get();
+    const first = alerts[0];
+    if (!first) {
+      shown = null;
+      root.replaceChildren();
+      return;
+    }
+    if (shown === first.data.question_id) {
+      if (more) more.textContent = alerts.length > 1 ? t("alert_more", { n: alerts.length - 1 }) : "";
+      return;
+    }
+    shown = first.data.question_id;
+    root.replaceChildren(card(first, alerts.length - 1));
+  };
+
+  const card = (alert: Alert, waiting: number): HTMLElement => {
+    const { data } = alert;
+    const q = data.question;
+    const urgent = q.urgency === "urgent";
+    const id = `alert-${data.question_id}`;
+    const field = h("textarea", { id: `${id}-answer`, name: "content", rows: 3, maxlength: 2000, required: true, placeholder: t("q_answer_ph") });
+    const problem = h("p", { class: "form-error", role: "alert" });
+    const send = h("button", { type: "submit", class: "btn btn-primary" }, t("alert_send"));
+    const form = h("form", { class: "alert-form", "data-testid": "alert-form" },
+      h("label", { for: field.id, class: "label" }, t("alert_answer_label")), field, problem,
+      h("div", { class: "row" },
+        send,
+        h("button", { type: "button", class: "btn btn-ghost", onclick: () => { dismissAlert(data.question_id); go({ name: "q", id: data.question_id }); } }, t("alert_open")),
+        h("button", { type: "button", class: "btn btn-ghost", onclick: () => dismissAlert(data.question_id) }, t("alert_later")),
+      ),
+    );
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const content = field.value.trim();
+      if (!content) { field.focus(); return; }
+      send.disabled = true;
+      problem.textContent = "";
+      call("create_answer", { question_id: data.question_id, content }).then(() => {
+        toast(t("q_answer_sent"), "good");
+        dismissAlert(data.question_id);
+        go({ name: "q", id: data.question_id });
+      }, (err: unknown) => {
+        report(err);
+        problem.textContent = errorText(err);
+        send.disabled = false;
+      });
+    });
+    more = h("p", { class: "alert-more" }, waiting > 0 ? t("alert_more", { n: waiting }) : "");
+    const where = [regionName(q.region), data.distance_m !== null ? t("alert_distance", { distance: distance(data.distance_m) }) : "", ago(q.created_at)].filter(Boolean).join(" · ");
+    const section = h("section", {
+      class: `alert-card${urgent ? " urgent" : ""}`, role: "alertdialog", "aria-modal": "false",
+      "aria-labelledby": `${id}-title`, "aria-describedby": `${id}-meta`, "data-question-id": data.question_id,
+      "data-vibration": data.vibration, tabindex: -1,
+    },
+      h("p", { class: "alert-kicker" }, h("span", { class: "pulse", "aria-hidden": "true" }), urgent ? t("alert_urgent") : t("alert_title")),
+      h("h2", { id: `${id}-title`, class: "alert-title" }, q.title),
+      h("p", { id: `${id}-meta`, class: "alert-meta" }, `${q.asker_nick} · ${where}`),
+      q.hashtags.length ? h("p", { class: "tags" }, ...q.hashtags.map((tag) => h("span", { class: "tag" }, `#${tag}`))) : null,
+      form,
+      more,
+    );
+    queueMicrotask(() => section.focus({ preventScroll: true }));
+    return section;
+  };
+
+  cleanup.add(store.subscribe((s, prev) => {
+    if (s.alerts !== prev.alerts) render();
+    else if (s.lang !== prev.lang) { shown = null; render(); }
+  }));
+  render();
+  return () => cleanup.run();
+}

@@ -1,0 +1,83 @@
+// The one place the app touches the SDK: a session, typed calls and events, errors in words.
+import { connect, RequestError, ConnectionLost, SessionClosed } from "dongne-client";
+import type { Events, Ops } from "./types";
+
+export { RequestError, ConnectionLost, SessionClosed };
+
+export type ConnState = "connecting" | "open" | "reconnecting" | "closed";
+
+/** What the app needs of a session (the SDK's is wider and typed from PROTOCOL.md itself). */
+interface SessionLike {
+  opened: Promise<unknown>;
+  state: ConnState;
+  lastSeq: number;
+  hello?: unknown;
+  request(op: string, data: unknown): Promise<unknown>;
+  on(type: string, fn: (ev: { type: string; seq?: number; data: unknown }) => void): () => void;
+  close(): Promise<void>;
+}
+
+let session: SessionLike | null = null;
+
+export interface SessionOptions {
+  getToken: () => Promise<string> | string;
+  storage: { get(key: string): string | null; set(key: string, value: string): void };
+}
+
+export function openSession(url: string, options: SessionOptions): SessionLike {
+  session = connect(url, options) as unknown as SessionLike;
+  return session;
+}
+
+function current(): SessionLike {
+  if (session === null) throw new Error("no session yet");
+  return session;
+}
+
+/** A request; rejects with RequestError, ConnectionLost or SessionClosed. */
+export function call<K extends keyof Ops>(op: K, data: Ops[K][0]): Promise<Ops[K][1]> {
+  return current().request(op, data) as Promise<Ops[K][1]>;
+}
+
+/** Subscribe to an event; returns the unsubscribe. */
+export function onEvent<K extends keyof Events>(type: K, fn: (data: Events[K], seq: number | undefined) => void): () => void {
+  return current().on(type, (ev) => fn(ev.data as Events[K], ev.seq));
+}
+
+export function onState(fn: (state: ConnState) => void): () => void {
+  return current().on("state", fn as never);
+}
+
+/** Resolves after the first successful hello; rejects with SessionClosed if there never is one. */
+export function sessionOpened(): Promise<unknown> {
+  return current().opened;
+}
+
+export function sessionState(): ConnState {
+  return session?.state ?? "connecting";
+}
+
+export interface Hello { unread: number; last_seq: number; resumed?: boolean; oldest_seq?: number }
+
+/** The session's own events (the SDK's `SessionEvents`): each hello, lost notifications, the end. */
+export interface SessionEvents {
+  hello: Hello;
+  missed: { from: number; to: number };
+  closed: InstanceType<typeof SessionClosed>;
+}
+
+export function onSession<K extends keyof SessionEvents>(type: K, fn: (value: SessionEvents[K]) => void): () => void {
+  return current().on(type, fn as never);
+}
+
+/** The wire code of a failure: a documented error code, or one of the app's own. */
+export function errorCode(err: unknown): string {
+  if (err instanceof RequestError) return err.code;
+  if (err instanceof ConnectionLost) return "connection_lost";
+  if (err instanceof SessionClosed) return "session_closed";
+  return "unknown";
+}
+
+export function retryAfterMs(err: unknown): number | undefined {
+  return err instanceof RequestError ? err.retryAfterMs : undefined;
+}

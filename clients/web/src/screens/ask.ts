@@ -1,0 +1,110 @@
+// Traveller: where am I, how many locals are near, and the question form.
+import { call } from "../api";
+import { go, toast, type AppStore } from "../app";
+import { Cleanup, h } from "../dom";
+import { errorText, report } from "../errors";
+import { chooseOnMap, regionAt } from "../geo";
+import { t } from "../i18n";
+import { mountMap } from "../map";
+import { focusHeading, heading, placePanel } from "../ui";
+import type { Loc } from "../types";
+
+/** "#food, 맛집  beach" -> ["food", "맛집", "beach"] (the server normalises further). */
+export function parseTags(text: string): string[] {
+  return [...new Set(text.split(/[\s,，]+/).map((s) => s.replace(/^#+/, "").trim()).filter(Boolean))].slice(0, 5);
+}
+
+export function mount(root: HTMLElement, store: AppStore): () => void {
+  const cleanup = new Cleanup();
+
+  const mapBox = h("div", { class: "map-box" });
+  const n2 = h("strong", { class: "stat-value", id: "locals-2km" }, "–");
+  const n5 = h("strong", { class: "stat-value", id: "locals-5km" }, "–");
+  const localsNote = h("p", { class: "hint" });
+  const locals = h("section", { class: "card locals", "aria-labelledby": "locals-title", "aria-live": "polite" },
+    h("h2", { id: "locals-title", class: "card-title" }, t("locals_near")),
+    h("div", { class: "stats" },
+      h("p", { class: "stat" }, n2, h("span", { class: "stat-label" }, t("locals_2km"))),
+      h("p", { class: "stat" }, n5, h("span", { class: "stat-label" }, t("locals_5km")))),
+    localsNote);
+
+  const title = h("input", { id: "ask-title", name: "title", type: "text", required: true, maxlength: 200, autocomplete: "off", placeholder: t("ask_field_title_ph") });
+  const body = h("textarea", { id: "ask-body", name: "body", rows: 3, maxlength: 1000, placeholder: t("ask_field_body_ph") });
+  const tags = h("input", { id: "ask-tags", name: "hashtags", type: "text", autocomplete: "off", placeholder: t("ask_field_tags_ph") });
+  const urgent = h("input", { id: "ask-urgent", name: "urgent", type: "checkbox", class: "switch" });
+  const problem = h("p", { class: "form-error", role: "alert" });
+  const submit = h("button", { type: "submit", class: "btn btn-primary btn-block", id: "ask-submit" }, t("ask_submit"));
+  const form = h("form", { class: "card ask-form", id: "ask-form", "aria-labelledby": "ask-form-title", novalidate: true },
+    h("h2", { id: "ask-form-title", class: "card-title" }, t("ask_field_title")),
+    h("label", { for: "ask-title", class: "visually-hidden" }, t("ask_field_title")), title,
+    h("label", { for: "ask-body", class: "label" }, t("ask_field_body")), body,
+    h("label", { for: "ask-tags", class: "label" }, t("ask_field_tags")), tags,
+    h("div", { class: "toggle-row" },
+      urgent,
+      h("label", { for: "ask-urgent", class: "toggle-label" }, h("strong", null, t("ask_field_urgent")), h("span", { class: "hint" }, t("ask_field_urgent_hint")))),
+    problem, submit);
+
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const me = store.get().me;
+    problem.textContent = "";
+    if (!title.value.trim()) { title.focus(); problem.textContent = t("err_invalid_field"); return; }
+    if (!me || !regionAt(me)) { problem.textContent = t("ask_need_location"); return; }
+    submit.disabled = true;
+    submit.textContent = t("ask_sending");
+    const hashtags = parseTags(tags.value);
+    call("create_question", {
+      title: title.value.trim(), body: body.value.trim(), location: me,
+      ...(hashtags.length ? { hashtags } : {}), urgency: urgent.checked ? "urgent" : "normal",
+    }).then(({ question }) => {
+      toast(t("ask_sent"), "good");
+      go({ name: "q", id: question.question_id });
+    }, (err: unknown) => {
+      report(err);
+      problem.textContent = errorText(err);
+      submit.disabled = false;
+      submit.textContent = t("ask_submit");
+    });
+  });
+
+  root.append(
+    heading(t("ask_title"), t("ask_lead")),
+    h("div", { class: "layout-two" },
+      h("div", { class: "col" }, h("section", { class: "card map-card", "aria-label": t("map_label") }, mapBox, placePanel(cleanup)), locals),
+      h("div", { class: "col" }, form)),
+  );
+
+  const map = mountMap(mapBox, { onTap: chooseOnMap, rings: true });
+  cleanup.add(() => map.destroy());
+
+  // How many locals are near: on each new position, every 15 s, and after a reconnect.
+  let asked: Loc | null = null;
+  let pending: ReturnType<typeof setTimeout> | null = null;
+  const countLocals = () => {
+    pending = null;
+    const me = store.get().me;
+    if (!me || !regionAt(me)) {
+      n2.textContent = n5.textContent = "–";
+      localsNote.textContent = me ? t("geo_outside") : t("locals_unknown");
+      return;
+    }
+    asked = me;
+    call("nearby_locals", { location: me }).then((r) => {
+      if (asked !== me) return;
+      n2.textContent = t("locals_count", { n: r.within_2km });
+      n5.textContent = t("locals_count", { n: r.within_5km });
+      localsNote.textContent = "";
+    }, report);
+  };
+  const soon = () => { if (pending === null) pending = setTimeout(countLocals, 300); };
+  cleanup.add(() => { if (pending) clearTimeout(pending); });
+  cleanup.add(store.subscribe((s, prev) => {
+    if (s.me !== prev.me) { map.setMe(s.me); soon(); }
+    if (s.conn === "open" && prev.conn !== "open") soon();
+  }));
+  cleanup.timer(() => { if (store.get().conn === "open") countLocals(); }, 15_000);
+  map.setMe(store.get().me);
+  countLocals();
+  focusHeading(root);
+  return () => cleanup.run();
+}

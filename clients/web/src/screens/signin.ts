@@ -1,0 +1,26 @@
+// No token: how to get one, and a field to paste one (development and the demo).
+import type { AppStore } from "../app";
+import { h } from "../dom";
+import { t, type Key } from "../i18n";
+import { focusHeading } from "../ui";
+
+export function mount(root: HTMLElement, store: AppStore, reason: Key | null = null, onToken?: (token: string) => void): () => void {
+  void store;
+  const field = h("input", { id: "signin-token", name: "token", type: "text", autocomplete: "off", spellcheck: "false", class: "mono" });
+  const form = h("form", { class: "signin-form", id: "signin-form" },
+    h("label", { for: "signin-token", class: "label" }, t("signin_paste")), field,
+    h("button", { type: "submit", class: "btn btn-primary btn-block" }, t("signin_submit")));
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const token = field.value.trim().replace(/^.*#token=/, "");
+    if (token) onToken?.(token);
+  });
+  root.append(h("section", { class: "card signin", "aria-labelledby": "screen-title" },
+    h("div", { class: "signin-mark", "aria-hidden": "true" }, "동네"),
+    h("h1", { id: "screen-title", tabindex: -1 }, t("signin_title")),
+    reason ? h("p", { class: "form-error", role: "alert" }, t(reason)) : null,
+    h("p", null, t("signin_body")),
+    form));
+  focusHeading(root);
+  return () => root.replaceChildren();
+}

@@ -1,0 +1,70 @@
+// How an alert reaches a local: a chime (Web Audio), a vibration pattern, a system notification.
+
+let audio: AudioContext | null = null;
+
+/** Browsers let a page make sound only after a tap: the first one creates the audio context. */
+export function armSound(): () => void {
+  const unlock = () => {
+    try {
+      if (!audio) audio = new AudioContext();
+      if (audio.state === "suspended") void audio.resume();
+    } catch { /* no Web Audio: alerts stay silent */ }
+  };
+  const opts = { capture: true, passive: true } as const;
+  document.addEventListener("pointerdown", unlock, opts);
+  document.addEventListener("keydown", unlock, opts);
+  return () => {
+    document.removeEventListener("pointerdown", unlock, opts);
+    document.removeEventListener("keydown", unlock, opts);
+  };
+}
+
+/** Two rising notes; three, louder and higher, for `urgent`. */
+export function chime(sound: "urgent" | "normal"): void {
+  if (!audio || audio.state !== "running") return;
+  const urgent = sound === "urgent";
+  const notes = urgent ? [880, 1175, 1568] : [660, 880];
+  const peak = urgent ? 0.5 : 0.18;
+  const start = audio.currentTime + 0.02;
+  notes.forEach((freq, i) => {
+    const osc = audio!.createOscillator();
+    const gain = audio!.createGain();
+    const at = start + i * 0.16;
+    osc.type = urgent ? "square" : "sine";
+    osc.frequency.value = freq;
+    gain.gain.setValueAtTime(0.0001, at);
+    gain.gain.exponentialRampToValueAtTime(peak, at + 0.02);
+    gain.gain.exponentialRampToValueAtTime(0.0001, at + 0.15);
+    osc.connect(gain).connect(audio!.destination);
+    osc.start(at);
+    osc.stop(at + 0.16);
+  });
+}
+
+/** The patterns the server's `vibration` names (ms on, off, on…). */
+export const VIBRATION: Record<"strong" | "light", number[]> = {
+  strong: [400, 150, 400, 150, 600],
+  light: [150],
+};
+
+export function vibrate(kind: "strong" | "light"): void {
+  if (typeof navigator.vibrate !== "function") return;
+  // Without a tap first, Chrome refuses (and logs) the call; the page cannot vibrate then anyway.
+  const activation = (navigator as Navigator & { userActivation?: { hasBeenActive: boolean } }).userActivation;
+  if (activation && !activation.hasBeenActive) return;
+  navigator.vibrate(VIBRATION[kind] ?? VIBRATION.light);
+}
+
+export function systemNotificationsState(): "on" | "off" | "denied" | "unsupported" {
+  if (!("Notification" in window)) return "unsupported";
+  return Notification.permission === "granted" ? "on" : Notification.permission === "denied" ? "denied" : "off";
+}
+
+/** A system notification, only while the page is hidden and the user allowed them. */
+export function notifySystem(title: string, body: string, tag: string, onClick: () => void): void {
+  if (document.visibilityState !== "hidden" || systemNotificationsState() !== "on") return;
+  try {
+    const n = new Notification(title, { body, tag, icon: "icon.svg", lang: document.documentElement.lang });
+    n.onclick = () => { window.focus(); onClick(); n.close(); };
+  } catch { /* Android Chrome wants a service worker for this; the in-page alert is there anyway */ }
+}

@@ -1,0 +1,431 @@
+"""The traveller-and-local web app in a real browser: Debian's chromium driven by Playwright.
+
+``dongne serve`` runs as a subprocess and serves the built app (``dongne/web/static``) on
+its client port. Two browser contexts, a traveller and a local 800 m apart in Jeju City,
+use the app as people do: the traveller asks, the local is alerted and answers, the
+traveller accepts. Then the server is stopped (SIGTERM) and started again on the same port
+and database: both pages recover without a reload, and an alert raised while the local's
+page was offline arrives exactly once. A second test gives the app a street map from a tile
+server on 127.0.0.1.
+
+Every page is watched throughout: no console errors, no request to another host, and
+axe-core (from clients/node_modules) finds no serious or critical violation on any screen.
+Screenshots: ``test-artifacts/web-*.png``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from dongne.auth import mint_token
+from dongne.client import open_client
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+AXE = ROOT / "clients" / "node_modules" / "axe-core" / "axe.min.js"
+SECRET = "web-app-test-secret-0123456789-0123456789"
+LISTENING = re.compile(r"clients ws://(\S+):(\d+)\s+ops http://\S+:\d+")
+
+# Jeju City: the traveller near city hall, the local 800 m east of them.
+TRAVELLER_AT = {"latitude": 33.4996, "longitude": 126.5312}
+LOCAL_AT = {"latitude": 33.4996, "longitude": 126.5398}
+PHONE = {"width": 390, "height": 844}
+# VIBRATION.strong in clients/web/src/signal.ts: what `vibration: "strong"` plays.
+STRONG = [400, 150, 400, 150, 600]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium; apt-get install chromium)"
+)
+
+# Records navigator.vibrate calls and every alert card the page shows (by question id).
+WATCH_SCRIPT = """
+window.__vibrations = [];
+Object.defineProperty(Navigator.prototype, "vibrate", {
+  configurable: true,
+  value: function (pattern) { window.__vibrations.push(Array.isArray(pattern) ? pattern.slice() : [pattern]); return true; },
+});
+window.__alertsShown = {};
+new MutationObserver((records) => {
+  for (const record of records) for (const node of record.addedNodes) {
+    if (node.nodeType === 1 && node.matches(".alert-card")) {
+      const id = node.getAttribute("data-question-id");
+      window.__alertsShown[id] = (window.__alertsShown[id] || 0) + 1;
+    }
+  }
+}).observe(document, { childList: true, subtree: true });
+"""
+
+
+def mint(user_id: str, **claims: Any) -> str:
+    return mint_token(SECRET, user_id, now_s=time.time(), **claims)
+
+
+class Server:
+    """``dongne serve`` in a subprocess; ``restart()`` brings it back on the same port and database."""
+
+    def __init__(self, tmp_path: Path, config: Path | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.config = config
+        self.port = 0
+        self.host = "127.0.0.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.starts += 1
+        log_path = self.tmp_path / f"server-{self.starts}.log"
+        env = {**os.environ, "DONGNE_JWT_SECRET": SECRET, "DONGNE_SNAPSHOTS_INTERVAL_S": "0"}
+        args = [sys.executable, "-m", "dongne", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--ops-port", "0", "--db", str(self.tmp_path / "db.sqlite3")]  # fmt: skip
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        with log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        while (match := LISTENING.search(log_path.read_text())) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{log_path.read_text()}")
+            time.sleep(0.05)
+        self.host, self.port = match.group(1), int(match.group(2))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(tmp_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def launch(p: Any) -> Any:
+    """Debian's chromium, headless; Playwright gives each launch a fresh profile of its own."""
+    return p.chromium.launch(
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--no-first-run",
+              "--disable-component-update", "--disable-sync", "--disable-default-apps"],
+    )  # fmt: skip
+
+
+class Watched:
+    """A page with its console errors, page errors and every request and WebSocket it opened."""
+
+    def __init__(self, context: Any, name: str) -> None:
+        self.name = name
+        self.page = context.new_page()
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.tolerated: re.Pattern[str] | None = None
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("websocket", lambda ws: self.requests.append(ws.url))
+
+    def _console(self, message: Any) -> None:
+        if message.type != "error":
+            return
+        if self.tolerated is not None and self.tolerated.search(message.text):
+            return
+        self.errors.append(message.text)
+
+    def axe(self, screen: str) -> None:
+        """axe-core on what the page shows now: no serious or critical violation."""
+        if not self.page.evaluate("() => typeof window.axe === 'object'"):
+            # The page's CSP refuses inline scripts; the test's own evaluation is not subject to it.
+            self.page.evaluate(AXE.read_text() + "\n;undefined")
+        result = self.page.evaluate(
+            "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+            ".filter(v => v.impact === 'serious' || v.impact === 'critical')"
+            ".map(v => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 5)}))"
+        )
+        assert result == [], f"{self.name} {screen}: {json.dumps(result, indent=1)}"
+
+    def shoot(self, name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"web-{name}.png"))
+
+
+def new_context(browser: Any, server: Server, at: dict[str, float]) -> Any:
+    context = browser.new_context(
+        viewport=PHONE, device_scale_factor=2, locale="ko-KR", timezone_id="Asia/Seoul",
+        geolocation={**at, "accuracy": 20}, permissions=["geolocation"],
+    )  # fmt: skip
+    context.add_init_script(WATCH_SCRIPT)
+    return context
+
+
+def wait_open(page: Any, timeout: float = 10_000) -> None:
+    page.wait_for_selector("#conn-state[data-state=open]", timeout=timeout)
+
+
+def ask_from_python(url: str, token: str, data: dict[str, Any]) -> str:
+    """Ask a question over the Python client; returns its id once the server has acknowledged it."""
+
+    async def main() -> str:
+        async with open_client(url, token) as client:
+            reply = await client.request("create_question", data)
+            return str(reply["question"]["question_id"])
+
+    return trio.run(main)
+
+
+def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
+    """Ask, alert (within 2 s, strong vibration), answer (seen within 1 s), accept, points; a restart survived."""
+    from playwright.sync_api import sync_playwright
+
+    own = re.compile(rf"^(https?|wss?)://{re.escape(server.host)}:{server.port}/")
+    with sync_playwright() as p:
+        browser = launch(p)
+        traveller_ctx = new_context(browser, server, TRAVELLER_AT)
+        local_ctx = new_context(browser, server, LOCAL_AT)
+        traveller = Watched(traveller_ctx, "traveller")
+        local = Watched(local_ctx, "local")
+        try:
+            # Sign-in by link: the token leaves the address bar and stays in localStorage.
+            local.page.goto(f"{server.url}/#token={mint('jun', nick='Jun', local=True)}")
+            wait_open(local.page)
+
+            # The local makes where they are their home (so alerts reach them offline), then shares it live.
+            local.page.click("[data-tab=settings]")
+            local.page.wait_for_selector("#home-line")
+            local.page.wait_for_function("() => document.querySelector('#set-cap').value !== ''")
+            local.axe("settings")
+            local.page.click("#home-set")
+            local.page.wait_for_function("() => /33\\.49/.test(document.querySelector('#home-line').textContent)")
+            local.page.click("[data-tab=profile]")
+            local.page.wait_for_selector("#my-answers li")
+            local.axe("profile")
+            local.page.click("[data-tab=nearby]")
+            local.page.wait_for_selector("#sharing[data-live=true]", timeout=5000)
+            local.page.wait_for_selector("#nearby-questions li")
+            local.axe("nearby")
+
+            traveller.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
+            wait_open(traveller.page)
+            for watched in (traveller, local):
+                assert "token" not in watched.page.url
+                assert watched.page.evaluate("() => localStorage.getItem('dongne.token')")
+
+            # The traveller sees one local within 2 km before asking.
+            traveller.page.wait_for_function(
+                "() => document.querySelector('#locals-2km').textContent.startsWith('1')", timeout=5000
+            )
+            traveller.axe("ask")
+            traveller.page.fill("#ask-title", "항구 근처 흑돼지 맛집 어디인가요?")
+            traveller.page.fill("#ask-body", "오늘 저녁 두 명입니다.")
+            traveller.page.fill("#ask-tags", "#food 흑돼지")
+            asked_at = time.monotonic()
+            traveller.page.click("#ask-submit")
+            traveller.page.wait_for_url(re.compile(r"#/q/q\w+$"), timeout=5000)
+            qid = traveller.page.url.rsplit("/", 1)[1]
+
+            # The local's alert: within 2 s, with the strong vibration (IMMEDIATE stage).
+            card = f'.alert-card[data-question-id="{qid}"]'
+            local.page.wait_for_selector(card, timeout=2000)
+            assert time.monotonic() - asked_at < 2.0
+            assert local.page.evaluate("() => window.__vibrations") == [STRONG]
+            local.axe("alert")
+            local.shoot("local-alert")
+
+            # The local answers from the alert; the traveller sees it within 1 s and accepts it.
+            local.page.fill(f"{card} textarea", "돈사돈 추천해요. 새벽 2시까지 열어요.")
+            local.page.click(f"{card} button[type=submit]")
+            answered_at = time.monotonic()
+            traveller.page.wait_for_selector("#answers [data-answer-id]", timeout=1000)
+            assert time.monotonic() - answered_at < 1.0
+            assert "돈사돈" in traveller.page.inner_text("#answers")
+            local.page.wait_for_url(re.compile(rf"#/q/{qid}$"))
+            traveller.page.wait_for_selector("#presence:has-text('2')", timeout=3000)
+            traveller.axe("question")
+            traveller.page.click("[data-accept]")
+            local.page.wait_for_function(
+                "() => document.querySelector('#points-value').textContent.includes('10')", timeout=3000
+            )
+            local.page.wait_for_selector("#answers .answer.accepted", timeout=3000)
+            traveller.page.wait_for_selector("#answers .answer.accepted")
+            traveller.shoot("traveller-question")
+            local.shoot("local-accepted")
+            local.axe("question")
+
+            traveller.page.click("[data-tab=mine]")
+            traveller.page.wait_for_selector(f'#my-questions [data-question-id="{qid}"]')
+            traveller.axe("mine")
+
+            # A restart: SIGTERM, then the same port and database. The local's page is offline meanwhile.
+            for watched in (traveller, local):
+                watched.page.evaluate("() => { window.__sameDocument = true; }")
+                watched.tolerated = re.compile(r"WebSocket connection to 'ws://[^']+/ws' failed")
+            local_ctx.set_offline(True)
+            server.stop()
+            traveller.page.wait_for_selector("#reconnecting", timeout=5000)
+            local.page.wait_for_selector("#reconnecting", timeout=5000)
+            server.start()
+            wait_open(traveller.page, timeout=20_000)
+            traveller.page.wait_for_selector("#reconnecting", state="detached")
+
+            # Someone asks near the local's home while the local's page is offline: the QUICK stage
+            # (3 s, locals within 5 km, offline ones by their home) stores an alert for them.
+            q2 = ask_from_python(
+                server.ws_url,
+                mint("sora", nick="Sora"),
+                {"title": "Is the Dongmun market open tonight?", "location": {"lat": 33.5115, "lng": 126.5270}},
+            )
+            time.sleep(4.5)
+            local_ctx.set_offline(False)
+            wait_open(local.page, timeout=20_000)
+            card2 = f'.alert-card[data-question-id="{q2}"]'
+            local.page.wait_for_selector(card2, timeout=5000)
+            time.sleep(1.0)  # a second delivery, if there were one, would have come by now
+            assert local.page.evaluate("() => window.__alertsShown") == {qid: 1, q2: 1}
+            assert local.page.locator(".alert-card").count() == 1
+            assert len(local.page.evaluate("() => window.__vibrations")) == 2
+            for watched in (traveller, local):
+                assert watched.page.evaluate("() => window.__sameDocument") is True  # no reload
+
+            # The traveller's inbox after the restart: the answer and the acceptance's notice are there.
+            traveller.page.click("[data-tab=inbox]")
+            traveller.page.wait_for_selector("#notifications .n-item")
+            traveller.axe("inbox")
+            local.page.click("[data-tab=inbox]")
+            local.page.wait_for_selector(f'#notifications [data-type="new_question_notification"]')
+            local.axe("inbox")
+            traveller.shoot("traveller-inbox")
+            local.shoot("local-inbox")
+
+            for watched in (traveller, local):
+                assert watched.errors == [], f"{watched.name}: {watched.errors}"
+                foreign = [url for url in watched.requests if not own.match(url) and not url.startswith("data:")]
+                assert foreign == [], f"{watched.name} asked other hosts: {foreign}"
+        finally:
+            browser.close()
+
+
+# ---- the street map
+
+
+def png(width: int = 256, height: int = 256) -> bytes:
+    """A plain light-green PNG tile."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\x00" + b"\xd8\xeb\xd0" * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+class TileServer:
+    """Answers any ``/{z}/{x}/{y}.png`` with the same tile and remembers the paths asked for."""
+
+    def __init__(self) -> None:
+        tile = png()
+        seen: list[str] = []
+        self.paths = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                seen.append(self.path)
+                if re.fullmatch(r"/\d+/\d+/\d+\.png", self.path):
+                    self.send_response(200)
+                    self.send_header("content-type", "image/png")
+                    self.send_header("content-length", str(len(tile)))
+                    self.end_headers()
+                    self.wfile.write(tile)
+                else:
+                    self.send_error(404)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tiles", daemon=True)
+
+    def __enter__(self) -> TileServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_street_map_from_the_operators_tiles(tmp_path: Path) -> None:
+    """With ``[web] tile_url``, Leaflet draws that server's tiles under the regions, and nothing else is fetched."""
+    from playwright.sync_api import sync_playwright
+
+    with TileServer() as tiles:
+        config = tmp_path / "web.toml"
+        config.write_text(
+            "[web]\n"
+            f'tile_url = "http://127.0.0.1:{tiles.port}/{{z}}/{{x}}/{{y}}.png"\n'
+            'tile_attribution = "Test tiles <b>not bold</b>"\n'
+        )
+        server = Server(tmp_path, config)
+        server.start()
+        own = re.compile(rf"^(https?|wss?)://{re.escape(server.host)}:{server.port}/")
+        tile_origin = re.compile(rf"^http://127\.0\.0\.1:{tiles.port}/\d+/\d+/\d+\.png$")
+        try:
+            with sync_playwright() as p:
+                browser = launch(p)
+                try:
+                    context = new_context(browser, server, TRAVELLER_AT)
+                    traveller = Watched(context, "traveller")
+                    traveller.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
+                    wait_open(traveller.page)
+                    traveller.page.wait_for_selector(".leaflet-tile-loaded", timeout=10_000)
+                    traveller.page.wait_for_selector(".leaflet-overlay-pane path", state="attached", timeout=5000)  # the regions, over the tiles
+                    attribution = traveller.page.inner_text(".leaflet-control-attribution")
+                    assert "Test tiles <b>not bold</b>" in attribution  # the operator's text, shown as text
+                    traveller.axe("ask with street map")
+                    traveller.shoot("street-map")
+                    assert tiles.paths, "no tile was requested"
+                    assert all(re.fullmatch(r"/\d+/\d+/\d+\.png", path) for path in tiles.paths)
+                    foreign = [url for url in traveller.requests if not own.match(url) and not tile_origin.match(url)
+                               and not url.startswith("data:")]  # fmt: skip
+                    assert foreign == [], f"requests to other hosts: {foreign}"
+                    assert traveller.errors == []
+                finally:
+                    browser.close()
+        finally:
+            server.stop()
