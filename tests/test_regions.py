@@ -428,3 +428,45 @@ def test_parse_hotspots_keeps_optional_korean_name() -> None:
     doc = {"hotspots": [{"name": "A", "lat": 33, "lng": 126.5, "region": "R"}]}
 
     assert [Hotspot(name="A", lat=33.0, lng=126.5, region="R")] == parse_hotspots(json.dumps(doc))
+
+
+def _brute_region(rs: RegionSet, lat: float, lng: float) -> str | None:
+    return next((n for n in rs.names if rs.geometry(n).covers(shapely.Point(lng, lat))), None)
+
+
+def test_cached_lookups_match_brute_force_on_the_bundled_regions() -> None:
+    """Lookups answered from the per-cell cache (second pass) equal the exact test, at cell edges and borders too."""
+    rs = load_default_regions()
+    b = rs.bounds
+    points = [
+        (b.min_lat + (b.max_lat - b.min_lat) * i / 57.3, b.min_lng + (b.max_lng - b.min_lng) * j / 61.7)
+        for i in range(58)
+        for j in range(62)
+    ]
+    # On the grid's lines (k / 200 degrees) and a hair either side.
+    points += [(6680 / 200 + d, 126.53 + e) for d in (-1e-12, 0.0, 1e-12) for e in (0.0, 0.001, 0.0025)]
+    points += [(33.4996 + e, 25306 / 200 + d) for d in (-1e-12, 0.0, 1e-12) for e in (0.0, 0.001, 0.0025)]
+    # Along a line that crosses several borders, every ~10 m.
+    points += [(33.45 + k * 0.0001, 126.40 + k * 0.0002) for k in range(800)]
+    expected = [_brute_region(rs, lat, lng) for lat, lng in points]
+
+    assert expected == [rs.region_of(lat, lng) for lat, lng in points]  # cells judged
+    assert expected == [rs.region_of(lat, lng) for lat, lng in points]  # cells remembered
+    assert len({e for e in expected if e is not None}) >= 10
+
+
+SHARED_SQUARES = RegionSet.from_geojson(
+    collection(square("a", 10.0, 50.0), square("b", 11.0, 50.0), square("c", 10.5, 50.5, 0.0123))
+)
+
+
+@given(
+    lat=st.one_of(st.floats(min_value=49.99, max_value=50.52), st.integers(9990, 10110).map(lambda k: k / 200)),
+    lng=st.one_of(st.floats(min_value=9.99, max_value=11.02), st.integers(1998, 2204).map(lambda k: k / 200)),
+)
+def test_cached_lookups_match_brute_force_where_borders_lie_on_cell_edges(lat: float, lng: float) -> None:
+    """One set across examples, so later ones are answered by cells judged earlier; borders on the grid's lines."""
+    expected = _brute_region(SHARED_SQUARES, lat, lng)
+
+    assert expected == SHARED_SQUARES.region_of(lat, lng)
+    assert expected == SHARED_SQUARES.region_of(lat, lng)

@@ -45,6 +45,14 @@ _DEFAULT_REGIONS = "data/jeju_regions.geojson"
 _DEFAULT_HOTSPOTS = "data/jeju_hotspots.json"
 _POLYGONAL = ("Polygon", "MultiPolygon")
 
+# region_of's grid: cells of 1/200 degree (~555 m by ~465 m at Jeju), widened
+# by a margin far above the rounding of lat * 200 (~1e-14 degrees). The whole
+# bundled service area is ~26,000 cells; the bound keeps far-flung queries
+# from growing the cache without end (past it, cells are judged afresh).
+_CELLS_PER_DEG = 200
+_CELL_MARGIN_DEG = 1e-9
+_MAX_CELLS = 1 << 16
+
 
 class RegionFileError(ValueError):
     """A region or hotspot file is malformed.
@@ -141,6 +149,8 @@ class RegionSet:
     _geometries: tuple[BaseGeometry, ...] = attrs.field(repr=False)
     _document: Mapping[str, Any] = attrs.field(repr=False)
     _tree: shapely.STRtree = attrs.field(init=False, repr=False)
+    # Grid cell -> (its region, or None; whether that answers every point in it).
+    _cells: dict[tuple[int, int], tuple[str | None, bool]] = attrs.field(init=False, repr=False, factory=dict)
 
     @_tree.default
     def _build_tree(self) -> shapely.STRtree:
@@ -248,6 +258,18 @@ class RegionSet:
         """
         if not (math.isfinite(lat) and math.isfinite(lng)):
             return None
+        # Answered per cell of a fixed grid where the cell decides (see
+        # _cell): every location update asks, and the exact test costs ~8 us.
+        key = (math.floor(lat * _CELLS_PER_DEG), math.floor(lng * _CELLS_PER_DEG))
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cell(key)
+            if len(self._cells) < _MAX_CELLS:
+                self._cells[key] = cell
+        name, whole = cell
+        return name if whole else self._exact(lat, lng)
+
+    def _exact(self, lat: float, lng: float) -> str | None:
         # The tree filters by bounding box only; the exact test follows, in
         # file order so that border points resolve deterministically.
         candidates: list[int] = self._tree.query(Point(lng, lat)).tolist()
@@ -255,6 +277,30 @@ class RegionSet:
             if shapely.intersects_xy(self._geometries[i], lng, lat):
                 return self._names[i]
         return None
+
+    def _cell(self, key: tuple[int, int]) -> tuple[str | None, bool]:
+        """What a grid cell says about the points in it: ``(region, True)`` when that is every point's answer.
+
+        The cell's box, widened by a hair so that it surely holds every point
+        whose coordinates floor to it: if it meets no region, every point in it
+        is in none; if it meets exactly one and that region covers it, every
+        point in it is in that region (and in no other, so file order cannot
+        matter). Otherwise, on a border or a coast, ``(None, False)``: each
+        point gets the exact test.
+        """
+        i, j = key
+        box = shapely.box(
+            j / _CELLS_PER_DEG - _CELL_MARGIN_DEG,
+            i / _CELLS_PER_DEG - _CELL_MARGIN_DEG,
+            (j + 1) / _CELLS_PER_DEG + _CELL_MARGIN_DEG,
+            (i + 1) / _CELLS_PER_DEG + _CELL_MARGIN_DEG,
+        )
+        met = [k for k in sorted(self._tree.query(box).tolist()) if shapely.intersects(self._geometries[k], box)]
+        if not met:
+            return None, True
+        if len(met) == 1 and shapely.covers(self._geometries[met[0]], box):
+            return self._names[met[0]], True
+        return None, False
 
     def geometry(self, name: str) -> BaseGeometry:
         """A region's polygon, in ``(lng, lat)`` order.
