@@ -240,6 +240,10 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             local.page.wait_for_selector("#nearby-questions li")
             local.axe("nearby")
 
+            # Without a token the traveller gets the sign-in screen; then the link signs them in.
+            traveller.page.goto(f"{server.url}/")
+            traveller.page.wait_for_selector("#signin-form")
+            traveller.axe("sign-in")
             traveller.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
             wait_open(traveller.page)
             for watched in (traveller, local):

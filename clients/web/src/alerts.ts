@@ -16,7 +16,9 @@ export function listenForAlerts(): () => void {
     const { alerts } = store.get();
     if (alerts.some((a) => a.data.question_id === data.question_id)) return;
     if (Date.now() - data.question.created_at > STALE_MS) return;
-    store.set({ alerts: [...alerts, { seq, data, at: Date.now() }] });
+    const { route } = store.get();
+    const watching = route.name === "q" && route.id === data.question_id && document.visibilityState === "visible";
+    if (!watching) store.set({ alerts: [...alerts, { seq, data, at: Date.now() }] });
     chime(data.sound);
     vibrate(data.vibration);
     notifySystem(t("alert_system_title"), data.question.title, data.question_id, () => go({ name: "q", id: data.question_id }));

@@ -4,7 +4,7 @@ import { store, type Lang } from "./app";
 const ko = {
   app_name: "동네",
   app_tagline: "제주 현지인에게 바로 묻기",
-  lang_switch: "English",
+  lang_switch: "EN",
   lang_switch_label: "Switch to English",
   loading: "불러오는 중…",
   nav_label: "주요 메뉴",
@@ -20,8 +20,8 @@ const ko = {
   role_local: "현지인",
   role_traveller: "여행자",
 
-  conn_connecting: "연결 중…",
-  conn_open: "실시간 연결됨",
+  conn_connecting: "연결 중",
+  conn_open: "실시간",
   conn_reconnecting: "연결이 끊겼습니다. 다시 연결하는 중…",
   conn_closed: "연결이 종료되었습니다.",
   conn_offline: "오프라인입니다. 인터넷에 다시 연결되면 이어집니다.",
@@ -31,7 +31,8 @@ const ko = {
   dismiss: "닫기",
 
   signin_title: "로그인이 필요합니다",
-  signin_body: "동네는 로그인 링크로 엽니다. 서버 운영자에게 받은 링크(#token=…)를 여세요. 개발 중이라면 `dongne demo`가 여행자와 현지인 링크를 출력합니다.",
+  signin_body: "동네는 로그인 링크로 엽니다. 서비스에서 받은 링크(…#token=…)를 여세요.",
+  signin_dev: "개발 중이라면 이 명령이 여행자와 현지인의 링크를 출력합니다:",
   signin_expired: "로그인 정보가 만료되었거나 올바르지 않습니다. 새 링크로 다시 여세요.",
   signin_banned: "이 계정은 이용이 제한되었습니다.",
   signin_paste: "토큰 붙여넣기",
@@ -226,7 +227,7 @@ export type Key = keyof typeof ko;
 const en: Record<Key, string> = {
   app_name: "dongne",
   app_tagline: "Ask Jeju's locals, right now",
-  lang_switch: "한국어",
+  lang_switch: "한",
   lang_switch_label: "한국어로 보기",
   loading: "Loading…",
   nav_label: "Main",
@@ -242,7 +243,7 @@ const en: Record<Key, string> = {
   role_local: "Local",
   role_traveller: "Traveller",
 
-  conn_connecting: "Connecting…",
+  conn_connecting: "Connecting",
   conn_open: "Live",
   conn_reconnecting: "Connection lost. Reconnecting…",
   conn_closed: "Disconnected.",
@@ -253,7 +254,8 @@ const en: Record<Key, string> = {
   dismiss: "Dismiss",
 
   signin_title: "Sign-in needed",
-  signin_body: "dongne opens from a sign-in link. Open the link (#token=…) your operator gave you. For development, `dongne demo` prints a traveller's and a local's link.",
+  signin_body: "dongne opens from a sign-in link. Open the link (…#token=…) you were given.",
+  signin_dev: "For development, this prints a traveller's and a local's link:",
   signin_expired: "Your sign-in has expired or is not valid. Open a new link.",
   signin_banned: "This account has been suspended.",
   signin_paste: "Paste a token",

@@ -97,6 +97,12 @@ function setLangAttr(): void {
 async function boot(root: HTMLElement): Promise<void> {
   setLangAttr();
   takeTokenFromFragment();
+  // A sign-in link opened in a tab that has the app already: the new token takes over.
+  window.addEventListener("hashchange", () => {
+    if (!/(?:^#|&)token=/.test(location.hash)) return;
+    takeTokenFromFragment();
+    location.reload();
+  });
   try {
     const [config, regions] = await Promise.all([getJson<WebConfig>("/config.json"), getJson<Regions>("/regions.geojson")]);
     shared.config = { ...shared.config, ...config };
@@ -117,11 +123,19 @@ async function boot(root: HTMLElement): Promise<void> {
   await start(root, token);
 }
 
+let signInOff: (() => void) | null = null;
+
 function showSignIn(root: HTMLElement, reason: Key | null): void {
+  signInOff?.();
   root.replaceChildren();
   const main = h("main", { class: "signin-page" });
   root.append(main);
   signin.mount(main, store, reason, (token) => { keepToken(token); location.reload(); });
+  signInOff = store.subscribe((s, prev) => {
+    if (s.lang === prev.lang) return;
+    setLangAttr();
+    showSignIn(root, reason);
+  });
 }
 
 async function start(root: HTMLElement, token: string): Promise<void> {
@@ -231,7 +245,7 @@ function mountShell(root: HTMLElement): void {
     (brand.lastChild as HTMLElement).textContent = t("app_name");
     brand.setAttribute("aria-label", `${t("app_name")}: ${t("app_tagline")}`);
     langButton.textContent = t("lang_switch");
-    langButton.setAttribute("aria-label", t("lang_switch_label"));
+    langButton.setAttribute("aria-label", `${t("lang_switch")}: ${t("lang_switch_label")}`);
     langButton.setAttribute("lang", s.lang === "ko" ? "en" : "ko");
     nav.setAttribute("aria-label", t("nav_label"));
     renderConn();
@@ -243,6 +257,7 @@ function mountShell(root: HTMLElement): void {
   const renderConn = () => {
     const { conn } = store.get();
     connPill.dataset.state = conn;
+    connPill.title = conn === "open" ? t("conn_open") : conn === "reconnecting" ? t("conn_reconnecting") : conn === "closed" ? t("conn_closed") : t("conn_connecting");
     connPill.textContent = conn === "open" ? t("conn_open") : conn === "reconnecting" ? t("conn_connecting") : conn === "closed" ? t("conn_closed") : t("conn_connecting");
   };
 
@@ -311,6 +326,7 @@ function mountShell(root: HTMLElement): void {
     if (s.toasts !== prev.toasts) renderToasts();
   }));
   const onHash = () => {
+    if (/(?:^#|&)token=/.test(location.hash)) return;  // a sign-in link: see boot()
     const route: Route = parseRoute(location.hash, local);
     const cur = store.get().route;
     if (route.name !== cur.name || route.id !== cur.id) store.set({ route });

@@ -204,7 +204,8 @@ function regionMap(container: HTMLElement, options: MapOptions): MapView {
 
   const setViewBox = () => {
     if (focus) {
-      const span = (options.spanKm ?? 12) * p.unitsPerKm;
+      // Without streets a close-up is an empty field: show at least a stretch of coast and a label.
+      const span = Math.max(options.spanKm ?? 22, 22) * p.unitsPerKm;
       const [x, y] = p.project(focus.lng, focus.lat);
       const hSpan = span * 0.75;
       root.setAttribute("viewBox", `${(x - span / 2).toFixed(1)} ${(y - hSpan / 2).toFixed(1)} ${span.toFixed(1)} ${hSpan.toFixed(1)}`);

@@ -1,6 +1,6 @@
 // Traveller: where am I, how many locals are near, and the question form.
 import { call } from "../api";
-import { go, toast, type AppStore } from "../app";
+import { go, shared, type AppStore } from "../app";
 import { Cleanup, h } from "../dom";
 import { errorText, report } from "../errors";
 import { chooseOnMap, regionAt } from "../geo";
@@ -57,7 +57,6 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       title: title.value.trim(), body: body.value.trim(), location: me,
       ...(hashtags.length ? { hashtags } : {}), urgency: urgent.checked ? "urgent" : "normal",
     }).then(({ question }) => {
-      toast(t("ask_sent"), "good");
       go({ name: "q", id: question.question_id });
     }, (err: unknown) => {
       report(err);
@@ -74,7 +73,9 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       h("div", { class: "col" }, form)),
   );
 
-  const map = mountMap(mapBox, { onTap: chooseOnMap, rings: true });
+  // A street map is worth seeing around me; the regions map shows the whole island.
+  const street = !!shared.config.tile_url;
+  const map = mountMap(mapBox, { onTap: chooseOnMap, rings: true, focus: street ? store.get().me : null, spanKm: 6 });
   cleanup.add(() => map.destroy());
 
   // How many locals are near: on each new position, every 15 s, and after a reconnect.
@@ -99,7 +100,11 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   const soon = () => { if (pending === null) pending = setTimeout(countLocals, 300); };
   cleanup.add(() => { if (pending) clearTimeout(pending); });
   cleanup.add(store.subscribe((s, prev) => {
-    if (s.me !== prev.me) { map.setMe(s.me); soon(); }
+    if (s.me !== prev.me) {
+      map.setMe(s.me);
+      if (street && s.me && (!prev.me || s.meSource !== prev.meSource)) map.setFocus(s.me);
+      soon();
+    }
     if (s.conn === "open" && prev.conn !== "open") soon();
   }));
   cleanup.timer(() => { if (store.get().conn === "open") countLocals(); }, 15_000);

@@ -8,14 +8,14 @@ import { icon, type IconName } from "../icons";
 import type { Notification_ } from "../types";
 import { empty, focusHeading, heading } from "../ui";
 
-function describe(n: Notification_): { text: string; questionId: string | null; icon: IconName } {
+function describe(n: Notification_): { text: string; detail?: string; questionId: string | null; icon: IconName } {
   const d = n.data as Record<string, unknown>;
   const qid = typeof d.question_id === "string" ? d.question_id : null;
   const question = (d.question ?? {}) as { title?: string };
-  const answer = (d.answer ?? {}) as { author_nick?: string };
+  const answer = (d.answer ?? {}) as { author_nick?: string; content?: string };
   switch (n.type) {
     case "answer_notification":
-      return { text: t("n_answer", { nick: answer.author_nick ?? "", title: String(d.question_title ?? "") }), questionId: qid, icon: "chat" };
+      return { text: t("n_answer", { nick: answer.author_nick ?? "", title: String(d.question_title ?? "") }), detail: answer.content, questionId: qid, icon: "chat" };
     case "answer_accepted_notification":
       return { text: t("n_accepted", { points: Number(d.points ?? 0), title: String(d.question_title ?? "") }), questionId: qid, icon: "star" };
     case "new_question_notification":
@@ -38,10 +38,11 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   const render = () => {
     if (!items.length) fill(list, h("li", null, empty(t("inbox_empty"))));
     else fill(list, ...items.map((n) => {
-      const { text, questionId, icon: glyph } = describe(n);
+      const { text, detail, questionId, icon: glyph } = describe(n);
       const body = [
         h("span", { class: `n-icon n-${n.type}`, "aria-hidden": "true" }, icon(glyph)),
         h("span", { class: "n-text" }, !n.read ? h("span", { class: "visually-hidden" }, `${t("inbox_new")}: `) : "", text,
+          detail ? h("span", { class: "n-detail" }, detail) : "",
           h("time", { class: "when", datetime: new Date(n.created_at).toISOString() }, ago(n.created_at))),
       ];
       return h("li", { class: `n-item${n.read ? "" : " unread"}`, "data-seq": n.seq, "data-type": n.type },
@@ -70,7 +71,8 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   };
   more.addEventListener("click", () => load(true));
 
-  const markButton = h("button", { type: "button", class: "btn btn-ghost btn-small", onclick: markAll }, t("inbox_mark_read"));
+  const markButton = h("button", { type: "button", class: "btn btn-ghost btn-small", onclick: markAll, hidden: store.get().unread === 0 }, t("inbox_mark_read"));
+  cleanup.add(store.subscribe((s) => { markButton.hidden = s.unread === 0; }));
   root.append(heading(t("inbox_title")), h("div", { class: "toolbar" }, status, markButton), h("section", { class: "card list-card" }, list, more));
   load(false);
   focusHeading(root);
