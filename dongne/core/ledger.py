@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -84,6 +85,19 @@ class AlertLedger:
         inlines that check in its per-candidate rule.
         """
         return self._times.get, now_ms - self._window_ms
+
+    def room_again_at(self, user_id: str, cap: int) -> float:
+        """When a user has room under ``cap`` again if no more alerts come: ``-inf`` if they have it whenever, ``inf`` never.
+
+        ``has_room`` at ``now_ms`` is then exactly ``now_ms >= room_again_at``:
+        the cap-th newest alert leaves the window ``window_ms`` after it was sent.
+        """
+        if cap <= 0:
+            return math.inf
+        times = self._times.get(user_id)
+        if not times or len(times) < cap:
+            return -math.inf
+        return float(times[-cap] + self._window_ms)
 
     def room_checker(self, now_ms: int) -> Callable[[str, int], bool]:
         """``has_room(user_id, cap)``: ``count_last_hour(user_id, now_ms) < cap``, for many users at one moment."""

@@ -57,6 +57,11 @@ class Neighbourhood:
     ) -> None:
         self.settings = settings
         self.stages = stages
+        # The nearby stage with the smallest share of the hourly cap (QUICK in
+        # the default plan): online locals with no room left under it are
+        # snoozed in ``live`` until they have room again (see _snooze), and
+        # nearby stages with that share skip them in bulk.
+        self._snooze_stage = min((s for s in stages if s.audience == "nearby"), key=lambda s: s.cap_share, default=None)
         self._named_places = tuple(hotspots)
         # Live: who is where now (rebuilt by the clients, never stored).
         self.live = LocalsIndex()  # online locals' live positions
@@ -67,6 +72,7 @@ class Neighbourhood:
 
     def forget_durable(self) -> None:
         """Drop everything derived from stored records (to be loaded again); live positions stay."""
+        self.live.wake_all()  # the ledger starts over: nobody may stay snoozed on the old one
         self.homes = LocalsIndex()  # locals' home positions
         self.open_questions = LocalsIndex()  # active questions' positions
         self.locals: dict[str, LocalInfo] = {}
@@ -98,6 +104,7 @@ class Neighbourhood:
             self.homes.upsert(user.user_id, *user.home)
         else:
             self.homes.remove(user.user_id)
+        self._snooze(user.user_id)  # a new cap may give room sooner, or later
 
     def retry_after_ms(self, user_id: str, now: int) -> int:
         """How long until this user's next location update is accepted (0: now)."""
@@ -113,8 +120,26 @@ class Neighbourhood:
         self.positions[user.user_id] = (slat, slng, region)
         self.last_move[user.user_id] = now
         if user.local:
+            entering = user.user_id not in self.live
             self.live.upsert(user.user_id, slat, slng)
+            if entering:
+                self._snooze(user.user_id)
         return slat, slng
+
+    def _snooze(self, user_id: str) -> None:
+        """Snooze a live local in ``live`` until they have room under the snooze stage's cap (``-inf``: they have).
+
+        The exact rule still runs on everyone a query returns: a snooze only
+        spares the planner the locals it would refuse anyway, so it must never
+        outlast the user's true time; it is set from the ledger at every alert
+        and settings change, and dropped when the ledger starts over.
+        """
+        stage = self._snooze_stage
+        info = self.locals.get(user_id)
+        if stage is None or info is None or user_id not in self.live:
+            return
+        cap = stage.cap_for(info.settings.max_alerts_per_hour)
+        self.live.snooze(user_id, self.ledger.room_again_at(user_id, cap))
 
     def went_offline(self, user_id: str) -> None:
         """The user's last connection closed: it leaves the live index."""
@@ -211,13 +236,19 @@ class Neighbourhood:
             now_ms=now,
             utc_offset_minutes=self.settings.utc_offset_minutes,
             homes=self.homes,
+            awake_at=now if stage.audience == "nearby" and stage.cap_share == self._snooze_share() else None,
         )
         alerted = [hit[0] for hit in hits]
         esc.notified.update(alerted)
         self.ledger.record_users(alerted, now)
+        for user_id in alerted:
+            self._snooze(user_id)
         esc.next_stage += 1
         esc.style = alert_style(stage, brief)
         return stage, hits
+
+    def _snooze_share(self) -> float | None:
+        return None if self._snooze_stage is None else self._snooze_stage.cap_share
 
     def stage_reached(self, question_id: str) -> str | None:
         """The last stage planned for a question: ``None`` before its first, the plan's last once all ran."""

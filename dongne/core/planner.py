@@ -159,12 +159,13 @@ def _plan_nearby(
     homes: LocalsIndex | None,
     radius_m: float,
     limit: int | None,
+    awake_at: int | None,
 ) -> list[Hit]:
     q = p.question
     # Eligibility first: it does not depend on the distance, and in a busy
     # area most locals within reach are at their hourly cap.
     eligible = p.eligible
-    live_hits = live.within_by_distance(q.lat, q.lng, radius_m, keep=p.rule(online))
+    live_hits = live.within_by_distance(q.lat, q.lng, radius_m, keep=p.rule(online), awake_at=awake_at)
     offline: list[tuple[float, str]]
     if homes is not None:
         offline = homes.within_by_distance(q.lat, q.lng, radius_m, keep=lambda uid: uid not in online and eligible(uid))
@@ -304,12 +305,15 @@ def plan_hits(
     now_ms: int,
     utc_offset_minutes: int = KST_UTC_OFFSET_MINUTES,
     homes: LocalsIndex | None = None,
+    awake_at: int | None = None,
 ) -> list[Hit]:
     """:func:`plan_stage` without a :class:`Target` per user: ``(user_id, distance_m, online)``, same order.
 
     What the engine runs: a stage's targets share their stage, priority,
     sound and vibration (:func:`alert_style`), and a QUICK stage in a busy
-    area has hundreds of them.
+    area has hundreds of them. ``awake_at`` (a ``nearby`` stage): the
+    locals ``live`` has snoozed past it are known to be refused by this
+    stage's rule (``LocalsIndex.snooze``) and are not looked at.
     """
     if stage.only_if_unanswered and question.answered:
         return []
@@ -318,7 +322,7 @@ def plan_hits(
     if stage.audience == "online_nearby":
         return _plan_online_nearby(p, live, online, radius_m, stage.limit)
     if stage.audience == "nearby":
-        return _plan_nearby(p, live, online, homes, radius_m, stage.limit)
+        return _plan_nearby(p, live, online, homes, radius_m, stage.limit, awake_at)
     if stage.audience == "experts":
         tags = frozenset(question.hashtags)
         if not tags:
