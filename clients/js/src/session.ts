@@ -175,6 +175,7 @@ export class Session {
 
   #lastFrameAt = 0;
   #failed = 0; // failed attempts in a row
+  #retries = 0; // retries since the last hello: the n-th waits up to base * factor^(n-1)
   #authRetried = false; // the last connection ended with 4001 and a new token is being tried
   #timers = new Map<"retry" | "connect" | "silence" | "ping" | "location", unknown>();
   #unsubscribe: (() => void)[] = [];
@@ -326,16 +327,28 @@ export class Session {
   #hello(ws: WebSocketLike, token: string): void {
     const data: Json = { token };
     if (this.#resume) data.resume = { last_seq: this.#lastSeq };
-    const call = this.#call("hello", data, null);
-    this.#send(ws, call);
-    call.promise.then(
-      (reply) => this.#helloed(ws, reply as unknown as HelloReply, "resume" in data),
-      (error: unknown) => {
-        if (error instanceof RequestError && ws === this.#ws) {
-          this.#finish(new SessionClosed(`hello was refused: ${error.message}`));
-        }
+    this.#internal(ws, "hello", data, (reply) => this.#helloed(ws, reply as unknown as HelloReply, "resume" in data), (error) => {
+      if (error instanceof RequestError) this.#finish(new SessionClosed(`hello was refused: ${error.message}`));
+    });
+  }
+
+  /**
+   * Send a request of the session's own on `ws`. Its outcome is handled at once,
+   * in wire order (a promise's callback would run only after the frames that
+   * arrived with the reply, e.g. a replay behind a hello).
+   */
+  #internal(ws: WebSocketLike, op: string, data: Json, ok: (data: Json) => void, failed: (error: Error) => void = noop): void {
+    this.#send(ws, {
+      op,
+      data,
+      timer: undefined,
+      resolve: (reply) => {
+        if (ws === this.#ws) ok(reply);
       },
-    );
+      reject: (error) => {
+        if (ws === this.#ws) failed(error);
+      },
+    });
   }
 
   #helloed(ws: WebSocketLike, hello: HelloReply, resumed: boolean): void {
@@ -343,6 +356,7 @@ export class Session {
     this.#clearTimer("connect");
     this.#helloDone = true;
     this.#failed = 0;
+    this.#retries = 0;
     this.#authRetried = false;
     this.hello = hello;
     if (typeof hello.user?.user_id === "string" && hello.user.user_id !== this.#userId) {
@@ -367,41 +381,50 @@ export class Session {
     this.#lastFrameAt = this.#clock.now();
     this.#armSilence(ws);
     this.#emitter.emit("hello", hello);
-    void this.#restore(ws);
+    this.#restore(ws);
   }
 
   /** Re-join the rooms and re-send the location, then open. */
-  async #restore(ws: WebSocketLike): Promise<void> {
-    const joins = [...this.#rooms].map(async (qid) => {
-      const call = this.#call("join_question", { question_id: qid }, null);
-      this.#send(ws, call);
-      try {
-        this.#emitter.emit("rejoined", (await call.promise) as unknown as ReplyData<"join_question">);
-      } catch (error) {
-        if (error instanceof RequestError) this.#rooms.delete(qid); // gone meanwhile
+  #restore(ws: WebSocketLike): void {
+    let joining = this.#rooms.size + 1;
+    const joined = (): void => {
+      if (--joining > 0 || ws !== this.#ws) return;
+      this.#isOpen = true;
+      if (this.#state !== "connecting") this.reconnects++;
+      this.#setState("open");
+      this.#resolveOpened(this.hello!);
+      for (const call of this.#waiting) {
+        this.#waiting.delete(call);
+        this.#send(ws, call);
       }
-    });
+    };
+    for (const qid of this.#rooms) {
+      this.#internal(
+        ws,
+        "join_question",
+        { question_id: qid },
+        (reply) => {
+          this.#emitter.emit("rejoined", reply as unknown as ReplyData<"join_question">);
+          joined();
+        },
+        (error) => {
+          if (error instanceof RequestError) {
+            this.#rooms.delete(qid); // gone meanwhile
+            joined();
+          }
+        },
+      );
+    }
     const location = this.#location;
     if (location !== null) this.#resendLocation(ws, location, 0);
-    await Promise.all(joins);
-    if (ws !== this.#ws) return;
-    this.#isOpen = true;
-    if (this.hello !== null && this.#state !== "connecting") this.reconnects++;
-    this.#setState("open");
-    this.#resolveOpened(this.hello!);
-    for (const call of this.#waiting) {
-      this.#waiting.delete(call);
-      this.#send(ws, call);
-    }
+    joined();
   }
 
   /** Re-send a location; a rate-limited one is tried again later, unless a newer one was sent. */
   #resendLocation(ws: WebSocketLike, location: Json, tries: number): void {
     if (ws !== this.#ws || this.#location !== location) return;
-    const call = this.#call("update_location", location, null);
-    this.#send(ws, call);
-    call.promise.catch((error: unknown) => {
-      if (!(error instanceof RequestError) || ws !== this.#ws || this.#location !== location) return;
+    this.#internal(ws, "update_location", location, noop, (error) => {
+      if (!(error instanceof RequestError) || this.#location !== location) return;
       if (error.code === "rate_limited" && tries < 3) {
         // The server still counts the update sent before the loss.
         this.#setTimer("location", error.retryAfterMs ?? 1000, () => this.#resendLocation(ws, location, tries + 1));
@@ -413,7 +436,8 @@ export class Session {
 
   // ---- frames -----------------------------------------------------------------
 
-  #call(op: string, data: Json, timeout: number | null): Call & { promise: Promise<Json> } {
+  /** A request of the app's: a promise, rejected after `timeout` ms (waiting for a connection included). */
+  #call(op: string, data: Json, timeout: number): Call & { promise: Promise<Json> } {
     let resolve!: (data: Json) => void;
     let reject!: (error: Error) => void;
     const promise = new Promise<Json>((res, rej) => {
@@ -425,16 +449,14 @@ export class Session {
       reject(this.#closedError());
       return call;
     }
-    if (timeout !== null) {
-      call.timer = this.#clock.setTimeout(() => {
-        if (this.#waiting.delete(call)) {
-          reject(new ConnectionLost(`no connection within ${timeout} ms; '${op}' was not sent`));
-        } else {
-          for (const [id, sent] of this.#sent) if (sent === call) this.#sent.delete(id);
-          reject(new RequestTimeout(`no reply to '${op}' within ${timeout} ms`));
-        }
-      }, timeout);
-    }
+    call.timer = this.#clock.setTimeout(() => {
+      if (this.#waiting.delete(call)) {
+        reject(new ConnectionLost(`no connection within ${timeout} ms; '${op}' was not sent`));
+      } else {
+        for (const [id, sent] of this.#sent) if (sent === call) this.#sent.delete(id);
+        reject(new RequestTimeout(`no reply to '${op}' within ${timeout} ms`));
+      }
+    }, timeout);
     return call;
   }
 
@@ -519,9 +541,7 @@ export class Session {
     if (ws !== this.#ws) return;
     this.#armSilence(ws);
     if (this.#timers.has("ping")) return;
-    const call = this.#call("ping", {}, null);
-    call.promise.catch(noop);
-    this.#send(ws, call);
+    this.#internal(ws, "ping", {}, noop);
     this.#setTimer("ping", this.#options.pingTimeout ?? 10000, () => this.#drop(ws, "no reply to ping"));
   }
 
@@ -590,7 +610,7 @@ export class Session {
     }
     this.#setState(this.hello === null ? "connecting" : "reconnecting");
     // After a 4001, a fresh token at once; otherwise a backoff.
-    const delay = code === 4001 ? 0 : backoffDelay(this.#failed + 1, this.#options.backoff, this.#options.random);
+    const delay = code === 4001 ? 0 : backoffDelay(++this.#retries, this.#options.backoff, this.#options.random);
     this.#setTimer("retry", delay, () => void this.#attempt());
   }
 
@@ -667,8 +687,9 @@ export class Session {
     const key = this.#storageKey();
     const storage = this.#options.storage;
     if (key === null || storage == null) return null;
-    const value = Number(await storage.get(key));
-    return Number.isSafeInteger(value) && value >= 0 ? value : null;
+    const stored = await storage.get(key);
+    const value = typeof stored === "string" && /^\d+$/.test(stored) ? Number(stored) : NaN;
+    return Number.isSafeInteger(value) ? value : null;
   }
 
   /** Write the last seq; writes do not overlap, and only the newest value is written. */

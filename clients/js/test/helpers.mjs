@@ -102,8 +102,8 @@ export class Server {
  * A TCP relay on 127.0.0.1 between the SDK and the server: `sever()` destroys
  * every open pair (the SDK sees a dropped connection), `target` re-points new
  * connections, `hold()` stops forwarding the server's bytes to the SDK (as a
- * client that stopped reading), `cutOnNextRequest()` forwards the SDK's next
- * bytes to the server and then severs before any reply can come back.
+ * client that stopped reading), `cutBeforeReply()` lets a request through and
+ * severs at its reply.
  */
 export class Relay {
   constructor(targetPort) {
@@ -111,6 +111,7 @@ export class Relay {
     this.pairs = new Set();
     this.holding = false;
     this.onUpstream = null;
+    this.onDownstream = null;
     this.server = createServer((client) => this.#pair(client));
   }
 
@@ -138,7 +139,14 @@ export class Relay {
       }
     });
     if (pair.held) upstream.pause();
-    upstream.on("data", (chunk) => client.write(chunk));
+    upstream.on("data", (chunk) => {
+      if (this.onDownstream) {
+        const hook = this.onDownstream;
+        this.onDownstream = null;
+        if (hook(chunk)) return;
+      }
+      client.write(chunk);
+    });
     client.on("close", end);
     upstream.on("close", end);
     client.on("error", end);
@@ -170,14 +178,18 @@ export class Relay {
     }
   }
 
-  /** Forward the SDK's next chunk to the server, then sever; resolves when done. */
-  cutOnNextRequest() {
+  /**
+   * Forward the SDK's next bytes (a request) to the server, then sever at the
+   * first bytes back (its reply), which the SDK never gets. Resolves when severed.
+   */
+  cutBeforeReply() {
     return new Promise((resolve) => {
       this.onUpstream = () => {
-        setImmediate(() => {
+        this.onDownstream = () => {
           this.sever();
           resolve();
-        });
+          return true;
+        };
         return true;
       };
     });

@@ -1,0 +1,110 @@
+// Timing with an injected clock and random source: backoff delays, maxAttempts,
+// `online`, and the ping after silence. Real sockets; only time is fake.
+import assert from "node:assert/strict";
+import { createServer } from "node:net";
+import { after, before, test } from "node:test";
+import { SessionClosed, backoffDelay } from "../dist/index.js";
+import { FakeClock, Relay, Server, mint, next, open } from "./helpers.mjs";
+
+let server;
+before(async () => {
+  server = await Server.start();
+});
+after(async () => {
+  await server?.stop();
+});
+
+/** A port where nothing listens. */
+async function deadPort() {
+  const listener = createServer();
+  await new Promise((resolve) => listener.listen(0, "127.0.0.1", resolve));
+  const { port } = listener.address();
+  await new Promise((resolve) => listener.close(resolve));
+  return port;
+}
+
+/** Resolves once `condition()` holds, checking as I/O completes (no fixed sleeps). */
+async function until(condition, ms = 10000) {
+  const deadline = Date.now() + ms;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${condition}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+test("backoffDelay is full jitter over a capped exponential", () => {
+  const options = { base: 1000, factor: 2, max: 16000 };
+  assert.deepEqual(
+    [1, 2, 3, 4, 5, 6, 7].map((n) => backoffDelay(n, options, () => 0.5)),
+    [500, 1000, 2000, 4000, 8000, 8000, 8000],
+  );
+  assert.equal(backoffDelay(1, {}, () => 0.999), 999);
+  assert.equal(backoffDelay(3, { jitter: "none" }), 4000);
+  assert.equal(backoffDelay(5000, {}, () => 1), 16000); // huge attempt counts stay finite
+});
+
+test("each failed attempt waits random * min(max, base * factor^(n-1)); maxAttempts ends the session", async () => {
+  const clock = new FakeClock();
+  const randoms = [0.5, 0.25, 0.75];
+  const url = `ws://127.0.0.1:${await deadPort()}/`;
+  const session = open(url, mint("nobody"), {
+    clock,
+    random: () => randoms.shift(),
+    backoff: { base: 1000, factor: 2, max: 3000 },
+    maxAttempts: 4,
+  });
+  const waits = [];
+  for (let attempt = 1; attempt <= 3; attempt++) {
+    await next(session, "disconnected");
+    assert.equal(session.state, "connecting");
+    waits.push(...clock.pending());
+    clock.advance(clock.pending()[0]);
+  }
+  assert.deepEqual(waits, [500, 500, 2250]); // 0.5 * 1000, 0.25 * 2000, 0.75 * min(3000, 4000)
+  const closed = await next(session, "closed");
+  assert.ok(closed instanceof SessionClosed);
+  assert.match(closed.message, /4 failed attempts in a row/);
+  assert.equal(session.state, "closed");
+  await assert.rejects(session.opened, SessionClosed);
+  assert.deepEqual(clock.pending(), []); // nothing left behind
+});
+
+test("`online` retries at once; silence brings a ping, and no reply to it a reconnection", async () => {
+  const clock = new FakeClock();
+  const network = new EventTarget();
+  const relay = await Relay.start(await deadPort()); // the network is down: every attempt fails
+  const session = open(relay.url, mint("pinger"), { clock, random: () => 0.5, network, pingAfter: 20000, pingTimeout: 10000 });
+  try {
+    await next(session, "disconnected");
+    assert.deepEqual(clock.pending(), [500]); // waiting to retry
+    relay.target = server.port; // the network comes back, and the browser says so
+    network.dispatchEvent(new Event("online"));
+    await session.opened; // without the clock moving
+    assert.deepEqual(clock.pending(), [20000]); // only the silence timer
+
+    // Silence: a ping goes out, the reply comes, and all is well.
+    clock.advance(20000);
+    assert.deepEqual(clock.pending(), [10000, 20000]);
+    await until(() => clock.pending().length === 1);
+    assert.deepEqual(clock.pending(), [20000]);
+    assert.equal(session.state, "open");
+
+    // The connection goes quiet (nothing passes from the server any more): the ping goes unanswered.
+    relay.hold();
+    clock.advance(20000);
+    const dropped = next(session, "disconnected");
+    clock.advance(10000);
+    assert.deepEqual(await dropped, { code: 1006, reason: "no reply to ping", wasOpen: true });
+    assert.equal(session.state, "reconnecting");
+    assert.deepEqual(clock.pending(), [500]);
+    relay.release();
+    const hello = next(session, "hello");
+    clock.advance(500);
+    assert.equal((await hello).resumed, true);
+    await until(() => session.state === "open");
+    assert.equal(session.reconnects, 1);
+  } finally {
+    await session.close();
+    await relay.close();
+  }
+});
