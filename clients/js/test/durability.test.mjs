@@ -27,23 +27,26 @@ after(async () => {
   await server?.stop();
 });
 
-/** Answers `qid` again and again from another user until `stop()`; never fails on a lost connection. */
-function produce(session, qid, content = "An answer that keeps coming.") {
+/** Answers `qid` again and again (`lanes` requests at a time) until `stop()`; never fails on a lost connection. */
+function produce(session, qid, content = "An answer that keeps coming.", lanes = 1) {
   let running = true;
   let count = 0;
   let paused = null;
-  const done = (async () => {
+  const waiting = []; // [n, resolve]: resolved once count >= n
+  const lane = async () => {
     while (running) {
       if (paused) await paused.promise;
       try {
         await session.request("create_answer", { question_id: qid, content: `${count} ${content}` });
         count++;
+        for (const w of waiting.filter(([n]) => count >= n)) w[1]();
       } catch (error) {
         if (error instanceof SessionClosed) throw error;
         // ConnectionLost or RequestTimeout: applied or not, the asker's seqs tell.
       }
     }
-  })();
+  };
+  const done = Promise.all(Array.from({ length: lanes }, lane));
   return {
     stop: async () => {
       running = false;
@@ -60,6 +63,7 @@ function produce(session, qid, content = "An answer that keeps coming.") {
       paused = null;
       p?.resolve();
     },
+    reached: (n) => new Promise((resolve) => (count >= n ? resolve() : waiting.push([n, resolve]))),
     get count() {
       return count;
     },
@@ -147,13 +151,18 @@ test("a session that stops reading is closed (4009, or 1006 when the close frame
     for (const ending of ["release", "sever"]) {
       const from = server.log.length;
       relay.hold(); // the SDK's socket stops receiving: its server-side backlog grows
-      const producer = produce(answerer, question.question_id, long);
-      await server.waitForLog(/"slow_consumer": ?true/, from, 30000);
+      const producer = produce(answerer, question.question_id, long, 16);
+      if (ending === "release") {
+        // Until the server gives up on it (4009); then the backlog, then the close if it gets through.
+        await server.waitForLog(/"slow_consumer": ?true/, from, 30000);
+      } else {
+        // A stalled connection that simply drops (1006) with a backlog in the kernel's buffers.
+        await producer.reached(300);
+      }
       await producer.stop();
-
       const dropped = next(asker, "disconnected");
-      if (ending === "release") relay.release(); // the backlog, then the close (if it got through)
-      else relay.sever(); // the connection simply drops: 1006
+      if (ending === "release") relay.release();
+      else relay.sever();
       const { code } = await dropped;
       relay.release();
       assert.ok(ending === "release" ? [4009, 1006].includes(code) : code === 1006, `closed with ${code}`);
