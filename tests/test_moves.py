@@ -2,7 +2,10 @@
 
 The planner skips locals snoozed in the live index (at their QUICK cap)
 and region lookups are answered per grid cell; each case here is one a
-shortcut could get wrong.
+shortcut could get wrong. The nearby_questions cases pin what any memo of a
+mover's nearby list must keep (one per cell and zone generation was
+measured and dropped: under the escalation bench's 50 questions a second
+every zone changed between a mover's updates, so it never answered).
 """
 
 from __future__ import annotations
@@ -151,3 +154,84 @@ def test_a_local_who_moves_into_another_region_is_told_the_new_one() -> None:
 
     assert told[0] == "Jeju-si" and told[-1] == "Aewol"
     assert told == sorted(told, key=lambda name: name == "Aewol")  # one crossing, no flicker
+
+
+def _nearby_events(outcome: Outcome) -> list[list[str]]:
+    """The question ids of each nearby_questions event an outcome sends."""
+    from dongne.core import Send
+
+    return [
+        [q["question_id"] for q in a.frame["data"]["questions"]]
+        for a in outcome.actions
+        if isinstance(a, Send) and a.frame["type"] == "nearby_questions"
+    ]
+
+
+def _stay(sim: Sim, conn_id: int, at: int, metres: float = 500.0) -> list[list[str]]:
+    """The local shares the same position again (the same 100 m cell)."""
+    return _nearby_events(sim.call(conn_id, "update_location", {"location": east(metres)}, at))
+
+
+def _ask_at(sim: Sim, metres: float, at: int) -> str:
+    created = sim.call(1, "create_question", {"title": "t", "location": east(metres)}, at)
+    return str(sim.reply(created)["data"]["question"]["question_id"])
+
+
+def test_a_move_inside_the_same_cell_with_nothing_new_sends_nothing() -> None:
+    sim = _engine()
+    sim.connect(1, "asker", T0)
+    sim.connect(2, "walker", T0)
+    qid = _ask_at(sim, 0, T0)
+    assert _stay(sim, 2, T0 + 1000) == [[qid]]
+
+    assert _stay(sim, 2, T0 + 2000) == []
+    assert _nearby_events(sim.call(2, "update_location", {"location": east(520)}, T0 + 3000)) == []  # same cell
+
+
+def test_a_question_opened_next_to_a_local_who_has_not_moved_is_named_at_their_next_update() -> None:
+    sim = _engine()
+    sim.connect(1, "asker", T0)
+    sim.connect(2, "walker", T0)
+    first = _ask_at(sim, 0, T0)
+    assert _stay(sim, 2, T0 + 1000) == [[first]]
+    second = _ask_at(sim, 450, T0 + 1500)  # 50 m from the walker
+
+    assert _stay(sim, 2, T0 + 2000) == [[second, first]]
+    nearby = sim.reply(sim.call(2, "nearby_questions", {}, T0 + 2500))["data"]["questions"]
+    assert [q["question_id"] for q in nearby] == [second, first]
+
+
+def test_a_question_opened_far_away_changes_nothing_for_a_local_who_stays() -> None:
+    sim = _engine()
+    sim.connect(1, "asker", T0)
+    sim.connect(2, "walker", T0)
+    first = _ask_at(sim, 0, T0)
+    assert _stay(sim, 2, T0 + 1000) == [[first]]
+    _ask_at(sim, 20_000, T0 + 1500)  # 19.5 km away, beyond nearby_radius_m (3 km)
+
+    assert _stay(sim, 2, T0 + 2000) == []
+
+
+def test_a_question_closed_next_to_a_local_who_has_not_moved_leaves_their_list() -> None:
+    sim = _engine()
+    sim.connect(1, "asker", T0)
+    sim.connect(2, "walker", T0)
+    first = _ask_at(sim, 0, T0)
+    second = _ask_at(sim, 450, T0 + 500)
+    assert _stay(sim, 2, T0 + 1000) == [[second, first]]
+    sim.call(1, "close_question", {"question_id": second}, T0 + 1500)
+
+    assert _stay(sim, 2, T0 + 2000) == [[first]]
+
+
+def test_a_question_leaves_the_list_of_a_local_who_stays_exactly_when_it_ages_out() -> None:
+    sim = _engine(nearby_max_age_s=60.0)
+    sim.connect(1, "asker", T0)
+    sim.connect(2, "walker", T0)
+    old = _ask_at(sim, 0, T0)
+    young = _ask_at(sim, 100, T0 + 30_000)
+    assert _stay(sim, 2, T0 + 31_000) == [[young, old]]
+
+    assert _stay(sim, 2, T0 + 60_000) == []  # asked 60 s ago: still in
+    assert _stay(sim, 2, T0 + 60_001) == [[young]]
+    assert _stay(sim, 2, T0 + 90_001) == [[]]

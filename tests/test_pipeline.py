@@ -151,3 +151,39 @@ async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path)
         assert acted[49][1] == 2  # "b" was committed before the first batch was all acted on
     finally:
         store.close()
+
+
+async def test_waiting_fan_out_goes_in_turn_and_a_cancelled_waiter_gives_up_its_place(tmp_path: Path) -> None:
+    """One stage's room per commit: stages run in the order they came, a cancelled one is skipped, none is stranded."""
+    store = Store(tmp_path / "t.sqlite3", synchronous="NORMAL")
+    store.open()
+    pipeline = CommitPipeline(store, lambda outcome, token: None, bulk_budget=ROWS_PER_STAGE, bulk_time_budget=10.0)
+    seqs = itertools.count(1)
+    computed: list[int] = []
+
+    def compute(stage: int) -> Outcome:
+        computed.append(stage)
+        return _outcome(f"s{stage}", ROWS_PER_STAGE, seqs)
+
+    async def stage_task(stage: int, scope: trio.CancelScope) -> None:
+        with scope:
+            await pipeline.submit_bulk(lambda: compute(stage))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            scopes = [trio.CancelScope() for _ in range(6)]
+            for stage in range(6):
+                nursery.start_soon(stage_task, stage, scopes[stage])
+                await trio.testing.wait_all_tasks_blocked()  # they queue in this order
+            assert computed == [0]  # the committer is not running: one stage's room
+            scopes[2].cancel()
+            await nursery.start(pipeline.run)
+            with trio.fail_after(10):
+                while len(computed) < 5:
+                    await trio.testing.wait_all_tasks_blocked()
+                await pipeline.wait_idle()
+            nursery.cancel_scope.cancel()
+        assert computed == [0, 1, 3, 4, 5]
+        assert store.rows_committed == 5 * ROWS_PER_STAGE
+    finally:
+        store.close()
