@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { after, before, test } from "node:test";
-import { SessionClosed, backoffDelay } from "../dist/index.js";
+import { ConnectionLost, SessionClosed, backoffDelay } from "../dist/index.js";
 import { FakeClock, Relay, Server, mint, next, open } from "./helpers.mjs";
 
 let server;
@@ -97,11 +97,17 @@ test("`online` retries at once; silence brings a ping, and no reply to it a reco
     assert.deepEqual(await dropped, { code: 1006, reason: "no reply to ping", wasOpen: true });
     assert.equal(session.state, "reconnecting");
     assert.deepEqual(clock.pending(), [500]);
+    // Requests made meanwhile wait for the connection (at most their timeout), then go once.
+    const waiting = session.request("get_profile");
+    const impatient = session.request("ping", {}, { timeout: 100 });
+    clock.advance(100);
+    await assert.rejects(impatient, (error) => error instanceof ConnectionLost && /not sent/.test(error.message));
     relay.release();
     const hello = next(session, "hello");
-    clock.advance(500);
+    clock.advance(400);
     assert.equal((await hello).resumed, true);
-    await until(() => session.state === "open");
+    assert.equal((await waiting).user.user_id, "pinger");
+    assert.equal(session.state, "open");
     assert.equal(session.reconnects, 1);
   } finally {
     await session.close();
