@@ -154,6 +154,7 @@ class Watched:
         self.name = name
         self.page = context.new_page()
         self.errors: list[str] = []
+        self.log: list[str] = []  # every console message, for the report of a failure
         self.requests: list[str] = []
         self.tolerated: re.Pattern[str] | None = None
         self.page.on("console", self._console)
@@ -162,6 +163,7 @@ class Watched:
         self.page.on("websocket", lambda ws: self.requests.append(ws.url))
 
     def _console(self, message: Any) -> None:
+        self.log.append(f"{time.monotonic():.3f} {message.type}: {message.text}")
         if message.type != "error":
             return
         if self.tolerated is not None and self.tolerated.search(message.text):
@@ -180,6 +182,14 @@ class Watched:
         )
         assert result == [], f"{self.name} {screen}: {json.dumps(result, indent=1)}"
 
+    def wait_open(self, timeout: float = 10_000) -> None:
+        """Until the page's session is open (its hello answered, rooms and position restored)."""
+        try:
+            self.page.wait_for_selector("#conn-state[data-state=open]", timeout=timeout)
+        except Exception as exc:
+            shown = self.page.evaluate("() => document.body.innerText.slice(0, 400)")
+            raise AssertionError(f"{self.name} did not connect: {shown!r}\n" + "\n".join(self.log[-30:])) from exc
+
     def shoot(self, name: str) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         self.page.screenshot(path=str(ARTIFACTS / f"web-{name}.png"))
@@ -192,10 +202,6 @@ def new_context(browser: Any, server: Server, at: dict[str, float]) -> Any:
     )  # fmt: skip
     context.add_init_script(WATCH_SCRIPT)
     return context
-
-
-def wait_open(page: Any, timeout: float = 10_000) -> None:
-    page.wait_for_selector("#conn-state[data-state=open]", timeout=timeout)
 
 
 def ask_from_python(url: str, token: str, data: dict[str, Any]) -> str:
@@ -223,7 +229,7 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
         try:
             # Sign-in by link: the token leaves the address bar and stays in localStorage.
             local.page.goto(f"{server.url}/#token={mint('jun', nick='Jun', local=True)}")
-            wait_open(local.page)
+            local.wait_open()
 
             # The local makes where they are their home (so alerts reach them offline), then shares it live.
             local.page.click("[data-tab=settings]")
@@ -245,7 +251,7 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             traveller.page.wait_for_selector("#signin-form")
             traveller.axe("sign-in")
             traveller.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
-            wait_open(traveller.page)
+            traveller.wait_open()
             for watched in (traveller, local):
                 assert "token" not in watched.page.url
                 assert watched.page.evaluate("() => localStorage.getItem('dongne.token')")
@@ -278,8 +284,11 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             traveller.page.wait_for_selector("#answers [data-answer-id]", timeout=1000)
             assert time.monotonic() - answered_at < 1.0
             assert "돈사돈" in traveller.page.inner_text("#answers")
+            # The local, now in the question's room, starts another answer: presence and typing reach the traveller.
             local.page.wait_for_url(re.compile(rf"#/q/{qid}$"))
-            traveller.page.wait_for_selector("#presence:has-text('2')", timeout=3000)
+            traveller.page.wait_for_selector("#presence:has-text('Jun')", timeout=3000)
+            local.page.fill("#answer-content", "그리고 ")
+            traveller.page.wait_for_selector("#typing:has-text('Jun')", timeout=3000)
             traveller.axe("question")
             traveller.page.click("[data-accept]")
             local.page.wait_for_function(
@@ -304,7 +313,7 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             traveller.page.wait_for_selector("#reconnecting", timeout=5000)
             local.page.wait_for_selector("#reconnecting", timeout=5000)
             server.start()
-            wait_open(traveller.page, timeout=20_000)
+            traveller.wait_open(timeout=20_000)
             traveller.page.wait_for_selector("#reconnecting", state="detached")
 
             # Someone asks near the local's home while the local's page is offline: the QUICK stage
@@ -315,8 +324,9 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
                 {"title": "Is the Dongmun market open tonight?", "location": {"lat": 33.5115, "lng": 126.5270}},
             )
             time.sleep(4.5)
+            assert local.page.get_attribute("#conn-state", "data-state") != "open"  # still cut off
             local_ctx.set_offline(False)
-            wait_open(local.page, timeout=20_000)
+            local.wait_open(timeout=20_000)
             card2 = f'.alert-card[data-question-id="{q2}"]'
             local.page.wait_for_selector(card2, timeout=5000)
             time.sleep(1.0)  # a second delivery, if there were one, would have come by now
@@ -416,7 +426,7 @@ def test_street_map_from_the_operators_tiles(tmp_path: Path) -> None:
                     context = new_context(browser, server, TRAVELLER_AT)
                     traveller = Watched(context, "traveller")
                     traveller.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
-                    wait_open(traveller.page)
+                    traveller.wait_open()
                     traveller.page.wait_for_selector(".leaflet-tile-loaded", timeout=10_000)
                     traveller.page.wait_for_selector(".leaflet-overlay-pane path", state="attached", timeout=5000)  # the regions, over the tiles
                     attribution = traveller.page.inner_text(".leaflet-control-attribution")

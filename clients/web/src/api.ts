@@ -64,6 +64,7 @@ export interface SessionEvents {
   hello: Hello;
   missed: { from: number; to: number };
   closed: InstanceType<typeof SessionClosed>;
+  disconnected: { code: number; reason: string; wasOpen: boolean };
 }
 
 export function onSession<K extends keyof SessionEvents>(type: K, fn: (value: SessionEvents[K]) => void): () => void {

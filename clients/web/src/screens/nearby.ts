@@ -32,7 +32,8 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     const s = store.get().sharing;
     const on = !!s?.live;
     live.dataset.live = String(on);
-    live.textContent = on ? `${t("nearby_live")}${s?.region ? ` · ${regionName(s.region)}` : ""}` : t("nearby_not_live");
+    live.textContent = on ? `${t("nearby_live")}${s?.region ? ` · ${regionName(s.region)}` : ""}`
+      : s?.error === "outside_service_area" ? t("geo_outside") : t("nearby_not_live");
   };
 
   const render = () => {

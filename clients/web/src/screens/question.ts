@@ -205,7 +205,8 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   join();
   cleanup.add(() => {
     gone = true;
-    if (store.get().conn === "open") call("leave_question", { question_id: id }).catch(() => undefined);
+    // Sent even while reconnecting (the SDK sends it once open), or the room would be re-joined.
+    call("leave_question", { question_id: id }).catch(() => undefined);
   });
 
   const mine = <T extends { question_id: string }>(fn: (d: T) => void) => (d: T) => { if (d.question_id === id && !gone) fn(d); };
