@@ -45,11 +45,15 @@ _DEFAULT_REGIONS = "data/jeju_regions.geojson"
 _DEFAULT_HOTSPOTS = "data/jeju_hotspots.json"
 _POLYGONAL = ("Polygon", "MultiPolygon")
 
-# region_of's grid: cells of 1/200 degree (~555 m by ~465 m at Jeju), widened
-# by a margin far above the rounding of lat * 200 (~1e-14 degrees). The whole
-# bundled service area is ~26,000 cells; the bound keeps far-flung queries
-# from growing the cache without end (past it, cells are judged afresh).
+# region_of's grids: cells of 1/200 degree (~555 m by ~465 m at Jeju) and,
+# within those on a border or a coast, of 1/1600 degree (~70 m by ~58 m),
+# each widened by a margin far above the rounding of lat * 1600 (~1e-13
+# degrees). The bundled service area's box is ~26,000 coarse cells, ~3% of
+# them on a border or coast, where the escalation bench's beach hotspots put
+# a third of its moves. The bound keeps far-flung queries from growing a
+# cache without end (past it, cells are judged afresh).
 _CELLS_PER_DEG = 200
+_FINE_CELLS_PER_DEG = 1600
 _CELL_MARGIN_DEG = 1e-9
 _MAX_CELLS = 1 << 16
 
@@ -149,8 +153,10 @@ class RegionSet:
     _geometries: tuple[BaseGeometry, ...] = attrs.field(repr=False)
     _document: Mapping[str, Any] = attrs.field(repr=False)
     _tree: shapely.STRtree = attrs.field(init=False, repr=False)
-    # Grid cell -> (its region, or None; whether that answers every point in it).
+    # Grid cell -> (its region, or None; whether that answers every point in it),
+    # for the coarse grid and, inside coarse cells that do not decide, the fine one.
     _cells: dict[tuple[int, int], tuple[str | None, bool]] = attrs.field(init=False, repr=False, factory=dict)
+    _fine_cells: dict[tuple[int, int], tuple[str | None, bool]] = attrs.field(init=False, repr=False, factory=dict)
 
     @_tree.default
     def _build_tree(self) -> shapely.STRtree:
@@ -260,14 +266,19 @@ class RegionSet:
             return None
         # Answered per cell of a fixed grid where the cell decides (see
         # _cell): every location update asks, and the exact test costs ~8 us.
-        key = (math.floor(lat * _CELLS_PER_DEG), math.floor(lng * _CELLS_PER_DEG))
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._cell(key)
-            if len(self._cells) < _MAX_CELLS:
-                self._cells[key] = cell
-        name, whole = cell
-        return name if whole else self._exact(lat, lng)
+        # Cells on a border or a coast are split into a finer grid; only
+        # points in fine cells that still do not decide get the exact test.
+        for cells, per_deg in ((self._cells, _CELLS_PER_DEG), (self._fine_cells, _FINE_CELLS_PER_DEG)):
+            key = (math.floor(lat * per_deg), math.floor(lng * per_deg))
+            cell = cells.get(key)
+            if cell is None:
+                cell = self._cell(key, per_deg)
+                if len(cells) < _MAX_CELLS:
+                    cells[key] = cell
+            name, whole = cell
+            if whole:
+                return name
+        return self._exact(lat, lng)
 
     def _exact(self, lat: float, lng: float) -> str | None:
         # The tree filters by bounding box only; the exact test follows, in
@@ -278,7 +289,7 @@ class RegionSet:
                 return self._names[i]
         return None
 
-    def _cell(self, key: tuple[int, int]) -> tuple[str | None, bool]:
+    def _cell(self, key: tuple[int, int], per_deg: int) -> tuple[str | None, bool]:
         """What a grid cell says about the points in it: ``(region, True)`` when that is every point's answer.
 
         The cell's box, widened by a hair so that it surely holds every point
@@ -290,10 +301,10 @@ class RegionSet:
         """
         i, j = key
         box = shapely.box(
-            j / _CELLS_PER_DEG - _CELL_MARGIN_DEG,
-            i / _CELLS_PER_DEG - _CELL_MARGIN_DEG,
-            (j + 1) / _CELLS_PER_DEG + _CELL_MARGIN_DEG,
-            (i + 1) / _CELLS_PER_DEG + _CELL_MARGIN_DEG,
+            j / per_deg - _CELL_MARGIN_DEG,
+            i / per_deg - _CELL_MARGIN_DEG,
+            (j + 1) / per_deg + _CELL_MARGIN_DEG,
+            (i + 1) / per_deg + _CELL_MARGIN_DEG,
         )
         met = [k for k in sorted(self._tree.query(box).tolist()) if shapely.intersects(self._geometries[k], box)]
         if not met:
