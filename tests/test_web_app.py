@@ -341,7 +341,7 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             traveller.page.wait_for_selector("#notifications .n-item")
             traveller.axe("inbox")
             local.page.click("[data-tab=inbox]")
-            local.page.wait_for_selector(f'#notifications [data-type="new_question_notification"]')
+            local.page.wait_for_selector('#notifications [data-type="new_question_notification"]')
             local.axe("inbox")
             traveller.shoot("traveller-inbox")
             local.shoot("local-inbox")
@@ -377,7 +377,7 @@ class TileServer:
         self.paths = seen
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 seen.append(self.path)
                 if re.fullmatch(r"/\d+/\d+/\d+\.png", self.path):
                     self.send_response(200)
@@ -428,7 +428,8 @@ def test_street_map_from_the_operators_tiles(tmp_path: Path) -> None:
                     traveller.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
                     traveller.wait_open()
                     traveller.page.wait_for_selector(".leaflet-tile-loaded", timeout=10_000)
-                    traveller.page.wait_for_selector(".leaflet-overlay-pane path", state="attached", timeout=5000)  # the regions, over the tiles
+                    # The regions, drawn over the tiles.
+                    traveller.page.wait_for_selector(".leaflet-overlay-pane path", state="attached", timeout=5000)
                     attribution = traveller.page.inner_text(".leaflet-control-attribution")
                     assert "Test tiles <b>not bold</b>" in attribution  # the operator's text, shown as text
                     traveller.axe("ask with street map")

@@ -32,7 +32,7 @@ function keepToken(token: string | null): void {
 
 /** `#token=...` (never the query: it stays out of logs) is kept, then taken out of the address bar. */
 function takeTokenFromFragment(): void {
-  const match = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  const match = /(?:^#|&)token=([^&#]+)/.exec(location.hash);
   if (!match?.[1]) return;
   keepToken(decodeURIComponent(match[1]));
   history.replaceState(null, "", location.pathname + location.search);
