@@ -305,7 +305,8 @@ export class Session {
       ws = new this.#WebSocket(this.#url);
       ws.binaryType = "arraybuffer";
     } catch (error) {
-      this.#ended(null, 1006, String(error), false);
+      // A URL the WebSocket refuses (not ws: or wss:, malformed) never gets better.
+      this.#finish(new SessionClosed(`cannot open a WebSocket to ${this.#url}: ${String(error)}`));
       return;
     }
     this.#ws = ws;

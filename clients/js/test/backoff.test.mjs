@@ -43,6 +43,12 @@ test("backoffDelay is full jitter over a capped exponential", () => {
   assert.equal(backoffDelay(5000, {}, () => 1), 16000); // huge attempt counts stay finite
 });
 
+test("a URL the WebSocket refuses ends the session at once", async () => {
+  const session = open("http//not-a-url", mint("nobody"));
+  await assert.rejects(session.opened, (error) => error instanceof SessionClosed && /Invalid URL/.test(error.message));
+  assert.equal(session.state, "closed");
+});
+
 test("each failed attempt waits random * min(max, base * factor^(n-1)); maxAttempts ends the session", async () => {
   const clock = new FakeClock();
   const randoms = [0.5, 0.25, 0.75];
