@@ -4,11 +4,12 @@ import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { after, before, test } from "node:test";
 import { ConnectionLost, SessionClosed, backoffDelay } from "../dist/index.js";
-import { FakeClock, Relay, Server, mint, next, open } from "./helpers.mjs";
+import { FakeClock, JEJU, Relay, Server, mint, next, open } from "./helpers.mjs";
 
 let server;
 before(async () => {
-  server = await Server.start();
+  // Locations may be re-sent at once after a reconnect (no 2 s rate limit to wait out).
+  server = await Server.start("[location]\nmin_update_interval_s = 0.05\n");
 });
 after(async () => {
   await server?.stop();
@@ -23,10 +24,10 @@ async function deadPort() {
   return port;
 }
 
-/** Resolves once `condition()` holds, checking as I/O completes (no fixed sleeps). */
+/** Resolves once `condition()` (maybe async) holds, checking every few ms. */
 async function until(condition, ms = 10000) {
   const deadline = Date.now() + ms;
-  while (!condition()) {
+  while (!(await condition())) {
     if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${condition}`);
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
@@ -79,7 +80,9 @@ test("`online` retries at once; silence brings a ping, and no reply to it a reco
   const clock = new FakeClock();
   const network = new EventTarget();
   const relay = await Relay.start(await deadPort()); // the network is down: every attempt fails
-  const session = open(relay.url, mint("pinger"), { clock, random: () => 0.5, network, pingAfter: 20000, pingTimeout: 10000 });
+  const session = open(relay.url, mint("pinger", { local: true }), { clock, random: () => 0.5, network, pingAfter: 20000, pingTimeout: 10000 });
+  const probe = open(server.url, mint("probe"));
+  const localsNearby = async () => (await probe.request("nearby_locals", { location: JEJU })).within_2km;
   try {
     await next(session, "disconnected");
     assert.deepEqual(clock.pending(), [500]); // waiting to retry
@@ -87,6 +90,8 @@ test("`online` retries at once; silence brings a ping, and no reply to it a reco
     network.dispatchEvent(new Event("online"));
     await session.opened; // without the clock moving
     assert.deepEqual(clock.pending(), [20000]); // only the silence timer
+    assert.equal((await session.request("update_location", { location: JEJU })).live, true);
+    assert.equal(await localsNearby(), 1);
 
     // Silence: a ping goes out, the reply comes, and all is well.
     clock.advance(20000);
@@ -102,6 +107,7 @@ test("`online` retries at once; silence brings a ping, and no reply to it a reco
     clock.advance(10000);
     assert.deepEqual(await dropped, { code: 1006, reason: "no reply to ping", wasOpen: true });
     assert.equal(session.state, "reconnecting");
+    await until(async () => (await localsNearby()) === 0); // the server saw the connection go
     assert.deepEqual(clock.pending(), [500]);
     // Requests made meanwhile wait for the connection (at most their timeout), then go once.
     const waiting = session.request("get_profile");
@@ -115,8 +121,10 @@ test("`online` retries at once; silence brings a ping, and no reply to it a reco
     assert.equal((await waiting).user.user_id, "pinger");
     assert.equal(session.state, "open");
     assert.equal(session.reconnects, 1);
+    await until(async () => (await localsNearby()) === 1); // the location was re-sent
+    assert.deepEqual(session.location, { location: JEJU });
   } finally {
-    await session.close();
+    await Promise.all([session.close(), probe.close()]);
     await relay.close();
   }
 });
