@@ -4,11 +4,12 @@ import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { after, before, test } from "node:test";
 import { ConnectionLost, SessionClosed, backoffDelay } from "../dist/index.js";
-import { FakeClock, JEJU, Relay, Server, mint, next, open } from "./helpers.mjs";
+import { FakeClock, JEJU, Relay, Server, mint, next, open, until } from "./helpers.mjs";
 
 let server;
 before(async () => {
-  // Locations may be re-sent at once after a reconnect (no 2 s rate limit to wait out).
+  // The location re-sent after a reconnect is never rate-limited here, whether or not the
+  // server remembers the update before the drop (it forgets it with the user's last connection).
   server = await Server.start("[location]\nmin_update_interval_s = 0.05\n");
 });
 after(async () => {
@@ -22,15 +23,6 @@ async function deadPort() {
   const { port } = listener.address();
   await new Promise((resolve) => listener.close(resolve));
   return port;
-}
-
-/** Resolves once `condition()` (maybe async) holds, checking every few ms. */
-async function until(condition, ms = 10000) {
-  const deadline = Date.now() + ms;
-  while (!(await condition())) {
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${condition}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
 }
 
 test("backoffDelay is full jitter over a capped exponential", () => {

@@ -272,3 +272,12 @@ export function memoryStorage() {
   const map = new Map();
   return { map, get: (key) => map.get(key) ?? null, set: (key, value) => void map.set(key, value) };
 }
+
+/** Resolves once `condition()` (maybe async) holds, checking every `every` ms: for state only visible by asking. */
+export async function until(condition, ms = 10000, every = 10) {
+  const deadline = Date.now() + ms;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${condition}`);
+    await new Promise((resolve) => setTimeout(resolve, every));
+  }
+}
