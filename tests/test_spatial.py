@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 from collections.abc import Collection
 
 import pytest
@@ -419,3 +420,22 @@ def test_snap_position_edges() -> None:
         snap_position(math.nan, 0.0)
     with pytest.raises(ValueError):
         snap_position(0.0, 0.0, 0.0)
+
+
+def test_nearest_within_stays_exact_when_density_changes_between_queries() -> None:
+    """Queries alternate between a crowd and a sparse scatter, with and without excludes: always the brute force's answer."""
+    rng = random.Random(7)
+    model: dict[str, tuple[float, float]] = {}
+    for i in range(300):  # a dense crowd (~1 km across) and a sparse scatter (~40 km)
+        model[f"d{i:03d}"] = (33.50 + rng.uniform(-0.005, 0.005), 126.53 + rng.uniform(-0.006, 0.006))
+        model[f"s{i:03d}"] = (33.35 + rng.uniform(-0.2, 0.2), 126.50 + rng.uniform(-0.25, 0.25))
+    index = LocalsIndex()
+    for uid, (lat, lng) in model.items():
+        index.upsert(uid, lat, lng)
+    places = [(33.50, 126.53), (33.35, 126.50), (33.501, 126.531), (33.2, 126.3), (33.50, 126.53)]
+    for round_ in range(3):
+        for lat, lng in places:
+            for k, radius, exclude in ((12, 3000.0, frozenset()), (5, math.inf, frozenset({"d000", "s001"}))):
+                expected = brute_within(model, lat, lng, radius, exclude)[:k]
+
+                assert expected == index.nearest_within(lat, lng, radius, k, exclude), (round_, lat, lng, k)
