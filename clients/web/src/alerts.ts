@@ -90,14 +90,21 @@ export function mountAlertLayer(root: HTMLElement): () => void {
       "aria-labelledby": `${id}-title`, "aria-describedby": `${id}-meta`, "data-question-id": data.question_id,
       "data-vibration": data.vibration, tabindex: -1,
     },
-      h("p", { class: "alert-kicker" }, h("span", { class: "pulse", "aria-hidden": "true" }), urgent ? t("alert_urgent") : t("alert_title")),
+      h("p", { class: "alert-kicker" }, h("span", { class: "pulse", "aria-hidden": "true" }),
+        urgent ? t("alert_urgent") : data.stage === "EXTENDED" ? t("alert_expertise") : data.stage === "FINAL" ? t("alert_waiting") : t("alert_title")),
       h("h2", { id: `${id}-title`, class: "alert-title" }, q.title),
       h("p", { id: `${id}-meta`, class: "alert-meta" }, `${q.asker_nick} · ${where}`),
       q.hashtags.length ? h("p", { class: "tags" }, ...q.hashtags.map((tag) => h("span", { class: "tag" }, `#${tag}`))) : null,
       form,
       more,
     );
-    queueMicrotask(() => section.focus({ preventScroll: true }));
+    // Announced by its role; focus moves to it only if the local is not in the middle of typing.
+    queueMicrotask(() => {
+      const active = document.activeElement;
+      if (!(active instanceof HTMLInputElement || active instanceof HTMLTextAreaElement || active instanceof HTMLSelectElement)) {
+        section.focus({ preventScroll: true });
+      }
+    });
     return section;
   };
 

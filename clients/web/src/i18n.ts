@@ -152,6 +152,8 @@ const ko = {
   // the alert
   alert_title: "근처에서 새 질문",
   alert_urgent: "급한 질문",
+  alert_expertise: "내 관심 분야 질문",
+  alert_waiting: "답변을 기다리는 질문",
   alert_answer_label: "답변",
   alert_send: "답변 보내기",
   alert_open: "질문 보기",
@@ -368,6 +370,8 @@ const en: Record<Key, string> = {
 
   alert_title: "New question nearby",
   alert_urgent: "Urgent question",
+  alert_expertise: "A question in your field",
+  alert_waiting: "Still waiting for an answer",
   alert_answer_label: "Answer",
   alert_send: "Send answer",
   alert_open: "Open",

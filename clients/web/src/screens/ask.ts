@@ -21,7 +21,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   const n2 = h("strong", { class: "stat-value", id: "locals-2km" }, "–");
   const n5 = h("strong", { class: "stat-value", id: "locals-5km" }, "–");
   const localsNote = h("p", { class: "hint" });
-  const locals = h("section", { class: "card locals", "aria-labelledby": "locals-title", "aria-live": "polite" },
+  const locals = h("section", { class: "locals-inline", "aria-labelledby": "locals-title", "aria-live": "polite" },
     h("h2", { id: "locals-title", class: "card-title" }, t("locals_near")),
     h("div", { class: "stats" },
       h("p", { class: "stat" }, n2, h("span", { class: "stat-label" }, t("locals_2km"))),
@@ -69,7 +69,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   root.append(
     heading(t("ask_title"), t("ask_lead")),
     h("div", { class: "layout-two" },
-      h("div", { class: "col" }, h("section", { class: "card map-card", "aria-label": t("map_label") }, mapBox, placePanel(cleanup)), locals),
+      h("div", { class: "col" }, h("section", { class: "card map-card", "aria-label": t("map_label") }, mapBox, placePanel(cleanup), locals)),
       h("div", { class: "col" }, form)),
   );
 
