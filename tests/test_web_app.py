@@ -312,6 +312,7 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             server.stop()
             traveller.page.wait_for_selector("#reconnecting", timeout=5000)
             local.page.wait_for_selector("#reconnecting", timeout=5000)
+            traveller.shoot("traveller-reconnecting")
             server.start()
             traveller.wait_open(timeout=20_000)
             traveller.page.wait_for_selector("#reconnecting", state="detached")
@@ -368,34 +369,52 @@ def png(width: int = 256, height: int = 256) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-class TileServer:
-    """Answers any ``/{z}/{x}/{y}.png`` with the same tile and remembers the paths asked for."""
+class OperatorServer:
+    """The operator's side on 127.0.0.1: map tiles (any ``/{z}/{x}/{y}.png``) and a token endpoint.
 
-    def __init__(self) -> None:
+    ``/token`` answers ``{"token": ...}`` to a request that carries the session cookie (the
+    app fetches it with credentials), with the CORS headers a cross-origin fetch needs.
+    """
+
+    def __init__(self, token: str) -> None:
         tile = png()
         seen: list[str] = []
+        cookies: list[str] = []
         self.paths = seen
+        self.cookies = cookies
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 seen.append(self.path)
                 if re.fullmatch(r"/\d+/\d+/\d+\.png", self.path):
-                    self.send_response(200)
-                    self.send_header("content-type", "image/png")
-                    self.send_header("content-length", str(len(tile)))
-                    self.end_headers()
-                    self.wfile.write(tile)
+                    self.answer(200, "image/png", tile)
+                elif self.path == "/token":
+                    cookies.append(self.headers.get("cookie", ""))
+                    if "session=traveller" in self.headers.get("cookie", ""):
+                        self.answer(200, "application/json", json.dumps({"token": token}).encode())
+                    else:
+                        self.answer(401, "application/json", b'{"error": "not signed in"}')
                 else:
                     self.send_error(404)
+
+            def answer(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                if origin := self.headers.get("origin"):
+                    self.send_header("access-control-allow-origin", origin)
+                    self.send_header("access-control-allow-credentials", "true")
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="tiles", daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="operator", daemon=True)
 
-    def __enter__(self) -> TileServer:
+    def __enter__(self) -> OperatorServer:
         self.thread.start()
         return self
 
@@ -404,29 +423,34 @@ class TileServer:
         self.httpd.server_close()
 
 
-def test_street_map_from_the_operators_tiles(tmp_path: Path) -> None:
-    """With ``[web] tile_url``, Leaflet draws that server's tiles under the regions, and nothing else is fetched."""
+def test_street_map_and_sign_in_from_the_operator(tmp_path: Path) -> None:
+    """``[web] token_url`` signs the page in (with its cookie); ``[web] tile_url`` gives Leaflet its tiles; nothing else is fetched."""
     from playwright.sync_api import sync_playwright
 
-    with TileServer() as tiles:
+    with OperatorServer(mint("mina", nick="Mina")) as tiles:
         config = tmp_path / "web.toml"
         config.write_text(
             "[web]\n"
             f'tile_url = "http://127.0.0.1:{tiles.port}/{{z}}/{{x}}/{{y}}.png"\n'
             'tile_attribution = "Test tiles <b>not bold</b>"\n'
+            f'token_url = "http://127.0.0.1:{tiles.port}/token"\n'
         )
         server = Server(tmp_path, config)
         server.start()
         own = re.compile(rf"^(https?|wss?)://{re.escape(server.host)}:{server.port}/")
-        tile_origin = re.compile(rf"^http://127\.0\.0\.1:{tiles.port}/\d+/\d+/\d+\.png$")
+        operator = re.compile(rf"^http://127\.0\.0\.1:{tiles.port}/(\d+/\d+/\d+\.png|token)$")
         try:
             with sync_playwright() as p:
                 browser = launch(p)
                 try:
                     context = new_context(browser, server, TRAVELLER_AT)
+                    context.add_cookies(
+                        [{"name": "session", "value": "traveller", "url": f"http://127.0.0.1:{tiles.port}/"}]
+                    )
                     traveller = Watched(context, "traveller")
-                    traveller.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
+                    traveller.page.goto(f"{server.url}/")  # no #token=: the app asks token_url
                     traveller.wait_open()
+                    assert tiles.cookies == ["session=traveller"]
                     traveller.page.wait_for_selector(".leaflet-tile-loaded", timeout=10_000)
                     # The regions, drawn over the tiles.
                     traveller.page.wait_for_selector(".leaflet-overlay-pane path", state="attached", timeout=5000)
@@ -434,9 +458,10 @@ def test_street_map_from_the_operators_tiles(tmp_path: Path) -> None:
                     assert "Test tiles <b>not bold</b>" in attribution  # the operator's text, shown as text
                     traveller.axe("ask with street map")
                     traveller.shoot("street-map")
-                    assert tiles.paths, "no tile was requested"
-                    assert all(re.fullmatch(r"/\d+/\d+/\d+\.png", path) for path in tiles.paths)
-                    foreign = [url for url in traveller.requests if not own.match(url) and not tile_origin.match(url)
+                    tile_paths = [path for path in tiles.paths if path != "/token"]
+                    assert tile_paths, "no tile was requested"
+                    assert all(re.fullmatch(r"/\d+/\d+/\d+\.png", path) for path in tile_paths)
+                    foreign = [url for url in traveller.requests if not own.match(url) and not operator.match(url)
                                and not url.startswith("data:")]  # fmt: skip
                     assert foreign == [], f"requests to other hosts: {foreign}"
                     assert traveller.errors == []
