@@ -182,7 +182,7 @@ class Watched:
         )
         assert result == [], f"{self.name} {screen}: {json.dumps(result, indent=1)}"
 
-    def wait_open(self, timeout: float = 10_000) -> None:
+    def wait_open(self, timeout: float = 15_000) -> None:
         """Until the page's session is open (its hello answered, rooms and position restored)."""
         try:
             self.page.wait_for_selector("#conn-state[data-state=open]", timeout=timeout)

@@ -6,7 +6,6 @@ const ko = {
   app_tagline: "제주 현지인에게 바로 묻기",
   lang_switch: "EN",
   lang_switch_label: "Switch to English",
-  loading: "불러오는 중…",
   nav_label: "주요 메뉴",
   nav_ask: "질문하기",
   nav_mine: "내 질문",
@@ -38,7 +37,6 @@ const ko = {
   signin_paste: "토큰 붙여넣기",
   signin_submit: "로그인",
   signin_token_failed: "로그인 서버에서 토큰을 받지 못했습니다.",
-  signout: "로그아웃",
   boot_failed: "서버에 연결할 수 없습니다.",
   retry: "다시 시도",
 
@@ -48,7 +46,6 @@ const ko = {
   map_region_pick: "지역으로 위치 정하기",
   map_region_none: "지역 선택…",
   map_me: "내 위치",
-  map_question: "질문 위치",
   map_loading: "지도를 불러오는 중…",
   map_attribution_prefix: "지도",
   geo_locating: "현재 위치를 찾는 중…",
@@ -79,7 +76,6 @@ const ko = {
   ask_submit: "질문 보내기",
   ask_sending: "보내는 중…",
   ask_need_location: "먼저 위치를 정하세요.",
-  ask_sent: "질문을 보냈습니다.",
 
   // question room
   q_back: "뒤로",
@@ -145,7 +141,6 @@ const ko = {
   nearby_not_live: "위치 공유 대기 중",
   nearby_empty: "지금 3 km 안에 열린 질문이 없습니다.",
   nearby_need_location: "위치를 공유하면 근처 질문을 보여 드립니다.",
-  nearby_answers: "답변 {n}",
   distance_m: "{n} m",
   distance_km: "{n} km",
 
@@ -231,7 +226,6 @@ const en: Record<Key, string> = {
   app_tagline: "Ask Jeju's locals, right now",
   lang_switch: "한",
   lang_switch_label: "한국어로 보기",
-  loading: "Loading…",
   nav_label: "Main",
   nav_ask: "Ask",
   nav_mine: "My questions",
@@ -263,7 +257,6 @@ const en: Record<Key, string> = {
   signin_paste: "Paste a token",
   signin_submit: "Sign in",
   signin_token_failed: "Could not get a token from the sign-in server.",
-  signout: "Sign out",
   boot_failed: "Cannot reach the server.",
   retry: "Try again",
 
@@ -272,7 +265,6 @@ const en: Record<Key, string> = {
   map_region_pick: "Set position by region",
   map_region_none: "Choose a region…",
   map_me: "You",
-  map_question: "Question",
   map_loading: "Loading the map…",
   map_attribution_prefix: "Map",
   geo_locating: "Finding your position…",
@@ -302,7 +294,6 @@ const en: Record<Key, string> = {
   ask_submit: "Ask",
   ask_sending: "Sending…",
   ask_need_location: "Set your position first.",
-  ask_sent: "Question sent.",
 
   q_back: "Back",
   q_loading: "Loading the question…",
@@ -364,7 +355,6 @@ const en: Record<Key, string> = {
   nearby_not_live: "Waiting for your position",
   nearby_empty: "No open questions within 3 km right now.",
   nearby_need_location: "Share your position to see questions nearby.",
-  nearby_answers: "{n} answers",
   distance_m: "{n} m",
   distance_km: "{n} km",
 
