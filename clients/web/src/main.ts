@@ -78,13 +78,15 @@ async function getJson<T>(path: string): Promise<T> {
   return (await res.json()) as T;
 }
 
-function setLangAttr(): void {
+/** The page's language and title (with the unread count, seen on a background tab). */
+function updateDocument(): void {
   document.documentElement.lang = store.get().lang;
-  document.title = `${t("app_name")} · ${t("app_tagline")}`;
+  const unread = store.get().unread;
+  document.title = `${unread > 0 ? `(${unread}) ` : ""}${t("app_name")} · ${t("app_tagline")}`;
 }
 
 async function boot(root: HTMLElement): Promise<void> {
-  setLangAttr();
+  updateDocument();
   takeTokenFromFragment();
   // A sign-in link opened in a tab that has the app already: the new token takes over.
   window.addEventListener("hashchange", () => {
@@ -122,7 +124,7 @@ function showSignIn(root: HTMLElement, reason: Key | null): void {
   signin.mount(main, store, reason, (token) => { keepToken(token); location.reload(); });
   signInOff = store.subscribe((s, prev) => {
     if (s.lang === prev.lang) return;
-    setLangAttr();
+    updateDocument();
     showSignIn(root, reason);
   });
 }
@@ -191,7 +193,7 @@ async function start(root: HTMLElement, token: string): Promise<void> {
     listenForAlerts();
     shareLocation((sharing) => store.set({ sharing }));
   }
-  mountShell(root, setLangAttr);
+  mountShell(root, updateDocument);
 }
 
 const root = document.getElementById("app");

@@ -32,7 +32,7 @@ const TABS: Record<"traveller" | "local", { name: RouteName; label: Key; icon: I
   ],
 };
 
-export function mountShell(root: HTMLElement, setLangAttr: () => void): void {
+export function mountShell(root: HTMLElement, updateDocument: () => void): void {
   const shell = new Cleanup();
   let unmountScreen: (() => void) | null = null;
   const local = !!store.get().user?.local;
@@ -134,10 +134,10 @@ export function mountShell(root: HTMLElement, setLangAttr: () => void): void {
   };
 
   shell.add(store.subscribe((s, prev) => {
-    if (s.lang !== prev.lang) { setLangAttr(); renderChrome(); showScreen(); return; }
+    if (s.lang !== prev.lang) { updateDocument(); renderChrome(); showScreen(); return; }
     if (s.route !== prev.route) { renderNav(); showScreen(); }
     if (s.conn !== prev.conn || s.missed !== prev.missed || s.ended !== prev.ended) { renderConn(); renderBanners(); }
-    if (s.unread !== prev.unread) renderNav();
+    if (s.unread !== prev.unread) { renderNav(); updateDocument(); }
     if (s.user?.points !== prev.user?.points) renderPoints();
     if (s.toasts !== prev.toasts) renderToasts();
   }));

@@ -2,14 +2,32 @@
 
 let audio: AudioContext | null = null;
 
+const readyListeners = new Set<() => void>();
+
+/** Whether alerts can sound and vibrate now (the page has had its first tap). */
+export function soundReady(): boolean {
+  return audio !== null && audio.state === "running";
+}
+
+export function onSoundReady(fn: () => void): () => void {
+  readyListeners.add(fn);
+  return () => { readyListeners.delete(fn); };
+}
+
 /** Browsers let a page make sound only after a tap: the first one creates the audio context. */
+export function unlockSound(): void {
+  try {
+    if (!audio) {
+      audio = new AudioContext();
+      audio.addEventListener("statechange", () => { if (soundReady()) for (const fn of [...readyListeners]) fn(); });
+    }
+    if (audio.state === "suspended") void audio.resume();
+    if (soundReady()) for (const fn of [...readyListeners]) fn();
+  } catch { /* no Web Audio: alerts stay silent */ }
+}
+
 export function armSound(): () => void {
-  const unlock = () => {
-    try {
-      if (!audio) audio = new AudioContext();
-      if (audio.state === "suspended") void audio.resume();
-    } catch { /* no Web Audio: alerts stay silent */ }
-  };
+  const unlock = () => unlockSound();
   const opts = { capture: true, passive: true } as const;
   document.addEventListener("pointerdown", unlock, opts);
   document.addEventListener("keydown", unlock, opts);

@@ -6,7 +6,9 @@ import { Cleanup, fill, h } from "../dom";
 import { report } from "../errors";
 import { chooseOnMap, regionAt, regionName } from "../geo";
 import { t } from "../i18n";
+import { icon } from "../icons";
 import { mountMap } from "../map";
+import { chime, onSoundReady, soundReady, unlockSound } from "../signal";
 import type { Nearby } from "../types";
 import { empty, focusHeading, heading, placePanel, questionRow } from "../ui";
 
@@ -15,13 +17,18 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   let items: Nearby[] = [];
 
   const live = h("p", { class: "live-state", id: "sharing", role: "status" });
+  // Until the first tap a page may neither sound nor vibrate: offer that tap.
+  const sound = h("button", { type: "button", class: "btn btn-small sound-on", id: "sound-on", hidden: soundReady() },
+    icon("bell"), t("nearby_sound_on"));
+  sound.addEventListener("click", () => { unlockSound(); setTimeout(() => chime("normal"), 60); });
+  cleanup.add(onSoundReady(() => { sound.hidden = true; }));
   const mapBox = h("div", { class: "map-box" });
   const list = h("ul", { class: "q-list", id: "nearby-questions", "aria-labelledby": "nearby-list-title" });
 
   root.append(
     heading(t("nearby_title"), t("nearby_sharing")),
     h("div", { class: "layout-two" },
-      h("div", { class: "col" }, h("section", { class: "card map-card", "aria-label": t("map_label") }, live, mapBox, placePanel(cleanup))),
+      h("div", { class: "col" }, h("section", { class: "card map-card", "aria-label": t("map_label") }, h("div", { class: "map-card-head" }, live, sound), mapBox, placePanel(cleanup))),
       h("div", { class: "col" }, h("section", { class: "card list-card", "aria-labelledby": "nearby-list-title" },
         h("h2", { id: "nearby-list-title", class: "card-title" }, t("nearby_title")), list))),
   );
