@@ -5,7 +5,7 @@ its client port. Two browser contexts, a traveller and a local 800 m apart in Je
 use the app as people do: the traveller asks, the local is alerted and answers, the
 traveller accepts. Then the server is stopped (SIGTERM) and started again on the same port
 and database: both pages recover without a reload, and an alert raised while the local's
-page was offline arrives exactly once. A second test gives the app a street map from a tile
+page was offline arrives exactly once (as a system notification too, the page being hidden). A second test gives the app a street map from a tile
 server on 127.0.0.1.
 
 Every page is watched throughout: no console errors, no request to another host, and
@@ -54,8 +54,20 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium; apt-get install chromium)"
 )
 
-# Records navigator.vibrate calls and every alert card the page shows (by question id).
+# Records navigator.vibrate calls, system notifications (permission granted; the page is
+# "hidden" while window.__hidden is set) and every alert card the page shows (by question id).
 WATCH_SCRIPT = """
+window.__notifications = [];
+window.__hidden = false;
+Object.defineProperty(Document.prototype, "visibilityState", {
+  configurable: true, get() { return window.__hidden ? "hidden" : "visible"; },
+});
+window.Notification = class {
+  static permission = "granted";
+  static requestPermission() { return Promise.resolve("granted"); }
+  constructor(title, options) { window.__notifications.push({ title, tag: options && options.tag }); }
+  close() {}
+};
 window.__vibrations = [];
 Object.defineProperty(Navigator.prototype, "vibrate", {
   configurable: true,
@@ -326,6 +338,7 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             )
             time.sleep(4.5)
             assert local.page.get_attribute("#conn-state", "data-state") != "open"  # still cut off
+            local.page.evaluate("() => { window.__hidden = true; }")  # the local's phone is in a pocket
             local_ctx.set_offline(False)
             local.wait_open(timeout=20_000)
             card2 = f'.alert-card[data-question-id="{q2}"]'
@@ -334,6 +347,8 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             assert local.page.evaluate("() => window.__alertsShown") == {qid: 1, q2: 1}
             assert local.page.locator(".alert-card").count() == 1
             assert len(local.page.evaluate("() => window.__vibrations")) == 2
+            assert [n["tag"] for n in local.page.evaluate("() => window.__notifications")] == [q2]
+            local.page.evaluate("() => { window.__hidden = false; }")
             for watched in (traveller, local):
                 assert watched.page.evaluate("() => window.__sameDocument") is True  # no reload
 
