@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,14 @@ async def test_web_app_can_be_switched_off(start_server: Any) -> None:
     status, _, body = await http(harness.running.port, "/")
     assert status == 426 and b"WebSocket" in body
     harness.running.stop()
+
+
+async def test_the_built_app_is_served_at_the_root(server: Harness) -> None:
+    status, headers, body = await http(server.running.port, "/")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    # The page loads its bundle and styles from this host only, by relative names.
+    assets = re.findall(rb'(?:src|href)="([^"]+)"', body)
+    assert assets and all(b"//" not in a and not a.startswith(b"/") for a in assets)
+    script = next(a.decode() for a in assets if a.endswith(b".js"))
+    status, headers, _ = await http(server.running.port, "/" + script)
+    assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8"
