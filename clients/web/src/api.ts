@@ -1,10 +1,11 @@
 // The one place the app touches the SDK: a session, typed calls and events, errors in words.
 import { connect, RequestError, ConnectionLost, SessionClosed } from "dongne-client";
+import type { SessionEvents, SessionState } from "dongne-client";
 import type { Events, Ops } from "./types";
 
 export { RequestError, ConnectionLost, SessionClosed };
 
-export type ConnState = "connecting" | "open" | "reconnecting" | "closed";
+export type ConnState = SessionState;
 
 /** What the app needs of a session (the SDK's is wider and typed from PROTOCOL.md itself). */
 interface SessionLike {
@@ -57,17 +58,8 @@ export function sessionState(): ConnState {
   return session?.state ?? "connecting";
 }
 
-export interface Hello { unread: number; last_seq: number; resumed?: boolean; oldest_seq?: number }
-
-/** The session's own events (the SDK's `SessionEvents`): each hello, lost notifications, the end. */
-export interface SessionEvents {
-  hello: Hello;
-  missed: { from: number; to: number };
-  closed: InstanceType<typeof SessionClosed>;
-  disconnected: { code: number; reason: string; wasOpen: boolean };
-}
-
-export function onSession<K extends keyof SessionEvents>(type: K, fn: (value: SessionEvents[K]) => void): () => void {
+/** The session's own events: each hello, lost notifications, a dropped connection, the end. */
+export function onSession<K extends "hello" | "missed" | "disconnected" | "closed">(type: K, fn: (value: SessionEvents[K]) => void): () => void {
   return current().on(type, fn as never);
 }
 
