@@ -362,6 +362,24 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             traveller.shoot("traveller-inbox")
             local.shoot("local-inbox")
 
+            # The local closes the app; an alert comes meanwhile. Opened again (signed in by
+            # localStorage), the page resumes from the last seq it kept: that alert is shown, once,
+            # and none of those shown before comes back.
+            local.page.close()
+            q3 = ask_from_python(
+                server.ws_url,
+                mint("sora", nick="Sora"),
+                {"title": "Any late-night pharmacy near Jungang-ro?", "location": {"lat": 33.5120, "lng": 126.5250}},
+            )
+            time.sleep(4.0)  # the QUICK stage, as above
+            again = Watched(local_ctx, "local, reopened")
+            again.page.goto(f"{server.url}/")
+            again.wait_open()
+            again.page.wait_for_selector(f'.alert-card[data-question-id="{q3}"]', timeout=5000)
+            time.sleep(0.5)
+            assert again.page.evaluate("() => window.__alertsShown") == {q3: 1}
+            local = again
+
             for watched in (traveller, local):
                 assert watched.errors == [], f"{watched.name}: {watched.errors}"
                 foreign = [url for url in watched.requests if not own.match(url) and not url.startswith("data:")]

@@ -1,6 +1,6 @@
 // dongne's web app: sign in, connect, then the shell (top bar, banners, tab bar) around one
 // screen at a time. Travellers ask; locals share where they are and answer alerts.
-import { call, onEvent, onSession, onState, openSession, sessionOpened, SessionClosed } from "./api";
+import { onEvent, onSession, onState, openSession, sessionOpened, SessionClosed } from "./api";
 import { listenForAlerts } from "./alerts";
 import { href, shared, store, toast } from "./app";
 import { fill, h } from "./dom";
@@ -142,11 +142,12 @@ async function start(root: HTMLElement, token: string): Promise<void> {
     },
   });
   onState((conn) => store.set({ conn }));
-  // Each hello says how many notifications are unread; the events it replays are among them.
+  // Handlers go on before the first hello: the events a resume replays follow its reply at once.
+  // Each hello says who I am and how many notifications are unread (replayed ones among them).
   let seenSeq = 0;
   onSession("hello", (hello) => {
     seenSeq = hello.last_seq;
-    store.set({ unread: hello.unread });
+    store.set({ user: hello.user, unread: hello.unread });
   });
   onSession("missed", () => store.set({ missed: true }));
   onSession("closed", (err) => {
@@ -155,21 +156,6 @@ async function start(root: HTMLElement, token: string): Promise<void> {
   });
   // A refused token is dropped, so that the retry the SDK makes at once asks token_url for a new one.
   onSession("disconnected", (d) => { if (d.code === 4001 && shared.config.token_url) keepToken(null); });
-  try {
-    await sessionOpened();
-  } catch (err) {
-    const code = err instanceof SessionClosed ? err.code : null;
-    if (code === 4001) { keepToken(null); return showSignIn(root, "signin_expired"); }
-    if (code === 4003) return showSignIn(root, "signin_banned");
-    report(err);
-    return showSignIn(root, "signin_expired");
-  }
-  try {
-    const profile = await call("get_profile", {});
-    store.set({ user: profile.user, conn: "open" });
-  } catch (err) {
-    report(err);
-  }
   // The badge: new durable events are unread; replayed ones were counted by hello already.
   for (const type of ["answer_notification", "answer_accepted_notification", "new_question_notification", "content_hidden"] as const) {
     onEvent(type, (_data, seq) => {
@@ -187,12 +173,20 @@ async function start(root: HTMLElement, token: string): Promise<void> {
     if (route.name === "q" && route.id === d.question_id) return;
     toast(`${t("q_new_answer_from", { nick: d.answer.author_nick })}: ${d.question_title}`, "info", { label: t("alert_open"), href: href({ name: "q", id: d.question_id }) });
   });
+  listenForAlerts();
+  try {
+    await sessionOpened();
+  } catch (err) {
+    const code = err instanceof SessionClosed ? err.code : null;
+    if (code === 4001) { keepToken(null); return showSignIn(root, "signin_expired"); }
+    if (code === 4003) return showSignIn(root, "signin_banned");
+    report(err);
+    return showSignIn(root, "signin_expired");
+  }
+  store.set({ conn: "open" });
   armSound();
   watchGps();
-  if (store.get().user?.local) {
-    listenForAlerts();
-    shareLocation((sharing) => store.set({ sharing }));
-  }
+  if (store.get().user?.local) shareLocation((sharing) => store.set({ sharing }));
   mountShell(root, updateDocument);
 }
 

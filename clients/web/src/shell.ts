@@ -152,6 +152,7 @@ export function mountShell(root: HTMLElement, updateDocument: () => void): void 
   shell.listen(window, "offline", renderBanners);
   store.set({ route: parseRoute(location.hash, local) });
   renderChrome();
+  renderToasts();
   showScreen();
 }
 
