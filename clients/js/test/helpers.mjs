@@ -43,11 +43,18 @@ export class Server {
   async #spawn() {
     const proc = spawn(process.env.DONGNE_PYTHON ?? "python3", this.args, {
       cwd: this.dir, // no ./config.toml
-      env: { ...process.env, DONGNE_JWT_SECRET: SECRET, DONGNE_SNAPSHOTS_INTERVAL_S: "0" },
+      // The server reads every DONGNE_* variable as a setting and refuses unknown ones (such as
+      // DONGNE_PYTHON): it gets only those of the test.
+      env: {
+        ...Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith("DONGNE_"))),
+        DONGNE_JWT_SECRET: SECRET,
+        DONGNE_SNAPSHOTS_INTERVAL_S: "0",
+      },
       stdio: ["ignore", "ignore", "pipe"],
     });
     this.proc = proc;
     this.exited = new Promise((resolve) => proc.on("exit", resolve));
+    this.streamsClosed = new Promise((resolve) => proc.on("close", resolve)); // after exit, its stderr read to the end
     const start = this.log.length;
     this.waiters = [];
     proc.stderr.setEncoding("utf8");
@@ -77,7 +84,14 @@ export class Server {
         reject(new Error(`no ${pattern} in the server's log within ${ms} ms:\n${this.log.slice(-3000)}`));
       }, ms);
       this.waiters.push(check);
-      this.exited.then(() => check());
+      this.streamsClosed.then(() => {
+        check();
+        if (this.waiters.includes(check)) {
+          this.waiters = this.waiters.filter((w) => w !== check);
+          clearTimeout(timer);
+          reject(new Error(`the server exited before ${pattern} appeared in its log:\n${this.log.slice(-3000)}`));
+        }
+      });
       check();
     });
   }
