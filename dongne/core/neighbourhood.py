@@ -193,14 +193,16 @@ class Neighbourhood:
 
         # Every move asks this; in a busy area hundreds of open questions are
         # within reach. The nearest few usually qualify (open, recent, not
-        # one's own): look at twice as many as wanted, nearest first, and
-        # scan everything in reach only when too many of those did not.
-        k = 2 * wanted + 2
-        hits = self.open_questions.nearest_within(lat, lng, radius, k)
-        found = pick(hits)
-        if len(found) < wanted and len(hits) == k:
-            found = pick(self.open_questions.within(lat, lng, radius))
-        return found
+        # one's own): look at one more than wanted, then at twice as many,
+        # nearest first, and scan everything in reach only when too many of
+        # those did not. (Any that qualify beyond the first k are farther
+        # than the ones found among them.)
+        for k in (wanted + 1, 2 * wanted + 2):
+            hits = self.open_questions.nearest_within(lat, lng, radius, k)
+            found = pick(hits)
+            if len(found) == wanted or len(hits) < k:
+                return found
+        return pick(self.open_questions.within(lat, lng, radius))
 
     # ---- escalation ------------------------------------------------------------------
 
