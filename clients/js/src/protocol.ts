@@ -270,7 +270,7 @@ export interface Operations {
     };
   };
   ban_user: { request: { user_id: string; reason: string; until?: Millis }; reply: { user_id: string; banned_until: Millis } };
-  unban_user: { request: { user_id: string; reason?: string }; reply: { user_id: string } & Record<string, unknown> };
+  unban_user: { request: { user_id: string; reason?: string }; reply: { user_id: string; banned_until: null } };
   hide_question: { request: { id: string; reason: string }; reply: { id: string; hidden: boolean; changed: boolean } };
   hide_answer: { request: { id: string; reason: string }; reply: { id: string; hidden: boolean; changed: boolean } };
   unhide_question: { request: { id: string }; reply: { id: string; hidden: boolean; changed: boolean } };
@@ -284,7 +284,7 @@ export interface Operations {
     reply: { report_id: string; action: "dismiss" | "hide" | "ban"; resolved: number };
   };
   block_ip: { request: { cidr: string; reason: string; until?: Millis }; reply: { block: IpBlock } };
-  unblock_ip: { request: { cidr: string; reason?: string }; reply: Record<string, unknown> };
+  unblock_ip: { request: { cidr: string; reason?: string }; reply: { cidr: string } };
   list_ip_blocks: { request: Empty; reply: { blocks: IpBlock[]; static: string[] } };
   list_audit: {
     request: { before?: number; limit?: number };
