@@ -26,6 +26,7 @@ from .auth import TokenVerifier, load_or_create_secret
 from .clock import EngineClock
 from .config import Settings
 from .core import Engine, RegionSet, load_default_regions, load_hotspots
+from .core.moderation import FOREVER
 from .ops import OpsApp
 from .pipeline import keep_wal_short
 from .push import PushDispatcher
@@ -202,7 +203,12 @@ async def _serve(
             """The admin page's list of bans in force (no protocol operation lists them)."""
             now = clock.now_ms()
             return [
-                {"user_id": u.user_id, "nick": u.nick, "banned_until": u.banned_until, "reason": u.ban_reason}
+                {
+                    "user_id": u.user_id,
+                    "nick": u.nick,
+                    "banned_until": None if u.banned_until == FOREVER else u.banned_until,
+                    "reason": u.ban_reason,
+                }
                 for u in sorted(engine.users.values(), key=lambda u: u.user_id)
                 if u.banned_at(now)
             ]

@@ -422,3 +422,21 @@ async def test_a_resume_past_pruned_events_takes_the_gap_and_says_so(start_serve
     assert stats.last_seq == 3 and stats.reconnects == 0 and states.seen == [CONNECTED, CLOSED]
     assert (whole_stats.resumed, whole_stats.oldest_seq, whole_stats.incomplete_resumes) == (True, None, 0)
     assert (fresh_stats.resumed, fresh_stats.oldest_seq) == (None, None)
+
+
+async def test_a_ban_ends_the_session_instead_of_reconnecting(server: Harness) -> None:
+    """4003 is final: a banned user's session stops at once, it does not spin through its attempts."""
+    states = States()
+    with trio.fail_after(10):
+        async with (
+            server.connect("boss", admin=True) as admin,
+            open_session(server.url, token("mallory"), max_attempts=None, on_state=states, **fast()) as session,
+        ):
+            await session.request("get_profile")
+            await admin.request("ban_user", {"user_id": "mallory", "reason": "spam"})
+            await states.until(lambda: session.state is CLOSED)
+            with pytest.raises(SessionClosed) as closed:
+                await session.request("get_profile")
+    assert closed.value.code == 4003
+    assert session.reconnects == 0 and session.statistics().failed_attempts == 0
+    assert states.seen == [CONNECTED, CLOSED]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002})
+FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010, 4001, 4002, 4003, 4008})
 
 
 # ---- errors ----------------------------------------------------------------------

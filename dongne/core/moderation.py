@@ -193,7 +193,8 @@ class Moderation:
         if target.user_id == call.user.user_id:
             raise ProtocolError("forbidden", "you cannot ban yourself")
         self._ban(target, reason, until, call)
-        return {"user_id": target.user_id, "banned_until": until}
+        # None: until unban_user (FOREVER is above 2**53, which JavaScript numbers cannot hold exactly).
+        return {"user_id": target.user_id, "banned_until": None if until == FOREVER else until}
 
     def _ban(self, target: User, reason: str, until: int, call: Call) -> None:
         now, out = call.now, call.out

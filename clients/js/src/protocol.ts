@@ -269,7 +269,7 @@ export interface Operations {
       open_questions: number;
     };
   };
-  ban_user: { request: { user_id: string; reason: string; until?: Millis }; reply: { user_id: string; banned_until: Millis } };
+  ban_user: { request: { user_id: string; reason: string; until?: Millis }; reply: { user_id: string; banned_until: Millis | null } };
   unban_user: { request: { user_id: string; reason?: string }; reply: { user_id: string; banned_until: null } };
   hide_question: { request: { id: string; reason: string }; reply: { id: string; hidden: boolean; changed: boolean } };
   hide_answer: { request: { id: string; reason: string }; reply: { id: string; hidden: boolean; changed: boolean } };
