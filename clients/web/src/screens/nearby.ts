@@ -37,7 +37,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
 
   const renderLive = () => {
     const s = store.get().sharing;
-    const on = !!s?.live;
+    const on = !!s?.live && store.get().conn === "open";  // while reconnecting, no alert can arrive
     live.dataset.live = String(on);
     live.textContent = on ? `${t("nearby_live")}${s?.region ? ` · ${regionName(s.region)}` : ""}`
       : s?.error === "outside_service_area" ? t("geo_outside") : t("nearby_not_live");
@@ -72,7 +72,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       if (!prev.me && s.me) map.setFocus(s.me);
       soon();
     }
-    if (s.sharing !== prev.sharing) renderLive();
+    if (s.sharing !== prev.sharing || s.conn !== prev.conn) renderLive();
     if (s.conn === "open" && prev.conn === "reconnecting") soon();
   }));
   cleanup.timer(() => { if (store.get().conn === "open") load(); }, 60_000);
