@@ -154,6 +154,7 @@ class Session(metaclass=_NoPublicConstructor):
         self._changed = trio.Event()
         self._client: _SessionClient | None = None
         self._rooms: dict[str, None] = {}  # an ordered set: rejoined in join order
+        self._replay_end: tuple[int, trio.Event] | None = None  # set when this seq is queued
         self._location: dict[str, Any] | None = None
         self._events_send, self._events_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._driver = trio.CancelScope()
@@ -369,6 +370,8 @@ class Session(metaclass=_NoPublicConstructor):
                 log.warning("durable event %d after %d: a gap; reconnecting to resume", seq, self.last_seq)
                 return False
             self.last_seq = seq
+            if self._replay_end is not None and seq >= self._replay_end[0]:
+                self._replay_end[1].set()
         self._queue(frame)
         return True
 
@@ -486,6 +489,7 @@ class Session(metaclass=_NoPublicConstructor):
         """
         client.restoring = True
         try:
+            await self._wait_replayed(client)
             for qid in list(self._rooms):
                 try:
                     await client.request("join_question", {"question_id": qid})
@@ -500,6 +504,32 @@ class Session(metaclass=_NoPublicConstructor):
             return None
         finally:
             client.restoring = False
+
+    async def _wait_replayed(self, client: _SessionClient) -> None:
+        """Wait until the hello's replay is queued (or the connection ends), before re-joining rooms.
+
+        The server holds live frames back while it replays and counts them
+        against its slow-consumer bound: a room's join reply (every answer)
+        arriving then could close the connection with 4009 before anything was
+        replayed, on every reconnect.
+        """
+        target = self.hello.get("last_seq")
+        if not self._rooms or not isinstance(target, int) or self.last_seq >= target:
+            return
+        replayed = trio.Event()
+        self._replay_end = (target, replayed)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def closed() -> None:
+                    await client.wait_closed()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(closed)
+                await replayed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._replay_end = None
 
     async def _resend_location(self, client: _SessionClient, location: dict[str, Any] | None, wait: float) -> None:
         """Re-send a rate-limited location later, unless a newer one was sent meanwhile.

@@ -162,6 +162,7 @@ export class Session {
   #ws: WebSocketLike | null = null;
   #helloDone = false; // on #ws
   #isOpen = false; // #ws said hello and restored rooms and location
+  #restoreAt: { ws: WebSocketLike; seq: number } | null = null; // restore #ws once this seq is delivered
   #socketClosed: Promise<void> = Promise.resolve();
   #nextId = 1;
   #sent = new Map<number, Call>(); // on #ws, awaiting their reply
@@ -382,7 +383,14 @@ export class Session {
     this.#lastFrameAt = this.#clock.now();
     this.#armSilence(ws);
     this.#emitter.emit("hello", hello);
-    this.#restore(ws);
+    // Re-join after the replay: the server holds live frames back while it replays, and
+    // counts them against the slow-consumer bound, so a big join reply (a room's answers)
+    // arriving then could close the connection with 4009 before anything was replayed.
+    if (resumed && Number.isSafeInteger(serverSeq) && this.#lastSeq < serverSeq) {
+      this.#restoreAt = { ws, seq: serverSeq };
+    } else {
+      this.#restore(ws);
+    }
   }
 
   /** Re-join the rooms and re-send the location, then open. */
@@ -523,7 +531,14 @@ export class Session {
     const event = (seq === undefined ? { type, data } : { type, seq, data }) as ServerEvent;
     this.#emitter.emit(type as EventType, event as never);
     this.#emitter.emit("event", event);
-    if (seq !== undefined) this.#saveSeq();
+    if (seq !== undefined) {
+      this.#saveSeq();
+      const restore = this.#restoreAt;
+      if (restore !== null && restore.ws === ws && seq >= restore.seq) {
+        this.#restoreAt = null;
+        this.#restore(ws); // the replay is complete
+      }
+    }
   }
 
   // ---- liveness ---------------------------------------------------------------
