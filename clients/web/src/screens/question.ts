@@ -28,7 +28,13 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   let map: MapView | null = null;
 
   const back = h("button", { type: "button", class: "btn btn-ghost btn-small back", onclick: () => (history.length > 1 ? history.back() : goHome()) }, `← ${t("q_back")}`);
-  const head = h("div", { class: "q-head" }, h("h1", { id: "screen-title", tabindex: -1 }, t("q_loading")));
+  // One heading for the screen's life: replaced, it would take the focus (and its announcement) with it.
+  const title = h("h1", { id: "screen-title", tabindex: -1 }, t("q_loading"));
+  const chips = h("div", { class: "chips" });
+  const body = h("p", { class: "q-body" });
+  const tags = h("p", { class: "tags" });
+  const meta = h("p", { class: "q-meta" });
+  const head = h("div", { class: "q-head" }, chips, title, body, tags, meta);
   const mapBox = h("div", { class: "map-box map-small" });
   const presence = h("p", { class: "presence", id: "presence" });
   const typingLine = h("p", { class: "typing", id: "typing", "aria-live": "polite" });
@@ -51,14 +57,13 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   const renderHead = () => {
     if (!question) return;
     const q = question;
-    fill(head,
-      h("div", { class: "chips" }, statusChip(q.status), q.urgency === "urgent" ? urgentChip() : "",
-        h("span", { class: "chip chip-region" }, regionName(q.region)),
-        isAsker() ? h("span", { class: "chip chip-mine" }, t("q_is_yours")) : ""),
-      h("h1", { id: "screen-title", tabindex: -1 }, q.title),
-      q.body ? h("p", { class: "q-body" }, q.body) : "",
-      q.hashtags.length ? h("p", { class: "tags" }, ...q.hashtags.map((tag) => h("span", { class: "tag" }, `#${tag}`))) : "",
-      h("p", { class: "q-meta" }, t("q_asked_by", { nick: q.asker_nick, time: ago(q.created_at) })));
+    fill(chips, statusChip(q.status), q.urgency === "urgent" ? urgentChip() : "",
+      h("span", { class: "chip chip-region" }, regionName(q.region)),
+      isAsker() ? h("span", { class: "chip chip-mine" }, t("q_is_yours")) : "");
+    title.textContent = q.title;
+    body.textContent = q.body;
+    fill(tags, ...q.hashtags.map((tag) => h("span", { class: "tag" }, `#${tag}`)));
+    meta.textContent = t("q_asked_by", { nick: q.asker_nick, time: ago(q.created_at) });
     if (!map) {
       map = mountMap(mapBox, { focus: q.location, spanKm: 5 });
       cleanup.add(() => map?.destroy());
@@ -199,7 +204,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     }, (err: unknown) => {
       report(err);
       if (gone) return;
-      fill(head, h("h1", { id: "screen-title", tabindex: -1 }, (err as { code?: string }).code === "not_found" ? t("q_deleted") : errorText(err)));
+      title.textContent = (err as { code?: string }).code === "not_found" ? t("q_deleted") : errorText(err);
     });
   };
   join();
@@ -231,7 +236,8 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   })));
   cleanup.add(onEvent("question_deleted", mine(() => {
     question = null;
-    fill(head, h("h1", { id: "screen-title", tabindex: -1 }, t("q_deleted")));
+    title.textContent = t("q_deleted");
+    chips.replaceChildren(); tags.replaceChildren(); body.textContent = meta.textContent = "";
     list.replaceChildren(); composer.replaceChildren(); controls.replaceChildren();
     composerMode = "none";
   })));
