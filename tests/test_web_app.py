@@ -315,6 +315,12 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             traveller.page.click("[data-tab=mine]")
             traveller.page.wait_for_selector(f'#my-questions [data-question-id="{qid}"]')
             traveller.axe("mine")
+            # English, and back: every string comes from the one table.
+            traveller.page.click("#lang-switch")
+            traveller.page.wait_for_selector("html[lang=en] #screen-title:has-text('My questions')")
+            traveller.axe("mine, in English")
+            traveller.page.click("#lang-switch")
+            traveller.page.wait_for_selector("html[lang=ko]")
 
             # A restart: SIGTERM, then the same port and database. The local's page is offline meanwhile.
             for watched in (traveller, local):
