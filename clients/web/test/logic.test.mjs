@@ -1,0 +1,103 @@
+// The app's logic that needs no browser: routes, hashtags, regions, distances, strings.
+// The TypeScript is bundled on the fly (esbuild, as the build does) and imported from memory.
+import { build } from "esbuild";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { before, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const web = resolve(here, "..");
+let m;
+
+before(async () => {
+  const out = await build({
+    stdin: {
+      contents: `
+        export { parseRoute, href, shared, store } from "./src/app.ts";
+        export { haversine, regionAt, regionCentre } from "./src/geo.ts";
+        export { t, distance } from "./src/i18n.ts";
+        export { parseTags } from "./src/screens/ask.ts";
+        export { VIBRATION } from "./src/signal.ts";
+        export { createStore } from "./src/store.ts";`,
+      resolveDir: web,
+      loader: "ts",
+    },
+    bundle: true,
+    format: "esm",
+    platform: "node",
+    write: false,
+    logLevel: "warning",
+    plugins: [{
+      name: "dongne-client-source",
+      setup(b) { b.onResolve({ filter: /^dongne-client$/ }, () => ({ path: resolve(web, "../js/src/index.ts") })); },
+    }],
+  });
+  m = await import(`data:text/javascript;base64,${Buffer.from(out.outputFiles[0].contents).toString("base64")}`);
+  m.shared.regions = JSON.parse(readFileSync(resolve(web, "../../dongne/data/jeju_regions.geojson"), "utf8"));
+});
+
+test("routes: a question by id, each screen by name, anything else home", () => {
+  assert.deepEqual(m.parseRoute("#/q/q01a21c02a1ef752cf21a", false), { name: "q", id: "q01a21c02a1ef752cf21a" });
+  assert.deepEqual(m.parseRoute("#/inbox", true), { name: "inbox" });
+  assert.deepEqual(m.parseRoute("", false), { name: "ask" });
+  assert.deepEqual(m.parseRoute("", true), { name: "nearby" });
+  assert.deepEqual(m.parseRoute("#/q", false), { name: "ask" });
+  assert.deepEqual(m.parseRoute("#/nowhere", true), { name: "nearby" });
+  assert.equal(m.href({ name: "q", id: "a/b" }), "#/q/a%2Fb");
+  assert.deepEqual(m.parseRoute(m.href({ name: "q", id: "a/b" }), false), { name: "q", id: "a/b" });
+});
+
+test("hashtags: split on spaces and commas, '#' dropped, repeats removed, at most 5", () => {
+  assert.deepEqual(m.parseTags("#food, 맛집  beach #food"), ["food", "맛집", "beach"]);
+  assert.deepEqual(m.parseTags("  "), []);
+  assert.deepEqual(m.parseTags("a b c d e f g"), ["a", "b", "c", "d", "e"]);
+});
+
+test("regions: Jeju City, Seongsan; the sea and Seoul are outside", () => {
+  assert.equal(m.regionAt({ lat: 33.4996, lng: 126.5312 })?.properties.name, "Jeju-si");
+  assert.equal(m.regionAt({ lat: 33.4585, lng: 126.941 })?.properties.name, "Seongsan");
+  assert.equal(m.regionAt({ lat: 33.2, lng: 126.2 }), null);
+  assert.equal(m.regionAt({ lat: 37.5665, lng: 126.978 }), null); // Seoul
+});
+
+test("each region's stand-in point (the region picker's) lies inside it", () => {
+  assert.equal(m.shared.regions.features.length, 15);
+  for (const f of m.shared.regions.features) {
+    assert.equal(m.regionAt(m.regionCentre(f))?.properties.name, f.properties.name, f.properties.name);
+  }
+});
+
+test("distances: the test's traveller and local are 800 m apart", () => {
+  const d = m.haversine({ lat: 33.4996, lng: 126.5312 }, { lat: 33.4996, lng: 126.5398 });
+  assert.ok(Math.abs(d - 800) < 10, String(d));
+  m.store.set({ lang: "en" });
+  assert.equal(m.distance(780), "780 m");
+  assert.equal(m.distance(1850), "1.9 km");
+  m.store.set({ lang: "ko" });
+});
+
+test("strings: Korean by default, English on switch, {vars} filled", () => {
+  assert.equal(m.store.get().lang, "ko");
+  assert.equal(m.t("locals_count", { n: 3 }), "3명");
+  m.store.set({ lang: "en" });
+  assert.equal(m.t("err_rate_limited", { s: 2 }), "Too fast. Try again in 2 s.");
+  m.store.set({ lang: "ko" });
+});
+
+test("vibration: strong is long and repeated, light one short buzz", () => {
+  assert.deepEqual(m.VIBRATION.strong, [400, 150, 400, 150, 600]); // tests/test_web_app.py's STRONG
+  assert.deepEqual(m.VIBRATION.light, [150]);
+});
+
+test("the store: a patch, subscribers with the previous state, unsubscribe", () => {
+  const s = m.createStore({ a: 1, b: 2 });
+  const seen = [];
+  const off = s.subscribe((now, prev) => seen.push([prev.a, now.a, now.b]));
+  s.set({ a: 5 });
+  off();
+  s.set({ a: 6 });
+  assert.deepEqual(seen, [[1, 5, 2]]);
+  assert.deepEqual(s.get(), { a: 6, b: 2 });
+});
