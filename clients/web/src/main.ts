@@ -166,7 +166,10 @@ async function start(root: HTMLElement, token: string): Promise<void> {
   onEvent("answer_accepted_notification", (d) => {
     const u = store.get().user;
     if (u) store.set({ user: { ...u, points: d.total_points } });
-    toast(t("accepted_toast", { points: d.points, total: d.total_points }), "good", { label: t("alert_open"), href: href({ name: "q", id: d.question_id }) });
+    const route = store.get().route;
+    const here = route.name === "q" && route.id === d.question_id;
+    toast(t("accepted_toast", { points: d.points, total: d.total_points }), "good",
+      here ? undefined : { label: t("alert_open"), href: href({ name: "q", id: d.question_id }) });
   });
   onEvent("answer_notification", (d) => {
     const route = store.get().route;
