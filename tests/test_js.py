@@ -3,7 +3,8 @@
 ``clients/js``: the SDK's own tests (node's test runner against real
 ``dongne serve`` subprocesses, started as ``python3``: this interpreter, put
 first on ``PATH``) and its size
-budget. ``clients/web``: the web app's type check. Both need
+budget. ``clients/web``: the web app's type check and unit tests, and its
+committed build (``dongne/web/static``) against a fresh one. All need
 ``npm ci --prefix clients`` first (the README's test command runs it).
 """
 
@@ -54,6 +55,21 @@ def test_sdk_suite_passes_against_real_servers(tmp_path: Path) -> None:
     assert "# fail 0" in done.stdout, report(done)  # node's test runner's summary: it did run
 
 
-def test_web_app_type_checks(tmp_path: Path) -> None:
+def test_web_app_type_checks_and_its_unit_tests_pass(tmp_path: Path) -> None:
     done = npm("web", "test", timeout_s=120, tmp_path=tmp_path)
     assert done.returncode == 0, report(done)
+
+
+def test_committed_web_build_matches_its_sources() -> None:
+    """dongne/web/static is what clients/web (and the SDK it bundles) builds to, byte for byte."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed: the JavaScript tests need Node >= 20 with npm")
+    if not (CLIENTS / "node_modules").is_dir():
+        pytest.fail("clients/node_modules is missing: run `npm ci --prefix clients` first (see README)")
+    done = subprocess.run(
+        [node, "build.mjs", "--check"], cwd=CLIENTS / "web", capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, (
+        report(done) + "\nrun `npm run build --prefix clients/web` and commit dongne/web/static"
+    )
