@@ -33,7 +33,7 @@ import trio
 import trio.lowlevel
 
 from .core.effects import Outcome, Write, rows_of
-from .store import Store, WriteFailed
+from .store import Storage, Store, WriteFailed
 
 __all__ = ["CommitPipeline", "keep_wal_short"]
 
@@ -72,7 +72,7 @@ class CommitPipeline:
 
     def __init__(
         self,
-        store: Store,
+        store: Storage,
         act: Callable[[Outcome, Any], None],
         *,
         max_batch: int = 1000,
