@@ -49,6 +49,8 @@ __all__ = ["NODE_LOCK", "PostgresStore", "redact"]
 READERS = 4
 #: The session advisory lock the writer holds: one dongne node per database.
 NODE_LOCK = 0x646F6E676E65  # "dongne"
+#: How long start-up waits for the node lock (a node killed a moment ago still holds it).
+NODE_LOCK_WAIT_S = 5.0
 #: The transaction advisory lock migrations run under.
 MIGRATION_LOCK = NODE_LOCK + 1
 #: PostgreSQL's limit on parameters in one statement (a 16-bit count).
@@ -96,6 +98,7 @@ class PostgresStore(SqlStore):
         params = psycopg.conninfo.conninfo_to_dict(url)
         params.setdefault("connect_timeout", max(1, round(connect_timeout_s)))
         params.setdefault("application_name", "dongne")
+        self._params_name = str(params["application_name"])
         self._conninfo = psycopg.conninfo.make_conninfo("", **params)
         self._writer: psycopg.Connection[Any] | None = None
         # None: a reader to connect when it is next used.
@@ -162,13 +165,38 @@ class PostgresStore(SqlStore):
                     conn.execute(script.encode())  # no parameters: several statements at once
                     conn.execute("UPDATE dongne_schema SET version = %s", (number,))
 
-    def _take_node_lock(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,)).fetchone()
-        if not (row and row[0]):
-            raise DatabaseInUseError(
-                f"{self.location} is used by another dongne node (one node per database until issue 15's stage 2)"
-            )
-        conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{self._lock_timeout_ms}ms",))
+    def _take_node_lock(self, conn: psycopg.Connection[Any], wait_s: float = NODE_LOCK_WAIT_S) -> None:
+        """Take the node lock on the writer's session, waiting ``wait_s`` for a holder that is going away.
+
+        A node killed a moment ago still holds it until PostgreSQL notices
+        its session is gone (at once for a local process; for a dead host,
+        when TCP keepalives give up: the writer asks for them every 10 s).
+        """
+        for setting, value in (
+            ("application_name", f"{self._params_name} writer"),  # which session is which, in pg_stat_activity
+            ("lock_timeout", f"{self._lock_timeout_ms}ms"),
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+        ):
+            conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
+        deadline = time.monotonic() + wait_s
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,)).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        holder = conn.execute(
+            "SELECT a.pid, a.client_addr, a.backend_start FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
+            (NODE_LOCK >> 32, NODE_LOCK & 0xFFFFFFFF),
+        ).fetchone()
+        who = f" (its session: PostgreSQL pid {holder[0]}, from {holder[1] or 'a unix socket'})" if holder else ""
+        raise DatabaseInUseError(
+            f"{self.location} is used by another dongne node{who}; one node per database until issue 15's stage 2"
+        )
 
     def _writer_connection(self) -> psycopg.Connection[Any]:
         """The writer, connected again (with the node lock) if it was lost."""
@@ -179,7 +207,7 @@ class PostgresStore(SqlStore):
         self._writer = None
         writer = self._connect()
         try:
-            self._take_node_lock(writer)
+            self._take_node_lock(writer, wait_s=0.0)
         except BaseException:
             writer.close()
             raise
