@@ -165,7 +165,7 @@ class PostgresStore(SqlStore):
                     conn.execute(script.encode())  # no parameters: several statements at once
                     conn.execute("UPDATE dongne_schema SET version = %s", (number,))
 
-    def _take_node_lock(self, conn: psycopg.Connection[Any], wait_s: float = NODE_LOCK_WAIT_S) -> None:
+    def _take_node_lock(self, conn: psycopg.Connection[Any], wait_s: float | None = None) -> None:
         """Take the node lock on the writer's session, waiting ``wait_s`` for a holder that is going away.
 
         A node killed a moment ago still holds it until PostgreSQL notices
@@ -180,7 +180,7 @@ class PostgresStore(SqlStore):
             ("tcp_keepalives_count", "3"),
         ):
             conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + (NODE_LOCK_WAIT_S if wait_s is None else wait_s)
         while True:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,)).fetchone()
             if row and row[0]:
