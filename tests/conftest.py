@@ -95,10 +95,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """``backend``: sqlite, unless a ``backends`` mark names more."""
-    if "backend" in metafunc.fixturenames:
-        marker = metafunc.definition.get_closest_marker("backends")
-        metafunc.parametrize("backend", marker.args if marker else ("sqlite",))
+    """A ``backends`` mark runs the test once per backend named, with its name in the test's id."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", marker.args)
+
+
+@pytest.fixture
+def backend() -> str:
+    """The store backend of a test with no ``backends`` mark."""
+    return "sqlite"
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from dongne.core.effects import AppendEvent, SaveAnswer, SaveEscalation, SaveNotified, SaveQuestion, SaveUser
+from dongne.core.effects import (
+    AppendAudit,
+    AppendEvent,
+    DeleteIpBlock,
+    EnqueuePush,
+    SaveAnswer,
+    SaveEscalation,
+    SaveIpBlock,
+    SaveNotified,
+    SavePushStatus,
+    SaveQuestion,
+    SaveReport,
+    SaveUser,
+)
 from dongne.core.lifecycle import QuestionStatus
-from dongne.core.records import Answer, Question, User
+from dongne.core.records import Answer, IpBlock, PushJob, Question, Report, User
 from dongne.store import MAX_ROWS_PER_STATEMENT, Storage, WriteFailed, store_for
 
 from .conftest import db_rows
@@ -66,6 +79,43 @@ def test_saves_replace_rows_and_the_load_returns_the_last_of_each(store: Storage
     assert db_rows(db, "SELECT stage FROM notified") == [("IMMEDIATE",)]
     found = store.find_question("q1")
     assert found is not None and [a.content for a in found[1]] == ["answer 2", "answer 1", "answer 0"]
+
+
+def test_moderation_and_push_rows_round_trip(store: Storage, db: Path | str) -> None:
+    """The one-row-at-a-time statements (reports, IP blocks, push status) beside the multi-row ones."""
+    report = Report("r1", "answer", "a1", "q1", "mina", "spam", "", 5)
+    store.apply(
+        [
+            SaveReport(report),
+            SaveIpBlock(IpBlock("10.0.0.0/8", None, "abuse", "admin", 5)),
+            SaveIpBlock(IpBlock("192.0.2.1/32", 99, "spam", "admin", 5)),
+            AppendAudit(5, "admin", "block_ip", "10.0.0.0/8", "abuse"),
+            *(EnqueuePush(PushJob(i, f"u{i}", "answer_notification", i == 1, {"i": i}, 5)) for i in (1, 2, 3)),
+        ]
+    )
+    store.apply(
+        [
+            SaveReport(Report("r1", "answer", "a1", "q1", "mina", "spam", "", 5, "resolved", "admin", 6, "dismiss")),
+            SaveReport(Report("r2", "question", "q1", "q1", "jun", "wrong", "note", 7)),
+            SaveIpBlock(IpBlock("10.0.0.0/8", 50, "abuse, for a while", "admin", 6)),
+            DeleteIpBlock("192.0.2.1/32"),
+            SavePushStatus(1, "sent", 1, None, 6),
+            SavePushStatus(2, "failed", 3, "gateway said 500", 6),
+        ]
+    )
+    loaded = store.load(hot_since=0)
+
+    assert [(r.report_id, r.status) for r in loaded.open_reports] == [("r2", "open")]
+    assert loaded.ip_blocks == [IpBlock("10.0.0.0/8", 50, "abuse, for a while", "admin", 6)]
+    assert [(j.job_id, j.urgent, j.payload) for j in loaded.pending_pushes] == [(3, False, {"i": 3})]
+    assert loaded.last_push_job_id == 3
+    assert store.pending_push_jobs(0, 10) == loaded.pending_pushes
+    assert db_rows(db, "SELECT status, attempts, last_error FROM push_outbox ORDER BY job_id")[:2] == [
+        ("sent", 1, None),
+        ("failed", 3, "gateway said 500"),
+    ]
+    assert db_rows(db, "SELECT id, action, target FROM audit_log") == [(1, "block_ip", "10.0.0.0/8")]
+    assert db_rows(db, "SELECT status, action FROM reports WHERE report_id = 'r1'") == [("resolved", "dismiss")]
 
 
 def test_events_keep_one_row_per_seq_and_a_refused_commit_leaves_nothing(store: Storage, db: Path | str) -> None:
