@@ -68,16 +68,25 @@ class Cluster:
             raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr or done.stdout}")
 
     def start(self) -> None:
+        """Make the cluster and start it."""
         self._run(
             str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
             "-E", "UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
+        self.start_server()
+
+    def start_server(self) -> None:
+        """Start PostgreSQL (again) on the cluster."""
         options = (
             f"-c listen_addresses='' -c unix_socket_directories={self.root}"
             " -c fsync=off -c full_page_writes=off -c max_connections=200"
         )
         log = str(self.root / "log")
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", log, "-w", "-o", options, "start")
+
+    def stop_server(self) -> None:
+        """Stop PostgreSQL abruptly (``-m immediate``: every session cut, crash recovery at the next start)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def create_database(self) -> str:
         """A new, empty database; returns its URL."""
@@ -91,6 +100,6 @@ class Cluster:
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
-                self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+                self.stop_server()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

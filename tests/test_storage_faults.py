@@ -289,3 +289,37 @@ async def test_a_terminated_postgresql_session_refuses_one_batch_then_the_probe_
     await h.running.aclose()
     assert db_rows(db, node_locks) == [(0,)]
     assert db_rows(db, "SELECT title, status FROM questions") == [(question["title"], "closed")]
+
+
+@pytest.mark.backends("postgres")
+async def test_postgresql_stopped_abruptly_and_restarted_under_the_server(
+    start_server: Any, db: str, pg_cluster: Any
+) -> None:
+    """Writes are refused while it is down, none acknowledged is lost, and the server recovers by itself."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("local", local=True) as local:
+        question = (await asker.request("create_question", question_data()))["question"]
+        qid = question["question_id"]
+        acked = [(await local.request("create_answer", {"question_id": qid, "content": "before"}))["answer"]]
+        await trio.to_thread.run_sync(pg_cluster.stop_server)
+        try:
+            with pytest.raises(RequestError) as refused:
+                await local.request("create_answer", {"question_id": qid, "content": "while down"})
+            assert refused.value.code == "unavailable"
+        finally:
+            await trio.to_thread.run_sync(pg_cluster.start_server)
+        with trio.fail_after(30):
+            while True:
+                try:
+                    acked.append(
+                        (await local.request("create_answer", {"question_id": qid, "content": "after"}))["answer"]
+                    )
+                    break
+                except RequestError as exc:
+                    assert exc.code == "unavailable"
+                    await trio.sleep(exc.error["retry_after_ms"] / 1000)
+        assert h.running.clients.writable
+        page = await asker.request("get_question", {"question_id": qid})
+        assert [a["content"] for a in page["answers"]] == ["before", "after"]
+    await h.running.aclose()
+    assert sorted(db_rows(db, "SELECT content FROM answers")) == [("after",), ("before",)]
