@@ -227,13 +227,15 @@ def test_postgresql_urls_get_one_clear_line_for_what_they_cannot_do(tmp_path: Pa
     restore = _dongne(tmp_path, "restore", str(tmp_path / "some.sqlite3"), "--db", url, "--yes")
     token = _dongne(tmp_path, "token", "u1", "--db", url, secret=secret)
     not_a_db = _dongne(tmp_path, "serve", "--db", "mysql://localhost/dongne")
+    bad_url = _dongne(tmp_path, "serve", "--db", "postgresql://u:pw@db/dongne?bogus=1", secret=secret)
 
-    for done in (unreachable, no_secret, snapshot, restore, not_a_db):
+    for done in (unreachable, no_secret, snapshot, restore, not_a_db, bad_url):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("dongne:"), done.stderr
     assert "cannot open the database" in unreachable.stderr and "nobody-here" in unreachable.stderr
     assert "jwt_secret" in no_secret.stderr
     assert "pg_dump" in snapshot.stderr and "pg_dump" in restore.stderr
     assert "neither a SQLite file path nor a postgresql:// URL" in not_a_db.stderr
+    assert "bogus" in bad_url.stderr and "pw" not in bad_url.stderr  # the password never printed
     assert token.returncode == 0 and token.stdout.count(".") == 2  # a JWT, with no database needed
     assert list(tmp_path.iterdir()) == []  # no SQLite file or secret was made on the side

@@ -86,6 +86,9 @@ class PostgresStore(SqlStore):
         lock_timeout_s: how long a commit waits for a row or table lock another program
             holds before it fails with ``WriteFailed`` (SQLite's busy timeout).
         connect_timeout_s: how long connecting may take, unless the URL says.
+
+    Raises:
+        StoreError: libpq cannot parse ``url``.
     """
 
     dialect = "postgres"
@@ -95,7 +98,10 @@ class PostgresStore(SqlStore):
         self.url = url
         self._max_variables = MAX_PARAMETERS
         self._lock_timeout_ms = max(1, int(lock_timeout_s * 1000))
-        params = psycopg.conninfo.conninfo_to_dict(url)
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StoreError(f"{redact(url)} is not a PostgreSQL URL libpq accepts: {_one_line(exc)}") from None
         params.setdefault("connect_timeout", max(1, round(connect_timeout_s)))
         params.setdefault("application_name", "dongne")
         self._params_name = str(params["application_name"])
