@@ -182,3 +182,14 @@ def test_a_newer_postgresql_schema_is_refused(db: str) -> None:
     db_rows(db, "UPDATE dongne_schema SET version = 999 RETURNING version")
     with pytest.raises(StoreError, match="newer than this dongne"):
         store_for(db).open()
+
+
+def test_urls_in_logs_and_errors_carry_no_password() -> None:
+    from dongne.store._postgres import redact
+
+    assert redact("postgresql://dongne:s3cret@db:5432/dongne") == "postgresql://dongne:***@db:5432/dongne"
+    assert (
+        redact("postgres://u:p@h/d?sslmode=require&password=x&a=b")
+        == "postgres://u:***@h/d?sslmode=require&password=***&a=b"
+    )
+    assert redact("postgresql:///dongne?host=/run/postgresql") == "postgresql:///dongne?host=/run/postgresql"
