@@ -33,7 +33,7 @@ from .push import PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
 from .snapshots import run_periodic_snapshots
-from .store import Store, hold_database_lock
+from .store import Storage, Store, hold_database_lock, is_postgres_url, store_for
 from .web import WebApp
 
 __all__ = ["Running", "run_server"]
@@ -49,7 +49,7 @@ class Running:
     ops_port: int
     clients: ClientServer
     pushes: PushDispatcher
-    store: Store
+    store: Storage
     engine: Engine
     _shutdown: trio.Event
     _stopped: trio.Event
@@ -90,7 +90,9 @@ async def run_server(
             omitted (tests share one across restarts on a mock clock).
         handle_signals: shut down gracefully on SIGINT/SIGTERM (the CLI sets it).
     """
-    db_path = Path(await trio.Path(settings.store.path).resolve())
+    target = settings.store.target
+    # A SQLite file, or None: a PostgreSQL database (no file beside it for a lock, secret or snapshots).
+    db_path = None if is_postgres_url(target) else Path(await trio.Path(target).resolve())
     secret = load_or_create_secret(settings.auth.jwt_secret, db_path)
     verifier = TokenVerifier(secret)
     if regions is not None:
@@ -99,20 +101,23 @@ async def run_server(
         region_set = RegionSet.from_file(settings.location.regions_file)
     else:
         region_set = load_default_regions()
-    store = Store(
-        db_path,
+    store = store_for(
+        db_path or target,
         synchronous=settings.store.synchronous,
         background_checkpoints=True,
         busy_timeout_s=settings.store.busy_timeout_s,
     )
     stopped = trio.Event()
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    # One server per database, and no restore under a running server.
+    if db_path is not None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    # One server per database, and no restore under a running server (on
+    # PostgreSQL the store takes an advisory lock of its own when it opens).
+    lock = hold_database_lock(db_path) if db_path is not None else contextlib.nullcontext()
     try:
         # The signal handlers stay ours until the database is closed: a second
         # Ctrl+C during the graceful shutdown is queued and ignored, not a
         # KeyboardInterrupt raised into it.
-        with hold_database_lock(db_path), _signals(handle_signals) as signals:
+        with lock, _signals(handle_signals) as signals:
             await _serve(settings, db_path, store, verifier, region_set, clock, signals, stopped, task_status)
     finally:
         stopped.set()  # after the lock is released: a restart may follow at once
@@ -135,8 +140,8 @@ def web_app(settings: Settings, regions: RegionSet) -> WebApp:
 
 async def _serve(
     settings: Settings,
-    db_path: Path,
-    store: Store,
+    db_path: Path | None,
+    store: Storage,
     verifier: TokenVerifier,
     region_set: RegionSet,
     clock: EngineClock | None,
@@ -165,7 +170,7 @@ async def _serve(
             len(engine.users),
             len(engine.questions),
             (time.perf_counter() - started) * 1000,
-            db_path,
+            store.location,
         )
         clients = ClientServer(
             settings.server,
@@ -234,11 +239,14 @@ async def _serve(
                 port = await root.start(clients.run)
                 client_port.append(port)
                 snapshots = trio.CancelScope()
-                root.start_soon(
-                    _in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots)
-                )
                 checkpoints = trio.CancelScope()
-                root.start_soon(_in_scope, checkpoints, functools.partial(keep_wal_short, store, clients.pipeline))
+                if db_path is not None and isinstance(store, Store):  # SQLite's own upkeep
+                    root.start_soon(
+                        _in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots)
+                    )
+                    root.start_soon(_in_scope, checkpoints, functools.partial(keep_wal_short, store, clients.pipeline))
+                elif settings.snapshots.interval_s > 0:
+                    log.info("no periodic snapshots of a PostgreSQL database: back it up with pg_dump")
                 full_gc = trio.CancelScope()
                 root.start_soon(
                     _in_scope, full_gc, functools.partial(collect_fully_every, settings.server.full_gc_interval_s)

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import jwt
 
-from .core.errors import CloseConnection
+from .core.errors import CloseConnection, ConfigError
 from .core.records import Claims
 
 __all__ = [
@@ -125,14 +125,27 @@ def _claims_from(payload: dict[str, Any]) -> Claims:
     )
 
 
-def load_or_create_secret(configured: str, db_path: Path) -> str:
+def load_or_create_secret(configured: str, db_path: Path | None) -> str:
     """The JWT secret: the configured one, else one kept beside the database.
 
     On first start a random secret is written to ``<db>.jwt-secret`` (mode 0600),
     so ``dongne token`` and ``dongne serve`` agree with no set-up.
+
+    Args:
+        configured: ``[auth] jwt_secret`` (or ``DONGNE_JWT_SECRET``).
+        db_path: the SQLite file; ``None`` for a PostgreSQL database, which
+            has no folder to keep one in (and whose nodes must share one).
+
+    Raises:
+        ConfigError: none configured for a PostgreSQL database.
     """
     if configured:
         return configured
+    if db_path is None:
+        raise ConfigError(
+            "a PostgreSQL database needs [auth] jwt_secret (or DONGNE_JWT_SECRET) set:"
+            " there is no database folder to keep a generated one in"
+        )
     secret_path = db_path.with_name(db_path.name + SECRET_FILE_SUFFIX)
     try:
         return secret_path.read_text().strip()

@@ -25,7 +25,9 @@ ADMIN_TOKEN_TTL_S = 12 * 3600
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="a config.toml (default: ./config.toml if it exists)")
-    parser.add_argument("--db", metavar="PATH", help="the SQLite database file")
+    parser.add_argument(
+        "--db", metavar="PATH|URL", help="the database: a SQLite file, or a postgresql:// URL (libpq syntax)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +85,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("host", "server", "host"),
         ("port", "server", "port"),
         ("ops_port", "server", "ops_port"),
-        ("db", "store", "path"),
+        ("db", "store", "url"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -120,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "restore":
         return _restore(args, settings)
     if args.command == "token":
-        secret = load_or_create_secret(settings.auth.jwt_secret, Path(settings.store.path).resolve())
+        try:
+            secret = _secret(settings)
+        except ConfigError as exc:
+            print(f"dongne: {exc}", file=sys.stderr)
+            return 2
         tags = [t.strip() for t in args.tags.split(",") if t.strip()]
         print(
             mint_token(
@@ -155,13 +161,33 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseInUseError as exc:
         print(f"dongne: {exc}: is another server running on this database?", file=sys.stderr)
         return 2
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:
         print(f"dongne: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. no space left for the lock or secret file
-        print(f"dongne: cannot start: {exc.strerror or exc}: {exc.filename or settings.store.path}", file=sys.stderr)
+        print(f"dongne: cannot start: {exc.strerror or exc}: {exc.filename or settings.store.target}", file=sys.stderr)
         return 2
     return 0
+
+
+def _sqlite_file(settings: Settings) -> Path | None:
+    """The SQLite database file, or ``None`` for a PostgreSQL database."""
+    from .store import is_postgres_url
+
+    target = settings.store.target
+    return None if is_postgres_url(target) else Path(target).resolve()
+
+
+def _secret(settings: Settings) -> str:
+    """The JWT secret (``ConfigError`` for a PostgreSQL database with none configured)."""
+    return load_or_create_secret(settings.auth.jwt_secret, _sqlite_file(settings))
+
+
+#: Why ``snapshot`` and ``restore`` refuse a PostgreSQL database.
+NOT_FOR_POSTGRES = (
+    "snapshots and restore are for SQLite databases; for PostgreSQL use pg_dump and pg_restore"
+    " (or the server's own backups)"
+)
 
 
 def _default_ttl(admin: bool, settings: Settings) -> int:
@@ -183,7 +209,11 @@ def _admin_link(args: argparse.Namespace, settings: Settings) -> int:
         base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     if base.endswith("/admin"):
         base = base.removesuffix("/admin")
-    secret = load_or_create_secret(settings.auth.jwt_secret, Path(settings.store.path).resolve())
+    try:
+        secret = _secret(settings)
+    except ConfigError as exc:
+        print(f"dongne: {exc}", file=sys.stderr)
+        return 2
     code = mint_signin_code(secret, args.user_id, nick=args.nick, now_s=time.time())
     print(f"{base}/admin/login?code={code}")
     minutes = SIGNIN_CODE_TTL_S // 60
@@ -195,7 +225,10 @@ def _snapshot(args: argparse.Namespace, settings: Settings) -> int:
     from .snapshots import resolve_snapshot_dir
     from .store import SnapshotError, take_snapshot
 
-    db = Path(settings.store.path).resolve()
+    db = _sqlite_file(settings)
+    if db is None:
+        print(f"dongne: {NOT_FOR_POSTGRES}", file=sys.stderr)
+        return 2
     if not db.is_file():
         print(f"dongne: no database at {db}", file=sys.stderr)
         return 2
@@ -212,7 +245,10 @@ def _snapshot(args: argparse.Namespace, settings: Settings) -> int:
 def _restore(args: argparse.Namespace, settings: Settings) -> int:
     from .store import DatabaseInUseError, InvalidSnapshotError, restore_snapshot
 
-    db = Path(settings.store.path).resolve()
+    db = _sqlite_file(settings)
+    if db is None:
+        print(f"dongne: {NOT_FOR_POSTGRES}", file=sys.stderr)
+        return 2
     snapshot = Path(args.snapshot).resolve()
     if not snapshot.is_file():
         print(f"dongne: no snapshot at {snapshot}", file=sys.stderr)

@@ -102,14 +102,31 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = attrs.field(default=("*",), converter=tuple, validator=_origins)
 
 
+def _store_url(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    scheme, sep, _rest = value.partition("://")
+    if sep and scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{attribute.name}: {value!r} is neither a SQLite file path nor a postgresql:// URL")
+
+
 @attrs.frozen
 class StoreSettings:
+    # The database: a SQLite file path, or a postgresql:// URL in libpq's
+    # syntax (postgresql://user@host/dbname, or postgresql:///dbname?host=/socket/dir
+    # for a unix socket). Empty: ``path``. ``--db`` sets it.
+    url: str = attrs.field(default="", validator=_store_url)
+    # The SQLite file (the key from before ``url``; ``url`` wins when set).
     path: str = "dongne.sqlite3"
+    # SQLite only (PostgreSQL commits as its server is configured to).
     synchronous: str = attrs.field(default="FULL", validator=_one_of("FULL", "NORMAL", "EXTRA"))
     max_batch: int = attrs.field(default=1000, validator=positive)
     # How long a commit waits for a lock another program holds on the
     # database before it fails (and writes are refused until one succeeds).
     busy_timeout_s: float = attrs.field(default=30.0, validator=positive)
+
+    @property
+    def target(self) -> str:
+        """The database in use: ``url`` if set, else ``path``."""
+        return self.url or self.path
 
 
 @attrs.frozen

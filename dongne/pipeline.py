@@ -1,11 +1,11 @@
 """Group commit: outcomes are committed in batches, then acted on in order.
 
 Theory of operation: every outcome the engine returns is submitted here. The
-committer task takes everything queued, commits all its writes in one SQLite
-transaction on a worker thread, and only then are the actions of each
+committer task takes everything queued, commits all its writes in one
+transaction (SQLite or PostgreSQL) on a worker thread, and only then are the actions of each
 outcome performed, in submission order, by the actor task. The two overlap:
 while one batch is acted on (sending frames, on the event loop), the next
-one commits (SQLite, on the worker thread); a third waits for both. So a
+one commits (the database, on the worker thread); a third waits for both. So a
 reply that acknowledges a write never leaves before the write is durable, a
 read never shows a write that could still be lost, and durable events reach
 each user in seq order. While one commit runs,
@@ -33,7 +33,7 @@ import trio
 import trio.lowlevel
 
 from .core.effects import Outcome, Write, rows_of
-from .store import Store, WriteFailed
+from .store import Storage, Store, WriteFailed
 
 __all__ = ["CommitPipeline", "keep_wal_short"]
 
@@ -72,7 +72,7 @@ class CommitPipeline:
 
     def __init__(
         self,
-        store: Store,
+        store: Storage,
         act: Callable[[Outcome, Any], None],
         *,
         max_batch: int = 1000,

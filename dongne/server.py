@@ -70,7 +70,7 @@ from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .store import Store, WriteFailed
+from .store import Storage, StoreError, WriteFailed
 from .transport import (
     BinaryFrame,
     FrameEncoder,
@@ -111,7 +111,7 @@ class ClientServer:
         self,
         settings: ServerSettings,
         engine: Engine,
-        store: Store,
+        store: Storage,
         clock: EngineClock,
         *,
         startup: Outcome = Outcome(),
@@ -452,9 +452,14 @@ class ClientServer:
     async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
         """Send missed durable events in order, then the live frames held meanwhile."""
         try:
-            rows = await trio.to_thread.run_sync(
-                self.store.read_events, action.user_id, action.after_seq, action.up_to_seq
-            )
+            try:
+                rows = await trio.to_thread.run_sync(
+                    self.store.read_events, action.user_id, action.after_seq, action.up_to_seq
+                )
+            except StoreError as exc:  # the database out of reach (PostgreSQL): the client resumes later
+                log.warning("replay_failed", extra={"user": action.user_id, "error": str(exc)})
+                conn.close(1013, "the server cannot read your missed events now; reconnect later")
+                return
             for seq, kind, data in rows:
                 await conn.send_paced(self.encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
         finally:
@@ -566,8 +571,14 @@ class ClientServer:
         while True:
             await self._writes_failed.wait()
             self._writes_failed = trio.Event()
-            hot_since = self.clock.now_ms() - self._hot_ms
-            state = await trio.to_thread.run_sync(functools.partial(self.store.load, hot_since=hot_since))
+            while True:
+                hot_since = self.clock.now_ms() - self._hot_ms
+                try:
+                    state = await trio.to_thread.run_sync(functools.partial(self.store.load, hot_since=hot_since))
+                    break
+                except StoreError as exc:  # PostgreSQL out of reach: reads fail too, for now
+                    log.warning("storage_reload_failed", extra={"error": str(exc)})
+                    await trio.sleep(PROBE_INTERVAL_S)
             self._perform(self._handle(Reloaded(state)))
             self._reloaded.set()
             while True:

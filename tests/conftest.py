@@ -1,12 +1,19 @@
-"""Shared fixtures: a real server on 127.0.0.1 (port 0) with a real SQLite file."""
+"""Shared fixtures: a real server on 127.0.0.1 (port 0) with a real SQLite file or PostgreSQL database.
+
+Backends: a test that takes ``db`` (or ``start_server``, ``server``) runs on
+SQLite; a module or test marked ``@pytest.mark.backends("sqlite", "postgres")``
+runs once on each, PostgreSQL in a throwaway cluster of the session
+(``tests/pgcluster.py``) with a fresh database per test.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, closing
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +25,9 @@ from dongne.auth import mint_token
 from dongne.client import DongneClient, open_client
 from dongne.clock import EngineClock
 from dongne.config import Settings, load_settings
+from dongne.store import is_postgres_url
+
+from .pgcluster import Cluster, find_bindir
 
 SECRET = "test-secret-0123456789-0123456789-0123456789"
 
@@ -30,10 +40,10 @@ UNLIMITED = {
 }  # fmt: skip
 
 
-def make_settings(db: Path, **sections: dict[str, Any]) -> Settings:
+def make_settings(db: Path | str, **sections: dict[str, Any]) -> Settings:
     overrides: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "ops_host": "127.0.0.1", "ops_port": 0},
-        "store": {"path": str(db)},
+        "store": {"url": str(db)} if is_postgres_url(str(db)) else {"path": str(db)},
         "auth": {"jwt_secret": SECRET},
         # Tests drive many requests from one user and one address; the limits
         # are exercised by tests that set them (test_limits.py).
@@ -61,9 +71,9 @@ def token(user_id: str, **claims: Any) -> str:
 class Harness:
     """A running server plus helpers to connect to it."""
 
-    def __init__(self, running: Running, db: Path) -> None:
+    def __init__(self, running: Running, db: Path | str) -> None:
         self.running = running
-        self.db = db
+        self.db = db  # a SQLite file, or a PostgreSQL URL
 
     @property
     def url(self) -> str:
@@ -80,14 +90,65 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "dongne.sqlite3"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): run the test on each store backend named (sqlite, postgres)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A ``backends`` mark runs the test once per backend named, with its name in the test's id."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", marker.args)
+
+
 @pytest.fixture
-def start_server(nursery: trio.Nursery, db_path: Path) -> Callable[..., Any]:
+def backend() -> str:
+    """The store backend of a test with no ``backends`` mark."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One PostgreSQL cluster for the session, started on first use and removed at the end."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's initdb is not installed (Debian: apt-get install postgresql)")
+    cluster = Cluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def db(backend: str, db_path: Path, request: pytest.FixtureRequest) -> Path | str:
+    """The test's database: the SQLite file ``db_path``, or a fresh PostgreSQL database's URL."""
+    if backend == "postgres":
+        cluster: Cluster = request.getfixturevalue("pg_cluster")
+        return cluster.create_database()
+    return db_path
+
+
+def db_rows(db: Path | str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of one statement (``?`` parameters) run on either backend's database, from the test."""
+    if is_postgres_url(str(db)):
+        import psycopg
+
+        with psycopg.connect(str(db), autocommit=True) as conn:
+            return [tuple(row) for row in conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall()]
+    with closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql, tuple(params)).fetchall()
+
+
+@pytest.fixture
+def start_server(nursery: trio.Nursery, db: Path | str) -> Callable[..., Any]:
     """``await start_server(**sections)`` starts a server; stop it with ``h.running.stop()``."""
 
     async def start(clock: EngineClock | None = None, **sections: dict[str, Any]) -> Harness:
-        settings = make_settings(db_path, **sections)
+        settings = make_settings(db, **sections)
         running: Running = await nursery.start(functools.partial(run_server, settings, clock=clock))
-        return Harness(running, db_path)
+        return Harness(running, db)
 
     return start
 

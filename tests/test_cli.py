@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -205,3 +206,36 @@ async def test_a_second_sigint_during_shutdown_is_ignored(tmp_path: Path) -> Non
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def _dongne(tmp_path: Path, *argv: str, secret: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
+    if secret:
+        env["DONGNE_JWT_SECRET"] = secret
+    return subprocess.run(
+        [sys.executable, "-m", "dongne", *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+    )
+
+
+def test_postgresql_urls_get_one_clear_line_for_what_they_cannot_do(tmp_path: Path) -> None:
+    """No PostgreSQL needed: a server nobody listens for, and the commands that are for SQLite files."""
+    url = f"postgresql:///dongne?host={tmp_path / 'nobody-here'}"
+    secret = "cli-secret-0123456789-0123456789-0123456789"
+    unreachable = _dongne(tmp_path, "serve", "--db", url, "--port", "0", "--ops-port", "0", secret=secret)
+    no_secret = _dongne(tmp_path, "serve", "--db", url, "--port", "0", "--ops-port", "0")
+    snapshot = _dongne(tmp_path, "snapshot", "--db", url)
+    restore = _dongne(tmp_path, "restore", str(tmp_path / "some.sqlite3"), "--db", url, "--yes")
+    token = _dongne(tmp_path, "token", "u1", "--db", url, secret=secret)
+    not_a_db = _dongne(tmp_path, "serve", "--db", "mysql://localhost/dongne")
+    bad_url = _dongne(tmp_path, "serve", "--db", "postgresql://u:pw@db/dongne?bogus=1", secret=secret)
+
+    for done in (unreachable, no_secret, snapshot, restore, not_a_db, bad_url):
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("dongne:"), done.stderr
+    assert "cannot open the database" in unreachable.stderr and "nobody-here" in unreachable.stderr
+    assert "jwt_secret" in no_secret.stderr
+    assert "pg_dump" in snapshot.stderr and "pg_dump" in restore.stderr
+    assert "neither a SQLite file path nor a postgresql:// URL" in not_a_db.stderr
+    assert "bogus" in bad_url.stderr and "pw" not in bad_url.stderr  # the password never printed
+    assert token.returncode == 0 and token.stdout.count(".") == 2  # a JWT, with no database needed
+    assert list(tmp_path.iterdir()) == []  # no SQLite file or secret was made on the side

@@ -33,6 +33,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("[server]\nport = 70000\n", "port number"),
         ("[server]\nport = true\n", "must be an integer"),
         ('[store]\nsynchronous = "OFF"\n', "must be one of FULL, NORMAL, EXTRA"),
+        ('[store]\nurl = "mysql://db/dongne"\n', "neither a SQLite file path nor a postgresql:// URL"),
         ("[engine]\ntyping_ttl_s = -1\n", "positive"),
         ("[server\n", "not valid TOML"),
     ],
@@ -43,6 +44,15 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None
     with pytest.raises(ConfigError) as err:
         load_settings(cfg, environ={})
     assert message in str(err.value)
+
+
+def test_the_store_is_its_url_else_its_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[store]\npath = "a.db"\n')
+    assert load_settings(cfg, environ={}).store.target == "a.db"
+    url = "postgresql:///dongne?host=/run/postgresql"
+    assert load_settings(cfg, environ={"DONGNE_STORE_URL": url}).store.target == url
+    assert load_settings(cfg, environ={}, overrides={"store": {"url": "b.sqlite3"}}).store.target == "b.sqlite3"
 
 
 def test_bad_environment_is_refused() -> None:

@@ -9,7 +9,8 @@ with ``ok``) and of every durable event any client saw (an event is sent only
 after its commit, so seeing it is an acknowledgement too). A seeded random
 schedule kills the process with SIGKILL while requests are in flight, or
 while it is still running overdue escalations at start-up, and restarts it on
-the same database. After every restart each user connects with
+the same database (a SQLite file, or a PostgreSQL database: the test runs on
+each). After every restart each user connects with
 ``resume.last_seq = 0`` and the test checks:
 
 * the replay is exactly seqs ``1..last_seq``, no gap, no duplicate, and every
@@ -17,12 +18,12 @@ the same database. After every restart each user connects with
 * every acknowledged question, answer, acceptance, setting and point is there
   (``join_question``, ``get_settings``, ``get_profile``), and a local's points
   are exactly ``accept_points`` per accepted answer;
-* in the database: ``PRAGMA integrity_check`` is ok; each user's events are
+* in the database: ``PRAGMA integrity_check`` is ok (SQLite); each user's events are
   seqs 1..n with no gap (the inbox is the record of ``last_seq``: the user
   row's copy is only refreshed with the rest of the row, so it may lag, never
   lead); the ``notified`` table and
   the ``new_question_notification`` events name the same (question, local)
-  pairs, each event once.
+  pairs, each event once; on PostgreSQL each user's inbox head is its newest seq.
 
 After the last restart every unfinished escalation runs to its end: open
 questions reach ``next_stage == 4`` and every local was alerted once for
@@ -44,13 +45,14 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager, closing, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import attrs
 import msgpack
+import pytest
 import trio
 import trio.lowlevel
 import trio_websocket
@@ -59,7 +61,7 @@ from dongne.auth import mint_token
 from dongne.client import DongneClient, RequestError, open_client
 from dongne.core.effects import EnqueuePush
 from dongne.core.records import PushJob
-from dongne.store import Store
+from dongne.store import is_postgres_url, store_for
 
 SECRET = "crash-safety-secret-0123456789-0123456789"
 SEED = int(os.environ.get("DONGNE_CRASH_SEED", "20261127"))
@@ -71,6 +73,8 @@ STAGES = ("IMMEDIATE", "QUICK", "EXTENDED", "FINAL")
 FINAL_OFFSET_S = 4.0
 ACCEPT_POINTS = 10
 ACTIVE = ("open", "answered")  # statuses whose escalation runs to the end
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 CONFIG = """
 [server]
@@ -237,7 +241,7 @@ class Server:
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, run: int) -> AsyncIterator[Server]:
+async def serve(tmp_path: Path, run: int, db: Path | str) -> AsyncIterator[Server]:
     """``dongne serve`` on the test's database; killed (SIGKILL) on the way out if still running.
 
     Its log goes to a file: a pipe nobody reads would fill up and stall it.
@@ -247,7 +251,7 @@ async def serve(tmp_path: Path, run: int) -> AsyncIterator[Server]:
     log = tmp_path / f"server-{run:02d}.log"
     argv = [
         sys.executable, "-m", "dongne", "serve", "--config", str(tmp_path / "config.toml"),
-        "--db", str(tmp_path / "dongne.sqlite3"), "--host", "127.0.0.1", "--port", "0", "--ops-port", "0",
+        "--db", str(db), "--host", "127.0.0.1", "--port", "0", "--ops-port", "0",
     ]  # fmt: skip
     async with await trio.open_file(log, "wb") as sink:
         proc = await trio.lowlevel.open_process(
@@ -418,7 +422,7 @@ def check_contiguous(conns: dict[str, Conn]) -> None:
         assert seqs == list(range(1, len(seqs) + 1)), f"{conn.user}: seqs received {seqs} are not 1..n"
 
 
-async def check_state(conns: dict[str, Conn], model: Model, db: Path) -> None:
+async def check_state(conns: dict[str, Conn], model: Model, db: Path | str) -> None:
     """Every acknowledged write is there, through the protocol and in the database."""
     replays = {user: await check_replay(conn, model) for user, conn in conns.items()}
     for user, replay in replays.items():
@@ -461,32 +465,51 @@ async def check_state(conns: dict[str, Conn], model: Model, db: Path) -> None:
     await trio.to_thread.run_sync(check_database, db, model)
 
 
-def check_database(db: Path, model: Model) -> dict[str, Any]:
-    """Integrity, seqs and notifications in one read snapshot; returns the escalation rows."""
+Rows = Callable[..., list[tuple[Any, ...]]]
+
+
+@contextmanager
+def read_snapshot(db: Path | str) -> Iterator[Rows]:
+    """``rows(sql, params)`` (``?`` parameters) in one read snapshot of the database; SQLite's integrity checked."""
+    if is_postgres_url(str(db)):
+        import psycopg
+
+        with psycopg.connect(str(db)) as pg:
+            pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield lambda sql, params=(): [tuple(r) for r in pg.execute(sql.replace("?", "%s"), params).fetchall()]
+            pg.rollback()
+        return
     with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None, timeout=30)) as conn:
         conn.execute("BEGIN")
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        for user, last_seq in conn.execute("SELECT user_id, last_seq FROM users").fetchall():
-            count, top = conn.execute(
-                "SELECT count(*), coalesce(max(seq), 0) FROM events WHERE user_id = ?", (user,)
-            ).fetchone()
+        yield lambda sql, params=(): conn.execute(sql, params).fetchall()
+        conn.execute("COMMIT")
+
+
+def check_database(db: Path | str, model: Model) -> dict[str, Any]:
+    """Integrity, seqs and notifications in one read snapshot; returns the escalation rows."""
+    with read_snapshot(db) as rows_of:
+        for user, last_seq in rows_of("SELECT user_id, last_seq FROM users"):
+            [(count, top)] = rows_of("SELECT count(*), coalesce(max(seq), 0) FROM events WHERE user_id = ?", (user,))
             assert count == top >= last_seq, f"{user}: row last_seq {last_seq}, {count} events, max seq {top}"
-        notified = sorted(conn.execute("SELECT question_id, user_id FROM notified"))
+        if is_postgres_url(str(db)):
+            heads = sorted(rows_of("SELECT user_id, last_seq FROM inbox_heads"))
+            assert heads == sorted(rows_of("SELECT user_id, max(seq) FROM events GROUP BY user_id")), heads
+        notified = sorted(rows_of("SELECT question_id, user_id FROM notified"))
         alerted = sorted(
             (msgpack.unpackb(data)["question_id"], user)
-            for user, data in conn.execute("SELECT user_id, data FROM events WHERE type = 'new_question_notification'")
+            for user, data in rows_of("SELECT user_id, data FROM events WHERE type = 'new_question_notification'")
         )
         assert alerted == notified, "notified rows and new_question_notification events differ"
-        present = {row[0] for row in conn.execute("SELECT question_id FROM questions")}
+        present = {row[0] for row in rows_of("SELECT question_id FROM questions")}
         assert set(model.questions) <= present
-        rows = conn.execute(
+        rows = rows_of(
             "SELECT q.question_id, q.status, q.answer_count, e.next_stage FROM questions q LEFT JOIN escalations e USING (question_id)"
-        ).fetchall()
-        conn.execute("COMMIT")
+        )
     return {qid: (status, answers, stage) for qid, status, answers, stage in rows}
 
 
-async def wait_escalations_done(db: Path, model: Model, timeout_s: float = 10.0) -> dict[str, Any]:
+async def wait_escalations_done(db: Path | str, model: Model, timeout_s: float = 10.0) -> dict[str, Any]:
     """The escalation rows once every active question's plan has run (or the timeout passed)."""
     deadline = trio.current_time() + timeout_s
     while True:
@@ -500,17 +523,16 @@ async def wait_escalations_done(db: Path, model: Model, timeout_s: float = 10.0)
 # ---- the tests ---------------------------------------------------------------------------
 
 
-async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
+async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, db: Path | str) -> None:
     rng = random.Random(SEED)
     write_config(tmp_path)
-    db = tmp_path / "dongne.sqlite3"
     model = Model()
     kinds = ["load"] * (KILLS_UNDER_LOAD - 2) + ["startup"] * KILLS_AT_STARTUP
     rng.shuffle(kinds)
     # The first run sets the users up; the last one leaves escalations in flight for the final restart.
     kinds = ["load", *kinds, "load"]
     for run, kind in enumerate(kinds):
-        async with serve(tmp_path, run) as server:
+        async with serve(tmp_path, run, db) as server:
             if kind == "startup":
                 # Overdue stages run at start-up: die in the middle of them.
                 await trio.sleep(rng.uniform(0, 0.3))
@@ -542,7 +564,7 @@ async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     assert model.escalating_at(model.kills_ms[-1]), "no escalation was in flight at the last kill"
 
     # The last restart: every unfinished escalation completes, nobody twice.
-    async with serve(tmp_path, len(kinds)) as server:
+    async with serve(tmp_path, len(kinds), db) as server:
         async with AsyncExitStack() as stack:
             conns = {u: await stack.enter_async_context(connect(server.port, u, model)) for u in USERS}
             await check_state(conns, model, db)
@@ -568,12 +590,11 @@ async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     check_database(db, model)
 
 
-async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
+async def test_sigterm_under_load_loses_nothing(tmp_path: Path, db: Path | str) -> None:
     rng = random.Random(SEED + 1)
     write_config(tmp_path)
-    db = tmp_path / "dongne.sqlite3"
     model = Model()
-    async with serve(tmp_path, 0) as server:
+    async with serve(tmp_path, 0, db) as server:
         async with AsyncExitStack() as stack:
             conns = {u: await stack.enter_async_context(connect(server.port, u, model)) for u in USERS}
             await set_up_locals(conns, model)
@@ -597,7 +618,7 @@ async def test_sigterm_under_load_loses_nothing(tmp_path: Path) -> None:
         assert_no_errors(server)
     assert not model.problems, model.problems
     assert model.questions and model.answers
-    async with serve(tmp_path, 1) as server:
+    async with serve(tmp_path, 1, db) as server:
         async with AsyncExitStack() as stack:
             conns = {u: await stack.enter_async_context(connect(server.port, u, model)) for u in USERS}
             await check_state(conns, model, db)
@@ -632,10 +653,10 @@ async def test_leaving_open_client_while_frames_arrive_does_not_hang() -> None:
     assert not scope.cancelled_caught
 
 
-async def test_a_restart_keeps_no_unsendable_push_jobs_in_memory(start_server: Any, db_path: Path) -> None:
+async def test_a_restart_keeps_no_unsendable_push_jobs_in_memory(start_server: Any, db: Path | str) -> None:
     """Jobs older than push_max_age_s can never be sent: a restart should not hold them."""
     day_ago = int(time.time() * 1000) - 86_400_000
-    store = Store(db_path)
+    store = store_for(db)
     store.open()
     payload = {"title": "Where is the best black pork near the port?", "region": "Jeju-si", "data": {"stage": "QUICK"}}
     store.apply(

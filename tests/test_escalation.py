@@ -8,17 +8,19 @@ which stage reached whom and lower bounds on (mock) time, never upper ones.
 from __future__ import annotations
 
 import math
-import sqlite3
 from contextlib import AsyncExitStack
 from typing import Any
 
+import pytest
 import trio
 
 from dongne.client import DongneClient
 from dongne.clock import EngineClock
 from dongne.core.escalation import DEFAULT_STAGES
 
-from .conftest import NO_TIMERS, Harness, question_data
+from .conftest import NO_TIMERS, Harness, db_rows, question_data
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 HALL = (33.4996, 126.5312)
 HERE = {"lat": HALL[0], "lng": HALL[1]}
@@ -113,7 +115,7 @@ async def test_immediate_takes_the_ten_nearest_with_alerts_on(start_server, auto
     await h.running.aclose()
 
 
-async def test_accept_cancels_and_an_answer_skips_final(start_server, autojump_clock, db_path) -> None:  # type: ignore[no-untyped-def]
+async def test_accept_cancels_and_an_answer_skips_final(start_server, autojump_clock, db) -> None:  # type: ignore[no-untyped-def]
     """However the clock jumped meanwhile: nothing is notified after the accept,
     and FINAL never reaches anyone once the question has an answer."""
     h = await start_server(server=NO_TIMERS, location={"min_update_interval_s": 0.0})
@@ -140,16 +142,15 @@ async def test_accept_cancels_and_an_answer_skips_final(start_server, autojump_c
         assert qb not in h.running.clients.escalation_scopes
         state_b = (await asker.request("join_question", {"question_id": qb}))["question"]
     await h.running.aclose()
-    with sqlite3.connect(db_path) as conn:
-        rows_a = conn.execute("SELECT stage, at FROM notified WHERE question_id = ?", (qa,)).fetchall()
-        rows_b = conn.execute("SELECT user_id, stage, at FROM notified WHERE question_id = ?", (qb,)).fetchall()
+    rows_a = db_rows(db, "SELECT stage, at FROM notified WHERE question_id = ?", (qa,))
+    rows_b = db_rows(db, "SELECT user_id, stage, at FROM notified WHERE question_id = ?", (qb,))
     assert rows_a and all(at <= closed_at for _stage, at in rows_a)
     # B was never accepted, so EXTENDED ran; FINAL only while B had no answer.
     assert ("expert", "EXTENDED") in {(u, s) for u, s, _ in rows_b}
     assert all(at <= state_b["first_answer_at"] for _u, stage, at in rows_b if stage == "FINAL")
 
 
-async def test_escalation_resumes_after_restart(start_server, autojump_clock, db_path) -> None:  # type: ignore[no-untyped-def]
+async def test_escalation_resumes_after_restart(start_server, autojump_clock, db) -> None:  # type: ignore[no-untyped-def]
     clock = EngineClock()  # one clock across both runs, as wall time would be
     h = await start_server(clock=clock, server=NO_TIMERS, location={"min_update_interval_s": 0.0})
     async with AsyncExitStack() as stack:
@@ -184,7 +185,6 @@ async def test_escalation_resumes_after_restart(start_server, autojump_clock, db
             await client.request("get_profile")  # anything sent before the reply has arrived
             assert await notifications(client) == []
     await h2.running.aclose()
-    with sqlite3.connect(db_path) as conn:
-        rows = conn.execute("SELECT user_id, stage FROM notified ORDER BY user_id").fetchall()
-        assert rows == [("expert", "EXTENDED"), ("mid", "QUICK"), ("near", "IMMEDIATE")]
-        assert conn.execute("SELECT next_stage FROM escalations").fetchone()[0] == 4
+    rows = db_rows(db, "SELECT user_id, stage FROM notified ORDER BY user_id")
+    assert rows == [("expert", "EXTENDED"), ("mid", "QUICK"), ("near", "IMMEDIATE")]
+    assert db_rows(db, "SELECT next_stage FROM escalations") == [(4,)]

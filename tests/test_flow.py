@@ -8,6 +8,8 @@ from dongne.client import RequestError
 
 from .conftest import Harness, question_data
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 async def test_ask_join_answer_accept(server: Harness) -> None:
     async with (

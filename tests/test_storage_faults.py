@@ -1,4 +1,5 @@
-"""Storage faults over real sockets: a full disk and a lock held by another program.
+"""Storage faults over real sockets: a full disk and a lock held by another program (SQLite); the
+writer's PostgreSQL session terminated under the server.
 
 Writes that cannot be committed get ``unavailable`` and are never
 acknowledged; reads and live operations go on; /ready turns 503 and back;
@@ -27,7 +28,7 @@ import trio
 from dongne.auth import mint_token
 from dongne.client import RequestError, open_client
 
-from .conftest import Harness, question_data
+from .conftest import Harness, db_rows, question_data
 from .test_push import FakeGateway
 
 SECRET = "storage-faults-secret-0123456789-0123456789"
@@ -244,3 +245,81 @@ def test_starting_on_a_full_disk_is_one_clear_line_and_exit_code_2(tmp_path: Pat
     assert "Traceback" not in started.stderr
     lines = [line for line in started.stderr.splitlines() if line.startswith("dongne:")]
     assert len(lines) == 1 and ("full" in lines[0] or "No space left" in lines[0]), started.stderr
+
+
+@pytest.mark.backends("postgres")
+async def test_a_terminated_postgresql_session_refuses_one_batch_then_the_probe_reconnects(
+    start_server: Any, db: str
+) -> None:
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("reader") as reader, h.connect("ops", admin=True) as admin:
+        question = (await asker.request("create_question", question_data()))["question"]
+        # An operator (or a failover) ends the writer's session: the next commit finds it gone.
+        [(ended,)] = db_rows(
+            db,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'dongne writer'",
+        )
+        assert ended == 1
+        with pytest.raises(RequestError) as refused:
+            await asker.request("close_question", {"question_id": question["question_id"]})
+        assert refused.value.code == "unavailable"
+        failing = await admin.next_event("storage_alert")
+        assert failing["data"]["state"] == "failing"
+        await h.running.clients.wait_reloaded()
+        got = await reader.request("join_question", {"question_id": question["question_id"]})
+        assert got["question"]["status"] == "open"  # reads go on, on their own sessions
+        with trio.fail_after(20):
+            while True:
+                try:
+                    closed = await asker.request("close_question", {"question_id": question["question_id"]})
+                    break
+                except RequestError as exc:
+                    assert exc.code == "unavailable"
+                    await trio.sleep(exc.error["retry_after_ms"] / 1000)
+        assert closed["question"]["status"] == "closed"
+        assert h.running.clients.writable
+        assert (await admin.next_event("storage_alert"))["data"]["state"] == "recovered"
+    # The new writer session took the node lock again (a second node is still refused); closing releases it.
+    node_locks = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    assert db_rows(db, node_locks) == [(1,)]
+    await h.running.aclose()
+    assert db_rows(db, node_locks) == [(0,)]
+    assert db_rows(db, "SELECT title, status FROM questions") == [(question["title"], "closed")]
+
+
+@pytest.mark.backends("postgres")
+async def test_postgresql_stopped_abruptly_and_restarted_under_the_server(
+    start_server: Any, db: str, pg_cluster: Any
+) -> None:
+    """Writes are refused while it is down, none acknowledged is lost, and the server recovers by itself."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("local", local=True) as local:
+        question = (await asker.request("create_question", question_data()))["question"]
+        qid = question["question_id"]
+        acked = [(await local.request("create_answer", {"question_id": qid, "content": "before"}))["answer"]]
+        await trio.to_thread.run_sync(pg_cluster.stop_server)
+        try:
+            with pytest.raises(RequestError) as refused:
+                await local.request("create_answer", {"question_id": qid, "content": "while down"})
+            assert refused.value.code == "unavailable"
+        finally:
+            await trio.to_thread.run_sync(pg_cluster.start_server)
+        with trio.fail_after(30):
+            while True:
+                try:
+                    acked.append(
+                        (await local.request("create_answer", {"question_id": qid, "content": "after"}))["answer"]
+                    )
+                    break
+                except RequestError as exc:
+                    assert exc.code == "unavailable"
+                    await trio.sleep(exc.error["retry_after_ms"] / 1000)
+        assert h.running.clients.writable
+        page = await asker.request("get_question", {"question_id": qid})
+        assert [a["content"] for a in page["answers"]] == ["before", "after"]
+    await h.running.aclose()
+    assert sorted(db_rows(db, "SELECT content FROM answers")) == [("after",), ("before",)]

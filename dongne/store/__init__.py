@@ -1,4 +1,9 @@
-"""Durable storage: SQLite in WAL mode, schema migrations, group commit, snapshots."""
+"""Durable storage behind one interface (``Storage``): SQLite in WAL mode (the default) or PostgreSQL;
+schema migrations, group commit, snapshots (SQLite).
+
+``PostgresStore`` lives in ``dongne.store._postgres`` and needs psycopg (the
+``postgres`` extra); ``store_for`` imports it only for a ``postgresql://`` URL.
+"""
 
 from ._backup import DatabaseInUseError as DatabaseInUseError
 from ._backup import InvalidSnapshotError as InvalidSnapshotError
@@ -10,11 +15,14 @@ from ._backup import list_snapshots as list_snapshots
 from ._backup import prune_snapshots as prune_snapshots
 from ._backup import restore_snapshot as restore_snapshot
 from ._backup import take_snapshot as take_snapshot
+from ._interface import Storage as Storage
+from ._interface import StoreError as StoreError
+from ._interface import WriteFailed as WriteFailed
+from ._interface import is_postgres_url as is_postgres_url
+from ._open import store_for as store_for
 from ._schema import MIGRATIONS as MIGRATIONS
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
 from ._sqlite import Store as Store
-from ._sqlite import StoreError as StoreError
-from ._sqlite import WriteFailed as WriteFailed
 from ._writes import MAX_ROWS_PER_STATEMENT as MAX_ROWS_PER_STATEMENT
 from ._writes import PreparedCommit as PreparedCommit
 
@@ -27,13 +35,16 @@ __all__ = [
     "PreparedCommit",
     "SnapshotCancelled",
     "SnapshotError",
+    "Storage",
     "Store",
     "StoreError",
     "WriteFailed",
     "check_not_in_use",
     "hold_database_lock",
+    "is_postgres_url",
     "list_snapshots",
     "prune_snapshots",
     "restore_snapshot",
+    "store_for",
     "take_snapshot",
 ]

@@ -4,12 +4,18 @@ Each list is ordered by ``(created_at, id)`` (or ``seq``) and paged by a
 position strictly before or after the last one seen, so a page costs an index
 range scan of ``limit + 1`` rows whatever the history's size.
 ``tests/test_read_paths.py`` asserts each plan with ``EXPLAIN QUERY PLAN``.
+
+The statements are written once for both backends, with ``?`` parameters
+(the PostgreSQL store turns them into ``%s``). SQLite is told which index to
+use (``INDEXED BY``, so that a plan never changes with the statistics);
+PostgreSQL has no such hint: its indexes match these statements column for
+column, and the same test checks its plans with ``EXPLAIN``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 
@@ -28,14 +34,21 @@ from ..core.reads import (
 )
 from ._rows import REPORT_COLS
 
-__all__ = ["plan", "run"]
+__all__ = ["Dialect", "plan", "run"]
 
 
 ReadRows = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+Dialect = Literal["sqlite", "postgres"]
 
 
-def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, tuple[Any, ...]]]:
+def plan(
+    query: Read, question_cols: str, answer_cols: str, dialect: Dialect = "sqlite"
+) -> list[tuple[str, tuple[Any, ...]]]:
     """The SQL statements (with parameters) that answer ``query``, in order."""
+
+    def by(index: str) -> str:
+        return f" INDEXED BY {index}" if dialect == "sqlite" else ""
+
     q_cols = ", ".join(f"q.{c.strip()}" for c in question_cols.split(","))
     a_cols = ", ".join(f"a.{c.strip()}" for c in answer_cols.split(","))
     if isinstance(query, QuestionPage):
@@ -68,7 +81,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
         )
         return [
             (
-                f"SELECT {q_cols}, {unread} FROM questions q INDEXED BY questions_by_asker WHERE {' AND '.join(where)}"
+                f"SELECT {q_cols}, {unread} FROM questions q{by('questions_by_asker')} WHERE {' AND '.join(where)}"
                 " ORDER BY q.created_at DESC, q.question_id DESC LIMIT ?",
                 (*params, query.limit + 1),
             )
@@ -81,7 +94,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
             params.extend(query.before)
         return [
             (
-                f"SELECT {a_cols}, q.title, q.status FROM answers a INDEXED BY answers_by_author"
+                f"SELECT {a_cols}, q.title, q.status FROM answers a{by('answers_by_author')}"
                 f" JOIN questions q ON q.question_id = a.question_id WHERE {' AND '.join(where)}"
                 " ORDER BY a.created_at DESC, a.answer_id DESC LIMIT ?",
                 (*params, query.limit + 1),
@@ -100,7 +113,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
                 where.append("q.status IN ('open', 'answered')")
             else:
                 index = "questions_by_region" if query.region is not None else "questions_listed"
-            source = f"questions q INDEXED BY {index}"
+            source = f"questions q{by(index)}"
             order = "q.created_at DESC, q.question_id DESC"
             position = "(q.created_at, q.question_id) < (?, ?)"
             if query.hashtag is not None:
@@ -109,7 +122,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
                 )
                 params.append(query.hashtag)
         else:
-            source = "question_hashtags h INDEXED BY hashtags_by_tag JOIN questions q ON q.question_id = h.question_id"
+            source = f"question_hashtags h{by('hashtags_by_tag')} JOIN questions q ON q.question_id = h.question_id"
             where.insert(0, "h.tag = ?")
             params.append(query.hashtag)
             order = "h.created_at DESC, h.question_id DESC"
@@ -129,7 +142,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
     if isinstance(query, AuthorStats):
         return [
             (
-                "SELECT count(*), coalesce(sum(accepted), 0) FROM answers INDEXED BY answers_by_author"
+                f"SELECT count(*), coalesce(sum(accepted), 0) FROM answers{by('answers_by_author')}"
                 " WHERE author_id = ? AND deleted_at IS NULL",
                 (query.user_id,),
             )
@@ -139,7 +152,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
         if query.types is None:
             return [
                 (
-                    "SELECT seq, type, data, created_at FROM events INDEXED BY events_by_user"
+                    f"SELECT seq, type, data, created_at FROM events{by('events_by_user')}"
                     " WHERE user_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
                     (query.user_id, before, query.limit + 1),
                 )
@@ -147,7 +160,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
         # One index range per type, merged: each is already in seq order.
         return [
             (
-                "SELECT seq, type, data, created_at FROM events INDEXED BY events_by_user_type"
+                f"SELECT seq, type, data, created_at FROM events{by('events_by_user_type')}"
                 " WHERE user_id = ? AND type = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
                 (query.user_id, kind, before, query.limit + 1),
             )
@@ -162,8 +175,9 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
             where.append("(r.created_at, r.report_id) < (?, ?)")
             params.extend(query.before)
         index = "reports_by_status" if query.status is not None else "reports_listed"
+        newline = "char(10)" if dialect == "sqlite" else "chr(10)"
         text = (
-            "CASE r.item_kind WHEN 'question' THEN (SELECT q.title || char(10) || q.body FROM questions q"
+            f"CASE r.item_kind WHEN 'question' THEN (SELECT q.title || {newline} || q.body FROM questions q"
             " WHERE q.question_id = r.item_id) ELSE (SELECT a.content FROM answers a WHERE a.answer_id = r.item_id) END"
         )
         author = (
@@ -177,7 +191,7 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
         return [
             (
                 f"SELECT {', '.join('r.' + c.strip() for c in REPORT_COLS.split(','))}, {text}, {author}, {hidden}"
-                f" FROM reports r INDEXED BY {index}"
+                f" FROM reports r{by(index)}"
                 f"{' WHERE ' + ' AND '.join(where) if where else ''}"
                 " ORDER BY r.created_at DESC, r.report_id DESC LIMIT ?",
                 (*params, query.limit + 1),
@@ -205,9 +219,11 @@ def plan(query: Read, question_cols: str, answer_cols: str) -> list[tuple[str, t
     raise TypeError(f"not a read: {query!r}")
 
 
-def run(query: Read, read: ReadRows, question_cols: str, answer_cols: str) -> list[list[tuple[Any, ...]]]:
+def run(
+    query: Read, read: ReadRows, question_cols: str, answer_cols: str, dialect: Dialect = "sqlite"
+) -> list[list[tuple[Any, ...]]]:
     """Run ``query``'s statements; returns their rows (event data decoded)."""
-    results = [read(sql, params) for sql, params in plan(query, question_cols, answer_cols)]
+    results = [read(sql, params) for sql, params in plan(query, question_cols, answer_cols, dialect)]
     if isinstance(query, Notifications):
         merged = sorted((row for rows in results for row in rows), key=lambda row: row[0], reverse=True)
         results = [[(seq, kind, msgpack.unpackb(data, raw=False), at) for seq, kind, data, at in merged]]

@@ -11,56 +11,16 @@ import contextlib
 import queue
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from ..core.effects import (
-    Write,
-)
-from ..core.reads import (
-    AnswerHome,
-    AnswersOfAuthor,
-    AuditPage,
-    AuthorStats,
-    Browse,
-    ModerationItem,
-    Notifications,
-    QuestionPage,
-    QuestionsOfAsker,
-    Read,
-    ReportsPage,
-)
-from ..core.records import Answer, IpBlock, LoadedState, PushJob, Question
-from . import _queries
-from ._rows import (
-    ANSWER_COLS,
-    QUESTION_COLS,
-    REPORT_COLS,
-    USER_COLS,
-    answer_from,
-    push_from,
-    question_from,
-    report_from,
-    user_from,
-)
+from ._base import SqlStore
+from ._interface import StoreError, WriteFailed
 from ._schema import MIGRATIONS
-from ._writes import PreparedCommit, prepare_writes
+from ._writes import PreparedCommit
 
 __all__ = ["PreparedCommit", "Store", "StoreError", "WriteFailed"]
-
-
-class StoreError(RuntimeError):
-    """The database cannot be used (newer schema, unreadable file)."""
-
-
-class WriteFailed(StoreError):
-    """A transaction could not be committed (disk full, I/O error, the database locked by another program).
-
-    Nothing of it is in the database: SQLite rolled it back. Reads still work.
-    """
 
 
 #: Page caches (``PRAGMA cache_size``), KiB. The writer keeps SQLite's
@@ -88,8 +48,8 @@ def _connect(
     return conn
 
 
-class Store:
-    """SQLite persistence for users, questions, answers and inboxes.
+class Store(SqlStore):
+    """SQLite persistence for users, questions, answers and inboxes (the default backend).
 
     Args:
         path: the database file (created if missing).
@@ -109,6 +69,7 @@ class Store:
         background_checkpoints: bool = False,
         busy_timeout_s: float = 30.0,
     ) -> None:
+        super().__init__()
         self.path = Path(path)
         self.synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
@@ -120,10 +81,11 @@ class Store:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._reader_count = 0
         self._checkpointer: sqlite3.Connection | None = None
-        self.commits = 0
-        self.rows_committed = 0
         self.checkpoints = 0  # background checkpoints run
-        self._max_variables = 999  # SQLite's oldest default; the real limit is read at open()
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -215,14 +177,6 @@ class Store:
 
     # ---- writes ------------------------------------------------------------------
 
-    def apply(self, writes: Sequence[Write]) -> None:
-        """Commit ``writes`` in one transaction (group commit): :meth:`prepare` then :meth:`commit`."""
-        self.commit(self.prepare(writes))
-
-    def prepare(self, writes: Sequence[Write]) -> PreparedCommit:
-        """Turn writes into the statements of one transaction (see ``prepare_writes``); pure Python, no I/O."""
-        return prepare_writes(writes, self._max_variables)
-
     def commit(self, batch: PreparedCommit) -> None:
         """Run a prepared transaction (blocking: on a worker thread).
 
@@ -276,107 +230,13 @@ class Store:
         finally:
             self._readers.put(reader)
 
-    def load(self, *, hot_since: int) -> LoadedState:
-        """Everything the engine keeps in memory: all users, active questions
-        and questions created since ``hot_since`` (ms), with their answers."""
-        users = [user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users")]
+    def _seq_ranges(self) -> list[tuple[str, int, int]]:
         # users.last_seq is only rewritten with the rest of the row; the inbox
         # holds the truth (AppendEvent does not touch the user's row).
-        seqs = {
-            user: (low, high)
+        return [
+            (user, int(low), int(high))
             for user, low, high in self._read("SELECT user_id, min(seq), max(seq) FROM events GROUP BY user_id")
-        }
-        for user in users:
-            user.last_seq = max(user.last_seq, seqs.get(user.user_id, (0, 0))[1])
-        questions = [
-            question_from(r)
-            for r in self._read(
-                f"SELECT {QUESTION_COLS} FROM questions WHERE deleted_at IS NULL"
-                " AND (status IN ('open', 'answered') OR (created_at >= ? AND status != 'expired'))",
-                (hot_since,),
-            )
         ]
-        answers = [
-            answer_from(r)
-            for r in self._read(
-                f"SELECT {ANSWER_COLS} FROM answers WHERE deleted_at IS NULL AND question_id IN"
-                " (SELECT question_id FROM questions WHERE deleted_at IS NULL"
-                " AND (status IN ('open', 'answered') OR (created_at >= ? AND status != 'expired')))",
-                (hot_since,),
-            )
-        ]
-        escalations = {
-            qid: next_stage
-            for qid, next_stage in self._read(
-                "SELECT e.question_id, e.next_stage FROM escalations e JOIN questions q USING (question_id)"
-                " WHERE q.status IN ('open', 'answered')"
-            )
-        }
-        notified = [
-            (qid, uid, at)
-            for qid, uid, at in self._read(
-                "SELECT n.question_id, n.user_id, n.at FROM notified n JOIN questions q USING (question_id)"
-                " WHERE q.status IN ('open', 'answered') OR n.at >= ?",
-                (hot_since,),
-            )
-        ]
-        pending_pushes = self.pending_push_jobs(0, -1)  # all of them (SQLite: LIMIT -1 is none)
-        last_job = self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0]
-        return LoadedState(
-            users=users,
-            questions=questions,
-            answers=answers,
-            escalations=escalations,
-            notified=notified,
-            pending_pushes=pending_pushes,
-            last_push_job_id=int(last_job),
-            oldest_seqs={user: low for user, (low, _high) in seqs.items()},
-            ip_blocks=[
-                IpBlock(*r) for r in self._read("SELECT cidr, until, reason, admin_id, created_at FROM ip_blocks")
-            ],
-            open_reports=[
-                report_from(r)
-                for r in self._read(f"SELECT {REPORT_COLS} FROM reports WHERE status = 'open' ORDER BY created_at")
-            ],
-        )
-
-    def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
-        """At most ``limit`` pending jobs of the push outbox with ids above ``after_job_id``, oldest first."""
-        rows = self._read(
-            "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status"
-            " FROM push_outbox WHERE status = 'pending' AND job_id > ? ORDER BY job_id LIMIT ?",
-            (after_job_id, limit),
-        )
-        return [push_from(r) for r in rows]
-
-    def read(self, query: Read) -> Any:
-        """Answer a read path's query (``core.reads``) with records (blocking: on a worker thread)."""
-        rows = _queries.run(query, self._read, QUESTION_COLS, ANSWER_COLS)
-        if isinstance(query, QuestionPage):
-            question = question_from(rows[0][0]) if rows[0] else None
-            return question, [answer_from(r) for r in rows[1]] if question is not None else []
-        if isinstance(query, QuestionsOfAsker):
-            return [(question_from(r[:-1]), int(r[-1])) for r in rows[0]]
-        if isinstance(query, AnswersOfAuthor):
-            return [(answer_from(r[:-2]), r[-2], r[-1]) for r in rows[0]]
-        if isinstance(query, Browse):
-            return [question_from(r) for r in rows[0]]
-        if isinstance(query, AuthorStats):
-            given, accepted = rows[0][0]
-            return int(given), int(accepted)
-        if isinstance(query, Notifications):
-            return rows[0][: query.limit + 1]
-        if isinstance(query, AnswerHome):
-            return self.find_question(rows[0][0][0]) if rows[0] else None
-        if isinstance(query, AuditPage):
-            return rows[0]
-        if isinstance(query, ReportsPage):
-            return [(report_from(r[:12]), r[12], r[13], bool(r[14])) for r in rows[0]]
-        if isinstance(query, ModerationItem):
-            if not rows[1]:
-                return None
-            return question_from(rows[1][0]), [answer_from(r) for r in rows[2]]
-        raise TypeError(f"not a read: {query!r}")
 
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
         """Delete at most ``limit`` durable events older than ``before_ms`` (blocking: on a worker thread).
@@ -400,25 +260,6 @@ class Store:
                 for user in users
             }
         return oldest
-
-    def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None:
-        rows = self._read(
-            f"SELECT {QUESTION_COLS} FROM questions WHERE question_id = ? AND deleted_at IS NULL", (question_id,)
-        )
-        if not rows:
-            return None
-        answers = self._read(
-            f"SELECT {ANSWER_COLS} FROM answers WHERE question_id = ? AND deleted_at IS NULL", (question_id,)
-        )
-        return question_from(rows[0]), [answer_from(r) for r in answers]
-
-    def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
-        """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
-        rows = self._read(
-            "SELECT seq, type, data FROM events WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
-            (user_id, after_seq, up_to_seq),
-        )
-        return [(seq, kind, msgpack.unpackb(data, raw=False)) for seq, kind, data in rows]
 
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0][0])

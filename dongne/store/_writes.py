@@ -1,4 +1,13 @@
-"""Writes to SQL: the statements of one group commit, built on the event loop, run on the writer thread."""
+"""Writes to SQL: the statements of one group commit, built on the event loop, run on the writer thread.
+
+Both backends get the same statements but for two things: the parameter
+marker (``?`` or ``%s``) and how a save of an existing row is spelled. SQLite
+says ``INSERT OR REPLACE`` (and ``OR IGNORE``); PostgreSQL says ``ON CONFLICT
+(key) DO UPDATE SET`` every other column (``DO NOTHING``), and gets the rows
+of each table in key order, so that two transactions lock rows in the same
+order. PostgreSQL's commit also upserts each user's ``inbox_heads`` row to
+the newest seq appended (never lower).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ from ..core.effects import (
     Write,
 )
 from ..core.records import Answer, IpBlock, PushJob, Question, Report, User
+from ._queries import Dialect
 from ._rows import ANSWER_COLS, QUESTION_COLS, REPORT_COLS, USER_COLS, answer_row, question_row, report_row, user_row
 
 __all__ = ["MAX_ROWS_PER_STATEMENT", "PreparedCommit", "prepare_writes"]
@@ -37,16 +47,18 @@ class PreparedCommit:
     """The statements of one transaction, built by :meth:`Store.prepare`.
 
     Args:
-        max_variables: SQLite's limit on ``?`` parameters in one statement.
+        max_variables: the backend's limit on parameters in one statement.
+        marker: the parameter marker, ``?`` (SQLite) or ``%s`` (psycopg).
     """
 
-    def __init__(self, max_variables: int) -> None:
+    def __init__(self, max_variables: int, marker: str = "?") -> None:
         self._max_variables = max_variables
+        self._marker = marker
         self.statements: list[tuple[str, list[Any], bool]] = []  # (sql, params, executemany?)
         self.rows = 0
 
-    def insert(self, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """``head VALUES (...), (...), ...``: a few statements, each of a power-of-two number of rows.
+    def insert(self, head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> None:
+        """``head VALUES (...), (...), ... tail``: a few statements, each of a power-of-two number of rows.
 
         The sqlite3 module keeps the last 128 distinct statements compiled,
         per connection, and a compiled statement grows with its rows (50
@@ -61,12 +73,14 @@ class PreparedCommit:
         width = len(rows[0])
         largest = min(MAX_ROWS_PER_STATEMENT, max(1, self._max_variables // width))
         largest = 1 << (largest.bit_length() - 1)
-        one = "(" + ",".join("?" * width) + ")"
+        one = "(" + ",".join([self._marker] * width) + ")"
         start = 0
         while start < len(rows):
             size = min(largest, 1 << ((len(rows) - start).bit_length() - 1))
             part = rows[start : start + size]
-            self.statements.append((f"{head} VALUES {','.join([one] * size)}", list(chain.from_iterable(part)), False))
+            self.statements.append(
+                (f"{head} VALUES {','.join([one] * size)}{tail}", list(chain.from_iterable(part)), False)
+            )
             start += size
         self.rows += len(rows)
 
@@ -76,7 +90,7 @@ class PreparedCommit:
         self.rows += len(rows)
 
 
-def prepare_writes(writes: Sequence[Write], max_variables: int) -> PreparedCommit:
+def prepare_writes(writes: Sequence[Write], max_variables: int, dialect: Dialect = "sqlite") -> PreparedCommit:
     """Turn writes into the statements of one transaction; pure Python, no I/O.
 
     Saves of the same row collapse to the last one; inbox appends are all
@@ -128,24 +142,60 @@ def prepare_writes(writes: Sequence[Write], max_variables: int) -> PreparedCommi
             ip_blocks[item.cidr] = None
         else:  # pragma: no cover - a new write type without a case here
             raise TypeError(f"unknown write {item!r}")
-    batch = PreparedCommit(max_variables)
-    batch.insert(f"INSERT OR REPLACE INTO users ({USER_COLS})", [user_row(u) for u in users.values()])
-    batch.insert(f"INSERT OR REPLACE INTO questions ({QUESTION_COLS})", [question_row(q) for q in questions.values()])
-    batch.insert(
-        "INSERT OR IGNORE INTO question_hashtags (question_id, tag, created_at)",
+    pg = dialect == "postgres"
+    batch = PreparedCommit(max_variables, "%s" if pg else "?")
+    mark = "%s" if pg else "?"
+
+    def save(table: str, cols: str, key: str, rows: list[tuple[Any, ...]], **guarded: str) -> None:
+        """Insert ``rows``, each replacing the row with the same ``key``; ``guarded``: a column's own update."""
+        if not pg:
+            batch.insert(f"INSERT OR REPLACE INTO {table} ({cols})", rows)
+            return
+        sets = [f"{c} = {guarded.get(c, f'excluded.{c}')}" for c in (c.strip() for c in cols.split(",")) if c != key]
+        batch.insert(
+            f"INSERT INTO {table} ({cols})",
+            sorted(rows, key=lambda r: r[0]),
+            f" ON CONFLICT ({key}) DO UPDATE SET {', '.join(sets)}",
+        )
+
+    def keep(table: str, cols: str, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows``, leaving an existing row with the same key alone."""
+        if not pg:
+            batch.insert(f"INSERT OR IGNORE INTO {table} ({cols})", rows)
+            return
+        batch.insert(f"INSERT INTO {table} ({cols})", sorted(rows, key=lambda r: r[:2]), " ON CONFLICT DO NOTHING")
+
+    # A user's saved last_seq never goes back (PostgreSQL: a save decided on an older copy cannot lower it).
+    save("users", USER_COLS, "user_id", [user_row(u) for u in users.values()],
+         last_seq="greatest(users.last_seq, excluded.last_seq)")  # fmt: skip
+    save("questions", QUESTION_COLS, "question_id", [question_row(q) for q in questions.values()])
+    keep(
+        "question_hashtags",
+        "question_id, tag, created_at",
         [(q.question_id, tag, q.created_at) for q in questions.values() for tag in q.hashtags],
     )
-    batch.insert(f"INSERT OR REPLACE INTO answers ({ANSWER_COLS})", [answer_row(a) for a in answers.values()])
+    save("answers", ANSWER_COLS, "answer_id", [answer_row(a) for a in answers.values()])
     packb = msgpack.packb
     batch.insert(
         "INSERT INTO events (user_id, seq, type, data, created_at)",
         [(e.user_id, e.seq, e.type, e.packed or packb(e.data), e.created_at) for e in events],
     )
-    batch.insert(
-        "INSERT OR REPLACE INTO escalations (question_id, next_stage, updated_at)",
+    if pg and events:
+        heads: dict[str, int] = {}
+        for e in events:
+            heads[e.user_id] = max(heads.get(e.user_id, 0), e.seq)
+        batch.insert(
+            "INSERT INTO inbox_heads (user_id, last_seq)",
+            sorted(heads.items()),
+            " ON CONFLICT (user_id) DO UPDATE SET last_seq = greatest(inbox_heads.last_seq, excluded.last_seq)",
+        )
+    save(
+        "escalations",
+        "question_id, next_stage, updated_at",
+        "question_id",
         [(e.question_id, e.next_stage, e.updated_at) for e in escalations.values()],
     )
-    batch.insert("INSERT OR IGNORE INTO notified (question_id, user_id, stage, distance_m, online, at)", notified)
+    keep("notified", "question_id, user_id, stage, distance_m, online, at", notified)
     batch.insert(
         "INSERT INTO push_outbox (job_id, user_id, kind, urgent, payload, status, attempts, last_error,"
         " created_at, updated_at)",
@@ -159,26 +209,35 @@ def prepare_writes(writes: Sequence[Write], max_variables: int) -> PreparedCommi
     # the engine keeps one open report per user and item (reports_open_once).
     if reports:
         batch.many(
-            f"INSERT INTO reports ({REPORT_COLS}) VALUES ({', '.join('?' * 12)})"
+            f"INSERT INTO reports ({REPORT_COLS}) VALUES ({', '.join([mark] * 12)})"
             " ON CONFLICT (report_id) DO UPDATE SET status = excluded.status, resolved_by = excluded.resolved_by,"
             " resolved_at = excluded.resolved_at, action = excluded.action",
             [report_row(r) for r in reports.values()],
         )
     for cidr, block in ip_blocks.items():
         if block is None:
-            batch.many("DELETE FROM ip_blocks WHERE cidr = ?", [(cidr,)])
+            batch.many(f"DELETE FROM ip_blocks WHERE cidr = {mark}", [(cidr,)])
         else:
-            batch.many(
-                "INSERT OR REPLACE INTO ip_blocks (cidr, until, reason, admin_id, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(block.cidr, block.until, block.reason, block.admin_id, block.created_at)],
-            )
+            row = (block.cidr, block.until, block.reason, block.admin_id, block.created_at)
+            if pg:
+                batch.many(
+                    "INSERT INTO ip_blocks (cidr, until, reason, admin_id, created_at) VALUES (%s, %s, %s, %s, %s)"
+                    " ON CONFLICT (cidr) DO UPDATE SET until = excluded.until, reason = excluded.reason,"
+                    " admin_id = excluded.admin_id, created_at = excluded.created_at",
+                    [row],
+                )
+            else:
+                batch.many(
+                    "INSERT OR REPLACE INTO ip_blocks (cidr, until, reason, admin_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                    [row],
+                )
     batch.insert(
         "INSERT INTO audit_log (at, admin_id, action, target, reason)",
         [(a.at, a.admin_id, a.action, a.target, a.reason) for a in audit],
     )
     if push_status:
         batch.many(
-            "UPDATE push_outbox SET status = ?, attempts = ?, last_error = ?, updated_at = ? WHERE job_id = ?",
+            f"UPDATE push_outbox SET status = {mark}, attempts = {mark}, last_error = {mark}, updated_at = {mark} WHERE job_id = {mark}",
             [(p.status, p.attempts, p.last_error, p.at, p.job_id) for p in push_status.values()],
         )
     return batch

@@ -1,0 +1,117 @@
+"""What the driver needs of a store, whichever database is behind it.
+
+Two backends implement :class:`Storage`: SQLite (``_sqlite.Store``, the
+embedded default) and PostgreSQL (``_postgres.PostgresStore``). Every call is
+blocking and is made from a worker thread (``trio.to_thread.run_sync``);
+only :meth:`Storage.prepare` is pure Python, run on the event loop.
+
+Theory of operation: the driver commits through one writer (the pipeline's
+committer, one call at a time), and reads on as many threads as it likes.
+A commit either happens whole or raises :class:`WriteFailed` with nothing of
+it in the database; reads are never refused because writes fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..core.effects import Write
+from ..core.reads import Read
+from ..core.records import Answer, LoadedState, PushJob, Question
+from ._writes import PreparedCommit
+
+__all__ = ["Storage", "StoreError", "WriteFailed", "is_postgres_url"]
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (newer schema, unreadable file, a server that cannot be reached)."""
+
+
+class WriteFailed(StoreError):
+    """A transaction could not be committed (disk full, I/O error, the database locked by another program,
+    the connection to PostgreSQL lost).
+
+    Nothing of it is in the database: it was rolled back. Reads still work.
+    """
+
+
+class Storage(Protocol):
+    """The store as the driver uses it (see the module docstring)."""
+
+    #: Transactions and rows committed since ``open`` (the WAL checkpointer and metrics count them).
+    commits: int
+    rows_committed: int
+
+    @property
+    def location(self) -> str:
+        """Where the data is, for logs: a file path, or a URL without its password."""
+        ...
+
+    def open(self) -> None:
+        """Open (creating or migrating) the database.
+
+        Raises:
+            StoreError: it cannot be opened, reached or migrated; the one-line message says why.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+    def prepare(self, writes: Sequence[Write]) -> PreparedCommit:
+        """Turn writes into the statements of one transaction (pure Python, no I/O)."""
+        ...
+
+    def commit(self, batch: PreparedCommit) -> None:
+        """Run a prepared transaction.
+
+        Raises:
+            WriteFailed: nothing of it was committed.
+        """
+        ...
+
+    def apply(self, writes: Sequence[Write]) -> None:
+        """``commit(prepare(writes))``."""
+        ...
+
+    def probe(self) -> None:
+        """Commit a write that changes nothing, to learn whether writes work again.
+
+        Raises:
+            WriteFailed: they do not.
+        """
+        ...
+
+    def load(self, *, hot_since: int) -> LoadedState:
+        """Everything the engine keeps in memory (see ``LoadedState``)."""
+        ...
+
+    def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
+        """At most ``limit`` (negative: all) pending push jobs with ids above ``after_job_id``, oldest first."""
+        ...
+
+    def read(self, query: Read) -> Any:
+        """Answer a read path's query (``core.reads``) with records."""
+        ...
+
+    def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None: ...
+
+    def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
+        """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
+        ...
+
+    def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
+        """Delete at most ``limit`` durable events older than ``before_ms``, keeping each user's newest.
+
+        Returns:
+            The new oldest seq of each user who lost events.
+
+        Raises:
+            WriteFailed: nothing was deleted.
+        """
+        ...
+
+
+def is_postgres_url(target: str) -> bool:
+    """Whether ``--db`` / ``[store] url`` names a PostgreSQL database rather than a SQLite file."""
+    return target.startswith(("postgresql://", "postgres://"))

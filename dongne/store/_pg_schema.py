@@ -1,0 +1,188 @@
+"""The PostgreSQL schema, as an ordered list of migrations.
+
+``dongne_schema.version`` records how many have run; at start-up the store
+runs the rest, each in its own transaction, under an advisory lock so that
+two nodes starting together migrate once. Never edit a released migration:
+add a new one.
+
+Migration 1 is SQLite's schema 7 (``_schema.py``) in PostgreSQL's types, with
+two differences made for the multi-node stage to come:
+
+- ``inbox_heads``: one row per user holding the newest durable seq, upserted
+  in the commit that appends the events (rows in user order, so two commits
+  lock them in the same order). Pruning keeps each user's newest event by
+  it, and start-up reads every user's ``last_seq`` from it rather than from a
+  scan of the inbox. Several writers will allocate seqs by it.
+- Identifiers sort bytewise (``COLLATE "C"``), as in SQLite and in the
+  engine's memory: page cursors compare ``(created_at, id)`` pairs, which
+  must order the same in every database whatever its locale.
+
+Integers that hold times, seqs, points or ids are ``bigint`` (SQLite's
+INTEGER is 64-bit); flags stay integers (0/1), as in SQLite, so both backends
+share the row mapping in ``_rows.py``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PG_MIGRATIONS", "PG_SCHEMA_VERSION"]
+
+PG_MIGRATIONS: list[str] = [
+    # 1: everything SQLite's migrations 1-7 build, plus the inbox heads.
+    """
+    CREATE TABLE users (
+        user_id             text COLLATE "C" PRIMARY KEY,
+        nick                text NOT NULL,
+        local               integer NOT NULL,
+        tags                text NOT NULL,          -- JSON list
+        role                text NOT NULL,
+        points              bigint NOT NULL,
+        last_seq            bigint NOT NULL,        -- as of the row's last save; inbox_heads has the truth
+        created_at          bigint NOT NULL,
+        immediate_alerts    integer NOT NULL DEFAULT 1,
+        quiet_start         integer,
+        quiet_end           integer,
+        max_alerts_per_hour integer NOT NULL DEFAULT 20,
+        home_lat            double precision,
+        home_lng            double precision,
+        read_seq            bigint NOT NULL DEFAULT 0,
+        banned_until        bigint,
+        ban_reason          text
+    );
+    CREATE TABLE questions (
+        question_id         text COLLATE "C" PRIMARY KEY,
+        asker_id            text COLLATE "C" NOT NULL REFERENCES users(user_id),
+        asker_nick          text NOT NULL,
+        title               text NOT NULL,
+        body                text NOT NULL,
+        lat                 double precision NOT NULL,
+        lng                 double precision NOT NULL,
+        region              text COLLATE "C",
+        hashtags            text NOT NULL,          -- JSON list, also in question_hashtags
+        urgency             text NOT NULL,
+        status              text NOT NULL,
+        created_at          bigint NOT NULL,
+        accepted_answer_id  text COLLATE "C",
+        answer_count        integer NOT NULL,
+        first_answer_at     bigint,
+        closed_at           bigint,
+        alerted_at          bigint,
+        deleted_at          bigint,
+        hidden              integer NOT NULL DEFAULT 0
+    );
+    CREATE INDEX questions_by_status ON questions (status, created_at);
+    CREATE INDEX questions_by_time ON questions (created_at);
+    CREATE INDEX questions_by_first_answer ON questions (created_at, first_answer_at);
+    CREATE INDEX questions_by_asker ON questions (asker_id, created_at, question_id);
+    CREATE INDEX questions_by_region ON questions (region, created_at, question_id) WHERE deleted_at IS NULL;
+    CREATE INDEX questions_listed ON questions (created_at, question_id) WHERE deleted_at IS NULL;
+    CREATE INDEX questions_open ON questions (created_at, question_id)
+        WHERE status IN ('open', 'answered') AND deleted_at IS NULL;
+    CREATE INDEX questions_open_by_region ON questions (region, created_at, question_id)
+        WHERE status IN ('open', 'answered') AND deleted_at IS NULL;
+    CREATE TABLE question_hashtags (
+        question_id text COLLATE "C" NOT NULL REFERENCES questions(question_id),
+        tag         text COLLATE "C" NOT NULL,
+        created_at  bigint NOT NULL,
+        PRIMARY KEY (question_id, tag)
+    );
+    -- SQLite's index on (tag, created_at) carries the primary key; here it is spelled out.
+    CREATE INDEX hashtags_by_tag ON question_hashtags (tag, created_at, question_id);
+    CREATE TABLE answers (
+        answer_id     text COLLATE "C" PRIMARY KEY,
+        question_id   text COLLATE "C" NOT NULL REFERENCES questions(question_id),
+        author_id     text COLLATE "C" NOT NULL REFERENCES users(user_id),
+        author_nick   text NOT NULL,
+        content       text NOT NULL,
+        created_at    bigint NOT NULL,
+        state         text NOT NULL,                -- receipt: sent | delivered | read
+        delivered_at  bigint,
+        read_at       bigint,
+        accepted      integer NOT NULL,
+        deleted_at    bigint,
+        hidden        integer NOT NULL DEFAULT 0
+    );
+    CREATE INDEX answers_by_question ON answers (question_id, created_at, answer_id);
+    CREATE INDEX answers_by_author ON answers (author_id, created_at, answer_id);
+    -- The inbox: an append-only log; (user_id, seq) is unique, a second row for it is refused.
+    CREATE TABLE events (
+        user_id     text COLLATE "C" NOT NULL,
+        seq         bigint NOT NULL,
+        type        text COLLATE "C" NOT NULL,
+        data        bytea NOT NULL,                 -- msgpack map
+        created_at  bigint NOT NULL
+    );
+    CREATE UNIQUE INDEX events_by_user ON events (user_id, seq);
+    CREATE INDEX events_by_user_type ON events (user_id, type, seq);
+    CREATE INDEX events_by_time ON events (created_at);  -- pruning, oldest first
+    CREATE TABLE inbox_heads (
+        user_id     text COLLATE "C" PRIMARY KEY,
+        last_seq    bigint NOT NULL
+    );
+    CREATE TABLE escalations (
+        question_id text COLLATE "C" PRIMARY KEY REFERENCES questions(question_id),
+        next_stage  integer NOT NULL,               -- stages already run
+        updated_at  bigint NOT NULL
+    );
+    CREATE TABLE notified (
+        question_id text COLLATE "C" NOT NULL,
+        user_id     text COLLATE "C" NOT NULL,
+        stage       text NOT NULL,
+        distance_m  double precision,
+        online      integer NOT NULL,
+        at          bigint NOT NULL,
+        PRIMARY KEY (question_id, user_id)
+    );
+    CREATE INDEX notified_by_time ON notified (at);
+    CREATE TABLE push_outbox (
+        job_id      bigint PRIMARY KEY,
+        user_id     text COLLATE "C" NOT NULL,
+        kind        text NOT NULL,
+        urgent      integer NOT NULL,
+        payload     bytea NOT NULL,                 -- msgpack map
+        status      text NOT NULL,                  -- pending | sent | failed | expired
+        attempts    integer NOT NULL,
+        last_error  text,
+        created_at  bigint NOT NULL,
+        updated_at  bigint NOT NULL
+    );
+    CREATE INDEX push_by_status ON push_outbox (status, job_id);
+    CREATE TABLE store_probe (
+        id  integer PRIMARY KEY,
+        at  double precision NOT NULL
+    );
+    CREATE TABLE reports (
+        report_id    text COLLATE "C" PRIMARY KEY,
+        item_kind    text NOT NULL,                 -- question | answer
+        item_id      text COLLATE "C" NOT NULL,
+        question_id  text COLLATE "C" NOT NULL,
+        reporter_id  text COLLATE "C" NOT NULL,
+        reason       text NOT NULL,
+        note         text NOT NULL,
+        created_at   bigint NOT NULL,
+        status       text NOT NULL,                 -- open | resolved
+        resolved_by  text,
+        resolved_at  bigint,
+        action       text                           -- dismiss | hide | ban
+    );
+    CREATE UNIQUE INDEX reports_open_once ON reports (item_kind, item_id, reporter_id) WHERE status = 'open';
+    CREATE INDEX reports_by_status ON reports (status, created_at, report_id);
+    CREATE INDEX reports_listed ON reports (created_at, report_id);
+    CREATE TABLE ip_blocks (
+        cidr        text PRIMARY KEY,               -- an address or a network, normalised
+        until       bigint,                         -- ms, NULL: until unblocked
+        reason      text NOT NULL,
+        admin_id    text NOT NULL,
+        created_at  bigint NOT NULL
+    );
+    CREATE TABLE audit_log (
+        id        bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        at        bigint NOT NULL,
+        admin_id  text NOT NULL,
+        action    text NOT NULL,
+        target    text NOT NULL,
+        reason    text NOT NULL
+    );
+    """,
+]
+
+PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

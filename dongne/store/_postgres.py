@@ -1,0 +1,317 @@
+"""The PostgreSQL store: blocking calls on psycopg 3 connections, meant to run in a worker thread.
+
+Theory of operation: as with SQLite, one writer connection (the committer's,
+one transaction at a time) and a pool of reader connections, each read on a
+connection of its own in autocommit (every statement sees what was committed
+before it started). The statements are SQLite's, written with ``?`` and
+turned into psycopg's ``%s`` here; the writes differ where the dialects do
+(``_writes.py``).
+
+One node per database, for now: the writer holds a session advisory lock
+(:data:`NODE_LOCK`) for as long as it is connected, and a second ``dongne
+serve`` on the same database is refused at start-up, as a second one on a
+SQLite file is by ``<db>.lock``. Several nodes need cross-node delivery and
+one escalation leader first (issue 15, stage 2).
+
+Error handling: a connection can break under a running server (PostgreSQL
+restarted, ``pg_terminate_backend``, the network). A commit on a broken
+writer fails with ``WriteFailed`` (nothing of it is committed: PostgreSQL
+rolls back a transaction whose session ends before ``COMMIT``), the
+connection is dropped, and the next commit or probe connects again (and
+takes the advisory lock again). A read on a broken connection is retried
+once on a new one; a read that still fails raises ``StoreError``.
+
+Resource handling: ``close`` closes every connection (which releases the lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import time
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+
+from ._backup import DatabaseInUseError
+from ._base import SqlStore
+from ._interface import StoreError, WriteFailed
+from ._pg_schema import PG_MIGRATIONS
+from ._writes import PreparedCommit
+
+__all__ = ["NODE_LOCK", "PostgresStore", "redact"]
+
+#: Reader connections: as many reads run at once (each on a worker thread).
+READERS = 4
+#: The session advisory lock the writer holds: one dongne node per database.
+NODE_LOCK = 0x646F6E676E65  # "dongne"
+#: How long start-up waits for the node lock (a node killed a moment ago still holds it).
+NODE_LOCK_WAIT_S = 5.0
+#: The transaction advisory lock migrations run under.
+MIGRATION_LOCK = NODE_LOCK + 1
+#: PostgreSQL's limit on parameters in one statement (a 16-bit count).
+MAX_PARAMETERS = 65535
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for logs and error messages)."""
+    url = re.sub(r"^(postgres(?:ql)?://[^:/@?]*):[^@/?]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+
+
+def _one_line(exc: BaseException) -> str:
+    """libpq's messages span lines (a hint on the second): one line for the log and the CLI."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@lru_cache(maxsize=512)
+def _pg(sql: str) -> str:
+    """A statement written with ``?`` parameters, for psycopg (``%s``; a literal ``%`` doubled).
+
+    The shared statements never put a ``?`` inside a string literal.
+    """
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresStore(SqlStore):
+    """PostgreSQL persistence for users, questions, answers and inboxes.
+
+    Args:
+        url: a libpq connection URL, ``postgresql://[user[:password]@][host][:port]/dbname[?param=value&...]``
+            (a unix socket: ``?host=/socket/dir``).
+        lock_timeout_s: how long a commit waits for a row or table lock another program
+            holds before it fails with ``WriteFailed`` (SQLite's busy timeout).
+        connect_timeout_s: how long connecting may take, unless the URL says.
+
+    Raises:
+        StoreError: libpq cannot parse ``url``.
+    """
+
+    dialect = "postgres"
+
+    def __init__(self, url: str, *, lock_timeout_s: float = 30.0, connect_timeout_s: float = 10.0) -> None:
+        super().__init__()
+        self.url = url
+        self._max_variables = MAX_PARAMETERS
+        self._lock_timeout_ms = max(1, int(lock_timeout_s * 1000))
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StoreError(f"{redact(url)} is not a PostgreSQL URL libpq accepts: {_one_line(exc)}") from None
+        params.setdefault("connect_timeout", max(1, round(connect_timeout_s)))
+        params.setdefault("application_name", "dongne")
+        self._params_name = str(params["application_name"])
+        self._conninfo = psycopg.conninfo.make_conninfo("", **params)
+        self._writer: psycopg.Connection[Any] | None = None
+        # None: a reader to connect when it is next used.
+        self._readers: queue.SimpleQueue[psycopg.Connection[Any] | None] = queue.SimpleQueue()
+        self._reader_count = 0
+
+    @property
+    def location(self) -> str:
+        return redact(self.url)
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect, create or migrate the schema, and take the node lock.
+
+        Raises:
+            StoreError: PostgreSQL cannot be reached, or refuses (a newer schema, no such database,
+                authentication); the message is one line.
+            DatabaseInUseError: another dongne node holds the database.
+        """
+        try:
+            writer = self._connect()
+            try:
+                self._migrate(writer)
+                self._take_node_lock(writer)
+            except BaseException:
+                writer.close()
+                raise
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the database {self.location}: {_one_line(exc)}") from None
+        self._writer = writer
+        for _ in range(READERS):
+            self._readers.put(None)
+        self._reader_count = READERS
+
+    def close(self) -> None:
+        while self._reader_count:
+            reader = self._readers.get()
+            if reader is not None:
+                reader.close()
+            self._reader_count -= 1
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self._conninfo, autocommit=True)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS dongne_schema (version integer NOT NULL)")
+            row = conn.execute("SELECT version FROM dongne_schema").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO dongne_schema (version) VALUES (0)")
+            version = 0 if row is None else int(row[0])
+            if version > len(PG_MIGRATIONS):
+                raise StoreError(
+                    f"{self.location} has schema version {version}, newer than this dongne"
+                    f" ({len(PG_MIGRATIONS)}); upgrade dongne"
+                )
+            for number, script in enumerate(PG_MIGRATIONS[version:], start=version + 1):
+                with conn.transaction():  # a savepoint: each migration whole or not at all
+                    conn.execute(script.encode())  # no parameters: several statements at once
+                    conn.execute("UPDATE dongne_schema SET version = %s", (number,))
+
+    def _take_node_lock(self, conn: psycopg.Connection[Any], wait_s: float | None = None) -> None:
+        """Take the node lock on the writer's session, waiting ``wait_s`` for a holder that is going away.
+
+        A node killed a moment ago still holds it until PostgreSQL notices
+        its session is gone (at once for a local process; for a dead host,
+        when TCP keepalives give up: the writer asks for them every 10 s).
+        """
+        for setting, value in (
+            ("application_name", f"{self._params_name} writer"),  # which session is which, in pg_stat_activity
+            ("lock_timeout", f"{self._lock_timeout_ms}ms"),
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "5"),
+            ("tcp_keepalives_count", "3"),
+        ):
+            conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
+        deadline = time.monotonic() + (NODE_LOCK_WAIT_S if wait_s is None else wait_s)
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,)).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        holder = conn.execute(
+            "SELECT a.pid, a.client_addr, a.backend_start FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
+            (NODE_LOCK >> 32, NODE_LOCK & 0xFFFFFFFF),
+        ).fetchone()
+        who = f" (its session: PostgreSQL pid {holder[0]}, from {holder[1] or 'a unix socket'})" if holder else ""
+        raise DatabaseInUseError(
+            f"{self.location} is used by another dongne node{who}; one node per database until issue 15's stage 2"
+        )
+
+    def _writer_connection(self) -> psycopg.Connection[Any]:
+        """The writer, connected again (with the node lock) if it was lost."""
+        if self._reader_count == 0 and self._writer is None:
+            raise StoreError("store is not open")
+        if self._writer is not None and not self._writer.closed:
+            return self._writer
+        self._writer = None
+        writer = self._connect()
+        try:
+            self._take_node_lock(writer, wait_s=0.0)
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
+        return writer
+
+    # ---- writes ------------------------------------------------------------------
+
+    def commit(self, batch: PreparedCommit) -> None:
+        """Run a prepared transaction (blocking: on a worker thread), its statements pipelined.
+
+        Raises:
+            WriteFailed: PostgreSQL refused it or the connection broke; nothing of it was committed.
+        """
+        with self._transaction("commit", pipeline=True) as conn:
+            for sql, params, many in batch.statements:
+                if many:
+                    conn.cursor().executemany(sql, params)
+                else:
+                    conn.execute(sql, params)
+        self.commits += 1
+        self.rows_committed += batch.rows
+
+    def probe(self) -> None:
+        with self._transaction("probe") as conn:
+            conn.execute(
+                "INSERT INTO store_probe (id, at) VALUES (1, %s) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                (time.time(),),
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str, *, pipeline: bool = False) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction on the writer; any database error becomes ``WriteFailed`` with nothing committed."""
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            conn = self._writer_connection()
+            with conn.pipeline() if pipeline else contextlib.nullcontext(), conn.transaction():
+                yield conn
+        except (psycopg.Error, DatabaseInUseError) as exc:
+            if conn is not None and conn.broken:
+                conn.close()  # the next transaction connects again
+            raise WriteFailed(f"{what} failed: {_one_line(exc)}") from exc
+
+    def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
+        """Delete at most ``limit`` durable events older than ``before_ms`` (blocking: on a worker thread).
+
+        Each user's newest event (``inbox_heads``) is kept whatever its age: seqs must never go back.
+        """
+        with self._transaction("pruning") as conn:
+            users = sorted(
+                {
+                    row[0]
+                    for row in conn.execute(
+                        "DELETE FROM events e USING (SELECT d.user_id, d.seq FROM events d"
+                        " JOIN inbox_heads h ON h.user_id = d.user_id"
+                        " WHERE d.created_at < %s AND d.seq < h.last_seq ORDER BY d.created_at LIMIT %s) doomed"
+                        " WHERE e.user_id = doomed.user_id AND e.seq = doomed.seq RETURNING e.user_id",
+                        (before_ms, limit),
+                    ).fetchall()
+                }
+            )
+            oldest: dict[str, int] = {}
+            for user in users:
+                row = conn.execute("SELECT min(seq) FROM events WHERE user_id = %s", (user,)).fetchone()
+                assert row is not None
+                oldest[user] = int(row[0])
+        return oldest
+
+    # ---- reads -------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        if not self._reader_count:
+            raise StoreError("store is not open")
+        text, args = _pg(sql), tuple(params)
+        reader = self._readers.get()
+        try:
+            for attempt in (1, 2):
+                try:
+                    if reader is None or reader.closed:
+                        reader = None
+                        reader = self._connect()
+                    return reader.execute(text, args).fetchall()
+                except psycopg.OperationalError as exc:
+                    if reader is not None and reader.broken:
+                        reader.close()
+                        reader = None
+                        if attempt == 1:
+                            continue  # a connection lost since its last use: once more on a new one
+                    raise StoreError(f"read failed: {_one_line(exc)}") from exc
+            raise AssertionError("unreachable")
+        finally:
+            self._readers.put(reader)
+
+    def _seq_ranges(self) -> list[tuple[str, int, int]]:
+        return [
+            (user, int(low), int(high))
+            for user, low, high in self._read(
+                "SELECT h.user_id, coalesce((SELECT min(seq) FROM events e WHERE e.user_id = h.user_id), h.last_seq),"
+                " h.last_seq FROM inbox_heads h"
+            )
+        ]

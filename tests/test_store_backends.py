@@ -1,0 +1,195 @@
+"""The store's own guarantees on each backend, without a server: one ``Storage`` interface, the same answers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dongne.core.effects import (
+    AppendAudit,
+    AppendEvent,
+    DeleteIpBlock,
+    EnqueuePush,
+    SaveAnswer,
+    SaveEscalation,
+    SaveIpBlock,
+    SaveNotified,
+    SavePushStatus,
+    SaveQuestion,
+    SaveReport,
+    SaveUser,
+)
+from dongne.core.lifecycle import QuestionStatus
+from dongne.core.records import Answer, IpBlock, PushJob, Question, Report, User
+from dongne.store import MAX_ROWS_PER_STATEMENT, Storage, WriteFailed, store_for
+
+from .conftest import db_rows
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
+
+@pytest.fixture
+def store(db: Path | str) -> Iterator[Storage]:
+    opened = store_for(db)
+    opened.open()
+    yield opened
+    opened.close()
+
+
+def question(qid: str, asker: str, at: int, **fields: object) -> Question:
+    return Question(
+        qid, asker, asker, f"title {qid}", "body", 33.5, 126.5, "Jeju-si", ("food",), "normal", at, **fields
+    )  # type: ignore[arg-type]
+
+
+def test_saves_replace_rows_and_the_load_returns_the_last_of_each(store: Storage, db: Path | str) -> None:
+    store.apply([SaveUser(User("asker", "Mina", created_at=1)), SaveUser(User("jun", "Jun", local=True))])
+    store.apply([SaveQuestion(question("q1", "asker", 10)), SaveQuestion(question("q2", "asker", 5))])
+    answers = [Answer(f"a{i}", "q1", "jun", "Jun", f"answer {i}", 20 - i, "sent", None, None, False) for i in range(3)]
+    store.apply([SaveAnswer(a) for a in answers])
+    # One commit saves the same rows twice: the last save of each wins.
+    store.apply(
+        [
+            SaveUser(User("jun", "Jun", local=True, points=5, home=(33.4, 126.4), quiet_hours=(22, 7))),
+            SaveUser(User("jun", "Jun", local=True, points=10, home=(33.4, 126.4), quiet_hours=(22, 7))),
+            SaveQuestion(question("q1", "asker", 10, status=QuestionStatus.ANSWERED, answer_count=3)),
+            SaveQuestion(question("q1", "asker", 10, status=QuestionStatus.RESOLVED, accepted_answer_id="a2")),
+            SaveEscalation("q2", 1, 11),
+            SaveEscalation("q2", 2, 12),
+            SaveNotified("q2", (("jun", "IMMEDIATE", 120.5, True),), 11),
+            SaveNotified("q2", (("jun", "QUICK", 120.5, False),), 12),  # once per question and user: kept first
+        ]
+    )
+    loaded = store.load(hot_since=0)
+
+    users = {u.user_id: u for u in loaded.users}
+    assert (users["jun"].points, users["jun"].home, users["jun"].quiet_hours, users["jun"].local) == (
+        10,
+        (33.4, 126.4),
+        (22, 7),
+        True,
+    )
+    assert [q.question_id for q in loaded.questions] == ["q2", "q1"]  # by (created_at, id)
+    assert loaded.questions[1].status is QuestionStatus.RESOLVED and loaded.questions[1].accepted_answer_id == "a2"
+    assert [a.answer_id for a in loaded.answers] == ["a2", "a1", "a0"]  # by (created_at, id)
+    assert loaded.escalations == {"q2": 2}
+    assert loaded.notified == [("q2", "jun", 11)]
+    assert db_rows(db, "SELECT stage FROM notified") == [("IMMEDIATE",)]
+    found = store.find_question("q1")
+    assert found is not None and [a.content for a in found[1]] == ["answer 2", "answer 1", "answer 0"]
+
+
+def test_moderation_and_push_rows_round_trip(store: Storage, db: Path | str) -> None:
+    """The one-row-at-a-time statements (reports, IP blocks, push status) beside the multi-row ones."""
+    report = Report("r1", "answer", "a1", "q1", "mina", "spam", "", 5)
+    store.apply(
+        [
+            SaveReport(report),
+            SaveIpBlock(IpBlock("10.0.0.0/8", None, "abuse", "admin", 5)),
+            SaveIpBlock(IpBlock("192.0.2.1/32", 99, "spam", "admin", 5)),
+            AppendAudit(5, "admin", "block_ip", "10.0.0.0/8", "abuse"),
+            *(EnqueuePush(PushJob(i, f"u{i}", "answer_notification", i == 1, {"i": i}, 5)) for i in (1, 2, 3)),
+        ]
+    )
+    store.apply(
+        [
+            SaveReport(Report("r1", "answer", "a1", "q1", "mina", "spam", "", 5, "resolved", "admin", 6, "dismiss")),
+            SaveReport(Report("r2", "question", "q1", "q1", "jun", "wrong", "note", 7)),
+            SaveIpBlock(IpBlock("10.0.0.0/8", 50, "abuse, for a while", "admin", 6)),
+            DeleteIpBlock("192.0.2.1/32"),
+            SavePushStatus(1, "sent", 1, None, 6),
+            SavePushStatus(2, "failed", 3, "gateway said 500", 6),
+        ]
+    )
+    loaded = store.load(hot_since=0)
+
+    assert [(r.report_id, r.status) for r in loaded.open_reports] == [("r2", "open")]
+    assert loaded.ip_blocks == [IpBlock("10.0.0.0/8", 50, "abuse, for a while", "admin", 6)]
+    assert [(j.job_id, j.urgent, j.payload) for j in loaded.pending_pushes] == [(3, False, {"i": 3})]
+    assert loaded.last_push_job_id == 3
+    assert store.pending_push_jobs(0, 10) == loaded.pending_pushes
+    assert db_rows(db, "SELECT status, attempts, last_error FROM push_outbox ORDER BY job_id")[:2] == [
+        ("sent", 1, None),
+        ("failed", 3, "gateway said 500"),
+    ]
+    assert db_rows(db, "SELECT id, action, target FROM audit_log") == [(1, "block_ip", "10.0.0.0/8")]
+    assert db_rows(db, "SELECT status, action FROM reports WHERE report_id = 'r1'") == [("resolved", "dismiss")]
+
+
+def test_events_keep_one_row_per_seq_and_a_refused_commit_leaves_nothing(store: Storage, db: Path | str) -> None:
+    store.apply([SaveUser(User("u", "U"))])
+    store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq, "text": "한라산"}, seq) for seq in (1, 2, 3)])
+    with pytest.raises(WriteFailed):
+        # A second row for seq 3: the whole commit is refused, the new user too.
+        store.apply([SaveUser(User("v", "V")), AppendEvent("u", 3, "x", {}, 9), AppendEvent("u", 4, "x", {}, 9)])
+    store.probe()  # writes work again at once
+    store.apply([AppendEvent("u", 4, "receipt", {"n": 4}, 4)])
+
+    assert store.read_events("u", 1, 10) == [
+        (2, "answer_notification", {"n": 2, "text": "한라산"}),
+        (3, "answer_notification", {"n": 3, "text": "한라산"}),
+        (4, "receipt", {"n": 4}),
+    ]
+    loaded = store.load(hot_since=0)
+    assert [u.user_id for u in loaded.users] == ["u"]
+    assert (loaded.users[0].last_seq, loaded.oldest_seqs) == (4, {"u": 1})
+    assert db_rows(db, "SELECT count(*) FROM events") == [(4,)]
+
+
+def test_pruning_keeps_each_users_newest_event(store: Storage) -> None:
+    store.apply([AppendEvent("old", seq, "x", {}, 100 + seq) for seq in (1, 2, 3)])
+    store.apply([AppendEvent("new", 1, "x", {}, 10_000), AppendEvent("lone", 7, "x", {}, 5)])
+
+    assert store.prune_events(before_ms=1_000, limit=1) == {"old": 2}
+    assert store.prune_events(before_ms=1_000, limit=100) == {"old": 3}  # "lone" keeps its only (newest) one
+    assert store.prune_events(before_ms=1_000, limit=100) == {}
+    loaded = store.load(hot_since=0)
+    assert loaded.oldest_seqs == {"old": 3, "new": 1, "lone": 7}
+
+
+def test_a_commit_of_many_rows_goes_in_power_of_two_statements(store: Storage, db: Path | str) -> None:
+    n = 3 * MAX_ROWS_PER_STATEMENT + 5
+    batch = store.prepare([AppendEvent(f"u{i % 7}", i + 1, "x", {"i": i}, i) for i in range(n)])
+    sizes = [len(params) // 5 for sql, params, _many in batch.statements if sql.startswith("INSERT INTO events ")]
+    assert sum(sizes) == n and all(size & (size - 1) == 0 for size in sizes)
+    store.commit(batch)
+    assert db_rows(db, "SELECT count(*), sum(seq) FROM events") == [(n, n * (n + 1) // 2)]
+
+
+@pytest.mark.backends("postgres")
+def test_one_node_per_postgresql_database(store: Storage, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dongne.store import DatabaseInUseError, _postgres
+
+    monkeypatch.setattr(_postgres, "NODE_LOCK_WAIT_S", 0.2)
+    second = store_for(db)
+    with pytest.raises(DatabaseInUseError) as refused:
+        second.open()
+    assert "another dongne node" in str(refused.value) and "pid" in str(refused.value)
+    store.close()
+    second.open()  # the first one's lock went with its session
+    second.close()
+
+
+@pytest.mark.backends("postgres")
+def test_a_newer_postgresql_schema_is_refused(db: str) -> None:
+    from dongne.store import StoreError
+
+    first = store_for(db)
+    first.open()  # creates the schema
+    first.close()
+    db_rows(db, "UPDATE dongne_schema SET version = 999 RETURNING version")
+    with pytest.raises(StoreError, match="newer than this dongne"):
+        store_for(db).open()
+
+
+def test_urls_in_logs_and_errors_carry_no_password() -> None:
+    from dongne.store._postgres import redact
+
+    assert redact("postgresql://dongne:s3cret@db:5432/dongne") == "postgresql://dongne:***@db:5432/dongne"
+    assert (
+        redact("postgres://u:p@h/d?sslmode=require&password=x&a=b")
+        == "postgres://u:***@h/d?sslmode=require&password=***&a=b"
+    )
+    assert redact("postgresql:///dongne?host=/run/postgresql") == "postgresql:///dongne?host=/run/postgresql"
