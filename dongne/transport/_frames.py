@@ -23,12 +23,13 @@ _PACK_LONG = struct.Struct("!BBQ").pack
 class FrameEncoder:
     """Turns payloads into complete, unmasked WebSocket frames."""
 
-    __slots__ = ("_proto",)
+    __slots__ = ("_pings", "_proto")
 
     def __init__(self) -> None:
         # No extensions: permessage-deflate would cost ~128 KB per connection
         # and its output would differ per connection.
         self._proto = FrameProtocol(client=False, extensions=[])
+        self._pings: dict[bytes, bytes] = {}  # the heartbeat sends the same ping to every client
 
     def binary(self, payload: bytes) -> bytes:
         """One whole binary message (FIN set, opcode 2, unmasked), as wsproto's ``send_data(payload, fin=True)`` makes it.
@@ -45,7 +46,12 @@ class FrameEncoder:
         return _PACK_LONG(0x82, 127, n) + payload
 
     def ping(self, payload: bytes = b"") -> bytes:
-        return bytes(self._proto.ping(payload))
+        frame = self._pings.get(payload)
+        if frame is None:
+            frame = bytes(self._proto.ping(payload))
+            if len(self._pings) < 8:
+                self._pings[payload] = frame
+        return frame
 
     def pong(self, payload: bytes = b"") -> bytes:
         return bytes(self._proto.pong(payload))
