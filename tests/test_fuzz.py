@@ -358,7 +358,7 @@ async def test_fuzz_frames_get_one_documented_reply(server: Any, family: str, ca
 
 def test_frame_families_cover_the_protocol() -> None:
     """The drawn frames reach every op, every error code an op can give, and both big and deep frames."""
-    frames = [f for family in FAMILIES.values() for f in draw_frames(family, 300, seed_value=1)]
+    frames = [f for family in FAMILIES.values() for f in draw_frames(family, 500, seed_value=1)]
     expects = [expectation(bind_ids(f, {})) for f in frames]
     assert {e.op for e in expects} >= set(OP_CODES)
     assert any(e.close == 1009 for e in expects)
