@@ -177,6 +177,9 @@ def _url(*schemes: str, template: bool = False) -> Any:
         scheme, sep, rest = value.partition("://")
         if not sep or scheme not in schemes or not rest or rest.startswith("/"):
             raise ConfigError(f"{attribute.name}: {value!r} is not an absolute {' or '.join(schemes)} URL")
+        host = rest.split("/", 1)[0]
+        if "{" in host.replace("{s}.", "", 1) or ("{s}" in host and not host.startswith("{s}.")):
+            raise ConfigError(f"{attribute.name}: {value!r}: only a leading {{s}}. may be a template in the host")
         if template and not all(part in value for part in ("{z}", "{x}", "{y}")):
             raise ConfigError(f"{attribute.name}: {value!r} needs {{z}}, {{x}} and {{y}} (an XYZ tile template)")
 

@@ -40,6 +40,7 @@ def built_app(tmp_path: Path, **config: Any) -> WebApp:
     static.mkdir()
     (static / "index.html").write_text("<!doctype html><title>dongne</title>" + "<p>hello</p>" * 50)
     (static / "app.js").write_text("console.log('dongne');\n" * 40)
+    (static / "app-3RVOLRBA.js").write_text("console.log('built');\n")
     (static / ".secret").write_text("not served")
     (static / "notes.md").write_text("not a served kind")
     return WebApp({"ws_path": "/ws", **config}, {"type": "FeatureCollection", "features": []}, static_dir=static)
@@ -56,6 +57,9 @@ def test_files_are_answered_with_etag_gzip_and_304(tmp_path: Path) -> None:
     zipped = app.answer("GET", "/index.html", [(b"accept-encoding", b"gzip, br")])
     assert zipped is not None and dict(zipped.headers)["content-encoding"] == "gzip"
     assert gzip.decompress(zipped.body) == page.body
+    assert dict(page.headers)["cache-control"] == "no-cache"  # the page is revalidated
+    hashed = app.answer("GET", "/app-3RVOLRBA.js", [])
+    assert hashed is not None and dict(hashed.headers)["cache-control"] == "public, max-age=31536000, immutable"
     again = app.answer("GET", "/app.js", [(b"if-none-match", dict(page.headers)["etag"].encode())])
     assert again is not None and again.status == 200  # another file's ETag does not match
     etag = dict(again.headers)["etag"].encode()
@@ -81,12 +85,18 @@ def test_policy_names_only_the_configured_hosts() -> None:
     )
     assert "img-src 'self' data: https://tiles.example.org;" in configured
     assert "connect-src 'self' https://app.example;" in configured
+    # Leaflet fetches a.tile..., b.tile..., c.tile... for {s}: the policy allows the subdomains.
+    subdomains = content_security_policy(host=None, tile_url="https://{s}.tile.example.org/{z}/{x}/{y}.png")
+    assert "img-src 'self' data: https://*.tile.example.org;" in subdomains
 
 
 def test_web_settings_are_checked() -> None:
     good = load_settings(None, environ={}, overrides={"web": {"tile_url": "http://127.0.0.1:9/{z}/{x}/{y}.png"}})
     assert good.web.tile_url.endswith("{y}.png") and good.web.enabled
+    assert load_settings(None, environ={}, overrides={"web": {"tile_url": "https://{s}.t.example/{z}/{x}/{y}.png"}})
     for bad in (
+        {"tile_url": "https://tiles.{s}.example/{z}/{x}/{y}.png"},
+        {"tile_url": "https://{z}.example/{z}/{x}/{y}.png"},
         {"tile_url": "https://tiles.example.org/tile.png"},
         {"token_url": "/api/token"},
         {"tile_url": "ftp://x/{z}/{x}/{y}"},

@@ -48,6 +48,8 @@ CONTENT_TYPES = {
 
 #: A file name the app may ask for: flat, no dot files, no traversal.
 _NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+#: A name esbuild gave from the content's hash (``app-3RVOLRBA.js``, ``chunk-OOJM4CTU.js``).
+_HASHED = re.compile(r"^/[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*-[A-Z0-9]{8}\.[a-z0-9]+$")
 #: A Host header worth echoing into the policy (host, IPv4, [IPv6], port).
 _HOST = re.compile(r"^[A-Za-z0-9.-]{1,253}(:\d{1,5})?$|^\[[0-9A-Fa-f:.]{2,45}\](:\d{1,5})?$")
 
@@ -76,11 +78,20 @@ class _Document:
 
 
 def _origin(url: str) -> str:
-    """``scheme://host[:port]`` of an absolute URL (for the policy), or ""."""
+    """``scheme://host[:port]`` of an absolute URL (for the policy), or "".
+
+    A tile template's ``{s}`` (Leaflet's subdomains: a., b., c.) as the
+    host's first label becomes the policy's wildcard, ``*.``.
+    """
     if not url:
         return ""
-    parts = urlsplit(url.replace("{s}", "a").replace("{z}", "0").replace("{x}", "0").replace("{y}", "0"))
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+    parts = urlsplit(url.replace("{z}", "0").replace("{x}", "0").replace("{y}", "0").replace("{r}", ""))
+    if not parts.scheme or not parts.netloc:
+        return ""
+    netloc = parts.netloc
+    if netloc.startswith("{s}."):
+        netloc = "*." + netloc[4:]
+    return f"{parts.scheme}://{netloc}" if "{" not in netloc else ""
 
 
 def content_security_policy(*, host: str | None, tile_url: str = "", token_url: str = "") -> str:
@@ -157,10 +168,13 @@ class WebApp:
         policy = content_security_policy(
             host=host if _HOST.match(host) else None, tile_url=self._tile_url, token_url=self._token_url
         )
+        # Files named by their content hash (app-3RVOLRBA.js) never change: cached for good.
+        # The rest (the page, its config) is revalidated with the ETag: a new build shows at once.
+        cache = "public, max-age=31536000, immutable" if _HASHED.match(path) else "no-cache"
         common = (
             ("content-security-policy", policy),
             *SECURITY_HEADERS,
-            ("cache-control", "no-cache"),  # revalidated with the ETag: a new build shows at once
+            ("cache-control", cache),
             ("etag", document.etag),
             ("vary", "accept-encoding"),
             ("connection", "close"),
