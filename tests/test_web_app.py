@@ -54,7 +54,8 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="Debian's chromium is not installed (/usr/bin/chromium; apt-get install chromium)"
 )
 
-# Records navigator.vibrate calls, system notifications (permission granted; the page is
+# Records navigator.vibrate calls, system notifications (permission granted; shown through the
+# service worker's registration or `new Notification`, whichever the app uses; the page is
 # "hidden" while window.__hidden is set) and every alert card the page shows (by question id).
 WATCH_SCRIPT = """
 window.__notifications = [];
@@ -65,9 +66,16 @@ Object.defineProperty(Document.prototype, "visibilityState", {
 window.Notification = class {
   static permission = "granted";
   static requestPermission() { return Promise.resolve("granted"); }
-  constructor(title, options) { window.__notifications.push({ title, tag: options && options.tag }); }
+  constructor(title, options) { window.__notifications.push({ title, tag: options && options.tag, via: "page" }); }
   close() {}
 };
+// Android Chrome's way (and the app's first choice): through the service worker's registration.
+if (window.ServiceWorkerRegistration) {
+  ServiceWorkerRegistration.prototype.showNotification = function (title, options) {
+    window.__notifications.push({ title, tag: options && options.tag, via: "worker" });
+    return Promise.resolve();
+  };
+}
 window.__vibrations = [];
 Object.defineProperty(Navigator.prototype, "vibrate", {
   configurable: true,
@@ -238,6 +246,7 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
         local_ctx = new_context(browser, server, LOCAL_AT)
         traveller = Watched(traveller_ctx, "traveller")
         local = Watched(local_ctx, "local")
+        watched_pages = [traveller, local]  # every page the test opens: all are checked at the end
         try:
             # Sign-in by link: the token leaves the address bar and stays in localStorage.
             local.page.goto(f"{server.url}/#token={mint('jun', nick='Jun', local=True)}")
@@ -353,11 +362,19 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             assert local.page.evaluate("() => window.__alertsShown") == {qid: 1, q2: 1}
             assert local.page.locator(".alert-card").count() == 1
             assert len(local.page.evaluate("() => window.__vibrations")) == 2
-            assert [n["tag"] for n in local.page.evaluate("() => window.__notifications")] == [q2]
+            # Through the service worker (the only way Android Chrome shows one), registered by the app.
+            notes = local.page.evaluate("() => window.__notifications")
+            assert [(n["tag"], n["via"]) for n in notes] == [(q2, "worker")]
+            assert local.page.evaluate("async () => (await navigator.serviceWorker.getRegistration()).active.scriptURL") == (
+                f"{server.url}/sw.js"
+            )
             local.page.evaluate("() => { window.__hidden = false; }")
             for watched in (traveller, local):
                 assert watched.page.evaluate("() => window.__sameDocument") is True  # no reload
 
+            # The unread badges: the traveller's answer; the local's alerts and the acceptance.
+            assert int(traveller.page.inner_text("#unread-badge")) >= 1
+            assert int(local.page.inner_text("#unread-badge")) >= 3
             # The traveller's inbox after the restart: the answer and the acceptance's notice are there.
             traveller.page.click("[data-tab=inbox]")
             traveller.page.wait_for_selector("#notifications .n-item")
@@ -379,14 +396,115 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             )
             time.sleep(4.0)  # the QUICK stage, as above
             again = Watched(local_ctx, "local, reopened")
+            watched_pages.append(again)
             again.page.goto(f"{server.url}/")
             again.wait_open()
             again.page.wait_for_selector(f'.alert-card[data-question-id="{q3}"]', timeout=5000)
             time.sleep(0.5)
             assert again.page.evaluate("() => window.__alertsShown") == {q3: 1}
-            local = again
 
-            for watched in (traveller, local):
+            for watched in watched_pages:
+                assert watched.errors == [], f"{watched.name}: {watched.errors}"
+                foreign = [url for url in watched.requests if not own.match(url) and not url.startswith("data:")]
+                assert foreign == [], f"{watched.name} asked other hosts: {foreign}"
+        finally:
+            browser.close()
+
+
+def test_two_tabs_one_profile(server: Server) -> None:
+    """Two tabs of one browser, two users (as ``dongne demo`` suggests): each stays itself across a restart.
+
+    The tabs share localStorage: the second link's token is the one a new tab starts with, but
+    the first tab keeps its own, asks before a link for another user replaces it, and comes back
+    after the restart as the user it was. The local's alert card fits a 360x640 phone with a
+    200-character title and five hashtags; signing out of one tab leaves the other signed in.
+    """
+    from playwright.sync_api import sync_playwright
+
+    own = re.compile(rf"^(https?|wss?)://{re.escape(server.host)}:{server.port}/")
+    with sync_playwright() as p:
+        browser = launch(p)
+        context = browser.new_context(
+            viewport={"width": 360, "height": 640}, device_scale_factor=2, locale="ko-KR", timezone_id="Asia/Seoul",
+            geolocation={**LOCAL_AT, "accuracy": 20}, permissions=["geolocation"],
+        )  # fmt: skip
+        context.add_init_script(WATCH_SCRIPT)
+        mina = Watched(context, "mina's tab")
+        jun = Watched(context, "jun's tab")
+        try:
+            mina.page.goto(f"{server.url}/#token={mint('mina', nick='Mina')}")
+            mina.wait_open()
+            mina.page.wait_for_selector("#user-nick:has-text('Mina')")
+            jun.page.goto(f"{server.url}/#token={mint('jun', nick='Jun', local=True)}")
+            jun.wait_open()
+            jun.page.wait_for_selector("#user-nick:has-text('Jun')")
+            jun.page.wait_for_selector("#sharing[data-live=true]", timeout=5000)
+            assert "Jun" in mina.page.evaluate("() => atob(localStorage.getItem('dongne.token').split('.')[1])")
+
+            # A link for another user opened in Mina's tab: it asks, showing both names; she stays.
+            mina.page.evaluate(f"() => {{ location.hash = '#token={mint('jun', nick='Jun', local=True)}'; }}")
+            mina.page.wait_for_selector("#switch-account [role=alertdialog]")
+            text = mina.page.inner_text("#switch-account")
+            assert "Mina" in text and "Jun" in text
+            mina.axe("switch account")
+            mina.shoot("switch-account-360x640")
+            mina.page.click("#switch-no")
+            mina.page.wait_for_selector("#switch-account", state="detached")
+            assert "token" not in mina.page.url
+
+            # A restart: each tab reconnects with its own token, not the last one stored.
+            for watched in (mina, jun):
+                watched.page.evaluate("() => { window.__sameDocument = true; }")
+                watched.tolerated = re.compile(r"WebSocket connection to 'ws://[^']+/ws' failed")
+            server.stop()
+            mina.page.wait_for_selector("#reconnecting", timeout=5000)
+            jun.page.wait_for_selector("#reconnecting", timeout=5000)
+            server.start()
+            for watched, nick in ((mina, "Mina"), (jun, "Jun")):
+                watched.wait_open(timeout=20_000)
+                watched.page.wait_for_selector(f"#user-nick:has-text('{nick}')")
+                assert watched.page.evaluate("() => window.__sameDocument") is True
+            assert mina.page.locator("[data-tab=ask]").count() == 1  # still the traveller's tabs
+            assert jun.page.locator("[data-tab=nearby]").count() == 1
+
+            # A long question on a small phone: the card stays between the top bar and the tab bar.
+            title = ("제주시청 근처에서 오늘 밤 늦게까지 문을 여는 약국이나 편의점, 그리고 조용히 앉아 있을 수 있는 카페를 "
+                     "찾고 있어요. 아이가 열이 나서 해열제가 필요하고, 택시를 기다리는 동안 따뜻한 곳에 있고 싶습니다. "
+                     "혹시 아시는 곳이 있으면 위치와 영업시간을 알려주세요. 버스 정류장에서 가까우면 더 좋고요. 정말 감사합니다!! "
+                     "다시 한 번 부탁드립니다. 꼭요!!").ljust(200, "!")[:200]  # fmt: skip
+            assert len(title) == 200
+            q = ask_from_python(
+                server.ws_url,
+                mint("sora", nick="Sora"),
+                {"title": title, "location": {"lat": 33.4996, "lng": 126.5312},
+                 "hashtags": ["pharmacy", "night", "kids", "cafe", "taxi"], "urgency": "urgent"},
+            )  # fmt: skip
+            card = f'.alert-card[data-question-id="{q}"]'
+            jun.page.wait_for_selector(card, timeout=5000)
+            time.sleep(0.5)  # its rise animation (0.25 s) is over
+            box = jun.page.locator(card).bounding_box()
+            top = jun.page.locator(".topbar").bounding_box()
+            tabs = jun.page.locator(".tabbar").bounding_box()
+            assert box is not None and top is not None and tabs is not None
+            assert box["y"] >= top["y"] + top["height"] - 1, (box, top)
+            assert box["y"] + box["height"] <= tabs["y"] + 1, (box, tabs)
+            title_box = jun.page.locator(f"{card} .alert-title").bounding_box()
+            assert title_box is not None and title_box["height"] < 4 * 27  # three lines, not eight
+            jun.page.locator(f"{card} button[type=submit]").scroll_into_view_if_needed()
+            assert jun.page.locator(f"{card} button[type=submit]").is_visible()
+            jun.shoot("local-alert-360x640")
+            jun.axe("alert, 360x640")
+
+            # Signing out of Mina's tab leaves Jun's signed in.
+            mina.page.click("#user-menu")
+            mina.page.wait_for_selector("#user-panel:has-text('Mina')")
+            mina.axe("user menu")
+            mina.shoot("user-menu-360x640")
+            mina.page.click("#sign-out")
+            mina.page.wait_for_selector("#signin-form")
+            jun.page.wait_for_selector("#conn-state[data-state=open]")
+
+            for watched in (mina, jun):
                 assert watched.errors == [], f"{watched.name}: {watched.errors}"
                 foreign = [url for url in watched.requests if not own.match(url) and not url.startswith("data:")]
                 assert foreign == [], f"{watched.name} asked other hosts: {foreign}"

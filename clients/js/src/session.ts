@@ -40,7 +40,11 @@ export interface Clock {
   clearTimeout(handle: unknown): void;
 }
 
-/** Where the last delivered seq is kept across page reloads (localStorage fits, as does AsyncStorage). */
+/**
+ * Where the last delivered seq is kept across page reloads: AsyncStorage fits as it is; in a
+ * browser, `{ get: (k) => localStorage.getItem(k), set: (k, v) => localStorage.setItem(k, v) }`
+ * (a `Storage` has `getItem`/`setItem`, not `get`/`set`).
+ */
 export interface SeqStorage {
   get(key: string): string | null | undefined | Promise<string | null | undefined>;
   set(key: string, value: string): void | Promise<void>;
@@ -103,6 +107,18 @@ export interface SessionEvents {
   closed: SessionClosed;
   /** Every server event, whatever its type (also types this version does not know). */
   event: ServerEvent;
+  /**
+   * `storage` failed. A failed `get` (reading the seq to resume from) is not taken for "nothing
+   * stored", which would skip the events sent meanwhile: the attempt counts as failed and the
+   * next one reads again. A failed `set`: the next reload may resume from an older seq (events
+   * already delivered then come again; the server's replay, not the handlers, sees them twice).
+   */
+  storage_error: { operation: "get" | "set"; error: unknown };
+  /**
+   * The token's subject changed (`getToken()` returned another user's token): the rooms and
+   * location belonged to the previous user and were forgotten; the seq is the new user's own.
+   */
+  user_changed: { from: string; to: string };
 }
 
 export type SessionEventMap = { [K in EventType]: ServerEvent<K> } & SessionEvents;
@@ -169,6 +185,7 @@ export class Session {
   #waiting = new Set<Call>(); // not sent yet: waiting for the session to open
 
   #userId: string | null = null;
+  #seqLoaded = false; // #lastSeq is #userId's (read from storage, or none stored)
   #lastSeq = 0;
   #resume = false; // whether the next hello resumes from #lastSeq
   #rooms = new Set<string>();
@@ -179,6 +196,7 @@ export class Session {
   #retries = 0; // retries since the last hello: the n-th waits up to base * factor^(n-1)
   #authRetried = false; // the last connection ended with 4001 and a new token is being tried
   #timers = new Map<"retry" | "connect" | "silence" | "ping" | "location", unknown>();
+  #rejoinTimers = new Set<unknown>();
   #unsubscribe: (() => void)[] = [];
   #storageWrite: Promise<void> | null = null;
   #storageDirty = false;
@@ -190,6 +208,11 @@ export class Session {
     this.#options = options;
     this.#WebSocket = WebSocketImpl;
     this.#clock = options.clock ?? defaultClock;
+    const storage = options.storage;
+    if (storage != null && (typeof storage.get !== "function" || typeof storage.set !== "function")) {
+      // A mistake, not a failure: e.g. a DOM Storage, whose methods are getItem/setItem.
+      throw new TypeError("options.storage needs get(key) and set(key, value) (for localStorage: { get: (k) => localStorage.getItem(k), set: (k, v) => localStorage.setItem(k, v) })");
+    }
     this.opened = new Promise<HelloReply>((resolve, reject) => {
       this.#resolveOpened = resolve;
       this.#rejectOpened = reject;
@@ -288,19 +311,39 @@ export class Session {
     try {
       token = await this.#options.getToken();
       if (typeof token !== "string") throw new TypeError(`getToken() returned ${typeof token}, not a string`);
-      const subject = subjectOf(token) ?? this.#userId;
-      if (subject !== this.#userId) {
-        // Another user (or the first connection): only that user's own seq may be resumed.
-        this.#userId = subject;
-        const stored = await this.#loadSeq();
-        this.#resume = stored !== null;
-        this.#lastSeq = stored ?? 0;
-      }
     } catch (error) {
       if (this.closed === null) this.#ended(null, 1006, `getToken() failed: ${String(error)}`, false);
       return;
     }
     if (this.closed !== null) return;
+    const subject = subjectOf(token) ?? this.#userId;
+    if (subject !== this.#userId || !this.#seqLoaded) {
+      // Another user (or the first connection): only that user's own seq may be resumed.
+      let stored: number | null;
+      try {
+        stored = await this.#loadSeq(subject);
+      } catch (error) {
+        // Not "nothing stored": that would start afresh and skip what was sent meanwhile.
+        // #userId stays as it was, so the next attempt reads again.
+        if (this.closed !== null) return;
+        this.#emitter.emit("storage_error", { operation: "get", error });
+        this.#ended(null, 1006, `storage.get() failed: ${String(error)}`, false);
+        return;
+      }
+      if (this.closed !== null) return;
+      const previous = this.#userId;
+      this.#userId = subject;
+      this.#seqLoaded = true;
+      this.#resume = stored !== null;
+      this.#lastSeq = stored ?? 0;
+      if (previous !== null && subject !== null && previous !== subject) {
+        // The rooms and the location were the other user's: never join or send them as this one.
+        this.#rooms.clear();
+        this.#location = null;
+        this.#restoreAt = null;
+        this.#emitter.emit("user_changed", { from: previous, to: subject });
+      }
+    }
     let ws: WebSocketLike;
     try {
       ws = new this.#WebSocket(this.#url);
@@ -362,7 +405,14 @@ export class Session {
     this.#authRetried = false;
     this.hello = hello;
     if (typeof hello.user?.user_id === "string" && hello.user.user_id !== this.#userId) {
-      this.#userId = hello.user.user_id; // the token did not say (not a JWT we could read)
+      // The token did not say (not a JWT we could read). Another user than the last hello's:
+      // its rooms and location are not this one's.
+      if (this.#userId !== null) {
+        this.#emitter.emit("user_changed", { from: this.#userId, to: hello.user.user_id });
+        this.#rooms.clear();
+        this.#location = null;
+      }
+      this.#userId = hello.user.user_id;
     }
     const serverSeq = hello.last_seq;
     if (Number.isSafeInteger(serverSeq)) {
@@ -407,26 +457,44 @@ export class Session {
         this.#send(ws, call);
       }
     };
-    for (const qid of this.#rooms) {
-      this.#internal(
-        ws,
-        "join_question",
-        { question_id: qid },
-        (reply) => {
-          this.#emitter.emit("rejoined", reply as unknown as ReplyData<"join_question">);
-          joined();
-        },
-        (error) => {
-          if (error instanceof RequestError) {
-            this.#rooms.delete(qid); // gone meanwhile
-            joined();
-          }
-        },
-      );
-    }
+    for (const qid of this.#rooms) this.#rejoin(ws, qid, 0, joined);
     const location = this.#location;
     if (location !== null) this.#resendLocation(ws, location, 0);
     joined();
+  }
+
+  /**
+   * Re-join a room. Refused for good (not_found, forbidden, ...): forgotten. Refused for now
+   * (rate_limited, unavailable): tried again after `retry_after_ms`, without holding the session
+   * back (`done` is called once, after the first answer).
+   */
+  #rejoin(ws: WebSocketLike, qid: string, tries: number, done: () => void): void {
+    if (ws !== this.#ws || !this.#rooms.has(qid)) {
+      done();
+      return;
+    }
+    this.#internal(
+      ws,
+      "join_question",
+      { question_id: qid },
+      (reply) => {
+        this.#emitter.emit("rejoined", reply as unknown as ReplyData<"join_question">);
+        done();
+      },
+      (error) => {
+        if (!(error instanceof RequestError)) return; // the connection ended: the next one re-joins
+        if ((error.code === "rate_limited" || error.code === "unavailable") && tries < 5) {
+          const handle = this.#clock.setTimeout(() => {
+            this.#rejoinTimers.delete(handle);
+            this.#rejoin(ws, qid, tries + 1, noop);
+          }, error.retryAfterMs ?? 1000 * 2 ** tries);
+          this.#rejoinTimers.add(handle);
+        } else if (error.code !== "rate_limited" && error.code !== "unavailable") {
+          this.#rooms.delete(qid); // gone meanwhile, or no longer ours to see
+        }
+        done();
+      },
+    );
   }
 
   /** Re-send a location; a rate-limited one is tried again later, unless a newer one was sent. */
@@ -607,6 +675,8 @@ export class Session {
       this.#helloDone = false;
     }
     for (const name of ["connect", "silence", "ping", "location"] as const) this.#clearTimer(name);
+    for (const handle of this.#rejoinTimers) this.#clock.clearTimeout(handle);
+    this.#rejoinTimers.clear();
     const fatal = this.closed ?? this.#verdict(code, reason, wasOpen);
     const lost = [...this.#sent.values()];
     this.#sent.clear();
@@ -651,6 +721,8 @@ export class Session {
     if (this.closed !== null) return;
     this.closed = error;
     for (const name of [...this.#timers.keys()]) this.#clearTimer(name);
+    for (const handle of this.#rejoinTimers) this.#clock.clearTimeout(handle);
+    this.#rejoinTimers.clear();
     for (const off of this.#unsubscribe.splice(0)) off();
     const ws = this.#ws;
     if (ws !== null) {
@@ -695,12 +767,13 @@ export class Session {
     this.#timers.delete(name);
   }
 
-  #storageKey(): string | null {
-    return this.#userId === null ? null : `dongne-client:${this.#url}:${this.#userId}:last_seq`;
+  #storageKey(userId: string | null = this.#userId): string | null {
+    return userId === null ? null : `dongne-client:${this.#url}:${userId}:last_seq`;
   }
 
-  async #loadSeq(): Promise<number | null> {
-    const key = this.#storageKey();
+  /** The seq stored for `userId` (`null`: none); throws what the storage throws. */
+  async #loadSeq(userId: string | null): Promise<number | null> {
+    const key = this.#storageKey(userId);
     const storage = this.#options.storage;
     if (key === null || storage == null) return null;
     const stored = await storage.get(key);
@@ -721,8 +794,9 @@ export class Session {
           this.#storageDirty = false;
           await storage.set(key, String(this.#lastSeq));
         }
-      } catch {
-        // a full or refusing storage: the next reload starts fresh instead
+      } catch (error) {
+        // A full or refusing storage: the next reload resumes from an older seq (or none).
+        this.#emitter.emit("storage_error", { operation: "set", error });
       } finally {
         this.#storageWrite = null;
       }

@@ -10,64 +10,157 @@ import { t, type Key } from "./i18n";
 import * as signin from "./screens/signin";
 import { shareLocation } from "./share";
 import { mountShell } from "./shell";
-import { armSound } from "./signal";
+import { armSound, registerWorker } from "./signal";
 import type { Regions, WebConfig } from "./types";
 
 const TOKEN_KEY = "dongne.token";
-let memoryToken: string | null = null;
+const SIGNED_OUT_KEY = "dongne.signed_out";
 
 // ---- sign-in
+//
+// Each tab has its own token: in memory, and in sessionStorage so that a reload keeps it. Every
+// reconnect uses the tab's token, never localStorage's, which all tabs of the profile share: a
+// tab signed in as one user must not come back as the user another tab signed in as meanwhile.
+// localStorage keeps the last link's token only to sign in a new tab. Tokens from `[web]
+// token_url` are kept in memory only (the operator's cookie gets a fresh one at each load).
 
-function storedToken(): string | null {
-  try { return localStorage.getItem(TOKEN_KEY) ?? memoryToken; } catch { return memoryToken; }
+let tabToken: string | null = null;
+
+function readTabToken(): string | null {
+  if (tabToken) return tabToken;
+  try { tabToken = sessionStorage.getItem(TOKEN_KEY); } catch { /* no sessionStorage: memory only */ }
+  return tabToken;
 }
 
-function keepToken(token: string | null): void {
-  memoryToken = token;
+/** The token a new tab starts with: the tab's own, or else the last sign-in link's. */
+function seedToken(): string | null {
+  const own = readTabToken();
+  if (own) return own;
+  if (shared.config.token_url || signedOut()) return null;
+  try {
+    const seed = localStorage.getItem(TOKEN_KEY);
+    if (seed) keepToken(seed, false);
+    return seed;
+  } catch { return null; }
+}
+
+/** This tab's token from now on; `shareWithNewTabs`: also the one new tabs start with. */
+function keepToken(token: string | null, shareWithNewTabs = !shared.config.token_url): void {
+  const previous = tabToken;
+  tabToken = token;
+  if (!token && shareWithNewTabs && previous) {
+    // A refused token: new tabs must not start with it either.
+    try { if (localStorage.getItem(TOKEN_KEY) === previous) localStorage.removeItem(TOKEN_KEY); } catch { /* nothing kept */ }
+  }
+  try {
+    if (token) { sessionStorage.setItem(TOKEN_KEY, token); sessionStorage.removeItem(SIGNED_OUT_KEY); }
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch { /* the token lasts this page */ }
+  if (!shareWithNewTabs) return;
   try {
     if (token) localStorage.setItem(TOKEN_KEY, token);
-    else localStorage.removeItem(TOKEN_KEY);
-  } catch { /* private mode: the token lasts this page */ }
+  } catch { /* private mode */ }
 }
 
-/** `#token=...` (never the query: it stays out of logs) is kept, then taken out of the address bar. */
-function takeTokenFromFragment(): void {
-  const match = /(?:^#|&)token=([^&#]+)/.exec(location.hash);
-  if (!match?.[1]) return;
-  keepToken(decodeURIComponent(match[1]));
+function signedOut(): boolean {
+  try { return sessionStorage.getItem(SIGNED_OUT_KEY) === "1"; } catch { return false; }
+}
+
+/** Sign out: this tab forgets its token, and new tabs stop starting with it. */
+function signOut(): void {
+  const mine = readTabToken();
+  keepToken(null, false);
+  try {
+    sessionStorage.setItem(SIGNED_OUT_KEY, "1");
+    if (mine && localStorage.getItem(TOKEN_KEY) === mine) localStorage.removeItem(TOKEN_KEY);
+  } catch { /* nothing kept */ }
+  location.reload();
+}
+
+/** The token in a `#token=...` link (never the query: it stays out of logs), taken out of the address bar. */
+function takeTokenFromFragment(): string | null {
+  const match = /(?:^#|&)token=([^&#]*)/.exec(location.hash);
+  if (!match) return null;
   history.replaceState(null, "", location.pathname + location.search);
+  try {
+    return decodeURIComponent(match[1] ?? "") || null;
+  } catch {
+    return null; // a malformed link: ignored
+  }
 }
 
-function claims(token: string): { sub?: string; exp?: number } {
+function claims(token: string): { sub?: string; exp?: number; nick?: string } {
   try {
     const part = (token.split(".")[1] ?? "").replace(/-/g, "+").replace(/_/g, "/");
-    return JSON.parse(atob(part)) as { sub?: string; exp?: number };
+    const json = new TextDecoder().decode(Uint8Array.from(atob(part), (c) => c.charCodeAt(0)));
+    return JSON.parse(json) as { sub?: string; exp?: number; nick?: string };
   } catch {
     return {};
   }
 }
 
-/** With `[web] token_url`, the operator's backend hands out tokens (cookies included). */
-async function fetchToken(): Promise<string | null> {
-  try {
-    const res = await fetch(shared.config.token_url, { credentials: "include", headers: { accept: "application/json" } });
-    if (!res.ok) return null;
-    const body = (await res.json()) as { token?: unknown };
-    return typeof body.token === "string" && body.token ? body.token : null;
-  } catch {
-    return null;
+function who(token: string): string {
+  const c = claims(token);
+  return c.nick || c.sub || "?";
+}
+
+/**
+ * A sign-in link's token. With `[web] token_url` the operator signs people in and links are
+ * ignored (a link would let anyone sign a victim into the link maker's account). A token of
+ * another user than the tab's replaces it only if the person says so, seeing both names.
+ */
+async function offerToken(token: string): Promise<boolean> {
+  if (shared.config.token_url) return false;
+  const current = readTabToken();
+  const sub = claims(token).sub;
+  if (current && current !== token && claims(current).sub !== sub) {
+    if (!(await askSwitch(who(current), who(token)))) return false;
   }
+  keepToken(token);
+  return true;
+}
+
+/** A dialog over the page: switch to `next`, or stay `current`. */
+function askSwitch(current: string, next: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const prev = document.activeElement as HTMLElement | null;
+    const done = (yes: boolean) => { overlay.remove(); prev?.focus?.(); resolve(yes); };
+    const yes = h("button", { type: "button", class: "btn btn-primary btn-block", id: "switch-yes", onclick: () => done(true) }, t("switch_yes", { next }));
+    const no = h("button", { type: "button", class: "btn btn-block", id: "switch-no", onclick: () => done(false) }, t("switch_no", { current }));
+    const overlay = h("div", { class: "overlay", id: "switch-account" },
+      h("section", { class: "card dialog", role: "alertdialog", "aria-modal": "true", "aria-labelledby": "switch-title", "aria-describedby": "switch-body" },
+        h("h2", { id: "switch-title" }, t("switch_title")),
+        h("p", { id: "switch-body" }, t("switch_body", { current, next })),
+        no, yes));
+    document.body.append(overlay);
+    no.focus();
+  });
+}
+
+/**
+ * With `[web] token_url`, the operator's backend hands out tokens (cookies included). A failure
+ * throws: the SDK counts it as a failed attempt and tries again after a backoff, rather than
+ * saying hello with a stale token.
+ */
+async function fetchToken(): Promise<string> {
+  const res = await fetch(shared.config.token_url, { credentials: "include", headers: { accept: "application/json" } });
+  if (!res.ok) throw new Error(`token_url: HTTP ${res.status}`);
+  const body = (await res.json()) as { token?: unknown };
+  if (typeof body.token !== "string" || !body.token) throw new Error("token_url: no token in the answer");
+  return body.token;
 }
 
 async function currentToken(): Promise<string> {
-  const token = storedToken();
-  const exp = token ? claims(token).exp : undefined;
-  if (token && (!shared.config.token_url || (exp !== undefined && exp * 1000 > Date.now() + 60_000))) return token;
-  if (shared.config.token_url) {
-    const fresh = await fetchToken();
-    if (fresh) { keepToken(fresh); return fresh; }
+  const token = readTabToken();
+  if (!shared.config.token_url) {
+    if (!token) throw new Error("signed out");
+    return token;
   }
-  return token ?? "";
+  const exp = token ? claims(token).exp : undefined;
+  if (token && exp !== undefined && exp * 1000 > Date.now() + 60_000) return token;
+  const fresh = await fetchToken();
+  keepToken(fresh);
+  return fresh;
 }
 
 // ---- start-up
@@ -87,12 +180,12 @@ function updateDocument(): void {
 
 async function boot(root: HTMLElement): Promise<void> {
   updateDocument();
-  takeTokenFromFragment();
-  // A sign-in link opened in a tab that has the app already: the new token takes over.
+  const linked = takeTokenFromFragment();
+  // A sign-in link opened in a tab that has the app already: the new token may take over.
   window.addEventListener("hashchange", () => {
     if (!/(?:^#|&)token=/.test(location.hash)) return;
-    takeTokenFromFragment();
-    location.reload();
+    const token = takeTokenFromFragment();
+    if (token && token !== readTabToken()) void offerToken(token).then((taken) => { if (taken) location.reload(); });
   });
   try {
     const [config, regions] = await Promise.all([getJson<WebConfig>("/config.json"), getJson<Regions>("/regions.geojson")]);
@@ -104,13 +197,18 @@ async function boot(root: HTMLElement): Promise<void> {
       h("button", { type: "button", class: "btn btn-primary", onclick: () => location.reload() }, t("retry"))));
     return;
   }
-  let token = storedToken();
-  if (!token && shared.config.token_url) {
-    token = await fetchToken();
-    if (token) keepToken(token);
-    else return showSignIn(root, "signin_token_failed");
+  if (linked) await offerToken(linked);
+  let token = seedToken();
+  if (!token && shared.config.token_url && !signedOut()) {
+    try {
+      token = await fetchToken();
+      keepToken(token);
+    } catch (err) {
+      console.warn(err);
+      return showSignIn(root, "signin_token_failed");
+    }
   }
-  if (!token) return showSignIn(root, null);
+  if (!token) return showSignIn(root, signedOut() ? "signin_signed_out" : null);
   await start(root, token);
 }
 
@@ -188,9 +286,10 @@ async function start(root: HTMLElement, token: string): Promise<void> {
   }
   store.set({ conn: "open" });
   armSound();
+  registerWorker();
   watchGps();
   if (store.get().user?.local) shareLocation((sharing) => store.set({ sharing }));
-  mountShell(root, updateDocument);
+  mountShell(root, updateDocument, signOut);
 }
 
 const root = document.getElementById("app");

@@ -32,7 +32,7 @@ const TABS: Record<"traveller" | "local", { name: RouteName; label: Key; icon: I
   ],
 };
 
-export function mountShell(root: HTMLElement, updateDocument: () => void): void {
+export function mountShell(root: HTMLElement, updateDocument: () => void, signOut: () => void): void {
   const shell = new Cleanup();
   let unmountScreen: (() => void) | null = null;
   const local = !!store.get().user?.local;
@@ -45,6 +45,18 @@ export function mountShell(root: HTMLElement, updateDocument: () => void): void 
     saveLang(lang);
     store.set({ lang });
   });
+  // Who this tab is signed in as (two tabs may be two people), and the way out.
+  const userName = h("span", { class: "user-name", id: "user-nick" });
+  const userButton = h("button", { type: "button", class: "btn btn-small btn-ghost user-chip", id: "user-menu", "aria-expanded": "false", "aria-controls": "user-panel" },
+    icon("user"), userName);
+  const signOutButton = h("button", { type: "button", class: "btn btn-small", id: "sign-out", onclick: signOut });
+  const userLine = h("p", { class: "user-line" });
+  const userPanel = h("div", { class: "user-panel card", id: "user-panel", hidden: true }, userLine, signOutButton);
+  userButton.addEventListener("click", () => {
+    const open = userPanel.hidden;
+    userPanel.hidden = !open;
+    userButton.setAttribute("aria-expanded", String(open));
+  });
   const banners = h("div", { class: "banners", role: "status", "aria-live": "polite" });
   const main = h("main", { id: "main", class: "screen" });
   const alertLayer = h("div", { class: "alert-layer", id: "alerts" });
@@ -52,7 +64,7 @@ export function mountShell(root: HTMLElement, updateDocument: () => void): void 
   const nav = h("nav", { class: "tabbar", "aria-label": t("nav_label") });
   const brand = h("a", { class: "brand", href: href({ name: local ? "nearby" : "ask" }) },
     h("span", { class: "brand-mark", "aria-hidden": "true" }, icon("pin")), h("span", { class: "brand-name" }));
-  const header = h("header", { class: "topbar" }, brand, connPill, h("span", { class: "spacer" }), points, langButton);
+  const header = h("header", { class: "topbar" }, brand, connPill, h("span", { class: "spacer" }), points, userButton, langButton, userPanel);
   root.replaceChildren(header, banners, main, alertLayer, toasts, nav);
   shell.add(mountAlertLayer(alertLayer));
 
@@ -65,6 +77,7 @@ export function mountShell(root: HTMLElement, updateDocument: () => void): void 
     langButton.setAttribute("lang", s.lang === "ko" ? "en" : "ko");
     nav.setAttribute("aria-label", t("nav_label"));
     renderConn();
+    renderUser();
     renderPoints();
     renderNav();
     renderBanners();
@@ -75,6 +88,15 @@ export function mountShell(root: HTMLElement, updateDocument: () => void): void 
     connPill.dataset.state = conn;
     connPill.title = conn === "open" ? t("conn_open") : conn === "reconnecting" ? t("conn_reconnecting") : conn === "closed" ? t("conn_closed") : t("conn_connecting");
     connPill.textContent = conn === "open" ? t("conn_open") : conn === "reconnecting" ? t("conn_connecting") : conn === "closed" ? t("conn_closed") : t("conn_connecting");
+  };
+
+  const renderUser = () => {
+    const user = store.get().user;
+    const nick = user?.nick || user?.user_id || "";
+    userName.textContent = nick;
+    userButton.setAttribute("aria-label", t("user_menu", { nick }));
+    userLine.textContent = `${t("user_menu", { nick })} · ${t(user?.local ? "role_local" : "role_traveller")}`;
+    signOutButton.textContent = t("sign_out");
   };
 
   const renderPoints = () => {
@@ -139,6 +161,7 @@ export function mountShell(root: HTMLElement, updateDocument: () => void): void 
     if (s.conn !== prev.conn || s.missed !== prev.missed || s.ended !== prev.ended) { renderConn(); renderBanners(); }
     if (s.unread !== prev.unread) { renderNav(); updateDocument(); }
     if (s.user?.points !== prev.user?.points) renderPoints();
+    if (s.user?.nick !== prev.user?.nick || s.user?.user_id !== prev.user?.user_id) renderUser();
     if (s.toasts !== prev.toasts) renderToasts();
   }));
   const onHash = () => {

@@ -78,11 +78,55 @@ export function systemNotificationsState(): "on" | "off" | "denied" | "unsupport
   return Notification.permission === "granted" ? "on" : Notification.permission === "denied" ? "denied" : "off";
 }
 
-/** A system notification, only while the page is hidden and the user allowed them. */
+// ---- system notifications
+
+const clickHandlers = new Map<string, () => void>();
+let worker: Promise<ServiceWorkerRegistration | null> | null = null;
+
+/**
+ * Register the service worker (`sw.js`, same origin: the CSP's script-src 'self' covers it as
+ * worker-src). Android Chrome shows notifications only through it; elsewhere it is unused.
+ */
+export function registerWorker(): void {
+  const container = navigator.serviceWorker;
+  if (worker || !container || !window.isSecureContext) return;
+  worker = container.register("sw.js").catch(() => null);
+  container.addEventListener("message", (event: MessageEvent<{ type?: string; tag?: string }>) => {
+    if (event.data?.type !== "notificationclick" || typeof event.data.tag !== "string") return;
+    const onClick = clickHandlers.get(event.data.tag);
+    clickHandlers.delete(event.data.tag);
+    window.focus();
+    onClick?.();
+  });
+}
+
+/** The worker's registration once it is active, or null (none, not yet, failed). */
+async function activeWorker(): Promise<ServiceWorkerRegistration | null> {
+  const registration = worker ? await worker : null;
+  return registration?.active ? registration : null;
+}
+
+/**
+ * A system notification, only while the page is hidden and the user allowed them: through the
+ * service worker where there is one (the only way on Android Chrome), else `new Notification`.
+ */
 export function notifySystem(title: string, body: string, tag: string, onClick: () => void): void {
   if (document.visibilityState !== "hidden" || systemNotificationsState() !== "on") return;
-  try {
-    const n = new Notification(title, { body, tag, icon: "icon.svg", lang: document.documentElement.lang });
-    n.onclick = () => { window.focus(); onClick(); n.close(); };
-  } catch { /* Android Chrome wants a service worker for this; the in-page alert is there anyway */ }
+  const options: NotificationOptions = { body, tag, icon: "icon.svg", lang: document.documentElement.lang };
+  void (async () => {
+    const registration = await activeWorker();
+    if (registration) {
+      try {
+        clickHandlers.set(tag, onClick);
+        await registration.showNotification(title, options);
+        return;
+      } catch {
+        clickHandlers.delete(tag); // e.g. the permission was withdrawn meanwhile: try the page's own
+      }
+    }
+    try {
+      const n = new Notification(title, options);
+      n.onclick = () => { window.focus(); onClick(); n.close(); };
+    } catch { /* no way to notify here: the in-page alert is there anyway */ }
+  })();
 }
