@@ -495,6 +495,16 @@ def test_two_tabs_one_profile(server: Server) -> None:
             jun.shoot("local-alert-360x640")
             jun.axe("alert, 360x640")
 
+            # A place tapped on the map: alerts come for it, but it is not reported as the phone's position.
+            jun.page.click(f"{card} .alert-form .btn-ghost >> nth=1")  # later
+            jun.page.wait_for_selector(card, state="detached")
+            jun.page.wait_for_selector("#sharing[data-live=true][data-source=gps]")
+            box = jun.page.locator(".map-box svg.map").bounding_box()
+            assert box is not None
+            jun.page.mouse.click(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.45)
+            jun.page.wait_for_selector("#sharing[data-live=true][data-source=map]", timeout=5000)
+            assert "GPS" in jun.page.inner_text("#sharing")
+
             # Signing out of Mina's tab leaves Jun's signed in.
             mina.page.click("#user-menu")
             mina.page.wait_for_selector("#user-panel:has-text('Mina')")

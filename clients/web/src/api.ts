@@ -58,8 +58,8 @@ export function sessionState(): ConnState {
   return session?.state ?? "connecting";
 }
 
-/** The session's own events: each hello, lost notifications, a dropped connection, the end. */
-export function onSession<K extends "hello" | "missed" | "disconnected" | "closed">(type: K, fn: (value: SessionEvents[K]) => void): () => void {
+/** The session's own events: each hello, a room re-joined after a reconnect, lost notifications, a dropped connection, the end. */
+export function onSession<K extends "hello" | "rejoined" | "missed" | "disconnected" | "closed">(type: K, fn: (value: SessionEvents[K]) => void): () => void {
   return current().on(type, fn as never);
 }
 

@@ -39,7 +39,10 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     const s = store.get().sharing;
     const on = !!s?.live && store.get().conn === "open";  // while reconnecting, no alert can arrive
     live.dataset.live = String(on);
-    live.textContent = on ? `${t("nearby_live")}${s?.region ? ` · ${regionName(s.region)}` : ""}`
+    // A place tapped on the map is where alerts are sent for, but it is not the phone's position: say so.
+    const chosen = store.get().meSource === "map";
+    live.dataset.source = chosen ? "map" : "gps";
+    live.textContent = on ? `${t(chosen ? "nearby_live_map" : "nearby_live")}${s?.region ? ` · ${regionName(s.region)}` : ""}`
       : s?.error === "outside_service_area" ? t("geo_outside") : t("nearby_not_live");
   };
 
@@ -72,7 +75,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       if (!prev.me && s.me) map.setFocus(s.me);
       soon();
     }
-    if (s.sharing !== prev.sharing || s.conn !== prev.conn) renderLive();
+    if (s.sharing !== prev.sharing || s.conn !== prev.conn || s.meSource !== prev.meSource) renderLive();
     if (s.conn === "open" && prev.conn === "reconnecting") soon();
   }));
   cleanup.timer(() => { if (store.get().conn === "open") load(); }, 60_000);

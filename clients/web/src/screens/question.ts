@@ -1,6 +1,6 @@
 // A question's room: the question, answers arriving live, who is here and who is typing;
 // the asker accepts one, everyone else may answer.
-import { call, onEvent } from "../api";
+import { call, onEvent, onSession } from "../api";
 import { toast, type AppStore } from "../app";
 import { Cleanup, fill, h } from "../dom";
 import { errorText, report } from "../errors";
@@ -190,18 +190,20 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     call("mark_read", { question_id: id, answer_ids: unread }).catch(report);
   };
 
+  type Joined = Awaited<ReturnType<typeof call<"join_question">>>;
+  const show = (r: Joined) => {
+    if (gone) return;
+    question = r.question;
+    answers = r.answers;
+    online = r.online;
+    onlineCount = r.online_count;
+    typing.clear();
+    for (const p of r.typing) typing.set(p.user_id, p.nick);
+    render();
+    markRead();
+  };
   const join = () => {
-    call("join_question", { question_id: id }).then((r) => {
-      if (gone) return;
-      question = r.question;
-      answers = r.answers;
-      online = r.online;
-      onlineCount = r.online_count;
-      typing.clear();
-      for (const p of r.typing) typing.set(p.user_id, p.nick);
-      render();
-      markRead();
-    }, (err: unknown) => {
+    call("join_question", { question_id: id }).then(show, (err: unknown) => {
       report(err);
       if (gone) return;
       title.textContent = (err as { code?: string }).code === "not_found" ? t("q_deleted") : errorText(err);
@@ -257,9 +259,11 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     answers = answers.map((a) => (a.answer_id === d.answer_id ? { ...a, state: d.state } : a));
     renderAnswers();
   })));
-  // Live events were missed while away: after a reconnect, read the room again.
+  // Live events were missed while away: the SDK re-joins the room after a reconnect, and its
+  // reply is the room as it is now. A room never joined (the first join was lost) is joined here.
+  cleanup.add(onSession("rejoined", (r) => { if (r.question.question_id === id) show(r as unknown as Joined); }));
   cleanup.add(store.subscribe((s, prev) => {
-    if (s.conn === "open" && prev.conn === "reconnecting") join();
+    if (s.conn === "open" && prev.conn === "reconnecting" && question === null && !gone) join();
   }));
   cleanup.listen(document, "visibilitychange", markRead);
   cleanup.timer(() => { if (question) renderAnswers(); }, 30_000);
