@@ -591,7 +591,7 @@ class OperatorServer:
 
 
 def test_street_map_and_sign_in_from_the_operator(tmp_path: Path) -> None:
-    """``[web] token_url`` signs the page in (with its cookie); ``[web] tile_url`` gives Leaflet its tiles; nothing else is fetched."""
+    """``[web] token_url`` signs the page in (with its cookie; ``#token=`` links ignored); ``[web] tile_url`` gives Leaflet its tiles; nothing else is fetched."""
     from playwright.sync_api import sync_playwright
 
     with OperatorServer(mint("mina", nick="Mina")) as tiles:
@@ -615,9 +615,17 @@ def test_street_map_and_sign_in_from_the_operator(tmp_path: Path) -> None:
                         [{"name": "session", "value": "traveller", "url": f"http://127.0.0.1:{tiles.port}/"}]
                     )
                     traveller = Watched(context, "traveller")
-                    traveller.page.goto(f"{server.url}/")  # no #token=: the app asks token_url
+                    # A sign-in link for someone else is ignored with token_url (no login CSRF by link):
+                    # the app asks token_url, with the operator's cookie.
+                    traveller.page.goto(f"{server.url}/#token={mint('mallory', nick='Mallory')}")
                     traveller.wait_open()
                     assert tiles.cookies == ["session=traveller"]
+                    traveller.page.wait_for_selector("#user-nick:has-text('Mina')")
+                    assert "token" not in traveller.page.url
+                    # Tokens from token_url are kept in memory only.
+                    assert traveller.page.evaluate(
+                        "() => [localStorage.getItem('dongne.token'), sessionStorage.getItem('dongne.token')]"
+                    ) == [None, None]
                     traveller.page.wait_for_selector(".leaflet-tile-loaded", timeout=10_000)
                     # The regions, drawn over the tiles.
                     traveller.page.wait_for_selector(".leaflet-overlay-pane path", state="attached", timeout=5000)

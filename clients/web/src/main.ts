@@ -27,7 +27,7 @@ const SIGNED_OUT_KEY = "dongne.signed_out";
 let tabToken: string | null = null;
 
 function readTabToken(): string | null {
-  if (tabToken) return tabToken;
+  if (tabToken || shared.config.token_url) return tabToken;
   try { tabToken = sessionStorage.getItem(TOKEN_KEY); } catch { /* no sessionStorage: memory only */ }
   return tabToken;
 }
@@ -53,8 +53,10 @@ function keepToken(token: string | null, shareWithNewTabs = !shared.config.token
     try { if (localStorage.getItem(TOKEN_KEY) === previous) localStorage.removeItem(TOKEN_KEY); } catch { /* nothing kept */ }
   }
   try {
-    if (token) { sessionStorage.setItem(TOKEN_KEY, token); sessionStorage.removeItem(SIGNED_OUT_KEY); }
+    // token_url's tokens stay in memory: the operator's cookie gets a fresh one at each load.
+    if (token && !shared.config.token_url) sessionStorage.setItem(TOKEN_KEY, token);
     else sessionStorage.removeItem(TOKEN_KEY);
+    if (token) sessionStorage.removeItem(SIGNED_OUT_KEY);
   } catch { /* the token lasts this page */ }
   if (!shareWithNewTabs) return;
   try {
