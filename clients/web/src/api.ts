@@ -59,7 +59,7 @@ export function sessionState(): ConnState {
 }
 
 /** The session's own events: each hello, a room re-joined after a reconnect, lost notifications, a dropped connection, the end. */
-export function onSession<K extends "hello" | "rejoined" | "missed" | "disconnected" | "closed">(type: K, fn: (value: SessionEvents[K]) => void): () => void {
+export function onSession<K extends "hello" | "rejoined" | "missed" | "disconnected" | "closed" | "user_changed">(type: K, fn: (value: SessionEvents[K]) => void): () => void {
   return current().on(type, fn as never);
 }
 

@@ -134,6 +134,11 @@ function askSwitch(current: string, next: string): Promise<boolean> {
         h("h2", { id: "switch-title" }, t("switch_title")),
         h("p", { id: "switch-body" }, t("switch_body", { current, next })),
         no, yes));
+    // Escape keeps the current user; Tab stays within the two buttons.
+    overlay.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") done(false);
+      else if (e.key === "Tab") { e.preventDefault(); (document.activeElement === no ? yes : no).focus(); }
+    });
     document.body.append(overlay);
     no.focus();
   });
@@ -250,6 +255,9 @@ async function start(root: HTMLElement, token: string): Promise<void> {
     store.set({ user: hello.user, unread: hello.unread });
   });
   onSession("missed", () => store.set({ missed: true }));
+  // token_url handed out another user's token (the operator's sign-in changed): the screens,
+  // alerts and rooms on show were the previous user's, so start again as the new one.
+  onSession("user_changed", () => location.reload());
   onSession("closed", (err) => {
     store.set({ ended: err.code === null ? "closed" : String(err.code) });
     if (err.code === 4001 && store.get().user) { keepToken(null); showSignIn(root, "signin_expired"); }
