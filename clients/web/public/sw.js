@@ -10,10 +10,11 @@ self.addEventListener("notificationclick", (event) => {
   const url = new URL(`./#/q/${encodeURIComponent(tag)}`, self.registration.scope).href;
   event.waitUntil((async () => {
     const tabs = await self.clients.matchAll({ type: "window", includeUncontrolled: true });
-    const tab = tabs.find((c) => c.focused) ?? tabs[0];
-    if (tab) {
-      await tab.focus();
-      tab.postMessage({ type: "notificationclick", tag });
+    if (tabs.length > 0) {
+      // Every tab hears it; the one that showed this notification opens the question. (Which
+      // tab that was is not known here: two tabs may be two users.)
+      for (const tab of tabs) tab.postMessage({ type: "notificationclick", tag });
+      await (tabs.find((c) => c.focused) ?? tabs[0]).focus();
     } else {
       await self.clients.openWindow(url);
     }
