@@ -365,9 +365,9 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             # Through the service worker (the only way Android Chrome shows one), registered by the app.
             notes = local.page.evaluate("() => window.__notifications")
             assert [(n["tag"], n["via"]) for n in notes] == [(q2, "worker")]
-            assert local.page.evaluate("async () => (await navigator.serviceWorker.getRegistration()).active.scriptURL") == (
-                f"{server.url}/sw.js"
-            )
+            assert local.page.evaluate(
+                "async () => (await navigator.serviceWorker.getRegistration()).active.scriptURL"
+            ) == (f"{server.url}/sw.js")
             local.page.evaluate("() => { window.__hidden = false; }")
             for watched in (traveller, local):
                 assert watched.page.evaluate("() => window.__sameDocument") is True  # no reload
