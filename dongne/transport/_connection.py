@@ -8,8 +8,12 @@ A client whose backlog exceeds the bound is a slow consumer: it is closed with
 4009 and recovers its durable events with ``resume`` when it reconnects, so
 one stalled client never delays anyone else.
 
-Inbound bytes go through wsproto's sans-I/O ``Connection``, which handles
-masking, fragmentation and control frames.
+Inbound: the common frames (whole masked binary messages, pings, pongs) are
+read directly; the first other frame (text, a fragment, a close, anything
+malformed) hands the rest of the stream, at that frame's start, to wsproto's
+sans-I/O ``Connection``, which judges it with masking, fragmentation and
+control-frame rules. Each fragment of a message counts ``FRAGMENT_COST``
+against ``max_message_bytes`` besides its bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from ._handshake import recv_some
 __all__ = ["BinaryFrame", "TextFrame", "WebSocketConnection"]
 
 CLOSE_GRACE_S = 2.0
+#: What each fragment of a message costs against ``max_message_bytes`` besides
+#: its bytes (about what keeping it costs): a client cannot hold the server
+#: busy and growing with thousands of empty or 1-byte fragments of one message.
+FRAGMENT_COST = 64
 LINGER_MAX_BYTES = 4 * 1024 * 1024
 
 
@@ -373,8 +381,9 @@ class WebSocketConnection:
 
     async def _wsproto_messages(self) -> AsyncIterator[BinaryFrame | TextFrame]:
         """:meth:`messages` through wsproto, for the rest of the stream."""
-        parts: list[bytes] = []
-        size = 0
+        body = bytearray()
+        size = 0  # the message's bytes
+        cost = 0  # its bytes plus FRAGMENT_COST for each of its frames on the wire
         text = False
         while True:
             for ev in self._ws.events():
@@ -382,18 +391,17 @@ class WebSocketConnection:
                     # bytes() is free on the bytes wsproto yields; its type says it may be a bytearray.
                     chunk = bytes(ev.data) if isinstance(ev, BytesMessage) else ev.data.encode()
                     size += len(chunk)
-                    if size > self._max_message:
-                        self.close(1009, f"message larger than {self._max_message} bytes")
+                    cost += len(chunk) + (FRAGMENT_COST if ev.frame_finished else 0)
+                    if size > self._max_message or cost > self._max_message + FRAGMENT_COST:
+                        self.close(1009, f"message larger than {self._max_message} bytes (each fragment counts extra)")
                         return
                     text = isinstance(ev, TextMessage)
-                    if not text:
-                        parts.append(chunk)
+                    if not text and chunk:
+                        # One buffer: a message trickling in a byte per read arrives as that many events.
+                        body += chunk
                     if ev.message_finished:
-                        if text:
-                            yield TextFrame(size)
-                        else:
-                            yield BinaryFrame(parts[0] if len(parts) == 1 else b"".join(parts))
-                        parts, size, text = [], 0, False
+                        yield TextFrame(size) if text else BinaryFrame(bytes(body))
+                        body, size, cost, text = bytearray(), 0, 0, False
                         if self.closing:
                             return
                 elif isinstance(ev, Ping):
