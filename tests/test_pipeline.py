@@ -111,14 +111,17 @@ async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
             await nursery.start(pipeline.run)
             nursery.start_soon(functools.partial(keep_wal_short, store, pipeline, commits=40, rows=10**9))
             nursery.start_soon(write_forever)
-            for cycles in (2, 8):  # two checkpoints a cycle
+            for cycles in (2, 16):  # two checkpoints a cycle
                 with trio.fail_after(60):
                     while store.checkpoints < 2 * cycles:
                         await pipeline.wait_for_commit()
                 sizes.append(wal.stat().st_size)
             nursery.cancel_scope.cancel()
-        assert store.commits > 8 * 40
-        assert sizes[1] < 1.5 * sizes[0], sizes  # four times the commits, not four times the WAL
+        assert store.commits > 16 * 40
+        # Eight times the commits, not eight times the WAL (a WAL that never starts over
+        # grows with them). On a loaded machine a restart may slip past a few cycles and
+        # raise the high-water mark: 3.6x was seen at a load average of 3 on 2 cores.
+        assert sizes[1] < 5 * sizes[0], sizes
     finally:
         store.close()
 
