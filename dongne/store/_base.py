@@ -69,6 +69,10 @@ class SqlStore:
     def commit(self, batch: PreparedCommit) -> None:
         raise NotImplementedError
 
+    def _last_push_job_id(self) -> int:
+        """Where the engine's push job ids continue from (it adds one before each): the highest given so far."""
+        return int(self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0])
+
     # ---- writes ------------------------------------------------------------------
 
     def apply(self, writes: Sequence[Write]) -> None:
@@ -125,7 +129,7 @@ class SqlStore:
             )
         ]
         pending_pushes = self.pending_push_jobs(0, -1)  # all of them
-        last_job = self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0]
+        last_job = self._last_push_job_id()
         return LoadedState(
             users=users,
             questions=questions,

@@ -39,11 +39,11 @@ import psycopg.conninfo
 
 from ._backup import DatabaseInUseError
 from ._base import SqlStore
-from ._interface import StoreError, WriteFailed
+from ._interface import LeaseLost, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
 from ._writes import PreparedCommit
 
-__all__ = ["NODE_LOCK", "PostgresStore", "redact"]
+__all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
 
 #: Reader connections: as many reads run at once (each on a worker thread).
 READERS = 4
@@ -53,6 +53,10 @@ NODE_LOCK = 0x646F6E676E65  # "dongne"
 NODE_LOCK_WAIT_S = 5.0
 #: The transaction advisory lock migrations run under.
 MIGRATION_LOCK = NODE_LOCK + 1
+#: What ``dongne_check_lease`` raises when a commit's lease epoch is no longer current (migration 2).
+LEASE_LOST_SQLSTATE = "DL001"
+#: Push job ids are taken from the sequence ``push_job_blocks`` in blocks of this many (see ``_last_push_job_id``).
+PUSH_JOB_BLOCK = 1 << 32
 #: PostgreSQL's limit on parameters in one statement (a 16-bit count).
 MAX_PARAMETERS = 65535
 
@@ -255,6 +259,8 @@ class PostgresStore(SqlStore):
         except (psycopg.Error, DatabaseInUseError) as exc:
             if conn is not None and conn.broken:
                 conn.close()  # the next transaction connects again
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == LEASE_LOST_SQLSTATE:
+                raise LeaseLost(f"{what} refused: {_one_line(exc)}") from exc
             raise WriteFailed(f"{what} failed: {_one_line(exc)}") from exc
 
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
@@ -306,6 +312,18 @@ class PostgresStore(SqlStore):
             raise AssertionError("unreachable")
         finally:
             self._readers.put(reader)
+
+    def _last_push_job_id(self) -> int:
+        """A fresh block of push job ids, at every load: no other node, and no earlier load, has it.
+
+        The engine numbers jobs from here on in memory (``job_id + 1``, ...);
+        with blocks of 2^32 it never reaches the next block, and ids stay
+        increasing (the dispatcher pages by them) and exact in JavaScript for
+        two million loads. Were a node ever to run past its block, the push
+        outbox's primary key refuses the commit and the reload that follows
+        takes a new block.
+        """
+        return int(self._read("SELECT nextval('push_job_blocks')")[0][0]) * PUSH_JOB_BLOCK
 
     def _seq_ranges(self) -> list[tuple[str, int, int]]:
         return [

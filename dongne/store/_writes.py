@@ -36,8 +36,11 @@ from ..core.records import Answer, IpBlock, PushJob, Question, Report, User
 from ._queries import Dialect
 from ._rows import ANSWER_COLS, QUESTION_COLS, REPORT_COLS, USER_COLS, answer_row, question_row, report_row, user_row
 
-__all__ = ["MAX_ROWS_PER_STATEMENT", "PreparedCommit", "prepare_writes"]
+__all__ = ["MAX_ROWS_PER_STATEMENT", "NOTIFY_PAYLOAD_LIMIT", "PreparedCommit", "prepare_writes"]
 
+
+#: PostgreSQL's limit on a notification's payload, in bytes (8000 in a default build, the terminator included).
+NOTIFY_PAYLOAD_LIMIT = 8000
 
 #: The most rows in one multi-row INSERT (a power of two); see PreparedCommit.insert.
 MAX_ROWS_PER_STATEMENT = 256
@@ -88,6 +91,33 @@ class PreparedCommit:
         """One statement run per row (for UPDATEs)."""
         self.statements.append((sql, list(rows), True))
         self.rows += len(rows)
+
+    def guard_lease(self, epoch: int, name: str = "escalation") -> None:
+        """Commit only while lease ``name`` is still at ``epoch`` (PostgreSQL; see ``CLUSTER.md``).
+
+        The check runs first and keeps the lease row locked (``FOR SHARE``)
+        until the commit ends, so a steal waits for it; if the epoch moved on,
+        the commit raises ``LeaseLost`` and nothing of it is written.
+
+        Raises:
+            TypeError: on SQLite, which has no lease (one node).
+        """
+        if self._marker != "%s":
+            raise TypeError("a lease guard needs PostgreSQL")
+        self.statements.insert(0, ("SELECT dongne_check_lease(%s, %s)", [name, epoch], False))
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send ``payload`` on ``channel`` if, and only if, the commit succeeds (PostgreSQL's ``pg_notify``).
+
+        Raises:
+            TypeError: on SQLite, which has no LISTEN/NOTIFY.
+            ValueError: a payload over PostgreSQL's limit (7999 bytes).
+        """
+        if self._marker != "%s":
+            raise TypeError("notifications need PostgreSQL")
+        if len(payload.encode()) >= NOTIFY_PAYLOAD_LIMIT:
+            raise ValueError(f"a notification payload must be under {NOTIFY_PAYLOAD_LIMIT} bytes")
+        self.statements.append(("SELECT pg_notify(%s, %s)", [channel, payload], False))
 
 
 def prepare_writes(writes: Sequence[Write], max_variables: int, dialect: Dialect = "sqlite") -> PreparedCommit:

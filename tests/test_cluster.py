@@ -1,0 +1,274 @@
+"""Groundwork for several nodes on one PostgreSQL database (store/CLUSTER.md): membership, the escalation
+lease and its guarded commits, LISTEN/NOTIFY across connections, push job ids in blocks."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+
+from dongne.cluster import Listener, Membership, backoff
+from dongne.core.effects import AppendEvent, SaveUser
+from dongne.core.records import User
+from dongne.store import LeaseLost, Storage, WriteFailed, store_for
+from dongne.store._pg_schema import PG_MIGRATIONS
+
+from .conftest import db_rows
+
+BLOCK = 1 << 32
+
+
+@pytest.fixture
+def store(db: Path | str) -> Iterator[Storage]:
+    opened = store_for(db)
+    opened.open()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def link(store: Storage, db: str) -> Iterator[object]:
+    from dongne.store._cluster import ClusterLink
+
+    made = ClusterLink(db)
+    yield made
+    made.close()
+
+
+def event(user: str, seq: int) -> AppendEvent:
+    return AppendEvent(user, seq, "answer_notification", {"n": seq}, 1000 + seq)
+
+
+# ---- membership ---------------------------------------------------------------------
+
+
+@pytest.mark.backends("postgres")
+def test_nodes_register_heartbeat_and_expire(link: object, db: str) -> None:
+    """A node silent for the ttl is removed by a peer's heartbeat, and comes back with its own next one."""
+    clock = {"a": 1_000, "b": 2_000}
+    a = Membership(link, ttl_s=10.0, now_ms=lambda: clock["a"], node_id="a")  # type: ignore[arg-type]
+    b = Membership(link, ttl_s=10.0, now_ms=lambda: clock["b"], node_id="b")  # type: ignore[arg-type]
+    a.beat()
+    b.beat()
+    a.beat()
+    assert [n["node_id"] for n in a.state()["nodes"]] == ["a", "b"]
+    assert [n["self"] for n in a.state()["nodes"]] == [True, False]
+
+    clock["a"] = 12_000  # b's heartbeat (2,000) is exactly 10 s old: still listed
+    a.beat()
+    assert a.gauges() == {"cluster_nodes": 2}
+    clock["a"] = 12_001
+    a.beat()
+    assert a.gauges() == {"cluster_nodes": 1}
+    assert db_rows(db, "SELECT node_id, heartbeat_at FROM cluster_nodes") == [("a", 12_001)]
+
+    clock["b"] = 12_500
+    b.beat()
+    assert [(n["node_id"], n["heartbeat_at"]) for n in b.state()["nodes"]] == [("a", 12_001), ("b", 12_500)]
+
+
+def test_sqlite_is_a_cluster_of_one() -> None:
+    """Without a shared database the node lists itself, and nothing else."""
+    alone = Membership(None, now_ms=lambda: 5, node_id="solo")
+    alone.beat()
+
+    assert alone.state() == {
+        "node_id": "solo",
+        "shared": False,
+        "nodes": [
+            {"node_id": "solo", "host": alone.host, "pid": alone.pid, "started_at": 5, "heartbeat_at": 5, "self": True}
+        ],
+        "lease": None,
+    }
+    assert alone.gauges() == {"cluster_nodes": 1}
+
+
+# ---- the escalation lease ---------------------------------------------------------------
+
+
+@pytest.mark.backends("postgres")
+def test_the_lease_is_taken_renewed_stolen_after_expiry_and_released(link: object) -> None:
+    from dongne.store._cluster import ClusterLink, Lease
+
+    assert isinstance(link, ClusterLink)
+    assert link.lease() == Lease("escalation", None, 0, 0)
+    assert link.acquire_lease("a", 1_000, 500) == Lease("escalation", "a", 1, 1_500)
+    assert link.acquire_lease("b", 1_499, 500) is None  # not yet expired
+    assert link.acquire_lease("a", 1_400, 500) == Lease("escalation", "a", 1, 1_900)  # renewed: same epoch
+    assert link.acquire_lease("b", 1_900, 500) == Lease("escalation", "b", 2, 2_400)  # expired: stolen
+    assert link.acquire_lease("a", 2_000, 500) is None
+    assert not link.release_lease("a", 1)  # no longer a's
+    assert link.release_lease("b", 2)
+    assert link.acquire_lease("a", 2_001, 500) == Lease("escalation", "a", 3, 2_501)  # free: a new epoch
+    assert link.lease().held_by("a", 2_500) and not link.lease().held_by("a", 2_501)
+
+
+@pytest.mark.backends("postgres")
+def test_a_paused_holders_late_commit_is_refused_and_writes_nothing(store: Storage, link: object, db: str) -> None:
+    """The holder commits under its epoch; once another node took the expired lease, its next commit fails whole."""
+    from dongne.store._cluster import ClusterLink
+
+    assert isinstance(link, ClusterLink)
+    held = link.acquire_lease("leader", 1_000, 5_000)
+    assert held is not None
+    user = User("u1", "u1", local=True, created_at=1)
+    on_time = store.prepare([SaveUser(user), event("u1", 1)])
+    on_time.guard_lease(held.epoch)
+    store.commit(on_time)
+
+    # The leader pauses past its lease; another node takes it.
+    assert link.acquire_lease("other", 6_000, 5_000) is not None
+    late = store.prepare([event("u1", 2), event("u2", 1)])
+    late.guard_lease(held.epoch)
+    with pytest.raises(LeaseLost, match="lease escalation lost"):
+        store.commit(late)
+
+    assert isinstance(LeaseLost("x"), WriteFailed)
+    assert db_rows(db, "SELECT user_id, seq FROM events ORDER BY user_id, seq") == [("u1", 1)]
+    assert db_rows(db, "SELECT user_id, last_seq FROM inbox_heads") == [("u1", 1)]
+    store.apply([event("u1", 2)])  # the writer is fine: only the guarded commit was refused
+    assert db_rows(db, "SELECT max(seq) FROM events") == [(2,)]
+
+
+def test_sqlite_commits_carry_no_lease_and_no_notification(tmp_path: Path) -> None:
+    store = store_for(tmp_path / "x.sqlite3")
+    batch = store.prepare([event("u1", 1)])
+
+    with pytest.raises(TypeError):
+        batch.guard_lease(1)
+    with pytest.raises(TypeError):
+        batch.notify("dongne_events", "u1:1")
+
+
+# ---- LISTEN / NOTIFY --------------------------------------------------------------------
+
+
+class Heard:
+    """What a Listener handed on, with a way to wait for it."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+        self.connected = 0
+        self._changed = trio.Event()
+
+    def notify(self, channel: str, payload: str) -> None:
+        self.items.append((channel, payload))
+        self._changed.set()
+
+    def on_connected(self) -> None:
+        self.connected += 1
+        self._changed.set()
+
+    async def wait_for(self, condition: object) -> None:
+        with trio.fail_after(10):
+            while not condition():  # type: ignore[operator]
+                self._changed = trio.Event()
+                await self._changed.wait()
+
+
+def listener_for(db: str, heard: Heard) -> Listener:
+    from dongne.store._cluster import connect_listener
+
+    return Listener(
+        functools.partial(connect_listener, db, ("dongne_events",)), heard.notify, heard.on_connected, rand=lambda: 0.0
+    )
+
+
+@pytest.mark.backends("postgres")
+async def test_a_commits_notification_reaches_a_listener_only_if_it_commits(store: Storage, db: str) -> None:
+    heard = Heard()
+    listener = listener_for(db, heard)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(listener.run)
+        first = store.prepare([event("u1", 1)])
+        first.notify("dongne_events", "u1:1")
+        await trio.to_thread.run_sync(store.commit, first)
+        refused = store.prepare([event("u1", 1)])  # the same seq again: the commit fails
+        refused.notify("dongne_events", "u1:1 again")
+        with pytest.raises(WriteFailed):
+            await trio.to_thread.run_sync(store.commit, refused)
+        second = store.prepare([event("u1", 2)])
+        second.notify("dongne_events", "u1:2")
+        await trio.to_thread.run_sync(store.commit, second)
+        await heard.wait_for(lambda: len(heard.items) >= 2)
+        nursery.cancel_scope.cancel()
+
+    assert heard.items == [("dongne_events", "u1:1"), ("dongne_events", "u1:2")]
+    with pytest.raises(ValueError):
+        store.prepare([]).notify("dongne_events", "x" * 8000)
+
+
+@pytest.mark.backends("postgres")
+async def test_a_terminated_listen_connection_comes_back(store: Storage, db: str) -> None:
+    """pg_terminate_backend cuts the LISTEN session; the listener connects again and says so."""
+    heard = Heard()
+    listener = listener_for(db, heard)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(listener.run)
+        first_pid = listener.backend_pid
+        assert db_rows(db, "SELECT pg_terminate_backend(?)", (first_pid,)) == [(True,)]
+        await heard.wait_for(lambda: heard.connected == 2 and listener.backend_pid is not None)
+        batch = store.prepare([event("u1", 1)])
+        batch.notify("dongne_events", "after")
+        await trio.to_thread.run_sync(store.commit, batch)
+        await heard.wait_for(lambda: heard.items)
+        nursery.cancel_scope.cancel()
+
+    assert listener.connections == 2 and listener.backend_pid != first_pid
+    assert heard.items == [("dongne_events", "after")]
+
+
+def test_reconnects_back_off_with_full_jitter_and_a_cap() -> None:
+    assert [backoff(n, lambda: 1.0) for n in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    assert backoff(100, lambda: 0.5) == 2.5
+    assert backoff(3, lambda: 0.0) == 0.0
+
+
+# ---- push job ids -----------------------------------------------------------------------
+
+
+@pytest.mark.backends("postgres")
+def test_each_load_takes_a_fresh_block_of_push_job_ids(store: Storage) -> None:
+    first = store.load(hot_since=0).last_push_job_id
+    second = store.load(hot_since=0).last_push_job_id
+
+    assert first % BLOCK == 0 and second % BLOCK == 0
+    assert second >= first + BLOCK
+
+
+@pytest.mark.backends("postgres")
+def test_push_job_blocks_start_above_the_ids_given_before_the_migration(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE dongne_schema (version integer NOT NULL)")
+        conn.execute("INSERT INTO dongne_schema VALUES (1)")
+        conn.execute(PG_MIGRATIONS[0].encode())
+        conn.execute(
+            "INSERT INTO push_outbox VALUES (%s, 'u', 'k', 0, '\\x80', 'pending', 0, NULL, 1, 1)", (3 * BLOCK + 5,)
+        )
+    store = store_for(db)
+    store.open()  # migration 2
+    try:
+        loaded = store.load(hot_since=0)
+    finally:
+        store.close()
+
+    assert loaded.last_push_job_id == 4 * BLOCK
+    assert [job.job_id for job in loaded.pending_pushes] == [3 * BLOCK + 5]
+
+
+def test_sqlite_push_job_ids_go_on_from_the_highest(tmp_path: Path) -> None:
+    from dongne.core.effects import EnqueuePush
+    from dongne.core.records import PushJob
+
+    store = store_for(tmp_path / "x.sqlite3")
+    store.open()
+    try:
+        store.apply([EnqueuePush(PushJob(7, "u", "k", False, {}, 1))])
+        assert store.load(hot_since=0).last_push_job_id == 7
+        assert store.load(hot_since=0).last_push_job_id == 7
+    finally:
+        store.close()
