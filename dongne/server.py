@@ -27,7 +27,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -132,6 +132,8 @@ class ClientServer:
         self.store = store
         self.clock = clock
         self.encoder = FrameEncoder()
+        #: More live gauges, read at scrape time (the app adds the cluster's).
+        self.gauge_sources: list[Callable[[], dict[str, Any]]] = []
         self.metrics = Metrics(self._gauges)
         self.door = Doorman(settings, limits, on_refused=self.metrics.rate_limit_hits.labels("connection").inc)
         self._connections_total = self.metrics.connections_total
@@ -197,7 +199,11 @@ class ClientServer:
             nursery.cancel_scope.cancel()
 
     def _gauges(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for source in self.gauge_sources:
+            extra.update(source())
         return {
+            **extra,
             **self.engine.counts(),
             "escalations_running": len(self.escalation_scopes),
             "store_writes_failing": 0 if self.writable else 1,

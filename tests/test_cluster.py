@@ -7,17 +7,19 @@ import functools
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import trio
 
+from dongne.admin import COOKIE_NAME
 from dongne.cluster import Listener, Membership, backoff
 from dongne.core.effects import AppendEvent, SaveUser
 from dongne.core.records import User
 from dongne.store import LeaseLost, Storage, WriteFailed, store_for
 from dongne.store._pg_schema import PG_MIGRATIONS
 
-from .conftest import db_rows
+from .conftest import Harness, db_rows, token
 
 BLOCK = 1 << 32
 
@@ -85,6 +87,26 @@ def test_sqlite_is_a_cluster_of_one() -> None:
         "lease": None,
     }
     assert alone.gauges() == {"cluster_nodes": 1}
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_a_running_node_shows_itself_on_admin_and_metrics(server: Harness, backend: str) -> None:
+    """/metrics says how many nodes there are; /admin's state names this node; on PostgreSQL its row goes at stop."""
+    async with httpx.AsyncClient() as http:
+        ops = f"http://127.0.0.1:{server.running.ops_port}"
+        metrics = (await http.get(f"{ops}/metrics")).text
+        state = (
+            await http.get(f"{ops}/admin/api/state", headers={"cookie": f"{COOKIE_NAME}={token('boss', admin=True)}"})
+        ).json()
+
+    assert "dongne_cluster_nodes 1.0" in metrics
+    cluster = state["cluster"]
+    [me] = cluster["nodes"]
+    assert me["self"] and me["node_id"] == cluster["node_id"] and cluster["shared"] == (backend == "postgres")
+    if backend == "postgres":
+        assert db_rows(server.db, "SELECT node_id FROM cluster_nodes") == [(cluster["node_id"],)]
+        await server.running.aclose()
+        assert db_rows(server.db, "SELECT node_id FROM cluster_nodes") == []
 
 
 # ---- the escalation lease ---------------------------------------------------------------
