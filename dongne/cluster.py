@@ -48,7 +48,11 @@ def backoff(attempt: int, rand: Callable[[], float] = random.random, *, base: fl
 
 
 class Membership:
-    """This node and its peers, as shown on /admin and /metrics.
+    """This node and its peers, as shown on /admin and /metrics, and the campaign for the escalation lease.
+
+    Each heartbeat also takes or renews the escalation lease (its ttl is the
+    node ttl): the first node leads, and a peer takes over once the leader
+    stopped heartbeating for a ttl. Nothing acts on the lease yet.
 
     Args:
         link: the PostgreSQL database's cluster rows; None on SQLite (the node is alone, by construction).
@@ -76,6 +80,8 @@ class Membership:
         self._now_ms = now_ms
         self._nodes: list[dict[str, Any]] = [self._me(self.started_at)]
         self._lease: dict[str, Any] | None = None
+        #: The escalation lease's epoch while this node holds it, else None (as of the last heartbeat).
+        self.lease_epoch: int | None = None if link is not None else 0
 
     def _me(self, at: int) -> dict[str, Any]:
         return {"node_id": self.node_id, "host": self.host, "pid": self.pid, "started_at": self.started_at,
@@ -94,6 +100,7 @@ class Membership:
         """
         if self.link is None:
             self._nodes = [self._me(self._now_ms())]
+            self.lease_epoch = 0  # alone: it leads, and no other node can commit
             return
         now = self._now_ms()
         self.link.heartbeat(self._info(), now)
@@ -105,7 +112,13 @@ class Membership:
              "heartbeat_at": n.heartbeat_at}
             for n in self.link.nodes()
         ]  # fmt: skip
-        lease: Lease = self.link.lease()
+        # Campaign for the escalation lease: renewed while we heartbeat, taken over once its holder
+        # stopped renewing for a ttl. Nothing acts on it yet (CLUSTER.md): one node serves.
+        lease: Lease = self.link.acquire_lease(self.node_id, now, self._ttl_ms) or self.link.lease()
+        leading = lease.held_by(self.node_id, now)
+        if leading != (self.lease_epoch is not None):
+            log.info("escalation_lease_taken" if leading else "escalation_lease_lost", extra={"epoch": lease.epoch})
+        self.lease_epoch = lease.epoch if leading else None
         self._lease = {"holder": lease.holder, "epoch": lease.epoch, "expires_at": lease.expires_at}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -130,9 +143,17 @@ class Membership:
                 with trio.move_on_after(2.0) as leaving:
                     leaving.shield = True
                     try:
-                        await trio.to_thread.run_sync(self.link.leave, self.node_id, abandon_on_cancel=True)
+                        await trio.to_thread.run_sync(self._leave, abandon_on_cancel=True)
                     except StoreError as exc:  # a stop with the database gone: the row expires instead
                         log.warning("cluster_leave_failed", extra={"error": str(exc)})
+
+    def _leave(self) -> None:
+        """Leave the table and give the lease up: a peer need not wait for either to expire."""
+        assert self.link is not None
+        self.link.leave(self.node_id)
+        if self.lease_epoch is not None:
+            self.link.release_lease(self.node_id, self.lease_epoch)
+            self.lease_epoch = None
 
     async def _beat_logged(self) -> None:
         from .store import StoreError
@@ -153,7 +174,7 @@ class Membership:
 
     def gauges(self) -> dict[str, Any]:
         """For /metrics."""
-        return {"cluster_nodes": len(self._nodes)}
+        return {"cluster_nodes": len(self._nodes), "escalation_lease_held": int(self.lease_epoch is not None)}
 
 
 class Listener:

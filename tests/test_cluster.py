@@ -62,15 +62,43 @@ def test_nodes_register_heartbeat_and_expire(link: object, db: str) -> None:
 
     clock["a"] = 12_000  # b's heartbeat (2,000) is exactly 10 s old: still listed
     a.beat()
-    assert a.gauges() == {"cluster_nodes": 2}
+    assert a.gauges()["cluster_nodes"] == 2
     clock["a"] = 12_001
     a.beat()
-    assert a.gauges() == {"cluster_nodes": 1}
+    assert a.gauges()["cluster_nodes"] == 1
     assert db_rows(db, "SELECT node_id, heartbeat_at FROM cluster_nodes") == [("a", 12_001)]
 
     clock["b"] = 12_500
     b.beat()
     assert [(n["node_id"], n["heartbeat_at"]) for n in b.state()["nodes"]] == [("a", 12_001), ("b", 12_500)]
+
+
+@pytest.mark.backends("postgres")
+def test_a_peer_takes_the_escalation_lease_once_the_leader_stops_heartbeating(link: object, db: str) -> None:
+    """The first node to heartbeat leads; a peer's heartbeat takes over a ttl after the leader's last one."""
+    clock = {"a": 1_000, "b": 2_000}
+    a = Membership(link, ttl_s=10.0, now_ms=lambda: clock["a"], node_id="a")  # type: ignore[arg-type]
+    b = Membership(link, ttl_s=10.0, now_ms=lambda: clock["b"], node_id="b")  # type: ignore[arg-type]
+    a.beat()
+    b.beat()
+    assert (a.lease_epoch, b.lease_epoch) == (1, None)
+    assert (a.gauges()["escalation_lease_held"], b.gauges()["escalation_lease_held"]) == (1, 0)
+
+    clock["b"] = 10_999  # a's lease (renewed at 1,000) runs until 11,000
+    b.beat()
+    assert b.lease_epoch is None
+    clock["b"] = 11_000
+    b.beat()
+    assert b.lease_epoch == 2 and b.state()["lease"] == {"holder": "b", "epoch": 2, "expires_at": 21_000}
+
+    clock["a"] = 11_500  # a wakes up: it learns it lost the lease
+    a.beat()
+    assert a.lease_epoch is None and a.gauges()["escalation_lease_held"] == 0
+    b._leave()  # a graceful stop hands the lease on at once
+    clock["a"] = 11_600
+    a.beat()
+    assert a.lease_epoch == 3
+    assert db_rows(db, "SELECT node_id FROM cluster_nodes") == [("a",)]
 
 
 def test_sqlite_is_a_cluster_of_one() -> None:
@@ -86,7 +114,7 @@ def test_sqlite_is_a_cluster_of_one() -> None:
         ],
         "lease": None,
     }
-    assert alone.gauges() == {"cluster_nodes": 1}
+    assert alone.gauges() == {"cluster_nodes": 1, "escalation_lease_held": 1}
 
 
 @pytest.mark.backends("sqlite", "postgres")
@@ -99,14 +127,16 @@ async def test_a_running_node_shows_itself_on_admin_and_metrics(server: Harness,
             await http.get(f"{ops}/admin/api/state", headers={"cookie": f"{COOKIE_NAME}={token('boss', admin=True)}"})
         ).json()
 
-    assert "dongne_cluster_nodes 1.0" in metrics
+    assert "dongne_cluster_nodes 1.0" in metrics and "dongne_escalation_lease_held 1.0" in metrics
     cluster = state["cluster"]
     [me] = cluster["nodes"]
     assert me["self"] and me["node_id"] == cluster["node_id"] and cluster["shared"] == (backend == "postgres")
     if backend == "postgres":
         assert db_rows(server.db, "SELECT node_id FROM cluster_nodes") == [(cluster["node_id"],)]
+        assert cluster["lease"]["holder"] == cluster["node_id"]
         await server.running.aclose()
         assert db_rows(server.db, "SELECT node_id FROM cluster_nodes") == []
+        assert db_rows(server.db, "SELECT holder FROM escalation_lease") == [(None,)]
 
 
 # ---- the escalation lease ---------------------------------------------------------------
