@@ -274,6 +274,49 @@ async def test_a_terminated_listen_connection_comes_back(store: Storage, db: str
     assert heard.items == [("dongne_events", "after")]
 
 
+@pytest.mark.backends("postgres")
+async def test_a_commit_announces_its_users_new_inbox_heads(store: Storage, db: str) -> None:
+    """With ``news_from`` set, a commit that appends events says whose inbox grew, and to which seq."""
+    from dongne.store._writes import EVENTS_CHANNEL, read_inbox_news
+
+    heard = Heard()
+    listener = listener_for(db, heard)
+    store.news_from = "node-a"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(listener.run)
+        await trio.to_thread.run_sync(store.apply, [event("u1", 1), event("u2", 1), event("u1", 2)])
+        await trio.to_thread.run_sync(store.apply, [SaveUser(User("u3", "u3"))])  # no events: no news
+        await trio.to_thread.run_sync(store.apply, [event("u3", 1)])
+        await heard.wait_for(lambda: len(heard.items) >= 2)
+        nursery.cancel_scope.cancel()
+
+    assert [channel for channel, _ in heard.items] == [EVENTS_CHANNEL] * 2
+    assert [read_inbox_news(payload) for _, payload in heard.items] == [
+        ("node-a", {"u1": 2, "u2": 1}),
+        ("node-a", {"u3": 1}),
+    ]
+
+
+def test_inbox_news_is_split_under_postgresqls_payload_limit() -> None:
+    from dongne.store._writes import NOTIFY_PAYLOAD_LIMIT, inbox_news, read_inbox_news
+
+    heads = {f"user-{i:04d}-{'한' * 20}": i for i in range(1000)}
+    payloads = inbox_news("node-a", heads)
+
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < NOTIFY_PAYLOAD_LIMIT for p in payloads)
+    assert max(len(p.encode()) for p in payloads) > NOTIFY_PAYLOAD_LIMIT - 100  # packed, not one per user
+    merged: dict[str, int] = {}
+    for payload in payloads:
+        origin, part = read_inbox_news(payload)
+        assert origin == "node-a"
+        merged.update(part)
+    assert merged == heads
+    assert inbox_news("node-a", {}) == []
+    with pytest.raises(ValueError):
+        read_inbox_news("u1:2")
+
+
 def test_reconnects_back_off_with_full_jitter_and_a_cap() -> None:
     assert [backoff(n, lambda: 1.0) for n in range(8)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
     assert backoff(100, lambda: 0.5) == 2.5

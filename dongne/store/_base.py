@@ -55,6 +55,8 @@ class SqlStore:
         self.commits = 0
         self.rows_committed = 0
         self._max_variables = 999  # SQLite's oldest default; a backend sets its real limit when it opens
+        #: PostgreSQL: a node id, and each commit announces its new inbox heads (CLUSTER.md); None: it does not.
+        self.news_from: str | None = None
 
     # ---- what a backend provides ---------------------------------------------------
 
@@ -81,7 +83,7 @@ class SqlStore:
 
     def prepare(self, writes: Sequence[Write]) -> PreparedCommit:
         """Turn writes into the statements of one transaction (see ``prepare_writes``); pure Python, no I/O."""
-        return prepare_writes(writes, self._max_variables, self.dialect)
+        return prepare_writes(writes, self._max_variables, self.dialect, news_from=self.news_from)
 
     # ---- reads -------------------------------------------------------------------
 
