@@ -16,7 +16,7 @@ from dongne.admin import COOKIE_NAME
 from dongne.cluster import Listener, Membership, backoff
 from dongne.core.effects import AppendEvent, SaveUser
 from dongne.core.records import User
-from dongne.store import LeaseLost, Storage, WriteFailed, store_for
+from dongne.store import LeaseLost, SeqConflict, Storage, WriteFailed, store_for
 from dongne.store._pg_schema import PG_MIGRATIONS
 
 from .conftest import Harness, db_rows, token
@@ -184,6 +184,36 @@ def test_a_paused_holders_late_commit_is_refused_and_writes_nothing(store: Stora
     assert db_rows(db, "SELECT user_id, last_seq FROM inbox_heads") == [("u1", 1)]
     store.apply([event("u1", 2)])  # the writer is fine: only the guarded commit was refused
     assert db_rows(db, "SELECT max(seq) FROM events") == [(2,)]
+
+
+@pytest.mark.backends("postgres")
+def test_guarded_seqs_must_continue_from_the_inbox_heads(store: Storage, db: str) -> None:
+    """Another writer appended to u1 first: a commit still at u1's old head is refused whole, naming u1."""
+    store.guard_seqs = True
+    store.apply([event("u1", 1), event("u1", 2), event("u2", 1)])
+    # Another node's commit: u1's event 3.
+    db_rows(db, "INSERT INTO events VALUES ('u1', 3, 'x', '\\x80', 1) RETURNING 1")
+    db_rows(db, "UPDATE inbox_heads SET last_seq = 3 WHERE user_id = 'u1' RETURNING 1")
+
+    with pytest.raises(SeqConflict) as refused:
+        store.apply([event("u2", 2), event("u1", 3), event("u1", 4), event("u9", 1)])
+    assert refused.value.users == ("u1",) and isinstance(refused.value, WriteFailed)
+    assert db_rows(db, "SELECT user_id, last_seq FROM inbox_heads ORDER BY user_id") == [("u1", 3), ("u2", 1)]
+    store.apply([event("u2", 2), event("u1", 4), event("u9", 1)])  # continuing from the heads: accepted
+    assert db_rows(db, "SELECT user_id, last_seq FROM inbox_heads ORDER BY user_id") == [
+        ("u1", 4),
+        ("u2", 2),
+        ("u9", 1),
+    ]
+
+
+@pytest.mark.backends("postgres")
+def test_an_unguarded_commit_reusing_a_seq_is_a_seq_conflict_too(store: Storage) -> None:
+    store.apply([event("u1", 1)])
+
+    with pytest.raises(SeqConflict) as refused:
+        store.apply([event("u1", 1)])
+    assert refused.value.users == ()
 
 
 def test_sqlite_commits_carry_no_lease_and_no_notification(tmp_path: Path) -> None:

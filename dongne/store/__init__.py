@@ -18,6 +18,7 @@ from ._backup import prune_snapshots as prune_snapshots
 from ._backup import restore_snapshot as restore_snapshot
 from ._backup import take_snapshot as take_snapshot
 from ._interface import LeaseLost as LeaseLost
+from ._interface import SeqConflict as SeqConflict
 from ._interface import Storage as Storage
 from ._interface import StoreError as StoreError
 from ._interface import WriteFailed as WriteFailed
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidSnapshotError",
     "LeaseLost",
     "PreparedCommit",
+    "SeqConflict",
     "SnapshotCancelled",
     "SnapshotError",
     "Storage",

@@ -57,6 +57,8 @@ class SqlStore:
         self._max_variables = 999  # SQLite's oldest default; a backend sets its real limit when it opens
         #: PostgreSQL: a node id, and each commit announces its new inbox heads (CLUSTER.md); None: it does not.
         self.news_from: str | None = None
+        #: PostgreSQL: each commit checks that its seqs continue from the inbox heads (``SeqConflict``).
+        self.guard_seqs = False
 
     # ---- what a backend provides ---------------------------------------------------
 
@@ -83,7 +85,9 @@ class SqlStore:
 
     def prepare(self, writes: Sequence[Write]) -> PreparedCommit:
         """Turn writes into the statements of one transaction (see ``prepare_writes``); pure Python, no I/O."""
-        return prepare_writes(writes, self._max_variables, self.dialect, news_from=self.news_from)
+        return prepare_writes(
+            writes, self._max_variables, self.dialect, news_from=self.news_from, guard_seqs=self.guard_seqs
+        )
 
     # ---- reads -------------------------------------------------------------------
 

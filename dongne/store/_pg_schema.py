@@ -19,7 +19,8 @@ two differences made for the multi-node stage to come:
 
 Migration 2 adds what several nodes on one database need (``CLUSTER.md``):
 the node registry, the escalation lease with the check every escalation
-commit runs, and the sequence push job ids are taken from in blocks.
+commit runs, the check of the inbox heads a commit's seqs continue from, and
+the sequence push job ids are taken from in blocks.
 
 Integers that hold times, seqs, points or ids are ``bigint`` (SQLite's
 INTEGER is 64-bit); flags stay integers (0/1), as in SQLite, so both backends
@@ -214,6 +215,25 @@ PG_MIGRATIONS: list[str] = [
         IF current_epoch IS DISTINCT FROM expected THEN
             RAISE EXCEPTION 'lease % lost: epoch % is now %', lease_name, expected, current_epoch
                 USING ERRCODE = 'DL001';
+        END IF;
+    END
+    $$;
+    -- Run first in a commit that appends events, when the writers' seqs are guarded (several nodes):
+    -- locks the users' heads in user order (two commits cannot deadlock) and aborts (SQLSTATE DL002,
+    -- the users in DETAIL as a JSON list) unless each head is where the commit's seqs continue from.
+    CREATE FUNCTION dongne_check_heads(users text[], expected bigint[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        moved text[];
+    BEGIN
+        PERFORM 1 FROM inbox_heads WHERE user_id = ANY(users) ORDER BY user_id FOR UPDATE;
+        SELECT array_agg(u.user_id ORDER BY u.user_id) INTO moved
+            FROM unnest(users, expected) AS u(user_id, last_seq)
+            LEFT JOIN inbox_heads h ON h.user_id = u.user_id COLLATE "C"
+            WHERE coalesce(h.last_seq, 0) <> u.last_seq;
+        IF moved IS NOT NULL THEN
+            RAISE EXCEPTION 'inbox heads moved for % user(s)', cardinality(moved)
+                USING ERRCODE = 'DL002', DETAIL = to_json(moved)::text;
         END IF;
     END
     $$;

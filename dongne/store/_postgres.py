@@ -27,6 +27,7 @@ Resource handling: ``close`` closes every connection (which releases the lock).
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import re
 import time
@@ -36,10 +37,11 @@ from typing import Any
 
 import psycopg
 import psycopg.conninfo
+import psycopg.errors
 
 from ._backup import DatabaseInUseError
 from ._base import SqlStore
-from ._interface import LeaseLost, StoreError, WriteFailed
+from ._interface import LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
 from ._writes import PreparedCommit
 
@@ -55,6 +57,8 @@ NODE_LOCK_WAIT_S = 5.0
 MIGRATION_LOCK = NODE_LOCK + 1
 #: What ``dongne_check_lease`` raises when a commit's lease epoch is no longer current (migration 2).
 LEASE_LOST_SQLSTATE = "DL001"
+#: What ``dongne_check_heads`` raises when a commit's seqs do not continue from the inbox heads.
+HEADS_MOVED_SQLSTATE = "DL002"
 #: Push job ids are taken from the sequence ``push_job_blocks`` in blocks of this many (see ``_last_push_job_id``).
 PUSH_JOB_BLOCK = 1 << 32
 #: PostgreSQL's limit on parameters in one statement (a 16-bit count).
@@ -261,6 +265,11 @@ class PostgresStore(SqlStore):
                 conn.close()  # the next transaction connects again
             if isinstance(exc, psycopg.Error) and exc.sqlstate == LEASE_LOST_SQLSTATE:
                 raise LeaseLost(f"{what} refused: {_one_line(exc)}") from exc
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == HEADS_MOVED_SQLSTATE:
+                users = tuple(json.loads(exc.diag.message_detail or "[]"))
+                raise SeqConflict(f"{what} refused: {_one_line(exc)}", users) from exc
+            if isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "events_by_user":
+                raise SeqConflict(f"{what} refused: {_one_line(exc)}") from exc
             raise WriteFailed(f"{what} failed: {_one_line(exc)}") from exc
 
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:

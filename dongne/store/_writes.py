@@ -175,7 +175,12 @@ def read_inbox_news(payload: str) -> tuple[str, dict[str, int]]:
 
 
 def prepare_writes(
-    writes: Sequence[Write], max_variables: int, dialect: Dialect = "sqlite", *, news_from: str | None = None
+    writes: Sequence[Write],
+    max_variables: int,
+    dialect: Dialect = "sqlite",
+    *,
+    news_from: str | None = None,
+    guard_seqs: bool = False,
 ) -> PreparedCommit:
     """Turn writes into the statements of one transaction; pure Python, no I/O.
 
@@ -190,6 +195,9 @@ def prepare_writes(
 
     ``news_from`` (PostgreSQL): a node id; the commit then announces its new
     inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`).
+    ``guard_seqs`` (PostgreSQL): the commit first checks that each user's
+    inbox head is just below the user's lowest seq in it (``SeqConflict``
+    otherwise): the guard several writers need.
     """
     users: dict[str, User] = {}
     questions: dict[str, Question] = {}
@@ -278,6 +286,19 @@ def prepare_writes(
             sorted(heads.items()),
             " ON CONFLICT (user_id) DO UPDATE SET last_seq = greatest(inbox_heads.last_seq, excluded.last_seq)",
         )
+        if guard_seqs:
+            lowest: dict[str, int] = {}
+            for e in events:
+                lowest[e.user_id] = min(lowest.get(e.user_id, e.seq), e.seq)
+            guarded = sorted(lowest)
+            batch.statements.insert(
+                0,
+                (
+                    "SELECT dongne_check_heads(%s::text[], %s::bigint[])",
+                    [guarded, [lowest[u] - 1 for u in guarded]],
+                    False,
+                ),
+            )
         if news_from is not None:
             for payload in inbox_news(news_from, heads):
                 batch.notify(EVENTS_CHANNEL, payload)
