@@ -11,7 +11,8 @@ One node per database, for now: the writer holds a session advisory lock
 (:data:`NODE_LOCK`) for as long as it is connected, and a second ``dongne
 serve`` on the same database is refused at start-up, as a second one on a
 SQLite file is by ``<db>.lock``. Several nodes need cross-node delivery and
-one escalation leader first (issue 15, stage 2).
+one escalation leader first (issue 15, stage 2): ``CLUSTER.md`` says what is
+built (membership, the lease, guarded commits, notifications) and what is not.
 
 Error handling: a connection can break under a running server (PostgreSQL
 restarted, ``pg_terminate_backend``, the network). A commit on a broken
