@@ -4,7 +4,14 @@ lease and its guarded commits, LISTEN/NOTIFY across connections, push job ids in
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -19,7 +26,7 @@ from dongne.core.records import User
 from dongne.store import LeaseLost, SeqConflict, Storage, WriteFailed, store_for
 from dongne.store._pg_schema import PG_MIGRATIONS
 
-from .conftest import Harness, db_rows, token
+from .conftest import SECRET, Harness, db_rows, token
 
 BLOCK = 1 << 32
 
@@ -34,6 +41,17 @@ def store(db: Path | str) -> Iterator[Storage]:
 
 @pytest.fixture
 def link(store: Storage, db: str) -> Iterator[object]:
+    """A ClusterLink to the database the open ``store`` made."""
+    from dongne.store._cluster import ClusterLink
+
+    made = ClusterLink(db)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def peer_link(db: str) -> Iterator[object]:
+    """A ClusterLink to a database a ``dongne serve`` will make (no store of the test's own holds it)."""
     from dongne.store._cluster import ClusterLink
 
     made = ClusterLink(db)
@@ -189,7 +207,7 @@ def test_a_paused_holders_late_commit_is_refused_and_writes_nothing(store: Stora
 @pytest.mark.backends("postgres")
 def test_guarded_seqs_must_continue_from_the_inbox_heads(store: Storage, db: str) -> None:
     """Another writer appended to u1 first: a commit still at u1's old head is refused whole, naming u1."""
-    store.guard_seqs = True
+    store.guard_seqs = True  # type: ignore[attr-defined]  # PostgreSQL only
     store.apply([event("u1", 1), event("u1", 2), event("u2", 1)])
     # Another node's commit: u1's event 3.
     db_rows(db, "INSERT INTO events VALUES ('u1', 3, 'x', '\\x80', 1) RETURNING 1")
@@ -311,7 +329,7 @@ async def test_a_commit_announces_its_users_new_inbox_heads(store: Storage, db: 
 
     heard = Heard()
     listener = listener_for(db, heard)
-    store.news_from = "node-a"
+    store.news_from = "node-a"  # type: ignore[attr-defined]  # PostgreSQL only
     async with trio.open_nursery() as nursery:
         await nursery.start(listener.run)
         await trio.to_thread.run_sync(store.apply, [event("u1", 1), event("u2", 1), event("u1", 2)])
@@ -397,3 +415,133 @@ def test_sqlite_push_job_ids_go_on_from_the_highest(tmp_path: Path) -> None:
         assert store.load(hot_since=0).last_push_job_id == 7
     finally:
         store.close()
+
+
+# ---- real processes ---------------------------------------------------------------------
+
+OPS_PORT = re.compile(rb"ops http://127\.0\.0\.1:(\d+)")
+
+
+@asynccontextmanager
+async def dongne_node(tmp_path: Path, db: str) -> AsyncIterator[tuple[trio.Process, int]]:
+    """``dongne serve`` on ``db`` heartbeating every 0.2 s with a 1 s ttl: ``(process, ops port)``; killed after."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
+    env.update(DONGNE_JWT_SECRET=SECRET, DONGNE_CLUSTER_HEARTBEAT_INTERVAL_S="0.2", DONGNE_CLUSTER_NODE_TTL_S="1")
+    log = tmp_path / "node.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "dongne",
+        "serve",
+        "--db",
+        db,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--ops-port",
+        "0",
+    ]
+    with log.open("wb") as sink:
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink, cwd=tmp_path, env=env
+        )
+    try:
+        with trio.fail_after(30):
+            while not (match := OPS_PORT.search(log.read_bytes())):
+                assert proc.poll() is None, log.read_text(errors="replace")
+                await trio.sleep(0.02)
+        yield proc, int(match.group(1))
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await proc.wait()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Poll ``check``: over other processes and the database there is no event to wait on."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.05)
+
+
+def in_db(db: str, sql: str, expected: list[tuple[object, ...]]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await trio.to_thread.run_sync(db_rows, db, sql) == expected
+
+    return check
+
+
+def peer(link: object) -> Membership:
+    """A second node's membership, in the test, on the wall clock (1 s ttl, as the node's)."""
+    return Membership(link, ttl_s=1.0, node_id="peer")  # type: ignore[arg-type]
+
+
+@pytest.mark.backends("postgres")
+async def test_a_killed_leaders_lease_and_row_are_taken_over_within_the_ttl(
+    tmp_path: Path, db: str, peer_link: object
+) -> None:
+    """SIGKILL the node holding the lease: a peer heartbeating every 0.1 s leads within about a ttl (1 s)."""
+    async with dongne_node(tmp_path, db) as (proc, _ops):
+        await wait_until(in_db(db, "SELECT holder IS NOT NULL FROM escalation_lease", [(True,)]))
+        [(leader,)] = db_rows(db, "SELECT node_id FROM cluster_nodes")
+        other = peer(peer_link)
+        await trio.to_thread.run_sync(other.beat)
+        assert other.lease_epoch is None and other.state()["lease"]["holder"] == leader
+
+        proc.kill()
+        killed = time.monotonic()
+        with trio.fail_after(5):
+            while other.lease_epoch is None:
+                await trio.sleep(0.1)
+                await trio.to_thread.run_sync(other.beat)
+        took = time.monotonic() - killed
+        with trio.fail_after(5):  # the dead node's row goes a ttl after its last heartbeat
+            while len(other.state()["nodes"]) > 1:
+                await trio.sleep(0.1)
+                await trio.to_thread.run_sync(other.beat)
+
+    assert other.lease_epoch == 2 and took < 3.0
+    assert [n["node_id"] for n in other.state()["nodes"]] == ["peer"]
+
+
+@pytest.mark.backends("postgres")
+async def test_a_leader_stopped_past_its_lease_learns_it_lost_it(tmp_path: Path, db: str, peer_link: object) -> None:
+    """SIGSTOP the leader past its lease: a peer takes it (a new epoch); after SIGCONT the old leader's next
+    heartbeat finds the lease taken and its gauge drops to 0, and it is listed again."""
+    other = peer(peer_link)
+
+    async def keep_beating() -> None:
+        while True:
+            await trio.to_thread.run_sync(other.beat)
+            await trio.sleep(0.1)
+
+    async with dongne_node(tmp_path, db) as (proc, ops), httpx.AsyncClient() as http:
+
+        def lease_held_gauge(value: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                text = (await http.get(f"http://127.0.0.1:{ops}/metrics")).text
+                return f"\ndongne_escalation_lease_held {value}\n" in text
+
+            return check
+
+        await wait_until(lease_held_gauge("1.0"))
+        [(leader,)] = db_rows(db, "SELECT node_id FROM cluster_nodes")
+        proc.send_signal(signal.SIGSTOP)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_beating)
+            await wait_until(lambda: trio.to_thread.run_sync(lambda: other.lease_epoch is not None))
+            assert other.lease_epoch == 2
+            # The stopped node's row goes too (a ttl after its last heartbeat, which may be after its last renewal).
+            await wait_until(in_db(db, "SELECT node_id FROM cluster_nodes", [("peer",)]))
+            proc.send_signal(signal.SIGCONT)
+            await wait_until(lease_held_gauge("0.0"))
+            await wait_until(in_db(db, "SELECT count(*) FROM cluster_nodes", [(2,)]))
+            nursery.cancel_scope.cancel()
+
+    assert db_rows(db, "SELECT holder, epoch FROM escalation_lease") == [("peer", 2)]
+    assert leader != "peer"
