@@ -14,6 +14,7 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     ├── ClientServer._accept_loop   the client listener (admission: doorman.Doorman)
     │     └── connections nursery: one handler per connection (+ a writer
     │         task while its socket is backed up, + a replay task on resume)
+    ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
     └── hypercorn                   the ops port
 """
 
