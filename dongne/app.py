@@ -24,6 +24,7 @@ import trio
 from .admin import AdminApp
 from .auth import TokenVerifier, load_or_create_secret
 from .clock import EngineClock
+from .cluster import Membership
 from .config import Settings
 from .core import Engine, RegionSet, load_default_regions, load_hotspots
 from .core.moderation import FOREVER
@@ -150,6 +151,12 @@ async def _serve(
     task_status: trio.TaskStatus[Running],
 ) -> None:
     await trio.to_thread.run_sync(store.open)
+    link = None  # PostgreSQL: the cluster's rows (store/CLUSTER.md); SQLite: a cluster of one, in memory
+    if not isinstance(store, Store):
+        from .store._cluster import ClusterLink
+
+        link = ClusterLink(settings.store.target)
+    membership = Membership(link, interval_s=settings.cluster.heartbeat_interval_s, ttl_s=settings.cluster.node_ttl_s)
     try:
         clock = clock if clock is not None else EngineClock()
         engine = Engine(
@@ -200,6 +207,7 @@ async def _serve(
                 "frames_in": stats.frames_in,
                 "deliveries": stats.deliveries,
                 "slow_consumers": stats.slow_consumers,
+                "cluster": membership.state(),
             }
 
         client_port: list[int] = []  # known once the client server listens
@@ -234,10 +242,15 @@ async def _serve(
         hconfig.backlog = 1024
         hconfig.graceful_timeout = min(settings.server.shutdown_timeout_s, 2.0)
         pushes = clients.pushes
+        clients.gauge_sources.append(membership.gauges)
         with watch_gc_pauses(clients.metrics.gc_pause):
             async with trio.open_nursery() as root:
                 port = await root.start(clients.run)
                 client_port.append(port)
+                cluster_scope = trio.CancelScope()
+                await root.start(_started_in_scope, cluster_scope, membership.run)
+                peers = [n["node_id"] for n in membership.state()["nodes"] if not n["self"]]
+                log.info("node %s; peers: %s", membership.node_id, ", ".join(peers) or "none")
                 snapshots = trio.CancelScope()
                 checkpoints = trio.CancelScope()
                 if db_path is not None and isinstance(store, Store):  # SQLite's own upkeep
@@ -274,8 +287,11 @@ async def _serve(
                 full_gc.cancel()
                 watcher.cancel()  # a stop() from code rather than a signal
                 clients.stop_accepting()
+                cluster_scope.cancel()  # leaves cluster_nodes
     finally:
         with trio.CancelScope(shield=True):
+            if link is not None:
+                await trio.to_thread.run_sync(link.close)
             await trio.to_thread.run_sync(store.close)
         log.info("database closed")
 
@@ -283,6 +299,13 @@ async def _serve(
 async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:
     with scope:
         await fn()
+
+
+async def _started_in_scope(
+    scope: trio.CancelScope, fn: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with scope:
+        await fn(task_status=task_status)
 
 
 def _signals(handle: bool) -> contextlib.AbstractContextManager[AsyncIterator[int] | None]:

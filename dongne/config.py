@@ -35,6 +35,7 @@ from .core.settings import (
 __all__ = [
     "AlertSettings",
     "AuthSettings",
+    "ClusterSettings",
     "ContentSettings",
     "EngineSettings",
     "EscalationSettings",
@@ -162,6 +163,14 @@ class InboxSettings:
 
 
 @attrs.frozen
+class ClusterSettings:
+    # PostgreSQL only: how often a node says it is alive in cluster_nodes, and
+    # how long a silent node stays listed (then any node removes its row).
+    heartbeat_interval_s: float = attrs.field(default=2.0, validator=positive_or_inf)
+    node_ttl_s: float = attrs.field(default=10.0, validator=positive)
+
+
+@attrs.frozen
 class SnapshotSettings:
     # Relative to the database's folder.
     dir: str = "snapshots"
@@ -219,6 +228,7 @@ class Settings:
     alerts: AlertSettings = AlertSettings()
     questions: QuestionSettings = QuestionSettings()
     inbox: InboxSettings = InboxSettings()
+    cluster: ClusterSettings = ClusterSettings()
     moderation: ModerationSettings = ModerationSettings()
     limits: LimitSettings = LimitSettings()
     content: ContentSettings = ContentSettings()

@@ -38,6 +38,8 @@ class _Gauges(Collector):
             ("open_questions", "Questions open or answered but not resolved"),
             ("escalations_running", "Escalation tasks running"),
             ("store_writes_failing", "1 while commits to the database fail (writes are refused), else 0"),
+            ("cluster_nodes", "Nodes registered on the database, this one included (SQLite: 1)"),
+            ("escalation_lease_held", "1 while this node holds the escalation lease (SQLite: always), else 0"),
         ):
             yield GaugeMetricFamily(f"dongne_{name}", help_text, value=values.get(name, 0))
 

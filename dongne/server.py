@@ -14,6 +14,7 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     ├── ClientServer._accept_loop   the client listener (admission: doorman.Doorman)
     │     └── connections nursery: one handler per connection (+ a writer
     │         task while its socket is backed up, + a replay task on resume)
+    ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
     └── hypercorn                   the ops port
 """
 
@@ -27,7 +28,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -132,6 +133,8 @@ class ClientServer:
         self.store = store
         self.clock = clock
         self.encoder = FrameEncoder()
+        #: More live gauges, read at scrape time (the app adds the cluster's).
+        self.gauge_sources: list[Callable[[], dict[str, Any]]] = []
         self.metrics = Metrics(self._gauges)
         self.door = Doorman(settings, limits, on_refused=self.metrics.rate_limit_hits.labels("connection").inc)
         self._connections_total = self.metrics.connections_total
@@ -197,7 +200,11 @@ class ClientServer:
             nursery.cancel_scope.cancel()
 
     def _gauges(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for source in self.gauge_sources:
+            extra.update(source())
         return {
+            **extra,
             **self.engine.counts(),
             "escalations_running": len(self.escalation_scopes),
             "store_writes_failing": 0 if self.writable else 1,

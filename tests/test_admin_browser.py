@@ -196,6 +196,9 @@ def test_dashboard_in_a_browser(served: tuple[str, str]) -> None:
             page.wait_for_function(
                 "() => document.getElementById('stat-frames-rate').textContent !== '—'", timeout=3000
             )
+            # The node, alone on its SQLite file.
+            assert page.locator("#nodes-list [data-node-id]").count() == 1
+            assert (page.locator("#nodes-list .title").text_content() or "").endswith("(this node)")
             page.wait_for_timeout(1200)  # one more event, so the screenshot shows settled rates
             assert errors == []  # no script errors, no CSP violations, nothing failed to load
         finally:

@@ -2,7 +2,9 @@
 schema migrations, group commit, snapshots (SQLite).
 
 ``PostgresStore`` lives in ``dongne.store._postgres`` and needs psycopg (the
-``postgres`` extra); ``store_for`` imports it only for a ``postgresql://`` URL.
+``postgres`` extra); ``store_for`` imports it only for a ``postgresql://`` URL. So does
+``dongne.store._cluster`` (membership, the escalation lease, LISTEN: the
+groundwork for several nodes, ``CLUSTER.md``).
 """
 
 from ._backup import DatabaseInUseError as DatabaseInUseError
@@ -15,6 +17,8 @@ from ._backup import list_snapshots as list_snapshots
 from ._backup import prune_snapshots as prune_snapshots
 from ._backup import restore_snapshot as restore_snapshot
 from ._backup import take_snapshot as take_snapshot
+from ._interface import LeaseLost as LeaseLost
+from ._interface import SeqConflict as SeqConflict
 from ._interface import Storage as Storage
 from ._interface import StoreError as StoreError
 from ._interface import WriteFailed as WriteFailed
@@ -32,7 +36,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "DatabaseInUseError",
     "InvalidSnapshotError",
+    "LeaseLost",
     "PreparedCommit",
+    "SeqConflict",
     "SnapshotCancelled",
     "SnapshotError",
     "Storage",

@@ -55,6 +55,10 @@ class SqlStore:
         self.commits = 0
         self.rows_committed = 0
         self._max_variables = 999  # SQLite's oldest default; a backend sets its real limit when it opens
+        #: PostgreSQL: a node id, and each commit announces its new inbox heads (CLUSTER.md); None: it does not.
+        self.news_from: str | None = None
+        #: PostgreSQL: each commit checks that its seqs continue from the inbox heads (``SeqConflict``).
+        self.guard_seqs = False
 
     # ---- what a backend provides ---------------------------------------------------
 
@@ -69,6 +73,10 @@ class SqlStore:
     def commit(self, batch: PreparedCommit) -> None:
         raise NotImplementedError
 
+    def _last_push_job_id(self) -> int:
+        """Where the engine's push job ids continue from (it adds one before each): the highest given so far."""
+        return int(self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0])
+
     # ---- writes ------------------------------------------------------------------
 
     def apply(self, writes: Sequence[Write]) -> None:
@@ -77,7 +85,9 @@ class SqlStore:
 
     def prepare(self, writes: Sequence[Write]) -> PreparedCommit:
         """Turn writes into the statements of one transaction (see ``prepare_writes``); pure Python, no I/O."""
-        return prepare_writes(writes, self._max_variables, self.dialect)
+        return prepare_writes(
+            writes, self._max_variables, self.dialect, news_from=self.news_from, guard_seqs=self.guard_seqs
+        )
 
     # ---- reads -------------------------------------------------------------------
 
@@ -125,7 +135,7 @@ class SqlStore:
             )
         ]
         pending_pushes = self.pending_push_jobs(0, -1)  # all of them
-        last_job = self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0]
+        last_job = self._last_push_job_id()
         return LoadedState(
             users=users,
             questions=questions,

@@ -21,7 +21,7 @@ from ..core.reads import Read
 from ..core.records import Answer, LoadedState, PushJob, Question
 from ._writes import PreparedCommit
 
-__all__ = ["Storage", "StoreError", "WriteFailed", "is_postgres_url"]
+__all__ = ["LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
 
 
 class StoreError(RuntimeError):
@@ -34,6 +34,24 @@ class WriteFailed(StoreError):
 
     Nothing of it is in the database: it was rolled back. Reads still work.
     """
+
+
+class LeaseLost(WriteFailed):
+    """A commit carrying a lease epoch (``PreparedCommit.guard_lease``) was refused: another node holds
+    the lease now. Nothing of it is in the database; the node must stop acting as the lease's holder."""
+
+
+class SeqConflict(WriteFailed):
+    """A commit's seqs do not continue from the users' inbox heads: another writer appended to these
+    users' inboxes first (several nodes; ``CLUSTER.md``). Nothing of it is in the database.
+
+    Attributes:
+        users: whose heads moved (empty when only the events' unique key told).
+    """
+
+    def __init__(self, message: str, users: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.users = users
 
 
 class Storage(Protocol):

@@ -17,6 +17,11 @@ two differences made for the multi-node stage to come:
   engine's memory: page cursors compare ``(created_at, id)`` pairs, which
   must order the same in every database whatever its locale.
 
+Migration 2 adds what several nodes on one database need (``CLUSTER.md``):
+the node registry, the escalation lease with the check every escalation
+commit runs, the check of the inbox heads a commit's seqs continue from, and
+the sequence push job ids are taken from in blocks.
+
 Integers that hold times, seqs, points or ids are ``bigint`` (SQLite's
 INTEGER is 64-bit); flags stay integers (0/1), as in SQLite, so both backends
 share the row mapping in ``_rows.py``.
@@ -182,6 +187,59 @@ PG_MIGRATIONS: list[str] = [
         target    text NOT NULL,
         reason    text NOT NULL
     );
+    """,
+    # 2: the cluster's rows (CLUSTER.md): nodes, the escalation lease, blocks of push job ids.
+    """
+    CREATE TABLE cluster_nodes (
+        node_id       text COLLATE "C" PRIMARY KEY,
+        host          text NOT NULL,
+        pid           integer NOT NULL,
+        started_at    bigint NOT NULL,              -- ms, the node's wall clock
+        heartbeat_at  bigint NOT NULL
+    );
+    CREATE TABLE escalation_lease (
+        name        text COLLATE "C" PRIMARY KEY,   -- one row: 'escalation'
+        holder      text COLLATE "C",               -- a node id, NULL: free
+        epoch       bigint NOT NULL,                -- bumped whenever a new holder takes it
+        expires_at  bigint NOT NULL                 -- ms
+    );
+    INSERT INTO escalation_lease (name, holder, epoch, expires_at) VALUES ('escalation', NULL, 0, 0);
+    -- Run first in a commit that carries an epoch: the row is taken FOR SHARE, so a
+    -- steal (an UPDATE) waits for that commit; a moved epoch aborts it (SQLSTATE DL001).
+    CREATE FUNCTION dongne_check_lease(lease_name text, expected bigint) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        current_epoch bigint;
+    BEGIN
+        SELECT epoch INTO current_epoch FROM escalation_lease WHERE name = lease_name FOR SHARE;
+        IF current_epoch IS DISTINCT FROM expected THEN
+            RAISE EXCEPTION 'lease % lost: epoch % is now %', lease_name, expected, current_epoch
+                USING ERRCODE = 'DL001';
+        END IF;
+    END
+    $$;
+    -- Run first in a commit that appends events, when the writers' seqs are guarded (several nodes):
+    -- locks the users' heads in user order (two commits cannot deadlock) and aborts (SQLSTATE DL002,
+    -- the users in DETAIL as a JSON list) unless each head is where the commit's seqs continue from.
+    CREATE FUNCTION dongne_check_heads(users text[], expected bigint[]) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        moved text[];
+    BEGIN
+        PERFORM 1 FROM inbox_heads WHERE user_id = ANY(users) ORDER BY user_id FOR UPDATE;
+        SELECT array_agg(u.user_id ORDER BY u.user_id) INTO moved
+            FROM unnest(users, expected) AS u(user_id, last_seq)
+            LEFT JOIN inbox_heads h ON h.user_id = u.user_id COLLATE "C"
+            WHERE coalesce(h.last_seq, 0) <> u.last_seq;
+        IF moved IS NOT NULL THEN
+            RAISE EXCEPTION 'inbox heads moved for % user(s)', cardinality(moved)
+                USING ERRCODE = 'DL002', DETAIL = to_json(moved)::text;
+        END IF;
+    END
+    $$;
+    -- Each value is a block of 2^32 push job ids; the first block starts above any id given so far.
+    CREATE SEQUENCE push_job_blocks AS bigint MINVALUE 0;
+    SELECT setval('push_job_blocks', (SELECT coalesce(max(job_id), 0) >> 32 FROM push_outbox) + 1, false);
     """,
 ]
 

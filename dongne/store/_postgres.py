@@ -11,7 +11,8 @@ One node per database, for now: the writer holds a session advisory lock
 (:data:`NODE_LOCK`) for as long as it is connected, and a second ``dongne
 serve`` on the same database is refused at start-up, as a second one on a
 SQLite file is by ``<db>.lock``. Several nodes need cross-node delivery and
-one escalation leader first (issue 15, stage 2).
+one escalation leader first (issue 15, stage 2): ``CLUSTER.md`` says what is
+built (membership, the lease, guarded commits, notifications) and what is not.
 
 Error handling: a connection can break under a running server (PostgreSQL
 restarted, ``pg_terminate_backend``, the network). A commit on a broken
@@ -27,6 +28,7 @@ Resource handling: ``close`` closes every connection (which releases the lock).
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import re
 import time
@@ -36,14 +38,15 @@ from typing import Any
 
 import psycopg
 import psycopg.conninfo
+import psycopg.errors
 
 from ._backup import DatabaseInUseError
 from ._base import SqlStore
-from ._interface import StoreError, WriteFailed
+from ._interface import LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
 from ._writes import PreparedCommit
 
-__all__ = ["NODE_LOCK", "PostgresStore", "redact"]
+__all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
 
 #: Reader connections: as many reads run at once (each on a worker thread).
 READERS = 4
@@ -53,6 +56,12 @@ NODE_LOCK = 0x646F6E676E65  # "dongne"
 NODE_LOCK_WAIT_S = 5.0
 #: The transaction advisory lock migrations run under.
 MIGRATION_LOCK = NODE_LOCK + 1
+#: What ``dongne_check_lease`` raises when a commit's lease epoch is no longer current (migration 2).
+LEASE_LOST_SQLSTATE = "DL001"
+#: What ``dongne_check_heads`` raises when a commit's seqs do not continue from the inbox heads.
+HEADS_MOVED_SQLSTATE = "DL002"
+#: Push job ids are taken from the sequence ``push_job_blocks`` in blocks of this many (see ``_last_push_job_id``).
+PUSH_JOB_BLOCK = 1 << 32
 #: PostgreSQL's limit on parameters in one statement (a 16-bit count).
 MAX_PARAMETERS = 65535
 
@@ -255,6 +264,13 @@ class PostgresStore(SqlStore):
         except (psycopg.Error, DatabaseInUseError) as exc:
             if conn is not None and conn.broken:
                 conn.close()  # the next transaction connects again
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == LEASE_LOST_SQLSTATE:
+                raise LeaseLost(f"{what} refused: {_one_line(exc)}") from exc
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == HEADS_MOVED_SQLSTATE:
+                users = tuple(json.loads(exc.diag.message_detail or "[]"))
+                raise SeqConflict(f"{what} refused: {_one_line(exc)}", users) from exc
+            if isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "events_by_user":
+                raise SeqConflict(f"{what} refused: {_one_line(exc)}") from exc
             raise WriteFailed(f"{what} failed: {_one_line(exc)}") from exc
 
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
@@ -306,6 +322,18 @@ class PostgresStore(SqlStore):
             raise AssertionError("unreachable")
         finally:
             self._readers.put(reader)
+
+    def _last_push_job_id(self) -> int:
+        """A fresh block of push job ids, at every load: no other node, and no earlier load, has it.
+
+        The engine numbers jobs from here on in memory (``job_id + 1``, ...);
+        with blocks of 2^32 it never reaches the next block, and ids stay
+        increasing (the dispatcher pages by them) and exact in JavaScript for
+        two million loads. Were a node ever to run past its block, the push
+        outbox's primary key refuses the commit and the reload that follows
+        takes a new block.
+        """
+        return int(self._read("SELECT nextval('push_job_blocks')")[0][0]) * PUSH_JOB_BLOCK
 
     def _seq_ranges(self) -> list[tuple[str, int, int]]:
         return [

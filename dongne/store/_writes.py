@@ -11,6 +11,7 @@ the newest seq appended (never lower).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from itertools import chain
 from typing import Any
@@ -36,8 +37,22 @@ from ..core.records import Answer, IpBlock, PushJob, Question, Report, User
 from ._queries import Dialect
 from ._rows import ANSWER_COLS, QUESTION_COLS, REPORT_COLS, USER_COLS, answer_row, question_row, report_row, user_row
 
-__all__ = ["MAX_ROWS_PER_STATEMENT", "PreparedCommit", "prepare_writes"]
+__all__ = [
+    "EVENTS_CHANNEL",
+    "MAX_ROWS_PER_STATEMENT",
+    "NOTIFY_PAYLOAD_LIMIT",
+    "PreparedCommit",
+    "inbox_news",
+    "prepare_writes",
+    "read_inbox_news",
+]
 
+
+#: PostgreSQL's limit on a notification's payload, in bytes (8000 in a default build, the terminator included).
+NOTIFY_PAYLOAD_LIMIT = 8000
+
+#: Where commits announce new inbox heads (``news_from``; CLUSTER.md).
+EVENTS_CHANNEL = "dongne_events"
 
 #: The most rows in one multi-row INSERT (a power of two); see PreparedCommit.insert.
 MAX_ROWS_PER_STATEMENT = 256
@@ -89,8 +104,84 @@ class PreparedCommit:
         self.statements.append((sql, list(rows), True))
         self.rows += len(rows)
 
+    def guard_lease(self, epoch: int, name: str = "escalation") -> None:
+        """Commit only while lease ``name`` is still at ``epoch`` (PostgreSQL; see ``CLUSTER.md``).
 
-def prepare_writes(writes: Sequence[Write], max_variables: int, dialect: Dialect = "sqlite") -> PreparedCommit:
+        The check runs first and keeps the lease row locked (``FOR SHARE``)
+        until the commit ends, so a steal waits for it; if the epoch moved on,
+        the commit raises ``LeaseLost`` and nothing of it is written.
+
+        Raises:
+            TypeError: on SQLite, which has no lease (one node).
+        """
+        if self._marker != "%s":
+            raise TypeError("a lease guard needs PostgreSQL")
+        self.statements.insert(0, ("SELECT dongne_check_lease(%s, %s)", [name, epoch], False))
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send ``payload`` on ``channel`` if, and only if, the commit succeeds (PostgreSQL's ``pg_notify``).
+
+        Raises:
+            TypeError: on SQLite, which has no LISTEN/NOTIFY.
+            ValueError: a payload over PostgreSQL's limit (7999 bytes).
+        """
+        if self._marker != "%s":
+            raise TypeError("notifications need PostgreSQL")
+        if len(payload.encode()) >= NOTIFY_PAYLOAD_LIMIT:
+            raise ValueError(f"a notification payload must be under {NOTIFY_PAYLOAD_LIMIT} bytes")
+        self.statements.append(("SELECT pg_notify(%s, %s)", [channel, payload], False))
+
+
+def inbox_news(origin: str, heads: dict[str, int]) -> list[str]:
+    """The payloads that announce a commit's new inbox heads on :data:`EVENTS_CHANNEL` (``CLUSTER.md``).
+
+    Each is JSON, ``{"node": origin, "heads": {user: newest seq, ...}}``, and
+    under PostgreSQL's payload limit: a commit touching many users sends
+    several. A listener reads the events themselves from the store.
+    """
+    payloads: list[str] = []
+    head = json.dumps({"node": origin, "heads": {}}, ensure_ascii=False, separators=(",", ":"))
+    budget = NOTIFY_PAYLOAD_LIMIT - 1 - len(head.encode())
+    part: dict[str, int] = {}
+    used = 0
+    for user, seq in sorted(heads.items()):
+        size = len(json.dumps({user: seq}, ensure_ascii=False, separators=(",", ":")).encode()) - 1  # "...":n,
+        if size > budget:
+            raise ValueError(f"a user id too long to announce: {user[:40]!r}...")
+        if part and used + size > budget:
+            payloads.append(json.dumps({"node": origin, "heads": part}, ensure_ascii=False, separators=(",", ":")))
+            part, used = {}, 0
+        part[user] = seq
+        used += size
+    if part:
+        payloads.append(json.dumps({"node": origin, "heads": part}, ensure_ascii=False, separators=(",", ":")))
+    return payloads
+
+
+def read_inbox_news(payload: str) -> tuple[str, dict[str, int]]:
+    """``(origin node, {user: newest seq})`` of a payload :func:`inbox_news` made.
+
+    Raises:
+        ValueError: not such a payload.
+    """
+    try:
+        news = json.loads(payload)
+        origin, heads = news["node"], news["heads"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"not inbox news: {payload[:80]!r}") from None
+    if not isinstance(origin, str) or not isinstance(heads, dict):
+        raise ValueError(f"not inbox news: {payload[:80]!r}")
+    return origin, {str(user): int(seq) for user, seq in heads.items()}
+
+
+def prepare_writes(
+    writes: Sequence[Write],
+    max_variables: int,
+    dialect: Dialect = "sqlite",
+    *,
+    news_from: str | None = None,
+    guard_seqs: bool = False,
+) -> PreparedCommit:
     """Turn writes into the statements of one transaction; pure Python, no I/O.
 
     Saves of the same row collapse to the last one; inbox appends are all
@@ -101,6 +192,12 @@ def prepare_writes(writes: Sequence[Write], max_variables: int, dialect: Dialect
     row, so while the event loop is busy each row waited for the GIL
     (an order of magnitude slower than one statement). The committer runs this part on
     the event loop, where it would hold the GIL anyway.
+
+    ``news_from`` (PostgreSQL): a node id; the commit then announces its new
+    inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`).
+    ``guard_seqs`` (PostgreSQL): the commit first checks that each user's
+    inbox head is just below the user's lowest seq in it (``SeqConflict``
+    otherwise): the guard several writers need.
     """
     users: dict[str, User] = {}
     questions: dict[str, Question] = {}
@@ -189,6 +286,22 @@ def prepare_writes(writes: Sequence[Write], max_variables: int, dialect: Dialect
             sorted(heads.items()),
             " ON CONFLICT (user_id) DO UPDATE SET last_seq = greatest(inbox_heads.last_seq, excluded.last_seq)",
         )
+        if guard_seqs:
+            lowest: dict[str, int] = {}
+            for e in events:
+                lowest[e.user_id] = min(lowest.get(e.user_id, e.seq), e.seq)
+            guarded = sorted(lowest)
+            batch.statements.insert(
+                0,
+                (
+                    "SELECT dongne_check_heads(%s::text[], %s::bigint[])",
+                    [guarded, [lowest[u] - 1 for u in guarded]],
+                    False,
+                ),
+            )
+        if news_from is not None:
+            for payload in inbox_news(news_from, heads):
+                batch.notify(EVENTS_CHANNEL, payload)
     save(
         "escalations",
         "question_id, next_stage, updated_at",

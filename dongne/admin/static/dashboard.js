@@ -368,6 +368,25 @@
     byId("alerts-empty").hidden = alerts.length > 0;
   }
 
+  // This node and its peers on the same database (on SQLite: this node alone).
+  function renderNodes(state) {
+    const cluster = state.cluster || { nodes: [], shared: false, lease: null };
+    sync(byId("nodes-list"), cluster.nodes, (n) => n.node_id, () => {
+      const li = html("li");
+      li.append(html("span", { class: "title" }), html("span", { class: "meta" }));
+      return li;
+    }, (li, n) => {
+      li.setAttribute("data-node-id", n.node_id);
+      li.firstChild.textContent = n.self ? `${n.node_id} (this node)` : n.node_id;
+      const lease = cluster.lease && cluster.lease.holder === n.node_id ? " · leads escalation" : "";
+      li.lastChild.textContent =
+        `${n.host} pid ${n.pid} · up since ${clockTime(n.started_at)}` +
+        ` · heartbeat ${duration(Math.max(0, (state.now - n.heartbeat_at) / 1000))} ago${lease}`;
+    });
+    byId("nodes-count").textContent = cluster.nodes.length;
+    byId("nodes-note").textContent = cluster.shared ? "sharing one PostgreSQL database" : "SQLite: one node";
+  }
+
   // Rates from successive samples of the counters, on the server's clock.
   let sample = null;
   function rate(prev, next, key) {
@@ -401,6 +420,7 @@
     renderQuestions(state);
     renderHotspots(state);
     renderAlerts(state);
+    renderNodes(state);
   }
 
   // ---- plumbing ---------------------------------------------------------------------

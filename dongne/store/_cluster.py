@@ -1,0 +1,251 @@
+"""The rows several nodes share on one PostgreSQL database: membership, the escalation lease, LISTEN.
+
+Blocking calls, meant for a worker thread, like the store's. See
+``CLUSTER.md`` for the design these serve; none of it lifts the one-node
+lock (``NODE_LOCK``): a node registers, heartbeats and can take the lease, and
+is still the only node serving.
+
+Theory of operation: :class:`ClusterLink` has one connection of its own in
+autocommit (not the store's writer, which is the committer's, one
+transaction at a time), shared by the calls under a lock; every operation is
+one statement, so each is atomic without a transaction. Times are
+milliseconds given by the caller (the node's wall clock): the tests pin them,
+and a lease's expiry is only ever compared with times of the same kind.
+
+:class:`ListenConnection` is the other connection a node needs: it
+``LISTEN``s, and is read without blocking (``drain``) whenever its socket is
+readable (the trio side waits on ``fileno()``: ``dongne.cluster.Listener``).
+
+Error handling: a broken connection is dropped and the next call connects
+again (once, then ``StoreError``); a broken listen connection raises
+``ListenLost`` from ``drain`` and is connected again by its owner.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import attrs
+import psycopg
+import psycopg.conninfo
+import psycopg.pq
+import psycopg.sql
+
+from ._interface import StoreError
+from ._postgres import _one_line, redact
+
+__all__ = ["ClusterLink", "Lease", "ListenConnection", "ListenLost", "NodeInfo", "connect_listener"]
+
+#: The lease escalation leadership is (the only one so far).
+ESCALATION_LEASE = "escalation"
+
+
+@attrs.frozen
+class NodeInfo:
+    """One node's row in ``cluster_nodes``."""
+
+    node_id: str
+    host: str
+    pid: int
+    started_at: int  # ms
+    heartbeat_at: int  # ms
+
+
+@attrs.frozen
+class Lease:
+    """A lease row: who holds it, since which epoch, until when (ms)."""
+
+    name: str
+    holder: str | None
+    epoch: int
+    expires_at: int
+
+    def held_by(self, node_id: str, now_ms: int) -> bool:
+        """Whether ``node_id`` holds it at ``now_ms`` (not yet expired)."""
+        return self.holder == node_id and now_ms < self.expires_at
+
+
+class ListenLost(StoreError):
+    """The LISTEN connection broke (PostgreSQL restarted, ``pg_terminate_backend``, the network)."""
+
+
+def _conninfo(url: str, role: str, connect_timeout_s: float) -> str:
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise StoreError(f"{redact(url)} is not a PostgreSQL URL libpq accepts: {_one_line(exc)}") from None
+    params.setdefault("connect_timeout", max(1, round(connect_timeout_s)))
+    params["application_name"] = f"{params.get('application_name', 'dongne')} {role}"
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+_NODE_COLS = "node_id, host, pid, started_at, heartbeat_at"
+_LEASE_COLS = "name, holder, epoch, expires_at"
+
+
+class ClusterLink:
+    """Membership and leases on a PostgreSQL database (blocking: call from a worker thread).
+
+    Args:
+        url: the database's libpq URL (the store's).
+        connect_timeout_s: how long connecting may take, unless the URL says.
+
+    Resource handling: ``close`` closes the connection; the link connects on first use.
+    """
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self._conninfo = _conninfo(url, "cluster", connect_timeout_s)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _run(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        """One statement in autocommit; its rows. A connection lost since its last use is replaced once.
+
+        Raises:
+            StoreError: the database cannot be reached, or refused the statement.
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = psycopg.connect(self._conninfo, autocommit=True)
+                    cur = self._conn.execute(sql, params)
+                    return cur.fetchall() if cur.description is not None else []
+                except psycopg.Error as exc:
+                    if self._conn is not None and self._conn.broken:
+                        self._conn.close()
+                        self._conn = None
+                        if attempt == 1 and isinstance(exc, psycopg.OperationalError):
+                            continue
+                    raise StoreError(f"cluster: {_one_line(exc)}") from exc
+            raise AssertionError("unreachable")
+
+    # ---- membership ------------------------------------------------------------
+
+    def heartbeat(self, node: NodeInfo, now_ms: int) -> None:
+        """Register ``node``, or say it is alive at ``now_ms`` (its row comes back if it was expired)."""
+        self._run(
+            f"INSERT INTO cluster_nodes ({_NODE_COLS}) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = greatest(cluster_nodes.heartbeat_at, excluded.heartbeat_at)",
+            (node.node_id, node.host, node.pid, node.started_at, now_ms),
+        )
+
+    def expire_nodes(self, before_ms: int) -> list[str]:
+        """Remove the nodes whose last heartbeat is older than ``before_ms``; their ids, sorted."""
+        rows = self._run("DELETE FROM cluster_nodes WHERE heartbeat_at < %s RETURNING node_id", (before_ms,))
+        return sorted(row[0] for row in rows)
+
+    def leave(self, node_id: str) -> None:
+        """Remove ``node_id`` (a graceful stop: its peers need not wait for it to expire)."""
+        self._run("DELETE FROM cluster_nodes WHERE node_id = %s", (node_id,))
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every registered node, by id."""
+        return [NodeInfo(*row) for row in self._run(f"SELECT {_NODE_COLS} FROM cluster_nodes ORDER BY node_id")]
+
+    # ---- leases ----------------------------------------------------------------
+
+    def acquire_lease(self, node_id: str, now_ms: int, ttl_ms: int, name: str = ESCALATION_LEASE) -> Lease | None:
+        """Take lease ``name`` until ``now_ms + ttl_ms`` if it is free, expired, or already ``node_id``'s.
+
+        A new holder bumps the epoch (so commits guarded by the old one are
+        refused); a holder renewing its own lease keeps it, even after it
+        expired, since nobody held it in between.
+
+        Returns:
+            The lease as now held, or None: another node holds it and it has not expired.
+        """
+        rows = self._run(
+            "UPDATE escalation_lease SET epoch = CASE WHEN holder IS NOT DISTINCT FROM %(node)s"
+            " THEN epoch ELSE epoch + 1 END, holder = %(node)s, expires_at = %(until)s"
+            " WHERE name = %(name)s AND (holder IS NULL OR holder = %(node)s OR expires_at <= %(now)s)"
+            f" RETURNING {_LEASE_COLS}",
+            {"node": node_id, "until": now_ms + ttl_ms, "now": now_ms, "name": name},
+        )
+        return Lease(*rows[0]) if rows else None
+
+    def release_lease(self, node_id: str, epoch: int, name: str = ESCALATION_LEASE) -> bool:
+        """Give the lease up (a graceful stop: the next node takes it at once); False if it was not ours."""
+        rows = self._run(
+            "UPDATE escalation_lease SET holder = NULL, expires_at = 0"
+            " WHERE name = %s AND holder = %s AND epoch = %s RETURNING name",
+            (name, node_id, epoch),
+        )
+        return bool(rows)
+
+    def lease(self, name: str = ESCALATION_LEASE) -> Lease:
+        """The lease's row as it is now."""
+        return Lease(*self._run(f"SELECT {_LEASE_COLS} FROM escalation_lease WHERE name = %s", (name,))[0])
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send a notification outside any commit (ephemeral news: typing, presence)."""
+        self._run("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+class ListenConnection:
+    """A connection that ``LISTEN``s on some channels; made by :func:`connect_listener`.
+
+    Resource handling: ``close`` it; after ``ListenLost`` it is closed already.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    @property
+    def backend_pid(self) -> int:
+        """The PostgreSQL process serving it (what ``pg_terminate_backend`` takes)."""
+        return int(self._conn.info.backend_pid)
+
+    def fileno(self) -> int:
+        """The socket to wait on: readable when a notification (or the connection's end) arrives."""
+        return self._conn.fileno()
+
+    def drain(self) -> list[tuple[str, str]]:
+        """Every notification received so far, as ``(channel, payload)``, oldest first; never blocks.
+
+        Raises:
+            ListenLost: the connection broke (it is closed).
+        """
+        pgconn = self._conn.pgconn
+        try:
+            pgconn.consume_input()
+        except psycopg.Error as exc:
+            self.close()
+            raise ListenLost(f"listen connection lost: {_one_line(exc)}") from exc
+        if pgconn.status != psycopg.pq.ConnStatus.OK:
+            self.close()
+            raise ListenLost("listen connection lost")
+        received: list[tuple[str, str]] = []
+        while (note := pgconn.notifies()) is not None:
+            received.append((note.relname.decode(), note.extra.decode()))
+        return received
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def connect_listener(url: str, channels: tuple[str, ...], *, connect_timeout_s: float = 10.0) -> ListenConnection:
+    """Connect and ``LISTEN`` on ``channels`` (blocking: from a worker thread).
+
+    Raises:
+        StoreError: the database cannot be reached.
+    """
+    try:
+        conn = psycopg.connect(_conninfo(url, "listener", connect_timeout_s), autocommit=True)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to listen: {_one_line(exc)}") from exc
+    try:
+        for channel in channels:
+            conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+    except psycopg.Error as exc:
+        conn.close()
+        raise StoreError(f"cannot listen: {_one_line(exc)}") from exc
+    return ListenConnection(conn)
