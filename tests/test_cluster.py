@@ -4,11 +4,7 @@ lease and its guarded commits, LISTEN/NOTIFY across connections, push job ids in
 from __future__ import annotations
 
 import functools
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -27,6 +23,7 @@ from dongne.store import LeaseLost, SeqConflict, Storage, WriteFailed, store_for
 from dongne.store._pg_schema import PG_MIGRATIONS
 
 from .conftest import SECRET, Harness, db_rows, token
+from .served import serve_process
 
 BLOCK = 1 << 32
 
@@ -419,45 +416,13 @@ def test_sqlite_push_job_ids_go_on_from_the_highest(tmp_path: Path) -> None:
 
 # ---- real processes ---------------------------------------------------------------------
 
-OPS_PORT = re.compile(rb"ops http://127\.0\.0\.1:(\d+)")
-
 
 @asynccontextmanager
 async def dongne_node(tmp_path: Path, db: str) -> AsyncIterator[tuple[trio.Process, int]]:
     """``dongne serve`` on ``db`` heartbeating every 0.2 s with a 1 s ttl: ``(process, ops port)``; killed after."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
-    env.update(DONGNE_JWT_SECRET=SECRET, DONGNE_CLUSTER_HEARTBEAT_INTERVAL_S="0.2", DONGNE_CLUSTER_NODE_TTL_S="1")
-    log = tmp_path / "node.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "dongne",
-        "serve",
-        "--db",
-        db,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ops-port",
-        "0",
-    ]
-    with log.open("wb") as sink:
-        proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink, cwd=tmp_path, env=env
-        )
-    try:
-        with trio.fail_after(30):
-            while not (match := OPS_PORT.search(log.read_bytes())):
-                assert proc.poll() is None, log.read_text(errors="replace")
-                await trio.sleep(0.02)
-        yield proc, int(match.group(1))
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await proc.wait()
+    heartbeats = {"DONGNE_CLUSTER_HEARTBEAT_INTERVAL_S": "0.2", "DONGNE_CLUSTER_NODE_TTL_S": "1"}
+    async with serve_process(tmp_path, db, secret=SECRET, env=heartbeats, log_name="node.log") as node:
+        yield node.proc, node.ops_port
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:

@@ -39,14 +39,18 @@ from __future__ import annotations
 import math
 import os
 import random
-import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, closing, contextmanager, suppress
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    closing,
+    contextmanager,
+    suppress,
+)
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +67,10 @@ from dongne.core.effects import EnqueuePush
 from dongne.core.records import PushJob
 from dongne.store import is_postgres_url, store_for
 
+from .served import ServedProcess, serve_process
+
 SECRET = "crash-safety-secret-0123456789-0123456789"
 SEED = int(os.environ.get("DONGNE_CRASH_SEED", "20261127"))
-LISTENING = re.compile(rb"clients ws://[^:\s]+:(\d+)\s+ops http://[^:\s]+:(\d+)")
 
 KILLS_UNDER_LOAD = 10
 KILLS_AT_STARTUP = 2
@@ -233,49 +238,16 @@ async def connect(port: int, user: str, model: Model) -> AsyncIterator[Conn]:
 # ---- the server process -------------------------------------------------------------
 
 
-@attrs.define
-class Server:
-    proc: trio.Process
-    port: int
-    log: Path
-
-
-@asynccontextmanager
-async def serve(tmp_path: Path, run: int, db: Path | str) -> AsyncIterator[Server]:
-    """``dongne serve`` on the test's database; killed (SIGKILL) on the way out if still running.
-
-    Its log goes to a file: a pipe nobody reads would fill up and stall it.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
-    env["DONGNE_JWT_SECRET"] = SECRET
-    log = tmp_path / f"server-{run:02d}.log"
-    argv = [
-        sys.executable, "-m", "dongne", "serve", "--config", str(tmp_path / "config.toml"),
-        "--db", str(db), "--host", "127.0.0.1", "--port", "0", "--ops-port", "0",
-    ]  # fmt: skip
-    async with await trio.open_file(log, "wb") as sink:
-        proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink.wrapped, cwd=tmp_path, env=env
-        )
-    try:
-        with trio.fail_after(30):
-            while not (match := LISTENING.search(log.read_bytes())):
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-                await trio.sleep(0.02)
-        yield Server(proc, int(match.group(1)), log)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await proc.wait()
+def serve(tmp_path: Path, run: int, db: Path | str) -> AbstractAsyncContextManager[ServedProcess]:
+    """``dongne serve`` on the test's database with its config.toml, logging to ``server-<run>.log``."""
+    return serve_process(tmp_path, db, secret=SECRET, config=tmp_path / "config.toml", log_name=f"server-{run:02d}.log")
 
 
 def write_config(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text(CONFIG)
 
 
-def assert_no_errors(server: Server) -> None:
+def assert_no_errors(server: ServedProcess) -> None:
     """The server logged no error (an exception in a task, a failed commit)."""
     errors = [line for line in server.log.read_text(errors="replace").splitlines() if '"level": "ERROR"' in line]
     assert not errors, errors

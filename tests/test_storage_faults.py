@@ -10,14 +10,13 @@ acknowledged write is in the database and nothing refused is.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,13 @@ import pytest
 import trio
 
 from dongne.auth import mint_token
-from dongne.client import RequestError, open_client
+from dongne.client import DongneClient, RequestError, open_client
 
 from .conftest import Harness, db_rows, question_data
+from .served import ServedProcess, serve_process
 from .test_push import FakeGateway
 
 SECRET = "storage-faults-secret-0123456789-0123456789"
-LISTENING = re.compile(rb"clients ws://[^:\s]+:(\d+)\s+ops http://[^:\s]+:(\d+)")
 HALL = {"lat": 33.4996, "lng": 126.5312}
 FILLER = " ".join(f"word{j}" for j in range(250))  # ~1.7 KB of answer text
 
@@ -54,48 +53,26 @@ def small_disk(where: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-class Server:
-    def __init__(self, proc: trio.Process, port: int, ops_port: int, log: Path) -> None:
-        self.proc, self.port, self.ops_port, self.log = proc, port, ops_port, log
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def ops(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.ops_port}{path}"
-
-
-@asynccontextmanager
-async def serve(tmp_path: Path, db: Path) -> AsyncIterator[Server]:
-    """``dongne serve`` on ``db`` (snapshots off); SIGKILLed on the way out if still running."""
+def serve(tmp_path: Path, db: Path) -> AbstractAsyncContextManager[ServedProcess]:
+    """``dongne serve`` on ``db`` (snapshots off, write limits out of the way); SIGKILLed on the way out if still running."""
     (tmp_path / "config.toml").write_text(
         "[snapshots]\ninterval_s = 0\n"
         "[limits]\nwrites_per_minute = 1e9\nwrites_burst = 1e9\nconn_per_s = 1e9\nconn_burst = 1e9\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DONGNE_")}
-    env["DONGNE_JWT_SECRET"] = SECRET
-    log = tmp_path / "server.log"
-    argv = [
-        sys.executable, "-m", "dongne", "serve", "--config", str(tmp_path / "config.toml"),
-        "--db", str(db), "--host", "127.0.0.1", "--port", "0", "--ops-port", "0",
-    ]  # fmt: skip
-    async with await trio.open_file(log, "wb") as sink:
-        proc = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink.wrapped, cwd=tmp_path, env=env
-        )
-    try:
-        with trio.fail_after(30):
-            while not (match := LISTENING.search(await trio.Path(log).read_bytes())):
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited with {proc.returncode}: {log.read_text(errors='replace')}")
-                await trio.sleep(0.02)  # a subprocess's log line: there is no event to wait on
-        yield Server(proc, int(match.group(1)), int(match.group(2)), log)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await proc.wait()
+    return serve_process(tmp_path, db, secret=SECRET, config=tmp_path / "config.toml")
+
+
+async def when_writes_work(
+    client: DongneClient, op: str, data: dict[str, Any], timeout_s: float = 20
+) -> dict[str, Any]:
+    """``op``'s reply once writes work again: ``unavailable`` meanwhile, retried after its ``retry_after_ms``."""
+    with trio.fail_after(timeout_s):
+        while True:
+            try:
+                return await client.request(op, data)
+            except RequestError as exc:
+                assert exc.code == "unavailable"
+                await trio.sleep(exc.error["retry_after_ms"] / 1000)
 
 
 def signed(user: str, **claims: Any) -> str:
@@ -155,14 +132,7 @@ async def test_a_full_disk_refuses_writes_keeps_serving_and_recovers(tmp_path: P
 
             # Space comes back: the next write goes through, with no restart.
             await trio.Path(ballast).unlink()
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        await local.request("create_answer", {"question_id": qid, "content": "after-recovery"})
-                        break
-                    except RequestError as exc:
-                        assert exc.code == "unavailable"
-                        await trio.sleep(exc.error["retry_after_ms"] / 1000)  # as a client is told to
+            await when_writes_work(local, "create_answer", {"question_id": qid, "content": "after-recovery"})
             assert (await http.get(server.ops("/ready"))).status_code == 200
             assert "dongne_store_writes_failing 0.0" in (await http.get(server.ops("/metrics"))).text
             server.proc.kill()  # SIGKILL: no graceful shutdown
@@ -207,14 +177,7 @@ async def test_a_lock_held_by_another_program_refuses_writes_until_it_is_release
         finally:
             holder.execute("ROLLBACK")
             holder.close()
-        with trio.fail_after(20):
-            while True:
-                try:
-                    closed = await asker.request("close_question", {"question_id": question["question_id"]})
-                    break
-                except RequestError as exc:
-                    assert exc.code == "unavailable"
-                    await trio.sleep(exc.error["retry_after_ms"] / 1000)
+        closed = await when_writes_work(asker, "close_question", {"question_id": question["question_id"]})
         assert closed["question"]["status"] == "closed"
         assert h.running.clients.writable
         assert (await admin.next_event("storage_alert"))["data"]["state"] == "recovered"
@@ -269,14 +232,7 @@ async def test_a_terminated_postgresql_session_refuses_one_batch_then_the_probe_
         await h.running.clients.wait_reloaded()
         got = await reader.request("join_question", {"question_id": question["question_id"]})
         assert got["question"]["status"] == "open"  # reads go on, on their own sessions
-        with trio.fail_after(20):
-            while True:
-                try:
-                    closed = await asker.request("close_question", {"question_id": question["question_id"]})
-                    break
-                except RequestError as exc:
-                    assert exc.code == "unavailable"
-                    await trio.sleep(exc.error["retry_after_ms"] / 1000)
+        closed = await when_writes_work(asker, "close_question", {"question_id": question["question_id"]})
         assert closed["question"]["status"] == "closed"
         assert h.running.clients.writable
         assert (await admin.next_event("storage_alert"))["data"]["state"] == "recovered"
@@ -308,16 +264,8 @@ async def test_postgresql_stopped_abruptly_and_restarted_under_the_server(
             assert refused.value.code == "unavailable"
         finally:
             await trio.to_thread.run_sync(pg_cluster.start_server)
-        with trio.fail_after(30):
-            while True:
-                try:
-                    acked.append(
-                        (await local.request("create_answer", {"question_id": qid, "content": "after"}))["answer"]
-                    )
-                    break
-                except RequestError as exc:
-                    assert exc.code == "unavailable"
-                    await trio.sleep(exc.error["retry_after_ms"] / 1000)
+        after = await when_writes_work(local, "create_answer", {"question_id": qid, "content": "after"}, timeout_s=30)
+        acked.append(after["answer"])
         assert h.running.clients.writable
         page = await asker.request("get_question", {"question_id": qid})
         assert [a["content"] for a in page["answers"]] == ["before", "after"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 
 import trio
 
 from dongne.transport import FrameEncoder, WebSocketConnection
+
+from .wsframes import client_frame, read_all
 
 FRAME_PAYLOAD = bytes(2000)
 FRAMES = 300  # ~600 KB: far more than the socket buffers and the bound below hold
@@ -190,71 +191,18 @@ def test_binary_frames_are_the_bytes_wsproto_makes_at_every_length_boundary() ->
         assert bytes(reference.send_data(payload, fin=True)) == encoder.binary(payload)
 
 
-def _client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
-    """A masked client frame, lengths minimally encoded."""
-    n = len(payload)
-    head = bytes((0x80 * fin | opcode,))
-    if n < 126:
-        head += bytes((0x80 | n,))
-    elif n < 65536:
-        head += bytes((0x80 | 126,)) + n.to_bytes(2, "big")
-    else:
-        head += bytes((0x80 | 127,)) + n.to_bytes(8, "big")
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-async def _read_all(stream: bytes, chunk: int) -> tuple[list[object], bytes, int | None]:
-    """What messages() makes of a client's byte stream sent ``chunk`` bytes at a time: messages, bytes sent back, close code."""
-    server_side, client_side = socket.socketpair()
-    server_side.setblocking(False)
-    client = trio.socket.from_stdlib_socket(client_side)
-    got: list[object] = []
-    back = bytearray()
-    read_done = trio.Event()
-
-    async def write() -> None:
-        with contextlib.suppress(OSError):  # the server may close first (1009, 1002)
-            for i in range(0, len(stream), chunk):
-                view = memoryview(stream)[i : i + chunk]
-                while view:
-                    view = view[await client.send(view) :]
-            client.shutdown(socket.SHUT_WR)
-
-    async def read_back() -> None:
-        with contextlib.suppress(OSError):
-            while data := await client.recv(1 << 16):
-                back.extend(data)
-        read_done.set()
-
-    async with trio.open_nursery() as nursery:
-        conn = WebSocketConnection(
-            server_side, nursery, FrameEncoder(), max_message_bytes=70_000, max_buffer_bytes=1 << 20
-        )
-        nursery.start_soon(write)
-        nursery.start_soon(read_back)
-        with trio.fail_after(5):
-            async for message in conn.messages():
-                got.append(message)
-        conn.abort()
-        with trio.move_on_after(2):
-            await read_done.wait()
-        nursery.cancel_scope.cancel()
-    client.close()
-    return got, bytes(back), conn.close_code
-
-
 async def test_inbound_frames_read_directly_and_through_wsproto_give_the_same_messages() -> None:
     """Binary messages at every length encoding, pings, pongs; then a text frame hands the rest to wsproto."""
     from dongne.transport import BinaryFrame, TextFrame
 
     payloads = [b"", b"x", bytes(range(125)), bytes(126), bytes(i % 7 for i in range(65535)), bytes(65536)]
-    direct = b"".join(_client_frame(0x2, p) for p in payloads)
-    control = _client_frame(0x9, b"hb") + _client_frame(0xA, b"hb")
-    later = _client_frame(0x1, b"text") + _client_frame(0x2, b"after", fin=False) + _client_frame(0x0, b"!")
-    later += _client_frame(0x9, b"p2") + _client_frame(0x2, b"last") + _client_frame(0x8, (1000).to_bytes(2, "big"))
+    direct = b"".join(client_frame(0x2, p) for p in payloads)
+    control = client_frame(0x9, b"hb") + client_frame(0xA, b"hb")
+    later = client_frame(0x1, b"text") + client_frame(0x2, b"after", fin=False) + client_frame(0x0, b"!")
+    later += client_frame(0x9, b"p2") + client_frame(0x2, b"last") + client_frame(0x8, (1000).to_bytes(2, "big"))
     expected = [BinaryFrame(p) for p in payloads] + [TextFrame(4), BinaryFrame(b"after!"), BinaryFrame(b"last")]
     for chunk in (1, 7, 1 << 20):  # frames split anywhere, and all at once
-        got, back, code = await _read_all(direct + control + later, chunk)
+        got, back, code = await read_all(direct + control + later, chunk)
 
         assert expected == got
         assert FrameEncoder().pong(b"hb") + FrameEncoder().pong(b"p2") == back[: 2 * len(FrameEncoder().pong(b"hb"))]
@@ -263,10 +211,10 @@ async def test_inbound_frames_read_directly_and_through_wsproto_give_the_same_me
 
 async def test_inbound_frames_wsproto_must_judge_still_close_the_connection() -> None:
     """Oversize (1009), unmasked or non-minimal lengths (1002): as wsproto decided before."""
-    oversize = _client_frame(0x2, b"ok") + _client_frame(0x2, bytes(70_001))
-    unmasked = _client_frame(0x2, b"ok") + b"\x82\x02hi"
-    non_minimal = _client_frame(0x2, b"ok") + b"\x82\xfe\x00\x05" + b"\x00" * 4 + b"hello"
+    oversize = client_frame(0x2, b"ok") + client_frame(0x2, bytes(70_001))
+    unmasked = client_frame(0x2, b"ok") + b"\x82\x02hi"
+    non_minimal = client_frame(0x2, b"ok") + b"\x82\xfe\x00\x05" + b"\x00" * 4 + b"hello"
     for stream, code in ((oversize, 1009), (unmasked, 1002), (non_minimal, 1002)):
-        got, _, closed = await _read_all(stream, 1 << 20)
+        got, _, closed = await read_all(stream, 1 << 20)
 
         assert len(got) == 1 and closed == code

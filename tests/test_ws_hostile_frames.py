@@ -8,35 +8,13 @@ pin both paths: every frame the direct reader must refuse to take, the early
 
 from __future__ import annotations
 
-import contextlib
-import socket
-
 import pytest
-import trio
 
-from dongne.transport import BinaryFrame, FrameEncoder, TextFrame, WebSocketConnection
+from dongne.transport import BinaryFrame, TextFrame
 
-MASK = b"\x01\x02\x03\x04"
+from .wsframes import MASK, client_frame, read_all
+
 MAX = 70_000
-
-
-def frame(
-    op: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, form: int = 0, mask: bytes | None = MASK
-) -> bytes:
-    """A client frame; ``form`` forces the length encoding (7, 16 or 64 bits), ``mask=None`` sends it unmasked."""
-    n = len(payload)
-    head = bytes(((0x80 if fin else 0) | rsv | op,))
-    bit = 0x80 if mask is not None else 0
-    form = form or (7 if n < 126 else 16 if n < 65536 else 64)
-    if form == 7:
-        head += bytes((bit | n,))
-    elif form == 16:
-        head += bytes((bit | 126,)) + n.to_bytes(2, "big")
-    else:
-        head += bytes((bit | 127,)) + n.to_bytes(8, "big")
-    if mask is None:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def header64(op: int, n: int) -> bytes:
@@ -44,90 +22,50 @@ def header64(op: int, n: int) -> bytes:
 
 
 def close(code: int, reason: bytes = b"") -> bytes:
-    return frame(8, code.to_bytes(2, "big") + reason)
+    return client_frame(8, code.to_bytes(2, "big") + reason)
 
 
-OK = frame(2, b"ok")
+OK = client_frame(2, b"ok")
 
 CASES: dict[str, tuple[bytes, int]] = {
-    "unmasked binary": (frame(2, b"hi", mask=None), 1002),
-    "unmasked ping": (frame(9, b"hi", mask=None), 1002),
-    "unmasked pong": (OK + frame(10, b"", mask=None), 1002),
-    "rsv1 binary": (OK + frame(2, b"x", rsv=0x40), 1002),
-    "rsv3 ping": (OK + frame(9, b"x", rsv=0x10), 1002),
-    "reserved data opcode": (OK + frame(3, b"x"), 1002),
-    "reserved control opcode": (OK + frame(0xB), 1002),
-    "ping over 125 bytes": (OK + frame(9, bytes(126)), 1002),
-    "ping with a 16-bit length": (OK + frame(9, bytes(5), form=16), 1002),
-    "pong with a 64-bit length": (OK + frame(10, bytes(5), form=64), 1002),
-    "fragmented ping": (OK + frame(9, b"x", fin=False), 1002),
-    "continuation without a start": (OK + frame(0, b"x"), 1002),
-    "binary inside a fragmented message": (OK + frame(2, b"a", fin=False) + frame(2, b"b"), 1002),
+    "unmasked binary": (client_frame(2, b"hi", mask=None), 1002),
+    "unmasked ping": (client_frame(9, b"hi", mask=None), 1002),
+    "unmasked pong": (OK + client_frame(10, b"", mask=None), 1002),
+    "rsv1 binary": (OK + client_frame(2, b"x", rsv=0x40), 1002),
+    "rsv3 ping": (OK + client_frame(9, b"x", rsv=0x10), 1002),
+    "reserved data opcode": (OK + client_frame(3, b"x"), 1002),
+    "reserved control opcode": (OK + client_frame(0xB), 1002),
+    "ping over 125 bytes": (OK + client_frame(9, bytes(126)), 1002),
+    "ping with a 16-bit length": (OK + client_frame(9, bytes(5), form=16), 1002),
+    "pong with a 64-bit length": (OK + client_frame(10, bytes(5), form=64), 1002),
+    "fragmented ping": (OK + client_frame(9, b"x", fin=False), 1002),
+    "continuation without a start": (OK + client_frame(0, b"x"), 1002),
+    "binary inside a fragmented message": (OK + client_frame(2, b"a", fin=False) + client_frame(2, b"b"), 1002),
     "64-bit length with the high bit": (OK + header64(2, 1 << 63) + b"x" * 10, 1002),
-    "non-minimal 64-bit length": (OK + frame(2, bytes(200), form=64), 1002),
-    "non-minimal 16-bit length": (OK + frame(2, bytes(5), form=16), 1002),
+    "non-minimal 64-bit length": (OK + client_frame(2, bytes(200), form=64), 1002),
+    "non-minimal 16-bit length": (OK + client_frame(2, bytes(5), form=16), 1002),
     "a header declaring 2**62 bytes": (OK + header64(2, 1 << 62), 1009),
-    "a header one byte over the limit": (OK + frame(2, bytes(MAX + 1))[:14], 1009),
-    "fragments over the limit": (OK + frame(2, bytes(40_000), fin=False) + frame(0, bytes(40_000)), 1009),
-    "text over the limit": (OK + frame(1, b"a" * (MAX + 1)), 1009),
-    "text that is not UTF-8": (OK + frame(1, b"\xff\xfe"), 1007),
-    "close with a 1-byte payload": (OK + frame(8, b"\x03"), 1002),
+    "a header one byte over the limit": (OK + client_frame(2, bytes(MAX + 1))[:14], 1009),
+    "fragments over the limit": (OK + client_frame(2, bytes(40_000), fin=False) + client_frame(0, bytes(40_000)), 1009),
+    "text over the limit": (OK + client_frame(1, b"a" * (MAX + 1)), 1009),
+    "text that is not UTF-8": (OK + client_frame(1, b"\xff\xfe"), 1007),
+    "close with a 1-byte payload": (OK + client_frame(8, b"\x03"), 1002),
     "close code 999": (OK + close(999), 1002),
     "close code 1005": (OK + close(1005), 1002),
     "close code 5000": (OK + close(5000), 1002),
     "close code 4999 (echoed)": (OK + close(4999), 4999),
-    "empty close": (OK + frame(8), 1000),
+    "empty close": (OK + client_frame(8), 1000),
     "close reason not UTF-8": (OK + close(1000, b"\xff"), 1007),
     "close over 125 bytes": (OK + close(1000, b"a" * 124), 1002),
-    "fragmented close": (OK + frame(8, (1000).to_bytes(2, "big"), fin=False), 1002),
+    "fragmented close": (OK + client_frame(8, (1000).to_bytes(2, "big"), fin=False), 1002),
 }
-
-
-async def feed(stream: bytes, chunk: int, max_message_bytes: int = MAX) -> tuple[list[object], bytes, int | None]:
-    """Write ``stream`` in ``chunk``-byte pieces to a server-side connection; what it yielded, sent back, closed with."""
-    server_sock, client_sock = socket.socketpair()
-    server_sock.setblocking(False)
-    client = trio.socket.from_stdlib_socket(client_sock)
-    got: list[object] = []
-    back = bytearray()
-    answered = trio.Event()
-
-    async def write() -> None:
-        with contextlib.suppress(OSError):
-            for i in range(0, len(stream), chunk):
-                view = memoryview(stream)[i : i + chunk]
-                while view:
-                    view = view[await client.send(view) :]
-            client.shutdown(socket.SHUT_WR)
-
-    async def read_back() -> None:
-        with contextlib.suppress(OSError):
-            while data := await client.recv(65536):
-                back.extend(data)
-        answered.set()
-
-    async with trio.open_nursery() as nursery:
-        conn = WebSocketConnection(
-            server_sock, nursery, FrameEncoder(), max_message_bytes=max_message_bytes, max_buffer_bytes=1 << 22
-        )
-        nursery.start_soon(write)
-        nursery.start_soon(read_back)
-        with trio.fail_after(10):
-            async for message in conn.messages():
-                got.append(message)
-        conn.abort()
-        with trio.move_on_after(2):
-            await answered.wait()
-        nursery.cancel_scope.cancel()
-    client.close()
-    return got, bytes(back), conn.close_code
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 1 << 20], ids=["bytewise", "3-byte", "whole"])
 @pytest.mark.parametrize("name", sorted(CASES))
 async def test_hostile_frame_gets_its_close_code(name: str, chunk: int) -> None:
     stream, expected = CASES[name]
-    got, _back, code = await feed(stream, chunk)
+    got, _back, code = await read_all(stream, chunk)
 
     assert code == expected
     assert all(m == BinaryFrame(b"ok") for m in got)  # nothing after the bad frame is delivered
@@ -136,11 +74,11 @@ async def test_hostile_frame_gets_its_close_code(name: str, chunk: int) -> None:
 async def test_pings_are_answered_with_their_payload_even_inside_a_fragmented_message() -> None:
     payload = bytes(range(125))
     stream = (
-        OK + frame(9, payload) + frame(9) + frame(10, b"zz")
-        + frame(2, b"a", fin=False) + frame(9, b"mid") + frame(0, b"b") + close(1000)
+        OK + client_frame(9, payload) + client_frame(9) + client_frame(10, b"zz")
+        + client_frame(2, b"a", fin=False) + client_frame(9, b"mid") + client_frame(0, b"b") + close(1000)
     )  # fmt: skip
     for chunk in (1, 5, 1 << 20):
-        got, back, code = await feed(stream, chunk)
+        got, back, code = await read_all(stream, chunk)
         assert got == [BinaryFrame(b"ok"), BinaryFrame(b"ab")]
         pongs = [back[i + 2 : i + 2 + n] for i, n in _frames(back) if back[i] == 0x8A]
         assert pongs == [payload, b"", b"mid"]
@@ -148,17 +86,17 @@ async def test_pings_are_answered_with_their_payload_even_inside_a_fragmented_me
 
 
 async def test_the_limit_is_exact_and_every_mask_key_unmasks() -> None:
-    at_limit = frame(2, bytes(range(256)) * (MAX // 256) + bytes(MAX % 256), mask=b"\x9a\xbc\xde\xf0")
-    keys = frame(2, b"hello", mask=b"\xff\x00\xaa\x55") + frame(2, bytes(300), mask=b"\x00\x00\x00\x00")
-    got, _back, code = await feed(keys + at_limit + close(1000), 1 << 20)
+    at_limit = client_frame(2, bytes(range(256)) * (MAX // 256) + bytes(MAX % 256), mask=b"\x9a\xbc\xde\xf0")
+    keys = client_frame(2, b"hello", mask=b"\xff\x00\xaa\x55") + client_frame(2, bytes(300), mask=b"\x00\x00\x00\x00")
+    got, _back, code = await read_all(keys + at_limit + close(1000), 1 << 20)
     assert [len(m.payload) for m in got if isinstance(m, BinaryFrame)] == [5, 300, MAX]
     assert got[0] == BinaryFrame(b"hello") and code == 1000
 
 
 async def test_frames_in_the_handshake_packet_and_text_split_across_fragments() -> None:
     text = "제주".encode()
-    stream = frame(9, b"p") + frame(1, text[:1], fin=False) + frame(0, text[1:]) + close(1000)
-    got, _back, code = await feed(stream, 2)
+    stream = client_frame(9, b"p") + client_frame(1, text[:1], fin=False) + client_frame(0, text[1:]) + close(1000)
+    got, _back, code = await read_all(stream, 2)
     assert got == [TextFrame(len(text))] and code == 1000  # text is refused later, by the driver, by its length
 
 
@@ -176,13 +114,17 @@ def _frames(data: bytes) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("size", [0, 1])
 async def test_a_flood_of_tiny_fragments_is_refused_early(size: int) -> None:
     """Each fragment costs against the limit: 300,000 empty (or 1-byte) ones end at 1009, not in 300,000 list entries."""
-    stream = OK + frame(2, b"a", fin=False) + frame(0, b"b" * size, fin=False) * 300_000
-    got, _back, code = await feed(stream, 1 << 16)
+    stream = OK + client_frame(2, b"a", fin=False) + client_frame(0, b"b" * size, fin=False) * 300_000
+    got, _back, code = await read_all(stream, 1 << 16)
     assert got == [BinaryFrame(b"ok")] and code == 1009
 
 
 async def test_a_message_in_a_few_fragments_up_to_the_limit_is_whole() -> None:
     pieces = [bytes([i]) * (MAX // 4 - 64) for i in range(4)]
-    stream = frame(2, pieces[0], fin=False) + frame(0, pieces[1], fin=False) + frame(0, pieces[2], fin=False)
-    got, _back, code = await feed(stream + frame(0, pieces[3]) + close(1000), 1 << 20)
+    stream = (
+        client_frame(2, pieces[0], fin=False)
+        + client_frame(0, pieces[1], fin=False)
+        + client_frame(0, pieces[2], fin=False)
+    )
+    got, _back, code = await read_all(stream + client_frame(0, pieces[3]) + close(1000), 1 << 20)
     assert got == [BinaryFrame(b"".join(pieces))] and code == 1000
