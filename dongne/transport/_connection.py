@@ -364,15 +364,9 @@ class WebSocketConnection:
             del buf[:pos]
             if not simple:
                 break
-            if self.socket_closed:
-                return
-            try:
-                data = await recv_some(self._sock)
-            except (OSError, trio.ClosedResourceError):
-                return
+            data = await self._receive()
             if not data:
                 return
-            self.alive = True
             buf += data
         self._ws.receive_data(bytes(buf))
         buf.clear()
@@ -413,16 +407,22 @@ class WebSocketConnection:
                         code = ev.code if ev.code not in (1005, 1006, 1015) else 1000
                         self.close(code, "")
                     return
-            if self.socket_closed:
-                return
-            try:
-                data = await recv_some(self._sock)
-            except (OSError, trio.ClosedResourceError):
-                return
+            data = await self._receive()
             if not data:
                 return
-            self.alive = True
             self._ws.receive_data(data)
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the client (they show it is alive); b"" once the socket is closed or broken."""
+        if self.socket_closed:
+            return b""
+        try:
+            data = await recv_some(self._sock)
+        except (OSError, trio.ClosedResourceError):
+            return b""
+        if data:
+            self.alive = True
+        return data
 
 
 _BINARY, _PING, _PONG = 0x2, 0x9, 0xA
