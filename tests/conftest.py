@@ -25,7 +25,7 @@ from dongne.auth import mint_token
 from dongne.client import DongneClient, open_client
 from dongne.clock import EngineClock
 from dongne.config import Settings, load_settings
-from dongne.store import is_postgres_url
+from dongne.store import Storage, is_postgres_url, store_for
 
 from .pgcluster import Cluster, find_bindir
 
@@ -130,6 +130,15 @@ def db(backend: str, db_path: Path, request: pytest.FixtureRequest) -> Path | st
         cluster: Cluster = request.getfixturevalue("pg_cluster")
         return cluster.create_database()
     return db_path
+
+
+@pytest.fixture
+def store(db: Path | str) -> Iterator[Storage]:
+    """The test's database opened as a store (either backend); closed afterwards."""
+    opened = store_for(db)
+    opened.open()
+    yield opened
+    opened.close()
 
 
 def db_rows(db: Path | str, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -29,14 +29,6 @@ BLOCK = 1 << 32
 
 
 @pytest.fixture
-def store(db: Path | str) -> Iterator[Storage]:
-    opened = store_for(db)
-    opened.open()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
 def link(store: Storage, db: str) -> Iterator[object]:
     """A ClusterLink to the database the open ``store`` made."""
     from dongne.store._cluster import ClusterLink

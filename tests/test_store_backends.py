@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,6 @@ from dongne.store import MAX_ROWS_PER_STATEMENT, Storage, WriteFailed, store_for
 from .conftest import db_rows
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
-
-
-@pytest.fixture
-def store(db: Path | str) -> Iterator[Storage]:
-    opened = store_for(db)
-    opened.open()
-    yield opened
-    opened.close()
 
 
 def question(qid: str, asker: str, at: int, **fields: object) -> Question:
