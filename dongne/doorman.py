@@ -74,7 +74,7 @@ class Doorman:
         if request.error is not None:
             self.addresses.offence(address, now)
             return Refusal(400, request.error)
-        if not self._origins.allows(request.origin) and not _same_origin(request.origin, request.host):
+        if not self._origins.allows(request.origin, request.host):
             self.addresses.offence(address, now)
             log.info(
                 "origin_refused", extra={"address": address, "origin": request.origin[:200] if request.origin else ""}
@@ -86,11 +86,3 @@ class Doorman:
             log.debug("handshake_throttled", extra={"address": address, "reason": admission.reason})
             return Refusal(429, "too many connections from this address", admission.retry_after_ms)
         return None
-
-
-def _same_origin(origin: str | None, host: str) -> bool:
-    """Whether a browser page's ``Origin`` is the host it connects to: the web app this server served."""
-    if not origin or not host:
-        return False
-    _scheme, sep, authority = origin.strip().lower().partition("://")
-    return bool(sep) and authority == host.strip().lower()

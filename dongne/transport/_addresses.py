@@ -155,11 +155,19 @@ class OriginPolicy:
         self.exact = {e for e in entries if "*" not in e}
         self.suffixes = [(e.split("*.", 1)[0], e.split("*.", 1)[1]) for e in entries if "*." in e]
 
-    def allows(self, origin: str | None) -> bool:
+    def allows(self, origin: str | None, host: str = "") -> bool:
+        """Whether a handshake with this ``Origin`` may proceed; ``host`` is its ``Host`` header.
+
+        A page whose origin is the very host it connects to was served by this
+        server (the web app): it is always allowed.
+        """
         if origin is None or self.any:
             return True
         origin = origin.strip().lower().rstrip("/")
         if origin in self.exact:
+            return True
+        _scheme, sep, authority = origin.partition("://")
+        if sep and host and authority == host.strip().lower():
             return True
         for scheme, suffix in self.suffixes:
             if origin.startswith(scheme) and origin.endswith("." + suffix):
