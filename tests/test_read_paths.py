@@ -29,7 +29,7 @@ from dongne.store import Store, store_for
 from dongne.store._queries import plan
 from dongne.store._rows import ANSWER_COLS, QUESTION_COLS
 
-from .conftest import NO_TIMERS, Harness, db_rows, question_data
+from .conftest import JEJU_CITY, NO_TIMERS, Harness, db_rows, question_data
 from .test_push import FakeGateway
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
@@ -292,6 +292,42 @@ async def test_browsing_thirty_questions_a_minute_is_never_closed(
         assert (await reader.request("get_profile"))["user"]["user_id"] == "reader"  # still connected
 
 
+async def test_a_locals_inbox_lists_alerts_and_other_types_by_type(start_server: Any) -> None:
+    """Alerts are the one type outside the per-type index: filtering by it, alone or
+    with other types, still lists exactly those events, newest first, in pages."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("jun", local=True) as jun:
+        await jun.request("update_location", {"location": JEJU_CITY})
+        first = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await jun.next_event("new_question_notification")
+        answer = (await jun.request("create_answer", {"question_id": first, "content": "Dombedon"}))["answer"]
+        await asker.request("accept_answer", {"question_id": first, "answer_id": answer["answer_id"]})
+        await jun.next_event("answer_accepted_notification")
+        second = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await jun.next_event("new_question_notification")
+
+        def listed(reply: dict[str, Any]) -> list[tuple[int, str]]:
+            return [(n["seq"], n["type"]) for n in reply["notifications"]]
+
+        alerts = await jun.request("list_notifications", {"types": ["new_question_notification"]})
+        assert listed(alerts) == [(3, "new_question_notification"), (1, "new_question_notification")]
+        assert [n["data"]["question_id"] for n in alerts["notifications"]] == [second, first]
+        mixed = await jun.request(
+            "list_notifications", {"types": ["answer_accepted_notification", "new_question_notification"], "limit": 2}
+        )
+        assert listed(mixed) == [(3, "new_question_notification"), (2, "answer_accepted_notification")]
+        rest = await jun.request(
+            "list_notifications",
+            {
+                "types": ["new_question_notification", "answer_accepted_notification"],
+                "before_seq": mixed["next_before_seq"],
+            },
+        )
+        assert listed(rest) == [(1, "new_question_notification")] and rest["next_before_seq"] is None
+        accepted = await jun.request("list_notifications", {"types": ["answer_accepted_notification"]})
+        assert listed(accepted) == [(2, "answer_accepted_notification")]
+
+
 #: One query of each shape every list sends.
 PLANNED = [
     QuestionPage("q1", None, 20),
@@ -309,6 +345,7 @@ PLANNED = [
     AuthorStats("u1"),
     Notifications("u1", None, None, 30),
     Notifications("u1", 5, ("answer_notification", "slow_response_alert"), 30),
+    Notifications("u1", None, ("new_question_notification", "answer_notification"), 30),
     AnswerHome("a1"),
 ]
 

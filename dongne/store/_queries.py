@@ -37,6 +37,9 @@ from ._rows import REPORT_COLS
 __all__ = ["Dialect", "plan", "run"]
 
 
+#: The one inbox type left out of ``events_by_user_type`` (the alerts: most rows, written in bulk).
+UNINDEXED_TYPE = "new_question_notification"
+
 ReadRows = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 Dialect = Literal["sqlite", "postgres"]
 
@@ -158,10 +161,18 @@ def plan(
                 )
             ]
         # One index range per type, merged: each is already in seq order.
+        # Alerts are not in the per-type index (schema migration 8): theirs is
+        # the user's whole range, filtered.
         return [
             (
-                f"SELECT seq, type, data, created_at FROM events{by('events_by_user_type')}"
+                f"SELECT seq, type, data, created_at FROM events{by('events_by_user')}"
                 " WHERE user_id = ? AND type = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                (query.user_id, kind, before, query.limit + 1),
+            )
+            if kind == UNINDEXED_TYPE
+            else (
+                f"SELECT seq, type, data, created_at FROM events{by('events_by_user_type')}"
+                f" WHERE user_id = ? AND type = ? AND type <> '{UNINDEXED_TYPE}' AND seq < ? ORDER BY seq DESC LIMIT ?",
                 (query.user_id, kind, before, query.limit + 1),
             )
             for kind in query.types

@@ -203,6 +203,14 @@ MIGRATIONS: list[str] = [
         reason    TEXT NOT NULL
     );
     """,
+    # 8: alerts leave the per-type inbox index. An escalation's fan-out
+    # appends one alert row per local, and each paid a random leaf of this
+    # index; a list of one user's alerts reads the user's whole inbox range
+    # instead (mostly alerts anyway, for a local). The other types keep it.
+    """
+    DROP INDEX events_by_user_type;
+    CREATE INDEX events_by_user_type ON events(user_id, type, seq) WHERE type <> 'new_question_notification';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
