@@ -144,6 +144,32 @@ _VOID_P_P = ctypes.POINTER(ctypes.c_void_p)
 _BOX_TYPE = ctypes.c_double * 2
 
 
+_NO_DATA = ctypes.c_ubyte(0)
+
+
+def _point_insert(tree: rtree_index.Index, rid: int, x: float, y: float) -> None:
+    """``tree.insert(rid, (x, y, x, y))``, calling libspatialindex as it does, minus its wrapper's work.
+
+    ``Index.insert`` and ``Index.delete`` ask the library for the index's
+    type and dimension (ctypes calls) and rebuild the coordinate arrays
+    from a list on every call; a move does one of each, 500 times a second
+    in the escalation bench. Same call, same arguments, no object stored.
+    """
+    point = _BOX_TYPE(x, y)
+    rtree_core.rt.Index_InsertData(tree.handle, rid, point, point, 2, _NO_DATA, 0)
+
+
+def _point_delete(tree: rtree_index.Index, rid: int, x: float, y: float) -> None:
+    """``tree.delete(rid, (x, y, x, y))``, as :func:`_point_insert` calls the library."""
+    point = _BOX_TYPE(x, y)
+    rtree_core.rt.Index_DeleteData(tree.handle, rid, point, point, 2)
+
+
+def _box(box: tuple[float, ...]) -> tuple[ctypes.Array[ctypes.c_double], ctypes.Array[ctypes.c_double]]:
+    """A query box's ``(mins, maxs)`` arrays for a 2-d index (``Index.get_coordinate_pointers``, minus the ctypes calls)."""
+    return _BOX_TYPE(box[0], box[1]), _BOX_TYPE(box[2], box[3])
+
+
 def _tree_ids(query: Callable[..., int], tree: rtree_index.Index, box: tuple[float, ...], count: int = 0) -> list[int]:
     """The ids an R-tree query returns: ``Index.intersection(box)`` or ``Index.nearest(box, count)``.
 
@@ -154,10 +180,10 @@ def _tree_ids(query: Callable[..., int], tree: rtree_index.Index, box: tuple[flo
     ~4 MB between collections, and each cycle is work for the collector).
     Same ids, same order; no garbage.
     """
-    p_mins, p_maxs = tree.get_coordinate_pointers(box)
+    p_mins, p_maxs = _box(box)
     ids = _INT64_P()
     n = ctypes.c_uint64(count)
-    query(tree.handle, p_mins, p_maxs, tree.properties.dimension, ctypes.byref(ids), ctypes.byref(n))
+    query(tree.handle, p_mins, p_maxs, 2, ctypes.byref(ids), ctypes.byref(n))
     try:
         return ids[: n.value]
     finally:
@@ -168,12 +194,10 @@ def _tree_ids_awake(
     tree: rtree_index.Index, box: tuple[float, ...], snoozed: npt.NDArray[np.float64], at: float
 ) -> list[int]:
     """``_tree_ids`` of an intersection, without the ids snoozed past ``at``: filtered by numpy, no int per id dropped."""
-    p_mins, p_maxs = tree.get_coordinate_pointers(box)
+    p_mins, p_maxs = _box(box)
     ids = _INT64_P()
     n = ctypes.c_uint64(0)
-    rtree_core.rt.Index_Intersects_id(
-        tree.handle, p_mins, p_maxs, tree.properties.dimension, ctypes.byref(ids), ctypes.byref(n)
-    )
+    rtree_core.rt.Index_Intersects_id(tree.handle, p_mins, p_maxs, 2, ctypes.byref(ids), ctypes.byref(n))
     try:
         if not n.value:
             return []
@@ -310,8 +334,8 @@ class LocalsIndex:
             old_lat, old_lng, rid, old_x, _, _ = entry
             if old_lat == lat and old_lng == lng:
                 return
-            self._tree.delete(rid, (old_x, old_lat, old_x, old_lat))
-        self._tree.insert(rid, (x, lat, x, lat))
+            _point_delete(self._tree, rid, old_x, old_lat)
+        _point_insert(self._tree, rid, x, lat)
         phi = math.radians(lat)
         self._entries[user_id] = (lat, lng, rid, x, phi, math.cos(phi))
 
@@ -325,7 +349,7 @@ class LocalsIndex:
         if entry is None:
             return
         lat, _, rid, x, _, _ = entry
-        self._tree.delete(rid, (x, lat, x, lat))
+        _point_delete(self._tree, rid, x, lat)
         self._uids[rid] = None
         self._snoozed[rid] = -math.inf
         self._free.append(rid)
