@@ -59,6 +59,7 @@ from .core import (
     Reloaded,
     Replay,
     Send,
+    SendEach,
     StartEscalation,
     Tick,
     WritesFailing,
@@ -415,7 +416,7 @@ class ClientServer:
         binary = self.encoder.binary
         for action in outcome.actions:
             if isinstance(action, Send):
-                frame = binary(action.packed or msgpack.packb(action.frame))
+                frame = binary(msgpack.packb(action.frame))
                 sent = 0
                 for conn_id in action.conn_ids:
                     conn = conns.get(conn_id)
@@ -424,6 +425,16 @@ class ClientServer:
                         sent += 1
                 kind = action.frame["type"]
                 counts[kind] = counts.get(kind, 0) + sent
+            elif isinstance(action, SendEach):
+                sent = 0
+                for conn_ids, packed in action.frames:
+                    frame = binary(packed)
+                    for conn_id in conn_ids:
+                        conn = conns.get(conn_id)
+                        if conn is not None:
+                            conn.send_nowait(frame)
+                            sent += 1
+                counts[action.kind] = counts.get(action.kind, 0) + sent
             elif isinstance(action, Close):
                 conn = self.conns.get(action.conn_id)
                 if conn is not None:

@@ -28,6 +28,7 @@ from dongne.core import (
     SaveQuestion,
     SaveUser,
     Send,
+    SendEach,
     Tick,
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
@@ -92,6 +93,10 @@ class Sim:
             if isinstance(action, Send):
                 for c in action.conn_ids:
                     self.inbox.setdefault(c, []).append(action.frame)
+            elif isinstance(action, SendEach):
+                for conn_ids, packed in action.frames:
+                    for c in conn_ids:
+                        self.inbox.setdefault(c, []).append(msgpack.unpackb(packed))
 
     def take(self, conn_id: int) -> list[dict]:  # type: ignore[type-arg]
         return self.inbox.pop(conn_id, [])
@@ -320,7 +325,7 @@ def _alerted(outcome: Outcome) -> list[tuple[str, str, float]]:
     from dongne.core.effects import AppendEvent
 
     return [
-        (w.user_id, w.data["stage"], w.data["distance_m"])
+        (w.user_id, w.event_data()["stage"], w.event_data()["distance_m"])
         for w in outcome.writes
         if isinstance(w, AppendEvent) and w.type == "new_question_notification"
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 
-from dongne.core import AppendEvent, Send
+from dongne.core import AppendEvent, Send, SendEach
 from dongne.core.fanout import StageAlerts
 from dongne.core.protocol import durable_event
 
@@ -38,11 +38,15 @@ def test_a_stage_writes_and_sends_what_its_dicts_say() -> None:
     sim, _, qid = _crowd_engine(alerts_per_batch=100)
     out = fire(sim.engine, qid, T0 + 3000)
     events = [w for w in out.writes if isinstance(w, AppendEvent)]
-    sends = [a for a in out.actions if isinstance(a, Send)]
+    (sends,) = [a for a in out.actions if isinstance(a, SendEach)]  # the batch is one action
 
-    assert len(events) == len(sends) == 100
-    for event, send in zip(events, sends, strict=True):
-        assert msgpack.packb(event.data) == event.packed
-        assert msgpack.packb(send.frame) == send.packed
-        assert send.frame == durable_event("new_question_notification", event.seq, event.data)
-        assert event.data["stage"] == "QUICK" and event.data["question"]["question_id"] == qid
+    assert not [a for a in out.actions if isinstance(a, Send)]
+    assert sends.kind == "new_question_notification"
+    assert len(events) == len(sends.frames) == 100
+    for event, (conn_ids, packed) in zip(events, sends.frames, strict=True):
+        data = event.event_data()
+        assert event.data is None and msgpack.packb(data) == event.packed
+        assert msgpack.unpackb(packed) == durable_event("new_question_notification", event.seq, data)
+        assert msgpack.packb(msgpack.unpackb(packed)) == packed
+        assert conn_ids == tuple(sorted(sim.engine.user_conns[event.user_id]))
+        assert data["stage"] == "QUICK" and data["question"]["question_id"] == qid

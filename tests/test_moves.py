@@ -44,7 +44,7 @@ def _engine(**location: object) -> Sim:
 
 def _alerted(outcome: Outcome) -> list[tuple[str, str]]:
     return [
-        (w.user_id, w.data["stage"])
+        (w.user_id, w.event_data()["stage"])
         for w in outcome.writes
         if isinstance(w, AppendEvent) and w.type == "new_question_notification"
     ]

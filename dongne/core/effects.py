@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import msgpack
 
 from .reads import Read
 from .records import Answer, IpBlock, PushJob, Question, Report, User
@@ -38,6 +39,7 @@ __all__ = [
     "SaveReport",
     "SaveUser",
     "Send",
+    "SendEach",
     "StartEscalation",
     "Write",
     "rows_of",
@@ -71,17 +73,25 @@ class SaveAnswer:
 class AppendEvent:
     """Append a durable event to a user's inbox at ``seq``.
 
-    ``packed``, when not empty, is the msgpack of ``data``, already made for
-    the frame (an escalation stage's alerts, ``core.fanout``): the store
-    writes it as it is.
+    ``packed``, when not empty, is the msgpack of the event's data, already
+    made for the frame (an escalation stage's alerts, ``core.fanout``): the
+    store writes it as it is, and ``data`` is then ``None`` (a stage's
+    alerts are hundreds; nothing reads their dicts).
     """
 
     user_id: str
     seq: int
     type: str
-    data: dict[str, Any]
+    data: dict[str, Any] | None
     created_at: int
     packed: bytes = b""
+
+    def event_data(self) -> dict[str, Any]:
+        """The event's data map, from ``packed`` when ``data`` was not kept."""
+        if self.data is not None:
+            return self.data
+        data: dict[str, Any] = msgpack.unpackb(self.packed)
+        return data
 
 
 @attrs.frozen
@@ -180,14 +190,27 @@ def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
 class Send:
     """Send one server frame (a msgpack map) to each of ``conn_ids``.
 
-    The driver encodes the frame once, whatever the number of recipients;
-    ``packed``, when not empty, is that encoding already (``frame`` packed
-    by ``msgpack.packb``, byte for byte), made once per stage for alerts.
+    The driver encodes the frame once, whatever the number of recipients.
     """
 
     conn_ids: tuple[int, ...]
     frame: dict[str, Any]
-    packed: bytes = b""
+
+
+@attrs.frozen
+class SendEach:
+    """Send frames already packed, each to its own connections: a stage's alerts.
+
+    Each alert is its own frame (its seq and distance are the local's), but
+    they share their type: ``frames`` is ``(conn_ids, msgpack of the frame)``
+    pairs, one per alert, and ``kind`` their type, which the driver counts
+    once per batch. An escalation stage sends hundreds; as one action with
+    bytes, not a dict and a :class:`Send` each, they cost a fraction of the
+    objects (``OutcomeBuilder.send_packed`` fills it).
+    """
+
+    kind: str
+    frames: list[tuple[tuple[int, ...], bytes]]
 
 
 @attrs.frozen
@@ -266,7 +289,19 @@ class Note:
     fields: dict[str, Any]
 
 
-Action = Send | Close | Replay | StartEscalation | CancelEscalation | Push | Alert | BlockAddresses | Observe | Note
+Action = (
+    Send
+    | SendEach
+    | Close
+    | Replay
+    | StartEscalation
+    | CancelEscalation
+    | Push
+    | Alert
+    | BlockAddresses
+    | Observe
+    | Note
+)
 
 
 @attrs.frozen
@@ -312,12 +347,22 @@ class OutcomeBuilder:
     def write(self, item: Write) -> None:
         self.writes.append(item)
 
-    def send(
-        self, conn_ids: tuple[int, ...] | list[int] | set[int], frame: dict[str, Any], packed: bytes = b""
-    ) -> None:
+    def send(self, conn_ids: tuple[int, ...] | list[int] | set[int], frame: dict[str, Any]) -> None:
         targets = tuple(sorted(conn_ids))
         if targets:
-            self.actions.append(Send(targets, frame, packed))
+            self.actions.append(Send(targets, frame))
+
+    def send_packed(self, conn_ids: tuple[int, ...] | list[int] | set[int], kind: str, packed: bytes) -> None:
+        """Send a frame of type ``kind`` already packed; joins the last action if it is a :class:`SendEach` of that kind."""
+        targets = tuple(sorted(conn_ids))
+        if not targets:
+            return
+        actions = self.actions
+        last = actions[-1] if actions else None
+        if type(last) is SendEach and last.kind == kind:
+            last.frames.append((targets, packed))
+        else:
+            actions.append(SendEach(kind, [(targets, packed)]))
 
     def act(self, action: Action) -> None:
         self.actions.append(action)

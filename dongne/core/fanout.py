@@ -68,6 +68,10 @@ class StageAlerts:
         }
         return data, self._data_head + _packb(distance_m) + self._data_tail
 
+    def packed(self, distance_m: float | None) -> bytes:
+        """The msgpack of :meth:`data`'s map, without making the map."""
+        return self._data_head + _packb(distance_m) + self._data_tail
+
     def frame(self, seq: int, packed_data: bytes) -> bytes:
         """The msgpack of ``durable_event(kind, seq, data)``, given ``data``'s msgpack."""
         return self._frame_head + _packb(seq) + _DATA_KEY + packed_data

@@ -96,16 +96,15 @@ class Inbox:
 
     def append_alert(
         self, user_id: str, alerts: StageAlerts, distance_m: float | None, now: int, out: OutcomeBuilder
-    ) -> dict[str, Any]:
-        """:meth:`append` for one alert of a stage, spliced from what the stage packed once; returns its ``data``."""
-        data, packed = alerts.data(distance_m)
+    ) -> None:
+        """:meth:`append` for one alert of a stage, spliced from what the stage packed once (no dicts)."""
+        packed = alerts.packed(distance_m)
         user = self._users[user_id]
         seq = user.last_seq = user.last_seq + 1
-        out.write(AppendEvent(user_id, seq, alerts.kind, data, now, packed))
+        out.write(AppendEvent(user_id, seq, alerts.kind, None, now, packed))
         conns = self._user_conns.get(user_id)
         if conns:
-            out.send(conns, durable_event(alerts.kind, seq, data), alerts.frame(seq, packed))
-        return data
+            out.send_packed(conns, alerts.kind, alerts.frame(seq, packed))
 
     def answer_posted(self, question: Question, answer: Answer, now: int) -> None:
         """A new answer is ``delivered`` at once if its asker is online, else tracked."""

@@ -505,8 +505,9 @@ class Questions:
             # The question, stage and style are packed once for the batch.
             alerts = StageAlerts("new_question_notification", question_id, brief, stage.name, esc.style)
             for uid, dist, online in batch:
-                data = self._inbox.append_alert(uid, alerts, dist, now, out)
+                self._inbox.append_alert(uid, alerts, dist, now, out)
                 if not online:
+                    data, _ = alerts.data(dist)
                     self._inbox.enqueue_push(uid, "new_question_notification", question, data, now, out)
         if where.escalation_due(question) is None:
             where.escalations.pop(question_id, None)  # every stage has run
