@@ -203,7 +203,10 @@ class Close:
 class Replay:
     """Send ``user_id``'s durable events with ``after_seq < seq <= up_to_seq`` to a connection.
 
-    Live frames for that connection wait until the replay is written.
+    Live frames for that connection wait until the replay is written. Every
+    ``hello`` has one: ``after_seq == up_to_seq`` (nothing to replay) says
+    where the connection's durable stream starts, so the driver can tell a
+    duplicate or a gap from the next event (events another node appended).
     """
 
     conn_id: int
