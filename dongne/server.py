@@ -65,7 +65,8 @@ from .core import (
     WritesWork,
 )
 from .core.engine import UNAVAILABLE_RETRY_MS
-from .core.protocol import durable_event, reply_error
+from .core.protocol import reply_error
+from .delivery import Deliveries
 from .doorman import Doorman
 from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
@@ -166,6 +167,8 @@ class ClientServer:
         self.escalation_scopes: dict[str, trio.CancelScope] = {}
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
+        #: Each connection's durable stream (exactly once, in seq order; replays from the store).
+        self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
 
     # ---- running ---------------------------------------------------------------
 
@@ -259,6 +262,11 @@ class ClientServer:
             trio.lowlevel.notify_closing(listener)
             listener.close()
 
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Start a task beside the connections (a replay: it ends with them)."""
+        if self._conn_nursery is not None:
+            self._conn_nursery.start_soon(fn, *args)
+
     # ---- one connection ----------------------------------------------------------
 
     def address_of(self, conn_id: int) -> str | None:
@@ -345,6 +353,7 @@ class ClientServer:
                     },
                 )
                 self.conns.pop(conn_id, None)
+                self.deliveries.forget(conn_id)
                 if conn.overflowed:
                     self.metrics.overflows.inc()
                     self.metrics.errors.labels("close_4009").inc()
@@ -417,10 +426,14 @@ class ClientServer:
             if isinstance(action, Send):
                 frame = binary(action.packed or msgpack.packb(action.frame))
                 sent = 0
+                seq = action.frame.get("seq")
                 for conn_id in action.conn_ids:
                     conn = conns.get(conn_id)
                     if conn is not None:
-                        conn.send_nowait(frame)
+                        if seq is None:
+                            conn.send_nowait(frame)
+                        else:  # a durable event: in order, once (see delivery.py)
+                            self.deliveries.live(conn, conn_id, seq, frame)
                         sent += 1
                 kind = action.frame["type"]
                 counts[kind] = counts.get(kind, 0) + sent
@@ -434,9 +447,8 @@ class ClientServer:
                     conn.close(action.code, action.reason)
             elif isinstance(action, Replay):
                 conn = self.conns.get(action.conn_id)
-                if conn is not None and self._conn_nursery is not None:
-                    conn.hold()
-                    self._conn_nursery.start_soon(self._replay, conn, action)
+                if conn is not None:
+                    self.deliveries.start(conn, action.conn_id, action.user_id, action.after_seq, action.up_to_seq)
             elif isinstance(action, StartEscalation):
                 self._start_escalation(action)
             elif isinstance(action, CancelEscalation):
@@ -455,22 +467,6 @@ class ClientServer:
                 self._block_addresses(action.cidrs)
         for kind, sent in counts.items():
             self.metrics.frames_sent(kind, sent)
-
-    async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
-        """Send missed durable events in order, then the live frames held meanwhile."""
-        try:
-            try:
-                rows = await trio.to_thread.run_sync(
-                    self.store.read_events, action.user_id, action.after_seq, action.up_to_seq
-                )
-            except StoreError as exc:  # the database out of reach (PostgreSQL): the client resumes later
-                log.warning("replay_failed", extra={"user": action.user_id, "error": str(exc)})
-                conn.close(1013, "the server cannot read your missed events now; reconnect later")
-                return
-            for seq, kind, data in rows:
-                await conn.send_paced(self.encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
-        finally:
-            conn.release()
 
     # ---- escalation ----------------------------------------------------------------
 
