@@ -157,6 +157,10 @@ async def _serve(
 
         link = ClusterLink(settings.store.target)
     membership = Membership(link, interval_s=settings.cluster.heartbeat_interval_s, ttl_s=settings.cluster.node_ttl_s)
+    if link is not None:
+        # Every commit checks that its seqs continue from the inbox heads (SeqConflict otherwise;
+        # the client server reads the moved heads and goes on from them; store/CLUSTER.md).
+        store.guard_seqs = True  # type: ignore[attr-defined]  # PostgreSQL only
     try:
         clock = clock if clock is not None else EngineClock()
         engine = Engine(

@@ -13,7 +13,8 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     ├── ClientServer._prune_periodically   the inbox's retention
     ├── ClientServer._accept_loop   the client listener (admission: doorman.Doorman)
     │     └── connections nursery: one handler per connection (+ a writer
-    │         task while its socket is backed up, + a replay task on resume)
+    │         task while its socket is backed up, + at most one replay task:
+    │         a resume, or events another node appended; delivery.Deliveries)
     ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
     └── hypercorn                   the ops port
 """
@@ -38,6 +39,7 @@ from .clock import EngineClock
 from .config import EscalationSettings, InboxSettings, LimitSettings, ServerSettings
 from .core import (
     Alert,
+    AppendEvent,
     BlockAddresses,
     CancelEscalation,
     Close,
@@ -59,6 +61,7 @@ from .core import (
     Reloaded,
     Replay,
     Send,
+    SeqsMoved,
     StartEscalation,
     Tick,
     WritesFailing,
@@ -72,7 +75,7 @@ from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .store import Storage, StoreError, WriteFailed
+from .store import SeqConflict, Storage, StoreError, WriteFailed
 from .transport import (
     BinaryFrame,
     FrameEncoder,
@@ -167,6 +170,7 @@ class ClientServer:
         self.escalation_scopes: dict[str, trio.CancelScope] = {}
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
+        self._seqs_moved: set[str] | None = None  # users of a SeqConflict, for the storage supervisor
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
 
@@ -534,15 +538,27 @@ class ClientServer:
         """A commit failed (or writes came while failing): refuse what will not be committed.
 
         Called synchronously by the pipeline, before any other task runs: the
-        engine stops taking writes at once.
+        engine stops taking writes at once. A ``SeqConflict`` naming its users
+        (another writer appended to their inboxes first) is no storage
+        failure: the store works, so no alert and no probe; the supervisor
+        reads those users' heads (``SeqsMoved``) and rebuilds memory, and
+        writes are taken again as soon as that is done.
         """
         self.metrics.store_write_failures.inc()
         if self._writes_ok.is_set():
-            log.error("storage_failing", extra={"error": str(exc)})
             self._writes_ok = trio.Event()
             self._reloaded = trio.Event()
             self._writes_failed.set()
-            self._perform(self._handle(WritesFailing(str(exc))))
+            if isinstance(exc, SeqConflict) and exc.users:
+                log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
+                self.metrics.seq_conflicts.inc()
+                # Every user whose seqs the refused outcomes counted in memory, not only those named.
+                self._seqs_moved = set(exc.users) | {
+                    w.user_id for outcome, _ in refused for w in outcome.writes if isinstance(w, AppendEvent)
+                }
+            else:
+                log.error("storage_failing", extra={"error": str(exc)})
+                self._perform(self._handle(WritesFailing(str(exc))))
         for outcome, token in refused:
             if not outcome.writes:
                 self._act(outcome, token)  # a read or live event: valid without the failed writes
@@ -570,10 +586,26 @@ class ClientServer:
         await self._reloaded.wait()
 
     async def _storage_supervisor(self) -> None:
-        """After a failed commit: rebuild memory from the database, then probe until writes work again."""
+        """After a failed commit: rebuild memory from the database, then probe until writes work again.
+
+        After a ``SeqConflict``: the moved heads first (``SeqsMoved``, and the
+        missing events replayed to the users' connections), then the rebuild
+        (the refused outcomes changed more than seqs: questions, answers,
+        escalation stages), then writes again, with no probe.
+        """
         while True:
             await self._writes_failed.wait()
             self._writes_failed = trio.Event()
+            moved, self._seqs_moved = self._seqs_moved, None
+            if moved is not None:
+                try:
+                    heads = await trio.to_thread.run_sync(self.store.read_heads, sorted(moved))
+                except StoreError as exc:  # the database out of reach after all: the storage failure path
+                    log.error("storage_failing", extra={"error": str(exc)})
+                    self._perform(self._handle(WritesFailing(str(exc))))
+                    moved = None
+                else:
+                    self.heads_moved(heads, exact=True)
             while True:
                 hot_since = self.clock.now_ms() - self._hot_ms
                 try:
@@ -584,6 +616,11 @@ class ClientServer:
                     await trio.sleep(PROBE_INTERVAL_S)
             self._perform(self._handle(Reloaded(state)))
             self._reloaded.set()
+            if moved is not None:
+                self.pipeline.writes_work()
+                self._writes_ok.set()
+                log.info("seq_conflict_resolved", extra={"users": len(moved)})
+                continue
             while True:
                 await trio.sleep(PROBE_INTERVAL_S)
                 try:
@@ -596,6 +633,25 @@ class ClientServer:
             self._writes_ok.set()
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
+
+    # ---- other nodes' events (store/CLUSTER.md) -------------------------------------
+
+    def heads_moved(self, heads: dict[str, int], *, exact: bool = False) -> None:
+        """Users' inbox heads as the store holds them: the engine's seqs follow, connections get what they miss.
+
+        ``exact``: read after a ``SeqConflict``, they replace what memory
+        counted (up or down); otherwise (news, the catch-up) only a head above
+        the engine's moves it.
+        """
+        users = self.engine.users
+        moved = heads if exact else {u: h for u, h in heads.items() if u in users and h > users[u].last_seq}
+        if moved:
+            self._feed(SeqsMoved(moved))
+        for user_id, head in heads.items():
+            for conn_id in self.engine.user_conns.get(user_id, ()):
+                conn = self.conns.get(conn_id)
+                if conn is not None:
+                    self.deliveries.want(conn, conn_id, user_id, head)
 
     # ---- time ------------------------------------------------------------------
 
