@@ -16,6 +16,8 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     │         task while its socket is backed up, + at most one replay task:
     │         a resume, or events another node appended; delivery.Deliveries)
     ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
+    ├── app._follow_news            PostgreSQL: cluster.Listener on dongne_events (other nodes'
+    │                               commits: heads_moved) and ClientServer.catch_up_periodically
     └── hypercorn                   the ops port
 """
 
@@ -76,6 +78,7 @@ from .metrics import Metrics, ServerStatistics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
 from .store import SeqConflict, Storage, StoreError, WriteFailed
+from .store._writes import read_inbox_news
 from .transport import (
     BinaryFrame,
     FrameEncoder,
@@ -171,6 +174,11 @@ class ClientServer:
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
         self._seqs_moved: set[str] | None = None  # users of a SeqConflict, for the storage supervisor
+        self._catch_up_wakeup = trio.Event()
+        #: This node's id in news on ``dongne_events`` (the app sets it; its own news is skipped).
+        self.node_id = ""
+        #: The LISTEN connection's keeper on PostgreSQL (the app sets it), for /admin, logs and tests.
+        self.listener: Any = None
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
 
@@ -652,6 +660,41 @@ class ClientServer:
                 conn = self.conns.get(conn_id)
                 if conn is not None:
                     self.deliveries.want(conn, conn_id, user_id, head)
+
+    def inbox_news(self, channel: str, payload: str) -> None:
+        """A notification on ``dongne_events`` (``cluster.Listener``): another node's commit; our own are skipped."""
+        try:
+            origin, heads = read_inbox_news(payload)
+        except ValueError:
+            log.warning("inbox_news_unreadable", extra={"channel": channel, "payload": payload[:80]})
+            return
+        if origin != self.node_id:
+            self.heads_moved(heads)
+
+    def catch_up_soon(self) -> None:
+        """Compare heads now (the Listener connected: notifications may have been missed meanwhile)."""
+        self._catch_up_wakeup.set()
+
+    async def catch_up(self) -> int:
+        """Read the inbox heads of the users connected here and deliver what is missing; returns how many users."""
+        users = sorted(self.engine.user_conns)
+        if not users:
+            return 0
+        try:
+            heads = await trio.to_thread.run_sync(self.store.read_heads, users)
+        except StoreError as exc:
+            log.warning("catch_up_failed", extra={"error": str(exc)})
+            return 0
+        self.heads_moved(heads)
+        return len(heads)
+
+    async def catch_up_periodically(self, interval_s: float) -> None:
+        """:meth:`catch_up` every ``interval_s``, and at once when :meth:`catch_up_soon` asks."""
+        while True:
+            with trio.move_on_after(interval_s):
+                await self._catch_up_wakeup.wait()
+            self._catch_up_wakeup = trio.Event()
+            await self.catch_up()
 
     # ---- time ------------------------------------------------------------------
 

@@ -88,3 +88,67 @@ async def test_a_seq_conflict_refuses_the_request_then_seqs_continue_from_the_he
     assert db_rows(h.db, "SELECT seq FROM events WHERE user_id = 'asker' ORDER BY seq") == [(1,), (2,), (3,)]
     assert db_rows(h.db, "SELECT last_seq FROM inbox_heads WHERE user_id = 'asker'") == [(3,)]
     assert db_rows(h.db, "SELECT count(*) FROM answers") == [(2,)]  # the refused answer is not there
+
+
+async def test_another_nodes_events_arrive_once_in_order_then_seqs_continue(start_server: Any) -> None:
+    """News on dongne_events: the connected asker gets the other node's events from the store, in order,
+    and this node's next event for the asker follows them."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid = await answered_question(h, asker)
+        other_node_appends(str(h.db), "asker", range(2, 6))
+        assert await durable_seqs(asker, 5) == [2, 3, 4, 5]
+        await local.request("create_answer", {"question_id": qid, "content": "Or Donsadon"})
+        assert await durable_seqs(asker, 6) == [6]
+        # Its own news is skipped: no replay ran for this node's seq 6.
+        assert h.running.clients.deliveries.replays(conn_of(h, "asker")) == 1
+        assert asker.pending_events() == []
+
+
+async def test_without_the_notification_the_catch_up_delivers(start_server: Any) -> None:
+    h: Harness = await start_server(cluster={"catch_up_interval_s": 0.2})
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid = await answered_question(h, asker)
+        other_node_appends(str(h.db), "asker", range(2, 4), notify=False)
+        assert await durable_seqs(asker, 3, timeout=5.0) == [2, 3]
+        await local.request("create_answer", {"question_id": qid, "content": "Or Donsadon"})
+        assert await durable_seqs(asker, 4) == [4]
+
+
+async def test_after_the_listen_connection_is_terminated_nothing_is_lost(start_server: Any) -> None:
+    """pg_terminate_backend of the LISTEN connection: news sent meanwhile is lost, the catch-up made when
+    the listener connects again delivers the events (no periodic catch-up in this test)."""
+    h: Harness = await start_server()
+    listener = h.running.clients.listener
+    async with h.connect("asker") as asker:
+        await answered_question(h, asker)
+        first = listener.backend_pid
+        assert db_rows(h.db, "SELECT pg_terminate_backend(?)", (first,)) == [(True,)]
+        other_node_appends(str(h.db), "asker", range(2, 5))
+        assert await durable_seqs(asker, 4) == [2, 3, 4]
+        with trio.fail_after(10):
+            while listener.connections < 2 or listener.backend_pid is None:  # noqa: ASYNC110
+                await trio.sleep(0.02)  # another process's session: nothing to wait on
+        other_node_appends(str(h.db), "asker", range(5, 6))
+        assert await durable_seqs(asker, 5) == [5]
+        assert listener.backend_pid != first
+
+
+async def test_replays_on_one_connection_never_overlap(start_server: Any) -> None:
+    """Heads asked for one after another while a replay runs raise its target: one replay task, every
+    event once and in order, and live frames held meanwhile come after them."""
+    h: Harness = await start_server()
+    clients = h.running.clients
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid = await answered_question(h, asker)
+        conn_id = conn_of(h, "asker")
+        other_node_appends(str(h.db), "asker", range(2, 202), notify=False)
+        clients.heads_moved({"asker": 60})
+        clients.heads_moved({"asker": 130})  # while the first replay runs (no checkpoint in between)
+        clients.heads_moved({"asker": 201})
+        assert clients.deliveries.replays(conn_id) == 1  # one task; the hello's replay was empty
+        await local.request("create_answer", {"question_id": qid, "content": "Or Donsadon"})  # seq 202, live
+
+        assert await durable_seqs(asker, 202) == list(range(2, 203))
+        assert clients.deliveries.replays(conn_id) == 1
+        assert clients.deliveries.given(conn_id) == 202
