@@ -5,6 +5,7 @@ PostgreSQL database. "Another node" is a psycopg connection of the test's commit
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import msgpack
@@ -13,6 +14,11 @@ import pytest
 import trio
 
 from dongne.client import DongneClient, RequestError
+from dongne.core.effects import AppendEvent
+from dongne.core.protocol import durable_event
+from dongne.delivery import Deliveries
+from dongne.store import Storage
+from dongne.transport import FrameEncoder, WebSocketConnection
 
 from .conftest import Harness, db_rows, question_data
 
@@ -152,3 +158,55 @@ async def test_replays_on_one_connection_never_overlap(start_server: Any) -> Non
         assert await durable_seqs(asker, 202) == list(range(2, 203))
         assert clients.deliveries.replays(conn_id) == 1
         assert clients.deliveries.given(conn_id) == 202
+
+
+def server_frames(data: bytes) -> list[dict[str, Any]]:
+    """The binary frames (msgpack) in what a server-side connection wrote: unmasked, short lengths."""
+    frames = []
+    while data:
+        assert data[0] == 0x82, data[:2]
+        size, start = data[1], 2
+        if size == 126:
+            size, start = int.from_bytes(data[2:4], "big"), 4
+        frames.append(msgpack.unpackb(data[start : start + size]))
+        data = data[start + size :]
+    return frames
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_stream_drops_duplicates_and_fills_gaps_from_the_store(store: Storage, nursery: trio.Nursery) -> None:
+    """One connection's durable stream, deterministically: a duplicate is dropped, a gap is read from the
+    store before the frame that showed it, frames held meanwhile keep their order, a wish raises the target."""
+    store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in range(1, 11)])
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    encoder = FrameEncoder()
+    conn = WebSocketConnection(ours, nursery, encoder, max_message_bytes=1 << 20, max_buffer_bytes=1 << 20)
+    deliveries = Deliveries(store.read_events, encoder, nursery.start_soon)
+
+    def live(seq: int) -> None:
+        frame = encoder.binary(msgpack.packb(durable_event("answer_notification", seq, {"n": seq})))
+        deliveries.live(conn, 7, seq, frame)
+
+    deliveries.start(conn, 7, "u", 0, 0)  # a hello with nothing to replay: the stream starts after 0
+    live(1)
+    live(1)  # a duplicate
+    live(4)  # a gap: 2 and 3 come from the store first
+    live(3)  # arrives while the replay runs: held, then dropped (replayed)
+    conn.send_nowait(encoder.binary(msgpack.packb({"type": "reply", "id": 1})))  # held: after what is replayed
+    deliveries.want(conn, 7, "u", 6)
+    deliveries.want(conn, 7, "u", 8)  # raises the target of the replay started: it reads 2-8 at once
+    assert deliveries.replays(7) == 1
+    received = bytearray()
+    peer_sock = trio.socket.from_stdlib_socket(peer)
+    with trio.fail_after(10):
+        while deliveries.given(7) != 8 or deliveries.replays(7) != 1 or conn.holding:
+            received += await peer_sock.recv(65536)
+        live(10)  # a gap again, once live: a second replay task
+        while len(server_frames(bytes(received))) < 11:
+            received += await peer_sock.recv(65536)
+
+    assert [f.get("seq", f["type"]) for f in server_frames(bytes(received))] == [1, 2, 3, 4, 5, 6, 7, 8, "reply", 9, 10]
+    assert (deliveries.given(7), deliveries.replays(7)) == (10, 2)
+    conn.abort()
+    peer.close()
