@@ -483,8 +483,14 @@ class ClientServer:
     # ---- escalation ----------------------------------------------------------------
 
     def _start_escalation(self, start: StartEscalation) -> None:
-        if start.question_id in self.escalation_scopes or self._escalation_nursery is None:
+        if self._escalation_nursery is None:
             return
+        running = self.escalation_scopes.get(start.question_id)
+        if running is not None:
+            # It sleeps until a due time decided before: after a reload (a refused commit) a stage it
+            # counted as run may be due again now. A new task looks again; no stage runs twice (the
+            # engine runs only stages not yet run).
+            running.cancel()
         # The task ends by itself a second after its last stage is due;
         # overdue stages (after a restart, or a late start) run at once.
         scope = trio.CancelScope(deadline=max(self.clock.trio_time_at(start.until), trio.current_time()) + 1.0)
