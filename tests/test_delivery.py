@@ -110,6 +110,21 @@ async def test_another_nodes_events_arrive_once_in_order_then_seqs_continue(star
         assert h.running.clients.deliveries.replays(conn_of(h, "asker")) == 1
         assert asker.pending_events() == []
 
+    # A user with no connection here: the news moves this node's seqs on all the same.
+    other_node_appends(str(h.db), "local", range(1, 3))
+    engine = h.running.engine
+    with trio.fail_after(10):
+        while engine.users["local"].last_seq != 2:  # noqa: ASYNC110 - news from another session
+            await trio.sleep(0.01)
+    async with h.connect("asker") as asker:
+        answer_id = (await asker.request("get_question", {"question_id": qid}))["answers"][0]["answer_id"]
+        await asker.request("accept_answer", {"question_id": qid, "answer_id": answer_id})
+    assert db_rows(h.db, "SELECT seq, type FROM events WHERE user_id = 'local' ORDER BY seq")[-1] == (
+        3,
+        "answer_accepted_notification",
+    )
+    assert "dongne_seq_conflicts_total 0.0" in h.running.clients.metrics.render().decode()
+
 
 async def test_without_the_notification_the_catch_up_delivers(start_server: Any) -> None:
     h: Harness = await start_server(cluster={"catch_up_interval_s": 0.2})
