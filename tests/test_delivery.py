@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -256,3 +257,34 @@ async def test_an_escalation_stage_refused_by_a_seq_conflict_runs_again_from_the
         assert [e for e in mid.pending_events() if "seq" in e] == []
     assert "dongne_seq_conflicts_total 1.0" in h.running.clients.metrics.render().decode()
     assert db_rows(h.db, "SELECT user_id, stage FROM notified WHERE user_id = 'mid_4km'") == [("mid_4km", "QUICK")]
+
+
+async def test_a_dongne_serve_process_delivers_another_nodes_events(tmp_path: Path, db: str) -> None:
+    """``dongne serve`` as started in production (a subprocess, the default catch-up made short through its
+    environment): another node's events with news, without, and after its LISTEN session is terminated,
+    each once and in order; the node's own next event for the user follows them."""
+    from dongne.client import open_client
+
+    from .conftest import SECRET, token
+    from .served import serve_process
+
+    env = {"DONGNE_CLUSTER_CATCH_UP_INTERVAL_S": "0.3"}
+    async with (
+        serve_process(tmp_path, db, secret=SECRET, env=env) as node,
+        open_client(node.url, token("asker")) as asker,
+    ):
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        other_node_appends(db, "asker", range(1, 3))
+        assert await durable_seqs(asker, 2) == [1, 2]
+        other_node_appends(db, "asker", range(3, 4), notify=False)
+        assert await durable_seqs(asker, 3, timeout=5.0) == [3]
+        listeners = db_rows(db, "SELECT pid FROM pg_stat_activity WHERE application_name = 'dongne listener'")
+        assert len(listeners) == 1
+        assert db_rows(db, "SELECT pg_terminate_backend(?)", listeners[0]) == [(True,)]
+        other_node_appends(db, "asker", range(4, 6))
+        assert await durable_seqs(asker, 5, timeout=5.0) == [4, 5]
+        async with open_client(node.url, token("local")) as local:
+            await local.request("create_answer", {"question_id": qid, "content": "Dombedon, by the port"})
+        assert await durable_seqs(asker, 6) == [6]
+        assert asker.pending_events() == []
+    assert db_rows(db, "SELECT seq FROM events WHERE user_id = 'asker' ORDER BY seq") == [(s,) for s in range(1, 7)]
