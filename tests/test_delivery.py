@@ -278,7 +278,10 @@ async def test_a_dongne_serve_process_delivers_another_nodes_events(tmp_path: Pa
         assert await durable_seqs(asker, 2) == [1, 2]
         other_node_appends(db, "asker", range(3, 4), notify=False)
         assert await durable_seqs(asker, 3, timeout=5.0) == [3]
-        listeners = db_rows(db, "SELECT pid FROM pg_stat_activity WHERE application_name = 'dongne listener'")
+        listeners = db_rows(
+            db,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'dongne listener' AND datname = current_database()",
+        )
         assert len(listeners) == 1
         assert db_rows(db, "SELECT pg_terminate_backend(?)", listeners[0]) == [(True,)]
         other_node_appends(db, "asker", range(4, 6))
