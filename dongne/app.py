@@ -306,20 +306,39 @@ async def _serve(
         log.info("database closed")
 
 
+#: How long start-up waits for the LISTEN connection before serving without it (the catch-up covers).
+LISTEN_START_WAIT_S = 5.0
+
+
 async def _follow_news(
     settings: Settings, clients: ClientServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Other nodes' commits (PostgreSQL): LISTEN for their news, and catch up after each (re)connection and
-    every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md). Reports started once listening."""
+    every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
+
+    Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
+    (logged): a node that cannot LISTEN still serves, its periodic catch-up
+    delivering other nodes' events, and the Listener keeps trying.
+    """
     from .store._cluster import connect_listener
     from .store._writes import EVENTS_CHANNEL
 
+    listening = trio.Event()
+
+    def connected() -> None:
+        listening.set()
+        clients.catch_up_soon()  # news sent while there was no LISTEN connection is lost
+
     connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL,))
-    listener = Listener(connect, clients.inbox_news, clients.catch_up_soon)
+    listener = Listener(connect, clients.inbox_news, connected)
     clients.listener = listener
     async with trio.open_nursery() as nursery:
-        await nursery.start(listener.run)
+        nursery.start_soon(listener.run)
         nursery.start_soon(clients.catch_up_periodically, settings.cluster.catch_up_interval_s)
+        with trio.move_on_after(LISTEN_START_WAIT_S):
+            await listening.wait()
+        if not listening.is_set():
+            log.warning("serving without a LISTEN connection yet; other nodes' events come by the catch-up")
         task_status.started()
 
 
