@@ -21,8 +21,9 @@ early; here they cannot overlap.
 
 Events the store no longer has (pruned) or has not yet (a hello's
 ``last_seq`` counts an event whose commit is still in flight) are not waited
-for: the replay sends what the store holds up to its target, and a live frame
-past a range already read is written without another read.
+for: the replay sends what the store holds up to its target, and while it
+runs a frame past the range it read is written without another read; once it
+is done, a gap is read again.
 """
 
 from __future__ import annotations
@@ -160,7 +161,11 @@ class Deliveries:
                     continue
                 more = conn.take_held()  # frames held while the last ones were written
                 if not more:
-                    return  # nothing missing, nothing held: live again (no checkpoint since the check)
+                    # Nothing missing, nothing held: live again (no checkpoint since the check). What the
+                    # store lacked up to the target (pruned, or counted by a hello but never committed)
+                    # is given up on: a later gap is read again, it may be another node's events.
+                    stream.read = stream.target = stream.given
+                    return
                 backlog.extend(more)
         finally:
             stream.replaying = False

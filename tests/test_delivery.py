@@ -228,6 +228,36 @@ async def test_a_stream_drops_duplicates_and_fills_gaps_from_the_store(store: St
     peer.close()
 
 
+@pytest.mark.backends("sqlite")
+async def test_a_gap_after_a_replay_that_found_events_missing_is_read_again(
+    store: Storage, nursery: trio.Nursery
+) -> None:
+    """A hello counted seqs 4-5 that were not in the store when its replay read (in flight, then refused);
+    another writer then appended 4-5: the next live event's gap is read again, not taken as given up on."""
+    store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in range(1, 4)])
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    encoder = FrameEncoder()
+    conn = WebSocketConnection(ours, nursery, encoder, max_message_bytes=1 << 20, max_buffer_bytes=1 << 20)
+    deliveries = Deliveries(store.read_events, encoder, nursery.start_soon)
+    received = bytearray()
+    peer_sock = trio.socket.from_stdlib_socket(peer)
+
+    deliveries.start(conn, 7, "u", 0, 5)
+    with trio.fail_after(10):
+        while deliveries.given(7) != 3 or conn.holding:
+            received += await peer_sock.recv(65536)
+        store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in (4, 5)])
+        frame = encoder.binary(msgpack.packb(durable_event("answer_notification", 6, {"n": 6})))
+        deliveries.live(conn, 7, 6, frame)
+        while len(server_frames(bytes(received))) < 6:
+            received += await peer_sock.recv(65536)
+
+    assert [f["seq"] for f in server_frames(bytes(received))] == [1, 2, 3, 4, 5, 6]
+    conn.abort()
+    peer.close()
+
+
 async def test_an_escalation_stage_refused_by_a_seq_conflict_runs_again_from_the_store(start_server: Any) -> None:
     """Another node took a local's seq 1 before the QUICK stage (3 s): the stage's commit is refused, and it
     runs again from the store at once, not when the next stage (30 s) is due; the local gets the other
