@@ -107,7 +107,7 @@ class Replica:
                 self.encoder.binary(getattr(action, "packed", b"") or msgpack.packb(action.frame))
                 self.frames += len(action.conn_ids)
             elif SendEach is not None and isinstance(action, SendEach):
-                for conn_ids, packed in action.frames:
+                for conn_ids, _seq, packed in action.frames:
                     self.encoder.binary(packed)
                     self.frames += len(conn_ids)
         if outcome.writes:

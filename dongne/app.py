@@ -24,7 +24,7 @@ import trio
 from .admin import AdminApp
 from .auth import TokenVerifier, load_or_create_secret
 from .clock import EngineClock
-from .cluster import Membership
+from .cluster import Listener, Membership
 from .config import Settings
 from .core import Engine, RegionSet, load_default_regions, load_hotspots
 from .core.moderation import FOREVER
@@ -157,6 +157,11 @@ async def _serve(
 
         link = ClusterLink(settings.store.target)
     membership = Membership(link, interval_s=settings.cluster.heartbeat_interval_s, ttl_s=settings.cluster.node_ttl_s)
+    if link is not None:
+        # Every commit checks that its seqs continue from the inbox heads (SeqConflict otherwise) and
+        # announces the heads it moved; the Listener below reads other nodes' news (store/CLUSTER.md).
+        store.guard_seqs = True  # type: ignore[attr-defined]  # PostgreSQL only
+        store.news_from = membership.node_id  # type: ignore[attr-defined]
     try:
         clock = clock if clock is not None else EngineClock()
         engine = Engine(
@@ -243,12 +248,16 @@ async def _serve(
         hconfig.graceful_timeout = min(settings.server.shutdown_timeout_s, 2.0)
         pushes = clients.pushes
         clients.gauge_sources.append(membership.gauges)
+        clients.node_id = membership.node_id
         with watch_gc_pauses(clients.metrics.gc_pause):
             async with trio.open_nursery() as root:
                 port = await root.start(clients.run)
                 client_port.append(port)
                 cluster_scope = trio.CancelScope()
                 await root.start(_started_in_scope, cluster_scope, membership.run)
+                news_scope = trio.CancelScope()
+                if link is not None:
+                    await root.start(_started_in_scope, news_scope, functools.partial(_follow_news, settings, clients))
                 peers = [n["node_id"] for n in membership.state()["nodes"] if not n["self"]]
                 log.info("node %s; peers: %s", membership.node_id, ", ".join(peers) or "none")
                 snapshots = trio.CancelScope()
@@ -288,12 +297,49 @@ async def _serve(
                 watcher.cancel()  # a stop() from code rather than a signal
                 clients.stop_accepting()
                 cluster_scope.cancel()  # leaves cluster_nodes
+                news_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             if link is not None:
                 await trio.to_thread.run_sync(link.close)
             await trio.to_thread.run_sync(store.close)
         log.info("database closed")
+
+
+#: How long start-up waits for the LISTEN connection before serving without it (the catch-up covers).
+LISTEN_START_WAIT_S = 5.0
+
+
+async def _follow_news(
+    settings: Settings, clients: ClientServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Other nodes' commits (PostgreSQL): LISTEN for their news, and catch up after each (re)connection and
+    every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
+
+    Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
+    (logged): a node that cannot LISTEN still serves, its periodic catch-up
+    delivering other nodes' events, and the Listener keeps trying.
+    """
+    from .store._cluster import connect_listener
+    from .store._writes import EVENTS_CHANNEL
+
+    listening = trio.Event()
+
+    def connected() -> None:
+        listening.set()
+        clients.catch_up_soon()  # news sent while there was no LISTEN connection is lost
+
+    connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL,))
+    listener = Listener(connect, clients.inbox_news, connected)
+    clients.listener = listener
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listener.run)
+        nursery.start_soon(clients.catch_up_periodically, settings.cluster.catch_up_interval_s)
+        with trio.move_on_after(LISTEN_START_WAIT_S):
+            await listening.wait()
+        if not listening.is_set():
+            log.warning("serving without a LISTEN connection yet; other nodes' events come by the catch-up")
+        task_status.started()
 
 
 async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:

@@ -4,7 +4,8 @@ What exists is groundwork for several nodes (``dongne/store/CLUSTER.md``):
 one node per database is still enforced. A PostgreSQL node registers in
 ``cluster_nodes`` and heartbeats (:meth:`Membership.run`); a SQLite node is a
 cluster of itself, held in memory. :class:`Listener` keeps a LISTEN
-connection open across drops; nothing subscribes to it yet.
+connection open across drops; the app runs one on ``dongne_events`` and hands
+other nodes' news to the client server (``ClientServer.inbox_news``).
 
 The blocking SQL is ``store._cluster``'s, run on worker threads; this
 module only waits, sleeps and retries.

@@ -168,6 +168,11 @@ class ClusterSettings:
     # how long a silent node stays listed (then any node removes its row).
     heartbeat_interval_s: float = attrs.field(default=2.0, validator=positive_or_inf)
     node_ttl_s: float = attrs.field(default=10.0, validator=positive)
+    # How often a node compares the inbox heads of the users connected to it
+    # with what it delivered, and replays what is missing: the most a lost
+    # notification (or a dropped LISTEN connection) delays an event from
+    # another node.
+    catch_up_interval_s: float = attrs.field(default=5.0, validator=positive_or_inf)
 
 
 @attrs.frozen

@@ -73,6 +73,11 @@ class Metrics:
         self.store_write_failures = Counter(
             "dongne_store_write_failures", "Commits and probe writes the database refused", registry=r
         )
+        self.seq_conflicts = Counter(
+            "dongne_seq_conflicts",
+            "Commits refused because another node appended to one of their users' inboxes first",
+            registry=r,
+        )
         self.overflows = Counter("dongne_outbound_overflows", "Connections closed as slow consumers (4009)", registry=r)
         self.rate_limit_hits = Counter(
             "dongne_rate_limit_hits", "Requests or connections refused by a limit", ["scope"], registry=r

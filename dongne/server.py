@@ -13,8 +13,11 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     ├── ClientServer._prune_periodically   the inbox's retention
     ├── ClientServer._accept_loop   the client listener (admission: doorman.Doorman)
     │     └── connections nursery: one handler per connection (+ a writer
-    │         task while its socket is backed up, + a replay task on resume)
+    │         task while its socket is backed up, + at most one replay task:
+    │         a resume, or events another node appended; delivery.Deliveries)
     ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
+    ├── app._follow_news            PostgreSQL: cluster.Listener on dongne_events (other nodes'
+    │                               commits: heads_moved) and ClientServer.catch_up_periodically
     └── hypercorn                   the ops port
 """
 
@@ -38,6 +41,7 @@ from .clock import EngineClock
 from .config import EscalationSettings, InboxSettings, LimitSettings, ServerSettings
 from .core import (
     Alert,
+    AppendEvent,
     BlockAddresses,
     CancelEscalation,
     Close,
@@ -60,19 +64,22 @@ from .core import (
     Replay,
     Send,
     SendEach,
+    SeqsMoved,
     StartEscalation,
     Tick,
     WritesFailing,
     WritesWork,
 )
 from .core.engine import UNAVAILABLE_RETRY_MS
-from .core.protocol import durable_event, reply_error
+from .core.protocol import reply_error
+from .delivery import Deliveries
 from .doorman import Doorman
 from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .store import Storage, StoreError, WriteFailed
+from .store import SeqConflict, Storage, StoreError, WriteFailed
+from .store._writes import read_inbox_news
 from .transport import (
     BinaryFrame,
     FrameEncoder,
@@ -167,6 +174,14 @@ class ClientServer:
         self.escalation_scopes: dict[str, trio.CancelScope] = {}
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
+        self._seqs_moved: set[str] | None = None  # users of a SeqConflict, for the storage supervisor
+        self._catch_up_wakeup = trio.Event()
+        #: This node's id in news on ``dongne_events`` (the app sets it; its own news is skipped).
+        self.node_id = ""
+        #: The LISTEN connection's keeper on PostgreSQL (the app sets it), for /admin, logs and tests.
+        self.listener: Any = None
+        #: Each connection's durable stream (exactly once, in seq order; replays from the store).
+        self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
 
     # ---- running ---------------------------------------------------------------
 
@@ -260,6 +275,11 @@ class ClientServer:
             trio.lowlevel.notify_closing(listener)
             listener.close()
 
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Start a task beside the connections (a replay: it ends with them)."""
+        if self._conn_nursery is not None:
+            self._conn_nursery.start_soon(fn, *args)
+
     # ---- one connection ----------------------------------------------------------
 
     def address_of(self, conn_id: int) -> str | None:
@@ -346,6 +366,7 @@ class ClientServer:
                     },
                 )
                 self.conns.pop(conn_id, None)
+                self.deliveries.forget(conn_id)
                 if conn.overflowed:
                     self.metrics.overflows.inc()
                     self.metrics.errors.labels("close_4009").inc()
@@ -418,21 +439,26 @@ class ClientServer:
             if isinstance(action, Send):
                 frame = binary(msgpack.packb(action.frame))
                 sent = 0
+                seq = action.frame.get("seq")
                 for conn_id in action.conn_ids:
                     conn = conns.get(conn_id)
                     if conn is not None:
-                        conn.send_nowait(frame)
+                        if seq is None:
+                            conn.send_nowait(frame)
+                        else:  # a durable event: in order, once (see delivery.py)
+                            self.deliveries.live(conn, conn_id, seq, frame)
                         sent += 1
                 kind = action.frame["type"]
                 counts[kind] = counts.get(kind, 0) + sent
             elif isinstance(action, SendEach):
                 sent = 0
-                for conn_ids, packed in action.frames:
+                live = self.deliveries.live
+                for conn_ids, seq, packed in action.frames:
                     frame = binary(packed)
                     for conn_id in conn_ids:
                         conn = conns.get(conn_id)
                         if conn is not None:
-                            conn.send_nowait(frame)
+                            live(conn, conn_id, seq, frame)  # durable: in order, once (see delivery.py)
                             sent += 1
                 counts[action.kind] = counts.get(action.kind, 0) + sent
             elif isinstance(action, Close):
@@ -445,9 +471,8 @@ class ClientServer:
                     conn.close(action.code, action.reason)
             elif isinstance(action, Replay):
                 conn = self.conns.get(action.conn_id)
-                if conn is not None and self._conn_nursery is not None:
-                    conn.hold()
-                    self._conn_nursery.start_soon(self._replay, conn, action)
+                if conn is not None:
+                    self.deliveries.start(conn, action.conn_id, action.user_id, action.after_seq, action.up_to_seq)
             elif isinstance(action, StartEscalation):
                 self._start_escalation(action)
             elif isinstance(action, CancelEscalation):
@@ -467,27 +492,17 @@ class ClientServer:
         for kind, sent in counts.items():
             self.metrics.frames_sent(kind, sent)
 
-    async def _replay(self, conn: WebSocketConnection, action: Replay) -> None:
-        """Send missed durable events in order, then the live frames held meanwhile."""
-        try:
-            try:
-                rows = await trio.to_thread.run_sync(
-                    self.store.read_events, action.user_id, action.after_seq, action.up_to_seq
-                )
-            except StoreError as exc:  # the database out of reach (PostgreSQL): the client resumes later
-                log.warning("replay_failed", extra={"user": action.user_id, "error": str(exc)})
-                conn.close(1013, "the server cannot read your missed events now; reconnect later")
-                return
-            for seq, kind, data in rows:
-                await conn.send_paced(self.encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
-        finally:
-            conn.release()
-
     # ---- escalation ----------------------------------------------------------------
 
     def _start_escalation(self, start: StartEscalation) -> None:
-        if start.question_id in self.escalation_scopes or self._escalation_nursery is None:
+        if self._escalation_nursery is None:
             return
+        running = self.escalation_scopes.get(start.question_id)
+        if running is not None:
+            # It sleeps until a due time decided before: after a reload (a refused commit) a stage it
+            # counted as run may be due again now. A new task looks again; no stage runs twice (the
+            # engine runs only stages not yet run).
+            running.cancel()
         # The task ends by itself a second after its last stage is due;
         # overdue stages (after a restart, or a late start) run at once.
         scope = trio.CancelScope(deadline=max(self.clock.trio_time_at(start.until), trio.current_time()) + 1.0)
@@ -549,15 +564,27 @@ class ClientServer:
         """A commit failed (or writes came while failing): refuse what will not be committed.
 
         Called synchronously by the pipeline, before any other task runs: the
-        engine stops taking writes at once.
+        engine stops taking writes at once. A ``SeqConflict`` naming its users
+        (another writer appended to their inboxes first) is no storage
+        failure: the store works, so no alert and no probe; the supervisor
+        reads those users' heads (``SeqsMoved``) and rebuilds memory, and
+        writes are taken again as soon as that is done.
         """
         self.metrics.store_write_failures.inc()
         if self._writes_ok.is_set():
-            log.error("storage_failing", extra={"error": str(exc)})
             self._writes_ok = trio.Event()
             self._reloaded = trio.Event()
             self._writes_failed.set()
-            self._perform(self._handle(WritesFailing(str(exc))))
+            if isinstance(exc, SeqConflict) and exc.users:
+                log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
+                self.metrics.seq_conflicts.inc()
+                # Every user whose seqs the refused outcomes counted in memory, not only those named.
+                self._seqs_moved = set(exc.users) | {
+                    w.user_id for outcome, _ in refused for w in outcome.writes if isinstance(w, AppendEvent)
+                }
+            else:
+                log.error("storage_failing", extra={"error": str(exc)})
+                self._perform(self._handle(WritesFailing(str(exc))))
         for outcome, token in refused:
             if not outcome.writes:
                 self._act(outcome, token)  # a read or live event: valid without the failed writes
@@ -585,10 +612,26 @@ class ClientServer:
         await self._reloaded.wait()
 
     async def _storage_supervisor(self) -> None:
-        """After a failed commit: rebuild memory from the database, then probe until writes work again."""
+        """After a failed commit: rebuild memory from the database, then probe until writes work again.
+
+        After a ``SeqConflict``: the moved heads first (``SeqsMoved``, and the
+        missing events replayed to the users' connections), then the rebuild
+        (the refused outcomes changed more than seqs: questions, answers,
+        escalation stages), then writes again, with no probe.
+        """
         while True:
             await self._writes_failed.wait()
             self._writes_failed = trio.Event()
+            moved, self._seqs_moved = self._seqs_moved, None
+            if moved is not None:
+                try:
+                    heads = await trio.to_thread.run_sync(self.store.read_heads, sorted(moved))
+                except StoreError as exc:  # the database out of reach after all: the storage failure path
+                    log.error("storage_failing", extra={"error": str(exc)})
+                    self._perform(self._handle(WritesFailing(str(exc))))
+                    moved = None
+                else:
+                    self.heads_moved(heads, exact=True)
             while True:
                 hot_since = self.clock.now_ms() - self._hot_ms
                 try:
@@ -599,6 +642,11 @@ class ClientServer:
                     await trio.sleep(PROBE_INTERVAL_S)
             self._perform(self._handle(Reloaded(state)))
             self._reloaded.set()
+            if moved is not None:
+                self.pipeline.writes_work()
+                self._writes_ok.set()
+                log.info("seq_conflict_resolved", extra={"users": len(moved)})
+                continue
             while True:
                 await trio.sleep(PROBE_INTERVAL_S)
                 try:
@@ -611,6 +659,60 @@ class ClientServer:
             self._writes_ok.set()
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
+
+    # ---- other nodes' events (store/CLUSTER.md) -------------------------------------
+
+    def heads_moved(self, heads: dict[str, int], *, exact: bool = False) -> None:
+        """Users' inbox heads as the store holds them: the engine's seqs follow, connections get what they miss.
+
+        ``exact``: read after a ``SeqConflict``, they replace what memory
+        counted (up or down); otherwise (news, the catch-up) only a head above
+        the engine's moves it.
+        """
+        users = self.engine.users
+        moved = heads if exact else {u: h for u, h in heads.items() if u in users and h > users[u].last_seq}
+        if moved:
+            self._feed(SeqsMoved(moved))
+        for user_id, head in heads.items():
+            for conn_id in self.engine.user_conns.get(user_id, ()):
+                conn = self.conns.get(conn_id)
+                if conn is not None:
+                    self.deliveries.want(conn, conn_id, user_id, head)
+
+    def inbox_news(self, channel: str, payload: str) -> None:
+        """A notification on ``dongne_events`` (``cluster.Listener``): another node's commit; our own are skipped."""
+        try:
+            origin, heads = read_inbox_news(payload)
+        except ValueError:
+            log.warning("inbox_news_unreadable", extra={"channel": channel, "payload": payload[:80]})
+            return
+        if origin != self.node_id:
+            self.heads_moved(heads)
+
+    def catch_up_soon(self) -> None:
+        """Compare heads now (the Listener connected: notifications may have been missed meanwhile)."""
+        self._catch_up_wakeup.set()
+
+    async def catch_up(self) -> int:
+        """Read the inbox heads of the users connected here and deliver what is missing; returns how many users."""
+        users = sorted(self.engine.user_conns)
+        if not users:
+            return 0
+        try:
+            heads = await trio.to_thread.run_sync(self.store.read_heads, users)
+        except StoreError as exc:
+            log.warning("catch_up_failed", extra={"error": str(exc)})
+            return 0
+        self.heads_moved(heads)
+        return len(heads)
+
+    async def catch_up_periodically(self, interval_s: float) -> None:
+        """:meth:`catch_up` every ``interval_s``, and at once when :meth:`catch_up_soon` asks."""
+        while True:
+            with trio.move_on_after(interval_s):
+                await self._catch_up_wakeup.wait()
+            self._catch_up_wakeup = trio.Event()
+            await self.catch_up()
 
     # ---- time ------------------------------------------------------------------
 

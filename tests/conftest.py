@@ -53,8 +53,9 @@ def make_settings(db: Path | str, **sections: dict[str, Any]) -> Settings:
         "snapshots": {"interval_s": 0.0},
         # The inbox pruner likewise (tests/test_read_paths.py runs it by hand).
         "inbox": {"prune_interval_s": float("inf")},
-        # The cluster heartbeat likewise (a PostgreSQL node registers once; test_cluster.py runs it).
-        "cluster": {"heartbeat_interval_s": float("inf")},
+        # The cluster heartbeat and catch-up likewise (a PostgreSQL node registers once and catches up
+        # when its LISTEN connection is made; test_cluster.py and test_delivery.py run them).
+        "cluster": {"heartbeat_interval_s": float("inf"), "catch_up_interval_s": float("inf")},
         # Questions expire after a day; on the autojump clock that deadline
         # would be the next one while any commit runs (test_read_paths.py sets it).
         "questions": {"ttl_s": float("inf")},

@@ -29,6 +29,7 @@ from dongne.core import (
     SaveUser,
     Send,
     SendEach,
+    SeqsMoved,
     Tick,
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
@@ -94,7 +95,7 @@ class Sim:
                 for c in action.conn_ids:
                     self.inbox.setdefault(c, []).append(action.frame)
             elif isinstance(action, SendEach):
-                for conn_ids, packed in action.frames:
+                for conn_ids, _seq, packed in action.frames:
                     for c in conn_ids:
                         self.inbox.setdefault(c, []).append(msgpack.unpackb(packed))
 
@@ -184,7 +185,31 @@ def test_resume_asks_for_a_replay_of_exactly_the_gap() -> None:
     assert sim.reply(out)["data"]["last_seq"] == 5
     sim.engine.handle(Connected(4), T0)
     up_to_date = sim.call(4, "hello", {"token": "ok:asker", "resume": {"last_seq": 5}})
-    assert not [a for a in up_to_date.actions if isinstance(a, Replay)]
+    # Nothing to replay: the empty replay only says where the connection starts.
+    assert [a for a in up_to_date.actions if isinstance(a, Replay)] == [Replay(4, "asker", 5, 5)]
+    sim.engine.handle(Connected(5), T0)
+    fresh = sim.call(5, "hello", {"token": "ok:asker"})
+    assert [a for a in fresh.actions if isinstance(a, Replay)] == [Replay(5, "asker", 5, 5)]
+
+
+def test_seqs_moved_sets_each_users_next_seq() -> None:
+    """Heads another writer moved, up (news) or down (refused commits counted in memory), set last_seq."""
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    sim.call(2, "create_answer", {"question_id": qid, "content": "a0"})
+    assert sim.engine.users["asker"].last_seq == 1
+
+    assert sim.engine.handle(SeqsMoved({"asker": 7, "nobody": 3}), T0) == Outcome()
+    out = sim.call(2, "create_answer", {"question_id": qid, "content": "a1"})
+    assert [(w.user_id, w.seq) for w in out.writes if isinstance(w, AppendEvent)] == [("asker", 8)]
+    assert "nobody" not in sim.engine.users
+
+    sim.engine.handle(SeqsMoved({"asker": 4}), T0)
+    out = sim.call(2, "create_answer", {"question_id": qid, "content": "a2"})
+
+    assert [(w.user_id, w.seq) for w in out.writes if isinstance(w, AppendEvent)] == [("asker", 5)]
 
 
 def test_typing_expires_exactly_at_its_ttl() -> None:

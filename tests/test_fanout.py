@@ -43,7 +43,8 @@ def test_a_stage_writes_and_sends_what_its_dicts_say() -> None:
     assert not [a for a in out.actions if isinstance(a, Send)]
     assert sends.kind == "new_question_notification"
     assert len(events) == len(sends.frames) == 100
-    for event, (conn_ids, packed) in zip(events, sends.frames, strict=True):
+    for event, (conn_ids, seq, packed) in zip(events, sends.frames, strict=True):
+        assert seq == event.seq
         data = event.event_data()
         assert event.data is None and msgpack.packb(data) == event.packed
         assert msgpack.unpackb(packed) == durable_event("new_question_notification", event.seq, data)

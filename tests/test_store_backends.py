@@ -132,6 +132,14 @@ def test_events_keep_one_row_per_seq_and_a_refused_commit_leaves_nothing(store: 
     assert db_rows(db, "SELECT count(*) FROM events") == [(4,)]
 
 
+def test_heads_are_each_users_newest_seq_even_after_pruning(store: Storage) -> None:
+    store.apply([AppendEvent("old", seq, "x", {}, 100 + seq) for seq in (1, 2, 3)])
+    store.apply([AppendEvent("new", 1, "x", {}, 10_000)])
+    store.prune_events(before_ms=1_000, limit=100)
+
+    assert store.read_heads(["old", "new", "none", "old"]) == {"new": 1, "none": 0, "old": 3}
+
+
 def test_pruning_keeps_each_users_newest_event(store: Storage) -> None:
     store.apply([AppendEvent("old", seq, "x", {}, 100 + seq) for seq in (1, 2, 3)])
     store.apply([AppendEvent("new", 1, "x", {}, 10_000), AppendEvent("lone", 7, "x", {}, 5)])

@@ -202,15 +202,15 @@ class SendEach:
     """Send frames already packed, each to its own connections: a stage's alerts.
 
     Each alert is its own frame (its seq and distance are the local's), but
-    they share their type: ``frames`` is ``(conn_ids, msgpack of the frame)``
-    pairs, one per alert, and ``kind`` their type, which the driver counts
+    they share their type: ``frames`` is ``(conn_ids, seq, msgpack of the
+    frame)``, one per alert, and ``kind`` their type, which the driver counts
     once per batch. An escalation stage sends hundreds; as one action with
     bytes, not a dict and a :class:`Send` each, they cost a fraction of the
     objects (``OutcomeBuilder.send_packed`` fills it).
     """
 
     kind: str
-    frames: list[tuple[tuple[int, ...], bytes]]
+    frames: list[tuple[tuple[int, ...], int, bytes]]
 
 
 @attrs.frozen
@@ -226,7 +226,10 @@ class Close:
 class Replay:
     """Send ``user_id``'s durable events with ``after_seq < seq <= up_to_seq`` to a connection.
 
-    Live frames for that connection wait until the replay is written.
+    Live frames for that connection wait until the replay is written. Every
+    ``hello`` has one: ``after_seq == up_to_seq`` (nothing to replay) says
+    where the connection's durable stream starts, so the driver can tell a
+    duplicate or a gap from the next event (events another node appended).
     """
 
     conn_id: int
@@ -352,17 +355,17 @@ class OutcomeBuilder:
         if targets:
             self.actions.append(Send(targets, frame))
 
-    def send_packed(self, conn_ids: tuple[int, ...] | list[int] | set[int], kind: str, packed: bytes) -> None:
-        """Send a frame of type ``kind`` already packed; joins the last action if it is a :class:`SendEach` of that kind."""
+    def send_packed(self, conn_ids: tuple[int, ...] | list[int] | set[int], kind: str, seq: int, packed: bytes) -> None:
+        """Send a durable event of type ``kind`` already packed; joins the last action if it is a :class:`SendEach` of that kind."""
         targets = tuple(sorted(conn_ids))
         if not targets:
             return
         actions = self.actions
         last = actions[-1] if actions else None
         if type(last) is SendEach and last.kind == kind:
-            last.frames.append((targets, packed))
+            last.frames.append((targets, seq, packed))
         else:
-            actions.append(SendEach(kind, [(targets, packed)]))
+            actions.append(SendEach(kind, [(targets, seq, packed)]))
 
     def act(self, action: Action) -> None:
         self.actions.append(action)

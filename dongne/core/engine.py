@@ -44,6 +44,7 @@ from .events import (
     ReadDone,
     ReadFailed,
     Reloaded,
+    SeqsMoved,
     Tick,
     WritesFailing,
     WritesWork,
@@ -297,6 +298,12 @@ class Engine:
             return self._question_loaded(event, now)
         if isinstance(event, InboxPruned):
             self.inbox.oldest.update(event.oldest)
+            return _NOTHING
+        if isinstance(event, SeqsMoved):
+            for user_id, seq in event.heads.items():
+                user = self.users.get(user_id)
+                if user is not None:
+                    user.last_seq = seq
             return _NOTHING
         if isinstance(event, Disconnected):
             return self._disconnected(event.conn_id, now)

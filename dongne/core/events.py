@@ -24,6 +24,7 @@ __all__ = [
     "ReadDone",
     "ReadFailed",
     "Reloaded",
+    "SeqsMoved",
     "Tick",
     "WritesFailing",
     "WritesWork",
@@ -81,6 +82,22 @@ class InboxPruned:
 
 
 @attrs.frozen
+class SeqsMoved:
+    """Users' inbox heads as the store holds them, which another writer moved (several nodes; CLUSTER.md).
+
+    Each listed user's ``last_seq`` becomes the given seq, up or down: after
+    a ``SeqConflict`` the heads read from the store replace what refused
+    commits counted in memory; for news from another node the driver passes
+    only heads above the engine's. The user's next durable event continues
+    from there. Users the engine does not know are skipped. Delivering the
+    events another node appended is the driver's job (it reads them from the
+    store), not the engine's.
+    """
+
+    heads: dict[str, int]
+
+
+@attrs.frozen
 class Disconnected:
     """The connection is gone (closed by either side, or broken)."""
 
@@ -132,6 +149,7 @@ Event = (
     | Tick
     | EscalationDue
     | InboxPruned
+    | SeqsMoved
     | WritesFailing
     | Reloaded
     | WritesWork

@@ -104,7 +104,7 @@ class Inbox:
         out.write(AppendEvent(user_id, seq, alerts.kind, None, now, packed))
         conns = self._user_conns.get(user_id)
         if conns:
-            out.send_packed(conns, alerts.kind, alerts.frame(seq, packed))
+            out.send_packed(conns, alerts.kind, seq, alerts.frame(seq, packed))
 
     def answer_posted(self, question: Question, answer: Answer, now: int) -> None:
         """A new answer is ``delivered`` at once if its asker is online, else tracked."""

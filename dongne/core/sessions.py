@@ -110,8 +110,10 @@ class Sessions:
             # Events after last_seen were pruned: the client learns it did not get everything.
             hello.update({"resumed": False, "oldest_seq": oldest} if oldest is not None else {"resumed": True})
         out.send((conn.conn_id,), reply_ok(request.id, hello))
-        if last_seen is not None and last_seen < user.last_seq:
-            out.act(Replay(conn.conn_id, user.user_id, last_seen, user.last_seq))
+        # Where this connection's durable stream starts, and the gap a resume asks for (none: an empty
+        # replay, which only tells the driver the connection is at last_seq).
+        after = last_seen if last_seen is not None and last_seen < user.last_seq else user.last_seq
+        out.act(Replay(conn.conn_id, user.user_id, after, user.last_seq))
         if writable:  # receipts wait for the next hello otherwise
             self._inbox.deliver_pending(user.user_id, now, out)
         return out.build("hello", request=(conn.conn_id, request.id))

@@ -205,6 +205,19 @@ class SqlStore:
         )
         return question_from(rows[0]), [answer_from(r) for r in answers]
 
+    def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
+        """Each user's newest durable seq (0: none), as committed."""
+        wanted = sorted(set(user_ids))
+        heads = dict.fromkeys(wanted, 0)
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            for user, seq in self._read(
+                f"SELECT user_id, max(seq) FROM events WHERE user_id IN ({','.join('?' * len(part))}) GROUP BY user_id",
+                part,
+            ):
+                heads[user] = int(seq)
+        return heads
+
     def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
         """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
         rows = self._read(

@@ -13,7 +13,7 @@ it in the database; reads are never refused because writes fail.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..core.effects import Write
@@ -113,6 +113,10 @@ class Storage(Protocol):
         ...
 
     def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None: ...
+
+    def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
+        """Each user's newest durable seq as committed (0: none), by user id."""
+        ...
 
     def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
         """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""

@@ -335,6 +335,14 @@ class PostgresStore(SqlStore):
         """
         return int(self._read("SELECT nextval('push_job_blocks')")[0][0]) * PUSH_JOB_BLOCK
 
+    def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
+        """Each user's newest durable seq (0: none), from ``inbox_heads`` (kept whatever was pruned)."""
+        wanted = sorted(set(user_ids))
+        heads = dict.fromkeys(wanted, 0)
+        for user, seq in self._read("SELECT user_id, last_seq FROM inbox_heads WHERE user_id = ANY(?)", (wanted,)):
+            heads[user] = int(seq)
+        return heads
+
     def _seq_ranges(self) -> list[tuple[str, int, int]]:
         return [
             (user, int(low), int(high))

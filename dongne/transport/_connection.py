@@ -85,7 +85,7 @@ class WebSocketConnection:
         self._max_buffer = max_buffer_bytes
         self._buffer: collections.deque[memoryview] = collections.deque()
         self.buffered_bytes = 0
-        self._held: list[bytes] | None = None
+        self._held: list[tuple[bytes, int]] | None = None  # (frame, durable seq or 0)
         self._writer_running = False
         self._writer_done = trio.Event()
         self._writer_done.set()
@@ -99,12 +99,15 @@ class WebSocketConnection:
 
     # ---- sending ---------------------------------------------------------------
 
-    def send_nowait(self, frame: bytes) -> None:
-        """Queue one encoded frame; never blocks. Closes with 4009 on overflow."""
+    def send_nowait(self, frame: bytes, seq: int = 0) -> None:
+        """Queue one encoded frame; never blocks. Closes with 4009 on overflow.
+
+        ``seq``: the durable event's, kept with the frame while held (see ``take_held``).
+        """
         if self.closing:
             return
         if self._held is not None:
-            self._held.append(frame)
+            self._held.append((frame, seq))
             self.buffered_bytes += len(frame)
             if self.buffered_bytes > self._max_buffer:
                 self._overflow()
@@ -180,19 +183,31 @@ class WebSocketConnection:
         if self._held is None:
             self._held = []
 
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def take_held(self) -> list[tuple[bytes, int]]:
+        """The frames held so far, with their seqs, taken out (no longer counted); holding goes on."""
+        if not self._held:
+            return []
+        held = self._drop_held()
+        self._held = []
+        return held
+
     def release(self) -> None:
         held = self._drop_held()
         if self.closing:
             return
-        for frame in held:
+        for frame, _seq in held:
             self._write(frame)
         if self.buffered_bytes > self._max_buffer:
             self._overflow()
 
-    def _drop_held(self) -> list[bytes]:
+    def _drop_held(self) -> list[tuple[bytes, int]]:
         """Stop holding; return the held frames, no longer counted in ``buffered_bytes``."""
         held, self._held = self._held or [], None
-        self.buffered_bytes -= sum(len(f) for f in held)
+        self.buffered_bytes -= sum(len(f) for f, _seq in held)
         return held
 
     async def send_paced(self, frame: bytes) -> None:

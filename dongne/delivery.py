@@ -1,0 +1,175 @@
+"""Each connection's durable stream: every event exactly once, in seq order, whoever appended it.
+
+Theory of operation: durable events reach a connection three ways: live,
+after this node's commit (``Send`` of a frame with a ``seq``); replayed from
+the store after a ``resume`` (``Replay``); and replayed from the store because
+another node appended them (its news on ``dongne_events``, or the periodic
+catch-up; ``store/CLUSTER.md``). They interleave, so each connection keeps
+``given``, the newest seq handed to it in order, and:
+
+- a live frame at ``given + 1`` is written; one at or below ``given`` is a
+  duplicate (a replay sent it already) and is dropped; one above
+  ``given + 1`` is a gap (another node's events): it is held, and the events
+  in between are read from the store first;
+- a wanted head above ``given`` (a resume, news, the catch-up) starts a
+  replay: live frames are held meanwhile (``WebSocketConnection.hold``).
+
+One replay task per connection at most, and it runs until nothing is
+missing: a later wish only raises its target. Two replays overlapping on a
+connection would each release the held frames when done, the first one too
+early; here they cannot overlap.
+
+Events the store no longer has (pruned) or has not yet (a hello's
+``last_seq`` counts an event whose commit is still in flight) are not waited
+for: the replay sends what the store holds up to its target, and while it
+runs a frame past the range it read is written without another read; once it
+is done, a gap is read again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import msgpack
+import trio
+
+from .core.protocol import durable_event
+from .store import StoreError
+from .transport import FrameEncoder, WebSocketConnection
+
+__all__ = ["Deliveries"]
+
+log = logging.getLogger("dongne.delivery")
+
+
+@attrs.define
+class _Stream:
+    user_id: str
+    given: int = -1  # the newest seq handed over in order; -1: not started (no hello acted on yet)
+    target: int = 0  # the newest seq the connection should have
+    read: int = 0  # the store was read up to here
+    replaying: bool = False
+    replays: int = 0  # replay tasks run so far, for tests and logs
+
+
+class Deliveries:
+    """The durable streams of this node's connections.
+
+    Args:
+        read_events: the store's ``read_events`` (blocking: run on a worker thread).
+        encoder: the shared frame encoder.
+        spawn: starts a task in the connections' nursery.
+    """
+
+    def __init__(
+        self,
+        read_events: Callable[[str, int, int], list[tuple[int, str, dict[str, Any]]]],
+        encoder: FrameEncoder,
+        spawn: Callable[..., None],
+    ) -> None:
+        self._read_events = read_events
+        self._encoder = encoder
+        self._spawn = spawn
+        self._streams: dict[int, _Stream] = {}
+
+    def given(self, conn_id: int) -> int | None:
+        """The newest seq handed to the connection in order (None: no stream)."""
+        stream = self._streams.get(conn_id)
+        return None if stream is None or stream.given < 0 else stream.given
+
+    def replays(self, conn_id: int) -> int:
+        stream = self._streams.get(conn_id)
+        return 0 if stream is None else stream.replays
+
+    def start(self, conn: WebSocketConnection, conn_id: int, user_id: str, after_seq: int, up_to_seq: int) -> None:
+        """A hello's ``Replay``: the stream starts after ``after_seq``; events up to ``up_to_seq`` follow."""
+        stream = self._streams.setdefault(conn_id, _Stream(user_id))
+        stream.given = stream.read = after_seq
+        self._want(conn, conn_id, stream, up_to_seq)
+
+    def want(self, conn: WebSocketConnection, conn_id: int, user_id: str, head: int) -> None:
+        """The connection's user has events up to ``head`` in the store: see that it gets them."""
+        stream = self._streams.setdefault(conn_id, _Stream(user_id))
+        self._want(conn, conn_id, stream, head)
+
+    def live(self, conn: WebSocketConnection, conn_id: int, seq: int, frame: bytes) -> None:
+        """A durable event committed by this node, for one connection."""
+        stream = self._streams.get(conn_id)
+        if stream is None or stream.given < 0:  # not a stream (yet): as any frame
+            conn.send_nowait(frame, seq)
+            return
+        if stream.replaying:
+            conn.send_nowait(frame, seq)  # held: the replay task sorts it in
+        elif seq <= stream.given:
+            return  # a replay sent it already
+        elif seq == stream.given + 1 or seq - 1 <= stream.read:
+            stream.given = seq
+            conn.send_nowait(frame, seq)
+        else:  # events in between came from another node: those first
+            conn.hold()
+            conn.send_nowait(frame, seq)
+            self._want(conn, conn_id, stream, seq - 1)
+
+    def forget(self, conn_id: int) -> None:
+        self._streams.pop(conn_id, None)
+
+    def _want(self, conn: WebSocketConnection, conn_id: int, stream: _Stream, head: int) -> None:
+        stream.target = max(stream.target, head)
+        if stream.given < 0 or stream.replaying or stream.target <= stream.given:
+            return
+        stream.replaying = True
+        stream.replays += 1
+        conn.hold()
+        self._spawn(self._replay, conn, conn_id, stream)
+
+    async def _replay(self, conn: WebSocketConnection, conn_id: int, stream: _Stream) -> None:
+        """Send what the store has up to the target, then the frames held meanwhile, until nothing is missing."""
+        backlog: deque[tuple[bytes, int]] = deque()
+        try:
+            while not conn.closing:
+                if stream.target > stream.read:
+                    up_to = stream.target
+                    try:
+                        rows = await trio.to_thread.run_sync(self._read_events, stream.user_id, stream.given, up_to)
+                    except StoreError as exc:  # the database out of reach: the client resumes later
+                        log.warning("replay_failed", extra={"user": stream.user_id, "error": str(exc)})
+                        conn.close(1013, "the server cannot read your missed events now; reconnect later")
+                        return
+                    stream.read = max(stream.read, up_to)
+                    for seq, kind, data in rows:
+                        if seq > stream.given:
+                            stream.given = seq
+                            await conn.send_paced(self._encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
+                backlog.extend(conn.take_held())
+                while backlog:
+                    frame, seq = backlog[0]
+                    if seq:
+                        if seq <= stream.given:
+                            backlog.popleft()  # replayed already
+                            continue
+                        if seq - 1 > max(stream.given, stream.read):
+                            stream.target = max(stream.target, seq - 1)  # a gap the store can fill
+                            break
+                        stream.given = seq
+                    backlog.popleft()
+                    await conn.send_paced(frame)
+                if backlog or stream.target > stream.read:
+                    continue
+                more = conn.take_held()  # frames held while the last ones were written
+                if not more:
+                    # Nothing missing, nothing held: live again (no checkpoint since the check). What the
+                    # store lacked up to the target (pruned, or counted by a hello but never committed)
+                    # is given up on: a later gap is read again, it may be another node's events.
+                    stream.read = stream.target = stream.given
+                    return
+                backlog.extend(more)
+        finally:
+            stream.replaying = False
+            rest = [*backlog, *conn.take_held()]  # left over only when cancelled or closing
+            conn.release()
+            for frame, seq in rest:
+                conn.send_nowait(frame, seq)
