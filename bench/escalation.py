@@ -55,6 +55,7 @@ import argparse
 import array
 import atexit
 import collections
+import contextlib
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -374,7 +375,7 @@ def _ask(
     askers: list[_Asker],
     questions: list[dict[str, Any]],
     rate: float,
-    server: h.ServerProcess,
+    server: h.ServerGroup,
     reply_timeout: float,
 ) -> dict[str, Any]:
     """Send ``questions`` open-loop at ``rate``; collect replies; sample the server meanwhile."""
@@ -524,6 +525,52 @@ def _scrape(ops_port: int) -> dict[str, Any]:
     ):
         quick[float(m.group(1) or m.group(2))] = float(m.group(3))
     return {"gc": gc_pauses, "asks": asks, "quick": quick}
+
+
+class _DatabaseCpu:
+    """CPU time of the PostgreSQL sessions serving the run's database, from the start (0 on SQLite).
+
+    A server on this machine only (its backends' /proc entries): the nodes'
+    sessions live for the whole run, so the difference over the load phase
+    is what the database did for it (its shared writer processes excluded).
+    """
+
+    def __init__(self, db: Path | str) -> None:
+        self._pids: list[int] = []
+        if isinstance(db, str):
+            import psycopg
+
+            with psycopg.connect(db, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchall()
+            self._pids = [int(r[0]) for r in rows if os.path.exists(f"/proc/{r[0]}")]
+        self._start = self._now()
+
+    def _now(self) -> float:
+        total = 0.0
+        for pid in self._pids:
+            with contextlib.suppress(OSError):
+                total += h.cpu_seconds(pid)
+        return total
+
+    def seconds(self) -> float:
+        return self._now() - self._start
+
+
+def _scrape_all(ops_ports: list[int]) -> dict[str, Any]:
+    """:func:`_scrape` of every node, summed (counts, sums and buckets add up across nodes)."""
+    total: dict[str, Any] = {"gc": {}, "asks": {}, "quick": {}}
+    for port in ops_ports:
+        one = _scrape(port)
+        for gen, g in one["gc"].items():
+            t = total["gc"].setdefault(gen, {"count": 0.0, "sum_s": 0.0, "le_50ms": 0.0})
+            for k, v in g.items():
+                t[k] += v
+        for histogram in ("asks", "quick"):
+            for le, n in one[histogram].items():
+                total[histogram][le] = total[histogram].get(le, 0.0) + n
+    return total
 
 
 def _server_side(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -713,14 +760,41 @@ def run_once(
                 f"    still {busy:.2f} cores busy with other work after waiting {args.quiet_wait:g} s; running anyway",
                 file=sys.stderr,
             )
-    extra_env = _load_env(args)
-    server = h.start_dongne(
-        workdir / f"escalation-{rep}.sqlite3",
-        jwt_secret=secret,
-        synchronous=args.synchronous,
-        nofile=args.locals + args.askers + 4096,
-        extra_env=extra_env,
-    )
+    with contextlib.ExitStack() as stack:
+        if args.db:
+            db: Path | str = stack.enter_context(
+                h.fresh_postgres_database(args.db, f"dongne_escalation_{os.getpid()}_{rep}")
+            )
+        else:
+            db = workdir / f"escalation-{rep}.sqlite3"
+        return _run_on(args, scn, secret, workdir, rep, ctx, db)
+
+
+def _start_nodes(args: argparse.Namespace, secret: str, workdir: Path, db: Path | str) -> h.ServerGroup:
+    """``--nodes`` servers on ``db``, one after the other (the first leads escalation)."""
+    group = h.ServerGroup([])
+    try:
+        for _ in range(args.nodes):
+            group.nodes.append(
+                h.start_dongne(
+                    db,
+                    jwt_secret=secret,
+                    workdir=workdir,
+                    synchronous=args.synchronous,
+                    nofile=args.locals + args.askers + 4096,
+                    extra_env=_load_env(args),
+                )
+            )
+    except BaseException:
+        group.stop()
+        raise
+    return group
+
+
+def _run_on(
+    args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Path, rep: int, ctx: Any, db: Path | str
+) -> dict[str, Any]:
+    server = _start_nodes(args, secret, workdir, db)
     workers: h.ClientPool | None = None
     askers: list[_Asker] = []
     spy: subprocess.Popen[bytes] | None = None
@@ -728,7 +802,8 @@ def run_once(
         settings = {"max_alerts_per_hour": args.max_alerts_per_hour} if args.max_alerts_per_hour is not None else {}
         spec = {
             "host": "127.0.0.1",
-            "port": server.port,
+            "port": server.ports[0],
+            "ports": server.ports,
             "pools": scn.pools,
             "movers": scn.movers,
             "settings": settings,
@@ -748,11 +823,11 @@ def run_once(
             per_process=lambda i: {"seed": spec["seed"] * 1000 + i},
         )
         workers.wait_ready(args.locals, "locals", args.phase_timeout + 30)
-        assert server.port is not None
-        askers = [_Asker(server.port, tok, 30.0) for tok in scn.asker_tokens]
+        ports = server.ports
+        askers = [_Asker(ports[i % len(ports)], tok, 30.0) for i, tok in enumerate(scn.asker_tokens)]
         setup_s = time.monotonic() - t_setup
         time.sleep(1.0)
-        background = h.background_cores([server.pid, *workers.pids])
+        background = h.background_cores([*server.pids, *workers.pids])
         if background > 0.2:
             print(f"    warning: {background:.2f} CPU cores busy with other work; latency suffers", file=sys.stderr)
         rss_ready = server.rss_bytes()
@@ -765,7 +840,7 @@ def run_once(
                     "py-spy",
                     "record",
                     "--pid",
-                    str(server.pid),
+                    str(server.pids[0]),
                     "--duration",
                     str(int(args.duration)),
                     "--rate",
@@ -783,10 +858,10 @@ def run_once(
             )
             _spies.add(spy)
 
-        ops_port = int(server.match.group(2))
-        scrape0 = _scrape(ops_port)
+        scrape0 = _scrape_all(server.ops_ports)
+        database = _DatabaseCpu(db)
         cpu0 = server.cpu_seconds()
-        runq0 = _runqueue_wait_s(server.pid)
+        runq0 = sum(_runqueue_wait_s(pid) for pid in server.pids)
         client_cpu0 = workers.cpu_seconds()
         me0 = sum(os.times()[:2])
         busy0 = h.machine_busy_seconds()
@@ -799,12 +874,13 @@ def run_once(
         workers.broadcast("stop_moves")
         w1 = time.time()
         cpu1 = server.cpu_seconds()
-        runq = _runqueue_wait_s(server.pid) - runq0
+        db_cpu = database.seconds()
+        runq = sum(_runqueue_wait_s(pid) for pid in server.pids) - runq0
         client_cpu = workers.cpu_seconds() - client_cpu0
         me = sum(os.times()[:2]) - me0
         busy = h.machine_busy_seconds() - busy0
         rss_end = server.rss_bytes()
-        server_side = _server_side(scrape0, _scrape(ops_port))
+        server_side = _server_side(scrape0, _scrape_all(server.ops_ports))
         workers.broadcast("report")
         reports = workers.wait_all("report", 60)
         if spy is not None:
@@ -822,6 +898,7 @@ def run_once(
             asked,
             parts,
             server_cpu=cpu1 - cpu0,
+            db_cpu=db_cpu,
             runq=runq,
             wall=w1 - w0,
             client_cpu=client_cpu,
@@ -835,8 +912,8 @@ def run_once(
             server_side=server_side,
         )
     except BaseException:
-        alive = "running" if server.alive() else f"exited with {server.proc.returncode if server.proc else '?'}"
-        print(f"    server ({alive}) stderr tail:\n      " + "\n      ".join(list(server.tail)[-15:]), file=sys.stderr)
+        alive = "running" if server.alive() else "not all running"
+        print(f"    server ({alive}) stderr tail:\n      " + "\n      ".join(server.tails()), file=sys.stderr)
         raise
     finally:
         if spy is not None and spy.poll() is None:
@@ -952,6 +1029,7 @@ def _analyse(
         "server_cpu_s": m["server_cpu"],
         "server_cpu_ms_per_question": 1000 * m["server_cpu"] / len(ok) if ok else math.nan,
         "server_cpu_us_per_alert": 1e6 * m["server_cpu"] / total_alerts if total_alerts else math.nan,
+        "database_cpu_ms_per_question": 1000 * m["db_cpu"] / len(ok) if ok else math.nan,
         "load_s": wall,
         "clients_cpu_pct": 100 * m["client_cpu"] / wall,
         "bench_main_cpu_pct": 100 * m["bench_cpu"] / wall,
@@ -997,6 +1075,7 @@ _SUMMARY = [
     "server_cpu_pct",
     "server_cpu_s",
     "server_cpu_ms_per_question",
+    "database_cpu_ms_per_question",
     "server_runqueue_wait_pct",
     "background_cores_before",
     "clients_cpu_pct",
@@ -1077,6 +1156,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain", type=float, default=2.0, help="seconds to keep reading after the last reply (default 2)")
     p.add_argument("--seed", type=int, default=1, help="random seed for positions and questions (default 1)")
     p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="dongne serve processes on one database, clients and askers spread over them in turn (default 1;"
+        " more than one needs --db)",
+    )
+    p.add_argument(
+        "--db",
+        metavar="URL",
+        help="a PostgreSQL server (postgresql://..., a role that may create databases): each run gets a new"
+        " database on it (default: a new SQLite file per run)",
+    )
+    p.add_argument(
         "--py-spy",
         metavar="PATH",
         help="record the server with py-spy during run 1's asking (.svg flamegraph, .txt collapsed stacks, .json speedscope with idle samples: time-ordered)",
@@ -1109,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
         args.askers = _auto_askers(round(args.rate * args.duration))
     if not 0 <= args.movers <= 1:
         raise SystemExit("--movers is a fraction, 0..1")
+    if args.nodes < 1 or (args.nodes > 1 and not args.db):
+        raise SystemExit("--nodes is at least 1, and more than one share a PostgreSQL database (--db)")
     nofile = h.raise_nofile(args.locals + args.askers + 4096)
     ctx = multiprocessing.get_context("spawn")
     secret = secrets.token_urlsafe(32)
@@ -1142,7 +1236,9 @@ def main(argv: list[str] | None = None) -> int:
         "escalation plan: server default"
         + (f" except limits {stage_limits} (config.toml beside the db)" if stage_limits else ""),
         "first alert = first IMMEDIATE new_question_notification received by any local - create_question sent (time.time(), same machine)",
-        "server CPU: % of one core over the asking phase (/proc/PID/stat)",
+        "server CPU: % of one core over the asking phase (/proc/PID/stat), summed over the nodes",
+        f"store: {'PostgreSQL, a new database per run' if args.db else 'SQLite, a new file per run'};"
+        f" {args.nodes} node(s), clients and askers spread over them in turn",
     ]
     report: dict[str, Any] = {**h.report_head("escalation", args), "notes": notes, "runs": []}
     for line in notes:
@@ -1209,6 +1305,10 @@ def main(argv: list[str] | None = None) -> int:
         ["server CPU % (1 core = 100)", summary["server_cpu_pct"]],
         ["server CPU s, whole load phase (asking + replies + drain)", summary["server_cpu_s"]],
         ["server CPU ms per question (incl. its alerts, moves)", summary["server_cpu_ms_per_question"]],
+        [
+            "PostgreSQL CPU ms per question (its sessions for the nodes; SQLite: none)",
+            summary["database_cpu_ms_per_question"],
+        ],
         ["server threads waiting for a CPU, % of wall", summary["server_runqueue_wait_pct"]],
         ["other work on the machine before the run, cores", summary["background_cores_before"]],
         ["locals' client procs CPU %", summary["clients_cpu_pct"]],

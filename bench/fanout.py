@@ -49,6 +49,7 @@ import http.client
 import json
 import multiprocessing
 import multiprocessing.connection
+import os
 import secrets
 import shutil
 import socket
@@ -262,20 +263,35 @@ class DongneTarget:
     proto = "dongne"
     path = "/"
 
-    def __init__(self, workdir: Path, synchronous: str) -> None:
+    def __init__(self, workdir: Path, synchronous: str, *, nodes: int = 1, db: str | None = None) -> None:
         from dongne.auth import mint_token
 
         self._mint = mint_token
         self.workdir = workdir
         self.synchronous = synchronous
+        self.nodes = nodes
+        self.db = db  # a PostgreSQL server: a new database on it per run
         self.secret = secrets.token_urlsafe(32)
         self._runs = 0
 
-    def start(self) -> h.ServerProcess:
+    def start(self) -> h.ServerGroup:
+        """``nodes`` servers on a new database (a SQLite file, or one on the PostgreSQL server)."""
         self._runs += 1
-        return h.start_dongne(
-            self.workdir / f"dongne-{self._runs}.sqlite3", jwt_secret=self.secret, synchronous=self.synchronous
-        )
+        group = h.ServerGroup([])
+        try:
+            if self.db:
+                name = f"dongne_fanout_{os.getpid()}_{self._runs}"
+                db: Path | str = group.resources.enter_context(h.fresh_postgres_database(self.db, name))
+            else:
+                db = self.workdir / f"dongne-{self._runs}.sqlite3"
+            for _ in range(self.nodes):
+                group.nodes.append(
+                    h.start_dongne(db, jwt_secret=self.secret, workdir=self.workdir, synchronous=self.synchronous)
+                )
+        except BaseException:
+            group.stop()
+            raise
+        return group
 
     def tokens(self, users: list[str]) -> list[tuple[str, str]]:
         now = time.time()
@@ -460,12 +476,13 @@ def _wait_quiet(
 
 
 def _spec(
-    target: Any, port: int, room: str, *, join: bool, broadcasts: int, args: argparse.Namespace
+    target: Any, ports: list[int], room: str, *, join: bool, broadcasts: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     return {
         "proto": target.proto,
         "host": "127.0.0.1",
-        "port": port,
+        "port": ports[0],
+        "ports": ports,  # several nodes: connections go to them in turn
         "path": target.path,
         "room": room,
         "join": join,
@@ -495,15 +512,15 @@ def run_fanout(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any
             _client_worker,
             args.client_procs,
             jobs,
-            _spec(target, server.port, room, join=True, broadcasts=args.broadcasts, args=args),
+            _spec(target, server.ports, room, join=True, broadcasts=args.broadcasts, args=args),
         )
         workers.wait_ready(args.clients, "fan-out listeners", args.phase_timeout)
         setup_s = time.monotonic() - t_setup
 
-        answerer = target.control(server.port, "ans")
+        answerer = target.control(server.ports[-1], "ans")  # on another node than the asker, given several
         controls.append(answerer)
-        _wait_quiet([server.pid, *workers.pids])
-        background = h.background_cores([server.pid, *workers.pids])
+        _wait_quiet([*server.pids, *workers.pids])
+        background = h.background_cores([*server.pids, *workers.pids])
         if background > 0.2:
             print(
                 f"    warning: {background:.2f} CPU cores busy with other work; throughput and latency suffer",
@@ -587,13 +604,13 @@ def run_idle(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             _client_worker,
             min(args.client_procs, 2),
             target.tokens([f"w{i}" for i in range(WARMUP_CONNS)]),
-            _spec(target, server.port, "", join=False, broadcasts=0, args=args),
+            _spec(target, server.ports, "", join=False, broadcasts=0, args=args),
         )
         try:
             warm.wait_ready(WARMUP_CONNS, "warm-up connections", args.phase_timeout)
         finally:
             warm.close()
-        _wait_quiet([server.pid])
+        _wait_quiet(server.pids)
         time.sleep(0.5)
         target.collect_garbage(server)
         rss0 = server.rss_bytes()
@@ -605,11 +622,11 @@ def run_idle(target: Any, args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
             _client_worker,
             args.client_procs,
             jobs,
-            _spec(target, server.port, "", join=False, broadcasts=0, args=args),
+            _spec(target, server.ports, "", join=False, broadcasts=0, args=args),
         )
         ready = workers.wait_ready(args.idle_clients, "idle connections", args.phase_timeout)
         setup_s = time.monotonic() - t_setup
-        _wait_quiet([server.pid, *workers.pids])
+        _wait_quiet([*server.pids, *workers.pids])
         time.sleep(0.5)
         target.collect_garbage(server)
         samples = []
@@ -675,6 +692,19 @@ def _parser() -> argparse.ArgumentParser:
         default="NORMAL",
         help="dongne's SQLite synchronous setting (default NORMAL)",
     )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="dongne serve processes on one database; listeners spread over them in turn, the answerer on the last"
+        " (default 1; more than one needs --db)",
+    )
+    p.add_argument(
+        "--db",
+        metavar="URL",
+        help="a PostgreSQL server (postgresql://..., a role that may create databases): each run gets a new"
+        " database on it (default: a new SQLite file per run)",
+    )
     h.add_json_option(p, "fanout")
     p.add_argument("--phase-timeout", type=float, default=180.0, help="bound on each setup or broadcast phase, seconds")
     p.add_argument("--timeout", type=float, default=3600.0, help="bound on the whole bench, seconds")
@@ -685,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.clients < 1 or args.broadcasts < 1 or args.repeat < 1 or args.client_procs < 1:
         raise SystemExit("--clients, --broadcasts, --repeat and --client-procs must be positive")
+    if args.nodes < 1 or (args.nodes > 1 and not args.db):
+        raise SystemExit("--nodes is at least 1, and more than one share a PostgreSQL database (--db)")
     nofile = h.raise_nofile(args.clients + args.idle_clients + 4096)
     ctx = multiprocessing.get_context("spawn")
 
@@ -694,11 +726,13 @@ def main(argv: list[str] | None = None) -> int:
         f"pacing: closed loop, the answerer sends the next answer when a reply comes back, {args.window} in flight",
         f"load: {args.client_procs} client processes, one epoll loop each over raw sockets (no asyncio/trio per message)",
         "deliveries = listener receipts (N*M); dongne also sends the asker new_answer + a durable answer_notification per answer",
+        f"dongne store: {'PostgreSQL, a new database per run' if args.db else 'SQLite, a new file per run'}; {args.nodes}"
+        " node(s), listeners spread over them in turn; server CPU and RSS are the nodes' sums",
     ]
     targets: list[Any] = []
     report: dict[str, Any] = {**h.report_head("fanout", args), "notes": notes, "servers": {}}
     with h.time_limit(args.timeout), tempfile.TemporaryDirectory(prefix="dongne-fanout-") as tmp:
-        targets.append(DongneTarget(Path(tmp), args.synchronous))
+        targets.append(DongneTarget(Path(tmp), args.synchronous, nodes=args.nodes, db=args.db))
         if args.peer == "socketio":
             sio = SocketIOTarget()
             targets.append(sio)

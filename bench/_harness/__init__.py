@@ -8,7 +8,9 @@ to them over plain sockets, so the load side stays as cheap as it can be.
 * ``_server``: ``ServerProcess`` (start a server subprocess, stderr watched for
   its "listening" line, sample it, stop it; every started process is killed
   at interpreter exit) and ``start_dongne`` (``python -m dongne serve`` on
-  127.0.0.1, free ports, a temp db, ``BENCH_LIMITS`` lifting the abuse limits).
+  127.0.0.1, free ports, a temp db or a PostgreSQL URL, ``BENCH_LIMITS``
+  lifting the abuse limits), ``ServerGroup`` (several nodes sampled as one)
+  and ``fresh_postgres_database`` (an empty database per run).
 * ``_websocket``: a minimal WebSocket client: ``handshake_request``,
   ``encode_client_frame``, ``split_frames`` (sans-I/O) and
   ``BlockingWebSocket`` (for the few control connections a bench needs).
@@ -47,7 +49,9 @@ from ._report import write_json as write_json
 from ._report import write_report as write_report
 from ._server import BENCH_LIMITS as BENCH_LIMITS
 from ._server import DONGNE_READY as DONGNE_READY
+from ._server import ServerGroup as ServerGroup
 from ._server import ServerProcess as ServerProcess
+from ._server import fresh_postgres_database as fresh_postgres_database
 from ._server import start_dongne as start_dongne
 from ._websocket import LINGER_RST as LINGER_RST
 from ._websocket import OP_BINARY as OP_BINARY

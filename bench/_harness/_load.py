@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import itertools
 import multiprocessing.connection
 import os
 import select
@@ -60,7 +61,8 @@ class EpollClients(Generic[C]):
 
     Args:
         pipe: the connection to the parent.
-        spec: ``jobs`` (one per connection), ``host``, ``port``, ``setup_s``,
+        spec: ``jobs`` (one per connection), ``host``, ``port`` (or ``ports``:
+            several nodes, connected to in turn), ``setup_s``,
             ``life_s``, ``max_connecting``, and ``path`` (default ``/``).
         what: what the connections are, for the set-up timeout message.
 
@@ -75,7 +77,9 @@ class EpollClients(Generic[C]):
         raise_nofile(len(spec["jobs"]) + 1024)
         self.pipe = pipe
         self.host: str = spec["host"]
-        self.port: int = spec["port"]
+        # Several nodes (``ports``): connections go to them in turn.
+        self.ports: list[int] = list(spec.get("ports") or [spec["port"]])
+        self.port: int = self.ports[0]
         self.path: str = spec.get("path", "/")
         self.what = what
         self.life_end = time.monotonic() + spec["life_s"]
@@ -149,7 +153,8 @@ class EpollClients(Generic[C]):
             path_of: the request path for a connection (default ``spec["path"]``).
         """
         pipe, ep, conns = self.pipe, self.ep, self.conns
-        host, port = self.host, self.port
+        host, ports = self.host, self.ports
+        turn = itertools.cycle(ports)
         fail = self.fail
         split = split_frames
         now_fn = time.time
@@ -161,7 +166,7 @@ class EpollClients(Generic[C]):
             c = new_conn(sock, job)
             self.connecting += 1
             conns[c.fd] = c
-            err = sock.connect_ex((host, port))
+            err = sock.connect_ex((host, next(turn)))
             if err not in (0, errno.EINPROGRESS):
                 ep.register(c.fd, 0)
                 fail(c, f"connect: {os.strerror(err)}", "connect")
@@ -173,7 +178,9 @@ class EpollClients(Generic[C]):
             if err:
                 fail(c, f"connect: {os.strerror(err)}", "connect")
                 return
-            c.sock.send(handshake_request(host, port, path_of(c) if path_of is not None else self.path))
+            c.sock.send(
+                handshake_request(host, c.sock.getpeername()[1], path_of(c) if path_of is not None else self.path)
+            )
             c.state = HANDSHAKE
             ep.modify(c.fd, select.EPOLLIN)
 

@@ -16,12 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from ._proc import cpu_seconds, raise_nofile, rss_bytes
 
-__all__ = ["BENCH_LIMITS", "DONGNE_READY", "ServerProcess", "start_dongne"]
+__all__ = ["BENCH_LIMITS", "DONGNE_READY", "ServerGroup", "ServerProcess", "fresh_postgres_database", "start_dongne"]
 
 _live: set[subprocess.Popen[bytes]] = set()
 _live_lock = threading.Lock()
@@ -138,6 +138,19 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
 
+    # A process is a group of one (ServerGroup's interface), so a bench can take either.
+
+    @property
+    def ports(self) -> list[int]:
+        return [] if self.port is None else [self.port]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.pid]
+
+    def tails(self) -> list[str]:
+        return list(self.tail)[-15:]
+
     def rss_bytes(self) -> int:
         return rss_bytes(self.pid)
 
@@ -180,9 +193,10 @@ BENCH_LIMITS: dict[str, str] = {
 
 
 def start_dongne(
-    db_path: Path,
+    db_path: Path | str,
     *,
     jwt_secret: str,
+    workdir: Path | None = None,
     synchronous: str = "FULL",
     nofile: int = 65536,
     extra_env: Mapping[str, str] | None = None,
@@ -192,7 +206,8 @@ def start_dongne(
 ) -> ServerProcess:
     """Start ``python -m dongne serve`` on 127.0.0.1 with free ports and ``db_path``.
 
-    ``lift_limits`` raises the abuse limits out of the way (``BENCH_LIMITS``);
+    ``db_path`` is a SQLite file or a ``postgresql://`` URL; the server runs
+    in ``workdir`` (default: the SQLite file's folder). ``lift_limits`` raises the abuse limits out of the way (``BENCH_LIMITS``);
     ``False`` keeps the shipped ones. ``entry`` is what the interpreter runs
     (a wrapper script taking dongne's arguments, say). Returns a started
     ``ServerProcess``; ``match.group(2)`` is the ops port.
@@ -223,8 +238,104 @@ def start_dongne(
         ],
         ready_pattern=DONGNE_READY,
         env=env,
-        cwd=db_path.parent,  # no stray ./config.toml is picked up
+        cwd=workdir if workdir is not None else Path(db_path).parent,  # no stray ./config.toml is picked up
         nofile=nofile,
     )
     server.start(timeout)
     return server
+
+
+class ServerGroup:
+    """Nodes of one deployment (one, or several sharing a PostgreSQL database), sampled as one.
+
+    CPU time and RSS are the nodes' sums; ``ports`` and ``ops_ports`` are in
+    start order (clients spread over ``ports`` in turn).
+    """
+
+    def __init__(self, nodes: Sequence[ServerProcess]) -> None:
+        self.nodes = list(nodes)
+        #: Closed after the nodes stop (say, the run's PostgreSQL database, dropped).
+        self.resources = contextlib.ExitStack()
+
+    @property
+    def port(self) -> int | None:
+        """The first node's client port."""
+        return self.nodes[0].port if self.nodes else None
+
+    @property
+    def pid(self) -> int:
+        """The first node's pid."""
+        return self.nodes[0].pid
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(n.match.group(1)) for n in self.nodes if n.match is not None]
+
+    @property
+    def ops_ports(self) -> list[int]:
+        return [int(n.match.group(2)) for n in self.nodes if n.match is not None]
+
+    @property
+    def pids(self) -> list[int]:
+        return [n.pid for n in self.nodes]
+
+    def cpu_seconds(self) -> float:
+        return sum(n.cpu_seconds() for n in self.nodes)
+
+    def rss_bytes(self) -> int:
+        return sum(n.rss_bytes() for n in self.nodes)
+
+    def alive(self) -> bool:
+        return all(n.alive() for n in self.nodes)
+
+    def tails(self) -> list[str]:
+        """Each node's last stderr lines, labelled."""
+        return [f"node {i}: {line}" for i, n in enumerate(self.nodes) for line in list(n.tail)[-15:]]
+
+    def stop(self) -> None:
+        try:
+            for n in self.nodes:
+                n.stop()
+        finally:
+            self.resources.close()
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(url: str, name: str) -> Iterator[str]:
+    """A new database ``name`` on the server of ``url`` (the role needs CREATEDB), dropped afterwards; yields its URL.
+
+    Each bench run starts from an empty database, as each SQLite run starts
+    from a new file. The URL keeps everything of ``url`` but the database.
+    """
+    import psycopg
+    from psycopg import conninfo, sql
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    fresh = _with_database(conninfo.conninfo_to_dict(url), name)
+    try:
+        yield fresh
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _with_database(params: Mapping[str, object], name: str) -> str:
+    """A ``postgresql://`` URL with ``params``' user, password, host and port, for the database ``name``."""
+    from urllib.parse import quote, urlencode
+
+    user, password = params.get("user"), params.get("password")
+    host, port = params.get("host"), params.get("port")
+    netloc = ""
+    if user:
+        netloc = quote(str(user), safe="") + (":" + quote(str(password), safe="") if password else "") + "@"
+    query: dict[str, str] = {}
+    if host and not str(host).startswith("/"):
+        netloc += str(host) + (f":{port}" if port else "")
+    else:
+        if host:
+            query["host"] = str(host)  # a unix socket directory
+        if port:
+            query["port"] = str(port)
+    return f"postgresql://{netloc}/{quote(name, safe='')}" + (f"?{urlencode(query)}" if query else "")
