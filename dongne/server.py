@@ -40,12 +40,15 @@ import trio
 from .clock import EngineClock
 from .config import EscalationSettings, InboxSettings, LimitSettings, ServerSettings
 from .core import (
+    AcceptOnce,
     Alert,
     AppendEvent,
     BlockAddresses,
     CancelEscalation,
     Close,
+    CloseOnce,
     Connected,
+    CountAnswer,
     Disconnected,
     Engine,
     EscalationDue,
@@ -57,6 +60,7 @@ from .core import (
     Outcome,
     Push,
     PushJob,
+    QuestionChanged,
     QuestionLoaded,
     ReadDone,
     ReadFailed,
@@ -78,7 +82,7 @@ from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .store import SeqConflict, Storage, StoreError, WriteFailed
+from .store import Conflict, SeqConflict, Storage, StoreError, WriteFailed
 from .store._writes import read_inbox_news
 from .transport import (
     BinaryFrame,
@@ -175,6 +179,8 @@ class ClientServer:
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
         self._seqs_moved: set[str] | None = None  # users of a SeqConflict, for the storage supervisor
+        # A Conflict's question, and the requests that lost its race: answered once memory has the store's copy.
+        self._conflicted: tuple[str, list[tuple[int, int | None, str]]] | None = None
         self._catch_up_wakeup = trio.Event()
         #: This node's id in news on ``dongne_events`` (the app sets it; its own news is skipped).
         self.node_id = ""
@@ -568,18 +574,28 @@ class ClientServer:
         (another writer appended to their inboxes first) is no storage
         failure: the store works, so no alert and no probe; the supervisor
         reads those users' heads (``SeqsMoved``) and rebuilds memory, and
-        writes are taken again as soon as that is done.
+        writes are taken again as soon as that is done. A ``Conflict``
+        (another node answered, accepted or closed a question first) goes the
+        same way; the requests whose guarded write lost are answered
+        ``conflict`` by the supervisor once the question is read again.
         """
         self.metrics.store_write_failures.inc()
+        lost: list[tuple[int, int | None, str]] | None = None  # requests that lost a Conflict's race
         if self._writes_ok.is_set():
             self._writes_ok = trio.Event()
             self._reloaded = trio.Event()
             self._writes_failed.set()
-            if isinstance(exc, SeqConflict) and exc.users:
-                log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
-                self.metrics.seq_conflicts.inc()
+            if isinstance(exc, Conflict) or (isinstance(exc, SeqConflict) and exc.users):
+                if isinstance(exc, Conflict):
+                    log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
+                    self.metrics.question_conflicts.inc()
+                    lost = []
+                    self._conflicted = (exc.question_id, lost)
+                else:
+                    log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
+                    self.metrics.seq_conflicts.inc()
                 # Every user whose seqs the refused outcomes counted in memory, not only those named.
-                self._seqs_moved = set(exc.users) | {
+                self._seqs_moved = set(exc.users if isinstance(exc, SeqConflict) else ()) | {
                     w.user_id for outcome, _ in refused for w in outcome.writes if isinstance(w, AppendEvent)
                 }
             else:
@@ -597,6 +613,9 @@ class ClientServer:
                 continue
             if outcome.op == "hello":
                 conn.close(1013, "the server cannot store your session now; reconnect later")
+                continue
+            if lost is not None and isinstance(exc, Conflict) and (what := _raced(outcome, exc.question_id)):
+                lost.append((conn_id, request_id, what))  # answered after the refresh (_storage_supervisor)
                 continue
             frame = reply_error(
                 request_id,
@@ -641,6 +660,9 @@ class ClientServer:
                     log.warning("storage_reload_failed", extra={"error": str(exc)})
                     await trio.sleep(PROBE_INTERVAL_S)
             self._perform(self._handle(Reloaded(state)))
+            conflicted, self._conflicted = self._conflicted, None
+            if conflicted is not None:
+                await self._refresh_lost_race(*conflicted)
             self._reloaded.set()
             if moved is not None:
                 self.pipeline.writes_work()
@@ -659,6 +681,24 @@ class ClientServer:
             self._writes_ok.set()
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
+
+    async def _refresh_lost_race(self, question_id: str, lost: list[tuple[int, int | None, str]]) -> None:
+        """After a ``Conflict``: the question as the store holds it into memory, then ``conflict`` to the requests
+        that lost the race (so a client that reads the question next sees what won)."""
+        try:
+            found = await trio.to_thread.run_sync(self.store.find_question, question_id)
+        except StoreError as exc:  # memory was reloaded already; only a question outside the hot set stays stale
+            log.warning("question_refresh_failed", extra={"question_id": question_id, "error": str(exc)})
+        else:
+            question, answers = found if found is not None else (None, [])
+            self._feed(QuestionChanged(question_id, question, tuple(answers)))
+        for conn_id, request_id, what in lost:
+            conn = self.conns.get(conn_id)
+            if conn is None:
+                continue
+            frame = reply_error(request_id, "conflict", _CONFLICT_MESSAGES[what], question_id=question_id)
+            conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
+            self.metrics.errors.labels("conflict").inc()
 
     # ---- other nodes' events (store/CLUSTER.md) -------------------------------------
 
@@ -729,6 +769,28 @@ class ClientServer:
             with trio.move_on_at(self._timer_at):
                 await self._timer_wakeup.wait()
             self.pipeline.submit(self._handle(Tick()))
+
+
+#: The message of a ``conflict`` reply, by the guarded write that lost its race (``Conflict.what``).
+_CONFLICT_MESSAGES = {
+    "answer": "the question was closed on another server first; the answer was not posted",
+    "accept": "an answer was accepted, or the question closed, on another server first; nothing was changed",
+    "close": "the question was resolved, closed or expired on another server first; nothing was changed",
+}
+
+
+def _raced(outcome: Outcome, question_id: str) -> str | None:
+    """Which guarded write of ``outcome`` is on ``question_id`` (``Conflict.what``), if any."""
+    for write in outcome.writes:
+        if getattr(write, "question_id", None) != question_id:
+            continue
+        if isinstance(write, AcceptOnce):
+            return "accept"
+        if isinstance(write, CloseOnce):
+            return "close"
+        if isinstance(write, CountAnswer) and write.answered_at is not None:
+            return "answer"
+    return None
 
 
 #: How often the store is probed while commits fail.

@@ -7,12 +7,15 @@ anything of dongne's outside it.
 """
 
 from .effects import (
+    AcceptOnce,
     Action,
     Alert,
     AppendEvent,
     BlockAddresses,
     CancelEscalation,
     Close,
+    CloseOnce,
+    CountAnswer,
     EnqueuePush,
     Note,
     Observe,
@@ -41,6 +44,7 @@ from .events import (
     Event,
     FrameReceived,
     InboxPruned,
+    QuestionChanged,
     QuestionLoaded,
     ReadDone,
     ReadFailed,
@@ -63,6 +67,7 @@ from .settings import (
 
 __all__ = [
     "DEFAULT_STAGES",
+    "AcceptOnce",
     "Action",
     "Alert",
     "AlertSettings",
@@ -73,10 +78,12 @@ __all__ = [
     "Claims",
     "Close",
     "CloseConnection",
+    "CloseOnce",
     "ConfigError",
     "Connected",
     "ContentSettings",
     "CoreSettings",
+    "CountAnswer",
     "Disconnected",
     "DongneError",
     "Engine",
@@ -97,6 +104,7 @@ __all__ = [
     "Push",
     "PushJob",
     "Question",
+    "QuestionChanged",
     "QuestionLoaded",
     "ReadDone",
     "ReadFailed",

@@ -16,6 +16,7 @@ from .reads import Read
 from .records import Answer, IpBlock, PushJob, Question, Report, User
 
 __all__ = [
+    "AcceptOnce",
     "Action",
     "Alert",
     "AppendAudit",
@@ -23,6 +24,8 @@ __all__ = [
     "BlockAddresses",
     "CancelEscalation",
     "Close",
+    "CloseOnce",
+    "CountAnswer",
     "DeleteIpBlock",
     "EnqueuePush",
     "Note",
@@ -57,9 +60,52 @@ class SaveUser:
 
 @attrs.frozen
 class SaveQuestion:
-    """Insert or replace a question's row."""
+    """Insert a question's row, or update an existing one from memory but for the fields nodes race on.
+
+    ``status``, ``accepted_answer_id``, ``answer_count``, ``first_answer_at``
+    and ``closed_at`` are written only when the row is inserted; afterwards
+    only :class:`CountAnswer`, :class:`AcceptOnce` and :class:`CloseOnce`
+    change them, in SQL, so that several nodes' writes add up instead of the
+    last whole row winning (``store/CLUSTER.md``).
+    """
 
     question: Question
+
+
+@attrs.frozen
+class CountAnswer:
+    """Add ``delta`` to a question's answer count, in the store (never below 0).
+
+    ``answered_at`` set (a new answer): the write is guarded: it applies only
+    while the question is open or answered (another node may have closed it),
+    moves an open question to answered and sets ``first_answer_at`` if unset;
+    otherwise the commit fails with ``Conflict``. Unset (an answer deleted,
+    hidden or shown again): no guard, no status change.
+    """
+
+    question_id: str
+    delta: int = 1
+    answered_at: int | None = None
+
+
+@attrs.frozen
+class AcceptOnce:
+    """Accept ``answer_id``: the question becomes resolved at ``at``, if no answer was accepted and it is open
+    or answered; otherwise the commit fails with ``Conflict`` (another node accepted or closed it first)."""
+
+    question_id: str
+    answer_id: str
+    at: int
+
+
+@attrs.frozen
+class CloseOnce:
+    """Move an open or answered question to ``status`` (closed, expired) at ``at``; otherwise the commit
+    fails with ``Conflict`` (another node resolved, closed or expired it first)."""
+
+    question_id: str
+    status: str
+    at: int
 
 
 @attrs.frozen
@@ -165,6 +211,9 @@ class SavePushStatus:
 Write = (
     SaveUser
     | SaveQuestion
+    | CountAnswer
+    | AcceptOnce
+    | CloseOnce
     | SaveAnswer
     | AppendEvent
     | SaveEscalation

@@ -40,6 +40,7 @@ from .events import (
     Event,
     FrameReceived,
     InboxPruned,
+    QuestionChanged,
     QuestionLoaded,
     ReadDone,
     ReadFailed,
@@ -296,6 +297,10 @@ class Engine:
             return self._read_failed(event.conn_id)
         if isinstance(event, QuestionLoaded):
             return self._question_loaded(event, now)
+        if isinstance(event, QuestionChanged):
+            out = OutcomeBuilder()
+            self._qa.refresh(event.question_id, event.question, event.answers, out)
+            return out.build()
         if isinstance(event, InboxPruned):
             self.inbox.oldest.update(event.oldest)
             return _NOTHING

@@ -20,6 +20,7 @@ __all__ = [
     "Event",
     "FrameReceived",
     "InboxPruned",
+    "QuestionChanged",
     "QuestionLoaded",
     "ReadDone",
     "ReadFailed",
@@ -55,6 +56,23 @@ class QuestionLoaded:
     """
 
     conn_id: int
+    question: Question | None
+    answers: tuple[Answer, ...] = ()
+
+
+@attrs.frozen
+class QuestionChanged:
+    """A question as the store holds it now, which memory may not: another node changed it, or a guarded
+    write of this node's lost a race to one (``Conflict``; several nodes, ``store/CLUSTER.md``).
+
+    The engine replaces its copy (status, counts, accepted answer, answers):
+    a question it holds that ended ends here too (its escalation is
+    cancelled); ``question`` ``None`` (deleted, or no such question) drops it
+    from memory. A question it does not hold is adopted as a lazily loaded
+    one is, and, while active, listed nearby.
+    """
+
+    question_id: str
     question: Question | None
     answers: tuple[Answer, ...] = ()
 
@@ -143,6 +161,7 @@ Event = (
     Connected
     | FrameReceived
     | QuestionLoaded
+    | QuestionChanged
     | ReadDone
     | ReadFailed
     | Disconnected

@@ -27,6 +27,7 @@ from .effects import (
     BlockAddresses,
     CancelEscalation,
     Close,
+    CountAnswer,
     DeleteIpBlock,
     Outcome,
     OutcomeBuilder,
@@ -311,7 +312,7 @@ class Moderation:
         answer.hidden, answer.deleted_at = False, None
         question.answer_count += 1
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(CountAnswer(question.question_id, 1))
         if question.question_id in self._questions:
             self._qa.adopt_answer(answer)
         return True

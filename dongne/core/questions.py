@@ -14,7 +14,10 @@ import attrs
 from .connections import Call, ConnState
 from .deadlines import Deadlines
 from .effects import (
+    AcceptOnce,
     CancelEscalation,
+    CloseOnce,
+    CountAnswer,
     Observe,
     OutcomeBuilder,
     SaveAnswer,
@@ -40,6 +43,9 @@ from .settings import EngineSettings
 from .text import SpamFilter
 
 __all__ = ["ONLINE_LIST_MAX", "Questions"]
+
+#: The ``reason`` of ``question_closed`` for a question that ended in each status.
+_ENDED_BY = {QuestionStatus.RESOLVED: "accepted", QuestionStatus.CLOSED: "closed", QuestionStatus.EXPIRED: "expired"}
 
 #: The most users listed in a join_question reply's ``online``.
 ONLINE_LIST_MAX = 100
@@ -126,6 +132,52 @@ class Questions:
         self._answers.setdefault(question.question_id, {})
         for answer in answers:
             self.adopt_answer(answer)
+
+    def refresh(
+        self, question_id: str, question: Question | None, answers: tuple[Answer, ...], out: OutcomeBuilder
+    ) -> None:
+        """Replace memory's copy of a question and its answers with the store's (``QuestionChanged``).
+
+        Copies are updated in place (the inbox and the neighbourhood hold the
+        objects). A question that ended in the store ends here (its
+        escalation is cancelled, it leaves nearby); a deleted one leaves
+        memory, its room gets ``question_deleted``.
+        """
+        held = self._questions.get(question_id)
+        if question is None or question.deleted_at is not None:
+            if held is not None:
+                self._end(held, out)
+                out.send(self._presence.others(question_id), event("question_deleted", {"question_id": question_id}))
+                self._forget(held)
+            return
+        if held is None:
+            self.adopt(question, answers)
+            if question.status in ACTIVE:
+                self._where.question_opened(question, question.created_at)
+                self.schedule_expiry(question)
+            return
+        was_active = held.status in ACTIVE
+        for field in attrs.fields(Question):
+            setattr(held, field.name, getattr(question, field.name))
+        kept = self._answers.setdefault(question_id, {})
+        fresh = {a.answer_id: a for a in answers if a.deleted_at is None}
+        for answer_id in [a for a in kept if a not in fresh]:
+            del kept[answer_id]
+            self._answer_homes.pop(answer_id, None)
+        for answer_id, answer in fresh.items():
+            mine = kept.get(answer_id)
+            if mine is None:
+                self.adopt_answer(answer)
+            else:
+                for field in attrs.fields(Answer):
+                    setattr(mine, field.name, getattr(answer, field.name))
+        if was_active and held.status not in ACTIVE:
+            self._end(held, out)
+            reason = _ENDED_BY.get(held.status, "closed")
+            out.send(
+                self._presence.others(question_id),
+                event("question_closed", {"question_id": question_id, "reason": reason}),
+            )
 
     def adopt_answer(self, answer: Answer) -> None:
         self._answers.setdefault(answer.question_id, {})[answer.answer_id] = answer
@@ -254,7 +306,8 @@ class Questions:
         self._answer_homes[answer.answer_id] = question.question_id
         self._inbox.answer_posted(question, answer, now)
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(SaveQuestion(attrs.evolve(question)))
+        # Counted in SQL, and only while the question is active there (another node may have closed it).
+        out.write(CountAnswer(question.question_id, 1, answered_at=now))
         out.note("answer_created", question_id=question.question_id, answer_id=answer.answer_id, user=user.user_id)
         wire = self.answer_wire(answer)
         out.send(
@@ -285,7 +338,7 @@ class Questions:
         points = self._settings.accept_points
         author = self._users[answer.author_id]
         author.points += points
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(AcceptOnce(question.question_id, answer.answer_id, now))  # refused if another node accepted first
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(SaveUser(attrs.evolve(author)))
         out.note("answer_accepted", question_id=question.question_id, answer_id=answer.answer_id, points=points)
@@ -311,7 +364,7 @@ class Questions:
         question.status = self._advance(question, QuestionEvent.CLOSE)
         question.closed_at = call.now
         self._end(question, call.out)
-        call.out.write(SaveQuestion(attrs.evolve(question)))
+        call.out.write(CloseOnce(question.question_id, question.status, call.now))
         call.out.send(
             self._presence.others(question.question_id, except_conn=call.conn.conn_id),
             event("question_closed", {"question_id": question.question_id, "reason": "closed"}),
@@ -364,7 +417,7 @@ class Questions:
         self._answer_homes.pop(answer.answer_id, None)
         question.answer_count = max(0, question.answer_count - 1)
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(CountAnswer(question.question_id, -1))
         out.send(
             self._presence.others(question.question_id, except_conn=except_conn),
             event("answer_deleted", {"question_id": question.question_id, "answer_id": answer.answer_id}),
@@ -402,7 +455,7 @@ class Questions:
         question.status = advance(question.status, QuestionEvent.EXPIRE)
         question.closed_at = now
         self._end(question, out)
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(CloseOnce(question_id, question.status, now))
         out.note("question_expired", question_id=question_id)
         closing = event("question_closed", {"question_id": question_id, "reason": "expired"})
         room = self._presence.room_of(question_id)

@@ -21,7 +21,7 @@ from ..core.reads import Read
 from ..core.records import Answer, LoadedState, PushJob, Question
 from ._writes import PreparedCommit
 
-__all__ = ["LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
+__all__ = ["Conflict", "LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
 
 
 class StoreError(RuntimeError):
@@ -52,6 +52,23 @@ class SeqConflict(WriteFailed):
     def __init__(self, message: str, users: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.users = users
+
+
+class Conflict(WriteFailed):
+    """A guarded question write found the question no longer as this node saw it (``CountAnswer``,
+    ``AcceptOnce``, ``CloseOnce``): another node answered the race first (several nodes; ``CLUSTER.md``).
+    Nothing of the commit is in the database.
+
+    Attributes:
+        question_id: the question.
+        what: the write refused: ``"answer"`` (the question is no longer open), ``"accept"`` (an answer was
+            accepted or the question ended), ``"close"`` (it ended).
+    """
+
+    def __init__(self, message: str, question_id: str, what: str) -> None:
+        super().__init__(message)
+        self.question_id = question_id
+        self.what = what
 
 
 class Storage(Protocol):

@@ -42,9 +42,9 @@ import psycopg.errors
 
 from ._backup import DatabaseInUseError
 from ._base import SqlStore
-from ._interface import LeaseLost, SeqConflict, StoreError, WriteFailed
+from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
-from ._writes import PreparedCommit
+from ._writes import Guard, PreparedCommit
 
 __all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
 
@@ -238,11 +238,21 @@ class PostgresStore(SqlStore):
             WriteFailed: PostgreSQL refused it or the connection broke; nothing of it was committed.
         """
         with self._transaction("commit", pipeline=True) as conn:
+            checks: list[tuple[psycopg.Cursor[Any], Guard]] = []
             for sql, params, many in batch.statements:
-                if many:
+                if isinstance(many, Guard):
+                    checks.append((conn.execute(sql, params), many))
+                elif many:
                     conn.cursor().executemany(sql, params)
                 else:
                     conn.execute(sql, params)
+            if checks:
+                with conn.pipeline() as pipeline:
+                    pipeline.sync()  # the guarded statements' row counts, before COMMIT
+                for cursor, guard in checks:
+                    if cursor.rowcount == 0:  # raised in the transaction: rolled back
+                        raise Conflict(f"commit refused: question {guard.question_id} changed ({guard.what})",
+                                       guard.question_id, guard.what)  # fmt: skip
         self.commits += 1
         self.rows_committed += batch.rows
 

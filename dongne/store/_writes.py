@@ -16,11 +16,15 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
+import attrs
 import msgpack
 
 from ..core.effects import (
+    AcceptOnce,
     AppendAudit,
     AppendEvent,
+    CloseOnce,
+    CountAnswer,
     DeleteIpBlock,
     EnqueuePush,
     SaveAnswer,
@@ -41,6 +45,8 @@ __all__ = [
     "EVENTS_CHANNEL",
     "MAX_ROWS_PER_STATEMENT",
     "NOTIFY_PAYLOAD_LIMIT",
+    "RACED_QUESTION_COLS",
+    "Guard",
     "PreparedCommit",
     "inbox_news",
     "prepare_writes",
@@ -58,6 +64,22 @@ EVENTS_CHANNEL = "dongne_events"
 MAX_ROWS_PER_STATEMENT = 256
 
 
+#: The question columns several nodes race on: a ``SaveQuestion`` writes them only when it inserts the row;
+#: ``CountAnswer``, ``AcceptOnce`` and ``CloseOnce`` change them in SQL (CLUSTER.md).
+RACED_QUESTION_COLS = ("status", "accepted_answer_id", "answer_count", "first_answer_at", "closed_at")
+
+#: Statuses in which a question may still be answered, accepted or closed (``lifecycle.ACTIVE``).
+_ACTIVE_SQL = "status IN ('open', 'answered')"
+
+
+@attrs.frozen
+class Guard:
+    """A statement of a commit that must change a row: if it changes none, the commit fails with ``Conflict``."""
+
+    question_id: str
+    what: str  # "answer" | "accept" | "close"
+
+
 class PreparedCommit:
     """The statements of one transaction, built by :meth:`Store.prepare`.
 
@@ -69,7 +91,8 @@ class PreparedCommit:
     def __init__(self, max_variables: int, marker: str = "?") -> None:
         self._max_variables = max_variables
         self._marker = marker
-        self.statements: list[tuple[str, list[Any], bool]] = []  # (sql, params, executemany?)
+        # (sql, params, executemany? or the Guard of a statement that must change a row)
+        self.statements: list[tuple[str, list[Any], bool | Guard]] = []
         self.rows = 0
 
     def insert(self, head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> None:
@@ -103,6 +126,11 @@ class PreparedCommit:
         """One statement run per row (for UPDATEs)."""
         self.statements.append((sql, list(rows), True))
         self.rows += len(rows)
+
+    def guarded(self, sql: str, params: list[Any], guard: Guard) -> None:
+        """One statement that must change a row (the backend checks its row count): ``Conflict`` otherwise."""
+        self.statements.append((sql, params, guard))
+        self.rows += 1
 
     def guard_lease(self, epoch: int, name: str = "escalation") -> None:
         """Commit only while lease ``name`` is still at ``epoch`` (PostgreSQL; see ``CLUSTER.md``).
@@ -205,6 +233,7 @@ def prepare_writes(
     events: list[AppendEvent] = []
     escalations: dict[str, SaveEscalation] = {}
     notified: list[tuple[Any, ...]] = []
+    raced: list[CountAnswer | AcceptOnce | CloseOnce] = []  # in order
     pushes: list[PushJob] = []
     push_status: dict[int, SavePushStatus] = {}
     audit: list[AppendAudit] = []
@@ -220,7 +249,15 @@ def prepare_writes(
         elif isinstance(item, SaveUser):
             users[item.user.user_id] = item.user
         elif isinstance(item, SaveQuestion):
-            questions[item.question.question_id] = item.question
+            question = item.question
+            first = questions.get(question.question_id)
+            if first is not None:
+                # The raced columns are written only by an insert, and the first save is the one that
+                # inserts: later ones count what the guarded writes in between add (again) in SQL.
+                question = attrs.evolve(question, **{c: getattr(first, c) for c in RACED_QUESTION_COLS})
+            questions[question.question_id] = question
+        elif isinstance(item, (CountAnswer, AcceptOnce, CloseOnce)):
+            raced.append(item)
         elif isinstance(item, SaveAnswer):
             answers[item.answer.answer_id] = item.answer
         elif isinstance(item, SaveEscalation):
@@ -243,12 +280,19 @@ def prepare_writes(
     batch = PreparedCommit(max_variables, "%s" if pg else "?")
     mark = "%s" if pg else "?"
 
-    def save(table: str, cols: str, key: str, rows: list[tuple[Any, ...]], **guarded: str) -> None:
-        """Insert ``rows``, each replacing the row with the same ``key``; ``guarded``: a column's own update."""
-        if not pg:
+    def save(
+        table: str, cols: str, key: str, rows: list[tuple[Any, ...]], *, keep: Sequence[str] = (), **guarded: str
+    ) -> None:
+        """Insert ``rows``, each replacing the row with the same ``key``; ``guarded``: a column's own update;
+        ``keep``: columns an existing row keeps (then SQLite upserts too, rather than replacing the row)."""
+        if not pg and not keep:
             batch.insert(f"INSERT OR REPLACE INTO {table} ({cols})", rows)
             return
-        sets = [f"{c} = {guarded.get(c, f'excluded.{c}')}" for c in (c.strip() for c in cols.split(",")) if c != key]
+        sets = [
+            f"{c} = {guarded.get(c, f'excluded.{c}')}"
+            for c in (c.strip() for c in cols.split(","))
+            if c != key and c not in keep
+        ]
         batch.insert(
             f"INSERT INTO {table} ({cols})",
             sorted(rows, key=lambda r: r[0]),
@@ -265,7 +309,36 @@ def prepare_writes(
     # A user's saved last_seq never goes back (PostgreSQL: a save decided on an older copy cannot lower it).
     save("users", USER_COLS, "user_id", [user_row(u) for u in users.values()],
          last_seq="greatest(users.last_seq, excluded.last_seq)")  # fmt: skip
-    save("questions", QUESTION_COLS, "question_id", [question_row(q) for q in questions.values()])
+    save("questions", QUESTION_COLS, "question_id", [question_row(q) for q in questions.values()],
+         keep=RACED_QUESTION_COLS)  # fmt: skip
+    for op in raced:  # after the saves: a question created in this commit is there
+        if isinstance(op, CountAnswer) and op.answered_at is None:
+            batch.many(
+                f"UPDATE questions SET answer_count = CASE WHEN answer_count + {mark} < 0 THEN 0"
+                f" ELSE answer_count + {mark} END WHERE question_id = {mark}",
+                [(op.delta, op.delta, op.question_id)],
+            )
+        elif isinstance(op, CountAnswer):
+            batch.guarded(
+                f"UPDATE questions SET answer_count = answer_count + {mark},"
+                " status = CASE WHEN status = 'open' THEN 'answered' ELSE status END,"
+                f" first_answer_at = coalesce(first_answer_at, {mark}) WHERE question_id = {mark} AND {_ACTIVE_SQL}",
+                [op.delta, op.answered_at, op.question_id],
+                Guard(op.question_id, "answer"),
+            )
+        elif isinstance(op, AcceptOnce):
+            batch.guarded(
+                f"UPDATE questions SET accepted_answer_id = {mark}, status = 'resolved', closed_at = {mark}"
+                f" WHERE question_id = {mark} AND accepted_answer_id IS NULL AND {_ACTIVE_SQL}",
+                [op.answer_id, op.at, op.question_id],
+                Guard(op.question_id, "accept"),
+            )
+        else:
+            batch.guarded(
+                f"UPDATE questions SET status = {mark}, closed_at = {mark} WHERE question_id = {mark} AND {_ACTIVE_SQL}",
+                [op.status, op.at, op.question_id],
+                Guard(op.question_id, "close"),
+            )
     keep(
         "question_hashtags",
         "question_id, tag, created_at",

@@ -1,0 +1,119 @@
+"""The engine's side of several nodes (store/CLUSTER.md), without I/O and with explicit ``now``: the guarded
+question writes it emits, and the copies of questions it replaces when the store says another node changed them."""
+
+from __future__ import annotations
+
+import attrs
+
+from dongne.core import (
+    AcceptOnce,
+    CancelEscalation,
+    CloseOnce,
+    CoreSettings,
+    CountAnswer,
+    Engine,
+    QuestionChanged,
+    SaveQuestion,
+    StagePlan,
+)
+from dongne.core.events import Tick
+from dongne.core.lifecycle import QuestionStatus
+from dongne.core.records import Answer, Question
+from dongne.core.settings import QuestionSettings
+
+from .test_engine import T0, Sim, ask, claims_for, make_engine
+
+
+def raced(outcome: object) -> list[object]:
+    writes = getattr(outcome, "writes", ())
+    return [w for w in writes if isinstance(w, (SaveQuestion, CountAnswer, AcceptOnce, CloseOnce))]
+
+
+def test_answering_accepting_and_closing_emit_guarded_writes_not_the_whole_question() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    answered = sim.call(2, "create_answer", {"question_id": qid, "content": "by the port"}, T0 + 5)
+    answer_id = sim.reply(answered)["data"]["answer"]["answer_id"]
+    accepted = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": answer_id}, T0 + 9)
+    qid2 = ask(sim, now=T0 + 10)
+    closed = sim.call(1, "close_question", {"question_id": qid2}, T0 + 11)
+
+    assert raced(answered) == [CountAnswer(qid, 1, answered_at=T0 + 5)]
+    assert raced(accepted) == [AcceptOnce(qid, answer_id, T0 + 9)]
+    assert raced(closed) == [CloseOnce(qid2, "closed", T0 + 11)]
+
+
+def test_an_expiry_is_a_guarded_close() -> None:
+    engine = Engine(CoreSettings(questions=QuestionSettings(ttl_s=60.0)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "asker")
+    qid = ask(sim)
+
+    expired = engine.handle(Tick(), T0 + 60_000)
+
+    assert raced(expired) == [CloseOnce(qid, "expired", T0 + 60_000)]
+
+
+def question_as_stored(sim: Sim, qid: str, **fields: object) -> Question:
+    return attrs.evolve(sim.engine.questions[qid], **fields)  # type: ignore[arg-type]
+
+
+def test_a_question_another_node_resolved_ends_here_and_its_room_hears_it() -> None:
+    engine = Engine(CoreSettings(stages=(StagePlan("LATER", 600.0, None, None, "everyone"),)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "asker")
+    sim.connect(2, "watcher")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    sim.take(2)
+    assert qid in engine.where.escalations
+    answer = Answer("a-elsewhere", qid, "local", "Local", "elsewhere", T0 + 3, "sent", None, None, True)
+
+    stored = question_as_stored(
+        sim,
+        qid,
+        status=QuestionStatus.RESOLVED,
+        accepted_answer_id="a-elsewhere",
+        answer_count=1,
+        first_answer_at=T0 + 3,
+        closed_at=T0 + 4,
+    )
+    out = engine.handle(QuestionChanged(qid, stored, (answer,)), T0 + 5)
+    sim.deliver(out)
+
+    held = engine.questions[qid]
+    assert (held.status, held.accepted_answer_id, held.answer_count) == (QuestionStatus.RESOLVED, "a-elsewhere", 1)
+    assert engine.answers[qid]["a-elsewhere"].accepted
+    assert CancelEscalation(qid) in out.actions and qid not in engine.where.escalations
+    assert [(f["type"], f["data"]["reason"]) for f in sim.take(2)] == [("question_closed", "accepted")]
+    assert out.writes == ()  # the store holds it already
+    again = engine.handle(QuestionChanged(qid, attrs.evolve(stored), (answer,)), T0 + 6)
+    assert again.actions == ()  # no change: nothing said twice
+
+
+def test_a_question_another_node_created_is_adopted_and_listed_nearby() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "local")
+    created = Question("q-elsewhere", "asker", "Asker", "Open late?", "", 33.5, 126.5, None, (), "normal", T0)
+    out = sim.engine.handle(QuestionChanged("q-elsewhere", created), T0 + 1)
+
+    assert out.writes == () and "q-elsewhere" in sim.engine.questions
+    nearby = sim.call(1, "nearby_questions", {"location": {"lat": 33.5, "lng": 126.5}, "radius_m": 1000}, T0 + 2)
+    assert [q["question_id"] for q in sim.reply(nearby)["data"]["questions"]] == ["q-elsewhere"]
+
+
+def test_a_question_another_node_deleted_leaves_memory_and_its_room() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "watcher")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    sim.take(2)
+
+    out = sim.engine.handle(QuestionChanged(qid, None), T0 + 1)
+    sim.deliver(out)
+
+    assert qid not in sim.engine.questions and qid not in sim.engine.presence.rooms
+    assert [f["type"] for f in sim.take(2)] == ["question_deleted"]
