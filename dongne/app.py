@@ -313,7 +313,8 @@ LISTEN_START_WAIT_S = 5.0
 async def _follow_news(
     settings: Settings, clients: ClientServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Other nodes' commits (PostgreSQL): LISTEN for their news, and catch up after each (re)connection and
+    """Other nodes' commits (PostgreSQL): LISTEN for their news (``dongne_events``: inbox heads;
+    ``dongne_changes``: questions and users to read again), and catch up after each (re)connection and
     every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
 
     Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
@@ -321,7 +322,7 @@ async def _follow_news(
     delivering other nodes' events, and the Listener keeps trying.
     """
     from .store._cluster import connect_listener
-    from .store._writes import EVENTS_CHANNEL
+    from .store._writes import CHANGES_CHANNEL, EVENTS_CHANNEL
 
     listening = trio.Event()
 
@@ -329,11 +330,18 @@ async def _follow_news(
         listening.set()
         clients.catch_up_soon()  # news sent while there was no LISTEN connection is lost
 
-    connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL,))
-    listener = Listener(connect, clients.inbox_news, connected)
+    def notified(channel: str, payload: str) -> None:
+        if channel == CHANGES_CHANNEL:
+            clients.changes_news(channel, payload)
+        else:
+            clients.inbox_news(channel, payload)
+
+    connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL, CHANGES_CHANNEL))
+    listener = Listener(connect, notified, connected)
     clients.listener = listener
     async with trio.open_nursery() as nursery:
         nursery.start_soon(listener.run)
+        nursery.start_soon(clients.follow_changes)
         nursery.start_soon(clients.catch_up_periodically, settings.cluster.catch_up_interval_s)
         with trio.move_on_after(LISTEN_START_WAIT_S):
             await listening.wait()

@@ -17,7 +17,8 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     │         a resume, or events another node appended; delivery.Deliveries)
     ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
     ├── app._follow_news            PostgreSQL: cluster.Listener on dongne_events (other nodes'
-    │                               commits: heads_moved) and ClientServer.catch_up_periodically
+    │                               commits: heads_moved) and dongne_changes (follow_changes),
+    │                               and ClientServer.catch_up_periodically
     └── hypercorn                   the ops port
 """
 
@@ -71,6 +72,7 @@ from .core import (
     SeqsMoved,
     StartEscalation,
     Tick,
+    UsersChanged,
     WritesFailing,
     WritesWork,
 )
@@ -83,7 +85,7 @@ from .metrics import Metrics, ServerStatistics
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
 from .store import Conflict, SeqConflict, Storage, StoreError, WriteFailed
-from .store._writes import read_inbox_news
+from .store._writes import read_changes_news, read_inbox_news
 from .transport import (
     BinaryFrame,
     FrameEncoder,
@@ -182,10 +184,16 @@ class ClientServer:
         # A Conflict's question, and the requests that lost its race: answered once memory has the store's copy.
         self._conflicted: tuple[str, list[tuple[int, int | None, str]]] | None = None
         self._catch_up_wakeup = trio.Event()
+        # Questions and users another node changed, to read again (follow_changes).
+        self._changed_questions: set[str] = set()
+        self._changed_users: set[str] = set()
+        self._changes_wakeup = trio.Event()
         #: This node's id in news on ``dongne_events`` (the app sets it; its own news is skipped).
         self.node_id = ""
         #: The LISTEN connection's keeper on PostgreSQL (the app sets it), for /admin, logs and tests.
         self.listener: Any = None
+        #: Rounds of other nodes' changes merged into memory (follow_changes), for tests and logs.
+        self.changes_followed = 0
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
 
@@ -729,6 +737,57 @@ class ClientServer:
         if origin != self.node_id:
             self.heads_moved(heads)
 
+    def changes_news(self, channel: str, payload: str) -> None:
+        """A notification on ``dongne_changes``: questions and users another node changed; ours are skipped."""
+        try:
+            origin, questions, users = read_changes_news(payload)
+        except ValueError:
+            log.warning("changes_news_unreadable", extra={"channel": channel, "payload": payload[:80]})
+            return
+        if origin != self.node_id:
+            self.rows_changed(questions, users)
+
+    def rows_changed(self, questions: Iterable[str], users: Iterable[str]) -> None:
+        """These rows may differ from memory: :meth:`follow_changes` reads them and merges them in."""
+        self._changed_questions.update(questions)
+        self._changed_users.update(users)
+        if self._changed_questions or self._changed_users:
+            self._changes_wakeup.set()
+
+    async def follow_changes(self) -> None:
+        """Read the rows :meth:`rows_changed` names and merge them into memory (``UsersChanged``,
+        ``QuestionChanged``), in rounds: what is named during a read waits for the next.
+
+        Error handling: a read that fails is logged and tried again a second
+        later with the same rows (and any named since).
+        """
+        while True:
+            await self._changes_wakeup.wait()
+            self._changes_wakeup = trio.Event()
+            questions, self._changed_questions = self._changed_questions, set()
+            users, self._changed_users = self._changed_users, set()
+            try:
+                found, people = await trio.to_thread.run_sync(self.store.read_rows, sorted(questions), sorted(users))
+            except StoreError as exc:
+                log.warning("changes_read_failed", extra={"error": str(exc)})
+                self.rows_changed(questions, users)
+                await trio.sleep(PROBE_INTERVAL_S)
+                continue
+            if people:
+                self._feed(UsersChanged(tuple(people)))
+            for question_id, question, answers in found:
+                self._feed(QuestionChanged(question_id, question, tuple(answers)))
+            self.changes_followed += 1
+
+    async def catch_up_changes(self) -> None:
+        """Read which questions and users changed since the last look (notifications may be lost) and follow them."""
+        try:
+            questions, users = await trio.to_thread.run_sync(self.store.read_changes)
+        except StoreError as exc:
+            log.warning("catch_up_failed", extra={"error": str(exc)})
+            return
+        self.rows_changed(questions, users)
+
     def catch_up_soon(self) -> None:
         """Compare heads now (the Listener connected: notifications may have been missed meanwhile)."""
         self._catch_up_wakeup.set()
@@ -752,6 +811,7 @@ class ClientServer:
             with trio.move_on_after(interval_s):
                 await self._catch_up_wakeup.wait()
             self._catch_up_wakeup = trio.Event()
+            await self.catch_up_changes()
             await self.catch_up()
 
     # ---- time ------------------------------------------------------------------

@@ -15,7 +15,10 @@ from dongne.core import (
     QuestionChanged,
     SaveQuestion,
     StagePlan,
+    User,
+    UsersChanged,
 )
+from dongne.core.effects import Close
 from dongne.core.events import Tick
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.records import Answer, Question
@@ -112,8 +115,45 @@ def test_a_question_another_node_deleted_leaves_memory_and_its_room() -> None:
     sim.call(2, "join_question", {"question_id": qid})
     sim.take(2)
 
-    out = sim.engine.handle(QuestionChanged(qid, None), T0 + 1)
+    assert sim.engine.handle(QuestionChanged(qid, None), T0 + 1).actions == ()  # no row (yet): nothing known
+    deleted = question_as_stored(sim, qid, deleted_at=T0 + 1)
+    out = sim.engine.handle(QuestionChanged(qid, deleted), T0 + 2)
     sim.deliver(out)
 
     assert qid not in sim.engine.questions and qid not in sim.engine.presence.rooms
     assert [f["type"] for f in sim.take(2)] == ["question_deleted"]
+
+
+def test_a_merge_never_takes_back_what_this_node_wrote_and_the_store_has_not_yet() -> None:
+    """This node's answer and close are still on their way to the store when an older copy arrives."""
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    stored_before = question_as_stored(sim, qid)
+    sim.call(2, "create_answer", {"question_id": qid, "content": "by the port"}, T0 + 5)
+    sim.call(1, "close_question", {"question_id": qid}, T0 + 6)
+
+    out = sim.engine.handle(QuestionChanged(qid, stored_before, ()), T0 + 7)
+
+    held = sim.engine.questions[qid]
+    assert (held.status, held.answer_count, held.first_answer_at) == (QuestionStatus.CLOSED, 1, T0 + 5)
+    assert len(sim.engine.answers[qid]) == 1
+    assert out.actions == ()
+
+
+def test_users_another_node_changed_merge_settings_and_bans_but_never_take_back_points_or_seqs() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "mallory")
+    sim.connect(2, "bystander")
+    held = sim.engine.users["mallory"]
+    held.points, held.last_seq = 30, 7
+    stored = attrs.evolve(held, points=20, last_seq=5, max_alerts_per_hour=3, banned_until=T0 + 60_000)
+    newcomer = User("newcomer", "Newcomer", created_at=T0)
+
+    out = sim.engine.handle(UsersChanged((stored, newcomer)), T0 + 1)
+
+    assert (held.points, held.last_seq, held.max_alerts_per_hour, held.banned_until) == (30, 7, 3, T0 + 60_000)
+    assert [(a.conn_id, a.code) for a in out.actions if isinstance(a, Close)] == [(1, 4003)]
+    assert sim.engine.users["newcomer"] == newcomer
+    assert sim.engine.handle(UsersChanged((attrs.evolve(stored),)), T0 + 2).actions == ()  # banned already

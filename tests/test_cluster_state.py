@@ -7,17 +7,26 @@ would, with or without its notifications.
 from __future__ import annotations
 
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import attrs
+import msgpack
 import pytest
+import trio
+import trio_websocket
 
 from dongne.client import DongneClient, RequestError
+from dongne.core.effects import AcceptOnce, CloseOnce, CountAnswer, SaveAnswer, SaveQuestion, SaveUser
 from dongne.core.lifecycle import QuestionStatus
+from dongne.core.moderation import FOREVER
+from dongne.core.records import Answer, Question, User
 from dongne.store import is_postgres_url
+from dongne.store._writes import NOTIFY_PAYLOAD_LIMIT, changes_news, prepare_writes, read_changes_news
 
-from .conftest import Harness, db_rows, question_data
+from .conftest import JEJU_CITY, Harness, db_rows, question_data, token
 
 
 def other_node_runs(db: Path | str, sql: str, params: tuple[Any, ...] = ()) -> None:
@@ -96,3 +105,161 @@ async def test_an_answer_to_a_question_another_node_closed_is_refused_with_confl
         assert again.value.code == "question_closed"
     assert db_rows(h.db, "SELECT count(*), 0 FROM answers") == [(0, 0)]
     assert db_rows(h.db, "SELECT answer_count FROM questions") == [(0,)]
+
+
+# ---- questions and users another node changed (PostgreSQL: notifications and the catch-up) -------------
+
+OTHER_NODE = "node-b-4242-abcdef"
+
+
+def other_node_commits(db: Path | str, writes: list[Any], *, notify: bool = True) -> None:
+    """Commit ``writes`` as another node would (its statements, its ``dongne_changes`` news unless not)."""
+    import psycopg
+
+    batch = prepare_writes(writes, 65535, "postgres", news_from=OTHER_NODE if notify else None)
+    with psycopg.connect(str(db)) as conn, conn.transaction():
+        for sql, params, many in batch.statements:
+            if many is True:
+                conn.cursor().executemany(sql, params)
+            else:
+                conn.execute(sql, params)
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait (bounded) for what another session's commit causes here."""
+    with trio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110 - changed by another session, announced or caught up
+            await trio.sleep(0.01)
+
+
+async def next_of(client: DongneClient, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        while True:
+            frame = await client.next_event()
+            if frame["type"] == kind:
+                return frame
+
+
+@pytest.mark.backends("postgres")
+async def test_a_question_another_node_creates_answers_and_resolves_is_seen_here(start_server: Any) -> None:
+    """Announced on dongne_changes: the question is listed nearby and joinable here, its answer appears, and
+    the accept ends it here (the room hears question_closed, its copy is resolved)."""
+    h: Harness = await start_server()
+    engine = h.running.engine
+    now = int(time.time() * 1000)
+    asked = Question("q-elsewhere", "asker", "Asker", "Open late?", "", 33.4996, 126.5312, None, (), "normal", now)
+    other_node_commits(h.db, [SaveUser(User("asker", "Asker", created_at=now)), SaveQuestion(asked)])
+    await until(lambda: "q-elsewhere" in engine.questions)
+
+    async with h.connect("local") as local:
+        nearby = await local.request("nearby_questions", {"location": JEJU_CITY})
+        assert [q["question_id"] for q in nearby["questions"]] == ["q-elsewhere"]
+        await local.request("join_question", {"question_id": "q-elsewhere"})
+        answer = Answer("a-elsewhere", "q-elsewhere", "jun", "Jun", "By the port", now + 1)
+        other_node_commits(
+            h.db, [SaveUser(User("jun", "Jun")), SaveAnswer(answer), CountAnswer("q-elsewhere", 1, answered_at=now + 1)]
+        )
+        await until(lambda: engine.questions["q-elsewhere"].answer_count == 1)
+        assert engine.questions["q-elsewhere"].status == QuestionStatus.ANSWERED
+        assert "jun" in engine.users
+        other_node_commits(
+            h.db, [AcceptOnce("q-elsewhere", "a-elsewhere", now + 2), SaveAnswer(attrs.evolve(answer, accepted=True))]
+        )
+        closed = await next_of(local, "question_closed")
+
+    assert closed["data"] == {"question_id": "q-elsewhere", "reason": "accepted"}
+    held = engine.questions["q-elsewhere"]
+    assert (held.status, held.accepted_answer_id) == (QuestionStatus.RESOLVED, "a-elsewhere")
+    assert engine.answers["q-elsewhere"]["a-elsewhere"].accepted
+
+
+@pytest.mark.backends("postgres")
+async def test_a_ban_set_on_another_node_holds_here(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("mallory") as mallory, h.connect("bystander") as bystander:
+        banned = attrs.evolve(h.running.engine.users["mallory"], banned_until=FOREVER, ban_reason="casino spam")
+        other_node_commits(h.db, [SaveUser(banned)])
+
+        await mallory.wait_closed()
+        assert mallory.closed is not None and mallory.closed.reason.code == 4003
+        await bystander.request("ping", {})
+    async with trio_websocket.open_websocket_url(h.url) as ws:
+        await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("mallory")}}))
+        with pytest.raises(trio_websocket.ConnectionClosed) as refused:
+            await ws.get_message()
+    assert refused.value.reason.code == 4003
+
+
+@pytest.mark.backends("postgres")
+async def test_without_notifications_the_catch_up_reads_what_changed(start_server: Any) -> None:
+    """Nothing announced: within ``catch_up_interval_s`` the rows changed since the last look are read."""
+    h: Harness = await start_server(cluster={"catch_up_interval_s": 0.2})
+    engine = h.running.engine
+    async with h.connect("asker") as asker, h.connect("watcher") as watcher:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await watcher.request("join_question", {"question_id": qid})
+        other_node_commits(h.db, [CloseOnce(qid, "closed", int(time.time() * 1000))], notify=False)
+
+        closed = await next_of(watcher, "question_closed", timeout=5.0)
+
+        assert closed["data"] == {"question_id": qid, "reason": "closed"}
+        assert engine.questions[qid].status == QuestionStatus.CLOSED
+        settings = attrs.evolve(engine.users["watcher"], max_alerts_per_hour=3, quiet_hours=(23, 6))
+        other_node_commits(h.db, [SaveUser(settings)], notify=False)
+        await until(lambda: engine.users["watcher"].max_alerts_per_hour == 3, timeout=5.0)
+        assert engine.users["watcher"].quiet_hours == (23, 6)
+
+
+@pytest.mark.backends("postgres")
+async def test_this_nodes_commits_announce_what_they_changed_with_its_node_id(start_server: Any) -> None:
+    import psycopg
+
+    h: Harness = await start_server()
+    with psycopg.connect(str(h.db), autocommit=True) as listening:
+        listening.execute("LISTEN dongne_changes")
+        async with h.connect("asker") as asker:
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        news = [n.payload for n in listening.notifies(timeout=5, stop_after=2)]
+
+    announced = [read_changes_news(p) for p in news]
+    assert (h.running.clients.node_id, [], ["asker"]) in announced  # the hello created the user
+    assert (h.running.clients.node_id, [qid], []) in announced
+
+
+def test_changes_news_is_split_under_postgresqls_payload_limit() -> None:
+    questions = [f"q-{i:05d}-{'한' * 10}" for i in range(600)]
+    users = [f"user-{i:05d}" for i in range(400)]
+
+    payloads = changes_news("node-a", questions, users)
+
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < NOTIFY_PAYLOAD_LIMIT for p in payloads)
+    assert max(len(p.encode()) for p in payloads) > NOTIFY_PAYLOAD_LIMIT - 100  # packed, not one per row
+    read = [read_changes_news(p) for p in payloads]
+    assert {origin for origin, _, _ in read} == {"node-a"}
+    assert [q for _, qs, _ in read for q in qs] == questions
+    assert [u for _, _, us in read for u in us] == users
+    assert changes_news("node-a", [], []) == []
+
+
+@pytest.mark.backends("postgres")
+def test_read_changes_names_each_row_changed_since_the_last_look_once_it_is_committed(store: Any) -> None:
+    """From ``load``'s snapshot on; a transaction still open at a look is read at the next one after it commits."""
+    import psycopg
+
+    store.apply([SaveUser(User("asker", "Asker")), SaveQuestion(question_of("q1"))])
+    store.load(hot_since=0)
+    assert store.read_changes() == ([], [])
+    store.apply([CountAnswer("q1", 1, answered_at=5)])
+    with psycopg.connect(store.url) as slow:
+        slow.execute("UPDATE users SET points = 5 WHERE user_id = 'asker'")  # open, uncommitted
+        assert store.read_changes() == (["q1"], [])
+        store.apply([SaveUser(User("jun", "Jun"))])  # a later transaction commits first
+        assert store.read_changes() == ([], ["jun"])
+        slow.commit()
+    assert store.read_changes() == ([], ["asker", "jun"])  # read again (harmless), the late one not missed
+    assert store.read_changes() == ([], [])
+
+
+def question_of(qid: str) -> Question:
+    return Question(qid, "asker", "Asker", "Open late?", "", 33.5, 126.5, None, (), "normal", 1)

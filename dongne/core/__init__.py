@@ -51,6 +51,7 @@ from .events import (
     Reloaded,
     SeqsMoved,
     Tick,
+    UsersChanged,
     WritesFailing,
     WritesWork,
 )
@@ -125,6 +126,7 @@ __all__ = [
     "Tick",
     "TokenCheck",
     "User",
+    "UsersChanged",
     "Write",
     "WritesFailing",
     "WritesWork",

@@ -28,6 +28,8 @@ import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
+
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
 from .deadlines import Deadlines
@@ -47,6 +49,7 @@ from .events import (
     Reloaded,
     SeqsMoved,
     Tick,
+    UsersChanged,
     WritesFailing,
     WritesWork,
 )
@@ -301,6 +304,8 @@ class Engine:
             out = OutcomeBuilder()
             self._qa.refresh(event.question_id, event.question, event.answers, out)
             return out.build()
+        if isinstance(event, UsersChanged):
+            return self._users_changed(event.users, now)
         if isinstance(event, InboxPruned):
             self.inbox.oldest.update(event.oldest)
             return _NOTHING
@@ -594,6 +599,30 @@ class Engine:
                 # (a ban): it is a connection like the others again.
                 conn.phase = ConnPhase.READY
         out.note("state_reloaded", users=len(self.users), questions=len(self.questions))
+        return out.build()
+
+    # ---- other nodes' changes (store/CLUSTER.md) -------------------------------------------
+
+    def _users_changed(self, users: tuple[User, ...], now: int) -> Outcome:
+        """Merge users' rows another node may have changed: settings and bans hold here too."""
+        out = OutcomeBuilder()
+        for user in users:
+            held = self.users.get(user.user_id)
+            if held is None:
+                self.users[user.user_id] = held = attrs.evolve(user)
+            else:
+                was_banned = held.banned_at(now)
+                # What only grows (this node's own writes may still be on their way): never back.
+                last_seq, points, read_seq = held.last_seq, held.points, held.read_seq
+                for field in attrs.fields(User):
+                    setattr(held, field.name, getattr(user, field.name))
+                held.last_seq, held.points = max(last_seq, user.last_seq), max(points, user.points)
+                held.read_seq = max(read_seq, user.read_seq)
+                if held.banned_at(now) and not was_banned:
+                    self.moderation.ban_in_force(held, now, out)
+                    continue
+            self.where.refresh_local(held)
+            self.oversight.role_is(held)
         return out.build()
 
     # ---- helpers ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from .records import Answer, LoadedState, Question
+from .records import Answer, LoadedState, Question, User
 
 __all__ = [
     "Connected",
@@ -27,6 +27,7 @@ __all__ = [
     "Reloaded",
     "SeqsMoved",
     "Tick",
+    "UsersChanged",
     "WritesFailing",
     "WritesWork",
 ]
@@ -65,16 +66,31 @@ class QuestionChanged:
     """A question as the store holds it now, which memory may not: another node changed it, or a guarded
     write of this node's lost a race to one (``Conflict``; several nodes, ``store/CLUSTER.md``).
 
-    The engine replaces its copy (status, counts, accepted answer, answers):
-    a question it holds that ended ends here too (its escalation is
-    cancelled); ``question`` ``None`` (deleted, or no such question) drops it
-    from memory. A question it does not hold is adopted as a lazily loaded
-    one is, and, while active, listed nearby.
+    The engine merges it into its copy (``Questions.refresh``: nothing goes
+    back, since this node's own writes may still be on their way): a
+    question it holds that ended ends here too (its escalation is cancelled,
+    its room hears ``question_closed``); a deleted one (``deleted_at``)
+    leaves memory. An active question it does not hold is adopted as a
+    lazily loaded one is, and listed nearby. ``question`` ``None`` (no such
+    row) changes nothing. ``answers`` may include deleted ones (they leave).
     """
 
     question_id: str
     question: Question | None
     answers: tuple[Answer, ...] = ()
+
+
+@attrs.frozen
+class UsersChanged:
+    """Users' rows as the store holds them, which another node may have changed (settings, a ban, points).
+
+    The engine merges each into its copy: settings and bans from the store
+    (a ban now in force closes the user's connections here with 4003),
+    ``points``, ``read_seq`` and ``last_seq`` never go back. A user it does
+    not know is added (created on another node).
+    """
+
+    users: tuple[User, ...]
 
 
 @attrs.frozen
@@ -162,6 +178,7 @@ Event = (
     | FrameReceived
     | QuestionLoaded
     | QuestionChanged
+    | UsersChanged
     | ReadDone
     | ReadFailed
     | Disconnected

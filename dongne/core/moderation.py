@@ -203,6 +203,11 @@ class Moderation:
         out.write(SaveUser(attrs.evolve(target)))
         out.write(AppendAudit(now, call.user.user_id, "ban_user", target.user_id, reason))
         out.note("user_banned", user=target.user_id, admin=call.user.user_id, until=until)
+        self.ban_in_force(target, now, out)
+
+    def ban_in_force(self, target: User, now: int, out: OutcomeBuilder) -> None:
+        """A ban was just set (here, or on another node: ``UsersChanged``): close the user's connections with
+        4003, stop escalating their questions, alert them no more."""
         self._where.refresh_local(target)  # a banned local is alerted for nothing
         code, why = self.refuse_banned(target, now) or (BANNED, "banned")
         for conn_id in sorted(self._user_conns.get(target.user_id, ())):

@@ -47,6 +47,9 @@ __all__ = ["ONLINE_LIST_MAX", "Questions"]
 #: The ``reason`` of ``question_closed`` for a question that ended in each status.
 _ENDED_BY = {QuestionStatus.RESOLVED: "accepted", QuestionStatus.CLOSED: "closed", QuestionStatus.EXPIRED: "expired"}
 
+#: How far an answer's receipt got, to merge copies without going back.
+_RECEIPT_ORDER = {"sent": 0, "delivered": 1, "read": 2}
+
 #: The most users listed in a join_question reply's ``online``.
 ONLINE_LIST_MAX = 100
 
@@ -136,41 +139,64 @@ class Questions:
     def refresh(
         self, question_id: str, question: Question | None, answers: tuple[Answer, ...], out: OutcomeBuilder
     ) -> None:
-        """Replace memory's copy of a question and its answers with the store's (``QuestionChanged``).
+        """Merge the store's copy of a question and its answers into memory's (``QuestionChanged``).
 
-        Copies are updated in place (the inbox and the neighbourhood hold the
+        A merge, not a replacement: this node's own writes may still be on
+        their way to the store, so nothing goes back. A question's status
+        only moves forward (open, answered, then ended: an end in the store
+        wins over an active copy); an answer memory holds that the store has
+        not (yet) is kept, one the store holds deleted leaves; receipts and
+        ``accepted`` only move forward; the count is the answers held. Copies
+        are updated in place (the inbox and the neighbourhood hold the
         objects). A question that ended in the store ends here (its
-        escalation is cancelled, it leaves nearby); a deleted one leaves
-        memory, its room gets ``question_deleted``.
+        escalation is cancelled, the room hears ``question_closed``); a
+        deleted one leaves memory, its room hears ``question_deleted``.
+        ``question`` ``None`` (no such row: yet) changes nothing.
         """
         held = self._questions.get(question_id)
-        if question is None or question.deleted_at is not None:
+        if question is None:
+            return
+        if question.deleted_at is not None:
             if held is not None:
                 self._end(held, out)
                 out.send(self._presence.others(question_id), event("question_deleted", {"question_id": question_id}))
                 self._forget(held)
             return
         if held is None:
-            self.adopt(question, answers)
-            if question.status in ACTIVE:
+            if question.status in ACTIVE:  # an ended one is loaded when asked for, as any old question
+                self.adopt(question, tuple(a for a in answers if a.deleted_at is None))
                 self._where.question_opened(question, question.created_at)
                 self.schedule_expiry(question)
             return
         was_active = held.status in ACTIVE
+        mine = attrs.evolve(held)
         for field in attrs.fields(Question):
             setattr(held, field.name, getattr(question, field.name))
+        if question.status in ACTIVE and mine.status not in ACTIVE:
+            held.status, held.accepted_answer_id, held.closed_at = mine.status, mine.accepted_answer_id, mine.closed_at
+        elif question.status == QuestionStatus.OPEN and mine.status == QuestionStatus.ANSWERED:
+            held.status = mine.status
+        firsts = [at for at in (mine.first_answer_at, question.first_answer_at) if at is not None]
+        held.first_answer_at = min(firsts) if firsts else None
+        held.alerted_at = question.alerted_at if question.alerted_at is not None else mine.alerted_at
         kept = self._answers.setdefault(question_id, {})
-        fresh = {a.answer_id: a for a in answers if a.deleted_at is None}
-        for answer_id in [a for a in kept if a not in fresh]:
-            del kept[answer_id]
-            self._answer_homes.pop(answer_id, None)
-        for answer_id, answer in fresh.items():
-            mine = kept.get(answer_id)
-            if mine is None:
+        for answer in answers:
+            ours = kept.get(answer.answer_id)
+            if answer.deleted_at is not None:
+                if ours is not None:
+                    del kept[answer.answer_id]
+                    self._answer_homes.pop(answer.answer_id, None)
+            elif ours is None:
                 self.adopt_answer(answer)
             else:
+                receipt = (ours.state, ours.delivered_at, ours.read_at)
+                accepted = ours.accepted or answer.accepted
                 for field in attrs.fields(Answer):
-                    setattr(mine, field.name, getattr(answer, field.name))
+                    setattr(ours, field.name, getattr(answer, field.name))
+                ours.accepted = accepted
+                if _RECEIPT_ORDER.get(receipt[0], 0) > _RECEIPT_ORDER.get(ours.state, 0):
+                    ours.state, ours.delivered_at, ours.read_at = receipt
+        held.answer_count = len(kept)
         if was_active and held.status not in ACTIVE:
             self._end(held, out)
             reason = _ENDED_BY.get(held.status, "closed")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..core.effects import Write
 from ..core.reads import Read
-from ..core.records import Answer, LoadedState, PushJob, Question
+from ..core.records import Answer, LoadedState, PushJob, Question, User
 from ._writes import PreparedCommit
 
 __all__ = ["Conflict", "LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
@@ -130,6 +130,16 @@ class Storage(Protocol):
         ...
 
     def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None: ...
+
+    def read_rows(
+        self, question_ids: Iterable[str], user_ids: Iterable[str]
+    ) -> tuple[list[tuple[str, Question | None, list[Answer]]], list[User]]:
+        """Questions (deleted ones too) with all their answers, and users, as committed (``SqlStore.read_rows``)."""
+        ...
+
+    def read_changes(self) -> tuple[list[str], list[str]]:
+        """Ids of the questions and users changed since the last call or ``load`` (PostgreSQL; SQLite: none)."""
+        ...
 
     def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
         """Each user's newest durable seq as committed (0: none), by user id."""

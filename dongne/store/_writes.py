@@ -42,14 +42,17 @@ from ._queries import Dialect
 from ._rows import ANSWER_COLS, QUESTION_COLS, REPORT_COLS, USER_COLS, answer_row, question_row, report_row, user_row
 
 __all__ = [
+    "CHANGES_CHANNEL",
     "EVENTS_CHANNEL",
     "MAX_ROWS_PER_STATEMENT",
     "NOTIFY_PAYLOAD_LIMIT",
     "RACED_QUESTION_COLS",
     "Guard",
     "PreparedCommit",
+    "changes_news",
     "inbox_news",
     "prepare_writes",
+    "read_changes_news",
     "read_inbox_news",
 ]
 
@@ -59,6 +62,9 @@ NOTIFY_PAYLOAD_LIMIT = 8000
 
 #: Where commits announce new inbox heads (``news_from``; CLUSTER.md).
 EVENTS_CHANNEL = "dongne_events"
+
+#: Where commits announce the questions and users they changed (``news_from``; CLUSTER.md).
+CHANGES_CHANNEL = "dongne_changes"
 
 #: The most rows in one multi-row INSERT (a power of two); see PreparedCommit.insert.
 MAX_ROWS_PER_STATEMENT = 256
@@ -202,6 +208,54 @@ def read_inbox_news(payload: str) -> tuple[str, dict[str, int]]:
     return origin, {str(user): int(seq) for user, seq in heads.items()}
 
 
+def changes_news(origin: str, questions: Sequence[str], users: Sequence[str]) -> list[str]:
+    """The payloads that announce a commit's changed questions and users on :data:`CHANGES_CHANNEL`.
+
+    Each is JSON, ``{"node": origin, "questions": [id, ...], "users": [id, ...]}``,
+    under PostgreSQL's payload limit: a commit changing many rows sends
+    several. A listener reads the rows themselves from the store.
+    """
+    payloads: list[str] = []
+    empty = len(json.dumps({"node": origin, "questions": [], "users": []}, ensure_ascii=False).encode())
+    budget = NOTIFY_PAYLOAD_LIMIT - 1 - empty
+    part: dict[str, list[str]] = {"questions": [], "users": []}
+    used = 0
+
+    def flush() -> None:
+        nonlocal part, used
+        if part["questions"] or part["users"]:
+            payloads.append(json.dumps({"node": origin, **part}, ensure_ascii=False))
+        part, used = {"questions": [], "users": []}, 0
+
+    for kind, ids in (("questions", sorted(set(questions))), ("users", sorted(set(users)))):
+        for ident in ids:
+            size = len(json.dumps(ident, ensure_ascii=False).encode()) + 2  # ", " between items
+            if size > budget:
+                raise ValueError(f"an id too long to announce: {ident[:40]!r}...")
+            if used + size > budget:
+                flush()
+            part[kind].append(ident)
+            used += size
+    flush()
+    return payloads
+
+
+def read_changes_news(payload: str) -> tuple[str, list[str], list[str]]:
+    """``(origin node, question ids, user ids)`` of a payload :func:`changes_news` made.
+
+    Raises:
+        ValueError: not such a payload.
+    """
+    try:
+        news = json.loads(payload)
+        origin, questions, users = news["node"], news.get("questions", []), news.get("users", [])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ValueError(f"not changes news: {payload[:80]!r}") from None
+    if not isinstance(origin, str) or not isinstance(questions, list) or not isinstance(users, list):
+        raise ValueError(f"not changes news: {payload[:80]!r}")
+    return origin, [str(q) for q in questions], [str(u) for u in users]
+
+
 def prepare_writes(
     writes: Sequence[Write],
     max_variables: int,
@@ -222,7 +276,9 @@ def prepare_writes(
     the event loop, where it would hold the GIL anyway.
 
     ``news_from`` (PostgreSQL): a node id; the commit then announces its new
-    inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`).
+    inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`) and the
+    questions and users it changed on :data:`CHANGES_CHANNEL`
+    (:func:`changes_news`).
     ``guard_seqs`` (PostgreSQL): the commit first checks that each user's
     inbox head is just below the user's lowest seq in it (``SeqConflict``
     otherwise): the guard several writers need.
@@ -278,6 +334,10 @@ def prepare_writes(
             raise TypeError(f"unknown write {item!r}")
     pg = dialect == "postgres"
     batch = PreparedCommit(max_variables, "%s" if pg else "?")
+    if pg and news_from is not None:
+        changed_questions = {*questions, *(op.question_id for op in raced), *(a.question_id for a in answers.values())}
+        for payload in changes_news(news_from, sorted(changed_questions), sorted(users)):
+            batch.notify(CHANGES_CHANNEL, payload)
     mark = "%s" if pg else "?"
 
     def save(
