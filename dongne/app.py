@@ -249,6 +249,8 @@ async def _serve(
         pushes = clients.pushes
         clients.gauge_sources.append(membership.gauges)
         clients.node_id = membership.node_id
+        if link is not None:
+            clients.notify_outside = link.notify  # typing and presence to other nodes' rooms (CLUSTER.md)
         with watch_gc_pauses(clients.metrics.gc_pause):
             async with trio.open_nursery() as root:
                 port = await root.start(clients.run)
@@ -314,7 +316,8 @@ async def _follow_news(
     settings: Settings, clients: ClientServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Other nodes' commits (PostgreSQL): LISTEN for their news (``dongne_events``: inbox heads;
-    ``dongne_changes``: questions and users to read again), and catch up after each (re)connection and
+    ``dongne_changes``: questions and users to read again; ``dongne_rooms``: room events for this node's
+    members, and this node's typing and presence out), and catch up after each (re)connection and
     every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
 
     Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
@@ -322,7 +325,7 @@ async def _follow_news(
     delivering other nodes' events, and the Listener keeps trying.
     """
     from .store._cluster import connect_listener
-    from .store._writes import CHANGES_CHANNEL, EVENTS_CHANNEL
+    from .store._writes import CHANGES_CHANNEL, EVENTS_CHANNEL, ROOMS_CHANNEL
 
     listening = trio.Event()
 
@@ -333,15 +336,20 @@ async def _follow_news(
     def notified(channel: str, payload: str) -> None:
         if channel == CHANGES_CHANNEL:
             clients.changes_news(channel, payload)
+        elif channel == ROOMS_CHANNEL:
+            clients.room_news(channel, payload)
         else:
             clients.inbox_news(channel, payload)
 
-    connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL, CHANGES_CHANNEL))
+    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ROOMS_CHANNEL)
+    connect = functools.partial(connect_listener, settings.store.target, channels)
     listener = Listener(connect, notified, connected)
     clients.listener = listener
     async with trio.open_nursery() as nursery:
         nursery.start_soon(listener.run)
         nursery.start_soon(clients.follow_changes)
+        if clients.notify_outside is not None:
+            nursery.start_soon(clients.relay_rooms)
         nursery.start_soon(clients.catch_up_periodically, settings.cluster.catch_up_interval_s)
         with trio.move_on_after(LISTEN_START_WAIT_S):
             await listening.wait()

@@ -13,6 +13,8 @@ from dongne.core import (
     CountAnswer,
     Engine,
     QuestionChanged,
+    RelayRoom,
+    RoomRelayed,
     SaveQuestion,
     StagePlan,
     User,
@@ -157,3 +159,50 @@ def test_users_another_node_changed_merge_settings_and_bans_but_never_take_back_
     assert [(a.conn_id, a.code) for a in out.actions if isinstance(a, Close)] == [(1, 4003)]
     assert sim.engine.users["newcomer"] == newcomer
     assert sim.engine.handle(UsersChanged((attrs.evolve(stored),)), T0 + 2).actions == ()  # banned already
+
+
+def test_typing_and_presence_are_relayed_to_other_nodes_and_relayed_events_reach_this_nodes_room() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "watcher")
+    qid = ask(sim)
+    joined = sim.call(2, "join_question", {"question_id": qid})
+    typing = sim.call(2, "typing_start", {"question_id": qid}, T0 + 1)
+    sim.take(1)
+    sim.take(2)
+
+    relayed = [(a.kind, a.data["user_id"]) for o in (joined, typing) for a in o.actions if isinstance(a, RelayRoom)]
+    assert relayed == [("user_online", "watcher"), ("user_typing", "watcher")]
+
+    # Another node's: to this node's room, but not to that user's own connections here.
+    remote = {"question_id": qid, "user_id": "watcher", "nick": "Watcher"}
+    sim.deliver(sim.engine.handle(RoomRelayed(qid, "user_typing", remote), T0 + 2))
+    assert (sim.take(1), sim.take(2)) == ([{"type": "user_typing", "data": remote}], [])
+    answer = {"answer_id": "a-far", "content": "by the port"}
+    sim.deliver(sim.engine.handle(RoomRelayed(qid, "new_answer", {"question_id": qid, "answer": answer}), T0 + 3))
+    assert [f["data"]["answer"] for f in sim.take(1)] == [answer]
+    assert [f["type"] for f in sim.take(2)] == ["new_answer"]
+    # Not a room here, another question's data, a kind not relayed, an answer by reference not in memory: nothing.
+    for kind, question, data in (
+        ("user_typing", "q-none", {**remote, "question_id": "q-none"}),
+        ("user_typing", qid, {**remote, "question_id": "q-other"}),
+        ("answer_accepted", qid, {"question_id": qid}),
+        ("new_answer", qid, {"question_id": qid, "answer_id": "a-unknown"}),
+    ):
+        assert sim.engine.handle(RoomRelayed(question, kind, data), T0 + 4).actions == ()
+
+
+def test_a_new_answer_relayed_by_reference_is_sent_from_memory() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    qid = ask(sim)
+    sim.take(1)
+    far = Answer("a-far", qid, "local", "Local", "long", T0 + 1)
+    stored = question_as_stored(sim, qid, status=QuestionStatus.ANSWERED, answer_count=1, first_answer_at=T0 + 1)
+    sim.engine.handle(QuestionChanged(qid, stored, (far,)), T0 + 2)
+
+    out = sim.engine.handle(RoomRelayed(qid, "new_answer", {"question_id": qid, "answer_id": "a-far"}), T0 + 3)
+    sim.deliver(out)
+
+    (frame,) = sim.take(1)
+    assert (frame["type"], frame["data"]["answer"]["content"]) == ("new_answer", "long")

@@ -19,12 +19,19 @@ import trio
 import trio_websocket
 
 from dongne.client import DongneClient, RequestError
-from dongne.core.effects import AcceptOnce, CloseOnce, CountAnswer, SaveAnswer, SaveQuestion, SaveUser
+from dongne.core.effects import AcceptOnce, CloseOnce, CountAnswer, RoomNews, SaveAnswer, SaveQuestion, SaveUser
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.moderation import FOREVER
 from dongne.core.records import Answer, Question, User
 from dongne.store import is_postgres_url
-from dongne.store._writes import NOTIFY_PAYLOAD_LIMIT, changes_news, prepare_writes, read_changes_news
+from dongne.store._writes import (
+    NOTIFY_PAYLOAD_LIMIT,
+    changes_news,
+    prepare_writes,
+    read_changes_news,
+    read_room_news,
+    room_news,
+)
 
 from .conftest import JEJU_CITY, Harness, db_rows, question_data, token
 
@@ -219,7 +226,7 @@ async def test_this_nodes_commits_announce_what_they_changed_with_its_node_id(st
         listening.execute("LISTEN dongne_changes")
         async with h.connect("asker") as asker:
             qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
-        news = [n.payload for n in listening.notifies(timeout=5, stop_after=2)]
+        news = hear(listening, 2)
 
     announced = [read_changes_news(p) for p in news]
     assert (h.running.clients.node_id, [], ["asker"]) in announced  # the hello created the user
@@ -263,3 +270,94 @@ def test_read_changes_names_each_row_changed_since_the_last_look_once_it_is_comm
 
 def question_of(qid: str) -> Question:
     return Question(qid, "asker", "Asker", "Open late?", "", 33.5, 126.5, None, (), "normal", 1)
+
+
+# ---- room events across nodes (dongne_rooms) ---------------------------------------------------------------
+
+
+def other_node_relays(db: Path | str, question_id: str, kind: str, data: dict[str, Any]) -> None:
+    """A typing or presence event as another node sends it: one notification, outside any commit."""
+    import psycopg
+
+    with psycopg.connect(str(db), autocommit=True) as conn:
+        conn.execute("SELECT pg_notify('dongne_rooms', %s)", (room_news(OTHER_NODE, question_id, kind, data),))
+
+
+@pytest.mark.backends("postgres")
+async def test_another_nodes_room_events_reach_this_nodes_members_of_the_room(start_server: Any) -> None:
+    """An answer committed elsewhere (its new_answer inside that commit), a long one relayed by reference,
+    and typing and presence sent outside commits: each reaches the room here once."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("watcher") as watcher:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await watcher.request("join_question", {"question_id": qid})
+        await next_of(asker, "user_online")
+        now = int(time.time() * 1000)
+        who = {"question_id": qid, "user_id": "far", "nick": "Far"}
+        other_node_relays(h.db, qid, "user_online", who)
+        other_node_relays(h.db, qid, "user_typing", who)
+        assert (await next_of(watcher, "user_online"))["data"] == who
+        assert (await next_of(watcher, "user_typing"))["data"] == who
+        answer = Answer("a-far", qid, "far", "Far", "By the port", now)
+        wire = {**answer.to_wire(), "author_local": False, "author_points": 0}
+        other_node_commits(
+            h.db,
+            [
+                SaveUser(User("far", "Far")),
+                SaveAnswer(answer),
+                CountAnswer(qid, 1, answered_at=now),
+                RoomNews(qid, "new_answer", {"question_id": qid, "answer": wire}),
+            ],
+        )
+        assert (await next_of(watcher, "new_answer"))["data"] == {"question_id": qid, "answer": wire}
+        assert (await next_of(asker, "new_answer"))["data"]["answer"]["answer_id"] == "a-far"
+        long = Answer("a-long", qid, "far", "Far", "🍊" * 2000, now + 1)  # 8,000 bytes: relayed by reference
+        long_wire = {**long.to_wire(), "author_local": False, "author_points": 0}
+        other_node_commits(
+            h.db,
+            [
+                SaveAnswer(long),
+                CountAnswer(qid, 1, answered_at=now + 1),
+                RoomNews(qid, "new_answer", {"question_id": qid, "answer": long_wire}),
+            ],
+        )
+        relayed = await next_of(watcher, "new_answer")
+        assert relayed["data"]["answer"]["content"] == "🍊" * 2000
+        await watcher.request("ping", {})
+        assert [f["type"] for f in watcher.pending_events()] == []  # each once
+
+
+def hear(conn: Any, count: int, timeout: float = 5.0) -> list[str]:
+    """The payloads of ``count`` notifications on a listening psycopg connection (bounded wait)."""
+    payloads: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(payloads) < count and time.monotonic() < deadline:
+        payloads.extend(n.payload for n in conn.notifies(timeout=0.1, stop_after=count - len(payloads)))
+    return payloads
+
+
+@pytest.mark.backends("postgres")
+async def test_this_nodes_typing_goes_to_other_nodes_and_its_own_news_is_ignored(start_server: Any) -> None:
+    import psycopg
+
+    h: Harness = await start_server()
+    with psycopg.connect(str(h.db), autocommit=True) as listening:
+        listening.execute("LISTEN dongne_rooms")
+        async with h.connect("asker") as asker, h.connect("watcher") as watcher:
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+            await watcher.request("join_question", {"question_id": qid})
+            await watcher.request("typing_start", {"question_id": qid})
+            assert (await next_of(asker, "user_online"))["data"]["user_id"] == "watcher"
+            assert (await next_of(asker, "user_typing"))["data"]["user_id"] == "watcher"
+            heard = [read_room_news(p) for p in await trio.to_thread.run_sync(hear, listening, 3)]
+            await asker.request("ping", {})
+            assert asker.pending_events() == []  # its own news came back to it, and was ignored
+
+    node = h.running.clients.node_id
+    asker_card = {"question_id": qid, "user_id": "asker", "nick": "asker"}  # the asker is in its question's room
+    who = {"question_id": qid, "user_id": "watcher", "nick": "watcher"}
+    assert heard == [
+        (node, qid, "user_online", asker_card),
+        (node, qid, "user_online", who),
+        (node, qid, "user_typing", who),
+    ]

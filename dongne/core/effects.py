@@ -32,7 +32,9 @@ __all__ = [
     "Observe",
     "Outcome",
     "Push",
+    "RelayRoom",
     "Replay",
+    "RoomNews",
     "SaveAnswer",
     "SaveEscalation",
     "SaveIpBlock",
@@ -208,6 +210,17 @@ class SavePushStatus:
     at: int
 
 
+@attrs.frozen
+class RoomNews:
+    """A room event that follows this commit, for the question's room members on other nodes (several nodes,
+    ``store/CLUSTER.md``): announced inside the commit, so only if it succeeds (PostgreSQL with news on;
+    otherwise nothing). Writes no row."""
+
+    question_id: str
+    kind: str  # "new_answer"
+    data: dict[str, Any]
+
+
 Write = (
     SaveUser
     | SaveQuestion
@@ -224,12 +237,13 @@ Write = (
     | SaveReport
     | SaveIpBlock
     | DeleteIpBlock
+    | RoomNews
 )
 
 
 def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
     """How many table rows ``writes`` insert or replace (a SaveNotified is one per target)."""
-    return sum(len(w.targets) if isinstance(w, SaveNotified) else 1 for w in writes)
+    return sum(len(w.targets) if isinstance(w, SaveNotified) else 0 if isinstance(w, RoomNews) else 1 for w in writes)
 
 
 # ---- actions -----------------------------------------------------------------
@@ -285,6 +299,16 @@ class Replay:
     user_id: str
     after_seq: int
     up_to_seq: int
+
+
+@attrs.frozen
+class RelayRoom:
+    """Tell the question's room members on other nodes (several nodes, ``store/CLUSTER.md``): an ephemeral
+    room event (typing, presence) the driver sends outside any commit, lossy; nothing on one node."""
+
+    question_id: str
+    kind: str  # "user_typing" | "user_stop_typing" | "user_online" | "user_offline"
+    data: dict[str, Any]
 
 
 @attrs.frozen
@@ -346,6 +370,7 @@ Action = (
     | SendEach
     | Close
     | Replay
+    | RelayRoom
     | StartEscalation
     | CancelEscalation
     | Push

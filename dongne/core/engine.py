@@ -47,6 +47,7 @@ from .events import (
     ReadDone,
     ReadFailed,
     Reloaded,
+    RoomRelayed,
     SeqsMoved,
     Tick,
     UsersChanged,
@@ -61,7 +62,7 @@ from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
 from .places import Places, RegionLookup, ServiceArea
-from .presence import Presence
+from .presence import RELAYED_PRESENCE, Presence
 from .protocol import Fields, Request, decode_request, reply_error, reply_ok
 from .questions import Questions
 from .records import Answer, Claims, LoadedState, Question, User
@@ -304,6 +305,8 @@ class Engine:
             out = OutcomeBuilder()
             self._qa.refresh(event.question_id, event.question, event.answers, out)
             return out.build()
+        if isinstance(event, RoomRelayed):
+            return self._room_relayed(event)
         if isinstance(event, UsersChanged):
             return self._users_changed(event.users, now)
         if isinstance(event, InboxPruned):
@@ -602,6 +605,23 @@ class Engine:
         return out.build()
 
     # ---- other nodes' changes (store/CLUSTER.md) -------------------------------------------
+
+    def _room_relayed(self, event: RoomRelayed) -> Outcome:
+        """Another node's room event, to this node's members of the room."""
+        question_id, data = event.question_id, event.data
+        if data.get("question_id") != question_id:
+            return _NOTHING
+        if event.kind == "new_answer":
+            if not isinstance(data.get("answer"), dict):  # too large to relay: from memory, if read by now
+                answer = self.answers.get(question_id, {}).get(str(data.get("answer_id")))
+                if answer is None:
+                    return _NOTHING
+                data = {"question_id": question_id, "answer": self._qa.answer_wire(answer)}
+        elif event.kind not in RELAYED_PRESENCE:
+            return _NOTHING
+        out = OutcomeBuilder()
+        self.presence.relayed(question_id, event.kind, data, out)
+        return out.build()
 
     def _users_changed(self, users: tuple[User, ...], now: int) -> Outcome:
         """Merge users' rows another node may have changed: settings and bans hold here too."""

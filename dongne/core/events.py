@@ -25,6 +25,7 @@ __all__ = [
     "ReadDone",
     "ReadFailed",
     "Reloaded",
+    "RoomRelayed",
     "SeqsMoved",
     "Tick",
     "UsersChanged",
@@ -91,6 +92,22 @@ class UsersChanged:
     """
 
     users: tuple[User, ...]
+
+
+@attrs.frozen
+class RoomRelayed:
+    """A room event another node relayed (``RoomNews``, ``RelayRoom``; several nodes, ``store/CLUSTER.md``).
+
+    The engine sends it to this node's members of the question's room (a
+    presence or typing event not to that user's own connections). A
+    ``new_answer`` too large to relay whole carries ``answer_id`` only: it is
+    sent from memory if the answer is there (the driver reads it first), and
+    dropped otherwise. Unknown kinds are ignored.
+    """
+
+    question_id: str
+    kind: str
+    data: dict[str, Any]
 
 
 @attrs.frozen
@@ -179,6 +196,7 @@ Event = (
     | QuestionLoaded
     | QuestionChanged
     | UsersChanged
+    | RoomRelayed
     | ReadDone
     | ReadFailed
     | Disconnected

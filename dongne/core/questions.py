@@ -20,6 +20,7 @@ from .effects import (
     CountAnswer,
     Observe,
     OutcomeBuilder,
+    RoomNews,
     SaveAnswer,
     SaveEscalation,
     SaveNotified,
@@ -336,10 +337,9 @@ class Questions:
         out.write(CountAnswer(question.question_id, 1, answered_at=now))
         out.note("answer_created", question_id=question.question_id, answer_id=answer.answer_id, user=user.user_id)
         wire = self.answer_wire(answer)
-        out.send(
-            self._presence.others(question.question_id, except_conn=call.conn.conn_id),
-            event("new_answer", {"question_id": question.question_id, "answer": wire}),
-        )
+        news = {"question_id": question.question_id, "answer": wire}
+        out.send(self._presence.others(question.question_id, except_conn=call.conn.conn_id), event("new_answer", news))
+        out.write(RoomNews(question.question_id, "new_answer", news))  # the room's members on other nodes
         notice = {"question_id": question.question_id, "question_title": question.title, "answer": wire}
         self._inbox.append(question.asker_id, "answer_notification", notice, now, out)
         if not self._user_conns.get(question.asker_id):  # the asker's app is in the background: push

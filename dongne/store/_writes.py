@@ -27,6 +27,7 @@ from ..core.effects import (
     CountAnswer,
     DeleteIpBlock,
     EnqueuePush,
+    RoomNews,
     SaveAnswer,
     SaveEscalation,
     SaveIpBlock,
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_ROWS_PER_STATEMENT",
     "NOTIFY_PAYLOAD_LIMIT",
     "RACED_QUESTION_COLS",
+    "ROOMS_CHANNEL",
     "Guard",
     "PreparedCommit",
     "changes_news",
@@ -54,6 +56,8 @@ __all__ = [
     "prepare_writes",
     "read_changes_news",
     "read_inbox_news",
+    "read_room_news",
+    "room_news",
 ]
 
 
@@ -65,6 +69,9 @@ EVENTS_CHANNEL = "dongne_events"
 
 #: Where commits announce the questions and users they changed (``news_from``; CLUSTER.md).
 CHANGES_CHANNEL = "dongne_changes"
+
+#: Where room events go to the rooms' members on other nodes (CLUSTER.md, "Delivery across nodes").
+ROOMS_CHANNEL = "dongne_rooms"
 
 #: The most rows in one multi-row INSERT (a power of two); see PreparedCommit.insert.
 MAX_ROWS_PER_STATEMENT = 256
@@ -256,6 +263,41 @@ def read_changes_news(payload: str) -> tuple[str, list[str], list[str]]:
     return origin, [str(q) for q in questions], [str(u) for u in users]
 
 
+def room_news(origin: str, question_id: str, kind: str, data: dict[str, Any]) -> str:
+    """The payload of a room event on :data:`ROOMS_CHANNEL`: JSON ``{"node", "question_id", "kind", "data"}``.
+
+    A ``new_answer`` over PostgreSQL's payload limit (a long answer in a
+    script of 3- and 4-byte characters) goes as ``answer_id`` alone: the
+    listener reads the answer from the store.
+
+    Raises:
+        ValueError: an event over the limit even so.
+    """
+    payload = json.dumps({"node": origin, "question_id": question_id, "kind": kind, "data": data}, ensure_ascii=False)
+    if len(payload.encode()) >= NOTIFY_PAYLOAD_LIMIT and kind == "new_answer" and isinstance(data.get("answer"), dict):
+        ref = {"question_id": question_id, "answer_id": data["answer"].get("answer_id")}
+        payload = json.dumps({"node": origin, "question_id": question_id, "kind": kind, "data": ref})
+    if len(payload.encode()) >= NOTIFY_PAYLOAD_LIMIT:
+        raise ValueError(f"a room event too large to announce: {kind} in {question_id[:40]!r}")
+    return payload
+
+
+def read_room_news(payload: str) -> tuple[str, str, str, dict[str, Any]]:
+    """``(origin node, question id, kind, data)`` of a payload :func:`room_news` made.
+
+    Raises:
+        ValueError: not such a payload.
+    """
+    try:
+        news = json.loads(payload)
+        origin, question_id, kind, data = news["node"], news["question_id"], news["kind"], news["data"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"not room news: {payload[:80]!r}") from None
+    if not all(isinstance(x, str) for x in (origin, question_id, kind)) or not isinstance(data, dict):
+        raise ValueError(f"not room news: {payload[:80]!r}")
+    return origin, question_id, kind, data
+
+
 def prepare_writes(
     writes: Sequence[Write],
     max_variables: int,
@@ -290,6 +332,7 @@ def prepare_writes(
     escalations: dict[str, SaveEscalation] = {}
     notified: list[tuple[Any, ...]] = []
     raced: list[CountAnswer | AcceptOnce | CloseOnce] = []  # in order
+    rooms: list[RoomNews] = []
     pushes: list[PushJob] = []
     push_status: dict[int, SavePushStatus] = {}
     audit: list[AppendAudit] = []
@@ -314,6 +357,8 @@ def prepare_writes(
             questions[question.question_id] = question
         elif isinstance(item, (CountAnswer, AcceptOnce, CloseOnce)):
             raced.append(item)
+        elif isinstance(item, RoomNews):
+            rooms.append(item)
         elif isinstance(item, SaveAnswer):
             answers[item.answer.answer_id] = item.answer
         elif isinstance(item, SaveEscalation):
@@ -338,6 +383,11 @@ def prepare_writes(
         changed_questions = {*questions, *(op.question_id for op in raced), *(a.question_id for a in answers.values())}
         for payload in changes_news(news_from, sorted(changed_questions), sorted(users)):
             batch.notify(CHANGES_CHANNEL, payload)
+        for news in rooms:  # after the changes: a listener may read the answer a news names
+            try:
+                batch.notify(ROOMS_CHANNEL, room_news(news_from, news.question_id, news.kind, news.data))
+            except ValueError:  # too large even by reference: other nodes' rooms miss it (lossy, as designed)
+                continue
     mark = "%s" if pg else "?"
 
     def save(
