@@ -103,11 +103,17 @@ class AcceptOnce:
 @attrs.frozen
 class CloseOnce:
     """Move an open or answered question to ``status`` (closed, expired) at ``at``; otherwise the commit
-    fails with ``Conflict`` (another node resolved, closed or expired it first)."""
+    fails with ``Conflict`` (another node resolved, closed or expired it first).
+
+    ``conflict`` False (an expiry: every node holding the question expires
+    it at the same time): a question that ended already is left as it is,
+    and the commit goes on.
+    """
 
     question_id: str
     status: str
     at: int
+    conflict: bool = True
 
 
 @attrs.frozen

@@ -481,7 +481,7 @@ class Questions:
         question.status = advance(question.status, QuestionEvent.EXPIRE)
         question.closed_at = now
         self._end(question, out)
-        out.write(CloseOnce(question_id, question.status, now))
+        out.write(CloseOnce(question_id, question.status, now, conflict=False))  # ended elsewhere: no matter
         out.note("question_expired", question_id=question_id)
         closing = event("question_closed", {"question_id": question_id, "reason": "expired"})
         room = self._presence.room_of(question_id)

@@ -444,11 +444,13 @@ def prepare_writes(
                 Guard(op.question_id, "accept"),
             )
         else:
-            batch.guarded(
-                f"UPDATE questions SET status = {mark}, closed_at = {mark} WHERE question_id = {mark} AND {_ACTIVE_SQL}",
-                [op.status, op.at, op.question_id],
-                Guard(op.question_id, "close"),
+            close = (
+                f"UPDATE questions SET status = {mark}, closed_at = {mark} WHERE question_id = {mark} AND {_ACTIVE_SQL}"
             )
+            if op.conflict:
+                batch.guarded(close, [op.status, op.at, op.question_id], Guard(op.question_id, "close"))
+            else:
+                batch.many(close, [(op.status, op.at, op.question_id)])
     keep(
         "question_hashtags",
         "question_id, tag, created_at",
