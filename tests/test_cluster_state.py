@@ -361,3 +361,23 @@ async def test_this_nodes_typing_goes_to_other_nodes_and_its_own_news_is_ignored
         (node, qid, "user_online", who),
         (node, qid, "user_typing", who),
     ]
+
+
+@pytest.mark.backends("postgres")
+async def test_a_change_made_while_the_listen_connection_was_down_is_read_when_it_comes_back(
+    start_server: Any,
+) -> None:
+    """Committed unannounced, then pg_terminate_backend of the LISTEN connection: the catch-up made when the
+    listener connects again (``on_connected``) reads it; the periodic one is too far off to."""
+    h: Harness = await start_server(cluster={"catch_up_interval_s": 600.0})
+    engine = h.running.engine
+    listener = h.running.clients.listener
+    async with h.connect("watcher") as watcher:
+        settings = attrs.evolve(engine.users["watcher"], max_alerts_per_hour=4)
+        other_node_commits(h.db, [SaveUser(settings)], notify=False)
+        assert db_rows(h.db, "SELECT pg_terminate_backend(?)", (listener.backend_pid,)) == [(True,)]
+
+        await until(lambda: engine.users["watcher"].max_alerts_per_hour == 4)
+
+        assert listener.connections == 2
+        await watcher.request("ping", {})
