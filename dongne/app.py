@@ -250,7 +250,7 @@ async def _serve(
         clients.gauge_sources.append(membership.gauges)
         clients.node_id = membership.node_id
         if link is not None:
-            clients.notify_outside = link.notify  # typing and presence to other nodes' rooms (CLUSTER.md)
+            clients.news.notify_outside = link.notify  # typing and presence to other nodes' rooms (CLUSTER.md)
         with watch_gc_pauses(clients.metrics.gc_pause):
             async with trio.open_nursery() as root:
                 port = await root.start(clients.run)
@@ -335,9 +335,9 @@ async def _follow_news(
 
     def notified(channel: str, payload: str) -> None:
         if channel == CHANGES_CHANNEL:
-            clients.changes_news(channel, payload)
+            clients.news.changes_news(channel, payload)
         elif channel == ROOMS_CHANNEL:
-            clients.room_news(channel, payload)
+            clients.news.room_news(channel, payload)
         else:
             clients.inbox_news(channel, payload)
 
@@ -347,9 +347,9 @@ async def _follow_news(
     clients.listener = listener
     async with trio.open_nursery() as nursery:
         nursery.start_soon(listener.run)
-        nursery.start_soon(clients.follow_changes)
-        if clients.notify_outside is not None:
-            nursery.start_soon(clients.relay_rooms)
+        nursery.start_soon(clients.news.follow_changes)
+        if clients.news.notify_outside is not None:
+            nursery.start_soon(clients.news.relay_rooms)
         nursery.start_soon(clients.catch_up_periodically, settings.cluster.catch_up_interval_s)
         with trio.move_on_after(LISTEN_START_WAIT_S):
             await listening.wait()

@@ -17,9 +17,9 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     │         a resume, or events another node appended; delivery.Deliveries)
     ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
     ├── app._follow_news            PostgreSQL: cluster.Listener on dongne_events (other nodes'
-    │                               commits: heads_moved), dongne_changes (follow_changes) and
-    │                               dongne_rooms (room_news); relay_rooms (this node's typing and
-    │                               presence out); ClientServer.catch_up_periodically
+    │                               commits: heads_moved), dongne_changes and dongne_rooms
+    │                               (news.NodeNews: follow_changes, room_news; relay_rooms: this
+    │                               node's typing and presence out); ClientServer.catch_up_periodically
     └── hypercorn                   the ops port
 """
 
@@ -69,13 +69,11 @@ from .core import (
     RelayRoom,
     Reloaded,
     Replay,
-    RoomRelayed,
     Send,
     SendEach,
     SeqsMoved,
     StartEscalation,
     Tick,
-    UsersChanged,
     WritesFailing,
     WritesWork,
 )
@@ -85,10 +83,11 @@ from .delivery import Deliveries
 from .doorman import Doorman
 from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
+from .news import NodeNews
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
 from .store import Conflict, SeqConflict, Storage, StoreError, WriteFailed
-from .store._writes import ROOMS_CHANNEL, read_changes_news, read_inbox_news, read_room_news, room_news
+from .store._writes import read_inbox_news
 from .transport import (
     BinaryFrame,
     FrameEncoder,
@@ -187,23 +186,14 @@ class ClientServer:
         # A Conflict's question, and the requests that lost its race: answered once memory has the store's copy.
         self._conflicted: tuple[str, list[tuple[int, int | None, str]]] | None = None
         self._catch_up_wakeup = trio.Event()
-        # Questions and users another node changed, to read again (follow_changes).
-        self._changed_questions: set[str] = set()
-        self._changed_users: set[str] = set()
-        self._changes_wakeup = trio.Event()
-        #: PostgreSQL: sends a notification outside any commit (``ClusterLink.notify``; the app sets it),
-        #: for room events other nodes' members of a room get (RelayRoom); None: one node, nothing to relay.
-        self.notify_outside: Callable[[str, str], None] | None = None
-        self._rooms_out, self._rooms_in = trio.open_memory_channel[str](ROOM_RELAY_QUEUE)
-        self.room_relays_dropped = 0
         #: This node's id in news on ``dongne_events`` (the app sets it; its own news is skipped).
         self.node_id = ""
         #: The LISTEN connection's keeper on PostgreSQL (the app sets it), for /admin, logs and tests.
         self.listener: Any = None
-        #: Rounds of other nodes' changes merged into memory (follow_changes), for tests and logs.
-        self.changes_followed = 0
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
+        #: Other nodes' changed rows and room events in, this node's room events out (PostgreSQL).
+        self.news = NodeNews(store, self._feed, self._spawn, lambda: self.node_id)
 
     # ---- running ---------------------------------------------------------------
 
@@ -496,7 +486,7 @@ class ClientServer:
                 if conn is not None:
                     self.deliveries.start(conn, action.conn_id, action.user_id, action.after_seq, action.up_to_seq)
             elif isinstance(action, RelayRoom):
-                self._relay_room(action)
+                self.news.relay(action)
             elif isinstance(action, StartEscalation):
                 self._start_escalation(action)
             elif isinstance(action, CancelEscalation):
@@ -747,107 +737,6 @@ class ClientServer:
         if origin != self.node_id:
             self.heads_moved(heads)
 
-    def changes_news(self, channel: str, payload: str) -> None:
-        """A notification on ``dongne_changes``: questions and users another node changed; ours are skipped."""
-        try:
-            origin, questions, users = read_changes_news(payload)
-        except ValueError:
-            log.warning("changes_news_unreadable", extra={"channel": channel, "payload": payload[:80]})
-            return
-        if origin != self.node_id:
-            self.rows_changed(questions, users)
-
-    def rows_changed(self, questions: Iterable[str], users: Iterable[str]) -> None:
-        """These rows may differ from memory: :meth:`follow_changes` reads them and merges them in."""
-        self._changed_questions.update(questions)
-        self._changed_users.update(users)
-        if self._changed_questions or self._changed_users:
-            self._changes_wakeup.set()
-
-    async def follow_changes(self) -> None:
-        """Read the rows :meth:`rows_changed` names and merge them into memory (``UsersChanged``,
-        ``QuestionChanged``), in rounds: what is named during a read waits for the next.
-
-        Error handling: a read that fails is logged and tried again a second
-        later with the same rows (and any named since).
-        """
-        while True:
-            await self._changes_wakeup.wait()
-            self._changes_wakeup = trio.Event()
-            questions, self._changed_questions = self._changed_questions, set()
-            users, self._changed_users = self._changed_users, set()
-            try:
-                found, people = await trio.to_thread.run_sync(self.store.read_rows, sorted(questions), sorted(users))
-            except StoreError as exc:
-                log.warning("changes_read_failed", extra={"error": str(exc)})
-                self.rows_changed(questions, users)
-                await trio.sleep(PROBE_INTERVAL_S)
-                continue
-            if people:
-                self._feed(UsersChanged(tuple(people)))
-            for question_id, question, answers in found:
-                self._feed(QuestionChanged(question_id, question, tuple(answers)))
-            self.changes_followed += 1
-
-    async def catch_up_changes(self) -> None:
-        """Read which questions and users changed since the last look (notifications may be lost) and follow them."""
-        try:
-            questions, users = await trio.to_thread.run_sync(self.store.read_changes)
-        except StoreError as exc:
-            log.warning("catch_up_failed", extra={"error": str(exc)})
-            return
-        self.rows_changed(questions, users)
-
-    def _relay_room(self, action: RelayRoom) -> None:
-        """Queue an ephemeral room event for the other nodes (lossy: a full queue drops it)."""
-        if self.notify_outside is None:
-            return
-        try:
-            payload = room_news(self.node_id, action.question_id, action.kind, action.data)
-            self._rooms_out.send_nowait(payload)
-        except (ValueError, trio.WouldBlock):
-            self.room_relays_dropped += 1
-
-    async def relay_rooms(self) -> None:
-        """Send the queued room events, in order, one notification each (on a worker thread).
-
-        Error handling: one that cannot be sent is logged and dropped (typing
-        and presence are ephemeral).
-        """
-        notify = self.notify_outside
-        assert notify is not None
-        async for payload in self._rooms_in:
-            try:
-                await trio.to_thread.run_sync(notify, ROOMS_CHANNEL, payload)
-            except StoreError as exc:
-                self.room_relays_dropped += 1
-                log.warning("room_relay_failed", extra={"error": str(exc)})
-
-    def room_news(self, channel: str, payload: str) -> None:
-        """A notification on ``dongne_rooms``: another node's room event, to this node's members of the room."""
-        try:
-            origin, question_id, kind, data = read_room_news(payload)
-        except ValueError:
-            log.warning("room_news_unreadable", extra={"channel": channel, "payload": payload[:80]})
-            return
-        if origin == self.node_id:
-            return
-        if kind == "new_answer" and not isinstance(data.get("answer"), dict):
-            self._spawn(self._relay_after_reading, question_id, kind, data)  # too large to relay whole
-            return
-        self._feed(RoomRelayed(question_id, kind, data))
-
-    async def _relay_after_reading(self, question_id: str, kind: str, data: dict[str, Any]) -> None:
-        """A ``new_answer`` relayed by reference: read the question (and so the answer) first."""
-        try:
-            found, _ = await trio.to_thread.run_sync(self.store.read_rows, [question_id], [])
-        except StoreError as exc:
-            log.warning("room_news_read_failed", extra={"question_id": question_id, "error": str(exc)})
-            return
-        for qid, question, answers in found:
-            self._feed(QuestionChanged(qid, question, tuple(answers)))
-        self._feed(RoomRelayed(question_id, kind, data))
-
     def catch_up_soon(self) -> None:
         """Compare heads now (the Listener connected: notifications may have been missed meanwhile)."""
         self._catch_up_wakeup.set()
@@ -871,7 +760,7 @@ class ClientServer:
             with trio.move_on_after(interval_s):
                 await self._catch_up_wakeup.wait()
             self._catch_up_wakeup = trio.Event()
-            await self.catch_up_changes()
+            await self.news.catch_up_changes()
             await self.catch_up()
 
     # ---- time ------------------------------------------------------------------
@@ -912,9 +801,6 @@ def _raced(outcome: Outcome, question_id: str) -> str | None:
             return "answer"
     return None
 
-
-#: Room events waiting to be relayed to other nodes; past it they are dropped (typing and presence).
-ROOM_RELAY_QUEUE = 1000
 
 #: How often the store is probed while commits fail.
 PROBE_INTERVAL_S = 1.0
