@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 import msgpack
 import trio
 
@@ -183,8 +184,8 @@ class ClientServer:
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
         self._seqs_moved: set[str] | None = None  # users of a SeqConflict, for the storage supervisor
-        # A Conflict's question, and the requests that lost its race: answered once memory has the store's copy.
-        self._conflicted: tuple[str, list[tuple[int, int | None, str]]] | None = None
+        # A Conflict's question and what its losers' connections are owed, until memory has the store's copy.
+        self._conflicted: _Conflicted | None = None
         self._catch_up_wakeup = trio.Event()
         #: This node's id in news on ``dongne_events`` (the app sets it; its own news is skipped).
         self.node_id = ""
@@ -391,6 +392,8 @@ class ClientServer:
                 sock.close()
 
     async def _on_message(self, conn_id: int, message: BinaryFrame | TextFrame) -> None:
+        if self._conflicted is not None and conn_id in self._conflicted.conns:
+            await self._reloaded.wait()  # its request lost a race: its replies wait for the refresh, in order
         started = time.perf_counter()
         text = isinstance(message, TextFrame)
         payload = b"" if isinstance(message, TextFrame) else message.payload
@@ -585,10 +588,12 @@ class ClientServer:
         writes are taken again as soon as that is done. A ``Conflict``
         (another node answered, accepted or closed a question first) goes the
         same way; the requests whose guarded write lost are answered
-        ``conflict`` by the supervisor once the question is read again.
+        ``conflict`` by the supervisor once the question is read again, and
+        everything else their connections are owed waits with them, so that
+        replies keep the order of the requests (their reading pauses until
+        then: ``_on_message``).
         """
         self.metrics.store_write_failures.inc()
-        lost: list[tuple[int, int | None, str]] | None = None  # requests that lost a Conflict's race
         if self._writes_ok.is_set():
             self._writes_ok = trio.Event()
             self._reloaded = trio.Event()
@@ -597,8 +602,8 @@ class ClientServer:
                 if isinstance(exc, Conflict):
                     log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
                     self.metrics.question_conflicts.inc()
-                    lost = []
-                    self._conflicted = (exc.question_id, lost)
+                    losers = {o.request[0] for o, _ in refused if o.request and _raced(o, exc.question_id)}
+                    self._conflicted = _Conflicted(exc.question_id, losers)
                 else:
                     log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
                     self.metrics.seq_conflicts.inc()
@@ -609,30 +614,43 @@ class ClientServer:
             else:
                 log.error("storage_failing", extra={"error": str(exc)})
                 self._perform(self._handle(WritesFailing(str(exc))))
+        conflicted = self._conflicted
         for outcome, token in refused:
-            if not outcome.writes:
-                self._act(outcome, token)  # a read or live event: valid without the failed writes
+            if conflicted is not None and outcome.request is not None and outcome.request[0] in conflicted.conns:
+                conflicted.owed.append((outcome, token))  # in order, after the refresh (_refresh_lost_race)
                 continue
-            if outcome.request is None:
-                continue  # an escalation batch or an alert: the reload makes it due again
-            conn_id, request_id = outcome.request
-            conn = self.conns.get(conn_id)
-            if conn is None:
-                continue
-            if outcome.op == "hello":
-                conn.close(1013, "the server cannot store your session now; reconnect later")
-                continue
-            if lost is not None and isinstance(exc, Conflict) and (what := _raced(outcome, exc.question_id)):
-                lost.append((conn_id, request_id, what))  # answered after the refresh (_storage_supervisor)
-                continue
-            frame = reply_error(
-                request_id,
-                "unavailable",
-                "the server could not store this; nothing was changed",
-                retry_after_ms=UNAVAILABLE_RETRY_MS,
-            )
+            self._refuse_outcome(outcome, token)
+
+    def _refuse_outcome(self, outcome: Outcome, token: Any, conflict: str | None = None) -> None:
+        """Act on an outcome that will not be committed: ``unavailable`` to its request (``conflict`` when it
+        lost the race for question ``conflict``); an outcome without writes is acted on as it is."""
+        if not outcome.writes:
+            self._act(outcome, token)  # a read or live event: valid without the failed writes
+            return
+        if outcome.request is None:
+            return  # an escalation batch or an alert: the reload makes it due again
+        conn_id, request_id = outcome.request
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return
+        if outcome.op == "hello":
+            conn.close(1013, "the server cannot store your session now; reconnect later")
+            return
+        what = _raced(outcome, conflict) if conflict is not None else None
+        if what is not None:
+            assert conflict is not None
+            frame = reply_error(request_id, "conflict", _CONFLICT_MESSAGES[what], question_id=conflict)
             conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
-            self.metrics.errors.labels("unavailable").inc()
+            self.metrics.errors.labels("conflict").inc()
+            return
+        frame = reply_error(
+            request_id,
+            "unavailable",
+            "the server could not store this; nothing was changed",
+            retry_after_ms=UNAVAILABLE_RETRY_MS,
+        )
+        conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
+        self.metrics.errors.labels("unavailable").inc()
 
     async def wait_reloaded(self) -> None:
         """Return once memory has been rebuilt from the database after the latest failed commit."""
@@ -668,9 +686,9 @@ class ClientServer:
                     log.warning("storage_reload_failed", extra={"error": str(exc)})
                     await trio.sleep(PROBE_INTERVAL_S)
             self._perform(self._handle(Reloaded(state)))
-            conflicted, self._conflicted = self._conflicted, None
-            if conflicted is not None:
-                await self._refresh_lost_race(*conflicted)
+            if self._conflicted is not None:
+                await self._refresh_lost_race(self._conflicted)
+                self._conflicted = None
             self._reloaded.set()
             if moved is not None:
                 self.pipeline.writes_work()
@@ -690,9 +708,11 @@ class ClientServer:
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
 
-    async def _refresh_lost_race(self, question_id: str, lost: list[tuple[int, int | None, str]]) -> None:
-        """After a ``Conflict``: the question as the store holds it into memory, then ``conflict`` to the requests
-        that lost the race (so a client that reads the question next sees what won)."""
+    async def _refresh_lost_race(self, conflicted: _Conflicted) -> None:
+        """After a ``Conflict``: the question as the store holds it into memory, then what the losers'
+        connections are owed, in order (``conflict`` to the requests that lost), so that a client reading
+        the question next sees what won."""
+        question_id = conflicted.question_id
         try:
             found = await trio.to_thread.run_sync(self.store.find_question, question_id)
         except StoreError as exc:  # memory was reloaded already; only a question outside the hot set stays stale
@@ -700,13 +720,8 @@ class ClientServer:
         else:
             question, answers = found if found is not None else (None, [])
             self._feed(QuestionChanged(question_id, question, tuple(answers)))
-        for conn_id, request_id, what in lost:
-            conn = self.conns.get(conn_id)
-            if conn is None:
-                continue
-            frame = reply_error(request_id, "conflict", _CONFLICT_MESSAGES[what], question_id=question_id)
-            conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
-            self.metrics.errors.labels("conflict").inc()
+        for outcome, token in conflicted.owed:
+            self._refuse_outcome(outcome, token, question_id)
 
     # ---- other nodes' events (store/CLUSTER.md) -------------------------------------
 
@@ -778,6 +793,16 @@ class ClientServer:
             with trio.move_on_at(self._timer_at):
                 await self._timer_wakeup.wait()
             self.pipeline.submit(self._handle(Tick()))
+
+
+@attrs.define
+class _Conflicted:
+    """A ``Conflict``: its question, the connections whose requests lost its race, and what those connections
+    are owed (refused outcomes, in order) until the question is read again."""
+
+    question_id: str
+    conns: set[int]
+    owed: list[tuple[Outcome, Any]] = attrs.Factory(list)
 
 
 #: The message of a ``conflict`` reply, by the guarded write that lost its race (``Conflict.what``).

@@ -381,3 +381,38 @@ async def test_a_change_made_while_the_listen_connection_was_down_is_read_when_i
 
         assert listener.connections == 2
         await watcher.request("ping", {})
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winner(start_server: Any) -> None:
+    """A ping pipelined behind the accept that loses is answered after ``conflict``; a read sent on the
+    ``conflict`` shows the answer another node accepted."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker:
+        qid, local_answer, other_answer = await answered_twice(h, asker)
+    other_node_runs(
+        h.db,
+        "UPDATE questions SET status = 'resolved', accepted_answer_id = ?, closed_at = ? WHERE question_id = ?",
+        (local_answer, 1_000, qid),
+    )
+    replies: list[dict[str, Any]] = []
+    async with trio_websocket.open_websocket_url(h.url + "/ws") as ws:
+
+        async def reply() -> dict[str, Any]:
+            with trio.fail_after(10):
+                while True:
+                    frame: dict[str, Any] = msgpack.unpackb(await ws.get_message())
+                    if frame["type"] == "reply":
+                        return frame
+
+        await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("asker")}}))
+        accept = {"question_id": qid, "answer_id": other_answer}
+        await ws.send_message(msgpack.packb({"type": "accept_answer", "id": 2, "data": accept}))
+        await ws.send_message(msgpack.packb({"type": "ping", "id": 3, "data": {}}))
+        replies += [await reply(), await reply(), await reply()]
+        await ws.send_message(msgpack.packb({"type": "join_question", "id": 4, "data": {"question_id": qid}}))
+        replies.append(await reply())
+
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, False), (3, True), (4, True)]
+    assert replies[1]["error"]["code"] == "conflict"
+    assert replies[3]["data"]["question"]["accepted_answer_id"] == local_answer
