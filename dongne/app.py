@@ -249,6 +249,8 @@ async def _serve(
         pushes = clients.pushes
         clients.gauge_sources.append(membership.gauges)
         clients.node_id = membership.node_id
+        if link is not None:
+            clients.news.notify_outside = link.notify  # typing and presence to other nodes' rooms (CLUSTER.md)
         with watch_gc_pauses(clients.metrics.gc_pause):
             async with trio.open_nursery() as root:
                 port = await root.start(clients.run)
@@ -313,7 +315,9 @@ LISTEN_START_WAIT_S = 5.0
 async def _follow_news(
     settings: Settings, clients: ClientServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Other nodes' commits (PostgreSQL): LISTEN for their news, and catch up after each (re)connection and
+    """Other nodes' commits (PostgreSQL): LISTEN for their news (``dongne_events``: inbox heads;
+    ``dongne_changes``: questions and users to read again; ``dongne_rooms``: room events for this node's
+    members, and this node's typing and presence out), and catch up after each (re)connection and
     every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
 
     Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
@@ -321,7 +325,7 @@ async def _follow_news(
     delivering other nodes' events, and the Listener keeps trying.
     """
     from .store._cluster import connect_listener
-    from .store._writes import EVENTS_CHANNEL
+    from .store._writes import CHANGES_CHANNEL, EVENTS_CHANNEL, ROOMS_CHANNEL
 
     listening = trio.Event()
 
@@ -329,11 +333,23 @@ async def _follow_news(
         listening.set()
         clients.catch_up_soon()  # news sent while there was no LISTEN connection is lost
 
-    connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL,))
-    listener = Listener(connect, clients.inbox_news, connected)
+    def notified(channel: str, payload: str) -> None:
+        if channel == CHANGES_CHANNEL:
+            clients.news.changes_news(channel, payload)
+        elif channel == ROOMS_CHANNEL:
+            clients.news.room_news(channel, payload)
+        else:
+            clients.inbox_news(channel, payload)
+
+    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ROOMS_CHANNEL)
+    connect = functools.partial(connect_listener, settings.store.target, channels)
+    listener = Listener(connect, notified, connected)
     clients.listener = listener
     async with trio.open_nursery() as nursery:
         nursery.start_soon(listener.run)
+        nursery.start_soon(clients.news.follow_changes)
+        if clients.news.notify_outside is not None:
+            nursery.start_soon(clients.news.relay_rooms)
         nursery.start_soon(clients.catch_up_periodically, settings.cluster.catch_up_interval_s)
         with trio.move_on_after(LISTEN_START_WAIT_S):
             await listening.wait()

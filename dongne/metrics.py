@@ -78,6 +78,11 @@ class Metrics:
             "Commits refused because another node appended to one of their users' inboxes first",
             registry=r,
         )
+        self.question_conflicts = Counter(
+            "dongne_question_conflicts",
+            "Commits refused because another node answered, accepted or closed one of their questions first",
+            registry=r,
+        )
         self.overflows = Counter("dongne_outbound_overflows", "Connections closed as slow consumers (4009)", registry=r)
         self.rate_limit_hits = Counter(
             "dongne_rate_limit_hits", "Requests or connections refused by a limit", ["scope"], registry=r

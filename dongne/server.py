@@ -17,7 +17,9 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     │         a resume, or events another node appended; delivery.Deliveries)
     ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
     ├── app._follow_news            PostgreSQL: cluster.Listener on dongne_events (other nodes'
-    │                               commits: heads_moved) and ClientServer.catch_up_periodically
+    │                               commits: heads_moved), dongne_changes and dongne_rooms
+    │                               (news.NodeNews: follow_changes, room_news; relay_rooms: this
+    │                               node's typing and presence out); ClientServer.catch_up_periodically
     └── hypercorn                   the ops port
 """
 
@@ -34,18 +36,22 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
 import msgpack
 import trio
 
 from .clock import EngineClock
 from .config import EscalationSettings, InboxSettings, LimitSettings, ServerSettings
 from .core import (
+    AcceptOnce,
     Alert,
     AppendEvent,
     BlockAddresses,
     CancelEscalation,
     Close,
+    CloseOnce,
     Connected,
+    CountAnswer,
     Disconnected,
     Engine,
     EscalationDue,
@@ -57,9 +63,11 @@ from .core import (
     Outcome,
     Push,
     PushJob,
+    QuestionChanged,
     QuestionLoaded,
     ReadDone,
     ReadFailed,
+    RelayRoom,
     Reloaded,
     Replay,
     Send,
@@ -76,9 +84,10 @@ from .delivery import Deliveries
 from .doorman import Doorman
 from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
+from .news import NodeNews
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .store import SeqConflict, Storage, StoreError, WriteFailed
+from .store import Conflict, SeqConflict, Storage, StoreError, WriteFailed
 from .store._writes import read_inbox_news
 from .transport import (
     BinaryFrame,
@@ -175,6 +184,8 @@ class ClientServer:
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
         self._seqs_moved: set[str] | None = None  # users of a SeqConflict, for the storage supervisor
+        # A Conflict's question and what its losers' connections are owed, until memory has the store's copy.
+        self._conflicted: _Conflicted | None = None
         self._catch_up_wakeup = trio.Event()
         #: This node's id in news on ``dongne_events`` (the app sets it; its own news is skipped).
         self.node_id = ""
@@ -182,6 +193,8 @@ class ClientServer:
         self.listener: Any = None
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
+        #: Other nodes' changed rows and room events in, this node's room events out (PostgreSQL).
+        self.news = NodeNews(store, self._feed, self._spawn, lambda: self.node_id)
 
     # ---- running ---------------------------------------------------------------
 
@@ -379,6 +392,8 @@ class ClientServer:
                 sock.close()
 
     async def _on_message(self, conn_id: int, message: BinaryFrame | TextFrame) -> None:
+        if self._conflicted is not None and conn_id in self._conflicted.conns:
+            await self._reloaded.wait()  # its request lost a race: its replies wait for the refresh, in order
         started = time.perf_counter()
         text = isinstance(message, TextFrame)
         payload = b"" if isinstance(message, TextFrame) else message.payload
@@ -473,6 +488,8 @@ class ClientServer:
                 conn = self.conns.get(action.conn_id)
                 if conn is not None:
                     self.deliveries.start(conn, action.conn_id, action.user_id, action.after_seq, action.up_to_seq)
+            elif isinstance(action, RelayRoom):
+                self.news.relay(action)
             elif isinstance(action, StartEscalation):
                 self._start_escalation(action)
             elif isinstance(action, CancelEscalation):
@@ -568,44 +585,72 @@ class ClientServer:
         (another writer appended to their inboxes first) is no storage
         failure: the store works, so no alert and no probe; the supervisor
         reads those users' heads (``SeqsMoved``) and rebuilds memory, and
-        writes are taken again as soon as that is done.
+        writes are taken again as soon as that is done. A ``Conflict``
+        (another node answered, accepted or closed a question first) goes the
+        same way; the requests whose guarded write lost are answered
+        ``conflict`` by the supervisor once the question is read again, and
+        everything else their connections are owed waits with them, so that
+        replies keep the order of the requests (their reading pauses until
+        then: ``_on_message``).
         """
         self.metrics.store_write_failures.inc()
         if self._writes_ok.is_set():
             self._writes_ok = trio.Event()
             self._reloaded = trio.Event()
             self._writes_failed.set()
-            if isinstance(exc, SeqConflict) and exc.users:
-                log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
-                self.metrics.seq_conflicts.inc()
+            if isinstance(exc, Conflict) or (isinstance(exc, SeqConflict) and exc.users):
+                if isinstance(exc, Conflict):
+                    log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
+                    self.metrics.question_conflicts.inc()
+                    losers = {o.request[0] for o, _ in refused if o.request and _raced(o, exc.question_id)}
+                    self._conflicted = _Conflicted(exc.question_id, losers)
+                else:
+                    log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
+                    self.metrics.seq_conflicts.inc()
                 # Every user whose seqs the refused outcomes counted in memory, not only those named.
-                self._seqs_moved = set(exc.users) | {
+                self._seqs_moved = set(exc.users if isinstance(exc, SeqConflict) else ()) | {
                     w.user_id for outcome, _ in refused for w in outcome.writes if isinstance(w, AppendEvent)
                 }
             else:
                 log.error("storage_failing", extra={"error": str(exc)})
                 self._perform(self._handle(WritesFailing(str(exc))))
+        conflicted = self._conflicted
         for outcome, token in refused:
-            if not outcome.writes:
-                self._act(outcome, token)  # a read or live event: valid without the failed writes
+            if conflicted is not None and outcome.request is not None and outcome.request[0] in conflicted.conns:
+                conflicted.owed.append((outcome, token))  # in order, after the refresh (_refresh_lost_race)
                 continue
-            if outcome.request is None:
-                continue  # an escalation batch or an alert: the reload makes it due again
-            conn_id, request_id = outcome.request
-            conn = self.conns.get(conn_id)
-            if conn is None:
-                continue
-            if outcome.op == "hello":
-                conn.close(1013, "the server cannot store your session now; reconnect later")
-                continue
-            frame = reply_error(
-                request_id,
-                "unavailable",
-                "the server could not store this; nothing was changed",
-                retry_after_ms=UNAVAILABLE_RETRY_MS,
-            )
+            self._refuse_outcome(outcome, token)
+
+    def _refuse_outcome(self, outcome: Outcome, token: Any, conflict: str | None = None) -> None:
+        """Act on an outcome that will not be committed: ``unavailable`` to its request (``conflict`` when it
+        lost the race for question ``conflict``); an outcome without writes is acted on as it is."""
+        if not outcome.writes:
+            self._act(outcome, token)  # a read or live event: valid without the failed writes
+            return
+        if outcome.request is None:
+            return  # an escalation batch or an alert: the reload makes it due again
+        conn_id, request_id = outcome.request
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return
+        if outcome.op == "hello":
+            conn.close(1013, "the server cannot store your session now; reconnect later")
+            return
+        what = _raced(outcome, conflict) if conflict is not None else None
+        if what is not None:
+            assert conflict is not None
+            frame = reply_error(request_id, "conflict", _CONFLICT_MESSAGES[what], question_id=conflict)
             conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
-            self.metrics.errors.labels("unavailable").inc()
+            self.metrics.errors.labels("conflict").inc()
+            return
+        frame = reply_error(
+            request_id,
+            "unavailable",
+            "the server could not store this; nothing was changed",
+            retry_after_ms=UNAVAILABLE_RETRY_MS,
+        )
+        conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
+        self.metrics.errors.labels("unavailable").inc()
 
     async def wait_reloaded(self) -> None:
         """Return once memory has been rebuilt from the database after the latest failed commit."""
@@ -641,6 +686,9 @@ class ClientServer:
                     log.warning("storage_reload_failed", extra={"error": str(exc)})
                     await trio.sleep(PROBE_INTERVAL_S)
             self._perform(self._handle(Reloaded(state)))
+            if self._conflicted is not None:
+                await self._refresh_lost_race(self._conflicted)
+                self._conflicted = None
             self._reloaded.set()
             if moved is not None:
                 self.pipeline.writes_work()
@@ -659,6 +707,21 @@ class ClientServer:
             self._writes_ok.set()
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
+
+    async def _refresh_lost_race(self, conflicted: _Conflicted) -> None:
+        """After a ``Conflict``: the question as the store holds it into memory, then what the losers'
+        connections are owed, in order (``conflict`` to the requests that lost), so that a client reading
+        the question next sees what won."""
+        question_id = conflicted.question_id
+        try:
+            found = await trio.to_thread.run_sync(self.store.find_question, question_id)
+        except StoreError as exc:  # memory was reloaded already; only a question outside the hot set stays stale
+            log.warning("question_refresh_failed", extra={"question_id": question_id, "error": str(exc)})
+        else:
+            question, answers = found if found is not None else (None, [])
+            self._feed(QuestionChanged(question_id, question, tuple(answers)))
+        for outcome, token in conflicted.owed:
+            self._refuse_outcome(outcome, token, question_id)
 
     # ---- other nodes' events (store/CLUSTER.md) -------------------------------------
 
@@ -712,6 +775,7 @@ class ClientServer:
             with trio.move_on_after(interval_s):
                 await self._catch_up_wakeup.wait()
             self._catch_up_wakeup = trio.Event()
+            await self.news.catch_up_changes()
             await self.catch_up()
 
     # ---- time ------------------------------------------------------------------
@@ -729,6 +793,38 @@ class ClientServer:
             with trio.move_on_at(self._timer_at):
                 await self._timer_wakeup.wait()
             self.pipeline.submit(self._handle(Tick()))
+
+
+@attrs.define
+class _Conflicted:
+    """A ``Conflict``: its question, the connections whose requests lost its race, and what those connections
+    are owed (refused outcomes, in order) until the question is read again."""
+
+    question_id: str
+    conns: set[int]
+    owed: list[tuple[Outcome, Any]] = attrs.Factory(list)
+
+
+#: The message of a ``conflict`` reply, by the guarded write that lost its race (``Conflict.what``).
+_CONFLICT_MESSAGES = {
+    "answer": "the question was closed on another server first; the answer was not posted",
+    "accept": "an answer was accepted, or the question closed, on another server first; nothing was changed",
+    "close": "the question was resolved, closed or expired on another server first; nothing was changed",
+}
+
+
+def _raced(outcome: Outcome, question_id: str) -> str | None:
+    """Which guarded write of ``outcome`` is on ``question_id`` (``Conflict.what``), if any."""
+    for write in outcome.writes:
+        if getattr(write, "question_id", None) != question_id:
+            continue
+        if isinstance(write, AcceptOnce):
+            return "accept"
+        if isinstance(write, CloseOnce):
+            return "close"
+        if isinstance(write, CountAnswer) and write.answered_at is not None:
+            return "answer"
+    return None
 
 
 #: How often the store is probed while commits fail.

@@ -14,6 +14,7 @@ from dongne.core import (
     CloseConnection,
     Connected,
     CoreSettings,
+    CountAnswer,
     Disconnected,
     Engine,
     EngineSettings,
@@ -24,8 +25,8 @@ from dongne.core import (
     QuestionLoaded,
     ReadDone,
     Replay,
+    RoomNews,
     SaveAnswer,
-    SaveQuestion,
     SaveUser,
     Send,
     SendEach,
@@ -168,8 +169,9 @@ def test_durable_events_get_consecutive_seqs_and_a_row_each() -> None:
     assert [(w.user_id, w.seq) for w in appended] == [("asker", 1), ("asker", 2), ("asker", 3)]
     notes = [f for f in sim.take(1) if f["type"] == "answer_notification"]
     assert [f["seq"] for f in notes] == [1, 2, 3]
-    # Each outcome persists the answer, the question and the inbox row (which records last_seq).
-    assert {type(w) for w in outs[0].writes} == {SaveAnswer, SaveQuestion, AppendEvent}
+    # Each outcome persists the answer, counts it (in SQL) and the inbox row (which records last_seq), and
+    # announces the answer to the room's members on other nodes.
+    assert {type(w) for w in outs[0].writes} == {SaveAnswer, CountAnswer, AppendEvent, RoomNews}
 
 
 def test_resume_asks_for_a_replay_of_exactly_the_gap() -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 from dongne.core.effects import (
+    AcceptOnce,
     AppendAudit,
     AppendEvent,
+    CloseOnce,
+    CountAnswer,
     DeleteIpBlock,
     EnqueuePush,
     SaveAnswer,
@@ -22,7 +26,7 @@ from dongne.core.effects import (
 )
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.records import Answer, IpBlock, PushJob, Question, Report, User
-from dongne.store import MAX_ROWS_PER_STATEMENT, Storage, WriteFailed, store_for
+from dongne.store import MAX_ROWS_PER_STATEMENT, Conflict, Storage, WriteFailed, store_for
 
 from .conftest import db_rows
 
@@ -45,8 +49,11 @@ def test_saves_replace_rows_and_the_load_returns_the_last_of_each(store: Storage
         [
             SaveUser(User("jun", "Jun", local=True, points=5, home=(33.4, 126.4), quiet_hours=(22, 7))),
             SaveUser(User("jun", "Jun", local=True, points=10, home=(33.4, 126.4), quiet_hours=(22, 7))),
-            SaveQuestion(question("q1", "asker", 10, status=QuestionStatus.ANSWERED, answer_count=3)),
-            SaveQuestion(question("q1", "asker", 10, status=QuestionStatus.RESOLVED, accepted_answer_id="a2")),
+            SaveQuestion(attrs.evolve(question("q1", "asker", 10), title="first")),
+            SaveQuestion(attrs.evolve(question("q1", "asker", 10), title="second")),
+            # A save of an existing row leaves the raced columns alone: these writes change them (CLUSTER.md).
+            CountAnswer("q1", 1, answered_at=30),
+            AcceptOnce("q1", "a2", 40),
             SaveEscalation("q2", 1, 11),
             SaveEscalation("q2", 2, 12),
             SaveNotified("q2", (("jun", "IMMEDIATE", 120.5, True),), 11),
@@ -63,13 +70,70 @@ def test_saves_replace_rows_and_the_load_returns_the_last_of_each(store: Storage
         True,
     )
     assert [q.question_id for q in loaded.questions] == ["q2", "q1"]  # by (created_at, id)
-    assert loaded.questions[1].status is QuestionStatus.RESOLVED and loaded.questions[1].accepted_answer_id == "a2"
+    q1 = loaded.questions[1]
+    assert (q1.title, q1.status, q1.accepted_answer_id, q1.answer_count, q1.first_answer_at, q1.closed_at) == (
+        "second",
+        QuestionStatus.RESOLVED,
+        "a2",
+        1,
+        30,
+        40,
+    )
     assert [a.answer_id for a in loaded.answers] == ["a2", "a1", "a0"]  # by (created_at, id)
     assert loaded.escalations == {"q2": 2}
     assert loaded.notified == [("q2", "jun", 11)]
     assert db_rows(db, "SELECT stage FROM notified") == [("IMMEDIATE",)]
     found = store.find_question("q1")
     assert found is not None and [a.content for a in found[1]] == ["answer 2", "answer 1", "answer 0"]
+
+
+def test_guarded_question_writes_refuse_the_race_another_node_won(store: Storage, db: Path | str) -> None:
+    """Counted in SQL, accepted once, closed once: a guard that changes no row refuses the whole commit."""
+    store.apply([SaveUser(User("asker", "Mina")), SaveQuestion(question("q1", "asker", 10))])
+    store.apply([SaveQuestion(question("q2", "asker", 11))])
+    store.apply([CountAnswer("q1", 1, answered_at=20)])
+    store.apply([CountAnswer("q1", 1, answered_at=21)])
+    store.apply([AcceptOnce("q1", "a1", 30)])  # "another node" accepts first
+
+    with pytest.raises(Conflict) as refused:
+        store.apply([SaveUser(User("jun", "Jun", points=10)), AcceptOnce("q1", "a2", 31)])
+
+    assert isinstance(refused.value, WriteFailed)
+    assert (refused.value.question_id, refused.value.what) == ("q1", "accept")
+    assert db_rows(db, "SELECT count(*) FROM users WHERE user_id = 'jun'") == [(0,)]  # nothing of that commit
+    row = "SELECT status, accepted_answer_id, answer_count, first_answer_at, closed_at FROM questions WHERE question_id = ?"
+    assert db_rows(db, row, ("q1",)) == [("resolved", "a1", 2, 20, 30)]
+    with pytest.raises(Conflict) as refused:
+        store.apply([CloseOnce("q1", "closed", 32)])
+    assert refused.value.what == "close"
+    with pytest.raises(Conflict) as refused:
+        store.apply([CountAnswer("q1", 1, answered_at=33)])
+    assert refused.value.what == "answer"
+    store.apply([CloseOnce("q2", "closed", 40)])
+    with pytest.raises(Conflict):
+        store.apply([CloseOnce("q2", "closed", 41)])
+    store.apply([CloseOnce("q2", "expired", 42, conflict=False)])  # an expiry another node beat: no conflict
+    # Taking an answer down (or showing it again) is counted without a guard, and never below 0.
+    store.apply([CountAnswer("q1", -1), CountAnswer("q2", -1)])
+    assert db_rows(db, row, ("q1",)) == [("resolved", "a1", 1, 20, 30)]
+    assert db_rows(db, row, ("q2",)) == [("closed", None, 0, None, 40)]
+
+
+def test_a_question_saved_again_in_the_commit_that_creates_and_answers_it_is_counted_once(
+    store: Storage, db: Path | str
+) -> None:
+    created = question("q1", "asker", 10)
+    later = attrs.evolve(created, status=QuestionStatus.ANSWERED, answer_count=1, first_answer_at=20, hidden=True)
+    writes = [SaveUser(User("asker", "Mina")), SaveQuestion(created), CountAnswer("q1", 1, answered_at=20)]
+    store.apply([*writes, SaveQuestion(later)])
+
+    (loaded,) = store.load(hot_since=0).questions
+    assert (loaded.status, loaded.answer_count, loaded.first_answer_at, loaded.hidden) == (
+        QuestionStatus.ANSWERED,
+        1,
+        20,
+        True,
+    )
 
 
 def test_moderation_and_push_rows_round_trip(store: Storage, db: Path | str) -> None:

@@ -16,6 +16,7 @@ from .reads import Read
 from .records import Answer, IpBlock, PushJob, Question, Report, User
 
 __all__ = [
+    "AcceptOnce",
     "Action",
     "Alert",
     "AppendAudit",
@@ -23,13 +24,17 @@ __all__ = [
     "BlockAddresses",
     "CancelEscalation",
     "Close",
+    "CloseOnce",
+    "CountAnswer",
     "DeleteIpBlock",
     "EnqueuePush",
     "Note",
     "Observe",
     "Outcome",
     "Push",
+    "RelayRoom",
     "Replay",
+    "RoomNews",
     "SaveAnswer",
     "SaveEscalation",
     "SaveIpBlock",
@@ -57,9 +62,58 @@ class SaveUser:
 
 @attrs.frozen
 class SaveQuestion:
-    """Insert or replace a question's row."""
+    """Insert a question's row, or update an existing one from memory but for the fields nodes race on.
+
+    ``status``, ``accepted_answer_id``, ``answer_count``, ``first_answer_at``
+    and ``closed_at`` are written only when the row is inserted; afterwards
+    only :class:`CountAnswer`, :class:`AcceptOnce` and :class:`CloseOnce`
+    change them, in SQL, so that several nodes' writes add up instead of the
+    last whole row winning (``store/CLUSTER.md``).
+    """
 
     question: Question
+
+
+@attrs.frozen
+class CountAnswer:
+    """Add ``delta`` to a question's answer count, in the store (never below 0).
+
+    ``answered_at`` set (a new answer): the write is guarded: it applies only
+    while the question is open or answered (another node may have closed it),
+    moves an open question to answered and sets ``first_answer_at`` if unset;
+    otherwise the commit fails with ``Conflict``. Unset (an answer deleted,
+    hidden or shown again): no guard, no status change.
+    """
+
+    question_id: str
+    delta: int = 1
+    answered_at: int | None = None
+
+
+@attrs.frozen
+class AcceptOnce:
+    """Accept ``answer_id``: the question becomes resolved at ``at``, if no answer was accepted and it is open
+    or answered; otherwise the commit fails with ``Conflict`` (another node accepted or closed it first)."""
+
+    question_id: str
+    answer_id: str
+    at: int
+
+
+@attrs.frozen
+class CloseOnce:
+    """Move an open or answered question to ``status`` (closed, expired) at ``at``; otherwise the commit
+    fails with ``Conflict`` (another node resolved, closed or expired it first).
+
+    ``conflict`` False (an expiry: every node holding the question expires
+    it at the same time): a question that ended already is left as it is,
+    and the commit goes on.
+    """
+
+    question_id: str
+    status: str
+    at: int
+    conflict: bool = True
 
 
 @attrs.frozen
@@ -162,9 +216,23 @@ class SavePushStatus:
     at: int
 
 
+@attrs.frozen
+class RoomNews:
+    """A room event that follows this commit, for the question's room members on other nodes (several nodes,
+    ``store/CLUSTER.md``): announced inside the commit, so only if it succeeds (PostgreSQL with news on;
+    otherwise nothing). Writes no row."""
+
+    question_id: str
+    kind: str  # "new_answer"
+    data: dict[str, Any]
+
+
 Write = (
     SaveUser
     | SaveQuestion
+    | CountAnswer
+    | AcceptOnce
+    | CloseOnce
     | SaveAnswer
     | AppendEvent
     | SaveEscalation
@@ -175,12 +243,13 @@ Write = (
     | SaveReport
     | SaveIpBlock
     | DeleteIpBlock
+    | RoomNews
 )
 
 
 def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
     """How many table rows ``writes`` insert or replace (a SaveNotified is one per target)."""
-    return sum(len(w.targets) if isinstance(w, SaveNotified) else 1 for w in writes)
+    return sum(len(w.targets) if isinstance(w, SaveNotified) else 0 if isinstance(w, RoomNews) else 1 for w in writes)
 
 
 # ---- actions -----------------------------------------------------------------
@@ -236,6 +305,16 @@ class Replay:
     user_id: str
     after_seq: int
     up_to_seq: int
+
+
+@attrs.frozen
+class RelayRoom:
+    """Tell the question's room members on other nodes (several nodes, ``store/CLUSTER.md``): an ephemeral
+    room event (typing, presence) the driver sends outside any commit, lossy; nothing on one node."""
+
+    question_id: str
+    kind: str  # "user_typing" | "user_stop_typing" | "user_online" | "user_offline"
+    data: dict[str, Any]
 
 
 @attrs.frozen
@@ -297,6 +376,7 @@ Action = (
     | SendEach
     | Close
     | Replay
+    | RelayRoom
     | StartEscalation
     | CancelEscalation
     | Push

@@ -28,6 +28,8 @@ import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import attrs
+
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
 from .deadlines import Deadlines
@@ -40,12 +42,15 @@ from .events import (
     Event,
     FrameReceived,
     InboxPruned,
+    QuestionChanged,
     QuestionLoaded,
     ReadDone,
     ReadFailed,
     Reloaded,
+    RoomRelayed,
     SeqsMoved,
     Tick,
+    UsersChanged,
     WritesFailing,
     WritesWork,
 )
@@ -57,7 +62,7 @@ from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
 from .places import Places, RegionLookup, ServiceArea
-from .presence import Presence
+from .presence import RELAYED_PRESENCE, Presence
 from .protocol import Fields, Request, decode_request, reply_error, reply_ok
 from .questions import Questions
 from .records import Answer, Claims, LoadedState, Question, User
@@ -296,6 +301,14 @@ class Engine:
             return self._read_failed(event.conn_id)
         if isinstance(event, QuestionLoaded):
             return self._question_loaded(event, now)
+        if isinstance(event, QuestionChanged):
+            out = OutcomeBuilder()
+            self._qa.refresh(event.question_id, event.question, event.answers, out)
+            return out.build()
+        if isinstance(event, RoomRelayed):
+            return self._room_relayed(event)
+        if isinstance(event, UsersChanged):
+            return self._users_changed(event.users, now)
         if isinstance(event, InboxPruned):
             self.inbox.oldest.update(event.oldest)
             return _NOTHING
@@ -589,6 +602,47 @@ class Engine:
                 # (a ban): it is a connection like the others again.
                 conn.phase = ConnPhase.READY
         out.note("state_reloaded", users=len(self.users), questions=len(self.questions))
+        return out.build()
+
+    # ---- other nodes' changes (store/CLUSTER.md) -------------------------------------------
+
+    def _room_relayed(self, event: RoomRelayed) -> Outcome:
+        """Another node's room event, to this node's members of the room."""
+        question_id, data = event.question_id, event.data
+        if data.get("question_id") != question_id:
+            return _NOTHING
+        if event.kind == "new_answer":
+            if not isinstance(data.get("answer"), dict):  # too large to relay: from memory, if read by now
+                answer = self.answers.get(question_id, {}).get(str(data.get("answer_id")))
+                if answer is None:
+                    return _NOTHING
+                data = {"question_id": question_id, "answer": self._qa.answer_wire(answer)}
+        elif event.kind not in RELAYED_PRESENCE:
+            return _NOTHING
+        out = OutcomeBuilder()
+        self.presence.relayed(question_id, event.kind, data, out)
+        return out.build()
+
+    def _users_changed(self, users: tuple[User, ...], now: int) -> Outcome:
+        """Merge users' rows another node may have changed: settings and bans hold here too."""
+        out = OutcomeBuilder()
+        for user in users:
+            held = self.users.get(user.user_id)
+            if held is None:
+                self.users[user.user_id] = held = attrs.evolve(user)
+            else:
+                was_banned = held.banned_at(now)
+                # What only grows (this node's own writes may still be on their way): never back.
+                last_seq, points, read_seq = held.last_seq, held.points, held.read_seq
+                for field in attrs.fields(User):
+                    setattr(held, field.name, getattr(user, field.name))
+                held.last_seq, held.points = max(last_seq, user.last_seq), max(points, user.points)
+                held.read_seq = max(read_seq, user.read_seq)
+                if held.banned_at(now) and not was_banned:
+                    self.moderation.ban_in_force(held, now, out)
+                    continue
+            self.where.refresh_local(held)
+            self.oversight.role_is(held)
         return out.build()
 
     # ---- helpers ---------------------------------------------------------------------------

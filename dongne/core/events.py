@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from .records import Answer, LoadedState, Question
+from .records import Answer, LoadedState, Question, User
 
 __all__ = [
     "Connected",
@@ -20,12 +20,15 @@ __all__ = [
     "Event",
     "FrameReceived",
     "InboxPruned",
+    "QuestionChanged",
     "QuestionLoaded",
     "ReadDone",
     "ReadFailed",
     "Reloaded",
+    "RoomRelayed",
     "SeqsMoved",
     "Tick",
+    "UsersChanged",
     "WritesFailing",
     "WritesWork",
 ]
@@ -57,6 +60,54 @@ class QuestionLoaded:
     conn_id: int
     question: Question | None
     answers: tuple[Answer, ...] = ()
+
+
+@attrs.frozen
+class QuestionChanged:
+    """A question as the store holds it now, which memory may not: another node changed it, or a guarded
+    write of this node's lost a race to one (``Conflict``; several nodes, ``store/CLUSTER.md``).
+
+    The engine merges it into its copy (``Questions.refresh``: nothing goes
+    back, since this node's own writes may still be on their way): a
+    question it holds that ended ends here too (its escalation is cancelled,
+    its room hears ``question_closed``); a deleted one (``deleted_at``)
+    leaves memory. An active question it does not hold is adopted as a
+    lazily loaded one is, and listed nearby. ``question`` ``None`` (no such
+    row) changes nothing. ``answers`` may include deleted ones (they leave).
+    """
+
+    question_id: str
+    question: Question | None
+    answers: tuple[Answer, ...] = ()
+
+
+@attrs.frozen
+class UsersChanged:
+    """Users' rows as the store holds them, which another node may have changed (settings, a ban, points).
+
+    The engine merges each into its copy: settings and bans from the store
+    (a ban now in force closes the user's connections here with 4003),
+    ``points``, ``read_seq`` and ``last_seq`` never go back. A user it does
+    not know is added (created on another node).
+    """
+
+    users: tuple[User, ...]
+
+
+@attrs.frozen
+class RoomRelayed:
+    """A room event another node relayed (``RoomNews``, ``RelayRoom``; several nodes, ``store/CLUSTER.md``).
+
+    The engine sends it to this node's members of the question's room (a
+    presence or typing event not to that user's own connections). A
+    ``new_answer`` too large to relay whole carries ``answer_id`` only: it is
+    sent from memory if the answer is there (the driver reads it first), and
+    dropped otherwise. Unknown kinds are ignored.
+    """
+
+    question_id: str
+    kind: str
+    data: dict[str, Any]
 
 
 @attrs.frozen
@@ -143,6 +194,9 @@ Event = (
     Connected
     | FrameReceived
     | QuestionLoaded
+    | QuestionChanged
+    | UsersChanged
+    | RoomRelayed
     | ReadDone
     | ReadFailed
     | Disconnected

@@ -27,6 +27,7 @@ from .effects import (
     BlockAddresses,
     CancelEscalation,
     Close,
+    CountAnswer,
     DeleteIpBlock,
     Outcome,
     OutcomeBuilder,
@@ -202,6 +203,11 @@ class Moderation:
         out.write(SaveUser(attrs.evolve(target)))
         out.write(AppendAudit(now, call.user.user_id, "ban_user", target.user_id, reason))
         out.note("user_banned", user=target.user_id, admin=call.user.user_id, until=until)
+        self.ban_in_force(target, now, out)
+
+    def ban_in_force(self, target: User, now: int, out: OutcomeBuilder) -> None:
+        """A ban was just set (here, or on another node: ``UsersChanged``): close the user's connections with
+        4003, stop escalating their questions, alert them no more."""
         self._where.refresh_local(target)  # a banned local is alerted for nothing
         code, why = self.refuse_banned(target, now) or (BANNED, "banned")
         for conn_id in sorted(self._user_conns.get(target.user_id, ())):
@@ -311,7 +317,7 @@ class Moderation:
         answer.hidden, answer.deleted_at = False, None
         question.answer_count += 1
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(CountAnswer(question.question_id, 1))
         if question.question_id in self._questions:
             self._qa.adopt_answer(answer)
         return True

@@ -9,11 +9,14 @@ import attrs
 
 from .connections import ConnState
 from .deadlines import Deadlines
-from .effects import OutcomeBuilder
+from .effects import OutcomeBuilder, RelayRoom
 from .errors import ProtocolError
 from .protocol import event
 
-__all__ = ["Presence", "Room"]
+__all__ = ["RELAYED_PRESENCE", "Presence", "Room"]
+
+#: The ephemeral room events nodes relay to each other (``RelayRoom``): each about one user.
+RELAYED_PRESENCE = frozenset({"user_typing", "user_stop_typing", "user_online", "user_offline"})
 
 
 @attrs.define
@@ -115,11 +118,21 @@ class Presence:
         room = self.rooms.setdefault(question_id, Room())
         conn.rooms.add(question_id)
         if room.add(user_id, conn.conn_id):
-            out.send(
-                room.conn_ids(except_user=user_id),
-                event("user_online", {"question_id": question_id, **self._who(user_id)}),
-            )
+            self._tell(room, out, "user_online", {"question_id": question_id, **self._who(user_id)})
         return room
+
+    def _tell(self, room: Room, out: OutcomeBuilder, kind: str, data: dict[str, Any]) -> None:
+        """A presence or typing event to the room but its user's own connections, here and on other nodes."""
+        out.send(room.conn_ids(except_user=data["user_id"]), event(kind, data))
+        out.act(RelayRoom(data["question_id"], kind, data))
+
+    def relayed(self, question_id: str, kind: str, data: dict[str, Any], out: OutcomeBuilder) -> None:
+        """A room event another node relayed (``RoomRelayed``): to this node's members of the room."""
+        room = self.rooms.get(question_id)
+        if room is None:
+            return
+        user_id = data.get("user_id") if kind in RELAYED_PRESENCE else None
+        out.send(room.conn_ids(except_user=user_id if isinstance(user_id, str) else None), event(kind, data))
 
     def leave(self, conn: ConnState, question_id: str, out: OutcomeBuilder) -> None:
         conn.rooms.discard(question_id)
@@ -129,7 +142,7 @@ class Presence:
         if room.remove(conn.user_id, conn.conn_id):
             if conn.user_id in room.typing:
                 self.stop_typing(question_id, conn.user_id, out)
-            out.send(room.conn_ids(), event("user_offline", {"question_id": question_id, **self._who(conn.user_id)}))
+            self._tell(room, out, "user_offline", {"question_id": question_id, **self._who(conn.user_id)})
         if room.empty:
             del self.rooms[question_id]
 
@@ -141,10 +154,7 @@ class Presence:
         room.typing[user_id] = expires_at
         self._deadlines.add(expires_at, "typing", question_id, user_id)
         if not already:
-            out.send(
-                room.conn_ids(except_user=user_id),
-                event("user_typing", {"question_id": question_id, **self._who(user_id)}),
-            )
+            self._tell(room, out, "user_typing", {"question_id": question_id, **self._who(user_id)})
         return expires_at
 
     def stop_typing(self, question_id: str, user_id: str, out: OutcomeBuilder) -> None:
@@ -152,10 +162,7 @@ class Presence:
         if room is None or user_id not in room.typing:
             return
         del room.typing[user_id]
-        out.send(
-            room.conn_ids(except_user=user_id),
-            event("user_stop_typing", {"question_id": question_id, **self._who(user_id)}),
-        )
+        self._tell(room, out, "user_stop_typing", {"question_id": question_id, **self._who(user_id)})
 
     def typing_expired(self, question_id: str, user_id: str, expires_at: int, out: OutcomeBuilder) -> None:
         """A typing deadline fell due: end the state unless it was renewed since."""

@@ -14,9 +14,13 @@ import attrs
 from .connections import Call, ConnState
 from .deadlines import Deadlines
 from .effects import (
+    AcceptOnce,
     CancelEscalation,
+    CloseOnce,
+    CountAnswer,
     Observe,
     OutcomeBuilder,
+    RoomNews,
     SaveAnswer,
     SaveEscalation,
     SaveNotified,
@@ -40,6 +44,12 @@ from .settings import EngineSettings
 from .text import SpamFilter
 
 __all__ = ["ONLINE_LIST_MAX", "Questions"]
+
+#: The ``reason`` of ``question_closed`` for a question that ended in each status.
+_ENDED_BY = {QuestionStatus.RESOLVED: "accepted", QuestionStatus.CLOSED: "closed", QuestionStatus.EXPIRED: "expired"}
+
+#: How far an answer's receipt got, to merge copies without going back.
+_RECEIPT_ORDER = {"sent": 0, "delivered": 1, "read": 2}
 
 #: The most users listed in a join_question reply's ``online``.
 ONLINE_LIST_MAX = 100
@@ -126,6 +136,75 @@ class Questions:
         self._answers.setdefault(question.question_id, {})
         for answer in answers:
             self.adopt_answer(answer)
+
+    def refresh(
+        self, question_id: str, question: Question | None, answers: tuple[Answer, ...], out: OutcomeBuilder
+    ) -> None:
+        """Merge the store's copy of a question and its answers into memory's (``QuestionChanged``).
+
+        A merge, not a replacement: this node's own writes may still be on
+        their way to the store, so nothing goes back. A question's status
+        only moves forward (open, answered, then ended: an end in the store
+        wins over an active copy); an answer memory holds that the store has
+        not (yet) is kept, one the store holds deleted leaves; receipts and
+        ``accepted`` only move forward; the count is the answers held. Copies
+        are updated in place (the inbox and the neighbourhood hold the
+        objects). A question that ended in the store ends here (its
+        escalation is cancelled, the room hears ``question_closed``); a
+        deleted one leaves memory, its room hears ``question_deleted``.
+        ``question`` ``None`` (no such row: yet) changes nothing.
+        """
+        held = self._questions.get(question_id)
+        if question is None:
+            return
+        if question.deleted_at is not None:
+            if held is not None:
+                self._end(held, out)
+                out.send(self._presence.others(question_id), event("question_deleted", {"question_id": question_id}))
+                self._forget(held)
+            return
+        if held is None:
+            if question.status in ACTIVE:  # an ended one is loaded when asked for, as any old question
+                self.adopt(question, tuple(a for a in answers if a.deleted_at is None))
+                self._where.question_opened(question, question.created_at)
+                self.schedule_expiry(question)
+            return
+        was_active = held.status in ACTIVE
+        mine = attrs.evolve(held)
+        for field in attrs.fields(Question):
+            setattr(held, field.name, getattr(question, field.name))
+        if question.status in ACTIVE and mine.status not in ACTIVE:
+            held.status, held.accepted_answer_id, held.closed_at = mine.status, mine.accepted_answer_id, mine.closed_at
+        elif question.status == QuestionStatus.OPEN and mine.status == QuestionStatus.ANSWERED:
+            held.status = mine.status
+        firsts = [at for at in (mine.first_answer_at, question.first_answer_at) if at is not None]
+        held.first_answer_at = min(firsts) if firsts else None
+        held.alerted_at = question.alerted_at if question.alerted_at is not None else mine.alerted_at
+        kept = self._answers.setdefault(question_id, {})
+        for answer in answers:
+            ours = kept.get(answer.answer_id)
+            if answer.deleted_at is not None:
+                if ours is not None:
+                    del kept[answer.answer_id]
+                    self._answer_homes.pop(answer.answer_id, None)
+            elif ours is None:
+                self.adopt_answer(answer)
+            else:
+                receipt = (ours.state, ours.delivered_at, ours.read_at)
+                accepted = ours.accepted or answer.accepted
+                for field in attrs.fields(Answer):
+                    setattr(ours, field.name, getattr(answer, field.name))
+                ours.accepted = accepted
+                if _RECEIPT_ORDER.get(receipt[0], 0) > _RECEIPT_ORDER.get(ours.state, 0):
+                    ours.state, ours.delivered_at, ours.read_at = receipt
+        held.answer_count = len(kept)
+        if was_active and held.status not in ACTIVE:
+            self._end(held, out)
+            reason = _ENDED_BY.get(held.status, "closed")
+            out.send(
+                self._presence.others(question_id),
+                event("question_closed", {"question_id": question_id, "reason": reason}),
+            )
 
     def adopt_answer(self, answer: Answer) -> None:
         self._answers.setdefault(answer.question_id, {})[answer.answer_id] = answer
@@ -254,13 +333,13 @@ class Questions:
         self._answer_homes[answer.answer_id] = question.question_id
         self._inbox.answer_posted(question, answer, now)
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(SaveQuestion(attrs.evolve(question)))
+        # Counted in SQL, and only while the question is active there (another node may have closed it).
+        out.write(CountAnswer(question.question_id, 1, answered_at=now))
         out.note("answer_created", question_id=question.question_id, answer_id=answer.answer_id, user=user.user_id)
         wire = self.answer_wire(answer)
-        out.send(
-            self._presence.others(question.question_id, except_conn=call.conn.conn_id),
-            event("new_answer", {"question_id": question.question_id, "answer": wire}),
-        )
+        news = {"question_id": question.question_id, "answer": wire}
+        out.send(self._presence.others(question.question_id, except_conn=call.conn.conn_id), event("new_answer", news))
+        out.write(RoomNews(question.question_id, "new_answer", news))  # the room's members on other nodes
         notice = {"question_id": question.question_id, "question_title": question.title, "answer": wire}
         self._inbox.append(question.asker_id, "answer_notification", notice, now, out)
         if not self._user_conns.get(question.asker_id):  # the asker's app is in the background: push
@@ -285,7 +364,7 @@ class Questions:
         points = self._settings.accept_points
         author = self._users[answer.author_id]
         author.points += points
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(AcceptOnce(question.question_id, answer.answer_id, now))  # refused if another node accepted first
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(SaveUser(attrs.evolve(author)))
         out.note("answer_accepted", question_id=question.question_id, answer_id=answer.answer_id, points=points)
@@ -311,7 +390,7 @@ class Questions:
         question.status = self._advance(question, QuestionEvent.CLOSE)
         question.closed_at = call.now
         self._end(question, call.out)
-        call.out.write(SaveQuestion(attrs.evolve(question)))
+        call.out.write(CloseOnce(question.question_id, question.status, call.now))
         call.out.send(
             self._presence.others(question.question_id, except_conn=call.conn.conn_id),
             event("question_closed", {"question_id": question.question_id, "reason": "closed"}),
@@ -364,7 +443,7 @@ class Questions:
         self._answer_homes.pop(answer.answer_id, None)
         question.answer_count = max(0, question.answer_count - 1)
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(CountAnswer(question.question_id, -1))
         out.send(
             self._presence.others(question.question_id, except_conn=except_conn),
             event("answer_deleted", {"question_id": question.question_id, "answer_id": answer.answer_id}),
@@ -402,7 +481,7 @@ class Questions:
         question.status = advance(question.status, QuestionEvent.EXPIRE)
         question.closed_at = now
         self._end(question, out)
-        out.write(SaveQuestion(attrs.evolve(question)))
+        out.write(CloseOnce(question_id, question.status, now, conflict=False))  # ended elsewhere: no matter
         out.note("question_expired", question_id=question_id)
         closing = event("question_closed", {"question_id": question_id, "reason": "expired"})
         room = self._presence.room_of(question_id)

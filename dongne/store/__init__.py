@@ -17,6 +17,7 @@ from ._backup import list_snapshots as list_snapshots
 from ._backup import prune_snapshots as prune_snapshots
 from ._backup import restore_snapshot as restore_snapshot
 from ._backup import take_snapshot as take_snapshot
+from ._interface import Conflict as Conflict
 from ._interface import LeaseLost as LeaseLost
 from ._interface import SeqConflict as SeqConflict
 from ._interface import Storage as Storage
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_ROWS_PER_STATEMENT",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "Conflict",
     "DatabaseInUseError",
     "InvalidSnapshotError",
     "LeaseLost",

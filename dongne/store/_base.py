@@ -27,7 +27,7 @@ from ..core.reads import (
     Read,
     ReportsPage,
 )
-from ..core.records import Answer, IpBlock, LoadedState, PushJob, Question
+from ..core.records import Answer, IpBlock, LoadedState, PushJob, Question, User
 from . import _queries
 from ._queries import Dialect
 from ._rows import (
@@ -204,6 +204,49 @@ class SqlStore:
             (question_id,),
         )
         return question_from(rows[0]), [answer_from(r) for r in answers]
+
+    def read_rows(
+        self, question_ids: Iterable[str], user_ids: Iterable[str]
+    ) -> tuple[list[tuple[str, Question | None, list[Answer]]], list[User]]:
+        """Questions (deleted ones too) with all their answers (deleted ones too), and users, as committed:
+        what another node changed (CLUSTER.md). A user's ``last_seq`` is their inbox head.
+
+        Returns:
+            ``(question id, question or None: no such row, answers)`` for each question asked for, and the
+            users found.
+        """
+        wanted = sorted(set(question_ids))
+        questions: dict[str, Question] = {}
+        answers: dict[str, list[Answer]] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for row in self._read(f"SELECT {QUESTION_COLS} FROM questions WHERE question_id IN ({marks})", part):
+                question = question_from(row)
+                questions[question.question_id] = question
+            for row in self._read(
+                f"SELECT {ANSWER_COLS} FROM answers WHERE question_id IN ({marks}) ORDER BY created_at, answer_id",
+                part,
+            ):
+                answer = answer_from(row)
+                answers.setdefault(answer.question_id, []).append(answer)
+        people = sorted(set(user_ids))
+        users: list[User] = []
+        for start in range(0, len(people), 500):
+            part = people[start : start + 500]
+            marks = ",".join("?" * len(part))
+            users.extend(
+                user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users WHERE user_id IN ({marks})", part)
+            )
+        heads = self.read_heads(u.user_id for u in users) if users else {}
+        for user in users:
+            user.last_seq = max(user.last_seq, heads.get(user.user_id, 0))
+        return [(qid, questions.get(qid), answers.get(qid, [])) for qid in wanted], users
+
+    def read_changes(self) -> tuple[list[str], list[str]]:
+        """The questions and users changed since the last call (or the last ``load``), whoever changed them:
+        the catch-up for lost notifications (CLUSTER.md). SQLite: one node, nothing to catch up: empty."""
+        return [], []
 
     def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
         """Each user's newest durable seq (0: none), as committed."""

@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 from ..core.effects import Write
 from ..core.reads import Read
-from ..core.records import Answer, LoadedState, PushJob, Question
+from ..core.records import Answer, LoadedState, PushJob, Question, User
 from ._writes import PreparedCommit
 
-__all__ = ["LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
+__all__ = ["Conflict", "LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
 
 
 class StoreError(RuntimeError):
@@ -52,6 +52,23 @@ class SeqConflict(WriteFailed):
     def __init__(self, message: str, users: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.users = users
+
+
+class Conflict(WriteFailed):
+    """A guarded question write found the question no longer as this node saw it (``CountAnswer``,
+    ``AcceptOnce``, ``CloseOnce``): another node answered the race first (several nodes; ``CLUSTER.md``).
+    Nothing of the commit is in the database.
+
+    Attributes:
+        question_id: the question.
+        what: the write refused: ``"answer"`` (the question is no longer open), ``"accept"`` (an answer was
+            accepted or the question ended), ``"close"`` (it ended).
+    """
+
+    def __init__(self, message: str, question_id: str, what: str) -> None:
+        super().__init__(message)
+        self.question_id = question_id
+        self.what = what
 
 
 class Storage(Protocol):
@@ -113,6 +130,16 @@ class Storage(Protocol):
         ...
 
     def find_question(self, question_id: str) -> tuple[Question, list[Answer]] | None: ...
+
+    def read_rows(
+        self, question_ids: Iterable[str], user_ids: Iterable[str]
+    ) -> tuple[list[tuple[str, Question | None, list[Answer]]], list[User]]:
+        """Questions (deleted ones too) with all their answers, and users, as committed (``SqlStore.read_rows``)."""
+        ...
+
+    def read_changes(self) -> tuple[list[str], list[str]]:
+        """Ids of the questions and users changed since the last call or ``load`` (PostgreSQL; SQLite: none)."""
+        ...
 
     def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
         """Each user's newest durable seq as committed (0: none), by user id."""

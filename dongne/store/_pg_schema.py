@@ -22,6 +22,10 @@ the node registry, the escalation lease with the check every escalation
 commit runs, the check of the inbox heads a commit's seqs continue from, and
 the sequence push job ids are taken from in blocks.
 
+Migration 4 marks each user, question and answer row with the transaction
+that last changed it (``changed_xid``, set by a trigger), for the catch-up
+of nodes that missed notifications (``PostgresStore.read_changes``).
+
 Integers that hold times, seqs, points or ids are ``bigint`` (SQLite's
 INTEGER is 64-bit); flags stay integers (0/1), as in SQLite, so both backends
 share the row mapping in ``_rows.py``.
@@ -246,6 +250,30 @@ PG_MIGRATIONS: list[str] = [
     """
     DROP INDEX events_by_user_type;
     CREATE INDEX events_by_user_type ON events (user_id, type, seq) WHERE type <> 'new_question_notification';
+    """,
+    # 4: which transaction last changed each user, question and answer (CLUSTER.md, "Question and user
+    # state across nodes"): a node that missed notifications reads the rows changed by transactions it may
+    # not have seen, from the oldest one still running when it last looked (pg_snapshot_xmin).
+    """
+    CREATE FUNCTION dongne_mark_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.changed_xid := pg_current_xact_id();
+        RETURN NEW;
+    END
+    $$;
+    ALTER TABLE users ADD COLUMN changed_xid xid8 NOT NULL DEFAULT '0';
+    ALTER TABLE questions ADD COLUMN changed_xid xid8 NOT NULL DEFAULT '0';
+    ALTER TABLE answers ADD COLUMN changed_xid xid8 NOT NULL DEFAULT '0';
+    CREATE TRIGGER users_changed BEFORE INSERT OR UPDATE ON users
+        FOR EACH ROW EXECUTE FUNCTION dongne_mark_changed();
+    CREATE TRIGGER questions_changed BEFORE INSERT OR UPDATE ON questions
+        FOR EACH ROW EXECUTE FUNCTION dongne_mark_changed();
+    CREATE TRIGGER answers_changed BEFORE INSERT OR UPDATE ON answers
+        FOR EACH ROW EXECUTE FUNCTION dongne_mark_changed();
+    CREATE INDEX users_by_change ON users (changed_xid);
+    CREATE INDEX questions_by_change ON questions (changed_xid);
+    CREATE INDEX answers_by_change ON answers (changed_xid);
     """,
 ]
 

@@ -40,11 +40,12 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 
+from ..core.records import LoadedState
 from ._backup import DatabaseInUseError
 from ._base import SqlStore
-from ._interface import LeaseLost, SeqConflict, StoreError, WriteFailed
+from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
-from ._writes import PreparedCommit
+from ._writes import Guard, PreparedCommit
 
 __all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
 
@@ -119,6 +120,7 @@ class PostgresStore(SqlStore):
         # None: a reader to connect when it is next used.
         self._readers: queue.SimpleQueue[psycopg.Connection[Any] | None] = queue.SimpleQueue()
         self._reader_count = 0
+        self._changes_from = "0"  # read_changes: the xid from which rows may be unseen
 
     @property
     def location(self) -> str:
@@ -238,11 +240,21 @@ class PostgresStore(SqlStore):
             WriteFailed: PostgreSQL refused it or the connection broke; nothing of it was committed.
         """
         with self._transaction("commit", pipeline=True) as conn:
+            checks: list[tuple[psycopg.Cursor[Any], Guard]] = []
             for sql, params, many in batch.statements:
-                if many:
+                if isinstance(many, Guard):
+                    checks.append((conn.execute(sql, params), many))
+                elif many:
                     conn.cursor().executemany(sql, params)
                 else:
                     conn.execute(sql, params)
+            if checks:
+                with conn.pipeline() as pipeline:
+                    pipeline.sync()  # the guarded statements' row counts, before COMMIT
+                for cursor, guard in checks:
+                    if cursor.rowcount == 0:  # raised in the transaction: rolled back
+                        raise Conflict(f"commit refused: question {guard.question_id} changed ({guard.what})",
+                                       guard.question_id, guard.what)  # fmt: skip
         self.commits += 1
         self.rows_committed += batch.rows
 
@@ -334,6 +346,37 @@ class PostgresStore(SqlStore):
         takes a new block.
         """
         return int(self._read("SELECT nextval('push_job_blocks')")[0][0]) * PUSH_JOB_BLOCK
+
+    def load(self, *, hot_since: int) -> LoadedState:
+        """As ``SqlStore.load``; changes from here on are what :meth:`read_changes` reads first."""
+        self._changes_from = self._snapshot_xmin()
+        return super().load(hot_since=hot_since)
+
+    def _snapshot_xmin(self) -> str:
+        """The oldest transaction still running (or the next one): every older one is committed or gone."""
+        return str(self._read("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")[0][0])
+
+    def read_changes(self) -> tuple[list[str], list[str]]:
+        """The questions and users changed by transactions from the oldest one running at the last call on.
+
+        Rows whose ``changed_xid`` (migration 4) is at or above that
+        transaction: those it may not have seen committed. One statement,
+        one snapshot: its own xmin is where the next call starts, so a
+        transaction that commits late (its xid older than one seen) is read
+        then. A row may be read twice; never missed.
+        """
+        since = self._changes_from
+        rows = self._read(
+            "SELECT 'q', question_id FROM questions WHERE changed_xid >= ?::xid8"
+            " UNION SELECT 'q', question_id FROM answers WHERE changed_xid >= ?::xid8"
+            " UNION SELECT 'u', user_id FROM users WHERE changed_xid >= ?::xid8"
+            " UNION ALL SELECT 'x', pg_snapshot_xmin(pg_current_snapshot())::text",
+            (since, since, since),
+        )
+        questions = sorted(ident for kind, ident in rows if kind == "q")
+        users = sorted(ident for kind, ident in rows if kind == "u")
+        self._changes_from = next(ident for kind, ident in rows if kind == "x")
+        return questions, users
 
     def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
         """Each user's newest durable seq (0: none), from ``inbox_heads`` (kept whatever was pruned)."""

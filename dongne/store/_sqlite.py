@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ._base import SqlStore
-from ._interface import StoreError, WriteFailed
+from ._interface import Conflict, StoreError, WriteFailed
 from ._schema import MIGRATIONS
-from ._writes import PreparedCommit
+from ._writes import Guard, PreparedCommit
 
 __all__ = ["PreparedCommit", "Store", "StoreError", "WriteFailed"]
 
@@ -186,7 +186,11 @@ class Store(SqlStore):
         """
         with self._transaction("commit") as conn:
             for sql, params, many in batch.statements:
-                if many:
+                if isinstance(many, Guard):
+                    if conn.execute(sql, params).rowcount == 0:  # raised in the transaction: rolled back
+                        raise Conflict(f"commit refused: question {many.question_id} changed ({many.what})",
+                                       many.question_id, many.what)  # fmt: skip
+                elif many:
                     conn.executemany(sql, params)
                 else:
                     conn.execute(sql, params)

@@ -16,13 +16,18 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any
 
+import attrs
 import msgpack
 
 from ..core.effects import (
+    AcceptOnce,
     AppendAudit,
     AppendEvent,
+    CloseOnce,
+    CountAnswer,
     DeleteIpBlock,
     EnqueuePush,
+    RoomNews,
     SaveAnswer,
     SaveEscalation,
     SaveIpBlock,
@@ -38,13 +43,21 @@ from ._queries import Dialect
 from ._rows import ANSWER_COLS, QUESTION_COLS, REPORT_COLS, USER_COLS, answer_row, question_row, report_row, user_row
 
 __all__ = [
+    "CHANGES_CHANNEL",
     "EVENTS_CHANNEL",
     "MAX_ROWS_PER_STATEMENT",
     "NOTIFY_PAYLOAD_LIMIT",
+    "RACED_QUESTION_COLS",
+    "ROOMS_CHANNEL",
+    "Guard",
     "PreparedCommit",
+    "changes_news",
     "inbox_news",
     "prepare_writes",
+    "read_changes_news",
     "read_inbox_news",
+    "read_room_news",
+    "room_news",
 ]
 
 
@@ -54,8 +67,30 @@ NOTIFY_PAYLOAD_LIMIT = 8000
 #: Where commits announce new inbox heads (``news_from``; CLUSTER.md).
 EVENTS_CHANNEL = "dongne_events"
 
+#: Where commits announce the questions and users they changed (``news_from``; CLUSTER.md).
+CHANGES_CHANNEL = "dongne_changes"
+
+#: Where room events go to the rooms' members on other nodes (CLUSTER.md, "Delivery across nodes").
+ROOMS_CHANNEL = "dongne_rooms"
+
 #: The most rows in one multi-row INSERT (a power of two); see PreparedCommit.insert.
 MAX_ROWS_PER_STATEMENT = 256
+
+
+#: The question columns several nodes race on: a ``SaveQuestion`` writes them only when it inserts the row;
+#: ``CountAnswer``, ``AcceptOnce`` and ``CloseOnce`` change them in SQL (CLUSTER.md).
+RACED_QUESTION_COLS = ("status", "accepted_answer_id", "answer_count", "first_answer_at", "closed_at")
+
+#: Statuses in which a question may still be answered, accepted or closed (``lifecycle.ACTIVE``).
+_ACTIVE_SQL = "status IN ('open', 'answered')"
+
+
+@attrs.frozen
+class Guard:
+    """A statement of a commit that must change a row: if it changes none, the commit fails with ``Conflict``."""
+
+    question_id: str
+    what: str  # "answer" | "accept" | "close"
 
 
 class PreparedCommit:
@@ -69,7 +104,8 @@ class PreparedCommit:
     def __init__(self, max_variables: int, marker: str = "?") -> None:
         self._max_variables = max_variables
         self._marker = marker
-        self.statements: list[tuple[str, list[Any], bool]] = []  # (sql, params, executemany?)
+        # (sql, params, executemany? or the Guard of a statement that must change a row)
+        self.statements: list[tuple[str, list[Any], bool | Guard]] = []
         self.rows = 0
 
     def insert(self, head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> None:
@@ -103,6 +139,11 @@ class PreparedCommit:
         """One statement run per row (for UPDATEs)."""
         self.statements.append((sql, list(rows), True))
         self.rows += len(rows)
+
+    def guarded(self, sql: str, params: list[Any], guard: Guard) -> None:
+        """One statement that must change a row (the backend checks its row count): ``Conflict`` otherwise."""
+        self.statements.append((sql, params, guard))
+        self.rows += 1
 
     def guard_lease(self, epoch: int, name: str = "escalation") -> None:
         """Commit only while lease ``name`` is still at ``epoch`` (PostgreSQL; see ``CLUSTER.md``).
@@ -174,6 +215,89 @@ def read_inbox_news(payload: str) -> tuple[str, dict[str, int]]:
     return origin, {str(user): int(seq) for user, seq in heads.items()}
 
 
+def changes_news(origin: str, questions: Sequence[str], users: Sequence[str]) -> list[str]:
+    """The payloads that announce a commit's changed questions and users on :data:`CHANGES_CHANNEL`.
+
+    Each is JSON, ``{"node": origin, "questions": [id, ...], "users": [id, ...]}``,
+    under PostgreSQL's payload limit: a commit changing many rows sends
+    several. A listener reads the rows themselves from the store.
+    """
+    payloads: list[str] = []
+    empty = len(json.dumps({"node": origin, "questions": [], "users": []}, ensure_ascii=False).encode())
+    budget = NOTIFY_PAYLOAD_LIMIT - 1 - empty
+    part: dict[str, list[str]] = {"questions": [], "users": []}
+    used = 0
+
+    def flush() -> None:
+        nonlocal part, used
+        if part["questions"] or part["users"]:
+            payloads.append(json.dumps({"node": origin, **part}, ensure_ascii=False))
+        part, used = {"questions": [], "users": []}, 0
+
+    for kind, ids in (("questions", sorted(set(questions))), ("users", sorted(set(users)))):
+        for ident in ids:
+            size = len(json.dumps(ident, ensure_ascii=False).encode()) + 2  # ", " between items
+            if size > budget:
+                raise ValueError(f"an id too long to announce: {ident[:40]!r}...")
+            if used + size > budget:
+                flush()
+            part[kind].append(ident)
+            used += size
+    flush()
+    return payloads
+
+
+def read_changes_news(payload: str) -> tuple[str, list[str], list[str]]:
+    """``(origin node, question ids, user ids)`` of a payload :func:`changes_news` made.
+
+    Raises:
+        ValueError: not such a payload.
+    """
+    try:
+        news = json.loads(payload)
+        origin, questions, users = news["node"], news.get("questions", []), news.get("users", [])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ValueError(f"not changes news: {payload[:80]!r}") from None
+    if not isinstance(origin, str) or not isinstance(questions, list) or not isinstance(users, list):
+        raise ValueError(f"not changes news: {payload[:80]!r}")
+    return origin, [str(q) for q in questions], [str(u) for u in users]
+
+
+def room_news(origin: str, question_id: str, kind: str, data: dict[str, Any]) -> str:
+    """The payload of a room event on :data:`ROOMS_CHANNEL`: JSON ``{"node", "question_id", "kind", "data"}``.
+
+    A ``new_answer`` over PostgreSQL's payload limit (a long answer in a
+    script of 3- and 4-byte characters) goes as ``answer_id`` alone: the
+    listener reads the answer from the store.
+
+    Raises:
+        ValueError: an event over the limit even so.
+    """
+    payload = json.dumps({"node": origin, "question_id": question_id, "kind": kind, "data": data}, ensure_ascii=False)
+    if len(payload.encode()) >= NOTIFY_PAYLOAD_LIMIT and kind == "new_answer" and isinstance(data.get("answer"), dict):
+        ref = {"question_id": question_id, "answer_id": data["answer"].get("answer_id")}
+        payload = json.dumps({"node": origin, "question_id": question_id, "kind": kind, "data": ref})
+    if len(payload.encode()) >= NOTIFY_PAYLOAD_LIMIT:
+        raise ValueError(f"a room event too large to announce: {kind} in {question_id[:40]!r}")
+    return payload
+
+
+def read_room_news(payload: str) -> tuple[str, str, str, dict[str, Any]]:
+    """``(origin node, question id, kind, data)`` of a payload :func:`room_news` made.
+
+    Raises:
+        ValueError: not such a payload.
+    """
+    try:
+        news = json.loads(payload)
+        origin, question_id, kind, data = news["node"], news["question_id"], news["kind"], news["data"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"not room news: {payload[:80]!r}") from None
+    if not all(isinstance(x, str) for x in (origin, question_id, kind)) or not isinstance(data, dict):
+        raise ValueError(f"not room news: {payload[:80]!r}")
+    return origin, question_id, kind, data
+
+
 def prepare_writes(
     writes: Sequence[Write],
     max_variables: int,
@@ -194,7 +318,9 @@ def prepare_writes(
     the event loop, where it would hold the GIL anyway.
 
     ``news_from`` (PostgreSQL): a node id; the commit then announces its new
-    inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`).
+    inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`) and the
+    questions and users it changed on :data:`CHANGES_CHANNEL`
+    (:func:`changes_news`).
     ``guard_seqs`` (PostgreSQL): the commit first checks that each user's
     inbox head is just below the user's lowest seq in it (``SeqConflict``
     otherwise): the guard several writers need.
@@ -205,6 +331,8 @@ def prepare_writes(
     events: list[AppendEvent] = []
     escalations: dict[str, SaveEscalation] = {}
     notified: list[tuple[Any, ...]] = []
+    raced: list[CountAnswer | AcceptOnce | CloseOnce] = []  # in order
+    rooms: list[RoomNews] = []
     pushes: list[PushJob] = []
     push_status: dict[int, SavePushStatus] = {}
     audit: list[AppendAudit] = []
@@ -220,7 +348,17 @@ def prepare_writes(
         elif isinstance(item, SaveUser):
             users[item.user.user_id] = item.user
         elif isinstance(item, SaveQuestion):
-            questions[item.question.question_id] = item.question
+            question = item.question
+            first = questions.get(question.question_id)
+            if first is not None:
+                # The raced columns are written only by an insert, and the first save is the one that
+                # inserts: later ones count what the guarded writes in between add (again) in SQL.
+                question = attrs.evolve(question, **{c: getattr(first, c) for c in RACED_QUESTION_COLS})
+            questions[question.question_id] = question
+        elif isinstance(item, (CountAnswer, AcceptOnce, CloseOnce)):
+            raced.append(item)
+        elif isinstance(item, RoomNews):
+            rooms.append(item)
         elif isinstance(item, SaveAnswer):
             answers[item.answer.answer_id] = item.answer
         elif isinstance(item, SaveEscalation):
@@ -241,14 +379,30 @@ def prepare_writes(
             raise TypeError(f"unknown write {item!r}")
     pg = dialect == "postgres"
     batch = PreparedCommit(max_variables, "%s" if pg else "?")
+    if pg and news_from is not None:
+        changed_questions = {*questions, *(op.question_id for op in raced), *(a.question_id for a in answers.values())}
+        for payload in changes_news(news_from, sorted(changed_questions), sorted(users)):
+            batch.notify(CHANGES_CHANNEL, payload)
+        for news in rooms:  # after the changes: a listener may read the answer a news names
+            try:
+                batch.notify(ROOMS_CHANNEL, room_news(news_from, news.question_id, news.kind, news.data))
+            except ValueError:  # too large even by reference: other nodes' rooms miss it (lossy, as designed)
+                continue
     mark = "%s" if pg else "?"
 
-    def save(table: str, cols: str, key: str, rows: list[tuple[Any, ...]], **guarded: str) -> None:
-        """Insert ``rows``, each replacing the row with the same ``key``; ``guarded``: a column's own update."""
-        if not pg:
+    def save(
+        table: str, cols: str, key: str, rows: list[tuple[Any, ...]], *, keep: Sequence[str] = (), **guarded: str
+    ) -> None:
+        """Insert ``rows``, each replacing the row with the same ``key``; ``guarded``: a column's own update;
+        ``keep``: columns an existing row keeps (then SQLite upserts too, rather than replacing the row)."""
+        if not pg and not keep:
             batch.insert(f"INSERT OR REPLACE INTO {table} ({cols})", rows)
             return
-        sets = [f"{c} = {guarded.get(c, f'excluded.{c}')}" for c in (c.strip() for c in cols.split(",")) if c != key]
+        sets = [
+            f"{c} = {guarded.get(c, f'excluded.{c}')}"
+            for c in (c.strip() for c in cols.split(","))
+            if c != key and c not in keep
+        ]
         batch.insert(
             f"INSERT INTO {table} ({cols})",
             sorted(rows, key=lambda r: r[0]),
@@ -265,7 +419,38 @@ def prepare_writes(
     # A user's saved last_seq never goes back (PostgreSQL: a save decided on an older copy cannot lower it).
     save("users", USER_COLS, "user_id", [user_row(u) for u in users.values()],
          last_seq="greatest(users.last_seq, excluded.last_seq)")  # fmt: skip
-    save("questions", QUESTION_COLS, "question_id", [question_row(q) for q in questions.values()])
+    save("questions", QUESTION_COLS, "question_id", [question_row(q) for q in questions.values()],
+         keep=RACED_QUESTION_COLS)  # fmt: skip
+    for op in raced:  # after the saves: a question created in this commit is there
+        if isinstance(op, CountAnswer) and op.answered_at is None:
+            batch.many(
+                f"UPDATE questions SET answer_count = CASE WHEN answer_count + {mark} < 0 THEN 0"
+                f" ELSE answer_count + {mark} END WHERE question_id = {mark}",
+                [(op.delta, op.delta, op.question_id)],
+            )
+        elif isinstance(op, CountAnswer):
+            batch.guarded(
+                f"UPDATE questions SET answer_count = answer_count + {mark},"
+                " status = CASE WHEN status = 'open' THEN 'answered' ELSE status END,"
+                f" first_answer_at = coalesce(first_answer_at, {mark}) WHERE question_id = {mark} AND {_ACTIVE_SQL}",
+                [op.delta, op.answered_at, op.question_id],
+                Guard(op.question_id, "answer"),
+            )
+        elif isinstance(op, AcceptOnce):
+            batch.guarded(
+                f"UPDATE questions SET accepted_answer_id = {mark}, status = 'resolved', closed_at = {mark}"
+                f" WHERE question_id = {mark} AND accepted_answer_id IS NULL AND {_ACTIVE_SQL}",
+                [op.answer_id, op.at, op.question_id],
+                Guard(op.question_id, "accept"),
+            )
+        else:
+            close = (
+                f"UPDATE questions SET status = {mark}, closed_at = {mark} WHERE question_id = {mark} AND {_ACTIVE_SQL}"
+            )
+            if op.conflict:
+                batch.guarded(close, [op.status, op.at, op.question_id], Guard(op.question_id, "close"))
+            else:
+                batch.many(close, [(op.status, op.at, op.question_id)])
     keep(
         "question_hashtags",
         "question_id, tag, created_at",

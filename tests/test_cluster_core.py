@@ -1,0 +1,208 @@
+"""The engine's side of several nodes (store/CLUSTER.md), without I/O and with explicit ``now``: the guarded
+question writes it emits, and the copies of questions it replaces when the store says another node changed them."""
+
+from __future__ import annotations
+
+import attrs
+
+from dongne.core import (
+    AcceptOnce,
+    CancelEscalation,
+    CloseOnce,
+    CoreSettings,
+    CountAnswer,
+    Engine,
+    QuestionChanged,
+    RelayRoom,
+    RoomRelayed,
+    SaveQuestion,
+    StagePlan,
+    User,
+    UsersChanged,
+)
+from dongne.core.effects import Close
+from dongne.core.events import Tick
+from dongne.core.lifecycle import QuestionStatus
+from dongne.core.records import Answer, Question
+from dongne.core.settings import QuestionSettings
+
+from .test_engine import T0, Sim, ask, claims_for, make_engine
+
+
+def raced(outcome: object) -> list[object]:
+    writes = getattr(outcome, "writes", ())
+    return [w for w in writes if isinstance(w, (SaveQuestion, CountAnswer, AcceptOnce, CloseOnce))]
+
+
+def test_answering_accepting_and_closing_emit_guarded_writes_not_the_whole_question() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    answered = sim.call(2, "create_answer", {"question_id": qid, "content": "by the port"}, T0 + 5)
+    answer_id = sim.reply(answered)["data"]["answer"]["answer_id"]
+    accepted = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": answer_id}, T0 + 9)
+    qid2 = ask(sim, now=T0 + 10)
+    closed = sim.call(1, "close_question", {"question_id": qid2}, T0 + 11)
+
+    assert raced(answered) == [CountAnswer(qid, 1, answered_at=T0 + 5)]
+    assert raced(accepted) == [AcceptOnce(qid, answer_id, T0 + 9)]
+    assert raced(closed) == [CloseOnce(qid2, "closed", T0 + 11)]
+
+
+def test_an_expiry_is_a_guarded_close() -> None:
+    engine = Engine(CoreSettings(questions=QuestionSettings(ttl_s=60.0)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "asker")
+    qid = ask(sim)
+
+    expired = engine.handle(Tick(), T0 + 60_000)
+
+    assert raced(expired) == [CloseOnce(qid, "expired", T0 + 60_000, conflict=False)]  # each node expires it
+
+
+def question_as_stored(sim: Sim, qid: str, **fields: object) -> Question:
+    return attrs.evolve(sim.engine.questions[qid], **fields)  # type: ignore[arg-type]
+
+
+def test_a_question_another_node_resolved_ends_here_and_its_room_hears_it() -> None:
+    engine = Engine(CoreSettings(stages=(StagePlan("LATER", 600.0, None, None, "everyone"),)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "asker")
+    sim.connect(2, "watcher")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    sim.take(2)
+    assert qid in engine.where.escalations
+    answer = Answer("a-elsewhere", qid, "local", "Local", "elsewhere", T0 + 3, "sent", None, None, True)
+
+    stored = question_as_stored(
+        sim,
+        qid,
+        status=QuestionStatus.RESOLVED,
+        accepted_answer_id="a-elsewhere",
+        answer_count=1,
+        first_answer_at=T0 + 3,
+        closed_at=T0 + 4,
+    )
+    out = engine.handle(QuestionChanged(qid, stored, (answer,)), T0 + 5)
+    sim.deliver(out)
+
+    held = engine.questions[qid]
+    assert (held.status, held.accepted_answer_id, held.answer_count) == (QuestionStatus.RESOLVED, "a-elsewhere", 1)
+    assert engine.answers[qid]["a-elsewhere"].accepted
+    assert CancelEscalation(qid) in out.actions and qid not in engine.where.escalations
+    assert [(f["type"], f["data"]["reason"]) for f in sim.take(2)] == [("question_closed", "accepted")]
+    assert out.writes == ()  # the store holds it already
+    again = engine.handle(QuestionChanged(qid, attrs.evolve(stored), (answer,)), T0 + 6)
+    assert again.actions == ()  # no change: nothing said twice
+
+
+def test_a_question_another_node_created_is_adopted_and_listed_nearby() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "local")
+    created = Question("q-elsewhere", "asker", "Asker", "Open late?", "", 33.5, 126.5, None, (), "normal", T0)
+    out = sim.engine.handle(QuestionChanged("q-elsewhere", created), T0 + 1)
+
+    assert out.writes == () and "q-elsewhere" in sim.engine.questions
+    nearby = sim.call(1, "nearby_questions", {"location": {"lat": 33.5, "lng": 126.5}, "radius_m": 1000}, T0 + 2)
+    assert [q["question_id"] for q in sim.reply(nearby)["data"]["questions"]] == ["q-elsewhere"]
+
+
+def test_a_question_another_node_deleted_leaves_memory_and_its_room() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "watcher")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    sim.take(2)
+
+    assert sim.engine.handle(QuestionChanged(qid, None), T0 + 1).actions == ()  # no row (yet): nothing known
+    deleted = question_as_stored(sim, qid, deleted_at=T0 + 1)
+    out = sim.engine.handle(QuestionChanged(qid, deleted), T0 + 2)
+    sim.deliver(out)
+
+    assert qid not in sim.engine.questions and qid not in sim.engine.presence.rooms
+    assert [f["type"] for f in sim.take(2)] == ["question_deleted"]
+
+
+def test_a_merge_never_takes_back_what_this_node_wrote_and_the_store_has_not_yet() -> None:
+    """This node's answer and close are still on their way to the store when an older copy arrives."""
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    stored_before = question_as_stored(sim, qid)
+    sim.call(2, "create_answer", {"question_id": qid, "content": "by the port"}, T0 + 5)
+    sim.call(1, "close_question", {"question_id": qid}, T0 + 6)
+
+    out = sim.engine.handle(QuestionChanged(qid, stored_before, ()), T0 + 7)
+
+    held = sim.engine.questions[qid]
+    assert (held.status, held.answer_count, held.first_answer_at) == (QuestionStatus.CLOSED, 1, T0 + 5)
+    assert len(sim.engine.answers[qid]) == 1
+    assert out.actions == ()
+
+
+def test_users_another_node_changed_merge_settings_and_bans_but_never_take_back_points_or_seqs() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "mallory")
+    sim.connect(2, "bystander")
+    held = sim.engine.users["mallory"]
+    held.points, held.last_seq = 30, 7
+    stored = attrs.evolve(held, points=20, last_seq=5, max_alerts_per_hour=3, banned_until=T0 + 60_000)
+    newcomer = User("newcomer", "Newcomer", created_at=T0)
+
+    out = sim.engine.handle(UsersChanged((stored, newcomer)), T0 + 1)
+
+    assert (held.points, held.last_seq, held.max_alerts_per_hour, held.banned_until) == (30, 7, 3, T0 + 60_000)
+    assert [(a.conn_id, a.code) for a in out.actions if isinstance(a, Close)] == [(1, 4003)]
+    assert sim.engine.users["newcomer"] == newcomer
+    assert sim.engine.handle(UsersChanged((attrs.evolve(stored),)), T0 + 2).actions == ()  # banned already
+
+
+def test_typing_and_presence_are_relayed_to_other_nodes_and_relayed_events_reach_this_nodes_room() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "watcher")
+    qid = ask(sim)
+    joined = sim.call(2, "join_question", {"question_id": qid})
+    typing = sim.call(2, "typing_start", {"question_id": qid}, T0 + 1)
+    sim.take(1)
+    sim.take(2)
+
+    relayed = [(a.kind, a.data["user_id"]) for o in (joined, typing) for a in o.actions if isinstance(a, RelayRoom)]
+    assert relayed == [("user_online", "watcher"), ("user_typing", "watcher")]
+
+    # Another node's: to this node's room, but not to that user's own connections here.
+    remote = {"question_id": qid, "user_id": "watcher", "nick": "Watcher"}
+    sim.deliver(sim.engine.handle(RoomRelayed(qid, "user_typing", remote), T0 + 2))
+    assert (sim.take(1), sim.take(2)) == ([{"type": "user_typing", "data": remote}], [])
+    answer = {"answer_id": "a-far", "content": "by the port"}
+    sim.deliver(sim.engine.handle(RoomRelayed(qid, "new_answer", {"question_id": qid, "answer": answer}), T0 + 3))
+    assert [f["data"]["answer"] for f in sim.take(1)] == [answer]
+    assert [f["type"] for f in sim.take(2)] == ["new_answer"]
+    # Not a room here, another question's data, a kind not relayed, an answer by reference not in memory: nothing.
+    for kind, question, data in (
+        ("user_typing", "q-none", {**remote, "question_id": "q-none"}),
+        ("user_typing", qid, {**remote, "question_id": "q-other"}),
+        ("answer_accepted", qid, {"question_id": qid}),
+        ("new_answer", qid, {"question_id": qid, "answer_id": "a-unknown"}),
+    ):
+        assert sim.engine.handle(RoomRelayed(question, kind, data), T0 + 4).actions == ()
+
+
+def test_a_new_answer_relayed_by_reference_is_sent_from_memory() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    qid = ask(sim)
+    sim.take(1)
+    far = Answer("a-far", qid, "local", "Local", "long", T0 + 1)
+    stored = question_as_stored(sim, qid, status=QuestionStatus.ANSWERED, answer_count=1, first_answer_at=T0 + 1)
+    sim.engine.handle(QuestionChanged(qid, stored, (far,)), T0 + 2)
+
+    out = sim.engine.handle(RoomRelayed(qid, "new_answer", {"question_id": qid, "answer_id": "a-far"}), T0 + 3)
+    sim.deliver(out)
+
+    (frame,) = sim.take(1)
+    assert (frame["type"], frame["data"]["answer"]["content"]) == ("new_answer", "long")

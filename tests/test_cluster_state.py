@@ -1,0 +1,418 @@
+"""Questions and users another node changes (store/CLUSTER.md), over real sockets and real databases.
+
+"Another node" is SQL from the test, on a connection of its own: it changes rows as another ``dongne serve``
+would, with or without its notifications.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import attrs
+import msgpack
+import pytest
+import trio
+import trio_websocket
+
+from dongne.client import DongneClient, RequestError
+from dongne.core.effects import AcceptOnce, CloseOnce, CountAnswer, RoomNews, SaveAnswer, SaveQuestion, SaveUser
+from dongne.core.lifecycle import QuestionStatus
+from dongne.core.moderation import FOREVER
+from dongne.core.records import Answer, Question, User
+from dongne.store import is_postgres_url
+from dongne.store._writes import (
+    NOTIFY_PAYLOAD_LIMIT,
+    changes_news,
+    prepare_writes,
+    read_changes_news,
+    read_room_news,
+    room_news,
+)
+
+from .conftest import JEJU_CITY, Harness, db_rows, question_data, token
+
+
+def other_node_runs(db: Path | str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """Commit one statement (``?`` parameters) as another node would, on either backend."""
+    if is_postgres_url(str(db)):
+        import psycopg
+
+        with psycopg.connect(str(db), autocommit=True) as conn:
+            conn.execute(sql.replace("?", "%s"), params)
+        return
+    with closing(sqlite3.connect(db, timeout=10)) as conn:
+        conn.execute(sql, params)
+        conn.commit()
+
+
+async def answered_twice(h: Harness, asker: DongneClient) -> tuple[str, str, str]:
+    """A question of the asker's with answers by "local" and "other": ``(question, local's, other's)``."""
+    qid: str = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    ids = []
+    for author in ("local", "other"):
+        async with h.connect(author) as client:
+            reply = await client.request("create_answer", {"question_id": qid, "content": f"ask {author}"})
+            ids.append(reply["answer"]["answer_id"])
+    return qid, ids[0], ids[1]
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_an_accept_another_node_made_first_refuses_this_one_with_conflict(start_server: Any) -> None:
+    """The asker accepted local's answer on another node; accepting other's here is refused with
+    ``conflict``, and by then memory holds the store's question (the winner), nothing of the refused
+    accept is stored, and writes go on."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker:
+        qid, local_answer, other_answer = await answered_twice(h, asker)
+        other_node_runs(
+            h.db,
+            "UPDATE questions SET status = 'resolved', accepted_answer_id = ?, closed_at = ? WHERE question_id = ?",
+            (local_answer, 1_000, qid),
+        )
+
+        with pytest.raises(RequestError) as refused:
+            await asker.request("accept_answer", {"question_id": qid, "answer_id": other_answer})
+
+        assert refused.value.code == "conflict" and refused.value.error["question_id"] == qid
+        question = h.running.engine.questions[qid]
+        assert (question.status, question.accepted_answer_id) == (QuestionStatus.RESOLVED, local_answer)
+        seen = await asker.request("get_question", {"question_id": qid})
+        assert seen["question"]["accepted_answer_id"] == local_answer
+        assert h.running.engine.users["other"].points == 0
+        assert h.running.clients.writable
+        await asker.request("create_question", question_data(title="And a second question, after the race"))
+        with pytest.raises(RequestError) as again:  # now known here: the engine's own answer
+            await asker.request("accept_answer", {"question_id": qid, "answer_id": other_answer})
+        assert again.value.code == "already_accepted"
+
+    assert db_rows(h.db, "SELECT accepted_answer_id FROM questions WHERE question_id = ?", (qid,)) == [(local_answer,)]
+    assert db_rows(h.db, "SELECT points FROM users WHERE user_id = 'other'") == [(0,)]
+    assert db_rows(h.db, "SELECT count(*) FROM questions") == [(2,)]
+    assert "dongne_question_conflicts_total 1.0" in h.running.clients.metrics.render().decode()
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_an_answer_to_a_question_another_node_closed_is_refused_with_conflict(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        other_node_runs(h.db, "UPDATE questions SET status = 'closed', closed_at = 1000 WHERE question_id = ?", (qid,))
+
+        with pytest.raises(RequestError) as refused:
+            await local.request("create_answer", {"question_id": qid, "content": "Too late, it seems"})
+
+        assert refused.value.code == "conflict"
+        assert h.running.engine.questions[qid].status == QuestionStatus.CLOSED
+        with pytest.raises(RequestError) as again:
+            await local.request("create_answer", {"question_id": qid, "content": "Too late, it seems"})
+        assert again.value.code == "question_closed"
+    assert db_rows(h.db, "SELECT count(*), 0 FROM answers") == [(0, 0)]
+    assert db_rows(h.db, "SELECT answer_count FROM questions") == [(0,)]
+
+
+# ---- questions and users another node changed (PostgreSQL: notifications and the catch-up) -------------
+
+OTHER_NODE = "node-b-4242-abcdef"
+
+
+def other_node_commits(db: Path | str, writes: list[Any], *, notify: bool = True) -> None:
+    """Commit ``writes`` as another node would (its statements, its ``dongne_changes`` news unless not)."""
+    import psycopg
+
+    batch = prepare_writes(writes, 65535, "postgres", news_from=OTHER_NODE if notify else None)
+    with psycopg.connect(str(db)) as conn, conn.transaction():
+        for sql, params, many in batch.statements:
+            if many is True:
+                conn.cursor().executemany(sql, params)
+            else:
+                conn.execute(sql, params)
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait (bounded) for what another session's commit causes here."""
+    with trio.fail_after(timeout):
+        while not condition():  # noqa: ASYNC110 - changed by another session, announced or caught up
+            await trio.sleep(0.01)
+
+
+async def next_of(client: DongneClient, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        while True:
+            frame = await client.next_event()
+            if frame["type"] == kind:
+                return frame
+
+
+@pytest.mark.backends("postgres")
+async def test_a_question_another_node_creates_answers_and_resolves_is_seen_here(start_server: Any) -> None:
+    """Announced on dongne_changes: the question is listed nearby and joinable here, its answer appears, and
+    the accept ends it here (the room hears question_closed, its copy is resolved)."""
+    h: Harness = await start_server()
+    engine = h.running.engine
+    now = int(time.time() * 1000)
+    asked = Question("q-elsewhere", "asker", "Asker", "Open late?", "", 33.4996, 126.5312, None, (), "normal", now)
+    other_node_commits(h.db, [SaveUser(User("asker", "Asker", created_at=now)), SaveQuestion(asked)])
+    await until(lambda: "q-elsewhere" in engine.questions)
+
+    async with h.connect("local") as local:
+        nearby = await local.request("nearby_questions", {"location": JEJU_CITY})
+        assert [q["question_id"] for q in nearby["questions"]] == ["q-elsewhere"]
+        await local.request("join_question", {"question_id": "q-elsewhere"})
+        answer = Answer("a-elsewhere", "q-elsewhere", "jun", "Jun", "By the port", now + 1)
+        other_node_commits(
+            h.db, [SaveUser(User("jun", "Jun")), SaveAnswer(answer), CountAnswer("q-elsewhere", 1, answered_at=now + 1)]
+        )
+        await until(lambda: engine.questions["q-elsewhere"].answer_count == 1)
+        assert engine.questions["q-elsewhere"].status == QuestionStatus.ANSWERED
+        assert "jun" in engine.users
+        other_node_commits(
+            h.db, [AcceptOnce("q-elsewhere", "a-elsewhere", now + 2), SaveAnswer(attrs.evolve(answer, accepted=True))]
+        )
+        closed = await next_of(local, "question_closed")
+
+    assert closed["data"] == {"question_id": "q-elsewhere", "reason": "accepted"}
+    held = engine.questions["q-elsewhere"]
+    assert (held.status, held.accepted_answer_id) == (QuestionStatus.RESOLVED, "a-elsewhere")
+    assert engine.answers["q-elsewhere"]["a-elsewhere"].accepted
+
+
+@pytest.mark.backends("postgres")
+async def test_a_ban_set_on_another_node_holds_here(start_server: Any) -> None:
+    h: Harness = await start_server()
+    async with h.connect("mallory") as mallory, h.connect("bystander") as bystander:
+        banned = attrs.evolve(h.running.engine.users["mallory"], banned_until=FOREVER, ban_reason="casino spam")
+        other_node_commits(h.db, [SaveUser(banned)])
+
+        await mallory.wait_closed()
+        assert mallory.closed is not None and mallory.closed.reason.code == 4003
+        await bystander.request("ping", {})
+    async with trio_websocket.open_websocket_url(h.url) as ws:
+        await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("mallory")}}))
+        with pytest.raises(trio_websocket.ConnectionClosed) as refused:
+            await ws.get_message()
+    assert refused.value.reason.code == 4003
+
+
+@pytest.mark.backends("postgres")
+async def test_without_notifications_the_catch_up_reads_what_changed(start_server: Any) -> None:
+    """Nothing announced: within ``catch_up_interval_s`` the rows changed since the last look are read."""
+    h: Harness = await start_server(cluster={"catch_up_interval_s": 0.2})
+    engine = h.running.engine
+    async with h.connect("asker") as asker, h.connect("watcher") as watcher:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await watcher.request("join_question", {"question_id": qid})
+        other_node_commits(h.db, [CloseOnce(qid, "closed", int(time.time() * 1000))], notify=False)
+
+        closed = await next_of(watcher, "question_closed", timeout=5.0)
+
+        assert closed["data"] == {"question_id": qid, "reason": "closed"}
+        assert engine.questions[qid].status == QuestionStatus.CLOSED
+        settings = attrs.evolve(engine.users["watcher"], max_alerts_per_hour=3, quiet_hours=(23, 6))
+        other_node_commits(h.db, [SaveUser(settings)], notify=False)
+        await until(lambda: engine.users["watcher"].max_alerts_per_hour == 3, timeout=5.0)
+        assert engine.users["watcher"].quiet_hours == (23, 6)
+
+
+@pytest.mark.backends("postgres")
+async def test_this_nodes_commits_announce_what_they_changed_with_its_node_id(start_server: Any) -> None:
+    import psycopg
+
+    h: Harness = await start_server()
+    with psycopg.connect(str(h.db), autocommit=True) as listening:
+        listening.execute("LISTEN dongne_changes")
+        async with h.connect("asker") as asker:
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        news = hear(listening, 2)
+
+    announced = [read_changes_news(p) for p in news]
+    assert (h.running.clients.node_id, [], ["asker"]) in announced  # the hello created the user
+    assert (h.running.clients.node_id, [qid], []) in announced
+
+
+def test_changes_news_is_split_under_postgresqls_payload_limit() -> None:
+    questions = [f"q-{i:05d}-{'한' * 10}" for i in range(600)]
+    users = [f"user-{i:05d}" for i in range(400)]
+
+    payloads = changes_news("node-a", questions, users)
+
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < NOTIFY_PAYLOAD_LIMIT for p in payloads)
+    assert max(len(p.encode()) for p in payloads) > NOTIFY_PAYLOAD_LIMIT - 100  # packed, not one per row
+    read = [read_changes_news(p) for p in payloads]
+    assert {origin for origin, _, _ in read} == {"node-a"}
+    assert [q for _, qs, _ in read for q in qs] == questions
+    assert [u for _, _, us in read for u in us] == users
+    assert changes_news("node-a", [], []) == []
+
+
+@pytest.mark.backends("postgres")
+def test_read_changes_names_each_row_changed_since_the_last_look_once_it_is_committed(store: Any) -> None:
+    """From ``load``'s snapshot on; a transaction still open at a look is read at the next one after it commits."""
+    import psycopg
+
+    store.apply([SaveUser(User("asker", "Asker")), SaveQuestion(question_of("q1"))])
+    store.load(hot_since=0)
+    assert store.read_changes() == ([], [])
+    store.apply([CountAnswer("q1", 1, answered_at=5)])
+    with psycopg.connect(store.url) as slow:
+        slow.execute("UPDATE users SET points = 5 WHERE user_id = 'asker'")  # open, uncommitted
+        assert store.read_changes() == (["q1"], [])
+        store.apply([SaveUser(User("jun", "Jun"))])  # a later transaction commits first
+        assert store.read_changes() == ([], ["jun"])
+        slow.commit()
+    assert store.read_changes() == ([], ["asker", "jun"])  # read again (harmless), the late one not missed
+    assert store.read_changes() == ([], [])
+
+
+def question_of(qid: str) -> Question:
+    return Question(qid, "asker", "Asker", "Open late?", "", 33.5, 126.5, None, (), "normal", 1)
+
+
+# ---- room events across nodes (dongne_rooms) ---------------------------------------------------------------
+
+
+def other_node_relays(db: Path | str, question_id: str, kind: str, data: dict[str, Any]) -> None:
+    """A typing or presence event as another node sends it: one notification, outside any commit."""
+    import psycopg
+
+    with psycopg.connect(str(db), autocommit=True) as conn:
+        conn.execute("SELECT pg_notify('dongne_rooms', %s)", (room_news(OTHER_NODE, question_id, kind, data),))
+
+
+@pytest.mark.backends("postgres")
+async def test_another_nodes_room_events_reach_this_nodes_members_of_the_room(start_server: Any) -> None:
+    """An answer committed elsewhere (its new_answer inside that commit), a long one relayed by reference,
+    and typing and presence sent outside commits: each reaches the room here once."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("watcher") as watcher:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await watcher.request("join_question", {"question_id": qid})
+        await next_of(asker, "user_online")
+        now = int(time.time() * 1000)
+        who = {"question_id": qid, "user_id": "far", "nick": "Far"}
+        other_node_relays(h.db, qid, "user_online", who)
+        other_node_relays(h.db, qid, "user_typing", who)
+        assert (await next_of(watcher, "user_online"))["data"] == who
+        assert (await next_of(watcher, "user_typing"))["data"] == who
+        answer = Answer("a-far", qid, "far", "Far", "By the port", now)
+        wire = {**answer.to_wire(), "author_local": False, "author_points": 0}
+        other_node_commits(
+            h.db,
+            [
+                SaveUser(User("far", "Far")),
+                SaveAnswer(answer),
+                CountAnswer(qid, 1, answered_at=now),
+                RoomNews(qid, "new_answer", {"question_id": qid, "answer": wire}),
+            ],
+        )
+        assert (await next_of(watcher, "new_answer"))["data"] == {"question_id": qid, "answer": wire}
+        assert (await next_of(asker, "new_answer"))["data"]["answer"]["answer_id"] == "a-far"
+        long = Answer("a-long", qid, "far", "Far", "🍊" * 2000, now + 1)  # 8,000 bytes: relayed by reference
+        long_wire = {**long.to_wire(), "author_local": False, "author_points": 0}
+        other_node_commits(
+            h.db,
+            [
+                SaveAnswer(long),
+                CountAnswer(qid, 1, answered_at=now + 1),
+                RoomNews(qid, "new_answer", {"question_id": qid, "answer": long_wire}),
+            ],
+        )
+        relayed = await next_of(watcher, "new_answer")
+        assert relayed["data"]["answer"]["content"] == "🍊" * 2000
+        await watcher.request("ping", {})
+        assert [f["type"] for f in watcher.pending_events()] == []  # each once
+
+
+def hear(conn: Any, count: int, timeout: float = 5.0) -> list[str]:
+    """The payloads of ``count`` notifications on a listening psycopg connection (bounded wait)."""
+    payloads: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(payloads) < count and time.monotonic() < deadline:
+        payloads.extend(n.payload for n in conn.notifies(timeout=0.1, stop_after=count - len(payloads)))
+    return payloads
+
+
+@pytest.mark.backends("postgres")
+async def test_this_nodes_typing_goes_to_other_nodes_and_its_own_news_is_ignored(start_server: Any) -> None:
+    import psycopg
+
+    h: Harness = await start_server()
+    with psycopg.connect(str(h.db), autocommit=True) as listening:
+        listening.execute("LISTEN dongne_rooms")
+        async with h.connect("asker") as asker, h.connect("watcher") as watcher:
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+            await watcher.request("join_question", {"question_id": qid})
+            await watcher.request("typing_start", {"question_id": qid})
+            assert (await next_of(asker, "user_online"))["data"]["user_id"] == "watcher"
+            assert (await next_of(asker, "user_typing"))["data"]["user_id"] == "watcher"
+            heard = [read_room_news(p) for p in await trio.to_thread.run_sync(hear, listening, 3)]
+            await asker.request("ping", {})
+            assert asker.pending_events() == []  # its own news came back to it, and was ignored
+
+    node = h.running.clients.node_id
+    asker_card = {"question_id": qid, "user_id": "asker", "nick": "asker"}  # the asker is in its question's room
+    who = {"question_id": qid, "user_id": "watcher", "nick": "watcher"}
+    assert heard == [
+        (node, qid, "user_online", asker_card),
+        (node, qid, "user_online", who),
+        (node, qid, "user_typing", who),
+    ]
+
+
+@pytest.mark.backends("postgres")
+async def test_a_change_made_while_the_listen_connection_was_down_is_read_when_it_comes_back(
+    start_server: Any,
+) -> None:
+    """Committed unannounced, then pg_terminate_backend of the LISTEN connection: the catch-up made when the
+    listener connects again (``on_connected``) reads it; the periodic one is too far off to."""
+    h: Harness = await start_server(cluster={"catch_up_interval_s": 600.0})
+    engine = h.running.engine
+    listener = h.running.clients.listener
+    async with h.connect("watcher") as watcher:
+        settings = attrs.evolve(engine.users["watcher"], max_alerts_per_hour=4)
+        other_node_commits(h.db, [SaveUser(settings)], notify=False)
+        assert db_rows(h.db, "SELECT pg_terminate_backend(?)", (listener.backend_pid,)) == [(True,)]
+
+        await until(lambda: engine.users["watcher"].max_alerts_per_hour == 4)
+
+        assert listener.connections == 2
+        await watcher.request("ping", {})
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winner(start_server: Any) -> None:
+    """A ping pipelined behind the accept that loses is answered after ``conflict``; a read sent on the
+    ``conflict`` shows the answer another node accepted."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker:
+        qid, local_answer, other_answer = await answered_twice(h, asker)
+    other_node_runs(
+        h.db,
+        "UPDATE questions SET status = 'resolved', accepted_answer_id = ?, closed_at = ? WHERE question_id = ?",
+        (local_answer, 1_000, qid),
+    )
+    replies: list[dict[str, Any]] = []
+    async with trio_websocket.open_websocket_url(h.url + "/ws") as ws:
+
+        async def reply() -> dict[str, Any]:
+            with trio.fail_after(10):
+                while True:
+                    frame: dict[str, Any] = msgpack.unpackb(await ws.get_message())
+                    if frame["type"] == "reply":
+                        return frame
+
+        await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("asker")}}))
+        accept = {"question_id": qid, "answer_id": other_answer}
+        await ws.send_message(msgpack.packb({"type": "accept_answer", "id": 2, "data": accept}))
+        await ws.send_message(msgpack.packb({"type": "ping", "id": 3, "data": {}}))
+        replies += [await reply(), await reply(), await reply()]
+        await ws.send_message(msgpack.packb({"type": "join_question", "id": 4, "data": {"question_id": qid}}))
+        replies.append(await reply())
+
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, False), (3, True), (4, True)]
+    assert replies[1]["error"]["code"] == "conflict"
+    assert replies[3]["data"]["question"]["accepted_answer_id"] == local_answer
