@@ -52,6 +52,7 @@ class Running:
     pushes: PushDispatcher
     store: Storage
     engine: Engine
+    membership: Membership
     _shutdown: trio.Event
     _stopped: trio.Event
 
@@ -156,7 +157,12 @@ async def _serve(
         from .store._cluster import ClusterLink
 
         link = ClusterLink(settings.store.target)
-    membership = Membership(link, interval_s=settings.cluster.heartbeat_interval_s, ttl_s=settings.cluster.node_ttl_s)
+    membership = Membership(
+        link,
+        interval_s=settings.cluster.heartbeat_interval_s,
+        ttl_s=settings.cluster.node_ttl_s,
+        lease_ttl_s=settings.cluster.lease_ttl_s,
+    )
     if link is not None:
         # Every commit checks that its seqs continue from the inbox heads (SeqConflict otherwise) and
         # announces the heads it moved; the Listener below reads other nodes' news (store/CLUSTER.md).
@@ -172,6 +178,15 @@ async def _serve(
             region_names=region_set.names,
             cursor_key=verifier.derive_key(b"dongne page cursors"),
         )
+        if link is not None:
+            # Campaign for the escalation lease before loading: a node that takes it reads the
+            # escalations as the previous holder left them (it can commit no more: its epoch is old).
+            from .store import StoreError
+
+            try:
+                await membership.beat_async()
+            except StoreError as exc:  # Membership.run tries again; no escalation runs here meanwhile
+                log.warning("cluster_heartbeat_failed", extra={"error": str(exc)})
         keep_days = max(settings.engine.hot_question_days, settings.alerts.slo_window_days)
         hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)
         started = time.perf_counter()
@@ -198,7 +213,12 @@ async def _serve(
             hot_days=keep_days,
             inbox=settings.inbox,
             site=web_app(settings, region_set).answer if settings.web.enabled else None,
+            lease_epoch=membership.lease_epoch,
+            guard_lease=link is not None,
         )
+        # Only the lease's holder runs escalation stages (store/CLUSTER.md, "Escalation leadership").
+        membership.on_lease = clients.lease_changed
+        clients.on_lease_lost = membership.forget_lease
         shutdown = trio.Event()
 
         def status() -> dict[str, Any]:
@@ -288,7 +308,9 @@ async def _serve(
                 watcher = trio.CancelScope()
                 if signals is not None:
                     root.start_soon(_in_scope, watcher, functools.partial(_watch_signals, signals, shutdown))
-                task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
+                task_status.started(
+                    Running(port, ops_port, clients, pushes, store, engine, membership, shutdown, stopped)
+                )
                 await shutdown.wait()
                 log.info("shutting down")
                 snapshots.cancel()
