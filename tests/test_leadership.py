@@ -10,18 +10,24 @@ sockets on an autojump clock; it heartbeats only when the test says
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
-from dongne.client import DongneClient
-from dongne.cluster import wall_ms
+from dongne.client import DongneClient, open_client
+from dongne.cluster import Membership, wall_ms
 
-from .conftest import NO_TIMERS, Harness, db_rows, question_data
-from .test_escalation import HERE, local_at, notifications, past_the_last_stage
+from .conftest import NO_TIMERS, SECRET, Harness, db_rows, question_data, token
+from .served import serve_process
+from .test_cluster import wait_until
+from .test_escalation import HERE, east, local_at, notifications, past_the_last_stage
 
 pytestmark = pytest.mark.backends("postgres")
 
@@ -49,6 +55,15 @@ def run_sql(db: str, sql: str, params: tuple[Any, ...] = ()) -> None:
 
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute(sql.replace("?", "%s"), params)
+
+
+async def real_wait(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``check`` in real time: the stage commits on a worker thread, and on the autojump clock a loop
+    of ``trio.sleep`` would run out of mock time before the thread is done."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await trio.to_thread.run_sync(time.sleep, 0.01)
 
 
 def stages_of(events: list[dict[str, Any]], question_id: str) -> list[str]:
@@ -129,10 +144,7 @@ async def test_a_stage_committed_after_the_lease_was_taken_is_refused_and_the_no
         run_sql(db, "UPDATE escalation_lease SET holder = 'peer', epoch = 2, expires_at = ?", (wall_ms() + HOUR_MS,))
         qa = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
 
-        for _ in range(1000):  # commits run on threads: the mock clock jumps meanwhile, so count rounds
-            if qa in clients.escalations_waiting:
-                break
-            await trio.sleep(1)
+        await real_wait(lambda: qa in clients.escalations_waiting)
         await clients.wait_reloaded()
         assert clients.escalation_scopes == {} and h.running.membership.lease_epoch is None
         assert clients.writable
@@ -151,6 +163,58 @@ async def test_a_stage_committed_after_the_lease_was_taken_is_refused_and_the_no
         assert await alerts(mid, qa) == []
     await h.running.aclose()
     assert db_rows(db, "SELECT user_id, stage FROM notified") == [("mid", "QUICK")]
+
+
+async def test_a_dongne_serve_stopped_past_its_lease_commits_no_late_stage(
+    tmp_path: Path, db: str, peer_link: Any
+) -> None:
+    """SIGSTOP a ``dongne serve`` that leads, before a question's QUICK stage is due; another node takes
+    the lease. After SIGCONT the stage it was due to run is not committed (refused by its epoch, or
+    cancelled when its heartbeat finds the lease gone, whichever comes first): nobody is alerted, and
+    the node reports the escalation as another node's."""
+    env = {
+        "DONGNE_CLUSTER_HEARTBEAT_INTERVAL_S": "0.2",
+        "DONGNE_CLUSTER_NODE_TTL_S": "1",
+        "DONGNE_CLUSTER_LEASE_TTL_S": "1",
+        "DONGNE_LOCATION_MIN_UPDATE_INTERVAL_S": "0",
+    }
+    other = Membership(peer_link, ttl_s=1.0, lease_ttl_s=1.0, node_id="peer")
+
+    async def keep_beating() -> None:
+        while True:
+            await trio.to_thread.run_sync(other.beat)
+            await trio.sleep(0.1)
+
+    async with serve_process(tmp_path, db, secret=SECRET, env=env) as node, httpx.AsyncClient() as http:
+
+        def gauges(*wanted: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                text = (await http.get(node.ops("/metrics"))).text
+                return all(f"\n{line}\n" in text for line in wanted)
+
+            return check
+
+        await wait_until(gauges("dongne_escalation_lease_held 1.0"))
+        async with (
+            open_client(node.url, token("mid", local=True)) as mid,
+            open_client(node.url, token("traveller")) as asker,
+        ):
+            await mid.request("update_location", {"location": east(4000)})  # QUICK's, at 3 s
+            await asker.request("create_question", question_data(location=dict(HERE)))
+            node.proc.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_beating)
+                await wait_until(lambda: trio.to_thread.run_sync(lambda: other.lease_epoch is not None))
+                await trio.sleep(max(0.0, 3.5 - (time.monotonic() - stopped)))  # QUICK is overdue
+                node.proc.send_signal(signal.SIGCONT)
+                await wait_until(gauges("dongne_escalation_lease_held 0.0", "dongne_escalations_waiting 1.0"))
+                await mid.request("get_profile")
+                assert await notifications(mid) == []
+                assert db_rows(db, "SELECT count(*) FROM notified") == [(0,)]
+                assert db_rows(db, "SELECT count(*) FROM events WHERE user_id = 'mid'") == [(0,)]
+                nursery.cancel_scope.cancel()
+    assert other.lease_epoch == 2
 
 
 def test_sqlite_nodes_always_hold_the_lease() -> None:
