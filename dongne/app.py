@@ -30,6 +30,7 @@ from .core import Engine, RegionSet, load_default_regions, load_hotspots
 from .core.moderation import FOREVER
 from .ops import OpsApp
 from .pipeline import keep_wal_short
+from .positions import PositionSync
 from .push import PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
@@ -277,7 +278,8 @@ async def _serve(
                 await root.start(_started_in_scope, cluster_scope, membership.run)
                 news_scope = trio.CancelScope()
                 if link is not None:
-                    await root.start(_started_in_scope, news_scope, functools.partial(_follow_news, settings, clients))
+                    follow = functools.partial(_follow_news, settings, clients, membership.node_id)
+                    await root.start(_started_in_scope, news_scope, follow)
                 peers = [n["node_id"] for n in membership.state()["nodes"] if not n["self"]]
                 log.info("node %s; peers: %s", membership.node_id, ", ".join(peers) or "none")
                 snapshots = trio.CancelScope()
@@ -333,28 +335,49 @@ LISTEN_START_WAIT_S = 5.0
 
 
 async def _follow_news(
-    settings: Settings, clients: ClientServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    clients: ClientServer,
+    node_id: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Other nodes' commits (PostgreSQL): LISTEN for their news, and catch up after each (re)connection and
-    every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
+    every ``[cluster] catch_up_interval_s``; positions: this node's written every ``[cluster]
+    positions_interval_s``, other nodes' kept in the engine, rebuilt after each (re)connection
+    (store/CLUSTER.md).
 
     Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
     (logged): a node that cannot LISTEN still serves, its periodic catch-up
     delivering other nodes' events, and the Listener keeps trying.
     """
-    from .store._cluster import connect_listener
+    from .store._cluster import POSITIONS_CHANNEL, ClusterLink, connect_listener
     from .store._writes import EVENTS_CHANNEL
 
     listening = trio.Event()
+    link = ClusterLink(settings.store.target)  # its own connection: a heartbeat never waits for a batch
+    positions = PositionSync(
+        link, node_id, clients.engine, clients.feed, clients.clock, interval_s=settings.cluster.positions_interval_s
+    )
+    clients.positions = positions
 
     def connected() -> None:
         listening.set()
         clients.catch_up_soon()  # news sent while there was no LISTEN connection is lost
+        positions.rebuild_soon()
 
-    connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL,))
-    listener = Listener(connect, clients.inbox_news, connected)
+    def notified(channel: str, payload: str) -> None:
+        if channel == POSITIONS_CHANNEL:
+            positions.news(channel, payload)
+        else:
+            clients.inbox_news(channel, payload)
+
+    connect = functools.partial(connect_listener, settings.store.target, (EVENTS_CHANNEL, POSITIONS_CHANNEL))
+    listener = Listener(connect, notified, connected)
     clients.listener = listener
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_closing, link)
+        nursery.start_soon(positions.apply_forever)
+        nursery.start_soon(positions.publish_periodically)
         nursery.start_soon(listener.run)
         nursery.start_soon(clients.catch_up_periodically, settings.cluster.catch_up_interval_s)
         with trio.move_on_after(LISTEN_START_WAIT_S):
@@ -362,6 +385,15 @@ async def _follow_news(
         if not listening.is_set():
             log.warning("serving without a LISTEN connection yet; other nodes' events come by the catch-up")
         task_status.started()
+
+
+async def _closing(link: Any) -> None:
+    """Close ``link`` when cancelled."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(link.close)
 
 
 async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:

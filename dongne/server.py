@@ -18,7 +18,9 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL):
     │                               ClientServer.lease_changed (only its holder runs escalation)
     ├── app._follow_news            PostgreSQL: cluster.Listener on dongne_events (other nodes'
-    │                               commits: heads_moved) and ClientServer.catch_up_periodically
+    │                               commits: heads_moved) and ClientServer.catch_up_periodically;
+    │                               on dongne_positions: positions.PositionSync (this node's
+    │                               positions out in batches, other nodes' in: RemotePositions)
     └── hypercorn                   the ops port
 """
 
@@ -194,6 +196,8 @@ class ClientServer:
         self.node_id = ""
         #: The LISTEN connection's keeper on PostgreSQL (the app sets it), for /admin, logs and tests.
         self.listener: Any = None
+        #: Positions through the store on PostgreSQL (the app sets it: ``positions.PositionSync``), for tests.
+        self.positions: Any = None
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
 
@@ -427,6 +431,10 @@ class ClientServer:
         """Hand the engine an event and its outcome to the pipeline."""
         self.pipeline.submit(self._handle(event))
         self._schedule_timer()
+
+    def feed(self, event: Event) -> None:
+        """Hand the engine an event from outside the client port (``positions.PositionSync``)."""
+        self._feed(event)
 
     def _count(self, outcome: Outcome) -> None:
         metrics = self.metrics

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from .records import Answer, LoadedState, Question
+from .records import Answer, LoadedState, Question, User
 
 __all__ = [
     "Connected",
@@ -24,6 +24,7 @@ __all__ = [
     "ReadDone",
     "ReadFailed",
     "Reloaded",
+    "RemotePositions",
     "SeqsMoved",
     "Tick",
     "WritesFailing",
@@ -79,6 +80,30 @@ class InboxPruned:
     """Old durable events were deleted: each affected user's oldest kept seq."""
 
     oldest: dict[str, int]
+
+
+@attrs.frozen
+class RemotePositions:
+    """Positions of users connected to other nodes, as the store holds them (several nodes; CLUSTER.md).
+
+    The engine keeps them beside its own users' (``Neighbourhood.remote``):
+    locals among them enter the live index, so they count in ``nearby_locals``
+    and stages plan them as online (their alerts are durable events the node
+    they are connected to delivers; no push). A user connected here too is
+    placed by this node's own position while connected.
+
+    Attributes:
+        moved: ``(user_id, lat, lng)``, positions already snapped by the node that took them.
+        gone: users no other node places any more.
+        users: rows of users the engine did not know (made on another node since it loaded):
+            adopted, so that they can be planned (their settings).
+        everyone: ``moved`` is every other node's position: any other remote one is gone (a rebuild).
+    """
+
+    moved: tuple[tuple[str, float, float], ...] = ()
+    gone: tuple[str, ...] = ()
+    users: tuple[User, ...] = ()
+    everyone: bool = False
 
 
 @attrs.frozen
@@ -150,6 +175,7 @@ Event = (
     | EscalationDue
     | InboxPruned
     | SeqsMoved
+    | RemotePositions
     | WritesFailing
     | Reloaded
     | WritesWork

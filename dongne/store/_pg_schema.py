@@ -247,6 +247,20 @@ PG_MIGRATIONS: list[str] = [
     DROP INDEX events_by_user_type;
     CREATE INDEX events_by_user_type ON events (user_id, type, seq) WHERE type <> 'new_question_notification';
     """,
+    # 4: where each node's connected users are (CLUSTER.md, "Nearest locals across nodes"): every node
+    # writes its own in batches and keeps an R-tree of everyone's. A user connected to two nodes has two
+    # rows; a node's rows go with its last connection of the user, its graceful stop, or its expiry.
+    """
+    CREATE TABLE positions (
+        user_id  text COLLATE "C" NOT NULL,
+        lat      double precision NOT NULL,
+        lng      double precision NOT NULL,
+        at       bigint NOT NULL,
+        node_id  text COLLATE "C" NOT NULL,
+        PRIMARY KEY (user_id, node_id)
+    );
+    CREATE INDEX positions_by_node ON positions (node_id);
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
