@@ -278,7 +278,7 @@ async def _serve(
                 await root.start(_started_in_scope, cluster_scope, membership.run)
                 news_scope = trio.CancelScope()
                 if link is not None:
-                    follow = functools.partial(_follow_news, settings, clients, membership.node_id)
+                    follow = functools.partial(_follow_news, settings, clients, membership)
                     await root.start(_started_in_scope, news_scope, follow)
                 peers = [n["node_id"] for n in membership.state()["nodes"] if not n["self"]]
                 log.info("node %s; peers: %s", membership.node_id, ", ".join(peers) or "none")
@@ -337,7 +337,7 @@ LISTEN_START_WAIT_S = 5.0
 async def _follow_news(
     settings: Settings,
     clients: ClientServer,
-    node_id: str,
+    membership: Membership,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -356,9 +356,15 @@ async def _follow_news(
     listening = trio.Event()
     link = ClusterLink(settings.store.target)  # its own connection: a heartbeat never waits for a batch
     positions = PositionSync(
-        link, node_id, clients.engine, clients.feed, clients.clock, interval_s=settings.cluster.positions_interval_s
+        link,
+        membership.node_id,
+        clients.engine,
+        clients.feed,
+        clients.clock,
+        interval_s=settings.cluster.positions_interval_s,
     )
     clients.positions = positions
+    membership.on_registered = positions.write_all_again
 
     def connected() -> None:
         listening.set()

@@ -64,6 +64,8 @@ class Membership:
         now_ms: the wall clock (ms).
         on_lease: called on the event loop after a heartbeat that changed ``lease_epoch`` (taken, lost,
             or held at a new epoch), with the new value.
+        on_registered: called on the event loop after a heartbeat that made the node's row: its first, or
+            one after its peers expired it (and deleted its rows in ``positions``).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Membership:
         now_ms: Callable[[], int] = wall_ms,
         node_id: str | None = None,
         on_lease: Callable[[int | None], None] = lambda epoch: None,
+        on_registered: Callable[[], None] = lambda: None,
     ) -> None:
         self.link = link
         self.node_id = node_id or new_node_id()
@@ -86,6 +89,8 @@ class Membership:
         self._ttl_ms = int(ttl_s * 1000)
         self._lease_ttl_ms = int((ttl_s if lease_ttl_s is None else lease_ttl_s) * 1000)
         self.on_lease = on_lease
+        self.on_registered = on_registered
+        self._registered = False  # the last heartbeat made the node's row
         self._now_ms = now_ms
         self._nodes: list[dict[str, Any]] = [self._me(self.started_at)]
         self._lease: dict[str, Any] | None = None
@@ -113,7 +118,7 @@ class Membership:
             self.lease_epoch = 0  # alone: it leads, and no other node can commit
             return
         now = self._now_ms()
-        self.link.heartbeat(self._info(), now)
+        self._registered = self.link.heartbeat(self._info(), now)
         gone = self.link.expire_nodes(now - self._ttl_ms)
         if gone:
             log.info("cluster_nodes_expired", extra={"nodes": gone})
@@ -175,6 +180,9 @@ class Membership:
             StoreError: the database cannot be reached.
         """
         await trio.to_thread.run_sync(self.beat)
+        if self._registered:
+            self._registered = False
+            self.on_registered()
         epoch = self.lease_epoch
         if epoch != self._told:
             self._told = epoch

@@ -77,6 +77,11 @@ class PositionSync:
 
     # ---- out ----------------------------------------------------------------------
 
+    def write_all_again(self) -> None:
+        """The next batch writes every position, moved or not (``Membership.on_registered``: the node's
+        peers expired it and deleted its rows; at the first registration there is nothing written yet)."""
+        self._written.clear()
+
     async def publish(self) -> int:
         """Write the positions that moved since the last batch and delete the rows of users gone; how many."""
         where = self._engine.where

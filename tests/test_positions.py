@@ -122,6 +122,24 @@ async def test_a_users_row_is_written_in_batches_and_goes_with_their_last_connec
     await h.running.aclose()
 
 
+async def test_a_node_its_peers_expired_writes_all_its_positions_again(start_server: Any, db: str) -> None:
+    """A peer expired the node (a long pause) and deleted its rows; its next heartbeat makes its row again,
+    and the next batch writes every position, moved or not."""
+    h: Harness = await start_server(**SETTINGS)
+    node = h.running.membership.node_id
+    rows = "SELECT user_id, node_id FROM positions"
+    async with h.connect("l1", local=True) as l1:
+        await l1.request("update_location", {"location": east(500)})
+        await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, rows) == [("l1", node)]))
+        as_peer(db, sql=[("DELETE FROM cluster_nodes WHERE node_id = %s", (node,))])
+        peer = h.running.membership.link
+        await trio.to_thread.run_sync(peer.drop_positions, [node])
+        assert db_rows(db, rows) == []
+        await h.running.membership.beat_async()
+        await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, rows) == [("l1", node)]))
+    await h.running.aclose()
+
+
 async def test_the_replica_is_rebuilt_from_the_table_after_the_listen_connection_is_terminated(
     start_server: Any, db: str
 ) -> None:

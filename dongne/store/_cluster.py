@@ -148,13 +148,20 @@ class ClusterLink:
 
     # ---- membership ------------------------------------------------------------
 
-    def heartbeat(self, node: NodeInfo, now_ms: int) -> None:
-        """Register ``node``, or say it is alive at ``now_ms`` (its row comes back if it was expired)."""
-        self._run(
+    def heartbeat(self, node: NodeInfo, now_ms: int) -> bool:
+        """Register ``node``, or say it is alive at ``now_ms`` (its row comes back if it was expired).
+
+        Returns:
+            True if the row was made: the node's first heartbeat, or one after its peers expired it
+            (and deleted its positions: it writes them all again).
+        """
+        rows = self._run(
             f"INSERT INTO cluster_nodes ({_NODE_COLS}) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = greatest(cluster_nodes.heartbeat_at, excluded.heartbeat_at)",
+            " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = greatest(cluster_nodes.heartbeat_at, excluded.heartbeat_at)"
+            " RETURNING xmax = 0",
             (node.node_id, node.host, node.pid, node.started_at, now_ms),
         )
+        return bool(rows and rows[0][0])
 
     def expire_nodes(self, before_ms: int) -> list[str]:
         """Remove the nodes whose last heartbeat is older than ``before_ms``; their ids, sorted."""
