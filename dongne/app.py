@@ -30,6 +30,7 @@ from .core import Engine, RegionSet, load_default_regions, load_hotspots
 from .core.moderation import FOREVER
 from .ops import OpsApp
 from .pipeline import keep_wal_short
+from .positions import PositionSync
 from .push import PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
@@ -52,6 +53,7 @@ class Running:
     pushes: PushDispatcher
     store: Storage
     engine: Engine
+    membership: Membership
     _shutdown: trio.Event
     _stopped: trio.Event
 
@@ -156,7 +158,12 @@ async def _serve(
         from .store._cluster import ClusterLink
 
         link = ClusterLink(settings.store.target)
-    membership = Membership(link, interval_s=settings.cluster.heartbeat_interval_s, ttl_s=settings.cluster.node_ttl_s)
+    membership = Membership(
+        link,
+        interval_s=settings.cluster.heartbeat_interval_s,
+        ttl_s=settings.cluster.node_ttl_s,
+        lease_ttl_s=settings.cluster.lease_ttl_s,
+    )
     if link is not None:
         # Every commit checks that its seqs continue from the inbox heads (SeqConflict otherwise) and
         # announces the heads it moved; the Listener below reads other nodes' news (store/CLUSTER.md).
@@ -172,6 +179,15 @@ async def _serve(
             region_names=region_set.names,
             cursor_key=verifier.derive_key(b"dongne page cursors"),
         )
+        if link is not None:
+            # Campaign for the escalation lease before loading: a node that takes it reads the
+            # escalations as the previous holder left them (it can commit no more: its epoch is old).
+            from .store import StoreError
+
+            try:
+                await membership.beat_async()
+            except StoreError as exc:  # Membership.run tries again; no escalation runs here meanwhile
+                log.warning("cluster_heartbeat_failed", extra={"error": str(exc)})
         keep_days = max(settings.engine.hot_question_days, settings.alerts.slo_window_days)
         hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)
         started = time.perf_counter()
@@ -198,7 +214,12 @@ async def _serve(
             hot_days=keep_days,
             inbox=settings.inbox,
             site=web_app(settings, region_set).answer if settings.web.enabled else None,
+            lease_epoch=membership.lease_epoch,
+            guard_lease=link is not None,
         )
+        # Only the lease's holder runs escalation stages (store/CLUSTER.md, "Escalation leadership").
+        membership.on_lease = clients.lease_changed
+        clients.on_lease_lost = membership.forget_lease
         shutdown = trio.Event()
 
         def status() -> dict[str, Any]:
@@ -259,7 +280,8 @@ async def _serve(
                 await root.start(_started_in_scope, cluster_scope, membership.run)
                 news_scope = trio.CancelScope()
                 if link is not None:
-                    await root.start(_started_in_scope, news_scope, functools.partial(_follow_news, settings, clients))
+                    follow = functools.partial(_follow_news, settings, clients, membership)
+                    await root.start(_started_in_scope, news_scope, follow)
                 peers = [n["node_id"] for n in membership.state()["nodes"] if not n["self"]]
                 log.info("node %s; peers: %s", membership.node_id, ", ".join(peers) or "none")
                 snapshots = trio.CancelScope()
@@ -290,7 +312,9 @@ async def _serve(
                 watcher = trio.CancelScope()
                 if signals is not None:
                     root.start_soon(_in_scope, watcher, functools.partial(_watch_signals, signals, shutdown))
-                task_status.started(Running(port, ops_port, clients, pushes, store, engine, shutdown, stopped))
+                task_status.started(
+                    Running(port, ops_port, clients, pushes, store, engine, membership, shutdown, stopped)
+                )
                 await shutdown.wait()
                 log.info("shutting down")
                 snapshots.cancel()
@@ -313,39 +337,62 @@ LISTEN_START_WAIT_S = 5.0
 
 
 async def _follow_news(
-    settings: Settings, clients: ClientServer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    clients: ClientServer,
+    membership: Membership,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Other nodes' commits (PostgreSQL): LISTEN for their news (``dongne_events``: inbox heads;
     ``dongne_changes``: questions and users to read again; ``dongne_rooms``: room events for this node's
-    members, and this node's typing and presence out), and catch up after each (re)connection and
-    every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
+    members, and this node's typing and presence out; ``dongne_positions``: other nodes' positions, kept
+    in the engine, rebuilt after each (re)connection), write this node's positions every ``[cluster]
+    positions_interval_s``, and catch up after each (re)connection and every ``[cluster]
+    catch_up_interval_s`` (store/CLUSTER.md).
 
     Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
     (logged): a node that cannot LISTEN still serves, its periodic catch-up
     delivering other nodes' events, and the Listener keeps trying.
     """
-    from .store._cluster import connect_listener
+    from .store._cluster import POSITIONS_CHANNEL, ClusterLink, connect_listener
     from .store._writes import CHANGES_CHANNEL, EVENTS_CHANNEL, ROOMS_CHANNEL
 
     listening = trio.Event()
+    link = ClusterLink(settings.store.target)  # its own connection: a heartbeat never waits for a batch
+    positions = PositionSync(
+        link,
+        membership.node_id,
+        clients.engine,
+        clients.feed,
+        clients.clock,
+        interval_s=settings.cluster.positions_interval_s,
+    )
+    clients.positions = positions
+    membership.on_registered = positions.write_all_again
 
     def connected() -> None:
         listening.set()
         clients.catch_up_soon()  # news sent while there was no LISTEN connection is lost
+        positions.rebuild_soon()
 
     def notified(channel: str, payload: str) -> None:
         if channel == CHANGES_CHANNEL:
             clients.news.changes_news(channel, payload)
         elif channel == ROOMS_CHANNEL:
             clients.news.room_news(channel, payload)
+        elif channel == POSITIONS_CHANNEL:
+            positions.news(channel, payload)
         else:
             clients.inbox_news(channel, payload)
 
-    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ROOMS_CHANNEL)
+    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ROOMS_CHANNEL, POSITIONS_CHANNEL)
     connect = functools.partial(connect_listener, settings.store.target, channels)
     listener = Listener(connect, notified, connected)
     clients.listener = listener
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_closing, link)
+        nursery.start_soon(positions.apply_forever)
+        nursery.start_soon(positions.publish_periodically)
         nursery.start_soon(listener.run)
         nursery.start_soon(clients.news.follow_changes)
         if clients.news.notify_outside is not None:
@@ -356,6 +403,15 @@ async def _follow_news(
         if not listening.is_set():
             log.warning("serving without a LISTEN connection yet; other nodes' events come by the catch-up")
         task_status.started()
+
+
+async def _closing(link: Any) -> None:
+    """Close ``link`` when cancelled."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(link.close)
 
 
 async def _in_scope(scope: trio.CancelScope, fn: Any) -> None:

@@ -51,15 +51,21 @@ def backoff(attempt: int, rand: Callable[[], float] = random.random, *, base: fl
 class Membership:
     """This node and its peers, as shown on /admin and /metrics, and the campaign for the escalation lease.
 
-    Each heartbeat also takes or renews the escalation lease (its ttl is the
-    node ttl): the first node leads, and a peer takes over once the leader
-    stopped heartbeating for a ttl. Nothing acts on the lease yet.
+    Each heartbeat also takes or renews the escalation lease (for
+    ``lease_ttl_s``): the first node leads, and a peer takes over once the
+    leader stopped renewing for that long. The holder runs the escalation
+    stages (``ClientServer.lease_changed``, told through ``on_lease``).
 
     Args:
         link: the PostgreSQL database's cluster rows; None on SQLite (the node is alone, by construction).
         interval_s: how often to heartbeat (inf: register once, at start).
         ttl_s: a node silent this long is removed from ``cluster_nodes``.
+        lease_ttl_s: how long a taken or renewed lease lasts (default: ``ttl_s``).
         now_ms: the wall clock (ms).
+        on_lease: called on the event loop after a heartbeat that changed ``lease_epoch`` (taken, lost,
+            or held at a new epoch), with the new value.
+        on_registered: called on the event loop after a heartbeat that made the node's row: its first, or
+            one after its peers expired it (and deleted its rows in ``positions``).
     """
 
     def __init__(
@@ -68,8 +74,11 @@ class Membership:
         *,
         interval_s: float = 2.0,
         ttl_s: float = 10.0,
+        lease_ttl_s: float | None = None,
         now_ms: Callable[[], int] = wall_ms,
         node_id: str | None = None,
+        on_lease: Callable[[int | None], None] = lambda epoch: None,
+        on_registered: Callable[[], None] = lambda: None,
     ) -> None:
         self.link = link
         self.node_id = node_id or new_node_id()
@@ -78,11 +87,16 @@ class Membership:
         self.started_at = now_ms()
         self._interval_s = interval_s
         self._ttl_ms = int(ttl_s * 1000)
+        self._lease_ttl_ms = int((ttl_s if lease_ttl_s is None else lease_ttl_s) * 1000)
+        self.on_lease = on_lease
+        self.on_registered = on_registered
+        self._registered = False  # the last heartbeat made the node's row
         self._now_ms = now_ms
         self._nodes: list[dict[str, Any]] = [self._me(self.started_at)]
         self._lease: dict[str, Any] | None = None
         #: The escalation lease's epoch while this node holds it, else None (as of the last heartbeat).
         self.lease_epoch: int | None = None if link is not None else 0
+        self._told: int | None = self.lease_epoch  # what on_lease was last told
 
     def _me(self, at: int) -> dict[str, Any]:
         return {"node_id": self.node_id, "host": self.host, "pid": self.pid, "started_at": self.started_at,
@@ -104,18 +118,19 @@ class Membership:
             self.lease_epoch = 0  # alone: it leads, and no other node can commit
             return
         now = self._now_ms()
-        self.link.heartbeat(self._info(), now)
+        self._registered = self.link.heartbeat(self._info(), now)
         gone = self.link.expire_nodes(now - self._ttl_ms)
         if gone:
             log.info("cluster_nodes_expired", extra={"nodes": gone})
+            self.link.drop_positions(gone)  # their users are online there no more
         self._nodes = [
             {"node_id": n.node_id, "host": n.host, "pid": n.pid, "started_at": n.started_at,
              "heartbeat_at": n.heartbeat_at}
             for n in self.link.nodes()
         ]  # fmt: skip
         # Campaign for the escalation lease: renewed while we heartbeat, taken over once its holder
-        # stopped renewing for a ttl. Nothing acts on it yet (CLUSTER.md): one node serves.
-        lease: Lease = self.link.acquire_lease(self.node_id, now, self._ttl_ms) or self.link.lease()
+        # stopped renewing for a lease ttl (CLUSTER.md, "Escalation leadership").
+        lease: Lease = self.link.acquire_lease(self.node_id, now, self._lease_ttl_ms) or self.link.lease()
         leading = lease.held_by(self.node_id, now)
         if leading != (self.lease_epoch is not None):
             log.info("escalation_lease_taken" if leading else "escalation_lease_lost", extra={"epoch": lease.epoch})
@@ -149,18 +164,41 @@ class Membership:
                         log.warning("cluster_leave_failed", extra={"error": str(exc)})
 
     def _leave(self) -> None:
-        """Leave the table and give the lease up: a peer need not wait for either to expire."""
+        """Leave the table, give the lease up and delete this node's positions: a peer need not wait for
+        any of them to expire."""
         assert self.link is not None
         self.link.leave(self.node_id)
         if self.lease_epoch is not None:
             self.link.release_lease(self.node_id, self.lease_epoch)
             self.lease_epoch = None
+        self.link.drop_positions([self.node_id])  # its users are online here no more
+
+    async def beat_async(self) -> None:
+        """:meth:`beat` on a worker thread, then ``on_lease`` if the lease's epoch (or None) changed.
+
+        Raises:
+            StoreError: the database cannot be reached.
+        """
+        await trio.to_thread.run_sync(self.beat)
+        if self._registered:
+            self._registered = False
+            self.on_registered()
+        epoch = self.lease_epoch
+        if epoch != self._told:
+            self._told = epoch
+            self.on_lease(epoch)
+
+    def forget_lease(self) -> None:
+        """A commit guarded by our epoch was refused (``LeaseLost``): we do not lead; the next heartbeat says
+        whether we hold the lease again (at a new epoch), and ``on_lease`` tells."""
+        if self.link is not None:
+            self.lease_epoch = self._told = None
 
     async def _beat_logged(self) -> None:
         from .store import StoreError
 
         try:
-            await trio.to_thread.run_sync(self.beat)
+            await self.beat_async()
         except StoreError as exc:
             log.warning("cluster_heartbeat_failed", extra={"error": str(exc)})
 

@@ -9,6 +9,7 @@ range raise ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 import typing
@@ -173,6 +174,25 @@ class ClusterSettings:
     # notification (or a dropped LISTEN connection) delays an event from
     # another node.
     catch_up_interval_s: float = attrs.field(default=5.0, validator=positive_or_inf)
+    # The escalation lease: the node holding it runs escalation stages, and
+    # renews it at every heartbeat; when its holder stops renewing, another
+    # node takes it over lease_ttl_s later and runs the overdue stages. At
+    # most node_ttl_s, and above heartbeat_interval_s (else it lapses between
+    # two renewals).
+    lease_ttl_s: float = attrs.field(default=5.0, validator=positive)
+    # How often a node writes the positions of its users that moved (one
+    # statement, announced to the other nodes, which keep every node's online
+    # locals in their own R-tree): how stale another node's view of them is.
+    positions_interval_s: float = attrs.field(default=0.5, validator=positive_or_inf)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lease_ttl_s > self.node_ttl_s:
+            raise ConfigError(f"lease_ttl_s ({self.lease_ttl_s}) must not exceed node_ttl_s ({self.node_ttl_s})")
+        if not math.isinf(self.heartbeat_interval_s) and self.heartbeat_interval_s >= self.lease_ttl_s:
+            raise ConfigError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be below lease_ttl_s ({self.lease_ttl_s}):"
+                " the lease is renewed at every heartbeat"
+            )
 
 
 @attrs.frozen

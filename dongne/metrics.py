@@ -37,6 +37,10 @@ class _Gauges(Collector):
             ("locals_online", "Verified locals in the live index"),
             ("open_questions", "Questions open or answered but not resolved"),
             ("escalations_running", "Escalation tasks running"),
+            (
+                "escalations_waiting",
+                "Questions with escalation stages left that this node does not run (another node holds the lease)",
+            ),
             ("store_writes_failing", "1 while commits to the database fail (writes are refused), else 0"),
             ("cluster_nodes", "Nodes registered on the database, this one included (SQLite: 1)"),
             ("escalation_lease_held", "1 while this node holds the escalation lease (SQLite: always), else 0"),

@@ -33,7 +33,7 @@ import trio
 import trio.lowlevel
 
 from .core.effects import Outcome, Write, rows_of
-from .store import Storage, Store, WriteFailed
+from .store import LeaseLost, Storage, Store, WriteFailed
 
 __all__ = ["CommitPipeline", "keep_wal_short"]
 
@@ -109,17 +109,26 @@ class CommitPipeline:
         self._idle.set()
         self._committed = trio.Event()
         self._between: list[tuple[Callable[[], Any], trio.Event, list[Any]]] = []
+        # Queued outcomes decided as the holder of the escalation lease, by id: their commit carries the
+        # epoch (PreparedCommit.guard_lease) and is refused with LeaseLost once another node took the lease.
+        self._epochs: dict[int, int] = {}
         self.commit_seconds: list[float] = []  # recent commit durations, for metrics
         self.batches = 0
         self.outcomes = 0
 
-    def submit(self, outcome: Outcome, token: Any = None) -> None:
-        """Queue an outcome; one with no writes and nothing ahead of it is acted on at once."""
+    def submit(self, outcome: Outcome, token: Any = None, *, lease_epoch: int | None = None) -> None:
+        """Queue an outcome; one with no writes and nothing ahead of it is acted on at once.
+
+        ``lease_epoch``: the outcome was decided as the escalation lease's holder at that epoch; the
+        commit that holds it checks the epoch first (PostgreSQL; ``store/CLUSTER.md``).
+        """
         if not outcome.writes and not outcome.actions:
             return
         if outcome.writes and self.failing:
             self._refuse(self._failure or WriteFailed("writes are failing"), [(outcome, token)])
             return
+        if lease_epoch is not None and outcome.writes:
+            self._epochs[id(outcome)] = lease_epoch
         if not outcome.writes and not self._queue and not self._in_flight:
             self._act(outcome, token)
             return
@@ -138,7 +147,7 @@ class CommitPipeline:
         """Return once the queue is under its bound."""
         await self._room.wait()
 
-    async def submit_bulk(self, compute: Callable[[], Outcome]) -> None:
+    async def submit_bulk(self, compute: Callable[[], Outcome], *, lease_epoch: int | None = None) -> None:
         """Compute a low-priority outcome once the next commit has room for it, and queue it.
 
         ``compute`` runs only then (so it sees the state and time of that
@@ -151,6 +160,8 @@ class CommitPipeline:
         wait here; waking them all at every commit to let one or two through
         cost a scheduler round trip each (6% of the server's samples in the
         escalation bench, plus the tasks' own loops).
+
+        ``lease_epoch``: the epoch its commit must carry (see :meth:`submit`).
         """
         if self._bulk_waiters or not self._bulk_has_room():
             turn = trio.Event()
@@ -172,7 +183,7 @@ class CommitPipeline:
         outcome = compute()
         self._bulk_seconds += time.perf_counter() - started
         self._bulk_queued += rows_of(outcome.writes)
-        self.submit(outcome)
+        self.submit(outcome, lease_epoch=lease_epoch)
         self._wake_bulk()
 
     def _wake_bulk(self) -> None:
@@ -243,9 +254,14 @@ class CommitPipeline:
                 # worker thread only runs SQLite. Not abandoned on cancel: a
                 # commit in flight always finishes.
                 prepared = self._store.prepare(writes)
+                epochs = [e for o, _t in batch if (e := self._epochs.pop(id(o), None)) is not None]
+                if epochs:  # the oldest: a commit decided under an epoch since replaced must be refused
+                    prepared.guard_lease(min(epochs))
                 try:
                     await trio.to_thread.run_sync(self._store.commit, prepared)
                 except WriteFailed as exc:
+                    if isinstance(exc, LeaseLost) and epochs:
+                        exc.epoch = min(epochs)
                     self._failed(exc, batch)
                     continue
                 self._committed.set()
@@ -256,6 +272,17 @@ class CommitPipeline:
             self._committed_batches.append(batch)
             self._batch_committed.set()
 
+    def refuse_writes(self, exc: WriteFailed) -> None:
+        """Refuse writes from now on, as after a failed commit (``on_write_failed`` is told, with nothing
+        refused yet), until :meth:`writes_work`; what is queued already still commits.
+
+        For a rebuild of memory from the store that no write may race (the driver's takeover of escalation).
+        """
+        if not self.failing:
+            self.failing = True
+            self._failure = exc
+            self._refuse(exc, [])
+
     def writes_work(self) -> None:
         """Writes succeed again (the driver's probe committed): commit as before."""
         self.failing = False
@@ -265,6 +292,7 @@ class CommitPipeline:
         """A commit failed: nothing of ``batch`` or of what is queued behind it will be committed."""
         refused = batch + self._queue
         self._queue = []
+        self._epochs.clear()
         self._in_flight -= 1
         self.failing = True
         self._failure = exc

@@ -15,11 +15,14 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     │     └── connections nursery: one handler per connection (+ a writer
     │         task while its socket is backed up, + at most one replay task:
     │         a resume, or events another node appended; delivery.Deliveries)
-    ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL)
+    ├── cluster.Membership.run      cluster_nodes heartbeat, the escalation lease (PostgreSQL):
+    │                               ClientServer.lease_changed (only its holder runs escalation)
     ├── app._follow_news            PostgreSQL: cluster.Listener on dongne_events (other nodes'
     │                               commits: heads_moved), dongne_changes and dongne_rooms
     │                               (news.NodeNews: follow_changes, room_news; relay_rooms: this
-    │                               node's typing and presence out); ClientServer.catch_up_periodically
+    │                               node's typing and presence out), dongne_positions
+    │                               (positions.PositionSync: this node's positions out in batches,
+    │                               other nodes' in: RemotePositions); ClientServer.catch_up_periodically
     └── hypercorn                   the ops port
 """
 
@@ -87,7 +90,7 @@ from .metrics import Metrics, ServerStatistics
 from .news import NodeNews
 from .pipeline import CommitPipeline
 from .push import PushDispatcher
-from .store import Conflict, SeqConflict, Storage, StoreError, WriteFailed
+from .store import Conflict, LeaseLost, SeqConflict, Storage, StoreError, WriteFailed
 from .store._writes import read_inbox_news
 from .transport import (
     BinaryFrame,
@@ -123,6 +126,9 @@ class ClientServer:
         hot_days: how far back the engine keeps questions in memory (for
             the reload after a failed commit).
         inbox: the ``[inbox]`` settings (retention of durable events).
+        lease_epoch: the escalation lease's epoch if this node holds it, else None (then it runs no
+            escalation stages until :meth:`lease_changed` says it holds it). SQLite: 0, for good.
+        guard_lease: escalation commits carry the epoch (PostgreSQL; ``store/CLUSTER.md``).
     """
 
     def __init__(
@@ -141,8 +147,18 @@ class ClientServer:
         hot_days: float = 7.0,
         inbox: InboxSettings = InboxSettings(),
         site: Site | None = None,
+        lease_epoch: int | None = 0,
+        guard_lease: bool = False,
     ) -> None:
         self._inbox = inbox
+        self._lease_epoch = lease_epoch
+        self._guard_lease = guard_lease
+        #: Questions with stages left that this node does not run: another node holds the lease.
+        self.escalations_waiting: set[str] = set()
+        #: Told when a commit finds the lease taken (the app passes ``Membership.forget_lease``).
+        self.on_lease_lost: Callable[[], None] = lambda: None
+        self._quiet_reload = False  # the next reload follows no storage failure (a lease lost or taken)
+        self._takeover_pending = False  # the lease was taken: memory must be read again after that
         self._site = site
         self.settings = settings
         self._startup = startup
@@ -191,6 +207,8 @@ class ClientServer:
         self.node_id = ""
         #: The LISTEN connection's keeper on PostgreSQL (the app sets it), for /admin, logs and tests.
         self.listener: Any = None
+        #: Positions through the store on PostgreSQL (the app sets it: ``positions.PositionSync``), for tests.
+        self.positions: Any = None
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
         #: Other nodes' changed rows and room events in, this node's room events out (PostgreSQL).
@@ -236,6 +254,7 @@ class ClientServer:
             **extra,
             **self.engine.counts(),
             "escalations_running": len(self.escalation_scopes),
+            "escalations_waiting": len(self.escalations_waiting),
             "store_writes_failing": 0 if self.writable else 1,
         }
 
@@ -428,6 +447,10 @@ class ClientServer:
         self.pipeline.submit(self._handle(event))
         self._schedule_timer()
 
+    def feed(self, event: Event) -> None:
+        """Hand the engine an event from outside the client port (``positions.PositionSync``)."""
+        self._feed(event)
+
     def _count(self, outcome: Outcome) -> None:
         metrics = self.metrics
         if outcome.op:
@@ -493,6 +516,7 @@ class ClientServer:
             elif isinstance(action, StartEscalation):
                 self._start_escalation(action)
             elif isinstance(action, CancelEscalation):
+                self.escalations_waiting.discard(action.question_id)
                 scope = self.escalation_scopes.pop(action.question_id, None)
                 if scope is not None:
                     scope.cancel()
@@ -514,6 +538,11 @@ class ClientServer:
     def _start_escalation(self, start: StartEscalation) -> None:
         if self._escalation_nursery is None:
             return
+        epoch = self._lease_epoch
+        if epoch is None:  # another node runs it; we read it from the store if we take the lease over
+            self.escalations_waiting.add(start.question_id)
+            return
+        self.escalations_waiting.discard(start.question_id)
         running = self.escalation_scopes.get(start.question_id)
         if running is not None:
             # It sleeps until a due time decided before: after a reload (a refused commit) a stage it
@@ -524,24 +553,57 @@ class ClientServer:
         # overdue stages (after a restart, or a late start) run at once.
         scope = trio.CancelScope(deadline=max(self.clock.trio_time_at(start.until), trio.current_time()) + 1.0)
         self.escalation_scopes[start.question_id] = scope
-        self._escalation_nursery.start_soon(self._escalate, start.question_id, scope)
+        self._escalation_nursery.start_soon(self._escalate, start.question_id, scope, epoch)
 
-    async def _escalate(self, question_id: str, scope: trio.CancelScope) -> None:
+    async def _escalate(self, question_id: str, scope: trio.CancelScope, epoch: int) -> None:
         """One question's escalation: sleep until each stage is due, run it.
 
         The task lives in a cancel scope that accepting or closing the question
         cancels, and whose deadline is the last stage's due time (plus a
         second). Stages already past due (after a restart) run at once, in order.
+        Each stage's commit carries ``epoch``, the lease's when the task started
+        (PostgreSQL): once another node took the lease, it is refused.
         """
+        guard = epoch if self._guard_lease else None
         try:
             with scope:
                 while (due := self.engine.escalation_due(question_id)) is not None:
                     await trio.sleep_until(self.clock.trio_time_at(due))
                     await self._writes_ok.wait()  # a stage that cannot be committed runs late, not never
-                    await self.pipeline.submit_bulk(lambda: self._handle(EscalationDue(question_id)))
+                    await self.pipeline.submit_bulk(lambda: self._handle(EscalationDue(question_id)), lease_epoch=guard)
         finally:
             if self.escalation_scopes.get(question_id) is scope:
                 del self.escalation_scopes[question_id]
+
+    def lease_changed(self, epoch: int | None) -> None:
+        """The escalation lease (``Membership.on_lease``): held at ``epoch``, or not held (None).
+
+        Losing it cancels every escalation task (a commit decided before is
+        refused by its epoch anyway). Taking it, or holding it at a new epoch
+        (another node may have held it in between), rebuilds memory from the
+        store once every commit queued before is done: the escalations'
+        progress and ``notified`` as the previous holder left them (the
+        hourly caps count every node's alerts), and the reload's
+        ``StartEscalation`` runs overdue stages at once.
+        """
+        if epoch == self._lease_epoch:
+            return
+        was, self._lease_epoch = self._lease_epoch, epoch
+        log.info("escalation_lease", extra={"epoch": epoch, "was": was})
+        if was is not None:
+            for question_id, scope in list(self.escalation_scopes.items()):
+                self.escalations_waiting.add(question_id)
+                scope.cancel()
+            self.escalation_scopes.clear()
+        if epoch is not None and self._escalation_nursery is not None:
+            self._begin_takeover()
+
+    def _begin_takeover(self) -> None:
+        """Rebuild memory from the store, read after the lease was taken (see :meth:`lease_changed`)."""
+        self._takeover_pending = True
+        if not self.pipeline.failing:
+            self.pipeline.refuse_writes(TakingOver("this node is taking escalation over; retry"))
+        # Else the storage supervisor is at work: it reads the store again before writes are taken.
 
     # ---- the inbox's retention ----------------------------------------------------
 
@@ -591,14 +653,24 @@ class ClientServer:
         ``conflict`` by the supervisor once the question is read again, and
         everything else their connections are owed waits with them, so that
         replies keep the order of the requests (their reading pauses until
-        then: ``_on_message``).
+        then: ``_on_message``). So do a ``LeaseLost`` (another node took the
+        escalation lease; this one stops escalating) and a ``TakingOver``
+        (this node took it and reads the store again), without those replies.
         """
-        self.metrics.store_write_failures.inc()
+        if not isinstance(exc, TakingOver):
+            self.metrics.store_write_failures.inc()
+        if isinstance(exc, LeaseLost) and (exc.epoch is None or exc.epoch == self._lease_epoch):
+            # Refused for the epoch we hold (an older one: decided before a takeover the reload covers).
+            log.warning("escalation_lease_lost_on_commit", extra={"epoch": exc.epoch, "error": str(exc)})
+            self.lease_changed(None)
+            self.on_lease_lost()  # the next heartbeat says whether we hold it again, at a new epoch
         if self._writes_ok.is_set():
             self._writes_ok = trio.Event()
             self._reloaded = trio.Event()
             self._writes_failed.set()
-            if isinstance(exc, Conflict) or (isinstance(exc, SeqConflict) and exc.users):
+            if isinstance(exc, (TakingOver, LeaseLost)):
+                self._quiet_reload = True  # no storage failure: rebuild memory, then take writes again
+            elif isinstance(exc, Conflict) or (isinstance(exc, SeqConflict) and exc.users):
                 if isinstance(exc, Conflict):
                     log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
                     self.metrics.question_conflicts.inc()
@@ -662,11 +734,17 @@ class ClientServer:
         After a ``SeqConflict``: the moved heads first (``SeqsMoved``, and the
         missing events replayed to the users' connections), then the rebuild
         (the refused outcomes changed more than seqs: questions, answers,
-        escalation stages), then writes again, with no probe.
+        escalation stages), then writes again, with no probe. After a
+        ``LeaseLost`` or a takeover of the lease: what was queued first is
+        committed, then the rebuild, then writes again, with no probe. A lease
+        taken meanwhile is read after: the store is read again.
         """
         while True:
             await self._writes_failed.wait()
             self._writes_failed = trio.Event()
+            quiet, self._quiet_reload = self._quiet_reload, False
+            if quiet:
+                await self.pipeline.wait_idle()  # new writes are refused; those queued commit first
             moved, self._seqs_moved = self._seqs_moved, None
             if moved is not None:
                 try:
@@ -679,21 +757,30 @@ class ClientServer:
                     self.heads_moved(heads, exact=True)
             while True:
                 hot_since = self.clock.now_ms() - self._hot_ms
+                self._takeover_pending = False
                 try:
                     state = await trio.to_thread.run_sync(functools.partial(self.store.load, hot_since=hot_since))
-                    break
                 except StoreError as exc:  # PostgreSQL out of reach: reads fail too, for now
                     log.warning("storage_reload_failed", extra={"error": str(exc)})
                     await trio.sleep(PROBE_INTERVAL_S)
+                    continue
+                if not self._takeover_pending:
+                    break
+                # The lease was taken while reading: the previous holder may have committed since.
             self._perform(self._handle(Reloaded(state)))
             if self._conflicted is not None:
                 await self._refresh_lost_race(self._conflicted)
                 self._conflicted = None
             self._reloaded.set()
-            if moved is not None:
+            if moved is not None or quiet:
                 self.pipeline.writes_work()
                 self._writes_ok.set()
-                log.info("seq_conflict_resolved", extra={"users": len(moved)})
+                if moved is not None:
+                    log.info("seq_conflict_resolved", extra={"users": len(moved)})
+                else:
+                    log.info("state_reloaded_for_escalation", extra={"epoch": self._lease_epoch})
+                if self._takeover_pending:
+                    self._begin_takeover()
                 continue
             while True:
                 await trio.sleep(PROBE_INTERVAL_S)
@@ -707,6 +794,8 @@ class ClientServer:
             self._writes_ok.set()
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
+            if self._takeover_pending:  # the lease was taken after the reload above
+                self._begin_takeover()
 
     async def _refresh_lost_race(self, conflicted: _Conflicted) -> None:
         """After a ``Conflict``: the question as the store holds it into memory, then what the losers'
@@ -825,6 +914,10 @@ def _raced(outcome: Outcome, question_id: str) -> str | None:
         if isinstance(write, CountAnswer) and write.answered_at is not None:
             return "answer"
     return None
+
+
+class TakingOver(WriteFailed):
+    """Writes refused while this node reads the escalation state from the store, having taken the lease."""
 
 
 #: How often the store is probed while commits fail.

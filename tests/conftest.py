@@ -55,7 +55,12 @@ def make_settings(db: Path | str, **sections: dict[str, Any]) -> Settings:
         "inbox": {"prune_interval_s": float("inf")},
         # The cluster heartbeat and catch-up likewise (a PostgreSQL node registers once and catches up
         # when its LISTEN connection is made; test_cluster.py and test_delivery.py run them).
-        "cluster": {"heartbeat_interval_s": float("inf"), "catch_up_interval_s": float("inf")},
+        # Positions likewise (test_positions.py writes them).
+        "cluster": {
+            "heartbeat_interval_s": float("inf"),
+            "catch_up_interval_s": float("inf"),
+            "positions_interval_s": float("inf"),
+        },
         # Questions expire after a day; on the autojump clock that deadline
         # would be the next one while any commit runs (test_read_paths.py sets it).
         "questions": {"ttl_s": float("inf")},

@@ -411,8 +411,12 @@ def test_sqlite_push_job_ids_go_on_from_the_highest(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def dongne_node(tmp_path: Path, db: str) -> AsyncIterator[tuple[trio.Process, int]]:
-    """``dongne serve`` on ``db`` heartbeating every 0.2 s with a 1 s ttl: ``(process, ops port)``; killed after."""
-    heartbeats = {"DONGNE_CLUSTER_HEARTBEAT_INTERVAL_S": "0.2", "DONGNE_CLUSTER_NODE_TTL_S": "1"}
+    """``dongne serve`` on ``db`` heartbeating every 0.2 s with a 1 s ttl (node and lease): ``(process, ops port)``; killed after."""
+    heartbeats = {
+        "DONGNE_CLUSTER_HEARTBEAT_INTERVAL_S": "0.2",
+        "DONGNE_CLUSTER_NODE_TTL_S": "1",
+        "DONGNE_CLUSTER_LEASE_TTL_S": "1",
+    }
     async with serve_process(tmp_path, db, secret=SECRET, env=heartbeats, log_name="node.log") as node:
         yield node.proc, node.ops_port
 

@@ -36,6 +36,8 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ('[store]\nurl = "mysql://db/dongne"\n', "neither a SQLite file path nor a postgresql:// URL"),
         ("[engine]\ntyping_ttl_s = -1\n", "positive"),
         ("[server\n", "not valid TOML"),
+        ("[cluster]\nlease_ttl_s = 11\n", "[cluster] lease_ttl_s (11.0) must not exceed node_ttl_s (10.0)"),
+        ("[cluster]\nlease_ttl_s = 2\n", "heartbeat_interval_s (2.0) must be below lease_ttl_s (2.0)"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -47,6 +47,7 @@ from .events import (
     ReadDone,
     ReadFailed,
     Reloaded,
+    RemotePositions,
     RoomRelayed,
     SeqsMoved,
     Tick,
@@ -317,6 +318,14 @@ class Engine:
                 user = self.users.get(user_id)
                 if user is not None:
                     user.last_seq = seq
+            return _NOTHING
+        if isinstance(event, RemotePositions):
+            for user in event.users:
+                if user.user_id not in self.users:  # made on another node since we loaded
+                    self.users[user.user_id] = user
+                    self.where.refresh_local(user)
+                    self.oversight.role_is(user)
+            self.where.remote_moved(event.moved, event.gone, everyone=event.everyone)
             return _NOTHING
         if isinstance(event, Disconnected):
             return self._disconnected(event.conn_id, now)

@@ -25,6 +25,7 @@ __all__ = [
     "ReadDone",
     "ReadFailed",
     "Reloaded",
+    "RemotePositions",
     "RoomRelayed",
     "SeqsMoved",
     "Tick",
@@ -133,6 +134,30 @@ class InboxPruned:
 
 
 @attrs.frozen
+class RemotePositions:
+    """Positions of users connected to other nodes, as the store holds them (several nodes; CLUSTER.md).
+
+    The engine keeps them beside its own users' (``Neighbourhood.remote``):
+    locals among them enter the live index, so they count in ``nearby_locals``
+    and stages plan them as online (their alerts are durable events the node
+    they are connected to delivers; no push). A user connected here too is
+    placed by this node's own position while connected.
+
+    Attributes:
+        moved: ``(user_id, lat, lng)``, positions already snapped by the node that took them.
+        gone: users no other node places any more.
+        users: rows of users the engine did not know (made on another node since it loaded):
+            adopted, so that they can be planned (their settings).
+        everyone: ``moved`` is every other node's position: any other remote one is gone (a rebuild).
+    """
+
+    moved: tuple[tuple[str, float, float], ...] = ()
+    gone: tuple[str, ...] = ()
+    users: tuple[User, ...] = ()
+    everyone: bool = False
+
+
+@attrs.frozen
 class SeqsMoved:
     """Users' inbox heads as the store holds them, which another writer moved (several nodes; CLUSTER.md).
 
@@ -204,6 +229,7 @@ Event = (
     | EscalationDue
     | InboxPruned
     | SeqsMoved
+    | RemotePositions
     | WritesFailing
     | Reloaded
     | WritesWork

@@ -9,7 +9,7 @@ engine calls it with ``now`` and turns its answers into writes and frames.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -68,6 +68,9 @@ class Neighbourhood:
         self.positions: dict[str, tuple[float, float, str | None]] = {}  # user -> snapped lat, lng, region
         self.last_move: dict[str, int] = {}
         self.nearby_seen: dict[str, tuple[str, ...]] = {}  # user -> question ids last sent
+        # Users other nodes place (several nodes on PostgreSQL; CLUSTER.md): lat, lng as the store holds
+        # them. Locals among them are in ``live`` unless connected here (``positions`` wins then).
+        self.remote: dict[str, tuple[float, float]] = {}
         self.forget_durable()
 
     def forget_durable(self) -> None:
@@ -104,6 +107,9 @@ class Neighbourhood:
             self.homes.upsert(user.user_id, *user.home)
         else:
             self.homes.remove(user.user_id)
+        elsewhere = self.remote.get(user.user_id)
+        if elsewhere is not None and user.user_id not in self.positions:
+            self.live.upsert(user.user_id, *elsewhere)
         self._snooze(user.user_id)  # a new cap may give room sooner, or later
 
     def retry_after_ms(self, user_id: str, now: int) -> int:
@@ -142,12 +148,44 @@ class Neighbourhood:
         self.live.snooze(user_id, self.ledger.room_again_at(user_id, cap))
 
     def went_offline(self, user_id: str) -> None:
-        """The user's last connection closed: it leaves the live index."""
+        """The user's last connection closed: it leaves the live index (unless another node places it)."""
         self.live.remove(user_id)
         self.positions.pop(user_id, None)
         self.nearby_seen.pop(user_id, None)
         # A client that reconnects shares its position again at once.
         self.last_move.pop(user_id, None)
+        elsewhere = self.remote.get(user_id)
+        if elsewhere is not None and user_id in self.locals:
+            self.live.upsert(user_id, *elsewhere)
+            self._snooze(user_id)
+
+    def remote_moved(
+        self, moved: Iterable[tuple[str, float, float]], gone: Iterable[str], *, everyone: bool = False
+    ) -> None:
+        """Other nodes' positions (``events.RemotePositions``): locals among them enter or leave ``live``.
+
+        A user connected here keeps the position this node has while connected; the remote one is kept
+        for when they leave. ``everyone``: ``moved`` is all of them; any remote user not in it is gone.
+        """
+        moved = list(moved)
+        if everyone:
+            listed = {user_id for user_id, _lat, _lng in moved}
+            gone = [user_id for user_id in self.remote if user_id not in listed]
+        for user_id in gone:
+            if self.remote.pop(user_id, None) is not None and user_id not in self.positions:
+                self.live.remove(user_id)
+        for user_id, lat, lng in moved:
+            self.remote[user_id] = (lat, lng)
+            if user_id in self.positions or user_id not in self.locals:
+                continue
+            entering = user_id not in self.live
+            self.live.upsert(user_id, lat, lng)
+            if entering:
+                self._snooze(user_id)
+
+    def online(self, here: AbstractSet[str]) -> AbstractSet[str]:
+        """Who is online: ``here`` (users connected to this node) and users other nodes place."""
+        return here if not self.remote else _Either(here, self.remote.keys())
 
     def online_locals_by_region(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -232,7 +270,7 @@ class Neighbourhood:
             brief,
             live=self.live,
             locals=self.locals,
-            online=online,
+            online=self.online(online),
             notified=esc.notified | {question.asker_id},
             ledger=self.ledger,
             now_ms=now,
@@ -276,3 +314,21 @@ class Neighbourhood:
             "created_at": question.created_at,
             "asker_nick": question.asker_nick,
         }
+
+
+class _Either(AbstractSet[str]):
+    """Two sets seen as their union, without copying either (``in`` is all the planner asks)."""
+
+    def __init__(self, first: AbstractSet[str], second: AbstractSet[str]) -> None:
+        self._first = first
+        self._second = second
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._first or item in self._second
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._first
+        yield from (item for item in self._second if item not in self._first)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -23,7 +23,9 @@ again (once, then ``StoreError``); a broken listen connection raises
 
 from __future__ import annotations
 
+import json
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -32,10 +34,26 @@ import psycopg.conninfo
 import psycopg.pq
 import psycopg.sql
 
+from ..core.records import User
 from ._interface import StoreError
 from ._postgres import _one_line, redact
+from ._rows import USER_COLS, user_from
+from ._writes import NOTIFY_PAYLOAD_LIMIT
 
-__all__ = ["ClusterLink", "Lease", "ListenConnection", "ListenLost", "NodeInfo", "connect_listener"]
+__all__ = [
+    "POSITIONS_CHANNEL",
+    "ClusterLink",
+    "Lease",
+    "ListenConnection",
+    "ListenLost",
+    "NodeInfo",
+    "connect_listener",
+    "positions_news",
+    "read_positions_news",
+]
+
+#: Where nodes announce the users whose rows in ``positions`` they changed (CLUSTER.md).
+POSITIONS_CHANNEL = "dongne_positions"
 
 #: The lease escalation leadership is (the only one so far).
 ESCALATION_LEASE = "escalation"
@@ -130,13 +148,20 @@ class ClusterLink:
 
     # ---- membership ------------------------------------------------------------
 
-    def heartbeat(self, node: NodeInfo, now_ms: int) -> None:
-        """Register ``node``, or say it is alive at ``now_ms`` (its row comes back if it was expired)."""
-        self._run(
+    def heartbeat(self, node: NodeInfo, now_ms: int) -> bool:
+        """Register ``node``, or say it is alive at ``now_ms`` (its row comes back if it was expired).
+
+        Returns:
+            True if the row was made: the node's first heartbeat, or one after its peers expired it
+            (and deleted its positions: it writes them all again).
+        """
+        rows = self._run(
             f"INSERT INTO cluster_nodes ({_NODE_COLS}) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = greatest(cluster_nodes.heartbeat_at, excluded.heartbeat_at)",
+            " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = greatest(cluster_nodes.heartbeat_at, excluded.heartbeat_at)"
+            " RETURNING xmax = 0",
             (node.node_id, node.host, node.pid, node.started_at, now_ms),
         )
+        return bool(rows and rows[0][0])
 
     def expire_nodes(self, before_ms: int) -> list[str]:
         """Remove the nodes whose last heartbeat is older than ``before_ms``; their ids, sorted."""
@@ -150,6 +175,67 @@ class ClusterLink:
     def nodes(self) -> list[NodeInfo]:
         """Every registered node, by id."""
         return [NodeInfo(*row) for row in self._run(f"SELECT {_NODE_COLS} FROM cluster_nodes ORDER BY node_id")]
+
+    # ---- positions (CLUSTER.md, "Nearest locals across nodes") --------------------
+
+    def write_positions(
+        self, node_id: str, moved: Sequence[tuple[str, float, float, int]], gone: Sequence[str]
+    ) -> None:
+        """One batch of this node's positions: ``moved`` ``(user, lat, lng, at)`` upserted, ``gone`` users'
+        rows deleted, and the users announced on :data:`POSITIONS_CHANNEL`, all in one statement (so one
+        transaction: the news goes out only if the rows changed)."""
+        users = sorted({m[0] for m in moved} | set(gone))
+        self._run(
+            "WITH moved AS (INSERT INTO positions (user_id, lat, lng, at, node_id)"
+            " SELECT u, la, ln, a, %(node)s FROM unnest(%(users)s::text[], %(lats)s::float8[], %(lngs)s::float8[],"
+            " %(ats)s::bigint[]) AS m(u, la, ln, a) ORDER BY u"
+            " ON CONFLICT (user_id, node_id) DO UPDATE SET lat = excluded.lat, lng = excluded.lng, at = excluded.at"
+            " RETURNING 1),"
+            " gone AS (DELETE FROM positions WHERE node_id = %(node)s AND user_id = ANY(%(gone)s::text[]) RETURNING 1)"
+            " SELECT pg_notify(%(channel)s, p) FROM unnest(%(news)s::text[]) AS p",
+            {
+                "node": node_id,
+                "users": [m[0] for m in moved],
+                "lats": [m[1] for m in moved],
+                "lngs": [m[2] for m in moved],
+                "ats": [m[3] for m in moved],
+                "gone": list(gone),
+                "channel": POSITIONS_CHANNEL,
+                "news": positions_news(node_id, users),
+            },
+        )
+
+    def drop_positions(self, node_ids: Sequence[str]) -> None:
+        """Delete the rows of nodes that left or were expired (and of any node no longer registered: a batch
+        that outlived its node's leaving); if any, every node rebuilds its replica."""
+        self._run(
+            "WITH dropped AS (DELETE FROM positions WHERE node_id = ANY(%s::text[])"
+            " OR node_id NOT IN (SELECT node_id FROM cluster_nodes) RETURNING 1)"
+            " SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM dropped LIMIT 1) AS any_dropped",
+            (list(node_ids), POSITIONS_CHANNEL, json.dumps({"node": "", "all": True})),
+        )
+
+    def read_positions(self, not_node: str, users: Sequence[str] | None = None) -> list[tuple[str, float, float]]:
+        """``(user, lat, lng)`` of every user (of ``users``, if given) placed by a node other than
+        ``not_node``; a user on several, by the newest position."""
+        where = "" if users is None else " AND user_id = ANY(%s::text[])"
+        params: tuple[Any, ...] = (not_node,) if users is None else (not_node, list(users))
+        rows = self._run(
+            f"SELECT DISTINCT ON (user_id) user_id, lat, lng FROM positions WHERE node_id <> %s{where}"
+            " ORDER BY user_id, at DESC",
+            params,
+        )
+        return [(str(u), float(lat), float(lng)) for u, lat, lng in rows]
+
+    def read_users(self, user_ids: Sequence[str]) -> list[User]:
+        """The rows of ``user_ids`` (those that exist), ``last_seq`` raised to their inbox heads."""
+        users = [user_from(r) for r in self._run(f"SELECT {USER_COLS} FROM users WHERE user_id = ANY(%s::text[])",
+                                                 (list(user_ids),))]  # fmt: skip
+        heads = dict(self._run("SELECT user_id, last_seq FROM inbox_heads WHERE user_id = ANY(%s::text[])",
+                               (list(user_ids),)))  # fmt: skip
+        for user in users:
+            user.last_seq = max(user.last_seq, int(heads.get(user.user_id, 0)))
+        return users
 
     # ---- leases ----------------------------------------------------------------
 
@@ -188,6 +274,43 @@ class ClusterLink:
     def notify(self, channel: str, payload: str) -> None:
         """Send a notification outside any commit (ephemeral news: typing, presence)."""
         self._run("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+def positions_news(origin: str, users: Sequence[str]) -> list[str]:
+    """Payloads announcing that ``origin`` changed these users' rows in ``positions``, each under the limit:
+    ``{"node": origin, "users": [...]}``."""
+    payloads: list[str] = []
+    part: list[str] = []
+    used = len(json.dumps({"node": origin, "users": []}).encode())
+    budget = NOTIFY_PAYLOAD_LIMIT - 1
+    size = used
+    for user in users:
+        cost = len(json.dumps(user).encode()) + 1
+        if part and size + cost > budget:
+            payloads.append(json.dumps({"node": origin, "users": part}))
+            part, size = [], used
+        part.append(user)
+        size += cost
+    if part:
+        payloads.append(json.dumps({"node": origin, "users": part}))
+    return payloads
+
+
+def read_positions_news(payload: str) -> tuple[str, list[str] | None]:
+    """``(origin node, users)`` of a payload on :data:`POSITIONS_CHANNEL`; users None: everyone (rebuild).
+
+    Raises:
+        ValueError: not such a payload.
+    """
+    try:
+        news = json.loads(payload)
+        origin = news["node"]
+        users = None if news.get("all") else news["users"]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ValueError(f"not positions news: {payload[:80]!r}") from None
+    if not isinstance(origin, str) or not (users is None or isinstance(users, list)):
+        raise ValueError(f"not positions news: {payload[:80]!r}")
+    return origin, None if users is None else [str(u) for u in users]
 
 
 class ListenConnection:

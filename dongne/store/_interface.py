@@ -38,7 +38,13 @@ class WriteFailed(StoreError):
 
 class LeaseLost(WriteFailed):
     """A commit carrying a lease epoch (``PreparedCommit.guard_lease``) was refused: another node holds
-    the lease now. Nothing of it is in the database; the node must stop acting as the lease's holder."""
+    the lease now. Nothing of it is in the database; the node must stop acting as the lease's holder.
+
+    Attributes:
+        epoch: the epoch the refused commit carried, when the committer knows it (``CommitPipeline`` sets it).
+    """
+
+    epoch: int | None = None
 
 
 class SeqConflict(WriteFailed):

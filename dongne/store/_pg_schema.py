@@ -275,6 +275,20 @@ PG_MIGRATIONS: list[str] = [
     CREATE INDEX questions_by_change ON questions (changed_xid);
     CREATE INDEX answers_by_change ON answers (changed_xid);
     """,
+    # 5: where each node's connected users are (CLUSTER.md, "Nearest locals across nodes"): every node
+    # writes its own in batches and keeps an R-tree of everyone's. A user connected to two nodes has two
+    # rows; a node's rows go with its last connection of the user, its graceful stop, or its expiry.
+    """
+    CREATE TABLE positions (
+        user_id  text COLLATE "C" NOT NULL,
+        lat      double precision NOT NULL,
+        lng      double precision NOT NULL,
+        at       bigint NOT NULL,
+        node_id  text COLLATE "C" NOT NULL,
+        PRIMARY KEY (user_id, node_id)
+    );
+    CREATE INDEX positions_by_node ON positions (node_id);
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

@@ -1,0 +1,228 @@
+"""Only the escalation lease's holder runs escalation stages (store/CLUSTER.md, "Escalation leadership").
+
+One node per database is still enforced, so "the other node" is the test:
+it holds, steals and gives up the lease with a ``ClusterLink`` and SQL, and
+writes what that node would have written. The node under test serves real
+sockets on an autojump clock; it heartbeats only when the test says
+(``Membership.beat_async``), lease times being wall-clock milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from dongne.client import DongneClient, open_client
+from dongne.cluster import Membership, wall_ms
+
+from .conftest import NO_TIMERS, SECRET, Harness, db_rows, question_data, token
+from .served import serve_process
+from .test_cluster import wait_until
+from .test_escalation import HERE, east, local_at, notifications, past_the_last_stage
+
+pytestmark = pytest.mark.backends("postgres")
+
+HOUR_MS = 3_600_000
+SETTINGS: dict[str, Any] = {"server": NO_TIMERS, "location": {"min_update_interval_s": 0.0}}
+
+
+@pytest.fixture
+def peer_link(db: str) -> Iterator[Any]:
+    """The other node's cluster rows, in a database migrated (and closed) first."""
+    from dongne.store import store_for
+    from dongne.store._cluster import ClusterLink
+
+    schema = store_for(db)
+    schema.open()
+    schema.close()
+    made = ClusterLink(db)
+    yield made
+    made.close()
+
+
+def run_sql(db: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """One statement as the other node (blocking the event loop: the mock clock stands still meanwhile)."""
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(sql.replace("?", "%s"), params)
+
+
+async def real_wait(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``check`` in real time: the stage commits on a worker thread, and on the autojump clock a loop
+    of ``trio.sleep`` would run out of mock time before the thread is done."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+
+
+def stages_of(events: list[dict[str, Any]], question_id: str) -> list[str]:
+    return [e["data"]["stage"] for e in events if e["data"]["question"]["question_id"] == question_id]
+
+
+async def alerts(client: DongneClient, question_id: str) -> list[str]:
+    """The stages of ``question_id`` that reached ``client`` and were not taken yet (after a round trip)."""
+    await client.request("get_profile")
+    return stages_of(await notifications(client), question_id)
+
+
+async def test_a_node_without_the_lease_runs_no_stage_and_the_one_taking_it_over_runs_what_is_left_once(
+    start_server, autojump_clock, db: str, peer_link: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """The other node holds the lease: here the stages after the ask's IMMEDIATE are recorded, not run.
+    It runs QUICK (its notified row, its escalation row), alerts a capped local about another question,
+    and dies: taking the lease over, this node reads that state and runs EXTENDED at once and FINAL on
+    time, alerting nobody the other node alerted and nobody over their hourly cap."""
+    assert peer_link.acquire_lease("peer", wall_ms(), HOUR_MS).epoch == 1
+    h: Harness = await start_server(**SETTINGS)
+    clients = h.running.clients
+    assert h.running.membership.lease_epoch is None
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, h, "near", 1000)
+        mid = await local_at(stack, h, "mid", 4000)
+        expert = await local_at(stack, h, "expert", 20000, tags=["food"])
+        capped = await local_at(stack, h, "capped", 20000, tags=["food"])
+        await capped.request("update_settings", {"max_alerts_per_hour": 1})
+        far = await local_at(stack, h, "far", 20000)
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        qa = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+        # The ask's own IMMEDIATE stage goes out with its reply, on whichever node took it.
+        assert (await near.next_event("new_question_notification"))["data"]["stage"] == "IMMEDIATE"
+        far_away = question_data(title="B", location={"lat": 33.3, "lng": HERE["lng"]}, hashtags=["beach"])  # Seogwipo
+        qb = (await asker.request("create_question", far_away))["question"]["question_id"]
+        await asker.request("close_question", {"question_id": qb})
+
+        await trio.sleep(40)  # QUICK (3 s) and EXTENDED (30 s) are due
+        assert clients.escalations_waiting == {qa} and clients.escalation_scopes == {}
+        for client in (near, mid, expert, capped, far):
+            assert await alerts(client, qa) == []
+        assert db_rows(db, "SELECT user_id, stage FROM notified") == [("near", "IMMEDIATE")]
+
+        # The other node ran QUICK (mid), alerted capped about B, and stopped renewing the lease.
+        now = clients.clock.now_ms()
+        run_sql(db, "INSERT INTO notified VALUES (?, 'mid', 'QUICK', 4000, 1, ?), (?, 'capped', 'QUICK', 100, 1, ?)",
+                (qa, now - 30_000, qb, now - 5_000))  # fmt: skip
+        run_sql(db, "UPDATE escalations SET next_stage = 2 WHERE question_id = ?", (qa,))
+        run_sql(db, "UPDATE escalation_lease SET expires_at = 0")
+        await h.running.membership.beat_async()
+        assert h.running.membership.lease_epoch == 2
+
+        assert (await expert.next_event("new_question_notification"))["data"]["stage"] == "EXTENDED"
+        assert clients.escalations_waiting == set()
+        await past_the_last_stage(h)
+        assert await alerts(far, qa) == ["FINAL"]
+        for client in (near, mid, expert, capped):
+            assert await alerts(client, qa) == []
+    await h.running.aclose()
+    rows = db_rows(db, "SELECT user_id, stage FROM notified WHERE question_id = ? ORDER BY user_id", (qa,))
+    assert rows == [("expert", "EXTENDED"), ("far", "FINAL"), ("mid", "QUICK"), ("near", "IMMEDIATE")]
+    assert db_rows(db, "SELECT count(*) FROM events WHERE user_id IN ('mid', 'capped')") == [(0,)]
+
+
+async def test_a_stage_committed_after_the_lease_was_taken_is_refused_and_the_node_stops(
+    start_server, autojump_clock, db: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The node leads (epoch 1), then another node takes the lease (epoch 2) without it noticing: its
+    QUICK stage's commit carries epoch 1 and is refused, nothing of it written; it stops escalating and
+    keeps serving. Once the lease is free and it takes it again (epoch 3), QUICK runs, once."""
+    h: Harness = await start_server(**SETTINGS)
+    clients = h.running.clients
+    assert h.running.membership.lease_epoch == 1
+    async with AsyncExitStack() as stack:
+        mid = await local_at(stack, h, "mid", 4000)
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        run_sql(db, "UPDATE escalation_lease SET holder = 'peer', epoch = 2, expires_at = ?", (wall_ms() + HOUR_MS,))
+        qa = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+
+        await real_wait(lambda: qa in clients.escalations_waiting)
+        await clients.wait_reloaded()
+        assert clients.escalation_scopes == {} and h.running.membership.lease_epoch is None
+        assert clients.writable
+        assert db_rows(db, "SELECT count(*) FROM notified") == [(0,)]
+        assert db_rows(db, "SELECT count(*) FROM events WHERE user_id = 'mid'") == [(0,)]
+        assert db_rows(db, "SELECT next_stage FROM escalations") == [(1,)]
+        assert await alerts(mid, qa) == []
+        await asker.request("join_question", {"question_id": qa})  # the node still serves
+
+        run_sql(db, "UPDATE escalation_lease SET expires_at = 0")
+        await h.running.membership.beat_async()
+        assert h.running.membership.lease_epoch == 3
+        got = await mid.next_event("new_question_notification")
+        assert (got["seq"], got["data"]["stage"]) == (1, "QUICK")
+        await past_the_last_stage(h)
+        assert await alerts(mid, qa) == []
+    await h.running.aclose()
+    assert db_rows(db, "SELECT user_id, stage FROM notified") == [("mid", "QUICK")]
+
+
+async def test_a_dongne_serve_stopped_past_its_lease_commits_no_late_stage(
+    tmp_path: Path, db: str, peer_link: Any
+) -> None:
+    """SIGSTOP a ``dongne serve`` that leads, before a question's QUICK stage is due; another node takes
+    the lease. After SIGCONT the stage it was due to run is not committed (refused by its epoch, or
+    cancelled when its heartbeat finds the lease gone, whichever comes first): nobody is alerted, and
+    the node reports the escalation as another node's."""
+    env = {
+        "DONGNE_CLUSTER_HEARTBEAT_INTERVAL_S": "0.2",
+        "DONGNE_CLUSTER_NODE_TTL_S": "1",
+        "DONGNE_CLUSTER_LEASE_TTL_S": "1",
+        "DONGNE_LOCATION_MIN_UPDATE_INTERVAL_S": "0",
+    }
+    other = Membership(peer_link, ttl_s=1.0, lease_ttl_s=1.0, node_id="peer")
+
+    async def keep_beating() -> None:
+        while True:
+            await trio.to_thread.run_sync(other.beat)
+            await trio.sleep(0.1)
+
+    async with serve_process(tmp_path, db, secret=SECRET, env=env) as node, httpx.AsyncClient() as http:
+
+        def gauges(*wanted: str) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                text = (await http.get(node.ops("/metrics"))).text
+                return all(f"\n{line}\n" in text for line in wanted)
+
+            return check
+
+        await wait_until(gauges("dongne_escalation_lease_held 1.0"))
+        async with (
+            open_client(node.url, token("mid", local=True)) as mid,
+            open_client(node.url, token("traveller")) as asker,
+        ):
+            await mid.request("update_location", {"location": east(4000)})  # QUICK's, at 3 s
+            await asker.request("create_question", question_data(location=dict(HERE)))
+            node.proc.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_beating)
+                await wait_until(lambda: trio.to_thread.run_sync(lambda: other.lease_epoch is not None))
+                await trio.sleep(max(0.0, 3.5 - (time.monotonic() - stopped)))  # QUICK is overdue
+                node.proc.send_signal(signal.SIGCONT)
+                await wait_until(gauges("dongne_escalation_lease_held 0.0", "dongne_escalations_waiting 1.0"))
+                await mid.request("get_profile")
+                assert await notifications(mid) == []
+                assert db_rows(db, "SELECT count(*) FROM notified") == [(0,)]
+                assert db_rows(db, "SELECT count(*) FROM events WHERE user_id = 'mid'") == [(0,)]
+                nursery.cancel_scope.cancel()
+    assert other.lease_epoch == 2
+
+
+def test_sqlite_nodes_always_hold_the_lease() -> None:
+    """Nothing changes on SQLite: the node is the holder, its commits carry no epoch."""
+    from dongne.cluster import Membership
+
+    alone = Membership(None)
+    told: list[int | None] = []
+    alone.on_lease = told.append
+    alone.beat()
+    assert alone.lease_epoch == 0 and told == []
