@@ -235,6 +235,19 @@ def ask_from_python(url: str, token: str, data: dict[str, Any]) -> str:
     return trio.run(main)
 
 
+def wait_until_no_local_near(url: str, token: str, at: dict[str, float], timeout_s: float = 10.0) -> None:
+    """Poll ``nearby_locals`` (bounded) until no local is live within 2 km of ``at``."""
+
+    async def main() -> None:
+        async with open_client(url, token) as client:
+            with trio.fail_after(timeout_s):
+                # The browser's close reaching the server: another process, no event to wait on.
+                while (await client.request("nearby_locals", {"location": at}))["within_2km"]:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+
+    trio.run(main)
+
+
 def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
     """Ask, alert (within 2 s, strong vibration), answer (seen within 1 s), accept, points; a restart survived."""
     from playwright.sync_api import sync_playwright
@@ -389,6 +402,9 @@ def test_traveller_and_local(server: Server, tmp_path: Path) -> None:
             # localStorage), the page resumes from the last seq it kept: that alert is shown, once,
             # and none of those shown before comes back.
             local.page.close()
+            # The browser closes the socket a little later: ask only once the server has seen the
+            # local leave (else the alert goes to the closing page, which may keep its seq unseen).
+            wait_until_no_local_near(server.ws_url, mint("sora", nick="Sora"), {"lat": 33.5120, "lng": 126.5250})
             q3 = ask_from_python(
                 server.ws_url,
                 mint("sora", nick="Sora"),
