@@ -179,6 +179,7 @@ async def _serve(
             region_names=region_set.names,
             cursor_key=verifier.derive_key(b"dongne page cursors"),
         )
+        engine.shared_store = link is not None  # a hello's user may have been made by another node
         if link is not None:
             # Campaign for the escalation lease before loading: a node that takes it reads the
             # escalations as the previous holder left them (it can commit no more: its epoch is old).
