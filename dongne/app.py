@@ -113,8 +113,8 @@ async def run_server(
     stopped = trio.Event()
     if db_path is not None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
-    # One server per database, and no restore under a running server (on
-    # PostgreSQL the store takes an advisory lock of its own when it opens).
+    # One server per SQLite file, and no restore under a running server (on PostgreSQL
+    # several nodes share a database: the store takes the node lock shared when it opens).
     lock = hold_database_lock(db_path) if db_path is not None else contextlib.nullcontext()
     try:
         # The signal handlers stay ours until the database is closed: a second
