@@ -113,8 +113,8 @@ async def run_server(
     stopped = trio.Event()
     if db_path is not None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
-    # One server per database, and no restore under a running server (on
-    # PostgreSQL the store takes an advisory lock of its own when it opens).
+    # One server per SQLite file, and no restore under a running server (on PostgreSQL
+    # several nodes share a database: the store takes the node lock shared when it opens).
     lock = hold_database_lock(db_path) if db_path is not None else contextlib.nullcontext()
     try:
         # The signal handlers stay ours until the database is closed: a second
@@ -179,6 +179,7 @@ async def _serve(
             region_names=region_set.names,
             cursor_key=verifier.derive_key(b"dongne page cursors"),
         )
+        engine.shared_store = link is not None  # a hello's user may have been made by another node
         if link is not None:
             # Campaign for the escalation lease before loading: a node that takes it reads the
             # escalations as the previous holder left them (it can commit no more: its epoch is old).

@@ -1,11 +1,11 @@
 """The node's place among nodes sharing one database: its identity, its peers, and LISTEN (the trio side).
 
-What exists is groundwork for several nodes (``dongne/store/CLUSTER.md``):
-one node per database is still enforced. A PostgreSQL node registers in
-``cluster_nodes`` and heartbeats (:meth:`Membership.run`); a SQLite node is a
-cluster of itself, held in memory. :class:`Listener` keeps a LISTEN
-connection open across drops; the app runs one on ``dongne_events`` and hands
-other nodes' news to the client server (``ClientServer.inbox_news``).
+Several nodes serve one PostgreSQL database (``dongne/store/CLUSTER.md``). A
+PostgreSQL node registers in ``cluster_nodes`` and heartbeats
+(:meth:`Membership.run`); a SQLite node is a cluster of itself, held in
+memory. :class:`Listener` keeps a LISTEN connection open across drops; the
+app runs one and hands other nodes' news to the client server
+(``ClientServer.inbox_news``, ``news.NodeNews``, ``positions.PositionSync``).
 
 The blocking SQL is ``store._cluster``'s, run on worker threads; this
 module only waits, sleeps and retries.

@@ -20,7 +20,17 @@ from typing import Any
 
 import trio
 
-from .core import Event, QuestionChanged, RelayRoom, RoomRelayed, UsersChanged
+from .core import (
+    Answer,
+    EscalationProgress,
+    Event,
+    Question,
+    QuestionChanged,
+    RelayRoom,
+    RoomRelayed,
+    User,
+    UsersChanged,
+)
 from .store import Storage, StoreError
 from .store._writes import ROOMS_CHANNEL, read_changes_news, read_room_news, room_news
 
@@ -43,6 +53,8 @@ class NodeNews:
         feed: hands the engine an event (and its outcome to the pipeline).
         spawn: starts a task beside the connections.
         node_id: this node's id (its own news is skipped).
+        follows_escalation: whether the engine keeps a question's escalation progress
+            (``Engine.follows_escalation``); for the others it is read with the question.
     """
 
     def __init__(
@@ -51,11 +63,13 @@ class NodeNews:
         feed: Callable[[Event], None],
         spawn: Callable[..., None],
         node_id: Callable[[], str],
+        follows_escalation: Callable[[str], bool] = lambda question_id: True,
     ) -> None:
         self._store = store
         self._feed = feed
         self._spawn = spawn
         self._node_id = node_id
+        self._follows_escalation = follows_escalation
         self._changed_questions: set[str] = set()
         self._changed_users: set[str] = set()
         self._changes_wakeup = trio.Event()
@@ -89,6 +103,10 @@ class NodeNews:
         """Read the rows :meth:`rows_changed` names and merge them into memory (``UsersChanged``,
         ``QuestionChanged``), in rounds: what is named during a read waits for the next.
 
+        A question whose escalation the engine does not follow (asked on
+        another node) comes with its escalation's progress: the engine takes
+        it up, and the node holding the escalation lease runs the stages left.
+
         Error handling: a read that fails is logged and tried again a second
         later with the same rows (and any named since).
         """
@@ -97,8 +115,11 @@ class NodeNews:
             self._changes_wakeup = trio.Event()
             questions, self._changed_questions = self._changed_questions, set()
             users, self._changed_users = self._changed_users, set()
+            unfollowed = sorted(q for q in questions if not self._follows_escalation(q))
             try:
-                found, people = await trio.to_thread.run_sync(self._store.read_rows, sorted(questions), sorted(users))
+                found, people, progress = await trio.to_thread.run_sync(
+                    self._read, sorted(questions), sorted(users), unfollowed
+                )
             except StoreError as exc:
                 log.warning("changes_read_failed", extra={"error": str(exc)})
                 self.rows_changed(questions, users)
@@ -107,8 +128,16 @@ class NodeNews:
             if people:
                 self._feed(UsersChanged(tuple(people)))
             for question_id, question, answers in found:
-                self._feed(QuestionChanged(question_id, question, tuple(answers)))
+                self._feed(QuestionChanged(question_id, question, tuple(answers), progress.get(question_id)))
             self.changes_followed += 1
+
+    def _read(
+        self, questions: list[str], users: list[str], unfollowed: list[str]
+    ) -> tuple[list[tuple[str, Question | None, list[Answer]]], list[User], dict[str, EscalationProgress]]:
+        """One round's reads (blocking: on a worker thread)."""
+        found, people = self._store.read_rows(questions, users)
+        progress = self._store.read_escalations(unfollowed) if unfollowed else {}
+        return found, people, progress
 
     async def catch_up_changes(self) -> None:
         """Read which questions and users changed since the last look (notifications may be lost) and follow them."""

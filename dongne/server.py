@@ -78,6 +78,7 @@ from .core import (
     SeqsMoved,
     StartEscalation,
     Tick,
+    UserLoaded,
     WritesFailing,
     WritesWork,
 )
@@ -212,7 +213,7 @@ class ClientServer:
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
         #: Other nodes' changed rows and room events in, this node's room events out (PostgreSQL).
-        self.news = NodeNews(store, self._feed, self._spawn, lambda: self.node_id)
+        self.news = NodeNews(store, self._feed, self._spawn, lambda: self.node_id, engine.follows_escalation)
 
     # ---- running ---------------------------------------------------------------
 
@@ -417,14 +418,18 @@ class ClientServer:
         text = isinstance(message, TextFrame)
         payload = b"" if isinstance(message, TextFrame) else message.payload
         outcome = self._handle(FrameReceived(conn_id, payload, text))
-        while outcome.load_question is not None or outcome.read is not None:
+        while outcome.load_question is not None or outcome.read is not None or outcome.load_user is not None:
             # The request needs the database (a question not in memory, a
-            # list): read it on a worker thread, then hand it back. Frames of
-            # this connection wait meanwhile.
+            # list, a hello's user another node may have made): read it on a
+            # worker thread, then hand it back. Frames of this connection wait meanwhile.
             try:
                 if outcome.read is not None:
                     rows = await trio.to_thread.run_sync(self.store.read, outcome.read)
                     outcome = self._handle(ReadDone(conn_id, rows))
+                    continue
+                if outcome.load_user is not None:
+                    _, people = await trio.to_thread.run_sync(self.store.read_rows, [], [outcome.load_user])
+                    outcome = self._handle(UserLoaded(conn_id, people[0] if people else None))
                     continue
                 found = await trio.to_thread.run_sync(self.store.find_question, str(outcome.load_question))
             except Exception:  # a read the database refused: this request fails, not the connection

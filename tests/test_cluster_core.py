@@ -9,15 +9,20 @@ from dongne.core import (
     AcceptOnce,
     CancelEscalation,
     CloseOnce,
+    Connected,
     CoreSettings,
     CountAnswer,
     Engine,
+    EscalationProgress,
+    Outcome,
     QuestionChanged,
     RelayRoom,
     RoomRelayed,
     SaveQuestion,
     StagePlan,
+    StartEscalation,
     User,
+    UserLoaded,
     UsersChanged,
 )
 from dongne.core.effects import Close
@@ -26,7 +31,7 @@ from dongne.core.lifecycle import QuestionStatus
 from dongne.core.records import Answer, Question
 from dongne.core.settings import QuestionSettings
 
-from .test_engine import T0, Sim, ask, claims_for, make_engine
+from .test_engine import T0, Sim, ask, claims_for, make_engine, send
 
 
 def raced(outcome: object) -> list[object]:
@@ -107,6 +112,54 @@ def test_a_question_another_node_created_is_adopted_and_listed_nearby() -> None:
     assert out.writes == () and "q-elsewhere" in sim.engine.questions
     nearby = sim.call(1, "nearby_questions", {"location": {"lat": 33.5, "lng": 126.5}, "radius_m": 1000}, T0 + 2)
     assert [q["question_id"] for q in sim.reply(nearby)["data"]["questions"]] == ["q-elsewhere"]
+
+
+def test_a_question_another_node_asked_is_escalated_from_its_stored_progress() -> None:
+    """With the question comes its escalation as stored (IMMEDIATE run there, who was alerted): the engine
+    takes it up and starts it (QUICK due next), once; a question it follows already is left alone."""
+    sim = Sim(make_engine())
+    created = Question("q-elsewhere", "asker", "Asker", "Open late?", "", 33.5, 126.5, None, (), "normal", T0)
+    progress = EscalationProgress(1, (("near", T0),))
+
+    out = sim.engine.handle(QuestionChanged("q-elsewhere", created, (), progress), T0 + 1)
+    again = sim.engine.handle(QuestionChanged("q-elsewhere", created, (), EscalationProgress(0)), T0 + 2)
+
+    assert [a.question_id for a in out.actions if isinstance(a, StartEscalation)] == ["q-elsewhere"]
+    assert sim.engine.follows_escalation("q-elsewhere")
+    assert sim.engine.escalation_due("q-elsewhere") == T0 + 3000
+    assert sim.engine.where.escalations["q-elsewhere"].notified == {"near"}
+    assert [a for a in again.actions if isinstance(a, StartEscalation)] == []
+    assert sim.engine.escalation_due("q-elsewhere") == T0 + 3000
+    done = attrs.evolve(created, question_id="q-done")
+    finished = sim.engine.handle(QuestionChanged("q-done", done, (), EscalationProgress(4, (("near", T0),))), T0 + 3)
+    assert [a for a in finished.actions if isinstance(a, StartEscalation)] == []
+    assert sim.engine.follows_escalation("q-done")
+    assert sim.engine.escalation_due("q-done") is None
+
+
+def test_a_hello_on_a_shared_store_reads_a_user_it_does_not_hold_first() -> None:
+    """Another node made the user (points, seqs): the hello waits for the stored row and goes on from it,
+    writing nothing over it; a user nobody made is made as on one node; one held is not read."""
+    sim = Sim(make_engine())
+    sim.engine.shared_store = True
+    stored = User("mina", "Mina", points=7, last_seq=4, created_at=T0 - 1000)
+
+    sim.engine.handle(Connected(1), T0)
+    waiting = send(sim.engine, 1, "hello", {"token": "ok:mina"}, T0, 1)
+    hello = sim.engine.handle(UserLoaded(1, stored), T0 + 1)
+    sim.engine.handle(Connected(2), T0)
+    fresh = sim.engine.handle(UserLoaded(2, None), T0 + 1)  # nothing asked for it: ignored
+    new = send(sim.engine, 2, "hello", {"token": "ok:jun"}, T0, 2)
+    made = sim.engine.handle(UserLoaded(2, None), T0 + 1)
+    sim.engine.handle(Connected(3), T0)
+    again = send(sim.engine, 3, "hello", {"token": "ok:mina"}, T0, 3)
+
+    assert (waiting.load_user, waiting.writes, waiting.actions) == ("mina", (), ())
+    assert sim.reply(hello)["data"]["last_seq"] == 4 and hello.writes == ()
+    assert sim.engine.users["mina"].points == 7
+    assert fresh == Outcome() and new.load_user == "jun"
+    assert [type(w).__name__ for w in made.writes] == ["SaveUser"]
+    assert again.load_user is None and sim.reply(again)["data"]["last_seq"] == 4
 
 
 def test_a_question_another_node_deleted_leaves_memory_and_its_room() -> None:

@@ -1,6 +1,6 @@
 """Only the escalation lease's holder runs escalation stages (store/CLUSTER.md, "Escalation leadership").
 
-One node per database is still enforced, so "the other node" is the test:
+"The other node" is the test (tests/test_multinode.py runs real ones):
 it holds, steals and gives up the lease with a ``ClusterLink`` and SQL, and
 writes what that node would have written. The node under test serves real
 sockets on an autojump clock; it heartbeats only when the test says

@@ -1,7 +1,7 @@
 """Positions through the store; every node's R-tree a replica of all nodes' (store/CLUSTER.md, "Nearest locals
 across nodes").
 
-One node per database is still enforced, so "the other node" is the test: it
+"The other node" is the test (tests/test_multinode.py runs real ones): it
 writes user rows (as the store writes them), ``positions`` rows and the
 notification on ``dongne_positions`` itself. Real sockets, the real clock,
 bounded waits.

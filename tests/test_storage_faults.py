@@ -236,7 +236,7 @@ async def test_a_terminated_postgresql_session_refuses_one_batch_then_the_probe_
         assert closed["question"]["status"] == "closed"
         assert h.running.clients.writable
         assert (await admin.next_event("storage_alert"))["data"]["state"] == "recovered"
-    # The new writer session took the node lock again (a second node is still refused); closing releases it.
+    # The new writer session took the (shared) node lock again; closing releases it.
     node_locks = (
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"

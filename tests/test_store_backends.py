@@ -225,17 +225,29 @@ def test_a_commit_of_many_rows_goes_in_power_of_two_statements(store: Storage, d
 
 
 @pytest.mark.backends("postgres")
-def test_one_node_per_postgresql_database(store: Storage, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cluster_nodes_share_a_postgresql_database_and_a_pre_cluster_node_is_refused(
+    store: Storage, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes hold the node lock shared: a second opens beside the first. A dongne from before clusters took
+    it exclusively: it cannot get it while a node runs, and a node cannot start while it holds it."""
+    import psycopg
+
     from dongne.store import DatabaseInUseError, _postgres
 
     monkeypatch.setattr(_postgres, "NODE_LOCK_WAIT_S", 0.2)
     second = store_for(db)
-    with pytest.raises(DatabaseInUseError) as refused:
-        second.open()
-    assert "another dongne node" in str(refused.value) and "pid" in str(refused.value)
-    store.close()
-    second.open()  # the first one's lock went with its session
-    second.close()
+    second.open()
+    with psycopg.connect(db, autocommit=True) as old:
+        assert old.execute("SELECT pg_try_advisory_lock(%s)", (_postgres.NODE_LOCK,)).fetchone() == (False,)
+        store.close()
+        second.close()
+        assert old.execute("SELECT pg_try_advisory_lock(%s)", (_postgres.NODE_LOCK,)).fetchone() == (True,)
+        third = store_for(db)
+        with pytest.raises(DatabaseInUseError) as refused:
+            third.open()
+        assert "one node per database" in str(refused.value) and "pid" in str(refused.value)
+    third.open()  # the old version's lock went with its session
+    third.close()
 
 
 @pytest.mark.backends("postgres")

@@ -55,11 +55,12 @@ from .events import (
     RoomRelayed,
     SeqsMoved,
     Tick,
+    UserLoaded,
     UsersChanged,
     WritesFailing,
     WritesWork,
 )
-from .records import Answer, Claims, PushJob, Question, User
+from .records import Answer, Claims, EscalationProgress, PushJob, Question, User
 from .regions import Hotspot, RegionSet, load_default_regions, load_hotspots
 from .settings import (
     AlertSettings,
@@ -95,6 +96,7 @@ __all__ = [
     "EngineSettings",
     "EnqueuePush",
     "EscalationDue",
+    "EscalationProgress",
     "Event",
     "FrameReceived",
     "Hotspot",
@@ -134,6 +136,7 @@ __all__ = [
     "Tick",
     "TokenCheck",
     "User",
+    "UserLoaded",
     "UsersChanged",
     "Write",
     "WritesFailing",

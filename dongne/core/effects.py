@@ -407,6 +407,11 @@ class Outcome:
         read: a query for the store (``core.reads``): the driver runs it and
             hands its rows back in a ``ReadDone`` event, before anything else
             from that connection. ``writes`` and ``actions`` are empty then.
+        load_user: a hello's user, not in memory, on a store other nodes share
+            (``Engine.shared_store``): the driver reads the user's row (with
+            the inbox head) and hands it back in a ``UserLoaded`` event, before
+            anything else from that connection. ``writes`` and ``actions`` are
+            empty then.
     """
 
     writes: tuple[Write, ...] = ()
@@ -416,6 +421,7 @@ class Outcome:
     load_question: str | None = None
     request: tuple[int, int | None] | None = None
     read: Read | None = None
+    load_user: str | None = None
 
 
 class OutcomeBuilder:

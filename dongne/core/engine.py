@@ -34,7 +34,7 @@ from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
 from .deadlines import Deadlines
 from .effects import Close, Outcome, OutcomeBuilder, Send, StartEscalation
-from .errors import ProtocolError
+from .errors import CloseConnection, ProtocolError
 from .events import (
     Connected,
     Disconnected,
@@ -51,6 +51,7 @@ from .events import (
     RoomRelayed,
     SeqsMoved,
     Tick,
+    UserLoaded,
     UsersChanged,
     WritesFailing,
     WritesWork,
@@ -66,7 +67,7 @@ from .places import Places, RegionLookup, ServiceArea
 from .presence import RELAYED_PRESENCE, Presence
 from .protocol import Fields, Request, decode_request, reply_error, reply_ok
 from .questions import Questions
-from .records import Answer, Claims, LoadedState, Question, User
+from .records import Answer, Claims, EscalationProgress, LoadedState, Question, User
 from .regions import Hotspot
 from .sessions import Sessions
 from .settings import CoreSettings
@@ -143,6 +144,9 @@ class Engine:
     ) -> None:
         self.settings = settings
         self._check_token = check_token
+        #: Other nodes write to the same store (PostgreSQL; the app sets it): a hello for a user not in
+        #: memory reads the user's row first (``Outcome.load_user``), since another node may have made it.
+        self.shared_store = False
         limits = settings.limits
         self.limiter = request_limiter(limits, settings.moderation)
         self.users: dict[str, User] = {}
@@ -302,9 +306,13 @@ class Engine:
             return self._read_failed(event.conn_id)
         if isinstance(event, QuestionLoaded):
             return self._question_loaded(event, now)
+        if isinstance(event, UserLoaded):
+            return self._user_loaded(event, now)
         if isinstance(event, QuestionChanged):
             out = OutcomeBuilder()
             self._qa.refresh(event.question_id, event.question, event.answers, out)
+            if event.escalation is not None:
+                self._take_up_escalation(event.question_id, event.escalation, now, out)
             return out.build()
         if isinstance(event, RoomRelayed):
             return self._room_relayed(event)
@@ -347,6 +355,33 @@ class Engine:
         """When the question's next escalation stage is due (ms), or None when none is left."""
         question = self.questions.get(question_id)
         return None if question is None else self.where.escalation_due(question)
+
+    def follows_escalation(self, question_id: str) -> bool:
+        """Whether the engine keeps the question's escalation progress (else another node's news may bring it)."""
+        return question_id in self.where.escalations
+
+    def _take_up_escalation(
+        self, question_id: str, progress: EscalationProgress, now: int, out: OutcomeBuilder
+    ) -> None:
+        """Follow the escalation of an active question another node asked, as the store holds it (``load``
+        does the same for every question): its alerts count towards the caps; stages left get started."""
+        question = self.questions.get(question_id)
+        where = self.where
+        if question is None or question.status not in ACTIVE or question_id in where.escalations or not where.stages:
+            return
+        if progress.next_stage >= len(where.stages):
+            # Every stage has run (here too, perhaps: its alerts are counted already): nothing to take up;
+            # held as done, so that its next news does not read the progress again.
+            where.restore_escalation(question_id, progress.next_stage, ())
+            return
+        asker = self.users.get(question.asker_id)
+        if asker is not None and asker.banned_at(now):
+            return  # a ban stops escalating for good
+        for user_id, at in progress.notified:
+            where.ledger.record_alert(user_id, at)
+        where.restore_escalation(question_id, progress.next_stage, (user_id for user_id, _ in progress.notified))
+        if where.escalation_due(question) is not None:
+            out.act(StartEscalation(question_id, self._qa.escalation_until(question)))
 
     def user_of(self, conn_id: int) -> str | None:
         conn = self.conns.get(conn_id)
@@ -456,6 +491,16 @@ class Engine:
         out.actions.insert(0, Send((conn.conn_id,), reply_ok(request.id, data)))
         return out.build(label, request=(conn.conn_id, request.id))
 
+    def _user_loaded(self, event: UserLoaded, now: int) -> Outcome:
+        """A hello's user as stored: added (as another node's news would add it), then the hello."""
+        conn = self.conns.get(event.conn_id)
+        if conn is None or conn.waiting is None or conn.phase is not ConnPhase.AWAITING_HELLO:
+            return _NOTHING
+        request, conn.waiting = conn.waiting, None
+        if event.user is not None and event.user.user_id not in self.users:
+            self._users_changed((event.user,), now)  # nothing to act on: the user was not held
+        return self._hello(conn, request, now, loaded=True)
+
     def _read_failed(self, conn_id: int) -> Outcome:
         conn = self.conns.get(conn_id)
         if conn is None:
@@ -464,6 +509,8 @@ class Engine:
         conn.reading = conn.waiting = None
         if waited is None:
             return _NOTHING
+        if conn.phase is ConnPhase.AWAITING_HELLO:  # a hello's user could not be read
+            return self._close(conn, 1013, "the server cannot read your profile now; reconnect later", op="hello")
         error = ProtocolError("internal", "internal error; the request was not applied")
         return self._refuse(conn_id, waited.id, error, waited.op)
 
@@ -507,7 +554,15 @@ class Engine:
 
     # ---- hello ---------------------------------------------------------------------
 
-    def _hello(self, conn: ConnState, request: Request, now: int) -> Outcome:
+    def _hello(self, conn: ConnState, request: Request, now: int, *, loaded: bool = False) -> Outcome:
+        if self.shared_store and not loaded:
+            try:
+                user_id: str | None = self._check_token(request.data.get("token"), now / 1000).user_id
+            except CloseConnection:
+                user_id = None  # refused below
+            if user_id is not None and user_id not in self.users:
+                conn.waiting = request  # another node may have made the user: read the row first
+                return Outcome(op="hello", load_user=user_id)
         refused = self.sessions.hello(conn, request, now, writable=self.writable)
         if isinstance(refused, tuple):
             return self._close(conn, *refused, op="hello")

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from .records import Answer, LoadedState, Question, User
+from .records import Answer, EscalationProgress, LoadedState, Question, User
 
 __all__ = [
     "Connected",
@@ -29,6 +29,7 @@ __all__ = [
     "RoomRelayed",
     "SeqsMoved",
     "Tick",
+    "UserLoaded",
     "UsersChanged",
     "WritesFailing",
     "WritesWork",
@@ -64,6 +65,19 @@ class QuestionLoaded:
 
 
 @attrs.frozen
+class UserLoaded:
+    """The store's answer to an ``Outcome.load_user``: the hello's user as stored (``None``: a new user).
+
+    The engine adds the user, then handles the hello that asked for it, so a
+    user another node created is not made afresh here (seqs from 0, default
+    settings, a ``SaveUser`` over the stored row).
+    """
+
+    conn_id: int
+    user: User | None
+
+
+@attrs.frozen
 class QuestionChanged:
     """A question as the store holds it now, which memory may not: another node changed it, or a guarded
     write of this node's lost a race to one (``Conflict``; several nodes, ``store/CLUSTER.md``).
@@ -75,11 +89,19 @@ class QuestionChanged:
     leaves memory. An active question it does not hold is adopted as a
     lazily loaded one is, and listed nearby. ``question`` ``None`` (no such
     row) changes nothing. ``answers`` may include deleted ones (they leave).
+
+    ``escalation``: the question's escalation progress as the store holds
+    it, read when the engine did not follow that escalation (a question asked
+    on another node): an active question whose escalation the engine does
+    not follow takes it up (the alerts count towards the hourly caps) and,
+    with stages left, gets a ``StartEscalation`` (the driver runs it if this
+    node holds the escalation lease). None: not read.
     """
 
     question_id: str
     question: Question | None
     answers: tuple[Answer, ...] = ()
+    escalation: EscalationProgress | None = None
 
 
 @attrs.frozen
@@ -219,6 +241,7 @@ Event = (
     Connected
     | FrameReceived
     | QuestionLoaded
+    | UserLoaded
     | QuestionChanged
     | UsersChanged
     | RoomRelayed

@@ -233,6 +233,12 @@ class Questions:
 
     # ---- operations ----------------------------------------------------------------
 
+    def _known(self, user_id: str) -> None:
+        """Refuse, before anything changes, a write that needs a user this node has not heard of yet: one
+        another node made a moment ago (several nodes: the user's news is on its way)."""
+        if user_id not in self._users:
+            raise ProtocolError("unavailable", "this server has not heard of that user yet; retry", retry_after_ms=1000)
+
     def _question(self, f: Fields) -> Question:
         question = self._questions.get(f.ident("question_id"))
         if question is None:
@@ -315,6 +321,7 @@ class Questions:
         self._spam.check(content)
         if question.asker_id == user.user_id:
             raise ProtocolError("forbidden", "you cannot answer your own question")
+        self._known(question.asker_id)
         status = self._advance(question, QuestionEvent.ANSWER)
         answer = Answer(
             answer_id=self._new_id("a", now),
@@ -356,6 +363,7 @@ class Questions:
             raise ProtocolError("not_found", "no such answer to that question")
         if question.asker_id != user.user_id:
             raise ProtocolError("forbidden", "only the asker can accept an answer")
+        self._known(answer.author_id)
         question.status = self._advance(question, QuestionEvent.ACCEPT)
         question.accepted_answer_id = answer.answer_id
         question.closed_at = now

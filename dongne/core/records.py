@@ -15,6 +15,7 @@ from .lifecycle import QuestionStatus
 __all__ = [
     "Answer",
     "Claims",
+    "EscalationProgress",
     "IpBlock",
     "LoadedState",
     "PushJob",
@@ -202,6 +203,14 @@ class PushJob:
     created_at: int
     attempts: int = 0
     status: str = "pending"  # pending | sent | failed | expired
+
+
+@attrs.frozen
+class EscalationProgress:
+    """A question's escalation as the store holds it: the stages already run and who was alerted when."""
+
+    next_stage: int
+    notified: tuple[tuple[str, int], ...] = ()  # (user id, at)
 
 
 @attrs.frozen

@@ -27,7 +27,7 @@ from ..core.reads import (
     Read,
     ReportsPage,
 )
-from ..core.records import Answer, IpBlock, LoadedState, PushJob, Question, User
+from ..core.records import Answer, EscalationProgress, IpBlock, LoadedState, PushJob, Question, User
 from . import _queries
 from ._queries import Dialect
 from ._rows import (
@@ -242,6 +242,36 @@ class SqlStore:
         for user in users:
             user.last_seq = max(user.last_seq, heads.get(user.user_id, 0))
         return [(qid, questions.get(qid), answers.get(qid, [])) for qid in wanted], users
+
+    def read_escalations(self, question_ids: Iterable[str]) -> dict[str, EscalationProgress]:
+        """The escalation progress of those active questions that have one, as committed: another node asked
+        them (CLUSTER.md); the node holding the escalation lease runs their stages left."""
+        wanted = sorted(set(question_ids))
+        progress: dict[str, EscalationProgress] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            stages = {
+                qid: int(next_stage)
+                for qid, next_stage in self._read(
+                    "SELECT e.question_id, e.next_stage FROM escalations e JOIN questions q USING (question_id)"
+                    f" WHERE e.question_id IN ({marks}) AND q.status IN ('open', 'answered')",
+                    part,
+                )
+            }
+            if not stages:
+                continue
+            alerted: dict[str, list[tuple[str, int]]] = {}
+            marks = ",".join("?" * len(stages))
+            for qid, uid, at in self._read(
+                f"SELECT question_id, user_id, at FROM notified WHERE question_id IN ({marks})"
+                " ORDER BY question_id, at, user_id",
+                sorted(stages),
+            ):
+                alerted.setdefault(qid, []).append((uid, int(at)))
+            for qid, next_stage in stages.items():
+                progress[qid] = EscalationProgress(next_stage, tuple(alerted.get(qid, ())))
+        return progress
 
     def read_changes(self) -> tuple[list[str], list[str]]:
         """The questions and users changed since the last call (or the last ``load``), whoever changed them:

@@ -1,9 +1,8 @@
 """The rows several nodes share on one PostgreSQL database: membership, the escalation lease, LISTEN.
 
 Blocking calls, meant for a worker thread, like the store's. See
-``CLUSTER.md`` for the design these serve; none of it lifts the one-node
-lock (``NODE_LOCK``): a node registers, heartbeats and can take the lease, and
-is still the only node serving.
+``CLUSTER.md`` for the design these serve: every node registers, heartbeats,
+campaigns for the lease, writes its positions and listens.
 
 Theory of operation: :class:`ClusterLink` has one connection of its own in
 autocommit (not the store's writer, which is the committer's, one

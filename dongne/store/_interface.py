@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..core.effects import Write
 from ..core.reads import Read
-from ..core.records import Answer, LoadedState, PushJob, Question, User
+from ..core.records import Answer, EscalationProgress, LoadedState, PushJob, Question, User
 from ._writes import PreparedCommit
 
 __all__ = ["Conflict", "LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
@@ -141,6 +141,10 @@ class Storage(Protocol):
         self, question_ids: Iterable[str], user_ids: Iterable[str]
     ) -> tuple[list[tuple[str, Question | None, list[Answer]]], list[User]]:
         """Questions (deleted ones too) with all their answers, and users, as committed (``SqlStore.read_rows``)."""
+        ...
+
+    def read_escalations(self, question_ids: Iterable[str]) -> dict[str, EscalationProgress]:
+        """The escalation progress of those active questions that have one (``SqlStore.read_escalations``)."""
         ...
 
     def read_changes(self) -> tuple[list[str], list[str]]:

@@ -7,19 +7,19 @@ before it started). The statements are SQLite's, written with ``?`` and
 turned into psycopg's ``%s`` here; the writes differ where the dialects do
 (``_writes.py``).
 
-One node per database, for now: the writer holds a session advisory lock
-(:data:`NODE_LOCK`) for as long as it is connected, and a second ``dongne
-serve`` on the same database is refused at start-up, as a second one on a
-SQLite file is by ``<db>.lock``. Several nodes need cross-node delivery and
-one escalation leader first (issue 15, stage 2): ``CLUSTER.md`` says what is
-built (membership, the lease, guarded commits, notifications) and what is not.
+Several nodes per database (issue 15, stage 2; ``CLUSTER.md``): each node's
+writer holds the session advisory lock :data:`NODE_LOCK` *shared* for as long
+as it is connected. Nodes share it; a dongne from before clusters took it
+exclusively, so it cannot start beside cluster nodes, and a cluster node
+cannot start beside it (it would neither guard its seqs nor announce its
+commits): whichever came second is refused at start-up.
 
 Error handling: a connection can break under a running server (PostgreSQL
 restarted, ``pg_terminate_backend``, the network). A commit on a broken
 writer fails with ``WriteFailed`` (nothing of it is committed: PostgreSQL
 rolls back a transaction whose session ends before ``COMMIT``), the
 connection is dropped, and the next commit or probe connects again (and
-takes the advisory lock again). A read on a broken connection is retried
+takes the shared lock again). A read on a broken connection is retried
 once on a new one; a read that still fails raises ``StoreError``.
 
 Resource handling: ``close`` closes every connection (which releases the lock).
@@ -51,9 +51,9 @@ __all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore"
 
 #: Reader connections: as many reads run at once (each on a worker thread).
 READERS = 4
-#: The session advisory lock the writer holds: one dongne node per database.
+#: The session advisory lock every node's writer holds shared (a pre-cluster dongne took it exclusively).
 NODE_LOCK = 0x646F6E676E65  # "dongne"
-#: How long start-up waits for the node lock (a node killed a moment ago still holds it).
+#: How long start-up waits for the node lock (a pre-cluster node killed a moment ago still holds it).
 NODE_LOCK_WAIT_S = 5.0
 #: The transaction advisory lock migrations run under.
 MIGRATION_LOCK = NODE_LOCK + 1
@@ -129,12 +129,12 @@ class PostgresStore(SqlStore):
     # ---- lifecycle -------------------------------------------------------------
 
     def open(self) -> None:
-        """Connect, create or migrate the schema, and take the node lock.
+        """Connect, create or migrate the schema, and take the node lock (shared with the other nodes).
 
         Raises:
             StoreError: PostgreSQL cannot be reached, or refuses (a newer schema, no such database,
                 authentication); the message is one line.
-            DatabaseInUseError: another dongne node holds the database.
+            DatabaseInUseError: a dongne from before clusters (one node per database) holds the database.
         """
         try:
             writer = self._connect()
@@ -183,11 +183,15 @@ class PostgresStore(SqlStore):
                     conn.execute("UPDATE dongne_schema SET version = %s", (number,))
 
     def _take_node_lock(self, conn: psycopg.Connection[Any], wait_s: float | None = None) -> None:
-        """Take the node lock on the writer's session, waiting ``wait_s`` for a holder that is going away.
+        """Take the node lock, shared, on the writer's session, waiting ``wait_s`` for an exclusive holder
+        that is going away.
 
-        A node killed a moment ago still holds it until PostgreSQL notices
-        its session is gone (at once for a local process; for a dead host,
-        when TCP keepalives give up: the writer asks for them every 10 s).
+        Every cluster node holds it shared; a dongne from before clusters
+        takes it exclusively (``pg_try_advisory_lock``), so it is refused
+        while any cluster node runs, and refuses them while it runs. A node
+        killed a moment ago holds it until PostgreSQL notices its session is
+        gone (at once for a local process; for a dead host, when TCP
+        keepalives give up: the writer asks for them every 10 s).
         """
         for setting, value in (
             ("application_name", f"{self._params_name} writer"),  # which session is which, in pg_stat_activity
@@ -199,7 +203,7 @@ class PostgresStore(SqlStore):
             conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
         deadline = time.monotonic() + (NODE_LOCK_WAIT_S if wait_s is None else wait_s)
         while True:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (NODE_LOCK,)).fetchone()
+            row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (NODE_LOCK,)).fetchone()
             if row and row[0]:
                 return
             if time.monotonic() >= deadline:
@@ -207,16 +211,18 @@ class PostgresStore(SqlStore):
             time.sleep(0.1)
         holder = conn.execute(
             "SELECT a.pid, a.client_addr, a.backend_start FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ExclusiveLock'"
+            " AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
             (NODE_LOCK >> 32, NODE_LOCK & 0xFFFFFFFF),
         ).fetchone()
         who = f" (its session: PostgreSQL pid {holder[0]}, from {holder[1] or 'a unix socket'})" if holder else ""
         raise DatabaseInUseError(
-            f"{self.location} is used by another dongne node{who}; one node per database until issue 15's stage 2"
+            f"{self.location} is used by a dongne that runs one node per database{who};"
+            " stop it (or upgrade it) before starting cluster nodes"
         )
 
     def _writer_connection(self) -> psycopg.Connection[Any]:
-        """The writer, connected again (with the node lock) if it was lost."""
+        """The writer, connected again (with the shared node lock) if it was lost."""
         if self._reader_count == 0 and self._writer is None:
             raise StoreError("store is not open")
         if self._writer is not None and not self._writer.closed:
