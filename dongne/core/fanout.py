@@ -66,7 +66,7 @@ class StageAlerts:
             "sound": sound,
             "vibration": vibration,
         }
-        return data, self._data_head + _packb(distance_m) + self._data_tail
+        return data, self.packed(distance_m)
 
     def packed(self, distance_m: float | None) -> bytes:
         """The msgpack of :meth:`data`'s map, without making the map."""
