@@ -773,21 +773,15 @@ def run_once(
 def _start_nodes(args: argparse.Namespace, secret: str, workdir: Path, db: Path | str) -> h.ServerGroup:
     """``--nodes`` servers on ``db``, one after the other (the first leads escalation)."""
     group = h.ServerGroup([])
-    try:
-        for _ in range(args.nodes):
-            group.nodes.append(
-                h.start_dongne(
-                    db,
-                    jwt_secret=secret,
-                    workdir=workdir,
-                    synchronous=args.synchronous,
-                    nofile=args.locals + args.askers + 4096,
-                    extra_env=_load_env(args),
-                )
-            )
-    except BaseException:
-        group.stop()
-        raise
+    group.start_dongne_nodes(
+        args.nodes,
+        db,
+        jwt_secret=secret,
+        workdir=workdir,
+        synchronous=args.synchronous,
+        nofile=args.locals + args.askers + 4096,
+        extra_env=_load_env(args),
+    )
     return group
 
 

@@ -278,19 +278,15 @@ class DongneTarget:
         """``nodes`` servers on a new database (a SQLite file, or one on the PostgreSQL server)."""
         self._runs += 1
         group = h.ServerGroup([])
-        try:
-            if self.db:
-                name = f"dongne_fanout_{os.getpid()}_{self._runs}"
-                db: Path | str = group.resources.enter_context(h.fresh_postgres_database(self.db, name))
-            else:
-                db = self.workdir / f"dongne-{self._runs}.sqlite3"
-            for _ in range(self.nodes):
-                group.nodes.append(
-                    h.start_dongne(db, jwt_secret=self.secret, workdir=self.workdir, synchronous=self.synchronous)
-                )
-        except BaseException:
-            group.stop()
-            raise
+        if self.db:
+            name = f"dongne_fanout_{os.getpid()}_{self._runs}"
+            db: Path | str = group.resources.enter_context(h.fresh_postgres_database(self.db, name))
+        else:
+            db = self.workdir / f"dongne-{self._runs}.sqlite3"
+        # On a failure the group stops, and drops the database it made.
+        group.start_dongne_nodes(
+            self.nodes, db, jwt_secret=self.secret, workdir=self.workdir, synchronous=self.synchronous
+        )
         return group
 
     def tokens(self, users: list[str]) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ._proc import cpu_seconds, raise_nofile, rss_bytes
 
@@ -256,6 +257,16 @@ class ServerGroup:
         self.nodes = list(nodes)
         #: Closed after the nodes stop (say, the run's PostgreSQL database, dropped).
         self.resources = contextlib.ExitStack()
+
+    def start_dongne_nodes(self, count: int, db: Path | str, **options: Any) -> None:
+        """Start ``count`` more ``start_dongne(db, **options)`` nodes, one after the other (the first of a
+        new database leads escalation); if one fails, the whole group is stopped and the error raised."""
+        try:
+            for _ in range(count):
+                self.nodes.append(start_dongne(db, **options))
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def port(self) -> int | None:
