@@ -156,6 +156,20 @@ async def locals_and_asker(
     return near, mid, asker
 
 
+async def no_second_alert(near: DongneClient, mid: DongneClient) -> None:
+    """Each local received one alert (seq 1) and nothing more after a round trip."""
+    assert await alerts_after_a_round_trip(near) == [] and await alerts_after_a_round_trip(mid) == []
+    assert (seqs(near), seqs(mid)) == ([1], [1])
+
+
+def stored_once_each(db: str) -> None:
+    """The store has near's IMMEDIATE and mid's QUICK, each notified and appended once."""
+    assert db_rows(db, STAGE) == [("mid", "QUICK"), ("near", "IMMEDIATE")]
+    assert db_rows(db, "SELECT user_id, count(*) FROM events GROUP BY user_id ORDER BY user_id") == [
+        ("mid", 1), ("near", 1)
+    ]  # fmt: skip
+
+
 async def ask(asker: DongneClient) -> str:
     question = await stored(asker, "create_question", question_data(location=dict(HERE)))
     return str(question["question"]["question_id"])
@@ -234,12 +248,8 @@ async def test_the_pending_stage_runs_from_another_node_when_the_leader_is_kille
         quick = await mid.next_event("new_question_notification", timeout=15)
         assert (quick["seq"], quick["data"]["stage"]) == (1, "QUICK")
         await wait_until(metrics(b, "dongne_escalation_lease_held 1.0"))
-        assert await alerts_after_a_round_trip(near) == [] and await alerts_after_a_round_trip(mid) == []
-        assert (seqs(near), seqs(mid)) == ([1], [1])
-    assert db_rows(db, STAGE) == [("mid", "QUICK"), ("near", "IMMEDIATE")]
-    assert db_rows(db, "SELECT user_id, count(*) FROM events GROUP BY user_id ORDER BY user_id") == [
-        ("mid", 1), ("near", 1)
-    ]  # fmt: skip
+        await no_second_alert(near, mid)
+    stored_once_each(db)
 
 
 async def test_a_leader_stopped_past_its_lease_commits_nothing_late(tmp_path: Path, db: str) -> None:
@@ -264,12 +274,8 @@ async def test_a_leader_stopped_past_its_lease_commits_nothing_late(tmp_path: Pa
             a.proc.send_signal(signal.SIGCONT)
         await wait_until(metrics(a, "dongne_escalation_lease_held 0.0", "dongne_escalations_waiting 1.0"))
         await wait_until(metrics(a, "dongne_store_writes_failing 0.0"))
-        assert await alerts_after_a_round_trip(near) == [] and await alerts_after_a_round_trip(mid) == []
-        assert (seqs(near), seqs(mid)) == ([1], [1])
-    assert db_rows(db, STAGE) == [("mid", "QUICK"), ("near", "IMMEDIATE")]
-    assert db_rows(db, "SELECT user_id, count(*) FROM events GROUP BY user_id ORDER BY user_id") == [
-        ("mid", 1), ("near", 1)
-    ]  # fmt: skip
+        await no_second_alert(near, mid)
+    stored_once_each(db)
 
 
 LISTENERS = (
