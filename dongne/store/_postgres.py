@@ -158,6 +158,10 @@ class PostgresStore(SqlStore):
                 reader.close()
             self._reader_count -= 1
         if self._writer is not None:
+            # Release the node lock before closing: a closed session's backend ends (and frees its locks) a
+            # moment later, and a node started right after this one closed must not find it still held.
+            with contextlib.suppress(psycopg.Error):
+                self._writer.execute("SELECT pg_advisory_unlock_all()")
             self._writer.close()
             self._writer = None
 
