@@ -165,9 +165,8 @@ async def _serve(
         lease_ttl_s=settings.cluster.lease_ttl_s,
     )
     if link is not None:
-        # Every commit checks that its seqs continue from the inbox heads (SeqConflict otherwise) and
-        # announces the heads it moved; the Listener below reads other nodes' news (store/CLUSTER.md).
-        store.guard_seqs = True  # type: ignore[attr-defined]  # PostgreSQL only
+        # Every commit announces the inbox heads it moved; the Listener below reads other nodes' news
+        # (store/CLUSTER.md).
         store.news_from = membership.node_id  # type: ignore[attr-defined]
     try:
         clock = clock if clock is not None else EngineClock()

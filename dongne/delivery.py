@@ -81,6 +81,11 @@ class Deliveries:
         stream = self._streams.get(conn_id)
         return None if stream is None or stream.given < 0 else stream.given
 
+    def user_of(self, conn_id: int) -> str | None:
+        """Whose stream the connection carries (None: no stream yet)."""
+        stream = self._streams.get(conn_id)
+        return None if stream is None else stream.user_id
+
     def replays(self, conn_id: int) -> int:
         stream = self._streams.get(conn_id)
         return 0 if stream is None else stream.replays

@@ -77,9 +77,9 @@ class Metrics:
         self.store_write_failures = Counter(
             "dongne_store_write_failures", "Commits and probe writes the database refused", registry=r
         )
-        self.seq_conflicts = Counter(
-            "dongne_seq_conflicts",
-            "Commits refused because another node appended to one of their users' inboxes first",
+        self.seqs_renumbered = Counter(
+            "dongne_seqs_renumbered",
+            "Users whose events a commit numbered on from another node's: it had appended to their inboxes first",
             registry=r,
         )
         self.question_conflicts = Counter(

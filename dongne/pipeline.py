@@ -26,26 +26,32 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 import trio.lowlevel
 
 from .core.effects import Outcome, Write, rows_of
-from .store import LeaseLost, Storage, Store, WriteFailed
+from .store import LeaseLost, SeqsGiven, Storage, Store, WriteFailed
 
 __all__ = ["CommitPipeline", "keep_wal_short"]
 
 #: Longest stretch of acting on committed outcomes without letting other tasks run.
 ACT_SLICE_S = 0.002
 
+#: What ``act`` is given for outcomes whose seqs are all the engine's (no commit, or nothing renumbered).
+NO_SEQS_GIVEN: Mapping[str, Mapping[int, int]] = {}
+
 
 class CommitPipeline:
     """Commits outcomes' writes in groups and hands each outcome to ``act`` afterwards.
 
     Each outcome may carry a token (the driver passes when its request was
-    read), handed back to ``act`` with it.
+    read), handed back to ``act`` with it, and with the seqs its commit gave
+    where they differ from the engine's (``Storage.commit``; PostgreSQL when
+    another node appended to a user's inbox first): frames of durable
+    events go out with the stored seq.
 
     The queue is bounded by ``max_queued`` outcomes, by backpressure: past
     it, ``submit`` still queues (what is decided is never dropped), but
@@ -73,13 +79,13 @@ class CommitPipeline:
     def __init__(
         self,
         store: Storage,
-        act: Callable[[Outcome, Any], None],
+        act: Callable[[Outcome, Any, Mapping[str, Mapping[int, int]]], None],
         *,
         max_batch: int = 1000,
         max_queued: int = 10_000,
         bulk_budget: int = 200,
         bulk_time_budget: float = 0.010,
-        on_commit: Callable[[float, int], None] | None = None,
+        on_commit: Callable[[float, int, SeqsGiven], None] | None = None,
         on_write_failed: Callable[[WriteFailed, list[tuple[Outcome, Any]]], None] | None = None,
     ) -> None:
         self._on_write_failed = on_write_failed
@@ -95,7 +101,8 @@ class CommitPipeline:
         self._room.set()
         self._wakeup = trio.Event()
         self._in_flight = 0  # batches taken from the queue and not yet acted on
-        self._committed_batches: deque[list[tuple[Outcome, Any]]] = deque()  # committed, for the actor
+        # Committed, for the actor, with the seqs the commit gave.
+        self._committed_batches: deque[tuple[list[tuple[Outcome, Any]], SeqsGiven]] = deque()
         self._batch_committed = trio.Event()
         self._batch_taken = trio.Event()
         self._bulk_budget = bulk_budget
@@ -130,7 +137,7 @@ class CommitPipeline:
         if lease_epoch is not None and outcome.writes:
             self._epochs[id(outcome)] = lease_epoch
         if not outcome.writes and not self._queue and not self._in_flight:
-            self._act(outcome, token)
+            self._act(outcome, token, NO_SEQS_GIVEN)
             return
         self._queue.append((outcome, token))
         if len(self._queue) >= self._max_queued and self._room.is_set():
@@ -248,6 +255,7 @@ class CommitPipeline:
                 self._bulk_queued, self._bulk_seconds = 0, 0.0
                 self._wake_bulk()
             writes: list[Write] = [w for outcome, _token in batch for w in outcome.writes]
+            given: SeqsGiven = {}
             if writes:
                 started = time.perf_counter()
                 # Statements are built here (GIL-bound work either way); the
@@ -258,7 +266,7 @@ class CommitPipeline:
                 if epochs:  # the oldest: a commit decided under an epoch since replaced must be refused
                     prepared.guard_lease(min(epochs))
                 try:
-                    await trio.to_thread.run_sync(self._store.commit, prepared)
+                    given = await trio.to_thread.run_sync(self._store.commit, prepared)
                 except WriteFailed as exc:
                     if isinstance(exc, LeaseLost) and epochs:
                         exc.epoch = min(epochs)
@@ -268,8 +276,8 @@ class CommitPipeline:
                 self._committed = trio.Event()
                 self._record(time.perf_counter() - started)
                 if self._on_commit is not None:
-                    self._on_commit(time.perf_counter() - started, len(batch))
-            self._committed_batches.append(batch)
+                    self._on_commit(time.perf_counter() - started, len(batch), given)
+            self._committed_batches.append((batch, given))
             self._batch_committed.set()
 
     def refuse_writes(self, exc: WriteFailed) -> None:
@@ -313,11 +321,11 @@ class CommitPipeline:
                 self._batch_committed = trio.Event()
                 await self._batch_committed.wait()
                 continue
-            batch = self._committed_batches.popleft()
+            batch, given = self._committed_batches.popleft()
             self._batch_taken.set()
             try:
                 with trio.CancelScope(shield=True):  # what is committed is acted on
-                    await self._act_in_slices(batch)
+                    await self._act_in_slices(batch, given)
             finally:
                 self._in_flight -= 1
             self.batches += 1
@@ -336,7 +344,7 @@ class CommitPipeline:
                     result.append(exc)
                 done.set()
 
-    async def _act_in_slices(self, batch: list[tuple[Outcome, Any]]) -> None:
+    async def _act_in_slices(self, batch: list[tuple[Outcome, Any]], given: SeqsGiven) -> None:
         """Act on a batch in order, letting other tasks run every ``ACT_SLICE_S``.
 
         A batch of fan-out can mean a thousand frames to write; requests read
@@ -345,7 +353,7 @@ class CommitPipeline:
         """
         slice_end = time.perf_counter() + ACT_SLICE_S
         for outcome, token in batch:
-            self._act(outcome, token)
+            self._act(outcome, token, given)
             if time.perf_counter() > slice_end:
                 await trio.lowlevel.checkpoint()
                 slice_end = time.perf_counter() + ACT_SLICE_S

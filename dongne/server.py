@@ -36,7 +36,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -89,9 +89,9 @@ from .doorman import Doorman
 from .heartbeat import keep_alive
 from .metrics import Metrics, ServerStatistics
 from .news import NodeNews
-from .pipeline import CommitPipeline
+from .pipeline import NO_SEQS_GIVEN, CommitPipeline
 from .push import PushDispatcher
-from .store import Conflict, LeaseLost, SeqConflict, Storage, StoreError, WriteFailed
+from .store import Conflict, LeaseLost, SeqsGiven, Storage, StoreError, WriteFailed
 from .store._writes import read_inbox_news
 from .transport import (
     BinaryFrame,
@@ -200,7 +200,7 @@ class ClientServer:
         self.escalation_scopes: dict[str, trio.CancelScope] = {}
         self._listener: socket.socket | None = None
         self._accept_scope = trio.CancelScope()
-        self._seqs_moved: set[str] | None = None  # users of a SeqConflict, for the storage supervisor
+        self._seqs_moved: set[str] | None = None  # users of a Conflict's refused events, for the storage supervisor
         # A Conflict's question and what its losers' connections are owed, until memory has the store's copy.
         self._conflicted: _Conflicted | None = None
         self._catch_up_wakeup = trio.Event()
@@ -259,9 +259,15 @@ class ClientServer:
             "store_writes_failing": 0 if self.writable else 1,
         }
 
-    def _on_commit(self, seconds: float, outcomes: int) -> None:
+    def _on_commit(self, seconds: float, outcomes: int, given: SeqsGiven) -> None:
         self.metrics.commit_seconds.observe(seconds)
         self.metrics.commit_batch.observe(outcomes)
+        if given:  # another node appended to these inboxes first: the engine's next seqs follow the store's
+            self.metrics.seqs_renumbered.inc(len(given))
+            users = self.engine.users
+            heads = {u: h for u, seqs in given.items() if u in users and (h := max(seqs.values())) > users[u].last_seq}
+            if heads:
+                self._feed(SeqsMoved(heads))
 
     def statistics(self) -> ServerStatistics:
         """Traffic so far (from the metrics registry, where it is counted)."""
@@ -456,6 +462,14 @@ class ClientServer:
         """Hand the engine an event from outside the client port (``positions.PositionSync``)."""
         self._feed(event)
 
+    def _stored_seq(self, given: Mapping[str, Mapping[int, int]], conn_id: int, seq: int) -> int:
+        """The seq the store gave the event the engine numbered ``seq`` for the user of ``conn_id``."""
+        user_id = self.deliveries.user_of(conn_id)
+        if user_id is None:
+            state = self.engine.conns.get(conn_id)
+            user_id = state.user_id if state is not None else None
+        return given.get(user_id, {}).get(seq, seq) if user_id is not None else seq
+
     def _count(self, outcome: Outcome) -> None:
         metrics = self.metrics
         if outcome.op:
@@ -467,12 +481,14 @@ class ClientServer:
 
     # ---- acting on outcomes ------------------------------------------------------
 
-    def _act(self, outcome: Outcome, started: float | None) -> None:
-        self._perform(outcome)
+    def _act(self, outcome: Outcome, started: float | None, given: Mapping[str, Mapping[int, int]]) -> None:
+        self._perform(outcome, given)
         if started is not None:
             self.metrics.request_done(outcome.op, time.perf_counter() - started)
 
-    def _perform(self, outcome: Outcome) -> None:
+    def _perform(self, outcome: Outcome, given: Mapping[str, Mapping[int, int]] = NO_SEQS_GIVEN) -> None:
+        """Carry out an outcome's actions; ``given``: seqs its commit stored other than the engine's (a durable
+        event's frame goes out with the stored seq: ``CommitPipeline``)."""
         # Frames are counted per outcome and type, not per frame: a batch of
         # a stage's alerts is a hundred sends and one count.
         counts: dict[str, int] = {}
@@ -488,6 +504,9 @@ class ClientServer:
                     if conn is not None:
                         if seq is None:
                             conn.send_nowait(frame)
+                        elif given and (stored := self._stored_seq(given, conn_id, seq)) != seq:
+                            again = binary(msgpack.packb({**action.frame, "seq": stored}))
+                            self.deliveries.live(conn, conn_id, stored, again)
                         else:  # a durable event: in order, once (see delivery.py)
                             self.deliveries.live(conn, conn_id, seq, frame)
                         sent += 1
@@ -497,6 +516,8 @@ class ClientServer:
                 sent = 0
                 live = self.deliveries.live
                 for conn_ids, seq, packed in action.frames:
+                    if given and conn_ids and (stored := self._stored_seq(given, conn_ids[0], seq)) != seq:
+                        seq, packed = stored, msgpack.packb({**msgpack.unpackb(packed), "seq": stored})
                     frame = binary(packed)
                     for conn_id in conn_ids:
                         conn = conns.get(conn_id)
@@ -648,13 +669,12 @@ class ClientServer:
         """A commit failed (or writes came while failing): refuse what will not be committed.
 
         Called synchronously by the pipeline, before any other task runs: the
-        engine stops taking writes at once. A ``SeqConflict`` naming its users
-        (another writer appended to their inboxes first) is no storage
-        failure: the store works, so no alert and no probe; the supervisor
-        reads those users' heads (``SeqsMoved``) and rebuilds memory, and
-        writes are taken again as soon as that is done. A ``Conflict``
-        (another node answered, accepted or closed a question first) goes the
-        same way; the requests whose guarded write lost are answered
+        engine stops taking writes at once. A ``Conflict`` (another node
+        answered, accepted or closed a question first) is no storage failure:
+        the store works, so no alert and no probe; the supervisor reads the
+        heads of the users whose events were refused (``SeqsMoved``) and
+        rebuilds memory, and writes are taken again as soon as that is done;
+        the requests whose guarded write lost are answered
         ``conflict`` by the supervisor once the question is read again, and
         everything else their connections are owed waits with them, so that
         replies keep the order of the requests (their reading pauses until
@@ -675,17 +695,13 @@ class ClientServer:
             self._writes_failed.set()
             if isinstance(exc, (TakingOver, LeaseLost)):
                 self._quiet_reload = True  # no storage failure: rebuild memory, then take writes again
-            elif isinstance(exc, Conflict) or (isinstance(exc, SeqConflict) and exc.users):
-                if isinstance(exc, Conflict):
-                    log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
-                    self.metrics.question_conflicts.inc()
-                    losers = {o.request[0] for o, _ in refused if o.request and _raced(o, exc.question_id)}
-                    self._conflicted = _Conflicted(exc.question_id, losers)
-                else:
-                    log.warning("seq_conflict", extra={"users": list(exc.users), "error": str(exc)})
-                    self.metrics.seq_conflicts.inc()
-                # Every user whose seqs the refused outcomes counted in memory, not only those named.
-                self._seqs_moved = set(exc.users if isinstance(exc, SeqConflict) else ()) | {
+            elif isinstance(exc, Conflict):
+                log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
+                self.metrics.question_conflicts.inc()
+                losers = {o.request[0] for o, _ in refused if o.request and _raced(o, exc.question_id)}
+                self._conflicted = _Conflicted(exc.question_id, losers)
+                # Every user whose seqs the refused outcomes counted in memory.
+                self._seqs_moved = {
                     w.user_id for outcome, _ in refused for w in outcome.writes if isinstance(w, AppendEvent)
                 }
             else:
@@ -702,7 +718,7 @@ class ClientServer:
         """Act on an outcome that will not be committed: ``unavailable`` to its request (``conflict`` when it
         lost the race for question ``conflict``); an outcome without writes is acted on as it is."""
         if not outcome.writes:
-            self._act(outcome, token)  # a read or live event: valid without the failed writes
+            self._act(outcome, token, NO_SEQS_GIVEN)  # a read or live event: valid without the failed writes
             return
         if outcome.request is None:
             return  # an escalation batch or an alert: the reload makes it due again
@@ -736,10 +752,11 @@ class ClientServer:
     async def _storage_supervisor(self) -> None:
         """After a failed commit: rebuild memory from the database, then probe until writes work again.
 
-        After a ``SeqConflict``: the moved heads first (``SeqsMoved``, and the
-        missing events replayed to the users' connections), then the rebuild
-        (the refused outcomes changed more than seqs: questions, answers,
-        escalation stages), then writes again, with no probe. After a
+        After a ``Conflict``: the heads of the users whose events were refused
+        first (``SeqsMoved``, and what they miss replayed to their
+        connections), then the rebuild (the refused outcomes changed more than
+        seqs: questions, answers, escalation stages), then writes again, with
+        no probe. After a
         ``LeaseLost`` or a takeover of the lease: what was queued first is
         committed, then the rebuild, then writes again, with no probe. A lease
         taken meanwhile is read after: the store is read again.
@@ -781,7 +798,7 @@ class ClientServer:
                 self.pipeline.writes_work()
                 self._writes_ok.set()
                 if moved is not None:
-                    log.info("seq_conflict_resolved", extra={"users": len(moved)})
+                    log.info("conflict_resolved", extra={"users": len(moved)})
                 else:
                     log.info("state_reloaded_for_escalation", extra={"epoch": self._lease_epoch})
                 if self._takeover_pending:
@@ -822,7 +839,7 @@ class ClientServer:
     def heads_moved(self, heads: dict[str, int], *, exact: bool = False) -> None:
         """Users' inbox heads as the store holds them: the engine's seqs follow, connections get what they miss.
 
-        ``exact``: read after a ``SeqConflict``, they replace what memory
+        ``exact``: read after a ``Conflict``, they replace what memory
         counted (up or down); otherwise (news, the catch-up) only a head above
         the engine's moves it.
         """

@@ -3,6 +3,7 @@ lease and its guarded commits, LISTEN/NOTIFY across connections, push job ids in
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import signal
 import time
@@ -194,33 +195,75 @@ def test_a_paused_holders_late_commit_is_refused_and_writes_nothing(store: Stora
 
 
 @pytest.mark.backends("postgres")
-def test_guarded_seqs_must_continue_from_the_inbox_heads(store: Storage, db: str) -> None:
-    """Another writer appended to u1 first: a commit still at u1's old head is refused whole, naming u1."""
-    store.guard_seqs = True  # type: ignore[attr-defined]  # PostgreSQL only
-    store.apply([event("u1", 1), event("u1", 2), event("u2", 1)])
-    # Another node's commit: u1's event 3.
-    db_rows(db, "INSERT INTO events VALUES ('u1', 3, 'x', '\\x80', 1) RETURNING 1")
-    db_rows(db, "UPDATE inbox_heads SET last_seq = 3 WHERE user_id = 'u1' RETURNING 1")
+def test_a_commit_numbers_each_users_events_on_from_the_inbox_head(store: Storage, db: str) -> None:
+    """Another writer appended to u1 first: the commit is not refused; u1's events are numbered on from the
+    head, in the engine's order, and the commit says which seqs it gave; users whose head was where the
+    engine thought keep the engine's seqs and are not listed."""
+    assert store.apply([event("u1", 1), event("u1", 2), event("u2", 1)]) == {}
+    # Another node's commit: u1's events 3 and 4.
+    db_rows(db, "INSERT INTO events VALUES ('u1', 3, 'x', '\\x80', 1), ('u1', 4, 'x', '\\x80', 1) RETURNING 1")
+    db_rows(db, "UPDATE inbox_heads SET last_seq = 4 WHERE user_id = 'u1' RETURNING 1")
 
-    with pytest.raises(SeqConflict) as refused:
-        store.apply([event("u2", 2), event("u1", 3), event("u1", 4), event("u9", 1)])
-    assert refused.value.users == ("u1",) and isinstance(refused.value, WriteFailed)
-    assert db_rows(db, "SELECT user_id, last_seq FROM inbox_heads ORDER BY user_id") == [("u1", 3), ("u2", 1)]
-    store.apply([event("u2", 2), event("u1", 4), event("u9", 1)])  # continuing from the heads: accepted
+    given = store.apply([event("u2", 2), event("u1", 3), event("u1", 7), event("u9", 1)])
+
+    assert given == {"u1": {3: 5, 7: 6}}  # not contiguous in memory (a head moved there): gap-free here
+    assert db_rows(db, "SELECT user_id, seq, data FROM events ORDER BY user_id, seq") == [
+        ("u1", 1, b"\x81\xa1n\x01"),
+        ("u1", 2, b"\x81\xa1n\x02"),
+        ("u1", 3, b"\x80"),
+        ("u1", 4, b"\x80"),
+        ("u1", 5, b"\x81\xa1n\x03"),
+        ("u1", 6, b"\x81\xa1n\x07"),
+        ("u2", 1, b"\x81\xa1n\x01"),
+        ("u2", 2, b"\x81\xa1n\x02"),
+        ("u9", 1, b"\x81\xa1n\x01"),
+    ]
     assert db_rows(db, "SELECT user_id, last_seq FROM inbox_heads ORDER BY user_id") == [
-        ("u1", 4),
+        ("u1", 6),
         ("u2", 2),
         ("u9", 1),
     ]
 
 
 @pytest.mark.backends("postgres")
-def test_an_unguarded_commit_reusing_a_seq_is_a_seq_conflict_too(store: Storage) -> None:
-    store.apply([event("u1", 1)])
+def test_writers_racing_on_the_same_inboxes_never_refuse_deadlock_or_leave_a_gap(store: Storage, db: str) -> None:
+    """Two stores (two nodes' writers) commit to overlapping users at once, each numbering from its own stale
+    memory: every commit succeeds and each user's seqs are 1..n."""
+    other = store_for(db)
+    other.open()
+    users = [f"u{i}" for i in range(8)]
+    commits = 40
 
-    with pytest.raises(SeqConflict) as refused:
-        store.apply([event("u1", 1)])
-    assert refused.value.users == ()
+    def write(writer: Storage, offset: int) -> int:
+        renumbered = 0
+        for n in range(commits):
+            chosen = [users[(n * 3 + offset + k) % len(users)] for k in range(4)]
+            given = writer.apply([event(u, n + 1) for u in (chosen if offset else reversed(chosen))])
+            renumbered += len(given)
+        return renumbered
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(write, (store, other), (0, 1)))
+    finally:
+        other.close()
+    rows = db_rows(db, "SELECT user_id, array_agg(seq ORDER BY seq) FROM events GROUP BY user_id")
+    assert sum(len(seqs) for _, seqs in rows) == 2 * commits * 4
+    assert all(seqs == list(range(1, len(seqs) + 1)) for _, seqs in rows)
+    assert dict(db_rows(db, "SELECT user_id, last_seq FROM inbox_heads")) == {u: len(s) for u, s in rows}
+    assert sum(results) > 0  # both wrote to the same inboxes: the engines' seqs were not the stored ones
+
+
+@pytest.mark.backends("postgres")
+def test_a_seq_stored_by_a_writer_that_did_not_move_the_head_is_a_seq_conflict(store: Storage, db: str) -> None:
+    """Only a writer that bypasses the heads (a bug, or a hand-made row) can make a commit reuse a seq: it
+    is refused whole, as a ``SeqConflict``."""
+    store.apply([event("u1", 1)])
+    db_rows(db, "INSERT INTO events VALUES ('u1', 2, 'x', '\\x80', 1) RETURNING 1")
+
+    with pytest.raises(SeqConflict):
+        store.apply([event("u2", 1), event("u1", 2)])
+    assert db_rows(db, "SELECT user_id, last_seq FROM inbox_heads ORDER BY user_id") == [("u1", 1)]
 
 
 def test_sqlite_commits_carry_no_lease_and_no_notification(tmp_path: Path) -> None:
@@ -276,8 +319,9 @@ async def test_a_commits_notification_reaches_a_listener_only_if_it_commits(stor
         first = store.prepare([event("u1", 1)])
         first.notify("dongne_events", "u1:1")
         await trio.to_thread.run_sync(store.commit, first)
-        refused = store.prepare([event("u1", 1)])  # the same seq again: the commit fails
-        refused.notify("dongne_events", "u1:1 again")
+        refused = store.prepare([event("u1", 2)])
+        refused.guard_lease(999)  # an escalation lease never held: the commit fails
+        refused.notify("dongne_events", "u1:2 refused")
         with pytest.raises(WriteFailed):
             await trio.to_thread.run_sync(store.commit, refused)
         second = store.prepare([event("u1", 2)])

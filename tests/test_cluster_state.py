@@ -19,11 +19,21 @@ import trio
 import trio_websocket
 
 from dongne.client import DongneClient, RequestError
-from dongne.core.effects import AcceptOnce, CloseOnce, CountAnswer, RoomNews, SaveAnswer, SaveQuestion, SaveUser
+from dongne.core.effects import (
+    AcceptOnce,
+    AddPoints,
+    CloseOnce,
+    CountAnswer,
+    RoomNews,
+    SaveAnswer,
+    SaveQuestion,
+    SaveUser,
+)
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.moderation import FOREVER
 from dongne.core.records import Answer, Question, User
 from dongne.store import is_postgres_url
+from dongne.store._rows import USER_COLS
 from dongne.store._writes import (
     NOTIFY_PAYLOAD_LIMIT,
     changes_news,
@@ -93,6 +103,38 @@ async def test_an_accept_another_node_made_first_refuses_this_one_with_conflict(
     assert db_rows(h.db, "SELECT points FROM users WHERE user_id = 'other'") == [(0,)]
     assert db_rows(h.db, "SELECT count(*) FROM questions") == [(2,)]
     assert "dongne_question_conflicts_total 1.0" in h.running.clients.metrics.render().decode()
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_points_another_node_gave_the_same_author_add_up_with_this_nodes(start_server: Any) -> None:
+    """Another node accepted one of local's answers (+10) since this node read local's row; accepting
+    local's answer here adds 10 more: the author ends with 20, not with this node's 10."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker:
+        qid, local_answer, _ = await answered_twice(h, asker)
+        other_node_runs(h.db, "UPDATE users SET points = points + 10 WHERE user_id = 'local'")
+
+        await asker.request("accept_answer", {"question_id": qid, "answer_id": local_answer})
+        async with h.connect("local") as local:  # a later save of local's row keeps the points too
+            await local.request("update_settings", {"quiet_hours": [22, 7]})
+
+    assert db_rows(h.db, "SELECT points FROM users WHERE user_id = 'local'") == [(20,)]
+    assert h.running.engine.users["local"].points == 10  # this node's own count, until the news
+
+
+def test_a_new_users_first_save_gives_its_points_and_later_ones_leave_them() -> None:
+    """A user created and given points in one commit: the insert takes the first save's points (before the
+    AddPoints), so the points are not counted twice."""
+    writes = [
+        SaveUser(User("u", "U", points=0)),
+        AddPoints("u", 10),
+        SaveUser(User("u", "U", points=10)),
+    ]
+    batch = prepare_writes(writes, 999)
+    inserts = [params for sql, params, _ in batch.statements if sql.startswith("INSERT INTO users")]
+    adds = [params for sql, params, _ in batch.statements if sql.startswith("UPDATE users SET points")]
+    assert len(inserts) == 1 and inserts[0][[c.strip() for c in USER_COLS.split(",")].index("points")] == 0
+    assert adds == [[(10, "u")]]
 
 
 @pytest.mark.backends("sqlite", "postgres")

@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from dongne.core import (
+    AddPoints,
     AppendEvent,
     Claims,
     Close,
@@ -278,8 +279,8 @@ def test_accept_awards_configured_points() -> None:
     qid = ask(sim)
     aid = sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": "x"}))["data"]["answer"]["answer_id"]
     out = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": aid})
-    saved = [w.user for w in out.writes if isinstance(w, SaveUser) and w.user.user_id == "local"]
-    assert saved[-1].points == 25
+    assert [w for w in out.writes if isinstance(w, AddPoints)] == [AddPoints("local", 25)]  # added in SQL
+    assert not [w for w in out.writes if isinstance(w, SaveUser) and w.user.user_id == "local"]
     assert sim.engine.users["local"].points == 25
 
 

@@ -27,7 +27,7 @@ async def test_requests_do_not_wait_behind_queued_fan_out(tmp_path: Path) -> Non
     acted: list[str] = []
     committed_before_acting: list[int] = []
 
-    def act(outcome: Outcome, _token: object) -> None:
+    def act(outcome: Outcome, _token: object, _given: object) -> None:
         acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
         committed_before_acting.append(store.rows_committed)
 
@@ -61,7 +61,7 @@ async def test_fan_out_is_computed_when_there_is_room(tmp_path: Path) -> None:
     """A stage computes at its turn (seeing the state of that moment), not when it is queued."""
     store = Store(tmp_path / "p.sqlite3", synchronous="NORMAL")
     store.open()
-    pipeline = CommitPipeline(store, lambda outcome, token: None, bulk_budget=BUDGET, bulk_time_budget=10.0)
+    pipeline = CommitPipeline(store, lambda outcome, token, given: None, bulk_budget=BUDGET, bulk_time_budget=10.0)
     seqs = itertools.count(1)
     computed: list[int] = []
 
@@ -93,7 +93,7 @@ async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
     """
     store = Store(tmp_path / "w.sqlite3", synchronous="NORMAL", background_checkpoints=True)
     store.open()
-    pipeline = CommitPipeline(store, lambda outcome, token: None)
+    pipeline = CommitPipeline(store, lambda outcome, token, given: None)
     seqs = itertools.count(1)
     wal = tmp_path / "w.sqlite3-wal"
     sizes: list[int] = []
@@ -134,7 +134,7 @@ async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path)
     seqs = itertools.count(1)
     acted: list[tuple[str, int]] = []
 
-    def act(outcome: Outcome, _token: object) -> None:
+    def act(outcome: Outcome, _token: object, _given: object) -> None:
         acted.append((outcome.actions[0].event, store.commits))  # type: ignore[union-attr]
         time.sleep(0.002)  # writing to a socket; the GIL is free meanwhile
 
@@ -160,7 +160,9 @@ async def test_waiting_fan_out_goes_in_turn_and_a_cancelled_waiter_gives_up_its_
     """One stage's room per commit: stages run in the order they came, a cancelled one is skipped, none is stranded."""
     store = Store(tmp_path / "t.sqlite3", synchronous="NORMAL")
     store.open()
-    pipeline = CommitPipeline(store, lambda outcome, token: None, bulk_budget=ROWS_PER_STAGE, bulk_time_budget=10.0)
+    pipeline = CommitPipeline(
+        store, lambda outcome, token, given: None, bulk_budget=ROWS_PER_STAGE, bulk_time_budget=10.0
+    )
     seqs = itertools.count(1)
     computed: list[int] = []
 

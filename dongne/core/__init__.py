@@ -9,6 +9,7 @@ anything of dongne's outside it.
 from .effects import (
     AcceptOnce,
     Action,
+    AddPoints,
     Alert,
     AppendEvent,
     BlockAddresses,
@@ -75,6 +76,7 @@ __all__ = [
     "DEFAULT_STAGES",
     "AcceptOnce",
     "Action",
+    "AddPoints",
     "Alert",
     "AlertSettings",
     "Answer",

@@ -18,6 +18,7 @@ from .records import Answer, IpBlock, PushJob, Question, Report, User
 __all__ = [
     "AcceptOnce",
     "Action",
+    "AddPoints",
     "Alert",
     "AppendAudit",
     "AppendEvent",
@@ -55,9 +56,22 @@ __all__ = [
 
 @attrs.frozen
 class SaveUser:
-    """Insert or replace a user's row (profile, points, last_seq)."""
+    """Insert a user's row, or update an existing one from memory but for ``points``.
+
+    ``points`` is written only when the row is inserted; afterwards only
+    :class:`AddPoints` changes it, in SQL, so that two nodes' accepted
+    answers add up instead of the last whole row winning (``store/CLUSTER.md``).
+    """
 
     user: User
+
+
+@attrs.frozen
+class AddPoints:
+    """Add ``points`` to a user's points, in the store (an accepted answer's author)."""
+
+    user_id: str
+    points: int
 
 
 @attrs.frozen
@@ -229,6 +243,7 @@ class RoomNews:
 
 Write = (
     SaveUser
+    | AddPoints
     | SaveQuestion
     | CountAnswer
     | AcceptOnce

@@ -184,8 +184,9 @@ class SeqsMoved:
     """Users' inbox heads as the store holds them, which another writer moved (several nodes; CLUSTER.md).
 
     Each listed user's ``last_seq`` becomes the given seq, up or down: after
-    a ``SeqConflict`` the heads read from the store replace what refused
-    commits counted in memory; for news from another node the driver passes
+    a refused commit (a ``Conflict``) the heads read from the store replace
+    what it counted in memory; for news from another node, and for a commit
+    that numbered a user's events on from another node's, the driver passes
     only heads above the engine's. The user's next durable event continues
     from there. Users the engine does not know are skipped. Delivering the
     events another node appended is the driver's job (it reads them from the

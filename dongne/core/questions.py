@@ -15,6 +15,7 @@ from .connections import Call, ConnState
 from .deadlines import Deadlines
 from .effects import (
     AcceptOnce,
+    AddPoints,
     CancelEscalation,
     CloseOnce,
     CountAnswer,
@@ -25,7 +26,6 @@ from .effects import (
     SaveEscalation,
     SaveNotified,
     SaveQuestion,
-    SaveUser,
     StartEscalation,
 )
 from .errors import ProtocolError
@@ -374,7 +374,7 @@ class Questions:
         author.points += points
         out.write(AcceptOnce(question.question_id, answer.answer_id, now))  # refused if another node accepted first
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(SaveUser(attrs.evolve(author)))
+        out.write(AddPoints(author.user_id, points))  # added in SQL: another node's accept may add too
         out.note("answer_accepted", question_id=question.question_id, answer_id=answer.answer_id, points=points)
         data = {
             "question_id": question.question_id,

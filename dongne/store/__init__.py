@@ -20,6 +20,7 @@ from ._backup import take_snapshot as take_snapshot
 from ._interface import Conflict as Conflict
 from ._interface import LeaseLost as LeaseLost
 from ._interface import SeqConflict as SeqConflict
+from ._interface import SeqsGiven as SeqsGiven
 from ._interface import Storage as Storage
 from ._interface import StoreError as StoreError
 from ._interface import WriteFailed as WriteFailed
@@ -41,6 +42,7 @@ __all__ = [
     "LeaseLost",
     "PreparedCommit",
     "SeqConflict",
+    "SeqsGiven",
     "SnapshotCancelled",
     "SnapshotError",
     "Storage",

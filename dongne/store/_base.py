@@ -41,7 +41,7 @@ from ._rows import (
     report_from,
     user_from,
 )
-from ._writes import PreparedCommit, prepare_writes
+from ._writes import PreparedCommit, SeqsGiven, prepare_writes
 
 __all__ = ["SqlStore"]
 
@@ -57,8 +57,6 @@ class SqlStore:
         self._max_variables = 999  # SQLite's oldest default; a backend sets its real limit when it opens
         #: PostgreSQL: a node id, and each commit announces its new inbox heads (CLUSTER.md); None: it does not.
         self.news_from: str | None = None
-        #: PostgreSQL: each commit checks that its seqs continue from the inbox heads (``SeqConflict``).
-        self.guard_seqs = False
 
     # ---- what a backend provides ---------------------------------------------------
 
@@ -70,7 +68,7 @@ class SqlStore:
         """``(user, oldest seq kept, newest seq)`` of every user with durable events."""
         raise NotImplementedError
 
-    def commit(self, batch: PreparedCommit) -> None:
+    def commit(self, batch: PreparedCommit) -> SeqsGiven:
         raise NotImplementedError
 
     def _last_push_job_id(self) -> int:
@@ -79,15 +77,13 @@ class SqlStore:
 
     # ---- writes ------------------------------------------------------------------
 
-    def apply(self, writes: Sequence[Write]) -> None:
+    def apply(self, writes: Sequence[Write]) -> SeqsGiven:
         """Commit ``writes`` in one transaction (group commit): :meth:`prepare` then :meth:`commit`."""
-        self.commit(self.prepare(writes))
+        return self.commit(self.prepare(writes))
 
     def prepare(self, writes: Sequence[Write]) -> PreparedCommit:
         """Turn writes into the statements of one transaction (see ``prepare_writes``); pure Python, no I/O."""
-        return prepare_writes(
-            writes, self._max_variables, self.dialect, news_from=self.news_from, guard_seqs=self.guard_seqs
-        )
+        return prepare_writes(writes, self._max_variables, self.dialect, news_from=self.news_from)
 
     # ---- reads -------------------------------------------------------------------
 

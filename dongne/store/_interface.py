@@ -19,9 +19,18 @@ from typing import Any, Protocol
 from ..core.effects import Write
 from ..core.reads import Read
 from ..core.records import Answer, EscalationProgress, LoadedState, PushJob, Question, User
-from ._writes import PreparedCommit
+from ._writes import PreparedCommit, SeqsGiven
 
-__all__ = ["Conflict", "LeaseLost", "SeqConflict", "Storage", "StoreError", "WriteFailed", "is_postgres_url"]
+__all__ = [
+    "Conflict",
+    "LeaseLost",
+    "SeqConflict",
+    "SeqsGiven",
+    "Storage",
+    "StoreError",
+    "WriteFailed",
+    "is_postgres_url",
+]
 
 
 class StoreError(RuntimeError):
@@ -48,16 +57,9 @@ class LeaseLost(WriteFailed):
 
 
 class SeqConflict(WriteFailed):
-    """A commit's seqs do not continue from the users' inbox heads: another writer appended to these
-    users' inboxes first (several nodes; ``CLUSTER.md``). Nothing of it is in the database.
-
-    Attributes:
-        users: whose heads moved (empty when only the events' unique key told).
+    """A commit's event took a seq already stored: a writer appended to an inbox without moving its head
+    (PostgreSQL commits give seqs from the heads, ``InboxAppends``). Nothing of it is in the database.
     """
-
-    def __init__(self, message: str, users: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.users = users
 
 
 class Conflict(WriteFailed):
@@ -103,15 +105,16 @@ class Storage(Protocol):
         """Turn writes into the statements of one transaction (pure Python, no I/O)."""
         ...
 
-    def commit(self, batch: PreparedCommit) -> None:
-        """Run a prepared transaction.
+    def commit(self, batch: PreparedCommit) -> SeqsGiven:
+        """Run a prepared transaction; returns the seqs it gave where they differ from the engine's
+        (PostgreSQL, when another node appended to a user's inbox first; ``InboxAppends``).
 
         Raises:
             WriteFailed: nothing of it was committed.
         """
         ...
 
-    def apply(self, writes: Sequence[Write]) -> None:
+    def apply(self, writes: Sequence[Write]) -> SeqsGiven:
         """``commit(prepare(writes))``."""
         ...
 

@@ -28,7 +28,6 @@ Resource handling: ``close`` closes every connection (which releases the lock).
 from __future__ import annotations
 
 import contextlib
-import json
 import queue
 import re
 import time
@@ -45,7 +44,7 @@ from ._backup import DatabaseInUseError
 from ._base import SqlStore
 from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
-from ._writes import Guard, PreparedCommit
+from ._writes import TAKE_HEADS_SQL, Guard, PreparedCommit, SeqsGiven
 
 __all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
 
@@ -59,8 +58,6 @@ NODE_LOCK_WAIT_S = 5.0
 MIGRATION_LOCK = NODE_LOCK + 1
 #: What ``dongne_check_lease`` raises when a commit's lease epoch is no longer current (migration 2).
 LEASE_LOST_SQLSTATE = "DL001"
-#: What ``dongne_check_heads`` raises when a commit's seqs do not continue from the inbox heads.
-HEADS_MOVED_SQLSTATE = "DL002"
 #: Push job ids are taken from the sequence ``push_job_blocks`` in blocks of this many (see ``_last_push_job_id``).
 PUSH_JOB_BLOCK = 1 << 32
 #: PostgreSQL's limit on parameters in one statement (a 16-bit count).
@@ -243,30 +240,53 @@ class PostgresStore(SqlStore):
 
     # ---- writes ------------------------------------------------------------------
 
-    def commit(self, batch: PreparedCommit) -> None:
+    def commit(self, batch: PreparedCommit) -> SeqsGiven:
         """Run a prepared transaction (blocking: on a worker thread), its statements pipelined.
+
+        The inbox events go last, numbered from the inbox heads the commit
+        moves on (``InboxAppends``): the heads' rows are locked only for the
+        end of the transaction. Returns the seqs that differ from the engine's.
 
         Raises:
             WriteFailed: PostgreSQL refused it or the connection broke; nothing of it was committed.
         """
+        given: SeqsGiven = {}
         with self._transaction("commit", pipeline=True) as conn:
             checks: list[tuple[psycopg.Cursor[Any], Guard]] = []
-            for sql, params, many in batch.statements:
-                if isinstance(many, Guard):
-                    checks.append((conn.execute(sql, params), many))
-                elif many:
-                    conn.cursor().executemany(sql, params)
-                else:
-                    conn.execute(sql, params)
-            if checks:
+            self._run(conn, batch.statements, checks)
+            heads = None
+            if batch.appends is not None:
+                users, counts = batch.appends.counts()
+                heads = conn.execute(TAKE_HEADS_SQL, (users, counts))
+            if checks or heads is not None:
                 with conn.pipeline() as pipeline:
-                    pipeline.sync()  # the guarded statements' row counts, before COMMIT
+                    pipeline.sync()  # the guarded statements' row counts and the heads, before COMMIT
                 for cursor, guard in checks:
                     if cursor.rowcount == 0:  # raised in the transaction: rolled back
                         raise Conflict(f"commit refused: question {guard.question_id} changed ({guard.what})",
                                        guard.question_id, guard.what)  # fmt: skip
+            if heads is not None and batch.appends is not None:
+                counted = dict(zip(*batch.appends.counts(), strict=True))
+                tail, given = batch.appends.give({user: head - counted[user] for user, head in heads.fetchall()})
+                self._run(conn, tail.statements, checks)
         self.commits += 1
         self.rows_committed += batch.rows
+        return given
+
+    @staticmethod
+    def _run(
+        conn: psycopg.Connection[Any],
+        statements: list[tuple[str, list[Any], bool | Guard]],
+        checks: list[tuple[psycopg.Cursor[Any], Guard]],
+    ) -> None:
+        """Queue ``statements`` on the pipeline; a guarded one's cursor goes to ``checks``."""
+        for sql, params, many in statements:
+            if isinstance(many, Guard):
+                checks.append((conn.execute(sql, params), many))
+            elif many:
+                conn.cursor().executemany(sql, params)
+            else:
+                conn.execute(sql, params)
 
     def probe(self) -> None:
         with self._transaction("probe") as conn:
@@ -288,9 +308,6 @@ class PostgresStore(SqlStore):
                 conn.close()  # the next transaction connects again
             if isinstance(exc, psycopg.Error) and exc.sqlstate == LEASE_LOST_SQLSTATE:
                 raise LeaseLost(f"{what} refused: {_one_line(exc)}") from exc
-            if isinstance(exc, psycopg.Error) and exc.sqlstate == HEADS_MOVED_SQLSTATE:
-                users = tuple(json.loads(exc.diag.message_detail or "[]"))
-                raise SeqConflict(f"{what} refused: {_one_line(exc)}", users) from exc
             if isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == "events_by_user":
                 raise SeqConflict(f"{what} refused: {_one_line(exc)}") from exc
             raise WriteFailed(f"{what} failed: {_one_line(exc)}") from exc

@@ -18,7 +18,7 @@ from typing import Any
 from ._base import SqlStore
 from ._interface import Conflict, StoreError, WriteFailed
 from ._schema import MIGRATIONS
-from ._writes import Guard, PreparedCommit
+from ._writes import Guard, PreparedCommit, SeqsGiven
 
 __all__ = ["PreparedCommit", "Store", "StoreError", "WriteFailed"]
 
@@ -177,8 +177,9 @@ class Store(SqlStore):
 
     # ---- writes ------------------------------------------------------------------
 
-    def commit(self, batch: PreparedCommit) -> None:
-        """Run a prepared transaction (blocking: on a worker thread).
+    def commit(self, batch: PreparedCommit) -> SeqsGiven:
+        """Run a prepared transaction (blocking: on a worker thread). The engine's seqs are the stored ones
+        (one writer): nothing is renumbered.
 
         Raises:
             WriteFailed: SQLite could not write it (disk full, I/O error,
@@ -196,6 +197,7 @@ class Store(SqlStore):
                     conn.execute(sql, params)
         self.commits += 1
         self.rows_committed += batch.rows
+        return {}
 
     def probe(self) -> None:
         """Commit a write that changes nothing but needs the disk, to learn whether writes work again.

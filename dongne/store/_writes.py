@@ -5,8 +5,10 @@ marker (``?`` or ``%s``) and how a save of an existing row is spelled. SQLite
 says ``INSERT OR REPLACE`` (and ``OR IGNORE``); PostgreSQL says ``ON CONFLICT
 (key) DO UPDATE SET`` every other column (``DO NOTHING``), and gets the rows
 of each table in key order, so that two transactions lock rows in the same
-order. PostgreSQL's commit also upserts each user's ``inbox_heads`` row to
-the newest seq appended (never lower).
+order. PostgreSQL's commit gives the inbox events their seqs itself: it
+moves each user's ``inbox_heads`` row on by the user's events and numbers
+them from where the row was (:class:`InboxAppends`), so that writers on
+several nodes never take the same seq.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import msgpack
 
 from ..core.effects import (
     AcceptOnce,
+    AddPoints,
     AppendAudit,
     AppendEvent,
     CloseOnce,
@@ -50,7 +53,9 @@ __all__ = [
     "RACED_QUESTION_COLS",
     "ROOMS_CHANNEL",
     "Guard",
+    "InboxAppends",
     "PreparedCommit",
+    "SeqsGiven",
     "changes_news",
     "inbox_news",
     "prepare_writes",
@@ -85,6 +90,20 @@ RACED_QUESTION_COLS = ("status", "accepted_answer_id", "answer_count", "first_an
 _ACTIVE_SQL = "status IN ('open', 'answered')"
 
 
+#: The seqs a commit gave where they differ from the engine's: ``{user: {seq the engine gave: seq stored}}``,
+#: each such user with all of its events in the commit (the newest stored seq is the user's inbox head).
+SeqsGiven = dict[str, dict[int, int]]
+
+#: Moves each user's inbox head on by the user's events in the commit, locking the rows in user order (two
+#: commits lock in the same order, so they cannot deadlock), and returns the new heads.
+TAKE_HEADS_SQL = (
+    "INSERT INTO inbox_heads (user_id, last_seq)"
+    " SELECT u, n FROM unnest(%s::text[], %s::bigint[]) AS t(u, n) ORDER BY u"
+    " ON CONFLICT (user_id) DO UPDATE SET last_seq = inbox_heads.last_seq + excluded.last_seq"
+    " RETURNING user_id, last_seq"
+)
+
+
 @attrs.frozen
 class Guard:
     """A statement of a commit that must change a row: if it changes none, the commit fails with ``Conflict``."""
@@ -107,6 +126,8 @@ class PreparedCommit:
         # (sql, params, executemany? or the Guard of a statement that must change a row)
         self.statements: list[tuple[str, list[Any], bool | Guard]] = []
         self.rows = 0
+        #: PostgreSQL: the inbox events, whose seqs the commit gives after the other statements.
+        self.appends: InboxAppends | None = None
 
     def insert(self, head: str, rows: Sequence[tuple[Any, ...]], tail: str = "") -> None:
         """``head VALUES (...), (...), ... tail``: a few statements, each of a power-of-two number of rows.
@@ -171,6 +192,61 @@ class PreparedCommit:
         if len(payload.encode()) >= NOTIFY_PAYLOAD_LIMIT:
             raise ValueError(f"a notification payload must be under {NOTIFY_PAYLOAD_LIMIT} bytes")
         self.statements.append(("SELECT pg_notify(%s, %s)", [channel, payload], False))
+
+
+@attrs.define
+class InboxAppends:
+    """A PostgreSQL commit's inbox events: the commit gives their seqs (CLUSTER.md, "Seqs stay gap-free per user").
+
+    The engine numbers each user's events from what it knows of the user's
+    inbox head; another node may have appended to that inbox meanwhile. So
+    the commit runs :data:`TAKE_HEADS_SQL` (each user's head moved on by the
+    user's events, the rows locked until the commit ends), then numbers each
+    user's events from where the head was, in the engine's order, then
+    inserts them and announces the new heads. Where that differs from the
+    engine's numbers (another node appended first), the commit's result says
+    so (:data:`SeqsGiven`): the driver sends those frames with the stored
+    seqs. Nothing is refused and nothing is read again.
+
+    Args:
+        rows: ``(user, seq the engine gave, type, data, created_at)``, in the engine's order.
+        max_variables: the backend's limit on parameters in one statement.
+        news_from: the node id whose commits announce new heads on :data:`EVENTS_CHANNEL` (None: no news).
+    """
+
+    rows: list[tuple[str, int, str, bytes, int]]
+    max_variables: int
+    news_from: str | None = None
+
+    def counts(self) -> tuple[list[str], list[int]]:
+        """The users, sorted, and how many events each has here: :data:`TAKE_HEADS_SQL`'s parameters."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[row[0]] = counts.get(row[0], 0) + 1
+        users = sorted(counts)
+        return users, [counts[u] for u in users]
+
+    def give(self, heads: dict[str, int]) -> tuple[PreparedCommit, SeqsGiven]:
+        """The statements that insert the events numbered on from ``heads`` (each user's head before this
+        commit) and announce the new heads, and the seqs given where they differ from the engine's."""
+        rank: dict[str, int] = {}
+        seqs: SeqsGiven = {}
+        moved: set[str] = set()
+        rows = []
+        for user, seq, kind, data, created_at in self.rows:
+            stored = heads.get(user, 0) + rank.get(user, 0) + 1
+            rank[user] = rank.get(user, 0) + 1
+            seqs.setdefault(user, {})[seq] = stored
+            if stored != seq:
+                moved.add(user)
+            rows.append((user, stored, kind, data, created_at))
+        given = {user: seqs[user] for user in moved}  # each with all its seqs: the newest is the head
+        tail = PreparedCommit(self.max_variables, "%s")
+        tail.insert("INSERT INTO events (user_id, seq, type, data, created_at)", rows)
+        if self.news_from is not None:
+            for payload in inbox_news(self.news_from, {u: heads.get(u, 0) + n for u, n in rank.items()}):
+                tail.notify(EVENTS_CHANNEL, payload)
+        return tail, given
 
 
 def inbox_news(origin: str, heads: dict[str, int]) -> list[str]:
@@ -304,7 +380,6 @@ def prepare_writes(
     dialect: Dialect = "sqlite",
     *,
     news_from: str | None = None,
-    guard_seqs: bool = False,
 ) -> PreparedCommit:
     """Turn writes into the statements of one transaction; pure Python, no I/O.
 
@@ -321,9 +396,8 @@ def prepare_writes(
     inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`) and the
     questions and users it changed on :data:`CHANGES_CHANNEL`
     (:func:`changes_news`).
-    ``guard_seqs`` (PostgreSQL): the commit first checks that each user's
-    inbox head is just below the user's lowest seq in it (``SeqConflict``
-    otherwise): the guard several writers need.
+    PostgreSQL's inbox events go to :attr:`PreparedCommit.appends`: the
+    commit gives their seqs (:class:`InboxAppends`).
     """
     users: dict[str, User] = {}
     questions: dict[str, Question] = {}
@@ -332,6 +406,7 @@ def prepare_writes(
     escalations: dict[str, SaveEscalation] = {}
     notified: list[tuple[Any, ...]] = []
     raced: list[CountAnswer | AcceptOnce | CloseOnce] = []  # in order
+    points: dict[str, int] = {}  # user -> points added
     rooms: list[RoomNews] = []
     pushes: list[PushJob] = []
     push_status: dict[int, SavePushStatus] = {}
@@ -346,7 +421,13 @@ def prepare_writes(
                 (item.question_id, uid, stage, dist, int(online), item.at) for uid, stage, dist, online in item.targets
             )
         elif isinstance(item, SaveUser):
-            users[item.user.user_id] = item.user
+            user = item.user
+            saved = users.get(user.user_id)
+            if saved is not None:  # points: as for the raced question columns, the first save is the insert's
+                user = attrs.evolve(user, points=saved.points)
+            users[user.user_id] = user
+        elif isinstance(item, AddPoints):
+            points[item.user_id] = points.get(item.user_id, 0) + item.points
         elif isinstance(item, SaveQuestion):
             question = item.question
             first = questions.get(question.question_id)
@@ -416,9 +497,15 @@ def prepare_writes(
             return
         batch.insert(f"INSERT INTO {table} ({cols})", sorted(rows, key=lambda r: r[:2]), " ON CONFLICT DO NOTHING")
 
-    # A user's saved last_seq never goes back (PostgreSQL: a save decided on an older copy cannot lower it).
-    save("users", USER_COLS, "user_id", [user_row(u) for u in users.values()],
-         last_seq="greatest(users.last_seq, excluded.last_seq)")  # fmt: skip
+    # A user's saved last_seq never goes back (PostgreSQL: a save decided on an older copy cannot lower it);
+    # points are written by an insert, then only added to (AddPoints).
+    save("users", USER_COLS, "user_id", [user_row(u) for u in users.values()], keep=("points",),
+         last_seq=f"{'greatest' if pg else 'max'}(users.last_seq, excluded.last_seq)")  # fmt: skip
+    if points:
+        batch.many(
+            f"UPDATE users SET points = points + {mark} WHERE user_id = {mark}",
+            [(n, user_id) for user_id, n in sorted(points.items())],
+        )
     save("questions", QUESTION_COLS, "question_id", [question_row(q) for q in questions.values()],
          keep=RACED_QUESTION_COLS)  # fmt: skip
     for op in raced:  # after the saves: a question created in this commit is there
@@ -458,35 +545,12 @@ def prepare_writes(
     )
     save("answers", ANSWER_COLS, "answer_id", [answer_row(a) for a in answers.values()])
     packb = msgpack.packb
-    batch.insert(
-        "INSERT INTO events (user_id, seq, type, data, created_at)",
-        [(e.user_id, e.seq, e.type, e.packed or packb(e.data), e.created_at) for e in events],
-    )
-    if pg and events:
-        heads: dict[str, int] = {}
-        for e in events:
-            heads[e.user_id] = max(heads.get(e.user_id, 0), e.seq)
-        batch.insert(
-            "INSERT INTO inbox_heads (user_id, last_seq)",
-            sorted(heads.items()),
-            " ON CONFLICT (user_id) DO UPDATE SET last_seq = greatest(inbox_heads.last_seq, excluded.last_seq)",
-        )
-        if guard_seqs:
-            lowest: dict[str, int] = {}
-            for e in events:
-                lowest[e.user_id] = min(lowest.get(e.user_id, e.seq), e.seq)
-            guarded = sorted(lowest)
-            batch.statements.insert(
-                0,
-                (
-                    "SELECT dongne_check_heads(%s::text[], %s::bigint[])",
-                    [guarded, [lowest[u] - 1 for u in guarded]],
-                    False,
-                ),
-            )
-        if news_from is not None:
-            for payload in inbox_news(news_from, heads):
-                batch.notify(EVENTS_CHANNEL, payload)
+    event_rows = [(e.user_id, e.seq, e.type, e.packed or packb(e.data), e.created_at) for e in events]
+    if pg and event_rows:
+        batch.appends = InboxAppends(event_rows, max_variables, news_from)
+        batch.rows += len(event_rows)
+    else:
+        batch.insert("INSERT INTO events (user_id, seq, type, data, created_at)", event_rows)
     save(
         "escalations",
         "question_id, next_stage, updated_at",
