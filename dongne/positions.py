@@ -1,7 +1,8 @@
 """Positions through the store, and every node's R-tree as a replica of all nodes' (store/CLUSTER.md).
 
 A PostgreSQL node writes where its connected users are to ``positions``
-(one row per user and node) in batches, and keeps the users other nodes
+(one row per user and node; no position for one who shared none: they are
+online all the same, so other nodes send them no push) in batches, and keeps the users other nodes
 place in its engine's live index (``events.RemotePositions``): so
 ``nearby_locals`` counts, and escalation stages plan, every online local,
 whichever node they are connected to. What a node changed is announced on
@@ -36,6 +37,9 @@ log = logging.getLogger("dongne.positions")
 #: How long to wait before reading the table again after a read failed.
 RETRY_S = 1.0
 
+#: The row of a connected user who shared no position.
+_UNPLACED: tuple[None, None] = (None, None)
+
 
 class PositionSync:
     """This node's positions out to the store, and other nodes' in to the engine.
@@ -68,7 +72,7 @@ class PositionSync:
         self._feed = feed
         self._clock = clock
         self._interval_s = interval_s
-        self._written: dict[str, tuple[float, float]] = {}  # what the table holds for this node
+        self._written: dict[str, tuple[float | None, float | None]] = {}  # what the table holds for this node
         self._wanted: set[str] = set()  # users other nodes announced, to read
         self._rebuild = False
         self._wakeup = trio.Event()
@@ -87,12 +91,19 @@ class PositionSync:
         where = self._engine.where
         now = self._clock.now_ms()
         written = self._written
-        moved = [
+        placed, connected = where.positions, self._engine.user_conns
+        moved: list[tuple[str, float | None, float | None, int]] = [
             (user_id, lat, lng, where.last_move.get(user_id, now))
-            for user_id, (lat, lng, _region) in where.positions.items()
+            for user_id, (lat, lng, _region) in placed.items()
             if written.get(user_id) != (lat, lng)
         ]
-        gone = [user_id for user_id in written if user_id not in where.positions]
+        # Connected users who shared no position: a row all the same, so other nodes know them online.
+        moved += [
+            (user_id, None, None, now)
+            for user_id in connected
+            if user_id not in placed and written.get(user_id) != _UNPLACED
+        ]
+        gone = [user_id for user_id in written if user_id not in placed and user_id not in connected]
         if not moved and not gone:
             return 0
         try:

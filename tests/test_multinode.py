@@ -202,6 +202,8 @@ async def test_an_asker_on_one_node_is_alerted_for_and_answered_by_locals_on_ano
         assert [e for e in asker.pending_events() if e["type"] in kinds] == []
         assert (seqs(near), seqs(mid), seqs(asker)) == ([1], [1], [1])
     assert db_rows(db, STAGE) == [("mid", "QUICK"), ("near", "IMMEDIATE")]
+    # B knew the asker online on A (a positions row without a position): no push for the answer.
+    assert db_rows(db, "SELECT kind FROM push_outbox WHERE user_id = 'traveller'") == []
 
 
 async def test_resume_on_another_node_is_exactly_once_in_seq_order(tmp_path: Path, db: str) -> None:

@@ -105,10 +105,12 @@ async def test_a_users_row_is_written_in_batches_and_goes_with_their_last_connec
     h: Harness = await start_server(**SETTINGS)
     node = h.running.membership.node_id
     rows = "SELECT user_id, node_id FROM positions"
+    unplaced, placed = f"{rows} WHERE lat IS NULL", f"{rows} WHERE lat IS NOT NULL"
     async with h.connect("l1", local=True) as first:
         async with h.connect("l1", local=True) as second:
+            await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, unplaced) == [("l1", node)]))
             await second.request("update_location", {"location": east(500)})
-            await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, rows) == [("l1", node)]))
+            await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, placed) == [("l1", node)]))
             [(lng,)] = db_rows(db, "SELECT lng FROM positions")
             await first.request("update_location", {"location": east(900)})
             await wait_until(
@@ -120,6 +122,28 @@ async def test_a_users_row_is_written_in_batches_and_goes_with_their_last_connec
         assert db_rows(db, rows) == [("l1", node)]
     await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, rows) == []))
     await h.running.aclose()
+
+
+async def test_a_user_connected_to_another_node_gets_no_push_here(start_server: Any, db: str) -> None:
+    """The asker left this node but the other node has a connection of theirs (a row without a position):
+    an answer here is theirs live there, not a push; once that row is gone, the next answer is pushed."""
+    h: Harness = await start_server(**SETTINGS)
+    async with h.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    unplaced = "INSERT INTO positions (user_id, lat, lng, at, node_id) VALUES ('asker', NULL, NULL, %s, %s)"
+    as_peer(db, sql=[(unplaced, (wall_ms(), PEER)), news("asker")])
+    engine = h.running.engine
+    await wait_until(lambda: trio.to_thread.run_sync(lambda: engine.where.connected_elsewhere("asker")))
+    assert "asker" not in engine.where.live
+    pushes = "SELECT kind FROM push_outbox WHERE user_id = 'asker'"
+    async with h.connect("local", local=True) as local:
+        await local.request("create_answer", {"question_id": qid, "content": "Dombedon, by the port"})
+        assert db_rows(db, pushes) == []
+
+        as_peer(db, sql=[("DELETE FROM positions WHERE node_id = %s", (PEER,)), news("asker")])
+        await wait_until(lambda: trio.to_thread.run_sync(lambda: not engine.where.connected_elsewhere("asker")))
+        await local.request("create_answer", {"question_id": qid, "content": "Or Donsadon"})
+        assert db_rows(db, pushes) == [("answer_notification",)]
 
 
 async def test_a_node_its_peers_expired_writes_all_its_positions_again(start_server: Any, db: str) -> None:
@@ -188,5 +212,9 @@ def test_the_core_keeps_other_nodes_locals_beside_its_own() -> None:
 
     where.remote_moved([], ["r1"])
     assert "r1" not in where.live and "r1" not in where.online(set())
+    where.remote_moved([("r2", 33.51, 126.54), ("away", None, None)], [])
+    assert ("r2" in where.live, where.connected_elsewhere("away"), "away" in where.live) == (True, True, False)
+    where.remote_moved([("r2", None, None)], [])  # connected there still, no longer placed
+    assert "r2" not in where.live and where.connected_elsewhere("r2")
     where.remote_moved([("r2", 33.51, 126.54)], [], everyone=True)
     assert sorted(where.remote) == ["r2"] and "both" not in where.live and "r2" in where.live

@@ -165,6 +165,9 @@ class RemotePositions:
     they are connected to delivers; no push). A user connected here too is
     placed by this node's own position while connected.
 
+    A user connected elsewhere who shared no position is listed too, with
+    ``lat`` and ``lng`` None: online (no push for them here), not placed.
+
     Attributes:
         moved: ``(user_id, lat, lng)``, positions already snapped by the node that took them.
         gone: users no other node places any more.
@@ -173,7 +176,7 @@ class RemotePositions:
         everyone: ``moved`` is every other node's position: any other remote one is gone (a rebuild).
     """
 
-    moved: tuple[tuple[str, float, float], ...] = ()
+    moved: tuple[tuple[str, float | None, float | None], ...] = ()
     gone: tuple[str, ...] = ()
     users: tuple[User, ...] = ()
     everyone: bool = False

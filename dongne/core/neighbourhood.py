@@ -70,7 +70,8 @@ class Neighbourhood:
         self.nearby_seen: dict[str, tuple[str, ...]] = {}  # user -> question ids last sent
         # Users other nodes place (several nodes on PostgreSQL; CLUSTER.md): lat, lng as the store holds
         # them. Locals among them are in ``live`` unless connected here (``positions`` wins then).
-        self.remote: dict[str, tuple[float, float]] = {}
+        # Users connected to other nodes (RemotePositions): where they are, or None when they shared no position.
+        self.remote: dict[str, tuple[float, float] | None] = {}
         self.forget_durable()
 
     def forget_durable(self) -> None:
@@ -160,9 +161,10 @@ class Neighbourhood:
             self._snooze(user_id)
 
     def remote_moved(
-        self, moved: Iterable[tuple[str, float, float]], gone: Iterable[str], *, everyone: bool = False
+        self, moved: Iterable[tuple[str, float | None, float | None]], gone: Iterable[str], *, everyone: bool = False
     ) -> None:
-        """Other nodes' positions (``events.RemotePositions``): locals among them enter or leave ``live``.
+        """Other nodes' positions (``events.RemotePositions``): locals among them enter or leave ``live``; a
+        position None is a user connected there who shared none (online, for pushes, but not placed).
 
         A user connected here keeps the position this node has while connected; the remote one is kept
         for when they leave. ``everyone``: ``moved`` is all of them; any remote user not in it is gone.
@@ -172,9 +174,14 @@ class Neighbourhood:
             listed = {user_id for user_id, _lat, _lng in moved}
             gone = [user_id for user_id in self.remote if user_id not in listed]
         for user_id in gone:
-            if self.remote.pop(user_id, None) is not None and user_id not in self.positions:
+            if user_id in self.remote and self.remote.pop(user_id) is not None and user_id not in self.positions:
                 self.live.remove(user_id)
         for user_id, lat, lng in moved:
+            if lat is None or lng is None:  # connected elsewhere without a position: online, not placed
+                if self.remote.get(user_id) is not None and user_id not in self.positions:
+                    self.live.remove(user_id)
+                self.remote[user_id] = None
+                continue
             self.remote[user_id] = (lat, lng)
             if user_id in self.positions or user_id not in self.locals:
                 continue
@@ -182,6 +189,10 @@ class Neighbourhood:
             self.live.upsert(user_id, lat, lng)
             if entering:
                 self._snooze(user_id)
+
+    def connected_elsewhere(self, user_id: str) -> bool:
+        """Whether another node has a connection of the user's (as its last batch of positions said)."""
+        return user_id in self.remote
 
     def online(self, here: AbstractSet[str]) -> AbstractSet[str]:
         """Who is online: ``here`` (users connected to this node) and users other nodes place."""

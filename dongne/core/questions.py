@@ -349,7 +349,7 @@ class Questions:
         out.write(RoomNews(question.question_id, "new_answer", news))  # the room's members on other nodes
         notice = {"question_id": question.question_id, "question_title": question.title, "answer": wire}
         self._inbox.append(question.asker_id, "answer_notification", notice, now, out)
-        if not self._user_conns.get(question.asker_id):  # the asker's app is in the background: push
+        if not self._connected(question.asker_id):  # the asker's app is in the background: push
             self._inbox.enqueue_push(question.asker_id, "answer_notification", question, notice, now, out)
         # Clear the author's typing state in that room: the answer is in.
         self._presence.stop_typing(question.question_id, user.user_id, out)
@@ -387,9 +387,13 @@ class Questions:
         out.send(others, event("question_closed", {"question_id": question.question_id, "reason": "accepted"}))
         notice = {**data, "question_title": question.title, "total_points": author.points}
         self._inbox.append(author.user_id, "answer_accepted_notification", notice, now, out)
-        if not self._user_conns.get(author.user_id):
+        if not self._connected(author.user_id):
             self._inbox.enqueue_push(author.user_id, "answer_accepted_notification", question, notice, now, out)
         return {"question": question.to_wire(), "answer": self.answer_wire(answer)}
+
+    def _connected(self, user_id: str) -> bool:
+        """Whether the user has a connection, here or on another node (no push then: they get it live)."""
+        return bool(self._user_conns.get(user_id)) or self._where.connected_elsewhere(user_id)
 
     def close_question(self, call: Call) -> dict[str, Any]:
         question = self._question(call.f)

@@ -178,7 +178,7 @@ class ClusterLink:
     # ---- positions (CLUSTER.md, "Nearest locals across nodes") --------------------
 
     def write_positions(
-        self, node_id: str, moved: Sequence[tuple[str, float, float, int]], gone: Sequence[str]
+        self, node_id: str, moved: Sequence[tuple[str, float | None, float | None, int]], gone: Sequence[str]
     ) -> None:
         """One batch of this node's positions: ``moved`` ``(user, lat, lng, at)`` upserted, ``gone`` users'
         rows deleted, and the users announced on :data:`POSITIONS_CHANNEL`, all in one statement (so one
@@ -214,17 +214,21 @@ class ClusterLink:
             (list(node_ids), POSITIONS_CHANNEL, json.dumps({"node": "", "all": True})),
         )
 
-    def read_positions(self, not_node: str, users: Sequence[str] | None = None) -> list[tuple[str, float, float]]:
-        """``(user, lat, lng)`` of every user (of ``users``, if given) placed by a node other than
-        ``not_node``; a user on several, by the newest position."""
+    def read_positions(
+        self, not_node: str, users: Sequence[str] | None = None
+    ) -> list[tuple[str, float | None, float | None]]:
+        """``(user, lat, lng)`` of every user (of ``users``, if given) connected to a node other than
+        ``not_node``; a user on several, by the newest position; None: connected, no position shared."""
         where = "" if users is None else " AND user_id = ANY(%s::text[])"
         params: tuple[Any, ...] = (not_node,) if users is None else (not_node, list(users))
         rows = self._run(
             f"SELECT DISTINCT ON (user_id) user_id, lat, lng FROM positions WHERE node_id <> %s{where}"
-            " ORDER BY user_id, at DESC",
+            " ORDER BY user_id, lat IS NULL, at DESC",
             params,
         )
-        return [(str(u), float(lat), float(lng)) for u, lat, lng in rows]
+        return [
+            (str(u), None if lat is None else float(lat), None if lng is None else float(lng)) for u, lat, lng in rows
+        ]
 
     def read_users(self, user_ids: Sequence[str]) -> list[User]:
         """The rows of ``user_ids`` (those that exist), ``last_seq`` raised to their inbox heads."""

@@ -289,6 +289,11 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX positions_by_node ON positions (node_id);
     """,
+    # 6: a connected user who shared no position has a row too (lat and lng NULL): other nodes then know
+    # them online and send them no push.
+    """
+    ALTER TABLE positions ALTER COLUMN lat DROP NOT NULL, ALTER COLUMN lng DROP NOT NULL;
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
