@@ -92,14 +92,14 @@ class PositionSync:
         now = self._clock.now_ms()
         written = self._written
         placed, connected = where.positions, self._engine.user_conns
-        moved: list[tuple[str, float | None, float | None, int]] = [
-            (user_id, lat, lng, where.last_move.get(user_id, now))
-            for user_id, (lat, lng, _region) in placed.items()
+        moved: list[tuple[str, float | None, float | None, int, str | None]] = [
+            (user_id, lat, lng, where.last_move.get(user_id, now), region)
+            for user_id, (lat, lng, region) in placed.items()
             if written.get(user_id) != (lat, lng)
         ]
         # Connected users who shared no position: a row all the same, so other nodes know them online.
         moved += [
-            (user_id, None, None, now)
+            (user_id, None, None, now, None)
             for user_id in connected
             if user_id not in placed and written.get(user_id) != _UNPLACED
         ]
@@ -111,7 +111,7 @@ class PositionSync:
         except StoreError as exc:
             log.warning("positions_write_failed", extra={"error": str(exc), "users": len(moved) + len(gone)})
             return 0
-        for user_id, lat, lng, _at in moved:
+        for user_id, lat, lng, _at, _region in moved:
             written[user_id] = (lat, lng)
         for user_id in gone:
             written.pop(user_id, None)
@@ -176,13 +176,13 @@ class PositionSync:
             rows = await trio.to_thread.run_sync(
                 self._link.read_positions, self._node_id, None if rebuild else sorted(wanted)
             )
-            unknown = sorted({user_id for user_id, _lat, _lng in rows} - self._engine.users.keys())
+            unknown = sorted({row[0] for row in rows} - self._engine.users.keys())
             users = await trio.to_thread.run_sync(self._link.read_users, unknown) if unknown else []
         except BaseException:
             self._rebuild = self._rebuild or rebuild
             self._wanted |= wanted
             raise
-        found = {user_id for user_id, _lat, _lng in rows}
+        found = {row[0] for row in rows}
         gone = () if rebuild else tuple(sorted(wanted - found))
         self._feed(RemotePositions(tuple(rows), gone, tuple(users), everyone=rebuild))
         self.applied += 1

@@ -54,12 +54,13 @@ def as_peer(db: str, *, users: Sequence[str] = (), sql: Sequence[tuple[str, tupl
             conn.execute(statement, params)
 
 
-def place(user_id: str, metres_east: float) -> tuple[str, tuple[Any, ...]]:
+def place(user_id: str, metres_east: float, region: str | None = None) -> tuple[str, tuple[Any, ...]]:
     at = east(metres_east)
     return (
-        "INSERT INTO positions (user_id, lat, lng, at, node_id) VALUES (%s, %s, %s, %s, %s)"
-        " ON CONFLICT (user_id, node_id) DO UPDATE SET lat = excluded.lat, lng = excluded.lng, at = excluded.at",
-        (user_id, at["lat"], at["lng"], wall_ms(), PEER),
+        "INSERT INTO positions (user_id, lat, lng, at, region, node_id) VALUES (%s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (user_id, node_id) DO UPDATE SET lat = excluded.lat, lng = excluded.lng, at = excluded.at,"
+        " region = excluded.region",
+        (user_id, at["lat"], at["lng"], wall_ms(), region, PEER),
     )
 
 
@@ -80,10 +81,11 @@ async def test_other_nodes_locals_count_nearby_and_are_planned_as_online(start_s
     """Locals placed by another node (first seen: their rows are read) are counted by nearby_locals and
     reached by stages as online users: a durable alert each, no push; one the other node drops is gone."""
     h: Harness = await start_server(**SETTINGS)
-    as_peer(db, users=["r1", "r2"], sql=[place("r1", 1000), place("r2", 4000), news("r1", "r2")])
+    as_peer(db, users=["r1", "r2"], sql=[place("r1", 1000, "Jeju-si"), place("r2", 4000, "Jeju-si"), news("r1", "r2")])
     async with h.connect("viewer", timeout=math.inf) as viewer:
         await wait_until(nearby(viewer, {"within_2km": 1, "within_5km": 2}))
         assert {"r1", "r2"} <= h.running.engine.users.keys()
+        assert h.running.engine.where.online_locals_by_region() == {"Jeju-si": 2}  # the admin's counts too
         question = (await viewer.request("create_question", question_data(location=dict(HERE))))["question"]
         qid = question["question_id"]
         sql = "SELECT user_id, stage, online FROM notified WHERE question_id = ? ORDER BY user_id"
@@ -199,22 +201,25 @@ def test_the_core_keeps_other_nodes_locals_beside_its_own() -> None:
     for user in (r1, r2, both):
         where.refresh_local(user)
     where.remote_moved(
-        [("r1", 33.50, 126.53), ("tourist", 33.50, 126.53), ("both", 33.40, 126.50)], ()
+        [("r1", 33.50, 126.53, "Jeju-si"), ("tourist", 33.50, 126.53, "Jeju-si"), ("both", 33.40, 126.50, None)], ()
     )  # tourist: no local
     assert ("r1" in where.live, "tourist" in where.live, where.live.position("both")) == (True, False, (33.40, 126.50))
     assert "r1" in where.online(set()) and "here" in where.online({"here"})
 
     slat, slng = where.move(both, 33.45, 126.52, None, 1_000)
-    where.remote_moved([("both", 33.30, 126.40)], ())
+    assert where.online_locals_by_region() == {"Jeju-si": 1}  # r1: the tourist is no local
+    where.remote_moved([("both", 33.30, 126.40, None)], ())
     assert where.live.position("both") == (slat, slng)  # connected here: our position
     where.went_offline("both")
     assert where.live.position("both") == (33.30, 126.40)  # the other node's, still online there
 
     where.remote_moved([], ["r1"])
     assert "r1" not in where.live and "r1" not in where.online(set())
-    where.remote_moved([("r2", 33.51, 126.54), ("away", None, None)], [])
+    where.remote_moved([("r2", 33.51, 126.54, "Jeju-si"), ("away", None, None, None)], [])
     assert ("r2" in where.live, where.connected_elsewhere("away"), "away" in where.live) == (True, True, False)
-    where.remote_moved([("r2", None, None)], [])  # connected there still, no longer placed
+    assert where.online_locals_by_region() == {"Jeju-si": 1}  # r2 now; r1 is gone
+    where.remote_moved([("r2", None, None, None)], [])  # connected there still, no longer placed
     assert "r2" not in where.live and where.connected_elsewhere("r2")
-    where.remote_moved([("r2", 33.51, 126.54)], [], everyone=True)
+    assert where.online_locals_by_region() == {}
+    where.remote_moved([("r2", 33.51, 126.54, "Jeju-si")], [], everyone=True)
     assert sorted(where.remote) == ["r2"] and "both" not in where.live and "r2" in where.live

@@ -169,14 +169,15 @@ class RemotePositions:
     ``lat`` and ``lng`` None: online (no push for them here), not placed.
 
     Attributes:
-        moved: ``(user_id, lat, lng)``, positions already snapped by the node that took them.
+        moved: ``(user_id, lat, lng, region)``, positions already snapped by the node that took them, and
+            the region it named (None: outside any, or no position).
         gone: users no other node places any more.
         users: rows of users the engine did not know (made on another node since it loaded):
             adopted, so that they can be planned (their settings).
         everyone: ``moved`` is every other node's position: any other remote one is gone (a rebuild).
     """
 
-    moved: tuple[tuple[str, float | None, float | None], ...] = ()
+    moved: tuple[tuple[str, float | None, float | None, str | None], ...] = ()
     gone: tuple[str, ...] = ()
     users: tuple[User, ...] = ()
     everyone: bool = False

@@ -72,6 +72,7 @@ class Neighbourhood:
         # them. Locals among them are in ``live`` unless connected here (``positions`` wins then).
         # Users connected to other nodes (RemotePositions): where they are, or None when they shared no position.
         self.remote: dict[str, tuple[float, float] | None] = {}
+        self.remote_regions: dict[str, str] = {}  # their regions, as the node that placed them named them
         self.forget_durable()
 
     def forget_durable(self) -> None:
@@ -161,7 +162,11 @@ class Neighbourhood:
             self._snooze(user_id)
 
     def remote_moved(
-        self, moved: Iterable[tuple[str, float | None, float | None]], gone: Iterable[str], *, everyone: bool = False
+        self,
+        moved: Iterable[tuple[str, float | None, float | None, str | None]],
+        gone: Iterable[str],
+        *,
+        everyone: bool = False,
     ) -> None:
         """Other nodes' positions (``events.RemotePositions``): locals among them enter or leave ``live``; a
         position None is a user connected there who shared none (online, for pushes, but not placed).
@@ -171,12 +176,17 @@ class Neighbourhood:
         """
         moved = list(moved)
         if everyone:
-            listed = {user_id for user_id, _lat, _lng in moved}
+            listed = {row[0] for row in moved}
             gone = [user_id for user_id in self.remote if user_id not in listed]
         for user_id in gone:
+            self.remote_regions.pop(user_id, None)
             if user_id in self.remote and self.remote.pop(user_id) is not None and user_id not in self.positions:
                 self.live.remove(user_id)
-        for user_id, lat, lng in moved:
+        for user_id, lat, lng, region in moved:
+            if region is None:
+                self.remote_regions.pop(user_id, None)
+            else:
+                self.remote_regions[user_id] = region
             if lat is None or lng is None:  # connected elsewhere without a position: online, not placed
                 if self.remote.get(user_id) is not None and user_id not in self.positions:
                     self.live.remove(user_id)
@@ -199,9 +209,13 @@ class Neighbourhood:
         return here if not self.remote else _Either(here, self.remote.keys())
 
     def online_locals_by_region(self) -> dict[str, int]:
+        """Online locals with a position, by region: this node's and those other nodes place."""
         counts: Counter[str] = Counter()
         for user_id, (_lat, _lng, region) in self.positions.items():
             if region is not None and user_id in self.live:
+                counts[region] += 1
+        for user_id, region in self.remote_regions.items():
+            if user_id not in self.positions and user_id in self.live:
                 counts[region] += 1
         return dict(counts)
 

@@ -178,17 +178,21 @@ class ClusterLink:
     # ---- positions (CLUSTER.md, "Nearest locals across nodes") --------------------
 
     def write_positions(
-        self, node_id: str, moved: Sequence[tuple[str, float | None, float | None, int]], gone: Sequence[str]
+        self,
+        node_id: str,
+        moved: Sequence[tuple[str, float | None, float | None, int, str | None]],
+        gone: Sequence[str],
     ) -> None:
-        """One batch of this node's positions: ``moved`` ``(user, lat, lng, at)`` upserted, ``gone`` users'
-        rows deleted, and the users announced on :data:`POSITIONS_CHANNEL`, all in one statement (so one
+        """One batch of this node's positions: ``moved`` ``(user, lat, lng, at, region)`` upserted, ``gone``
+        users' rows deleted, and the users announced on :data:`POSITIONS_CHANNEL`, all in one statement (so one
         transaction: the news goes out only if the rows changed)."""
         users = sorted({m[0] for m in moved} | set(gone))
         self._run(
-            "WITH moved AS (INSERT INTO positions (user_id, lat, lng, at, node_id)"
-            " SELECT u, la, ln, a, %(node)s FROM unnest(%(users)s::text[], %(lats)s::float8[], %(lngs)s::float8[],"
-            " %(ats)s::bigint[]) AS m(u, la, ln, a) ORDER BY u"
-            " ON CONFLICT (user_id, node_id) DO UPDATE SET lat = excluded.lat, lng = excluded.lng, at = excluded.at"
+            "WITH moved AS (INSERT INTO positions (user_id, lat, lng, at, region, node_id)"
+            " SELECT u, la, ln, a, r, %(node)s FROM unnest(%(users)s::text[], %(lats)s::float8[], %(lngs)s::float8[],"
+            " %(ats)s::bigint[], %(regions)s::text[]) AS m(u, la, ln, a, r) ORDER BY u"
+            " ON CONFLICT (user_id, node_id) DO UPDATE SET lat = excluded.lat, lng = excluded.lng, at = excluded.at,"
+            " region = excluded.region"
             " RETURNING 1),"
             " gone AS (DELETE FROM positions WHERE node_id = %(node)s AND user_id = ANY(%(gone)s::text[]) RETURNING 1)"
             " SELECT pg_notify(%(channel)s, p) FROM unnest(%(news)s::text[]) AS p",
@@ -198,6 +202,7 @@ class ClusterLink:
                 "lats": [m[1] for m in moved],
                 "lngs": [m[2] for m in moved],
                 "ats": [m[3] for m in moved],
+                "regions": [m[4] for m in moved],
                 "gone": list(gone),
                 "channel": POSITIONS_CHANNEL,
                 "news": positions_news(node_id, users),
@@ -216,18 +221,19 @@ class ClusterLink:
 
     def read_positions(
         self, not_node: str, users: Sequence[str] | None = None
-    ) -> list[tuple[str, float | None, float | None]]:
-        """``(user, lat, lng)`` of every user (of ``users``, if given) connected to a node other than
+    ) -> list[tuple[str, float | None, float | None, str | None]]:
+        """``(user, lat, lng, region)`` of every user (of ``users``, if given) connected to a node other than
         ``not_node``; a user on several, by the newest position; None: connected, no position shared."""
         where = "" if users is None else " AND user_id = ANY(%s::text[])"
         params: tuple[Any, ...] = (not_node,) if users is None else (not_node, list(users))
         rows = self._run(
-            f"SELECT DISTINCT ON (user_id) user_id, lat, lng FROM positions WHERE node_id <> %s{where}"
+            f"SELECT DISTINCT ON (user_id) user_id, lat, lng, region FROM positions WHERE node_id <> %s{where}"
             " ORDER BY user_id, lat IS NULL, at DESC",
             params,
         )
         return [
-            (str(u), None if lat is None else float(lat), None if lng is None else float(lng)) for u, lat, lng in rows
+            (str(u), None if lat is None else float(lat), None if lng is None else float(lng), region)
+            for u, lat, lng, region in rows
         ]
 
     def read_users(self, user_ids: Sequence[str]) -> list[User]:

@@ -294,6 +294,10 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE positions ALTER COLUMN lat DROP NOT NULL, ALTER COLUMN lng DROP NOT NULL;
     """,
+    # 7: the region the placing node named, so that every node counts every node's locals by region (admin).
+    """
+    ALTER TABLE positions ADD COLUMN region text;
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
