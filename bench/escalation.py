@@ -855,6 +855,8 @@ def _run_on(
         scrape0 = _scrape_all(server.ops_ports)
         database = _DatabaseCpu(db)
         cpu0 = server.cpu_seconds()
+        nodes = getattr(server, "nodes", [server])
+        node_cpu0 = [node.cpu_seconds() for node in nodes]
         runq0 = sum(_runqueue_wait_s(pid) for pid in server.pids)
         client_cpu0 = workers.cpu_seconds()
         me0 = sum(os.times()[:2])
@@ -868,6 +870,7 @@ def _run_on(
         workers.broadcast("stop_moves")
         w1 = time.time()
         cpu1 = server.cpu_seconds()
+        node_cpu = [node.cpu_seconds() - c0 for node, c0 in zip(nodes, node_cpu0, strict=True)]
         db_cpu = database.seconds()
         runq = sum(_runqueue_wait_s(pid) for pid in server.pids) - runq0
         client_cpu = workers.cpu_seconds() - client_cpu0
@@ -892,6 +895,7 @@ def _run_on(
             asked,
             parts,
             server_cpu=cpu1 - cpu0,
+            node_cpu=node_cpu,
             db_cpu=db_cpu,
             runq=runq,
             wall=w1 - w0,
@@ -1021,6 +1025,7 @@ def _analyse(
         "server_cpu_pct_incl_drain": 100 * m["server_cpu"] / wall,
         "server_runqueue_wait_pct": 100 * m["runq"] / wall,
         "server_cpu_s": m["server_cpu"],
+        "server_cpu_s_by_node": m["node_cpu"],
         "server_cpu_ms_per_question": 1000 * m["server_cpu"] / len(ok) if ok else math.nan,
         "server_cpu_us_per_alert": 1e6 * m["server_cpu"] / total_alerts if total_alerts else math.nan,
         "database_cpu_ms_per_question": 1000 * m["db_cpu"] / len(ok) if ok else math.nan,
@@ -1259,6 +1264,9 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     summary = {key: h.median(r[key] for r in runs) for key in _SUMMARY}
+    summary["server_cpu_s_by_node"] = [
+        h.median(r["server_cpu_s_by_node"][i] for r in runs) for i in range(len(runs[0]["server_cpu_s_by_node"]))
+    ]
     report["median"] = summary
     report["target"] = {
         "first_alert_p99_under_100ms": summary["alert_p99_ms"] < 100.0,
@@ -1298,6 +1306,10 @@ def main(argv: list[str] | None = None) -> int:
         ["moves accepted per second", summary["moves_per_s"]],
         ["server CPU % (1 core = 100)", summary["server_cpu_pct"]],
         ["server CPU s, whole load phase (asking + replies + drain)", summary["server_cpu_s"]],
+        [
+            "  by node (the first holds the escalation lease)",
+            " / ".join(f"{s:.1f}" for s in summary["server_cpu_s_by_node"]),
+        ],
         ["server CPU ms per question (incl. its alerts, moves)", summary["server_cpu_ms_per_question"]],
         [
             "PostgreSQL CPU ms per question (its sessions for the nodes; SQLite: none)",
