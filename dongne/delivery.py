@@ -19,6 +19,12 @@ missing: a later wish only raises its target. Two replays overlapping on a
 connection would each release the held frames when done, the first one too
 early; here they cannot overlap.
 
+Replays read the store together: while one read runs, the reads the other
+connections ask for queue, and the next read takes them all in one
+statement (``Storage.read_event_rows``). When another node's commit alerts a
+hundred locals connected here, that is a read or two, not a hundred. The
+rows' ``data`` is spliced into the frame as stored, not decoded and packed again.
+
 Events the store no longer has (pruned) or has not yet (a hello's
 ``last_seq`` counts an event whose commit is still in flight) are not waited
 for: the replay sends what the store holds up to its target, and while it
@@ -30,20 +36,96 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import attrs
 import msgpack
 import trio
 
-from .core.protocol import durable_event
 from .store import StoreError
 from .transport import FrameEncoder, WebSocketConnection
 
 __all__ = ["Deliveries"]
 
 log = logging.getLogger("dongne.delivery")
+
+#: Rows of events, by user: what ``Storage.read_event_rows`` returns.
+EventRows = dict[str, list[tuple[int, str, bytes]]]
+
+_packb: Callable[[Any], bytes] = msgpack.packb
+_HEAD: Final = b"\x83" + _packb("type")
+_SEQ: Final = _packb("seq")
+_DATA: Final = _packb("data")
+
+
+def durable_frame(kind: str, seq: int, data: bytes) -> bytes:
+    """The msgpack of ``protocol.durable_event(kind, seq, data)``, given ``data`` packed (as the store keeps it)."""
+    return _HEAD + _packb(kind) + _SEQ + _packb(seq) + _DATA + data
+
+
+class BatchedReads:
+    """Reads of users' events, each awaited by one replay, made together.
+
+    A read asked while none runs starts at once; those asked meanwhile wait
+    for it to end and then go in one call (so one statement and one worker
+    thread) whatever their number. A user asked for twice is read once, over
+    both ranges.
+
+    Args:
+        read_event_rows: the store's ``read_event_rows`` (blocking: run on a worker thread).
+        spawn: starts a task in the connections' nursery.
+    """
+
+    def __init__(
+        self, read_event_rows: Callable[[Sequence[tuple[str, int, int]]], EventRows], spawn: Callable[..., None]
+    ) -> None:
+        self._read_event_rows = read_event_rows
+        self._spawn = spawn
+        self._queued: list[tuple[str, int, int, list[Any], trio.Event]] = []
+        self._reading = False
+        self.calls = 0  # store calls so far, for tests and benches
+
+    async def read(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, bytes]]:
+        """The user's events with ``after_seq < seq <= up_to_seq``, in order.
+
+        Raises:
+            StoreError: the store could not be read.
+        """
+        result: list[Any] = []
+        done = trio.Event()
+        self._queued.append((user_id, after_seq, up_to_seq, result, done))
+        if not self._reading:
+            self._reading = True
+            self._spawn(self._read_queued)
+        await done.wait()
+        if isinstance(result[0], StoreError):
+            raise result[0]
+        rows: list[tuple[int, str, bytes]] = result[0]
+        return rows
+
+    async def _read_queued(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                ranges: dict[str, tuple[int, int]] = {}
+                for user_id, after, up_to, _result, _done in batch:
+                    low, high = ranges.get(user_id, (after, up_to))
+                    ranges[user_id] = (min(low, after), max(high, up_to))
+                wanted = [(user_id, low, high) for user_id, (low, high) in ranges.items()]
+                self.calls += 1
+                try:
+                    found: EventRows | StoreError = await trio.to_thread.run_sync(self._read_event_rows, wanted)
+                except StoreError as exc:
+                    found = exc
+                for user_id, after, up_to, result, done in batch:
+                    if isinstance(found, StoreError):
+                        result.append(found)
+                    else:
+                        result.append([row for row in found.get(user_id, ()) if after < row[0] <= up_to])
+                    done.set()
+        finally:
+            self._reading = False
 
 
 @attrs.define
@@ -60,18 +142,18 @@ class Deliveries:
     """The durable streams of this node's connections.
 
     Args:
-        read_events: the store's ``read_events`` (blocking: run on a worker thread).
+        read_event_rows: the store's ``read_event_rows`` (blocking: run on a worker thread).
         encoder: the shared frame encoder.
         spawn: starts a task in the connections' nursery.
     """
 
     def __init__(
         self,
-        read_events: Callable[[str, int, int], list[tuple[int, str, dict[str, Any]]]],
+        read_event_rows: Callable[[Sequence[tuple[str, int, int]]], EventRows],
         encoder: FrameEncoder,
         spawn: Callable[..., None],
     ) -> None:
-        self._read_events = read_events
+        self.reads = BatchedReads(read_event_rows, spawn)
         self._encoder = encoder
         self._spawn = spawn
         self._streams: dict[int, _Stream] = {}
@@ -139,7 +221,7 @@ class Deliveries:
                 if stream.target > stream.read:
                     up_to = stream.target
                     try:
-                        rows = await trio.to_thread.run_sync(self._read_events, stream.user_id, stream.given, up_to)
+                        rows = await self.reads.read(stream.user_id, stream.given, up_to)
                     except StoreError as exc:  # the database out of reach: the client resumes later
                         log.warning("replay_failed", extra={"user": stream.user_id, "error": str(exc)})
                         conn.close(1013, "the server cannot read your missed events now; reconnect later")
@@ -148,7 +230,7 @@ class Deliveries:
                     for seq, kind, data in rows:
                         if seq > stream.given:
                             stream.given = seq
-                            await conn.send_paced(self._encoder.binary(msgpack.packb(durable_event(kind, seq, data))))
+                            await conn.send_paced(self._encoder.binary(durable_frame(kind, seq, data)))
                 backlog.extend(conn.take_held())
                 while backlog:
                     frame, seq = backlog[0]

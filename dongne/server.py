@@ -211,7 +211,7 @@ class ClientServer:
         #: Positions through the store on PostgreSQL (the app sets it: ``positions.PositionSync``), for tests.
         self.positions: Any = None
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
-        self.deliveries = Deliveries(store.read_events, self.encoder, self._spawn)
+        self.deliveries = Deliveries(store.read_event_rows, self.encoder, self._spawn)
         #: Other nodes' changed rows and room events in, this node's room events out (PostgreSQL).
         self.news = NodeNews(store, self._feed, self._spawn, lambda: self.node_id, engine.follows_escalation)
 

@@ -17,7 +17,7 @@ import trio
 from dongne.client import DongneClient
 from dongne.core.effects import AppendEvent
 from dongne.core.protocol import durable_event
-from dongne.delivery import Deliveries
+from dongne.delivery import BatchedReads, Deliveries, durable_frame
 from dongne.store import Storage
 from dongne.transport import FrameEncoder, WebSocketConnection
 
@@ -186,6 +186,30 @@ def server_frames(data: bytes) -> list[dict[str, Any]]:
     return frames
 
 
+@pytest.mark.backends("sqlite", "postgres")
+async def test_replays_asked_together_are_one_read_of_the_store(store: Storage, nursery: trio.Nursery) -> None:
+    """Reads asked together go in one call; each gets its own user's range (a
+    user asked for twice, over two ranges, is read once); the frames spliced from stored bytes are what
+    packing the event makes."""
+    data = {"question_id": "q1", "n": "한라산"}
+    store.apply([AppendEvent(u, seq, "answer_notification", data, seq) for u in ("a", "b", "c") for seq in (1, 2, 3)])
+    reads = BatchedReads(store.read_event_rows, nursery.start_soon)
+    asked = [("a", 0, 3), ("b", 1, 3), ("c", 0, 1), ("a", 2, 3), ("nobody", 0, 5)]
+    got: dict[int, list[int]] = {}
+
+    async def read(i: int) -> None:
+        got[i] = [seq for seq, _kind, _data in await reads.read(*asked[i])]
+
+    async with trio.open_nursery() as readers:
+        for i in range(len(asked)):
+            readers.start_soon(read, i)
+    assert got == {0: [1, 2, 3], 1: [2, 3], 2: [1], 3: [3], 4: []}
+    assert reads.calls == 1  # all asked before the read started: one call
+
+    [(seq, kind, raw)] = await reads.read("b", 2, 3)
+    assert durable_frame(kind, seq, raw) == msgpack.packb(durable_event(kind, seq, data))
+
+
 @pytest.mark.backends("sqlite")
 async def test_a_stream_drops_duplicates_and_fills_gaps_from_the_store(store: Storage, nursery: trio.Nursery) -> None:
     """One connection's durable stream, deterministically: a duplicate is dropped, a gap is read from the
@@ -195,7 +219,7 @@ async def test_a_stream_drops_duplicates_and_fills_gaps_from_the_store(store: St
     ours.setblocking(False)
     encoder = FrameEncoder()
     conn = WebSocketConnection(ours, nursery, encoder, max_message_bytes=1 << 20, max_buffer_bytes=1 << 20)
-    deliveries = Deliveries(store.read_events, encoder, nursery.start_soon)
+    deliveries = Deliveries(store.read_event_rows, encoder, nursery.start_soon)
 
     def live(seq: int) -> None:
         frame = encoder.binary(msgpack.packb(durable_event("answer_notification", seq, {"n": seq})))
@@ -236,7 +260,7 @@ async def test_a_gap_after_a_replay_that_found_events_missing_is_read_again(
     ours.setblocking(False)
     encoder = FrameEncoder()
     conn = WebSocketConnection(ours, nursery, encoder, max_message_bytes=1 << 20, max_buffer_bytes=1 << 20)
-    deliveries = Deliveries(store.read_events, encoder, nursery.start_soon)
+    deliveries = Deliveries(store.read_event_rows, encoder, nursery.start_soon)
     received = bytearray()
     peer_sock = trio.socket.from_stdlib_socket(peer)
 

@@ -287,6 +287,20 @@ class SqlStore:
                 heads[user] = int(seq)
         return heads
 
+    def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
+        """For each ``(user, after_seq, up_to_seq)``, the user's durable events in that range, in seq order,
+        their ``data`` as stored (msgpack): several connections' replays in one call (``delivery.py``)."""
+        found: dict[str, list[tuple[int, str, bytes]]] = {}
+        for user_id, after_seq, up_to_seq in wanted:
+            found[user_id] = [
+                (int(seq), kind, bytes(data))
+                for seq, kind, data in self._read(
+                    "SELECT seq, type, data FROM events WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                    (user_id, after_seq, up_to_seq),
+                )
+            ]
+        return found
+
     def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
         """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
         rows = self._read(

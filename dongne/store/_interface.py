@@ -158,6 +158,11 @@ class Storage(Protocol):
         """Each user's newest durable seq as committed (0: none), by user id."""
         ...
 
+    def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
+        """For each ``(user, after_seq, up_to_seq)``, the user's durable events in that range, in seq order,
+        ``data`` as stored (msgpack): several replays in one call."""
+        ...
+
     def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
         """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
         ...

@@ -31,7 +31,7 @@ import contextlib
 import queue
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -404,6 +404,18 @@ class PostgresStore(SqlStore):
         users = sorted(ident for kind, ident in rows if kind == "u")
         self._changes_from = next(ident for kind, ident in rows if kind == "x")
         return questions, users
+
+    def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
+        """:meth:`SqlStore.read_event_rows` in one statement, whatever the number of users."""
+        found: dict[str, list[tuple[int, str, bytes]]] = {user_id: [] for user_id, _after, _up_to in wanted}
+        rows = self._read(
+            "SELECT e.user_id, e.seq, e.type, e.data FROM unnest(?::text[], ?::bigint[], ?::bigint[]) AS w(u, a, b)"
+            ' JOIN events e ON e.user_id = w.u COLLATE "C" AND e.seq > w.a AND e.seq <= w.b ORDER BY e.user_id, e.seq',
+            ([w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted]),
+        )
+        for user_id, seq, kind, data in rows:
+            found[user_id].append((int(seq), kind, bytes(data)))
+        return found
 
     def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
         """Each user's newest durable seq (0: none), from ``inbox_heads`` (kept whatever was pruned)."""
