@@ -14,7 +14,8 @@ import math
 
 import shapely
 
-from dongne.core import AppendEvent, Claims, CoreSettings, Disconnected, Engine, LimitSettings, Outcome
+from dongne.core import AppendEvent, Claims, CoreSettings, Disconnected, Engine, LimitSettings, Outcome, Send
+from dongne.core.neighbourhood import Neighbourhood
 from dongne.core.regions import load_default_regions
 from dongne.core.settings import LocationSettings
 from dongne.core.spatial import LocalsIndex
@@ -158,8 +159,6 @@ def test_a_local_who_moves_into_another_region_is_told_the_new_one() -> None:
 
 def _nearby_events(outcome: Outcome) -> list[list[str]]:
     """The question ids of each nearby_questions event an outcome sends."""
-    from dongne.core import Send
-
     return [
         [q["question_id"] for q in a.frame["data"]["questions"]]
         for a in outcome.actions
@@ -235,3 +234,20 @@ def test_a_question_leaves_the_list_of_a_local_who_stays_exactly_when_it_ages_ou
     assert _stay(sim, 2, T0 + 60_000) == []  # asked 60 s ago: still in
     assert _stay(sim, 2, T0 + 60_001) == [[young]]
     assert _stay(sim, 2, T0 + 90_001) == [[]]
+
+
+def test_a_nearby_list_entry_is_the_question_brief_then_distance_status_and_answer_count() -> None:
+    """Places builds each entry as one literal: same keys, same order (msgpack keeps it) as the brief."""
+    sim = _engine()
+    sim.connect(1, "asker", T0)
+    sim.connect(2, "walker", T0)
+    created = sim.call(1, "create_question", {"title": "t", "location": east(0), "hashtags": ["food", "bus"]}, T0)
+    question = sim.engine.questions[sim.reply(created)["data"]["question"]["question_id"]]
+    [[entry]] = [
+        a.frame["data"]["questions"]
+        for a in sim.call(2, "update_location", {"location": east(500)}, T0 + 1000).actions
+        if isinstance(a, Send) and a.frame["type"] == "nearby_questions"
+    ]
+
+    expected = {**Neighbourhood.brief(question), "distance_m": entry["distance_m"], "status": "open", "answer_count": 0}
+    assert list(expected.items()) == list(entry.items())

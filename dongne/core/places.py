@@ -96,11 +96,21 @@ class Places:
             call.out.send(self._user_conns.get(user.user_id, ()), event("nearby_questions", self._nearby_wire(nearby)))
         return {"location": {"lat": slat, "lng": slng}, "region": region, "live": user.local}
 
-    def _nearby_wire(self, nearby: list[tuple[Question, float]]) -> dict[str, Any]:
+    @staticmethod
+    def _nearby_wire(nearby: list[tuple[Question, float]]) -> dict[str, Any]:
+        # Neighbourhood.brief's keys, in its order, then the list's own: one
+        # literal, not a brief merged into a second dict (a move sends this).
         return {
             "questions": [
                 {
-                    **self._where.brief(q),
+                    "question_id": q.question_id,
+                    "title": q.title,
+                    "location": {"lat": q.lat, "lng": q.lng},
+                    "region": q.region,
+                    "hashtags": list(q.hashtags),
+                    "urgency": q.urgency,
+                    "created_at": q.created_at,
+                    "asker_nick": q.asker_nick,
                     "distance_m": round(d, 1),
                     "status": q.status.value,
                     "answer_count": q.answer_count,
