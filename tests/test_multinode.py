@@ -254,6 +254,32 @@ async def test_the_pending_stage_runs_from_another_node_when_the_leader_is_kille
     stored_once_each(db)
 
 
+async def test_three_nodes_one_takes_over_from_the_killed_leader_and_each_local_is_alerted_once(
+    tmp_path: Path, db: str
+) -> None:
+    """Three nodes: the asker on A (which leads), near on B, mid on C. A commits IMMEDIATE and is killed
+    before QUICK: exactly one of B and C takes the lease over and runs QUICK; near gets its alert from B
+    (A's commit, across nodes), mid its QUICK; each once."""
+    async with nodes(tmp_path, db, "abc") as (a, b, c), AsyncExitStack() as stack:
+        await wait_until(metrics(a, "dongne_escalation_lease_held 1.0"))
+        near = await stack.enter_async_context(open_client(b.url, token("near", local=True)))
+        mid = await stack.enter_async_context(open_client(c.url, token("mid", local=True)))
+        await near.request("update_location", {"location": east(1000)})
+        await mid.request("update_location", {"location": east(4000)})
+        asker = await stack.enter_async_context(open_client(a.url, token("traveller")))
+        await wait_until(nearby(asker, {"within_2km": 1, "within_5km": 2}))
+        await ask(asker)
+        immediate = await near.next_event("new_question_notification")
+        assert (immediate["seq"], immediate["data"]["stage"]) == (1, "IMMEDIATE")
+        a.proc.kill()
+        quick = await mid.next_event("new_question_notification", timeout=15)
+        assert (quick["seq"], quick["data"]["stage"]) == (1, "QUICK")
+        held = [await metrics(node, "dongne_escalation_lease_held 1.0")() for node in (b, c)]
+        assert sorted(held) == [False, True]
+        await no_second_alert(near, mid)
+    stored_once_each(db)
+
+
 async def test_a_leader_stopped_past_its_lease_commits_nothing_late(tmp_path: Path, db: str) -> None:
     """Node A leads and takes up the escalation of a question asked on node B (B's news). SIGSTOP A: B takes
     the lease over and runs QUICK. After SIGCONT, A's own QUICK, due while it was stopped, is not committed
