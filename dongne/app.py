@@ -28,6 +28,7 @@ from .cluster import Listener, Membership
 from .config import Settings
 from .core import Engine, RegionSet, load_default_regions, load_hotspots
 from .core.moderation import FOREVER
+from .members import MemberSync
 from .ops import OpsApp
 from .pipeline import keep_wal_short
 from .positions import PositionSync
@@ -345,35 +346,37 @@ async def _follow_news(
 ) -> None:
     """Other nodes' commits (PostgreSQL): LISTEN for their news (``dongne_events``: inbox heads;
     ``dongne_changes``: questions and users to read again; ``dongne_rooms``: room events for this node's
-    members, and this node's typing and presence out; ``dongne_positions``: other nodes' positions, kept
-    in the engine, rebuilt after each (re)connection), write this node's positions every ``[cluster]
-    positions_interval_s``, and catch up after each (re)connection and every ``[cluster]
-    catch_up_interval_s`` (store/CLUSTER.md).
+    members, and this node's typing and presence out; ``dongne_positions`` and ``dongne_members``: other
+    nodes' positions and room members, kept in the engine, rebuilt after each (re)connection), write this
+    node's positions and room members every ``[cluster] positions_interval_s``, and catch up after each
+    (re)connection and every ``[cluster] catch_up_interval_s`` (store/CLUSTER.md).
 
     Reports started once listening, or after ``LISTEN_START_WAIT_S`` without
     (logged): a node that cannot LISTEN still serves, its periodic catch-up
     delivering other nodes' events, and the Listener keeps trying.
     """
-    from .store._cluster import POSITIONS_CHANNEL, ClusterLink, connect_listener
+    from .store._cluster import MEMBERS_CHANNEL, POSITIONS_CHANNEL, ClusterLink, connect_listener
     from .store._writes import CHANGES_CHANNEL, EVENTS_CHANNEL, ROOMS_CHANNEL
 
     listening = trio.Event()
     link = ClusterLink(settings.store.target)  # its own connection: a heartbeat never waits for a batch
-    positions = PositionSync(
-        link,
-        membership.node_id,
-        clients.engine,
-        clients.feed,
-        clients.clock,
-        interval_s=settings.cluster.positions_interval_s,
-    )
-    clients.positions = positions
-    membership.on_registered = positions.write_all_again
+    shape = (link, membership.node_id, clients.engine, clients.feed)
+    positions = PositionSync(*shape, clock=clients.clock, interval_s=settings.cluster.positions_interval_s)
+    members = MemberSync(*shape, interval_s=settings.cluster.positions_interval_s)
+    clients.positions, clients.members = positions, members
+    replicas = (positions, members)
+
+    def registered() -> None:  # the node's peers expired it and deleted its rows: write them all again
+        for replica in replicas:
+            replica.write_all_again()
+
+    membership.on_registered = registered
 
     def connected() -> None:
         listening.set()
         clients.catch_up_soon()  # news sent while there was no LISTEN connection is lost
-        positions.rebuild_soon()
+        for replica in replicas:
+            replica.rebuild_soon()
 
     def notified(channel: str, payload: str) -> None:
         if channel == CHANGES_CHANNEL:
@@ -382,17 +385,20 @@ async def _follow_news(
             clients.news.room_news(channel, payload)
         elif channel == POSITIONS_CHANNEL:
             positions.news(channel, payload)
+        elif channel == MEMBERS_CHANNEL:
+            members.news(channel, payload)
         else:
             clients.inbox_news(channel, payload)
 
-    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ROOMS_CHANNEL, POSITIONS_CHANNEL)
+    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ROOMS_CHANNEL, POSITIONS_CHANNEL, MEMBERS_CHANNEL)
     connect = functools.partial(connect_listener, settings.store.target, channels)
     listener = Listener(connect, notified, connected)
     clients.listener = listener
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_closing, link)
-        nursery.start_soon(positions.apply_forever)
-        nursery.start_soon(positions.publish_periodically)
+        for replica in replicas:
+            nursery.start_soon(replica.apply_forever)
+            nursery.start_soon(replica.publish_periodically)
         nursery.start_soon(listener.run)
         nursery.start_soon(clients.news.follow_changes)
         if clients.news.notify_outside is not None:

@@ -65,7 +65,7 @@ class Membership:
         on_lease: called on the event loop after a heartbeat that changed ``lease_epoch`` (taken, lost,
             or held at a new epoch), with the new value.
         on_registered: called on the event loop after a heartbeat that made the node's row: its first, or
-            one after its peers expired it (and deleted its rows in ``positions``).
+            one after its peers expired it (and deleted its rows in ``positions`` and ``room_members``).
     """
 
     def __init__(
@@ -122,7 +122,7 @@ class Membership:
         gone = self.link.expire_nodes(now - self._ttl_ms)
         if gone:
             log.info("cluster_nodes_expired", extra={"nodes": gone})
-            self.link.drop_positions(gone)  # their users are online there no more
+            self.link.drop_node_rows(gone)  # their users are online (and in rooms) there no more
         self._nodes = [
             {"node_id": n.node_id, "host": n.host, "pid": n.pid, "started_at": n.started_at,
              "heartbeat_at": n.heartbeat_at}
@@ -164,14 +164,14 @@ class Membership:
                         log.warning("cluster_leave_failed", extra={"error": str(exc)})
 
     def _leave(self) -> None:
-        """Leave the table, give the lease up and delete this node's positions: a peer need not wait for
-        any of them to expire."""
+        """Leave the table, give the lease up and delete this node's positions and room members: a peer need
+        not wait for any of them to expire."""
         assert self.link is not None
         self.link.leave(self.node_id)
         if self.lease_epoch is not None:
             self.link.release_lease(self.node_id, self.lease_epoch)
             self.lease_epoch = None
-        self.link.drop_positions([self.node_id])  # its users are online here no more
+        self.link.drop_node_rows([self.node_id])  # its users are online (and in rooms) here no more
 
     async def beat_async(self) -> None:
         """:meth:`beat` on a worker thread, then ``on_lease`` if the lease's epoch (or None) changed.

@@ -180,9 +180,11 @@ class ClusterSettings:
     # most node_ttl_s, and above heartbeat_interval_s (else it lapses between
     # two renewals).
     lease_ttl_s: float = attrs.field(default=5.0, validator=positive)
-    # How often a node writes the positions of its users that moved (one
-    # statement, announced to the other nodes, which keep every node's online
-    # locals in their own R-tree): how stale another node's view of them is.
+    # How often a node writes the positions of its users that moved, and its
+    # question rooms' changed members (a statement each, announced to the
+    # other nodes, which keep every node's online locals in their own R-tree
+    # and every node's room members for join replies): how stale another
+    # node's view of them is.
     positions_interval_s: float = attrs.field(default=0.5, validator=positive_or_inf)
 
     def __attrs_post_init__(self) -> None:

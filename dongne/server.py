@@ -22,7 +22,8 @@ Task tree (one root nursery, see ``run_server`` in ``app.py``)::
     │                               (news.NodeNews: follow_changes, room_news; relay_rooms: this
     │                               node's typing and presence out), dongne_positions
     │                               (positions.PositionSync: this node's positions out in batches,
-    │                               other nodes' in: RemotePositions); ClientServer.catch_up_periodically
+    │                               other nodes' in: RemotePositions), dongne_members (likewise
+    │                               members.MemberSync: RemoteMembers); ClientServer.catch_up_periodically
     └── hypercorn                   the ops port
 """
 
@@ -210,6 +211,8 @@ class ClientServer:
         self.listener: Any = None
         #: Positions through the store on PostgreSQL (the app sets it: ``positions.PositionSync``), for tests.
         self.positions: Any = None
+        #: Room members through the store on PostgreSQL (the app sets it: ``members.MemberSync``), for tests.
+        self.members: Any = None
         #: Each connection's durable stream (exactly once, in seq order; replays from the store).
         self.deliveries = Deliveries(store.read_event_rows, self.encoder, self._spawn)
         #: Other nodes' changed rows and room events in, this node's room events out (PostgreSQL).

@@ -17,6 +17,7 @@ from dongne.core import (
     Outcome,
     QuestionChanged,
     RelayRoom,
+    RemoteMembers,
     RoomRelayed,
     SaveQuestion,
     StagePlan,
@@ -259,3 +260,90 @@ def test_a_new_answer_relayed_by_reference_is_sent_from_memory() -> None:
 
     (frame,) = sim.take(1)
     assert (frame["type"], frame["data"]["answer"]["content"]) == ("new_answer", "long")
+
+
+# ---- room members and typers on other nodes (CLUSTER.md, "Room members across nodes") ------------------------
+
+
+def asker_and_watcher() -> tuple[Sim, str]:
+    """An engine with "asker" on connection 1, in the room of the question they asked, and "watcher" on 2."""
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "watcher")
+    return sim, ask(sim)
+
+
+def joined_room(sim: Sim, conn_id: int, qid: str, now: int) -> dict[str, object]:
+    data: dict[str, object] = sim.reply(sim.call(conn_id, "join_question", {"question_id": qid}, now))["data"]
+    return {key: data[key] for key in ("online", "online_count", "typing")}
+
+
+def card(user_id: str, nick: str | None = None) -> dict[str, str]:
+    return {"user_id": user_id, "nick": nick or user_id.title()}
+
+
+def test_a_join_reply_lists_the_rooms_members_on_every_node_once() -> None:
+    """This node's members plus the replica's: a user in the room here and elsewhere counted once, a user the
+    engine did not know adopted (their name), a room the replica empties or a rebuild leaves out has none."""
+    sim, qid = asker_and_watcher()
+    far = User("far", "Faraway")
+    sim.engine.handle(RemoteMembers(((qid, ("asker", "far")), ("q-elsewhere", ("far",))), (far,)), T0 + 1)
+
+    assert joined_room(sim, 2, qid, T0 + 2) == {
+        "online": [card("asker"), card("far", "Faraway"), card("watcher")],
+        "online_count": 3,
+        "typing": [],
+    }
+    assert sim.engine.users["far"] == far
+
+    sim.engine.handle(RemoteMembers(((qid, ()),)), T0 + 3)
+    assert joined_room(sim, 2, qid, T0 + 4)["online_count"] == 2
+    sim.engine.handle(RemoteMembers(((qid, ("far",)),)), T0 + 5)
+    assert joined_room(sim, 2, qid, T0 + 6)["online_count"] == 3
+    sim.engine.handle(RemoteMembers((), everyone=True), T0 + 7)  # a rebuild that lists no room
+    assert joined_room(sim, 2, qid, T0 + 8)["online"] == [card("asker"), card("watcher")]
+    assert sim.engine.presence.remote == {}
+
+
+def test_other_nodes_typers_are_kept_until_they_stop_or_expire() -> None:
+    """Relayed typing is kept even for a room with no member here, so a join reply lists it; a renewal
+    extends it without telling the room again; it ends at its stop, or typing_ttl after it was last heard
+    (3 s by default), exactly."""
+    sim, qid = asker_and_watcher()
+    sim.call(1, "leave_question", {"question_id": qid})
+    sim.take(1)
+    far = {"question_id": qid, **card("far", "Faraway")}
+    sim.deliver(sim.engine.handle(RoomRelayed(qid, "user_typing", far), T0 + 1000))  # nobody in the room here
+    assert sim.engine.presence.room_of(qid) is None
+    assert joined_room(sim, 2, qid, T0 + 1001)["typing"] == [card("far", "Faraway")]
+    sim.call(1, "join_question", {"question_id": qid}, T0 + 1001)
+    sim.take(1)
+    sim.take(2)
+
+    renewal = sim.engine.handle(RoomRelayed(qid, "user_typing", far), T0 + 2000)
+    assert renewal.actions == ()  # the room heard it start
+    sim.deliver(sim.engine.handle(Tick(), T0 + 4999))
+    assert joined_room(sim, 2, qid, T0 + 4999)["typing"] == [card("far", "Faraway")]
+    sim.deliver(sim.engine.handle(Tick(), T0 + 5000))  # 3 s after the renewal
+    assert sim.engine.presence.remote_typing == {}
+    assert joined_room(sim, 2, qid, T0 + 5000)["typing"] == []
+    assert [f["type"] for f in sim.take(1) + sim.take(2)] == ["reply", "reply"]  # nothing told: its node does
+
+    sim.deliver(sim.engine.handle(RoomRelayed(qid, "user_typing", far), T0 + 6000))
+    assert [f["type"] for f in sim.take(1) + sim.take(2)] == ["user_typing", "user_typing"]  # news again
+    sim.deliver(sim.engine.handle(RoomRelayed(qid, "user_stop_typing", far), T0 + 6500))
+    assert joined_room(sim, 2, qid, T0 + 6500)["typing"] == []
+    assert sim.engine.presence.remote_typing == {}
+
+
+def test_a_typers_renewals_reach_other_nodes_every_half_ttl_not_the_room_here() -> None:
+    sim, qid = asker_and_watcher()
+    sim.call(2, "join_question", {"question_id": qid}, T0)
+    sim.take(1)
+    relayed = []
+    for at in (T0 + 100, T0 + 1000, T0 + 1599, T0 + 1600, T0 + 2500, T0 + 3100):
+        out = sim.call(2, "typing_start", {"question_id": qid}, at)
+        relayed += [at - T0 for a in out.actions if isinstance(a, RelayRoom) and a.kind == "user_typing"]
+
+    assert relayed == [100, 1600, 3100]
+    assert [f["type"] for f in sim.take(1)] == ["user_typing"]

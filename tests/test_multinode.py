@@ -101,6 +101,16 @@ def nearby(client: DongneClient, expected: dict[str, int]) -> Callable[[], Await
     return check
 
 
+def room_online(client: DongneClient, question_id: str, expected: list[str]) -> Callable[[], Awaitable[bool]]:
+    """Whether a join reply (joining twice is harmless) lists these users online, on whichever node."""
+
+    async def check() -> bool:
+        reply = await client.request("join_question", {"question_id": question_id})
+        return [u["user_id"] for u in reply["online"]] == expected and reply["online_count"] == len(expected)
+
+    return check
+
+
 def answers_on(client: DongneClient, question_id: str, expected: list[str]) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         page = await client.request("get_question", {"question_id": question_id})
@@ -201,6 +211,10 @@ async def test_an_asker_on_one_node_is_alerted_for_and_answered_by_locals_on_ano
         await asker.request("get_profile")
         assert [e for e in asker.pending_events() if e["type"] in kinds] == []
         assert (seqs(near), seqs(mid), seqs(asker)) == ([1], [1], [1])
+
+        # The local joins the room on B: a join on A lists them (room members through the store).
+        await stored(near, "join_question", {"question_id": qid})
+        await wait_until(room_online(asker, qid, ["near", "traveller"]))
     assert db_rows(db, STAGE) == [("mid", "QUICK"), ("near", "IMMEDIATE")]
     # B knew the asker online on A (a positions row without a position): no push for the answer.
     assert db_rows(db, "SELECT kind FROM push_outbox WHERE user_id = 'traveller'") == []

@@ -159,7 +159,7 @@ async def test_a_node_its_peers_expired_writes_all_its_positions_again(start_ser
         await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, rows) == [("l1", node)]))
         as_peer(db, sql=[("DELETE FROM cluster_nodes WHERE node_id = %s", (node,))])
         peer = h.running.membership.link
-        await trio.to_thread.run_sync(peer.drop_positions, [node])
+        await trio.to_thread.run_sync(peer.drop_node_rows, [node])
         assert db_rows(db, rows) == []
         await h.running.membership.beat_async()
         await wait_until(lambda: trio.to_thread.run_sync(lambda: db_rows(db, rows) == [("l1", node)]))

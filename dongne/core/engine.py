@@ -47,6 +47,7 @@ from .events import (
     ReadDone,
     ReadFailed,
     Reloaded,
+    RemoteMembers,
     RemotePositions,
     RoomRelayed,
     SeqsMoved,
@@ -315,7 +316,7 @@ class Engine:
                 self._take_up_escalation(event.question_id, event.escalation, now, out)
             return out.build()
         if isinstance(event, RoomRelayed):
-            return self._room_relayed(event)
+            return self._room_relayed(event, now)
         if isinstance(event, UsersChanged):
             return self._users_changed(event.users, now)
         if isinstance(event, InboxPruned):
@@ -328,12 +329,12 @@ class Engine:
                     user.last_seq = seq
             return _NOTHING
         if isinstance(event, RemotePositions):
-            for user in event.users:
-                if user.user_id not in self.users:  # made on another node since we loaded
-                    self.users[user.user_id] = user
-                    self.where.refresh_local(user)
-                    self.oversight.role_is(user)
+            self._adopt(event.users)
             self.where.remote_moved(event.moved, event.gone, everyone=event.everyone)
+            return _NOTHING
+        if isinstance(event, RemoteMembers):
+            self._adopt(event.users)
+            self.presence.remote_members(event.rooms, everyone=event.everyone)
             return _NOTHING
         if isinstance(event, Disconnected):
             return self._disconnected(event.conn_id, now)
@@ -588,6 +589,8 @@ class Engine:
         for due, kind, key, subkey in self._deadlines.pop_due(now):
             if kind == "typing":
                 self.presence.typing_expired(key, subkey, due, out)
+            elif kind == "remote_typing":
+                self.presence.remote_typing_expired(key, subkey, due)
             elif kind == "expire":
                 if self.writable:
                     self._qa.expire(key, now, out)
@@ -670,7 +673,15 @@ class Engine:
 
     # ---- other nodes' changes (store/CLUSTER.md) -------------------------------------------
 
-    def _room_relayed(self, event: RoomRelayed) -> Outcome:
+    def _adopt(self, users: tuple[User, ...]) -> None:
+        """Add the users another node made since this one loaded (read with its positions or room members)."""
+        for user in users:
+            if user.user_id not in self.users:
+                self.users[user.user_id] = user
+                self.where.refresh_local(user)
+                self.oversight.role_is(user)
+
+    def _room_relayed(self, event: RoomRelayed, now: int) -> Outcome:
         """Another node's room event, to this node's members of the room."""
         question_id, data = event.question_id, event.data
         if data.get("question_id") != question_id:
@@ -684,7 +695,7 @@ class Engine:
         elif event.kind not in RELAYED_PRESENCE:
             return _NOTHING
         out = OutcomeBuilder()
-        self.presence.relayed(question_id, event.kind, data, out)
+        self.presence.relayed(question_id, event.kind, data, now, out)
         return out.build()
 
     def _users_changed(self, users: tuple[User, ...], now: int) -> Outcome:

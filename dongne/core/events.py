@@ -25,6 +25,7 @@ __all__ = [
     "ReadDone",
     "ReadFailed",
     "Reloaded",
+    "RemoteMembers",
     "RemotePositions",
     "RoomRelayed",
     "SeqsMoved",
@@ -184,6 +185,27 @@ class RemotePositions:
 
 
 @attrs.frozen
+class RemoteMembers:
+    """Who is in which question's room on other nodes, as the store holds it (several nodes; CLUSTER.md).
+
+    The engine keeps them beside its own rooms (``Presence.remote``): a
+    ``join_question`` reply's ``online`` and ``online_count`` list the room's
+    members on every node, a user in the room here and elsewhere once.
+
+    Attributes:
+        rooms: ``(question_id, user ids)``, each listed room's members on other nodes (sorted; empty: none
+            any more).
+        users: rows of users the engine did not know (made on another node since it loaded): adopted, so
+            that their names are known.
+        everyone: ``rooms`` lists every room with members on other nodes: any other is empty (a rebuild).
+    """
+
+    rooms: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    users: tuple[User, ...] = ()
+    everyone: bool = False
+
+
+@attrs.frozen
 class SeqsMoved:
     """Users' inbox heads as the store holds them, which another writer moved (several nodes; CLUSTER.md).
 
@@ -258,6 +280,7 @@ Event = (
     | InboxPruned
     | SeqsMoved
     | RemotePositions
+    | RemoteMembers
     | WritesFailing
     | Reloaded
     | WritesWork

@@ -1,4 +1,11 @@
-"""Question rooms: who is in each room (by connection), who is typing, and the events both cause."""
+"""Question rooms: who is in each room (by connection), who is typing, and the events both cause.
+
+With several nodes (store/CLUSTER.md, "Room members across nodes") each room
+also has members and typers on other nodes: the members as the store's
+replica says (``RemoteMembers``), the typers as their nodes' relayed
+``user_typing`` / ``user_stop_typing`` say, each until ``typing_ttl_ms`` after
+it was last heard. A ``join_question`` reply lists both.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class Room:
 
     members: dict[str, set[int]] = attrs.Factory(dict)
     typing: dict[str, int] = attrs.Factory(dict)  # user id -> expires_at (ms)
+    typing_relayed: dict[str, int] = attrs.Factory(dict)  # user id -> when other nodes were last told (ms)
 
     def conn_ids(self, *, except_conn: int | None = None, except_user: str | None = None) -> list[int]:
         out: list[int] = []
@@ -80,6 +88,11 @@ class Presence:
         typing_ttl_ms: int,
     ) -> None:
         self.rooms: dict[str, Room] = {}
+        #: Each room's members on other nodes (question id -> user ids; ``RemoteMembers``), rooms here or not.
+        self.remote: dict[str, frozenset[str]] = {}
+        #: Each room's typers on other nodes (question id -> user id -> (expires_at ms, name card)), from
+        #: their relayed events, rooms here or not.
+        self.remote_typing: dict[str, dict[str, tuple[int, dict[str, Any]]]] = {}
         self._who = who
         self._deadlines = deadlines
         self._rooms_per_connection = rooms_per_connection
@@ -126,13 +139,69 @@ class Presence:
         out.send(room.conn_ids(except_user=data["user_id"]), event(kind, data))
         out.act(RelayRoom(data["question_id"], kind, data))
 
-    def relayed(self, question_id: str, kind: str, data: dict[str, Any], out: OutcomeBuilder) -> None:
-        """A room event another node relayed (``RoomRelayed``): to this node's members of the room."""
-        room = self.rooms.get(question_id)
-        if room is None:
-            return
+    def relayed(self, question_id: str, kind: str, data: dict[str, Any], now: int, out: OutcomeBuilder) -> None:
+        """A room event another node relayed (``RoomRelayed``): to this node's members of the room.
+
+        Typing is kept too (for join replies), in rooms with no member here
+        as well; a ``user_typing`` renewing a remote typer still typing only
+        extends it (the room heard it start).
+        """
         user_id = data.get("user_id") if kind in RELAYED_PRESENCE else None
-        out.send(room.conn_ids(except_user=user_id if isinstance(user_id, str) else None), event(kind, data))
+        if not isinstance(user_id, str):
+            user_id = None
+        elif kind in ("user_typing", "user_stop_typing") and not self._remote_typed(
+            question_id, user_id, data, now, typing=kind == "user_typing"
+        ):
+            return  # a renewal
+        room = self.rooms.get(question_id)
+        if room is not None:
+            out.send(room.conn_ids(except_user=user_id), event(kind, data))
+
+    def _remote_typed(self, question_id: str, user_id: str, data: dict[str, Any], now: int, *, typing: bool) -> bool:
+        """Keep (or forget) another node's typer; False for a renewal of one still typing (no news here)."""
+        typers = self.remote_typing.setdefault(question_id, {})
+        held = typers.pop(user_id, None)
+        if typing:
+            expires_at = now + self._typing_ttl_ms
+            typers[user_id] = (expires_at, {"user_id": user_id, "nick": str(data.get("nick", user_id))})
+            self._deadlines.add(expires_at, "remote_typing", question_id, user_id)
+        elif not typers:
+            del self.remote_typing[question_id]
+        return not (typing and held is not None and held[0] > now)
+
+    def remote_typing_expired(self, question_id: str, user_id: str, expires_at: int) -> None:
+        """A remote typer's deadline fell due: forget them unless renewed since (their node tells the room
+        when they stop; a lost stop is what this covers, for join replies)."""
+        typers = self.remote_typing.get(question_id)
+        if typers is not None and typers.get(user_id, (None,))[0] == expires_at:
+            del typers[user_id]
+            if not typers:
+                del self.remote_typing[question_id]
+
+    def remote_members(self, rooms: tuple[tuple[str, tuple[str, ...]], ...], *, everyone: bool) -> None:
+        """Other nodes' members of these rooms (``RemoteMembers``); ``everyone``: no other room has any."""
+        if everyone:
+            self.remote.clear()
+        for question_id, users in rooms:
+            if users:
+                self.remote[question_id] = frozenset(users)
+            else:
+                self.remote.pop(question_id, None)
+
+    def online(self, question_id: str) -> list[str]:
+        """The room's members on every node, by user id (a user here and elsewhere once)."""
+        room = self.rooms.get(question_id)
+        here = room.members.keys() if room is not None else set()
+        return sorted(here | self.remote.get(question_id, frozenset()))
+
+    def typing(self, question_id: str, now: int) -> list[dict[str, Any]]:
+        """The room's typers on every node at ``now``, as name cards, by user id."""
+        room = self.rooms.get(question_id)
+        cards = {user_id: self._who(user_id) for user_id in (room.typing if room is not None else ())}
+        for user_id, (expires_at, card) in self.remote_typing.get(question_id, {}).items():
+            if expires_at > now:
+                cards.setdefault(user_id, card)
+        return [cards[user_id] for user_id in sorted(cards)]
 
     def leave(self, conn: ConnState, question_id: str, out: OutcomeBuilder) -> None:
         conn.rooms.discard(question_id)
@@ -153,8 +222,15 @@ class Presence:
         already = user_id in room.typing
         room.typing[user_id] = expires_at
         self._deadlines.add(expires_at, "typing", question_id, user_id)
+        data = {"question_id": question_id, **self._who(user_id)}
         if not already:
-            self._tell(room, out, "user_typing", {"question_id": question_id, **self._who(user_id)})
+            self._tell(room, out, "user_typing", data)
+            room.typing_relayed[user_id] = now
+        elif now - room.typing_relayed.get(user_id, now) >= self._typing_ttl_ms // 2:
+            # Renewals reach other nodes now and then (not the room here: it heard the start), so that
+            # their copy of this typer lasts as long as the typing does here.
+            out.act(RelayRoom(question_id, "user_typing", data))
+            room.typing_relayed[user_id] = now
         return expires_at
 
     def stop_typing(self, question_id: str, user_id: str, out: OutcomeBuilder) -> None:
@@ -162,6 +238,7 @@ class Presence:
         if room is None or user_id not in room.typing:
             return
         del room.typing[user_id]
+        room.typing_relayed.pop(user_id, None)
         self._tell(room, out, "user_stop_typing", {"question_id": question_id, **self._who(user_id)})
 
     def typing_expired(self, question_id: str, user_id: str, expires_at: int, out: OutcomeBuilder) -> None:

@@ -293,18 +293,18 @@ class Questions:
 
     def join_question(self, call: Call) -> dict[str, Any]:
         question = self._question(call.f)
-        room = self._presence.join(call.conn, call.user.user_id, question.question_id, call.out)
-        answers = sorted(
-            self._answers.get(question.question_id, {}).values(), key=lambda a: (a.created_at, a.answer_id)
-        )
+        presence, question_id = self._presence, question.question_id
+        presence.join(call.conn, call.user.user_id, question_id, call.out)
+        answers = sorted(self._answers.get(question_id, {}).values(), key=lambda a: (a.created_at, a.answer_id))
         who = self._who
+        online = presence.online(question_id)  # on every node (store/CLUSTER.md, "Room members across nodes")
         return {
             "question": question.to_wire(),
             "answers": [self.answer_wire(a) for a in answers],
             # At most ONLINE_LIST_MAX names; big rooms report the full count.
-            "online": [who(uid) for uid in sorted(room.members)[:ONLINE_LIST_MAX]],
-            "online_count": len(room.members),
-            "typing": [who(uid) for uid in sorted(room.typing)],
+            "online": [who(uid) for uid in online[:ONLINE_LIST_MAX]],
+            "online_count": len(online),
+            "typing": presence.typing(question_id, call.now),
         }
 
     def leave_question(self, call: Call) -> dict[str, Any]:

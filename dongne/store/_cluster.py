@@ -2,7 +2,7 @@
 
 Blocking calls, meant for a worker thread, like the store's. See
 ``CLUSTER.md`` for the design these serve: every node registers, heartbeats,
-campaigns for the lease, writes its positions and listens.
+campaigns for the lease, writes its positions and room members, and listens.
 
 Theory of operation: :class:`ClusterLink` has one connection of its own in
 autocommit (not the store's writer, which is the committer's, one
@@ -40,19 +40,31 @@ from ._rows import USER_COLS, user_from
 from ._writes import NOTIFY_PAYLOAD_LIMIT
 
 __all__ = [
+    "MEMBERS_CHANNEL",
+    "MEMBERS_KEY",
     "POSITIONS_CHANNEL",
+    "POSITIONS_KEY",
     "ClusterLink",
     "Lease",
     "ListenConnection",
     "ListenLost",
     "NodeInfo",
     "connect_listener",
-    "positions_news",
-    "read_positions_news",
+    "read_rows_news",
+    "rows_news",
 ]
 
 #: Where nodes announce the users whose rows in ``positions`` they changed (CLUSTER.md).
 POSITIONS_CHANNEL = "dongne_positions"
+#: The field of that news that names them.
+POSITIONS_KEY = "users"
+#: Where nodes announce the questions whose rows in ``room_members`` they changed (CLUSTER.md).
+MEMBERS_CHANNEL = "dongne_members"
+#: The field of that news that names them.
+MEMBERS_KEY = "questions"
+#: The tables of rows per node, each with the channel its changes are announced on: a node's rows go
+#: when it leaves or is expired (``drop_node_rows``).
+NODE_TABLES = (("positions", POSITIONS_CHANNEL), ("room_members", MEMBERS_CHANNEL))
 
 #: The lease escalation leadership is (the only one so far).
 ESCALATION_LEASE = "escalation"
@@ -205,36 +217,86 @@ class ClusterLink:
                 "regions": [m[4] for m in moved],
                 "gone": list(gone),
                 "channel": POSITIONS_CHANNEL,
-                "news": positions_news(node_id, users),
+                "news": rows_news(node_id, POSITIONS_KEY, users),
             },
         )
 
-    def drop_positions(self, node_ids: Sequence[str]) -> None:
-        """Delete the rows of nodes that left or were expired (and of any node no longer registered: a batch
-        that outlived its node's leaving); if any, every node rebuilds its replica."""
-        self._run(
-            "WITH dropped AS (DELETE FROM positions WHERE node_id = ANY(%s::text[])"
+    def drop_node_rows(self, node_ids: Sequence[str]) -> None:
+        """Delete the rows (positions, room members) of nodes that left or were expired, and of any node no
+        longer registered (a batch that outlived its node's leaving); every node rebuilds the replica of a
+        table that lost rows."""
+        ctes = ", ".join(
+            f"d{i} AS (DELETE FROM {table} WHERE node_id = ANY(%(nodes)s::text[])"
             " OR node_id NOT IN (SELECT node_id FROM cluster_nodes) RETURNING 1)"
-            " SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM dropped LIMIT 1) AS any_dropped",
-            (list(node_ids), POSITIONS_CHANNEL, json.dumps({"node": "", "all": True})),
+            for i, (table, _channel) in enumerate(NODE_TABLES)
         )
+        notify = " UNION ALL ".join(
+            f"SELECT pg_notify('{channel}', %(all)s) FROM (SELECT 1 FROM d{i} LIMIT 1) AS any{i}"
+            for i, (_table, channel) in enumerate(NODE_TABLES)
+        )
+        self._run(f"WITH {ctes} {notify}", {"nodes": list(node_ids), "all": json.dumps({"node": "", "all": True})})
 
     def read_positions(
         self, not_node: str, users: Sequence[str] | None = None
     ) -> list[tuple[str, float | None, float | None, str | None]]:
         """``(user, lat, lng, region)`` of every user (of ``users``, if given) connected to a node other than
         ``not_node``; a user on several, by the newest position; None: connected, no position shared."""
-        where = "" if users is None else " AND user_id = ANY(%s::text[])"
-        params: tuple[Any, ...] = (not_node,) if users is None else (not_node, list(users))
-        rows = self._run(
-            f"SELECT DISTINCT ON (user_id) user_id, lat, lng, region FROM positions WHERE node_id <> %s{where}"
-            " ORDER BY user_id, lat IS NULL, at DESC",
-            params,
+        rows = self._other_nodes_rows(
+            "SELECT DISTINCT ON (user_id) user_id, lat, lng, region FROM positions",
+            not_node,
+            "user_id",
+            users,
+            "ORDER BY user_id, lat IS NULL, at DESC",
         )
         return [
             (str(u), None if lat is None else float(lat), None if lng is None else float(lng), region)
             for u, lat, lng, region in rows
         ]
+
+    # ---- room members (CLUSTER.md, "Room members across nodes") -------------------
+
+    def write_members(self, node_id: str, joined: Sequence[tuple[str, str]], left: Sequence[tuple[str, str]]) -> None:
+        """One batch of this node's room members, ``(question, user)``: ``joined`` inserted, ``left`` deleted,
+        and the questions announced on :data:`MEMBERS_CHANNEL`, in one statement (one transaction)."""
+        questions = sorted({q for q, _u in joined} | {q for q, _u in left})
+        self._run(
+            "WITH joined AS (INSERT INTO room_members (question_id, user_id, node_id)"
+            " SELECT q, u, %(node)s FROM unnest(%(jq)s::text[], %(ju)s::text[]) AS j(q, u) ORDER BY q, u"
+            " ON CONFLICT DO NOTHING RETURNING 1),"
+            " gone AS (DELETE FROM room_members m USING unnest(%(lq)s::text[], %(lu)s::text[]) AS l(q, u)"
+            " WHERE m.node_id = %(node)s AND m.question_id = l.q AND m.user_id = l.u RETURNING 1)"
+            " SELECT pg_notify(%(channel)s, p) FROM unnest(%(news)s::text[]) AS p",
+            {
+                "node": node_id,
+                "jq": [q for q, _u in joined],
+                "ju": [u for _q, u in joined],
+                "lq": [q for q, _u in left],
+                "lu": [u for _q, u in left],
+                "channel": MEMBERS_CHANNEL,
+                "news": rows_news(node_id, MEMBERS_KEY, questions),
+            },
+        )
+
+    def read_members(self, not_node: str, questions: Sequence[str] | None = None) -> list[tuple[str, str]]:
+        """``(question, user)`` of every member (of ``questions``' rooms, if given) connected to a node other
+        than ``not_node``, once each however many nodes they are in the room on; sorted."""
+        rows = self._other_nodes_rows(
+            "SELECT DISTINCT question_id, user_id FROM room_members",
+            not_node,
+            "question_id",
+            questions,
+            "ORDER BY question_id, user_id",
+        )
+        return [(str(q), str(u)) for q, u in rows]
+
+    def _other_nodes_rows(
+        self, select: str, not_node: str, key: str, keys: Sequence[str] | None, order: str
+    ) -> list[tuple[Any, ...]]:
+        """``select`` (``SELECT ... FROM`` a table of rows per node) of nodes other than ``not_node``, only
+        the rows whose ``key`` column is in ``keys`` if given, then ``order``."""
+        where = "" if keys is None else f" AND {key} = ANY(%s::text[])"
+        params: tuple[Any, ...] = (not_node,) if keys is None else (not_node, list(keys))
+        return self._run(f"{select} WHERE node_id <> %s{where} {order}", params)
 
     def read_users(self, user_ids: Sequence[str]) -> list[User]:
         """The rows of ``user_ids`` (those that exist), ``last_seq`` raised to their inbox heads."""
@@ -285,28 +347,29 @@ class ClusterLink:
         self._run("SELECT pg_notify(%s, %s)", (channel, payload))
 
 
-def positions_news(origin: str, users: Sequence[str]) -> list[str]:
-    """Payloads announcing that ``origin`` changed these users' rows in ``positions``, each under the limit:
-    ``{"node": origin, "users": [...]}``."""
+def rows_news(origin: str, field: str, keys: Sequence[str]) -> list[str]:
+    """Payloads announcing that ``origin`` changed the rows of these keys in a table of rows per node
+    (``positions``: users; ``room_members``: questions), each under the limit: ``{"node": origin, field: [...]}``."""
     payloads: list[str] = []
     part: list[str] = []
-    used = len(json.dumps({"node": origin, "users": []}).encode())
+    used = len(json.dumps({"node": origin, field: []}).encode())
     budget = NOTIFY_PAYLOAD_LIMIT - 1
     size = used
-    for user in users:
-        cost = len(json.dumps(user).encode()) + 1
+    for key in keys:
+        cost = len(json.dumps(key).encode()) + 1
         if part and size + cost > budget:
-            payloads.append(json.dumps({"node": origin, "users": part}))
+            payloads.append(json.dumps({"node": origin, field: part}))
             part, size = [], used
-        part.append(user)
+        part.append(key)
         size += cost
     if part:
-        payloads.append(json.dumps({"node": origin, "users": part}))
+        payloads.append(json.dumps({"node": origin, field: part}))
     return payloads
 
 
-def read_positions_news(payload: str) -> tuple[str, list[str] | None]:
-    """``(origin node, users)`` of a payload on :data:`POSITIONS_CHANNEL`; users None: everyone (rebuild).
+def read_rows_news(payload: str, field: str) -> tuple[str, list[str] | None]:
+    """``(origin node, keys)`` of a payload :func:`rows_news` made (or ``drop_node_rows``'s, keys None:
+    everything, a rebuild).
 
     Raises:
         ValueError: not such a payload.
@@ -314,12 +377,12 @@ def read_positions_news(payload: str) -> tuple[str, list[str] | None]:
     try:
         news = json.loads(payload)
         origin = news["node"]
-        users = None if news.get("all") else news["users"]
+        keys = None if news.get("all") else news[field]
     except (ValueError, TypeError, KeyError, AttributeError):
-        raise ValueError(f"not positions news: {payload[:80]!r}") from None
-    if not isinstance(origin, str) or not (users is None or isinstance(users, list)):
-        raise ValueError(f"not positions news: {payload[:80]!r}")
-    return origin, None if users is None else [str(u) for u in users]
+        raise ValueError(f"not {field} news: {payload[:80]!r}") from None
+    if not isinstance(origin, str) or not (keys is None or isinstance(keys, list)):
+        raise ValueError(f"not {field} news: {payload[:80]!r}")
+    return origin, None if keys is None else [str(k) for k in keys]
 
 
 class ListenConnection:

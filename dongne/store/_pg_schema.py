@@ -298,6 +298,19 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE positions ADD COLUMN region text;
     """,
+    # 8: who is in which question's room on each node (CLUSTER.md, "Room members across nodes"): every node
+    # writes its own in batches and keeps a replica of the others', so a join_question reply lists the room's
+    # members on every node. A node's rows go with the user's last connection in the room there, the node's
+    # graceful stop, or its expiry.
+    """
+    CREATE TABLE room_members (
+        question_id  text COLLATE "C" NOT NULL,
+        user_id      text COLLATE "C" NOT NULL,
+        node_id      text COLLATE "C" NOT NULL,
+        PRIMARY KEY (question_id, user_id, node_id)
+    );
+    CREATE INDEX room_members_by_node ON room_members (node_id);
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
