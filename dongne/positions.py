@@ -1,9 +1,9 @@
 """Positions through the store, and every node's R-tree as a replica of all nodes' (store/CLUSTER.md).
 
 A PostgreSQL node writes where its connected users are to ``positions``
-(one row per user and node; no position for one who shared none: they are
-online all the same, so other nodes send them no push) in batches, and keeps the users other nodes
-place in its engine's live index (``events.RemotePositions``): so
+(one row per user and node; no position for one who shared none: they
+are online all the same, so other nodes send them no push) in batches, and
+keeps the users other nodes place in its engine's live index (``events.RemotePositions``): so
 ``nearby_locals`` counts, and escalation stages plan, every online local,
 whichever node they are connected to. What a node changed is announced on
 ``dongne_positions``; the others read those users' rows back. The table is
@@ -16,14 +16,17 @@ rules (who enters the live index, who counts as online) are the engine's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from .clock import EngineClock
-from .core import Event, RemotePositions
+from .core import Engine, Event, RemotePositions
 from .replica import TableSync
+
+if TYPE_CHECKING:  # psycopg is optional (the postgres extra)
+    from .store._cluster import ClusterLink
 
 __all__ = ["PositionSync"]
 
@@ -40,8 +43,17 @@ class PositionSync(TableSync[str, tuple[float | None, float | None]]):
 
     name = "positions"
 
-    def __init__(self, *args: Any, clock: EngineClock, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        link: ClusterLink,
+        node_id: str,
+        engine: Engine,
+        feed: Callable[[Event], None],
+        *,
+        clock: EngineClock,
+        interval_s: float = 0.5,
+    ) -> None:
+        super().__init__(link, node_id, engine, feed, interval_s=interval_s)
         self._clock = clock
 
     def wanted(self) -> dict[str, tuple[float | None, float | None]]:
