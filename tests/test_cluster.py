@@ -378,22 +378,35 @@ async def test_a_commit_announces_its_users_new_inbox_heads(store: Storage, db: 
     ]
 
 
-def test_inbox_news_is_split_under_postgresqls_payload_limit() -> None:
-    from dongne.store._writes import NOTIFY_PAYLOAD_LIMIT, inbox_news, read_inbox_news
+@pytest.mark.backends("postgres")
+async def test_a_commits_announcement_of_many_heads_is_split_under_the_payload_limit(store: Storage, db: str) -> None:
+    """A commit appending to 1,000 users with long (non-ASCII) ids announces their heads in several
+    notifications, each under PostgreSQL's payload limit and well filled; together they name every head."""
+    from dongne.store._writes import NOTIFY_PAYLOAD_LIMIT, read_inbox_news
 
-    heads = {f"user-{i:04d}-{'한' * 20}": i for i in range(1000)}
-    payloads = inbox_news("node-a", heads)
+    heads = {f"user-{i:04d}-{'한' * 20}": 1 + i % 3 for i in range(1000)}
+    heard = Heard()
+    listener = listener_for(db, heard)
+    store.news_from = "node-a"  # type: ignore[attr-defined]  # PostgreSQL only
+    writes = [event(user, seq) for user, head in heads.items() for seq in range(1, head + 1)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(listener.run)
+        await trio.to_thread.run_sync(store.apply, writes)
+        merged: dict[str, int] = {}
 
-    assert len(payloads) > 1
-    assert all(len(p.encode()) < NOTIFY_PAYLOAD_LIMIT for p in payloads)
-    assert max(len(p.encode()) for p in payloads) > NOTIFY_PAYLOAD_LIMIT - 100  # packed, not one per user
-    merged: dict[str, int] = {}
-    for payload in payloads:
-        origin, part = read_inbox_news(payload)
-        assert origin == "node-a"
-        merged.update(part)
+        def merge() -> bool:
+            merged.clear()
+            for _, payload in heard.items:
+                merged.update(read_inbox_news(payload)[1])
+            return len(merged) == len(heads)
+
+        await heard.wait_for(merge)
+        nursery.cancel_scope.cancel()
+
+    payloads = [payload.encode() for _, payload in heard.items]
     assert merged == heads
-    assert inbox_news("node-a", {}) == []
+    assert len(payloads) > 1 and all(len(p) < NOTIFY_PAYLOAD_LIMIT for p in payloads)
+    assert max(len(p) for p in payloads) > NOTIFY_PAYLOAD_LIMIT // 2  # packed, not one per user
     with pytest.raises(ValueError):
         read_inbox_news("u1:2")
 

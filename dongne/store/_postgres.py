@@ -44,7 +44,7 @@ from ._backup import DatabaseInUseError
 from ._base import SqlStore
 from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
-from ._writes import TAKE_HEADS_SQL, Guard, PreparedCommit, SeqsGiven
+from ._writes import Guard, PreparedCommit, SeqsGiven
 
 __all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
 
@@ -243,32 +243,30 @@ class PostgresStore(SqlStore):
     def commit(self, batch: PreparedCommit) -> SeqsGiven:
         """Run a prepared transaction (blocking: on a worker thread), its statements pipelined.
 
-        The inbox events go last, numbered from the inbox heads the commit
-        moves on (``InboxAppends``): the heads' rows are locked only for the
-        end of the transaction. Returns the seqs that differ from the engine's.
+        The inbox events go last, in one statement that numbers them from the
+        inbox heads it moves on (``InboxAppends``): the heads' rows are locked
+        only for the end of the transaction. Returns the seqs that differ from
+        the engine's.
 
         Raises:
             WriteFailed: PostgreSQL refused it or the connection broke; nothing of it was committed.
         """
-        given: SeqsGiven = {}
+        appended: psycopg.Cursor[Any] | None = None
         with self._transaction("commit", pipeline=True) as conn:
             checks: list[tuple[psycopg.Cursor[Any], Guard]] = []
             self._run(conn, batch.statements, checks)
-            heads = None
             if batch.appends is not None:
-                users, counts = batch.appends.counts()
-                heads = conn.execute(TAKE_HEADS_SQL, (users, counts))
-            if checks or heads is not None:
+                appended = conn.execute(*batch.appends.statement)
+            if checks:
                 with conn.pipeline() as pipeline:
-                    pipeline.sync()  # the guarded statements' row counts and the heads, before COMMIT
+                    pipeline.sync()  # the guarded statements' row counts, before COMMIT
                 for cursor, guard in checks:
                     if cursor.rowcount == 0:  # raised in the transaction: rolled back
                         raise Conflict(f"commit refused: question {guard.question_id} changed ({guard.what})",
                                        guard.question_id, guard.what)  # fmt: skip
-            if heads is not None and batch.appends is not None:
-                counted = dict(zip(*batch.appends.counts(), strict=True))
-                tail, given = batch.appends.give({user: head - counted[user] for user, head in heads.fetchall()})
-                self._run(conn, tail.statements, checks)
+        given: SeqsGiven = {}
+        if appended is not None and batch.appends is not None:
+            given = batch.appends.given((str(row[0]), int(row[1])) for row in appended.fetchall())
         self.commits += 1
         self.rows_committed += batch.rows
         return given

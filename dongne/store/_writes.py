@@ -14,7 +14,7 @@ several nodes never take the same seq.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any
 
@@ -46,6 +46,7 @@ from ._queries import Dialect
 from ._rows import ANSWER_COLS, QUESTION_COLS, REPORT_COLS, USER_COLS, answer_row, question_row, report_row, user_row
 
 __all__ = [
+    "APPEND_EVENTS_SQL",
     "CHANGES_CHANNEL",
     "EVENTS_CHANNEL",
     "MAX_ROWS_PER_STATEMENT",
@@ -57,7 +58,6 @@ __all__ = [
     "PreparedCommit",
     "SeqsGiven",
     "changes_news",
-    "inbox_news",
     "prepare_writes",
     "read_changes_news",
     "read_inbox_news",
@@ -94,14 +94,37 @@ _ACTIVE_SQL = "status IN ('open', 'answered')"
 #: each such user with all of its events in the commit (the newest stored seq is the user's inbox head).
 SeqsGiven = dict[str, dict[int, int]]
 
-#: Moves each user's inbox head on by the user's events in the commit, locking the rows in user order (two
-#: commits lock in the same order, so they cannot deadlock), and returns the new heads.
-TAKE_HEADS_SQL = (
-    "INSERT INTO inbox_heads (user_id, last_seq)"
-    " SELECT u, n FROM unnest(%s::text[], %s::bigint[]) AS t(u, n) ORDER BY u"
-    " ON CONFLICT (user_id) DO UPDATE SET last_seq = inbox_heads.last_seq + excluded.last_seq"
-    " RETURNING user_id, last_seq"
-)
+#: Appends a commit's inbox events in one statement (``InboxAppends``): each user's head moves on by the
+#: user's events (rows locked in user order: two commits lock in the same order, so they cannot deadlock),
+#: the events are numbered from where it was, and the new heads are returned; ``{news}`` is where the
+#: announcement of the new heads goes, split under PostgreSQL's payload limit.
+APPEND_EVENTS_SQL = """
+WITH heads AS (
+    INSERT INTO inbox_heads (user_id, last_seq)
+    SELECT u, n FROM unnest(%(users)s::text[], %(counts)s::bigint[]) AS t(u, n) ORDER BY u
+    ON CONFLICT (user_id) DO UPDATE SET last_seq = inbox_heads.last_seq + excluded.last_seq
+    RETURNING user_id, last_seq
+), appended AS (
+    INSERT INTO events (user_id, seq, type, data, created_at)
+    SELECT e.u, h.last_seq - c.n + e.r, e.t, e.d, e.c
+    FROM unnest(%(event_users)s::text[], %(ranks)s::bigint[], %(types)s::text[], %(datas)b::bytea[],
+                %(created)s::bigint[]) AS e(u, r, t, d, c)
+    JOIN heads h ON h.user_id = e.u COLLATE "C"
+    JOIN unnest(%(users)s::text[], %(counts)s::bigint[]) AS c(u, n) ON c.u = e.u
+    RETURNING 1
+){news}
+SELECT user_id, last_seq FROM heads{news_join}
+"""
+
+_ANNOUNCE_HEADS_SQL = """, announced AS (
+    SELECT pg_notify(%(channel)s, json_build_object('node', %(node)s::text, 'heads', json_object_agg(user_id, last_seq))::text)
+    FROM (SELECT user_id, last_seq, sum(octet_length(user_id) + 24) OVER (ORDER BY user_id) / %(budget)s AS part
+          FROM heads) AS p
+    GROUP BY part
+)"""
+
+#: The bytes of heads each announcement may hold (the rest of its payload's 8000 is the node id and JSON).
+_ANNOUNCE_BUDGET = 7000
 
 
 @attrs.frozen
@@ -194,89 +217,64 @@ class PreparedCommit:
         self.statements.append(("SELECT pg_notify(%s, %s)", [channel, payload], False))
 
 
-@attrs.define
 class InboxAppends:
     """A PostgreSQL commit's inbox events: the commit gives their seqs (CLUSTER.md, "Seqs stay gap-free per user").
 
     The engine numbers each user's events from what it knows of the user's
     inbox head; another node may have appended to that inbox meanwhile. So
-    the commit runs :data:`TAKE_HEADS_SQL` (each user's head moved on by the
-    user's events, the rows locked until the commit ends), then numbers each
-    user's events from where the head was, in the engine's order, then
-    inserts them and announces the new heads. Where that differs from the
-    engine's numbers (another node appended first), the commit's result says
-    so (:data:`SeqsGiven`): the driver sends those frames with the stored
-    seqs. Nothing is refused and nothing is read again.
+    the commit appends them with :data:`APPEND_EVENTS_SQL`, one statement
+    built here (on the event loop: the writer thread only runs it): each
+    user's head moves on by the user's events, the events are numbered from
+    where it was, in the engine's order, and the new heads are announced on
+    :data:`EVENTS_CHANNEL`. Where the numbers differ from the engine's
+    (another node appended first), :meth:`given` says so from the heads the
+    statement returns: the driver sends those frames with the stored seqs.
+    Nothing is refused and nothing is read again.
 
     Args:
         rows: ``(user, seq the engine gave, type, data, created_at)``, in the engine's order.
-        max_variables: the backend's limit on parameters in one statement.
-        news_from: the node id whose commits announce new heads on :data:`EVENTS_CHANNEL` (None: no news).
+        news_from: the node id whose commits announce new heads (None: no news).
     """
 
-    rows: list[tuple[str, int, str, bytes, int]]
-    max_variables: int
-    news_from: str | None = None
+    def __init__(self, rows: list[tuple[str, int, str, bytes, int]], news_from: str | None = None) -> None:
+        self.seqs: dict[str, list[int]] = {}  # each user's seqs as the engine gave them, in its order
+        ranks = []
+        for user, seq, _kind, _data, _created in rows:
+            mine = self.seqs.setdefault(user, [])
+            mine.append(seq)
+            ranks.append(len(mine))
+        users = sorted(self.seqs)
+        params: dict[str, Any] = {
+            "users": users,
+            "counts": [len(self.seqs[u]) for u in users],
+            "event_users": [r[0] for r in rows],
+            "ranks": ranks,
+            "types": [r[2] for r in rows],
+            "datas": [r[3] for r in rows],
+            "created": [r[4] for r in rows],
+        }
+        if news_from is None:
+            sql = APPEND_EVENTS_SQL.format(news="", news_join="")
+        else:
+            sql = APPEND_EVENTS_SQL.format(
+                news=_ANNOUNCE_HEADS_SQL, news_join=", (SELECT count(*) FROM announced) AS announcements"
+            )
+            params.update(channel=EVENTS_CHANNEL, node=news_from, budget=_ANNOUNCE_BUDGET)
+        self.statement: tuple[str, dict[str, Any]] = (sql, params)
 
-    def counts(self) -> tuple[list[str], list[int]]:
-        """The users, sorted, and how many events each has here: :data:`TAKE_HEADS_SQL`'s parameters."""
-        counts: dict[str, int] = {}
-        for row in self.rows:
-            counts[row[0]] = counts.get(row[0], 0) + 1
-        users = sorted(counts)
-        return users, [counts[u] for u in users]
-
-    def give(self, heads: dict[str, int]) -> tuple[PreparedCommit, SeqsGiven]:
-        """The statements that insert the events numbered on from ``heads`` (each user's head before this
-        commit) and announce the new heads, and the seqs given where they differ from the engine's."""
-        rank: dict[str, int] = {}
-        seqs: SeqsGiven = {}
-        moved: set[str] = set()
-        rows = []
-        for user, seq, kind, data, created_at in self.rows:
-            stored = heads.get(user, 0) + rank.get(user, 0) + 1
-            rank[user] = rank.get(user, 0) + 1
-            seqs.setdefault(user, {})[seq] = stored
-            if stored != seq:
-                moved.add(user)
-            rows.append((user, stored, kind, data, created_at))
-        given = {user: seqs[user] for user in moved}  # each with all its seqs: the newest is the head
-        tail = PreparedCommit(self.max_variables, "%s")
-        tail.insert("INSERT INTO events (user_id, seq, type, data, created_at)", rows)
-        if self.news_from is not None:
-            for payload in inbox_news(self.news_from, {u: heads.get(u, 0) + n for u, n in rank.items()}):
-                tail.notify(EVENTS_CHANNEL, payload)
-        return tail, given
-
-
-def inbox_news(origin: str, heads: dict[str, int]) -> list[str]:
-    """The payloads that announce a commit's new inbox heads on :data:`EVENTS_CHANNEL` (``CLUSTER.md``).
-
-    Each is JSON, ``{"node": origin, "heads": {user: newest seq, ...}}``, and
-    under PostgreSQL's payload limit: a commit touching many users sends
-    several. A listener reads the events themselves from the store.
-    """
-    payloads: list[str] = []
-    head = json.dumps({"node": origin, "heads": {}}, ensure_ascii=False, separators=(",", ":"))
-    budget = NOTIFY_PAYLOAD_LIMIT - 1 - len(head.encode())
-    part: dict[str, int] = {}
-    used = 0
-    for user, seq in sorted(heads.items()):
-        size = len(json.dumps({user: seq}, ensure_ascii=False, separators=(",", ":")).encode()) - 1  # "...":n,
-        if size > budget:
-            raise ValueError(f"a user id too long to announce: {user[:40]!r}...")
-        if part and used + size > budget:
-            payloads.append(json.dumps({"node": origin, "heads": part}, ensure_ascii=False, separators=(",", ":")))
-            part, used = {}, 0
-        part[user] = seq
-        used += size
-    if part:
-        payloads.append(json.dumps({"node": origin, "heads": part}, ensure_ascii=False, separators=(",", ":")))
-    return payloads
+    def given(self, heads: Iterable[tuple[str, int]]) -> SeqsGiven:
+        """The seqs the commit gave where they differ from the engine's, from the new ``heads`` it returned."""
+        given: SeqsGiven = {}
+        for user, head in heads:
+            mine = self.seqs[user]
+            first = head - len(mine) + 1
+            if mine[0] != first or mine[-1] != head:  # the engine's are ascending: both ends tell
+                given[user] = {seq: first + i for i, seq in enumerate(mine)}
+        return given
 
 
 def read_inbox_news(payload: str) -> tuple[str, dict[str, int]]:
-    """``(origin node, {user: newest seq})`` of a payload :func:`inbox_news` made.
+    """``(origin node, {user: newest seq})`` of an announcement of new inbox heads (``InboxAppends``).
 
     Raises:
         ValueError: not such a payload.
@@ -393,7 +391,7 @@ def prepare_writes(
     the event loop, where it would hold the GIL anyway.
 
     ``news_from`` (PostgreSQL): a node id; the commit then announces its new
-    inbox heads on :data:`EVENTS_CHANNEL` (:func:`inbox_news`) and the
+    inbox heads on :data:`EVENTS_CHANNEL` (:class:`InboxAppends`) and the
     questions and users it changed on :data:`CHANGES_CHANNEL`
     (:func:`changes_news`).
     PostgreSQL's inbox events go to :attr:`PreparedCommit.appends`: the
@@ -547,7 +545,7 @@ def prepare_writes(
     packb = msgpack.packb
     event_rows = [(e.user_id, e.seq, e.type, e.packed or packb(e.data), e.created_at) for e in events]
     if pg and event_rows:
-        batch.appends = InboxAppends(event_rows, max_variables, news_from)
+        batch.appends = InboxAppends(event_rows, news_from)
         batch.rows += len(event_rows)
     else:
         batch.insert("INSERT INTO events (user_id, seq, type, data, created_at)", event_rows)
