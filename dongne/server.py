@@ -473,6 +473,14 @@ class ClientServer:
             user_id = state.user_id if state is not None else None
         return given.get(user_id, {}).get(seq, seq) if user_id is not None else seq
 
+    def _stored_seq_of_any(self, given: Mapping[str, Mapping[int, int]], conn_ids: Iterable[int], seq: int) -> int:
+        """:meth:`_stored_seq` for an alert to one user's connections: the first still known tells whose (one
+        closed since the commit no longer does)."""
+        for conn_id in conn_ids:
+            if conn_id in self.conns:
+                return self._stored_seq(given, conn_id, seq)
+        return seq
+
     def _count(self, outcome: Outcome) -> None:
         metrics = self.metrics
         if outcome.op:
@@ -519,7 +527,7 @@ class ClientServer:
                 sent = 0
                 live = self.deliveries.live
                 for conn_ids, seq, packed in action.frames:
-                    if given and conn_ids and (stored := self._stored_seq(given, conn_ids[0], seq)) != seq:
+                    if given and (stored := self._stored_seq_of_any(given, conn_ids, seq)) != seq:
                         seq, packed = stored, msgpack.packb({**msgpack.unpackb(packed), "seq": stored})
                     frame = binary(packed)
                     for conn_id in conn_ids:

@@ -18,7 +18,7 @@ import trio
 
 from dongne.admin import COOKIE_NAME
 from dongne.cluster import Listener, Membership, backoff
-from dongne.core.effects import AppendEvent, SaveUser
+from dongne.core.effects import AddPoints, AppendEvent, SaveUser
 from dongne.core.records import User
 from dongne.store import LeaseLost, SeqConflict, Storage, WriteFailed, store_for
 from dongne.store._pg_schema import PG_MIGRATIONS
@@ -255,6 +255,29 @@ def test_writers_racing_on_the_same_inboxes_never_refuse_deadlock_or_leave_a_gap
 
 
 @pytest.mark.backends("postgres")
+def test_writers_saving_and_pointing_the_same_users_crosswise_do_not_deadlock(store: Storage, db: str) -> None:
+    """One node saves alice and adds points to bob while another saves bob and adds to alice, over and
+    over: users' rows are locked in one order per commit, so neither is refused and every point counts."""
+    other = store_for(db)
+    other.open()
+    store.apply([SaveUser(User("alice", "Alice")), SaveUser(User("bob", "Bob"))])
+    rounds = 150
+
+    def write(writer: Storage, saved: str, pointed: str) -> None:
+        for _ in range(rounds):
+            writer.apply([SaveUser(User(saved, saved.title())), AddPoints(pointed, 1)])
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(write, store, "alice", "bob"), pool.submit(write, other, "bob", "alice")]
+            for future in done:
+                future.result()  # a deadlock would be a WriteFailed here
+    finally:
+        other.close()
+    assert db_rows(db, "SELECT user_id, points FROM users ORDER BY user_id") == [("alice", rounds), ("bob", rounds)]
+
+
+@pytest.mark.backends("postgres")
 def test_a_seq_stored_by_a_writer_that_did_not_move_the_head_is_a_seq_conflict(store: Storage, db: str) -> None:
     """Only a writer that bypasses the heads (a bug, or a hand-made row) can make a commit reuse a seq: it
     is refused whole, as a ``SeqConflict``."""
@@ -380,11 +403,12 @@ async def test_a_commit_announces_its_users_new_inbox_heads(store: Storage, db: 
 
 @pytest.mark.backends("postgres")
 async def test_a_commits_announcement_of_many_heads_is_split_under_the_payload_limit(store: Storage, db: str) -> None:
-    """A commit appending to 1,000 users with long (non-ASCII) ids announces their heads in several
+    """A commit appending to 1,000 users with long ids (non-ASCII, or escaped in JSON) announces their heads in several
     notifications, each under PostgreSQL's payload limit and well filled; together they name every head."""
     from dongne.store._writes import NOTIFY_PAYLOAD_LIMIT, read_inbox_news
 
-    heads = {f"user-{i:04d}-{'한' * 20}": 1 + i % 3 for i in range(1000)}
+    # Ids as long as a token may make them, some with what JSON escapes (a quote, a control character).
+    heads = {f"user-{i:04d}-{'한' * 20 if i % 2 else chr(34) + chr(1) * 25}": 1 + i % 3 for i in range(1000)}
     heard = Heard()
     listener = listener_for(db, heard)
     store.news_from = "node-a"  # type: ignore[attr-defined]  # PostgreSQL only

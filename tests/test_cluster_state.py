@@ -119,7 +119,6 @@ async def test_points_another_node_gave_the_same_author_add_up_with_this_nodes(s
             await local.request("update_settings", {"quiet_hours": [22, 7]})
 
     assert db_rows(h.db, "SELECT points FROM users WHERE user_id = 'local'") == [(20,)]
-    assert h.running.engine.users["local"].points == 10  # this node's own count, until the news
 
 
 def test_a_new_users_first_save_gives_its_points_and_later_ones_leave_them() -> None:
@@ -273,6 +272,13 @@ async def test_this_nodes_commits_announce_what_they_changed_with_its_node_id(st
     announced = [read_changes_news(p) for p in news]
     assert (h.running.clients.node_id, [], ["asker"]) in announced  # the hello created the user
     assert (h.running.clients.node_id, [qid], []) in announced
+
+
+def test_a_commit_that_only_adds_points_announces_the_user() -> None:
+    """An accept writes the author's points alone (AddPoints): other nodes must still read the row back."""
+    batch = prepare_writes([AddPoints("author", 10)], 30000, "postgres", news_from="node-a")
+    news = [params[1] for sql, params, _ in batch.statements if "pg_notify" in sql]
+    assert [read_changes_news(p) for p in news] == [("node-a", [], ["author"])]
 
 
 def test_changes_news_is_split_under_postgresqls_payload_limit() -> None:

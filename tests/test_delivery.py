@@ -94,6 +94,36 @@ async def test_a_seq_another_node_took_unannounced_is_numbered_past_not_refused(
     assert db_rows(h.db, "SELECT count(*) FROM answers") == [(3,)]
 
 
+async def test_an_alert_renumbered_at_commit_keeps_its_stored_seq_when_its_first_connection_closed(
+    start_server: Any,
+) -> None:
+    """A stage's alert to a user's two connections, numbered 2 by the store where the engine said 1; the
+    first connection closed between the commit and the send: the second still gets it as seq 2, after the
+    other node's seq 1 from the store."""
+    from dongne.core.effects import Outcome, SendEach
+
+    h: Harness = await start_server()
+    clients = h.running.clients
+    async with h.connect("local", local=True) as second:
+        await second.request("ping")
+        (second_id,) = h.running.engine.user_conns["local"]
+        async with h.connect("local", local=True) as first:
+            await first.request("ping")
+            (first_id,) = h.running.engine.user_conns["local"] - {second_id}
+        other_node_appends(str(h.db), "local", range(1, 2), notify=False)
+        with trio.fail_after(10):
+            while first_id in clients.conns:  # noqa: ASYNC110 - the server's own teardown
+                await trio.sleep(0.01)
+        conn_ids = (first_id, second_id)  # the first of the alert's connections is gone
+        data = {"question_id": "q1", "stage": "QUICK"}
+        alert = msgpack.packb(durable_event("new_question_notification", 1, data))
+        clients._perform(
+            Outcome(actions=(SendEach("new_question_notification", [(conn_ids, 1, alert)]),)), {"local": {1: 2}}
+        )
+        assert await durable_seqs(second, 2) == [1, 2]
+        assert second.pending_events() == []
+
+
 async def test_another_nodes_events_arrive_once_in_order_then_seqs_continue(start_server: Any) -> None:
     """News on dongne_events: the connected asker gets the other node's events from the store, in order,
     and this node's next event for the asker follows them."""

@@ -118,7 +118,8 @@ SELECT user_id, last_seq FROM heads{news_join}
 
 _ANNOUNCE_HEADS_SQL = """, announced AS (
     SELECT pg_notify(%(channel)s, json_build_object('node', %(node)s::text, 'heads', json_object_agg(user_id, last_seq))::text)
-    FROM (SELECT user_id, last_seq, sum(octet_length(user_id) + 24) OVER (ORDER BY user_id) / %(budget)s AS part
+    FROM (SELECT user_id, last_seq,
+                 sum(octet_length(to_json(user_id)::text) + 24) OVER (ORDER BY user_id) / %(budget)s AS part
           FROM heads) AS p
     GROUP BY part
 )"""
@@ -460,7 +461,7 @@ def prepare_writes(
     batch = PreparedCommit(max_variables, "%s" if pg else "?")
     if pg and news_from is not None:
         changed_questions = {*questions, *(op.question_id for op in raced), *(a.question_id for a in answers.values())}
-        for payload in changes_news(news_from, sorted(changed_questions), sorted(users)):
+        for payload in changes_news(news_from, sorted(changed_questions), sorted({*users, *points})):
             batch.notify(CHANGES_CHANNEL, payload)
         for news in rooms:  # after the changes: a listener may read the answer a news names
             try:
@@ -497,6 +498,13 @@ def prepare_writes(
 
     # A user's saved last_seq never goes back (PostgreSQL: a save decided on an older copy cannot lower it);
     # points are written by an insert, then only added to (AddPoints).
+    if pg and points:
+        # The upsert and the points' update lock users' rows in two passes: lock them all first, in one
+        # order, or two commits (one saving alice and pointing bob, the other the reverse) deadlock.
+        batch.many(
+            "SELECT 1 FROM users WHERE user_id = ANY(%s::text[]) ORDER BY user_id FOR UPDATE",
+            [(sorted({*users, *points}),)],
+        )
     save("users", USER_COLS, "user_id", [user_row(u) for u in users.values()], keep=("points",),
          last_seq=f"{'greatest' if pg else 'max'}(users.last_seq, excluded.last_seq)")  # fmt: skip
     if points:
