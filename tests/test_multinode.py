@@ -153,12 +153,12 @@ async def alerts_after_a_round_trip(client: DongneClient) -> list[str]:
 
 
 async def locals_and_asker(
-    stack: AsyncExitStack, locals_node: ServedProcess, asker_node: ServedProcess
+    stack: AsyncExitStack, locals_node: ServedProcess, asker_node: ServedProcess, mid_node: ServedProcess | None = None
 ) -> tuple[DongneClient, DongneClient, DongneClient]:
-    """``near`` (1 km: IMMEDIATE) and ``mid`` (4 km: QUICK, at 3 s) on one node, the asker on another, once the
-    asker's node counts both (positions through the store)."""
+    """``near`` (1 km: IMMEDIATE) and ``mid`` (4 km: QUICK, at 3 s) on one node (``mid`` on ``mid_node`` if
+    given), the asker on another, once the asker's node counts both (positions through the store)."""
     near = await stack.enter_async_context(open_client(locals_node.url, token("near", local=True)))
-    mid = await stack.enter_async_context(open_client(locals_node.url, token("mid", local=True)))
+    mid = await stack.enter_async_context(open_client((mid_node or locals_node).url, token("mid", local=True)))
     await near.request("update_location", {"location": east(1000)})
     await mid.request("update_location", {"location": east(4000)})
     asker = await stack.enter_async_context(open_client(asker_node.url, token("traveller")))
@@ -276,12 +276,7 @@ async def test_three_nodes_one_takes_over_from_the_killed_leader_and_each_local_
     (A's commit, across nodes), mid its QUICK; each once."""
     async with nodes(tmp_path, db, "abc") as (a, b, c), AsyncExitStack() as stack:
         await wait_until(metrics(a, "dongne_escalation_lease_held 1.0"))
-        near = await stack.enter_async_context(open_client(b.url, token("near", local=True)))
-        mid = await stack.enter_async_context(open_client(c.url, token("mid", local=True)))
-        await near.request("update_location", {"location": east(1000)})
-        await mid.request("update_location", {"location": east(4000)})
-        asker = await stack.enter_async_context(open_client(a.url, token("traveller")))
-        await wait_until(nearby(asker, {"within_2km": 1, "within_5km": 2}))
+        near, mid, asker = await locals_and_asker(stack, b, a, mid_node=c)
         await ask(asker)
         immediate = await near.next_event("new_question_notification")
         assert (immediate["seq"], immediate["data"]["stage"]) == (1, "IMMEDIATE")
