@@ -85,6 +85,7 @@ from .core import (
 )
 from .core.engine import UNAVAILABLE_RETRY_MS
 from .core.protocol import reply_error
+from .core.records import User
 from .delivery import Deliveries
 from .doorman import Doorman
 from .heartbeat import keep_alive
@@ -445,8 +446,19 @@ class ClientServer:
                 log.exception("read_failed", extra={"conn": conn_id, "op": outcome.op})
                 outcome = self._handle(ReadFailed(conn_id))
                 break
-            question, answers = found if found is not None else (None, ())
-            outcome = self._handle(QuestionLoaded(conn_id, question, tuple(answers)))
+            question, answers = found if found is not None else (None, [])
+            adopted: list[User] = []
+            if question is not None:
+                # Its asker and authors another node made, whose news has not come: read with it.
+                unknown = {question.asker_id, *(a.author_id for a in answers)} - self.engine.users.keys()
+                if unknown:
+                    try:
+                        _, adopted = await trio.to_thread.run_sync(self.store.read_rows, [], sorted(unknown))
+                    except Exception:  # as above: this request fails, not the connection
+                        log.exception("read_failed", extra={"conn": conn_id, "op": outcome.op})
+                        outcome = self._handle(ReadFailed(conn_id))
+                        break
+            outcome = self._handle(QuestionLoaded(conn_id, question, tuple(answers), tuple(adopted)))
         self._count(outcome)
         self.pipeline.submit(outcome, started if outcome.op not in ("", "invalid", "unknown") else None)
         self._schedule_timer()

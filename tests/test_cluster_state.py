@@ -222,6 +222,29 @@ async def test_a_question_another_node_creates_answers_and_resolves_is_seen_here
 
 
 @pytest.mark.backends("postgres")
+async def test_a_question_read_before_its_askers_news_brings_the_asker_with_it(start_server: Any) -> None:
+    """Another node made a user and their question, and neither news has arrived: answering it here reads
+    the question and its asker together, and the answer is accepted at once (no retry)."""
+    h: Harness = await start_server()
+    engine = h.running.engine
+    now = int(time.time() * 1000)
+    asked = Question("q-quiet", "newcomer", "Newcomer", "Open late?", "", 33.4996, 126.5312, None, (), "normal", now)
+    other_node_commits(
+        h.db, [SaveUser(User("newcomer", "Newcomer", created_at=now)), SaveQuestion(asked)], notify=False
+    )
+    assert "newcomer" not in engine.users and "q-quiet" not in engine.questions
+
+    async with h.connect("local") as local:
+        reply = await local.request("create_answer", {"question_id": "q-quiet", "content": "Until ten"})
+
+    assert reply["answer"]["question_id"] == "q-quiet"
+    assert engine.users["newcomer"].nick == "Newcomer"
+    assert db_rows(h.db, "SELECT status, answer_count FROM questions WHERE question_id = 'q-quiet'") == [
+        ("answered", 1)
+    ]
+
+
+@pytest.mark.backends("postgres")
 async def test_a_ban_set_on_another_node_holds_here(start_server: Any) -> None:
     h: Harness = await start_server()
     async with h.connect("mallory") as mallory, h.connect("bystander") as bystander:

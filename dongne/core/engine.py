@@ -461,6 +461,7 @@ class Engine:
         if conn.phase is not ConnPhase.READY:
             return _NOTHING
         if event.question is not None:
+            self._adopt(event.users)
             self._qa.adopt(event.question, event.answers)
         return self._run(conn, request, now, request.op)
 

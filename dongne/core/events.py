@@ -57,12 +57,15 @@ class FrameReceived:
 class QuestionLoaded:
     """The store's answer to an ``Outcome.load_question``: the question (``None``: not found) and its answers.
 
+    ``users``: the rows of its asker and answers' authors the engine did not
+    know (made on another node, whose news has not arrived): adopted first.
     The engine then handles the request that asked for it.
     """
 
     conn_id: int
     question: Question | None
     answers: tuple[Answer, ...] = ()
+    users: tuple[User, ...] = ()
 
 
 @attrs.frozen
