@@ -59,6 +59,15 @@ def other_node_runs(db: Path | str, sql: str, params: tuple[Any, ...] = ()) -> N
         conn.commit()
 
 
+def other_node_accepts(db: Path | str, question_id: str, answer_id: str) -> None:
+    """Another node's accept of ``answer_id``, without its news: the question resolved in the store."""
+    other_node_runs(
+        db,
+        "UPDATE questions SET status = 'resolved', accepted_answer_id = ?, closed_at = ? WHERE question_id = ?",
+        (answer_id, 1_000, question_id),
+    )
+
+
 async def answered_twice(h: Harness, asker: DongneClient) -> tuple[str, str, str]:
     """A question of the asker's with answers by "local" and "other": ``(question, local's, other's)``."""
     qid: str = (await asker.request("create_question", question_data()))["question"]["question_id"]
@@ -78,11 +87,7 @@ async def test_an_accept_another_node_made_first_refuses_this_one_with_conflict(
     h: Harness = await start_server()
     async with h.connect("asker") as asker:
         qid, local_answer, other_answer = await answered_twice(h, asker)
-        other_node_runs(
-            h.db,
-            "UPDATE questions SET status = 'resolved', accepted_answer_id = ?, closed_at = ? WHERE question_id = ?",
-            (local_answer, 1_000, qid),
-        )
+        other_node_accepts(h.db, qid, local_answer)
 
         with pytest.raises(RequestError) as refused:
             await asker.request("accept_answer", {"question_id": qid, "answer_id": other_answer})
@@ -461,11 +466,7 @@ async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winne
     h: Harness = await start_server()
     async with h.connect("asker") as asker:
         qid, local_answer, other_answer = await answered_twice(h, asker)
-    other_node_runs(
-        h.db,
-        "UPDATE questions SET status = 'resolved', accepted_answer_id = ?, closed_at = ? WHERE question_id = ?",
-        (local_answer, 1_000, qid),
-    )
+    other_node_accepts(h.db, qid, local_answer)
     replies: list[dict[str, Any]] = []
     async with trio_websocket.open_websocket_url(h.url + "/ws") as ws:
 

@@ -4,8 +4,10 @@ PostgreSQL database. "Another node" is a psycopg connection of the test's commit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,43 +242,55 @@ async def test_replays_asked_together_are_one_read_of_the_store(store: Storage, 
     assert durable_frame(kind, seq, raw) == msgpack.packb(durable_event(kind, seq, data))
 
 
-@pytest.mark.backends("sqlite")
-async def test_a_stream_drops_duplicates_and_fills_gaps_from_the_store(store: Storage, nursery: trio.Nursery) -> None:
-    """One connection's durable stream, deterministically: a duplicate is dropped, a gap is read from the
-    store before the frame that showed it, frames held meanwhile keep their order, a wish raises the target."""
-    store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in range(1, 11)])
+@contextlib.contextmanager
+def stream_to_a_socket(
+    store: Storage, nursery: trio.Nursery
+) -> Iterator[tuple[FrameEncoder, WebSocketConnection, Deliveries, trio.socket.SocketType]]:
+    """A connection over a socket pair, with the durable streams read from ``store``: ``(encoder,
+    connection, deliveries, the peer's end)``; both ends closed after."""
     ours, peer = socket.socketpair()
     ours.setblocking(False)
     encoder = FrameEncoder()
     conn = WebSocketConnection(ours, nursery, encoder, max_message_bytes=1 << 20, max_buffer_bytes=1 << 20)
     deliveries = Deliveries(store.read_event_rows, encoder, nursery.start_soon)
+    try:
+        yield encoder, conn, deliveries, trio.socket.from_stdlib_socket(peer)
+    finally:
+        conn.abort()
+        peer.close()
 
-    def live(seq: int) -> None:
-        frame = encoder.binary(msgpack.packb(durable_event("answer_notification", seq, {"n": seq})))
-        deliveries.live(conn, 7, seq, frame)
 
-    deliveries.start(conn, 7, "u", 0, 0)  # a hello with nothing to replay: the stream starts after 0
-    live(1)
-    live(1)  # a duplicate
-    live(4)  # a gap: 2 and 3 come from the store first
-    live(3)  # arrives while the replay runs: held, then dropped (replayed)
-    conn.send_nowait(encoder.binary(msgpack.packb({"type": "reply", "id": 1})))  # held: after what is replayed
-    deliveries.want(conn, 7, "u", 6)
-    deliveries.want(conn, 7, "u", 8)  # raises the target of the replay started: it reads 2-8 at once
-    assert deliveries.replays(7) == 1
-    received = bytearray()
-    peer_sock = trio.socket.from_stdlib_socket(peer)
-    with trio.fail_after(10):
-        while deliveries.given(7) != 8 or deliveries.replays(7) != 1 or conn.holding:
-            received += await peer_sock.recv(65536)
-        live(10)  # a gap again, once live: a second replay task
-        while len(server_frames(bytes(received))) < 11:
-            received += await peer_sock.recv(65536)
+@pytest.mark.backends("sqlite")
+async def test_a_stream_drops_duplicates_and_fills_gaps_from_the_store(store: Storage, nursery: trio.Nursery) -> None:
+    """One connection's durable stream, deterministically: a duplicate is dropped, a gap is read from the
+    store before the frame that showed it, frames held meanwhile keep their order, a wish raises the target."""
+    store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in range(1, 11)])
+    with stream_to_a_socket(store, nursery) as (encoder, conn, deliveries, peer_sock):
 
-    assert [f.get("seq", f["type"]) for f in server_frames(bytes(received))] == [1, 2, 3, 4, 5, 6, 7, 8, "reply", 9, 10]
-    assert (deliveries.given(7), deliveries.replays(7)) == (10, 2)
-    conn.abort()
-    peer.close()
+        def live(seq: int) -> None:
+            frame = encoder.binary(msgpack.packb(durable_event("answer_notification", seq, {"n": seq})))
+            deliveries.live(conn, 7, seq, frame)
+
+        deliveries.start(conn, 7, "u", 0, 0)  # a hello with nothing to replay: the stream starts after 0
+        live(1)
+        live(1)  # a duplicate
+        live(4)  # a gap: 2 and 3 come from the store first
+        live(3)  # arrives while the replay runs: held, then dropped (replayed)
+        conn.send_nowait(encoder.binary(msgpack.packb({"type": "reply", "id": 1})))  # held: after what is replayed
+        deliveries.want(conn, 7, "u", 6)
+        deliveries.want(conn, 7, "u", 8)  # raises the target of the replay started: it reads 2-8 at once
+        assert deliveries.replays(7) == 1
+        received = bytearray()
+        with trio.fail_after(10):
+            while deliveries.given(7) != 8 or deliveries.replays(7) != 1 or conn.holding:
+                received += await peer_sock.recv(65536)
+            live(10)  # a gap again, once live: a second replay task
+            while len(server_frames(bytes(received))) < 11:
+                received += await peer_sock.recv(65536)
+
+        frames = server_frames(bytes(received))
+        assert [f.get("seq", f["type"]) for f in frames] == [1, 2, 3, 4, 5, 6, 7, 8, "reply", 9, 10]
+        assert (deliveries.given(7), deliveries.replays(7)) == (10, 2)
 
 
 @pytest.mark.backends("sqlite")
@@ -286,27 +300,19 @@ async def test_a_gap_after_a_replay_that_found_events_missing_is_read_again(
     """A hello counted seqs 4-5 that were not in the store when its replay read (in flight, then refused);
     another writer then appended 4-5: the next live event's gap is read again, not taken as given up on."""
     store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in range(1, 4)])
-    ours, peer = socket.socketpair()
-    ours.setblocking(False)
-    encoder = FrameEncoder()
-    conn = WebSocketConnection(ours, nursery, encoder, max_message_bytes=1 << 20, max_buffer_bytes=1 << 20)
-    deliveries = Deliveries(store.read_event_rows, encoder, nursery.start_soon)
-    received = bytearray()
-    peer_sock = trio.socket.from_stdlib_socket(peer)
+    with stream_to_a_socket(store, nursery) as (encoder, conn, deliveries, peer_sock):
+        received = bytearray()
+        deliveries.start(conn, 7, "u", 0, 5)
+        with trio.fail_after(10):
+            while deliveries.given(7) != 3 or conn.holding:
+                received += await peer_sock.recv(65536)
+            store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in (4, 5)])
+            frame = encoder.binary(msgpack.packb(durable_event("answer_notification", 6, {"n": 6})))
+            deliveries.live(conn, 7, 6, frame)
+            while len(server_frames(bytes(received))) < 6:
+                received += await peer_sock.recv(65536)
 
-    deliveries.start(conn, 7, "u", 0, 5)
-    with trio.fail_after(10):
-        while deliveries.given(7) != 3 or conn.holding:
-            received += await peer_sock.recv(65536)
-        store.apply([AppendEvent("u", seq, "answer_notification", {"n": seq}, seq) for seq in (4, 5)])
-        frame = encoder.binary(msgpack.packb(durable_event("answer_notification", 6, {"n": 6})))
-        deliveries.live(conn, 7, 6, frame)
-        while len(server_frames(bytes(received))) < 6:
-            received += await peer_sock.recv(65536)
-
-    assert [f["seq"] for f in server_frames(bytes(received))] == [1, 2, 3, 4, 5, 6]
-    conn.abort()
-    peer.close()
+        assert [f["seq"] for f in server_frames(bytes(received))] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_an_escalation_stage_after_another_nodes_event_is_numbered_past_it(start_server: Any) -> None:

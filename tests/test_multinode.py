@@ -26,6 +26,7 @@ from .conftest import SECRET, db_rows, question_data, token
 from .served import ServedProcess, serve_process
 from .test_cluster import wait_until
 from .test_escalation import HERE, east
+from .test_storage_faults import an_answer_is_refused_while_postgresql_is_down
 
 pytestmark = pytest.mark.backends("postgres")
 
@@ -364,13 +365,7 @@ async def test_nothing_acknowledged_is_lost_when_postgresql_stops_abruptly_under
         qid = await ask(asker)
         acked = [(await stored(local, "create_answer", {"question_id": qid, "content": "before"}))["answer"]]
         got = await collect(asker, up_to(1))
-        await trio.to_thread.run_sync(pg_cluster.stop_server)
-        try:
-            with pytest.raises(RequestError) as refused:
-                await local.request("create_answer", {"question_id": qid, "content": "while down"})
-            assert refused.value.code == "unavailable"
-        finally:
-            await trio.to_thread.run_sync(pg_cluster.start_server)
+        await an_answer_is_refused_while_postgresql_is_down(pg_cluster, local, qid)
         answer = {"question_id": qid, "content": "after"}
         acked.append((await stored(local, "create_answer", answer, timeout_s=40))["answer"])
         got += await collect(asker, up_to(2), timeout_s=30)

@@ -247,6 +247,17 @@ async def test_a_terminated_postgresql_session_refuses_one_batch_then_the_probe_
     assert db_rows(db, "SELECT title, status FROM questions") == [(question["title"], "closed")]
 
 
+async def an_answer_is_refused_while_postgresql_is_down(pg_cluster: Any, client: DongneClient, qid: str) -> None:
+    """Stop PostgreSQL abruptly, see an answer refused with ``unavailable``, start it again."""
+    await trio.to_thread.run_sync(pg_cluster.stop_server)
+    try:
+        with pytest.raises(RequestError) as refused:
+            await client.request("create_answer", {"question_id": qid, "content": "while down"})
+        assert refused.value.code == "unavailable"
+    finally:
+        await trio.to_thread.run_sync(pg_cluster.start_server)
+
+
 @pytest.mark.backends("postgres")
 async def test_postgresql_stopped_abruptly_and_restarted_under_the_server(
     start_server: Any, db: str, pg_cluster: Any
@@ -257,13 +268,7 @@ async def test_postgresql_stopped_abruptly_and_restarted_under_the_server(
         question = (await asker.request("create_question", question_data()))["question"]
         qid = question["question_id"]
         acked = [(await local.request("create_answer", {"question_id": qid, "content": "before"}))["answer"]]
-        await trio.to_thread.run_sync(pg_cluster.stop_server)
-        try:
-            with pytest.raises(RequestError) as refused:
-                await local.request("create_answer", {"question_id": qid, "content": "while down"})
-            assert refused.value.code == "unavailable"
-        finally:
-            await trio.to_thread.run_sync(pg_cluster.start_server)
+        await an_answer_is_refused_while_postgresql_is_down(pg_cluster, local, qid)
         after = await when_writes_work(local, "create_answer", {"question_id": qid, "content": "after"}, timeout_s=30)
         acked.append(after["answer"])
         assert h.running.clients.writable
