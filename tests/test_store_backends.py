@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
+import msgpack
 import pytest
 
 from dongne.core.effects import (
@@ -189,7 +190,8 @@ def test_a_refused_commit_leaves_nothing_and_writes_work_at_once(store: Storage,
     store.probe()  # writes work again at once
     store.apply([AppendEvent("u", 4, "receipt", {"n": 4}, 4)])
 
-    assert store.read_events("u", 1, 10) == [
+    rows = store.read_event_rows([("u", 1, 10)])["u"]
+    assert [(seq, kind, msgpack.unpackb(data)) for seq, kind, data in rows] == [
         (2, "answer_notification", {"n": 2, "text": "한라산"}),
         (3, "answer_notification", {"n": 3, "text": "한라산"}),
         (4, "receipt", {"n": 4}),

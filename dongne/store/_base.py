@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgpack
-
 from ..core.effects import Write
 from ..core.reads import (
     AnswerHome,
@@ -300,11 +298,3 @@ class SqlStore:
                 )
             ]
         return found
-
-    def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
-        """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
-        rows = self._read(
-            "SELECT seq, type, data FROM events WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
-            (user_id, after_seq, up_to_seq),
-        )
-        return [(seq, kind, msgpack.unpackb(data, raw=False)) for seq, kind, data in rows]

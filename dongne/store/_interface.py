@@ -163,10 +163,6 @@ class Storage(Protocol):
         ``data`` as stored (msgpack): several replays in one call."""
         ...
 
-    def read_events(self, user_id: str, after_seq: int, up_to_seq: int) -> list[tuple[int, str, dict[str, Any]]]:
-        """A user's durable events with ``after_seq < seq <= up_to_seq``, in order."""
-        ...
-
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:
         """Delete at most ``limit`` durable events older than ``before_ms``, keeping each user's newest.
 
