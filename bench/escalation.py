@@ -37,6 +37,10 @@ What it does, per run (a fresh server each run; medians over ``--repeat`` runs):
   (``/proc/PID/stat``; 100 % = one core), RSS after set-up and its peak during
   the phase. Client processes' and the whole machine's CPU are reported too:
   on a 2-core machine the load generator competes with the server.
+* **The floor:** before the questions, ``--floor`` seconds (default 10) of the
+  same load without them (the locals connected and answering pings, the
+  movers moving): the server's CPU then is a cost per second, not per
+  question, and the CPU per question "over the floor" leaves it out.
 
 dongne runs with ``DONGNE_STORE_SYNCHRONOUS=NORMAL`` unless ``--synchronous FULL``
 (WAL, commits not fsynced: the bench measures the engine, not the disk) and
@@ -825,6 +829,15 @@ def _run_on(
         if background > 0.2:
             print(f"    warning: {background:.2f} CPU cores busy with other work; latency suffers", file=sys.stderr)
         rss_ready = server.rss_bytes()
+        floor_cores = math.nan
+        if args.floor > 0:
+            # The load without questions: connections kept alive, the movers moving.
+            if args.move_rate > 0 and scn.movers:
+                workers.broadcast(("moves", args.move_rate / len(workers.pipes)))
+            time.sleep(1.0)
+            f_cpu0, f_t0 = server.cpu_seconds(), time.monotonic()
+            time.sleep(args.floor)
+            floor_cores = (server.cpu_seconds() - f_cpu0) / (time.monotonic() - f_t0)
 
         if args.py_spy and rep == 0:
             path = Path(args.py_spy)
@@ -906,6 +919,8 @@ def _run_on(
             rss_ready=rss_ready,
             rss_end=rss_end,
             setup_s=setup_s,
+            floor_cores=floor_cores,
+            asking_started=w0,
             missing_reports=sum(r is None for r in reports),
             server_side=server_side,
         )
@@ -1013,7 +1028,7 @@ def _analyse(
         "hourly_cap": cap,
         "moves_sent": moves_sent,
         "moves_accepted": len(moves),
-        "moves_per_s": len(moves) / wall if wall else math.nan,
+        "moves_per_s": sum(1 for t, *_ in moves if t >= m["asking_started"]) / wall if wall else math.nan,
         "moves_refused": dict(move_refused),
         "nearby_questions_events": sum(p["nearby_events"] for p in parts),
         "seq_gaps": sum(p["seq_gaps"] for p in parts),
@@ -1027,6 +1042,10 @@ def _analyse(
         "server_cpu_s": m["server_cpu"],
         "server_cpu_s_by_node": m["node_cpu"],
         "server_cpu_ms_per_question": 1000 * m["server_cpu"] / len(ok) if ok else math.nan,
+        "server_floor_cpu_pct": 100 * m["floor_cores"],
+        "server_cpu_ms_per_question_over_floor": (
+            1000 * (m["server_cpu"] - m["floor_cores"] * wall) / len(ok) if ok else math.nan
+        ),
         "server_cpu_us_per_alert": 1e6 * m["server_cpu"] / total_alerts if total_alerts else math.nan,
         "database_cpu_ms_per_question": 1000 * m["db_cpu"] / len(ok) if ok else math.nan,
         "load_s": wall,
@@ -1074,6 +1093,8 @@ _SUMMARY = [
     "server_cpu_pct",
     "server_cpu_s",
     "server_cpu_ms_per_question",
+    "server_floor_cpu_pct",
+    "server_cpu_ms_per_question_over_floor",
     "database_cpu_ms_per_question",
     "server_runqueue_wait_pct",
     "background_cores_before",
@@ -1153,6 +1174,12 @@ def _parser() -> argparse.ArgumentParser:
         "--synchronous", choices=["NORMAL", "FULL"], default="NORMAL", help="SQLite synchronous (default NORMAL)"
     )
     p.add_argument("--drain", type=float, default=2.0, help="seconds to keep reading after the last reply (default 2)")
+    p.add_argument(
+        "--floor",
+        type=float,
+        default=10.0,
+        help="seconds of the load without questions before them, for the server's CPU floor (default 10; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed for positions and questions (default 1)")
     p.add_argument(
         "--nodes",
@@ -1311,6 +1338,8 @@ def main(argv: list[str] | None = None) -> int:
             " / ".join(f"{s:.1f}" for s in summary["server_cpu_s_by_node"]),
         ],
         ["server CPU ms per question (incl. its alerts, moves)", summary["server_cpu_ms_per_question"]],
+        ["  the floor: server CPU % before the questions (connections, moves)", summary["server_floor_cpu_pct"]],
+        ["  server CPU ms per question over the floor", summary["server_cpu_ms_per_question_over_floor"]],
         [
             "PostgreSQL CPU ms per question (its sessions for the nodes; SQLite: none)",
             summary["database_cpu_ms_per_question"],
