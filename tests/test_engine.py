@@ -472,6 +472,23 @@ def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:
     assert engine.user_of(2) == "mina"  # the one that said hello stays
 
 
+def test_hello_timeouts_that_no_longer_apply_are_not_deadlines() -> None:
+    engine = Engine(CoreSettings(hello_timeout_s=10.0), claims_for)
+    engine.handle(Connected(1), T0)
+    engine.handle(Connected(2), T0 + 1000)
+    engine.handle(Connected(3), T0 + 2000)
+    engine.handle(Connected(4), T0 + 3000)
+    send(engine, 1, "hello", {"token": "ok:mina"}, T0 + 500)
+    engine.handle(Disconnected(2), T0 + 1500)
+    send(engine, 4, "hello", {"token": "ok:jun"}, T0 + 3500)
+
+    # 1 said hello and 2 closed: the first deadline left is 3's; 4's hello is not one either.
+    assert engine.next_deadline() == T0 + 12_000
+    assert tick(engine, T0 + 12_000).actions == (Close(3, 4001, "no hello within the time limit"),)
+    assert engine.next_deadline() is None
+    assert engine.user_of(1) == "mina" and engine.user_of(4) == "jun"
+
+
 def test_a_question_not_in_memory_is_asked_for_after_the_rate_limit() -> None:
     from dongne.core import Question
 

@@ -41,5 +41,13 @@ class Deadlines:
         """When the earliest entry is due (ms), if any."""
         return self._heap[0][0] if self._heap else None
 
+    def first(self) -> tuple[int, DeadlineKind, str, str] | None:
+        """The earliest entry, left in place, if any."""
+        return self._heap[0] if self._heap else None
+
+    def drop_first(self) -> None:
+        """Remove the earliest entry (one its owner knows no longer applies)."""
+        heapq.heappop(self._heap)
+
     def __len__(self) -> int:
         return len(self._heap)
