@@ -239,6 +239,21 @@ def test_typing_expires_exactly_at_its_ttl() -> None:
     assert sim.engine.presence.rooms[qid].typing == {}
 
 
+def test_a_renewed_or_stopped_typing_state_leaves_no_deadline_behind() -> None:
+    sim = Sim(make_engine(typing_ttl_s=3.0))
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    sim.call(2, "typing_start", {"question_id": qid}, T0 + 1000)
+    sim.call(2, "typing_start", {"question_id": qid}, T0 + 2000)
+    sim.call(2, "typing_start", {"question_id": qid}, T0 + 2500)
+
+    assert sim.engine.next_deadline() == T0 + 5500  # not the renewed ones' T0 + 4000 and 5000
+    sim.call(2, "typing_stop", {"question_id": qid}, T0 + 3000)
+    assert sim.engine.next_deadline() == T0 + 600_000  # the question's slow-response alert: no typing left
+
+
 def test_disconnect_stops_typing_and_announces_offline() -> None:
     sim = Sim(make_engine())
     sim.connect(1, "asker")

@@ -169,11 +169,16 @@ class Presence:
             del self.remote_typing[question_id]
         return not (typing and held is not None and held[0] > now)
 
+    def remote_typing_ends_at(self, question_id: str, user_id: str, expires_at: int) -> bool:
+        """Whether another node's typer is held until ``expires_at`` (not renewed or stopped since)."""
+        typers = self.remote_typing.get(question_id)
+        return typers is not None and typers.get(user_id, (None,))[0] == expires_at
+
     def remote_typing_expired(self, question_id: str, user_id: str, expires_at: int) -> None:
         """A remote typer's deadline fell due: forget them unless renewed since (their node tells the room
         when they stop; a lost stop is what this covers, for join replies)."""
-        typers = self.remote_typing.get(question_id)
-        if typers is not None and typers.get(user_id, (None,))[0] == expires_at:
+        if self.remote_typing_ends_at(question_id, user_id, expires_at):
+            typers = self.remote_typing[question_id]
             del typers[user_id]
             if not typers:
                 del self.remote_typing[question_id]
@@ -241,8 +246,12 @@ class Presence:
         room.typing_relayed.pop(user_id, None)
         self._tell(room, out, "user_stop_typing", {"question_id": question_id, **self._who(user_id)})
 
+    def typing_ends_at(self, question_id: str, user_id: str, expires_at: int) -> bool:
+        """Whether ``user_id`` types in the room until ``expires_at`` (not renewed or stopped since)."""
+        room = self.rooms.get(question_id)
+        return room is not None and room.typing.get(user_id) == expires_at
+
     def typing_expired(self, question_id: str, user_id: str, expires_at: int, out: OutcomeBuilder) -> None:
         """A typing deadline fell due: end the state unless it was renewed since."""
-        room = self.rooms.get(question_id)
-        if room is not None and room.typing.get(user_id) == expires_at:
+        if self.typing_ends_at(question_id, user_id, expires_at):
             self.stop_typing(question_id, user_id, out)
