@@ -39,7 +39,8 @@ What it does, per run (a fresh server each run; medians over ``--repeat`` runs):
   on a 2-core machine the load generator competes with the server.
 * **The floor:** before the questions, ``--floor`` seconds (default 10) of the
   same load without them (the locals connected and answering pings, the
-  movers moving): the server's CPU then is a cost per second, not per
+  movers moving), from 22 s after the server started (its heartbeat's first
+  round starts 20 s in): the server's CPU then is a cost per second, not per
   question, and the CPU per question "over the floor" leaves it out.
 
 dongne runs with ``DONGNE_STORE_SYNCHRONOUS=NORMAL`` unless ``--synchronous FULL``
@@ -774,6 +775,10 @@ def run_once(
         return _run_on(args, scn, secret, workdir, rep, ctx, db)
 
 
+#: The floor is measured from this long after the server started (its default ping interval is 20 s).
+FLOOR_NOT_BEFORE_S = 22.0
+
+
 def _start_nodes(args: argparse.Namespace, secret: str, workdir: Path, db: Path | str) -> h.ServerGroup:
     """``--nodes`` servers on ``db``, one after the other (the first leads escalation)."""
     group = h.ServerGroup([])
@@ -793,6 +798,7 @@ def _run_on(
     args: argparse.Namespace, scn: _Scenario, secret: str, workdir: Path, rep: int, ctx: Any, db: Path | str
 ) -> dict[str, Any]:
     server = _start_nodes(args, secret, workdir, db)
+    server_started = time.monotonic()
     workers: h.ClientPool | None = None
     askers: list[_Asker] = []
     spy: subprocess.Popen[bytes] | None = None
@@ -831,10 +837,11 @@ def _run_on(
         rss_ready = server.rss_bytes()
         floor_cores = math.nan
         if args.floor > 0:
-            # The load without questions: connections kept alive, the movers moving.
+            # The load without questions: connections kept alive, the movers moving. The server's
+            # heartbeat starts its first round a ping interval after it starts: from then on.
             if args.move_rate > 0 and scn.movers:
                 workers.broadcast(("moves", args.move_rate / len(workers.pipes)))
-            time.sleep(1.0)
+            time.sleep(max(1.0, server_started + FLOOR_NOT_BEFORE_S - time.monotonic()))
             f_cpu0, f_t0 = server.cpu_seconds(), time.monotonic()
             time.sleep(args.floor)
             floor_cores = (server.cpu_seconds() - f_cpu0) / (time.monotonic() - f_t0)
