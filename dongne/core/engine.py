@@ -366,13 +366,17 @@ class Engine:
     def _applies(self, due: int, kind: str, key: str, subkey: str) -> bool:
         """Whether a deadline still has work for ``Tick`` (those whose check is cheap; the rest are kept)."""
         if kind == "hello":
-            conn = self.conns.get(int(key))
-            return conn is not None and conn.phase is ConnPhase.AWAITING_HELLO
+            return self._awaiting_hello(key) is not None
         if kind == "typing":
             return self.presence.typing_ends_at(key, subkey, due)
         if kind == "remote_typing":
             return self.presence.remote_typing_ends_at(key, subkey, due)
         return True
+
+    def _awaiting_hello(self, key: str) -> ConnState | None:
+        """The connection a hello timeout's key names, if it is still waiting for its hello."""
+        conn = self.conns.get(int(key))
+        return conn if conn is not None and conn.phase is ConnPhase.AWAITING_HELLO else None
 
     def escalation_due(self, question_id: str) -> int | None:
         """When the question's next escalation stage is due (ms), or None when none is left."""
@@ -627,8 +631,8 @@ class Engine:
                 else:  # the alert is a write: it waits, it is not lost
                     self._deadlines.add(now + UNAVAILABLE_RETRY_MS, "slow_response", key)
             else:
-                conn = self.conns.get(int(key))
-                if conn is not None and conn.phase is ConnPhase.AWAITING_HELLO:
+                conn = self._awaiting_hello(key)
+                if conn is not None:
                     conn.phase = ConnPhase.CLOSING
                     out.act(Close(conn.conn_id, 4001, "no hello within the time limit"))
         return out.build()
