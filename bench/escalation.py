@@ -42,6 +42,11 @@ What it does, per run (a fresh server each run; medians over ``--repeat`` runs):
   movers moving), from 22 s after the server started (its heartbeat's first
   round starts 20 s in): the server's CPU then is a cost per second, not per
   question, and the CPU per question "over the floor" leaves it out.
+* **The machine's speed:** before and after each run, the fastest of five
+  runs of a fixed workload that runs no dongne code (``machine_reference_ms``
+  in ``_harness``), and the CPU per question divided by it: this machine's
+  speed drifts by a third within a day, and the ratio compares runs made at
+  different times (two trees are still best compared alternating).
 
 dongne runs with ``DONGNE_STORE_SYNCHRONOUS=NORMAL`` unless ``--synchronous FULL``
 (WAL, commits not fsynced: the bench measures the engine, not the disk) and
@@ -765,6 +770,7 @@ def run_once(
                 f"    still {busy:.2f} cores busy with other work after waiting {args.quiet_wait:g} s; running anyway",
                 file=sys.stderr,
             )
+    reference_before = h.machine_reference_ms()
     with contextlib.ExitStack() as stack:
         if args.db:
             db: Path | str = stack.enter_context(
@@ -772,7 +778,12 @@ def run_once(
             )
         else:
             db = workdir / f"escalation-{rep}.sqlite3"
-        return _run_on(args, scn, secret, workdir, rep, ctx, db)
+        result = _run_on(args, scn, secret, workdir, rep, ctx, db)
+    # The machine's speed drifts: the reference before and after the run, for reading its figures beside.
+    reference = (reference_before + h.machine_reference_ms()) / 2
+    result["machine_reference_ms"] = reference
+    result["server_cpu_per_question_per_reference"] = result["server_cpu_ms_per_question"] / reference
+    return result
 
 
 #: The floor is measured from this long after the server started (its default ping interval is 20 s).
@@ -1102,6 +1113,8 @@ _SUMMARY = [
     "server_cpu_ms_per_question",
     "server_floor_cpu_pct",
     "server_cpu_ms_per_question_over_floor",
+    "machine_reference_ms",
+    "server_cpu_per_question_per_reference",
     "database_cpu_ms_per_question",
     "server_runqueue_wait_pct",
     "background_cores_before",
@@ -1347,6 +1360,8 @@ def main(argv: list[str] | None = None) -> int:
         ["server CPU ms per question (incl. its alerts, moves)", summary["server_cpu_ms_per_question"]],
         ["  the floor: server CPU % before the questions (connections, moves)", summary["server_floor_cpu_pct"]],
         ["  server CPU ms per question over the floor", summary["server_cpu_ms_per_question_over_floor"]],
+        ["machine reference, ms (a fixed workload, no dongne code; lower: faster)", summary["machine_reference_ms"]],
+        ["  server CPU per question / machine reference", summary["server_cpu_per_question_per_reference"]],
         [
             "PostgreSQL CPU ms per question (its sessions for the nodes; SQLite: none)",
             summary["database_cpu_ms_per_question"],

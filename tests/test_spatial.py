@@ -87,16 +87,22 @@ def operations(draw: st.DrawFn) -> list[tuple[str, str, float, float]]:
     return ops
 
 
+def apply_one(index: LocalsIndex, model: dict[str, tuple[float, float]], op: tuple[str, str, float, float]) -> None:
+    """Apply one operation to the index and to the reference model."""
+    kind, uid, lat, lng = op
+    if kind == "upsert":
+        index.upsert(uid, lat, lng)
+        model[uid] = (lat, lng)
+    else:
+        index.remove(uid)
+        model.pop(uid, None)
+
+
 def apply(ops: list[tuple[str, str, float, float]]) -> tuple[LocalsIndex, dict[str, tuple[float, float]]]:
     index = LocalsIndex()
     model: dict[str, tuple[float, float]] = {}
-    for kind, uid, lat, lng in ops:
-        if kind == "upsert":
-            index.upsert(uid, lat, lng)
-            model[uid] = (lat, lng)
-        else:
-            index.remove(uid)
-            model.pop(uid, None)
+    for op in ops:
+        apply_one(index, model, op)
     return index, model
 
 
@@ -236,13 +242,8 @@ def test_queued_moves_never_change_an_answer(
     of the positions so far, whatever is still queued (a move, a move of a removed user, a reused id)."""
     index = LocalsIndex()
     model: dict[str, tuple[float, float]] = {}
-    for n, (kind, uid, plat, plng) in enumerate(ops, 1):
-        if kind == "upsert":
-            index.upsert(uid, plat, plng)
-            model[uid] = (plat, plng)
-        else:
-            index.remove(uid)
-            model.pop(uid, None)
+    for n, op in enumerate(ops, 1):
+        apply_one(index, model, op)
         if n % every == 0:
             expected = brute_within(model, lat, lng, radius)
 

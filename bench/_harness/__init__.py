@@ -20,7 +20,8 @@ to them over plain sockets, so the load side stays as cheap as it can be.
 * ``_report``: a bench's scaffolding (``bench_parser``, ``add_json_option``,
   ``time_limit``, ``report_head``, ``background_cores``) and its results
   (``format_table``, ``write_json``, ``write_report``, ``median``,
-  ``percentile``).
+  ``percentile``), and ``machine_reference_ms`` (how fast the machine is at
+  the moment, from a fixed workload).
 """
 
 from ._load import AUTH as AUTH
@@ -41,6 +42,7 @@ from ._report import add_json_option as add_json_option
 from ._report import background_cores as background_cores
 from ._report import bench_parser as bench_parser
 from ._report import format_table as format_table
+from ._report import machine_reference_ms as machine_reference_ms
 from ._report import median as median
 from ._report import percentile as percentile
 from ._report import report_head as report_head

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
+import random
 import signal
 import statistics
 import time
@@ -23,6 +25,7 @@ __all__ = [
     "background_cores",
     "bench_parser",
     "format_table",
+    "machine_reference_ms",
     "median",
     "percentile",
     "report_head",
@@ -94,6 +97,36 @@ def background_cores(pids: Iterable[int], seconds: float = 1.0) -> float:
     time.sleep(seconds)
     busy1, own1 = machine_busy_seconds(), sum(cpu_seconds(p) for p in ours)
     return max(0.0, (busy1 - busy0) - (own1 - own0)) / seconds
+
+
+def _reference_workload() -> int:
+    """A fixed workload, much like a server's: short-lived objects, dict and list work, reads spread over ~16 MB."""
+    rng = random.Random(7)
+    table = {f"user-{i:06d}": [i, i * 0.5, str(i)] for i in range(80_000)}
+    keys = list(table)
+    rng.shuffle(keys)
+    total = 0
+    for key in keys:  # in random order: most reads miss the CPU's caches
+        row = table[key]
+        total += row[0] + len(row[2])
+    ordered = sorted(table.values(), key=lambda row: row[2])
+    return total + len({row[1] for row in ordered[::3]})
+
+
+def machine_reference_ms(rounds: int = 5) -> float:
+    """The fastest of ``rounds`` runs of :func:`_reference_workload`, in ms of CPU time: how fast the machine is now.
+
+    It runs no dongne code. The machines these benches run on drift: the
+    same tree's CPU per question differed by a third between hours of one
+    day. A figure read beside this one (as a ratio) compares across runs
+    made at different times; two trees are still best compared alternating.
+    """
+    best = math.inf
+    for _ in range(rounds):
+        started = time.process_time()
+        _reference_workload()
+        best = min(best, time.process_time() - started)
+    return 1000 * best
 
 
 def median(values: Iterable[float]) -> float:
