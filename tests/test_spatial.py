@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dongne.core.geo import EARTH_RADIUS_M, haversine_m, offset_position, snap_position, valid_lat_lng
-from dongne.core.spatial import MOVES_PER_BATCH, LocalsIndex, LocalsIndexStatistics
+from dongne.core.spatial import LocalsIndex, LocalsIndexStatistics
 
 PROPERTY_SETTINGS = settings(
     max_examples=200,
@@ -87,22 +87,16 @@ def operations(draw: st.DrawFn) -> list[tuple[str, str, float, float]]:
     return ops
 
 
-def apply_one(index: LocalsIndex, model: dict[str, tuple[float, float]], op: tuple[str, str, float, float]) -> None:
-    """Apply one operation to the index and to the reference model."""
-    kind, uid, lat, lng = op
-    if kind == "upsert":
-        index.upsert(uid, lat, lng)
-        model[uid] = (lat, lng)
-    else:
-        index.remove(uid)
-        model.pop(uid, None)
-
-
 def apply(ops: list[tuple[str, str, float, float]]) -> tuple[LocalsIndex, dict[str, tuple[float, float]]]:
     index = LocalsIndex()
     model: dict[str, tuple[float, float]] = {}
-    for op in ops:
-        apply_one(index, model, op)
+    for kind, uid, lat, lng in ops:
+        if kind == "upsert":
+            index.upsert(uid, lat, lng)
+            model[uid] = (lat, lng)
+        else:
+            index.remove(uid)
+            model.pop(uid, None)
     return index, model
 
 
@@ -233,54 +227,6 @@ def test_exclude_everyone() -> None:
     )
 
 
-@PROPERTY_SETTINGS
-@given(ops=operations(), every=st.integers(1, 40), lat=LATS, lng=LNGS, radius=RADII, k=st.integers(1, 8))
-def test_queued_moves_never_change_an_answer(
-    ops: list[tuple[str, str, float, float]], every: int, lat: float, lng: float, radius: float, k: int
-) -> None:
-    """Moves reach the tree in batches; a query between any two operations answers as a brute-force scan
-    of the positions so far, whatever is still queued (a move, a move of a removed user, a reused id)."""
-    index = LocalsIndex()
-    model: dict[str, tuple[float, float]] = {}
-    for n, op in enumerate(ops, 1):
-        apply_one(index, model, op)
-        if n % every == 0:
-            expected = brute_within(model, lat, lng, radius)
-
-            assert expected == index.within(lat, lng, radius)
-            assert expected[:k] == index.nearest_within(lat, lng, radius, k)
-            assert len(expected) == index.count_within(lat, lng, radius)
-
-
-def test_a_removed_users_queued_move_leaves_the_tree() -> None:
-    """A user whose move is still queued is removed and their id reused: no trace of either position is left."""
-    index = LocalsIndex()
-    index.upsert("a", 33.50, 126.50)
-    assert [uid for uid, _ in index.within(33.50, 126.50, 1.0)] == ["a"]  # the tree holds it now
-    index.upsert("a", 33.40, 126.40)  # queued: the tree still has 33.50
-    index.remove("a")
-    index.upsert("b", 33.45, 126.45)  # the same integer id, queued
-
-    assert index.within(33.50, 126.50, 1_000.0) == []
-    assert index.within(33.40, 126.40, 1_000.0) == []
-    assert index.within(33.45, 126.45, 1.0) == [("b", 0.0)]
-    assert LocalsIndexStatistics(users=1, allocated_ids=1, free_ids=0) == index.statistics()
-
-
-def test_moves_are_applied_without_a_query_once_a_batch_is_full() -> None:
-    """Without queries, at most MOVES_PER_BATCH moves wait: a quiet spell cannot pile them up for one long pause."""
-    index = LocalsIndex()
-    queued = []
-    for i in range(MOVES_PER_BATCH * 3 + 5):
-        index.upsert(f"u{i % 50}", 33.3 + i * 1e-4, 126.5)
-        queued.append(index.statistics().queued_moves)
-
-    assert max(queued) == MOVES_PER_BATCH - 1
-    assert queued[-1] > 0
-    index.count_within(33.3, 126.5, 10.0)
-    assert index.statistics().queued_moves == 0
-
-
 def test_upsert_moves_and_remove() -> None:
     """Upsert moves a user; remove drops them and tolerates absent users."""
     index = LocalsIndex()
@@ -322,8 +268,8 @@ def test_id_reuse() -> None:
         for i in range(5):
             index.upsert(f"r{round_}-{i}", 33.4, 126.6 + i * 1e-3)
 
-    assert index.count_within(33.4, 126.6, 1_000.0) == 5  # applies the queued moves
     assert LocalsIndexStatistics(users=10, allocated_ids=10, free_ids=0) == index.statistics()
+    assert index.count_within(33.4, 126.6, 1_000.0) == 5
 
     index.remove("u9")
 

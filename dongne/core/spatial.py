@@ -36,16 +36,6 @@ points around Jeju, the default fill factor of 0.7 makes a move cost ~600 us
 (node condensing on delete forces reinserts), whereas 0.4 brings it to
 ~20-40 us; 32-entry nodes are also the fastest for ``nearest`` and
 intersection queries at that size.
-
-Moves reach the tree in batches. A delete searches the tree for its entry
-and an insert descends it; one move on its own, between a server's other
-work, finds those nodes out of the CPU's caches, and a batch finds them
-where the move before left them. So a move updates the user's entry at
-once and queues the tree's update (:attr:`LocalsIndex._moved`); the queue is
-applied before any query reads the tree, and whenever it holds
-:data:`MOVES_PER_BATCH`. Every answer is the same as with no queue: queries
-only ever see the applied tree. A removal takes its user's entry out of the
-tree at once (the id may be handed out again right after).
 """
 
 from __future__ import annotations
@@ -64,16 +54,12 @@ from .geo import EARTH_RADIUS_M, valid_lat_lng
 
 __all__ = [
     "JEJU_LAT0",
-    "MOVES_PER_BATCH",
     "LocalsIndex",
     "LocalsIndexStatistics",
 ]
 
 #: Default latitude of the local plane: the middle of Jeju island.
 JEJU_LAT0 = 33.38
-
-#: Moves queued for the tree before they are applied without a query asking (see "Moves reach the tree in batches").
-MOVES_PER_BATCH = 32
 
 # R-tree tuning; see "Theory of operation" above for the measurements.
 _FILL_FACTOR = 0.4
@@ -104,14 +90,11 @@ class LocalsIndexStatistics:
         allocated_ids: Integer R-tree ids ever handed out; never exceeds the
             peak number of users indexed at once, because freed ids are reused.
         free_ids: Allocated ids currently waiting for reuse.
-        queued_moves: Moves not applied to the tree yet (below
-            :data:`MOVES_PER_BATCH`; the next query applies them).
     """
 
     users: int
     allocated_ids: int
     free_ids: int
-    queued_moves: int = 0
 
 
 def _degree_boxes(lat: float, lng: float, radius_m: float) -> list[_DegreeBox]:
@@ -280,10 +263,6 @@ class LocalsIndex:
         self._free: list[int] = []
         # rtree id -> until when the user is snoozed (see snooze); -inf: not.
         self._snoozed = np.full(64, -math.inf)
-        # Moves not applied to the tree yet: rtree id -> the (x, lat) the tree
-        # still holds for it, None when it is not in the tree yet. Its entry in
-        # _entries is already the new position.
-        self._moved: dict[int, tuple[float, float] | None] = {}
 
     @property
     def lat0(self) -> float:
@@ -306,7 +285,6 @@ class LocalsIndex:
             users=len(self._entries),
             allocated_ids=len(self._uids),
             free_ids=len(self._free),
-            queued_moves=len(self._moved),
         )
 
     def position(self, user_id: str) -> tuple[float, float] | None:
@@ -352,29 +330,14 @@ class LocalsIndex:
                     grown = np.full(2 * len(self._snoozed), -math.inf)
                     grown[: len(self._snoozed)] = self._snoozed
                     self._snoozed = grown
-            self._moved[rid] = None
         else:
             old_lat, old_lng, rid, old_x, _, _ = entry
             if old_lat == lat and old_lng == lng:
                 return
-            if rid not in self._moved:  # else the tree still holds where the first queued move left from
-                self._moved[rid] = (old_x, old_lat)
+            _point_delete(self._tree, rid, old_x, old_lat)
+        _point_insert(self._tree, rid, x, lat)
         phi = math.radians(lat)
         self._entries[user_id] = (lat, lng, rid, x, phi, math.cos(phi))
-        if len(self._moved) >= MOVES_PER_BATCH:
-            self._apply_moves()
-
-    def _apply_moves(self) -> None:
-        """Bring the tree up to date with the queued moves: their deletes, then their inserts."""
-        moved, self._moved = self._moved, {}
-        tree = self._tree
-        for rid, held in moved.items():
-            if held is not None:
-                _point_delete(tree, rid, held[0], held[1])
-        uids, entries = self._uids, self._entries
-        for rid in moved:
-            lat, _, _, x, _, _ = entries[uids[rid]]  # type: ignore[index]  # queued ids are indexed users'
-            _point_insert(tree, rid, x, lat)
 
     def remove(self, user_id: str) -> None:
         """Drop a user from the index; do nothing if they are not indexed.
@@ -386,9 +349,7 @@ class LocalsIndex:
         if entry is None:
             return
         lat, _, rid, x, _, _ = entry
-        held = self._moved.pop(rid, (x, lat))  # what the tree holds for it, if anything
-        if held is not None:
-            _point_delete(self._tree, rid, held[0], held[1])
+        _point_delete(self._tree, rid, x, lat)
         self._uids[rid] = None
         self._snoozed[rid] = -math.inf
         self._free.append(rid)
@@ -515,8 +476,6 @@ class LocalsIndex:
         if want < len(entries):
             # Any k non-excluded users give an upper bound on the true k-th
             # nearest distance; the plane's nearest ones give a tight one.
-            if self._moved:
-                self._apply_moves()
             x = lng * self._x_scale
             uids = self._uids
             known_ids = [
@@ -580,8 +539,6 @@ class LocalsIndex:
         showed in its profile. The distance is :meth:`_distances`' formula,
         operation for operation.
         """
-        if self._moved:
-            self._apply_moves()
         scale = self._x_scale
         uids = self._uids
         entries = self._entries
