@@ -5,11 +5,20 @@ when the big ones happen. With CPython's default thresholds a full collection
 follows every ten middle ones once the survivors grow by a quarter, which
 under load is every few seconds, and each walks every object the connections
 keep alive. Larger young generations make full collections rare but make the
-young and middle ones walk whatever a burst of connections left behind. So
-the server keeps the small default generations, turns automatic full
-collections off, and runs them itself.
+young ones walk whatever a burst of connections left behind. So the server
+keeps the small default young generation and runs only young collections
+automatically; the others it runs itself.
 
-Reference cycles that survive a middle collection are reclaimed by the full
+Middle collections are off too. What survives a young collection is mostly
+what a suspended task holds while it waits (each wait of a connection's
+reader leaves a dozen objects: its coroutines, the wait's closure), alive
+until the task wakes again; a middle collection walked everything that had
+survived since the one before, and under load those were the longest pauses
+a request met. Reference cycles are rare in what survives (README's
+benchmark section has both figures), so they can wait for the full
+collection.
+
+Reference cycles that survive a young collection are reclaimed by the full
 collection :func:`collect_fully_every` runs on a fixed interval
 (``[server] full_gc_interval_s``): a known pause, at a known rate. Most live
 objects (connections, users, questions) outlive many intervals, so after each
@@ -34,10 +43,10 @@ import trio
 
 __all__ = ["FULL_SWEEP_EVERY", "GC_THRESHOLDS", "collect_fully_every", "tune_interpreter", "watch_gc_pauses"]
 
-#: ``gc.set_threshold`` for the server: CPython's young (700 objects) and
-#: middle (every 10 young) collections; the third threshold at its maximum
-#: turns automatic full collections off.
-GC_THRESHOLDS = (700, 10, 2**31 - 1)
+#: ``gc.set_threshold`` for the server: CPython's young collections (every 700
+#: objects); the second and third thresholds at their maximum turn automatic
+#: middle and full collections off (see above).
+GC_THRESHOLDS = (700, 2**31 - 1, 2**31 - 1)
 
 
 def tune_interpreter() -> None:

@@ -98,6 +98,26 @@ async def test_full_collections_run_on_the_configured_interval(start_server, aut
         gc.set_threshold(*thresholds)
 
 
+def test_the_server_thresholds_run_only_young_collections() -> None:
+    """With ``dongne serve``'s thresholds, what survives a young collection is not walked again automatically.
+
+    Allocating keeps triggering young collections; neither middle nor full ones run, however many pile up
+    (they come from collect_fully_every, on its interval).
+    """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        before = [generation["collections"] for generation in gc.get_stats()]
+        kept = [[i] for i in range(50 * GC_THRESHOLDS[0])]  # survivors, as a waiting task's objects are
+        after = [generation["collections"] for generation in gc.get_stats()]
+    finally:
+        gc.set_threshold(*thresholds)
+
+    assert len(kept) == 50 * GC_THRESHOLDS[0]
+    assert after[0] - before[0] >= 40  # CPython's defaults would have run 4 middle collections by then
+    assert after[1:] == before[1:]
+
+
 class _Node:
     other: object = None
 
