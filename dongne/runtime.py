@@ -41,7 +41,15 @@ from typing import Any
 
 import trio
 
-__all__ = ["FULL_SWEEP_EVERY", "GC_THRESHOLDS", "collect_fully_every", "tune_interpreter", "watch_gc_pauses"]
+__all__ = [
+    "FULL_SWEEP_EVERY",
+    "GC_THRESHOLDS",
+    "YOUNG_COLLECTION_EVERY_WAKES",
+    "YoungCollections",
+    "collect_fully_every",
+    "tune_interpreter",
+    "watch_gc_pauses",
+]
 
 #: ``gc.set_threshold`` for the server: CPython's young collections (every 700
 #: objects); the second and third thresholds at their maximum turn automatic
@@ -52,6 +60,44 @@ GC_THRESHOLDS = (700, 2**31 - 1, 2**31 - 1)
 def tune_interpreter() -> None:
     """Apply :data:`GC_THRESHOLDS` (process-wide: call it once, from the CLI)."""
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+#: A young collection at least every this many wake-ups of connection readers (see :class:`YoungCollections`).
+YOUNG_COLLECTION_EVERY_WAKES = 500
+
+
+class YoungCollections:
+    """Runs a young collection every ``every`` wake-ups of the tasks that read connections.
+
+    CPython starts a young collection when allocations minus frees of
+    tracked objects pass the first threshold, and a free counts whichever
+    generation the object was in. A connection's reader that wakes frees
+    its last wait's objects and makes as many new ones: the count stays
+    flat while the young generation fills with the new waits of every
+    reader woken since the last collection. With little else allocated
+    (thousands of idle connections answering the heartbeat), the next
+    collection walked them all at once, the longest pause left after
+    middle collections went (README's benchmark section). Counting
+    wake-ups bounds what one young collection can find. No timer: an idle
+    server does nothing, and tests on trio's autojump clock see no deadline.
+
+    Args:
+        every: wake-ups between two collections this runs.
+    """
+
+    def __init__(self, every: int = YOUNG_COLLECTION_EVERY_WAKES) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every!r}")
+        self._every = every
+        self._left = every
+
+    def woke(self) -> None:
+        """A reader woke with data: collect the young generation if ``every`` did since the last time."""
+        self._left -= 1
+        if self._left <= 0:
+            self._left = self._every
+            if gc.isenabled():
+                gc.collect(0)
 
 
 #: Every this many rounds of :func:`collect_fully_every`, frozen objects are walked too.

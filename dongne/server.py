@@ -93,6 +93,7 @@ from .metrics import Metrics, ServerStatistics
 from .news import NodeNews
 from .pipeline import NO_SEQS_GIVEN, CommitPipeline
 from .push import PushDispatcher
+from .runtime import YoungCollections
 from .store import Conflict, LeaseLost, SeqsGiven, Storage, StoreError, WriteFailed
 from .store._writes import read_inbox_news
 from .transport import (
@@ -169,6 +170,7 @@ class ClientServer:
         self.store = store
         self.clock = clock
         self.encoder = FrameEncoder()
+        self.young_collections = YoungCollections()
         #: More live gauges, read at scrape time (the app adds the cluster's).
         self.gauge_sources: list[Callable[[], dict[str, Any]]] = []
         self.metrics = Metrics(self._gauges)
@@ -371,6 +373,7 @@ class ClientServer:
                 max_message_bytes=self.settings.max_frame_bytes,
                 max_buffer_bytes=self.settings.outbound_buffer_bytes,
                 trailing=handshake.trailing,
+                on_receive=self.young_collections.woke,
             )
             self.conns[conn_id] = conn
             self.door.remember(conn_id, admitted)

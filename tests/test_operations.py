@@ -14,7 +14,7 @@ import trio
 from dongne.client import RequestError
 from dongne.clock import EngineClock
 from dongne.core.slo import SloTracker
-from dongne.runtime import FULL_SWEEP_EVERY, GC_THRESHOLDS
+from dongne.runtime import FULL_SWEEP_EVERY, GC_THRESHOLDS, YOUNG_COLLECTION_EVERY_WAKES, YoungCollections
 
 from .conftest import NO_TIMERS, Harness, question_data
 from .test_push import FakeGateway
@@ -116,6 +116,50 @@ def test_the_server_thresholds_run_only_young_collections() -> None:
     assert len(kept) == 50 * GC_THRESHOLDS[0]
     assert after[0] - before[0] >= 40  # CPython's defaults would have run 4 middle collections by then
     assert after[1:] == before[1:]
+
+
+def test_young_collections_run_every_so_many_wake_ups() -> None:
+    thresholds = gc.get_threshold()
+    gc.set_threshold(10**9, 2**31 - 1, 2**31 - 1)  # no automatic collection: only the ones counted here
+    try:
+        young = YoungCollections(every=5)
+        before = gc.get_stats()[0]["collections"]
+        for _ in range(4):
+            young.woke()
+        after_four = gc.get_stats()[0]["collections"]
+        for _ in range(6):
+            young.woke()
+        after_ten = gc.get_stats()[0]["collections"]
+        gc.disable()
+        try:
+            for _ in range(5):
+                young.woke()
+        finally:
+            gc.enable()
+        while_disabled = gc.get_stats()[0]["collections"]
+    finally:
+        gc.set_threshold(*thresholds)
+
+    assert (after_four - before, after_ten - before, while_disabled - before) == (0, 2, 2)
+
+
+async def test_a_servers_readers_waking_run_young_collections(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Requests wake a connection's reader; every YOUNG_COLLECTION_EVERY_WAKES of them run a young collection,
+    even when the allocation count would start none (held off entirely here)."""
+    server: Harness = await start_server(limits={"conn_per_s": 1e6, "conn_burst": 1e6})
+    requests = 2 * YOUNG_COLLECTION_EVERY_WAKES + 10
+    thresholds = gc.get_threshold()
+    async with server.connect("local") as local:
+        gc.set_threshold(10**9, 2**31 - 1, 2**31 - 1)
+        try:
+            before = gc.get_stats()[0]["collections"]
+            for _ in range(requests):
+                await local.request("ping", {})
+            collections = gc.get_stats()[0]["collections"] - before
+        finally:
+            gc.set_threshold(*thresholds)
+
+    assert 2 <= collections <= 3  # one wake-up per request: every 500th collects
 
 
 class _Node:

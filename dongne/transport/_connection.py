@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import attrs
 import trio
@@ -61,6 +61,8 @@ class WebSocketConnection:
         max_message_bytes: a larger inbound message closes with 1009.
         max_buffer_bytes: a larger outbound backlog closes with 4009.
         trailing: bytes received after the handshake.
+        on_receive: called each time the reader wakes with bytes from the
+            client (the server's ``YoungCollections.woke``).
 
     Resource handling: ``aclose`` (or ``abort``) must be called once the
     reader is done; it closes the socket.
@@ -75,8 +77,10 @@ class WebSocketConnection:
         max_message_bytes: int,
         max_buffer_bytes: int,
         trailing: bytes = b"",
+        on_receive: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
+        self._on_receive = on_receive
         self._nursery = nursery
         self._encoder = encoder
         self._ws = Connection(ConnectionType.SERVER)
@@ -437,6 +441,8 @@ class WebSocketConnection:
             return b""
         if data:
             self.alive = True
+            if self._on_receive is not None:
+                self._on_receive()
         return data
 
 
