@@ -115,6 +115,15 @@ def ask(sim: Sim, conn_id: int = 1, now: int = T0) -> str:
     return str(sim.reply(out)["data"]["question"]["question_id"])
 
 
+def local_in_the_room(sim: Sim) -> str:
+    """The asker (connection 1) asks; the local (connection 2) joins the question's room. Returns its id."""
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    sim.call(2, "join_question", {"question_id": qid})
+    return qid
+
+
 def test_transition_table_is_the_whole_lifecycle() -> None:
     for status in QuestionStatus:
         for event in QuestionEvent:
@@ -217,10 +226,7 @@ def test_seqs_moved_sets_each_users_next_seq() -> None:
 
 def test_typing_expires_exactly_at_its_ttl() -> None:
     sim = Sim(make_engine(typing_ttl_s=3.0))
-    sim.connect(1, "asker")
-    sim.connect(2, "local")
-    qid = ask(sim)
-    sim.call(2, "join_question", {"question_id": qid})
+    qid = local_in_the_room(sim)
     sim.take(1)
     sim.call(2, "typing_start", {"question_id": qid}, T0 + 1000)
     assert [f["type"] for f in sim.take(1)] == ["user_typing"]
@@ -241,10 +247,7 @@ def test_typing_expires_exactly_at_its_ttl() -> None:
 
 def test_a_renewed_or_stopped_typing_state_leaves_no_deadline_behind() -> None:
     sim = Sim(make_engine(typing_ttl_s=3.0))
-    sim.connect(1, "asker")
-    sim.connect(2, "local")
-    qid = ask(sim)
-    sim.call(2, "join_question", {"question_id": qid})
+    qid = local_in_the_room(sim)
     sim.call(2, "typing_start", {"question_id": qid}, T0 + 1000)
     sim.call(2, "typing_start", {"question_id": qid}, T0 + 2000)
     sim.call(2, "typing_start", {"question_id": qid}, T0 + 2500)
@@ -256,10 +259,7 @@ def test_a_renewed_or_stopped_typing_state_leaves_no_deadline_behind() -> None:
 
 def test_disconnect_stops_typing_and_announces_offline() -> None:
     sim = Sim(make_engine())
-    sim.connect(1, "asker")
-    sim.connect(2, "local")
-    qid = ask(sim)
-    sim.call(2, "join_question", {"question_id": qid})
+    qid = local_in_the_room(sim)
     sim.call(2, "typing_start", {"question_id": qid})
     sim.take(1)
     sim.deliver(sim.engine.handle(Disconnected(2), T0))
