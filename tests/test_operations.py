@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import re
 import weakref
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -18,6 +20,21 @@ from dongne.runtime import FULL_SWEEP_EVERY, GC_THRESHOLDS, YOUNG_COLLECTION_EVE
 
 from .conftest import NO_TIMERS, Harness, question_data
 from .test_push import FakeGateway
+
+#: ``gc.set_threshold`` with no automatic collection at all: only what a test runs (or has run) counts.
+NO_AUTOMATIC_COLLECTIONS = (10**9, 2**31 - 1, 2**31 - 1)
+
+
+@contextlib.contextmanager
+def gc_thresholds(thresholds: tuple[int, int, int]) -> Iterator[None]:
+    """Collect with ``thresholds`` inside the block; the process's own are back afterwards."""
+    saved = gc.get_threshold()
+    gc.set_threshold(*thresholds)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
+
 
 ONLY_IMMEDIATE = [{"name": "IMMEDIATE", "offset_s": 0.0, "radius_m": 2000.0, "audience": "online_nearby"}]
 
@@ -82,9 +99,7 @@ async def test_metrics_report_garbage_collection_pauses(start_server) -> None:  
 
 
 async def test_full_collections_run_on_the_configured_interval(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
-    thresholds = gc.get_threshold()
-    gc.set_threshold(*GC_THRESHOLDS)  # as `dongne serve` runs: no automatic full collections
-    try:
+    with gc_thresholds(GC_THRESHOLDS):  # as `dongne serve` runs: no automatic full collections
         server: Harness = await start_server(server={**NO_TIMERS, "full_gc_interval_s": 600.0})
         full = gc.get_stats()[2]["collections"]
         await trio.sleep(599)
@@ -94,8 +109,6 @@ async def test_full_collections_run_on_the_configured_interval(start_server, aut
         await trio.sleep(600)
         assert gc.get_stats()[2]["collections"] == full + 2
         await server.running.aclose()
-    finally:
-        gc.set_threshold(*thresholds)
 
 
 def test_the_server_thresholds_run_only_young_collections() -> None:
@@ -104,14 +117,10 @@ def test_the_server_thresholds_run_only_young_collections() -> None:
     Allocating keeps triggering young collections; neither middle nor full ones run, however many pile up
     (they come from collect_fully_every, on its interval).
     """
-    thresholds = gc.get_threshold()
-    gc.set_threshold(*GC_THRESHOLDS)
-    try:
+    with gc_thresholds(GC_THRESHOLDS):
         before = [generation["collections"] for generation in gc.get_stats()]
         kept = [[i] for i in range(50 * GC_THRESHOLDS[0])]  # survivors, as a waiting task's objects are
         after = [generation["collections"] for generation in gc.get_stats()]
-    finally:
-        gc.set_threshold(*thresholds)
 
     assert len(kept) == 50 * GC_THRESHOLDS[0]
     assert after[0] - before[0] >= 40  # CPython's defaults would have run 4 middle collections by then
@@ -119,9 +128,7 @@ def test_the_server_thresholds_run_only_young_collections() -> None:
 
 
 def test_young_collections_run_every_so_many_wake_ups() -> None:
-    thresholds = gc.get_threshold()
-    gc.set_threshold(10**9, 2**31 - 1, 2**31 - 1)  # no automatic collection: only the ones counted here
-    try:
+    with gc_thresholds(NO_AUTOMATIC_COLLECTIONS):  # only the collections counted here
         young = YoungCollections(every=5)
         before = gc.get_stats()[0]["collections"]
         for _ in range(4):
@@ -137,8 +144,6 @@ def test_young_collections_run_every_so_many_wake_ups() -> None:
         finally:
             gc.enable()
         while_disabled = gc.get_stats()[0]["collections"]
-    finally:
-        gc.set_threshold(*thresholds)
 
     assert (after_four - before, after_ten - before, while_disabled - before) == (0, 2, 2)
 
@@ -148,16 +153,12 @@ async def test_a_servers_readers_waking_run_young_collections(start_server) -> N
     even when the allocation count would start none (held off entirely here)."""
     server: Harness = await start_server(limits={"conn_per_s": 1e6, "conn_burst": 1e6})
     requests = 2 * YOUNG_COLLECTION_EVERY_WAKES + 10
-    thresholds = gc.get_threshold()
     async with server.connect("local") as local:
-        gc.set_threshold(10**9, 2**31 - 1, 2**31 - 1)
-        try:
+        with gc_thresholds(NO_AUTOMATIC_COLLECTIONS):
             before = gc.get_stats()[0]["collections"]
             for _ in range(requests):
                 await local.request("ping", {})
             collections = gc.get_stats()[0]["collections"] - before
-        finally:
-            gc.set_threshold(*thresholds)
 
     assert 2 <= collections <= 3  # one wake-up per request: every 500th collects
 
@@ -167,32 +168,30 @@ class _Node:
 
 
 async def test_a_cycle_that_outlived_a_round_is_reclaimed_at_the_next_full_sweep(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]
-    thresholds = gc.get_threshold()
-    gc.set_threshold(*GC_THRESHOLDS)
-    try:
-        server: Harness = await start_server(server={**NO_TIMERS, "full_gc_interval_s": 600.0})
-        old = _Node()
-        old.other = old  # a reference cycle, alive at the first round
-        old_ref = weakref.ref(old)
-        await trio.sleep(601)  # round 1: it survives and is frozen
-        assert gc.get_freeze_count() > 0
-        del old
-        young = _Node()
-        young.other = young  # garbage made after the round: not frozen
-        young_ref = weakref.ref(young)
-        del young
-        await trio.sleep(600)  # round 2 walks only what is not frozen
-        assert young_ref() is None
-        assert old_ref() is not None
-        await trio.sleep(600 * (FULL_SWEEP_EVERY - 3))  # rounds 3 .. FULL_SWEEP_EVERY - 1
-        assert old_ref() is not None
-        await trio.sleep(600)  # round FULL_SWEEP_EVERY walks the frozen objects too
-        assert old_ref() is None
-        await server.running.aclose()
-        assert gc.get_freeze_count() == 0  # thawed when the server stopped
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
+    with gc_thresholds(GC_THRESHOLDS):
+        try:
+            server: Harness = await start_server(server={**NO_TIMERS, "full_gc_interval_s": 600.0})
+            old = _Node()
+            old.other = old  # a reference cycle, alive at the first round
+            old_ref = weakref.ref(old)
+            await trio.sleep(601)  # round 1: it survives and is frozen
+            assert gc.get_freeze_count() > 0
+            del old
+            young = _Node()
+            young.other = young  # garbage made after the round: not frozen
+            young_ref = weakref.ref(young)
+            del young
+            await trio.sleep(600)  # round 2 walks only what is not frozen
+            assert young_ref() is None
+            assert old_ref() is not None
+            await trio.sleep(600 * (FULL_SWEEP_EVERY - 3))  # rounds 3 .. FULL_SWEEP_EVERY - 1
+            assert old_ref() is not None
+            await trio.sleep(600)  # round FULL_SWEEP_EVERY walks the frozen objects too
+            assert old_ref() is None
+            await server.running.aclose()
+            assert gc.get_freeze_count() == 0  # thawed when the server stopped
+        finally:
+            gc.unfreeze()
 
 
 async def test_admin_metrics_op_reports_slos(server: Harness) -> None:
