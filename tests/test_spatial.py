@@ -15,9 +15,11 @@ from collections.abc import Collection
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rtree import index as rtree_index
+from rtree.exceptions import RTreeError
 
 from dongne.core.geo import EARTH_RADIUS_M, haversine_m, offset_position, snap_position, valid_lat_lng
-from dongne.core.spatial import LocalsIndex, LocalsIndexStatistics
+from dongne.core.spatial import LocalsIndex, LocalsIndexStatistics, _Tree
 
 PROPERTY_SETTINGS = settings(
     max_examples=200,
@@ -301,6 +303,46 @@ def test_queries_leave_no_cyclic_garbage() -> None:
         gc.garbage.clear()
 
     assert garbage == []
+
+
+def test_tree_answers_as_rtree_and_raises_what_the_library_reports() -> None:
+    """The tree's direct calls give rtree's own answers, and a failed call raises rtree's error.
+
+    They skip rtree's per-call result check and check the library's
+    result code themselves: a failure must not pass as an empty answer.
+    """
+    props = rtree_index.Property()
+    props.dimension = 2
+    tree, reference = _Tree(props), rtree_index.Index(properties=props)
+    rng = random.Random(7)
+    points = {rid: (rng.random(), rng.random()) for rid in range(300)}
+    for rid, (x, y) in points.items():
+        tree.insert(rid, x, y)
+        reference.insert(rid, (x, y, x, y))
+    for rid in range(0, 300, 3):  # moves: delete, then insert elsewhere
+        x, y = points[rid]
+        tree.delete(rid, x, y)
+        reference.delete(rid, (x, y, x, y))
+        x, y = points[rid] = (rng.random(), rng.random())
+        tree.insert(rid, x, y)
+        reference.insert(rid, (x, y, x, y))
+    for _ in range(50):
+        x, y = rng.random(), rng.random()
+        box = (x - 0.1, y - 0.1, x + 0.1, y + 0.1)
+        assert tree.intersection(box) == list(reference.intersection(box))
+        assert tree.nearest((x, y, x, y), 5) == list(reference.nearest((x, y, x, y), 5))
+
+    props3 = rtree_index.Property()
+    props3.dimension = 3  # the tree's calls are 2-d: the library refuses each of them
+    wrong = _Tree(props3)
+    for call in (
+        lambda: wrong.insert(1, 0.5, 0.5),
+        lambda: wrong.delete(1, 0.5, 0.5),
+        lambda: wrong.intersection((0.0, 0.0, 1.0, 1.0)),
+        lambda: wrong.nearest((0.0, 0.0, 0.0, 0.0), 1),
+    ):
+        with pytest.raises(RTreeError, match="wrong number of dimensions"):
+            call()
 
 
 def test_invalid_input_rejected() -> None:

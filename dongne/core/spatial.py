@@ -43,12 +43,14 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Callable, Collection, Iterable
+from typing import Any, NoReturn
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 from rtree import core as rtree_core
 from rtree import index as rtree_index
+from rtree.exceptions import RTreeError
 
 from .geo import EARTH_RADIUS_M, valid_lat_lng
 
@@ -147,67 +149,122 @@ _BOX_TYPE = ctypes.c_double * 2
 _NO_DATA = ctypes.c_ubyte(0)
 
 
-def _point_insert(tree: rtree_index.Index, rid: int, x: float, y: float) -> None:
-    """``tree.insert(rid, (x, y, x, y))``, calling libspatialindex as it does, minus its wrapper's work.
+def _unchecked(name: str) -> Any:
+    """libspatialindex's function ``name``, declared as rtree declares it, without rtree's ``errcheck`` hook.
 
-    ``Index.insert`` and ``Index.delete`` ask the library for the index's
-    type and dimension (ctypes calls) and rebuild the coordinate arrays
-    from a list on every call; a move does one of each, 500 times a second
-    in the escalation bench. Same call, same arguments, no object stored.
+    rtree runs a Python function after every call to check the result
+    code; :class:`_Tree` checks it inline instead (one ``if``).
     """
-    point = _BOX_TYPE(x, y)
-    rtree_core.rt.Index_InsertData(tree.handle, rid, point, point, 2, _NO_DATA, 0)
+    declared = getattr(rtree_core.rt, name)
+    function = rtree_core.rt._FuncPtr((name, rtree_core.rt))
+    function.argtypes = declared.argtypes
+    function.restype = declared.restype
+    return function
 
 
-def _point_delete(tree: rtree_index.Index, rid: int, x: float, y: float) -> None:
-    """``tree.delete(rid, (x, y, x, y))``, as :func:`_point_insert` calls the library."""
-    point = _BOX_TYPE(x, y)
-    rtree_core.rt.Index_DeleteData(tree.handle, rid, point, point, 2)
+_INSERT = _unchecked("Index_InsertData")
+_DELETE = _unchecked("Index_DeleteData")
+_INTERSECTS = _unchecked("Index_Intersects_id")
+_NEAREST = _unchecked("Index_NearestNeighbors_id")
+_FREE = _unchecked("Index_Free")
 
 
-def _box(box: tuple[float, ...]) -> tuple[ctypes.Array[ctypes.c_double], ctypes.Array[ctypes.c_double]]:
-    """A query box's ``(mins, maxs)`` arrays for a 2-d index (``Index.get_coordinate_pointers``, minus the ctypes calls)."""
-    return _BOX_TYPE(box[0], box[1]), _BOX_TYPE(box[2], box[3])
+def _failed(call: str) -> NoReturn:
+    message = rtree_core.rt.Error_GetLastErrorMsg().decode()
+    rtree_core.rt.Error_Reset()
+    raise RTreeError(f'Error in "{call}": {message}')
 
 
-def _tree_ids(query: Callable[..., int], tree: rtree_index.Index, box: tuple[float, ...], count: int = 0) -> list[int]:
-    """The ids an R-tree query returns: ``Index.intersection(box)`` or ``Index.nearest(box, count)``.
+class _Tree:
+    """A 2-d point R-tree: ``rtree.index.Index`` called as its methods call libspatialindex, minus their work.
 
-    Calls libspatialindex as those methods do, but reads the ids without
-    ``ctypes.cast``: rtree's wrappers cast the result pointer, and each cast
-    leaves a reference cycle behind (4 objects, ~0.5 KB per query), garbage
-    that only the cyclic collector frees (in the soak bench it piled up to
-    ~4 MB between collections, and each cycle is work for the collector).
-    Same ids, same order; no garbage.
+    The index's moves and queries are its hot path (a move is a delete
+    and an insert, 500 a second in the escalation bench, and every move
+    asks for the open questions nearby). ``Index.insert``, ``delete``,
+    ``intersection`` and ``nearest`` ask the library for the index's type
+    and dimension, rebuild the coordinate arrays from a list, and run a
+    Python check after each call; here the arguments' ctypes objects are
+    made once and the result code is checked inline. The ids are read
+    without ``ctypes.cast``: each cast leaves a reference cycle behind (4
+    objects, ~0.5 KB per query), garbage that only the cyclic collector
+    frees. Same calls, same arguments, same ids in the same order.
+
+    Not thread-safe (the buffers are shared): the owner serializes calls.
     """
-    p_mins, p_maxs = _box(box)
-    ids = _INT64_P()
-    n = ctypes.c_uint64(count)
-    query(tree.handle, p_mins, p_maxs, 2, ctypes.byref(ids), ctypes.byref(n))
-    try:
-        return ids[: n.value]
-    finally:
-        rtree_core.rt.Index_Free(_VOID_P_P.from_buffer(ids))
 
+    __slots__ = ("_handle", "_ids", "_ids_ref", "_ids_to_free", "_index", "_maxs", "_mins", "_n", "_n_ref", "_point")
 
-def _tree_ids_awake(
-    tree: rtree_index.Index, box: tuple[float, ...], snoozed: npt.NDArray[np.float64], at: float
-) -> list[int]:
-    """``_tree_ids`` of an intersection, without the ids snoozed past ``at``: filtered by numpy, no int per id dropped."""
-    p_mins, p_maxs = _box(box)
-    ids = _INT64_P()
-    n = ctypes.c_uint64(0)
-    rtree_core.rt.Index_Intersects_id(tree.handle, p_mins, p_maxs, 2, ctypes.byref(ids), ctypes.byref(n))
-    try:
-        if not n.value:
-            return []
-        rids = np.frombuffer(
-            memoryview((ctypes.c_int64 * n.value).from_address(ctypes.addressof(ids.contents))), np.int64
-        )
-        kept: list[int] = rids[snoozed[rids] <= at].tolist()
-        return kept
-    finally:
-        rtree_core.rt.Index_Free(_VOID_P_P.from_buffer(ids))
+    def __init__(self, properties: rtree_index.Property) -> None:
+        self._index = rtree_index.Index(properties=properties)  # owns the handle, and frees it
+        self._handle = ctypes.c_void_p(self._index.handle._as_parameter_)
+        self._point = _BOX_TYPE()
+        self._mins = _BOX_TYPE()
+        self._maxs = _BOX_TYPE()
+        self._ids = _INT64_P()
+        self._ids_ref = ctypes.byref(self._ids)
+        self._ids_to_free = _VOID_P_P.from_buffer(self._ids)  # the same pointer, as Index_Free takes it
+        self._n = ctypes.c_uint64()
+        self._n_ref = ctypes.byref(self._n)
+
+    def insert(self, rid: int, x: float, y: float) -> None:
+        """``Index.insert(rid, (x, y, x, y))``, storing no object."""
+        point = self._point
+        point[0] = x
+        point[1] = y
+        if _INSERT(self._handle, rid, point, point, 2, _NO_DATA, 0):
+            _failed("Index_InsertData")
+
+    def delete(self, rid: int, x: float, y: float) -> None:
+        """``Index.delete(rid, (x, y, x, y))``."""
+        point = self._point
+        point[0] = x
+        point[1] = y
+        if _DELETE(self._handle, rid, point, point, 2):
+            _failed("Index_DeleteData")
+
+    def _query(self, query: Any, box: tuple[float, float, float, float], count: int) -> int:
+        """Run an id query; its ids are in ``self._ids`` until :meth:`_free`. Returns how many."""
+        mins, maxs = self._mins, self._maxs
+        mins[0], mins[1], maxs[0], maxs[1] = box
+        self._n.value = count
+        if query(self._handle, mins, maxs, 2, self._ids_ref, self._n_ref):
+            _failed("Index_NearestNeighbors_id" if query is _NEAREST else "Index_Intersects_id")
+        return self._n.value
+
+    def _free(self) -> None:
+        _FREE(self._ids_to_free)
+
+    def intersection(self, box: tuple[float, float, float, float]) -> list[int]:
+        """``list(Index.intersection(box))``: the ids of the points in ``(x_min, y_min, x_max, y_max)``."""
+        n = self._query(_INTERSECTS, box, 0)
+        try:
+            return self._ids[:n]
+        finally:
+            self._free()
+
+    def nearest(self, box: tuple[float, float, float, float], count: int) -> list[int]:
+        """``list(Index.nearest(box, count))``: the ``count`` ids nearest in the plane (more on ties)."""
+        n = self._query(_NEAREST, box, count)
+        try:
+            return self._ids[:n]
+        finally:
+            self._free()
+
+    def intersection_awake(
+        self, box: tuple[float, float, float, float], snoozed: npt.NDArray[np.float64], at: float
+    ) -> list[int]:
+        """:meth:`intersection` without the ids snoozed past ``at``: filtered by numpy, no int per id dropped."""
+        n = self._query(_INTERSECTS, box, 0)
+        try:
+            if not n:
+                return []
+            rids = np.frombuffer(
+                memoryview((ctypes.c_int64 * n).from_address(ctypes.addressof(self._ids.contents))), np.int64
+            )
+            kept: list[int] = rids[snoozed[rids] <= at].tolist()
+            return kept
+        finally:
+            self._free()
 
 
 def _check_position(lat: float, lng: float) -> None:
@@ -252,7 +309,7 @@ class LocalsIndex:
         props.leaf_capacity = _NODE_CAPACITY
         props.index_capacity = _NODE_CAPACITY
         props.near_minimum_overlap_factor = _NEAR_MINIMUM_OVERLAP_FACTOR
-        self._tree = rtree_index.Index(properties=props)
+        self._tree = _Tree(props)
         # user id -> (lat, lng, rtree id, x, phi, cos_phi). x is kept so a
         # delete passes the tree exactly the coordinates that were inserted;
         # phi and cos_phi (radians(lat), cos(radians(lat))) so distances
@@ -334,8 +391,8 @@ class LocalsIndex:
             old_lat, old_lng, rid, old_x, _, _ = entry
             if old_lat == lat and old_lng == lng:
                 return
-            _point_delete(self._tree, rid, old_x, old_lat)
-        _point_insert(self._tree, rid, x, lat)
+            self._tree.delete(rid, old_x, old_lat)
+        self._tree.insert(rid, x, lat)
         phi = math.radians(lat)
         self._entries[user_id] = (lat, lng, rid, x, phi, math.cos(phi))
 
@@ -349,7 +406,7 @@ class LocalsIndex:
         if entry is None:
             return
         lat, _, rid, x, _, _ = entry
-        _point_delete(self._tree, rid, x, lat)
+        self._tree.delete(rid, x, lat)
         self._uids[rid] = None
         self._snoozed[rid] = -math.inf
         self._free.append(rid)
@@ -482,7 +539,7 @@ class LocalsIndex:
                 uid
                 for uid in map(
                     uids.__getitem__,
-                    _tree_ids(rtree_core.rt.Index_NearestNeighbors_id, self._tree, (x, lat, x, lat), want),
+                    self._tree.nearest((x, lat, x, lat), want),
                 )
                 if uid is not None and uid not in exclude
             ]
@@ -556,9 +613,9 @@ class LocalsIndex:
             # scaled box keeps every point of the degree box.
             coords = (lng_min * scale, lat_min, lng_max * scale, lat_max)
             if awake_at is None:
-                rids = _tree_ids(rtree_core.rt.Index_Intersects_id, self._tree, coords)
+                rids = self._tree.intersection(coords)
             else:
-                rids = _tree_ids_awake(self._tree, coords, self._snoozed, awake_at)
+                rids = self._tree.intersection_awake(coords, self._snoozed, awake_at)
             for rid in rids:
                 uid = uids[rid]
                 if uid is None or uid in exclude or (keep is not None and not keep(uid)):
