@@ -315,17 +315,20 @@ def test_tree_answers_as_rtree_and_raises_what_the_library_reports() -> None:
     props.dimension = 2
     tree, reference = _Tree(props), rtree_index.Index(properties=props)
     rng = random.Random(7)
-    points = {rid: (rng.random(), rng.random()) for rid in range(300)}
-    for rid, (x, y) in points.items():
+    points: dict[int, tuple[float, float]] = {}
+
+    def place(rid: int) -> None:
+        x, y = points[rid] = (rng.random(), rng.random())
         tree.insert(rid, x, y)
         reference.insert(rid, (x, y, x, y))
+
+    for rid in range(300):
+        place(rid)
     for rid in range(0, 300, 3):  # moves: delete, then insert elsewhere
         x, y = points[rid]
         tree.delete(rid, x, y)
         reference.delete(rid, (x, y, x, y))
-        x, y = points[rid] = (rng.random(), rng.random())
-        tree.insert(rid, x, y)
-        reference.insert(rid, (x, y, x, y))
+        place(rid)
     for _ in range(50):
         x, y = rng.random(), rng.random()
         box = (x - 0.1, y - 0.1, x + 0.1, y + 0.1)

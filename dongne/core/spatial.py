@@ -140,9 +140,7 @@ def _degree_boxes(lat: float, lng: float, radius_m: float) -> list[_DegreeBox]:
 
 _INT64_P = ctypes.POINTER(ctypes.c_int64)
 _VOID_P_P = ctypes.POINTER(ctypes.c_void_p)
-# rtree makes each query's box from ``c_double * 2``; ctypes caches that type
-# only weakly, so without this reference it is rebuilt (a cycle of 6 objects)
-# after every collection.
+# A point's or a box corner's coordinates, as libspatialindex takes them.
 _BOX_TYPE = ctypes.c_double * 2
 
 
@@ -156,7 +154,8 @@ def _unchecked(name: str) -> Any:
     code; :class:`_Tree` checks it inline instead (one ``if``).
     """
     declared = getattr(rtree_core.rt, name)
-    function = rtree_core.rt._FuncPtr((name, rtree_core.rt))
+    function: Any = rtree_core.rt._FuncPtr((name, rtree_core.rt))
+    function.__name__ = name  # as ctypes names the functions it looks up itself
     function.argtypes = declared.argtypes
     function.restype = declared.restype
     return function
@@ -169,10 +168,11 @@ _NEAREST = _unchecked("Index_NearestNeighbors_id")
 _FREE = _unchecked("Index_Free")
 
 
-def _failed(call: str) -> NoReturn:
+def _failed(function: Any) -> NoReturn:
+    """Raise what rtree's check raises for a call of ``function`` that returned an error code."""
     message = rtree_core.rt.Error_GetLastErrorMsg().decode()
     rtree_core.rt.Error_Reset()
-    raise RTreeError(f'Error in "{call}": {message}')
+    raise RTreeError(f'Error in "{function.__name__}": {message}')
 
 
 class _Tree:
@@ -212,7 +212,7 @@ class _Tree:
         point[0] = x
         point[1] = y
         if _INSERT(self._handle, rid, point, point, 2, _NO_DATA, 0):
-            _failed("Index_InsertData")
+            _failed(_INSERT)
 
     def delete(self, rid: int, x: float, y: float) -> None:
         """``Index.delete(rid, (x, y, x, y))``."""
@@ -220,7 +220,7 @@ class _Tree:
         point[0] = x
         point[1] = y
         if _DELETE(self._handle, rid, point, point, 2):
-            _failed("Index_DeleteData")
+            _failed(_DELETE)
 
     def _query(self, query: Any, box: tuple[float, float, float, float], count: int) -> int:
         """Run an id query; its ids are in ``self._ids`` until :meth:`_free`. Returns how many."""
@@ -228,27 +228,26 @@ class _Tree:
         mins[0], mins[1], maxs[0], maxs[1] = box
         self._n.value = count
         if query(self._handle, mins, maxs, 2, self._ids_ref, self._n_ref):
-            _failed("Index_NearestNeighbors_id" if query is _NEAREST else "Index_Intersects_id")
+            _failed(query)
         return self._n.value
 
     def _free(self) -> None:
         _FREE(self._ids_to_free)
 
-    def intersection(self, box: tuple[float, float, float, float]) -> list[int]:
-        """``list(Index.intersection(box))``: the ids of the points in ``(x_min, y_min, x_max, y_max)``."""
-        n = self._query(_INTERSECTS, box, 0)
+    def _query_ids(self, query: Any, box: tuple[float, float, float, float], count: int) -> list[int]:
+        n = self._query(query, box, count)
         try:
             return self._ids[:n]
         finally:
             self._free()
 
+    def intersection(self, box: tuple[float, float, float, float]) -> list[int]:
+        """``list(Index.intersection(box))``: the ids of the points in ``(x_min, y_min, x_max, y_max)``."""
+        return self._query_ids(_INTERSECTS, box, 0)
+
     def nearest(self, box: tuple[float, float, float, float], count: int) -> list[int]:
         """``list(Index.nearest(box, count))``: the ``count`` ids nearest in the plane (more on ties)."""
-        n = self._query(_NEAREST, box, count)
-        try:
-            return self._ids[:n]
-        finally:
-            self._free()
+        return self._query_ids(_NEAREST, box, count)
 
     def intersection_awake(
         self, box: tuple[float, float, float, float], snoozed: npt.NDArray[np.float64], at: float
