@@ -46,7 +46,7 @@ What it does, per run (a fresh server each run; medians over ``--repeat`` runs):
   runs of a fixed workload that runs no dongne code (``machine_reference_ms``
   in ``_harness``), and the CPU per question divided by it: this machine's
   speed drifts by a third within a day, and the ratio compares runs made at
-  different times (two trees are still best compared alternating).
+  different times (two trees are best compared at the same time: ``bench/paired.py``).
 
 dongne runs with ``DONGNE_STORE_SYNCHRONOUS=NORMAL`` unless ``--synchronous FULL``
 (WAL, commits not fsynced: the bench measures the engine, not the disk) and

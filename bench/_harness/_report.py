@@ -119,7 +119,7 @@ def machine_reference_ms(rounds: int = 5) -> float:
     It runs no dongne code. The machines these benches run on drift: the
     same tree's CPU per question differed by a third between hours of one
     day. A figure read beside this one (as a ratio) compares across runs
-    made at different times; two trees are still best compared alternating.
+    made at different times; two trees are best compared at the same time (``bench/paired.py``).
     """
     best = math.inf
     for _ in range(rounds):
