@@ -1,6 +1,6 @@
 """Paired A/B of the escalation bench: two trees' servers measured at the same time, on the same machine.
 
-    python bench/paired.py [--base A] [--pairs 3] [--json bench/results/paired.json] B
+    python bench/paired.py [--base A] [--pairs 3] [--this-bench] [--json bench/results/paired.json] B
                            [-- escalation.py options ...]
 
 ``A`` and ``B`` are each a directory holding a checkout of dongne or a git
@@ -10,7 +10,10 @@ afterwards); ``--base`` defaults to this checkout. Each pair starts
 tree (its own ``PYTHONPATH``), with the same options and seed, and reads
 each one's server CPU per question; the starting order alternates from pair
 to pair. The result is B's CPU per question over A's, per pair and its
-median.
+median. ``--this-bench`` drives both trees' servers with this checkout's
+bench instead of each tree's own, so that a revision from before the
+bench's current options and figures can be measured (the bench still
+imports the tree's ``dongne`` for its scenario: the hotspots, the regions).
 
 Why in pairs: this machine's speed drifts by a third within a day and by a
 tenth within minutes, so runs made one after the other, even alternated,
@@ -55,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B", help="the tree measured: a directory or a git revision")
     p.add_argument("--base", default=str(h.REPO_DIR), metavar="A", help="what B is measured against (this checkout)")
     p.add_argument("--pairs", type=int, default=3, help="pairs of runs (default 3)")
+    p.add_argument(
+        "--this-bench",
+        action="store_true",
+        help="run this checkout's bench/escalation.py against both trees' servers, not each tree's own",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="bound on each pair, seconds (default 600)")
     h.add_json_option(p, "paired")
     return p
@@ -83,14 +91,17 @@ def _tree(spec: str) -> Iterator[Path]:
             )
 
 
-def _run_pair(trees: Sequence[Path], bench_args: Sequence[str], out: Path, timeout: float) -> list[dict[str, Any]]:
+def _run_pair(
+    trees: Sequence[Path], bench_args: Sequence[str], out: Path, timeout: float, this_bench: bool
+) -> list[dict[str, Any]]:
     """Both trees' escalation benches at once, started in the given order; each one's first run."""
     procs = []
     for i, tree in enumerate(trees):
         env = {**os.environ, "PYTHONPATH": str(tree)}
         # These last: argparse keeps an option's last value, and the pair needs one run, in its own file.
         ours = ["--repeat", "1", "--json", str(out / f"{i}.json")]
-        cmd = [sys.executable, str(tree / "bench" / "escalation.py"), *bench_args, *ours]
+        bench = (h.REPO_DIR if this_bench else tree) / "bench" / "escalation.py"
+        cmd = [sys.executable, str(bench), *bench_args, *ours]
         log = open(out / f"{i}.log", "wb")  # noqa: SIM115 - closed below, after the process ends
         procs.append((subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=log), log))
     try:
@@ -120,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     pairs: list[dict[str, Any]] = []
     with _tree(args.base) as tree_a, _tree(args.b) as tree_b, tempfile.TemporaryDirectory() as tmp:
-        print(f"# A {args.base} ({tree_a})\n# B {args.b} ({tree_b})\n# escalation.py {' '.join(bench_args)}")
+        print(f"# A {args.base} ({tree_a})\n# B {args.b} ({tree_b})")
+        print(f"# {'this checkout' if args.this_bench else 'each tree'}'s escalation.py {' '.join(bench_args)}")
         for n in range(args.pairs):
             order = (tree_a, tree_b) if n % 2 == 0 else (tree_b, tree_a)
-            first, second = _run_pair(order, bench_args, Path(tmp), args.timeout)
+            first, second = _run_pair(order, bench_args, Path(tmp), args.timeout, args.this_bench)
             a, b = (first, second) if n % 2 == 0 else (second, first)
             pair = {
                 "started_first": "A" if n % 2 == 0 else "B",
