@@ -101,6 +101,19 @@ async def test_bad_requests_get_documented_codes(server: Harness, op: str, data:
         assert (await client.request("get_profile"))["user"]["user_id"] == "u"
 
 
+@pytest.mark.parametrize("length", [201, 900])
+async def test_too_long_names_the_documented_limit_however_long(server: Harness, length: int) -> None:
+    # Past four times the limit the raw string is refused before its markup
+    # is stripped: the reply still names the title's limit, 200, not 800.
+    async with server.connect("u") as client:
+        with pytest.raises(RequestError) as refused:
+            await client.request("create_question", {**question_data(), "title": "x" * length})
+        assert refused.value.code == "too_long"
+        assert refused.value.error["field"] == "title"
+        assert refused.value.error["max"] == 200
+        assert "200 characters" in refused.value.message
+
+
 async def test_oversize_frame_closes_with_1009_and_others_carry_on(server: Harness) -> None:
     async with server.connect("bystander") as bystander, server.connect("big") as big:
         await big.send_raw(msgpack.packb({"type": "get_profile", "id": 1, "data": {"pad": "x" * 70_000}}))

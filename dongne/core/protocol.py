@@ -141,11 +141,22 @@ class Fields:
         return value
 
     def text(self, name: str, *, max_len: int, min_len: int = 1, default: str | None = None) -> str:
-        """A user-written string: HTML stripped (see ``core.text``), then length-checked."""
-        raw = self.string(name, max_len=max_len * 4, min_len=0, default=default, multiline=True)
+        """A user-written string: HTML stripped (see ``core.text``), then length-checked.
+
+        Markup may take the raw string up to four times ``max_len`` (so the
+        sanitizer's work stays bounded); past that the text is too long
+        whatever it holds, refused with the same ``max`` as any other.
+        """
+        too_long = ProtocolError("too_long", f"'{name}' is longer than {max_len} characters", field=name, max=max_len)
+        try:
+            raw = self.string(name, max_len=max_len * 4, min_len=0, default=default, multiline=True)
+        except ProtocolError as exc:
+            if exc.code == "too_long":
+                raise too_long from None
+            raise
         value = plain_text(raw)
         if len(value) > max_len:
-            raise ProtocolError("too_long", f"'{name}' is longer than {max_len} characters", field=name, max=max_len)
+            raise too_long
         if len(value) < min_len:
             raise ProtocolError("invalid_field", f"'{name}' must not be empty")
         return value
