@@ -475,6 +475,36 @@ def test_a_slow_response_alert_and_the_dashboard_agree_on_the_stage_reached() ->
     assert engine.overview(T0 + 600_000)["open"][0]["stage"] == "LATE"
 
 
+def test_a_slow_response_alert_counts_the_locals_alerted_after_every_stage_has_run() -> None:
+    """The default plan's last stage runs at 120 s, the alert at 600 s: the count outlives the escalation."""
+    from dongne.core import AlertSettings
+
+    engine = Engine(CoreSettings(alerts=AlertSettings(slow_response_s=600.0)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "admin")
+    engine.users["admin"].role = "admin"
+    engine.oversight.role_is(engine.users["admin"])
+    sim.connect(2, "asker")
+    for conn_id, lng in enumerate((126.5320, 126.5420, 126.5740), start=3):  # 1 km, 10 km: IMMEDIATE and QUICK
+        user = f"local{conn_id}"
+        sim.connect(conn_id, user)
+        engine.users[user].local = True
+        engine.where.refresh_local(engine.users[user])
+        sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
+    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    for due in (3000, 30_000, 120_000):
+        sim.deliver(fire(engine, qid, T0 + due))
+    assert engine.escalation_due(qid) is None  # every stage has run
+    alerted = {c for c in (3, 4, 5) if any(f["type"] == "new_question_notification" for f in sim.take(c))}
+    assert len(alerted) >= 2
+
+    raised = [w for w in tick(engine, T0 + 600_000).writes if isinstance(w, AppendEvent)]
+    assert [(w.type, w.data["stage"], w.data["notified"]) for w in raised] == [
+        ("slow_response_alert", "FINAL", len(alerted))
+    ]
+
+
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:
     engine = Engine(CoreSettings(hello_timeout_s=10.0), claims_for)
     engine.handle(Connected(1), T0)

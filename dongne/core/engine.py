@@ -398,8 +398,9 @@ class Engine:
             return
         if progress.next_stage >= len(where.stages):
             # Every stage has run (here too, perhaps: its alerts are counted already): nothing to take up;
-            # held as done, so that its next news does not read the progress again.
-            where.restore_escalation(question_id, progress.next_stage, ())
+            # held as done, so that its next news does not read the progress again (who was alerted kept
+            # for the count a slow-response alert reports).
+            where.restore_escalation(question_id, progress.next_stage, (user_id for user_id, _ in progress.notified))
             return
         asker = self.users.get(question.asker_id)
         if asker is not None and asker.banned_at(now):

@@ -82,6 +82,9 @@ class Neighbourhood:
         self.open_questions = LocalsIndex()  # active questions' positions
         self.locals: dict[str, LocalInfo] = {}
         self.escalations: dict[str, Escalation] = {}
+        # How many locals were alerted for each question whose every stage
+        # has run: its Escalation, with the set of who, is dropped then.
+        self.alerted_counts: dict[str, int] = {}
         self.ledger = AlertLedger()
         self.hotspots = HotspotTracker(
             window_ms=int(self.settings.hotspot_window_s * 1000),
@@ -231,6 +234,7 @@ class Neighbourhood:
     def question_ended(self, question_id: str) -> None:
         self.open_questions.remove(question_id)
         self.escalations.pop(question_id, None)
+        self.alerted_counts.pop(question_id, None)
         self.hotspots.question_resolved(question_id)
 
     def nearby_questions(
@@ -321,6 +325,19 @@ class Neighbourhood:
         if esc is None:
             return self.stages[-1].name if self.stages else None
         return self.stages[esc.next_stage - 1].name if esc.next_stage > 0 else None
+
+    def escalation_done(self, question_id: str) -> None:
+        """Every stage of the question has run: keep how many locals were alerted, drop who."""
+        esc = self.escalations.pop(question_id, None)
+        if esc is not None:
+            self.alerted_counts[question_id] = len(esc.notified)
+
+    def alerted_count(self, question_id: str) -> int | None:
+        """How many locals the question's escalation alerted; ``None`` if it has none (never started, stopped)."""
+        esc = self.escalations.get(question_id)
+        if esc is not None:
+            return len(esc.notified)
+        return self.alerted_counts.get(question_id)
 
     def restore_escalation(self, question_id: str, next_stage: int, notified: Iterable[str]) -> None:
         self.escalations[question_id] = Escalation(next_stage, set(notified))

@@ -105,14 +105,13 @@ class Oversight:
             return
         question.alerted_at = now
         out.write(SaveQuestion(attrs.evolve(question)))
-        esc = self._where.escalations.get(question_id)
         data = {
             "question_id": question_id,
             "question": self._where.brief(question),
             "age_s": round((now - question.created_at) / 1000, 1),
             "threshold_s": self._settings.slow_response_s,
             "stage": self._where.stage_reached(question_id),
-            "notified": len(esc.notified) if esc is not None else None,
+            "notified": self._where.alerted_count(question_id),
             "raised_at": now,
         }
         self.recent_alerts.appendleft(data)

@@ -601,7 +601,7 @@ class Questions:
                     data, _ = alerts.data(dist)
                     self._inbox.enqueue_push(uid, "new_question_notification", question, data, now, out)
         if where.escalation_due(question) is None:
-            where.escalations.pop(question_id, None)  # every stage has run
+            where.escalation_done(question_id)
 
     def _end(self, question: Question, out: OutcomeBuilder) -> None:
         if question.question_id in self._where.escalations:
