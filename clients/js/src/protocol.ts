@@ -327,7 +327,7 @@ export interface SlowResponseAlert {
   age_s: number;
   threshold_s: number;
   stage: Stage | null;
-  notified: number;
+  notified: number | null;
   raised_at: Millis;
 }
 type RoomPresence = { question_id: string; user_id: string; nick: string };
