@@ -18,6 +18,7 @@ from dongne.core import (
     QuestionChanged,
     RelayRoom,
     RemoteMembers,
+    RoomNews,
     RoomRelayed,
     SaveQuestion,
     StagePlan,
@@ -54,6 +55,30 @@ def test_answering_accepting_and_closing_emit_guarded_writes_not_the_whole_quest
     assert raced(answered) == [CountAnswer(qid, 1, answered_at=T0 + 5)]
     assert raced(accepted) == [AcceptOnce(qid, answer_id, T0 + 9)]
     assert raced(closed) == [CloseOnce(qid2, "closed", T0 + 11)]
+
+
+def test_a_new_accepted_or_deleted_answer_is_news_for_the_rooms_members_on_other_nodes() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    kept, gone = (
+        sim.reply(sim.call(2, "create_answer", {"question_id": qid, "content": text}, T0 + 5))["data"]["answer"]
+        for text in ("by the port", "no idea")
+    )
+    deleted = sim.call(2, "delete_answer", {"answer_id": gone["answer_id"]}, T0 + 7)
+    accepted = sim.call(1, "accept_answer", {"question_id": qid, "answer_id": kept["answer_id"]}, T0 + 9)
+
+    def news(outcome: Outcome) -> list[tuple[str, dict[str, object]]]:
+        return [(w.kind, w.data) for w in outcome.writes if isinstance(w, RoomNews)]
+
+    assert news(deleted) == [("answer_deleted", {"question_id": qid, "answer_id": gone["answer_id"]})]
+    assert news(accepted) == [
+        (
+            "answer_accepted",
+            {"question_id": qid, "answer_id": kept["answer_id"], "author_id": "local", "points": 10},
+        )
+    ]
 
 
 def test_an_expiry_is_a_guarded_close() -> None:
@@ -236,11 +261,17 @@ def test_typing_and_presence_are_relayed_to_other_nodes_and_relayed_events_reach
     sim.deliver(sim.engine.handle(RoomRelayed(qid, "new_answer", {"question_id": qid, "answer": answer}), T0 + 3))
     assert [f["data"]["answer"] for f in sim.take(1)] == [answer]
     assert [f["type"] for f in sim.take(2)] == ["new_answer"]
+    for kind, data in (
+        ("answer_accepted", {"question_id": qid, "answer_id": "a-far", "author_id": "far", "points": 10}),
+        ("answer_deleted", {"question_id": qid, "answer_id": "a-far"}),
+    ):
+        sim.deliver(sim.engine.handle(RoomRelayed(qid, kind, data), T0 + 3))
+        assert sim.take(1) == sim.take(2) == [{"type": kind, "data": data}]
     # Not a room here, another question's data, a kind not relayed, an answer by reference not in memory: nothing.
     for kind, question, data in (
         ("user_typing", "q-none", {**remote, "question_id": "q-none"}),
         ("user_typing", qid, {**remote, "question_id": "q-other"}),
-        ("answer_accepted", qid, {"question_id": qid}),
+        ("question_closed", qid, {"question_id": qid, "reason": "accepted"}),
         ("new_answer", qid, {"question_id": qid, "answer_id": "a-unknown"}),
     ):
         assert sim.engine.handle(RoomRelayed(question, kind, data), T0 + 4).actions == ()

@@ -216,6 +216,15 @@ async def test_an_asker_on_one_node_is_alerted_for_and_answered_by_locals_on_ano
         # The local joins the room on B: a join on A lists them (room members through the store).
         await stored(near, "join_question", {"question_id": qid})
         await wait_until(room_online(asker, qid, ["near", "traveller"]))
+
+        # An answer deleted on B reaches the room on A; the asker's accept on A reaches the room on B.
+        second = (await stored(mid, "create_answer", {"question_id": qid, "content": "No idea, sorry"}))["answer"]
+        await stored(mid, "delete_answer", {"answer_id": second["answer_id"]})
+        deleted = await asker.next_event("answer_deleted")
+        assert deleted["data"] == {"question_id": qid, "answer_id": second["answer_id"]}
+        await stored(asker, "accept_answer", {"question_id": qid, "answer_id": answer["answer_id"]})
+        accepted = await near.next_event("answer_accepted")
+        assert (accepted["data"]["answer_id"], accepted["data"]["author_id"]) == (answer["answer_id"], "near")
     assert db_rows(db, STAGE) == [("mid", "QUICK"), ("near", "IMMEDIATE")]
     # B knew the asker online on A (a positions row without a position): no push for the answer.
     assert db_rows(db, "SELECT kind FROM push_outbox WHERE user_id = 'traveller'") == []

@@ -237,7 +237,7 @@ class RoomNews:
     otherwise nothing). Writes no row."""
 
     question_id: str
-    kind: str  # "new_answer"
+    kind: str  # "new_answer", "answer_accepted" or "answer_deleted"
     data: dict[str, Any]
 
 

@@ -67,7 +67,7 @@ from .oversight import Oversight
 from .places import Places, RegionLookup, ServiceArea
 from .presence import RELAYED_PRESENCE, Presence
 from .protocol import Fields, Request, decode_request, reply_error, reply_ok
-from .questions import Questions
+from .questions import RELAYED_ANSWER_NEWS, Questions
 from .records import Answer, Claims, EscalationProgress, LoadedState, Question, User
 from .regions import Hotspot
 from .sessions import Sessions
@@ -720,7 +720,7 @@ class Engine:
                 if answer is None:
                     return _NOTHING
                 data = {"question_id": question_id, "answer": self._qa.answer_wire(answer)}
-        elif event.kind not in RELAYED_PRESENCE:
+        elif event.kind not in RELAYED_PRESENCE and event.kind not in RELAYED_ANSWER_NEWS:
             return _NOTHING
         out = OutcomeBuilder()
         self.presence.relayed(question_id, event.kind, data, now, out)

@@ -126,10 +126,11 @@ class RoomRelayed:
     """A room event another node relayed (``RoomNews``, ``RelayRoom``; several nodes, ``store/CLUSTER.md``).
 
     The engine sends it to this node's members of the question's room (a
-    presence or typing event not to that user's own connections). A
-    ``new_answer`` too large to relay whole carries ``answer_id`` only: it is
-    sent from memory if the answer is there (the driver reads it first), and
-    dropped otherwise. Unknown kinds are ignored.
+    presence or typing event not to that user's own connections):
+    ``new_answer``, ``answer_accepted``, ``answer_deleted``, presence and
+    typing. A ``new_answer`` too large to relay whole carries ``answer_id``
+    only: it is sent from memory if the answer is there (the driver reads it
+    first), and dropped otherwise. Other kinds are ignored.
     """
 
     question_id: str

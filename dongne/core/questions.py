@@ -43,7 +43,11 @@ from .records import Answer, Question, User
 from .settings import EngineSettings
 from .text import SpamFilter
 
-__all__ = ["ONLINE_LIST_MAX", "Questions"]
+__all__ = ["ONLINE_LIST_MAX", "RELAYED_ANSWER_NEWS", "Questions"]
+
+#: Room events about answers that a node relays to the room's members on the other nodes, besides
+#: ``new_answer`` (which may go by reference): small, and only live.
+RELAYED_ANSWER_NEWS = frozenset({"answer_accepted", "answer_deleted"})
 
 #: The ``reason`` of ``question_closed`` for a question that ended in each status.
 _ENDED_BY = {QuestionStatus.RESOLVED: "accepted", QuestionStatus.CLOSED: "closed", QuestionStatus.EXPIRED: "expired"}
@@ -384,6 +388,7 @@ class Questions:
         }
         others = self._presence.others(question.question_id, except_conn=call.conn.conn_id)
         out.send(others, event("answer_accepted", data))
+        out.write(RoomNews(question.question_id, "answer_accepted", data))  # the room's members on other nodes
         out.send(others, event("question_closed", {"question_id": question.question_id, "reason": "accepted"}))
         notice = {**data, "question_title": question.title, "total_points": author.points}
         self._inbox.append(author.user_id, "answer_accepted_notification", notice, now, out)
@@ -456,10 +461,9 @@ class Questions:
         question.answer_count = max(0, question.answer_count - 1)
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(CountAnswer(question.question_id, -1))
-        out.send(
-            self._presence.others(question.question_id, except_conn=except_conn),
-            event("answer_deleted", {"question_id": question.question_id, "answer_id": answer.answer_id}),
-        )
+        gone = {"question_id": question.question_id, "answer_id": answer.answer_id}
+        out.send(self._presence.others(question.question_id, except_conn=except_conn), event("answer_deleted", gone))
+        out.write(RoomNews(question.question_id, "answer_deleted", gone))  # the room's members on other nodes
 
     def answer_in_memory(self, answer_id: str) -> Answer | None:
         question_id = self._answer_homes.get(answer_id)
