@@ -26,8 +26,9 @@ from .auth import TokenVerifier, load_or_create_secret
 from .clock import EngineClock
 from .cluster import Listener, Membership
 from .config import Settings
-from .core import Engine, RegionSet, load_default_regions, load_hotspots
+from .core import ConfigError, Engine, RegionSet, load_default_regions, load_hotspots
 from .core.moderation import FOREVER
+from .core.regions import RegionFileError
 from .members import MemberSync
 from .ops import OpsApp
 from .pipeline import keep_wal_short
@@ -102,7 +103,10 @@ async def run_server(
     if regions is not None:
         region_set = regions
     elif settings.location.regions_file:
-        region_set = RegionSet.from_file(settings.location.regions_file)
+        try:
+            region_set = RegionSet.from_file(settings.location.regions_file)
+        except RegionFileError as exc:
+            raise ConfigError(f"[location] regions_file: {exc}") from None
     else:
         region_set = load_default_regions()
     store = store_for(

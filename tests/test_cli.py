@@ -155,6 +155,19 @@ def test_bad_region_file_is_refused(tmp_path: Path) -> None:
     assert "regions.geojson" in out.stderr
 
 
+def test_bad_region_file_in_the_config_is_refused_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "regions.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    config = tmp_path / "config.toml"
+    config.write_text('[location]\nregions_file = "regions.geojson"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "dongne", "serve", "--config", str(config), "--db", str(tmp_path / "d.sqlite3")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "[location] regions_file" in out.stderr and "regions.geojson" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 async def test_second_server_on_the_same_database_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "d.sqlite3"
     proc = await trio.lowlevel.open_process(
