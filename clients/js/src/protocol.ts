@@ -389,6 +389,7 @@ export type ErrorCode =
   | "limit_exceeded"
   | "already_accepted"
   | "question_closed"
+  | "conflict"
   | "internal"
   | "unavailable"
   | (string & {});

@@ -196,7 +196,9 @@ export class Session {
   #retries = 0; // retries since the last hello: the n-th waits up to base * factor^(n-1)
   #authRetried = false; // the last connection ended with 4001 and a new token is being tried
   #timers = new Map<"retry" | "connect" | "silence" | "ping" | "location", unknown>();
-  #rejoinTimers = new Set<unknown>();
+  #rejoinTimers = new Set<unknown>(); // at most one: the queue's next re-join
+  #rejoinQueue: { qid: string; tries: number }[] = []; // re-joins refused for now, sent one at a time
+  #rejoinPaceMs = 0; // the last such refusal's retry_after_ms
   #unsubscribe: (() => void)[] = [];
   #storageWrite: Promise<void> | null = null;
   #storageDirty = false;
@@ -465,12 +467,13 @@ export class Session {
 
   /**
    * Re-join a room. Refused for good (not_found, forbidden, ...): forgotten. Refused for now
-   * (rate_limited, unavailable): tried again after `retry_after_ms`, without holding the session
-   * back (`done` is called once, after the first answer).
+   * (rate_limited, unavailable): queued, without holding the session back (`done` is called once,
+   * after the first answer).
    */
   #rejoin(ws: WebSocketLike, qid: string, tries: number, done: () => void): void {
     if (ws !== this.#ws || !this.#rooms.has(qid)) {
       done();
+      this.#drainRejoins(ws); // a queued room forgotten meanwhile: the next one
       return;
     }
     this.#internal(
@@ -480,21 +483,39 @@ export class Session {
       (reply) => {
         this.#emitter.emit("rejoined", reply as unknown as ReplyData<"join_question">);
         done();
+        this.#drainRejoins(ws);
       },
       (error) => {
         if (!(error instanceof RequestError)) return; // the connection ended: the next one re-joins
-        if ((error.code === "rate_limited" || error.code === "unavailable") && tries < 5) {
-          const handle = this.#clock.setTimeout(() => {
-            this.#rejoinTimers.delete(handle);
-            this.#rejoin(ws, qid, tries + 1, noop);
-          }, error.retryAfterMs ?? 1000 * 2 ** tries);
-          this.#rejoinTimers.add(handle);
-        } else if (error.code !== "rate_limited" && error.code !== "unavailable") {
+        if (error.code === "rate_limited" || error.code === "unavailable") {
+          if (tries < 5) {
+            this.#rejoinPaceMs = error.retryAfterMs ?? 1000 * 2 ** tries;
+            this.#rejoinQueue.unshift({ qid, tries: tries + 1 });
+          } else {
+            this.#rooms.delete(qid); // refused five times over: given up, as one refused for good
+          }
+        } else {
           this.#rooms.delete(qid); // gone meanwhile, or no longer ours to see
         }
         done();
+        this.#drainRejoins(ws);
       },
     );
+  }
+
+  /**
+   * Send the next queued re-join, `#rejoinPaceMs` after the last answer, one at a time: re-joins
+   * refused together and retried together after the same `retry_after_ms` would each be refused
+   * again but one, and every refusal counts towards the server's 4008 (30 a minute).
+   */
+  #drainRejoins(ws: WebSocketLike): void {
+    if (ws !== this.#ws || this.#rejoinTimers.size > 0 || this.#rejoinQueue.length === 0) return;
+    const handle = this.#clock.setTimeout(() => {
+      this.#rejoinTimers.delete(handle);
+      const queued = this.#rejoinQueue.shift();
+      if (queued !== undefined) this.#rejoin(ws, queued.qid, queued.tries, noop);
+    }, this.#rejoinPaceMs);
+    this.#rejoinTimers.add(handle);
   }
 
   /** Re-send a location; a rate-limited one is tried again later, unless a newer one was sent. */
@@ -677,6 +698,7 @@ export class Session {
     for (const name of ["connect", "silence", "ping", "location"] as const) this.#clearTimer(name);
     for (const handle of this.#rejoinTimers) this.#clock.clearTimeout(handle);
     this.#rejoinTimers.clear();
+    this.#rejoinQueue = []; // the next connection re-joins every room
     const fatal = this.closed ?? this.#verdict(code, reason, wasOpen);
     const lost = [...this.#sent.values()];
     this.#sent.clear();
@@ -723,6 +745,7 @@ export class Session {
     for (const name of [...this.#timers.keys()]) this.#clearTimer(name);
     for (const handle of this.#rejoinTimers) this.#clock.clearTimeout(handle);
     this.#rejoinTimers.clear();
+    this.#rejoinQueue = []; // the next connection re-joins every room
     for (const off of this.#unsubscribe.splice(0)) off();
     const ws = this.#ws;
     if (ws !== null) {
