@@ -424,6 +424,11 @@ class ClientServer:
                     trio.lowlevel.notify_closing(sock)
                 sock.close()
 
+    def _read_user(self, user_id: str) -> tuple[User | None, int | None]:
+        """A hello's user as stored, and the oldest seq of theirs still kept (blocking: on a worker thread)."""
+        _, people = self.store.read_rows([], [user_id])
+        return (people[0] if people else None), self.store.read_oldest([user_id]).get(user_id)
+
     async def _on_message(self, conn_id: int, message: BinaryFrame | TextFrame) -> None:
         if self._conflicted is not None and conn_id in self._conflicted.conns:
             await self._reloaded.wait()  # its request lost a race: its replies wait for the refresh, in order
@@ -441,8 +446,8 @@ class ClientServer:
                     outcome = self._handle(ReadDone(conn_id, rows))
                     continue
                 if outcome.load_user is not None:
-                    _, people = await trio.to_thread.run_sync(self.store.read_rows, [], [outcome.load_user])
-                    outcome = self._handle(UserLoaded(conn_id, people[0] if people else None))
+                    person, oldest = await trio.to_thread.run_sync(self._read_user, outcome.load_user)
+                    outcome = self._handle(UserLoaded(conn_id, person, oldest))
                     continue
                 found = await trio.to_thread.run_sync(self.store.find_question, str(outcome.load_question))
             except Exception:  # a read the database refused: this request fails, not the connection

@@ -188,6 +188,30 @@ def test_a_hello_on_a_shared_store_reads_a_user_it_does_not_hold_first() -> None
     assert again.load_user is None and sim.reply(again)["data"]["last_seq"] == 4
 
 
+def test_a_resume_on_a_shared_store_learns_where_the_kept_events_start_whoever_pruned_them() -> None:
+    """Another node pruned mina's events 1-2: a hello resuming from before her newest reads where hers start
+    and says the replay is not whole; one resuming from her newest, or without resume, reads nothing."""
+    sim = Sim(make_engine())
+    sim.engine.shared_store = True
+    sim.engine.handle(UsersChanged((User("mina", "Mina", last_seq=4, created_at=T0 - 1000),)), T0)
+
+    def hello(conn_id: int, data: dict[str, object]) -> Outcome:
+        sim.engine.handle(Connected(conn_id), T0)
+        return send(sim.engine, conn_id, "hello", {"token": "ok:mina", **data}, T0, conn_id)
+
+    waiting = hello(1, {"resume": {"last_seq": 1}})
+    resumed = sim.engine.handle(UserLoaded(1, sim.engine.users["mina"], 3), T0 + 1)
+    whole = hello(2, {"resume": {"last_seq": 4}})
+    plain = hello(3, {})
+
+    assert waiting.load_user == "mina" and waiting.actions == ()
+    assert {k: sim.reply(resumed)["data"][k] for k in ("resumed", "oldest_seq", "last_seq")} == {
+        "resumed": False, "oldest_seq": 3, "last_seq": 4
+    }  # fmt: skip
+    assert whole.load_user is None and sim.reply(whole)["data"]["resumed"] is True
+    assert plain.load_user is None and "resumed" not in sim.reply(plain)["data"]
+
+
 def test_a_question_another_node_deleted_leaves_memory_and_its_room() -> None:
     sim = Sim(make_engine())
     sim.connect(1, "asker")

@@ -261,6 +261,30 @@ async def test_resume_on_another_node_is_exactly_once_in_seq_order(tmp_path: Pat
     assert db_rows(db, sql) == [(1,), (2,), (3,), (4,)]
 
 
+async def test_a_resume_on_another_node_says_which_events_were_pruned_there(tmp_path: Path, db: str) -> None:
+    """Events 1-2 of the asker's pruned (as node A's pruner would: B's memory never hears of it): resuming
+    from 1 on node B says resumed false, oldest_seq 3, and replays 3 alone."""
+    async with (
+        nodes(tmp_path, db) as (a, b),
+        open_client(a.url, token("l1", local=True)) as l1,
+    ):
+        async with open_client(b.url, token("traveller")) as asker:  # B holds the user
+            qid = await ask(asker)
+        for content in ("one", "two", "three"):
+            await stored(l1, "create_answer", {"question_id": qid, "content": content})
+        await wait_until(rows(db, "SELECT max(seq) FROM events WHERE user_id = 'traveller'", [(3,)]))
+        pruned = db_rows(db, "DELETE FROM events WHERE user_id = 'traveller' AND seq < 3 RETURNING seq")
+        assert sorted(pruned) == [(1,), (2,)]
+        async with open_client(b.url, token("traveller"), resume_from=1) as again:
+            assert {k: again.hello.get(k) for k in ("resumed", "oldest_seq", "last_seq")} == {
+                "resumed": False, "oldest_seq": 3, "last_seq": 3
+            }  # fmt: skip
+            got = await collect(again, up_to(3))
+            assert [(e["seq"], e["data"]["answer"]["content"]) for e in got if e["type"] == "answer_notification"] == [
+                (3, "three")
+            ]
+
+
 async def test_the_pending_stage_runs_from_another_node_when_the_leader_is_killed(tmp_path: Path, db: str) -> None:
     """SIGKILL the leader (node A, the asker's) after IMMEDIATE, before QUICK (3 s): node B takes the lease
     over within its ttl and runs QUICK; each local is alerted once."""

@@ -208,6 +208,7 @@ def test_heads_are_each_users_newest_seq_even_after_pruning(store: Storage) -> N
     store.prune_events(before_ms=1_000, limit=100)
 
     assert store.read_heads(["old", "new", "none", "old"]) == {"new": 1, "none": 0, "old": 3}
+    assert store.read_oldest(["old", "new", "none"]) == {"new": 1, "old": 3}
 
 
 def test_pruning_keeps_each_users_newest_event(store: Storage) -> None:

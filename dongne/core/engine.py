@@ -528,6 +528,8 @@ class Engine:
         request, conn.waiting = conn.waiting, None
         if event.user is not None and event.user.user_id not in self.users:
             self._users_changed((event.user,), now)  # nothing to act on: the user was not held
+        if event.user is not None and event.oldest_seq is not None:
+            self.inbox.oldest[event.user.user_id] = event.oldest_seq
         return self._hello(conn, request, now, loaded=True)
 
     def _read_failed(self, conn_id: int) -> Outcome:
@@ -589,13 +591,20 @@ class Engine:
                 user_id: str | None = self._check_token(request.data.get("token"), now / 1000).user_id
             except CloseConnection:
                 user_id = None  # refused below
-            if user_id is not None and user_id not in self.users:
-                conn.waiting = request  # another node may have made the user: read the row first
+            if user_id is not None and (user_id not in self.users or self._resumes_a_gap(user_id, request)):
+                # Another node may have made the user, or pruned the events a resume asks for: read first.
+                conn.waiting = request
                 return Outcome(op="hello", load_user=user_id)
         refused = self.sessions.hello(conn, request, now, writable=self.writable)
         if isinstance(refused, tuple):
             return self._close(conn, *refused, op="hello")
         return refused
+
+    def _resumes_a_gap(self, user_id: str, request: Request) -> bool:
+        """Whether the hello resumes from before the user's newest event (its replay may meet pruned ones)."""
+        resume = request.data.get("resume")
+        seq = resume.get("last_seq") if isinstance(resume, dict) else None
+        return isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < self.users[user_id].last_seq
 
     # ---- leaving ---------------------------------------------------------------------
 

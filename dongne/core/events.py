@@ -74,11 +74,15 @@ class UserLoaded:
 
     The engine adds the user, then handles the hello that asked for it, so a
     user another node created is not made afresh here (seqs from 0, default
-    settings, a ``SaveUser`` over the stored row).
+    settings, a ``SaveUser`` over the stored row). With it, where the user's
+    kept events start: a resume's reply says whether its replay is whole,
+    whichever node pruned the rest.
     """
 
     conn_id: int
     user: User | None
+    #: The user's oldest durable seq still kept (another node may have pruned older ones); None: no events.
+    oldest_seq: int | None = None
 
 
 @attrs.frozen

@@ -285,6 +285,19 @@ class SqlStore:
                 heads[user] = int(seq)
         return heads
 
+    def read_oldest(self, user_ids: Iterable[str]) -> dict[str, int]:
+        """Each user's oldest durable seq still kept (older ones were pruned, by whichever node)."""
+        wanted = sorted(set(user_ids))
+        oldest: dict[str, int] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            for user, seq in self._read(
+                f"SELECT user_id, min(seq) FROM events WHERE user_id IN ({','.join('?' * len(part))}) GROUP BY user_id",
+                part,
+            ):
+                oldest[user] = int(seq)
+        return oldest
+
     def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
         """For each ``(user, after_seq, up_to_seq)``, the user's durable events in that range, in seq order,
         their ``data`` as stored (msgpack): several connections' replays in one call (``delivery.py``)."""

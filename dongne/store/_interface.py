@@ -158,6 +158,10 @@ class Storage(Protocol):
         """Each user's newest durable seq as committed (0: none), by user id."""
         ...
 
+    def read_oldest(self, user_ids: Iterable[str]) -> dict[str, int]:
+        """Each user's oldest durable seq still kept, by user id (users without events left out)."""
+        ...
+
     def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
         """For each ``(user, after_seq, up_to_seq)``, the user's durable events in that range, in seq order,
         ``data`` as stored (msgpack): several replays in one call."""
