@@ -274,29 +274,23 @@ class SqlStore:
 
     def read_heads(self, user_ids: Iterable[str]) -> dict[str, int]:
         """Each user's newest durable seq (0: none), as committed."""
-        wanted = sorted(set(user_ids))
-        heads = dict.fromkeys(wanted, 0)
-        for start in range(0, len(wanted), 500):
-            part = wanted[start : start + 500]
-            for user, seq in self._read(
-                f"SELECT user_id, max(seq) FROM events WHERE user_id IN ({','.join('?' * len(part))}) GROUP BY user_id",
-                part,
-            ):
-                heads[user] = int(seq)
-        return heads
+        wanted = set(user_ids)
+        return {**dict.fromkeys(sorted(wanted), 0), **self._seq_by_user("max", wanted)}
 
     def read_oldest(self, user_ids: Iterable[str]) -> dict[str, int]:
         """Each user's oldest durable seq still kept (older ones were pruned, by whichever node)."""
+        return self._seq_by_user("min", user_ids)
+
+    def _seq_by_user(self, aggregate: str, user_ids: Iterable[str]) -> dict[str, int]:
+        """``aggregate(seq)`` of each user's durable events, users without any left out; 500 users a statement."""
         wanted = sorted(set(user_ids))
-        oldest: dict[str, int] = {}
+        found: dict[str, int] = {}
         for start in range(0, len(wanted), 500):
             part = wanted[start : start + 500]
-            for user, seq in self._read(
-                f"SELECT user_id, min(seq) FROM events WHERE user_id IN ({','.join('?' * len(part))}) GROUP BY user_id",
-                part,
-            ):
-                oldest[user] = int(seq)
-        return oldest
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT user_id, {aggregate}(seq) FROM events WHERE user_id IN ({marks}) GROUP BY user_id"
+            found.update((user, int(seq)) for user, seq in self._read(sql, part))
+        return found
 
     def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
         """For each ``(user, after_seq, up_to_seq)``, the user's durable events in that range, in seq order,
