@@ -27,7 +27,7 @@ from dongne.client import (
 )
 from dongne.transport import WebSocketConnection
 
-from .conftest import JEJU_CITY, Harness, question_data, token
+from .conftest import JEJU_CITY, NO_TIMERS, Harness, question_data, token
 
 CONNECTED, RECONNECTING, CLOSED = SessionState.CONNECTED, SessionState.RECONNECTING, SessionState.CLOSED
 
@@ -50,9 +50,9 @@ class States:
         self.seen.append(state)
         self._send.send_nowait(state)
 
-    async def until(self, check: Callable[[], bool]) -> None:
+    async def until(self, check: Callable[[], bool], timeout: float = 5) -> None:
         """Wait until ``check()`` holds, looking again after each state change."""
-        with trio.fail_after(5):
+        with trio.fail_after(timeout):
             while not check():
                 await self._recv.receive()
 
@@ -153,6 +153,23 @@ async def test_every_durable_event_arrives_once_in_order_across_20_cuts(server: 
     assert leftovers == []
 
 
+async def test_one_connection_takes_the_servers_last_seq_where_its_own_cannot_stand(server: Harness) -> None:
+    """``open_client`` without resume starts at the server's last_seq (a later resume from it replays only
+    what was missed); resuming from beyond it (seqs of a restored backup), it follows the server and does
+    not drop the next events as already seen."""
+    async with server.connect("asker") as asker, server.connect("local", local=True) as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        for n in range(2):
+            await local.request("create_answer", {"question_id": qid, "content": f"answer {n}"})
+            await asker.next_event("answer_notification")
+        async with server.connect("asker") as fresh:
+            assert fresh.last_seq == 2
+        async with server.connect("asker", resume_from=9) as ahead:
+            assert ahead.last_seq == 2
+            await local.request("create_answer", {"question_id": qid, "content": "answer 2"})
+            assert (await ahead.next_event("answer_notification", timeout=5))["seq"] == 3
+
+
 async def test_rooms_and_location_are_restored_after_a_reconnect(
     start_server: Callable[..., Any], mock_clock: trio.testing.MockClock
 ) -> None:
@@ -206,6 +223,44 @@ async def test_rooms_and_location_are_restored_after_a_reconnect(
     assert [e["type"] for e in events] == ["rejoined"] * 3 + ["new_answer"] * 3
     assert [e["data"]["question"]["question_id"] for e in events[:3]] == [q1, q3, mine]
     assert [e["data"]["question_id"] for e in events[3:]] == [q1, q3, mine]
+
+
+async def test_rooms_refused_for_now_at_a_reconnect_are_joined_again_not_forgotten(
+    start_server: Callable[..., Any], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Twelve rooms and a connection allowance of 6 frames at once: the re-joins past it are refused with
+    rate_limited, and joined after retry_after_ms, one at a time, without reaching 4008 (20 refusals here).
+
+    On the autojump clock every other deadline is infinite (a commit on its
+    thread would let the clock leap to it)."""
+    h = await start_server(
+        server=NO_TIMERS,
+        limits={"conn_per_s": 20.0, "conn_burst": 6.0, "abuse_refusals_per_minute": 20,
+                "questions_per_hour": 1000.0, "questions_burst": 100.0},
+    )  # fmt: skip
+    states = States()
+    async with (
+        h.connect("asker", timeout=math.inf) as asker,
+        open_session(h.url, token("reader"), on_state=states, **fast(jitter=lambda: 0.0, timeout=math.inf)) as session,
+    ):
+        rooms = []
+        for n in range(12):
+            await trio.sleep(0.06)  # within each connection's allowance
+            question = await asker.request("create_question", question_data(title=f"Question {n}"))
+            rooms.append(question["question"]["question_id"])
+            await session.request("join_question", {"question_id": rooms[-1]})
+        await trio.sleep(1.0)  # the allowance full again
+        session.pending_events()
+
+        server_side(h, "reader").close(1001, "restarting")
+        await states.until(lambda: session.reconnects == 1, timeout=math.inf)  # after the re-joins
+        await trio.sleep(1.0)  # the allowance full again: the connection still serves
+        assert (await session.request("get_profile"))["user"]["user_id"] == "reader"
+        events = session.pending_events()
+        rejoined = [e["data"]["question"]["question_id"] for e in events if e["type"] == "rejoined"]
+        assert sorted(rejoined) == sorted(rooms) and sorted(session.rooms) == sorted(rooms)
+        assert states.seen == [CONNECTED, RECONNECTING, CONNECTED]
+        assert h.running.clients.statistics().errors.get("rate_limited", 0) >= 1  # the allowance did refuse
 
 
 async def test_a_request_in_flight_fails_with_connection_lost_and_is_not_resent(server: Harness) -> None:

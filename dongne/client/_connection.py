@@ -31,6 +31,7 @@ class DongneClient:
         self._events_send, self._events_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._done = trio.Event()
         self.closed: trio_websocket.ConnectionClosed | None = None
+        self._hello_sent: tuple[int, bool] | None = None  # the hello's request id, and whether it resumes
 
     async def send_raw(self, payload: bytes | str) -> None:
         """Send a frame as is (for tests of bad input)."""
@@ -108,10 +109,14 @@ class DongneClient:
 
     def _sending(self, frame: dict[str, Any]) -> None:
         """Called with each request frame (``id`` set) just before it is sent."""
+        if frame.get("type") == "hello":
+            self._hello_sent = (frame["id"], "resume" in (frame.get("data") or {}))
 
     def _dispatch(self, frame: dict[str, Any]) -> bool:
         """Route one inbound frame; returning False stops reading this connection."""
         if frame.get("type") == "reply":
+            if self._hello_sent is not None and frame.get("id") == self._hello_sent[0] and frame.get("ok"):
+                self._follow_hello(frame.get("data") or {}, resuming=self._hello_sent[1])
             waiter = self._waiting.pop(frame.get("id"), None)  # type: ignore[arg-type]
             if waiter is not None:
                 waiter.send_nowait(frame)
@@ -125,6 +130,18 @@ class DongneClient:
             self.last_seq = seq
         self._events_send.send_nowait(frame)
         return True
+
+    def _follow_hello(self, hello: dict[str, Any], *, resuming: bool) -> None:
+        """Take the server's ``last_seq`` where the client's cannot stand, before any event after the reply.
+
+        Without a resume nothing is replayed: the next event is the server's
+        ``last_seq`` + 1. With one from beyond the server's (another
+        deployment's seqs, a restored backup), the server continues from its
+        own: keeping ours would drop its next events as already seen.
+        """
+        server_seq = hello.get("last_seq")
+        if isinstance(server_seq, int) and (not resuming or server_seq < self.last_seq):
+            self.last_seq = server_seq
 
 
 def _reply_data(reply: dict[str, Any]) -> dict[str, Any]:

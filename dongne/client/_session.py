@@ -30,6 +30,9 @@ from ._errors import (
 
 log = logging.getLogger("dongne.client")
 
+#: Times a re-join refused for now (rate_limited, unavailable) is tried again after a reconnect.
+REJOIN_TRIES = 5
+
 T = TypeVar("T")
 
 #: A token, or a callable (sync or async) returning a fresh one; it is called
@@ -491,11 +494,7 @@ class Session(metaclass=_NoPublicConstructor):
         try:
             await self._wait_replayed(client)
             for qid in list(self._rooms):
-                try:
-                    await client.request("join_question", {"question_id": qid})
-                except RequestError as exc:
-                    log.warning("could not re-join question %s: %s", qid, exc)
-                    self._rooms.pop(qid, None)
+                await self._rejoin(client, qid)
             if self._location is not None:
                 try:
                     await client.request("update_location", self._location)
@@ -504,6 +503,23 @@ class Session(metaclass=_NoPublicConstructor):
             return None
         finally:
             client.restoring = False
+
+    async def _rejoin(self, client: _SessionClient, qid: str) -> None:
+        """Re-join one room. Refused for now (``rate_limited``, ``unavailable``): again after
+        ``retry_after_ms``, up to 5 times, one room at a time (every refusal counts towards the server's
+        4008); refused for good, or five times over: forgotten."""
+        for tries in range(REJOIN_TRIES + 1):
+            try:
+                await client.request("join_question", {"question_id": qid})
+                return
+            except RequestError as exc:
+                if exc.code in ("rate_limited", "unavailable") and tries < REJOIN_TRIES:
+                    wait_ms = exc.error.get("retry_after_ms")
+                    await trio.sleep(wait_ms / 1000 if isinstance(wait_ms, int) else 2.0**tries)
+                    continue
+                log.warning("could not re-join question %s: %s", qid, exc)
+                self._rooms.pop(qid, None)
+                return
 
     async def _wait_replayed(self, client: _SessionClient) -> None:
         """Wait until the hello's replay is queued (or the connection ends), before re-joining rooms.
