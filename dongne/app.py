@@ -264,6 +264,9 @@ async def _serve(
             closing=shutdown.wait,
             client_url=lambda: f"ws://{settings.server.host}:{client_port[0]}" if client_port else None,
             bans=active_bans,
+            is_banned=lambda user_id: (
+                (user := engine.users.get(user_id)) is not None and user.banned_at(clock.now_ms())
+            ),
         )  # mounted at /admin
         ops = OpsApp(lambda: clients.accepting and clients.writable, status, clients.metrics.render, admin)
         hconfig = hypercorn.config.Config()

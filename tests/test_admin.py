@@ -366,3 +366,28 @@ async def test_bans_are_listed_for_the_panel(server: Harness) -> None:
     assert (ban["user_id"], ban["nick"], ban["reason"]) == ("mallory", "Mal", "casino links")
     assert anonymous.status_code == 401
     assert after["bans"] == []
+
+
+async def test_a_banned_admin_loses_the_dashboard_at_once(server: Harness) -> None:
+    """A ban refuses the user everywhere: the banned admin's session gets 403 on the feeds, and the
+    stream it had open signs out."""
+    rogue = admin_cookie(token("rogue", admin=True))
+    async with (
+        server.connect("rogue", admin=True),
+        server.connect("boss", admin=True) as boss,
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("GET", f"{ops(server)}/admin/stream", headers=rogue) as stream,
+    ):
+        before = await http.get(f"{ops(server)}/admin/api/state", headers=rogue)
+        await boss.request("ban_user", {"user_id": "rogue", "reason": "leaked the reports"})
+        after = {path: (await http.get(f"{ops(server)}{path}", headers=rogue)).status_code
+                 for path in ("/admin/api/state", "/admin/api/bans", "/admin/api/regions")}  # fmt: skip
+        events = []
+        with trio.fail_after(10):
+            async for line in stream.aiter_lines():
+                events.append(line)
+                if line.startswith("event: signed-out"):
+                    break
+    assert before.status_code == 200
+    assert after == dict.fromkeys(after, 403)
+    assert "event: signed-out" in events

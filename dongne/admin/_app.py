@@ -103,6 +103,8 @@ class AdminApp:
             it the panel says moderation is unavailable.
         bans: returns the active bans, ``[{user_id, nick, banned_until,
             reason}]`` (there is no protocol operation that lists them).
+        is_banned: whether a user is banned now: a banned admin's session
+            is refused (403) from the next request, and its stream signs out.
         session_ttl_s: lifetime of the session a sign-in link opens.
         ws_token_ttl_s: lifetime of the tokens the page gets for the WebSocket.
 
@@ -125,6 +127,7 @@ class AdminApp:
         places: Mapping[str, tuple[float, float]] | None = None,
         client_url: str | Callable[[], str | None] | None = None,
         bans: Callable[[], list[dict[str, Any]]] | None = None,
+        is_banned: Callable[[str], bool] | None = None,
         session_ttl_s: int = 12 * 3600,
         ws_token_ttl_s: int = 300,
     ) -> None:
@@ -139,6 +142,7 @@ class AdminApp:
         self._cached: tuple[float, bytes] | None = None
         self._client_url = client_url
         self._bans = bans
+        self._is_banned = is_banned
         self._session_ttl_s = session_ttl_s
         self._ws_token_ttl_s = ws_token_ttl_s
         self._csrf_key = verifier.derive_key(_CSRF_PURPOSE)
@@ -211,7 +215,7 @@ class AdminApp:
 
         Raises:
             _Refused: 401 for a missing, malformed, forged or expired token;
-                403 for a valid token without the admin role.
+                403 for a valid token without the admin role, or of a banned user.
         """
         if not token:
             raise _Refused(401, "No token: sign in with an admin token.")
@@ -221,6 +225,8 @@ class AdminApp:
             raise _Refused(401, f"The token was refused ({exc.reason}).") from None
         if not claims.is_admin:
             raise _Refused(403, f"The token for user '{claims.user_id}' is valid but has no admin role.")
+        if self._is_banned is not None and self._is_banned(claims.user_id):
+            raise _Refused(403, f"The user '{claims.user_id}' is banned.")
         return claims
 
     def _cookie(self, scope: Scope, token: str, max_age: int) -> tuple[bytes, bytes]:

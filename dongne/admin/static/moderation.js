@@ -89,8 +89,8 @@
       cache: "no-store",
       headers: { "X-Dongne-CSRF": csrf },
     });
-    if (response.status === 401) {
-      window.location.assign("/admin"); // the login form says why
+    if (response.status === 401 || response.status === 403) {
+      window.location.assign("/admin"); // the login form says why (signed out, banned, no admin role)
       throw new Error("signed out");
     }
     if (!response.ok) throw new Error(`session token: HTTP ${response.status}`);
@@ -153,7 +153,12 @@
         waiter.reject(new OpError({ code: "disconnected", message: "the connection closed" }));
       }
       pending.clear();
-      if (event.code === 4003) say(`This admin account is banned: ${event.reason}`, true);
+      if (event.code === 4003) {
+        // Banned: final (PROTOCOL.md, "Close codes"); the dashboard refuses this session too.
+        say(`This admin account is banned: ${event.reason}`, true);
+        setStatus("banned", "banned");
+        return;
+      }
       retry();
     };
   }
