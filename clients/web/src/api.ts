@@ -41,6 +41,15 @@ export function call<K extends keyof Ops>(op: K, data: Ops[K][0]): Promise<Ops[K
 }
 
 /** Subscribe to an event; returns the unsubscribe. */
+/** The durable events (PROTOCOL.md): the inbox's, each one unread when it comes. */
+export const DURABLE_EVENTS = [
+  "answer_notification",
+  "answer_accepted_notification",
+  "new_question_notification",
+  "slow_response_alert",
+  "content_hidden",
+] as const;
+
 export function onEvent<K extends keyof Events>(type: K, fn: (data: Events[K], seq: number | undefined) => void): () => void {
   return current().on(type, (ev) => fn(ev.data as Events[K], ev.seq));
 }

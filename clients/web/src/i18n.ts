@@ -204,6 +204,7 @@ const ko = {
   // errors by code
   err_bad_frame: "요청을 읽을 수 없습니다.",
   err_unknown_op: "서버가 이 기능을 지원하지 않습니다.",
+  err_already_authenticated: "이미 로그인되어 있습니다.",
   err_invalid_field: "입력값을 확인하세요.",
   err_too_long: "글이 너무 깁니다 (최대 {max}자).",
   err_invalid_location: "위치가 올바르지 않습니다.",
@@ -216,6 +217,7 @@ const ko = {
   err_limit_exceeded: "한도를 넘었습니다.",
   err_already_accepted: "이미 채택된 답변이 있습니다.",
   err_question_closed: "이미 끝난 질문입니다.",
+  err_conflict: "다른 곳에서 이 질문이 먼저 바뀌었습니다. 질문을 다시 불러옵니다.",
   err_internal: "서버 오류입니다. 다시 시도하세요.",
   err_unavailable: "서버가 지금 저장할 수 없습니다. {s}초 후에 다시 시도하세요.",
   err_connection_lost: "연결이 끊겨 요청이 전달되지 않았을 수 있습니다. 다시 시도하세요.",
@@ -423,6 +425,7 @@ const en: Record<Key, string> = {
 
   err_bad_frame: "The request could not be read.",
   err_unknown_op: "The server does not support this.",
+  err_already_authenticated: "Already signed in.",
   err_invalid_field: "Please check what you entered.",
   err_too_long: "Too long (at most {max} characters).",
   err_invalid_location: "That position is not valid.",
@@ -435,6 +438,7 @@ const en: Record<Key, string> = {
   err_limit_exceeded: "Limit reached.",
   err_already_accepted: "An answer was accepted already.",
   err_question_closed: "This question is closed.",
+  err_conflict: "Someone changed this question first. Reloading it.",
   err_internal: "Server error. Please try again.",
   err_unavailable: "The server cannot save right now. Try again in {s} s.",
   err_connection_lost: "The connection dropped; the request may not have arrived. Please try again.",

@@ -1,6 +1,6 @@
 // dongne's web app: sign in, connect, then the shell (top bar, banners, tab bar) around one
 // screen at a time. Travellers ask; locals share where they are and answer alerts.
-import { onEvent, onSession, onState, openSession, sessionOpened, SessionClosed } from "./api";
+import { DURABLE_EVENTS, onEvent, onSession, onState, openSession, sessionOpened, SessionClosed } from "./api";
 import { listenForAlerts } from "./alerts";
 import { href, shared, store, toast } from "./app";
 import { fill, h } from "./dom";
@@ -265,7 +265,7 @@ async function start(root: HTMLElement, token: string): Promise<void> {
   // A refused token is dropped, so that the retry the SDK makes at once asks token_url for a new one.
   onSession("disconnected", (d) => { if (d.code === 4001 && shared.config.token_url) keepToken(null); });
   // The badge: new durable events are unread; replayed ones were counted by hello already.
-  for (const type of ["answer_notification", "answer_accepted_notification", "new_question_notification", "content_hidden"] as const) {
+  for (const type of DURABLE_EVENTS) {
     onEvent(type, (_data, seq) => {
       if (seq !== undefined && seq > seenSeq) { seenSeq = seq; store.set({ unread: store.get().unread + 1 }); }
     });

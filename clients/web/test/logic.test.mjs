@@ -17,7 +17,7 @@ before(async () => {
       contents: `
         export { parseRoute, href, shared, store } from "./src/app.ts";
         export { haversine, regionAt, regionCentre } from "./src/geo.ts";
-        export { t, distance } from "./src/i18n.ts";
+        export { t, distance, hasKey } from "./src/i18n.ts";
         export { parseTags } from "./src/screens/ask.ts";
         export { VIBRATION } from "./src/signal.ts";
         export { createStore } from "./src/store.ts";`,
@@ -83,6 +83,21 @@ test("strings: Korean by default, English on switch, {vars} filled", () => {
   assert.equal(m.t("locals_count", { n: 3 }), "3명");
   m.store.set({ lang: "en" });
   assert.equal(m.t("err_rate_limited", { s: 2 }), "Too fast. Try again in 2 s.");
+  m.store.set({ lang: "ko" });
+});
+
+test("strings: every error code PROTOCOL.md lists has a message in both languages", () => {
+  const protocol = readFileSync(resolve(web, "../../PROTOCOL.md"), "utf8");
+  const table = protocol.split("\n## Error codes\n")[1].split("\n## ")[0];
+  const codes = [...table.matchAll(/^\| `([a-z_]+)` \|/gm)].map((match) => match[1]);
+  assert.ok(codes.includes("conflict") && codes.length >= 15, `codes read: ${codes}`);
+  for (const lang of ["ko", "en"]) {
+    m.store.set({ lang });
+    for (const code of codes) {
+      assert.ok(m.hasKey(`err_${code}`), `no err_${code}`);
+      assert.ok(m.t(`err_${code}`), `err_${code} is empty in ${lang}`);
+    }
+  }
   m.store.set({ lang: "ko" });
 });
 

@@ -1,5 +1,5 @@
 // Everyone: the notification inbox (`list_notifications`); opening it marks all read.
-import { call, onEvent } from "../api";
+import { call, DURABLE_EVENTS, onEvent } from "../api";
 import type { AppStore } from "../app";
 import { Cleanup, fill, h } from "../dom";
 import { errorText, report } from "../errors";
@@ -78,7 +78,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   focusHeading(root);
   let refresh: ReturnType<typeof setTimeout> | null = null;
   const soon = () => { if (!refresh) refresh = setTimeout(() => { refresh = null; load(false); }, 400); };
-  for (const type of ["answer_notification", "answer_accepted_notification", "new_question_notification", "content_hidden"] as const) {
+  for (const type of DURABLE_EVENTS) {
     cleanup.add(onEvent(type, soon));
   }
   cleanup.add(() => { if (refresh) clearTimeout(refresh); });

@@ -1,6 +1,6 @@
 // A question's room: the question, answers arriving live, who is here and who is typing;
 // the asker accepts one, everyone else may answer.
-import { call, onEvent, onSession } from "../api";
+import { call, errorCode, onEvent, onSession } from "../api";
 import { toast, type AppStore } from "../app";
 import { Cleanup, fill, h } from "../dom";
 import { errorText, report } from "../errors";
@@ -71,6 +71,14 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     map.setPins([{ id: q.question_id, loc: q.location, kind: q.urgency === "urgent" ? "urgent" : isOpen() ? "question" : "done", label: q.title }]);
   };
 
+  // An accept or close refused: said; after a conflict (another server changed the question first:
+  // accepted, closed or expired it) the question is read again rather than the request retried.
+  const refused = (err: unknown): void => {
+    report(err);
+    toast(errorText(err), "error");
+    if (errorCode(err) === "conflict") join();
+  };
+
   const answerItem = (a: Answer): HTMLElement => {
     const accepted = a.accepted || question?.accepted_answer_id === a.answer_id;
     const foot = h("div", { class: "answer-foot" });
@@ -85,7 +93,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
           upsert(r.answer);
           toast(t("q_accept_done"), "good");
           render();
-        }, (err: unknown) => { report(err); accept.disabled = false; toast(errorText(err), "error"); });
+        }, (err: unknown) => { accept.disabled = false; refused(err); });
       });
       foot.append(accept);
     }
@@ -126,7 +134,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       const close = h("button", { type: "button", class: "btn btn-ghost btn-small" }, t("q_close"));
       close.addEventListener("click", () => {
         if (!confirm(t("q_close_confirm"))) return;
-        call("close_question", { question_id: id }).then((r) => { question = r.question; render(); }, (err: unknown) => toast(errorText(err), "error"));
+        call("close_question", { question_id: id }).then((r) => { question = r.question; render(); }, refused);
       });
       controls.append(close);
       return;
