@@ -505,6 +505,24 @@ def test_a_slow_response_alert_counts_the_locals_alerted_after_every_stage_has_r
     ]
 
 
+def test_the_dashboard_lists_the_newest_open_questions_and_counts_them_all() -> None:
+    from dongne.core.oversight import OPEN_LISTED
+
+    regions = {126.5: "West", 126.6: "East"}  # by longitude, for this test
+    sim = Sim(Engine(CoreSettings(), claims_for, region_of=lambda lat, lng: regions.get(lng)))
+    asked = OPEN_LISTED + 5
+    for n in range(asked):
+        if n % 5 == 0:  # within each asker's question burst
+            sim.connect(n // 5 + 1, f"asker{n // 5}")
+        location = {"lat": 33.5, "lng": 126.5 if n % 3 else 126.6}
+        sim.call(n // 5 + 1, "create_question", {"title": f"q{n}", "location": location}, T0 + n)
+    overview = sim.engine.overview(T0 + asked)
+
+    assert len(overview["open"]) == OPEN_LISTED and overview["open_questions"] == asked
+    assert overview["open"][-1]["created_at"] == T0 + asked - 1  # the newest kept
+    assert overview["open_by_region"] == {"East": 69, "West": 136}  # every third asked in the East
+
+
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:
     engine = Engine(CoreSettings(hello_timeout_s=10.0), claims_for)
     engine.handle(Connected(1), T0)

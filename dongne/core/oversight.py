@@ -25,7 +25,11 @@ from .records import Question, User
 from .settings import AlertSettings
 from .slo import SloTracker
 
-__all__ = ["Oversight"]
+__all__ = ["OPEN_LISTED", "Oversight"]
+
+#: The dashboard lists this many open questions, the newest; its counts (``open_questions``,
+#: ``open_by_region``) are over all of them.
+OPEN_LISTED = 200
 
 
 class Oversight:
@@ -155,12 +159,17 @@ class Oversight:
             for q in sorted((q for q in self._questions.values() if q.status in ACTIVE), key=lambda q: q.created_at)
         ]
         by_region = where.online_locals_by_region()
+        open_by_region: dict[str, int] = {}
+        for q in open_questions:
+            if q["region"]:
+                open_by_region[q["region"]] = open_by_region.get(q["region"], 0) + 1
         return {
             "now": now,
             **self._counts(),
             "locals_by_region": by_region,
+            "open_by_region": open_by_region,
             "slo": self.slo.snapshot(now),
-            "open": open_questions[-200:],
+            "open": open_questions[-OPEN_LISTED:],
             "alerts": list(self.recent_alerts)[:20],
             "hotspots": where.hotspots.snapshot(now, by_region, 10),
         }

@@ -293,7 +293,8 @@
       row.cells[5].textContent = q.asker_nick;
     });
     byId("questions-empty").hidden = open.length > 0;
-    byId("open-count").textContent = String(open.length);
+    const total = state.open_questions || 0; // the list holds the newest only (OPEN_LISTED)
+    byId("open-count").textContent = total > open.length ? `newest ${open.length} of ${total}` : String(open.length);
   }
 
   function tickAges() {
@@ -303,8 +304,7 @@
   function renderRegions(state) {
     const slo = (state.slo && state.slo.regions) || {};
     const locals = state.locals_by_region || {};
-    const openBy = {};
-    for (const q of state.open || []) if (q.region) openBy[q.region] = (openBy[q.region] || 0) + 1;
+    const openBy = state.open_by_region || {}; // all open questions, not only the ones listed
     sync(byId("regions-table").tBodies[0], map.regions, (r) => r.name, (r) => {
       const row = html("tr", { "data-region-row": r.name });
       const name = html("td");

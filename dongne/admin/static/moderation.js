@@ -201,7 +201,7 @@
         ipBlocks(),
         fetchBans(),
       ]);
-      renderReports(reports.reports || []);
+      renderReports(reports.reports || [], reports.next != null);
       renderAudit(audit.entries || []);
       renderBlocks(blocks);
       renderBans(bans);
@@ -243,7 +243,7 @@
 
   const REASONS = { spam: "spam", abuse: "abuse", wrong: "wrong", other: "other" };
 
-  function renderReports(reports) {
+  function renderReports(reports, more = false) {
     // One card per reported item, keyed by its newest report (the list is newest first).
     const items = new Map();
     for (const r of reports) {
@@ -269,7 +269,8 @@
     }
     list.replaceChildren(...cards);
     byId("reports-empty").hidden = cards.length > 0;
-    byId("reports-count").textContent = String(reports.length);
+    // The newest 100 open reports are listed; more wait their turn (the panel refreshes as they are resolved).
+    byId("reports-count").textContent = more ? `${reports.length}+` : String(reports.length);
   }
 
   function reportCard(group) {
