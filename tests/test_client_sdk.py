@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -261,6 +262,80 @@ async def test_rooms_refused_for_now_at_a_reconnect_are_joined_again_not_forgott
         assert sorted(rejoined) == sorted(rooms) and sorted(session.rooms) == sorted(rooms)
         assert states.seen == [CONNECTED, RECONNECTING, CONNECTED]
         assert h.running.clients.statistics().errors.get("rate_limited", 0) >= 1  # the allowance did refuse
+
+
+async def test_a_reconnect_refused_with_429_waits_its_retry_after(
+    start_server: Callable[..., Any], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Two handshakes a minute from this address: the third reconnect gets HTTP 429 with Retry-After
+    (about 30 s). The session waits that long, not its millisecond backoff (five quick attempts, each
+    refused, would end it), and is back on the next attempt."""
+    h = await start_server(server=NO_TIMERS, limits={"connections_per_ip_per_minute": 2.0})
+    states = States()
+    async with open_session(
+        h.url, token("reader"), on_state=states, **fast(jitter=lambda: 0.0, timeout=math.inf)
+    ) as session:
+        for reconnects in (1, 2):
+            server_side(h, "reader").close(1001, "restarting")
+            await states.until(
+                lambda n=reconnects: session.reconnects == n or session.closed is not None,
+                timeout=math.inf,
+            )
+            assert session.closed is None
+        assert session.failed_attempts == 1  # the 429, once
+        assert (await session.request("get_profile"))["user"]["user_id"] == "reader"
+    assert h.running.clients.statistics().refused_connections == 1
+
+
+class RefusingFront:
+    """A TCP front on 127.0.0.1 before the server's client port, as a proxy stands: it forwards each
+    connection, or, once ``refusing``, answers the upgrade itself with HTTP 403 (its blocklist)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.refusing = False
+
+    async def start(self, nursery: trio.Nursery) -> str:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+        return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if self.refusing:
+                await stream.receive_some(65536)  # the upgrade request
+                await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            async with upstream, trio.open_nursery() as nursery:
+                for source, sink in ((stream, upstream), (upstream, stream)):
+                    nursery.start_soon(self._pipe, source, sink, nursery.cancel_scope)
+
+    @staticmethod
+    async def _pipe(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        done.cancel()
+
+
+async def test_a_reconnect_refused_with_403_ends_the_session_without_retrying(
+    start_server: Callable[..., Any], autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """PROTOCOL.md: 403 (a blocked address, an origin not admitted) is not to be retried."""
+    h = await start_server(server=NO_TIMERS)
+    front = RefusingFront(h.running.port)
+    url = await front.start(nursery)
+    states = States()
+    async with open_session(
+        url, token("reader"), on_state=states, **fast(jitter=lambda: 0.0, timeout=math.inf)
+    ) as session:
+        assert (await session.request("get_profile"))["user"]["user_id"] == "reader"
+        front.refusing = True
+        server_side(h, "reader").close(1001, "restarting")
+        await states.until(lambda: session.closed is not None, timeout=math.inf)
+    assert session.failed_attempts == 1
+    assert isinstance(session.closed, SessionClosed) and "403" in str(session.closed)
 
 
 async def test_a_request_in_flight_fails_with_connection_lost_and_is_not_resent(server: Harness) -> None:

@@ -76,6 +76,18 @@ class _NoPublicConstructor(type):
         return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
 
 
+def _retry_after_s(error: BaseException | None) -> float:
+    """How long an HTTP 429 refusal of the handshake asks to wait (``Retry-After``, s); 0 for anything else."""
+    if isinstance(error, trio_websocket.ConnectionRejected) and error.status_code == 429:
+        for name, value in error.headers:
+            if name.lower() == b"retry-after":
+                try:
+                    return max(0.0, float(value))
+                except ValueError:
+                    return 0.0
+    return 0.0
+
+
 @attrs.frozen
 class _Ended:
     """How one connection (or attempt at one) ended."""
@@ -409,7 +421,7 @@ class Session(metaclass=_NoPublicConstructor):
                     self._finish(fatal)
                     return
                 self._set_state(SessionState.RECONNECTING)
-                await trio.sleep(self._backoff.delay(failed + 1, self._jitter))
+                await trio.sleep(max(self._backoff.delay(failed + 1, self._jitter), _retry_after_s(ended.error)))
                 ended = await self._connect_once(None)
 
     async def _connect_once(self, task_status: trio.TaskStatus[None] | None) -> _Ended:
@@ -588,6 +600,11 @@ class Session(metaclass=_NoPublicConstructor):
             return SessionClosed(message, code=code, reason=reason)
         if isinstance(ended.error, RequestError):
             error = SessionClosed(f"hello was refused: {ended.error}")
+            error.__cause__ = ended.error
+            return error
+        if isinstance(ended.error, trio_websocket.ConnectionRejected) and ended.error.status_code == 403:
+            # An address blocked, or an origin not admitted (PROTOCOL.md, "Connecting"): do not retry.
+            error = SessionClosed(f"the server refused the connection to {self.url} (HTTP 403); not reconnecting")
             error.__cause__ = ended.error
             return error
         return None
