@@ -244,6 +244,10 @@ async def test_authors_delete_their_own_questions_and_answers(start_server: Any)
         assert (await asker.request("my_questions", {}))["questions"] == []
         assert (await asker.request("browse_questions", {"status": "all"}))["questions"] == []
         assert (await jun.request("get_user", {"user_id": "jun"}))["user"]["points"] == 10  # kept
+        # The answers to it are gone with it: from the author's list and the profile's count.
+        assert (await jun.request("my_answers", {}))["answers"] == []
+        profile = (await jun.request("get_user", {"user_id": "jun"}))["user"]
+        assert (profile["answers_given"], profile["answers_accepted"]) == (0, 0)
         assert await refused(jun, "delete_answer", {"answer_id": "a-none"}) == "not_found"
 
 

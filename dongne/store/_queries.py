@@ -90,7 +90,8 @@ def plan(
             )
         ]
     if isinstance(query, AnswersOfAuthor):
-        where = ["a.author_id = ?", "a.deleted_at IS NULL"]
+        # An answer to a question deleted (or hidden) since is gone from the list with its question.
+        where = ["a.author_id = ?", "a.deleted_at IS NULL", "q.deleted_at IS NULL"]
         params = [query.user_id]
         if query.before is not None:
             where.append("(a.created_at, a.answer_id) < (?, ?)")
@@ -145,8 +146,10 @@ def plan(
     if isinstance(query, AuthorStats):
         return [
             (
-                f"SELECT count(*), coalesce(sum(accepted), 0) FROM answers{by('answers_by_author')}"
-                " WHERE author_id = ? AND deleted_at IS NULL",
+                # Each answer's question by its key (a subplan per answer, not a scan of the questions).
+                f"SELECT count(*), coalesce(sum(a.accepted), 0) FROM answers a{by('answers_by_author')}"
+                " WHERE a.author_id = ? AND a.deleted_at IS NULL"
+                " AND (SELECT q.deleted_at FROM questions q WHERE q.question_id = a.question_id) IS NULL",
                 (query.user_id,),
             )
         ]
