@@ -35,6 +35,7 @@ from dongne.core import (
     Tick,
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
+from dongne.store import Storage
 
 T0 = 1_800_000_000_000
 
@@ -521,6 +522,23 @@ def test_the_dashboard_lists_the_newest_open_questions_and_counts_them_all() -> 
     assert len(overview["open"]) == OPEN_LISTED and overview["open_questions"] == asked
     assert overview["open"][-1]["created_at"] == T0 + asked - 1  # the newest kept
     assert overview["open_by_region"] == {"East": 69, "West": 136}  # every third asked in the East
+
+
+def test_an_escalation_not_begun_is_stored_and_taken_up_after_a_restart(store: Storage) -> None:
+    """A plan whose first stage comes later (no IMMEDIATE): the question's commit stores its escalation as
+    not begun, so an engine loaded from the store after a restart starts it (a restart before the first
+    stage lost it: only a stage run wrote the escalation's row)."""
+    from dongne.core import StagePlan, StartEscalation
+
+    settings = CoreSettings(stages=(StagePlan("LATER", 30.0, 5_000.0, None, "nearby"),))
+    sim = Sim(Engine(settings, claims_for))
+    hello = sim.connect(1, "asker")
+    created = sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.5, "lng": 126.5}})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    store.apply([*hello.writes, *created.writes])  # as the server commits them, before the replies
+
+    restarted = Engine(settings, claims_for).load(store.load(hot_since=0), T0 + 1000)
+    assert [a.question_id for a in restarted.actions if isinstance(a, StartEscalation)] == [qid]
 
 
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:

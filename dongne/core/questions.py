@@ -289,6 +289,9 @@ class Questions:
         self.schedule_expiry(question)
         if self._where.stages:
             self._where.restore_escalation(question.question_id, 0, ())
+            # Stored as not begun, so that a restart before its first stage takes it up (a stage that
+            # runs in this commit writes its own progress after this, which the commit keeps).
+            out.write(SaveEscalation(question.question_id, 0, now))
             # Stages due now (IMMEDIATE) go out with the reply, in the same commit.
             self.run_due_stages(question, now, out)
             if self._where.escalation_due(question) is not None:
