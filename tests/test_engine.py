@@ -309,7 +309,7 @@ def test_escalation_stages_fire_at_their_offsets_exactly() -> None:
         sim.engine.handle(Connected(conn_id), T0)
         send(sim.engine, conn_id, "hello", {"token": f"ok:{user}"})
         sim.engine.users[user].local = True
-        sim.engine.where.refresh_local(sim.engine.users[user])
+        sim.engine.where.refresh_local(sim.engine.users[user], T0)
         sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
     created = sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
     qid = sim.reply(created)["data"]["question"]["question_id"]
@@ -490,7 +490,7 @@ def test_a_slow_response_alert_counts_the_locals_alerted_after_every_stage_has_r
         user = f"local{conn_id}"
         sim.connect(conn_id, user)
         engine.users[user].local = True
-        engine.where.refresh_local(engine.users[user])
+        engine.where.refresh_local(engine.users[user], T0)
         sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
     created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
     qid = sim.reply(created)["data"]["question"]["question_id"]
@@ -539,6 +539,36 @@ def test_an_escalation_not_begun_is_stored_and_taken_up_after_a_restart(store: S
 
     restarted = Engine(settings, claims_for).load(store.load(hot_since=0), T0 + 1000)
     assert [a.question_id for a in restarted.actions if isinstance(a, StartEscalation)] == [qid]
+
+
+def test_a_local_whose_ban_ran_out_is_alerted_again_without_coming_back_first(store: Storage) -> None:
+    """Banned until +60 s and offline: from the ban's end the local's home position counts again, and in a
+    server started after it (a ban that ran out was only cleared by the user's next hello)."""
+    from dongne.core import Disconnected as Gone
+
+    engine = make_engine()
+    sim = Sim(engine)
+    writes = [*sim.connect(1, "admin").writes]
+    engine.users["admin"].role = "admin"
+    writes += sim.connect(2, "local").writes
+    engine.users["local"].local = True
+    writes += sim.call(2, "update_settings", {"home": {"lat": 33.4996, "lng": 126.5420}}).writes  # 1 km east
+    writes += sim.call(1, "ban_user", {"user_id": "local", "reason": "spam", "until": T0 + 60_000}).writes
+    engine.handle(Gone(2), T0)
+    store.apply(writes)
+    sim.connect(3, "asker", T0 + 20_000)
+
+    def quick_alerted(asked_at: int) -> list[str]:
+        question = {"title": f"t{asked_at}", "location": {"lat": 33.4996, "lng": 126.5312}}
+        qid = sim.reply(sim.call(3, "create_question", question, asked_at))["data"]["question"]["question_id"]
+        quick = fire(engine, qid, asked_at + 3000)
+        return [w.user_id for w in quick.writes if isinstance(w, AppendEvent) and w.type == "new_question_notification"]
+
+    assert quick_alerted(T0 + 30_000) == []  # banned still
+    assert quick_alerted(T0 + 100_000) == ["local"]  # the ban ended at +60 s: no event needed then
+    restarted = make_engine()
+    restarted.load(store.load(hot_since=0), T0 + 100_000)
+    assert "local" in restarted.where.locals
 
 
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:

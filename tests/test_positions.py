@@ -199,7 +199,7 @@ def test_the_core_keeps_other_nodes_locals_beside_its_own() -> None:
     where = Neighbourhood(LocationSettings(), DEFAULT_STAGES)
     r1, r2, both = (User(u, u, local=True) for u in ("r1", "r2", "both"))
     for user in (r1, r2, both):
-        where.refresh_local(user)
+        where.refresh_local(user, 0)
     where.remote_moved(
         [("r1", 33.50, 126.53, "Jeju-si"), ("tourist", 33.50, 126.53, "Jeju-si"), ("both", 33.40, 126.50, None)], ()
     )  # tourist: no local

@@ -14,8 +14,9 @@ __all__ = ["DeadlineKind", "Deadlines"]
 #: What falls due: a typing state ends (key: question id, user id; "remote_typing": one another
 #: node relayed, kept for join replies), a
 #: question is owed its slow-response alert (key: question id, ""), or a
-#: connection has not sent hello in time (key: conn id as text, ""), or a
-#: question reaches its time to live (key: question id, "").
+#: connection has not sent hello in time (key: conn id as text, ""), a
+#: question reaches its time to live (key: question id, ""), or an IP block
+#: ends (key: the CIDR).
 DeadlineKind = Literal["typing", "remote_typing", "slow_response", "hello", "expire", "ip_block"]
 
 

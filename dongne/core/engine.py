@@ -244,9 +244,11 @@ class Engine:
             (overdue ones run at once), and the run-time IP blocks in force.
         """
         where = self.where
+        self.moderation.ban_ends.clear()  # a reload reads them again
         for user in state.users:
             self.users[user.user_id] = user
-            where.refresh_local(user)
+            where.refresh_local(user, now)
+            self.moderation.ban_will_end(user, now)
             self.oversight.role_is(user)
         notified: dict[str, list[str]] = {}
         for question_id, user_id, at in state.notified:
@@ -290,6 +292,8 @@ class Engine:
 
     def handle(self, event: Event, now: int) -> Outcome:
         """Handle one input event at ``now`` (ms since the epoch)."""
+        if self.moderation.ban_ends and self.moderation.ban_ends[0][0] <= now:
+            self.moderation.bans_ended(now)
         if isinstance(event, FrameReceived):
             return self._frame(event, now)
         if isinstance(event, EscalationDue):
@@ -329,11 +333,11 @@ class Engine:
                     user.last_seq = seq
             return _NOTHING
         if isinstance(event, RemotePositions):
-            self._adopt(event.users)
+            self._adopt(event.users, now)
             self.where.remote_moved(event.moved, event.gone, everyone=event.everyone)
             return _NOTHING
         if isinstance(event, RemoteMembers):
-            self._adopt(event.users)
+            self._adopt(event.users, now)
             self.presence.remote_members(event.rooms, everyone=event.everyone)
             return _NOTHING
         if isinstance(event, Disconnected):
@@ -488,7 +492,7 @@ class Engine:
         if conn.phase is not ConnPhase.READY:
             return _NOTHING
         if event.question is not None:
-            self._adopt(event.users)
+            self._adopt(event.users, now)
             self._qa.adopt(event.question, event.answers)
         return self._run(conn, request, now, request.op)
 
@@ -635,6 +639,7 @@ class Engine:
                     self._deadlines.add(now + UNAVAILABLE_RETRY_MS, "expire", key)
             elif kind == "ip_block":
                 out.actions.extend(self.moderation.blocks_in_force(now).actions)
+
             elif kind == "slow_response":
                 if self.writable:
                     self.oversight.alert_due(key, now, out)
@@ -710,12 +715,12 @@ class Engine:
 
     # ---- other nodes' changes (store/CLUSTER.md) -------------------------------------------
 
-    def _adopt(self, users: tuple[User, ...]) -> None:
+    def _adopt(self, users: tuple[User, ...], now: int) -> None:
         """Add the users another node made since this one loaded (read with its positions or room members)."""
         for user in users:
             if user.user_id not in self.users:
                 self.users[user.user_id] = user
-                self.where.refresh_local(user)
+                self.where.refresh_local(user, now)
                 self.oversight.role_is(user)
 
     def _room_relayed(self, event: RoomRelayed, now: int) -> Outcome:
@@ -753,7 +758,7 @@ class Engine:
                 if held.banned_at(now) and not was_banned:
                     self.moderation.ban_in_force(held, now, out)
                     continue
-            self.where.refresh_local(held)
+            self.where.refresh_local(held, now)
             self.oversight.role_is(held)
         return out.build()
 

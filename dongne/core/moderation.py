@@ -13,6 +13,7 @@ reporting one item hide it at once, pending an admin's review.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +98,7 @@ class Moderation:
         self._user_conns = user_conns
         self._where = where
         self.open_reports: dict[str, Report] = {}  # report id -> report not resolved yet
+        self.ban_ends: list[tuple[int, str]] = []  # a heap of (end, user id) of the timed bans in force
         self._fetched: dict[tuple[str, str], tuple[Question, list[Answer]]] = {}  # read for a retried operation
         self.ip_blocks: dict[str, IpBlock] = {}  # run-time blocks by normalised CIDR
 
@@ -208,7 +210,8 @@ class Moderation:
     def ban_in_force(self, target: User, now: int, out: OutcomeBuilder) -> None:
         """A ban was just set (here, or on another node: ``UsersChanged``): close the user's connections with
         4003, stop escalating their questions, alert them no more."""
-        self._where.refresh_local(target)  # a banned local is alerted for nothing
+        self._where.refresh_local(target, now)  # a banned local is alerted for nothing
+        self.ban_will_end(target, now)
         code, why = self.refuse_banned(target, now) or (BANNED, "banned")
         for conn_id in sorted(self._user_conns.get(target.user_id, ())):
             conn = self._conns.get(conn_id)
@@ -217,6 +220,24 @@ class Moderation:
                 out.act(Close(conn_id, code, why))
         self._stop_escalating(target.user_id, out)
 
+    def ban_will_end(self, user: User, now: int) -> None:
+        """A timed ban in force: its local is one again when it ends (``bans_ended``)."""
+        if user.banned_until is not None and now < user.banned_until < FOREVER:
+            heapq.heappush(self.ban_ends, (user.banned_until, user.user_id))
+
+    def bans_ended(self, now: int) -> None:
+        """The timed bans ended by ``now``: their locals count again (unless banned anew meanwhile).
+
+        Looked at as each event comes in rather than on a timer: no alert
+        can be planned between a ban's end and the next event.
+        """
+        ends = self.ban_ends
+        while ends and ends[0][0] <= now:
+            _, user_id = heapq.heappop(ends)
+            user = self._users.get(user_id)
+            if user is not None:
+                self._where.refresh_local(user, now)
+
     def unban_user(self, call: Call) -> dict[str, Any]:
         self._admin(call)
         target = self._target(call)
@@ -224,7 +245,7 @@ class Moderation:
         target.banned_until, target.ban_reason = None, None
         call.out.write(SaveUser(attrs.evolve(target)))
         call.out.write(AppendAudit(call.now, call.user.user_id, "unban_user", target.user_id, reason))
-        self._where.refresh_local(target)
+        self._where.refresh_local(target, call.now)
         return {"user_id": target.user_id, "banned_until": None}
 
     def list_audit(self, call: Call) -> Pending:

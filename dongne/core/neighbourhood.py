@@ -95,9 +95,10 @@ class Neighbourhood:
 
     # ---- people ------------------------------------------------------------------
 
-    def refresh_local(self, user: User) -> None:
-        """Keep a user's ``LocalInfo`` (and home position) in step with its profile (a banned local is none)."""
-        if not user.local or user.banned_until is not None:
+    def refresh_local(self, user: User, now: int) -> None:
+        """Keep a user's ``LocalInfo`` (and home position) in step with its profile (a local banned at ``now``
+        is none; one whose ban has run out is one again)."""
+        if not user.local or user.banned_at(now):
             self.locals.pop(user.user_id, None)
             self.homes.remove(user.user_id)
             self.live.remove(user.user_id)

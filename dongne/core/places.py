@@ -162,7 +162,7 @@ class Places:
         user.quiet_hours = settings.quiet_hours
         user.max_alerts_per_hour = settings.max_alerts_per_hour
         user.home = home
-        self._where.refresh_local(user)
+        self._where.refresh_local(user, call.now)
         call.out.write(SaveUser(attrs.evolve(user)))
         return {"settings": user.settings_wire()}
 

@@ -93,7 +93,7 @@ class Sessions:
         elif (user.nick, user.local, user.tags, user.role) != (claims.nick, claims.local, claims.tags, claims.role):
             user.nick, user.local, user.tags, user.role = claims.nick, claims.local, claims.tags, claims.role
             out.write(SaveUser(attrs.evolve(user)))
-        self._where.refresh_local(user)
+        self._where.refresh_local(user, now)
         self._oversight.role_is(user)
         conn.phase = ConnPhase.READY
         conn.user_id = user.user_id
