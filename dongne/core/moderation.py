@@ -33,6 +33,7 @@ from .effects import (
     Outcome,
     OutcomeBuilder,
     SaveAnswer,
+    SaveEscalation,
     SaveIpBlock,
     SaveQuestion,
     SaveReport,
@@ -218,7 +219,7 @@ class Moderation:
             if conn is not None and conn.phase is ConnPhase.READY:
                 conn.phase = ConnPhase.CLOSING
                 out.act(Close(conn_id, code, why))
-        self._stop_escalating(target.user_id, out)
+        self._stop_escalating(target.user_id, now, out)
 
     def ban_will_end(self, user: User, now: int) -> None:
         """A timed ban in force: its local is one again when it ends (``bans_ended``)."""
@@ -477,7 +478,10 @@ class Moderation:
         out.write(AppendAudit(now, call.user.user_id, "resolve_report", report.report_id, action))
         return {"report_id": report.report_id, "action": action, "resolved": len(resolved)}
 
-    def _stop_escalating(self, user_id: str, out: OutcomeBuilder) -> None:
+    def _stop_escalating(self, user_id: str, now: int, out: OutcomeBuilder) -> None:
+        """A banned asker's questions escalate no more, for good: stored as done, so neither a restart nor
+        the ban's end takes them up again."""
+        done = len(self._where.stages)
         for question in self._questions.values():
             if (
                 question.asker_id == user_id
@@ -486,6 +490,7 @@ class Moderation:
             ):
                 self._where.escalations.pop(question.question_id, None)
                 out.act(CancelEscalation(question.question_id))
+                out.write(SaveEscalation(question.question_id, done, now))
 
 
 def _report_wire(report: Report) -> dict[str, Any]:
