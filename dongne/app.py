@@ -268,7 +268,7 @@ async def _serve(
                 (user := engine.users.get(user_id)) is not None and user.banned_at(clock.now_ms())
             ),
         )  # mounted at /admin
-        ops = OpsApp(lambda: clients.accepting and clients.writable, status, clients.metrics.render, admin)
+        ops = OpsApp(lambda: clients.ready, status, clients.metrics.render, admin)
         hconfig = hypercorn.config.Config()
         hconfig.bind = [f"{settings.server.ops_host}:{settings.server.ops_port}"]
         hconfig.accesslog = None

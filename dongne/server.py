@@ -180,8 +180,9 @@ class ClientServer:
             store, self._act, max_batch=max_batch, on_commit=self._on_commit, on_write_failed=self._write_failed
         )
         self._hot_ms = int(hot_days * 86_400_000)
-        self._writes_ok = trio.Event()  # set while commits work
+        self._writes_ok = trio.Event()  # set while writes are taken
         self._writes_ok.set()
+        self._storage_failing = False  # commits fail (not: a conflict's or a takeover's reload)
         self._writes_failed = trio.Event()  # wakes the storage supervisor
         self._reloaded = trio.Event()  # set once memory is rebuilt after the latest failed commit (or none failed)
         self._reloaded.set()
@@ -262,7 +263,7 @@ class ClientServer:
             **self.engine.counts(),
             "escalations_running": len(self.escalation_scopes),
             "escalations_waiting": len(self.escalations_waiting),
-            "store_writes_failing": 0 if self.writable else 1,
+            "store_writes_failing": 1 if self._storage_failing else 0,
         }
 
     def _on_commit(self, seconds: float, outcomes: int, given: SeqsGiven) -> None:
@@ -693,8 +694,20 @@ class ClientServer:
 
     @property
     def writable(self) -> bool:
-        """False while commits fail (``/ready`` answers 503 then)."""
+        """False while writes are refused: commits fail, or memory is read again after a conflict or a
+        takeover (a moment)."""
         return self._writes_ok.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """What ``/ready`` on the ops port says: taking connections, and the database takes writes."""
+        return self.accepting and not self._storage_failing
+
+    @property
+    def storage_failing(self) -> bool:
+        """True while commits to the database fail (``/ready`` answers 503, ``store_writes_failing`` is 1);
+        not while memory is read again after a conflict or a takeover: the database works then."""
+        return self._storage_failing
 
     def _write_failed(self, exc: WriteFailed, refused: list[tuple[Outcome, Any]]) -> None:
         """A commit failed (or writes came while failing): refuse what will not be committed.
@@ -737,6 +750,7 @@ class ClientServer:
                 }
             else:
                 log.error("storage_failing", extra={"error": str(exc)})
+                self._storage_failing = True
                 self._perform(self._handle(WritesFailing(str(exc))))
         conflicted = self._conflicted
         for outcome, token in refused:
@@ -845,6 +859,7 @@ class ClientServer:
                 break
             self.pipeline.writes_work()
             self._writes_ok.set()
+            self._storage_failing = False
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
             if self._takeover_pending:  # the lease was taken after the reload above

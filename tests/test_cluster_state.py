@@ -85,12 +85,24 @@ async def test_an_accept_another_node_made_first_refuses_this_one_with_conflict(
     ``conflict``, and by then memory holds the store's question (the winner), nothing of the refused
     accept is stored, and writes go on."""
     h: Harness = await start_server()
-    async with h.connect("asker") as asker:
+    readiness: set[bool] = set()
+    watching = True
+
+    async def watch_ready() -> None:  # at every step of the loop: the reload after the conflict included
+        while watching:
+            readiness.add(h.running.clients.ready)
+            await trio.lowlevel.checkpoint()
+
+    async with h.connect("asker") as asker, trio.open_nursery() as nursery:
         qid, local_answer, other_answer = await answered_twice(h, asker)
         other_node_accepts(h.db, qid, local_answer)
 
+        nursery.start_soon(watch_ready)
         with pytest.raises(RequestError) as refused:
             await asker.request("accept_answer", {"question_id": qid, "answer_id": other_answer})
+        watching = False
+        # The database worked all along: /ready stayed 200 (PROTOCOL.md: "no storage_alert, no 503").
+        assert readiness == {True}
 
         assert refused.value.code == "conflict" and refused.value.error["question_id"] == qid
         question = h.running.engine.questions[qid]
