@@ -591,6 +591,30 @@ def test_a_ban_stops_the_askers_escalations_for_good_a_restart_after_it_included
     assert [a for a in restarted.actions if isinstance(a, StartEscalation)] == []
 
 
+def test_a_question_whose_only_answer_is_deleted_is_open_again_and_owed_its_alert() -> None:
+    """Open means no answer yet: deleting the only answer reopens the question, and the slow-response
+    alert at 600 s still comes (a deleted spam answer must not silence it)."""
+    from dongne.core import AlertSettings
+
+    engine = Engine(CoreSettings(alerts=AlertSettings(slow_response_s=600.0)), claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "admin")
+    engine.users["admin"].role = "admin"
+    engine.oversight.role_is(engine.users["admin"])
+    sim.connect(2, "asker")
+    sim.connect(3, "spammer")
+    qid = ask(sim, 2)
+    sim.call(3, "join_question", {"question_id": qid})
+    created = sim.call(3, "create_answer", {"question_id": qid, "content": "not helpful"}, T0 + 1000)
+    aid = sim.reply(created)["data"]["answer"]["answer_id"]
+    assert engine.questions[qid].status == QuestionStatus.ANSWERED
+    sim.call(3, "delete_answer", {"answer_id": aid}, T0 + 2000)
+
+    assert (engine.questions[qid].status, engine.questions[qid].answer_count) == (QuestionStatus.OPEN, 0)
+    raised = [w for w in tick(engine, T0 + 600_000).writes if isinstance(w, AppendEvent)]
+    assert [w.type for w in raised] == ["slow_response_alert"]
+
+
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:
     engine = Engine(CoreSettings(hello_timeout_s=10.0), claims_for)
     engine.handle(Connected(1), T0)

@@ -232,6 +232,17 @@ async def test_authors_delete_their_own_questions_and_answers(start_server: Any)
             "answer_id": gone["answer_id"],
         }
         assert (await jun.next_event("answer_deleted"))["data"]["answer_id"] == gone["answer_id"]
+        # A question whose last answer goes is open again, in memory and in the store.
+        only = (await mina.request("create_question", question_data(title="A second one")))["question"]
+        await jun.request("join_question", {"question_id": only["question_id"]})
+        lone = (await jun.request("create_answer", {"question_id": only["question_id"], "content": "x"}))["answer"]
+        await jun.request("delete_answer", {"answer_id": lone["answer_id"]})
+        reopened = (await mina.request("get_question", {"question_id": only["question_id"]}))["question"]
+        assert (reopened["status"], reopened["answer_count"]) == ("open", 0)
+        sql = "SELECT status, answer_count FROM questions WHERE question_id = ?"
+        assert db_rows(h.db, sql, (only["question_id"],)) == [("open", 0)]
+        await jun.request("leave_question", {"question_id": only["question_id"]})
+        await mina.request("delete_question", {"question_id": only["question_id"]})
         page = await asker.request("get_question", {"question_id": qid})
         assert [a["answer_id"] for a in page["answers"]] == [kept["answer_id"]]
         assert page["question"]["answer_count"] == 1

@@ -6,6 +6,8 @@ raises ``IllegalTransition``, which the engine maps to a wire error before any
 state changes.
 
     OPEN ──answer──▶ ANSWERED ──answer──▶ ANSWERED
+      ▲                 │
+      └───unanswer──────┤  (its last answer deleted or hidden)
       │                 │
       │                 └──accept──▶ RESOLVED
       └──close──▶ CLOSED ◀──close──┘
@@ -32,6 +34,7 @@ class QuestionStatus(enum.StrEnum):
 
 class QuestionEvent(enum.StrEnum):
     ANSWER = "answer"
+    UNANSWER = "unanswer"
     ACCEPT = "accept"
     CLOSE = "close"
     EXPIRE = "expire"
@@ -40,6 +43,7 @@ class QuestionEvent(enum.StrEnum):
 TRANSITIONS: dict[tuple[QuestionStatus, QuestionEvent], QuestionStatus] = {
     (QuestionStatus.OPEN, QuestionEvent.ANSWER): QuestionStatus.ANSWERED,
     (QuestionStatus.ANSWERED, QuestionEvent.ANSWER): QuestionStatus.ANSWERED,
+    (QuestionStatus.ANSWERED, QuestionEvent.UNANSWER): QuestionStatus.OPEN,
     (QuestionStatus.ANSWERED, QuestionEvent.ACCEPT): QuestionStatus.RESOLVED,
     (QuestionStatus.OPEN, QuestionEvent.CLOSE): QuestionStatus.CLOSED,
     (QuestionStatus.ANSWERED, QuestionEvent.CLOSE): QuestionStatus.CLOSED,

@@ -91,6 +91,11 @@ class Oversight:
             question.urgency == "urgent",
             question.first_answer_at,
         )
+        self.unanswered(question)
+
+    def unanswered(self, question: Question) -> None:
+        """Owe the question its alert while it is open without answers (asked, or its last answer taken
+        down: then at once if overdue)."""
         if self._awaits_alert(question):
             due = question.created_at + int(self._settings.slow_response_s * 1000)
             self._deadlines.add(due, "slow_response", question.question_id)

@@ -179,8 +179,8 @@ class Questions:
             setattr(held, field.name, getattr(question, field.name))
         if question.status in ACTIVE and mine.status not in ACTIVE:
             held.status, held.accepted_answer_id, held.closed_at = mine.status, mine.accepted_answer_id, mine.closed_at
-        elif question.status == QuestionStatus.OPEN and mine.status == QuestionStatus.ANSWERED:
-            held.status = mine.status
+        elif question.status == QuestionStatus.OPEN and mine.status == QuestionStatus.ANSWERED and mine.answer_count:
+            held.status = mine.status  # an answer here the store may not hold yet (open again: none left)
         firsts = [at for at in (mine.first_answer_at, question.first_answer_at) if at is not None]
         held.first_answer_at = min(firsts) if firsts else None
         held.alerted_at = question.alerted_at if question.alerted_at is not None else mine.alerted_at
@@ -462,6 +462,10 @@ class Questions:
         self._answers.get(question.question_id, {}).pop(answer.answer_id, None)
         self._answer_homes.pop(answer.answer_id, None)
         question.answer_count = max(0, question.answer_count - 1)
+        if question.answer_count == 0 and question.status == QuestionStatus.ANSWERED:
+            # Open again: it has no answer (CountAnswer does the same in SQL, where the count is).
+            question.status = self._advance(question, QuestionEvent.UNANSWER)
+            self._oversight.unanswered(question)
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(CountAnswer(question.question_id, -1))
         gone = {"question_id": question.question_id, "answer_id": answer.answer_id}
