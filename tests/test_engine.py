@@ -13,6 +13,7 @@ from dongne.core import (
     Claims,
     Close,
     CloseConnection,
+    CloseOnce,
     Connected,
     CoreSettings,
     CountAnswer,
@@ -613,6 +614,30 @@ def test_a_question_whose_only_answer_is_deleted_is_open_again_and_owed_its_aler
     assert (engine.questions[qid].status, engine.questions[qid].answer_count) == (QuestionStatus.OPEN, 0)
     raised = [w for w in tick(engine, T0 + 600_000).writes if isinstance(w, AppendEvent)]
     assert [w.type for w in raised] == ["slow_response_alert"]
+
+
+def test_live_deadlines_and_writes_due_together_go_in_separate_ticks() -> None:
+    """A hello deadline and an expiry due at the same moment: the close goes in a tick without writes (an
+    outcome whose commit fails is dropped whole, and the close with it), the expiry in the next one."""
+    from dongne.core.settings import QuestionSettings
+
+    settings = CoreSettings(hello_timeout_s=60.0, questions=QuestionSettings(ttl_s=60.0))
+    engine = Engine(settings, claims_for)
+    sim = Sim(engine)
+    sim.connect(1, "asker")
+    qid = ask(sim)
+    engine.handle(Connected(9), T0)  # never says hello
+
+    first = tick(engine, T0 + 60_000)
+    second = tick(engine, T0 + 60_000)
+    assert engine.next_deadline() != T0 + 60_000  # nothing left due
+
+    assert [a for a in first.actions if isinstance(a, Close)] == [Close(9, 4001, "no hello within the time limit")]
+    assert first.writes == ()
+    assert [(w.question_id, w.status) for w in second.writes if isinstance(w, CloseOnce)] == [
+        (qid, QuestionStatus.EXPIRED)
+    ]
+    assert not [a for a in second.actions if isinstance(a, Close)]
 
 
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:

@@ -32,7 +32,7 @@ import attrs
 
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
-from .deadlines import Deadlines
+from .deadlines import DeadlineKind, Deadlines
 from .effects import Close, Outcome, OutcomeBuilder, Send, StartEscalation
 from .errors import CloseConnection, ProtocolError
 from .events import (
@@ -625,31 +625,41 @@ class Engine:
     # ---- time ------------------------------------------------------------------------
 
     def _tick(self, now: int) -> Outcome:
-        """Do what is due at ``now``: end typing states, raise slow-response alerts, close silent connections."""
+        """Do what is due at ``now``: end typing states, raise slow-response alerts, close silent connections.
+
+        What is live (typing ends, hello deadlines, IP blocks) and what is
+        written (expiries, alerts) go in separate ticks: a tick's outcome is
+        dropped whole if its commit fails (the reload makes the writes due
+        again), and the live part would be lost with it. When both are due,
+        the writes wait for the next tick, at once.
+        """
         out = OutcomeBuilder()
+        writes_due: list[tuple[int, DeadlineKind, str, str]] = []
         for due, kind, key, subkey in self._deadlines.pop_due(now):
             if kind == "typing":
                 self.presence.typing_expired(key, subkey, due, out)
             elif kind == "remote_typing":
                 self.presence.remote_typing_expired(key, subkey, due)
-            elif kind == "expire":
-                if self.writable:
-                    self._qa.expire(key, now, out)
-                else:  # expiring is a write: it waits, it is not lost
-                    self._deadlines.add(now + UNAVAILABLE_RETRY_MS, "expire", key)
+            elif kind in ("expire", "slow_response"):
+                writes_due.append((due, kind, key, subkey))
             elif kind == "ip_block":
                 out.actions.extend(self.moderation.blocks_in_force(now).actions)
-
-            elif kind == "slow_response":
-                if self.writable:
-                    self.oversight.alert_due(key, now, out)
-                else:  # the alert is a write: it waits, it is not lost
-                    self._deadlines.add(now + UNAVAILABLE_RETRY_MS, "slow_response", key)
             else:
                 conn = self._awaiting_hello(key)
                 if conn is not None:
                     conn.phase = ConnPhase.CLOSING
                     out.act(Close(conn.conn_id, 4001, "no hello within the time limit"))
+        if writes_due and out.actions:
+            for entry in writes_due:
+                self._deadlines.add(*entry)
+            return out.build()
+        for _due, kind, key, _subkey in writes_due:
+            if not self.writable:  # a write: it waits, it is not lost
+                self._deadlines.add(now + UNAVAILABLE_RETRY_MS, kind, key)
+            elif kind == "expire":
+                self._qa.expire(key, now, out)
+            else:
+                self.oversight.alert_due(key, now, out)
         return out.build()
 
     def _escalation_due(self, question_id: str, now: int) -> Outcome:
