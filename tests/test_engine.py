@@ -640,6 +640,32 @@ def test_live_deadlines_and_writes_due_together_go_in_separate_ticks() -> None:
     assert not [a for a in second.actions if isinstance(a, Close)]
 
 
+def test_a_stage_only_for_unanswered_questions_stops_between_batches_once_answered() -> None:
+    """FINAL goes only to questions still without an answer: one answered while FINAL is delivered in
+    batches gets none of the batches after the answer."""
+    from dongne.core import StagePlan
+
+    final = StagePlan("FINAL", 0.0, None, None, "everyone", only_if_unanswered=True)
+    engine = Engine(CoreSettings(stages=(final,), alerts_per_batch=1), claims_for)
+    sim = Sim(engine)
+    for conn_id, lng in enumerate((126.5320, 126.5420, 126.5740), start=3):
+        sim.connect(conn_id, f"local{conn_id}")
+        engine.users[f"local{conn_id}"].local = True
+        engine.where.refresh_local(engine.users[f"local{conn_id}"], T0)
+        sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
+    sim.connect(2, "asker")
+    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    first = [w.user_id for w in created.writes if isinstance(w, AppendEvent)]
+    sim.call(3, "join_question", {"question_id": qid}, T0 + 10)
+    sim.call(3, "create_answer", {"question_id": qid, "content": "by the port"}, T0 + 20)
+    later = fire(engine, qid, T0 + 30)
+
+    assert first == ["local3"]  # one batch of one
+    assert [w for w in later.writes if isinstance(w, AppendEvent) and w.type == "new_question_notification"] == []
+    assert engine.escalation_due(qid) is None
+
+
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:
     engine = Engine(CoreSettings(hello_timeout_s=10.0), claims_for)
     engine.handle(Connected(1), T0)

@@ -591,6 +591,8 @@ class Questions:
                 if hits:
                     out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
                 esc.delivering, esc.pending = stage, hits
+            elif esc.delivering.only_if_unanswered and question.answer_count > 0:
+                esc.pending.clear()  # answered since the stage was planned: the rest of it is not sent
             stage = esc.delivering
             batch = esc.pending[:room]
             del esc.pending[:room]
