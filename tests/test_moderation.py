@@ -13,7 +13,7 @@ import trio_websocket
 
 from dongne.client import RequestError
 
-from .conftest import NO_TIMERS, Harness, question_data, token
+from .conftest import NO_TIMERS, Harness, db_rows, question_data, token
 
 
 async def refused_hello(h: Harness, user_id: str) -> trio_websocket.CloseReason:
@@ -116,11 +116,14 @@ async def test_hidden_content_leaves_rooms_and_lists_its_author_is_told_and_it_c
         assert told["data"] == {"question_id": qid, "answer_id": aid, "reason": "link spam"} and told["seq"] > 0
         page = await viewer.request("get_question", {"question_id": qid})
         assert (page["answers"], page["question"]["answer_count"]) == ([], 0)
+        assert page["question"]["status"] == "open"  # its only answer hidden: no answer
         assert (await jun.request("my_answers", {}))["answers"] == []
 
         assert (await admin.request("unhide_answer", {"id": aid}))["changed"] is True
         page = await viewer.request("get_question", {"question_id": qid})
         assert [a["answer_id"] for a in page["answers"]] == [aid] and page["question"]["answer_count"] == 1
+        assert page["question"]["status"] == "answered"  # and the asker may accept it
+        assert db_rows(h.db, "SELECT status, answer_count FROM questions") == [("answered", 1)]
 
         await admin.request("hide_question", {"id": qid, "reason": "off topic"})
         assert (await viewer.next_event("question_deleted"))["data"] == {"question_id": qid}
@@ -134,6 +137,10 @@ async def test_hidden_content_leaves_rooms_and_lists_its_author_is_told_and_it_c
         assert (await viewer.request("browse_questions", {"status": "all"}))["questions"] == []
         await admin.request("unhide_question", {"id": qid})
         assert (await viewer.request("get_question", {"question_id": qid}))["question"]["question_id"] == qid
+        # Back in memory as open once joined (read from the store): nearby again (it left nearby with memory).
+        await viewer.request("join_question", {"question_id": qid})
+        nearby = await jun.request("nearby_questions", {"location": question_data()["location"]})
+        assert [q["question_id"] for q in nearby["questions"]] == [qid]
 
         actions = [e["action"] for e in (await admin.request("list_audit", {}))["entries"]]
         assert actions == ["unhide_question", "hide_question", "unhide_answer", "hide_answer"]

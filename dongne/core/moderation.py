@@ -41,7 +41,7 @@ from .effects import (
 )
 from .errors import ProtocolError
 from .inbox import Inbox
-from .lifecycle import ACTIVE
+from .lifecycle import ACTIVE, QuestionEvent, QuestionStatus, advance
 from .lists import RETRY, Pending, Retry
 from .neighbourhood import Neighbourhood
 from .questions import Questions
@@ -338,6 +338,8 @@ class Moderation:
             return False
         answer.hidden, answer.deleted_at = False, None
         question.answer_count += 1
+        if question.status == QuestionStatus.OPEN:  # answered again (hiding its only answer reopened it)
+            question.status = advance(question.status, QuestionEvent.ANSWER)
         out.write(SaveAnswer(attrs.evolve(answer)))
         out.write(CountAnswer(question.question_id, 1))
         if question.question_id in self._questions:

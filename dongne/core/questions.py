@@ -133,13 +133,17 @@ class Questions:
     # ---- memory --------------------------------------------------------------------
 
     def adopt(self, question: Question, answers: tuple[Answer, ...] | list[Answer]) -> None:
-        """Bring a question and its answers (read from the store) into memory."""
+        """Bring a question and its answers (read from the store) into memory; an active one (another
+        node's, or one unhidden) is open here too: nearby, hotspots, its expiry."""
         if question.question_id in self._questions:
             return  # memory is newer than the store
         self._questions[question.question_id] = question
         self._answers.setdefault(question.question_id, {})
         for answer in answers:
             self.adopt_answer(answer)
+        if question.status in ACTIVE:
+            self._where.question_opened(question, question.created_at)
+            self.schedule_expiry(question)
 
     def refresh(
         self, question_id: str, question: Question | None, answers: tuple[Answer, ...], out: OutcomeBuilder
@@ -170,8 +174,6 @@ class Questions:
         if held is None:
             if question.status in ACTIVE:  # an ended one is loaded when asked for, as any old question
                 self.adopt(question, tuple(a for a in answers if a.deleted_at is None))
-                self._where.question_opened(question, question.created_at)
-                self.schedule_expiry(question)
             return
         was_active = held.status in ACTIVE
         mine = attrs.evolve(held)

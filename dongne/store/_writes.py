@@ -516,13 +516,15 @@ def prepare_writes(
          keep=RACED_QUESTION_COLS)  # fmt: skip
     for op in raced:  # after the saves: a question created in this commit is there
         if isinstance(op, CountAnswer) and op.answered_at is None:
-            # A question whose last answer goes is open again (the right-hand sides read the row as it was).
+            # A question whose last answer goes is open again, and answered again when one comes back
+            # (an unhidden answer); the right-hand sides read the row as it was.
             batch.many(
                 f"UPDATE questions SET answer_count = CASE WHEN answer_count + {mark} < 0 THEN 0"
                 f" ELSE answer_count + {mark} END,"
-                f" status = CASE WHEN status = 'answered' AND answer_count + {mark} <= 0 THEN 'open' ELSE status END"
+                f" status = CASE WHEN status = 'answered' AND answer_count + {mark} <= 0 THEN 'open'"
+                f" WHEN status = 'open' AND answer_count + {mark} > 0 THEN 'answered' ELSE status END"
                 f" WHERE question_id = {mark}",
-                [(op.delta, op.delta, op.delta, op.question_id)],
+                [(op.delta, op.delta, op.delta, op.delta, op.question_id)],
             )
         elif isinstance(op, CountAnswer):
             batch.guarded(
