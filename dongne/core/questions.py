@@ -437,6 +437,9 @@ class Questions:
         """
         question.deleted_at = now
         question.hidden = hidden
+        if hidden and question.question_id in self._where.escalations:
+            # Stopped for good: an unhidden question does not escalate again, restarts included.
+            out.write(SaveEscalation(question.question_id, len(self._where.stages), now))
         self._end(question, out)
         out.write(SaveQuestion(attrs.evolve(question)))
         out.send(
