@@ -26,14 +26,12 @@ from .deadlines import Deadlines
 from .effects import (
     AppendAudit,
     BlockAddresses,
-    CancelEscalation,
     Close,
     CountAnswer,
     DeleteIpBlock,
     Outcome,
     OutcomeBuilder,
     SaveAnswer,
-    SaveEscalation,
     SaveIpBlock,
     SaveQuestion,
     SaveReport,
@@ -481,18 +479,11 @@ class Moderation:
         return {"report_id": report.report_id, "action": action, "resolved": len(resolved)}
 
     def _stop_escalating(self, user_id: str, now: int, out: OutcomeBuilder) -> None:
-        """A banned asker's questions escalate no more, for good: stored as done, so neither a restart nor
-        the ban's end takes them up again."""
-        done = len(self._where.stages)
+        """A banned asker's questions escalate no more, for good (neither a restart nor the ban's end takes
+        them up again)."""
         for question in self._questions.values():
-            if (
-                question.asker_id == user_id
-                and question.status in ACTIVE
-                and question.question_id in self._where.escalations
-            ):
-                self._where.escalations.pop(question.question_id, None)
-                out.act(CancelEscalation(question.question_id))
-                out.write(SaveEscalation(question.question_id, done, now))
+            if question.asker_id == user_id and question.status in ACTIVE:
+                self._qa.stop_escalating(question, now, out)
 
 
 def _report_wire(report: Report) -> dict[str, Any]:

@@ -437,9 +437,8 @@ class Questions:
         """
         question.deleted_at = now
         question.hidden = hidden
-        if hidden and question.question_id in self._where.escalations:
-            # Stopped for good: an unhidden question does not escalate again, restarts included.
-            out.write(SaveEscalation(question.question_id, len(self._where.stages), now))
+        if hidden:
+            self.stop_escalating(question, now, out)  # an unhidden question does not escalate again
         self._end(question, out)
         out.write(SaveQuestion(attrs.evolve(question)))
         out.send(
@@ -620,6 +619,15 @@ class Questions:
                     self._inbox.enqueue_push(uid, "new_question_notification", question, data, now, out)
         if where.escalation_due(question) is None:
             where.escalation_done(question_id)
+
+    def stop_escalating(self, question: Question, now: int, out: OutcomeBuilder) -> None:
+        """Stop the question's escalation for good: stored as done, so that no restart takes it up again
+        (a ban of its asker, a hide)."""
+        if question.question_id not in self._where.escalations:
+            return
+        self._where.escalations.pop(question.question_id)
+        out.act(CancelEscalation(question.question_id))
+        out.write(SaveEscalation(question.question_id, len(self._where.stages), now))
 
     def _end(self, question: Question, out: OutcomeBuilder) -> None:
         if question.question_id in self._where.escalations:
