@@ -117,6 +117,13 @@ def ask(sim: Sim, conn_id: int = 1, now: int = T0) -> str:
     return str(sim.reply(out)["data"]["question"]["question_id"])
 
 
+def connect_admin(sim: Sim, conn_id: int, user: str = "admin") -> None:
+    """Connect ``user`` as an admin: the role (claims_for gives none) and the oversight's list of admins."""
+    sim.connect(conn_id, user)
+    sim.engine.users[user].role = "admin"
+    sim.engine.oversight.role_is(sim.engine.users[user])
+
+
 def local_in_the_room(sim: Sim) -> str:
     """The asker (connection 1) asks; the local (connection 2) joins the question's room. Returns its id."""
     sim.connect(1, "asker")
@@ -463,9 +470,7 @@ def test_a_slow_response_alert_and_the_dashboard_agree_on_the_stage_reached() ->
     late = StagePlan("LATE", 600.0, None, None, "everyone")
     engine = Engine(CoreSettings(stages=(late,), alerts=AlertSettings(slow_response_s=5.0)), claims_for)
     sim = Sim(engine)
-    sim.connect(1, "admin")
-    engine.users["admin"].role = "admin"
-    engine.oversight.role_is(engine.users["admin"])
+    connect_admin(sim, 1)
     sim.connect(2, "asker")
     qid = ask(sim, 2)
     alert = tick(engine, T0 + 5000)
@@ -483,9 +488,7 @@ def test_a_slow_response_alert_counts_the_locals_alerted_after_every_stage_has_r
 
     engine = Engine(CoreSettings(alerts=AlertSettings(slow_response_s=600.0)), claims_for)
     sim = Sim(engine)
-    sim.connect(1, "admin")
-    engine.users["admin"].role = "admin"
-    engine.oversight.role_is(engine.users["admin"])
+    connect_admin(sim, 1)
     sim.connect(2, "asker")
     for conn_id, lng in enumerate((126.5320, 126.5420, 126.5740), start=3):  # 1 km, 10 km: IMMEDIATE and QUICK
         user = f"local{conn_id}"
@@ -599,9 +602,7 @@ def test_a_question_whose_only_answer_is_deleted_is_open_again_and_owed_its_aler
 
     engine = Engine(CoreSettings(alerts=AlertSettings(slow_response_s=600.0)), claims_for)
     sim = Sim(engine)
-    sim.connect(1, "admin")
-    engine.users["admin"].role = "admin"
-    engine.oversight.role_is(engine.users["admin"])
+    connect_admin(sim, 1)
     sim.connect(2, "asker")
     sim.connect(3, "spammer")
     qid = ask(sim, 2)
@@ -746,9 +747,7 @@ def test_stages_and_alerts_due_while_writes_fail_run_late_not_never() -> None:
     stages = (StagePlan("EVERYONE", 60.0, None, None, "everyone"),)
     engine = Engine(CoreSettings(stages=stages, alerts=AlertSettings(slow_response_s=30.0)), claims_for)
     sim = Sim(engine)
-    sim.connect(1, "admin")
-    engine.users["admin"].role = "admin"
-    engine.oversight.role_is(engine.users["admin"])
+    connect_admin(sim, 1)
     sim.connect(2, "asker")
     qid = ask(sim, 2)
     failing = engine.handle(WritesFailing("disk I/O error"), T0 + 1000)

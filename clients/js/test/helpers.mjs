@@ -287,11 +287,14 @@ export function memoryStorage() {
   return { map, get: (key) => map.get(key) ?? null, set: (key, value) => void map.set(key, value) };
 }
 
+/** Wait `ms` of real time (the tests' rate limits are in real time). */
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 /** Resolves once `condition()` (maybe async) holds, checking every `every` ms: for state only visible by asking. */
 export async function until(condition, ms = 10000, every = 10) {
   const deadline = Date.now() + ms;
   while (!(await condition())) {
     if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${condition}`);
-    await new Promise((resolve) => setTimeout(resolve, every));
+    await sleep(every);
   }
 }

@@ -2,7 +2,7 @@
 // retry_after_ms; only a room refused for good (not_found) is forgotten.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { JEJU, Relay, Server, mint, next, open, until } from "./helpers.mjs";
+import { JEJU, Relay, Server, mint, next, open, sleep, until } from "./helpers.mjs";
 
 // Every frame of a connection: 4 at once, then 1 a second. A reconnect's hello and four
 // re-joins are five frames: the last join is refused with rate_limited.
@@ -21,8 +21,6 @@ before(async () => {
 after(async () => {
   await server?.stop();
 });
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 test("a re-join refused with rate_limited is tried again after retry_after_ms, not forgotten", async () => {
   const relay = await Relay.start(server.port);

@@ -3,7 +3,7 @@
 // towards the server's 4008 (abuse_refusals_per_minute), which ends the session for good.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { JEJU, Relay, Server, mint, next, open, until } from "./helpers.mjs";
+import { JEJU, Relay, Server, mint, next, open, sleep, until } from "./helpers.mjs";
 
 // Every frame of a connection: 6 at once, then 20 a second. A reconnect's hello and twelve
 // re-joins are thirteen frames: seven joins are refused at first. Retried together they would
@@ -25,8 +25,6 @@ before(async () => {
 after(async () => {
   await server?.stop();
 });
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 test("many rooms refused at a reconnect are re-joined one at a time, and the session stays", async () => {
   const relay = await Relay.start(server.port);
