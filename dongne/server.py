@@ -755,7 +755,7 @@ class ClientServer:
         conflicted = self._conflicted
         for outcome, token in refused:
             if conflicted is not None and outcome.request is not None and outcome.request[0] in conflicted.conns:
-                conflicted.owed.append((outcome, token))  # in order, after the refresh (_refresh_lost_race)
+                conflicted.owed.append((outcome, token))  # in order, after the rebuild (_settle_lost_race)
                 continue
             self._refuse_outcome(outcome, token)
 
@@ -834,9 +834,13 @@ class ClientServer:
                 if not self._takeover_pending:
                     break
                 # The lease was taken while reading: the previous holder may have committed since.
+            conflicted = self._conflicted
+            won = await self._read_race_winner(conflicted) if conflicted is not None else None
+            # From the rebuild to writes working again, nothing awaits: a request handled in
+            # between would change memory and then be refused, with nothing rebuilt after it.
             self._perform(self._handle(Reloaded(state)))
-            if self._conflicted is not None:
-                await self._refresh_lost_race(self._conflicted)
+            if conflicted is not None:
+                self._settle_lost_race(conflicted, won)
                 self._conflicted = None
             self._reloaded.set()
             if moved is not None or quiet:
@@ -865,20 +869,24 @@ class ClientServer:
             if self._takeover_pending:  # the lease was taken after the reload above
                 self._begin_takeover()
 
-    async def _refresh_lost_race(self, conflicted: _Conflicted) -> None:
-        """After a ``Conflict``: the question as the store holds it into memory, then what the losers'
-        connections are owed, in order (``conflict`` to the requests that lost), so that a client reading
-        the question next sees what won."""
+    async def _read_race_winner(self, conflicted: _Conflicted) -> QuestionChanged | None:
+        """After a ``Conflict``: the question as the store holds it (the winner), or None if it cannot be read."""
         question_id = conflicted.question_id
         try:
             found = await trio.to_thread.run_sync(self.store.find_question, question_id)
-        except StoreError as exc:  # memory was reloaded already; only a question outside the hot set stays stale
+        except StoreError as exc:  # memory is reloaded anyway; only a question outside the hot set stays stale
             log.warning("question_refresh_failed", extra={"question_id": question_id, "error": str(exc)})
-        else:
-            question, answers = found if found is not None else (None, [])
-            self._feed(QuestionChanged(question_id, question, tuple(answers)))
+            return None
+        question, answers = found if found is not None else (None, [])
+        return QuestionChanged(question_id, question, tuple(answers))
+
+    def _settle_lost_race(self, conflicted: _Conflicted, won: QuestionChanged | None) -> None:
+        """After the rebuild: the winner into memory, then what the losers' connections are owed, in order
+        (``conflict`` to the requests that lost), so that a client reading the question next sees what won."""
+        if won is not None:
+            self._feed(won)
         for outcome, token in conflicted.owed:
-            self._refuse_outcome(outcome, token, question_id)
+            self._refuse_outcome(outcome, token, conflicted.question_id)
 
     # ---- other nodes' events (store/CLUSTER.md) -------------------------------------
 

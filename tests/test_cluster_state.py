@@ -500,3 +500,50 @@ async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winne
     assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, False), (3, True), (4, True)]
     assert replies[1]["error"]["code"] == "conflict"
     assert replies[3]["data"]["question"]["accepted_answer_id"] == local_answer
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_writes_made_while_a_conflict_is_resolved_are_stored_or_leave_no_trace(start_server: Any) -> None:
+    """Others keep answering while an accept loses its race and memory is rebuilt: every answer memory
+    holds afterwards is stored, and every one acknowledged is too (none made between the rebuild and
+    writes working again lingers in memory only)."""
+    h: Harness = await start_server(limits={"writes_per_minute": 6000.0, "writes_burst": 1000.0})
+    writers = [f"writer{i}" for i in range(6)]
+    acknowledged: set[str] = set()
+    refused: list[str] = []
+    async with h.connect("asker") as asker, h.connect("elsewhere") as elsewhere, trio.open_nursery() as nursery:
+        qid, local_answer, other_answer = await answered_twice(h, asker)
+        busy = await elsewhere.request("create_question", question_data(title="A busy second question"))
+        busy_id = busy["question"]["question_id"]
+        race_over = trio.Event()
+
+        async def keep_answering(user: str) -> None:
+            async with h.connect(user) as client:
+                n = 0
+                while not race_over.is_set():
+                    n += 1
+                    try:
+                        reply = await client.request(
+                            "create_answer", {"question_id": busy_id, "content": f"{user} {n}"}
+                        )
+                    except RequestError as exc:
+                        refused.append(exc.code)
+                    else:
+                        acknowledged.add(reply["answer"]["answer_id"])
+
+        for user in writers:
+            nursery.start_soon(keep_answering, user)
+        await trio.sleep(0.05)
+        other_node_accepts(h.db, qid, local_answer)
+        with pytest.raises(RequestError) as lost:
+            await asker.request("accept_answer", {"question_id": qid, "answer_id": other_answer})
+        assert lost.value.code == "conflict"
+        await trio.sleep(0.05)
+        race_over.set()
+
+    stored = {row[0] for row in db_rows(h.db, "SELECT answer_id FROM answers WHERE question_id = ?", (busy_id,))}
+    in_memory = set(h.running.engine.answers[busy_id])
+    assert acknowledged <= stored
+    assert in_memory == stored
+    assert h.running.engine.questions[busy_id].answer_count == len(stored)
+    assert set(refused) <= {"unavailable"}
