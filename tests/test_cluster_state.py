@@ -516,6 +516,8 @@ async def test_writes_made_while_a_conflict_is_resolved_are_stored_or_leave_no_t
         busy = await elsewhere.request("create_question", question_data(title="A busy second question"))
         busy_id = busy["question"]["question_id"]
         race_over = trio.Event()
+        all_writing = trio.Event()
+        writing: set[str] = set()
 
         async def keep_answering(user: str) -> None:
             async with h.connect(user) as client:
@@ -523,17 +525,19 @@ async def test_writes_made_while_a_conflict_is_resolved_are_stored_or_leave_no_t
                 while not race_over.is_set():
                     n += 1
                     try:
-                        reply = await client.request(
-                            "create_answer", {"question_id": busy_id, "content": f"{user} {n}"}
-                        )
+                        reply = await client.request("create_answer", {"question_id": busy_id, "content": f"{user} {n}"})
                     except RequestError as exc:
                         refused.append(exc.code)
                     else:
                         acknowledged.add(reply["answer"]["answer_id"])
+                    writing.add(user)
+                    if len(writing) == len(writers):
+                        all_writing.set()
 
         for user in writers:
             nursery.start_soon(keep_answering, user)
-        await trio.sleep(0.05)
+        with trio.fail_after(10):
+            await all_writing.wait()  # connected (a hello during the reload would be refused) and writing
         other_node_accepts(h.db, qid, local_answer)
         with pytest.raises(RequestError) as lost:
             await asker.request("accept_answer", {"question_id": qid, "answer_id": other_answer})
