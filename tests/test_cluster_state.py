@@ -525,7 +525,9 @@ async def test_writes_made_while_a_conflict_is_resolved_are_stored_or_leave_no_t
                 while not race_over.is_set():
                     n += 1
                     try:
-                        reply = await client.request("create_answer", {"question_id": busy_id, "content": f"{user} {n}"})
+                        reply = await client.request(
+                            "create_answer", {"question_id": busy_id, "content": f"{user} {n}"}
+                        )
                     except RequestError as exc:
                         refused.append(exc.code)
                     else:

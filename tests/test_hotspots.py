@@ -259,11 +259,12 @@ def test_bad_input() -> None:
 
 
 # (kind, dt_ms, asker, lat, lng, region, index): kind 0 asks, 1 resolves question
-# number ``index``, 2 queries the top ``index``. The area spans about 3 x 3
+# number ``index``, 2 queries the top ``index``, 3 asks ``3 * dt_ms`` in the past, 4
+# forgets question number ``index``. The area spans about 3 x 3
 # cells and both hotspots' radii, so questions share cells and hotspots.
 OPS = st.lists(
     st.tuples(
-        st.integers(0, 2),
+        st.integers(0, 4),
         st.integers(0, 400),
         st.sampled_from(["a", "b", "c", "d"]),
         st.floats(33.455, 33.462),
@@ -297,6 +298,7 @@ def test_tracker_matches_brute_force(ops: list[Op]) -> None:
     # question id -> (time, asker, cell, hotspot name, region)
     seen: dict[str, tuple[int, str, tuple[int, int], str | None, str | None]] = {}
     resolved: set[str] = set()
+    forgotten: set[str] = set()  # ids are never used again
     now = T0
     for kind, dt, asker, lat, lng, region, index in ops:
         now += dt
@@ -304,12 +306,27 @@ def test_tracker_matches_brute_force(ops: list[Op]) -> None:
         if kind == 0:
             near = [h for h in hot if haversine_m(lat, lng, h.lat, h.lng) <= 400.0]
             best = min(near, key=lambda h: haversine_m(lat, lng, h.lat, h.lng), default=None)
-            seen[f"q{len(seen)}"] = (now, asker, t.grid.cell_of(lat, lng), None if best is None else best.name, region)
-            t.record_question(f"q{len(seen) - 1}", asker, lat, lng, region, now)
+            qid = f"q{len(seen) + len(forgotten)}"
+            seen[qid] = (now, asker, t.grid.cell_of(lat, lng), None if best is None else best.name, region)
+            t.record_question(qid, asker, lat, lng, region, now)
         elif kind == 1:
             t.question_resolved(f"q{index}")
             if f"q{index}" in live:
                 resolved.add(f"q{index}")
+        elif kind == 3:  # asked earlier (read back, unhidden): counted in its place, if still in the window
+            at = now - 3 * dt  # up to 1200 ms: some out of the window already
+            near = [h for h in hot if haversine_m(lat, lng, h.lat, h.lng) <= 400.0]
+            best = min(near, key=lambda h: haversine_m(lat, lng, h.lat, h.lng), default=None)
+            qid = f"q{len(seen) + len(forgotten)}"
+            t.record_question(qid, asker, lat, lng, region, at)
+            if now - 1_000 < at:
+                seen[qid] = (at, asker, t.grid.cell_of(lat, lng), None if best is None else best.name, region)
+            else:
+                seen[qid] = (-(10**18), asker, (0, 0), None, None)  # never counted
+        elif kind == 4:  # deleted or hidden
+            t.forget(f"q{index}")
+            if seen.pop(f"q{index}", None) is not None:
+                forgotten.add(f"q{index}")
         else:
             cells = brute_rows({q: (v[1], v[2]) for q, v in live.items()}, resolved)
             spots = brute_rows({q: (v[1], v[3]) for q, v in live.items()}, resolved)

@@ -137,3 +137,42 @@ async def test_trending_and_admin_hotspots(server: Harness) -> None:
         assert "Seongsan" in top["name"] or "Ilchul" in top["name"]
         assert spots["regions"][0]["region"] == "Seongsan"
         assert spots["regions"][0]["ratio"] is None  # open questions and no local online there
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_trending_and_hotspots_count_what_was_asked_across_restarts_and_moderation(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A closed question still counts after a restart (it was asked within the windows); a deleted or hidden
+    one stops counting at once; an unhidden one counts again, once."""
+
+    async def seen(h: Harness) -> tuple[list[list[object]], tuple[int, int]]:
+        async with h.connect("reader") as reader, h.connect("boss", admin=True) as boss:
+            trending = (await reader.request("trending", {"region": "Seongsan"}))["windows"]["15m"]
+            spot = (await boss.request("hotspots"))["hotspots"]
+            return trending, ((spot[0]["questions"], spot[0]["open"]) if spot else (0, 0))
+
+    h = await start_server()
+    async with h.connect("asker") as asker, h.connect("other") as other:
+        ids = {}
+        for who, tags in ((asker, ["sunrise", "hiking"]), (asker, ["sunrise"]), (other, ["sunrise", "spam"])):
+            data = question_data(title=f"about {tags}", location=east(200, SEONGSAN), hashtags=tags)
+            ids[tags[-1]] = (await who.request("create_question", data))["question"]["question_id"]
+        await asker.request("close_question", {"question_id": ids["hiking"]})
+        assert await seen(h) == ([["sunrise", 3], ["hiking", 1], ["spam", 1]], (3, 2))
+    await h.running.aclose()
+
+    h = await start_server()
+    assert await seen(h) == ([["sunrise", 3], ["hiking", 1], ["spam", 1]], (3, 2))  # the closed one too
+    async with h.connect("boss", admin=True) as boss, h.connect("asker") as asker:
+        await boss.request("hide_question", {"id": ids["spam"], "reason": "spam"})
+        assert await seen(h) == ([["sunrise", 2], ["hiking", 1]], (2, 1))
+        await asker.request("delete_question", {"question_id": ids["hiking"]})
+        assert await seen(h) == ([["sunrise", 1]], (1, 1))
+        await boss.request("unhide_question", {"id": ids["spam"]})
+        assert await seen(h) == ([["sunrise", 2], ["spam", 1]], (2, 2))
+        await boss.request("unhide_question", {"id": ids["spam"]})  # nothing to change: counted once still
+        assert await seen(h) == ([["sunrise", 2], ["spam", 1]], (2, 2))
+    await h.running.aclose()
+
+    h = await start_server()
+    assert await seen(h) == ([["sunrise", 2], ["spam", 1]], (2, 2))
+    await h.running.aclose()

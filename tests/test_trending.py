@@ -112,14 +112,49 @@ def test_buckets_expire_at_minute_edges() -> None:
 
 
 def test_time_never_goes_back() -> None:
-    """An earlier now is treated as the latest one seen."""
+    """An earlier now is treated as the latest one seen; an earlier event counts in its own bucket."""
     tr = TrendingHashtags()
     tr.record("Udo", ["a"], T0)
     tr.top("Udo", "15m", T0 + 900_000)
-    tr.record("Udo", ["b"], T0)  # counted at T0 + 900_000
+    tr.record("Udo", ["b"], T0)  # asked at T0: out of the 15 minutes already, in the hour
+    tr.record("Udo", ["c"], T0 + 899_999)
+    tr.record("Udo", ["d"], T0 - 86_400_000)  # out of every window: not counted
 
-    assert tr.top("Udo", "15m", T0) == [("b", 1)]
-    assert tr.top("Udo", "1h", T0) == [("a", 1), ("b", 1)]
+    assert tr.top("Udo", "15m", T0) == [("c", 1)]
+    assert tr.top("Udo", "1h", T0) == [("a", 1), ("b", 1), ("c", 1)]
+    assert tr.top("Udo", "1d", T0) == [("a", 1), ("b", 1), ("c", 1)]
+    assert tr.top("Udo", "1h", T0 + 3_600_000) == [("c", 1)]
+
+
+def test_a_keyed_event_counts_once_and_can_be_forgotten() -> None:
+    """A question counts once however often it is recorded; forgetting it takes it out of every window."""
+    tr = TrendingHashtags()
+    tr.record("Udo", ["peanut", "ferry"], T0, key="q1")
+    tr.record("Udo", ["peanut", "ferry"], T0, key="q1")  # read back again: no second count
+    tr.record("Udo", ["peanut"], T0 + MINUTE, key="q2")
+    assert tr.top("Udo", "15m", T0 + MINUTE) == [("peanut", 2), ("ferry", 1)]
+
+    tr.forget("q1")
+    tr.forget("q1")  # twice: nothing more
+    tr.forget("never-recorded")
+    assert tr.top("Udo", "15m", T0 + MINUTE) == [("peanut", 1)]
+    assert tr.top(None, "1d", T0 + MINUTE) == [("peanut", 1)]
+
+    tr.record("Udo", ["peanut", "ferry"], T0, key="q1")  # unhidden: counts again, when it was asked
+    assert tr.top("Udo", "15m", T0 + MINUTE) == [("peanut", 2), ("ferry", 1)]
+    assert tr.top("Udo", "15m", T0 + 15 * MINUTE) == [("peanut", 1)]  # q1's minute has left the window
+
+
+def test_keys_are_released_with_their_buckets() -> None:
+    """A key is remembered while its bucket is in the longest window, not longer."""
+    tr = TrendingHashtags()
+    for i in range(200):
+        tr.record("Udo", ["x"], T0 + i * MINUTE, key=f"q{i}")
+    tr.top(None, "15m", T0 + 200 * MINUTE + 86_400_000)
+
+    assert not tr._keys and not tr._buckets
+    tr.forget("q3")  # long gone: nothing to take back
+    assert tr.top(None, "1d", T0 + 200 * MINUTE + 86_400_000) == []
 
 
 def test_memory_is_released() -> None:
@@ -212,3 +247,45 @@ def test_top_matches_brute_force_default_windows(ops: list[tuple[bool, int, str 
         else:
             for name, w in DEFAULT_WINDOWS_MS.items():
                 assert brute_top(events, region, w, MINUTE, now, 10) == tr.top(region, name, now)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([1, 5, 10]),
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 40), st.integers(0, 120), REGIONS, TAGS, st.integers(0, 9)),
+        max_size=80,
+    ),
+)
+def test_late_and_forgotten_events_match_brute_force(
+    bucket_ms: int, ops: list[tuple[int, int, int, str | None, list[str], int]]
+) -> None:
+    """Events recorded late (in their own bucket) and forgotten by key: top() equals brute force.
+
+    Op kinds: 0 records now, 1 records ``back`` ms before now, both under key ``k``; 2 forgets key ``k``;
+    3 compares every window (top ``k``).
+    """
+    windows = {"a": 10, "b": 30, "c": 100}
+    longest = max(windows.values())
+    tr = TrendingHashtags(windows, bucket_ms=bucket_ms)
+    keyed: dict[int, tuple[int, str | None, list[str]]] = {}  # what each key counts for
+    now = 1_000_003
+    latest = 0  # the latest time the tracker was given
+    for kind, dt, back, region, tags, k in ops:
+        now += dt
+        if kind in (0, 1):
+            t = now - back if kind == 1 else now
+            latest = max(latest, t)
+            tr.record(region, tags, t, key=k)
+            held = keyed.get(k)
+            if held is None or latest >= (held[0] // bucket_ms) * bucket_ms + longest:  # else counted already
+                keyed[k] = (t, region, tags)
+        elif kind == 2:
+            latest = now
+            tr.record(None, [], now)  # time moves on with the forget's caller
+            tr.forget(k)
+            keyed.pop(k, None)
+        else:
+            latest = now
+            for name, w in windows.items():
+                assert brute_top(list(keyed.values()), region, w, bucket_ms, now, k) == tr.top(region, name, now, k)

@@ -258,8 +258,10 @@ class Engine:
             self.questions[question.question_id] = question
             self.answers.setdefault(question.question_id, {})
             self.oversight.asked(question)
-            if question.status in ACTIVE:
-                where.question_opened(question, question.created_at)
+            if question.status not in ACTIVE:
+                where.question_asked(question)  # ended since: still asked within the hotspot and trending windows
+            else:
+                where.question_opened(question)
                 asker = self.users.get(question.asker_id)
                 banned = asker is not None and asker.banned_at(now)
                 if question.question_id in state.escalations and not banned:  # a ban stops escalating for good

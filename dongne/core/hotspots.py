@@ -5,7 +5,11 @@ Theory of operation
 
 :class:`HotspotTracker` is a sans-I/O sliding-window counter. Every call takes
 ``now_ms`` (milliseconds since the epoch); time only moves forward, so a
-``now_ms`` below the latest one seen is treated as the latest one seen.
+query's ``now_ms`` below the latest one seen is treated as the latest one
+seen. A question is recorded at the time it was asked: one asked before the
+latest time seen (read back at start-up, unhidden) takes its place in the
+window, or is not counted if it has left it already. ``forget`` takes a
+question out of every count (deleted, hidden).
 
 *Window convention:* a question recorded at ``t`` is in the window at ``now``
 iff ``t <= now < t + window_ms``: it counts at ``t + window_ms - 1`` and has
@@ -27,6 +31,7 @@ cell is ``cell_m`` metres on a side to within 1 %.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections import Counter, deque
@@ -223,7 +228,7 @@ class HotspotTracker:
     def record_question(
         self, question_id: str, asker_id: str, lat: float, lng: float, region: str | None, now_ms: int
     ) -> None:
-        """Count a new open question asked at ``now_ms``.
+        """Count an open question asked at ``now_ms`` (its own time, which may be before the latest seen).
 
         Recording an id already in the window is a no-op (replays do not
         double count). ``region=None`` questions count for cells and hotspots
@@ -235,7 +240,7 @@ class HotspotTracker:
         if not valid_lat_lng(lat, lng):
             raise ValueError(f"invalid position: ({lat!r}, {lng!r})")
         self._advance(now_ms)
-        if question_id in self._by_id:
+        if question_id in self._by_id or now_ms <= self._now - self.window_ms:
             return
         slots: list[_Slot] = [(self._cells, self.grid.cell_of(lat, lng))]
         spot = self.nearest_hotspot(lat, lng)
@@ -243,10 +248,25 @@ class HotspotTracker:
             slots.append((self._spots, spot.name))
         if region is not None:
             slots.append((self._regions, region))
-        q = _Question(asker_id, int(self._now), tuple(slots))
-        self._queue.append((question_id, q))
+        q = _Question(asker_id, int(now_ms), tuple(slots))
+        queue = self._queue
+        if not queue or queue[-1][1].at_ms <= q.at_ms:
+            queue.append((question_id, q))
+        else:  # asked earlier than the latest time seen (read back at start-up, unhidden): in its place
+            queue.insert(bisect.bisect_right(queue, q.at_ms, key=lambda item: item[1].at_ms), (question_id, q))
         self._by_id[question_id] = q
         _add(q)
+
+    def forget(self, question_id: str) -> None:
+        """Take a question out of every count (deleted or hidden); unknown or expired ids are ignored."""
+        q = self._by_id.pop(question_id, None)
+        if q is None:
+            return
+        for i, (held_id, _) in enumerate(self._queue):
+            if held_id == question_id:
+                del self._queue[i]
+                break
+        _remove(q)
 
     def question_resolved(self, question_id: str) -> None:
         """Mark a question no longer open; unknown, expired or repeated ids are ignored.

@@ -225,12 +225,26 @@ class Neighbourhood:
 
     # ---- questions -----------------------------------------------------------------
 
-    def question_opened(self, question: Question, now: int) -> None:
-        self.open_questions.upsert(question.question_id, question.lat, question.lng)
+    def question_asked(self, question: Question) -> None:
+        """Count a question in hotspots and trending hashtags, at the time it was asked, once (an ended one as
+        ended): whenever it comes into memory, created here, read back at start-up, unhidden or another node's."""
+        qid = question.question_id
         self.hotspots.record_question(
-            question.question_id, question.asker_id, question.lat, question.lng, question.region, now
+            qid, question.asker_id, question.lat, question.lng, question.region, question.created_at
         )
-        self.trending.record(question.region, question.hashtags, now)
+        if question.status not in ACTIVE:
+            self.hotspots.question_resolved(qid)
+        self.trending.record(question.region, question.hashtags, question.created_at, key=qid)
+
+    def question_opened(self, question: Question) -> None:
+        """An active question: nearby, and counted (:meth:`question_asked`)."""
+        self.open_questions.upsert(question.question_id, question.lat, question.lng)
+        self.question_asked(question)
+
+    def question_withdrawn(self, question_id: str) -> None:
+        """A question deleted or hidden stops counting in hotspots and trending hashtags (it has ended too)."""
+        self.hotspots.forget(question_id)
+        self.trending.forget(question_id)
 
     def question_ended(self, question_id: str) -> None:
         self.open_questions.remove(question_id)

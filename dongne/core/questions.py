@@ -142,8 +142,10 @@ class Questions:
         for answer in answers:
             self.adopt_answer(answer)
         if question.status in ACTIVE:
-            self._where.question_opened(question, question.created_at)
+            self._where.question_opened(question)
             self.schedule_expiry(question)
+        else:
+            self._where.question_asked(question)
 
     def refresh(
         self, question_id: str, question: Question | None, answers: tuple[Answer, ...], out: OutcomeBuilder
@@ -170,6 +172,7 @@ class Questions:
                 self._end(held, out)
                 out.send(self._presence.others(question_id), event("question_deleted", {"question_id": question_id}))
                 self._forget(held)
+            self._where.question_withdrawn(question_id)
             return
         if held is None:
             if question.status in ACTIVE:  # an ended one is loaded when asked for, as any old question
@@ -286,7 +289,7 @@ class Questions:
             urgency=urgency,
             hashtags=len(hashtags),
         )
-        self._where.question_opened(question, now)
+        self._where.question_opened(question)
         self._oversight.asked(question)
         self.schedule_expiry(question)
         if self._where.stages:
@@ -440,6 +443,7 @@ class Questions:
         if hidden:
             self.stop_escalating(question, now, out)  # an unhidden question does not escalate again
         self._end(question, out)
+        self._where.question_withdrawn(question.question_id)
         out.write(SaveQuestion(attrs.evolve(question)))
         out.send(
             self._presence.others(question.question_id, except_conn=except_conn),
