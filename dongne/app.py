@@ -37,7 +37,7 @@ from .push import PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
 from .snapshots import run_periodic_snapshots
-from .store import Storage, Store, hold_database_lock, is_postgres_url, store_for
+from .store import Storage, Store, WriteFailed, hold_database_lock, is_postgres_url, store_for
 from .web import WebApp
 
 __all__ = ["Running", "run_server"]
@@ -257,6 +257,16 @@ async def _serve(
                 if u.banned_at(now)
             ]
 
+        async def claim_signin_code(nonce: str, expires_s: float) -> bool | None:
+            """A sign-in code's use, in the database (once across restarts and nodes); None if it refuses writes."""
+            claim = functools.partial(store.claim_signin_code, nonce, expires_s, time.time())
+            try:
+                first: bool = await clients.pipeline.run_between_commits(claim)
+            except WriteFailed as exc:
+                log.warning("signin_code_not_recorded", extra={"error": str(exc)})
+                return None
+            return first
+
         admin = AdminApp(
             overview,
             region_set.to_geojson(),
@@ -267,6 +277,7 @@ async def _serve(
             is_banned=lambda user_id: (
                 (user := engine.users.get(user_id)) is not None and user.banned_at(clock.now_ms())
             ),
+            claim_code=claim_signin_code,
         )  # mounted at /admin
         ops = OpsApp(lambda: clients.ready, status, clients.metrics.render, admin)
         hconfig = hypercorn.config.Config()

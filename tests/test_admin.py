@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -16,8 +18,9 @@ from dongne.admin import COOKIE_NAME, CSRF_HEADER
 from dongne.auth import SIGNIN_CODE_TTL_S, SigninCodeError, TokenVerifier, mint_signin_code, read_signin_code
 from dongne.cli import main
 from dongne.client import open_client
+from dongne.store import is_postgres_url
 
-from .conftest import SECRET, Harness, question_data, token
+from .conftest import SECRET, Harness, db_rows, question_data, token
 
 
 def ops(server: Harness) -> str:
@@ -246,6 +249,69 @@ async def test_a_sign_in_link_opens_a_session_once(server: Harness) -> None:
     assert {"HttpOnly", "SameSite=Strict", "Path=/admin", "Max-Age=43200"} <= {p.strip() for p in cookie.split(";")}
     assert again.status_code == 401 and "set-cookie" not in again.headers
     assert "used already" in again.text
+
+
+@pytest.mark.backends("sqlite", "postgres")
+async def test_a_sign_in_link_used_before_a_restart_or_on_another_node_is_refused(start_server: Any) -> None:
+    """A code's use is in the database: a restarted server refuses it, and so does a second node (PostgreSQL)."""
+    code = mint_signin_code(SECRET, "boss", nick="Boss", now_s=time.time())
+    h = await start_server()
+    async with httpx.AsyncClient() as http:
+        first = await http.post(f"{ops(h)}/admin/login", data={"code": code})
+        assert first.status_code == 303
+        if is_postgres_url(str(h.db)):
+            other_node = await start_server()
+            on_b = await http.post(f"{ops(other_node)}/admin/login", data={"code": code})
+            assert on_b.status_code == 401 and "used already" in on_b.text
+            await other_node.running.aclose()
+        await h.running.aclose()
+
+        h = await start_server()
+        again = await http.post(f"{ops(h)}/admin/login", data={"code": code})
+        fresh = await http.post(
+            f"{ops(h)}/admin/login", data={"code": mint_signin_code(SECRET, "boss", now_s=time.time())}
+        )
+    assert again.status_code == 401 and "used already" in again.text and "set-cookie" not in again.headers
+    assert fresh.status_code == 303
+    assert db_rows(h.db, "SELECT count(*) FROM signin_codes_used") == [(2,)]
+    await h.running.aclose()
+
+
+async def test_used_sign_in_codes_are_forgotten_once_expired(start_server: Any, db_path: Path) -> None:
+    """The table keeps a code only until it expires: the next sign-in drops the expired ones."""
+    h = await start_server()
+    with sqlite3.connect(db_path) as conn:  # two codes used earlier: one expired a second ago, one still valid
+        conn.executemany(
+            "INSERT INTO signin_codes_used (nonce, expires_at) VALUES (?, ?)",
+            [("expired-nonce", time.time() - 1), ("valid-nonce", time.time() + 60)],
+        )
+    async with httpx.AsyncClient() as http:
+        new = mint_signin_code(SECRET, "boss", now_s=time.time())
+        assert (await http.post(f"{ops(h)}/admin/login", data={"code": new})).status_code == 303
+    left = db_rows(h.db, "SELECT nonce FROM signin_codes_used ORDER BY expires_at")
+    assert len(left) == 2 and left[0] == ("valid-nonce",)
+    await h.running.aclose()
+
+
+async def test_a_sign_in_is_refused_with_503_while_the_database_refuses_writes(
+    start_server: Any, db_path: Path
+) -> None:
+    """With the write lock held by another program the code's use cannot be recorded: 503, the code not
+    used up, and it works once the lock is released."""
+    h = await start_server(store={"busy_timeout_s": 0.2})
+    code = mint_signin_code(SECRET, "boss", now_s=time.time())
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    async with httpx.AsyncClient() as http:
+        try:
+            refused = await http.post(f"{ops(h)}/admin/login", data={"code": code})
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        later = await http.post(f"{ops(h)}/admin/login", data={"code": code})
+    assert refused.status_code == 503 and "set-cookie" not in refused.headers
+    assert later.status_code == 303
+    await h.running.aclose()
 
 
 async def test_an_expired_or_forged_sign_in_link_is_refused(server: Harness) -> None:

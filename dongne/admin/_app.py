@@ -15,8 +15,9 @@ token stops working at once), and an open event stream checks it before each
 event and ends when it expires. Tokens in URLs (``?token=``) are refused:
 browser history and proxy logs keep them.
 
-Used codes are remembered in memory until they expire: after a restart of the
-server a code minted before it could be used once more within its 5 minutes.
+Used codes are recorded in the database until they expire (``claim_code``:
+``signin_codes_used``), so a code opens one session, also across a restart
+and across the nodes sharing the database.
 
 Moderation: the page is a protocol client. ``POST /admin/api/session-token``
 mints a short-lived admin JWT for the signed-in admin, and the page's script
@@ -105,6 +106,11 @@ class AdminApp:
             reason}]`` (there is no protocol operation that lists them).
         is_banned: whether a user is banned now: a banned admin's session
             is refused (403) from the next request, and its stream signs out.
+        claim_code: records a sign-in code's nonce as used until its expiry
+            (epoch s): True if this use is the first, False if it was used
+            already, None if the use cannot be recorded now (the database
+            refuses writes: the sign-in is refused with 503). Without it, used
+            codes are remembered in this object's memory only.
         session_ttl_s: lifetime of the session a sign-in link opens.
         ws_token_ttl_s: lifetime of the tokens the page gets for the WebSocket.
 
@@ -128,6 +134,7 @@ class AdminApp:
         client_url: str | Callable[[], str | None] | None = None,
         bans: Callable[[], list[dict[str, Any]]] | None = None,
         is_banned: Callable[[str], bool] | None = None,
+        claim_code: Callable[[str, float], Awaitable[bool | None]] | None = None,
         session_ttl_s: int = 12 * 3600,
         ws_token_ttl_s: int = 300,
     ) -> None:
@@ -146,7 +153,8 @@ class AdminApp:
         self._session_ttl_s = session_ttl_s
         self._ws_token_ttl_s = ws_token_ttl_s
         self._csrf_key = verifier.derive_key(_CSRF_PURPOSE)
-        self._used_codes: dict[str, float] = {}  # nonce -> expiry (epoch s): single use
+        self._claim_code = claim_code if claim_code is not None else self._claim_in_memory
+        self._used_codes: dict[str, float] = {}  # without claim_code: nonce -> expiry (epoch s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -286,18 +294,28 @@ class AdminApp:
         except SigninCodeError as exc:
             await self._login_page(send, 401, str(exc).capitalize() + ".")
             return
-        for nonce in [n for n, exp in self._used_codes.items() if exp <= now]:
-            del self._used_codes[nonce]
-        if signin.nonce in self._used_codes:
+        first = await self._claim_code(signin.nonce, signin.expires_s)
+        if first is None:
+            await self._login_page(send, 503, "The server cannot record the sign-in now: try the link again shortly.")
+            return
+        if not first:
             await self._login_page(
                 send, 401, "This sign-in link was used already: run dongne admin-link for a new one."
             )
             return
-        self._used_codes[signin.nonce] = signin.expires_s
         ttl = self._session_ttl_s
         token = mint_token(self._verifier.secret, signin.user_id, nick=signin.nick, admin=True, ttl_s=ttl, now_s=now)
         cookie = self._cookie(scope, token, ttl)
         await respond(send, 303, b"", _HTML, headers=[(b"location", root.encode()), cookie])
+
+    async def _claim_in_memory(self, nonce: str, expires_s: float) -> bool:
+        now = self._now_s()
+        for used in [n for n, exp in self._used_codes.items() if exp <= now]:
+            del self._used_codes[used]
+        if nonce in self._used_codes:
+            return False
+        self._used_codes[nonce] = expires_s
+        return True
 
     async def _code_page(self, send: Send, code: str) -> None:
         page = self._static["login.html"].decode()

@@ -62,6 +62,14 @@ class SqlStore:
         """Run one read statement (``?`` parameters) on a reader connection; all its rows."""
         raise NotImplementedError
 
+    def _write(self, what: str, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Run statements (``?`` parameters) in one write transaction on the writer; their row counts.
+
+        Raises:
+            WriteFailed: nothing was committed.
+        """
+        raise NotImplementedError
+
     def _seq_ranges(self) -> Iterable[tuple[str, int, int]]:
         """``(user, oldest seq kept, newest seq)`` of every user with durable events."""
         raise NotImplementedError
@@ -74,6 +82,20 @@ class SqlStore:
         return int(self._read("SELECT coalesce(max(job_id), 0) FROM push_outbox")[0][0])
 
     # ---- writes ------------------------------------------------------------------
+
+    def claim_signin_code(self, nonce: str, expires_s: float, now_s: float) -> bool:
+        """Record an admin sign-in code as used until ``expires_s`` (see ``Storage``); True if this use is the first."""
+        _, added = self._write(
+            "signin code",
+            [
+                ("DELETE FROM signin_codes_used WHERE expires_at <= ?", (now_s,)),
+                (
+                    "INSERT INTO signin_codes_used (nonce, expires_at) VALUES (?, ?) ON CONFLICT (nonce) DO NOTHING",
+                    (nonce, expires_s),
+                ),
+            ],
+        )
+        return added == 1
 
     def apply(self, writes: Sequence[Write]) -> SeqsGiven:
         """Commit ``writes`` in one transaction (group commit): :meth:`prepare` then :meth:`commit`."""

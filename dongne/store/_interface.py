@@ -126,6 +126,18 @@ class Storage(Protocol):
         """
         ...
 
+    def claim_signin_code(self, nonce: str, expires_s: float, now_s: float) -> bool:
+        """Record an admin sign-in code as used until ``expires_s``, forgetting those expired by ``now_s``.
+
+        Returns:
+            True if this call used it; False if it was used already (here, before a restart, or on
+            another node).
+
+        Raises:
+            WriteFailed: nothing was recorded.
+        """
+        ...
+
     def load(self, *, hot_since: int) -> LoadedState:
         """Everything the engine keeps in memory (see ``LoadedState``)."""
         ...

@@ -311,6 +311,13 @@ PG_MIGRATIONS: list[str] = [
     );
     CREATE INDEX room_members_by_node ON room_members (node_id);
     """,
+    # 9: admin sign-in codes used, until they expire: a code opens one session on one node, once.
+    """
+    CREATE TABLE signin_codes_used (
+        nonce       text COLLATE "C" PRIMARY KEY,
+        expires_at  double precision NOT NULL
+    );
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

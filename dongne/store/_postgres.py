@@ -293,6 +293,10 @@ class PostgresStore(SqlStore):
                 (time.time(),),
             )
 
+    def _write(self, what: str, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        with self._transaction(what) as conn:
+            return [conn.execute(_pg(sql), params).rowcount for sql, params in statements]
+
     @contextlib.contextmanager
     def _transaction(self, what: str, *, pipeline: bool = False) -> Iterator[psycopg.Connection[Any]]:
         """A transaction on the writer; any database error becomes ``WriteFailed`` with nothing committed."""

@@ -211,6 +211,14 @@ MIGRATIONS: list[str] = [
     DROP INDEX events_by_user_type;
     CREATE INDEX events_by_user_type ON events(user_id, type, seq) WHERE type <> 'new_question_notification';
     """,
+    # 9: admin sign-in codes used, until they expire: a code opens one session, also across a restart
+    # and across the nodes sharing the database.
+    """
+    CREATE TABLE signin_codes_used (
+        nonce       TEXT PRIMARY KEY,
+        expires_at  REAL NOT NULL           -- epoch seconds
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

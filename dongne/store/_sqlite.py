@@ -11,7 +11,7 @@ import contextlib
 import queue
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,10 @@ class Store(SqlStore):
         """
         with self._transaction("probe") as conn:
             conn.execute("INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?)", (time.time(),))
+
+    def _write(self, what: str, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        with self._transaction(what) as conn:
+            return [conn.execute(sql, params).rowcount for sql, params in statements]
 
     @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
