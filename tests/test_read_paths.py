@@ -219,6 +219,45 @@ async def test_an_expiry_that_came_due_while_down_happens_at_start(
     await h2.running.aclose()
 
 
+async def test_memory_lets_go_of_ended_questions_older_than_the_hot_set(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A server that runs for days keeps what a restart would load: ended questions asked before the hot
+    set leave memory (an hour after they ended, with nobody in their room), and are read again on demand."""
+    h: Harness = await start_server(
+        server=NO_TIMERS,
+        engine={"hot_question_days": 1.0},
+        alerts={"slo_window_days": 1.0},
+        questions={"ttl_s": math.inf},  # no expiry: the clock may leap days ahead at any await
+    )
+    engine = h.running.engine
+    async with h.connect("asker", timeout=math.inf) as asker, h.connect("watcher", timeout=math.inf) as watcher:
+        asked = {}
+        for name in ("closed", "open", "watched"):
+            reply = await asker.request("create_question", question_data(title=f"The {name} one"))
+            asked[name] = reply["question"]["question_id"]
+        for name in ("closed", "watched"):
+            await asker.request("close_question", {"question_id": asked[name]})
+        await asker.request("leave_question", {"question_id": asked["watched"]})
+        await watcher.request("join_question", {"question_id": asked["watched"]})  # someone is still in the room
+        for name in ("closed", "open"):
+            await asker.request("leave_question", {"question_id": asked[name]})
+
+        await trio.sleep(86_400 + 2 * 3_600)  # a day and two hours: past the hot set and the quiet hour
+        await watcher.request("ping")  # memory looks at the first event after its hourly time
+        assert asked["closed"] not in engine.questions and asked["closed"] not in engine.answers
+        assert asked["open"] in engine.questions  # active: kept, whatever its age
+        assert asked["watched"] in engine.questions  # ended, but its room has a member here
+
+        again = await watcher.request("join_question", {"question_id": asked["closed"]})
+        assert again["question"]["status"] == "closed" and asked["closed"] in engine.questions  # read back
+        await watcher.request("leave_question", {"question_id": asked["closed"]})
+        await trio.sleep(2 * 3_600)
+        await watcher.request("ping")
+        assert asked["closed"] not in engine.questions  # and let go again at a later look
+    await h.running.aclose()
+
+
 async def test_authors_delete_their_own_questions_and_answers(start_server: Any) -> None:
     h: Harness = await start_server()
     async with h.connect("asker") as asker, h.connect("jun") as jun, h.connect("mina") as mina:

@@ -59,6 +59,11 @@ _RECEIPT_ORDER = {"sent": 0, "delivered": 1, "read": 2}
 ONLINE_LIST_MAX = 100
 
 
+#: An ended question stays in memory at least this long after it ended (a
+#: write about it may still be on its way to the store).
+QUIET_BEFORE_COOLING_MS = 3_600_000
+
+
 class Questions:
     """The question and answer operations, and each question's escalation.
 
@@ -75,6 +80,8 @@ class Questions:
         alerts_per_batch: the most alerts one escalation call delivers.
         deadlines: the engine's deadline heap (questions expire there).
         ttl_ms: how long after it was asked an unresolved question expires (``None``: never).
+        keep_ms: how long after it was asked memory keeps an ended question (the store's hot set:
+            ``hot_question_days``, or the SLO window if longer); see :meth:`cool_down`.
     """
 
     def __init__(
@@ -96,9 +103,11 @@ class Questions:
         alerts_per_batch: int,
         deadlines: Deadlines,
         ttl_ms: int | None,
+        keep_ms: int,
     ) -> None:
         self._deadlines = deadlines
         self._ttl_ms = ttl_ms
+        self._keep_ms = keep_ms
         self._settings = settings
         self._new_id = new_id
         self._spam = spam
@@ -529,6 +538,31 @@ class Questions:
     def forget_durable(self) -> None:
         """Forget the answers' homes (the engine reloads its records after a failed commit)."""
         self._answer_homes.clear()
+
+    def cool_down(self, now: int) -> int:
+        """Let go of the ended questions memory no longer needs; returns how many.
+
+        Memory holds what the store's hot set holds (``Storage.load``: every
+        active question and those asked within ``keep_ms``); over weeks of
+        running, questions that ended, and old ones read on demand
+        (``get_question``, ``join_question``), would otherwise stay until the
+        next restart. One goes when it has ended, was asked before the hot
+        set, has been quiet for :data:`QUIET_BEFORE_COOLING_MS` since it ended,
+        and nobody is in its room here; a later request reads it from the
+        store again, as any old question.
+        """
+        oldest, quiet = now - self._keep_ms, now - QUIET_BEFORE_COOLING_MS
+        cold = [
+            q
+            for q in self._questions.values()
+            if q.status not in ACTIVE
+            and q.created_at < oldest
+            and (q.closed_at or 0) < quiet
+            and self._presence.room_of(q.question_id) is None
+        ]
+        for question in cold:
+            self._forget(question)
+        return len(cold)
 
     def _forget(self, question: Question) -> None:
         """Drop a question from memory (it stays in the database); its room is gone."""
