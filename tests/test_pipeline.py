@@ -192,3 +192,52 @@ async def test_waiting_fan_out_goes_in_turn_and_a_cancelled_waiter_gives_up_its_
         assert store.rows_committed == 5 * ROWS_PER_STAGE
     finally:
         store.close()
+
+
+async def test_refusals_after_a_failed_commit_wait_for_the_batch_before_them(tmp_path: Path) -> None:
+    """A commit fails while the batch before it is still being acted on (in slices): the refusals of the
+    failed batch, and of what is submitted after it, come after every action of that batch, in order
+    (PROTOCOL.md: requests on one connection are handled in order; their replies too)."""
+    import sqlite3
+    import time
+
+    from dongne.store import WriteFailed
+
+    path = tmp_path / "r.sqlite3"
+    store = Store(path, synchronous="NORMAL", busy_timeout_s=0.02)
+    store.open()
+    seqs = itertools.count(1)
+    happened: list[str] = []
+
+    def act(outcome: Outcome, _token: object, _given: object) -> None:
+        happened.append(outcome.actions[0].event)  # type: ignore[union-attr]
+        time.sleep(0.002)  # writing to a socket
+
+    all_refused = trio.Event()
+
+    def refused(_exc: WriteFailed, outcomes: list[tuple[Outcome, object]]) -> None:
+        happened.extend(f"refused {o.actions[0].event}" for o, _ in outcomes)  # type: ignore[union-attr]
+        if "refused c" in happened:
+            all_refused.set()
+
+    pipeline = CommitPipeline(store, act, on_write_failed=refused)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pipeline.run)
+            for i in range(50):
+                pipeline.submit(_outcome(f"a{i}", 1, seqs))
+            await pipeline.wait_for_commit()  # the 50 are committed and being acted on, ~100 ms of it
+            holder.execute("BEGIN IMMEDIATE")  # another program holds the write lock: the next commit fails
+            pipeline.submit(_outcome("b", 1, seqs))
+            with trio.fail_after(10):
+                while not pipeline.failing:  # noqa: ASYNC110 - set when the commit thread's failure comes back
+                    await trio.sleep(0.001)
+            pipeline.submit(_outcome("c", 1, seqs))  # refused without a commit: writes are failing
+            with trio.fail_after(10):
+                await all_refused.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        holder.close()
+        store.close()
+    assert happened == [f"a{i}" for i in range(50)] + ["refused b", "refused c"]
