@@ -272,7 +272,8 @@ async def _serve(
             region_set.to_geojson(),
             verifier,
             closing=shutdown.wait,
-            client_url=lambda: f"ws://{settings.server.host}:{client_port[0]}" if client_port else None,
+            client_url=settings.server.public_url.rstrip("/")
+            or (lambda: f"ws://{settings.server.host}:{client_port[0]}" if client_port else None),
             bans=active_bans,
             is_banned=lambda user_id: (
                 (user := engine.users.get(user_id)) is not None and user.banned_at(clock.now_ms())

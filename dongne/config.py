@@ -80,6 +80,12 @@ def _origins(instance: object, attribute: attrs.Attribute[Any], value: tuple[str
             raise ConfigError(f"{attribute.name}: {entry!r} is not an origin (scheme://host[:port]), 'null' or '*'")
 
 
+def _ws_url(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    scheme, sep, rest = value.partition("://")
+    if value and not (sep and scheme in ("ws", "wss") and rest.strip("/")):
+        raise ConfigError(f"{attribute.name}: {value!r} is not a ws:// or wss:// URL")
+
+
 @attrs.frozen
 class ServerSettings:
     host: str = "127.0.0.1"
@@ -102,6 +108,9 @@ class ServerSettings:
     proxy_protocol: bool = False
     # Origins a browser handshake may come from ("*": any); others get 403.
     allowed_origins: tuple[str, ...] = attrs.field(default=("*",), converter=tuple, validator=_origins)
+    # The client port's WebSocket URL as browsers reach it (ws:// or wss://, e.g. behind a
+    # TLS-terminating proxy); the admin page's moderation panel connects there. Empty: ws://host:port.
+    public_url: str = attrs.field(default="", validator=_ws_url)
 
 
 def _store_url(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:

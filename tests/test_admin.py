@@ -457,3 +457,29 @@ async def test_a_banned_admin_loses_the_dashboard_at_once(server: Harness) -> No
     assert before.status_code == 200
     assert after == dict.fromkeys(after, 403)
     assert "event: signed-out" in events
+
+
+async def test_the_moderation_panel_connects_to_the_configured_public_url(start_server: Any) -> None:
+    """Behind a TLS-terminating proxy the page (https) cannot open ws://: [server] public_url is where the
+    panel's WebSocket goes, and the page's content security policy allows exactly that."""
+    h = await start_server(server={"public_url": "wss://dongne.example.org/"})
+    tok = token("boss", admin=True, nick="Boss")
+    async with httpx.AsyncClient() as http:
+        csrf = await csrf_of(http, h, tok)
+        granted = await http.post(
+            f"{ops(h)}/admin/api/session-token",
+            headers={**admin_cookie(tok), CSRF_HEADER: csrf, "origin": ops(h), "sec-fetch-site": "same-origin"},
+        )
+        page = await http.get(f"{ops(h)}/admin", headers=admin_cookie(tok))
+    assert granted.status_code == 200 and granted.json()["url"] == "wss://dongne.example.org"
+    assert "connect-src 'self' wss://dongne.example.org;" in page.headers["content-security-policy"]
+    await h.running.aclose()
+
+
+@pytest.mark.parametrize("bad", ["https://dongne.example.org", "dongne.example.org", "wss://"])
+def test_a_public_url_that_is_not_a_websocket_url_is_a_config_error(bad: str) -> None:
+    from dongne.config import ServerSettings
+    from dongne.core import ConfigError
+
+    with pytest.raises(ConfigError, match="public_url"):
+        ServerSettings(public_url=bad)
