@@ -239,6 +239,24 @@ async def test_a_question_another_node_creates_answers_and_resolves_is_seen_here
 
 
 @pytest.mark.backends("postgres")
+async def test_trending_here_follows_what_another_node_shows_and_takes_down(start_server: Any) -> None:
+    """Another node unhides a closed question (it comes back ended): it counts in trending here too; the
+    other node deletes it: it stops counting here."""
+    h: Harness = await start_server()
+    engine = h.running.engine
+    now = int(time.time() * 1000)
+    shown = Question(
+        "q-shown", "asker", "Asker", "Sunrise?", "", 33.4996, 126.5312, "Jeju-si", ("sunrise",), "normal", now,
+        status=QuestionStatus.CLOSED, closed_at=now + 1,
+    )  # fmt: skip
+    other_node_commits(h.db, [SaveUser(User("asker", "Asker", created_at=now)), SaveQuestion(shown)])
+    await until(lambda: engine.where.trending.top("Jeju-si", "15m", now) == [("sunrise", 1)])
+    assert "q-shown" not in engine.questions  # ended: read when asked for, as any old question
+    other_node_commits(h.db, [SaveQuestion(attrs.evolve(shown, deleted_at=now + 2))])
+    await until(lambda: engine.where.trending.top("Jeju-si", "15m", now) == [])
+
+
+@pytest.mark.backends("postgres")
 async def test_a_question_read_before_its_askers_news_brings_the_asker_with_it(start_server: Any) -> None:
     """Another node made a user and their question, and neither news has arrived: answering it here reads
     the question and its asker together, and the answer is accepted at once (no retry)."""

@@ -186,6 +186,8 @@ class Questions:
         if held is None:
             if question.status in ACTIVE:  # an ended one is loaded when asked for, as any old question
                 self.adopt(question, tuple(a for a in answers if a.deleted_at is None))
+            else:
+                self._where.question_asked(question)  # e.g. unhidden on another node: it counts here too
             return
         was_active = held.status in ACTIVE
         mine = attrs.evolve(held)
