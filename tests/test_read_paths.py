@@ -258,6 +258,36 @@ async def test_memory_lets_go_of_ended_questions_older_than_the_hot_set(
     await h.running.aclose()
 
 
+async def test_the_answer_time_slo_reads_the_same_after_a_restart(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A question that expired unanswered counts as missed, also after a restart (the store's hot set has
+    it, though memory does not); a deleted one stops counting at once, as a restart would have it."""
+    clock = EngineClock()
+    sections: dict[str, Any] = {"server": NO_TIMERS, "questions": {"ttl_s": 600.0}}
+    h: Harness = await start_server(clock=clock, **sections)
+    async with h.connect("asker", timeout=math.inf) as asker, h.connect("boss", admin=True, timeout=math.inf) as boss:
+        data = question_data(hashtags=["sunrise"])
+        expired = (await asker.request("create_question", data))["question"]["question_id"]
+        await asker.next_event("question_closed")  # expired: ten minutes, nobody answered
+        deleted = (await asker.request("create_question", question_data(title="A second one")))["question"]
+        await asker.request("delete_question", {"question_id": deleted["question_id"]})
+        before = (await boss.request("metrics"))["slo"]["overall"]
+        trending = (await asker.request("trending", {}))["windows"]["1d"]
+    assert expired not in h.running.engine.questions
+    assert (before["questions"], before["decided_10m"], before["within_10m"]) == (1, 1, 0.0)
+    assert trending == [["sunrise", 1]]  # the deleted one's tags do not count either
+    await h.running.aclose()
+
+    h2: Harness = await start_server(clock=clock, **sections)
+    async with h2.connect("asker", timeout=math.inf) as asker, h2.connect("boss", admin=True, timeout=math.inf) as boss:
+        after = (await boss.request("metrics"))["slo"]["overall"]
+        assert (await asker.request("trending", {}))["windows"]["1d"] == trending
+    assert expired not in h2.running.engine.questions
+    assert after == before
+    await h2.running.aclose()
+
+
 async def test_authors_delete_their_own_questions_and_answers(start_server: Any) -> None:
     h: Harness = await start_server()
     async with h.connect("asker") as asker, h.connect("jun") as jun, h.connect("mina") as mina:

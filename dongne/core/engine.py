@@ -58,7 +58,7 @@ from .events import (
     WritesWork,
 )
 from .inbox import Inbox
-from .lifecycle import ACTIVE
+from .lifecycle import ACTIVE, QuestionStatus
 from .limits import OP_CLASSES, request_limiter
 from .lists import READ_OPS, RETRY, Lists, Pending
 from .moderation import Moderation
@@ -261,9 +261,12 @@ class Engine:
             notified.setdefault(question_id, []).append(user_id)
             where.ledger.record_alert(user_id, at)
         for question in state.questions:
+            self.oversight.asked(question)
+            if question.status == QuestionStatus.EXPIRED:  # counted, and out of memory at once, as at run time
+                where.question_asked(question)
+                continue
             self.questions[question.question_id] = question
             self.answers.setdefault(question.question_id, {})
-            self.oversight.asked(question)
             if question.status not in ACTIVE:
                 where.question_asked(question)  # ended since: still asked within the hotspot and trending windows
             else:

@@ -330,7 +330,7 @@ class Moderation:
                 return False
             question.hidden, question.deleted_at = False, None
             out.write(SaveQuestion(attrs.evolve(question)))
-            self._where.question_asked(question)  # in hotspots and trending again, when it was asked
+            self._qa.counts_again(question)
             return True
         assert answer is not None
         if not answer.hidden:

@@ -93,6 +93,10 @@ class Oversight:
         )
         self.unanswered(question)
 
+    def withdrawn(self, question_id: str) -> None:
+        """A question deleted or hidden leaves the answer-time SLO."""
+        self.slo.forget(question_id)
+
     def unanswered(self, question: Question) -> None:
         """Owe the question its alert while it is open without answers (asked, or its last answer taken
         down: then at once if overdue)."""

@@ -181,7 +181,7 @@ class Questions:
                 self._end(held, out)
                 out.send(self._presence.others(question_id), event("question_deleted", {"question_id": question_id}))
                 self._forget(held)
-            self._where.question_withdrawn(question_id)
+            self._withdraw(question_id)
             return
         if held is None:
             if question.status in ACTIVE:  # an ended one is loaded when asked for, as any old question
@@ -454,7 +454,7 @@ class Questions:
         if hidden:
             self.stop_escalating(question, now, out)  # an unhidden question does not escalate again
         self._end(question, out)
-        self._where.question_withdrawn(question.question_id)
+        self._withdraw(question.question_id)
         out.write(SaveQuestion(attrs.evolve(question)))
         out.send(
             self._presence.others(question.question_id, except_conn=except_conn),
@@ -565,6 +565,17 @@ class Questions:
         for question in cold:
             self._forget(question)
         return len(cold)
+
+    def counts_again(self, question: Question) -> None:
+        """An unhidden question counts again: hotspots, trending, the answer-time SLO (it stays out of
+        memory until it is next asked for)."""
+        self._where.question_asked(question)
+        self._oversight.asked(question)
+
+    def _withdraw(self, question_id: str) -> None:
+        """A question deleted or hidden stops counting anywhere: hotspots, trending, the answer-time SLO."""
+        self._where.question_withdrawn(question_id)
+        self._oversight.withdrawn(question_id)
 
     def _forget(self, question: Question) -> None:
         """Drop a question from memory (it stays in the database); its room is gone."""

@@ -56,6 +56,10 @@ class SloTracker:
     ) -> None:
         self._entries[question_id] = _Entry(created_at, region, urgent, first_answer_at)
 
+    def forget(self, question_id: str) -> None:
+        """A question deleted or hidden: it no longer counts (as after a restart, which does not read it)."""
+        self._entries.pop(question_id, None)
+
     def answered(self, question_id: str, at: int) -> None:
         entry = self._entries.get(question_id)
         if entry is not None and entry.first_answer_at is None:

@@ -109,7 +109,9 @@ class SqlStore:
 
     def load(self, *, hot_since: int) -> LoadedState:
         """Everything the engine keeps in memory: all users, active questions
-        and questions created since ``hot_since`` (ms), with their answers."""
+        and questions created since ``hot_since`` (ms), with their answers (the
+        expired ones without: the engine only counts them, for its SLO, trending
+        and hotspots)."""
         users = [user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users")]
         # users.last_seq is only rewritten with the rest of the row; the inbox
         # (its heads, in PostgreSQL) holds the truth.
@@ -120,7 +122,7 @@ class SqlStore:
             question_from(r)
             for r in self._read(
                 f"SELECT {QUESTION_COLS} FROM questions WHERE deleted_at IS NULL"
-                " AND (status IN ('open', 'answered') OR (created_at >= ? AND status != 'expired'))"
+                " AND (status IN ('open', 'answered') OR created_at >= ?)"
                 " ORDER BY created_at, question_id",
                 (hot_since,),
             )
