@@ -227,6 +227,9 @@ async def test_a_question_another_node_creates_answers_and_resolves_is_seen_here
         await until(lambda: engine.questions["q-elsewhere"].answer_count == 1)
         assert engine.questions["q-elsewhere"].status == QuestionStatus.ANSWERED
         assert "jun" in engine.users
+        # The answer-time SLO here counts the other node's question and its answer, as a restart would.
+        slo = engine.oversight.slo.snapshot(now + 2)["overall"]
+        assert (slo["questions"], slo["answered"], slo["within_1m"]) == (1, 1, 1.0)
         other_node_commits(
             h.db, [AcceptOnce("q-elsewhere", "a-elsewhere", now + 2), SaveAnswer(attrs.evolve(answer, accepted=True))]
         )

@@ -84,6 +84,12 @@ class Oversight:
 
     def asked(self, question: Question) -> None:
         """Track a question's answer time, and owe it an alert if it goes unanswered."""
+        self.track(question)
+        self.unanswered(question)
+
+    def track(self, question: Question) -> None:
+        """Track (or track again, with its first answer) a question's answer time: one of this node's, or
+        one another node asked or answered (the SLO counts every node's questions, as after a restart)."""
         self.slo.asked(
             question.question_id,
             question.created_at,
@@ -91,7 +97,6 @@ class Oversight:
             question.urgency == "urgent",
             question.first_answer_at,
         )
-        self.unanswered(question)
 
     def withdrawn(self, question_id: str) -> None:
         """A question deleted or hidden leaves the answer-time SLO."""

@@ -150,6 +150,7 @@ class Questions:
         self._answers.setdefault(question.question_id, {})
         for answer in answers:
             self.adopt_answer(answer)
+        self._oversight.track(question)
         if question.status in ACTIVE:
             self._where.question_opened(question)
             self.schedule_expiry(question)
@@ -188,6 +189,7 @@ class Questions:
                 self.adopt(question, tuple(a for a in answers if a.deleted_at is None))
             else:
                 self._where.question_asked(question)  # e.g. unhidden on another node: it counts here too
+                self._oversight.track(question)
             return
         was_active = held.status in ACTIVE
         mine = attrs.evolve(held)
@@ -218,6 +220,7 @@ class Questions:
                 if _RECEIPT_ORDER.get(receipt[0], 0) > _RECEIPT_ORDER.get(ours.state, 0):
                     ours.state, ours.delivered_at, ours.read_at = receipt
         held.answer_count = len(kept)
+        self._oversight.track(held)  # its first answer may have come on another node
         if was_active and held.status not in ACTIVE:
             self._end(held, out)
             reason = _ENDED_BY.get(held.status, "closed")
