@@ -157,6 +157,7 @@ class ClientServer:
         self._inbox = inbox
         self._lease_epoch = lease_epoch
         self._guard_lease = guard_lease
+        engine.oversight.raises_alerts = lease_epoch is not None or not guard_lease
         #: Questions with stages left that this node does not run: another node holds the lease.
         self.escalations_waiting: set[str] = set()
         #: Told when a commit finds the lease taken (the app passes ``Membership.forget_lease``).
@@ -647,6 +648,7 @@ class ClientServer:
         if epoch == self._lease_epoch:
             return
         was, self._lease_epoch = self._lease_epoch, epoch
+        self.engine.oversight.raises_alerts = epoch is not None or not self._guard_lease
         log.info("escalation_lease", extra={"epoch": epoch, "was": was})
         if was is not None:
             for question_id, scope in list(self.escalation_scopes.items()):
@@ -839,6 +841,7 @@ class ClientServer:
             # From the rebuild to writes working again, nothing awaits: a request handled in
             # between would change memory and then be refused, with nothing rebuilt after it.
             self._perform(self._handle(Reloaded(state)))
+            self._schedule_timer()  # the reload's deadlines (overdue alerts, expiries) are due now
             if conflicted is not None:
                 self._settle_lost_race(conflicted, won)
                 self._conflicted = None
@@ -866,6 +869,7 @@ class ClientServer:
             self._storage_failing = False
             log.warning("storage_recovered")
             self._perform(self._handle(WritesWork()))
+            self._schedule_timer()
             if self._takeover_pending:  # the lease was taken after the reload above
                 self._begin_takeover()
 

@@ -129,6 +129,34 @@ async def test_a_node_without_the_lease_runs_no_stage_and_the_one_taking_it_over
     assert db_rows(db, "SELECT count(*) FROM events WHERE user_id IN ('mid', 'capped')") == [(0,)]
 
 
+async def test_only_the_lease_holder_raises_a_slow_response_alert(
+    start_server, autojump_clock, db: str, peer_link: Any
+) -> None:  # type: ignore[no-untyped-def]
+    """Every node holding an unanswered question owes it the alert, and admins would get it from each: a
+    node without the lease raises none, however long it waits; taking the lease over, it raises it at
+    once (the reload's overdue deadline is armed), and only once."""
+    assert peer_link.acquire_lease("peer", wall_ms(), HOUR_MS).epoch == 1
+    h: Harness = await start_server(**SETTINGS, alerts={"slow_response_s": 600.0})
+    assert h.running.membership.lease_epoch is None
+    async with h.connect("boss", admin=True, timeout=math.inf) as boss, h.connect("asker", timeout=math.inf) as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await trio.sleep(900)  # the alert fell due 5 minutes ago
+        await boss.request("get_profile")
+        assert boss.pending_events() == []
+        assert db_rows(db, "SELECT count(*) FROM events WHERE type = 'slow_response_alert'") == [(0,)]
+
+        run_sql(db, "UPDATE escalation_lease SET expires_at = 0")  # the other node stopped renewing
+        await h.running.membership.beat_async()
+        assert h.running.membership.lease_epoch == 2
+        alert = await boss.next_event("slow_response_alert")
+        assert alert["data"]["question_id"] == qid
+        await trio.sleep(600)
+        await boss.request("get_profile")
+        assert [e for e in boss.pending_events() if e["type"] == "slow_response_alert"] == []
+    await h.running.aclose()
+    assert db_rows(db, "SELECT count(*) FROM events WHERE type = 'slow_response_alert'") == [(1,)]
+
+
 async def test_a_stage_committed_after_the_lease_was_taken_is_refused_and_the_node_stops(
     start_server, autojump_clock, db: str
 ) -> None:  # type: ignore[no-untyped-def]

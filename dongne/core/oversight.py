@@ -60,6 +60,12 @@ class Oversight:
         self._questions = questions
         self._counts = counts
         self.slo = SloTracker(settings.slo_window_days)
+        #: Whether this node raises slow-response alerts: always alone. With several nodes every node
+        #: holding an unanswered question owes it its alert, and admins would get one from each: only
+        #: the escalation lease's holder raises them (the driver says which node it is). The holder has
+        #: every active question (each one reaches every node), and a node taking the lease over
+        #: reloads, which makes the overdue ones due at once.
+        self.raises_alerts = True
         self.recent_alerts: deque[dict[str, Any]] = deque(maxlen=50)
         self.admins: set[str] = set()
 
@@ -119,8 +125,8 @@ class Oversight:
     def alert_due(self, question_id: str, now: int, out: OutcomeBuilder) -> None:
         """A slow-response deadline fell due: raise the alert if the question still has no answer."""
         question = self._questions.get(question_id)
-        if question is None or not self._awaits_alert(question):
-            return
+        if question is None or not self._awaits_alert(question) or not self.raises_alerts:
+            return  # with several nodes, the escalation lease's holder raises it (see raises_alerts)
         question.alerted_at = now
         out.write(SaveQuestion(attrs.evolve(question)))
         data = {

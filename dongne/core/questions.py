@@ -150,7 +150,7 @@ class Questions:
         self._answers.setdefault(question.question_id, {})
         for answer in answers:
             self.adopt_answer(answer)
-        self._oversight.track(question)
+        self._oversight.asked(question)  # its answer time, and its alert if it goes unanswered
         if question.status in ACTIVE:
             self._where.question_opened(question)
             self.schedule_expiry(question)
