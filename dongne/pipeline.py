@@ -29,7 +29,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import attrs
 import trio
 import trio.lowlevel
 
@@ -43,14 +42,6 @@ ACT_SLICE_S = 0.002
 
 #: What ``act`` is given for outcomes whose seqs are all the engine's (no commit, or nothing renumbered).
 NO_SEQS_GIVEN: Mapping[str, Mapping[int, int]] = {}
-
-
-@attrs.define
-class _Refusal:
-    """Outcomes that will not be committed, refused by the actor in their turn."""
-
-    exc: WriteFailed
-    outcomes: list[tuple[Outcome, Any]]
 
 
 class CommitPipeline:
@@ -77,10 +68,7 @@ class CommitPipeline:
             outcome that will not be committed: the failed batch and all
             queued behind it (their writes were decided on top of it). The
             pipeline is then ``failing``: it refuses outcomes with writes
-            the same way, without a commit, until ``writes_work()`` is
-            called. A refusal waits for the batches before it to be acted on
-            (and for a commit under way), so that its replies never overtake
-            theirs.
+            the same way, at once, until ``writes_work()`` is called.
         bulk_budget: the most rows of bulk outcomes queued for one commit.
             Every request committed beside them waits for them to commit
             and to be acted on, so this bounds what bulk work adds to a
@@ -112,14 +100,11 @@ class CommitPipeline:
         self._room = trio.Event()
         self._room.set()
         self._wakeup = trio.Event()
-        self._in_flight = 0  # batches taken from the queue and not yet acted on (refusals included)
-        # For the actor, in order: committed batches with the seqs the commit gave, and refusals
-        # (outcomes that will not be committed) that came while a batch before them was still acted on.
-        self._committed_batches: deque[tuple[list[tuple[Outcome, Any]], SeqsGiven] | _Refusal] = deque()
+        self._in_flight = 0  # batches taken from the queue and not yet acted on
+        # Committed, for the actor, with the seqs the commit gave.
+        self._committed_batches: deque[tuple[list[tuple[Outcome, Any]], SeqsGiven]] = deque()
         self._batch_committed = trio.Event()
         self._batch_taken = trio.Event()
-        self._committing = False  # a batch is in the store's hands
-        self._refused_during_commit: list[tuple[WriteFailed, list[tuple[Outcome, Any]]]] = []
         self._bulk_budget = bulk_budget
         self._bulk_time_budget = bulk_time_budget
         self._bulk_queued = 0  # rows of bulk outcomes waiting for the next commit
@@ -147,7 +132,7 @@ class CommitPipeline:
         if not outcome.writes and not outcome.actions:
             return
         if outcome.writes and self.failing:
-            self._refuse_in_order(self._failure or WriteFailed("writes are failing"), [(outcome, token)])
+            self._refuse(self._failure or WriteFailed("writes are failing"), [(outcome, token)])
             return
         if lease_epoch is not None and outcome.writes:
             self._epochs[id(outcome)] = lease_epoch
@@ -280,17 +265,13 @@ class CommitPipeline:
                 epochs = [e for o, _t in batch if (e := self._epochs.pop(id(o), None)) is not None]
                 if epochs:  # the oldest: a commit decided under an epoch since replaced must be refused
                     prepared.guard_lease(min(epochs))
-                self._committing = True
                 try:
                     given = await trio.to_thread.run_sync(self._store.commit, prepared)
                 except WriteFailed as exc:
                     if isinstance(exc, LeaseLost) and epochs:
                         exc.epoch = min(epochs)
-                    self._committing = False
                     self._failed(exc, batch)
-                    self._refusals_after_commit()
                     continue
-                self._committing = False
                 self._committed.set()
                 self._committed = trio.Event()
                 self._record(time.perf_counter() - started)
@@ -298,13 +279,6 @@ class CommitPipeline:
                     self._on_commit(time.perf_counter() - started, len(batch), given)
             self._committed_batches.append((batch, given))
             self._batch_committed.set()
-            self._refusals_after_commit()
-
-    def _refusals_after_commit(self) -> None:
-        """Refusals that came during the commit, in their turn after it."""
-        waiting, self._refused_during_commit = self._refused_during_commit, []
-        for exc, refused in waiting:
-            self._refuse_in_order(exc, refused)
 
     def refuse_writes(self, exc: WriteFailed) -> None:
         """Refuse writes from now on, as after a failed commit (``on_write_failed`` is told, with nothing
@@ -334,25 +308,7 @@ class CommitPipeline:
         if not self._in_flight:
             self._idle.set()
             self._wake_bulk()
-        self._refuse_in_order(exc, refused)
-
-    def _refuse_in_order(self, exc: WriteFailed, refused: list[tuple[Outcome, Any]]) -> None:
-        """Refuse now, or after the batches still being acted on: a refusal's replies never overtake
-        what those batches send (requests on one connection are answered in order)."""
-        if self._committing:  # a batch submitted before these is being committed: after it
-            self._refused_during_commit.append((exc, refused))
-            return
-        if not self._in_flight:
-            self._refuse(exc, refused)
-            return
-        last = self._committed_batches[-1] if self._committed_batches else None
-        if isinstance(last, _Refusal):
-            last.outcomes.extend(refused)
-            return
-        self._in_flight += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        self._committed_batches.append(_Refusal(exc, refused))
-        self._batch_committed.set()
+        self._refuse(exc, refused)
 
     def _refuse(self, exc: WriteFailed, refused: list[tuple[Outcome, Any]]) -> None:
         if self._on_write_failed is None:
@@ -365,19 +321,15 @@ class CommitPipeline:
                 self._batch_committed = trio.Event()
                 await self._batch_committed.wait()
                 continue
-            entry = self._committed_batches.popleft()
+            batch, given = self._committed_batches.popleft()
             self._batch_taken.set()
             try:
-                if isinstance(entry, _Refusal):
-                    self._refuse(entry.exc, entry.outcomes)
-                else:
-                    batch, given = entry
-                    with trio.CancelScope(shield=True):  # what is committed is acted on
-                        await self._act_in_slices(batch, given)
-                    self.batches += 1
-                    self.outcomes += len(batch)
+                with trio.CancelScope(shield=True):  # what is committed is acted on
+                    await self._act_in_slices(batch, given)
             finally:
                 self._in_flight -= 1
+            self.batches += 1
+            self.outcomes += len(batch)
             if not self._queue and not self._in_flight:
                 self._idle.set()
                 self._wake_bulk()
