@@ -260,6 +260,35 @@ async def test_trending_here_follows_what_another_node_shows_and_takes_down(star
 
 
 @pytest.mark.backends("postgres")
+async def test_a_question_whose_only_answer_another_node_deleted_is_open_and_alerted_here(
+    start_server: Any,
+) -> None:
+    """This node holds the lease and raises slow-response alerts: another node's question, answered and then
+    stripped of its only answer there, is open again here, and its alert comes (as for one never answered)."""
+    h: Harness = await start_server(alerts={"slow_response_s": 1.0})
+    engine = h.running.engine
+    assert engine.oversight.raises_alerts
+    now = int(time.time() * 1000)
+
+    def asked(qid: str) -> Question:
+        return Question(qid, "asker", "Asker", "Open late?", "", 33.4996, 126.5312, None, (), "normal", now)
+
+    other_node_commits(
+        h.db,
+        [SaveUser(User("asker", "Asker", created_at=now)), SaveUser(User("jun", "Jun")), SaveQuestion(asked("q-control")),
+         SaveQuestion(asked("q-reopened"))],
+    )  # fmt: skip
+    await until(lambda: {"q-control", "q-reopened"} <= set(engine.questions))
+    answer = Answer("a1", "q-reopened", "jun", "Jun", "By the port", now + 1)
+    other_node_commits(h.db, [SaveAnswer(answer), CountAnswer("q-reopened", 1, answered_at=now + 1)])
+    await until(lambda: engine.questions["q-reopened"].answer_count == 1)
+    other_node_commits(h.db, [SaveAnswer(attrs.evolve(answer, deleted_at=now + 2)), CountAnswer("q-reopened", -1)])
+    await until(lambda: engine.questions["q-reopened"].answer_count == 0)
+    assert engine.questions["q-reopened"].status == QuestionStatus.OPEN
+    await until(lambda: {a["question_id"] for a in engine.oversight.recent_alerts} == {"q-control", "q-reopened"})
+
+
+@pytest.mark.backends("postgres")
 async def test_a_question_read_before_its_askers_news_brings_the_asker_with_it(start_server: Any) -> None:
     """Another node made a user and their question, and neither news has arrived: answering it here reads
     the question and its asker together, and the answer is accepted at once (no retry)."""

@@ -220,7 +220,10 @@ class Questions:
                 if _RECEIPT_ORDER.get(receipt[0], 0) > _RECEIPT_ORDER.get(ours.state, 0):
                     ours.state, ours.delivered_at, ours.read_at = receipt
         held.answer_count = len(kept)
+        if held.status == QuestionStatus.ANSWERED and not kept and question.status == QuestionStatus.OPEN:
+            held.status = QuestionStatus.OPEN  # its only answer went on another node: open again, as stored
         self._oversight.track(held)  # its first answer may have come on another node
+        self._oversight.unanswered(held)  # and, open again without answers, it is owed its alert
         if was_active and held.status not in ACTIVE:
             self._end(held, out)
             reason = _ENDED_BY.get(held.status, "closed")
