@@ -658,7 +658,6 @@ class Engine:
                 writes_due.append((due, kind, key, subkey))
             elif kind == "ip_block":
                 out.actions.extend(self.moderation.blocks_in_force(now).actions)
-
             else:
                 conn = self._awaiting_hello(key)
                 if conn is not None:

@@ -330,7 +330,7 @@ class Moderation:
                 return False
             question.hidden, question.deleted_at = False, None
             out.write(SaveQuestion(attrs.evolve(question)))
-            self._qa.counts_again(question)
+            self._qa.count(question)
             return True
         assert answer is not None
         if not answer.hidden:

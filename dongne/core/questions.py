@@ -188,8 +188,7 @@ class Questions:
             if question.status in ACTIVE:  # an ended one is loaded when asked for, as any old question
                 self.adopt(question, tuple(a for a in answers if a.deleted_at is None))
             else:
-                self._where.question_asked(question)  # e.g. unhidden on another node: it counts here too
-                self._oversight.track(question)
+                self.count(question)  # e.g. unhidden on another node: it counts here too
             return
         was_active = held.status in ACTIVE
         mine = attrs.evolve(held)
@@ -197,8 +196,6 @@ class Questions:
             setattr(held, field.name, getattr(question, field.name))
         if question.status in ACTIVE and mine.status not in ACTIVE:
             held.status, held.accepted_answer_id, held.closed_at = mine.status, mine.accepted_answer_id, mine.closed_at
-        elif question.status == QuestionStatus.OPEN and mine.status == QuestionStatus.ANSWERED and mine.answer_count:
-            held.status = mine.status  # an answer here the store may not hold yet (open again: none left)
         firsts = [at for at in (mine.first_answer_at, question.first_answer_at) if at is not None]
         held.first_answer_at = min(firsts) if firsts else None
         held.alerted_at = question.alerted_at if question.alerted_at is not None else mine.alerted_at
@@ -220,8 +217,8 @@ class Questions:
                 if _RECEIPT_ORDER.get(receipt[0], 0) > _RECEIPT_ORDER.get(ours.state, 0):
                     ours.state, ours.delivered_at, ours.read_at = receipt
         held.answer_count = len(kept)
-        if held.status == QuestionStatus.ANSWERED and not kept and question.status == QuestionStatus.OPEN:
-            held.status = QuestionStatus.OPEN  # its only answer went on another node: open again, as stored
+        if question.status == QuestionStatus.OPEN and mine.status == QuestionStatus.ANSWERED and kept:
+            held.status = mine.status  # an answer here the store may not hold yet (none left: open, as stored)
         self._oversight.track(held)  # its first answer may have come on another node
         self._oversight.unanswered(held)  # and, open again without answers, it is owed its alert
         if was_active and held.status not in ACTIVE:
@@ -572,9 +569,9 @@ class Questions:
             self._forget(question)
         return len(cold)
 
-    def counts_again(self, question: Question) -> None:
-        """An unhidden question counts again: hotspots, trending, the answer-time SLO (it stays out of
-        memory until it is next asked for)."""
+    def count(self, question: Question) -> None:
+        """Count a question that stays out of memory until it is next asked for (one unhidden, one another
+        node showed ended): hotspots, trending, the answer-time SLO."""
         self._where.question_asked(question)
         self._oversight.asked(question)
 
