@@ -157,7 +157,6 @@ class ClientServer:
         self._inbox = inbox
         self._lease_epoch = lease_epoch
         self._guard_lease = guard_lease
-        engine.oversight.raises_alerts = lease_epoch is not None or not guard_lease
         #: Questions with stages left that this node does not run: another node holds the lease.
         self.escalations_waiting: set[str] = set()
         #: Told when a commit finds the lease taken (the app passes ``Membership.forget_lease``).
@@ -168,6 +167,7 @@ class ClientServer:
         self.settings = settings
         self._startup = startup
         self.engine = engine
+        self._alerts_follow_the_lease()
         self.store = store
         self.clock = clock
         self.encoder = FrameEncoder()
@@ -648,7 +648,7 @@ class ClientServer:
         if epoch == self._lease_epoch:
             return
         was, self._lease_epoch = self._lease_epoch, epoch
-        self.engine.oversight.raises_alerts = epoch is not None or not self._guard_lease
+        self._alerts_follow_the_lease()
         log.info("escalation_lease", extra={"epoch": epoch, "was": was})
         if was is not None:
             for question_id, scope in list(self.escalation_scopes.items()):
@@ -657,6 +657,10 @@ class ClientServer:
             self.escalation_scopes.clear()
         if epoch is not None and self._escalation_nursery is not None:
             self._begin_takeover()
+
+    def _alerts_follow_the_lease(self) -> None:
+        """Slow-response alerts are raised here when alone, or, with several nodes, while holding the lease."""
+        self.engine.oversight.raises_alerts = self._lease_epoch is not None or not self._guard_lease
 
     def _begin_takeover(self) -> None:
         """Rebuild memory from the store, read after the lease was taken (see :meth:`lease_changed`)."""
