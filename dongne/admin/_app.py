@@ -89,6 +89,10 @@ class AdminApp:
             however many dashboards are open.
         regions: the service area as a GeoJSON FeatureCollection, served as is.
         verifier: checks admin tokens (the server's own secret).
+        claim_code: records a sign-in code's nonce as used until its expiry
+            (epoch s): True if this use is the first, False if it was used
+            already, None if the use cannot be recorded now (the database
+            refuses writes: the sign-in is refused with 503).
         now_s: the current time in epoch seconds, for token expiry.
         closing: when given, an awaitable that returns when the server shuts
             down; open event streams end then instead of holding up
@@ -106,11 +110,6 @@ class AdminApp:
             reason}]`` (there is no protocol operation that lists them).
         is_banned: whether a user is banned now: a banned admin's session
             is refused (403) from the next request, and its stream signs out.
-        claim_code: records a sign-in code's nonce as used until its expiry
-            (epoch s): True if this use is the first, False if it was used
-            already, None if the use cannot be recorded now (the database
-            refuses writes: the sign-in is refused with 503). Without it, used
-            codes are remembered in this object's memory only.
         session_ttl_s: lifetime of the session a sign-in link opens.
         ws_token_ttl_s: lifetime of the tokens the page gets for the WebSocket.
 
@@ -127,6 +126,7 @@ class AdminApp:
         regions: Mapping[str, Any],
         verifier: TokenVerifier,
         *,
+        claim_code: Callable[[str, float], Awaitable[bool | None]],
         now_s: Callable[[], float] = time.time,
         closing: Callable[[], Awaitable[object]] | None = None,
         interval_s: float = 1.0,
@@ -134,7 +134,6 @@ class AdminApp:
         client_url: str | Callable[[], str | None] | None = None,
         bans: Callable[[], list[dict[str, Any]]] | None = None,
         is_banned: Callable[[str], bool] | None = None,
-        claim_code: Callable[[str, float], Awaitable[bool | None]] | None = None,
         session_ttl_s: int = 12 * 3600,
         ws_token_ttl_s: int = 300,
     ) -> None:
@@ -153,8 +152,7 @@ class AdminApp:
         self._session_ttl_s = session_ttl_s
         self._ws_token_ttl_s = ws_token_ttl_s
         self._csrf_key = verifier.derive_key(_CSRF_PURPOSE)
-        self._claim_code = claim_code if claim_code is not None else self._claim_in_memory
-        self._used_codes: dict[str, float] = {}  # without claim_code: nonce -> expiry (epoch s)
+        self._claim_code = claim_code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -307,15 +305,6 @@ class AdminApp:
         token = mint_token(self._verifier.secret, signin.user_id, nick=signin.nick, admin=True, ttl_s=ttl, now_s=now)
         cookie = self._cookie(scope, token, ttl)
         await respond(send, 303, b"", _HTML, headers=[(b"location", root.encode()), cookie])
-
-    async def _claim_in_memory(self, nonce: str, expires_s: float) -> bool:
-        now = self._now_s()
-        for used in [n for n, exp in self._used_codes.items() if exp <= now]:
-            del self._used_codes[used]
-        if nonce in self._used_codes:
-            return False
-        self._used_codes[nonce] = expires_s
-        return True
 
     async def _code_page(self, send: Send, code: str) -> None:
         page = self._static["login.html"].decode()
