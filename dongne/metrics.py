@@ -132,6 +132,27 @@ class Metrics:
         self._gc_children = [self.gc_pauses.labels(str(g)) for g in range(3)]
         r.register(_Gauges(read_gauges))
         self._frames_out_children: dict[str, Any] = {}
+        self._frames_in_children: dict[str, Any] = {}
+        self._error_children: dict[str, Any] = {}
+
+    def request_counted(self, op: str, error: str | None) -> None:
+        """Count a client frame of ``op`` (``""``: none to count) and its error code, if it failed.
+
+        Every request passes here: the label children are cached
+        (``labels()`` takes a lock and builds its key on each call).
+        """
+        if op:
+            child = self._frames_in_children.get(op)
+            if child is None:
+                child = self._frames_in_children[op] = self.frames_in.labels(op)
+            child.inc()
+        if error is not None:
+            child = self._error_children.get(error)
+            if child is None:
+                child = self._error_children[error] = self.errors.labels(error)
+            child.inc()
+            if error == "rate_limited":
+                self.rate_limit_hits.labels("request").inc()
 
     def frames_sent(self, frame_type: str, count: int) -> None:
         """Count frames of one type delivered (the hot path: label children are cached)."""

@@ -469,7 +469,7 @@ class ClientServer:
                         outcome = self._handle(ReadFailed(conn_id))
                         break
             outcome = self._handle(QuestionLoaded(conn_id, question, tuple(answers), tuple(adopted)))
-        self._count(outcome)
+        self.metrics.request_counted(outcome.op, outcome.error)
         self.pipeline.submit(outcome, started if outcome.op not in ("", "invalid", "unknown") else None)
         self._schedule_timer()
         if self.pipeline.full:
@@ -502,15 +502,6 @@ class ClientServer:
             if conn_id in self.conns:
                 return self._stored_seq(given, conn_id, seq)
         return seq
-
-    def _count(self, outcome: Outcome) -> None:
-        metrics = self.metrics
-        if outcome.op:
-            metrics.frames_in.labels(outcome.op).inc()
-        if outcome.error is not None:
-            metrics.errors.labels(outcome.error).inc()
-            if outcome.error == "rate_limited":
-                metrics.rate_limit_hits.labels("request").inc()
 
     # ---- acting on outcomes ------------------------------------------------------
 

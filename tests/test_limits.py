@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import httpx
 import msgpack
 import pytest
 import trio
@@ -80,6 +81,11 @@ async def test_rate_limited_then_closed_for_abuse(start_server, autojump_clock) 
         assert spammer.closed.reason.code == 4008
         # Everyone else carries on.
         assert (await asker.request("get_profile"))["user"]["user_id"] == "asker"
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{h.running.ops_port}/metrics")).text
+    # Each refusal counted: the first, then those that got the connection closed.
+    assert f'dongne_rate_limit_hits_total{{scope="request"}} {1 + len(codes):.1f}' in text
+    assert f'dongne_errors_total{{code="rate_limited"}} {1 + len(codes):.1f}' in text
     await h.running.aclose()
 
 
