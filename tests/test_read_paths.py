@@ -288,6 +288,52 @@ async def test_the_answer_time_slo_reads_the_same_after_a_restart(
     await h2.running.aclose()
 
 
+async def test_memory_keeps_an_ended_question_an_hour_past_its_last_change(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The quiet hour before an ended question leaves memory counts from its last change, not from its end:
+    a receipt or an unhidden answer may still be on its way to the store, and a read of the store meanwhile
+    would bring back the copy from before it."""
+    h: Harness = await start_server(
+        server=NO_TIMERS,
+        engine={"hot_question_days": 1.0},
+        alerts={"slo_window_days": 1.0},
+        questions={"ttl_s": math.inf},
+    )
+    engine = h.running.engine
+    async with (
+        h.connect("asker", timeout=math.inf) as asker,
+        h.connect("jun", timeout=math.inf) as jun,
+        h.connect("ops", admin=True, timeout=math.inf) as admin,
+    ):
+        asked = {}
+        for name in ("read", "unhidden"):
+            qid = (await asker.request("create_question", question_data(title=f"The {name} one")))["question"]
+            asked[name] = qid["question_id"]
+            aid = (await jun.request("create_answer", {"question_id": asked[name], "content": "here"}))["answer"]
+            if name == "unhidden":
+                await admin.request("hide_answer", {"id": aid["answer_id"], "reason": "checking"})
+                hidden_id = aid["answer_id"]
+            await asker.request("leave_question", {"question_id": asked[name]})
+
+        await trio.sleep(86_400 + 30 * 60)  # past the hot set; memory looks at the next event
+        for name in ("read", "unhidden"):
+            await asker.request("close_question", {"question_id": asked[name]})
+        await trio.sleep(30 * 60)
+        await asker.request("mark_read", {"question_id": asked["read"]})
+        assert (await admin.request("unhide_answer", {"id": hidden_id}))["changed"] is True
+        await trio.sleep(40 * 60)  # 70 minutes after they ended, 40 after their last change
+        await jun.request("ping")  # memory looks at the first event after its hourly time
+        assert asked["read"] in engine.questions and asked["unhidden"] in engine.questions
+        await trio.sleep(3_600)
+        await jun.request("ping")  # the next look: both quiet for over an hour now
+        assert asked["read"] not in engine.questions and asked["unhidden"] not in engine.questions
+        # Read back from the store, each is as it was left.
+        again = await jun.request("join_question", {"question_id": asked["unhidden"]})
+        assert [a["answer_id"] for a in again["answers"]] == [hidden_id]
+    await h.running.aclose()
+
+
 async def test_authors_delete_their_own_questions_and_answers(start_server: Any) -> None:
     h: Harness = await start_server()
     async with h.connect("asker") as asker, h.connect("jun") as jun, h.connect("mina") as mina:

@@ -323,7 +323,7 @@ class Moderation:
             self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)
         return True
 
-    def _unhide(self, kind: str, question: Question, answer: Answer | None, out: OutcomeBuilder) -> bool:
+    def _unhide(self, kind: str, question: Question, answer: Answer | None, now: int, out: OutcomeBuilder) -> bool:
         """Show a hidden item again (it comes back into memory when next asked for); False if it is not hidden."""
         if kind == "question":
             if not question.hidden:
@@ -343,6 +343,7 @@ class Moderation:
         out.write(CountAnswer(question.question_id, 1))
         if question.question_id in self._questions:
             self._qa.adopt_answer(answer)
+            self._qa.touched(question.question_id, now)
         return True
 
     # ---- hiding ------------------------------------------------------------------------
@@ -356,7 +357,7 @@ class Moderation:
             return item
         question, answer = item
         if show:
-            changed = self._unhide(kind, question, answer, call.out)
+            changed = self._unhide(kind, question, answer, call.now, call.out)
         else:
             changed = self._hide(kind, question, answer, reason, call)
         if changed:
@@ -464,7 +465,7 @@ class Moderation:
         question, answer = item
         kind, now, out = report.item_kind, call.now, call.out
         if action == "dismiss":
-            self._unhide(kind, question, answer, out)
+            self._unhide(kind, question, answer, now, out)
         elif action == "hide":
             self._hide(kind, question, answer, f"hidden after review: {report.reason}", call)
         else:

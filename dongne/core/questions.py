@@ -123,6 +123,7 @@ class Questions:
         self._alerts_per_batch = alerts_per_batch
         self._conns = conns
         self._answer_homes: dict[str, str] = {}  # answer id -> its question's id, for answers in memory
+        self._touched: dict[str, int] = {}  # question id -> when it last changed where its times do not say
 
     def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
         return {
@@ -541,8 +542,9 @@ class Questions:
         return RETRY
 
     def forget_durable(self) -> None:
-        """Forget the answers' homes (the engine reloads its records after a failed commit)."""
+        """Forget the answers' homes and touches (the engine reloads its records after a failed commit)."""
         self._answer_homes.clear()
+        self._touched.clear()
 
     def cool_down(self, now: int) -> int:
         """Let go of the ended questions memory no longer needs; returns how many.
@@ -552,9 +554,12 @@ class Questions:
         running, questions that ended, and old ones read on demand
         (``get_question``, ``join_question``), would otherwise stay until the
         next restart. One goes when it has ended, was asked before the hot
-        set, has been quiet for :data:`QUIET_BEFORE_COOLING_MS` since it ended,
-        and nobody is in its room here; a later request reads it from the
-        store again, as any old question.
+        set, has been quiet for :data:`QUIET_BEFORE_COOLING_MS` (since it
+        ended, or since its last receipt or deletion: a write about it may
+        still be on its way to the store, and a read of the store meanwhile
+        would bring back the copy from before it), and nobody is in its room
+        here; a later request reads it from the store again, as any old
+        question.
         """
         oldest, quiet = now - self._keep_ms, now - QUIET_BEFORE_COOLING_MS
         cold = [
@@ -562,12 +567,28 @@ class Questions:
             for q in self._questions.values()
             if q.status not in ACTIVE
             and q.created_at < oldest
-            and (q.closed_at or 0) < quiet
+            and self._last_change(q) < quiet
             and self._presence.room_of(q.question_id) is None
         ]
         for question in cold:
             self._forget(question)
         return len(cold)
+
+    def touched(self, question_id: str, now: int) -> None:
+        """Note a change to a question in memory that its times and its answers' do not show (an answer unhidden)."""
+        self._touched[question_id] = now
+
+    def _last_change(self, question: Question) -> int:
+        """When the question or one of its answers last changed (ms): their times, and :meth:`touched`."""
+        last = max(
+            question.closed_at or 0,
+            question.deleted_at or 0,
+            question.alerted_at or 0,
+            self._touched.get(question.question_id, 0),
+        )
+        for answer in self._answers.get(question.question_id, {}).values():
+            last = max(last, answer.created_at, answer.delivered_at or 0, answer.read_at or 0, answer.deleted_at or 0)
+        return last
 
     def count(self, question: Question) -> None:
         """Count a question that stays out of memory until it is next asked for (one unhidden, one another
@@ -586,6 +607,7 @@ class Questions:
         for answer_id in self._answers.pop(question.question_id, {}):
             self._answer_homes.pop(answer_id, None)
         self._questions.pop(question.question_id, None)
+        self._touched.pop(question.question_id, None)
 
     def typing_start(self, call: Call) -> dict[str, Any]:
         question = self._question(call.f)
