@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from dongne.client import RequestError
+from dongne.client import DongneClient, RequestError
 from dongne.clock import EngineClock
 from dongne.core.reads import (
     AnswerHome,
@@ -216,6 +216,51 @@ async def test_an_expiry_that_came_due_while_down_happens_at_start(
     assert h2.running.engine.counts()["open_questions"] == 0
     async with h2.connect("asker", timeout=math.inf) as asker:
         assert (await asker.request("get_question", {"question_id": qid}))["question"]["status"] == "expired"
+    await h2.running.aclose()
+
+
+async def receipts(h: Harness, author: DongneClient) -> list[tuple[str, str]]:
+    """The receipts an author has been sent by now: the commits done, a round trip after them."""
+    await h.running.clients.pipeline.wait_idle()
+    await author.request("ping")  # the events sent before its reply came before it
+    return [(e["data"]["answer_id"], e["data"]["state"]) for e in author.pending_events() if e["type"] == "receipt"]
+
+
+async def test_answers_to_an_expired_question_are_delivered_when_the_asker_comes_back(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An expired question leaves memory at once; the answers its asker had not received yet still turn
+    ``delivered`` at the asker's next hello (in the store, and their author hears it), while the server runs
+    and after a restart."""
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it (the expiry is due)
+    clock = EngineClock()
+    settings = {"server": NO_TIMERS, "questions": {"ttl_s": 600.0}}
+    h: Harness = await start_server(clock=clock, **settings)
+    asked, answered = {}, {}
+    for asker in ("mina", "jun"):
+        async with h.connect(asker, timeout=math.inf) as client:
+            asked[asker] = (await client.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("author", timeout=math.inf) as author:
+        for asker, qid in asked.items():
+            reply = await author.request("create_answer", {"question_id": qid, "content": "Dongmun market"})
+            answered[asker] = reply["answer"]["answer_id"]
+            assert reply["answer"]["state"] == "sent"
+        autojump_clock.jump(3600)  # both expire, and leave memory
+        await trio.testing.wait_all_tasks_blocked()
+        await h.running.clients.pipeline.wait_idle()
+        assert not set(asked.values()) & h.running.engine.questions.keys()
+        async with h.connect("mina", timeout=math.inf):
+            assert await receipts(h, author) == [(answered["mina"], "delivered")]
+    await h.running.aclose()
+
+    h2: Harness = await start_server(clock=clock, **settings)
+    async with h2.connect("author", timeout=math.inf) as author:
+        async with h2.connect("jun", timeout=math.inf):
+            assert await receipts(h2, author) == [(answered["jun"], "delivered")]
+        async with h2.connect("mina", timeout=math.inf):  # delivered already: nothing more to say
+            assert await receipts(h2, author) == []
+        mine = (await author.request("my_answers", {}))["answers"]
+        assert sorted((a["answer_id"], a["state"]) for a in mine) == sorted((a, "delivered") for a in answered.values())
     await h2.running.aclose()
 
 

@@ -175,3 +175,27 @@ async def test_the_wal_is_checkpointed_beside_the_committer(start_server) -> Non
             conn.execute("SELECT max_alerts_per_hour FROM users WHERE user_id = 'local'").fetchone()[0]
             == 1 + (WAL_CHECKPOINT_COMMITS + 9) % 50
         )
+
+
+async def test_an_answer_sent_before_a_restart_is_delivered_when_its_asker_comes_back(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Receipts survive a restart: an answer its asker had not received yet turns ``delivered`` at the asker's
+    next hello on the new server, and its author hears it."""
+    h = await start_server()
+    async with h.connect("asker") as asker:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("author") as author:
+        answer = await author.request("create_answer", {"question_id": qid, "content": "Try Dongmun market"})
+        aid = answer["answer"]["answer_id"]
+        assert answer["answer"]["state"] == "sent"
+    await h.running.aclose()
+
+    h2 = await start_server()
+    async with h2.connect("author") as author:
+        async with h2.connect("asker"):
+            receipt = await author.next_event("receipt")
+        assert (receipt["data"]["answer_id"], receipt["data"]["state"]) == (aid, "delivered")
+        assert [(a["answer_id"], a["state"]) for a in (await author.request("my_answers", {}))["answers"]] == [
+            (aid, "delivered")
+        ]
+    await h2.running.aclose()
+    assert db_rows(h2.db, "SELECT answer_id, state FROM answers") == [(aid, "delivered")]

@@ -28,6 +28,7 @@ __all__ = [
     "CloseOnce",
     "CountAnswer",
     "DeleteIpBlock",
+    "DeliverAnswer",
     "EnqueuePush",
     "Note",
     "Observe",
@@ -135,6 +136,16 @@ class SaveAnswer:
     """Insert or replace an answer's row (content, receipt state, accepted)."""
 
     answer: Answer
+
+
+@attrs.frozen
+class DeliverAnswer:
+    """Mark an answer memory does not hold ``delivered`` at ``at``, in the store, if it is still ``sent``
+    (its question expired or left memory before its asker came back)."""
+
+    question_id: str
+    answer_id: str
+    at: int
 
 
 @attrs.frozen
@@ -249,6 +260,7 @@ Write = (
     | AcceptOnce
     | CloseOnce
     | SaveAnswer
+    | DeliverAnswer
     | AppendEvent
     | SaveEscalation
     | SaveNotified

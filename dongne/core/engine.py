@@ -251,6 +251,8 @@ class Engine:
         """
         where = self.where
         self.moderation.ban_ends.clear()  # a reload reads them again
+        # First: it starts the answers not yet delivered over, and the answers below are tracked again.
+        self.inbox.restore(state.last_push_job_id, state.oldest_seqs)
         for user in state.users:
             self.users[user.user_id] = user
             where.refresh_local(user, now)
@@ -281,13 +283,14 @@ class Engine:
                     )
         for answer in state.answers:
             self._qa.adopt_answer(answer)
+        for asker_id, question_id, answer_id, author_id in state.undelivered:
+            self.inbox.track_stored(asker_id, question_id, answer_id, author_id)
         for question in state.questions:
             self._qa.schedule_expiry(question)
         blocks = self.moderation.load(state.open_reports, state.ip_blocks, now)
         for block in state.ip_blocks:
             if block.until is not None:
                 self._deadlines.add(block.until, "ip_block", block.cidr)
-        self.inbox.restore(state.last_push_job_id, state.oldest_seqs)
         return Outcome(actions=self._start_escalations().actions + blocks.actions)
 
     def _start_escalations(self) -> Outcome:

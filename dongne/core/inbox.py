@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from .connections import Call
-from .effects import AppendEvent, EnqueuePush, OutcomeBuilder, Push, SaveAnswer, SaveUser
+from .effects import AppendEvent, DeliverAnswer, EnqueuePush, OutcomeBuilder, Push, SaveAnswer, SaveUser
 from .fanout import StageAlerts
 from .protocol import durable_event, event
 from .records import Answer, PushJob, Question, ReceiptState, User
@@ -53,7 +53,8 @@ class Inbox:
         self._users = users
         self._user_conns = user_conns
         self._answers = answers
-        self._undelivered: dict[str, set[tuple[str, str]]] = {}  # asker -> {(question, answer)}
+        # asker -> {(question, answer): author}, for answers in memory and out of it (an expired question's)
+        self._undelivered: dict[str, dict[tuple[str, str], str]] = {}
         self._push_seq = 0
         self.oldest: dict[str, int] = {}  # user -> oldest durable event kept (older ones were pruned)
 
@@ -83,7 +84,11 @@ class Inbox:
     def track(self, question: Question, answer: Answer) -> None:
         """Remember an answer its asker has not received yet (state ``sent``)."""
         if answer.state == ReceiptState.SENT:
-            self._undelivered.setdefault(question.asker_id, set()).add((question.question_id, answer.answer_id))
+            self.track_stored(question.asker_id, question.question_id, answer.answer_id, answer.author_id)
+
+    def track_stored(self, asker_id: str, question_id: str, answer_id: str, author_id: str) -> None:
+        """Remember an answer still ``sent`` that memory may not hold (its question expired)."""
+        self._undelivered.setdefault(asker_id, {})[question_id, answer_id] = author_id
 
     def append(self, user_id: str, kind: str, data: dict[str, Any], now: int, out: OutcomeBuilder) -> None:
         """A durable event for ``user_id``: the next seq, written, then sent to the user's connections."""
@@ -115,10 +120,20 @@ class Inbox:
             self.track(question, answer)
 
     def deliver_pending(self, asker_id: str, now: int, out: OutcomeBuilder) -> None:
-        """The asker came online: every answer still ``sent`` to them is ``delivered``."""
+        """The asker came online: every answer still ``sent`` to them is ``delivered``.
+
+        One whose question memory no longer holds (it expired meanwhile) is
+        marked in the store only, where it is still ``sent``; its author hears
+        it all the same.
+        """
         pending = self._undelivered.pop(asker_id, None)
-        for question_id, answer_id in sorted(pending or ()):
-            answer = self._answers.get(question_id, {}).get(answer_id)
+        for (question_id, answer_id), author_id in sorted((pending or {}).items()):
+            held = self._answers.get(question_id)
+            if held is None:
+                out.write(DeliverAnswer(question_id, answer_id, now))
+                self._tell_author(author_id, question_id, answer_id, ReceiptState.DELIVERED, now, out)
+                continue
+            answer = held.get(answer_id)
             if answer is not None and answer.state == ReceiptState.SENT:
                 self._set_receipt(answer, ReceiptState.DELIVERED, now, out)
 
@@ -127,7 +142,7 @@ class Inbox:
         changed = []
         for answer in sorted(answers, key=lambda a: (a.created_at, a.answer_id)):
             if answer.state != ReceiptState.READ:
-                self._undelivered.get(asker_id, set()).discard((answer.question_id, answer.answer_id))
+                self._undelivered.get(asker_id, {}).pop((answer.question_id, answer.answer_id), None)
                 self._set_receipt(answer, ReceiptState.READ, now, out)
                 changed.append(answer.answer_id)
         return changed
@@ -140,12 +155,14 @@ class Inbox:
             answer.read_at = now
             answer.delivered_at = answer.delivered_at or now
         out.write(SaveAnswer(attrs.evolve(answer)))
+        self._tell_author(answer.author_id, answer.question_id, answer.answer_id, state, now, out)
+
+    def _tell_author(
+        self, author_id: str, question_id: str, answer_id: str, state: str, now: int, out: OutcomeBuilder
+    ) -> None:
         out.send(
-            self._user_conns.get(answer.author_id, ()),
-            event(
-                "receipt",
-                {"question_id": answer.question_id, "answer_id": answer.answer_id, "state": state, "at": now},
-            ),
+            self._user_conns.get(author_id, ()),
+            event("receipt", {"question_id": question_id, "answer_id": answer_id, "state": state, "at": now}),
         )
 
     def enqueue_push(

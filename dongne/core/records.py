@@ -227,3 +227,6 @@ class LoadedState:
     oldest_seqs: dict[str, int] = attrs.Factory(dict)  # user id -> oldest durable event kept
     open_reports: list[Report] = attrs.Factory(list)
     ip_blocks: list[IpBlock] = attrs.Factory(list)
+    # Answers still ``sent`` to expired questions of the hot set, which memory does not hold:
+    # (asker id, question id, answer id, author id); delivered at their asker's next hello.
+    undelivered: list[tuple[str, str, str, str]] = attrs.Factory(list)

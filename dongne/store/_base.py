@@ -111,7 +111,7 @@ class SqlStore:
         """Everything the engine keeps in memory: all users, active questions
         and questions created since ``hot_since`` (ms), with their answers (the
         expired ones without: the engine only counts them, for its SLO, trending
-        and hotspots)."""
+        and hotspots, and delivers the answers their askers have not received)."""
         users = [user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users")]
         # users.last_seq is only rewritten with the rest of the row; the inbox
         # (its heads, in PostgreSQL) holds the truth.
@@ -137,6 +137,16 @@ class SqlStore:
                 (hot_since,),
             )
         ]
+        undelivered = [
+            (str(asker), str(qid), str(aid), str(author))
+            for asker, qid, aid, author in self._read(
+                "SELECT q.asker_id, a.question_id, a.answer_id, a.author_id FROM questions q"
+                " JOIN answers a USING (question_id) WHERE q.status = 'expired' AND q.created_at >= ?"
+                " AND q.deleted_at IS NULL AND a.state = 'sent' AND a.deleted_at IS NULL"
+                " ORDER BY a.created_at, a.answer_id",
+                (hot_since,),
+            )
+        ]
         escalations = {
             qid: next_stage
             for qid, next_stage in self._read(
@@ -158,6 +168,7 @@ class SqlStore:
             users=users,
             questions=questions,
             answers=answers,
+            undelivered=undelivered,
             escalations=escalations,
             notified=notified,
             pending_pushes=pending_pushes,

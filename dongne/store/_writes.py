@@ -29,6 +29,7 @@ from ..core.effects import (
     CloseOnce,
     CountAnswer,
     DeleteIpBlock,
+    DeliverAnswer,
     EnqueuePush,
     RoomNews,
     SaveAnswer,
@@ -401,6 +402,7 @@ def prepare_writes(
     users: dict[str, User] = {}
     questions: dict[str, Question] = {}
     answers: dict[str, Answer] = {}
+    delivered: list[DeliverAnswer] = []
     events: list[AppendEvent] = []
     escalations: dict[str, SaveEscalation] = {}
     notified: list[tuple[Any, ...]] = []
@@ -441,6 +443,8 @@ def prepare_writes(
             rooms.append(item)
         elif isinstance(item, SaveAnswer):
             answers[item.answer.answer_id] = item.answer
+        elif isinstance(item, DeliverAnswer):
+            delivered.append(item)
         elif isinstance(item, SaveEscalation):
             escalations[item.question_id] = item
         elif isinstance(item, EnqueuePush):
@@ -460,7 +464,12 @@ def prepare_writes(
     pg = dialect == "postgres"
     batch = PreparedCommit(max_variables, "%s" if pg else "?")
     if pg and news_from is not None:
-        changed_questions = {*questions, *(op.question_id for op in raced), *(a.question_id for a in answers.values())}
+        changed_questions = {
+            *questions,
+            *(op.question_id for op in raced),
+            *(a.question_id for a in answers.values()),
+            *(d.question_id for d in delivered),
+        }
         for payload in changes_news(news_from, sorted(changed_questions), sorted({*users, *points})):
             batch.notify(CHANGES_CHANNEL, payload)
         for news in rooms:  # after the changes: a listener may read the answer a news names
@@ -555,6 +564,12 @@ def prepare_writes(
         [(q.question_id, tag, q.created_at) for q in questions.values() for tag in q.hashtags],
     )
     save("answers", ANSWER_COLS, "answer_id", [answer_row(a) for a in answers.values()])
+    if delivered:  # after the saves; an answer another node (or a read) marked already keeps its receipt
+        batch.many(
+            f"UPDATE answers SET state = 'delivered', delivered_at = {mark}"
+            f" WHERE answer_id = {mark} AND state = 'sent' AND deleted_at IS NULL",
+            [(d.at, d.answer_id) for d in delivered],
+        )
     packb = msgpack.packb
     event_rows = [(e.user_id, e.seq, e.type, e.packed or packb(e.data), e.created_at) for e in events]
     if pg and event_rows:
