@@ -27,8 +27,8 @@ from dongne.core import (
     UserLoaded,
     UsersChanged,
 )
-from dongne.core.effects import Close
-from dongne.core.events import Tick
+from dongne.core.effects import Close, DeliverAnswer
+from dongne.core.events import Disconnected, Tick
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.records import Answer, Question
 from dongne.core.settings import QuestionSettings
@@ -402,3 +402,35 @@ def test_a_typers_renewals_reach_other_nodes_every_half_ttl_not_the_room_here() 
 
     assert relayed == [100, 1600, 3100]
     assert [f["type"] for f in sim.take(1)] == ["user_typing"]
+
+
+def test_an_answer_read_on_another_node_gets_no_late_delivered_receipt_here() -> None:
+    """A node that tracked an answer as not yet delivered learns from the store's news that the asker read it
+    on another node: when the asker later comes back here (the question expired meanwhile), the author hears
+    nothing more (receipts only move forward)."""
+    a = Sim(Engine(CoreSettings(questions=QuestionSettings(ttl_s=60.0)), claims_for))
+    b = Sim(Engine(CoreSettings(questions=QuestionSettings(ttl_s=60.0)), claims_for))
+
+    def stored(sim: Sim, qid: str) -> QuestionChanged:
+        held = attrs.evolve(sim.engine.questions[qid])
+        return QuestionChanged(qid, held, tuple(attrs.evolve(x) for x in sim.engine.answers[qid].values()))
+
+    a.connect(1, "asker")
+    qid = ask(a)
+    a.deliver(a.engine.handle(Disconnected(1), T0 + 1))
+    b.engine.handle(stored(a, qid), T0 + 2)
+    a.connect(2, "author", T0 + 3)
+    answer = a.reply(a.call(2, "create_answer", {"question_id": qid, "content": "x"}, T0 + 4))["data"]["answer"]
+    assert answer["state"] == "sent"  # the asker is offline: A tracks it
+    b.engine.handle(stored(a, qid), T0 + 5)
+    b.connect(10, "asker", T0 + 6)  # the asker comes back on B, and reads it there
+    b.call(10, "mark_read", {"question_id": qid}, T0 + 7)
+    a.engine.handle(stored(b, qid), T0 + 8)  # A merges the read receipt
+    assert a.engine.answers[qid][answer["answer_id"]].state == "read"
+    b.deliver(b.engine.handle(Disconnected(10), T0 + 9))
+    a.take(2)
+    a.deliver(a.engine.handle(Tick(), T0 + 61_000))  # expired: out of A's memory
+    assert qid not in a.engine.questions
+    hello = a.connect(3, "asker", T0 + 70_000)
+    assert [f for f in a.take(2) if f.get("type") == "receipt"] == []
+    assert not [w for w in hello.writes if isinstance(w, DeliverAnswer)]

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from dongne.client import DongneClient, RequestError
@@ -264,6 +265,32 @@ async def test_answers_to_an_expired_question_are_delivered_when_the_asker_comes
     await h2.running.aclose()
 
 
+@pytest.mark.parametrize("how", ["delete_answer", "hide_answer", "hide_question"])
+async def test_no_receipt_comes_for_an_answer_taken_down_before_its_question_expired(
+    start_server: Any, autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    """An answer deleted or hidden (or its question hidden) while its asker was away is no longer owed a
+    ``delivered`` receipt: none when the asker comes back after the question expired, and its row stays."""
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it
+    h: Harness = await start_server(clock=EngineClock(), server=NO_TIMERS, questions={"ttl_s": 600.0})
+    async with h.connect("mina", timeout=math.inf) as mina:
+        qid = (await mina.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("author", timeout=math.inf) as author, h.connect("ops", admin=True, timeout=math.inf) as admin:
+        aid = (await author.request("create_answer", {"question_id": qid, "content": "x"}))["answer"]["answer_id"]
+        if how == "delete_answer":
+            await author.request("delete_answer", {"answer_id": aid})
+        elif how == "hide_answer":
+            await admin.request("hide_answer", {"id": aid, "reason": "spam"})
+        else:
+            await admin.request("hide_question", {"id": qid, "reason": "spam"})
+        autojump_clock.jump(3600)  # the question expires
+        await trio.testing.wait_all_tasks_blocked()
+        async with h.connect("mina", timeout=math.inf):
+            assert await receipts(h, author) == []
+    await h.running.aclose()
+    assert db_rows(h.db, "SELECT answer_id, state FROM answers") == [(aid, "sent")]
+
+
 async def test_memory_lets_go_of_ended_questions_older_than_the_hot_set(
     start_server: Any, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -337,7 +364,7 @@ async def test_memory_keeps_an_ended_question_an_hour_past_its_last_change(
     start_server: Any, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The quiet hour before an ended question leaves memory counts from its last change, not from its end:
-    a receipt or an unhidden answer may still be on its way to the store, and a read of the store meanwhile
+    a receipt, a deleted or an unhidden answer may still be on its way to the store, and a read of the store meanwhile
     would bring back the copy from before it."""
     h: Harness = await start_server(
         server=NO_TIMERS,
@@ -352,27 +379,30 @@ async def test_memory_keeps_an_ended_question_an_hour_past_its_last_change(
         h.connect("ops", admin=True, timeout=math.inf) as admin,
     ):
         asked = {}
-        for name in ("read", "unhidden"):
+        for name in ("read", "unhidden", "deleted"):
             qid = (await asker.request("create_question", question_data(title=f"The {name} one")))["question"]
             asked[name] = qid["question_id"]
             aid = (await jun.request("create_answer", {"question_id": asked[name], "content": "here"}))["answer"]
             if name == "unhidden":
                 await admin.request("hide_answer", {"id": aid["answer_id"], "reason": "checking"})
                 hidden_id = aid["answer_id"]
+            if name == "deleted":
+                deleted_id = aid["answer_id"]
             await asker.request("leave_question", {"question_id": asked[name]})
 
         await trio.sleep(86_400 + 30 * 60)  # past the hot set; memory looks at the next event
-        for name in ("read", "unhidden"):
+        for name in ("read", "unhidden", "deleted"):
             await asker.request("close_question", {"question_id": asked[name]})
         await trio.sleep(30 * 60)
         await asker.request("mark_read", {"question_id": asked["read"]})
         assert (await admin.request("unhide_answer", {"id": hidden_id}))["changed"] is True
+        await jun.request("delete_answer", {"answer_id": deleted_id})
         await trio.sleep(40 * 60)  # 70 minutes after they ended, 40 after their last change
         await jun.request("ping")  # memory looks at the first event after its hourly time
-        assert asked["read"] in engine.questions and asked["unhidden"] in engine.questions
+        assert all(qid in engine.questions for qid in asked.values())
         await trio.sleep(3_600)
-        await jun.request("ping")  # the next look: both quiet for over an hour now
-        assert asked["read"] not in engine.questions and asked["unhidden"] not in engine.questions
+        await jun.request("ping")  # the next look: all quiet for over an hour now
+        assert not any(qid in engine.questions for qid in asked.values())
         # Read back from the store, each is as it was left.
         again = await jun.request("join_question", {"question_id": asked["unhidden"]})
         assert [a["answer_id"] for a in again["answers"]] == [hidden_id]

@@ -90,6 +90,16 @@ class Inbox:
         """Remember an answer still ``sent`` that memory may not hold (its question expired)."""
         self._undelivered.setdefault(asker_id, {})[question_id, answer_id] = author_id
 
+    def untrack(self, asker_id: str, question_id: str, answer_id: str | None = None) -> None:
+        """Forget an answer (``None``: every answer of the question) that is gone, or no longer ``sent``."""
+        pending = self._undelivered.get(asker_id)
+        if pending is None:
+            return
+        for key in [k for k in pending if k[0] == question_id] if answer_id is None else [(question_id, answer_id)]:
+            pending.pop(key, None)
+        if not pending:
+            del self._undelivered[asker_id]
+
     def append(self, user_id: str, kind: str, data: dict[str, Any], now: int, out: OutcomeBuilder) -> None:
         """A durable event for ``user_id``: the next seq, written, then sent to the user's connections."""
         user = self._users[user_id]

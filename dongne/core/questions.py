@@ -39,7 +39,7 @@ from .places import ServiceArea
 from .presence import Presence
 from .protocol import Fields, event
 from .reads import AnswerHome
-from .records import Answer, Question, User
+from .records import Answer, Question, ReceiptState, User
 from .settings import EngineSettings
 from .text import SpamFilter
 
@@ -178,7 +178,11 @@ class Questions:
         held = self._questions.get(question_id)
         if question is None:
             return
+        for answer in answers:  # receipts moved on, or answers gone, elsewhere: none to give here
+            if answer.deleted_at is not None or answer.state != ReceiptState.SENT:
+                self._inbox.untrack(question.asker_id, question_id, answer.answer_id)
         if question.deleted_at is not None:
+            self._inbox.untrack(question.asker_id, question_id)
             if held is not None:
                 self._end(held, out)
                 out.send(self._presence.others(question_id), event("question_deleted", {"question_id": question_id}))
@@ -459,6 +463,7 @@ class Questions:
             self.stop_escalating(question, now, out)  # an unhidden question does not escalate again
         self._end(question, out)
         self._withdraw(question.question_id)
+        self._inbox.untrack(question.asker_id, question.question_id)  # no receipt for what is gone
         out.write(SaveQuestion(attrs.evolve(question)))
         out.send(
             self._presence.others(question.question_id, except_conn=except_conn),
@@ -484,6 +489,9 @@ class Questions:
         answer.hidden = hidden
         self._answers.get(question.question_id, {}).pop(answer.answer_id, None)
         self._answer_homes.pop(answer.answer_id, None)
+        self._inbox.untrack(question.asker_id, question.question_id, answer.answer_id)  # no receipt for it
+        if question.question_id in self._questions:
+            self.touched(question.question_id, now)  # the answer's time is not in memory any more
         question.answer_count = max(0, question.answer_count - 1)
         if question.answer_count == 0 and question.status == QuestionStatus.ANSWERED:
             # Open again: it has no answer (CountAnswer does the same in SQL, where the count is).
@@ -575,7 +583,8 @@ class Questions:
         return len(cold)
 
     def touched(self, question_id: str, now: int) -> None:
-        """Note a change to a question in memory that its times and its answers' do not show (an answer unhidden)."""
+        """Note a change to a question in memory that its times and its answers' do not show (an answer unhidden,
+        or deleted: it leaves memory with its time)."""
         self._touched[question_id] = now
 
     def _last_change(self, question: Question) -> int:

@@ -567,7 +567,8 @@ def prepare_writes(
     if delivered:  # after the saves; an answer another node (or a read) marked already keeps its receipt
         batch.many(
             f"UPDATE answers SET state = 'delivered', delivered_at = {mark}"
-            f" WHERE answer_id = {mark} AND state = 'sent' AND deleted_at IS NULL",
+            f" WHERE answer_id = {mark} AND state = 'sent' AND deleted_at IS NULL"
+            " AND question_id IN (SELECT question_id FROM questions WHERE deleted_at IS NULL)",
             [(d.at, d.answer_id) for d in delivered],
         )
     packb = msgpack.packb
