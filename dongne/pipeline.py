@@ -114,6 +114,9 @@ class CommitPipeline:
         self._bulk_waiters: deque[trio.Event] = deque()
         self._idle = trio.Event()
         self._idle.set()
+        self._queued = 0  # outcomes ever queued
+        self._settled = 0  # of those, committed or refused
+        self._settling = trio.Event()  # set (and replaced) as queued outcomes settle
         self._committed = trio.Event()
         self._between: list[tuple[Callable[[], Any], trio.Event, list[Any]]] = []
         # Queued outcomes decided as the holder of the escalation lease, by id: their commit carries the
@@ -140,6 +143,7 @@ class CommitPipeline:
             self._act(outcome, token, NO_SEQS_GIVEN)
             return
         self._queue.append((outcome, token))
+        self._queued += 1
         if len(self._queue) >= self._max_queued and self._room.is_set():
             self._room = trio.Event()
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -221,6 +225,23 @@ class CommitPipeline:
         """Return after the next commit."""
         await self._committed.wait()
 
+    async def wait_committed(self) -> None:
+        """Return once every outcome queued so far is committed or refused (acted on or not).
+
+        The driver calls it before it reads the store for a request: a read
+        then sees every write decided before it, whichever connection's (not
+        the copy from before a receipt still queued, say, of a question
+        memory let go meanwhile).
+        """
+        mark = self._queued
+        while self._settled < mark:
+            await self._settling.wait()
+
+    def _settle(self, count: int) -> None:
+        self._settled += count
+        self._settling.set()
+        self._settling = trio.Event()
+
     async def wait_idle(self) -> None:
         """Return once everything submitted so far is committed and acted on."""
         while self._queue or self._in_flight:
@@ -277,6 +298,7 @@ class CommitPipeline:
                 self._record(time.perf_counter() - started)
                 if self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started, len(batch), given)
+            self._settle(len(batch))
             self._committed_batches.append((batch, given))
             self._batch_committed.set()
 
@@ -300,6 +322,7 @@ class CommitPipeline:
         """A commit failed: nothing of ``batch`` or of what is queued behind it will be committed."""
         refused = batch + self._queue
         self._queue = []
+        self._settle(len(refused))
         self._epochs.clear()
         self._in_flight -= 1
         self.failing = True

@@ -441,7 +441,9 @@ class ClientServer:
         while outcome.load_question is not None or outcome.read is not None or outcome.load_user is not None:
             # The request needs the database (a question not in memory, a
             # list, a hello's user another node may have made): read it on a
-            # worker thread, then hand it back. Frames of this connection wait meanwhile.
+            # worker thread, then hand it back. Frames of this connection wait meanwhile, and the read waits
+            # for the writes queued before it: it sees them.
+            await self.pipeline.wait_committed()
             try:
                 if outcome.read is not None:
                     rows = await trio.to_thread.run_sync(self.store.read, outcome.read)

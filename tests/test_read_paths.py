@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 import trio.lowlevel
@@ -289,6 +290,81 @@ async def test_no_receipt_comes_for_an_answer_taken_down_before_its_question_exp
             assert await receipts(h, author) == []
     await h.running.aclose()
     assert db_rows(h.db, "SELECT answer_id, state FROM answers") == [(aid, "sent")]
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_read_of_the_store_waits_for_the_writes_queued_before_it(
+    start_server: Any, autojump_clock: trio.testing.MockClock, db_path: Path
+) -> None:
+    """A question read from the store for a request shows the writes decided before the request, even those
+    still waiting for their commit: here the ``delivered`` a hello wrote for an expired question's answer,
+    while another program holds the database's write lock."""
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it
+    h: Harness = await start_server(clock=EngineClock(), server=NO_TIMERS, questions={"ttl_s": 600.0})
+    async with h.connect("mina", timeout=math.inf) as mina:
+        qid = (await mina.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("author", timeout=math.inf) as author:
+        aid = (await author.request("create_answer", {"question_id": qid, "content": "x"}))["answer"]["answer_id"]
+        autojump_clock.jump(3600)  # the question expires and leaves memory
+        await trio.testing.wait_all_tasks_blocked()
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the hello's commit waits for it
+        seen: list[str] = []
+        back = trio.Event()
+
+        async def come_back() -> None:
+            async with h.connect("mina", timeout=math.inf):
+                await back.wait()
+
+        async def look() -> None:
+            page = await author.request("get_question", {"question_id": qid})
+            seen.extend(a["state"] for a in page["answers"])
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(come_back)
+                await trio.testing.wait_all_tasks_blocked()  # the hello is decided, its commit waiting
+                nursery.start_soon(look)
+                await trio.testing.wait_all_tasks_blocked()
+                assert seen == []  # the read waits for the commit before it
+                holder.execute("ROLLBACK")
+                while not seen:
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.lowlevel.checkpoint()
+                back.set()
+        finally:
+            holder.close()
+        assert seen == ["delivered"]
+        assert await receipts(h, author) == [(aid, "delivered")]  # once
+    await h.running.aclose()
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_list_sent_right_behind_a_write_shows_it(start_server: Any, db_path: Path) -> None:
+    """``create_question`` and ``my_questions`` sent back to back, the first one's commit held up by another
+    program's write lock: the list waits for the commit, and has the question."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker:
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        listed: list[str] = []
+
+        async def ask_then_list() -> None:
+            create = {"type": "create_question", "id": 9001, "data": question_data(title="Right behind it")}
+            await asker.ws.send_message(msgpack.packb(create))  # its reply is not waited for
+            page = await asker.request("my_questions", {})
+            listed.extend(q["title"] for q in page["questions"])
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask_then_list)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert listed == []  # waiting for the commit
+                holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        assert listed == ["Right behind it"]
+    await h.running.aclose()
 
 
 async def test_memory_lets_go_of_ended_questions_older_than_the_hot_set(
