@@ -441,9 +441,12 @@ class ClientServer:
         while outcome.load_question is not None or outcome.read is not None or outcome.load_user is not None:
             # The request needs the database (a question not in memory, a
             # list, a hello's user another node may have made): read it on a
-            # worker thread, then hand it back. Frames of this connection wait meanwhile, and the read waits
-            # for the writes queued before it: it sees them.
+            # worker thread, then hand it back. Frames of this connection wait meanwhile. The read waits for
+            # the writes queued before it, so that it sees them (its reply would wait for their commit anyway:
+            # replies leave in order, behind the outcomes queued and in flight).
             await self.pipeline.wait_committed()
+            if self._conflicted is not None and conn_id in self._conflicted.conns:
+                await self._reloaded.wait()  # a write of its lost a race meanwhile: its replies wait, in order
             try:
                 if outcome.read is not None:
                     rows = await trio.to_thread.run_sync(self.store.read, outcome.read)

@@ -522,9 +522,10 @@ async def test_a_change_made_while_the_listen_connection_was_down_is_read_when_i
 
 
 @pytest.mark.backends("sqlite", "postgres")
-async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winner(start_server: Any) -> None:
-    """A ping pipelined behind the accept that loses is answered after ``conflict``; a read sent on the
-    ``conflict`` shows the answer another node accepted."""
+@pytest.mark.parametrize("op", ["ping", "my_questions"])
+async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winner(start_server: Any, op: str) -> None:
+    """A request pipelined behind the accept that loses is answered after ``conflict`` (from memory, or a
+    list read from the store); a read sent on the ``conflict`` shows the answer another node accepted."""
     h: Harness = await start_server()
     async with h.connect("asker") as asker:
         qid, local_answer, other_answer = await answered_twice(h, asker)
@@ -542,7 +543,7 @@ async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winne
         await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("asker")}}))
         accept = {"question_id": qid, "answer_id": other_answer}
         await ws.send_message(msgpack.packb({"type": "accept_answer", "id": 2, "data": accept}))
-        await ws.send_message(msgpack.packb({"type": "ping", "id": 3, "data": {}}))
+        await ws.send_message(msgpack.packb({"type": op, "id": 3, "data": {}}))
         replies += [await reply(), await reply(), await reply()]
         await ws.send_message(msgpack.packb({"type": "join_question", "id": 4, "data": {"question_id": qid}}))
         replies.append(await reply())

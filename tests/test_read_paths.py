@@ -292,6 +292,29 @@ async def test_no_receipt_comes_for_an_answer_taken_down_before_its_question_exp
     assert db_rows(h.db, "SELECT answer_id, state FROM answers") == [(aid, "sent")]
 
 
+@pytest.mark.parametrize("kind", ["answer", "question"])
+async def test_an_answer_shown_again_is_owed_its_receipt_again(
+    start_server: Any, autojump_clock: trio.testing.MockClock, kind: str
+) -> None:
+    """An answer hidden (or its question hidden) while its asker was away, then shown again after the
+    question expired, still turns ``delivered`` at the asker's next hello."""
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it
+    h: Harness = await start_server(clock=EngineClock(), server=NO_TIMERS, questions={"ttl_s": 600.0})
+    async with h.connect("mina", timeout=math.inf) as mina:
+        qid = (await mina.request("create_question", question_data()))["question"]["question_id"]
+    async with h.connect("author", timeout=math.inf) as author, h.connect("ops", admin=True, timeout=math.inf) as admin:
+        aid = (await author.request("create_answer", {"question_id": qid, "content": "x"}))["answer"]["answer_id"]
+        item = aid if kind == "answer" else qid
+        await admin.request(f"hide_{kind}", {"id": item, "reason": "spam"})
+        autojump_clock.jump(3600)  # the question expires (if it is in memory)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await admin.request(f"unhide_{kind}", {"id": item}))["changed"] is True
+        async with h.connect("mina", timeout=math.inf):
+            assert await receipts(h, author) == [(aid, "delivered")]
+    await h.running.aclose()
+    assert db_rows(h.db, "SELECT answer_id, state FROM answers") == [(aid, "delivered")]
+
+
 @pytest.mark.backends("sqlite")
 async def test_a_read_of_the_store_waits_for_the_writes_queued_before_it(
     start_server: Any, autojump_clock: trio.testing.MockClock, db_path: Path

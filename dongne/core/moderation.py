@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -264,13 +264,17 @@ class Moderation:
 
     # ---- items: in memory, or read from the store -------------------------------------
 
-    def _item(self, call: Call, kind: str, item_id: str) -> tuple[Question, Answer | None] | Pending:
-        """The question (and answer) an operation is about, hidden ones included; ``not_found`` if none."""
+    def _item(self, call: Call, kind: str, item_id: str) -> tuple[Question, Answer | None, Sequence[Answer]] | Pending:
+        """The question (and answer) an operation is about, hidden ones included; ``not_found`` if none.
+
+        Third: the question's answers as read from the store, when it was
+        read (a question out of memory); empty when memory held the item.
+        """
         fetched = self._fetched.pop((kind, item_id), None)  # taken either way: nothing stays behind
         if kind == "question" and item_id in self._questions:
-            return self._questions[item_id], None
+            return self._questions[item_id], None, ()
         if kind == "answer" and (answer := self._qa.answer_in_memory(item_id)) is not None:
-            return self._questions[answer.question_id], answer
+            return self._questions[answer.question_id], answer, ()
         if fetched is None:
             if call.retried:
                 raise ProtocolError("not_found", f"no such {kind}")
@@ -278,11 +282,11 @@ class Moderation:
         question, answers = fetched
         question = self._questions.get(question.question_id, question)  # memory is newer than the store
         if kind == "question":
-            return question, None
+            return question, None, answers
         answer = next((a for a in answers if a.answer_id == item_id), None)
         if answer is None:
             raise ProtocolError("not_found", "no such answer")
-        return question, answer
+        return question, answer, answers
 
     def _keep(self, kind: str, item_id: str, found: tuple[Question, list[Answer]] | None) -> Retry:
         if found is None:
@@ -323,14 +327,29 @@ class Moderation:
             self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)
         return True
 
-    def _unhide(self, kind: str, question: Question, answer: Answer | None, now: int, out: OutcomeBuilder) -> bool:
-        """Show a hidden item again (it comes back into memory when next asked for); False if it is not hidden."""
+    def _unhide(
+        self,
+        kind: str,
+        question: Question,
+        answer: Answer | None,
+        answers: Sequence[Answer],
+        now: int,
+        out: OutcomeBuilder,
+    ) -> bool:
+        """Show a hidden item again (it comes back into memory when next asked for); False if it is not hidden.
+
+        Its answers still ``sent`` are owed their ``delivered`` again (the
+        hide forgot them): the asker's next hello gives it.
+        """
         if kind == "question":
             if not question.hidden:
                 return False
             question.hidden, question.deleted_at = False, None
             out.write(SaveQuestion(attrs.evolve(question)))
             self._qa.count(question)
+            for shown in answers:
+                if shown.deleted_at is None:
+                    self._inbox.track(question, shown)
             return True
         assert answer is not None
         if not answer.hidden:
@@ -344,6 +363,8 @@ class Moderation:
         if question.question_id in self._questions:
             self._qa.adopt_answer(answer)
             self._qa.touched(question.question_id, now)
+        else:
+            self._inbox.track(question, answer)
         return True
 
     # ---- hiding ------------------------------------------------------------------------
@@ -355,9 +376,9 @@ class Moderation:
         item = self._item(call, kind, item_id)
         if isinstance(item, Pending):
             return item
-        question, answer = item
+        question, answer, answers = item
         if show:
-            changed = self._unhide(kind, question, answer, call.now, call.out)
+            changed = self._unhide(kind, question, answer, answers, call.now, call.out)
         else:
             changed = self._hide(kind, question, answer, reason, call)
         if changed:
@@ -391,7 +412,7 @@ class Moderation:
         item = self._item(call, kind, item_id)
         if isinstance(item, Pending):
             return item
-        question, answer = item
+        question, answer, _ = item
         if (kind == "question" and question.deleted_at is not None) or (
             answer is not None and answer.deleted_at is not None
         ):
@@ -462,10 +483,10 @@ class Moderation:
         item = self._item(call, report.item_kind, report.item_id)
         if isinstance(item, Pending):
             return item
-        question, answer = item
+        question, answer, answers = item
         kind, now, out = report.item_kind, call.now, call.out
         if action == "dismiss":
-            self._unhide(kind, question, answer, now, out)
+            self._unhide(kind, question, answer, answers, now, out)
         elif action == "hide":
             self._hide(kind, question, answer, f"hidden after review: {report.reason}", call)
         else:
