@@ -114,6 +114,8 @@ class CommitPipeline:
         self._bulk_waiters: deque[trio.Event] = deque()
         self._idle = trio.Event()
         self._idle.set()
+        self._handed = 0  # batches handed to the actor (committed, or with nothing to commit)
+        self._after: deque[tuple[int, Callable[[], None]]] = deque()  # after_acting's, with the batch they follow
         self._queued = 0  # outcomes ever queued
         self._settled = 0  # of those, committed or refused
         self._settling = trio.Event()  # set (and replaced) as queued outcomes settle
@@ -242,6 +244,18 @@ class CommitPipeline:
         self._settling.set()
         self._settling = trio.Event()
 
+    def after_acting(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once every batch committed so far is acted on: at once if none is left.
+
+        For replies decided outside the queue (a failed commit's refusals):
+        the batch before may still be going out in slices, and its replies
+        must leave first. Whatever else the failure changes happens at once.
+        """
+        if self.batches >= self._handed:
+            fn()
+        else:
+            self._after.append((self._handed, fn))
+
     async def wait_idle(self) -> None:
         """Return once everything submitted so far is committed and acted on."""
         while self._queue or self._in_flight:
@@ -299,6 +313,7 @@ class CommitPipeline:
                 if self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started, len(batch), given)
             self._settle(len(batch))
+            self._handed += 1
             self._committed_batches.append((batch, given))
             self._batch_committed.set()
 
@@ -353,6 +368,8 @@ class CommitPipeline:
                 self._in_flight -= 1
             self.batches += 1
             self.outcomes += len(batch)
+            while self._after and self._after[0][0] <= self.batches:
+                self._after.popleft()[1]()
             if not self._queue and not self._in_flight:
                 self._idle.set()
                 self._wake_bulk()

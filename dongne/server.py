@@ -755,11 +755,18 @@ class ClientServer:
                 self._storage_failing = True
                 self._perform(self._handle(WritesFailing(str(exc))))
         conflicted = self._conflicted
+        now_refused = []
         for outcome, token in refused:
             if conflicted is not None and outcome.request is not None and outcome.request[0] in conflicted.conns:
                 conflicted.owed.append((outcome, token))  # in order, after the rebuild (_settle_lost_race)
                 continue
-            self._refuse_outcome(outcome, token)
+            now_refused.append((outcome, token))
+        if now_refused:  # behind the replies of what was committed before, which may still be going out
+            self.pipeline.after_acting(lambda: self._refuse_all(now_refused))
+
+    def _refuse_all(self, refused: list[tuple[Outcome, Any]], conflict: str | None = None) -> None:
+        for outcome, token in refused:
+            self._refuse_outcome(outcome, token, conflict)
 
     def _refuse_outcome(self, outcome: Outcome, token: Any, conflict: str | None = None) -> None:
         """Act on an outcome that will not be committed: ``unavailable`` to its request (``conflict`` when it
@@ -889,8 +896,8 @@ class ClientServer:
         (``conflict`` to the requests that lost), so that a client reading the question next sees what won."""
         if won is not None:
             self._feed(won)
-        for outcome, token in conflicted.owed:
-            self._refuse_outcome(outcome, token, conflicted.question_id)
+        owed = conflicted.owed
+        self.pipeline.after_acting(lambda: self._refuse_all(owed, conflicted.question_id))
 
     # ---- other nodes' events (store/CLUSTER.md) -------------------------------------
 

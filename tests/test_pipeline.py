@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import itertools
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from dongne.core.effects import AppendEvent, Note, Outcome
 from dongne.pipeline import CommitPipeline, keep_wal_short
-from dongne.store import Store
+from dongne.store import Store, WriteFailed
 
 ROWS_PER_STAGE = 50
 BUDGET = 100
@@ -126,6 +127,22 @@ async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
         store.close()
 
 
+async def _fifty_then_one(pipeline: CommitPipeline, seqs: itertools.count[int], before: Any = None) -> None:
+    """Run the pipeline: 50 outcomes ``a0``..``a49`` committed together, then, while they are acted on,
+    ``before()`` and one more, ``b``; return once all is done."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for i in range(50):
+            pipeline.submit(_outcome(f"a{i}", 1, seqs))
+        await pipeline.wait_for_commit()  # the 50 are committed together, and being acted on
+        if before is not None:
+            before()
+        pipeline.submit(_outcome("b", 1, seqs))
+        with trio.fail_after(10):
+            await pipeline.wait_idle()
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path) -> None:
     import time
 
@@ -140,19 +157,46 @@ async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path)
 
     pipeline = CommitPipeline(store, act)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(pipeline.run)
-            for i in range(50):
-                pipeline.submit(_outcome(f"a{i}", 1, seqs))
-            await pipeline.wait_for_commit()  # the 50 are committed together, and being acted on
-            pipeline.submit(_outcome("b", 1, seqs))
-            with trio.fail_after(10):
-                await pipeline.wait_idle()
-            nursery.cancel_scope.cancel()
+        await _fifty_then_one(pipeline, seqs)
         assert [name for name, _ in acted] == [f"a{i}" for i in range(50)] + ["b"]  # in order
         assert acted[0][1] == 1
         assert acted[49][1] == 2  # "b" was committed before the first batch was all acted on
     finally:
+        store.close()
+
+
+async def test_a_failed_commits_refusals_go_out_after_the_batch_before_it(tmp_path: Path) -> None:
+    """A commit fails while the batch before it is still acted on (in slices): the failure is handled at
+    once, and what it refuses (``after_acting``, as the driver's ``unavailable`` replies) goes out after
+    that batch, so that replies keep the order of the requests."""
+    import sqlite3
+    import time
+
+    store = Store(tmp_path / "f.sqlite3", synchronous="NORMAL", busy_timeout_s=0.0)
+    store.open()
+    seqs = itertools.count(1)
+    acted: list[str] = []
+    handled_after: list[int] = []
+
+    def act(outcome: Outcome, _token: object, _given: object) -> None:
+        acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
+        time.sleep(0.002)  # writing to a socket; the GIL is free meanwhile
+
+    def write_failed(_exc: WriteFailed, refused: list[tuple[Outcome, object]]) -> None:
+        handled_after.append(len(acted))
+        names = [o.actions[0].event for o, _ in refused]  # type: ignore[union-attr]
+        pipeline.after_acting(lambda: acted.extend(f"refused {n}" for n in names))
+
+    pipeline = CommitPipeline(store, act, on_write_failed=write_failed)
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        # Another program takes the write lock before "b": its commit fails.
+        await _fifty_then_one(pipeline, seqs, before=lambda: holder.execute("BEGIN IMMEDIATE"))
+        assert handled_after and handled_after[0] < 50  # the failure was handled while the batch went out
+        assert acted == [f"a{i}" for i in range(50)] + ["refused b"]  # its refusal after the batch
+        assert pipeline.failing
+    finally:
+        holder.close()
         store.close()
 
 
