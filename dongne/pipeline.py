@@ -114,8 +114,13 @@ class CommitPipeline:
         self._bulk_waiters: deque[trio.Event] = deque()
         self._idle = trio.Event()
         self._idle.set()
-        self._handed = 0  # batches handed to the actor (committed, or with nothing to commit)
-        self._after: deque[tuple[int, Callable[[], None]]] = deque()  # after_acting's, with the batch they follow
+        # Queued outcomes are numbered 1, 2, ... (``_queued`` is the last number given). They end up acted
+        # on (in batches, in order) or refused (a failed commit's batch and all queued behind it): each
+        # stretch of numbers, [last number, done], in order; ``_done_upto``: every outcome up to it is.
+        self._taken = 0  # the last number taken from the queue into a batch
+        self._stretches: deque[list[Any]] = deque()
+        self._done_upto = 0
+        self._after: deque[tuple[int, Callable[[], None]]] = deque()  # after_acting's, with the number they follow
         self._queued = 0  # outcomes ever queued
         self._settled = 0  # of those, committed or refused
         self._settling = trio.Event()  # set (and replaced) as queued outcomes settle
@@ -245,16 +250,28 @@ class CommitPipeline:
         self._settling = trio.Event()
 
     def after_acting(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` once every batch committed so far is acted on: at once if none is left.
+        """Call ``fn`` once every outcome queued so far is acted on (or refused): at once if none is left.
 
-        For replies decided outside the queue (a failed commit's refusals):
-        the batch before may still be going out in slices, and its replies
-        must leave first. Whatever else the failure changes happens at once.
+        For replies decided outside the queue (a failed commit's refusals,
+        a write refused while writes fail): the batch before may still be
+        going out in slices, and requests queued before them must be
+        answered first. Whatever else the failure changes happens at once.
         """
-        if self.batches >= self._handed:
+        if self._done_upto >= self._queued:
             fn()
         else:
-            self._after.append((self._handed, fn))
+            self._after.append((self._queued, fn))
+
+    def _stretch_done(self, last: int | None = None) -> None:
+        """The oldest stretch acted on (``last`` None), or a refused one up to ``last``: call what waited."""
+        if last is None:
+            next(s for s in self._stretches if not s[1])[1] = True
+        else:
+            self._stretches.append([last, True])
+        while self._stretches and self._stretches[0][1]:
+            self._done_upto = self._stretches.popleft()[0]
+        while self._after and self._after[0][0] <= self._done_upto:
+            self._after.popleft()[1]()
 
     async def wait_idle(self) -> None:
         """Return once everything submitted so far is committed and acted on."""
@@ -282,6 +299,7 @@ class CommitPipeline:
                 await self._batch_taken.wait()
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            self._taken += len(batch)
             if len(self._queue) < self._max_queued:
                 self._room.set()
             self._in_flight += 1
@@ -313,7 +331,7 @@ class CommitPipeline:
                 if self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started, len(batch), given)
             self._settle(len(batch))
-            self._handed += 1
+            self._stretches.append([self._taken, False])
             self._committed_batches.append((batch, given))
             self._batch_committed.set()
 
@@ -338,6 +356,8 @@ class CommitPipeline:
         refused = batch + self._queue
         self._queue = []
         self._settle(len(refused))
+        self._taken = self._queued
+        self._stretch_done(self._queued)
         self._epochs.clear()
         self._in_flight -= 1
         self.failing = True
@@ -368,8 +388,7 @@ class CommitPipeline:
                 self._in_flight -= 1
             self.batches += 1
             self.outcomes += len(batch)
-            while self._after and self._after[0][0] <= self.batches:
-                self._after.popleft()[1]()
+            self._stretch_done()
             if not self._queue and not self._in_flight:
                 self._idle.set()
                 self._wake_bulk()

@@ -127,17 +127,15 @@ async def test_the_wal_starts_over_under_steady_commits(tmp_path: Path) -> None:
         store.close()
 
 
-async def _fifty_then_one(pipeline: CommitPipeline, seqs: itertools.count[int], before: Any = None) -> None:
+async def _fifty_then(pipeline: CommitPipeline, seqs: itertools.count[int], then: Any) -> None:
     """Run the pipeline: 50 outcomes ``a0``..``a49`` committed together, then, while they are acted on,
-    ``before()`` and one more, ``b``; return once all is done."""
+    ``then()``; return once all is done."""
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
         for i in range(50):
             pipeline.submit(_outcome(f"a{i}", 1, seqs))
         await pipeline.wait_for_commit()  # the 50 are committed together, and being acted on
-        if before is not None:
-            before()
-        pipeline.submit(_outcome("b", 1, seqs))
+        then()
         with trio.fail_after(10):
             await pipeline.wait_idle()
         nursery.cancel_scope.cancel()
@@ -157,7 +155,7 @@ async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path)
 
     pipeline = CommitPipeline(store, act)
     try:
-        await _fifty_then_one(pipeline, seqs)
+        await _fifty_then(pipeline, seqs, lambda: pipeline.submit(_outcome("b", 1, seqs)))
         assert [name for name, _ in acted] == [f"a{i}" for i in range(50)] + ["b"]  # in order
         assert acted[0][1] == 1
         assert acted[49][1] == 2  # "b" was committed before the first batch was all acted on
@@ -190,13 +188,48 @@ async def test_a_failed_commits_refusals_go_out_after_the_batch_before_it(tmp_pa
     pipeline = CommitPipeline(store, act, on_write_failed=write_failed)
     holder = sqlite3.connect(store.path, isolation_level=None)
     try:
-        # Another program takes the write lock before "b": its commit fails.
-        await _fifty_then_one(pipeline, seqs, before=lambda: holder.execute("BEGIN IMMEDIATE"))
+
+        def b_fails() -> None:
+            holder.execute("BEGIN IMMEDIATE")  # another program takes the write lock: b's commit fails
+            pipeline.submit(_outcome("b", 1, seqs))
+
+        await _fifty_then(pipeline, seqs, b_fails)
         assert handled_after and handled_after[0] < 50  # the failure was handled while the batch went out
         assert acted == [f"a{i}" for i in range(50)] + ["refused b"]  # its refusal after the batch
         assert pipeline.failing
     finally:
         holder.close()
+        store.close()
+
+
+async def test_a_write_refused_while_writes_fail_is_answered_after_what_was_queued_before_it(tmp_path: Path) -> None:
+    """Writes refused (as during a takeover: what is queued still commits), a connection's request queued
+    behind the batch going out, then its write, refused at once: the refusal waits for the request."""
+    import time
+
+    store = Store(tmp_path / "r.sqlite3", synchronous="NORMAL")
+    store.open()
+    seqs = itertools.count(1)
+    acted: list[str] = []
+
+    def act(outcome: Outcome, _token: object, _given: object) -> None:
+        acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
+        time.sleep(0.002)  # writing to a socket; the GIL is free meanwhile
+
+    def write_failed(_exc: WriteFailed, refused: list[tuple[Outcome, object]]) -> None:
+        names = [o.actions[0].event for o, _ in refused]  # type: ignore[union-attr]
+        pipeline.after_acting(lambda: acted.extend(f"refused {n}" for n in names))
+
+    def take_over() -> None:
+        pipeline.refuse_writes(WriteFailed("taking over"))
+        pipeline.submit(_outcome("ping", 0, seqs))  # no writes: queued behind the batch going out
+        pipeline.submit(_outcome("write", 1, seqs))  # refused at once
+
+    pipeline = CommitPipeline(store, act, on_write_failed=write_failed)
+    try:
+        await _fifty_then(pipeline, seqs, take_over)
+        assert acted == [f"a{i}" for i in range(50)] + ["ping", "refused write"]
+    finally:
         store.close()
 
 

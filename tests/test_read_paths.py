@@ -267,34 +267,40 @@ async def test_answers_to_an_expired_question_are_delivered_when_the_asker_comes
 
 
 @pytest.mark.parametrize(
-    ("take_down", "shown_again"),
-    [("delete_answer", False), ("hide_answer", False), ("hide_question", False), ("hide_answer", True),
-     ("hide_question", True)],
+    ("steps", "owed"),
+    [(["delete_answer"], False), (["hide_answer"], False), (["hide_question"], False),
+     (["hide_answer", "unhide_answer"], True), (["hide_question", "unhide_question"], True),
+     (["hide_answer", "hide_question", "unhide_answer"], False)],
 )  # fmt: skip
 async def test_an_answer_taken_down_is_owed_no_receipt_unless_shown_again(
-    start_server: Any, autojump_clock: trio.testing.MockClock, take_down: str, shown_again: bool
+    start_server: Any, autojump_clock: trio.testing.MockClock, steps: list[str], owed: bool
 ) -> None:
     """An answer deleted or hidden (or its question hidden) while its asker was away is no longer owed a
-    ``delivered`` receipt when the asker comes back after the question expired; shown again meanwhile, it is."""
+    ``delivered`` receipt when the asker comes back after the question expired; shown again meanwhile (and
+    its question shown), it is. Take-downs come before the expiry, unhides after it."""
     autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it
     h: Harness = await start_server(clock=EngineClock(), server=NO_TIMERS, questions={"ttl_s": 600.0})
     async with h.connect("mina", timeout=math.inf) as mina:
         qid = (await mina.request("create_question", question_data()))["question"]["question_id"]
     async with h.connect("author", timeout=math.inf) as author, h.connect("ops", admin=True, timeout=math.inf) as admin:
         aid = (await author.request("create_answer", {"question_id": qid, "content": "x"}))["answer"]["answer_id"]
-        item = qid if take_down == "hide_question" else aid
-        if take_down == "delete_answer":
-            await author.request("delete_answer", {"answer_id": aid})
-        else:
-            await admin.request(take_down, {"id": item, "reason": "spam"})
+        for step in steps:
+            if step.startswith("unhide"):
+                break
+            if step == "delete_answer":
+                await author.request("delete_answer", {"answer_id": aid})
+            else:
+                await admin.request(step, {"id": qid if step.endswith("question") else aid, "reason": "spam"})
         autojump_clock.jump(3600)  # the question expires (if it is in memory)
         await trio.testing.wait_all_tasks_blocked()
-        if shown_again:
-            assert (await admin.request(f"un{take_down}", {"id": item}))["changed"] is True
+        for step in steps:
+            if step.startswith("unhide"):
+                changed = await admin.request(step, {"id": qid if step.endswith("question") else aid})
+                assert changed["changed"] is True
         async with h.connect("mina", timeout=math.inf):
-            assert await receipts(h, author) == ([(aid, "delivered")] if shown_again else [])
+            assert await receipts(h, author) == ([(aid, "delivered")] if owed else [])
     await h.running.aclose()
-    assert db_rows(h.db, "SELECT answer_id, state FROM answers") == [(aid, "delivered" if shown_again else "sent")]
+    assert db_rows(h.db, "SELECT answer_id, state FROM answers") == [(aid, "delivered" if owed else "sent")]
 
 
 @pytest.mark.backends("sqlite")

@@ -363,7 +363,7 @@ class Moderation:
         if question.question_id in self._questions:
             self._qa.adopt_answer(answer)
             self._qa.touched(question.question_id, now)
-        else:
+        elif question.deleted_at is None:  # a hidden question's answers are owed nothing until it is shown
             self._inbox.track(question, answer)
         return True
 

@@ -194,9 +194,6 @@ class Questions:
                 self.adopt(question, tuple(a for a in answers if a.deleted_at is None))
             else:
                 self.count(question)  # e.g. unhidden on another node: it counts here too
-                for answer in answers:  # and its answers still sent are owed their delivery here too
-                    if answer.deleted_at is None:
-                        self._inbox.track(question, answer)
             return
         was_active = held.status in ACTIVE
         mine = attrs.evolve(held)
