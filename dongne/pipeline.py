@@ -24,6 +24,7 @@ replies and the IMMEDIATE alerts they carry do not.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -121,6 +122,7 @@ class CommitPipeline:
         self._stretches: deque[list[Any]] = deque()
         self._done_upto = 0
         self._after: deque[tuple[int, Callable[[], None]]] = deque()  # after_acting's, with the number they follow
+        self._refusing_after: int | None = None  # while a failed commit's outcomes are refused: the number before
         self._queued = 0  # outcomes ever queued
         self._settled = 0  # of those, committed or refused
         self._settling = trio.Event()  # set (and replaced) as queued outcomes settle
@@ -257,10 +259,11 @@ class CommitPipeline:
         going out in slices, and requests queued before them must be
         answered first. Whatever else the failure changes happens at once.
         """
-        if self._done_upto >= self._queued:
+        after = self._queued if self._refusing_after is None else self._refusing_after
+        if self._done_upto >= after:
             fn()
-        else:
-            self._after.append((self._queued, fn))
+        else:  # in number order: a failed batch's answers go ahead of later ones waiting
+            self._after.insert(bisect.bisect_right([n for n, _ in self._after], after), (after, fn))
 
     def _stretch_done(self, last: int | None = None) -> None:
         """The oldest stretch acted on (``last`` None), or a refused one up to ``last``: call what waited."""
@@ -354,10 +357,10 @@ class CommitPipeline:
     def _failed(self, exc: WriteFailed, batch: list[tuple[Outcome, Any]]) -> None:
         """A commit failed: nothing of ``batch`` or of what is queued behind it will be committed."""
         refused = batch + self._queue
+        before = self._taken - len(batch)  # the number of the last outcome before the batch
         self._queue = []
         self._settle(len(refused))
         self._taken = self._queued
-        self._stretch_done(self._queued)
         self._epochs.clear()
         self._in_flight -= 1
         self.failing = True
@@ -366,7 +369,14 @@ class CommitPipeline:
         if not self._in_flight:
             self._idle.set()
             self._wake_bulk()
-        self._refuse(exc, refused)
+        # What after_acting is given meanwhile answers these outcomes: in their place, ahead of any refusal
+        # of a later request waiting already (one refused while writes were refused, the queue committing).
+        self._refusing_after = before
+        try:
+            self._refuse(exc, refused)
+        finally:
+            self._refusing_after = None
+        self._stretch_done(self._queued)
 
     def _refuse(self, exc: WriteFailed, refused: list[tuple[Outcome, Any]]) -> None:
         if self._on_write_failed is None:

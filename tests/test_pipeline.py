@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from dongne.core.effects import AppendEvent, Note, Outcome
@@ -163,73 +164,67 @@ async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path)
         store.close()
 
 
-async def test_a_failed_commits_refusals_go_out_after_the_batch_before_it(tmp_path: Path) -> None:
-    """A commit fails while the batch before it is still acted on (in slices): the failure is handled at
-    once, and what it refuses (``after_acting``, as the driver's ``unavailable`` replies) goes out after
-    that batch, so that replies keep the order of the requests."""
+class _Driver:
+    """Acts as the driver would: each outcome written out (2 ms, the GIL free meanwhile), and a failure's
+    answers given through ``after_acting`` (a write refused, an outcome without writes acted on as it is).
+    ``acted``: what went out, in order; ``failures_at``: how much had, when each failure was handled."""
+
+    def __init__(self, store: Store) -> None:
+        self.acted: list[str] = []
+        self.failures_at: list[int] = []
+        self.pipeline = CommitPipeline(store, self.act, on_write_failed=self.write_failed)
+
+    def act(self, outcome: Outcome, _token: object, _given: object) -> None:
+        import time
+
+        self.acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
+        time.sleep(0.002)
+
+    def write_failed(self, _exc: WriteFailed, refused: list[tuple[Outcome, object]]) -> None:
+        self.failures_at.append(len(self.acted))
+        answers = [f"refused {o.actions[0].event}" if o.writes else o.actions[0].event for o, _ in refused]  # type: ignore[union-attr]
+        self.pipeline.after_acting(lambda: self.acted.extend(answers))
+
+
+@pytest.mark.parametrize(
+    ("failing", "refuse", "later", "answers"),
+    [
+        (["b"], False, [], ["refused b"]),  # the next commit fails
+        ([], True, ["ping", "W"], ["ping", "refused W"]),  # writes refused (a takeover), the queue commits
+        (["A"], True, ["ping", "W"], ["refused A", "ping", "refused W"]),  # and the queued batch fails too
+    ],
+)
+async def test_answers_keep_the_order_of_the_requests_when_commits_fail_or_writes_are_refused(
+    tmp_path: Path, failing: list[str], refuse: bool, later: list[str], answers: list[str]
+) -> None:
+    """While 50 outcomes go out in slices: writes in ``failing`` are queued with the write lock held
+    elsewhere (their commit fails), then writes are refused if ``refuse``, then ``later`` is submitted
+    ("ping" without writes, queued; "W" a write, refused at once). Every failure is handled at once; the
+    answers go out after the 50, in the order of the requests."""
     import sqlite3
-    import time
 
-    store = Store(tmp_path / "f.sqlite3", synchronous="NORMAL", busy_timeout_s=0.0)
+    store = Store(tmp_path / "o.sqlite3", synchronous="NORMAL", busy_timeout_s=0.0)
     store.open()
-    seqs = itertools.count(1)
-    acted: list[str] = []
-    handled_after: list[int] = []
-
-    def act(outcome: Outcome, _token: object, _given: object) -> None:
-        acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
-        time.sleep(0.002)  # writing to a socket; the GIL is free meanwhile
-
-    def write_failed(_exc: WriteFailed, refused: list[tuple[Outcome, object]]) -> None:
-        handled_after.append(len(acted))
-        names = [o.actions[0].event for o, _ in refused]  # type: ignore[union-attr]
-        pipeline.after_acting(lambda: acted.extend(f"refused {n}" for n in names))
-
-    pipeline = CommitPipeline(store, act, on_write_failed=write_failed)
     holder = sqlite3.connect(store.path, isolation_level=None)
+    seqs = itertools.count(1)
+    driver = _Driver(store)
+
+    def then() -> None:
+        if failing:
+            holder.execute("BEGIN IMMEDIATE")  # another program takes the write lock: the next commit fails
+            for name in failing:
+                driver.pipeline.submit(_outcome(name, 1, seqs))
+        if refuse:
+            driver.pipeline.refuse_writes(WriteFailed("taking over"))
+        for name in later:
+            driver.pipeline.submit(_outcome(name, 1 if name == "W" else 0, seqs))
+
     try:
-
-        def b_fails() -> None:
-            holder.execute("BEGIN IMMEDIATE")  # another program takes the write lock: b's commit fails
-            pipeline.submit(_outcome("b", 1, seqs))
-
-        await _fifty_then(pipeline, seqs, b_fails)
-        assert handled_after and handled_after[0] < 50  # the failure was handled while the batch went out
-        assert acted == [f"a{i}" for i in range(50)] + ["refused b"]  # its refusal after the batch
-        assert pipeline.failing
+        await _fifty_then(driver.pipeline, seqs, then)
+        assert driver.acted == [f"a{i}" for i in range(50)] + answers
+        assert driver.failures_at[0] < 50  # handled while the 50 went out
     finally:
         holder.close()
-        store.close()
-
-
-async def test_a_write_refused_while_writes_fail_is_answered_after_what_was_queued_before_it(tmp_path: Path) -> None:
-    """Writes refused (as during a takeover: what is queued still commits), a connection's request queued
-    behind the batch going out, then its write, refused at once: the refusal waits for the request."""
-    import time
-
-    store = Store(tmp_path / "r.sqlite3", synchronous="NORMAL")
-    store.open()
-    seqs = itertools.count(1)
-    acted: list[str] = []
-
-    def act(outcome: Outcome, _token: object, _given: object) -> None:
-        acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
-        time.sleep(0.002)  # writing to a socket; the GIL is free meanwhile
-
-    def write_failed(_exc: WriteFailed, refused: list[tuple[Outcome, object]]) -> None:
-        names = [o.actions[0].event for o, _ in refused]  # type: ignore[union-attr]
-        pipeline.after_acting(lambda: acted.extend(f"refused {n}" for n in names))
-
-    def take_over() -> None:
-        pipeline.refuse_writes(WriteFailed("taking over"))
-        pipeline.submit(_outcome("ping", 0, seqs))  # no writes: queued behind the batch going out
-        pipeline.submit(_outcome("write", 1, seqs))  # refused at once
-
-    pipeline = CommitPipeline(store, act, on_write_failed=write_failed)
-    try:
-        await _fifty_then(pipeline, seqs, take_over)
-        assert acted == [f"a{i}" for i in range(50)] + ["ping", "refused write"]
-    finally:
         store.close()
 
 
