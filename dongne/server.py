@@ -726,7 +726,9 @@ class ClientServer:
         replies keep the order of the requests (their reading pauses until
         then: ``_on_message``). So do a ``LeaseLost`` (another node took the
         escalation lease; this one stops escalating) and a ``TakingOver``
-        (this node took it and reads the store again), without those replies.
+        (this node took it and reads the store again), without those replies;
+        a race lost by what they let commit first is answered ``conflict``
+        after their rebuild, as any other.
         """
         if not isinstance(exc, TakingOver):
             self.metrics.store_write_failures.inc()
@@ -742,10 +744,7 @@ class ClientServer:
             if isinstance(exc, (TakingOver, LeaseLost)):
                 self._quiet_reload = True  # no storage failure: rebuild memory, then take writes again
             elif isinstance(exc, Conflict):
-                log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
-                self.metrics.question_conflicts.inc()
-                losers = {o.request[0] for o, _ in refused if o.request and _raced(o, exc.question_id)}
-                self._conflicted = _Conflicted(exc.question_id, losers)
+                self._lost_race(exc, refused)
                 # Every user whose seqs the refused outcomes counted in memory.
                 self._seqs_moved = {
                     w.user_id for outcome, _ in refused for w in outcome.writes if isinstance(w, AppendEvent)
@@ -754,6 +753,10 @@ class ClientServer:
                 log.error("storage_failing", extra={"error": str(exc)})
                 self._storage_failing = True
                 self._perform(self._handle(WritesFailing(str(exc))))
+        elif isinstance(exc, Conflict) and self._conflicted is None:
+            # Lost while memory is read again for a takeover (what was queued still commits, first): the
+            # losers are answered ``conflict`` after that rebuild, as after any lost race.
+            self._lost_race(exc, refused)
         conflicted = self._conflicted
         now_refused = []
         for outcome, token in refused:
@@ -763,6 +766,13 @@ class ClientServer:
             now_refused.append((outcome, token))
         if now_refused:  # behind the replies of what was committed before, which may still be going out
             self.pipeline.after_acting(lambda: self._refuse_all(now_refused))
+
+    def _lost_race(self, exc: Conflict, refused: list[tuple[Outcome, Any]]) -> None:
+        """Note a race lost to another node: the connections whose requests lost wait for the rebuild."""
+        log.warning("question_conflict", extra={"question_id": exc.question_id, "what": exc.what})
+        self.metrics.question_conflicts.inc()
+        losers = {o.request[0] for o, _ in refused if o.request and _raced(o, exc.question_id)}
+        self._conflicted = _Conflicted(exc.question_id, losers)
 
     def _refuse_all(self, refused: list[tuple[Outcome, Any]], conflict: str | None = None) -> None:
         for outcome, token in refused:

@@ -16,6 +16,7 @@ import attrs
 import msgpack
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 
 from dongne.client import DongneClient, RequestError
@@ -551,6 +552,41 @@ async def test_a_lost_race_is_answered_in_request_order_then_reads_see_the_winne
     assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, False), (3, True), (4, True)]
     assert replies[1]["error"]["code"] == "conflict"
     assert replies[3]["data"]["question"]["accepted_answer_id"] == local_answer
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_race_lost_while_memory_is_read_again_for_a_takeover_is_still_a_conflict(
+    start_server: Any, db_path: Path
+) -> None:
+    """A takeover of the escalation lease refuses new writes while what is queued commits; an accept
+    queued then, which loses its race to another node's, is answered ``conflict`` (not ``unavailable``)
+    once memory is read again, and memory holds the winner."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker:
+        qid, local_answer, other_answer = await answered_twice(h, asker)
+        other_node_accepts(h.db, qid, local_answer)
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the accept's commit waits for it
+        try:
+            async with trio.open_nursery() as nursery:
+                outcome: list[Any] = []
+
+                async def accept() -> None:
+                    try:
+                        await asker.request("accept_answer", {"question_id": qid, "answer_id": other_answer})
+                    except RequestError as exc:
+                        outcome.append(exc.code)
+
+                nursery.start_soon(accept)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # decided; its commit waits
+                h.running.clients._begin_takeover()  # as when this node takes the lease
+                holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        assert outcome == ["conflict"]
+        state = await asker.request("join_question", {"question_id": qid})
+        assert state["question"]["accepted_answer_id"] == local_answer
+    await h.running.aclose()
 
 
 @pytest.mark.backends("sqlite", "postgres")
