@@ -123,9 +123,9 @@ class CommitPipeline:
         self._done_upto = 0
         self._after: deque[tuple[int, Callable[[], None]]] = deque()  # after_acting's, with the number they follow
         self._refusing_after: int | None = None  # while a failed commit's outcomes are refused: the number before
-        self._queued = 0  # outcomes ever queued
-        self._settled = 0  # of those, committed or refused
-        self._settling = trio.Event()  # set (and replaced) as queued outcomes settle
+        self._queued = 0  # outcomes ever queued: the last number given
+        self._settled_upto = 0  # every outcome up to this number is committed or refused
+        self._settling = trio.Event()  # set (and replaced) as it moves
         self._committed = trio.Event()
         self._between: list[tuple[Callable[[], Any], trio.Event, list[Any]]] = []
         # Queued outcomes decided as the holder of the escalation lease, by id: their commit carries the
@@ -243,11 +243,12 @@ class CommitPipeline:
         memory let go meanwhile).
         """
         mark = self._queued
-        while self._settled < mark:
+        while self._settled_upto < mark:
             await self._settling.wait()
 
-    def _settle(self, count: int) -> None:
-        self._settled += count
+    def _settle(self) -> None:
+        """Everything taken from the queue so far is committed or refused."""
+        self._settled_upto = self._taken
         self._settling.set()
         self._settling = trio.Event()
 
@@ -263,7 +264,7 @@ class CommitPipeline:
         if self._done_upto >= after:
             fn()
         else:  # in number order: a failed batch's answers go ahead of later ones waiting
-            self._after.insert(bisect.bisect_right([n for n, _ in self._after], after), (after, fn))
+            bisect.insort_right(self._after, (after, fn), key=lambda waiting: waiting[0])
 
     def _stretch_done(self, last: int | None = None) -> None:
         """The oldest stretch acted on (``last`` None), or a refused one up to ``last``: call what waited."""
@@ -333,7 +334,7 @@ class CommitPipeline:
                 self._record(time.perf_counter() - started)
                 if self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started, len(batch), given)
-            self._settle(len(batch))
+            self._settle()
             self._stretches.append([self._taken, False])
             self._committed_batches.append((batch, given))
             self._batch_committed.set()
@@ -359,8 +360,8 @@ class CommitPipeline:
         refused = batch + self._queue
         before = self._taken - len(batch)  # the number of the last outcome before the batch
         self._queue = []
-        self._settle(len(refused))
         self._taken = self._queued
+        self._settle()
         self._epochs.clear()
         self._in_flight -= 1
         self.failing = True

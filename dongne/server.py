@@ -161,8 +161,9 @@ class ClientServer:
         self.escalations_waiting: set[str] = set()
         #: Told when a commit finds the lease taken (the app passes ``Membership.forget_lease``).
         self.on_lease_lost: Callable[[], None] = lambda: None
-        self._quiet_reload = False  # the next reload follows no storage failure (a lease lost or taken)
-        self._draining = False  # such a reload waits for the queue to commit (a race may be lost meanwhile)
+        # The next reload follows no storage failure (a lease lost or taken): it first waits for the queue to
+        # commit (a race may be lost meanwhile), then reads the store; cleared once the queue is done.
+        self._quiet_reload = False
         self._takeover_pending = False  # the lease was taken: memory must be read again after that
         self._site = site
         self.settings = settings
@@ -744,7 +745,6 @@ class ClientServer:
             self._writes_failed.set()
             if isinstance(exc, (TakingOver, LeaseLost)):
                 self._quiet_reload = True  # no storage failure: rebuild memory, then take writes again
-                self._draining = True
             elif isinstance(exc, Conflict):
                 self._lost_race(exc, refused)
                 # Every user whose seqs the refused outcomes counted in memory.
@@ -755,7 +755,7 @@ class ClientServer:
                 log.error("storage_failing", extra={"error": str(exc)})
                 self._storage_failing = True
                 self._perform(self._handle(WritesFailing(str(exc))))
-        elif isinstance(exc, Conflict) and self._draining and self._conflicted is None:
+        elif isinstance(exc, Conflict) and self._quiet_reload and self._conflicted is None:
             # Lost while memory is read again for a takeover (what was queued still commits, first): the
             # losers are answered ``conflict`` after that rebuild, as after any lost race.
             self._lost_race(exc, refused)
@@ -830,10 +830,10 @@ class ClientServer:
         while True:
             await self._writes_failed.wait()
             self._writes_failed = trio.Event()
-            quiet, self._quiet_reload = self._quiet_reload, False
+            quiet = self._quiet_reload
             if quiet:
                 await self.pipeline.wait_idle()  # new writes are refused; those queued commit first
-                self._draining = False  # a race they lost is noted (_write_failed): read below
+                self._quiet_reload = False  # a race they lost is noted (_write_failed): read below
             moved, self._seqs_moved = self._seqs_moved, None
             if moved is not None:
                 try:
