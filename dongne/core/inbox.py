@@ -95,8 +95,11 @@ class Inbox:
         pending = self._undelivered.get(asker_id)
         if pending is None:
             return
-        for key in [k for k in pending if k[0] == question_id] if answer_id is None else [(question_id, answer_id)]:
-            pending.pop(key, None)
+        if answer_id is not None:
+            pending.pop((question_id, answer_id), None)
+        else:
+            for key in [k for k in pending if k[0] == question_id]:
+                del pending[key]
         if not pending:
             del self._undelivered[asker_id]
 
@@ -152,7 +155,7 @@ class Inbox:
         changed = []
         for answer in sorted(answers, key=lambda a: (a.created_at, a.answer_id)):
             if answer.state != ReceiptState.READ:
-                self._undelivered.get(asker_id, {}).pop((answer.question_id, answer.answer_id), None)
+                self.untrack(asker_id, answer.question_id, answer.answer_id)
                 self._set_receipt(answer, ReceiptState.READ, now, out)
                 changed.append(answer.answer_id)
         return changed
