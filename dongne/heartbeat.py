@@ -1,4 +1,4 @@
-"""The heartbeat: ping every connection once an interval; drop one that stopped answering."""
+"""The heartbeat: ping each quiet connection once an interval; drop one that stopped answering."""
 
 from __future__ import annotations
 
@@ -19,7 +19,14 @@ HEARTBEAT_SLICE_S = 0.1
 
 
 async def keep_alive(conns: Mapping[int, WebSocketConnection], interval: float) -> None:
-    """Ping every connection once per ``interval`` (s); drop one that sent nothing since its last ping.
+    """Ping each quiet connection once per ``interval`` (s); drop one that sent nothing a whole interval after its ping.
+
+    A connection that sent a message since the last round is not pinged in
+    this one: its messages show it is there, and the replies to them keep
+    proxies between us busy both ways. A pong is not a message, so a quiet
+    connection that answers is pinged every round. One that goes silent
+    after a message is pinged at the first round it has been quiet for, and
+    dropped at the next if nothing came back.
 
     The round is spread over the interval in slices ``HEARTBEAT_SLICE_S``
     apart: 10,000 pings written in one go (and their 10,000 pongs coming
@@ -39,9 +46,13 @@ async def keep_alive(conns: Mapping[int, WebSocketConnection], interval: float) 
             for conn_id, conn in round_conns[i : i + per_slice]:
                 if conns.get(conn_id) is not conn:
                     continue  # gone meanwhile
-                if not conn.alive:
+                if conn.pinged and not conn.alive:
                     log.info("connection_dead", extra={"reason": "no answer to ping"})
                     conn.abort()
                     continue
                 conn.alive = False
+                if conn.active:
+                    conn.active = conn.pinged = False
+                    continue
+                conn.pinged = True
                 conn.ping()

@@ -96,7 +96,9 @@ class WebSocketConnection:
         self.closing = False
         self.close_code: int | None = None
         self.socket_closed = False
-        self.alive = True  # cleared by each heartbeat, set by any inbound bytes
+        self.alive = True  # cleared by each heartbeat round, set by any inbound bytes
+        self.active = False  # a message came since the last heartbeat round (a pong is not one)
+        self.pinged = False  # the last heartbeat round pinged it
         self.read_scope = trio.CancelScope()
         self.frames_out = 0
         self.overflowed = False
@@ -371,6 +373,7 @@ class WebSocketConnection:
                 if opcode == _BINARY:
                     del buf[:pos]
                     pos, n = 0, len(buf)
+                    self.active = True
                     yield BinaryFrame(payload)
                     if self.closing:
                         return
@@ -413,6 +416,7 @@ class WebSocketConnection:
                         # One buffer: a message trickling in a byte per read arrives as that many events.
                         body += chunk
                     if ev.message_finished:
+                        self.active = True
                         yield TextFrame(size) if text else BinaryFrame(bytes(body))
                         body, size, cost, text = bytearray(), 0, 0, False
                         if self.closing:
