@@ -685,6 +685,27 @@ class ClientServer:
             users += len(oldest)
             self._feed(InboxPruned(oldest))
 
+    async def prune_alerts(self) -> int:
+        """Delete the records of who was alerted (``notified``) older than ``[inbox] retention_days``, but for
+        questions still active, in bounded commits; returns how many.
+
+        An alert's record keeps a question's escalation from alerting anyone
+        twice, and the last hour's count each local's cap; past the inbox's
+        retention neither needs it, and it grew by a row per alert.
+        """
+        cutoff = self.clock.now_ms() - int(self._inbox.retention_days * 86_400_000)
+        deleted = 0
+        while True:
+            try:
+                batch: int = await self.pipeline.run_between_commits(
+                    functools.partial(self.store.prune_alerts, cutoff, self._inbox.prune_batch)
+                )
+            except WriteFailed:
+                return deleted  # the storage supervisor deals with it; next round
+            deleted += batch
+            if batch < self._inbox.prune_batch:
+                return deleted
+
     async def _prune_periodically(self) -> None:
         if math.isinf(self._inbox.prune_interval_s):
             return
@@ -693,6 +714,9 @@ class ClientServer:
             pruned = await self.prune_inbox()
             if pruned:
                 log.info("inbox_pruned", extra={"users": pruned})
+            alerts = await self.prune_alerts()
+            if alerts:
+                log.info("alerts_pruned", extra={"alerts": alerts})
 
     # ---- storage faults ------------------------------------------------------------
 

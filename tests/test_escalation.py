@@ -8,6 +8,7 @@ which stage reached whom and lower bounds on (mock) time, never upper ones.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -188,3 +189,34 @@ async def test_escalation_resumes_after_restart(start_server, autojump_clock, db
     rows = db_rows(db, "SELECT user_id, stage FROM notified ORDER BY user_id")
     assert rows == [("expert", "EXTENDED"), ("mid", "QUICK"), ("near", "IMMEDIATE")]
     assert db_rows(db, "SELECT next_stage FROM escalations") == [(4,)]
+
+
+async def test_alert_records_go_after_the_retention_but_an_active_questions_stay(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """``notified`` keeps a row per alert; past ``[inbox] retention_days`` the pruner drops those of ended
+    questions, not those of a question still open (they keep its escalation from alerting anyone twice)."""
+    forty_days_ago = int(time.time() * 1000) - 40 * 86_400_000
+    keep_open = {"ttl_s": 1e9}  # the old open question must not expire at the restart
+    old = await start_server(clock=EngineClock(forty_days_ago), server=NO_TIMERS, questions=keep_open)
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, old, "near", 1000)
+        asker = await stack.enter_async_context(old.connect("traveller"))
+        ended, still_open = [
+            (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+            for _ in range(2)
+        ]
+        for _ in range(2):
+            await near.next_event("new_question_notification")  # IMMEDIATE, for each
+        await asker.request("close_question", {"question_id": ended})
+    await old.running.aclose()
+    h = await start_server(server=NO_TIMERS, questions=keep_open)
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, h, "near", 1000)
+        asker = await stack.enter_async_context(h.connect("traveller"))
+        recent = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]
+        await near.next_event("new_question_notification")
+        await h.running.clients.pipeline.wait_idle()
+        assert await h.running.clients.prune_alerts() == 1
+        assert await h.running.clients.prune_alerts() == 0
+    await h.running.aclose()
+    rows = db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'near'")
+    assert sorted(r[0] for r in rows) == sorted([still_open, recent["question_id"]])

@@ -190,6 +190,17 @@ class Storage(Protocol):
         """
         ...
 
+    def prune_alerts(self, before_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` alert records (``notified``) older than ``before_ms``, but for active questions'.
+
+        Returns:
+            How many were deleted.
+
+        Raises:
+            WriteFailed: nothing was deleted.
+        """
+        ...
+
 
 def is_postgres_url(target: str) -> bool:
     """Whether ``--db`` / ``[store] url`` names a PostgreSQL database rather than a SQLite file."""
