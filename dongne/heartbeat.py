@@ -21,16 +21,21 @@ HEARTBEAT_SLICE_S = 0.1
 async def keep_alive(conns: Mapping[int, WebSocketConnection], interval: float) -> None:
     """Ping each quiet connection once per ``interval`` (s); drop one that sent nothing a whole interval after its ping.
 
-    A connection that sent a message since the last round is not pinged in
-    this one: its messages show it is there, and the replies to them keep
+    A connection that sent a message in the last half interval is not
+    pinged: its messages show it is there, and the replies to them keep
     proxies between us busy both ways. A pong is not a message, so a quiet
-    connection that answers is pinged every round. One that goes silent
-    after a message is pinged at the first round it has been quiet for, and
-    dropped at the next if nothing came back.
+    connection that answers is pinged every round. One that goes silent is
+    pinged at the first round at least half an interval after its last
+    message, and dropped at the first round at least an interval after that
+    ping if nothing came back: within 2.5 intervals of its last message
+    (plus a round's drift, below).
 
     The round is spread over the interval in slices ``HEARTBEAT_SLICE_S``
     apart: 10,000 pings written in one go (and their 10,000 pongs coming
-    back together) stalled everything else for a few hundred ms.
+    back together) stalled everything else for a few hundred ms. A
+    connection's place in the round moves when others come or go, so two
+    of its turns may be less than an interval apart: a ping is given a
+    whole interval from when it was sent, not until the next turn.
     """
     if math.isinf(interval):
         await trio.sleep_forever()
@@ -43,16 +48,18 @@ async def keep_alive(conns: Mapping[int, WebSocketConnection], interval: float) 
         per_slice = max(1, -(-len(round_conns) // slices))
         for i in range(0, len(round_conns), per_slice):
             await trio.sleep_until(round_start + interval * (i // per_slice) / slices)
+            now = trio.current_time()
             for conn_id, conn in round_conns[i : i + per_slice]:
                 if conns.get(conn_id) is not conn:
                     continue  # gone meanwhile
-                if conn.pinged and not conn.alive:
-                    log.info("connection_dead", extra={"reason": "no answer to ping"})
-                    conn.abort()
+                if conn.ping_sent_at is not None and not conn.alive:
+                    if now - conn.ping_sent_at >= interval:
+                        log.info("connection_dead", extra={"reason": "no answer to ping"})
+                        conn.abort()
+                    continue  # else its ping has not had a whole interval yet
+                if now - conn.last_message_at < interval / 2:
+                    conn.ping_sent_at = None
                     continue
                 conn.alive = False
-                if conn.active:
-                    conn.active = conn.pinged = False
-                    continue
-                conn.pinged = True
+                conn.ping_sent_at = now
                 conn.ping()

@@ -8,6 +8,7 @@ below is exact.
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import trio
@@ -23,73 +24,120 @@ _BINARY, _PING, _PONG = 0x2, 0x9, 0xA
 
 
 class Peer:
-    """The client end of one connection: sends binary messages when told to, notes the pings that come."""
+    """The client end of one connection: sends binary messages when told to, notes the pings that come, and
+    answers them ``answer_after`` s later (None: never)."""
 
-    def __init__(self, sock: socket.socket, *, answer_pings: bool) -> None:
+    def __init__(self, sock: socket.socket, started: float, answer_after: float | None) -> None:
         self.sock = trio.socket.from_stdlib_socket(sock)
-        self.answer_pings = answer_pings
+        self.started = started
+        self.answer_after = answer_after
         self.pinged_at: list[float] = []
         self.closed_at: float | None = None
 
-    async def read(self, started: float) -> None:
+    def now(self) -> float:
+        return trio.current_time() - self.started
+
+    async def read(self, nursery: trio.Nursery) -> None:
         buf = b""
         while data := await self.sock.recv(4096):
             buf += data
             while len(buf) >= 2 and len(buf) >= 2 + (buf[1] & 0x7F):  # the server's frames here are short
                 op, payload, buf = buf[0] & 0x0F, buf[2 : 2 + (buf[1] & 0x7F)], buf[2 + (buf[1] & 0x7F) :]
                 if op == _PING:
-                    self.pinged_at.append(trio.current_time() - started)
-                    if self.answer_pings:
-                        await self.sock.send(client_frame(_PONG, payload))
-        self.closed_at = trio.current_time() - started
+                    self.pinged_at.append(self.now())
+                    if self.answer_after is not None:
+                        nursery.start_soon(self._pong, payload)
+        self.closed_at = self.now()
 
-    async def talk(self, every: float, until: float, started: float) -> None:
-        """Send a message at 0.5 s, then every ``every`` s while before ``until`` (times from ``started``)."""
-        at = 0.5
-        while at < until:
-            await trio.sleep_until(started + at)
+    async def _pong(self, payload: bytes) -> None:
+        assert self.answer_after is not None
+        await trio.sleep(self.answer_after)
+        await self.sock.send(client_frame(_PONG, payload))
+
+    async def say_at(self, *times: float) -> None:
+        """Send a message at each of ``times`` (s from the start)."""
+        for at in times:
+            await trio.sleep_until(self.started + at)
             await self.sock.send(client_frame(_BINARY, b"\x80"))  # an empty msgpack map
-            at += every
 
 
-async def test_a_round_pings_only_connections_quiet_since_the_last(autojump_clock: trio.testing.MockClock) -> None:
-    async with trio.open_nursery() as nursery:
-        conns: dict[int, WebSocketConnection] = {}
-        peers: list[Peer] = []
-        for conn_id, answer in enumerate((False, True, False), start=1):
-            server_side, client_side = socket.socketpair()
-            server_side.setblocking(False)
-            conns[conn_id] = WebSocketConnection(
-                server_side, nursery, FrameEncoder(), max_message_bytes=1 << 16, max_buffer_bytes=1 << 20
-            )
-            peers.append(Peer(client_side, answer_pings=answer))
-        chatty, quiet, hushed = peers
+@pytest.fixture
+async def heartbeat(
+    nursery: trio.Nursery,
+) -> AsyncIterator[Callable[[float | None], tuple[int, Peer]]]:
+    """Connections under one heartbeat (``INTERVAL``), started when the test starts; ``add(answer_after)``
+    opens one and returns its id in the heartbeat's map (in order: a round reaches them in that order) and
+    its peer."""
+    conns: dict[int, WebSocketConnection] = {}
+    started = trio.current_time()
 
-        async def serve(conn: WebSocketConnection) -> None:
-            async for _ in conn.messages():
-                pass
-            conn.abort()
+    async def serve(conn: WebSocketConnection) -> None:
+        async for _ in conn.messages():
+            pass
+        conn.abort()
 
-        started = trio.current_time()
-        for conn in conns.values():
-            nursery.start_soon(serve, conn)
-        for peer in peers:
-            nursery.start_soon(peer.read, started)
-        nursery.start_soon(keep_alive, conns, INTERVAL)
-        # Rounds start at 5, 10, ... s; a round reaches connection i (from 0) i slices in.
-        nursery.start_soon(chatty.talk, 2.0, 42.0, started)  # a message every 2 s, under the interval
-        nursery.start_soon(hushed.talk, 2.0, 10.0, started)  # the same until 8.5 s, then nothing at all
-        await trio.sleep_until(started + 42.0)
+    def add(answer_after: float | None) -> tuple[int, Peer]:
+        server_side, client_side = socket.socketpair()
+        server_side.setblocking(False)
+        conn = WebSocketConnection(
+            server_side, nursery, FrameEncoder(), max_message_bytes=1 << 16, max_buffer_bytes=1 << 20
+        )
+        conn_id = len(conns) + 1
+        conns[conn_id] = conn
+        peer = Peer(client_side, started, answer_after)
+        nursery.start_soon(serve, conn)
+        nursery.start_soon(peer.read, nursery)
+        return conn_id, peer
 
-        # The chatty peer never answers a ping, and was never sent one.
-        assert chatty.pinged_at == []
-        assert chatty.closed_at is None
-        # The quiet peer is pinged in every round, and stays as it answers.
-        assert quiet.pinged_at == pytest.approx([5 * k + HEARTBEAT_SLICE_S for k in range(1, 9)])
-        assert quiet.closed_at is None
-        # The hushed one: its messages at 6.5 and 8.5 s spare it the round at 10 s; it has been quiet by the
-        # round at 15 s, which pings it, and is dropped at the next, a whole interval later.
-        assert hushed.pinged_at == pytest.approx([15 + 2 * HEARTBEAT_SLICE_S])
-        assert hushed.closed_at == pytest.approx(20 + 2 * HEARTBEAT_SLICE_S)
-        assert set(conns) == {1, 2, 3}  # (the heartbeat drops by aborting; the owner forgets the connection)
-        nursery.cancel_scope.cancel()
+    add.conns = conns  # type: ignore[attr-defined]
+    nursery.start_soon(keep_alive, conns, INTERVAL)
+    yield add
+
+
+async def test_a_round_pings_only_connections_quiet_for_half_an_interval(
+    heartbeat: Callable[[float | None], tuple[int, Peer]], autojump_clock: trio.testing.MockClock
+) -> None:
+    # Rounds start at 5, 10, ... s; a round reaches connection i (from 0) i slices in.
+    (_, chatty), (_, quiet), (_, hushed), (_, late) = (heartbeat(a) for a in (None, 0.0, None, None))
+    async with trio.open_nursery() as talk:
+        talk.start_soon(chatty.say_at, *(0.5 + 2 * k for k in range(21)))  # every 2 s (under half the interval)
+        talk.start_soon(hushed.say_at, 0.5, 2.5, 4.5, 6.5, 8.5)  # then nothing at all
+        talk.start_soon(late.say_at, 5 + 3 * HEARTBEAT_SLICE_S + 0.05)  # just after its turn in the first round
+    await trio.sleep_until(chatty.started + 42.0)
+
+    # The chatty peer never answers a ping, and was never sent one.
+    assert chatty.pinged_at == []
+    assert chatty.closed_at is None
+    # The quiet peer is pinged at its turn in every round, and stays as it answers.
+    assert quiet.pinged_at == pytest.approx([5 * k + HEARTBEAT_SLICE_S for k in range(1, 9)])
+    assert quiet.closed_at is None
+    # The hushed one: its message at 8.5 s spares it the round at 10 s; by the round at 15 s it has been quiet
+    # for half an interval, is pinged, and is dropped at the next, a whole interval after that ping.
+    assert hushed.pinged_at == pytest.approx([15 + 2 * HEARTBEAT_SLICE_S])
+    assert hushed.closed_at == pytest.approx(20 + 2 * HEARTBEAT_SLICE_S)
+    # The late one (pinged in the first round, which its message answered) spoke 4.95 s before its turn in the
+    # round at 10 s: pinged then, dropped at 15 s, two rounds after its last message, not three.
+    assert late.pinged_at == pytest.approx([5 + 3 * HEARTBEAT_SLICE_S, 10 + 3 * HEARTBEAT_SLICE_S])
+    assert late.closed_at == pytest.approx(15 + 3 * HEARTBEAT_SLICE_S)
+
+
+async def test_a_ping_has_a_whole_interval_when_others_leave_and_its_turn_comes_earlier(
+    heartbeat: Callable[[float | None], tuple[int, Peer]], autojump_clock: trio.testing.MockClock
+) -> None:
+    # 100 connections: two a slice, so the last two have their turn 4.9 s into each round. Before the second
+    # round the first 98 leave, and those two come first in it (at 10.0 and 10.1 s), right after their pings.
+    others = [heartbeat(0.0) for _ in range(98)]
+    _, slow = heartbeat(0.5)  # answers each ping half a second later
+    _, mute = heartbeat(None)  # never answers
+    await trio.sleep_until(slow.started + 5 + 4.9 + 0.01)
+    assert slow.pinged_at == pytest.approx([9.9]) and mute.pinged_at == pytest.approx([9.9])
+    conns: dict[int, WebSocketConnection] = heartbeat.conns  # type: ignore[attr-defined]
+    for conn_id, _ in others:
+        conns.pop(conn_id).abort()
+    await trio.sleep_until(slow.started + 21.0)
+    # The slow one's pong came at 10.4 s: not dropped at its turn at 10.0 s, pinged again at 15.0 and 20.0 s.
+    assert slow.closed_at is None
+    assert slow.pinged_at == pytest.approx([9.9, 15.0, 20.0])
+    # The mute one is not dropped at its turn at 10.1 s, 0.2 s after its ping, but at its next, 15.1 s.
+    assert mute.pinged_at == pytest.approx([9.9])
+    assert mute.closed_at == pytest.approx(15.1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -96,9 +97,9 @@ class WebSocketConnection:
         self.closing = False
         self.close_code: int | None = None
         self.socket_closed = False
-        self.alive = True  # cleared by each heartbeat round, set by any inbound bytes
-        self.active = False  # a message came since the last heartbeat round (a pong is not one)
-        self.pinged = False  # the last heartbeat round pinged it
+        self.alive = True  # cleared by each heartbeat ping, set by any inbound bytes
+        self.last_message_at = -math.inf  # trio time of the last whole message (a pong is not one)
+        self.ping_sent_at: float | None = None  # trio time of the heartbeat's ping still unanswered, if any
         self.read_scope = trio.CancelScope()
         self.frames_out = 0
         self.overflowed = False
@@ -373,7 +374,7 @@ class WebSocketConnection:
                 if opcode == _BINARY:
                     del buf[:pos]
                     pos, n = 0, len(buf)
-                    self.active = True
+                    self.last_message_at = trio.current_time()
                     yield BinaryFrame(payload)
                     if self.closing:
                         return
@@ -416,7 +417,7 @@ class WebSocketConnection:
                         # One buffer: a message trickling in a byte per read arrives as that many events.
                         body += chunk
                     if ev.message_finished:
-                        self.active = True
+                        self.last_message_at = trio.current_time()
                         yield TextFrame(size) if text else BinaryFrame(bytes(body))
                         body, size, cost, text = bytearray(), 0, 0, False
                         if self.closing:
