@@ -691,9 +691,11 @@ class ClientServer:
 
         An alert's record keeps a question's escalation from alerting anyone
         twice, and the last hour's count each local's cap; past the inbox's
-        retention neither needs it, and it grew by a row per alert.
+        retention neither needs it, and it grew by a row per alert. A
+        retention shorter than the caps' window keeps them for that window.
         """
-        cutoff = self.clock.now_ms() - int(self._inbox.retention_days * 86_400_000)
+        keep_ms = max(int(self._inbox.retention_days * 86_400_000), self.engine.where.ledger.window_ms)
+        cutoff = self.clock.now_ms() - keep_ms
         deleted = 0
         while True:
             try:

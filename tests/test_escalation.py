@@ -220,3 +220,21 @@ async def test_alert_records_go_after_the_retention_but_an_active_questions_stay
     await h.running.aclose()
     rows = db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'near'")
     assert sorted(r[0] for r in rows) == sorted([still_open, recent["question_id"]])
+
+
+async def test_alert_records_of_the_last_hour_stay_whatever_the_retention(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """The records of the caps' window (an hour) count against each local's cap at a restart: a retention
+    shorter than that does not prune them."""
+    twenty_minutes_ago = int(time.time() * 1000) - 20 * 60_000
+    old = await start_server(clock=EngineClock(twenty_minutes_ago), server=NO_TIMERS)
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, old, "near", 1000)
+        asker = await stack.enter_async_context(old.connect("traveller"))
+        qid = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+        await near.next_event("new_question_notification")
+        await asker.request("close_question", {"question_id": qid})
+    await old.running.aclose()
+    h = await start_server(server=NO_TIMERS, inbox={"retention_days": 1e-9})
+    assert await h.running.clients.prune_alerts() == 0
+    await h.running.aclose()
+    assert db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'near'") == [(qid,)]

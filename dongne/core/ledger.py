@@ -59,6 +59,11 @@ class AlertLedger:
         # user id -> sorted alert times; ordered by each user's newest time.
         self._times: OrderedDict[str, list[int]] = OrderedDict()
 
+    @property
+    def window_ms(self) -> int:
+        """How far back alerts count against a cap (ms)."""
+        return self._window_ms
+
     def count_last_hour(self, user_id: str, now_ms: int) -> int:
         """Count a user's alerts in the window ending at ``now_ms``.
 
