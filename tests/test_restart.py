@@ -9,7 +9,15 @@ import pytest
 import trio
 
 from dongne.store import is_postgres_url, store_for
-from dongne.store._base import LOAD_ANSWERS, LOAD_ESCALATIONS, LOAD_NOTIFIED, LOAD_QUESTIONS, LOAD_UNDELIVERED
+from dongne.store._base import (
+    LOAD_ANSWERS,
+    LOAD_ESCALATIONS,
+    LOAD_NOTIFIED,
+    LOAD_QUESTIONS,
+    LOAD_UNDELIVERED,
+    PRUNE_NOTIFIED,
+    statement_for,
+)
 
 from .conftest import db_rows, question_data
 
@@ -203,13 +211,14 @@ async def test_an_answer_sent_before_a_restart_is_delivered_when_its_asker_comes
     assert db_rows(h2.db, "SELECT answer_id, state FROM answers") == [(aid, "delivered")]
 
 
-#: Start-up reads with the parameter they take (``hot_since``, ms).
+#: Start-up reads with the parameters they take (``hot_since``, ms).
 START_UP_READS = [
     (LOAD_QUESTIONS, (HOT_SINCE := 19_800,)),
     (LOAD_ANSWERS, (HOT_SINCE,)),
     (LOAD_UNDELIVERED, (HOT_SINCE,)),
     (LOAD_ESCALATIONS, ()),
-    (LOAD_NOTIFIED, (HOT_SINCE,)),
+    (LOAD_NOTIFIED, (HOT_SINCE, HOT_SINCE)),
+    (PRUNE_NOTIFIED, (HOT_SINCE, 1000)),  # and the pruner's, oldest first
 ]
 
 #: A history: 20,000 questions, 1% of them still active, each with two answers, its escalation and five alerts.
@@ -251,16 +260,27 @@ def test_start_up_reads_search_indexes_never_the_whole_history(db: str) -> None:
             # beats 700 index probes); with sequential scans priced out, each part must still have an
             # index to go by, which is what the statements' shape decides.
             conn.execute(b"SET enable_seqscan = off")
-            for sql, params in START_UP_READS:
-                steps = "\n".join(str(row[0]) for row in conn.execute(("EXPLAIN " + _pg(sql)).encode(), params))
+            for statement, params in START_UP_READS:
+                sql = _pg(statement_for(statement, "postgres"))
+                steps = "\n".join(str(row[0]) for row in conn.execute(("EXPLAIN " + sql).encode(), params))
                 assert "Index" in steps and "Seq Scan" not in steps, (sql, steps)
         return
     with closing(sqlite3.connect(db)) as conn:
         for statement in SEED:
             conn.execute(statement)
         conn.commit()
-        for sql, params in START_UP_READS:
-            steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
-            # Only searches: no SCAN, not even of an index.
-            tables = [s for s in steps if s.startswith(("SCAN", "SEARCH"))]
-            assert tables and all(s.startswith("SEARCH") for s in tables), (sql, steps)
+        # Without statistics (as the server runs) and with them (after an operator's ANALYZE or optimize).
+        for analysed in (False, True):
+            if analysed:
+                conn.execute("ANALYZE")
+            for statement, params in START_UP_READS:
+                sql = statement_for(statement, "sqlite")
+                steps = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+                # Only searches: no SCAN, not even of an index.
+                tables = [s for s in steps if s.startswith(("SCAN", "SEARCH"))]
+                assert tables and all(s.startswith("SEARCH") for s in tables), (analysed, sql, steps)
+            # The alerts' two parts cannot overlap: no temporary B-tree removes duplicates from the recent ones.
+            steps = [
+                row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement_for(LOAD_NOTIFIED, "sqlite"), (1, 1))
+            ]
+            assert not [s for s in steps if "TEMP B-TREE" in s], steps

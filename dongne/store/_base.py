@@ -44,49 +44,70 @@ from ._writes import PreparedCommit, SeqsGiven, prepare_writes
 __all__ = ["SqlStore"]
 
 # What ``SqlStore.load`` reads besides the users and the inbox heads, each with ``hot_since`` (ms) where it
-# has a parameter. Each part is a search of an index (what is active, by status; what is recent, by time),
-# never a scan of the whole history: with an OR of the two, SQLite read every question and every alert
-# ever sent (``notified`` keeps one row per alert) at each start and reload. ``tests/test_restart.py``
-# checks the plans on both backends.
+# has a parameter (given once per ``?``). Each part is a search of an index (what is active, by status;
+# what is recent, by time), never a scan of the whole history: with an OR of the two, SQLite read every
+# question and every alert ever sent (``notified`` keeps one row per alert) at each start and reload.
+# SQLite is told which index drives each part (``INDEXED BY``, as in ``_queries``: with statistics it
+# would scan the questions for the joins); PostgreSQL takes no hints (:func:`statement_for`).
+# ``tests/test_restart.py`` checks the plans on both backends.
 
 #: Active questions, and the others asked since ``hot_since``, oldest first.
 LOAD_QUESTIONS = (
-    f"SELECT {QUESTION_COLS} FROM questions WHERE deleted_at IS NULL AND status IN ('open', 'answered')"
-    f" UNION ALL SELECT {QUESTION_COLS} FROM questions WHERE deleted_at IS NULL AND created_at >= ?"
+    f"SELECT {QUESTION_COLS} FROM questions{{by_status}} WHERE deleted_at IS NULL AND status IN ('open', 'answered')"
+    f" UNION ALL SELECT {QUESTION_COLS} FROM questions{{by_time}} WHERE deleted_at IS NULL AND created_at >= ?"
     " AND status NOT IN ('open', 'answered')"
     " ORDER BY created_at, question_id"
 )
 #: The answers of those questions, but for the expired ones'.
 LOAD_ANSWERS = (
-    f"SELECT {ANSWER_COLS} FROM answers WHERE deleted_at IS NULL AND question_id IN"
-    " (SELECT question_id FROM questions WHERE deleted_at IS NULL AND status IN ('open', 'answered')"
-    " UNION SELECT question_id FROM questions WHERE deleted_at IS NULL AND created_at >= ? AND status != 'expired')"
+    f"SELECT {ANSWER_COLS} FROM answers{{answers_by_question}} WHERE deleted_at IS NULL AND question_id IN"
+    " (SELECT question_id FROM questions{by_status} WHERE deleted_at IS NULL AND status IN ('open', 'answered')"
+    " UNION SELECT question_id FROM questions{by_time} WHERE deleted_at IS NULL AND created_at >= ?"
+    " AND status != 'expired')"
     " ORDER BY created_at, answer_id"
 )
 #: ``(asker, question, answer, author)`` of each answer still ``sent`` to a question that expired since ``hot_since``.
 LOAD_UNDELIVERED = (
-    "SELECT q.asker_id, a.question_id, a.answer_id, a.author_id FROM questions q"
-    " JOIN answers a USING (question_id) WHERE q.status = 'expired' AND q.created_at >= ?"
+    "SELECT q.asker_id, a.question_id, a.answer_id, a.author_id FROM questions q{by_status}"
+    " JOIN answers a{answers_by_question} USING (question_id) WHERE q.status = 'expired' AND q.created_at >= ?"
     " AND q.deleted_at IS NULL AND a.state = 'sent' AND a.deleted_at IS NULL"
     " ORDER BY a.created_at, a.answer_id"
 )
 #: ``(question, next stage)`` of each active question.
 LOAD_ESCALATIONS = (
-    "SELECT e.question_id, e.next_stage FROM questions q JOIN escalations e USING (question_id)"
+    "SELECT e.question_id, e.next_stage FROM questions q{by_status} JOIN escalations e USING (question_id)"
     " WHERE q.status IN ('open', 'answered')"
 )
+#: ``(question, user, at)`` of every alert since ``hot_since``, and of the older ones of active questions (two
+#: parts that cannot overlap: no duplicates to remove).
+LOAD_NOTIFIED = (
+    "SELECT n.question_id, n.user_id, n.at FROM questions q{by_status} JOIN notified n USING (question_id)"
+    " WHERE q.status IN ('open', 'answered') AND n.at < ?"
+    " UNION ALL SELECT question_id, user_id, at FROM notified{notified_by_time} WHERE at >= ?"
+)
+#: The ``LOAD_`` statements' holes, and the index each names on SQLite.
+_LOAD_INDEXES = {
+    "by_status": "questions_by_status",
+    "by_time": "questions_by_time",
+    "answers_by_question": "answers_by_question",
+    "notified_by_time": "notified_by_time",
+}
+
+
+def statement_for(statement: str, dialect: Dialect) -> str:
+    """One of the ``LOAD_`` statements, or ``PRUNE_NOTIFIED``, for ``dialect``: SQLite's names its indexes,
+    PostgreSQL's does not."""
+    return statement.format(
+        **{hole: f" INDEXED BY {index}" if dialect == "sqlite" else "" for hole, index in _LOAD_INDEXES.items()}
+    )
+
+
 #: Deletes up to ``limit`` (the second parameter) alert records older than the first, oldest first, but none of
 #: a question still active (they keep its escalation from alerting anyone twice).
 PRUNE_NOTIFIED = (
-    "DELETE FROM notified WHERE (question_id, user_id) IN (SELECT n.question_id, n.user_id FROM notified n"
-    " JOIN questions q USING (question_id) WHERE n.at < ? AND q.status NOT IN ('open', 'answered')"
+    "DELETE FROM notified WHERE (question_id, user_id) IN (SELECT n.question_id, n.user_id"
+    " FROM notified n{notified_by_time} JOIN questions q USING (question_id) WHERE n.at < ? AND q.status NOT IN ('open', 'answered')"
     " ORDER BY n.at LIMIT ?)"
-)
-#: ``(question, user, at)`` of every alert for an active question, and of every alert since ``hot_since``.
-LOAD_NOTIFIED = (
-    "SELECT n.question_id, n.user_id, n.at FROM questions q JOIN notified n USING (question_id)"
-    " WHERE q.status IN ('open', 'answered')"
-    " UNION SELECT question_id, user_id, at FROM notified WHERE at >= ?"
 )
 
 
@@ -154,7 +175,7 @@ class SqlStore:
     def prune_alerts(self, before_ms: int, limit: int) -> int:
         """Delete at most ``limit`` alert records older than ``before_ms``, but for active questions'
         (blocking: on a worker thread); returns how many."""
-        return self._write("pruning alerts", [(PRUNE_NOTIFIED, (before_ms, limit))])[0]
+        return self._write("pruning alerts", [(statement_for(PRUNE_NOTIFIED, self.dialect), (before_ms, limit))])[0]
 
     # ---- reads -------------------------------------------------------------------
 
@@ -169,14 +190,18 @@ class SqlStore:
         seqs = {user: (low, high) for user, low, high in self._seq_ranges()}
         for user in users:
             user.last_seq = max(user.last_seq, seqs.get(user.user_id, (0, 0))[1])
-        questions = [question_from(r) for r in self._read(LOAD_QUESTIONS, (hot_since,))]
-        answers = [answer_from(r) for r in self._read(LOAD_ANSWERS, (hot_since,))]
+
+        def read(statement: str, *params: int) -> list[tuple[Any, ...]]:
+            return self._read(statement_for(statement, self.dialect), params)
+
+        questions = [question_from(r) for r in read(LOAD_QUESTIONS, hot_since)]
+        answers = [answer_from(r) for r in read(LOAD_ANSWERS, hot_since)]
         undelivered = [
             (str(asker), str(qid), str(aid), str(author))
-            for asker, qid, aid, author in self._read(LOAD_UNDELIVERED, (hot_since,))
+            for asker, qid, aid, author in read(LOAD_UNDELIVERED, hot_since)
         ]
-        escalations = {qid: next_stage for qid, next_stage in self._read(LOAD_ESCALATIONS)}
-        notified = [(qid, uid, at) for qid, uid, at in self._read(LOAD_NOTIFIED, (hot_since,))]
+        escalations = {qid: next_stage for qid, next_stage in read(LOAD_ESCALATIONS)}
+        notified = [(qid, uid, at) for qid, uid, at in read(LOAD_NOTIFIED, hot_since, hot_since)]
         pending_pushes = self.pending_push_jobs(0, -1)  # all of them
         last_job = self._last_push_job_id()
         return LoadedState(
