@@ -606,26 +606,34 @@ class ClientServer:
             # counted as run may be due again now. A new task looks again; no stage runs twice (the
             # engine runs only stages not yet run).
             running.cancel()
-        # The task ends by itself a second after its last stage is due;
+        # The task sleeps at most until a second after its last stage is due;
         # overdue stages (after a restart, or a late start) run at once.
-        scope = trio.CancelScope(deadline=max(self.clock.trio_time_at(start.until), trio.current_time()) + 1.0)
+        ends_at = max(self.clock.trio_time_at(start.until), trio.current_time()) + 1.0
+        scope = trio.CancelScope()
         self.escalation_scopes[start.question_id] = scope
-        self._escalation_nursery.start_soon(self._escalate, start.question_id, scope, epoch)
+        self._escalation_nursery.start_soon(self._escalate, start.question_id, scope, epoch, ends_at)
 
-    async def _escalate(self, question_id: str, scope: trio.CancelScope, epoch: int) -> None:
+    async def _escalate(self, question_id: str, scope: trio.CancelScope, epoch: int, ends_at: float) -> None:
         """One question's escalation: sleep until each stage is due, run it.
 
         The task lives in a cancel scope that accepting or closing the question
-        cancels, and whose deadline is the last stage's due time (plus a
-        second). Stages already past due (after a restart) run at once, in order.
-        Each stage's commit carries ``epoch``, the lease's when the task started
+        cancels. Its deadline, ``ends_at`` (the last stage's due time plus a
+        second), bounds its sleeping, not its work: a stage that is due is
+        delivered, batch after batch, however long its commits take (a
+        deadline on the scope cut a stage off in the middle when commits
+        stalled, and the engine kept it half-sent until the next reload).
+        Stages already past due (after a restart) run at once, in order. Each
+        stage's commit carries ``epoch``, the lease's when the task started
         (PostgreSQL): once another node took the lease, it is refused.
         """
         guard = epoch if self._guard_lease else None
         try:
             with scope:
                 while (due := self.engine.escalation_due(question_id)) is not None:
-                    await trio.sleep_until(self.clock.trio_time_at(due))
+                    at = self.clock.trio_time_at(due)
+                    if at > ends_at:
+                        break  # no stage of the plan it was started for is left
+                    await trio.sleep_until(at)
                     await self._writes_ok.wait()  # a stage that cannot be committed runs late, not never
                     await self.pipeline.submit_bulk(lambda: self._handle(EscalationDue(question_id)), lease_epoch=guard)
         finally:

@@ -8,6 +8,7 @@ which stage reached whom and lower bounds on (mock) time, never upper ones.
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -238,3 +239,37 @@ async def test_alert_records_of_the_last_hour_stay_whatever_the_retention(start_
     assert await h.running.clients.prune_alerts() == 0
     await h.running.aclose()
     assert db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'near'") == [(qid,)]
+
+
+async def test_a_due_stage_is_delivered_however_long_its_commits_take(start_server, db, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    """A stage's batches wait for commits held up by another program's lock: the clock runs past the last stage's
+    due time meanwhile, and the stage is still delivered whole (the task's deadline bounds its sleeping only)."""
+    plan = [{"name": "ALL", "offset_s": 2, "audience": "everyone"}]
+    # 150 locals in batches of 10: the first batches fill the pipeline's room for fan-out (200 rows), so the
+    # next wait for their commit, which waits for the lock.
+    autojump_clock.autojump_threshold = math.inf  # the clock stands still until the lock is taken
+    h = await start_server(server=NO_TIMERS, escalation={"alerts_per_batch": 10, "stages": plan})
+    for i in range(150):
+        async with h.connect(f"l{i:03d}", local=True, timeout=math.inf) as local:
+            await local.request("get_profile")
+    await h.running.clients.pipeline.wait_idle()
+    async with h.connect("asker", timeout=math.inf) as asker:
+        qid = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+        if str(db).startswith("postgres"):
+            import psycopg
+
+            holder = psycopg.connect(str(db))
+            holder.execute("LOCK TABLE notified IN EXCLUSIVE MODE")  # another session's, until the rollback
+        else:
+            holder = sqlite3.connect(db, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # another program's write lock, until the rollback
+        autojump_clock.autojump_threshold = 0  # from now on it jumps whenever the server waits
+        await trio.sleep(10.0)  # the stage is due at 2 s; its first batch's commit waits, the clock jumps on
+        holder.rollback() if str(db).startswith("postgres") else holder.execute("ROLLBACK")
+        holder.close()
+        while qid in h.running.clients.escalation_scopes:  # noqa: ASYNC110 - the server's own task ending
+            await trio.sleep(1.0)
+        await h.running.clients.pipeline.wait_idle()
+    assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = ?", (qid,)) == [(150,)]
+    assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(1,)]
+    await h.running.aclose()
