@@ -31,7 +31,9 @@ class Peer:
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.started = started
         self.answer_after = answer_after
+        self.read_every = 0.0  # s between two reads of at most 4 KB (0: as fast as they come)
         self.pinged_at: list[float] = []
+        self.messages = 0
         self.closed_at: float | None = None
 
     def now(self) -> float:
@@ -43,10 +45,13 @@ class Peer:
             buf += data
             while len(buf) >= 2 and len(buf) >= 2 + (buf[1] & 0x7F):  # the server's frames here are short
                 op, payload, buf = buf[0] & 0x0F, buf[2 : 2 + (buf[1] & 0x7F)], buf[2 + (buf[1] & 0x7F) :]
+                self.messages += op == _BINARY
                 if op == _PING:
                     self.pinged_at.append(self.now())
                     if self.answer_after is not None:
                         nursery.start_soon(self._pong, payload)
+            if self.read_every:
+                await trio.sleep(self.read_every)
         self.closed_at = self.now()
 
     async def _pong(self, payload: bytes) -> None:
@@ -78,18 +83,22 @@ async def heartbeat(
 
     def add(answer_after: float | None) -> tuple[int, Peer]:
         server_side, client_side = socket.socketpair()
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         server_side.setblocking(False)
         conn = WebSocketConnection(
             server_side, nursery, FrameEncoder(), max_message_bytes=1 << 16, max_buffer_bytes=1 << 20
         )
         conn_id = len(conns) + 1
         conns[conn_id] = conn
+        add.opened[conn_id] = conn  # type: ignore[attr-defined]
         peer = Peer(client_side, started, answer_after)
         nursery.start_soon(serve, conn)
         nursery.start_soon(peer.read, nursery)
         return conn_id, peer
 
     add.conns = conns  # type: ignore[attr-defined]
+    add.opened = {}  # type: ignore[attr-defined]  # every connection, also those the test took out of conns
     nursery.start_soon(keep_alive, conns, INTERVAL)
     yield add
 
@@ -141,3 +150,21 @@ async def test_a_ping_has_a_whole_interval_when_others_leave_and_its_turn_comes_
     # The mute one is not dropped at its turn at 10.1 s, 0.2 s after its ping, but at its next, 15.1 s.
     assert mute.pinged_at == pytest.approx([9.9])
     assert mute.closed_at == pytest.approx(15.1)
+
+
+async def test_a_slow_reader_working_through_a_backlog_is_alive(
+    heartbeat: Callable[[float | None], tuple[int, Peer]], autojump_clock: trio.testing.MockClock
+) -> None:
+    """The ping waits behind the frames queued before it; while the peer reads them, it is there."""
+    conn_id, slow = heartbeat(0.0)  # answers a ping as soon as it reads it
+    slow.read_every = 0.1  # 4 KB every 0.1 s: about 40 KB/s
+    conn: WebSocketConnection = heartbeat.opened[conn_id]  # type: ignore[attr-defined]
+    frame = FrameEncoder().binary(bytes(100))
+    for _ in range(2000):  # about 18 s of reading here: three rounds and more
+        conn.send_nowait(frame)
+    await trio.sleep_until(slow.started + 40.0)
+    assert slow.messages == 2000
+    assert slow.closed_at is None
+    # Pinged at each round, its pings read only once the backlog was (at about 18 s): it was not dropped.
+    assert len(slow.pinged_at) >= 3
+    assert min(slow.pinged_at) > 3 * INTERVAL

@@ -176,6 +176,10 @@ class WebSocketConnection:
                         self.abort()
                         return
                     self.buffered_bytes -= sent
+                    # The kernel took bytes from a backlog it had no room for: the peer read what went
+                    # before. It counts as being alive, as inbound bytes do: a healthy client on a slow
+                    # link reads a long replay for longer than the heartbeat's ping waits behind it.
+                    self.alive = True
                     if sent == len(head):
                         self._buffer.popleft()
                     else:
