@@ -395,6 +395,8 @@ class ClientServer:
                         self.door.addresses.authenticated(admitted, self.clock.now_ms())
         except trio.Cancelled:
             raise
+        except OSError as exc:  # the peer reset or broke the socket (in the handshake, say): not a server fault
+            log.info("connection_lost", extra={"conn": conn_id, "error": type(exc).__name__})
         except Exception:
             log.exception("connection_failed", extra={"conn": conn_id})
         finally:

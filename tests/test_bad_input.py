@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
+import socket
+import struct
 import time
+from typing import Any
 
 import jwt
 import msgpack
@@ -177,3 +181,23 @@ async def test_user_text_arrives_in_one_unicode_form(server: Harness) -> None:
         found = await jun.request("browse_questions", {"hashtag": nfd})
         assert [q["question_id"] for q in found["questions"]] == [question["question_id"]]
         assert jun.hello["user"]["nick"] == "준"
+
+
+async def test_a_reset_in_the_handshake_is_not_logged_as_a_failure(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mobile clients drop in the middle of everything: a reset is logged as a lost connection, not an error."""
+    h: Harness = await start_server()
+    caplog.set_level(logging.INFO, logger="dongne")
+    for _ in range(5):
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", h.running.port))
+        await sock.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a request
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # with a reset
+    with trio.fail_after(10):
+        while len([r for r in caplog.records if r.msg == "connection_lost"]) < 5:  # noqa: ASYNC110 - the server's
+            await trio.sleep(0.01)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    async with h.connect("after") as after:
+        assert (await after.request("get_profile"))["user"]["user_id"] == "after"
