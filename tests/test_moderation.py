@@ -289,3 +289,34 @@ async def test_review_findings_hide_out_of_memory_reporters_told_repeat_reports_
         assert gone.value.code == "not_found"
         assert (await asker.next_event("content_hidden"))["data"]["question_id"] == old
     await h2.running.aclose()
+
+
+async def test_an_open_question_shown_again_is_open_here_again(
+    start_server: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Unhiding an open question puts it back where a restart would: nearby, and expiring on time."""
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it
+    h: Harness = await start_server(server=NO_TIMERS, questions={"ttl_s": 600.0})
+    async with (
+        h.connect("ops", admin=True, timeout=math.inf) as admin,
+        h.connect("asker", timeout=math.inf) as asker,
+        h.connect("viewer", timeout=math.inf) as viewer,
+    ):
+        data = question_data()
+        qid = (await asker.request("create_question", data))["question"]["question_id"]
+
+        async def nearby() -> list[str]:
+            near = await viewer.request("nearby_questions", {"location": data["location"]})
+            return [q["question_id"] for q in near["questions"]]
+
+        assert await nearby() == [qid]
+        await admin.request("hide_question", {"id": qid, "reason": "checking"})
+        assert await nearby() == []
+        await admin.request("unhide_question", {"id": qid})
+        assert await nearby() == [qid]
+        await asker.request("join_question", {"question_id": qid})
+        autojump_clock.jump(601.0)  # past its time to live, from when it was asked
+        closed = await asker.next_event("question_closed")
+        assert closed["data"] == {"question_id": qid, "reason": "expired"}
+    assert db_rows(h.db, "SELECT status FROM questions WHERE question_id = ?", (qid,)) == [("expired",)]
+    await h.running.aclose()

@@ -336,7 +336,8 @@ class Moderation:
         now: int,
         out: OutcomeBuilder,
     ) -> bool:
-        """Show a hidden item again (it comes back into memory when next asked for); False if it is not hidden.
+        """Show a hidden item again; False if it is not hidden. An active question comes back into memory at once;
+        an ended one (as an answer under a question out of memory) when next asked for.
 
         Its answers still ``sent`` are owed their ``delivered`` again (the
         hide forgot them): the asker's next hello gives it.
@@ -346,10 +347,15 @@ class Moderation:
                 return False
             question.hidden, question.deleted_at = False, None
             out.write(SaveQuestion(attrs.evolve(question)))
+            shown = [a for a in answers if a.deleted_at is None]
+            if question.status in ACTIVE:
+                # Open again: in memory as it was before the hide (nearby, its expiry, its slow-response alert),
+                # counted, its answers tracked. Its escalation stays stopped (the hide stored it as done).
+                self._qa.adopt(question, shown)
+                return True
             self._qa.count(question)
-            for shown in answers:
-                if shown.deleted_at is None:
-                    self._inbox.track(question, shown)
+            for answer_shown in shown:
+                self._inbox.track(question, answer_shown)
             return True
         assert answer is not None
         if not answer.hidden:
