@@ -196,7 +196,10 @@ async def _serve(
         keep_days = max(settings.engine.hot_question_days, settings.alerts.slo_window_days)
         hot_since = clock.now_ms() - int(keep_days * 86400 * 1000)
         started = time.perf_counter()
-        loaded = await trio.to_thread.run_sync(functools.partial(store.load, hot_since=hot_since))
+        alerts_since = clock.now_ms() - engine.where.ledger.window_ms  # the caps count the last hour's
+        loaded = await trio.to_thread.run_sync(
+            functools.partial(store.load, hot_since=hot_since, alerts_since=alerts_since)
+        )
         startup = engine.load(loaded, clock.now_ms())
         log.info(
             "loaded %d users, %d questions in %.0f ms from %s",

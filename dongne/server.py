@@ -884,7 +884,10 @@ class ClientServer:
                 hot_since = self.clock.now_ms() - self._hot_ms
                 self._takeover_pending = False
                 try:
-                    state = await trio.to_thread.run_sync(functools.partial(self.store.load, hot_since=hot_since))
+                    alerts_since = self.clock.now_ms() - self.engine.where.ledger.window_ms
+                    state = await trio.to_thread.run_sync(
+                        functools.partial(self.store.load, hot_since=hot_since, alerts_since=alerts_since)
+                    )
                 except StoreError as exc:  # PostgreSQL out of reach: reads fail too, for now
                     log.warning("storage_reload_failed", extra={"error": str(exc)})
                     await trio.sleep(PROBE_INTERVAL_S)

@@ -273,3 +273,27 @@ async def test_a_due_stage_is_delivered_however_long_its_commits_take(start_serv
     assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = ?", (qid,)) == [(150,)]
     assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(1,)]
     await h.running.aclose()
+
+
+async def test_a_restart_keeps_the_last_hours_alerts_against_the_cap_whatever_the_hot_set(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """The caps count the last hour's alerts; a hot set shorter than that (it only decides which questions
+    are kept in memory) must not forget them at a restart."""
+    tiny = {"engine": {"hot_question_days": 1e-9}, "alerts": {"slo_window_days": 1e-9}}
+    h = await start_server(**tiny)
+    async with AsyncExitStack() as stack:
+        local = await local_at(stack, h, "local", 300)
+        await local.request("update_settings", {"max_alerts_per_hour": 1})
+        asker = await stack.enter_async_context(h.connect("traveller"))
+        first = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]
+        await local.next_event("new_question_notification")
+        await asker.request("close_question", {"question_id": first["question_id"]})
+    await h.running.aclose()
+    h2 = await start_server(**tiny)  # the closed question is out of the hot set already
+    async with AsyncExitStack() as stack:
+        await local_at(stack, h2, "local", 300)
+        asker = await stack.enter_async_context(h2.connect("traveller"))
+        second = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]
+        await h2.running.clients.pipeline.wait_idle()
+    await h2.running.aclose()
+    rows = db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'local'")
+    assert rows == [(first["question_id"],)], second["question_id"]  # at their cap: not alerted again

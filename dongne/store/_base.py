@@ -179,11 +179,14 @@ class SqlStore:
 
     # ---- reads -------------------------------------------------------------------
 
-    def load(self, *, hot_since: int) -> LoadedState:
+    def load(self, *, hot_since: int, alerts_since: int | None = None) -> LoadedState:
         """Everything the engine keeps in memory: all users, active questions
         and questions created since ``hot_since`` (ms), with their answers (the
         expired ones without: the engine only counts them, for its SLO, trending
-        and hotspots, and delivers the answers their askers have not received)."""
+        and hotspots, and delivers the answers their askers have not received),
+        and the records of alerts for active questions and since ``hot_since``,
+        or since ``alerts_since`` if that is earlier (each local's cap counts
+        the last hour's, whatever the hot set's length)."""
         users = [user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users")]
         # users.last_seq is only rewritten with the rest of the row; the inbox
         # (its heads, in PostgreSQL) holds the truth.
@@ -201,7 +204,8 @@ class SqlStore:
             for asker, qid, aid, author in read(LOAD_UNDELIVERED, hot_since)
         ]
         escalations = {qid: next_stage for qid, next_stage in read(LOAD_ESCALATIONS)}
-        notified = [(qid, uid, at) for qid, uid, at in read(LOAD_NOTIFIED, hot_since, hot_since)]
+        since = hot_since if alerts_since is None else min(hot_since, alerts_since)
+        notified = [(qid, uid, at) for qid, uid, at in read(LOAD_NOTIFIED, since, since)]
         pending_pushes = self.pending_push_jobs(0, -1)  # all of them
         last_job = self._last_push_job_id()
         return LoadedState(

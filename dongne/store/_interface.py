@@ -138,8 +138,9 @@ class Storage(Protocol):
         """
         ...
 
-    def load(self, *, hot_since: int) -> LoadedState:
-        """Everything the engine keeps in memory (see ``LoadedState``)."""
+    def load(self, *, hot_since: int, alerts_since: int | None = None) -> LoadedState:
+        """Everything the engine keeps in memory (see ``LoadedState``); the records of alerts are read from
+        ``alerts_since`` if that is earlier than ``hot_since`` (the caps' window, with a short hot set)."""
         ...
 
     def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:

@@ -376,10 +376,10 @@ class PostgresStore(SqlStore):
         """
         return int(self._read("SELECT nextval('push_job_blocks')")[0][0]) * PUSH_JOB_BLOCK
 
-    def load(self, *, hot_since: int) -> LoadedState:
+    def load(self, *, hot_since: int, alerts_since: int | None = None) -> LoadedState:
         """As ``SqlStore.load``; changes from here on are what :meth:`read_changes` reads first."""
         self._changes_from = self._snapshot_xmin()
-        return super().load(hot_since=hot_since)
+        return super().load(hot_since=hot_since, alerts_since=alerts_since)
 
     def _snapshot_xmin(self) -> str:
         """The oldest transaction still running (or the next one): every older one is committed or gone."""
