@@ -402,7 +402,9 @@ class ClientServer:
         finally:
             self.door.forget(conn_id)
             if admitted is not None:
-                if not authenticated:  # bad token, no hello in time, a bad first frame, dropped
+                if not authenticated and conn is not None and conn.close_code in _NOT_THE_CLIENTS_FAULT:
+                    self.door.addresses.released(admitted, self.clock.now_ms())  # settled, not charged
+                elif not authenticated:  # bad token, no hello in time, a bad first frame, dropped
                     self.door.addresses.failed(admitted, self.clock.now_ms())
                 elif conn is not None and conn.close_code == 4008:  # a flood, after authenticating
                     self.door.addresses.offence(admitted, self.clock.now_ms())
@@ -1021,6 +1023,12 @@ class ClientServer:
             with trio.move_on_at(self._timer_at):
                 await self._timer_wakeup.wait()
             self.pipeline.submit(self._handle(Tick()))
+
+
+#: Close codes of a hello the server refused for its own reasons, which do not count against the address's
+#: failed handshakes (behind a carrier NAT, that would throttle everyone there): shutting down, storage
+#: refusing (1013), the user's connection cap (4008 before a hello is accepted).
+_NOT_THE_CLIENTS_FAULT = frozenset((1001, 1013, 4008))
 
 
 @attrs.define

@@ -314,3 +314,20 @@ async def test_proxy_protocol_names_the_client_from_a_trusted_balancer(start_ser
     async with attempt(port, token("c")) as bare:
         assert bare.status == 0
     await h.running.aclose()
+
+
+async def test_hellos_the_server_refuses_for_its_own_reasons_do_not_throttle_the_address(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A user's extra tabs over the per-user cap (4008) are not the address's failed handshakes: behind a
+    carrier NAT, counting them would lock out everyone else there."""
+    h = await start_server(limits={**UNLIMITED, "connections_per_user": 1, "failed_handshakes_per_ip_per_minute": 3})
+    async with attempt(h.running.port, token("alice")) as first:
+        assert first.ok
+        for _ in range(5):  # more than the address's failures allow
+            async with attempt(h.running.port, token("alice")) as extra:
+                assert extra.close_code == 4008
+        async with attempt(h.running.port, token("bob")) as neighbour:  # same address
+            assert neighbour.ok
+        assert h.running.clients.door.addresses.unauthenticated("127.0.0.1") == 0  # each extra settled
+    async with attempt(h.running.port, "not-a-token") as bad:  # a bad token still counts
+        assert bad.close_code == 4001
+    await h.running.aclose()

@@ -131,6 +131,12 @@ class AddressPolicy:
         entry.pending = max(0, entry.pending - 1)
         self._charge(entry)
 
+    def released(self, address: str, now: int) -> None:
+        """An admitted handshake of ``address`` ended without authenticating, refused for the server's own
+        reasons (see the server's ``_NOT_THE_CLIENTS_FAULT``): settled, and not charged."""
+        entry = self._entry(address, now)
+        entry.pending = max(0, entry.pending - 1)
+
     def offence(self, address: str, now: int) -> None:
         """Something of ``address`` cost the server outside an admitted handshake."""
         self._charge(self._entry(address, now))
