@@ -97,6 +97,7 @@ from .runtime import YoungCollections
 from .store import Conflict, LeaseLost, SeqsGiven, Storage, StoreError, WriteFailed
 from .store._writes import read_inbox_news
 from .transport import (
+    CLOSE_GRACE_S,
     BinaryFrame,
     FrameEncoder,
     Site,
@@ -393,6 +394,8 @@ class ClientServer:
                     if not authenticated and self.engine.user_of(conn_id) is not None:
                         authenticated = True  # a valid hello: the address's handshake is settled
                         self.door.addresses.authenticated(admitted, self.clock.now_ms())
+            if not conn.closing and not conn.socket_closed:
+                await self._answer_the_peers_close(conn)
         except trio.Cancelled:
             raise
         except OSError as exc:  # the peer reset or broke the socket (in the handshake, say): not a server fault
@@ -431,6 +434,17 @@ class ClientServer:
                 with contextlib.suppress(OSError):
                     trio.lowlevel.notify_closing(sock)
                 sock.close()
+
+    async def _answer_the_peers_close(self, conn: WebSocketConnection) -> None:
+        """The peer closed its side (a close frame, or the end of its stream) after requests: their replies
+        (a write's acknowledgement among them) go out first, for at most ``CLOSE_GRACE_S``; then the close
+        frame answers the peer's."""
+        replied = trio.Event()
+        self.pipeline.after_acting(replied.set)
+        with trio.move_on_after(CLOSE_GRACE_S):
+            await replied.wait()
+        if conn.peer_close_code is not None:
+            conn.close(conn.peer_close_code, "")
 
     def _read_user(self, user_id: str) -> tuple[User | None, int | None]:
         """A hello's user as stored, and the oldest seq of theirs still kept (blocking: on a worker thread)."""

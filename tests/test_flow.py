@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+
+import msgpack
 import pytest
+from wsproto.events import BytesMessage, CloseConnection
 
 from dongne.client import RequestError
 
-from .conftest import Harness, question_data
+from .conftest import Harness, db_rows, question_data, token
+from .rawws import RawWebSocket
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -169,3 +174,30 @@ async def test_read_receipts_flow_to_the_author(server: Harness) -> None:
             assert state["answers"][0]["state"] == "read"
             again = await asker.request("mark_read", {"question_id": qid})
             assert again["answer_ids"] == []
+
+
+@pytest.mark.parametrize("how", ["close frame", "half-close"])
+async def test_requests_sent_just_before_the_peer_closes_are_all_answered(start_server, how: str) -> None:  # type: ignore[no-untyped-def]
+    """A client that sends requests and closes at once (a close frame, or the end of its stream) still gets
+    every reply, a write's acknowledgement among them, before the server's close."""
+    h: Harness = await start_server()
+    peer = await RawWebSocket.connect(h.running.port)
+    requests = [
+        {"type": "hello", "id": 1, "data": {"token": token("alice")}},
+        {"type": "create_question", "id": 2, "data": question_data()},
+        {"type": "ping", "id": 3, "data": {}},
+        {"type": "get_profile", "id": 4, "data": {}},
+    ]
+    batch = b"".join(peer.ws.send(BytesMessage(data=msgpack.packb(r))) for r in requests)
+    if how == "close frame":
+        batch += peer.ws.send(CloseConnection(code=1000))
+    await peer.sock.send(batch)
+    if how == "half-close":
+        peer.sock.shutdown(socket.SHUT_WR)
+    frames = await peer.read_until_closed()
+    replies = [f for f in frames if f.get("type") == "reply"]
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, True), (3, True), (4, True)]
+    assert peer.close_code == (1000 if how == "close frame" else 1006)  # 1006: the stream ended, no close frame
+    peer.close()
+    assert db_rows(h.db, "SELECT question_id FROM questions") == [(replies[1]["data"]["question"]["question_id"],)]
+    await h.running.aclose()

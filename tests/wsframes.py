@@ -67,6 +67,8 @@ async def read_all(
         with trio.fail_after(10):
             async for message in conn.messages():
                 got.append(message)
+        if conn.peer_close_code is not None:
+            conn.close(conn.peer_close_code, "")  # the owner answers the peer's close
         conn.abort()
         with trio.move_on_after(2):
             await answered.wait()

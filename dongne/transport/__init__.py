@@ -3,6 +3,7 @@
 from ._addresses import OriginPolicy as OriginPolicy
 from ._addresses import TrustedProxies as TrustedProxies
 from ._addresses import normalize_address as normalize_address
+from ._connection import CLOSE_GRACE_S as CLOSE_GRACE_S
 from ._connection import BinaryFrame as BinaryFrame
 from ._connection import TextFrame as TextFrame
 from ._connection import WebSocketConnection as WebSocketConnection
@@ -22,6 +23,7 @@ from ._proxy_protocol import ProxyProtocolError as ProxyProtocolError
 from ._proxy_protocol import parse_proxy_header as parse_proxy_header
 
 __all__ = [
+    "CLOSE_GRACE_S",
     "BinaryFrame",
     "FrameEncoder",
     "HandshakeResult",

@@ -96,6 +96,7 @@ class WebSocketConnection:
         self._writer_done.set()
         self.closing = False
         self.close_code: int | None = None
+        self.peer_close_code: int | None = None  # the code to answer the peer's close frame with, once it came
         self.socket_closed = False
         self.alive = True  # cleared by each heartbeat ping, set by any inbound bytes
         self.last_message_at = -math.inf  # trio time of the last whole message (a pong is not one)
@@ -331,6 +332,10 @@ class WebSocketConnection:
     async def messages(self) -> AsyncIterator[BinaryFrame | TextFrame]:
         """Yield each complete inbound message until the peer closes or goes away.
 
+        After the peer's close frame, ``peer_close_code`` says what to answer
+        it with; the owner sends that close (after what it still owes the
+        peer), as it does for the end of the stream.
+
         Control frames are answered here. An inbound message larger than the
         limit closes the connection with 1009.
 
@@ -432,8 +437,9 @@ class WebSocketConnection:
                     self.alive = True
                 elif isinstance(ev, CloseConnection):
                     if not self.closing:
-                        code = ev.code if ev.code not in (1005, 1006, 1015) else 1000
-                        self.close(code, "")
+                        # Answered by the owner (``close(peer_close_code, "")``) once what it owes the peer
+                        # is out: replies to requests that came before the close frame, say.
+                        self.peer_close_code = ev.code if ev.code not in (1005, 1006, 1015) else 1000
                     return
             data = await self._receive()
             if not data:
