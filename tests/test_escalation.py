@@ -297,3 +297,42 @@ async def test_a_restart_keeps_the_last_hours_alerts_against_the_cap_whatever_th
     await h2.running.aclose()
     rows = db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'local'")
     assert rows == [(first["question_id"],)], second["question_id"]  # at their cap: not alerted again
+
+
+NEAR_PLAN = [{"name": "NEAR", "offset_s": 0, "audience": "nearby", "radius_m": 5000, "limit": 10}]
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_stage_cut_short_by_a_restart_keeps_its_limit(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """A stage goes out in batches and its progress is saved with the last one: planned again after a restart
+    in the middle, it alerts what its limit leaves, not its whole limit again."""
+    config = {"escalation": {"alerts_per_batch": 1, "stages": NEAR_PLAN}, "location": {"min_update_interval_s": 0.0}}
+    h = await start_server(store={"busy_timeout_s": 0.2}, **config)
+    async with AsyncExitStack() as stack:
+        for i in range(1, 25):  # offline locals, found by their homes
+            async with h.connect(f"l{i:02d}", local=True) as local:
+                await local.request("update_settings", {"home": east(200 + 50 * i)})
+        nearest = await local_at(stack, h, "l00", 100)  # online: in the first batch, with the reply
+        asker = await stack.enter_async_context(h.connect("traveller"))
+        qid = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+        await nearest.next_event("new_question_notification")
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the next batch's commit fails: the server stops before the stage ends
+        with trio.fail_after(20):
+            while h.running.clients.writable:  # noqa: ASYNC110 - the server's own failed commit
+                await trio.sleep(0.01)
+    with trio.move_on_after(5):
+        await h.running.aclose()
+    holder.execute("ROLLBACK")
+    holder.close()
+    before = db_rows(db, "SELECT count(*) FROM notified WHERE question_id = ?", (qid,))[0][0]
+    assert 1 <= before < 10
+    h2 = await start_server(**config)
+    await h2.running.clients.pipeline.wait_idle()
+    with trio.fail_after(20):
+        while qid in h2.running.clients.escalation_scopes:  # noqa: ASYNC110 - the server's own task ending
+            await trio.sleep(0.01)
+    await h2.running.clients.pipeline.wait_idle()
+    await h2.running.aclose()
+    rows = db_rows(db, "SELECT user_id FROM notified WHERE question_id = ? ORDER BY user_id", (qid,))
+    assert len(rows) == 10, rows  # the stage's limit, over both runs

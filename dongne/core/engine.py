@@ -280,6 +280,7 @@ class Engine:
                         question.question_id,
                         state.escalations[question.question_id],
                         notified.get(question.question_id, ()),
+                        state.notified_per_stage.get(question.question_id, {}),
                     )
         for answer in state.answers:
             self._qa.adopt_answer(answer)
@@ -428,7 +429,9 @@ class Engine:
             return  # a ban stops escalating for good
         for user_id, at in progress.notified:
             where.ledger.record_alert(user_id, at)
-        where.restore_escalation(question_id, progress.next_stage, (user_id for user_id, _ in progress.notified))
+        where.restore_escalation(
+            question_id, progress.next_stage, (user_id for user_id, _ in progress.notified), progress.per_stage
+        )
         if where.escalation_due(question) is not None:
             out.act(StartEscalation(question_id, self._qa.escalation_until(question)))
 

@@ -9,7 +9,7 @@ engine calls it with ``now`` and turns its answers into writes and frames.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -41,6 +41,9 @@ class Escalation:
     delivering: StagePlan | None = None
     style: tuple[str, str, str] = ("", "", "")
     pending: list[Hit] = attrs.Factory(list)
+    # Alerts the next stage had sent before a restart or reload cut it short (its progress is saved with its
+    # last batch): planned again, it is planned for what its limit leaves.
+    resumed: int = 0
 
 
 class Neighbourhood:
@@ -308,19 +311,27 @@ class Neighbourhood:
         """
         esc = self.escalations[question.question_id]
         stage = self.stages[esc.next_stage]
+        planned: StagePlan | None = stage
+        if esc.resumed and stage.limit is not None:
+            planned = attrs.evolve(stage, limit=stage.limit - esc.resumed) if stage.limit > esc.resumed else None
+        esc.resumed = 0
         brief = QuestionBrief.from_record(question)
-        hits = plan_hits(
-            stage,
-            brief,
-            live=self.live,
-            locals=self.locals,
-            online=self.online(online),
-            notified=esc.notified | {question.asker_id},
-            ledger=self.ledger,
-            now_ms=now,
-            utc_offset_minutes=self.settings.utc_offset_minutes,
-            homes=self.homes,
-            awake_at=now if stage.audience == "nearby" and stage.cap_share == self._snooze_share() else None,
+        hits = (
+            []
+            if planned is None
+            else plan_hits(
+                planned,
+                brief,
+                live=self.live,
+                locals=self.locals,
+                online=self.online(online),
+                notified=esc.notified | {question.asker_id},
+                ledger=self.ledger,
+                now_ms=now,
+                utc_offset_minutes=self.settings.utc_offset_minutes,
+                homes=self.homes,
+                awake_at=now if stage.audience == "nearby" and stage.cap_share == self._snooze_share() else None,
+            )
         )
         alerted = [hit[0] for hit in hits]
         esc.notified.update(alerted)
@@ -354,8 +365,13 @@ class Neighbourhood:
             return len(esc.notified)
         return self.alerted_counts.get(question_id)
 
-    def restore_escalation(self, question_id: str, next_stage: int, notified: Iterable[str]) -> None:
-        self.escalations[question_id] = Escalation(next_stage, set(notified))
+    def restore_escalation(
+        self, question_id: str, next_stage: int, notified: Iterable[str], per_stage: Mapping[str, int] | None = None
+    ) -> None:
+        """A question's escalation as the store holds it; ``per_stage``: how many were alerted in each stage."""
+        esc = self.escalations[question_id] = Escalation(next_stage, set(notified))
+        if per_stage and next_stage < len(self.stages):
+            esc.resumed = per_stage.get(self.stages[next_stage].name, 0)
 
     # ---- wire shapes ------------------------------------------------------------------
 

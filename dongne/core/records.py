@@ -211,6 +211,9 @@ class EscalationProgress:
 
     next_stage: int
     notified: tuple[tuple[str, int], ...] = ()  # (user id, at)
+    # How many were alerted in each stage (by name): a stage delivered in batches and cut short (a restart,
+    # a reload) is planned again for what its limit leaves.
+    per_stage: dict[str, int] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -222,6 +225,7 @@ class LoadedState:
     answers: list[Answer]
     escalations: dict[str, int] = attrs.Factory(dict)  # question id -> stages already run
     notified: list[tuple[str, str, int]] = attrs.Factory(list)  # (question id, user id, at)
+    notified_per_stage: dict[str, dict[str, int]] = attrs.Factory(dict)  # question id -> stage -> alerts
     pending_pushes: list[PushJob] = attrs.Factory(list)
     last_push_job_id: int = 0
     oldest_seqs: dict[str, int] = attrs.Factory(dict)  # user id -> oldest durable event kept

@@ -78,12 +78,12 @@ LOAD_ESCALATIONS = (
     "SELECT e.question_id, e.next_stage FROM questions q{by_status} JOIN escalations e USING (question_id)"
     " WHERE q.status IN ('open', 'answered')"
 )
-#: ``(question, user, at)`` of every alert since ``hot_since``, and of the older ones of active questions (two
+#: ``(question, user, at, stage)`` of every alert since ``hot_since``, and of the older ones of active questions (two
 #: parts that cannot overlap: no duplicates to remove).
 LOAD_NOTIFIED = (
-    "SELECT n.question_id, n.user_id, n.at FROM questions q{by_status} JOIN notified n USING (question_id)"
+    "SELECT n.question_id, n.user_id, n.at, n.stage FROM questions q{by_status} JOIN notified n USING (question_id)"
     " WHERE q.status IN ('open', 'answered') AND n.at < ?"
-    " UNION ALL SELECT question_id, user_id, at FROM notified{notified_by_time} WHERE at >= ?"
+    " UNION ALL SELECT question_id, user_id, at, stage FROM notified{notified_by_time} WHERE at >= ?"
 )
 #: The ``LOAD_`` statements' holes, and the index each names on SQLite.
 _LOAD_INDEXES = {
@@ -205,7 +205,12 @@ class SqlStore:
         ]
         escalations = {qid: next_stage for qid, next_stage in read(LOAD_ESCALATIONS)}
         since = hot_since if alerts_since is None else min(hot_since, alerts_since)
-        notified = [(qid, uid, at) for qid, uid, at in read(LOAD_NOTIFIED, since, since)]
+        notified: list[tuple[str, str, int]] = []
+        per_stage: dict[str, dict[str, int]] = {}
+        for qid, uid, at, stage in read(LOAD_NOTIFIED, since, since):
+            notified.append((qid, uid, at))
+            counts = per_stage.setdefault(qid, {})
+            counts[stage] = counts.get(stage, 0) + 1
         pending_pushes = self.pending_push_jobs(0, -1)  # all of them
         last_job = self._last_push_job_id()
         return LoadedState(
@@ -215,6 +220,7 @@ class SqlStore:
             undelivered=undelivered,
             escalations=escalations,
             notified=notified,
+            notified_per_stage=per_stage,
             pending_pushes=pending_pushes,
             last_push_job_id=int(last_job),
             oldest_seqs={user: low for user, (low, _high) in seqs.items()},
@@ -335,15 +341,18 @@ class SqlStore:
             if not stages:
                 continue
             alerted: dict[str, list[tuple[str, int]]] = {}
+            per_stage: dict[str, dict[str, int]] = {}
             marks = ",".join("?" * len(stages))
-            for qid, uid, at in self._read(
-                f"SELECT question_id, user_id, at FROM notified WHERE question_id IN ({marks})"
+            for qid, uid, at, stage in self._read(
+                f"SELECT question_id, user_id, at, stage FROM notified WHERE question_id IN ({marks})"
                 " ORDER BY question_id, at, user_id",
                 sorted(stages),
             ):
                 alerted.setdefault(qid, []).append((uid, int(at)))
+                counts = per_stage.setdefault(qid, {})
+                counts[stage] = counts.get(stage, 0) + 1
             for qid, next_stage in stages.items():
-                progress[qid] = EscalationProgress(next_stage, tuple(alerted.get(qid, ())))
+                progress[qid] = EscalationProgress(next_stage, tuple(alerted.get(qid, ())), per_stage.get(qid, {}))
         return progress
 
     def read_changes(self) -> tuple[list[str], list[str]]:
