@@ -665,6 +665,33 @@ def test_a_stage_only_for_unanswered_questions_stops_between_batches_once_answer
     assert first == ["local3"]  # one batch of one
     assert [w for w in later.writes if isinstance(w, AppendEvent) and w.type == "new_question_notification"] == []
     assert engine.escalation_due(qid) is None
+    # Only the one alerted counts against their cap: the others were planned, never sent.
+    counts = {u: engine.where.ledger.count_last_hour(u, T0 + 30) for u in ("local3", "local4", "local5")}
+    assert counts == {"local3": 1, "local4": 0, "local5": 0}
+
+
+def test_a_question_closed_in_the_middle_of_a_stage_takes_back_the_alerts_it_did_not_send() -> None:
+    """A stage is planned at once and sent in batches: when the question ends in between, its locals not alerted
+    yet are not counted against their caps (a restart, reading what was sent, would not count them either)."""
+    from dongne.core import StagePlan
+
+    everyone = StagePlan("ALL", 0.0, None, None, "everyone")
+    engine = Engine(CoreSettings(stages=(everyone,), alerts_per_batch=1), claims_for)
+    sim = Sim(engine)
+    for conn_id, lng in enumerate((126.5320, 126.5420, 126.5740), start=3):
+        sim.connect(conn_id, f"local{conn_id}")
+        engine.users[f"local{conn_id}"].local = True
+        engine.where.refresh_local(engine.users[f"local{conn_id}"], T0)
+        sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
+    sim.connect(2, "asker")
+    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    assert [w.user_id for w in created.writes if isinstance(w, AppendEvent)] == ["local3"]
+    sim.call(2, "close_question", {"question_id": qid}, T0 + 10)
+
+    assert engine.escalation_due(qid) is None
+    counts = {u: engine.where.ledger.count_last_hour(u, T0 + 10) for u in ("local3", "local4", "local5")}
+    assert counts == {"local3": 1, "local4": 0, "local5": 0}
 
 
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:

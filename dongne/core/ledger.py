@@ -150,6 +150,18 @@ class AlertLedger:
             self._add(user_id, now_ms)
         self.prune(now_ms)
 
+    def unrecord(self, user_id: str, at_ms: int) -> None:
+        """Take back one alert recorded for a user at ``at_ms`` that was not sent after all (nothing if the
+        ledger no longer holds it)."""
+        times = self._times.get(user_id)
+        if not times:
+            return
+        i = bisect.bisect_left(times, at_ms)
+        if i < len(times) and times[i] == at_ms:
+            del times[i]
+            if not times:
+                del self._times[user_id]
+
     def _add(self, user_id: str, now_ms: int) -> None:
         times = self._times.get(user_id)
         if times is None:

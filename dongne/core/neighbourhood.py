@@ -41,6 +41,7 @@ class Escalation:
     delivering: StagePlan | None = None
     style: tuple[str, str, str] = ("", "", "")
     pending: list[Hit] = attrs.Factory(list)
+    planned_at: int = 0  # when the stage being delivered was planned (its targets' alerts counted from then)
     # Alerts the next stage had sent before a restart or reload cut it short (its progress is saved with its
     # last batch): planned again, it is planned for what its limit leaves.
     resumed: int = 0
@@ -251,7 +252,7 @@ class Neighbourhood:
 
     def question_ended(self, question_id: str) -> None:
         self.open_questions.remove(question_id)
-        self.escalations.pop(question_id, None)
+        self.stop_escalation(question_id)
         self.alerted_counts.pop(question_id, None)
         self.hotspots.question_resolved(question_id)
 
@@ -335,6 +336,7 @@ class Neighbourhood:
         )
         alerted = [hit[0] for hit in hits]
         esc.notified.update(alerted)
+        esc.planned_at = now
         self.ledger.record_users(alerted, now)
         for user_id in alerted:
             self._snooze(user_id)
@@ -351,6 +353,23 @@ class Neighbourhood:
         if esc is None:
             return self.stages[-1].name if self.stages else None
         return self.stages[esc.next_stage - 1].name if esc.next_stage > 0 else None
+
+    def drop_pending(self, esc: Escalation) -> None:
+        """The rest of the stage being delivered is not sent (the question was answered, or ended): its
+        targets were counted as alerted when it was planned, and are not any more (caps, never twice)."""
+        for user_id, _, _ in esc.pending:
+            esc.notified.discard(user_id)
+            self.ledger.unrecord(user_id, esc.planned_at)
+            self._snooze(user_id)
+        esc.pending.clear()
+
+    def stop_escalation(self, question_id: str) -> Escalation | None:
+        """Stop a question's escalation here (it ended, or was stopped for good); what it had not sent yet
+        is taken back (:meth:`drop_pending`). Returns it, if it had one."""
+        esc = self.escalations.pop(question_id, None)
+        if esc is not None:
+            self.drop_pending(esc)
+        return esc
 
     def escalation_done(self, question_id: str) -> None:
         """Every stage of the question has run: keep how many locals were alerted, drop who."""

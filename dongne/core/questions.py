@@ -681,7 +681,7 @@ class Questions:
                     out.act(Observe("escalation_stage_latency", question.created_at, stage.name))
                 esc.delivering, esc.pending = stage, hits
             elif esc.delivering.only_if_unanswered and question.answer_count > 0:
-                esc.pending.clear()  # answered since the stage was planned: the rest of it is not sent
+                where.drop_pending(esc)  # answered since the stage was planned: the rest of it is not sent
             stage = esc.delivering
             batch = esc.pending[:room]
             del esc.pending[:room]
@@ -710,7 +710,7 @@ class Questions:
         (a ban of its asker, a hide)."""
         if question.question_id not in self._where.escalations:
             return
-        self._where.escalations.pop(question.question_id)
+        self._where.stop_escalation(question.question_id)
         out.act(CancelEscalation(question.question_id))
         out.write(SaveEscalation(question.question_id, len(self._where.stages), now))
 
