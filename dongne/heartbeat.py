@@ -27,8 +27,9 @@ async def keep_alive(conns: Mapping[int, WebSocketConnection], interval: float) 
     connection that answers is pinged every round. One that goes silent is
     pinged at the first round at least half an interval after its last
     message, and dropped at the first round at least an interval after that
-    ping if nothing came back: within 2.5 intervals of its last message
-    (plus a round's drift, below).
+    ping if nothing came back: about 2.5 intervals after its last message
+    (up to 3.5 while many connections come and go: a turn that comes early
+    waits for the next, below).
 
     The round is spread over the interval in slices ``HEARTBEAT_SLICE_S``
     apart: 10,000 pings written in one go (and their 10,000 pongs coming

@@ -350,6 +350,8 @@ class ClientServer:
         opened = trio.current_time()
         admitted: str | None = None  # the address whose unauthenticated handshake this is
         authenticated = False
+        disconnected = False  # the engine was told (Disconnected)
+        user_id: str | None = None  # whose connection it was, when the engine was told early
         try:
             handshake = None
             with trio.move_on_after(self.settings.hello_timeout_s):
@@ -395,6 +397,11 @@ class ClientServer:
                         authenticated = True  # a valid hello: the address's handshake is settled
                         self.door.addresses.authenticated(admitted, self.clock.now_ms())
             if not conn.closing and not conn.socket_closed:
+                # The peer is done: the engine hears it now (its user goes offline, and may come back at once
+                # under the per-user cap); the replies it is still owed go out before the close.
+                user_id = self.engine.user_of(conn_id)
+                self._feed(Disconnected(conn_id))
+                disconnected = True
                 await self._answer_the_peers_close(conn)
         except trio.Cancelled:
             raise
@@ -405,18 +412,20 @@ class ClientServer:
         finally:
             self.door.forget(conn_id)
             if admitted is not None:
-                if not authenticated and conn is not None and conn.close_code in _NOT_THE_CLIENTS_FAULT:
+                # The server's own close decides, not a code the peer chose for its close frame.
+                ours = conn.close_code if conn is not None and conn.peer_close_code is None else None
+                if not authenticated and ours in _NOT_THE_CLIENTS_FAULT:
                     self.door.addresses.released(admitted, self.clock.now_ms())  # settled, not charged
                 elif not authenticated:  # bad token, no hello in time, a bad first frame, dropped
                     self.door.addresses.failed(admitted, self.clock.now_ms())
-                elif conn is not None and conn.close_code == 4008:  # a flood, after authenticating
+                elif ours == 4008:  # a flood, after authenticating
                     self.door.addresses.offence(admitted, self.clock.now_ms())
             if conn is not None:
                 log.info(
                     "connection_closed",
                     extra={
                         "conn": conn_id,
-                        "user": self.engine.user_of(conn_id),
+                        "user": user_id if disconnected else self.engine.user_of(conn_id),
                         "close_code": conn.close_code,
                         "slow_consumer": conn.overflowed,
                         "duration_ms": round((trio.current_time() - opened) * 1000, 1),
@@ -427,7 +436,8 @@ class ClientServer:
                 if conn.overflowed:
                     self.metrics.overflows.inc()
                     self.metrics.errors.labels("close_4009").inc()
-                self._feed(Disconnected(conn_id))
+                if not disconnected:
+                    self._feed(Disconnected(conn_id))
                 with trio.CancelScope(shield=True):
                     await conn.aclose(timeout=0.5)
             else:

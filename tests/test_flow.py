@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 
 import msgpack
 import pytest
+import trio
 from wsproto.events import BytesMessage, CloseConnection
 
 from dongne.client import RequestError
@@ -200,4 +202,31 @@ async def test_requests_sent_just_before_the_peer_closes_are_all_answered(start_
     assert peer.close_code == (1000 if how == "close frame" else 1006)  # 1006: the stream ended, no close frame
     peer.close()
     assert db_rows(h.db, "SELECT question_id FROM questions") == [(replies[1]["data"]["question"]["question_id"],)]
+    await h.running.aclose()
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_peer_that_closed_is_gone_at_once_while_its_replies_wait(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """The engine hears of the close at once (the user may connect again right away under a per-user cap of one),
+    while the reply it is owed waits for its commit, held here by another program's lock."""
+    h: Harness = await start_server(limits={"connections_per_user": 1})
+    peer = await RawWebSocket.connect(h.running.port)
+    await peer.send({"type": "hello", "id": 1, "data": {"token": token("alice")}})
+    with trio.fail_after(10):
+        while not h.running.engine.user_conns.get("alice"):  # noqa: ASYNC110 - the server's hello
+            await trio.sleep(0.01)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the question's commit waits for it
+    ask = peer.ws.send(BytesMessage(data=msgpack.packb({"type": "create_question", "id": 2, "data": question_data()})))
+    await peer.sock.send(ask + peer.ws.send(CloseConnection(code=1000)))
+    with trio.fail_after(10):
+        while h.running.engine.user_conns.get("alice"):  # noqa: ASYNC110 - the server's reading of the close
+            await trio.sleep(0.01)
+    assert h.running.engine.counts()["open_questions"] == 1  # decided; its commit waits
+    holder.execute("ROLLBACK")
+    holder.close()
+    frames = await peer.read_until_closed()
+    assert [(f["id"], f["ok"]) for f in frames if f.get("type") == "reply"] == [(1, True), (2, True)]
+    assert peer.close_code == 1000
+    peer.close()
     await h.running.aclose()

@@ -10,6 +10,7 @@ import msgpack
 import pytest
 import trio
 import trio_websocket
+from wsproto.events import CloseConnection
 
 from dongne.client import RequestError
 from dongne.core.limits import BucketSpec, IpBlocklist, Limiter, TokenBucket
@@ -17,6 +18,7 @@ from dongne.core.settings import LimitSettings
 
 from .addressed import Attempt, attempt
 from .conftest import NO_TIMERS, UNLIMITED, question_data, token
+from .rawws import RawWebSocket
 
 ONLY_IMMEDIATE = [{"name": "IMMEDIATE", "offset_s": 0.0, "radius_m": 2000.0, "audience": "online_nearby"}]
 
@@ -330,4 +332,19 @@ async def test_hellos_the_server_refuses_for_its_own_reasons_do_not_throttle_the
         assert h.running.clients.door.addresses.unauthenticated("127.0.0.1") == 0  # each extra settled
     async with attempt(h.running.port, "not-a-token") as bad:  # a bad token still counts
         assert bad.close_code == 4001
+    await h.running.aclose()
+
+
+async def test_a_clients_own_close_frame_counts_whatever_its_code(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A client closing before its hello with a code the server uses for its own refusals (1013) is charged
+    as any handshake without a hello: the exemption is for the server's decisions only."""
+    h = await start_server(limits={**UNLIMITED, "failed_handshakes_per_ip_per_minute": 3})
+    for _ in range(3):
+        peer = await RawWebSocket.connect(h.running.port)
+        await peer.sock.send(peer.ws.send(CloseConnection(code=1013)))
+        await peer.read_until_closed()
+        assert peer.close_code == 1013  # answered with its own code
+        peer.close()
+    async with attempt(h.running.port, token("next")) as after:
+        assert after.status == 429
     await h.running.aclose()

@@ -218,3 +218,24 @@ async def test_inbound_frames_wsproto_must_judge_still_close_the_connection() ->
         got, _, closed = await read_all(stream, 1 << 20)
 
         assert len(got) == 1 and closed == code
+
+
+async def test_a_protocol_error_is_closed_at_once_and_a_peers_close_left_to_the_owner(nursery: trio.Nursery) -> None:
+    """wsproto reports a protocol error as a close event: that one the connection closes itself, with its code,
+    at once; the peer's own close frame it leaves for its owner to answer (after what the owner still owes)."""
+    for stream, (close_code, peer_close_code) in (
+        (client_frame(2, b"hi", mask=None), (1002, None)),  # unmasked: a protocol error
+        (client_frame(8, (4000).to_bytes(2, "big")), (None, 4000)),  # the peer closes
+    ):
+        server_side, client_side = socket.socketpair()
+        server_side.setblocking(False)
+        conn = WebSocketConnection(
+            server_side, nursery, FrameEncoder(), max_message_bytes=1 << 16, max_buffer_bytes=1 << 20
+        )
+        client_side.sendall(stream)
+        with trio.fail_after(5):
+            async for _ in conn.messages():
+                pass
+        assert (conn.close_code, conn.peer_close_code) == (close_code, peer_close_code)
+        conn.abort()
+        client_side.close()

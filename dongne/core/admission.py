@@ -20,8 +20,9 @@ has:
   failures are known.
 
 The driver calls ``admit`` when a WebSocket upgrade request has been read
-(and the client's address is known), then exactly one of ``authenticated``
-or ``failed`` for each admitted handshake. ``offence`` charges a failure
+(and the client's address is known), then exactly one of ``authenticated``,
+``failed`` or ``released`` (refused for the server's own reasons: not
+charged) for each admitted handshake. ``offence`` charges a failure
 without an admission (a refused upgrade, a connection closed for a flood of
 bad frames after it authenticated).
 

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 
 import attrs
 import trio
-from wsproto.connection import Connection, ConnectionType
+from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from ._frames import FrameEncoder
@@ -437,9 +437,13 @@ class WebSocketConnection:
                     self.alive = True
                 elif isinstance(ev, CloseConnection):
                     if not self.closing:
-                        # Answered by the owner (``close(peer_close_code, "")``) once what it owes the peer
-                        # is out: replies to requests that came before the close frame, say.
-                        self.peer_close_code = ev.code if ev.code not in (1005, 1006, 1015) else 1000
+                        code = ev.code if ev.code not in (1005, 1006, 1015) else 1000
+                        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                            # The peer's close frame: answered by the owner (``close(peer_close_code, "")``)
+                            # once what it owes the peer is out (replies to requests that came before it).
+                            self.peer_close_code = code
+                        else:  # wsproto's word for a protocol error it found: closed at once
+                            self.close(code, "")
                     return
             data = await self._receive()
             if not data:
