@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections.abc import Mapping
@@ -25,22 +26,22 @@ async def keep_alive(conns: Mapping[int, WebSocketConnection], interval: float) 
     pinged: its messages show it is there, and the replies to them keep
     proxies between us busy both ways. A pong is not a message, so a quiet
     connection that answers is pinged every round. One that goes silent is
-    pinged at the first round at least half an interval after its last
-    message, and dropped at the first round at least an interval after that
-    ping if nothing came back: about 2.5 intervals after its last message
-    (up to 3.5 while many connections come and go: a turn that comes early
-    waits for the next, below).
+    pinged at its first turn at least half an interval after its last
+    message, and dropped a whole interval after that ping if nothing came
+    back: about 2.5 intervals after its last message.
 
     The round is spread over the interval in slices ``HEARTBEAT_SLICE_S``
     apart: 10,000 pings written in one go (and their 10,000 pongs coming
     back together) stalled everything else for a few hundred ms. A
-    connection's place in the round moves when others come or go, so two
-    of its turns may be less than an interval apart: a ping is given a
-    whole interval from when it was sent, not until the next turn.
+    connection's turn in the round moves when others come or go, so pings
+    are judged from a heap of their due times, checked at every slice, not
+    at their connections' next turns (which may come too early, or late).
     """
     if math.isinf(interval):
         await trio.sleep_forever()
     slices = max(1, int(interval / HEARTBEAT_SLICE_S))
+    # (when to judge, conn id, when pinged, conn) of each ping sent, in order of when to judge it.
+    pings: list[tuple[float, int, float, WebSocketConnection]] = []
     next_round = trio.current_time() + interval
     while True:
         await trio.sleep_until(next_round)
@@ -50,17 +51,20 @@ async def keep_alive(conns: Mapping[int, WebSocketConnection], interval: float) 
         for i in range(0, len(round_conns), per_slice):
             await trio.sleep_until(round_start + interval * (i // per_slice) / slices)
             now = trio.current_time()
+            while pings and pings[0][0] <= now:
+                _, conn_id, pinged_at, conn = heapq.heappop(pings)
+                if conns.get(conn_id) is conn and conn.ping_sent_at == pinged_at and not conn.alive:
+                    log.info("connection_dead", extra={"reason": "no answer to ping"})
+                    conn.abort()
             for conn_id, conn in round_conns[i : i + per_slice]:
-                if conns.get(conn_id) is not conn:
+                if conns.get(conn_id) is not conn or conn.socket_closed:
                     continue  # gone meanwhile
                 if conn.ping_sent_at is not None and not conn.alive:
-                    if now - conn.ping_sent_at >= interval:
-                        log.info("connection_dead", extra={"reason": "no answer to ping"})
-                        conn.abort()
-                    continue  # else its ping has not had a whole interval yet
+                    continue  # its ping is judged a whole interval after it was sent (above)
                 if now - conn.last_message_at < interval / 2:
                     conn.ping_sent_at = None
                     continue
                 conn.alive = False
                 conn.ping_sent_at = now
+                heapq.heappush(pings, (now + interval, conn_id, now, conn))
                 conn.ping()

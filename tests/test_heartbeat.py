@@ -147,9 +147,10 @@ async def test_a_ping_has_a_whole_interval_when_others_leave_and_its_turn_comes_
     # The slow one's pong came at 10.4 s: not dropped at its turn at 10.0 s, pinged again at 15.0 and 20.0 s.
     assert slow.closed_at is None
     assert slow.pinged_at == pytest.approx([9.9, 15.0, 20.0])
-    # The mute one is not dropped at its turn at 10.1 s, 0.2 s after its ping, but at its next, 15.1 s.
+    # The mute one is not dropped at its turn at 10.1 s, 0.2 s after its ping, but once its ping is an interval
+    # old: at the heartbeat's first wake-up from 14.9 s, the round at 15.0 s.
     assert mute.pinged_at == pytest.approx([9.9])
-    assert mute.closed_at == pytest.approx(15.1)
+    assert mute.closed_at == pytest.approx(15.0)
 
 
 async def test_a_slow_reader_working_through_a_backlog_is_alive(
@@ -168,3 +169,26 @@ async def test_a_slow_reader_working_through_a_backlog_is_alive(
     # Pinged at each round, its pings read only once the backlog was (at about 18 s): it was not dropped.
     assert len(slow.pinged_at) >= 3
     assert min(slow.pinged_at) > 3 * INTERVAL
+
+
+async def test_a_silent_peer_goes_in_about_two_and_a_half_intervals_while_others_come_and_go(
+    heartbeat: Callable[[float | None], tuple[int, Peer]], autojump_clock: trio.testing.MockClock
+) -> None:
+    """Before each round one connection ahead of the silent peer leaves and one joins behind it: its turn comes
+    a slice earlier every round. Its ping is still judged an interval after it was sent, not a round later."""
+    ahead = [heartbeat(0.0) for _ in range(10)]
+    _, mute = heartbeat(None)
+    for _ in range(10):
+        heartbeat(0.0)
+    conns: dict[int, WebSocketConnection] = heartbeat.conns  # type: ignore[attr-defined]
+    await mute.say_at(3.6)  # its last message, 2.4 s before its turn in the first round (6.0 s)
+    for k in range(1, 6):
+        await trio.sleep_until(mute.started + 5 * k + 4.95)  # just before each round
+        conn_id, _ = ahead.pop(0)
+        conns.pop(conn_id).abort()
+        heartbeat(0.0)
+    await trio.sleep_until(mute.started + 30.0)
+    assert len(mute.pinged_at) == 1
+    assert mute.closed_at is not None
+    assert mute.closed_at - mute.pinged_at[0] == pytest.approx(INTERVAL, abs=HEARTBEAT_SLICE_S)
+    assert mute.closed_at - 3.6 <= 2.5 * INTERVAL
