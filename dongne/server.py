@@ -351,6 +351,7 @@ class ClientServer:
         admitted: str | None = None  # the address whose unauthenticated handshake this is
         authenticated = False
         disconnected = False  # the engine was told (Disconnected)
+        answered_peer = False  # the close sent was the answer to the peer's own (its code, not ours)
         user_id: str | None = None  # whose connection it was, when the engine was told early
         try:
             handshake = None
@@ -402,7 +403,7 @@ class ClientServer:
                 user_id = self.engine.user_of(conn_id)
                 self._feed(Disconnected(conn_id))
                 disconnected = True
-                await self._answer_the_peers_close(conn)
+                answered_peer = await self._answer_the_peers_close(conn)
         except trio.Cancelled:
             raise
         except OSError as exc:  # the peer reset or broke the socket (in the handshake, say): not a server fault
@@ -412,8 +413,9 @@ class ClientServer:
         finally:
             self.door.forget(conn_id)
             if admitted is not None:
-                # The server's own close decides, not a code the peer chose for its close frame.
-                ours = conn.close_code if conn is not None and conn.peer_close_code is None else None
+                # The server's own close decides, not a code the peer chose for its close frame (a close the
+                # server decided before, even if acted on after the peer's close frame was read, is its own).
+                ours = conn.close_code if conn is not None and not answered_peer else None
                 if not authenticated and ours in _NOT_THE_CLIENTS_FAULT:
                     self.door.addresses.released(admitted, self.clock.now_ms())  # settled, not charged
                 elif not authenticated:  # bad token, no hello in time, a bad first frame, dropped
@@ -445,16 +447,19 @@ class ClientServer:
                     trio.lowlevel.notify_closing(sock)
                 sock.close()
 
-    async def _answer_the_peers_close(self, conn: WebSocketConnection) -> None:
+    async def _answer_the_peers_close(self, conn: WebSocketConnection) -> bool:
         """The peer closed its side (a close frame, or the end of its stream) after requests: their replies
         (a write's acknowledgement among them) go out first, for at most ``CLOSE_GRACE_S``; then the close
-        frame answers the peer's."""
+        frame answers the peer's. Returns whether it did (a close the server had decided before, queued
+        with those replies, may have gone out instead)."""
         replied = trio.Event()
         self.pipeline.after_acting(replied.set)
         with trio.move_on_after(CLOSE_GRACE_S):
             await replied.wait()
-        if conn.peer_close_code is not None:
-            conn.close(conn.peer_close_code, "")
+        if conn.peer_close_code is None or conn.closing:
+            return False
+        conn.close(conn.peer_close_code, "")
+        return True
 
     def _read_user(self, user_id: str) -> tuple[User | None, int | None]:
         """A hello's user as stored, and the oldest seq of theirs still kept (blocking: on a worker thread)."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 
 import httpx
 import msgpack
 import pytest
 import trio
 import trio_websocket
-from wsproto.events import CloseConnection
+from wsproto.events import BytesMessage, CloseConnection
 
 from dongne.client import RequestError
 from dongne.core.limits import BucketSpec, IpBlocklist, Limiter, TokenBucket
@@ -347,4 +348,41 @@ async def test_a_clients_own_close_frame_counts_whatever_its_code(start_server) 
         peer.close()
     async with attempt(h.running.port, token("next")) as after:
         assert after.status == 429
+    await h.running.aclose()
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_refusal_decided_before_the_clients_close_frame_is_still_the_servers(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """A second tab over the per-user cap sends its hello and a close frame together while a commit is in
+    flight: the refusal (4008) is decided first and acted on after the close frame was read. It is the
+    server's close, and not charged."""
+    h = await start_server(limits={**UNLIMITED, "connections_per_user": 1, "failed_handshakes_per_ip_per_minute": 1})
+    first = await RawWebSocket.connect(h.running.port)
+    await first.send({"type": "hello", "id": 1, "data": {"token": token("alice")}})
+    with trio.fail_after(10):
+        while not h.running.engine.user_conns.get("alice"):  # noqa: ASYNC110 - the server's hello
+            await trio.sleep(0.01)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the question's commit waits for it; the refusal is queued behind it
+    await first.send({"type": "create_question", "id": 2, "data": question_data()})
+    with trio.fail_after(10):
+        while h.running.engine.counts()["open_questions"] < 1:  # noqa: ASYNC110 - the server's decision
+            await trio.sleep(0.01)
+    extra = await RawWebSocket.connect(h.running.port)
+    hello = {"type": "hello", "id": 1, "data": {"token": token("alice")}}
+    await extra.sock.send(
+        extra.ws.send(BytesMessage(data=msgpack.packb(hello))) + extra.ws.send(CloseConnection(code=1000))
+    )
+    with trio.fail_after(10):  # the server has read the close frame (the refusal waits behind the commit)
+        while not any(c.peer_close_code for c in h.running.clients.conns.values()):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    holder.execute("ROLLBACK")
+    holder.close()
+    with trio.fail_after(10):
+        await extra.read_until_closed()
+    assert extra.close_code == 4008
+    extra.close()
+    async with attempt(h.running.port, token("bob")) as after:  # the address was not charged
+        assert after.ok
+    first.close()
     await h.running.aclose()
