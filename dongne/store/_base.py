@@ -97,9 +97,7 @@ _LOAD_INDEXES = {
 def statement_for(statement: str, dialect: Dialect) -> str:
     """One of the ``LOAD_`` statements, or ``PRUNE_NOTIFIED``, for ``dialect``: SQLite's names its indexes,
     PostgreSQL's does not."""
-    return statement.format(
-        **{hole: f" INDEXED BY {index}" if dialect == "sqlite" else "" for hole, index in _LOAD_INDEXES.items()}
-    )
+    return statement.format(**{hole: _queries.indexed_by(index, dialect) for hole, index in _LOAD_INDEXES.items()})
 
 
 #: Deletes up to ``limit`` (the second parameter) alert records older than the first, oldest first, but none of

@@ -34,7 +34,7 @@ from ..core.reads import (
 )
 from ._rows import REPORT_COLS
 
-__all__ = ["Dialect", "plan", "run"]
+__all__ = ["Dialect", "indexed_by", "plan", "run"]
 
 
 #: The one inbox type left out of ``events_by_user_type`` (the alerts: most rows, written in bulk).
@@ -44,13 +44,18 @@ ReadRows = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 Dialect = Literal["sqlite", "postgres"]
 
 
+def indexed_by(index: str, dialect: Dialect) -> str:
+    """SQLite's hint to drive a table from ``index`` (``" INDEXED BY ..."``); nothing on PostgreSQL."""
+    return f" INDEXED BY {index}" if dialect == "sqlite" else ""
+
+
 def plan(
     query: Read, question_cols: str, answer_cols: str, dialect: Dialect = "sqlite"
 ) -> list[tuple[str, tuple[Any, ...]]]:
     """The SQL statements (with parameters) that answer ``query``, in order."""
 
     def by(index: str) -> str:
-        return f" INDEXED BY {index}" if dialect == "sqlite" else ""
+        return indexed_by(index, dialect)
 
     q_cols = ", ".join(f"q.{c.strip()}" for c in question_cols.split(","))
     a_cols = ", ".join(f"a.{c.strip()}" for c in answer_cols.split(","))
