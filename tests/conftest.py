@@ -28,6 +28,7 @@ from dongne.config import Settings, load_settings
 from dongne.store import Storage, is_postgres_url, store_for
 
 from .pgcluster import Cluster, find_bindir
+from .rawws import RawWebSocket
 
 SECRET = "test-secret-0123456789-0123456789-0123456789"
 
@@ -91,6 +92,15 @@ class Harness:
         self, user_id: str, resume_from: int | None = None, *, timeout: float = 10.0, **claims: Any
     ) -> AbstractAsyncContextManager[DongneClient]:
         return open_client(self.url, token(user_id, **claims), resume_from=resume_from, timeout=timeout)
+
+    async def raw_hello(self, user_id: str) -> RawWebSocket:
+        """A bare connection (``rawws``) that said hello as ``user_id``, once the engine holds it as theirs."""
+        peer = await RawWebSocket.connect(self.running.port)
+        await peer.send({"type": "hello", "id": 1, "data": {"token": token(user_id)}})
+        with trio.fail_after(10):
+            while not self.running.engine.user_conns.get(user_id):  # noqa: ASYNC110 - the server's hello
+                await trio.sleep(0.01)
+        return peer
 
 
 @pytest.fixture

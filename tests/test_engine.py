@@ -33,6 +33,7 @@ from dongne.core import (
     Send,
     SendEach,
     SeqsMoved,
+    StagePlan,
     Tick,
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
@@ -641,13 +642,9 @@ def test_live_deadlines_and_writes_due_together_go_in_separate_ticks() -> None:
     assert not [a for a in second.actions if isinstance(a, Close)]
 
 
-def test_a_stage_only_for_unanswered_questions_stops_between_batches_once_answered() -> None:
-    """FINAL goes only to questions still without an answer: one answered while FINAL is delivered in
-    batches gets none of the batches after the answer."""
-    from dongne.core import StagePlan
-
-    final = StagePlan("FINAL", 0.0, None, None, "everyone", only_if_unanswered=True)
-    engine = Engine(CoreSettings(stages=(final,), alerts_per_batch=1), claims_for)
+def _three_locals_and_a_question(stage: StagePlan) -> tuple[Engine, Sim, Outcome, str]:
+    """One stage in batches of one; three online locals east of the question (local3 nearest) and an asker."""
+    engine = Engine(CoreSettings(stages=(stage,), alerts_per_batch=1), claims_for)
     sim = Sim(engine)
     for conn_id, lng in enumerate((126.5320, 126.5420, 126.5740), start=3):
         sim.connect(conn_id, f"local{conn_id}")
@@ -656,7 +653,14 @@ def test_a_stage_only_for_unanswered_questions_stops_between_batches_once_answer
         sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
     sim.connect(2, "asker")
     created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
-    qid = sim.reply(created)["data"]["question"]["question_id"]
+    return engine, sim, created, sim.reply(created)["data"]["question"]["question_id"]
+
+
+def test_a_stage_only_for_unanswered_questions_stops_between_batches_once_answered() -> None:
+    """FINAL goes only to questions still without an answer: one answered while FINAL is delivered in
+    batches gets none of the batches after the answer."""
+    final = StagePlan("FINAL", 0.0, None, None, "everyone", only_if_unanswered=True)
+    engine, sim, created, qid = _three_locals_and_a_question(final)
     first = [w.user_id for w in created.writes if isinstance(w, AppendEvent)]
     sim.call(3, "join_question", {"question_id": qid}, T0 + 10)
     sim.call(3, "create_answer", {"question_id": qid, "content": "by the port"}, T0 + 20)
@@ -673,19 +677,8 @@ def test_a_stage_only_for_unanswered_questions_stops_between_batches_once_answer
 def test_a_question_closed_in_the_middle_of_a_stage_takes_back_the_alerts_it_did_not_send() -> None:
     """A stage is planned at once and sent in batches: when the question ends in between, its locals not alerted
     yet are not counted against their caps (a restart, reading what was sent, would not count them either)."""
-    from dongne.core import StagePlan
-
     everyone = StagePlan("ALL", 0.0, None, None, "everyone")
-    engine = Engine(CoreSettings(stages=(everyone,), alerts_per_batch=1), claims_for)
-    sim = Sim(engine)
-    for conn_id, lng in enumerate((126.5320, 126.5420, 126.5740), start=3):
-        sim.connect(conn_id, f"local{conn_id}")
-        engine.users[f"local{conn_id}"].local = True
-        engine.where.refresh_local(engine.users[f"local{conn_id}"], T0)
-        sim.call(conn_id, "update_location", {"location": {"lat": 33.4996, "lng": lng}})
-    sim.connect(2, "asker")
-    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
-    qid = sim.reply(created)["data"]["question"]["question_id"]
+    engine, sim, created, qid = _three_locals_and_a_question(everyone)
     assert [w.user_id for w in created.writes if isinstance(w, AppendEvent)] == ["local3"]
     sim.call(2, "close_question", {"question_id": qid}, T0 + 10)
 

@@ -210,11 +210,7 @@ async def test_a_peer_that_closed_is_gone_at_once_while_its_replies_wait(start_s
     """The engine hears of the close at once (the user may connect again right away under a per-user cap of one),
     while the reply it is owed waits for its commit, held here by another program's lock."""
     h: Harness = await start_server(limits={"connections_per_user": 1})
-    peer = await RawWebSocket.connect(h.running.port)
-    await peer.send({"type": "hello", "id": 1, "data": {"token": token("alice")}})
-    with trio.fail_after(10):
-        while not h.running.engine.user_conns.get("alice"):  # noqa: ASYNC110 - the server's hello
-            await trio.sleep(0.01)
+    peer = await h.raw_hello("alice")
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # the question's commit waits for it
     ask = peer.ws.send(BytesMessage(data=msgpack.packb({"type": "create_question", "id": 2, "data": question_data()})))

@@ -357,11 +357,7 @@ async def test_a_refusal_decided_before_the_clients_close_frame_is_still_the_ser
     flight: the refusal (4008) is decided first and acted on after the close frame was read. It is the
     server's close, and not charged."""
     h = await start_server(limits={**UNLIMITED, "connections_per_user": 1, "failed_handshakes_per_ip_per_minute": 1})
-    first = await RawWebSocket.connect(h.running.port)
-    await first.send({"type": "hello", "id": 1, "data": {"token": token("alice")}})
-    with trio.fail_after(10):
-        while not h.running.engine.user_conns.get("alice"):  # noqa: ASYNC110 - the server's hello
-            await trio.sleep(0.01)
+    first = await h.raw_hello("alice")
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # the question's commit waits for it; the refusal is queued behind it
     await first.send({"type": "create_question", "id": 2, "data": question_data()})
