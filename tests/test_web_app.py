@@ -538,6 +538,59 @@ def test_two_tabs_one_profile(server: Server) -> None:
             browser.close()
 
 
+def settings_from_python(url: str, token: str, change: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A user's alert settings over the Python client, after ``change`` (if given) was saved."""
+
+    async def main() -> dict[str, Any]:
+        async with open_client(url, token) as client:
+            if change:
+                await client.request("update_settings", change)
+            return dict((await client.request("get_settings", {}))["settings"])
+
+    return trio.run(main)
+
+
+def test_settings_cannot_be_saved_before_they_are_loaded(server: Server) -> None:
+    """The settings form sends every field: saved before ``get_settings`` answered (offline, a slow link), its
+    empty fields would overwrite the local's settings (a cap of 0, no quiet hours). It waits for them."""
+    from playwright.sync_api import sync_playwright
+
+    token = mint("jun", nick="Jun", local=True)
+    saved = settings_from_python(
+        server.ws_url,
+        token,
+        {
+            "max_alerts_per_hour": 50,
+            "immediate_alerts": True,
+            "quiet_hours": [23, 6],
+            "home": {"lat": 33.4996, "lng": 126.5398},
+        },
+    )
+    with sync_playwright() as p:
+        browser = launch(p)
+        local = Watched(new_context(browser, server, LOCAL_AT), "local")
+        try:
+            local.page.goto(f"{server.url}/#token={token}")
+            local.wait_open()
+            # The server is away: the socket's attempts fail, and so does what the screen fetches meanwhile.
+            local.tolerated = re.compile(r"WebSocket connection to 'ws://[^']+/ws' failed|net::ERR_CONNECTION_REFUSED")
+            server.stop()
+            local.page.wait_for_selector("#reconnecting", timeout=5000)
+            local.page.click("[data-tab=settings]")
+            local.page.wait_for_selector("#home-set")
+            for control in ("#home-set", "#settings-save", "#set-cap", "#set-immediate"):
+                assert local.page.is_disabled(control), control
+            assert local.page.input_value("#set-cap") == ""
+            server.start()
+            local.wait_open(timeout=20_000)
+            local.page.wait_for_function("() => document.querySelector('#set-cap').value === '50'")
+            assert local.page.is_enabled("#home-set") and local.page.is_checked("#set-quiet")
+            assert local.errors == [], local.errors
+        finally:
+            browser.close()
+    assert settings_from_python(server.ws_url, token) == saved
+
+
 # ---- the street map
 
 

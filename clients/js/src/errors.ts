@@ -35,6 +35,34 @@ export class RequestError extends DongneError {
  */
 export class ConnectionLost extends DongneError {
   override name = "ConnectionLost";
+  /**
+   * Whether the request was sent. `false`: it never left (no connection in time), so sending it
+   * again is safe. `true`: the connection dropped before its reply, so it may have been applied;
+   * check before sending a write again (e.g. `my_questions` after a `create_question`).
+   */
+  readonly sent: boolean;
+
+  constructor(message: string, sent: boolean) {
+    super(message);
+    this.sent = sent;
+  }
+}
+
+/**
+ * The request was not sent: its frame would be larger than the server accepts (`maxRequestBytes`,
+ * the server's `max_frame_bytes`), which would close the connection with 1009. Shorten it.
+ */
+export class RequestTooLarge extends DongneError {
+  override name = "RequestTooLarge";
+  /** The encoded request's size and the limit, in bytes. */
+  readonly bytes: number;
+  readonly max: number;
+
+  constructor(message: string, bytes: number, max: number) {
+    super(message);
+    this.bytes = bytes;
+    this.max = max;
+  }
 }
 
 /** No reply within the request's timeout; the connection looked alive. */

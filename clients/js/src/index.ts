@@ -18,7 +18,7 @@ export type {
   WebSocketConstructor,
   WebSocketLike,
 } from "./session.js";
-export { ConnectionLost, DongneError, RequestError, RequestTimeout, SessionClosed } from "./errors.js";
+export { ConnectionLost, DongneError, RequestError, RequestTimeout, RequestTooLarge, SessionClosed } from "./errors.js";
 export { backoffDelay } from "./backoff.js";
 export type { BackoffOptions } from "./backoff.js";
 export { CloseCode } from "./protocol.js";

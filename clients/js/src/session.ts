@@ -18,7 +18,7 @@
 import { backoffDelay, type BackoffOptions } from "./backoff.js";
 import { decodeFrame, encodeRequest, isMap, type Event as WireEvent, type Json, type Reply } from "./codec.js";
 import { Emitter } from "./emitter.js";
-import { ConnectionLost, RequestError, RequestTimeout, SessionClosed } from "./errors.js";
+import { ConnectionLost, RequestError, RequestTimeout, RequestTooLarge, SessionClosed } from "./errors.js";
 import type { EventType, HelloReply, Location, Operation, ReplyData, RequestData, ServerEvent, User } from "./protocol.js";
 
 export type SessionState = "connecting" | "open" | "reconnecting" | "closed";
@@ -68,6 +68,11 @@ export interface ConnectOptions {
   maxAttempts?: number | null;
   /** Connecting (socket open + hello) and requests (waiting for a connection + the reply), ms. Default 10000. */
   timeout?: number;
+  /**
+   * The largest request frame sent, bytes (the server's `max_frame_bytes`; default 65536). A larger
+   * request rejects with `RequestTooLarge` and is not sent: the server would close the connection (1009).
+   */
+  maxRequestBytes?: number;
   /** Send a `ping` after this long without a frame from the server, ms. Default 20000. */
   pingAfter?: number;
   /** Reconnect when nothing comes this long after a `ping`, ms. Default 10000. */
@@ -100,6 +105,11 @@ export interface SessionEvents {
   hello: HelloReply;
   /** A room re-joined after a reconnect: refresh what you show of it (live events were missed). */
   rejoined: ReplyData<"join_question">;
+  /**
+   * A room was not re-joined after a reconnect, for good (the question was deleted or hidden meanwhile,
+   * or re-joins were refused five times): show it as gone, or load it again to see why.
+   */
+  rejoin_failed: { question_id: string; error: RequestError };
   /** The server no longer kept durable events `from`..`to` (a resume with `resumed: false`): they are lost. */
   missed: { from: number; to: number };
   disconnected: Disconnected;
@@ -135,8 +145,12 @@ interface Call {
   timer: unknown;
 }
 
-/** Close codes after which reconnecting cannot help (PROTOCOL.md: "fix the client", "do not retry", "back off; fix the client"). */
-const FATAL = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4002, 4003, 4008]);
+/**
+ * Close codes after which reconnecting cannot help (PROTOCOL.md: "fix the client", "do not retry", "back off;
+ * fix the client"). 4008 only after `hello` (a flood): at `hello` it is the per-user connection cap, which
+ * frees when one of the user's other connections ends (a dead one the server has not noticed yet, say).
+ */
+const FATAL = new Set([1002, 1003, 1007, 1008, 1009, 1010, 4002, 4003]);
 const MAX_ID = Number.MAX_SAFE_INTEGER;
 
 const defaultClock: Clock = {
@@ -201,7 +215,7 @@ export class Session {
   #rejoinPaceMs = 0; // the last such refusal's retry_after_ms
   #unsubscribe: (() => void)[] = [];
   #storageWrite: Promise<void> | null = null;
-  #storageDirty = false;
+  #storageDue = new Map<string, number>(); // seqs to write, by key, in the order first due
 
   constructor(url: string, options: ConnectOptions) {
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -278,6 +292,9 @@ export class Session {
     // A copy: the location is re-sent after a reconnect, as it was when sent.
     const copy = op === "update_location" ? (JSON.parse(JSON.stringify(data)) as Json) : ((data ?? {}) as Json);
     const call = this.#call(op, copy, options?.timeout ?? this.#options.timeout ?? 10000);
+    // Leaving is the app's intent whatever becomes of the request (lost, timed out): the room is not
+    // re-joined after a reconnect. A leave twice is harmless.
+    if (op === "leave_question") this.#rooms.delete(String(copy.question_id));
     if (this.#isOpen && this.#ws !== null) this.#send(this.#ws, call);
     else if (this.closed === null) this.#waiting.add(call);
     return call.promise as Promise<ReplyData<K>>;
@@ -493,9 +510,11 @@ export class Session {
             this.#rejoinQueue.unshift({ qid, tries: tries + 1 });
           } else {
             this.#rooms.delete(qid); // refused five times over: given up, as one refused for good
+            this.#emitter.emit("rejoin_failed", { question_id: qid, error });
           }
         } else {
           this.#rooms.delete(qid); // gone meanwhile, or no longer ours to see
+          this.#emitter.emit("rejoin_failed", { question_id: qid, error });
         }
         done();
         this.#drainRejoins(ws);
@@ -549,7 +568,7 @@ export class Session {
     }
     call.timer = this.#clock.setTimeout(() => {
       if (this.#waiting.delete(call)) {
-        reject(new ConnectionLost(`no connection within ${timeout} ms; '${op}' was not sent`));
+        reject(new ConnectionLost(`no connection within ${timeout} ms; '${op}' was not sent`, false));
       } else {
         for (const [id, sent] of this.#sent) if (sent === call) this.#sent.delete(id);
         reject(new RequestTimeout(`no reply to '${op}' within ${timeout} ms`));
@@ -561,10 +580,17 @@ export class Session {
   #send(ws: WebSocketLike, call: Call): void {
     const id = this.#nextId;
     this.#nextId = id >= MAX_ID ? 1 : id + 1;
+    const frame = encodeRequest(call.op, id, call.data);
+    const max = this.#options.maxRequestBytes ?? 65536;
+    if (frame.byteLength > max) {
+      this.#clock.clearTimeout(call.timer);
+      call.reject(new RequestTooLarge(`'${call.op}' is ${frame.byteLength} bytes, over ${max}: not sent`, frame.byteLength, max));
+      return;
+    }
     this.#sent.set(id, call);
     if (call.op === "update_location" && this.#location !== call.data) this.#location = call.data;
     try {
-      ws.send(encodeRequest(call.op, id, call.data));
+      ws.send(frame);
     } catch (error) {
       // The socket is closing: its close event rejects the call with ConnectionLost.
     }
@@ -596,11 +622,8 @@ export class Session {
     if ((op === "create_question" || op === "join_question") && reply.ok) {
       const question = reply.data.question;
       if (isMap(question) && typeof question.question_id === "string") this.#rooms.add(question.question_id);
-    } else if (op === "leave_question" || op === "delete_question") {
-      const code = reply.error.code;
-      if (reply.ok || (op === "leave_question" && (code === "not_joined" || code === "not_found"))) {
-        this.#rooms.delete(String(call.data.question_id));
-      }
+    } else if (op === "delete_question" && reply.ok) {
+      this.#rooms.delete(String(call.data.question_id));
     }
   }
 
@@ -707,7 +730,7 @@ export class Session {
       call.reject(
         fatal !== null
           ? new SessionClosed(fatal.message, fatal.code, fatal.reason)
-          : new ConnectionLost(`the connection was lost before the reply to '${call.op}'; it may or may not have been applied`),
+          : new ConnectionLost(`the connection was lost before the reply to '${call.op}'; it may or may not have been applied`, true),
       );
     }
     this.#emitter.emit("disconnected", { code, reason, wasOpen });
@@ -724,7 +747,7 @@ export class Session {
 
   /** Whether a connection that ended with `code` ends the session (and why), counting failed attempts. */
   #verdict(code: number, reason: string, wasOpen: boolean): SessionClosed | null {
-    if (FATAL.has(code)) {
+    if (FATAL.has(code) || (code === 4008 && wasOpen)) {
       return new SessionClosed(`the server closed the connection with ${code} (${reason}); not reconnecting`, code, reason);
     }
     if (code === 4001) {
@@ -804,18 +827,23 @@ export class Session {
     return Number.isSafeInteger(value) ? value : null;
   }
 
-  /** Write the last seq; writes do not overlap, and only the newest value is written. */
+  /**
+   * Write the last seq; writes do not overlap, and only the newest value per user is written. The
+   * key and the value are taken together: a write still in flight when the user changes (a slow,
+   * asynchronous storage) neither puts one user's seq under the other's key nor skips either.
+   */
   #saveSeq(): void {
     const key = this.#storageKey();
     const storage = this.#options.storage;
     if (key === null || storage == null) return;
-    this.#storageDirty = true;
+    this.#storageDue.set(key, this.#lastSeq);
     if (this.#storageWrite !== null) return;
     this.#storageWrite = (async () => {
       try {
-        while (this.#storageDirty) {
-          this.#storageDirty = false;
-          await storage.set(key, String(this.#lastSeq));
+        for (let due = this.#storageDue.entries().next(); !due.done; due = this.#storageDue.entries().next()) {
+          const [dueKey, seq] = due.value;
+          this.#storageDue.delete(dueKey);
+          await storage.set(dueKey, String(seq));
         }
       } catch (error) {
         // A full or refusing storage: the next reload resumes from an older seq (or none).

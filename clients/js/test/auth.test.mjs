@@ -1,8 +1,9 @@
-// Close codes that end or refresh a session: 4001 (a new token, once), 4003 (banned).
+// Close codes that end or refresh a session: 4001 (a new token, once), 4003 (banned), 4008 at hello
+// (the per-user connection cap: retried, as the cap frees).
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { SessionClosed } from "../dist/index.js";
-import { Server, mint, next, open } from "./helpers.mjs";
+import { Server, mint, next, open, until } from "./helpers.mjs";
 
 let server;
 before(async () => {
@@ -71,5 +72,27 @@ test("4003: a user banned by an admin gets SessionClosed(4003) and the session c
     await assert.rejects(mallory.request("ping"), { name: "SessionClosed", code: 4003 });
   } finally {
     await Promise.all([admin.close(), mallory.close()]);
+  }
+});
+
+test("4008 at hello (the per-user connection cap) is retried with backoff until a connection frees", async () => {
+  const capped = await Server.start("[limits]\nconnections_per_user = 1\n");
+  const laptop = open(capped.url, mint("capped"));
+  let phone;
+  try {
+    await laptop.opened;
+    phone = open(capped.url, mint("capped"), { backoff: { base: 20, max: 100 } });
+    const drops = [];
+    phone.on("disconnected", (d) => drops.push(d.code));
+    await until(() => drops.length >= 2);
+    assert.ok(drops.every((code) => code === 4008), `dropped with ${drops}`);
+    assert.equal(phone.state, "connecting");
+    assert.equal(phone.closed, null);
+    await laptop.close();
+    const hello = await phone.opened;
+    assert.equal(hello.user.user_id, "capped");
+  } finally {
+    await Promise.all([laptop.close(), phone?.close()]);
+    await capped.stop();
   }
 });

@@ -1,7 +1,7 @@
 // The whole question flow between a traveller and a local, through the SDK, against a real server.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { ConnectionLost, RequestError, SessionClosed } from "../dist/index.js";
+import { ConnectionLost, RequestError, RequestTooLarge, SessionClosed } from "../dist/index.js";
 import { JEJU, Server, mint, next, open } from "./helpers.mjs";
 
 let server;
@@ -104,6 +104,15 @@ test("refusals reject with RequestError carrying the documented code; closing en
     return true;
   });
   await assert.rejects(session.request("leave_question", { question_id: "q-no-such" }), { code: "not_found" });
+  // A request over maxRequestBytes is refused here (the server would close the connection: 1009).
+  await assert.rejects(session.request("create_question", { title: "Tags", location: JEJU, hashtags: ["x".repeat(70000)] }), (error) => {
+    assert.ok(error instanceof RequestTooLarge);
+    assert.ok(error.bytes > 65536);
+    assert.equal(error.max, 65536);
+    return true;
+  });
+  assert.equal(session.state, "open");
+  assert.ok((await session.request("ping")).server_time > 0);
   // A request in flight when the session is closed, and one after, reject with SessionClosed.
   const inFlight = session.request("get_profile");
   const closing = session.close();

@@ -143,3 +143,43 @@ test("another user's token: the rooms and location of the first are forgotten, t
     await relay.close();
   }
 });
+
+test("a slow storage still writing when the user changes keeps each user's seq under its own key", async () => {
+  // An asynchronous storage (React Native's AsyncStorage): each set() takes a while.
+  const map = new Map();
+  const storage = {
+    get: (key) => map.get(key) ?? null,
+    set: (key, value) => new Promise((resolve) => setTimeout(() => { map.set(key, value); resolve(); }, 150)),
+  };
+  const relay = await Relay.start(server.port);
+  const keyOf = (user) => `dongne-client:${relay.url}:${user}:last_seq`;
+  const answerer = open(server.url, mint("slow-answerer", { local: true }));
+  const carol0 = open(server.url, mint("slow-carol"));
+  let token = mint("slow-alice");
+  const session = open(relay.url, () => token, { storage, backoff: { base: 20, max: 50 } });
+  try {
+    await Promise.all([answerer.opened, carol0.opened]);
+    const { question: carols } = await carol0.request("create_question", { title: "Carol's ferry", location: JEJU });
+    await answerer.request("create_answer", { question_id: carols.question_id, content: "Every hour." });
+    await carol0.close(); // Carol has one event, seq 1, while away
+
+    await session.opened;
+    const { question } = await session.request("create_question", { title: "Alice's bus", location: JEJU });
+    for (const n of [1, 2, 3]) {
+      const got = next(session, "answer_notification");
+      await answerer.request("create_answer", { question_id: question.question_id, content: `Bus ${n}` });
+      await got;
+    }
+    // Alice's writes are still in flight: the app signs Carol in.
+    token = mint("slow-carol");
+    relay.sever();
+    await next(session, "user_changed");
+    await until(() => session.state === "open" && session.user?.user_id === "slow-carol");
+    await session.close(); // waits for the storage's writes
+    assert.equal(map.get(keyOf("slow-alice")), "3");
+    assert.equal(map.get(keyOf("slow-carol")), String(session.lastSeq));
+  } finally {
+    await Promise.all([session.close(), answerer.close()]);
+    await relay.close();
+  }
+});

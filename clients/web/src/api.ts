@@ -1,9 +1,9 @@
 // The one place the app touches the SDK: a session, typed calls and events, errors in words.
-import { connect, RequestError, ConnectionLost, SessionClosed } from "dongne-client";
+import { connect, RequestError, ConnectionLost, RequestTimeout, RequestTooLarge, SessionClosed } from "dongne-client";
 import type { SessionEvents, SessionState } from "dongne-client";
 import type { Events, Ops } from "./types";
 
-export { RequestError, ConnectionLost, SessionClosed };
+export { RequestError, ConnectionLost, RequestTimeout, RequestTooLarge, SessionClosed };
 
 export type ConnState = SessionState;
 
@@ -68,14 +68,18 @@ export function sessionState(): ConnState {
 }
 
 /** The session's own events: each hello, a room re-joined after a reconnect, lost notifications, a dropped connection, the end. */
-export function onSession<K extends "hello" | "rejoined" | "missed" | "disconnected" | "closed" | "user_changed">(type: K, fn: (value: SessionEvents[K]) => void): () => void {
+export function onSession<K extends "hello" | "rejoined" | "rejoin_failed" | "missed" | "disconnected" | "closed" | "user_changed">(type: K, fn: (value: SessionEvents[K]) => void): () => void {
   return current().on(type, fn as never);
 }
 
 /** The wire code of a failure: a documented error code, or one of the app's own. */
 export function errorCode(err: unknown): string {
   if (err instanceof RequestError) return err.code;
-  if (err instanceof ConnectionLost) return "connection_lost";
+  // Sent, then the connection dropped: it may have been applied (check before sending it again).
+  // Not sent: nothing happened, sending it again is safe.
+  if (err instanceof ConnectionLost) return err.sent ? "connection_lost" : "not_sent";
+  if (err instanceof RequestTimeout) return "request_timeout";
+  if (err instanceof RequestTooLarge) return "too_large";
   if (err instanceof SessionClosed) return "session_closed";
   return "unknown";
 }

@@ -1,5 +1,5 @@
 // Traveller: where am I, how many locals are near, and the question form.
-import { call } from "../api";
+import { call, ConnectionLost } from "../api";
 import { go, shared, type AppStore } from "../app";
 import { Cleanup, h } from "../dom";
 import { errorText, report } from "../errors";
@@ -30,7 +30,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
 
   const title = h("input", { id: "ask-title", name: "title", type: "text", required: true, maxlength: 200, autocomplete: "off", placeholder: t("ask_field_title_ph") });
   const body = h("textarea", { id: "ask-body", name: "body", rows: 3, maxlength: 1000, placeholder: t("ask_field_body_ph") });
-  const tags = h("input", { id: "ask-tags", name: "hashtags", type: "text", autocomplete: "off", placeholder: t("ask_field_tags_ph") });
+  const tags = h("input", { id: "ask-tags", name: "hashtags", type: "text", maxlength: 200, autocomplete: "off", placeholder: t("ask_field_tags_ph") });
   const urgent = h("input", { id: "ask-urgent", name: "urgent", type: "checkbox", class: "switch" });
   const problem = h("p", { class: "form-error", role: "alert" });
   const submit = h("button", { type: "submit", class: "btn btn-primary btn-block", id: "ask-submit" }, t("ask_submit"));
@@ -53,16 +53,28 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     submit.disabled = true;
     submit.textContent = t("ask_sending");
     const hashtags = parseTags(tags.value);
-    call("create_question", {
-      title: title.value.trim(), body: body.value.trim(), location: me,
-      ...(hashtags.length ? { hashtags } : {}), urgency: urgent.checked ? "urgent" : "normal",
-    }).then(({ question }) => {
-      go({ name: "q", id: question.question_id });
-    }, (err: unknown) => {
+    const asked = { title: title.value.trim(), body: body.value.trim() };
+    const failed = (err: unknown) => {
       report(err);
       problem.textContent = errorText(err);
       submit.disabled = false;
       submit.textContent = t("ask_submit");
+    };
+    call("create_question", {
+      ...asked, location: me,
+      ...(hashtags.length ? { hashtags } : {}), urgency: urgent.checked ? "urgent" : "normal",
+    }).then(({ question }) => {
+      go({ name: "q", id: question.question_id });
+    }, (err: unknown) => {
+      if (!(err instanceof ConnectionLost && err.sent)) { failed(err); return; }
+      // Sent, and the reply was lost: it may have been posted (asking again would alert the locals
+      // twice). Look among my newest open questions once connected again.
+      problem.textContent = t("ask_checking");
+      call("my_questions", { status: "open", limit: 5 }).then(({ questions }) => {
+        const posted = questions.find((q) => q.title === asked.title && (q.body ?? "") === asked.body);
+        if (posted) go({ name: "q", id: posted.question_id });
+        else failed(err);
+      }, () => failed(err));
     });
   });
 

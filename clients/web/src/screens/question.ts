@@ -244,13 +244,14 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     if (question) question = { ...question, status: d.reason === "expired" ? "expired" : d.reason === "accepted" ? "resolved" : "closed" };
     render();
   })));
-  cleanup.add(onEvent("question_deleted", mine(() => {
+  const showGone = () => {
     question = null;
     title.textContent = t("q_deleted");
     chips.replaceChildren(); tags.replaceChildren(); body.textContent = meta.textContent = "";
     list.replaceChildren(); composer.replaceChildren(); controls.replaceChildren();
     composerMode = "none";
-  })));
+  };
+  cleanup.add(onEvent("question_deleted", mine(showGone)));
   cleanup.add(onEvent("answer_deleted", mine((d) => { answers = answers.filter((a) => a.answer_id !== d.answer_id); renderAnswers(); })));
   cleanup.add(onEvent("user_online", mine((d) => {
     if (!online.some((p) => p.user_id === d.user_id)) { online = [...online, d]; onlineCount += 1; }
@@ -270,6 +271,12 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   // Live events were missed while away: the SDK re-joins the room after a reconnect, and its
   // reply is the room as it is now. A room never joined (the first join was lost) is joined here.
   cleanup.add(onSession("rejoined", (r) => { if (r.question.question_id === id) show(r as unknown as Joined); }));
+  // Not re-joined after a reconnect: deleted or hidden meanwhile (or refused again and again).
+  cleanup.add(onSession("rejoin_failed", (r) => {
+    if (r.question_id !== id || gone) return;
+    if (r.error.code === "not_found") showGone();
+    else join();
+  }));
   cleanup.add(store.subscribe((s, prev) => {
     if (s.conn === "open" && prev.conn === "reconnecting" && question === null && !gone) join();
   }));

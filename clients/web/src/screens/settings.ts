@@ -56,7 +56,16 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   };
   quiet.addEventListener("change", () => { quietTimes.hidden = !quiet.checked; });
 
+  // Nothing can be saved before the settings are known: the form sends every field, and an empty one
+  // would overwrite the saved value (a cap of 0, quiet hours off).
+  let loaded = false;
+  const enableForm = (yes: boolean) => {
+    loaded = yes;
+    for (const control of [immediate, quiet, from, to, cap, setHome, clearHome, save]) control.disabled = !yes;
+  };
+
   const submit = () => {
+    if (!loaded) return;
     problem.textContent = "";
     const n = Number(cap.value);
     if (!Number.isInteger(n) || n < 0 || n > 1000) { problem.textContent = t("err_invalid_field"); cap.focus(); return; }
@@ -105,7 +114,13 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   showSystem();
 
   root.append(heading(t("settings_title")), h("div", { class: "layout-two" }, h("div", { class: "col" }, form), h("div", { class: "col" }, device)));
-  call("get_settings", {}).then((r) => fillIn(r.settings), (err: unknown) => { report(err); problem.textContent = errorText(err); });
+  const load = () => call("get_settings", {}).then((r) => { fillIn(r.settings); enableForm(true); problem.textContent = ""; }, (err: unknown) => {
+    report(err);
+    problem.textContent = errorText(err);
+  });
+  enableForm(false);
+  load();
+  cleanup.add(store.subscribe((s, prev) => { if (!loaded && s.conn === "open" && prev.conn !== "open") load(); }));
   focusHeading(root);
   return () => cleanup.run();
 }

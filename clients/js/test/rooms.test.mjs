@@ -1,0 +1,74 @@
+// The rooms a session keeps across reconnects follow the app's intent: a leave whose reply was lost
+// is not re-joined, and a room that cannot be re-joined any more is reported, not silently dropped.
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { ConnectionLost } from "../dist/index.js";
+import { JEJU, Relay, Server, mint, next, open, sleep } from "./helpers.mjs";
+
+let server;
+before(async () => {
+  server = await Server.start();
+});
+after(async () => {
+  await server?.stop();
+});
+
+test("a leave_question whose reply is lost is not re-joined after the reconnect", async () => {
+  const relay = await Relay.start(server.port);
+  const viewer = open(relay.url, mint("leave-viewer"), { backoff: { base: 20, max: 100 } });
+  const asker = open(server.url, mint("leave-asker"));
+  const answerer = open(server.url, mint("leave-answerer", { local: true }));
+  try {
+    await Promise.all([viewer.opened, asker.opened, answerer.opened]);
+    const { question } = await asker.request("create_question", { title: "Is the ferry running?", location: JEJU });
+    const qid = question.question_id;
+    await viewer.request("join_question", { question_id: qid });
+    assert.deepEqual(viewer.rooms, [qid]);
+
+    const cut = relay.cutBeforeReply();
+    const leaving = viewer.request("leave_question", { question_id: qid });
+    await cut;
+    await assert.rejects(leaving, (error) => error instanceof ConnectionLost && error.sent === true);
+    const rejoined = [];
+    viewer.on("rejoined", (reply) => rejoined.push(reply.question.question_id));
+    await next(viewer, "state", (state) => state === "open");
+    assert.deepEqual(viewer.rooms, []);
+
+    const answers = [];
+    viewer.on("new_answer", (ev) => answers.push(ev.data.answer.answer_id));
+    const asked = next(asker, "new_answer");
+    await answerer.request("create_answer", { question_id: qid, content: "Yes, every hour." });
+    await asked; // the room's broadcast is out: the viewer, having left, got none of it
+    await sleep(100);
+    assert.deepEqual(answers, []);
+    assert.deepEqual(rejoined, []);
+  } finally {
+    await Promise.all([viewer.close(), asker.close(), answerer.close()]);
+    await relay.close();
+  }
+});
+
+test("a room deleted while the session was away is reported with rejoin_failed", async () => {
+  const relay = await Relay.start(server.port);
+  const viewer = open(relay.url, mint("gone-viewer"), { backoff: { base: 20, max: 100 } });
+  const asker = open(server.url, mint("gone-asker"));
+  try {
+    await Promise.all([viewer.opened, asker.opened]);
+    const { question } = await asker.request("create_question", { title: "Any rain in Seogwipo?", location: JEJU });
+    const qid = question.question_id;
+    await viewer.request("join_question", { question_id: qid });
+    relay.hold();
+    relay.sever();
+    await next(viewer, "disconnected");
+    await asker.request("delete_question", { question_id: qid });
+    const failed = next(viewer, "rejoin_failed");
+    relay.release();
+    const { question_id, error } = await failed;
+    assert.equal(question_id, qid);
+    assert.equal(error.code, "not_found");
+    assert.deepEqual(viewer.rooms, []);
+  } finally {
+    await Promise.all([viewer.close(), asker.close()]);
+    await relay.close();
+  }
+});
