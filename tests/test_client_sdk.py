@@ -570,3 +570,47 @@ async def test_a_ban_ends_the_session_instead_of_reconnecting(server: Harness) -
     assert closed.value.code == 4003
     assert session.reconnects == 0 and session.statistics().failed_attempts == 0
     assert states.seen == [CONNECTED, CLOSED]
+
+
+async def test_a_leave_whose_reply_is_lost_is_not_rejoined(server: Harness) -> None:
+    """Leaving is the app's intent: a leave_question lost with its connection is not undone by the re-join."""
+    h = server
+    states = States()
+    with trio.fail_after(20):
+        async with (
+            h.connect("asker") as asker,
+            open_session(h.url, token("viewer"), on_state=states, **fast()) as session,
+        ):
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+            await session.request("join_question", {"question_id": qid})
+            server_side(h, "viewer").abort()
+            with pytest.raises(ConnectionLost):
+                await session.request("leave_question", {"question_id": qid})
+            await states.until(lambda: session.reconnects == 1 and session.state is CONNECTED)
+            assert session.rooms == ()
+            engine = h.running.clients.engine
+            viewers = [conn_id for conn_id in h.running.clients.conns if engine.user_of(conn_id) == "viewer"]
+            assert viewers and all(qid not in engine.conns[conn_id].rooms for conn_id in viewers)
+
+
+async def test_the_per_user_cap_at_hello_is_retried_until_a_connection_frees(
+    start_server: Callable[..., Any],
+) -> None:
+    """4008 before the hello completed is the per-user connection cap, which frees by itself: back off, retry."""
+    h = await start_server(limits={"connections_per_user": 2})
+    states = States()
+    with trio.fail_after(20):
+        async with (
+            h.connect("mina") as laptop,
+            open_session(h.url, token("mina"), on_state=states, **fast(backoff_base=0.5, jitter=lambda: 1.0)) as phone,
+        ):
+            server_side(h, "mina").abort()  # the phone's connection drops; it waits 0.5 s to reconnect
+            async with h.connect("mina"):  # meanwhile another tab takes the slot
+                # Refused, and refused again after its backoff (no event to wait on: attempts are counted only).
+                while phone.statistics().failed_attempts < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                assert phone.state is RECONNECTING
+            await states.until(lambda: phone.state is CONNECTED)
+            assert (await phone.request("get_profile"))["user"]["user_id"] == "mina"
+            assert phone.reconnects == 1
+            await laptop.request("ping")

@@ -237,6 +237,10 @@ class Session(metaclass=_NoPublicConstructor):
 
     async def request_raw(self, frame: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Send a frame (``id`` added) and return the whole reply frame; raises as ``request``."""
+        if frame.get("type") == "leave_question":
+            # Leaving is the app's intent whatever becomes of the request (lost, timed out): the room is
+            # not re-joined after a reconnect. A leave twice is harmless.
+            self._rooms.pop((frame.get("data") or {}).get("question_id"), None)  # type: ignore[arg-type]
         with trio.fail_after(self.timeout if timeout is None else timeout):
             client = await self._connected_client()
             try:
@@ -364,11 +368,9 @@ class Session(metaclass=_NoPublicConstructor):
                 self._rooms[qid] = None
                 if restoring:
                     self._queue({"type": "rejoined", "data": result})
-        elif op in ("leave_question", "delete_question"):
-            # Left, not in it, or deleted (by this session: the room's event goes to the others).
-            code = (reply.get("error") or {}).get("code")
-            if ok or (op == "leave_question" and code in ("not_joined", "not_found")):
-                self._rooms.pop(data.get("question_id"), None)  # type: ignore[arg-type]
+        elif op == "delete_question" and ok:
+            # Deleted by this session (the room's event goes to the others). A leave is forgotten when asked.
+            self._rooms.pop(data.get("question_id"), None)  # type: ignore[arg-type]
 
     def _event(self, frame: dict[str, Any]) -> bool:
         kind, data = frame.get("type"), frame.get("data")
@@ -595,7 +597,9 @@ class Session(metaclass=_NoPublicConstructor):
         if code == 4001:
             message = f"the server refused the token (4001: {reason}); get a new token"
             return AuthenticationFailed(message, code=code, reason=reason)
-        if code in FATAL_CLOSE_CODES:
+        if code in FATAL_CLOSE_CODES and not (code == 4008 and not ended.connected):
+            # 4008 before the connection was up is the per-user connection cap: it frees when another
+            # of the user's connections ends (a dead one the server has not noticed yet): back off.
             message = f"the server closed the connection with {code} ({reason}); not reconnecting"
             return SessionClosed(message, code=code, reason=reason)
         if isinstance(ended.error, RequestError):
@@ -673,8 +677,9 @@ async def open_session(
     ``timeout``) and reconnecting stops.
 
     Error handling: after the first connection nothing is raised here: a
-    connection lost with 1001, 4009, 1006 (a drop) or any code not in
-    ``FATAL_CLOSE_CODES`` is reconnected; a fatal close (4001: ``AuthenticationFailed``),
+    connection lost with 1001, 4009, 1006 (a drop), any code not in
+    ``FATAL_CLOSE_CODES``, or 4008 closing a hello (the per-user connection cap, which
+    frees by itself) is reconnected; a fatal close (4001: ``AuthenticationFailed``),
     a refused hello or ``max_attempts`` failures in a row (``ConnectFailed``)
     end the session, and its methods raise that error.
     """
