@@ -160,7 +160,9 @@ async def test_the_notification_inbox_and_badges_that_agree_across_devices(start
         assert tablet.hello["unread"] == 1
 
 
-async def test_a_resume_from_before_the_kept_events_says_so(start_server: Any, db: Path | str) -> None:
+async def test_a_resume_from_before_the_kept_events_says_so_and_unread_counts_what_is_kept(
+    start_server: Any, db: Path | str
+) -> None:
     forty_days_ago = int(time.time() * 1000) - 40 * 86_400_000
     old: Harness = await start_server(clock=EngineClock(forty_days_ago))
     async with old.connect("asker") as asker, old.connect("local") as local:
@@ -177,6 +179,15 @@ async def test_a_resume_from_before_the_kept_events_says_so(start_server: Any, d
         assert (behind.hello["resumed"], behind.hello["oldest_seq"]) == (False, 4)
         assert current.hello["resumed"] is True and "oldest_seq" not in current.hello
         assert (await behind.next_event("answer_notification"))["seq"] == 4
+        # Unread counts what is kept: the three deleted events, never read, no longer count.
+        assert behind.hello["unread"] == current.hello["unread"] == 1
+        listed = await current.request("list_notifications", {})
+        assert [n["seq"] for n in listed["notifications"]] == [4] and listed["unread"] == 1
+    await h.running.aclose()
+    again: Harness = await start_server()
+    async with again.connect("asker") as asker:
+        assert asker.hello["unread"] == 1
+        assert await asker.request("mark_notifications_read", {"up_to_seq": 4}) == {"unread": 0}
 
 
 async def test_questions_expire_stop_escalating_leave_memory_and_stay_readable(

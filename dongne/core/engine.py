@@ -227,6 +227,7 @@ class Engine:
             questions=self.questions,
             answers=self.answers,
             answer_wire=self._qa.answer_wire,
+            unread=self.inbox.unread,
             region_names=frozenset(region_names) if region_names is not None else None,
         )
         self._ops: dict[str, Callable[[Call], dict[str, Any] | Pending]] = {

@@ -18,12 +18,7 @@ from .fanout import StageAlerts
 from .protocol import durable_event, event
 from .records import Answer, PushJob, Question, ReceiptState, User
 
-__all__ = ["DURABLE_EVENTS", "Inbox", "unread_of"]
-
-
-def unread_of(user: User) -> int:
-    """How many of a user's durable events are not marked read."""
-    return max(0, user.last_seq - user.read_seq)
+__all__ = ["DURABLE_EVENTS", "Inbox"]
 
 
 #: Every kind of durable event (the ones in a user's inbox, with a seq).
@@ -64,6 +59,12 @@ class Inbox:
         self._push_seq = last_push_job_id
         self.oldest = dict(oldest)
 
+    def unread(self, user: User) -> int:
+        """How many of a user's durable events are not marked read, among those still kept (retention
+        deleted older ones, read or not: they are no longer listed, so they no longer count)."""
+        kept_from = self.oldest.get(user.user_id, 0)
+        return max(0, user.last_seq - max(user.read_seq, kept_from - 1))
+
     def missed(self, user_id: str, last_seen: int) -> int | None:
         """The oldest kept seq if events after ``last_seen`` were pruned (the resume cannot be whole), else None."""
         oldest = self.oldest.get(user_id)
@@ -77,7 +78,7 @@ class Inbox:
         if read_seq != user.read_seq:
             user.read_seq = read_seq
             call.out.write(SaveUser(attrs.evolve(user)))
-        unread = unread_of(user)
+        unread = self.unread(user)
         call.out.send(self._user_conns.get(user.user_id, ()), event("unread_count", {"unread": unread}))
         return {"unread": unread}
 

@@ -20,7 +20,7 @@ import attrs
 from .connections import Call
 from .cursors import CursorCodec
 from .errors import ProtocolError
-from .inbox import DURABLE_EVENTS, unread_of
+from .inbox import DURABLE_EVENTS
 from .protocol import HASHTAG, Fields
 from .reads import (
     AnswersOfAuthor,
@@ -86,9 +86,11 @@ class Lists:
         questions: dict[str, Question],
         answers: dict[str, dict[str, Answer]],
         answer_wire: Callable[[Answer], dict[str, Any]],
+        unread: Callable[[User], int],
         region_names: frozenset[str] | None,
     ) -> None:
         self._cursors = cursors
+        self._unread = unread
         self._users = users
         self._questions = questions
         self._answers = answers
@@ -239,7 +241,7 @@ class Lists:
                     for seq, kind, data, at in rows[:limit]
                 ],
                 "next_before_seq": rows[limit - 1][0] if len(rows) > limit else None,
-                "unread": unread_of(user),
+                "unread": self._unread(user),
             }
 
         return Pending(

@@ -9,7 +9,7 @@ import attrs
 from .connections import Call, ConnPhase, ConnState
 from .effects import Outcome, OutcomeBuilder, Replay, SaveUser
 from .errors import CloseConnection
-from .inbox import Inbox, unread_of
+from .inbox import Inbox
 from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
@@ -101,7 +101,7 @@ class Sessions:
         hello: dict[str, Any] = {
             "user": user.to_wire(),
             "last_seq": user.last_seq,
-            "unread": unread_of(user),
+            "unread": self._inbox.unread(user),
             "server_time": now,
             "protocol": 1,
         }
