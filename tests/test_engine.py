@@ -9,6 +9,7 @@ import pytest
 
 from dongne.core import (
     AddPoints,
+    Answer,
     AppendEvent,
     Claims,
     Close,
@@ -24,6 +25,7 @@ from dongne.core import (
     FrameReceived,
     LimitSettings,
     Outcome,
+    Question,
     QuestionLoaded,
     ReadDone,
     Replay,
@@ -37,6 +39,7 @@ from dongne.core import (
     Tick,
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
+from dongne.core.reads import ModerationItem
 from dongne.store import Storage
 
 T0 = 1_800_000_000_000
@@ -853,3 +856,43 @@ def test_a_bug_in_a_read_reply_answers_internal() -> None:
     broken = sim.engine.handle(ReadDone(1, [("not", "a", "row")]), T0)
     reply = sim.reply(broken)
     assert (reply["id"], reply["error"]["code"]) == (9, "internal")
+
+
+def _old_answered_question() -> tuple[Question, Answer]:
+    """A closed question no longer in memory, as the store holds it, and its one answer (by ``jun``)."""
+    question = Question("q-old", "asker", "Asker", "old", "", 33.5, 126.5, None, (), "normal", T0 - 10**9)
+    question.status, question.answer_count, question.closed_at = QuestionStatus.CLOSED, 1, T0 - 10**8
+    return question, Answer("a-old", "q-old", "jun", "Jun", "visit my shop", T0 - 10**9 + 1)
+
+
+def _read_back(sim: Sim, conn_id: int, question: Question, answer: Answer, now: int = T0) -> Outcome:
+    """The store's answer to a ``ModerationItem`` read: fresh copies, as each read makes its own."""
+    outcome = sim.engine.handle(ReadDone(conn_id, (attrs_copy(question), [attrs_copy(answer)])), now)
+    sim.deliver(outcome)
+    return outcome
+
+
+def _asks(sim: Sim, conn_id: int, op: str, data: dict, rid: int) -> Outcome:  # type: ignore[type-arg]
+    outcome = sim.engine.handle(FrameReceived(conn_id, frame(op, rid, data)), T0)
+    assert outcome.read == ModerationItem("answer", "a-old") and outcome.actions == ()  # out of memory: read
+    return outcome
+
+
+def test_a_moderation_request_that_fails_after_its_read_leaves_nothing_for_the_next() -> None:
+    """Two admins resolve a report of an old answer at once: the one that loses gets not_found, and its read
+    goes with it (the next operation on the answer reads the store again rather than trusting that copy)."""
+    sim = Sim(make_engine())
+    sim.connect(1, "r1")
+    connect_admin(sim, 8, "ops")
+    connect_admin(sim, 9, "ops2")
+    question, answer = _old_answered_question()
+    _asks(sim, 1, "report_content", {"answer_id": "a-old", "reason": "spam"}, 10)
+    report_id = sim.reply(_read_back(sim, 1, question, answer))["data"]["report_id"]
+
+    _asks(sim, 8, "resolve_report", {"report_id": report_id, "action": "dismiss"}, 11)
+    _asks(sim, 9, "resolve_report", {"report_id": report_id, "action": "dismiss"}, 12)
+    assert sim.reply(_read_back(sim, 8, question, answer))["data"]["resolved"] == 1
+    lost = sim.reply(_read_back(sim, 9, question, answer))
+
+    assert lost["error"]["code"] == "not_found"
+    _asks(sim, 9, "hide_answer", {"id": "a-old", "reason": "spam after all"}, 13)

@@ -59,3 +59,4 @@ class Call:
     now: int
     out: OutcomeBuilder
     retried: bool = False  # the operation runs again after its Pending read (see core.lists.Pending)
+    found: Any = None  # what that read handed the run again (``Retry.found``)

@@ -60,7 +60,7 @@ from .events import (
 from .inbox import Inbox
 from .lifecycle import ACTIVE, QuestionStatus
 from .limits import OP_CLASSES, request_limiter
-from .lists import READ_OPS, RETRY, Lists, Pending
+from .lists import READ_OPS, Lists, Pending, Retry
 from .moderation import Moderation
 from .neighbourhood import Neighbourhood
 from .oversight import Oversight
@@ -517,7 +517,7 @@ class Engine:
             self._qa.adopt(event.question, event.answers)
         return self._run(conn, request, now, request.op)
 
-    def _run(self, conn: ConnState, request: Request, now: int, label: str, *, retried: bool = False) -> Outcome:
+    def _run(self, conn: ConnState, request: Request, now: int, label: str, *, retry: Retry | None = None) -> Outcome:
         assert conn.user_id is not None
         if not self.writable and request.op in WRITING_OPS:
             # Checked here, not on arrival only: a store read may have been in flight when writes began to fail.
@@ -528,7 +528,9 @@ class Engine:
             )
             return self._refuse(conn.conn_id, request.id, error, label)
         out = OutcomeBuilder()
-        call = Call(conn, self.users[conn.user_id], request, Fields(request.data), now, out, retried)
+        call = Call(conn, self.users[conn.user_id], request, Fields(request.data), now, out)
+        if retry is not None:
+            call.retried, call.found = True, retry.found
         try:
             data = self._ops[request.op](call)
         except ProtocolError as exc:
@@ -584,8 +586,8 @@ class Engine:
         except Exception:  # a bug: the client gets "internal", as in _run
             log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
             return self._refuse(conn.conn_id, request.id, ProtocolError("internal", "internal error"), request.op)
-        if data is RETRY:
-            return self._run(conn, request, now, request.op, retried=True)
+        if isinstance(data, Retry):
+            return self._run(conn, request, now, request.op, retry=data)
         return Outcome(
             actions=(Send((conn.conn_id,), reply_ok(request.id, data)),),
             op=request.op,

@@ -11,7 +11,6 @@ first (a question's answers oldest first) and paged by opaque cursors
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -53,19 +52,24 @@ _MINE: dict[str, tuple[tuple[str, ...] | None, bool]] = {
 class Pending:
     """A reply that needs the store: run ``read``, then ``finish(rows)`` is the reply's data.
 
-    ``finish`` may instead return ``RETRY``, having brought what was read
-    into memory: the operation then runs again, once.
+    ``finish`` may instead return a ``Retry``: the operation then runs
+    again, with ``Call.retried`` set and the retry's ``found`` as
+    ``Call.found`` (``RETRY`` when what was read went into memory).
     """
 
     read: Read
     finish: Callable[[Any], dict[str, Any] | Retry]
 
 
-class Retry(enum.Enum):
-    RETRY = "retry"
+@attrs.frozen
+class Retry:
+    """Run the operation again with ``found``: what was read, kept with its own request (not in the engine,
+    where a request that ends another way would leave it behind for the next one)."""
+
+    found: Any = None
 
 
-RETRY = Retry.RETRY
+RETRY = Retry()
 
 
 class Lists:

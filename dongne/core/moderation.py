@@ -40,7 +40,7 @@ from .effects import (
 from .errors import ProtocolError
 from .inbox import Inbox
 from .lifecycle import ACTIVE, QuestionEvent, QuestionStatus, advance
-from .lists import RETRY, Pending, Retry
+from .lists import Pending, Retry
 from .neighbourhood import Neighbourhood
 from .questions import Questions
 from .reads import AuditPage, ModerationItem, ReportsPage
@@ -98,7 +98,6 @@ class Moderation:
         self._where = where
         self.open_reports: dict[str, Report] = {}  # report id -> report not resolved yet
         self.ban_ends: list[tuple[int, str]] = []  # a heap of (end, user id) of the timed bans in force
-        self._fetched: dict[tuple[str, str], tuple[Question, list[Answer]]] = {}  # read for a retried operation
         self.ip_blocks: dict[str, IpBlock] = {}  # run-time blocks by normalised CIDR
 
     def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
@@ -120,7 +119,6 @@ class Moderation:
 
     def load(self, reports: list[Report], ip_blocks: list[IpBlock], now: int) -> Outcome:
         """Adopt stored reports and IP blocks; returns the blocks for the driver."""
-        self._fetched.clear()
         self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
         self.ip_blocks = {b.cidr: b for b in ip_blocks if b.active(now)}
         return self.blocks_in_force(now)
@@ -270,16 +268,13 @@ class Moderation:
         Third: the question's answers as read from the store, when it was
         read (a question out of memory); empty when memory held the item.
         """
-        fetched = self._fetched.pop((kind, item_id), None)  # taken either way: nothing stays behind
         if kind == "question" and item_id in self._questions:
             return self._questions[item_id], None, ()
         if kind == "answer" and (answer := self._qa.answer_in_memory(item_id)) is not None:
             return self._questions[answer.question_id], answer, ()
-        if fetched is None:
-            if call.retried:
-                raise ProtocolError("not_found", f"no such {kind}")
+        if not call.retried:
             return Pending(ModerationItem(kind, item_id), lambda found: self._keep(kind, item_id, found))
-        question, answers = fetched
+        question, answers = call.found  # this request's own read: it goes with the request, whatever its end
         question = self._questions.get(question.question_id, question)  # memory is newer than the store
         if kind == "question":
             return question, None, answers
@@ -291,8 +286,7 @@ class Moderation:
     def _keep(self, kind: str, item_id: str, found: tuple[Question, list[Answer]] | None) -> Retry:
         if found is None:
             raise ProtocolError("not_found", f"no such {kind}")
-        self._fetched[(kind, item_id)] = found
-        return RETRY
+        return Retry(found)
 
     def _hide(
         self,
