@@ -896,3 +896,64 @@ def test_a_moderation_request_that_fails_after_its_read_leaves_nothing_for_the_n
 
     assert lost["error"]["code"] == "not_found"
     _asks(sim, 9, "hide_answer", {"id": "a-old", "reason": "spam after all"}, 13)
+
+
+def _hidden_by_the_first(question: Question, answer: Answer) -> tuple[Question, Answer]:
+    """The rows as the first hide's commit left them (``CountAnswer`` counts in SQL)."""
+    gone = attrs_copy(answer)
+    assert isinstance(gone, Answer)
+    gone.hidden, gone.deleted_at = True, T0
+    shown = attrs_copy(question)
+    assert isinstance(shown, Question)
+    shown.answer_count = 0
+    return shown, gone
+
+
+def test_two_hides_of_one_old_answer_at_once_take_it_down_once_and_two_unhides_show_it_once() -> None:
+    """Both admins read it shown; the second to run again reads it anew (the driver reads after the commits
+    queued before: the first hide's) and changes nothing: one count, one notice, one audit entry."""
+    sim = Sim(make_engine())
+    sim.connect(3, "jun")
+    sim.take(3)
+    connect_admin(sim, 8, "ops")
+    connect_admin(sim, 9, "ops2")
+    question, answer = _old_answered_question()
+    _asks(sim, 8, "hide_answer", {"id": "a-old", "reason": "spam 1"}, 10)
+    _asks(sim, 9, "hide_answer", {"id": "a-old", "reason": "spam 2"}, 11)
+    first = _read_back(sim, 8, question, answer)
+    assert sim.reply(first)["data"]["changed"] is True
+    assert CountAnswer("q-old", -1) in first.writes
+    again = _read_back(sim, 9, question, answer)  # read before the first hide
+    assert again.read == ModerationItem("answer", "a-old") and again.actions == () and again.writes == ()
+    question, answer = _hidden_by_the_first(question, answer)
+    second = _read_back(sim, 9, question, answer)
+
+    assert sim.reply(second)["data"] == {"id": "a-old", "hidden": True, "changed": False}
+    assert second.writes == ()
+    assert [e["type"] for e in sim.take(3)] == ["content_hidden"]
+
+    _asks(sim, 8, "unhide_answer", {"id": "a-old"}, 12)
+    _asks(sim, 9, "unhide_answer", {"id": "a-old"}, 13)
+    shown = _read_back(sim, 8, question, answer)
+    assert sim.reply(shown)["data"]["changed"] is True and CountAnswer("q-old", 1) in shown.writes
+    assert _read_back(sim, 9, question, answer).read == ModerationItem("answer", "a-old")
+    assert sim.reply(_read_back(sim, 9, *_old_answered_question()))["data"]["changed"] is False
+
+
+def test_two_reports_crossing_the_threshold_at_once_hide_an_old_answer_once() -> None:
+    from dongne.core.settings import ModerationSettings
+
+    sim = Sim(Engine(CoreSettings(moderation=ModerationSettings(auto_hide_reports=2)), claims_for))
+    for conn_id, user in ((1, "r1"), (2, "r2"), (3, "r3")):
+        sim.connect(conn_id, user)
+    question, answer = _old_answered_question()
+    _asks(sim, 1, "report_content", {"answer_id": "a-old", "reason": "spam"}, 10)
+    assert sim.reply(_read_back(sim, 1, question, answer))["ok"]
+    _asks(sim, 2, "report_content", {"answer_id": "a-old", "reason": "spam"}, 11)
+    _asks(sim, 3, "report_content", {"answer_id": "a-old", "reason": "spam"}, 12)
+    hid = _read_back(sim, 2, question, answer)
+    assert sim.reply(hid)["ok"] and CountAnswer("q-old", -1) in hid.writes
+    assert _read_back(sim, 3, question, answer).read == ModerationItem("answer", "a-old")
+    late = sim.reply(_read_back(sim, 3, *_hidden_by_the_first(question, answer)))
+
+    assert late["error"]["code"] == "not_found"  # hidden: no longer there to report

@@ -58,6 +58,9 @@ AUTOMATIC = "auto_moderation"
 FOREVER = 2**62
 #: The close code of a banned user's connections (PROTOCOL.md: do not retry).
 BANNED = 4003
+#: How many questions' latest hides and unhides are kept apart (see ``Moderation._item``); a read begun
+#: before the oldest of them is read again whatever its question.
+_CHANGES_KEPT = 1000
 
 
 class Moderation:
@@ -99,6 +102,11 @@ class Moderation:
         self.open_reports: dict[str, Report] = {}  # report id -> report not resolved yet
         self.ban_ends: list[tuple[int, str]] = []  # a heap of (end, user id) of the timed bans in force
         self.ip_blocks: dict[str, IpBlock] = {}  # run-time blocks by normalised CIDR
+        # Hides and unhides, counted; the latest few by question, with the count after each. A read of an item
+        # begun at a lower count than its question's may hold it as it was before (see _item).
+        self._changes = 0
+        self._changed: dict[str, int] = {}  # question id -> the count after its latest change, oldest first
+        self._forgotten = 0  # reads begun below this count are read again: its changes are no longer kept
 
     def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
         return {
@@ -120,6 +128,8 @@ class Moderation:
     def load(self, reports: list[Report], ip_blocks: list[IpBlock], now: int) -> Outcome:
         """Adopt stored reports and IP blocks; returns the blocks for the driver."""
         self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
+        self._changed.clear()
+        self._forgotten = self._changes  # memory is the store's again: a read begun before may predate it
         self.ip_blocks = {b.cidr: b for b in ip_blocks if b.active(now)}
         return self.blocks_in_force(now)
 
@@ -267,14 +277,24 @@ class Moderation:
 
         Third: the question's answers as read from the store, when it was
         read (a question out of memory); empty when memory held the item.
+
+        Two requests about one item out of memory read it side by side, each
+        its own copy; the first to run again changes its copy and commits.
+        The other's copy is then as the item was before: acting on it would
+        take the item down (or show it) twice, twice counted, its author told
+        twice. So a copy read before a hide or unhide of its question here
+        is read again: the driver runs a read after the commits queued
+        before it, so the new one sees that change.
         """
         if kind == "question" and item_id in self._questions:
             return self._questions[item_id], None, ()
         if kind == "answer" and (answer := self._qa.answer_in_memory(item_id)) is not None:
             return self._questions[answer.question_id], answer, ()
         if not call.retried:
-            return Pending(ModerationItem(kind, item_id), lambda found: self._keep(kind, item_id, found))
-        question, answers = call.found  # this request's own read: it goes with the request, whatever its end
+            return self._read(kind, item_id)
+        question, answers, begun = call.found  # this request's own read: it goes with the request, whatever its end
+        if begun < max(self._forgotten, self._changed.get(question.question_id, 0)):
+            return self._read(kind, item_id)  # changed since this read began
         question = self._questions.get(question.question_id, question)  # memory is newer than the store
         if kind == "question":
             return question, None, answers
@@ -283,10 +303,23 @@ class Moderation:
             raise ProtocolError("not_found", "no such answer")
         return question, answer, answers
 
-    def _keep(self, kind: str, item_id: str, found: tuple[Question, list[Answer]] | None) -> Retry:
+    def _read(self, kind: str, item_id: str) -> Pending:
+        begun = self._changes
+        return Pending(ModerationItem(kind, item_id), lambda found: self._keep(kind, item_id, found, begun))
+
+    def _keep(self, kind: str, item_id: str, found: tuple[Question, list[Answer]] | None, begun: int) -> Retry:
         if found is None:
             raise ProtocolError("not_found", f"no such {kind}")
-        return Retry(found)
+        question, answers = found
+        return Retry((question, answers, begun))
+
+    def _changed_now(self, question_id: str) -> None:
+        """A hide or an unhide of the question or of one of its answers: reads of it begun before are stale."""
+        self._changes += 1
+        self._changed.pop(question_id, None)  # the newest last
+        self._changed[question_id] = self._changes
+        if len(self._changed) > _CHANGES_KEPT:
+            self._forgotten = self._changed.pop(next(iter(self._changed)))
 
     def _hide(
         self,
@@ -319,6 +352,7 @@ class Moderation:
             author, data = answer.author_id, {"question_id": question.question_id, "answer_id": answer.answer_id}
         if author in self._users:
             self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)
+        self._changed_now(question.question_id)
         return True
 
     def _unhide(
@@ -339,6 +373,7 @@ class Moderation:
         if kind == "question":
             if not question.hidden:
                 return False
+            self._changed_now(question.question_id)
             question.hidden, question.deleted_at = False, None
             out.write(SaveQuestion(attrs.evolve(question)))
             shown = [a for a in answers if a.deleted_at is None]
@@ -354,6 +389,7 @@ class Moderation:
         assert answer is not None
         if not answer.hidden:
             return False
+        self._changed_now(question.question_id)
         answer.hidden, answer.deleted_at = False, None
         question.answer_count += 1
         if question.status == QuestionStatus.OPEN:  # answered again (hiding its only answer reopened it)
