@@ -172,6 +172,8 @@ async def test_reports_hide_at_the_threshold_and_an_admin_resolves_them(start_se
         await r3.request("report_content", {"answer_id": aid, "reason": "spam"})  # the third: hidden at once
         assert (await asker.next_event("answer_deleted"))["data"]["answer_id"] == aid
         assert (await spammer.next_event("content_hidden"))["data"]["answer_id"] == aid
+        # Hidden now, by these very reports: a second report of it still returns the first.
+        assert await r1.request("report_content", {"answer_id": aid, "reason": "spam"}) == first
 
         queue = await admin.request("list_reports", {})
         assert len(queue["reports"]) == 3 and queue["next"] is None

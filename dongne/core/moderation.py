@@ -445,6 +445,12 @@ class Moderation:
         item_id = f.ident(f"{kind}_id")
         reason = f.choice("reason", REPORT_REASONS, default="")
         note = f.text("note", max_len=500, min_len=0, default="")
+        mine = [
+            r for r in self.open_reports.values()
+            if (r.item_kind, r.item_id, r.reporter_id) == (kind, item_id, call.user.user_id)
+        ]  # fmt: skip
+        if mine:  # the first, whatever became of the item since (hidden by these very reports, say)
+            return {"report_id": mine[0].report_id, "status": "open"}
         item = self._item(call, kind, item_id)
         if isinstance(item, Pending):
             return item
@@ -456,12 +462,6 @@ class Moderation:
         author = question.asker_id if answer is None else answer.author_id
         if author == call.user.user_id:
             raise ProtocolError("forbidden", "you cannot report your own content")
-        mine = [
-            r for r in self.open_reports.values()
-            if (r.item_kind, r.item_id, r.reporter_id) == (kind, item_id, call.user.user_id)
-        ]  # fmt: skip
-        if mine:
-            return {"report_id": mine[0].report_id, "status": "open"}
         report = Report(
             self._new_id("r", call.now), kind, item_id, question.question_id, call.user.user_id, reason, note, call.now
         )
