@@ -45,6 +45,11 @@ def test_blocklist_matches_networks() -> None:
     blocked = IpBlocklist(["10.1.0.0/16", "192.0.2.7"])
     assert blocked.blocks("10.1.200.3") and blocked.blocks("192.0.2.7")
     assert not blocked.blocks("10.2.0.1") and not blocked.blocks("127.0.0.1")
+    # IPv4-mapped IPv6 entries are their IPv4 networks: client addresses are compared as IPv4.
+    mapped = IpBlocklist(["::ffff:10.1.0.0/112", "::ffff:192.0.2.7"])
+    assert mapped.blocks("10.1.200.3") and mapped.blocks("192.0.2.7") and mapped.blocks("::ffff:192.0.2.7")
+    assert not mapped.blocks("10.2.0.1") and not mapped.blocks("::ffff:10.2.0.1")
+    assert [str(n) for n in mapped.networks] == ["10.1.0.0/16", "192.0.2.7/32"]
 
 
 async def test_rate_limited_then_closed_for_abuse(start_server, autojump_clock) -> None:  # type: ignore[no-untyped-def]

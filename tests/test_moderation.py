@@ -13,7 +13,7 @@ import trio_websocket
 
 from dongne.client import RequestError
 
-from .conftest import NO_TIMERS, Harness, db_rows, question_data, token
+from .conftest import NO_TIMERS, UNLIMITED, Harness, db_rows, question_data, token
 
 
 async def refused_hello(h: Harness, user_id: str) -> trio_websocket.CloseReason:
@@ -232,6 +232,25 @@ async def test_an_ip_block_at_run_time_closes_that_address_and_refuses_it_until_
         actions = [e["action"] for e in (await admin.request("list_audit", {}))["entries"]]
         assert actions[:2] == ["unblock_ip", "block_ip"]
     await h2.running.aclose()
+
+
+async def test_a_block_of_an_ipv4_mapped_address_blocks_that_ipv4_client(start_server: Any) -> None:
+    """Client addresses are compared as IPv4 (a dual-stack socket's ``::ffff:a.b.c.d`` is normalised): so are
+    blocks written the IPv6 way, at run time and in config.toml."""
+    from .addressed import attempt
+
+    h: Harness = await start_server(limits={**UNLIMITED, "ip_blocklist": ["::ffff:127.0.0.5"]})
+    async with h.connect("ops", admin=True) as admin:
+        block = await admin.request("block_ip", {"cidr": "::ffff:127.0.0.2", "reason": "credential stuffing"})
+        assert block["block"]["cidr"] == "127.0.0.2/32"
+        async with attempt(h.running.port, token("abuser"), bind="127.0.0.2") as refused:
+            assert refused.status == 0 and not refused.ok
+        async with attempt(h.running.port, token("abuser"), bind="127.0.0.5") as static:
+            assert static.status == 0 and not static.ok
+        await admin.request("unblock_ip", {"cidr": "::ffff:127.0.0.2/128"})
+        async with attempt(h.running.port, token("abuser"), bind="127.0.0.2") as back:
+            assert back.ok
+    await h.running.aclose()
 
 
 async def test_review_findings_hide_out_of_memory_reporters_told_repeat_reports_and_a_failed_unblock(

@@ -17,7 +17,7 @@ import attrs
 
 from .settings import LimitSettings, ModerationSettings
 
-__all__ = ["OP_CLASSES", "BucketSpec", "IpBlocklist", "Limiter", "TokenBucket"]
+__all__ = ["OP_CLASSES", "BucketSpec", "IpBlocklist", "Limiter", "TokenBucket", "ip_network"]
 
 #: Which bucket each operation draws from (besides the connection's own).
 OP_CLASSES: dict[str, str] = {
@@ -140,15 +140,38 @@ def request_limiter(limits: LimitSettings, moderation: ModerationSettings) -> Li
     )
 
 
+#: IPv4-mapped IPv6 addresses (``::ffff:192.0.2.7``): a dual-stack socket's name for an IPv4 client.
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def ip_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address or CIDR network (host bits ignored), in the form client addresses are compared in.
+
+    Client addresses are IPv4 when the client is (``transport.normalize_address``
+    turns IPv4-mapped IPv6 into IPv4), so an IPv4-mapped network is its IPv4
+    one: ``::ffff:10.0.0.0/104`` is ``10.0.0.0/8``. Kept as IPv6 it would
+    match no client at all.
+
+    Raises:
+        ValueError: ``text`` is neither an address nor a network.
+    """
+    network = ipaddress.ip_network(text, strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(network.network_address) & 0xFFFF_FFFF, network.prefixlen - 96))
+    return network
+
+
 class IpBlocklist:
     """Addresses and networks (CIDR) refused at accept."""
 
     def __init__(self, entries: Iterable[str]) -> None:
-        self.networks = [ipaddress.ip_network(e, strict=False) for e in entries]
+        self.networks = [ip_network(e) for e in entries]
 
     def blocks(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # as the networks are
         return any(ip in net for net in self.networks)

@@ -14,7 +14,6 @@ reporting one item hide it at once, pending an admin's review.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +39,7 @@ from .effects import (
 from .errors import ProtocolError
 from .inbox import Inbox
 from .lifecycle import ACTIVE, QuestionEvent, QuestionStatus, advance
+from .limits import ip_network
 from .lists import Pending, Retry
 from .neighbourhood import Neighbourhood
 from .questions import Questions
@@ -130,7 +130,7 @@ class Moderation:
         self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
         self._changed.clear()
         self._forgotten = self._changes  # memory is the store's again: a read begun before may predate it
-        self.ip_blocks = {b.cidr: b for b in ip_blocks if b.active(now)}
+        self.ip_blocks = {_network(b.cidr): b for b in ip_blocks if b.active(now)}  # stored before: as normalised now
         return self.blocks_in_force(now)
 
     # ---- IP blocks -----------------------------------------------------------------------
@@ -160,9 +160,10 @@ class Moderation:
         self._admin(call)
         cidr = _network(call.f.string("cidr", max_len=64))
         reason = call.f.text("reason", max_len=500, min_len=0, default="")  # checked before anything changes
-        if self.ip_blocks.pop(cidr, None) is None:
+        block = self.ip_blocks.pop(cidr, None)
+        if block is None:
             raise ProtocolError("not_found", "no such run-time block (blocks in config.toml stay)")
-        call.out.write(DeleteIpBlock(cidr))
+        call.out.write(DeleteIpBlock(block.cidr))  # its row, as it was stored
         call.out.write(AppendAudit(call.now, call.user.user_id, "unblock_ip", cidr, reason))
         call.out.actions.extend(self.blocks_in_force(call.now).actions)
         return {"cidr": cidr}
@@ -560,9 +561,10 @@ def _report_wire(report: Report) -> dict[str, Any]:
 
 
 def _network(text: str) -> str:
-    """An address or CIDR network, normalised (``invalid_field`` otherwise)."""
+    """An address or CIDR network, normalised (IPv4-mapped as IPv4: ``core.limits.ip_network``);
+    ``invalid_field`` otherwise."""
     try:
-        return str(ipaddress.ip_network(text, strict=False))
+        return str(ip_network(text))
     except ValueError:
         raise ProtocolError("invalid_field", "'cidr' must be an IP address or a CIDR network") from None
 
