@@ -21,6 +21,7 @@ from dongne.core import (
     Disconnected,
     Engine,
     EngineSettings,
+    EnqueuePush,
     EscalationDue,
     FrameReceived,
     LimitSettings,
@@ -37,6 +38,8 @@ from dongne.core import (
     SeqsMoved,
     StagePlan,
     Tick,
+    User,
+    UsersChanged,
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
 from dongne.core.reads import ModerationItem
@@ -687,6 +690,27 @@ def test_a_question_closed_in_the_middle_of_a_stage_takes_back_the_alerts_it_did
 
     assert engine.escalation_due(qid) is None
     counts = {u: engine.where.ledger.count_last_hour(u, T0 + 10) for u in ("local3", "local4", "local5")}
+    assert counts == {"local3": 1, "local4": 0, "local5": 0}
+
+
+def test_a_local_banned_in_the_middle_of_a_stage_gets_none_of_its_batches_left() -> None:
+    """A banned local is alerted for nothing, the stage being sent in batches included: the ban (here, or on
+    another node: its profile) takes them out of what is left, and their planned alert off their cap."""
+    everyone = StagePlan("ALL", 0.0, None, None, "everyone")
+    engine, sim, created, qid = _three_locals_and_a_question(everyone)
+    assert [w.user_id for w in created.writes if isinstance(w, AppendEvent)] == ["local3"]
+    connect_admin(sim, 9)
+    assert sim.reply(sim.call(9, "ban_user", {"user_id": "local4", "reason": "abusive"}, T0 + 10))["ok"]
+    banned_elsewhere = attrs_copy(engine.users["local5"])
+    assert isinstance(banned_elsewhere, User)
+    banned_elsewhere.banned_until, banned_elsewhere.ban_reason = T0 + 3_600_000, "spam"
+    engine.handle(UsersChanged((banned_elsewhere,)), T0 + 11)
+    later = [fire(engine, qid, T0 + 20), fire(engine, qid, T0 + 30)]
+
+    alerted = [w.user_id for o in later for w in o.writes if isinstance(w, AppendEvent)]
+    assert alerted == [] and not any(isinstance(w, EnqueuePush) for o in later for w in o.writes)
+    assert engine.escalation_due(qid) is None
+    counts = {u: engine.where.ledger.count_last_hour(u, T0 + 30) for u in ("local3", "local4", "local5")}
     assert counts == {"local3": 1, "local4": 0, "local5": 0}
 
 

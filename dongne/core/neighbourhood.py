@@ -103,7 +103,8 @@ class Neighbourhood:
         """Keep a user's ``LocalInfo`` (and home position) in step with its profile (a local banned at ``now``
         is none; one whose ban has run out is one again)."""
         if not user.local or user.banned_at(now):
-            self.locals.pop(user.user_id, None)
+            if self.locals.pop(user.user_id, None) is not None:
+                self._drop_target(user.user_id)
             self.homes.remove(user.user_id)
             self.live.remove(user.user_id)
             return
@@ -362,6 +363,15 @@ class Neighbourhood:
             self.ledger.unrecord(user_id, esc.planned_at)
             self._snooze(user_id)
         esc.pending.clear()
+
+    def _drop_target(self, user_id: str) -> None:
+        """A local no more (banned, say: "alerted for nothing"): the stages being delivered leave them out of
+        their batches still to send, and take their alert back as :meth:`drop_pending` does."""
+        for esc in self.escalations.values():
+            if any(hit[0] == user_id for hit in esc.pending):
+                esc.pending[:] = [hit for hit in esc.pending if hit[0] != user_id]
+                esc.notified.discard(user_id)
+                self.ledger.unrecord(user_id, esc.planned_at)
 
     def stop_escalation(self, question_id: str) -> Escalation | None:
         """Stop a question's escalation here (it ended, or was stopped for good); what it had not sent yet
