@@ -43,6 +43,7 @@ from dongne.core import (
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
 from dongne.core.reads import ModerationItem
+from dongne.core.records import ReceiptState
 from dongne.store import Storage
 
 T0 = 1_800_000_000_000
@@ -981,3 +982,45 @@ def test_two_reports_crossing_the_threshold_at_once_hide_an_old_answer_once() ->
     late = sim.reply(_read_back(sim, 3, *_hidden_by_the_first(question, answer)))
 
     assert late["error"]["code"] == "not_found"  # hidden: no longer there to report
+
+
+def test_a_question_read_before_a_hide_of_it_is_read_again_not_adopted() -> None:
+    """A join reads an old question from the store; an admin hides an answer of it meanwhile (in the store
+    only: it is not in memory). The join's copy predates the hide: adopted, it would serve the answer to
+    everyone and be written back by the next receipt. It is read again; the second copy is adopted."""
+    sim = Sim(make_engine())
+    sim.connect(1, "viewer")
+    connect_admin(sim, 8, "ops")
+    question, answer = _old_answered_question()
+    joining = sim.engine.handle(FrameReceived(1, frame("join_question", 5, {"question_id": "q-old"})), T0)
+    assert joining.load_question == "q-old"
+    _asks(sim, 8, "hide_answer", {"id": "a-old", "reason": "spam"}, 10)
+    assert sim.reply(_read_back(sim, 8, question, answer))["data"]["changed"] is True
+
+    stale = sim.engine.handle(QuestionLoaded(1, attrs_copy(question), (attrs_copy(answer),)), T0)
+    assert stale.load_question == "q-old" and stale.actions == () and stale.writes == ()
+    assert "q-old" not in sim.engine.questions
+    question, answer = _hidden_by_the_first(question, answer)
+    joined = sim.engine.handle(QuestionLoaded(1, attrs_copy(question), ()), T0)  # the store leaves hidden out
+    sim.deliver(joined)
+    reply = sim.reply(joined)
+    assert reply["ok"] and reply["data"]["answers"] == [] and reply["data"]["question"]["answer_count"] == 0
+
+
+def test_an_old_question_read_before_a_receipt_written_for_it_is_read_again() -> None:
+    """The asker comes back: an answer to an expired question, still ``sent`` in the store, is marked
+    ``delivered`` there only. A copy of the question read before that would bring it back as ``sent``
+    (a second receipt for its author); it is read again."""
+    sim = Sim(make_engine())
+    question, answer = _old_answered_question()
+    sim.engine.inbox.track_stored("asker", "q-old", "a-old", "jun")
+    sim.connect(1, "viewer")
+    joining = sim.engine.handle(FrameReceived(1, frame("join_question", 5, {"question_id": "q-old"})), T0)
+    assert joining.load_question == "q-old"
+    sim.connect(2, "asker")  # delivered, in the store only
+
+    stale = sim.engine.handle(QuestionLoaded(1, attrs_copy(question), (attrs_copy(answer),)), T0)
+    assert stale.load_question == "q-old"
+    answer.state, answer.delivered_at = ReceiptState.DELIVERED, T0
+    joined = sim.engine.handle(QuestionLoaded(1, attrs_copy(question), (attrs_copy(answer),)), T0)
+    assert sim.reply(joined)["data"]["answers"][0]["state"] == "delivered"

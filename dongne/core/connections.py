@@ -35,6 +35,8 @@ class ConnState:
     rooms: set[str] = attrs.Factory(set)
     # A request waiting for its question to be read from the store.
     waiting: Request | None = None
+    # ``Freshness.now`` when that read began: a copy of a question changed since is read again.
+    waiting_since: int = 0
     # A read operation waiting for its rows: the request and what makes its reply.
     reading: tuple[Request, Callable[[Any], Any]] | None = None
 

@@ -57,6 +57,7 @@ from .events import (
     WritesFailing,
     WritesWork,
 )
+from .freshness import Freshness
 from .inbox import Inbox
 from .lifecycle import ACTIVE, QuestionStatus
 from .limits import OP_CLASSES, request_limiter
@@ -172,7 +173,8 @@ class Engine:
             rooms_per_connection=limits.rooms_per_connection,
             typing_ttl_ms=int(settings.engine.typing_ttl_s * 1000),
         )
-        self.inbox = Inbox(self.users, self.user_conns, self.answers)
+        self.freshness = Freshness()  # store-only changes of questions out of memory, against stale reads
+        self.inbox = Inbox(self.users, self.user_conns, self.answers, self.freshness)
         self.oversight = Oversight(
             settings.alerts, self._deadlines, self.inbox, self.where, self.questions, self.counts
         )
@@ -209,6 +211,7 @@ class Engine:
             conns=self.conns,
             user_conns=self.user_conns,
             where=self.where,
+            freshness=self.freshness,
         )
         self.sessions = Sessions(
             check_token,
@@ -252,6 +255,7 @@ class Engine:
         """
         where = self.where
         self.moderation.ban_ends.clear()  # a reload reads them again
+        self.freshness.reloaded()  # memory is the store's again: a read begun before may predate it
         # First: it starts the answers not yet delivered over, and the answers below are tracked again.
         self.inbox.restore(state.last_push_job_id, state.oldest_seqs)
         for user in state.users:
@@ -501,9 +505,12 @@ class Engine:
             and question_id not in self.questions
         ):
             # Not in memory (older than the hot set, or no such question): ask the driver.
-            conn.waiting = request
-            return Outcome(op=label, load_question=question_id)
+            return self._load_question(conn, request, question_id, label)
         return self._run(conn, request, now, label)
+
+    def _load_question(self, conn: ConnState, request: Request, question_id: str, label: str) -> Outcome:
+        conn.waiting, conn.waiting_since = request, self.freshness.now
+        return Outcome(op=label, load_question=question_id)
 
     def _question_loaded(self, event: QuestionLoaded, now: int) -> Outcome:
         conn = self.conns.get(event.conn_id)
@@ -513,6 +520,11 @@ class Engine:
         if conn.phase is not ConnPhase.READY:
             return _NOTHING
         if event.question is not None:
+            question_id = event.question.question_id
+            if question_id not in self.questions and self.freshness.stale(question_id, conn.waiting_since):
+                # Changed in the store since this copy was read (hidden, say): adopting it would serve the
+                # question as it was to everyone, and write it back. Read it again.
+                return self._load_question(conn, request, question_id, request.op)
             self._adopt(event.users, now)
             self._qa.adopt(event.question, event.answers)
         return self._run(conn, request, now, request.op)

@@ -15,6 +15,7 @@ import attrs
 from .connections import Call
 from .effects import AppendEvent, DeliverAnswer, EnqueuePush, OutcomeBuilder, Push, SaveAnswer, SaveUser
 from .fanout import StageAlerts
+from .freshness import Freshness
 from .protocol import durable_event, event
 from .records import Answer, PushJob, Question, ReceiptState, User
 
@@ -40,12 +41,18 @@ class Inbox:
         users: every known user, by id (shared with the engine).
         user_conns: each online user's connection ids (shared with the engine).
         answers: each question's answers by id (shared with the engine).
+        freshness: told of receipts written to the store only (shared with the engine).
     """
 
     def __init__(
-        self, users: dict[str, User], user_conns: dict[str, set[int]], answers: dict[str, dict[str, Answer]]
+        self,
+        users: dict[str, User],
+        user_conns: dict[str, set[int]],
+        answers: dict[str, dict[str, Answer]],
+        freshness: Freshness,
     ) -> None:
         self._users = users
+        self._freshness = freshness
         self._user_conns = user_conns
         self._answers = answers
         # asker -> {(question, answer): author}, for answers in memory and out of it (an expired question's)
@@ -145,6 +152,7 @@ class Inbox:
             held = self._answers.get(question_id)
             if held is None:
                 out.write(DeliverAnswer(question_id, answer_id, now))
+                self._freshness.changed(question_id)  # a copy read before would say "sent"
                 self._tell_author(author_id, question_id, answer_id, ReceiptState.DELIVERED, now, out)
                 continue
             answer = held.get(answer_id)

@@ -37,6 +37,7 @@ from .effects import (
     SaveUser,
 )
 from .errors import ProtocolError
+from .freshness import Freshness
 from .inbox import Inbox
 from .lifecycle import ACTIVE, QuestionEvent, QuestionStatus, advance
 from .limits import ip_network
@@ -58,9 +59,6 @@ AUTOMATIC = "auto_moderation"
 FOREVER = 2**62
 #: The close code of a banned user's connections (PROTOCOL.md: do not retry).
 BANNED = 4003
-#: How many questions' latest hides and unhides are kept apart (see ``Moderation._item``); a read begun
-#: before the oldest of them is read again whatever its question.
-_CHANGES_KEPT = 1000
 
 
 class Moderation:
@@ -86,8 +84,10 @@ class Moderation:
         conns: dict[int, ConnState],
         user_conns: dict[str, set[int]],
         where: Neighbourhood,
+        freshness: Freshness,
     ) -> None:
         self._settings = settings
+        self._freshness = freshness
         self._deadlines = deadlines
         self._static_blocks = static_blocks
         self._qa = qa
@@ -102,11 +102,6 @@ class Moderation:
         self.open_reports: dict[str, Report] = {}  # report id -> report not resolved yet
         self.ban_ends: list[tuple[int, str]] = []  # a heap of (end, user id) of the timed bans in force
         self.ip_blocks: dict[str, IpBlock] = {}  # run-time blocks by normalised CIDR
-        # Hides and unhides, counted; the latest few by question, with the count after each. A read of an item
-        # begun at a lower count than its question's may hold it as it was before (see _item).
-        self._changes = 0
-        self._changed: dict[str, int] = {}  # question id -> the count after its latest change, oldest first
-        self._forgotten = 0  # reads begun below this count are read again: its changes are no longer kept
 
     def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
         return {
@@ -128,8 +123,6 @@ class Moderation:
     def load(self, reports: list[Report], ip_blocks: list[IpBlock], now: int) -> Outcome:
         """Adopt stored reports and IP blocks; returns the blocks for the driver."""
         self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
-        self._changed.clear()
-        self._forgotten = self._changes  # memory is the store's again: a read begun before may predate it
         self.ip_blocks = {_network(b.cidr): b for b in ip_blocks if b.active(now)}  # stored before: as normalised now
         return self.blocks_in_force(now)
 
@@ -294,7 +287,7 @@ class Moderation:
         if not call.retried:
             return self._read(kind, item_id)
         question, answers, begun = call.found  # this request's own read: it goes with the request, whatever its end
-        if begun < max(self._forgotten, self._changed.get(question.question_id, 0)):
+        if self._freshness.stale(question.question_id, begun):
             return self._read(kind, item_id)  # changed since this read began
         question = self._questions.get(question.question_id, question)  # memory is newer than the store
         if kind == "question":
@@ -305,7 +298,7 @@ class Moderation:
         return question, answer, answers
 
     def _read(self, kind: str, item_id: str) -> Pending:
-        begun = self._changes
+        begun = self._freshness.now
         return Pending(ModerationItem(kind, item_id), lambda found: self._keep(kind, item_id, found, begun))
 
     def _keep(self, kind: str, item_id: str, found: tuple[Question, list[Answer]] | None, begun: int) -> Retry:
@@ -313,14 +306,6 @@ class Moderation:
             raise ProtocolError("not_found", f"no such {kind}")
         question, answers = found
         return Retry((question, answers, begun))
-
-    def _changed_now(self, question_id: str) -> None:
-        """A hide or an unhide of the question or of one of its answers: reads of it begun before are stale."""
-        self._changes += 1
-        self._changed.pop(question_id, None)  # the newest last
-        self._changed[question_id] = self._changes
-        if len(self._changed) > _CHANGES_KEPT:
-            self._forgotten = self._changed.pop(next(iter(self._changed)))
 
     def _hide(
         self,
@@ -353,7 +338,7 @@ class Moderation:
             author, data = answer.author_id, {"question_id": question.question_id, "answer_id": answer.answer_id}
         if author in self._users:
             self._inbox.append(author, "content_hidden", {**data, "reason": reason}, now, out)
-        self._changed_now(question.question_id)
+        self._freshness.changed(question.question_id)
         return True
 
     def _unhide(
@@ -374,7 +359,7 @@ class Moderation:
         if kind == "question":
             if not question.hidden:
                 return False
-            self._changed_now(question.question_id)
+            self._freshness.changed(question.question_id)
             question.hidden, question.deleted_at = False, None
             out.write(SaveQuestion(attrs.evolve(question)))
             shown = [a for a in answers if a.deleted_at is None]
@@ -390,7 +375,7 @@ class Moderation:
         assert answer is not None
         if not answer.hidden:
             return False
-        self._changed_now(question.question_id)
+        self._freshness.changed(question.question_id)
         answer.hidden, answer.deleted_at = False, None
         question.answer_count += 1
         if question.status == QuestionStatus.OPEN:  # answered again (hiding its only answer reopened it)
