@@ -247,11 +247,18 @@ class ClientServer:
                 self.accepting = True
                 task_status.started(self.port)
                 await self._accept_loop(listener, conn_nursery)
-                # Stopped accepting: close every client with 1001, bounded.
+                # Stopped accepting, and reading requests (see _on_message). What was decided before goes out
+                # first: a write committed meanwhile is acknowledged, not lost to the close (a client told
+                # nothing would ask again: a second question). Then every client gets 1001. All bounded.
+                deadline = trio.current_time() + self.settings.shutdown_timeout_s
+                with trio.move_on_at(deadline):
+                    acted = trio.Event()
+                    self.pipeline.after_acting(acted.set)
+                    await acted.wait()
                 for conn in list(self.conns.values()):
                     conn.close(1001, "server shutting down")
-                conn_nursery.cancel_scope.deadline = trio.current_time() + self.settings.shutdown_timeout_s
-            with trio.move_on_after(self.settings.shutdown_timeout_s) as flush:
+                conn_nursery.cancel_scope.deadline = deadline
+            with trio.move_on_at(deadline) as flush:
                 await self.pipeline.wait_idle()
             if flush.cancelled_caught:  # pragma: no cover - a commit stuck for seconds
                 log.warning("shutdown: pipeline did not drain in time")
@@ -467,6 +474,8 @@ class ClientServer:
         return (people[0] if people else None), self.store.read_oldest([user_id]).get(user_id)
 
     async def _on_message(self, conn_id: int, message: BinaryFrame | TextFrame) -> None:
+        if not self.accepting:
+            return  # shutting down: not applied, and the 1001 that follows tells the client its reply is lost
         if self._conflicted is not None and conn_id in self._conflicted.conns:
             await self._reloaded.wait()  # its request lost a race: its replies wait for the refresh, in order
         started = time.perf_counter()

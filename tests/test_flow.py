@@ -226,3 +226,33 @@ async def test_a_peer_that_closed_is_gone_at_once_while_its_replies_wait(start_s
     assert peer.close_code == 1000
     peer.close()
     await h.running.aclose()
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_shutdown_answers_what_it_read_before_its_1001(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """A write decided before the shutdown began is committed and acknowledged before the 1001 (the client,
+    told nothing, would ask again: a second question); a request sent after it is not applied at all."""
+    h: Harness = await start_server()
+    peer = await h.raw_hello("alice")
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the question's commit waits for it
+    await peer.send({"type": "create_question", "id": 2, "data": question_data()})
+    with trio.fail_after(10):
+        while h.running.engine.counts()["open_questions"] == 0:  # noqa: ASYNC110 - decided; its commit waits
+            await trio.sleep(0.01)
+    h.running.stop()  # what SIGTERM does
+    with trio.fail_after(10):
+        while h.running.clients.accepting:  # noqa: ASYNC110 - the shutdown has begun
+            await trio.sleep(0.01)
+    await peer.send({"type": "create_question", "id": 3, "data": question_data(title="After the signal")})
+    holder.execute("ROLLBACK")
+    holder.close()
+    with trio.fail_after(10):
+        frames = await peer.read_until_closed()
+    replies = [(f["id"], f["ok"]) for f in frames if f.get("type") == "reply"]
+    assert replies == [(1, True), (2, True)]
+    assert peer.close_code == 1001
+    peer.close()
+    with trio.fail_after(10):
+        await h.running.aclose()
+    assert db_rows(db, "SELECT title FROM questions") == [(question_data()["title"],)]
