@@ -107,6 +107,8 @@ async def run_server(
             region_set = RegionSet.from_file(settings.location.regions_file)
         except RegionFileError as exc:
             raise ConfigError(f"[location] regions_file: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"[location] regions_file: cannot read {exc.filename}: {exc.strerror}") from None
     else:
         region_set = load_default_regions()
     store = store_for(
@@ -276,7 +278,7 @@ async def _serve(
             verifier,
             closing=shutdown.wait,
             client_url=settings.server.public_url.rstrip("/")
-            or (lambda: f"ws://{settings.server.host}:{client_port[0]}" if client_port else None),
+            or (lambda: f"ws://{_url_host(settings.server.host)}:{client_port[0]}" if client_port else None),
             bans=active_bans,
             is_banned=lambda user_id: (
                 (user := engine.users.get(user_id)) is not None and user.banned_at(clock.now_ms())
@@ -326,11 +328,11 @@ async def _serve(
                 ops_port = _ops_port(binds)
                 log.info(
                     "dongne listening: clients ws://%s:%d  ops http://%s:%d%s",
-                    settings.server.host,
+                    _url_host(settings.server.host),
                     port,
-                    settings.server.ops_host,
+                    _url_host(settings.server.ops_host),
                     ops_port,
-                    f"  app http://{settings.server.host}:{port}/" if settings.web.enabled else "",
+                    f"  app http://{_url_host(settings.server.host)}:{port}/" if settings.web.enabled else "",
                 )
                 watcher = trio.CancelScope()
                 if signals is not None:
@@ -464,3 +466,8 @@ async def _watch_signals(signals: AsyncIterator[int], shutdown: trio.Event) -> N
         log.info("received %s", signal.Signals(signum).name)
         shutdown.set()
         return
+
+
+def _url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

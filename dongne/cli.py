@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -105,12 +106,19 @@ def main(argv: list[str] | None = None) -> int:
             "INFO" if os.environ.get("DONGNE_DEMO_DEBUG") else "WARNING",
             "json" if os.environ.get("DONGNE_DEMO_DEBUG") else "text",
         )
-        trio.run(
-            lambda: run_demo(
-                port=args.port, ops_port=args.ops_port, locals_count=args.locals, travellers=args.travellers,
-                duration_s=args.duration, seed=args.seed,
-            )
-        )  # fmt: skip
+        try:
+            trio.run(
+                lambda: run_demo(
+                    port=args.port, ops_port=args.ops_port, locals_count=args.locals, travellers=args.travellers,
+                    duration_s=args.duration, seed=args.seed,
+                )
+            )  # fmt: skip
+        except BaseException as exc:
+            cannot = _cannot_listen(exc, f"the demo's ports {args.port} and {args.ops_port}")
+            if cannot is None:
+                raise
+            print(cannot, file=sys.stderr)
+            return 2
         return 0
     try:
         settings = _settings(args)
@@ -151,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         except RegionFileError as exc:
             print(f"dongne: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"dongne: --regions: cannot read {args.regions}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     from .app import run_server
     from .runtime import tune_interpreter
     from .store import DatabaseInUseError, StoreError
@@ -167,7 +178,32 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. no space left for the lock or secret file
         print(f"dongne: cannot start: {exc.strerror or exc}: {exc.filename or settings.store.target}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # a listener that could not bind, from inside the server's nursery
+        server = settings.server
+        ports = f"the client port {server.host}:{server.port} or the ops port {server.ops_host}:{server.ops_port}"
+        cannot = _cannot_listen(group, ports)
+        if cannot is None:
+            raise
+        print(cannot, file=sys.stderr)
+        return 2
     return 0
+
+
+#: Why a listener cannot bind: the port is taken, privileged, or the address is not this machine's.
+_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+
+
+def _cannot_listen(exc: BaseException, where: str) -> str | None:
+    """One line for a start-up that failed to bind a listener (``exc`` may be a group holding it), else ``None``."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _cannot_listen(inner, where)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, OSError) and exc.errno in _BIND_ERRORS:
+        return f"dongne: cannot listen on {where}: {exc.strerror}"
+    return None
 
 
 def _sqlite_file(settings: Settings) -> Path | None:

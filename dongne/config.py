@@ -334,16 +334,21 @@ def _coerce(section: str, key: str, kind: Any, value: Any, *, from_text: bool) -
     raise ConfigError(f"{where} must be an array of tables, got {value!r}")
 
 
-def _build_section(name: str, cls: type, values: Mapping[str, Any], *, from_text: bool) -> Any:
+def _coerced(name: str, cls: type, values: Mapping[str, Any], *, from_text: bool) -> dict[str, Any]:
+    """The values of one section, each known and of its type (ranges and cross-checks: ``_build_section``)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in attrs.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown setting [{name}] {unknown[0]}; known keys: {', '.join(sorted(known))}")
-    kwargs = {key: _coerce(name, key, hints[key], value, from_text=from_text) for key, value in values.items()}
+    return {key: _coerce(name, key, hints[key], value, from_text=from_text) for key, value in values.items()}
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any], *, from_text: bool) -> Any:
+    kwargs = _coerced(name, cls, values, from_text=from_text)
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:  # ValueError: attrs' range validators ("'x' must be >= 0: -1")
         raise ConfigError(f"[{name}] {exc}") from None
 
 
@@ -395,8 +400,10 @@ def load_settings(
                 raise ConfigError(f"{path}: unknown section [{name}]; known: {', '.join(sections)}")
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: [{name}] must be a table")
-            for key, value in table.items():
-                _build_section(name, sections[name], {key: value}, from_text=False)
+            try:
+                _coerced(name, sections[name], table, from_text=False)  # the section is checked whole below
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
             merged[name].update(table)
     env = _env_overrides(os.environ if environ is None else environ, sections)
     built: dict[str, Any] = {}

@@ -483,3 +483,12 @@ def test_a_public_url_that_is_not_a_websocket_url_is_a_config_error(bad: str) ->
 
     with pytest.raises(ConfigError, match="public_url"):
         ServerSettings(public_url=bad)
+
+
+async def test_the_dashboard_writes_an_ipv6_client_host_in_brackets(start_server) -> None:  # type: ignore[no-untyped-def]
+    """[server] host = "::1" (or "::"), no public_url: the dashboard's client URL is ws://[::1]:port."""
+    h = await start_server(server={"host": "::1"})
+    async with httpx.AsyncClient(cookies={"dongne_admin": token("boss", admin=True)}) as http:
+        page = await http.get(f"http://127.0.0.1:{h.running.ops_port}/admin")
+    assert page.status_code == 200
+    assert f"ws://[::1]:{h.running.port}" in page.headers["content-security-policy"]  # the page's connect-src

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,31 @@ def test_postgresql_urls_get_one_clear_line_for_what_they_cannot_do(tmp_path: Pa
     assert "bogus" in bad_url.stderr and "pw" not in bad_url.stderr  # the password never printed
     assert token.returncode == 0 and token.stdout.count(".") == 2  # a JWT, with no database needed
     assert list(tmp_path.iterdir()) == []  # no SQLite file or secret was made on the side
+
+
+@pytest.mark.parametrize("which", ["--port", "--ops-port", "demo"])
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        if which == "demo":
+            argv = ["demo", "--port", port, "--ops-port", "0", "--locals", "1", "--travellers", "1", "--duration", "5"]
+        else:
+            argv = ["serve", "--db", str(tmp_path / "d.sqlite3"), "--host", "127.0.0.1", "--port", "0",
+                    "--ops-port", "0", which, port]  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "dongne", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "cannot listen on" in out.stderr and "in use" in out.stderr
+
+
+def test_a_missing_region_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dongne", "serve", "--db", str(tmp_path / "d.sqlite3"), "--regions", "nowhere.json"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--regions: cannot read nowhere.json" in out.stderr

@@ -38,6 +38,9 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("[server\n", "not valid TOML"),
         ("[cluster]\nlease_ttl_s = 11\n", "[cluster] lease_ttl_s (11.0) must not exceed node_ttl_s (10.0)"),
         ("[cluster]\nlease_ttl_s = 2\n", "heartbeat_interval_s (2.0) must be below lease_ttl_s (2.0)"),
+        ("[engine]\naccept_points = -1\n", "[engine] 'accept_points' must be >= 0: -1"),
+        ("[location]\nutc_offset_minutes = 5000\n", "[location] 'utc_offset_minutes' must be <= 840: 5000"),
+        ("[snapshots]\ninterval_s = -60.0\n", "[snapshots] 'interval_s' must be >= 0: -60.0"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -62,3 +65,15 @@ def test_bad_environment_is_refused() -> None:
         load_settings(None, environ={"DONGNE_SERVER_PROT": "1"})
     with pytest.raises(ConfigError, match="must be a number"):
         load_settings(None, environ={"DONGNE_ENGINE_TYPING_TTL_S": "soon"})
+
+
+def test_a_section_is_checked_whole_in_a_file_as_from_the_environment(tmp_path: Path) -> None:
+    """Keys that are only consistent together (a faster failover) are accepted from a file, not checked one by
+    one against the defaults of the others."""
+    fast = {"heartbeat_interval_s": 1.0, "lease_ttl_s": 3.0, "node_ttl_s": 4.0}
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[cluster]\n" + "".join(f"{key} = {value}\n" for key, value in fast.items()))
+    by_file = load_settings(cfg, environ={}).cluster
+    by_env = load_settings(None, environ={f"DONGNE_CLUSTER_{k.upper()}": str(v) for k, v in fast.items()}).cluster
+    assert by_file == by_env
+    assert (by_file.heartbeat_interval_s, by_file.lease_ttl_s, by_file.node_ttl_s) == (1.0, 3.0, 4.0)
