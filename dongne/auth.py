@@ -137,10 +137,12 @@ def load_or_create_secret(configured: str, db_path: Path | None) -> str:
             has no folder to keep one in (and whose nodes must share one).
 
     Raises:
-        ConfigError: none configured for a PostgreSQL database.
+        ConfigError: none configured for a PostgreSQL database; one shorter
+            than ``SECRET_MIN_BYTES``, configured or kept (an empty file left
+            by a first start that ran out of space, say).
     """
     if configured:
-        return configured
+        return _long_enough(configured, "[auth] jwt_secret (or DONGNE_JWT_SECRET)")
     if db_path is None:
         raise ConfigError(
             "a PostgreSQL database needs [auth] jwt_secret (or DONGNE_JWT_SECRET) set:"
@@ -148,14 +150,41 @@ def load_or_create_secret(configured: str, db_path: Path | None) -> str:
         )
     secret_path = db_path.with_name(db_path.name + SECRET_FILE_SUFFIX)
     try:
-        return secret_path.read_text().strip()
+        return _long_enough(secret_path.read_text().strip(), f"the secret file {secret_path}")
     except FileNotFoundError:
         pass
     secret_path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
+    # Written whole under another name, then linked into place: a start that fails half-way (a full disk)
+    # leaves no empty secret file behind, and of two first starts at once the second reads the first's.
+    partial = secret_path.with_name(f"{secret_path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(partial, secret_path)
+        except FileExistsError:
+            return _long_enough(secret_path.read_text().strip(), f"the secret file {secret_path}")
+    finally:
+        partial.unlink(missing_ok=True)
+    return secret
+
+
+#: The shortest JWT secret accepted: an HS256 key shorter than its 256-bit hash can be found offline from
+#: one token (PyJWT warns below it too).
+SECRET_MIN_BYTES = 32
+
+
+def _long_enough(secret: str, where: str) -> str:
+    if len(secret.encode()) < SECRET_MIN_BYTES:
+        raise ConfigError(
+            f"{where} is {'empty' if not secret else 'too short'}: a JWT secret needs at least {SECRET_MIN_BYTES}"
+            " bytes (one that short can be guessed from any token it signed); make one with"
+            " python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
     return secret
 
 

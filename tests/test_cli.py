@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import trio
 import trio_websocket
@@ -281,3 +282,26 @@ def test_a_missing_region_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--regions: cannot read nowhere.json" in out.stderr
+
+
+def test_an_empty_or_short_secret_is_refused_naming_where_it_came_from(tmp_path: Path) -> None:
+    db = tmp_path / "d.sqlite3"
+    (tmp_path / "d.sqlite3.jwt-secret").write_text("")  # a first start that ran out of space after creating it
+    empty = _dongne(tmp_path, "serve", "--db", str(db), "--port", "0", "--ops-port", "0")
+    token = _dongne(tmp_path, "token", "u1", "--db", str(db))
+    short = _dongne(tmp_path, "serve", "--db", str(tmp_path / "e.sqlite3"), "--port", "0", secret="hunter2")
+    for refused in (empty, token, short):
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "d.sqlite3.jwt-secret is empty" in empty.stderr and "at least 32 bytes" in empty.stderr
+    assert "jwt_secret (or DONGNE_JWT_SECRET) is too short" in short.stderr
+
+
+def test_a_generated_secret_is_written_whole_and_kept(tmp_path: Path) -> None:
+    db = tmp_path / "d.sqlite3"
+    first = _dongne(tmp_path, "token", "u1", "--db", str(db))
+    again = _dongne(tmp_path, "token", "u1", "--db", str(db))
+    assert first.returncode == again.returncode == 0
+    kept = (tmp_path / "d.sqlite3.jwt-secret").read_text().strip()
+    assert len(kept) >= 32 and sorted(p.name for p in tmp_path.iterdir()) == ["d.sqlite3.jwt-secret"]
+    claims = jwt.decode(first.stdout.strip(), kept, algorithms=["HS256"])  # signed with the kept secret
+    assert claims["sub"] == "u1"
