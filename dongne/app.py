@@ -315,7 +315,13 @@ async def _serve(
                     root.start_soon(
                         _in_scope, snapshots, functools.partial(run_periodic_snapshots, db_path, settings.snapshots)
                     )
-                    root.start_soon(_in_scope, checkpoints, functools.partial(keep_wal_short, store, clients.pipeline))
+                    keep_short = functools.partial(
+                        keep_wal_short,
+                        store,
+                        clients.pipeline,
+                        on_failed=lambda _exc: clients.metrics.store_write_failures.inc(),  # the disk fills up
+                    )
+                    root.start_soon(_in_scope, checkpoints, keep_short)
                 elif settings.snapshots.interval_s > 0:
                     log.info("no periodic snapshots of a PostgreSQL database: back it up with pg_dump")
                 full_gc = trio.CancelScope()

@@ -75,7 +75,7 @@ class Metrics:
         self.deliveries = Counter("dongne_deliveries", "Frames written or queued to client connections", registry=r)
         self.errors = Counter("dongne_errors", "Error replies and closes, by code", ["code"], registry=r)
         self.store_write_failures = Counter(
-            "dongne_store_write_failures", "Commits and probe writes the database refused", registry=r
+            "dongne_store_write_failures", "Commits, probe writes and WAL checkpoints the database refused", registry=r
         )
         self.seqs_renumbered = Counter(
             "dongne_seqs_renumbered",

@@ -25,6 +25,7 @@ replies and the IMMEDIATE alerts they carry do not.
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -37,6 +38,8 @@ from .core.effects import Outcome, Write, rows_of
 from .store import LeaseLost, SeqsGiven, Storage, Store, WriteFailed
 
 __all__ = ["CommitPipeline", "keep_wal_short"]
+
+log = logging.getLogger("dongne.pipeline")
 
 #: Longest stretch of acting on committed outcomes without letting other tasks run.
 ACT_SLICE_S = 0.002
@@ -441,7 +444,12 @@ WAL_CHECKPOINT_ROWS = 20_000
 
 
 async def keep_wal_short(
-    store: Store, pipeline: CommitPipeline, *, commits: int = WAL_CHECKPOINT_COMMITS, rows: int = WAL_CHECKPOINT_ROWS
+    store: Store,
+    pipeline: CommitPipeline,
+    *,
+    commits: int = WAL_CHECKPOINT_COMMITS,
+    rows: int = WAL_CHECKPOINT_ROWS,
+    on_failed: Callable[[WriteFailed], None] | None = None,
 ) -> None:
     """Keep the WAL short: checkpoint it once enough was committed.
 
@@ -456,11 +464,23 @@ async def keep_wal_short(
 
     Driven by commits, not a timer: an idle server does no work, and tests on
     trio's autojump clock see no extra deadline.
+
+    Error handling: a checkpoint that fails (one that must grow the database
+    file on a full disk, while commits still fit into the WAL's old frames)
+    loses nothing: the WAL keeps every page. It is logged
+    (``wal_checkpoint_failed``), ``on_failed`` is told, and it is tried again
+    after as many commits or rows again; the commits themselves fail, and the
+    storage supervisor takes over, once the WAL cannot grow either.
     """
     seen_commits, seen_rows = store.commits, store.rows_committed
     while True:
         await pipeline.wait_for_commit()
         if store.commits - seen_commits >= commits or store.rows_committed - seen_rows >= rows:
             seen_commits, seen_rows = store.commits, store.rows_committed
-            await trio.to_thread.run_sync(store.checkpoint)
-            await pipeline.run_between_commits(store.checkpoint)
+            try:
+                await trio.to_thread.run_sync(store.checkpoint)
+                await pipeline.run_between_commits(store.checkpoint)
+            except WriteFailed as exc:
+                log.warning("wal_checkpoint_failed", extra={"error": str(exc)})
+                if on_failed is not None:
+                    on_failed(exc)

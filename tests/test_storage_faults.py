@@ -9,6 +9,7 @@ acknowledged write is in the database and nothing refused is.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sqlite3
@@ -24,10 +25,13 @@ import httpx
 import pytest
 import trio
 
+from dongne.app import Running, run_server
 from dongne.auth import mint_token
 from dongne.client import DongneClient, RequestError, open_client
+from dongne.pipeline import WAL_CHECKPOINT_COMMITS
+from dongne.store import Store
 
-from .conftest import Harness, db_rows, question_data
+from .conftest import Harness, db_rows, make_settings, question_data
 from .served import ServedProcess, serve_process
 from .test_push import FakeGateway
 
@@ -189,6 +193,46 @@ async def test_a_lock_held_by_another_program_refuses_writes_until_it_is_release
     with sqlite3.connect(db_path) as conn:
         rows = conn.execute("SELECT title, status FROM questions ORDER BY created_at").fetchall()
     assert rows == [(question["title"], "closed")]
+
+
+async def test_a_wal_checkpoint_on_a_full_disk_is_logged_and_tried_again_later(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fills up while commits still fit into the WAL's old frames: the checkpoint, which must grow
+    the database file, fails. The server goes on, and checkpoints again once there is room."""
+    with small_disk(tmp_path / "disk", "256m") as disk:
+        db = disk / "dongne.sqlite3"
+        running: Running = await nursery.start(functools.partial(run_server, make_settings(db)))
+        h = Harness(running, db)
+        store = running.store
+        assert isinstance(store, Store)
+        async with h.connect("asker") as asker, h.connect("local", local=True) as local:
+            qid = (await asker.request("create_question", question_data(location=HALL)))["question"]["question_id"]
+            while store.checkpoints < 2:  # one round of checkpoints: the WAL starts over at the next commit
+                await local.request("create_answer", {"question_id": qid, "content": f"before {FILLER}"})
+            ballast = fill(disk, leave=0)
+
+            def checkpoint_failed() -> bool:
+                return any(r.getMessage() == "wal_checkpoint_failed" for r in caplog.records)
+
+            for i in range(2 * WAL_CHECKPOINT_COMMITS):
+                try:  # short answers: they fit into the frames the WAL has, until it must grow past them
+                    await local.request("create_answer", {"question_id": qid, "content": f"full {i}"})
+                except RequestError as exc:
+                    assert exc.code == "unavailable"
+                if checkpoint_failed():
+                    break
+            assert checkpoint_failed()
+            assert store.checkpoints == 2
+            assert "dongne_store_write_failures_total 0.0" not in running.clients.metrics.render().decode()
+            # The server is still up: reads work, and so do writes once there is room again.
+            assert (await asker.request("get_question", {"question_id": qid}))["question"]["question_id"] == qid
+            await trio.Path(ballast).unlink()
+            await when_writes_work(local, "create_answer", {"question_id": qid, "content": "after"})
+            with trio.fail_after(60):
+                while store.checkpoints < 4:  # the next round, once as many commits again were made
+                    await local.request("create_answer", {"question_id": qid, "content": "after"})
+    running.stop()
 
 
 def test_starting_on_a_full_disk_is_one_clear_line_and_exit_code_2(tmp_path: Path) -> None:

@@ -128,10 +128,18 @@ class Store(SqlStore):
 
         Returns:
             ``(pages in the WAL, pages checkpointed)``.
+
+        Raises:
+            WriteFailed: SQLite could not write the database file (a checkpoint
+                that must grow it on a full disk, an I/O error); the WAL keeps
+                every page, so nothing is lost, and it can be tried again.
         """
         if self._checkpointer is None:
             raise StoreError("store is not open with background checkpoints")
-        _busy, wal_pages, done = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        try:
+            _busy, wal_pages, done = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            raise WriteFailed(f"checkpoint failed: {exc}") from exc
         self.checkpoints += 1
         return int(wal_pages), int(done)
 
