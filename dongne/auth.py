@@ -3,6 +3,13 @@
 PyJWT does the cryptography and the checks that are easy to get wrong by hand
 (the algorithm is pinned to HS256, so ``alg: none`` and RS/HS confusion are
 refused; ``exp`` is required and checked).
+
+Text in a token is JSON, which can hold what UTF-8 cannot: a lone surrogate
+(``"\\ud83d"``, what ``JSON.stringify`` writes for half an emoji, a display
+name cut short by the app's backend). Nothing past this boundary could store
+or send it, so claims are made valid Unicode here: the user id is refused (two
+ids must never become one), the nick and tags are repaired, each lone
+surrogate becoming U+FFFD, as a browser's ``TextEncoder`` does.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,15 @@ __all__ = [
 
 ALGORITHM = "HS256"
 SECRET_FILE_SUFFIX = ".jwt-secret"
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _repaired(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD (a pair, if any, joined into its character)."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def mint_token(
@@ -104,6 +121,8 @@ def _claims_from(payload: dict[str, Any]) -> Claims:
     sub = payload.get("sub")
     if not isinstance(sub, str) or not (1 <= len(sub) <= 64):
         raise CloseConnection(4001, "invalid token: sub must be a string of 1..64 chars")
+    if _SURROGATE.search(sub) is not None:
+        raise CloseConnection(4001, "invalid token: sub is not valid Unicode (a lone surrogate)")
     nick = payload.get("nick", sub)
     if not isinstance(nick, str) or not (1 <= len(nick) <= 64):
         raise CloseConnection(4001, "invalid token: nick must be a string of 1..64 chars")
@@ -118,9 +137,9 @@ def _claims_from(payload: dict[str, Any]) -> Claims:
         raise CloseConnection(4001, "invalid token: role must be 'user' or 'admin'")
     return Claims(
         user_id=sub,
-        nick=nick,
+        nick=_repaired(nick),
         local=local,
-        tags=tuple(sorted({t.lower().lstrip("#") for t in tags})),
+        tags=tuple(sorted({_repaired(t).lower().lstrip("#") for t in tags})),
         role=role,
     )
 
@@ -273,6 +292,8 @@ def read_signin_code(secret: str, code: str, *, now_s: float) -> SigninCode:
         and nonce
     ):
         raise SigninCodeError("malformed sign-in code")
+    if _SURROGATE.search(sub) is not None:
+        raise SigninCodeError("malformed sign-in code")
     if exp <= now_s:
         raise SigninCodeError("this sign-in link has expired (links last 5 minutes): run dongne admin-link again")
-    return SigninCode(sub, nick, exp, nonce)
+    return SigninCode(sub, _repaired(nick), exp, nonce)

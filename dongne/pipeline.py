@@ -68,7 +68,8 @@ class CommitPipeline:
         act: performs an outcome's actions (must not block), given its token.
         max_batch: the most outcomes in one transaction.
         max_queued: the queue length past which ``full`` is true.
-        on_write_failed: called when a commit fails, with the error and every
+        on_write_failed: called when a commit fails (``WriteFailed``; any other exception out of
+            ``prepare`` or ``commit`` is logged with its traceback and becomes one), with the error and every
             outcome that will not be committed: the failed batch and all
             queued behind it (their writes were decided on top of it). The
             pipeline is then ``failing``: it refuses outcomes with writes
@@ -318,19 +319,28 @@ class CommitPipeline:
             given: SeqsGiven = {}
             if writes:
                 started = time.perf_counter()
-                # Statements are built here (GIL-bound work either way); the
-                # worker thread only runs SQLite. Not abandoned on cancel: a
-                # commit in flight always finishes.
-                prepared = self._store.prepare(writes)
                 epochs = [e for o, _t in batch if (e := self._epochs.pop(id(o), None)) is not None]
-                if epochs:  # the oldest: a commit decided under an epoch since replaced must be refused
-                    prepared.guard_lease(min(epochs))
                 try:
+                    # Statements are built here (GIL-bound work either way); the
+                    # worker thread only runs SQLite. Not abandoned on cancel: a
+                    # commit in flight always finishes.
+                    prepared = self._store.prepare(writes)
+                    if epochs:  # the oldest: a commit decided under an epoch since replaced must be refused
+                        prepared.guard_lease(min(epochs))
                     given = await trio.to_thread.run_sync(self._store.commit, prepared)
                 except WriteFailed as exc:
                     if isinstance(exc, LeaseLost) and epochs:
                         exc.epoch = min(epochs)
                     self._failed(exc, batch)
+                    continue
+                except Exception as exc:
+                    # A bug (a value no statement can take, say): what the batch holds cannot be stored,
+                    # so it is refused like any failed commit (rolled back: ``Storage.commit``), memory is
+                    # rebuilt and the probe, a second later, lets writes in again; nothing else stops.
+                    log.exception("commit_crashed", extra={"outcomes": len(batch), "rows": len(writes)})
+                    failure = WriteFailed(f"commit failed: {exc!r}")
+                    failure.__cause__ = exc
+                    self._failed(failure, batch)
                     continue
                 self._committed.set()
                 self._committed = trio.Event()

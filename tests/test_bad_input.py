@@ -19,7 +19,7 @@ import trio_websocket
 
 from dongne.client import RequestError
 
-from .conftest import SECRET, Harness, question_data, token
+from .conftest import SECRET, Harness, db_rows, question_data, token
 
 
 def _unsigned_none_token() -> str:
@@ -141,8 +141,10 @@ async def test_oversize_frame_closes_with_1009_and_others_carry_on(server: Harne
             lambda: jwt.encode({"sub": "u", "exp": time.time() + 60}, "another-secret-0123456789-0123456789"),
             "invalid token",
         ),
+        # A user id that is not valid Unicode: repaired, two ids could become one.
+        (lambda: jwt.encode({"sub": "u\ud83d", "exp": time.time() + 60}, SECRET), "invalid token"),
     ],
-    ids=["missing", "garbage", "expired", "forged", "alg-none", "wrong-alg", "wrong-secret"],
+    ids=["missing", "garbage", "expired", "forged", "alg-none", "wrong-alg", "wrong-secret", "lone-surrogate-sub"],
 )
 # The wrong-algorithm token must use the server's own secret (so only the
 # algorithm is wrong); PyJWT warns that the key is short for HS512.
@@ -155,6 +157,19 @@ async def test_bad_tokens_close_with_4001(server: Harness, make_token, reason_pa
             await ws.get_message()
         assert closed.value.reason.code == 4001
         assert reason_part in closed.value.reason.reason
+
+
+async def test_lone_surrogates_in_a_tokens_nick_and_tags_are_repaired(server: Harness) -> None:
+    """JSON can hold half an emoji (``JSON.stringify`` of a name cut short: ``"\\ud83d"``), which UTF-8 cannot:
+    the nick and tags get U+FFFD in its place, the hello is stored, and the server goes on."""
+    claims = {"nick": "Mina \ud83d", "tags": ["food\udc00"]}
+    async with server.connect("emoji-fan", **claims) as fan, server.connect("bystander") as bystander:
+        profile = (await fan.request("get_profile"))["user"]
+        assert (profile["nick"], profile["tags"]) == ("Mina \ufffd", ["food\ufffd"])
+        assert (await bystander.request("get_user", {"user_id": "emoji-fan"}))["user"]["nick"] == "Mina \ufffd"
+    await server.running.clients.pipeline.wait_idle()
+    [(nick, tags)] = db_rows(server.db, "SELECT nick, tags FROM users WHERE user_id = 'emoji-fan'")
+    assert (nick, json.loads(tags)) == ("Mina \ufffd", ["food\ufffd"])
 
 
 async def test_request_before_hello_closes_with_4001(server: Harness) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import trio
 
-from dongne.core.effects import AppendEvent, Note, Outcome
+from dongne.core.effects import AppendEvent, Note, Outcome, SaveUser
+from dongne.core.records import User
 from dongne.pipeline import CommitPipeline, keep_wal_short
 from dongne.store import Store, WriteFailed
 
@@ -167,11 +168,13 @@ async def test_the_next_batch_commits_while_the_last_is_acted_on(tmp_path: Path)
 class _Driver:
     """Acts as the driver would: each outcome written out (2 ms, the GIL free meanwhile), and a failure's
     answers given through ``after_acting`` (a write refused, an outcome without writes acted on as it is).
-    ``acted``: what went out, in order; ``failures_at``: how much had, when each failure was handled."""
+    ``acted``: what went out, in order; ``failures_at``: how much had, when each failure was handled;
+    ``failures``: the errors."""
 
     def __init__(self, store: Store) -> None:
         self.acted: list[str] = []
         self.failures_at: list[int] = []
+        self.failures: list[WriteFailed] = []
         self.pipeline = CommitPipeline(store, self.act, on_write_failed=self.write_failed)
 
     def act(self, outcome: Outcome, _token: object, _given: object) -> None:
@@ -180,8 +183,9 @@ class _Driver:
         self.acted.append(outcome.actions[0].event)  # type: ignore[union-attr]
         time.sleep(0.002)
 
-    def write_failed(self, _exc: WriteFailed, refused: list[tuple[Outcome, object]]) -> None:
+    def write_failed(self, exc: WriteFailed, refused: list[tuple[Outcome, object]]) -> None:
         self.failures_at.append(len(self.acted))
+        self.failures.append(exc)
         answers = [f"refused {o.actions[0].event}" if o.writes else o.actions[0].event for o, _ in refused]  # type: ignore[union-attr]
         self.pipeline.after_acting(lambda: self.acted.extend(answers))
 
@@ -225,6 +229,45 @@ async def test_answers_keep_the_order_of_the_requests_when_commits_fail_or_write
         assert driver.failures_at[0] < 50  # handled while the 50 went out
     finally:
         holder.close()
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        SaveUser(User("emoji-fan", "Mina \ud83d")),  # text SQLite cannot encode: commit raises UnicodeEncodeError
+        AppendEvent("u", 10**6, "x", {"n": {1, 2}}, 0),  # data msgpack cannot pack: prepare raises TypeError
+    ],
+    ids=["in-commit", "in-prepare"],
+)
+async def test_a_batch_that_raises_anything_else_is_refused_as_a_failed_commit(
+    tmp_path: Path, poison: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only ``WriteFailed``: the batch, and what is queued behind it, are refused (with the traceback
+    logged), the committer goes on, it does not try them again, and writes work again after ``writes_work``."""
+    store = Store(tmp_path / "x.sqlite3", synchronous="NORMAL")
+    store.open()
+    seqs = itertools.count(1)
+    driver = _Driver(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.pipeline.run)
+            driver.pipeline.submit(Outcome((poison,), (Note("poisoned", {}),)))
+            driver.pipeline.submit(_outcome("behind", 1, seqs))
+            with trio.fail_after(10):  # a committer trying again and again would never be idle
+                await driver.pipeline.wait_idle()
+                await trio.testing.wait_all_tasks_blocked()
+            assert driver.acted == ["refused poisoned", "refused behind"]
+            assert [str(f).split(":")[0] for f in driver.failures] == ["commit failed"]
+            assert [r.exc_info is not None for r in caplog.records if r.getMessage() == "commit_crashed"] == [True]
+            assert driver.pipeline.failing and store.commits == 0
+            driver.pipeline.writes_work()  # the driver's probe committed
+            driver.pipeline.submit(_outcome("after", 1, seqs))
+            with trio.fail_after(10):
+                await driver.pipeline.wait_idle()
+            assert driver.acted[-1] == "after" and store.commits == 1
+            nursery.cancel_scope.cancel()
+    finally:
         store.close()
 
 
