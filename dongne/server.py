@@ -190,6 +190,10 @@ class ClientServer:
         self._writes_failed = trio.Event()  # wakes the storage supervisor
         self._reloaded = trio.Event()  # set once memory is rebuilt after the latest failed commit (or none failed)
         self._reloaded.set()
+        # Set as well once a reload's read of the store failed (the database out of reach): frames stop waiting
+        # for the rebuild then, and what they decide is refused until it is done (_on_message).
+        self._reload_settled = trio.Event()
+        self._reload_settled.set()
         self.pushes = PushDispatcher(
             escalation,
             self.pipeline.submit,
@@ -476,8 +480,11 @@ class ClientServer:
     async def _on_message(self, conn_id: int, message: BinaryFrame | TextFrame) -> None:
         if not self.accepting:
             return  # shutting down: not applied, and the 1001 that follows tells the client its reply is lost
-        if self._conflicted is not None and conn_id in self._conflicted.conns:
-            await self._reloaded.wait()  # its request lost a race: its replies wait for the refresh, in order
+        # A commit failed and memory is not rebuilt yet: it may hold the refused writes (a question, an answer,
+        # a seq), so nothing is decided on it until then (a request that lost a race waits so too: its replies
+        # wait for the refresh, in order). If the store cannot be read for the rebuild, requests are answered
+        # meanwhile, with ``unavailable`` (below).
+        await self._reload_settled.wait()
         started = time.perf_counter()
         text = isinstance(message, TextFrame)
         payload = b"" if isinstance(message, TextFrame) else message.payload
@@ -519,7 +526,12 @@ class ClientServer:
                         break
             outcome = self._handle(QuestionLoaded(conn_id, question, tuple(answers), tuple(adopted)))
         self.metrics.request_counted(outcome.op, outcome.error)
-        self.pipeline.submit(outcome, started if outcome.op not in ("", "invalid", "unknown") else None)
+        token = started if outcome.op not in ("", "invalid", "unknown") else None
+        if self._reloaded.is_set() or outcome.writes:  # writes: refused by the pipeline, failing meanwhile
+            self.pipeline.submit(outcome, token)
+        else:  # decided on memory that may hold refused writes (a commit failed while it read the store, or
+            # the store cannot be read for the rebuild)
+            self._refuse_in_order([(outcome, token)])
         self._schedule_timer()
         if self.pipeline.full:
             await self.pipeline.wait_room()  # stop reading this socket until the commits catch up
@@ -818,6 +830,7 @@ class ClientServer:
         if self._writes_ok.is_set():
             self._writes_ok = trio.Event()
             self._reloaded = trio.Event()
+            self._reload_settled = trio.Event()
             self._writes_failed.set()
             if isinstance(exc, (TakingOver, LeaseLost)):
                 self._quiet_reload = True  # no storage failure: rebuild memory, then take writes again
@@ -835,14 +848,20 @@ class ClientServer:
             # Lost while memory is read again for a takeover (what was queued still commits, first): the
             # losers are answered ``conflict`` after that rebuild, as after any lost race.
             self._lost_race(exc, refused)
+        self._refuse_in_order(refused)
+
+    def _refuse_in_order(self, refused: list[tuple[Outcome, Any]]) -> None:
+        """Refuse outcomes after what their connections are owed before them: behind the replies of what was
+        committed before (they may still be going out), or, for a connection whose request lost a race, after
+        the rebuild (``_settle_lost_race``)."""
         conflicted = self._conflicted
         now_refused = []
         for outcome, token in refused:
             if conflicted is not None and outcome.request is not None and outcome.request[0] in conflicted.conns:
-                conflicted.owed.append((outcome, token))  # in order, after the rebuild (_settle_lost_race)
+                conflicted.owed.append((outcome, token))  # in order, after the rebuild
                 continue
             now_refused.append((outcome, token))
-        if now_refused:  # behind the replies of what was committed before, which may still be going out
+        if now_refused:
             self.pipeline.after_acting(lambda: self._refuse_all(now_refused))
 
     def _lost_race(self, exc: Conflict, refused: list[tuple[Outcome, Any]]) -> None:
@@ -857,13 +876,15 @@ class ClientServer:
             self._refuse_outcome(outcome, token, conflict)
 
     def _refuse_outcome(self, outcome: Outcome, token: Any, conflict: str | None = None) -> None:
-        """Act on an outcome that will not be committed: ``unavailable`` to its request (``conflict`` when it
-        lost the race for question ``conflict``); an outcome without writes is acted on as it is."""
-        if not outcome.writes:
-            self._act(outcome, token, NO_SEQS_GIVEN)  # a read or live event: valid without the failed writes
-            return
-        if outcome.request is None:
-            return  # an escalation batch or an alert: the reload makes it due again
+        """Act on an outcome that will not be committed, or that was decided on memory holding writes that
+        were not (queued behind a failed commit): ``unavailable`` to its request (``conflict`` when it lost
+        the race for question ``conflict``), a hello closed with 1013; its reply, a read's page, a hello's
+        ``last_seq`` and replay, could show what was refused. An outcome of no request (an error reply, a
+        close, live events) or a ``ping``'s is acted on as it is if it has no writes."""
+        if outcome.request is None or (outcome.op == "ping" and not outcome.writes):  # ping: the time, no state
+            if not outcome.writes:
+                self._act(outcome, token, NO_SEQS_GIVEN)
+            return  # with writes: an escalation batch or an alert, which the reload makes due again
         conn_id, request_id = outcome.request
         conn = self.conns.get(conn_id)
         if conn is None:
@@ -881,7 +902,9 @@ class ClientServer:
         frame = reply_error(
             request_id,
             "unavailable",
-            "the server could not store this; nothing was changed",
+            "the server could not store this; nothing was changed"
+            if outcome.writes
+            else "the server is reading its state again after a failed write; try again",
             retry_after_ms=UNAVAILABLE_RETRY_MS,
         )
         conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
@@ -930,6 +953,7 @@ class ClientServer:
                     )
                 except StoreError as exc:  # PostgreSQL out of reach: reads fail too, for now
                     log.warning("storage_reload_failed", extra={"error": str(exc)})
+                    self._reload_settled.set()  # requests are refused until the rebuild: not held meanwhile
                     await trio.sleep(PROBE_INTERVAL_S)
                     continue
                 if not self._takeover_pending:
@@ -945,6 +969,7 @@ class ClientServer:
                 self._settle_lost_race(conflicted, won)
                 self._conflicted = None
             self._reloaded.set()
+            self._reload_settled.set()
             if moved is not None or quiet:
                 self.pipeline.writes_work()
                 self._writes_ok.set()

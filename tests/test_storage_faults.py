@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 import trio
+import trio_websocket
 
 from dongne.app import Running, run_server
 from dongne.auth import mint_token
@@ -31,7 +33,7 @@ from dongne.client import DongneClient, RequestError, open_client
 from dongne.pipeline import WAL_CHECKPOINT_COMMITS
 from dongne.store import Store
 
-from .conftest import Harness, db_rows, make_settings, question_data
+from .conftest import Harness, db_rows, make_settings, question_data, token
 from .served import ServedProcess, serve_process
 from .test_push import FakeGateway
 
@@ -233,6 +235,84 @@ async def test_a_wal_checkpoint_on_a_full_disk_is_logged_and_tried_again_later(
                 while store.checkpoints < 4:  # the next round, once as many commits again were made
                     await local.request("create_answer", {"question_id": qid, "content": "after"})
     running.stop()
+
+
+async def test_a_read_and_a_hello_queued_behind_a_failed_commit_do_not_show_what_it_held(
+    start_server: Any, db_path: Path
+) -> None:
+    """Decided while the commit waited on a lock, on memory holding its answer: the read gets ``unavailable``,
+    not the answer; the hello is closed with 1013, not told a ``last_seq`` counting the answer's event (a seq
+    the next real event takes: its stream would drop that). (Either is decided again after the rebuild if
+    the commit failed first, on a slow machine: then it must show the store.)"""
+    h: Harness = await start_server(store={"busy_timeout_s": 1.0})
+    engine = h.running.engine
+    async with h.connect("asker") as asker, h.connect("local", local=True) as local, h.connect("reader") as reader:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        head = engine.users["asker"].last_seq
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another program takes the write lock: the next commit fails
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def refused_answer() -> None:
+                    with pytest.raises(RequestError) as refused:
+                        await local.request("create_answer", {"question_id": qid, "content": "refused"})
+                    assert refused.value.code == "unavailable"
+
+                nursery.start_soon(refused_answer)
+                with trio.fail_after(10):
+                    while engine.questions[qid].answer_count == 0:  # noqa: ASYNC110 - decided; its commit waits
+                        await trio.sleep(0.01)
+                async with trio_websocket.open_websocket_url(h.url) as second:  # the asker's phone, meanwhile
+                    hello = {"type": "hello", "id": 1, "data": {"token": token("asker")}}
+                    await second.send_message(msgpack.packb(hello))
+                    try:
+                        page = await reader.request("get_question", {"question_id": qid})
+                    except RequestError as exc:
+                        assert exc.code == "unavailable"
+                    else:
+                        assert (page["question"]["answer_count"], page["answers"]) == (0, [])
+                    try:
+                        with trio.fail_after(10):
+                            said = (None, msgpack.unpackb(await second.get_message())["data"]["last_seq"])
+                    except trio_websocket.ConnectionClosed as closed:
+                        said = (closed.reason.code, None)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert said in ((1013, None), (None, head))
+        await h.running.clients.wait_reloaded()
+        page = await reader.request("get_question", {"question_id": qid})
+        assert (page["question"]["answer_count"], page["answers"]) == (0, [])
+        async with h.connect("asker") as again:
+            assert again.hello["last_seq"] == head
+            await when_writes_work(local, "create_answer", {"question_id": qid, "content": "stored"})
+            for conn in (asker, again):  # the next event takes head + 1, and each connection gets it
+                assert (await conn.next_event("answer_notification", timeout=10))["seq"] == head + 1
+
+
+@pytest.mark.backends("postgres")
+async def test_while_memory_cannot_be_rebuilt_requests_are_refused_not_shown_refused_writes(
+    start_server: Any, db: str, pg_cluster: Any
+) -> None:
+    """PostgreSQL stopped: a question's commit fails, and memory, which holds it, cannot be read again from
+    the database. Requests get ``unavailable`` meanwhile, not a list with the refused question; once the
+    database is back, memory is rebuilt and they are answered from what it holds."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("reader") as reader:
+        await asker.request("create_question", question_data(title="A stored question about buses"))
+        await trio.to_thread.run_sync(pg_cluster.stop_server)
+        try:
+            with pytest.raises(RequestError) as refused:
+                await asker.request("create_question", question_data(title="A refused question about ferries"))
+            assert refused.value.code == "unavailable"
+            with pytest.raises(RequestError) as meanwhile:
+                await reader.request("nearby_questions", {"location": question_data()["location"]})
+            assert meanwhile.value.code == "unavailable"
+        finally:
+            await trio.to_thread.run_sync(pg_cluster.start_server)
+        near = await when_writes_work(reader, "nearby_questions", {"location": question_data()["location"]}, 30)
+        assert [q["title"] for q in near["questions"]] == ["A stored question about buses"]
 
 
 def test_starting_on_a_full_disk_is_one_clear_line_and_exit_code_2(tmp_path: Path) -> None:
