@@ -194,6 +194,10 @@ class ClientServer:
         # for the rebuild then, and what they decide is refused until it is done (_on_message).
         self._reload_settled = trio.Event()
         self._reload_settled.set()
+        # Writes taken again on trial after the probe committed: set at the next commit, or failure.
+        self._trial = trio.Event()
+        self._trial.set()
+        self._probe_delay = PROBE_INTERVAL_S  # doubles with each probe or trial that fails, in one outage
         self.pushes = PushDispatcher(
             escalation,
             self.pipeline.submit,
@@ -282,6 +286,7 @@ class ClientServer:
         }
 
     def _on_commit(self, seconds: float, outcomes: int, given: SeqsGiven) -> None:
+        self._trial.set()  # a real commit went through
         self.metrics.commit_seconds.observe(seconds)
         self.metrics.commit_batch.observe(outcomes)
         if given:  # another node appended to these inboxes first: the engine's next seqs follow the store's
@@ -832,6 +837,7 @@ class ClientServer:
             self._reloaded = trio.Event()
             self._reload_settled = trio.Event()
             self._writes_failed.set()
+            self._trial.set()  # writes taken on trial failed again
             if isinstance(exc, (TakingOver, LeaseLost)):
                 self._quiet_reload = True  # no storage failure: rebuild memory, then take writes again
             elif isinstance(exc, Conflict):
@@ -841,7 +847,10 @@ class ClientServer:
                     w.user_id for outcome, _ in refused for w in outcome.writes if isinstance(w, AppendEvent)
                 }
             else:
-                log.error("storage_failing", extra={"error": str(exc)})
+                if self._storage_failing:  # writes taken on trial: the same outage, told once
+                    log.warning("storage_still_failing", extra={"error": str(exc)})
+                else:
+                    log.error("storage_failing", extra={"error": str(exc)})
                 self._storage_failing = True
                 self._perform(self._handle(WritesFailing(str(exc))))
         elif isinstance(exc, Conflict) and self._quiet_reload and self._conflicted is None:
@@ -979,23 +988,37 @@ class ClientServer:
                     log.info("state_reloaded_for_escalation", extra={"epoch": self._lease_epoch})
                 if self._takeover_pending:
                     self._begin_takeover()
-                continue
+                if not self._storage_failing:
+                    continue
+                # Came while writes were on trial after an outage: that one is not over yet.
             while True:
-                await trio.sleep(PROBE_INTERVAL_S)
+                await trio.sleep(self._probe_delay)
+                self._probe_delay = min(2 * self._probe_delay, PROBE_MAX_INTERVAL_S)
                 try:
                     await self.pipeline.run_between_commits(self.store.probe)
                 except WriteFailed:
                     self.metrics.store_write_failures.inc()
                     continue
                 break
+            # The probe's one row may fit where a real commit does not (on a full disk, into the room the
+            # failed commit left): writes are taken on trial. The outage is over once a real commit went
+            # through, or nothing failed for TRIAL_S (an idle server); a failure meanwhile is the same
+            # outage (_write_failed): memory is read again and the probe tried later.
+            self._trial = trio.Event()
             self.pipeline.writes_work()
             self._writes_ok.set()
-            self._storage_failing = False
-            log.warning("storage_recovered")
-            self._perform(self._handle(WritesWork()))
+            self._perform(self._handle(WritesWork(confirmed=False)))
             self._schedule_timer()
             if self._takeover_pending:  # the lease was taken after the reload above
                 self._begin_takeover()
+            with trio.move_on_after(TRIAL_S):
+                await self._trial.wait()
+            if not self._writes_ok.is_set():
+                continue
+            self._storage_failing = False
+            self._probe_delay = PROBE_INTERVAL_S
+            log.warning("storage_recovered")
+            self._perform(self._handle(WritesWork()))
 
     async def _read_race_winner(self, conflicted: _Conflicted) -> QuestionChanged | None:
         """After a ``Conflict``: the question as the store holds it (the winner), or None if it cannot be read."""
@@ -1130,8 +1153,13 @@ class TakingOver(WriteFailed):
     """Writes refused while this node reads the escalation state from the store, having taken the lease."""
 
 
-#: How often the store is probed while commits fail.
+#: How long after a failed commit the store is first probed; each probe (or trial) that fails in the same
+#: outage doubles it, up to ``PROBE_MAX_INTERVAL_S``.
 PROBE_INTERVAL_S = 1.0
+PROBE_MAX_INTERVAL_S = 30.0
+#: After the probe committed, how long writes are taken on trial with none committed (an idle server)
+#: before the outage is declared over anyway.
+TRIAL_S = 10.0
 
 
 async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:

@@ -815,6 +815,30 @@ def test_stages_and_alerts_due_while_writes_fail_run_late_not_never() -> None:
     assert engine.escalation_due(qid) is None
 
 
+def test_writes_taken_on_trial_that_fail_again_are_the_same_outage() -> None:
+    """The probe's one row fitted, a real commit did not: no second ``failing``, and ``recovered`` only once
+    the driver confirms it."""
+    from dongne.core import WritesFailing, WritesWork
+
+    engine = Engine(CoreSettings(), claims_for)
+    sim = Sim(engine)
+    connect_admin(sim, 1)
+
+    def alerts(outcome: Outcome) -> list[str]:
+        return [a.frame["data"]["state"] for a in outcome.actions if isinstance(a, Send)]
+
+    seen = [alerts(engine.handle(WritesFailing("database or disk is full"), T0))]
+    seen.append(alerts(engine.handle(WritesWork(confirmed=False), T0 + 1000)))  # the probe committed
+    assert engine.writable
+    seen.append(alerts(engine.handle(WritesFailing("database or disk is full"), T0 + 1100)))
+    assert not engine.writable
+    seen.append(alerts(engine.handle(WritesWork(confirmed=False), T0 + 3000)))
+    seen.append(alerts(engine.handle(WritesWork(), T0 + 9000)))  # really back
+    seen.append(alerts(engine.handle(WritesFailing("disk I/O error"), T0 + 20_000)))  # a new outage
+
+    assert seen == [["failing"], [], [], [], ["recovered"], ["failing"]]
+
+
 def test_a_reload_keeps_live_state_and_forgets_what_was_never_committed() -> None:
     from dongne.core import LoadedState, Reloaded, WritesFailing
 

@@ -33,7 +33,7 @@ import attrs
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
 from .deadlines import DeadlineKind, Deadlines
-from .effects import Close, Outcome, OutcomeBuilder, Send, StartEscalation
+from .effects import Action, Close, Outcome, OutcomeBuilder, Send, StartEscalation
 from .errors import CloseConnection, ProtocolError
 from .events import (
     Connected,
@@ -370,7 +370,7 @@ class Engine:
         if isinstance(event, Reloaded):
             return self._reloaded(event, now)
         if isinstance(event, WritesWork):
-            return self._writes_work(now)
+            return self._writes_work(event.confirmed, now)
         raise TypeError(f"not an engine event: {event!r}")
 
     # ---- queries ---------------------------------------------------------------------
@@ -708,21 +708,24 @@ class Engine:
     # ---- storage faults ----------------------------------------------------------------
 
     def _writes_failing(self, error: str, now: int) -> Outcome:
-        """Commits fail: refuse writes from now on and tell the admins (live: nothing can be stored)."""
-        if not self.writable:
-            return _NOTHING
+        """Commits fail: refuse writes from now on and tell the admins (live: nothing can be stored), once
+        an outage: not again when writes taken on trial fail (``WritesWork``)."""
         self.writable = False
+        if self._write_error is not None:
+            return _NOTHING
         self._write_error = error
         return self.oversight.storage_alert("failing", error, now, self.user_conns)
 
-    def _writes_work(self, now: int) -> Outcome:
-        if self.writable:
-            return _NOTHING
-        self.writable = True
-        error, self._write_error = self._write_error, None
-        alert = self.oversight.storage_alert("recovered", error, now, self.user_conns)
-        # Escalations whose tasks ended while writes failed run their overdue stages now.
-        return Outcome(actions=alert.actions + self._start_escalations().actions)
+    def _writes_work(self, confirmed: bool, now: int) -> Outcome:
+        actions: tuple[Action, ...] = ()
+        if not self.writable:
+            self.writable = True
+            # Escalations whose tasks ended while writes failed run their overdue stages now.
+            actions = self._start_escalations().actions
+        if confirmed and self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            actions = self.oversight.storage_alert("recovered", error, now, self.user_conns).actions + actions
+        return Outcome(actions=actions) if actions else _NOTHING
 
     def _reloaded(self, event: Reloaded, now: int) -> Outcome:
         """Rebuild the durable state from the database after a failed commit.

@@ -269,7 +269,15 @@ class Reloaded:
 
 @attrs.frozen
 class WritesWork:
-    """A write succeeded again: accept writes."""
+    """A write succeeded again: accept writes.
+
+    ``confirmed``: a real commit went through (or writes were taken for a while and nothing failed), and
+    the admins are told ``recovered``. Without it only the driver's probe did (a one-row write can fit
+    where a real commit does not: the room a failed commit left on a full disk): writes are taken on trial,
+    and a failure meanwhile (``WritesFailing``) is still the same outage, with no second ``failing``.
+    """
+
+    confirmed: bool = True
 
 
 Event = (
