@@ -197,6 +197,27 @@ async def test_a_lock_held_by_another_program_refuses_writes_until_it_is_release
     assert rows == [(question["title"], "closed")]
 
 
+@pytest.mark.backends("sqlite")
+async def test_another_programs_read_transaction_does_not_hold_the_shutdown(start_server: Any, db_path: Path) -> None:
+    """The last checkpoint at close does not wait for a reader (the sqlite3 shell, a backup): it would hold the
+    shutdown for the whole busy timeout, past shutdown_timeout_s (and systemd's stop timeout)."""
+    h: Harness = await start_server(store={"busy_timeout_s": 30.0})
+    async with h.connect("asker") as asker:
+        title = (await asker.request("create_question", question_data()))["question"]["title"]
+    reader = sqlite3.connect(db_path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM questions").fetchone()  # a read transaction stays open
+    try:
+        with trio.fail_after(h.running.clients.settings.shutdown_timeout_s + 2):
+            await h.running.aclose()
+    finally:
+        reader.close()
+    again: Harness = await start_server()
+    async with again.connect("asker") as asker:
+        mine = await asker.request("my_questions", {})
+    assert [q["title"] for q in mine["questions"]] == [title]  # what the WAL kept was replayed
+
+
 async def test_a_wal_checkpoint_on_a_full_disk_is_logged_and_tried_again_later(
     tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -152,6 +152,10 @@ class Store(SqlStore):
             self._reader_count -= 1
         if self._writer is not None:
             try:
+                # Without waiting: another program's read transaction (the sqlite3 shell, a backup) would hold
+                # a TRUNCATE for the whole busy timeout, past the shutdown's bound. What it leaves in the WAL
+                # is replayed at the next open.
+                self._writer.execute("PRAGMA busy_timeout = 0")
                 self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 pass  # a full disk: the WAL stays, and SQLite replays it at the next open
