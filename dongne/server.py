@@ -248,7 +248,7 @@ class ClientServer:
             nursery.start_soon(keep_alive, self.conns, self.settings.ping_interval_s)
             nursery.start_soon(self._storage_supervisor)
             nursery.start_soon(self._prune_periodically)
-            self._escalation_nursery = await nursery.start(_nursery_holder)
+            await nursery.start(self._hold_escalations)
             self._perform(self._startup)
             async with trio.open_nursery() as conn_nursery:
                 self._conn_nursery = conn_nursery
@@ -650,6 +650,18 @@ class ClientServer:
             self.metrics.frames_sent(kind, sent)
 
     # ---- escalation ----------------------------------------------------------------
+
+    async def _hold_escalations(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The nursery of the escalation tasks, as long as the server runs. Once it is closed (shutting down)
+        there is none: an escalation started then (a rebuild's, acted on during the shutdown) is not run here,
+        and the next start resumes it from the store."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._escalation_nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._escalation_nursery = None
 
     def _start_escalation(self, start: StartEscalation) -> None:
         if self._escalation_nursery is None:
@@ -1160,10 +1172,3 @@ PROBE_MAX_INTERVAL_S = 30.0
 #: After the probe committed, how long writes are taken on trial with none committed (an idle server)
 #: before the outage is declared over anyway.
 TRIAL_S = 10.0
-
-
-async def _nursery_holder(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
-    """A nursery that lives as long as its parent: it holds the escalation tasks."""
-    async with trio.open_nursery() as nursery:
-        task_status.started(nursery)
-        await trio.sleep_forever()

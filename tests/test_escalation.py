@@ -18,6 +18,7 @@ import trio
 
 from dongne.client import DongneClient
 from dongne.clock import EngineClock
+from dongne.core.effects import StartEscalation
 from dongne.core.escalation import DEFAULT_STAGES
 
 from .conftest import NO_TIMERS, Harness, db_rows, question_data
@@ -336,3 +337,13 @@ async def test_a_stage_cut_short_by_a_restart_keeps_its_limit(start_server, db) 
     await h2.running.aclose()
     rows = db_rows(db, "SELECT user_id FROM notified WHERE question_id = ? ORDER BY user_id", (qid,))
     assert len(rows) == 10, rows  # the stage's limit, over both runs
+
+
+async def test_an_escalation_started_once_the_server_has_shut_down_is_left_for_the_next_start(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A rebuild acted on during the shutdown may start escalations after their nursery closed: they are left to
+    the next start (which resumes them from the store), not an error that ends the server's shutdown."""
+    h: Harness = await start_server()
+    clients = h.running.clients
+    await h.running.aclose()
+    clients._start_escalation(StartEscalation("q-late", 2**40))
+    assert "q-late" not in clients.escalation_scopes
