@@ -489,7 +489,8 @@ class ClientServer:
         # a seq), so nothing is decided on it until then (a request that lost a race waits so too: its replies
         # wait for the refresh, in order). If the store cannot be read for the rebuild, requests are answered
         # meanwhile, with ``unavailable`` (below).
-        await self._reload_settled.wait()
+        if not self._reload_settled.is_set():  # (a wait on a set event is still a trip through the scheduler)
+            await self._reload_settled.wait()
         started = time.perf_counter()
         text = isinstance(message, TextFrame)
         payload = b"" if isinstance(message, TextFrame) else message.payload
