@@ -330,6 +330,32 @@ async def test_a_ban_set_on_another_node_holds_here(start_server: Any) -> None:
 
 
 @pytest.mark.backends("postgres")
+async def test_a_ban_set_on_another_node_survives_this_nodes_saves_of_the_user_before_its_news(
+    start_server: Any,
+) -> None:
+    """Committed elsewhere, its news not read yet: mallory's settings save and a hello with a new nick here
+    write those parts of her row only (they wrote her whole stale copy: the ban undone); the news then
+    closes her connection with 4003."""
+    h: Harness = await start_server()
+    async with h.connect("mallory") as mallory:
+        banned = attrs.evolve(
+            h.running.engine.users["mallory"], banned_until=FOREVER, ban_reason="casino spam", read_seq=7
+        )
+        other_node_commits(h.db, [SaveUser(banned)], notify=False)
+
+        await mallory.request("update_settings", {"max_alerts_per_hour": 3})
+        async with h.connect("mallory", nick="Mal"):
+            pass
+
+        row = "SELECT nick, max_alerts_per_hour, banned_until, read_seq FROM users WHERE user_id = 'mallory'"
+        assert db_rows(h.db, row) == [("Mal", 3, FOREVER, 7)]
+        other_node_commits(h.db, [SaveUser(banned, changed=())])  # its news, late
+        await mallory.wait_closed()
+        assert mallory.closed is not None and mallory.closed.reason.code == 4003
+    assert db_rows(h.db, row) == [("Mal", 3, FOREVER, 7)]
+
+
+@pytest.mark.backends("postgres")
 async def test_without_notifications_the_catch_up_reads_what_changed(start_server: Any) -> None:
     """Nothing announced: within ``catch_up_interval_s`` the rows changed since the last look are read."""
     h: Harness = await start_server(cluster={"catch_up_interval_s": 0.2})

@@ -124,6 +124,25 @@ def test_guarded_question_writes_refuse_the_race_another_node_won(store: Storage
     assert db_rows(db, row, ("q2",)) == [("closed", None, 0, None, 40)]
 
 
+def test_a_user_saved_from_an_older_copy_keeps_the_parts_the_save_did_not_change(
+    store: Storage, db: Path | str
+) -> None:
+    """Another node banned mina and marked more of her inbox read after this node read her row: this node's
+    settings, profile and read saves from its copy write their own part only (CLUSTER.md)."""
+    copy = User("mina", "Mina", created_at=1, last_seq=9, read_seq=4)
+    store.apply([SaveUser(copy)])
+    store.apply([SaveUser(attrs.evolve(copy, banned_until=500, ban_reason="spam", read_seq=8), changed={"ban"})])
+
+    store.apply([SaveUser(attrs.evolve(copy, max_alerts_per_hour=3), changed={"settings"})])
+    store.apply([SaveUser(attrs.evolve(copy, nick="Mina K", read_seq=6), changed={"profile"})])
+    store.apply([SaveUser(attrs.evolve(copy, read_seq=5), changed=set())])
+
+    row = "SELECT nick, max_alerts_per_hour, banned_until, ban_reason, read_seq, last_seq FROM users"
+    assert db_rows(db, row) == [("Mina K", 3, 500, "spam", 8, 9)]
+    store.apply([SaveUser(attrs.evolve(copy, nick="Mina K"), changed={"ban"})])  # the unban
+    assert db_rows(db, row) == [("Mina K", 3, None, None, 8, 9)]
+
+
 def test_a_question_saved_again_in_the_commit_that_creates_and_answers_it_is_counted_once(
     store: Storage, db: Path | str
 ) -> None:

@@ -7,6 +7,7 @@ then performs ``actions`` in order, so nothing acknowledged is ever lost.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -16,6 +17,7 @@ from .reads import Read
 from .records import Answer, IpBlock, PushJob, Question, Report, User
 
 __all__ = [
+    "USER_PARTS",
     "AcceptOnce",
     "Action",
     "AddPoints",
@@ -54,17 +56,36 @@ __all__ = [
 
 # ---- writes -----------------------------------------------------------------
 
+#: The parts of a user's row a :class:`SaveUser` may change (its ``changed``).
+USER_PARTS = frozenset({"profile", "settings", "ban"})
+
+
+def _user_parts(parts: Iterable[str]) -> frozenset[str]:
+    named = frozenset(parts)
+    if not named <= USER_PARTS:
+        raise ValueError(f"not parts of a user's row: {sorted(named - USER_PARTS)}")
+    return named
+
 
 @attrs.frozen
 class SaveUser:
-    """Insert a user's row, or update an existing one from memory but for ``points``.
+    """Insert a user's row, or update the parts of an existing one that ``changed`` names.
 
+    The parts (:data:`USER_PARTS`): ``profile`` (nick, local, tags, role:
+    the token's claims), ``settings`` (``update_settings``'s fields) and
+    ``ban`` (``banned_until``, ``ban_reason``). An existing row keeps the
+    parts a save does not name: a node's copy of a user may be older than
+    the store (another node's ban committed before its news is read here),
+    and a settings save writing that copy whole undid the ban. ``read_seq``
+    and ``last_seq`` only grow (the greater of the row's and the save's).
     ``points`` is written only when the row is inserted; afterwards only
     :class:`AddPoints` changes it, in SQL, so that two nodes' accepted
     answers add up instead of the last whole row winning (``store/CLUSTER.md``).
+    The default names every part (a user's first save, or a whole copy).
     """
 
     user: User
+    changed: frozenset[str] = attrs.field(default=USER_PARTS, converter=_user_parts)
 
 
 @attrs.frozen

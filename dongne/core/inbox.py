@@ -84,7 +84,7 @@ class Inbox:
         read_seq = max(user.read_seq, min(up_to, user.last_seq))
         if read_seq != user.read_seq:
             user.read_seq = read_seq
-            call.out.write(SaveUser(attrs.evolve(user)))
+            call.out.write(SaveUser(attrs.evolve(user), changed=()))  # read_seq: only grows
         unread = self.unread(user)
         call.out.send(self._user_conns.get(user.user_id, ()), event("unread_count", {"unread": unread}))
         return {"unread": unread}

@@ -203,7 +203,7 @@ class Moderation:
     def _ban(self, target: User, reason: str, until: int, call: Call) -> None:
         now, out = call.now, call.out
         target.banned_until, target.ban_reason = until, reason
-        out.write(SaveUser(attrs.evolve(target)))
+        out.write(SaveUser(attrs.evolve(target), changed={"ban"}))
         out.write(AppendAudit(now, call.user.user_id, "ban_user", target.user_id, reason))
         out.note("user_banned", user=target.user_id, admin=call.user.user_id, until=until)
         self.ban_in_force(target, now, out)
@@ -244,7 +244,7 @@ class Moderation:
         target = self._target(call)
         reason = call.f.text("reason", max_len=500, default="unbanned")
         target.banned_until, target.ban_reason = None, None
-        call.out.write(SaveUser(attrs.evolve(target)))
+        call.out.write(SaveUser(attrs.evolve(target), changed={"ban"}))
         call.out.write(AppendAudit(call.now, call.user.user_id, "unban_user", target.user_id, reason))
         self._where.refresh_local(target, call.now)
         return {"user_id": target.user_id, "banned_until": None}

@@ -163,7 +163,7 @@ class Places:
         user.max_alerts_per_hour = settings.max_alerts_per_hour
         user.home = home
         self._where.refresh_local(user, call.now)
-        call.out.write(SaveUser(attrs.evolve(user)))
+        call.out.write(SaveUser(attrs.evolve(user), changed={"settings"}))
         return {"settings": user.settings_wire()}
 
     def trending(self, call: Call) -> dict[str, Any]:

@@ -80,19 +80,21 @@ class Sessions:
         banned = self._moderation.refuse_banned(user, now) if user is not None else None
         if banned is not None:
             return banned
-        if user is not None and user.banned_until is not None and writable:
-            user.banned_until = user.ban_reason = None  # the ban ran out
-            out.write(SaveUser(attrs.evolve(user)))
+        if user is not None and user.banned_until is not None:
+            # The ban ran out: memory forgets it, the store's row keeps it (an ended ban bans nobody). Writing
+            # None could undo a newer ban another node committed before its news is read here.
+            user.banned_until = user.ban_reason = None
         claimed = (claims.nick, claims.local, claims.tags, claims.role)
         if not writable and (user is None or (user.nick, user.local, user.tags, user.role) != claimed):
             return 1013, "the server cannot store your profile now; reconnect later"
         if user is None:
             user = User(claims.user_id, claims.nick, claims.local, claims.tags, claims.role, created_at=now)
             self._users[user.user_id] = user
-            out.write(SaveUser(attrs.evolve(user)))
+            # New here; another node may have made the row (and set its settings, a ban) before its news came.
+            out.write(SaveUser(attrs.evolve(user), changed={"profile"}))
         elif (user.nick, user.local, user.tags, user.role) != (claims.nick, claims.local, claims.tags, claims.role):
             user.nick, user.local, user.tags, user.role = claims.nick, claims.local, claims.tags, claims.role
-            out.write(SaveUser(attrs.evolve(user)))
+            out.write(SaveUser(attrs.evolve(user), changed={"profile"}))
         self._where.refresh_local(user, now)
         self._oversight.role_is(user)
         conn.phase = ConnPhase.READY

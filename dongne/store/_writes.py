@@ -87,6 +87,13 @@ MAX_ROWS_PER_STATEMENT = 256
 #: ``CountAnswer``, ``AcceptOnce`` and ``CloseOnce`` change them in SQL (CLUSTER.md).
 RACED_QUESTION_COLS = ("status", "accepted_answer_id", "answer_count", "first_answer_at", "closed_at")
 
+#: The columns of each part of a user's row a ``SaveUser`` names in ``changed`` (the rest of an existing row stays).
+_USER_PART_COLS = {
+    "profile": ("nick", "local", "tags", "role"),
+    "settings": ("immediate_alerts", "quiet_start", "quiet_end", "max_alerts_per_hour", "home_lat", "home_lng"),
+    "ban": ("banned_until", "ban_reason"),
+}
+
 #: Statuses in which a question may still be answered, accepted or closed (``lifecycle.ACTIVE``).
 _ACTIVE_SQL = "status IN ('open', 'answered')"
 
@@ -399,7 +406,7 @@ def prepare_writes(
     PostgreSQL's inbox events go to :attr:`PreparedCommit.appends`: the
     commit gives their seqs (:class:`InboxAppends`).
     """
-    users: dict[str, User] = {}
+    users: dict[str, tuple[User, frozenset[str]]] = {}  # the last copy, the parts all saves changed
     questions: dict[str, Question] = {}
     answers: dict[str, Answer] = {}
     delivered: list[DeliverAnswer] = []
@@ -422,11 +429,11 @@ def prepare_writes(
                 (item.question_id, uid, stage, dist, int(online), item.at) for uid, stage, dist, online in item.targets
             )
         elif isinstance(item, SaveUser):
-            user = item.user
+            user, changed = item.user, item.changed
             saved = users.get(user.user_id)
             if saved is not None:  # points: as for the raced question columns, the first save is the insert's
-                user = attrs.evolve(user, points=saved.points)
-            users[user.user_id] = user
+                user, changed = attrs.evolve(user, points=saved[0].points), changed | saved[1]
+            users[user.user_id] = user, changed
         elif isinstance(item, AddPoints):
             points[item.user_id] = points.get(item.user_id, 0) + item.points
         elif isinstance(item, SaveQuestion):
@@ -505,17 +512,26 @@ def prepare_writes(
             return
         batch.insert(f"INSERT INTO {table} ({cols})", sorted(rows, key=lambda r: r[:2]), " ON CONFLICT DO NOTHING")
 
-    # A user's saved last_seq never goes back (PostgreSQL: a save decided on an older copy cannot lower it);
-    # points are written by an insert, then only added to (AddPoints).
-    if pg and points:
-        # The upsert and the points' update lock users' rows in two passes: lock them all first, in one
+    # A save is decided on this node's copy of the user, which may be older than the row (PostgreSQL: another
+    # node's ban, settings, reads): an existing row changes only in the parts the save names, and its
+    # last_seq and read_seq never go back; points are written by an insert, then only added to (AddPoints).
+    # One statement per set of parts named.
+    by_parts: dict[frozenset[str], list[tuple[Any, ...]]] = {}
+    for user, changed in users.values():
+        by_parts.setdefault(changed, []).append(user_row(user))
+    if pg and (points or len(by_parts) > 1):
+        # The upserts and the points' update lock users' rows in passes: lock them all first, in one
         # order, or two commits (one saving alice and pointing bob, the other the reverse) deadlock.
         batch.many(
             "SELECT 1 FROM users WHERE user_id = ANY(%s::text[]) ORDER BY user_id FOR UPDATE",
             [(sorted({*users, *points}),)],
         )
-    save("users", USER_COLS, "user_id", [user_row(u) for u in users.values()], keep=("points",),
-         last_seq=f"{'greatest' if pg else 'max'}(users.last_seq, excluded.last_seq)")  # fmt: skip
+    greatest = "greatest" if pg else "max"
+    for changed, rows in sorted(by_parts.items(), key=lambda item: sorted(item[0])):
+        kept = [c for part, cols in _USER_PART_COLS.items() if part not in changed for c in cols]
+        save("users", USER_COLS, "user_id", rows, keep=("points", *kept),
+             last_seq=f"{greatest}(users.last_seq, excluded.last_seq)",
+             read_seq=f"{greatest}(users.read_seq, excluded.read_seq)")  # fmt: skip
     if points:
         batch.many(
             f"UPDATE users SET points = points + {mark} WHERE user_id = {mark}",
