@@ -290,6 +290,35 @@ async def test_a_question_whose_only_answer_another_node_deleted_is_open_and_ale
 
 
 @pytest.mark.backends("postgres")
+async def test_saves_here_before_another_nodes_news_bring_back_nothing_it_deleted(start_server: Any) -> None:
+    """Another node deleted an answer and a question, its news not read here yet: the asker's mark_read here
+    (which saves this node's copy of the answer) and the slow-response alert here (which saves its copy of
+    the question) leave both deleted; they wrote the whole stale rows back, undeleting them."""
+    h: Harness = await start_server(alerts={"slow_response_s": 1.0})
+    engine = h.running.engine
+    assert engine.oversight.raises_alerts
+    async with h.connect("asker") as asker, h.connect("local", local=True) as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        reply = await local.request("create_answer", {"question_id": qid, "content": "A link to spam"})
+        aid = reply["answer"]["answer_id"]
+        gone = attrs.evolve(engine.answers[qid][aid], deleted_at=1_000)
+        other_node_commits(h.db, [SaveAnswer(gone), CountAnswer(qid, -1)], notify=False)
+
+        await asker.request("mark_read", {"question_id": qid})
+
+        assert db_rows(h.db, "SELECT deleted_at FROM answers WHERE answer_id = ?", (aid,)) == [(1_000,)]
+        unanswered = (await asker.request("create_question", question_data(title="Nobody?")))["question"]
+        deleted = attrs.evolve(engine.questions[unanswered["question_id"]], deleted_at=2_000)
+        other_node_commits(h.db, [SaveQuestion(deleted)], notify=False)
+
+        await until(lambda: unanswered["question_id"] in {a["question_id"] for a in engine.oversight.recent_alerts})
+        await h.running.clients.pipeline.wait_idle()
+
+    row = "SELECT deleted_at, alerted_at IS NOT NULL FROM questions WHERE question_id = ?"
+    assert db_rows(h.db, row, (unanswered["question_id"],)) == [(2_000, True)]
+
+
+@pytest.mark.backends("postgres")
 async def test_a_question_read_before_its_askers_news_brings_the_asker_with_it(start_server: Any) -> None:
     """Another node made a user and their question, and neither news has arrived: answering it here reads
     the question and its asker together, and the answer is accepted at once (no retry)."""

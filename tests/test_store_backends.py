@@ -143,6 +143,46 @@ def test_a_user_saved_from_an_older_copy_keeps_the_parts_the_save_did_not_change
     assert db_rows(db, row) == [("Mina K", 3, None, None, 8, 9)]
 
 
+def test_a_save_from_an_older_copy_brings_back_nothing_taken_down_and_no_earlier_receipt(
+    store: Storage, db: Path | str
+) -> None:
+    """Another node deleted an answer, hid a question and read an answer since this node read them: this
+    node's saves of its copies (a receipt, a slow-response alert) change none of that; an unhide does."""
+    q1, q2 = question("q1", "asker", 10), question("q2", "asker", 11)
+    a1, a2, a3 = (Answer(f"a{i}", "q1", "jun", "Jun", "hi", 20 + i, "sent", None, None, False) for i in (1, 2, 3))
+    store.apply([SaveUser(User("asker", "Mina")), SaveUser(User("jun", "Jun")), SaveQuestion(q1), SaveQuestion(q2)])
+    store.apply([SaveAnswer(a1), SaveAnswer(a2), SaveAnswer(a3)])
+    store.apply(
+        [
+            SaveAnswer(attrs.evolve(a1, state="read", delivered_at=30, read_at=40, accepted=True)),
+            SaveAnswer(attrs.evolve(a2, deleted_at=50)),
+            SaveAnswer(attrs.evolve(a3, deleted_at=55, hidden=True)),
+            SaveQuestion(attrs.evolve(q2, deleted_at=60, hidden=True)),
+        ]
+    )
+
+    store.apply(
+        [
+            SaveAnswer(attrs.evolve(a1, state="delivered", delivered_at=35)),
+            SaveAnswer(attrs.evolve(a2, state="read", delivered_at=36, read_at=36)),
+            SaveAnswer(attrs.evolve(a3, deleted_at=70)),  # its author's delete, after the hide
+            SaveQuestion(attrs.evolve(q2, alerted_at=80)),
+        ]
+    )
+
+    answer = "SELECT answer_id, state, delivered_at, read_at, accepted, deleted_at, hidden FROM answers ORDER BY 1"
+    assert db_rows(db, answer) == [
+        ("a1", "read", 30, 40, 1, None, 0),
+        ("a2", "read", 36, 36, 0, 50, 0),
+        ("a3", "sent", None, None, 0, 55, 1),
+    ]
+    question_row = "SELECT deleted_at, hidden, alerted_at FROM questions WHERE question_id = 'q2'"
+    assert db_rows(db, question_row) == [(60, 1, 80)]
+    store.apply([SaveQuestion(attrs.evolve(q2, alerted_at=80), unhide=True), SaveAnswer(a3, unhide=True)])
+    assert db_rows(db, question_row) == [(None, 0, 80)]
+    assert db_rows(db, "SELECT deleted_at, hidden FROM answers WHERE answer_id = 'a3'") == [(None, 0)]
+
+
 def test_a_question_saved_again_in_the_commit_that_creates_and_answers_it_is_counted_once(
     store: Storage, db: Path | str
 ) -> None:

@@ -105,9 +105,16 @@ class SaveQuestion:
     only :class:`CountAnswer`, :class:`AcceptOnce` and :class:`CloseOnce`
     change them, in SQL, so that several nodes' writes add up instead of the
     last whole row winning (``store/CLUSTER.md``).
+
+    Nor does a save bring back a question taken down in the store: an
+    existing row keeps its ``deleted_at`` (and ``hidden``, as the first
+    take-down said) and ``alerted_at`` once set, unless ``unhide`` (a
+    moderator shows it again): a node's copy may be older than the row
+    (deleted on another node, its news not read here yet).
     """
 
     question: Question
+    unhide: bool = False
 
 
 @attrs.frozen
@@ -154,9 +161,17 @@ class CloseOnce:
 
 @attrs.frozen
 class SaveAnswer:
-    """Insert or replace an answer's row (content, receipt state, accepted)."""
+    """Insert an answer's row, or update an existing one (receipt state, accepted, taken down).
+
+    What a node's older copy would undo stays (``store/CLUSTER.md``): a
+    receipt only moves forward (``sent``, ``delivered``, ``read``; its
+    times are kept once set), ``accepted`` stays, and ``deleted_at`` and
+    ``hidden`` stay as the first take-down wrote them, unless ``unhide``
+    (a moderator shows the answer again).
+    """
 
     answer: Answer
+    unhide: bool = False
 
 
 @attrs.frozen

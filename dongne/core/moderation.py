@@ -361,7 +361,7 @@ class Moderation:
                 return False
             self._freshness.changed(question.question_id)
             question.hidden, question.deleted_at = False, None
-            out.write(SaveQuestion(attrs.evolve(question)))
+            out.write(SaveQuestion(attrs.evolve(question), unhide=True))
             shown = [a for a in answers if a.deleted_at is None]
             if question.status in ACTIVE:
                 # Open again: in memory as it was before the hide (nearby, its expiry, its slow-response alert),
@@ -380,7 +380,7 @@ class Moderation:
         question.answer_count += 1
         if question.status == QuestionStatus.OPEN:  # answered again (hiding its only answer reopened it)
             question.status = advance(question.status, QuestionEvent.ANSWER)
-        out.write(SaveAnswer(attrs.evolve(answer)))
+        out.write(SaveAnswer(attrs.evolve(answer), unhide=True))
         out.write(CountAnswer(question.question_id, 1))
         if question.question_id in self._questions:
             self._qa.adopt_answer(answer)

@@ -407,8 +407,8 @@ def prepare_writes(
     commit gives their seqs (:class:`InboxAppends`).
     """
     users: dict[str, tuple[User, frozenset[str]]] = {}  # the last copy, the parts all saves changed
-    questions: dict[str, Question] = {}
-    answers: dict[str, Answer] = {}
+    questions: dict[str, tuple[Question, bool]] = {}  # the last copy, unhidden by a save of the commit?
+    answers: dict[str, tuple[Answer, bool]] = {}  # likewise
     delivered: list[DeliverAnswer] = []
     events: list[AppendEvent] = []
     escalations: dict[str, SaveEscalation] = {}
@@ -437,19 +437,21 @@ def prepare_writes(
         elif isinstance(item, AddPoints):
             points[item.user_id] = points.get(item.user_id, 0) + item.points
         elif isinstance(item, SaveQuestion):
-            question = item.question
+            question, unhide = item.question, item.unhide
             first = questions.get(question.question_id)
             if first is not None:
                 # The raced columns are written only by an insert, and the first save is the one that
                 # inserts: later ones count what the guarded writes in between add (again) in SQL.
-                question = attrs.evolve(question, **{c: getattr(first, c) for c in RACED_QUESTION_COLS})
-            questions[question.question_id] = question
+                question = attrs.evolve(question, **{c: getattr(first[0], c) for c in RACED_QUESTION_COLS})
+                unhide = unhide or first[1]  # the last copy says whether it is hidden again since
+            questions[question.question_id] = question, unhide
         elif isinstance(item, (CountAnswer, AcceptOnce, CloseOnce)):
             raced.append(item)
         elif isinstance(item, RoomNews):
             rooms.append(item)
         elif isinstance(item, SaveAnswer):
-            answers[item.answer.answer_id] = item.answer
+            saved_answer = answers.get(item.answer.answer_id)
+            answers[item.answer.answer_id] = item.answer, item.unhide or (saved_answer is not None and saved_answer[1])
         elif isinstance(item, DeliverAnswer):
             delivered.append(item)
         elif isinstance(item, SaveEscalation):
@@ -474,7 +476,7 @@ def prepare_writes(
         changed_questions = {
             *questions,
             *(op.question_id for op in raced),
-            *(a.question_id for a in answers.values()),
+            *(a.question_id for a, _ in answers.values()),
             *(d.question_id for d in delivered),
         }
         for payload in changes_news(news_from, sorted(changed_questions), sorted({*users, *points})):
@@ -491,7 +493,7 @@ def prepare_writes(
     ) -> None:
         """Insert ``rows``, each replacing the row with the same ``key``; ``guarded``: a column's own update;
         ``keep``: columns an existing row keeps (then SQLite upserts too, rather than replacing the row)."""
-        if not pg and not keep:
+        if not pg and not keep and not guarded:
             batch.insert(f"INSERT OR REPLACE INTO {table} ({cols})", rows)
             return
         sets = [
@@ -537,8 +539,33 @@ def prepare_writes(
             f"UPDATE users SET points = points + {mark} WHERE user_id = {mark}",
             [(n, user_id) for user_id, n in sorted(points.items())],
         )
-    save("questions", QUESTION_COLS, "question_id", [question_row(q) for q in questions.values()],
-         keep=RACED_QUESTION_COLS)  # fmt: skip
+
+    def taken_down(table: str, unhide: bool) -> dict[str, str]:
+        """A save keeps a row taken down (deleted or hidden) as the first take-down wrote it, unless it unhides:
+        it is decided on this node's copy, which may be older than the row (taken down on another node)."""
+        if unhide:
+            return {}
+        return {
+            "deleted_at": f"coalesce({table}.deleted_at, excluded.deleted_at)",
+            "hidden": f"CASE WHEN {table}.deleted_at IS NULL THEN excluded.hidden ELSE {table}.hidden END",
+        }
+
+    def lock_first(table: str, key: str, groups: list[list[tuple[Any, ...]]]) -> None:
+        """PostgreSQL, rows of ``table`` saved in several statements: lock them all first, in key order (as
+        for users: two commits must lock rows in the same order)."""
+        if pg and sum(1 for rows in groups if rows) > 1:
+            ids = sorted(row[0] for rows in groups for row in rows)
+            batch.many(f"SELECT 1 FROM {table} WHERE {key} = ANY(%s::text[]) ORDER BY {key} FOR UPDATE", [(ids,)])
+
+    question_groups = [
+        [question_row(q) for q, unhide in questions.values() if unhide is shown] for shown in (False, True)
+    ]
+    lock_first("questions", "question_id", question_groups)
+    for shown, rows in zip((False, True), question_groups, strict=True):
+        if rows:
+            save("questions", QUESTION_COLS, "question_id", rows, keep=RACED_QUESTION_COLS,
+                 alerted_at="coalesce(questions.alerted_at, excluded.alerted_at)",
+                 **taken_down("questions", shown))  # fmt: skip
     for op in raced:  # after the saves: a question created in this commit is there
         if isinstance(op, CountAnswer) and op.answered_at is None:
             # A question whose last answer goes is open again, and answered again when one comes back
@@ -577,9 +604,20 @@ def prepare_writes(
     keep(
         "question_hashtags",
         "question_id, tag, created_at",
-        [(q.question_id, tag, q.created_at) for q in questions.values() for tag in q.hashtags],
+        [(q.question_id, tag, q.created_at) for q, _ in questions.values() for tag in q.hashtags],
     )
-    save("answers", ANSWER_COLS, "answer_id", [answer_row(a) for a in answers.values()])
+    # An answer's receipt only moves forward and an accept stays (a save from an older copy would undo them).
+    answer_groups = [[answer_row(a) for a, unhide in answers.values() if unhide is shown] for shown in (False, True)]
+    lock_first("answers", "answer_id", answer_groups)
+    for shown, rows in zip((False, True), answer_groups, strict=True):
+        if rows:
+            save("answers", ANSWER_COLS, "answer_id", rows,
+                 state="CASE WHEN answers.state = 'read' OR excluded.state = 'sent' THEN answers.state"
+                       " ELSE excluded.state END",
+                 delivered_at="coalesce(answers.delivered_at, excluded.delivered_at)",
+                 read_at="coalesce(answers.read_at, excluded.read_at)",
+                 accepted=f"{greatest}(answers.accepted, excluded.accepted)",
+                 **taken_down("answers", shown))  # fmt: skip
     if delivered:  # after the saves; an answer another node (or a read) marked already keeps its receipt
         batch.many(
             f"UPDATE answers SET state = 'delivered', delivered_at = {mark}"
