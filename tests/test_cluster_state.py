@@ -173,6 +173,36 @@ async def test_an_answer_to_a_question_another_node_closed_is_refused_with_confl
     assert db_rows(h.db, "SELECT answer_count FROM questions") == [(0,)]
 
 
+@pytest.mark.backends("sqlite", "postgres")
+@pytest.mark.parametrize("op", ["create_answer", "accept_answer", "close_question"])
+async def test_a_write_to_a_question_another_node_deleted_is_refused_with_conflict(start_server: Any, op: str) -> None:
+    """The asker deleted the question on another node (its news not read here): an answer, accept or close
+    here is refused with ``conflict`` and the question leaves memory. A delete leaves the status as it was,
+    and the guards read the status alone: the answer was stored under the deleted question, and acknowledged."""
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker:
+        qid, local_answer, _ = await answered_twice(h, asker)
+        other_node_runs(h.db, "UPDATE questions SET deleted_at = 1000 WHERE question_id = ?", (qid,))
+        request = {
+            "create_answer": ("local", {"question_id": qid, "content": "Just in time?"}),
+            "accept_answer": ("asker", {"question_id": qid, "answer_id": local_answer}),
+            "close_question": ("asker", {"question_id": qid}),
+        }
+        user, data = request[op]
+        async with h.connect(user) as client:
+            with pytest.raises(RequestError) as refused:
+                await client.request(op, data)
+
+            assert refused.value.code == "conflict"
+            assert qid not in h.running.engine.questions
+            with pytest.raises(RequestError) as again:
+                await client.request(op, data)
+            assert again.value.code == "not_found"
+    row = "SELECT status, answer_count, accepted_answer_id, deleted_at FROM questions WHERE question_id = ?"
+    assert db_rows(h.db, row, (qid,)) == [("answered", 2, None, 1000)]
+    assert db_rows(h.db, "SELECT count(*) FROM answers WHERE question_id = ?", (qid,)) == [(2,)]
+
+
 # ---- questions and users another node changed (PostgreSQL: notifications and the catch-up) -------------
 
 OTHER_NODE = "node-b-4242-abcdef"

@@ -122,7 +122,8 @@ class CountAnswer:
     """Add ``delta`` to a question's answer count, in the store (never below 0).
 
     ``answered_at`` set (a new answer): the write is guarded: it applies only
-    while the question is open or answered (another node may have closed it),
+    while the question is open or answered and not taken down (another node
+    may have closed, deleted or hidden it),
     moves an open question to answered and sets ``first_answer_at`` if unset;
     otherwise the commit fails with ``Conflict``. Unset (an answer deleted,
     hidden or shown again): no guard, no status change.
@@ -136,7 +137,7 @@ class CountAnswer:
 @attrs.frozen
 class AcceptOnce:
     """Accept ``answer_id``: the question becomes resolved at ``at``, if no answer was accepted and it is open
-    or answered; otherwise the commit fails with ``Conflict`` (another node accepted or closed it first)."""
+    or answered and not taken down; otherwise the commit fails with ``Conflict`` (another node accepted or closed it first)."""
 
     question_id: str
     answer_id: str
@@ -145,8 +146,8 @@ class AcceptOnce:
 
 @attrs.frozen
 class CloseOnce:
-    """Move an open or answered question to ``status`` (closed, expired) at ``at``; otherwise the commit
-    fails with ``Conflict`` (another node resolved, closed or expired it first).
+    """Move an open or answered question not taken down to ``status`` (closed, expired) at ``at``; otherwise
+    the commit fails with ``Conflict`` (another node resolved, closed, expired, deleted or hid it first).
 
     ``conflict`` False (an expiry: every node holding the question expires
     it at the same time): a question that ended already is left as it is,

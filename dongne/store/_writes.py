@@ -94,8 +94,10 @@ _USER_PART_COLS = {
     "ban": ("banned_until", "ban_reason"),
 }
 
-#: Statuses in which a question may still be answered, accepted or closed (``lifecycle.ACTIVE``).
-_ACTIVE_SQL = "status IN ('open', 'answered')"
+#: A question that may still be answered, accepted or closed: active (``lifecycle.ACTIVE``) and not taken down.
+#: A delete or hide sets ``deleted_at`` and leaves the status as it was: a write that read the status alone let
+#: an answer made on one node after the asker's delete on another be stored (and acknowledged).
+_ACTIVE_SQL = "status IN ('open', 'answered') AND deleted_at IS NULL"
 
 
 #: The seqs a commit gave where they differ from the engine's: ``{user: {seq the engine gave: seq stored}}``,
