@@ -90,7 +90,9 @@ class Membership:
         self._lease_ttl_ms = int((ttl_s if lease_ttl_s is None else lease_ttl_s) * 1000)
         self.on_lease = on_lease
         self.on_registered = on_registered
-        self._registered = False  # the last heartbeat made the node's row
+        self._registered = False  # a heartbeat made the node's row, and on_registered has not run since
+        self._gone: set[str] = set()  # nodes expired whose rows are not dropped yet
+        self._drop_owed = False  # a beat failed between expiring nodes and dropping their rows
         self._now_ms = now_ms
         self._nodes: list[dict[str, Any]] = [self._me(self.started_at)]
         self._lease: dict[str, Any] | None = None
@@ -118,11 +120,21 @@ class Membership:
             self.lease_epoch = 0  # alone: it leads, and no other node can commit
             return
         now = self._now_ms()
-        self._registered = self.link.heartbeat(self._info(), now)
+        # Each statement commits on its own: what one said holds even if a later one of the beat fails.
+        if self.link.heartbeat(self._info(), now):
+            self._registered = True  # until on_registered ran: a later failure of this beat must not lose it
+        # An expiry is not seen twice (its rows are gone): the nodes it removed are dropped until a drop works,
+        # and a beat that failed in between (its expiry may have committed unseen) owes the next one a drop,
+        # which also removes the rows of every node no longer registered.
+        owed, self._drop_owed = self._drop_owed, True
         gone = self.link.expire_nodes(now - self._ttl_ms)
         if gone:
             log.info("cluster_nodes_expired", extra={"nodes": gone})
-            self.link.drop_node_rows(gone)  # their users are online (and in rooms) there no more
+            self._gone.update(gone)
+        if self._gone or owed:
+            self.link.drop_node_rows(sorted(self._gone))  # their users are online (and in rooms) there no more
+            self._gone.clear()
+        self._drop_owed = False
         self._nodes = [
             {"node_id": n.node_id, "host": n.host, "pid": n.pid, "started_at": n.started_at,
              "heartbeat_at": n.heartbeat_at}
@@ -179,10 +191,12 @@ class Membership:
         Raises:
             StoreError: the database cannot be reached.
         """
-        await trio.to_thread.run_sync(self.beat)
-        if self._registered:
-            self._registered = False
-            self.on_registered()
+        try:
+            await trio.to_thread.run_sync(self.beat)
+        finally:  # the row was made even if the rest of the beat failed: the peers deleted our rows
+            if self._registered:
+                self._registered = False
+                self.on_registered()
         epoch = self.lease_epoch
         if epoch != self._told:
             self._told = epoch

@@ -81,6 +81,65 @@ def test_nodes_register_heartbeat_and_expire(link: object, db: str) -> None:
     assert [(n["node_id"], n["heartbeat_at"]) for n in b.state()["nodes"]] == [("a", 12_001), ("b", 12_500)]
 
 
+def refuse_deletes(db: str, table: str | None) -> None:
+    """Make PostgreSQL refuse every DELETE on ``table`` (None: no longer), as a failing statement would."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER IF EXISTS refuse ON cluster_nodes; DROP TRIGGER IF EXISTS refuse ON positions")
+        if table is not None:
+            conn.execute(
+                "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+            )
+            conn.execute(f"CREATE TRIGGER refuse BEFORE DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION refuse()")
+
+
+@pytest.mark.backends("postgres")
+async def test_a_heartbeat_failing_part_way_loses_neither_a_registration_nor_a_drop(link: object, db: str) -> None:
+    """A beat's statements commit one by one. The expiry of a and d commits and the drop of their rows fails:
+    the next beat drops them (no later beat would see a or d expire again). a's next beat makes its row again
+    and its expiry fails: ``on_registered`` runs all the same (the next beat's row was there already, and
+    the re-made row's news was lost: a never wrote back the rows its peers deleted)."""
+    from dongne.store import StoreError
+
+    clock = {"a": 1_000, "b": 1_000, "d": 1_000}
+    registered: list[str] = []
+    a, b, d = (
+        Membership(
+            link, ttl_s=10.0, now_ms=lambda n=n: clock[n], node_id=n, on_registered=lambda n=n: registered.append(n)
+        )  # type: ignore[arg-type, misc]
+        for n in "abd"
+    )
+    for node in (a, b, d):
+        await node.beat_async()
+    rows = [(f"u-{n}", 33.5, 126.5, 1_000, n) for n in "abd"]
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO positions (user_id, lat, lng, at, node_id) VALUES (%s, %s, %s, %s, %s)", rows
+        )
+    positions = "SELECT node_id FROM positions ORDER BY 1"
+
+    clock["b"] = 12_000
+    refuse_deletes(db, "positions")
+    with pytest.raises(StoreError):
+        await b.beat_async()
+    refuse_deletes(db, None)
+    assert db_rows(db, "SELECT node_id FROM cluster_nodes") == [("b",)]
+    clock["b"] = 12_100
+    await b.beat_async()
+    assert db_rows(db, positions) == [("b",)]
+
+    clock["a"] = 12_200
+    refuse_deletes(db, "cluster_nodes")
+    with pytest.raises(StoreError):
+        await a.beat_async()
+    refuse_deletes(db, None)
+    clock["a"] = 12_300
+    await a.beat_async()
+
+    assert registered == ["a", "b", "d", "a"]
+    assert db_rows(db, "SELECT node_id FROM cluster_nodes ORDER BY 1") == [("a",), ("b",)]
+
+
 @pytest.mark.backends("postgres")
 def test_a_peer_takes_the_escalation_lease_once_the_leader_stops_heartbeating(link: object, db: str) -> None:
     """The first node to heartbeat leads; a peer's heartbeat takes over a ttl after the leader's last one."""
