@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,9 +11,9 @@ from typing import Any
 
 import trio
 
-from .auth import SIGNIN_CODE_TTL_S, load_or_create_secret, mint_signin_code, mint_token
+from .auth import SIGNIN_CODE_TTL_S, TokenVerifier, load_or_create_secret, mint_signin_code, mint_token
 from .config import Settings, load_settings
-from .core.errors import ConfigError
+from .core.errors import CloseConnection, ConfigError
 from .core.regions import RegionFileError, RegionSet
 from .logs import configure_logging
 
@@ -47,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--travellers", type=int, default=12, help="simulated travellers asking questions")
     demo.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     demo.add_argument("--seed", type=int, help="random seed")
+    demo.add_argument("--debug", action="store_true", help="the server's own log lines (JSON, INFO and above)")
     token = sub.add_parser("token", help="print a signed token for a user")
     _common(token)
     token.add_argument("user_id")
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         configure_logging(
-            "INFO" if os.environ.get("DONGNE_DEMO_DEBUG") else "WARNING",
-            "json" if os.environ.get("DONGNE_DEMO_DEBUG") else "text",
+            "INFO" if args.debug else "WARNING",
+            "json" if args.debug else "text",
         )
         try:
             trio.run(
@@ -136,18 +136,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dongne: {exc}", file=sys.stderr)
             return 2
         tags = [t.strip() for t in args.tags.split(",") if t.strip()]
-        print(
-            mint_token(
-                secret,
-                args.user_id,
-                nick=args.nick,
-                local=args.local,
-                tags=tags,
-                admin=args.admin,
-                ttl_s=args.ttl if args.ttl is not None else _default_ttl(args.admin, settings),
-                now_s=time.time(),
-            )
+        now = time.time()
+        token = mint_token(
+            secret,
+            args.user_id,
+            nick=args.nick,
+            local=args.local,
+            tags=tags,
+            admin=args.admin,
+            ttl_s=args.ttl if args.ttl is not None else _default_ttl(args.admin, settings),
+            now_s=now,
         )
+        try:  # never print a token the server would refuse (an id or tag too long, already expired)
+            TokenVerifier(secret).verify(token, now_s=now)
+        except CloseConnection as refused:
+            print(f"dongne: the server would refuse this token: {refused.reason}", file=sys.stderr)
+            return 2
+        print(token)
         return 0
     if args.command == "admin-link":
         return _admin_link(args, settings)

@@ -305,3 +305,15 @@ def test_a_generated_secret_is_written_whole_and_kept(tmp_path: Path) -> None:
     assert len(kept) >= 32 and sorted(p.name for p in tmp_path.iterdir()) == ["d.sqlite3.jwt-secret"]
     claims = jwt.decode(first.stdout.strip(), kept, algorithms=["HS256"])  # signed with the kept secret
     assert claims["sub"] == "u1"
+
+
+def test_token_refuses_to_print_what_the_server_would_refuse(tmp_path: Path) -> None:
+    db = str(tmp_path / "d.sqlite3")
+    for argv, why in (
+        (("u" * 65,), "sub must be a string of 1..64 chars"),
+        (("u1", "--tags", "x" * 41), "tags must be a list of up to 20 short strings"),
+        (("u1", "--ttl", "-100"), "expired"),
+    ):
+        out = _dongne(tmp_path, "token", *argv, "--db", db)
+        assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
+        assert "the server would refuse this token" in out.stderr and why in out.stderr, out.stderr
