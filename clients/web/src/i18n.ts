@@ -87,6 +87,7 @@ const ko = {
   // question room
   q_back: "뒤로",
   q_loading: "질문을 불러오는 중…",
+  settings_loading: "저장된 설정을 불러오는 중…",
   q_asked_by: "{nick} · {time}",
   q_answers: "답변 {n}개",
   q_no_answers: "아직 답변이 없습니다. 근처 현지인에게 알림을 보냈습니다.",
@@ -319,6 +320,7 @@ const en: Record<Key, string> = {
 
   q_back: "Back",
   q_loading: "Loading the question…",
+  settings_loading: "Loading your saved settings…",
   q_asked_by: "{nick} · {time}",
   q_answers: "{n} answers",
   q_no_answers: "No answers yet. Nearby locals have been alerted.",

@@ -119,6 +119,8 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     problem.textContent = errorText(err);
   });
   enableForm(false);
+  quietTimes.hidden = true;
+  homeLine.textContent = t("settings_loading");
   load();
   cleanup.add(store.subscribe((s, prev) => { if (!loaded && s.conn === "open" && prev.conn !== "open") load(); }));
   focusHeading(root);
