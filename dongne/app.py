@@ -226,6 +226,7 @@ async def _serve(
             site=web_app(settings, region_set).answer if settings.web.enabled else None,
             lease_epoch=membership.lease_epoch,
             guard_lease=link is not None,
+            adopt_interval_s=settings.cluster.heartbeat_interval_s,
         )
         # Only the lease's holder runs escalation stages (store/CLUSTER.md, "Escalation leadership").
         membership.on_lease = clients.lease_changed

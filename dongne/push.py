@@ -29,6 +29,7 @@ from .clock import EngineClock
 from .config import EscalationSettings
 from .core.effects import Outcome, SavePushStatus
 from .core.records import PushJob
+from .store import StoreError
 
 __all__ = ["PushDispatcher", "PushStatistics", "push_body"]
 
@@ -81,8 +82,12 @@ class PushDispatcher:
         clock: the engine clock.
         pending: jobs left pending by an earlier run.
         read_pending: ``read_pending(after_id, limit)`` reads at most
-            ``limit`` of the outbox's pending jobs with ids above
-            ``after_id``, oldest first (blocking: run on a worker thread).
+            ``limit`` of this node's pending jobs in the outbox with ids
+            above ``after_id``, oldest first (blocking: run on a worker thread).
+        adopt: ``adopt(limit)`` takes over at most ``limit`` pending jobs of
+            nodes gone from the cluster (blocking); called every
+            ``adopt_interval_s`` while :attr:`adopting` (the escalation
+            lease's holder: one node adopts).
         alert_url: where slow-response alerts go.
         max_queued: the most jobs queued in memory.
     """
@@ -95,6 +100,8 @@ class PushDispatcher:
         pending: Iterable[PushJob] = (),
         *,
         read_pending: Callable[[int, int], list[PushJob]] | None = None,
+        adopt: Callable[[int], list[PushJob]] | None = None,
+        adopt_interval_s: float = 10.0,
         alert_url: str = "",
         max_queued: int = 10_000,
     ) -> None:
@@ -106,6 +113,11 @@ class PushDispatcher:
         self._read_pending = read_pending
         self._skipped_after: int | None = None  # jobs after this id were left in the outbox
         self._read_up_to = 0  # the newest job read back from the outbox
+        self._adopt = adopt
+        self._adopt_interval_s = adopt_interval_s
+        #: Whether this node adopts gone nodes' jobs (it holds the escalation lease); see :meth:`adopt_now`.
+        self.adopting = False
+        self._adopt_wakeup = trio.Event()
         self._submit = submit
         self._clock = clock
         self._closed = False
@@ -143,6 +155,40 @@ class PushDispatcher:
             return
         self._queue.append(job)
         self._queued.set()
+
+    def adopt_now(self, adopting: bool) -> None:
+        """Adopt gone nodes' pending jobs from now on (at once, then every ``adopt_interval_s``), or stop."""
+        self.adopting = adopting
+        self._adopt_wakeup.set()
+
+    async def adopt_pending(self) -> int:
+        """Take over gone nodes' pending jobs, as many as the queue has room for, and queue them; how many.
+
+        They are queued whatever :meth:`offer` is doing and leave its cursor
+        alone: their ids are another node's, above or below this node's own.
+        """
+        room = self._max_queued - len(self._queue)
+        if self._adopt is None or self._closed or room <= 0:
+            return 0
+        jobs = await trio.to_thread.run_sync(self._adopt, room)
+        if self._closed:
+            return 0  # they stay pending, adopted by this node: adopted again once it has left
+        self._queue.extend(jobs)
+        if jobs:
+            log.info("adopted %d pending push jobs of nodes gone", len(jobs))
+            self._queued.set()
+        return len(jobs)
+
+    async def _adopt_periodically(self) -> None:
+        while True:
+            if self.adopting:
+                try:
+                    await self.adopt_pending()
+                except StoreError as exc:  # the next round tries again
+                    log.warning("adopting push jobs failed: %s", exc)
+            self._adopt_wakeup = trio.Event()
+            with trio.move_on_after(self._adopt_interval_s):
+                await self._adopt_wakeup.wait()
 
     def alert_now(self, kind: str, data: dict[str, Any]) -> None:
         """POST an operators' alert to the alert webhook now, outside the outbox.
@@ -188,6 +234,8 @@ class PushDispatcher:
         limiter = trio.Semaphore(CONCURRENCY)  # acquired by the loop, released by the delivery task
         async with httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client, trio.open_nursery() as nursery:
             task_status.started()
+            if self._adopt is not None:
+                nursery.start_soon(self._adopt_periodically)
             async for job in self._jobs():
                 # A delivery slot first: jobs wait in the bounded queue (and
                 # the outbox past it), not in tasks, while the gateway is slow.

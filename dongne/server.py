@@ -134,6 +134,8 @@ class ClientServer:
         lease_epoch: the escalation lease's epoch if this node holds it, else None (then it runs no
             escalation stages until :meth:`lease_changed` says it holds it). SQLite: 0, for good.
         guard_lease: escalation commits carry the epoch (PostgreSQL; ``store/CLUSTER.md``).
+        adopt_interval_s: while holding the lease, how often to adopt the pending push jobs of nodes gone
+            (PostgreSQL; the app passes the heartbeat's interval: nodes expire at heartbeats).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class ClientServer:
         site: Site | None = None,
         lease_epoch: int | None = 0,
         guard_lease: bool = False,
+        adopt_interval_s: float = 10.0,
     ) -> None:
         self._inbox = inbox
         self._lease_epoch = lease_epoch
@@ -204,8 +207,12 @@ class ClientServer:
             clock,
             pending_pushes,
             read_pending=store.pending_push_jobs,
+            # Several nodes: the lease holder sends the pending jobs of nodes gone (store/CLUSTER.md).
+            adopt=store.adopt_push_jobs if guard_lease else None,
+            adopt_interval_s=adopt_interval_s,
             alert_url=alert_url,
         )
+        self.pushes.adopting = lease_epoch is not None
         self.conns: dict[int, WebSocketConnection] = {}
         self.accepting = False
         self.port: int | None = None
@@ -727,6 +734,7 @@ class ClientServer:
             return
         was, self._lease_epoch = self._lease_epoch, epoch
         self._alerts_follow_the_lease()
+        self.pushes.adopt_now(epoch is not None)
         log.info("escalation_lease", extra={"epoch": epoch, "was": was})
         if was is not None:
             for question_id, scope in list(self.escalation_scopes.items()):

@@ -532,6 +532,89 @@ def test_push_job_blocks_start_above_the_ids_given_before_the_migration(db: str)
     assert [job.job_id for job in loaded.pending_pushes] == [3 * BLOCK + 5]
 
 
+def _node_store(db: str, link: object, node_id: str) -> Storage:
+    """A store opened as node ``node_id`` (its commits name it), registered in ``cluster_nodes``."""
+    from dongne.store._cluster import NodeInfo
+
+    opened = store_for(db)
+    opened.news_from = node_id  # type: ignore[attr-defined]
+    opened.open()
+    link.heartbeat(NodeInfo(node_id, "h", 1, 0, int(time.time() * 1000)), int(time.time() * 1000))  # type: ignore[attr-defined]
+    return opened
+
+
+@pytest.mark.backends("postgres")
+async def test_each_node_sends_its_own_push_jobs_and_one_adopts_those_of_a_node_gone(link: object, db: str) -> None:
+    """Node A started first (the lower id block), B later: A's overflow read-back neither takes B's jobs
+    (B sends them) nor lets B's ids move its cursor (A's later jobs were dropped); once B has left, its
+    pending jobs are adopted by one node, once."""
+    from dongne.clock import EngineClock
+    from dongne.config import EscalationSettings
+    from dongne.core import EnqueuePush, PushJob
+    from dongne.push import PushDispatcher
+
+    from .test_push import FakeGateway
+
+    clock = EngineClock()
+    a, b = _node_store(db, link, "node-a"), _node_store(db, link, "node-b")
+    try:
+        a_base = a.load(hot_since=0).last_push_job_id
+        b_base = b.load(hot_since=0).last_push_job_id
+        assert a_base < b_base
+
+        def job(i: int) -> PushJob:
+            return PushJob(
+                i, f"local{i}", "new_question_notification", False, {"title": "t", "data": {}}, clock.now_ms()
+            )
+
+        a_jobs, b_jobs = [job(a_base + i) for i in range(1, 5)], [job(b_base + i) for i in range(1, 3)]
+        a.apply([EnqueuePush(j) for j in a_jobs])
+        b.apply([EnqueuePush(j) for j in b_jobs])
+        # A node starting reads only its own pending jobs.
+        assert [j.job_id for j in a.load(hot_since=0).pending_pushes] == [j.job_id for j in a_jobs]
+        assert [j.job_id for j in b.pending_push_jobs(0, 10)] == [j.job_id for j in b_jobs]
+        assert a.adopt_push_jobs(10) == []  # B is alive: it sends its own
+
+        gateway = FakeGateway(200)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            settings = EscalationSettings(push_url=f"http://127.0.0.1:{gateway.port}/push")
+            pushes = PushDispatcher(
+                settings,
+                lambda outcome: a.apply(outcome.writes),  # type: ignore[arg-type]
+                clock,
+                read_pending=a.pending_push_jobs,
+                adopt=a.adopt_push_jobs,
+                max_queued=3,
+            )
+            for j in a_jobs:
+                pushes.offer(j)  # the 4th overflows: read back from the outbox
+            await nursery.start(pushes.run)
+            with trio.fail_after(10):
+                await pushes.wait_sent(4)
+            later = job(a_base + 5)
+            a.apply([EnqueuePush(later)])
+            pushes.offer(later)
+            with trio.fail_after(10):
+                await pushes.wait_sent(5)
+            sent = sorted(int(h["idempotency-key"].rsplit("-", 1)[1]) for h, _ in gateway.requests)
+            assert sent == [j.job_id for j in [*a_jobs, later]]
+
+            link.leave("node-b")  # type: ignore[attr-defined]
+            assert await pushes.adopt_pending() == 2
+            assert a.adopt_push_jobs(10) == []  # once
+            with trio.fail_after(10):
+                await pushes.wait_sent(7)
+            pushes.close()
+            nursery.cancel_scope.cancel()
+        keys = [int(h["idempotency-key"].rsplit("-", 1)[1]) for h, _ in gateway.requests]
+        assert sorted(keys) == sorted(j.job_id for j in [*a_jobs, later, *b_jobs])  # each once
+        assert db_rows(db, "SELECT count(*) FROM push_outbox WHERE status = 'pending'") == [(0,)]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_sqlite_push_job_ids_go_on_from_the_highest(tmp_path: Path) -> None:
     from dongne.core.effects import EnqueuePush
     from dongne.core.records import PushJob

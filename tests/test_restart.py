@@ -138,6 +138,7 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             ALTER TABLE users DROP COLUMN banned_until;
             ALTER TABLE users DROP COLUMN ban_reason;
             DROP TABLE signin_codes_used;
+            ALTER TABLE push_outbox DROP COLUMN node_id;
             PRAGMA user_version = 3;
             """
         )

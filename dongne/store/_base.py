@@ -30,6 +30,7 @@ from . import _queries
 from ._queries import Dialect
 from ._rows import (
     ANSWER_COLS,
+    PUSH_COLS,
     QUESTION_COLS,
     REPORT_COLS,
     USER_COLS,
@@ -232,13 +233,19 @@ class SqlStore:
         )
 
     def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
-        """At most ``limit`` pending jobs of the push outbox with ids above ``after_job_id``, oldest first."""
+        """At most ``limit`` pending jobs of the push outbox with ids above ``after_job_id``, oldest first:
+        this node's own (``news_from``'s, on PostgreSQL; another node sends its own, CLUSTER.md)."""
+        mine = "" if self.news_from is None else " AND node_id = ?"
         rows = self._read(
-            "SELECT job_id, user_id, kind, urgent, payload, created_at, attempts, status"
-            " FROM push_outbox WHERE status = 'pending' AND job_id > ? ORDER BY job_id LIMIT ?",
-            (after_job_id, limit if limit >= 0 else 2**62),
+            f"SELECT {PUSH_COLS} FROM push_outbox WHERE status = 'pending'{mine} AND job_id > ? ORDER BY job_id LIMIT ?",
+            (*(() if self.news_from is None else (self.news_from,)), after_job_id, limit if limit >= 0 else 2**62),
         )
         return [push_from(r) for r in rows]
+
+    def adopt_push_jobs(self, limit: int) -> list[PushJob]:
+        """Take over at most ``limit`` pending push jobs of nodes gone from the cluster, oldest first, for
+        this node to send (the lease holder's task; CLUSTER.md). SQLite: one node, none to adopt."""
+        return []
 
     def read(self, query: Read) -> Any:
         """Answer a read path's query (``core.reads``) with records (blocking: on a worker thread)."""

@@ -144,7 +144,12 @@ class Storage(Protocol):
         ...
 
     def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
-        """At most ``limit`` (negative: all) pending push jobs with ids above ``after_job_id``, oldest first."""
+        """At most ``limit`` (negative: all) of this node's pending push jobs with ids above ``after_job_id``,
+        oldest first."""
+        ...
+
+    def adopt_push_jobs(self, limit: int) -> list[PushJob]:
+        """Take over at most ``limit`` pending push jobs of nodes gone from the cluster (``SqlStore``)."""
         ...
 
     def read(self, query: Read) -> Any:

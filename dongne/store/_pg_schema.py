@@ -318,6 +318,13 @@ PG_MIGRATIONS: list[str] = [
         expires_at  double precision NOT NULL
     );
     """,
+    # 10: the node that sends each push job (CLUSTER.md, "Push jobs across nodes"): a node reads back only
+    # its own pending jobs; those of a node gone from cluster_nodes are adopted, once, by the lease holder
+    # (their node_id becomes '<holder> adopted'). Rows from before: '', a node that is gone.
+    """
+    ALTER TABLE push_outbox ADD COLUMN node_id text COLLATE "C" NOT NULL DEFAULT '';
+    CREATE INDEX push_pending_by_node ON push_outbox (node_id, job_id) WHERE status = 'pending';
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

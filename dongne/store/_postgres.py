@@ -39,11 +39,12 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 
-from ..core.records import LoadedState
+from ..core.records import LoadedState, PushJob
 from ._backup import DatabaseInUseError
 from ._base import SqlStore
 from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
+from ._rows import PUSH_COLS, push_from
 from ._writes import Guard, PreparedCommit, SeqsGiven
 
 __all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
@@ -338,6 +339,25 @@ class PostgresStore(SqlStore):
                 assert row is not None
                 oldest[user] = int(row[0])
         return oldest
+
+    def adopt_push_jobs(self, limit: int) -> list[PushJob]:
+        """Take over at most ``limit`` pending push jobs of nodes gone from ``cluster_nodes`` (stopped, or
+        expired), oldest first: their ``node_id`` becomes ``'<this node> adopted'``, in one statement, so no
+        other node takes them too, and this node's own read-back (``node_id`` its own) never meets them: their
+        ids are another node's block, which must not move its cursor. Should this node go too, they are
+        adopted again. A job the gone node had POSTed but not recorded is sent again (``Idempotency-Key``)."""
+        if self.news_from is None or limit <= 0:
+            return []
+        with self._transaction("adopting push jobs") as conn:
+            rows = conn.execute(
+                f"UPDATE push_outbox SET node_id = %(adopted)s WHERE job_id IN (SELECT job_id FROM push_outbox"
+                " WHERE status = 'pending' AND node_id <> %(me)s AND node_id <> %(adopted)s"
+                " AND split_part(node_id, ' ', 1) NOT IN (SELECT node_id FROM cluster_nodes)"
+                " ORDER BY job_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {PUSH_COLS}",
+                {"me": self.news_from, "adopted": f"{self.news_from} adopted", "limit": limit},
+            ).fetchall()
+        return sorted((push_from(r) for r in rows), key=lambda job: job.job_id)
 
     # ---- reads -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from ..core.records import Answer, PushJob, Question, Report, User
 
 __all__ = [
     "ANSWER_COLS",
+    "PUSH_COLS",
     "QUESTION_COLS",
     "REPORT_COLS",
     "USER_COLS",
@@ -61,6 +62,10 @@ def user_from(r: Sequence[Any]) -> User:
         home=(r[12], r[13]) if r[12] is not None else None,
         read_seq=r[14], banned_until=r[15], ban_reason=r[16],
     )  # fmt: skip
+
+
+#: The columns ``push_from`` reads, in its order.
+PUSH_COLS = "job_id, user_id, kind, urgent, payload, created_at, attempts, status"
 
 
 def push_from(r: Sequence[Any]) -> PushJob:

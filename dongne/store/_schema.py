@@ -219,6 +219,10 @@ MIGRATIONS: list[str] = [
         expires_at  REAL NOT NULL           -- epoch seconds
     );
     """,
+    # 10: the node that sends each push job: as PostgreSQL's 10 (one node here: always '').
+    """
+    ALTER TABLE push_outbox ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -643,10 +643,10 @@ def prepare_writes(
     keep("notified", "question_id, user_id, stage, distance_m, online, at", notified)
     batch.insert(
         "INSERT INTO push_outbox (job_id, user_id, kind, urgent, payload, status, attempts, last_error,"
-        " created_at, updated_at)",
+        " created_at, updated_at, node_id)",
         [
             (j.job_id, j.user_id, j.kind, int(j.urgent), packb(j.payload), j.status, j.attempts, None,
-             j.created_at, j.created_at)
+             j.created_at, j.created_at, news_from or "")  # the node that sends it (store/CLUSTER.md)
             for j in pushes
         ],
     )  # fmt: skip
