@@ -113,6 +113,8 @@ class PushDispatcher:
         self._read_pending = read_pending
         self._skipped_after: int | None = None  # jobs after this id were left in the outbox
         self._read_up_to = 0  # the newest job read back from the outbox
+        self._reading = False  # a read of the outbox runs
+        self._skipped_while_reading = False  # a job was offered (and skipped) while it ran
         self._adopt = adopt
         self._adopt_interval_s = adopt_interval_s
         #: Whether this node adopts gone nodes' jobs (it holds the escalation lease); see :meth:`adopt_now`.
@@ -148,6 +150,7 @@ class PushDispatcher:
         if self._closed or job.job_id <= self._read_up_to:
             return  # shutting down (the job stays pending, sent at the next start), or read back already
         if len(self._queue) >= self._max_queued or self._skipped_after is not None:
+            self._skipped_while_reading = self._reading  # then read again, after what that read returns
             if self._skipped_after is None:
                 self._skipped_after = job.job_id - 1
                 self.overflows += 1
@@ -214,12 +217,19 @@ class PushDispatcher:
             if self._closed:
                 return
             if self._skipped_after is not None and self._read_pending is not None:
-                after, self._skipped_after = self._skipped_after, None
-                jobs = await trio.to_thread.run_sync(self._read_pending, after, self._max_queued)
+                # Offers stay skipped while the read runs (``_skipped_after`` is kept): a job committed
+                # meanwhile may be in what it returns, and would be queued twice. Those skipped during the
+                # read that it missed (committed after it looked) are read next, after its last id.
+                after = self._skipped_after
+                self._reading, self._skipped_while_reading = True, False
+                try:
+                    jobs = await trio.to_thread.run_sync(self._read_pending, after, self._max_queued)
+                finally:
+                    self._reading = False
                 if jobs:
                     self._read_up_to = max(self._read_up_to, jobs[-1].job_id)
-                    if len(jobs) >= self._max_queued:
-                        self._skipped_after = jobs[-1].job_id  # more wait: read on after this page
+                more = len(jobs) >= self._max_queued or self._skipped_while_reading
+                self._skipped_after = (jobs[-1].job_id if jobs else after) if more else None
                 self._queue.extend(jobs)
                 continue
             self._queued = trio.Event()

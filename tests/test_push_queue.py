@@ -52,3 +52,46 @@ async def test_jobs_past_the_queue_bound_wait_in_the_outbox_and_are_each_sent_on
     keys = sorted(int(headers["idempotency-key"].rsplit("-", 1)[1]) for headers, _ in gateway.requests)
     assert keys == list(range(1, 13))  # every job once, none lost, none twice
     assert dispatcher.statistics() == type(held)(queued=0, sent=12, failed=0, overflows=1)
+
+
+async def test_a_job_offered_while_the_outbox_is_read_back_is_sent_once(tmp_path: Path) -> None:
+    """The engine commits and offers a job while the dispatcher reads the outbox back (on a worker thread):
+    whether that read returns it or not, it goes out once."""
+    store = Store(tmp_path / "outbox.sqlite3", synchronous="NORMAL")
+    store.open()
+    clock = EngineClock()
+    payload = {"title": "t", "region": "Jeju-si", "data": {}}
+    jobs = [PushJob(i, f"local{i}", "new_question_notification", False, payload, clock.now_ms()) for i in range(1, 7)]
+    store.apply([EnqueuePush(job) for job in jobs[:4]])
+    gateway = FakeGateway(200)
+    reads: list[tuple[int, int]] = []
+
+    def read_pending(after: int, limit: int) -> list[PushJob]:
+        reads.append((after, limit))
+        if len(reads) == 1:  # job 5 committed before this read looks, job 6 after it: both offered during it
+            trio.from_thread.run_sync(lambda: (store.apply([EnqueuePush(jobs[4])]), dispatcher.offer(jobs[4])))
+            found = store.pending_push_jobs(after, limit)
+            trio.from_thread.run_sync(lambda: (store.apply([EnqueuePush(jobs[5])]), dispatcher.offer(jobs[5])))
+            return found
+        return store.pending_push_jobs(after, limit)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            settings = EscalationSettings(push_url=f"http://127.0.0.1:{gateway.port}/push")
+            dispatcher = PushDispatcher(
+                settings, lambda o: store.apply(o.writes), clock, read_pending=read_pending, max_queued=3
+            )
+            for job in jobs[:4]:
+                dispatcher.offer(job)  # the 4th overflows
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(20):
+                await dispatcher.wait_sent(6)
+            dispatcher.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+    keys = sorted(int(headers["idempotency-key"].rsplit("-", 1)[1]) for headers, _ in gateway.requests)
+    assert keys == [1, 2, 3, 4, 5, 6]
+    assert reads == [(3, 3), (5, 3)]  # read again after the first read's last id: job 6 was skipped during it
