@@ -59,12 +59,14 @@ def push_body(job: PushJob) -> dict[str, Any]:
 
 @attrs.frozen
 class PushStatistics:
-    """The dispatcher's state: jobs queued in memory, sent, failed, and times the queue was full."""
+    """The dispatcher's state: jobs queued in memory, sent, failed, times the queue was full, and jobs dropped
+    (cancelled: their question or answer taken down, or their target banned)."""
 
     queued: int
     sent: int
     failed: int
     overflows: int
+    dropped: int = 0
 
 
 class PushDispatcher:
@@ -127,9 +129,12 @@ class PushDispatcher:
         self.failed = 0
         self.overflows = 0
         self._settled = trio.Event()  # set, then replaced, each time a job is sent or fails
+        #: Jobs being delivered, by id (alerts, id 0, are not), each with the scope ``drop`` cancels.
+        self._in_flight: dict[int, tuple[PushJob, trio.CancelScope]] = {}
+        self.dropped = 0
 
     def statistics(self) -> PushStatistics:
-        return PushStatistics(queued=len(self._queue), sent=self.sent, failed=self.failed, overflows=self.overflows)
+        return PushStatistics(len(self._queue), self.sent, self.failed, self.overflows, self.dropped)
 
     async def wait_sent(self, count: int) -> None:
         """Return once ``count`` jobs have been sent since start-up."""
@@ -192,6 +197,24 @@ class PushDispatcher:
             self._adopt_wakeup = trio.Event()
             with trio.move_on_after(self._adopt_interval_s):
                 await self._adopt_wakeup.wait()
+
+    def drop(self, question_id: str = "", answer_id: str = "", user_id: str = "") -> None:
+        """Drop the jobs held here about a question (or one of its answers), or to a user: a commit cancelled
+        them in the outbox (``CancelPushes``). A job between attempts makes no more, and records nothing."""
+
+        def dropped(job: PushJob) -> bool:
+            return (
+                (not question_id or job.question_id == question_id)
+                and (not answer_id or job.answer_id == answer_id)
+                and (not user_id or job.user_id == user_id)
+            )
+
+        kept = deque(job for job in self._queue if not dropped(job))
+        self.dropped += len(self._queue) - len(kept)
+        self._queue = kept
+        for job, scope in self._in_flight.values():
+            if dropped(job):
+                scope.cancel()  # between attempts, or during one: no more, and nothing recorded
 
     def alert_now(self, kind: str, data: dict[str, Any]) -> None:
         """POST an operators' alert to the alert webhook now, outside the outbox.
@@ -266,8 +289,15 @@ class PushDispatcher:
 
     async def _deliver(self, client: httpx.AsyncClient, limiter: trio.Semaphore, job: PushJob) -> None:
         try:
-            await self._deliver_held(client, job)
+            with trio.CancelScope() as scope:
+                if job.job_id:
+                    self._in_flight[job.job_id] = (job, scope)
+                await self._deliver_held(client, job)
+            if scope.cancelled_caught:
+                self.dropped += 1
+                self._settle()
         finally:
+            self._in_flight.pop(job.job_id, None)
             limiter.release()
 
     async def _deliver_held(self, client: httpx.AsyncClient, job: PushJob) -> None:

@@ -57,6 +57,7 @@ from .core import (
     Connected,
     CountAnswer,
     Disconnected,
+    DropPushes,
     Engine,
     EscalationDue,
     Event,
@@ -650,6 +651,8 @@ class ClientServer:
                 self.metrics.observe(action.metric, (self.clock.now_ms() - action.since_ms) / 1000, action.label)
             elif isinstance(action, Push):
                 self.pushes.offer(action.job)
+            elif isinstance(action, DropPushes):
+                self.pushes.drop(action.question_id, action.answer_id, action.user_id)
             elif isinstance(action, Alert):
                 self.pushes.alert_now(action.kind, action.data)
             elif isinstance(action, BlockAddresses):

@@ -7,6 +7,7 @@ import sqlite3
 from typing import Any
 
 import h11
+import pytest
 import trio
 
 from .conftest import Harness, question_data
@@ -120,3 +121,49 @@ async def test_without_a_url_jobs_are_only_recorded(start_server, db_path) -> No
         rows = conn.execute("SELECT user_id, status, attempts FROM push_outbox").fetchall()
     assert rows == [("sleeper", "pending", 0)]
     assert h.running.pushes.sent == 0
+
+
+@pytest.mark.parametrize("takedown", ["hide_question", "delete_question", "hide_answer", "ban_target"])
+async def test_a_push_taken_down_before_it_leaves_is_cancelled(start_server, nursery, db_path, takedown) -> None:  # type: ignore[no-untyped-def]
+    """The gateway fails the first attempt; before the retry, the question (or the answer) is hidden or
+    deleted, or the target banned: no retry, the job is 'cancelled', and no restart sends it."""
+    gateway = FakeGateway(503)
+    await nursery.start(gateway.serve)
+    url = f"http://127.0.0.1:{gateway.port}/push"
+    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": url, "push_backoff_s": 60.0})
+    await _offline_local_with_home(h)
+    async with h.connect("spammer") as asker:
+        qid = (await asker.request("create_question", question_data(location=HALL)))["question"]["question_id"]
+    # The asker's app is in the background: an answer is pushed.
+    async with h.connect("answerer") as answerer, h.connect("ops", admin=True) as admin:
+        if takedown == "hide_answer":
+            reply = await answerer.request("create_answer", {"question_id": qid, "content": "the jerk's car"})
+        with trio.fail_after(10):
+            while len(gateway.requests) < (2 if takedown == "hide_answer" else 1):  # noqa: ASYNC110 - 503 first
+                await trio.sleep(0.01)
+        gateway.status = 200
+        if takedown == "hide_question":
+            await admin.request("hide_question", {"id": qid, "reason": "spam"})
+        elif takedown == "hide_answer":
+            await admin.request("hide_answer", {"id": reply["answer"]["answer_id"], "reason": "abuse"})
+        elif takedown == "ban_target":
+            await admin.request("ban_user", {"user_id": "sleeper", "reason": "spam"})
+        else:
+            async with h.connect("spammer") as asker:
+                await asker.request("delete_question", {"question_id": qid})
+        with trio.fail_after(10):
+            while h.running.pushes.statistics().dropped < 1:  # noqa: ASYNC110 - the retry, 60 s away, dropped now
+                await trio.sleep(0.01)
+    requests = len(gateway.requests)
+    await h.running.aclose()
+    with sqlite3.connect(db_path) as conn:
+        rows = dict(conn.execute("SELECT kind, status FROM push_outbox").fetchall())
+    if takedown == "hide_answer":  # the answer's push is cancelled, the question's alert is not
+        assert rows == {"new_question_notification": "pending", "answer_notification": "cancelled"}
+    else:
+        assert rows == {"new_question_notification": "cancelled"}
+    h2 = await start_server(escalation={"stages": ONE_STAGE, "push_url": url})
+    with trio.fail_after(10):
+        await h2.running.pushes.wait_sent(1 if takedown == "hide_answer" else 0)  # the alert only
+    await h2.running.aclose()
+    assert len(gateway.requests) == requests + (1 if takedown == "hide_answer" else 0)

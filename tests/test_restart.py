@@ -139,6 +139,10 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             ALTER TABLE users DROP COLUMN ban_reason;
             DROP TABLE signin_codes_used;
             ALTER TABLE push_outbox DROP COLUMN node_id;
+            DROP INDEX push_pending_by_question;
+            DROP INDEX push_pending_by_user;
+            ALTER TABLE push_outbox DROP COLUMN question_id;
+            ALTER TABLE push_outbox DROP COLUMN answer_id;
             PRAGMA user_version = 3;
             """
         )

@@ -13,6 +13,7 @@ from dongne.core.effects import (
     AddPoints,
     AppendAudit,
     AppendEvent,
+    CancelPushes,
     CloseOnce,
     CountAnswer,
     DeleteIpBlock,
@@ -342,3 +343,27 @@ def test_urls_in_logs_and_errors_carry_no_password() -> None:
         == "postgres://u:***@h/d?sslmode=require&password=***&a=b"
     )
     assert redact("postgresql:///dongne?host=/run/postgresql") == "postgresql:///dongne?host=/run/postgresql"
+
+
+def test_a_take_down_or_a_ban_cancels_the_pending_push_jobs_about_it(store: Storage, db: Path | str) -> None:
+    """``CancelPushes`` by question, by question and answer, or by target user: only pending rows change."""
+
+    def job(i: int, user: str, question: str, answer: str = "") -> EnqueuePush:
+        return EnqueuePush(
+            PushJob(i, user, "answer_notification", False, {}, 5, question_id=question, answer_id=answer)
+        )
+
+    store.apply([job(1, "u1", "q1"), job(2, "u2", "q1", "a1"), job(3, "u2", "q2", "a2"), job(4, "u3", "q2", "a3")])
+    store.apply([SavePushStatus(4, "sent", 1, None, 6)])
+    store.apply([CancelPushes(7, question_id="q2", answer_id="a2"), job(5, "u4", "q3")])
+    store.apply([CancelPushes(8, user_id="u4"), CancelPushes(8, question_id="q1"), job(6, "u5", "q1")])
+
+    assert db_rows(db, "SELECT job_id, status, updated_at FROM push_outbox ORDER BY job_id") == [
+        (1, "cancelled", 8),
+        (2, "cancelled", 8),
+        (3, "cancelled", 7),
+        (4, "sent", 6),
+        (5, "cancelled", 8),
+        (6, "cancelled", 8),  # made in the commit that cancels its question's: cancelled too
+    ]
+    assert store.pending_push_jobs(0, 10) == []

@@ -26,11 +26,13 @@ __all__ = [
     "AppendEvent",
     "BlockAddresses",
     "CancelEscalation",
+    "CancelPushes",
     "Close",
     "CloseOnce",
     "CountAnswer",
     "DeleteIpBlock",
     "DeliverAnswer",
+    "DropPushes",
     "EnqueuePush",
     "Note",
     "Observe",
@@ -279,6 +281,17 @@ class SavePushStatus:
 
 
 @attrs.frozen
+class CancelPushes:
+    """Mark ``cancelled`` the pending push jobs of a question (of one of its answers, if ``answer_id``), or to a
+    user: what was taken down, or who was banned, is not pushed (not even after a restart)."""
+
+    at: int
+    question_id: str = ""
+    answer_id: str = ""
+    user_id: str = ""
+
+
+@attrs.frozen
 class RoomNews:
     """A room event that follows this commit, for the question's room members on other nodes (several nodes,
     ``store/CLUSTER.md``): announced inside the commit, so only if it succeeds (PostgreSQL with news on;
@@ -303,6 +316,7 @@ Write = (
     | SaveNotified
     | EnqueuePush
     | SavePushStatus
+    | CancelPushes
     | AppendAudit
     | SaveReport
     | SaveIpBlock
@@ -404,6 +418,15 @@ class Push:
 
 
 @attrs.frozen
+class DropPushes:
+    """Tell the push dispatcher to drop the jobs it holds that ``CancelPushes`` with these keys cancels."""
+
+    question_id: str = ""
+    answer_id: str = ""
+    user_id: str = ""
+
+
+@attrs.frozen
 class Alert:
     """POST an operators' alert to the alert webhook now, outside the outbox (it may be the outbox that fails)."""
 
@@ -444,6 +467,7 @@ Action = (
     | StartEscalation
     | CancelEscalation
     | Push
+    | DropPushes
     | Alert
     | BlockAddresses
     | Observe

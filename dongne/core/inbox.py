@@ -13,7 +13,17 @@ from typing import Any
 import attrs
 
 from .connections import Call
-from .effects import AppendEvent, DeliverAnswer, EnqueuePush, OutcomeBuilder, Push, SaveAnswer, SaveUser
+from .effects import (
+    AppendEvent,
+    CancelPushes,
+    DeliverAnswer,
+    DropPushes,
+    EnqueuePush,
+    OutcomeBuilder,
+    Push,
+    SaveAnswer,
+    SaveUser,
+)
 from .fanout import StageAlerts
 from .freshness import Freshness
 from .protocol import durable_event, event
@@ -192,6 +202,7 @@ class Inbox:
     ) -> None:
         """A job for the push outbox (committed with ``out``), then for the dispatcher."""
         self._push_seq += 1
+        answer = data.get("answer_id") or (data.get("answer") or {}).get("answer_id") or ""
         job = PushJob(
             job_id=self._push_seq,
             user_id=user_id,
@@ -199,6 +210,25 @@ class Inbox:
             urgent=question.urgency == "urgent",
             payload={"title": question.title, "region": question.region, "data": data},
             created_at=now,
+            question_id=question.question_id,
+            answer_id=answer,
         )
         out.write(EnqueuePush(job))
         out.act(Push(job))
+
+    def cancel_pushes(
+        self,
+        now: int,
+        out: OutcomeBuilder,
+        *,
+        question_id: str = "",
+        answer_id: str = "",
+        user_id: str = "",
+        commit: bool = True,
+    ) -> None:
+        """No push about a question (or one of its answers), or to a user, leaves any more: the pending jobs
+        are cancelled in ``out``'s commit (unless ``commit`` is False: another node committed it), and the
+        dispatcher drops those it holds, queued or between attempts."""
+        if commit:
+            out.write(CancelPushes(now, question_id, answer_id, user_id))
+        out.act(DropPushes(question_id, answer_id, user_id))

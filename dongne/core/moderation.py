@@ -25,6 +25,7 @@ from .deadlines import Deadlines
 from .effects import (
     AppendAudit,
     BlockAddresses,
+    CancelPushes,
     Close,
     CountAnswer,
     DeleteIpBlock,
@@ -206,6 +207,7 @@ class Moderation:
         out.write(SaveUser(attrs.evolve(target), changed={"ban"}))
         out.write(AppendAudit(now, call.user.user_id, "ban_user", target.user_id, reason))
         out.note("user_banned", user=target.user_id, admin=call.user.user_id, until=until)
+        out.write(CancelPushes(now, user_id=target.user_id))  # none of what waits for them is pushed
         self.ban_in_force(target, now, out)
 
     def ban_in_force(self, target: User, now: int, out: OutcomeBuilder) -> None:
@@ -220,6 +222,7 @@ class Moderation:
                 conn.phase = ConnPhase.CLOSING
                 out.act(Close(conn_id, code, why))
         self._stop_escalating(target.user_id, now, out)
+        self._inbox.cancel_pushes(now, out, user_id=target.user_id, commit=False)  # the queue here (_ban commits)
 
     def ban_will_end(self, user: User, now: int) -> None:
         """A timed ban in force: its local is one again when it ends (``bans_ended``)."""

@@ -464,6 +464,7 @@ class Questions:
         self._end(question, out)
         self._withdraw(question.question_id)
         self._inbox.untrack(question.asker_id, question.question_id)  # no receipt for what is gone
+        self._inbox.cancel_pushes(now, out, question_id=question.question_id)  # nor a push of its title
         out.write(SaveQuestion(attrs.evolve(question)))
         out.send(
             self._presence.others(question.question_id, except_conn=except_conn),
@@ -490,6 +491,7 @@ class Questions:
         self._answers.get(question.question_id, {}).pop(answer.answer_id, None)
         self._answer_homes.pop(answer.answer_id, None)
         self._inbox.untrack(question.asker_id, question.question_id, answer.answer_id)  # no receipt for it
+        self._inbox.cancel_pushes(now, out, question_id=question.question_id, answer_id=answer.answer_id)
         if question.question_id in self._questions:
             self.touched(question.question_id, now)  # the answer's time is not in memory any more
         question.answer_count = max(0, question.answer_count - 1)

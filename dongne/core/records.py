@@ -202,7 +202,9 @@ class PushJob:
     payload: dict[str, Any]
     created_at: int
     attempts: int = 0
-    status: str = "pending"  # pending | sent | failed | expired
+    status: str = "pending"  # pending | sent | failed | expired | cancelled
+    question_id: str = ""  # the question it is about (every kind is about one)
+    answer_id: str = ""  # the answer it carries, if any
 
 
 @attrs.frozen

@@ -148,7 +148,7 @@ PG_MIGRATIONS: list[str] = [
         kind        text NOT NULL,
         urgent      integer NOT NULL,
         payload     bytea NOT NULL,                 -- msgpack map
-        status      text NOT NULL,                  -- pending | sent | failed | expired
+        status      text NOT NULL,                  -- pending | sent | failed | expired | cancelled
         attempts    integer NOT NULL,
         last_error  text,
         created_at  bigint NOT NULL,
@@ -324,6 +324,13 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE push_outbox ADD COLUMN node_id text COLLATE "C" NOT NULL DEFAULT '';
     CREATE INDEX push_pending_by_node ON push_outbox (node_id, job_id) WHERE status = 'pending';
+    """,
+    # 11: as SQLite's 11: the question (and answer) each push job is about, to cancel its pending jobs.
+    """
+    ALTER TABLE push_outbox ADD COLUMN question_id text COLLATE "C" NOT NULL DEFAULT '';
+    ALTER TABLE push_outbox ADD COLUMN answer_id text COLLATE "C" NOT NULL DEFAULT '';
+    CREATE INDEX push_pending_by_question ON push_outbox (question_id, answer_id) WHERE status = 'pending';
+    CREATE INDEX push_pending_by_user ON push_outbox (user_id) WHERE status = 'pending';
     """,
 ]
 

@@ -65,13 +65,13 @@ def user_from(r: Sequence[Any]) -> User:
 
 
 #: The columns ``push_from`` reads, in its order.
-PUSH_COLS = "job_id, user_id, kind, urgent, payload, created_at, attempts, status"
+PUSH_COLS = "job_id, user_id, kind, urgent, payload, created_at, attempts, status, question_id, answer_id"
 
 
 def push_from(r: Sequence[Any]) -> PushJob:
     return PushJob(
         job_id=r[0], user_id=r[1], kind=r[2], urgent=bool(r[3]), payload=msgpack.unpackb(r[4], raw=False),
-        created_at=r[5], attempts=r[6], status=r[7],
+        created_at=r[5], attempts=r[6], status=r[7], question_id=r[8], answer_id=r[9],
     )  # fmt: skip
 
 

@@ -101,7 +101,7 @@ MIGRATIONS: list[str] = [
         kind        TEXT NOT NULL,
         urgent      INTEGER NOT NULL,
         payload     BLOB NOT NULL,          -- msgpack map
-        status      TEXT NOT NULL,          -- pending | sent | failed | expired
+        status      TEXT NOT NULL,          -- pending | sent | failed | expired | cancelled
         attempts    INTEGER NOT NULL,
         last_error  TEXT,
         created_at  INTEGER NOT NULL,
@@ -222,6 +222,14 @@ MIGRATIONS: list[str] = [
     # 10: the node that sends each push job: as PostgreSQL's 10 (one node here: always '').
     """
     ALTER TABLE push_outbox ADD COLUMN node_id TEXT NOT NULL DEFAULT '';
+    """,
+    # 11: the question (and answer) each push job is about: a take-down, or a ban of its target, marks its
+    # pending jobs 'cancelled' in the same commit. Jobs from before name none.
+    """
+    ALTER TABLE push_outbox ADD COLUMN question_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE push_outbox ADD COLUMN answer_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX push_pending_by_question ON push_outbox(question_id, answer_id) WHERE status = 'pending';
+    CREATE INDEX push_pending_by_user ON push_outbox(user_id) WHERE status = 'pending';
     """,
 ]
 

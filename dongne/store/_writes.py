@@ -26,6 +26,7 @@ from ..core.effects import (
     AddPoints,
     AppendAudit,
     AppendEvent,
+    CancelPushes,
     CloseOnce,
     CountAnswer,
     DeleteIpBlock,
@@ -420,6 +421,7 @@ def prepare_writes(
     rooms: list[RoomNews] = []
     pushes: list[PushJob] = []
     push_status: dict[int, SavePushStatus] = {}
+    push_cancels: list[CancelPushes] = []
     audit: list[AppendAudit] = []
     reports: dict[str, Report] = {}
     ip_blocks: dict[str, IpBlock | None] = {}  # None: deleted
@@ -462,6 +464,8 @@ def prepare_writes(
             pushes.append(item.job)
         elif isinstance(item, SavePushStatus):
             push_status[item.job_id] = item
+        elif isinstance(item, CancelPushes):
+            push_cancels.append(item)
         elif isinstance(item, AppendAudit):
             audit.append(item)
         elif isinstance(item, SaveReport):
@@ -643,13 +647,21 @@ def prepare_writes(
     keep("notified", "question_id, user_id, stage, distance_m, online, at", notified)
     batch.insert(
         "INSERT INTO push_outbox (job_id, user_id, kind, urgent, payload, status, attempts, last_error,"
-        " created_at, updated_at, node_id)",
+        " created_at, updated_at, node_id, question_id, answer_id)",
         [
             (j.job_id, j.user_id, j.kind, int(j.urgent), packb(j.payload), j.status, j.attempts, None,
-             j.created_at, j.created_at, news_from or "")  # the node that sends it (store/CLUSTER.md)
+             j.created_at, j.created_at, news_from or "", j.question_id, j.answer_id)  # node: CLUSTER.md
             for j in pushes
         ],
     )  # fmt: skip
+    for cancel in push_cancels:  # after the inserts: a job made in this commit is cancelled too
+        keys = [(c, v) for c, v in (("question_id", cancel.question_id), ("answer_id", cancel.answer_id),
+                                    ("user_id", cancel.user_id)) if v]  # fmt: skip
+        batch.many(
+            f"UPDATE push_outbox SET status = 'cancelled', updated_at = {mark} WHERE status = 'pending' AND "
+            + " AND ".join(f"{c} = {mark}" for c, _ in keys),
+            [(cancel.at, *(v for _, v in keys))],
+        )
     # A resolution updates the report's row (report ids are never reused);
     # the engine keeps one open report per user and item (reports_open_once).
     if reports:
