@@ -302,8 +302,9 @@ class PushDispatcher:
 
     async def _deliver_held(self, client: httpx.AsyncClient, job: PushJob) -> None:
         url = self.url_for(job)
-        if not url:
-            return  # no destination configured for this kind: recorded only
+        if not url:  # no destination for this kind (an alert, with no [alerts] webhook_url): settled as such
+            self._record(job, "unsent", job.attempts, "no URL configured")
+            return
         if self._clock.now_ms() - job.created_at > self.settings.push_max_age_s * 1000:
             self._record(job, "expired", job.attempts, "too old to send")
             return

@@ -95,3 +95,31 @@ async def test_a_job_offered_while_the_outbox_is_read_back_is_sent_once(tmp_path
     keys = sorted(int(headers["idempotency-key"].rsplit("-", 1)[1]) for headers, _ in gateway.requests)
     assert keys == [1, 2, 3, 4, 5, 6]
     assert reads == [(3, 3), (5, 3)]  # read again after the first read's last id: job 6 was skipped during it
+
+
+async def test_an_alert_job_with_no_webhook_is_settled_unsent(tmp_path: Path) -> None:
+    """A slow-response alert's job with ``push_url`` set but no alert webhook: recorded ``unsent``, not left
+    pending to be read again at every start."""
+    store = Store(tmp_path / "outbox.sqlite3", synchronous="NORMAL")
+    store.open()
+    clock = EngineClock()
+    job = PushJob(1, "", "slow_response_alert", False, {"title": "t", "region": "r", "data": {}}, clock.now_ms())
+    store.apply([EnqueuePush(job)])
+    recorded = trio.Event()
+
+    def submit(outcome: Outcome) -> None:
+        store.apply(outcome.writes)
+        recorded.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            settings = EscalationSettings(push_url="http://127.0.0.1:9/push")
+            dispatcher = PushDispatcher(settings, submit, clock, store.load(hot_since=0).pending_pushes)
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(10):
+                await recorded.wait()
+            dispatcher.close()
+        assert store.load(hot_since=0).pending_pushes == []
+        assert store._read("SELECT status, last_error FROM push_outbox") == [("unsent", "no URL configured")]
+    finally:
+        store.close()

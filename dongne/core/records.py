@@ -202,7 +202,7 @@ class PushJob:
     payload: dict[str, Any]
     created_at: int
     attempts: int = 0
-    status: str = "pending"  # pending | sent | failed | expired | cancelled
+    status: str = "pending"  # pending | sent | failed | expired | cancelled | unsent
     question_id: str = ""  # the question it is about (every kind is about one)
     answer_id: str = ""  # the answer it carries, if any
 

@@ -148,7 +148,7 @@ PG_MIGRATIONS: list[str] = [
         kind        text NOT NULL,
         urgent      integer NOT NULL,
         payload     bytea NOT NULL,                 -- msgpack map
-        status      text NOT NULL,                  -- pending | sent | failed | expired | cancelled
+        status      text NOT NULL,                  -- pending | sent | failed | expired | cancelled | unsent
         attempts    integer NOT NULL,
         last_error  text,
         created_at  bigint NOT NULL,

@@ -101,7 +101,7 @@ MIGRATIONS: list[str] = [
         kind        TEXT NOT NULL,
         urgent      INTEGER NOT NULL,
         payload     BLOB NOT NULL,          -- msgpack map
-        status      TEXT NOT NULL,          -- pending | sent | failed | expired | cancelled
+        status      TEXT NOT NULL,          -- pending | sent | failed | expired | cancelled | unsent
         attempts    INTEGER NOT NULL,
         last_error  TEXT,
         created_at  INTEGER NOT NULL,
