@@ -33,7 +33,7 @@ from .members import MemberSync
 from .ops import OpsApp
 from .pipeline import keep_wal_short
 from .positions import PositionSync
-from .push import PushDispatcher
+from .push import MAX_QUEUED, PushDispatcher
 from .runtime import collect_fully_every, watch_gc_pauses
 from .server import ClientServer
 from .snapshots import run_periodic_snapshots
@@ -200,7 +200,15 @@ async def _serve(
         started = time.perf_counter()
         alerts_since = clock.now_ms() - engine.where.ledger.window_ms  # the caps count the last hour's
         loaded = await trio.to_thread.run_sync(
-            functools.partial(store.load, hot_since=hot_since, alerts_since=alerts_since)
+            functools.partial(
+                store.load,
+                hot_since=hot_since,
+                alerts_since=alerts_since,
+                # Older pending push jobs are expired; the dispatcher queues at most MAX_QUEUED, and reads
+                # the rest of the outbox back once those are out.
+                pushes_since=clock.now_ms() - int(settings.escalation.push_max_age_s * 1000),
+                pushes=MAX_QUEUED,
+            )
         )
         startup = engine.load(loaded, clock.now_ms())
         log.info(

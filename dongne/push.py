@@ -7,8 +7,8 @@ notification they belong to, then handed here. Each job is POSTed as JSON to
 exponential backoff; the outcome (``sent`` / ``failed`` / ``expired``) is
 committed back through the pipeline. Pending jobs found at start-up are sent
 again, so a job may be delivered twice across a crash: the gateway gets an
-``Idempotency-Key`` header to drop repeats. With no URL configured the jobs
-stay recorded as ``pending`` and nothing is sent.
+``Idempotency-Key`` header to drop repeats. With no URL configured for a
+job's kind nothing is sent: the job is recorded ``unsent``.
 
 httpx is the HTTP client: it runs on trio natively and handles connection
 pooling, timeouts and TLS, which a push gateway on the internet needs.
@@ -16,6 +16,7 @@ pooling, timeouts and TLS, which a push gateway on the internet needs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -31,11 +32,13 @@ from .core.effects import Outcome, SavePushStatus
 from .core.records import PushJob
 from .store import StoreError
 
-__all__ = ["PushDispatcher", "PushStatistics", "push_body"]
+__all__ = ["MAX_QUEUED", "PushDispatcher", "PushStatistics", "push_body"]
 
 log = logging.getLogger("dongne.push")
 
 CONCURRENCY = 16
+#: The most jobs queued in memory, by default; start-up reads no more than this from the outbox.
+MAX_QUEUED = 10_000
 
 
 def _idempotency_key(job: PushJob) -> str:
@@ -60,13 +63,14 @@ def push_body(job: PushJob) -> dict[str, Any]:
 @attrs.frozen
 class PushStatistics:
     """The dispatcher's state: jobs queued in memory, sent, failed, times the queue was full, and jobs dropped
-    (cancelled: their question or answer taken down, or their target banned)."""
+    (cancelled: their question or answer taken down, or their target banned), and jobs with no URL."""
 
     queued: int
     sent: int
     failed: int
     overflows: int
     dropped: int = 0
+    unsent: int = 0  # recorded with no URL to send them to
 
 
 class PushDispatcher:
@@ -105,16 +109,18 @@ class PushDispatcher:
         adopt: Callable[[int], list[PushJob]] | None = None,
         adopt_interval_s: float = 10.0,
         alert_url: str = "",
-        max_queued: int = 10_000,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         self.settings = settings
         self._urls = {"slow_response_alert": alert_url, "storage_alert": alert_url}
-        self._queue: deque[PushJob] = deque(pending)
         self._max_queued = max_queued
+        self._queue: deque[PushJob] = deque(itertools.islice(pending, max_queued))
         self._queued = trio.Event()
         self._read_pending = read_pending
         self._skipped_after: int | None = None  # jobs after this id were left in the outbox
         self._read_up_to = 0  # the newest job read back from the outbox
+        if len(self._queue) >= max_queued:  # more may wait in the outbox: read them back once these are out
+            self._skipped_after = self._read_up_to = self._queue[-1].job_id
         self._reading = False  # a read of the outbox runs
         self._skipped_while_reading = False  # a job was offered (and skipped) while it ran
         self._adopt = adopt
@@ -132,9 +138,10 @@ class PushDispatcher:
         #: Jobs being delivered, by id (alerts, id 0, are not), each with the scope ``drop`` cancels.
         self._in_flight: dict[int, tuple[PushJob, trio.CancelScope]] = {}
         self.dropped = 0
+        self.unsent = 0
 
     def statistics(self) -> PushStatistics:
-        return PushStatistics(len(self._queue), self.sent, self.failed, self.overflows, self.dropped)
+        return PushStatistics(len(self._queue), self.sent, self.failed, self.overflows, self.dropped, self.unsent)
 
     async def wait_sent(self, count: int) -> None:
         """Return once ``count`` jobs have been sent since start-up."""
@@ -259,11 +266,8 @@ class PushDispatcher:
             await self._queued.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if not self.settings.push_url and not any(self._urls.values()):
-            self._queue.clear()  # nowhere to send them: they stay recorded in the outbox only
-            self._closed = True
-            task_status.started()
-            return
+        # With no URL at all the jobs still go through: each is recorded 'unsent' (settled), not left
+        # pending for every later start to read again.
         limiter = trio.Semaphore(CONCURRENCY)  # acquired by the loop, released by the delivery task
         async with httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client, trio.open_nursery() as nursery:
             task_status.started()
@@ -303,7 +307,9 @@ class PushDispatcher:
     async def _deliver_held(self, client: httpx.AsyncClient, job: PushJob) -> None:
         url = self.url_for(job)
         if not url:  # no destination for this kind (an alert, with no [alerts] webhook_url): settled as such
+            self.unsent += 1
             self._record(job, "unsent", job.attempts, "no URL configured")
+            self._settle()
             return
         if self._clock.now_ms() - job.created_at > self.settings.push_max_age_s * 1000:
             self._record(job, "expired", job.attempts, "too old to send")

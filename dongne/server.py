@@ -799,6 +799,23 @@ class ClientServer:
             if batch < self._inbox.prune_batch:
                 return deleted
 
+    async def prune_pushes(self) -> int:
+        """Delete the push jobs settled (sent, failed, expired, cancelled, unsent) more than ``[inbox]
+        retention_days`` ago, in bounded commits; returns how many. Pending ones stay (start-up expires the
+        old ones): the outbox keeps what is owed, and the recent history, not a row per push for good."""
+        cutoff = self.clock.now_ms() - int(self._inbox.retention_days * 86_400_000)
+        deleted = 0
+        while True:
+            try:
+                batch: int = await self.pipeline.run_between_commits(
+                    functools.partial(self.store.prune_pushes, cutoff, self._inbox.prune_batch)
+                )
+            except WriteFailed:
+                return deleted  # the storage supervisor deals with it; next round
+            deleted += batch
+            if batch < self._inbox.prune_batch:
+                return deleted
+
     async def _prune_periodically(self) -> None:
         if math.isinf(self._inbox.prune_interval_s):
             return
@@ -810,6 +827,9 @@ class ClientServer:
             alerts = await self.prune_alerts()
             if alerts:
                 log.info("alerts_pruned", extra={"alerts": alerts})
+            pushes = await self.prune_pushes()
+            if pushes:
+                log.info("push_jobs_pruned", extra={"jobs": pushes})
 
     # ---- storage faults ------------------------------------------------------------
 

@@ -112,14 +112,18 @@ async def test_failing_gateway_gets_three_attempts_then_failed(start_server, nur
 
 
 async def test_without_a_url_jobs_are_only_recorded(start_server, db_path) -> None:  # type: ignore[no-untyped-def]
+    """Recorded settled ('unsent'), not pending: no later start reads them again."""
     h = await start_server(escalation={"stages": ONE_STAGE})
     await _offline_local_with_home(h)
     async with h.connect("traveller") as asker:
         await asker.request("create_question", question_data(location=HALL))
+    with trio.fail_after(10):
+        while h.running.pushes.statistics().unsent < 1:  # noqa: ASYNC110 - the dispatcher's record
+            await trio.sleep(0.01)
     await h.running.aclose()
     with sqlite3.connect(db_path) as conn:
-        rows = conn.execute("SELECT user_id, status, attempts FROM push_outbox").fetchall()
-    assert rows == [("sleeper", "pending", 0)]
+        rows = conn.execute("SELECT user_id, status, attempts, last_error FROM push_outbox").fetchall()
+    assert rows == [("sleeper", "unsent", 0, "no URL configured")]
     assert h.running.pushes.sent == 0
 
 

@@ -123,3 +123,50 @@ async def test_an_alert_job_with_no_webhook_is_settled_unsent(tmp_path: Path) ->
         assert store._read("SELECT status, last_error FROM push_outbox") == [("unsent", "no URL configured")]
     finally:
         store.close()
+
+
+async def test_start_up_queues_at_most_the_bound_of_recent_jobs_and_old_ones_expire(tmp_path: Path) -> None:
+    """Start-up expires the pending jobs older than push_max_age_s, reads at most the queue's bound of the
+    others and pages through the rest; settled jobs past the retention are pruned."""
+    store = Store(tmp_path / "outbox.sqlite3", synchronous="NORMAL")
+    store.open()
+    clock = EngineClock()
+    now = clock.now_ms()
+    payload = {"title": "t", "region": "Jeju-si", "data": {}}
+    old = [
+        PushJob(i, f"l{i}", "new_question_notification", False, payload, now - 30 * 86_400_000) for i in range(1, 41)
+    ]
+    recent = [PushJob(i, f"l{i}", "new_question_notification", False, payload, now) for i in range(41, 53)]
+    store.apply([EnqueuePush(job) for job in old + recent])
+    gateway = FakeGateway(200)
+    settings = EscalationSettings(push_max_age_s=600.0)
+    try:
+        loaded = store.load(hot_since=now, pushes_since=now - 600_000, pushes=5)
+        assert [job.job_id for job in loaded.pending_pushes] == [41, 42, 43, 44, 45]
+        assert store._read("SELECT count(*) FROM push_outbox WHERE status = 'expired'") == [(40,)]
+        unbounded = PushDispatcher(settings, lambda o: None, clock, old + recent, max_queued=5)
+        assert unbounded.statistics().queued == 5  # whatever it is handed
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            settings = EscalationSettings(push_url=f"http://127.0.0.1:{gateway.port}/push", push_max_age_s=600.0)
+            dispatcher = PushDispatcher(
+                settings,
+                lambda o: store.apply(o.writes),
+                clock,
+                loaded.pending_pushes,
+                read_pending=store.pending_push_jobs,
+                max_queued=5,
+            )
+            await nursery.start(dispatcher.run)
+            with trio.fail_after(20):
+                await dispatcher.wait_sent(12)
+            dispatcher.close()
+            nursery.cancel_scope.cancel()
+        keys = sorted(int(headers["idempotency-key"].rsplit("-", 1)[1]) for headers, _ in gateway.requests)
+        assert keys == list(range(41, 53))
+        assert store.prune_pushes(now - 1, 30) == 30  # the expired ones, last changed at the load's cutoff
+        assert store.prune_pushes(now - 1, 30) == 10
+        assert store.prune_pushes(now - 1, 30) == 0  # the sent ones are recent
+        assert store._read("SELECT count(*) FROM push_outbox") == [(12,)]
+    finally:
+        store.close()

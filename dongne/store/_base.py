@@ -178,14 +178,19 @@ class SqlStore:
 
     # ---- reads -------------------------------------------------------------------
 
-    def load(self, *, hot_since: int, alerts_since: int | None = None) -> LoadedState:
+    def load(
+        self, *, hot_since: int, alerts_since: int | None = None, pushes_since: int | None = None, pushes: int = -1
+    ) -> LoadedState:
         """Everything the engine keeps in memory: all users, active questions
         and questions created since ``hot_since`` (ms), with their answers (the
         expired ones without: the engine only counts them, for its SLO, trending
         and hotspots, and delivers the answers their askers have not received),
         and the records of alerts for active questions and since ``hot_since``,
         or since ``alerts_since`` if that is earlier (each local's cap counts
-        the last hour's, whatever the hot set's length)."""
+        the last hour's, whatever the hot set's length). Of this node's pending
+        push jobs, those made before ``pushes_since`` are marked expired, and
+        at most ``pushes`` of the others read: the dispatcher queues no more
+        than its bound, and pages through the rest of the outbox."""
         users = [user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users")]
         # users.last_seq is only rewritten with the rest of the row; the inbox
         # (its heads, in PostgreSQL) holds the truth.
@@ -210,7 +215,9 @@ class SqlStore:
             notified.append((qid, uid, at))
             counts = per_stage.setdefault(qid, {})
             counts[stage] = counts.get(stage, 0) + 1
-        pending_pushes = self.pending_push_jobs(0, -1)  # all of them
+        if pushes_since is not None:
+            self.expire_push_jobs(pushes_since)
+        pending_pushes = self.pending_push_jobs(0, pushes)
         last_job = self._last_push_job_id()
         return LoadedState(
             users=users,
@@ -241,6 +248,35 @@ class SqlStore:
             (*(() if self.news_from is None else (self.news_from,)), after_job_id, limit if limit >= 0 else 2**62),
         )
         return [push_from(r) for r in rows]
+
+    def expire_push_jobs(self, before_ms: int) -> int:
+        """Mark ``expired`` this node's pending push jobs made before ``before_ms`` (too old to send); how many."""
+        mine = "" if self.news_from is None else " AND node_id = ?"
+        return self._write(
+            "expiring push jobs",
+            [
+                (
+                    "UPDATE push_outbox SET status = 'expired', last_error = 'too old to send', updated_at = ?"
+                    f" WHERE status = 'pending'{mine} AND created_at < ?",
+                    (before_ms, *(() if self.news_from is None else (self.news_from,)), before_ms),
+                )
+            ],
+        )[0]
+
+    def prune_pushes(self, before_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` settled push jobs last changed before ``before_ms`` (blocking: on a worker
+        thread); returns how many. Pending ones stay, whatever their age: a read at start-up expires them."""
+        return self._write(
+            "pruning push jobs",
+            [
+                (
+                    "DELETE FROM push_outbox WHERE job_id IN (SELECT job_id FROM push_outbox"
+                    " WHERE status IN ('sent', 'failed', 'expired', 'cancelled', 'unsent') AND updated_at < ?"
+                    " ORDER BY job_id LIMIT ?)",  # by push_by_status
+                    (before_ms, limit),
+                )
+            ],
+        )[0]
 
     def adopt_push_jobs(self, limit: int) -> list[PushJob]:
         """Take over at most ``limit`` pending push jobs of nodes gone from the cluster, oldest first, for

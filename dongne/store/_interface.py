@@ -138,9 +138,13 @@ class Storage(Protocol):
         """
         ...
 
-    def load(self, *, hot_since: int, alerts_since: int | None = None) -> LoadedState:
+    def load(
+        self, *, hot_since: int, alerts_since: int | None = None, pushes_since: int | None = None, pushes: int = -1
+    ) -> LoadedState:
         """Everything the engine keeps in memory (see ``LoadedState``); the records of alerts are read from
-        ``alerts_since`` if that is earlier than ``hot_since`` (the caps' window, with a short hot set)."""
+        ``alerts_since`` if that is earlier than ``hot_since`` (the caps' window, with a short hot set). Of
+        this node's pending push jobs, those made before ``pushes_since`` are marked ``expired`` (too old to
+        send), and at most ``pushes`` (negative: all) of the others are read, oldest first."""
         ...
 
     def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
@@ -190,6 +194,17 @@ class Storage(Protocol):
 
         Returns:
             The new oldest seq of each user who lost events.
+
+        Raises:
+            WriteFailed: nothing was deleted.
+        """
+        ...
+
+    def prune_pushes(self, before_ms: int, limit: int) -> int:
+        """Delete at most ``limit`` settled push jobs (not ``pending``) last changed before ``before_ms``.
+
+        Returns:
+            How many were deleted.
 
         Raises:
             WriteFailed: nothing was deleted.

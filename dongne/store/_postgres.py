@@ -396,10 +396,12 @@ class PostgresStore(SqlStore):
         """
         return int(self._read("SELECT nextval('push_job_blocks')")[0][0]) * PUSH_JOB_BLOCK
 
-    def load(self, *, hot_since: int, alerts_since: int | None = None) -> LoadedState:
+    def load(
+        self, *, hot_since: int, alerts_since: int | None = None, pushes_since: int | None = None, pushes: int = -1
+    ) -> LoadedState:
         """As ``SqlStore.load``; changes from here on are what :meth:`read_changes` reads first."""
         self._changes_from = self._snapshot_xmin()
-        return super().load(hot_since=hot_since, alerts_since=alerts_since)
+        return super().load(hot_since=hot_since, alerts_since=alerts_since, pushes_since=pushes_since, pushes=pushes)
 
     def _snapshot_xmin(self) -> str:
         """The oldest transaction still running (or the next one): every older one is committed or gone."""
