@@ -131,6 +131,7 @@ class PushDispatcher:
         self._submit = submit
         self._clock = clock
         self._closed = False
+        self._finished = trio.Event()  # run() has returned: no delivery is under way
         self.sent = 0
         self.failed = 0
         self.overflows = 0
@@ -195,7 +196,7 @@ class PushDispatcher:
         return len(jobs)
 
     async def _adopt_periodically(self) -> None:
-        while True:
+        while not self._closed:
             if self.adopting:
                 try:
                     await self.adopt_pending()
@@ -236,13 +237,19 @@ class PushDispatcher:
         self._queued.set()
 
     def close(self) -> None:
-        """Stop taking jobs; ``run`` returns once the queue is handed out."""
+        """Stop taking jobs and starting deliveries; ``run`` returns once those under way have ended (the
+        jobs still queued stay pending in the outbox, for the next start)."""
         self._closed = True
         self._queued.set()
+        self._adopt_wakeup.set()
+
+    async def wait_finished(self) -> None:
+        """Return once ``run`` has returned after :meth:`close`: every delivery under way ended, and recorded."""
+        await self._finished.wait()
 
     async def _jobs(self) -> AsyncIterator[PushJob]:
         while True:
-            while self._queue:
+            while self._queue and not self._closed:
                 yield self._queue.popleft()
             if self._closed:
                 return
@@ -269,18 +276,27 @@ class PushDispatcher:
         # With no URL at all the jobs still go through: each is recorded 'unsent' (settled), not left
         # pending for every later start to read again.
         limiter = trio.Semaphore(CONCURRENCY)  # acquired by the loop, released by the delivery task
-        async with httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client, trio.open_nursery() as nursery:
-            task_status.started()
-            if self._adopt is not None:
-                nursery.start_soon(self._adopt_periodically)
-            async for job in self._jobs():
-                # A delivery slot first: jobs wait in the bounded queue (and
-                # the outbox past it), not in tasks, while the gateway is slow.
-                await limiter.acquire()
-                nursery.start_soon(self._deliver, client, limiter, job)
-            # The server is shutting down: jobs still in flight stay
-            # pending in the outbox and are sent again at the next start.
-            nursery.cancel_scope.cancel()
+        try:
+            async with (
+                httpx.AsyncClient(timeout=self.settings.push_timeout_s) as client,
+                trio.open_nursery() as nursery,
+            ):
+                task_status.started()
+                if self._adopt is not None:
+                    nursery.start_soon(self._adopt_periodically)
+                async for job in self._jobs():
+                    # A delivery slot first: jobs wait in the bounded queue (and
+                    # the outbox past it), not in tasks, while the gateway is slow.
+                    await limiter.acquire()
+                    if self._closed:
+                        limiter.release()
+                        break
+                    nursery.start_soon(self._deliver, client, limiter, job)
+                # Closed (the server is shutting down): deliveries under way end on their own, recorded (one sent
+                # again at the next start would reach the gateway twice), unless the shutdown's deadline comes
+                # first. No new attempt starts; what is left stays pending in the outbox.
+        finally:
+            self._finished.set()
 
     def _record(self, job: PushJob, status: str, attempts: int, error: str | None) -> None:
         if job.job_id == 0:
@@ -317,6 +333,8 @@ class PushDispatcher:
         attempts = job.attempts
         error: str | None = None
         while attempts < self.settings.push_attempts:
+            if attempts > job.attempts and self._closed:
+                return  # shutting down: no new attempt; pending in the outbox for the next start
             if attempts > job.attempts:
                 await trio.sleep(self.settings.push_backoff_s * 2 ** (attempts - job.attempts - 1))
             attempts += 1

@@ -274,11 +274,14 @@ class ClientServer:
                 for conn in list(self.conns.values()):
                     conn.close(1001, "server shutting down")
                 conn_nursery.cancel_scope.deadline = deadline
+            # No new push delivery; those under way end, recorded, within the same deadline.
+            self.pushes.close()
+            with trio.move_on_at(deadline):
+                await self.pushes.wait_finished()
             with trio.move_on_at(deadline) as flush:
                 await self.pipeline.wait_idle()
             if flush.cancelled_caught:  # pragma: no cover - a commit stuck for seconds
                 log.warning("shutdown: pipeline did not drain in time")
-            self.pushes.close()
             nursery.cancel_scope.cancel()
 
     def _gauges(self) -> dict[str, Any]:

@@ -19,8 +19,9 @@ ONE_STAGE = [{"name": "QUICK", "offset_s": 0.0, "radius_m": 5000.0, "audience": 
 class FakeGateway:
     """A push gateway on 127.0.0.1 that records each POST and answers with ``status``."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, delay_s: float = 0.0) -> None:
         self.status = status
+        self.delay_s = delay_s  # how long it takes to answer each POST
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.port = 0
 
@@ -50,6 +51,8 @@ class FakeGateway:
                         elif isinstance(ev, h11.Data):
                             body += ev.data
                     self.requests.append((headers, json.loads(body)))
+                    if self.delay_s:
+                        await trio.sleep(self.delay_s)
                     reply = conn.send(h11.Response(status_code=self.status, headers=[("content-length", "2")]))
                     await stream.send_all(reply + conn.send(h11.Data(data=b"{}")) + conn.send(h11.EndOfMessage()))
                     conn.start_next_cycle()
@@ -171,3 +174,24 @@ async def test_a_push_taken_down_before_it_leaves_is_cancelled(start_server, nur
         await h2.running.pushes.wait_sent(1 if takedown == "hide_answer" else 0)  # the alert only
     await h2.running.aclose()
     assert len(gateway.requests) == requests + (1 if takedown == "hide_answer" else 0)
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_graceful_stop_lets_a_push_under_way_finish_and_records_it(start_server, nursery, db_path) -> None:  # type: ignore[no-untyped-def]
+    """A push the gateway is answering when the server is told to stop is waited for (within the shutdown's
+    bound) and recorded as sent: not sent again at the next start (PROTOCOL.md: a job is resent only after a
+    crash)."""
+    gateway = FakeGateway(200, delay_s=0.5)
+    await nursery.start(gateway.serve)
+    url = f"http://127.0.0.1:{gateway.port}/push"
+    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": url})
+    await _offline_local_with_home(h)
+    async with h.connect("traveller") as asker:
+        await asker.request("create_question", question_data(location=HALL))
+    with trio.fail_after(10):
+        while not gateway.requests:  # noqa: ASYNC110 - another server's POST: no event to wait on
+            await trio.sleep(0.01)
+    await h.running.aclose()  # the gateway's 200 is half a second away
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT status FROM push_outbox").fetchall() == [("sent",)]
+    assert len(gateway.requests) == 1
