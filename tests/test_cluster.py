@@ -573,7 +573,7 @@ async def test_each_node_sends_its_own_push_jobs_and_one_adopts_those_of_a_node_
         # A node starting reads only its own pending jobs.
         assert [j.job_id for j in a.load(hot_since=0).pending_pushes] == [j.job_id for j in a_jobs]
         assert [j.job_id for j in b.pending_push_jobs(0, 10)] == [j.job_id for j in b_jobs]
-        assert a.adopt_push_jobs(10) == []  # B is alive: it sends its own
+        assert a.adopt_push_jobs(10, 0) == []  # B is alive: it sends its own
 
         gateway = FakeGateway(200)
         async with trio.open_nursery() as nursery:
@@ -602,7 +602,7 @@ async def test_each_node_sends_its_own_push_jobs_and_one_adopts_those_of_a_node_
 
             link.leave("node-b")  # type: ignore[attr-defined]
             assert await pushes.adopt_pending() == 2
-            assert a.adopt_push_jobs(10) == []  # once
+            assert a.adopt_push_jobs(10, 0) == []  # once
             with trio.fail_after(10):
                 await pushes.wait_sent(7)
             pushes.close()

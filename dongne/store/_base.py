@@ -278,7 +278,7 @@ class SqlStore:
             ],
         )[0]
 
-    def adopt_push_jobs(self, limit: int) -> list[PushJob]:
+    def adopt_push_jobs(self, limit: int, since_ms: int) -> list[PushJob]:
         """Take over at most ``limit`` pending push jobs of nodes gone from the cluster, oldest first, for
         this node to send (the lease holder's task; CLUSTER.md). SQLite: one node, none to adopt."""
         return []

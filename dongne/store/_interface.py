@@ -152,7 +152,7 @@ class Storage(Protocol):
         oldest first."""
         ...
 
-    def adopt_push_jobs(self, limit: int) -> list[PushJob]:
+    def adopt_push_jobs(self, limit: int, since_ms: int) -> list[PushJob]:
         """Take over at most ``limit`` pending push jobs of nodes gone from the cluster (``SqlStore``)."""
         ...
 

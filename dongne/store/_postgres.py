@@ -340,20 +340,26 @@ class PostgresStore(SqlStore):
                 oldest[user] = int(row[0])
         return oldest
 
-    def adopt_push_jobs(self, limit: int) -> list[PushJob]:
+    def adopt_push_jobs(self, limit: int, since_ms: int) -> list[PushJob]:
         """Take over at most ``limit`` pending push jobs of nodes gone from ``cluster_nodes`` (stopped, or
         expired), oldest first: their ``node_id`` becomes ``'<this node> adopted'``, in one statement, so no
         other node takes them too, and this node's own read-back (``node_id`` its own) never meets them: their
         ids are another node's block, which must not move its cursor. Should this node go too, they are
-        adopted again. A job the gone node had POSTed but not recorded is sent again (``Idempotency-Key``)."""
+        adopted again. A job the gone node had POSTed but not recorded is sent again (``Idempotency-Key``).
+        Their jobs made before ``since_ms`` can no longer be sent: they are marked ``expired`` instead."""
         if self.news_from is None or limit <= 0:
             return []
+        gone = "split_part(node_id, ' ', 1) NOT IN (SELECT node_id FROM cluster_nodes)"
         with self._transaction("adopting push jobs") as conn:
+            conn.execute(
+                "UPDATE push_outbox SET status = 'expired', last_error = 'too old to send', updated_at = %(since)s"
+                f" WHERE status = 'pending' AND node_id <> %(me)s AND created_at < %(since)s AND {gone}",
+                {"me": self.news_from, "since": since_ms},
+            )
             rows = conn.execute(
                 f"UPDATE push_outbox SET node_id = %(adopted)s WHERE job_id IN (SELECT job_id FROM push_outbox"
                 " WHERE status = 'pending' AND node_id <> %(me)s AND node_id <> %(adopted)s"
-                " AND split_part(node_id, ' ', 1) NOT IN (SELECT node_id FROM cluster_nodes)"
-                " ORDER BY job_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                f" AND {gone} ORDER BY job_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
                 f" RETURNING {PUSH_COLS}",
                 {"me": self.news_from, "adopted": f"{self.news_from} adopted", "limit": limit},
             ).fetchall()
