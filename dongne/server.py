@@ -198,6 +198,9 @@ class ClientServer:
         # for the rebuild then, and what they decide is refused until it is done (_on_message).
         self._reload_settled = trio.Event()
         self._reload_settled.set()
+        # Requests being handled (a store read may hold one for a while): a shutdown decides them before its 1001.
+        self._handling = 0
+        self._all_handled = trio.Event()
         # Writes taken again on trial after the probe committed: set at the next commit, or failure.
         self._trial = trio.Event()
         self._trial.set()
@@ -268,6 +271,9 @@ class ClientServer:
                 # nothing would ask again: a second question). Then every client gets 1001. All bounded.
                 deadline = trio.current_time() + self.settings.shutdown_timeout_s
                 with trio.move_on_at(deadline):
+                    if self._handling:  # requests read before, still waiting for a store read: decided first
+                        self._all_handled = trio.Event()
+                        await self._all_handled.wait()
                     acted = trio.Event()
                     self.pipeline.after_acting(acted.set)
                     await acted.wait()
@@ -420,7 +426,13 @@ class ClientServer:
             self._feed(Connected(conn_id))
             with conn.read_scope:  # close() bounds it: the peer gets a grace period to answer
                 async for message in conn.messages():
-                    await self._on_message(conn_id, message)
+                    self._handling += 1
+                    try:
+                        await self._on_message(conn_id, message)
+                    finally:
+                        self._handling -= 1
+                        if not self._handling:
+                            self._all_handled.set()
                     if not authenticated and self.engine.user_of(conn_id) is not None:
                         authenticated = True  # a valid hello: the address's handshake is settled
                         self.door.addresses.authenticated(admitted, self.clock.now_ms())

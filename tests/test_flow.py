@@ -256,3 +256,42 @@ async def test_a_shutdown_answers_what_it_read_before_its_1001(start_server, db)
     with trio.fail_after(10):
         await h.running.aclose()
     assert db_rows(db, "SELECT title FROM questions") == [(question_data()["title"],)]
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_shutdown_decides_a_request_waiting_on_a_store_read_before_its_1001(start_server, db) -> None:  # type: ignore[no-untyped-def]
+    """A request read before the signal may still be waiting for a store read (its question is not in memory,
+    and the read waits for the commit ahead of it): it is decided, committed and answered before the 1001."""
+    h: Harness = await start_server()
+    async with h.connect("alice") as alice:
+        qid = (await alice.request("create_question", question_data(title="An old one")))["question"]["question_id"]
+        await alice.request("close_question", {"question_id": qid})
+    await h.running.aclose()
+    day_ms = 86_400_000
+    with sqlite3.connect(db) as conn:  # asked 90 days ago: not in memory at the next start
+        conn.execute("UPDATE questions SET created_at = created_at - ?, closed_at = closed_at - ?", (90 * day_ms,) * 2)
+    h = await start_server()
+    assert qid not in h.running.engine.questions
+    peer = await h.raw_hello("alice")
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the next commit waits for it
+    await peer.send({"type": "create_question", "id": 2, "data": question_data()})
+    await peer.send({"type": "delete_question", "id": 3, "data": {"question_id": qid}})  # needs a store read
+    clients = h.running.clients
+    with trio.fail_after(10):
+        while h.running.engine.counts()["open_questions"] == 0 or not clients._handling:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    h.running.stop()  # what SIGTERM does
+    with trio.fail_after(10):
+        while clients.accepting:  # noqa: ASYNC110 - the shutdown has begun
+            await trio.sleep(0.01)
+    holder.execute("ROLLBACK")
+    holder.close()
+    with trio.fail_after(10):
+        frames = await peer.read_until_closed()
+    assert [(f["id"], f["ok"]) for f in frames if f.get("type") == "reply"] == [(1, True), (2, True), (3, True)]
+    assert peer.close_code == 1001
+    peer.close()
+    with trio.fail_after(10):
+        await h.running.aclose()
+    assert db_rows(db, "SELECT deleted_at IS NOT NULL FROM questions WHERE question_id = ?", (qid,)) == [(1,)]
