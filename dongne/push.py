@@ -132,6 +132,7 @@ class PushDispatcher:
         self._clock = clock
         self._closed = False
         self._finished = trio.Event()  # run() has returned: no delivery is under way
+        self._resting: set[trio.CancelScope] = set()  # deliveries waiting out a backoff between attempts
         self.sent = 0
         self.failed = 0
         self.overflows = 0
@@ -243,6 +244,8 @@ class PushDispatcher:
         self._closed = True
         self._queued.set()
         self._adopt_wakeup.set()
+        for resting in self._resting:
+            resting.cancel()
 
     async def wait_finished(self) -> None:
         """Return once ``run`` has returned after :meth:`close`: every delivery under way ended, and recorded."""
@@ -334,10 +337,15 @@ class PushDispatcher:
         attempts = job.attempts
         error: str | None = None
         while attempts < self.settings.push_attempts:
-            if attempts > job.attempts and self._closed:
-                return  # shutting down: no new attempt; pending in the outbox for the next start
             if attempts > job.attempts:
-                await trio.sleep(self.settings.push_backoff_s * 2 ** (attempts - job.attempts - 1))
+                with trio.CancelScope() as resting:  # close() cuts it short
+                    self._resting.add(resting)
+                    try:
+                        await trio.sleep(self.settings.push_backoff_s * 2 ** (attempts - job.attempts - 1))
+                    finally:
+                        self._resting.discard(resting)
+                if self._closed:
+                    return  # shutting down: no new attempt; pending in the outbox for the next start
             attempts += 1
             try:
                 response = await client.post(

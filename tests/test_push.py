@@ -195,3 +195,27 @@ async def test_a_graceful_stop_lets_a_push_under_way_finish_and_records_it(start
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT status FROM push_outbox").fetchall() == [("sent",)]
     assert len(gateway.requests) == 1
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_graceful_stop_cuts_a_retrys_backoff_short_and_posts_nothing_more(
+    start_server, nursery, db_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A job refused once waits out its backoff before the next attempt: a stop then starts no attempt (and does
+    not wait for the backoff); the job stays pending, for the next start."""
+    gateway = FakeGateway(503)
+    await nursery.start(gateway.serve)
+    url = f"http://127.0.0.1:{gateway.port}/push"
+    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": url, "push_backoff_s": 60.0})
+    await _offline_local_with_home(h)
+    async with h.connect("traveller") as asker:
+        await asker.request("create_question", question_data(location=HALL))
+    with trio.fail_after(10):
+        while not gateway.requests:  # noqa: ASYNC110 - another server's POST: no event to wait on
+            await trio.sleep(0.01)
+    gateway.status = 200
+    with trio.fail_after(h.running.clients.settings.shutdown_timeout_s):  # not the 60 s backoff
+        await h.running.aclose()
+    assert len(gateway.requests) == 1
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT status FROM push_outbox").fetchall() == [("pending",)]
