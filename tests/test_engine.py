@@ -42,7 +42,7 @@ from dongne.core import (
     UsersChanged,
 )
 from dongne.core.lifecycle import TRANSITIONS, IllegalTransition, QuestionEvent, QuestionStatus, advance
-from dongne.core.reads import ModerationItem
+from dongne.core.reads import AnswerHome, ModerationItem
 from dongne.core.records import ReceiptState
 from dongne.store import Storage
 
@@ -1048,3 +1048,41 @@ def test_an_old_question_read_before_a_receipt_written_for_it_is_read_again() ->
     answer.state, answer.delivered_at = ReceiptState.DELIVERED, T0
     joined = sim.engine.handle(QuestionLoaded(1, attrs_copy(question), (attrs_copy(answer),)), T0)
     assert sim.reply(joined)["data"]["answers"][0]["state"] == "delivered"
+
+
+def test_an_answers_delete_read_before_a_hide_of_its_question_is_read_again() -> None:
+    """delete_answer reads an old answer's question (AnswerHome); an admin hides the question meanwhile. The
+    delete's copy predates the hide: adopted, the hidden question would be served from memory. It is read again."""
+    sim = Sim(make_engine())
+    sim.connect(3, "jun")
+    sim.connect(1, "viewer")
+    connect_admin(sim, 8, "ops")
+    question, answer = _old_answered_question()
+    deleting = sim.engine.handle(FrameReceived(3, frame("delete_answer", 50, {"answer_id": "a-old"})), T0)
+    assert deleting.read == AnswerHome("a-old")
+    assert sim.engine.handle(FrameReceived(8, frame("hide_question", 51, {"id": "q-old", "reason": "spam"})), T0).read
+    sim.deliver(sim.engine.handle(ReadDone(8, (attrs_copy(question), [attrs_copy(answer)])), T0))
+
+    again = sim.engine.handle(ReadDone(3, (attrs_copy(question), [attrs_copy(answer)])), T0)
+    assert again.read == AnswerHome("a-old") and again.writes == () and "q-old" not in sim.engine.questions
+    gone = sim.engine.handle(ReadDone(3, None), T0)  # the store leaves a hidden question's answers out
+    assert sim.reply(gone)["error"]["code"] == "not_found"
+    assert sim.engine.handle(FrameReceived(1, frame("get_question", 52, {"question_id": "q-old"})), T0).read
+
+
+def test_a_hide_read_before_the_authors_delete_through_memory_takes_nothing_down_again() -> None:
+    """hide_answer reads an old answer; its author's delete_answer brings the question into memory and deletes
+    the answer there. The hide's copy, from before, is read again: the answer is not counted down twice."""
+    sim = Sim(make_engine())
+    sim.connect(3, "jun")
+    connect_admin(sim, 8, "ops")
+    question, answer = _old_answered_question()
+    assert sim.engine.handle(FrameReceived(8, frame("hide_answer", 51, {"id": "a-old", "reason": "spam"})), T0).read
+    stale = (attrs_copy(question), [attrs_copy(answer)])  # what the hide's read returned
+    assert sim.engine.handle(FrameReceived(3, frame("delete_answer", 50, {"answer_id": "a-old"})), T0).read
+    deleted = sim.engine.handle(ReadDone(3, (attrs_copy(question), [attrs_copy(answer)])), T0)
+    sim.deliver(deleted)
+    assert CountAnswer("q-old", -1) in deleted.writes
+
+    again = sim.engine.handle(ReadDone(8, stale), T0)
+    assert again.read == ModerationItem("answer", "a-old") and again.writes == ()

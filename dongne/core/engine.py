@@ -196,6 +196,7 @@ class Engine:
             deadlines=self._deadlines,
             ttl_ms=None if math.isinf(settings.questions.ttl_s) else int(settings.questions.ttl_s * 1000),
             keep_ms=int(max(settings.engine.hot_question_days, settings.alerts.slo_window_days) * 86_400_000),
+            freshness=self.freshness,
         )
         cursors = CursorCodec(cursor_key or secrets.token_bytes(32))
         self.moderation = Moderation(

@@ -30,6 +30,7 @@ from .effects import (
 )
 from .errors import ProtocolError
 from .fanout import StageAlerts
+from .freshness import Freshness
 from .inbox import Inbox
 from .lifecycle import ACTIVE, IllegalTransition, QuestionEvent, QuestionStatus, advance
 from .lists import RETRY, Pending, Retry
@@ -62,6 +63,10 @@ ONLINE_LIST_MAX = 100
 #: An ended question stays in memory at least this long after it ended (a
 #: write about it may still be on its way to the store).
 QUIET_BEFORE_COOLING_MS = 3_600_000
+
+
+#: What an answer's store read gives back when its question changed since the read began: read it again.
+_READ_AGAIN = object()
 
 
 class Questions:
@@ -104,8 +109,10 @@ class Questions:
         deadlines: Deadlines,
         ttl_ms: int | None,
         keep_ms: int,
+        freshness: Freshness,
     ) -> None:
         self._deadlines = deadlines
+        self._freshness = freshness
         self._ttl_ms = ttl_ms
         self._keep_ms = keep_ms
         self._settings = settings
@@ -459,6 +466,7 @@ class Questions:
         """
         question.deleted_at = now
         question.hidden = hidden
+        self._freshness.changed(question.question_id)  # a copy read before (in memory or not) is out of date
         if hidden:
             self.stop_escalating(question, now, out)  # an unhidden question does not escalate again
         self._end(question, out)
@@ -488,6 +496,7 @@ class Questions:
         """
         answer.deleted_at = now
         answer.hidden = hidden
+        self._freshness.changed(question.question_id)  # a copy read before (in memory or not) is out of date
         self._answers.get(question.question_id, {}).pop(answer.answer_id, None)
         self._answer_homes.pop(answer.answer_id, None)
         self._inbox.untrack(question.asker_id, question.question_id, answer.answer_id)  # no receipt for it
@@ -513,8 +522,9 @@ class Questions:
         """An answer's author takes it down (soft delete); an accepted answer stays."""
         answer_id = call.f.ident("answer_id")
         question_id = self._answer_homes.get(answer_id)
-        if question_id is None and not call.retried:
-            return Pending(AnswerHome(answer_id), self.adopt_found)
+        if question_id is None and (not call.retried or call.found is _READ_AGAIN):
+            begun = self._freshness.now
+            return Pending(AnswerHome(answer_id), lambda found: self._adopt_found(found, begun))
         answers = self._answers.get(question_id or "", {})
         answer = answers.get(answer_id)
         if answer is None:
@@ -545,10 +555,13 @@ class Questions:
             out.send(room.conn_ids(), closing)
         self._forget(question)
 
-    def adopt_found(self, found: tuple[Question, list[Answer]] | None) -> Retry:
+    def _adopt_found(self, found: tuple[Question, list[Answer]] | None, begun: int) -> Retry:
         if found is None:
             raise ProtocolError("not_found", "no such answer")
-        self.adopt(*found)
+        question, answers = found
+        if question.question_id not in self._questions and self._freshness.stale(question.question_id, begun):
+            return Retry(_READ_AGAIN)  # changed since this copy was read (hidden, say): adopting it would show it
+        self.adopt(question, answers)
         return RETRY
 
     def forget_durable(self) -> None:
