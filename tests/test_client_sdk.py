@@ -614,3 +614,27 @@ async def test_the_per_user_cap_at_hello_is_retried_until_a_connection_frees(
             assert (await phone.request("get_profile"))["user"]["user_id"] == "mina"
             assert phone.reconnects == 1
             await laptop.request("ping")
+
+
+async def test_a_join_then_a_leave_at_once_leave_the_room_left(server: Harness) -> None:
+    """A join and a leave sent back to back, the join answered after the leave was asked: the room stays left
+    (not re-joined at the next reconnect)."""
+    h = server
+    states = States()
+    with trio.fail_after(20):
+        async with (
+            h.connect("asker") as asker,
+            open_session(h.url, token("viewer"), on_state=states, **fast()) as session,
+        ):
+            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.request, "join_question", {"question_id": qid})
+                await trio.lowlevel.checkpoint()  # the join is on its way, its reply not in yet
+                nursery.start_soon(session.request, "leave_question", {"question_id": qid})
+            assert session.rooms == ()
+            server_side(h, "viewer").abort()
+            await states.until(lambda: session.reconnects == 1 and session.state is CONNECTED)
+            assert session.rooms == ()
+            engine = h.running.clients.engine
+            viewers = [conn_id for conn_id in h.running.clients.conns if engine.user_of(conn_id) == "viewer"]
+            assert viewers and all(qid not in engine.conns[conn_id].rooms for conn_id in viewers)

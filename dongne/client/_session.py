@@ -105,18 +105,22 @@ class _SessionClient(DongneClient):
         super().__init__(ws, last_seq=session.last_seq, timeout=session.timeout)
         self._session = session
         self._requests: dict[int, dict[str, Any]] = {}
+        self._intents: dict[int, int] = {}  # a join's place among the joins and leaves of its room
         self.restoring = False
 
     def _sending(self, frame: dict[str, Any]) -> None:
         self._requests[frame["id"]] = frame
-        self._session._sending(frame)
+        intent = self._session._sending(frame)
+        if intent is not None:
+            self._intents[frame["id"]] = intent
 
     def _dispatch(self, frame: dict[str, Any]) -> bool:
         if frame.get("type") != "reply" or frame.get("id") is None:
             return self._session._event(frame)  # an event, or an error for a frame with no id
         request = self._requests.pop(frame["id"], None)
         if request is not None:
-            self._session._replied(request, frame, restoring=self.restoring)
+            intent = self._intents.pop(frame["id"], None)
+            self._session._replied(request, frame, restoring=self.restoring, intent=intent)
         return super()._dispatch(frame)
 
 
@@ -169,6 +173,8 @@ class Session(metaclass=_NoPublicConstructor):
         self._changed = trio.Event()
         self._client: _SessionClient | None = None
         self._rooms: dict[str, None] = {}  # an ordered set: rejoined in join order
+        self._room_intents: dict[str, int] = {}  # room -> the number of its latest join or leave
+        self._intents_made = 0
         self._replay_end: tuple[int, trio.Event] | None = None  # set when this seq is queued
         self._location: dict[str, Any] | None = None
         self._events_send, self._events_recv = trio.open_memory_channel[dict[str, Any]](math.inf)
@@ -240,7 +246,10 @@ class Session(metaclass=_NoPublicConstructor):
         if frame.get("type") == "leave_question":
             # Leaving is the app's intent whatever becomes of the request (lost, timed out): the room is
             # not re-joined after a reconnect. A leave twice is harmless.
-            self._rooms.pop((frame.get("data") or {}).get("question_id"), None)  # type: ignore[arg-type]
+            question_id = (frame.get("data") or {}).get("question_id")
+            self._rooms.pop(question_id, None)  # type: ignore[arg-type]
+            if isinstance(question_id, str):
+                self._room_intent(question_id)
         with trio.fail_after(self.timeout if timeout is None else timeout):
             client = await self._connected_client()
             try:
@@ -329,13 +338,27 @@ class Session(metaclass=_NoPublicConstructor):
 
     # ---- tracking (called by the reader, in wire order) -------------------------
 
-    def _sending(self, frame: dict[str, Any]) -> None:
+    def _sending(self, frame: dict[str, Any]) -> int | None:
+        """Note a frame going out; a ``join_question``'s place among its room's joins and leaves (see
+        ``_room_intent``)."""
         data = frame.get("data")
         # The same location again keeps the same object: a deferred re-send checks identity.
         if frame.get("type") == "update_location" and isinstance(data, dict) and data != self._location:
             self._location = copy.deepcopy(data)
+        if frame.get("type") == "join_question" and isinstance(data, dict) and isinstance(data.get("question_id"), str):
+            return self._room_intent(data["question_id"])
+        return None
 
-    def _replied(self, request: dict[str, Any], reply: dict[str, Any], *, restoring: bool) -> None:
+    def _room_intent(self, question_id: str) -> int:
+        """Number the latest join or leave of a room: a join's reply adds the room only if no leave came after
+        it (a join and a leave in flight together, the join answered last, leave the room left)."""
+        self._intents_made += 1
+        self._room_intents[question_id] = self._intents_made
+        return self._intents_made
+
+    def _replied(
+        self, request: dict[str, Any], reply: dict[str, Any], *, restoring: bool, intent: int | None = None
+    ) -> None:
         op = request.get("type")
         data = request.get("data") or {}
         result = reply.get("data") or {}
@@ -364,7 +387,7 @@ class Session(metaclass=_NoPublicConstructor):
                 self.last_seq = server_seq
         elif op in ("create_question", "join_question") and ok:
             qid = (result.get("question") or {}).get("question_id")
-            if isinstance(qid, str):
+            if isinstance(qid, str) and (intent is None or self._room_intents.get(qid) == intent):
                 self._rooms[qid] = None
                 if restoring:
                     self._queue({"type": "rejoined", "data": result})

@@ -140,6 +140,8 @@ type RequestArgs<K extends Operation> = {} extends RequestData<K>
 interface Call {
   op: string;
   data: Json;
+  /** A join's place among its room's joins and leaves: its reply adds the room only if no leave came after. */
+  intent?: number;
   resolve: (data: Json) => void;
   reject: (error: Error) => void;
   timer: unknown;
@@ -203,6 +205,8 @@ export class Session {
   #lastSeq = 0;
   #resume = false; // whether the next hello resumes from #lastSeq
   #rooms = new Set<string>();
+  #roomIntents = new Map<string, number>(); // room -> the number of its latest join or leave
+  #intentsMade = 0;
   #location: Json | null = null;
 
   #lastFrameAt = 0;
@@ -294,7 +298,10 @@ export class Session {
     const call = this.#call(op, copy, options?.timeout ?? this.#options.timeout ?? 10000);
     // Leaving is the app's intent whatever becomes of the request (lost, timed out): the room is not
     // re-joined after a reconnect. A leave twice is harmless.
-    if (op === "leave_question") this.#rooms.delete(String(copy.question_id));
+    if (op === "leave_question") {
+      this.#rooms.delete(String(copy.question_id));
+      this.#roomIntent(String(copy.question_id));
+    }
     if (this.#isOpen && this.#ws !== null) this.#send(this.#ws, call);
     else if (this.closed === null) this.#waiting.add(call);
     return call.promise as Promise<ReplyData<K>>;
@@ -589,6 +596,7 @@ export class Session {
     }
     this.#sent.set(id, call);
     if (call.op === "update_location" && this.#location !== call.data) this.#location = call.data;
+    if (call.op === "join_question") call.intent = this.#roomIntent(String(call.data.question_id));
     try {
       ws.send(frame);
     } catch (error) {
@@ -616,12 +624,23 @@ export class Session {
     else call.reject(new RequestError(reply.error));
   }
 
+  /** Number the latest join (when sent) or leave (when asked) of a room. */
+  #roomIntent(qid: string): number {
+    this.#roomIntents.set(qid, ++this.#intentsMade);
+    return this.#intentsMade;
+  }
+
   /** Keep the rooms in step with the replies (re-joined after a reconnect). */
   #track(call: Call, reply: Reply): void {
     const op = call.op;
     if ((op === "create_question" || op === "join_question") && reply.ok) {
       const question = reply.data.question;
-      if (isMap(question) && typeof question.question_id === "string") this.#rooms.add(question.question_id);
+      if (isMap(question) && typeof question.question_id === "string") {
+        // A join answered after a leave of its room was asked: the room stays left.
+        if (call.intent === undefined || this.#roomIntents.get(question.question_id) === call.intent) {
+          this.#rooms.add(question.question_id);
+        }
+      }
     } else if (op === "delete_question" && reply.ok) {
       this.#rooms.delete(String(call.data.question_id));
     }

@@ -72,3 +72,28 @@ test("a room deleted while the session was away is reported with rejoin_failed",
     await relay.close();
   }
 });
+
+test("a join and a leave asked at once, the join answered last: the room stays left", async () => {
+  const relay = await Relay.start(server.port);
+  const viewer = open(relay.url, mint("quick-viewer"), { backoff: { base: 20, max: 100 } });
+  const asker = open(server.url, mint("quick-asker"));
+  try {
+    await Promise.all([viewer.opened, asker.opened]);
+    const { question } = await asker.request("create_question", { title: "Is the market open?", location: JEJU });
+    const qid = question.question_id;
+    const joining = viewer.request("join_question", { question_id: qid }); // a quick back-navigation
+    const leaving = viewer.request("leave_question", { question_id: qid });
+    await Promise.all([joining, leaving]);
+    assert.deepEqual(viewer.rooms, []);
+    const rejoined = [];
+    viewer.on("rejoined", (reply) => rejoined.push(reply.question.question_id));
+    relay.sever();
+    await next(viewer, "disconnected");
+    await next(viewer, "state", (state) => state === "open");
+    assert.deepEqual(viewer.rooms, []);
+    assert.deepEqual(rejoined, []);
+  } finally {
+    await Promise.all([viewer.close(), asker.close()]);
+    await relay.close();
+  }
+});
