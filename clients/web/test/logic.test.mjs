@@ -18,7 +18,7 @@ before(async () => {
         export { parseRoute, href, shared, store } from "./src/app.ts";
         export { haversine, regionAt, regionCentre } from "./src/geo.ts";
         export { t, distance, hasKey } from "./src/i18n.ts";
-        export { parseTags } from "./src/screens/ask.ts";
+        export { parseTags, sameText } from "./src/screens/ask.ts";
         export { VIBRATION } from "./src/signal.ts";
         export { createStore } from "./src/store.ts";`,
       resolveDir: web,
@@ -115,4 +115,14 @@ test("the store: a patch, subscribers with the previous state, unsubscribe", () 
   s.set({ a: 6 });
   assert.deepEqual(seen, [[1, 5, 2]]);
   assert.deepEqual(s.get(), { a: 6, b: 2 });
+});
+
+test("a question posted while its reply was lost is found by its text as the server stores it", () => {
+  const nfd = "\u1106\u1161\u11ba\u110c\u1175\u11b8"; // 맛집, decomposed (as some keyboards and pastes give it)
+  assert.ok(m.sameText("맛집 추천", `${nfd} 추천`));
+  assert.ok(m.sameText("Best noodles?", "Best\u200b noodles?"));
+  assert.ok(m.sameText("Best noodles?", "<b>Best</b> noodles?"));
+  assert.ok(m.sameText("Fish & chips", "Fish &amp; chips"));
+  assert.ok(m.sameText("A < B", "A &#60; B"));
+  assert.ok(!m.sameText("Best noodles?", "Best ramen?"));
 });

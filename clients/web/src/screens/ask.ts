@@ -14,6 +14,29 @@ export function parseTags(text: string): string[] {
   return [...new Set(text.split(/[\s,，]+/).map((s) => s.replace(/^#+/, "").trim()).filter(Boolean))].slice(0, 5);
 }
 
+const ENTITIES: Record<string, string> = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00a0" };
+
+/**
+ * Whether a stored text is the one sent. The server stores user text normalised (NFC, invisible and
+ * control characters dropped, markup removed, entities decoded: dongne/core/text.py), so a look-up by
+ * the text sent compares both that way.
+ */
+export function sameText(stored: string, sent: string): boolean {
+  const plain = (text: string) =>
+    text
+      .normalize("NFC")
+      .replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f\u200b-\u200d\u2060\ufeff\u202a-\u202e\u2066-\u2069]/g, "")
+      .replace(/<[^>]*>/g, "")
+      .replace(/&(#x[0-9a-f]+|#[0-9]+|[a-z]+);/gi, (entity, name: string) => {
+        if (name[0] !== "#") return ENTITIES[name.toLowerCase()] ?? entity;
+        const code = name[1] === "x" || name[1] === "X" ? parseInt(name.slice(2), 16) : parseInt(name.slice(1), 10);
+        return code > 0 && code <= 0x10ffff ? String.fromCodePoint(code) : entity;
+      })
+      .replace(/\s+/g, " ")
+      .trim();
+  return plain(stored) === plain(sent);
+}
+
 export function mount(root: HTMLElement, store: AppStore): () => void {
   const cleanup = new Cleanup();
 
@@ -71,7 +94,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       // twice). Look among my newest open questions once connected again.
       problem.textContent = t("ask_checking");
       call("my_questions", { status: "open", limit: 5 }).then(({ questions }) => {
-        const posted = questions.find((q) => q.title === asked.title && (q.body ?? "") === asked.body);
+        const posted = questions.find((q) => sameText(q.title, asked.title) && sameText(q.body ?? "", asked.body));
         if (posted) go({ name: "q", id: posted.question_id });
         else failed(err);
       }, () => failed(err));
