@@ -272,6 +272,9 @@ class SqlStore:
                 (
                     "DELETE FROM push_outbox WHERE job_id IN (SELECT job_id FROM push_outbox"
                     " WHERE status IN ('sent', 'failed', 'expired', 'cancelled', 'unsent') AND updated_at < ?"
+                    # The newest job stays, whatever its age: ids (and the gateway's Idempotency-Keys) are
+                    # numbered on from the highest kept, and must never be given twice.
+                    " AND job_id < (SELECT max(job_id) FROM push_outbox)"
                     " ORDER BY job_id LIMIT ?)",  # by push_by_status
                     (before_ms, limit),
                 )
