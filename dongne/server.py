@@ -1050,15 +1050,24 @@ class ClientServer:
                 if not self._storage_failing:
                     continue
                 # Came while writes were on trial after an outage: that one is not over yet.
+            probed = False
             while True:
-                await trio.sleep(self._probe_delay)
+                # Writes may be on here (after a race's rebuild, on trial): a commit failing meanwhile ends the
+                # wait, and memory is read again first, rather than probed around while requests wait for it.
+                with trio.move_on_after(self._probe_delay):
+                    await self._writes_failed.wait()
+                if self._writes_failed.is_set():
+                    break
                 self._probe_delay = min(2 * self._probe_delay, PROBE_MAX_INTERVAL_S)
                 try:
                     await self.pipeline.run_between_commits(self.store.probe)
                 except WriteFailed:
                     self.metrics.store_write_failures.inc()
                     continue
+                probed = True
                 break
+            if not probed:
+                continue
             # The probe's one row may fit where a real commit does not (on a full disk, into the room the
             # failed commit left): writes are taken on trial. The outage is over once a real commit went
             # through, or nothing failed for TRIAL_S (an idle server); a failure meanwhile is the same
