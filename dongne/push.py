@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -90,8 +90,9 @@ class PushDispatcher:
         read_pending: ``read_pending(after_id, limit)`` reads at most
             ``limit`` of this node's pending jobs in the outbox with ids
             above ``after_id``, oldest first (blocking: run on a worker thread).
-        adopt: ``adopt(limit, since_ms)`` takes over at most ``limit`` pending jobs (made since ``since_ms``) of
-            nodes gone from the cluster (blocking); called every
+        adopt: ``await adopt(limit, since_ms)`` takes over at most ``limit`` pending jobs (made since
+            ``since_ms``) of nodes gone from the cluster (on the writer's connection: between the pipeline's
+            commits, as the driver runs it); called every
             ``adopt_interval_s`` while :attr:`adopting` (the escalation
             lease's holder: one node adopts).
         alert_url: where slow-response alerts go.
@@ -106,7 +107,7 @@ class PushDispatcher:
         pending: Iterable[PushJob] = (),
         *,
         read_pending: Callable[[int, int], list[PushJob]] | None = None,
-        adopt: Callable[[int, int], list[PushJob]] | None = None,
+        adopt: Callable[[int, int], Awaitable[list[PushJob]]] | None = None,
         adopt_interval_s: float = 10.0,
         alert_url: str = "",
         max_queued: int = MAX_QUEUED,
@@ -188,7 +189,7 @@ class PushDispatcher:
         if self._adopt is None or self._closed or room <= 0:
             return 0
         since = self._clock.now_ms() - int(self.settings.push_max_age_s * 1000)  # older ones: expired, not held
-        jobs = await trio.to_thread.run_sync(self._adopt, room, since)
+        jobs = await self._adopt(room, since)
         if self._closed:
             return 0  # they stay pending, adopted by this node: adopted again once it has left
         self._queue.extend(jobs)

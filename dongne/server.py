@@ -212,7 +212,16 @@ class ClientServer:
             pending_pushes,
             read_pending=store.pending_push_jobs,
             # Several nodes: the lease holder sends the pending jobs of nodes gone (store/CLUSTER.md).
-            adopt=store.adopt_push_jobs if guard_lease else None,
+            # On the writer's connection: between the pipeline's commits, never beside one.
+            adopt=(
+                (
+                    lambda limit, since: self.pipeline.run_between_commits(
+                        functools.partial(store.adopt_push_jobs, limit, since)
+                    )
+                )
+                if guard_lease
+                else None
+            ),
             adopt_interval_s=adopt_interval_s,
             alert_url=alert_url,
         )

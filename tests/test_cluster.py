@@ -584,7 +584,7 @@ async def test_each_node_sends_its_own_push_jobs_and_one_adopts_those_of_a_node_
                 lambda outcome: a.apply(outcome.writes),  # type: ignore[arg-type]
                 clock,
                 read_pending=a.pending_push_jobs,
-                adopt=a.adopt_push_jobs,
+                adopt=lambda limit, since: trio.to_thread.run_sync(a.adopt_push_jobs, limit, since),
                 max_queued=3,
             )
             for j in a_jobs:
