@@ -12,6 +12,9 @@ import trio.testing
 import trio_websocket
 
 from dongne.client import RequestError
+from dongne.core.effects import SaveIpBlock
+from dongne.core.records import IpBlock
+from dongne.store import store_for
 
 from .conftest import NO_TIMERS, UNLIMITED, Harness, db_rows, question_data, token
 
@@ -341,3 +344,27 @@ async def test_an_open_question_shown_again_is_open_here_again(
         assert closed["data"] == {"question_id": qid, "reason": "expired"}
     assert db_rows(h.db, "SELECT status FROM questions WHERE question_id = ?", (qid,)) == [("expired",)]
     await h.running.aclose()
+
+
+async def test_a_block_stored_in_its_ipv4_mapped_form_is_listed_and_unblocked_as_its_ipv4_one(
+    start_server: Any, db: Any
+) -> None:
+    """A row stored before mapped addresses were normalised (::ffff:7f00:2/128, which blocked nothing then), beside
+    the plain one an admin added since: listed once, as 127.0.0.2/32, and one unblock deletes both rows."""
+    h: Harness = await start_server()
+    async with h.connect("ops", admin=True) as admin:
+        await admin.request("block_ip", {"cidr": "127.0.0.2", "reason": "abuse"})
+    await h.running.aclose()
+    store = store_for(db)
+    store.open()
+    store.apply([SaveIpBlock(IpBlock("::ffff:7f00:2/128", None, "old", "ops", 1))])  # as an older version stored it
+    store.close()
+    h = await start_server()
+    async with h.connect("ops", admin=True) as admin:
+        listed = (await admin.request("list_ip_blocks", {}))["blocks"]
+        assert [b["cidr"] for b in listed] == ["127.0.0.2/32"]
+        assert await admin.request("unblock_ip", {"cidr": "127.0.0.2"}) == {"cidr": "127.0.0.2/32"}
+    await h.running.aclose()
+    again: Harness = await start_server()
+    async with again.connect("ops", admin=True) as admin:
+        assert (await admin.request("list_ip_blocks", {}))["blocks"] == []

@@ -103,6 +103,7 @@ class Moderation:
         self.open_reports: dict[str, Report] = {}  # report id -> report not resolved yet
         self.ban_ends: list[tuple[int, str]] = []  # a heap of (end, user id) of the timed bans in force
         self.ip_blocks: dict[str, IpBlock] = {}  # run-time blocks by normalised CIDR
+        self._stored_as: dict[str, set[str]] = {}  # normalised CIDR -> how its rows were stored (older forms)
 
     def operations(self) -> dict[str, Callable[[Call], dict[str, Any] | Pending]]:
         return {
@@ -124,7 +125,13 @@ class Moderation:
     def load(self, reports: list[Report], ip_blocks: list[IpBlock], now: int) -> Outcome:
         """Adopt stored reports and IP blocks; returns the blocks for the driver."""
         self.open_reports = {r.report_id: r for r in reports if r.status == "open"}
-        self.ip_blocks = {_network(b.cidr): b for b in ip_blocks if b.active(now)}  # stored before: as normalised now
+        # A row stored before IPv4-mapped addresses were normalised is its IPv4 network now; an unblock deletes
+        # every row that is the same network, as it was stored.
+        self.ip_blocks, self._stored_as = {}, {}
+        for block in sorted((b for b in ip_blocks if b.active(now)), key=lambda b: b.created_at):
+            cidr = _network(block.cidr)
+            self._stored_as.setdefault(cidr, set()).add(block.cidr)
+            self.ip_blocks[cidr] = attrs.evolve(block, cidr=cidr)  # the newest of them, as listed
         return self.blocks_in_force(now)
 
     # ---- IP blocks -----------------------------------------------------------------------
@@ -143,6 +150,7 @@ class Moderation:
         until = f.integer("until", minimum=now + 1, maximum=FOREVER - 1) if f.has("until") else None
         block = IpBlock(cidr, until, reason, call.user.user_id, now)
         self.ip_blocks[cidr] = block
+        self._stored_as.setdefault(cidr, set()).add(cidr)
         call.out.write(SaveIpBlock(block))
         call.out.write(AppendAudit(now, call.user.user_id, "block_ip", cidr, reason))
         if until is not None:
@@ -157,7 +165,8 @@ class Moderation:
         block = self.ip_blocks.pop(cidr, None)
         if block is None:
             raise ProtocolError("not_found", "no such run-time block (blocks in config.toml stay)")
-        call.out.write(DeleteIpBlock(block.cidr))  # its row, as it was stored
+        for stored in sorted(self._stored_as.pop(cidr, {block.cidr})):
+            call.out.write(DeleteIpBlock(stored))  # its rows, as they were stored
         call.out.write(AppendAudit(call.now, call.user.user_id, "unblock_ip", cidr, reason))
         call.out.actions.extend(self.blocks_in_force(call.now).actions)
         return {"cidr": cidr}
