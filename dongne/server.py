@@ -810,29 +810,23 @@ class ClientServer:
         retention shorter than the caps' window keeps them for that window.
         """
         keep_ms = max(int(self._inbox.retention_days * 86_400_000), self.engine.where.ledger.window_ms)
-        cutoff = self.clock.now_ms() - keep_ms
-        deleted = 0
-        while True:
-            try:
-                batch: int = await self.pipeline.run_between_commits(
-                    functools.partial(self.store.prune_alerts, cutoff, self._inbox.prune_batch)
-                )
-            except WriteFailed:
-                return deleted  # the storage supervisor deals with it; next round
-            deleted += batch
-            if batch < self._inbox.prune_batch:
-                return deleted
+        return await self._delete_in_batches(self.store.prune_alerts, self.clock.now_ms() - keep_ms)
 
     async def prune_pushes(self) -> int:
         """Delete the push jobs settled (sent, failed, expired, cancelled, unsent) more than ``[inbox]
         retention_days`` ago, in bounded commits; returns how many. Pending ones stay (start-up expires the
         old ones): the outbox keeps what is owed, and the recent history, not a row per push for good."""
         cutoff = self.clock.now_ms() - int(self._inbox.retention_days * 86_400_000)
+        return await self._delete_in_batches(self.store.prune_pushes, cutoff)
+
+    async def _delete_in_batches(self, delete: Callable[[int, int], int], cutoff: int) -> int:
+        """``delete(cutoff, batch)`` again and again, between the pipeline's commits, until a batch is not full;
+        returns how many rows went."""
         deleted = 0
         while True:
             try:
                 batch: int = await self.pipeline.run_between_commits(
-                    functools.partial(self.store.prune_pushes, cutoff, self._inbox.prune_batch)
+                    functools.partial(delete, cutoff, self._inbox.prune_batch)
                 )
             except WriteFailed:
                 return deleted  # the storage supervisor deals with it; next round
