@@ -242,23 +242,28 @@ class SqlStore:
     def pending_push_jobs(self, after_job_id: int, limit: int) -> list[PushJob]:
         """At most ``limit`` pending jobs of the push outbox with ids above ``after_job_id``, oldest first:
         this node's own (``news_from``'s, on PostgreSQL; another node sends its own, CLUSTER.md)."""
-        mine = "" if self.news_from is None else " AND node_id = ?"
+        mine, node = self._this_node()
         rows = self._read(
             f"SELECT {PUSH_COLS} FROM push_outbox WHERE status = 'pending'{mine} AND job_id > ? ORDER BY job_id LIMIT ?",
-            (*(() if self.news_from is None else (self.news_from,)), after_job_id, limit if limit >= 0 else 2**62),
+            (*node, after_job_id, limit if limit >= 0 else 2**62),
         )
         return [push_from(r) for r in rows]
 
+    def _this_node(self) -> tuple[str, tuple[str, ...]]:
+        """The condition (and its parameters) that keeps a push outbox query to this node's jobs: all of them
+        with one node (SQLite), ``node_id`` = this node's with several (CLUSTER.md)."""
+        return ("", ()) if self.news_from is None else (" AND node_id = ?", (self.news_from,))
+
     def expire_push_jobs(self, before_ms: int) -> int:
         """Mark ``expired`` this node's pending push jobs made before ``before_ms`` (too old to send); how many."""
-        mine = "" if self.news_from is None else " AND node_id = ?"
+        mine, node = self._this_node()
         return self._write(
             "expiring push jobs",
             [
                 (
                     "UPDATE push_outbox SET status = 'expired', last_error = 'too old to send', updated_at = ?"
                     f" WHERE status = 'pending'{mine} AND created_at < ?",
-                    (before_ms, *(() if self.news_from is None else (self.news_from,)), before_ms),
+                    (before_ms, *node, before_ms),
                 )
             ],
         )[0]

@@ -520,6 +520,14 @@ def prepare_writes(
             return
         batch.insert(f"INSERT INTO {table} ({cols})", sorted(rows, key=lambda r: r[:2]), " ON CONFLICT DO NOTHING")
 
+    def lock_first(table: str, key: str, ids: Iterable[str], several: bool) -> None:
+        """PostgreSQL, rows of ``table`` written in several passes (statements): lock them all first, in key
+        order, or two commits (one saving alice and pointing bob, the other the reverse) deadlock."""
+        if pg and several:
+            batch.many(
+                f"SELECT 1 FROM {table} WHERE {key} = ANY(%s::text[]) ORDER BY {key} FOR UPDATE", [(sorted(ids),)]
+            )
+
     # A save is decided on this node's copy of the user, which may be older than the row (PostgreSQL: another
     # node's ban, settings, reads): an existing row changes only in the parts the save names, and its
     # last_seq and read_seq never go back; points are written by an insert, then only added to (AddPoints).
@@ -527,13 +535,7 @@ def prepare_writes(
     by_parts: dict[frozenset[str], list[tuple[Any, ...]]] = {}
     for user, changed in users.values():
         by_parts.setdefault(changed, []).append(user_row(user))
-    if pg and (points or len(by_parts) > 1):
-        # The upserts and the points' update lock users' rows in passes: lock them all first, in one
-        # order, or two commits (one saving alice and pointing bob, the other the reverse) deadlock.
-        batch.many(
-            "SELECT 1 FROM users WHERE user_id = ANY(%s::text[]) ORDER BY user_id FOR UPDATE",
-            [(sorted({*users, *points}),)],
-        )
+    lock_first("users", "user_id", {*users, *points}, bool(points) or len(by_parts) > 1)
     greatest = "greatest" if pg else "max"
     for changed, rows in sorted(by_parts.items(), key=lambda item: sorted(item[0])):
         kept = [c for part, cols in _USER_PART_COLS.items() if part not in changed for c in cols]
@@ -556,17 +558,10 @@ def prepare_writes(
             "hidden": f"CASE WHEN {table}.deleted_at IS NULL THEN excluded.hidden ELSE {table}.hidden END",
         }
 
-    def lock_first(table: str, key: str, groups: list[list[tuple[Any, ...]]]) -> None:
-        """PostgreSQL, rows of ``table`` saved in several statements: lock them all first, in key order (as
-        for users: two commits must lock rows in the same order)."""
-        if pg and sum(1 for rows in groups if rows) > 1:
-            ids = sorted(row[0] for rows in groups for row in rows)
-            batch.many(f"SELECT 1 FROM {table} WHERE {key} = ANY(%s::text[]) ORDER BY {key} FOR UPDATE", [(ids,)])
-
     question_groups = [
         [question_row(q) for q, unhide in questions.values() if unhide is shown] for shown in (False, True)
     ]
-    lock_first("questions", "question_id", question_groups)
+    lock_first("questions", "question_id", questions, all(question_groups))
     for shown, rows in zip((False, True), question_groups, strict=True):
         if rows:
             save("questions", QUESTION_COLS, "question_id", rows, keep=RACED_QUESTION_COLS,
@@ -614,7 +609,7 @@ def prepare_writes(
     )
     # An answer's receipt only moves forward and an accept stays (a save from an older copy would undo them).
     answer_groups = [[answer_row(a) for a, unhide in answers.values() if unhide is shown] for shown in (False, True)]
-    lock_first("answers", "answer_id", answer_groups)
+    lock_first("answers", "answer_id", answers, all(answer_groups))
     for shown, rows in zip((False, True), answer_groups, strict=True):
         if rows:
             save("answers", ANSWER_COLS, "answer_id", rows,
