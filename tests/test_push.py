@@ -25,6 +25,16 @@ class FakeGateway:
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.port = 0
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/push"
+
+    async def received(self, count: int) -> None:
+        """Return once ``count`` POSTs have come (another server's: no event to wait on), within 10 s."""
+        with trio.fail_after(10):
+            while len(self.requests) < count:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
@@ -65,11 +75,17 @@ async def _offline_local_with_home(h: Harness) -> None:
         await sleeper.request("update_settings", {"home": HALL})
 
 
+async def _pushing_to(gateway: FakeGateway, start_server: Any, nursery: trio.Nursery, **escalation: Any) -> Harness:
+    """``gateway`` started, and a server with one stage pushing to it, where a local is offline at home by HALL."""
+    await nursery.start(gateway.serve)
+    h: Harness = await start_server(escalation={"stages": ONE_STAGE, "push_url": gateway.url, **escalation})
+    await _offline_local_with_home(h)
+    return h
+
+
 async def test_offline_target_is_pushed_with_the_urgent_flag(start_server, nursery, db_path) -> None:  # type: ignore[no-untyped-def]
     gateway = FakeGateway(200)
-    await nursery.start(gateway.serve)
-    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": f"http://127.0.0.1:{gateway.port}/push"})
-    await _offline_local_with_home(h)
+    h = await _pushing_to(gateway, start_server, nursery)
     async with h.connect("traveller") as asker:
         qid = (await asker.request("create_question", question_data(location=HALL, urgency="urgent")))["question"][
             "question_id"
@@ -96,11 +112,7 @@ async def test_offline_target_is_pushed_with_the_urgent_flag(start_server, nurse
 
 async def test_failing_gateway_gets_three_attempts_then_failed(start_server, nursery, db_path) -> None:  # type: ignore[no-untyped-def]
     gateway = FakeGateway(503)
-    await nursery.start(gateway.serve)
-    h = await start_server(
-        escalation={"stages": ONE_STAGE, "push_url": f"http://127.0.0.1:{gateway.port}/push", "push_backoff_s": 0.001}
-    )
-    await _offline_local_with_home(h)
+    h = await _pushing_to(gateway, start_server, nursery, push_backoff_s=0.001)
     async with h.connect("traveller") as asker:
         await asker.request("create_question", question_data(location=HALL))
     with trio.fail_after(10):
@@ -135,19 +147,14 @@ async def test_a_push_taken_down_before_it_leaves_is_cancelled(start_server, nur
     """The gateway fails the first attempt; before the retry, the question (or the answer) is hidden or
     deleted, or the target banned: no retry, the job is 'cancelled', and no restart sends it."""
     gateway = FakeGateway(503)
-    await nursery.start(gateway.serve)
-    url = f"http://127.0.0.1:{gateway.port}/push"
-    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": url, "push_backoff_s": 60.0})
-    await _offline_local_with_home(h)
+    h = await _pushing_to(gateway, start_server, nursery, push_backoff_s=60.0)
     async with h.connect("spammer") as asker:
         qid = (await asker.request("create_question", question_data(location=HALL)))["question"]["question_id"]
     # The asker's app is in the background: an answer is pushed.
     async with h.connect("answerer") as answerer, h.connect("ops", admin=True) as admin:
         if takedown == "hide_answer":
             reply = await answerer.request("create_answer", {"question_id": qid, "content": "the jerk's car"})
-        with trio.fail_after(10):
-            while len(gateway.requests) < (2 if takedown == "hide_answer" else 1):  # noqa: ASYNC110 - 503 first
-                await trio.sleep(0.01)
+        await gateway.received(2 if takedown == "hide_answer" else 1)  # 503 first
         gateway.status = 200
         if takedown == "hide_question":
             await admin.request("hide_question", {"id": qid, "reason": "spam"})
@@ -169,7 +176,7 @@ async def test_a_push_taken_down_before_it_leaves_is_cancelled(start_server, nur
         assert rows == {"new_question_notification": "pending", "answer_notification": "cancelled"}
     else:
         assert rows == {"new_question_notification": "cancelled"}
-    h2 = await start_server(escalation={"stages": ONE_STAGE, "push_url": url})
+    h2 = await start_server(escalation={"stages": ONE_STAGE, "push_url": gateway.url})
     with trio.fail_after(10):
         await h2.running.pushes.wait_sent(1 if takedown == "hide_answer" else 0)  # the alert only
     await h2.running.aclose()
@@ -182,15 +189,10 @@ async def test_a_graceful_stop_lets_a_push_under_way_finish_and_records_it(start
     bound) and recorded as sent: not sent again at the next start (PROTOCOL.md: a job is resent only after a
     crash)."""
     gateway = FakeGateway(200, delay_s=0.5)
-    await nursery.start(gateway.serve)
-    url = f"http://127.0.0.1:{gateway.port}/push"
-    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": url})
-    await _offline_local_with_home(h)
+    h = await _pushing_to(gateway, start_server, nursery)
     async with h.connect("traveller") as asker:
         await asker.request("create_question", question_data(location=HALL))
-    with trio.fail_after(10):
-        while not gateway.requests:  # noqa: ASYNC110 - another server's POST: no event to wait on
-            await trio.sleep(0.01)
+    await gateway.received(1)
     await h.running.aclose()  # the gateway's 200 is half a second away
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT status FROM push_outbox").fetchall() == [("sent",)]
@@ -204,15 +206,10 @@ async def test_a_graceful_stop_cuts_a_retrys_backoff_short_and_posts_nothing_mor
     """A job refused once waits out its backoff before the next attempt: a stop then starts no attempt (and does
     not wait for the backoff); the job stays pending, for the next start."""
     gateway = FakeGateway(503)
-    await nursery.start(gateway.serve)
-    url = f"http://127.0.0.1:{gateway.port}/push"
-    h = await start_server(escalation={"stages": ONE_STAGE, "push_url": url, "push_backoff_s": 60.0})
-    await _offline_local_with_home(h)
+    h = await _pushing_to(gateway, start_server, nursery, push_backoff_s=60.0)
     async with h.connect("traveller") as asker:
         await asker.request("create_question", question_data(location=HALL))
-    with trio.fail_after(10):
-        while not gateway.requests:  # noqa: ASYNC110 - another server's POST: no event to wait on
-            await trio.sleep(0.01)
+    await gateway.received(1)
     gateway.status = 200
     with trio.fail_after(h.running.clients.settings.shutdown_timeout_s):  # not the 60 s backoff
         await h.running.aclose()
