@@ -13,15 +13,33 @@ after(async () => {
   await server?.stop();
 });
 
-test("a leave_question whose reply is lost is not re-joined after the reconnect", async () => {
+/**
+ * A viewer through a relay (to cut), an asker and its question (the viewer not in its room yet); `end()`
+ * closes them all.
+ */
+async function viewerAndQuestion(name, title) {
   const relay = await Relay.start(server.port);
-  const viewer = open(relay.url, mint("leave-viewer"), { backoff: { base: 20, max: 100 } });
-  const asker = open(server.url, mint("leave-asker"));
+  const viewer = open(relay.url, mint(`${name}-viewer`), { backoff: { base: 20, max: 100 } });
+  const asker = open(server.url, mint(`${name}-asker`));
+  const end = async () => {
+    await Promise.all([viewer.close(), asker.close()]);
+    await relay.close();
+  };
+  try {
+    await Promise.all([viewer.opened, asker.opened]);
+    const { question } = await asker.request("create_question", { title, location: JEJU });
+    return { relay, viewer, asker, qid: question.question_id, end };
+  } catch (error) {
+    await end();
+    throw error;
+  }
+}
+
+test("a leave_question whose reply is lost is not re-joined after the reconnect", async () => {
+  const { relay, viewer, asker, qid, end } = await viewerAndQuestion("leave", "Is the ferry running?");
   const answerer = open(server.url, mint("leave-answerer", { local: true }));
   try {
-    await Promise.all([viewer.opened, asker.opened, answerer.opened]);
-    const { question } = await asker.request("create_question", { title: "Is the ferry running?", location: JEJU });
-    const qid = question.question_id;
+    await answerer.opened;
     await viewer.request("join_question", { question_id: qid });
     assert.deepEqual(viewer.rooms, [qid]);
 
@@ -43,19 +61,14 @@ test("a leave_question whose reply is lost is not re-joined after the reconnect"
     assert.deepEqual(answers, []);
     assert.deepEqual(rejoined, []);
   } finally {
-    await Promise.all([viewer.close(), asker.close(), answerer.close()]);
-    await relay.close();
+    await answerer.close();
+    await end();
   }
 });
 
 test("a room deleted while the session was away is reported with rejoin_failed", async () => {
-  const relay = await Relay.start(server.port);
-  const viewer = open(relay.url, mint("gone-viewer"), { backoff: { base: 20, max: 100 } });
-  const asker = open(server.url, mint("gone-asker"));
+  const { relay, viewer, asker, qid, end } = await viewerAndQuestion("gone", "Any rain in Seogwipo?");
   try {
-    await Promise.all([viewer.opened, asker.opened]);
-    const { question } = await asker.request("create_question", { title: "Any rain in Seogwipo?", location: JEJU });
-    const qid = question.question_id;
     await viewer.request("join_question", { question_id: qid });
     relay.hold();
     relay.sever();
@@ -68,19 +81,13 @@ test("a room deleted while the session was away is reported with rejoin_failed",
     assert.equal(error.code, "not_found");
     assert.deepEqual(viewer.rooms, []);
   } finally {
-    await Promise.all([viewer.close(), asker.close()]);
-    await relay.close();
+    await end();
   }
 });
 
 test("a join and a leave asked at once, the join answered last: the room stays left", async () => {
-  const relay = await Relay.start(server.port);
-  const viewer = open(relay.url, mint("quick-viewer"), { backoff: { base: 20, max: 100 } });
-  const asker = open(server.url, mint("quick-asker"));
+  const { relay, viewer, qid, end } = await viewerAndQuestion("quick", "Is the market open?");
   try {
-    await Promise.all([viewer.opened, asker.opened]);
-    const { question } = await asker.request("create_question", { title: "Is the market open?", location: JEJU });
-    const qid = question.question_id;
     const joining = viewer.request("join_question", { question_id: qid }); // a quick back-navigation
     const leaving = viewer.request("leave_question", { question_id: qid });
     await Promise.all([joining, leaving]);
@@ -93,7 +100,6 @@ test("a join and a leave asked at once, the join answered last: the room stays l
     assert.deepEqual(viewer.rooms, []);
     assert.deepEqual(rejoined, []);
   } finally {
-    await Promise.all([viewer.close(), asker.close()]);
-    await relay.close();
+    await end();
   }
 });
