@@ -256,6 +256,12 @@ class CommitPipeline:
         self._settling.set()
         self._settling = trio.Event()
 
+    async def wait_acted(self) -> None:
+        """Return once every outcome queued so far is acted on (or refused): :meth:`after_acting`, awaited."""
+        acted = trio.Event()
+        self.after_acting(acted.set)
+        await acted.wait()
+
     def after_acting(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once every outcome queued so far is acted on (or refused): at once if none is left.
 

@@ -283,9 +283,7 @@ class ClientServer:
                     if self._handling:  # requests read before, still waiting for a store read: decided first
                         self._all_handled = trio.Event()
                         await self._all_handled.wait()
-                    acted = trio.Event()
-                    self.pipeline.after_acting(acted.set)
-                    await acted.wait()
+                    await self.pipeline.wait_acted()
                 for conn in list(self.conns.values()):
                     conn.close(1001, "server shutting down")
                 conn_nursery.cancel_scope.deadline = deadline
@@ -500,10 +498,8 @@ class ClientServer:
         (a write's acknowledgement among them) go out first, for at most ``CLOSE_GRACE_S``; then the close
         frame answers the peer's. Returns whether it did (a close the server had decided before, queued
         with those replies, may have gone out instead)."""
-        replied = trio.Event()
-        self.pipeline.after_acting(replied.set)
         with trio.move_on_after(CLOSE_GRACE_S):
-            await replied.wait()
+            await self.pipeline.wait_acted()
         if conn.peer_close_code is None or conn.closing:
             return False
         conn.close(conn.peer_close_code, "")
