@@ -5,7 +5,8 @@ Theory of operation: commits announce the rows they change on
 ``dongne_changes`` and the rooms' events on ``dongne_rooms``; the app's
 Listener hands each notification here. The store is the truth and the bus is
 lossy: a notification only names rows to read again (``follow_changes``, in
-rounds, merged by the engine: ``UsersChanged``, ``QuestionChanged``), and the
+rounds, merged by the engine: ``UsersChanged`` with where their kept events
+start, ``InboxPruned``; ``QuestionChanged``), and the
 catch-up (``catch_up_changes``) reads the rows changed since its last look.
 Room events are ephemeral: another node's go to this node's members of the
 room (``RoomRelayed``); this node's typing and presence go out through one
@@ -24,6 +25,7 @@ from .core import (
     Answer,
     EscalationProgress,
     Event,
+    InboxPruned,
     Question,
     QuestionChanged,
     RelayRoom,
@@ -117,7 +119,7 @@ class NodeNews:
             users, self._changed_users = self._changed_users, set()
             unfollowed = sorted(q for q in questions if not self._follows_escalation(q))
             try:
-                found, people, progress = await trio.to_thread.run_sync(
+                found, people, progress, oldest = await trio.to_thread.run_sync(
                     self._read, sorted(questions), sorted(users), unfollowed
                 )
             except StoreError as exc:
@@ -127,17 +129,23 @@ class NodeNews:
                 continue
             if people:
                 self._feed(UsersChanged(tuple(people)))
+            if oldest:
+                self._feed(InboxPruned(oldest))
             for question_id, question, answers in found:
                 self._feed(QuestionChanged(question_id, question, tuple(answers), progress.get(question_id)))
             self.changes_followed += 1
 
     def _read(
         self, questions: list[str], users: list[str], unfollowed: list[str]
-    ) -> tuple[list[tuple[str, Question | None, list[Answer]]], list[User], dict[str, EscalationProgress]]:
-        """One round's reads (blocking: on a worker thread)."""
+    ) -> tuple[
+        list[tuple[str, Question | None, list[Answer]]], list[User], dict[str, EscalationProgress], dict[str, int]
+    ]:
+        """One round's reads (blocking: on a worker thread): with the users, where their kept events start
+        (another node's pruner may have deleted older ones: it names the users it pruned)."""
         found, people = self._store.read_rows(questions, users)
         progress = self._store.read_escalations(unfollowed) if unfollowed else {}
-        return found, people, progress
+        oldest = self._store.read_oldest(users) if users else {}
+        return found, people, progress, oldest
 
     async def catch_up_changes(self) -> None:
         """Read which questions and users changed since the last look (notifications may be lost) and follow them."""

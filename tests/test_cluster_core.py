@@ -14,6 +14,7 @@ from dongne.core import (
     CountAnswer,
     Engine,
     EscalationProgress,
+    InboxPruned,
     Outcome,
     QuestionChanged,
     RelayRoom,
@@ -210,6 +211,18 @@ def test_a_resume_on_a_shared_store_learns_where_the_kept_events_start_whoever_p
     }  # fmt: skip
     assert whole.load_user is None and sim.reply(whole)["data"]["resumed"] is True
     assert plain.load_user is None and "resumed" not in sim.reply(plain)["data"]
+
+
+def test_where_a_users_kept_events_start_only_moves_on_whoever_prunes_and_in_whatever_order() -> None:
+    """This node pruned mina's events up to 5; another node's news, read before that, says 3 then comes: it
+    changes nothing. unread counts the events kept, 6 to 8."""
+    sim = Sim(make_engine())
+    sim.engine.handle(UsersChanged((User("mina", "Mina", last_seq=8, created_at=T0 - 1000),)), T0)
+    sim.engine.handle(InboxPruned({"mina": 6}), T0 + 1)
+    sim.engine.handle(InboxPruned({"mina": 3}), T0 + 2)
+    hello = sim.connect(1, "mina", T0 + 3)
+
+    assert sim.reply(hello)["data"]["unread"] == 3
 
 
 def test_a_question_another_node_deleted_leaves_memory_and_its_room() -> None:

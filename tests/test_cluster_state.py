@@ -33,7 +33,7 @@ from dongne.core.effects import (
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.moderation import FOREVER
 from dongne.core.records import Answer, Question, User
-from dongne.store import is_postgres_url
+from dongne.store import is_postgres_url, store_for
 from dongne.store._rows import USER_COLS
 from dongne.store._writes import (
     NOTIFY_PAYLOAD_LIMIT,
@@ -432,6 +432,37 @@ async def test_without_notifications_the_catch_up_reads_what_changed(start_serve
         other_node_commits(h.db, [SaveUser(settings)], notify=False)
         await until(lambda: engine.users["watcher"].max_alerts_per_hour == 3, timeout=5.0)
         assert engine.users["watcher"].quiet_hours == (23, 6)
+
+
+@pytest.mark.backends("postgres")
+@pytest.mark.parametrize("announced", [True, False], ids=["announced", "caught_up"])
+async def test_unread_here_leaves_out_the_events_another_nodes_pruner_deleted(
+    start_server: Any, announced: bool
+) -> None:
+    """Another node's pruner deletes the asker's events 1-2 of 3 (its news lost, or none: the catch-up): this
+    node's unread no longer counts them (it counted 3, as its memory still started the inbox at 1)."""
+    h: Harness = await start_server(cluster={"catch_up_interval_s": 60 if announced else 0.2})
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        for i in range(3):
+            await local.request("create_answer", {"question_id": qid, "content": f"answer {i}"})
+        assert (await asker.request("list_notifications", {}))["unread"] == 3
+        other = store_for(h.db)  # another node's store
+        other.news_from = OTHER_NODE if announced else None
+        other.open()
+        try:
+            pruned = other.prune_events(int(time.time() * 1000) + 60_000, 1000)  # all but each user's newest
+        finally:
+            other.close()
+        assert pruned["asker"] == 3
+
+        with trio.fail_after(5):
+            while (await asker.request("list_notifications", {}))["unread"] != 1:  # noqa: ASYNC110 - other node
+                await trio.sleep(0.05)
+    async with h.connect("asker") as again:
+        listed = await again.request("list_notifications", {})
+
+        assert (again.hello["unread"], len(listed["notifications"]), listed["unread"]) == (1, 1, 1)
 
 
 @pytest.mark.backends("postgres")

@@ -348,7 +348,8 @@ class Engine:
         if isinstance(event, UsersChanged):
             return self._users_changed(event.users, now)
         if isinstance(event, InboxPruned):
-            self.inbox.oldest.update(event.oldest)
+            for user_id, seq in event.oldest.items():  # only grows: a read from before a prune may come late
+                self.inbox.oldest[user_id] = max(seq, self.inbox.oldest.get(user_id, 0))
             return _NOTHING
         if isinstance(event, SeqsMoved):
             for user_id, seq in event.heads.items():

@@ -159,7 +159,8 @@ class ReadFailed:
 
 @attrs.frozen
 class InboxPruned:
-    """Old durable events were deleted: each affected user's oldest kept seq."""
+    """Old durable events were deleted: each affected user's oldest kept seq (here, or read after another
+    node's pruner named them: a seq below the one held changes nothing)."""
 
     oldest: dict[str, int]
 

@@ -45,7 +45,7 @@ from ._base import SqlStore
 from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
 from ._rows import PUSH_COLS, push_from
-from ._writes import Guard, PreparedCommit, SeqsGiven
+from ._writes import CHANGES_CHANNEL, Guard, PreparedCommit, SeqsGiven, changes_news
 
 __all__ = ["LEASE_LOST_SQLSTATE", "NODE_LOCK", "PUSH_JOB_BLOCK", "PostgresStore", "redact"]
 
@@ -319,6 +319,9 @@ class PostgresStore(SqlStore):
         """Delete at most ``limit`` durable events older than ``before_ms`` (blocking: on a worker thread).
 
         Each user's newest event (``inbox_heads``) is kept whatever its age: seqs must never go back.
+        Other nodes learn where these users' kept events start as from any change of theirs (their
+        ``unread`` counts only those): the users' rows are marked changed (``read_changes``, the
+        catch-up) and, with ``news_from``, announced on ``dongne_changes`` with the deletion.
         """
         with self._transaction("pruning") as conn:
             users = sorted(
@@ -338,6 +341,14 @@ class PostgresStore(SqlStore):
                 row = conn.execute("SELECT min(seq) FROM events WHERE user_id = %s", (user,)).fetchone()
                 assert row is not None
                 oldest[user] = int(row[0])
+            if users:  # in key order, as commits lock users' rows
+                conn.execute(
+                    "UPDATE users SET changed_xid = pg_current_xact_id() WHERE user_id IN"
+                    " (SELECT user_id FROM users WHERE user_id = ANY(%s) ORDER BY user_id FOR UPDATE)",
+                    (users,),
+                )
+            for payload in changes_news(self.news_from, [], users) if self.news_from is not None else ():
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, payload))
         return oldest
 
     def adopt_push_jobs(self, limit: int, since_ms: int) -> list[PushJob]:
