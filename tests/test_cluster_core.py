@@ -28,7 +28,7 @@ from dongne.core import (
     UserLoaded,
     UsersChanged,
 )
-from dongne.core.effects import Close, DeliverAnswer
+from dongne.core.effects import Close, DeliverAnswer, DropPushes
 from dongne.core.events import Disconnected, Tick
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.records import Answer, Question
@@ -240,6 +240,27 @@ def test_a_question_another_node_deleted_leaves_memory_and_its_room() -> None:
 
     assert qid not in sim.engine.questions and qid not in sim.engine.presence.rooms
     assert [f["type"] for f in sim.take(2)] == ["question_deleted"]
+    assert DropPushes(qid) in out.actions  # the take-down cancelled its pushes in the outbox, not in the queue here
+
+
+def test_an_answer_another_node_deleted_has_its_pushes_held_here_dropped() -> None:
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    qid = ask(sim)
+    answered = sim.call(2, "create_answer", {"question_id": qid, "content": "by the port"}, T0 + 5)
+    answer = attrs.evolve(sim.engine.answers[qid][sim.reply(answered)["data"]["answer"]["answer_id"]])
+
+    out = sim.engine.handle(
+        QuestionChanged(qid, question_as_stored(sim, qid), (attrs.evolve(answer, deleted_at=T0 + 6),)), T0 + 7
+    )
+    again = sim.engine.handle(
+        QuestionChanged(qid, question_as_stored(sim, qid), (attrs.evolve(answer, deleted_at=T0 + 6),)), T0 + 8
+    )
+
+    assert answer.answer_id not in sim.engine.answers[qid]
+    assert [a for a in out.actions if isinstance(a, DropPushes)] == [DropPushes(qid, answer.answer_id)]
+    assert [a for a in again.actions if isinstance(a, DropPushes)] == []  # once, as it leaves memory
 
 
 def test_a_merge_never_takes_back_what_this_node_wrote_and_the_store_has_not_yet() -> None:

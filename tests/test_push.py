@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from typing import Any
 
+import attrs
 import h11
 import pytest
 import trio
 
-from .conftest import Harness, question_data
+from dongne.core.effects import CancelPushes, CountAnswer, SaveAnswer, SaveQuestion, SaveUser
+from dongne.core.moderation import FOREVER
+
+from .conftest import Harness, db_rows, question_data
+from .test_cluster_state import other_node_commits
 
 HALL = {"lat": 33.4996, "lng": 126.5312}
 ONE_STAGE = [{"name": "QUICK", "offset_s": 0.0, "radius_m": 5000.0, "audience": "nearby"}]
@@ -181,6 +187,40 @@ async def test_a_push_taken_down_before_it_leaves_is_cancelled(start_server, nur
         await h2.running.pushes.wait_sent(1 if takedown == "hide_answer" else 0)  # the alert only
     await h2.running.aclose()
     assert len(gateway.requests) == requests + (1 if takedown == "hide_answer" else 0)
+
+
+@pytest.mark.backends("postgres")
+@pytest.mark.parametrize("takedown", ["hide_question", "delete_answer", "ban_target"])
+async def test_a_push_another_node_takes_down_before_it_leaves_is_dropped_here(start_server, nursery, takedown) -> None:  # type: ignore[no-untyped-def]
+    """As above, the take-down committed by another node (its CancelPushes, its news): the job this node's
+    dispatcher holds between attempts is dropped here too (it was retried, and sent)."""
+    gateway = FakeGateway(503)
+    h = await _pushing_to(gateway, start_server, nursery, push_backoff_s=60.0)
+    engine = h.running.engine
+    async with h.connect("spammer") as asker:
+        qid = (await asker.request("create_question", question_data(location=HALL)))["question"]["question_id"]
+    async with h.connect("answerer") as answerer:
+        if takedown == "delete_answer":
+            reply = await answerer.request("create_answer", {"question_id": qid, "content": "the jerk's car"})
+        await gateway.received(2 if takedown == "delete_answer" else 1)  # 503 first
+    now = int(time.time() * 1000)
+    if takedown == "hide_question":
+        hidden = attrs.evolve(engine.questions[qid], deleted_at=now, hidden=True)
+        writes: list[Any] = [SaveQuestion(hidden), CancelPushes(now, question_id=qid)]
+    elif takedown == "delete_answer":
+        answer_id = reply["answer"]["answer_id"]
+        deleted = attrs.evolve(engine.answers[qid][answer_id], deleted_at=now)
+        writes = [SaveAnswer(deleted), CountAnswer(qid, -1), CancelPushes(now, question_id=qid, answer_id=answer_id)]
+    else:
+        banned = attrs.evolve(engine.users["sleeper"], banned_until=FOREVER, ban_reason="spam")
+        writes = [SaveUser(banned, changed={"ban"}), CancelPushes(now, user_id="sleeper")]
+    other_node_commits(h.db, writes)
+
+    with trio.fail_after(10):
+        while h.running.pushes.statistics().dropped < 1:  # noqa: ASYNC110 - the retry, 60 s away, dropped now
+            await trio.sleep(0.01)
+    kind = "answer_notification" if takedown == "delete_answer" else "new_question_notification"
+    assert db_rows(h.db, "SELECT status FROM push_outbox WHERE kind = ?", (kind,)) == [("cancelled",)]
 
 
 @pytest.mark.backends("sqlite")

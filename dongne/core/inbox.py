@@ -231,4 +231,10 @@ class Inbox:
         dispatcher drops those it holds, queued or between attempts."""
         if commit:
             out.write(CancelPushes(now, question_id, answer_id, user_id))
+        self.drop_pushes(out, question_id=question_id, answer_id=answer_id, user_id=user_id)
+
+    @staticmethod
+    def drop_pushes(out: OutcomeBuilder, *, question_id: str = "", answer_id: str = "", user_id: str = "") -> None:
+        """Another node cancelled these pushes in the outbox (a take-down, ``QuestionChanged``): the dispatcher
+        here drops those it holds, queued or between attempts."""
         out.act(DropPushes(question_id, answer_id, user_id))

@@ -180,7 +180,10 @@ class Questions:
         objects). A question that ended in the store ends here (its
         escalation is cancelled, the room hears ``question_closed``); a
         deleted one leaves memory, its room hears ``question_deleted``.
-        ``question`` ``None`` (no such row: yet) changes nothing.
+        The dispatcher here drops the pushes it holds about a deleted question
+        or an answer that leaves (the take-down's commit cancelled them in the
+        outbox, not in this node's queue). ``question`` ``None`` (no such row:
+        yet) changes nothing.
         """
         held = self._questions.get(question_id)
         if question is None:
@@ -190,6 +193,7 @@ class Questions:
                 self._inbox.untrack(question.asker_id, question_id, answer.answer_id)
         if question.deleted_at is not None:
             self._inbox.untrack(question.asker_id, question_id)
+            self._inbox.drop_pushes(out, question_id=question_id)  # its take-down cancelled them in the outbox
             if held is not None:
                 self._end(held, out)
                 out.send(self._presence.others(question_id), event("question_deleted", {"question_id": question_id}))
@@ -218,6 +222,7 @@ class Questions:
                 if ours is not None:
                     del kept[answer.answer_id]
                     self._answer_homes.pop(answer.answer_id, None)
+                    self._inbox.drop_pushes(out, question_id=question_id, answer_id=answer.answer_id)
             elif ours is None:
                 self.adopt_answer(answer)
             else:
