@@ -320,6 +320,37 @@ async def test_a_question_whose_only_answer_another_node_deleted_is_open_and_ale
 
 
 @pytest.mark.backends("postgres")
+@pytest.mark.parametrize("race", ["committed_first", "concurrent"])
+async def test_an_answer_taken_down_on_two_nodes_is_counted_out_once(start_server: Any, race: str) -> None:
+    """Another node hid an answer (committed before this node's delete, its news not read here; or its commit
+    still open while this node's waits): the author's delete here takes it out of the count no more (the
+    question counted 0 of its 2 answers, and was open again)."""
+    import psycopg
+
+    h: Harness = await start_server()
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        qid, local_answer, _ = await answered_twice(h, asker)
+        now = int(time.time() * 1000)
+        hidden = attrs.evolve(h.running.engine.answers[qid][local_answer], deleted_at=now, hidden=True)
+        batch = prepare_writes([SaveAnswer(hidden), CountAnswer(qid, -1, answer_id=local_answer)], 65535, "postgres")
+        with psycopg.connect(str(h.db)) as other, psycopg.connect(str(h.db), autocommit=True) as watching:
+            for sql, params, many in batch.statements:
+                other.cursor().executemany(sql, params) if many is True else other.execute(sql, params)
+            if race == "committed_first":
+                other.commit()
+                await local.request("delete_answer", {"question_id": qid, "answer_id": local_answer})
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(local.request, "delete_answer", {"question_id": qid, "answer_id": local_answer})
+                    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    await until(lambda: watching.execute(waiting).fetchone() == (1,))  # this node's commit waits
+                    other.commit()
+
+    row = "SELECT answer_count, status FROM questions WHERE question_id = ?"
+    assert db_rows(h.db, row, (qid,)) == [(1, "answered")]
+
+
+@pytest.mark.backends("postgres")
 async def test_saves_here_before_another_nodes_news_bring_back_nothing_it_deleted(start_server: Any) -> None:
     """Another node deleted an answer and a question, its news not read here yet: the asker's mark_read here
     (which saves this node's copy of the answer) and the slow-response alert here (which saves its copy of

@@ -210,7 +210,11 @@ async def test_a_push_another_node_takes_down_before_it_leaves_is_dropped_here(s
     elif takedown == "delete_answer":
         answer_id = reply["answer"]["answer_id"]
         deleted = attrs.evolve(engine.answers[qid][answer_id], deleted_at=now)
-        writes = [SaveAnswer(deleted), CountAnswer(qid, -1), CancelPushes(now, question_id=qid, answer_id=answer_id)]
+        writes = [
+            SaveAnswer(deleted),
+            CountAnswer(qid, -1, answer_id=answer_id),
+            CancelPushes(now, question_id=qid, answer_id=answer_id),
+        ]
     else:
         banned = attrs.evolve(engine.users["sleeper"], banned_until=FOREVER, ban_reason="spam")
         writes = [SaveUser(banned, changed={"ban"}), CancelPushes(now, user_id="sleeper")]

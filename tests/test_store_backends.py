@@ -201,6 +201,31 @@ def test_a_question_saved_again_in_the_commit_that_creates_and_answers_it_is_cou
     )
 
 
+def test_an_answer_taken_down_twice_or_shown_twice_is_counted_once(store: Storage, db: Path | str) -> None:
+    """Its author deletes it and an admin hides it (two nodes: two commits; one node's retry: maybe one
+    commit); two admins show it again: the question's count changes once each way (it went two down)."""
+    store.apply(
+        [SaveUser(User("asker", "Mina")), SaveUser(User("jun", "Jun")), SaveQuestion(question("q1", "asker", 10))]
+    )
+    answers = [Answer(aid, "q1", "jun", "Jun", aid, 20 + i) for i, aid in enumerate(("a1", "a2"))]
+    for answer in answers:
+        store.apply([SaveAnswer(answer), CountAnswer("q1", 1, answered_at=answer.created_at)])
+    a1, a2 = answers
+
+    def down(answer: Answer, at: int) -> list[object]:
+        return [SaveAnswer(attrs.evolve(answer, deleted_at=at)), CountAnswer("q1", -1, answer_id=answer.answer_id)]
+
+    row = "SELECT answer_count, status FROM questions WHERE question_id = 'q1'"
+    store.apply([*down(a1, 30), *down(a1, 31)])
+    assert db_rows(db, row) == [(1, "answered")]
+    store.apply(down(a2, 32))
+    store.apply(down(a2, 33))
+    assert db_rows(db, row) == [(0, "open")]
+    for _ in range(2):
+        store.apply([SaveAnswer(a2, unhide=True), CountAnswer("q1", 1, answer_id="a2")])
+    assert db_rows(db, row) == [(1, "answered")]
+
+
 def test_moderation_and_push_rows_round_trip(store: Storage, db: Path | str) -> None:
     """The one-row-at-a-time statements (reports, IP blocks, push status) beside the multi-row ones."""
     report = Report("r1", "answer", "a1", "q1", "mina", "spam", "", 5)

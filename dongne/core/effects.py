@@ -129,11 +129,17 @@ class CountAnswer:
     moves an open question to answered and sets ``first_answer_at`` if unset;
     otherwise the commit fails with ``Conflict``. Unset (an answer deleted,
     hidden or shown again): no guard, no status change.
+
+    ``answer_id``: the answer taken down (``delta`` -1) or shown again (+1):
+    the count changes only if its row is not taken down yet (is still taken
+    down), read once the question's row is locked: two nodes taking the same
+    answer down (its author and an admin) count it out once.
     """
 
     question_id: str
     delta: int = 1
     answered_at: int | None = None
+    answer_id: str = ""
 
 
 @attrs.frozen

@@ -393,7 +393,7 @@ class Moderation:
         if question.status == QuestionStatus.OPEN:  # answered again (hiding its only answer reopened it)
             question.status = advance(question.status, QuestionEvent.ANSWER)
         out.write(SaveAnswer(attrs.evolve(answer), unhide=True))
-        out.write(CountAnswer(question.question_id, 1))
+        out.write(CountAnswer(question.question_id, 1, answer_id=answer.answer_id))
         if question.question_id in self._questions:
             self._qa.adopt_answer(answer)
             self._qa.touched(question.question_id, now)

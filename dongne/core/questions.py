@@ -514,7 +514,7 @@ class Questions:
             question.status = self._advance(question, QuestionEvent.UNANSWER)
             self._oversight.unanswered(question)
         out.write(SaveAnswer(attrs.evolve(answer)))
-        out.write(CountAnswer(question.question_id, -1))
+        out.write(CountAnswer(question.question_id, -1, answer_id=answer.answer_id))
         gone = {"question_id": question.question_id, "answer_id": answer.answer_id}
         out.send(self._presence.others(question.question_id, except_conn=except_conn), event("answer_deleted", gone))
         out.write(RoomNews(question.question_id, "answer_deleted", gone))  # the room's members on other nodes

@@ -450,6 +450,8 @@ def prepare_writes(
                 unhide = unhide or first[1]  # the last copy says whether it is hidden again since
             questions[question.question_id] = question, unhide
         elif isinstance(item, (CountAnswer, AcceptOnce, CloseOnce)):
+            if isinstance(item, CountAnswer) and item.answer_id:  # an answer's last change here is the one to count:
+                raced = [op for op in raced if not (isinstance(op, CountAnswer) and op.answer_id == item.answer_id)]
             raced.append(item)
         elif isinstance(item, RoomNews):
             rooms.append(item)
@@ -571,13 +573,23 @@ def prepare_writes(
         if isinstance(op, CountAnswer) and op.answered_at is None:
             # A question whose last answer goes is open again, and answered again when one comes back
             # (an unhidden answer); the right-hand sides read the row as it was.
+            counted, args = "", [op.delta, op.delta, op.delta, op.delta, op.question_id]
+            if op.answer_id:
+                # Only if this commit changes the answer's row (saved below): another node may have taken it down
+                # (or shown it) first. Every such change counts under the question's row lock, taken first: a
+                # commit waiting for it reads the answer (a new statement, a new snapshot) as the other left it.
+                if pg:
+                    batch.many(f"SELECT 1 FROM questions WHERE question_id = {mark} FOR UPDATE", [(op.question_id,)])
+                gone = "IS NULL" if op.delta < 0 else "IS NOT NULL"
+                counted = f" AND EXISTS (SELECT 1 FROM answers WHERE answer_id = {mark} AND deleted_at {gone})"
+                args.append(op.answer_id)
             batch.many(
                 f"UPDATE questions SET answer_count = CASE WHEN answer_count + {mark} < 0 THEN 0"
                 f" ELSE answer_count + {mark} END,"
                 f" status = CASE WHEN status = 'answered' AND answer_count + {mark} <= 0 THEN 'open'"
                 f" WHEN status = 'open' AND answer_count + {mark} > 0 THEN 'answered' ELSE status END"
-                f" WHERE question_id = {mark}",
-                [(op.delta, op.delta, op.delta, op.delta, op.question_id)],
+                f" WHERE question_id = {mark}{counted}",
+                [tuple(args)],
             )
         elif isinstance(op, CountAnswer):
             batch.guarded(
