@@ -384,7 +384,8 @@ async def _follow_news(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Other nodes' commits (PostgreSQL): LISTEN for their news (``dongne_events``: inbox heads;
-    ``dongne_changes``: questions and users to read again; ``dongne_rooms``: room events for this node's
+    ``dongne_changes``: questions and users to read again; ``dongne_alerts``: who their stages alerted, for
+    the hourly caps; ``dongne_rooms``: room events for this node's
     members, and this node's typing and presence out; ``dongne_positions`` and ``dongne_members``: other
     nodes' positions and room members, kept in the engine, rebuilt after each (re)connection), write this
     node's positions and room members every ``[cluster] positions_interval_s``, and catch up after each
@@ -395,7 +396,7 @@ async def _follow_news(
     delivering other nodes' events, and the Listener keeps trying.
     """
     from .store._cluster import MEMBERS_CHANNEL, POSITIONS_CHANNEL, ClusterLink, connect_listener
-    from .store._writes import CHANGES_CHANNEL, EVENTS_CHANNEL, ROOMS_CHANNEL
+    from .store._writes import ALERTS_CHANNEL, CHANGES_CHANNEL, EVENTS_CHANNEL, ROOMS_CHANNEL
 
     listening = trio.Event()
     link = ClusterLink(settings.store.target)  # its own connection: a heartbeat never waits for a batch
@@ -420,6 +421,8 @@ async def _follow_news(
     def notified(channel: str, payload: str) -> None:
         if channel == CHANGES_CHANNEL:
             clients.news.changes_news(channel, payload)
+        elif channel == ALERTS_CHANNEL:
+            clients.news.alerts_news(channel, payload)
         elif channel == ROOMS_CHANNEL:
             clients.news.room_news(channel, payload)
         elif channel == POSITIONS_CHANNEL:
@@ -429,7 +432,7 @@ async def _follow_news(
         else:
             clients.inbox_news(channel, payload)
 
-    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ROOMS_CHANNEL, POSITIONS_CHANNEL, MEMBERS_CHANNEL)
+    channels = (EVENTS_CHANNEL, CHANGES_CHANNEL, ALERTS_CHANNEL, ROOMS_CHANNEL, POSITIONS_CHANNEL, MEMBERS_CHANNEL)
     connect = functools.partial(connect_listener, settings.store.target, channels)
     listener = Listener(connect, notified, connected)
     clients.listener = listener

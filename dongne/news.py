@@ -1,5 +1,5 @@
 """Other nodes' news (several nodes on one PostgreSQL database; ``store/CLUSTER.md``): the questions and users
-they changed, read back into memory, and room events, both ways.
+they changed, read back into memory, who their stages alerted, and room events, both ways.
 
 Theory of operation: commits announce the rows they change on
 ``dongne_changes`` and the rooms' events on ``dongne_rooms``; the app's
@@ -8,6 +8,11 @@ lossy: a notification only names rows to read again (``follow_changes``, in
 rounds, merged by the engine: ``UsersChanged`` with where their kept events
 start, ``InboxPruned``; ``QuestionChanged``), and the
 catch-up (``catch_up_changes``) reads the rows changed since its last look.
+Commits also announce who their escalation stages alerted on
+``dongne_alerts``; those go to the engine as they come (``RemoteAlerts``, no
+read), so that the hourly caps here count the lease holder's alerts (and the
+holder those of the IMMEDIATE stages other nodes run). A lost one is read
+from the store only when an escalation is taken up or reloaded.
 Room events are ephemeral: another node's go to this node's members of the
 room (``RoomRelayed``); this node's typing and presence go out through one
 task (``relay_rooms``) and a bounded queue that drops rather than waits.
@@ -29,12 +34,13 @@ from .core import (
     Question,
     QuestionChanged,
     RelayRoom,
+    RemoteAlerts,
     RoomRelayed,
     User,
     UsersChanged,
 )
 from .store import Storage, StoreError
-from .store._writes import ROOMS_CHANNEL, read_changes_news, read_room_news, room_news
+from .store._writes import ROOMS_CHANNEL, read_alerts_news, read_changes_news, read_room_news, room_news
 
 __all__ = ["ROOM_RELAY_QUEUE", "NodeNews"]
 
@@ -93,6 +99,17 @@ class NodeNews:
             return
         if origin != self._node_id():
             self.rows_changed(questions, users)
+
+    def alerts_news(self, channel: str, payload: str) -> None:
+        """A notification on ``dongne_alerts``: who another node's stages alerted, for the hourly caps here
+        (``RemoteAlerts``, one event per notification); ours are skipped (counted when they were planned)."""
+        try:
+            origin, alerts = read_alerts_news(payload)
+        except ValueError:
+            log.warning("alerts_news_unreadable", extra={"channel": channel, "payload": payload[:80]})
+            return
+        if origin != self._node_id() and alerts:
+            self._feed(RemoteAlerts(tuple(alerts)))
 
     def rows_changed(self, questions: Iterable[str], users: Iterable[str]) -> None:
         """These rows may differ from memory: :meth:`follow_changes` reads them and merges them in."""

@@ -18,6 +18,7 @@ from dongne.core import (
     Outcome,
     QuestionChanged,
     RelayRoom,
+    RemoteAlerts,
     RemoteMembers,
     RoomNews,
     RoomRelayed,
@@ -162,6 +163,56 @@ def test_a_question_another_node_asked_is_escalated_from_its_stored_progress() -
     assert [a for a in finished.actions if isinstance(a, StartEscalation)] == []
     assert sim.engine.follows_escalation("q-done")
     assert sim.engine.escalation_due("q-done") is None
+
+
+def _capped_local(cap: int) -> Sim:
+    """An asker (connection 1) and a local 1 km from the question's place (connection 2), at most ``cap``
+    alerts an hour, and a question asked on another node whose escalation this node follows (asked at T0,
+    its IMMEDIATE run there, alerting nobody)."""
+    sim = Sim(make_engine())
+    sim.connect(1, "asker")
+    sim.connect(2, "near")
+    near = sim.engine.users["near"]
+    near.local, near.max_alerts_per_hour = True, cap
+    sim.engine.where.refresh_local(near, T0)
+    sim.call(2, "update_location", {"location": {"lat": 33.4996, "lng": 126.5420}})
+    created = Question("q-elsewhere", "other", "Other", "Open late?", "", 33.4996, 126.5312, None, (), "normal", T0)
+    sim.engine.handle(QuestionChanged("q-elsewhere", created, (), EscalationProgress(1)), T0 + 1)
+    assert sim.engine.follows_escalation("q-elsewhere")
+    return sim
+
+
+def _alerts_for_an_ask_here(sim: Sim, now: int) -> list[str]:
+    """The stages of the alerts the local gets when the asker asks a question here at ``now``."""
+    sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}}, now)
+    return [f["data"]["stage"] for f in sim.take(2) if f["type"] == "new_question_notification"]
+
+
+def test_an_alert_the_lease_holder_sent_counts_towards_the_hourly_cap_here() -> None:
+    """The holder's QUICK for a question this node follows (its news: ``RemoteAlerts``) fills a cap of 1: the
+    IMMEDIATE stage of a question asked here within the hour leaves the local out, and alerts it an hour on."""
+    sim = _capped_local(1)
+
+    sim.engine.handle(RemoteAlerts((("q-elsewhere", T0 + 3000, ("near",)),)), T0 + 3010)
+
+    assert sim.engine.where.escalations["q-elsewhere"].notified == {"near"}
+    assert _alerts_for_an_ask_here(sim, T0 + 4000) == []
+    assert _alerts_for_an_ask_here(sim, T0 + 3000 + 3_600_000) == ["IMMEDIATE"]
+
+
+def test_an_alert_heard_again_or_read_from_the_store_first_counts_once() -> None:
+    """With a cap of 2: an alert taken up with its question's stored progress and then heard in the news
+    counts once, and news for a question not followed here is left to its take-up (from the store): one
+    IMMEDIATE here still fits, a second does not."""
+    sim = _capped_local(2)
+    created = Question("q-read", "other", "Other", "Open late?", "", 33.4996, 126.5312, None, (), "normal", T0 + 5)
+    sim.engine.handle(QuestionChanged("q-read", created, (), EscalationProgress(1, (("near", T0 + 5),))), T0 + 6)
+
+    sim.engine.handle(RemoteAlerts((("q-read", T0 + 5, ("near",)), ("q-unknown", T0 + 5, ("near",)))), T0 + 7)
+
+    assert not sim.engine.follows_escalation("q-unknown")
+    assert _alerts_for_an_ask_here(sim, T0 + 10) == ["IMMEDIATE"]
+    assert _alerts_for_an_ask_here(sim, T0 + 20) == []
 
 
 def test_a_hello_on_a_shared_store_reads_a_user_it_does_not_hold_first() -> None:

@@ -27,6 +27,8 @@ from dongne.core.effects import (
     CountAnswer,
     RoomNews,
     SaveAnswer,
+    SaveEscalation,
+    SaveNotified,
     SaveQuestion,
     SaveUser,
 )
@@ -37,8 +39,10 @@ from dongne.store import is_postgres_url, store_for
 from dongne.store._rows import USER_COLS
 from dongne.store._writes import (
     NOTIFY_PAYLOAD_LIMIT,
+    alerts_news,
     changes_news,
     prepare_writes,
+    read_alerts_news,
     read_changes_news,
     read_room_news,
     room_news,
@@ -533,6 +537,75 @@ def test_changes_news_is_split_under_postgresqls_payload_limit() -> None:
     assert [q for _, qs, _ in read for q in qs] == questions
     assert [u for _, _, us in read for u in us] == users
     assert changes_news("node-a", [], []) == []
+
+
+def test_a_stage_commit_announces_who_it_alerted_split_under_postgresqls_payload_limit() -> None:
+    """One list per ``SaveNotified`` (question, when, users), a long one going on in the next payload."""
+    crowd = tuple((f"local-{i:05d}-{'한' * 4}", "QUICK", 10.0 * i, True) for i in range(700))
+    writes = [SaveNotified("q-1", (("near", "IMMEDIATE", 800.0, True),), 1_000), SaveNotified("q-2", crowd, 3_000)]
+
+    batch = prepare_writes(writes, 65535, "postgres", news_from="node-a")
+
+    payloads = [params[1] for sql, params, _ in batch.statements if "pg_notify" in sql and params[0] == "dongne_alerts"]
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < NOTIFY_PAYLOAD_LIMIT for p in payloads)
+    read = [read_alerts_news(p) for p in payloads]
+    assert {origin for origin, _ in read} == {"node-a"}
+    assert [(q, at) for _, alerts in read for q, at, _ in alerts][:2] == [("q-1", 1_000), ("q-2", 3_000)]
+    assert [u for _, alerts in read for q, _, users in alerts if q == "q-2" for u in users] == [t[0] for t in crowd]
+    assert alerts_news("node-a", [("q-3", 1, ())]) == []
+    assert [sql for sql, *_ in prepare_writes(writes, 65535, "postgres").statements if "pg_notify" in sql] == []
+
+
+@pytest.mark.backends("postgres")
+async def test_this_nodes_stage_commits_announce_who_they_alerted_with_its_node_id(start_server: Any) -> None:
+    import psycopg
+
+    h: Harness = await start_server()
+    with psycopg.connect(str(h.db), autocommit=True) as listening:
+        listening.execute("LISTEN dongne_alerts")
+        async with h.connect("near", local=True) as near, h.connect("asker") as asker:
+            await near.request("update_location", {"location": JEJU_CITY})
+            asked = (await asker.request("create_question", question_data()))["question"]
+        news = hear(listening, 1)
+
+    assert [read_alerts_news(p) for p in news] == [
+        (h.running.clients.node_id, [(asked["question_id"], asked["created_at"], ("near",))])
+    ]
+
+
+@pytest.mark.backends("postgres")
+async def test_an_alert_another_nodes_stage_sent_counts_towards_the_hourly_cap_here(start_server: Any) -> None:
+    """A question asked on another node, followed here; another node's stage alerts a local whose cap is 1
+    (its commit's news, on dongne_alerts): the IMMEDIATE stage of a question asked here leaves the local out."""
+    h: Harness = await start_server()
+    engine = h.running.engine
+    now = int(time.time() * 1000)
+    asked = Question("q-elsewhere", "other", "Other", "Open late?", "", 33.4996, 126.5312, None, (), "normal", now)
+    async with h.connect("capped", local=True) as capped, h.connect("asker") as asker:
+        await capped.request("update_settings", {"max_alerts_per_hour": 1})
+        await capped.request("update_location", {"location": JEJU_CITY})
+        other_node_commits(
+            h.db, [SaveUser(User("other", "Other")), SaveQuestion(asked), SaveEscalation(asked.question_id, 1, now)]
+        )
+        await until(lambda: engine.follows_escalation("q-elsewhere"))
+        quick = SaveNotified("q-elsewhere", (("capped", "QUICK", 10.0, True),), now + 1)
+        other_node_commits(h.db, [quick, SaveEscalation("q-elsewhere", 2, now + 1)])
+        await until(lambda: "capped" in engine.where.escalations["q-elsewhere"].notified)
+
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await capped.request("get_profile")
+        alerted = [
+            e["data"]["question"]["question_id"]
+            for e in capped.pending_events()
+            if e["type"] == "new_question_notification"
+        ]
+
+    assert alerted == []
+    assert db_rows(h.db, "SELECT question_id, stage FROM notified WHERE user_id = 'capped'") == [
+        ("q-elsewhere", "QUICK")
+    ]
+    assert qid in engine.questions
 
 
 @pytest.mark.backends("postgres")

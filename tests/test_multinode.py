@@ -230,6 +230,32 @@ async def test_an_asker_on_one_node_is_alerted_for_and_answered_by_locals_on_ano
     assert db_rows(db, "SELECT kind FROM push_outbox WHERE user_id = 'traveller'") == []
 
 
+async def test_a_cap_of_one_an_hour_holds_across_the_leaders_quick_and_another_nodes_immediate(
+    tmp_path: Path, db: str
+) -> None:
+    """Node B leads; a local with max_alerts_per_hour = 1 and the asker are on node A. B's QUICK for a first
+    question (4 km from the local) reaches the local through A; A's IMMEDIATE for a second one (1 km away)
+    leaves the local out: A counted B's alert from the stage commit's news on dongne_alerts, which comes
+    before the inbox news that has A deliver it."""
+    async with nodes(tmp_path, db, "ba") as (b, a), AsyncExitStack() as stack:
+        await wait_until(metrics(b, "dongne_escalation_lease_held 1.0"))
+        local = await stack.enter_async_context(open_client(a.url, token("capped", local=True)))
+        await local.request("update_settings", {"max_alerts_per_hour": 1})
+        await local.request("update_location", {"location": east(1000)})
+        watcher = await stack.enter_async_context(open_client(b.url, token("watcher")))
+        await wait_until(nearby(watcher, {"within_2km": 1, "within_5km": 1}))  # the leader places the local
+        asker = await stack.enter_async_context(open_client(a.url, token("traveller")))
+        await stored(asker, "create_question", question_data(title="Far", location=east(5000)))
+        first = await local.next_event("new_question_notification", timeout=15)
+        assert first["data"]["stage"] == "QUICK"
+
+        await stored(asker, "create_question", question_data(title="Near", location=dict(HERE)))
+
+        assert await alerts_after_a_round_trip(local) == []
+    alerts = "SELECT q.title, n.stage FROM notified n JOIN questions q USING (question_id) WHERE n.user_id = 'capped'"
+    assert db_rows(db, alerts) == [("Far", "QUICK")]
+
+
 async def test_resume_on_another_node_is_exactly_once_in_seq_order(tmp_path: Path, db: str) -> None:
     """The asker leaves node A at seq 1; answers come from locals on both nodes meanwhile; resuming on node B
     replays 2 and 3 once, in order, and B delivers what A commits next."""

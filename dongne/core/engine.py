@@ -47,6 +47,7 @@ from .events import (
     ReadDone,
     ReadFailed,
     Reloaded,
+    RemoteAlerts,
     RemoteMembers,
     RemotePositions,
     RoomRelayed,
@@ -360,6 +361,9 @@ class Engine:
         if isinstance(event, RemotePositions):
             self._adopt(event.users, now)
             self.where.remote_moved(event.moved, event.gone, everyone=event.everyone)
+            return _NOTHING
+        if isinstance(event, RemoteAlerts):
+            self.where.remote_alerts(event.alerts)
             return _NOTHING
         if isinstance(event, RemoteMembers):
             self._adopt(event.users, now)

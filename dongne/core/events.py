@@ -25,6 +25,7 @@ __all__ = [
     "ReadDone",
     "ReadFailed",
     "Reloaded",
+    "RemoteAlerts",
     "RemoteMembers",
     "RemotePositions",
     "RoomRelayed",
@@ -194,6 +195,27 @@ class RemotePositions:
 
 
 @attrs.frozen
+class RemoteAlerts:
+    """Who another node's escalation stages alerted, from its commits' news (several nodes; CLUSTER.md).
+
+    They count towards the hourly caps here too: the lease holder runs the
+    later stages for every node's questions, and each node runs the
+    IMMEDIATE stage of the questions asked on it. For a question whose
+    escalation the engine follows, each user not yet alerted for it joins
+    the alerted and is recorded in the alert ledger at ``at``; one already
+    there is counted already (read from the store by a take-up or a reload).
+    A question whose escalation it does not follow is skipped: its alerts
+    are counted from the store when it takes the escalation up
+    (``QuestionChanged.escalation``).
+
+    Attributes:
+        alerts: ``(question_id, at, user ids)``, ``at`` being when the node committing them sent them (ms).
+    """
+
+    alerts: tuple[tuple[str, int, tuple[str, ...]], ...]
+
+
+@attrs.frozen
 class RemoteMembers:
     """Who is in which question's room on other nodes, as the store holds it (several nodes; CLUSTER.md).
 
@@ -298,6 +320,7 @@ Event = (
     | SeqsMoved
     | RemotePositions
     | RemoteMembers
+    | RemoteAlerts
     | WritesFailing
     | Reloaded
     | WritesWork

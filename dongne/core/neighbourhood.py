@@ -345,6 +345,27 @@ class Neighbourhood:
         esc.style = alert_style(stage, brief)
         return stage, hits
 
+    def remote_alerts(self, alerts: Iterable[tuple[str, int, Iterable[str]]]) -> None:
+        """Count alerts another node sent (``RemoteAlerts``): ``(question_id, at, user ids)``.
+
+        Only for questions whose escalation is followed here, and only users
+        not yet alerted for it: who is in ``notified`` is counted already (by
+        ``run_stage``, a reload, or a take-up that read the store), so news
+        read after the store never counts an alert twice. A question not
+        followed yet has its alerts counted when its escalation is taken up.
+        """
+        for question_id, at, user_ids in alerts:
+            esc = self.escalations.get(question_id)
+            if esc is None:
+                continue
+            fresh = [user_id for user_id in user_ids if user_id not in esc.notified]
+            if not fresh:
+                continue
+            esc.notified.update(fresh)
+            self.ledger.record_users(fresh, at)
+            for user_id in fresh:
+                self._snooze(user_id)
+
     def _snooze_share(self) -> float | None:
         return None if self._snooze_stage is None else self._snooze_stage.cap_share
 

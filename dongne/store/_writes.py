@@ -48,6 +48,7 @@ from ._queries import Dialect
 from ._rows import ANSWER_COLS, QUESTION_COLS, REPORT_COLS, USER_COLS, answer_row, question_row, report_row, user_row
 
 __all__ = [
+    "ALERTS_CHANNEL",
     "APPEND_EVENTS_SQL",
     "CHANGES_CHANNEL",
     "EVENTS_CHANNEL",
@@ -59,8 +60,10 @@ __all__ = [
     "InboxAppends",
     "PreparedCommit",
     "SeqsGiven",
+    "alerts_news",
     "changes_news",
     "prepare_writes",
+    "read_alerts_news",
     "read_changes_news",
     "read_inbox_news",
     "read_room_news",
@@ -76,6 +79,10 @@ EVENTS_CHANNEL = "dongne_events"
 
 #: Where commits announce the questions and users they changed (``news_from``; CLUSTER.md).
 CHANGES_CHANNEL = "dongne_changes"
+
+#: Where commits announce who their escalation stages alerted, for other nodes' hourly caps (``news_from``;
+#: CLUSTER.md).
+ALERTS_CHANNEL = "dongne_alerts"
 
 #: Where room events go to the rooms' members on other nodes (CLUSTER.md, "Delivery across nodes").
 ROOMS_CHANNEL = "dongne_rooms"
@@ -349,6 +356,70 @@ def read_changes_news(payload: str) -> tuple[str, list[str], list[str]]:
     return origin, [str(q) for q in questions], [str(u) for u in users]
 
 
+#: Who a commit alerted: ``(question id, when (ms), user ids)`` for each ``SaveNotified``.
+Alerted = tuple[str, int, tuple[str, ...]]
+
+
+def alerts_news(origin: str, alerts: Iterable[Alerted]) -> list[str]:
+    """The payloads that announce a commit's alerts on :data:`ALERTS_CHANNEL`, for other nodes' hourly caps.
+
+    Each is JSON, ``{"node": origin, "alerts": [[question id, at, [user id, ...]], ...]}``,
+    under PostgreSQL's payload limit: a commit alerting many users sends
+    several, a long list of one question's going on in the next.
+
+    Raises:
+        ValueError: an id too long to announce.
+    """
+    payloads: list[str] = []
+    budget = NOTIFY_PAYLOAD_LIMIT - 1 - len(json.dumps({"node": origin, "alerts": []}, ensure_ascii=False).encode())
+    part: list[list[Any]] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal part, used
+        if part:
+            payloads.append(json.dumps({"node": origin, "alerts": part}, ensure_ascii=False))
+        part, used = [], 0
+
+    for question_id, at, user_ids in alerts:
+        opening = len(json.dumps([question_id, at, []], ensure_ascii=False).encode()) + 2  # ", " before it
+        group: list[str] | None = None
+        for user_id in user_ids:
+            size = len(json.dumps(user_id, ensure_ascii=False).encode()) + 2
+            if opening + size > budget:
+                raise ValueError(f"an id too long to announce: {(question_id + ' ' + user_id)[:40]!r}...")
+            if group is None or used + size > budget:
+                if used + opening + size > budget:
+                    flush()
+                group = []
+                part.append([question_id, at, group])
+                used += opening
+            group.append(user_id)
+            used += size
+    flush()
+    return payloads
+
+
+def read_alerts_news(payload: str) -> tuple[str, list[Alerted]]:
+    """``(origin node, [(question id, at, user ids), ...])`` of a payload :func:`alerts_news` made.
+
+    Raises:
+        ValueError: not such a payload.
+    """
+    try:
+        news = json.loads(payload)
+        origin = news["node"]
+        alerts = [(q, at, users) for q, at, users in news["alerts"]]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"not alerts news: {payload[:80]!r}") from None
+    if not isinstance(origin, str) or not all(
+        isinstance(q, str) and type(at) is int and isinstance(users, list) and all(isinstance(u, str) for u in users)
+        for q, at, users in alerts
+    ):
+        raise ValueError(f"not alerts news: {payload[:80]!r}")
+    return origin, [(q, at, tuple(users)) for q, at, users in alerts]
+
+
 def room_news(origin: str, question_id: str, kind: str, data: dict[str, Any]) -> str:
     """The payload of a room event on :data:`ROOMS_CHANNEL`: JSON ``{"node", "question_id", "kind", "data"}``.
 
@@ -403,9 +474,10 @@ def prepare_writes(
     the event loop, where it would hold the GIL anyway.
 
     ``news_from`` (PostgreSQL): a node id; the commit then announces its new
-    inbox heads on :data:`EVENTS_CHANNEL` (:class:`InboxAppends`) and the
+    inbox heads on :data:`EVENTS_CHANNEL` (:class:`InboxAppends`), the
     questions and users it changed on :data:`CHANGES_CHANNEL`
-    (:func:`changes_news`).
+    (:func:`changes_news`) and who its stages alerted on
+    :data:`ALERTS_CHANNEL` (:func:`alerts_news`).
     PostgreSQL's inbox events go to :attr:`PreparedCommit.appends`: the
     commit gives their seqs (:class:`InboxAppends`).
     """
@@ -416,6 +488,7 @@ def prepare_writes(
     events: list[AppendEvent] = []
     escalations: dict[str, SaveEscalation] = {}
     notified: list[tuple[Any, ...]] = []
+    alerted: list[SaveNotified] = []
     raced: list[CountAnswer | AcceptOnce | CloseOnce] = []  # in order
     points: dict[str, int] = {}  # user -> points added
     rooms: list[RoomNews] = []
@@ -429,6 +502,7 @@ def prepare_writes(
         if isinstance(item, AppendEvent):
             events.append(item)
         elif isinstance(item, SaveNotified):
+            alerted.append(item)
             notified.extend(
                 (item.question_id, uid, stage, dist, int(online), item.at) for uid, stage, dist, online in item.targets
             )
@@ -489,6 +563,9 @@ def prepare_writes(
         }
         for payload in changes_news(news_from, sorted(changed_questions), sorted({*users, *points})):
             batch.notify(CHANGES_CHANNEL, payload)
+        announced = ((a.question_id, a.at, tuple(uid for uid, *_ in a.targets)) for a in alerted if a.targets)
+        for payload in alerts_news(news_from, announced):
+            batch.notify(ALERTS_CHANNEL, payload)
         for news in rooms:  # after the changes: a listener may read the answer a news names
             try:
                 batch.notify(ROOMS_CHANNEL, room_news(news_from, news.question_id, news.kind, news.data))
