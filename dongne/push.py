@@ -41,10 +41,11 @@ CONCURRENCY = 16
 MAX_QUEUED = 10_000
 
 
-def _idempotency_key(job: PushJob) -> str:
+def _idempotency_key(job: PushJob, incarnation: str) -> str:
     if job.job_id == 0:  # an alert_now(): unique per alert, not per outbox row
         return f"dongne-{job.kind}-{job.created_at}"
-    return f"dongne-push-{job.job_id}"
+    # Ids are unique in one incarnation of the database only: a restore gives them again, with a new one.
+    return f"dongne-push-{incarnation}-{job.job_id}"
 
 
 def push_body(job: PushJob) -> dict[str, Any]:
@@ -97,6 +98,7 @@ class PushDispatcher:
             lease's holder: one node adopts).
         alert_url: where slow-response alerts go.
         max_queued: the most jobs queued in memory.
+        incarnation: the store's incarnation (``Storage.incarnation``), in each job's ``Idempotency-Key``.
     """
 
     def __init__(
@@ -111,8 +113,10 @@ class PushDispatcher:
         adopt_interval_s: float = 10.0,
         alert_url: str = "",
         max_queued: int = MAX_QUEUED,
+        incarnation: str = "",
     ) -> None:
         self.settings = settings
+        self._incarnation = incarnation
         self._urls = {"slow_response_alert": alert_url, "storage_alert": alert_url}
         self._max_queued = max_queued
         self._queue: deque[PushJob] = deque(itertools.islice(pending, max_queued))
@@ -352,7 +356,7 @@ class PushDispatcher:
                 response = await client.post(
                     url,
                     json=push_body(job),
-                    headers={"Idempotency-Key": _idempotency_key(job)},
+                    headers={"Idempotency-Key": _idempotency_key(job, self._incarnation)},
                 )
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"[:200]

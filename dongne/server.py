@@ -224,6 +224,7 @@ class ClientServer:
             ),
             adopt_interval_s=adopt_interval_s,
             alert_url=alert_url,
+            incarnation=store.incarnation,
         )
         self.pushes.adopting = lease_epoch is not None
         self.conns: dict[int, WebSocketConnection] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -14,6 +15,7 @@ import trio
 
 from dongne.core.effects import CancelPushes, CountAnswer, SaveAnswer, SaveQuestion, SaveUser
 from dongne.core.moderation import FOREVER
+from dongne.store import restore_snapshot, take_snapshot
 
 from .conftest import Harness, db_rows, question_data
 from .test_cluster_state import other_node_commits
@@ -104,9 +106,10 @@ async def test_offline_target_is_pushed_with_the_urgent_flag(start_server, nurse
     assert body["type"] == "new_question_notification"
     assert body["data"]["question_id"] == qid
     assert body["data"]["priority"] == "critical"
-    assert headers["idempotency-key"] == f"dongne-push-{body['job_id']}"
     await h.running.aclose()
     with sqlite3.connect(db_path) as conn:
+        [(incarnation,)] = conn.execute("SELECT incarnation FROM store_incarnation").fetchall()
+        assert headers["idempotency-key"] == f"dongne-push-{incarnation}-{body['job_id']}"
         assert conn.execute("SELECT status, attempts FROM push_outbox").fetchall() == [("sent", 1)]
     # The durable notification is in the inbox too, for when the app opens.
     h2 = await start_server(escalation={"stages": ONE_STAGE})
@@ -260,3 +263,29 @@ async def test_a_graceful_stop_cuts_a_retrys_backoff_short_and_posts_nothing_mor
     assert len(gateway.requests) == 1
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT status FROM push_outbox").fetchall() == [("pending",)]
+
+
+async def test_a_restore_gives_push_keys_the_gateway_has_not_seen(start_server, nursery, db_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Job ids continue from the highest in the database: after a restore, from the snapshot's, so jobs made
+    after the snapshot (and received by the gateway) have their ids given again. The restored database's new
+    incarnation keeps their Idempotency-Keys new: a gateway that drops repeats would drop real alerts."""
+    gateway = FakeGateway(200)
+    h = await _pushing_to(gateway, start_server, nursery)
+    titles = iter(["Before the snapshot", "After the snapshot", "After the restore"])
+
+    async def ask_and_stop(h: Harness) -> None:
+        async with h.connect("traveller") as asker:
+            await asker.request("create_question", question_data(location=HALL, title=next(titles)))
+        with trio.fail_after(10):
+            await h.running.pushes.wait_sent(1)
+        await h.running.aclose()
+
+    await ask_and_stop(h)
+    snapshot = take_snapshot(db_path, Path(tmp_path) / "snaps")
+    await ask_and_stop(await start_server(escalation={"stages": ONE_STAGE, "push_url": gateway.url}))
+    restore_snapshot(snapshot, db_path)
+    await ask_and_stop(await start_server(escalation={"stages": ONE_STAGE, "push_url": gateway.url}))
+
+    keys = [headers["idempotency-key"] for headers, _ in gateway.requests]
+    assert [body["job_id"] for _, body in gateway.requests] == [1, 2, 2]  # the id is given again ...
+    assert len(set(keys)) == 3  # ... but not the key

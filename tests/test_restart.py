@@ -143,6 +143,7 @@ async def test_inboxes_written_by_schema_3_survive_the_upgrade(start_server) -> 
             DROP INDEX push_pending_by_user;
             ALTER TABLE push_outbox DROP COLUMN question_id;
             ALTER TABLE push_outbox DROP COLUMN answer_id;
+            DROP TABLE store_incarnation;
             PRAGMA user_version = 3;
             """
         )

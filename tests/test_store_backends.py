@@ -359,6 +359,17 @@ def test_a_newer_postgresql_schema_is_refused(db: str) -> None:
         store_for(db).open()
 
 
+def test_a_database_keeps_the_random_incarnation_its_creation_gave_it(store: Storage, db: Path | str) -> None:
+    """Push job ids are unique within one incarnation (their Idempotency-Keys name both): every open reads the
+    one the schema's creation drew (a restore draws another: test_push.py)."""
+    again = store_for(db)
+    again.open()
+    again.close()
+
+    assert len(store.incarnation) == 32 and int(store.incarnation, 16) >= 0
+    assert again.incarnation == store.incarnation == db_rows(db, "SELECT incarnation FROM store_incarnation")[0][0]
+
+
 def test_urls_in_logs_and_errors_carry_no_password() -> None:
     from dongne.store._postgres import redact
 

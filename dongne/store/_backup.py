@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import sqlite3
 import threading
@@ -340,12 +341,30 @@ def _verify_snapshot(path: Path) -> int:
     return version
 
 
+def _new_incarnation(path: Path) -> None:
+    """Give the database at ``path`` a new incarnation (migration 12; an older snapshot gets one when it is
+    migrated). Push job ids continue from the highest in the snapshot: ids that jobs made after it had, and
+    that the gateway received. The new incarnation in their Idempotency-Key keeps it from dropping them."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            if conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'store_incarnation'"
+            ).fetchone():
+                conn.execute("UPDATE store_incarnation SET incarnation = ?", (secrets.token_hex(16),))
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise SnapshotError(f"cannot give {path} a new incarnation: {exc}") from exc
+
+
 def restore_snapshot(snapshot_path: Path | str, db_path: Path | str, *, now: datetime | None = None) -> Path | None:
     """Put a snapshot in place of the database. The server must be stopped.
 
     The snapshot is copied beside the database and the copy is verified
     (integrity check; a dongne schema no newer than this one) before anything
-    else is touched. Then the current database keeps its content under
+    else is touched, and given a new incarnation (push job ids start again
+    from the snapshot's; see ``_new_incarnation``). Then the current database keeps its content under
     ``<db>.before-restore-YYYYmmddTHHMMSSZ`` (with its ``-wal``, if any), stale
     ``-wal``/``-shm`` files are removed so SQLite cannot replay them onto the
     restored file, and the copy is renamed over the database (atomic: the
@@ -376,6 +395,7 @@ def restore_snapshot(snapshot_path: Path | str, db_path: Path | str, *, now: dat
     try:
         shutil.copyfile(snapshot_path, tmp)
         _verify_snapshot(tmp)  # the copy, not the original: what is checked is what goes in
+        _new_incarnation(tmp)
         _fsync_file(tmp)
         with hold_database_lock(db_path):
             kept: Path | None = None

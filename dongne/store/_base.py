@@ -101,6 +101,9 @@ def statement_for(statement: str, dialect: Dialect) -> str:
     return statement.format(**{hole: _queries.indexed_by(index, dialect) for hole, index in _LOAD_INDEXES.items()})
 
 
+#: The database's incarnation (migration 12), which a backend reads once its schema is migrated.
+READ_INCARNATION = "SELECT incarnation FROM store_incarnation"
+
 #: Deletes up to ``limit`` (the second parameter) alert records older than the first, oldest first, but none of
 #: a question still active (they keep its escalation from alerting anyone twice).
 PRUNE_NOTIFIED = (
@@ -121,6 +124,9 @@ class SqlStore:
         self._max_variables = 999  # SQLite's oldest default; a backend sets its real limit when it opens
         #: PostgreSQL: a node id, and each commit announces its new inbox heads (CLUSTER.md); None: it does not.
         self.news_from: str | None = None
+        #: The database's incarnation (read at ``open``): in each push job's Idempotency-Key beside its id, which
+        #: is unique in one incarnation only (a restore numbers again from its snapshot's highest).
+        self.incarnation = ""
 
     # ---- what a backend provides ---------------------------------------------------
 

@@ -85,6 +85,8 @@ class Storage(Protocol):
     #: Transactions and rows committed since ``open`` (the WAL checkpointer and metrics count them).
     commits: int
     rows_committed: int
+    #: The database's incarnation, read at ``open``: push job ids are unique within one (``SqlStore``).
+    incarnation: str
 
     @property
     def location(self) -> str:

@@ -332,6 +332,15 @@ PG_MIGRATIONS: list[str] = [
     CREATE INDEX push_pending_by_question ON push_outbox (question_id, answer_id) WHERE status = 'pending';
     CREATE INDEX push_pending_by_user ON push_outbox (user_id) WHERE status = 'pending';
     """,
+    # 12: as SQLite's 12: the database's incarnation, in every push job's Idempotency-Key. A database restored
+    # from a backup must be given a new one before dongne starts on it (README, "Backups").
+    """
+    CREATE TABLE store_incarnation (
+        id           integer PRIMARY KEY CHECK (id = 1),
+        incarnation  text COLLATE "C" NOT NULL
+    );
+    INSERT INTO store_incarnation (id, incarnation) VALUES (1, replace(gen_random_uuid()::text, '-', ''));
+    """,
 ]
 
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

@@ -41,7 +41,7 @@ import psycopg.errors
 
 from ..core.records import LoadedState, PushJob
 from ._backup import DatabaseInUseError
-from ._base import SqlStore
+from ._base import READ_INCARNATION, SqlStore
 from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
 from ._rows import PUSH_COLS, push_from
@@ -138,6 +138,9 @@ class PostgresStore(SqlStore):
             writer = self._connect()
             try:
                 self._migrate(writer)
+                row = writer.execute(READ_INCARNATION).fetchone()
+                assert row is not None  # migration 12 wrote it
+                self.incarnation = str(row[0])
                 self._take_node_lock(writer)
             except BaseException:
                 writer.close()

@@ -231,6 +231,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX push_pending_by_question ON push_outbox(question_id, answer_id) WHERE status = 'pending';
     CREATE INDEX push_pending_by_user ON push_outbox(user_id) WHERE status = 'pending';
     """,
+    # 12: the database's incarnation, a random name in every push job's Idempotency-Key beside its id. Ids
+    # continue from the highest in the outbox, so a restored snapshot gives again ids that jobs made after it
+    # had (and the gateway received); a restore (``_backup.restore_snapshot``) writes a new incarnation.
+    """
+    CREATE TABLE store_incarnation (
+        id           INTEGER PRIMARY KEY CHECK (id = 1),
+        incarnation  TEXT NOT NULL
+    );
+    INSERT INTO store_incarnation (id, incarnation) VALUES (1, lower(hex(randomblob(16))));
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._base import SqlStore
+from ._base import READ_INCARNATION, SqlStore
 from ._interface import Conflict, StoreError, WriteFailed
 from ._schema import MIGRATIONS
 from ._writes import Guard, PreparedCommit, SeqsGiven
@@ -107,6 +107,7 @@ class Store(SqlStore):
         self._writer = _connect(self.path, self.synchronous, WRITER_CACHE_KIB, self.busy_timeout_s)
         self._max_variables = self._writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self._migrate(self._writer)
+        self.incarnation = str(self._writer.execute(READ_INCARNATION).fetchone()[0])
         for _ in range(READERS):
             self._readers.put(_connect(self.path, self.synchronous))
         self._reader_count = READERS
