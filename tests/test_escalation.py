@@ -20,6 +20,7 @@ from dongne.client import DongneClient
 from dongne.clock import EngineClock
 from dongne.core.effects import StartEscalation
 from dongne.core.escalation import DEFAULT_STAGES
+from dongne.store import store_for
 
 from .conftest import NO_TIMERS, Harness, db_rows, question_data
 
@@ -222,6 +223,44 @@ async def test_alert_records_go_after_the_retention_but_an_active_questions_stay
     await h.running.aclose()
     rows = db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'near'")
     assert sorted(r[0] for r in rows) == sorted([still_open, recent["question_id"]])
+
+
+async def test_a_deleted_questions_alert_records_go_after_the_retention_and_start_up_reads_none_of_a_hidden_ones(
+    start_server, db
+) -> None:  # type: ignore[no-untyped-def]
+    """A deleted question has ended, though its status stays as it was (a deletion sets ``deleted_at``): past
+    the retention its alert records go. A hidden one may be shown again, its escalation taken up at the next
+    start: its records stay. Start-up loads neither question, and reads neither's escalation nor old alerts."""
+    forty_days_ago = int(time.time() * 1000) - 40 * 86_400_000
+    keep_open = {"ttl_s": 1e9}  # the old questions must not expire at the restart
+    old = await start_server(clock=EngineClock(forty_days_ago), server=NO_TIMERS, questions=keep_open)
+    async with AsyncExitStack() as stack:
+        near = await local_at(stack, old, "near", 1000)
+        asker = await stack.enter_async_context(old.connect("traveller"))
+        admin = await stack.enter_async_context(old.connect("ops", admin=True))
+        deleted, hidden, still_open = [
+            (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+            for _ in range(3)
+        ]
+        for _ in range(3):
+            await near.next_event("new_question_notification")  # IMMEDIATE, for each
+        await asker.request("delete_question", {"question_id": deleted})
+        await admin.request("hide_question", {"id": hidden, "reason": "off topic"})
+    await old.running.aclose()
+    assert db_rows(db, "SELECT count(*) FROM questions WHERE status = 'open'") == [(3,)]
+
+    store = store_for(db)
+    store.open()
+    try:
+        loaded = store.load(hot_since=int(time.time() * 1000) - 86_400_000)
+    finally:
+        store.close()
+    assert (list(loaded.escalations), {qid for qid, _, _ in loaded.notified}) == ([still_open], {still_open})
+    h = await start_server(server=NO_TIMERS, questions=keep_open)
+    assert await h.running.clients.prune_alerts() == 1
+    await h.running.aclose()
+    rows = db_rows(db, "SELECT question_id FROM notified WHERE user_id = 'near'")
+    assert sorted(r[0] for r in rows) == sorted([hidden, still_open])
 
 
 async def test_alert_records_of_the_last_hour_stay_whatever_the_retention(start_server, db) -> None:  # type: ignore[no-untyped-def]

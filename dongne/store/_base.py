@@ -74,16 +74,18 @@ LOAD_UNDELIVERED = (
     " AND q.deleted_at IS NULL AND a.state = 'sent' AND a.deleted_at IS NULL"
     " ORDER BY a.created_at, a.answer_id"
 )
-#: ``(question, next stage)`` of each active question.
+#: ``(question, next stage)`` of each active question; not of a deleted one (its status stays as it was) nor of a
+#: hidden one: the engine loads neither (shown again, a question is read with its escalation at the next start).
 LOAD_ESCALATIONS = (
     "SELECT e.question_id, e.next_stage FROM questions q{by_status} JOIN escalations e USING (question_id)"
-    " WHERE q.status IN ('open', 'answered')"
+    " WHERE q.status IN ('open', 'answered') AND q.deleted_at IS NULL"
 )
-#: ``(question, user, at, stage)`` of every alert since ``hot_since``, and of the older ones of active questions (two
-#: parts that cannot overlap: no duplicates to remove).
+#: ``(question, user, at, stage)`` of every alert since ``hot_since`` (each local's cap counts the recent ones), and
+#: of the older ones of the active questions ``LOAD_ESCALATIONS`` reads (they keep an escalation from alerting anyone
+#: twice). Two parts that cannot overlap: no duplicates to remove.
 LOAD_NOTIFIED = (
     "SELECT n.question_id, n.user_id, n.at, n.stage FROM questions q{by_status} JOIN notified n USING (question_id)"
-    " WHERE q.status IN ('open', 'answered') AND n.at < ?"
+    " WHERE q.status IN ('open', 'answered') AND q.deleted_at IS NULL AND n.at < ?"
     " UNION ALL SELECT question_id, user_id, at, stage FROM notified{notified_by_time} WHERE at >= ?"
 )
 #: The ``LOAD_`` statements' holes, and the index each names on SQLite.
@@ -105,10 +107,13 @@ def statement_for(statement: str, dialect: Dialect) -> str:
 READ_INCARNATION = "SELECT incarnation FROM store_incarnation"
 
 #: Deletes up to ``limit`` (the second parameter) alert records older than the first, oldest first, but none of
-#: a question still active (they keep its escalation from alerting anyone twice).
+#: a question still active (they keep its escalation from alerting anyone twice). A deleted question has ended,
+#: whatever its status (deletion only sets ``deleted_at``); a hidden one (``deleted_at`` set too) may be shown
+#: again, and its escalation taken up at the next start: its records stay.
 PRUNE_NOTIFIED = (
     "DELETE FROM notified WHERE (question_id, user_id) IN (SELECT n.question_id, n.user_id"
-    " FROM notified n{notified_by_time} JOIN questions q USING (question_id) WHERE n.at < ? AND q.status NOT IN ('open', 'answered')"
+    " FROM notified n{notified_by_time} JOIN questions q USING (question_id) WHERE n.at < ?"
+    " AND (q.status NOT IN ('open', 'answered') OR (q.deleted_at IS NOT NULL AND q.hidden = 0))"
     " ORDER BY n.at LIMIT ?)"
 )
 
@@ -178,7 +183,7 @@ class SqlStore:
         return prepare_writes(writes, self._max_variables, self.dialect, news_from=self.news_from)
 
     def prune_alerts(self, before_ms: int, limit: int) -> int:
-        """Delete at most ``limit`` alert records older than ``before_ms``, but for active questions'
+        """Delete at most ``limit`` alert records older than ``before_ms``, but for active (or hidden) questions'
         (blocking: on a worker thread); returns how many."""
         return self._write("pruning alerts", [(statement_for(PRUNE_NOTIFIED, self.dialect), (before_ms, limit))])[0]
 
