@@ -103,7 +103,7 @@ async def test_a_snapshot_taken_while_the_server_writes_has_every_acknowledged_w
     await h.running.aclose()
 
     assert written_during > 0  # the server kept committing while snapshots were copied
-    assert [p for p, _ in taken] == list_snapshots(tmp_path / "snaps")
+    assert [p for p, _ in taken] == list_snapshots(tmp_path / "snaps", h.db)
     for path, before in taken:
         assert _rows(path, "PRAGMA integrity_check") == [("ok",)]
         assert _rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
@@ -113,7 +113,7 @@ async def test_a_snapshot_taken_while_the_server_writes_has_every_acknowledged_w
 
 
 def test_names_are_unique_per_second_and_prune_keeps_the_newest(tmp_path: Path) -> None:
-    db = _make_db(tmp_path / "d.sqlite3")
+    db = _make_db(tmp_path / "dongne.sqlite3")
     snaps = tmp_path / "snaps"
     first = take_snapshot(db, snaps, now=NOON)
     second = take_snapshot(db, snaps, now=NOON)
@@ -126,18 +126,33 @@ def test_names_are_unique_per_second_and_prune_keeps_the_newest(tmp_path: Path) 
         "dongne-20250501T120000Z-1.sqlite3",
         "dongne-20250501T120001Z.sqlite3",
     ]
-    assert list_snapshots(snaps) == [first, second, third]
-    assert prune_snapshots(snaps, 2) == [first]
-    assert prune_snapshots(snaps, 2) == []
+    assert list_snapshots(snaps, db) == [first, second, third]
+    assert prune_snapshots(snaps, db, 2) == [first]
+    assert prune_snapshots(snaps, db, 2) == []
     assert sorted(p.name for p in snaps.iterdir()) == sorted(
         ["dongne-backup.sqlite3", "notes.txt", second.name, third.name]
     )
     # The pruned name is not reused: names sort in the order snapshots were taken.
     fourth = take_snapshot(db, snaps, now=NOON)
     assert fourth.name == "dongne-20250501T120000Z-2.sqlite3"
-    assert list_snapshots(snaps) == [second, fourth, third]
+    assert list_snapshots(snaps, db) == [second, fourth, third]
     with pytest.raises(ValueError):
-        prune_snapshots(snaps, 0)
+        prune_snapshots(snaps, db, 0)
+
+
+def test_databases_sharing_a_folder_list_and_prune_their_own_snapshots_only(tmp_path: Path) -> None:
+    """``prod.sqlite3`` and ``staging.sqlite3`` get the same default folder, ``snapshots/`` beside them: each
+    database's name is in its snapshots', and its pruning leaves the other's alone."""
+    prod, staging = _make_db(tmp_path / "prod.sqlite3"), _make_db(tmp_path / "staging.sqlite3")
+    snaps = tmp_path / "snapshots"
+    ours = [take_snapshot(prod, snaps, now=NOON.replace(hour=hour)) for hour in (1, 2)]
+    theirs = [take_snapshot(staging, snaps, now=NOON.replace(hour=hour)) for hour in (3, 4, 5)]
+
+    assert [p.name for p in ours] == ["prod-20250501T010000Z.sqlite3", "prod-20250501T020000Z.sqlite3"]
+    assert (list_snapshots(snaps, prod), list_snapshots(snaps, staging)) == (ours, theirs)
+    assert prune_snapshots(snaps, staging, 2) == theirs[:1]
+    assert prune_snapshots(snaps, prod, 2) == []
+    assert sorted(snaps.iterdir()) == sorted(ours + theirs[1:])
 
 
 def test_a_cancelled_snapshot_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -326,7 +341,7 @@ async def test_periodic_snapshots_prune_to_keep(
 
     assert stats == SnapshotStatistics(written=5, failed=0)
     assert len(written()) == 5
-    kept = list_snapshots(tmp_path / "snaps")
+    kept = list_snapshots(tmp_path / "snaps", db)
     assert [Path(m.split()[1]) for m in written()][-3:] == kept
     assert all(_rows(p, "PRAGMA integrity_check") == [("ok",)] for p in kept)
 
@@ -352,7 +367,7 @@ async def test_periodic_snapshots_survive_errors_and_retry(
     assert (failing, retried) == (SnapshotStatistics(written=0, failed=2), SnapshotStatistics(written=1, failed=2))
     assert "snapshot failed" in messages(logging.ERROR)[0]
     assert any("written" in m for m in messages(logging.INFO))
-    assert list_snapshots(tmp_path / "snaps")
+    assert list_snapshots(tmp_path / "snaps", db)
 
 
 async def test_periodic_snapshots_off(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:

@@ -18,10 +18,15 @@ Theory of operation:
 - A snapshot is written to a hidden temp name in the snapshot folder, switched
   to rollback-journal mode (one self-contained file), checked with ``PRAGMA
   integrity_check`` and ``PRAGMA user_version``, synced, then hard-linked to its
-  final name ``dongne-YYYYmmddTHHMMSSZ.sqlite3`` (``-1``, ``-2``, ... if that
-  second is taken: the link fails rather than overwrite). A crash leaves at
-  most a hidden ``.dongne-*.tmp`` file, never a half-written snapshot under a
-  snapshot name.
+  final name ``<stem>-YYYYmmddTHHMMSSZ.sqlite3``, ``<stem>`` being the
+  database's file name without its suffix (``dongne`` for ``dongne.sqlite3``),
+  with ``-1``, ``-2``, ... added if that second is taken: the link fails rather
+  than overwrite. A crash leaves at most a hidden ``.<stem>-*.tmp`` file,
+  never a half-written snapshot under a snapshot name.
+- **Several databases may share a folder** (``prod.sqlite3`` and
+  ``staging.sqlite3``, with the default ``snapshots/`` beside them): the stem
+  in the names keeps them apart, and listing and pruning see only the names
+  of the database they are given.
 - **Is a server using the database?** Every SQLite connection in WAL mode
   keeps a SHARED lock on the database file for as long as it is open, idle or
   not. ``check_not_in_use`` opens the database with ``PRAGMA
@@ -65,10 +70,13 @@ __all__ = [
     "take_snapshot",
 ]
 
-#: ``dongne-20250101T120000Z.sqlite3``, or ``dongne-20250101T120000Z-2.sqlite3``
-#: for the third snapshot taken in that second.
-_SNAPSHOT_NAME = re.compile(r"^dongne-(\d{8}T\d{6}Z)(?:-(\d+))?\.sqlite3$")
 _STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def _snapshot_name(db_path: Path) -> re.Pattern[str]:
+    """The names of ``db_path``'s snapshots: for ``dongne.sqlite3``, ``dongne-20250101T120000Z.sqlite3``, or
+    ``dongne-20250101T120000Z-2.sqlite3`` for the third snapshot taken in that second."""
+    return re.compile(rf"^{re.escape(db_path.stem)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?\.sqlite3$")
 
 
 class SnapshotError(DongneError):
@@ -159,7 +167,8 @@ def take_snapshot(
             up promptly when it is cancelled.
 
     Returns:
-        The new snapshot, ``<snapshot_dir>/dongne-YYYYmmddTHHMMSSZ[-N].sqlite3``.
+        The new snapshot, ``<snapshot_dir>/<stem>-YYYYmmddTHHMMSSZ[-N].sqlite3``
+        (``<stem>``: ``db_path``'s name without its suffix).
 
     Raises:
         SnapshotError: no database at ``db_path``; SQLite failed; the copy did
@@ -175,7 +184,7 @@ def take_snapshot(
         raise SnapshotError(f"no database at {db_path}")
     stamp = _stamp(now)
     snapshot_dir.mkdir(parents=True, exist_ok=True)
-    tmp = snapshot_dir / f".dongne-{stamp}-{os.getpid()}-{threading.get_ident()}.tmp"
+    tmp = snapshot_dir / f".{db_path.stem}-{stamp}-{os.getpid()}-{threading.get_ident()}.tmp"
 
     def between_steps(status: int, remaining: int, total: int) -> None:
         if should_stop is not None and should_stop():
@@ -211,10 +220,11 @@ def take_snapshot(
         _fsync_file(tmp)
         # After the newest of this second, never in a gap left by pruning:
         # names must sort in the order the snapshots were taken.
-        taken = [_SNAPSHOT_NAME.match(p.name) for p in list_snapshots(snapshot_dir)]
+        name = _snapshot_name(db_path)
+        taken = [name.match(p.name) for p in list_snapshots(snapshot_dir, db_path)]
         same_second = [int(m.group(2) or 0) for m in taken if m is not None and m.group(1) == stamp]
         final = _link_unique(
-            tmp, snapshot_dir, f"dongne-{stamp}", ".sqlite3", first=max(same_second) + 1 if same_second else 0
+            tmp, snapshot_dir, f"{db_path.stem}-{stamp}", ".sqlite3", first=max(same_second) + 1 if same_second else 0
         )
         _fsync_dir(snapshot_dir)
         return final
@@ -230,30 +240,33 @@ def _check(conn: sqlite3.Connection, path: Path) -> None:
         raise InvalidSnapshotError(f"{path} fails the integrity check: {problems}")
 
 
-def list_snapshots(snapshot_dir: Path | str) -> list[Path]:
-    """Snapshots in ``snapshot_dir``, oldest first, by the time in their names.
+def list_snapshots(snapshot_dir: Path | str, db_path: Path | str) -> list[Path]:
+    """The snapshots of ``db_path`` in ``snapshot_dir``, oldest first, by the time in their names.
 
-    Only files named like ``dongne-YYYYmmddTHHMMSSZ[-N].sqlite3`` count; a
-    missing folder has none.
+    Only files named like ``<stem>-YYYYmmddTHHMMSSZ[-N].sqlite3`` count,
+    ``<stem>`` being ``db_path``'s name without its suffix: another
+    database's snapshots in the same folder do not. A missing folder has none.
     """
     directory = Path(snapshot_dir)
+    name = _snapshot_name(Path(db_path))
     try:
         entries = list(directory.iterdir())
     except FileNotFoundError:
         return []
     found: list[tuple[str, int, Path]] = []
     for entry in entries:
-        match = _SNAPSHOT_NAME.match(entry.name)
+        match = name.match(entry.name)
         if match and entry.is_file():
             found.append((match.group(1), int(match.group(2) or 0), entry))
     found.sort(key=lambda item: item[:2])
     return [path for _, _, path in found]
 
 
-def prune_snapshots(snapshot_dir: Path | str, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` snapshots; returns what was deleted.
+def prune_snapshots(snapshot_dir: Path | str, db_path: Path | str, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` snapshots of ``db_path``; returns what was deleted.
 
-    Other files in the folder are never touched.
+    Other files in the folder (another database's snapshots among them) are
+    never touched.
 
     Raises:
         ValueError: ``keep`` is less than 1.
@@ -261,7 +274,7 @@ def prune_snapshots(snapshot_dir: Path | str, keep: int) -> list[Path]:
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    doomed = list_snapshots(snapshot_dir)[:-keep]
+    doomed = list_snapshots(snapshot_dir, db_path)[:-keep]
     for path in doomed:
         path.unlink(missing_ok=True)  # another pruner may have been first
     return doomed
