@@ -73,7 +73,7 @@ async def _snapshot_and_prune(db_path: Path, directory: Path, keep: int) -> tupl
 
     def work() -> tuple[Path, list[Path]]:
         path = take_snapshot(db_path, directory, should_stop=stop.is_set)
-        return path, prune_snapshots(directory, db_path, keep)
+        return path, prune_snapshots(directory, db_path, keep, just_taken=path)
 
     try:
         # Abandoned on cancel, so shutdown need not wait for a big copy: the

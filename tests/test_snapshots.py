@@ -9,7 +9,7 @@ import pty
 import sqlite3
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +344,24 @@ async def test_periodic_snapshots_prune_to_keep(
     kept = list_snapshots(tmp_path / "snaps", db)
     assert [Path(m.split()[1]) for m in written()][-3:] == kept
     assert all(_rows(p, "PRAGMA integrity_check") == [("ok",)] for p in kept)
+
+
+async def test_periodic_pruning_keeps_the_snapshot_just_taken_after_the_clock_was_ahead(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Names sort by the wall clock: two snapshots taken while it was hours ahead sort after the one taken
+    now. Pruning to two keeps that one (the newest taken) and the later of the two."""
+    db = await trio.to_thread.run_sync(_make_db, tmp_path / "d.sqlite3")
+    ahead = datetime.now(UTC) + timedelta(hours=6)
+    earlier = [take_snapshot(db, tmp_path / "snaps", now=ahead + timedelta(hours=n)) for n in range(2)]
+    async with trio.open_nursery() as nursery:
+        progress = await nursery.start(run_periodic_snapshots, db, SnapshotSettings(dir="snaps", interval_s=60, keep=2))
+        stats = await progress.wait_attempts(1)
+        nursery.cancel_scope.cancel()
+
+    [taken] = set(list_snapshots(tmp_path / "snaps", db)) - set(earlier)
+    assert stats == SnapshotStatistics(written=1, failed=0)
+    assert list_snapshots(tmp_path / "snaps", db) == [taken, earlier[1]]
 
 
 async def test_periodic_snapshots_survive_errors_and_retry(

@@ -262,11 +262,22 @@ def list_snapshots(snapshot_dir: Path | str, db_path: Path | str) -> list[Path]:
     return [path for _, _, path in found]
 
 
-def prune_snapshots(snapshot_dir: Path | str, db_path: Path | str, keep: int) -> list[Path]:
+def prune_snapshots(
+    snapshot_dir: Path | str, db_path: Path | str, keep: int, *, just_taken: Path | None = None
+) -> list[Path]:
     """Delete all but the newest ``keep`` snapshots of ``db_path``; returns what was deleted.
 
     Other files in the folder (another database's snapshots among them) are
     never touched.
+
+    Args:
+        snapshot_dir: the folder.
+        db_path: the database.
+        keep: how many to keep.
+        just_taken: the snapshot the caller has just taken: the newest,
+            whatever its name says. Names sort by the wall clock, and after
+            the clock was ahead (wrong at boot, a VM resumed from an old
+            image) older snapshots carry later times.
 
     Raises:
         ValueError: ``keep`` is less than 1.
@@ -274,7 +285,11 @@ def prune_snapshots(snapshot_dir: Path | str, db_path: Path | str, keep: int) ->
     """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    doomed = list_snapshots(snapshot_dir, db_path)[:-keep]
+    found = list_snapshots(snapshot_dir, db_path)
+    if just_taken in found:
+        found.remove(just_taken)
+        found.append(just_taken)
+    doomed = found[:-keep]
     for path in doomed:
         path.unlink(missing_ok=True)  # another pruner may have been first
     return doomed
