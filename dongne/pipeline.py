@@ -34,8 +34,8 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from .core.effects import Outcome, Write, rows_of
-from .store import LeaseLost, SeqsGiven, Storage, Store, WriteFailed
+from .core.effects import IfOpen, Outcome, Write, rows_of
+from .store import LeaseLost, QuestionEnded, SeqsGiven, Storage, Store, WriteFailed
 
 __all__ = ["CommitPipeline", "keep_wal_short"]
 
@@ -79,6 +79,8 @@ class CommitPipeline:
             and to be acted on, so this bounds what bulk work adds to a
             reply's latency (README's benchmark section has the figures).
         bulk_time_budget: the most event-loop seconds spent computing them.
+        on_stage_refused: called with the escalation stages a commit took out, unacted, because their
+            questions had ended in the store (``QuestionEnded``; the rest of the batch is committed).
     """
 
     def __init__(
@@ -92,8 +94,10 @@ class CommitPipeline:
         bulk_time_budget: float = 0.010,
         on_commit: Callable[[float, int, SeqsGiven], None] | None = None,
         on_write_failed: Callable[[WriteFailed, list[tuple[Outcome, Any]]], None] | None = None,
+        on_stage_refused: Callable[[list[Outcome]], None] | None = None,
     ) -> None:
         self._on_write_failed = on_write_failed
+        self._on_stage_refused = on_stage_refused
         self.failing = False  # a commit failed and writes_work() was not called since
         self._failure: WriteFailed | None = None
         self._store = store
@@ -321,42 +325,68 @@ class CommitPipeline:
                 # What comes next goes into the next commit: bulk work may fill it.
                 self._bulk_queued, self._bulk_seconds = 0, 0.0
                 self._wake_bulk()
-            writes: list[Write] = [w for outcome, _token in batch for w in outcome.writes]
-            given: SeqsGiven = {}
-            if writes:
-                started = time.perf_counter()
-                epochs = [e for o, _t in batch if (e := self._epochs.pop(id(o), None)) is not None]
-                try:
-                    # Statements are built here (GIL-bound work either way); the
-                    # worker thread only runs SQLite. Not abandoned on cancel: a
-                    # commit in flight always finishes.
-                    prepared = self._store.prepare(writes)
-                    if epochs:  # the oldest: a commit decided under an epoch since replaced must be refused
-                        prepared.guard_lease(min(epochs))
-                    given = await trio.to_thread.run_sync(self._store.commit, prepared)
-                except WriteFailed as exc:
-                    if isinstance(exc, LeaseLost) and epochs:
-                        exc.epoch = min(epochs)
-                    self._failed(exc, batch)
-                    continue
-                except Exception as exc:
-                    # A bug (a value no statement can take, say): what the batch holds cannot be stored,
-                    # so it is refused like any failed commit (rolled back: ``Storage.commit``), memory is
-                    # rebuilt and the probe, a second later, lets writes in again; nothing else stops.
-                    log.exception("commit_crashed", extra={"outcomes": len(batch), "rows": len(writes)})
-                    failure = WriteFailed(f"commit failed: {exc!r}")
-                    failure.__cause__ = exc
-                    self._failed(failure, batch)
-                    continue
-                self._committed.set()
-                self._committed = trio.Event()
-                self._record(time.perf_counter() - started)
-                if self._on_commit is not None:
-                    self._on_commit(time.perf_counter() - started, len(batch), given)
+            epochs = {id(o): e for o, _t in batch if (e := self._epochs.pop(id(o), None)) is not None}
+            committed = await self._commit(batch, epochs, self._taken - len(batch))
+            if committed is None:
+                continue  # refused
+            batch, given = committed
             self._settle()
             self._stretches.append([self._taken, False])
             self._committed_batches.append((batch, given))
             self._batch_committed.set()
+
+    async def _commit(
+        self, batch: list[tuple[Outcome, Any]], epochs: dict[int, int], before: int
+    ) -> tuple[list[tuple[Outcome, Any]], SeqsGiven] | None:
+        """Commit ``batch``'s writes (``epochs``: its outcomes' lease epochs; ``before``: the number of the
+        outcome before it). Returns what is to be acted on and the seqs given, or None once it is refused.
+
+        A stage of a question another node ended before this node heard (``QuestionEnded``) is taken out
+        of the batch, which is committed again without it: it is not acted on, ``on_stage_refused`` is told.
+        """
+        while True:
+            writes: list[Write] = [w for outcome, _token in batch for w in outcome.writes]
+            if not writes:
+                return batch, {}
+            started = time.perf_counter()
+            lease = [epochs[id(o)] for o, _t in batch if id(o) in epochs]
+            try:
+                # Statements are built here (GIL-bound work either way); the
+                # worker thread only runs SQLite. Not abandoned on cancel: a
+                # commit in flight always finishes.
+                prepared = self._store.prepare(writes)
+                if lease:  # the oldest: a commit decided under an epoch since replaced must be refused
+                    prepared.guard_lease(min(lease))
+                given = await trio.to_thread.run_sync(self._store.commit, prepared)
+            except QuestionEnded as exc:
+                ended = [o for o, _t in batch if _stage_of(o, exc.question_ids)]
+                if not ended:  # nothing to take out (a bug): refused like any failed commit
+                    self._failed(exc, batch, before)
+                    return None
+                batch = [(o, t) for o, t in batch if not _stage_of(o, exc.question_ids)]
+                if self._on_stage_refused is not None:
+                    self._on_stage_refused(ended)
+                continue
+            except WriteFailed as exc:
+                if isinstance(exc, LeaseLost) and lease:
+                    exc.epoch = min(lease)
+                self._failed(exc, batch, before)
+                return None
+            except Exception as exc:
+                # A bug (a value no statement can take, say): what the batch holds cannot be stored,
+                # so it is refused like any failed commit (rolled back: ``Storage.commit``), memory is
+                # rebuilt and the probe, a second later, lets writes in again; nothing else stops.
+                log.exception("commit_crashed", extra={"outcomes": len(batch), "rows": len(writes)})
+                failure = WriteFailed(f"commit failed: {exc!r}")
+                failure.__cause__ = exc
+                self._failed(failure, batch, before)
+                return None
+            self._committed.set()
+            self._committed = trio.Event()
+            self._record(time.perf_counter() - started)
+            if self._on_commit is not None:
+                self._on_commit(time.perf_counter() - started, len(batch), given)
+            return batch, given
 
     def refuse_writes(self, exc: WriteFailed) -> None:
         """Refuse writes from now on, as after a failed commit (``on_write_failed`` is told, with nothing
@@ -374,10 +404,10 @@ class CommitPipeline:
         self.failing = False
         self._failure = None
 
-    def _failed(self, exc: WriteFailed, batch: list[tuple[Outcome, Any]]) -> None:
-        """A commit failed: nothing of ``batch`` or of what is queued behind it will be committed."""
+    def _failed(self, exc: WriteFailed, batch: list[tuple[Outcome, Any]], before: int) -> None:
+        """A commit failed: nothing of ``batch`` (after outcome number ``before``) or of what is queued behind
+        it will be committed."""
         refused = batch + self._queue
-        before = self._taken - len(batch)  # the number of the last outcome before the batch
         self._queue = []
         self._taken = self._queued
         self._settle()
@@ -451,6 +481,11 @@ class CommitPipeline:
         self.commit_seconds.append(seconds)
         if len(self.commit_seconds) > 1024:
             del self.commit_seconds[:512]
+
+
+def _stage_of(outcome: Outcome, questions: tuple[str, ...]) -> bool:
+    """Whether ``outcome`` is a stage of one of ``questions`` (it holds their ``IfOpen``)."""
+    return any(isinstance(w, IfOpen) and w.question_id in questions for w in outcome.writes)
 
 
 #: The WAL is checkpointed beside the committer after this many commits or

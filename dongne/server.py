@@ -62,6 +62,7 @@ from .core import (
     EscalationDue,
     Event,
     FrameReceived,
+    IfOpen,
     InboxPruned,
     Note,
     Observe,
@@ -78,6 +79,7 @@ from .core import (
     Send,
     SendEach,
     SeqsMoved,
+    StageRefused,
     StartEscalation,
     Tick,
     UserLoaded,
@@ -185,7 +187,12 @@ class ClientServer:
         self.door = Doorman(settings, limits, on_refused=self.metrics.rate_limit_hits.labels("connection").inc)
         self._connections_total = self.metrics.connections_total
         self.pipeline = CommitPipeline(
-            store, self._act, max_batch=max_batch, on_commit=self._on_commit, on_write_failed=self._write_failed
+            store,
+            self._act,
+            max_batch=max_batch,
+            on_commit=self._on_commit,
+            on_write_failed=self._write_failed,
+            on_stage_refused=self._stages_refused,
         )
         self._hot_ms = int(hot_days * 86_400_000)
         self._writes_ok = trio.Event()  # set while writes are taken
@@ -320,6 +327,14 @@ class ClientServer:
             heads = {u: h for u, seqs in given.items() if u in users and (h := max(seqs.values())) > users[u].last_seq}
             if heads:
                 self._feed(SeqsMoved(heads))
+
+    def _stages_refused(self, stages: list[Outcome]) -> None:
+        """Escalation stages a commit took out: another node had ended their questions (``IfOpen``). Nothing
+        of them was stored or sent; the engine takes their alerts back and ends those escalations."""
+        for outcome in stages:
+            for guard in (w for w in outcome.writes if isinstance(w, IfOpen)):
+                seqs = tuple((w.user_id, w.seq) for w in outcome.writes if isinstance(w, AppendEvent))
+                self._feed(StageRefused(guard.question_id, guard.alerted, seqs))
 
     def statistics(self) -> ServerStatistics:
         """Traffic so far (from the metrics registry, where it is counted)."""

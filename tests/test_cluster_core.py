@@ -3,6 +3,8 @@ question writes it emits, and the copies of questions it replaces when the store
 
 from __future__ import annotations
 
+import itertools
+
 import attrs
 
 from dongne.core import (
@@ -13,7 +15,9 @@ from dongne.core import (
     CoreSettings,
     CountAnswer,
     Engine,
+    EscalationDue,
     EscalationProgress,
+    IfOpen,
     InboxPruned,
     Outcome,
     QuestionChanged,
@@ -24,12 +28,13 @@ from dongne.core import (
     RoomRelayed,
     SaveQuestion,
     StagePlan,
+    StageRefused,
     StartEscalation,
     User,
     UserLoaded,
     UsersChanged,
 )
-from dongne.core.effects import Close, DeliverAnswer, DropPushes
+from dongne.core.effects import AppendEvent, Close, DeliverAnswer, DropPushes
 from dongne.core.events import Disconnected, Tick
 from dongne.core.lifecycle import QuestionStatus
 from dongne.core.records import Answer, Question
@@ -519,3 +524,41 @@ def test_an_answer_read_on_another_node_gets_no_late_delivered_receipt_here() ->
     hello = a.connect(3, "asker", T0 + 70_000)
     assert [f for f in a.take(2) if f.get("type") == "receipt"] == []
     assert not [w for w in hello.writes if isinstance(w, DeliverAnswer)]
+
+
+def test_a_refused_stage_takes_its_alerts_back_and_ends_the_escalation() -> None:
+    """A stage's outcome commits only while its question is open in the store (``IfOpen``); the ask's own
+    IMMEDIATE does not need it. Refused (``StageRefused``: another node ended the question), its alerts
+    no longer count against the hourly caps, at the time they were counted (the rest of a stage planned
+    at +3 s, delivered at +30 s), the seq it gave last is taken back, and the escalation ends here."""
+    counter = itertools.count(1)
+    engine = Engine(CoreSettings(alerts_per_batch=1), claims_for, new_id=lambda prefix, now: f"{prefix}{next(counter)}")
+    sim = Sim(engine)
+    for conn_id, user in ((2, "first"), (3, "second")):
+        sim.connect(conn_id, user)
+        engine.users[user].local = True
+        sim.call(conn_id, "update_settings", {"home": {"lat": 33.5, "lng": 126.51}})  # ~1 km east
+        sim.deliver(engine.handle(Disconnected(conn_id), T0))
+    sim.connect(1, "asker")
+    asked = sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.5, "lng": 126.5}})
+    qid = sim.reply(asked)["data"]["question"]["question_id"]
+    assert [w for w in asked.writes if isinstance(w, IfOpen)] == []
+
+    quick = engine.handle(EscalationDue(qid), T0 + 3000)  # QUICK: one alert now, the other pending
+    (first,) = [w.user_id for w in quick.writes if isinstance(w, AppendEvent)]
+    second = "second" if first == "first" else "first"
+    assert [w for w in quick.writes if isinstance(w, IfOpen)] == [IfOpen(qid, ((first, T0 + 3000),))]
+    rest = engine.handle(EscalationDue(qid), T0 + 30_000)  # the rest of QUICK, and EXTENDED (nobody)
+    (guard,) = [w for w in rest.writes if isinstance(w, IfOpen)]
+    assert guard == IfOpen(qid, ((second, T0 + 3000),))
+    (seq,) = [w.seq for w in rest.writes if isinstance(w, AppendEvent)]
+    assert engine.users[second].last_seq == seq
+
+    refused = engine.handle(StageRefused(qid, guard.alerted, ((second, seq),)), T0 + 30_001)
+
+    assert [a for a in refused.actions if isinstance(a, CancelEscalation)] == [CancelEscalation(qid)]
+    assert engine.where.ledger.count_last_hour(second, T0 + 30_001) == 0
+    assert engine.where.ledger.count_last_hour(first, T0 + 30_001) == 1
+    assert engine.users[second].last_seq == seq - 1
+    assert engine.escalation_due(qid) is None and engine.where.alerted_count(qid) == 1
+    assert engine.handle(EscalationDue(qid), T0 + 120_000).writes == ()

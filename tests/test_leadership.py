@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 
 from dongne.client import DongneClient, open_client
 from dongne.cluster import Membership, wall_ms
+from dongne.core.effects import CloseOnce, SaveQuestion
 
 from .conftest import NO_TIMERS, SECRET, Harness, db_rows, question_data, token
 from .served import serve_process
 from .test_cluster import wait_until
+from .test_cluster_state import other_node_commits
 from .test_escalation import HERE, east, local_at, notifications, past_the_last_stage
 
 pytestmark = pytest.mark.backends("postgres")
@@ -243,6 +247,101 @@ async def test_a_dongne_serve_stopped_past_its_lease_commits_no_late_stage(
                 assert db_rows(db, "SELECT count(*) FROM events WHERE user_id = 'mid'") == [(0,)]
                 nursery.cancel_scope.cancel()
     assert other.lease_epoch == 2
+
+
+#: The other node's end of a question reaches this node by no news and no catch-up (its LISTEN connection down
+#: for longer than the stages take): only the stage's guard sees it.
+UNHEARD: dict[str, Any] = {**SETTINGS, "cluster": {"catch_up_interval_s": math.inf}}
+
+
+def ended_elsewhere(h: Harness, question_id: str, how: str) -> None:
+    """The other node closes or deletes the question, its news not sent (or not read here yet)."""
+    now = h.running.clients.clock.now_ms()
+    if how == "closed":
+        other_node_commits(h.db, [CloseOnce(question_id, "closed", now)], notify=False)
+    else:
+        question = attrs.evolve(h.running.engine.questions[question_id], deleted_at=now)
+        other_node_commits(h.db, [SaveQuestion(question)], notify=False)
+
+
+@pytest.mark.parametrize("how", ["closed", "deleted"])
+async def test_no_stage_is_sent_for_a_question_another_node_ended_before_its_news_came(
+    start_server, autojump_clock, db: str, how: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Another node closes (or deletes) the question, and its news has not come: the holder's QUICK
+    stage is committed only while the question is open in the store, so it is refused. Nobody is alerted,
+    nothing of it is stored, its alert no longer counts against the local's hourly cap, and the
+    question's escalation ends here (no later stage, no retry)."""
+    h: Harness = await start_server(**UNHEARD)
+    clients, engine = h.running.clients, h.running.engine
+    assert h.running.membership.lease_epoch is not None
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it (QUICK is due)
+    async with AsyncExitStack() as stack:
+        mid = await local_at(stack, h, "mid", 4000)
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        qid = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+        ended_elsewhere(h, qid, how)
+
+        autojump_clock.jump(4)  # QUICK (3 s) is due
+        await real_wait(lambda: engine.where.stage_reached(qid) != "IMMEDIATE")  # QUICK ran
+        await clients.pipeline.wait_idle()
+        assert await alerts(mid, qid) == []
+        assert qid not in engine.where.escalations and clients.escalation_scopes == {}
+        assert engine.where.ledger.count_last_hour("mid", clients.clock.now_ms()) == 0
+        assert engine.users["mid"].last_seq == 0
+        autojump_clock.autojump_threshold = 0
+        await past_the_last_stage(h)
+        assert await alerts(mid, qid) == []
+    await h.running.aclose()
+    assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = ?", (qid,)) == [(0,)]
+    assert db_rows(db, "SELECT count(*) FROM events WHERE user_id = 'mid'") == [(0,)]
+    assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(1,)]
+
+
+async def test_a_refused_stage_leaves_what_was_committed_beside_it_alone(start_server, autojump_clock, db: str) -> None:  # type: ignore[no-untyped-def]
+    """A refused stage is taken out of its commit, and the rest is committed: a question asked beside it
+    (the committer held until both are queued) is stored and acknowledged, and its IMMEDIATE alert
+    reaches the local the refused stage had numbered an alert for first, with the seq the store gave."""
+    h: Harness = await start_server(**UNHEARD)
+    clients, engine = h.running.clients, h.running.engine
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it (QUICK is due)
+    async with AsyncExitStack() as stack:
+        mid = await local_at(stack, h, "mid", 4000)
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        qa = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+        ended_elsewhere(h, qa, "closed")
+
+        held, gate = threading.Event(), threading.Event()
+        replies: list[dict[str, Any]] = []
+
+        def hold() -> None:
+            held.set()
+            gate.wait()
+
+        async def ask_next_to_mid() -> None:
+            replies.append(await asker.request("create_question", question_data(title="C", location=east(4000))))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(clients.pipeline.run_between_commits, hold)
+            try:
+                await real_wait(held.is_set)  # the committer waits for the gate
+                autojump_clock.jump(4)  # QUICK (3 s) is due: planned for mid, queued
+                await real_wait(lambda: "mid" in engine.where.escalations[qa].notified)
+                nursery.start_soon(ask_next_to_mid)
+                await real_wait(lambda: len(engine.questions) == 2)  # handled, queued behind the stage
+            finally:
+                gate.set()
+        qc = replies[0]["question"]["question_id"]
+        got = await mid.next_event("new_question_notification")
+        assert (got["seq"], got["data"]["question"]["question_id"], got["data"]["stage"]) == (1, qc, "IMMEDIATE")
+        await clients.pipeline.wait_idle()
+        assert await alerts(mid, qa) == []
+        assert qa not in engine.where.escalations
+        assert engine.where.ledger.count_last_hour("mid", clients.clock.now_ms()) == 1
+    await h.running.aclose()
+    assert db_rows(db, "SELECT user_id, stage FROM notified WHERE question_id = ?", (qa,)) == []
+    assert db_rows(db, "SELECT user_id, stage FROM notified WHERE question_id = ?", (qc,)) == [("mid", "IMMEDIATE")]
+    assert db_rows(db, "SELECT seq FROM events WHERE user_id = 'mid'") == [(1,)]
 
 
 def test_sqlite_nodes_always_hold_the_lease() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "DeliverAnswer",
     "DropPushes",
     "EnqueuePush",
+    "IfOpen",
     "Note",
     "Observe",
     "Outcome",
@@ -308,6 +309,21 @@ class RoomNews:
     data: dict[str, Any]
 
 
+@attrs.frozen
+class IfOpen:
+    """Commit the outcome holding this only if its question is still open in the store (active, neither
+    deleted nor hidden): an escalation stage's guard (PostgreSQL, ``store/CLUSTER.md``). Another node may
+    have ended or taken it down before its news came here; then nothing of the outcome is stored or sent,
+    the rest of the commit goes on, and the engine hears ``StageRefused``. Writes no row.
+
+    ``alerted``: the stage's alerts in the outcome, ``(user_id, when their hourly caps counted it)``, for
+    the engine to take back if it is refused.
+    """
+
+    question_id: str
+    alerted: tuple[tuple[str, int], ...] = ()
+
+
 Write = (
     SaveUser
     | AddPoints
@@ -328,12 +344,15 @@ Write = (
     | SaveIpBlock
     | DeleteIpBlock
     | RoomNews
+    | IfOpen
 )
 
 
 def rows_of(writes: tuple[Write, ...] | list[Write]) -> int:
     """How many table rows ``writes`` insert or replace (a SaveNotified is one per target)."""
-    return sum(len(w.targets) if isinstance(w, SaveNotified) else 0 if isinstance(w, RoomNews) else 1 for w in writes)
+    return sum(
+        len(w.targets) if isinstance(w, SaveNotified) else 0 if isinstance(w, (RoomNews, IfOpen)) else 1 for w in writes
+    )
 
 
 # ---- actions -----------------------------------------------------------------

@@ -33,7 +33,7 @@ import attrs
 from .connections import Call, ConnPhase, ConnState
 from .cursors import CursorCodec
 from .deadlines import DeadlineKind, Deadlines
-from .effects import Action, Close, Outcome, OutcomeBuilder, Send, StartEscalation
+from .effects import Action, CancelEscalation, Close, Outcome, OutcomeBuilder, Send, StartEscalation
 from .errors import CloseConnection, ProtocolError
 from .events import (
     Connected,
@@ -52,6 +52,7 @@ from .events import (
     RemotePositions,
     RoomRelayed,
     SeqsMoved,
+    StageRefused,
     Tick,
     UserLoaded,
     UsersChanged,
@@ -323,6 +324,8 @@ class Engine:
             return self._frame(event, now)
         if isinstance(event, EscalationDue):
             return self._escalation_due(event.question_id, now)
+        if isinstance(event, StageRefused):
+            return self._stage_refused(event)
         if isinstance(event, Tick):
             return self._tick(now)
         if isinstance(event, Connected):
@@ -708,7 +711,26 @@ class Engine:
         out = OutcomeBuilder()
         question = self.questions.get(question_id)
         if question is not None and self.writable:  # otherwise the stage runs late, once writes work
-            self._qa.run_due_stages(question, now, out)
+            # Guarded: another node may have ended the question before its news came (StageRefused).
+            self._qa.run_due_stages(question, now, out, guarded=True)
+        return out.build()
+
+    def _stage_refused(self, event: StageRefused) -> Outcome:
+        """A stage's commit was refused, the question having ended in the store: its alerts are taken back
+        (the hourly caps; a seq the engine gave last), and the question's escalation ends here. Its news
+        (the end) comes as for any change another node made.
+
+        A user whose inbox got another event after the refused one keeps the engine's seq one ahead of the
+        store's: PostgreSQL's commits number that user's next events from the store's head (``SeqsGiven``).
+        """
+        out = OutcomeBuilder()
+        for user_id, seq in sorted(event.seqs, key=lambda item: -item[1]):
+            user = self.users.get(user_id)
+            if user is not None and user.last_seq == seq:
+                user.last_seq = seq - 1
+        if self.where.stage_refused(event.question_id, event.alerted):
+            out.act(CancelEscalation(event.question_id))
+        out.note("escalation_stage_refused", question_id=event.question_id, alerts=len(event.alerted))
         return out.build()
 
     # ---- storage faults ----------------------------------------------------------------

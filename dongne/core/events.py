@@ -30,6 +30,7 @@ __all__ = [
     "RemotePositions",
     "RoomRelayed",
     "SeqsMoved",
+    "StageRefused",
     "Tick",
     "UserLoaded",
     "UsersChanged",
@@ -273,6 +274,21 @@ class EscalationDue:
 
 
 @attrs.frozen
+class StageRefused:
+    """An escalation stage's outcome was not committed: its guard (``IfOpen``) found the question ended or
+    taken down in the store (another node's accept, close, delete or hide, whose news had not come). The
+    rest of its commit was; nothing of the stage was stored or sent.
+
+    ``alerted`` is the guard's; ``seqs``: the outcome's inbox events, ``(user_id, seq)`` as the engine
+    numbered them.
+    """
+
+    question_id: str
+    alerted: tuple[tuple[str, int], ...] = ()
+    seqs: tuple[tuple[str, int], ...] = ()
+
+
+@attrs.frozen
 class WritesFailing:
     """Commits fail (disk full, I/O error, locked): refuse writes until ``WritesWork``.
 
@@ -316,6 +332,7 @@ Event = (
     | Disconnected
     | Tick
     | EscalationDue
+    | StageRefused
     | InboxPruned
     | SeqsMoved
     | RemotePositions

@@ -402,6 +402,22 @@ class Neighbourhood:
             self.drop_pending(esc)
         return esc
 
+    def stage_refused(self, question_id: str, alerted: Iterable[tuple[str, int]]) -> bool:
+        """A stage's commit was refused: the question ended in the store (``IfOpen``). Its alerts,
+        ``(user_id, when the caps counted it)``, are taken back as :meth:`drop_pending` takes back what was
+        not sent, and the question's escalation ends here. Returns whether it was still running."""
+        esc = self.stop_escalation(question_id)
+        taken = set()
+        for user_id, at in alerted:
+            self.ledger.unrecord(user_id, at)
+            self._snooze(user_id)
+            taken.add(user_id)
+        if esc is not None:
+            self.alerted_counts[question_id] = len(esc.notified - taken)
+        elif question_id in self.alerted_counts:  # the refused stage was its last, or an earlier one was refused
+            self.alerted_counts[question_id] -= len(taken)
+        return esc is not None
+
     def escalation_done(self, question_id: str) -> None:
         """Every stage of the question has run: keep how many locals were alerted, drop who."""
         esc = self.escalations.pop(question_id, None)

@@ -19,6 +19,7 @@ from .effects import (
     CancelEscalation,
     CloseOnce,
     CountAnswer,
+    IfOpen,
     Observe,
     OutcomeBuilder,
     RoomNews,
@@ -667,7 +668,7 @@ class Questions:
 
     # ---- escalation ------------------------------------------------------------------
 
-    def run_due_stages(self, question: Question, now: int, out: OutcomeBuilder) -> None:
+    def run_due_stages(self, question: Question, now: int, out: OutcomeBuilder, *, guarded: bool = False) -> None:
         """Plan each stage due at ``now`` and deliver up to ``alerts_per_batch`` of their alerts.
 
         A stage is planned at once (nearest first, caps and "never twice"
@@ -678,11 +679,16 @@ class Questions:
         committed next to it waits for a hundred alerts, not a thousand. The
         stage's progress is saved with its last batch; after a restart in
         the middle, the stage is planned again without those already alerted.
+
+        ``guarded``: what it writes is committed only while the question is open in the store (``IfOpen``:
+        the stages after the ask's, which another node may have ended meanwhile).
         """
         where = self._where
         question_id = question.question_id
         room = self._alerts_per_batch
         brief: dict[str, Any] | None = None
+        wrote = False
+        alerted: list[tuple[str, int]] = []  # for the guard: each alert and when its caps counted it
         while room > 0 and (esc := where.escalations.get(question_id)) is not None:
             if esc.delivering is None:
                 due = where.escalation_due(question)
@@ -708,9 +714,12 @@ class Questions:
             room -= len(batch)
             if batch:
                 out.write(SaveNotified(question_id, tuple((uid, stage.name, dist, on) for uid, dist, on in batch), now))
+                alerted.extend((uid, esc.planned_at) for uid, _, _ in batch)
+                wrote = True
             if not esc.pending:
                 esc.delivering = None
                 out.write(SaveEscalation(question_id, esc.next_stage, now))
+                wrote = True
             if not batch:
                 continue
             if brief is None:
@@ -724,6 +733,8 @@ class Questions:
                     self._inbox.enqueue_push(uid, "new_question_notification", question, data, now, out)
         if where.escalation_due(question) is None:
             where.escalation_done(question_id)
+        if guarded and wrote:
+            out.write(IfOpen(question_id, tuple(alerted)))
 
     def stop_escalating(self, question: Question, now: int, out: OutcomeBuilder) -> None:
         """Stop the question's escalation for good: stored as done, so that no restart takes it up again

@@ -19,6 +19,7 @@ from ._backup import restore_snapshot as restore_snapshot
 from ._backup import take_snapshot as take_snapshot
 from ._interface import Conflict as Conflict
 from ._interface import LeaseLost as LeaseLost
+from ._interface import QuestionEnded as QuestionEnded
 from ._interface import SeqConflict as SeqConflict
 from ._interface import SeqsGiven as SeqsGiven
 from ._interface import Storage as Storage
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidSnapshotError",
     "LeaseLost",
     "PreparedCommit",
+    "QuestionEnded",
     "SeqConflict",
     "SeqsGiven",
     "SnapshotCancelled",

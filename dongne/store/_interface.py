@@ -24,6 +24,7 @@ from ._writes import PreparedCommit, SeqsGiven
 __all__ = [
     "Conflict",
     "LeaseLost",
+    "QuestionEnded",
     "SeqConflict",
     "SeqsGiven",
     "Storage",
@@ -77,6 +78,20 @@ class Conflict(WriteFailed):
         super().__init__(message)
         self.question_id = question_id
         self.what = what
+
+
+class QuestionEnded(WriteFailed):
+    """A commit holding escalation stages (``IfOpen``) found some of their questions ended or taken down in
+    the store (another node's accept, close, delete or hide; several nodes, ``CLUSTER.md``). Nothing of the
+    commit is in the database; without those stages it may be committed again.
+
+    Attributes:
+        question_ids: the questions whose stages must not be committed.
+    """
+
+    def __init__(self, message: str, question_ids: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.question_ids = question_ids
 
 
 class Storage(Protocol):

@@ -42,7 +42,7 @@ import psycopg.errors
 from ..core.records import LoadedState, PushJob
 from ._backup import DatabaseInUseError
 from ._base import READ_INCARNATION, SqlStore
-from ._interface import Conflict, LeaseLost, SeqConflict, StoreError, WriteFailed
+from ._interface import Conflict, LeaseLost, QuestionEnded, SeqConflict, StoreError, WriteFailed
 from ._pg_schema import PG_MIGRATIONS
 from ._rows import PUSH_COLS, push_from
 from ._writes import CHANGES_CHANNEL, Guard, PreparedCommit, SeqsGiven, changes_news
@@ -264,10 +264,15 @@ class PostgresStore(SqlStore):
             if checks:
                 with conn.pipeline() as pipeline:
                     pipeline.sync()  # the guarded statements' row counts, before COMMIT
+                ended: list[str] = []
                 for cursor, guard in checks:
-                    if cursor.rowcount == 0:  # raised in the transaction: rolled back
+                    if cursor.rowcount == 0 and guard.what == "stage":
+                        ended.append(guard.question_id)
+                    elif cursor.rowcount == 0:  # raised in the transaction: rolled back
                         raise Conflict(f"commit refused: question {guard.question_id} changed ({guard.what})",
                                        guard.question_id, guard.what)  # fmt: skip
+                if ended:  # rolled back as well: the pipeline commits the rest again, without those stages
+                    raise QuestionEnded(f"commit refused: stages of ended questions {ended}", tuple(ended))
         given: SeqsGiven = {}
         if appended is not None and batch.appends is not None:
             given = batch.appends.given((str(row[0]), int(row[1])) for row in appended.fetchall())

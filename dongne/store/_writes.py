@@ -32,6 +32,7 @@ from ..core.effects import (
     DeleteIpBlock,
     DeliverAnswer,
     EnqueuePush,
+    IfOpen,
     RoomNews,
     SaveAnswer,
     SaveEscalation,
@@ -148,10 +149,11 @@ _ANNOUNCE_BUDGET = 7000
 
 @attrs.frozen
 class Guard:
-    """A statement of a commit that must change a row: if it changes none, the commit fails with ``Conflict``."""
+    """A statement of a commit that must change a row: if it changes none, the commit fails with ``Conflict``.
+    A stage's (``what`` "stage", ``IfOpen``) must find its question's row open: else ``QuestionEnded``."""
 
     question_id: str
-    what: str  # "answer" | "accept" | "close"
+    what: str  # "answer" | "accept" | "close" | "stage"
 
 
 class PreparedCommit:
@@ -498,6 +500,7 @@ def prepare_writes(
     audit: list[AppendAudit] = []
     reports: dict[str, Report] = {}
     ip_blocks: dict[str, IpBlock | None] = {}  # None: deleted
+    still_open: set[str] = set()  # questions of the stages in the commit (IfOpen)
     for item in writes:
         if isinstance(item, AppendEvent):
             events.append(item)
@@ -529,6 +532,8 @@ def prepare_writes(
             raced.append(item)
         elif isinstance(item, RoomNews):
             rooms.append(item)
+        elif isinstance(item, IfOpen):
+            still_open.add(item.question_id)
         elif isinstance(item, SaveAnswer):
             saved_answer = answers.get(item.answer.answer_id)
             answers[item.answer.answer_id] = item.answer, item.unhide or (saved_answer is not None and saved_answer[1])
@@ -646,6 +651,16 @@ def prepare_writes(
             save("questions", QUESTION_COLS, "question_id", rows, keep=RACED_QUESTION_COLS,
                  alerted_at="coalesce(questions.alerted_at, excluded.alerted_at)",
                  **taken_down("questions", shown))  # fmt: skip
+    if pg:
+        # A stage is committed only while its question is open in the store (CLUSTER.md): one look at its
+        # row, after the saves (a question created in this commit is there), before this commit's accepts
+        # and closes (decided after the stage). FOR SHARE: another node's end waits for this commit. SQLite
+        # has one writer, whose memory saw every end before it ran a stage.
+        for question_id in sorted(still_open):
+            batch.statements.append(
+                (f"SELECT 1 FROM questions WHERE question_id = %s AND {_ACTIVE_SQL} FOR SHARE", [question_id],
+                 Guard(question_id, "stage"))
+            )  # fmt: skip
     for op in raced:  # after the saves: a question created in this commit is there
         if isinstance(op, CountAnswer) and op.answered_at is None:
             # A question whose last answer goes is open again, and answered again when one comes back
