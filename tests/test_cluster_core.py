@@ -220,6 +220,30 @@ def test_an_alert_heard_again_or_read_from_the_store_first_counts_once() -> None
     assert _alerts_for_an_ask_here(sim, T0 + 20) == []
 
 
+def test_a_question_another_node_stopped_escalating_is_not_taken_up_whatever_the_plan() -> None:
+    """Stored progress is read against this node's plan: two stages here, four run there (a plan shortened
+    since) is every stage run, reported as the last of these; one stopped for good there after IMMEDIATE
+    (its asker banned, then not any more) is not taken up, however many stages are left here."""
+    from dongne.core import CoreSettings, Engine, StagePlan
+    from dongne.core.records import stopped_for_good
+
+    two = (StagePlan("IMMEDIATE", 0.0, 2000.0, 10, "online_nearby"), StagePlan("QUICK", 3.0, 5000.0, None, "nearby"))
+    engine = Engine(CoreSettings(stages=two), claims_for)
+    asked = Question("q-run", "asker", "Asker", "Open late?", "", 33.5, 126.5, None, (), "normal", T0)
+    stopped = attrs.evolve(asked, question_id="q-stopped")
+
+    run = engine.handle(QuestionChanged("q-run", asked, (), EscalationProgress(4, (("near", T0),))), T0 + 1)
+    halted = engine.handle(QuestionChanged("q-stopped", stopped, (), EscalationProgress(stopped_for_good(1))), T0 + 1)
+
+    assert [a for o in (run, halted) for a in o.actions if isinstance(a, StartEscalation)] == []
+    assert engine.escalation_due("q-run") is None and engine.escalation_due("q-stopped") is None
+    assert engine.follows_escalation("q-stopped")  # its next news does not read its progress again
+    assert {q["question_id"]: q["stage"] for q in engine.overview(T0 + 2)["open"]} == {
+        "q-run": "QUICK",
+        "q-stopped": "IMMEDIATE",
+    }
+
+
 def test_a_hello_on_a_shared_store_reads_a_user_it_does_not_hold_first() -> None:
     """Another node made the user (points, seqs): the hello waits for the stored row and goes on from it,
     writing nothing over it; a user nobody made is made as on one node; one held is not read."""

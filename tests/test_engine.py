@@ -603,6 +603,86 @@ def test_a_ban_stops_the_askers_escalations_for_good_a_restart_after_it_included
     assert [a for a in restarted.actions if isinstance(a, StartEscalation)] == []
 
 
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_ban_stops_the_askers_escalations_for_good_a_longer_plan_after_it_included(store: Storage) -> None:
+    """A two-stage plan, the asker banned until +60 s after IMMEDIATE: stored as "done", the count of the
+    plan's stages (2), it was taken up again by a server started after the ban's end with the four-stage
+    plan (EXTENDED, FINAL). Stored as stopped, whatever the plan: not, and its alert names IMMEDIATE."""
+    from dongne.core import StartEscalation
+
+    engine = Engine(CoreSettings(stages=TWO_STAGES), claims_for)
+    sim = Sim(engine)
+    writes = [*sim.connect(1, "admin").writes]
+    engine.users["admin"].role = "admin"
+    writes += sim.connect(2, "asker").writes
+    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.5, "lng": 126.5}})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    banned = sim.call(1, "ban_user", {"user_id": "asker", "reason": "spam", "until": T0 + 60_000})
+    store.apply([*writes, *created.writes, *banned.writes])
+
+    restarted = make_engine()
+    started = restarted.load(store.load(hot_since=0), T0 + 100_000)
+    connect_admin(Sim(restarted), 5)
+
+    assert [a for a in started.actions if isinstance(a, StartEscalation)] == []
+    assert restarted.escalation_due(qid) is None and restarted.follows_escalation(qid)
+    assert _slow_response_alert(restarted, T0 + 600_000)["stage"] == "IMMEDIATE"
+
+
+TWO_STAGES = (
+    StagePlan("IMMEDIATE", 0.0, 2_000.0, 10, "online_nearby", requires_immediate_alerts=True, priority="high"),
+    StagePlan("QUICK", 3.0, 5_000.0, None, "nearby", cap_share=0.75),
+)
+
+
+def _slow_response_alert(engine: Engine, now: int) -> dict:  # type: ignore[type-arg]
+    [alert] = [
+        w.data for w in tick(engine, now).writes if isinstance(w, AppendEvent) and w.type == "slow_response_alert"
+    ]
+    return alert  # type: ignore[no-any-return]
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_plan_shortened_before_a_restart_leaves_its_open_questions_at_its_last_stage(store: Storage) -> None:
+    """Four stages run, then the plan keeps two (config.toml) and the server starts again: the open question
+    has run every stage, and its slow-response alert and the admin overview name the new plan's last (the
+    stored count, 4, was read as an index into the plan: IndexError)."""
+    from dongne.core import StartEscalation
+
+    engine = make_engine()
+    sim = Sim(engine)
+    writes = [*sim.connect(1, "asker").writes]
+    created = sim.call(1, "create_question", {"title": "t", "location": {"lat": 33.4996, "lng": 126.5312}})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    writes += created.writes
+    for at in (3_000, 30_000, 120_000):
+        writes += fire(engine, qid, T0 + at).writes
+    store.apply(writes)
+
+    restarted = Engine(CoreSettings(stages=TWO_STAGES), claims_for)
+    started = restarted.load(store.load(hot_since=0), T0 + 200_000)
+    connect_admin(Sim(restarted), 5)
+
+    assert [a for a in started.actions if isinstance(a, StartEscalation)] == []
+    assert restarted.escalation_due(qid) is None
+    assert [q["stage"] for q in restarted.overview(T0 + 200_000)["open"]] == ["QUICK"]
+    assert _slow_response_alert(restarted, T0 + 600_000)["stage"] == "QUICK"
+
+
+def test_a_slow_response_alert_names_the_last_stage_run_before_a_ban_stopped_the_escalation() -> None:
+    """PROTOCOL: ``stage`` is the last stage run. The asker banned at 1 s, only IMMEDIATE ran: the alert
+    said FINAL, the plan's last, as for an escalation that ran them all."""
+    engine = make_engine()
+    sim = Sim(engine)
+    connect_admin(sim, 1)
+    sim.connect(2, "asker")
+    qid = ask(sim, 2)
+    sim.call(1, "ban_user", {"user_id": "asker", "reason": "spam", "until": T0 + 30_000}, T0 + 1_000)
+
+    alert = _slow_response_alert(engine, T0 + 600_000)
+    assert (alert["question_id"], alert["stage"], alert["notified"]) == (qid, "IMMEDIATE", None)
+
+
 def test_a_question_whose_only_answer_is_deleted_is_open_again_and_owed_its_alert() -> None:
     """Open means no answer yet: deleting the only answer reopens the question, and the slow-response
     alert at 600 s still comes (a deleted spam answer must not silence it)."""

@@ -23,6 +23,7 @@ from dongne.core.escalation import DEFAULT_STAGES
 from dongne.store import store_for
 
 from .conftest import NO_TIMERS, Harness, db_rows, question_data
+from .test_engine import T0, Sim, fire, make_engine
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -386,3 +387,41 @@ async def test_an_escalation_started_once_the_server_has_shut_down_is_left_for_t
     await h.running.aclose()
     clients._start_escalation(StartEscalation("q-late", 2**40))
     assert "q-late" not in clients.escalation_scopes
+
+
+TWO_STAGES = [
+    {"name": "IMMEDIATE", "offset_s": 0.0, "radius_m": 2000.0, "limit": 10, "audience": "online_nearby",
+     "requires_immediate_alerts": True, "priority": "high"},
+    {"name": "QUICK", "offset_s": 3.0, "radius_m": 5000.0, "audience": "nearby", "cap_share": 0.75},
+]  # fmt: skip
+
+
+async def test_a_plan_shortened_between_runs_leaves_its_open_questions_at_its_last_stage(
+    start_server, autojump_clock, db
+) -> None:  # type: ignore[no-untyped-def]
+    """The store counts the stages run: four, then config.toml keeps two and the server starts again. The open
+    question's slow-response alert names the new plan's last stage; it raised IndexError out of the timers'
+    task, which ended the server (and again at every start, until the question ended)."""
+    engine = make_engine()  # the first run, as its commits left the store: every stage of the default plan run
+    sim = Sim(engine)
+    writes = [*sim.connect(1, "traveller").writes]
+    created = sim.call(1, "create_question", {"title": "t", "location": HERE})
+    qid = sim.reply(created)["data"]["question"]["question_id"]
+    writes += created.writes
+    for at in (3_000, 30_000, 120_000):
+        writes += fire(engine, qid, T0 + at).writes
+    store = store_for(db)
+    store.open()
+    store.apply(writes)
+    store.close()
+    assert db_rows(db, "SELECT next_stage FROM escalations") == [(4,)]
+
+    clock = EngineClock(wall_ms=T0 + 200_000)
+    h = await start_server(clock=clock, server=NO_TIMERS, escalation={"stages": TWO_STAGES})
+    await trio.sleep(500)  # past 600 s: the alert falls due, on the timers' task
+    [alert] = h.running.engine.oversight.recent_alerts
+    assert (alert["question_id"], alert["stage"]) == (qid, "QUICK")
+    assert [q["stage"] for q in h.running.engine.overview(clock.now_ms())["open"]] == ["QUICK"]
+    async with h.connect("traveller", timeout=math.inf, now_s=clock.now_ms() / 1000) as asker:
+        assert (await asker.request("get_question", {"question_id": qid}))["question"]["status"] == "open"
+    await h.running.aclose()

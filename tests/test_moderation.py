@@ -13,7 +13,7 @@ import trio_websocket
 
 from dongne.client import RequestError
 from dongne.core.effects import SaveIpBlock
-from dongne.core.records import IpBlock
+from dongne.core.records import IpBlock, stopped_for_good
 from dongne.store import store_for
 
 from .conftest import NO_TIMERS, UNLIMITED, Harness, db_rows, question_data, token
@@ -138,8 +138,10 @@ async def test_hidden_content_leaves_rooms_and_lists_its_author_is_told_and_it_c
             await viewer.request("get_question", {"question_id": qid})
         assert gone.value.code == "not_found"
         assert (await viewer.request("browse_questions", {"status": "all"}))["questions"] == []
-        # Its escalation stopped for good, stored as done: a restart after the unhide does not start it again.
-        assert db_rows(h.db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(4,)]
+        # Its escalation stopped for good after IMMEDIATE, stored as stopped whatever the plan: a restart after
+        # the unhide, with a longer plan too, does not start it again.
+        stored = db_rows(h.db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,))
+        assert stored == [(stopped_for_good(1),)]
         await admin.request("unhide_question", {"id": qid})
         assert (await viewer.request("get_question", {"question_id": qid}))["question"]["question_id"] == qid
         # Back in memory as open once joined (read from the store): nearby again (it left nearby with memory).

@@ -253,7 +253,8 @@ class AppendAudit:
 
 @attrs.frozen
 class SaveEscalation:
-    """Record how far a question's escalation got (``next_stage`` stages done)."""
+    """Record how far a question's escalation got (``next_stage`` stages done; below zero: stopped for good,
+    ``records.stopped_for_good``)."""
 
     question_id: str
     next_stage: int

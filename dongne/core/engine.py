@@ -71,7 +71,7 @@ from .places import Places, RegionLookup, ServiceArea
 from .presence import RELAYED_PRESENCE, Presence
 from .protocol import Fields, Request, decode_request, reply_error, reply_ok
 from .questions import RELAYED_ANSWER_NEWS, Questions
-from .records import Answer, Claims, EscalationProgress, LoadedState, Question, User
+from .records import Answer, Claims, EscalationProgress, LoadedState, Question, User, stored_progress
 from .regions import Hotspot
 from .sessions import Sessions
 from .settings import CoreSettings
@@ -283,13 +283,17 @@ class Engine:
                 where.question_opened(question)
                 asker = self.users.get(question.asker_id)
                 banned = asker is not None and asker.banned_at(now)
-                if question.question_id in state.escalations and not banned:  # a ban stops escalating for good
-                    where.restore_escalation(
-                        question.question_id,
-                        state.escalations[question.question_id],
-                        notified.get(question.question_id, ()),
-                        state.notified_per_stage.get(question.question_id, {}),
-                    )
+                if question.question_id in state.escalations:
+                    run, stopped = stored_progress(state.escalations[question.question_id])
+                    if stopped:  # for good: nothing takes it up again
+                        where.stopped[question.question_id] = run
+                    elif not banned:  # a ban stops escalating for good
+                        where.restore_escalation(
+                            question.question_id,
+                            run,
+                            notified.get(question.question_id, ()),
+                            state.notified_per_stage.get(question.question_id, {}),
+                        )
         for answer in state.answers:
             self._qa.adopt_answer(answer)
         for asker_id, question_id, answer_id, author_id in state.undelivered:
@@ -421,7 +425,7 @@ class Engine:
 
     def follows_escalation(self, question_id: str) -> bool:
         """Whether the engine keeps the question's escalation progress (else another node's news may bring it)."""
-        return question_id in self.where.escalations
+        return question_id in self.where.escalations or question_id in self.where.stopped
 
     def _take_up_escalation(
         self, question_id: str, progress: EscalationProgress, now: int, out: OutcomeBuilder
@@ -430,22 +434,29 @@ class Engine:
         does the same for every question): its alerts count towards the caps; stages left get started."""
         question = self.questions.get(question_id)
         where = self.where
-        if question is None or question.status not in ACTIVE or question_id in where.escalations or not where.stages:
+        if (
+            question is None
+            or question.status not in ACTIVE
+            or self.follows_escalation(question_id)
+            or not where.stages
+        ):
             return
-        if progress.next_stage >= len(where.stages):
+        run, stopped = stored_progress(progress.next_stage)
+        if stopped:  # for good: nothing to take up, and its next news does not read the progress again
+            where.stopped[question_id] = run
+            return
+        if run >= len(where.stages):
             # Every stage has run (here too, perhaps: its alerts are counted already): nothing to take up;
             # held as done, so that its next news does not read the progress again (who was alerted kept
             # for the count a slow-response alert reports).
-            where.restore_escalation(question_id, progress.next_stage, (user_id for user_id, _ in progress.notified))
+            where.restore_escalation(question_id, run, (user_id for user_id, _ in progress.notified))
             return
         asker = self.users.get(question.asker_id)
         if asker is not None and asker.banned_at(now):
             return  # a ban stops escalating for good
         for user_id, at in progress.notified:
             where.ledger.record_alert(user_id, at)
-        where.restore_escalation(
-            question_id, progress.next_stage, (user_id for user_id, _ in progress.notified), progress.per_stage
-        )
+        where.restore_escalation(question_id, run, (user_id for user_id, _ in progress.notified), progress.per_stage)
         if where.escalation_due(question) is not None:
             out.act(StartEscalation(question_id, self._qa.escalation_until(question)))
 

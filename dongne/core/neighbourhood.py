@@ -89,6 +89,9 @@ class Neighbourhood:
         # How many locals were alerted for each question whose every stage
         # has run: its Escalation, with the set of who, is dropped then.
         self.alerted_counts: dict[str, int] = {}
+        # Active questions whose escalation was stopped for good (its asker banned, the question hidden):
+        # how many stages it had run (stored, records.stopped_for_good; nothing takes them up again).
+        self.stopped: dict[str, int] = {}
         self.ledger = AlertLedger()
         self.hotspots = HotspotTracker(
             window_ms=int(self.settings.hotspot_window_s * 1000),
@@ -255,6 +258,7 @@ class Neighbourhood:
         self.open_questions.remove(question_id)
         self.stop_escalation(question_id)
         self.alerted_counts.pop(question_id, None)
+        self.stopped.pop(question_id, None)
         self.hotspots.question_resolved(question_id)
 
     def nearby_questions(
@@ -370,11 +374,16 @@ class Neighbourhood:
         return None if self._snooze_stage is None else self._snooze_stage.cap_share
 
     def stage_reached(self, question_id: str) -> str | None:
-        """The last stage planned for a question: ``None`` before its first, the plan's last once all ran."""
+        """The last stage planned for a question: ``None`` before its first, the plan's last once all ran;
+        for an escalation stopped for good, the last one run before it stopped."""
         esc = self.escalations.get(question_id)
-        if esc is None:
-            return self.stages[-1].name if self.stages else None
-        return self.stages[esc.next_stage - 1].name if esc.next_stage > 0 else None
+        if esc is not None:
+            run = esc.next_stage
+        else:
+            run = self.stopped.get(question_id, len(self.stages))
+        # A plan shortened since (config.toml, then a restart) has fewer stages than the store counted.
+        run = min(run, len(self.stages))
+        return self.stages[run - 1].name if run > 0 else None
 
     def drop_pending(self, esc: Escalation) -> None:
         """The rest of the stage being delivered is not sent (the question was answered, or ended): its
@@ -418,6 +427,20 @@ class Neighbourhood:
             self.alerted_counts[question_id] -= len(taken)
         return esc is not None
 
+    def stop_for_good(self, question_id: str) -> int | None:
+        """Stop a question's escalation for good (:meth:`stop_escalation`), its stages run kept for
+        :meth:`stage_reached`: returns how many, or None if it had no escalation (a question whose every stage
+        has run counts as having run them all)."""
+        esc = self.stop_escalation(question_id)
+        if esc is not None:
+            run = min(esc.next_stage, len(self.stages))
+        elif question_id in self.alerted_counts:
+            run = len(self.stages)
+        else:
+            return None
+        self.stopped[question_id] = run
+        return run
+
     def escalation_done(self, question_id: str) -> None:
         """Every stage of the question has run: keep how many locals were alerted, drop who."""
         esc = self.escalations.pop(question_id, None)
@@ -434,7 +457,9 @@ class Neighbourhood:
     def restore_escalation(
         self, question_id: str, next_stage: int, notified: Iterable[str], per_stage: Mapping[str, int] | None = None
     ) -> None:
-        """A question's escalation as the store holds it; ``per_stage``: how many were alerted in each stage."""
+        """A question's escalation as the store holds it; ``per_stage``: how many were alerted in each stage.
+        More stages run than the plan has (it was shortened since): every stage has run."""
+        next_stage = min(next_stage, len(self.stages))
         esc = self.escalations[question_id] = Escalation(next_stage, set(notified))
         if per_stage and next_stage < len(self.stages):
             esc.resumed = per_stage.get(self.stages[next_stage].name, 0)

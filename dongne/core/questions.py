@@ -41,7 +41,7 @@ from .places import ServiceArea
 from .presence import Presence
 from .protocol import Fields, event
 from .reads import AnswerHome
-from .records import Answer, Question, ReceiptState, User
+from .records import Answer, Question, ReceiptState, User, stopped_for_good
 from .settings import EngineSettings
 from .text import SpamFilter
 
@@ -737,13 +737,17 @@ class Questions:
             out.write(IfOpen(question_id, tuple(alerted)))
 
     def stop_escalating(self, question: Question, now: int, out: OutcomeBuilder) -> None:
-        """Stop the question's escalation for good: stored as done, so that no restart takes it up again
-        (a ban of its asker, a hide)."""
-        if question.question_id not in self._where.escalations:
+        """Stop the question's escalation for good (a ban of its asker, a hide): stored as stopped, whatever
+        the plan (``records.stopped_for_good``), so that no restart takes it up again, with a longer plan
+        either."""
+        question_id = question.question_id
+        following = question_id in self._where.escalations
+        run = self._where.stop_for_good(question_id)
+        if run is None:
             return
-        self._where.stop_escalation(question.question_id)
-        out.act(CancelEscalation(question.question_id))
-        out.write(SaveEscalation(question.question_id, len(self._where.stages), now))
+        if following:
+            out.act(CancelEscalation(question_id))
+        out.write(SaveEscalation(question_id, stopped_for_good(run), now))
 
     def _end(self, question: Question, out: OutcomeBuilder) -> None:
         if question.question_id in self._where.escalations:

@@ -23,6 +23,8 @@ __all__ = [
     "ReceiptState",
     "Report",
     "User",
+    "stopped_for_good",
+    "stored_progress",
 ]
 
 
@@ -207,11 +209,28 @@ class PushJob:
     answer_id: str = ""  # the answer it carries, if any
 
 
+def stopped_for_good(stages_run: int) -> int:
+    """What the store keeps as ``next_stage`` for an escalation stopped for good (its asker banned, the question
+    hidden) after ``stages_run`` stages: ``-1 - stages_run``.
+
+    Below zero whatever the plan: a count of stages run (what an escalation not stopped keeps) is read against
+    the plan in force, so a plan made longer would take up again one stored as "every stage run". The count
+    is kept for the stage a slow-response alert reports (:func:`stored_progress` reads both back).
+    """
+    return -1 - stages_run
+
+
+def stored_progress(next_stage: int) -> tuple[int, bool]:
+    """``(stages run, stopped for good)`` of a stored ``next_stage`` (:func:`stopped_for_good`). Rows written
+    before the mark existed are never below zero: read as they always were."""
+    return (-1 - next_stage, True) if next_stage < 0 else (next_stage, False)
+
+
 @attrs.frozen
 class EscalationProgress:
     """A question's escalation as the store holds it: the stages already run and who was alerted when."""
 
-    next_stage: int
+    next_stage: int  # as stored: below zero for one stopped for good (stored_progress)
     notified: tuple[tuple[str, int], ...] = ()  # (user id, at)
     # How many were alerted in each stage (by name): a stage delivered in batches and cut short (a restart,
     # a reload) is planned again for what its limit leaves.
@@ -225,7 +244,7 @@ class LoadedState:
     users: list[User]
     questions: list[Question]
     answers: list[Answer]
-    escalations: dict[str, int] = attrs.Factory(dict)  # question id -> stages already run
+    escalations: dict[str, int] = attrs.Factory(dict)  # question id -> next_stage as stored (stored_progress)
     notified: list[tuple[str, str, int]] = attrs.Factory(list)  # (question id, user id, at)
     notified_per_stage: dict[str, dict[str, int]] = attrs.Factory(dict)  # question id -> stage -> alerts
     pending_pushes: list[PushJob] = attrs.Factory(list)
