@@ -32,6 +32,7 @@ from dongne.core import (
     Replay,
     RoomNews,
     SaveAnswer,
+    SaveNotified,
     SaveUser,
     Send,
     SendEach,
@@ -729,11 +730,15 @@ def test_live_deadlines_and_writes_due_together_go_in_separate_ticks() -> None:
     assert not [a for a in second.actions if isinstance(a, Close)]
 
 
-def _three_locals_and_a_question(stage: StagePlan) -> tuple[Engine, Sim, Outcome, str]:
-    """One stage in batches of one; three online locals east of the question (local3 nearest) and an asker."""
-    engine = Engine(CoreSettings(stages=(stage,), alerts_per_batch=1), claims_for)
-    sim = Sim(engine)
-    for conn_id, lng in enumerate((126.5320, 126.5420, 126.5740), start=3):
+def _three_locals_and_a_question(
+    stage: StagePlan, engine: Engine | None = None, sim: Sim | None = None, locals_: tuple[int, ...] = (3, 4, 5)
+) -> tuple[Engine, Sim, Outcome, str]:
+    """One stage in batches of one; three online locals east of the question (local3 nearest) and an asker
+    (``engine`` and ``sim``: in one already set up; ``locals_``: their numbers, also their connections)."""
+    if engine is None or sim is None:
+        engine = Engine(CoreSettings(stages=(stage,), alerts_per_batch=1), claims_for)
+        sim = Sim(engine)
+    for conn_id, lng in zip(locals_, (126.5320, 126.5420, 126.5740, 126.5750), strict=False):
         sim.connect(conn_id, f"local{conn_id}")
         engine.users[f"local{conn_id}"].local = True
         engine.where.refresh_local(engine.users[f"local{conn_id}"], T0)
@@ -793,6 +798,66 @@ def test_a_local_banned_in_the_middle_of_a_stage_gets_none_of_its_batches_left()
     assert engine.escalation_due(qid) is None
     counts = {u: engine.where.ledger.count_last_hour(u, T0 + 30) for u in ("local3", "local4", "local5")}
     assert counts == {"local3": 1, "local4": 0, "local5": 0}
+
+
+def test_online_or_not_is_asked_as_each_batch_leaves_not_when_the_stage_was_planned() -> None:
+    """PROTOCOL: an offline local also gets a push. The stage is planned with local4 online and local6 offline
+    (found at home): local4 left before their batch, and got no push; local6 came back, and got both a live
+    event and a push."""
+    everyone = StagePlan("ALL", 0.0, None, None, "everyone")
+    engine = Engine(CoreSettings(stages=(everyone,), alerts_per_batch=1), _crowd_claims)  # local* are locals
+    sim = Sim(engine)
+    sim.connect(6, "local6")
+    sim.call(6, "update_settings", {"home": {"lat": 33.4996, "lng": 126.5900}})  # farthest east
+    engine.handle(Disconnected(6), T0)
+    engine, sim, created, qid = _three_locals_and_a_question(everyone, engine, sim)
+    assert [w.user_id for w in created.writes if isinstance(w, AppendEvent)] == ["local3"]
+    engine.handle(Disconnected(4), T0 + 10)
+    sim.connect(7, "local6", T0 + 10)
+    later = [fire(engine, qid, T0 + at) for at in (20, 30, 40)]
+
+    alerted = [w.user_id for o in later for w in o.writes if isinstance(w, AppendEvent)]
+    pushed = [w.job.user_id for o in later for w in o.writes if isinstance(w, EnqueuePush)]
+    notified = [row for o in later for w in o.writes if isinstance(w, SaveNotified) for row in w.targets]
+    assert alerted == ["local4", "local5", "local6"]
+    assert pushed == ["local4"]
+    assert [(user_id, online) for user_id, _, _, online in notified] == [
+        ("local4", False),
+        ("local5", True),
+        ("local6", True),
+    ]
+    sim.deliver(later[2])
+    assert [f["data"]["question_id"] for f in sim.take(7) if f["type"] == "new_question_notification"] == [qid]
+
+
+def test_a_local_whose_new_settings_refuse_the_stage_gets_none_of_its_batches_left() -> None:
+    """Settings changed between the stage's planning and their batch: muted (cap 0), in quiet hours begun
+    (17:00 in Korea at T0), immediate alerts off for a stage that needs them; they were alerted all the same.
+    Their planned alert is taken off their cap, as for a ban."""
+    hour = ((T0 + 540 * 60_000) // 3_600_000) % 24
+    immediate = StagePlan("NOW", 0.0, None, None, "everyone", requires_immediate_alerts=True)
+    engine, sim, created, qid = _three_locals_and_a_question(immediate, locals_=(3, 4, 5, 8))
+    assert [w.user_id for w in created.writes if isinstance(w, AppendEvent)] == ["local3"]
+    sim.call(4, "update_settings", {"max_alerts_per_hour": 0}, T0 + 10)
+    sim.call(5, "update_settings", {"quiet_hours": [hour, (hour + 1) % 24]}, T0 + 10)
+    sim.call(8, "update_settings", {"immediate_alerts": False}, T0 + 10)
+    later = [fire(engine, qid, T0 + at) for at in (20, 30, 40)]
+
+    assert [w.user_id for o in later for w in o.writes if isinstance(w, AppendEvent)] == []
+    assert engine.escalation_due(qid) is None
+    counts = {u: engine.where.ledger.count_last_hour(u, T0 + 40) for u in ("local3", "local4", "local5", "local8")}
+    assert counts == {"local3": 1, "local4": 0, "local5": 0, "local8": 0}
+
+
+def test_a_local_who_raises_their_cap_or_lowers_it_with_room_keeps_their_alert() -> None:
+    """Only what the change refuses is dropped: a cap raised, or lowered with room left under it, keeps it."""
+    everyone = StagePlan("ALL", 0.0, None, None, "everyone")
+    engine, sim, _, qid = _three_locals_and_a_question(everyone)
+    sim.call(4, "update_settings", {"max_alerts_per_hour": 2}, T0 + 10)
+    sim.call(5, "update_settings", {"max_alerts_per_hour": 30}, T0 + 10)
+    later = [fire(engine, qid, T0 + at) for at in (20, 30)]
+
+    assert [w.user_id for o in later for w in o.writes if isinstance(w, AppendEvent)] == ["local4", "local5"]
 
 
 def test_a_connection_without_hello_is_closed_at_its_deadline_exactly() -> None:

@@ -15,7 +15,15 @@ from typing import Any
 
 import attrs
 
-from .escalation import AlertLedger, LocalInfo, NotificationSettings, QuestionBrief, StagePlan
+from .escalation import (
+    PRIORITY_CRITICAL,
+    AlertLedger,
+    LocalInfo,
+    NotificationSettings,
+    QuestionBrief,
+    StagePlan,
+    in_quiet_hours,
+)
 from .geo import snap_position
 from .hotspots import HotspotTracker
 from .lifecycle import ACTIVE
@@ -111,12 +119,13 @@ class Neighbourhood:
             self.homes.remove(user.user_id)
             self.live.remove(user.user_id)
             return
+        before = self.locals.get(user.user_id)
+        settings = NotificationSettings(user.immediate_alerts, user.quiet_hours, user.max_alerts_per_hour)
         self.locals[user.user_id] = LocalInfo(
-            user_id=user.user_id,
-            tags=frozenset(user.tags),
-            home=user.home,
-            settings=NotificationSettings(user.immediate_alerts, user.quiet_hours, user.max_alerts_per_hour),
+            user_id=user.user_id, tags=frozenset(user.tags), home=user.home, settings=settings
         )
+        if before is not None and before.settings != settings:
+            self._drop_refused(user.user_id, before.settings, settings, now)
         if user.home is not None:
             self.homes.upsert(user.user_id, *user.home)
         else:
@@ -402,6 +411,45 @@ class Neighbourhood:
                 esc.pending[:] = [hit for hit in esc.pending if hit[0] != user_id]
                 esc.notified.discard(user_id)
                 self.ledger.unrecord(user_id, esc.planned_at)
+
+    def _drop_refused(self, user_id: str, before: NotificationSettings, after: NotificationSettings, now: int) -> None:
+        """A local changed their settings: the stages being delivered leave them out of their batches still to
+        send where the change refuses what the old settings allowed, and take their alert back as
+        :meth:`_drop_target` does. Who was planned under the new settings is the planner's business."""
+        offset = self.settings.utc_offset_minutes
+        quiet_begun = after.quiet_hours != before.quiet_hours and in_quiet_hours(after.quiet_hours, now, offset)
+        for esc in self.escalations.values():
+            stage = esc.delivering
+            if stage is None or not any(hit[0] == user_id for hit in esc.pending):
+                continue
+            if self._refuses(stage, esc, user_id, before, after, quiet_begun, now):
+                esc.pending[:] = [hit for hit in esc.pending if hit[0] != user_id]
+                esc.notified.discard(user_id)
+                self.ledger.unrecord(user_id, esc.planned_at)
+
+    def _refuses(
+        self,
+        stage: StagePlan,
+        esc: Escalation,
+        user_id: str,
+        before: NotificationSettings,
+        after: NotificationSettings,
+        quiet_begun: bool,
+        now: int,
+    ) -> bool:
+        """Whether a settings change refuses a planned alert: immediate alerts switched off (for a stage that
+        needs them), quiet hours that have begun (not for an urgent question: its alerts are ``critical``,
+        ``alert_style``), a lower cap they have reached (0 mutes)."""
+        if stage.requires_immediate_alerts and before.immediate_alerts and not after.immediate_alerts:
+            return True
+        if quiet_begun and esc.style[0] != PRIORITY_CRITICAL:
+            return True
+        cap = stage.cap_for(after.max_alerts_per_hour)
+        if cap >= stage.cap_for(before.max_alerts_per_hour):
+            return False
+        # Their alert of this stage was counted when it was planned: it does not count against it.
+        own = 1 if esc.planned_at > now - self.ledger.window_ms else 0
+        return self.ledger.count_last_hour(user_id, now) - own >= cap
 
     def stop_escalation(self, question_id: str) -> Escalation | None:
         """Stop a question's escalation here (it ended, or was stopped for good); what it had not sent yet

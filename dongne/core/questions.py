@@ -712,8 +712,12 @@ class Questions:
             batch = esc.pending[:room]
             del esc.pending[:room]
             room -= len(batch)
-            if batch:
-                out.write(SaveNotified(question_id, tuple((uid, stage.name, dist, on) for uid, dist, on in batch), now))
+            # Online or not is asked as the batch leaves, not when the stage was planned: a local who left
+            # since gets a push, one who came back a live event only (``append_alert``).
+            connected = where.online(self._user_conns.keys())
+            sent = tuple((uid, stage.name, dist, uid in connected) for uid, dist, _ in batch)
+            if sent:
+                out.write(SaveNotified(question_id, sent, now))
                 alerted.extend((uid, esc.planned_at) for uid, _, _ in batch)
                 wrote = True
             if not esc.pending:
@@ -726,7 +730,7 @@ class Questions:
                 brief = where.brief(question)
             # The question, stage and style are packed once for the batch.
             alerts = StageAlerts("new_question_notification", question_id, brief, stage.name, esc.style)
-            for uid, dist, online in batch:
+            for uid, _, dist, online in sent:
                 self._inbox.append_alert(uid, alerts, dist, now, out)
                 if not online:
                     data, _ = alerts.data(dist)
