@@ -702,13 +702,15 @@ class ClientServer:
         """The nursery of the escalation tasks, as long as the server runs. Once it is closed (shutting down)
         there is none: an escalation started then (a rebuild's, acted on during the shutdown) is not run here,
         and the next start resumes it from the store."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._escalation_nursery = nursery
-                task_status.started()
+        async with trio.open_nursery() as nursery:
+            self._escalation_nursery = nursery
+            task_status.started()
+            try:
                 await trio.sleep_forever()
-        finally:
-            self._escalation_nursery = None
+            finally:
+                # As soon as the body is cancelled, not once the nursery has closed: trio closes it when its last
+                # task ends, and resumes this task only later, so a task run in between would find it closed.
+                self._escalation_nursery = None
 
     def _start_escalation(self, start: StartEscalation) -> None:
         if self._escalation_nursery is None:
