@@ -584,20 +584,26 @@ def test_a_local_whose_ban_ran_out_is_alerted_again_without_coming_back_first(st
     assert "local" in restarted.where.locals
 
 
+def _asked_then_banned(engine: Engine, store: Storage) -> str:
+    """An asker's question, then an admin's ban of the asker until +60 s, stored: the question's id."""
+    sim = Sim(engine)
+    writes = [*sim.connect(1, "admin").writes]
+    engine.users["admin"].role = "admin"
+    writes += sim.connect(2, "asker").writes
+    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.5, "lng": 126.5}})
+    qid: str = sim.reply(created)["data"]["question"]["question_id"]
+    banned = sim.call(1, "ban_user", {"user_id": "asker", "reason": "spam", "until": T0 + 60_000})
+    store.apply([*writes, *created.writes, *banned.writes])
+    return qid
+
+
 def test_a_ban_stops_the_askers_escalations_for_good_a_restart_after_it_included(store: Storage) -> None:
     """Banned until +60 s: the question's escalation stops and is stored as done, so an engine loaded from
     the store after the ban's end does not take it up again (it did: only memory knew)."""
     from dongne.core import StartEscalation
 
     engine = make_engine()
-    sim = Sim(engine)
-    writes = [*sim.connect(1, "admin").writes]
-    engine.users["admin"].role = "admin"
-    writes += sim.connect(2, "asker").writes
-    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.5, "lng": 126.5}})
-    qid = sim.reply(created)["data"]["question"]["question_id"]
-    banned = sim.call(1, "ban_user", {"user_id": "asker", "reason": "spam", "until": T0 + 60_000})
-    store.apply([*writes, *created.writes, *banned.writes])
+    qid = _asked_then_banned(engine, store)
 
     assert engine.escalation_due(qid) is None
     restarted = make_engine().load(store.load(hot_since=0), T0 + 100_000)
@@ -611,15 +617,7 @@ def test_a_ban_stops_the_askers_escalations_for_good_a_longer_plan_after_it_incl
     plan (EXTENDED, FINAL). Stored as stopped, whatever the plan: not, and its alert names IMMEDIATE."""
     from dongne.core import StartEscalation
 
-    engine = Engine(CoreSettings(stages=TWO_STAGES), claims_for)
-    sim = Sim(engine)
-    writes = [*sim.connect(1, "admin").writes]
-    engine.users["admin"].role = "admin"
-    writes += sim.connect(2, "asker").writes
-    created = sim.call(2, "create_question", {"title": "t", "location": {"lat": 33.5, "lng": 126.5}})
-    qid = sim.reply(created)["data"]["question"]["question_id"]
-    banned = sim.call(1, "ban_user", {"user_id": "asker", "reason": "spam", "until": T0 + 60_000})
-    store.apply([*writes, *created.writes, *banned.writes])
+    qid = _asked_then_banned(Engine(CoreSettings(stages=TWO_STAGES), claims_for), store)
 
     restarted = make_engine()
     started = restarted.load(store.load(hot_since=0), T0 + 100_000)
