@@ -301,7 +301,8 @@ async def test_no_stage_is_sent_for_a_question_another_node_ended_before_its_new
 async def test_a_refused_stage_leaves_what_was_committed_beside_it_alone(start_server, autojump_clock, db: str) -> None:  # type: ignore[no-untyped-def]
     """A refused stage is taken out of its commit, and the rest is committed: a question asked beside it
     (the committer held until both are queued) is stored and acknowledged, and its IMMEDIATE alert
-    reaches the local the refused stage had numbered an alert for first, with the seq the store gave."""
+    reaches the local the refused stage had numbered an alert for first, with the seq the store gave, which
+    is the head the engine tells a new connection of theirs."""
     h: Harness = await start_server(**UNHEARD)
     clients, engine = h.running.clients, h.running.engine
     autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it (QUICK is due)
@@ -338,6 +339,9 @@ async def test_a_refused_stage_leaves_what_was_committed_beside_it_alone(start_s
         assert await alerts(mid, qa) == []
         assert qa not in engine.where.escalations
         assert engine.where.ledger.count_last_hour("mid", clients.clock.now_ms()) == 1
+        # The head the engine tells is the store's: it said 2 (the refused alert's 1, then the renumbered 2).
+        again = await stack.enter_async_context(h.connect("mid", timeout=math.inf))
+        assert (again.hello["last_seq"], again.hello["unread"]) == (1, 1)
     await h.running.aclose()
     assert db_rows(db, "SELECT user_id, stage FROM notified WHERE question_id = ?", (qa,)) == []
     assert db_rows(db, "SELECT user_id, stage FROM notified WHERE question_id = ?", (qc,)) == [("mid", "IMMEDIATE")]

@@ -728,17 +728,19 @@ class Engine:
 
     def _stage_refused(self, event: StageRefused) -> Outcome:
         """A stage's commit was refused, the question having ended in the store: its alerts are taken back
-        (the hourly caps; a seq the engine gave last), and the question's escalation ends here. Its news
-        (the end) comes as for any change another node made.
+        (the hourly caps, the seqs), and the question's escalation ends here. Its news (the end) comes as
+        for any change another node made.
 
-        A user whose inbox got another event after the refused one keeps the engine's seq one ahead of the
-        store's: PostgreSQL's commits number that user's next events from the store's head (``SeqsGiven``).
+        Each refused alert's seq is taken back from its user's head, whatever the engine numbered after it:
+        PostgreSQL's commits number the user's later events from the store's head (``SeqsGiven``), each one
+        lower by the refused alerts before it, so the head the engine tells (``hello``'s ``last_seq`` and
+        ``unread``) is the store's.
         """
         out = OutcomeBuilder()
         for user_id, seq in sorted(event.seqs, key=lambda item: -item[1]):
             user = self.users.get(user_id)
-            if user is not None and user.last_seq == seq:
-                user.last_seq = seq - 1
+            if user is not None and user.last_seq >= seq:
+                user.last_seq -= 1
         if self.where.stage_refused(event.question_id, event.alerted):
             out.act(CancelEscalation(event.question_id))
         out.note("escalation_stage_refused", question_id=event.question_id, alerts=len(event.alerted))
