@@ -25,7 +25,8 @@ import trio
 
 from dongne.client import DongneClient, open_client
 from dongne.cluster import Membership, wall_ms
-from dongne.core.effects import CloseOnce, SaveQuestion
+from dongne.core.effects import CloseOnce, SaveEscalation, SaveQuestion, StopEscalating
+from dongne.core.records import Question, stopped_for_good
 
 from .conftest import NO_TIMERS, SECRET, Harness, db_rows, question_data, token
 from .served import serve_process
@@ -346,6 +347,94 @@ async def test_a_refused_stage_leaves_what_was_committed_beside_it_alone(start_s
     assert db_rows(db, "SELECT user_id, stage FROM notified WHERE question_id = ?", (qa,)) == []
     assert db_rows(db, "SELECT user_id, stage FROM notified WHERE question_id = ?", (qc,)) == [("mid", "IMMEDIATE")]
     assert db_rows(db, "SELECT seq FROM events WHERE user_id = 'mid'") == [(1,)]
+
+
+def asked_elsewhere(h: Harness, asker_id: str, question_id: str) -> None:
+    """The other node asked a question (its IMMEDIATE stage run), its news not sent: this node has not read it
+    (nor followed its escalation); its asker's news came before, so the asker is known here."""
+    now = h.running.clients.clock.now_ms()
+    asked = Question(
+        question_id, asker_id, "Other", "Open late?", "", HERE["lat"], HERE["lng"], None, (), "normal", now
+    )
+    other_node_commits(h.db, [SaveQuestion(asked), SaveEscalation(question_id, 1, now)], notify=False)
+
+
+@pytest.mark.parametrize("how", ["hide", "ban"])
+async def test_a_hide_or_ban_here_stops_for_good_an_escalation_another_node_runs(
+    start_server, autojump_clock, db: str, peer_link: Any, how: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Another node holds the lease and asked the question, whose news has not come here: an admin here hides
+    it (read from the store), or bans its asker. The commit stores its escalation as stopped for good, though
+    this node's memory does not follow it (it stored nothing: the holder only ends it in memory when the news
+    comes). Shown again (or the ban lifted), the question is not escalated by the node taking the lease over,
+    which reads its escalation from the store: the local QUICK was due to alert is not alerted."""
+    assert peer_link.acquire_lease("peer", wall_ms(), HOUR_MS).epoch == 1
+    h: Harness = await start_server(**UNHEARD)
+    clients, engine = h.running.clients, h.running.engine
+    async with AsyncExitStack() as stack:
+        mid = await local_at(stack, h, "mid", 4000)
+        admin = await stack.enter_async_context(h.connect("boss", admin=True, timeout=math.inf))
+        async with h.connect("other", timeout=math.inf):  # the asker is known here
+            pass
+        asked_elsewhere(h, "other", "q-there")
+        assert not engine.follows_escalation("q-there")
+        if how == "hide":
+            assert (await admin.request("hide_question", {"id": "q-there", "reason": "spam"}))["changed"] is True
+        else:
+            await admin.request("ban_user", {"user_id": "other", "reason": "spam"})
+        await clients.pipeline.wait_idle()
+        assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = 'q-there'") == [
+            (stopped_for_good(1),)
+        ]
+        if how == "hide":
+            await admin.request("unhide_question", {"id": "q-there"})
+        else:
+            await admin.request("unban_user", {"user_id": "other"})
+
+        run_sql(db, "UPDATE escalation_lease SET expires_at = 0")  # the other node stopped renewing
+        await h.running.membership.beat_async()
+        assert h.running.membership.lease_epoch == 2
+        await clients.wait_reloaded()
+        await past_the_last_stage(h)
+        assert await alerts(mid, "q-there") == []
+        assert engine.questions["q-there"].deleted_at is None and "q-there" not in engine.where.escalations
+    await h.running.aclose()
+    assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = 'q-there'") == [(0,)]
+    assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = 'q-there'") == [(stopped_for_good(1),)]
+
+
+async def test_no_stage_is_sent_for_a_question_another_node_hid_and_showed_again_before_its_news_came(
+    start_server, autojump_clock, db: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Another node hides the question (its commit stores the escalation stopped for good), then shows it
+    again, and neither news has come (read together, they would say only "open"): the holder's QUICK stage
+    is refused, the question being open but its escalation stopped. Nobody is alerted, nothing of it is
+    stored, and no later stage runs."""
+    h: Harness = await start_server(**UNHEARD)
+    clients, engine = h.running.clients, h.running.engine
+    assert h.running.membership.lease_epoch is not None
+    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it (QUICK is due)
+    async with AsyncExitStack() as stack:
+        mid = await local_at(stack, h, "mid", 4000)
+        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
+        qid = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
+        now = clients.clock.now_ms()
+        hidden = attrs.evolve(engine.questions[qid], deleted_at=now, hidden=True)
+        other_node_commits(db, [SaveQuestion(hidden), StopEscalating(now, question_id=qid, stages_run=1)], notify=False)
+        shown = attrs.evolve(hidden, deleted_at=None, hidden=False)
+        other_node_commits(db, [SaveQuestion(shown, unhide=True)], notify=False)
+
+        autojump_clock.jump(4)  # QUICK (3 s) is due
+        await real_wait(lambda: engine.where.stage_reached(qid) != "IMMEDIATE")  # QUICK ran
+        await clients.pipeline.wait_idle()
+        assert await alerts(mid, qid) == []
+        assert qid not in engine.where.escalations and clients.escalation_scopes == {}
+        autojump_clock.autojump_threshold = 0
+        await past_the_last_stage(h)
+        assert await alerts(mid, qid) == []
+    await h.running.aclose()
+    assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = ?", (qid,)) == [(0,)]
+    assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(stopped_for_good(1),)]
 
 
 def test_sqlite_nodes_always_hold_the_lease() -> None:

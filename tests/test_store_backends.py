@@ -26,9 +26,10 @@ from dongne.core.effects import (
     SaveQuestion,
     SaveReport,
     SaveUser,
+    StopEscalating,
 )
 from dongne.core.lifecycle import QuestionStatus
-from dongne.core.records import Answer, IpBlock, PushJob, Question, Report, User
+from dongne.core.records import Answer, IpBlock, PushJob, Question, Report, User, stopped_for_good
 from dongne.store import MAX_ROWS_PER_STATEMENT, Conflict, Storage, WriteFailed, store_for
 
 from .conftest import db_rows
@@ -91,6 +92,34 @@ def test_saves_replace_rows_and_the_load_returns_the_last_of_each(store: Storage
     assert db_rows(db, "SELECT stage FROM notified") == [("IMMEDIATE",)]
     found = store.find_question("q1")
     assert found is not None and [a.content for a in found[1]] == ["answer 2", "answer 1", "answer 0"]
+
+
+def test_an_escalation_stopped_for_good_stays_stopped_whoever_saves_its_progress(
+    store: Storage, db: Path | str
+) -> None:
+    """``StopEscalating`` marks the stored progress stopped, of the most stages run that it or the row counts,
+    whatever memory followed (a question, or every active one of an asker); a question without a row gets
+    none, an ended one is left alone. A stage's progress saved after the stop (another node's) keeps it
+    stopped, counting the stages that save says ran."""
+    store.apply([SaveUser(User("asker", "Mina")), SaveUser(User("other", "Oh"))])
+    store.apply([SaveQuestion(question(q, "asker", 1)) for q in ("q1", "q2", "q3", "q4")])
+    store.apply([SaveQuestion(question("q5", "other", 1)), CloseOnce("q4", "closed", 2)])
+    store.apply([SaveEscalation(q, 2, 3) for q in ("q1", "q2", "q4", "q5")])
+    store.apply([SaveEscalation("q2", 3, 4), StopEscalating(5, question_id="q2", stages_run=1)])  # the row counts 3
+    store.apply([StopEscalating(5, question_id="q1", stages_run=0), StopEscalating(5, question_id="q3")])
+    store.apply([SaveEscalation("q1", 3, 6), SaveEscalation("q2", 1, 6)])  # stages committed after the stop
+    rows = "SELECT question_id, next_stage FROM escalations ORDER BY question_id"
+    assert db_rows(db, rows) == [("q1", stopped_for_good(3)), ("q2", stopped_for_good(3)), ("q4", 2), ("q5", 2)]
+    store.apply([SaveEscalation("q5", 3, 7), StopEscalating(7, asker_id="other")])  # the asker banned
+    store.apply([StopEscalating(8, asker_id="asker"), StopEscalating(8, question_id="q1", stages_run=4)])
+
+    assert db_rows(db, rows) == [
+        ("q1", stopped_for_good(4)),
+        ("q2", stopped_for_good(3)),
+        ("q4", 2),  # closed: no stage runs again
+        ("q5", stopped_for_good(3)),
+    ]
+    assert store.load(hot_since=0).escalations == {"q1": -5, "q2": -4, "q5": -4}
 
 
 def test_guarded_question_writes_refuse_the_race_another_node_won(store: Storage, db: Path | str) -> None:

@@ -37,6 +37,7 @@ from .effects import (
     Send,
     SendEach,
     StartEscalation,
+    StopEscalating,
     Write,
     rows_of,
 )
@@ -147,6 +148,7 @@ __all__ = [
     "StagePlan",
     "StageRefused",
     "StartEscalation",
+    "StopEscalating",
     "Tick",
     "TokenCheck",
     "User",

@@ -53,6 +53,7 @@ __all__ = [
     "Send",
     "SendEach",
     "StartEscalation",
+    "StopEscalating",
     "Write",
     "rows_of",
 ]
@@ -253,12 +254,27 @@ class AppendAudit:
 
 @attrs.frozen
 class SaveEscalation:
-    """Record how far a question's escalation got (``next_stage`` stages done; below zero: stopped for good,
-    ``records.stopped_for_good``)."""
+    """Record how far a question's escalation got (``next_stage`` stages done). One stopped for good
+    (``StopEscalating``) stays stopped: a save from a stage committed after the stop (the lease holder's,
+    planned before the hide, committed after an unhide) only adds to the stages it counts as run."""
 
     question_id: str
     next_stage: int
     updated_at: int
+
+
+@attrs.frozen
+class StopEscalating:
+    """Stop for good, in the store, the escalation of a question (a hide), or of every active question of
+    ``asker_id`` (a ban): whatever this node's memory holds of it, as another node may run it whose news has
+    not come here. Its stored progress is marked stopped (``records.stopped_for_good``) of the most stages
+    run that either counts: the store's, or ``stages_run`` (this node's memory: a stage being delivered in
+    batches has not stored its progress yet). A question without an escalation row has none to stop."""
+
+    at: int
+    question_id: str = ""
+    asker_id: str = ""
+    stages_run: int = 0
 
 
 @attrs.frozen
@@ -336,6 +352,7 @@ Write = (
     | DeliverAnswer
     | AppendEvent
     | SaveEscalation
+    | StopEscalating
     | SaveNotified
     | EnqueuePush
     | SavePushStatus

@@ -36,6 +36,7 @@ from .effects import (
     SaveQuestion,
     SaveReport,
     SaveUser,
+    StopEscalating,
 )
 from .errors import ProtocolError
 from .freshness import Freshness
@@ -217,6 +218,9 @@ class Moderation:
         out.write(AppendAudit(now, call.user.user_id, "ban_user", target.user_id, reason))
         out.note("user_banned", user=target.user_id, admin=call.user.user_id, until=until)
         out.write(CancelPushes(now, user_id=target.user_id))  # none of what waits for them is pushed
+        # Their questions escalate no more, for good, in the store: those memory here does not follow too
+        # (another node's, its news not come yet), which the node running them may take up again.
+        out.write(StopEscalating(now, asker_id=target.user_id))
         self.ban_in_force(target, now, out)
 
     def ban_in_force(self, target: User, now: int, out: OutcomeBuilder) -> None:

@@ -28,6 +28,7 @@ from .effects import (
     SaveNotified,
     SaveQuestion,
     StartEscalation,
+    StopEscalating,
 )
 from .errors import ProtocolError
 from .fanout import StageAlerts
@@ -41,7 +42,7 @@ from .places import ServiceArea
 from .presence import Presence
 from .protocol import Fields, event
 from .reads import AnswerHome
-from .records import Answer, Question, ReceiptState, User, stopped_for_good
+from .records import Answer, Question, ReceiptState, User
 from .settings import EngineSettings
 from .text import SpamFilter
 
@@ -743,15 +744,21 @@ class Questions:
     def stop_escalating(self, question: Question, now: int, out: OutcomeBuilder) -> None:
         """Stop the question's escalation for good (a ban of its asker, a hide): stored as stopped, whatever
         the plan (``records.stopped_for_good``), so that no restart takes it up again, with a longer plan
-        either."""
+        either, nor an unhide or a ban's end.
+
+        Stored whatever memory here follows of it (``StopEscalating``): another node may run its stages
+        (the lease holder), and its news may not have come here (the question read from the store): the
+        holder only ends it in memory when the news comes, and a takeover, a restart or the unhide's news
+        would read it from the store again.
+        """
         question_id = question.question_id
         following = question_id in self._where.escalations
         run = self._where.stop_for_good(question_id)
-        if run is None:
-            return
+        if run is None and question.status not in ACTIVE:
+            return  # ended: no stage runs again, whatever the store holds
         if following:
             out.act(CancelEscalation(question_id))
-        out.write(SaveEscalation(question_id, stopped_for_good(run), now))
+        out.write(StopEscalating(now, question_id=question_id, stages_run=run or 0))
 
     def _end(self, question: Question, out: OutcomeBuilder) -> None:
         if question.question_id in self._where.escalations:

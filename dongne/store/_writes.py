@@ -42,6 +42,7 @@ from ..core.effects import (
     SaveQuestion,
     SaveReport,
     SaveUser,
+    StopEscalating,
     Write,
 )
 from ..core.records import Answer, IpBlock, PushJob, Question, Report, User
@@ -489,6 +490,7 @@ def prepare_writes(
     delivered: list[DeliverAnswer] = []
     events: list[AppendEvent] = []
     escalations: dict[str, SaveEscalation] = {}
+    stops: list[StopEscalating] = []
     notified: list[tuple[Any, ...]] = []
     alerted: list[SaveNotified] = []
     raced: list[CountAnswer | AcceptOnce | CloseOnce] = []  # in order
@@ -541,6 +543,8 @@ def prepare_writes(
             delivered.append(item)
         elif isinstance(item, SaveEscalation):
             escalations[item.question_id] = item
+        elif isinstance(item, StopEscalating):
+            stops.append(item)
         elif isinstance(item, EnqueuePush):
             pushes.append(item.job)
         elif isinstance(item, SavePushStatus):
@@ -655,11 +659,14 @@ def prepare_writes(
         # A stage is committed only while its question is open in the store (CLUSTER.md): one look at its
         # row, after the saves (a question created in this commit is there), before this commit's accepts
         # and closes (decided after the stage). FOR SHARE: another node's end waits for this commit. SQLite
-        # has one writer, whose memory saw every end before it ran a stage.
+        # has one writer, whose memory saw every end before it ran a stage. Nor an escalation stopped for good
+        # (a hide, a ban of the asker): hidden and shown again on another node, a question is open again, and
+        # the holder may read both news as one (or neither yet), its escalation still running in its memory.
         for question_id in sorted(still_open):
             batch.statements.append(
-                (f"SELECT 1 FROM questions WHERE question_id = %s AND {_ACTIVE_SQL} FOR SHARE", [question_id],
-                 Guard(question_id, "stage"))
+                (f"SELECT 1 FROM questions q WHERE question_id = %s AND {_ACTIVE_SQL} AND NOT EXISTS"
+                 " (SELECT 1 FROM escalations e WHERE e.question_id = q.question_id AND e.next_stage < 0)"
+                 " FOR SHARE OF q", [question_id], Guard(question_id, "stage"))
             )  # fmt: skip
     for op in raced:  # after the saves: a question created in this commit is there
         if isinstance(op, CountAnswer) and op.answered_at is None:
@@ -737,12 +744,32 @@ def prepare_writes(
         batch.rows += len(event_rows)
     else:
         batch.insert("INSERT INTO events (user_id, seq, type, data, created_at)", event_rows)
+    # An escalation stopped for good (below zero, records.stopped_for_good) stays stopped: a stage committed
+    # after the stop (another node's, planned before a hide and committed after the unhide) only adds to the
+    # stages it counts as run. A stop (after the saves: a stage of this commit counts) marks what the row
+    # holds, whoever wrote it, with the most stages run either counts.
+    least = "least" if pg else "min"
     save(
         "escalations",
         "question_id, next_stage, updated_at",
         "question_id",
         [(e.question_id, e.next_stage, e.updated_at) for e in escalations.values()],
+        next_stage="CASE WHEN escalations.next_stage < 0 AND excluded.next_stage >= 0"
+        f" THEN {least}(escalations.next_stage, -1 - excluded.next_stage) ELSE excluded.next_stage END",
     )
+    stopped = f"{least}(-1 - {mark}, CASE WHEN next_stage < 0 THEN next_stage ELSE -1 - next_stage END)"
+    for stop in stops:
+        if stop.question_id:
+            batch.many(
+                f"UPDATE escalations SET next_stage = {stopped}, updated_at = {mark} WHERE question_id = {mark}",
+                [(stop.stages_run, stop.at, stop.question_id)],
+            )
+        if stop.asker_id:
+            batch.many(
+                f"UPDATE escalations SET next_stage = {stopped}, updated_at = {mark} WHERE question_id IN"
+                f" (SELECT question_id FROM questions WHERE asker_id = {mark} AND status IN ('open', 'answered'))",
+                [(stop.stages_run, stop.at, stop.asker_id)],
+            )
     keep("notified", "question_id, user_id, stage, distance_m, online, at", notified)
     batch.insert(
         "INSERT INTO push_outbox (job_id, user_id, kind, urgent, payload, status, attempts, last_error,"
