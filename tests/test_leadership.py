@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 
-from dongne.client import DongneClient, open_client
+from dongne.client import DongneClient, RequestError, open_client
 from dongne.cluster import Membership, wall_ms
 from dongne.core.effects import CloseOnce, SaveEscalation, SaveQuestion, StopEscalating
 from dongne.core.records import Question, stopped_for_good
@@ -242,12 +242,28 @@ async def test_a_dongne_serve_stopped_past_its_lease_commits_no_late_stage(
                 await trio.sleep(max(0.0, 3.5 - (time.monotonic() - stopped)))  # QUICK is overdue
                 node.proc.send_signal(signal.SIGCONT)
                 await wait_until(gauges("dongne_escalation_lease_held 0.0", "dongne_escalations_waiting 1.0"))
-                await mid.request("get_profile")
+                await wait_until(answers(mid))
                 assert await notifications(mid) == []
                 assert db_rows(db, "SELECT count(*) FROM notified") == [(0,)]
                 assert db_rows(db, "SELECT count(*) FROM events WHERE user_id = 'mid'") == [(0,)]
                 nursery.cancel_scope.cancel()
     assert other.lease_epoch == 2
+
+
+def answers(client: DongneClient) -> Callable[[], Awaitable[bool]]:
+    """Whether a request of ``client`` is answered: one queued behind a commit refused for its lease's epoch is
+    refused too (``unavailable``, "try again") while the node reads its state again."""
+
+    async def check() -> bool:
+        try:
+            await client.request("get_profile")
+        except RequestError as exc:
+            if exc.code != "unavailable":
+                raise
+            return False
+        return True
+
+    return check
 
 
 #: The other node's end of a question reaches this node by no news and no catch-up (its LISTEN connection down
