@@ -190,6 +190,54 @@ async def test_a_resume_from_before_the_kept_events_says_so_and_unread_counts_wh
         assert await asker.request("mark_notifications_read", {"up_to_seq": 4}) == {"unread": 0}
 
 
+async def test_what_is_taken_down_leaves_the_inbox_and_its_replays_but_not_their_seqs(start_server: Any) -> None:
+    """A hidden or deleted answer, a deleted question: their notifications, listed or replayed, keep their
+    seq and their ids, marked removed, and none of the text; an unhidden answer shows again."""
+    h: Harness = await start_server()
+    async with (
+        h.connect("ops", admin=True) as admin,
+        h.connect("asker") as asker,
+        h.connect("jun", local=True) as jun,
+        h.connect("mina") as mina,
+    ):
+        await jun.request("update_location", {"location": JEJU_CITY})
+        qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        await jun.next_event("new_question_notification")
+        spam = (await mina.request("create_answer", {"question_id": qid, "content": "buy followers here"}))["answer"]
+        oops = (await mina.request("create_answer", {"question_id": qid, "content": "wrong thread"}))["answer"]
+        await jun.request("create_answer", {"question_id": qid, "content": "Dombedon"})
+        gone = (await asker.request("create_question", question_data(title="Cheap followers?")))["question"]
+        await jun.next_event("new_question_notification")
+        await admin.request("hide_answer", {"id": spam["answer_id"], "reason": "spam"})
+        await mina.request("delete_answer", {"answer_id": oops["answer_id"]})
+        await asker.request("delete_question", {"question_id": gone["question_id"]})
+
+        def shown(event: dict[str, Any]) -> tuple[int, Any]:
+            """An answer_notification's seq and its answer's text, or its data if it has no answer."""
+            data = event["data"]
+            return event["seq"], data["answer"]["content"] if "answer" in data else data
+
+        def removed(answer: dict[str, Any]) -> dict[str, Any]:
+            return {"question_id": qid, "answer_id": answer["answer_id"], "removed": True}
+
+        expected = [(3, "Dombedon"), (2, removed(oops)), (1, removed(spam))]
+        assert [shown(n) for n in (await asker.request("list_notifications", {}))["notifications"]] == expected
+        alerts = (await jun.request("list_notifications", {"types": ["new_question_notification"]}))["notifications"]
+        assert alerts[0]["data"] == {"question_id": gone["question_id"], "removed": True}
+        assert alerts[1]["data"]["question"]["title"] == question_data()["title"]
+    async with h.connect("asker", resume_from=0) as again, h.connect("jun", resume_from=0) as local:
+        replayed = [await again.next_event("answer_notification") for _ in range(3)]
+        assert [shown(e) for e in replayed] == expected[::-1]
+        alerted = [await local.next_event("new_question_notification") for _ in range(2)]
+        assert [e["data"].get("removed", False) for e in alerted] == [False, True]
+        async with h.connect("ops", admin=True) as admin:
+            await admin.request("unhide_answer", {"id": spam["answer_id"]})
+        back = (await again.request("list_notifications", {"before_seq": 2}))["notifications"]
+        assert [shown(n) for n in back] == [(1, "buy followers here")]
+    async with h.connect("asker", resume_from=0) as later:
+        assert (await later.next_event("answer_notification"))["data"]["answer"]["content"] == "buy followers here"
+
+
 async def test_questions_expire_stop_escalating_leave_memory_and_stay_readable(
     start_server: Any, autojump_clock: trio.testing.MockClock
 ) -> None:

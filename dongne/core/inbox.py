@@ -29,7 +29,7 @@ from .freshness import Freshness
 from .protocol import durable_event, event
 from .records import Answer, PushJob, Question, ReceiptState, User
 
-__all__ = ["DURABLE_EVENTS", "Inbox"]
+__all__ = ["CONTENT_EVENTS", "DURABLE_EVENTS", "Inbox", "removed", "subject"]
 
 
 #: Every kind of durable event (the ones in a user's inbox, with a seq).
@@ -42,6 +42,38 @@ DURABLE_EVENTS = frozenset(
         "content_hidden",
     }
 )
+
+#: The durable events that carry what a question or an answer says (a title, a body, an answer's text):
+#: listed or replayed once that question or answer is taken down, they keep only its ids (:func:`removed`).
+#: ``content_hidden`` carries none (ids and the moderator's reason), and is kept whole.
+CONTENT_EVENTS = DURABLE_EVENTS - {"content_hidden"}
+
+
+def subject(kind: str, data: Any) -> tuple[str, str | None] | None:
+    """The question, and the answer if it names one, that a durable event's ``data`` shows.
+
+    Returns:
+        ``(question_id, answer_id or None)``; None for an event that shows no content (``content_hidden``,
+        or ``data`` of another shape).
+    """
+    if kind not in CONTENT_EVENTS or not isinstance(data, dict):
+        return None
+    question_id = data.get("question_id")
+    if not isinstance(question_id, str):
+        return None
+    answer = data.get("answer")  # answer_notification carries the answer; answer_accepted_notification its id
+    answer_id = answer.get("answer_id") if isinstance(answer, dict) else data.get("answer_id")
+    return question_id, answer_id if isinstance(answer_id, str) else None
+
+
+def removed(about: tuple[str, str | None]) -> dict[str, Any]:
+    """The ``data`` a durable event keeps once its question or answer is deleted or hidden: the ids and
+    ``"removed": true``, so that a listed or replayed event still holds its seq (no gap) but none of the
+    content (PROTOCOL.md, "Events")."""
+    question_id, answer_id = about
+    if answer_id is None:
+        return {"question_id": question_id, "removed": True}
+    return {"question_id": question_id, "answer_id": answer_id, "removed": True}
 
 
 class Inbox:

@@ -442,7 +442,12 @@ class SqlStore:
 
     def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
         """For each ``(user, after_seq, up_to_seq)``, the user's durable events in that range, in seq order,
-        their ``data`` as stored (msgpack): several connections' replays in one call (``delivery.py``)."""
+        their ``data`` as stored (msgpack): several connections' replays in one call (``delivery.py``). An
+        event whose question or answer is deleted or hidden keeps only its ids (``_queries.strip_removed``)."""
+        return _queries.strip_removed(self._event_rows(wanted), self._read)
+
+    def _event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
+        """:meth:`read_event_rows` as stored: a statement per user."""
         found: dict[str, list[tuple[int, str, bytes]]] = {}
         for user_id, after_seq, up_to_seq in wanted:
             found[user_id] = [

@@ -203,7 +203,8 @@ class Storage(Protocol):
 
     def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
         """For each ``(user, after_seq, up_to_seq)``, the user's durable events in that range, in seq order,
-        ``data`` as stored (msgpack): several replays in one call."""
+        ``data`` as stored (msgpack), except that an event whose question or answer is deleted or hidden
+        keeps only its ids (``core.inbox.removed``): several replays in one call."""
         ...
 
     def prune_events(self, before_ms: int, limit: int) -> dict[str, int]:

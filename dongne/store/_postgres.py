@@ -454,8 +454,8 @@ class PostgresStore(SqlStore):
         self._changes_from = next(ident for kind, ident in rows if kind == "x")
         return questions, users
 
-    def read_event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
-        """:meth:`SqlStore.read_event_rows` in one statement, whatever the number of users."""
+    def _event_rows(self, wanted: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, str, bytes]]]:
+        """:meth:`SqlStore._event_rows` in one statement, whatever the number of users."""
         found: dict[str, list[tuple[int, str, bytes]]] = {user_id: [] for user_id, _after, _up_to in wanted}
         rows = self._read(
             "SELECT e.user_id, e.seq, e.type, e.data FROM unnest(?::text[], ?::bigint[], ?::bigint[]) AS w(u, a, b)"

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import msgpack
 
+from ..core.inbox import CONTENT_EVENTS, removed, subject
 from ..core.reads import (
     AnswerHome,
     AnswersOfAuthor,
@@ -34,7 +35,7 @@ from ..core.reads import (
 )
 from ._rows import REPORT_COLS
 
-__all__ = ["Dialect", "indexed_by", "plan", "run"]
+__all__ = ["Dialect", "indexed_by", "plan", "run", "strip_removed", "taken_down"]
 
 
 #: The one inbox type left out of ``events_by_user_type`` (the alerts: most rows, written in bulk).
@@ -245,5 +246,52 @@ def run(
     results = [read(sql, params) for sql, params in plan(query, question_cols, answer_cols, dialect)]
     if isinstance(query, Notifications):
         merged = sorted((row for rows in results for row in rows), key=lambda row: row[0], reverse=True)
-        results = [[(seq, kind, msgpack.unpackb(data, raw=False), at) for seq, kind, data, at in merged]]
+        decoded = [
+            (seq, kind, msgpack.unpackb(data, raw=False), at) for seq, kind, data, at in merged[: query.limit + 1]
+        ]
+        about = [subject(kind, data) for _seq, kind, data, _at in decoded]
+        gone = taken_down(read, about)
+        results = [
+            [
+                (seq, kind, removed(ids) if ids is not None and gone[i] else data, at)
+                for i, ((seq, kind, data, at), ids) in enumerate(zip(decoded, about, strict=True))
+            ]
+        ]
     return results
+
+
+def taken_down(read: ReadRows, about: Sequence[tuple[str, str | None] | None]) -> list[bool]:
+    """For each durable event's subject (``core.inbox.subject``), whether its question or its answer is
+    deleted or hidden (hidden ones carry ``deleted_at`` too; an unhidden one is shown again). Two statements
+    by primary key, 500 ids each, whatever the number of events: a page of the inbox, or a replay.
+    """
+    question_ids = sorted({ids[0] for ids in about if ids is not None})
+    answer_ids = sorted({ids[1] for ids in about if ids is not None and ids[1] is not None})
+    gone: set[tuple[str, str]] = set()
+    for table, column, wanted in (("questions", "question_id", question_ids), ("answers", "answer_id", answer_ids)):
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT {column} FROM {table} WHERE {column} IN ({marks}) AND deleted_at IS NOT NULL"
+            gone.update((table, ident) for (ident,) in read(sql, part))
+    return [
+        ids is not None and (("questions", ids[0]) in gone or (ids[1] is not None and ("answers", ids[1]) in gone))
+        for ids in about
+    ]
+
+
+def strip_removed(
+    found: dict[str, list[tuple[int, str, bytes]]], read: ReadRows
+) -> dict[str, list[tuple[int, str, bytes]]]:
+    """Replayed events (``Storage.read_event_rows``) whose question or answer is taken down keep their seq and
+    only its ids (``core.inbox.removed``); the others are left as stored, bytes for the splice."""
+    rows = [(user_id, i, row) for user_id, user_rows in found.items() for i, row in enumerate(user_rows)]
+    about = [
+        subject(kind, msgpack.unpackb(data, raw=False)) if kind in CONTENT_EVENTS else None
+        for _user, _i, (_seq, kind, data) in rows
+    ]
+    gone = taken_down(read, about)
+    for (user_id, i, (seq, kind, _data)), ids, down in zip(rows, about, gone, strict=True):
+        if down and ids is not None:
+            found[user_id][i] = (seq, kind, msgpack.packb(removed(ids)))
+    return found

@@ -303,6 +303,7 @@ export interface AnswerNotification {
   question_id: string;
   question_title: string;
   answer: Answer;
+  removed?: never;
 }
 export interface AnswerAcceptedNotification {
   question_id: string;
@@ -311,6 +312,7 @@ export interface AnswerAcceptedNotification {
   points: number;
   question_title: string;
   total_points: number;
+  removed?: never;
 }
 export interface NewQuestionNotification {
   question_id: string;
@@ -320,6 +322,7 @@ export interface NewQuestionNotification {
   distance_m: number | null;
   sound: Sound;
   vibration: Vibration;
+  removed?: never;
 }
 export interface SlowResponseAlert {
   question_id: string;
@@ -329,15 +332,26 @@ export interface SlowResponseAlert {
   stage: Stage | null;
   notified: number | null;
   raised_at: Millis;
+  removed?: never;
+}
+/**
+ * A durable event's `data` once the question it is about, or the answer it names, was deleted or
+ * hidden: listed or replayed, it keeps its seq but only these ids (PROTOCOL.md, "Removed content").
+ * Live events never come this way; test `data.removed` before reading the usual fields.
+ */
+export interface Removed {
+  question_id: string;
+  answer_id?: string;
+  removed: true;
 }
 type RoomPresence = { question_id: string; user_id: string; nick: string };
 
 /** Every event the server sends: its `data`. */
 export interface EventData {
-  answer_notification: AnswerNotification;
-  answer_accepted_notification: AnswerAcceptedNotification;
-  new_question_notification: NewQuestionNotification;
-  slow_response_alert: SlowResponseAlert;
+  answer_notification: AnswerNotification | Removed;
+  answer_accepted_notification: AnswerAcceptedNotification | Removed;
+  new_question_notification: NewQuestionNotification | Removed;
+  slow_response_alert: SlowResponseAlert | Removed;
   content_hidden: { question_id: string; answer_id?: string; reason: string };
   new_answer: { question_id: string; answer: Answer };
   answer_accepted: { question_id: string; answer_id: string; author_id: string; points: number };

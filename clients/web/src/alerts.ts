@@ -13,6 +13,7 @@ const STALE_MS = 60 * 60 * 1000;
 
 export function listenForAlerts(): () => void {
   return onEvent("new_question_notification", (data, seq) => {
+    if (data.removed) return;  // replayed after its question was deleted or hidden: nothing to answer
     if (!store.get().user?.local) return;  // alerts go to locals; anyone else sees them in the inbox
     const { alerts } = store.get();
     if (alerts.some((a) => a.data.question_id === data.question_id)) return;

@@ -141,6 +141,7 @@ const ko = {
   n_question: "근처 새 질문: “{title}”",
   n_hidden: "내 글이 숨김 처리되었습니다 ({reason})",
   n_slow: "답변이 늦은 질문: “{title}”",
+  n_removed: "삭제되었거나 숨김 처리된 글에 대한 알림입니다",
 
   // local: nearby
   nearby_title: "내 주변 질문",
@@ -372,6 +373,7 @@ const en: Record<Key, string> = {
   n_question: "New question nearby: “{title}”",
   n_hidden: "Your post was hidden ({reason})",
   n_slow: "Slow question: “{title}”",
+  n_removed: "About a post that was deleted or hidden",
 
   nearby_title: "Questions around you",
   nearby_sharing: "Your position is shared while this page is open. You will be alerted to questions nearby.",

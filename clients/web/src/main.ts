@@ -271,7 +271,9 @@ async function start(root: HTMLElement, token: string): Promise<void> {
     });
   }
   onEvent("unread_count", (d) => store.set({ unread: d.unread }));
+  // A replayed notification whose question or answer was taken down since (`removed`) is only counted above.
   onEvent("answer_accepted_notification", (d) => {
+    if (d.removed) return;
     const u = store.get().user;
     if (u) store.set({ user: { ...u, points: d.total_points } });
     const route = store.get().route;
@@ -280,6 +282,7 @@ async function start(root: HTMLElement, token: string): Promise<void> {
       here ? undefined : { label: t("alert_open"), href: href({ name: "q", id: d.question_id }) });
   });
   onEvent("answer_notification", (d) => {
+    if (d.removed) return;
     const route = store.get().route;
     if (route.name === "q" && route.id === d.question_id) return;
     toast(`${t("q_new_answer_from", { nick: d.answer.author_nick })}: ${d.question_title}`, "info", { label: t("alert_open"), href: href({ name: "q", id: d.question_id }) });

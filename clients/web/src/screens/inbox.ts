@@ -11,6 +11,8 @@ import { empty, focusHeading, heading } from "../ui";
 function describe(n: Notification_): { text: string; detail?: string; questionId: string | null; icon: IconName } {
   const d = n.data as Record<string, unknown>;
   const qid = typeof d.question_id === "string" ? d.question_id : null;
+  // Its question or answer was deleted or hidden since: ids only, nothing of what it said.
+  if (d.removed === true) return { text: t("n_removed"), questionId: null, icon: "warn" };
   const question = (d.question ?? {}) as { title?: string };
   const answer = (d.answer ?? {}) as { author_nick?: string; content?: string };
   switch (n.type) {

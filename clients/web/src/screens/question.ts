@@ -234,7 +234,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     markRead();
   };
   cleanup.add(onEvent("new_answer", mine((d) => arrived(d.answer))));
-  cleanup.add(onEvent("answer_notification", mine((d) => arrived(d.answer))));
+  cleanup.add(onEvent("answer_notification", mine((d) => { if (!d.removed) arrived(d.answer); })));
   cleanup.add(onEvent("answer_accepted", mine((d) => {
     answers = answers.map((a) => (a.answer_id === d.answer_id ? { ...a, accepted: true, author_points: a.author_points + d.points } : a));
     if (question) question = { ...question, accepted_answer_id: d.answer_id, status: "resolved" };
