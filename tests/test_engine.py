@@ -904,6 +904,36 @@ def test_a_question_not_in_memory_is_asked_for_after_the_rate_limit() -> None:
     assert limited.load_question is None and limited.error == "rate_limited"
 
 
+def test_a_request_refused_for_its_fields_gives_its_operations_token_back() -> None:
+    """Five titles too long do not use up the burst of five questions; the connection still counts them."""
+    sim = Sim(Engine(CoreSettings(limits=LimitSettings(conn_per_s=1.0, conn_burst=20.0)), claims_for))
+    sim.connect(1, "asker")
+    sim.connect(2, "local")
+    where = {"lat": 33.5, "lng": 126.5}
+    refused = [
+        sim.call(1, "create_question", {"title": "x" * 201, "location": where}).error,
+        sim.call(1, "create_question", {"title": "t", "body": "x" * 1001, "location": where}).error,
+        sim.call(1, "create_question", {"title": "t", "location": {"lat": 91, "lng": 0}}).error,
+        sim.call(1, "create_question", {"title": "t", "location": where, "hashtags": ["?"]}).error,
+        sim.call(1, "create_question", {"title": "t", "location": where, "urgency": "now"}).error,
+    ]
+    assert refused == ["too_long", "too_long", "invalid_location", "invalid_field", "invalid_field"]
+    asked = [sim.call(1, "create_question", {"title": f"q{i}", "location": where}).error for i in range(6)]
+    assert asked == [None] * 5 + ["rate_limited"]  # the burst of five is whole, and still a limit
+    later = T0 + 180_000  # a question's token back after 3 minutes (20 an hour)
+    qid = ask(sim, 1, later)
+    for _ in range(10):
+        assert sim.call(2, "create_answer", {"question_id": qid, "content": ""}, later).error == "invalid_field"
+    assert sim.call(2, "create_answer", {"question_id": qid, "content": "hi"}, later).error is None
+    # Refused for what the state says, a request counts: ten answers to one's own question use the burst.
+    mine = [sim.call(1, "create_answer", {"question_id": qid, "content": "me"}, later).error for _ in range(11)]
+    assert mine == ["forbidden"] * 10 + ["rate_limited"]
+    # The connection's own bucket counts every frame: after its hello, 19 bad answers empty it.
+    sim.connect(3, "other", later)
+    bad = [sim.call(3, "create_answer", {"question_id": qid, "content": ""}, later).error for _ in range(20)]
+    assert bad == ["invalid_field"] * 19 + ["rate_limited"]
+
+
 def test_while_writes_fail_writing_operations_are_refused_before_anything_changes() -> None:
     from dongne.core import WritesFailing, WritesWork
 

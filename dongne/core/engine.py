@@ -111,6 +111,12 @@ WRITING_OPS = frozenset(
         "unblock_ip",
     }
 )
+#: Refusals for what a request's fields said: the user can correct them and send it again, so the token the
+#: request took from its operation's bucket (``OP_CLASSES``) goes back, or five titles too long in a row
+#: would lock a user out of asking for three minutes. The connection's bucket still counts the frame (a
+#: flood of bad requests stays a flood). Spam is not among them: it counts, as any request that reached
+#: the state (``not_found``, ``forbidden``, ...) does.
+CONTENT_ERRORS = frozenset({"invalid_field", "too_long", "invalid_location", "outside_service_area"})
 #: What ``unavailable`` replies suggest as ``retry_after_ms``: about when the store is probed next.
 UNAVAILABLE_RETRY_MS = 1000
 #: How often memory looks for ended questions to let go (``Questions.cool_down``).
@@ -566,6 +572,7 @@ class Engine:
         try:
             data = self._ops[request.op](call)
         except ProtocolError as exc:
+            self._give_back(conn, request, exc)
             return self._refuse(conn.conn_id, request.id, exc, label)
         except Exception:  # a bug: the client gets "internal", the connection and the server stay up
             log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
@@ -614,6 +621,7 @@ class Engine:
         try:
             data = finish(event.rows)
         except ProtocolError as exc:
+            self._give_back(conn, request, exc)
             return self._refuse(conn.conn_id, request.id, exc, request.op)
         except Exception:  # a bug: the client gets "internal", as in _run
             log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
@@ -625,6 +633,12 @@ class Engine:
             op=request.op,
             request=(conn.conn_id, request.id),
         )
+
+    def _give_back(self, conn: ConnState, request: Request, error: ProtocolError) -> None:
+        """Return the operation's token of a request refused for its fields (``CONTENT_ERRORS``)."""
+        kind = OP_CLASSES.get(request.op)
+        if kind is not None and error.code in CONTENT_ERRORS:
+            self.limiter.give_back(kind, f"u{conn.user_id}")
 
     def _refuse(self, conn_id: int, request_id: int | None, error: ProtocolError, label: str = "") -> Outcome:
         """An error reply to one request (or to a frame that was not one)."""

@@ -71,6 +71,10 @@ class TokenBucket:
             return 0
         return max(1, math.ceil((1 - self.tokens) * 1000 / self.spec.rate))
 
+    def give_back(self) -> None:
+        """Return a token taken for a request that turned out not to count (never above ``burst``)."""
+        self.tokens = min(self.spec.burst, self.tokens + 1)
+
     def idle_full(self, now: int) -> bool:
         return self.tokens + max(0, now - self.updated) * self.spec.rate / 1000 >= self.spec.burst
 
@@ -100,6 +104,12 @@ class Limiter:
         if bucket is None:
             bucket = self._buckets[(kind, key)] = TokenBucket.full(spec, now)
         return bucket.take(now)
+
+    def give_back(self, kind: str, key: str) -> None:
+        """Return the token ``take`` took for a request that does not count against ``kind`` after all."""
+        bucket = self._buckets.get((kind, key))
+        if bucket is not None:
+            bucket.give_back()
 
     def refused(self, key: str, now: int) -> bool:
         """Count a refusal against ``key``; True when it has now been abusive."""
