@@ -226,6 +226,17 @@ async def test_rooms_and_location_are_restored_after_a_reconnect(
     assert [e["data"]["question_id"] for e in events[3:]] == [q1, q3, mine]
 
 
+async def test_a_question_asked_at_the_cap_of_rooms_is_not_taken_for_a_room(start_server: Callable[..., Any]) -> None:
+    """Asked by a connection in as many rooms as it may be, a question is made but its room not joined."""
+    h = await start_server(limits={"rooms_per_connection": 1})
+    async with open_session(h.url, token("asker"), **fast()) as session:
+        first = await session.request("create_question", question_data(title="first"))
+        second = await session.request("create_question", question_data(title="second"))
+        assert (first["joined"], second["joined"]) == (True, False)
+        assert session.rooms == (first["question"]["question_id"],)
+    await h.running.aclose()
+
+
 async def test_rooms_refused_for_now_at_a_reconnect_are_joined_again_not_forgotten(
     start_server: Callable[..., Any], autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -148,16 +148,27 @@ async def test_blocked_address_is_refused(start_server) -> None:  # type: ignore
 
 async def test_state_limits(start_server) -> None:  # type: ignore[no-untyped-def]
     h = await start_server(limits={**UNLIMITED, "rooms_per_connection": 2, "connections_per_user": 2})
-    async with h.connect("asker") as asker:
-        qids = [
-            (await asker.request("create_question", question_data(title=f"q{i}")))["question"]["question_id"]
-            for i in range(2)
-        ]
+    async with h.connect("asker") as asker, h.connect("local") as local:
+        asked = [await asker.request("create_question", question_data(title=f"q{i}")) for i in range(2)]
+        assert [reply["joined"] for reply in asked] == [True, True]
+        qids = [reply["question"]["question_id"] for reply in asked]
+        theirs = (await local.request("create_question", question_data(title="theirs")))["question"]["question_id"]
         with pytest.raises(RequestError) as too_many:
-            await asker.request("create_question", question_data(title="third"))
+            await asker.request("join_question", {"question_id": theirs})
         assert too_many.value.code == "limit_exceeded"
+        # At its cap, a connection still asks: the question is made, its room not joined.
+        third = await asker.request("create_question", question_data(title="third"))
+        assert third["joined"] is False and third["question"]["title"] == "third"
+        await local.request("join_question", {"question_id": third["question"]["question_id"]})
+        await local.request("create_answer", {"question_id": third["question"]["question_id"], "content": "hi"})
+        # Not in the room: the answer comes as the asker's notification, not as the room's new_answer.
+        await asker.next_event("answer_notification")
+        await asker.request("ping")  # its reply comes after any event the answer caused
+        assert [frame["type"] for frame in asker.pending_events()] == []
+        mine = await asker.request("my_questions", {})
+        assert [q["title"] for q in mine["questions"]] == ["third", "q1", "q0"]
         await asker.request("leave_question", {"question_id": qids[0]})
-        await asker.request("create_question", question_data(title="third"))
+        assert (await asker.request("create_question", question_data(title="fourth")))["joined"] is True
         async with h.connect("asker"), trio_websocket.open_websocket_url(h.url) as ws:
             await ws.send_message(msgpack.packb({"type": "hello", "id": 1, "data": {"token": token("asker")}}))
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:

@@ -385,7 +385,8 @@ class Session(metaclass=_NoPublicConstructor):
                     "the server's last_seq %d is behind ours (%d); following the server", server_seq, self.last_seq
                 )
                 self.last_seq = server_seq
-        elif op in ("create_question", "join_question") and ok:
+        elif op in ("create_question", "join_question") and ok and result.get("joined") is not False:
+            # (A connection at its cap of rooms asks without joining the new room: nothing to re-join.)
             qid = (result.get("question") or {}).get("question_id")
             if isinstance(qid, str) and (intent is None or self._room_intents.get(qid) == intent):
                 self._rooms[qid] = None

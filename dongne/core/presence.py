@@ -115,9 +115,13 @@ class Presence:
         room = self.rooms.get(question_id)
         return room.conn_ids(except_conn=except_conn) if room is not None else []
 
+    def has_room_for(self, conn: ConnState, question_id: str | None = None) -> bool:
+        """Whether ``conn`` may join the question's room (it is in it already, or below its cap of rooms)."""
+        return question_id in conn.rooms or len(conn.rooms) < self._rooms_per_connection
+
     def check_capacity(self, conn: ConnState, question_id: str | None = None) -> None:
         """Raise ``limit_exceeded`` if ``conn`` may not join one more room."""
-        if question_id not in conn.rooms and len(conn.rooms) >= self._rooms_per_connection:
+        if not self.has_room_for(conn, question_id):
             raise ProtocolError("limit_exceeded", f"a connection can be in at most {self._rooms_per_connection} rooms")
 
     def joined(self, conn: ConnState, question_id: str) -> Room:

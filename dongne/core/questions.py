@@ -296,7 +296,10 @@ class Questions:
         hashtags = f.hashtags("hashtags", max_items=s.hashtags_max)
         urgency = f.choice("urgency", ("normal", "urgent"), default="normal")
         region = self._area.region(lat, lng)
-        self._presence.check_capacity(call.conn)  # before anything changes: a refusal leaves no trace
+        # The asking connection joins the new room, unless it is in as many rooms as it may be: then the
+        # question is asked all the same (a cap on a connection's rooms is no reason to refuse it) and the
+        # reply says it was not joined.
+        joins = self._presence.has_room_for(call.conn)
         question = Question(
             question_id=self._new_id("q", now),
             asker_id=user.user_id,
@@ -313,7 +316,8 @@ class Questions:
         self._questions[question.question_id] = question
         self._answers[question.question_id] = {}
         out.write(SaveQuestion(attrs.evolve(question)))
-        self._presence.join(call.conn, user.user_id, question.question_id, out)
+        if joins:
+            self._presence.join(call.conn, user.user_id, question.question_id, out)
         out.note(
             "question_created",
             question_id=question.question_id,
@@ -334,7 +338,7 @@ class Questions:
             self.run_due_stages(question, now, out)
             if self._where.escalation_due(question) is not None:
                 out.act(StartEscalation(question.question_id, self.escalation_until(question)))
-        return {"question": question.to_wire()}
+        return {"question": question.to_wire(), "joined": joins}
 
     def join_question(self, call: Call) -> dict[str, Any]:
         question = self._question(call.f)

@@ -185,7 +185,8 @@ export type Empty = Record<string, never>;
 export interface Operations {
   create_question: {
     request: { title: string; body?: string; location: Location; hashtags?: string[]; urgency?: Urgency };
-    reply: { question: Question };
+    /** `joined`: whether this connection joined the question's room (not when at its cap of rooms). */
+    reply: { question: Question; joined: boolean };
   };
   join_question: {
     request: QuestionId;

@@ -633,7 +633,8 @@ export class Session {
   /** Keep the rooms in step with the replies (re-joined after a reconnect). */
   #track(call: Call, reply: Reply): void {
     const op = call.op;
-    if ((op === "create_question" || op === "join_question") && reply.ok) {
+    // (A connection at its cap of rooms asks without joining the new room: `joined: false`, nothing to re-join.)
+    if ((op === "create_question" || op === "join_question") && reply.ok && reply.data.joined !== false) {
       const question = reply.data.question;
       if (isMap(question) && typeof question.question_id === "string") {
         // A join answered after a leave of its room was asked: the room stays left.

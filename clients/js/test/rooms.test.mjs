@@ -103,3 +103,18 @@ test("a join and a leave asked at once, the join answered last: the room stays l
     await end();
   }
 });
+
+test("a question asked at the connection's cap of rooms is made but not taken for a room", async () => {
+  const capped = await Server.start("[limits]\nrooms_per_connection = 1\n");
+  const asker = open(capped.url, mint("capped-asker"));
+  try {
+    await asker.opened;
+    const first = await asker.request("create_question", { title: "Is the ferry running?", location: JEJU });
+    const second = await asker.request("create_question", { title: "Any rain in Seogwipo?", location: JEJU });
+    assert.deepEqual([first.joined, second.joined], [true, false]);
+    assert.deepEqual(asker.rooms, [first.question.question_id]);
+  } finally {
+    await asker.close();
+    await capped.stop();
+  }
+});
