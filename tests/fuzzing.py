@@ -118,7 +118,7 @@ OP_CODES: Mapping[str, frozenset[str]] = {
     op: codes | {"rate_limited"}
     for op, codes in {
         "hello": frozenset({"already_authenticated"}),
-        "create_question": _LOC | {"too_long", "spam", "limit_exceeded"},  # it joins the room
+        "create_question": _LOC | {"too_long", "spam"},  # at the cap of rooms it asks without joining
         "join_question": _Q | {"limit_exceeded"},
         "leave_question": _Q | {"not_joined"},
         "create_answer": _Q | {"too_long", "spam", "forbidden", "question_closed"},

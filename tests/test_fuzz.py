@@ -633,10 +633,9 @@ async def test_token_with_non_finite_exp_is_refused(server: Any, exp: float) -> 
         assert answered.close_code == 4001, answered
 
 
-async def test_create_question_refused_for_too_many_rooms_leaves_nothing(start_server: Callable[..., Any]) -> None:
-    """Found by fuzzing: the question was put in memory before the room limit refused the request."""
-    from dongne.client import RequestError
-
+async def test_create_question_at_the_cap_of_rooms_asks_without_joining(start_server: Callable[..., Any]) -> None:
+    """Found by fuzzing: the question was put in memory before the room limit refused the request. Now
+    the cap refuses nothing: the question is made, in memory and stored, and its room is not joined."""
     from .conftest import question_data
 
     h = await start_server(limits={"rooms_per_connection": 2})
@@ -644,13 +643,17 @@ async def test_create_question_refused_for_too_many_rooms_leaves_nothing(start_s
         for _ in range(2):
             await client.request("create_question", question_data())
         before = set(h.running.engine.questions)
-        with pytest.raises(RequestError) as refused:
-            await client.request("create_question", question_data(title="one room too many"))
-        assert refused.value.code == "limit_exceeded"
+        reply = await client.request("create_question", question_data(title="one room too many"))
+        assert reply["joined"] is False
+        qid = reply["question"]["question_id"]
         after = set(h.running.engine.questions)
+        (conn,) = (c for c in h.running.engine.conns.values() if c.user_id == "roomy")
+        assert qid not in conn.rooms and len(conn.rooms) == 2
+        assert h.running.engine.presence.room_of(qid) is None
+        assert (await client.request("get_question", {"question_id": qid}))["question"]["title"] == "one room too many"
     h.running.stop()
 
-    assert before == after
+    assert after == before | {qid}
 
 
 # ---- explicit extremes ---------------------------------------------------------------------------
