@@ -123,7 +123,12 @@ async def test_hidden_content_leaves_rooms_and_lists_its_author_is_told_and_it_c
         assert (await jun.request("my_answers", {}))["answers"] == []
 
         assert (await admin.request("unhide_answer", {"id": aid}))["changed"] is True
+        # The room that heard it go hears it come back, as a new answer (the unhiding admin's connection not).
+        back = await viewer.next_event("new_answer")
         page = await viewer.request("get_question", {"question_id": qid})
+        assert back["data"] == {"question_id": qid, "answer": page["answers"][0]}
+        assert back["data"]["answer"]["content"] == "buy it at my online store"
+        assert [e["type"] for e in admin.pending_events() if e["type"] == "new_answer"] == []
         assert [a["answer_id"] for a in page["answers"]] == [aid] and page["question"]["answer_count"] == 1
         assert page["question"]["status"] == "answered"  # and the asker may accept it
         assert db_rows(h.db, "SELECT status, answer_count FROM questions") == [("answered", 1)]
@@ -189,6 +194,9 @@ async def test_reports_hide_at_the_threshold_and_an_admin_resolves_them(start_se
             "resolve_report", {"report_id": queue["reports"][0]["report_id"], "action": "dismiss"}
         )
         assert dismissed["resolved"] == 3
+        # Shown again: the room (the asker's connection is in it) gets it as a new answer.
+        back = await asker.next_event("new_answer")
+        assert (back["data"]["question_id"], back["data"]["answer"]["answer_id"]) == (qid, aid)
         assert (await asker.request("get_question", {"question_id": qid}))["question"]["answer_count"] == 1
         assert (await admin.request("list_reports", {}))["reports"] == []
         done = await admin.request("list_reports", {"status": "resolved"})

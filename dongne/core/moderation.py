@@ -365,12 +365,16 @@ class Moderation:
         answers: Sequence[Answer],
         now: int,
         out: OutcomeBuilder,
+        *,
+        except_conn: int | None = None,
     ) -> bool:
         """Show a hidden item again; False if it is not hidden. An active question comes back into memory at once;
         an ended one (as an answer under a question out of memory) when next asked for.
 
         Its answers still ``sent`` are owed their ``delivered`` again (the
-        hide forgot them): the asker's next hello gives it.
+        hide forgot them): the asker's next hello gives it. An answer's room
+        gets ``new_answer``, but for ``except_conn`` (the connection whose
+        request showed it, as with a hide).
         """
         if kind == "question":
             if not question.hidden:
@@ -403,6 +407,8 @@ class Moderation:
             self._qa.touched(question.question_id, now)
         elif question.deleted_at is None:  # a hidden question's answers are owed nothing until it is shown
             self._inbox.track(question, answer)
+        if question.deleted_at is None:  # a hidden (or deleted) question has no room
+            self._qa.show_answer_again(question, answer, out, except_conn=except_conn)
         return True
 
     # ---- hiding ------------------------------------------------------------------------
@@ -416,7 +422,7 @@ class Moderation:
             return item
         question, answer, answers = item
         if show:
-            changed = self._unhide(kind, question, answer, answers, call.now, call.out)
+            changed = self._unhide(kind, question, answer, answers, call.now, call.out, except_conn=call.conn.conn_id)
         else:
             changed = self._hide(kind, question, answer, reason, call)
         if changed:
@@ -524,7 +530,7 @@ class Moderation:
         question, answer, answers = item
         kind, now, out = report.item_kind, call.now, call.out
         if action == "dismiss":
-            self._unhide(kind, question, answer, answers, now, out)
+            self._unhide(kind, question, answer, answers, now, out, except_conn=call.conn.conn_id)
         elif action == "hide":
             self._hide(kind, question, answer, f"hidden after review: {report.reason}", call)
         else:

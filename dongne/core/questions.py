@@ -525,6 +525,15 @@ class Questions:
         out.send(self._presence.others(question.question_id, except_conn=except_conn), event("answer_deleted", gone))
         out.write(RoomNews(question.question_id, "answer_deleted", gone))  # the room's members on other nodes
 
+    def show_answer_again(
+        self, question: Question, answer: Answer, out: OutcomeBuilder, *, except_conn: int | None = None
+    ) -> None:
+        """An unhidden answer's room hears of it as of a new one (``new_answer``), as it heard of its hiding
+        (``answer_deleted``): members who saw it go see it come back, without joining again."""
+        news = {"question_id": question.question_id, "answer": self.answer_wire(answer)}
+        out.send(self._presence.others(question.question_id, except_conn=except_conn), event("new_answer", news))
+        out.write(RoomNews(question.question_id, "new_answer", news))  # the room's members on other nodes
+
     def answer_in_memory(self, answer_id: str) -> Answer | None:
         question_id = self._answer_homes.get(answer_id)
         return self._answers.get(question_id or "", {}).get(answer_id)
