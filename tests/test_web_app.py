@@ -591,6 +591,155 @@ def test_settings_cannot_be_saved_before_they_are_loaded(server: Server) -> None
     assert settings_from_python(server.ws_url, token) == saved
 
 
+def request_from_python(url: str, token: str, op: str, data: dict[str, Any]) -> dict[str, Any]:
+    """One request over the Python client; its reply's data."""
+
+    async def main() -> dict[str, Any]:
+        async with open_client(url, token) as client:
+            return dict(await client.request(op, data))
+
+    return trio.run(main)
+
+
+DESKTOP = {"width": 1280, "height": 800}
+
+
+class ReplyDropper:
+    """Routes a context's WebSocket through the test: the first reply to each op in ``drop`` never reaches the
+    page, as when a reply is slower than the SDK's request timeout (the server did apply the request)."""
+
+    def __init__(self, *ops: str) -> None:
+        self.drop = list(ops)
+        self.pending: dict[int, str] = {}
+        self.dropped: list[str] = []
+
+    def __call__(self, ws: Any) -> None:
+        import msgpack
+
+        upstream = ws.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            if isinstance(message, bytes):
+                frame = msgpack.unpackb(message)
+                if frame.get("type") in self.drop:
+                    self.drop.remove(frame["type"])
+                    self.pending[frame["id"]] = frame["type"]
+            upstream.send(message)
+
+        def from_server(message: str | bytes) -> None:
+            if isinstance(message, bytes):
+                frame = msgpack.unpackb(message)
+                if frame.get("type") == "reply" and frame.get("id") in self.pending:
+                    self.dropped.append(self.pending.pop(frame["id"]))
+                    return
+            ws.send(message)
+
+        ws.on_message(from_page)
+        upstream.on_message(from_server)
+
+    def wait_dropped(self, watched: Watched, op: str, timeout_s: float = 10.0) -> None:
+        """Until the reply to ``op`` was held back (the routes run while Playwright is called)."""
+        deadline = time.monotonic() + timeout_s
+        while op not in self.dropped:
+            if time.monotonic() > deadline:
+                shown = watched.page.evaluate("() => document.body.innerText.slice(0, 600)")
+                raise AssertionError(f"no {op} reply was dropped ({self.pending}, {self.dropped}): {shown!r}")
+            watched.page.wait_for_timeout(20)
+
+
+def test_no_reply_is_not_a_failure(server: Server) -> None:
+    """A question or answer whose reply is slower than the request timeout was posted all the same: the app finds
+    it rather than offering to send it again (twice posted, the locals alerted twice). An alert card whose
+    question ended goes, with a word, when answered or when it comes to the front."""
+    from playwright.sync_api import sync_playwright
+
+    traveller_token = mint("mina", nick="Mina")
+    local_token = mint("jun", nick="Jun", local=True)
+    with sync_playwright() as p:
+        browser = launch(p)
+        traveller_ctx = new_context(browser, server, TRAVELLER_AT)
+        local_ctx = new_context(browser, server, LOCAL_AT)
+        traveller_ws = ReplyDropper("create_question")
+        local_ws = ReplyDropper("create_answer", "create_answer")
+        for ctx, router in ((traveller_ctx, traveller_ws), (local_ctx, local_ws)):
+            ctx.route_web_socket(re.compile(r"/ws$"), router)
+            ctx.clock.install()  # time runs; fast_forward jumps it past the SDK's request timeout (10 s)
+        traveller = Watched(traveller_ctx, "traveller")
+        local = Watched(local_ctx, "local")
+        try:
+            local.page.goto(f"{server.url}/#token={local_token}")
+            local.wait_open()
+            local.page.wait_for_selector("#sharing[data-live=true]", timeout=5000)
+            traveller.page.goto(f"{server.url}/#token={traveller_token}")
+            traveller.wait_open()
+            traveller.page.wait_for_function("() => document.querySelector('#locals-2km').textContent.startsWith('1')")
+
+            # The question's reply is held back past the timeout: the app finds it posted and opens it.
+            traveller.page.fill("#ask-title", "공항 가는 버스 몇 번이에요?")
+            traveller.page.click("#ask-submit")
+            traveller_ws.wait_dropped(traveller, "create_question")
+            traveller.page.clock.fast_forward(11_000)
+            traveller.page.wait_for_selector("#main[data-screen=q]")
+            asked = request_from_python(server.ws_url, traveller_token, "my_questions", {"status": "all"})
+            assert len(asked["questions"]) == 1
+            qid = asked["questions"][0]["question_id"]
+            assert traveller.page.url.endswith(f"#/q/{qid}")
+
+            # The local answers from the alert card; the reply is held back: the answer is found, sent once.
+            card = f'.alert-card[data-question-id="{qid}"]'
+            local.page.wait_for_selector(card, timeout=5000)
+            local.page.fill(f"{card} textarea", "100번이나 600번이요.")
+            local.page.click(f"{card} button[type=submit]")
+            local_ws.wait_dropped(local, "create_answer")
+            local.page.clock.fast_forward(11_000)
+            local.page.wait_for_selector(card, state="detached")
+            local.page.wait_for_selector("#main[data-screen=q] .answer.mine")
+            # And from the question's screen.
+            local.page.fill("#answer-content", "600번이 더 빨라요.")
+            local_ws.dropped.clear()
+            local.page.click("#answer-submit")
+            local_ws.wait_dropped(local, "create_answer")
+            local.page.clock.fast_forward(11_000)
+            local.page.wait_for_function("() => document.querySelectorAll('.answer.mine').length === 2")
+            assert local.page.input_value("#answer-content") == ""
+            assert local.page.inner_text("#answer-form .form-error") == ""
+            answers = request_from_python(server.ws_url, local_token, "get_question", {"question_id": qid})["answers"]
+            assert [a["content"] for a in answers] == ["100번이나 600번이요.", "600번이 더 빨라요."]
+            local.page.click("[data-tab=nearby]")
+
+            # An alert whose question the asker closed: answering it dismisses the card, with a word why.
+            here = {"lat": 33.4996, "lng": 126.5312}
+            closed = ask_from_python(
+                server.ws_url, mint("sora", nick="Sora"), {"title": "곧 닫을 질문", "location": here}
+            )
+            card = f'.alert-card[data-question-id="{closed}"]'
+            local.page.wait_for_selector(card, timeout=5000)
+            request_from_python(server.ws_url, mint("sora", nick="Sora"), "close_question", {"question_id": closed})
+            local.page.fill(f"{card} textarea", "늦었네요")
+            local.page.click(f"{card} button[type=submit]")
+            local.page.wait_for_selector(card, state="detached")
+            local.page.wait_for_selector(".toast:has-text('곧 닫을 질문')")
+            local.shoot("alert-ended-390x844")
+            local.page.set_viewport_size(DESKTOP)
+            local.shoot("alert-ended-1280x800")
+            local.page.set_viewport_size(PHONE)
+            assert local.page.locator(".alert-card .form-error:not(:empty)").count() == 0
+
+            # Two alerts; the one behind is closed meanwhile: when it comes to the front it is checked and goes.
+            first = ask_from_python(server.ws_url, mint("yuna", nick="Yuna"), {"title": "첫째 질문", "location": here})
+            local.page.wait_for_selector(f'.alert-card[data-question-id="{first}"]', timeout=5000)
+            behind = ask_from_python(server.ws_url, mint("hoon", nick="Hoon"), {"title": "뒤의 질문", "location": here})
+            local.page.wait_for_selector(".alert-more:not(:empty)", timeout=5000)
+            request_from_python(server.ws_url, mint("hoon", nick="Hoon"), "close_question", {"question_id": behind})
+            local.page.click(f'.alert-card[data-question-id="{first}"] .alert-form .btn-ghost >> nth=1')  # later
+            local.page.wait_for_selector(".toast:has-text('뒤의 질문')")
+            local.page.wait_for_selector(".alert-card", state="detached")
+            for watched in (traveller, local):
+                assert watched.errors == [], f"{watched.name}: {watched.errors}"
+        finally:
+            browser.close()
+
+
 # ---- the street map
 
 

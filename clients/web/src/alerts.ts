@@ -1,11 +1,12 @@
 // A local's alerts: each `new_question_notification` rings (sound, vibration, a system
 // notification when the page is hidden) and shows as a card the local can answer from.
-import { call, onEvent } from "./api";
+import { call, errorCode, onEvent } from "./api";
 import { go, store, toast, type Alert } from "./app";
 import { Cleanup, h } from "./dom";
 import { errorText, report } from "./errors";
 import { regionName } from "./geo";
 import { ago, distance, t } from "./i18n";
+import { findMyAnswer, mayHaveApplied } from "./sent";
 import { chime, notifySystem, vibrate } from "./signal";
 
 /** Alerts for questions older than this only go to the inbox. */
@@ -31,6 +32,17 @@ export function dismissAlert(questionId: string): void {
   store.set({ alerts: store.get().alerts.filter((a) => a.data.question_id !== questionId) });
 }
 
+/** Replies that say a question takes no more answers: it ended (resolved, closed, expired) or is gone. */
+const ENDED = new Set(["question_closed", "not_found"]);
+const OPEN: ReadonlySet<string> = new Set(["open", "answered"]);
+
+/** An alert whose question ended: its card goes, with a word why. */
+function ended(alert: Alert): void {
+  if (!store.get().alerts.some((a) => a.data.question_id === alert.data.question_id)) return;
+  dismissAlert(alert.data.question_id);
+  toast(t("alert_question_ended", { title: alert.data.question.title }), "info");
+}
+
 /** The card for the oldest waiting alert, above every screen. */
 export function mountAlertLayer(root: HTMLElement): () => void {
   const cleanup = new Cleanup();
@@ -51,6 +63,15 @@ export function mountAlertLayer(root: HTMLElement): () => void {
     }
     shown = first.data.question_id;
     root.replaceChildren(card(first, alerts.length - 1));
+    recheck(first);
+  };
+
+  // A card may come to the front long after its alert (behind others, or "later" on another one): its
+  // question may have ended meanwhile, and the local is not in its room to hear so. Ask once.
+  const recheck = (alert: Alert) => {
+    call("get_question", { question_id: alert.data.question_id, limit: 1 }).then(({ question }) => {
+      if (!OPEN.has(question.status)) ended(alert);
+    }, (err: unknown) => { if (ENDED.has(errorCode(err))) ended(alert); else report(err); });
   };
 
   const card = (alert: Alert, waiting: number): HTMLElement => {
@@ -75,14 +96,25 @@ export function mountAlertLayer(root: HTMLElement): () => void {
       if (!content) { field.focus(); return; }
       send.disabled = true;
       problem.textContent = "";
-      call("create_answer", { question_id: data.question_id, content }).then(() => {
+      const sent = () => {
         toast(t("q_answer_sent"), "good");
         dismissAlert(data.question_id);
         go({ name: "q", id: data.question_id });
-      }, (err: unknown) => {
+      };
+      const failed = (err: unknown) => {
         report(err);
+        // The asker closed it, an answer was accepted, it expired or is gone: the card has nothing left to do.
+        if (ENDED.has(errorCode(err))) { ended(alert); return; }
         problem.textContent = errorText(err);
         send.disabled = false;
+      };
+      call("create_answer", { question_id: data.question_id, content }).then(sent, (err: unknown) => {
+        if (!mayHaveApplied(err)) { failed(err); return; }
+        // Sent and unanswered (a drop, or a reply slower than the timeout): it may have arrived, and
+        // sending it again would answer twice. Look for it first.
+        problem.textContent = t("q_answer_checking");
+        findMyAnswer(data.question_id, store.get().user?.user_id ?? "", content)
+          .then((answer) => (answer ? sent() : failed(err)), () => failed(err));
       });
     });
     more = h("p", { class: "alert-more" }, waiting > 0 ? t("alert_more", { n: waiting }) : "");

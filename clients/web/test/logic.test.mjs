@@ -19,6 +19,8 @@ before(async () => {
         export { haversine, regionAt, regionCentre } from "./src/geo.ts";
         export { t, distance, hasKey } from "./src/i18n.ts";
         export { parseTags, sameText } from "./src/screens/ask.ts";
+        export { mayHaveApplied } from "./src/sent.ts";
+        export { ConnectionLost, RequestError, RequestTimeout, SessionClosed } from "./src/api.ts";
         export { VIBRATION } from "./src/signal.ts";
         export { createStore } from "./src/store.ts";`,
       resolveDir: web,
@@ -53,6 +55,14 @@ test("hashtags: split on spaces and commas, '#' dropped, repeats removed, at mos
   assert.deepEqual(m.parseTags("#food, 맛집  beach #food"), ["food", "맛집", "beach"]);
   assert.deepEqual(m.parseTags("  "), []);
   assert.deepEqual(m.parseTags("a b c d e f g"), ["a", "b", "c", "d", "e"]);
+});
+
+test("a request sent and unanswered may have been applied: a drop after sending and a timeout; not a refusal", () => {
+  assert.equal(m.mayHaveApplied(new m.RequestTimeout("no reply to 'create_question' within 10000 ms")), true);
+  assert.equal(m.mayHaveApplied(new m.ConnectionLost("dropped", true)), true);
+  assert.equal(m.mayHaveApplied(new m.ConnectionLost("not sent", false)), false);
+  assert.equal(m.mayHaveApplied(new m.RequestError({ code: "question_closed", message: "closed" })), false);
+  assert.equal(m.mayHaveApplied(new m.SessionClosed("over", 4003, "banned")), false);
 });
 
 test("regions: Jeju City, Seongsan; the sea and Seoul are outside", () => {

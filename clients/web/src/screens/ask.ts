@@ -1,40 +1,20 @@
 // Traveller: where am I, how many locals are near, and the question form.
-import { call, ConnectionLost } from "../api";
+import { call } from "../api";
 import { go, shared, type AppStore } from "../app";
 import { Cleanup, h } from "../dom";
 import { errorText, report } from "../errors";
 import { chooseOnMap, regionAt } from "../geo";
 import { t } from "../i18n";
 import { mountMap } from "../map";
+import { mayHaveApplied, sameText } from "../sent";
 import { focusHeading, heading, placePanel } from "../ui";
 import type { Loc } from "../types";
+
+export { sameText };
 
 /** "#food, 맛집  beach" -> ["food", "맛집", "beach"] (the server normalises further). */
 export function parseTags(text: string): string[] {
   return [...new Set(text.split(/[\s,，]+/).map((s) => s.replace(/^#+/, "").trim()).filter(Boolean))].slice(0, 5);
-}
-
-const ENTITIES: Record<string, string> = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00a0" };
-
-/**
- * Whether a stored text is the one sent. The server stores user text normalised (NFC, invisible and
- * control characters dropped, markup removed, entities decoded: dongne/core/text.py), so a look-up by
- * the text sent compares both that way.
- */
-export function sameText(stored: string, sent: string): boolean {
-  const plain = (text: string) =>
-    text
-      .normalize("NFC")
-      .replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f\u200b-\u200d\u2060\ufeff\u202a-\u202e\u2066-\u2069]/g, "")
-      .replace(/<[^>]*>/g, "")
-      .replace(/&(#x[0-9a-f]+|#[0-9]+|[a-z]+);/gi, (entity, name: string) => {
-        if (name[0] !== "#") return ENTITIES[name.toLowerCase()] ?? entity;
-        const code = name[1] === "x" || name[1] === "X" ? parseInt(name.slice(2), 16) : parseInt(name.slice(1), 10);
-        return code > 0 && code <= 0x10ffff ? String.fromCodePoint(code) : entity;
-      })
-      .replace(/\s+/g, " ")
-      .trim();
-  return plain(stored) === plain(sent);
 }
 
 export function mount(root: HTMLElement, store: AppStore): () => void {
@@ -89,9 +69,9 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     }).then(({ question }) => {
       go({ name: "q", id: question.question_id });
     }, (err: unknown) => {
-      if (!(err instanceof ConnectionLost && err.sent)) { failed(err); return; }
-      // Sent, and the reply was lost: it may have been posted (asking again would alert the locals
-      // twice). Look among my newest open questions once connected again.
+      if (!mayHaveApplied(err)) { failed(err); return; }
+      // Sent, and no reply came (the connection dropped, or the reply is slower than the timeout): it may
+      // have been posted, and asking again would alert the locals twice. Look among my newest open questions.
       problem.textContent = t("ask_checking");
       call("my_questions", { status: "open", limit: 5 }).then(({ questions }) => {
         const posted = questions.find((q) => sameText(q.title, asked.title) && sameText(q.body ?? "", asked.body));

@@ -8,6 +8,7 @@ import { regionName } from "../geo";
 import { ago, t, type Key } from "../i18n";
 import { mountMap, type MapView } from "../map";
 import { dismissAlert } from "../alerts";
+import { findMyAnswer, mayHaveApplied } from "../sent";
 import type { Answer, Person, Question } from "../types";
 import { focusHeading, goHome, statusChip, urgentChip } from "../ui";
 
@@ -170,13 +171,22 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       send.disabled = true;
       problem.textContent = "";
       typingSince = 0;  // an answer ends typing on the server
-      call("create_answer", { question_id: id, content }).then(({ answer }) => {
+      const sent = (answer: Answer) => {
         field.value = "";
         send.disabled = false;
+        problem.textContent = "";
         upsert(answer);
         renderAnswers();
         toast(t("q_answer_sent"), "good");
-      }, (err: unknown) => { report(err); problem.textContent = errorText(err); send.disabled = false; });
+      };
+      const failed = (err: unknown) => { report(err); problem.textContent = errorText(err); send.disabled = false; };
+      call("create_answer", { question_id: id, content }).then(({ answer }) => sent(answer), (err: unknown) => {
+        if (!mayHaveApplied(err)) { failed(err); return; }
+        // Sent and unanswered (a drop, or a reply slower than the timeout): it may have arrived, and
+        // sending it again would answer twice. Look for it first.
+        problem.textContent = t("q_answer_checking");
+        findMyAnswer(id, me, content).then((answer) => (answer ? sent(answer) : failed(err)), () => failed(err));
+      });
     });
     return form;
   };
