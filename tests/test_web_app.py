@@ -604,6 +604,88 @@ def request_from_python(url: str, token: str, op: str, data: dict[str, Any]) -> 
 DESKTOP = {"width": 1280, "height": 800}
 
 
+def test_forms_name_what_is_wrong(server: Server) -> None:
+    """An empty alert cap is refused on the field (it is no 0: that would turn alerts off); a hashtag the server
+    would refuse is named under the tags field before anything is sent; the user menu closes as menus do."""
+    from playwright.sync_api import sync_playwright
+
+    token = mint("jun", nick="Jun", local=True)
+    saved = settings_from_python(server.ws_url, token, {"max_alerts_per_hour": 50})
+    traveller_token = mint("mina", nick="Mina")
+    with sync_playwright() as p:
+        browser = launch(p)
+        local = Watched(new_context(browser, server, LOCAL_AT), "local")
+        traveller = Watched(new_context(browser, server, TRAVELLER_AT), "traveller")
+        try:
+            local.page.goto(f"{server.url}/#token={token}")
+            local.wait_open()
+            local.page.click("[data-tab=settings]")
+            local.page.wait_for_function("() => document.querySelector('#set-cap').value === '50'")
+            local.page.fill("#set-cap", "")
+            local.page.click("#settings-save")
+            local.page.wait_for_selector("#set-cap[aria-invalid=true]")
+            assert local.page.evaluate("() => document.activeElement.id") == "set-cap"
+            assert local.page.inner_text("#set-cap-error").strip()
+            assert local.page.get_attribute("#set-cap", "aria-describedby") == "set-cap-error"
+            local.axe("settings, an empty cap")
+            local.shoot("settings-cap-invalid-390x844")
+            local.page.set_viewport_size(DESKTOP)
+            local.shoot("settings-cap-invalid-1280x800")
+            local.page.set_viewport_size(PHONE)
+            local.page.fill("#set-cap", "7")  # typing again clears the error; a number saves
+            assert local.page.get_attribute("#set-cap", "aria-invalid") is None
+            local.page.click("#settings-save")
+            local.page.wait_for_selector(".toast-good")
+            assert settings_from_python(server.ws_url, token)["max_alerts_per_hour"] == 7
+
+            # The user menu: Escape (focus back on its button), a click outside, another screen.
+            local.page.click("#user-menu")
+            local.page.wait_for_selector("#user-panel:visible")
+            local.page.keyboard.press("Escape")
+            local.page.wait_for_selector("#user-panel", state="hidden")
+            assert local.page.get_attribute("#user-menu", "aria-expanded") == "false"
+            assert local.page.evaluate("() => document.activeElement.id") == "user-menu"
+            local.page.click("#user-menu")
+            local.page.wait_for_selector("#user-panel:visible")
+            local.page.click("#home-line")
+            local.page.wait_for_selector("#user-panel", state="hidden")
+            local.page.click("#user-menu")
+            local.page.wait_for_selector("#user-panel:visible")
+            local.page.evaluate("() => { location.hash = '#/profile'; }")
+            local.page.wait_for_selector("#main[data-screen=profile]")
+            local.page.wait_for_selector("#user-panel", state="hidden")
+            assert local.page.get_attribute("#user-menu", "aria-expanded") == "false"
+
+            # A hashtag the server refuses: named under the field, nothing sent.
+            traveller.page.goto(f"{server.url}/#token={traveller_token}")
+            traveller.wait_open()
+            traveller.page.fill("#ask-title", "버스 정류장 어디예요?")
+            for bad in ("bus-stop", "café", "food!", "a" * 31):
+                traveller.page.fill("#ask-tags", f"#food #{bad}")
+                traveller.page.click("#ask-submit")
+                traveller.page.wait_for_selector("#ask-tags[aria-invalid=true]")
+                assert bad in traveller.page.inner_text("#ask-tags-error"), bad
+                assert traveller.page.evaluate("() => document.activeElement.id") == "ask-tags"
+            traveller.axe("ask, a bad hashtag")
+            traveller.shoot("ask-tag-invalid-390x844")
+            traveller.page.set_viewport_size(DESKTOP)
+            traveller.shoot("ask-tag-invalid-1280x800")
+            traveller.page.set_viewport_size(PHONE)
+            mine = request_from_python(server.ws_url, traveller_token, "my_questions", {"status": "all"})
+            assert mine["questions"] == []
+            traveller.page.fill("#ask-tags", "#food #bus_stop")
+            assert traveller.page.get_attribute("#ask-tags", "aria-invalid") is None
+            traveller.page.click("#ask-submit")
+            traveller.page.wait_for_selector("#main[data-screen=q]")
+            mine = request_from_python(server.ws_url, traveller_token, "my_questions", {"status": "all"})
+            assert [q["hashtags"] for q in mine["questions"]] == [["food", "bus_stop"]]
+            for watched in (local, traveller):
+                assert watched.errors == [], f"{watched.name}: {watched.errors}"
+        finally:
+            browser.close()
+    assert settings_from_python(server.ws_url, token) == {**saved, "max_alerts_per_hour": 7}
+
+
 class ReplyDropper:
     """Routes a context's WebSocket through the test: the first reply to each op in ``drop`` never reaches the
     page, as when a reply is slower than the SDK's request timeout (the server did apply the request)."""

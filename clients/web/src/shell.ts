@@ -52,10 +52,19 @@ export function mountShell(root: HTMLElement, updateDocument: () => void, signOu
   const signOutButton = h("button", { type: "button", class: "btn btn-small", id: "sign-out", onclick: signOut });
   const userLine = h("p", { class: "user-line" });
   const userPanel = h("div", { class: "user-panel card", id: "user-panel", hidden: true }, userLine, signOutButton);
-  userButton.addEventListener("click", () => {
-    const open = userPanel.hidden;
+  const showUserPanel = (open: boolean) => {
     userPanel.hidden = !open;
     userButton.setAttribute("aria-expanded", String(open));
+  };
+  userButton.addEventListener("click", () => showUserPanel(userPanel.hidden));
+  // Closed as menus are: Escape (focus back on its button), a click or tap outside it, another screen.
+  shell.listen(document, "keydown", (e) => {
+    if (e.key !== "Escape" || userPanel.hidden) return;
+    showUserPanel(false);
+    userButton.focus();
+  });
+  shell.listen(document, "pointerdown", (e) => {
+    if (!userPanel.hidden && e.target instanceof Node && !userPanel.contains(e.target) && !userButton.contains(e.target)) showUserPanel(false);
   });
   const banners = h("div", { class: "banners", role: "status", "aria-live": "polite" });
   const main = h("main", { id: "main", class: "screen" });
@@ -157,7 +166,7 @@ export function mountShell(root: HTMLElement, updateDocument: () => void, signOu
 
   shell.add(store.subscribe((s, prev) => {
     if (s.lang !== prev.lang) { updateDocument(); renderChrome(); showScreen(); return; }
-    if (s.route !== prev.route) { renderNav(); showScreen(); }
+    if (s.route !== prev.route) { showUserPanel(false); renderNav(); showScreen(); }
     if (s.conn !== prev.conn || s.missed !== prev.missed || s.ended !== prev.ended) { renderConn(); renderBanners(); }
     if (s.unread !== prev.unread) { renderNav(); updateDocument(); }
     if (s.user?.points !== prev.user?.points) renderPoints();

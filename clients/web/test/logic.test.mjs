@@ -18,7 +18,7 @@ before(async () => {
         export { parseRoute, href, shared, store } from "./src/app.ts";
         export { haversine, regionAt, regionCentre } from "./src/geo.ts";
         export { t, distance, hasKey } from "./src/i18n.ts";
-        export { parseTags, sameText } from "./src/screens/ask.ts";
+        export { invalidTag, parseTags, sameText } from "./src/screens/ask.ts";
         export { mayHaveApplied } from "./src/sent.ts";
         export { ConnectionLost, RequestError, RequestTimeout, SessionClosed } from "./src/api.ts";
         export { VIBRATION } from "./src/signal.ts";
@@ -55,6 +55,17 @@ test("hashtags: split on spaces and commas, '#' dropped, repeats removed, at mos
   assert.deepEqual(m.parseTags("#food, 맛집  beach #food"), ["food", "맛집", "beach"]);
   assert.deepEqual(m.parseTags("  "), []);
   assert.deepEqual(m.parseTags("a b c d e f g"), ["a", "b", "c", "d", "e"]);
+  assert.deepEqual(m.parseTags("#Food food FOOD"), ["food"]); // lower case, as the server stores them
+});
+
+test("hashtags: the server's rule (1-30 of a-z, 0-9, '_', Hangul) is checked before sending, naming the bad one", () => {
+  assert.equal(m.invalidTag(m.parseTags("#food #맛집 bus_stop #ㅋㅋ x2")), null);
+  assert.equal(m.invalidTag(m.parseTags("#food #bus-stop")), "bus-stop");
+  assert.equal(m.invalidTag(m.parseTags("#café")), "café");
+  assert.equal(m.invalidTag(m.parseTags("#food!")), "food!");
+  assert.equal(m.invalidTag(m.parseTags("#日本")), "日本");
+  assert.equal(m.invalidTag(["a".repeat(30)]), null);
+  assert.equal(m.invalidTag(["a".repeat(31)]), "a".repeat(31));
 });
 
 test("a request sent and unanswered may have been applied: a drop after sending and a timeout; not a refusal", () => {

@@ -1,5 +1,5 @@
 // Traveller: where am I, how many locals are near, and the question form.
-import { call } from "../api";
+import { call, RequestError } from "../api";
 import { go, shared, type AppStore } from "../app";
 import { Cleanup, h } from "../dom";
 import { errorText, report } from "../errors";
@@ -12,9 +12,18 @@ import type { Loc } from "../types";
 
 export { sameText };
 
-/** "#food, 맛집  beach" -> ["food", "맛집", "beach"] (the server normalises further). */
+/** "#food, 맛집  Beach" -> ["food", "맛집", "beach"]: as the server normalises them (NFC, '#' dropped, lower case). */
 export function parseTags(text: string): string[] {
-  return [...new Set(text.split(/[\s,，]+/).map((s) => s.replace(/^#+/, "").trim()).filter(Boolean))].slice(0, 5);
+  const tags = text.normalize("NFC").split(/[\s,，]+/).map((s) => s.replace(/^#+/, "").trim().toLowerCase()).filter(Boolean);
+  return [...new Set(tags)].slice(0, 5);
+}
+
+/** The server's rule for a hashtag (dongne/core/protocol.py, HASHTAG): 1-30 of a-z, 0-9, '_' or Hangul. */
+const HASHTAG = /^[0-9a-z_\u3131-\u318e\uac00-\ud7a3]{1,30}$/;
+
+/** The first of `tags` (from parseTags) the server would refuse, or null if it takes them all. */
+export function invalidTag(tags: string[]): string | null {
+  return tags.find((tag) => !HASHTAG.test(tag)) ?? null;
 }
 
 export function mount(root: HTMLElement, store: AppStore): () => void {
@@ -35,31 +44,50 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   const body = h("textarea", { id: "ask-body", name: "body", rows: 3, maxlength: 1000, placeholder: t("ask_field_body_ph") });
   const tags = h("input", { id: "ask-tags", name: "hashtags", type: "text", maxlength: 200, autocomplete: "off", placeholder: t("ask_field_tags_ph") });
   const urgent = h("input", { id: "ask-urgent", name: "urgent", type: "checkbox", class: "switch" });
+  const tagsError = h("p", { class: "form-error field-error", id: "ask-tags-error" });
   const problem = h("p", { class: "form-error", role: "alert" });
   const submit = h("button", { type: "submit", class: "btn btn-primary btn-block", id: "ask-submit" }, t("ask_submit"));
   const form = h("form", { class: "card ask-form", id: "ask-form", "aria-labelledby": "ask-form-title", novalidate: true },
     h("h2", { id: "ask-form-title", class: "card-title" }, t("ask_field_title")),
     h("label", { for: "ask-title", class: "visually-hidden" }, t("ask_field_title")), title,
     h("label", { for: "ask-body", class: "label" }, t("ask_field_body")), body,
-    h("label", { for: "ask-tags", class: "label" }, t("ask_field_tags")), tags,
+    h("label", { for: "ask-tags", class: "label" }, t("ask_field_tags")), tags, tagsError,
     h("div", { class: "toggle-row" },
       urgent,
       h("label", { for: "ask-urgent", class: "toggle-label" }, h("strong", null, t("ask_field_urgent")), h("span", { class: "hint" }, t("ask_field_urgent_hint")))),
     problem, submit);
+
+  // A hashtag the server would refuse is named under the field (the whole question is refused for it).
+  const tagsWrong = (text: string) => {
+    tagsError.textContent = text;
+    tags.setAttribute("aria-invalid", "true");
+    tags.setAttribute("aria-describedby", tagsError.id);
+    tags.focus();
+  };
+  tags.addEventListener("input", () => {
+    if (!tags.hasAttribute("aria-invalid")) return;
+    tagsError.textContent = "";
+    tags.removeAttribute("aria-invalid");
+    tags.removeAttribute("aria-describedby");
+  });
 
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     const me = store.get().me;
     problem.textContent = "";
     if (!title.value.trim()) { title.focus(); problem.textContent = t("err_invalid_field"); return; }
+    const hashtags = parseTags(tags.value);
+    const bad = invalidTag(hashtags);
+    if (bad !== null) { tagsWrong(t("ask_tag_invalid", { tag: bad })); return; }
     if (!me || !regionAt(me)) { problem.textContent = t("ask_need_location"); return; }
     submit.disabled = true;
     submit.textContent = t("ask_sending");
-    const hashtags = parseTags(tags.value);
     const asked = { title: title.value.trim(), body: body.value.trim() };
     const failed = (err: unknown) => {
       report(err);
-      problem.textContent = errorText(err);
+      // The server's rule may be stricter than ours: its own words name the hashtag it refused.
+      if (err instanceof RequestError && err.code === "invalid_field" && /hashtag/i.test(err.error.message)) tagsWrong(err.error.message);
+      else problem.textContent = errorText(err);
       submit.disabled = false;
       submit.textContent = t("ask_submit");
     };

@@ -23,6 +23,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   const from = hours("set-quiet-from");
   const to = hours("set-quiet-to");
   const cap = h("input", { id: "set-cap", type: "number", min: 0, max: 1000, step: 1, inputmode: "numeric", class: "input-narrow" });
+  const capError = h("p", { class: "form-error field-error", id: "set-cap-error" });
   const homeLine = h("p", { class: "home-line", id: "home-line" });
   const problem = h("p", { class: "form-error", role: "alert" });
   const save = h("button", { type: "submit", class: "btn btn-primary btn-block", id: "settings-save" }, t("settings_save"));
@@ -55,6 +56,11 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     showHome();
   };
   quiet.addEventListener("change", () => { quietTimes.hidden = !quiet.checked; });
+  cap.addEventListener("input", () => {
+    capError.textContent = "";
+    cap.removeAttribute("aria-invalid");
+    cap.removeAttribute("aria-describedby");
+  });
 
   // Nothing can be saved before the settings are known: the form sends every field, and an empty one
   // would overwrite the saved value (a cap of 0, quiet hours off).
@@ -67,8 +73,16 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
   const submit = () => {
     if (!loaded) return;
     problem.textContent = "";
-    const n = Number(cap.value);
-    if (!Number.isInteger(n) || n < 0 || n > 1000) { problem.textContent = t("err_invalid_field"); cap.focus(); return; }
+    // An empty field is no number (Number("") is 0, which would turn the alerts off); nor is what a number
+    // input holds as "" when its text is not a number.
+    const n = cap.value.trim() === "" ? NaN : Number(cap.value);
+    if (!Number.isInteger(n) || n < 0 || n > 1000) {
+      capError.textContent = t("settings_cap_invalid");
+      cap.setAttribute("aria-invalid", "true");
+      cap.setAttribute("aria-describedby", capError.id);
+      cap.focus();
+      return;
+    }
     save.disabled = true;
     call("update_settings", {
       immediate_alerts: immediate.checked,
@@ -88,6 +102,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
       h("label", { for: "set-quiet", class: "toggle-label" }, h("strong", null, t("settings_quiet")), h("span", { class: "hint" }, t("settings_quiet_hint")))),
     quietTimes,
     h("div", { class: "field-row" }, h("label", { for: "set-cap", class: "label" }, t("settings_cap")), cap),
+    capError,
     h("div", { class: "field" },
       h("p", { class: "label", id: "home-title" }, t("settings_home")),
       h("p", { class: "hint" }, t("settings_home_hint")),
