@@ -666,6 +666,10 @@ def test_forms_name_what_is_wrong(server: Server) -> None:
                 traveller.page.wait_for_selector("#ask-tags[aria-invalid=true]")
                 assert bad in traveller.page.inner_text("#ask-tags-error"), bad
                 assert traveller.page.evaluate("() => document.activeElement.id") == "ask-tags"
+            traveller.page.fill("#ask-tags", "#a #b #c #d #e #f")  # one over the cap: refused, not cut to five
+            traveller.page.click("#ask-submit")
+            traveller.page.wait_for_selector("#ask-tags[aria-invalid=true]")
+            assert {"5", "6"} <= set(traveller.page.inner_text("#ask-tags-error"))
             traveller.axe("ask, a bad hashtag")
             traveller.shoot("ask-tag-invalid-390x844")
             traveller.page.set_viewport_size(DESKTOP)

@@ -12,11 +12,15 @@ import type { Loc } from "../types";
 
 export { sameText };
 
-/** "#food, 맛집  Beach" -> ["food", "맛집", "beach"]: as the server normalises them (NFC, '#' dropped, lower case). */
+/** "#food, 맛집  Beach" -> ["food", "맛집", "beach"]: as the server normalises them (NFC, '#' dropped, lower case,
+ * repeats once). All of them: more than MAX_TAGS are refused, not cut (the user meant each). */
 export function parseTags(text: string): string[] {
   const tags = text.normalize("NFC").split(/[\s,，]+/).map((s) => s.replace(/^#+/, "").trim().toLowerCase()).filter(Boolean);
-  return [...new Set(tags)].slice(0, 5);
+  return [...new Set(tags)];
 }
+
+/** The server's limit on a question's hashtags (PROTOCOL.md, create_question). */
+export const MAX_TAGS = 5;
 
 /** The server's rule for a hashtag (dongne/core/protocol.py, HASHTAG): 1-30 of a-z, 0-9, '_' or Hangul. */
 const HASHTAG = /^[0-9a-z_\u3131-\u318e\uac00-\ud7a3]{1,30}$/;
@@ -79,6 +83,7 @@ export function mount(root: HTMLElement, store: AppStore): () => void {
     const hashtags = parseTags(tags.value);
     const bad = invalidTag(hashtags);
     if (bad !== null) { tagsWrong(t("ask_tag_invalid", { tag: bad })); return; }
+    if (hashtags.length > MAX_TAGS) { tagsWrong(t("ask_tags_too_many", { max: MAX_TAGS, count: hashtags.length })); return; }
     if (!me || !regionAt(me)) { problem.textContent = t("ask_need_location"); return; }
     submit.disabled = true;
     submit.textContent = t("ask_sending");
