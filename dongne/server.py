@@ -994,6 +994,7 @@ class ClientServer:
         )
         conn.send_nowait(self.encoder.binary(msgpack.packb(frame)))
         self.metrics.errors.labels("unavailable").inc()
+        self.engine.not_applied(conn_id, outcome.op)
 
     async def wait_reloaded(self) -> None:
         """Return once memory has been rebuilt from the database after the latest failed commit."""

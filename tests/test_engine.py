@@ -934,6 +934,27 @@ def test_a_request_refused_for_its_fields_gives_its_operations_token_back() -> N
     assert bad == ["invalid_field"] * 19 + ["rate_limited"]
 
 
+def test_a_request_refused_as_unavailable_gives_its_operations_token_back() -> None:
+    """Retried through an outage, a user's questions use up none of their burst of five: refused by the engine
+    while writes fail, or decided and then refused by the driver (its commit failed: ``not_applied``)."""
+    from dongne.core import WritesFailing, WritesWork
+
+    sim = Sim(Engine(CoreSettings(limits=LimitSettings(conn_per_s=1.0, conn_burst=50.0)), claims_for))
+    sim.connect(1, "asker")
+    where = {"lat": 33.5, "lng": 126.5}
+    decided = [sim.call(1, "create_question", {"title": f"lost {i}", "location": where}) for i in range(5)]
+    assert [outcome.error for outcome in decided] == [None] * 5
+    for outcome in decided:  # their commit failed: the driver answered each unavailable
+        assert outcome.request is not None
+        sim.engine.not_applied(outcome.request[0], outcome.op)
+    sim.engine.handle(WritesFailing("database or disk is full"), T0)
+    retried = [sim.call(1, "create_question", {"title": "again", "location": where}).error for _ in range(6)]
+    assert retried == ["unavailable"] * 6
+    sim.engine.handle(WritesWork(), T0 + 1000)
+    asked = [sim.call(1, "create_question", {"title": f"q{i}", "location": where}, T0 + 1000).error for i in range(6)]
+    assert asked == [None] * 5 + ["rate_limited"]  # the burst whole, and still a limit
+
+
 def test_while_writes_fail_writing_operations_are_refused_before_anything_changes() -> None:
     from dongne.core import WritesFailing, WritesWork
 

@@ -198,6 +198,33 @@ async def test_a_lock_held_by_another_program_refuses_writes_until_it_is_release
 
 
 @pytest.mark.backends("sqlite")
+async def test_questions_refused_through_an_outage_leave_the_askers_burst_whole(
+    start_server: Any, db_path: Path
+) -> None:
+    """Six questions asked while another program holds the write lock (the first decided, its commit failed;
+    the others refused at once) are all unavailable; once writes work, the asker's burst of five is whole."""
+    from .conftest import UNLIMITED
+
+    h: Harness = await start_server(store={"busy_timeout_s": 0.2}, limits={**UNLIMITED, "questions_burst": 5.0})
+    async with h.connect("asker") as asker:
+        holder = sqlite3.connect(db_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            for i in range(6):
+                with pytest.raises(RequestError) as refused:
+                    await asker.request("create_question", question_data(title=f"while locked {i}"))
+                assert refused.value.code == "unavailable"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await when_writes_work(asker, "create_question", question_data(title="asked 0"))
+        for i in range(1, 5):
+            await asker.request("create_question", question_data(title=f"asked {i}"))
+    await h.running.aclose()
+    assert len(db_rows(db_path, "SELECT title FROM questions")) == 5
+
+
+@pytest.mark.backends("sqlite")
 async def test_another_programs_read_transaction_does_not_hold_the_shutdown(start_server: Any, db_path: Path) -> None:
     """The last checkpoint at close does not wait for a reader (the sqlite3 shell, a backup): it would hold the
     shutdown for the whole busy timeout, past shutdown_timeout_s (and systemd's stop timeout)."""

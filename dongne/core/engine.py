@@ -564,6 +564,7 @@ class Engine:
                 "writes are failing on the server; nothing was changed",
                 retry_after_ms=UNAVAILABLE_RETRY_MS,
             )
+            self._give_back(conn, request.op)  # nothing of it counted: retried through an outage, it does not
             return self._refuse(conn.conn_id, request.id, error, label)
         out = OutcomeBuilder()
         call = Call(conn, self.users[conn.user_id], request, Fields(request.data), now, out)
@@ -572,7 +573,8 @@ class Engine:
         try:
             data = self._ops[request.op](call)
         except ProtocolError as exc:
-            self._give_back(conn, request, exc)
+            if exc.code in CONTENT_ERRORS:
+                self._give_back(conn, request.op)
             return self._refuse(conn.conn_id, request.id, exc, label)
         except Exception:  # a bug: the client gets "internal", the connection and the server stay up
             log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
@@ -621,7 +623,8 @@ class Engine:
         try:
             data = finish(event.rows)
         except ProtocolError as exc:
-            self._give_back(conn, request, exc)
+            if exc.code in CONTENT_ERRORS:
+                self._give_back(conn, request.op)
             return self._refuse(conn.conn_id, request.id, exc, request.op)
         except Exception:  # a bug: the client gets "internal", as in _run
             log.exception("request_failed", extra={"conn": conn.conn_id, "op": request.op, "user": conn.user_id})
@@ -634,11 +637,20 @@ class Engine:
             request=(conn.conn_id, request.id),
         )
 
-    def _give_back(self, conn: ConnState, request: Request, error: ProtocolError) -> None:
-        """Return the operation's token of a request refused for its fields (``CONTENT_ERRORS``)."""
-        kind = OP_CLASSES.get(request.op)
-        if kind is not None and error.code in CONTENT_ERRORS:
+    def _give_back(self, conn: ConnState, op: str) -> None:
+        """Return the token a request took from its operation's bucket (``OP_CLASSES``): it did not count (refused
+        for its fields, ``CONTENT_ERRORS``, or ``unavailable``, nothing of it applied)."""
+        kind = OP_CLASSES.get(op)
+        if kind is not None and conn.user_id is not None:
             self.limiter.give_back(kind, f"u{conn.user_id}")
+
+    def not_applied(self, conn_id: int, op: str) -> None:
+        """The driver refused a request the engine had decided (``unavailable``: its commit failed, or it was
+        decided on memory holding writes that were refused): its operation's token goes back, as for a request
+        refused while writes fail, so a client retrying through an outage is not rate-limited after it."""
+        conn = self.conns.get(conn_id)
+        if conn is not None:
+            self._give_back(conn, op)
 
     def _refuse(self, conn_id: int, request_id: int | None, error: ProtocolError, label: str = "") -> Outcome:
         """An error reply to one request (or to a frame that was not one)."""
