@@ -9,7 +9,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -62,6 +62,22 @@ def server_side(h: Harness, user_id: str) -> WebSocketConnection:
     """The server's end of the user's newest connection."""
     clients = h.running.clients
     return clients.conns[max(conn_id for conn_id in clients.conns if clients.engine.user_of(conn_id) == user_id)]
+
+
+@contextlib.asynccontextmanager
+async def session_beside_a_question(h: Harness, user_id: str, states: States) -> AsyncIterator[tuple[Session, str]]:
+    """A session of ``user_id`` (its states to ``states``) and the id of a question another user asked."""
+    async with (
+        h.connect("asker") as asker,
+        open_session(h.url, token(user_id), on_state=states, **fast()) as session,
+    ):
+        yield session, (await asker.request("create_question", question_data()))["question"]["question_id"]
+
+
+def rooms_on_the_server(h: Harness, user_id: str) -> list[set[str]]:
+    """The rooms of each of the user's connections, as the server's engine holds them."""
+    engine = h.running.clients.engine
+    return [engine.conns[conn_id].rooms for conn_id in h.running.clients.conns if engine.user_of(conn_id) == user_id]
 
 
 def drop_client_side(session: Session) -> None:
@@ -354,11 +370,7 @@ async def test_a_request_in_flight_fails_with_connection_lost_and_is_not_resent(
     h = server
     states = States()
     with trio.fail_after(20):
-        async with (
-            h.connect("asker") as asker,
-            open_session(h.url, token("local"), on_state=states, **fast()) as session,
-        ):
-            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        async with session_beside_a_question(h, "local", states) as (session, qid):
             await session.request("join_question", {"question_id": qid})
 
             server_side(h, "local").abort()
@@ -588,20 +600,15 @@ async def test_a_leave_whose_reply_is_lost_is_not_rejoined(server: Harness) -> N
     h = server
     states = States()
     with trio.fail_after(20):
-        async with (
-            h.connect("asker") as asker,
-            open_session(h.url, token("viewer"), on_state=states, **fast()) as session,
-        ):
-            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        async with session_beside_a_question(h, "viewer", states) as (session, qid):
             await session.request("join_question", {"question_id": qid})
             server_side(h, "viewer").abort()
             with pytest.raises(ConnectionLost):
                 await session.request("leave_question", {"question_id": qid})
             await states.until(lambda: session.reconnects == 1 and session.state is CONNECTED)
             assert session.rooms == ()
-            engine = h.running.clients.engine
-            viewers = [conn_id for conn_id in h.running.clients.conns if engine.user_of(conn_id) == "viewer"]
-            assert viewers and all(qid not in engine.conns[conn_id].rooms for conn_id in viewers)
+            rooms = rooms_on_the_server(h, "viewer")
+            assert rooms and all(qid not in joined for joined in rooms)
 
 
 async def test_the_per_user_cap_at_hello_is_retried_until_a_connection_frees(
@@ -633,11 +640,7 @@ async def test_a_join_then_a_leave_at_once_leave_the_room_left(server: Harness) 
     h = server
     states = States()
     with trio.fail_after(20):
-        async with (
-            h.connect("asker") as asker,
-            open_session(h.url, token("viewer"), on_state=states, **fast()) as session,
-        ):
-            qid = (await asker.request("create_question", question_data()))["question"]["question_id"]
+        async with session_beside_a_question(h, "viewer", states) as (session, qid):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.request, "join_question", {"question_id": qid})
                 await trio.lowlevel.checkpoint()  # the join is on its way, its reply not in yet
@@ -646,6 +649,5 @@ async def test_a_join_then_a_leave_at_once_leave_the_room_left(server: Harness) 
             server_side(h, "viewer").abort()
             await states.until(lambda: session.reconnects == 1 and session.state is CONNECTED)
             assert session.rooms == ()
-            engine = h.running.clients.engine
-            viewers = [conn_id for conn_id in h.running.clients.conns if engine.user_of(conn_id) == "viewer"]
-            assert viewers and all(qid not in engine.conns[conn_id].rooms for conn_id in viewers)
+            rooms = rooms_on_the_server(h, "viewer")
+            assert rooms and all(qid not in joined for joined in rooms)
