@@ -272,23 +272,31 @@ UNHEARD: dict[str, Any] = {**SETTINGS, "cluster": {"catch_up_interval_s": math.i
 
 
 def ended_elsewhere(h: Harness, question_id: str, how: str) -> None:
-    """The other node closes or deletes the question, its news not sent (or not read here yet)."""
+    """The other node closes or deletes the question, or hides it (its commit storing the escalation stopped
+    for good) and then shows it again, its news not sent (or not read here yet)."""
     now = h.running.clients.clock.now_ms()
     if how == "closed":
         other_node_commits(h.db, [CloseOnce(question_id, "closed", now)], notify=False)
-    else:
+    elif how == "deleted":
         question = attrs.evolve(h.running.engine.questions[question_id], deleted_at=now)
         other_node_commits(h.db, [SaveQuestion(question)], notify=False)
+    else:
+        hidden = attrs.evolve(h.running.engine.questions[question_id], deleted_at=now, hidden=True)
+        stop = StopEscalating(now, question_id=question_id, stages_run=1)
+        other_node_commits(h.db, [SaveQuestion(hidden), stop], notify=False)
+        shown = attrs.evolve(hidden, deleted_at=None, hidden=False)
+        other_node_commits(h.db, [SaveQuestion(shown, unhide=True)], notify=False)
 
 
-@pytest.mark.parametrize("how", ["closed", "deleted"])
+@pytest.mark.parametrize("how", ["closed", "deleted", "hidden and shown again"])
 async def test_no_stage_is_sent_for_a_question_another_node_ended_before_its_news_came(
     start_server, autojump_clock, db: str, how: str
 ) -> None:  # type: ignore[no-untyped-def]
     """Another node closes (or deletes) the question, and its news has not come: the holder's QUICK
     stage is committed only while the question is open in the store, so it is refused. Nobody is alerted,
     nothing of it is stored, its alert no longer counts against the local's hourly cap, and the
-    question's escalation ends here (no later stage, no retry)."""
+    question's escalation ends here (no later stage, no retry). Hidden and shown again (read together,
+    the two news would say only "open"), the question is open but its escalation stopped: refused too."""
     h: Harness = await start_server(**UNHEARD)
     clients, engine = h.running.clients, h.running.engine
     assert h.running.membership.lease_epoch is not None
@@ -312,7 +320,8 @@ async def test_no_stage_is_sent_for_a_question_another_node_ended_before_its_new
     await h.running.aclose()
     assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = ?", (qid,)) == [(0,)]
     assert db_rows(db, "SELECT count(*) FROM events WHERE user_id = 'mid'") == [(0,)]
-    assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(1,)]
+    stored = stopped_for_good(1) if how == "hidden and shown again" else 1
+    assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(stored,)]
 
 
 async def test_a_refused_stage_leaves_what_was_committed_beside_it_alone(start_server, autojump_clock, db: str) -> None:  # type: ignore[no-untyped-def]
@@ -417,40 +426,6 @@ async def test_a_hide_or_ban_here_stops_for_good_an_escalation_another_node_runs
     await h.running.aclose()
     assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = 'q-there'") == [(0,)]
     assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = 'q-there'") == [(stopped_for_good(1),)]
-
-
-async def test_no_stage_is_sent_for_a_question_another_node_hid_and_showed_again_before_its_news_came(
-    start_server, autojump_clock, db: str
-) -> None:  # type: ignore[no-untyped-def]
-    """Another node hides the question (its commit stores the escalation stopped for good), then shows it
-    again, and neither news has come (read together, they would say only "open"): the holder's QUICK stage
-    is refused, the question being open but its escalation stopped. Nobody is alerted, nothing of it is
-    stored, and no later stage runs."""
-    h: Harness = await start_server(**UNHEARD)
-    clients, engine = h.running.clients, h.running.engine
-    assert h.running.membership.lease_epoch is not None
-    autojump_clock.autojump_threshold = math.inf  # time moves only when the test moves it (QUICK is due)
-    async with AsyncExitStack() as stack:
-        mid = await local_at(stack, h, "mid", 4000)
-        asker = await stack.enter_async_context(h.connect("traveller", timeout=math.inf))
-        qid = (await asker.request("create_question", question_data(location=dict(HERE))))["question"]["question_id"]
-        now = clients.clock.now_ms()
-        hidden = attrs.evolve(engine.questions[qid], deleted_at=now, hidden=True)
-        other_node_commits(db, [SaveQuestion(hidden), StopEscalating(now, question_id=qid, stages_run=1)], notify=False)
-        shown = attrs.evolve(hidden, deleted_at=None, hidden=False)
-        other_node_commits(db, [SaveQuestion(shown, unhide=True)], notify=False)
-
-        autojump_clock.jump(4)  # QUICK (3 s) is due
-        await real_wait(lambda: engine.where.stage_reached(qid) != "IMMEDIATE")  # QUICK ran
-        await clients.pipeline.wait_idle()
-        assert await alerts(mid, qid) == []
-        assert qid not in engine.where.escalations and clients.escalation_scopes == {}
-        autojump_clock.autojump_threshold = 0
-        await past_the_last_stage(h)
-        assert await alerts(mid, qid) == []
-    await h.running.aclose()
-    assert db_rows(db, "SELECT count(*) FROM notified WHERE question_id = ?", (qid,)) == [(0,)]
-    assert db_rows(db, "SELECT next_stage FROM escalations WHERE question_id = ?", (qid,)) == [(stopped_for_good(1),)]
 
 
 def test_sqlite_nodes_always_hold_the_lease() -> None:
