@@ -408,9 +408,13 @@ class Neighbourhood:
         their batches still to send, and take their alert back as :meth:`drop_pending` does."""
         for esc in self.escalations.values():
             if any(hit[0] == user_id for hit in esc.pending):
-                esc.pending[:] = [hit for hit in esc.pending if hit[0] != user_id]
-                esc.notified.discard(user_id)
-                self.ledger.unrecord(user_id, esc.planned_at)
+                self._take_out(esc, user_id)
+
+    def _take_out(self, esc: Escalation, user_id: str) -> None:
+        """Leave ``user_id`` out of the batches of ``esc``'s stage still to send, and take their alert back."""
+        esc.pending[:] = [hit for hit in esc.pending if hit[0] != user_id]
+        esc.notified.discard(user_id)
+        self.ledger.unrecord(user_id, esc.planned_at)
 
     def _drop_refused(self, user_id: str, before: NotificationSettings, after: NotificationSettings, now: int) -> None:
         """A local changed their settings: the stages being delivered leave them out of their batches still to
@@ -423,9 +427,7 @@ class Neighbourhood:
             if stage is None or not any(hit[0] == user_id for hit in esc.pending):
                 continue
             if self._refuses(stage, esc, user_id, before, after, quiet_begun, now):
-                esc.pending[:] = [hit for hit in esc.pending if hit[0] != user_id]
-                esc.notified.discard(user_id)
-                self.ledger.unrecord(user_id, esc.planned_at)
+                self._take_out(esc, user_id)
 
     def _refuses(
         self,
