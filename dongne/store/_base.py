@@ -357,9 +357,7 @@ class SqlStore:
         wanted = sorted(set(question_ids))
         questions: dict[str, Question] = {}
         answers: dict[str, list[Answer]] = {}
-        for start in range(0, len(wanted), 500):
-            part = wanted[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in _queries.in_parts(wanted):
             for row in self._read(f"SELECT {QUESTION_COLS} FROM questions WHERE question_id IN ({marks})", part):
                 question = question_from(row)
                 questions[question.question_id] = question
@@ -371,9 +369,7 @@ class SqlStore:
                 answers.setdefault(answer.question_id, []).append(answer)
         people = sorted(set(user_ids))
         users: list[User] = []
-        for start in range(0, len(people), 500):
-            part = people[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in _queries.in_parts(people):
             users.extend(
                 user_from(r) for r in self._read(f"SELECT {USER_COLS} FROM users WHERE user_id IN ({marks})", part)
             )
@@ -387,9 +383,7 @@ class SqlStore:
         them (CLUSTER.md); the node holding the escalation lease runs their stages left."""
         wanted = sorted(set(question_ids))
         progress: dict[str, EscalationProgress] = {}
-        for start in range(0, len(wanted), 500):
-            part = wanted[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in _queries.in_parts(wanted):
             stages = {
                 qid: int(next_stage)
                 for qid, next_stage in self._read(
@@ -433,9 +427,7 @@ class SqlStore:
         """``aggregate(seq)`` of each user's durable events, users without any left out; 500 users a statement."""
         wanted = sorted(set(user_ids))
         found: dict[str, int] = {}
-        for start in range(0, len(wanted), 500):
-            part = wanted[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in _queries.in_parts(wanted):
             sql = f"SELECT user_id, {aggregate}(seq) FROM events WHERE user_id IN ({marks}) GROUP BY user_id"
             found.update((user, int(seq)) for user, seq in self._read(sql, part))
         return found

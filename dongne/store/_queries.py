@@ -14,7 +14,7 @@ column, and the same test checks its plans with ``EXPLAIN``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import msgpack
@@ -35,7 +35,7 @@ from ..core.reads import (
 )
 from ._rows import REPORT_COLS
 
-__all__ = ["Dialect", "indexed_by", "plan", "run", "strip_removed", "taken_down"]
+__all__ = ["Dialect", "in_parts", "indexed_by", "plan", "run", "strip_removed", "taken_down"]
 
 
 #: The one inbox type left out of ``events_by_user_type`` (the alerts: most rows, written in bulk).
@@ -260,6 +260,14 @@ def run(
     return results
 
 
+def in_parts(ids: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """``ids`` 500 at a time, each part with its ``?`` marks for ``IN (...)``: a statement's parameters stay
+    under every backend's limit."""
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        yield part, ",".join("?" * len(part))
+
+
 def taken_down(read: ReadRows, about: Sequence[tuple[str, str | None] | None]) -> list[bool]:
     """For each durable event's subject (``core.inbox.subject``), whether its question or its answer is
     deleted or hidden (hidden ones carry ``deleted_at`` too; an unhidden one is shown again). Two statements
@@ -269,9 +277,7 @@ def taken_down(read: ReadRows, about: Sequence[tuple[str, str | None] | None]) -
     answer_ids = sorted({ids[1] for ids in about if ids is not None and ids[1] is not None})
     gone: set[tuple[str, str]] = set()
     for table, column, wanted in (("questions", "question_id", question_ids), ("answers", "answer_id", answer_ids)):
-        for start in range(0, len(wanted), 500):
-            part = wanted[start : start + 500]
-            marks = ",".join("?" * len(part))
+        for part, marks in in_parts(wanted):
             sql = f"SELECT {column} FROM {table} WHERE {column} IN ({marks}) AND deleted_at IS NOT NULL"
             gone.update((table, ident) for (ident,) in read(sql, part))
     return [
